@@ -1,0 +1,37 @@
+// Typed failures of the native core. Every failure that can reach a caller is a vdiff::Error with a code;
+// the addon turns it into a rejected promise whose error has `code` set to "VDIFF_<NAME>".
+#pragma once
+#include <stdexcept>
+#include <string>
+
+namespace vdiff {
+
+enum class ErrorCode {
+  InvalidModel,     // model directory, config.json or safetensors unusable (missing, truncated, wrong shape, ...)
+  InvalidArgument,  // bad sampling settings, prompt too long, unknown sequence id, ...
+  Cancelled,        // a step was cancelled through its cancel flag
+  OutOfMemory,      // an allocation failed
+  Internal,         // a bug: an invariant did not hold
+};
+
+inline const char* error_code_name(ErrorCode c) {
+  switch (c) {
+    case ErrorCode::InvalidModel: return "INVALID_MODEL";
+    case ErrorCode::InvalidArgument: return "INVALID_ARGUMENT";
+    case ErrorCode::Cancelled: return "CANCELLED";
+    case ErrorCode::OutOfMemory: return "OUT_OF_MEMORY";
+    case ErrorCode::Internal: return "INTERNAL";
+  }
+  return "INTERNAL";
+}
+
+class Error : public std::runtime_error {
+ public:
+  Error(ErrorCode code, const std::string& message) : std::runtime_error(message), code_(code) {}
+  ErrorCode code() const { return code_; }
+
+ private:
+  ErrorCode code_;
+};
+
+}  // namespace vdiff
