@@ -1,0 +1,135 @@
+/**
+ * The Engine service: the native diffusion engine behind an Effect interface. It loads one model and
+ * exposes the step API of the addon — create sequences with their sampling settings, advance a batch of
+ * them by one denoising step, release them — with typed errors. It decides nothing about who runs when;
+ * that is the scheduler's job.
+ *
+ * `Engine.layer({ modelDir })` loads a model directory; any Effect program can provide it and drive
+ * sequences itself, or hand it to the Scheduler.
+ */
+import { Context, Effect, Layer } from "effect"
+import { fromNative, type EngineError, type ModelLoadError } from "./errors.js"
+import { loadAddon, type NativeEngine, type NativeModelInfo } from "./native.js"
+
+export type SequenceId = number
+
+export type Remasking = "low_confidence" | "random"
+
+/** How one sequence is denoised. Field meanings follow LLaDA's reference generate(). */
+export interface SamplingSettings {
+  readonly genLength: number
+  readonly blockLength: number
+  readonly steps: number
+  readonly temperature: number
+  readonly remasking: Remasking
+  readonly cfgScale: number
+  readonly seed: number
+  readonly logitsEosInf: boolean
+  readonly confidenceEosEotInf: boolean
+  /** End-of-turn token id, or -1 when the model has none. */
+  readonly eotTokenId: number
+}
+
+export interface CommittedToken {
+  /** Index into the answer (0 .. genLength-1). */
+  readonly position: number
+  readonly token: number
+  /** The probability the token had when it was committed. */
+  readonly probability: number
+}
+
+export type FinishReason = "length" | "eos"
+
+export interface StepResult {
+  readonly id: SequenceId
+  readonly committed: ReadonlyArray<CommittedToken>
+  readonly finished: boolean
+  readonly reason: FinishReason | null
+  readonly block: number
+  readonly stepsDone: number
+}
+
+export type ModelInfo = NativeModelInfo
+
+export interface EngineShape {
+  readonly modelDir: string
+  readonly info: ModelInfo
+  /** Validates and creates a sequence; fails with InvalidRequestError naming the bad field. */
+  readonly create: (prompt: ReadonlyArray<number>, settings: SamplingSettings) => Effect.Effect<SequenceId, EngineError>
+  /**
+   * One denoising step for every given sequence, in one batched forward off the JS thread. Interrupting
+   * the effect cancels the native step; the sequences are then left as they were.
+   */
+  readonly step: (ids: ReadonlyArray<SequenceId>) => Effect.Effect<ReadonlyArray<StepResult>, EngineError>
+  /** Frees the sequence's memory now. Unknown ids are ignored. */
+  readonly release: (id: SequenceId) => Effect.Effect<void>
+  /** The answer region of the canvas; the mask token id where nothing is committed yet. */
+  readonly canvas: (id: SequenceId) => Effect.Effect<Int32Array, EngineError>
+  /** How many sequences are alive in the engine. */
+  readonly live: Effect.Effect<number>
+}
+
+export class Engine extends Context.Tag("vdiff/Engine")<Engine, EngineShape>() {}
+
+export interface EngineOptions {
+  readonly modelDir: string
+  /** Worker threads for the forward pass; 0 or absent: all cores. */
+  readonly threads?: number
+}
+
+const toStepResult = (r: Awaited<ReturnType<NativeEngine["step"]>>[number]): StepResult => {
+  const committed: Array<CommittedToken> = []
+  for (let i = 0; i < r.positions.length; i++) {
+    committed.push({ position: r.positions[i]!, token: r.tokens[i]!, probability: r.probabilities[i]! })
+  }
+  return { id: r.id, committed, finished: r.finished, reason: r.reason, block: r.block, stepsDone: r.stepsDone }
+}
+
+/** Wraps an already loaded native engine. */
+export const fromNativeEngine = (modelDir: string, native: NativeEngine): EngineShape => ({
+  modelDir,
+  info: native.info(),
+  create: (prompt, s) =>
+    Effect.try({
+      try: () =>
+        native.create(Int32Array.from(prompt), {
+          genLength: s.genLength,
+          blockLength: s.blockLength,
+          steps: s.steps,
+          temperature: s.temperature,
+          remasking: s.remasking,
+          cfgScale: s.cfgScale,
+          seed: s.seed,
+          logitsEosInf: s.logitsEosInf,
+          confidenceEosEotInf: s.confidenceEosEotInf,
+          eotTokenId: s.eotTokenId
+        }),
+      catch: fromNative
+    }),
+  step: (ids) =>
+    Effect.async<ReadonlyArray<StepResult>, EngineError>((resume) => {
+      const addon = loadAddon()
+      const token = new addon.CancelToken()
+      native.step([...ids], token).then(
+        (results) => resume(Effect.succeed(results.map(toStepResult))),
+        (cause) => resume(Effect.fail(fromNative(cause)))
+      )
+      return Effect.sync(() => token.cancel())
+    }),
+  release: (id) => Effect.sync(() => native.release(id)),
+  canvas: (id) => Effect.try({ try: () => native.canvas(id), catch: fromNative }),
+  live: Effect.sync(() => native.live())
+})
+
+/** Loads the model directory with the addon. Sequences still alive when the scope closes are released. */
+export const make = (options: EngineOptions): Effect.Effect<EngineShape, ModelLoadError | EngineError> =>
+  Effect.gen(function*() {
+    const addon = yield* Effect.try({ try: () => loadAddon(), catch: fromNative })
+    const native = yield* Effect.tryPromise({
+      try: () => addon.loadModel(options.modelDir, { threads: options.threads ?? 0 }),
+      catch: fromNative
+    })
+    return fromNativeEngine(options.modelDir, native)
+  })
+
+export const layer = (options: EngineOptions): Layer.Layer<Engine, EngineError> => Layer.effect(Engine, make(options))

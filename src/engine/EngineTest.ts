@@ -1,0 +1,91 @@
+/**
+ * A deterministic stand-in for the native engine, for tests of everything above it (scheduler, server).
+ * Each sequence commits one token per step, left to right, so a sequence of gen_length G finishes after G
+ * steps; token = (prompt[0] + seed + position) % 1000. It records every batch it stepped, and can be told
+ * to fail any step that includes a given prompt (to test fault isolation) or to take time per step.
+ */
+import { Effect, Layer } from "effect"
+import { Engine, type EngineShape, type SamplingSettings, type SequenceId, type StepResult } from "./Engine.js"
+import { EngineFailure, InvalidRequestError } from "./errors.js"
+
+export interface FakeEngineOptions {
+  /** Milliseconds each step takes. */
+  readonly stepMs?: number
+  /** A step that includes a sequence whose prompt starts with this token fails. */
+  readonly failOnPromptToken?: number
+  readonly maxSequenceLength?: number
+}
+
+export interface FakeEngine extends EngineShape {
+  /** The sequence ids of every step, in order. */
+  readonly batches: Array<ReadonlyArray<SequenceId>>
+  readonly created: Array<{ readonly id: SequenceId; readonly prompt: ReadonlyArray<number>; readonly settings: SamplingSettings }>
+}
+
+const MASK = 999_999
+
+export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
+  const sequences = new Map<SequenceId, { prompt: ReadonlyArray<number>; settings: SamplingSettings; canvas: Int32Array; done: number }>()
+  const batches: Array<ReadonlyArray<SequenceId>> = []
+  const created: FakeEngine["created"] = []
+  let nextId = 1
+  const maxLen = options.maxSequenceLength ?? 4096
+  return {
+    modelDir: "fake",
+    info: {
+      config: {
+        dModel: 8, nHeads: 1, nKvHeads: 1, nLayers: 1, mlpHiddenSize: 8, vocabSize: 1000, embeddingSize: 1000,
+        maskTokenId: MASK, eosTokenId: 998, maxSequenceLength: maxLen, ropeTheta: 10000, rmsNormEps: 1e-5,
+        weightTying: false, includeBias: false
+      },
+      threads: 1, weightDtype: "f32", parameterCount: 0, weightBytes: 0
+    },
+    batches,
+    created,
+    create: (prompt, settings) =>
+      Effect.suspend(() => {
+        if (prompt.length + settings.genLength > maxLen) {
+          return Effect.fail(new InvalidRequestError({ message: "prompt too long for the context" }))
+        }
+        const id = nextId++
+        sequences.set(id, { prompt, settings, canvas: new Int32Array(settings.genLength).fill(MASK), done: 0 })
+        created.push({ id, prompt, settings })
+        return Effect.succeed(id)
+      }),
+    step: (ids) =>
+      Effect.gen(function*() {
+        batches.push([...ids])
+        if (options.stepMs !== undefined) yield* Effect.sleep(options.stepMs)
+        const results: Array<StepResult> = []
+        for (const id of ids) {
+          const s = sequences.get(id)
+          if (s === undefined) return yield* new InvalidRequestError({ message: `unknown sequence ${id}` })
+          if (options.failOnPromptToken !== undefined && s.prompt[0] === options.failOnPromptToken) {
+            return yield* new EngineFailure({ message: "injected fault", code: "VDIFF_INTERNAL" })
+          }
+        }
+        for (const id of ids) {
+          const s = sequences.get(id)!
+          const position = s.done
+          const token = ((s.prompt[0] ?? 0) + s.settings.seed + position) % 1000
+          s.canvas[position] = token
+          s.done++
+          const finished = s.done === s.settings.genLength
+          results.push({
+            id,
+            committed: [{ position, token, probability: 0.5 }],
+            finished,
+            reason: finished ? "length" : null,
+            block: Math.floor(position / s.settings.blockLength),
+            stepsDone: s.done
+          })
+        }
+        return results
+      }),
+    release: (id) => Effect.sync(() => void sequences.delete(id)),
+    canvas: (id) => Effect.sync(() => Int32Array.from(sequences.get(id)?.canvas ?? [])),
+    live: Effect.sync(() => sequences.size)
+  }
+}
+
+export const layerFake = (engine: FakeEngine): Layer.Layer<Engine> => Layer.succeed(Engine, engine)

@@ -1,0 +1,402 @@
+/**
+ * The Scheduler: bounded admission, continuous batching, cancellation, deadlines and drain.
+ *
+ * One scheduler fiber owns every live sequence. Before each denoising step it drops what was cancelled or
+ * ran out of time, admits waiting requests (first come, first served) while the batch has room, then
+ * advances all live sequences with ONE engine step and routes each result to its request's mailbox.
+ * Requests join and leave between steps. A request with `n > 1` is n sequences in the same batch.
+ *
+ * Fairness: admission is strictly FIFO (a request that does not fit yet blocks the ones behind it rather
+ * than being overtaken), and every live sequence advances on every step. So a waiting request is admitted
+ * at the latest when the requests ahead of it are admitted and the live ones it waits for have finished,
+ * which each does within its own planned steps (or its deadline): no request waits on an unbounded
+ * number of others.
+ */
+import { Clock, Context, Effect, Layer, Mailbox, Option, Queue, Stream } from "effect"
+import { Engine, type CommittedToken, type FinishReason, type SamplingSettings, type SequenceId } from "../engine/Engine.js"
+import { EngineFailure, type EngineError, InvalidRequestError } from "../engine/errors.js"
+import { Draining, QueueFull, RequestTimeout } from "./errors.js"
+
+export interface GenerationRequest {
+  readonly prompt: ReadonlyArray<number>
+  readonly settings: SamplingSettings
+  /** Independent answers to the same prompt, run as `n` sequences of one batch. Seeds are seed, seed+1, ... */
+  readonly n?: number
+  /** Overrides the scheduler's request timeout for this request (milliseconds, from submission). */
+  readonly timeoutMs?: number
+  /** Attach the whole answer canvas (masks included) to every event. */
+  readonly snapshots?: boolean
+}
+
+/** What one denoising step did to one of a request's sequences. */
+export interface StepEvent {
+  /** Which of the request's `n` sequences. */
+  readonly index: number
+  readonly committed: ReadonlyArray<CommittedToken>
+  readonly block: number
+  readonly stepsDone: number
+  readonly finished: boolean
+  readonly reason: FinishReason | null
+  /** The answer canvas after this step, when the request asked for snapshots. */
+  readonly canvas?: ReadonlyArray<number>
+}
+
+export interface ChoiceResult {
+  readonly index: number
+  /** The whole answer, one token id per position. */
+  readonly tokens: ReadonlyArray<number>
+  /** The probability each position's token had when it was committed. */
+  readonly probabilities: ReadonlyArray<number>
+  readonly reason: FinishReason
+  readonly steps: number
+}
+
+export interface GenerationResult {
+  readonly choices: ReadonlyArray<ChoiceResult>
+}
+
+export type GenerationError = EngineError | QueueFull | Draining | RequestTimeout
+
+export interface SchedulerStats {
+  readonly waiting: number
+  readonly running: number
+  readonly runningSequences: number
+  readonly capacity: number
+  readonly maxConcurrent: number
+  readonly draining: boolean
+  readonly stepsTotal: number
+}
+
+export interface SchedulerShape {
+  /** A stream of step events; ends when every sequence has finished. Ending the stream early cancels it. */
+  readonly generateStream: (request: GenerationRequest) => Stream.Stream<StepEvent, GenerationError>
+  /** Runs a request to the end and collects its answers. */
+  readonly generate: (request: GenerationRequest) => Effect.Effect<GenerationResult, GenerationError>
+  readonly stats: Effect.Effect<SchedulerStats>
+  /**
+   * Stops admitting (new requests fail with Draining), lets in-flight and queued work finish until
+   * `timeoutMs` has passed, then ends whatever is left with Draining.
+   */
+  readonly drain: (timeoutMs: number) => Effect.Effect<void>
+}
+
+export class Scheduler extends Context.Tag("vdiff/Scheduler")<Scheduler, SchedulerShape>() {}
+
+export interface SchedulerOptions {
+  /** Sequences stepped together at most (the batch size). */
+  readonly maxConcurrent: number
+  /** Requests that may wait for admission; beyond it submissions fail with QueueFull. */
+  readonly queueCapacity: number
+  /** Canvas tokens (prompt + answer, doubled under cfg) the live batch may hold at most. */
+  readonly maxBatchTokens: number
+  /** Default per-request deadline in milliseconds; 0 for none. */
+  readonly requestTimeoutMs: number
+}
+
+interface Job {
+  readonly request: GenerationRequest
+  readonly n: number
+  readonly tokens: number
+  readonly deadline: number
+  readonly mailbox: Mailbox.Mailbox<StepEvent, GenerationError>
+  /** Set when the consumer went away; the loop frees the job before the next step. */
+  cancelled: boolean
+  sequences: Array<SequenceId>
+  finished: number
+}
+
+const canvasTokens = (request: GenerationRequest, n: number) =>
+  n * (request.prompt.length + request.settings.genLength) * (request.settings.cfgScale > 0 ? 2 : 1)
+
+export const make = (options: SchedulerOptions) =>
+  Effect.gen(function*() {
+    const engine = yield* Engine
+    const waiting = yield* Queue.unbounded<Job>()
+    const running: Array<Job> = []
+    const state: { draining: boolean; stopping: Draining | undefined; stepsTotal: number } = {
+      draining: false,
+      stopping: undefined,
+      stepsTotal: 0
+    }
+
+    // Queue.size is negative while the loop waits in Queue.take: count only requests.
+    const queueLength = Effect.map(Queue.size(waiting), (size) => Math.max(0, size))
+    const runningSequences = () => running.reduce((sum, job) => sum + job.sequences.length, 0)
+    const runningTokens = () => running.reduce((sum, job) => sum + job.tokens, 0)
+
+    const releaseJob = (job: Job) =>
+      Effect.forEach(job.sequences, (id) => engine.release(id), { discard: true }).pipe(
+        Effect.tap(() => {
+          job.sequences = []
+          const i = running.indexOf(job)
+          if (i >= 0) running.splice(i, 1)
+        })
+      )
+
+    const failJob = (job: Job, error: GenerationError) =>
+      releaseJob(job).pipe(Effect.zipRight(job.mailbox.fail(error)))
+
+    const expired = (job: Job, now: number) => job.deadline > 0 && now >= job.deadline
+
+    const timeoutError = (job: Job) =>
+      new RequestTimeout({
+        message: `request timed out after ${job.request.timeoutMs ?? options.requestTimeoutMs} ms`,
+        timeoutMs: job.request.timeoutMs ?? options.requestTimeoutMs
+      })
+
+    /** Creates the job's sequences; a refused request fails alone. */
+    const admit = (job: Job) =>
+      Effect.gen(function*() {
+        const created: Array<SequenceId> = []
+        for (let i = 0; i < job.n; i++) {
+          const settings = { ...job.request.settings, seed: job.request.settings.seed + i }
+          const id = yield* engine.create(job.request.prompt, settings).pipe(
+            Effect.tapError(() => Effect.forEach(created, (id) => engine.release(id), { discard: true }))
+          )
+          created.push(id)
+        }
+        job.sequences = created
+        running.push(job)
+      }).pipe(Effect.catchAll((error) => job.mailbox.fail(error)))
+
+    /** Looks at the head of the queue without losing FIFO order: a job taken but not admitted is kept. */
+    let head: Job | undefined
+    const nextWaiting = Effect.gen(function*() {
+      if (head === undefined) head = Option.getOrUndefined(yield* Queue.poll(waiting))
+      return head
+    })
+
+    const admitWaiting = Effect.gen(function*() {
+      while (true) {
+        const job = yield* nextWaiting
+        if (job === undefined) return
+        const now = yield* Clock.currentTimeMillis
+        if (job.cancelled) {
+          head = undefined
+          continue
+        }
+        if (expired(job, now)) {
+          head = undefined
+          yield* job.mailbox.fail(timeoutError(job))
+          continue
+        }
+        const fits = running.length === 0 ||
+          (runningSequences() + job.n <= options.maxConcurrent &&
+            runningTokens() + job.tokens <= options.maxBatchTokens)
+        if (!fits) return
+        head = undefined
+        yield* admit(job)
+      }
+    })
+
+    const reap = Effect.gen(function*() {
+      if (state.stopping !== undefined) {
+        for (const job of [...running]) yield* failJob(job, state.stopping)
+        if (head !== undefined) yield* head.mailbox.fail(state.stopping)
+        head = undefined
+        for (const job of yield* Queue.takeAll(waiting)) yield* job.mailbox.fail(state.stopping)
+        return
+      }
+      const now = yield* Clock.currentTimeMillis
+      for (const job of [...running]) {
+        if (job.cancelled) yield* releaseJob(job)
+        else if (expired(job, now)) yield* failJob(job, timeoutError(job))
+      }
+    })
+
+    const route = (job: Job, results: ReadonlyArray<{ readonly id: SequenceId } & Omit<StepEvent, "index" | "canvas">>) =>
+      Effect.gen(function*() {
+        for (const r of results) {
+          const index = job.sequences.indexOf(r.id)
+          if (index < 0) continue
+          const canvas = job.request.snapshots === true
+            ? Array.from(yield* engine.canvas(r.id).pipe(Effect.orElseSucceed(() => new Int32Array())))
+            : undefined
+          const event: StepEvent = {
+            index,
+            committed: r.committed,
+            block: r.block,
+            stepsDone: r.stepsDone,
+            finished: r.finished,
+            reason: r.reason,
+            ...(canvas === undefined ? {} : { canvas })
+          }
+          yield* job.mailbox.offer(event)
+          if (r.finished) job.finished++
+        }
+        if (job.finished === job.n) {
+          yield* releaseJob(job)
+          yield* job.mailbox.end
+        }
+      })
+
+    /**
+     * One batched step. If the batch fails, each job is stepped alone once more so that a fault fails only
+     * the request it belongs to (a failed step leaves sequences unchanged, so retrying is safe).
+     */
+    const stepAll = Effect.gen(function*() {
+      const jobs = [...running]
+      const ids = jobs.flatMap((job) => job.sequences)
+      const batch = yield* Effect.either(engine.step(ids))
+      state.stepsTotal++
+      if (batch._tag === "Right") {
+        for (const job of jobs) yield* route(job, batch.right)
+        return
+      }
+      if (jobs.length === 1) return yield* failJob(jobs[0]!, batch.left)
+      for (const job of jobs) {
+        const alone = yield* Effect.either(engine.step(job.sequences))
+        if (alone._tag === "Right") yield* route(job, alone.right)
+        else yield* failJob(job, alone.left)
+      }
+    })
+
+    const loop = Effect.gen(function*() {
+      while (true) {
+        if (running.length === 0 && head === undefined) {
+          // Nothing to do: sleep until a request arrives.
+          head = yield* Queue.take(waiting)
+        }
+        yield* reap
+        yield* admitWaiting
+        if (running.length > 0) yield* stepAll
+      }
+    })
+
+    // Whatever is still live or waiting when the scheduler's scope closes is released and told so.
+    yield* Effect.addFinalizer(() =>
+      Effect.gen(function*() {
+        const closing = new Draining({ message: "the scheduler has stopped" })
+        for (const job of [...running]) yield* failJob(job, closing)
+        if (head !== undefined) yield* head.mailbox.fail(closing)
+        for (const job of yield* Queue.takeAll(waiting)) yield* job.mailbox.fail(closing)
+      })
+    )
+    yield* Effect.forkScoped(loop)
+
+    const validate = (request: GenerationRequest, n: number) => {
+      if (!Number.isInteger(n) || n < 1 || n > options.maxConcurrent) {
+        return Effect.fail(
+          new InvalidRequestError({
+            message: `n must be an integer from 1 to ${options.maxConcurrent} (the batch size), got ${n}`,
+            param: "n"
+          })
+        )
+      }
+      if (request.timeoutMs !== undefined && !(request.timeoutMs > 0)) {
+        return Effect.fail(new InvalidRequestError({ message: "timeout must be positive", param: "timeout" }))
+      }
+      return Effect.void
+    }
+
+    const submit = (request: GenerationRequest) =>
+      Effect.gen(function*() {
+        const n = request.n ?? 1
+        yield* validate(request, n)
+        if (state.draining) return yield* new Draining({ message: "the server is shutting down" })
+        const timeoutMs = request.timeoutMs ?? options.requestTimeoutMs
+        const now = yield* Clock.currentTimeMillis
+        const job: Job = {
+          request,
+          n,
+          tokens: canvasTokens(request, n),
+          deadline: timeoutMs > 0 ? now + timeoutMs : 0,
+          mailbox: yield* Mailbox.make<StepEvent, GenerationError>(),
+          cancelled: false,
+          sequences: [],
+          finished: 0
+        }
+        // The loop may hold the head of the queue while it waits for room; it still counts as waiting.
+        const queued = (yield* queueLength) + (head === undefined ? 0 : 1)
+        if (queued >= options.queueCapacity) {
+          return yield* new QueueFull({
+            message: `the request queue is full (${options.queueCapacity} waiting); retry later`,
+            retryAfterSeconds: 1
+          })
+        }
+        yield* Queue.offer(waiting, job)
+        return job
+      })
+
+    const generateStream = (request: GenerationRequest): Stream.Stream<StepEvent, GenerationError> =>
+      Stream.unwrapScoped(
+        Effect.gen(function*() {
+          const job = yield* submit(request)
+          yield* Effect.addFinalizer(() => Effect.sync(() => (job.cancelled = true)))
+          const events = Mailbox.toStream(job.mailbox)
+          if (job.deadline === 0) return events
+          // The consumer also stops at the deadline, so a request stuck in the queue times out on time.
+          const remaining = Math.max(0, job.deadline - (yield* Clock.currentTimeMillis))
+          return events.pipe(
+            Stream.interruptWhen(Effect.sleep(remaining).pipe(Effect.zipRight(Effect.fail(timeoutError(job)))))
+          )
+        })
+      )
+
+    const generate = (request: GenerationRequest): Effect.Effect<GenerationResult, GenerationError> =>
+      Effect.gen(function*() {
+        const n = request.n ?? 1
+        const gen = request.settings.genLength
+        const choices = Array.from({ length: n }, (_, index) => ({
+          index,
+          tokens: new Array<number>(gen).fill(-1),
+          probabilities: new Array<number>(gen).fill(0),
+          reason: "length" as FinishReason,
+          steps: 0
+        }))
+        yield* Stream.runForEach(generateStream(request), (event) =>
+          Effect.sync(() => {
+            const choice = choices[event.index]!
+            for (const c of event.committed) {
+              choice.tokens[c.position] = c.token
+              choice.probabilities[c.position] = c.probability
+            }
+            choice.steps = event.stepsDone
+            if (event.reason !== null) choice.reason = event.reason
+          })
+        )
+        for (const choice of choices) {
+          if (choice.tokens.includes(-1)) {
+            return yield* new EngineFailure({
+              message: "a sequence finished with positions never committed",
+              code: "VDIFF_INTERNAL"
+            })
+          }
+        }
+        return { choices }
+      })
+
+    const stats = Effect.gen(function*() {
+      const queued = yield* queueLength
+      return {
+        waiting: queued + (head === undefined ? 0 : 1),
+        running: running.length,
+        runningSequences: runningSequences(),
+        capacity: options.queueCapacity,
+        maxConcurrent: options.maxConcurrent,
+        draining: state.draining,
+        stepsTotal: state.stepsTotal
+      }
+    })
+
+    const drain = (timeoutMs: number) =>
+      Effect.gen(function*() {
+        state.draining = true
+        const idle = Effect.gen(function*() {
+          while (running.length > 0 || head !== undefined || (yield* Queue.size(waiting)) > 0) {
+            yield* Effect.sleep(10)
+          }
+        })
+        const done = yield* idle.pipe(Effect.timeout(timeoutMs), Effect.option)
+        if (Option.isNone(done)) {
+          // The loop ends the leftovers itself before its next step, so no job is touched by two fibers.
+          state.stopping = new Draining({ message: "the server shut down before this request finished" })
+          yield* idle
+        }
+      })
+
+    return { generateStream, generate, stats, drain } satisfies SchedulerShape
+  })
+
+export const layer = (options: SchedulerOptions): Layer.Layer<Scheduler, never, Engine> =>
+  Layer.scoped(Scheduler, make(options))

@@ -1,0 +1,194 @@
+import { describe, expect, it } from "@effect/vitest"
+import { Chunk, Effect, Either, Fiber, Layer, Stream } from "effect"
+import type { SamplingSettings } from "../src/engine/Engine.js"
+import { layerFake, makeFake, type FakeEngineOptions } from "../src/engine/EngineTest.js"
+import * as Scheduler from "../src/scheduler/Scheduler.js"
+
+const settings = (genLength: number, seed = 0): SamplingSettings => ({
+  genLength,
+  blockLength: genLength,
+  steps: genLength,
+  temperature: 0,
+  remasking: "low_confidence",
+  cfgScale: 0,
+  seed,
+  logitsEosInf: false,
+  confidenceEosEotInf: false,
+  eotTokenId: -1
+})
+
+const defaults: Scheduler.SchedulerOptions = {
+  maxConcurrent: 4,
+  queueCapacity: 16,
+  maxBatchTokens: 100_000,
+  requestTimeoutMs: 0
+}
+
+const setup = (options: Partial<Scheduler.SchedulerOptions> = {}, engineOptions: FakeEngineOptions = {}) => {
+  const engine = makeFake(engineOptions)
+  const layer = Scheduler.layer({ ...defaults, ...options }).pipe(Layer.provide(layerFake(engine)))
+  return { engine, layer }
+}
+
+const waitUntil = (condition: () => boolean) =>
+  Effect.gen(function*() {
+    while (!condition()) yield* Effect.sleep(1)
+  })
+
+describe("Scheduler", () => {
+  it.live("runs one request to the end and collects every position", () => {
+    const { engine, layer } = setup()
+    return Effect.gen(function*() {
+      const scheduler = yield* Scheduler.Scheduler
+      const result = yield* scheduler.generate({ prompt: [7], settings: settings(5) })
+      expect(result.choices).toHaveLength(1)
+      expect(result.choices[0]!.tokens).toEqual([7, 8, 9, 10, 11])
+      expect(result.choices[0]!.reason).toBe("length")
+      expect(result.choices[0]!.steps).toBe(5)
+      expect(yield* engine.live).toBe(0)
+    }).pipe(Effect.provide(layer))
+  })
+
+  it.live("batches concurrent requests into one step and lets late ones join between steps", () => {
+    const { engine, layer } = setup({}, { stepMs: 2 })
+    return Effect.gen(function*() {
+      const scheduler = yield* Scheduler.Scheduler
+      const first = yield* Effect.fork(scheduler.generate({ prompt: [1], settings: settings(20) }))
+      yield* waitUntil(() => engine.batches.length >= 3)
+      const second = yield* scheduler.generate({ prompt: [2], settings: settings(3) })
+      yield* Fiber.join(first)
+      expect(second.choices[0]!.tokens).toEqual([2, 3, 4])
+      // The second request ran inside steps of the first: some batch held both sequences.
+      expect(engine.batches.some((b) => b.length === 2)).toBe(true)
+      // ... and it joined after the first had started: the first batches held one sequence only.
+      expect(engine.batches[0]).toHaveLength(1)
+      expect(engine.batches.length).toBeLessThan(20 + 3)
+    }).pipe(Effect.provide(layer))
+  })
+
+  it.live("never steps more sequences than max-concurrent, and admits in arrival order", () => {
+    const { engine, layer } = setup({ maxConcurrent: 2 }, { stepMs: 1 })
+    return Effect.gen(function*() {
+      const scheduler = yield* Scheduler.Scheduler
+      const results = yield* Effect.forEach(
+        [10, 20, 30, 40, 50],
+        (token) => scheduler.generate({ prompt: [token], settings: settings(4) }),
+        { concurrency: "unbounded" }
+      )
+      expect(results.map((r) => r.choices[0]!.tokens[0])).toEqual([10, 20, 30, 40, 50])
+      expect(Math.max(...engine.batches.map((b) => b.length))).toBe(2)
+      expect(engine.created.map((c) => c.prompt[0])).toEqual([10, 20, 30, 40, 50])
+    }).pipe(Effect.provide(layer))
+  })
+
+  it.live("runs n answers as n sequences of the same batch with consecutive seeds", () => {
+    const { engine, layer } = setup()
+    return Effect.gen(function*() {
+      const scheduler = yield* Scheduler.Scheduler
+      const result = yield* scheduler.generate({ prompt: [100], settings: settings(2, 5), n: 3 })
+      expect(result.choices.map((c) => c.tokens)).toEqual([[105, 106], [106, 107], [107, 108]])
+      expect(engine.batches[0]).toHaveLength(3)
+      const tooMany = yield* Effect.either(scheduler.generate({ prompt: [1], settings: settings(2), n: 5 }))
+      expect(Either.isLeft(tooMany) && tooMany.left._tag).toBe("InvalidRequestError")
+    }).pipe(Effect.provide(layer))
+  })
+
+  it.live("refuses with QueueFull when the admission queue is full", () => {
+    const { engine, layer } = setup({ maxConcurrent: 1, queueCapacity: 1 }, { stepMs: 5 })
+    return Effect.gen(function*() {
+      const scheduler = yield* Scheduler.Scheduler
+      const running = yield* Effect.fork(scheduler.generate({ prompt: [1], settings: settings(10) }))
+      yield* waitUntil(() => engine.batches.length >= 1)
+      const queued = yield* Effect.fork(scheduler.generate({ prompt: [2], settings: settings(2) }))
+      yield* Effect.sleep(5)
+      const refused = yield* Effect.either(scheduler.generate({ prompt: [3], settings: settings(2) }))
+      expect(Either.isLeft(refused) && refused.left._tag).toBe("QueueFull")
+      yield* Fiber.join(running)
+      yield* Fiber.join(queued)
+      const stats = yield* scheduler.stats
+      expect(stats.waiting).toBe(0)
+    }).pipe(Effect.provide(layer))
+  })
+
+  it.live("frees a cancelled request's sequences within one step", () => {
+    const { engine, layer } = setup({}, { stepMs: 2 })
+    return Effect.gen(function*() {
+      const scheduler = yield* Scheduler.Scheduler
+      const firstTwo = yield* scheduler.generateStream({ prompt: [1], settings: settings(1000) }).pipe(
+        Stream.take(2),
+        Stream.runCollect
+      )
+      expect(Chunk.size(firstTwo)).toBe(2)
+      const stepsAtCancel = engine.batches.length
+      yield* Effect.sleep(10)
+      expect(yield* engine.live).toBe(0)
+      // No step ran for it after the one in flight when the consumer left.
+      expect(engine.batches.length).toBeLessThanOrEqual(stepsAtCancel + 1)
+    }).pipe(Effect.provide(layer))
+  })
+
+  it.live("times a request out at its deadline and releases it", () => {
+    const { engine, layer } = setup({ requestTimeoutMs: 30 }, { stepMs: 5 })
+    return Effect.gen(function*() {
+      const scheduler = yield* Scheduler.Scheduler
+      const started = Date.now()
+      const timedOut = yield* Effect.either(scheduler.generate({ prompt: [1], settings: settings(1000) }))
+      expect(Either.isLeft(timedOut) && timedOut.left._tag).toBe("RequestTimeout")
+      expect(Date.now() - started).toBeLessThan(1000)
+      const override = yield* Effect.either(
+        scheduler.generate({ prompt: [1], settings: settings(3), timeoutMs: 5_000 })
+      )
+      expect(Either.isRight(override)).toBe(true)
+      yield* Effect.sleep(15)
+      expect(yield* engine.live).toBe(0)
+    }).pipe(Effect.provide(layer))
+  })
+
+  it.live("fails only the request whose sequence faults inside the engine", () => {
+    const { layer } = setup({}, { failOnPromptToken: 666, stepMs: 1 })
+    return Effect.gen(function*() {
+      const scheduler = yield* Scheduler.Scheduler
+      const [good, bad, alsoGood] = yield* Effect.all(
+        [
+          Effect.either(scheduler.generate({ prompt: [1], settings: settings(5) })),
+          Effect.either(scheduler.generate({ prompt: [666], settings: settings(5) })),
+          Effect.either(scheduler.generate({ prompt: [3], settings: settings(5) }))
+        ],
+        { concurrency: "unbounded" }
+      )
+      expect(Either.isRight(good)).toBe(true)
+      expect(Either.isRight(alsoGood)).toBe(true)
+      expect(Either.isLeft(bad) && bad.left._tag).toBe("EngineFailure")
+    }).pipe(Effect.provide(layer))
+  })
+
+  it.live("drains: finishes in-flight work, refuses new work, and ends leftovers at the deadline", () => {
+    const { engine, layer } = setup({ maxConcurrent: 1 }, { stepMs: 2 })
+    return Effect.gen(function*() {
+      const scheduler = yield* Scheduler.Scheduler
+      const short = yield* Effect.fork(Effect.either(scheduler.generate({ prompt: [1], settings: settings(3) })))
+      const long = yield* Effect.fork(Effect.either(scheduler.generate({ prompt: [2], settings: settings(4000) })))
+      yield* Effect.sleep(5)
+      yield* scheduler.drain(100)
+      const refused = yield* Effect.either(scheduler.generate({ prompt: [3], settings: settings(1) }))
+      expect(Either.isLeft(refused) && refused.left._tag).toBe("Draining")
+      const shortResult = yield* Fiber.join(short)
+      const longResult = yield* Fiber.join(long)
+      expect(Either.isRight(shortResult)).toBe(true)
+      expect(Either.isLeft(longResult) && longResult.left._tag).toBe("Draining")
+      expect(yield* engine.live).toBe(0)
+    }).pipe(Effect.provide(layer))
+  })
+
+  it.live("snapshots carry the whole answer canvas", () => {
+    const { layer } = setup()
+    return Effect.gen(function*() {
+      const scheduler = yield* Scheduler.Scheduler
+      const events = yield* scheduler.generateStream({ prompt: [0], settings: settings(3), snapshots: true }).pipe(
+        Stream.runCollect
+      )
+      const canvases = Chunk.toArray(events).map((e) => e.canvas)
+      expect(canvases).toEqual([[0, 999_999, 999_999], [0, 1, 999_999], [0, 1, 2]])
+    }).pipe(Effect.provide(layer))
+  })
+})
