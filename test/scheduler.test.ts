@@ -63,6 +63,13 @@ describe("Scheduler", () => {
       // ... and it joined after the first had started: the first batches held one sequence only.
       expect(engine.batches[0]).toHaveLength(1)
       expect(engine.batches.length).toBeLessThan(20 + 3)
+      const stats = yield* scheduler.stats
+      expect(stats.tokensCommitted).toBe(23)
+      expect(stats.requestsFinished).toBe(2)
+      expect(stats.stepsTotal).toBe(engine.batches.length)
+      expect(stats.sequenceStepsTotal).toBe(23)
+      expect(stats.averageBatchSize).toBeCloseTo(23 / engine.batches.length)
+      expect(stats.averageTokensPerStep).toBe(1)
     }).pipe(Effect.provide(layer))
   })
 

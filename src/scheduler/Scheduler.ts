@@ -64,7 +64,16 @@ export interface SchedulerStats {
   readonly capacity: number
   readonly maxConcurrent: number
   readonly draining: boolean
+  /** Batched engine steps taken. */
   readonly stepsTotal: number
+  /** Sequence-steps: the sum of the batch sizes of all steps. */
+  readonly sequenceStepsTotal: number
+  readonly tokensCommitted: number
+  readonly requestsFinished: number
+  /** Sequences per engine step, on average. */
+  readonly averageBatchSize: number
+  /** Tokens committed per sequence per step, on average. */
+  readonly averageTokensPerStep: number
 }
 
 export interface SchedulerShape {
@@ -113,10 +122,13 @@ export const make = (options: SchedulerOptions) =>
     const engine = yield* Engine
     const waiting = yield* Queue.unbounded<Job>()
     const running: Array<Job> = []
-    const state: { draining: boolean; stopping: Draining | undefined; stepsTotal: number } = {
+    const state = {
       draining: false,
-      stopping: undefined,
-      stepsTotal: 0
+      stopping: undefined as Draining | undefined,
+      stepsTotal: 0,
+      sequenceStepsTotal: 0,
+      tokensCommitted: 0,
+      requestsFinished: 0
     }
 
     // Queue.size is negative while the loop waits in Queue.take: count only requests.
@@ -222,9 +234,11 @@ export const make = (options: SchedulerOptions) =>
             ...(canvas === undefined ? {} : { canvas })
           }
           yield* job.mailbox.offer(event)
+          state.tokensCommitted += r.committed.length
           if (r.finished) job.finished++
         }
         if (job.finished === job.n) {
+          state.requestsFinished++
           yield* releaseJob(job)
           yield* job.mailbox.end
         }
@@ -239,6 +253,7 @@ export const make = (options: SchedulerOptions) =>
       const ids = jobs.flatMap((job) => job.sequences)
       const batch = yield* Effect.either(engine.step(ids))
       state.stepsTotal++
+      state.sequenceStepsTotal += ids.length
       if (batch._tag === "Right") {
         for (const job of jobs) yield* route(job, batch.right)
         return
@@ -375,7 +390,12 @@ export const make = (options: SchedulerOptions) =>
         capacity: options.queueCapacity,
         maxConcurrent: options.maxConcurrent,
         draining: state.draining,
-        stepsTotal: state.stepsTotal
+        stepsTotal: state.stepsTotal,
+        sequenceStepsTotal: state.sequenceStepsTotal,
+        tokensCommitted: state.tokensCommitted,
+        requestsFinished: state.requestsFinished,
+        averageBatchSize: state.stepsTotal === 0 ? 0 : state.sequenceStepsTotal / state.stepsTotal,
+        averageTokensPerStep: state.sequenceStepsTotal === 0 ? 0 : state.tokensCommitted / state.sequenceStepsTotal
       }
     })
 
