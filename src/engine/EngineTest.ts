@@ -3,6 +3,9 @@
  * Each sequence commits one token per step, left to right, so a sequence of gen_length G finishes after G
  * steps; token = (prompt[0] + seed + position) % 1000. It records every batch it stepped, and can be told
  * to fail any step that includes a given prompt (to test fault isolation) or to take time per step.
+ *
+ * With a `script`, the answer's tokens, the order positions are committed in and their probabilities are
+ * the script's instead (for tests of what is built on the committed tokens: text, stops, streaming).
  */
 import { Effect, Layer } from "effect"
 import { Engine, type EngineShape, type SamplingSettings, type SequenceId, type StepResult } from "./Engine.js"
@@ -14,6 +17,18 @@ export interface FakeEngineOptions {
   /** A step that includes a sequence whose prompt starts with this token fails. */
   readonly failOnPromptToken?: number
   readonly maxSequenceLength?: number
+  readonly script?: FakeScript
+}
+
+export interface FakeScript {
+  /** The whole answer (genLength tokens) a sequence produces. */
+  readonly answer: (prompt: ReadonlyArray<number>, settings: SamplingSettings) => ReadonlyArray<number>
+  /** The answer positions committed by each step, in order; default one per step, left to right. */
+  readonly schedule?: (genLength: number) => ReadonlyArray<ReadonlyArray<number>>
+  /** The probability a token is committed with; default 0.5. */
+  readonly probability?: (position: number, token: number) => number
+  /** Tokens that make the finish reason "eos" when the answer holds one (EOS, end-of-turn). */
+  readonly endTokens?: ReadonlyArray<number>
 }
 
 export interface FakeEngine extends EngineShape {
@@ -24,12 +39,46 @@ export interface FakeEngine extends EngineShape {
 
 const MASK = 999_999
 
+interface FakeSequence {
+  readonly prompt: ReadonlyArray<number>
+  readonly settings: SamplingSettings
+  readonly canvas: Int32Array
+  done: number
+  /** Scripted: the answer and the positions each step commits. */
+  answer?: ReadonlyArray<number>
+  schedule?: ReadonlyArray<ReadonlyArray<number>>
+}
+
 export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
-  const sequences = new Map<SequenceId, { prompt: ReadonlyArray<number>; settings: SamplingSettings; canvas: Int32Array; done: number }>()
+  const sequences = new Map<SequenceId, FakeSequence>()
+  const script = options.script
   const batches: Array<ReadonlyArray<SequenceId>> = []
   const created: FakeEngine["created"] = []
   let nextId = 1
   const maxLen = options.maxSequenceLength ?? 4096
+
+  const scriptedStep = (id: SequenceId, s: FakeSequence): StepResult => {
+    const answer = s.answer!
+    const schedule = s.schedule!
+    const positions = [...schedule[s.done]!].sort((a, b) => a - b)
+    const committed = positions.map((position) => {
+      const token = answer[position]!
+      s.canvas[position] = token
+      return { position, token, probability: script?.probability?.(position, token) ?? 0.5 }
+    })
+    s.done++
+    const finished = s.done === schedule.length
+    const ends = new Set(script?.endTokens ?? [])
+    return {
+      id,
+      committed,
+      finished,
+      reason: finished ? (Array.from(s.canvas).some((token) => ends.has(token)) ? "eos" : "length") : null,
+      block: Math.floor((positions[0] ?? 0) / s.settings.blockLength),
+      stepsDone: s.done
+    }
+  }
+
   return {
     modelDir: "fake",
     info: {
@@ -48,7 +97,13 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
           return Effect.fail(new InvalidRequestError({ message: "prompt too long for the context" }))
         }
         const id = nextId++
-        sequences.set(id, { prompt, settings, canvas: new Int32Array(settings.genLength).fill(MASK), done: 0 })
+        const sequence: FakeSequence = { prompt, settings, canvas: new Int32Array(settings.genLength).fill(MASK), done: 0 }
+        if (script !== undefined) {
+          sequence.answer = script.answer(prompt, settings)
+          sequence.schedule = script.schedule?.(settings.genLength) ??
+            Array.from({ length: settings.genLength }, (_, position) => [position])
+        }
+        sequences.set(id, sequence)
         created.push({ id, prompt, settings })
         return Effect.succeed(id)
       }),
@@ -66,6 +121,10 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
         }
         for (const id of ids) {
           const s = sequences.get(id)!
+          if (s.answer !== undefined) {
+            results.push(scriptedStep(id, s))
+            continue
+          }
           const position = s.done
           const token = ((s.prompt[0] ?? 0) + s.settings.seed + position) % 1000
           s.canvas[position] = token

@@ -1,4 +1,447 @@
-// placeholder: being written
+// The Node binding of the native core. No logic of its own: it converts arguments, runs the slow calls
+// (loading a model, a denoising step) on the libuv pool with a promise per call, and turns every native
+// failure into a JS Error whose `code` is "VDIFF_<NAME>". src/engine/native.ts describes it in TypeScript.
+//
+//   loadModel(dir, {threads?}) -> Promise<NativeEngine>
+//   NativeEngine: info() create(prompt, params) step(ids, cancel?) release(id) canvas(id)
+//                 sequenceInfo(id) live()
+//   CancelToken: cancel() cancelled
 #include <napi.h>
-static Napi::Object Init(Napi::Env env, Napi::Object exports) { return exports; }
-NODE_API_MODULE(vdiff, Init)
+
+#include <atomic>
+#include <cmath>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "core/engine.h"
+#include "core/error.h"
+#include "core/model.h"
+
+namespace {
+
+using vdiff::Engine;
+using vdiff::ErrorCode;
+
+struct AddonData {
+  Napi::FunctionReference engine_constructor;
+  Napi::FunctionReference cancel_constructor;
+};
+
+// ---- errors ---------------------------------------------------------------------------------------
+
+struct Failure {
+  std::string code;  // without the VDIFF_ prefix
+  std::string message;
+};
+
+Failure describe(std::exception_ptr failure) {
+  try {
+    std::rethrow_exception(failure);
+  } catch (const vdiff::Error& e) {
+    return {vdiff::error_code_name(e.code()), e.what()};
+  } catch (const std::bad_alloc&) {
+    return {"OUT_OF_MEMORY", "out of memory"};
+  } catch (const std::exception& e) {
+    return {"INTERNAL", e.what()};
+  } catch (...) {
+    return {"INTERNAL", "unknown native failure"};
+  }
+}
+
+Napi::Error js_error(Napi::Env env, const Failure& f) {
+  Napi::Error error = Napi::Error::New(env, f.message);
+  error.Set("code", Napi::String::New(env, "VDIFF_" + f.code));
+  return error;
+}
+
+Napi::Error invalid_argument(Napi::Env env, const std::string& message) {
+  return js_error(env, {vdiff::error_code_name(ErrorCode::InvalidArgument), message});
+}
+
+// Runs fn on the JS thread; native failures become JS exceptions with a code.
+template <typename F>
+auto guarded(Napi::Env env, F&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const Napi::Error&) {
+    throw;  // already a JS error (argument checks, N-API failures)
+  } catch (...) {
+    throw js_error(env, describe(std::current_exception()));
+  }
+}
+
+Napi::Promise rejected(Napi::Env env, const Napi::Error& error) {
+  auto deferred = Napi::Promise::Deferred::New(env);
+  deferred.Reject(error.Value());
+  return deferred.Promise();
+}
+
+// ---- argument conversion --------------------------------------------------------------------------
+
+int64_t integer_of(Napi::Env env, const Napi::Value& v, const std::string& name, int64_t min, int64_t max) {
+  if (!v.IsNumber()) throw invalid_argument(env, name + " must be an integer");
+  const double d = v.As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(d) || std::floor(d) != d) throw invalid_argument(env, name + " must be an integer");
+  if (d < static_cast<double>(min) || d > static_cast<double>(max))
+    throw invalid_argument(env, name + " is out of range [" + std::to_string(min) + ", " + std::to_string(max) + "]");
+  return static_cast<int64_t>(d);
+}
+
+constexpr int64_t kMaxSafeInteger = 9007199254740991LL;  // Number.MAX_SAFE_INTEGER
+
+uint64_t id_of(Napi::Env env, const Napi::Value& v, const std::string& name) {
+  return static_cast<uint64_t>(integer_of(env, v, name, 0, kMaxSafeInteger));
+}
+
+std::vector<int32_t> prompt_of(Napi::Env env, const Napi::Value& v) {
+  if (v.IsTypedArray() && v.As<Napi::TypedArray>().TypedArrayType() == napi_int32_array) {
+    auto array = v.As<Napi::Int32Array>();
+    return std::vector<int32_t>(array.Data(), array.Data() + array.ElementLength());
+  }
+  if (!v.IsArray()) throw invalid_argument(env, "prompt must be an Int32Array or an array of token ids");
+  auto array = v.As<Napi::Array>();
+  std::vector<int32_t> prompt(array.Length());
+  for (uint32_t i = 0; i < array.Length(); ++i)
+    prompt[i] = static_cast<int32_t>(
+        integer_of(env, array.Get(i), "prompt[" + std::to_string(i) + "]", INT32_MIN, INT32_MAX));
+  return prompt;
+}
+
+Napi::Value field(Napi::Env env, const Napi::Object& o, const char* name, bool required) {
+  Napi::Value v = o.Get(name);
+  if (required && v.IsUndefined()) throw invalid_argument(env, std::string("params.") + name + " is required");
+  return v;
+}
+
+vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
+  if (!v.IsObject()) throw invalid_argument(env, "params must be an object");
+  const Napi::Object o = v.As<Napi::Object>();
+  vdiff::SamplingParams p;
+  auto int_field = [&](const char* name) {
+    return static_cast<int>(integer_of(env, field(env, o, name, true), std::string("params.") + name, INT32_MIN, INT32_MAX));
+  };
+  auto number_field = [&](const char* name) {
+    Napi::Value x = field(env, o, name, true);
+    if (!x.IsNumber()) throw invalid_argument(env, std::string("params.") + name + " must be a number");
+    return x.As<Napi::Number>().DoubleValue();
+  };
+  auto bool_field = [&](const char* name) {
+    Napi::Value x = field(env, o, name, false);
+    if (x.IsUndefined()) return false;
+    if (!x.IsBoolean()) throw invalid_argument(env, std::string("params.") + name + " must be a boolean");
+    return x.As<Napi::Boolean>().Value();
+  };
+  p.gen_length = int_field("genLength");
+  p.block_length = int_field("blockLength");
+  p.steps = int_field("steps");
+  p.temperature = number_field("temperature");
+  p.cfg_scale = number_field("cfgScale");
+
+  const Napi::Value remasking = field(env, o, "remasking", true);
+  const std::string r = remasking.IsString() ? remasking.As<Napi::String>().Utf8Value() : "";
+  if (r == "low_confidence") p.remasking = vdiff::Remasking::LowConfidence;
+  else if (r == "random") p.remasking = vdiff::Remasking::Random;
+  else throw invalid_argument(env, "params.remasking must be \"low_confidence\" or \"random\"");
+
+  const Napi::Value seed = field(env, o, "seed", true);
+  if (seed.IsBigInt()) {
+    bool lossless = false;
+    p.seed = seed.As<Napi::BigInt>().Uint64Value(&lossless);
+    if (!lossless) throw invalid_argument(env, "params.seed must fit in 64 unsigned bits");
+  } else {
+    p.seed = static_cast<uint64_t>(integer_of(env, seed, "params.seed", 0, kMaxSafeInteger));
+  }
+
+  p.logits_eos_inf = bool_field("logitsEosInf");
+  p.confidence_eos_eot_inf = bool_field("confidenceEosEotInf");
+  const Napi::Value eot = field(env, o, "eotTokenId", false);
+  p.eot_token_id = eot.IsUndefined() || eot.IsNull()
+                       ? -1
+                       : static_cast<int>(integer_of(env, eot, "params.eotTokenId", -1, INT32_MAX));
+  return p;
+}
+
+// ---- promise workers ------------------------------------------------------------------------------
+
+// An AsyncWorker settling a promise: run() on the libuv pool, result() back on the JS thread.
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  PromiseWorker(Napi::Env env, const char* name)
+      : Napi::AsyncWorker(env, name), deferred_(Napi::Promise::Deferred::New(env)) {}
+  Napi::Promise promise() const { return deferred_.Promise(); }
+
+ protected:
+  virtual void run() = 0;
+  virtual Napi::Value result(Napi::Env env) = 0;
+
+ private:
+  void Execute() override {
+    try {
+      run();
+    } catch (...) {
+      failure_ = describe(std::current_exception());
+      SetError(failure_.message.empty() ? failure_.code : failure_.message);  // non-empty: routes to OnError
+    }
+  }
+  void OnOK() override {
+    Napi::Env env = Env();
+    try {
+      deferred_.Resolve(result(env));
+    } catch (const Napi::Error& e) {
+      deferred_.Reject(e.Value());
+    } catch (...) {
+      deferred_.Reject(js_error(env, describe(std::current_exception())).Value());
+    }
+  }
+  void OnError(const Napi::Error&) override { deferred_.Reject(js_error(Env(), failure_).Value()); }
+
+  Napi::Promise::Deferred deferred_;
+  Failure failure_;
+};
+
+class LoadWorker : public PromiseWorker {
+ public:
+  LoadWorker(Napi::Env env, std::string dir, vdiff::LoadOptions options)
+      : PromiseWorker(env, "vdiff.loadModel"), dir_(std::move(dir)), options_(options) {}
+
+ private:
+  void run() override {
+    std::shared_ptr<vdiff::Model> model = vdiff::Model::load(dir_, options_);
+    engine_ = std::make_shared<Engine>(std::move(model));
+  }
+  Napi::Value result(Napi::Env env) override {
+    AddonData* data = env.GetInstanceData<AddonData>();
+    return data->engine_constructor.New({Napi::External<std::shared_ptr<Engine>>::New(env, &engine_)});
+  }
+
+  std::string dir_;
+  vdiff::LoadOptions options_;
+  std::shared_ptr<Engine> engine_;
+};
+
+const char* reason_name(vdiff::FinishReason r) {
+  return r == vdiff::FinishReason::Eos ? "eos" : r == vdiff::FinishReason::Length ? "length" : nullptr;
+}
+
+class StepWorker : public PromiseWorker {
+ public:
+  StepWorker(Napi::Env env, std::shared_ptr<Engine> engine, std::vector<uint64_t> ids,
+             std::shared_ptr<std::atomic<bool>> cancel)
+      : PromiseWorker(env, "vdiff.step"), engine_(std::move(engine)), ids_(std::move(ids)), cancel_(std::move(cancel)) {}
+
+ private:
+  void run() override { outputs_ = engine_->step(ids_, cancel_.get()); }
+  Napi::Value result(Napi::Env env) override {
+    Napi::Array results = Napi::Array::New(env, outputs_.size());
+    for (size_t i = 0; i < outputs_.size(); ++i) {
+      const vdiff::StepOutput& out = outputs_[i];
+      const size_t n = out.committed.size();
+      auto positions = Napi::Int32Array::New(env, n);
+      auto tokens = Napi::Int32Array::New(env, n);
+      auto probabilities = Napi::Float32Array::New(env, n);
+      for (size_t j = 0; j < n; ++j) {
+        positions[j] = out.committed[j].position;
+        tokens[j] = out.committed[j].token;
+        probabilities[j] = out.committed[j].probability;
+      }
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("id", Napi::Number::New(env, static_cast<double>(out.id)));
+      o.Set("positions", positions);
+      o.Set("tokens", tokens);
+      o.Set("probabilities", probabilities);
+      o.Set("finished", Napi::Boolean::New(env, out.finished));
+      const char* reason = reason_name(out.reason);
+      o.Set("reason", reason ? Napi::Value(Napi::String::New(env, reason)) : env.Null());
+      o.Set("block", Napi::Number::New(env, out.block));
+      o.Set("stepsDone", Napi::Number::New(env, out.steps_done));
+      results.Set(static_cast<uint32_t>(i), o);
+    }
+    return results;
+  }
+
+  std::shared_ptr<Engine> engine_;  // keeps the engine (and the sequences' model) alive during the step
+  std::vector<uint64_t> ids_;
+  std::shared_ptr<std::atomic<bool>> cancel_;
+  std::vector<vdiff::StepOutput> outputs_;
+};
+
+// ---- CancelToken ----------------------------------------------------------------------------------
+
+class CancelToken : public Napi::ObjectWrap<CancelToken> {
+ public:
+  static Napi::Function define(Napi::Env env) {
+    return DefineClass(env, "CancelToken",
+                       {InstanceMethod<&CancelToken::cancel>("cancel"),
+                        InstanceAccessor<&CancelToken::cancelled>("cancelled")});
+  }
+  explicit CancelToken(const Napi::CallbackInfo& info)
+      : Napi::ObjectWrap<CancelToken>(info), flag_(std::make_shared<std::atomic<bool>>(false)) {}
+
+  // Shared with every step that uses the token, so it outlives a collected JS object.
+  std::shared_ptr<std::atomic<bool>> flag() const { return flag_; }
+
+ private:
+  void cancel(const Napi::CallbackInfo&) { flag_->store(true); }
+  Napi::Value cancelled(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), flag_->load()); }
+
+  std::shared_ptr<std::atomic<bool>> flag_;
+};
+
+// ---- NativeEngine ---------------------------------------------------------------------------------
+
+class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
+ public:
+  static Napi::Function define(Napi::Env env) {
+    return DefineClass(env, "NativeEngine",
+                       {InstanceMethod<&NativeEngine::info>("info"),
+                        InstanceMethod<&NativeEngine::create>("create"),
+                        InstanceMethod<&NativeEngine::step>("step"),
+                        InstanceMethod<&NativeEngine::release>("release"),
+                        InstanceMethod<&NativeEngine::canvas>("canvas"),
+                        InstanceMethod<&NativeEngine::sequence_info>("sequenceInfo"),
+                        InstanceMethod<&NativeEngine::live>("live")});
+  }
+
+  explicit NativeEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeEngine>(info) {
+    if (info.Length() != 1 || !info[0].IsExternal())
+      throw invalid_argument(info.Env(), "NativeEngine is created by loadModel()");
+    engine_ = *info[0].As<Napi::External<std::shared_ptr<Engine>>>().Data();
+  }
+
+ private:
+  Napi::Value info(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const vdiff::Model& model = engine_->model();
+    const vdiff::ModelConfig& c = model.config();
+    Napi::Object config = Napi::Object::New(env);
+    config.Set("dModel", c.d_model);
+    config.Set("nHeads", c.n_heads);
+    config.Set("nKvHeads", c.n_kv_heads);
+    config.Set("nLayers", c.n_layers);
+    config.Set("mlpHiddenSize", c.mlp_hidden_size);
+    config.Set("vocabSize", c.vocab_size);
+    config.Set("embeddingSize", c.embedding_size);
+    config.Set("maskTokenId", c.mask_token_id);
+    config.Set("eosTokenId", c.eos_token_id);
+    config.Set("maxSequenceLength", c.max_sequence_length);
+    config.Set("ropeTheta", c.rope_theta);
+    config.Set("rmsNormEps", c.rms_norm_eps);
+    config.Set("weightTying", c.weight_tying);
+    config.Set("includeBias", c.include_bias);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("config", config);
+    o.Set("threads", model.threads());
+    o.Set("weightDtype", model.weight_dtype());
+    o.Set("parameterCount", static_cast<double>(model.parameter_count()));
+    o.Set("weightBytes", static_cast<double>(model.weight_bytes()));
+    return o;
+  }
+
+  Napi::Value create(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const std::vector<int32_t> prompt = prompt_of(env, info[0]);
+    const vdiff::SamplingParams params = params_of(env, info[1]);
+    const uint64_t id = guarded(env, [&] { return engine_->create(prompt, params); });
+    return Napi::Number::New(env, static_cast<double>(id));
+  }
+
+  Napi::Value step(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    try {
+      if (!info[0].IsArray()) throw invalid_argument(env, "ids must be an array of sequence ids");
+      const Napi::Array array = info[0].As<Napi::Array>();
+      std::vector<uint64_t> ids(array.Length());
+      for (uint32_t i = 0; i < array.Length(); ++i) ids[i] = id_of(env, array.Get(i), "ids[" + std::to_string(i) + "]");
+      std::shared_ptr<std::atomic<bool>> cancel;
+      if (info.Length() > 1 && !info[1].IsUndefined() && !info[1].IsNull()) {
+        const Napi::Function token_class = env.GetInstanceData<AddonData>()->cancel_constructor.Value();
+        if (!info[1].IsObject() || !info[1].As<Napi::Object>().InstanceOf(token_class))
+          throw invalid_argument(env, "cancel must be a CancelToken");
+        cancel = CancelToken::Unwrap(info[1].As<Napi::Object>())->flag();
+      }
+      auto* worker = new StepWorker(env, engine_, std::move(ids), std::move(cancel));
+      Napi::Promise promise = worker->promise();
+      worker->Queue();
+      return promise;
+    } catch (const Napi::Error& e) {
+      return rejected(env, e);
+    }
+  }
+
+  Napi::Value release(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const uint64_t id = id_of(env, info[0], "id");
+    guarded(env, [&] { engine_->release(id); });
+    return env.Undefined();
+  }
+
+  Napi::Value canvas(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const uint64_t id = id_of(env, info[0], "id");
+    const std::vector<int32_t> tokens = guarded(env, [&] { return engine_->canvas(id); });
+    auto array = Napi::Int32Array::New(env, tokens.size());
+    std::copy(tokens.begin(), tokens.end(), array.Data());
+    return array;
+  }
+
+  Napi::Value sequence_info(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const uint64_t id = id_of(env, info[0], "id");
+    const vdiff::SequenceInfo s = guarded(env, [&] { return engine_->info(id); });
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("promptLength", s.prompt_length);
+    o.Set("genLength", s.gen_length);
+    o.Set("stepsTotal", s.steps_total);
+    o.Set("stepsDone", s.steps_done);
+    o.Set("finished", s.finished);
+    o.Set("memoryBytes", static_cast<double>(s.memory_bytes));
+    return o;
+  }
+
+  Napi::Value live(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(engine_->live()));
+  }
+
+  std::shared_ptr<Engine> engine_;
+};
+
+// ---- module ---------------------------------------------------------------------------------------
+
+Napi::Value load_model(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  try {
+    if (!info[0].IsString()) throw invalid_argument(env, "dir must be a string");
+    vdiff::LoadOptions options;
+    if (info.Length() > 1 && !info[1].IsUndefined()) {
+      if (!info[1].IsObject()) throw invalid_argument(env, "options must be an object");
+      const Napi::Value threads = info[1].As<Napi::Object>().Get("threads");
+      if (!threads.IsUndefined())
+        options.threads = static_cast<int>(integer_of(env, threads, "options.threads", 0, 4096));
+    }
+    auto* worker = new LoadWorker(env, info[0].As<Napi::String>().Utf8Value(), options);
+    Napi::Promise promise = worker->promise();
+    worker->Queue();
+    return promise;
+  } catch (const Napi::Error& e) {
+    return rejected(env, e);
+  }
+}
+
+Napi::Object init(Napi::Env env, Napi::Object exports) {
+  auto* data = new AddonData();
+  const Napi::Function engine_class = NativeEngine::define(env);
+  const Napi::Function cancel_class = CancelToken::define(env);
+  data->engine_constructor = Napi::Persistent(engine_class);
+  data->cancel_constructor = Napi::Persistent(cancel_class);
+  env.SetInstanceData<AddonData>(data);
+  exports.Set("loadModel", Napi::Function::New<load_model>(env, "loadModel"));
+  exports.Set("NativeEngine", engine_class);
+  exports.Set("CancelToken", cancel_class);
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(vdiff, init)

@@ -1,2 +1,384 @@
-// placeholder: being written
-int main(){return 0;}
+// vdiff-cli: load a model and run one generation, a timed benchmark, or print what was loaded. Prints
+// JSON on stdout; failures print {"error": {"code", "message"}} on stderr and exit 1.
+//
+//   vdiff-cli generate --model DIR --prompt-ids 1,2,3 [--gen 128 --block 32 --steps 128 --temperature 0
+//       --cfg 0 --remasking low_confidence|random --seed 0 --threads N --batch B --eot ID
+//       --logits-eos-inf --confidence-eos-eot-inf --trace]
+//   vdiff-cli bench --model DIR [--prompt-len 32 --gen 128 --block 32 --steps 128 --batch 1,8
+//       --threads 2 --repeat 3 --seed 0]
+//   vdiff-cli info --model DIR [--threads N]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <new>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "core/engine.h"
+#include "core/error.h"
+#include "core/model.h"
+#include "core/sampler.h"
+
+using namespace vdiff;
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: vdiff-cli generate --model DIR --prompt-ids 1,2,3 [--gen N --block N --steps N --temperature T "
+    "--cfg S --remasking low_confidence|random --seed N --threads N --batch B --eot ID --logits-eos-inf "
+    "--confidence-eos-eot-inf --trace]\n"
+    "       vdiff-cli bench --model DIR [--prompt-len N --gen N --block N --steps N --batch 1,8 --threads N "
+    "--repeat N --seed N]\n"
+    "       vdiff-cli info --model DIR [--threads N]";
+
+Error usage(const std::string& message) { return Error(ErrorCode::InvalidArgument, message); }
+
+// ---- arguments ------------------------------------------------------------------------------------
+
+const std::set<std::string> kSwitches = {"--logits-eos-inf", "--confidence-eos-eot-inf", "--trace"};
+
+struct Args {
+  std::string command;
+  std::map<std::string, std::string> values;  // "--gen" -> "128"
+  std::set<std::string> switches;             // "--trace"
+
+  bool has(const std::string& key) const { return values.count(key) > 0; }
+  std::string text(const std::string& key, const std::string& fallback) const {
+    auto it = values.find(key);
+    return it == values.end() ? fallback : it->second;
+  }
+  std::string required(const std::string& key) const {
+    auto it = values.find(key);
+    if (it == values.end()) throw usage("missing " + key);
+    return it->second;
+  }
+  long long integer(const std::string& key, long long fallback) const {
+    return has(key) ? parse_integer(key, values.at(key)) : fallback;
+  }
+  double number(const std::string& key, double fallback) const {
+    if (!has(key)) return fallback;
+    const std::string& v = values.at(key);
+    char* end = nullptr;
+    const double d = std::strtod(v.c_str(), &end);
+    if (v.empty() || *end != '\0') throw usage(key + " expects a number, got '" + v + "'");
+    return d;
+  }
+  static long long parse_integer(const std::string& key, const std::string& v) {
+    char* end = nullptr;
+    const long long n = std::strtoll(v.c_str(), &end, 10);
+    if (v.empty() || *end != '\0') throw usage(key + " expects an integer, got '" + v + "'");
+    return n;
+  }
+  std::vector<long long> integers(const std::string& key, const std::string& fallback) const {
+    std::vector<long long> out;
+    std::stringstream in(text(key, fallback));
+    std::string item;
+    while (std::getline(in, item, ',')) out.push_back(parse_integer(key, item));
+    return out;
+  }
+};
+
+Args parse_args(int argc, char** argv) {
+  if (argc < 2) throw usage(kUsage);
+  Args args;
+  args.command = argv[1];
+  for (int i = 2; i < argc; ++i) {
+    const std::string key = argv[i];
+    if (key.rfind("--", 0) != 0) throw usage("unexpected argument '" + key + "'\n" + kUsage);
+    if (kSwitches.count(key)) {
+      args.switches.insert(key);
+      continue;
+    }
+    if (i + 1 >= argc) throw usage(key + " needs a value");
+    args.values[key] = argv[++i];
+  }
+  return args;
+}
+
+int to_int(const std::string& key, long long v) {
+  if (v < -2147483647LL || v > 2147483647LL) throw usage(key + " is out of range");
+  return static_cast<int>(v);
+}
+
+// ---- JSON output ----------------------------------------------------------------------------------
+
+std::string json_string(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out += static_cast<char>(c);
+        }
+    }
+  }
+  return out + "\"";
+}
+
+std::string json_number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
+}
+
+template <typename T>
+std::string json_ints(const std::vector<T>& v) {
+  std::string out = "[";
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? "," : "") + std::to_string(v[i]);
+  return out + "]";
+}
+
+const char* reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::Eos: return "eos";
+    case FinishReason::Length: return "length";
+    case FinishReason::None: break;
+  }
+  return "none";
+}
+
+double ms_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+}
+
+std::shared_ptr<Model> load_model(const Args& args) {
+  LoadOptions options;
+  options.threads = to_int("--threads", args.integer("--threads", 0));
+  return Model::load(args.required("--model"), options);
+}
+
+SamplingParams sampling_params(const Args& args) {
+  SamplingParams p;
+  p.gen_length = to_int("--gen", args.integer("--gen", p.gen_length));
+  p.block_length = to_int("--block", args.integer("--block", p.block_length));
+  p.steps = to_int("--steps", args.integer("--steps", p.steps));
+  p.temperature = args.number("--temperature", p.temperature);
+  p.cfg_scale = args.number("--cfg", p.cfg_scale);
+  p.seed = static_cast<uint64_t>(args.integer("--seed", 0));
+  p.eot_token_id = to_int("--eot", args.integer("--eot", -1));
+  p.logits_eos_inf = args.switches.count("--logits-eos-inf") > 0;
+  p.confidence_eos_eot_inf = args.switches.count("--confidence-eos-eot-inf") > 0;
+  const std::string remasking = args.text("--remasking", "low_confidence");
+  if (remasking == "low_confidence") p.remasking = Remasking::LowConfidence;
+  else if (remasking == "random") p.remasking = Remasking::Random;
+  else throw usage("--remasking must be low_confidence or random, got '" + remasking + "'");
+  return p;
+}
+
+// ---- commands -------------------------------------------------------------------------------------
+
+int generate(const Args& args) {
+  std::vector<int32_t> prompt;
+  for (long long t : args.integers("--prompt-ids", args.required("--prompt-ids")))
+    prompt.push_back(to_int("--prompt-ids", t));
+  const SamplingParams base = sampling_params(args);
+  const int batch = to_int("--batch", args.integer("--batch", 1));
+  if (batch < 1) throw usage("--batch must be >= 1");
+  const bool trace = args.switches.count("--trace") > 0;
+
+  const auto load_start = std::chrono::steady_clock::now();
+  Engine engine(load_model(args));
+  const double load_ms = ms_since(load_start);
+
+  // Sequence i of the batch uses seed + i.
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < batch; ++i) {
+    SamplingParams p = base;
+    p.seed = base.seed + static_cast<uint64_t>(i);
+    ids.push_back(engine.create(prompt, p));
+  }
+
+  std::vector<std::string> traces(ids.size());  // per sequence: [[[position, token, probability], ...], ...]
+  std::vector<FinishReason> reasons(ids.size(), FinishReason::None);
+  int steps = 0;
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<uint64_t> running = ids;
+  while (!running.empty()) {
+    std::vector<uint64_t> still_running;
+    for (const StepOutput& out : engine.step(running)) {
+      const size_t index = std::find(ids.begin(), ids.end(), out.id) - ids.begin();
+      if (trace) {
+        std::string step = "[";
+        for (size_t j = 0; j < out.committed.size(); ++j) {
+          const CommittedToken& t = out.committed[j];
+          step += (j ? ",[" : "[") + std::to_string(t.position) + "," + std::to_string(t.token) + "," +
+                  json_number(t.probability) + "]";
+        }
+        traces[index] += (traces[index].empty() ? "" : ",") + step + "]";
+      }
+      if (out.finished) reasons[index] = out.reason;
+      else still_running.push_back(out.id);
+    }
+    running = std::move(still_running);
+    ++steps;
+  }
+  const double ms = ms_since(start);
+
+  std::string json = "{\"answer\":" + json_ints(engine.canvas(ids[0]));
+  if (batch > 1) {
+    json += ",\"answers\":[";
+    for (size_t i = 0; i < ids.size(); ++i) json += (i ? "," : "") + json_ints(engine.canvas(ids[i]));
+    json += "]";
+  }
+  json += ",\"finish_reason\":" + json_string(reason_name(reasons[0]));
+  if (trace) json += ",\"trace\":[" + traces[0] + "]";
+  json += ",\"steps\":" + std::to_string(steps) + ",\"ms\":" + json_number(ms) +
+          ",\"load_ms\":" + json_number(load_ms) + "}";
+  std::printf("%s\n", json.c_str());
+  return 0;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+int bench(const Args& args) {
+  const int prompt_len = to_int("--prompt-len", args.integer("--prompt-len", 32));
+  const int repeat = to_int("--repeat", args.integer("--repeat", 3));
+  if (prompt_len < 0) throw usage("--prompt-len must be >= 0");
+  if (repeat < 1) throw usage("--repeat must be >= 1");
+  const SamplingParams params = sampling_params(args);
+  std::vector<int> batches;
+  for (long long b : args.integers("--batch", "1,8")) {
+    if (b < 1) throw usage("--batch sizes must be >= 1");
+    batches.push_back(to_int("--batch", b));
+  }
+
+  std::shared_ptr<Model> model = load_model(args);
+  const ModelConfig& config = model->config();
+  if (params.gen_length < 1 || params.block_length < 1) throw usage("--gen and --block must be >= 1");
+  if (prompt_len + params.gen_length > config.max_sequence_length)
+    throw usage("--prompt-len plus --gen exceeds the model context");
+
+  // A random prompt of ordinary tokens (no mask, no EOS).
+  std::vector<int32_t> prompt;
+  Rng rng(params.seed);
+  while (static_cast<int>(prompt.size()) < prompt_len) {
+    const int32_t t = static_cast<int32_t>(rng.next() % static_cast<uint64_t>(config.vocab_size));
+    if (t != config.mask_token_id && t != config.eos_token_id) prompt.push_back(t);
+  }
+
+  // Forward latency over the full canvas: logits for every row vs for one block of rows.
+  std::vector<int32_t> canvas = prompt;
+  canvas.resize(prompt.size() + params.gen_length, config.mask_token_id);
+  const int length = static_cast<int>(canvas.size());
+  std::vector<int32_t> all_rows(length), block_rows;
+  for (int i = 0; i < length; ++i) all_rows[i] = i;
+  for (int i = 0; i < std::min(params.block_length, params.gen_length); ++i) block_rows.push_back(prompt_len + i);
+  auto time_forward = [&](const std::vector<int32_t>& rows) {
+    std::vector<float> logits(rows.size() * static_cast<size_t>(config.embedding_size));
+    const std::vector<ForwardSeq> batch = {
+        ForwardSeq{canvas.data(), length, rows.data(), static_cast<int>(rows.size())}};
+    model->forward(batch, logits.data());  // warm-up: page in the weights
+    std::vector<double> times;
+    for (int r = 0; r < repeat; ++r) {
+      const auto start = std::chrono::steady_clock::now();
+      model->forward(batch, logits.data());
+      times.push_back(ms_since(start));
+    }
+    return times;
+  };
+  const std::vector<double> all_ms = time_forward(all_rows);
+  const std::vector<double> block_ms = time_forward(block_rows);
+
+  // Denoising throughput: a full generation per batch size (sequence i seeded with seed + i).
+  Engine engine(model);
+  std::string denoise = "[";
+  for (size_t bi = 0; bi < batches.size(); ++bi) {
+    std::vector<uint64_t> ids;
+    for (int i = 0; i < batches[bi]; ++i) {
+      SamplingParams p = params;
+      p.seed = params.seed + static_cast<uint64_t>(i);
+      ids.push_back(engine.create(prompt, p));
+    }
+    std::vector<double> step_ms;
+    const auto start = std::chrono::steady_clock::now();
+    while (!ids.empty()) {
+      const auto step_start = std::chrono::steady_clock::now();
+      std::vector<uint64_t> running;
+      for (const StepOutput& out : engine.step(ids)) {
+        if (out.finished) engine.release(out.id);
+        else running.push_back(out.id);
+      }
+      step_ms.push_back(ms_since(step_start));
+      ids = std::move(running);
+    }
+    const double total_ms = ms_since(start);
+    const double tokens = static_cast<double>(batches[bi]) * params.gen_length;
+    denoise += std::string(bi ? "," : "") + "{\"batch\":" + std::to_string(batches[bi]) +
+               ",\"steps\":" + std::to_string(step_ms.size()) + ",\"ms\":" + json_number(total_ms) +
+               ",\"step_ms_median\":" + json_number(median(step_ms)) +
+               ",\"tokens_per_s\":" + json_number(tokens / (total_ms / 1000.0)) + "}";
+  }
+  denoise += "]";
+
+  auto stats = [](const std::vector<double>& v) {
+    return "{\"median\":" + json_number(median(v)) + ",\"min\":" +
+           json_number(*std::min_element(v.begin(), v.end())) + "}";
+  };
+  std::printf(
+      "{\"threads\":%d,\"weight_dtype\":%s,\"prompt_len\":%d,\"gen\":%d,\"block\":%d,\"steps\":%d,"
+      "\"forward_ms\":{\"canvas\":%d,\"all_rows\":%s,\"block_rows\":%s},\"denoise\":%s}\n",
+      model->threads(), json_string(model->weight_dtype()).c_str(), prompt_len, params.gen_length,
+      params.block_length, params.steps, length, stats(all_ms).c_str(), stats(block_ms).c_str(),
+      denoise.c_str());
+  return 0;
+}
+
+int info(const Args& args) {
+  std::shared_ptr<Model> model = load_model(args);
+  const ModelConfig& c = model->config();
+  std::printf(
+      "{\"config\":{\"d_model\":%d,\"n_heads\":%d,\"n_kv_heads\":%d,\"n_layers\":%d,\"mlp_hidden_size\":%d,"
+      "\"vocab_size\":%d,\"embedding_size\":%d,\"mask_token_id\":%d,\"eos_token_id\":%d,"
+      "\"max_sequence_length\":%d,\"rope_theta\":%s,\"rms_norm_eps\":%s,\"weight_tying\":%s,"
+      "\"include_bias\":%s},\"threads\":%d,\"weight_dtype\":%s,\"parameter_count\":%llu,"
+      "\"weight_bytes\":%llu}\n",
+      c.d_model, c.n_heads, c.n_kv_heads, c.n_layers, c.mlp_hidden_size, c.vocab_size, c.embedding_size,
+      c.mask_token_id, c.eos_token_id, c.max_sequence_length, json_number(c.rope_theta).c_str(),
+      json_number(c.rms_norm_eps).c_str(), c.weight_tying ? "true" : "false",
+      c.include_bias ? "true" : "false", model->threads(), json_string(model->weight_dtype()).c_str(),
+      static_cast<unsigned long long>(model->parameter_count()),
+      static_cast<unsigned long long>(model->weight_bytes()));
+  return 0;
+}
+
+int fail(const char* code, const std::string& message) {
+  std::fprintf(stderr, "{\"error\":{\"code\":%s,\"message\":%s}}\n", json_string(code).c_str(),
+               json_string(message).c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Args args = parse_args(argc, argv);
+    if (args.command == "generate") return generate(args);
+    if (args.command == "bench") return bench(args);
+    if (args.command == "info") return info(args);
+    throw usage("unknown command '" + args.command + "'\n" + kUsage);
+  } catch (const Error& e) {
+    return fail(error_code_name(e.code()), e.what());
+  } catch (const std::bad_alloc&) {
+    return fail("OUT_OF_MEMORY", "out of memory");
+  } catch (const std::exception& e) {
+    return fail("INTERNAL", e.what());
+  }
+}

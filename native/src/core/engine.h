@@ -55,7 +55,8 @@ struct SequenceInfo {
   uint64_t memory_bytes;  // what this sequence holds (canvas, schedules, scratch)
 };
 
-class Sequence;  // defined in engine.cpp
+class Sequence;    // defined in engine.cpp
+class ThreadPool;  // threadpool.h
 
 class Engine {
  public:
@@ -85,6 +86,7 @@ class Engine {
  private:
   std::shared_ptr<Sequence> get(uint64_t id) const;
   std::shared_ptr<Model> model_;
+  std::unique_ptr<ThreadPool> pool_;  // the sampler's per-row work (softmax, argmax) runs on it
   mutable std::mutex mu_;       // guards sequences_ and next_id_
   std::mutex step_mu_;          // one step at a time
   std::map<uint64_t, std::shared_ptr<Sequence>> sequences_;

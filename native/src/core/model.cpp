@@ -1,1 +1,439 @@
-// placeholder: being written
+// The LLaDA mask predictor on CPU. Weights stay memory-mapped in their stored dtype; activations are f32.
+//
+// One forward over a batch:
+//   x = wte[tokens]                                   all sequences' tokens concatenated: [T, D]
+//   per block:  x += attn_out(attention(rope(q), rope(k), v))   q, k, v = projections of rmsnorm(x)
+//               x += ff_out(silu(ff_proj(h)) * up_proj(h))      h = rmsnorm(x)
+//   logits = head(rmsnorm(x[requested rows]))         only the rows the sampler asked for
+// Linear layers run over all T tokens at once, split across threads by column panels; attention runs
+// per (sequence, head, block of queries) over that sequence's own keys, with no mask (bidirectional).
+#include "model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "cpu/kernels.h"
+#include "error.h"
+#include "safetensors.h"
+#include "threadpool.h"
+
+namespace vdiff {
+
+namespace {
+
+using cpu::Kernels;
+using cpu::MatB;
+using cpu::WType;
+
+constexpr int kQueryBlock = 64;  // queries per attention task: bounds the score buffer to 64 x L floats
+
+// A weight matrix [rows = out features, cols = in features], still in the mapping.
+struct Weight {
+  const void* data = nullptr;
+  WType type = WType::F32;
+  int rows = 0;
+  int cols = 0;
+  MatB as_b() const { return MatB{data, type, cols, false}; }
+};
+
+struct Block {
+  std::vector<float> attn_norm, ff_norm;
+  Weight q, k, v, attn_out, ff_proj, up_proj, ff_out;
+};
+
+// A 64-byte aligned float array that only grows. Contents are not kept across growth.
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  Buffer(Buffer&& o) noexcept : data_(o.data_), size_(o.size_) { o.data_ = nullptr, o.size_ = 0; }
+  ~Buffer() { std::free(data_); }
+
+  float* ensure(size_t n) {
+    if (n > size_) {
+      std::free(data_);
+      data_ = nullptr;
+      size_ = 0;
+      size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+      data_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+      if (!data_)
+        throw Error(ErrorCode::OutOfMemory, "cannot allocate " + std::to_string(bytes >> 20) + " MiB of activations");
+      size_ = n;
+    }
+    return data_;
+  }
+  float* data() const { return data_; }
+
+ private:
+  float* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+const char* wtype_name(WType t) {
+  switch (t) {
+    case WType::F32: return "f32";
+    case WType::BF16: return "bf16";
+    case WType::F16: return "f16";
+  }
+  return "?";
+}
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+class CpuModel final : public Model {
+ public:
+  CpuModel(const std::string& dir, const LoadOptions& options);
+
+  const ModelConfig& config() const override { return cfg_; }
+  int threads() const override { return pool_->size(); }
+  std::string weight_dtype() const override { return wtype_name(blocks_[0].q.type); }
+  uint64_t parameter_count() const override { return parameter_count_; }
+  uint64_t weight_bytes() const override { return weight_bytes_; }
+
+  void forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) override;
+
+ private:
+  // One output of a fused linear call: out[:, 0:w.rows] (+)= A · w^T.
+  struct LinearOut {
+    const Weight* w;
+    float* out;
+    int64_t ldc;
+    bool accumulate;
+  };
+
+  const TensorView& tensor(const std::string& name, std::initializer_list<int64_t> shape);
+  Weight weight(const std::string& name, int rows, int cols);
+  std::vector<float> norm_weight(const std::string& name);
+
+  void linear(const float* A, int M, int K, std::initializer_list<LinearOut> outs);
+  void rmsnorm_rows(const float* x, const std::vector<float>& w, float* y, int rows);
+  void ensure_rope(int length);
+  void apply_rope(float* q, float* k, int T);
+  void attention(int T);
+  void check_batch(const std::vector<ForwardSeq>& batch) const;
+  void ensure_scratch(int T, int rows, int max_len);
+
+  ModelConfig cfg_;
+  TensorSet tensors_;
+  const Kernels* kernels_;
+  std::unique_ptr<ThreadPool> pool_;
+  Weight wte_, head_;
+  std::vector<Block> blocks_;
+  std::vector<float> ln_f_;
+  uint64_t parameter_count_ = 0;
+  uint64_t weight_bytes_ = 0;
+
+  // RoPE tables [position][head_dim / 2], grown to the longest sequence seen.
+  int rope_len_ = 0;
+  std::vector<float> rope_cos_, rope_sin_;
+
+  // Per-forward state and scratch (forward is not reentrant).
+  std::vector<int> seq_offset_, seq_length_;
+  Buffer x_, xn_, q_, k_, v_, att_, gate_, up_, rows_;
+  std::vector<Buffer> gemm_scratch_, scores_;  // per thread
+};
+
+const TensorView& CpuModel::tensor(const std::string& name, std::initializer_list<int64_t> shape) {
+  const TensorView& t = tensors_.get(name);
+  if (t.dtype != DType::F32 && t.dtype != DType::BF16 && t.dtype != DType::F16)
+    throw Error(ErrorCode::InvalidModel, t.file + ": tensor \"" + name + "\" has dtype " + dtype_name(t.dtype) +
+                                             "; only F32, BF16 and F16 are supported");
+  std::vector<int64_t> want(shape);
+  if (t.shape != want)
+    throw Error(ErrorCode::InvalidModel, t.file + ": tensor \"" + name + "\" has shape " + shape_string(t.shape) +
+                                             ", expected " + shape_string(want) + " from config.json");
+  parameter_count_ += static_cast<uint64_t>(t.numel());
+  weight_bytes_ += t.nbytes;
+  return t;
+}
+
+Weight CpuModel::weight(const std::string& name, int rows, int cols) {
+  const TensorView& t = tensor(name, {rows, cols});
+  Weight w;
+  w.data = t.data;
+  w.type = t.dtype == DType::F32 ? WType::F32 : t.dtype == DType::BF16 ? WType::BF16 : WType::F16;
+  w.rows = rows;
+  w.cols = cols;
+  return w;
+}
+
+std::vector<float> CpuModel::norm_weight(const std::string& name) {
+  const TensorView& t = tensor(name, {cfg_.d_model});
+  WType type = t.dtype == DType::F32 ? WType::F32 : t.dtype == DType::BF16 ? WType::BF16 : WType::F16;
+  std::vector<float> w(cfg_.d_model);
+  for (int i = 0; i < cfg_.d_model; ++i) w[i] = cpu::weight_to_f32(t.data, type, i);
+  return w;
+}
+
+CpuModel::CpuModel(const std::string& dir, const LoadOptions& options)
+    : cfg_(ModelConfig::from_file(dir + "/config.json")),
+      tensors_(TensorSet::load_dir(dir)),
+      kernels_(&cpu::active_kernels()) {
+  const int D = cfg_.d_model, H = cfg_.mlp_hidden_size, E = cfg_.embedding_size;
+  const int hd = cfg_.head_dim();
+  const std::string p = "model.transformer.";
+  wte_ = weight(p + "wte.weight", E, D);
+  blocks_.resize(cfg_.n_layers);
+  for (int i = 0; i < cfg_.n_layers; ++i) {
+    const std::string b = p + "blocks." + std::to_string(i) + ".";
+    Block& blk = blocks_[i];
+    blk.attn_norm = norm_weight(b + "attn_norm.weight");
+    blk.ff_norm = norm_weight(b + "ff_norm.weight");
+    blk.q = weight(b + "q_proj.weight", cfg_.n_heads * hd, D);
+    blk.k = weight(b + "k_proj.weight", cfg_.n_kv_heads * hd, D);
+    blk.v = weight(b + "v_proj.weight", cfg_.n_kv_heads * hd, D);
+    blk.attn_out = weight(b + "attn_out.weight", D, D);
+    blk.ff_proj = weight(b + "ff_proj.weight", H, D);
+    blk.up_proj = weight(b + "up_proj.weight", H, D);
+    blk.ff_out = weight(b + "ff_out.weight", D, H);
+  }
+  ln_f_ = norm_weight(p + "ln_f.weight");
+  head_ = cfg_.weight_tying ? wte_ : weight(p + "ff_out.weight", E, D);
+  pool_ = std::make_unique<ThreadPool>(options.threads);
+  gemm_scratch_.resize(pool_->size());
+  scores_.resize(pool_->size());
+}
+
+void CpuModel::check_batch(const std::vector<ForwardSeq>& batch) const {
+  for (size_t s = 0; s < batch.size(); ++s) {
+    const ForwardSeq& seq = batch[s];
+    const std::string where = "forward: sequence " + std::to_string(s) + ": ";
+    if (seq.length < 1 || !seq.tokens) throw Error(ErrorCode::InvalidArgument, where + "empty");
+    if (seq.length > cfg_.max_sequence_length)
+      throw Error(ErrorCode::InvalidArgument, where + "length " + std::to_string(seq.length) + " exceeds max_sequence_length " +
+                                                  std::to_string(cfg_.max_sequence_length));
+    for (int i = 0; i < seq.length; ++i)
+      if (seq.tokens[i] < 0 || seq.tokens[i] >= cfg_.embedding_size)
+        throw Error(ErrorCode::InvalidArgument, where + "token " + std::to_string(seq.tokens[i]) + " at position " +
+                                                    std::to_string(i) + " is outside [0, " + std::to_string(cfg_.embedding_size) + ")");
+    if (seq.n_logit_rows < 0 || (seq.n_logit_rows > 0 && !seq.logit_rows))
+      throw Error(ErrorCode::InvalidArgument, where + "bad logit rows");
+    for (int r = 0; r < seq.n_logit_rows; ++r)
+      if (seq.logit_rows[r] < 0 || seq.logit_rows[r] >= seq.length)
+        throw Error(ErrorCode::InvalidArgument, where + "logit row " + std::to_string(seq.logit_rows[r]) + " is outside [0, " +
+                                                    std::to_string(seq.length) + ")");
+  }
+}
+
+void CpuModel::ensure_scratch(int T, int rows, int max_len) {
+  const size_t D = cfg_.d_model, H = cfg_.mlp_hidden_size;
+  const size_t q_dim = static_cast<size_t>(cfg_.n_heads) * cfg_.head_dim();
+  const size_t kv_dim = static_cast<size_t>(cfg_.n_kv_heads) * cfg_.head_dim();
+  x_.ensure(T * D);
+  xn_.ensure(T * D);
+  q_.ensure(T * q_dim);
+  k_.ensure(T * kv_dim);
+  v_.ensure(T * kv_dim);
+  att_.ensure(T * q_dim);
+  gate_.ensure(T * H);
+  up_.ensure(T * H);
+  rows_.ensure(static_cast<size_t>(rows > 0 ? rows : 1) * D);
+  int max_k = std::max({cfg_.d_model, cfg_.mlp_hidden_size, cfg_.head_dim(), max_len});
+  const int query_block = std::min(kQueryBlock, max_len);
+  for (int t = 0; t < pool_->size(); ++t) {
+    gemm_scratch_[t].ensure(kernels_->gemm_scratch_floats(max_k));
+    scores_[t].ensure(static_cast<size_t>(query_block) * max_len);
+  }
+}
+
+// Runs task(i, thread) for every i in [0, n), handing items out one at a time to whichever thread is
+// free: items of unequal cost (attention over sequences of different lengths) and threads slowed down by
+// other work on the machine both balance out. Results do not depend on which thread ran what.
+template <class Task>
+void run_dynamic(ThreadPool& pool, size_t n, const Task& task) {
+  std::atomic<size_t> next{0};
+  pool.parallel_for(std::min(n, static_cast<size_t>(pool.size())), [&](size_t, size_t, int thread) {
+    for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) task(i, thread);
+  });
+}
+
+void CpuModel::linear(const float* A, int M, int K, std::initializer_list<LinearOut> outs) {
+  // Work items are column panels of gemm_nr outputs (a few panels each for the portable kernels),
+  // numbered across all outputs so that one parallel_for covers e.g. q, k and v together.
+  const int nr = kernels_->gemm_nr == 1 ? 16 : kernels_->gemm_nr;
+  struct Item {
+    const LinearOut* out;
+    int n0, n1;
+  };
+  std::vector<Item> items;
+  for (const LinearOut& o : outs)
+    for (int n0 = 0; n0 < o.w->rows; n0 += nr) items.push_back({&o, n0, std::min(n0 + nr, o.w->rows)});
+  run_dynamic(*pool_, items.size(), [&](size_t i, int thread) {
+    const Item& item = items[i];
+    const LinearOut& o = *item.out;
+    kernels_->gemm(M, item.n0, item.n1, K, A, K, o.w->as_b(), o.out, o.ldc, o.accumulate, gemm_scratch_[thread].data());
+  });
+}
+
+void CpuModel::rmsnorm_rows(const float* x, const std::vector<float>& w, float* y, int rows) {
+  const int D = cfg_.d_model;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  pool_->parallel_for(rows, [&](size_t begin, size_t end, int) {
+    for (size_t r = begin; r < end; ++r) kernels_->rmsnorm(x + r * D, w.data(), y + r * D, D, eps);
+  });
+}
+
+void CpuModel::ensure_rope(int length) {
+  if (length <= rope_len_) return;
+  // Angles in double, so the f32 tables are the correctly rounded cos/sin of pos * theta^(-2i/hd) (the
+  // PyTorch reference in tools/reference does the same; LLaDA's own code rounds the angle to f32 first,
+  // which moves it by up to half an f32 ulp of the angle).
+  const int half = cfg_.head_dim() / 2;
+  std::vector<double> inv_freq(half);
+  for (int i = 0; i < half; ++i) inv_freq[i] = 1.0 / std::pow(cfg_.rope_theta, 2.0 * i / cfg_.head_dim());
+  rope_cos_.resize(static_cast<size_t>(length) * half);
+  rope_sin_.resize(static_cast<size_t>(length) * half);
+  for (int pos = rope_len_; pos < length; ++pos)
+    for (int i = 0; i < half; ++i) {
+      double angle = pos * inv_freq[i];
+      rope_cos_[static_cast<size_t>(pos) * half + i] = static_cast<float>(std::cos(angle));
+      rope_sin_[static_cast<size_t>(pos) * half + i] = static_cast<float>(std::sin(angle));
+    }
+  rope_len_ = length;
+}
+
+void CpuModel::apply_rope(float* q, float* k, int T) {
+  const int hd = cfg_.head_dim(), half = hd / 2;
+  const int q_heads = cfg_.n_heads, kv_heads = cfg_.n_kv_heads;
+  // Position of token t is its index within its own sequence.
+  std::vector<int> position(T);
+  for (size_t s = 0; s < seq_offset_.size(); ++s)
+    for (int i = 0; i < seq_length_[s]; ++i) position[seq_offset_[s] + i] = i;
+  pool_->parallel_for(T, [&](size_t begin, size_t end, int) {
+    for (size_t t = begin; t < end; ++t) {
+      const float* c = rope_cos_.data() + static_cast<size_t>(position[t]) * half;
+      const float* s = rope_sin_.data() + static_cast<size_t>(position[t]) * half;
+      auto rotate = [&](float* x) {
+        // NeoX rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) over the two head halves.
+        for (int i = 0; i < half; ++i) {
+          float x1 = x[i], x2 = x[i + half];
+          x[i] = x1 * c[i] - x2 * s[i];
+          x[i + half] = x2 * c[i] + x1 * s[i];
+        }
+      };
+      for (int h = 0; h < q_heads; ++h) rotate(q + t * q_heads * hd + h * hd);
+      for (int h = 0; h < kv_heads; ++h) rotate(k + t * kv_heads * hd + h * hd);
+    }
+  });
+}
+
+void CpuModel::attention(int T) {
+  const int hd = cfg_.head_dim();
+  const int q_heads = cfg_.n_heads, kv_heads = cfg_.n_kv_heads, group = q_heads / kv_heads;
+  const int64_t q_dim = static_cast<int64_t>(q_heads) * hd, kv_dim = static_cast<int64_t>(kv_heads) * hd;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  struct Task {
+    int seq, head, q0, nq;
+  };
+  std::vector<Task> tasks;
+  for (size_t s = 0; s < seq_offset_.size(); ++s)
+    for (int h = 0; h < q_heads; ++h)
+      for (int q0 = 0; q0 < seq_length_[s]; q0 += kQueryBlock)
+        tasks.push_back({static_cast<int>(s), h, q0, std::min(kQueryBlock, seq_length_[s] - q0)});
+  run_dynamic(*pool_, tasks.size(), [&](size_t i, int thread) {
+    float* scratch = gemm_scratch_[thread].data();
+    float* scores = scores_[thread].data();
+    const Task& task = tasks[i];
+    const int L = seq_length_[task.seq];
+    const int64_t first = seq_offset_[task.seq];
+    const int kv_head = task.head / group;
+    const float* Q = q_.data() + (first + task.q0) * q_dim + task.head * hd;
+    const float* K = k_.data() + first * kv_dim + kv_head * hd;
+    const float* V = v_.data() + first * kv_dim + kv_head * hd;
+    // scores[nq, L] = Q · K^T (K's rows are keys: a [N = L][K = hd] matrix), then softmax per row.
+    kernels_->gemm(task.nq, 0, L, hd, Q, q_dim, MatB{K, WType::F32, kv_dim, false}, scores, L, false, scratch);
+    for (int r = 0; r < task.nq; ++r) kernels_->softmax(scores + static_cast<int64_t>(r) * L, L, scale);
+    // out[nq, hd] = scores · V (V is [K = L][N = hd]).
+    float* out = att_.data() + (first + task.q0) * q_dim + task.head * hd;
+    kernels_->gemm(task.nq, 0, hd, L, scores, L, MatB{V, WType::F32, kv_dim, true}, out, q_dim, false, scratch);
+  });
+}
+
+void CpuModel::forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) {
+  check_batch(batch);
+  auto check_cancel = [&] {
+    if (cancel && cancel->load(std::memory_order_relaxed)) throw Error(ErrorCode::Cancelled, "forward cancelled");
+  };
+  check_cancel();
+  if (batch.empty()) return;
+
+  seq_offset_.clear();
+  seq_length_.clear();
+  int T = 0, rows = 0, max_len = 0;
+  for (const ForwardSeq& s : batch) {
+    seq_offset_.push_back(T);
+    seq_length_.push_back(s.length);
+    T += s.length;
+    rows += s.n_logit_rows;
+    max_len = std::max(max_len, s.length);
+  }
+  const int D = cfg_.d_model, H = cfg_.mlp_hidden_size, E = cfg_.embedding_size;
+  const int q_dim = cfg_.n_heads * cfg_.head_dim(), kv_dim = cfg_.n_kv_heads * cfg_.head_dim();
+  try {
+    ensure_scratch(T, rows, max_len);
+    ensure_rope(max_len);
+  } catch (const std::bad_alloc&) {
+    throw Error(ErrorCode::OutOfMemory, "forward: cannot allocate scratch for " + std::to_string(T) + " tokens");
+  }
+  float* x = x_.data();
+  float* xn = xn_.data();
+
+  // Embedding lookup.
+  std::vector<int32_t> tokens;
+  tokens.reserve(T);
+  for (const ForwardSeq& s : batch) tokens.insert(tokens.end(), s.tokens, s.tokens + s.length);
+  pool_->parallel_for(T, [&](size_t begin, size_t end, int) {
+    const size_t row_bytes = static_cast<size_t>(D) * (wte_.type == WType::F32 ? 4 : 2);
+    for (size_t t = begin; t < end; ++t)
+      kernels_->convert(static_cast<const char*>(wte_.data) + tokens[t] * row_bytes, wte_.type, x + t * D, D);
+  });
+
+  for (const Block& blk : blocks_) {
+    check_cancel();
+    rmsnorm_rows(x, blk.attn_norm, xn, T);
+    linear(xn, T, D, {{&blk.q, q_.data(), q_dim, false}, {&blk.k, k_.data(), kv_dim, false}, {&blk.v, v_.data(), kv_dim, false}});
+    apply_rope(q_.data(), k_.data(), T);
+    attention(T);
+    linear(att_.data(), T, q_dim, {{&blk.attn_out, x, D, true}});  // residual: x += attn_out(att)
+
+    rmsnorm_rows(x, blk.ff_norm, xn, T);
+    linear(xn, T, D, {{&blk.ff_proj, gate_.data(), H, false}, {&blk.up_proj, up_.data(), H, false}});
+    pool_->parallel_for(T, [&](size_t begin, size_t end, int) {
+      for (size_t t = begin; t < end; ++t)
+        kernels_->silu_mul(gate_.data() + t * H, up_.data() + t * H, gate_.data() + t * H, H);
+    });
+    linear(gate_.data(), T, H, {{&blk.ff_out, x, D, true}});  // residual: x += ff_out(...)
+  }
+  check_cancel();
+
+  // Final norm and LM head for the requested rows only.
+  if (rows == 0) return;
+  float* r = rows_.data();
+  int row = 0;
+  for (size_t s = 0; s < batch.size(); ++s)
+    for (int i = 0; i < batch[s].n_logit_rows; ++i, ++row)
+      std::memcpy(r + static_cast<size_t>(row) * D, x + static_cast<size_t>(seq_offset_[s] + batch[s].logit_rows[i]) * D,
+                  D * sizeof(float));
+  rmsnorm_rows(r, ln_f_, r, rows);
+  linear(r, rows, D, {{&head_, logits, E, false}});
+}
+
+}  // namespace
+
+std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& options) {
+  try {
+    return std::make_unique<CpuModel>(dir, options);
+  } catch (const std::bad_alloc&) {
+    throw Error(ErrorCode::OutOfMemory, dir + ": out of memory while loading the model");
+  }
+}
+
+}  // namespace vdiff

@@ -1,1 +1,170 @@
-// placeholder: being written
+#include "sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+namespace vdiff {
+
+// ---- random numbers -------------------------------------------------------------------------------
+
+uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+Rng::Rng(uint64_t seed) {
+  uint64_t state = seed;
+  for (uint64_t& word : s_) word = splitmix64(state);
+}
+
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+uint64_t Rng::next() {
+  const uint64_t result = rotl(s_[1] * 5, 7) * 9;
+  const uint64_t t = s_[1] << 17;
+  s_[2] ^= s_[0];
+  s_[3] ^= s_[1];
+  s_[1] ^= s_[2];
+  s_[0] ^= s_[3];
+  s_[2] ^= t;
+  s_[3] = rotl(s_[3], 45);
+  return result;
+}
+
+double Rng::uniform_open() {
+  // 53 random bits, shifted by half a unit: (k + 0.5) / 2^53 lies strictly inside (0, 1).
+  return (static_cast<double>(next() >> 11) + 0.5) * 0x1.0p-53;
+}
+
+Rng row_rng(uint64_t seed, int step, int position) {
+  // Hash the three numbers together through splitmix64 so that neighbouring steps and positions give
+  // unrelated streams.
+  uint64_t state = seed;
+  uint64_t key = splitmix64(state);
+  state = key ^ (static_cast<uint64_t>(static_cast<uint32_t>(step)) << 32 |
+                 static_cast<uint32_t>(position));
+  return Rng(splitmix64(state));
+}
+
+// ---- block plan and transfer schedule -------------------------------------------------------------
+
+std::vector<BlockPlan> plan_blocks(int gen_length, int block_length, int steps) {
+  const int n_blocks = (gen_length + block_length - 1) / block_length;
+  // The step budget is shared out evenly over the blocks, the remainder one extra on the first blocks,
+  // then clamped to [1, block length]: every block needs a step to be filled, and steps beyond its length
+  // would commit nothing (the reference runs them as no-op forwards; the tokens are the same).
+  const int base = steps / n_blocks;
+  const int extra = steps % n_blocks;
+  std::vector<BlockPlan> plan;
+  plan.reserve(n_blocks);
+  for (int b = 0; b < n_blocks; ++b) {
+    const int start = b * block_length;
+    const int length = std::min(block_length, gen_length - start);
+    const int block_steps = std::clamp(base + (b < extra ? 1 : 0), 1, length);
+    plan.push_back({start, length, block_steps});
+  }
+  return plan;
+}
+
+int transfers_at(int masked, int steps, int step) {
+  return masked / steps + (step < masked % steps ? 1 : 0);
+}
+
+// ---- one row --------------------------------------------------------------------------------------
+
+void apply_cfg(float* cond, const float* uncond, size_t n, double cfg_scale) {
+  const float scale = static_cast<float>(cfg_scale + 1.0);
+  for (size_t i = 0; i < n; ++i) cond[i] = uncond[i] + scale * (cond[i] - uncond[i]);
+}
+
+static constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+
+// Whether x0 may be `token`: a real token (not head padding) and not the mask.
+static inline bool drawable(int token, const RowRule& rule) {
+  return token < rule.vocab_size && token != rule.mask_token_id;
+}
+
+// argmax over the drawable tokens, the first index winning ties like torch.argmax.
+static int32_t argmax(const float* v, const RowRule& rule) {
+  int32_t best = -1;
+  for (int i = 0; i < rule.vocab_size; ++i)
+    if (drawable(i, rule) && (best < 0 || v[i] > v[best])) best = i;
+  return best < 0 ? 0 : best;
+}
+
+// float64 softmax probability of entry `index`.
+static double softmax_probability(const float* logits, int n, int index) {
+  double max = -std::numeric_limits<double>::infinity();
+  for (int i = 0; i < n; ++i) max = std::max(max, static_cast<double>(logits[i]));
+  if (!std::isfinite(max)) return 0.0;  // every entry -inf (or NaN/inf logits): no usable distribution
+  double sum = 0.0;
+  for (int i = 0; i < n; ++i) sum += std::exp(static_cast<double>(logits[i]) - max);
+  return std::exp(static_cast<double>(logits[index]) - max) / sum;
+}
+
+static bool in_vocab(int token, int vocab) { return token >= 0 && token < vocab; }
+
+RowChoice sample_row(float* logits, const RowRule& rule, Rng& rng) {
+  const int n = rule.row_size;
+  if (rule.logits_eos_inf && in_vocab(rule.eos_token_id, n)) logits[rule.eos_token_id] = kMinusInf;
+
+  RowChoice choice;
+  if (rule.temperature > 0.0) {
+    // Gumbel-max in float64: the reference takes argmax of exp(l) / (-log u)^T. Its logarithm,
+    // l - T * log(-log u), has the same argmax and cannot overflow. One draw per token, drawable or not,
+    // so the stream lines up with the vocabulary.
+    double best = -std::numeric_limits<double>::infinity();
+    int32_t best_index = -1;
+    for (int i = 0; i < rule.vocab_size; ++i) {
+      const double u = rng.uniform_open();
+      const double score = static_cast<double>(logits[i]) - rule.temperature * std::log(-std::log(u));
+      if (drawable(i, rule) && (best_index < 0 || score > best)) {
+        best = score;
+        best_index = i;
+      }
+    }
+    choice.token = best_index < 0 ? 0 : best_index;
+  } else {
+    choice.token = argmax(logits, rule);
+  }
+
+  // The reference's confidence_eos_eot_inf writes `logits_with_noise[eos] = logits[eot] = -inf` after x0
+  // is taken: it never changes x0, only the softmax below. At temperature 0 its noisy logits are the
+  // logits tensor itself, so EOS and EOT both drop out; at temperature > 0 they are a separate float64
+  // tensor, so only EOT does. A row whose x0 dropped out gets probability 0 and is committed last.
+  if (rule.confidence_eos_eot_inf) {
+    if (rule.temperature == 0.0 && in_vocab(rule.eos_token_id, n)) logits[rule.eos_token_id] = kMinusInf;
+    if (in_vocab(rule.eot_token_id, n)) logits[rule.eot_token_id] = kMinusInf;
+  }
+  choice.probability = softmax_probability(logits, n, choice.token);
+  if (std::isnan(choice.probability)) choice.probability = 0.0;
+
+  if (rule.remasking == Remasking::Random) {
+    // Drawn after the Gumbel noise from the same row stream.
+    choice.confidence = rng.uniform_open();
+  } else {
+    choice.confidence = choice.probability;
+  }
+  return choice;
+}
+
+std::vector<int> select_most_confident(const double* confidence, int n, int k) {
+  k = std::clamp(k, 0, n);
+  std::vector<int> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  const auto more_confident = [confidence](int a, int b) {
+    const double ca = std::isnan(confidence[a]) ? -INFINITY : confidence[a];
+    const double cb = std::isnan(confidence[b]) ? -INFINITY : confidence[b];
+    return ca > cb || (ca == cb && a < b);
+  };
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), more_confident);
+  order.resize(k);
+  std::sort(order.begin(), order.end());
+  return order;
+}
+
+}  // namespace vdiff

@@ -1,1 +1,68 @@
-// placeholder: being written
+// Run-time choice of the kernel table: the widest ISA this CPU supports, unless VDIFF_ISA names one.
+#include <cstdlib>
+
+#include "core/error.h"
+#include "kernels.h"
+
+namespace vdiff::cpu {
+
+namespace {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  // libgcc also checks (via XGETBV) that the OS saves the zmm state before reporting avx512f.
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+const Kernels* select_default() {
+  if (cpu_has_avx512()) return avx512_kernels();
+  if (cpu_has_avx2()) return avx2_kernels();
+  return portable_kernels();
+}
+
+}  // namespace
+
+const Kernels* kernels_for(const std::string& isa) {
+  if (isa == "portable") return portable_kernels();
+  if (isa == "avx2") return cpu_has_avx2() ? avx2_kernels() : nullptr;
+  if (isa == "avx512") return cpu_has_avx512() ? avx512_kernels() : nullptr;
+  return nullptr;
+}
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out = {"portable"};
+  if (cpu_has_avx2()) out.push_back("avx2");
+  if (cpu_has_avx512()) out.push_back("avx512");
+  return out;
+}
+
+const Kernels& active_kernels() {
+  // Initialised once; when VDIFF_ISA is bad the initialiser throws and the next call tries again.
+  static const Kernels* chosen = [] {
+    const char* requested = std::getenv("VDIFF_ISA");
+    if (!requested || !*requested) return select_default();
+    std::string name(requested);
+    if (name != "portable" && name != "avx2" && name != "avx512")
+      throw Error(ErrorCode::InvalidArgument, "VDIFF_ISA=" + name + " is not one of portable, avx2, avx512");
+    const Kernels* k = kernels_for(name);
+    if (!k) throw Error(ErrorCode::InvalidArgument, "VDIFF_ISA=" + name + " is not supported by this CPU");
+    return k;
+  }();
+  return *chosen;
+}
+
+}  // namespace vdiff::cpu

@@ -1,1 +1,297 @@
-// placeholder: being written
+// AVX-512 kernels (F, BW, VL, DQ + F16C/FMA). Only avx512_kernels() has external linkage (see kernels.h).
+//
+// GEMM layout: C[M, N] = A[M, K] · B(K, N). For each panel of NR = 64 output columns, the whole K x 64
+// slice of B is widened to f32 and transposed into a buffer `P` (reading each weight row front to back,
+// which the hardware prefetchers follow; the packing cost is shared by all M rows). The micro-kernel then
+// walks P in blocks of KC = 128 values of k (32 KiB, L1-resident while every row tile of A streams past)
+// and keeps a 6 x 64 tile of C in 24 zmm accumulators: per k it loads 4 vectors of P, broadcasts 6
+// values of A and issues 24 FMAs. Accumulators start from C for every k block after the first, so each
+// output is one FMA chain in ascending k: the result does not depend on blocking, thread split or M.
+#include <immintrin.h>
+
+#include <math.h>  // INFINITY
+
+#include "kernels.h"
+
+namespace vdiff::cpu {
+namespace {
+
+constexpr int kMR = 6;    // rows of A per micro-tile
+constexpr int kNR = 64;   // columns per panel (4 zmm)
+constexpr int kKC = 128;  // k per packed block
+
+inline int min_int(int a, int b) { return a < b ? a : b; }
+
+inline __mmask16 tail_mask(int n) {
+  if (n >= 16) return 0xffff;
+  if (n <= 0) return 0;
+  return static_cast<__mmask16>((1u << n) - 1);
+}
+
+// 16 consecutive elements starting at base[offset] (only the lanes in `mask`), widened to f32.
+template <WType T>
+inline __m512 load16(const void* base, int64_t offset, __mmask16 mask) {
+  if constexpr (T == WType::F32) {
+    return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(base) + offset);
+  } else {
+    __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(base) + offset);
+    if constexpr (T == WType::BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else return _mm512_cvtph_ps(h);
+  }
+}
+
+// In-register transpose of a 16 x 16 f32 block: r[i][j] -> r[j][i].
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4q + c] holds, in each 128-bit lane l, column 4l + c of rows 4q .. 4q+3.
+  for (int q = 0; q < 4; ++q) {
+    u[4 * q + 0] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * q + 1] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * q + 2] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * q + 3] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // Gather lane l of u[c], u[4+c], u[8+c], u[12+c] into output column 4l + c.
+  for (int c = 0; c < 4; ++c) {
+    __m512 v = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);       // u[c].l0 u[c].l2 u[4+c].l0 u[4+c].l2
+    __m512 w = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);       // lanes 1 and 3
+    __m512 x = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    __m512 y = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_f32x4(v, x, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(v, x, 0xdd);
+    r[4 + c] = _mm512_shuffle_f32x4(w, y, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(w, y, 0xdd);
+  }
+}
+
+// P[k][j] = W[n0 + j][k0 + k] for a weight matrix W[N][K]; zero for j >= nv.
+template <WType T>
+void pack_transposed(const void* W, int64_t ld, int n0, int nv, int k0, int kc, float* P) {
+  for (int g = 0; g < kNR / 16; ++g) {
+    const int rows = nv - 16 * g;
+    if (rows <= 0) {
+      for (int k = 0; k < kc; ++k) _mm512_store_ps(P + k * kNR + 16 * g, _mm512_setzero_ps());
+      continue;
+    }
+    for (int kk = 0; kk < kc; kk += 16) {
+      const int kn = min_int(16, kc - kk);
+      const __mmask16 km = tail_mask(kn);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < rows ? load16<T>(W, static_cast<int64_t>(n0 + 16 * g + i) * ld + k0 + kk, km) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int i = 0; i < kn; ++i) _mm512_store_ps(P + (kk + i) * kNR + 16 * g, r[i]);
+    }
+  }
+}
+
+// P[k][j] = B[k0 + k][n0 + j] for a plain B[K][N]; zero for j >= nv.
+template <WType T>
+void pack_k_major(const void* B, int64_t ld, int n0, int nv, int k0, int kc, float* P) {
+  for (int k = 0; k < kc; ++k) {
+    const int64_t row = static_cast<int64_t>(k0 + k) * ld + n0;
+    for (int g = 0; g < kNR / 16; ++g)
+      _mm512_store_ps(P + k * kNR + 16 * g, load16<T>(B, row + 16 * g, tail_mask(nv - 16 * g)));
+  }
+}
+
+void pack(const MatB& B, int n0, int nv, int k0, int kc, float* P) {
+  if (B.k_major) {
+    switch (B.type) {
+      case WType::F32: return pack_k_major<WType::F32>(B.data, B.ld, n0, nv, k0, kc, P);
+      case WType::BF16: return pack_k_major<WType::BF16>(B.data, B.ld, n0, nv, k0, kc, P);
+      case WType::F16: return pack_k_major<WType::F16>(B.data, B.ld, n0, nv, k0, kc, P);
+    }
+  } else {
+    switch (B.type) {
+      case WType::F32: return pack_transposed<WType::F32>(B.data, B.ld, n0, nv, k0, kc, P);
+      case WType::BF16: return pack_transposed<WType::BF16>(B.data, B.ld, n0, nv, k0, kc, P);
+      case WType::F16: return pack_transposed<WType::F16>(B.data, B.ld, n0, nv, k0, kc, P);
+    }
+  }
+}
+
+// C[0..R)[0..16*NB) (masked) = (load_c ? C : 0) + A[0..R)[0..kc) · P[0..kc)[0..16*NB).
+template <int R, int NB>
+void micro_kernel(int kc, const float* A, int64_t lda, const float* P, float* C, int64_t ldc,
+                  const __mmask16* masks, bool load_c) {
+  __m512 acc[R][NB];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NB; ++j)
+      acc[i][j] = load_c ? _mm512_maskz_loadu_ps(masks[j], C + i * ldc + 16 * j) : _mm512_setzero_ps();
+  const float* a_row[R];
+  for (int i = 0; i < R; ++i) a_row[i] = A + i * lda;
+  for (int k = 0; k < kc; ++k) {
+    __m512 b[NB];
+    for (int j = 0; j < NB; ++j) b[j] = _mm512_load_ps(P + k * kNR + 16 * j);
+    for (int i = 0; i < R; ++i) {
+      __m512 a = _mm512_set1_ps(a_row[i][k]);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NB; ++j) _mm512_mask_storeu_ps(C + i * ldc + 16 * j, masks[j], acc[i][j]);
+}
+
+using MicroKernel = void (*)(int, const float*, int64_t, const float*, float*, int64_t, const __mmask16*, bool);
+
+template <int R>
+constexpr MicroKernel micro_for(int nb) {
+  return nb == 1 ? micro_kernel<R, 1> : nb == 2 ? micro_kernel<R, 2> : nb == 3 ? micro_kernel<R, 3> : micro_kernel<R, 4>;
+}
+
+MicroKernel select_micro(int rows, int nb) {
+  switch (rows) {
+    case 1: return micro_for<1>(nb);
+    case 2: return micro_for<2>(nb);
+    case 3: return micro_for<3>(nb);
+    case 4: return micro_for<4>(nb);
+    case 5: return micro_for<5>(nb);
+    default: return micro_for<6>(nb);
+  }
+}
+
+void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
+          bool accumulate, float* scratch) {
+  if (M <= 0 || n1 <= n0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int m = 0; m < M; ++m)
+        for (int n = n0; n < n1; ++n) C[static_cast<int64_t>(m) * ldc + n] = 0.0f;
+    return;
+  }
+  float* P = scratch;
+  const int m_full = M - M % kMR;
+  for (int np = n0; np < n1; np += kNR) {
+    const int nv = min_int(kNR, n1 - np);
+    const int nb = (nv + 15) / 16;
+    __mmask16 masks[4];
+    for (int j = 0; j < 4; ++j) masks[j] = tail_mask(nv - 16 * j);
+    const MicroKernel full = select_micro(kMR, nb);
+    const MicroKernel tail = M % kMR ? select_micro(M % kMR, nb) : nullptr;
+    pack(B, np, nv, 0, K, P);
+    for (int k0 = 0; k0 < K; k0 += kKC) {
+      const int kc = min_int(kKC, K - k0);
+      const float* Pk = P + static_cast<int64_t>(k0) * kNR;
+      const bool load_c = accumulate || k0 > 0;
+      for (int m = 0; m < m_full; m += kMR)
+        full(kc, A + m * lda + k0, lda, Pk, C + m * ldc + np, ldc, masks, load_c);
+      if (tail) tail(kc, A + m_full * lda + k0, lda, Pk, C + m_full * ldc + np, ldc, masks, load_c);
+    }
+  }
+}
+
+size_t gemm_scratch_floats(int K) { return static_cast<size_t>(K > 0 ? K : 1) * kNR; }
+
+// exp(x) = 2^n * exp(r) with n = round(x / ln 2) and |r| <= ln2 / 2; exp(r) by the Cephes expf
+// polynomial (about 1 ulp), 2^n applied with scalef so that overflow gives inf and underflow 0.
+inline __m512 exp16(__m512 x) {
+  // min/max return their second operand for NaN, so NaN passes through.
+  x = _mm512_min_ps(_mm512_set1_ps(88.8f), x);
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+void exp_(const float* x, float* y, int n) {
+  for (int i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(y + i, m, exp16(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+}
+
+void rmsnorm(const float* x, const float* w, float* y, int n, float eps) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+    s0 = _mm512_fmadd_ps(a, a, s0);
+    s1 = _mm512_fmadd_ps(b, b, s1);
+  }
+  for (; i < n; i += 16) {
+    __m512 a = _mm512_maskz_loadu_ps(tail_mask(n - i), x + i);
+    s0 = _mm512_fmadd_ps(a, a, s0);
+  }
+  float sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  // __builtin_sqrtf rather than std::sqrt: no out-of-line inline function may come from this TU.
+  __m512 r = _mm512_set1_ps(1.0f / __builtin_sqrtf(sum / static_cast<float>(n) + eps));
+  for (i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), r);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, w + i)));
+  }
+}
+
+void silu_mul(const float* gate, const float* up, float* out, int n) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+    __m512 u = _mm512_maskz_loadu_ps(m, up + i);
+    __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), u));
+  }
+}
+
+void softmax(float* x, int n, float scale) {
+  if (n <= 0) return;
+  const __m512 s = _mm512_set1_ps(scale);
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), s);
+    _mm512_mask_storeu_ps(x + i, m, v);
+    vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
+  }
+  const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  __m512 vsum = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), max));
+    _mm512_mask_storeu_ps(x + i, m, e);
+    vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
+  }
+  const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
+  for (int i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), sum));
+  }
+}
+
+template <WType T>
+void convert_t(const void* src, float* dst, int n) {
+  for (int i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(dst + i, m, load16<T>(src, i, m));
+  }
+}
+
+void convert(const void* src, WType type, float* dst, int n) {
+  switch (type) {
+    case WType::F32: return convert_t<WType::F32>(src, dst, n);
+    case WType::BF16: return convert_t<WType::BF16>(src, dst, n);
+    case WType::F16: return convert_t<WType::F16>(src, dst, n);
+  }
+}
+
+}  // namespace
+
+const Kernels* avx512_kernels() {
+  static const Kernels table = {"avx512", kNR, gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax, exp_, convert};
+  return &table;
+}
+
+}  // namespace vdiff::cpu

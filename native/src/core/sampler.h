@@ -1,0 +1,94 @@
+// The pieces of one LLaDA denoising step that do not touch the model: the block plan and transfer
+// schedule, the per-sequence random numbers, picking a token for one row of logits, and choosing which
+// rows to commit. engine.cpp strings them together; sampler_tests.cpp checks each on its own.
+//
+// Semantics follow LLaDA's reference generate() (ML-GSAI/LLaDA generate.py); where the reference leaves
+// a case undefined (gen_length not a multiple of block_length, steps not a multiple of the block count)
+// the rule is the one tools/reference/generate.py documents; see plan_blocks.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "engine.h"
+
+namespace vdiff {
+
+// ---- random numbers -------------------------------------------------------------------------------
+
+uint64_t splitmix64(uint64_t& state);
+
+// xoshiro256** seeded from splitmix64. Small, fast and good enough for Gumbel noise.
+class Rng {
+ public:
+  explicit Rng(uint64_t seed);
+  uint64_t next();
+  // Uniform in the open interval (0, 1): never 0, so -log(u) is finite and positive.
+  double uniform_open();
+
+ private:
+  uint64_t s_[4];
+};
+
+// The stream for one row of one step of one sequence. Every (seed, step, position) gets its own stream,
+// so a row's noise does not depend on which other rows were sampled, in which order, on how many
+// threads, or on whether an earlier step was cancelled and retried.
+Rng row_rng(uint64_t seed, int step, int position);
+
+// ---- block plan and transfer schedule -------------------------------------------------------------
+
+struct BlockPlan {
+  int start;   // first answer position of the block
+  int length;  // positions in the block (the last block may be shorter)
+  int steps;   // denoising steps spent on the block (>= 1)
+};
+
+// Splits the answer into blocks of block_length (the last one may be shorter) and the step budget over
+// them: steps / n_blocks each, the remainder one extra on the first blocks, each clamped to
+// [1, block length]. With both divisions exact (the only case the reference accepts) every block gets
+// steps / n_blocks. Requires gen_length, block_length and steps >= 1 (the engine validates first).
+std::vector<BlockPlan> plan_blocks(int gen_length, int block_length, int steps);
+
+// Tokens to commit at step `step` (0-based) of a block that starts with `masked` mask tokens and gets
+// `steps` steps: masked / steps each, the remainder one extra on the first steps.
+int transfers_at(int masked, int steps, int step);
+
+// ---- one row --------------------------------------------------------------------------------------
+
+struct RowRule {
+  int row_size = 0;        // floats per row of logits (the model's embedding_size)
+  int vocab_size = 0;      // x0 is drawn from [0, vocab_size): rows past it are head padding, not tokens
+  int mask_token_id = -1;  // never drawn as x0 (-1: none)
+  double temperature = 0.0;
+  Remasking remasking = Remasking::LowConfidence;
+  int eos_token_id = -1;
+  int eot_token_id = -1;  // -1: none
+  bool logits_eos_inf = false;
+  bool confidence_eos_eot_inf = false;
+};
+
+struct RowChoice {
+  int32_t token = 0;         // x0: the token this row would take
+  double probability = 0.0;  // float64 softmax probability of `token`
+  double confidence = 0.0;   // what the top-k selection ranks by (never NaN)
+};
+
+// Classifier-free guidance, in place on the conditional row: cond = un + (scale + 1) * (cond - un),
+// in float like the reference does on float logits.
+void apply_cfg(float* cond, const float* uncond, size_t n, double cfg_scale);
+
+// Picks x0 for one row and says how confident it is. May overwrite entries of `logits` (the EOS/EOT
+// options set them to -inf, as the reference does on its logits tensor). Does not allocate or throw.
+//
+// One deliberate difference from the reference: x0 is never the mask token nor a head-padding id
+// (>= vocab_size). The reference would "commit" such a prediction, leaving the position masked (or
+// holding a non-token), so a step could commit fewer than k tokens and a finished answer could still
+// hold masks. Its probability still comes from the softmax over the whole row, as in the reference, so
+// whenever the reference's x0 is a real token the two agree exactly.
+RowChoice sample_row(float* logits, const RowRule& rule, Rng& rng);
+
+// Indices (into confidence[0..n)) of the k most confident rows, ties to the lower index, returned in
+// ascending index order. k is clamped to [0, n].
+std::vector<int> select_most_confident(const double* confidence, int n, int k);
+
+}  // namespace vdiff

@@ -1,0 +1,126 @@
+// The CPU kernel interface: one table of functions per instruction set (portable C++, AVX2+FMA,
+// AVX-512), chosen once at run time. The model calls kernels single-threaded on slices of the work and
+// does the threading itself.
+//
+// ODR note: the AVX2/AVX-512 translation units are compiled with wider -m flags. Anything with external
+// linkage they define could be picked by the linker for the portable code too, so they define nothing but
+// their table getter, and the helpers in this header are `static`.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace vdiff::cpu {
+
+enum class WType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// The right-hand operand of a GEMM.
+//   k_major == false: a weight matrix W[N][K] as PyTorch's Linear stores it (the product uses W^T).
+//   k_major == true:  a plain B[K][N] (used for attention's P·V).
+// `ld` is the distance in elements between consecutive rows of the stored matrix.
+struct MatB {
+  const void* data = nullptr;
+  WType type = WType::F32;
+  int64_t ld = 0;
+  bool k_major = false;
+};
+
+struct Kernels {
+  const char* isa;            // "portable" | "avx2" | "avx512"
+  int gemm_nr;                // column panel width: callers should split N at multiples of it
+  // Floats of per-thread scratch (64-byte aligned) the gemm needs for a given K.
+  size_t (*gemm_scratch_floats)(int K);
+
+  // C[m][n] = (accumulate ? C[m][n] : 0) + sum_k A[m][k] * B(k, n), for 0 <= m < M and n0 <= n < n1.
+  // Weight elements are widened to f32; products are accumulated in f32 in ascending k order, one
+  // fused multiply-add at a time in the SIMD kernels (so they agree bit for bit with each other).
+  void (*gemm)(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C,
+               int64_t ldc, bool accumulate, float* scratch);
+
+  // y = x * (1 / sqrt(mean(x^2) + eps)) * w, all f32 (y may alias x).
+  void (*rmsnorm)(const float* x, const float* w, float* y, int n, float eps);
+
+  // out = silu(gate) * up = gate / (1 + exp(-gate)) * up (out may alias gate or up).
+  void (*silu_mul)(const float* gate, const float* up, float* out, int n);
+
+  // x = softmax(x * scale), in place.
+  void (*softmax)(float* x, int n, float scale);
+
+  // y = exp(x) elementwise (exposed for tests; accurate to a few ulp, exp(-inf) = 0).
+  void (*exp)(const float* x, float* y, int n);
+
+  // dst[i] = float(src[i]) for a row of weights of any supported type.
+  void (*convert)(const void* src, WType type, float* dst, int n);
+};
+
+// The kernels for the running CPU: the widest available ISA, or the one named by the environment
+// variable VDIFF_ISA=portable|avx2|avx512. Throws vdiff::Error(InvalidArgument) when VDIFF_ISA names an
+// unknown ISA or one this CPU lacks.
+const Kernels& active_kernels();
+
+// The table for one ISA, or nullptr when the CPU (or the build) lacks it.
+const Kernels* kernels_for(const std::string& isa);
+std::vector<std::string> available_isas();
+
+// Per-ISA tables (defined in kernels_<isa>.cpp; call only when the CPU supports the ISA).
+const Kernels* portable_kernels();
+const Kernels* avx2_kernels();
+const Kernels* avx512_kernels();
+
+// Scalar conversions shared by every translation unit (static: each TU keeps its own copy).
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exponent = (h >> 10) & 0x1f;
+  uint32_t mantissa = h & 0x3ff;
+  uint32_t bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);  // inf / nan
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);  // normal: rebias 15 -> 127
+  } else if (mantissa == 0) {
+    bits = sign;  // zero
+  } else {
+    // Subnormal half: normalise the mantissa into an f32 normal.
+    int e = -1;
+    do {
+      ++e;
+      mantissa <<= 1;
+    } while ((mantissa & 0x400) == 0);
+    bits = sign | ((112 - e) << 23) | ((mantissa & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline float weight_to_f32(const void* base, WType type, int64_t index) {
+  switch (type) {
+    case WType::F32: {
+      float f;  // memcpy: safetensors gives no alignment guarantee
+      std::memcpy(&f, static_cast<const char*>(base) + index * 4, 4);
+      return f;
+    }
+    case WType::BF16: {
+      uint16_t h;
+      std::memcpy(&h, static_cast<const char*>(base) + index * 2, 2);
+      return bf16_to_f32(h);
+    }
+    case WType::F16: {
+      uint16_t h;
+      std::memcpy(&h, static_cast<const char*>(base) + index * 2, 2);
+      return f16_to_f32(h);
+    }
+  }
+  return 0.0f;
+}
+
+}  // namespace vdiff::cpu

@@ -1,0 +1,625 @@
+// Tests of the sampler and the step engine against a small fake model whose logits are a known function
+// of the canvas, so every expectation can be computed here independently.
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "core/engine.h"
+#include "core/error.h"
+#include "core/sampler.h"
+
+using namespace vdiff;
+
+static int g_failures = 0;
+static int g_checks = 0;
+
+#define CHECK(cond)                                                              \
+  do {                                                                           \
+    ++g_checks;                                                                  \
+    if (!(cond)) {                                                               \
+      ++g_failures;                                                              \
+      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+    }                                                                            \
+  } while (0)
+
+// Runs fn, expects a vdiff::Error with `code` whose message contains `fragment`.
+static void expect_error(ErrorCode code, const std::string& fragment, const std::function<void()>& fn,
+                         int line) {
+  ++g_checks;
+  try {
+    fn();
+  } catch (const Error& e) {
+    if (e.code() == code && std::string(e.what()).find(fragment) != std::string::npos) return;
+    std::fprintf(stderr, "line %d: wrong error %s: %s\n", line, error_code_name(e.code()), e.what());
+    ++g_failures;
+    return;
+  }
+  std::fprintf(stderr, "line %d: expected an error containing '%s'\n", line, fragment.c_str());
+  ++g_failures;
+}
+#define EXPECT_ERROR(code, fragment, body) expect_error(code, fragment, [&] { body; }, __LINE__)
+
+// ---- the fake model -------------------------------------------------------------------------------
+
+constexpr int kVocab = 16;
+constexpr int kMask = 15;
+constexpr int kEos = 14;
+constexpr int kEot = 13;
+
+// logits(row) = rule(canvas, position). The default rule mixes the position with every token on the
+// canvas, so logits change as tokens are committed and differ between a prompt and a masked prompt.
+using LogitRule = std::function<void(const int32_t* canvas, int length, int position, float* out)>;
+
+static float hash_unit(uint64_t x) {
+  uint64_t state = x;
+  return static_cast<float>(splitmix64(state) >> 40) / static_cast<float>(1ull << 24);  // [0, 1)
+}
+
+static void default_rule(const int32_t* canvas, int length, int position, float* out) {
+  uint64_t h = 1469598103934665603ull;
+  for (int i = 0; i < length; ++i) h = (h ^ static_cast<uint64_t>(canvas[i] + 7 * i)) * 1099511628211ull;
+  for (int v = 0; v < kVocab; ++v) out[v] = 6.0f * hash_unit(h + 1000003ull * position + v) - 3.0f;
+}
+
+class FakeModel : public Model {
+ public:
+  explicit FakeModel(LogitRule rule = default_rule, int max_length = 64) : rule_(std::move(rule)) {
+    config_.d_model = 8;
+    config_.n_heads = 1;
+    config_.n_kv_heads = 1;
+    config_.n_layers = 1;
+    config_.mlp_hidden_size = 8;
+    config_.vocab_size = kVocab;
+    config_.embedding_size = kVocab;
+    config_.mask_token_id = kMask;
+    config_.eos_token_id = kEos;
+    config_.max_sequence_length = max_length;
+  }
+  const ModelConfig& config() const override { return config_; }
+  int threads() const override { return 2; }
+  std::string weight_dtype() const override { return "f32"; }
+  uint64_t parameter_count() const override { return 0; }
+  uint64_t weight_bytes() const override { return 0; }
+
+  void forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) override {
+    if (cancel && cancel->load()) throw Error(ErrorCode::Cancelled, "cancelled in forward");
+    ++forwards;
+    seen.clear();
+    for (const ForwardSeq& s : batch) {
+      seen.push_back({std::vector<int32_t>(s.tokens, s.tokens + s.length),
+                      std::vector<int32_t>(s.logit_rows, s.logit_rows + s.n_logit_rows)});
+      for (int r = 0; r < s.n_logit_rows; ++r) {
+        rule_(s.tokens, s.length, s.logit_rows[r], logits);
+        logits += kVocab;
+      }
+    }
+    if (after_forward) after_forward();
+  }
+
+  struct Seen {
+    std::vector<int32_t> tokens;
+    std::vector<int32_t> rows;
+  };
+  std::vector<Seen> seen;  // the last forward's batch
+  int forwards = 0;
+  std::function<void()> after_forward;  // lets a test act while the step is between forward and commit
+
+ private:
+  ModelConfig config_;
+  LogitRule rule_;
+};
+
+static SamplingParams params(int gen, int block, int steps) {
+  SamplingParams p;
+  p.gen_length = gen;
+  p.block_length = block;
+  p.steps = steps;
+  return p;
+}
+
+// Runs one sequence to the end; returns its answer and every step's output.
+static std::vector<int32_t> run_to_end(Engine& engine, uint64_t id, std::vector<StepOutput>* steps = nullptr) {
+  for (int guard = 0; guard < 10000; ++guard) {
+    StepOutput out = engine.step({id}).at(0);
+    if (steps) steps->push_back(out);
+    if (out.finished) break;
+  }
+  return engine.canvas(id);
+}
+
+// An independent, plain re-statement of the reference loop for one sequence at temperature 0 with
+// low_confidence remasking: logits of every position, confidence -inf outside the block and at
+// non-masks, stable sort, commit the top k. Used to check the engine end to end.
+static std::vector<int32_t> reference_answer(const LogitRule& rule, const std::vector<int32_t>& prompt,
+                                             const SamplingParams& p) {
+  std::vector<int32_t> x(prompt);
+  x.resize(prompt.size() + p.gen_length, kMask);
+  const int lp = static_cast<int>(prompt.size());
+  for (const BlockPlan& b : plan_blocks(p.gen_length, p.block_length, p.steps)) {
+    for (int step = 0; step < b.steps; ++step) {
+      const int k = transfers_at(b.length, b.steps, step);
+      std::vector<std::pair<double, int>> ranked;  // (confidence, position)
+      std::vector<int32_t> x0(x.size());
+      for (int pos = 0; pos < static_cast<int>(x.size()); ++pos) {
+        float l[kVocab];
+        rule(x.data(), static_cast<int>(x.size()), pos, l);
+        int best = 0;  // x0: argmax over every token but the mask (see sampler.h)
+        for (int v = 1; v < kVocab; ++v)
+          if (v != kMask && l[v] > l[best]) best = v;
+        float max = l[0];
+        for (int v = 1; v < kVocab; ++v) max = std::max(max, l[v]);
+        double sum = 0;  // the softmax is over the whole row, the mask token included
+        for (int v = 0; v < kVocab; ++v) sum += std::exp(static_cast<double>(l[v]) - max);
+        double conf = std::exp(static_cast<double>(l[best]) - max) / sum;
+        if (pos >= lp + b.start + b.length || x[pos] != kMask) conf = -INFINITY;
+        x0[pos] = best;
+        ranked.push_back({conf, pos});
+      }
+      std::stable_sort(ranked.begin(), ranked.end(), [](auto& a, auto& c) { return a.first > c.first; });
+      for (int i = 0; i < k; ++i) x[ranked[i].second] = x0[ranked[i].second];
+    }
+  }
+  return std::vector<int32_t>(x.begin() + lp, x.end());
+}
+
+// ---- tests ----------------------------------------------------------------------------------------
+
+static void test_schedule() {
+  // The reference case: divisible everywhere.
+  auto plan = plan_blocks(128, 32, 128);
+  CHECK(plan.size() == 4);
+  for (int b = 0; b < 4; ++b) CHECK(plan[b].start == 32 * b && plan[b].length == 32 && plan[b].steps == 32);
+  // Short last block; the step remainder goes to the first blocks.
+  plan = plan_blocks(10, 4, 5);
+  CHECK(plan.size() == 3);
+  CHECK(plan[0].length == 4 && plan[1].length == 4 && plan[2].length == 2 && plan[2].start == 8);
+  CHECK(plan[0].steps == 2 && plan[1].steps == 2 && plan[2].steps == 1);
+  // Fewer steps than blocks: one step per block. More steps than tokens: clamped to the block length.
+  plan = plan_blocks(10, 4, 2);
+  CHECK(plan[0].steps == 1 && plan[1].steps == 1 && plan[2].steps == 1);
+  plan = plan_blocks(8, 8, 20);
+  CHECK(plan.size() == 1 && plan[0].steps == 8);
+  plan = plan_blocks(5, 100, 3);
+  CHECK(plan.size() == 1 && plan[0].length == 5 && plan[0].steps == 3);
+
+  // Transfers: base each, remainder on the first steps, summing to the mask count.
+  CHECK(transfers_at(10, 4, 0) == 3 && transfers_at(10, 4, 1) == 3);
+  CHECK(transfers_at(10, 4, 2) == 2 && transfers_at(10, 4, 3) == 2);
+  bool sums_ok = true;
+  for (int masked = 1; masked <= 40; ++masked)
+    for (int steps = 1; steps <= masked; ++steps) {
+      int sum = 0, previous = masked;
+      for (int s = 0; s < steps; ++s) {
+        const int k = transfers_at(masked, steps, s);
+        sums_ok = sums_ok && k >= 1 && k <= previous;  // non-increasing, never empty when steps <= masked
+        previous = k;
+        sum += k;
+      }
+      sums_ok = sums_ok && sum == masked;
+    }
+  CHECK(sums_ok);
+}
+
+static void test_select_most_confident() {
+  const double c[] = {0.5, 0.9, 0.5, 0.9, 0.1};
+  CHECK((select_most_confident(c, 5, 3) == std::vector<int>{0, 1, 3}));  // the tie at 0.5 goes to index 0
+  CHECK((select_most_confident(c, 5, 1) == std::vector<int>{1}));        // the tie at 0.9 goes to index 1
+  CHECK((select_most_confident(c, 5, 0).empty()));
+  CHECK((select_most_confident(c, 5, 9) == std::vector<int>{0, 1, 2, 3, 4}));
+  const double with_nan[] = {NAN, 0.0, -INFINITY};
+  CHECK((select_most_confident(with_nan, 3, 1) == std::vector<int>{1}));
+  CHECK((select_most_confident(with_nan, 3, 2) == std::vector<int>{0, 1}));  // NaN ranks like -inf, lower index first
+}
+
+static void test_cfg_formula() {
+  float cond[3] = {1.0f, -2.0f, 0.5f};
+  const float un[3] = {0.0f, 1.0f, 0.5f};
+  apply_cfg(cond, un, 3, 1.5);
+  CHECK(cond[0] == 2.5f && cond[1] == 1.0f + 2.5f * -3.0f && cond[2] == 0.5f);
+}
+
+static void test_sample_row_argmax_and_probability() {
+  RowRule rule;
+  rule.row_size = rule.vocab_size = 4;
+  rule.eos_token_id = 3;
+  Rng rng(1);
+  float l[4] = {1.0f, 2.0f, 2.0f, 0.0f};
+  RowChoice c = sample_row(l, rule, rng);
+  CHECK(c.token == 1);  // first index on ties, like torch.argmax
+  const double expected = std::exp(2.0) / (std::exp(1.0) + 2 * std::exp(2.0) + 1.0);
+  CHECK(std::fabs(c.probability - expected) < 1e-15);
+  CHECK(c.confidence == c.probability);
+}
+
+static void test_eos_options() {
+  RowRule rule;
+  rule.row_size = rule.vocab_size = 4;
+  rule.eos_token_id = 3;
+  rule.eot_token_id = 2;
+  Rng rng(1);
+
+  // logits_eos_inf: EOS can never be x0.
+  rule.logits_eos_inf = true;
+  float a[4] = {0.0f, 1.0f, 0.5f, 9.0f};
+  RowChoice c = sample_row(a, rule, rng);
+  CHECK(c.token == 1);
+  CHECK(std::fabs(c.probability - std::exp(1.0) / (1.0 + std::exp(1.0) + std::exp(0.5))) < 1e-15);
+  rule.logits_eos_inf = false;
+
+  // confidence_eos_eot_inf at temperature 0: x0 is still EOS, but its probability and confidence are 0,
+  // and the other probabilities are renormalised without EOS and EOT.
+  rule.confidence_eos_eot_inf = true;
+  float b[4] = {0.0f, 1.0f, 0.5f, 9.0f};
+  c = sample_row(b, rule, rng);
+  CHECK(c.token == 3 && c.probability == 0.0 && c.confidence == 0.0);
+  float d[4] = {0.0f, 1.0f, 0.5f, -1.0f};
+  c = sample_row(d, rule, rng);
+  CHECK(c.token == 1 && std::fabs(c.probability - std::exp(1.0) / (1.0 + std::exp(1.0))) < 1e-15);
+  float e[4] = {0.0f, 1.0f, 5.0f, -1.0f};  // x0 = EOT
+  c = sample_row(e, rule, rng);
+  CHECK(c.token == 2 && c.probability == 0.0);
+
+  // At temperature > 0 the reference only drops EOT from the softmax: with an overwhelming EOS logit the
+  // sample is EOS and its probability is the (renormalised-without-EOT) softmax one.
+  rule.temperature = 1.0;
+  float f[4] = {0.0f, 0.0f, 0.0f, 40.0f};
+  c = sample_row(f, rule, rng);
+  CHECK(c.token == 3 && c.probability > 0.999);
+}
+
+static void test_gumbel() {
+  // Determinism: the stream depends only on (seed, step, position).
+  Rng a = row_rng(7, 3, 5), b = row_rng(7, 3, 5), other = row_rng(7, 3, 6), other_step = row_rng(7, 4, 5);
+  const uint64_t x = a.next();
+  CHECK(x == b.next());
+  CHECK(x != other.next() && x != other_step.next());
+  bool open_interval = true;
+  Rng u(0);
+  for (int i = 0; i < 100000; ++i) {
+    const double v = u.uniform_open();
+    open_interval = open_interval && v > 0.0 && v < 1.0;
+  }
+  CHECK(open_interval);
+
+  // Gumbel-max at temperature 1 samples the softmax distribution.
+  RowRule rule;
+  rule.row_size = rule.vocab_size = 3;
+  rule.temperature = 1.0;
+  const int n = 60000;
+  int counts[3] = {0, 0, 0};
+  for (int i = 0; i < n; ++i) {
+    float l[3] = {std::log(0.5f), std::log(0.3f), std::log(0.2f)};
+    Rng rng = row_rng(42, i, 0);
+    ++counts[sample_row(l, rule, rng).token];
+  }
+  CHECK(std::fabs(counts[0] / double(n) - 0.5) < 0.01);
+  CHECK(std::fabs(counts[1] / double(n) - 0.3) < 0.01);
+  CHECK(std::fabs(counts[2] / double(n) - 0.2) < 0.01);
+
+  // Temperature 0.5 sharpens it: p_i proportional to p_i^(1/T) = p_i^2.
+  rule.temperature = 0.5;
+  counts[0] = counts[1] = counts[2] = 0;
+  for (int i = 0; i < n; ++i) {
+    float l[3] = {std::log(0.5f), std::log(0.3f), std::log(0.2f)};
+    Rng rng = row_rng(43, i, 0);
+    ++counts[sample_row(l, rule, rng).token];
+  }
+  CHECK(std::fabs(counts[0] / double(n) - 0.25 / 0.38) < 0.01);
+
+  // Random remasking draws its confidence from the row stream: uniform, deterministic.
+  rule.temperature = 0.0;
+  rule.remasking = Remasking::Random;
+  float l[3] = {0.0f, 1.0f, 2.0f};
+  Rng r1 = row_rng(5, 0, 0), r2 = row_rng(5, 0, 0);
+  const RowChoice c1 = sample_row(l, rule, r1);
+  const RowChoice c2 = sample_row(l, rule, r2);
+  CHECK(c1.token == 2 && c1.confidence == c2.confidence && c1.confidence > 0 && c1.confidence < 1);
+  CHECK(c1.confidence != c1.probability);
+}
+
+static void test_validation() {
+  Engine engine(std::make_shared<FakeModel>(default_rule, 64));
+  SamplingParams p = params(8, 4, 8);
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "prompt[1] = 16 is outside the vocabulary [0, 16)",
+               engine.create({1, 16}, p));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "prompt[0] = -1", engine.create({-1}, p));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "mask token", engine.create({1, kMask}, p));
+  EXPECT_ERROR(ErrorCode::InvalidArgument,
+               "prompt of 60 tokens plus gen_length 8 exceeds the model context of 64",
+               engine.create(std::vector<int32_t>(60, 1), p));
+  SamplingParams q = p;
+  q.gen_length = 0;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "gen_length", engine.create({1}, q));
+  q = p, q.block_length = 0;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "block_length", engine.create({1}, q));
+  q = p, q.steps = 0;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "steps", engine.create({1}, q));
+  q = p, q.temperature = -0.5;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "temperature", engine.create({1}, q));
+  q = p, q.temperature = NAN;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "temperature", engine.create({1}, q));
+  q = p, q.cfg_scale = -1;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "cfg_scale", engine.create({1}, q));
+  q = p, q.cfg_scale = NAN;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "cfg_scale", engine.create({1}, q));
+  q = p, q.eot_token_id = 16;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "eot_token_id", engine.create({1}, q));
+  CHECK(engine.live() == 0);
+
+  // Exactly at the context limit, and an empty prompt, are fine.
+  CHECK(engine.create(std::vector<int32_t>(56, 1), p) > 0);
+  const uint64_t empty = engine.create({}, p);
+  CHECK(engine.info(empty).prompt_length == 0);
+  run_to_end(engine, empty);
+  CHECK(engine.info(empty).finished);
+
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "unknown sequence id 999", engine.step({999}));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "finished", engine.step({empty}));
+  const uint64_t a = engine.create({1}, p);
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "twice", engine.step({a, a}));
+  CHECK(engine.info(a).steps_done == 0);
+}
+
+static void test_matches_reference_loop() {
+  // Greedy low-confidence decoding against the plain re-statement above, over several shapes including
+  // non-divisible ones.
+  struct Case { std::vector<int32_t> prompt; int gen, block, steps; };
+  const std::vector<Case> cases = {
+      {{1, 2, 3}, 16, 4, 16}, {{4}, 16, 16, 4}, {{5, 6}, 11, 4, 7}, {{}, 9, 3, 2}, {{7, 8, 9, 10}, 12, 5, 30}};
+  for (const Case& c : cases) {
+    auto model = std::make_shared<FakeModel>();
+    Engine engine(model);
+    const SamplingParams p = params(c.gen, c.block, c.steps);
+    const uint64_t id = engine.create(c.prompt, p);
+    std::vector<StepOutput> steps;
+    const std::vector<int32_t> answer = run_to_end(engine, id, &steps);
+    CHECK(answer == reference_answer(default_rule, c.prompt, p));
+
+    // Bookkeeping: steps counted, k tokens a step, each output's committed positions ascending and
+    // inside its block, and the committed tokens together are the answer.
+    const auto plan = plan_blocks(c.gen, c.block, c.steps);
+    int planned = 0;
+    for (const auto& b : plan) planned += b.steps;
+    CHECK(static_cast<int>(steps.size()) == planned);
+    CHECK(engine.info(id).steps_total == planned && engine.info(id).steps_done == planned);
+    std::vector<int32_t> rebuilt(c.gen, kMask);
+    bool ordered = true;
+    int step_in_block = 0;
+    for (size_t s = 0; s < steps.size(); ++s) {
+      CHECK(steps[s].steps_done == static_cast<int>(s) + 1);
+      if (s > 0 && steps[s].block != steps[s - 1].block) step_in_block = 0;
+      const BlockPlan& block = plan[steps[s].block];
+      CHECK(static_cast<int>(steps[s].committed.size()) == transfers_at(block.length, block.steps, step_in_block++));
+      CHECK(steps[s].finished == (s + 1 == steps.size()));
+      for (size_t i = 0; i < steps[s].committed.size(); ++i) {
+        const CommittedToken& t = steps[s].committed[i];
+        ordered = ordered && (i == 0 || steps[s].committed[i - 1].position < t.position);
+        ordered = ordered && t.position >= block.start && t.position < block.start + block.length;
+        ordered = ordered && rebuilt[t.position] == kMask && t.probability > 0.0f && t.probability <= 1.0f;
+        rebuilt[t.position] = t.token;
+      }
+    }
+    CHECK(ordered);
+    CHECK(rebuilt == answer);
+  }
+}
+
+static void test_rows_requested() {
+  // The forward is asked only for the still-masked rows of the current block, over the whole canvas.
+  auto model = std::make_shared<FakeModel>();
+  Engine engine(model);
+  const uint64_t id = engine.create({1, 2}, params(8, 4, 4));  // 2 blocks x 2 steps x 2 tokens
+  engine.step({id});
+  CHECK(model->seen.size() == 1 && model->seen[0].tokens.size() == 10);
+  CHECK((model->seen[0].rows == std::vector<int32_t>{2, 3, 4, 5}));
+  engine.step({id});
+  CHECK(model->seen[0].rows.size() == 2);
+  for (int32_t r : model->seen[0].rows) CHECK(r >= 2 && r < 6);
+  engine.step({id});
+  CHECK((model->seen[0].rows == std::vector<int32_t>{6, 7, 8, 9}));
+}
+
+static void test_cfg_in_engine() {
+  // The unconditional copy is the canvas with the prompt masked, in the same forward, and the sampled
+  // logits are un + (s + 1) * (cond - un). The rule gives different logits with and without the prompt.
+  const LogitRule rule = [](const int32_t* canvas, int, int position, float* out) {
+    for (int v = 0; v < kVocab; ++v) out[v] = 0.0f;
+    const bool prompt_visible = canvas[0] != kMask;
+    out[1] = prompt_visible ? 1.0f : 0.0f;
+    out[2] = prompt_visible ? 0.9f : 0.5f;
+    out[3] = 0.8f + 0.01f * position;
+  };
+  auto model = std::make_shared<FakeModel>(rule);
+  Engine engine(model);
+  SamplingParams p = params(2, 2, 1);
+  p.cfg_scale = 1.0;
+  const uint64_t id = engine.create({4, 5}, p);
+  const StepOutput out = engine.step({id}).at(0);
+  CHECK(model->seen.size() == 2);
+  CHECK((model->seen[1].tokens == std::vector<int32_t>{kMask, kMask, kMask, kMask}));
+  CHECK((model->seen[0].tokens == std::vector<int32_t>{4, 5, kMask, kMask}));
+  CHECK(model->seen[0].rows == model->seen[1].rows);
+  CHECK(out.committed.size() == 2 && out.committed[0].token == 1);
+  // Guided logits at answer position 0 (canvas position 2): 1 -> 2.0, 2 -> 1.3, 3 -> 0.82, others 0.
+  const double z = std::exp(2.0) + std::exp(1.3) + std::exp(0.82f) + 13.0;
+  CHECK(std::fabs(out.committed[0].probability - std::exp(2.0) / z) < 1e-6);
+}
+
+static void test_eos_finish_reason() {
+  // A rule that always prefers EOS: the answer is all EOS, reason Eos. With logits_eos_inf it is not.
+  const LogitRule rule = [](const int32_t*, int, int, float* out) {
+    for (int v = 0; v < kVocab; ++v) out[v] = 0.1f * v;
+    out[kEos] = 5.0f;
+    out[kMask] = -5.0f;
+  };
+  auto model = std::make_shared<FakeModel>(rule);
+  Engine engine(model);
+  SamplingParams p = params(4, 4, 2);
+  uint64_t id = engine.create({1}, p);
+  std::vector<StepOutput> steps;
+  CHECK((run_to_end(engine, id, &steps) == std::vector<int32_t>(4, kEos)));
+  CHECK(steps.back().reason == FinishReason::Eos && steps.front().reason == FinishReason::None);
+  p.logits_eos_inf = true;
+  id = engine.create({1}, p);
+  steps.clear();
+  CHECK((run_to_end(engine, id, &steps) == std::vector<int32_t>(4, kEot)));  // 13 is the next best
+  CHECK(steps.back().reason == FinishReason::Length);
+  p.eot_token_id = kEot;
+  id = engine.create({1}, p);
+  steps.clear();
+  run_to_end(engine, id, &steps);
+  CHECK(steps.back().reason == FinishReason::Eos);  // EOT counts as an end too
+}
+
+static void test_never_samples_mask_or_padding() {
+  // Rows where the mask token and the head padding (ids >= vocab_size) have the highest logits: x0 is
+  // the best real token, and its probability is still the softmax over the whole row.
+  const int vocab = 12;  // ids 12 .. 15 are padding rows of the head; the mask token is 11 here
+  RowRule rule;
+  rule.row_size = kVocab;
+  rule.vocab_size = vocab;
+  rule.mask_token_id = 11;
+  float l[kVocab];
+  for (int v = 0; v < kVocab; ++v) l[v] = v >= 11 ? 5.0f : 0.1f * v;
+  Rng rng(0);
+  RowChoice c = sample_row(l, rule, rng);
+  CHECK(c.token == 10);
+  const double z = 5.0 * std::exp(5.0) + [] { double s = 0; for (int v = 0; v < 11; ++v) s += std::exp(0.1 * v); return s; }();
+  CHECK(std::fabs(c.probability - std::exp(1.0) / z) < 1e-12);
+  rule.temperature = 2.0;
+  bool real_tokens = true;
+  for (int i = 0; i < 2000; ++i) {
+    for (int v = 0; v < kVocab; ++v) l[v] = v >= 11 ? 5.0f : 0.1f * v;
+    Rng r = row_rng(9, i, 0);
+    const int t = sample_row(l, rule, r).token;
+    real_tokens = real_tokens && t >= 0 && t < 11;
+  }
+  CHECK(real_tokens);
+
+  // In the engine: a model that always rates the mask token highest still gets every position filled,
+  // k tokens a step.
+  const LogitRule rule_mask_first = [](const int32_t*, int, int position, float* out) {
+    for (int v = 0; v < kVocab; ++v) out[v] = 0.0f;
+    out[kMask] = 10.0f;
+    out[3 + position % 5] = 2.0f;
+  };
+  auto model = std::make_shared<FakeModel>(rule_mask_first);
+  Engine engine(model);
+  const uint64_t id = engine.create({1}, params(6, 3, 4));  // blocks of 3 with 2 steps: 2 then 1 tokens
+  std::vector<StepOutput> steps;
+  const std::vector<int32_t> answer = run_to_end(engine, id, &steps);
+  CHECK((answer == std::vector<int32_t>{4, 5, 6, 7, 3, 4}));
+  CHECK(steps.size() == 4 && steps[0].committed.size() == 2 && steps[1].committed.size() == 1);
+}
+
+static void test_gumbel_determinism_in_engine() {
+  auto run = [](uint64_t seed, Remasking remasking) {
+    Engine engine(std::make_shared<FakeModel>());
+    SamplingParams p = params(12, 4, 6);
+    p.temperature = 1.0;
+    p.remasking = remasking;
+    p.seed = seed;
+    const uint64_t id = engine.create({1, 2, 3}, p);
+    return run_to_end(engine, id);
+  };
+  CHECK(run(11, Remasking::LowConfidence) == run(11, Remasking::LowConfidence));
+  CHECK(run(11, Remasking::Random) == run(11, Remasking::Random));
+  int differing = 0;
+  for (uint64_t s = 0; s < 5; ++s) differing += run(100 + s, Remasking::LowConfidence) != run(200 + s, Remasking::LowConfidence);
+  CHECK(differing >= 4);
+
+  // Batching does not change a sequence's result: same seeds alone and together.
+  Engine engine(std::make_shared<FakeModel>());
+  SamplingParams p = params(12, 4, 6);
+  p.temperature = 0.7;
+  p.seed = 11;
+  const uint64_t a = engine.create({1, 2, 3}, p);
+  SamplingParams q = params(8, 8, 8);
+  q.cfg_scale = 0.5;
+  const uint64_t b = engine.create({4, 5}, q);
+  bool a_done = false, b_done = false;
+  while (!a_done || !b_done) {
+    std::vector<uint64_t> ids;
+    if (!a_done) ids.push_back(a);
+    if (!b_done) ids.push_back(b);
+    for (const StepOutput& o : engine.step(ids)) (o.id == a ? a_done : b_done) = o.finished;
+  }
+  Engine alone_a(std::make_shared<FakeModel>());
+  CHECK(engine.canvas(a) == run_to_end(alone_a, alone_a.create({1, 2, 3}, p)));
+  Engine alone_b(std::make_shared<FakeModel>());
+  CHECK(engine.canvas(b) == run_to_end(alone_b, alone_b.create({4, 5}, q)));
+}
+
+static void test_cancellation() {
+  auto model = std::make_shared<FakeModel>();
+  Engine engine(model);
+  SamplingParams p = params(8, 4, 4);
+  p.temperature = 0.8;
+  p.seed = 3;
+  const uint64_t id = engine.create({1, 2}, p);
+  engine.step({id});
+  const std::vector<int32_t> before = engine.canvas(id);
+  const SequenceInfo info_before = engine.info(id);
+
+  // Set before the step: the model refuses.
+  std::atomic<bool> cancel{true};
+  EXPECT_ERROR(ErrorCode::Cancelled, "", engine.step({id}, &cancel));
+  // Set while the forward runs (after the model's own checks): the engine refuses to commit.
+  cancel = false;
+  model->after_forward = [&cancel] { cancel = true; };
+  EXPECT_ERROR(ErrorCode::Cancelled, "cancelled", engine.step({id}, &cancel));
+  model->after_forward = nullptr;
+  CHECK(engine.canvas(id) == before);
+  CHECK(engine.info(id).steps_done == info_before.steps_done);
+
+  // The retried step does what it would have done without the cancellation.
+  run_to_end(engine, id);
+  Engine fresh(std::make_shared<FakeModel>());
+  CHECK(engine.canvas(id) == run_to_end(fresh, fresh.create({1, 2}, p)));
+}
+
+static void test_release() {
+  auto model = std::make_shared<FakeModel>();
+  Engine engine(model);
+  const uint64_t a = engine.create({1}, params(4, 4, 4));
+  const uint64_t b = engine.create({1}, params(4, 4, 4));
+  CHECK(engine.live() == 2);
+  CHECK(engine.info(a).memory_bytes >= 5 * sizeof(int32_t));
+  engine.release(a);
+  engine.release(a);  // unknown ids are ignored
+  CHECK(engine.live() == 1);
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "unknown", engine.canvas(a));
+  // Released while its step runs: the step completes and reports it, then it is gone.
+  model->after_forward = [&] { engine.release(b); };
+  const auto out = engine.step({b});
+  model->after_forward = nullptr;
+  CHECK(out.size() == 1 && out[0].id == b && out[0].committed.size() == 1);
+  CHECK(engine.live() == 0);
+  CHECK(engine.step({}).empty());
+}
+
+int main() {
+  test_schedule();
+  test_select_most_confident();
+  test_cfg_formula();
+  test_sample_row_argmax_and_probability();
+  test_eos_options();
+  test_gumbel();
+  test_validation();
+  test_matches_reference_loop();
+  test_rows_requested();
+  test_cfg_in_engine();
+  test_eos_finish_reason();
+  test_never_samples_mask_or_padding();
+  test_gumbel_determinism_in_engine();
+  test_cancellation();
+  test_release();
+  std::printf("%d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

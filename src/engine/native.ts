@@ -1,0 +1,181 @@
+/**
+ * The native addon (native/src/addon/addon.cpp) and its hand-written type. Nothing here has logic of its
+ * own beyond finding and loading the compiled `.node` file; the Engine service builds on this.
+ *
+ * @since 0.1.0
+ */
+import { existsSync, readFileSync } from "node:fs"
+import { createRequire } from "node:module"
+import { dirname, join } from "node:path"
+import { fileURLToPath } from "node:url"
+
+/** `code` of every error the addon throws or rejects with: "VDIFF_" + the native error code's name. */
+export type NativeErrorCode =
+  | "VDIFF_INVALID_MODEL"
+  | "VDIFF_INVALID_ARGUMENT"
+  | "VDIFF_CANCELLED"
+  | "VDIFF_OUT_OF_MEMORY"
+  | "VDIFF_INTERNAL"
+
+export interface NativeError extends Error {
+  readonly code: NativeErrorCode
+}
+
+const nativeErrorCodes: ReadonlySet<string> = new Set<NativeErrorCode>([
+  "VDIFF_INVALID_MODEL",
+  "VDIFF_INVALID_ARGUMENT",
+  "VDIFF_CANCELLED",
+  "VDIFF_OUT_OF_MEMORY",
+  "VDIFF_INTERNAL"
+])
+
+export const isNativeError = (u: unknown): u is NativeError =>
+  u instanceof Error && "code" in u && typeof u.code === "string" && nativeErrorCodes.has(u.code)
+
+/** config.json of the loaded model, camelCased. */
+export interface NativeModelConfig {
+  readonly dModel: number
+  readonly nHeads: number
+  readonly nKvHeads: number
+  readonly nLayers: number
+  readonly mlpHiddenSize: number
+  readonly vocabSize: number
+  readonly embeddingSize: number
+  readonly maskTokenId: number
+  readonly eosTokenId: number
+  readonly maxSequenceLength: number
+  readonly ropeTheta: number
+  readonly rmsNormEps: number
+  readonly weightTying: boolean
+  readonly includeBias: boolean
+}
+
+export interface NativeModelInfo {
+  readonly config: NativeModelConfig
+  readonly threads: number
+  readonly weightDtype: "f32" | "bf16" | "f16"
+  readonly parameterCount: number
+  readonly weightBytes: number
+}
+
+export type NativeRemasking = "low_confidence" | "random"
+
+/** Sampling settings of one sequence; validated natively (VDIFF_INVALID_ARGUMENT names the bad field). */
+export interface NativeSamplingParams {
+  /** Answer length in tokens, >= 1; prompt + genLength must fit the model context. */
+  readonly genLength: number
+  /** Semi-autoregressive block size, >= 1; the last block may be shorter. */
+  readonly blockLength: number
+  /** Total denoising steps, >= 1, shared over the blocks (each block gets between 1 and its length). */
+  readonly steps: number
+  /** 0: argmax; > 0: Gumbel-max sampling in float64. */
+  readonly temperature: number
+  readonly remasking: NativeRemasking
+  /** > 0: classifier-free guidance against a copy with the prompt masked. */
+  readonly cfgScale: number
+  /** Seeds the sequence's own random stream (a number must be a safe non-negative integer). */
+  readonly seed: number | bigint
+  /** Reference option: EOS can never be sampled. */
+  readonly logitsEosInf?: boolean | undefined
+  /** Reference option: EOS/EOT predictions get confidence 0, so they are committed last. */
+  readonly confidenceEosEotInf?: boolean | undefined
+  /** End-of-turn token (LLaDA-Instruct: 126348); absent, null or -1: none. */
+  readonly eotTokenId?: number | null | undefined
+}
+
+/** What one denoising step did to one sequence. */
+export interface NativeStepResult {
+  readonly id: number
+  /** Answer positions committed in this step, ascending; never masked again. */
+  readonly positions: Int32Array
+  readonly tokens: Int32Array
+  /** Softmax probability of each committed token when it was committed. */
+  readonly probabilities: Float32Array
+  readonly finished: boolean
+  /** Set once finished: "eos" when the answer holds an EOS/EOT token, else "length". */
+  readonly reason: "length" | "eos" | null
+  /** The block this step worked on. */
+  readonly block: number
+  /** Steps done by this sequence so far, this one included. */
+  readonly stepsDone: number
+}
+
+export interface NativeSequenceInfo {
+  readonly promptLength: number
+  readonly genLength: number
+  readonly stepsTotal: number
+  readonly stepsDone: number
+  readonly finished: boolean
+  readonly memoryBytes: number
+}
+
+/** A flag a running step checks; once cancelled the step rejects with VDIFF_CANCELLED and changes nothing. */
+export interface NativeCancelToken {
+  cancel(): void
+  readonly cancelled: boolean
+}
+
+export interface NativeEngine {
+  info(): NativeModelInfo
+  /** Creates a sequence; throws VDIFF_INVALID_ARGUMENT. Returns its id. */
+  create(prompt: Int32Array | ReadonlyArray<number>, params: NativeSamplingParams): number
+  /**
+   * Advances every given sequence by one denoising step in one batched forward, off the JS thread.
+   * Steps run one at a time; a second call waits for the first.
+   */
+  step(ids: ReadonlyArray<number>, cancel?: NativeCancelToken): Promise<Array<NativeStepResult>>
+  /** Frees the sequence now (or when an in-flight step using it returns). Unknown ids are ignored. */
+  release(id: number): void
+  /** The answer region of the canvas, mask tokens where nothing is committed yet. */
+  canvas(id: number): Int32Array
+  sequenceInfo(id: number): NativeSequenceInfo
+  /** Number of live (created, not released) sequences. */
+  live(): number
+}
+
+export interface NativeLoadOptions {
+  /** Worker threads for the forward pass; 0 or absent: all hardware threads. */
+  readonly threads?: number | undefined
+}
+
+export interface NativeAddon {
+  /** Loads config.json and safetensors weights from dir, off the JS thread. Rejects with VDIFF_INVALID_MODEL. */
+  loadModel(dir: string, options?: NativeLoadOptions): Promise<NativeEngine>
+  readonly CancelToken: new () => NativeCancelToken
+}
+
+/** The directory holding this package's package.json, found by walking up from this module. */
+const packageRoot = (): string => {
+  let dir = dirname(fileURLToPath(import.meta.url))
+  for (;;) {
+    const manifest = join(dir, "package.json")
+    if (existsSync(manifest)) {
+      const name: unknown = JSON.parse(readFileSync(manifest, "utf8")).name
+      if (name === "vdiff") return dir
+    }
+    const parent = dirname(dir)
+    if (parent === dir) throw new Error("vdiff: cannot find the package root (package.json named vdiff)")
+    dir = parent
+  }
+}
+
+/** Where `npm run build:native` puts the addon. */
+export const defaultAddonPath = (): string => join(packageRoot(), "build", "native", "Release", "vdiff.node")
+
+const loaded = new Map<string, NativeAddon>()
+
+/**
+ * Loads the compiled addon (once per path). Throws a plain Error saying how to build it when the file
+ * is missing.
+ */
+export const loadAddon = (path: string = defaultAddonPath()): NativeAddon => {
+  const cached = loaded.get(path)
+  if (cached !== undefined) return cached
+  if (!existsSync(path)) {
+    throw new Error(`vdiff native addon not found at ${path}: run npm install (or npm run build:native)`)
+  }
+  const require = createRequire(import.meta.url)
+  const addon = require(path) as NativeAddon
+  loaded.set(path, addon)
+  return addon
+}
