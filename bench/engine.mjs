@@ -1,0 +1,156 @@
+#!/usr/bin/env node
+// Engine benchmark: vdiff's native engine against the PyTorch reference on the same random models.
+//
+//   npm run bench [-- --models tiny,small,small-bf16 --batch 1,8 --gen 128 --block 32 --steps 128
+//                     --prompt-len 32 --threads 2 --no-torch --json results.json --keep DIR]
+//
+// Makes the models with `vdiff make-model` in a temporary directory (tiny and small in f32, so both
+// implementations compute in f32 on identical weights; small also in bf16, vdiff only: the reference
+// upcasts bf16 to f32 at load, so timing it would measure the same thing twice), then for each model runs
+//   build/native/vdiff-cli bench   (forward latency over the whole canvas, denoising tokens/s per batch)
+//   tools/reference/bench.py       (the same two numbers for PyTorch; only when /usr/bin/python3 has torch)
+// and prints a table. "speedup" is vdiff over PyTorch: PyTorch ms / vdiff ms for the forward, vdiff tokens/s
+// / PyTorch tokens/s for denoising; above 1 means vdiff is faster.
+//
+// The defaults (prompt 32 + gen 128, 128 steps, batches 1 and 8) take several minutes for `small` on two
+// cores: every step is a full forward over every sequence of the batch.
+import { spawnSync } from "node:child_process"
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs"
+import { tmpdir } from "node:os"
+import { dirname, join } from "node:path"
+import { fileURLToPath } from "node:url"
+import { parseArgs } from "node:util"
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..")
+const cli = join(root, "build", "native", "vdiff-cli")
+const python = "/usr/bin/python3"
+
+const { values: opts } = parseArgs({
+  options: {
+    models: { type: "string", default: "tiny,small,small-bf16" },
+    batch: { type: "string", default: "1,8" },
+    gen: { type: "string", default: "128" },
+    block: { type: "string", default: "32" },
+    steps: { type: "string", default: "128" },
+    "prompt-len": { type: "string", default: "32" },
+    threads: { type: "string", default: "2" },
+    seed: { type: "string", default: "1" },
+    "no-torch": { type: "boolean", default: false },
+    json: { type: "string" },
+    keep: { type: "string" }
+  }
+})
+
+// name → how to make it, and whether the PyTorch reference runs on it too.
+const modelSpecs = {
+  tiny: { preset: "tiny", dtype: "f32", torch: true },
+  small: { preset: "small", dtype: "f32", torch: true },
+  "small-bf16": { preset: "small", dtype: "bf16", torch: false }
+}
+
+const log = (message) => process.stderr.write(`[bench] ${message}\n`)
+
+const run = (command, args) => {
+  const result = spawnSync(command, args, { cwd: root, encoding: "utf8", maxBuffer: 64 << 20 })
+  if (result.status !== 0) {
+    throw new Error(`${command} ${args.join(" ")} failed (${result.status ?? result.signal}):\n${result.stderr}`)
+  }
+  return result.stdout
+}
+
+const hasTorch = () => {
+  if (opts["no-torch"] || !existsSync(python)) return false
+  return spawnSync(python, ["-c", "import torch"], { stdio: "ignore" }).status === 0
+}
+
+const makeModel = (workdir, name) => {
+  const spec = modelSpecs[name]
+  if (spec === undefined) throw new Error(`unknown model "${name}" (known: ${Object.keys(modelSpecs).join(", ")})`)
+  const out = join(workdir, name)
+  const started = Date.now()
+  run(join(root, "node_modules", ".bin", "tsx"), [
+    join(root, "src", "main.ts"), "make-model", "--preset", spec.preset, "--seed", opts.seed, "--out", out, "--dtype", spec.dtype
+  ])
+  log(`made ${name} (${spec.preset}, ${spec.dtype}) in ${((Date.now() - started) / 1000).toFixed(1)} s`)
+  return out
+}
+
+const benchVdiff = (dir) =>
+  JSON.parse(
+    run(cli, [
+      "bench", "--model", dir, "--prompt-len", opts["prompt-len"], "--gen", opts.gen, "--block", opts.block,
+      "--steps", opts.steps, "--batch", opts.batch, "--threads", opts.threads
+    ])
+  )
+
+const benchTorch = (dir) =>
+  JSON.parse(
+    run(python, [
+      join(root, "tools", "reference", "bench.py"), dir, "--threads", opts.threads,
+      "--seq-len", String(Number(opts["prompt-len"]) + Number(opts.gen)), "--prompt-length", opts["prompt-len"],
+      "--gen-length", opts.gen, "--block-length", opts.block, "--steps", opts.steps, "--batches", opts.batch
+    ])
+  )
+
+const fixed = (x, digits = 1) => (x === undefined || x === null ? "-" : x.toFixed(digits))
+
+const table = (rows) => {
+  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => String(r[c]).length)))
+  return rows.map((r) => r.map((cell, c) => String(cell).padStart(widths[c])).join("  ")).join("\n")
+}
+
+const main = () => {
+  if (!existsSync(cli)) throw new Error(`${cli} not found: run npm run build:native first`)
+  const batches = opts.batch.split(",").map(Number)
+  const torch = hasTorch()
+  if (!torch) log("PyTorch reference skipped (--no-torch, or /usr/bin/python3 has no torch)")
+  const workdir = opts.keep ?? mkdtempSync(join(tmpdir(), "vdiff-bench-"))
+  const results = []
+  try {
+    for (const name of opts.models.split(",")) {
+      const dir = makeModel(workdir, name)
+      log(`vdiff-cli bench ${name} ...`)
+      const vdiff = benchVdiff(dir)
+      let reference = null
+      if (torch && modelSpecs[name].torch) {
+        log(`PyTorch reference bench ${name} ...`)
+        reference = benchTorch(dir)
+      }
+      results.push({ model: name, dtype: modelSpecs[name].dtype, vdiff, reference })
+    }
+  } finally {
+    if (opts.keep === undefined) rmSync(workdir, { recursive: true, force: true })
+  }
+
+  const header = ["model", "impl", `forward ms (${Number(opts["prompt-len"]) + Number(opts.gen)} tok)`]
+  for (const b of batches) header.push(`tok/s b=${b}`)
+  const rows = [header]
+  for (const r of results) {
+    const tokensPerS = (list, b) => list?.find((d) => d.batch === b)?.tokens_per_s
+    const vdiffRow = [`${r.model}`, `vdiff ${r.vdiff.weight_dtype}`, fixed(r.vdiff.forward_ms.all_rows.median, 2)]
+    for (const b of batches) vdiffRow.push(fixed(tokensPerS(r.vdiff.denoise, b)))
+    rows.push(vdiffRow)
+    if (r.reference !== null) {
+      const torchRow = ["", "pytorch f32", fixed(r.reference.forward.median_ms, 2)]
+      for (const b of batches) torchRow.push(fixed(tokensPerS(r.reference.generate, b)))
+      rows.push(torchRow)
+      const speedup = ["", "speedup", `${fixed(r.reference.forward.median_ms / r.vdiff.forward_ms.all_rows.median, 2)}x`]
+      for (const b of batches) speedup.push(`${fixed(tokensPerS(r.vdiff.denoise, b) / tokensPerS(r.reference.generate, b), 2)}x`)
+      rows.push(speedup)
+    }
+  }
+  const threads = results[0]?.vdiff.threads
+  process.stdout.write(
+    `prompt ${opts["prompt-len"]}, gen ${opts.gen}, block ${opts.block}, steps ${opts.steps}, threads ${threads}` +
+      ` (forward: one pass over the whole canvas, logits for every row; tok/s: answer tokens per second of denoising)\n\n` +
+      table(rows) + "\n"
+  )
+  if (opts.json !== undefined) writeFileSync(opts.json, JSON.stringify(results, null, 2) + "\n")
+}
+
+try {
+  main()
+} catch (error) {
+  process.stderr.write(`[bench] ${error instanceof Error ? error.message : String(error)}\n`)
+  process.exitCode = 1
+}

@@ -1,0 +1,332 @@
+/**
+ * Writes LLaDA-format model directories: config.json plus model.safetensors (or shards with
+ * model.safetensors.index.json), either from a preset with seeded random weights or by importing the
+ * raw f32 tensors the training script exports.
+ *
+ * @since 0.1.0
+ */
+import { copyFile, mkdir, open, readdir, readFile, rm, stat } from "node:fs/promises"
+import { join } from "node:path"
+import {
+  type LladaConfig,
+  type Preset,
+  type TensorShape,
+  configJson,
+  lladaTensors,
+  presets,
+  requiredConfigKeys,
+  torchDtypeNames
+} from "./presets.js"
+import {
+  type DType,
+  type TensorSource,
+  elementCount,
+  tensorBytes,
+  writeConfigJson,
+  writeSafetensors,
+  writeShardIndex
+} from "./safetensors.js"
+
+export interface WrittenModel {
+  readonly dir: string
+  /** The safetensors files written, in order. */
+  readonly files: ReadonlyArray<string>
+  readonly parameters: number
+  /** Bytes of tensor data (the index's total_size). */
+  readonly bytes: number
+}
+
+export interface WriteModelOptions {
+  /** Split into shards of at most this many bytes of tensor data (a single tensor may exceed it). */
+  readonly maxShardBytes?: number
+  readonly metadata?: Readonly<Record<string, string>>
+  readonly chunkElements?: number
+  /** Called with a line of progress text per file written. */
+  readonly onProgress?: (message: string) => void
+}
+
+// --- seeded random weights --------------------------------------------------------------------------
+
+// MurmurHash3's 32-bit finaliser: a bijection on 32-bit integers that mixes every input bit into every
+// output bit.
+const fmix32 = (h: number): number => {
+  h ^= h >>> 16
+  h = Math.imul(h, 0x85ebca6b)
+  h ^= h >>> 13
+  h = Math.imul(h, 0xc2b2ae35)
+  h ^= h >>> 16
+  return h >>> 0
+}
+
+const fnv1a = (text: string): number => {
+  let h = 0x811c9dc5
+  for (let i = 0; i < text.length; i++) h = Math.imul(h ^ text.charCodeAt(i), 0x01000193)
+  return h >>> 0
+}
+
+/**
+ * Uniform values in [-a, a] with a = sqrt(3) * std (so the standard deviation is `std`), where element
+ * i of a tensor depends only on (seed, tensor name, i). Being counter-based rather than a stateful
+ * generator, the output cannot depend on how the writer chunks the tensor. Two mixing rounds with
+ * independent keys keep tensors from being shifted copies of one another.
+ */
+export const uniformFill = (seed: number, name: string, std: number) => {
+  const seedLow = seed >>> 0
+  const seedHigh = Math.floor(seed / 2 ** 32) >>> 0
+  const keyA = fmix32((fnv1a(name) ^ fmix32(seedLow + 0x9e3779b9)) >>> 0)
+  const keyB = fmix32((keyA ^ fmix32((seedHigh + 0x7f4a7c15) >>> 0) ^ 0x5bd1e995) >>> 0)
+  const scale = (Math.sqrt(3) * std * 2) / 2 ** 32
+  const a = Math.sqrt(3) * std
+  return (out: Float32Array, start: number): void => {
+    for (let j = 0; j < out.length; j++) {
+      const x = fmix32((start + j + keyA) >>> 0)
+      const y = fmix32((x ^ keyB) >>> 0)
+      out[j] = (y + 0.5) * scale - a
+    }
+  }
+}
+
+const ones = (out: Float32Array): void => {
+  out.fill(1)
+}
+
+/** The tensors of `preset` as lazily generated sources. */
+export const presetTensors = (preset: Preset, seed: number, dtype: DType = preset.dtype): Array<TensorSource> =>
+  lladaTensors(preset.config).map((t) => ({
+    name: t.name,
+    dtype,
+    shape: t.shape,
+    fill: t.kind === "norm" ? ones : uniformFill(seed, t.name, preset.initStd)
+  }))
+
+// --- writing a model directory ------------------------------------------------------------------------
+
+/** Groups tensors into consecutive shards of at most `maxBytes` (never splitting a tensor). */
+const planShards = (tensors: ReadonlyArray<TensorSource>, maxBytes: number | undefined): Array<Array<TensorSource>> => {
+  if (maxBytes === undefined) return [Array.from(tensors)]
+  const shards: Array<Array<TensorSource>> = []
+  let current: Array<TensorSource> = []
+  let bytes = 0
+  for (const t of tensors) {
+    const size = tensorBytes(t)
+    if (current.length > 0 && bytes + size > maxBytes) {
+      shards.push(current)
+      current = []
+      bytes = 0
+    }
+    current.push(t)
+    bytes += size
+  }
+  if (current.length > 0) shards.push(current)
+  return shards
+}
+
+const shardName = (index: number, count: number): string =>
+  `model-${String(index + 1).padStart(5, "0")}-of-${String(count).padStart(5, "0")}.safetensors`
+
+/** Removes weight files of an earlier model in `dir`, so the loader cannot mix old and new files. */
+const removeOldWeights = async (dir: string): Promise<void> => {
+  for (const name of await readdir(dir)) {
+    if (name === "model.safetensors" || name === "model.safetensors.index.json" || /^model-\d+-of-\d+\.safetensors$/.test(name)) {
+      await rm(join(dir, name))
+    }
+  }
+}
+
+/** Writes config.json and the weights of a LLaDA model into `dir` (created if needed). */
+export const writeModelDir = async (
+  dir: string,
+  config: Readonly<Record<string, unknown>>,
+  tensors: ReadonlyArray<TensorSource>,
+  options: WriteModelOptions = {}
+): Promise<WrittenModel> => {
+  await mkdir(dir, { recursive: true })
+  await removeOldWeights(dir)
+  await writeConfigJson(join(dir, "config.json"), config)
+  const metadata = { format: "pt", ...options.metadata }
+  const shards = planShards(tensors, options.maxShardBytes)
+  const files: Array<string> = []
+  const weightMap: Record<string, string> = {}
+  for (const [i, shard] of shards.entries()) {
+    const name = shards.length === 1 ? "model.safetensors" : shardName(i, shards.length)
+    const started = Date.now()
+    const size = await writeSafetensors(join(dir, name), shard, {
+      metadata,
+      ...(options.chunkElements !== undefined ? { chunkElements: options.chunkElements } : {})
+    })
+    options.onProgress?.(`wrote ${name}: ${shard.length} tensors, ${(size / 1e6).toFixed(1)} MB in ${((Date.now() - started) / 1000).toFixed(1)} s`)
+    files.push(name)
+    for (const t of shard) weightMap[t.name] = name
+  }
+  const bytes = tensors.reduce((n, t) => n + tensorBytes(t), 0)
+  if (shards.length > 1) {
+    await writeShardIndex(join(dir, "model.safetensors.index.json"), { metadata: { total_size: bytes }, weight_map: weightMap })
+  }
+  return { dir, files, parameters: tensors.reduce((n, t) => n + elementCount(t.shape), 0), bytes }
+}
+
+export interface MakeModelOptions {
+  readonly preset: string
+  readonly seed: number
+  readonly out: string
+  /** Defaults to the preset's dtype (f32 for tiny and small, bf16 for llada-8b). */
+  readonly dtype?: DType
+  /** Defaults to the preset's shard size (llada-8b: 4 GB; others: one file). */
+  readonly maxShardBytes?: number
+  readonly onProgress?: (message: string) => void
+}
+
+export const presetNames = (): Array<string> => Object.keys(presets)
+
+export const findPreset = (name: string): Preset => {
+  const preset = presets[name]
+  if (preset === undefined) throw new Error(`unknown preset "${name}" (known: ${presetNames().join(", ")})`)
+  return preset
+}
+
+/** `vdiff make-model --preset`: a LLaDA directory with deterministic random weights. */
+export const makeModel = (options: MakeModelOptions): Promise<WrittenModel> => {
+  const preset = findPreset(options.preset)
+  if (!Number.isSafeInteger(options.seed) || options.seed < 0) {
+    throw new Error(`seed must be a non-negative integer, got ${options.seed}`)
+  }
+  const dtype = options.dtype ?? preset.dtype
+  const maxShardBytes = options.maxShardBytes ?? preset.maxShardBytes
+  return writeModelDir(options.out, configJson(preset.config, dtype), presetTensors(preset, options.seed, dtype), {
+    metadata: { generator: "vdiff make-model", preset: preset.name, seed: String(options.seed) },
+    ...(maxShardBytes !== undefined ? { maxShardBytes } : {}),
+    ...(options.onProgress !== undefined ? { onProgress: options.onProgress } : {})
+  })
+}
+
+// --- importing raw tensors from the training script ---------------------------------------------------
+
+/**
+ * What the training script exports: `manifest.json` with the model's config.json contents and one raw
+ * little-endian f32 file per tensor (paths relative to the manifest's directory).
+ */
+export interface RawManifest {
+  readonly config: Record<string, unknown>
+  readonly tensors: ReadonlyArray<{ readonly name: string; readonly shape: ReadonlyArray<number>; readonly file: string }>
+}
+
+/** Files that travel with an imported model when the raw directory has them. */
+const tokenizerFiles = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+/** Reads LLaDA's keys from a config object, filling the engine's defaults; throws naming a bad key. */
+export const parseLladaConfig = (raw: Readonly<Record<string, unknown>>): LladaConfig => {
+  const int = (key: string, fallback?: number): number => {
+    const value = raw[key] ?? fallback
+    if (typeof value !== "number" || !Number.isSafeInteger(value) || value < 0) {
+      throw new Error(`config key "${key}" must be a non-negative integer, got ${JSON.stringify(raw[key])}`)
+    }
+    return value
+  }
+  const num = (key: string, fallback: number): number => {
+    const value = raw[key] ?? fallback
+    if (typeof value !== "number" || !Number.isFinite(value)) throw new Error(`config key "${key}" must be a number`)
+    return value
+  }
+  const bool = (key: string): boolean => {
+    const value = raw[key] ?? false
+    if (typeof value !== "boolean") throw new Error(`config key "${key}" must be a boolean`)
+    return value
+  }
+  for (const key of requiredConfigKeys) {
+    if (!(key in raw)) throw new Error(`config is missing the required key "${key}"`)
+  }
+  const nHeads = int("n_heads")
+  const vocab = int("vocab_size")
+  return {
+    d_model: int("d_model"),
+    n_heads: nHeads,
+    n_kv_heads: int("n_kv_heads", nHeads),
+    n_layers: int("n_layers"),
+    mlp_hidden_size: int("mlp_hidden_size"),
+    vocab_size: vocab,
+    embedding_size: int("embedding_size", vocab),
+    mask_token_id: int("mask_token_id"),
+    eos_token_id: int("eos_token_id"),
+    rope_theta: num("rope_theta", 10000),
+    rms_norm_eps: num("rms_norm_eps", 1e-5),
+    max_sequence_length: int("max_sequence_length", 4096),
+    weight_tying: bool("weight_tying"),
+    include_bias: bool("include_bias")
+  }
+}
+
+/** A tensor read from a raw f32 file chunk by chunk. */
+const rawTensor = (path: string, name: string, shape: ReadonlyArray<number>, dtype: DType): TensorSource => ({
+  name,
+  dtype,
+  shape,
+  fill: async (out, start) => {
+    const file = await open(path, "r")
+    try {
+      const bytes = new Uint8Array(out.buffer, out.byteOffset, out.byteLength)
+      const { bytesRead } = await file.read(bytes, 0, bytes.byteLength, start * 4)
+      if (bytesRead !== bytes.byteLength) throw new Error(`${path}: short read at element ${start}`)
+    } finally {
+      await file.close()
+    }
+  }
+})
+
+const sameShape = (a: ReadonlyArray<number>, b: ReadonlyArray<number>): boolean =>
+  a.length === b.length && a.every((d, i) => d === b[i])
+
+export interface ImportRawOptions {
+  readonly from: string
+  readonly out: string
+  readonly dtype?: DType
+  readonly maxShardBytes?: number
+  readonly onProgress?: (message: string) => void
+}
+
+/** `vdiff make-model --from-raw`: converts the training script's export into a LLaDA directory. */
+export const importRaw = async (options: ImportRawOptions): Promise<WrittenModel> => {
+  const dtype = options.dtype ?? "F32"
+  const manifestPath = join(options.from, "manifest.json")
+  const manifest = JSON.parse(await readFile(manifestPath, "utf8")) as RawManifest
+  if (typeof manifest.config !== "object" || manifest.config === null || !Array.isArray(manifest.tensors)) {
+    throw new Error(`${manifestPath}: expected {"config": {...}, "tensors": [...]}`)
+  }
+  const config = parseLladaConfig(manifest.config)
+  const given = new Map(manifest.tensors.map((t) => [t.name, t]))
+  const expected: Array<TensorShape> = lladaTensors(config)
+  const expectedNames = new Set(expected.map((t) => t.name))
+  const unexpected = manifest.tensors.filter((t) => !expectedNames.has(t.name)).map((t) => t.name)
+  if (unexpected.length > 0) throw new Error(`${manifestPath}: tensors a LLaDA model does not have: ${unexpected.join(", ")}`)
+  const sources: Array<TensorSource> = []
+  for (const t of expected) {
+    const entry = given.get(t.name)
+    if (entry === undefined) throw new Error(`${manifestPath}: missing tensor ${t.name}`)
+    if (!sameShape(entry.shape, t.shape)) {
+      throw new Error(`${manifestPath}: tensor ${t.name} has shape [${entry.shape.join(", ")}], expected [${t.shape.join(", ")}]`)
+    }
+    const path = join(options.from, entry.file)
+    const { size } = await stat(path)
+    if (size !== elementCount(t.shape) * 4) {
+      throw new Error(`${path}: ${size} bytes, expected ${elementCount(t.shape) * 4} (f32 [${t.shape.join(", ")}])`)
+    }
+    sources.push(rawTensor(path, t.name, t.shape, dtype))
+  }
+  // The trainer's config is kept whole (extra keys such as bos_token_id included); torch_dtype now
+  // describes the converted weights.
+  const written = await writeModelDir(
+    options.out,
+    { architectures: ["LLaDAModelLM"], model_type: "llada", ...manifest.config, torch_dtype: torchDtypeNames[dtype] },
+    sources,
+    {
+      metadata: { generator: "vdiff make-model --from-raw" },
+      ...(options.maxShardBytes !== undefined ? { maxShardBytes: options.maxShardBytes } : {}),
+      ...(options.onProgress !== undefined ? { onProgress: options.onProgress } : {})
+    }
+  )
+  const present = new Set(await readdir(options.from))
+  for (const name of tokenizerFiles) {
+    if (present.has(name)) await copyFile(join(options.from, name), join(options.out, name))
+  }
+  return written
+}
+

@@ -1,0 +1,95 @@
+/**
+ * The native engine against the PyTorch reference (tools/reference, fixtures in test/fixtures/golden):
+ * every generate case alone, and every batch of cases together in one step loop, must give the
+ * reference's answer token for token, commit the same positions at the same steps, and report the
+ * committed probabilities within 1e-4.
+ *
+ * The fixtures' forward logits are not checked here: the addon's step API does not expose logits (nor does
+ * vdiff-cli), so they belong to the native tests, which call Model::forward directly.
+ */
+import { readdirSync, readFileSync } from "node:fs"
+import { join } from "node:path"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { loadAddon, type NativeEngine, type NativeSamplingParams } from "../src/engine/native.js"
+import { type Run, runTogether } from "./support/engine.js"
+
+interface GoldenCase {
+  readonly name: string
+  readonly prompt: Array<number>
+  readonly params: {
+    readonly gen_length: number
+    readonly block_length: number
+    readonly steps: number
+    readonly temperature: number
+    readonly remasking: "low_confidence" | "random"
+    readonly cfg_scale: number
+    readonly logits_eos_inf: boolean
+    readonly confidence_eos_eot_inf: boolean
+    readonly eot_token_id: number
+  }
+  readonly answer: Array<number>
+  readonly trace: Array<Array<[number, number, number]>>
+}
+
+interface Golden {
+  readonly model: string
+  readonly generate: Array<GoldenCase>
+  readonly batches: Array<Array<number>>
+}
+
+const PROBABILITY_TOLERANCE = 1e-4
+
+const fixtures = join(import.meta.dirname, "fixtures", "golden")
+const goldens: Array<Golden> = readdirSync(fixtures)
+  .filter((f) => f.endsWith(".json"))
+  .sort()
+  .map((f) => JSON.parse(readFileSync(join(fixtures, f), "utf8")) as Golden)
+
+const nativeParams = (c: GoldenCase): NativeSamplingParams => ({
+  genLength: c.params.gen_length,
+  blockLength: c.params.block_length,
+  steps: c.params.steps,
+  temperature: c.params.temperature,
+  remasking: c.params.remasking,
+  cfgScale: c.params.cfg_scale,
+  seed: 0,
+  logitsEosInf: c.params.logits_eos_inf,
+  confidenceEosEotInf: c.params.confidence_eos_eot_inf,
+  eotTokenId: c.params.eot_token_id
+})
+
+/** Compares one run with its reference: answer and commits exactly, probabilities within tolerance. */
+const expectMatches = (run: Run, expected: GoldenCase, label: string) => {
+  expect(run.answer, `${label}: answer`).toEqual(expected.answer)
+  const positionsAndTokens = (trace: Array<Array<[number, number, number]>>) => trace.map((step) => step.map(([p, t]) => [p, t]))
+  expect(positionsAndTokens(run.trace), `${label}: positions and tokens committed per step`).toEqual(positionsAndTokens(expected.trace))
+  let worst = 0
+  run.trace.forEach((step, s) =>
+    step.forEach(([, , probability], i) => {
+      worst = Math.max(worst, Math.abs(probability - expected.trace[s]![i]![2]))
+    })
+  )
+  expect(worst, `${label}: largest committed-probability difference`).toBeLessThanOrEqual(PROBABILITY_TOLERANCE)
+  expect(run.results.at(-1)!.finished, `${label}: finished`).toBe(true)
+}
+
+describe.each(goldens.map((g) => [g.model, g] as const))("golden %s", (name, golden) => {
+  let engine: NativeEngine
+  beforeAll(async () => {
+    engine = await loadAddon().loadModel(join(fixtures, name), { threads: 2 })
+  })
+  afterAll(() => {
+    expect(engine.live()).toBe(0)
+  })
+
+  it.each(golden.generate.map((c) => [c.name, c] as const))("%s alone", async (caseName, c) => {
+    const [run] = await runTogether(engine, [{ prompt: c.prompt, params: nativeParams(c) }])
+    expectMatches(run!, c, `${name}/${caseName}`)
+  })
+
+  it.each(golden.batches.map((b, i) => [i, b] as const))("batch %i together in one step loop", async (_, batch) => {
+    const cases = batch.map((i) => golden.generate[i]!)
+    const runs = await runTogether(engine, cases.map((c) => ({ prompt: c.prompt, params: nativeParams(c) })))
+    runs.forEach((run, i) => expectMatches(run, cases[i]!, `${name}/batch[${batch.join(",")}]/${cases[i]!.name}`))
+  })
+})
