@@ -199,3 +199,19 @@ describe("Scheduler", () => {
     }).pipe(Effect.provide(layer))
   })
 })
+
+describe("Scheduler drain at shutdown", () => {
+  it.live("keeps its deadline inside an uninterruptible finalizer", () => {
+    const { engine, layer } = setup({ maxConcurrent: 1 }, { stepMs: 2 })
+    return Effect.gen(function*() {
+      const scheduler = yield* Scheduler.Scheduler
+      const long = yield* Effect.fork(Effect.either(scheduler.generate({ prompt: [2], settings: settings(4000) })))
+      yield* waitUntil(() => engine.batches.length >= 1)
+      const started = Date.now()
+      yield* Effect.uninterruptible(scheduler.drain(50))
+      expect(Date.now() - started).toBeLessThan(2_000)
+      const result = yield* Fiber.join(long)
+      expect(Either.isLeft(result) && result.left._tag).toBe("Draining")
+    }).pipe(Effect.provide(layer))
+  })
+})

@@ -402,16 +402,15 @@ export const make = (options: SchedulerOptions) =>
     const drain = (timeoutMs: number) =>
       Effect.gen(function*() {
         state.draining = true
-        const idle = Effect.gen(function*() {
-          while (running.length > 0 || head !== undefined || (yield* Queue.size(waiting)) > 0) {
-            yield* Effect.sleep(10)
-          }
-        })
-        const done = yield* idle.pipe(Effect.timeout(timeoutMs), Effect.option)
-        if (Option.isNone(done)) {
+        const busy = Effect.map(queueLength, (queued) => running.length > 0 || head !== undefined || queued > 0)
+        // The deadline is checked against the Clock rather than with Effect.timeout, so drain keeps its
+        // deadline even where it cannot be interrupted (a finalizer at shutdown).
+        const deadline = (yield* Clock.currentTimeMillis) + timeoutMs
+        while ((yield* busy) && (yield* Clock.currentTimeMillis) < deadline) yield* Effect.sleep(10)
+        if (yield* busy) {
           // The loop ends the leftovers itself before its next step, so no job is touched by two fibers.
           state.stopping = new Draining({ message: "the server shut down before this request finished" })
-          yield* idle
+          while (yield* busy) yield* Effect.sleep(10)
         }
       })
 

@@ -1,0 +1,268 @@
+/**
+ * The HTTP middleware of the server, each a function from an HttpApp to an HttpApp. Server.ts applies
+ * them in this order, outermost first: request id · access log · request counters (HttpMetrics.ts) ·
+ * errors → responses (errorResponses.ts) · security headers · CORS · body size limit · auth (auth.ts) ·
+ * rate limit (RateLimiter.ts) · router. Headers that every response must carry — errors included — are
+ * added with pre-response handlers, which run on whatever response finally goes out.
+ *
+ * @since 0.1.0
+ */
+import { randomUUID } from "node:crypto"
+import type { IncomingMessage } from "node:http"
+import { HttpApp, HttpServerRequest, HttpServerResponse } from "@effect/platform"
+import { NodeHttpServerRequest } from "@effect/platform-node"
+import { Cause, Clock, Effect, Exit, Option, Stream } from "effect"
+import { BadRequest, Forbidden, PayloadTooLarge } from "../openai/errors.js"
+import { RequestId } from "./RequestId.js"
+
+/** The path of a request URL, without the query string. */
+export const pathOf = (url: string): string => {
+  const q = url.indexOf("?")
+  return q < 0 ? url : url.slice(0, q)
+}
+
+/**
+ * Paths anyone may call without an API key and without counting against a rate limit: probes, version,
+ * metrics (scrapers) and the static page at GET /.
+ */
+const publicPaths: ReadonlySet<string> = new Set(["/health", "/health/live", "/health/ready", "/version", "/metrics"])
+
+export const isPublic = (request: HttpServerRequest.HttpServerRequest): boolean => {
+  const path = pathOf(request.url)
+  return publicPaths.has(path) || (path === "/" && (request.method === "GET" || request.method === "HEAD"))
+}
+
+/**
+ * The client's address: the peer's, or with `trustProxy` the first (original client's) address of
+ * X-Forwarded-For, which any client can forge, so only behind a proxy that sets it.
+ */
+export const clientAddress = (request: HttpServerRequest.HttpServerRequest, trustProxy: boolean): string => {
+  if (trustProxy) {
+    const forwarded = request.headers["x-forwarded-for"]?.split(",")[0]?.trim()
+    if (forwarded !== undefined && forwarded !== "") return forwarded
+  }
+  return Option.getOrElse(request.remoteAddress, () => "unknown")
+}
+
+const setHeaders = (headers: Record<string, string>) =>
+  HttpApp.appendPreResponseHandler((_request, response) => Effect.succeed(HttpServerResponse.setHeaders(response, headers)))
+
+// --- request id ---------------------------------------------------------------------------------------
+
+const saneRequestId = /^[A-Za-z0-9._-]{1,128}$/
+
+/**
+ * Takes a sane incoming X-Request-ID (letters, digits, `._-`, at most 128) or makes one; provides it as
+ * RequestId to everything inside, echoes it on the response and annotates every log line with it.
+ */
+export const requestId = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E, Exclude<R, RequestId>> =>
+  Effect.flatMap(HttpServerRequest.HttpServerRequest, (request) => {
+    const incoming = request.headers["x-request-id"]
+    const id = incoming !== undefined && saneRequestId.test(incoming) ? incoming : randomUUID().replace(/-/g, "")
+    return setHeaders({ "x-request-id": id }).pipe(
+      Effect.zipRight(app),
+      Effect.provideService(RequestId, id),
+      Effect.annotateLogs("request_id", id)
+    )
+  })
+
+// --- access log ---------------------------------------------------------------------------------------
+
+/** What the access log and the request counters learn about each answered request. */
+export interface RequestRecord {
+  readonly method: string
+  readonly path: string
+  /** 499 when the client went away before the response was complete. */
+  readonly status: number
+  readonly durationMs: number
+  readonly client: string
+}
+
+/**
+ * One structured log line per request once its response is complete (for streams: when the stream ends),
+ * through Effect's logger: method, path, status, duration, client (request_id comes from the annotation).
+ * Never logs headers, so neither the Authorization header nor keys appear. `onRecord` also receives each
+ * record (for metrics).
+ */
+export const accessLog = (options: {
+  readonly trustProxy: boolean
+  readonly onRecord?: (record: RequestRecord) => Effect.Effect<void>
+}) =>
+<E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E, R> =>
+  Effect.gen(function*() {
+    const request = yield* HttpServerRequest.HttpServerRequest
+    const started = yield* Clock.currentTimeNanos
+    return yield* app.pipe(
+      Effect.onExit((exit) =>
+        Effect.gen(function*() {
+          const durationMs = Number((yield* Clock.currentTimeNanos) - started) / 1e6
+          const status = Exit.isSuccess(exit)
+            ? exit.value.status
+            : Cause.isInterruptedOnly(exit.cause) ? 499 : 500
+          const record: RequestRecord = {
+            method: request.method,
+            path: pathOf(request.url),
+            status,
+            durationMs: Math.round(durationMs * 1000) / 1000,
+            client: clientAddress(request, options.trustProxy)
+          }
+          yield* Effect.logInfo("request").pipe(
+            Effect.annotateLogs({
+              method: record.method,
+              path: record.path,
+              status: record.status,
+              duration_ms: record.durationMs,
+              client: record.client
+            })
+          )
+          if (options.onRecord !== undefined) yield* options.onRecord(record)
+        })
+      )
+    )
+  })
+
+// --- security headers ---------------------------------------------------------------------------------
+
+/**
+ * Sent on every response. X-XSS-Protection is "0": the browsers' XSS auditors are gone or were themselves
+ * a source of leaks, and current advice (OWASP, MDN) is to turn them off explicitly. HSTS only has an
+ * effect when the server is reached over HTTPS (behind a TLS proxy); browsers ignore it on plain HTTP.
+ */
+export const securityHeaderValues: Readonly<Record<string, string>> = {
+  "x-content-type-options": "nosniff",
+  "x-frame-options": "DENY",
+  "x-xss-protection": "0",
+  "strict-transport-security": "max-age=31536000; includeSubDomains"
+}
+
+export const securityHeaders = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E, R> =>
+  Effect.zipRight(setHeaders(securityHeaderValues), app)
+
+// --- CORS ---------------------------------------------------------------------------------------------
+
+const corsMethods = "GET, POST, OPTIONS"
+const corsDefaultHeaders = "authorization, content-type, x-request-id"
+/** Response headers a browser script may read. */
+const corsExposed = "x-request-id, retry-after, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset"
+
+/**
+ * Cross-origin access for the origins given (`*`: any). With none, no response carries CORS headers, so
+ * browsers keep other origins out. A preflight (OPTIONS with Origin and Access-Control-Request-Method) is
+ * answered here, before auth (browsers send preflights without credentials): 204 for an allowed origin,
+ * 403 otherwise.
+ */
+export const cors = (allowedOrigins: ReadonlyArray<string>) => {
+  const anyOrigin = allowedOrigins.includes("*")
+  const allowed = (origin: string) => anyOrigin || allowedOrigins.includes(origin)
+  // With a list, the answer depends on Origin, so caches must key on it.
+  const vary: Record<string, string> = allowedOrigins.length > 0 && !anyOrigin ? { vary: "Origin" } : {}
+  return <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Forbidden, R> =>
+    Effect.gen(function*() {
+      const request = yield* HttpServerRequest.HttpServerRequest
+      const origin = request.headers["origin"]
+      const preflight = request.method === "OPTIONS" && origin !== undefined &&
+        request.headers["access-control-request-method"] !== undefined
+      if (origin === undefined || !allowed(origin)) {
+        if (preflight) {
+          return yield* new Forbidden({
+            message: `cross-origin requests from ${origin} are not allowed`,
+            code: "origin_not_allowed"
+          })
+        }
+        if (Object.keys(vary).length > 0) yield* setHeaders(vary)
+        return yield* app
+      }
+      const allowOrigin = { "access-control-allow-origin": anyOrigin ? "*" : origin, ...vary }
+      if (preflight) {
+        return HttpServerResponse.empty({
+          status: 204,
+          headers: {
+            ...allowOrigin,
+            "access-control-allow-methods": corsMethods,
+            // Echoing what the browser asks for lets SDKs send their own headers (x-stainless-*, ...);
+            // the origin is already allowed, and auth still applies to the real request.
+            "access-control-allow-headers": request.headers["access-control-request-headers"] ?? corsDefaultHeaders,
+            "access-control-max-age": "600"
+          }
+        })
+      }
+      yield* setHeaders({ ...allowOrigin, "access-control-expose-headers": corsExposed })
+      return yield* app
+    })
+}
+
+// --- body size limit ----------------------------------------------------------------------------------
+
+const tooLarge = (limit: number) =>
+  new PayloadTooLarge({ message: `request body is larger than ${limit} bytes`, code: "body_too_large" })
+
+/**
+ * Reads the whole body, failing as soon as it passes `limit`. Past the limit the rest is discarded rather
+ * than the socket destroyed (which is what the platform's own limit does, leaving the client with no
+ * answer), so the client gets its 413.
+ */
+const readBody = (source: IncomingMessage, limit: number) =>
+  Effect.async<Buffer, PayloadTooLarge | BadRequest>((resume) => {
+    const chunks: Array<Buffer> = []
+    let bytes = 0
+    const stop = () => {
+      source.off("data", onData)
+      source.off("end", onEnd)
+      source.off("error", onError)
+    }
+    const onData = (chunk: Buffer) => {
+      bytes += chunk.length
+      if (bytes <= limit) return void chunks.push(chunk)
+      stop()
+      source.resume()
+      resume(Effect.fail(tooLarge(limit)))
+    }
+    const onEnd = () => {
+      stop()
+      resume(Effect.succeed(Buffer.concat(chunks)))
+    }
+    const onError = () => {
+      stop()
+      resume(Effect.fail(new BadRequest({ message: "the request body could not be read" })))
+    }
+    source.on("data", onData)
+    source.once("end", onEnd)
+    source.once("error", onError)
+    return Effect.sync(stop)
+  })
+
+/**
+ * The request with its body already read: `text`, `json`, `arrayBuffer` and `stream` serve the buffered
+ * copy, everything else is the original's. (Routes must not be mounted under a prefix: `modify` would
+ * build a request that reads the consumed socket again.)
+ */
+const withBufferedBody = (
+  request: HttpServerRequest.HttpServerRequest,
+  body: Buffer
+): HttpServerRequest.HttpServerRequest =>
+  Object.create(request, {
+    text: { value: Effect.succeed(body.toString("utf8")) },
+    arrayBuffer: { value: Effect.succeed(new Uint8Array(body).buffer) },
+    stream: { value: Stream.succeed(new Uint8Array(body)) }
+  })
+
+/**
+ * Refuses a body over `limit` bytes with 413 (and closes the connection, whose unread rest cannot be
+ * reused): at once when Content-Length says so, else while reading it. A body is read here, in full,
+ * before auth and the handler run, and handed on as a buffered copy, so handlers never see a partial or
+ * oversized body.
+ */
+export const bodyLimit = (limit: number) =>
+<E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | PayloadTooLarge | BadRequest, R> =>
+  Effect.gen(function*() {
+    const request = yield* HttpServerRequest.HttpServerRequest
+    const declared = request.headers["content-length"]
+    const hasBody = (declared !== undefined && declared !== "0") || request.headers["transfer-encoding"] !== undefined
+    if (!hasBody || request.method === "GET" || request.method === "HEAD") return yield* app
+    const closeAfter = setHeaders({ connection: "close" })
+    if (declared !== undefined && Number(declared) > limit) return yield* Effect.zipRight(closeAfter, tooLarge(limit))
+    const body = yield* readBody(NodeHttpServerRequest.toIncomingMessage(request), limit).pipe(
+      Effect.tapError(() => closeAfter)
+    )
+    return yield* Effect.provideService(app, HttpServerRequest.HttpServerRequest, withBufferedBody(request, body))
+  })

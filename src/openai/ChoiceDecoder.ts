@@ -1,0 +1,167 @@
+/**
+ * Turns the committed tokens of one answer into the text of one OpenAI choice, step by step.
+ *
+ * In block-wise decoding a committed token is never masked again, so the contiguous committed prefix of
+ * the answer is final: the decoder reads that prefix as it grows and never looks past its end. Reading
+ * stops at the first end token (EOS or end-of-turn: neither text nor counted — what follows it is
+ * padding), at a stop token (counted, not in the text) or at a stop string (cut from the text). Text is
+ * detokenized incrementally, so a character split over several tokens is emitted only when complete, and
+ * text that could still become a stop string is held back until that is decided.
+ *
+ * The non-streaming and the streaming responses both read answers through this class, so the streamed
+ * deltas always add up to the non-streamed text.
+ */
+import type { CommittedToken } from "../engine/Engine.js"
+import type { IncrementalDetokenizer } from "../tokenizer/IncrementalDetokenizer.js"
+import type { FinishReason } from "./protocol.js"
+
+export interface ChoiceDecoderOptions {
+  readonly genLength: number
+  /** End the answer and are not part of it (EOS, end-of-turn). */
+  readonly endTokens: ReadonlySet<number>
+  /** stop_token_ids: end the answer; counted as generated, left out of the text. */
+  readonly stopTokens: ReadonlySet<number>
+  readonly stopStrings: ReadonlyArray<string>
+  readonly detokenizer: IncrementalDetokenizer
+}
+
+/** What one batch of commits added to the choice. */
+export interface ChoiceDelta {
+  /** New final text (possibly ""). */
+  readonly text: string
+  /** The tokens read in this update: `tokenIds` (and `probabilities`, `textOffsets`) [firstToken, endToken). */
+  readonly firstToken: number
+  readonly endToken: number
+  /** Set when this update ended the choice. */
+  readonly finishReason: FinishReason | null
+}
+
+/** What `canvas` holds at a position nothing has been committed to yet. */
+export const NOT_COMMITTED = -1
+
+export class ChoiceDecoder {
+  /** The answer canvas: token ids, NOT_COMMITTED where still masked. */
+  readonly canvas: Int32Array
+  // The arrays below only ever grow, so a delta's index range into them stays valid.
+  /** Tokens of the answer, in order, up to where it ended (the usage's completion tokens). */
+  readonly tokenIds: Array<number> = []
+  /** The probability each of `tokenIds` had when it was committed. */
+  readonly probabilities: Array<number> = []
+  /** Where each of `tokenIds`'s text starts in the decoded answer. */
+  readonly textOffsets: Array<number> = []
+  /** All text emitted so far. */
+  text = ""
+  finishReason: FinishReason | null = null
+
+  private readonly committedProbabilities: Float32Array
+  /** First answer position not read yet. */
+  private next = 0
+  /** Decoded text not emitted yet because it could be the start of a stop string. */
+  private held = ""
+  /** Length of all text the detokenizer has produced. */
+  private decodedLength = 0
+
+  constructor(private readonly options: ChoiceDecoderOptions) {
+    this.canvas = new Int32Array(options.genLength).fill(NOT_COMMITTED)
+    this.committedProbabilities = new Float32Array(options.genLength)
+  }
+
+  get finished(): boolean {
+    return this.finishReason !== null
+  }
+
+  /** Whether the answer position holds a committed token. */
+  isCommitted(position: number): boolean {
+    return this.canvas[position] !== NOT_COMMITTED
+  }
+
+  /** Records the tokens one step committed and reads as far as the committed prefix now reaches. */
+  commit(committed: ReadonlyArray<CommittedToken>): ChoiceDelta {
+    for (const c of committed) {
+      this.canvas[c.position] = c.token
+      this.committedProbabilities[c.position] = c.probability
+    }
+    const firstToken = this.tokenIds.length
+    if (this.finished) return { text: "", firstToken, endToken: firstToken, finishReason: null }
+    let text = ""
+    const { endTokens, stopTokens, detokenizer, genLength } = this.options
+    while (!this.finished && this.next < genLength && this.isCommitted(this.next)) {
+      const position = this.next++
+      const token = this.canvas[position]!
+      if (endTokens.has(token)) {
+        text += this.finish("stop")
+        break
+      }
+      this.tokenIds.push(token)
+      this.probabilities.push(this.committedProbabilities[position]!)
+      this.textOffsets.push(this.decodedLength)
+      if (stopTokens.has(token)) {
+        text += this.finish("stop")
+        break
+      }
+      const piece = detokenizer.push(token)
+      this.decodedLength += piece.length
+      text += this.accept(piece)
+    }
+    if (!this.finished && this.next === genLength) text += this.finish("length")
+    this.text += text
+    return { text, firstToken, endToken: this.tokenIds.length, finishReason: this.finishReason }
+  }
+
+  /** Ends the choice: releases what the detokenizer and the stop-string check still hold. */
+  private finish(reason: FinishReason): string {
+    const rest = this.options.detokenizer.flush()
+    this.decodedLength += rest.length
+    let text = this.accept(rest)
+    if (!this.finished) {
+      text += this.held
+      this.held = ""
+      this.finishReason = reason
+    }
+    return text
+  }
+
+  /**
+   * Takes newly decoded text and returns what can be emitted: everything before a stop string (which ends
+   * the choice), else everything except the longest tail that a stop string could still begin with.
+   */
+  private accept(piece: string): string {
+    if (this.finished) return ""
+    this.held += piece
+    const stops = this.options.stopStrings
+    if (stops.length === 0 || this.held === "") {
+      const text = this.held
+      this.held = ""
+      return text
+    }
+    let cut = -1
+    for (const stop of stops) {
+      const at = this.held.indexOf(stop)
+      if (at >= 0 && (cut < 0 || at < cut)) cut = at
+    }
+    if (cut >= 0) {
+      const text = this.held.slice(0, cut)
+      this.held = ""
+      this.finishReason = "stop"
+      return text
+    }
+    const keep = longestStopPrefixTail(this.held, stops)
+    const text = this.held.slice(0, this.held.length - keep)
+    this.held = this.held.slice(this.held.length - keep)
+    return text
+  }
+}
+
+/** Length of the longest tail of `text` that is a proper prefix of one of `stops`. */
+const longestStopPrefixTail = (text: string, stops: ReadonlyArray<string>): number => {
+  let longest = 0
+  for (const stop of stops) {
+    for (let length = Math.min(stop.length - 1, text.length); length > longest; length--) {
+      if (text.endsWith(stop.slice(0, length))) {
+        longest = length
+        break
+      }
+    }
+  }
+  return longest
+}

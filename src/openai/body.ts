@@ -1,0 +1,47 @@
+/**
+ * Reads a JSON request body with a schema. Every way it can be wrong is a 400 whose `param` names the
+ * field at fault ("temperature", "messages[0].content") and whose message says what is expected.
+ */
+import { HttpServerRequest } from "@effect/platform"
+import type { RequestError } from "@effect/platform/HttpServerError"
+import { Effect, ParseResult, Schema } from "effect"
+import { BadRequest, PayloadTooLarge } from "./errors.js"
+
+/** A path of the decoded value as a parameter name: ["messages", 0, "content"] → "messages[0].content". */
+export const paramOf = (path: ReadonlyArray<PropertyKey>): string | null => {
+  let param = ""
+  for (const key of path) {
+    param += typeof key === "number" ? `[${key}]` : param === "" ? String(key) : `.${String(key)}`
+  }
+  return param === "" ? null : param
+}
+
+/** The first issue of a parse error, as a BadRequest. */
+export const fromParseError = (error: ParseResult.ParseError): BadRequest => {
+  const issue = ParseResult.ArrayFormatter.formatErrorSync(error)[0]
+  const param = issue === undefined ? null : paramOf(issue.path)
+  if (issue === undefined) return new BadRequest({ message: "invalid request body" })
+  const message = issue._tag === "Missing" ? `${param ?? "a field"} is required` : issue.message
+  return new BadRequest({ message, param })
+}
+
+const fromRequestError = (error: RequestError) => {
+  // The platform stops reading a body over its size limit (IncomingMessage.MaxBodySize) with this error.
+  if (error.cause instanceof Error && error.cause.message === "maxBytes exceeded") {
+    return new PayloadTooLarge({ message: "the request body is too large" })
+  }
+  return error.reason === "Decode"
+    ? new BadRequest({ message: "the request body is not valid JSON" })
+    : new BadRequest({ message: "the request body could not be read" })
+}
+
+const isObject = (value: unknown): value is Record<string, unknown> =>
+  typeof value === "object" && value !== null && !Array.isArray(value)
+
+export const decodeJsonBody = <A, I>(schema: Schema.Schema<A, I>) =>
+  Effect.gen(function*() {
+    const request = yield* HttpServerRequest.HttpServerRequest
+    const body = yield* Effect.mapError(request.json, fromRequestError)
+    if (!isObject(body)) return yield* new BadRequest({ message: "the request body must be a JSON object" })
+    return yield* Effect.mapError(Schema.decodeUnknown(schema)(body), fromParseError)
+  })

@@ -1,0 +1,162 @@
+/**
+ * POST /v1/completions: one or more prompts (text or token ids), n answers each, as one JSON response or
+ * as server-sent events.
+ */
+import { HttpServerResponse } from "@effect/platform"
+import { Effect, Option } from "effect"
+import { RequestId } from "../http/RequestId.js"
+import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
+import { BadRequest } from "./errors.js"
+import type {
+  CompletionChoice,
+  CompletionChunk,
+  CompletionChunkChoice,
+  CompletionRequest,
+  CompletionResponse
+} from "./protocol.js"
+import {
+  checkTokenIds,
+  completionLogprobs,
+  makePlan,
+  mergedChunks,
+  type PreparedPrompt,
+  preparePromptJobs,
+  nowSeconds,
+  type PromptJob,
+  runToEnd,
+  snapshotOf,
+  TokenTexts,
+  usageOfJobs,
+  worthAChunk
+} from "./serving.js"
+import { ServingConfig } from "./ServingConfig.js"
+import { respondSse } from "./streaming.js"
+
+/** A prompt with the text that `echo` puts before its answer. */
+interface CompletionPrompt extends PreparedPrompt {
+  readonly text: string
+}
+
+/**
+ * The request's prompts: a string or a list of token ids is one prompt; a list of strings or of token id
+ * lists is one prompt per entry. Text is encoded with the tokenizer's special tokens (BOS), as vLLM does.
+ */
+const preparePrompts = (prompt: CompletionRequest["prompt"], tokenizer: TokenizerShape) =>
+  Effect.gen(function*() {
+    const fromText = (text: string, param: string): CompletionPrompt => ({ text, tokens: tokenizer.encode(text), param })
+    const fromTokens = (tokens: ReadonlyArray<number>, param: string) =>
+      Effect.as(checkTokenIds(tokens, param, tokenizer), {
+        tokens,
+        param,
+        text: tokenizer.decode(tokens, { skipSpecialTokens: true })
+      })
+    const prompts: Array<CompletionPrompt> = []
+    if (typeof prompt === "string") prompts.push(fromText(prompt, "prompt"))
+    else if (prompt.length === 0) return yield* new BadRequest({ message: "prompt must not be empty", param: "prompt" })
+    else if (typeof prompt[0] === "number") prompts.push(yield* fromTokens(prompt as ReadonlyArray<number>, "prompt"))
+    else {
+      for (const [i, entry] of prompt.entries()) {
+        const param = `prompt[${i}]`
+        prompts.push(typeof entry === "string" ? fromText(entry, param) : yield* fromTokens(entry as ReadonlyArray<number>, param))
+      }
+    }
+    for (const p of prompts) {
+      if (p.tokens.length === 0) return yield* new BadRequest({ message: `${p.param} encodes to no tokens`, param: p.param })
+    }
+    return prompts
+  })
+
+export const completions = (request: CompletionRequest) =>
+  Effect.gen(function*() {
+    const tokenizer = yield* Tokenizer
+    const config = yield* ServingConfig
+    const requestId = yield* RequestId
+    const plan = yield* makePlan(
+      request,
+      request.max_tokens === undefined ? undefined : { value: request.max_tokens, param: "max_tokens" }
+    )
+    if (request.suffix !== undefined && request.suffix !== "") {
+      return yield* new BadRequest({
+        message: "suffix is not supported yet: the engine cannot put text after the answer's masks",
+        param: "suffix",
+        code: "unsupported_parameter"
+      })
+    }
+    if (request.echo === true && request.logprobs !== undefined) {
+      return yield* new BadRequest({
+        message: "logprobs together with echo is not supported: the engine does not score prompt tokens",
+        param: "echo",
+        code: "unsupported_parameter"
+      })
+    }
+    if (request.best_of !== undefined && request.best_of !== plan.n) {
+      return yield* new BadRequest({
+        message: "best_of other than n is not supported",
+        param: "best_of",
+        code: "unsupported_parameter"
+      })
+    }
+
+    const prompts = yield* preparePrompts(request.prompt, tokenizer)
+    const jobs = yield* preparePromptJobs(prompts, plan)
+    const texts = new TokenTexts(tokenizer)
+    const head = { id: `cmpl-${requestId}`, object: "text_completion" as const, created: yield* nowSeconds, model: config.modelName }
+    const echoOf = (job: PromptJob) => (request.echo === true ? (job.prompt as CompletionPrompt).text : "")
+    const top = request.logprobs
+
+    if (!plan.stream) {
+      yield* runToEnd(jobs)
+      const choices = jobs.flatMap((job, p) =>
+        job.run.decoders.map((decoder, j): CompletionChoice => {
+          const echo = echoOf(job)
+          return {
+            index: p * plan.n + j,
+            text: echo + decoder.text,
+            logprobs: top === undefined
+              ? null
+              : completionLogprobs(decoder, 0, decoder.tokenIds.length, top, echo.length, texts),
+            finish_reason: decoder.finishReason ?? "length",
+            ...(plan.returnTokenIds ? { prompt_token_ids: job.prompt.tokens, token_ids: decoder.tokenIds } : {})
+          }
+        })
+      )
+      return HttpServerResponse.unsafeJson({ ...head, choices, usage: usageOfJobs(jobs) } satisfies CompletionResponse)
+    }
+
+    const chunk = (choice: CompletionChunkChoice): CompletionChunk => ({
+      ...head,
+      choices: [choice],
+      ...(plan.includeUsage ? { usage: null } : {})
+    })
+    // vLLM's return_token_ids in a stream: the prompt's ids on a choice's first chunk, new ids on every one.
+    const started = new Set<number>()
+    const promptIds = (index: number, job: PromptJob) => {
+      if (!plan.returnTokenIds || started.has(index)) return {}
+      started.add(index)
+      return { prompt_token_ids: job.prompt.tokens }
+    }
+    const preamble = request.echo !== true ? [] : jobs.flatMap((job, p) =>
+      job.run.decoders.map((_, j) => {
+        const index = p * plan.n + j
+        return chunk({ index, text: echoOf(job), logprobs: null, finish_reason: null, ...promptIds(index, job) })
+      })
+    )
+    const chunks = mergedChunks(jobs, plan.n, (job, index, update) => {
+      if (!worthAChunk(update, plan.includeSnapshots, top !== undefined || plan.returnTokenIds)) return Option.none()
+      const { decoder, delta } = update
+      const to = delta.endToken
+      return Option.some(chunk({
+        index,
+        text: delta.text,
+        logprobs: top === undefined ? null : completionLogprobs(decoder, delta.firstToken, to, top, echoOf(job).length, texts),
+        finish_reason: delta.finishReason,
+        ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, job.totalSteps, texts) } : {}),
+        ...promptIds(index, job),
+        ...(plan.returnTokenIds ? { token_ids: decoder.tokenIds.slice(delta.firstToken, to) } : {})
+      }))
+    })
+    const epilogue = Effect.sync(() =>
+      plan.includeUsage ? [{ ...head, choices: [], usage: usageOfJobs(jobs) } satisfies CompletionChunk] : []
+    )
+    return yield* respondSse({ preamble, chunks, epilogue })
+  })

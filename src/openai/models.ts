@@ -1,0 +1,20 @@
+/** GET /v1/models and /v1/models/{model}: the one model this server serves. */
+import { HttpServerResponse } from "@effect/platform"
+import { Effect } from "effect"
+import type { Model, ModelList } from "./protocol.js"
+import { checkModel } from "./serving.js"
+import { ServingConfig } from "./ServingConfig.js"
+
+const servedModel = Effect.map(ServingConfig, (config): Model => ({
+  id: config.modelName,
+  object: "model",
+  created: config.created,
+  owned_by: "vdiff",
+  max_model_len: config.maxModelLen
+}))
+
+export const listModels = Effect.map(servedModel, (model) =>
+  HttpServerResponse.unsafeJson({ object: "list", data: [model] } satisfies ModelList))
+
+export const retrieveModel = (name: string) =>
+  Effect.zipRight(checkModel(name), Effect.map(servedModel, (model) => HttpServerResponse.unsafeJson(model)))

@@ -1,0 +1,324 @@
+/**
+ * The OpenAI-compatible wire format: schemas of the request bodies (decoded with effect/Schema, so a bad
+ * value is a 400 naming the parameter) and of the responses and stream chunks (the serving code builds
+ * values of these types; the tests decode real responses with them).
+ *
+ * Requests follow OpenAI's completions and chat completions APIs, plus vLLM's extensions (top_k,
+ * stop_token_ids, return_token_ids, /tokenize, /detokenize) and the diffusion settings of this server
+ * (diffusion_steps, block_length, remasking, cfg_scale, stream_options.include_snapshots). Unknown fields
+ * are ignored, as OpenAI and vLLM do; `null` counts as absent, because SDKs send it for unset fields.
+ *
+ * Ranges checked here are those that do not depend on the model; the serving code checks the rest
+ * (context length, vocabulary, `n` against the batch size) and what is not supported yet.
+ */
+import { Schema } from "effect"
+
+// ---- building blocks ---------------------------------------------------------------------------------
+
+/** One message for every way the value can be wrong, so errors read "temperature must be ...". */
+const described = <A, I>(schema: Schema.Schema<A, I>, message: string): Schema.Schema<A, I> =>
+  schema.annotations({ message: () => ({ message, override: true }) })
+
+/** Optional; `null` means absent. */
+const optional = <A, I>(schema: Schema.Schema<A, I>) => Schema.optionalWith(schema, { nullable: true, exact: true })
+
+const int = (name: string, min: number, max = Number.MAX_SAFE_INTEGER) =>
+  described(
+    Schema.Int.pipe(Schema.between(min, max)),
+    max === Number.MAX_SAFE_INTEGER
+      ? `${name} must be an integer >= ${min}`
+      : `${name} must be an integer from ${min} to ${max}`
+  )
+
+const number = (name: string, min: number, max: number) =>
+  described(Schema.Finite.pipe(Schema.between(min, max)), `${name} must be a number from ${min} to ${max}`)
+
+const boolean = (name: string) => described(Schema.Boolean, `${name} must be true or false`)
+
+const TokenId = Schema.NonNegativeInt
+
+export const Remasking = described(
+  Schema.Literal("low_confidence", "random"),
+  `remasking must be "low_confidence" or "random"`
+)
+
+/** The largest seed: the n answers of a request use seed, seed+1, ..., which must stay exact integers. */
+export const MAX_SEED = 2 ** 52
+
+const Stop = described(
+  Schema.Union(Schema.String, Schema.Array(Schema.String)),
+  "stop must be a string or an array of strings"
+)
+
+export const StreamOptions = Schema.Struct({
+  include_usage: optional(boolean("stream_options.include_usage")),
+  /** vdiff extension: a `snapshot` of the whole canvas on every denoising step. */
+  include_snapshots: optional(boolean("stream_options.include_snapshots"))
+})
+
+/** Fields shared by completions and chat completions. */
+const samplingFields = {
+  model: optional(described(Schema.String, "model must be a string")),
+  max_tokens: optional(int("max_tokens", 1)),
+  temperature: optional(number("temperature", 0, 2)),
+  top_p: optional(number("top_p", 0, 1)),
+  top_k: optional(int("top_k", -1)),
+  n: optional(int("n", 1)),
+  stop: optional(Stop),
+  stop_token_ids: optional(described(Schema.Array(TokenId), "stop_token_ids must be an array of token ids")),
+  seed: optional(int("seed", 0, MAX_SEED)),
+  presence_penalty: optional(number("presence_penalty", -2, 2)),
+  frequency_penalty: optional(number("frequency_penalty", -2, 2)),
+  logit_bias: optional(
+    described(Schema.Record({ key: Schema.String, value: Schema.Number }), "logit_bias must map token ids to numbers")
+  ),
+  stream: optional(boolean("stream")),
+  stream_options: optional(StreamOptions),
+  /** vLLM: add prompt_token_ids and token_ids to every choice. */
+  return_token_ids: optional(boolean("return_token_ids")),
+  // Diffusion settings (vdiff extensions); absent: the server's defaults.
+  diffusion_steps: optional(int("diffusion_steps", 1)),
+  block_length: optional(int("block_length", 1)),
+  remasking: optional(Remasking),
+  cfg_scale: optional(number("cfg_scale", 0, 1000))
+}
+
+// ---- requests ----------------------------------------------------------------------------------------
+
+/** A prompt: text, texts, token ids, or lists of token ids (one answer set per prompt). */
+export const Prompt = described(
+  Schema.Union(Schema.String, Schema.Array(Schema.String), Schema.Array(TokenId), Schema.Array(Schema.Array(TokenId))),
+  "prompt must be a string, an array of strings, an array of token ids or an array of arrays of token ids"
+)
+
+export const CompletionRequest = Schema.Struct({
+  ...samplingFields,
+  prompt: Prompt,
+  /** Text after the answer (infilling). */
+  suffix: optional(described(Schema.String, "suffix must be a string")),
+  echo: optional(boolean("echo")),
+  /** Completions: how many alternatives per token (OpenAI allows up to 5). */
+  logprobs: optional(int("logprobs", 0, 5)),
+  best_of: optional(int("best_of", 1))
+})
+export type CompletionRequest = typeof CompletionRequest.Type
+
+const ContentPart = Schema.Struct({
+  type: described(Schema.String, "a content part needs a string type"),
+  text: Schema.optional(Schema.Unknown)
+})
+
+export const ChatMessage = Schema.Struct({
+  role: described(Schema.String, "role must be a string"),
+  content: described(
+    Schema.Union(Schema.String, Schema.Array(ContentPart)),
+    "content must be a string or an array of content parts"
+  ),
+  name: optional(Schema.String)
+})
+
+export const ChatCompletionRequest = Schema.Struct({
+  ...samplingFields,
+  messages: Schema.Array(ChatMessage).annotations({
+    message: () => ({ message: "messages must be an array of messages", override: false })
+  }),
+  /** Newer name of max_tokens; wins when both are given. */
+  max_completion_tokens: optional(int("max_completion_tokens", 1)),
+  logprobs: optional(boolean("logprobs")),
+  top_logprobs: optional(int("top_logprobs", 0, 20)),
+  tools: optional(Schema.Array(Schema.Unknown)),
+  response_format: optional(Schema.Struct({ type: Schema.String }))
+})
+export type ChatCompletionRequest = typeof ChatCompletionRequest.Type
+
+/** vLLM's /tokenize: either a prompt or chat messages. */
+export const TokenizeRequest = Schema.Struct({
+  model: optional(described(Schema.String, "model must be a string")),
+  prompt: optional(described(Schema.String, "prompt must be a string")),
+  messages: optional(Schema.Array(ChatMessage)),
+  /** Default: true for a prompt; for messages, what chat completions do (the template writes its own). */
+  add_special_tokens: optional(boolean("add_special_tokens")),
+  add_generation_prompt: optional(boolean("add_generation_prompt"))
+})
+export type TokenizeRequest = typeof TokenizeRequest.Type
+
+export const DetokenizeRequest = Schema.Struct({
+  model: optional(described(Schema.String, "model must be a string")),
+  tokens: described(Schema.Array(TokenId), "tokens must be an array of token ids")
+})
+export type DetokenizeRequest = typeof DetokenizeRequest.Type
+
+// ---- responses ---------------------------------------------------------------------------------------
+
+export const FinishReason = Schema.Literal("stop", "length")
+export type FinishReason = typeof FinishReason.Type
+
+export const Usage = Schema.Struct({
+  prompt_tokens: Schema.Int,
+  completion_tokens: Schema.Int,
+  total_tokens: Schema.Int
+})
+export type Usage = typeof Usage.Type
+
+/**
+ * Completions logprobs. The engine knows one probability per token: the one the token had when it was
+ * committed. So `top_logprobs` (when asked for) holds only the committed token.
+ */
+export const CompletionLogprobs = Schema.Struct({
+  tokens: Schema.Array(Schema.String),
+  token_logprobs: Schema.Array(Schema.Number),
+  top_logprobs: Schema.NullOr(Schema.Array(Schema.Record({ key: Schema.String, value: Schema.Number }))),
+  text_offset: Schema.Array(Schema.Int)
+})
+export type CompletionLogprobs = typeof CompletionLogprobs.Type
+
+export const TopLogprob = Schema.Struct({
+  token: Schema.String,
+  logprob: Schema.Number,
+  /** UTF-8 bytes of the token; null when the token is part of a character (its bytes are not known). */
+  bytes: Schema.NullOr(Schema.Array(Schema.Int))
+})
+
+export const ChatTokenLogprob = Schema.Struct({
+  ...TopLogprob.fields,
+  top_logprobs: Schema.Array(TopLogprob)
+})
+export type ChatTokenLogprob = typeof ChatTokenLogprob.Type
+
+export const ChatLogprobs = Schema.Struct({ content: Schema.Array(ChatTokenLogprob) })
+export type ChatLogprobs = typeof ChatLogprobs.Type
+
+/** vLLM's return_token_ids. */
+const tokenIdFields = {
+  prompt_token_ids: Schema.optionalWith(Schema.Array(Schema.Int), { exact: true }),
+  token_ids: Schema.optionalWith(Schema.Array(Schema.Int), { exact: true })
+}
+
+/**
+ * vdiff extension on stream chunks (stream_options.include_snapshots): the whole answer canvas after a
+ * denoising step. `canvas` has one entry per answer position: the token's text, or MASK_PLACEHOLDER where
+ * nothing is committed yet.
+ */
+export const Snapshot = Schema.Struct({
+  /** Denoising steps done (this one included). */
+  step: Schema.Int,
+  total_steps: Schema.Int,
+  /** The block this step worked on. */
+  block: Schema.Int,
+  /** Positions still masked. */
+  masked: Schema.Int,
+  canvas: Schema.Array(Schema.String),
+  /** Answer positions committed by this step. */
+  committed_now: Schema.Array(Schema.Int)
+})
+export type Snapshot = typeof Snapshot.Type
+
+export const MASK_PLACEHOLDER = "<mask>"
+
+export const CompletionChoice = Schema.Struct({
+  index: Schema.Int,
+  text: Schema.String,
+  logprobs: Schema.NullOr(CompletionLogprobs),
+  finish_reason: FinishReason,
+  ...tokenIdFields
+})
+export type CompletionChoice = typeof CompletionChoice.Type
+
+export const CompletionResponse = Schema.Struct({
+  id: Schema.String,
+  object: Schema.Literal("text_completion"),
+  created: Schema.Int,
+  model: Schema.String,
+  choices: Schema.Array(CompletionChoice),
+  usage: Usage
+})
+export type CompletionResponse = typeof CompletionResponse.Type
+
+export const CompletionChunkChoice = Schema.Struct({
+  index: Schema.Int,
+  text: Schema.String,
+  logprobs: Schema.NullOr(CompletionLogprobs),
+  finish_reason: Schema.NullOr(FinishReason),
+  snapshot: Schema.optionalWith(Snapshot, { exact: true }),
+  ...tokenIdFields
+})
+export type CompletionChunkChoice = typeof CompletionChunkChoice.Type
+
+export const CompletionChunk = Schema.Struct({
+  id: Schema.String,
+  object: Schema.Literal("text_completion"),
+  created: Schema.Int,
+  model: Schema.String,
+  choices: Schema.Array(CompletionChunkChoice),
+  usage: Schema.optionalWith(Schema.NullOr(Usage), { exact: true })
+})
+export type CompletionChunk = typeof CompletionChunk.Type
+
+export const ChatCompletionChoice = Schema.Struct({
+  index: Schema.Int,
+  message: Schema.Struct({ role: Schema.Literal("assistant"), content: Schema.String }),
+  logprobs: Schema.NullOr(ChatLogprobs),
+  finish_reason: FinishReason,
+  ...tokenIdFields
+})
+export type ChatCompletionChoice = typeof ChatCompletionChoice.Type
+
+export const ChatCompletionResponse = Schema.Struct({
+  id: Schema.String,
+  object: Schema.Literal("chat.completion"),
+  created: Schema.Int,
+  model: Schema.String,
+  choices: Schema.Array(ChatCompletionChoice),
+  usage: Usage
+})
+export type ChatCompletionResponse = typeof ChatCompletionResponse.Type
+
+export const ChatDelta = Schema.Struct({
+  role: Schema.optionalWith(Schema.Literal("assistant"), { exact: true }),
+  content: Schema.optionalWith(Schema.String, { exact: true })
+})
+
+export const ChatCompletionChunkChoice = Schema.Struct({
+  index: Schema.Int,
+  delta: ChatDelta,
+  logprobs: Schema.NullOr(ChatLogprobs),
+  finish_reason: Schema.NullOr(FinishReason),
+  snapshot: Schema.optionalWith(Snapshot, { exact: true }),
+  ...tokenIdFields
+})
+export type ChatCompletionChunkChoice = typeof ChatCompletionChunkChoice.Type
+
+export const ChatCompletionChunk = Schema.Struct({
+  id: Schema.String,
+  object: Schema.Literal("chat.completion.chunk"),
+  created: Schema.Int,
+  model: Schema.String,
+  choices: Schema.Array(ChatCompletionChunkChoice),
+  usage: Schema.optionalWith(Schema.NullOr(Usage), { exact: true })
+})
+export type ChatCompletionChunk = typeof ChatCompletionChunk.Type
+
+export const Model = Schema.Struct({
+  id: Schema.String,
+  object: Schema.Literal("model"),
+  created: Schema.Int,
+  owned_by: Schema.String,
+  max_model_len: Schema.Int
+})
+export type Model = typeof Model.Type
+
+export const ModelList = Schema.Struct({
+  object: Schema.Literal("list"),
+  data: Schema.Array(Model)
+})
+export type ModelList = typeof ModelList.Type
+
+export const TokenizeResponse = Schema.Struct({
+  count: Schema.Int,
+  max_model_len: Schema.Int,
+  tokens: Schema.Array(Schema.Int)
+})
+export type TokenizeResponse = typeof TokenizeResponse.Type
+
+export const DetokenizeResponse = Schema.Struct({ prompt: Schema.String })
+export type DetokenizeResponse = typeof DetokenizeResponse.Type

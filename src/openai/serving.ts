@@ -1,0 +1,430 @@
+/**
+ * The serving logic shared by completions and chat completions: checking a request against the model and
+ * what the engine supports, turning its fields into the engine's sampling settings, running one prompt's
+ * answers through the scheduler while ChoiceDecoders read them, and rendering logprobs and snapshots.
+ */
+import { Clock, Effect, Option, Random, Stream } from "effect"
+import type { SamplingSettings } from "../engine/Engine.js"
+import { Scheduler, type StepEvent } from "../scheduler/Scheduler.js"
+import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
+import { ChoiceDecoder, type ChoiceDelta, NOT_COMMITTED } from "./ChoiceDecoder.js"
+import { type ApiError, BadRequest, fromGenerationError, InternalError, NotFound } from "./errors.js"
+import {
+  type ChatTokenLogprob,
+  type CompletionLogprobs,
+  MASK_PLACEHOLDER,
+  type Snapshot,
+  type Usage
+} from "./protocol.js"
+import { ServingConfig } from "./ServingConfig.js"
+
+// ---- request checks ----------------------------------------------------------------------------------
+
+/** `model` may be left out; when given it must name the served model. */
+export const checkModel = (model: string | undefined) =>
+  Effect.flatMap(ServingConfig, (config) =>
+    model === undefined || model === config.modelName
+      ? Effect.void
+      : Effect.fail(
+          new NotFound({
+            message: `The model \`${model}\` does not exist; this server serves \`${config.modelName}\``,
+            param: "model",
+            code: "model_not_found"
+          })
+        ))
+
+const notSupported = (param: string, message: string) =>
+  Effect.fail(new BadRequest({ message, param, code: "unsupported_parameter" }))
+
+/** The fields completions and chat share, as the serving code reads them. */
+export interface SamplingRequest {
+  readonly model?: string
+  readonly temperature?: number
+  readonly top_p?: number
+  readonly top_k?: number
+  readonly n?: number
+  readonly stop?: string | ReadonlyArray<string>
+  readonly stop_token_ids?: ReadonlyArray<number>
+  readonly seed?: number
+  readonly presence_penalty?: number
+  readonly frequency_penalty?: number
+  readonly logit_bias?: Readonly<Record<string, number>>
+  readonly stream?: boolean
+  readonly stream_options?: { readonly include_usage?: boolean; readonly include_snapshots?: boolean }
+  readonly return_token_ids?: boolean
+  readonly diffusion_steps?: number
+  readonly block_length?: number
+  readonly remasking?: "low_confidence" | "random"
+  readonly cfg_scale?: number
+}
+
+/** The answer length a request asked for, and under which name (max_tokens or max_completion_tokens). */
+export interface MaxTokens {
+  readonly value: number
+  readonly param: string
+}
+
+/** Everything about how to answer a request that does not depend on the prompt. */
+export interface AnswerPlan {
+  readonly n: number
+  readonly seed: number
+  readonly stopStrings: ReadonlyArray<string>
+  readonly stopTokens: ReadonlySet<number>
+  /** EOS and end-of-turn: where an answer ends. */
+  readonly endTokens: ReadonlySet<number>
+  readonly stream: boolean
+  readonly includeUsage: boolean
+  readonly includeSnapshots: boolean
+  readonly returnTokenIds: boolean
+  /** The engine's settings for a prompt of the given length; fails when it does not fit the context. */
+  readonly settingsFor: (promptLength: number, promptParam: string) => Effect.Effect<SamplingSettings, BadRequest>
+}
+
+/**
+ * Checks what completions and chat share and resolves the server's defaults. Parameters the sampler
+ * cannot honour yet (top_p, top_k, penalties, logit_bias) are accepted only at their neutral values: an
+ * answer that silently ignored them would not be the answer the client asked for.
+ */
+export const makePlan = (request: SamplingRequest, maxTokens: MaxTokens | undefined) =>
+  Effect.gen(function*() {
+    const config = yield* ServingConfig
+    const tokenizer = yield* Tokenizer
+    const scheduler = yield* Scheduler
+    yield* checkModel(request.model)
+
+    if (request.top_p !== undefined && request.top_p !== 1) {
+      return yield* notSupported("top_p", "top_p other than 1 is not supported yet: the diffusion sampler has no nucleus filtering")
+    }
+    if (request.top_k !== undefined && request.top_k !== -1 && request.top_k !== 0) {
+      return yield* notSupported("top_k", "top_k other than -1 or 0 is not supported yet: the diffusion sampler has no top-k filtering")
+    }
+    for (const param of ["presence_penalty", "frequency_penalty"] as const) {
+      const value = request[param]
+      if (value !== undefined && value !== 0) {
+        return yield* notSupported(param, `${param} other than 0 is not supported: a diffusion model does not generate left to right`)
+      }
+    }
+    if (request.logit_bias !== undefined && Object.keys(request.logit_bias).length > 0) {
+      return yield* notSupported("logit_bias", "logit_bias is not supported yet")
+    }
+    if (request.stream_options !== undefined && request.stream !== true) {
+      return yield* new BadRequest({ message: "stream_options can only be given when stream is true", param: "stream_options" })
+    }
+
+    const n = request.n ?? 1
+    const { maxConcurrent } = yield* scheduler.stats
+    if (n > maxConcurrent) {
+      return yield* new BadRequest({
+        message: `n must be at most ${maxConcurrent} (the server's batch size), got ${n}`,
+        param: "n"
+      })
+    }
+
+    const stopStrings = request.stop === undefined ? [] : typeof request.stop === "string" ? [request.stop] : [...request.stop]
+    if (stopStrings.includes("")) {
+      return yield* new BadRequest({ message: "stop strings must not be empty", param: "stop" })
+    }
+    const special = tokenizer.specialTokens
+    const endTokens = new Set([special.eos, ...Option.toArray(special.eot)])
+    const seed = request.seed ?? (yield* Random.nextIntBetween(0, 2 ** 31))
+    const defaults = config.defaults
+
+    const settingsFor = (promptLength: number, promptParam: string): Effect.Effect<SamplingSettings, BadRequest> => {
+      const room = config.maxModelLen - promptLength
+      if (room < 1) {
+        return Effect.fail(
+          new BadRequest({
+            message: `This model's maximum context length is ${config.maxModelLen} tokens, and the ${promptParam} ` +
+              `has ${promptLength} tokens, which leaves no room for an answer. Please shorten the ${promptParam}.`,
+            param: promptParam,
+            code: "context_length_exceeded"
+          })
+        )
+      }
+      if (maxTokens !== undefined && maxTokens.value > room) {
+        return Effect.fail(
+          new BadRequest({
+            message: `This model's maximum context length is ${config.maxModelLen} tokens. However, you requested ` +
+              `${promptLength + maxTokens.value} tokens (${promptLength} in the ${promptParam}, ${maxTokens.value} ` +
+              `for the answer). Please reduce the length of the ${promptParam} or ${maxTokens.param}.`,
+            param: maxTokens.param,
+            code: "context_length_exceeded"
+          })
+        )
+      }
+      const genLength = maxTokens?.value ?? Math.min(defaults.maxTokens, room)
+      return Effect.succeed({
+        genLength,
+        blockLength: Math.min(request.block_length ?? defaults.blockLength, genLength),
+        steps: request.diffusion_steps ?? defaults.steps ?? genLength,
+        temperature: request.temperature ?? defaults.temperature,
+        remasking: request.remasking ?? defaults.remasking,
+        cfgScale: request.cfg_scale ?? defaults.cfgScale,
+        seed,
+        logitsEosInf: false,
+        confidenceEosEotInf: false,
+        eotTokenId: Option.getOrElse(special.eot, () => -1)
+      })
+    }
+
+    return {
+      n,
+      seed,
+      stopStrings,
+      stopTokens: new Set(request.stop_token_ids ?? []),
+      endTokens,
+      stream: request.stream === true,
+      includeUsage: request.stream_options?.include_usage === true,
+      includeSnapshots: request.stream_options?.include_snapshots === true,
+      returnTokenIds: request.return_token_ids === true,
+      settingsFor
+    } satisfies AnswerPlan
+  })
+
+/** Checks that every id of a token prompt is one the tokenizer knows. */
+export const checkTokenIds = (tokens: ReadonlyArray<number>, param: string, tokenizer: TokenizerShape) => {
+  if (tokens.length === 0) return Effect.fail(new BadRequest({ message: `${param} must not be empty`, param }))
+  const bad = tokens.findIndex((id) => id >= tokenizer.vocabSize)
+  return bad < 0
+    ? Effect.void
+    : Effect.fail(
+        new BadRequest({
+          message: `token id ${tokens[bad]} is not in the vocabulary (ids 0 to ${tokenizer.vocabSize - 1})`,
+          param: `${param}[${bad}]`
+        })
+      )
+}
+
+// ---- running one prompt ------------------------------------------------------------------------------
+
+/** One step's effect on one choice. */
+export interface ChoiceUpdate {
+  /** Which of the prompt's n answers. */
+  readonly index: number
+  readonly decoder: ChoiceDecoder
+  readonly delta: ChoiceDelta
+  readonly event: StepEvent
+  /** The answer canvas right after this step (when the request asked for snapshots). */
+  readonly canvas?: ReadonlyArray<number>
+}
+
+/** One prompt's n answers in flight: a decoder per answer, and the stream that feeds them. */
+export interface PromptRun {
+  readonly decoders: ReadonlyArray<ChoiceDecoder>
+  /**
+   * The scheduler's step events read into the decoders. It ends as soon as every answer has ended (at an
+   * end token or a stop), which ends the scheduler stream early and so cancels the request's sequences.
+   * Updates of answers that had already ended are dropped.
+   */
+  readonly updates: Stream.Stream<ChoiceUpdate, ApiError>
+}
+
+export const runPrompt = (prompt: ReadonlyArray<number>, settings: SamplingSettings, plan: AnswerPlan) =>
+  Effect.gen(function*() {
+    const scheduler = yield* Scheduler
+    const tokenizer = yield* Tokenizer
+    const decoders = Array.from({ length: plan.n }, () =>
+      new ChoiceDecoder({
+        genLength: settings.genLength,
+        endTokens: plan.endTokens,
+        stopTokens: plan.stopTokens,
+        stopStrings: plan.stopStrings,
+        detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
+      }))
+    const allEnded = () => decoders.every((decoder) => decoder.finished)
+    const updates = scheduler.generateStream({ prompt, settings, n: plan.n }).pipe(
+      Stream.mapError(fromGenerationError),
+      // Events arrive in chunks and `map` runs over a whole chunk at once, so whether all answers had
+      // ended is recorded with each event's updates rather than asked afterwards.
+      Stream.map((event) => {
+        const decoder = decoders[event.index]!
+        // An update is rendered later than it is made (the decoder has moved on by then), so it carries
+        // what it needs: the delta's token range, and a copy of the canvas for a snapshot.
+        const updates: ReadonlyArray<ChoiceUpdate> = decoder.finished ? [] : [{
+          index: event.index,
+          decoder,
+          delta: decoder.commit(event.committed),
+          event,
+          ...(plan.includeSnapshots ? { canvas: Array.from(decoder.canvas) } : {})
+        }]
+        return { updates, allEnded: allEnded() }
+      }),
+      Stream.takeUntil((step) => step.allEnded),
+      Stream.flatMap((step) => Stream.fromIterable(step.updates)),
+      // The scheduler ends the stream when every sequence has committed every position, which ends every
+      // decoder; if one has not ended, the engine broke its contract.
+      Stream.concat(
+        Stream.fromEffect(
+          Effect.suspend(() =>
+            allEnded()
+              ? Effect.void
+              : Effect.fail(new InternalError({ message: "an answer ended with positions never committed" }))
+          )
+        ).pipe(Stream.drain)
+      )
+    )
+    return { decoders, updates } satisfies PromptRun
+  })
+
+/** A prompt of the request, tokenized, with the name its errors carry ("prompt[2]", "messages"). */
+export interface PreparedPrompt {
+  readonly tokens: ReadonlyArray<number>
+  readonly param: string
+}
+
+/** One prompt's answers, set up but not yet run. */
+export interface PromptJob {
+  readonly prompt: PreparedPrompt
+  readonly settings: SamplingSettings
+  readonly totalSteps: number
+  readonly run: PromptRun
+}
+
+/** Resolves every prompt's settings (failing before anything runs if one does not fit) and sets it up. */
+export const preparePromptJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: AnswerPlan) =>
+  Effect.forEach(prompts, (prompt) =>
+    Effect.gen(function*() {
+      const settings = yield* plan.settingsFor(prompt.tokens.length, prompt.param)
+      const run = yield* runPrompt(prompt.tokens, settings, plan)
+      return { prompt, settings, totalSteps: plannedSteps(settings), run } satisfies PromptJob
+    }))
+
+/** Runs every prompt's answers to their end, all at once (they share the scheduler's batches). */
+export const runToEnd = (jobs: ReadonlyArray<PromptJob>) =>
+  Effect.forEach(jobs, (job) => Stream.runDrain(job.run.updates), { concurrency: "unbounded", discard: true })
+
+/**
+ * Every prompt's updates merged as they come, each turned into a chunk (or nothing) by `render`, which is
+ * given the choice's index in the response: prompt index × n + answer index.
+ */
+export const mergedChunks = <A>(
+  jobs: ReadonlyArray<PromptJob>,
+  n: number,
+  render: (job: PromptJob, choiceIndex: number, update: ChoiceUpdate) => Option.Option<A>
+): Stream.Stream<A, ApiError> =>
+  Stream.mergeAll(
+    jobs.map((job, p) => Stream.filterMap(job.run.updates, (update) => render(job, p * n + update.index, update))),
+    { concurrency: "unbounded" }
+  )
+
+/** Whether a stream update is worth a chunk: new text, an end, a snapshot, or tokens the client wants. */
+export const worthAChunk = (update: ChoiceUpdate, snapshot: boolean, wantsTokens: boolean): boolean =>
+  update.delta.text !== "" ||
+  update.delta.finishReason !== null ||
+  snapshot ||
+  (wantsTokens && update.delta.firstToken < update.delta.endToken)
+
+export const usageOfJobs = (jobs: ReadonlyArray<PromptJob>): Usage =>
+  usageOf(
+    jobs.reduce((sum, job) => sum + job.prompt.tokens.length, 0),
+    jobs.flatMap((job) => job.run.decoders)
+  )
+
+export const usageOf = (promptTokens: number, decoders: ReadonlyArray<ChoiceDecoder>): Usage => {
+  const completionTokens = decoders.reduce((sum, decoder) => sum + decoder.tokenIds.length, 0)
+  return { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens }
+}
+
+// ---- rendering tokens --------------------------------------------------------------------------------
+
+/** What JSON cannot say (-Infinity) said as vLLM does. */
+const LOGPROB_FLOOR = -9999
+
+export const logprobOf = (probability: number): number => (probability > 0 ? Math.log(probability) : LOGPROB_FLOOR)
+
+/**
+ * Renders single tokens for logprobs and snapshots, caching each id's text. A token of a byte-level
+ * vocabulary may be part of a character; its text then holds U+FFFD and its bytes are unknown (null).
+ */
+export class TokenTexts {
+  private readonly cache = new Map<number, string>()
+  constructor(private readonly tokenizer: TokenizerShape) {}
+
+  text(id: number): string {
+    let text = this.cache.get(id)
+    if (text === undefined) {
+      text = this.tokenizer.decode([id])
+      this.cache.set(id, text)
+    }
+    return text
+  }
+
+  bytes(id: number): Array<number> | null {
+    const text = this.text(id)
+    return text.includes("\uFFFD") ? null : Array.from(new TextEncoder().encode(text))
+  }
+}
+
+/** Completions logprobs of the decoder's tokens [from, to); offsets shifted by `textStart` (echo). */
+export const completionLogprobs = (
+  decoder: ChoiceDecoder,
+  from: number,
+  to: number,
+  top: number,
+  textStart: number,
+  texts: TokenTexts
+): CompletionLogprobs => {
+  const ids = decoder.tokenIds.slice(from, to)
+  const logprobs = decoder.probabilities.slice(from, to).map(logprobOf)
+  const tokens = ids.map((id) => texts.text(id))
+  return {
+    tokens,
+    token_logprobs: logprobs,
+    top_logprobs: top > 0 ? tokens.map((token, i) => ({ [token]: logprobs[i]! })) : null,
+    text_offset: decoder.textOffsets.slice(from, to).map((offset) => offset + textStart)
+  }
+}
+
+/** Chat logprobs of the decoder's tokens [from, to). */
+export const chatLogprobs = (
+  decoder: ChoiceDecoder,
+  from: number,
+  to: number,
+  top: number,
+  texts: TokenTexts
+): { content: Array<ChatTokenLogprob> } => ({
+  content: decoder.tokenIds.slice(from, to).map((id, i) => {
+    const entry = { token: texts.text(id), logprob: logprobOf(decoder.probabilities[from + i]!), bytes: texts.bytes(id) }
+    return { ...entry, top_logprobs: top > 0 ? [entry] : [] }
+  })
+})
+
+/**
+ * Denoising steps a sequence runs in all, as the engine plans them (native/src/core/sampler.cpp
+ * plan_blocks): the step budget shared evenly over the blocks, the remainder to the first blocks, each
+ * block's share clamped to [1, block length].
+ */
+export const plannedSteps = (settings: SamplingSettings): number => {
+  const blocks = Math.ceil(settings.genLength / settings.blockLength)
+  const base = Math.floor(settings.steps / blocks)
+  const extra = settings.steps % blocks
+  let total = 0
+  for (let b = 0; b < blocks; b++) {
+    const length = Math.min(settings.blockLength, settings.genLength - b * settings.blockLength)
+    total += Math.min(Math.max(base + (b < extra ? 1 : 0), 1), length)
+  }
+  return total
+}
+
+/** The snapshot of an update made with `includeSnapshots` (which copied the canvas). */
+export const snapshotOf = (update: ChoiceUpdate, totalSteps: number, texts: TokenTexts): Snapshot => {
+  const canvas: Array<string> = []
+  let masked = 0
+  for (const token of update.canvas ?? []) {
+    if (token === NOT_COMMITTED) {
+      canvas.push(MASK_PLACEHOLDER)
+      masked++
+    } else canvas.push(texts.text(token))
+  }
+  return {
+    step: update.event.stepsDone,
+    total_steps: totalSteps,
+    block: update.event.block,
+    masked,
+    canvas,
+    committed_now: update.event.committed.map((c) => c.position)
+  }
+}
+
+/** Seconds since the epoch, for `created`. */
+export const nowSeconds = Effect.map(Clock.currentTimeMillis, (ms) => Math.floor(ms / 1000))

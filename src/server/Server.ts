@@ -1,0 +1,197 @@
+/**
+ * The server, composed: configuration → model host (loads in the background) → HTTP application (system
+ * routes + the OpenAI routes behind the readiness gate, wrapped in the middleware) → Node HTTP server.
+ *
+ *   request id · access log · request counters      (around the whole exchange, streams included)
+ *   errors → responses · security headers · CORS · body limit · auth · rate limit
+ *   router: /health*, /version, /metrics, /v1/engine/stats | OpenAI routes (503 until the model is ready)
+ *
+ * `run` is the process's life: listen, load, log one ready line, serve; on interruption (SIGTERM/SIGINT
+ * under NodeRuntime.runMain) refuse new work, drain in-flight work up to --shutdown-timeout, let the last
+ * responses go out, close the server and release the model.
+ *
+ * @since 0.1.0
+ */
+import { createServer } from "node:http"
+import { HttpRouter, HttpServer } from "@effect/platform"
+import type { ServeError } from "@effect/platform/HttpServerError"
+import { NodeHttpServer } from "@effect/platform-node"
+import { Clock, Context, Effect, Fiber, Layer } from "effect"
+import { ChatFormatter } from "../chat/ChatFormatter.js"
+import { type Settings, servedModelName } from "../config/Config.js"
+import { auth } from "../http/auth.js"
+import { renderErrors } from "../http/errorResponses.js"
+import * as HttpMetrics from "../http/HttpMetrics.js"
+import { accessLog, bodyLimit, cors, requestId, securityHeaders } from "../http/middleware.js"
+import * as RateLimiter from "../http/RateLimiter.js"
+import type { RequestId } from "../http/RequestId.js"
+import * as RouteTable from "../http/routeTable.js"
+import type { ApiError } from "../openai/errors.js"
+import { ServingConfig } from "../openai/ServingConfig.js"
+import { Scheduler } from "../scheduler/Scheduler.js"
+import { Tokenizer } from "../tokenizer/Tokenizer.js"
+import { type Loader, loadNative, ModelHost, type ModelLoadFailed } from "./ModelHost.js"
+import * as ModelHostModule from "./ModelHost.js"
+import * as Playground from "../playground/Playground.js"
+import * as SystemRoutes from "./systemRoutes.js"
+
+/** What the OpenAI routes need from the server, besides the request. */
+export type ApiServices = Scheduler | Tokenizer | ChatFormatter | ServingConfig | RequestId
+
+export type ApiRouter = HttpRouter.HttpRouter<ApiError, ApiServices>
+
+export interface ServerOptions {
+  readonly config: Settings
+  /** The OpenAI-compatible routes (src/openai/routes.ts). */
+  readonly api: ApiRouter
+  /** Loads the model; by default the native engine on --model. */
+  readonly load?: Loader
+}
+
+/** The model loader the configuration asks for. */
+export const nativeLoader = (config: Settings): Loader =>
+  loadNative({
+    modelDir: config.model,
+    threads: config.threads,
+    modelName: servedModelName(config),
+    scheduler: {
+      maxConcurrent: config.maxConcurrentRequests,
+      queueCapacity: config.maxQueueSize,
+      maxBatchTokens: config.maxBatchTokens === 0 ? Number.MAX_SAFE_INTEGER : config.maxBatchTokens,
+      requestTimeoutMs: config.requestTimeout * 1000
+    },
+    defaults: {
+      maxTokens: config.maxTokens,
+      steps: config.diffusionSteps === 0 ? null : config.diffusionSteps,
+      blockLength: config.blockLength,
+      remasking: config.remasking,
+      cfgScale: config.cfgScale,
+      temperature: config.temperature
+    }
+  })
+
+/**
+ * The OpenAI routes behind the readiness gate: while the model is ready each request gets its services
+ * from the host; otherwise it fails with the host's 503 (loading, draining, failed).
+ */
+export const gate = (api: ApiRouter) =>
+  HttpRouter.use(api, (handler) =>
+    Effect.flatMap(ModelHost, (host) =>
+      Effect.flatMap(host.use, (model) =>
+        handler.pipe(
+          Effect.provideService(Scheduler, model.scheduler),
+          Effect.provideService(Tokenizer, model.tokenizer),
+          Effect.provideService(ChatFormatter, model.chat),
+          Effect.provideService(ServingConfig, model.serving)
+        ))))
+
+/** Serves the application on the HttpServer in context. */
+export const layerServe = (options: ServerOptions) =>
+  Layer.unwrapEffect(
+    Effect.gen(function*() {
+      const { config } = options
+      const metrics = yield* HttpMetrics.HttpMetrics
+      const routes = HttpRouter.concatAll(
+        SystemRoutes.router({ modelName: servedModelName(config), queueCapacity: config.maxQueueSize }),
+        Playground.router,
+        gate(options.api)
+      )
+      const table = RouteTable.fromRouters(routes)
+      const app = routes.pipe(
+        RateLimiter.rateLimit({ keyedByApiKey: config.apiKey.length > 0, trustProxy: config.trustProxy }),
+        auth(config.apiKey),
+        bodyLimit(config.maxBodySize),
+        cors(config.allowedOrigins),
+        securityHeaders,
+        renderErrors(table)
+      )
+      // Around the exchange as a whole, so that the log and the counters see a stream's end.
+      return HttpServer.serve(app, (app) =>
+        requestId(accessLog({ trustProxy: config.trustProxy })(metrics.count(table)(app))))
+    })
+  )
+
+/**
+ * Everything but the listening socket: model host, rate limiter, request counters and the served app.
+ * Provide an HttpServer (NodeHttpServer.layer, or NodeHttpServer.layerTest in tests).
+ */
+export const layerApp = (options: ServerOptions) => {
+  const host = ModelHostModule.layer({ modelDir: options.config.model, load: options.load ?? nativeLoader(options.config) })
+  const limiter = RateLimiter.layer({
+    limit: options.config.rateLimitRequests,
+    windowMs: options.config.rateLimitWindow * 1000
+  })
+  return layerServe(options).pipe(Layer.provideMerge(Layer.mergeAll(host, limiter, HttpMetrics.layer)))
+}
+
+/** The whole server listening on --host/--port. */
+export const layer = (
+  options: ServerOptions
+): Layer.Layer<ModelHost | HttpMetrics.HttpMetrics | HttpServer.HttpServer | RateLimiter.RateLimiter, ServeError> =>
+  layerApp(options).pipe(
+    Layer.provideMerge(NodeHttpServer.layer(() => createServer(), { host: options.config.host, port: options.config.port }))
+  )
+
+/** How long shutdown waits for responses to finish going out once the work behind them has ended. */
+const flushGraceMs = 5000
+
+/**
+ * Shutdown: readiness turns 503 and new work is refused, in-flight work drains up to `timeoutMs` (the
+ * scheduler then ends what is left, and streams end with an error event), and the last responses are
+ * given time to go out.
+ */
+export const shutdown = (timeoutMs: number) =>
+  Effect.gen(function*() {
+    const host = yield* ModelHost
+    const metrics = yield* HttpMetrics.HttpMetrics
+    // Nothing to drain when the model never loaded.
+    if ((yield* host.state) === "error") return
+    yield* Effect.logInfo("shutting down: draining in-flight requests").pipe(
+      Effect.annotateLogs({ timeout_s: timeoutMs / 1000 })
+    )
+    yield* host.drain(timeoutMs)
+    const deadline = (yield* Clock.currentTimeMillis) + flushGraceMs
+    while ((yield* metrics.inFlight) > 0 && (yield* Clock.currentTimeMillis) < deadline) yield* Effect.sleep(10)
+    yield* Effect.logInfo("drained; closing the server and releasing the model")
+  })
+
+/**
+ * The server's life, for NodeRuntime.runMain: listen, load the model, log the ready line, serve until
+ * interrupted, then shut down (see `shutdown`). Fails if the socket cannot be opened or the model cannot
+ * be loaded, after logging why.
+ */
+export const run = (options: ServerOptions): Effect.Effect<never, ServeError | ModelLoadFailed> =>
+  Effect.scoped(
+    Effect.gen(function*() {
+      const { config } = options
+      const context = yield* Layer.build(layer(options)).pipe(
+        Effect.tapError((error) =>
+          Effect.logError(`cannot listen on ${config.host}:${config.port}: ${String(error.cause)}`)
+        )
+      )
+      const host = Context.get(context, ModelHost)
+      const address = HttpServer.formatAddress(Context.get(context, HttpServer.HttpServer).address)
+      // Added after the layers were built, so it runs before they are released: drain, then close.
+      // Finalizers run uninterruptibly, where timeouts (which interrupt what they time) cannot fire;
+      // the shutdown runs on a fiber of its own, interruptible, and the finalizer waits for it.
+      yield* Effect.addFinalizer(() =>
+        shutdown(config.shutdownTimeout * 1000).pipe(
+          Effect.provide(context),
+          Effect.interruptible,
+          Effect.forkDaemon,
+          Effect.flatMap(Fiber.join)
+        )
+      )
+      yield* Effect.logInfo(`listening on ${address}; loading the model`).pipe(
+        Effect.annotateLogs({ address, model_dir: config.model })
+      )
+      yield* host.awaitReady.pipe(
+        Effect.tapError((error) => Effect.logError(`cannot load the model from ${error.modelDir}: ${error.message}`))
+      )
+      const model = servedModelName(config)
+      yield* Effect.logInfo(`vdiff ready on ${address}: model ${model}, backend cpu`).pipe(
+        Effect.annotateLogs({ address, model, model_dir: config.model, backend: "cpu" })
+      )
+      return yield* Effect.never
+    })
+  )

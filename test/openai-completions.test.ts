@@ -1,0 +1,254 @@
+/**
+ * Non-streaming completions, models, tokenize and detokenize over real HTTP, against the fake engine
+ * answering scripted text: response shapes, answers cut at EOS / stop strings / stop tokens, usage
+ * without padding, n and prompt lists, echo, logprobs, return_token_ids, and the settings the engine got.
+ */
+import { Effect, Schema } from "effect"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import {
+  CompletionResponse,
+  DetokenizeResponse,
+  Model,
+  ModelList,
+  TokenizeResponse
+} from "../src/openai/protocol.js"
+import { eventually, servingConfig, startServer, type TestServer, textScript } from "./openai-support.js"
+
+const strict = <A, I>(schema: Schema.Schema<A, I>) => Schema.decodeUnknownSync(schema, { onExcessProperty: "error" })
+
+/** The scripted answer: depends on the prompt and the seed, so every choice can be told apart. */
+const answerText = (prompt: string, seed: number) =>
+  prompt.includes("long") ? `the world the world the world ${seed}` : `Hello wörld 👋 ${seed}. Good night`
+
+let server: TestServer
+beforeAll(async () => {
+  server = await startServer({
+    script: (t) => ({
+      ...textScript(t, (prompt, settings) => answerText(prompt, settings.seed), {
+        end: "eos",
+        probability: (position) => 1 / (position + 2)
+      })
+    })
+  })
+})
+afterAll(() => server.close())
+
+const complete = async (body: Record<string, unknown>) => {
+  const response = await server.post("/v1/completions", body)
+  expect(response.status).toBe(200)
+  return strict(CompletionResponse)(await response.json())
+}
+
+const encode = (text: string, addSpecialTokens = false) => [...server.tokenizer.encode(text, { addSpecialTokens })]
+const lastCreated = () => server.engine.created[server.engine.created.length - 1]!
+
+describe("POST /v1/completions", () => {
+  it("answers with the OpenAI shape, the text cut at EOS, and usage without the padding", async () => {
+    const before = Math.floor(Date.now() / 1000)
+    const response = await complete({ prompt: "Say hello", max_tokens: 40, seed: 3 })
+    const text = answerText("Say hello", 3)
+    expect(response.id).toMatch(/^cmpl-req\d+$/)
+    expect(response.object).toBe("text_completion")
+    expect(response.model).toBe("tiny")
+    expect(response.created).toBeGreaterThanOrEqual(before)
+    expect(response.choices).toEqual([{ index: 0, text, logprobs: null, finish_reason: "stop" }])
+    const promptTokens = encode("Say hello", true).length
+    const completionTokens = encode(text).length
+    expect(completionTokens).toBeLessThan(40)
+    expect(response.usage).toEqual({
+      prompt_tokens: promptTokens,
+      completion_tokens: completionTokens,
+      total_tokens: promptTokens + completionTokens
+    })
+  })
+
+  it("says length when the answer fills max_tokens, and counts max_tokens tokens", async () => {
+    const response = await complete({ prompt: "Say hello", max_tokens: 6, seed: 3 })
+    const tokens = encode(answerText("Say hello", 3)).slice(0, 6)
+    expect(response.choices[0]!.finish_reason).toBe("length")
+    expect(response.choices[0]!.text).toBe(server.tokenizer.decode(tokens))
+    expect(response.usage.completion_tokens).toBe(6)
+  })
+
+  it("hands the engine the request's settings, and the server's defaults for the rest", async () => {
+    await complete({
+      prompt: "Say hello", max_tokens: 24, diffusion_steps: 12, block_length: 6, remasking: "random",
+      cfg_scale: 1.5, temperature: 0.7, seed: 42
+    })
+    const eot = server.tokenizer.specialTokens.eot
+    expect(lastCreated().prompt).toEqual(encode("Say hello", true))
+    expect(lastCreated().settings).toEqual({
+      genLength: 24, steps: 12, blockLength: 6, remasking: "random", cfgScale: 1.5, temperature: 0.7, seed: 42,
+      logitsEosInf: false, confidenceEosEotInf: false, eotTokenId: eot._tag === "Some" ? eot.value : -1
+    })
+    await complete({ prompt: "Say hello", seed: 1 })
+    const { defaults } = servingConfig
+    expect(lastCreated().settings).toMatchObject({
+      genLength: defaults.maxTokens, steps: defaults.maxTokens, blockLength: defaults.blockLength,
+      remasking: defaults.remasking, cfgScale: defaults.cfgScale, temperature: defaults.temperature
+    })
+    // No max_tokens: the default answer length, shortened to what the context has left.
+    await complete({ prompt: "x".repeat(120), seed: 1 })
+    expect(lastCreated().settings.genLength).toBe(servingConfig.maxModelLen - 121)
+    // A block never longer than the answer.
+    await complete({ prompt: "Say hello", max_tokens: 4, seed: 1 })
+    expect(lastCreated().settings.blockLength).toBe(4)
+  })
+
+  it("uses a random seed when none is given, and the same seed gives the same answer", async () => {
+    const a = await complete({ prompt: "Say hello", max_tokens: 30 })
+    const seedA = lastCreated().settings.seed
+    const b = await complete({ prompt: "Say hello", max_tokens: 30 })
+    const seedB = lastCreated().settings.seed
+    expect(seedA).not.toBe(seedB)
+    expect(a.choices[0]!.text).toBe(answerText("Say hello", seedA))
+    expect(b.choices[0]!.text).toBe(answerText("Say hello", seedB))
+    const again = await complete({ prompt: "Say hello", max_tokens: 30, seed: seedA })
+    expect(again.choices[0]!.text).toBe(a.choices[0]!.text)
+  })
+
+  it("gives n answers per prompt for a list of prompts, indexed prompt × n + answer", async () => {
+    const response = await complete({ prompt: ["Say hello", "a long one"], n: 2, max_tokens: 40, seed: 10 })
+    expect(response.choices.map((c) => [c.index, c.text])).toEqual([
+      [0, answerText("Say hello", 10)],
+      [1, answerText("Say hello", 11)],
+      [2, answerText("a long one", 10)],
+      [3, answerText("a long one", 11)]
+    ])
+    const promptTokens = encode("Say hello", true).length + encode("a long one", true).length
+    const completionTokens = [10, 11].reduce(
+      (sum, seed) => sum + encode(answerText("Say hello", seed)).length + encode(answerText("a long one", seed)).length,
+      0
+    )
+    // Prompt tokens count once per prompt, not once per answer.
+    expect(response.usage).toEqual({ prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens })
+  })
+
+  it("takes prompts as token ids, one list or several", async () => {
+    const ids = encode("Say hello", true)
+    const one = await complete({ prompt: ids, max_tokens: 40, seed: 5 })
+    expect(one.choices[0]!.text).toBe(answerText("Say hello", 5))
+    expect(lastCreated().prompt).toEqual(ids)
+    const two = await complete({ prompt: [ids, encode("a long one")], max_tokens: 40, seed: 5 })
+    expect(two.choices.map((c) => c.text)).toEqual([answerText("Say hello", 5), answerText("a long one", 5)])
+  })
+
+  it("cuts the text at the first stop string, even inside a token, with finish_reason stop", async () => {
+    const full = answerText("Say hello", 3)
+    const cases: ReadonlyArray<readonly [string | Array<string>, string]> = [
+      ["Good", full.slice(0, full.indexOf("Good"))],
+      [["igh", "👋"], full.slice(0, full.indexOf("👋"))],
+      [["ld 👋 3"], full.slice(0, full.indexOf("ld 👋 3"))],
+      ["never there", full]
+    ]
+    for (const [stop, text] of cases) {
+      const response = await complete({ prompt: "Say hello", max_tokens: 40, seed: 3, stop })
+      expect(response.choices[0]).toMatchObject({ text, finish_reason: "stop" })
+    }
+  })
+
+  it("ends at a stop token id, counted as generated but not in the text", async () => {
+    const tokens = encode(answerText("Say hello", 3))
+    const response = await complete({
+      prompt: "Say hello", max_tokens: 40, seed: 3, stop_token_ids: [tokens[2]!], return_token_ids: true
+    })
+    expect(response.choices[0]).toMatchObject({
+      text: server.tokenizer.decode(tokens.slice(0, 2)),
+      finish_reason: "stop",
+      token_ids: tokens.slice(0, 3)
+    })
+    expect(response.usage.completion_tokens).toBe(3)
+  })
+
+  it("puts the prompt before the answer with echo", async () => {
+    const texts = await complete({ prompt: ["Say hello", "a long one"], max_tokens: 40, seed: 2, echo: true })
+    expect(texts.choices.map((c) => c.text)).toEqual([
+      "Say hello" + answerText("Say hello", 2),
+      "a long one" + answerText("a long one", 2)
+    ])
+    // Token prompts echo their text (special tokens such as BOS left out, as in the answers).
+    const ids = await complete({ prompt: encode("Say hello", true), max_tokens: 40, seed: 2, echo: true })
+    expect(ids.choices[0]!.text).toBe("Say hello" + answerText("Say hello", 2))
+  })
+
+  it("returns the log of each token's committed probability as logprobs", async () => {
+    const text = answerText("Say hello", 3)
+    const tokens = encode(text)
+    const response = await complete({ prompt: "Say hello", max_tokens: 40, seed: 3, logprobs: 1 })
+    const logprobs = response.choices[0]!.logprobs!
+    // The script commits position p with probability 1 / (p + 2).
+    expect(logprobs.token_logprobs).toHaveLength(tokens.length)
+    logprobs.token_logprobs.forEach((lp, p) => expect(lp).toBeCloseTo(Math.log(1 / (p + 2)), 6))
+    expect(logprobs.tokens).toEqual(tokens.map((id) => server.tokenizer.decode([id])))
+    expect(logprobs.top_logprobs).toEqual(logprobs.tokens.map((token, p) => ({ [token]: logprobs.token_logprobs[p] })))
+    // text_offset: where each token's text starts; a token inside a character starts where it does.
+    const offsets = tokens.map((_, i) => server.tokenizer.decode(tokens.slice(0, i)).replace(/\uFFFD+$/, "").length)
+    expect(logprobs.text_offset).toEqual(offsets)
+    const none = await complete({ prompt: "Say hello", max_tokens: 40, seed: 3, logprobs: 0 })
+    expect(none.choices[0]!.logprobs!.top_logprobs).toBeNull()
+  })
+
+  it("adds prompt_token_ids and token_ids to each choice with return_token_ids", async () => {
+    const response = await complete({ prompt: "Say hello", n: 2, max_tokens: 40, seed: 3, return_token_ids: true })
+    response.choices.forEach((choice, j) => {
+      expect(choice.prompt_token_ids).toEqual(encode("Say hello", true))
+      expect(choice.token_ids).toEqual(encode(answerText("Say hello", 3 + j)))
+      expect(server.tokenizer.decode(choice.token_ids!)).toBe(choice.text)
+    })
+  })
+})
+
+describe("an answer that ends early", () => {
+  let slow: TestServer
+  beforeAll(async () => {
+    slow = await startServer({
+      script: (t) => textScript(t, () => "Hello world night the world", { end: "none" }),
+      engine: { stepMs: 5 }
+    })
+  })
+  afterAll(() => slow.close())
+
+  it("is cancelled in the engine as soon as its text is decided", async () => {
+    const response = await slow.post("/v1/completions", { prompt: "Say hello", max_tokens: 100, seed: 1, stop: "night" })
+    expect(((await response.json()) as { choices: Array<{ text: string }> }).choices[0]!.text).toBe("Hello world ")
+    // The scheduler frees the cancelled sequence before its next step.
+    await eventually(async () => (await Effect.runPromise(slow.engine.live)) === 0, 1_000)
+    // 100 steps would have been run to the end; the stop string was read after 3.
+    expect(slow.engine.batches.length).toBeLessThan(10)
+  })
+})
+
+describe("models, tokenize, detokenize", () => {
+  it("lists the served model", async () => {
+    const list = strict(ModelList)(await (await fetch(`${server.url}/v1/models`)).json())
+    expect(list).toEqual({
+      object: "list",
+      data: [{ id: "tiny", object: "model", created: servingConfig.created, owned_by: "vdiff", max_model_len: 128 }]
+    })
+    const model = strict(Model)(await (await fetch(`${server.url}/v1/models/tiny`)).json())
+    expect(model.id).toBe("tiny")
+  })
+
+  it("tokenizes a prompt or messages exactly as the completion endpoints do", async () => {
+    const plain = strict(TokenizeResponse)(await (await server.post("/tokenize", { prompt: "Say hello" })).json())
+    expect(plain).toEqual({ count: plain.tokens.length, max_model_len: 128, tokens: encode("Say hello", true) })
+    const bare = strict(TokenizeResponse)(
+      await (await server.post("/tokenize", { prompt: "Say hello", add_special_tokens: false })).json()
+    )
+    expect(bare.tokens).toEqual(encode("Say hello"))
+    const messages = [{ role: "user", content: "hi" }]
+    const chat = strict(TokenizeResponse)(await (await server.post("/tokenize", { messages })).json())
+    expect(server.tokenizer.decode(chat.tokens)).toBe(
+      "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    const chatResponse = await server.post("/v1/chat/completions", { messages, max_tokens: 8, seed: 1, return_token_ids: true })
+    expect(((await chatResponse.json()) as { choices: Array<{ prompt_token_ids: Array<number> }> }).choices[0]!.prompt_token_ids)
+      .toEqual(chat.tokens)
+  })
+
+  it("detokenizes token ids", async () => {
+    const ids = encode("Hello wörld 👋")
+    const body = strict(DetokenizeResponse)(await (await server.post("/detokenize", { tokens: ids })).json())
+    expect(body).toEqual({ prompt: "Hello wörld 👋" })
+  })
+})

@@ -1,0 +1,124 @@
+/**
+ * The OpenAI routes over the real native engine and the embedded model (models/shakespeare) with its own
+ * tokenizer and chat template: what the fake engine cannot show — real step events, EOS where the model
+ * puts it, seeds and batching through the addon, the snapshot's step count against the engine's plan.
+ */
+import { join } from "node:path"
+import { Effect, Layer, Schema } from "effect"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import * as Engine from "../src/engine/Engine.js"
+import { ChatCompletionResponse, CompletionChunk, CompletionResponse } from "../src/openai/protocol.js"
+import { plannedSteps } from "../src/openai/serving.js"
+import * as Tokenizer from "../src/tokenizer/Tokenizer.js"
+import { eventually, parseSse, startServerWith, type TestServer } from "./openai-support.js"
+
+const modelDir = join(import.meta.dirname, "..", "models", "shakespeare")
+
+let server: TestServer<Engine.EngineShape>
+beforeAll(async () => {
+  const tokenizer = await Effect.runPromise(Tokenizer.make(modelDir))
+  const engine = await Effect.runPromise(Engine.make({ modelDir, threads: 1 }))
+  server = await startServerWith({
+    engine,
+    engineLayer: Layer.succeed(Engine.Engine, engine),
+    tokenizer,
+    config: {
+      modelName: "shakespeare",
+      maxModelLen: engine.info.config.maxSequenceLength,
+      defaults: { maxTokens: 24, steps: null, blockLength: 8, remasking: "low_confidence", cfgScale: 0, temperature: 0 }
+    }
+  })
+})
+afterAll(() => server.close())
+
+const complete = async (body: Record<string, unknown>) => {
+  const response = await server.post("/v1/completions", body)
+  expect(response.status).toBe(200)
+  return Schema.decodeUnknownSync(CompletionResponse)(await response.json())
+}
+
+const isSpecial = (id: number) => {
+  const s = server.tokenizer.specialTokens
+  return id === s.eos || (s.eot._tag === "Some" && id === s.eot.value)
+}
+
+describe("OpenAI routes on the embedded model", () => {
+  it("streams exactly the non-streamed answer, one snapshot per step", async () => {
+    const body = { prompt: "ROMEO:\nBut soft, what light", max_tokens: 24, diffusion_steps: 12, seed: 1, return_token_ids: true }
+    const whole = (await complete(body)).choices[0]!
+    expect(whole.token_ids!.some(isSpecial)).toBe(false)
+    expect(server.tokenizer.decode(whole.token_ids!, { skipSpecialTokens: true })).toBe(whole.text)
+
+    const response = await server.post("/v1/completions", { ...body, stream: true, stream_options: { include_snapshots: true } })
+    const events = parseSse(await response.text())
+    expect(events.pop()).toBe("[DONE]")
+    const chunks = events.map((event) => Schema.decodeUnknownSync(CompletionChunk)(event).choices[0]!)
+    expect(chunks.map((c) => c.text).join("")).toBe(whole.text)
+    expect(chunks.flatMap((c) => c.token_ids!)).toEqual(whole.token_ids)
+    expect(chunks[chunks.length - 1]!.finish_reason).toBe(whole.finish_reason)
+    chunks.forEach((chunk, i) => {
+      expect(chunk.snapshot!.step).toBe(i + 1)
+      expect(chunk.snapshot!.total_steps).toBe(12)
+    })
+    // Ended by the length, the last snapshot is the engine's last step; ended by EOS, an earlier one.
+    if (whole.finish_reason === "length") expect(chunks.length).toBe(12)
+    else expect(chunks.length).toBeLessThanOrEqual(12)
+  })
+
+  it("gives answer j of n the answer of seed + j, batched or not", async () => {
+    const body = { prompt: "KING HENRY:\n", max_tokens: 16, temperature: 0.9 }
+    const batched = await complete({ ...body, n: 2, seed: 40 })
+    const alone = await complete({ ...body, seed: 41 })
+    expect(batched.choices[1]!.text).toBe(alone.choices[0]!.text)
+    const again = await complete({ ...body, seed: 40 })
+    expect(again.choices[0]!.text).toBe(batched.choices[0]!.text)
+  })
+
+  it("answers a chat with the model's template, counting no end token", async () => {
+    const response = await server.post("/v1/chat/completions", {
+      messages: [{ role: "user", content: "Who art thou?" }],
+      max_tokens: 24,
+      seed: 2,
+      return_token_ids: true
+    })
+    expect(response.status).toBe(200)
+    const body = Schema.decodeUnknownSync(ChatCompletionResponse)(await response.json())
+    const choice = body.choices[0]!
+    expect(choice.token_ids!.some(isSpecial)).toBe(false)
+    expect(body.usage.completion_tokens).toBe(choice.token_ids!.length)
+    expect(server.tokenizer.decode(choice.token_ids!, { skipSpecialTokens: true })).toBe(choice.message.content)
+    expect(server.tokenizer.decode(choice.prompt_token_ids!)).toContain("<|start_header_id|>user<|end_header_id|>")
+  })
+
+  it("plans as many steps as the engine runs", async () => {
+    const engine = server.engine
+    for (const [genLength, blockLength, steps] of [[24, 8, 12], [20, 8, 7], [10, 4, 30], [9, 9, 1]] as const) {
+      const settings: Engine.SamplingSettings = {
+        genLength, blockLength, steps, temperature: 0, remasking: "low_confidence", cfgScale: 0, seed: 0,
+        logitsEosInf: false, confidenceEosEotInf: false, eotTokenId: -1
+      }
+      const id = await Effect.runPromise(engine.create(server.tokenizer.encode("To be"), settings))
+      let taken = 0
+      for (;;) {
+        taken++
+        const [result] = await Effect.runPromise(engine.step([id]))
+        if (result!.finished) break
+      }
+      await Effect.runPromise(engine.release(id))
+      expect({ genLength, blockLength, steps, taken }).toEqual({ genLength, blockLength, steps, taken: plannedSteps(settings) })
+    }
+  })
+
+  it("frees the sequence when a streaming client goes away", async () => {
+    const controller = new AbortController()
+    const response = await server.post(
+      "/v1/completions",
+      { prompt: "To be", max_tokens: 200, seed: 3, stream: true, stream_options: { include_snapshots: true } },
+      { signal: controller.signal }
+    )
+    const reader = response.body!.getReader()
+    await reader.read()
+    controller.abort()
+    await eventually(async () => (await Effect.runPromise(server.engine.live)) === 0, 5_000)
+  })
+})

@@ -1,0 +1,162 @@
+/**
+ * Every request field's bad values answer 400 (never 422) with `param` naming the field, before any
+ * sequence is created; an unknown model is 404.
+ */
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { startServer, type TestServer, textScript } from "./openai-support.js"
+
+let server: TestServer
+beforeAll(async () => {
+  server = await startServer({ script: (t) => textScript(t, () => "Hello world") })
+})
+afterAll(() => server.close())
+
+interface ErrorBody {
+  readonly error: { message: string; type: string; param: string | null; code: string | null; request_id: string }
+}
+
+const expectError = async (response: Response, status: number, param: string | null, message?: RegExp) => {
+  const body = (await response.json()) as ErrorBody
+  expect({ status: response.status, param: body.error.param }).toEqual({ status, param })
+  expect(Object.keys(body.error).sort()).toEqual(["code", "message", "param", "request_id", "type"])
+  expect(body.error.request_id).toMatch(/^req\d+$/)
+  if (message !== undefined) expect(body.error.message).toMatch(message)
+  return body.error
+}
+
+const prompt = { prompt: "Say hello" }
+const chat = { messages: [{ role: "user", content: "hi" }] }
+
+const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, string, RegExp?]> = [
+  ["prompt of a wrong type", { prompt: 5 }, "prompt", /prompt must be a string/],
+  ["no prompt", {}, "prompt", /prompt is required/],
+  ["empty prompt list", { prompt: [] }, "prompt", /must not be empty/],
+  ["empty token list in a list", { prompt: [[1, 2], []] }, "prompt[1]", /must not be empty/],
+  ["negative token id", { prompt: [1, -2] }, "prompt"],
+  ["token id outside the vocabulary", { prompt: [1, 99_999] }, "prompt[1]", /not in the vocabulary/],
+  ["token id outside the vocabulary in a list", { prompt: [[3], [1, 5000]] }, "prompt[1][1]"],
+  ["max_tokens 0", { ...prompt, max_tokens: 0 }, "max_tokens", /integer >= 1/],
+  ["max_tokens a string", { ...prompt, max_tokens: "ten" }, "max_tokens"],
+  ["temperature below 0", { ...prompt, temperature: -1 }, "temperature", /from 0 to 2/],
+  ["temperature above 2", { ...prompt, temperature: 2.5 }, "temperature"],
+  ["temperature a string", { ...prompt, temperature: "hot" }, "temperature"],
+  ["top_p above 1", { ...prompt, top_p: 1.5 }, "top_p", /from 0 to 1/],
+  ["top_p below 1 (no nucleus sampling)", { ...prompt, top_p: 0.9 }, "top_p", /not supported/],
+  ["top_k below -1", { ...prompt, top_k: -2 }, "top_k"],
+  ["top_k set (no top-k sampling)", { ...prompt, top_k: 40 }, "top_k", /not supported/],
+  ["n 0", { ...prompt, n: 0 }, "n"],
+  ["n fractional", { ...prompt, n: 1.5 }, "n"],
+  ["n above the batch size", { ...prompt, n: 9 }, "n", /at most 8/],
+  ["stop a number", { ...prompt, stop: 5 }, "stop"],
+  ["stop a list of numbers", { ...prompt, stop: [1] }, "stop"],
+  ["empty stop string", { ...prompt, stop: ["x", ""] }, "stop", /must not be empty/],
+  ["stop_token_ids a string", { ...prompt, stop_token_ids: "x" }, "stop_token_ids"],
+  ["negative stop token id", { ...prompt, stop_token_ids: [-1] }, "stop_token_ids"],
+  ["negative seed", { ...prompt, seed: -1 }, "seed"],
+  ["fractional seed", { ...prompt, seed: 1.5 }, "seed"],
+  ["huge seed", { ...prompt, seed: 2 ** 60 }, "seed"],
+  ["logprobs above 5", { ...prompt, logprobs: 6 }, "logprobs"],
+  ["logprobs a boolean", { ...prompt, logprobs: true }, "logprobs"],
+  ["echo a string", { ...prompt, echo: "yes" }, "echo"],
+  ["echo with logprobs", { ...prompt, echo: true, logprobs: 1 }, "echo", /does not score prompt tokens/],
+  ["stream a string", { ...prompt, stream: "yes" }, "stream"],
+  ["stream_options without stream", { ...prompt, stream_options: { include_usage: true } }, "stream_options"],
+  ["stream_options.include_usage a string", { ...prompt, stream: true, stream_options: { include_usage: "x" } },
+    "stream_options.include_usage"],
+  ["stream_options.include_snapshots a number", { ...prompt, stream: true, stream_options: { include_snapshots: 1 } },
+    "stream_options.include_snapshots"],
+  ["diffusion_steps 0", { ...prompt, diffusion_steps: 0 }, "diffusion_steps"],
+  ["block_length 0", { ...prompt, block_length: 0 }, "block_length"],
+  ["unknown remasking", { ...prompt, remasking: "lowest" }, "remasking", /low_confidence/],
+  ["negative cfg_scale", { ...prompt, cfg_scale: -1 }, "cfg_scale"],
+  ["return_token_ids a number", { ...prompt, return_token_ids: 1 }, "return_token_ids"],
+  ["suffix (infilling)", { ...prompt, suffix: " the end" }, "suffix", /not supported yet/],
+  ["best_of other than n", { ...prompt, best_of: 2 }, "best_of"],
+  ["presence_penalty out of range", { ...prompt, presence_penalty: 3 }, "presence_penalty"],
+  ["presence_penalty set", { ...prompt, presence_penalty: 1 }, "presence_penalty", /not supported/],
+  ["frequency_penalty set", { ...prompt, frequency_penalty: -1 }, "frequency_penalty"],
+  ["logit_bias set", { ...prompt, logit_bias: { "1": 5 } }, "logit_bias"],
+  ["model a number", { ...prompt, model: 5 }, "model"],
+  ["prompt over the context", { prompt: "x".repeat(200) }, "prompt", /maximum context length is 128 tokens/],
+  ["prompt plus max_tokens over the context", { prompt: "x".repeat(100), max_tokens: 50 }, "max_tokens",
+    /you requested 151 tokens \(101 in the prompt, 50 for the answer\)/]
+]
+
+const chatCases: ReadonlyArray<readonly [string, Record<string, unknown>, string, RegExp?]> = [
+  ["no messages", {}, "messages", /messages is required/],
+  ["messages not a list", { messages: "hi" }, "messages"],
+  ["no message", { messages: [] }, "messages", /at least one message/],
+  ["a message without content", { messages: [{ role: "user" }] }, "messages[0].content", /is required/],
+  ["content a number", { messages: [{ role: "user", content: 5 }] }, "messages[0].content"],
+  ["an unknown role", { messages: [{ role: "robot", content: "hi" }] }, "messages[0].role", /unknown role/],
+  ["an image part", { messages: [{ role: "user", content: [{ type: "image_url", image_url: {} }] }] },
+    "messages[0].content[0]", /text only/],
+  ["max_completion_tokens 0", { ...chat, max_completion_tokens: 0 }, "max_completion_tokens"],
+  ["logprobs a number", { ...chat, logprobs: 1 }, "logprobs"],
+  ["top_logprobs above 20", { ...chat, logprobs: true, top_logprobs: 21 }, "top_logprobs"],
+  ["top_logprobs without logprobs", { ...chat, top_logprobs: 2 }, "top_logprobs", /requires logprobs/],
+  ["tools", { ...chat, tools: [{ type: "function" }] }, "tools"],
+  ["a JSON response_format", { ...chat, response_format: { type: "json_object" } }, "response_format"],
+  ["temperature above 2", { ...chat, temperature: 3 }, "temperature"],
+  ["messages over the context", { messages: [{ role: "user", content: "x".repeat(200) }] }, "messages",
+    /maximum context length/],
+  ["max_tokens over the context", { ...chat, max_tokens: 120 }, "max_tokens", /maximum context length/]
+]
+
+describe("request validation", () => {
+  for (const [name, body, param, message] of completionCases) {
+    it(`completions: ${name} → 400 naming ${param}`, async () => {
+      const error = await expectError(await server.post("/v1/completions", body), 400, param, message)
+      expect(error.type).toBe("invalid_request_error")
+    })
+  }
+  for (const [name, body, param, message] of chatCases) {
+    it(`chat: ${name} → 400 naming ${param}`, async () => {
+      await expectError(await server.post("/v1/chat/completions", body), 400, param, message)
+    })
+  }
+
+  it("a body that is not JSON, or not an object, is a 400", async () => {
+    await expectError(await server.post("/v1/completions", "{not json"), 400, null, /not valid JSON/)
+    await expectError(await server.post("/v1/completions", "[1, 2]"), 400, null, /JSON object/)
+    await expectError(await server.post("/v1/chat/completions", ""), 400, null, /JSON object/)
+  })
+
+  it("an unknown model is a 404 model_not_found, everywhere a model can be named", async () => {
+    for (const [path, body] of [["/v1/completions", prompt], ["/v1/chat/completions", chat], ["/tokenize", prompt]] as const) {
+      const error = await expectError(await server.post(path, { ...body, model: "gpt-4" }), 404, "model", /gpt-4/)
+      expect(error.code).toBe("model_not_found")
+      expect(error.type).toBe("not_found_error")
+    }
+    await expectError(await fetch(`${server.url}/v1/models/gpt-4`), 404, "model")
+  })
+
+  it("tokenize and detokenize check their input", async () => {
+    await expectError(await server.post("/tokenize", {}), 400, "prompt", /either prompt or messages/)
+    await expectError(await server.post("/tokenize", { ...prompt, ...chat }), 400, "prompt")
+    await expectError(await server.post("/detokenize", { tokens: [-1] }), 400, "tokens")
+    await expectError(await server.post("/detokenize", { tokens: [5, 99_999] }), 400, "tokens[1]")
+  })
+
+  it("rejected requests never reached the engine", () => {
+    expect(server.engine.created).toHaveLength(0)
+  })
+
+  it("unknown fields are ignored and null counts as absent, as OpenAI SDKs send it", async () => {
+    const response = await server.post("/v1/completions", {
+      ...prompt,
+      user: "someone",
+      made_up: { deep: [1] },
+      stop: null,
+      max_tokens: null,
+      logprobs: null,
+      suffix: null,
+      stream_options: null,
+      top_p: 1,
+      top_k: -1,
+      presence_penalty: 0
+    })
+    expect(response.status).toBe(200)
+    expect(((await response.json()) as { choices: Array<{ text: string }> }).choices[0]!.text).toBe("Hello world")
+  })
+})
