@@ -2,9 +2,13 @@
  * The server, composed: configuration → model host (loads in the background) → HTTP application (system
  * routes + the OpenAI routes behind the readiness gate, wrapped in the middleware) → Node HTTP server.
  *
- *   request id · access log · request counters      (around the whole exchange, streams included)
+ *   HTTP span (@effect/platform's tracer; not for /health* and /metrics) · metric label model_name ·
+ *   request id · access log · HTTP metrics          (around the whole exchange, streams included)
  *   errors → responses · security headers · CORS · body limit · auth · rate limit
  *   router: /health*, /version, /metrics, /v1/engine/stats | OpenAI routes (503 until the model is ready)
+ *
+ * Telemetry (telemetry/Telemetry.ts) sits beneath everything: the metrics that GET /metrics renders, and
+ * the tracer that exports spans over OTLP when --otlp-endpoint / OTEL_EXPORTER_OTLP_ENDPOINT is set.
  *
  * `run` is the process's life: listen, load, log one ready line, serve; on interruption (SIGTERM/SIGINT
  * under NodeRuntime.runMain) refuse new work, drain in-flight work up to --shutdown-timeout, let the last
@@ -13,22 +17,24 @@
  * @since 0.1.0
  */
 import { createServer } from "node:http"
-import { HttpRouter, HttpServer } from "@effect/platform"
+import { HttpMiddleware, HttpRouter, HttpServer, type HttpServerRequest } from "@effect/platform"
 import type { ServeError } from "@effect/platform/HttpServerError"
 import { NodeHttpServer } from "@effect/platform-node"
 import { Clock, Context, Effect, Fiber, Layer } from "effect"
 import { ChatFormatter } from "../chat/ChatFormatter.js"
 import { type Settings, servedModelName } from "../config/Config.js"
+import { packageInfo } from "../config/package.js"
 import { auth } from "../http/auth.js"
 import { renderErrors } from "../http/errorResponses.js"
 import * as HttpMetrics from "../http/HttpMetrics.js"
-import { accessLog, bodyLimit, cors, requestId, securityHeaders } from "../http/middleware.js"
+import { accessLog, bodyLimit, cors, pathOf, requestId, securityHeaders } from "../http/middleware.js"
 import * as RateLimiter from "../http/RateLimiter.js"
 import type { RequestId } from "../http/RequestId.js"
 import * as RouteTable from "../http/routeTable.js"
 import type { ApiError } from "../openai/errors.js"
 import { ServingConfig } from "../openai/ServingConfig.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
+import * as Telemetry from "../telemetry/Telemetry.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { type Loader, loadNative, ModelHost, type ModelLoadFailed } from "./ModelHost.js"
 import * as ModelHostModule from "./ModelHost.js"
@@ -46,6 +52,18 @@ export interface ServerOptions {
   readonly api: ApiRouter
   /** Loads the model; by default the native engine on --model. */
   readonly load?: Loader
+  /** Metrics and tracing; by default `telemetryLayer(config)`. */
+  readonly telemetry?: Layer.Layer<Telemetry.Telemetry>
+}
+
+/** Telemetry as the configuration asks: spans over OTLP/HTTP when --otlp-endpoint is set. */
+export const telemetryLayer = (config: Settings): Layer.Layer<Telemetry.Telemetry> =>
+  Telemetry.layer({ serviceVersion: packageInfo().version, otlpEndpoint: config.otlpEndpoint })
+
+/** Probes and scrapes come every few seconds and would drown the traces that matter. */
+const untraced = (request: HttpServerRequest.HttpServerRequest): boolean => {
+  const path = pathOf(request.url)
+  return path === "/metrics" || path === "/health" || path.startsWith("/health/")
 }
 
 /** The model loader the configuration asks for. */
@@ -105,9 +123,18 @@ export const layerServe = (options: ServerOptions) =>
         securityHeaders,
         renderErrors(table)
       )
+      const modelName = servedModelName(config)
       // Around the exchange as a whole, so that the log and the counters see a stream's end.
       return HttpServer.serve(app, (app) =>
-        requestId(accessLog({ trustProxy: config.trustProxy })(metrics.count(table)(app))))
+        requestId(accessLog({ trustProxy: config.trustProxy })(metrics.count(table)(app))).pipe(
+          Effect.tagMetrics("model_name", modelName)
+        )).pipe(
+          HttpMiddleware.withTracerDisabledWhen(untraced),
+          // Spans named by route pattern ("POST /v1/completions"), as OpenTelemetry's conventions ask.
+          HttpMiddleware.withSpanNameGenerator((request) =>
+            `${request.method} ${table.find(pathOf(request.url))?.route ?? "unmatched"}`
+          )
+        )
     })
   )
 
@@ -116,18 +143,28 @@ export const layerServe = (options: ServerOptions) =>
  * Provide an HttpServer (NodeHttpServer.layer, or NodeHttpServer.layerTest in tests).
  */
 export const layerApp = (options: ServerOptions) => {
-  const host = ModelHostModule.layer({ modelDir: options.config.model, load: options.load ?? nativeLoader(options.config) })
+  // The scheduler's fiber is forked while loading: it keeps the model_name label for its metrics.
+  const load = (options.load ?? nativeLoader(options.config)).pipe(
+    Effect.tagMetrics("model_name", servedModelName(options.config))
+  )
+  const host = ModelHostModule.layer({ modelDir: options.config.model, load })
   const limiter = RateLimiter.layer({
     limit: options.config.rateLimitRequests,
     windowMs: options.config.rateLimitWindow * 1000
   })
-  return layerServe(options).pipe(Layer.provideMerge(Layer.mergeAll(host, limiter, HttpMetrics.layer)))
+  return layerServe(options).pipe(
+    Layer.provideMerge(Layer.mergeAll(host, limiter, HttpMetrics.layer)),
+    Layer.provideMerge(options.telemetry ?? telemetryLayer(options.config))
+  )
 }
 
 /** The whole server listening on --host/--port. */
 export const layer = (
   options: ServerOptions
-): Layer.Layer<ModelHost | HttpMetrics.HttpMetrics | HttpServer.HttpServer | RateLimiter.RateLimiter, ServeError> =>
+): Layer.Layer<
+  ModelHost | HttpMetrics.HttpMetrics | HttpServer.HttpServer | RateLimiter.RateLimiter | Telemetry.Telemetry,
+  ServeError
+> =>
   layerApp(options).pipe(
     Layer.provideMerge(NodeHttpServer.layer(() => createServer(), { host: options.config.host, port: options.config.port }))
   )
@@ -190,7 +227,13 @@ export const run = (options: ServerOptions): Effect.Effect<never, ServeError | M
       )
       const model = servedModelName(config)
       yield* Effect.logInfo(`vdiff ready on ${address}: model ${model}, backend cpu`).pipe(
-        Effect.annotateLogs({ address, model, model_dir: config.model, backend: "cpu" })
+        Effect.annotateLogs({
+          address,
+          model,
+          model_dir: config.model,
+          backend: "cpu",
+          otlp_endpoint: config.otlpEndpoint ?? null
+        })
       )
       return yield* Effect.never
     })
