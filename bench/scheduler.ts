@@ -45,7 +45,7 @@ const main = async () => {
     const dir = mkdtempSync(join(tmpdir(), "vdiff-bench-"))
     modelDir = join(dir, "small")
     process.stderr.write(`writing the small preset to ${modelDir} ...\n`)
-    await makeModel({ preset: "small", seed: 1, out: modelDir, dtype: "f32" })
+    await makeModel({ preset: "small", seed: 1, out: modelDir, dtype: "F32" })
     cleanup = () => rmSync(dir, { recursive: true, force: true })
   }
   const maxConcurrent = Math.max(...levels)
