@@ -104,13 +104,20 @@ export const validateMessages = (
         out.push({ role, content })
         continue
       }
+      if (!Array.isArray(content)) {
+        return yield* new InvalidChatRequest({
+          reason: "UnsupportedContent",
+          param: `messages[${i}].content`,
+          message: "content must be a string or a list of text parts"
+        })
+      }
       const texts: Array<string> = []
       for (const [j, part] of content.entries()) {
-        if (part.type !== "text" || typeof part.text !== "string") {
+        if (typeof part !== "object" || part === null || part.type !== "text" || typeof part.text !== "string") {
           return yield* new InvalidChatRequest({
             reason: "UnsupportedContent",
             param: `messages[${i}].content[${j}]`,
-            message: `content part of type "${String(part.type)}" is not supported: this model takes text only`
+            message: `content part of type "${String(part?.type)}" is not supported: this model takes text only`
           })
         }
         texts.push(part.text)

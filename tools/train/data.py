@@ -1,0 +1,102 @@
+"""Training and evaluation data for the Shakespeare diffusion model, as token ids.
+
+Pretraining samples are BOS followed by a window of the corpus starting at a random token (what a plain
+completion prompt looks like: the server encodes prompts with BOS first). Chat samples turn two consecutive
+speeches by different speakers into a user turn and an assistant turn rendered exactly as the chat
+template in tokenizer_config.json renders them, then padded with EOS up to the sequence length, as in
+LLaDA's SFT.
+"""
+import json
+import os
+import random
+
+import torch
+
+from bpe import BOS, END_HEADER, EOS, EOT, MASK, START_HEADER, Encoder
+
+
+class Vocab:
+    def __init__(self, tokenizer_dir):
+        with open(os.path.join(tokenizer_dir, "tokenizer.json"), encoding="utf-8") as f:
+            tokenizer_json = json.load(f)
+        self.encoder = Encoder(tokenizer_json)
+        special = self.encoder.special
+        self.size = max(special.values()) + 1
+        self.bos, self.eos, self.mask = special[BOS], special[EOS], special[MASK]
+        self.start_header, self.end_header, self.eot = special[START_HEADER], special[END_HEADER], special[EOT]
+
+    def special_ids(self):
+        return {"bos": self.bos, "eos": self.eos, "mask": self.mask}
+
+
+def speeches(text):
+    """[(speaker, speech text)] from the play text: blocks separated by blank lines, "NAME:" first."""
+    out = []
+    for block in text.split("\n\n"):
+        lines = block.strip("\n").split("\n")
+        if len(lines) >= 2 and lines[0].endswith(":"):
+            out.append((lines[0][:-1], "\n".join(lines[1:]).strip()))
+    return out
+
+
+def chat_tokens(vocab, user, assistant):
+    """(ids, index where the assistant's answer starts) for one user/assistant exchange.
+
+    Pieces between special tokens are encoded separately, which is how @huggingface/tokenizers encodes a
+    rendered template (it splits on added tokens before pre-tokenizing).
+    """
+    enc = vocab.encoder.encode
+    ids = [vocab.bos, vocab.start_header] + enc("user") + [vocab.end_header] + enc("\n\n" + user.strip()) + [vocab.eot]
+    ids += [vocab.start_header] + enc("assistant") + [vocab.end_header] + enc("\n\n")
+    answer_start = len(ids)
+    ids += enc(assistant.strip()) + [vocab.eot]
+    return ids, answer_start
+
+
+def chat_examples(vocab, text, seq_len, min_answer_room=8):
+    """Consecutive speeches by different speakers as (padded ids, answer start); over-long pairs are skipped."""
+    examples = []
+    turns = speeches(text)
+    for (speaker_a, a), (speaker_b, b) in zip(turns, turns[1:]):
+        if speaker_a == speaker_b:
+            continue
+        ids, answer_start = chat_tokens(vocab, a, b)
+        if len(ids) + min_answer_room > seq_len:
+            continue
+        examples.append((ids + [vocab.eos] * (seq_len - len(ids)), answer_start))
+    return examples
+
+
+class Batches:
+    """Random pretraining windows and chat examples, drawn from one seeded generator."""
+
+    def __init__(self, vocab, train_text, seq_len, seed):
+        self.vocab = vocab
+        self.seq_len = seq_len
+        self.ids = torch.tensor(vocab.encoder.encode(train_text), dtype=torch.long)
+        self.chat = chat_examples(vocab, train_text, seq_len)
+        self.rng = random.Random(seed)
+
+    def pretrain(self, batch):
+        starts = [self.rng.randrange(0, len(self.ids) - self.seq_len) for _ in range(batch)]
+        rows = [torch.cat([torch.tensor([self.vocab.bos]), self.ids[s:s + self.seq_len - 1]]) for s in starts]
+        tokens = torch.stack(rows)
+        # Everything but BOS may be masked.
+        maskable = torch.ones_like(tokens, dtype=torch.bool)
+        maskable[:, 0] = False
+        return tokens, maskable
+
+    def sft(self, batch):
+        picks = [self.chat[self.rng.randrange(len(self.chat))] for _ in range(batch)]
+        tokens = torch.tensor([ids for ids, _ in picks], dtype=torch.long)
+        # Only the answer (its text, <|eot_id|> and the EOS padding) is masked; the prompt stays visible.
+        positions = torch.arange(self.seq_len)[None, :]
+        maskable = positions >= torch.tensor([start for _, start in picks])[:, None]
+        return tokens, maskable
+
+
+def heldout_windows(vocab, heldout_text, seq_len):
+    """The held-out split cut into consecutive BOS + (seq_len - 1) token windows (the tail is dropped)."""
+    ids = vocab.encoder.encode(heldout_text)
+    n = seq_len - 1
+    return torch.tensor([[vocab.bos] + ids[i:i + n] for i in range(0, len(ids) - n + 1, n)], dtype=torch.long)

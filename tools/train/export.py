@@ -1,0 +1,52 @@
+#!/usr/bin/python3
+"""Exports a training checkpoint as a LLaDA-format model directory.
+
+Writes a raw directory (manifest.json with the config and one little-endian float32 file per tensor, plus
+the tokenizer files) and converts it with `vdiff make-model --from-raw`, so the shipped model.safetensors
+comes from the project's one safetensors writer.
+
+    /usr/bin/python3 tools/train/export.py --ckpt CKPT --tokenizer TOKDIR --raw RAWDIR --out models/shakespeare --dtype bf16
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+
+import torch
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+
+def write_raw(state_dict, config, tokenizer_dir, raw_dir):
+    os.makedirs(raw_dir, exist_ok=True)
+    tensors = []
+    for name, tensor in state_dict.items():
+        file = name + ".f32"
+        # numpy's "<f4" is little-endian float32 whatever the host.
+        tensor.detach().to(torch.float32).contiguous().numpy().astype("<f4").tofile(os.path.join(raw_dir, file))
+        tensors.append({"name": name, "shape": list(tensor.shape), "file": file})
+    with open(os.path.join(raw_dir, "manifest.json"), "w") as f:
+        json.dump({"config": config, "tensors": tensors}, f, indent=1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(raw_dir, name))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--raw", required=True, help="scratch directory for the raw export")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dtype", default="bf16", choices=["f32", "bf16"])
+    args = parser.parse_args()
+
+    state = torch.load(args.ckpt)
+    write_raw(state["model"], state["config"], args.tokenizer, args.raw)
+    subprocess.run(["npx", "tsx", "src/main.ts", "make-model", "--from-raw", os.path.abspath(args.raw),
+                    "--out", os.path.abspath(args.out), "--dtype", args.dtype], cwd=REPO, check=True)
+    print(f"exported step {state['step']} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
