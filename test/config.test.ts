@@ -92,7 +92,8 @@ describe("Config", () => {
       remasking: ["random", "low_confidence"],
       cfgScale: ["1.5", "0.5"],
       temperature: ["0.7", "1"],
-      logLevel: ["debug", "error"]
+      logLevel: ["debug", "error"],
+      otlpEndpoint: ["http://collector-a:4318", "https://collector-b:4318"]
     }
     expect(Object.keys(values).sort()).toEqual(Config.settings.map((s) => s.name).sort())
     for (const info of Config.settings) {

@@ -83,7 +83,7 @@ describe("while the model loads", () => {
       expect(completion.json.error.code).toBe("model_not_ready")
       expect((yield* request(url + "/v1/models")).status).toBe(503)
       expect((yield* request(url + "/v1/engine/stats")).status).toBe(503)
-      expect((yield* request(url + "/metrics")).text).toContain("\nvdiff_model_ready 0\n")
+      expect((yield* request(url + "/metrics")).text).toMatch(/\nvdiff_model_ready\{model_name="[^"]+"\} 0\n/)
 
       yield* Deferred.succeed(hold, undefined)
       yield* host.awaitReady
@@ -94,7 +94,7 @@ describe("while the model loads", () => {
       const done = yield* postJson(url + "/v1/completions", { model: name, prompt: "Hi", max_tokens: 2 })
       expect(done.status).toBe(200)
       expect(done.json.choices[0].finish_reason).toBe("length")
-      expect((yield* request(url + "/metrics")).text).toContain("\nvdiff_model_ready 1\n")
+      expect((yield* request(url + "/metrics")).text).toMatch(/\nvdiff_model_ready\{model_name="[^"]+"\} 1\n/)
     }).pipe(quiet))
 
   it.scopedLive("reports a model that failed to load as unhealthy, and refuses work", () =>
@@ -121,7 +121,10 @@ describe("while the model loads", () => {
 describe("system endpoints", () => {
   it.scopedLive("/version, /v1/engine/stats and /metrics", () =>
     Effect.gen(function*() {
-      const config = yield* Effect.promise(() => settings(["--max-concurrent-requests", "4", "--max-queue-size", "9"]))
+      // Metrics are process-wide: a model name of its own keeps this test's series apart.
+      const config = yield* Effect.promise(() =>
+        settings(["--max-concurrent-requests", "4", "--max-queue-size", "9", "--served-model-name", "system-endpoints"])
+      )
       const { url } = yield* startServer({ config })
 
       expect((yield* request(url + "/version")).json).toEqual({
@@ -172,13 +175,13 @@ describe("system endpoints", () => {
       const metrics = yield* request(url + "/metrics")
       expect(metrics.headers.get("content-type")).toBe("text/plain; version=0.0.4; charset=utf-8")
       const lines = metrics.text.split("\n")
-      expect(lines).toContain(`vdiff_http_requests_total{route="/v1/completions",method="POST",status="200"} 1`)
-      expect(lines).toContain(`vdiff_http_requests_total{route="/v1/models",method="GET",status="200"} 1`)
+      const labels = `model_name="${name}"`
+      expect(lines).toContain(`vdiff_http_requests_total{route="/v1/completions",method="POST",status="200",${labels}} 1`)
+      expect(lines).toContain(`vdiff_http_requests_total{route="/v1/models",method="GET",status="200",${labels}} 1`)
       // Unknown paths share one label.
-      expect(lines).toContain(`vdiff_http_requests_total{route="unmatched",method="GET",status="404"} 2`)
-      expect(lines).toContain("vdiff_queue_capacity 9")
-      expect(lines).toContain("vdiff_scheduler_steps_total 5")
-      expect(lines).toContain("vdiff_tokens_committed_total 10")
+      expect(lines).toContain(`vdiff_http_requests_total{route="unmatched",method="GET",status="404",${labels}} 2`)
+      expect(lines).toContain(`vdiff_denoising_steps_total{${labels}} 5`)
+      expect(lines).toContain(`vdiff_tokens_per_step_sum{${labels}} 10`)
       expect(lines).toContain("# TYPE vdiff_http_requests_total counter")
     }).pipe(quiet))
 })

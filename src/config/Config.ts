@@ -5,7 +5,8 @@
  * (`VDIFF_MAX_QUEUE_SIZE`), the defaults, the `--help` text and the README's table of settings.
  *
  * Precedence: a flag wins over an environment variable, which wins over the default. An empty environment
- * variable counts as unset. A bad value stops startup with one line naming the flag, the value and where it
+ * variable counts as unset. A setting that has a standard variable (--otlp-endpoint:
+ * OTEL_EXPORTER_OTLP_ENDPOINT) reads it when its VDIFF_* variable is unset. A bad value stops startup with one line naming the flag, the value and where it
  * came from (API keys are never echoed).
  *
  * `settingsMarkdown()` renders the README's table:
@@ -27,6 +28,8 @@ const SettingDefaultTextId: unique symbol = Symbol.for("vdiff/config/SettingDefa
 const SettingKindId: unique symbol = Symbol.for("vdiff/config/SettingKind")
 /** The placeholder for the value in help text: PORT, SECONDS, ... */
 const SettingValueId: unique symbol = Symbol.for("vdiff/config/SettingValue")
+/** A standard environment variable read when the VDIFF_* one is unset (OTEL_EXPORTER_OTLP_ENDPOINT). */
+const SettingEnvFallbackId: unique symbol = Symbol.for("vdiff/config/SettingEnvFallback")
 
 export type SettingKind = "value" | "list" | "switch"
 type RawDefault = string | ReadonlyArray<string> | undefined
@@ -37,6 +40,7 @@ interface SettingDoc {
   readonly defaultText?: string
   readonly kind?: SettingKind
   readonly value?: string
+  readonly envFallback?: string
 }
 
 const setting = <A, I>(schema: Schema.Schema<A, I>, doc: SettingDoc): Schema.Schema<A, I> =>
@@ -45,7 +49,8 @@ const setting = <A, I>(schema: Schema.Schema<A, I>, doc: SettingDoc): Schema.Sch
     [SettingDefaultId]: doc.default,
     [SettingDefaultTextId]: doc.defaultText,
     [SettingKindId]: doc.kind ?? "value",
-    [SettingValueId]: doc.value ?? "VALUE"
+    [SettingValueId]: doc.value ?? "VALUE",
+    [SettingEnvFallbackId]: doc.envFallback
   })
 
 // --- schemas from text --------------------------------------------------------------------------------
@@ -138,6 +143,22 @@ const ListText = (check: (item: string) => string | undefined, describe: (item: 
     },
     encode: (items) => ParseResult.succeed([items.join(",")])
   })
+
+/** An http(s) URL; a trailing slash is dropped. */
+const HttpUrlText = Schema.transformOrFail(Schema.String, Schema.String, {
+  strict: true,
+  decode: (text, _, ast) => {
+    const trimmed = text.trim()
+    try {
+      const url = new URL(trimmed)
+      if (url.protocol === "http:" || url.protocol === "https:") return ParseResult.succeed(trimmed.replace(/\/+$/, ""))
+    } catch {
+      // reported below
+    }
+    return invalid(ast, text, `must be an http:// or https:// URL, got ${quoted(text)}`)
+  },
+  encode: ParseResult.succeed
+})
 
 const isOrigin = (item: string): boolean => {
   if (item === "*") return true
@@ -294,6 +315,13 @@ export const Settings = Schema.Struct({
     description: `Least important log level written: ${logLevels.join(", ")}`,
     default: "info",
     value: "LEVEL"
+  }),
+  otlpEndpoint: setting(Schema.UndefinedOr(HttpUrlText), {
+    description: "OpenTelemetry collector (OTLP/HTTP) base URL; spans are sent to URL/v1/traces. Unset: no tracing",
+    default: undefined,
+    defaultText: "none",
+    value: "URL",
+    envFallback: "OTEL_EXPORTER_OTLP_ENDPOINT"
   })
 })
 
@@ -308,6 +336,8 @@ export interface SettingInfo {
   readonly flag: string
   /** `VDIFF_MAX_QUEUE_SIZE` */
   readonly env: string
+  /** A standard variable read when `env` is unset, e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`. */
+  readonly envFallback: string | undefined
   readonly kind: SettingKind
   readonly value: string
   readonly description: string
@@ -334,6 +364,7 @@ export const settings: ReadonlyArray<SettingInfo> = Object.entries(Settings.fiel
     name: name as SettingName,
     flag: "--" + words(name).join("-"),
     env: "VDIFF_" + words(name).join("_").toUpperCase(),
+    envFallback: annotation<string>(ast, SettingEnvFallbackId),
     kind: annotation<SettingKind>(ast, SettingKindId) ?? "value",
     value: annotation<string>(ast, SettingValueId) ?? "VALUE",
     description: Option.getOrElse(SchemaAST.getDescriptionAnnotation(ast), () => ""),
@@ -354,6 +385,15 @@ export class ConfigError extends Schema.TaggedError<ConfigError>()("ConfigError"
 
 type Raw = Record<string, string | Array<string> | undefined>
 type Source = { readonly flag: string } | { readonly env: string } | "default"
+
+/** The setting's environment variable and the one it was read from (its own, else its fallback). */
+const fromEnvironment = (info: SettingInfo, env: LoadInput["env"]): { value: string; name: string } | undefined => {
+  for (const name of [info.env, info.envFallback]) {
+    const value = name === undefined ? undefined : env[name]
+    if (name !== undefined && value !== undefined && value !== "") return { value, name }
+  }
+  return undefined
+}
 
 /**
  * Reads flags: `--name value`, `--name=value`; a switch alone (`--trust-proxy`) means true; list flags
@@ -396,13 +436,13 @@ export const load = (input: LoadInput): Either.Either<Settings, ConfigError> =>
     const sources: Partial<Record<SettingName, Source>> = {}
     for (const info of settings) {
       const fromFlag = flags[info.name]
-      const fromEnv = input.env[info.env]
+      const fromEnv = fromEnvironment(info, input.env)
       if (fromFlag !== undefined) {
         raw[info.name] = fromFlag
         sources[info.name] = { flag: info.flag }
-      } else if (fromEnv !== undefined && fromEnv !== "") {
-        raw[info.name] = info.kind === "list" ? [fromEnv] : fromEnv
-        sources[info.name] = { env: info.env }
+      } else if (fromEnv !== undefined) {
+        raw[info.name] = info.kind === "list" ? [fromEnv.value] : fromEnv.value
+        sources[info.name] = { env: fromEnv.name }
       } else {
         const value = info.defaultRaw()
         raw[info.name] = value === undefined ? undefined : typeof value === "string" ? value : [...value]
@@ -435,7 +475,8 @@ export const settingsMarkdown = (): string => {
   const rows = settings.map((s) => {
     const flag = s.kind === "switch" ? `\`${s.flag}\`` : `\`${s.flag} ${s.value}\``
     const shown = s.defaultInWords ? s.defaultText : `\`${s.defaultText}\``
-    return `| ${cell(flag)} | \`${s.env}\` | ${cell(shown)} | ${cell(s.description)} |`
+    const env = s.envFallback === undefined ? `\`${s.env}\`` : `\`${s.env}\`, else \`${s.envFallback}\``
+    return `| ${cell(flag)} | ${env} | ${cell(shown)} | ${cell(s.description)} |`
   })
   return ["| Flag | Environment variable | Default | Meaning |", "|---|---|---|---|", ...rows].join("\n")
 }
@@ -445,7 +486,8 @@ export const helpText = (): string => {
   const lines = settings.map((s) => {
     const left = s.kind === "switch" ? s.flag : `${s.flag} ${s.value}`
     const shown = s.defaultText === "" ? "" : ` (default: ${s.defaultText})`
-    return `  ${left.padEnd(34)} ${s.description}${shown}\n  ${"".padEnd(34)} env ${s.env}`
+    const env = s.envFallback === undefined ? s.env : `${s.env}, else ${s.envFallback}`
+    return `  ${left.padEnd(34)} ${s.description}${shown}\n  ${"".padEnd(34)} env ${env}`
   })
   return [
     "usage: vdiff serve [flags]",

@@ -68,6 +68,27 @@ export const requestId = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E, 
 
 // --- access log ---------------------------------------------------------------------------------------
 
+/**
+ * Starts watching for the client going away before its response is complete; the function answers
+ * whether it has. The status alone cannot tell for a stream: when its client goes away the platform ends
+ * the exchange as though the response had gone out, with the response's own status.
+ */
+export const watchClientGone = (request: HttpServerRequest.HttpServerRequest): Effect.Effect<() => boolean> =>
+  Effect.sync(() => {
+    let gone = false
+    const response = NodeHttpServerRequest.toServerResponse(request)
+    response.once("close", () => {
+      gone = !response.writableEnded
+    })
+    return () => gone
+  })
+
+/** The status an exchange ended with: 499 when the client went away, 500 for a failure nothing answered. */
+export const exchangeStatus = (exit: Exit.Exit<HttpServerResponse.HttpServerResponse, unknown>, clientGone: boolean) =>
+  clientGone || (Exit.isFailure(exit) && Cause.isInterruptedOnly(exit.cause))
+    ? 499
+    : Exit.isSuccess(exit) ? exit.value.status : 500
+
 /** What the access log and the request counters learn about each answered request. */
 export interface RequestRecord {
   readonly method: string
@@ -92,17 +113,15 @@ export const accessLog = (options: {
   Effect.gen(function*() {
     const request = yield* HttpServerRequest.HttpServerRequest
     const started = yield* Clock.currentTimeNanos
+    const clientGone = yield* watchClientGone(request)
     return yield* app.pipe(
       Effect.onExit((exit) =>
         Effect.gen(function*() {
           const durationMs = Number((yield* Clock.currentTimeNanos) - started) / 1e6
-          const status = Exit.isSuccess(exit)
-            ? exit.value.status
-            : Cause.isInterruptedOnly(exit.cause) ? 499 : 500
           const record: RequestRecord = {
             method: request.method,
             path: pathOf(request.url),
-            status,
+            status: exchangeStatus(exit, clientGone()),
             durationMs: Math.round(durationMs * 1000) / 1000,
             client: clientAddress(request, options.trustProxy)
           }

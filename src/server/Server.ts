@@ -109,8 +109,9 @@ export const layerServe = (options: ServerOptions) =>
     Effect.gen(function*() {
       const { config } = options
       const metrics = yield* HttpMetrics.HttpMetrics
+      const modelName = servedModelName(config)
       const routes = HttpRouter.concatAll(
-        SystemRoutes.router({ modelName: servedModelName(config), queueCapacity: config.maxQueueSize }),
+        SystemRoutes.router({ modelName, queueCapacity: config.maxQueueSize }),
         Playground.router,
         gate(options.api)
       )
@@ -123,8 +124,8 @@ export const layerServe = (options: ServerOptions) =>
         securityHeaders,
         renderErrors(table)
       )
-      const modelName = servedModelName(config)
-      // Around the exchange as a whole, so that the log and the counters see a stream's end.
+      // Around the exchange as a whole, so that the log and the counters see a stream's end; every metric
+      // updated in it is labelled with the model's name.
       return HttpServer.serve(app, (app) =>
         requestId(accessLog({ trustProxy: config.trustProxy })(metrics.count(table)(app))).pipe(
           Effect.tagMetrics("model_name", modelName)
@@ -139,7 +140,7 @@ export const layerServe = (options: ServerOptions) =>
   )
 
 /**
- * Everything but the listening socket: model host, rate limiter, request counters and the served app.
+ * Everything but the listening socket: telemetry, model host, rate limiter, HTTP metrics and the served app.
  * Provide an HttpServer (NodeHttpServer.layer, or NodeHttpServer.layerTest in tests).
  */
 export const layerApp = (options: ServerOptions) => {

@@ -8,15 +8,16 @@
  *   GET /health/ready    200 once the model is loaded; 503 while loading, draining or failed
  *   GET /version         package version, Node and Effect versions
  *   GET /v1/engine/stats the scheduler's live figures and the engine's model info
- *   GET /metrics         Prometheus text
+ *   GET /metrics         Prometheus text of every metric (telemetry/metrics.ts lists them)
  *
  * @since 0.1.0
  */
 import { HttpRouter, HttpServerResponse } from "@effect/platform"
-import { Effect, ModuleVersion, Option } from "effect"
+import { Effect, Metric, ModuleVersion, Option } from "effect"
 import { packageInfo } from "../config/package.js"
-import { HttpMetrics } from "../http/HttpMetrics.js"
 import type { SchedulerStats } from "../scheduler/Scheduler.js"
+import * as Metrics from "../telemetry/metrics.js"
+import { Telemetry } from "../telemetry/Telemetry.js"
 import { ModelHost, type ModelState } from "./ModelHost.js"
 
 export interface SystemInfo {
@@ -139,68 +140,12 @@ export const router = (info: SystemInfo) =>
       "/metrics",
       Effect.gen(function*() {
         const host = yield* ModelHost
-        const metrics = yield* HttpMetrics
-        const stats = Option.getOrUndefined(yield* schedulerStats)
-        const state = yield* host.state
-        return HttpServerResponse.text(
-          prometheusText({
-            requests: yield* metrics.requests,
-            inFlight: yield* metrics.inFlight,
-            ready: state === "ready",
-            stats,
-            queueCapacity: info.queueCapacity
-          }),
-          { contentType: "text/plain; version=0.0.4; charset=utf-8" }
-        )
+        const telemetry = yield* Telemetry
+        // Readiness is sampled when scraped; everything else is updated where it happens.
+        yield* Metric.set(Metrics.modelReady, (yield* host.state) === "ready" ? 1 : 0)
+        return HttpServerResponse.text(yield* telemetry.scrape, {
+          contentType: "text/plain; version=0.0.4; charset=utf-8"
+        })
       })
     )
   )
-
-const escapeLabel = (value: string) => value.replace(/\\/g, "\\\\").replace(/"/g, "\\\"").replace(/\n/g, "\\n")
-
-/** The Prometheus text exposition format (version 0.0.4) of the figures the server keeps. */
-export const prometheusText = (input: {
-  readonly requests: ReadonlyArray<{ route: string; method: string; status: number; count: number }>
-  readonly inFlight: number
-  readonly ready: boolean
-  readonly stats: SchedulerStats | undefined
-  readonly queueCapacity: number
-}): string => {
-  const lines: Array<string> = []
-  const metric = (name: string, type: "counter" | "gauge", help: string, samples: ReadonlyArray<string>) => {
-    lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`, ...samples)
-  }
-  metric(
-    "vdiff_http_requests_total",
-    "counter",
-    "HTTP requests answered, by route pattern, method and status.",
-    input.requests.map((r) =>
-      `vdiff_http_requests_total{route="${escapeLabel(r.route)}",method="${r.method}",status="${r.status}"} ${r.count}`
-    )
-  )
-  metric("vdiff_http_requests_in_flight", "gauge", "HTTP requests being answered.", [
-    `vdiff_http_requests_in_flight ${input.inFlight}`
-  ])
-  metric("vdiff_model_ready", "gauge", "1 when the model is loaded and the server takes work.", [
-    `vdiff_model_ready ${input.ready ? 1 : 0}`
-  ])
-  const s = input.stats
-  metric("vdiff_queue_waiting", "gauge", "Requests waiting for a batch slot.", [`vdiff_queue_waiting ${s?.waiting ?? 0}`])
-  metric("vdiff_queue_capacity", "gauge", "Requests that may wait for a batch slot.", [
-    `vdiff_queue_capacity ${s?.capacity ?? input.queueCapacity}`
-  ])
-  metric("vdiff_running_requests", "gauge", "Requests being decoded.", [`vdiff_running_requests ${s?.running ?? 0}`])
-  metric("vdiff_running_sequences", "gauge", "Sequences in the current batch.", [
-    `vdiff_running_sequences ${s?.runningSequences ?? 0}`
-  ])
-  metric("vdiff_scheduler_steps_total", "counter", "Batched denoising steps taken.", [
-    `vdiff_scheduler_steps_total ${s?.stepsTotal ?? 0}`
-  ])
-  metric("vdiff_tokens_committed_total", "counter", "Answer tokens committed.", [
-    `vdiff_tokens_committed_total ${s?.tokensCommitted ?? 0}`
-  ])
-  metric("vdiff_requests_finished_total", "counter", "Generation requests finished.", [
-    `vdiff_requests_finished_total ${s?.requestsFinished ?? 0}`
-  ])
-  return lines.join("\n") + "\n"
-}

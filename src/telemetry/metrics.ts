@@ -1,0 +1,145 @@
+/**
+ * Every metric vdiff keeps, as Effect Metrics. Telemetry.ts hands them to OpenTelemetry, whose
+ * Prometheus exporter renders them on GET /metrics.
+ *
+ * Names follow vLLM's, so that its dashboards carry over: `vllm:num_requests_running` is
+ * `vdiff_num_requests_running` here. (OpenTelemetry's Prometheus exporter turns every character outside
+ * `[a-zA-Z0-9_]` into `_` — colons are reserved for recording rules — so a `vdiff:` name would come out
+ * as `vdiff_` anyway; the metrics are named as they are scraped.) Counters end in `_total`; histograms
+ * get `_bucket`, `_sum` and `_count` series.
+ *
+ * Labels: the server tags every update with `model_name` through Effect.tagMetrics (Server.ts), so the
+ * definitions here carry only their own labels (finished_reason, error_type, route, method, status).
+ *
+ * Who updates what:
+ *   scheduler/Scheduler.ts   running/waiting gauges, queue time, denoising steps, batch size,
+ *                            tokens per step, step duration
+ *   telemetry/requests.ts    successes, failures, prompt and generation tokens, time to first token,
+ *                            inter-token latency, end-to-end latency (for the OpenAI routes)
+ *   http/HttpMetrics.ts      HTTP requests, their duration, requests in flight
+ *   server/systemRoutes.ts   model readiness (at scrape time)
+ *
+ * @since 0.1.0
+ */
+import { Metric, MetricBoundaries } from "effect"
+
+const counter = (name: string, description: string) => Metric.counter(name, { description, incremental: true })
+
+const histogram = (name: string, boundaries: ReadonlyArray<number>, description: string) =>
+  Metric.histogram(name, MetricBoundaries.fromIterable(boundaries), description)
+
+// Bucket bounds: vLLM's for the latencies it also has, so that the histograms compare bucket by bucket.
+const firstTokenBounds = [
+  0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640, 2560
+]
+const interTokenBounds = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80]
+const requestBounds = [0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920, 7680]
+const stepBounds = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+const httpBounds = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+const powersOfTwo = (max: number) => Array.from({ length: Math.log2(max) + 1 }, (_, i) => 2 ** i)
+
+// --- scheduler ----------------------------------------------------------------------------------------
+
+export const numRequestsRunning = Metric.gauge("vdiff_num_requests_running", {
+  description: "Requests whose sequences are in the running batch (one per prompt)."
+})
+
+export const numRequestsWaiting = Metric.gauge("vdiff_num_requests_waiting", {
+  description: "Requests waiting in the admission queue for room in the batch."
+})
+
+export const requestQueueTime = histogram(
+  "vdiff_request_queue_time_seconds",
+  requestBounds,
+  "Seconds a request waited in the admission queue, from submission to admission into the batch."
+)
+
+export const denoisingSteps = counter(
+  "vdiff_denoising_steps_total",
+  "Batched denoising steps taken (engine forward calls; each advances every sequence of the batch)."
+)
+
+export const batchSize = histogram(
+  "vdiff_batch_size",
+  powersOfTwo(1024),
+  "Sequences advanced together by one denoising step."
+)
+
+export const tokensPerStep = histogram(
+  "vdiff_tokens_per_step",
+  [0, ...powersOfTwo(512)],
+  "Answer tokens one sequence committed by denoising in one step (parallel decoding commits more than one)."
+)
+
+export const stepDuration = histogram(
+  "vdiff_step_duration_seconds",
+  stepBounds,
+  "Seconds one batched denoising step took in the engine."
+)
+
+// --- requests (OpenAI routes) -------------------------------------------------------------------------
+
+export const requestSuccess = counter(
+  "vdiff_request_success_total",
+  "Answers (choices) generated to their end, by finished_reason (stop, length)."
+)
+
+export const requestFailure = counter(
+  "vdiff_request_failure_total",
+  "Generation requests that failed, by error_type (the error code, e.g. queue_full, timeout, " +
+    "context_length_exceeded; cancelled when the client went away)."
+)
+
+export const promptTokens = counter(
+  "vdiff_prompt_tokens_total",
+  "Prompt tokens of the requests answered (as in their usage)."
+)
+
+export const generationTokens = counter(
+  "vdiff_generation_tokens_total",
+  "Answer tokens of the requests answered (as in their usage: up to the end of each answer)."
+)
+
+export const timeToFirstToken = histogram(
+  "vdiff_time_to_first_token_seconds",
+  firstTokenBounds,
+  "Seconds from a request's arrival to the first token of the answer's committed prefix."
+)
+
+export const interTokenLatency = histogram(
+  "vdiff_inter_token_latency_seconds",
+  interTokenBounds,
+  "Seconds between two successive growths of an answer's committed prefix (one observation per growth)."
+)
+
+export const e2eRequestLatency = histogram(
+  "vdiff_e2e_request_latency_seconds",
+  requestBounds,
+  "Seconds from a request's arrival to its last byte, for requests answered without error."
+)
+
+// --- HTTP ---------------------------------------------------------------------------------------------
+
+export const httpRequests = counter(
+  "vdiff_http_requests_total",
+  "HTTP requests answered, by route pattern, method and status (499: the client went away)."
+)
+
+export const httpRequestDuration = histogram(
+  "vdiff_http_request_duration_seconds",
+  httpBounds,
+  "Seconds from an HTTP request's arrival to its response's last byte, by route pattern, method and status."
+)
+
+export const httpRequestsInFlight = Metric.gauge("vdiff_http_requests_in_flight", {
+  description: "HTTP requests being answered."
+})
+
+// --- the server ---------------------------------------------------------------------------------------
+
+export const modelReady = Metric.gauge("vdiff_model_ready", {
+  description: "1 when the model is loaded and the server takes work, else 0."
+})
+
+/** Seconds between two Clock.currentTimeNanos readings. */
+export const secondsBetween = (start: bigint, end: bigint): number => Number(end - start) / 1e9
