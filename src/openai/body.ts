@@ -38,10 +38,32 @@ const fromRequestError = (error: RequestError) => {
 const isObject = (value: unknown): value is Record<string, unknown> =>
   typeof value === "object" && value !== null && !Array.isArray(value)
 
+/**
+ * How deep a body may nest: far more than any request needs (messages[i].content[j].text is 5 deep).
+ * Deeper bodies are refused before decoding, because describing what is wrong with a value (the schema's
+ * error formatting) recurses through it and would overflow the stack on a body nested thousands deep.
+ */
+export const MAX_BODY_DEPTH = 64
+
+/** Whether `value` nests objects or arrays more than `limit` deep (checked without recursion). */
+const nestsDeeperThan = (value: unknown, limit: number): boolean => {
+  const pending: Array<[unknown, number]> = [[value, 1]]
+  while (pending.length > 0) {
+    const [item, depth] = pending.pop()!
+    if (typeof item !== "object" || item === null) continue
+    if (depth > limit) return true
+    for (const child of Object.values(item)) pending.push([child, depth + 1])
+  }
+  return false
+}
+
 export const decodeJsonBody = <A, I>(schema: Schema.Schema<A, I>) =>
   Effect.gen(function*() {
     const request = yield* HttpServerRequest.HttpServerRequest
     const body = yield* Effect.mapError(request.json, fromRequestError)
     if (!isObject(body)) return yield* new BadRequest({ message: "the request body must be a JSON object" })
+    if (nestsDeeperThan(body, MAX_BODY_DEPTH)) {
+      return yield* new BadRequest({ message: `the request body nests deeper than ${MAX_BODY_DEPTH} levels` })
+    }
     return yield* Effect.mapError(Schema.decodeUnknown(schema)(body), fromParseError)
   })
