@@ -53,6 +53,9 @@ describe("POST /v1/chat/completions", () => {
       completion_tokens: completionTokens,
       total_tokens: prompt.length + completionTokens
     })
+    // How it was denoised: the fake engine commits one token per step, read up to the end-of-turn token.
+    expect(response.diffusion).toMatchObject({ tokens_per_step: 1, kv_cache: "none", parallel: null })
+    expect(response.diffusion!.steps).toBeGreaterThanOrEqual(completionTokens + 1)
   })
 
   it("prefers max_completion_tokens to max_tokens", async () => {

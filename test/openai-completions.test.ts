@@ -73,20 +73,28 @@ describe("POST /v1/completions", () => {
   it("hands the engine the request's settings, and the server's defaults for the rest", async () => {
     await complete({
       prompt: "Say hello", max_tokens: 24, diffusion_steps: 12, block_length: 6, remasking: "random",
-      cfg_scale: 1.5, temperature: 0.7, seed: 42
+      cfg_scale: 1.5, temperature: 0.7, seed: 42, top_k: 20, top_p: 0.9, parallel_threshold: 0.8, early_stop: false,
+      kv_cache: "dual"
     })
     const eot = server.tokenizer.specialTokens.eot
     expect(lastCreated().prompt).toEqual(encode("Say hello", true))
+    expect(lastCreated().suffix).toEqual([])
     expect(lastCreated().settings).toEqual({
       genLength: 24, steps: 12, blockLength: 6, remasking: "random", cfgScale: 1.5, temperature: 0.7, seed: 42,
-      logitsEosInf: false, confidenceEosEotInf: false, eotTokenId: eot._tag === "Some" ? eot.value : -1
+      logitsEosInf: false, confidenceEosEotInf: false, eotTokenId: eot._tag === "Some" ? eot.value : -1,
+      topK: 20, topP: 0.9, parallelThreshold: 0.8, parallelFactor: 0, earlyStop: false, kvCache: "dual"
     })
     await complete({ prompt: "Say hello", seed: 1 })
     const { defaults } = servingConfig
     expect(lastCreated().settings).toMatchObject({
       genLength: defaults.maxTokens, steps: defaults.maxTokens, blockLength: defaults.blockLength,
-      remasking: defaults.remasking, cfgScale: defaults.cfgScale, temperature: defaults.temperature
+      remasking: defaults.remasking, cfgScale: defaults.cfgScale, temperature: defaults.temperature,
+      // Without server defaults for them: no filtering, no parallel decoding, early stop on, no cache.
+      topK: 0, topP: 1, parallelThreshold: 0, parallelFactor: 0, earlyStop: true, kvCache: "none"
     })
+    // top_k -1 means off, as in vLLM; parallel_factor chooses the factor rule.
+    await complete({ prompt: "Say hello", seed: 1, top_k: -1, parallel_factor: 2 })
+    expect(lastCreated().settings).toMatchObject({ topK: 0, parallelThreshold: 0, parallelFactor: 2 })
     // No max_tokens: the default answer length, shortened to what the context has left.
     await complete({ prompt: "x".repeat(120), seed: 1 })
     expect(lastCreated().settings.genLength).toBe(servingConfig.maxModelLen - 121)
@@ -188,6 +196,51 @@ describe("POST /v1/completions", () => {
     expect(none.choices[0]!.logprobs!.top_logprobs).toBeNull()
   })
 
+  it("infills between the prompt and a suffix: the inserted text only, the suffix counted as prompt", async () => {
+    const text = answerText("Say hello", 3)
+    const response = await complete({ prompt: "Say hello", suffix: " the end", max_tokens: 40, seed: 3 })
+    // The suffix goes to the engine tokenized without special tokens, after the answer's masks.
+    expect(lastCreated().prompt).toEqual(encode("Say hello", true))
+    expect(lastCreated().suffix).toEqual(encode(" the end"))
+    expect(response.choices[0]!.text).toBe(text)
+    const promptTokens = encode("Say hello", true).length + encode(" the end").length
+    expect(response.usage).toEqual({
+      prompt_tokens: promptTokens,
+      completion_tokens: encode(text).length,
+      total_tokens: promptTokens + encode(text).length
+    })
+    // echo adds the prompt in front, never the suffix behind; an empty suffix is no suffix.
+    const echoed = await complete({ prompt: "Say hello", suffix: " the end", echo: true, max_tokens: 40, seed: 3 })
+    expect(echoed.choices[0]!.text).toBe("Say hello" + text)
+    await complete({ prompt: "Say hello", suffix: "", max_tokens: 40, seed: 3 })
+    expect(lastCreated().suffix).toEqual([])
+  })
+
+  it("reports how the answers were denoised in a diffusion object", async () => {
+    const response = await complete({ prompt: "Say hello", max_tokens: 40, seed: 3 })
+    const diffusion = response.diffusion!
+    // The fake engine commits one token a step and evaluates the canvas once a step; the answer is read
+    // up to its EOS, so at least that many steps ran.
+    expect(diffusion.steps).toBeGreaterThanOrEqual(encode(answerText("Say hello", 3)).length + 1)
+    expect(diffusion).toEqual({
+      steps: diffusion.steps,
+      forward_passes: diffusion.steps,
+      tokens_per_step: 1,
+      skipped_tokens: 0,
+      kv_cache: "none",
+      parallel: null
+    })
+    // Sums over every answer of every prompt; the request's parallel rule is named.
+    const many = await complete({
+      prompt: ["Say hello", "a long one"], n: 2, max_tokens: 40, seed: 3, parallel_threshold: 0.8, cfg_scale: 1
+    })
+    expect(many.diffusion!.steps).toBeGreaterThanOrEqual(4 * (encode(answerText("Say hello", 3)).length + 1))
+    expect(many.diffusion!.forward_passes).toBe(2 * many.diffusion!.steps)  // cfg: two canvases a step
+    expect(many.diffusion!.parallel).toEqual({ threshold: 0.8 })
+    expect((await complete({ prompt: "Say hello", max_tokens: 8, parallel_factor: 1.5 })).diffusion!.parallel)
+      .toEqual({ factor: 1.5 })
+  })
+
   it("adds prompt_token_ids and token_ids to each choice with return_token_ids", async () => {
     const response = await complete({ prompt: "Say hello", n: 2, max_tokens: 40, seed: 3, return_token_ids: true })
     response.choices.forEach((choice, j) => {
@@ -215,6 +268,43 @@ describe("an answer that ends early", () => {
     await eventually(async () => (await Effect.runPromise(slow.engine.live)) === 0, 1_000)
     // 100 steps would have been run to the end; the stop string was read after 3.
     expect(slow.engine.batches.length).toBeLessThan(10)
+  })
+})
+
+describe("server defaults for the sampler options", () => {
+  let configured: TestServer
+  beforeAll(async () => {
+    configured = await startServer({
+      script: (t) => textScript(t, () => "Hello world"),
+      config: {
+        defaults: {
+          ...servingConfig.defaults,
+          topK: 40,
+          topP: 0.95,
+          parallelThreshold: 0.9,
+          earlyStop: false,
+          kvCache: "prefix"
+        }
+      }
+    })
+  })
+  afterAll(() => configured.close())
+
+  const settingsFor = async (body: Record<string, unknown>) => {
+    const response = await configured.post("/v1/completions", { prompt: "Say hello", seed: 1, ...body })
+    expect(response.status).toBe(200)
+    return configured.engine.created[configured.engine.created.length - 1]!.settings
+  }
+
+  it("applies them to requests that do not choose, and lets a request override each", async () => {
+    expect(await settingsFor({})).toMatchObject({
+      topK: 40, topP: 0.95, parallelThreshold: 0.9, parallelFactor: 0, earlyStop: false, kvCache: "prefix"
+    })
+    expect(await settingsFor({ kv_cache: "none" })).toMatchObject({ kvCache: "none" })
+    expect(await settingsFor({ top_k: 0, top_p: 1, early_stop: true })).toMatchObject({ topK: 0, topP: 1, earlyStop: true })
+    // A request that names a parallel rule decides alone: 0 turns the server's threshold off.
+    expect(await settingsFor({ parallel_threshold: 0 })).toMatchObject({ parallelThreshold: 0, parallelFactor: 0 })
+    expect(await settingsFor({ parallel_factor: 1 })).toMatchObject({ parallelThreshold: 0, parallelFactor: 1 })
   })
 })
 

@@ -109,6 +109,42 @@ describe("OpenAI routes on the embedded model", () => {
     }
   })
 
+  it("decodes in parallel when asked: fewer steps than tokens at most, reported in the diffusion object", async () => {
+    const body = { prompt: "ROMEO:\nBut soft, what light", max_tokens: 32, block_length: 8, seed: 5, return_token_ids: true }
+    const vanilla = await complete(body)
+    expect(vanilla.diffusion).toMatchObject({ kv_cache: "none", parallel: null, tokens_per_step: 1 })
+    const parallel = await complete({ ...body, parallel_threshold: 0.9 })
+    const d = parallel.diffusion!
+    expect(d.parallel).toEqual({ threshold: 0.9 })
+    expect(d.forward_passes).toBe(d.steps)
+    expect(d.steps).toBeLessThanOrEqual(32)
+    expect(d.tokens_per_step).toBeGreaterThanOrEqual(1)
+    // Streamed with snapshots: the same text, and total_steps is the upper bound of one step per token.
+    const response = await server.post("/v1/completions", {
+      ...body, parallel_threshold: 0.9, stream: true, stream_options: { include_snapshots: true, include_usage: true }
+    })
+    const events = parseSse(await response.text())
+    expect(events.pop()).toBe("[DONE]")
+    const chunks = events.map((event) => Schema.decodeUnknownSync(CompletionChunk)(event))
+    const usage = chunks.pop()!
+    expect(usage.diffusion!.parallel).toEqual({ threshold: 0.9 })
+    expect(chunks.map((c) => c.choices[0]!.text).join("")).toBe(parallel.choices[0]!.text)
+    for (const chunk of chunks) expect(chunk.choices[0]!.snapshot!.total_steps).toBe(32)
+  })
+
+  it("infills between a prompt and a suffix on the real engine", async () => {
+    const body = { prompt: "ROMEO:\n", suffix: "\n\nJULIET:\nAy me!", max_tokens: 16, seed: 6, return_token_ids: true }
+    const response = await complete(body)
+    const suffixTokens = server.tokenizer.encode(body.suffix, { addSpecialTokens: false }).length
+    const choice = response.choices[0]!
+    expect(response.usage.prompt_tokens).toBe(choice.prompt_token_ids!.length + suffixTokens)
+    expect(server.tokenizer.decode(choice.token_ids!, { skipSpecialTokens: true })).toBe(choice.text)
+    // Deterministic per seed, like any answer; the suffix is context the model sees, so it shapes the
+    // inserted tokens (checked natively and on the golden model: test/engine-sampling.test.ts).
+    const again = await complete(body)
+    expect(again.choices[0]!.token_ids).toEqual(choice.token_ids)
+  })
+
   it("frees the sequence when a streaming client goes away", async () => {
     const controller = new AbortController()
     const response = await server.post(

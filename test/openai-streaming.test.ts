@@ -144,6 +144,13 @@ describe("streaming completions", () => {
     expect(last.choices).toEqual([])
     expect(last.usage).toEqual(expected.usage)
     expect(chunks.slice(0, -1).every((chunk) => chunk.usage === null && chunk.choices.length === 1)).toBe(true)
+    // The diffusion statistics ride on the usage chunk only: four answers of at most 20 steps (the script
+    // commits two positions a step), one forward each.
+    expect(last.diffusion).toMatchObject({ tokens_per_step: 2, skipped_tokens: 0, kv_cache: "none", parallel: null })
+    expect(last.diffusion!.forward_passes).toBe(last.diffusion!.steps)
+    expect(last.diffusion!.steps).toBeLessThanOrEqual(4 * 20)
+    expect(last.diffusion!.steps).toBeGreaterThanOrEqual(expected.usage.completion_tokens / 2)
+    expect(chunks.slice(0, -1).every((chunk) => chunk.diffusion === undefined)).toBe(true)
   })
 
   it("sends a snapshot of the whole canvas after every denoising step", async () => {

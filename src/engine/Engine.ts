@@ -9,11 +9,18 @@
  */
 import { Context, Effect, Layer } from "effect"
 import { fromNative, type EngineError, type ModelLoadError } from "./errors.js"
-import { loadAddon, type NativeEngine, type NativeModelInfo } from "./native.js"
+import { loadAddon, type NativeEngine, type NativeKvCacheMode, type NativeModelInfo } from "./native.js"
 
 export type SequenceId = number
 
 export type Remasking = "low_confidence" | "random"
+
+/**
+ * Approximate KV caching (Fast-dLLM): "prefix" refreshes a cache of every position's keys and values at
+ * each block start, then recomputes only the block and what follows it; "dual" only the block. Faster,
+ * and approximate: the cached positions are seen as they were at the block start.
+ */
+export type KvCacheMode = NativeKvCacheMode
 
 /** How one sequence is denoised. Field meanings follow LLaDA's reference generate(). */
 export interface SamplingSettings {
@@ -28,6 +35,20 @@ export interface SamplingSettings {
   readonly confidenceEosEotInf: boolean
   /** End-of-turn token id, or -1 when the model has none. */
   readonly eotTokenId: number
+  /** At temperature > 0, draw only among the topK best tokens; absent or 0: off. */
+  readonly topK?: number | undefined
+  /** At temperature > 0, draw only from the nucleus of mass topP (in (0, 1]); absent or 1: off. */
+  readonly topP?: number | undefined
+  /** Parallel decoding, threshold mode (in [0, 1]); absent or 0: off. Replaces the quota of `steps`. */
+  readonly parallelThreshold?: number | undefined
+  /** Parallel decoding, factor mode (>= 0); absent or 0: off. Not together with a threshold. */
+  readonly parallelFactor?: number | undefined
+  /** Finish once the answer has ended at a block's end, filling the rest with EOS; absent: false. */
+  readonly earlyStop?: boolean | undefined
+  /** KV cache mode; absent: "none". */
+  readonly kvCache?: KvCacheMode | undefined
+  /** With a cache, also refresh every n-th step of a block (1: every step, = no cache); absent or 0: never. */
+  readonly kvRefreshInterval?: number | undefined
 }
 
 export interface CommittedToken {
@@ -47,6 +68,12 @@ export interface StepResult {
   readonly reason: FinishReason | null
   readonly block: number
   readonly stepsDone: number
+  /** How many of `committed` (the last ones) an early stop filled with EOS instead of denoising. */
+  readonly filled: number
+  /** Canvas evaluations of the sequence so far (one per step, two with cfg). */
+  readonly forwardPasses: number
+  /** Of those, the ones that refreshed a KV cache (whole-canvas evaluations of a cached sequence). */
+  readonly kvRefreshes: number
 }
 
 export type ModelInfo = NativeModelInfo
@@ -54,8 +81,15 @@ export type ModelInfo = NativeModelInfo
 export interface EngineShape {
   readonly modelDir: string
   readonly info: ModelInfo
-  /** Validates and creates a sequence; fails with InvalidRequestError naming the bad field. */
-  readonly create: (prompt: ReadonlyArray<number>, settings: SamplingSettings) => Effect.Effect<SequenceId, EngineError>
+  /**
+   * Validates and creates a sequence; fails with InvalidRequestError naming the bad field. With a
+   * suffix the answer is infilled between prompt and suffix.
+   */
+  readonly create: (
+    prompt: ReadonlyArray<number>,
+    settings: SamplingSettings,
+    suffix?: ReadonlyArray<number>
+  ) => Effect.Effect<SequenceId, EngineError>
   /**
    * One denoising step for every given sequence, in one batched forward off the JS thread. Interrupting
    * the effect cancels the native step; the sequences are then left as they were.
@@ -75,6 +109,13 @@ export interface EngineOptions {
   readonly modelDir: string
   /** Worker threads for the forward pass; 0 or absent: all cores. */
   readonly threads?: number
+  /** Element type of the KV caches; absent: "f32" (a read of an unchanged canvas is exact), "bf16": half the memory. */
+  readonly kvCacheDtype?: "f32" | "bf16"
+  /**
+   * Bound on the bytes all live KV caches hold together; 0 or absent: none. Beyond it create fails:
+   * InvalidRequestError when one cache alone is larger, EngineFailure VDIFF_OUT_OF_MEMORY otherwise.
+   */
+  readonly kvCacheBudgetBytes?: number
 }
 
 const toStepResult = (r: Awaited<ReturnType<NativeEngine["step"]>>[number]): StepResult => {
@@ -82,28 +123,49 @@ const toStepResult = (r: Awaited<ReturnType<NativeEngine["step"]>>[number]): Ste
   for (let i = 0; i < r.positions.length; i++) {
     committed.push({ position: r.positions[i]!, token: r.tokens[i]!, probability: r.probabilities[i]! })
   }
-  return { id: r.id, committed, finished: r.finished, reason: r.reason, block: r.block, stepsDone: r.stepsDone }
+  return {
+    id: r.id,
+    committed,
+    finished: r.finished,
+    reason: r.reason,
+    block: r.block,
+    stepsDone: r.stepsDone,
+    filled: r.filled,
+    forwardPasses: r.forwardPasses,
+    kvRefreshes: r.kvRefreshes
+  }
 }
 
 /** Wraps an already loaded native engine. */
 export const fromNativeEngine = (modelDir: string, native: NativeEngine): EngineShape => ({
   modelDir,
   info: native.info(),
-  create: (prompt, s) =>
+  create: (prompt, s, suffix) =>
     Effect.try({
       try: () =>
-        native.create(Int32Array.from(prompt), {
-          genLength: s.genLength,
-          blockLength: s.blockLength,
-          steps: s.steps,
-          temperature: s.temperature,
-          remasking: s.remasking,
-          cfgScale: s.cfgScale,
-          seed: s.seed,
-          logitsEosInf: s.logitsEosInf,
-          confidenceEosEotInf: s.confidenceEosEotInf,
-          eotTokenId: s.eotTokenId
-        }),
+        native.create(
+          Int32Array.from(prompt),
+          {
+            genLength: s.genLength,
+            blockLength: s.blockLength,
+            steps: s.steps,
+            temperature: s.temperature,
+            remasking: s.remasking,
+            cfgScale: s.cfgScale,
+            seed: s.seed,
+            logitsEosInf: s.logitsEosInf,
+            confidenceEosEotInf: s.confidenceEosEotInf,
+            eotTokenId: s.eotTokenId,
+            topK: s.topK,
+            topP: s.topP,
+            parallelThreshold: s.parallelThreshold,
+            parallelFactor: s.parallelFactor,
+            earlyStop: s.earlyStop,
+            kvCache: s.kvCache,
+            kvRefreshInterval: s.kvRefreshInterval
+          },
+          suffix === undefined ? undefined : Int32Array.from(suffix)
+        ),
       catch: fromNative
     }),
   step: (ids) =>
@@ -126,7 +188,12 @@ export const make = (options: EngineOptions): Effect.Effect<EngineShape, ModelLo
   Effect.gen(function*() {
     const addon = yield* Effect.try({ try: () => loadAddon(), catch: fromNative })
     const native = yield* Effect.tryPromise({
-      try: () => addon.loadModel(options.modelDir, { threads: options.threads ?? 0 }),
+      try: () =>
+        addon.loadModel(options.modelDir, {
+          threads: options.threads ?? 0,
+          kvCacheDtype: options.kvCacheDtype,
+          kvCacheBudgetBytes: options.kvCacheBudgetBytes
+        }),
       catch: fromNative
     })
     return fromNativeEngine(options.modelDir, native)

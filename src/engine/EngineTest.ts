@@ -6,6 +6,10 @@
  *
  * With a `script`, the answer's tokens, the order positions are committed in and their probabilities are
  * the script's instead (for tests of what is built on the committed tokens: text, stops, streaming).
+ *
+ * A suffix is recorded (and counts against the context) but does not change the answer. Every step is
+ * one forward pass (two with cfg); with a KV cache the first step of each block counts as a refresh;
+ * nothing is ever filled by an early stop.
  */
 import { Effect, Layer } from "effect"
 import { Engine, type EngineShape, type SamplingSettings, type SequenceId, type StepResult } from "./Engine.js"
@@ -34,7 +38,12 @@ export interface FakeScript {
 export interface FakeEngine extends EngineShape {
   /** The sequence ids of every step, in order. */
   readonly batches: Array<ReadonlyArray<SequenceId>>
-  readonly created: Array<{ readonly id: SequenceId; readonly prompt: ReadonlyArray<number>; readonly settings: SamplingSettings }>
+  readonly created: Array<{
+    readonly id: SequenceId
+    readonly prompt: ReadonlyArray<number>
+    readonly settings: SamplingSettings
+    readonly suffix: ReadonlyArray<number>
+  }>
 }
 
 const MASK = 999_999
@@ -48,6 +57,12 @@ interface FakeSequence {
   answer?: ReadonlyArray<number>
   schedule?: ReadonlyArray<ReadonlyArray<number>>
 }
+
+const forwardPasses = (s: FakeSequence) => s.done * (s.settings.cfgScale > 0 ? 2 : 1)
+
+/** Refreshes so far of a cached sequence whose latest step worked on `block`: one per block begun. */
+const kvRefreshes = (s: FakeSequence, block: number) =>
+  (s.settings.kvCache ?? "none") === "none" ? 0 : (block + 1) * (s.settings.cfgScale > 0 ? 2 : 1)
 
 export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
   const sequences = new Map<SequenceId, FakeSequence>()
@@ -75,7 +90,10 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
       finished,
       reason: finished ? (Array.from(s.canvas).some((token) => ends.has(token)) ? "eos" : "length") : null,
       block: Math.floor((positions[0] ?? 0) / s.settings.blockLength),
-      stepsDone: s.done
+      stepsDone: s.done,
+      filled: 0,
+      forwardPasses: forwardPasses(s),
+      kvRefreshes: kvRefreshes(s, Math.floor((positions[0] ?? 0) / s.settings.blockLength))
     }
   }
 
@@ -87,13 +105,14 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
         maskTokenId: MASK, eosTokenId: 998, maxSequenceLength: maxLen, ropeTheta: 10000, rmsNormEps: 1e-5,
         weightTying: false, includeBias: false
       },
-      threads: 1, weightDtype: "f32", parameterCount: 0, weightBytes: 0
+      threads: 1, weightDtype: "f32", parameterCount: 0, weightBytes: 0, kvCacheBytesPerPosition: 0,
+      kvCacheBudgetBytes: 0
     },
     batches,
     created,
-    create: (prompt, settings) =>
+    create: (prompt, settings, suffix = []) =>
       Effect.suspend(() => {
-        if (prompt.length + settings.genLength > maxLen) {
+        if (prompt.length + settings.genLength + suffix.length > maxLen) {
           return Effect.fail(new InvalidRequestError({ message: "prompt too long for the context" }))
         }
         const id = nextId++
@@ -104,7 +123,7 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
             Array.from({ length: settings.genLength }, (_, position) => [position])
         }
         sequences.set(id, sequence)
-        created.push({ id, prompt, settings })
+        created.push({ id, prompt, settings, suffix })
         return Effect.succeed(id)
       }),
     step: (ids) =>
@@ -136,7 +155,10 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
             finished,
             reason: finished ? "length" : null,
             block: Math.floor(position / s.settings.blockLength),
-            stepsDone: s.done
+            stepsDone: s.done,
+            filled: 0,
+            forwardPasses: forwardPasses(s),
+            kvRefreshes: kvRefreshes(s, Math.floor(position / s.settings.blockLength))
           })
         }
         return results

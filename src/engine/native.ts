@@ -56,7 +56,18 @@ export interface NativeModelInfo {
   readonly weightDtype: "f32" | "bf16" | "f16"
   readonly parameterCount: number
   readonly weightBytes: number
+  /** Bytes a KV cache takes per canvas position (a sequence's cache: this x its canvas length). */
+  readonly kvCacheBytesPerPosition: number
+  /** The bound on the bytes of all live KV caches together; 0: none. */
+  readonly kvCacheBudgetBytes: number
 }
+
+/**
+ * Approximate KV caching (Fast-dLLM): "prefix" refreshes a cache of every position's keys and values at
+ * each block start and then recomputes only the block and what follows it; "dual" recomputes only the
+ * block. "none": every step evaluates the whole canvas.
+ */
+export type NativeKvCacheMode = "none" | "prefix" | "dual"
 
 export type NativeRemasking = "low_confidence" | "random"
 
@@ -81,6 +92,36 @@ export interface NativeSamplingParams {
   readonly confidenceEosEotInf?: boolean | undefined
   /** End-of-turn token (LLaDA-Instruct: 126348); absent, null or -1: none. */
   readonly eotTokenId?: number | null | undefined
+  /** At temperature > 0, only the topK best tokens can be drawn; absent, null or 0: off. */
+  readonly topK?: number | null | undefined
+  /**
+   * At temperature > 0, only the nucleus can be drawn: the best tokens whose probability (float64
+   * softmax of logit / temperature, after topK) first reaches topP. In (0, 1]; absent, null or 1: off.
+   */
+  readonly topP?: number | null | undefined
+  /**
+   * Parallel decoding, threshold mode: each step commits the block's most confident masked position and
+   * every other one whose confidence is at least this. In [0, 1]; absent, null or 0: off.
+   */
+  readonly parallelThreshold?: number | null | undefined
+  /**
+   * Parallel decoding, factor mode (Fast-dLLM): the n-th most confident position is committed too while
+   * its confidence is at least 1 - factor / (n + 1). >= 0; absent, null or 0: off. Not with a threshold.
+   */
+  readonly parallelFactor?: number | null | undefined
+  /**
+   * When a block completes and the answer has ended (an end token with only end tokens after it), fill
+   * the remaining blocks with EOS and finish. Default false (the reference denoises every block).
+   */
+  readonly earlyStop?: boolean | undefined
+  /**
+   * KV cache mode; absent or null: "none". A cache is allocated at create (twice the size with cfg) and
+   * counts against the model's cache budget: one larger than the whole budget is VDIFF_INVALID_ARGUMENT,
+   * one the live caches leave no room for is VDIFF_OUT_OF_MEMORY.
+   */
+  readonly kvCache?: NativeKvCacheMode | null | undefined
+  /** With a cache, also refresh every n-th step inside a block (1: every step = no cache); 0/absent: never. */
+  readonly kvRefreshInterval?: number | null | undefined
 }
 
 /** What one denoising step did to one sequence. */
@@ -98,15 +139,31 @@ export interface NativeStepResult {
   readonly block: number
   /** Steps done by this sequence so far, this one included. */
   readonly stepsDone: number
+  /** How many of the committed tokens (the last ones) an early stop filled with EOS (probability 1). */
+  readonly filled: number
+  /** Canvas evaluations of this sequence so far: one per step, two with cfg (a cached step's counts too). */
+  readonly forwardPasses: number
+  /** Of those, the ones that refreshed a KV cache (evaluated the whole canvas). */
+  readonly kvRefreshes: number
 }
 
 export interface NativeSequenceInfo {
   readonly promptLength: number
   readonly genLength: number
+  readonly suffixLength: number
+  /** Planned steps; an upper bound with parallel decoding (genLength) or early stop. */
   readonly stepsTotal: number
   readonly stepsDone: number
   readonly finished: boolean
   readonly memoryBytes: number
+  readonly forwardPasses: number
+  /** Answer positions committed by sampling (not filled by an early stop). */
+  readonly tokensDenoised: number
+  readonly kvRefreshes: number
+  /** Held by its KV caches (included in memoryBytes); 0 once finished. */
+  readonly kvCacheBytes: number
+  /** Canvas positions its forwards computed so far: the work a cache cuts. */
+  readonly positionsComputed: number
 }
 
 /** A flag a running step checks; once cancelled the step rejects with VDIFF_CANCELLED and changes nothing. */
@@ -117,8 +174,15 @@ export interface NativeCancelToken {
 
 export interface NativeEngine {
   info(): NativeModelInfo
-  /** Creates a sequence; throws VDIFF_INVALID_ARGUMENT. Returns its id. */
-  create(prompt: Int32Array | ReadonlyArray<number>, params: NativeSamplingParams): number
+  /**
+   * Creates a sequence; throws VDIFF_INVALID_ARGUMENT. Returns its id. With a suffix the canvas is
+   * prompt, genLength masks, suffix (infilling); answers and positions are the masked middle's.
+   */
+  create(
+    prompt: Int32Array | ReadonlyArray<number>,
+    params: NativeSamplingParams,
+    suffix?: Int32Array | ReadonlyArray<number>
+  ): number
   /**
    * Advances every given sequence by one denoising step in one batched forward, off the JS thread.
    * Steps run one at a time; a second call waits for the first.
@@ -136,6 +200,10 @@ export interface NativeEngine {
 export interface NativeLoadOptions {
   /** Worker threads for the forward pass; 0 or absent: all hardware threads. */
   readonly threads?: number | undefined
+  /** Element type of the KV caches; absent: "f32" (exact reads), "bf16" halves their memory. */
+  readonly kvCacheDtype?: "f32" | "bf16" | undefined
+  /** Bound on the bytes of all live KV caches together; 0 or absent: none. */
+  readonly kvCacheBudgetBytes?: number | undefined
 }
 
 export interface NativeAddon {

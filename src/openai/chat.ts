@@ -17,6 +17,7 @@ import type {
 } from "./protocol.js"
 import {
   chatLogprobs,
+  diffusionOfJobs,
   makePlan,
   mergedChunks,
   nowSeconds,
@@ -49,7 +50,12 @@ export const renderMessages = (messages: ReadonlyArray<ChatMessage>, options: {
       })
     )
     return tokenizer.encode(rendered.text, { addSpecialTokens: options.addSpecialTokens ?? rendered.addSpecialTokens })
-  })
+  }).pipe(
+    Effect.tap((tokens) =>
+      Effect.annotateCurrentSpan({ "vdiff.messages": messages.length, "vdiff.prompt_tokens": tokens.length })
+    ),
+    Effect.withSpan("vdiff.render_prompt")
+  )
 
 export const chatCompletions = (request: ChatCompletionRequest) =>
   Effect.gen(function*() {
@@ -98,7 +104,12 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
         ...(plan.returnTokenIds ? { prompt_token_ids: prompt.tokens, token_ids: decoder.tokenIds } : {})
       }))
       return HttpServerResponse.unsafeJson(
-        { ...head("chat.completion"), choices, usage: usageOfJobs(jobs) } satisfies ChatCompletionResponse
+        {
+          ...head("chat.completion"),
+          choices,
+          usage: usageOfJobs(jobs),
+          diffusion: diffusionOfJobs(jobs)
+        } satisfies ChatCompletionResponse
       )
     }
 
@@ -133,7 +144,12 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
     })
     const epilogue = Effect.sync(() =>
       plan.includeUsage
-        ? [{ ...head("chat.completion.chunk"), choices: [], usage: usageOfJobs(jobs) } satisfies ChatCompletionChunk]
+        ? [{
+          ...head("chat.completion.chunk"),
+          choices: [],
+          usage: usageOfJobs(jobs),
+          diffusion: diffusionOfJobs(jobs)
+        } satisfies ChatCompletionChunk]
         : []
     )
     return yield* respondSse({ preamble, chunks, epilogue })

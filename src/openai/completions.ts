@@ -1,6 +1,8 @@
 /**
  * POST /v1/completions: one or more prompts (text or token ids), n answers each, as one JSON response or
- * as server-sent events.
+ * as server-sent events. With `suffix` the answer is infilled: the canvas is prompt, masks, suffix (the
+ * suffix tokenized without special tokens, the same for every prompt); the text returned is the inserted
+ * text only, as OpenAI's, and usage counts the suffix among the prompt tokens.
  */
 import { HttpServerResponse } from "@effect/platform"
 import { Effect, Option } from "effect"
@@ -17,6 +19,7 @@ import type {
 import {
   checkTokenIds,
   completionLogprobs,
+  diffusionOfJobs,
   makePlan,
   mergedChunks,
   type PreparedPrompt,
@@ -64,7 +67,15 @@ const preparePrompts = (prompt: CompletionRequest["prompt"], tokenizer: Tokenize
       if (p.tokens.length === 0) return yield* new BadRequest({ message: `${p.param} encodes to no tokens`, param: p.param })
     }
     return prompts
-  })
+  }).pipe(
+    Effect.tap((prompts) =>
+      Effect.annotateCurrentSpan({
+        "vdiff.prompts": prompts.length,
+        "vdiff.prompt_tokens": prompts.reduce((sum, p) => sum + p.tokens.length, 0)
+      })
+    ),
+    Effect.withSpan("vdiff.tokenize")
+  )
 
 export const completions = (request: CompletionRequest) =>
   Effect.gen(function*() {
@@ -75,13 +86,6 @@ export const completions = (request: CompletionRequest) =>
       request,
       request.max_tokens === undefined ? undefined : { value: request.max_tokens, param: "max_tokens" }
     )
-    if (request.suffix !== undefined && request.suffix !== "") {
-      return yield* new BadRequest({
-        message: "suffix is not supported yet: the engine cannot put text after the answer's masks",
-        param: "suffix",
-        code: "unsupported_parameter"
-      })
-    }
     if (request.echo === true && request.logprobs !== undefined) {
       return yield* new BadRequest({
         message: "logprobs together with echo is not supported: the engine does not score prompt tokens",
@@ -97,7 +101,12 @@ export const completions = (request: CompletionRequest) =>
       })
     }
 
-    const prompts = yield* preparePrompts(request.prompt, tokenizer)
+    const suffix = request.suffix === undefined || request.suffix === ""
+      ? []
+      : tokenizer.encode(request.suffix, { addSpecialTokens: false })
+    const prompts = (yield* preparePrompts(request.prompt, tokenizer)).map((prompt) =>
+      suffix.length === 0 ? prompt : { ...prompt, suffix }
+    )
     const jobs = yield* preparePromptJobs(prompts, plan)
     const texts = new TokenTexts(tokenizer)
     const head = { id: `cmpl-${requestId}`, object: "text_completion" as const, created: yield* nowSeconds, model: config.modelName }
@@ -120,7 +129,9 @@ export const completions = (request: CompletionRequest) =>
           }
         })
       )
-      return HttpServerResponse.unsafeJson({ ...head, choices, usage: usageOfJobs(jobs) } satisfies CompletionResponse)
+      return HttpServerResponse.unsafeJson(
+        { ...head, choices, usage: usageOfJobs(jobs), diffusion: diffusionOfJobs(jobs) } satisfies CompletionResponse
+      )
     }
 
     const chunk = (choice: CompletionChunkChoice): CompletionChunk => ({
@@ -156,7 +167,9 @@ export const completions = (request: CompletionRequest) =>
       }))
     })
     const epilogue = Effect.sync(() =>
-      plan.includeUsage ? [{ ...head, choices: [], usage: usageOfJobs(jobs) } satisfies CompletionChunk] : []
+      plan.includeUsage
+        ? [{ ...head, choices: [], usage: usageOfJobs(jobs), diffusion: diffusionOfJobs(jobs) } satisfies CompletionChunk]
+        : []
     )
     return yield* respondSse({ preamble, chunks, epilogue })
   })

@@ -5,8 +5,9 @@
  *
  * Requests follow OpenAI's completions and chat completions APIs, plus vLLM's extensions (top_k,
  * stop_token_ids, return_token_ids, /tokenize, /detokenize) and the diffusion settings of this server
- * (diffusion_steps, block_length, remasking, cfg_scale, stream_options.include_snapshots). Unknown fields
- * are ignored, as OpenAI and vLLM do; `null` counts as absent, because SDKs send it for unset fields.
+ * (diffusion_steps, block_length, remasking, cfg_scale, parallel_threshold, parallel_factor, early_stop,
+ * kv_cache, stream_options.include_snapshots). Unknown fields are ignored, as OpenAI and vLLM do; `null`
+ * counts as absent, because SDKs send it for unset fields. Responses carry a `diffusion` object of statistics.
  *
  * Ranges checked here are those that do not depend on the model; the serving code checks the rest
  * (context length, vocabulary, `n` against the batch size) and what is not supported yet.
@@ -33,6 +34,13 @@ const int = (name: string, min: number, max = Number.MAX_SAFE_INTEGER) =>
 const number = (name: string, min: number, max: number) =>
   described(Schema.Finite.pipe(Schema.between(min, max)), `${name} must be a number from ${min} to ${max}`)
 
+/** A number in (min, max]. */
+const numberAbove = (name: string, min: number, max: number) =>
+  described(
+    Schema.Finite.pipe(Schema.greaterThan(min), Schema.lessThanOrEqualTo(max)),
+    `${name} must be a number greater than ${min} and at most ${max}`
+  )
+
 const boolean = (name: string) => described(Schema.Boolean, `${name} must be true or false`)
 
 const TokenId = Schema.NonNegativeInt
@@ -40,6 +48,11 @@ const TokenId = Schema.NonNegativeInt
 export const Remasking = described(
   Schema.Literal("low_confidence", "random"),
   `remasking must be "low_confidence" or "random"`
+)
+
+export const KvCache = described(
+  Schema.Literal("none", "prefix", "dual"),
+  `kv_cache must be "none", "prefix" or "dual"`
 )
 
 /** The largest seed: the n answers of a request use seed, seed+1, ..., which must stay exact integers. */
@@ -61,7 +74,9 @@ const samplingFields = {
   model: optional(described(Schema.String, "model must be a string")),
   max_tokens: optional(int("max_tokens", 1)),
   temperature: optional(number("temperature", 0, 2)),
-  top_p: optional(number("top_p", 0, 1)),
+  /** Nucleus sampling at temperature > 0 (1: off). */
+  top_p: optional(numberAbove("top_p", 0, 1)),
+  /** vLLM: at temperature > 0 draw among the top_k best tokens only; -1 or 0: off. */
   top_k: optional(int("top_k", -1)),
   n: optional(int("n", 1)),
   stop: optional(Stop),
@@ -80,7 +95,22 @@ const samplingFields = {
   diffusion_steps: optional(int("diffusion_steps", 1)),
   block_length: optional(int("block_length", 1)),
   remasking: optional(Remasking),
-  cfg_scale: optional(number("cfg_scale", 0, 1000))
+  cfg_scale: optional(number("cfg_scale", 0, 1000)),
+  /**
+   * Confidence-aware parallel decoding (Fast-dLLM): each step commits the block's most confident masked
+   * position plus every one whose confidence is at least the threshold; replaces the per-step quota of
+   * diffusion_steps. 0: off (overrides a server default).
+   */
+  parallel_threshold: optional(number("parallel_threshold", 0, 1)),
+  /** Parallel decoding, factor mode: the n-th most confident also when >= 1 - factor / (n + 1). 0: off. */
+  parallel_factor: optional(number("parallel_factor", 0, 1000)),
+  /** Stop denoising once the answer has ended at a block's end (the text is the same either way). */
+  early_stop: optional(boolean("early_stop")),
+  /**
+   * Approximate KV caching (Fast-dLLM): "prefix" recomputes only the current block and what follows it
+   * between refreshes at block starts, "dual" only the block; "none" evaluates the whole canvas each step.
+   */
+  kv_cache: optional(KvCache)
 }
 
 // ---- requests ----------------------------------------------------------------------------------------
@@ -94,7 +124,10 @@ export const Prompt = described(
 export const CompletionRequest = Schema.Struct({
   ...samplingFields,
   prompt: Prompt,
-  /** Text after the answer (infilling). */
+  /**
+   * Text after the answer: true infilling, the canvas is prompt, masks, suffix. The choice's text is the
+   * inserted text only (as OpenAI returns it); usage counts the suffix's tokens as prompt tokens.
+   */
   suffix: optional(described(Schema.String, "suffix must be a string")),
   echo: optional(boolean("echo")),
   /** Completions: how many alternatives per token (OpenAI allows up to 5). */
@@ -159,6 +192,27 @@ export const Usage = Schema.Struct({
   total_tokens: Schema.Int
 })
 export type Usage = typeof Usage.Type
+
+/**
+ * vdiff extension: how the answers were denoised, summed over every sequence of the request (all its
+ * prompts' n answers). Non-streaming responses carry it; streams carry it on the usage chunk.
+ */
+export const Diffusion = Schema.Struct({
+  /** Denoising steps taken. */
+  steps: Schema.Int,
+  /** Canvas evaluations by the model: one per step, two with cfg_scale > 0. */
+  forward_passes: Schema.Int,
+  /** Tokens committed by denoising per step, on average. */
+  tokens_per_step: Schema.Number,
+  /** Answer positions an early stop filled with EOS without denoising them. */
+  skipped_tokens: Schema.Int,
+  kv_cache: Schema.Literal("none", "prefix", "dual"),
+  /** The parallel decoding rule in use, or null for the fixed per-step quota. */
+  parallel: Schema.NullOr(Schema.Union(Schema.Struct({ threshold: Schema.Number }), Schema.Struct({ factor: Schema.Number })))
+})
+export type Diffusion = typeof Diffusion.Type
+
+const diffusionField = { diffusion: Schema.optionalWith(Diffusion, { exact: true }) }
 
 /**
  * Completions logprobs. The engine knows one probability per token: the one the token had when it was
@@ -230,7 +284,8 @@ export const CompletionResponse = Schema.Struct({
   created: Schema.Int,
   model: Schema.String,
   choices: Schema.Array(CompletionChoice),
-  usage: Usage
+  usage: Usage,
+  ...diffusionField
 })
 export type CompletionResponse = typeof CompletionResponse.Type
 
@@ -250,7 +305,8 @@ export const CompletionChunk = Schema.Struct({
   created: Schema.Int,
   model: Schema.String,
   choices: Schema.Array(CompletionChunkChoice),
-  usage: Schema.optionalWith(Schema.NullOr(Usage), { exact: true })
+  usage: Schema.optionalWith(Schema.NullOr(Usage), { exact: true }),
+  ...diffusionField
 })
 export type CompletionChunk = typeof CompletionChunk.Type
 
@@ -269,7 +325,8 @@ export const ChatCompletionResponse = Schema.Struct({
   created: Schema.Int,
   model: Schema.String,
   choices: Schema.Array(ChatCompletionChoice),
-  usage: Usage
+  usage: Usage,
+  ...diffusionField
 })
 export type ChatCompletionResponse = typeof ChatCompletionResponse.Type
 
@@ -294,7 +351,8 @@ export const ChatCompletionChunk = Schema.Struct({
   created: Schema.Int,
   model: Schema.String,
   choices: Schema.Array(ChatCompletionChunkChoice),
-  usage: Schema.optionalWith(Schema.NullOr(Usage), { exact: true })
+  usage: Schema.optionalWith(Schema.NullOr(Usage), { exact: true }),
+  ...diffusionField
 })
 export type ChatCompletionChunk = typeof ChatCompletionChunk.Type
 

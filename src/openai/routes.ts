@@ -13,6 +13,7 @@
  */
 import { HttpRouter } from "@effect/platform"
 import { Effect } from "effect"
+import { errorTypeOf, tracked } from "../telemetry/requests.js"
 import { decodeJsonBody } from "./body.js"
 import { chatCompletions } from "./chat.js"
 import { completions } from "./completions.js"
@@ -21,8 +22,15 @@ import { ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRe
 import { detokenize, tokenize } from "./tokenization.js"
 
 export const router = HttpRouter.empty.pipe(
-  HttpRouter.post("/v1/completions", Effect.flatMap(decodeJsonBody(CompletionRequest), completions)),
-  HttpRouter.post("/v1/chat/completions", Effect.flatMap(decodeJsonBody(ChatCompletionRequest), chatCompletions)),
+  // Generation requests are counted and timed from here to their last byte (telemetry/requests.ts).
+  HttpRouter.post(
+    "/v1/completions",
+    tracked(Effect.flatMap(decodeJsonBody(CompletionRequest), completions), errorTypeOf)
+  ),
+  HttpRouter.post(
+    "/v1/chat/completions",
+    tracked(Effect.flatMap(decodeJsonBody(ChatCompletionRequest), chatCompletions), errorTypeOf)
+  ),
   HttpRouter.get("/v1/models", listModels),
   HttpRouter.get("/v1/models/:model", Effect.flatMap(HttpRouter.params, (params) => retrieveModel(params["model"] ?? ""))),
   HttpRouter.post("/tokenize", Effect.flatMap(decodeJsonBody(TokenizeRequest), tokenize)),

@@ -4,14 +4,16 @@
  * answers through the scheduler while ChoiceDecoders read them, and rendering logprobs and snapshots.
  */
 import { Clock, Effect, Option, Random, Stream } from "effect"
-import type { SamplingSettings } from "../engine/Engine.js"
+import type { KvCacheMode, SamplingSettings } from "../engine/Engine.js"
 import { Scheduler, type StepEvent } from "../scheduler/Scheduler.js"
+import { RequestMetrics } from "../telemetry/requests.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { ChoiceDecoder, type ChoiceDelta, NOT_COMMITTED } from "./ChoiceDecoder.js"
 import { type ApiError, BadRequest, fromGenerationError, InternalError, NotFound } from "./errors.js"
 import {
   type ChatTokenLogprob,
   type CompletionLogprobs,
+  type Diffusion,
   MASK_PLACEHOLDER,
   type Snapshot,
   type Usage
@@ -56,6 +58,10 @@ export interface SamplingRequest {
   readonly block_length?: number
   readonly remasking?: "low_confidence" | "random"
   readonly cfg_scale?: number
+  readonly parallel_threshold?: number
+  readonly parallel_factor?: number
+  readonly early_stop?: boolean
+  readonly kv_cache?: KvCacheMode
 }
 
 /** The answer length a request asked for, and under which name (max_tokens or max_completion_tokens). */
@@ -76,14 +82,24 @@ export interface AnswerPlan {
   readonly includeUsage: boolean
   readonly includeSnapshots: boolean
   readonly returnTokenIds: boolean
-  /** The engine's settings for a prompt of the given length; fails when it does not fit the context. */
-  readonly settingsFor: (promptLength: number, promptParam: string) => Effect.Effect<SamplingSettings, BadRequest>
+  /**
+   * The engine's settings for a prompt (and suffix) of the given lengths; fails when they leave no room
+   * for the answer in the context.
+   */
+  readonly settingsFor: (
+    promptLength: number,
+    promptParam: string,
+    suffixLength?: number
+  ) => Effect.Effect<SamplingSettings, BadRequest>
 }
 
 /**
  * Checks what completions and chat share and resolves the server's defaults. Parameters the sampler
- * cannot honour yet (top_p, top_k, penalties, logit_bias) are accepted only at their neutral values: an
- * answer that silently ignored them would not be the answer the client asked for.
+ * cannot honour (penalties, logit_bias) are accepted only at their neutral values: an answer that
+ * silently ignored them would not be the answer the client asked for.
+ *
+ * Parallel decoding: a request that sets parallel_threshold or parallel_factor (0 turns it off) decides
+ * alone; otherwise the server's default applies. top_k -1 and 0 both mean off, as in vLLM.
  */
 export const makePlan = (request: SamplingRequest, maxTokens: MaxTokens | undefined) =>
   Effect.gen(function*() {
@@ -92,11 +108,12 @@ export const makePlan = (request: SamplingRequest, maxTokens: MaxTokens | undefi
     const scheduler = yield* Scheduler
     yield* checkModel(request.model)
 
-    if (request.top_p !== undefined && request.top_p !== 1) {
-      return yield* notSupported("top_p", "top_p other than 1 is not supported yet: the diffusion sampler has no nucleus filtering")
-    }
-    if (request.top_k !== undefined && request.top_k !== -1 && request.top_k !== 0) {
-      return yield* notSupported("top_k", "top_k other than -1 or 0 is not supported yet: the diffusion sampler has no top-k filtering")
+    if (request.parallel_threshold !== undefined && request.parallel_factor !== undefined &&
+      request.parallel_threshold > 0 && request.parallel_factor > 0) {
+      return yield* new BadRequest({
+        message: "parallel_threshold and parallel_factor cannot both be set: they are two rules for the same choice",
+        param: "parallel_factor"
+      })
     }
     for (const param of ["presence_penalty", "frequency_penalty"] as const) {
       const value = request[param]
@@ -128,14 +145,26 @@ export const makePlan = (request: SamplingRequest, maxTokens: MaxTokens | undefi
     const endTokens = new Set([special.eos, ...Option.toArray(special.eot)])
     const seed = request.seed ?? (yield* Random.nextIntBetween(0, 2 ** 31))
     const defaults = config.defaults
+    const parallel = request.parallel_threshold !== undefined || request.parallel_factor !== undefined
+      ? { threshold: request.parallel_threshold ?? 0, factor: request.parallel_factor ?? 0 }
+      : { threshold: defaults.parallelThreshold ?? 0, factor: defaults.parallelFactor ?? 0 }
 
-    const settingsFor = (promptLength: number, promptParam: string): Effect.Effect<SamplingSettings, BadRequest> => {
-      const room = config.maxModelLen - promptLength
+    const settingsFor = (
+      promptLength: number,
+      promptParam: string,
+      suffixLength = 0
+    ): Effect.Effect<SamplingSettings, BadRequest> => {
+      const context = promptLength + suffixLength
+      const has = suffixLength === 0
+        ? `${promptLength} tokens`
+        : `${promptLength} tokens and the suffix ${suffixLength}`
+      const room = config.maxModelLen - context
       if (room < 1) {
         return Effect.fail(
           new BadRequest({
             message: `This model's maximum context length is ${config.maxModelLen} tokens, and the ${promptParam} ` +
-              `has ${promptLength} tokens, which leaves no room for an answer. Please shorten the ${promptParam}.`,
+              `has ${has}, which leaves no room for an answer. Please shorten the ${promptParam}` +
+              `${suffixLength === 0 ? "" : " or the suffix"}.`,
             param: promptParam,
             code: "context_length_exceeded"
           })
@@ -145,7 +174,8 @@ export const makePlan = (request: SamplingRequest, maxTokens: MaxTokens | undefi
         return Effect.fail(
           new BadRequest({
             message: `This model's maximum context length is ${config.maxModelLen} tokens. However, you requested ` +
-              `${promptLength + maxTokens.value} tokens (${promptLength} in the ${promptParam}, ${maxTokens.value} ` +
+              `${context + maxTokens.value} tokens (${promptLength} in the ${promptParam}, ` +
+              `${suffixLength === 0 ? "" : `${suffixLength} in the suffix, `}${maxTokens.value} ` +
               `for the answer). Please reduce the length of the ${promptParam} or ${maxTokens.param}.`,
             param: maxTokens.param,
             code: "context_length_exceeded"
@@ -163,7 +193,13 @@ export const makePlan = (request: SamplingRequest, maxTokens: MaxTokens | undefi
         seed,
         logitsEosInf: false,
         confidenceEosEotInf: false,
-        eotTokenId: Option.getOrElse(special.eot, () => -1)
+        eotTokenId: Option.getOrElse(special.eot, () => -1),
+        topK: Math.max(0, request.top_k ?? defaults.topK ?? 0),
+        topP: request.top_p ?? defaults.topP ?? 1,
+        parallelThreshold: parallel.threshold,
+        parallelFactor: parallel.factor,
+        earlyStop: request.early_stop ?? defaults.earlyStop ?? true,
+        kvCache: request.kv_cache ?? defaults.kvCache ?? "none"
       })
     }
 
@@ -208,9 +244,21 @@ export interface ChoiceUpdate {
   readonly canvas?: ReadonlyArray<number>
 }
 
+/** What denoising one answer took so far, as its step events report it. */
+export interface DenoisingTally {
+  steps: number
+  forwardPasses: number
+  /** Positions committed by denoising. */
+  tokensDenoised: number
+  /** Positions an early stop filled with EOS. */
+  tokensSkipped: number
+}
+
 /** One prompt's n answers in flight: a decoder per answer, and the stream that feeds them. */
 export interface PromptRun {
   readonly decoders: ReadonlyArray<ChoiceDecoder>
+  /** Per answer: the work its denoising took (every step event counts, also after its text ended). */
+  readonly tallies: ReadonlyArray<DenoisingTally>
   /**
    * The scheduler's step events read into the decoders. It ends as soon as every answer has ended (at an
    * end token or a stop), which ends the scheduler stream early and so cancels the request's sequences.
@@ -219,10 +267,17 @@ export interface PromptRun {
   readonly updates: Stream.Stream<ChoiceUpdate, ApiError>
 }
 
-export const runPrompt = (prompt: ReadonlyArray<number>, settings: SamplingSettings, plan: AnswerPlan) =>
+export const runPrompt = (
+  prompt: ReadonlyArray<number>,
+  settings: SamplingSettings,
+  plan: AnswerPlan,
+  suffix: ReadonlyArray<number> = []
+) =>
   Effect.gen(function*() {
     const scheduler = yield* Scheduler
     const tokenizer = yield* Tokenizer
+    const metrics = yield* RequestMetrics
+    yield* metrics.started(plan.n)
     const decoders = Array.from({ length: plan.n }, () =>
       new ChoiceDecoder({
         genLength: settings.genLength,
@@ -231,12 +286,24 @@ export const runPrompt = (prompt: ReadonlyArray<number>, settings: SamplingSetti
         stopStrings: plan.stopStrings,
         detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
       }))
+    const tallies: Array<DenoisingTally> = decoders.map(() => ({
+      steps: 0,
+      forwardPasses: 0,
+      tokensDenoised: 0,
+      tokensSkipped: 0
+    }))
     const allEnded = () => decoders.every((decoder) => decoder.finished)
-    const updates = scheduler.generateStream({ prompt, settings, n: plan.n }).pipe(
+    const request = suffix.length === 0 ? { prompt, settings, n: plan.n } : { prompt, suffix, settings, n: plan.n }
+    const updates = scheduler.generateStream(request).pipe(
       Stream.mapError(fromGenerationError),
       // Events arrive in chunks and `map` runs over a whole chunk at once, so whether all answers had
       // ended is recorded with each event's updates rather than asked afterwards.
       Stream.map((event) => {
+        const tally = tallies[event.index]!
+        tally.steps = event.stepsDone
+        tally.forwardPasses = event.forwardPasses
+        tally.tokensDenoised += event.committed.length - event.filled
+        tally.tokensSkipped += event.filled
         const decoder = decoders[event.index]!
         // An update is rendered later than it is made (the decoder has moved on by then), so it carries
         // what it needs: the delta's token range, and a copy of the canvas for a snapshot.
@@ -251,25 +318,37 @@ export const runPrompt = (prompt: ReadonlyArray<number>, settings: SamplingSetti
       }),
       Stream.takeUntil((step) => step.allEnded),
       Stream.flatMap((step) => Stream.fromIterable(step.updates)),
+      // Time to first token and inter-token latency: when an answer's committed prefix grows (or it ends).
+      Stream.tap((update) =>
+        update.delta.endToken > update.delta.firstToken || update.delta.finishReason !== null
+          ? metrics.advanced(update.decoder)
+          : Effect.void
+      ),
       // The scheduler ends the stream when every sequence has committed every position, which ends every
       // decoder; if one has not ended, the engine broke its contract.
       Stream.concat(
         Stream.fromEffect(
           Effect.suspend(() =>
             allEnded()
-              ? Effect.void
+              ? metrics.answered({
+                promptTokens: prompt.length + suffix.length,
+                generationTokens: decoders.reduce((sum, decoder) => sum + decoder.tokenIds.length, 0),
+                finishReasons: decoders.map((decoder) => decoder.finishReason ?? "length")
+              })
               : Effect.fail(new InternalError({ message: "an answer ended with positions never committed" }))
           )
         ).pipe(Stream.drain)
       )
     )
-    return { decoders, updates } satisfies PromptRun
+    return { decoders, tallies, updates } satisfies PromptRun
   })
 
 /** A prompt of the request, tokenized, with the name its errors carry ("prompt[2]", "messages"). */
 export interface PreparedPrompt {
   readonly tokens: ReadonlyArray<number>
   readonly param: string
+  /** Tokens after the answer (completions' `suffix`): the answer is infilled between the two. */
+  readonly suffix?: ReadonlyArray<number>
 }
 
 /** One prompt's answers, set up but not yet run. */
@@ -284,8 +363,9 @@ export interface PromptJob {
 export const preparePromptJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: AnswerPlan) =>
   Effect.forEach(prompts, (prompt) =>
     Effect.gen(function*() {
-      const settings = yield* plan.settingsFor(prompt.tokens.length, prompt.param)
-      const run = yield* runPrompt(prompt.tokens, settings, plan)
+      const suffix = prompt.suffix ?? []
+      const settings = yield* plan.settingsFor(prompt.tokens.length, prompt.param, suffix.length)
+      const run = yield* runPrompt(prompt.tokens, settings, plan, suffix)
       return { prompt, settings, totalSteps: plannedSteps(settings), run } satisfies PromptJob
     }))
 
@@ -314,11 +394,30 @@ export const worthAChunk = (update: ChoiceUpdate, snapshot: boolean, wantsTokens
   snapshot ||
   (wantsTokens && update.delta.firstToken < update.delta.endToken)
 
+/** Usage of a request; a suffix counts as prompt tokens, as OpenAI counts it. */
 export const usageOfJobs = (jobs: ReadonlyArray<PromptJob>): Usage =>
   usageOf(
-    jobs.reduce((sum, job) => sum + job.prompt.tokens.length, 0),
+    jobs.reduce((sum, job) => sum + job.prompt.tokens.length + (job.prompt.suffix?.length ?? 0), 0),
     jobs.flatMap((job) => job.run.decoders)
   )
+
+/** The request's denoising statistics: summed over every answer of every prompt. */
+export const diffusionOfJobs = (jobs: ReadonlyArray<PromptJob>): Diffusion => {
+  const tallies = jobs.flatMap((job) => job.run.tallies)
+  const sum = (field: keyof DenoisingTally) => tallies.reduce((total, tally) => total + tally[field], 0)
+  const steps = sum("steps")
+  const settings = jobs[0]?.settings
+  const threshold = settings?.parallelThreshold ?? 0
+  const factor = settings?.parallelFactor ?? 0
+  return {
+    steps,
+    forward_passes: sum("forwardPasses"),
+    tokens_per_step: steps === 0 ? 0 : sum("tokensDenoised") / steps,
+    skipped_tokens: sum("tokensSkipped"),
+    kv_cache: settings?.kvCache ?? "none",
+    parallel: threshold > 0 ? { threshold } : factor > 0 ? { factor } : null
+  }
+}
 
 export const usageOf = (promptTokens: number, decoders: ReadonlyArray<ChoiceDecoder>): Usage => {
   const completionTokens = decoders.reduce((sum, decoder) => sum + decoder.tokenIds.length, 0)
@@ -392,9 +491,11 @@ export const chatLogprobs = (
 /**
  * Denoising steps a sequence runs in all, as the engine plans them (native/src/core/sampler.cpp
  * plan_blocks): the step budget shared evenly over the blocks, the remainder to the first blocks, each
- * block's share clamped to [1, block length].
+ * block's share clamped to [1, block length]. With parallel decoding the count depends on the model's
+ * confidence; its upper bound is one step per answer token. An early stop may end either sooner.
  */
 export const plannedSteps = (settings: SamplingSettings): number => {
+  if ((settings.parallelThreshold ?? 0) > 0 || (settings.parallelFactor ?? 0) > 0) return settings.genLength
   const blocks = Math.ceil(settings.genLength / settings.blockLength)
   const base = Math.floor(settings.steps / blocks)
   const extra = settings.steps % blocks

@@ -11,6 +11,7 @@
 import { Headers, HttpServerResponse } from "@effect/platform"
 import { Cause, Chunk, Effect, Option, Stream } from "effect"
 import { RequestId } from "../http/RequestId.js"
+import { errorTypeOf, RequestMetrics } from "../telemetry/requests.js"
 import { type ApiError, InternalError, toErrorBody } from "./errors.js"
 
 export const sseEvent = (data: unknown): string => `data: ${JSON.stringify(data)}\n\n`
@@ -40,6 +41,7 @@ const apiErrorOf = (cause: Cause.Cause<ApiError>): Effect.Effect<ApiError> =>
 export const respondSse = (parts: SseParts) =>
   Effect.gen(function*() {
     const requestId = yield* RequestId
+    const metrics = yield* RequestMetrics
     const pull = yield* Stream.toPull(parts.chunks)
     const first = yield* pull.pipe(
       Effect.map((chunk) => ({ chunk, ended: false })),
@@ -61,6 +63,7 @@ export const respondSse = (parts: SseParts) =>
         Cause.isInterruptedOnly(cause)
           ? Stream.failCause(cause)
           : Stream.fromEffect(apiErrorOf(cause)).pipe(
+              Stream.tap((error) => metrics.failed(errorTypeOf(error))),
               Stream.map((error) => sseEvent(toErrorBody(error, requestId))),
               Stream.concat(Stream.make(SSE_DONE))
             )

@@ -11,14 +11,22 @@
  * at the latest when the requests ahead of it are admitted and the live ones it waits for have finished,
  * which each does within its own planned steps (or its deadline): no request waits on an unbounded
  * number of others.
+ *
+ * Telemetry (telemetry/metrics.ts): the running and waiting gauges, queue time, denoising steps, batch
+ * size, tokens per step and step duration are updated here, where they happen. Each request gets two
+ * spans under the span it was submitted in: "vdiff.queue_wait" (submission → admission) and
+ * "vdiff.generate" (admission → end, with its step and token counts).
  */
-import { Clock, Context, Effect, Layer, Mailbox, Option, Queue, Stream } from "effect"
+import { Clock, Context, Effect, Exit, FiberId, Layer, Mailbox, Metric, Option, Queue, Stream, type Tracer } from "effect"
 import { Engine, type CommittedToken, type FinishReason, type SamplingSettings, type SequenceId } from "../engine/Engine.js"
 import { EngineFailure, type EngineError, InvalidRequestError } from "../engine/errors.js"
+import * as Metrics from "../telemetry/metrics.js"
 import { Draining, QueueFull, RequestTimeout } from "./errors.js"
 
 export interface GenerationRequest {
   readonly prompt: ReadonlyArray<number>
+  /** Tokens after the answer (infilling): the canvas is prompt, answer, suffix. */
+  readonly suffix?: ReadonlyArray<number>
   readonly settings: SamplingSettings
   /** Independent answers to the same prompt, run as `n` sequences of one batch. Seeds are seed, seed+1, ... */
   readonly n?: number
@@ -35,6 +43,10 @@ export interface StepEvent {
   readonly committed: ReadonlyArray<CommittedToken>
   readonly block: number
   readonly stepsDone: number
+  /** How many of `committed` (the last ones) an early stop filled with EOS instead of denoising. */
+  readonly filled: number
+  /** Canvas evaluations of this sequence so far. */
+  readonly forwardPasses: number
   readonly finished: boolean
   readonly reason: FinishReason | null
   /** The answer canvas after this step, when the request asked for snapshots. */
@@ -49,6 +61,9 @@ export interface ChoiceResult {
   readonly probabilities: ReadonlyArray<number>
   readonly reason: FinishReason
   readonly steps: number
+  readonly forwardPasses: number
+  /** Positions committed by denoising (the rest, if any, an early stop filled with EOS). */
+  readonly tokensDenoised: number
 }
 
 export interface GenerationResult {
@@ -68,6 +83,7 @@ export interface SchedulerStats {
   readonly stepsTotal: number
   /** Sequence-steps: the sum of the batch sizes of all steps. */
   readonly sequenceStepsTotal: number
+  /** Tokens committed by denoising (not the EOS an early stop fills in). */
   readonly tokensCommitted: number
   readonly requestsFinished: number
   /** Sequences per engine step, on average. */
@@ -112,10 +128,20 @@ interface Job {
   cancelled: boolean
   sequences: Array<SequenceId>
   finished: number
+  /** Clock.currentTimeNanos at submission, for the queue time. */
+  readonly submittedAt: bigint
+  /** Open from submission to admission. */
+  readonly queueSpan: Tracer.Span
+  /** Open from admission to the end. */
+  generationSpan: Tracer.Span | undefined
+  /** The most denoising steps any of its sequences has taken, and the tokens they committed. */
+  steps: number
+  tokensCommitted: number
 }
 
 const canvasTokens = (request: GenerationRequest, n: number) =>
-  n * (request.prompt.length + request.settings.genLength) * (request.settings.cfgScale > 0 ? 2 : 1)
+  n * (request.prompt.length + request.settings.genLength + (request.suffix?.length ?? 0)) *
+  (request.settings.cfgScale > 0 ? 2 : 1)
 
 export const make = (options: SchedulerOptions) =>
   Effect.gen(function*() {
@@ -145,8 +171,52 @@ export const make = (options: SchedulerOptions) =>
         })
       )
 
+    /** Ends the job's open span: the generation's (with its counts) once admitted, else the queue wait's. */
+    const endSpan = (job: Job, exit: Exit.Exit<void, GenerationError>) =>
+      Effect.map(Clock.currentTimeNanos, (now) => {
+        const span = job.generationSpan ?? job.queueSpan
+        if (span.status._tag === "Ended") return
+        if (job.generationSpan !== undefined) {
+          span.attribute("vdiff.steps", job.steps)
+          span.attribute("vdiff.tokens_committed", job.tokensCommitted)
+        }
+        span.end(now, exit)
+      })
+
+    /** Ends the job's events (Exit.void: its answers are complete) and its span. */
+    const settle = (job: Job, exit: Exit.Exit<void, GenerationError>) =>
+      endSpan(job, exit).pipe(Effect.zipRight(job.mailbox.done(exit)))
+
+    /** The consumer went away. */
+    const cancelledExit = Exit.interrupt(FiberId.none)
+
     const failJob = (job: Job, error: GenerationError) =>
-      releaseJob(job).pipe(Effect.zipRight(job.mailbox.fail(error)))
+      releaseJob(job).pipe(Effect.zipRight(settle(job, Exit.fail(error))))
+
+    /** The running and waiting gauges, from the figures `stats` reports. */
+    const publishLoad = Effect.gen(function*() {
+      yield* Metric.set(Metrics.numRequestsRunning, running.length)
+      yield* Metric.set(Metrics.numRequestsWaiting, (yield* queueLength) + (head === undefined ? 0 : 1))
+    })
+
+    /** Admitted: the queue time is known, the wait's span ends and the generation's begins. */
+    const startGeneration = (job: Job) =>
+      Effect.gen(function*() {
+        const now = yield* Clock.currentTimeNanos
+        yield* Metric.update(Metrics.requestQueueTime, Metrics.secondsBetween(job.submittedAt, now))
+        job.queueSpan.end(now, Exit.void)
+        const { request } = job
+        job.generationSpan = yield* Effect.makeSpan("vdiff.generate", {
+          parent: Option.getOrUndefined(job.queueSpan.parent),
+          attributes: {
+            "vdiff.n": job.n,
+            "vdiff.prompt_tokens": request.prompt.length,
+            "vdiff.gen_length": request.settings.genLength,
+            "vdiff.block_length": request.settings.blockLength,
+            "vdiff.steps_planned": request.settings.steps
+          }
+        })
+      })
 
     const expired = (job: Job, now: number) => job.deadline > 0 && now >= job.deadline
 
@@ -162,14 +232,15 @@ export const make = (options: SchedulerOptions) =>
         const created: Array<SequenceId> = []
         for (let i = 0; i < job.n; i++) {
           const settings = { ...job.request.settings, seed: job.request.settings.seed + i }
-          const id = yield* engine.create(job.request.prompt, settings).pipe(
+          const id = yield* engine.create(job.request.prompt, settings, job.request.suffix).pipe(
             Effect.tapError(() => Effect.forEach(created, (id) => engine.release(id), { discard: true }))
           )
           created.push(id)
         }
         job.sequences = created
         running.push(job)
-      }).pipe(Effect.catchAll((error) => job.mailbox.fail(error)))
+        yield* startGeneration(job)
+      }).pipe(Effect.catchAll((error) => settle(job, Exit.fail(error))))
 
     /** Looks at the head of the queue without losing FIFO order: a job taken but not admitted is kept. */
     let head: Job | undefined
@@ -185,11 +256,12 @@ export const make = (options: SchedulerOptions) =>
         const now = yield* Clock.currentTimeMillis
         if (job.cancelled) {
           head = undefined
+          yield* endSpan(job, cancelledExit)
           continue
         }
         if (expired(job, now)) {
           head = undefined
-          yield* job.mailbox.fail(timeoutError(job))
+          yield* settle(job, Exit.fail(timeoutError(job)))
           continue
         }
         const fits = running.length === 0 ||
@@ -203,15 +275,16 @@ export const make = (options: SchedulerOptions) =>
 
     const reap = Effect.gen(function*() {
       if (state.stopping !== undefined) {
+        const stopping = Exit.fail(state.stopping)
         for (const job of [...running]) yield* failJob(job, state.stopping)
-        if (head !== undefined) yield* head.mailbox.fail(state.stopping)
+        if (head !== undefined) yield* settle(head, stopping)
         head = undefined
-        for (const job of yield* Queue.takeAll(waiting)) yield* job.mailbox.fail(state.stopping)
+        for (const job of yield* Queue.takeAll(waiting)) yield* settle(job, stopping)
         return
       }
       const now = yield* Clock.currentTimeMillis
       for (const job of [...running]) {
-        if (job.cancelled) yield* releaseJob(job)
+        if (job.cancelled) yield* releaseJob(job).pipe(Effect.zipRight(endSpan(job, cancelledExit)))
         else if (expired(job, now)) yield* failJob(job, timeoutError(job))
       }
     })
@@ -229,18 +302,24 @@ export const make = (options: SchedulerOptions) =>
             committed: r.committed,
             block: r.block,
             stepsDone: r.stepsDone,
+            filled: r.filled,
+            forwardPasses: r.forwardPasses,
             finished: r.finished,
             reason: r.reason,
             ...(canvas === undefined ? {} : { canvas })
           }
           yield* job.mailbox.offer(event)
-          state.tokensCommitted += r.committed.length
+          const denoised = r.committed.length - r.filled
+          state.tokensCommitted += denoised
+          job.tokensCommitted += denoised
+          job.steps = Math.max(job.steps, r.stepsDone)
+          yield* Metric.update(Metrics.tokensPerStep, denoised)
           if (r.finished) job.finished++
         }
         if (job.finished === job.n) {
           state.requestsFinished++
           yield* releaseJob(job)
-          yield* job.mailbox.end
+          yield* settle(job, Exit.void)
         }
       })
 
@@ -251,7 +330,11 @@ export const make = (options: SchedulerOptions) =>
     const stepAll = Effect.gen(function*() {
       const jobs = [...running]
       const ids = jobs.flatMap((job) => job.sequences)
+      const started = yield* Clock.currentTimeNanos
       const batch = yield* Effect.either(engine.step(ids))
+      yield* Metric.update(Metrics.stepDuration, Metrics.secondsBetween(started, yield* Clock.currentTimeNanos))
+      yield* Metric.increment(Metrics.denoisingSteps)
+      yield* Metric.update(Metrics.batchSize, ids.length)
       state.stepsTotal++
       state.sequenceStepsTotal += ids.length
       if (batch._tag === "Right") {
@@ -270,10 +353,12 @@ export const make = (options: SchedulerOptions) =>
       while (true) {
         if (running.length === 0 && head === undefined) {
           // Nothing to do: sleep until a request arrives.
+          yield* publishLoad
           head = yield* Queue.take(waiting)
         }
         yield* reap
         yield* admitWaiting
+        yield* publishLoad
         if (running.length > 0) yield* stepAll
       }
     })
@@ -283,8 +368,8 @@ export const make = (options: SchedulerOptions) =>
       Effect.gen(function*() {
         const closing = new Draining({ message: "the scheduler has stopped" })
         for (const job of [...running]) yield* failJob(job, closing)
-        if (head !== undefined) yield* head.mailbox.fail(closing)
-        for (const job of yield* Queue.takeAll(waiting)) yield* job.mailbox.fail(closing)
+        if (head !== undefined) yield* settle(head, Exit.fail(closing))
+        for (const job of yield* Queue.takeAll(waiting)) yield* settle(job, Exit.fail(closing))
       })
     )
     yield* Effect.forkScoped(loop)
@@ -311,16 +396,6 @@ export const make = (options: SchedulerOptions) =>
         if (state.draining) return yield* new Draining({ message: "the server is shutting down" })
         const timeoutMs = request.timeoutMs ?? options.requestTimeoutMs
         const now = yield* Clock.currentTimeMillis
-        const job: Job = {
-          request,
-          n,
-          tokens: canvasTokens(request, n),
-          deadline: timeoutMs > 0 ? now + timeoutMs : 0,
-          mailbox: yield* Mailbox.make<StepEvent, GenerationError>(),
-          cancelled: false,
-          sequences: [],
-          finished: 0
-        }
         // The loop may hold the head of the queue while it waits for room; it still counts as waiting.
         const queued = (yield* queueLength) + (head === undefined ? 0 : 1)
         if (queued >= options.queueCapacity) {
@@ -329,7 +404,26 @@ export const make = (options: SchedulerOptions) =>
             retryAfterSeconds: 1
           })
         }
+        const job: Job = {
+          request,
+          n,
+          tokens: canvasTokens(request, n),
+          deadline: timeoutMs > 0 ? now + timeoutMs : 0,
+          mailbox: yield* Mailbox.make<StepEvent, GenerationError>(),
+          cancelled: false,
+          sequences: [],
+          finished: 0,
+          submittedAt: yield* Clock.currentTimeNanos,
+          // A child of the submitter's span (the HTTP request's); the loop ends it at admission.
+          queueSpan: yield* Effect.makeSpan("vdiff.queue_wait", {
+            attributes: { "vdiff.n": n, "vdiff.prompt_tokens": request.prompt.length, "vdiff.queue_position": queued }
+          }),
+          generationSpan: undefined,
+          steps: 0,
+          tokensCommitted: 0
+        }
         yield* Queue.offer(waiting, job)
+        yield* publishLoad
         return job
       })
 
@@ -357,7 +451,9 @@ export const make = (options: SchedulerOptions) =>
           tokens: new Array<number>(gen).fill(-1),
           probabilities: new Array<number>(gen).fill(0),
           reason: "length" as FinishReason,
-          steps: 0
+          steps: 0,
+          forwardPasses: 0,
+          tokensDenoised: 0
         }))
         yield* Stream.runForEach(generateStream(request), (event) =>
           Effect.sync(() => {
@@ -367,6 +463,8 @@ export const make = (options: SchedulerOptions) =>
               choice.probabilities[c.position] = c.probability
             }
             choice.steps = event.stepsDone
+            choice.forwardPasses = event.forwardPasses
+            choice.tokensDenoised += event.committed.length - event.filled
             if (event.reason !== null) choice.reason = event.reason
           })
         )

@@ -3,7 +3,7 @@
 // failure into a JS Error whose `code` is "VDIFF_<NAME>". src/engine/native.ts describes it in TypeScript.
 //
 //   loadModel(dir, {threads?}) -> Promise<NativeEngine>
-//   NativeEngine: info() create(prompt, params) step(ids, cancel?) release(id) canvas(id)
+//   NativeEngine: info() create(prompt, params, suffix?) step(ids, cancel?) release(id) canvas(id)
 //                 sequenceInfo(id) live()
 //   CancelToken: cancel() cancelled
 #include <napi.h>
@@ -95,18 +95,19 @@ uint64_t id_of(Napi::Env env, const Napi::Value& v, const std::string& name) {
   return static_cast<uint64_t>(integer_of(env, v, name, 0, kMaxSafeInteger));
 }
 
-std::vector<int32_t> prompt_of(Napi::Env env, const Napi::Value& v) {
+// Token ids of a prompt or suffix (`name` says which, for errors).
+std::vector<int32_t> tokens_of(Napi::Env env, const Napi::Value& v, const std::string& name) {
   if (v.IsTypedArray() && v.As<Napi::TypedArray>().TypedArrayType() == napi_int32_array) {
     auto array = v.As<Napi::Int32Array>();
     return std::vector<int32_t>(array.Data(), array.Data() + array.ElementLength());
   }
-  if (!v.IsArray()) throw invalid_argument(env, "prompt must be an Int32Array or an array of token ids");
+  if (!v.IsArray()) throw invalid_argument(env, name + " must be an Int32Array or an array of token ids");
   auto array = v.As<Napi::Array>();
-  std::vector<int32_t> prompt(array.Length());
+  std::vector<int32_t> tokens(array.Length());
   for (uint32_t i = 0; i < array.Length(); ++i)
-    prompt[i] = static_cast<int32_t>(
-        integer_of(env, array.Get(i), "prompt[" + std::to_string(i) + "]", INT32_MIN, INT32_MAX));
-  return prompt;
+    tokens[i] = static_cast<int32_t>(
+        integer_of(env, array.Get(i), name + "[" + std::to_string(i) + "]", INT32_MIN, INT32_MAX));
+  return tokens;
 }
 
 Napi::Value field(Napi::Env env, const Napi::Object& o, const char* name, bool required) {
@@ -132,6 +133,13 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
     if (x.IsUndefined()) return false;
     if (!x.IsBoolean()) throw invalid_argument(env, std::string("params.") + name + " must be a boolean");
     return x.As<Napi::Boolean>().Value();
+  };
+  // Optional numbers: absent or null leave the default (the option off); ranges are checked natively.
+  auto optional_number = [&](const char* name, double fallback) {
+    Napi::Value x = field(env, o, name, false);
+    if (x.IsUndefined() || x.IsNull()) return fallback;
+    if (!x.IsNumber()) throw invalid_argument(env, std::string("params.") + name + " must be a number");
+    return x.As<Napi::Number>().DoubleValue();
   };
   p.gen_length = int_field("genLength");
   p.block_length = int_field("blockLength");
@@ -160,6 +168,26 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
   p.eot_token_id = eot.IsUndefined() || eot.IsNull()
                        ? -1
                        : static_cast<int>(integer_of(env, eot, "params.eotTokenId", -1, INT32_MAX));
+  const Napi::Value top_k = field(env, o, "topK", false);
+  p.top_k = top_k.IsUndefined() || top_k.IsNull()
+                ? 0
+                : static_cast<int>(integer_of(env, top_k, "params.topK", INT32_MIN, INT32_MAX));
+  p.top_p = optional_number("topP", 1.0);
+  p.parallel_threshold = optional_number("parallelThreshold", 0.0);
+  p.parallel_factor = optional_number("parallelFactor", 0.0);
+  p.early_stop = bool_field("earlyStop");
+  const Napi::Value kv_cache = field(env, o, "kvCache", false);
+  if (!kv_cache.IsUndefined() && !kv_cache.IsNull()) {
+    const std::string mode = kv_cache.IsString() ? kv_cache.As<Napi::String>().Utf8Value() : "";
+    if (mode == "none") p.kv_cache = vdiff::KVCacheMode::None;
+    else if (mode == "prefix") p.kv_cache = vdiff::KVCacheMode::Prefix;
+    else if (mode == "dual") p.kv_cache = vdiff::KVCacheMode::Dual;
+    else throw invalid_argument(env, "params.kvCache must be \"none\", \"prefix\" or \"dual\"");
+  }
+  const Napi::Value refresh = field(env, o, "kvRefreshInterval", false);
+  p.kv_refresh_interval = refresh.IsUndefined() || refresh.IsNull()
+                              ? 0
+                              : static_cast<int>(integer_of(env, refresh, "params.kvRefreshInterval", INT32_MIN, INT32_MAX));
   return p;
 }
 
@@ -227,12 +255,15 @@ const char* reason_name(vdiff::FinishReason r) {
 
 class StepWorker : public PromiseWorker {
  public:
-  StepWorker(Napi::Env env, std::shared_ptr<Engine> engine, std::vector<uint64_t> ids,
+  StepWorker(Napi::Env env, std::shared_ptr<Engine> engine, Engine::Pinned sequences,
              std::shared_ptr<std::atomic<bool>> cancel)
-      : PromiseWorker(env, "vdiff.step"), engine_(std::move(engine)), ids_(std::move(ids)), cancel_(std::move(cancel)) {}
+      : PromiseWorker(env, "vdiff.step"),
+        engine_(std::move(engine)),
+        sequences_(std::move(sequences)),
+        cancel_(std::move(cancel)) {}
 
  private:
-  void run() override { outputs_ = engine_->step(ids_, cancel_.get()); }
+  void run() override { outputs_ = engine_->step_pinned(sequences_, cancel_.get()); }
   Napi::Value result(Napi::Env env) override {
     Napi::Array results = Napi::Array::New(env, outputs_.size());
     for (size_t i = 0; i < outputs_.size(); ++i) {
@@ -256,13 +287,17 @@ class StepWorker : public PromiseWorker {
       o.Set("reason", reason ? Napi::Value(Napi::String::New(env, reason)) : env.Null());
       o.Set("block", Napi::Number::New(env, out.block));
       o.Set("stepsDone", Napi::Number::New(env, out.steps_done));
+      o.Set("filled", Napi::Number::New(env, out.filled));
+      o.Set("forwardPasses", Napi::Number::New(env, out.forward_passes));
+      o.Set("kvRefreshes", Napi::Number::New(env, out.kv_refreshes));
       results.Set(static_cast<uint32_t>(i), o);
     }
     return results;
   }
 
   std::shared_ptr<Engine> engine_;  // keeps the engine (and the sequences' model) alive during the step
-  std::vector<uint64_t> ids_;
+  // Looked up when step() was called, so a release() before the worker runs does not pull them away.
+  Engine::Pinned sequences_;
   std::shared_ptr<std::atomic<bool>> cancel_;
   std::vector<vdiff::StepOutput> outputs_;
 };
@@ -336,14 +371,19 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     o.Set("weightDtype", model.weight_dtype());
     o.Set("parameterCount", static_cast<double>(model.parameter_count()));
     o.Set("weightBytes", static_cast<double>(model.weight_bytes()));
+    o.Set("kvCacheBytesPerPosition", static_cast<double>(model.kv_cache_bytes(1)));
+    o.Set("kvCacheBudgetBytes", static_cast<double>(model.kv_cache_budget_bytes()));
     return o;
   }
 
   Napi::Value create(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    const std::vector<int32_t> prompt = prompt_of(env, info[0]);
+    const std::vector<int32_t> prompt = tokens_of(env, info[0], "prompt");
     const vdiff::SamplingParams params = params_of(env, info[1]);
-    const uint64_t id = guarded(env, [&] { return engine_->create(prompt, params); });
+    const std::vector<int32_t> suffix =
+        info.Length() > 2 && !info[2].IsUndefined() && !info[2].IsNull() ? tokens_of(env, info[2], "suffix")
+                                                                          : std::vector<int32_t>();
+    const uint64_t id = guarded(env, [&] { return engine_->create(prompt, params, suffix); });
     return Napi::Number::New(env, static_cast<double>(id));
   }
 
@@ -361,7 +401,8 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
           throw invalid_argument(env, "cancel must be a CancelToken");
         cancel = CancelToken::Unwrap(info[1].As<Napi::Object>())->flag();
       }
-      auto* worker = new StepWorker(env, engine_, std::move(ids), std::move(cancel));
+      Engine::Pinned sequences = guarded(env, [&] { return engine_->pin(ids); });
+      auto* worker = new StepWorker(env, engine_, std::move(sequences), std::move(cancel));
       Napi::Promise promise = worker->promise();
       worker->Queue();
       return promise;
@@ -393,10 +434,16 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     Napi::Object o = Napi::Object::New(env);
     o.Set("promptLength", s.prompt_length);
     o.Set("genLength", s.gen_length);
+    o.Set("suffixLength", s.suffix_length);
     o.Set("stepsTotal", s.steps_total);
     o.Set("stepsDone", s.steps_done);
     o.Set("finished", s.finished);
     o.Set("memoryBytes", static_cast<double>(s.memory_bytes));
+    o.Set("forwardPasses", s.forward_passes);
+    o.Set("tokensDenoised", s.tokens_denoised);
+    o.Set("kvRefreshes", s.kv_refreshes);
+    o.Set("kvCacheBytes", static_cast<double>(s.kv_cache_bytes));
+    o.Set("positionsComputed", static_cast<double>(s.positions_computed));
     return o;
   }
 
@@ -416,9 +463,21 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
     vdiff::LoadOptions options;
     if (info.Length() > 1 && !info[1].IsUndefined()) {
       if (!info[1].IsObject()) throw invalid_argument(env, "options must be an object");
-      const Napi::Value threads = info[1].As<Napi::Object>().Get("threads");
+      const Napi::Object o = info[1].As<Napi::Object>();
+      const Napi::Value threads = o.Get("threads");
       if (!threads.IsUndefined())
         options.threads = static_cast<int>(integer_of(env, threads, "options.threads", 0, 4096));
+      const Napi::Value dtype = o.Get("kvCacheDtype");
+      if (!dtype.IsUndefined()) {
+        const std::string d = dtype.IsString() ? dtype.As<Napi::String>().Utf8Value() : "";
+        if (d == "f32") options.kv_cache_dtype = vdiff::KVCacheDType::F32;
+        else if (d == "bf16") options.kv_cache_dtype = vdiff::KVCacheDType::BF16;
+        else throw invalid_argument(env, "options.kvCacheDtype must be \"f32\" or \"bf16\"");
+      }
+      const Napi::Value budget = o.Get("kvCacheBudgetBytes");
+      if (!budget.IsUndefined())
+        options.kv_cache_budget_bytes =
+            static_cast<uint64_t>(integer_of(env, budget, "options.kvCacheBudgetBytes", 0, kMaxSafeInteger));
     }
     auto* worker = new LoadWorker(env, info[0].As<Napi::String>().Utf8Value(), options);
     Napi::Promise promise = worker->promise();

@@ -3,10 +3,15 @@
 //
 //   vdiff-cli generate --model DIR --prompt-ids 1,2,3 [--gen 128 --block 32 --steps 128 --temperature 0
 //       --cfg 0 --remasking low_confidence|random --seed 0 --threads N --batch B --eot ID
-//       --logits-eos-inf --confidence-eos-eot-inf --trace]
+//       --logits-eos-inf --confidence-eos-eot-inf --trace --suffix-ids 4,5 --top-k K --top-p P
+//       --threshold T --factor F --early-stop --kv-cache none|prefix|dual --kv-refresh N
+//       --kv-cache-dtype f32|bf16 --kv-budget-mb N]
 //   vdiff-cli bench --model DIR [--prompt-len 32 --gen 128 --block 32 --steps 128 --batch 1,8
-//       --threads 2 --repeat 3 --seed 0]
+//       --kv-cache none,prefix,dual --threads 2 --repeat 3 --seed 0 (and the sampling flags of generate)]
+//       --repeat 0 skips the forward latency part; the denoising part runs once per cache mode and batch.
 //   vdiff-cli info --model DIR [--threads N]
+#include <time.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -31,16 +36,17 @@ namespace {
 constexpr const char* kUsage =
     "usage: vdiff-cli generate --model DIR --prompt-ids 1,2,3 [--gen N --block N --steps N --temperature T "
     "--cfg S --remasking low_confidence|random --seed N --threads N --batch B --eot ID --logits-eos-inf "
-    "--confidence-eos-eot-inf --trace]\n"
-    "       vdiff-cli bench --model DIR [--prompt-len N --gen N --block N --steps N --batch 1,8 --threads N "
-    "--repeat N --seed N]\n"
+    "--confidence-eos-eot-inf --trace --suffix-ids 4,5 --top-k K --top-p P --threshold T --factor F "
+    "--early-stop --kv-cache none|prefix|dual --kv-refresh N --kv-cache-dtype f32|bf16 --kv-budget-mb N]\n"
+    "       vdiff-cli bench --model DIR [--prompt-len N --gen N --block N --steps N --batch 1,8 "
+    "--kv-cache none,prefix,dual --threads N --repeat N --seed N (and the sampling flags of generate)]\n"
     "       vdiff-cli info --model DIR [--threads N]";
 
 Error usage(const std::string& message) { return Error(ErrorCode::InvalidArgument, message); }
 
 // ---- arguments ------------------------------------------------------------------------------------
 
-const std::set<std::string> kSwitches = {"--logits-eos-inf", "--confidence-eos-eot-inf", "--trace"};
+const std::set<std::string> kSwitches = {"--logits-eos-inf", "--confidence-eos-eot-inf", "--trace", "--early-stop"};
 
 struct Args {
   std::string command;
@@ -158,7 +164,24 @@ double ms_since(std::chrono::steady_clock::time_point start) {
 std::shared_ptr<Model> load_model(const Args& args) {
   LoadOptions options;
   options.threads = to_int("--threads", args.integer("--threads", 0));
+  const std::string dtype = args.text("--kv-cache-dtype", "f32");
+  if (dtype == "bf16") options.kv_cache_dtype = KVCacheDType::BF16;
+  else if (dtype != "f32") throw usage("--kv-cache-dtype must be f32 or bf16, got '" + dtype + "'");
+  const long long budget_mb = args.integer("--kv-budget-mb", 0);
+  if (budget_mb < 0) throw usage("--kv-budget-mb must be >= 0 (0: no bound)");
+  options.kv_cache_budget_bytes = static_cast<uint64_t>(budget_mb) << 20;
   return Model::load(args.required("--model"), options);
+}
+
+KVCacheMode kv_cache_mode(const std::string& name) {
+  if (name == "none") return KVCacheMode::None;
+  if (name == "prefix") return KVCacheMode::Prefix;
+  if (name == "dual") return KVCacheMode::Dual;
+  throw usage("--kv-cache must be none, prefix or dual, got '" + name + "'");
+}
+
+const char* kv_cache_name(KVCacheMode mode) {
+  return mode == KVCacheMode::Prefix ? "prefix" : mode == KVCacheMode::Dual ? "dual" : "none";
 }
 
 SamplingParams sampling_params(const Args& args) {
@@ -172,6 +195,14 @@ SamplingParams sampling_params(const Args& args) {
   p.eot_token_id = to_int("--eot", args.integer("--eot", -1));
   p.logits_eos_inf = args.switches.count("--logits-eos-inf") > 0;
   p.confidence_eos_eot_inf = args.switches.count("--confidence-eos-eot-inf") > 0;
+  p.top_k = to_int("--top-k", args.integer("--top-k", p.top_k));
+  p.top_p = args.number("--top-p", p.top_p);
+  p.parallel_threshold = args.number("--threshold", p.parallel_threshold);
+  p.parallel_factor = args.number("--factor", p.parallel_factor);
+  p.early_stop = args.switches.count("--early-stop") > 0;
+  // bench takes a list of modes and sets each itself.
+  if (args.command != "bench") p.kv_cache = kv_cache_mode(args.text("--kv-cache", "none"));
+  p.kv_refresh_interval = to_int("--kv-refresh", args.integer("--kv-refresh", 0));
   const std::string remasking = args.text("--remasking", "low_confidence");
   if (remasking == "low_confidence") p.remasking = Remasking::LowConfidence;
   else if (remasking == "random") p.remasking = Remasking::Random;
@@ -185,6 +216,8 @@ int generate(const Args& args) {
   std::vector<int32_t> prompt;
   for (long long t : args.integers("--prompt-ids", args.required("--prompt-ids")))
     prompt.push_back(to_int("--prompt-ids", t));
+  std::vector<int32_t> suffix;
+  for (long long t : args.integers("--suffix-ids", "")) suffix.push_back(to_int("--suffix-ids", t));
   const SamplingParams base = sampling_params(args);
   const int batch = to_int("--batch", args.integer("--batch", 1));
   if (batch < 1) throw usage("--batch must be >= 1");
@@ -199,7 +232,7 @@ int generate(const Args& args) {
   for (int i = 0; i < batch; ++i) {
     SamplingParams p = base;
     p.seed = base.seed + static_cast<uint64_t>(i);
-    ids.push_back(engine.create(prompt, p));
+    ids.push_back(engine.create(prompt, p, suffix));
   }
 
   std::vector<std::string> traces(ids.size());  // per sequence: [[[position, token, probability], ...], ...]
@@ -236,6 +269,15 @@ int generate(const Args& args) {
   }
   json += ",\"finish_reason\":" + json_string(reason_name(reasons[0]));
   if (trace) json += ",\"trace\":[" + traces[0] + "]";
+  // Statistics of the first sequence: its denoising steps, canvas evaluations, and the tokens it
+  // committed by sampling per step (an early stop's EOS fill is not sampled, so not counted).
+  const SequenceInfo first = engine.info(ids[0]);
+  json += ",\"sequence_steps\":" + std::to_string(first.steps_done) +
+          ",\"forward_passes\":" + std::to_string(first.forward_passes) +
+          ",\"tokens_denoised\":" + std::to_string(first.tokens_denoised) + ",\"tokens_per_step\":" +
+          json_number(static_cast<double>(first.tokens_denoised) / std::max(1, first.steps_done)) +
+          ",\"kv_cache\":" + json_string(kv_cache_name(base.kv_cache)) +
+          ",\"kv_refreshes\":" + std::to_string(first.kv_refreshes);
   json += ",\"steps\":" + std::to_string(steps) + ",\"ms\":" + json_number(ms) +
           ",\"load_ms\":" + json_number(load_ms) + "}";
   std::printf("%s\n", json.c_str());
@@ -248,16 +290,38 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
 }
 
+// Process CPU time (all threads) in ms: on a shared machine a better measure of the work than wall time.
+double cpu_ms() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+// The 1-minute load average, to read the timings against (the machine may be shared).
+double load_average() {
+  double load = -1;
+  if (FILE* f = std::fopen("/proc/loadavg", "r")) {
+    if (std::fscanf(f, "%lf", &load) != 1) load = -1;
+    std::fclose(f);
+  }
+  return load;
+}
+
 int bench(const Args& args) {
   const int prompt_len = to_int("--prompt-len", args.integer("--prompt-len", 32));
   const int repeat = to_int("--repeat", args.integer("--repeat", 3));
   if (prompt_len < 0) throw usage("--prompt-len must be >= 0");
-  if (repeat < 1) throw usage("--repeat must be >= 1");
+  if (repeat < 0) throw usage("--repeat must be >= 0 (0: no forward latency part)");
   const SamplingParams params = sampling_params(args);
   std::vector<int> batches;
   for (long long b : args.integers("--batch", "1,8")) {
     if (b < 1) throw usage("--batch sizes must be >= 1");
     batches.push_back(to_int("--batch", b));
+  }
+  std::vector<KVCacheMode> modes;
+  {
+    std::stringstream in(args.text("--kv-cache", "none"));
+    for (std::string item; std::getline(in, item, ',');) modes.push_back(kv_cache_mode(item));
   }
 
   std::shared_ptr<Model> model = load_model(args);
@@ -265,6 +329,7 @@ int bench(const Args& args) {
   if (params.gen_length < 1 || params.block_length < 1) throw usage("--gen and --block must be >= 1");
   if (prompt_len + params.gen_length > config.max_sequence_length)
     throw usage("--prompt-len plus --gen exceeds the model context");
+  const double load_before = load_average();
 
   // A random prompt of ordinary tokens (no mask, no EOS).
   std::vector<int32_t> prompt;
@@ -294,50 +359,76 @@ int bench(const Args& args) {
     }
     return times;
   };
-  const std::vector<double> all_ms = time_forward(all_rows);
-  const std::vector<double> block_ms = time_forward(block_rows);
-
-  // Denoising throughput: a full generation per batch size (sequence i seeded with seed + i).
-  Engine engine(model);
-  std::string denoise = "[";
-  for (size_t bi = 0; bi < batches.size(); ++bi) {
-    std::vector<uint64_t> ids;
-    for (int i = 0; i < batches[bi]; ++i) {
-      SamplingParams p = params;
-      p.seed = params.seed + static_cast<uint64_t>(i);
-      ids.push_back(engine.create(prompt, p));
-    }
-    std::vector<double> step_ms;
-    const auto start = std::chrono::steady_clock::now();
-    while (!ids.empty()) {
-      const auto step_start = std::chrono::steady_clock::now();
-      std::vector<uint64_t> running;
-      for (const StepOutput& out : engine.step(ids)) {
-        if (out.finished) engine.release(out.id);
-        else running.push_back(out.id);
-      }
-      step_ms.push_back(ms_since(step_start));
-      ids = std::move(running);
-    }
-    const double total_ms = ms_since(start);
-    const double tokens = static_cast<double>(batches[bi]) * params.gen_length;
-    denoise += std::string(bi ? "," : "") + "{\"batch\":" + std::to_string(batches[bi]) +
-               ",\"steps\":" + std::to_string(step_ms.size()) + ",\"ms\":" + json_number(total_ms) +
-               ",\"step_ms_median\":" + json_number(median(step_ms)) +
-               ",\"tokens_per_s\":" + json_number(tokens / (total_ms / 1000.0)) + "}";
-  }
-  denoise += "]";
-
   auto stats = [](const std::vector<double>& v) {
     return "{\"median\":" + json_number(median(v)) + ",\"min\":" +
            json_number(*std::min_element(v.begin(), v.end())) + "}";
   };
+  std::string forward_ms = "null";
+  if (repeat > 0)
+    forward_ms = "{\"canvas\":" + std::to_string(length) + ",\"all_rows\":" + stats(time_forward(all_rows)) +
+                 ",\"block_rows\":" + stats(time_forward(block_rows)) + "}";
+
+  // Denoising throughput: a full generation per cache mode and batch size (sequence i seeded with
+  // seed + i). Forwards per token: canvas evaluations (a cached step's partial forward counts as one)
+  // over the answer tokens; canvas forwards per token: the positions they computed, in whole canvases.
+  Engine engine(model);
+  std::string denoise = "[";
+  for (size_t mi = 0; mi < modes.size(); ++mi) {
+    for (size_t bi = 0; bi < batches.size(); ++bi) {
+      std::vector<uint64_t> ids;
+      for (int i = 0; i < batches[bi]; ++i) {
+        SamplingParams p = params;
+        p.seed = params.seed + static_cast<uint64_t>(i);
+        p.kv_cache = modes[mi];
+        ids.push_back(engine.create(prompt, p));
+      }
+      const uint64_t cache_bytes = engine.info(ids[0]).kv_cache_bytes;
+      std::vector<double> step_ms;
+      long long sequence_steps = 0, denoised = 0, forwards = 0, refreshes = 0, computed = 0;
+      const auto start = std::chrono::steady_clock::now();
+      const double cpu_start = cpu_ms();
+      while (!ids.empty()) {
+        const auto step_start = std::chrono::steady_clock::now();
+        std::vector<uint64_t> running;
+        for (const StepOutput& out : engine.step(ids)) {
+          ++sequence_steps;
+          denoised += static_cast<long long>(out.committed.size()) - out.filled;
+          if (out.finished) {
+            forwards += out.forward_passes;
+            refreshes += out.kv_refreshes;
+            computed += out.positions_computed;
+            engine.release(out.id);
+          } else {
+            running.push_back(out.id);
+          }
+        }
+        step_ms.push_back(ms_since(step_start));
+        ids = std::move(running);
+      }
+      const double total_ms = ms_since(start), total_cpu_ms = cpu_ms() - cpu_start;
+      const double tokens = static_cast<double>(batches[bi]) * params.gen_length;
+      denoise += std::string(mi + bi ? "," : "") + "{\"kv_cache\":" + json_string(kv_cache_name(modes[mi])) +
+                 ",\"batch\":" + std::to_string(batches[bi]) + ",\"steps\":" + std::to_string(step_ms.size()) +
+                 ",\"ms\":" + json_number(total_ms) + ",\"cpu_ms\":" + json_number(total_cpu_ms) +
+                 ",\"step_ms_median\":" + json_number(median(step_ms)) +
+                 ",\"tokens_per_s\":" + json_number(tokens / (total_ms / 1000.0)) +
+                 ",\"tokens_per_cpu_s\":" + json_number(tokens / (total_cpu_ms / 1000.0)) +
+                 ",\"tokens_per_step\":" + json_number(static_cast<double>(denoised) / sequence_steps) +
+                 ",\"forwards_per_token\":" + json_number(forwards / tokens) +
+                 ",\"refreshes_per_token\":" + json_number(refreshes / tokens) +
+                 ",\"canvas_forwards_per_token\":" + json_number(computed / static_cast<double>(length) / tokens) +
+                 ",\"kv_cache_bytes_per_sequence\":" + std::to_string(cache_bytes) + "}";
+    }
+  }
+  denoise += "]";
+
   std::printf(
       "{\"threads\":%d,\"weight_dtype\":%s,\"prompt_len\":%d,\"gen\":%d,\"block\":%d,\"steps\":%d,"
-      "\"forward_ms\":{\"canvas\":%d,\"all_rows\":%s,\"block_rows\":%s},\"denoise\":%s}\n",
+      "\"threshold\":%s,\"factor\":%s,\"load_average\":[%s,%s],\"forward_ms\":%s,\"denoise\":%s}\n",
       model->threads(), json_string(model->weight_dtype()).c_str(), prompt_len, params.gen_length,
-      params.block_length, params.steps, length, stats(all_ms).c_str(), stats(block_ms).c_str(),
-      denoise.c_str());
+      params.block_length, params.steps, json_number(params.parallel_threshold).c_str(),
+      json_number(params.parallel_factor).c_str(), json_number(load_before).c_str(),
+      json_number(load_average()).c_str(), forward_ms.c_str(), denoise.c_str());
   return 0;
 }
 

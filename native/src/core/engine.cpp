@@ -3,10 +3,15 @@
 // One step of one sequence, as in LLaDA's reference generate():
 //   1. the current block's schedule says how many tokens k to commit now (k = 0: nothing to do);
 //   2. the model predicts every still-masked position of the current block (with cfg, a second copy of
-//      the canvas whose prompt is masked runs in the same batched forward);
-//   3. each such row picks a token x0 (argmax, or Gumbel-max with temperature; never the mask token, see
-//      sampler.h) and a confidence;
+//      the canvas whose prompt and suffix are masked runs in the same batched forward);
+//   3. each such row picks a token x0 (argmax, or Gumbel-max with temperature, optionally restricted to
+//      the top-k / top-p candidates; never the mask token, see sampler.h) and a confidence;
 //   4. the k most confident rows are committed. Committed tokens are never masked again.
+// With parallel decoding, step 1 has no quota and step 4 commits the rows select_parallel picks. A block
+// is done when it has no mask left; then, with early stop, an answer that has ended is finished at once
+// (the remaining blocks filled with EOS) instead of denoising the blocks after it.
+// With a KV cache, step 2's forward is a refresh (the whole canvas, written into the cache) at a block's
+// first step, else a read computing only the block (dual) or the block and what follows (prefix).
 #include "engine.h"
 
 #include <algorithm>
@@ -23,8 +28,11 @@ namespace vdiff {
 
 class Sequence {
  public:
-  std::vector<int32_t> canvas;  // prompt followed by the answer; mask tokens where nothing is committed
+  uint64_t id = 0;
+  // Prompt, answer, suffix; mask tokens where nothing is committed (only ever in the answer).
+  std::vector<int32_t> canvas;
   int prompt_length = 0;
+  int suffix_length = 0;
   SamplingParams params;
   std::vector<BlockPlan> blocks;
   int steps_total = 0;
@@ -34,10 +42,24 @@ class Sequence {
   int steps_done = 0;
   bool finished = false;
   FinishReason reason = FinishReason::None;
+  // KV caches (KVCacheMode other than None): one per canvas the forward sees (two with cfg); freed as
+  // soon as the sequence finishes. cache_block: the block of their last refresh (-1: none yet).
+  std::unique_ptr<KVCache> cache, uncond_cache;
+  int cache_block = -1;
+  // Statistics.
+  int forward_passes = 0;
+  int tokens_denoised = 0;
+  int kv_refreshes = 0;
+  int64_t positions_computed = 0;
 
-  int answer_length() const { return static_cast<int>(canvas.size()) - prompt_length; }
+  int answer_length() const { return params.gen_length; }
+  int answer_begin() const { return prompt_length; }
+  int answer_end() const { return prompt_length + params.gen_length; }
+  bool parallel() const { return params.parallel_threshold > 0.0 || params.parallel_factor > 0.0; }
+  uint64_t cache_bytes() const { return (cache ? cache->size() : 0) + (uncond_cache ? uncond_cache->size() : 0); }
   uint64_t memory_bytes() const {
-    return sizeof(Sequence) + canvas.capacity() * sizeof(int32_t) + blocks.capacity() * sizeof(BlockPlan);
+    return sizeof(Sequence) + canvas.capacity() * sizeof(int32_t) + blocks.capacity() * sizeof(BlockPlan) +
+           cache_bytes();
   }
 };
 
@@ -50,28 +72,37 @@ Engine::Engine(std::shared_ptr<Model> model) : model_(std::move(model)) {
 
 Engine::~Engine() = default;
 
-static void validate(const std::vector<int32_t>& prompt, const SamplingParams& p, const ModelConfig& c) {
+// Token ids of a prompt or suffix: in the vocabulary, and not the mask token.
+static void validate_tokens(const std::vector<int32_t>& tokens, const char* name, const ModelConfig& c) {
+  const int vocab = c.embedding_size;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const std::string at = std::string(name) + "[" + std::to_string(i) + "]";
+    if (tokens[i] < 0 || tokens[i] >= vocab)
+      throw invalid(at + " = " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " +
+                    std::to_string(vocab) + ")");
+    // The reference would treat a mask token in the context as a hole to fill; holes are the answer's
+    // masks only, so it is refused rather than silently rewritten.
+    if (tokens[i] == c.mask_token_id) throw invalid(at + " is the mask token " + std::to_string(c.mask_token_id));
+  }
+}
+
+static void validate(const std::vector<int32_t>& prompt, const std::vector<int32_t>& suffix,
+                     const SamplingParams& p, const ModelConfig& c) {
   const int vocab = c.embedding_size;
   // An empty prompt is allowed: it is unconditional generation (the reference handles it the same way;
   // with cfg the unconditional copy is then identical to the conditional one).
-  for (size_t i = 0; i < prompt.size(); ++i) {
-    if (prompt[i] < 0 || prompt[i] >= vocab)
-      throw invalid("prompt[" + std::to_string(i) + "] = " + std::to_string(prompt[i]) +
-                    " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
-    // The reference would treat a mask token in the prompt as a hole to fill; that is infilling, which
-    // this API does not offer, so it is refused rather than silently rewritten.
-    if (prompt[i] == c.mask_token_id)
-      throw invalid("prompt[" + std::to_string(i) + "] is the mask token " + std::to_string(c.mask_token_id));
-  }
+  validate_tokens(prompt, "prompt", c);
+  validate_tokens(suffix, "suffix", c);
   if (p.gen_length < 1) throw invalid("gen_length must be >= 1 (got " + std::to_string(p.gen_length) + ")");
   if (p.block_length < 1)
     throw invalid("block_length must be >= 1 (got " + std::to_string(p.block_length) + ")");
   if (p.steps < 1) throw invalid("steps must be >= 1 (got " + std::to_string(p.steps) + ")");
-  const int64_t total = static_cast<int64_t>(prompt.size()) + p.gen_length;
+  const int64_t total = static_cast<int64_t>(prompt.size()) + p.gen_length + static_cast<int64_t>(suffix.size());
   if (total > c.max_sequence_length)
     throw invalid("prompt of " + std::to_string(prompt.size()) + " tokens plus gen_length " +
-                  std::to_string(p.gen_length) + " exceeds the model context of " +
-                  std::to_string(c.max_sequence_length));
+                  std::to_string(p.gen_length) +
+                  (suffix.empty() ? "" : " plus suffix of " + std::to_string(suffix.size()) + " tokens") +
+                  " exceeds the model context of " + std::to_string(c.max_sequence_length));
   if (!(p.temperature >= 0.0) || !std::isfinite(p.temperature))
     throw invalid("temperature must be a finite number >= 0 (got " + std::to_string(p.temperature) + ")");
   if (!(p.cfg_scale >= 0.0) || !std::isfinite(p.cfg_scale))
@@ -81,23 +112,49 @@ static void validate(const std::vector<int32_t>& prompt, const SamplingParams& p
   if (p.eot_token_id != -1 && (p.eot_token_id < 0 || p.eot_token_id >= vocab))
     throw invalid("eot_token_id " + std::to_string(p.eot_token_id) + " is outside the vocabulary [0, " +
                   std::to_string(vocab) + ") (use -1 for none)");
+  if (p.top_k < 0) throw invalid("top_k must be >= 0 (0: off) (got " + std::to_string(p.top_k) + ")");
+  if (!(p.top_p > 0.0 && p.top_p <= 1.0))
+    throw invalid("top_p must be in (0, 1] (1: off) (got " + std::to_string(p.top_p) + ")");
+  if (!(p.parallel_threshold >= 0.0 && p.parallel_threshold <= 1.0))
+    throw invalid("parallel_threshold must be in [0, 1] (0: off) (got " + std::to_string(p.parallel_threshold) + ")");
+  if (!(p.parallel_factor >= 0.0) || !std::isfinite(p.parallel_factor))
+    throw invalid("parallel_factor must be a finite number >= 0 (0: off) (got " +
+                  std::to_string(p.parallel_factor) + ")");
+  if (p.parallel_threshold > 0.0 && p.parallel_factor > 0.0)
+    throw invalid("parallel_threshold and parallel_factor cannot both be set");
+  if (p.kv_cache != KVCacheMode::None && p.kv_cache != KVCacheMode::Prefix && p.kv_cache != KVCacheMode::Dual)
+    throw invalid("kv_cache must be none, prefix or dual");
+  if (p.kv_refresh_interval < 0)
+    throw invalid("kv_refresh_interval must be >= 0 (0: only at block starts) (got " +
+                  std::to_string(p.kv_refresh_interval) + ")");
 }
 
-uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams& params) {
+uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams& params,
+                        const std::vector<int32_t>& suffix) {
   const ModelConfig& config = model_->config();
-  validate(prompt, params, config);
+  validate(prompt, suffix, params, config);
 
   auto seq = std::make_shared<Sequence>();
   seq->prompt_length = static_cast<int>(prompt.size());
+  seq->suffix_length = static_cast<int>(suffix.size());
   seq->params = params;
-  seq->canvas.reserve(prompt.size() + params.gen_length);
+  seq->canvas.reserve(prompt.size() + params.gen_length + suffix.size());
   seq->canvas.assign(prompt.begin(), prompt.end());
   seq->canvas.resize(prompt.size() + params.gen_length, config.mask_token_id);
+  seq->canvas.insert(seq->canvas.end(), suffix.begin(), suffix.end());
   seq->blocks = plan_blocks(params.gen_length, params.block_length, params.steps);
-  for (const BlockPlan& b : seq->blocks) seq->steps_total += b.steps;
+  // Parallel decoding commits at least one token a step, so a block takes at most its length in steps.
+  if (seq->parallel()) seq->steps_total = params.gen_length;
+  else for (const BlockPlan& b : seq->blocks) seq->steps_total += b.steps;
+  if (params.kv_cache != KVCacheMode::None) {
+    const int length = static_cast<int>(seq->canvas.size());
+    seq->cache = model_->make_kv_cache(length);
+    if (params.cfg_scale > 0.0) seq->uncond_cache = model_->make_kv_cache(length);
+  }
 
   std::lock_guard<std::mutex> lock(mu_);
   const uint64_t id = next_id_++;
+  seq->id = id;
   sequences_.emplace(id, std::move(seq));
   return id;
 }
@@ -121,14 +178,15 @@ void Engine::release(uint64_t id) {
 std::vector<int32_t> Engine::canvas(uint64_t id) const {
   std::shared_ptr<Sequence> seq = get(id);
   std::lock_guard<std::mutex> lock(mu_);  // a step commits under this lock
-  return std::vector<int32_t>(seq->canvas.begin() + seq->prompt_length, seq->canvas.end());
+  return std::vector<int32_t>(seq->canvas.begin() + seq->answer_begin(), seq->canvas.begin() + seq->answer_end());
 }
 
 SequenceInfo Engine::info(uint64_t id) const {
   std::shared_ptr<Sequence> seq = get(id);
   std::lock_guard<std::mutex> lock(mu_);
-  return SequenceInfo{seq->prompt_length, seq->answer_length(), seq->steps_total, seq->steps_done,
-                      seq->finished, seq->memory_bytes()};
+  return SequenceInfo{seq->prompt_length,  seq->answer_length(), seq->suffix_length,   seq->steps_total,
+                      seq->steps_done,     seq->finished,        seq->memory_bytes(),  seq->forward_passes,
+                      seq->tokens_denoised, seq->kv_refreshes,   seq->cache_bytes(), seq->positions_computed};
 }
 
 size_t Engine::live() const {
@@ -141,9 +199,14 @@ namespace {
 // What one sequence does in the step being built.
 struct Work {
   std::shared_ptr<Sequence> seq;
-  int k = 0;                     // tokens to commit now
+  int k = 0;                     // tokens to commit now (quota mode; parallel decoding decides per step)
   std::vector<int32_t> rows;     // canvas positions that get logits (the block's still-masked ones)
-  std::vector<int32_t> uncond;   // cfg only: the canvas with the prompt masked
+  std::vector<int32_t> uncond;   // cfg only: the canvas with the prompt and suffix masked
+  int forwards = 0;              // canvas evaluations this step: 0, 1, or 2 with cfg
+  bool refresh = false;          // ... which refresh the KV caches
+  int computed = 0;              // canvas positions each of them computes
+  bool block_done = false;       // this step commits the block's last mask
+  bool finishes = false;         // ... and that ends the sequence (last block, or an early stop)
   size_t first_row = 0;          // index of rows[0] among all conditional rows of the step
   size_t cond_offset = 0;        // row index into the logits buffer of the conditional rows
   size_t uncond_offset = 0;      // ... of the unconditional rows (cfg only)
@@ -163,22 +226,32 @@ struct RowJob {
 
 }  // namespace
 
+Engine::Pinned Engine::pin(const std::vector<uint64_t>& ids) const {
+  Pinned sequences;
+  std::set<uint64_t> seen;
+  for (uint64_t id : ids) {
+    if (!seen.insert(id).second) throw invalid("sequence " + std::to_string(id) + " appears twice in one step");
+    sequences.push_back(get(id));
+  }
+  return sequences;
+}
+
 std::vector<StepOutput> Engine::step(const std::vector<uint64_t>& ids, const std::atomic<bool>* cancel) {
+  return step_pinned(pin(ids), cancel);
+}
+
+std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::atomic<bool>* cancel) {
   std::lock_guard<std::mutex> step_lock(step_mu_);
   const ModelConfig& config = model_->config();
   const int vocab = config.embedding_size;
   const int32_t mask = config.mask_token_id;
 
-  // Resolve and check the batch before any work.
-  std::vector<Work> work(ids.size());
-  {
-    std::set<uint64_t> seen;
-    for (size_t i = 0; i < ids.size(); ++i) {
-      if (!seen.insert(ids[i]).second)
-        throw invalid("sequence " + std::to_string(ids[i]) + " appears twice in one step");
-      work[i].seq = get(ids[i]);
-      if (work[i].seq->finished) throw invalid("sequence " + std::to_string(ids[i]) + " is already finished");
-    }
+  // Check the batch before any work.
+  std::vector<Work> work(sequences.size());
+  for (size_t i = 0; i < sequences.size(); ++i) {
+    work[i].seq = sequences[i];
+    if (work[i].seq->finished)
+      throw invalid("sequence " + std::to_string(work[i].seq->id) + " is already finished");
   }
 
   // Plan: the rows each sequence needs, and the batched forward that computes them.
@@ -187,27 +260,43 @@ std::vector<StepOutput> Engine::step(const std::vector<uint64_t>& ids, const std
   for (Work& w : work) {
     const Sequence& s = *w.seq;
     const BlockPlan& block = s.blocks[s.block];
-    w.k = transfers_at(block.length, block.steps, s.step_in_block);
+    w.k = s.parallel() ? block.length : transfers_at(block.length, block.steps, s.step_in_block);
     if (w.k == 0) continue;  // nothing would be committed: no forward needed, the step still counts
-    // The candidates are the block's still-masked positions: earlier blocks are complete (each step
-    // commits exactly k real tokens and the schedule sums to the block length), later ones wait.
+    // The candidates are the block's still-masked positions: earlier blocks are complete (a block is
+    // left only when it has no mask), later ones wait.
     const int block_begin = s.prompt_length + block.start;
     for (int p = block_begin; p < block_begin + block.length; ++p)
       if (s.canvas[p] == mask) w.rows.push_back(p);
     if (w.rows.empty()) continue;  // cannot happen while k <= masks left in the block; nothing to sample
     const int length = static_cast<int>(s.canvas.size());
     const int n = static_cast<int>(w.rows.size());
+    // With a cache: a refresh computes the whole canvas; a read only the block (dual) or the block and
+    // everything after it (prefix). A refresh that was cancelled left its cache not filled.
+    int begin = 0, end = length;
+    if (s.cache) {
+      const int interval = s.params.kv_refresh_interval;
+      w.refresh = s.cache_block != s.block || (interval > 0 && s.step_in_block % interval == 0) ||
+                  !s.cache->filled() || (s.uncond_cache && !s.uncond_cache->filled());
+      if (!w.refresh) {
+        begin = block_begin;
+        end = s.params.kv_cache == KVCacheMode::Dual ? block_begin + block.length : length;
+      }
+    }
     w.first_row = n_cond_rows;
     n_cond_rows += n;
     w.cond_offset = n_rows;
-    batch.push_back(ForwardSeq{s.canvas.data(), length, w.rows.data(), n});
+    batch.push_back(ForwardSeq{s.canvas.data(), length, w.rows.data(), n, s.cache.get(), begin, end});
     n_rows += n;
+    w.forwards = 1;
+    w.computed = end - begin;
     if (s.params.cfg_scale > 0.0) {
       w.uncond = s.canvas;
-      std::fill(w.uncond.begin(), w.uncond.begin() + s.prompt_length, mask);
+      std::fill(w.uncond.begin(), w.uncond.begin() + s.answer_begin(), mask);
+      std::fill(w.uncond.begin() + s.answer_end(), w.uncond.end(), mask);
       w.uncond_offset = n_rows;
-      batch.push_back(ForwardSeq{w.uncond.data(), length, w.rows.data(), n});
+      batch.push_back(ForwardSeq{w.uncond.data(), length, w.rows.data(), n, s.uncond_cache.get(), begin, end});
       n_rows += n;
+      w.forwards = 2;
     }
   }
 
@@ -224,8 +313,17 @@ std::vector<StepOutput> Engine::step(const std::vector<uint64_t>& ids, const std
   for (size_t i = 0; i < work.size(); ++i) {
     const Work& w = work[i];
     const SamplingParams& p = w.seq->params;
-    rules[i] = RowRule{vocab, std::min(config.vocab_size, vocab), mask, p.temperature, p.remasking,
-                       config.eos_token_id, p.eot_token_id, p.logits_eos_inf, p.confidence_eos_eot_inf};
+    rules[i] = RowRule{.row_size = vocab,
+                       .vocab_size = std::min(config.vocab_size, vocab),
+                       .mask_token_id = mask,
+                       .temperature = p.temperature,
+                       .remasking = p.remasking,
+                       .eos_token_id = config.eos_token_id,
+                       .eot_token_id = p.eot_token_id,
+                       .logits_eos_inf = p.logits_eos_inf,
+                       .confidence_eos_eot_inf = p.confidence_eos_eot_inf,
+                       .top_k = p.top_k,
+                       .top_p = p.top_p};
     const bool cfg = p.cfg_scale > 0.0;
     for (size_t r = 0; r < w.rows.size(); ++r) {
       float* row = logits.get() + (w.cond_offset + r) * vocab;
@@ -234,12 +332,20 @@ std::vector<StepOutput> Engine::step(const std::vector<uint64_t>& ids, const std
                             w.rows[r] - w.seq->prompt_length, &choices[w.first_row + r]});
     }
   }
-  pool_->parallel_for(jobs.size(), [&jobs, vocab](size_t begin, size_t end, int) {
+  // Per worker thread: the index buffer top-k / top-p filtering sorts, reserved here so that the
+  // workers never allocate (the pool's functions must not throw).
+  std::vector<std::vector<int32_t>> scratch(pool_->size());
+  const bool filtering = std::any_of(rules.begin(), rules.end(), [](const RowRule& r) {
+    return r.temperature > 0.0 && (r.top_k > 0 || r.top_p < 1.0);
+  });
+  if (filtering)
+    for (std::vector<int32_t>& buffer : scratch) buffer.reserve(static_cast<size_t>(vocab));
+  pool_->parallel_for(jobs.size(), [&jobs, &scratch, vocab](size_t begin, size_t end, int thread) {
     for (size_t j = begin; j < end; ++j) {
       const RowJob& job = jobs[j];
       if (job.uncond) apply_cfg(job.logits, job.uncond, vocab, job.cfg_scale);
       Rng rng = row_rng(job.seed, job.step, job.position);
-      *job.out = sample_row(job.logits, *job.rule, rng);
+      *job.out = sample_row(job.logits, *job.rule, rng, &scratch[thread]);
     }
   });
 
@@ -248,41 +354,82 @@ std::vector<StepOutput> Engine::step(const std::vector<uint64_t>& ids, const std
   // Decide everything (and allocate everything) before touching any sequence.
   std::vector<StepOutput> outputs(work.size());
   for (size_t i = 0; i < work.size(); ++i) {
-    const Work& w = work[i];
+    Work& w = work[i];
     const Sequence& s = *w.seq;
+    const SamplingParams& p = s.params;
     StepOutput& out = outputs[i];
-    out.id = ids[i];
+    out.id = s.id;
     out.block = s.block;
     std::vector<double> confidence(w.rows.size());
     for (size_t r = 0; r < w.rows.size(); ++r) confidence[r] = choices[w.first_row + r].confidence;
-    for (int r : select_most_confident(confidence.data(), static_cast<int>(confidence.size()), w.k)) {
+    const int n = static_cast<int>(confidence.size());
+    const std::vector<int> chosen = s.parallel()
+                                        ? select_parallel(confidence.data(), n, p.parallel_threshold, p.parallel_factor)
+                                        : select_most_confident(confidence.data(), n, w.k);
+    for (int r : chosen) {
       const RowChoice& c = choices[w.first_row + r];
-      out.committed.push_back(CommittedToken{w.rows[r] - s.prompt_length, c.token,
+      out.committed.push_back(CommittedToken{w.rows[r] - s.answer_begin(), c.token,
                                              static_cast<float>(c.probability)});
+    }
+
+    // The block is done when this step committed its last mask.
+    const BlockPlan& block = s.blocks[s.block];
+    const int block_end = block.start + block.length;  // in the answer
+    int masks_left = -static_cast<int>(chosen.size());
+    for (int q = block.start; q < block_end; ++q) masks_left += s.canvas[s.answer_begin() + q] == mask;
+    w.block_done = masks_left == 0;
+    const bool last_block = s.block + 1 == static_cast<int>(s.blocks.size());
+    w.finishes = w.block_done && last_block;
+    if (w.block_done && !last_block && p.early_stop) {
+      // The answer up to the end of this block is final once this step's tokens are in.
+      std::vector<int32_t> answer(s.canvas.begin() + s.answer_begin(), s.canvas.begin() + s.answer_begin() + block_end);
+      for (const CommittedToken& t : out.committed) answer[t.position] = t.token;
+      if (answer_has_ended(answer.data(), block_end, config.eos_token_id, p.eot_token_id)) {
+        for (int q = block_end; q < s.answer_length(); ++q)
+          out.committed.push_back(CommittedToken{q, config.eos_token_id, 1.0f});
+        out.filled = s.answer_length() - block_end;
+        w.finishes = true;
+      }
     }
   }
 
   // Commit.
   std::lock_guard<std::mutex> lock(mu_);
   for (size_t i = 0; i < work.size(); ++i) {
-    Sequence& s = *work[i].seq;
+    const Work& w = work[i];
+    Sequence& s = *w.seq;
     StepOutput& out = outputs[i];
-    for (const CommittedToken& t : out.committed) s.canvas[s.prompt_length + t.position] = t.token;
+    for (const CommittedToken& t : out.committed) s.canvas[s.answer_begin() + t.position] = t.token;
     ++s.steps_done;
-    if (++s.step_in_block == s.blocks[s.block].steps) {
+    s.forward_passes += w.forwards;
+    s.positions_computed += static_cast<int64_t>(w.forwards) * w.computed;
+    if (w.refresh) {
+      s.cache_block = s.block;
+      s.kv_refreshes += w.forwards;
+    }
+    s.tokens_denoised += static_cast<int>(out.committed.size()) - out.filled;
+    if (!w.block_done) {
+      ++s.step_in_block;
+    } else if (!w.finishes) {
+      ++s.block;
       s.step_in_block = 0;
-      if (++s.block == static_cast<int>(s.blocks.size())) {
-        s.block = static_cast<int>(s.blocks.size()) - 1;
-        s.finished = true;
-        const bool eos = std::any_of(s.canvas.begin() + s.prompt_length, s.canvas.end(), [&](int32_t t) {
-          return t == config.eos_token_id || (s.params.eot_token_id >= 0 && t == s.params.eot_token_id);
-        });
-        s.reason = eos ? FinishReason::Eos : FinishReason::Length;
-      }
+    } else {
+      s.finished = true;
+      const bool eos = std::any_of(s.canvas.begin() + s.answer_begin(), s.canvas.begin() + s.answer_end(),
+                                   [&](int32_t t) {
+                                     return t == config.eos_token_id ||
+                                            (s.params.eot_token_id >= 0 && t == s.params.eot_token_id);
+                                   });
+      s.reason = eos ? FinishReason::Eos : FinishReason::Length;
+      s.cache.reset();  // never read again
+      s.uncond_cache.reset();
     }
     out.finished = s.finished;
     out.reason = s.reason;
     out.steps_done = s.steps_done;
+    out.forward_passes = s.forward_passes;
+    out.kv_refreshes = s.kv_refreshes;
+    out.positions_computed = s.positions_computed;
   }
   return outputs;
 }

@@ -16,6 +16,14 @@ namespace vdiff {
 
 enum class Remasking { LowConfidence, Random };
 
+// Approximate KV caching (Fast-dLLM), per sequence. At the first step of every block one forward over
+// the whole canvas refreshes the cache (its logits serve that step); the block's later steps compute
+//   Prefix: the block and everything after it, attending to the cached prefix;
+//   Dual:   the block only, attending to the cached prefix and the cached rest (suffix and later blocks).
+// Approximate because the cached keys and values are those of the canvas at the refresh, before this
+// block's commits. Memory: Model::kv_cache_bytes(canvas length) per sequence (twice with cfg).
+enum class KVCacheMode { None, Prefix, Dual };
+
 struct SamplingParams {
   int gen_length = 128;        // answer length in tokens (>= 1); prompt + gen_length <= max_sequence_length
   int block_length = 32;       // semi-autoregressive block size (>= 1); the last block may be shorter
@@ -27,12 +35,35 @@ struct SamplingParams {
   bool logits_eos_inf = false;          // reference option: forbid EOS in the logits
   bool confidence_eos_eot_inf = false;  // reference option: EOS/EOT confidence to -inf
   int eot_token_id = -1;       // end-of-turn token (LLaDA-Instruct: 126348); -1: none
+
+  // Candidate filtering of the draw at temperature > 0 (no effect at temperature 0); see sampler.h.
+  int top_k = 0;               // >= 0; 0: off
+  double top_p = 1.0;          // in (0, 1]; 1: off
+
+  // Confidence-aware parallel decoding (Fast-dLLM); at most one of the two may be set (> 0). When set it
+  // replaces the per-step quota of `steps`: each step commits the block's most confident masked position
+  // plus those that pass the rule (sampler.h, select_parallel), and a block ends when it has no masks.
+  // The step count then depends on the data; gen_length steps is its upper bound.
+  double parallel_threshold = 0.0;  // in [0, 1]; 0: off
+  double parallel_factor = 0.0;     // >= 0; 0: off
+
+  // Early stop: when a block completes and the answer up to its end has ended (sampler.h,
+  // answer_has_ended), the remaining blocks are not denoised but filled with EOS in that same step.
+  // Off by default: the reference denoises every block, and its padding after the end token is not
+  // all EOS. The answer up to its first end token is the same either way.
+  bool early_stop = false;
+
+  KVCacheMode kv_cache = KVCacheMode::None;
+  // With a cache, also refresh at every kv_refresh_interval-th step inside a block (1: every step, which
+  // gives the uncached output exactly); 0: only at block starts.
+  int kv_refresh_interval = 0;
 };
 
 struct CommittedToken {
   int32_t position;    // index into the answer (0 .. gen_length-1)
   int32_t token;
-  float probability;   // the softmax probability of `token` at the step it was committed
+  float probability;   // the softmax probability of `token` at the step it was committed; 1 for the
+                       // EOS an early stop fills in (certain by rule, not sampled)
 };
 
 enum class FinishReason { None, Length, Eos };
@@ -44,15 +75,26 @@ struct StepOutput {
   FinishReason reason = FinishReason::None;  // Eos when the answer holds an EOS/EOT token, else Length
   int block = 0;        // the block this step worked on
   int steps_done = 0;   // denoising steps done so far by this sequence (this one included)
+  int filled = 0;       // how many of `committed` (the last ones) an early stop filled with EOS
+  int forward_passes = 0;  // canvas evaluations so far (this step's included): 1 per step, 2 with cfg
+                           // (a cached step's partial forward counts as one)
+  int kv_refreshes = 0;    // of those, the ones that refreshed a KV cache (whole-canvas forwards)
+  int64_t positions_computed = 0;  // canvas positions the forwards computed so far: the cost a cache cuts
 };
 
 struct SequenceInfo {
   int prompt_length;
   int gen_length;
-  int steps_total;        // planned steps over all blocks
+  int suffix_length;
+  int steps_total;        // planned steps over all blocks; an upper bound with parallel decoding or early stop
   int steps_done;
   bool finished;
   uint64_t memory_bytes;  // what this sequence holds (canvas, schedules, scratch)
+  int forward_passes;     // canvas evaluations so far (see StepOutput)
+  int tokens_denoised;    // answer positions committed by sampling (not filled by an early stop)
+  int kv_refreshes;       // forward passes that refreshed a KV cache (see StepOutput)
+  uint64_t kv_cache_bytes;  // held by its KV caches (included in memory_bytes; 0 once finished)
+  int64_t positions_computed;  // see StepOutput
 };
 
 class Sequence;    // defined in engine.cpp
@@ -65,14 +107,31 @@ class Engine {
 
   const Model& model() const { return *model_; }
 
-  // Validates the prompt (token ids in range, length within the context) and the settings; throws
-  // Error(InvalidArgument) naming the bad field. Returns the new sequence's id.
-  uint64_t create(const std::vector<int32_t>& prompt, const SamplingParams& params);
+  // Validates the prompt and suffix (token ids in range, no mask token, prompt + gen_length + suffix
+  // within the context) and the settings; throws Error(InvalidArgument) naming the bad field. Returns the
+  // new sequence's id. A KV cache is allocated here: beyond the model's cache budget this throws
+  // Error(InvalidArgument) when the cache alone exceeds it, Error(OutOfMemory) when live caches hold
+  // too much of it (see Model::make_kv_cache).
+  //
+  // The canvas is prompt, gen_length masks, suffix: with a suffix the answer is infilled between the two.
+  // The suffix is context like the prompt (the model sees it every step; it never changes); positions,
+  // blocks and the answer are those of the masked middle only. Under cfg the unconditional copy masks
+  // the prompt and the suffix (everything that is not answer), as the reference's formula does for any
+  // non-mask token of its canvas.
+  uint64_t create(const std::vector<int32_t>& prompt, const SamplingParams& params,
+                  const std::vector<int32_t>& suffix = {});
 
   // Advances every given sequence by one denoising step in one batched forward. Unknown or finished ids
   // throw Error(InvalidArgument); a set `cancel` flag throws Error(Cancelled) and leaves every sequence
   // as it was before the call. Thread-safe with create/release/info (one step at a time).
   std::vector<StepOutput> step(const std::vector<uint64_t>& ids, const std::atomic<bool>* cancel = nullptr);
+
+  // The same in two parts, for a caller that runs the step later on another thread (the addon): pin
+  // looks the sequences up now (unknown or repeated ids throw Error(InvalidArgument)) and keeps them
+  // alive, so a release() between the two frees them only when that step returns.
+  using Pinned = std::vector<std::shared_ptr<Sequence>>;
+  Pinned pin(const std::vector<uint64_t>& ids) const;
+  std::vector<StepOutput> step_pinned(const Pinned& sequences, const std::atomic<bool>* cancel = nullptr);
 
   // Frees the sequence's memory now (or, when a step holding it is in flight, as that step returns).
   // Unknown ids are ignored.

@@ -7,13 +7,19 @@
 //   logits = head(rmsnorm(x[requested rows]))         only the rows the sampler asked for
 // Linear layers run over all T tokens at once, split across threads by column panels; attention runs
 // per (sequence, head, block of queries) over that sequence's own keys, with no mask (bidirectional).
+//
+// With a KV cache a sequence contributes only its computed range [begin, end) to the T tokens: their
+// keys (after RoPE at their canvas positions) and values are written into the cache, and a read's
+// attention runs over the cache's keys of the whole canvas (stale outside the range, fresh inside).
 #include "model.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <set>
 
 #include "cpu/kernels.h"
 #include "error.h"
@@ -73,6 +79,63 @@ class Buffer {
   size_t size_ = 0;
 };
 
+// Bytes the model's caches hold, shared with every cache so a cache may outlive the model that made it.
+struct CacheAccount {
+  std::atomic<uint64_t> live{0};
+  uint64_t budget = 0;  // 0: no bound
+};
+
+// Keys and values of every layer as [layer][keys | values][position][kv_dim], in one allocation.
+class CpuKVCache final : public KVCache {
+ public:
+  CpuKVCache(std::shared_ptr<CacheAccount> account, const void* owner, int layers, int positions, int kv_dim,
+             WType type, uint64_t bytes)
+      : account_(std::move(account)), owner_(owner), positions_(positions), kv_dim_(kv_dim), type_(type), bytes_(bytes) {
+    data_ = static_cast<char*>(std::aligned_alloc(64, ((bytes + 63) / 64) * 64));
+    if (!data_) {
+      account_->live -= bytes_;  // reserved by the caller
+      throw Error(ErrorCode::OutOfMemory, "cannot allocate " + std::to_string(bytes >> 20) + " MiB for a KV cache");
+    }
+  }
+  ~CpuKVCache() override {
+    std::free(data_);
+    account_->live -= bytes_;
+  }
+
+  int positions() const override { return positions_; }
+  uint64_t size() const override { return bytes_; }
+  bool filled() const override { return filled_; }
+
+  const void* owner() const { return owner_; }
+  WType type() const { return type_; }
+  size_t element_size() const { return type_ == WType::F32 ? 4 : 2; }
+  // Start of position 0 of one layer's keys or values: rows of kv_dim elements.
+  char* keys(int layer) const { return data_ + (2 * static_cast<size_t>(layer)) * table_bytes(); }
+  char* values(int layer) const { return data_ + (2 * static_cast<size_t>(layer) + 1) * table_bytes(); }
+  size_t row_bytes() const { return static_cast<size_t>(kv_dim_) * element_size(); }
+
+  bool filled_ = false;
+
+ private:
+  size_t table_bytes() const { return static_cast<size_t>(positions_) * row_bytes(); }
+
+  std::shared_ptr<CacheAccount> account_;
+  const void* owner_;
+  int positions_, kv_dim_;
+  WType type_;
+  uint64_t bytes_;
+  char* data_ = nullptr;
+};
+
+// f32 -> bf16 with round to nearest even (NaN stays NaN).
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
 const char* wtype_name(WType t) {
   switch (t) {
     case WType::F32: return "f32";
@@ -100,7 +163,21 @@ class CpuModel final : public Model {
 
   void forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) override;
 
+  uint64_t kv_cache_bytes(int positions) const override;
+  std::unique_ptr<KVCache> make_kv_cache(int positions) override;
+  uint64_t kv_cache_live_bytes() const override { return cache_account_->live.load(); }
+  uint64_t kv_cache_budget_bytes() const override { return cache_account_->budget; }
+
  private:
+  // What one sequence of the current forward computes.
+  struct SeqPlan {
+    int offset;          // index of its first computed token among all T computed tokens
+    int begin, end;      // the computed range of its canvas
+    int length;          // canvas length: the keys its queries attend to
+    CpuKVCache* cache;   // nullptr: no cache
+    bool reads_cache;    // keys outside [begin, end) come from the cache
+  };
+
   // One output of a fused linear call: out[:, 0:w.rows] (+)= A · w^T.
   struct LinearOut {
     const Weight* w;
@@ -117,8 +194,9 @@ class CpuModel final : public Model {
   void rmsnorm_rows(const float* x, const std::vector<float>& w, float* y, int rows);
   void ensure_rope(int length);
   void apply_rope(float* q, float* k, int T);
-  void attention(int T);
-  void check_batch(const std::vector<ForwardSeq>& batch) const;
+  void store_in_caches(int layer);
+  void attention(int layer);
+  void plan_batch(const std::vector<ForwardSeq>& batch);
   void ensure_scratch(int T, int rows, int max_len);
 
   ModelConfig cfg_;
@@ -130,13 +208,15 @@ class CpuModel final : public Model {
   std::vector<float> ln_f_;
   uint64_t parameter_count_ = 0;
   uint64_t weight_bytes_ = 0;
+  WType cache_type_;
+  std::shared_ptr<CacheAccount> cache_account_ = std::make_shared<CacheAccount>();
 
   // RoPE tables [position][head_dim / 2], grown to the longest sequence seen.
   int rope_len_ = 0;
   std::vector<float> rope_cos_, rope_sin_;
 
   // Per-forward state and scratch (forward is not reentrant).
-  std::vector<int> seq_offset_, seq_length_;
+  std::vector<SeqPlan> plan_;
   Buffer x_, xn_, q_, k_, v_, att_, gate_, up_, rows_;
   std::vector<Buffer> gemm_scratch_, scores_;  // per thread
 };
@@ -198,11 +278,17 @@ CpuModel::CpuModel(const std::string& dir, const LoadOptions& options)
   ln_f_ = norm_weight(p + "ln_f.weight");
   head_ = cfg_.weight_tying ? wte_ : weight(p + "ff_out.weight", E, D);
   pool_ = std::make_unique<ThreadPool>(options.threads);
+  cache_type_ = options.kv_cache_dtype == KVCacheDType::BF16 ? WType::BF16 : WType::F32;
+  cache_account_->budget = options.kv_cache_budget_bytes;
   gemm_scratch_.resize(pool_->size());
   scores_.resize(pool_->size());
 }
 
-void CpuModel::check_batch(const std::vector<ForwardSeq>& batch) const {
+// Validates the batch (before anything is touched) and lays out the computed tokens.
+void CpuModel::plan_batch(const std::vector<ForwardSeq>& batch) {
+  plan_.clear();
+  std::set<const KVCache*> caches;
+  int offset = 0;
   for (size_t s = 0; s < batch.size(); ++s) {
     const ForwardSeq& seq = batch[s];
     const std::string where = "forward: sequence " + std::to_string(s) + ": ";
@@ -214,12 +300,39 @@ void CpuModel::check_batch(const std::vector<ForwardSeq>& batch) const {
       if (seq.tokens[i] < 0 || seq.tokens[i] >= cfg_.embedding_size)
         throw Error(ErrorCode::InvalidArgument, where + "token " + std::to_string(seq.tokens[i]) + " at position " +
                                                     std::to_string(i) + " is outside [0, " + std::to_string(cfg_.embedding_size) + ")");
+    const int begin = seq.compute_begin, end = seq.compute_end == -1 ? seq.length : seq.compute_end;
+    auto range = [&] {
+      char text[64];
+      std::snprintf(text, sizeof text, "[%d, %d)", begin, end);
+      return std::string(text);
+    };
+    if (begin < 0 || end > seq.length || begin >= end)
+      throw Error(ErrorCode::InvalidArgument, where + "compute range " + range() + " is not a non-empty part of [0, " +
+                                                  std::to_string(seq.length) + ")");
+    const bool whole = begin == 0 && end == seq.length;
+    CpuKVCache* cache = nullptr;
+    if (seq.cache) {
+      cache = dynamic_cast<CpuKVCache*>(seq.cache);
+      if (!cache || cache->owner() != this) throw Error(ErrorCode::InvalidArgument, where + "the KV cache was made by another model");
+      if (cache->positions() != seq.length)
+        throw Error(ErrorCode::InvalidArgument, where + "the KV cache serves " + std::to_string(cache->positions()) +
+                                                    " positions, the canvas has " + std::to_string(seq.length));
+      if (!caches.insert(cache).second)
+        throw Error(ErrorCode::InvalidArgument, where + "the same KV cache appears twice in one forward");
+      if (!whole && !cache->filled())
+        throw Error(ErrorCode::InvalidArgument, where + "the KV cache is not filled: computing " + range() +
+                                                    " needs a forward over the whole canvas first");
+    } else if (!whole) {
+      throw Error(ErrorCode::InvalidArgument, where + "computing only " + range() + " of the canvas needs a KV cache");
+    }
     if (seq.n_logit_rows < 0 || (seq.n_logit_rows > 0 && !seq.logit_rows))
       throw Error(ErrorCode::InvalidArgument, where + "bad logit rows");
     for (int r = 0; r < seq.n_logit_rows; ++r)
-      if (seq.logit_rows[r] < 0 || seq.logit_rows[r] >= seq.length)
-        throw Error(ErrorCode::InvalidArgument, where + "logit row " + std::to_string(seq.logit_rows[r]) + " is outside [0, " +
-                                                    std::to_string(seq.length) + ")");
+      if (seq.logit_rows[r] < begin || seq.logit_rows[r] >= end)
+        throw Error(ErrorCode::InvalidArgument, where + "logit row " + std::to_string(seq.logit_rows[r]) + " is outside " +
+                                                    (whole ? "[0, " + std::to_string(seq.length) + ")" : "the computed range " + range()));
+    plan_.push_back(SeqPlan{offset, begin, end, seq.length, cache, !whole && cache});
+    offset += end - begin;
   }
 }
 
@@ -303,10 +416,10 @@ void CpuModel::ensure_rope(int length) {
 void CpuModel::apply_rope(float* q, float* k, int T) {
   const int hd = cfg_.head_dim(), half = hd / 2;
   const int q_heads = cfg_.n_heads, kv_heads = cfg_.n_kv_heads;
-  // Position of token t is its index within its own sequence.
+  // Position of token t is its index within its own canvas.
   std::vector<int> position(T);
-  for (size_t s = 0; s < seq_offset_.size(); ++s)
-    for (int i = 0; i < seq_length_[s]; ++i) position[seq_offset_[s] + i] = i;
+  for (const SeqPlan& p : plan_)
+    for (int i = 0; i < p.end - p.begin; ++i) position[p.offset + i] = p.begin + i;
   pool_->parallel_for(T, [&](size_t begin, size_t end, int) {
     for (size_t t = begin; t < end; ++t) {
       const float* c = rope_cos_.data() + static_cast<size_t>(position[t]) * half;
@@ -325,7 +438,32 @@ void CpuModel::apply_rope(float* q, float* k, int T) {
   });
 }
 
-void CpuModel::attention(int T) {
+// Copies this layer's fresh keys and values of every cached sequence into its cache, at their positions.
+void CpuModel::store_in_caches(int layer) {
+  const int kv_dim = cfg_.n_kv_heads * cfg_.head_dim();
+  for (const SeqPlan& p : plan_) {
+    if (!p.cache) continue;
+    const CpuKVCache& c = *p.cache;
+    pool_->parallel_for(p.end - p.begin, [&](size_t begin, size_t end, int) {
+      for (size_t i = begin; i < end; ++i) {
+        const float* k = k_.data() + (p.offset + i) * kv_dim;
+        const float* v = v_.data() + (p.offset + i) * kv_dim;
+        char* k_dst = c.keys(layer) + (p.begin + i) * c.row_bytes();
+        char* v_dst = c.values(layer) + (p.begin + i) * c.row_bytes();
+        if (c.type() == WType::F32) {
+          std::memcpy(k_dst, k, c.row_bytes());
+          std::memcpy(v_dst, v, c.row_bytes());
+        } else {
+          auto* kh = reinterpret_cast<uint16_t*>(k_dst);
+          auto* vh = reinterpret_cast<uint16_t*>(v_dst);
+          for (int j = 0; j < kv_dim; ++j) kh[j] = f32_to_bf16(k[j]), vh[j] = f32_to_bf16(v[j]);
+        }
+      }
+    });
+  }
+}
+
+void CpuModel::attention(int layer) {
   const int hd = cfg_.head_dim();
   const int q_heads = cfg_.n_heads, kv_heads = cfg_.n_kv_heads, group = q_heads / kv_heads;
   const int64_t q_dim = static_cast<int64_t>(q_heads) * hd, kv_dim = static_cast<int64_t>(kv_heads) * hd;
@@ -334,46 +472,52 @@ void CpuModel::attention(int T) {
     int seq, head, q0, nq;
   };
   std::vector<Task> tasks;
-  for (size_t s = 0; s < seq_offset_.size(); ++s)
+  for (size_t s = 0; s < plan_.size(); ++s) {
+    const int n = plan_[s].end - plan_[s].begin;
     for (int h = 0; h < q_heads; ++h)
-      for (int q0 = 0; q0 < seq_length_[s]; q0 += kQueryBlock)
-        tasks.push_back({static_cast<int>(s), h, q0, std::min(kQueryBlock, seq_length_[s] - q0)});
+      for (int q0 = 0; q0 < n; q0 += kQueryBlock) tasks.push_back({static_cast<int>(s), h, q0, std::min(kQueryBlock, n - q0)});
+  }
   run_dynamic(*pool_, tasks.size(), [&](size_t i, int thread) {
     float* scratch = gemm_scratch_[thread].data();
     float* scores = scores_[thread].data();
     const Task& task = tasks[i];
-    const int L = seq_length_[task.seq];
-    const int64_t first = seq_offset_[task.seq];
+    const SeqPlan& p = plan_[task.seq];
+    const int L = p.length;
     const int kv_head = task.head / group;
-    const float* Q = q_.data() + (first + task.q0) * q_dim + task.head * hd;
-    const float* K = k_.data() + first * kv_dim + kv_head * hd;
-    const float* V = v_.data() + first * kv_dim + kv_head * hd;
+    const float* Q = q_.data() + (p.offset + task.q0) * q_dim + task.head * hd;
+    // Keys and values of all L positions: the fresh ones when the whole canvas was computed, else the
+    // cache's (which holds this call's fresh ones for the computed range).
+    MatB K, V;
+    if (p.reads_cache) {
+      const size_t head_bytes = static_cast<size_t>(kv_head) * hd * p.cache->element_size();
+      K = MatB{p.cache->keys(layer) + head_bytes, p.cache->type(), kv_dim, false};
+      V = MatB{p.cache->values(layer) + head_bytes, p.cache->type(), kv_dim, true};
+    } else {
+      K = MatB{k_.data() + p.offset * kv_dim + kv_head * hd, WType::F32, kv_dim, false};
+      V = MatB{v_.data() + p.offset * kv_dim + kv_head * hd, WType::F32, kv_dim, true};
+    }
     // scores[nq, L] = Q · K^T (K's rows are keys: a [N = L][K = hd] matrix), then softmax per row.
-    kernels_->gemm(task.nq, 0, L, hd, Q, q_dim, MatB{K, WType::F32, kv_dim, false}, scores, L, false, scratch);
+    kernels_->gemm(task.nq, 0, L, hd, Q, q_dim, K, scores, L, false, scratch);
     for (int r = 0; r < task.nq; ++r) kernels_->softmax(scores + static_cast<int64_t>(r) * L, L, scale);
     // out[nq, hd] = scores · V (V is [K = L][N = hd]).
-    float* out = att_.data() + (first + task.q0) * q_dim + task.head * hd;
-    kernels_->gemm(task.nq, 0, hd, L, scores, L, MatB{V, WType::F32, kv_dim, true}, out, q_dim, false, scratch);
+    float* out = att_.data() + (p.offset + task.q0) * q_dim + task.head * hd;
+    kernels_->gemm(task.nq, 0, hd, L, scores, L, V, out, q_dim, false, scratch);
   });
 }
 
 void CpuModel::forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) {
-  check_batch(batch);
+  plan_batch(batch);
   auto check_cancel = [&] {
     if (cancel && cancel->load(std::memory_order_relaxed)) throw Error(ErrorCode::Cancelled, "forward cancelled");
   };
   check_cancel();
   if (batch.empty()) return;
 
-  seq_offset_.clear();
-  seq_length_.clear();
   int T = 0, rows = 0, max_len = 0;
-  for (const ForwardSeq& s : batch) {
-    seq_offset_.push_back(T);
-    seq_length_.push_back(s.length);
-    T += s.length;
-    rows += s.n_logit_rows;
-    max_len = std::max(max_len, s.length);
+  for (size_t s = 0; s < batch.size(); ++s) {
+    T += plan_[s].end - plan_[s].begin;
+    rows += batch[s].n_logit_rows;
+    max_len = std::max(max_len, batch[s].length);
   }
   const int D = cfg_.d_model, H = cfg_.mlp_hidden_size, E = cfg_.embedding_size;
   const int q_dim = cfg_.n_heads * cfg_.head_dim(), kv_dim = cfg_.n_kv_heads * cfg_.head_dim();
@@ -389,19 +533,28 @@ void CpuModel::forward(const std::vector<ForwardSeq>& batch, float* logits, cons
   // Embedding lookup.
   std::vector<int32_t> tokens;
   tokens.reserve(T);
-  for (const ForwardSeq& s : batch) tokens.insert(tokens.end(), s.tokens, s.tokens + s.length);
+  for (size_t s = 0; s < batch.size(); ++s)
+    tokens.insert(tokens.end(), batch[s].tokens + plan_[s].begin, batch[s].tokens + plan_[s].end);
   pool_->parallel_for(T, [&](size_t begin, size_t end, int) {
     const size_t row_bytes = static_cast<size_t>(D) * (wte_.type == WType::F32 ? 4 : 2);
     for (size_t t = begin; t < end; ++t)
       kernels_->convert(static_cast<const char*>(wte_.data) + tokens[t] * row_bytes, wte_.type, x + t * D, D);
   });
 
-  for (const Block& blk : blocks_) {
+  // A cache that a whole-canvas call rewrites is not filled until every layer is done (a cancel in
+  // between leaves it unusable for reads). A read keeps its cache filled: a cancel leaves its computed
+  // range half written, and retrying the same range rewrites it.
+  for (const SeqPlan& p : plan_)
+    if (p.cache && !p.reads_cache) p.cache->filled_ = false;
+
+  for (int layer = 0; layer < cfg_.n_layers; ++layer) {
+    const Block& blk = blocks_[layer];
     check_cancel();
     rmsnorm_rows(x, blk.attn_norm, xn, T);
     linear(xn, T, D, {{&blk.q, q_.data(), q_dim, false}, {&blk.k, k_.data(), kv_dim, false}, {&blk.v, v_.data(), kv_dim, false}});
     apply_rope(q_.data(), k_.data(), T);
-    attention(T);
+    store_in_caches(layer);
+    attention(layer);
     linear(att_.data(), T, q_dim, {{&blk.attn_out, x, D, true}});  // residual: x += attn_out(att)
 
     rmsnorm_rows(x, blk.ff_norm, xn, T);
@@ -412,6 +565,8 @@ void CpuModel::forward(const std::vector<ForwardSeq>& batch, float* logits, cons
     });
     linear(gate_.data(), T, H, {{&blk.ff_out, x, D, true}});  // residual: x += ff_out(...)
   }
+  for (const SeqPlan& p : plan_)
+    if (p.cache) p.cache->filled_ = true;
   check_cancel();
 
   // Final norm and LM head for the requested rows only.
@@ -420,13 +575,50 @@ void CpuModel::forward(const std::vector<ForwardSeq>& batch, float* logits, cons
   int row = 0;
   for (size_t s = 0; s < batch.size(); ++s)
     for (int i = 0; i < batch[s].n_logit_rows; ++i, ++row)
-      std::memcpy(r + static_cast<size_t>(row) * D, x + static_cast<size_t>(seq_offset_[s] + batch[s].logit_rows[i]) * D,
-                  D * sizeof(float));
+      std::memcpy(r + static_cast<size_t>(row) * D,
+                  x + static_cast<size_t>(plan_[s].offset + batch[s].logit_rows[i] - plan_[s].begin) * D, D * sizeof(float));
   rmsnorm_rows(r, ln_f_, r, rows);
   linear(r, rows, D, {{&head_, logits, E, false}});
 }
 
+uint64_t CpuModel::kv_cache_bytes(int positions) const {
+  const uint64_t kv_dim = static_cast<uint64_t>(cfg_.n_kv_heads) * cfg_.head_dim();
+  return static_cast<uint64_t>(cfg_.n_layers) * static_cast<uint64_t>(std::max(positions, 0)) * kv_dim * 2 *
+         (cache_type_ == WType::F32 ? 4 : 2);
+}
+
+std::unique_ptr<KVCache> CpuModel::make_kv_cache(int positions) {
+  if (positions < 1 || positions > cfg_.max_sequence_length)
+    throw Error(ErrorCode::InvalidArgument, "KV cache: " + std::to_string(positions) + " positions is outside [1, " +
+                                                std::to_string(cfg_.max_sequence_length) + "]");
+  const uint64_t bytes = kv_cache_bytes(positions), budget = cache_account_->budget;
+  auto size_text = [](uint64_t b) {
+    return b < (10u << 20) ? std::to_string((b + 1023) >> 10) + " KiB" : std::to_string((b + (1 << 20) - 1) >> 20) + " MiB";
+  };
+  if (budget > 0 && bytes > budget)
+    throw Error(ErrorCode::InvalidArgument, "KV cache for " + std::to_string(positions) + " positions needs " +
+                                                size_text(bytes) + ", more than the whole cache budget of " + size_text(budget));
+  // Reserve the bytes first (other threads may be making caches too), then allocate.
+  uint64_t live = cache_account_->live.load();
+  do {
+    if (budget > 0 && live + bytes > budget)
+      throw Error(ErrorCode::OutOfMemory, "KV cache budget exhausted: " + size_text(bytes) + " wanted, " +
+                                              size_text(live) + " of " + size_text(budget) + " held by live caches");
+  } while (!cache_account_->live.compare_exchange_weak(live, live + bytes));
+  try {
+    return std::make_unique<CpuKVCache>(cache_account_, this, cfg_.n_layers, positions,
+                                        cfg_.n_kv_heads * cfg_.head_dim(), cache_type_, bytes);
+  } catch (const std::bad_alloc&) {  // make_unique's own allocation; the cache constructor never ran
+    cache_account_->live -= bytes;
+    throw Error(ErrorCode::OutOfMemory, "cannot allocate a KV cache");
+  }
+}
+
 }  // namespace
+
+std::unique_ptr<KVCache> Model::make_kv_cache(int positions) {
+  throw Error(ErrorCode::InvalidArgument, "this model does not support KV caching");
+}
 
 std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& options) {
   try {

@@ -108,12 +108,62 @@ static double softmax_probability(const float* logits, int n, int index) {
 
 static bool in_vocab(int token, int vocab) { return token >= 0 && token < vocab; }
 
-RowChoice sample_row(float* logits, const RowRule& rule, Rng& rng) {
+// The ranking top-k and top-p filter by: higher logit first, ties to the lower id; NaN ranks as -inf.
+static inline float rank_logit(float logit) { return std::isnan(logit) ? kMinusInf : logit; }
+
+static inline bool ranks_before(const float* logits, int32_t a, int32_t b) {
+  const float la = rank_logit(logits[a]), lb = rank_logit(logits[b]);
+  return la > lb || (la == lb && a < b);
+}
+
+// The last candidate of a filtered draw: the candidates are the drawable tokens ranked no lower than it
+// (see sampler.h for the rule). -1: no restriction (no drawable token, or no usable distribution).
+static int32_t last_candidate(const float* logits, const RowRule& rule, std::vector<int32_t>& order) {
+  order.clear();
+  for (int i = 0; i < rule.vocab_size; ++i)
+    if (drawable(i, rule)) order.push_back(i);
+  const int n = static_cast<int>(order.size());
+  if (n == 0) return -1;
+  const auto better = [logits](int32_t a, int32_t b) { return ranks_before(logits, a, b); };
+  // order[0 .. sorted) is the head of the ranking, in order; it grows only as far as needed, since a
+  // full sort of a 126k-token row for every row of every step would cost more than the draw itself.
+  int sorted = 0;
+  const auto sort_head = [&](int count) {
+    std::partial_sort(order.begin(), order.begin() + count, order.end(), better);
+    sorted = count;
+  };
+  const int keep = rule.top_k > 0 ? std::min(rule.top_k, n) : n;
+  if (keep < n) sort_head(keep);
+  if (rule.top_p >= 1.0) return keep < n ? order[keep - 1] : -1;
+
+  if (sorted == 0) sort_head(std::min(n, 64));
+  const double max = rank_logit(logits[order[0]]);
+  if (!std::isfinite(max)) return keep < n ? order[keep - 1] : -1;
+  const double temperature = rule.temperature;
+  const auto weight = [&](int32_t id) { return std::exp((static_cast<double>(rank_logit(logits[id])) - max) / temperature); };
+  double total = 0.0;  // over the tokens top-k kept: order[0 .. keep), sorted or not
+  for (int j = 0; j < keep; ++j) total += weight(order[j]);
+  const double target = rule.top_p * total;
+  double mass = 0.0;
+  for (int j = 0; j < keep; ++j) {
+    if (j == sorted) sort_head(std::min(keep, sorted * 8));
+    mass += weight(order[j]);
+    if (mass >= target) return order[j];
+  }
+  return keep < n ? order[keep - 1] : -1;  // rounding kept the sum below the target: every kept token
+}
+
+RowChoice sample_row(float* logits, const RowRule& rule, Rng& rng, std::vector<int32_t>* scratch) {
   const int n = rule.row_size;
   if (rule.logits_eos_inf && in_vocab(rule.eos_token_id, n)) logits[rule.eos_token_id] = kMinusInf;
 
   RowChoice choice;
   if (rule.temperature > 0.0) {
+    int32_t last = -1;  // the last top-k / top-p candidate; -1: every drawable token is one
+    if (rule.top_k > 0 || rule.top_p < 1.0) {
+      std::vector<int32_t> local;
+      last = last_candidate(logits, rule, scratch ? *scratch : local);
+    }
     // Gumbel-max in float64: the reference takes argmax of exp(l) / (-log u)^T. Its logarithm,
     // l - T * log(-log u), has the same argmax and cannot overflow. One draw per token, drawable or not,
     // so the stream lines up with the vocabulary.
@@ -122,7 +172,8 @@ RowChoice sample_row(float* logits, const RowRule& rule, Rng& rng) {
     for (int i = 0; i < rule.vocab_size; ++i) {
       const double u = rng.uniform_open();
       const double score = static_cast<double>(logits[i]) - rule.temperature * std::log(-std::log(u));
-      if (drawable(i, rule) && (best_index < 0 || score > best)) {
+      const bool candidate = drawable(i, rule) && (last < 0 || i == last || ranks_before(logits, i, last));
+      if (candidate && (best_index < 0 || score > best)) {
         best = score;
         best_index = i;
       }
@@ -152,19 +203,55 @@ RowChoice sample_row(float* logits, const RowRule& rule, Rng& rng) {
   return choice;
 }
 
+// NaN ranks like -inf.
+static inline double rank_confidence(double c) { return std::isnan(c) ? -INFINITY : c; }
+
+// The ranking of rows: more confident first, ties to the lower index.
+static auto more_confident(const double* confidence) {
+  return [confidence](int a, int b) {
+    const double ca = rank_confidence(confidence[a]), cb = rank_confidence(confidence[b]);
+    return ca > cb || (ca == cb && a < b);
+  };
+}
+
 std::vector<int> select_most_confident(const double* confidence, int n, int k) {
   k = std::clamp(k, 0, n);
   std::vector<int> order(n);
   std::iota(order.begin(), order.end(), 0);
-  const auto more_confident = [confidence](int a, int b) {
-    const double ca = std::isnan(confidence[a]) ? -INFINITY : confidence[a];
-    const double cb = std::isnan(confidence[b]) ? -INFINITY : confidence[b];
-    return ca > cb || (ca == cb && a < b);
-  };
-  std::partial_sort(order.begin(), order.begin() + k, order.end(), more_confident);
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), more_confident(confidence));
   order.resize(k);
   std::sort(order.begin(), order.end());
   return order;
+}
+
+// ---- confidence-aware parallel decoding -----------------------------------------------------------
+
+std::vector<int> select_parallel(const double* confidence, int n, double threshold, double factor) {
+  std::vector<int> order(std::max(n, 0));
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), more_confident(confidence));
+  int take = n > 0 ? 1 : 0;  // the most confident row, whatever its confidence
+  while (take < n) {
+    const int count = take + 1;  // committing this row would make `count` tokens in this step
+    const double bar = threshold > 0.0 ? threshold : 1.0 - factor / (count + 1);
+    if (!(rank_confidence(confidence[order[take]]) >= bar)) break;
+    ++take;
+  }
+  order.resize(take);
+  std::sort(order.begin(), order.end());
+  return order;
+}
+
+// ---- early stop -----------------------------------------------------------------------------------
+
+bool answer_has_ended(const int32_t* answer, int length, int eos, int eot) {
+  const auto is_end = [eos, eot](int32_t t) { return t == eos || (eot >= 0 && t == eot); };
+  int first = 0;
+  while (first < length && !is_end(answer[first])) ++first;
+  if (first == length) return false;
+  for (int i = first + 1; i < length; ++i)
+    if (!is_end(answer[i])) return false;
+  return true;
 }
 
 }  // namespace vdiff

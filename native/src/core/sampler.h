@@ -1,6 +1,7 @@
 // The pieces of one LLaDA denoising step that do not touch the model: the block plan and transfer
-// schedule, the per-sequence random numbers, picking a token for one row of logits, and choosing which
-// rows to commit. engine.cpp strings them together; sampler_tests.cpp checks each on its own.
+// schedule, the per-sequence random numbers, picking a token for one row of logits (with top-k / top-p
+// filtering), choosing which rows to commit (a fixed quota, or confidence-aware parallel decoding), and
+// the early-stop test. engine.cpp strings them together; sampler_tests.cpp checks each on its own.
 //
 // Semantics follow LLaDA's reference generate() (ML-GSAI/LLaDA generate.py); where the reference leaves
 // a case undefined (gen_length not a multiple of block_length, steps not a multiple of the block count)
@@ -65,6 +66,8 @@ struct RowRule {
   int eot_token_id = -1;  // -1: none
   bool logits_eos_inf = false;
   bool confidence_eos_eot_inf = false;
+  int top_k = 0;        // > 0: only the top_k best tokens can be drawn (temperature > 0 only); 0: off
+  double top_p = 1.0;   // < 1: only the nucleus can be drawn (temperature > 0 only); 1: off
 };
 
 struct RowChoice {
@@ -78,17 +81,48 @@ struct RowChoice {
 void apply_cfg(float* cond, const float* uncond, size_t n, double cfg_scale);
 
 // Picks x0 for one row and says how confident it is. May overwrite entries of `logits` (the EOS/EOT
-// options set them to -inf, as the reference does on its logits tensor). Does not allocate or throw.
+// options set them to -inf, as the reference does on its logits tensor). Does not throw; allocates only
+// for top-k / top-p filtering, and then only when no `scratch` (vocab_size ints, reused) is given.
+//
+// top-k and top-p restrict the candidates of the Gumbel-max draw at temperature > 0; at temperature 0
+// they change nothing (the argmax is always a candidate). Candidates are ranked by logit, ties to the
+// lower id; only drawable tokens (not the mask, not head padding) take part. top-k keeps the first
+// top_k of them. top-p then keeps the shortest prefix of that ranking whose probability mass reaches
+// top_p, where the mass is the float64 softmax of logit / temperature over the tokens top-k kept
+// (renormalised), accumulated in rank order until sum >= top_p * total. The first candidate is always
+// kept. Every token still consumes its uniform draw, so filtering never shifts the random stream.
+// The reported probability and confidence stay the unfiltered softmax of the raw logits (as without
+// filtering): filtering changes which token is drawn, not how sure the model was of it.
 //
 // One deliberate difference from the reference: x0 is never the mask token nor a head-padding id
 // (>= vocab_size). The reference would "commit" such a prediction, leaving the position masked (or
 // holding a non-token), so a step could commit fewer than k tokens and a finished answer could still
 // hold masks. Its probability still comes from the softmax over the whole row, as in the reference, so
 // whenever the reference's x0 is a real token the two agree exactly.
-RowChoice sample_row(float* logits, const RowRule& rule, Rng& rng);
+RowChoice sample_row(float* logits, const RowRule& rule, Rng& rng, std::vector<int32_t>* scratch = nullptr);
 
 // Indices (into confidence[0..n)) of the k most confident rows, ties to the lower index, returned in
 // ascending index order. k is clamped to [0, n].
 std::vector<int> select_most_confident(const double* confidence, int n, int k);
+
+// ---- confidence-aware parallel decoding (Fast-dLLM) -----------------------------------------------
+
+// Which rows one step of parallel decoding commits, instead of a fixed quota. The rows are ranked by
+// confidence (ties to the lower index, NaN last); the most confident one is always committed, so every
+// step makes progress. Then, in rank order, the n-th row (n = 2, 3, ...) is committed too while
+//   threshold mode (threshold > 0):  confidence >= threshold
+//   factor mode    (factor > 0):     confidence >= 1 - factor / (n + 1)
+// and the first row that fails ends the selection. The factor rule is Fast-dLLM's: commit n tokens when
+// (n + 1) * (1 - c_n) <= factor, where c_n is the n-th highest confidence; the bar rises with n, so more
+// tokens at once need more confidence each. (Fast-dLLM's loop also commits every row when only the last
+// one fails the bar; that is an off-by-one in its loop, not the rule, and is not copied.) Exactly one
+// of threshold and factor must be > 0. Returns indices in ascending order; empty only when n == 0.
+std::vector<int> select_parallel(const double* confidence, int n, double threshold, double factor);
+
+// ---- early stop -----------------------------------------------------------------------------------
+
+// Whether an answer whose first `length` positions are final has ended: it holds an end token (EOS, or
+// EOT when eot >= 0) and every position after the first one, up to `length`, is an end token too.
+bool answer_has_ended(const int32_t* answer, int length, int eos, int eot);
 
 }  // namespace vdiff

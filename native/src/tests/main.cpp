@@ -4,8 +4,9 @@
 //
 //   vdiff-native-tests [--golden DIR]     run every check; one line per check; exit status 1 on any failure
 //   vdiff-native-tests --bench            clock, FMA peak and GEMM GFLOP/s on 1 and 2 threads (no checks)
-//   vdiff-native-tests --bench-model DIR [--threads N] [--seq-len L] [--rows R]
-//                                         forward latency of a model directory (one JSON line)
+//   vdiff-native-tests --bench-model DIR [--threads N] [--seq-len L] [--rows R] [--read B E]
+//                                         forward latency of a model directory (one JSON line); with
+//                                         --read, of a KV cache read computing [B, E) (rows from B)
 //
 // Kernel tests cover every ISA the CPU has; the model tests use the kernels VDIFF_ISA selects (default:
 // the widest the CPU has). Golden fixtures default to test/fixtures/golden of the source tree.
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/engine.h"
 #include "core/error.h"
 #include "core/json.h"
 #include "core/model.h"
@@ -715,8 +717,18 @@ void write_tiny(const fs::path& dir, const TinyModel& m, int shards = 1, const s
   write_file(dir / "model.safetensors.index.json", index + "}}");
 }
 
+// Keys (after RoPE) and values of every layer and position: [layer][position][kv_dim].
+struct ReferenceKV {
+  std::vector<std::vector<std::vector<double>>> k, v;
+};
+
 // The forward pass in float64, written as plainly as possible: logits [L][embedding].
-std::vector<std::vector<double>> reference_forward(const TinyModel& m, const std::vector<int32_t>& tokens) {
+// With `stale`, the keys and values of the positions outside [begin, end) are taken from it instead of
+// being computed (what a KV cache read does); `kv_out` receives the keys and values used.
+std::vector<std::vector<double>> reference_forward(const TinyModel& m, const std::vector<int32_t>& tokens,
+                                                   ReferenceKV* kv_out = nullptr, const ReferenceKV* stale = nullptr,
+                                                   int begin = 0, int end = -1) {
+  if (end < 0) end = static_cast<int>(tokens.size());
   const TinySpec& s = m.spec;
   const int L = static_cast<int>(tokens.size()), D = s.d_model, hd = D / s.n_heads, H = s.hidden;
   auto W = [&](const std::string& name) -> const std::vector<double>& { return m.tensors.at("model.transformer." + name).exact; };
@@ -757,6 +769,10 @@ std::vector<std::vector<double>> reference_forward(const TinyModel& m, const std
       rope(q[t], s.n_heads);
       rope(k[t], s.n_kv_heads);
     }
+    if (stale)
+      for (int t = 0; t < L; ++t)
+        if (t < begin || t >= end) k[t] = stale->k[layer][t], v[t] = stale->v[layer][t];
+    if (kv_out) kv_out->k.push_back(k), kv_out->v.push_back(v);
     for (int t = 0; t < L; ++t) {
       std::vector<double> att(D, 0.0);
       for (int h = 0; h < s.n_heads; ++h) {
@@ -905,6 +921,462 @@ void test_model() {
                [&] { Model::load((tmp.path / "reshaped").string()); });
   expect_error("model load: no config.json", ErrorCode::InvalidModel, {"config.json"},
                [&] { Model::load((tmp.path / "nowhere").string()); });
+}
+
+// One sequence of a cached forward: the canvas, the rows wanted, the cache and the computed range.
+struct CachedSeq {
+  std::vector<int32_t> tokens;
+  std::vector<int32_t> rows;
+  KVCache* cache = nullptr;
+  int begin = 0, end = -1;
+};
+
+std::vector<float> run_cached(Model& model, const std::vector<CachedSeq>& seqs, const std::atomic<bool>* cancel = nullptr) {
+  std::vector<ForwardSeq> batch;
+  size_t n_rows = 0;
+  for (const CachedSeq& s : seqs) {
+    batch.push_back({s.tokens.data(), static_cast<int>(s.tokens.size()), s.rows.data(), static_cast<int>(s.rows.size()),
+                     s.cache, s.begin, s.end});
+    n_rows += s.rows.size();
+  }
+  std::vector<float> logits(n_rows * model.config().embedding_size);
+  model.forward(batch, logits.data(), cancel);
+  return logits;
+}
+
+std::vector<int32_t> range_rows(int begin, int end) {
+  std::vector<int32_t> r;
+  for (int p = begin; p < end; ++p) r.push_back(p);
+  return r;
+}
+
+// The rows `rows` (canvas positions) of a logits block that holds every position of the canvas.
+std::vector<float> select_rows(const std::vector<float>& all, const std::vector<int32_t>& rows, int E) {
+  std::vector<float> out;
+  for (int r : rows) out.insert(out.end(), all.begin() + static_cast<size_t>(r) * E, all.begin() + static_cast<size_t>(r + 1) * E);
+  return out;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double worst = a.size() == b.size() ? 0 : INFINITY;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) worst = std::max(worst, std::fabs(double(a[i]) - b[i]));
+  return worst;
+}
+
+double max_abs(const std::vector<float>& a) {
+  double m = 0;
+  for (float x : a) m = std::max(m, std::fabs(double(x)));
+  return m;
+}
+
+// Approximate KV caching (ForwardSeq::cache): exact where it must be, the stale-key semantics where it is
+// approximate (against the float64 reference), ragged batches, and the errors and the memory budget.
+void test_kv_cache() {
+  TempDir tmp;
+  std::mt19937 rng(11);
+  TinySpec spec;  // 4 query heads over 2 kv heads: the cache is indexed per kv head
+  TinyModel tiny = make_tiny(spec, WType::F32, 21);
+  write_tiny(tmp.path / "tiny", tiny);
+  const std::string dir = (tmp.path / "tiny").string();
+  const int E = spec.embedding;
+  auto model = Model::load(dir, LoadOptions{2});
+  LoadOptions bf16_options{2};
+  bf16_options.kv_cache_dtype = KVCacheDType::BF16;
+  auto bf16_model = Model::load(dir, bf16_options);
+
+  // A canvas of 150 positions: a prefix read computes 130 queries (more than one attention query block).
+  const int L = 150, block_begin = 20, block_end = 28;
+  std::vector<int32_t> canvas = random_tokens(rng, L, spec.vocab);
+  const std::vector<float> full = run_forward(*model, {canvas}, {all_rows(L)});
+
+  for (Model* m : {model.get(), bf16_model.get()}) {
+    const bool f32 = m == model.get();
+    const std::string kind = f32 ? "f32" : "bf16";
+    auto cache = m->make_kv_cache(L);
+    report(!cache->filled() && cache->size() == m->kv_cache_bytes(L) &&
+               cache->size() == uint64_t(spec.n_layers) * L * (spec.n_kv_heads * spec.d_model / spec.n_heads) * 2 * (f32 ? 4 : 2),
+           "kv cache (" + kind + "): size() = kv_cache_bytes = layers x positions x kv_dim x 2 x element",
+           std::to_string(cache->size()) + " bytes");
+    // (1) A refresh (the whole canvas through a cache) is the uncached forward, bit for bit.
+    report(run_cached(*m, {{canvas, all_rows(L), cache.get()}}) == full && cache->filled(),
+           "kv cache (" + kind + "): refresh equals the forward without cache, bit for bit, and fills the cache");
+    // (2) Reads over an unchanged canvas equal the full forward's rows: prefix (block + everything after
+    // it) and dual (the block only, cached keys on both sides).
+    for (bool dual : {false, true}) {
+      const int end = dual ? block_end : L;
+      const std::vector<int32_t> rows = range_rows(block_begin, end);
+      const std::vector<float> got = run_cached(*m, {{canvas, rows, cache.get(), block_begin, end}});
+      const std::vector<float> want = select_rows(full, rows, E);
+      const double diff = max_abs_diff(got, want), scale = max_abs(want);
+      const std::string name = "kv cache (" + kind + "): " + (dual ? "dual" : "prefix") + " read [" + std::to_string(block_begin) +
+                               ", " + std::to_string(end) + ") of an unchanged canvas equals the full forward";
+      // f32 keys are the very values a full forward uses, and every kernel's result per row is
+      // independent of the other rows, so the read is exact; bf16 keys carry 8 significant bits.
+      report(f32 ? got == want : diff <= 2e-2 * scale, name + (f32 ? " bit for bit" : " within 2e-2 x max|logit|"),
+             fmt("max |diff| %.2e, max |logit| %.2f", diff, scale));
+    }
+  }
+
+  // (3) Where tokens changed since the refresh, a read sees the refresh's keys and values outside its
+  // range and fresh ones inside: compare with the float64 reference doing exactly that.
+  {
+    std::vector<int32_t> before = random_tokens(rng, 90, spec.vocab);
+    std::vector<int32_t> after = before;
+    for (int p : {3, 25, 26, 31, 40, 70, 89}) after[p] = (after[p] + 7) % spec.vocab;  // prefix, block and suffix change
+    ReferenceKV stale;
+    reference_forward(tiny, before, &stale);
+    for (bool dual : {false, true}) {
+      const int begin = 24, end = dual ? 32 : 90;
+      auto cache = model->make_kv_cache(90);
+      run_cached(*model, {{before, {}, cache.get()}});
+      const std::vector<int32_t> rows = range_rows(begin, end);
+      const std::vector<float> got = run_cached(*model, {{after, rows, cache.get(), begin, end}});
+      const auto ref = reference_forward(tiny, after, nullptr, &stale, begin, end);
+      double worst = 0, scale = 0;
+      for (size_t r = 0; r < rows.size(); ++r)
+        for (int e = 0; e < E; ++e) {
+          worst = std::max(worst, std::fabs(got[r * E + e] - ref[rows[r]][e]));
+          scale = std::max(scale, std::fabs(ref[rows[r]][e]));
+        }
+      const std::vector<float> exact = select_rows(run_forward(*model, {after}, {all_rows(90)}), rows, E);
+      report(worst <= 1e-5 * scale && max_abs_diff(got, exact) > 1e-3 * scale,
+             std::string("kv cache: ") + (dual ? "dual" : "prefix") +
+                 " read of a changed canvas uses the refresh's keys outside its range (vs float64 reference)",
+             fmt("max |diff| %.2e, max |logit| %.2f; differs from the exact forward by %.2e", worst, scale,
+                 max_abs_diff(got, exact)));
+    }
+  }
+
+  // (4) A ragged batch mixing no cache, a refresh, a prefix read and a dual read (lengths 9, 20, 131, 70)
+  // equals each alone, with 2 threads vs 1, bit for bit.
+  {
+    auto model1 = Model::load(dir, LoadOptions{1});
+    std::vector<int32_t> a = random_tokens(rng, 9, spec.vocab), b = random_tokens(rng, 20, spec.vocab),
+                         c = random_tokens(rng, 131, spec.vocab), d = random_tokens(rng, 70, spec.vocab);
+    auto make_seqs = [&](Model& m, std::vector<std::unique_ptr<KVCache>>& caches) {
+      for (int len : {20, 131, 70}) caches.push_back(m.make_kv_cache(len));
+      run_cached(m, {{c, {}, caches[1].get()}, {d, {}, caches[2].get()}});  // fill the read caches
+      std::vector<int32_t> c2 = c, d2 = d;  // commit a few tokens since the refresh
+      c2[60] = 1, c2[61] = 2, d2[33] = 3;
+      return std::vector<CachedSeq>{{a, {8, 0, 3}},
+                                    {b, {0, 19}, caches[0].get()},
+                                    {c2, {130, 64, 63, 50}, caches[1].get(), 50, 131},
+                                    {d2, {32, 39}, caches[2].get(), 32, 40}};
+    };
+    std::vector<std::unique_ptr<KVCache>> caches2, caches1;
+    std::vector<CachedSeq> seqs2 = make_seqs(*model, caches2), seqs1 = make_seqs(*model1, caches1);
+    std::vector<float> batched = run_cached(*model, seqs2), joined;
+    for (const CachedSeq& s : seqs1) {
+      std::vector<float> alone = run_cached(*model1, {s});
+      joined.insert(joined.end(), alone.begin(), alone.end());
+    }
+    report(batched == joined, "kv cache: batch of none / refresh / prefix read / dual read (lengths 9, 20, 131, 70) "
+                              "equals each alone, 1 vs 2 threads, bit for bit");
+  }
+
+  // Errors: each names what is wrong; nothing is touched.
+  {
+    auto cache = model->make_kv_cache(10);
+    std::vector<int32_t> t = random_tokens(rng, 10, spec.vocab);
+    expect_error("kv cache: a read needs a filled cache", ErrorCode::InvalidArgument, {"not filled"},
+                 [&] { run_cached(*model, {{t, {5}, cache.get(), 4, 10}}); });
+    expect_error("kv cache: computing part of the canvas needs a cache", ErrorCode::InvalidArgument, {"needs a KV cache"},
+                 [&] { run_cached(*model, {{t, {5}, nullptr, 4, 10}}); });
+    run_cached(*model, {{t, {}, cache.get()}});
+    expect_error("kv cache: logit row outside the computed range", ErrorCode::InvalidArgument, {"logit row 3", "[4, 8)"},
+                 [&] { run_cached(*model, {{t, {3}, cache.get(), 4, 8}}); });
+    expect_error("kv cache: empty compute range", ErrorCode::InvalidArgument, {"compute range [4, 4)"},
+                 [&] { run_cached(*model, {{t, {}, cache.get(), 4, 4}}); });
+    expect_error("kv cache: compute range past the canvas", ErrorCode::InvalidArgument, {"compute range [4, 11)"},
+                 [&] { run_cached(*model, {{t, {}, cache.get(), 4, 11}}); });
+    expect_error("kv cache: cache of another length", ErrorCode::InvalidArgument, {"serves 10 positions", "has 9"},
+                 [&] { run_cached(*model, {{std::vector<int32_t>(t.begin(), t.end() - 1), {}, cache.get()}}); });
+    expect_error("kv cache: cache of another model", ErrorCode::InvalidArgument, {"another model"},
+                 [&] { run_cached(*bf16_model, {{t, {}, cache.get()}}); });
+    expect_error("kv cache: one cache twice in a batch", ErrorCode::InvalidArgument, {"twice"},
+                 [&] { run_cached(*model, {{t, {}, cache.get()}, {t, {}, cache.get()}}); });
+    expect_error("kv cache: zero positions", ErrorCode::InvalidArgument, {"0 positions"}, [&] { model->make_kv_cache(0); });
+    expect_error("kv cache: more positions than max_sequence_length", ErrorCode::InvalidArgument, {"257 positions"},
+                 [&] { model->make_kv_cache(257); });
+    std::atomic<bool> cancel{true};
+    auto fresh = model->make_kv_cache(10);
+    expect_error("kv cache: a cancelled refresh throws Cancelled", ErrorCode::Cancelled, {"cancel"},
+                 [&] { run_cached(*model, {{t, {}, fresh.get()}}, &cancel); });
+    expect_error("kv cache: ... and leaves the cache not filled", ErrorCode::InvalidArgument, {"not filled"},
+                 [&] { run_cached(*model, {{t, {5}, fresh.get(), 4, 10}}); });
+  }
+
+  // The budget bounds the bytes of all live caches of a model together.
+  {
+    LoadOptions options{1};
+    const uint64_t per_100 = model->kv_cache_bytes(100);
+    options.kv_cache_budget_bytes = 2 * per_100 + per_100 / 2;  // room for two caches of 100 positions
+    auto bounded = Model::load(dir, options);
+    auto first = bounded->make_kv_cache(100);
+    auto second = bounded->make_kv_cache(100);
+    report(bounded->kv_cache_live_bytes() == 2 * per_100 && bounded->kv_cache_budget_bytes() == options.kv_cache_budget_bytes,
+           "kv cache budget: live bytes are accounted", std::to_string(bounded->kv_cache_live_bytes()) + " bytes");
+    expect_error("kv cache budget: exhausted by live caches", ErrorCode::OutOfMemory, {"budget exhausted"},
+                 [&] { bounded->make_kv_cache(100); });
+    expect_error("kv cache budget: one cache larger than the whole budget", ErrorCode::InvalidArgument, {"whole cache budget"},
+                 [&] { bounded->make_kv_cache(256); });
+    first.reset();
+    auto third = bounded->make_kv_cache(100);
+    second.reset();
+    report(bounded->kv_cache_live_bytes() == per_100, "kv cache budget: freeing a cache returns its bytes");
+    third.reset();
+    // A cache may outlive its model (it shares the byte account with it).
+    auto orphan = bounded->make_kv_cache(10);
+    bounded.reset();
+    orphan.reset();
+  }
+}
+
+// A model that forwards to another and records what each forward computed; it can also set the cancel
+// flag once a forward is done (the engine then cancels the step after the cache was written).
+class RecordingModel final : public Model {
+ public:
+  explicit RecordingModel(std::shared_ptr<Model> inner) : inner_(std::move(inner)) {}
+  const ModelConfig& config() const override { return inner_->config(); }
+  int threads() const override { return inner_->threads(); }
+  std::string weight_dtype() const override { return inner_->weight_dtype(); }
+  uint64_t parameter_count() const override { return inner_->parameter_count(); }
+  uint64_t weight_bytes() const override { return inner_->weight_bytes(); }
+  uint64_t kv_cache_bytes(int positions) const override { return inner_->kv_cache_bytes(positions); }
+  std::unique_ptr<KVCache> make_kv_cache(int positions) override { return inner_->make_kv_cache(positions); }
+  uint64_t kv_cache_live_bytes() const override { return inner_->kv_cache_live_bytes(); }
+  void forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) override {
+    for (const ForwardSeq& s : batch)
+      calls.push_back(std::to_string(s.compute_begin) + "-" + std::to_string(s.compute_end == -1 ? s.length : s.compute_end) +
+                      (s.cache ? "c" : ""));
+    inner_->forward(batch, logits, cancel);
+    if (cancel_after) cancel_after->store(true), cancel_after = nullptr;
+  }
+  std::vector<std::string> calls;  // "begin-end" per sequence per forward, "c" when it had a cache
+  std::atomic<bool>* cancel_after = nullptr;
+
+ private:
+  std::shared_ptr<Model> inner_;
+};
+
+// Every step of one sequence: committed tokens and their probabilities, flattened.
+struct Trace {
+  std::vector<int32_t> answer;
+  std::vector<float> probabilities;
+  int steps = 0;
+  bool operator==(const Trace& o) const { return answer == o.answer && probabilities == o.probabilities && steps == o.steps; }
+};
+
+// Runs the given sequences to the end, all in one batch per step.
+std::vector<Trace> run_engine(Engine& engine, const std::vector<uint64_t>& ids) {
+  std::vector<Trace> traces(ids.size());
+  std::vector<uint64_t> running = ids;
+  for (int guard = 0; !running.empty() && guard < 10000; ++guard) {
+    std::vector<uint64_t> next;
+    for (const StepOutput& out : engine.step(running)) {
+      Trace& t = traces[std::find(ids.begin(), ids.end(), out.id) - ids.begin()];
+      for (const CommittedToken& c : out.committed) t.probabilities.push_back(c.probability);
+      ++t.steps;
+      if (!out.finished) next.push_back(out.id);
+    }
+    running = next;
+  }
+  for (size_t i = 0; i < ids.size(); ++i) traces[i].answer = engine.canvas(ids[i]);
+  return traces;
+}
+
+SamplingParams golden_params(const Json& p) {
+  SamplingParams s;
+  s.gen_length = static_cast<int>(p.find("gen_length")->as_int64());
+  s.block_length = static_cast<int>(p.find("block_length")->as_int64());
+  s.steps = static_cast<int>(p.find("steps")->as_int64());
+  s.temperature = p.find("temperature")->as_number();
+  s.remasking = p.find("remasking")->as_string() == "random" ? Remasking::Random : Remasking::LowConfidence;
+  s.cfg_scale = p.find("cfg_scale")->as_number();
+  s.logits_eos_inf = p.find("logits_eos_inf")->as_bool();
+  s.confidence_eos_eot_inf = p.find("confidence_eos_eot_inf")->as_bool();
+  s.eot_token_id = static_cast<int>(p.find("eot_token_id")->as_int64());
+  return s;
+}
+
+// The engine's cache modes: a refresh every step is the uncached output exactly (on the golden cases);
+// the default schedule refreshes once per block and computes what each mode says; caches are accounted,
+// bounded and freed; a mixed batch equals each alone; a cancelled step retried changes nothing.
+void test_engine_kv_cache(const std::string& golden_dir) {
+  for (const std::string name : {"plain", "gqa", "odd"}) {
+    try {
+      std::ifstream in(fs::path(golden_dir) / (name + ".json"));
+      std::stringstream ss;
+      ss << in.rdbuf();
+      Json fixture = Json::parse(ss.str());
+      Engine engine(Model::load((fs::path(golden_dir) / name).string(), LoadOptions{2}));
+      int cases = 0, same = 0, reference = 0;
+      for (const Json& c : fixture.find("generate")->items()) {
+        std::vector<int32_t> prompt, answer;
+        for (const Json& t : c.find("prompt")->items()) prompt.push_back(static_cast<int32_t>(t.as_int64()));
+        for (const Json& t : c.find("answer")->items()) answer.push_back(static_cast<int32_t>(t.as_int64()));
+        SamplingParams none = golden_params(*c.find("params"));
+        std::vector<uint64_t> ids = {engine.create(prompt, none)};
+        for (KVCacheMode mode : {KVCacheMode::Prefix, KVCacheMode::Dual}) {
+          SamplingParams p = none;
+          p.kv_cache = mode;
+          p.kv_refresh_interval = 1;
+          ids.push_back(engine.create(prompt, p));
+        }
+        std::vector<Trace> t = run_engine(engine, ids);  // the three in one batch
+        ++cases;
+        same += t[1] == t[0] && t[2] == t[0];
+        reference += t[0].answer == answer;
+        for (uint64_t id : ids) engine.release(id);
+      }
+      report(cases > 0 && same == cases && reference == cases,
+             "engine kv cache: golden " + name + ": prefix and dual refreshed every step equal no cache exactly",
+             std::to_string(same) + " of " + std::to_string(cases) + " cases equal, " + std::to_string(reference) +
+                 " equal the reference answer");
+    } catch (const std::exception& e) {
+      report(false, "engine kv cache: golden " + name, e.what());
+    }
+  }
+
+  TempDir tmp;
+  TinySpec spec;
+  write_tiny(tmp.path / "tiny", make_tiny(spec, WType::F32, 33));
+  const std::string dir = (tmp.path / "tiny").string();
+  std::mt19937 rng(5);
+  auto prompt_of = [&](int n) {
+    std::vector<int32_t> p = random_tokens(rng, n, spec.vocab - 2);  // no mask, no EOS
+    return p;
+  };
+  auto params_of = [](KVCacheMode mode, int gen, int block, int steps, double cfg = 0.0) {
+    SamplingParams p;
+    p.gen_length = gen, p.block_length = block, p.steps = steps, p.cfg_scale = cfg, p.kv_cache = mode;
+    return p;
+  };
+
+  // What each mode computes, step by step: prompt 5, 3 blocks of 4, 2 steps each, a suffix of 2 (L = 19).
+  {
+    auto recorder = std::make_shared<RecordingModel>(Model::load(dir, LoadOptions{2}));
+    Engine engine(recorder);
+    const std::vector<int32_t> prompt = prompt_of(5), suffix = {1, 2};
+    auto calls_of = [&](KVCacheMode mode) {
+      recorder->calls.clear();
+      uint64_t id = engine.create(prompt, params_of(mode, 12, 4, 6), suffix);
+      std::vector<Trace> t = run_engine(engine, {id});
+      SequenceInfo info = engine.info(id);
+      engine.release(id);
+      std::string joined;
+      for (const std::string& c : recorder->calls) joined += (joined.empty() ? "" : " ") + c;
+      return joined + " / " + std::to_string(info.forward_passes) + " forwards, " + std::to_string(info.kv_refreshes) + " refreshes";
+    };
+    const std::string none = calls_of(KVCacheMode::None), prefix = calls_of(KVCacheMode::Prefix), dual = calls_of(KVCacheMode::Dual);
+    report(none == "0-19 0-19 0-19 0-19 0-19 0-19 / 6 forwards, 0 refreshes", "engine kv cache: none computes the whole canvas", none);
+    report(prefix == "0-19c 5-19c 0-19c 9-19c 0-19c 13-19c / 6 forwards, 3 refreshes",
+           "engine kv cache: prefix refreshes at each block start, then computes block + rest", prefix);
+    report(dual == "0-19c 5-9c 0-19c 9-13c 0-19c 13-17c / 6 forwards, 3 refreshes",
+           "engine kv cache: dual refreshes at each block start, then computes the block only", dual);
+    SamplingParams every2 = params_of(KVCacheMode::Dual, 8, 8, 8);
+    every2.kv_refresh_interval = 3;
+    recorder->calls.clear();
+    uint64_t id = engine.create(prompt, every2);
+    run_engine(engine, {id});
+    engine.release(id);
+    std::string joined;
+    for (const std::string& c : recorder->calls) joined += (joined.empty() ? "" : " ") + c;
+    report(joined == "0-13c 5-13c 5-13c 0-13c 5-13c 5-13c 0-13c 5-13c",
+           "engine kv cache: kv_refresh_interval 3 refreshes at steps 0, 3, 6 of a block", joined);
+
+    // A step cancelled after its forward wrote the cache, retried, gives what an uncancelled run gives:
+    // once on a refresh step and once on a read step.
+    for (int cancel_at : {2, 3}) {
+      uint64_t plain = engine.create(prompt, params_of(KVCacheMode::Dual, 12, 4, 6));
+      const Trace want = run_engine(engine, {plain})[0];
+      engine.release(plain);
+      uint64_t seq = engine.create(prompt, params_of(KVCacheMode::Dual, 12, 4, 6));
+      Trace got;
+      std::atomic<bool> cancel{false};
+      bool cancelled = false;
+      for (int step = 0, guard = 0; guard < 100; ++guard) {
+        if (step == cancel_at && !cancelled) recorder->cancel_after = &cancel;
+        try {
+          StepOutput out = engine.step({seq}, &cancel).at(0);
+          for (const CommittedToken& c : out.committed) got.probabilities.push_back(c.probability);
+          ++got.steps, ++step;
+          if (out.finished) break;
+        } catch (const Error& e) {
+          cancelled = e.code() == ErrorCode::Cancelled;
+          cancel.store(false);
+        }
+      }
+      got.answer = engine.canvas(seq);
+      engine.release(seq);
+      report(cancelled && got == want, "engine kv cache: a step cancelled after its forward (" +
+                                           std::string(cancel_at == 2 ? "a refresh" : "a read") + "), retried, changes nothing");
+    }
+  }
+
+  // A mixed batch (no cache, prefix, dual, dual with cfg; prompts of different lengths, different block
+  // sizes) gives each sequence what it gets alone.
+  {
+    Engine engine(Model::load(dir, LoadOptions{2}));
+    struct Spec {
+      std::vector<int32_t> prompt;
+      SamplingParams params;
+    };
+    std::vector<Spec> specs = {{prompt_of(3), params_of(KVCacheMode::None, 16, 4, 8)},
+                               {prompt_of(11), params_of(KVCacheMode::Prefix, 12, 6, 12)},
+                               {prompt_of(7), params_of(KVCacheMode::Dual, 20, 5, 8)},
+                               {prompt_of(4), params_of(KVCacheMode::Dual, 8, 4, 8, 1.5)},
+                               {prompt_of(9), params_of(KVCacheMode::Prefix, 9, 3, 9, 0.5)}};
+    for (size_t i = 0; i < specs.size(); ++i) specs[i].params.seed = i, specs[i].params.temperature = i % 2 ? 0.7 : 0.0;
+    std::vector<uint64_t> ids;
+    for (const Spec& s : specs) ids.push_back(engine.create(s.prompt, s.params));
+    const std::vector<Trace> together = run_engine(engine, ids);
+    bool ok = true;
+    for (size_t i = 0; i < specs.size(); ++i) {
+      uint64_t id = engine.create(specs[i].prompt, specs[i].params);
+      ok = ok && run_engine(engine, {id})[0] == together[i];
+      engine.release(id);
+    }
+    bool differs = !(together[2].answer == run_engine(engine, {engine.create(specs[2].prompt, [&] {
+                       SamplingParams p = specs[2].params;
+                       p.kv_cache = KVCacheMode::None;
+                       return p;
+                     }())})[0].answer);
+    report(ok, "engine kv cache: a batch mixing none / prefix / dual / cfg, different lengths and blocks, equals each alone",
+           std::string("(dual ") + (differs ? "differs from" : "equals") + " no cache on this tiny random model)");
+  }
+
+  // Memory: reported per sequence, freed when it finishes, bounded by the model's budget.
+  {
+    LoadOptions options{1};
+    auto probe = Model::load(dir, options);
+    const uint64_t per_seq = probe->kv_cache_bytes(5 + 16);
+    options.kv_cache_budget_bytes = 3 * per_seq;
+    std::shared_ptr<Model> model = Model::load(dir, options);
+    Engine engine(model);
+    const std::vector<int32_t> prompt = prompt_of(5);
+    uint64_t a = engine.create(prompt, params_of(KVCacheMode::Prefix, 16, 4, 4));
+    uint64_t b = engine.create(prompt, params_of(KVCacheMode::Dual, 16, 4, 4, 1.0));  // cfg: two caches
+    uint64_t c = engine.create(prompt, params_of(KVCacheMode::None, 16, 4, 4));
+    SequenceInfo ia = engine.info(a), ib = engine.info(b), ic = engine.info(c);
+    report(ia.kv_cache_bytes == per_seq && ib.kv_cache_bytes == 2 * per_seq && ic.kv_cache_bytes == 0 &&
+               ia.memory_bytes >= per_seq && model->kv_cache_live_bytes() == 3 * per_seq,
+           "engine kv cache: bytes per sequence reported (x2 with cfg) and accounted", std::to_string(per_seq) + " bytes per cache");
+    expect_error("engine kv cache: create beyond the budget held by live caches", ErrorCode::OutOfMemory, {"budget exhausted"},
+                 [&] { engine.create(prompt, params_of(KVCacheMode::Dual, 16, 4, 4)); });
+    expect_error("engine kv cache: a cache larger than the whole budget", ErrorCode::InvalidArgument, {"whole cache budget"},
+                 [&] { engine.create(prompt_of(60), params_of(KVCacheMode::Dual, 16, 4, 4)); });
+    run_engine(engine, {a});
+    report(engine.info(a).kv_cache_bytes == 0 && model->kv_cache_live_bytes() == 2 * per_seq,
+           "engine kv cache: a finished sequence's cache is freed before release");
+    engine.release(b);
+    report(model->kv_cache_live_bytes() == 0, "engine kv cache: release frees the caches");
+    expect_error("engine kv cache: negative kv_refresh_interval", ErrorCode::InvalidArgument, {"kv_refresh_interval"}, [&] {
+      SamplingParams p = params_of(KVCacheMode::Dual, 16, 4, 4);
+      p.kv_refresh_interval = -1;
+      engine.create(prompt, p);
+    });
+  }
 }
 
 // The PyTorch reference's fixtures: logits of every position of a few sequences per model.
@@ -1074,14 +1546,24 @@ void bench() {
   }
 }
 
-// Forward latency of a model directory: bench-model DIR [--threads N] [--seq-len L] [--rows R]
-int bench_model(const std::string& dir, int threads, int seq_len, int rows) {
+// Forward latency of a model directory: bench-model DIR [--threads N] [--seq-len L] [--rows R] [--read B E]
+int bench_model(const std::string& dir, int threads, int seq_len, int rows, int read_begin, int read_end) {
   auto model = Model::load(dir, LoadOptions{threads});
   std::mt19937 rng(3);
   std::vector<int32_t> tokens = random_tokens(rng, seq_len, model->config().vocab_size);
   std::vector<int32_t> logit_rows;
-  for (int i = 0; i < rows; ++i) logit_rows.push_back(seq_len - rows + i);
-  run_forward(*model, {tokens}, {logit_rows});
+  const bool read = read_begin >= 0;
+  for (int i = 0; i < rows; ++i) logit_rows.push_back(read ? read_begin + i : seq_len - rows + i);
+  std::unique_ptr<KVCache> cache;
+  if (read) {
+    cache = model->make_kv_cache(seq_len);
+    run_cached(*model, {{tokens, {}, cache.get()}});
+  }
+  auto run = [&] {
+    if (read) run_cached(*model, {{tokens, logit_rows, cache.get(), read_begin, read_end}});
+    else run_forward(*model, {tokens}, {logit_rows});
+  };
+  run();
   // Wall time, and process CPU time (all threads): on a shared machine the CPU time of a 1-thread run is
   // the better measure of the work itself.
   auto cpu_seconds = [] {
@@ -1094,16 +1576,16 @@ int bench_model(const std::string& dir, int threads, int seq_len, int rows) {
   while (seconds_since(t0) < 3.0 || times.size() < 5) {
     auto t1 = std::chrono::steady_clock::now();
     double c1 = cpu_seconds();
-    run_forward(*model, {tokens}, {logit_rows});
+    run();
     times.push_back(seconds_since(t1) * 1e3);
     cpu_times.push_back((cpu_seconds() - c1) * 1e3);
   }
   std::sort(times.begin(), times.end());
   std::sort(cpu_times.begin(), cpu_times.end());
   std::printf("{\"model\": \"%s\", \"isa\": \"%s\", \"dtype\": \"%s\", \"parameters\": %llu, \"threads\": %d, \"seq_len\": %d, "
-              "\"logit_rows\": %d, \"median_ms\": %.3f, \"min_ms\": %.3f, \"median_cpu_ms\": %.3f, \"min_cpu_ms\": %.3f, \"runs\": %zu}\n",
+              "\"logit_rows\": %d, \"computed\": %d, \"median_ms\": %.3f, \"min_ms\": %.3f, \"median_cpu_ms\": %.3f, \"min_cpu_ms\": %.3f, \"runs\": %zu}\n",
               dir.c_str(), cpu::active_kernels().isa, model->weight_dtype().c_str(),
-              static_cast<unsigned long long>(model->parameter_count()), threads, seq_len, rows, times[times.size() / 2],
+              static_cast<unsigned long long>(model->parameter_count()), threads, seq_len, rows, read ? read_end - read_begin : seq_len, times[times.size() / 2],
               times[0], cpu_times[cpu_times.size() / 2], cpu_times[0], times.size());
   return 0;
 }
@@ -1122,8 +1604,12 @@ int main(int argc, char** argv) {
       bench();
       return 0;
     }
-    if (args.size() >= 2 && args[0] == "--bench-model")
-      return bench_model(args[1], option("--threads", 2), option("--seq-len", 160), option("--rows", 32));
+    if (args.size() >= 2 && args[0] == "--bench-model") {
+      int read_begin = -1, read_end = -1;
+      for (size_t i = 0; i + 2 < args.size(); ++i)
+        if (args[i] == "--read") read_begin = std::atoi(args[i + 1].c_str()), read_end = std::atoi(args[i + 2].c_str());
+      return bench_model(args[1], option("--threads", 2), option("--seq-len", 160), option("--rows", 32), read_begin, read_end);
+    }
 
     auto t0 = std::chrono::steady_clock::now();
     std::printf("ISAs on this CPU: ");
@@ -1141,10 +1627,12 @@ int main(int argc, char** argv) {
     test_safetensors();
     test_config();
     test_model();
+    test_kv_cache();
     std::string golden = VDIFF_GOLDEN_DIR;
     for (size_t i = 0; i + 1 < args.size(); ++i)
       if (args[i] == "--golden") golden = args[i + 1];
     test_golden(golden);
+    test_engine_kv_cache(golden);
     std::printf("%d checks, %d failed, %.1f s\n", g_checks, g_failures, seconds_since(t0));
   } catch (const std::exception& e) {
     std::printf("FAIL uncaught exception: %s\n", e.what());

@@ -135,15 +135,27 @@ static std::vector<int32_t> run_to_end(Engine& engine, uint64_t id, std::vector<
 
 // An independent, plain re-statement of the reference loop for one sequence at temperature 0 with
 // low_confidence remasking: logits of every position, confidence -inf outside the block and at
-// non-masks, stable sort, commit the top k. Used to check the engine end to end.
+// non-masks, stable sort, commit the top k. Used to check the engine end to end. With a suffix the
+// canvas is prompt, masks, suffix. With parallel decoding (Fast-dLLM's rule, restated): a block runs
+// until it has no mask; each step commits the top-ranked position and then, in rank order, each next one
+// while its confidence passes the threshold, or 1 - factor / (n + 1) for the n-th. `steps_taken` counts
+// the steps.
 static std::vector<int32_t> reference_answer(const LogitRule& rule, const std::vector<int32_t>& prompt,
-                                             const SamplingParams& p) {
+                                             const SamplingParams& p, const std::vector<int32_t>& suffix = {},
+                                             int* steps_taken = nullptr) {
   std::vector<int32_t> x(prompt);
   x.resize(prompt.size() + p.gen_length, kMask);
+  x.insert(x.end(), suffix.begin(), suffix.end());
   const int lp = static_cast<int>(prompt.size());
+  const bool parallel = p.parallel_threshold > 0 || p.parallel_factor > 0;
+  if (steps_taken) *steps_taken = 0;
   for (const BlockPlan& b : plan_blocks(p.gen_length, p.block_length, p.steps)) {
-    for (int step = 0; step < b.steps; ++step) {
-      const int k = transfers_at(b.length, b.steps, step);
+    for (int step = 0; parallel || step < b.steps; ++step) {
+      int masks = 0;
+      for (int q = lp + b.start; q < lp + b.start + b.length; ++q) masks += x[q] == kMask;
+      if (masks == 0) break;
+      if (steps_taken) ++*steps_taken;
+      int k = parallel ? masks : transfers_at(b.length, b.steps, step);
       std::vector<std::pair<double, int>> ranked;  // (confidence, position)
       std::vector<int32_t> x0(x.size());
       for (int pos = 0; pos < static_cast<int>(x.size()); ++pos) {
@@ -162,10 +174,19 @@ static std::vector<int32_t> reference_answer(const LogitRule& rule, const std::v
         ranked.push_back({conf, pos});
       }
       std::stable_sort(ranked.begin(), ranked.end(), [](auto& a, auto& c) { return a.first > c.first; });
+      if (parallel) {
+        int passed = 1;
+        while (passed < k) {
+          const double bar = p.parallel_threshold > 0 ? p.parallel_threshold : 1.0 - p.parallel_factor / (passed + 2);
+          if (ranked[passed].first < bar) break;
+          ++passed;
+        }
+        k = passed;
+      }
       for (int i = 0; i < k; ++i) x[ranked[i].second] = x0[ranked[i].second];
     }
   }
-  return std::vector<int32_t>(x.begin() + lp, x.end());
+  return std::vector<int32_t>(x.begin() + lp, x.begin() + lp + p.gen_length);
 }
 
 // ---- tests ----------------------------------------------------------------------------------------
@@ -604,6 +625,360 @@ static void test_release() {
   CHECK(engine.step({}).empty());
 }
 
+
+// ---- top-k / top-p --------------------------------------------------------------------------------
+
+// Frequencies of the tokens sample_row draws for the logits `l` over `n` seeded rows.
+static std::vector<double> draw_frequencies(const std::vector<float>& l, const RowRule& rule, int n, uint64_t seed) {
+  std::vector<int> counts(l.size(), 0);
+  std::vector<int32_t> scratch;
+  for (int i = 0; i < n; ++i) {
+    std::vector<float> row(l);
+    Rng rng = row_rng(seed, i, 0);
+    ++counts[sample_row(row.data(), rule, rng, &scratch).token];
+  }
+  std::vector<double> frequencies;
+  for (int c : counts) frequencies.push_back(static_cast<double>(c) / n);
+  return frequencies;
+}
+
+static void test_top_k_top_p_rows() {
+  const std::vector<float> l = {std::log(0.5f), std::log(0.3f), std::log(0.2f)};
+  RowRule rule;
+  rule.row_size = rule.vocab_size = 3;
+
+  // Temperature 0: filtering changes nothing (the argmax is always a candidate).
+  for (int k : {0, 1, 2}) {
+    for (double p : {1.0, 0.1}) {
+      rule.top_k = k;
+      rule.top_p = p;
+      std::vector<float> row(l);
+      Rng rng(3);
+      const RowChoice c = sample_row(row.data(), rule, rng);
+      CHECK(c.token == 0 && std::fabs(c.probability - 0.5) < 1e-6);
+    }
+  }
+
+  const int n = 60000;
+  rule.temperature = 1.0;
+  // top_k = 1: always the best token; top_k = 2: the best two, renormalised (0.625, 0.375).
+  rule.top_k = 1, rule.top_p = 1.0;
+  CHECK(draw_frequencies(l, rule, 2000, 1)[0] == 1.0);
+  rule.top_k = 2;
+  std::vector<double> f = draw_frequencies(l, rule, n, 2);
+  CHECK(f[2] == 0.0 && std::fabs(f[0] - 0.625) < 0.01);
+  // top_p: the shortest prefix whose mass reaches p. 0.45 -> {0}; 0.55 -> {0, 1}; 0.75 -> {0, 1}.
+  rule.top_k = 0, rule.top_p = 0.45;
+  CHECK(draw_frequencies(l, rule, 2000, 3)[0] == 1.0);
+  rule.top_p = 0.55;
+  f = draw_frequencies(l, rule, n, 4);
+  CHECK(f[2] == 0.0 && std::fabs(f[0] - 0.625) < 0.01);
+  rule.top_p = 0.75;
+  CHECK(draw_frequencies(l, rule, n, 5)[2] == 0.0);
+  // ... after temperature scaling: at T = 2 the probabilities are proportional to sqrt(p) =
+  // (0.4155, 0.3218, 0.2627), so the first two hold 0.737 < 0.75 and the third token is a candidate.
+  rule.temperature = 2.0;
+  f = draw_frequencies(l, rule, n, 6);
+  CHECK(std::fabs(f[2] - 0.2627) < 0.01);
+  // top-k first, then top-p over what top-k kept, renormalised: 0.625 >= 0.6 leaves only token 0.
+  rule.temperature = 1.0;
+  rule.top_k = 2, rule.top_p = 0.6;
+  CHECK(draw_frequencies(l, rule, 2000, 7)[0] == 1.0);
+
+  // The filter never shifts the random stream: whenever the unfiltered draw is a candidate, the
+  // filtered draw is the same token.
+  rule.top_k = 2, rule.top_p = 1.0;
+  RowRule open = rule;
+  open.top_k = 0;
+  bool aligned = true;
+  for (int i = 0; i < 5000; ++i) {
+    std::vector<float> a(l), b(l);
+    Rng ra = row_rng(8, i, 0), rb = row_rng(8, i, 0);
+    const int32_t unfiltered = sample_row(a.data(), open, ra).token;
+    const int32_t filtered = sample_row(b.data(), rule, rb).token;
+    if (unfiltered != 2) aligned = aligned && filtered == unfiltered;
+  }
+  CHECK(aligned);
+
+  // The mask token and head padding are never candidates, and ties rank the lower id first.
+  RowRule masked;
+  masked.row_size = 6;
+  masked.vocab_size = 5;  // id 5 is head padding
+  masked.mask_token_id = 0;
+  masked.temperature = 1.0;
+  masked.top_k = 1;
+  const std::vector<float> tied = {9.0f, 1.0f, 3.0f, 3.0f, 2.0f, 9.0f};
+  CHECK(draw_frequencies(tied, masked, 1000, 9)[2] == 1.0);
+  masked.top_k = 2;
+  f = draw_frequencies(tied, masked, n, 10);
+  CHECK(f[0] == 0.0 && f[1] == 0.0 && f[4] == 0.0 && f[5] == 0.0 && std::fabs(f[2] - 0.5) < 0.01);
+
+  // A long, flat row (the head of the ranking grows past its first sort): logits -0.001 * id over 5000
+  // ids, top_p 0.9. The cut-off computed here in float64; draws stay at or below it and reach near it.
+  const int v = 5000;
+  std::vector<float> flat(v);
+  for (int i = 0; i < v; ++i) flat[i] = -0.001f * static_cast<float>(i);
+  double total = 0.0;
+  for (int i = 0; i < v; ++i) total += std::exp(static_cast<double>(flat[i]) - flat[0]);
+  int cutoff = 0;
+  for (double mass = 0.0;; ++cutoff) {
+    mass += std::exp(static_cast<double>(flat[cutoff]) - flat[0]);
+    if (mass >= 0.9 * total) break;
+  }
+  RowRule wide;
+  wide.row_size = wide.vocab_size = v;
+  wide.temperature = 1.0;
+  wide.top_p = 0.9;
+  int highest = 0;
+  std::vector<int32_t> scratch;
+  for (int i = 0; i < 3000; ++i) {
+    std::vector<float> row(flat);
+    Rng rng = row_rng(11, i, 0);
+    highest = std::max(highest, static_cast<int>(sample_row(row.data(), wide, rng, &scratch).token));
+  }
+  CHECK(cutoff > 2000 && highest <= cutoff && highest > cutoff - 60);  // about 2240: past two growths of the head
+}
+
+// ---- parallel decoding and early stop, the pure parts ---------------------------------------------
+
+static void test_select_parallel() {
+  // Threshold: the top-1 always, then every row at or above the threshold.
+  const double a[] = {0.5, 0.95, 0.91, 0.2, 0.9};
+  CHECK((select_parallel(a, 5, 0.9, 0.0) == std::vector<int>{1, 2, 4}));
+  const double low[] = {0.3, 0.5};
+  CHECK((select_parallel(low, 2, 0.9, 0.0) == std::vector<int>{1}));
+  CHECK(select_parallel(low, 0, 0.9, 0.0).empty());
+  const double ties[] = {0.4, 0.4, 0.4};
+  CHECK((select_parallel(ties, 3, 0.9, 0.0) == std::vector<int>{0}));  // the tie goes to the lower index
+  CHECK((select_parallel(ties, 3, 0.4, 0.0) == std::vector<int>{0, 1, 2}));
+  const double with_nan[] = {NAN, 0.1};
+  CHECK((select_parallel(with_nan, 2, 0.05, 0.0) == std::vector<int>{1}));  // NaN ranks last, never passes
+
+  // Factor 1: the n-th most confident needs 1 - 1/(n + 1): 2/3 for the second, 3/4 for the third, ...
+  const double b[] = {0.99, 0.7, 0.76, 0.5};
+  CHECK((select_parallel(b, 4, 0.0, 1.0) == std::vector<int>{0, 2}));  // 0.76 >= 2/3, then 0.7 < 3/4
+  const double c[] = {0.99, 0.98, 0.1};
+  CHECK((select_parallel(c, 3, 0.0, 1.0) == std::vector<int>{0, 1}));  // (Fast-dLLM's loop would take all 3)
+  const double d[] = {0.2, 0.1};
+  CHECK((select_parallel(d, 2, 0.0, 1.0) == std::vector<int>{0}));
+  // A larger factor lowers every bar: factor 2 asks 1/3 of the second and 1/2 of the third.
+  const double e[] = {0.9, 0.34, 0.5, 0.55};
+  CHECK((select_parallel(e, 4, 0.0, 2.0) == std::vector<int>{0, 2, 3}));  // 0.55, 0.5 pass; 0.34 < 0.6
+}
+
+static void test_answer_has_ended() {
+  const int32_t a[] = {3, 4, kEos, kEos, kEos};
+  CHECK(answer_has_ended(a, 5, kEos, -1));
+  CHECK(!answer_has_ended(a, 2, kEos, -1));  // the end token lies past the final part
+  const int32_t b[] = {3, kEos, 4, kEos};
+  CHECK(!answer_has_ended(b, 4, kEos, -1));  // a real token after the end token
+  CHECK(answer_has_ended(b, 2, kEos, -1));
+  const int32_t c[] = {3, kEot, kEos, kEot};
+  CHECK(answer_has_ended(c, 4, kEos, kEot));
+  CHECK(!answer_has_ended(c, 4, kEos, -1));  // without an EOT token, 13 is an ordinary token
+  CHECK(!answer_has_ended(c, 0, kEos, kEot));
+}
+
+// ---- the engine with the new options --------------------------------------------------------------
+
+static void test_new_options_validation() {
+  Engine engine(std::make_shared<FakeModel>(default_rule, 64));
+  const SamplingParams p = params(8, 4, 8);
+  SamplingParams q = p;
+  q.top_k = -1;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "top_k", engine.create({1}, q));
+  for (double bad : {0.0, -0.5, 1.5, static_cast<double>(NAN)}) {
+    q = p, q.top_p = bad;
+    EXPECT_ERROR(ErrorCode::InvalidArgument, "top_p", engine.create({1}, q));
+  }
+  for (double bad : {-0.1, 1.01, static_cast<double>(NAN)}) {
+    q = p, q.parallel_threshold = bad;
+    EXPECT_ERROR(ErrorCode::InvalidArgument, "parallel_threshold", engine.create({1}, q));
+  }
+  for (double bad : {-1.0, static_cast<double>(INFINITY), static_cast<double>(NAN)}) {
+    q = p, q.parallel_factor = bad;
+    EXPECT_ERROR(ErrorCode::InvalidArgument, "parallel_factor", engine.create({1}, q));
+  }
+  q = p, q.parallel_threshold = 0.9, q.parallel_factor = 1.0;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "cannot both be set", engine.create({1}, q));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "suffix[1] = 16 is outside the vocabulary", engine.create({1}, p, {2, 16}));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "suffix[0] is the mask token", engine.create({1}, p, {kMask}));
+  EXPECT_ERROR(ErrorCode::InvalidArgument,
+               "prompt of 50 tokens plus gen_length 8 plus suffix of 7 tokens exceeds the model context of 64",
+               engine.create(std::vector<int32_t>(50, 1), p, std::vector<int32_t>(7, 2)));
+  CHECK(engine.live() == 0);
+  // At the limit, and every option at its edge, is fine.
+  q = p, q.top_k = 1, q.top_p = 1.0, q.parallel_threshold = 1.0, q.early_stop = true;
+  CHECK(engine.create(std::vector<int32_t>(50, 1), q, std::vector<int32_t>(6, 2)) > 0);
+}
+
+static void test_top_k_in_engine() {
+  // top_k = 1 at any temperature draws the argmax, so the answer is the greedy one; at temperature 0
+  // top-k / top-p change nothing at all.
+  const std::vector<int32_t> prompt = {1, 2, 3};
+  const SamplingParams greedy = params(12, 4, 6);
+  Engine reference(std::make_shared<FakeModel>());
+  const std::vector<int32_t> expected = run_to_end(reference, reference.create(prompt, greedy));
+  SamplingParams p = greedy;
+  p.temperature = 1.5, p.top_k = 1, p.seed = 5;
+  Engine a(std::make_shared<FakeModel>());
+  CHECK(run_to_end(a, a.create(prompt, p)) == expected);
+  p = greedy, p.top_k = 2, p.top_p = 0.3;
+  Engine b(std::make_shared<FakeModel>());
+  CHECK(run_to_end(b, b.create(prompt, p)) == expected);
+  // Sampling with a nucleus is deterministic per seed and differs from sampling without it.
+  auto sampled = [&](double top_p) {
+    SamplingParams s = greedy;
+    s.temperature = 1.0, s.top_p = top_p, s.seed = 21;
+    Engine e(std::make_shared<FakeModel>());
+    return run_to_end(e, e.create(prompt, s));
+  };
+  CHECK(sampled(0.5) == sampled(0.5));
+  CHECK(sampled(0.5) != sampled(1.0));
+}
+
+static void test_suffix() {
+  // The canvas is prompt, masks, suffix; only answer rows are predicted; the answer is the middle.
+  auto model = std::make_shared<FakeModel>();
+  Engine engine(model);
+  const std::vector<int32_t> prompt = {1, 2}, suffix = {7, 8, 9};
+  const SamplingParams p = params(6, 3, 4);
+  const uint64_t id = engine.create(prompt, p, suffix);
+  engine.step({id});
+  CHECK((model->seen[0].tokens == std::vector<int32_t>{1, 2, kMask, kMask, kMask, kMask, kMask, kMask, 7, 8, 9}));
+  CHECK((model->seen[0].rows == std::vector<int32_t>{2, 3, 4}));
+  const SequenceInfo info = engine.info(id);
+  CHECK(info.prompt_length == 2 && info.gen_length == 6 && info.suffix_length == 3);
+  std::vector<StepOutput> steps;
+  const std::vector<int32_t> answer = run_to_end(engine, id, &steps);
+  CHECK(answer.size() == 6);
+  CHECK(answer == reference_answer(default_rule, prompt, p, suffix));
+  CHECK(answer != reference_answer(default_rule, prompt, p));  // the suffix is context: it changes the answer
+  for (const StepOutput& o : steps)
+    for (const CommittedToken& t : o.committed) CHECK(t.position >= 0 && t.position < 6);
+  CHECK((model->seen[0].tokens[8] == 7 && model->seen[0].tokens.size() == 11));  // never overwritten
+
+  // Under cfg the unconditional copy masks the prompt and the suffix.
+  SamplingParams g = params(2, 2, 1);
+  g.cfg_scale = 1.0;
+  const uint64_t c = engine.create({4, 5}, g, {6});
+  engine.step({c});
+  CHECK(model->seen.size() == 2);
+  CHECK((model->seen[0].tokens == std::vector<int32_t>{4, 5, kMask, kMask, 6}));
+  CHECK((model->seen[1].tokens == std::vector<int32_t>{kMask, kMask, kMask, kMask, kMask}));
+  CHECK(engine.info(c).forward_passes == 2);  // cfg evaluates the canvas twice per step
+}
+
+static void test_parallel_decoding() {
+  struct Case { std::vector<int32_t> prompt; int gen, block; double threshold, factor; };
+  const std::vector<Case> cases = {
+      {{1, 2, 3}, 16, 4, 0.2, 0.0}, {{4}, 16, 16, 0.1, 0.0}, {{5, 6}, 11, 4, 0.0, 1.0}, {{}, 9, 3, 0.0, 3.0},
+      {{7, 8}, 12, 5, 1.0, 0.0}};
+  bool fewer_steps = false;
+  for (const Case& c : cases) {
+    SamplingParams p = params(c.gen, c.block, c.gen);
+    p.parallel_threshold = c.threshold;
+    p.parallel_factor = c.factor;
+    Engine engine(std::make_shared<FakeModel>());
+    const uint64_t id = engine.create(c.prompt, p);
+    CHECK(engine.info(id).steps_total == c.gen);  // the upper bound
+    std::vector<StepOutput> steps;
+    const std::vector<int32_t> answer = run_to_end(engine, id, &steps);
+    int reference_steps = 0;
+    CHECK(answer == reference_answer(default_rule, c.prompt, p, {}, &reference_steps));
+    CHECK(static_cast<int>(steps.size()) == reference_steps);
+    const SequenceInfo info = engine.info(id);
+    CHECK(info.steps_done == reference_steps && info.forward_passes == reference_steps);
+    CHECK(info.tokens_denoised == c.gen);
+    // Every step commits at least one token of its block, and never crosses into the next block.
+    bool ok = true;
+    for (const StepOutput& o : steps) {
+      ok = ok && !o.committed.empty() && o.filled == 0;
+      for (const CommittedToken& t : o.committed) ok = ok && t.position / c.block == o.block;
+    }
+    CHECK(ok);
+    fewer_steps = fewer_steps || reference_steps < c.gen;
+  }
+  CHECK(fewer_steps);  // the low thresholds really commit several tokens a step
+
+  // A confident model: threshold 0.9 commits a whole block per step.
+  const LogitRule sure = [](const int32_t*, int, int position, float* out) {
+    for (int v = 0; v < kVocab; ++v) out[v] = 0.0f;
+    out[1 + position % 5] = 12.0f;
+  };
+  Engine engine(std::make_shared<FakeModel>(sure));
+  SamplingParams p = params(12, 4, 12);
+  p.parallel_threshold = 0.9;
+  std::vector<StepOutput> steps;
+  run_to_end(engine, engine.create({1}, p), &steps);
+  CHECK(steps.size() == 3 && steps[0].committed.size() == 4 && steps[2].steps_done == 3);
+}
+
+static void test_early_stop() {
+  // Ends after three tokens: 5, 5, 5, then EOS everywhere.
+  const LogitRule ends = [](const int32_t* canvas, int length, int position, float* out) {
+    for (int v = 0; v < kVocab; ++v) out[v] = 0.0f;
+    out[position >= 1 + 3 ? kEos : 5] = 4.0f;  // position counts the one-token prompt
+  };
+  SamplingParams p = params(12, 4, 12);
+  p.early_stop = true;
+  Engine engine(std::make_shared<FakeModel>(ends));
+  std::vector<StepOutput> steps;
+  const uint64_t id = engine.create({1}, p);
+  const std::vector<int32_t> answer = run_to_end(engine, id, &steps);
+  CHECK((answer == std::vector<int32_t>{5, 5, 5, kEos, kEos, kEos, kEos, kEos, kEos, kEos, kEos, kEos}));
+  CHECK(steps.size() == 4);  // the first block only
+  const StepOutput& last = steps.back();
+  CHECK(last.finished && last.reason == FinishReason::Eos && last.filled == 8);
+  CHECK(last.committed.size() == 9);  // the block's last token, then the fill
+  bool fill_ok = true;
+  for (size_t i = 1; i < last.committed.size(); ++i)
+    fill_ok = fill_ok && last.committed[i].position == 3 + static_cast<int>(i) &&
+              last.committed[i].token == kEos && last.committed[i].probability == 1.0f;
+  CHECK(fill_ok);
+  const SequenceInfo info = engine.info(id);
+  CHECK(info.steps_done == 4 && info.tokens_denoised == 4 && info.forward_passes == 4 && info.finished);
+
+  // Without early stop: the same answer here, in all 12 steps.
+  p.early_stop = false;
+  Engine full(std::make_shared<FakeModel>(ends));
+  steps.clear();
+  CHECK(run_to_end(full, full.create({1}, p), &steps) == answer);
+  CHECK(steps.size() == 12 && steps.back().filled == 0);
+
+  // An end token followed by a real token is not an end: denoising goes on.
+  const LogitRule pause = [](const int32_t*, int, int position, float* out) {
+    for (int v = 0; v < kVocab; ++v) out[v] = 0.0f;
+    out[position == 1 + 1 ? kEos : 5] = 4.0f;
+  };
+  p.early_stop = true;
+  Engine paused(std::make_shared<FakeModel>(pause));
+  steps.clear();
+  run_to_end(paused, paused.create({1}, p), &steps);
+  CHECK(steps.size() == 12);
+
+  // EOT ends an answer when the sequence has one; with parallel decoding the stop comes after the
+  // first block's single step.
+  const LogitRule eot = [](const int32_t*, int, int position, float* out) {
+    for (int v = 0; v < kVocab; ++v) out[v] = 0.0f;
+    out[position == 1 + 2 ? kEot : position > 1 + 2 ? kEos : 5] = 12.0f;
+  };
+  p.eot_token_id = kEot;
+  p.parallel_threshold = 0.9;
+  Engine turn(std::make_shared<FakeModel>(eot));
+  steps.clear();
+  const std::vector<int32_t> t = run_to_end(turn, turn.create({1}, p), &steps);
+  CHECK((t == std::vector<int32_t>{5, 5, kEot, kEos, kEos, kEos, kEos, kEos, kEos, kEos, kEos, kEos}));
+  CHECK(steps.size() == 1 && steps[0].filled == 8 && steps[0].reason == FinishReason::Eos);
+
+  // With a suffix the fill stays inside the answer.
+  p = params(8, 4, 8);
+  p.early_stop = true;
+  Engine infill(std::make_shared<FakeModel>(ends));
+  const std::vector<int32_t> filled = run_to_end(infill, infill.create({1}, p, {7, 7}));
+  CHECK((filled == std::vector<int32_t>{5, 5, 5, kEos, kEos, kEos, kEos, kEos}));
+}
+
 int main() {
   test_schedule();
   test_select_most_confident();
@@ -620,6 +995,14 @@ int main() {
   test_gumbel_determinism_in_engine();
   test_cancellation();
   test_release();
+  test_top_k_top_p_rows();
+  test_select_parallel();
+  test_answer_has_ended();
+  test_new_options_validation();
+  test_top_k_in_engine();
+  test_suffix();
+  test_parallel_decoding();
+  test_early_stop();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
