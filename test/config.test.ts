@@ -4,6 +4,7 @@ import { Either, Schema } from "effect"
 import { describe, expect, it } from "vitest"
 import * as Config from "../src/config/Config.js"
 import { embeddedModelDir } from "../src/config/package.js"
+import { servingDefaults } from "../src/server/Server.js"
 
 const repoRoot = join(import.meta.dirname, "..")
 
@@ -48,6 +49,11 @@ describe("Config", () => {
       remasking: "low_confidence",
       cfgScale: 0,
       temperature: 0,
+      topK: 0,
+      topP: 1,
+      parallelThreshold: 0,
+      parallelFactor: 0,
+      earlyStop: true,
       logLevel: "info"
     })
     expect(Config.servedModelName(config)).toBe("shakespeare")
@@ -92,6 +98,11 @@ describe("Config", () => {
       remasking: ["random", "low_confidence"],
       cfgScale: ["1.5", "0.5"],
       temperature: ["0.7", "1"],
+      topK: ["20", "40"],
+      topP: ["0.9", "0.95"],
+      parallelThreshold: ["0.9", "0.8"],
+      parallelFactor: ["1", "0.5"],
+      earlyStop: ["true", "false"],
       logLevel: ["debug", "error"],
       otlpEndpoint: ["http://collector-a:4318", "https://collector-b:4318"]
     }
@@ -137,9 +148,34 @@ describe("Config", () => {
       `--allowed-origins: origins must be "*" or like https://example.com:8080, got "https://x.example/"`
     )
     expect(error(["--dtype", "f16"])).toBe(`--dtype: must be one of auto; got "f16"`)
+    expect(error(["--top-k", "-1"])).toBe(`--top-k: must be an integer of at least 0, got "-1"`)
+    expect(error(["--top-p", "0"])).toBe(`--top-p: must be a number above 0 and at most 1, got "0"`)
+    expect(error([], { VDIFF_TOP_P: "1.5" })).toBe(`VDIFF_TOP_P (--top-p): must be a number above 0 and at most 1, got "1.5"`)
+    expect(error(["--parallel-threshold", "1.2"])).toBe(`--parallel-threshold: must be a number from 0 to 1, got "1.2"`)
+    expect(error(["--parallel-factor", "-1"])).toBe(`--parallel-factor: must be a number of at least 0, got "-1"`)
+    expect(error(["--early-stop=sometimes"])).toBe(`--early-stop: must be true or false, got "sometimes"`)
     expect(error(["--port"])).toBe("--port needs a value (PORT)")
     expect(error(["--bogus", "1"])).toBe("unknown flag --bogus (vdiff serve --help lists them)")
     expect(error(["serve-me"])).toBe(`unexpected argument "serve-me" (settings are --name value)`)
+  })
+
+  it("turns on at most one parallel decoding rule, and hands the sampler defaults to the serving layer", () => {
+    expect(error(["--parallel-threshold", "0.9", "--parallel-factor", "1"])).toBe(
+      "--parallel-threshold and --parallel-factor cannot both be above 0: they are two rules for the same choice"
+    )
+    expect(error(["--parallel-threshold", "0.9"], { VDIFF_PARALLEL_FACTOR: "1" })).toBe(
+      "--parallel-threshold and VDIFF_PARALLEL_FACTOR (--parallel-factor) cannot both be above 0: they are two rules for the same choice"
+    )
+    // One rule on and the other explicitly off is fine.
+    expect(ok(["--parallel-threshold", "0.9", "--parallel-factor", "0"]).parallelThreshold).toBe(0.9)
+    expect(ok(["--early-stop"]).earlyStop).toBe(true)
+    expect(ok([], { VDIFF_EARLY_STOP: "false" }).earlyStop).toBe(false)
+
+    const defaults = servingDefaults(
+      ok(["--top-k", "20", "--top-p", "0.9", "--parallel-factor", "1.5", "--early-stop=false", "--diffusion-steps", "0"])
+    )
+    expect(defaults).toMatchObject({ topK: 20, topP: 0.9, parallelThreshold: 0, parallelFactor: 1.5, earlyStop: false, steps: null })
+    expect(servingDefaults(ok([]))).toMatchObject({ topK: 0, topP: 1, parallelThreshold: 0, parallelFactor: 0, earlyStop: true })
   })
 
   it("never echoes an API key in an error", () => {

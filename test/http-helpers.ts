@@ -122,14 +122,7 @@ export const fakeLoader = (config: Config.Settings, options: FakeLoaderOptions =
         maxBatchTokens: Number.MAX_SAFE_INTEGER,
         requestTimeoutMs: config.requestTimeout * 1000
       },
-      defaults: {
-        maxTokens: config.maxTokens,
-        steps: config.diffusionSteps === 0 ? null : config.diffusionSteps,
-        blockLength: config.blockLength,
-        remasking: config.remasking,
-        cfgScale: config.cfgScale,
-        temperature: config.temperature
-      }
+      defaults: Server.servingDefaults(config)
     })
   })
 

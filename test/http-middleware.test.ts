@@ -1,4 +1,6 @@
 import { describe, expect, it } from "@effect/vitest"
+import { once } from "node:events"
+import { connect } from "node:net"
 import { Effect, HashMap, Logger, LogLevel } from "effect"
 import { postJson, request, settings, startServer } from "./http-helpers.js"
 
@@ -136,7 +138,74 @@ describe("body size limit", () => {
         expect(small.status).toBe(404)
         expect(small.json.error.code).toBe("model_not_found")
       })))
+
+  it.scopedLive("lets a client that uploads a whole oversized body before reading get its 413", () =>
+    withServer([], (url) =>
+      Effect.gen(function*() {
+        // 2 MiB declared in Content-Length against the default 1 MiB limit, from a client that, like curl
+        // or most HTTP libraries, sends all of it before it reads. The server reads and discards the body
+        // before it answers and closes; closing on unread bytes would reset the connection, and the
+        // client would get ECONNRESET (or EPIPE) instead of the 413.
+        const upload = yield* uploadThenRead(url, "/v1/completions", 2 * 1024 * 1024)
+        expect(upload.error).toBeUndefined()
+        const [head, body] = upload.text.split("\r\n\r\n")
+        expect(head).toMatch(/^HTTP\/1\.1 413 /)
+        expect(head).toMatch(/\r\nconnection: close\r\n/i)
+        expectErrorBody(JSON.parse(body!), "invalid_request_error", "body_too_large", /x-request-id: (\S+)/i.exec(head!)![1]!)
+
+        // The same without Content-Length, chunked.
+        const text = "x".repeat(2 * 1024 * 1024)
+        const streamed = yield* request(url + "/v1/completions", {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: new ReadableStream({
+            start(controller) {
+              for (let at = 0; at < text.length; at += 64 * 1024) {
+                controller.enqueue(new TextEncoder().encode(text.slice(at, at + 64 * 1024)))
+              }
+              controller.close()
+            }
+          }),
+          duplex: "half"
+        } as RequestInit)
+        expect(streamed.status).toBe(413)
+        expect(streamed.json.error.code).toBe("body_too_large")
+      })))
 })
+
+/**
+ * Over a raw socket: a POST of `bytes` bytes declared in Content-Length, written in full (with a pause
+ * after the first 64 KiB), and only then the answer read to the end of the connection. `error` is the
+ * code of whatever failed on the way.
+ */
+const uploadThenRead = (url: string, path: string, bytes: number) =>
+  Effect.promise(async () => {
+    const { hostname, port } = new URL(url)
+    const socket = connect(Number(port), hostname)
+    let error: string | undefined
+    socket.on("error", (cause: NodeJS.ErrnoException) => (error ??= cause.code ?? String(cause)))
+    const closed = once(socket, "close")
+    try {
+      await once(socket, "connect")
+      socket.write(
+        `POST ${path} HTTP/1.1\r\nhost: ${hostname}:${port}\r\ncontent-type: application/json\r\n` +
+          `content-length: ${bytes}\r\n\r\n`
+      )
+      const piece = Buffer.alloc(64 * 1024, "x")
+      for (let sent = 0; sent < bytes && !socket.destroyed; sent += piece.length) {
+        // A connection that has gone never drains.
+        if (!socket.write(piece)) await Promise.race([once(socket, "drain"), closed])
+        // A slow link: the server has the headers and the start of the body long before the rest.
+        if (sent === 0) await new Promise((resolve) => setTimeout(resolve, 100))
+      }
+      const chunks: Array<Buffer> = []
+      socket.on("data", (chunk: Buffer) => chunks.push(chunk))
+      await closed
+      return { text: Buffer.concat(chunks).toString("utf8"), error }
+    } catch (cause) {
+      return { text: "", error: error ?? String(cause) }
+    }
+  })
 
 describe("CORS", () => {
   const preflight = (url: string, origin: string) =>

@@ -102,6 +102,63 @@ describe("rate limit over HTTP", () => {
       expect((yield* from(plain, "203.0.113.2")).status).toBe(429)
     }).pipe(quiet))
 
+  it.scoped("limits failed API key attempts per address, then refuses even the right key until the window slides", () =>
+    Effect.gen(function*() {
+      const url = yield* serve(["--rate-limit-requests", "3", "--rate-limit-window", "10", "--api-key", "right"])
+      const as = (key: string | undefined) =>
+        request(url + "/v1/models", { headers: key === undefined ? {} : { authorization: `Bearer ${key}` } })
+
+      // t = 0 s, 4 s: three failures (wrong and missing keys alike) are answered as such.
+      expect((yield* as("guess-1")).status).toBe(403)
+      expect((yield* as(undefined)).status).toBe(401)
+      yield* TestClock.adjust("4 seconds")
+      expect((yield* as("guess-2")).status).toBe(403)
+
+      // Past the limit every attempt from the address is refused before its key is checked, so a guess
+      // that happens to be right cannot be told from a wrong one.
+      for (const key of ["guess-3", undefined, "right"]) {
+        const refused = yield* as(key)
+        expect(refused.status, String(key)).toBe(429)
+        expect(refused.headers.get("retry-after")).toBe("6")
+        expect(refused.json.error).toMatchObject({ type: "rate_limit_error", code: "rate_limit_exceeded" })
+        expect(refused.json.error.message).toMatch(/failed authentication/)
+      }
+
+      // t = 10 s: the first two failures have left the window; the right key works again, and the
+      // address has two failed attempts left.
+      yield* TestClock.adjust("6 seconds")
+      expect((yield* as("right")).status).toBe(200)
+      expect((yield* as("guess-4")).status).toBe(403)
+      expect((yield* as("guess-5")).status).toBe(403)
+      expect((yield* as("guess-6")).status).toBe(429)
+      // Probes need no key and are never refused.
+      expect((yield* request(url + "/health")).status).toBe(200)
+    }).pipe(quiet))
+
+  it.scoped("counts failed API key attempts per peer address, and X-Forwarded-For only with --trust-proxy", () =>
+    Effect.gen(function*() {
+      const guess = (url: string, address: string) =>
+        request(url + "/v1/models", { headers: { authorization: "Bearer guess", "x-forwarded-for": address } })
+      const trusting = yield* serve(["--rate-limit-requests", "1", "--api-key", "right", "--trust-proxy"])
+      expect((yield* guess(trusting, "203.0.113.1")).status).toBe(403)
+      expect((yield* guess(trusting, "203.0.113.1")).status).toBe(429)
+      expect((yield* guess(trusting, "203.0.113.2")).status).toBe(403)
+
+      // Without it a guesser cannot dodge the limit by changing the header: everyone here is 127.0.0.1.
+      const plain = yield* serve(["--rate-limit-requests", "1", "--api-key", "right"])
+      expect((yield* guess(plain, "203.0.113.1")).status).toBe(403)
+      expect((yield* guess(plain, "203.0.113.2")).status).toBe(429)
+    }).pipe(quiet))
+
+  it.scoped("leaves failed API key attempts unlimited with --rate-limit-requests 0", () =>
+    Effect.gen(function*() {
+      const url = yield* serve(["--api-key", "right"])
+      for (let i = 0; i < 20; i++) {
+        expect((yield* request(url + "/v1/models", { headers: { authorization: `Bearer guess-${i}` } })).status).toBe(403)
+      }
+      expect((yield* request(url + "/v1/models", { headers: { authorization: "Bearer right" } })).status).toBe(200)
+    }).pipe(quiet))
+
   it.scoped("is off with --rate-limit-requests 0", () =>
     Effect.gen(function*() {
       const url = yield* serve([])

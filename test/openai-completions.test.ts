@@ -271,6 +271,29 @@ describe("an answer that ends early", () => {
   })
 })
 
+describe("a prompt list longer than the queue", () => {
+  let small: TestServer
+  beforeAll(async () => {
+    small = await startServer({ script: (t) => textScript(t, () => "Hello world"), scheduler: { queueCapacity: 4 } })
+  })
+  afterAll(() => small.close())
+
+  it("is a 400 naming prompt even on an idle server, and nothing of it reaches the engine", async () => {
+    const response = await small.post("/v1/completions", { prompt: ["a", "b", "c", "d", "e", "f"], max_tokens: 1 })
+    expect(response.status).toBe(400)
+    const body = (await response.json()) as { error: Record<string, unknown> }
+    expect(body.error).toMatchObject({ type: "invalid_request_error", param: "prompt", code: "too_many_prompts" })
+    expect(body.error["message"]).toMatch(/6 prompts.*at most 4/)
+    expect(small.engine.created).toHaveLength(0)
+  })
+
+  it("is answered when it fits the queue", async () => {
+    const response = await small.post("/v1/completions", { prompt: ["a", "b", "c", "d"], max_tokens: 2 })
+    expect(response.status).toBe(200)
+    expect(strict(CompletionResponse)(await response.json()).choices).toHaveLength(4)
+  })
+})
+
 describe("server defaults for the sampler options", () => {
   let configured: TestServer
   beforeAll(async () => {

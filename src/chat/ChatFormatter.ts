@@ -113,11 +113,18 @@ export const validateMessages = (
       }
       const texts: Array<string> = []
       for (const [j, part] of content.entries()) {
-        if (typeof part !== "object" || part === null || part.type !== "text" || typeof part.text !== "string") {
+        if (typeof part !== "object" || part === null || part.type !== "text") {
           return yield* new InvalidChatRequest({
             reason: "UnsupportedContent",
             param: `messages[${i}].content[${j}]`,
             message: `content part of type "${String(part?.type)}" is not supported: this model takes text only`
+          })
+        }
+        if (typeof part.text !== "string") {
+          return yield* new InvalidChatRequest({
+            reason: "UnsupportedContent",
+            param: `messages[${i}].content[${j}].text`,
+            message: "text must be a string"
           })
         }
         texts.push(part.text)

@@ -16,6 +16,7 @@
  */
 import { basename } from "node:path"
 import { Either, Option, ParseResult, Schema, SchemaAST } from "effect"
+import { MAX_DIFFUSION_STEPS } from "../openai/protocol.js"
 import { embeddedModelDir } from "./package.js"
 
 // --- annotations that turn a field schema into a documented setting ---------------------------------
@@ -77,18 +78,19 @@ const IntegerText = (min: number, max: number = Number.MAX_SAFE_INTEGER) =>
     encode: (value) => ParseResult.succeed(String(value))
   })
 
-/** A finite decimal number of at least `min` (above `min` when `exclusive`). */
-const NumberText = (min: number, exclusive = false) =>
+/** A finite decimal number of at least `min` (above `min` when `exclusive`) and at most `max`. */
+const NumberText = (min: number, exclusive = false, max = Infinity) =>
   Schema.transformOrFail(Schema.String, Schema.Number, {
     strict: true,
     decode: (text, _, ast) => {
       const trimmed = text.trim()
       const value = Number(trimmed)
       const ok = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/.test(trimmed) && Number.isFinite(value) &&
-        (exclusive ? value > min : value >= min)
-      return ok
-        ? ParseResult.succeed(value)
-        : invalid(ast, text, `must be a number ${exclusive ? `above ${min}` : `of at least ${min}`}, got ${quoted(text)}`)
+        (exclusive ? value > min : value >= min) && value <= max
+      const range = exclusive
+        ? `above ${min}${max === Infinity ? "" : ` and at most ${max}`}`
+        : max === Infinity ? `of at least ${min}` : `from ${min} to ${max}`
+      return ok ? ParseResult.succeed(value) : invalid(ast, text, `must be a number ${range}, got ${quoted(text)}`)
     },
     encode: (value) => ParseResult.succeed(String(value))
   })
@@ -242,7 +244,7 @@ export const Settings = Schema.Struct({
     value: "BOOL"
   }),
   rateLimitRequests: setting(IntegerText(0), {
-    description: "Requests a client (API key, else address) may make per window; 0 turns rate limiting off",
+    description: "Requests a client (API key, else address) may make per window, and failed API key attempts an address may make; 0 turns rate limiting off",
     default: "0",
     value: "N"
   }),
@@ -286,7 +288,7 @@ export const Settings = Schema.Struct({
     default: "128",
     value: "N"
   }),
-  diffusionSteps: setting(IntegerText(0), {
+  diffusionSteps: setting(IntegerText(0, MAX_DIFFUSION_STEPS), {
     description: "Denoising steps when a request gives no diffusion_steps; 0: one step per answer token",
     default: "0",
     value: "N"
@@ -310,6 +312,32 @@ export const Settings = Schema.Struct({
     description: "Sampling temperature when a request gives none; 0 is greedy",
     default: "0",
     value: "T"
+  }),
+  topK: setting(IntegerText(0), {
+    description: "Top-k sampling when a request gives no top_k: at temperature > 0 draw among the K likeliest tokens; 0 turns it off",
+    default: "0",
+    value: "K"
+  }),
+  topP: setting(NumberText(0, true, 1), {
+    description: "Nucleus sampling when a request gives no top_p: at temperature > 0 draw from the likeliest tokens holding P of the probability; 1 turns it off",
+    default: "1",
+    value: "P"
+  }),
+  parallelThreshold: setting(NumberText(0, false, 1), {
+    description: "Parallel decoding when a request sets neither parallel rule: a step also commits every masked position of the block at least T likely; 0 turns it off",
+    default: "0",
+    value: "T"
+  }),
+  parallelFactor: setting(NumberText(0), {
+    description: "Parallel decoding by rank when a request sets neither parallel rule: threshold 1 − F/(r+1); 0 turns it off; not together with --parallel-threshold",
+    default: "0",
+    value: "F"
+  }),
+  earlyStop: setting(SwitchText, {
+    description: "Finish once the answer has ended instead of denoising the remaining blocks, when a request gives no early_stop; --early-stop=false turns it off",
+    default: "true",
+    kind: "switch",
+    value: "BOOL"
   }),
   logLevel: setting(OneOfText(logLevels), {
     description: `Least important log level written: ${logLevels.join(", ")}`,
@@ -449,19 +477,30 @@ export const load = (input: LoadInput): Either.Either<Settings, ConfigError> =>
         sources[info.name] = "default"
       }
     }
-    return yield* Schema.decodeUnknownEither(Settings, { errors: "first" })(raw).pipe(
+    /** How an error names a setting: by the variable it came from, else by its flag. */
+    const where = (info: SettingInfo) => {
+      const source = sources[info.name]
+      return source !== undefined && source !== "default" && "env" in source ? `${source.env} (${info.flag})` : info.flag
+    }
+    const config = yield* Schema.decodeUnknownEither(Settings, { errors: "first" })(raw).pipe(
       Either.mapLeft((error) => {
         const issue = ParseResult.ArrayFormatter.formatErrorSync(error)[0]
         const name = issue?.path[0] as SettingName | undefined
         const info = settings.find((s) => s.name === name)
         if (info === undefined || issue === undefined) return new ConfigError({ message: error.message })
-        const source = sources[info.name]
-        const where = source !== undefined && source !== "default" && "env" in source
-          ? `${source.env} (${info.flag})`
-          : info.flag
-        return new ConfigError({ message: `${where}: ${issue.message}` })
+        return new ConfigError({ message: `${where(info)}: ${issue.message}` })
       })
     )
+    // The one rule across settings: the two parallel decoding rules decide the same thing.
+    if (config.parallelThreshold > 0 && config.parallelFactor > 0) {
+      const [threshold, factor] = (["parallelThreshold", "parallelFactor"] as const).map((name) =>
+        where(settings.find((s) => s.name === name)!)
+      )
+      return yield* Either.left(
+        new ConfigError({ message: `${threshold} and ${factor} cannot both be above 0: they are two rules for the same choice` })
+      )
+    }
+    return config
   })
 
 /** The id clients use for the model: --served-model-name, else the model directory's name. */

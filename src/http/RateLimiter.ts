@@ -7,6 +7,9 @@
  * are dropped on a sweep that runs at most once per window, so memory stays bounded by the clients active
  * in the last window (times `limit` entries each).
  *
+ * Two middlewares use it: `rateLimit` counts requests per API key (else address), and `limitFailedAuth`
+ * counts failed authentication per address, under keys of their own in the same limiter.
+ *
  * @effect/experimental's RateLimiter offers fixed windows and token buckets, not a sliding window, and
  * needs a store layer; this one is small enough to own. Time comes from Effect's Clock, so tests drive it
  * with TestClock.
@@ -16,7 +19,7 @@
 import { createHash } from "node:crypto"
 import { HttpApp, HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { Clock, Context, Effect, Layer } from "effect"
-import { RateLimited } from "../openai/errors.js"
+import { Forbidden, RateLimited, Unauthorized } from "../openai/errors.js"
 import { bearerToken } from "./auth.js"
 import { clientAddress, isPublic } from "./middleware.js"
 
@@ -39,6 +42,8 @@ export interface RateLimiterShape {
   readonly options: RateLimitOptions
   /** Counts a request of `client` if it is within the limit. */
   readonly consume: (client: string) => Effect.Effect<Decision>
+  /** Whether one more request of `client` would be within the limit, counting nothing. */
+  readonly peek: (client: string) => Effect.Effect<Decision>
   /** Clients currently tracked. */
   readonly clients: Effect.Effect<number>
 }
@@ -59,7 +64,8 @@ export const make = (options: RateLimitOptions): Effect.Effect<RateLimiterShape>
       }
     }
 
-    const consume = (client: string) =>
+    /** Decides on one more request of `client` at `now`, counting it when allowed and `count` is set. */
+    const decide = (client: string, count: boolean) =>
       Effect.map(Clock.currentTimeMillis, (now): Decision => {
         sweep(now)
         const log = logs.get(client) ?? []
@@ -68,7 +74,7 @@ export const make = (options: RateLimitOptions): Effect.Effect<RateLimiterShape>
         while (expired < log.length && log[expired]! <= now - options.windowMs) expired++
         if (expired > 0) log.splice(0, expired)
         const allowed = log.length < options.limit
-        if (allowed) log.push(now)
+        if (allowed && count) log.push(now)
         if (log.length > 0) logs.set(client, log)
         else logs.delete(client)
         return {
@@ -79,12 +85,56 @@ export const make = (options: RateLimitOptions): Effect.Effect<RateLimiterShape>
         }
       })
 
-    return { options, consume, clients: Effect.sync(() => logs.size) }
+    return {
+      options,
+      consume: (client) => decide(client, true),
+      peek: (client) => decide(client, false),
+      clients: Effect.sync(() => logs.size)
+    }
   })
 
 export const layer = (options: RateLimitOptions): Layer.Layer<RateLimiter> => Layer.effect(RateLimiter, make(options))
 
 const seconds = (ms: number) => Math.max(0, Math.ceil(ms / 1000))
+
+/**
+ * Limits failed authentication per client address (the peer's; X-Forwarded-For only with `trustProxy`),
+ * in the same window and with the same limit as requests, so API keys cannot be guessed at any speed:
+ * auth runs before the request limit, which therefore never sees a request with a wrong or missing key.
+ * Each 401 or 403 from auth (inside this) counts against the address; once it has had `limit` of them in
+ * the window, every request of it that needs a key gets 429 with Retry-After before its key is even
+ * checked — checking it would tell a guesser when a guess is right. Off when the limit is 0.
+ */
+export const limitFailedAuth = (options: { readonly trustProxy: boolean }) =>
+<E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | RateLimited, R | RateLimiter> =>
+  Effect.gen(function*() {
+    const limiter = yield* RateLimiter
+    const request = yield* HttpServerRequest.HttpServerRequest
+    if (limiter.options.limit === 0 || isPublic(request) || request.method === "OPTIONS") return yield* app
+    const client = "auth-failures:" + clientAddress(request, options.trustProxy)
+    const refuse = (decision: Decision) => {
+      const retryAfterSeconds = Math.max(1, seconds(decision.resetMs))
+      return new RateLimited({
+        message: `too many failed authentication attempts (${decision.limit} per ${limiter.options.windowMs / 1000} s); ` +
+          `retry in ${retryAfterSeconds} s`,
+        code: "rate_limit_exceeded",
+        retryAfterSeconds
+      })
+    }
+    const before = yield* limiter.peek(client)
+    if (!before.allowed) return yield* refuse(before)
+    return yield* app.pipe(
+      Effect.tapError((error) =>
+        isAuthFailure(error)
+          ? Effect.flatMap(limiter.consume(client), (decision) => decision.allowed ? Effect.void : Effect.fail(refuse(decision)))
+          : Effect.void
+      )
+    )
+  })
+
+const isAuthFailure = (error: unknown): boolean =>
+  (error instanceof Unauthorized || error instanceof Forbidden) &&
+  (error.code === "missing_api_key" || error.code === "invalid_api_key")
 
 /**
  * Applies the limiter to every request but public paths and preflights. The client is the API key when

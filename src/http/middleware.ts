@@ -1,9 +1,10 @@
 /**
  * The HTTP middleware of the server, each a function from an HttpApp to an HttpApp. Server.ts applies
  * them in this order, outermost first: request id · access log · request counters (HttpMetrics.ts) ·
- * errors → responses (errorResponses.ts) · security headers · CORS · body size limit · auth (auth.ts) ·
- * rate limit (RateLimiter.ts) · router. Headers that every response must carry — errors included — are
- * added with pre-response handlers, which run on whatever response finally goes out.
+ * errors → responses (errorResponses.ts) · security headers · CORS · body size limit · failed-auth limit
+ * (RateLimiter.ts) · auth (auth.ts) · rate limit (RateLimiter.ts) · router. Headers that every response
+ * must carry — errors included — are added with pre-response handlers, which run on whatever response
+ * finally goes out.
  *
  * @since 0.1.0
  */
@@ -216,12 +217,22 @@ const tooLarge = (limit: number) =>
   new PayloadTooLarge({ message: `request body is larger than ${limit} bytes`, code: "body_too_large" })
 
 /**
- * Reads the whole body, failing as soon as it passes `limit`. Past the limit the rest is discarded rather
- * than the socket destroyed (which is what the platform's own limit does, leaving the client with no
- * answer), so the client gets its 413.
+ * How much of an oversized body is read and thrown away before the 413 goes out. A server that answers
+ * and closes while the client is still sending leaves unread bytes behind, and the connection is reset:
+ * the client sees EPIPE or ECONNRESET instead of its 413. Beyond this bound the connection is simply
+ * closed, so a huge upload costs no more than reading it this far.
+ */
+export const drainBound = (limit: number): number => Math.max(limit, Math.min(8 * limit, 16 * 1024 * 1024))
+
+/**
+ * Reads the whole body, failing once it passes `limit`. Past the limit the rest is read and discarded
+ * up to `drainBound(limit)` bytes in all, so that the client, still sending, gets its 413 (the platform's
+ * own limit destroys the socket at once, leaving the client with no answer); past the bound it fails at
+ * once and the connection is closed.
  */
 const readBody = (source: IncomingMessage, limit: number) =>
   Effect.async<Buffer, PayloadTooLarge | BadRequest>((resume) => {
+    const bound = drainBound(limit)
     const chunks: Array<Buffer> = []
     let bytes = 0
     const stop = () => {
@@ -232,13 +243,14 @@ const readBody = (source: IncomingMessage, limit: number) =>
     const onData = (chunk: Buffer) => {
       bytes += chunk.length
       if (bytes <= limit) return void chunks.push(chunk)
+      chunks.length = 0
+      if (bytes <= bound) return
       stop()
-      source.resume()
       resume(Effect.fail(tooLarge(limit)))
     }
     const onEnd = () => {
       stop()
-      resume(Effect.succeed(Buffer.concat(chunks)))
+      resume(bytes <= limit ? Effect.succeed(Buffer.concat(chunks)) : Effect.fail(tooLarge(limit)))
     }
     const onError = () => {
       stop()
@@ -266,10 +278,10 @@ const withBufferedBody = (
   })
 
 /**
- * Refuses a body over `limit` bytes with 413 (and closes the connection, whose unread rest cannot be
- * reused): at once when Content-Length says so, else while reading it. A body is read here, in full,
- * before auth and the handler run, and handed on as a buffered copy, so handlers never see a partial or
- * oversized body.
+ * Refuses a body over `limit` bytes with 413 and closes the connection: once the body has been read and
+ * discarded (see `readBody`), or at once when Content-Length says it is larger than `drainBound(limit)`.
+ * A body is read here, in full, before auth and the handler run, and handed on as a buffered copy, so
+ * handlers never see a partial or oversized body.
  */
 export const bodyLimit = (limit: number) =>
 <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | PayloadTooLarge | BadRequest, R> =>
@@ -279,7 +291,9 @@ export const bodyLimit = (limit: number) =>
     const hasBody = (declared !== undefined && declared !== "0") || request.headers["transfer-encoding"] !== undefined
     if (!hasBody || request.method === "GET" || request.method === "HEAD") return yield* app
     const closeAfter = setHeaders({ connection: "close" })
-    if (declared !== undefined && Number(declared) > limit) return yield* Effect.zipRight(closeAfter, tooLarge(limit))
+    if (declared !== undefined && Number(declared) > drainBound(limit)) {
+      return yield* Effect.zipRight(closeAfter, tooLarge(limit))
+    }
     const body = yield* readBody(NodeHttpServerRequest.toIncomingMessage(request), limit).pipe(
       Effect.tapError(() => closeAfter)
     )

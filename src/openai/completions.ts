@@ -7,6 +7,7 @@
 import { HttpServerResponse } from "@effect/platform"
 import { Effect, Option } from "effect"
 import { RequestId } from "../http/RequestId.js"
+import { Scheduler } from "../scheduler/Scheduler.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { BadRequest } from "./errors.js"
 import type {
@@ -81,6 +82,7 @@ export const completions = (request: CompletionRequest) =>
   Effect.gen(function*() {
     const tokenizer = yield* Tokenizer
     const config = yield* ServingConfig
+    const scheduler = yield* Scheduler
     const requestId = yield* RequestId
     const plan = yield* makePlan(
       request,
@@ -107,6 +109,19 @@ export const completions = (request: CompletionRequest) =>
     const prompts = (yield* preparePrompts(request.prompt, tokenizer)).map((prompt) =>
       suffix.length === 0 ? prompt : { ...prompt, suffix }
     )
+    // Every prompt is one request to the scheduler, all submitted at once: a list longer than its queue
+    // can never be admitted whole, however idle the server, so it is the request that is wrong (400),
+    // not the moment (503), and nothing is submitted. (A single prompt can only meet a queue that is full
+    // now: 503, retry later.)
+    const { capacity } = yield* scheduler.stats
+    if (prompts.length > 1 && prompts.length > capacity) {
+      return yield* new BadRequest({
+        message: `prompt has ${prompts.length} prompts, but this server queues at most ${capacity} requests at once; ` +
+          `send at most ${capacity} prompts per request`,
+        param: "prompt",
+        code: "too_many_prompts"
+      })
+    }
     const jobs = yield* preparePromptJobs(prompts, plan)
     const texts = new TokenTexts(tokenizer)
     const head = { id: `cmpl-${requestId}`, object: "text_completion" as const, created: yield* nowSeconds, model: config.modelName }

@@ -58,6 +58,12 @@ export const KvCache = described(
 /** The largest seed: the n answers of a request use seed, seed+1, ..., which must stay exact integers. */
 export const MAX_SEED = 2 ** 52
 
+/**
+ * The most denoising steps a request may ask for. More steps than answer tokens change nothing (a block
+ * never takes more steps than it has positions), so this only keeps absurd values away from the engine.
+ */
+export const MAX_DIFFUSION_STEPS = 100_000
+
 const Stop = described(
   Schema.Union(Schema.String, Schema.Array(Schema.String)),
   "stop must be a string or an array of strings"
@@ -92,7 +98,7 @@ const samplingFields = {
   /** vLLM: add prompt_token_ids and token_ids to every choice. */
   return_token_ids: optional(boolean("return_token_ids")),
   // Diffusion settings (vdiff extensions); absent: the server's defaults.
-  diffusion_steps: optional(int("diffusion_steps", 1)),
+  diffusion_steps: optional(int("diffusion_steps", 1, MAX_DIFFUSION_STEPS)),
   block_length: optional(int("block_length", 1)),
   remasking: optional(Remasking),
   cfg_scale: optional(number("cfg_scale", 0, 1000)),

@@ -359,15 +359,42 @@ export interface PromptJob {
   readonly run: PromptRun
 }
 
+/**
+ * Refuses a prompt or suffix that holds the mask token (typed as text, e.g. "<|mdm_mask|>", or given as
+ * an id): on the canvas it marks the positions the model writes, so it cannot stand for itself in the
+ * context. The engine refuses it too, but only once the request is queued and in its own words.
+ */
+const checkNoMaskToken = (prompts: ReadonlyArray<PreparedPrompt>) =>
+  Effect.flatMap(Tokenizer, (tokenizer) => {
+    const mask = tokenizer.specialTokens.mask
+    for (const prompt of prompts) {
+      for (const [param, tokens] of [[prompt.param, prompt.tokens], ["suffix", prompt.suffix ?? []]] as const) {
+        if (tokens.includes(mask)) {
+          return Effect.fail(
+            new BadRequest({
+              message: `${param} contains the mask token ${JSON.stringify(tokenizer.decode([mask]))} (id ${mask}), ` +
+                "which marks the positions the model fills in and cannot be part of a prompt",
+              param
+            })
+          )
+        }
+      }
+    }
+    return Effect.void
+  })
+
 /** Resolves every prompt's settings (failing before anything runs if one does not fit) and sets it up. */
 export const preparePromptJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: AnswerPlan) =>
-  Effect.forEach(prompts, (prompt) =>
-    Effect.gen(function*() {
-      const suffix = prompt.suffix ?? []
-      const settings = yield* plan.settingsFor(prompt.tokens.length, prompt.param, suffix.length)
-      const run = yield* runPrompt(prompt.tokens, settings, plan, suffix)
-      return { prompt, settings, totalSteps: plannedSteps(settings), run } satisfies PromptJob
-    }))
+  Effect.zipRight(
+    checkNoMaskToken(prompts),
+    Effect.forEach(prompts, (prompt) =>
+      Effect.gen(function*() {
+        const suffix = prompt.suffix ?? []
+        const settings = yield* plan.settingsFor(prompt.tokens.length, prompt.param, suffix.length)
+        const run = yield* runPrompt(prompt.tokens, settings, plan, suffix)
+        return { prompt, settings, totalSteps: plannedSteps(settings), run } satisfies PromptJob
+      }))
+  )
 
 /** Runs every prompt's answers to their end, all at once (they share the scheduler's batches). */
 export const runToEnd = (jobs: ReadonlyArray<PromptJob>) =>

@@ -4,7 +4,7 @@
  *
  *   HTTP span (@effect/platform's tracer; not for /health* and /metrics) · metric label model_name ·
  *   request id · access log · HTTP metrics          (around the whole exchange, streams included)
- *   errors → responses · security headers · CORS · body limit · auth · rate limit
+ *   errors → responses · security headers · CORS · body limit · failed-auth limit · auth · rate limit
  *   router: /health*, /version, /metrics, /v1/engine/stats | OpenAI routes (503 until the model is ready)
  *
  * Telemetry (telemetry/Telemetry.ts) sits beneath everything: the metrics that GET /metrics renders, and
@@ -32,7 +32,7 @@ import * as RateLimiter from "../http/RateLimiter.js"
 import type { RequestId } from "../http/RequestId.js"
 import * as RouteTable from "../http/routeTable.js"
 import type { ApiError } from "../openai/errors.js"
-import { ServingConfig } from "../openai/ServingConfig.js"
+import { ServingConfig, type ServingDefaults } from "../openai/ServingConfig.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import * as Telemetry from "../telemetry/Telemetry.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
@@ -66,6 +66,21 @@ const untraced = (request: HttpServerRequest.HttpServerRequest): boolean => {
   return path === "/metrics" || path === "/health" || path.startsWith("/health/")
 }
 
+/** What a request gets for the fields it leaves out, as the configuration says. */
+export const servingDefaults = (config: Settings): ServingDefaults => ({
+  maxTokens: config.maxTokens,
+  steps: config.diffusionSteps === 0 ? null : config.diffusionSteps,
+  blockLength: config.blockLength,
+  remasking: config.remasking,
+  cfgScale: config.cfgScale,
+  temperature: config.temperature,
+  topK: config.topK,
+  topP: config.topP,
+  parallelThreshold: config.parallelThreshold,
+  parallelFactor: config.parallelFactor,
+  earlyStop: config.earlyStop
+})
+
 /** The model loader the configuration asks for. */
 export const nativeLoader = (config: Settings): Loader =>
   loadNative({
@@ -78,14 +93,7 @@ export const nativeLoader = (config: Settings): Loader =>
       maxBatchTokens: config.maxBatchTokens === 0 ? Number.MAX_SAFE_INTEGER : config.maxBatchTokens,
       requestTimeoutMs: config.requestTimeout * 1000
     },
-    defaults: {
-      maxTokens: config.maxTokens,
-      steps: config.diffusionSteps === 0 ? null : config.diffusionSteps,
-      blockLength: config.blockLength,
-      remasking: config.remasking,
-      cfgScale: config.cfgScale,
-      temperature: config.temperature
-    }
+    defaults: servingDefaults(config)
   })
 
 /**
@@ -119,6 +127,7 @@ export const layerServe = (options: ServerOptions) =>
       const app = routes.pipe(
         RateLimiter.rateLimit({ keyedByApiKey: config.apiKey.length > 0, trustProxy: config.trustProxy }),
         auth(config.apiKey),
+        RateLimiter.limitFailedAuth({ trustProxy: config.trustProxy }),
         bodyLimit(config.maxBodySize),
         cors(config.allowedOrigins),
         securityHeaders,
