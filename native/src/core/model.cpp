@@ -371,18 +371,26 @@ void run_dynamic(ThreadPool& pool, size_t n, const Task& task) {
 void CpuModel::linear(const float* A, int M, int K, std::initializer_list<LinearOut> outs) {
   // Work items are column panels of gemm_nr outputs (a few panels each for the portable kernels),
   // numbered across all outputs so that one parallel_for covers e.g. q, k and v together.
+  // Many rows (a batch of whole canvases) are also split into chunks of about 1 MiB of A, so that each
+  // panel streams its rows of A from L2 rather than from memory; the chunks go in order, so the threads
+  // share one chunk at a time. The kernel's result per output does not depend on M, so neither does
+  // the forward's.
   const int nr = kernels_->gemm_nr == 1 ? 16 : kernels_->gemm_nr;
+  const int chunk = std::clamp((1 << 20) / (4 * std::max(K, 1)) / 6 * 6, 192, 1026);
   struct Item {
     const LinearOut* out;
-    int n0, n1;
+    int m0, m1, n0, n1;
   };
   std::vector<Item> items;
-  for (const LinearOut& o : outs)
-    for (int n0 = 0; n0 < o.w->rows; n0 += nr) items.push_back({&o, n0, std::min(n0 + nr, o.w->rows)});
+  for (int m0 = 0; m0 < M; m0 += chunk)
+    for (const LinearOut& o : outs)
+      for (int n0 = 0; n0 < o.w->rows; n0 += nr)
+        items.push_back({&o, m0, std::min(m0 + chunk, M), n0, std::min(n0 + nr, o.w->rows)});
   run_dynamic(*pool_, items.size(), [&](size_t i, int thread) {
     const Item& item = items[i];
     const LinearOut& o = *item.out;
-    kernels_->gemm(M, item.n0, item.n1, K, A, K, o.w->as_b(), o.out, o.ldc, o.accumulate, gemm_scratch_[thread].data());
+    kernels_->gemm(item.m1 - item.m0, item.n0, item.n1, K, A + static_cast<int64_t>(item.m0) * K, K, o.w->as_b(),
+                   o.out + static_cast<int64_t>(item.m0) * o.ldc, o.ldc, o.accumulate, gemm_scratch_[thread].data());
   });
 }
 

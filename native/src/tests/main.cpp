@@ -880,6 +880,19 @@ void test_model() {
   joined.insert(joined.end(), alone_c.begin(), alone_c.end());
   report(batched == joined, "model forward: batch of 3 (lengths 9, 131, 1) equals each alone, 1 vs 2 threads, bit for bit");
   {
+    // Over 1026 tokens the linear layers work in chunks of rows, whose borders cut through sequences.
+    std::vector<std::vector<int32_t>> seqs, rows;
+    std::vector<float> alone;
+    for (int i = 0; i < 5; ++i) {
+      seqs.push_back(random_tokens(rng, 250 - i, spec.vocab));
+      rows.push_back({0, 100, 248 - i});
+      std::vector<float> one = run_forward(*model1, {seqs.back()}, {rows.back()});
+      alone.insert(alone.end(), one.begin(), one.end());
+    }
+    report(run_forward(*model2, seqs, rows) == alone,
+           "model forward: batch of 5 x ~250 tokens (row chunks of the linear layers) equals each alone, bit for bit");
+  }
+  {
     std::vector<float> full = run_forward(*model2, {b}, {all_rows(b.size())});
     bool ok = true;
     for (size_t r = 0; r < rows_b.size(); ++r)

@@ -1,0 +1,110 @@
+#!/usr/bin/env node
+// Acceleration benchmark: vanilla denoising against the KV cache modes and parallel decoding, per answer
+// length and batch size, with vdiff-cli bench.
+//
+//   node bench/acceleration.mjs --model DIR [--gen 128,256,512 --batch 1,8 --block 32 --prompt-len 32
+//       --modes none,prefix,dual,dual+threshold --threshold 0.9 --threads 2 --skip none:8:512,...
+//       --kv-cache-dtype f32|bf16 --json results.json]
+//
+// Every run uses steps = gen (the reference's one token per step; parallel decoding replaces that
+// quota). A mode "<cache>+threshold" adds --threshold to that cache mode. --skip MODE:BATCH:GEN leaves
+// a combination out (vanilla at batch 8 and gen 512 takes about an hour of CPU on two cores).
+// Prints, per gen and batch: tokens/s (wall), tokens per CPU second (all threads: steadier on a shared
+// machine), the speedup of each over vanilla, steps, forward passes per token, and the positions
+// computed per token in whole canvases (what the cache cuts).
+import { spawnSync } from "node:child_process"
+import { existsSync, readFileSync, writeFileSync } from "node:fs"
+import { dirname, join } from "node:path"
+import { fileURLToPath } from "node:url"
+import { parseArgs } from "node:util"
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..")
+
+const { values: opts } = parseArgs({
+  options: {
+    model: { type: "string" },
+    cli: { type: "string", default: join(root, "build", "native", "vdiff-cli") },
+    gen: { type: "string", default: "128,256,512" },
+    batch: { type: "string", default: "1,8" },
+    block: { type: "string", default: "32" },
+    "prompt-len": { type: "string", default: "32" },
+    modes: { type: "string", default: "none,prefix,dual,dual+threshold" },
+    threshold: { type: "string", default: "0.9" },
+    threads: { type: "string", default: "2" },
+    seed: { type: "string", default: "1" },
+    skip: { type: "string", default: "" },
+    "kv-cache-dtype": { type: "string", default: "f32" },
+    json: { type: "string" }
+  }
+})
+
+const log = (message) => process.stderr.write(`[bench] ${message}\n`)
+const list = (text) => text.split(",").filter((item) => item !== "")
+
+const benchOne = (gen, mode, batches) => {
+  const [cache, extra] = mode.split("+")
+  if (extra !== undefined && extra !== "threshold") throw new Error(`unknown mode "${mode}"`)
+  const args = [
+    "bench", "--model", opts.model, "--prompt-len", opts["prompt-len"], "--gen", String(gen), "--block", opts.block,
+    "--steps", String(gen), "--batch", batches.join(","), "--threads", opts.threads, "--seed", opts.seed,
+    "--kv-cache", cache, "--kv-cache-dtype", opts["kv-cache-dtype"], "--repeat", "0"
+  ]
+  if (extra === "threshold") args.push("--threshold", opts.threshold)
+  log(`gen ${gen}, ${mode}, batch ${batches.join(",")} ...`)
+  const result = spawnSync(opts.cli, args, { encoding: "utf8", maxBuffer: 64 << 20 })
+  if (result.status !== 0) throw new Error(`vdiff-cli ${args.join(" ")} failed:\n${result.stderr}`)
+  const out = JSON.parse(result.stdout)
+  return out.denoise.map((d) => ({ gen, mode, loadAverage: out.load_average, ...d }))
+}
+
+const fixed = (x, digits = 1) => (x === undefined || x === null || !Number.isFinite(x) ? "-" : x.toFixed(digits))
+
+const table = (rows) => {
+  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => String(r[c]).length)))
+  return rows.map((r) => r.map((cell, c) => String(cell).padStart(widths[c])).join("  ")).join("\n")
+}
+
+const main = () => {
+  if (opts.model === undefined) throw new Error("--model DIR is required (e.g. vdiff make-model --preset small --out DIR)")
+  if (!existsSync(opts.cli)) throw new Error(`${opts.cli} not found: run npm run build:native first`)
+  const skip = new Set(list(opts.skip))
+  const results = []
+  for (const gen of list(opts.gen).map(Number)) {
+    for (const mode of list(opts.modes)) {
+      const batches = list(opts.batch).map(Number).filter((b) => !skip.has(`${mode}:${b}:${gen}`))
+      if (batches.length > 0) results.push(...benchOne(gen, mode, batches))
+    }
+  }
+
+  const header = [
+    "gen", "batch", "mode", "tok/s", "x", "tok/cpu-s", "x", "steps", "fwd/tok", "canvas/tok", "load"
+  ]
+  const rows = [header]
+  for (const r of results) {
+    const vanilla = results.find((v) => v.gen === r.gen && v.batch === r.batch && v.mode === "none")
+    rows.push([
+      r.gen, r.batch, r.mode,
+      fixed(r.tokens_per_s, 2), vanilla ? `${fixed(r.tokens_per_s / vanilla.tokens_per_s, 2)}` : "-",
+      fixed(r.tokens_per_cpu_s, 2), vanilla ? `${fixed(r.tokens_per_cpu_s / vanilla.tokens_per_cpu_s, 2)}` : "-",
+      r.steps, fixed(r.forwards_per_token, 3), fixed(r.canvas_forwards_per_token, 3),
+      r.loadAverage.map((l) => fixed(l, 1)).join("/")
+    ])
+  }
+  const config = JSON.parse(readFileSync(join(opts.model, "config.json"), "utf8"))
+  process.stdout.write(
+    `model ${opts.model} (${config.n_layers} layers, d_model ${config.d_model}), prompt ${opts["prompt-len"]}, ` +
+      `block ${opts.block}, steps = gen, threshold ${opts.threshold}, threads ${opts.threads}, ` +
+      `kv cache ${opts["kv-cache-dtype"]}\n` +
+      `x: speedup over mode none at the same gen and batch; fwd/tok: forward passes per answer token; ` +
+      `canvas/tok: positions computed per token, in canvases; load: 1-minute load average before/after\n\n` +
+      table(rows) + "\n"
+  )
+  if (opts.json !== undefined) writeFileSync(opts.json, JSON.stringify(results, null, 2) + "\n")
+}
+
+try {
+  main()
+} catch (error) {
+  process.stderr.write(`[bench] ${error instanceof Error ? error.message : String(error)}\n`)
+  process.exitCode = 1
+}
