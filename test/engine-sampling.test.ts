@@ -5,48 +5,19 @@
  * here: that they reach the engine, keep the reference's answers when off, and keep their promises on
  * a real forward pass.
  */
-import { readFileSync } from "node:fs"
 import { join } from "node:path"
 import { beforeAll, describe, expect, it } from "vitest"
 import { type NativeEngine, type NativeSamplingParams, loadAddon } from "../src/engine/native.js"
 import { greedy, runTogether } from "./support/engine.js"
+import { goldenCases, goldenDir, nativeParamsOf } from "./support/golden.js"
 
-interface GoldenCase {
-  readonly name: string
-  readonly prompt: ReadonlyArray<number>
-  readonly params: {
-    readonly gen_length: number
-    readonly block_length: number
-    readonly steps: number
-    readonly temperature: number
-    readonly remasking: "low_confidence" | "random"
-    readonly cfg_scale: number
-    readonly logits_eos_inf: boolean
-    readonly confidence_eos_eot_inf: boolean
-    readonly eot_token_id: number
-  }
-  readonly answer: ReadonlyArray<number>
-}
 
-const goldenDir = join(import.meta.dirname, "fixtures", "golden")
-const cases: ReadonlyArray<GoldenCase> = JSON.parse(readFileSync(join(goldenDir, "plain.json"), "utf8")).generate
+const cases = goldenCases("plain")
 const EOS = 94
 const EOT = 93
 const MASK = 95
 
-const paramsOf = (c: GoldenCase, overrides: Partial<NativeSamplingParams> = {}): NativeSamplingParams => ({
-  genLength: c.params.gen_length,
-  blockLength: c.params.block_length,
-  steps: c.params.steps,
-  temperature: c.params.temperature,
-  remasking: c.params.remasking,
-  cfgScale: c.params.cfg_scale,
-  seed: 0,
-  logitsEosInf: c.params.logits_eos_inf,
-  confidenceEosEotInf: c.params.confidence_eos_eot_inf,
-  eotTokenId: c.params.eot_token_id,
-  ...overrides
-})
+const paramsOf = nativeParamsOf
 
 const byName = (name: string) => cases.find((c) => c.name === name)!
 

@@ -6,47 +6,17 @@
  * natively in native/src/tests/main.cpp.
  */
 import { Effect } from "effect"
-import { readFileSync } from "node:fs"
 import { join } from "node:path"
 import { describe, expect, it } from "vitest"
 import * as Engine from "../src/engine/Engine.js"
 import { type NativeEngine, type NativeSamplingParams, loadAddon } from "../src/engine/native.js"
 import { runTogether } from "./support/engine.js"
+import { goldenCases, goldenDir, nativeParamsOf } from "./support/golden.js"
 
-interface GoldenCase {
-  readonly name: string
-  readonly prompt: ReadonlyArray<number>
-  readonly params: {
-    readonly gen_length: number
-    readonly block_length: number
-    readonly steps: number
-    readonly temperature: number
-    readonly remasking: "low_confidence" | "random"
-    readonly cfg_scale: number
-    readonly logits_eos_inf: boolean
-    readonly confidence_eos_eot_inf: boolean
-    readonly eot_token_id: number
-  }
-  readonly answer: ReadonlyArray<number>
-}
 
-const goldenDir = join(import.meta.dirname, "fixtures", "golden")
-const golden = (model: string): ReadonlyArray<GoldenCase> =>
-  JSON.parse(readFileSync(join(goldenDir, `${model}.json`), "utf8")).generate
+const golden = goldenCases
 
-const paramsOf = (c: GoldenCase, overrides: Partial<NativeSamplingParams> = {}): NativeSamplingParams => ({
-  genLength: c.params.gen_length,
-  blockLength: c.params.block_length,
-  steps: c.params.steps,
-  temperature: c.params.temperature,
-  remasking: c.params.remasking,
-  cfgScale: c.params.cfg_scale,
-  seed: 0,
-  logitsEosInf: c.params.logits_eos_inf,
-  confidenceEosEotInf: c.params.confidence_eos_eot_inf,
-  eotTokenId: c.params.eot_token_id,
-  ...overrides
-})
+const paramsOf = nativeParamsOf
 
 const load = (model: string, options: { kvCacheBudgetBytes?: number } = {}): Promise<NativeEngine> =>
   loadAddon().loadModel(join(goldenDir, model), { threads: 2, ...options })

@@ -4,31 +4,13 @@
  */
 import { describe, expect, it } from "@effect/vitest"
 import { Chunk, Effect, Either, Fiber, Layer, Stream, TestClock } from "effect"
-import { readFileSync } from "node:fs"
 import { join } from "node:path"
 import * as Engine from "../src/engine/Engine.js"
 import * as Scheduler from "../src/scheduler/Scheduler.js"
+import { type GoldenCase, goldenCases, goldenDir } from "./support/golden.js"
 
-interface GoldenCase {
-  readonly name: string
-  readonly prompt: ReadonlyArray<number>
-  readonly params: {
-    readonly gen_length: number
-    readonly block_length: number
-    readonly steps: number
-    readonly temperature: number
-    readonly remasking: "low_confidence" | "random"
-    readonly cfg_scale: number
-    readonly logits_eos_inf: boolean
-    readonly confidence_eos_eot_inf: boolean
-    readonly eot_token_id: number
-  }
-  readonly answer: ReadonlyArray<number>
-}
 
-const goldenDir = join(import.meta.dirname, "fixtures", "golden")
-const golden = (model: string): ReadonlyArray<GoldenCase> =>
-  JSON.parse(readFileSync(join(goldenDir, `${model}.json`), "utf8")).generate
+const golden = goldenCases
 
 const settingsOf = (c: GoldenCase, seed = 0): Engine.SamplingSettings => ({
   genLength: c.params.gen_length,
