@@ -4,11 +4,13 @@
 //
 //   node bench/acceleration.mjs --model DIR [--gen 128,256,512 --batch 1,8 --block 32 --prompt-len 32
 //       --modes none,prefix,dual,dual+threshold --threshold 0.9 --threads 2 --skip none:8:512,...
-//       --kv-cache-dtype f32|bf16 --json results.json]
+//       --kv-cache-dtype f32|bf16 --prompt-ids 1,2,3 --json results.json]
 //
 // Every run uses steps = gen (the reference's one token per step; parallel decoding replaces that
 // quota). A mode "<cache>+threshold" adds --threshold to that cache mode. --skip MODE:BATCH:GEN leaves
-// a combination out (vanilla at batch 8 and gen 512 takes about an hour of CPU on two cores).
+// a combination out (vanilla at batch 8 and gen 512 takes about an hour of CPU on two cores). Without
+// --prompt-ids the prompt is --prompt-len random tokens, after which a trained model is rarely confident:
+// parallel decoding wants a real prompt.
 // Prints, per gen and batch: tokens/s (wall), tokens per CPU second (all threads: steadier on a shared
 // machine), the speedup of each over vanilla, steps, forward passes per token, and the positions
 // computed per token in whole canvases (what the cache cuts).
@@ -34,6 +36,7 @@ const { values: opts } = parseArgs({
     seed: { type: "string", default: "1" },
     skip: { type: "string", default: "" },
     "kv-cache-dtype": { type: "string", default: "f32" },
+    "prompt-ids": { type: "string" },
     json: { type: "string" }
   }
 })
@@ -50,6 +53,7 @@ const benchOne = (gen, mode, batches) => {
     "--kv-cache", cache, "--kv-cache-dtype", opts["kv-cache-dtype"], "--repeat", "0"
   ]
   if (extra === "threshold") args.push("--threshold", opts.threshold)
+  if (opts["prompt-ids"] !== undefined) args.push("--prompt-ids", opts["prompt-ids"])
   log(`gen ${gen}, ${mode}, batch ${batches.join(",")} ...`)
   const result = spawnSync(opts.cli, args, { encoding: "utf8", maxBuffer: 64 << 20 })
   if (result.status !== 0) throw new Error(`vdiff-cli ${args.join(" ")} failed:\n${result.stderr}`)
@@ -91,8 +95,11 @@ const main = () => {
     ])
   }
   const config = JSON.parse(readFileSync(join(opts.model, "config.json"), "utf8"))
+  const promptLength = opts["prompt-ids"] === undefined
+    ? `${opts["prompt-len"]} random tokens`
+    : `${list(opts["prompt-ids"]).length} given tokens`
   process.stdout.write(
-    `model ${opts.model} (${config.n_layers} layers, d_model ${config.d_model}), prompt ${opts["prompt-len"]}, ` +
+    `model ${opts.model} (${config.n_layers} layers, d_model ${config.d_model}), prompt ${promptLength}, ` +
       `block ${opts.block}, steps = gen, threshold ${opts.threshold}, threads ${opts.threads}, ` +
       `kv cache ${opts["kv-cache-dtype"]}\n` +
       `x: speedup over mode none at the same gen and batch; fwd/tok: forward passes per answer token; ` +

@@ -7,7 +7,8 @@
 //       --threshold T --factor F --early-stop --kv-cache none|prefix|dual --kv-refresh N
 //       --kv-cache-dtype f32|bf16 --kv-budget-mb N]
 //   vdiff-cli bench --model DIR [--prompt-len 32 --gen 128 --block 32 --steps 128 --batch 1,8
-//       --kv-cache none,prefix,dual --threads 2 --repeat 3 --seed 0 (and the sampling flags of generate)]
+//       --kv-cache none,prefix,dual --threads 2 --repeat 3 --seed 0 --prompt-ids 1,2,3 (and the sampling
+//       flags of generate)]
 //       --repeat 0 skips the forward latency part; the denoising part runs once per cache mode and batch.
 //   vdiff-cli info --model DIR [--threads N]
 #include <time.h>
@@ -39,7 +40,8 @@ constexpr const char* kUsage =
     "--confidence-eos-eot-inf --trace --suffix-ids 4,5 --top-k K --top-p P --threshold T --factor F "
     "--early-stop --kv-cache none|prefix|dual --kv-refresh N --kv-cache-dtype f32|bf16 --kv-budget-mb N]\n"
     "       vdiff-cli bench --model DIR [--prompt-len N --gen N --block N --steps N --batch 1,8 "
-    "--kv-cache none,prefix,dual --threads N --repeat N --seed N (and the sampling flags of generate)]\n"
+    "--kv-cache none,prefix,dual --threads N --repeat N --seed N --prompt-ids 1,2,3 (and the sampling flags of "
+    "generate)]\n"
     "       vdiff-cli info --model DIR [--threads N]";
 
 Error usage(const std::string& message) { return Error(ErrorCode::InvalidArgument, message); }
@@ -327,17 +329,21 @@ int bench(const Args& args) {
   std::shared_ptr<Model> model = load_model(args);
   const ModelConfig& config = model->config();
   if (params.gen_length < 1 || params.block_length < 1) throw usage("--gen and --block must be >= 1");
-  if (prompt_len + params.gen_length > config.max_sequence_length)
-    throw usage("--prompt-len plus --gen exceeds the model context");
   const double load_before = load_average();
 
-  // A random prompt of ordinary tokens (no mask, no EOS).
+  // The given prompt, else a random one of ordinary tokens (no mask, no EOS). A trained model is rarely
+  // confident about anything after a random prompt, so parallel decoding wants a real one.
   std::vector<int32_t> prompt;
+  for (long long t : args.integers("--prompt-ids", "")) prompt.push_back(to_int("--prompt-ids", t));
   Rng rng(params.seed);
-  while (static_cast<int>(prompt.size()) < prompt_len) {
+  while (!args.has("--prompt-ids") && static_cast<int>(prompt.size()) < prompt_len) {
     const int32_t t = static_cast<int32_t>(rng.next() % static_cast<uint64_t>(config.vocab_size));
     if (t != config.mask_token_id && t != config.eos_token_id) prompt.push_back(t);
   }
+
+  if (static_cast<int>(prompt.size()) + params.gen_length > config.max_sequence_length)
+    throw usage("the prompt plus --gen exceeds the model context");
+  const int prompt_used = static_cast<int>(prompt.size());
 
   // Forward latency over the full canvas: logits for every row vs for one block of rows.
   std::vector<int32_t> canvas = prompt;
@@ -345,7 +351,7 @@ int bench(const Args& args) {
   const int length = static_cast<int>(canvas.size());
   std::vector<int32_t> all_rows(length), block_rows;
   for (int i = 0; i < length; ++i) all_rows[i] = i;
-  for (int i = 0; i < std::min(params.block_length, params.gen_length); ++i) block_rows.push_back(prompt_len + i);
+  for (int i = 0; i < std::min(params.block_length, params.gen_length); ++i) block_rows.push_back(prompt_used + i);
   auto time_forward = [&](const std::vector<int32_t>& rows) {
     std::vector<float> logits(rows.size() * static_cast<size_t>(config.embedding_size));
     const std::vector<ForwardSeq> batch = {
@@ -425,7 +431,7 @@ int bench(const Args& args) {
   std::printf(
       "{\"threads\":%d,\"weight_dtype\":%s,\"prompt_len\":%d,\"gen\":%d,\"block\":%d,\"steps\":%d,"
       "\"threshold\":%s,\"factor\":%s,\"load_average\":[%s,%s],\"forward_ms\":%s,\"denoise\":%s}\n",
-      model->threads(), json_string(model->weight_dtype()).c_str(), prompt_len, params.gen_length,
+      model->threads(), json_string(model->weight_dtype()).c_str(), prompt_used, params.gen_length,
       params.block_length, params.steps, json_number(params.parallel_threshold).c_str(),
       json_number(params.parallel_factor).c_str(), json_number(load_before).c_str(),
       json_number(load_average()).c_str(), forward_ms.c_str(), denoise.c_str());
