@@ -12,24 +12,8 @@ import { join } from "node:path"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { loadAddon, type NativeEngine, type NativeSamplingParams } from "../src/engine/native.js"
 import { type Run, runTogether } from "./support/engine.js"
+import type { GoldenCase } from "./support/golden.js"
 
-interface GoldenCase {
-  readonly name: string
-  readonly prompt: Array<number>
-  readonly params: {
-    readonly gen_length: number
-    readonly block_length: number
-    readonly steps: number
-    readonly temperature: number
-    readonly remasking: "low_confidence" | "random"
-    readonly cfg_scale: number
-    readonly logits_eos_inf: boolean
-    readonly confidence_eos_eot_inf: boolean
-    readonly eot_token_id: number
-  }
-  readonly answer: Array<number>
-  readonly trace: Array<Array<[number, number, number]>>
-}
 
 interface Golden {
   readonly model: string
@@ -61,7 +45,7 @@ const nativeParams = (c: GoldenCase): NativeSamplingParams => ({
 /** Compares one run with its reference: answer and commits exactly, probabilities within tolerance. */
 const expectMatches = (run: Run, expected: GoldenCase, label: string) => {
   expect(run.answer, `${label}: answer`).toEqual(expected.answer)
-  const positionsAndTokens = (trace: Array<Array<[number, number, number]>>) => trace.map((step) => step.map(([p, t]) => [p, t]))
+  const positionsAndTokens = (trace: ReadonlyArray<ReadonlyArray<readonly [number, number, number]>>) => trace.map((step) => step.map(([p, t]) => [p, t]))
   expect(positionsAndTokens(run.trace), `${label}: positions and tokens committed per step`).toEqual(positionsAndTokens(expected.trace))
   let worst = 0
   run.trace.forEach((step, s) =>
