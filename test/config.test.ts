@@ -54,6 +54,9 @@ describe("Config", () => {
       parallelThreshold: 0,
       parallelFactor: 0,
       earlyStop: true,
+      kvCache: "none",
+      kvCacheDtype: "f32",
+      kvCacheBudget: 0,
       logLevel: "info"
     })
     expect(Config.servedModelName(config)).toBe("shakespeare")
@@ -103,6 +106,9 @@ describe("Config", () => {
       parallelThreshold: ["0.9", "0.8"],
       parallelFactor: ["1", "0.5"],
       earlyStop: ["true", "false"],
+      kvCache: ["prefix", "dual"],
+      kvCacheDtype: ["bf16", "f32"],
+      kvCacheBudget: ["1048576", "2097152"],
       logLevel: ["debug", "error"],
       otlpEndpoint: ["http://collector-a:4318", "https://collector-b:4318"]
     }
@@ -154,6 +160,10 @@ describe("Config", () => {
     expect(error(["--parallel-threshold", "1.2"])).toBe(`--parallel-threshold: must be a number from 0 to 1, got "1.2"`)
     expect(error(["--parallel-factor", "-1"])).toBe(`--parallel-factor: must be a number of at least 0, got "-1"`)
     expect(error(["--early-stop=sometimes"])).toBe(`--early-stop: must be true or false, got "sometimes"`)
+    expect(error(["--kv-cache", "full"])).toBe(`--kv-cache: must be one of none, prefix, dual; got "full"`)
+    expect(error([], { VDIFF_KV_CACHE_BUDGET: "1.5e9" })).toBe(
+      `VDIFF_KV_CACHE_BUDGET (--kv-cache-budget): must be an integer of at least 0, got "1.5e9"`
+    )
     expect(error(["--port"])).toBe("--port needs a value (PORT)")
     expect(error(["--bogus", "1"])).toBe("unknown flag --bogus (vdiff serve --help lists them)")
     expect(error(["serve-me"])).toBe(`unexpected argument "serve-me" (settings are --name value)`)
@@ -175,7 +185,8 @@ describe("Config", () => {
       ok(["--top-k", "20", "--top-p", "0.9", "--parallel-factor", "1.5", "--early-stop=false", "--diffusion-steps", "0"])
     )
     expect(defaults).toMatchObject({ topK: 20, topP: 0.9, parallelThreshold: 0, parallelFactor: 1.5, earlyStop: false, steps: null })
-    expect(servingDefaults(ok([]))).toMatchObject({ topK: 0, topP: 1, parallelThreshold: 0, parallelFactor: 0, earlyStop: true })
+    expect(servingDefaults(ok([]))).toMatchObject({ topK: 0, topP: 1, parallelThreshold: 0, parallelFactor: 0, earlyStop: true, kvCache: "none" })
+    expect(servingDefaults(ok(["--kv-cache", "dual"])).kvCache).toBe("dual")
   })
 
   it("never echoes an API key in an error", () => {

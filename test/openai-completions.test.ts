@@ -225,6 +225,7 @@ describe("POST /v1/completions", () => {
     expect(diffusion).toEqual({
       steps: diffusion.steps,
       forward_passes: diffusion.steps,
+      kv_refreshes: 0,
       tokens_per_step: 1,
       skipped_tokens: 0,
       kv_cache: "none",
@@ -239,6 +240,10 @@ describe("POST /v1/completions", () => {
     expect(many.diffusion!.parallel).toEqual({ threshold: 0.8 })
     expect((await complete({ prompt: "Say hello", max_tokens: 8, parallel_factor: 1.5 })).diffusion!.parallel)
       .toEqual({ factor: 1.5 })
+    // A cached answer refreshes its cache once per block begun: 40 tokens in blocks of 8 (the default).
+    const cached = await complete({ prompt: "Say hello", max_tokens: 40, seed: 3, kv_cache: "dual" })
+    const blocksBegun = Math.floor((cached.diffusion!.steps - 1) / 8) + 1
+    expect(cached.diffusion).toMatchObject({ kv_cache: "dual", kv_refreshes: blocksBegun })
   })
 
   it("adds prompt_token_ids and token_ids to each choice with return_token_ids", async () => {

@@ -158,3 +158,51 @@ describe("OpenAI routes on the embedded model", () => {
     await eventually(async () => (await Effect.runPromise(server.engine.live)) === 0, 5_000)
   })
 })
+
+describe("KV cache settings of the server on the embedded model", () => {
+  let cached: TestServer<Engine.EngineShape>
+  beforeAll(async () => {
+    const tokenizer = await Effect.runPromise(Tokenizer.make(modelDir))
+    const probe = await Effect.runPromise(Engine.make({ modelDir, threads: 1 }))
+    // A budget with room for one 64-position cache: a request with n = 2 can never fit.
+    const kvCacheBudgetBytes = probe.info.kvCacheBytesPerPosition * 64
+    const engine = await Effect.runPromise(Engine.make({ modelDir, threads: 1, kvCacheBudgetBytes }))
+    cached = await startServerWith({
+      engine,
+      engineLayer: Layer.succeed(Engine.Engine, engine),
+      tokenizer,
+      config: {
+        modelName: "shakespeare",
+        maxModelLen: engine.info.config.maxSequenceLength,
+        defaults: {
+          maxTokens: 24, steps: null, blockLength: 8, remasking: "low_confidence", cfgScale: 0, temperature: 0,
+          kvCache: "dual"
+        }
+      }
+    })
+  })
+  afterAll(() => cached.close())
+
+  it("uses the server's kv_cache for requests that set none, and the request's when it does", async () => {
+    const body = { model: "shakespeare", prompt: "ROMEO:\n", max_tokens: 24 }
+    const byDefault = await cached.post("/v1/completions", body)
+    expect(byDefault.status).toBe(200)
+    const d = Schema.decodeUnknownSync(CompletionResponse)(await byDefault.json()).diffusion!
+    expect(d.kv_cache).toBe("dual")
+    // A dual cache recomputes the whole canvas only at the 3 block starts.
+    expect(d.kv_refreshes).toBe(3)
+    const none = await cached.post("/v1/completions", { ...body, kv_cache: "none" })
+    expect(Schema.decodeUnknownSync(CompletionResponse)(await none.json()).diffusion!.kv_cache).toBe("none")
+  })
+
+  it("answers 503 out_of_memory when the caches of a request can never fit the budget, and serves the next", async () => {
+    const body = { model: "shakespeare", prompt: "ROMEO:\n", max_tokens: 24 }
+    // 2 x (3 prompt + 40 answer) positions > 64; one alone fits.
+    const response = await cached.post("/v1/completions", { ...body, max_tokens: 40, n: 2 })
+    expect(response.status).toBe(503)
+    const error = (await response.json()) as { error: { code: string; type: string } }
+    expect(error.error).toMatchObject({ code: "out_of_memory", type: "service_unavailable_error" })
+    expect((await cached.post("/v1/completions", body)).status).toBe(200)
+    expect(await Effect.runPromise(cached.engine.live)).toBe(0)
+  })
+})

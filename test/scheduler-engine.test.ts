@@ -25,7 +25,11 @@ const settingsOf = (c: GoldenCase, seed = 0): Engine.SamplingSettings => ({
   eotTokenId: c.params.eot_token_id
 })
 
-const layerFor = (model: string, options: Partial<Scheduler.SchedulerOptions> = {}) =>
+const layerFor = (
+  model: string,
+  options: Partial<Scheduler.SchedulerOptions> = {},
+  engine: Partial<Engine.EngineOptions> = {}
+) =>
   Layer.provideMerge(
     Scheduler.layer({
       maxConcurrent: 8,
@@ -34,7 +38,7 @@ const layerFor = (model: string, options: Partial<Scheduler.SchedulerOptions> = 
       requestTimeoutMs: 0,
       ...options
     }),
-    Engine.layer({ modelDir: join(goldenDir, model), threads: 2 })
+    Engine.layer({ modelDir: join(goldenDir, model), threads: 2, ...engine })
   )
 
 describe("Scheduler on the native engine", () => {
@@ -61,6 +65,36 @@ describe("Scheduler on the native engine", () => {
         expect(yield* engine.live).toBe(0)
       }).pipe(Effect.provide(layerFor(model))))
   }
+
+  it.live("a KV cache the budget has no room for waits for running requests; one that can never fit fails", () =>
+    Effect.gen(function*() {
+      const c = golden("plain")[0]!
+      const settings: Engine.SamplingSettings = { ...settingsOf(c), kvCache: "prefix" }
+      const probe = yield* Engine.make({ modelDir: join(goldenDir, "plain"), threads: 1 })
+      // Room for exactly one sequence's cache.
+      const budget = probe.info.kvCacheBytesPerPosition * (c.prompt.length + c.params.gen_length)
+      expect(budget).toBeGreaterThan(0)
+      yield* Effect.gen(function*() {
+        const scheduler = yield* Scheduler.Scheduler
+        const alone = yield* scheduler.generate({ prompt: c.prompt, settings })
+        const together = yield* Effect.forEach(
+          [0, 1, 2],
+          () => scheduler.generate({ prompt: c.prompt, settings }),
+          { concurrency: "unbounded" }
+        )
+        for (const result of together) expect(result.choices[0]!.tokens).toEqual(alone.choices[0]!.tokens)
+        // They ran one after the other: the budget, not the batch size, kept them apart.
+        expect((yield* scheduler.stats).averageBatchSize).toBe(1)
+        const tooBig = yield* Effect.either(scheduler.generate({ prompt: c.prompt, settings, n: 2 }))
+        expect(Either.isLeft(tooBig) && tooBig.left._tag === "EngineFailure" && tooBig.left.code).toBe(
+          "VDIFF_OUT_OF_MEMORY"
+        )
+        // Uncached requests need no budget and still batch.
+        const plain = yield* scheduler.generate({ prompt: c.prompt, settings: settingsOf(c), n: 2 })
+        expect(plain.choices[0]!.tokens).toEqual(c.answer)
+        expect(yield* (yield* Engine.Engine).live).toBe(0)
+      }).pipe(Effect.provide(layerFor("plain", {}, { kvCacheBudgetBytes: budget })))
+    }))
 
   it.live("n answers at temperature > 0 differ by seed and repeat for the same seed", () =>
     Effect.gen(function*() {

@@ -339,6 +339,21 @@ export const Settings = Schema.Struct({
     kind: "switch",
     value: "BOOL"
   }),
+  kvCache: setting(OneOfText(["none", "prefix", "dual"]), {
+    description: "Approximate KV cache when a request gives no kv_cache: prefix recomputes the block and what follows it, dual the block only, between whole-canvas refreshes at block starts; none is exact",
+    default: "none",
+    value: "none|prefix|dual"
+  }),
+  kvCacheDtype: setting(OneOfText(["f32", "bf16"]), {
+    description: "Element type of the KV caches: f32 (a read of an unchanged canvas is exact) or bf16 (half the memory)",
+    default: "f32",
+    value: "f32|bf16"
+  }),
+  kvCacheBudget: setting(IntegerText(0), {
+    description: "Bytes all live KV caches may hold together; a request whose cache does not fit waits for running ones to finish (400 if it could never fit); 0: no limit",
+    default: "0",
+    value: "BYTES"
+  }),
   logLevel: setting(OneOfText(logLevels), {
     description: `Least important log level written: ${logLevels.join(", ")}`,
     default: "info",

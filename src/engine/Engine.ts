@@ -110,12 +110,12 @@ export interface EngineOptions {
   /** Worker threads for the forward pass; 0 or absent: all cores. */
   readonly threads?: number
   /** Element type of the KV caches; absent: "f32" (a read of an unchanged canvas is exact), "bf16": half the memory. */
-  readonly kvCacheDtype?: "f32" | "bf16"
+  readonly kvCacheDtype?: "f32" | "bf16" | undefined
   /**
    * Bound on the bytes all live KV caches hold together; 0 or absent: none. Beyond it create fails:
    * InvalidRequestError when one cache alone is larger, EngineFailure VDIFF_OUT_OF_MEMORY otherwise.
    */
-  readonly kvCacheBudgetBytes?: number
+  readonly kvCacheBudgetBytes?: number | undefined
 }
 
 const toStepResult = (r: Awaited<ReturnType<NativeEngine["step"]>>[number]): StepResult => {

@@ -123,6 +123,10 @@ export const fromGenerationError = (error: GenerationError | EngineError): ApiEr
     case "ModelLoadError":
       return new ServiceUnavailable({ message: error.message, code: "model_not_loaded" })
     case "EngineFailure":
-      return new InternalError({ message: error.message, code: error.code.toLowerCase() })
+      // Out of memory (a KV cache beyond what is left of the budget, an allocation refused) is the
+      // server's capacity, not a fault: the client may retry.
+      return error.code === "VDIFF_OUT_OF_MEMORY"
+        ? new ServiceUnavailable({ message: error.message, code: "out_of_memory" })
+        : new InternalError({ message: error.message, code: error.code.toLowerCase() })
   }
 }

@@ -208,6 +208,8 @@ export const Diffusion = Schema.Struct({
   steps: Schema.Int,
   /** Canvas evaluations by the model: one per step, two with cfg_scale > 0. */
   forward_passes: Schema.Int,
+  /** Of those, the ones that recomputed the whole canvas to refresh a KV cache (the rest computed a part). */
+  kv_refreshes: Schema.Int,
   /** Tokens committed by denoising per step, on average. */
   tokens_per_step: Schema.Number,
   /** Answer positions an early stop filled with EOS without denoising them. */

@@ -248,6 +248,8 @@ export interface ChoiceUpdate {
 export interface DenoisingTally {
   steps: number
   forwardPasses: number
+  /** Forward passes that recomputed the whole canvas to refresh a KV cache. */
+  kvRefreshes: number
   /** Positions committed by denoising. */
   tokensDenoised: number
   /** Positions an early stop filled with EOS. */
@@ -289,6 +291,7 @@ export const runPrompt = (
     const tallies: Array<DenoisingTally> = decoders.map(() => ({
       steps: 0,
       forwardPasses: 0,
+      kvRefreshes: 0,
       tokensDenoised: 0,
       tokensSkipped: 0
     }))
@@ -302,6 +305,7 @@ export const runPrompt = (
         const tally = tallies[event.index]!
         tally.steps = event.stepsDone
         tally.forwardPasses = event.forwardPasses
+        tally.kvRefreshes = event.kvRefreshes
         tally.tokensDenoised += event.committed.length - event.filled
         tally.tokensSkipped += event.filled
         const decoder = decoders[event.index]!
@@ -439,6 +443,7 @@ export const diffusionOfJobs = (jobs: ReadonlyArray<PromptJob>): Diffusion => {
   return {
     steps,
     forward_passes: sum("forwardPasses"),
+    kv_refreshes: sum("kvRefreshes"),
     tokens_per_step: steps === 0 ? 0 : sum("tokensDenoised") / steps,
     skipped_tokens: sum("tokensSkipped"),
     kv_cache: settings?.kvCache ?? "none",

@@ -47,6 +47,8 @@ export interface StepEvent {
   readonly filled: number
   /** Canvas evaluations of this sequence so far. */
   readonly forwardPasses: number
+  /** Of those, the ones that recomputed the whole canvas to refresh a KV cache. */
+  readonly kvRefreshes: number
   readonly finished: boolean
   readonly reason: FinishReason | null
   /** The answer canvas after this step, when the request asked for snapshots. */
@@ -226,7 +228,11 @@ export const make = (options: SchedulerOptions) =>
         timeoutMs: job.request.timeoutMs ?? options.requestTimeoutMs
       })
 
-    /** Creates the job's sequences; a refused request fails alone. */
+    /**
+     * Creates the job's sequences; true when it runs. A refused request fails alone, except that a KV
+     * cache the live caches leave no room for (VDIFF_OUT_OF_MEMORY) waits, first in line, for running
+     * requests to finish and free theirs: false. With nothing running the room will never come, so it fails.
+     */
     const admit = (job: Job) =>
       Effect.gen(function*() {
         const created: Array<SequenceId> = []
@@ -240,7 +246,14 @@ export const make = (options: SchedulerOptions) =>
         job.sequences = created
         running.push(job)
         yield* startGeneration(job)
-      }).pipe(Effect.catchAll((error) => settle(job, Exit.fail(error))))
+        return true
+      }).pipe(
+        Effect.catchAll((error) =>
+          error._tag === "EngineFailure" && error.code === "VDIFF_OUT_OF_MEMORY" && running.length > 0
+            ? Effect.succeed(false)
+            : Effect.as(settle(job, Exit.fail(error)), true)
+        )
+      )
 
     /** Looks at the head of the queue without losing FIFO order: a job taken but not admitted is kept. */
     let head: Job | undefined
@@ -268,8 +281,8 @@ export const make = (options: SchedulerOptions) =>
           (runningSequences() + job.n <= options.maxConcurrent &&
             runningTokens() + job.tokens <= options.maxBatchTokens)
         if (!fits) return
+        if (!(yield* admit(job))) return
         head = undefined
-        yield* admit(job)
       }
     })
 
@@ -304,6 +317,7 @@ export const make = (options: SchedulerOptions) =>
             stepsDone: r.stepsDone,
             filled: r.filled,
             forwardPasses: r.forwardPasses,
+            kvRefreshes: r.kvRefreshes,
             finished: r.finished,
             reason: r.reason,
             ...(canvas === undefined ? {} : { canvas })

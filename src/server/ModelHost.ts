@@ -139,6 +139,9 @@ export const layer = (options: ModelHostOptions): Layer.Layer<ModelHost> => Laye
 export interface NativeModelOptions {
   readonly modelDir: string
   readonly threads: number
+  /** Element type of the KV caches (absent: f32) and the bound on their bytes together (absent or 0: none). */
+  readonly kvCacheDtype?: "f32" | "bf16" | undefined
+  readonly kvCacheBudgetBytes?: number | undefined
   readonly scheduler: SchedulerOptions
   /** --served-model-name, resolved. */
   readonly modelName: string
@@ -149,7 +152,12 @@ export interface NativeModelOptions {
 export const loadNative = (options: NativeModelOptions): Loader =>
   Effect.gen(function*() {
     const tokenizer = yield* Tokenizer.make(options.modelDir)
-    const engine = yield* Engine.make({ modelDir: options.modelDir, threads: options.threads })
+    const engine = yield* Engine.make({
+      modelDir: options.modelDir,
+      threads: options.threads,
+      kvCacheDtype: options.kvCacheDtype,
+      kvCacheBudgetBytes: options.kvCacheBudgetBytes
+    })
     return yield* fromEngine(engine, tokenizer, options)
   }).pipe(
     Effect.catchTags({
@@ -168,7 +176,7 @@ export const loadNative = (options: NativeModelOptions): Loader =>
 export const fromEngine = (
   engine: EngineShape,
   tokenizer: TokenizerShape,
-  options: Omit<NativeModelOptions, "modelDir" | "threads">
+  options: Omit<NativeModelOptions, "modelDir" | "threads" | "kvCacheDtype" | "kvCacheBudgetBytes">
 ): Effect.Effect<LoadedModel, ModelLoadFailed, Scope.Scope> =>
   Effect.gen(function*() {
     const chat = yield* fromTokenizerConfig(tokenizer.tokenizerConfig).pipe(

@@ -78,7 +78,8 @@ export const servingDefaults = (config: Settings): ServingDefaults => ({
   topP: config.topP,
   parallelThreshold: config.parallelThreshold,
   parallelFactor: config.parallelFactor,
-  earlyStop: config.earlyStop
+  earlyStop: config.earlyStop,
+  kvCache: config.kvCache
 })
 
 /** The model loader the configuration asks for. */
@@ -86,6 +87,8 @@ export const nativeLoader = (config: Settings): Loader =>
   loadNative({
     modelDir: config.model,
     threads: config.threads,
+    kvCacheDtype: config.kvCacheDtype,
+    kvCacheBudgetBytes: config.kvCacheBudget,
     modelName: servedModelName(config),
     scheduler: {
       maxConcurrent: config.maxConcurrentRequests,
