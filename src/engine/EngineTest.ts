@@ -105,7 +105,7 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
         maskTokenId: MASK, eosTokenId: 998, maxSequenceLength: maxLen, ropeTheta: 10000, rmsNormEps: 1e-5,
         weightTying: false, includeBias: false
       },
-      threads: 1, weightDtype: "f32", parameterCount: 0, weightBytes: 0, kvCacheBytesPerPosition: 0,
+      threads: 1, weightDtype: "f32", parameterCount: 0, weightBytes: 0, packedWeightBytes: 0, kvCacheBytesPerPosition: 0,
       kvCacheBudgetBytes: 0
     },
     batches,

@@ -56,6 +56,8 @@ export interface NativeModelInfo {
   readonly weightDtype: "f32" | "bf16" | "f16"
   readonly parameterCount: number
   readonly weightBytes: number
+  /** Bytes of the f32 copies of the weights packed at load for the GEMM; 0: none (see packWeightsMaxBytes). */
+  readonly packedWeightBytes: number
   /** Bytes a KV cache takes per canvas position (a sequence's cache: this x its canvas length). */
   readonly kvCacheBytesPerPosition: number
   /** The bound on the bytes of all live KV caches together; 0: none. */
@@ -204,6 +206,11 @@ export interface NativeLoadOptions {
   readonly kvCacheDtype?: "f32" | "bf16" | undefined
   /** Bound on the bytes of all live KV caches together; 0 or absent: none. */
   readonly kvCacheBudgetBytes?: number | undefined
+  /**
+   * The projection and head weights are packed once at load (f32, in the GEMM's layout) when that takes
+   * at most this many bytes: the same results with less work per forward. Absent: 4 GiB; 0: never.
+   */
+  readonly packWeightsMaxBytes?: number | undefined
 }
 
 export interface NativeAddon {

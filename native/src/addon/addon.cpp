@@ -371,6 +371,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     o.Set("weightDtype", model.weight_dtype());
     o.Set("parameterCount", static_cast<double>(model.parameter_count()));
     o.Set("weightBytes", static_cast<double>(model.weight_bytes()));
+    o.Set("packedWeightBytes", static_cast<double>(model.packed_weight_bytes()));
     o.Set("kvCacheBytesPerPosition", static_cast<double>(model.kv_cache_bytes(1)));
     o.Set("kvCacheBudgetBytes", static_cast<double>(model.kv_cache_budget_bytes()));
     return o;
@@ -478,6 +479,10 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
       if (!budget.IsUndefined())
         options.kv_cache_budget_bytes =
             static_cast<uint64_t>(integer_of(env, budget, "options.kvCacheBudgetBytes", 0, kMaxSafeInteger));
+      const Napi::Value pack = o.Get("packWeightsMaxBytes");
+      if (!pack.IsUndefined())
+        options.pack_weights_max_bytes =
+            static_cast<uint64_t>(integer_of(env, pack, "options.packWeightsMaxBytes", 0, kMaxSafeInteger));
     }
     auto* worker = new LoadWorker(env, info[0].As<Napi::String>().Utf8Value(), options);
     Napi::Promise promise = worker->promise();

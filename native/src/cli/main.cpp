@@ -38,7 +38,7 @@ constexpr const char* kUsage =
     "usage: vdiff-cli generate --model DIR --prompt-ids 1,2,3 [--gen N --block N --steps N --temperature T "
     "--cfg S --remasking low_confidence|random --seed N --threads N --batch B --eot ID --logits-eos-inf "
     "--confidence-eos-eot-inf --trace --suffix-ids 4,5 --top-k K --top-p P --threshold T --factor F "
-    "--early-stop --kv-cache none|prefix|dual --kv-refresh N --kv-cache-dtype f32|bf16 --kv-budget-mb N]\n"
+    "--early-stop --kv-cache none|prefix|dual --kv-refresh N --kv-cache-dtype f32|bf16 --kv-budget-mb N --pack-weights-max-mb N]\n"
     "       vdiff-cli bench --model DIR [--prompt-len N --gen N --block N --steps N --batch 1,8 "
     "--kv-cache none,prefix,dual --threads N --repeat N --seed N --prompt-ids 1,2,3 (and the sampling flags of "
     "generate)]\n"
@@ -172,6 +172,9 @@ std::shared_ptr<Model> load_model(const Args& args) {
   const long long budget_mb = args.integer("--kv-budget-mb", 0);
   if (budget_mb < 0) throw usage("--kv-budget-mb must be >= 0 (0: no bound)");
   options.kv_cache_budget_bytes = static_cast<uint64_t>(budget_mb) << 20;
+  const long long pack_mb = args.integer("--pack-weights-max-mb", static_cast<long long>(options.pack_weights_max_bytes >> 20));
+  if (pack_mb < 0) throw usage("--pack-weights-max-mb must be >= 0 (0: never pack)");
+  options.pack_weights_max_bytes = static_cast<uint64_t>(pack_mb) << 20;
   return Model::load(args.required("--model"), options);
 }
 
@@ -446,13 +449,14 @@ int info(const Args& args) {
       "\"vocab_size\":%d,\"embedding_size\":%d,\"mask_token_id\":%d,\"eos_token_id\":%d,"
       "\"max_sequence_length\":%d,\"rope_theta\":%s,\"rms_norm_eps\":%s,\"weight_tying\":%s,"
       "\"include_bias\":%s},\"threads\":%d,\"weight_dtype\":%s,\"parameter_count\":%llu,"
-      "\"weight_bytes\":%llu}\n",
+      "\"weight_bytes\":%llu,\"packed_weight_bytes\":%llu}\n",
       c.d_model, c.n_heads, c.n_kv_heads, c.n_layers, c.mlp_hidden_size, c.vocab_size, c.embedding_size,
       c.mask_token_id, c.eos_token_id, c.max_sequence_length, json_number(c.rope_theta).c_str(),
       json_number(c.rms_norm_eps).c_str(), c.weight_tying ? "true" : "false",
       c.include_bias ? "true" : "false", model->threads(), json_string(model->weight_dtype()).c_str(),
       static_cast<unsigned long long>(model->parameter_count()),
-      static_cast<unsigned long long>(model->weight_bytes()));
+      static_cast<unsigned long long>(model->weight_bytes()),
+      static_cast<unsigned long long>(model->packed_weight_bytes()));
   return 0;
 }
 

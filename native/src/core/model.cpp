@@ -42,7 +42,8 @@ struct Weight {
   WType type = WType::F32;
   int rows = 0;
   int cols = 0;
-  MatB as_b() const { return MatB{data, type, cols, false}; }
+  const float* packed = nullptr;  // the GEMM's layout of the whole matrix, when packed at load
+  MatB as_b() const { return MatB{data, type, cols, false, packed}; }
 };
 
 struct Block {
@@ -160,6 +161,7 @@ class CpuModel final : public Model {
   std::string weight_dtype() const override { return wtype_name(blocks_[0].q.type); }
   uint64_t parameter_count() const override { return parameter_count_; }
   uint64_t weight_bytes() const override { return weight_bytes_; }
+  uint64_t packed_weight_bytes() const override { return packed_weight_bytes_; }
 
   void forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) override;
 
@@ -198,6 +200,7 @@ class CpuModel final : public Model {
   void attention(int layer);
   void plan_batch(const std::vector<ForwardSeq>& batch);
   void ensure_scratch(int T, int rows, int max_len);
+  void pack_weights(uint64_t max_bytes);
 
   ModelConfig cfg_;
   TensorSet tensors_;
@@ -208,6 +211,8 @@ class CpuModel final : public Model {
   std::vector<float> ln_f_;
   uint64_t parameter_count_ = 0;
   uint64_t weight_bytes_ = 0;
+  std::vector<Buffer> packed_;  // the packed copies of the weights (Weight::packed points into them)
+  uint64_t packed_weight_bytes_ = 0;
   WType cache_type_;
   std::shared_ptr<CacheAccount> cache_account_ = std::make_shared<CacheAccount>();
 
@@ -278,10 +283,36 @@ CpuModel::CpuModel(const std::string& dir, const LoadOptions& options)
   ln_f_ = norm_weight(p + "ln_f.weight");
   head_ = cfg_.weight_tying ? wte_ : weight(p + "ff_out.weight", E, D);
   pool_ = std::make_unique<ThreadPool>(options.threads);
+  pack_weights(options.pack_weights_max_bytes);
   cache_type_ = options.kv_cache_dtype == KVCacheDType::BF16 ? WType::BF16 : WType::F32;
   cache_account_->budget = options.kv_cache_budget_bytes;
   gemm_scratch_.resize(pool_->size());
   scores_.resize(pool_->size());
+}
+
+void CpuModel::pack_weights(uint64_t max_bytes) {
+  if (kernels_->pack_panel == nullptr || max_bytes == 0) return;
+  std::vector<Weight*> weights;
+  for (Block& blk : blocks_)
+    for (Weight* w : {&blk.q, &blk.k, &blk.v, &blk.attn_out, &blk.ff_proj, &blk.up_proj, &blk.ff_out}) weights.push_back(w);
+  weights.push_back(&head_);
+  const int nr = kernels_->gemm_nr;
+  const auto panels = [nr](const Weight& w) { return (w.rows + nr - 1) / nr; };
+  uint64_t total = 0;
+  for (const Weight* w : weights) total += uint64_t{4} * panels(*w) * nr * w->cols;
+  if (total > max_bytes) return;
+  packed_.resize(weights.size());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    Weight& w = *weights[i];
+    float* out = packed_[i].ensure(static_cast<size_t>(panels(w)) * nr * w.cols);
+    const MatB b = w.as_b();
+    pool_->parallel_for(panels(w), [&](size_t begin, size_t end, int) {
+      for (size_t p = begin; p < end; ++p)
+        kernels_->pack_panel(b, w.rows, w.cols, static_cast<int>(p), out + p * nr * w.cols);
+    });
+    w.packed = out;
+  }
+  packed_weight_bytes_ = total;
 }
 
 // Validates the batch (before anything is touched) and lays out the computed tokens.

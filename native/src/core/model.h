@@ -19,6 +19,11 @@ struct LoadOptions {
   KVCacheDType kv_cache_dtype = KVCacheDType::F32;
   // Upper bound on the bytes all live KV caches of this model hold together; 0: no bound.
   uint64_t kv_cache_budget_bytes = 0;
+  // The projection and head weights are packed once at load into the layout the GEMM reads (f32), so
+  // no forward repacks them: the same results, less work per call — most where a call has few rows (a
+  // cached block, a small batch). Done when the packed copies take at most this many bytes in all
+  // (they are f32: twice a bf16 checkpoint); 0: never.
+  uint64_t pack_weights_max_bytes = uint64_t{4} << 30;
 };
 
 // Keys and values of every layer for every position of one canvas, for approximate caching in the
@@ -70,6 +75,8 @@ class Model {
   virtual std::string weight_dtype() const = 0;   // "f32" | "bf16" | "f16" (of the projection weights)
   virtual uint64_t parameter_count() const = 0;
   virtual uint64_t weight_bytes() const = 0;
+  // Bytes of the weights packed at load (LoadOptions::pack_weights_max_bytes); 0: none packed.
+  virtual uint64_t packed_weight_bytes() const { return 0; }
 
   // Computes logits for the requested rows of every sequence. `logits` receives
   // sum(n_logit_rows) rows of config().embedding_size floats, in batch order then row order.

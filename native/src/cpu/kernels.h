@@ -25,6 +25,10 @@ struct MatB {
   WType type = WType::F32;
   int64_t ld = 0;
   bool k_major = false;
+  // Optional: the whole matrix already in the layout the gemm packs into (Kernels::pack_panel, panel p at
+  // packed + p * K * gemm_nr). The gemm then reads it instead of packing per call, with the same values
+  // in the same order, so the result is bit for bit the same; its n0 must be a multiple of gemm_nr.
+  const float* packed = nullptr;
 };
 
 struct Kernels {
@@ -53,6 +57,12 @@ struct Kernels {
 
   // dst[i] = float(src[i]) for a row of weights of any supported type.
   void (*convert)(const void* src, WType type, float* dst, int n);
+
+  // Packs column panel `panel` of the product's right-hand side B (N columns, K rows: columns
+  // [panel * gemm_nr, +gemm_nr)) into out[K * gemm_nr] floats, as gemm would; columns past N are zero.
+  // Lets a caller pack a constant matrix (a weight) once instead of on every gemm call (MatB::packed).
+  // nullptr for an ISA whose gemm does not pack (portable).
+  void (*pack_panel)(const MatB& B, int N, int K, int panel, float* out);
 };
 
 // The kernels for the running CPU: the widest available ISA, or the one named by the environment

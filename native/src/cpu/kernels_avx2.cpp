@@ -138,7 +138,6 @@ void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB&
         for (int n = n0; n < n1; ++n) C[static_cast<int64_t>(m) * ldc + n] = 0.0f;
     return;
   }
-  float* P = scratch;
   for (int np = n0; np < n1; np += kNR) {
     const int nv = min_int(kNR, n1 - np);
     const int nb = (nv + 7) / 8;
@@ -147,7 +146,8 @@ void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB&
     const MicroKernel full = select_micro(kMR, nb);
     const int m_full = M - M % kMR;
     const MicroKernel tail = M % kMR ? select_micro(M % kMR, nb) : nullptr;
-    pack(B, np, nv, 0, K, P);
+    const float* P = B.packed != nullptr ? B.packed + static_cast<int64_t>(np / kNR) * K * kNR : scratch;
+    if (B.packed == nullptr) pack(B, np, nv, 0, K, scratch);
     for (int k0 = 0; k0 < K; k0 += kKC) {
       const int kc = min_int(kKC, K - k0);
       const float* Pk = P + static_cast<int64_t>(k0) * kNR;
@@ -160,6 +160,11 @@ void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB&
 }
 
 size_t gemm_scratch_floats(int K) { return static_cast<size_t>(K > 0 ? K : 1) * kNR; }
+
+void pack_panel(const MatB& B, int N, int K, int panel, float* out) {
+  const int n0 = panel * kNR;
+  pack(B, n0, min_int(kNR, N - n0), 0, K, out);
+}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -279,7 +284,7 @@ void convert(const void* src, WType type, float* dst, int n) {
 }  // namespace
 
 const Kernels* avx2_kernels() {
-  static const Kernels table = {"avx2", kNR, gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax, exp_, convert};
+  static const Kernels table = {"avx2", kNR, gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax, exp_, convert, pack_panel};
   return &table;
 }
 

@@ -163,7 +163,6 @@ void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB&
         for (int n = n0; n < n1; ++n) C[static_cast<int64_t>(m) * ldc + n] = 0.0f;
     return;
   }
-  float* P = scratch;
   const int m_full = M - M % kMR;
   for (int np = n0; np < n1; np += kNR) {
     const int nv = min_int(kNR, n1 - np);
@@ -172,7 +171,8 @@ void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB&
     for (int j = 0; j < 4; ++j) masks[j] = tail_mask(nv - 16 * j);
     const MicroKernel full = select_micro(kMR, nb);
     const MicroKernel tail = M % kMR ? select_micro(M % kMR, nb) : nullptr;
-    pack(B, np, nv, 0, K, P);
+    const float* P = B.packed != nullptr ? B.packed + static_cast<int64_t>(np / kNR) * K * kNR : scratch;
+    if (B.packed == nullptr) pack(B, np, nv, 0, K, scratch);
     for (int k0 = 0; k0 < K; k0 += kKC) {
       const int kc = min_int(kKC, K - k0);
       const float* Pk = P + static_cast<int64_t>(k0) * kNR;
@@ -185,6 +185,11 @@ void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB&
 }
 
 size_t gemm_scratch_floats(int K) { return static_cast<size_t>(K > 0 ? K : 1) * kNR; }
+
+void pack_panel(const MatB& B, int N, int K, int panel, float* out) {
+  const int n0 = panel * kNR;
+  pack(B, n0, min_int(kNR, N - n0), 0, K, out);
+}
 
 // exp(x) = 2^n * exp(r) with n = round(x / ln 2) and |r| <= ln2 / 2; exp(r) by the Cephes expf
 // polynomial (about 1 ulp), 2^n applied with scalef so that overflow gives inf and underflow 0.
@@ -290,7 +295,7 @@ void convert(const void* src, WType type, float* dst, int n) {
 }  // namespace
 
 const Kernels* avx512_kernels() {
-  static const Kernels table = {"avx512", kNR, gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax, exp_, convert};
+  static const Kernels table = {"avx512", kNR, gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax, exp_, convert, pack_panel};
   return &table;
 }
 

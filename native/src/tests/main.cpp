@@ -173,7 +173,8 @@ void test_gemm(const Kernels& k, WType type, bool k_major) {
                           {13, 130, 300}, {12, 200, 16}, {3, 64, 257}, {19, 48, 64}, {4, 9, 0}};
   std::mt19937 rng(1234 + static_cast<int>(type) * 7 + k_major);
   double worst = 0;  // error / bound
-  bool sentinels_ok = true, exact_ok = true, bound_ok = true;
+  bool sentinels_ok = true, exact_ok = true, bound_ok = true, packed_ok = true;
+  int packed_checked = 0;
   const bool simd = std::string(k.isa) != "portable";
   for (const Shape& s : shapes) {
     for (int variant = 0; variant < 3; ++variant) {
@@ -211,12 +212,33 @@ void test_gemm(const Kernels& k, WType type, bool k_major) {
           worst = std::max(worst, bound > 0 ? err / bound : err);
           if (simd && std::memcmp(&C[ci], &chain, 4) != 0) exact_ok = false;
         }
+      // The weight packed once ahead (MatB::packed) gives the same bits as packing per call.
+      if (k.pack_panel != nullptr && !k_major && n0 % k.gemm_nr == 0) {
+        const int panels = (s.N + k.gemm_nr - 1) / k.gemm_nr;
+        const size_t panel_floats = static_cast<size_t>(k.gemm_nr) * std::max(s.K, 1);
+        AlignedFloats packed(panels * panel_floats);
+        const MatB plain{B.data(), type, ldb, false};
+        for (int p = 0; p < panels; ++p) k.pack_panel(plain, s.N, s.K, p, packed.p + p * panel_floats);
+        // The unpacked data it would read otherwise is all zeros here, so a gemm that ignored the packed
+        // copy would give other results.
+        Values zeros;
+        zeros.type = type;
+        if (type == WType::F32) zeros.f32.assign(b_rows * ldb + 1, 0.0f);
+        else zeros.half.assign(b_rows * ldb + 1, 0);
+        MatB prepacked{zeros.data(), type, ldb, false, packed.p};
+        std::vector<float> C2 = C0;
+        k.gemm(s.M, n0, n1, s.K, A.data(), lda, prepacked, C2.data(), ldc, accumulate, scratch.p);
+        if (std::memcmp(C2.data(), C.data(), C.size() * 4) != 0) packed_ok = false;
+        ++packed_checked;
+      }
     }
   }
   std::string name = std::string(k.isa) + " gemm " + type_name(type) + (k_major ? " B[K][N]" : " W[N][K]");
-  report(bound_ok && sentinels_ok && (exact_ok || !simd), name,
+  report(bound_ok && sentinels_ok && (exact_ok || !simd) && packed_ok, name,
          fmt("max error/sum|terms| %.2e", worst) + (sentinels_ok ? "" : ", wrote outside [n0, n1)") +
-             (simd ? (exact_ok ? ", bit-identical to a sequential fma chain" : ", NOT equal to the sequential fma chain") : ""));
+             (simd ? (exact_ok ? ", bit-identical to a sequential fma chain" : ", NOT equal to the sequential fma chain") : "") +
+             (packed_checked == 0 ? "" : packed_ok ? fmt(", prepacked = per call in %.0f products", packed_checked)
+                                                   : ", prepacked weights give DIFFERENT results"));
 }
 
 void test_elementwise(const Kernels& k) {
@@ -879,6 +901,16 @@ void test_model() {
   joined.insert(joined.end(), alone_b.begin(), alone_b.end());
   joined.insert(joined.end(), alone_c.begin(), alone_c.end());
   report(batched == joined, "model forward: batch of 3 (lengths 9, 131, 1) equals each alone, 1 vs 2 threads, bit for bit");
+  {
+    LoadOptions unpacked_options{2};
+    unpacked_options.pack_weights_max_bytes = 0;
+    auto unpacked = Model::load(dir.string(), unpacked_options);
+    const bool packs = cpu::active_kernels().pack_panel != nullptr;
+    report(unpacked->packed_weight_bytes() == 0 && (model2->packed_weight_bytes() > 0) == packs &&
+               run_forward(*unpacked, {a, b, c}, {rows_a, rows_b, rows_c}) == batched,
+           fmt("model forward: weights packed at load (%.0f bytes) give the logits of packing per call, bit for bit",
+               static_cast<double>(model2->packed_weight_bytes())));
+  }
   {
     // Over 1026 tokens the linear layers work in chunks of rows, whose borders cut through sequences.
     std::vector<std::vector<int32_t>> seqs, rows;
