@@ -190,6 +190,16 @@ export interface NativeEngine {
    * Steps run one at a time; a second call waits for the first.
    */
   step(ids: ReadonlyArray<number>, cancel?: NativeCancelToken): Promise<Array<NativeStepResult>>
+  /**
+   * The model's log-probability of targets[i] at canvas position positions[i], from one forward over the
+   * whole canvas (mask tokens where it is to predict): the masked-token likelihood of a text, for
+   * evaluation. Off the JS thread, one at a time with steps. Rejects with VDIFF_INVALID_ARGUMENT.
+   */
+  score(
+    canvas: Int32Array | ReadonlyArray<number>,
+    positions: Int32Array | ReadonlyArray<number>,
+    targets: Int32Array | ReadonlyArray<number>
+  ): Promise<Float64Array>
   /** Frees the sequence now (or when an in-flight step using it returns). Unknown ids are ignored. */
   release(id: number): void
   /** The answer region of the canvas, mask tokens where nothing is committed yet. */

@@ -253,6 +253,29 @@ const char* reason_name(vdiff::FinishReason r) {
   return r == vdiff::FinishReason::Eos ? "eos" : r == vdiff::FinishReason::Length ? "length" : nullptr;
 }
 
+class ScoreWorker : public PromiseWorker {
+ public:
+  ScoreWorker(Napi::Env env, std::shared_ptr<Engine> engine, std::vector<int32_t> canvas, std::vector<int32_t> positions,
+              std::vector<int32_t> targets)
+      : PromiseWorker(env, "vdiff.score"),
+        engine_(std::move(engine)),
+        canvas_(std::move(canvas)),
+        positions_(std::move(positions)),
+        targets_(std::move(targets)) {}
+
+ private:
+  void run() override { scores_ = engine_->score(canvas_, positions_, targets_); }
+  Napi::Value result(Napi::Env env) override {
+    auto out = Napi::Float64Array::New(env, scores_.size());
+    for (size_t i = 0; i < scores_.size(); ++i) out[i] = scores_[i];
+    return out;
+  }
+
+  std::shared_ptr<Engine> engine_;
+  std::vector<int32_t> canvas_, positions_, targets_;
+  std::vector<double> scores_;
+};
+
 class StepWorker : public PromiseWorker {
  public:
   StepWorker(Napi::Env env, std::shared_ptr<Engine> engine, Engine::Pinned sequences,
@@ -333,6 +356,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
                        {InstanceMethod<&NativeEngine::info>("info"),
                         InstanceMethod<&NativeEngine::create>("create"),
                         InstanceMethod<&NativeEngine::step>("step"),
+                        InstanceMethod<&NativeEngine::score>("score"),
                         InstanceMethod<&NativeEngine::release>("release"),
                         InstanceMethod<&NativeEngine::canvas>("canvas"),
                         InstanceMethod<&NativeEngine::sequence_info>("sequenceInfo"),
@@ -404,6 +428,19 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
       }
       Engine::Pinned sequences = guarded(env, [&] { return engine_->pin(ids); });
       auto* worker = new StepWorker(env, engine_, std::move(sequences), std::move(cancel));
+      Napi::Promise promise = worker->promise();
+      worker->Queue();
+      return promise;
+    } catch (const Napi::Error& e) {
+      return rejected(env, e);
+    }
+  }
+
+  Napi::Value score(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    try {
+      auto* worker = new ScoreWorker(env, engine_, tokens_of(env, info[0], "canvas"), tokens_of(env, info[1], "positions"),
+                                     tokens_of(env, info[2], "targets"));
       Napi::Promise promise = worker->promise();
       worker->Queue();
       return promise;

@@ -189,6 +189,54 @@ SequenceInfo Engine::info(uint64_t id) const {
                       seq->tokens_denoised, seq->kv_refreshes,   seq->cache_bytes(), seq->positions_computed};
 }
 
+std::vector<double> Engine::score(const std::vector<int32_t>& canvas, const std::vector<int32_t>& positions,
+                                  const std::vector<int32_t>& targets, const std::atomic<bool>* cancel) {
+  const ModelConfig& config = model_->config();
+  const int vocab = std::min(config.vocab_size, config.embedding_size);
+  const int length = static_cast<int>(canvas.size());
+  if (length < 1 || length > config.max_sequence_length)
+    throw invalid("score: the canvas must hold 1 to " + std::to_string(config.max_sequence_length) + " tokens, got " +
+                  std::to_string(length));
+  for (int i = 0; i < length; ++i)
+    if (canvas[i] < 0 || canvas[i] >= config.embedding_size)
+      throw invalid("score: canvas[" + std::to_string(i) + "] = " + std::to_string(canvas[i]) + " is not a token id");
+  if (positions.size() != targets.size())
+    throw invalid("score: " + std::to_string(positions.size()) + " positions but " + std::to_string(targets.size()) +
+                  " targets");
+  for (size_t i = 0; i < positions.size(); ++i) {
+    if (positions[i] < 0 || positions[i] >= length)
+      throw invalid("score: positions[" + std::to_string(i) + "] = " + std::to_string(positions[i]) +
+                    " is outside the canvas");
+    if (targets[i] < 0 || targets[i] >= vocab)
+      throw invalid("score: targets[" + std::to_string(i) + "] = " + std::to_string(targets[i]) +
+                    " is outside the vocabulary");
+  }
+  std::vector<double> out(positions.size());
+  if (positions.empty()) return out;
+  std::lock_guard<std::mutex> step_lock(step_mu_);
+  std::vector<float> logits;
+  try {
+    logits.resize(positions.size() * static_cast<size_t>(config.embedding_size));
+  } catch (const std::bad_alloc&) {
+    throw Error(ErrorCode::OutOfMemory, "score: cannot allocate the logits of " + std::to_string(positions.size()) + " rows");
+  }
+  ForwardSeq seq;
+  seq.tokens = canvas.data();
+  seq.length = length;
+  seq.logit_rows = positions.data();
+  seq.n_logit_rows = static_cast<int>(positions.size());
+  model_->forward({seq}, logits.data(), cancel);
+  for (size_t r = 0; r < positions.size(); ++r) {
+    const float* row = logits.data() + r * config.embedding_size;
+    double max = row[0];
+    for (int v = 1; v < config.embedding_size; ++v) max = std::max(max, static_cast<double>(row[v]));
+    double sum = 0;
+    for (int v = 0; v < config.embedding_size; ++v) sum += std::exp(static_cast<double>(row[v]) - max);
+    out[r] = static_cast<double>(row[targets[r]]) - max - std::log(sum);
+  }
+  return out;
+}
+
 size_t Engine::live() const {
   std::lock_guard<std::mutex> lock(mu_);
   return sequences_.size();

@@ -133,6 +133,16 @@ class Engine {
   Pinned pin(const std::vector<uint64_t>& ids) const;
   std::vector<StepOutput> step_pinned(const Pinned& sequences, const std::atomic<bool>* cancel = nullptr);
 
+  // The model's log-probability (natural log of a float64 softmax of the whole output row, head padding
+  // included, as the probabilities of committed tokens are computed) of
+  // targets[i] at canvas position positions[i], from one forward over the whole canvas: the masked-token
+  // likelihood of a text, for evaluating answers (put the mask token where the model is to predict; the
+  // rest is what it sees). No sequence is involved; serialised with step(). Throws Error(InvalidArgument)
+  // for a canvas outside [1, max_sequence_length] tokens or with ids outside the embedding, positions
+  // outside the canvas, targets outside the vocabulary, or lists of different lengths; Error(Cancelled).
+  std::vector<double> score(const std::vector<int32_t>& canvas, const std::vector<int32_t>& positions,
+                            const std::vector<int32_t>& targets, const std::atomic<bool>* cancel = nullptr);
+
   // Frees the sequence's memory now (or, when a step holding it is in flight, as that step returns).
   // Unknown ids are ignored.
   void release(uint64_t id);
