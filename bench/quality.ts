@@ -1,0 +1,335 @@
+/**
+ * What approximate decoding costs in quality, on the embedded model (models/shakespeare): every mode
+ * answers the same held-out prompts greedily, and each answer is judged by
+ *   - corpus-likeness: the fraction of its words (runs of letters, lowercased) that are words of
+ *     tinyshakespeare (tools/train/corpus-words.txt), the measure of test/embedded-model.test.ts;
+ *   - own loss: the model's own masked-token loss on the answer, in nats per token: the answer's
+ *     positions are split at random (seeded) into two halves, each half is masked in turn with the prompt
+ *     and the other half visible, and every answer token is scored once (NativeEngine.score). Scored up
+ *     to the answer's first end token; padding after it is not text.
+ * The held-out continuation of each prompt (what Shakespeare wrote next) is scored the same way, as the
+ * scale of the figures. Modes: none (the reference's vanilla decoding), prefix and dual caches, and
+ * parallel decoding by threshold, alone or with a cache ("dual+0.9").
+ *
+ *   npx tsx bench/quality.ts [--prompts 48 --gen 128 --block 32 --prompt-tokens 32 --threads 2
+ *       --modes none,prefix,dual,none+0.9,dual+0.9 --corpus tinyshakespeare.txt --json out.json]
+ *   npx tsx bench/quality.ts --write-speeches tinyshakespeare.txt   (rewrites the fixture of 48 speeches)
+ *
+ * test/acceleration-quality.test.ts runs a smaller instance and holds the modes to a margin.
+ */
+import { readFileSync } from "node:fs"
+import { join } from "node:path"
+import { parseArgs } from "node:util"
+import { Effect } from "effect"
+import type { NativeEngine, NativeKvCacheMode, NativeSamplingParams } from "../src/engine/native.js"
+import { loadAddon } from "../src/engine/native.js"
+import { make as makeTokenizer, type TokenizerShape } from "../src/tokenizer/Tokenizer.js"
+
+const root = join(import.meta.dirname, "..")
+export const embeddedModelDir = join(root, "models", "shakespeare")
+/** Held-out speeches (bench/quality.ts --write-speeches), so tests need no copy of the corpus. */
+export const speechesPath = join(root, "test", "fixtures", "heldout-speeches.json")
+
+export interface Mode {
+  readonly name: string
+  readonly kvCache: NativeKvCacheMode
+  readonly parallelThreshold: number
+  /** Sampling temperature (0: greedy, the default); a hot mode shows what a real loss of quality looks like. */
+  readonly temperature?: number
+}
+
+/** "dual+0.9" → a dual cache with threshold 0.9; "none" → vanilla; "hot1.5" → vanilla at temperature 1.5. */
+export const parseMode = (name: string): Mode => {
+  const hot = /^hot(\d+(?:\.\d+)?)$/.exec(name)
+  if (hot) return { name, kvCache: "none", parallelThreshold: 0, temperature: Number(hot[1]) }
+  const [cache, threshold] = name.split("+")
+  if (cache !== "none" && cache !== "prefix" && cache !== "dual") throw new Error(`unknown mode "${name}"`)
+  const t = threshold === undefined ? 0 : Number(threshold)
+  if (!(t >= 0 && t <= 1)) throw new Error(`bad threshold in mode "${name}"`)
+  return { name, kvCache: cache, parallelThreshold: t }
+}
+
+export interface QualityOptions {
+  readonly prompts: number
+  readonly genLength: number
+  readonly blockLength: number
+  /**
+   * Tokens of each prompt (BOS included): the start of a held-out speech. The speeches are those of
+   * test/fixtures/heldout-speeches.json (48), or drawn from the corpus at corpusPath.
+   */
+  readonly promptTokens: number
+  readonly modes: ReadonlyArray<Mode>
+  readonly threads: number
+  readonly modelDir?: string
+  readonly corpusPath?: string
+}
+
+export interface Judged {
+  /** Fraction of the words that are corpus words, and how many words there were. */
+  readonly corpusWordFraction: number
+  readonly words: number
+  /** Own masked-token loss, nats per scored token, and how many tokens were scored. */
+  readonly ownLoss: number
+  readonly scoredTokens: number
+}
+
+export interface ModeQuality extends Judged {
+  readonly mode: Mode
+  readonly steps: number
+  /** Answer tokens committed per step, on average. */
+  readonly tokensPerStep: number
+  readonly seconds: number
+  /** Fraction of answer tokens equal to the first mode's answer at the same position. */
+  readonly agreement: number
+}
+
+export interface QualityReport {
+  readonly options: QualityOptions
+  /** The held-out continuations, judged like the answers. */
+  readonly heldOut: Judged
+  readonly modes: ReadonlyArray<ModeQuality>
+}
+
+/** The last 10% of the corpus, cut at the first blank line after the mark (tools/train/corpus.py). */
+export const heldOutText = (corpus: string): string => {
+  const mark = Math.floor(corpus.length * 0.9)
+  return corpus.slice(corpus.indexOf("\n\n", mark) + 2)
+}
+
+const words = (text: string): Array<string> => text.toLowerCase().match(/[a-z]+/g) ?? []
+
+/** `count` passages of `chars` characters, each from the start of a speech, spread evenly over the held-out text. */
+export const heldOutSpeeches = (corpus: string, count: number, chars: number): Array<string> => {
+  const text = heldOutText(corpus)
+  const starts: Array<number> = [0]
+  for (let i = text.indexOf("\n\n"); i >= 0; i = text.indexOf("\n\n", i + 2)) starts.push(i + 2)
+  const usable = starts.filter((s) => text.length - s >= chars)
+  if (usable.length < count) throw new Error(`the held-out text has only ${usable.length} usable speeches`)
+  return Array.from({ length: count }, (_, i) => {
+    const start = usable[Math.floor((i * usable.length) / count)]!
+    return text.slice(start, start + chars)
+  })
+}
+
+/** Prompts of `promptTokens` tokens (BOS included) and the `continuationTokens` that follow each. */
+export const promptsFrom = (
+  speeches: ReadonlyArray<string>,
+  tokenizer: TokenizerShape,
+  promptTokens: number,
+  continuationTokens: number
+): Array<{ prompt: Array<number>; continuation: Array<number> }> =>
+  speeches.map((speech, i) => {
+    const tokens = tokenizer.encode(speech, { addSpecialTokens: true })
+    if (tokens.length < promptTokens + continuationTokens) {
+      throw new Error(`speech ${i} has ${tokens.length} tokens; ${promptTokens + continuationTokens} are needed`)
+    }
+    return {
+      prompt: tokens.slice(0, promptTokens),
+      continuation: tokens.slice(promptTokens, promptTokens + continuationTokens)
+    }
+  })
+
+const readSpeeches = (options: QualityOptions): Array<string> => {
+  if (options.corpusPath !== undefined) {
+    return heldOutSpeeches(readFileSync(options.corpusPath, "utf8"), options.prompts, SPEECH_CHARS)
+  }
+  const { speeches } = JSON.parse(readFileSync(speechesPath, "utf8")) as { speeches: Array<string> }
+  if (speeches.length < options.prompts) throw new Error(`${speechesPath} holds only ${speeches.length} speeches`)
+  return speeches.slice(0, options.prompts)
+}
+
+/** Characters per speech passage: enough for 32 + 128 tokens (about 3.5 characters a token). */
+const SPEECH_CHARS = 1280
+
+/** A small seeded generator (mulberry32), so the halves of every answer are the same in every run. */
+const random = (seed: number) => () => {
+  seed = (seed + 0x6d2b79f5) | 0
+  let t = Math.imul(seed ^ (seed >>> 15), 1 | seed)
+  t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t
+  return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+}
+
+/** Own loss of `answer` after `prompt`: summed NLL and count over its tokens up to the first end token. */
+const ownLoss = async (
+  engine: NativeEngine,
+  prompt: ReadonlyArray<number>,
+  answer: ReadonlyArray<number>,
+  endTokens: ReadonlySet<number>,
+  seed: number
+): Promise<{ nll: number; count: number }> => {
+  const end = answer.findIndex((t) => endTokens.has(t))
+  const scored = end < 0 ? answer.length : end + 1
+  const order = Array.from({ length: scored }, (_, i) => i)
+  const next = random(seed)
+  for (let i = order.length - 1; i > 0; i--) {
+    const j = Math.floor(next() * (i + 1))
+    ;[order[i], order[j]] = [order[j]!, order[i]!]
+  }
+  const mask = engine.info().config.maskTokenId
+  let nll = 0
+  for (const half of [order.slice(0, scored >> 1), order.slice(scored >> 1)]) {
+    if (half.length === 0) continue
+    const canvas = [...prompt, ...answer]
+    for (const i of half) canvas[prompt.length + i] = mask
+    const scores = await engine.score(canvas, half.map((i) => prompt.length + i), half.map((i) => answer[i]!))
+    for (const s of scores) nll -= s
+  }
+  return { nll, count: scored }
+}
+
+const judge = async (
+  engine: NativeEngine,
+  tokenizer: TokenizerShape,
+  corpusWords: ReadonlySet<string>,
+  endTokens: ReadonlySet<number>,
+  pairs: ReadonlyArray<{ prompt: ReadonlyArray<number>; answer: ReadonlyArray<number> }>
+): Promise<Judged> => {
+  let inCorpus = 0, total = 0, nll = 0, count = 0
+  for (const [i, { prompt, answer }] of pairs.entries()) {
+    const answerWords = words(tokenizer.decode(answer, { skipSpecialTokens: true }))
+    inCorpus += answerWords.filter((w) => corpusWords.has(w)).length
+    total += answerWords.length
+    const loss = await ownLoss(engine, prompt, answer, endTokens, 1000 + i)
+    nll += loss.nll
+    count += loss.count
+  }
+  return { corpusWordFraction: total === 0 ? 0 : inCorpus / total, words: total, ownLoss: nll / count, scoredTokens: count }
+}
+
+/** Answers every prompt in one batch (one engine step per round for all of them). */
+const generateAll = async (
+  engine: NativeEngine,
+  prompts: ReadonlyArray<ReadonlyArray<number>>,
+  params: NativeSamplingParams
+): Promise<{ answers: Array<Array<number>>; steps: number; denoised: number }> => {
+  const ids = prompts.map((prompt) => engine.create(prompt, params))
+  try {
+    let running = [...ids], steps = 0, denoised = 0
+    while (running.length > 0) {
+      const results = await engine.step(running)
+      for (const r of results) {
+        steps += 1
+        denoised += r.positions.length - r.filled
+      }
+      running = results.filter((r) => !r.finished).map((r) => r.id)
+    }
+    return { answers: ids.map((id) => Array.from(engine.canvas(id))), steps, denoised }
+  } finally {
+    for (const id of ids) engine.release(id)
+  }
+}
+
+export const measureQuality = async (options: QualityOptions): Promise<QualityReport> => {
+  const modelDir = options.modelDir ?? embeddedModelDir
+  const tokenizer = await Effect.runPromise(makeTokenizer(modelDir))
+  const engine = await loadAddon().loadModel(modelDir, { threads: options.threads })
+  const corpusWords = new Set(readFileSync(join(root, "tools", "train", "corpus-words.txt"), "utf8").split("\n"))
+  const { eos, eot } = tokenizer.specialTokens
+  const endTokens = new Set([eos, ...(eot._tag === "Some" ? [eot.value] : [])])
+  const prompts = promptsFrom(readSpeeches(options), tokenizer, options.promptTokens, options.genLength)
+  const heldOut = await judge(
+    engine, tokenizer, corpusWords, endTokens,
+    prompts.map(({ prompt, continuation }) => ({ prompt, answer: continuation }))
+  )
+  const modes: Array<ModeQuality> = []
+  let first: Array<Array<number>> | undefined
+  for (const mode of options.modes) {
+    const params: NativeSamplingParams = {
+      genLength: options.genLength,
+      blockLength: options.blockLength,
+      steps: options.genLength,
+      temperature: mode.temperature ?? 0,
+      remasking: "low_confidence",
+      cfgScale: 0,
+      seed: 7,
+      kvCache: mode.kvCache,
+      parallelThreshold: mode.parallelThreshold
+    }
+    const started = performance.now()
+    const run = await generateAll(engine, prompts.map((p) => p.prompt), params)
+    const seconds = (performance.now() - started) / 1000
+    first ??= run.answers
+    let same = 0
+    run.answers.forEach((answer, i) => answer.forEach((t, j) => (same += t === first![i]![j] ? 1 : 0)))
+    const judged = await judge(
+      engine, tokenizer, corpusWords, endTokens,
+      prompts.map(({ prompt }, i) => ({ prompt, answer: run.answers[i]! }))
+    )
+    modes.push({
+      ...judged,
+      mode,
+      steps: run.steps,
+      tokensPerStep: run.denoised / run.steps,
+      seconds,
+      agreement: same / (prompts.length * options.genLength)
+    })
+  }
+  return { options, heldOut, modes }
+}
+
+export const formatReport = (report: QualityReport): string => {
+  const { options } = report
+  const vanilla = report.modes[0]
+  const row = (cells: ReadonlyArray<string>) => cells.map((c, i) => (i === 0 ? c.padEnd(16) : c.padStart(11))).join(" ")
+  const lines = [
+    `embedded model, ${options.prompts} held-out prompts of ${options.promptTokens} tokens, gen ${options.genLength}, ` +
+      `block ${options.blockLength}, steps = gen, greedy, ${options.threads} threads`,
+    `own loss: the model's masked-token loss on the answer (nats/token, lower = likelier to the model); ` +
+      `corpus: fraction of answer words that are corpus words; vs: relative to ${vanilla?.mode.name ?? "-"}; ` +
+      `same: answer tokens equal to ${vanilla?.mode.name ?? "-"}'s`,
+    "",
+    row(["mode", "own loss", "vs", "corpus", "vs", "words", "tok/step", "same", "seconds"]),
+    row([
+      "held-out text", report.heldOut.ownLoss.toFixed(3), "", report.heldOut.corpusWordFraction.toFixed(3), "",
+      String(report.heldOut.words), "", "", ""
+    ])
+  ]
+  for (const m of report.modes) {
+    const lossVs = vanilla ? `${(100 * (m.ownLoss / vanilla.ownLoss - 1)).toFixed(1)}%` : ""
+    const corpusVs = vanilla ? `${(100 * (m.corpusWordFraction - vanilla.corpusWordFraction)).toFixed(1)} pt` : ""
+    lines.push(row([
+      m.mode.name, m.ownLoss.toFixed(3), lossVs, m.corpusWordFraction.toFixed(3), corpusVs, String(m.words),
+      m.tokensPerStep.toFixed(2), m.agreement.toFixed(3), m.seconds.toFixed(1)
+    ]))
+  }
+  return lines.join("\n")
+}
+
+if (import.meta.url === `file://${process.argv[1]}`) {
+  const { values } = parseArgs({
+    options: {
+      prompts: { type: "string", default: "48" },
+      gen: { type: "string", default: "128" },
+      block: { type: "string", default: "32" },
+      "prompt-tokens": { type: "string", default: "32" },
+      threads: { type: "string", default: "2" },
+      modes: { type: "string", default: "none,prefix,dual,none+0.9,dual+0.9" },
+      corpus: { type: "string" },
+      json: { type: "string" },
+      "write-speeches": { type: "string" }
+    }
+  })
+  if (values["write-speeches"] !== undefined) {
+    const { writeFileSync } = await import("node:fs")
+    const speeches = heldOutSpeeches(readFileSync(values["write-speeches"], "utf8"), 48, SPEECH_CHARS)
+    const source = "tinyshakespeare (public domain), the held-out last 10% (tools/train/corpus.py): " +
+      "48 passages from the start of speeches spread evenly over it"
+    writeFileSync(speechesPath, JSON.stringify({ source, speeches }, null, 1) + "\n")
+    console.log(`wrote ${speeches.length} speeches to ${speechesPath}`)
+    process.exit(0)
+  }
+  const report = await measureQuality({
+    prompts: Number(values.prompts),
+    genLength: Number(values.gen),
+    blockLength: Number(values.block),
+    promptTokens: Number(values["prompt-tokens"]),
+    threads: Number(values.threads),
+    modes: values.modes!.split(",").map(parseMode),
+    ...(values.corpus === undefined ? {} : { corpusPath: values.corpus })
+  })
+  console.log(formatReport(report))
+  if (values.json !== undefined) {
+    const { writeFileSync } = await import("node:fs")
+    writeFileSync(values.json, JSON.stringify(report, null, 2))
+  }
+}
