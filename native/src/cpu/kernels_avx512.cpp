@@ -19,6 +19,7 @@ namespace {
 constexpr int kMR = 6;    // rows of A per micro-tile
 constexpr int kNR = 64;   // columns per panel (4 zmm)
 constexpr int kKC = 128;  // k per packed block
+constexpr int kPrefetchK = 16;  // the micro-kernel prefetches P this many k ahead (into the next block too)
 
 inline int min_int(int a, int b) { return a < b ? a : b; }
 
@@ -127,6 +128,7 @@ void micro_kernel(int kc, const float* A, int64_t lda, const float* P, float* C,
   for (int k = 0; k < kc; ++k) {
     __m512 b[NB];
     for (int j = 0; j < NB; ++j) b[j] = _mm512_load_ps(P + k * kNR + 16 * j);
+    for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(P + (k + kPrefetchK) * kNR + 16 * j), _MM_HINT_T0);
     for (int i = 0; i < R; ++i) {
       __m512 a = _mm512_set1_ps(a_row[i][k]);
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
@@ -163,14 +165,21 @@ void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB&
         for (int n = n0; n < n1; ++n) C[static_cast<int64_t>(m) * ldc + n] = 0.0f;
     return;
   }
-  const int m_full = M - M % kMR;
+  // Row tiles: kMR rows each, except that a remainder of 1 to 3 rows is merged with the last full tile
+  // and the two split evenly (32 rows: 6 6 6 6 4 4, not 6 6 6 6 6 2), as a thin tile wastes its loads
+  // of P. Each output is still one FMA chain in ascending k, so the tiling does not change the result.
+  const int rest = M % kMR;
+  const bool split = rest > 0 && rest < 4 && M > kMR;
+  const int m_full = split ? M - rest - kMR : M - rest;  // rows in whole kMR tiles
+  const int tail_rows[2] = {split ? (kMR + rest + 1) / 2 : rest, split ? (kMR + rest) / 2 : 0};
   for (int np = n0; np < n1; np += kNR) {
     const int nv = min_int(kNR, n1 - np);
     const int nb = (nv + 15) / 16;
     __mmask16 masks[4];
     for (int j = 0; j < 4; ++j) masks[j] = tail_mask(nv - 16 * j);
     const MicroKernel full = select_micro(kMR, nb);
-    const MicroKernel tail = M % kMR ? select_micro(M % kMR, nb) : nullptr;
+    const MicroKernel tails[2] = {tail_rows[0] ? select_micro(tail_rows[0], nb) : nullptr,
+                                  tail_rows[1] ? select_micro(tail_rows[1], nb) : nullptr};
     const float* P = B.packed != nullptr ? B.packed + static_cast<int64_t>(np / kNR) * K * kNR : scratch;
     if (B.packed == nullptr) pack(B, np, nv, 0, K, scratch);
     for (int k0 = 0; k0 < K; k0 += kKC) {
@@ -179,7 +188,8 @@ void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB&
       const bool load_c = accumulate || k0 > 0;
       for (int m = 0; m < m_full; m += kMR)
         full(kc, A + m * lda + k0, lda, Pk, C + m * ldc + np, ldc, masks, load_c);
-      if (tail) tail(kc, A + m_full * lda + k0, lda, Pk, C + m_full * ldc + np, ldc, masks, load_c);
+      for (int t = 0, m = m_full; t < 2 && tails[t] != nullptr; m += tail_rows[t++])
+        tails[t](kc, A + m * lda + k0, lda, Pk, C + m * ldc + np, ldc, masks, load_c);
     }
   }
 }
