@@ -177,6 +177,25 @@ describe("GET /metrics", () => {
       expect(after.value("vdiff_num_requests_running")).toBe(0)
     }).pipe(quiet))
 
+  it.scopedLive("reports the bytes the running sequences' KV caches hold, and frees them when they finish", () =>
+    Effect.gen(function*() {
+      const model = `kv-${randomUUID().slice(0, 8)}`
+      const config = yield* Effect.promise(() => settings(["--served-model-name", model, "--kv-cache", "dual"]))
+      const { url } = yield* startServer({ config, load: fakeLoader(config, { stepMs: 10 }) })
+      const long = yield* Effect.fork(postJson(url + "/v1/completions", { model, prompt: "Hi", max_tokens: 60, seed: 0 }))
+      let held = 0
+      for (let tries = 0; tries < 500 && held === 0; tries++) {
+        held = (yield* scrape(url, model)).value("vdiff_kv_cache_bytes") ?? 0
+        if (held === 0) yield* Effect.sleep(5)
+      }
+      const reply = yield* long.await
+      if (reply._tag !== "Success") throw new Error("the request failed")
+      expect(reply.value.json.diffusion.kv_cache).toBe("dual")
+      // The fake model's cache takes 64 bytes per canvas position: prompt plus answer.
+      expect(held).toBe(64 * (reply.value.json.usage.prompt_tokens + 60))
+      yield* waitFor(url, model, "vdiff_kv_cache_bytes", 0)
+    }).pipe(quiet))
+
   it.scopedLive("counts failures by the error's code, a stream's error event included", () =>
     Effect.gen(function*() {
       const model = `failures-${randomUUID().slice(0, 8)}`

@@ -101,6 +101,8 @@ export interface EngineShape {
   readonly canvas: (id: SequenceId) => Effect.Effect<Int32Array, EngineError>
   /** How many sequences are alive in the engine. */
   readonly live: Effect.Effect<number>
+  /** Bytes the KV caches of live sequences hold now (counted against EngineOptions.kvCacheBudgetBytes). */
+  readonly kvCacheBytes: Effect.Effect<number>
 }
 
 export class Engine extends Context.Tag("vdiff/Engine")<Engine, EngineShape>() {}
@@ -180,7 +182,8 @@ export const fromNativeEngine = (modelDir: string, native: NativeEngine): Engine
     }),
   release: (id) => Effect.sync(() => native.release(id)),
   canvas: (id) => Effect.try({ try: () => native.canvas(id), catch: fromNative }),
-  live: Effect.sync(() => native.live())
+  live: Effect.sync(() => native.live()),
+  kvCacheBytes: Effect.sync(() => native.kvCacheBytes())
 })
 
 /** Loads the model directory with the addon. Sequences still alive when the scope closes are released. */

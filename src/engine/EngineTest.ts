@@ -58,6 +58,9 @@ interface FakeSequence {
   schedule?: ReadonlyArray<ReadonlyArray<number>>
 }
 
+/** The fake model's KV cache bytes per canvas position. */
+const KV_BYTES_PER_POSITION = 64
+
 const forwardPasses = (s: FakeSequence) => s.done * (s.settings.cfgScale > 0 ? 2 : 1)
 
 /** Refreshes so far of a cached sequence whose latest step worked on `block`: one per block begun. */
@@ -105,7 +108,7 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
         maskTokenId: MASK, eosTokenId: 998, maxSequenceLength: maxLen, ropeTheta: 10000, rmsNormEps: 1e-5,
         weightTying: false, includeBias: false
       },
-      threads: 1, weightDtype: "f32", parameterCount: 0, weightBytes: 0, packedWeightBytes: 0, kvCacheBytesPerPosition: 0,
+      threads: 1, weightDtype: "f32", parameterCount: 0, weightBytes: 0, packedWeightBytes: 0, kvCacheBytesPerPosition: KV_BYTES_PER_POSITION,
       kvCacheBudgetBytes: 0
     },
     batches,
@@ -165,7 +168,18 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
       }),
     release: (id) => Effect.sync(() => void sequences.delete(id)),
     canvas: (id) => Effect.sync(() => Int32Array.from(sequences.get(id)?.canvas ?? [])),
-    live: Effect.sync(() => sequences.size)
+    live: Effect.sync(() => sequences.size),
+    // As natively: an unfinished cached sequence holds a cache per canvas (two with cfg).
+    kvCacheBytes: Effect.sync(() => {
+      let bytes = 0
+      for (const [id, s] of sequences) {
+        const suffix = created.find((c) => c.id === id)?.suffix.length ?? 0
+        const finished = s.done >= (s.schedule?.length ?? s.settings.genLength)
+        if ((s.settings.kvCache ?? "none") === "none" || finished) continue
+        bytes += (s.prompt.length + s.settings.genLength + suffix) * KV_BYTES_PER_POSITION * (s.settings.cfgScale > 0 ? 2 : 1)
+      }
+      return bytes
+    })
   }
 }
 

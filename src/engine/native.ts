@@ -207,6 +207,8 @@ export interface NativeEngine {
   sequenceInfo(id: number): NativeSequenceInfo
   /** Number of live (created, not released) sequences. */
   live(): number
+  /** Bytes the KV caches of live sequences hold now (a sequence's are freed when it finishes). */
+  kvCacheBytes(): number
 }
 
 export interface NativeLoadOptions {

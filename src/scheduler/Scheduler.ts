@@ -199,6 +199,7 @@ export const make = (options: SchedulerOptions) =>
     const publishLoad = Effect.gen(function*() {
       yield* Metric.set(Metrics.numRequestsRunning, running.length)
       yield* Metric.set(Metrics.numRequestsWaiting, (yield* queueLength) + (head === undefined ? 0 : 1))
+      yield* Metric.set(Metrics.kvCacheBytes, yield* engine.kvCacheBytes)
     })
 
     /** Admitted: the queue time is known, the wait's span ends and the generation's begins. */

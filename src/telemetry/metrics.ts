@@ -48,6 +48,10 @@ export const numRequestsWaiting = Metric.gauge("vdiff_num_requests_waiting", {
   description: "Requests waiting in the admission queue for room in the batch."
 })
 
+export const kvCacheBytes = Metric.gauge("vdiff_kv_cache_bytes", {
+  description: "Bytes held by the KV caches of running sequences (bounded by --kv-cache-budget when set)."
+})
+
 export const requestQueueTime = histogram(
   "vdiff_request_queue_time_seconds",
   requestBounds,

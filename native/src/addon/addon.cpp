@@ -360,7 +360,8 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
                         InstanceMethod<&NativeEngine::release>("release"),
                         InstanceMethod<&NativeEngine::canvas>("canvas"),
                         InstanceMethod<&NativeEngine::sequence_info>("sequenceInfo"),
-                        InstanceMethod<&NativeEngine::live>("live")});
+                        InstanceMethod<&NativeEngine::live>("live"),
+                        InstanceMethod<&NativeEngine::kv_cache_bytes>("kvCacheBytes")});
   }
 
   explicit NativeEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeEngine>(info) {
@@ -447,6 +448,10 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     } catch (const Napi::Error& e) {
       return rejected(env, e);
     }
+  }
+
+  Napi::Value kv_cache_bytes(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(engine_->model().kv_cache_live_bytes()));
   }
 
   Napi::Value release(const Napi::CallbackInfo& info) {
