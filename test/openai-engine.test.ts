@@ -9,25 +9,34 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import * as Engine from "../src/engine/Engine.js"
 import { ChatCompletionResponse, CompletionChunk, CompletionResponse } from "../src/openai/protocol.js"
 import { plannedSteps } from "../src/openai/serving.js"
+import type { ServingDefaults } from "../src/openai/ServingConfig.js"
 import * as Tokenizer from "../src/tokenizer/Tokenizer.js"
 import { eventually, parseSse, startServerWith, type TestServer } from "./openai-support.js"
 
 const modelDir = join(import.meta.dirname, "..", "models", "shakespeare")
 
-let server: TestServer<Engine.EngineShape>
-beforeAll(async () => {
+/** The routes over the native engine on the embedded model, with these engine options and serving defaults. */
+const startEmbedded = async (engineOptions: Partial<Engine.EngineOptions> = {}, defaults: Partial<ServingDefaults> = {}) => {
   const tokenizer = await Effect.runPromise(Tokenizer.make(modelDir))
-  const engine = await Effect.runPromise(Engine.make({ modelDir, threads: 1 }))
-  server = await startServerWith({
+  const engine = await Effect.runPromise(Engine.make({ modelDir, threads: 1, ...engineOptions }))
+  return startServerWith({
     engine,
     engineLayer: Layer.succeed(Engine.Engine, engine),
     tokenizer,
     config: {
       modelName: "shakespeare",
       maxModelLen: engine.info.config.maxSequenceLength,
-      defaults: { maxTokens: 24, steps: null, blockLength: 8, remasking: "low_confidence", cfgScale: 0, temperature: 0 }
+      defaults: {
+        maxTokens: 24, steps: null, blockLength: 8, remasking: "low_confidence", cfgScale: 0, temperature: 0,
+        ...defaults
+      }
     }
   })
+}
+
+let server: TestServer<Engine.EngineShape>
+beforeAll(async () => {
+  server = await startEmbedded()
 })
 afterAll(() => server.close())
 
@@ -162,24 +171,9 @@ describe("OpenAI routes on the embedded model", () => {
 describe("KV cache settings of the server on the embedded model", () => {
   let cached: TestServer<Engine.EngineShape>
   beforeAll(async () => {
-    const tokenizer = await Effect.runPromise(Tokenizer.make(modelDir))
-    const probe = await Effect.runPromise(Engine.make({ modelDir, threads: 1 }))
     // A budget with room for one 64-position cache: a request with n = 2 can never fit.
-    const kvCacheBudgetBytes = probe.info.kvCacheBytesPerPosition * 64
-    const engine = await Effect.runPromise(Engine.make({ modelDir, threads: 1, kvCacheBudgetBytes }))
-    cached = await startServerWith({
-      engine,
-      engineLayer: Layer.succeed(Engine.Engine, engine),
-      tokenizer,
-      config: {
-        modelName: "shakespeare",
-        maxModelLen: engine.info.config.maxSequenceLength,
-        defaults: {
-          maxTokens: 24, steps: null, blockLength: 8, remasking: "low_confidence", cfgScale: 0, temperature: 0,
-          kvCache: "dual"
-        }
-      }
-    })
+    const kvCacheBudgetBytes = server.engine.info.kvCacheBytesPerPosition * 64
+    cached = await startEmbedded({ kvCacheBudgetBytes }, { kvCache: "dual" })
   })
   afterAll(() => cached.close())
 

@@ -350,7 +350,7 @@ export const Settings = Schema.Struct({
     value: "f32|bf16"
   }),
   kvCacheBudget: setting(IntegerText(0), {
-    description: "Bytes all live KV caches may hold together; a request whose cache does not fit waits for running ones to finish (400 if it could never fit); 0: no limit",
+    description: "Bytes all live KV caches may hold together; a request whose caches do not fit waits for running ones to finish; one cache larger than the budget is a 400, a request whose caches never fit together a 503; 0: no limit",
     default: "0",
     value: "BYTES"
   }),
