@@ -10,9 +10,9 @@
 import { readdirSync, readFileSync } from "node:fs"
 import { join } from "node:path"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { loadAddon, type NativeEngine, type NativeSamplingParams } from "../src/engine/native.js"
+import { loadAddon, type NativeEngine } from "../src/engine/native.js"
 import { type Run, runTogether } from "./support/engine.js"
-import type { GoldenCase } from "./support/golden.js"
+import { type GoldenCase, nativeParamsOf } from "./support/golden.js"
 
 
 interface Golden {
@@ -29,18 +29,6 @@ const goldens: Array<Golden> = readdirSync(fixtures)
   .sort()
   .map((f) => JSON.parse(readFileSync(join(fixtures, f), "utf8")) as Golden)
 
-const nativeParams = (c: GoldenCase): NativeSamplingParams => ({
-  genLength: c.params.gen_length,
-  blockLength: c.params.block_length,
-  steps: c.params.steps,
-  temperature: c.params.temperature,
-  remasking: c.params.remasking,
-  cfgScale: c.params.cfg_scale,
-  seed: 0,
-  logitsEosInf: c.params.logits_eos_inf,
-  confidenceEosEotInf: c.params.confidence_eos_eot_inf,
-  eotTokenId: c.params.eot_token_id
-})
 
 /** Compares one run with its reference: answer and commits exactly, probabilities within tolerance. */
 const expectMatches = (run: Run, expected: GoldenCase, label: string) => {
@@ -67,13 +55,13 @@ describe.each(goldens.map((g) => [g.model, g] as const))("golden %s", (name, gol
   })
 
   it.each(golden.generate.map((c) => [c.name, c] as const))("%s alone", async (caseName, c) => {
-    const [run] = await runTogether(engine, [{ prompt: c.prompt, params: nativeParams(c) }])
+    const [run] = await runTogether(engine, [{ prompt: c.prompt, params: nativeParamsOf(c) }])
     expectMatches(run!, c, `${name}/${caseName}`)
   })
 
   it.each(golden.batches.map((b, i) => [i, b] as const))("batch %i together in one step loop", async (_, batch) => {
     const cases = batch.map((i) => golden.generate[i]!)
-    const runs = await runTogether(engine, cases.map((c) => ({ prompt: c.prompt, params: nativeParams(c) })))
+    const runs = await runTogether(engine, cases.map((c) => ({ prompt: c.prompt, params: nativeParamsOf(c) })))
     runs.forEach((run, i) => expectMatches(run, cases[i]!, `${name}/batch[${batch.join(",")}]/${cases[i]!.name}`))
   })
 })
