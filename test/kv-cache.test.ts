@@ -9,6 +9,7 @@ import { Effect } from "effect"
 import { join } from "node:path"
 import { describe, expect, it } from "vitest"
 import * as Engine from "../src/engine/Engine.js"
+import { defaultSettings } from "../src/index.js"
 import { type NativeEngine, type NativeSamplingParams, loadAddon } from "../src/engine/native.js"
 import { runTogether } from "./support/engine.js"
 import { goldenCases, goldenDir, nativeParamsOf } from "./support/golden.js"
@@ -113,15 +114,10 @@ describe("KV cache through the Engine service", () => {
   it("carries kvCache and reports refreshes; a cache larger than the budget is an InvalidRequestError", async () => {
     const c = golden("gqa").find((g) => g.name === "blocks")!
     const settings: Engine.SamplingSettings = {
+      ...defaultSettings,
       genLength: c.params.gen_length,
       blockLength: c.params.block_length,
       steps: c.params.steps,
-      temperature: 0,
-      remasking: "low_confidence",
-      cfgScale: 0,
-      seed: 0,
-      logitsEosInf: false,
-      confidenceEosEotInf: false,
       eotTokenId: c.params.eot_token_id,
       kvCache: "prefix",
       kvRefreshInterval: 1

@@ -7,23 +7,12 @@ import { Chunk, Effect, Either, Fiber, Layer, Stream, TestClock } from "effect"
 import { join } from "node:path"
 import * as Engine from "../src/engine/Engine.js"
 import * as Scheduler from "../src/scheduler/Scheduler.js"
-import { type GoldenCase, goldenCases, goldenDir } from "./support/golden.js"
+import { engineSettingsOf, type GoldenCase, goldenCases, goldenDir } from "./support/golden.js"
 
 
 const golden = goldenCases
 
-const settingsOf = (c: GoldenCase, seed = 0): Engine.SamplingSettings => ({
-  genLength: c.params.gen_length,
-  blockLength: c.params.block_length,
-  steps: c.params.steps,
-  temperature: c.params.temperature,
-  remasking: c.params.remasking,
-  cfgScale: c.params.cfg_scale,
-  seed,
-  logitsEosInf: c.params.logits_eos_inf,
-  confidenceEosEotInf: c.params.confidence_eos_eot_inf,
-  eotTokenId: c.params.eot_token_id
-})
+const settingsOf = engineSettingsOf
 
 const layerFor = (
   model: string,

@@ -4,6 +4,7 @@
  */
 import { readFileSync } from "node:fs"
 import { join } from "node:path"
+import type { SamplingSettings } from "../../src/engine/Engine.js"
 import type { NativeSamplingParams } from "../../src/engine/native.js"
 
 export interface GoldenCase {
@@ -31,17 +32,22 @@ export const goldenDir = join(import.meta.dirname, "..", "fixtures", "golden")
 export const goldenCases = (model: string): ReadonlyArray<GoldenCase> =>
   JSON.parse(readFileSync(join(goldenDir, `${model}.json`), "utf8")).generate
 
-/** A case's settings in the addon's terms, with optional overrides. */
-export const nativeParamsOf = (c: GoldenCase, overrides: Partial<NativeSamplingParams> = {}): NativeSamplingParams => ({
+/** A case's settings in the Engine service's terms (every reference option spelled out), with a seed. */
+export const engineSettingsOf = (c: GoldenCase, seed = 0): SamplingSettings => ({
   genLength: c.params.gen_length,
   blockLength: c.params.block_length,
   steps: c.params.steps,
   temperature: c.params.temperature,
   remasking: c.params.remasking,
   cfgScale: c.params.cfg_scale,
-  seed: 0,
+  seed,
   logitsEosInf: c.params.logits_eos_inf,
   confidenceEosEotInf: c.params.confidence_eos_eot_inf,
-  eotTokenId: c.params.eot_token_id,
+  eotTokenId: c.params.eot_token_id
+})
+
+/** A case's settings in the addon's terms, with optional overrides. */
+export const nativeParamsOf = (c: GoldenCase, overrides: Partial<NativeSamplingParams> = {}): NativeSamplingParams => ({
+  ...engineSettingsOf(c),
   ...overrides
 })
