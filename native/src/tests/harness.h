@@ -1,0 +1,178 @@
+// Shared by the native test files: the check reporter (one line per check, counted for the summary),
+// error expectations, temporary directories, and random weights of each storage type with their exact
+// values. Header-only: every helper is inline, the two counters are inline variables.
+#pragma once
+
+#include <sys/stat.h>
+#include <time.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "core/engine.h"
+#include "core/error.h"
+#include "core/json.h"
+#include "core/model.h"
+#include "core/safetensors.h"
+#include "core/threadpool.h"
+#include "cpu/kernels.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace vdiff::test {
+
+namespace fs = std::filesystem;
+using cpu::Kernels;
+using cpu::MatB;
+using cpu::WType;
+
+// ------------------------------------------------------------------------------------------------
+// Reporting
+
+inline int g_checks = 0;
+inline int g_failures = 0;
+
+inline void report(bool ok, const std::string& name, const std::string& detail = "") {
+  ++g_checks;
+  if (!ok) ++g_failures;
+  std::printf("%s %s%s%s\n", ok ? "ok  " : "FAIL", name.c_str(), detail.empty() ? "" : ": ", detail.c_str());
+  std::fflush(stdout);
+}
+
+inline std::string fmt(const char* format, double a, double b = 0, double c = 0) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, format, a, b, c);
+  return buf;
+}
+
+// Runs fn and checks it throws vdiff::Error with `code` and a message containing every `needle`.
+inline void expect_error(const std::string& name, ErrorCode code, std::vector<std::string> needles, const std::function<void()>& fn) {
+  try {
+    fn();
+    report(false, name, "no error thrown");
+  } catch (const Error& e) {
+    std::string msg = e.what();
+    bool ok = e.code() == code;
+    for (const auto& n : needles) ok = ok && msg.find(n) != std::string::npos;
+    report(ok, name, msg + (e.code() == code ? "" : std::string(" [code ") + error_code_name(e.code()) + "]"));
+  } catch (const std::exception& e) {
+    report(false, name, std::string("unexpected exception: ") + e.what());
+  }
+}
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "vdiff-test-XXXXXX").string();
+    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
+    path = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  std::string str() const { return path.string(); }
+};
+
+inline void write_file(const fs::path& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Test data: weights in each storage type, with their exact values as doubles
+
+inline uint16_t f32_to_bf16_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits += 0x7fff + ((bits >> 16) & 1);  // round to nearest even (no NaNs in test data)
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+struct Values {
+  WType type = WType::F32;
+  std::vector<float> f32;
+  std::vector<uint16_t> half;
+  std::vector<double> exact;  // the value each stored element represents
+  const void* data() const { return type == WType::F32 ? static_cast<const void*>(f32.data()) : half.data(); }
+  size_t bytes() const { return type == WType::F32 ? f32.size() * 4 : half.size() * 2; }
+  std::string raw() const { return std::string(static_cast<const char*>(data()), bytes()); }
+};
+
+// `count` values of roughly N(0, scale^2) (f16: random bit patterns of magnitude 2^-7 .. 2^0 * scale-ish).
+inline Values random_values(WType type, size_t count, std::mt19937& rng, double scale) {
+  Values v;
+  v.type = type;
+  std::normal_distribution<float> normal(0.0f, static_cast<float>(scale));
+  if (type == WType::F32) {
+    for (size_t i = 0; i < count; ++i) v.f32.push_back(normal(rng));
+    for (float f : v.f32) v.exact.push_back(f);
+  } else if (type == WType::BF16) {
+    for (size_t i = 0; i < count; ++i) v.half.push_back(f32_to_bf16_bits(normal(rng)));
+    for (uint16_t h : v.half) v.exact.push_back(cpu::bf16_to_f32(h));
+  } else {
+    std::uniform_int_distribution<int> mantissa(0, 1023), sign(0, 1);
+    // Exponent fields 8 .. 15 give magnitudes 2^-7 .. 2^0 (scaled by about `scale` via the top field).
+    int top = 15 + static_cast<int>(std::floor(std::log2(scale)));
+    std::uniform_int_distribution<int> exponent(top - 7, top);
+    for (size_t i = 0; i < count; ++i)
+      v.half.push_back(static_cast<uint16_t>((sign(rng) << 15) | (exponent(rng) << 10) | mantissa(rng)));
+    for (uint16_t h : v.half) v.exact.push_back(cpu::f16_to_f32(h));
+  }
+  return v;
+}
+
+inline std::vector<float> random_floats(size_t count, std::mt19937& rng, float scale = 1.0f) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> out(count);
+  for (auto& x : out) x = normal(rng);
+  return out;
+}
+
+struct AlignedFloats {
+  float* p;
+  explicit AlignedFloats(size_t n) : p(static_cast<float*>(std::aligned_alloc(64, ((n * 4 + 63) / 64) * 64))) {}
+  ~AlignedFloats() { std::free(p); }
+};
+
+inline const char* type_name(WType t) { return t == WType::F32 ? "f32" : t == WType::BF16 ? "bf16" : "f16"; }
+
+inline double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// ------------------------------------------------------------------------------------------------
+// The suites, one file each (main.cpp runs them in this order)
+
+void test_scalar_conversions();                                     // kernels_tests.cpp
+void test_gemm(const Kernels& k, WType type, bool k_major);         // kernels_tests.cpp
+void test_elementwise(const Kernels& k);                            // kernels_tests.cpp
+void test_threadpool();                                             // kernels_tests.cpp
+void test_json();                                                   // io_tests.cpp
+void test_safetensors();                                            // io_tests.cpp
+void test_config();                                                 // io_tests.cpp
+void test_model();                                                  // model_tests.cpp
+void test_kv_cache();                                               // kv_cache_tests.cpp
+void test_golden(const std::string& golden_dir);                    // golden_tests.cpp
+void test_engine_kv_cache(const std::string& golden_dir);           // golden_tests.cpp
+
+// Benchmarks (bench.cpp): no checks.
+void bench();
+int bench_model(const std::string& dir, int threads, int seq_len, int rows, int read_begin, int read_end);
+
+}  // namespace vdiff::test

@@ -1,0 +1,222 @@
+// Kernels of every ISA against scalar references, the scalar f16/bf16 conversions, the thread pool.
+#include "tests/harness.h"
+
+namespace vdiff::test {
+
+// ------------------------------------------------------------------------------------------------
+// Kernels
+
+// Every gemm shape/type/layout of one ISA: within the rigorous bound for f32 recursive summation, sentinel
+// columns outside [n0, n1) untouched, and (SIMD ISAs) bit-identical to one sequential fmaf chain per output.
+void test_gemm(const Kernels& k, WType type, bool k_major) {
+  struct Shape {
+    int M, N, K;
+  };
+  const Shape shapes[] = {{1, 1, 1},    {1, 7, 5},     {5, 17, 33},  {6, 64, 128}, {7, 65, 129},
+                          {13, 130, 300}, {12, 200, 16}, {3, 64, 257}, {19, 48, 64}, {4, 9, 0}};
+  std::mt19937 rng(1234 + static_cast<int>(type) * 7 + k_major);
+  double worst = 0;  // error / bound
+  bool sentinels_ok = true, exact_ok = true, bound_ok = true, packed_ok = true;
+  int packed_checked = 0;
+  const bool simd = std::string(k.isa) != "portable";
+  for (const Shape& s : shapes) {
+    for (int variant = 0; variant < 3; ++variant) {
+      const bool accumulate = variant == 1;
+      const int n0 = variant == 2 ? std::min(3, s.N - 1) : 0;
+      const int n1 = variant == 2 ? std::max(n0 + 1, s.N - 2) : s.N;
+      const int64_t lda = s.K + 3, ldc = s.N + 5;
+      const int64_t ldb = k_major ? s.N + 1 : s.K + 2;
+      const size_t b_rows = k_major ? s.K : s.N;
+      Values B = random_values(type, b_rows * ldb + 1, rng, 0.5);
+      std::vector<float> A = random_floats(s.M * lda + 1, rng);
+      std::vector<float> C0 = random_floats(s.M * ldc + 1, rng);
+      std::vector<float> C = C0;
+      AlignedFloats scratch(k.gemm_scratch_floats(std::max(s.K, 1)));
+      k.gemm(s.M, n0, n1, s.K, A.data(), lda, MatB{B.data(), type, ldb, k_major}, C.data(), ldc, accumulate, scratch.p);
+      for (int m = 0; m < s.M; ++m)
+        for (int n = 0; n < s.N + 5; ++n) {
+          const size_t ci = m * ldc + n;
+          if (n < n0 || n >= n1) {
+            if (std::memcmp(&C[ci], &C0[ci], 4) != 0) sentinels_ok = false;
+            continue;
+          }
+          double ref = accumulate ? C0[ci] : 0.0, bound = std::fabs(ref);
+          float chain = accumulate ? C0[ci] : 0.0f;
+          for (int kk = 0; kk < s.K; ++kk) {
+            double b = B.exact[k_major ? kk * ldb + n : n * ldb + kk];
+            ref += A[m * lda + kk] * b;
+            bound += std::fabs(A[m * lda + kk] * b);
+            chain = std::fma(A[m * lda + kk], static_cast<float>(b), chain);
+          }
+          // Recursive summation: |error| <= 2 (K + 1) u sum|terms| with u = 2^-24 (mul + add roundings).
+          const double tol = 2.0 * (s.K + 1) * std::ldexp(1.0, -24) * bound + 1e-30;
+          double err = std::fabs(C[ci] - ref);
+          if (err > tol) bound_ok = false;
+          worst = std::max(worst, bound > 0 ? err / bound : err);
+          if (simd && std::memcmp(&C[ci], &chain, 4) != 0) exact_ok = false;
+        }
+      // The weight packed once ahead (MatB::packed) gives the same bits as packing per call.
+      if (k.pack_panel != nullptr && !k_major && n0 % k.gemm_nr == 0) {
+        const int panels = (s.N + k.gemm_nr - 1) / k.gemm_nr;
+        const size_t panel_floats = static_cast<size_t>(k.gemm_nr) * std::max(s.K, 1);
+        AlignedFloats packed(panels * panel_floats);
+        const MatB plain{B.data(), type, ldb, false};
+        for (int p = 0; p < panels; ++p) k.pack_panel(plain, s.N, s.K, p, packed.p + p * panel_floats);
+        // The unpacked data it would read otherwise is all zeros here, so a gemm that ignored the packed
+        // copy would give other results.
+        Values zeros;
+        zeros.type = type;
+        if (type == WType::F32) zeros.f32.assign(b_rows * ldb + 1, 0.0f);
+        else zeros.half.assign(b_rows * ldb + 1, 0);
+        MatB prepacked{zeros.data(), type, ldb, false, packed.p};
+        std::vector<float> C2 = C0;
+        k.gemm(s.M, n0, n1, s.K, A.data(), lda, prepacked, C2.data(), ldc, accumulate, scratch.p);
+        if (std::memcmp(C2.data(), C.data(), C.size() * 4) != 0) packed_ok = false;
+        ++packed_checked;
+      }
+    }
+  }
+  std::string name = std::string(k.isa) + " gemm " + type_name(type) + (k_major ? " B[K][N]" : " W[N][K]");
+  report(bound_ok && sentinels_ok && (exact_ok || !simd) && packed_ok, name,
+         fmt("max error/sum|terms| %.2e", worst) + (sentinels_ok ? "" : ", wrote outside [n0, n1)") +
+             (simd ? (exact_ok ? ", bit-identical to a sequential fma chain" : ", NOT equal to the sequential fma chain") : "") +
+             (packed_checked == 0 ? "" : packed_ok ? fmt(", prepacked = per call in %.0f products", packed_checked)
+                                                   : ", prepacked weights give DIFFERENT results"));
+}
+
+void test_elementwise(const Kernels& k) {
+  std::mt19937 rng(99);
+  const std::string isa = k.isa;
+  {  // rmsnorm
+    double worst = 0;
+    for (int n : {1, 7, 16, 33, 100, 768}) {
+      std::vector<float> x = random_floats(n, rng, 2.0f), w = random_floats(n, rng), y(n);
+      k.rmsnorm(x.data(), w.data(), y.data(), n, 1e-5f);
+      double ss = 0;
+      for (float v : x) ss += static_cast<double>(v) * v;
+      double r = 1.0 / std::sqrt(ss / n + 1e-5);
+      for (int i = 0; i < n; ++i) {
+        double ref = x[i] * r * w[i];
+        worst = std::max(worst, std::fabs(y[i] - ref) / (std::fabs(ref) + 1e-30));
+      }
+      // In place.
+      std::vector<float> z = x;
+      k.rmsnorm(z.data(), w.data(), z.data(), n, 1e-5f);
+      if (z != y) worst = 1;
+    }
+    report(worst < 1e-6, isa + " rmsnorm", fmt("max relative error %.2e", worst));
+  }
+  {  // silu_mul, including large |gate| where exp over/underflows
+    double worst = 0;
+    for (int n : {1, 5, 16, 31, 200}) {
+      std::vector<float> g = random_floats(n, rng, 4.0f), u = random_floats(n, rng), out(n);
+      if (n == 200) g[0] = 100.0f, g[1] = -100.0f, g[2] = 89.0f, g[3] = -89.0f, g[4] = 0.0f;
+      k.silu_mul(g.data(), u.data(), out.data(), n);
+      for (int i = 0; i < n; ++i) {
+        double ref = g[i] / (1.0 + std::exp(-static_cast<double>(g[i]))) * u[i];
+        worst = std::max(worst, std::fabs(out[i] - ref) / (std::fabs(ref) + 1e-30));
+      }
+    }
+    report(worst < 1e-6, isa + " silu_mul", fmt("max relative error %.2e", worst));
+  }
+  {  // softmax with a scale
+    double worst = 0;
+    for (int n : {1, 3, 16, 17, 160, 333}) {
+      std::vector<float> x = random_floats(n, rng, 6.0f), y = x;
+      k.softmax(y.data(), n, 0.125f);
+      double max = -INFINITY, sum = 0;
+      for (float v : x) max = std::max(max, v * 0.125);
+      for (float v : x) sum += std::exp(v * 0.125 - max);
+      for (int i = 0; i < n; ++i) {
+        double ref = std::exp(x[i] * 0.125 - max) / sum;
+        worst = std::max(worst, std::fabs(y[i] - ref) / ref);
+      }
+    }
+    report(worst < 2e-6, isa + " softmax", fmt("max relative error %.2e", worst));
+  }
+  {  // exp over the normal range, plus the special values
+    const int n = 100003;
+    std::vector<float> x(n), y(n);
+    for (int i = 0; i < n; ++i) x[i] = -87.0f + (88.7f + 87.0f) * i / (n - 1);
+    k.exp(x.data(), y.data(), n);
+    double worst = 0;
+    for (int i = 0; i < n; ++i) {
+      double ref = std::exp(static_cast<double>(x[i]));
+      worst = std::max(worst, std::fabs(y[i] - ref) / ref);
+    }
+    float special_in[6] = {-INFINITY, INFINITY, NAN, 0.0f, -120.0f, 100.0f}, special_out[6];
+    k.exp(special_in, special_out, 6);
+    bool specials = special_out[0] == 0.0f && std::isinf(special_out[1]) && special_out[1] > 0 &&
+                    std::isnan(special_out[2]) && special_out[3] == 1.0f && special_out[4] == 0.0f &&
+                    std::isinf(special_out[5]);
+    report(worst < 3e-7 && specials, isa + " exp",
+           fmt("max relative error %.2e on [-87, 88.7]", worst) + (specials ? ", specials ok" : ", SPECIAL VALUES WRONG"));
+  }
+  {  // convert: every bf16 and f16 bit pattern, and f32 rows of odd length
+    std::vector<uint16_t> all(65536);
+    for (int i = 0; i < 65536; ++i) all[i] = static_cast<uint16_t>(i);
+    std::vector<float> out(65536);
+    bool ok = true;
+    for (WType t : {WType::BF16, WType::F16}) {
+      k.convert(all.data() + 1, t, out.data(), 65535);  // odd start and length: tails and unaligned loads
+      for (int i = 1; i < 65536; ++i) {
+        float ref = t == WType::BF16 ? cpu::bf16_to_f32(all[i]) : cpu::f16_to_f32(all[i]);
+        float got = out[i - 1];
+        if (!(std::memcmp(&got, &ref, 4) == 0 || (std::isnan(got) && std::isnan(ref)))) ok = false;
+      }
+    }
+    std::vector<float> f = random_floats(37, rng), g(37);
+    k.convert(f.data(), WType::F32, g.data(), 37);
+    ok = ok && f == g;
+    report(ok, isa + " convert (all bf16/f16 bit patterns, f32)");
+  }
+}
+
+void test_scalar_conversions() {
+  struct Case {
+    uint16_t bits;
+    float value;
+  };
+  const Case f16[] = {{0x3c00, 1.0f},        {0xc000, -2.0f},          {0x7bff, 65504.0f},
+                      {0x0001, std::ldexp(1.0f, -24)}, {0x03ff, 1023 * std::ldexp(1.0f, -24)},
+                      {0x0400, std::ldexp(1.0f, -14)}, {0x3555, 0.333251953125f}, {0x7c00, INFINITY},
+                      {0xfc00, -INFINITY}};
+  bool ok = true;
+  for (const Case& c : f16) ok = ok && cpu::f16_to_f32(c.bits) == c.value;
+  ok = ok && std::isnan(cpu::f16_to_f32(0x7e00)) && std::signbit(cpu::f16_to_f32(0x8000)) && cpu::f16_to_f32(0x8000) == 0.0f;
+  ok = ok && cpu::bf16_to_f32(0x3f80) == 1.0f && cpu::bf16_to_f32(0xc2f7) == -123.5f;
+  report(ok, "scalar f16/bf16 -> f32 conversions (known values, subnormals, inf, nan, -0)");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Thread pool
+
+void test_threadpool() {
+  bool ok = true;
+  for (int threads : {1, 2, 3, 5}) {
+    ThreadPool pool(threads);
+    ok = ok && pool.size() == threads;
+    for (size_t n : {0, 1, 2, 3, 7, 1000}) {
+      std::vector<std::atomic<int>> hits(n);
+      std::atomic<int> bad_thread{0};
+      pool.parallel_for(n, [&](size_t b, size_t e, int t) {
+        if (t < 0 || t >= threads) bad_thread = 1;
+        for (size_t i = b; i < e; ++i) hits[i]++;
+      });
+      for (auto& h : hits) ok = ok && h.load() == 1;
+      ok = ok && bad_thread == 0;
+    }
+  }
+  // Many back-to-back jobs: catches lost wake-ups and races between generations.
+  ThreadPool pool(2);
+  std::atomic<long> total{0};
+  const int rounds = 20000;
+  auto t0 = std::chrono::steady_clock::now();
+  for (int r = 0; r < rounds; ++r)
+    pool.parallel_for(4, [&](size_t b, size_t e, int) { total += static_cast<long>(e - b); });
+  double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / rounds;
+  ok = ok && total == 4L * rounds;
+  report(ok, "threadpool parallel_for covers each index once", fmt("%.1f us per 2-thread parallel_for", us));
+}
+
+}  // namespace vdiff::test
