@@ -4,7 +4,9 @@
 //
 // ODR note: the AVX2/AVX-512 translation units are compiled with wider -m flags. Anything with external
 // linkage they define could be picked by the linker for the portable code too, so they define nothing but
-// their table getter, and the helpers in this header are `static`.
+// their table getter, and the helpers in this header are `static`. For the same reason the GEMM driver they
+// share (gemm_driver.h) is a header each of them includes inside its own anonymous namespace, not a
+// translation unit or template with external linkage of its own.
 #pragma once
 #include <cstddef>
 #include <cstdint>

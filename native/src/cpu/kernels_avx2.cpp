@@ -12,6 +12,8 @@ namespace {
 constexpr int kMR = 6;
 constexpr int kNR = 16;   // 2 ymm
 constexpr int kKC = 256;  // 16 KiB packed block
+constexpr int kLanes = 8;
+constexpr bool kSplitThinTail = false;
 
 inline int min_int(int a, int b) { return a < b ? a : b; }
 
@@ -68,25 +70,19 @@ void pack_k_major(const void* B, int64_t ld, int n0, int nv, int k0, int kc, flo
   }
 }
 
-void pack(const MatB& B, int n0, int nv, int k0, int kc, float* P) {
-  if (B.k_major) {
-    switch (B.type) {
-      case WType::F32: return pack_k_major<WType::F32>(B.data, B.ld, n0, nv, k0, kc, P);
-      case WType::BF16: return pack_k_major<WType::BF16>(B.data, B.ld, n0, nv, k0, kc, P);
-      case WType::F16: return pack_k_major<WType::F16>(B.data, B.ld, n0, nv, k0, kc, P);
-    }
-  } else {
-    switch (B.type) {
-      case WType::F32: return pack_transposed<WType::F32>(B.data, B.ld, n0, nv, k0, kc, P);
-      case WType::BF16: return pack_transposed<WType::BF16>(B.data, B.ld, n0, nv, k0, kc, P);
-      case WType::F16: return pack_transposed<WType::F16>(B.data, B.ld, n0, nv, k0, kc, P);
-    }
-  }
-}
+// The lane masks of a panel of nv columns, and whether it is the full kNR wide (plain loads and stores).
+struct PanelMasks {
+  __m256i lanes[kNR / 8];
+  bool full_width;
+};
+
+PanelMasks panel_masks(int nv) { return {{tail_mask(nv), tail_mask(nv - 8)}, nv == kNR}; }
 
 template <int R, int NB>
-void micro_kernel(int kc, const float* A, int64_t lda, const float* P, float* C, int64_t ldc, const __m256i* masks,
-                  bool full_width, bool load_c) {
+void micro_kernel(int kc, const float* A, int64_t lda, const float* P, float* C, int64_t ldc, const PanelMasks& panel,
+                  bool load_c) {
+  const __m256i* masks = panel.lanes;
+  const bool full_width = panel.full_width;
   __m256 acc[R][NB];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < NB; ++j) {
@@ -111,60 +107,7 @@ void micro_kernel(int kc, const float* A, int64_t lda, const float* P, float* C,
     }
 }
 
-using MicroKernel = void (*)(int, const float*, int64_t, const float*, float*, int64_t, const __m256i*, bool, bool);
-
-template <int R>
-constexpr MicroKernel micro_for(int nb) {
-  return nb == 1 ? micro_kernel<R, 1> : micro_kernel<R, 2>;
-}
-
-MicroKernel select_micro(int rows, int nb) {
-  switch (rows) {
-    case 1: return micro_for<1>(nb);
-    case 2: return micro_for<2>(nb);
-    case 3: return micro_for<3>(nb);
-    case 4: return micro_for<4>(nb);
-    case 5: return micro_for<5>(nb);
-    default: return micro_for<6>(nb);
-  }
-}
-
-void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
-          bool accumulate, float* scratch) {
-  if (M <= 0 || n1 <= n0) return;
-  if (K <= 0) {
-    if (!accumulate)
-      for (int m = 0; m < M; ++m)
-        for (int n = n0; n < n1; ++n) C[static_cast<int64_t>(m) * ldc + n] = 0.0f;
-    return;
-  }
-  for (int np = n0; np < n1; np += kNR) {
-    const int nv = min_int(kNR, n1 - np);
-    const int nb = (nv + 7) / 8;
-    const __m256i masks[2] = {tail_mask(nv), tail_mask(nv - 8)};
-    const bool full_width = nv == kNR;
-    const MicroKernel full = select_micro(kMR, nb);
-    const int m_full = M - M % kMR;
-    const MicroKernel tail = M % kMR ? select_micro(M % kMR, nb) : nullptr;
-    const float* P = B.packed != nullptr ? B.packed + static_cast<int64_t>(np / kNR) * K * kNR : scratch;
-    if (B.packed == nullptr) pack(B, np, nv, 0, K, scratch);
-    for (int k0 = 0; k0 < K; k0 += kKC) {
-      const int kc = min_int(kKC, K - k0);
-      const float* Pk = P + static_cast<int64_t>(k0) * kNR;
-      const bool load_c = accumulate || k0 > 0;
-      for (int m = 0; m < m_full; m += kMR)
-        full(kc, A + m * lda + k0, lda, Pk, C + m * ldc + np, ldc, masks, full_width, load_c);
-      if (tail) tail(kc, A + m_full * lda + k0, lda, Pk, C + m_full * ldc + np, ldc, masks, full_width, load_c);
-    }
-  }
-}
-
-size_t gemm_scratch_floats(int K) { return static_cast<size_t>(K > 0 ? K : 1) * kNR; }
-
-void pack_panel(const MatB& B, int N, int K, int panel, float* out) {
-  const int n0 = panel * kNR;
-  pack(B, n0, min_int(kNR, N - n0), 0, K, out);
-}
+#include "gemm_driver.h"
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -19,6 +19,8 @@ namespace {
 constexpr int kMR = 6;    // rows of A per micro-tile
 constexpr int kNR = 64;   // columns per panel (4 zmm)
 constexpr int kKC = 128;  // k per packed block
+constexpr int kLanes = 16;
+constexpr bool kSplitThinTail = true;  // see the row tiles in gemm_driver.h
 constexpr int kPrefetchK = 16;  // the micro-kernel prefetches P this many k ahead (into the next block too)
 
 inline int min_int(int a, int b) { return a < b ? a : b; }
@@ -99,26 +101,22 @@ void pack_k_major(const void* B, int64_t ld, int n0, int nv, int k0, int kc, flo
   }
 }
 
-void pack(const MatB& B, int n0, int nv, int k0, int kc, float* P) {
-  if (B.k_major) {
-    switch (B.type) {
-      case WType::F32: return pack_k_major<WType::F32>(B.data, B.ld, n0, nv, k0, kc, P);
-      case WType::BF16: return pack_k_major<WType::BF16>(B.data, B.ld, n0, nv, k0, kc, P);
-      case WType::F16: return pack_k_major<WType::F16>(B.data, B.ld, n0, nv, k0, kc, P);
-    }
-  } else {
-    switch (B.type) {
-      case WType::F32: return pack_transposed<WType::F32>(B.data, B.ld, n0, nv, k0, kc, P);
-      case WType::BF16: return pack_transposed<WType::BF16>(B.data, B.ld, n0, nv, k0, kc, P);
-      case WType::F16: return pack_transposed<WType::F16>(B.data, B.ld, n0, nv, k0, kc, P);
-    }
-  }
+// The lane masks of a panel of nv columns.
+struct PanelMasks {
+  __mmask16 lanes[kNR / 16];
+};
+
+PanelMasks panel_masks(int nv) {
+  PanelMasks m;
+  for (int j = 0; j < kNR / 16; ++j) m.lanes[j] = tail_mask(nv - 16 * j);
+  return m;
 }
 
 // C[0..R)[0..16*NB) (masked) = (load_c ? C : 0) + A[0..R)[0..kc) · P[0..kc)[0..16*NB).
 template <int R, int NB>
-void micro_kernel(int kc, const float* A, int64_t lda, const float* P, float* C, int64_t ldc,
-                  const __mmask16* masks, bool load_c) {
+void micro_kernel(int kc, const float* A, int64_t lda, const float* P, float* C, int64_t ldc, const PanelMasks& panel,
+                  bool load_c) {
+  const __mmask16* masks = panel.lanes;
   __m512 acc[R][NB];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < NB; ++j)
@@ -138,68 +136,7 @@ void micro_kernel(int kc, const float* A, int64_t lda, const float* P, float* C,
     for (int j = 0; j < NB; ++j) _mm512_mask_storeu_ps(C + i * ldc + 16 * j, masks[j], acc[i][j]);
 }
 
-using MicroKernel = void (*)(int, const float*, int64_t, const float*, float*, int64_t, const __mmask16*, bool);
-
-template <int R>
-constexpr MicroKernel micro_for(int nb) {
-  return nb == 1 ? micro_kernel<R, 1> : nb == 2 ? micro_kernel<R, 2> : nb == 3 ? micro_kernel<R, 3> : micro_kernel<R, 4>;
-}
-
-MicroKernel select_micro(int rows, int nb) {
-  switch (rows) {
-    case 1: return micro_for<1>(nb);
-    case 2: return micro_for<2>(nb);
-    case 3: return micro_for<3>(nb);
-    case 4: return micro_for<4>(nb);
-    case 5: return micro_for<5>(nb);
-    default: return micro_for<6>(nb);
-  }
-}
-
-void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
-          bool accumulate, float* scratch) {
-  if (M <= 0 || n1 <= n0) return;
-  if (K <= 0) {
-    if (!accumulate)
-      for (int m = 0; m < M; ++m)
-        for (int n = n0; n < n1; ++n) C[static_cast<int64_t>(m) * ldc + n] = 0.0f;
-    return;
-  }
-  // Row tiles: kMR rows each, except that a remainder of 1 to 3 rows is merged with the last full tile
-  // and the two split evenly (32 rows: 6 6 6 6 4 4, not 6 6 6 6 6 2), as a thin tile wastes its loads
-  // of P. Each output is still one FMA chain in ascending k, so the tiling does not change the result.
-  const int rest = M % kMR;
-  const bool split = rest > 0 && rest < 4 && M > kMR;
-  const int m_full = split ? M - rest - kMR : M - rest;  // rows in whole kMR tiles
-  const int tail_rows[2] = {split ? (kMR + rest + 1) / 2 : rest, split ? (kMR + rest) / 2 : 0};
-  for (int np = n0; np < n1; np += kNR) {
-    const int nv = min_int(kNR, n1 - np);
-    const int nb = (nv + 15) / 16;
-    __mmask16 masks[4];
-    for (int j = 0; j < 4; ++j) masks[j] = tail_mask(nv - 16 * j);
-    const MicroKernel full = select_micro(kMR, nb);
-    const MicroKernel tails[2] = {tail_rows[0] ? select_micro(tail_rows[0], nb) : nullptr,
-                                  tail_rows[1] ? select_micro(tail_rows[1], nb) : nullptr};
-    const float* P = B.packed != nullptr ? B.packed + static_cast<int64_t>(np / kNR) * K * kNR : scratch;
-    if (B.packed == nullptr) pack(B, np, nv, 0, K, scratch);
-    for (int k0 = 0; k0 < K; k0 += kKC) {
-      const int kc = min_int(kKC, K - k0);
-      const float* Pk = P + static_cast<int64_t>(k0) * kNR;
-      const bool load_c = accumulate || k0 > 0;
-      for (int m = 0; m < m_full; m += kMR)
-        full(kc, A + m * lda + k0, lda, Pk, C + m * ldc + np, ldc, masks, load_c);
-      for (int t = 0, m = m_full; t < 2 && tails[t] != nullptr; m += tail_rows[t++])
-        tails[t](kc, A + m * lda + k0, lda, Pk, C + m * ldc + np, ldc, masks, load_c);
-    }
-  }
-}
-
-size_t gemm_scratch_floats(int K) { return static_cast<size_t>(K > 0 ? K : 1) * kNR; }
-
-void pack_panel(const MatB& B, int N, int K, int panel, float* out) {
-  const int n0 = panel * kNR;
-  pack(B, n0, min_int(kNR, N - n0), 0, K, out);
-}
+#include "gemm_driver.h"
 
 // exp(x) = 2^n * exp(r) with n = round(x / ln 2) and |r| <= ln2 / 2; exp(r) by the Cephes expf
 // polynomial (about 1 ulp), 2^n applied with scalef so that overflow gives inf and underflow 0.
