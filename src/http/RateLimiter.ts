@@ -19,7 +19,7 @@
 import { createHash } from "node:crypto"
 import { HttpApp, HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { Clock, Context, Effect, Layer } from "effect"
-import { Forbidden, RateLimited, Unauthorized } from "../openai/errors.js"
+import { Forbidden, RateLimited, Unauthorized } from "../api/errors.js"
 import { bearerToken } from "./auth.js"
 import { clientAddress, isPublic } from "./middleware.js"
 

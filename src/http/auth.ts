@@ -8,7 +8,7 @@
 import { createHash, timingSafeEqual } from "node:crypto"
 import { type HttpApp, HttpServerRequest } from "@effect/platform"
 import { Effect } from "effect"
-import { Forbidden, Unauthorized } from "../openai/errors.js"
+import { Forbidden, Unauthorized } from "../api/errors.js"
 import { isPublic } from "./middleware.js"
 
 const digest = (key: string): Buffer => createHash("sha256").update(key, "utf8").digest()

@@ -13,8 +13,8 @@ import type { IncomingMessage } from "node:http"
 import { HttpApp, HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { NodeHttpServerRequest } from "@effect/platform-node"
 import { Cause, Clock, Effect, Exit, Option, Stream } from "effect"
-import { BadRequest, Forbidden, PayloadTooLarge } from "../openai/errors.js"
-import { RequestId } from "./RequestId.js"
+import { BadRequest, Forbidden, PayloadTooLarge } from "../api/errors.js"
+import { RequestId } from "../api/RequestId.js"
 
 /** The path of a request URL, without the query string. */
 export const pathOf = (url: string): string => {

@@ -5,7 +5,7 @@
 import { HttpServerRequest } from "@effect/platform"
 import type { RequestError } from "@effect/platform/HttpServerError"
 import { Effect, ParseResult, Schema } from "effect"
-import { BadRequest, PayloadTooLarge } from "./errors.js"
+import { BadRequest, PayloadTooLarge } from "../api/errors.js"
 
 /** A path of the decoded value as a parameter name: ["messages", 0, "content"] → "messages[0].content". */
 export const paramOf = (path: ReadonlyArray<PropertyKey>): string | null => {

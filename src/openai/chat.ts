@@ -5,9 +5,9 @@
 import { HttpServerResponse } from "@effect/platform"
 import { Effect, Option } from "effect"
 import { ChatFormatter, type ChatMessage } from "../chat/ChatFormatter.js"
-import { RequestId } from "../http/RequestId.js"
+import { RequestId } from "../api/RequestId.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
-import { BadRequest, InternalError } from "./errors.js"
+import { BadRequest, InternalError } from "../api/errors.js"
 import type {
   ChatCompletionChoice,
   ChatCompletionChunk,

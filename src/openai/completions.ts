@@ -6,10 +6,10 @@
  */
 import { HttpServerResponse } from "@effect/platform"
 import { Effect, Option } from "effect"
-import { RequestId } from "../http/RequestId.js"
+import { RequestId } from "../api/RequestId.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
-import { BadRequest } from "./errors.js"
+import { BadRequest } from "../api/errors.js"
 import type {
   CompletionChoice,
   CompletionChunk,

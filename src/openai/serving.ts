@@ -9,7 +9,8 @@ import { Scheduler, type StepEvent } from "../scheduler/Scheduler.js"
 import { RequestMetrics } from "../telemetry/requests.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { ChoiceDecoder, type ChoiceDelta, NOT_COMMITTED } from "./ChoiceDecoder.js"
-import { type ApiError, BadRequest, fromGenerationError, InternalError, NotFound } from "./errors.js"
+import { type ApiError, BadRequest, InternalError, NotFound } from "../api/errors.js"
+import { fromGenerationError } from "./errors.js"
 import {
   type ChatTokenLogprob,
   type CompletionLogprobs,

@@ -10,9 +10,9 @@
  */
 import { Headers, HttpServerResponse } from "@effect/platform"
 import { Cause, Chunk, Effect, Option, Stream } from "effect"
-import { RequestId } from "../http/RequestId.js"
+import { RequestId } from "../api/RequestId.js"
 import { errorTypeOf, RequestMetrics } from "../telemetry/requests.js"
-import { type ApiError, InternalError, toErrorBody } from "./errors.js"
+import { type ApiError, InternalError, toErrorBody } from "../api/errors.js"
 
 export const sseEvent = (data: unknown): string => `data: ${JSON.stringify(data)}\n\n`
 

@@ -4,18 +4,17 @@
  * The HTTP server starts listening before the model has loaded (a large model takes minutes, and liveness
  * probes must answer meanwhile), so the model is loaded on a background fiber and requests ask the host
  * for it: `use` gives the engine, scheduler, tokenizer and serving config while the state is ready, and
- * fails with the 503 a client should see otherwise (loading, draining, failed).
+ * fails with ModelUnavailable otherwise (loading, draining, failed), which the HTTP edge answers with 503.
  *
  * `drain` is the shutdown path: new work is refused from then on, and in-flight work finishes until the
  * timeout, after which the scheduler ends what is left. Closing the host's scope releases the model.
  *
  * @since 0.1.0
  */
-import { Context, Deferred, Effect, Layer, Option, Schema, Scope } from "effect"
+import { Clock, Context, Deferred, Effect, Layer, Option, Ref, Schema, Scope } from "effect"
 import { type ChatFormatterShape, fromTokenizerConfig } from "../chat/ChatFormatter.js"
 import type { EngineShape } from "../engine/Engine.js"
 import * as Engine from "../engine/Engine.js"
-import { ServiceUnavailable } from "../openai/errors.js"
 import type { ServingConfigShape, ServingDefaults } from "../openai/ServingConfig.js"
 import * as Scheduler from "../scheduler/Scheduler.js"
 import type { SchedulerOptions, SchedulerShape } from "../scheduler/Scheduler.js"
@@ -39,13 +38,29 @@ export class ModelLoadFailed extends Schema.TaggedError<ModelLoadFailed>()("Mode
   message: Schema.String
 }) {}
 
+/**
+ * The host has no model to serve: it is still loading, the server is draining, or loading failed
+ * (`message` says why). The HTTP edge answers 503 for it (server/modelUnavailable.ts).
+ */
+export class ModelUnavailable extends Schema.TaggedError<ModelUnavailable>()("ModelUnavailable", {
+  state: Schema.Literal("loading", "draining", "error"),
+  message: Schema.String
+}) {}
+
+/** Where the host is, with the model once loaded (until released) and why loading failed, once it has. */
+interface HostState {
+  readonly state: ModelState
+  readonly model: LoadedModel | undefined
+  readonly failure: string | undefined
+}
+
 export interface ModelHostShape {
   readonly modelDir: string
   readonly state: Effect.Effect<ModelState>
-  /** The loaded model while ready; otherwise the 503 the request should get. */
-  readonly use: Effect.Effect<LoadedModel, ServiceUnavailable>
-  /** The loaded model while ready or draining (for stats and health); otherwise the 503. */
-  readonly current: Effect.Effect<LoadedModel, ServiceUnavailable>
+  /** The loaded model while ready; otherwise why there is none to use. */
+  readonly use: Effect.Effect<LoadedModel, ModelUnavailable>
+  /** The loaded model while ready or draining (for stats and health); otherwise why there is none. */
+  readonly current: Effect.Effect<LoadedModel, ModelUnavailable>
   /** Why loading failed, once it has. */
   readonly failure: Effect.Effect<Option.Option<string>>
   /** Waits until the model is ready; fails if loading fails. */
@@ -68,65 +83,53 @@ export const make = (options: ModelHostOptions): Effect.Effect<ModelHostShape, n
   Effect.gen(function*() {
     const scope = yield* Effect.scope
     const loaded = yield* Deferred.make<LoadedModel, ModelLoadFailed>()
-    let state: ModelState = "loading"
-    let model: LoadedModel | undefined
-    let failure: string | undefined
+    const host = yield* Ref.make<HostState>({ state: "loading", model: undefined, failure: undefined })
 
     yield* options.load.pipe(
       Scope.extend(scope),
-      Effect.tap((m) =>
-        Effect.sync(() => {
-          model = m
-          // A shutdown that began while loading keeps the host draining.
-          if (state === "loading") state = "ready"
-        })
+      // A shutdown that began while loading keeps the host draining.
+      Effect.tap((model) =>
+        Ref.update(host, (h): HostState => ({ ...h, model, state: h.state === "loading" ? "ready" : h.state }))
       ),
-      Effect.tapError((error) =>
-        Effect.sync(() => {
-          failure = error.message
-          state = "error"
-        })
-      ),
+      Effect.tapError((error) => Ref.update(host, (h): HostState => ({ ...h, state: "error", failure: error.message }))),
       Effect.intoDeferred(loaded),
       Effect.forkIn(scope)
     )
 
     yield* Effect.addFinalizer(() =>
-      Effect.sync(() => {
-        model = undefined
-      }).pipe(Effect.zipRight(Effect.logDebug("model released")))
+      Ref.update(host, (h) => ({ ...h, model: undefined })).pipe(Effect.zipRight(Effect.logDebug("model released")))
     )
 
-    const notServing = (): ServiceUnavailable => {
-      switch (state) {
+    const unavailable = (h: HostState): ModelUnavailable => {
+      switch (h.state) {
         case "loading":
-          return new ServiceUnavailable({ message: "the model is still loading", code: "model_not_ready", retryAfterSeconds: 5 })
+          return new ModelUnavailable({ state: "loading", message: "the model is still loading" })
         case "draining":
-          return new ServiceUnavailable({ message: "the server is shutting down", code: "draining", retryAfterSeconds: 5 })
+          return new ModelUnavailable({ state: "draining", message: "the server is shutting down" })
         default:
-          return new ServiceUnavailable({
-            message: `the model failed to load: ${failure ?? "unknown error"}`,
-            code: "model_load_failed",
-            retryAfterSeconds: 60
+          return new ModelUnavailable({
+            state: "error",
+            message: `the model failed to load: ${h.failure ?? "unknown error"}`
           })
       }
     }
 
     const drain = (timeoutMs: number) =>
       Effect.gen(function*() {
-        if (state === "draining") return
-        state = state === "error" ? "error" : "draining"
-        if (model !== undefined) yield* model.scheduler.drain(timeoutMs)
+        const before = yield* Ref.getAndUpdate(host, (h): HostState =>
+          h.state === "draining" || h.state === "error" ? h : { ...h, state: "draining" })
+        if (before.state === "draining") return
+        if (before.model !== undefined) yield* before.model.scheduler.drain(timeoutMs)
       })
 
     return {
       modelDir: options.modelDir,
-      state: Effect.sync(() => state),
-      use: Effect.suspend(() =>
-        state === "ready" && model !== undefined ? Effect.succeed(model) : Effect.fail(notServing())
-      ),
-      current: Effect.suspend(() => model !== undefined ? Effect.succeed(model) : Effect.fail(notServing())),
-      failure: Effect.sync(() => Option.fromNullable(failure)),
+      state: Effect.map(Ref.get(host), (h) => h.state),
+      use: Effect.flatMap(Ref.get(host), (h) =>
+        h.state === "ready" && h.model !== undefined ? Effect.succeed(h.model) : Effect.fail(unavailable(h))),
+      current: Effect.flatMap(Ref.get(host), (h) =>
+        h.model !== undefined ? Effect.succeed(h.model) : Effect.fail(unavailable(h))),
+      failure: Effect.map(Ref.get(host), (h) => Option.fromNullable(h.failure)),
       awaitReady: Deferred.await(loaded),
       drain
     } satisfies ModelHostShape
@@ -160,13 +163,9 @@ export const loadNative = (options: NativeModelOptions): Loader =>
     })
     return yield* fromEngine(engine, tokenizer, options)
   }).pipe(
-    Effect.catchTags({
-      TokenizerLoadError: (e) => Effect.fail(new ModelLoadFailed({ modelDir: options.modelDir, message: e.message })),
-      MissingSpecialToken: (e) => Effect.fail(new ModelLoadFailed({ modelDir: options.modelDir, message: e.message })),
-      ModelLoadError: (e) => Effect.fail(new ModelLoadFailed({ modelDir: options.modelDir, message: e.message })),
-      InvalidRequestError: (e) => Effect.fail(new ModelLoadFailed({ modelDir: options.modelDir, message: e.message })),
-      EngineFailure: (e) => Effect.fail(new ModelLoadFailed({ modelDir: options.modelDir, message: e.message }))
-    })
+    Effect.mapError((e) =>
+      e._tag === "ModelLoadFailed" ? e : new ModelLoadFailed({ modelDir: options.modelDir, message: e.message })
+    )
   )
 
 /**
@@ -185,7 +184,7 @@ export const fromEngine = (
     const scheduler = yield* Scheduler.make(options.scheduler).pipe(Effect.provideService(Engine.Engine, engine))
     const serving: ServingConfigShape = {
       modelName: options.modelName,
-      created: Math.floor(Date.now() / 1000),
+      created: Math.floor((yield* Clock.currentTimeMillis) / 1000),
       maxModelLen: engine.info.config.maxSequenceLength,
       defaults: options.defaults
     }

@@ -21,6 +21,8 @@ import { HttpMiddleware, HttpRouter, HttpServer, type HttpServerRequest } from "
 import type { ServeError } from "@effect/platform/HttpServerError"
 import { NodeHttpServer } from "@effect/platform-node"
 import { Clock, Context, Effect, Fiber, Layer } from "effect"
+import type { ApiError } from "../api/errors.js"
+import type { RequestId } from "../api/RequestId.js"
 import { ChatFormatter } from "../chat/ChatFormatter.js"
 import { type Settings, servedModelName } from "../config/Config.js"
 import { packageInfo } from "../config/package.js"
@@ -29,15 +31,14 @@ import { renderErrors } from "../http/errorResponses.js"
 import * as HttpMetrics from "../http/HttpMetrics.js"
 import { accessLog, bodyLimit, cors, pathOf, requestId, securityHeaders } from "../http/middleware.js"
 import * as RateLimiter from "../http/RateLimiter.js"
-import type { RequestId } from "../http/RequestId.js"
 import * as RouteTable from "../http/routeTable.js"
-import type { ApiError } from "../openai/errors.js"
 import { ServingConfig, type ServingDefaults } from "../openai/ServingConfig.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import * as Telemetry from "../telemetry/Telemetry.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { type Loader, loadNative, ModelHost, type ModelLoadFailed } from "./ModelHost.js"
 import * as ModelHostModule from "./ModelHost.js"
+import { orServiceUnavailable } from "./modelUnavailable.js"
 import * as Playground from "../playground/Playground.js"
 import * as SystemRoutes from "./systemRoutes.js"
 
@@ -101,12 +102,12 @@ export const nativeLoader = (config: Settings): Loader =>
 
 /**
  * The OpenAI routes behind the readiness gate: while the model is ready each request gets its services
- * from the host; otherwise it fails with the host's 503 (loading, draining, failed).
+ * from the host; otherwise it fails with 503 (loading, draining, failed: see modelUnavailable.ts).
  */
 export const gate = (api: ApiRouter) =>
   HttpRouter.use(api, (handler) =>
     Effect.flatMap(ModelHost, (host) =>
-      Effect.flatMap(host.use, (model) =>
+      Effect.flatMap(orServiceUnavailable(host.use), (model) =>
         handler.pipe(
           Effect.provideService(Scheduler, model.scheduler),
           Effect.provideService(Tokenizer, model.tokenizer),

@@ -19,6 +19,7 @@ import type { SchedulerStats } from "../scheduler/Scheduler.js"
 import * as Metrics from "../telemetry/metrics.js"
 import { Telemetry } from "../telemetry/Telemetry.js"
 import { ModelHost, type ModelState } from "./ModelHost.js"
+import { orServiceUnavailable } from "./modelUnavailable.js"
 
 export interface SystemInfo {
   /** The served model name (known before the model loads). */
@@ -81,7 +82,7 @@ export const router = (info: SystemInfo) =>
       "/health/ready",
       Effect.gen(function*() {
         const host = yield* ModelHost
-        yield* host.use
+        yield* orServiceUnavailable(host.use)
         return HttpServerResponse.unsafeJson({ status: "ready" })
       })
     ),
@@ -101,7 +102,7 @@ export const router = (info: SystemInfo) =>
       "/v1/engine/stats",
       Effect.gen(function*() {
         const host = yield* ModelHost
-        const { engine, scheduler } = yield* host.current
+        const { engine, scheduler } = yield* orServiceUnavailable(host.current)
         const stats = yield* scheduler.stats
         const config = engine.info.config
         return HttpServerResponse.unsafeJson({
