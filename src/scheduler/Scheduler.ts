@@ -17,7 +17,7 @@
  * spans under the span it was submitted in: "vdiff.queue_wait" (submission → admission) and
  * "vdiff.generate" (admission → end, with its step and token counts).
  */
-import { Clock, Context, Effect, Exit, FiberId, Layer, Mailbox, Metric, Option, Queue, Stream, type Tracer } from "effect"
+import { Clock, Context, Deferred, Effect, Exit, FiberId, Layer, Mailbox, Metric, Option, Queue, Stream, type Tracer } from "effect"
 import { Engine, type CommittedToken, type FinishReason, type SamplingSettings, type SequenceId } from "../engine/Engine.js"
 import { EngineFailure, type EngineError, InvalidRequestError } from "../engine/errors.js"
 import * as Metrics from "../telemetry/metrics.js"
@@ -159,8 +159,12 @@ export const make = (options: SchedulerOptions) =>
       requestsFinished: 0
     }
 
+    /** Completed once draining has begun and nothing is left: the loop idles, or the scheduler stopped. */
+    const drained = yield* Deferred.make<void>()
+
     // Queue.size is negative while the loop waits in Queue.take: count only requests.
     const queueLength = Effect.map(Queue.size(waiting), (size) => Math.max(0, size))
+    const busy = Effect.map(queueLength, (queued) => running.length > 0 || head !== undefined || queued > 0)
     const runningSequences = () => running.reduce((sum, job) => sum + job.sequences.length, 0)
     const runningTokens = () => running.reduce((sum, job) => sum + job.tokens, 0)
 
@@ -367,8 +371,9 @@ export const make = (options: SchedulerOptions) =>
     const loop = Effect.gen(function*() {
       while (true) {
         if (running.length === 0 && head === undefined) {
-          // Nothing to do: sleep until a request arrives.
+          // Nothing to do: tell a drain so, and sleep until a request arrives.
           yield* publishLoad
+          if (state.draining && !(yield* busy)) yield* Deferred.succeed(drained, undefined)
           head = yield* Queue.take(waiting)
         }
         yield* reap
@@ -385,6 +390,7 @@ export const make = (options: SchedulerOptions) =>
         for (const job of [...running]) yield* failJob(job, closing)
         if (head !== undefined) yield* settle(head, Exit.fail(closing))
         for (const job of yield* Queue.takeAll(waiting)) yield* settle(job, Exit.fail(closing))
+        yield* Deferred.succeed(drained, undefined)
       })
     )
     yield* Effect.forkScoped(loop)
@@ -515,15 +521,17 @@ export const make = (options: SchedulerOptions) =>
     const drain = (timeoutMs: number) =>
       Effect.gen(function*() {
         state.draining = true
-        const busy = Effect.map(queueLength, (queued) => running.length > 0 || head !== undefined || queued > 0)
-        // The deadline is checked against the Clock rather than with Effect.timeout, so drain keeps its
-        // deadline even where it cannot be interrupted (a finalizer at shutdown).
-        const deadline = (yield* Clock.currentTimeMillis) + timeoutMs
-        while ((yield* busy) && (yield* Clock.currentTimeMillis) < deadline) yield* Effect.sleep(10)
-        if (yield* busy) {
-          // The loop ends the leftovers itself before its next step, so no job is touched by two fibers.
+        // The loop says so when it runs out of work; one already idle, waiting for a request, cannot.
+        if (!(yield* busy)) yield* Deferred.succeed(drained, undefined)
+        // The wait is made interruptible inside the timeout, so the deadline holds even where drain
+        // itself cannot be interrupted (a finalizer at shutdown): the timeout runs the wait on a fiber of
+        // its own, which it can interrupt.
+        const inTime = yield* Deferred.await(drained).pipe(Effect.interruptible, Effect.timeoutOption(timeoutMs))
+        if (Option.isNone(inTime)) {
+          // The loop ends the leftovers itself before its next step, so no job is touched by two fibers;
+          // then it idles and completes `drained`.
           state.stopping = new Draining({ message: "the server shut down before this request finished" })
-          while (yield* busy) yield* Effect.sleep(10)
+          yield* Deferred.await(drained)
         }
       })
 
