@@ -9,47 +9,22 @@
  */
 import { Context, Effect, Layer } from "effect"
 import { fromNative, type EngineError, type ModelLoadError } from "./errors.js"
-import { loadAddon, type NativeEngine, type NativeKvCacheMode, type NativeModelInfo } from "./native.js"
+import type { SamplingParams } from "../config/sampling.js"
+import { loadAddon, type NativeEngine, type NativeModelInfo } from "./native.js"
 
 export type SequenceId = number
 
-export type Remasking = "low_confidence" | "random"
+/** How one sequence is denoised (src/config/sampling.ts: the sampling settings' table, and the seed). */
+export type SamplingSettings = SamplingParams
+
+export type Remasking = SamplingSettings["remasking"]
 
 /**
  * Approximate KV caching (Fast-dLLM): "prefix" refreshes a cache of every position's keys and values at
  * each block start, then recomputes only the block and what follows it; "dual" only the block. Faster,
  * and approximate: the cached positions are seen as they were at the block start.
  */
-export type KvCacheMode = NativeKvCacheMode
-
-/** How one sequence is denoised. Field meanings follow LLaDA's reference generate(). */
-export interface SamplingSettings {
-  readonly genLength: number
-  readonly blockLength: number
-  readonly steps: number
-  readonly temperature: number
-  readonly remasking: Remasking
-  readonly cfgScale: number
-  readonly seed: number
-  readonly logitsEosInf: boolean
-  readonly confidenceEosEotInf: boolean
-  /** End-of-turn token id, or -1 when the model has none. */
-  readonly eotTokenId: number
-  /** At temperature > 0, draw only among the topK best tokens; absent or 0: off. */
-  readonly topK?: number | undefined
-  /** At temperature > 0, draw only from the nucleus of mass topP (in (0, 1]); absent or 1: off. */
-  readonly topP?: number | undefined
-  /** Parallel decoding, threshold mode (in [0, 1]); absent or 0: off. Replaces the quota of `steps`. */
-  readonly parallelThreshold?: number | undefined
-  /** Parallel decoding, factor mode (>= 0); absent or 0: off. Not together with a threshold. */
-  readonly parallelFactor?: number | undefined
-  /** Finish once the answer has ended at a block's end, filling the rest with EOS; absent: false. */
-  readonly earlyStop?: boolean | undefined
-  /** KV cache mode; absent: "none". */
-  readonly kvCache?: KvCacheMode | undefined
-  /** With a cache, also refresh every n-th step of a block (1: every step, = no cache); absent or 0: never. */
-  readonly kvRefreshInterval?: number | undefined
-}
+export type KvCacheMode = NonNullable<SamplingSettings["kvCache"]>
 
 export interface CommittedToken {
   /** Index into the answer (0 .. genLength-1). */
@@ -145,29 +120,8 @@ export const fromNativeEngine = (modelDir: string, native: NativeEngine): Engine
   create: (prompt, s, suffix) =>
     Effect.try({
       try: () =>
-        native.create(
-          Int32Array.from(prompt),
-          {
-            genLength: s.genLength,
-            blockLength: s.blockLength,
-            steps: s.steps,
-            temperature: s.temperature,
-            remasking: s.remasking,
-            cfgScale: s.cfgScale,
-            seed: s.seed,
-            logitsEosInf: s.logitsEosInf,
-            confidenceEosEotInf: s.confidenceEosEotInf,
-            eotTokenId: s.eotTokenId,
-            topK: s.topK,
-            topP: s.topP,
-            parallelThreshold: s.parallelThreshold,
-            parallelFactor: s.parallelFactor,
-            earlyStop: s.earlyStop,
-            kvCache: s.kvCache,
-            kvRefreshInterval: s.kvRefreshInterval
-          },
-          suffix === undefined ? undefined : Int32Array.from(suffix)
-        ),
+        // The settings are the params object the addon reads: the same fields, passed as they are.
+        native.create(Int32Array.from(prompt), s, suffix === undefined ? undefined : Int32Array.from(suffix)),
       catch: fromNative
     }),
   step: (ids) =>

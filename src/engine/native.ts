@@ -73,58 +73,12 @@ export type NativeKvCacheMode = "none" | "prefix" | "dual"
 
 export type NativeRemasking = "low_confidence" | "random"
 
-/** Sampling settings of one sequence; validated natively (VDIFF_INVALID_ARGUMENT names the bad field). */
-export interface NativeSamplingParams {
-  /** Answer length in tokens, >= 1; prompt + genLength must fit the model context. */
-  readonly genLength: number
-  /** Semi-autoregressive block size, >= 1; the last block may be shorter. */
-  readonly blockLength: number
-  /** Total denoising steps, >= 1, shared over the blocks (each block gets between 1 and its length). */
-  readonly steps: number
-  /** 0: argmax; > 0: Gumbel-max sampling in float64. */
-  readonly temperature: number
-  readonly remasking: NativeRemasking
-  /** > 0: classifier-free guidance against a copy with the prompt masked. */
-  readonly cfgScale: number
-  /** Seeds the sequence's own random stream (a number must be a safe non-negative integer). */
-  readonly seed: number | bigint
-  /** Reference option: EOS can never be sampled. */
-  readonly logitsEosInf?: boolean | undefined
-  /** Reference option: EOS/EOT predictions get confidence 0, so they are committed last. */
-  readonly confidenceEosEotInf?: boolean | undefined
-  /** End-of-turn token (LLaDA-Instruct: 126348); absent, null or -1: none. */
-  readonly eotTokenId?: number | null | undefined
-  /** At temperature > 0, only the topK best tokens can be drawn; absent, null or 0: off. */
-  readonly topK?: number | null | undefined
-  /**
-   * At temperature > 0, only the nucleus can be drawn: the best tokens whose probability (float64
-   * softmax of logit / temperature, after topK) first reaches topP. In (0, 1]; absent, null or 1: off.
-   */
-  readonly topP?: number | null | undefined
-  /**
-   * Parallel decoding, threshold mode: each step commits the block's most confident masked position and
-   * every other one whose confidence is at least this. In [0, 1]; absent, null or 0: off.
-   */
-  readonly parallelThreshold?: number | null | undefined
-  /**
-   * Parallel decoding, factor mode (Fast-dLLM): the n-th most confident position is committed too while
-   * its confidence is at least 1 - factor / (n + 1). >= 0; absent, null or 0: off. Not with a threshold.
-   */
-  readonly parallelFactor?: number | null | undefined
-  /**
-   * When a block completes and the answer has ended (an end token with only end tokens after it), fill
-   * the remaining blocks with EOS and finish. Default false (the reference denoises every block).
-   */
-  readonly earlyStop?: boolean | undefined
-  /**
-   * KV cache mode; absent or null: "none". A cache is allocated at create (twice the size with cfg) and
-   * counts against the model's cache budget: one larger than the whole budget is VDIFF_INVALID_ARGUMENT,
-   * one the live caches leave no room for is VDIFF_OUT_OF_MEMORY.
-   */
-  readonly kvCache?: NativeKvCacheMode | null | undefined
-  /** With a cache, also refresh every n-th step inside a block (1: every step = no cache); 0/absent: never. */
-  readonly kvRefreshInterval?: number | null | undefined
-}
+/**
+ * Sampling settings of one sequence; validated natively (VDIFF_INVALID_ARGUMENT names the bad field). The
+ * type comes from the sampling settings' table (src/config/sampling.ts); its field names are the ones
+ * params_of in native/src/addon/addon.cpp reads.
+ */
+export type { NativeSamplingParams } from "../config/sampling.js"
 
 /** What one denoising step did to one sequence. */
 export interface NativeStepResult {
@@ -182,7 +136,7 @@ export interface NativeEngine {
    */
   create(
     prompt: Int32Array | ReadonlyArray<number>,
-    params: NativeSamplingParams,
+    params: import("../config/sampling.js").NativeSamplingParams,
     suffix?: Int32Array | ReadonlyArray<number>
   ): number
   /**

@@ -13,6 +13,8 @@
  * (context length, vocabulary, `n` against the batch size) and what is not supported yet.
  */
 import { Schema } from "effect"
+import * as Sampling from "../config/sampling.js"
+import { MAX_SEED } from "../config/sampling.js"
 
 // ---- building blocks ---------------------------------------------------------------------------------
 
@@ -23,46 +25,17 @@ const described = <A, I>(schema: Schema.Schema<A, I>, message: string): Schema.S
 /** Optional; `null` means absent. */
 const optional = <A, I>(schema: Schema.Schema<A, I>) => Schema.optionalWith(schema, { nullable: true, exact: true })
 
-const int = (name: string, min: number, max = Number.MAX_SAFE_INTEGER) =>
-  described(
-    Schema.Int.pipe(Schema.between(min, max)),
-    max === Number.MAX_SAFE_INTEGER
-      ? `${name} must be an integer >= ${min}`
-      : `${name} must be an integer from ${min} to ${max}`
-  )
+// The same value schemas, and messages, as the sampling settings' request fields.
+const int = (name: string, min: number, max?: number) =>
+  Sampling.requestValue(name, max === undefined ? { type: "int", min } : { type: "int", min, max })
 
-const number = (name: string, min: number, max: number) =>
-  described(Schema.Finite.pipe(Schema.between(min, max)), `${name} must be a number from ${min} to ${max}`)
+const number = (name: string, min: number, max: number) => Sampling.requestValue(name, { type: "number", min, max })
 
-/** A number in (min, max]. */
-const numberAbove = (name: string, min: number, max: number) =>
-  described(
-    Schema.Finite.pipe(Schema.greaterThan(min), Schema.lessThanOrEqualTo(max)),
-    `${name} must be a number greater than ${min} and at most ${max}`
-  )
-
-const boolean = (name: string) => described(Schema.Boolean, `${name} must be true or false`)
+const boolean = (name: string) => Sampling.requestValue(name, { type: "switch" })
 
 const TokenId = Schema.NonNegativeInt
 
-export const Remasking = described(
-  Schema.Literal("low_confidence", "random"),
-  `remasking must be "low_confidence" or "random"`
-)
-
-export const KvCache = described(
-  Schema.Literal("none", "prefix", "dual"),
-  `kv_cache must be "none", "prefix" or "dual"`
-)
-
-/** The largest seed: the n answers of a request use seed, seed+1, ..., which must stay exact integers. */
-export const MAX_SEED = 2 ** 52
-
-/**
- * The most denoising steps a request may ask for. More steps than answer tokens change nothing (a block
- * never takes more steps than it has positions), so this only keeps absurd values away from the engine.
- */
-export const MAX_DIFFUSION_STEPS = 100_000
+export { MAX_DIFFUSION_STEPS, MAX_SEED } from "../config/sampling.js"
 
 const Stop = described(
   Schema.Union(Schema.String, Schema.Array(Schema.String)),
@@ -75,15 +48,14 @@ export const StreamOptions = Schema.Struct({
   include_snapshots: optional(boolean("stream_options.include_snapshots"))
 })
 
-/** Fields shared by completions and chat completions. */
+/**
+ * Fields shared by completions and chat completions: the sampling settings (max_tokens, temperature, top_p,
+ * top_k, and the diffusion settings diffusion_steps, block_length, remasking, cfg_scale, parallel_threshold,
+ * parallel_factor, early_stop, kv_cache; described once in src/config/sampling.ts), and the rest.
+ */
 const samplingFields = {
   model: optional(described(Schema.String, "model must be a string")),
-  max_tokens: optional(int("max_tokens", 1)),
-  temperature: optional(number("temperature", 0, 2)),
-  /** Nucleus sampling at temperature > 0 (1: off). */
-  top_p: optional(numberAbove("top_p", 0, 1)),
-  /** vLLM: at temperature > 0 draw among the top_k best tokens only; -1 or 0: off. */
-  top_k: optional(int("top_k", -1)),
+  ...Sampling.requestFields,
   n: optional(int("n", 1)),
   stop: optional(Stop),
   stop_token_ids: optional(described(Schema.Array(TokenId), "stop_token_ids must be an array of token ids")),
@@ -96,28 +68,11 @@ const samplingFields = {
   stream: optional(boolean("stream")),
   stream_options: optional(StreamOptions),
   /** vLLM: add prompt_token_ids and token_ids to every choice. */
-  return_token_ids: optional(boolean("return_token_ids")),
-  // Diffusion settings (vdiff extensions); absent: the server's defaults.
-  diffusion_steps: optional(int("diffusion_steps", 1, MAX_DIFFUSION_STEPS)),
-  block_length: optional(int("block_length", 1)),
-  remasking: optional(Remasking),
-  cfg_scale: optional(number("cfg_scale", 0, 1000)),
-  /**
-   * Confidence-aware parallel decoding (Fast-dLLM): each step commits the block's most confident masked
-   * position plus every one whose confidence is at least the threshold; replaces the per-step quota of
-   * diffusion_steps. 0: off (overrides a server default).
-   */
-  parallel_threshold: optional(number("parallel_threshold", 0, 1)),
-  /** Parallel decoding, factor mode: the n-th most confident also when >= 1 - factor / (n + 1). 0: off. */
-  parallel_factor: optional(number("parallel_factor", 0, 1000)),
-  /** Stop denoising once the answer has ended at a block's end (the text is the same either way). */
-  early_stop: optional(boolean("early_stop")),
-  /**
-   * Approximate KV caching (Fast-dLLM): "prefix" recomputes only the current block and what follows it
-   * between refreshes at block starts, "dual" only the block; "none" evaluates the whole canvas each step.
-   */
-  kv_cache: optional(KvCache)
+  return_token_ids: optional(boolean("return_token_ids"))
 }
+
+/** The fields completions and chat share, as the serving code reads them. */
+export type SamplingRequest = Schema.Struct.Type<typeof samplingFields>
 
 // ---- requests ----------------------------------------------------------------------------------------
 
