@@ -11,6 +11,10 @@
 //       flags of generate)]
 //       --repeat 0 skips the forward latency part; the denoising part runs once per cache mode and batch.
 //   vdiff-cli info --model DIR [--threads N]
+//   vdiff-cli bench-kernels
+//       core clock, measured FMA peak and GEMM GFLOP/s of the active kernels on 1 and 2 threads (text)
+//   vdiff-cli bench-forward --model DIR [--threads 2 --seq-len 160 --rows 32 --read B,E]
+//       forward latency of the model (one JSON line); with --read, of a KV cache read computing [B, E)
 #include <time.h>
 
 #include <algorithm>
@@ -29,6 +33,7 @@
 #include "core/error.h"
 #include "core/model.h"
 #include "core/sampler.h"
+#include "cli/bench_native.h"
 
 using namespace vdiff;
 
@@ -42,7 +47,9 @@ constexpr const char* kUsage =
     "       vdiff-cli bench --model DIR [--prompt-len N --gen N --block N --steps N --batch 1,8 "
     "--kv-cache none,prefix,dual --threads N --repeat N --seed N --prompt-ids 1,2,3 (and the sampling flags of "
     "generate)]\n"
-    "       vdiff-cli info --model DIR [--threads N]";
+    "       vdiff-cli info --model DIR [--threads N]\n"
+    "       vdiff-cli bench-kernels\n"
+    "       vdiff-cli bench-forward --model DIR [--threads N --seq-len L --rows R --read B,E]";
 
 Error usage(const std::string& message) { return Error(ErrorCode::InvalidArgument, message); }
 
@@ -460,6 +467,20 @@ int info(const Args& args) {
   return 0;
 }
 
+// bench-forward: the defaults of the benchmark (2 threads, a canvas of 160, the last 32 rows).
+int bench_forward_command(Args args) {
+  if (!args.has("--threads")) args.values["--threads"] = "2";
+  const std::vector<long long> read = args.integers("--read", "");
+  if (!read.empty() && (read.size() != 2 || read[0] < 0 || read[1] <= read[0]))
+    throw usage("--read expects B,E with 0 <= B < E");
+  const int seq_len = to_int("--seq-len", args.integer("--seq-len", 160));
+  const int rows = to_int("--rows", args.integer("--rows", 32));
+  if (seq_len < 1 || rows < 1 || rows > seq_len) throw usage("--seq-len and --rows must be >= 1, rows <= seq-len");
+  auto model = load_model(args);
+  return cli::bench_forward(*model, args.required("--model"), to_int("--threads", args.integer("--threads", 2)), seq_len,
+                            rows, read.empty() ? -1 : to_int("--read", read[0]), read.empty() ? -1 : to_int("--read", read[1]));
+}
+
 int fail(const char* code, const std::string& message) {
   std::fprintf(stderr, "{\"error\":{\"code\":%s,\"message\":%s}}\n", json_string(code).c_str(),
                json_string(message).c_str());
@@ -474,6 +495,8 @@ int main(int argc, char** argv) {
     if (args.command == "generate") return generate(args);
     if (args.command == "bench") return bench(args);
     if (args.command == "info") return info(args);
+    if (args.command == "bench-kernels") return cli::bench_kernels();
+    if (args.command == "bench-forward") return bench_forward_command(args);
     throw usage("unknown command '" + args.command + "'\n" + kUsage);
   } catch (const Error& e) {
     return fail(error_code_name(e.code()), e.what());

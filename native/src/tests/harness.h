@@ -171,8 +171,4 @@ void test_kv_cache();                                               // kv_cache_
 void test_golden(const std::string& golden_dir);                    // golden_tests.cpp
 void test_engine_kv_cache(const std::string& golden_dir);           // golden_tests.cpp
 
-// Benchmarks (bench.cpp): no checks.
-void bench();
-int bench_model(const std::string& dir, int threads, int seq_len, int rows, int read_begin, int read_end);
-
 }  // namespace vdiff::test

@@ -3,10 +3,8 @@
 // forward pass against a float64 re-implementation and against the PyTorch golden fixtures.
 //
 //   vdiff-native-tests [--golden DIR]     run every check; one line per check; exit status 1 on any failure
-//   vdiff-native-tests --bench            clock, FMA peak and GEMM GFLOP/s on 1 and 2 threads (no checks)
-//   vdiff-native-tests --bench-model DIR [--threads N] [--seq-len L] [--rows R] [--read B E]
-//                                         forward latency of a model directory (one JSON line); with
-//                                         --read, of a KV cache read computing [B, E) (rows from B)
+//
+// The benchmarks that were here are vdiff-cli bench-kernels and vdiff-cli bench-forward.
 //
 // Kernel tests cover every ISA the CPU has; the model tests use the kernels VDIFF_ISA selects (default:
 // the widest the CPU has). Golden fixtures default to test/fixtures/golden of the source tree.
@@ -18,23 +16,7 @@ using namespace vdiff::test;
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
-  auto option = [&](const std::string& name, int fallback) {
-    for (size_t i = 0; i + 1 < args.size(); ++i)
-      if (args[i] == name) return std::atoi(args[i + 1].c_str());
-    return fallback;
-  };
   try {
-    if (!args.empty() && args[0] == "--bench") {
-      bench();
-      return 0;
-    }
-    if (args.size() >= 2 && args[0] == "--bench-model") {
-      int read_begin = -1, read_end = -1;
-      for (size_t i = 0; i + 2 < args.size(); ++i)
-        if (args[i] == "--read") read_begin = std::atoi(args[i + 1].c_str()), read_end = std::atoi(args[i + 2].c_str());
-      return bench_model(args[1], option("--threads", 2), option("--seq-len", 160), option("--rows", 32), read_begin, read_end);
-    }
-
     auto t0 = std::chrono::steady_clock::now();
     std::printf("ISAs on this CPU: ");
     for (const auto& isa : cpu::available_isas()) std::printf("%s ", isa.c_str());

@@ -1,12 +1,69 @@
-// Benchmarks of vdiff-native-tests: clock, FMA peak and GEMM GFLOP/s (--bench), forward latency of a
-// model directory (--bench-model). They check nothing.
-#include "tests/model_fixtures.h"
+// vdiff-cli bench-kernels: core clock, measured AVX-512 FMA peak and GEMM GFLOP/s of the active kernels
+// on 1 and 2 threads. Checks nothing (the kernel tests are in vdiff-native-tests).
+#include <time.h>
 
-namespace vdiff::test {
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
 
-// ------------------------------------------------------------------------------------------------
-// Benchmarks
+#include "cli/bench_native.h"
+#include "core/threadpool.h"
+#include "cpu/kernels.h"
 
+namespace vdiff::cli {
+namespace {
+
+using cpu::Kernels;
+using cpu::MatB;
+using cpu::WType;
+
+// Random weights of roughly N(0, scale^2), stored as f32 or bf16 (what the benchmark's gemm reads).
+struct Weights {
+  WType type = WType::F32;
+  std::vector<float> f32;
+  std::vector<uint16_t> bf16;
+  const void* data() const { return type == WType::F32 ? static_cast<const void*>(f32.data()) : bf16.data(); }
+};
+
+Weights random_weights(WType type, size_t count, std::mt19937& rng, double scale) {
+  Weights w;
+  w.type = type;
+  std::normal_distribution<float> normal(0.0f, static_cast<float>(scale));
+  for (size_t i = 0; i < count; ++i) {
+    const float f = normal(rng);
+    if (type == WType::F32) {
+      w.f32.push_back(f);
+    } else {
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      bits += 0x7fff + ((bits >> 16) & 1);  // round to nearest even (no NaNs here)
+      w.bf16.push_back(static_cast<uint16_t>(bits >> 16));
+    }
+  }
+  return w;
+}
+
+std::vector<float> random_floats(size_t count, std::mt19937& rng, float scale = 1.0f) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> out(count);
+  for (auto& x : out) x = normal(rng);
+  return out;
+}
+
+struct AlignedFloats {
+  float* p;
+  explicit AlignedFloats(size_t n) : p(static_cast<float*>(std::aligned_alloc(64, ((n * 4 + 63) / 64) * 64))) {}
+  ~AlignedFloats() { std::free(p); }
+};
+
+const char* type_name(WType t) { return t == WType::F32 ? "f32" : t == WType::BF16 ? "bf16" : "f16"; }
 
 // Core clock estimate: a chain of dependent 64-bit multiplies, 3 cycles each on every x86 core since
 // Nehalem/Zen (a chain of add-immediates is no good: recent cores fold those at rename).
@@ -70,7 +127,9 @@ __attribute__((target("avx512f"))) double measure_avx512_fma_gflops() {
 }
 #endif
 
-void bench() {
+}  // namespace
+
+int bench_kernels() {
   const Kernels& k = cpu::active_kernels();
   double ghz = measure_ghz();
   std::printf("kernels: %s; clock (dependent imul chain, best of 20): %.2f GHz\n", k.isa, ghz);
@@ -89,7 +148,7 @@ void bench() {
   std::mt19937 rng(1);
   for (WType type : {WType::F32, WType::BF16}) {
     for (Shape s : {Shape{160, 768, 768}, Shape{160, 2048, 768}, Shape{160, 768, 2048}, Shape{32, 8192, 768}}) {
-      Values W = random_values(type, static_cast<size_t>(s.N) * s.K, rng, 0.05);
+      Weights W = random_weights(type, static_cast<size_t>(s.N) * s.K, rng, 0.05);
       std::vector<float> A = random_floats(static_cast<size_t>(s.M) * s.K, rng), C(static_cast<size_t>(s.M) * s.N);
       for (int threads : {1, 2}) {
         ThreadPool pool(threads);
@@ -119,50 +178,7 @@ void bench() {
       }
     }
   }
-}
-
-// Forward latency of a model directory: bench-model DIR [--threads N] [--seq-len L] [--rows R] [--read B E]
-int bench_model(const std::string& dir, int threads, int seq_len, int rows, int read_begin, int read_end) {
-  auto model = Model::load(dir, LoadOptions{threads});
-  std::mt19937 rng(3);
-  std::vector<int32_t> tokens = random_tokens(rng, seq_len, model->config().vocab_size);
-  std::vector<int32_t> logit_rows;
-  const bool read = read_begin >= 0;
-  for (int i = 0; i < rows; ++i) logit_rows.push_back(read ? read_begin + i : seq_len - rows + i);
-  std::unique_ptr<KVCache> cache;
-  if (read) {
-    cache = model->make_kv_cache(seq_len);
-    run_cached(*model, {{tokens, {}, cache.get()}});
-  }
-  auto run = [&] {
-    if (read) run_cached(*model, {{tokens, logit_rows, cache.get(), read_begin, read_end}});
-    else run_forward(*model, {tokens}, {logit_rows});
-  };
-  run();
-  // Wall time, and process CPU time (all threads): on a shared machine the CPU time of a 1-thread run is
-  // the better measure of the work itself.
-  auto cpu_seconds = [] {
-    timespec ts;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-  };
-  std::vector<double> times, cpu_times;
-  auto t0 = std::chrono::steady_clock::now();
-  while (seconds_since(t0) < 3.0 || times.size() < 5) {
-    auto t1 = std::chrono::steady_clock::now();
-    double c1 = cpu_seconds();
-    run();
-    times.push_back(seconds_since(t1) * 1e3);
-    cpu_times.push_back((cpu_seconds() - c1) * 1e3);
-  }
-  std::sort(times.begin(), times.end());
-  std::sort(cpu_times.begin(), cpu_times.end());
-  std::printf("{\"model\": \"%s\", \"isa\": \"%s\", \"dtype\": \"%s\", \"parameters\": %llu, \"threads\": %d, \"seq_len\": %d, "
-              "\"logit_rows\": %d, \"computed\": %d, \"median_ms\": %.3f, \"min_ms\": %.3f, \"median_cpu_ms\": %.3f, \"min_cpu_ms\": %.3f, \"runs\": %zu}\n",
-              dir.c_str(), cpu::active_kernels().isa, model->weight_dtype().c_str(),
-              static_cast<unsigned long long>(model->parameter_count()), threads, seq_len, rows, read ? read_end - read_begin : seq_len, times[times.size() / 2],
-              times[0], cpu_times[cpu_times.size() / 2], cpu_times[0], times.size());
   return 0;
 }
 
-}  // namespace vdiff::test
+}  // namespace vdiff::cli
