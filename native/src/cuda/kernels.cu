@@ -1,0 +1,478 @@
+// The CUDA backend's kernels: one small kernel per operation. Indexing and synchronisation live here; the
+// arithmetic of one element (one RMSNorm row's scale, one RoPE pair, one online-softmax merge, one Gumbel
+// score) is ops.h's, which vdiff-cuda-tests also checks on the CPU.
+#include <cfloat>
+
+#include "cuda/kernels.cuh"
+#include "cuda/ops.h"
+
+namespace vdiff::cuda {
+
+namespace {
+
+constexpr int kWarp = 32;
+
+// ---- block reductions ----------------------------------------------------------------------------
+
+template <class T, class Op>
+__device__ T warp_reduce(T v, Op op) {
+  for (int o = kWarp / 2; o > 0; o /= 2) v = op(v, __shfl_down_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Reduces v over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+template <class T, class Op>
+__device__ T block_reduce(T v, Op op, T identity) {
+  __shared__ T partial[kWarp];
+  __shared__ T result;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  v = warp_reduce(v, op);
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T w = lane < warps ? partial[lane] : identity;
+    w = warp_reduce(w, op);
+    if (lane == 0) result = w;
+  }
+  __syncthreads();
+  T out = result;
+  __syncthreads();  // `result` and `partial` are reused by the next reduction
+  return out;
+}
+
+__device__ ops::ArgBest shfl_down_arg(const ops::ArgBest& a, int o) {
+  return ops::ArgBest{__shfl_down_sync(0xffffffffu, a.value, o), __shfl_down_sync(0xffffffffu, a.index, o)};
+}
+
+__device__ ops::ArgBest block_arg_max(ops::ArgBest v) {
+  __shared__ double values[kWarp];
+  __shared__ int indices[kWarp];
+  __shared__ ops::ArgBest result;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  for (int o = kWarp / 2; o > 0; o /= 2) v = ops::arg_max(v, shfl_down_arg(v, o));
+  if (lane == 0) values[warp] = v.value, indices[warp] = v.index;
+  __syncthreads();
+  if (warp == 0) {
+    ops::ArgBest w = lane < warps ? ops::ArgBest{values[lane], indices[lane]} : ops::arg_none();
+    for (int o = kWarp / 2; o > 0; o /= 2) w = ops::arg_max(w, shfl_down_arg(w, o));
+    if (lane == 0) result = w;
+  }
+  __syncthreads();
+  ops::ArgBest out = result;
+  __syncthreads();
+  return out;
+}
+
+struct Sum {
+  template <class T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxNoNaN {
+  __device__ double operator()(double a, double b) const { return ops::max_no_nan(a, b); }
+};
+
+// ---- embedding, RMSNorm, RoPE, SwiGLU ------------------------------------------------------------------
+
+template <class E>
+__global__ void embed_kernel(const int32_t* tokens, const E* table, int D, float* x) {
+  const int t = blockIdx.x;
+  const E* row = table + static_cast<int64_t>(tokens[t]) * D;
+  for (int j = threadIdx.x; j < D; j += blockDim.x) x[static_cast<int64_t>(t) * D + j] = load_f32(row, j);
+}
+
+template <class Y>
+__global__ void rmsnorm_kernel(const float* x, const int32_t* src, int D, const float* w, float eps, Y* y) {
+  const int r = blockIdx.x;
+  const float* row = x + static_cast<int64_t>(src ? src[r] : r) * D;
+  float s = 0.0f;
+  for (int j = threadIdx.x; j < D; j += blockDim.x) s += row[j] * row[j];
+  s = block_reduce(s, Sum{}, 0.0f);
+  const float inverse = ops::rms_inverse(s, D, eps);
+  for (int j = threadIdx.x; j < D; j += blockDim.x)
+    y[static_cast<int64_t>(r) * D + j] = from_f32<Y>(ops::rms_apply(row[j], inverse, w[j]));
+}
+
+__global__ void rope_kernel(float* qkv, int T, int64_t ld, int q_heads, int heads, int hd, int k_col,
+                            const int32_t* positions, const float* cos, const float* sin) {
+  const int half = hd / 2;
+  const int64_t n = static_cast<int64_t>(T) * heads * half;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int i = static_cast<int>(idx % half);
+    const int head = static_cast<int>((idx / half) % heads);
+    const int t = static_cast<int>(idx / (static_cast<int64_t>(half) * heads));
+    float* x = qkv + t * ld + (head < q_heads ? head * hd : k_col + (head - q_heads) * hd);
+    const int64_t table = static_cast<int64_t>(positions[t]) * half + i;
+    ops::rope_pair(x[i], x[i + half], cos[table], sin[table]);
+  }
+}
+
+template <class O>
+__global__ void swiglu_kernel(const float* gu, int T, int H, O* out) {
+  const int64_t n = static_cast<int64_t>(T) * H;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = idx / H, j = idx % H;
+    const float* row = gu + t * 2 * H;
+    out[idx] = from_f32<O>(ops::silu_mul(row[j], row[H + j]));
+  }
+}
+
+// ---- KV caches -----------------------------------------------------------------------------------------
+
+__device__ __forceinline__ char* cache_table(const SeqDesc& s, int layer, int kv_dim, int which) {
+  const size_t table_bytes = static_cast<size_t>(s.length) * kv_dim * (s.cache_bf16 ? 2 : 4);
+  return s.cache + (2 * static_cast<size_t>(layer) + which) * table_bytes;
+}
+
+__global__ void store_kv_kernel(const float* qkv, int T, int64_t ld, int k_col, int v_col, int kv_dim, int layer,
+                                const int32_t* token_seq, const SeqDesc* seqs) {
+  const int64_t n = static_cast<int64_t>(T) * kv_dim;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int t = static_cast<int>(idx / kv_dim), j = static_cast<int>(idx % kv_dim);
+    const SeqDesc s = seqs[token_seq[t]];
+    if (!s.cache) continue;
+    const int64_t at = static_cast<int64_t>(s.begin + t - s.offset) * kv_dim + j;
+    const float k = qkv[t * ld + k_col + j], v = qkv[t * ld + v_col + j];
+    if (s.cache_bf16) {
+      reinterpret_cast<uint16_t*>(cache_table(s, layer, kv_dim, 0))[at] = ops::f32_to_bf16(k);
+      reinterpret_cast<uint16_t*>(cache_table(s, layer, kv_dim, 1))[at] = ops::f32_to_bf16(v);
+    } else {
+      reinterpret_cast<float*>(cache_table(s, layer, kv_dim, 0))[at] = k;
+      reinterpret_cast<float*>(cache_table(s, layer, kv_dim, 1))[at] = v;
+    }
+  }
+}
+
+// ---- attention -----------------------------------------------------------------------------------------
+// One block per (query tile, head): the tile's queries in shared memory, keys and values streamed in tiles
+// of kKeys, an online softmax per query (ops::softmax_merge of each key tile's partial state).
+
+constexpr int kQueries = 16, kKeys = 32, kAttnThreads = 128;
+
+size_t attention_smem(int hd) {
+  return sizeof(float) * (static_cast<size_t>(kQueries) * hd * 2 + static_cast<size_t>(kKeys) * (hd + 1) +
+                          static_cast<size_t>(kKeys) * hd + kQueries * kKeys + 4 * kQueries);
+}
+
+template <class O>
+__global__ void __launch_bounds__(kAttnThreads) attention_kernel(const float* qkv, int64_t ld, int k_col, int v_col,
+                                                                 int q_heads, int kv_heads, int hd, int layer,
+                                                                 const SeqDesc* seqs, const QueryTile* tiles, O* out,
+                                                                 int64_t out_ld) {
+  extern __shared__ float smem[];
+  float* Qs = smem;                              // [kQueries][hd]
+  float* Os = Qs + kQueries * hd;                // [kQueries][hd]
+  float* Ks = Os + kQueries * hd;                // [kKeys][hd + 1]
+  float* Vs = Ks + kKeys * (hd + 1);             // [kKeys][hd]
+  float* S = Vs + kKeys * hd;                    // [kQueries][kKeys]
+  float* state_max = S + kQueries * kKeys;       // [kQueries] x 4
+  float* state_sum = state_max + kQueries;
+  float* scale_old = state_sum + kQueries;
+  float* scale_new = scale_old + kQueries;
+
+  const QueryTile tile = tiles[blockIdx.x];
+  const int h = blockIdx.y, kv_head = h / (q_heads / kv_heads);
+  const SeqDesc s = seqs[tile.seq];
+  const int kv_dim = kv_heads * hd, L = s.length, tid = threadIdx.x;
+  const float scale = 1.0f / sqrtf(static_cast<float>(hd));
+
+  for (int i = tid; i < kQueries * hd; i += blockDim.x) {
+    const int q = i / hd, d = i % hd;
+    Qs[i] = q < tile.nq ? qkv[static_cast<int64_t>(s.offset + tile.q0 + q) * ld + h * hd + d] : 0.0f;
+    Os[i] = 0.0f;
+  }
+  if (tid < kQueries) state_max[tid] = -INFINITY, state_sum[tid] = 0.0f;
+
+  const char* k_cache = s.reads_cache ? cache_table(s, layer, kv_dim, 0) : nullptr;
+  const char* v_cache = s.reads_cache ? cache_table(s, layer, kv_dim, 1) : nullptr;
+  for (int k0 = 0; k0 < L; k0 += kKeys) {
+    const int nk = min(kKeys, L - k0);
+    __syncthreads();
+    for (int i = tid; i < kKeys * hd; i += blockDim.x) {
+      const int j = i / hd, d = i % hd;
+      float k = 0.0f, v = 0.0f;
+      if (j < nk) {
+        const int64_t p = k0 + j;
+        if (!s.reads_cache) {
+          const float* row = qkv + (s.offset + p) * ld;
+          k = row[k_col + kv_head * hd + d];
+          v = row[v_col + kv_head * hd + d];
+        } else if (s.cache_bf16) {
+          k = ops::bf16_to_f32(reinterpret_cast<const uint16_t*>(k_cache)[p * kv_dim + kv_head * hd + d]);
+          v = ops::bf16_to_f32(reinterpret_cast<const uint16_t*>(v_cache)[p * kv_dim + kv_head * hd + d]);
+        } else {
+          k = reinterpret_cast<const float*>(k_cache)[p * kv_dim + kv_head * hd + d];
+          v = reinterpret_cast<const float*>(v_cache)[p * kv_dim + kv_head * hd + d];
+        }
+      }
+      Ks[j * (hd + 1) + d] = k;
+      Vs[j * hd + d] = v;
+    }
+    __syncthreads();
+    for (int i = tid; i < kQueries * kKeys; i += blockDim.x) {
+      const int q = i / kKeys, j = i % kKeys;
+      float dot = 0.0f;
+      if (q < tile.nq && j < nk) {
+        for (int d = 0; d < hd; ++d) dot += Qs[q * hd + d] * Ks[j * (hd + 1) + d];
+        S[i] = dot * scale;
+      } else {
+        S[i] = -INFINITY;
+      }
+    }
+    __syncthreads();
+    if (tid < kQueries) {
+      float m = -INFINITY;
+      for (int j = 0; j < nk; ++j) m = fmaxf(m, S[tid * kKeys + j]);
+      float sum = 0.0f;
+      for (int j = 0; j < kKeys; ++j) {
+        const float p = j < nk ? expf(S[tid * kKeys + j] - m) : 0.0f;
+        S[tid * kKeys + j] = p;
+        sum += p;
+      }
+      ops::SoftmaxState a{state_max[tid], state_sum[tid]};
+      float sa, sb;
+      ops::softmax_merge(a, ops::SoftmaxState{m, sum}, sa, sb);
+      state_max[tid] = a.max, state_sum[tid] = a.sum, scale_old[tid] = sa, scale_new[tid] = sb;
+    }
+    __syncthreads();
+    for (int i = tid; i < kQueries * hd; i += blockDim.x) {
+      const int q = i / hd, d = i % hd;
+      float acc = 0.0f;
+      for (int j = 0; j < nk; ++j) acc += S[q * kKeys + j] * Vs[j * hd + d];
+      Os[i] = Os[i] * scale_old[q] + acc * scale_new[q];
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < tile.nq * hd; i += blockDim.x) {
+    const int q = i / hd, d = i % hd;
+    out[static_cast<int64_t>(s.offset + tile.q0 + q) * out_ld + h * hd + d] = from_f32<O>(Os[i] / state_sum[q]);
+  }
+}
+
+// ---- the vocabulary reduction ---------------------------------------------------------------------------
+
+constexpr int kReduceThreads = 512;
+
+__global__ void __launch_bounds__(kReduceThreads) reduce_rows_kernel(const float* logits, int row_size,
+                                                                     const TaskDesc* tasks, TaskResult* results) {
+  const TaskDesc t = tasks[blockIdx.x];
+  const float* cond = logits + static_cast<int64_t>(t.cond) * row_size;
+  const float* uncond = t.uncond >= 0 ? logits + static_cast<int64_t>(t.uncond) * row_size : nullptr;
+  const int tid = threadIdx.x;
+
+  // Pass 1: the row's max (for the softmax) and the drawn token.
+  ops::RowPass pass = ops::row_pass_start();
+  for (int i = tid; i < row_size; i += blockDim.x) ops::row_pass_add(pass, t, cond, uncond, i);
+  pass.max = block_reduce(pass.max, MaxNoNaN{}, -static_cast<double>(INFINITY));
+  pass.best = block_arg_max(pass.best);
+
+  // Pass 2: the sum of exp(l - max) in float64.
+  double sum = 0.0;
+  for (int i = tid; i < row_size; i += blockDim.x) sum += ops::row_sum_term(t, cond, uncond, i, pass.max);
+  sum = block_reduce(sum, Sum{}, 0.0);
+
+  TaskResult* r = results + blockIdx.x;
+  if (tid == 0) ops::row_finish(t, cond, uncond, pass, sum, *r);
+
+  // The top logprobs: rounds of a max over the drawable tokens ranked after the previous pick.
+  ops::ArgBest previous = ops::arg_none();
+  for (int k = 0; k < t.top_logprobs && k < kMaxTop; ++k) {
+    ops::ArgBest pick = ops::arg_none();
+    for (int i = tid; i < row_size; i += blockDim.x) ops::top_candidate(pick, t, cond, uncond, i, previous);
+    pick = block_arg_max(pick);
+    if (pick.index < 0) break;
+    if (tid == 0) {
+      r->top_token[k] = pick.index;
+      r->top_logprob[k] = static_cast<float>(ops::log_probability(ops::final_logit(t, cond, uncond, pick.index), pass.max, sum));
+      r->n_top = k + 1;
+    }
+    previous = pick;
+  }
+}
+
+// ---- the tiled GEMM (fallback) -----------------------------------------------------------------------------
+
+constexpr int kTile = 64, kTileK = 16, kGemmThreads = 256;
+
+template <class E>
+__global__ void __launch_bounds__(kGemmThreads) gemm_tiled_kernel(const E* A, int64_t lda, const E* W, int64_t ldw,
+                                                                  int M, int N, int K, float* C, int64_t ldc,
+                                                                  bool accumulate) {
+  __shared__ float As[kTileK][kTile + 4];
+  __shared__ float Ws[kTileK][kTile + 4];
+  const int m0 = blockIdx.y * kTile, n0 = blockIdx.x * kTile, tid = threadIdx.x;
+  const int tm = (tid / 16) * 4, tn = (tid % 16) * 4;
+  float acc[4][4] = {};
+  for (int k0 = 0; k0 < K; k0 += kTileK) {
+    for (int i = tid; i < kTile * kTileK; i += kGemmThreads) {
+      const int r = i / kTileK, k = i % kTileK;
+      As[k][r] = (m0 + r < M && k0 + k < K) ? load_f32(A, (m0 + r) * lda + k0 + k) : 0.0f;
+      Ws[k][r] = (n0 + r < N && k0 + k < K) ? load_f32(W, (n0 + r) * ldw + k0 + k) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kTileK; ++k) {
+      float a[4], w[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = As[k][tm + i], w[i] = Ws[k][tn + i];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * w[j];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int m = m0 + tm + i, n = n0 + tn + j;
+      if (m < M && n < N) {
+        float* c = C + m * ldc + n;
+        *c = accumulate ? *c + acc[i][j] : acc[i][j];
+      }
+    }
+}
+
+template <class E>
+__global__ void to_f32_kernel(const E* src, int64_t n, float* dst) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = load_f32(src, i);
+}
+
+int grid_for(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<int>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
+}
+
+}  // namespace
+
+// ---- launchers -----------------------------------------------------------------------------------------
+
+void launch_embed(const int32_t* tokens, int T, const void* table, Elem type, int D, float* x, cudaStream_t stream) {
+  if (T == 0) return;
+  switch (type) {
+    case Elem::F32: embed_kernel<<<T, 256, 0, stream>>>(tokens, static_cast<const float*>(table), D, x); break;
+    case Elem::BF16: embed_kernel<<<T, 256, 0, stream>>>(tokens, static_cast<const __nv_bfloat16*>(table), D, x); break;
+    case Elem::F16: embed_kernel<<<T, 256, 0, stream>>>(tokens, static_cast<const __half*>(table), D, x); break;
+  }
+  VDIFF_CUDA_LAUNCHED("embed");
+}
+
+void launch_rmsnorm(const float* x, const int32_t* src, int rows, int D, const float* w, float eps, void* y,
+                    Elem y_type, cudaStream_t stream) {
+  if (rows == 0) return;
+  const int threads = D >= 2048 ? 512 : 256;
+  switch (y_type) {
+    case Elem::F32: rmsnorm_kernel<<<rows, threads, 0, stream>>>(x, src, D, w, eps, static_cast<float*>(y)); break;
+    case Elem::BF16: rmsnorm_kernel<<<rows, threads, 0, stream>>>(x, src, D, w, eps, static_cast<__nv_bfloat16*>(y)); break;
+    case Elem::F16: rmsnorm_kernel<<<rows, threads, 0, stream>>>(x, src, D, w, eps, static_cast<__half*>(y)); break;
+  }
+  VDIFF_CUDA_LAUNCHED("rmsnorm");
+}
+
+void launch_rope(float* qkv, int T, int64_t ld, int q_heads, int kv_heads, int hd, int k_col, const int32_t* positions,
+                 const float* cos, const float* sin, cudaStream_t stream) {
+  const int64_t n = static_cast<int64_t>(T) * (q_heads + kv_heads) * (hd / 2);
+  if (n == 0) return;
+  rope_kernel<<<grid_for(n, 256), 256, 0, stream>>>(qkv, T, ld, q_heads, q_heads + kv_heads, hd, k_col, positions, cos, sin);
+  VDIFF_CUDA_LAUNCHED("rope");
+}
+
+void launch_store_kv(const float* qkv, int T, int64_t ld, int k_col, int v_col, int kv_dim, int layer,
+                     const int32_t* token_seq, const SeqDesc* seqs, cudaStream_t stream) {
+  const int64_t n = static_cast<int64_t>(T) * kv_dim;
+  if (n == 0) return;
+  store_kv_kernel<<<grid_for(n, 256), 256, 0, stream>>>(qkv, T, ld, k_col, v_col, kv_dim, layer, token_seq, seqs);
+  VDIFF_CUDA_LAUNCHED("store_kv");
+}
+
+template <class O>
+static void attention_typed(const float* qkv, int64_t ld, int k_col, int v_col, int q_heads, int kv_heads, int hd,
+                            int layer, const SeqDesc* seqs, const QueryTile* tiles, int n_tiles, O* out,
+                            int64_t out_ld, cudaStream_t stream) {
+  const size_t smem = attention_smem(hd);
+  static size_t raised = 0;  // per instantiation: the dynamic shared memory limit set so far
+  if (smem > 48 * 1024 && smem > raised) {
+    VDIFF_CUDA_CHECK(cudaFuncSetAttribute(attention_kernel<O>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    raised = smem;
+  }
+  attention_kernel<O><<<dim3(n_tiles, q_heads), kAttnThreads, smem, stream>>>(qkv, ld, k_col, v_col, q_heads, kv_heads,
+                                                                             hd, layer, seqs, tiles, out, out_ld);
+  VDIFF_CUDA_LAUNCHED("attention");
+}
+
+void launch_attention(const float* qkv, int64_t ld, int k_col, int v_col, int q_heads, int kv_heads, int hd, int layer,
+                      const SeqDesc* seqs, const QueryTile* tiles, int n_tiles, void* out, Elem out_type,
+                      int64_t out_ld, cudaStream_t stream) {
+  if (n_tiles == 0) return;
+  switch (out_type) {
+    case Elem::F32:
+      attention_typed(qkv, ld, k_col, v_col, q_heads, kv_heads, hd, layer, seqs, tiles, n_tiles, static_cast<float*>(out), out_ld, stream);
+      break;
+    case Elem::BF16:
+      attention_typed(qkv, ld, k_col, v_col, q_heads, kv_heads, hd, layer, seqs, tiles, n_tiles,
+                      static_cast<__nv_bfloat16*>(out), out_ld, stream);
+      break;
+    case Elem::F16:
+      attention_typed(qkv, ld, k_col, v_col, q_heads, kv_heads, hd, layer, seqs, tiles, n_tiles, static_cast<__half*>(out), out_ld, stream);
+      break;
+  }
+}
+
+void launch_swiglu(const float* gu, int T, int H, void* out, Elem out_type, cudaStream_t stream) {
+  const int64_t n = static_cast<int64_t>(T) * H;
+  if (n == 0) return;
+  const int grid = grid_for(n, 256);
+  switch (out_type) {
+    case Elem::F32: swiglu_kernel<<<grid, 256, 0, stream>>>(gu, T, H, static_cast<float*>(out)); break;
+    case Elem::BF16: swiglu_kernel<<<grid, 256, 0, stream>>>(gu, T, H, static_cast<__nv_bfloat16*>(out)); break;
+    case Elem::F16: swiglu_kernel<<<grid, 256, 0, stream>>>(gu, T, H, static_cast<__half*>(out)); break;
+  }
+  VDIFF_CUDA_LAUNCHED("swiglu");
+}
+
+void launch_reduce_rows(const float* logits, int row_size, const TaskDesc* tasks, int n_tasks, TaskResult* results,
+                        cudaStream_t stream) {
+  if (n_tasks == 0) return;
+  reduce_rows_kernel<<<n_tasks, kReduceThreads, 0, stream>>>(logits, row_size, tasks, results);
+  VDIFF_CUDA_LAUNCHED("reduce_rows");
+}
+
+void launch_gemm_tiled(const void* A, int64_t lda, const void* W, int64_t ldw, Elem type, int M, int N, int K, float* C,
+                       int64_t ldc, bool accumulate, cudaStream_t stream) {
+  if (M == 0 || N == 0) return;
+  const dim3 grid((N + kTile - 1) / kTile, (M + kTile - 1) / kTile);
+  switch (type) {
+    case Elem::F32:
+      gemm_tiled_kernel<<<grid, kGemmThreads, 0, stream>>>(static_cast<const float*>(A), lda, static_cast<const float*>(W),
+                                                          ldw, M, N, K, C, ldc, accumulate);
+      break;
+    case Elem::BF16:
+      gemm_tiled_kernel<<<grid, kGemmThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(A), lda,
+                                                          static_cast<const __nv_bfloat16*>(W), ldw, M, N, K, C, ldc, accumulate);
+      break;
+    case Elem::F16:
+      gemm_tiled_kernel<<<grid, kGemmThreads, 0, stream>>>(static_cast<const __half*>(A), lda, static_cast<const __half*>(W),
+                                                          ldw, M, N, K, C, ldc, accumulate);
+      break;
+  }
+  VDIFF_CUDA_LAUNCHED("gemm_tiled");
+}
+
+void launch_to_f32(const void* src, Elem type, int64_t n, float* dst, cudaStream_t stream) {
+  if (n == 0) return;
+  const int grid = grid_for(n, 256);
+  switch (type) {
+    case Elem::F32: to_f32_kernel<<<grid, 256, 0, stream>>>(static_cast<const float*>(src), n, dst); break;
+    case Elem::BF16: to_f32_kernel<<<grid, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(src), n, dst); break;
+    case Elem::F16: to_f32_kernel<<<grid, 256, 0, stream>>>(static_cast<const __half*>(src), n, dst); break;
+  }
+  VDIFF_CUDA_LAUNCHED("to_f32");
+}
+
+}  // namespace vdiff::cuda

@@ -1,0 +1,48 @@
+// The CUDA backend's kernels, one small kernel per operation, each launched on the given stream. The
+// per-element arithmetic lives in ops.h (checked on the CPU by vdiff-cuda-tests).
+#pragma once
+#include "cuda/common.cuh"
+
+namespace vdiff::cuda {
+
+// x[t] = f32(table[tokens[t]]), rows of D.
+void launch_embed(const int32_t* tokens, int T, const void* table, Elem type, int D, float* x, cudaStream_t stream);
+
+// y[r] = rmsnorm(x[src ? src[r] : r]) * w, y in `y_type` (f32 or the GEMM's input type), rows of D.
+void launch_rmsnorm(const float* x, const int32_t* src, int rows, int D, const float* w, float eps, void* y,
+                    Elem y_type, cudaStream_t stream);
+
+// NeoX rotate-half RoPE in place on the q and k columns of each token's row of `qkv` (row stride ld):
+// q heads at column 0, k heads at column k_col; token t at canvas position positions[t]; cos/sin tables
+// [position][hd / 2].
+void launch_rope(float* qkv, int T, int64_t ld, int q_heads, int kv_heads, int hd, int k_col, const int32_t* positions,
+                 const float* cos, const float* sin, cudaStream_t stream);
+
+// Writes layer `layer`'s fresh keys and values (columns k_col and v_col of qkv) of every token of every
+// cached sequence into its cache at the token's canvas position.
+void launch_store_kv(const float* qkv, int T, int64_t ld, int k_col, int v_col, int kv_dim, int layer,
+                     const int32_t* token_seq, const SeqDesc* seqs, cudaStream_t stream);
+
+// Bidirectional attention with GQA over ragged sequences: out[t, h*hd ..] for every query tile and head.
+// Keys and values from qkv (fresh) or from the sequence's cache (reads_cache). out in `out_type`.
+void launch_attention(const float* qkv, int64_t ld, int k_col, int v_col, int q_heads, int kv_heads, int hd,
+                      int layer, const SeqDesc* seqs, const QueryTile* tiles, int n_tiles, void* out, Elem out_type,
+                      int64_t out_ld, cudaStream_t stream);
+
+// out[t, j] = silu(gu[t, j]) * gu[t, H + j] (row stride 2H), out [T, H] in `out_type`.
+void launch_swiglu(const float* gu, int T, int H, void* out, Elem out_type, cudaStream_t stream);
+
+// The vocabulary reduction: per task, cfg, the draw (argmax or Gumbel-max), float64 softmax probability and
+// confidence, the top logprobs and the target's log-probability, from rows of `row_size` logits.
+void launch_reduce_rows(const float* logits, int row_size, const TaskDesc* tasks, int n_tasks, TaskResult* results,
+                        cudaStream_t stream);
+
+// C[m, n] (+)= sum_k A[m, k] * W[n, k]: the project's own tiled GEMM (the fallback without cuBLAS). A and W
+// of one type (f32, bf16 or f16), f32 accumulation and output.
+void launch_gemm_tiled(const void* A, int64_t lda, const void* W, int64_t ldw, Elem type, int M, int N, int K,
+                       float* C, int64_t ldc, bool accumulate, cudaStream_t stream);
+
+// dst = f32(src) for n elements.
+void launch_to_f32(const void* src, Elem type, int64_t n, float* dst, cudaStream_t stream);
+
+}  // namespace vdiff::cuda

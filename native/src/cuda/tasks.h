@@ -1,0 +1,58 @@
+// RowTask <-> the vocabulary reduction's TaskDesc / TaskResult (common.cuh), shared by the backend and the
+// op-parity entry points. Plain C++ (vdiff-cuda-tests uses it too).
+#pragma once
+#include <algorithm>
+
+#include "core/backend.h"
+#include "core/rng.h"
+#include "core/sampler.h"
+#include "cuda/ops.h"
+
+namespace vdiff::cuda {
+
+using ops::TaskDesc;
+using ops::TaskResult;
+using ops::kMaxTop;
+
+// Rows whose draw is restricted by top-k / top-p are sampled on the host by sample_task (their logits
+// copied back): ranking a whole vocabulary per row is not worth a kernel for a rarely used option.
+inline bool needs_host(const RowTask& t) {
+  return t.rule && t.rule->temperature > 0.0 && (t.rule->top_k > 0 || t.rule->top_p < 1.0);
+}
+
+inline TaskDesc task_desc(const RowTask& t, int row_size) {
+  TaskDesc d{};
+  d.cond = t.cond;
+  d.uncond = t.uncond;
+  d.cfg_scale_plus_one = static_cast<float>(t.cfg_scale + 1.0);  // apply_cfg's float scale
+  d.sample = t.rule != nullptr;
+  d.top_logprobs = std::clamp(t.top_logprobs, 0, kMaxTop);
+  d.target = t.target >= 0 && t.target < row_size ? t.target : -1;
+  d.eos = d.eot = -1;
+  d.vocab_size = row_size;
+  d.mask_token_id = -1;
+  if (t.rule) {
+    const RowRule& r = *t.rule;
+    d.temperature = r.temperature;
+    d.key = row_key(t.seed, t.step, t.position);
+    d.random_remasking = r.remasking == Remasking::Random;
+    d.logits_eos_inf = r.logits_eos_inf;
+    d.confidence_eos_eot_inf = r.confidence_eos_eot_inf;
+    d.eos = r.eos_token_id >= 0 && r.eos_token_id < row_size ? r.eos_token_id : -1;
+    d.eot = r.eot_token_id >= 0 && r.eot_token_id < row_size ? r.eot_token_id : -1;
+    d.vocab_size = std::min(r.vocab_size, row_size);
+    d.mask_token_id = r.mask_token_id;
+  }
+  return d;
+}
+
+inline void to_row_result(const TaskResult& r, RowResult& out) {
+  out.token = r.token;
+  out.probability = r.probability;
+  out.confidence = r.confidence;
+  out.target_logprob = r.target_logprob;
+  out.n_top = r.n_top;
+  for (int i = 0; i < r.n_top; ++i) out.top[i] = TopLogprob{r.top_token[i], r.top_logprob[i]};
+}
+
+}  // namespace vdiff::cuda

@@ -1,0 +1,783 @@
+// vdiff-cuda-tests: the CUDA backend's checks.
+//
+// Host part (every machine): the per-element arithmetic of the CUDA kernels (cuda/ops.h) run on the CPU
+// against the CPU backend's kernels and sampler — conversions, the RMSNorm row, the RoPE pair, SwiGLU, the
+// online softmax, and the vocabulary reduction emulated with a few strided "threads" against sample_task —
+// and `--device cuda` failing cleanly where no GPU is visible.
+//
+// Device part (a GPU visible): op parity of every kernel against CPU references, the CUDA backend against
+// the CPU backend (plain and KV-cached forwards, predict), the golden fixtures on CUDA (logits, and the
+// generated tokens: exact for f32 models, agreement reported for bf16/f16), and batch invariance. Without
+// a GPU it prints "SKIPPED: no CUDA device (<reason>)" and exits 0 when the host part passed.
+//
+//   vdiff-cuda-tests [--golden DIR] [--host-only]
+#include <cinttypes>
+
+#include "core/backend.h"
+#include "core/engine.h"
+#include "core/rng.h"
+#include "core/sampler.h"
+#include "cuda/ops.h"
+#include "cuda/tasks.h"
+#include "tests/model_fixtures.h"
+#ifndef VDIFF_WITH_CUDA
+#define VDIFF_WITH_CUDA 0
+#endif
+#if VDIFF_WITH_CUDA
+#include "cuda/cuda_backend.h"
+#include "cuda/testing.h"
+#endif
+
+namespace vdiff::test {
+
+namespace ops = cuda::ops;
+
+// ‖a − b‖∞ / max(‖b‖∞, tiny)
+double rel_inf(const float* a, const float* b, size_t n) {
+  double worst = 0, scale = 1e-30;
+  for (size_t i = 0; i < n; ++i) {
+    const double d = std::fabs(double(a[i]) - double(b[i]));
+    worst = std::isnan(d) ? INFINITY : std::max(worst, d);
+    scale = std::max(scale, std::fabs(double(b[i])));
+  }
+  return worst / scale;
+}
+double rel_inf(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() ? rel_inf(a.data(), b.data(), a.size()) : INFINITY;
+}
+
+// ================================================================================================
+// Host checks of ops.h
+
+void host_conversions() {
+  int bad_bf16 = 0, bad_f16 = 0;
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float a = ops::bf16_to_f32(static_cast<uint16_t>(h)), b = cpu::bf16_to_f32(static_cast<uint16_t>(h));
+    const float c = ops::f16_to_f32(static_cast<uint16_t>(h)), d = cpu::f16_to_f32(static_cast<uint16_t>(h));
+    bad_bf16 += std::memcmp(&a, &b, 4) != 0;
+    bad_f16 += std::memcmp(&c, &d, 4) != 0;
+  }
+  report(bad_bf16 == 0 && bad_f16 == 0, "host ops: bf16 and f16 -> f32 equal the CPU's on all 65536 bit patterns",
+         std::to_string(bad_bf16) + " bf16, " + std::to_string(bad_f16) + " f16 differ");
+  std::mt19937 rng(1);
+  std::vector<float> values = random_floats(100000, rng, 3.0f);
+  values.push_back(0.0f), values.push_back(-0.0f), values.push_back(INFINITY), values.push_back(1e-40f);
+  int bad = 0;
+  for (float f : values) bad += ops::f32_to_bf16(f) != f32_to_bf16_bits(f);
+  const float nan = std::nanf("");
+  const bool nan_ok = std::isnan(ops::bf16_to_f32(ops::f32_to_bf16(nan)));
+  report(bad == 0 && nan_ok, "host ops: f32 -> bf16 rounds to nearest even (the KV cache's conversion), NaN stays NaN",
+         std::to_string(bad) + " of " + std::to_string(values.size()) + " differ");
+}
+
+// The kernel's RMSNorm row with `threads` strided partial sums merged in a tree, as a block does.
+void emulated_rmsnorm(const float* x, const float* w, float* y, int n, float eps, int threads) {
+  std::vector<float> partial(threads, 0.0f);
+  for (int t = 0; t < threads; ++t)
+    for (int j = t; j < n; j += threads) partial[t] += x[j] * x[j];
+  for (int width = 1; width < threads; width *= 2)
+    for (int t = 0; t + width < threads; t += 2 * width) partial[t] += partial[t + width];
+  const float inverse = ops::rms_inverse(partial[0], n, eps);
+  for (int j = 0; j < n; ++j) y[j] = ops::rms_apply(x[j], inverse, w[j]);
+}
+
+void host_rmsnorm() {
+  std::mt19937 rng(2);
+  double worst = 0;
+  for (const Kernels* k : {&cpu::active_kernels(), cpu::portable_kernels()})
+    for (int n : {8, 37, 512, 4096}) {
+      std::vector<float> x = random_floats(n, rng, 2.0f), w = random_floats(n, rng, 0.3f), a(n), b(n);
+      for (float& v : w) v += 1.0f;
+      emulated_rmsnorm(x.data(), w.data(), a.data(), n, 1e-5f, 256);
+      k->rmsnorm(x.data(), w.data(), b.data(), n, 1e-5f);
+      worst = std::max(worst, rel_inf(a, b));
+    }
+  report(worst < 2e-6, "host ops: RMSNorm row (rms_inverse, rms_apply, tree-summed) against the CPU kernels",
+         fmt("max rel diff %.1e", worst));
+}
+
+void host_rope() {
+  // The PyTorch reference's formula in float64: x * cos + rotate_half(x) * sin, angles in float64.
+  std::mt19937 rng(3);
+  const int hd = 128, half = hd / 2;
+  double worst = 0;
+  for (int pos : {0, 1, 17, 159, 543, 4095}) {
+    std::vector<float> x = random_floats(hd, rng), y = x;
+    std::vector<double> want(hd);
+    for (int i = 0; i < half; ++i) {
+      const double angle = pos * (1.0 / std::pow(500000.0, 2.0 * i / hd));
+      const float c = static_cast<float>(std::cos(angle)), s = static_cast<float>(std::sin(angle));
+      ops::rope_pair(y[i], y[i + half], c, s);
+      want[i] = double(x[i]) * c - double(x[i + half]) * s;
+      want[i + half] = double(x[i + half]) * c + double(x[i]) * s;
+    }
+    for (int i = 0; i < hd; ++i) worst = std::max(worst, std::fabs(y[i] - want[i]));
+  }
+  report(worst < 1e-6, "host ops: RoPE pair (NeoX rotate-half) against the float64 formula", fmt("max |diff| %.1e", worst));
+}
+
+void host_silu() {
+  std::mt19937 rng(4);
+  std::vector<float> g = random_floats(10000, rng, 4.0f), u = random_floats(10000, rng), a(g.size()), b(g.size()), c(g.size());
+  for (size_t i = 0; i < g.size(); ++i) a[i] = ops::silu_mul(g[i], u[i]);
+  cpu::portable_kernels()->silu_mul(g.data(), u.data(), b.data(), static_cast<int>(g.size()));
+  cpu::active_kernels().silu_mul(g.data(), u.data(), c.data(), static_cast<int>(g.size()));
+  const bool same = std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+  const double active = rel_inf(a, c);
+  report(same && active < 1e-6, "host ops: SwiGLU equals the portable kernel bit for bit, the " +
+                                    std::string(cpu::active_kernels().isa) + " one to rounding",
+         fmt("max rel diff to the active ISA %.1e", active));
+}
+
+void host_online_softmax() {
+  // Attention's per-tile merge against the CPU's two-pass softmax followed by P · V.
+  std::mt19937 rng(5);
+  const Kernels& k = cpu::active_kernels();
+  double worst = 0;
+  for (int n : {1, 5, 32, 33, 160, 544}) {
+    for (int tile : {1, 7, 32}) {
+      const int dim = 16;
+      std::vector<float> s = random_floats(n, rng, 4.0f), v = random_floats(static_cast<size_t>(n) * dim, rng);
+      const float scale = 0.125f;
+      ops::SoftmaxState state = ops::softmax_start();
+      std::vector<float> acc(dim, 0.0f);
+      for (int k0 = 0; k0 < n; k0 += tile) {
+        const int nk = std::min(tile, n - k0);
+        float m = -INFINITY, sum = 0.0f;
+        for (int j = 0; j < nk; ++j) m = std::max(m, s[k0 + j] * scale);
+        std::vector<float> p(nk), part(dim, 0.0f);
+        for (int j = 0; j < nk; ++j) sum += p[j] = std::exp(s[k0 + j] * scale - m);
+        for (int j = 0; j < nk; ++j)
+          for (int d = 0; d < dim; ++d) part[d] += p[j] * v[static_cast<size_t>(k0 + j) * dim + d];
+        float sa, sb;
+        ops::softmax_merge(state, ops::SoftmaxState{m, sum}, sa, sb);
+        for (int d = 0; d < dim; ++d) acc[d] = acc[d] * sa + part[d] * sb;
+      }
+      for (float& a : acc) a /= state.sum;
+      // Adding one score at a time (softmax_add) must give the same state as the tiles.
+      ops::SoftmaxState one = ops::softmax_start();
+      for (int j = 0; j < n; ++j) {
+        float weight;
+        ops::softmax_add(one, s[j] * scale, weight);
+      }
+      std::vector<float> p = s, want(dim, 0.0f);
+      k.softmax(p.data(), n, scale);
+      for (int j = 0; j < n; ++j)
+        for (int d = 0; d < dim; ++d) want[d] += p[j] * v[static_cast<size_t>(j) * dim + d];
+      worst = std::max({worst, rel_inf(acc, want), static_cast<double>(std::fabs(one.sum - state.sum) / state.sum),
+                        one.max != state.max ? 1.0 : 0.0});
+    }
+  }
+  report(worst < 1e-5, "host ops: online softmax (tile merges, one-at-a-time adds) against the CPU softmax · V",
+         fmt("max rel diff %.1e", worst));
+}
+
+// The reduction kernel's schedule on the host: `threads` strided RowPasses merged, partial sums added,
+// then row_finish and the top-logprob rounds — the same ops.h functions the kernel calls.
+ops::TaskResult emulated_reduction(const ops::TaskDesc& t, const float* logits, int row_size, int threads) {
+  const float* cond = logits + static_cast<size_t>(t.cond) * row_size;
+  const float* uncond = t.uncond >= 0 ? logits + static_cast<size_t>(t.uncond) * row_size : nullptr;
+  std::vector<ops::RowPass> passes(threads, ops::row_pass_start());
+  for (int th = 0; th < threads; ++th)
+    for (int i = th; i < row_size; i += threads) ops::row_pass_add(passes[th], t, cond, uncond, i);
+  ops::RowPass pass = passes[0];
+  for (int th = 1; th < threads; ++th) pass = ops::row_pass_merge(pass, passes[th]);
+  double sum = 0;
+  for (int th = 0; th < threads; ++th) {
+    double part = 0;
+    for (int i = th; i < row_size; i += threads) part += ops::row_sum_term(t, cond, uncond, i, pass.max);
+    sum += part;
+  }
+  ops::TaskResult r{};
+  ops::row_finish(t, cond, uncond, pass, sum, r);
+  ops::ArgBest previous = ops::arg_none();
+  for (int k = 0; k < t.top_logprobs && k < ops::kMaxTop; ++k) {
+    ops::ArgBest pick = ops::arg_none();
+    for (int i = 0; i < row_size; ++i) ops::top_candidate(pick, t, cond, uncond, i, previous);
+    if (pick.index < 0) break;
+    r.top_token[k] = pick.index;
+    r.top_logprob[k] = static_cast<float>(ops::log_probability(ops::final_logit(t, cond, uncond, pick.index), pass.max, sum));
+    r.n_top = k + 1;
+    previous = pick;
+  }
+  return r;
+}
+
+// Random tasks over rows of `row_size` logits (vocab_size a bit smaller: head padding), with every option.
+struct TaskSet {
+  std::vector<float> logits;
+  std::vector<RowRule> rules;
+  std::vector<RowTask> tasks;
+  int rows = 0;
+};
+
+TaskSet random_tasks(std::mt19937& rng, int row_size, int n_tasks) {
+  TaskSet s;
+  s.rows = n_tasks * 2;
+  s.logits = random_floats(static_cast<size_t>(s.rows) * row_size, rng, 3.0f);
+  std::uniform_int_distribution<int> coin(0, 1), pick(0, row_size - 1), few(0, 3);
+  // Some exact ties, so that "ties to the lower id" is exercised.
+  for (int r = 0; r < s.rows; ++r) {
+    float* row = s.logits.data() + static_cast<size_t>(r) * row_size;
+    const int best = static_cast<int>(std::max_element(row, row + row_size) - row);
+    row[pick(rng)] = row[best];
+  }
+  s.rules.resize(n_tasks);
+  for (int j = 0; j < n_tasks; ++j) {
+    RowRule& rule = s.rules[j];
+    rule.row_size = row_size;
+    rule.vocab_size = row_size - 6;
+    rule.mask_token_id = few(rng) == 0 ? -1 : 7;
+    rule.temperature = coin(rng) ? 0.0 : (few(rng) == 0 ? 2.5 : 0.7);
+    rule.remasking = few(rng) == 0 ? Remasking::Random : Remasking::LowConfidence;
+    rule.eos_token_id = 5;
+    rule.eot_token_id = coin(rng) ? 9 : -1;
+    rule.logits_eos_inf = few(rng) == 0;
+    rule.confidence_eos_eot_inf = few(rng) == 0;
+    RowTask t;
+    t.cond = 2 * j;
+    t.uncond = few(rng) == 0 ? 2 * j + 1 : -1;
+    t.cfg_scale = t.uncond >= 0 ? 1.5 : 0.0;
+    t.rule = few(rng) == 0 && j % 5 == 0 ? nullptr : &rule;
+    t.seed = 1000 + j, t.step = j % 7, t.position = j;
+    t.top_logprobs = few(rng) == 0 ? 5 : 0;
+    t.target = coin(rng) ? pick(rng) : -1;
+    // Make EOS the favourite of some rows, so the EOS options matter.
+    if (few(rng) == 0) s.logits[static_cast<size_t>(t.cond) * row_size + 5] = 20.0f;
+    s.tasks.push_back(t);
+  }
+  return s;
+}
+
+// Compares device or emulated results with sample_task's; returns a description of the first mismatch.
+std::string compare_results(const TaskSet& s, int row_size, const std::vector<RowResult>& got, int* equal_tokens) {
+  std::string first;
+  *equal_tokens = 0;
+  std::vector<int32_t> scratch;
+  for (size_t j = 0; j < s.tasks.size(); ++j) {
+    const RowTask& t = s.tasks[j];
+    std::vector<float> cond(s.logits.begin() + static_cast<size_t>(t.cond) * row_size,
+                            s.logits.begin() + static_cast<size_t>(t.cond + 1) * row_size);
+    const float* uncond = t.uncond >= 0 ? s.logits.data() + static_cast<size_t>(t.uncond) * row_size : nullptr;
+    RowResult want;
+    sample_task(cond.data(), uncond, row_size, t, want, &scratch);
+    const RowResult& g = got[j];
+    const auto close = [](double a, double b) { return a == b || std::fabs(a - b) <= 1e-12 * std::max(1.0, std::fabs(b)); };
+    bool ok = g.token == want.token && close(g.probability, want.probability) && close(g.confidence, want.confidence) &&
+              (t.target < 0 || close(g.target_logprob, want.target_logprob)) && g.n_top == want.n_top;
+    for (int k = 0; ok && k < want.n_top; ++k)
+      ok = g.top[k].token == want.top[k].token && std::fabs(g.top[k].logprob - want.top[k].logprob) <= 1e-5f;
+    *equal_tokens += g.token == want.token;
+    if (!ok && first.empty()) {
+      char text[256];
+      std::snprintf(text, sizeof text, "task %zu: token %d vs %d, p %.17g vs %.17g, conf %.17g vs %.17g, top %d vs %d", j,
+                    g.token, want.token, g.probability, want.probability, g.confidence, want.confidence, g.n_top, want.n_top);
+      first = text;
+    }
+  }
+  return first;
+}
+
+void host_vocab_reduction() {
+  std::mt19937 rng(6);
+  for (int row_size : {300, 1000}) {
+    TaskSet s = random_tasks(rng, row_size, 400);
+    std::vector<RowResult> got(s.tasks.size());
+    for (size_t j = 0; j < s.tasks.size(); ++j)
+      cuda::to_row_result(emulated_reduction(cuda::task_desc(s.tasks[j], row_size), s.logits.data(), row_size, 13), got[j]);
+    int equal = 0;
+    const std::string first = compare_results(s, row_size, got, &equal);
+    report(first.empty(), "host ops: vocabulary reduction (cfg, EOS/EOT rules, argmax / Gumbel-max, float64 softmax, "
+                          "random remasking, top logprobs, target) emulated with 13 threads equals sample_task, row " +
+                              std::to_string(row_size),
+           first.empty() ? std::to_string(equal) + " of " + std::to_string(s.tasks.size()) + " tokens equal" : first);
+  }
+}
+
+// `--device cuda` where no GPU is visible (or the build has none) fails at load with Unavailable.
+void host_device_unavailable(const std::string& golden_dir) {
+  LoadOptions options;
+  options.device = Device::Cuda;
+  expect_error("Backend::load with device cuda and no GPU fails cleanly with Unavailable", ErrorCode::Unavailable,
+               {"device cuda"}, [&] { Backend::load((fs::path(golden_dir) / "plain").string(), options); });
+  options.device = Device::Auto;
+  try {
+    auto backend = Backend::load((fs::path(golden_dir) / "plain").string(), options);
+    report(backend->info().backend == "cpu", "device auto without a GPU picks the CPU", backend->info().backend);
+  } catch (const std::exception& e) {
+    report(false, "device auto without a GPU picks the CPU", e.what());
+  }
+}
+
+#if VDIFF_WITH_CUDA
+// ================================================================================================
+// Device checks
+
+namespace ct = cuda::testing;
+
+std::vector<uint16_t> to_half_bits(const std::vector<float>& v, ct::Type type) {
+  std::vector<uint16_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (type == ct::Type::BF16) {
+      out[i] = f32_to_bf16_bits(v[i]);
+    } else {  // f16 by way of the exact f32 -> f16 of values in range (round to nearest)
+      const float f = v[i];
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      const uint32_t sign = (bits >> 16) & 0x8000u;
+      int exponent = static_cast<int>((bits >> 23) & 0xff) - 127 + 15;
+      uint32_t mantissa = bits & 0x7fffffu;
+      if (exponent <= 0) {
+        out[i] = static_cast<uint16_t>(sign);  // tiny values flush to zero (test data avoids them)
+      } else {
+        uint32_t h = (static_cast<uint32_t>(exponent) << 10) | (mantissa >> 13);
+        const uint32_t rest = mantissa & 0x1fffu;
+        if (rest > 0x1000u || (rest == 0x1000u && (h & 1))) ++h;
+        out[i] = static_cast<uint16_t>(sign | h);
+      }
+    }
+  }
+  return out;
+}
+
+float element(const std::vector<uint16_t>& bits, ct::Type type, size_t i) {
+  return type == ct::Type::BF16 ? cpu::bf16_to_f32(bits[i]) : cpu::f16_to_f32(bits[i]);
+}
+
+void device_ops() {
+  std::mt19937 rng(11);
+  const Kernels& k = cpu::active_kernels();
+  // Embedding gather: exact.
+  for (ct::Type type : {ct::Type::F32, ct::Type::BF16, ct::Type::F16}) {
+    const int V = 300, D = 96;
+    std::vector<float> table = random_floats(static_cast<size_t>(V) * D, rng);
+    std::vector<uint16_t> bits = to_half_bits(table, type);
+    const void* data = type == ct::Type::F32 ? static_cast<const void*>(table.data()) : bits.data();
+    const size_t bytes = type == ct::Type::F32 ? table.size() * 4 : bits.size() * 2;
+    std::vector<int32_t> tokens = random_tokens(rng, 77, V);
+    std::vector<float> got(tokens.size() * D), want(got.size());
+    ct::embed(tokens, data, bytes, type, D, got.data());
+    for (size_t t = 0; t < tokens.size(); ++t)
+      for (int j = 0; j < D; ++j)
+        want[t * D + j] = type == ct::Type::F32 ? table[tokens[t] * D + j] : element(bits, type, tokens[t] * D + j);
+    report(got == want, std::string("cuda op: embedding gather (") + (type == ct::Type::F32 ? "f32" : type == ct::Type::BF16 ? "bf16" : "f16") + ") exact");
+  }
+  // RMSNorm.
+  {
+    const int rows = 37, D = 4096;
+    std::vector<float> x = random_floats(static_cast<size_t>(rows) * D, rng, 2.0f), w = random_floats(D, rng, 0.2f);
+    for (float& v : w) v += 1.0f;
+    std::vector<float> got(x.size()), want(x.size());
+    ct::rmsnorm(x.data(), rows, D, w.data(), 1e-5f, got.data());
+    for (int r = 0; r < rows; ++r) k.rmsnorm(x.data() + r * D, w.data(), want.data() + r * D, D, 1e-5f);
+    const double e = rel_inf(got, want);
+    report(e < 2e-6, "cuda op: RMSNorm against the CPU kernel", fmt("max rel diff %.1e", e));
+  }
+  // RoPE (GQA: 4 query heads, 2 kv heads).
+  {
+    const int T = 50, qh = 4, kvh = 2, hd = 64, half = hd / 2, L = 600;
+    std::vector<float> cos(static_cast<size_t>(L) * half), sin(cos.size());
+    for (int p = 0; p < L; ++p)
+      for (int i = 0; i < half; ++i) {
+        const double a = p * (1.0 / std::pow(500000.0, 2.0 * i / hd));
+        cos[p * half + i] = static_cast<float>(std::cos(a)), sin[p * half + i] = static_cast<float>(std::sin(a));
+      }
+    std::vector<float> x = random_floats(static_cast<size_t>(T) * (qh + kvh) * hd, rng), want = x;
+    std::vector<int32_t> positions = random_tokens(rng, T, L);
+    for (int t = 0; t < T; ++t)
+      for (int h = 0; h < qh + kvh; ++h)
+        for (int i = 0; i < half; ++i) {
+          float* row = want.data() + (static_cast<size_t>(t) * (qh + kvh) + h) * hd;
+          ops::rope_pair(row[i], row[i + half], cos[positions[t] * half + i], sin[positions[t] * half + i]);
+        }
+    ct::rope(x.data(), T, qh, kvh, hd, positions.data(), cos.data(), sin.data(), L);
+    const double e = rel_inf(x, want);
+    report(e < 1e-6, "cuda op: RoPE against ops::rope_pair on the CPU", fmt("max rel diff %.1e", e));
+  }
+  // SwiGLU.
+  {
+    const int T = 33, H = 1000;
+    std::vector<float> g = random_floats(static_cast<size_t>(T) * H, rng, 4.0f), u = random_floats(g.size(), rng);
+    std::vector<float> got(g.size()), want(g.size());
+    ct::swiglu(g.data(), u.data(), T, H, got.data());
+    k.silu_mul(g.data(), u.data(), want.data(), static_cast<int>(g.size()));
+    const double e = rel_inf(got, want);
+    report(e < 1e-6, "cuda op: SwiGLU against the CPU kernel", fmt("max rel diff %.1e", e));
+  }
+  // Attention: ragged sequences, GQA, whole canvases and cached reads (f32 and bf16 caches).
+  for (int hd : {32, 128}) {
+    const int qh = 4, kvh = 2, q_dim = qh * hd, kv_dim = kvh * hd, ld = q_dim + 2 * kv_dim;
+    struct Spec {
+      int length, begin, end;
+      int cache;  // 0 none, 1 f32, 2 bf16
+    };
+    const std::vector<Spec> specs = {{5, 0, 5, 0}, {37, 0, 37, 0}, {100, 0, 100, 1}, {70, 32, 48, 1}, {90, 16, 90, 2}, {17, 0, 17, 2}};
+    std::vector<ct::AttentionSeq> seqs;
+    std::vector<std::vector<float>> cache_f32;
+    std::vector<std::vector<uint16_t>> cache_bf16;
+    int T = 0;
+    for (const Spec& s : specs) {
+      ct::AttentionSeq a;
+      a.offset = T, a.begin = s.begin, a.end = s.end, a.length = s.length;
+      T += s.end - s.begin;
+      seqs.push_back(a);
+    }
+    std::vector<float> qkv = random_floats(static_cast<size_t>(T) * ld, rng);
+    // Keys and values each query sees, built on the host: fresh in the computed range, cached elsewhere.
+    std::vector<float> want(static_cast<size_t>(T) * q_dim, 0.0f);
+    for (size_t si = 0; si < specs.size(); ++si) {
+      const Spec& s = specs[si];
+      ct::AttentionSeq& a = seqs[si];
+      std::vector<float> keys(static_cast<size_t>(s.length) * kv_dim), values(keys.size());
+      if (s.cache) {
+        std::vector<float> stale = random_floats(2 * keys.size(), rng);
+        for (size_t i = 0; i < keys.size(); ++i) keys[i] = stale[i], values[i] = stale[keys.size() + i];
+        if (s.cache == 2) {
+          cache_bf16.push_back(to_half_bits(stale, ct::Type::BF16));
+          for (size_t i = 0; i < keys.size(); ++i)
+            keys[i] = cpu::bf16_to_f32(cache_bf16.back()[i]), values[i] = cpu::bf16_to_f32(cache_bf16.back()[keys.size() + i]);
+          a.cache = cache_bf16.back().data();
+          a.cache_bf16 = true;
+        } else {
+          cache_f32.push_back(stale);
+          a.cache = cache_f32.back().data();
+        }
+      }
+      for (int p = s.begin; p < s.end; ++p)
+        for (int j = 0; j < kv_dim; ++j) {
+          float kf = qkv[static_cast<size_t>(a.offset + p - s.begin) * ld + q_dim + j];
+          float vf = qkv[static_cast<size_t>(a.offset + p - s.begin) * ld + q_dim + kv_dim + j];
+          if (s.cache == 2) kf = cpu::bf16_to_f32(f32_to_bf16_bits(kf)), vf = cpu::bf16_to_f32(f32_to_bf16_bits(vf));
+          keys[static_cast<size_t>(p) * kv_dim + j] = kf, values[static_cast<size_t>(p) * kv_dim + j] = vf;
+        }
+      // A whole-canvas call attends to the fresh f32 keys even when it stores them into a bf16 cache.
+      if (s.begin == 0 && s.end == s.length)
+        for (int p = 0; p < s.length; ++p)
+          for (int j = 0; j < kv_dim; ++j) {
+            keys[static_cast<size_t>(p) * kv_dim + j] = qkv[static_cast<size_t>(a.offset + p) * ld + q_dim + j];
+            values[static_cast<size_t>(p) * kv_dim + j] = qkv[static_cast<size_t>(a.offset + p) * ld + q_dim + kv_dim + j];
+          }
+      for (int qi = 0; qi < s.end - s.begin; ++qi)
+        for (int h = 0; h < qh; ++h) {
+          const int kvh_i = h / (qh / kvh);
+          std::vector<double> score(s.length);
+          double m = -INFINITY;
+          for (int p = 0; p < s.length; ++p) {
+            double dot = 0;
+            for (int d = 0; d < hd; ++d)
+              dot += double(qkv[static_cast<size_t>(a.offset + qi) * ld + h * hd + d]) * keys[static_cast<size_t>(p) * kv_dim + kvh_i * hd + d];
+            score[p] = dot / std::sqrt(double(hd));
+            m = std::max(m, score[p]);
+          }
+          double sum = 0;
+          for (double& v : score) sum += v = std::exp(v - m);
+          for (int d = 0; d < hd; ++d) {
+            double acc = 0;
+            for (int p = 0; p < s.length; ++p) acc += score[p] * values[static_cast<size_t>(p) * kv_dim + kvh_i * hd + d];
+            want[static_cast<size_t>(a.offset + qi) * q_dim + h * hd + d] = static_cast<float>(acc / sum);
+          }
+        }
+    }
+    std::vector<float> got(want.size(), std::nanf(""));
+    ct::attention(qkv.data(), T, qh, kvh, hd, seqs, got.data());
+    const double e = rel_inf(got, want);
+    report(e < 1e-5, "cuda op: attention (ragged, GQA 4/2, head dim " + std::to_string(hd) +
+                         ", no cache / f32 cache / bf16 cache, whole canvas and cached reads) against float64",
+           fmt("max rel diff %.1e", e));
+  }
+  // GEMM: the tiled kernel and cuBLAS, each type, several M, with and without accumulation.
+  for (bool use_cublas : {false, true})
+    for (ct::Type type : {ct::Type::F32, ct::Type::BF16, ct::Type::F16}) {
+      double worst = 0;
+      bool ran = true;
+      std::string library;
+      for (int M : {1, 37, 160})
+        for (bool accumulate : {false, true}) {
+          const int N = 200, K = 96;
+          std::vector<float> A = random_floats(static_cast<size_t>(M) * K, rng), W = random_floats(static_cast<size_t>(N) * K, rng, 0.1f);
+          std::vector<float> C = random_floats(static_cast<size_t>(M) * N, rng), want(C.size());
+          std::vector<uint16_t> Ab = to_half_bits(A, type), Wb = to_half_bits(W, type);
+          for (int m = 0; m < M; ++m)
+            for (int n = 0; n < N; ++n) {
+              double acc = accumulate ? C[m * N + n] : 0.0;
+              for (int kk = 0; kk < K; ++kk)
+                acc += (type == ct::Type::F32 ? double(A[m * K + kk]) * W[n * K + kk]
+                                              : double(element(Ab, type, m * K + kk)) * element(Wb, type, n * K + kk));
+              want[m * N + n] = static_cast<float>(acc);
+            }
+          const void* a = type == ct::Type::F32 ? static_cast<const void*>(A.data()) : Ab.data();
+          const void* w = type == ct::Type::F32 ? static_cast<const void*>(W.data()) : Wb.data();
+          ran = ct::gemm(a, w, type, M, N, K, C.data(), accumulate, use_cublas, &library) && ran;
+          if (ran) worst = std::max(worst, rel_inf(C, want));
+        }
+      const std::string name = std::string("cuda op: GEMM ") + (use_cublas ? "cuBLAS" : "tiled") + " (" +
+                               (type == ct::Type::F32 ? "f32" : type == ct::Type::BF16 ? "bf16" : "f16") + ", M 1/37/160, += and =)";
+      if (!ran) {
+        std::printf("SKIPPED: %s: cuBLAS did not load\n", name.c_str());
+        continue;
+      }
+      report(worst < 1e-5, name + " against float64", fmt("max rel diff %.1e", worst) + (library.empty() ? "" : ", " + library));
+    }
+  // The vocabulary reduction against sample_task.
+  for (int row_size : {300, 126464}) {
+    TaskSet s = random_tasks(rng, row_size, row_size > 1000 ? 48 : 400);
+    std::vector<RowResult> got(s.tasks.size());
+    ct::reduce_rows(s.logits.data(), s.rows, row_size, s.tasks, got.data());
+    int equal = 0;
+    const std::string first = compare_results(s, row_size, got, &equal);
+    report(first.empty(), "cuda op: vocabulary reduction equals sample_task, row " + std::to_string(row_size),
+           first.empty() ? std::to_string(equal) + " of " + std::to_string(s.tasks.size()) + " tokens equal" : first);
+  }
+}
+
+LoadOptions device_options(Device device) {
+  LoadOptions o;
+  o.device = device;
+  o.threads = 2;
+  return o;
+}
+
+std::vector<fs::path> golden_models(const std::string& golden_dir) {
+  std::vector<fs::path> out;
+  for (const auto& entry : fs::directory_iterator(golden_dir))
+    if (entry.path().extension() == ".json" && fs::is_directory(entry.path().parent_path() / entry.path().stem()))
+      out.push_back(entry.path());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+Json read_json(const fs::path& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return Json::parse(ss.str());
+}
+
+// The CUDA backend against the CPU backend on the golden models: plain forwards of several canvases in one
+// batch, KV-cached forwards (a refresh, then a dual-cache read), and predict.
+void device_backend_parity(const std::string& golden_dir) {
+  std::mt19937 rng(21);
+  for (const fs::path& json_path : golden_models(golden_dir)) {
+    const std::string name = json_path.stem().string(), dir = (json_path.parent_path() / name).string();
+    try {
+      auto cpu_backend = Backend::load(dir, device_options(Device::Cpu));
+      auto gpu = Backend::load(dir, device_options(Device::Cuda));
+      const ModelConfig& c = gpu->config();
+      const bool f32 = gpu->weight_dtype() == "f32";
+      // bf16 / f16 weights: the GPU feeds its GEMMs activations in the weights' type, the CPU keeps f32.
+      const double tolerance = f32 ? 1e-4 : 5e-2;
+      std::vector<std::vector<int32_t>> seqs = {random_tokens(rng, 9, c.vocab_size), random_tokens(rng, 40, c.vocab_size),
+                                                random_tokens(rng, 23, c.vocab_size)};
+      std::vector<std::vector<int32_t>> rows = {all_rows(9), all_rows(40), {0, 5, 22}};
+      const std::vector<float> a = run_forward(*gpu, seqs, rows), b = run_forward(*cpu_backend, seqs, rows);
+      const double e = rel_inf(a, b);
+      report(e < tolerance, "cuda backend: " + name + " (" + gpu->weight_dtype() + ") batched forward against the CPU backend",
+             fmt("max rel diff %.1e", e));
+
+      // A refresh then a dual-cache read of [8, 16), on each backend.
+      const int L = 30;
+      std::vector<int32_t> canvas = random_tokens(rng, L, c.vocab_size);
+      std::vector<float> cached[2];
+      int i = 0;
+      for (Backend* be : {gpu.get(), cpu_backend.get()}) {
+        auto cache = be->make_kv_cache(L);
+        run_cached(*be, {{canvas, {0}, cache.get(), 0, -1}});
+        std::vector<int32_t> changed = canvas;
+        changed[10] = (changed[10] + 1) % c.vocab_size;
+        cached[i++] = run_cached(*be, {{changed, range_rows(8, 16), cache.get(), 8, 16}});
+      }
+      const double ec = rel_inf(cached[0], cached[1]);
+      report(ec < tolerance, "cuda backend: " + name + " dual-cache read after a refresh against the CPU backend",
+             fmt("max rel diff %.1e", ec));
+
+      // predict at temperature 0: the same tokens as the CPU backend (f32 models).
+      RowRule rule;
+      rule.row_size = c.embedding_size, rule.vocab_size = c.vocab_size, rule.mask_token_id = c.mask_token_id;
+      rule.eos_token_id = c.eos_token_id;
+      std::vector<RowTask> tasks;
+      for (int r = 0; r < 52; ++r) {
+        RowTask t;
+        t.cond = r, t.rule = &rule, t.seed = 7, t.step = 1, t.position = r, t.top_logprobs = 3, t.target = r % c.vocab_size;
+        tasks.push_back(t);
+      }
+      std::vector<ForwardSeq> batch;
+      for (size_t s = 0; s < seqs.size(); ++s)
+        batch.push_back({seqs[s].data(), static_cast<int>(seqs[s].size()), rows[s].data(), static_cast<int>(rows[s].size())});
+      std::vector<RowResult> ga(tasks.size()), gb(tasks.size());
+      gpu->predict(batch, tasks, ga.data());
+      cpu_backend->predict(batch, tasks, gb.data());
+      int same = 0;
+      double worst_p = 0;
+      for (size_t j = 0; j < tasks.size(); ++j) {
+        same += ga[j].token == gb[j].token;
+        worst_p = std::max(worst_p, std::fabs(ga[j].probability - gb[j].probability));
+      }
+      if (f32)
+        report(same == static_cast<int>(tasks.size()) && worst_p < 1e-4,
+               "cuda backend: " + name + " predict at temperature 0 takes the CPU backend's tokens",
+               std::to_string(same) + " of " + std::to_string(tasks.size()) + fmt(" equal, max |dp| %.1e", worst_p));
+      else
+        std::printf("info cuda backend: %s (%s) predict: %d of %zu tokens as on the CPU, max |dp| %.1e\n", name.c_str(),
+                    gpu->weight_dtype().c_str(), same, tasks.size(), worst_p);
+      const BackendInfo info = gpu->info();
+      report(info.backend == "cuda" && !info.device.empty() && info.memory_total > 0 && info.memory_used > 0,
+             "cuda backend: " + name + " info", info.device + ", gemm " + info.gemm + ", " +
+                                                    std::to_string(info.memory_used >> 20) + " of " +
+                                                    std::to_string(info.memory_total >> 20) + " MiB");
+    } catch (const std::exception& e) {
+      report(false, "cuda backend: " + name, e.what());
+    }
+  }
+}
+
+// The golden fixtures on CUDA: the logits against PyTorch's, and the generated answers through the
+// Engine (exact for f32 models; the agreement reported, and bounded loosely, for bf16 / f16).
+void device_golden(const std::string& golden_dir) {
+  for (const fs::path& json_path : golden_models(golden_dir)) {
+    const std::string name = json_path.stem().string(), dir = (json_path.parent_path() / name).string();
+    try {
+      Json fixture = read_json(json_path);
+      std::shared_ptr<Backend> gpu = Backend::load(dir, device_options(Device::Cuda));
+      const bool f32 = gpu->weight_dtype() == "f32";
+      const int E = gpu->config().embedding_size;
+      double worst = 0, scale = 0;
+      for (const Json& f : fixture.find("forward")->items()) {
+        std::vector<int32_t> tokens;
+        for (const Json& t : f.find("tokens")->items()) tokens.push_back(static_cast<int32_t>(t.as_int64()));
+        std::vector<float> got = run_forward(*gpu, {tokens}, {all_rows(tokens.size())});
+        const Json& logits = *f.find("logits");
+        for (size_t t = 0; t < tokens.size(); ++t)
+          for (int e = 0; e < E; ++e) {
+            const double want = logits[t][e].as_number();
+            worst = std::max(worst, std::fabs(got[t * E + e] - want));
+            scale = std::max(scale, std::fabs(want));
+          }
+      }
+      report(worst <= (f32 ? 1e-4 : 5e-2) * scale, "cuda golden " + name + " (" + gpu->weight_dtype() + ") logits",
+             fmt("max |diff| %.2e, max |logit| %.2f, ratio %.1e", worst, scale, worst / std::max(scale, 1e-30)));
+
+      Engine engine(gpu);
+      int cases = 0, equal = 0, tokens_equal = 0, tokens_total = 0;
+      for (const Json& c : fixture.find("generate")->items()) {
+        std::vector<int32_t> prompt, answer;
+        for (const Json& t : c.find("prompt")->items()) prompt.push_back(static_cast<int32_t>(t.as_int64()));
+        for (const Json& t : c.find("answer")->items()) answer.push_back(static_cast<int32_t>(t.as_int64()));
+        const Json& p = *c.find("params");
+        SamplingParams s;
+        s.gen_length = static_cast<int>(p.find("gen_length")->as_int64());
+        s.block_length = static_cast<int>(p.find("block_length")->as_int64());
+        s.steps = static_cast<int>(p.find("steps")->as_int64());
+        s.temperature = p.find("temperature")->as_number();
+        s.remasking = p.find("remasking")->as_string() == "random" ? Remasking::Random : Remasking::LowConfidence;
+        s.cfg_scale = p.find("cfg_scale")->as_number();
+        s.logits_eos_inf = p.find("logits_eos_inf")->as_bool();
+        s.confidence_eos_eot_inf = p.find("confidence_eos_eot_inf")->as_bool();
+        s.eot_token_id = static_cast<int>(p.find("eot_token_id")->as_int64());
+        if (s.temperature != 0.0 || s.remasking == Remasking::Random) continue;  // only temperature 0 is comparable
+        const uint64_t id = engine.create(prompt, s);
+        for (int guard = 0; guard < 10000; ++guard)
+          if (engine.step({id}).at(0).finished) break;
+        const std::vector<int32_t> got = engine.canvas(id);
+        engine.release(id);
+        ++cases;
+        equal += got == answer;
+        for (size_t i = 0; i < std::min(got.size(), answer.size()); ++i) tokens_equal += got[i] == answer[i];
+        tokens_total += static_cast<int>(answer.size());
+      }
+      const std::string detail = std::to_string(equal) + " of " + std::to_string(cases) + " answers equal, " +
+                                 std::to_string(tokens_equal) + " of " + std::to_string(tokens_total) + " tokens";
+      if (f32)
+        report(cases > 0 && equal == cases, "cuda golden " + name + ": temperature-0 answers equal PyTorch's exactly", detail);
+      else
+        report(cases > 0 && tokens_equal * 2 >= tokens_total,
+               "cuda golden " + name + " (" + gpu->weight_dtype() + "): temperature-0 agreement with PyTorch (reported; at least half)", detail);
+    } catch (const std::exception& e) {
+      report(false, "cuda golden " + name, e.what());
+    }
+  }
+}
+
+// A sequence's logits do not depend on what else is in the batch (to f32 rounding: cuBLAS may pick other
+// kernels for other row counts), and its argmax rows are the same.
+void device_batch_invariance(const std::string& golden_dir) {
+  std::mt19937 rng(31);
+  for (const std::string name : {"plain", "gqa"}) {
+    try {
+      auto gpu = Backend::load((fs::path(golden_dir) / name).string(), device_options(Device::Cuda));
+      const int E = gpu->config().embedding_size, V = gpu->config().vocab_size;
+      std::vector<std::vector<int32_t>> seqs, rows;
+      for (int n : {3, 17, 64, 31, 50, 8}) seqs.push_back(random_tokens(rng, n, V)), rows.push_back(all_rows(n));
+      const std::vector<float> together = run_forward(*gpu, seqs, rows);
+      std::vector<float> alone;
+      for (size_t s = 0; s < seqs.size(); ++s) {
+        std::vector<float> one = run_forward(*gpu, {seqs[s]}, {rows[s]});
+        alone.insert(alone.end(), one.begin(), one.end());
+      }
+      int argmax_same = 0, n_rows = static_cast<int>(together.size() / E);
+      for (int r = 0; r < n_rows; ++r) {
+        const float* a = together.data() + static_cast<size_t>(r) * E;
+        const float* b = alone.data() + static_cast<size_t>(r) * E;
+        argmax_same += std::max_element(a, a + V) - a == std::max_element(b, b + V) - b;
+      }
+      const double e = rel_inf(together, alone);
+      report(e < 1e-5 && argmax_same == n_rows, "cuda batch invariance: " + name + ", 6 canvases in one batch vs each alone",
+             fmt("max rel diff %.1e, bit-exact: ", e) + (e == 0 ? "yes" : "no") + ", " +
+                 std::to_string(argmax_same) + " of " + std::to_string(n_rows) + " argmax rows equal");
+    } catch (const std::exception& e) {
+      report(false, "cuda batch invariance: " + name, e.what());
+    }
+  }
+}
+#endif
+
+}  // namespace vdiff::test
+
+int main(int argc, char** argv) {
+  using namespace vdiff::test;
+  std::string golden_dir = VDIFF_GOLDEN_DIR;
+  bool host_only = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--golden" && i + 1 < argc) golden_dir = argv[++i];
+    else if (a == "--host-only") host_only = true;
+    else {
+      std::fprintf(stderr, "usage: vdiff-cuda-tests [--golden DIR] [--host-only]\n");
+      return 2;
+    }
+  }
+  std::printf("== host checks of the CUDA kernels' arithmetic (cuda/ops.h)\n");
+  host_conversions();
+  host_rmsnorm();
+  host_rope();
+  host_silu();
+  host_online_softmax();
+  host_vocab_reduction();
+  bool device = false;
+  std::string reason;
+#if VDIFF_WITH_CUDA
+  device = vdiff::cuda::testing::available(&reason);
+#else
+  reason = "this build has no CUDA backend (nvcc not found, or VDIFF_CUDA=OFF)";
+#endif
+  if (!device) host_device_unavailable(golden_dir);
+  if (host_only) {
+    std::printf("SKIPPED: device checks (--host-only)\n");
+  } else if (!device) {
+    std::printf("SKIPPED: no CUDA device (%s): op parity, backend parity, golden fixtures on CUDA and batch invariance "
+                "wait for a GPU (bench/gpu/run.sh)\n",
+                reason.c_str());
+  } else {
+#if VDIFF_WITH_CUDA
+    std::printf("== op parity (each kernel against the CPU)\n");
+    device_ops();
+    std::printf("== the CUDA backend against the CPU backend\n");
+    device_backend_parity(golden_dir);
+    std::printf("== golden fixtures on CUDA\n");
+    device_golden(golden_dir);
+    std::printf("== batch invariance on the GPU\n");
+    device_batch_invariance(golden_dir);
+#endif
+  }
+  std::printf("\n%d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
