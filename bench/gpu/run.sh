@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The CUDA backend on a lent GPU, in one call (<= 8 minutes on an H200): build, checks, benchmark.
+#
+#   bash bench/gpu/run.sh            (from the repository root; on the device machine $OUT is set)
+#
+# 1. cmake build of vdiff-cuda-tests, vdiff-native-tests and the benchmark driver (bench/gpu/CMakeLists.txt
+#    adds native/ and bench_vdiff.cpp), device code for sm_90 only to keep it short;
+# 2. vdiff-cuda-tests: op parity of every kernel against the CPU, the CUDA backend against the CPU backend,
+#    the golden fixtures on CUDA (tokens exact at temperature 0 for f32 models, bf16 agreement reported),
+#    batch invariance; then the native suite with VDIFF_TEST_DEVICE=cuda (informative);
+# 3. the benchmark of issue 15: tools/reference/gpu_bench.py makes random LLaDA-8B-shaped bf16 weights on
+#    the GPU, writes them as a model directory and times its PyTorch eager bf16 (SDPA) implementation;
+#    bench_vdiff.cpp times vdiff on the same weights and the same prompt;
+# 4. bench/gpu/combine.py writes gpu-<date>.json (to $OUT, or bench/results without one) with both sides,
+#    the ratios and the targets, and prints the table.
+# cuBLAS comes from the nvidia-cublas Python package: its lib folder is found at run time and passed on
+# as VDIFF_CUBLAS_DIR (the backend dlopens libcublas.so.13 there, else the loader's search path).
+set -u -o pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+RESULTS=${OUT:-$ROOT/bench/results}
+mkdir -p "$RESULTS"
+BUILD=${VDIFF_GPU_BUILD:-/tmp/vdiff-gpu-build}
+MODEL=${VDIFF_GPU_MODEL:-/tmp/vdiff-llada8b-random}
+DATE=$(date -u +%Y-%m-%d)
+T0=$(date +%s)
+stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+
+stamp "device"
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm --format=csv,noheader || true
+export VDIFF_CUBLAS_DIR=${VDIFF_CUBLAS_DIR:-$(python3 - <<'PY'
+import glob, os
+found = []
+try:
+    import nvidia
+    for root in list(nvidia.__path__):
+        found += glob.glob(os.path.join(root, "**", "libcublas.so.*"), recursive=True)
+except Exception:
+    pass
+print(os.path.dirname(sorted(found)[0]) if found else "")
+PY
+)}
+echo "VDIFF_CUBLAS_DIR=$VDIFF_CUBLAS_DIR"
+
+stamp "build"
+cmake -S bench/gpu -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90-real \
+  > "$RESULTS/build.log" 2>&1 \
+  && ninja -C "$BUILD" -j"$(nproc)" vdiff-cuda-tests vdiff-native-tests vdiff-gpu-bench >> "$RESULTS/build.log" 2>&1
+BUILD_RC=$?
+grep -E "vdiff:|error|FAILED" "$RESULTS/build.log" | head -20
+[ $BUILD_RC -eq 0 ] || { echo "BUILD FAILED"; tail -40 "$RESULTS/build.log"; exit 1; }
+
+stamp "vdiff-cuda-tests"
+timeout 240 "$BUILD/native/vdiff-cuda-tests" --golden "$ROOT/test/fixtures/golden" 2>&1 | tee "$RESULTS/cuda-tests.txt" \
+  | grep -v "^ok  " ; echo "(every line: $RESULTS/cuda-tests.txt)"
+
+stamp "vdiff-native-tests on CUDA (informative)"
+VDIFF_TEST_DEVICE=cuda timeout 120 "$BUILD/native/vdiff-native-tests" > "$RESULTS/native-tests-cuda.txt" 2>&1
+echo "rc $?: $(grep -c '^FAIL' "$RESULTS/native-tests-cuda.txt") FAIL lines"; grep '^FAIL' "$RESULTS/native-tests-cuda.txt" | head -10
+
+stamp "PyTorch side: weights on the device, eager bf16 benchmark"
+PYTHONUNBUFFERED=1 timeout 300 python3 tools/reference/gpu_bench.py --model-dir "$MODEL" --out "$RESULTS/torch.json" \
+  --prompt-out "$MODEL.prompt" 2>&1 | grep -v '^{"torch"' | tail -12
+
+stamp "vdiff side"
+timeout 240 "$BUILD/vdiff-gpu-bench" --model "$MODEL" --prompt-ids "$(cat "$MODEL.prompt")" > "$RESULTS/vdiff.json" \
+  2> "$RESULTS/vdiff.err"
+echo "rc $?"; cat "$RESULTS/vdiff.err" | tail -5
+
+stamp "combine"
+python3 bench/gpu/combine.py --torch "$RESULTS/torch.json" --vdiff "$RESULTS/vdiff.json" \
+  --tests "$RESULTS/cuda-tests.txt" --out "$RESULTS/gpu-$DATE.json"
+stamp "done"
