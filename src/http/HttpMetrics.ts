@@ -4,52 +4,48 @@
  * (vdiff_http_requests_in_flight; shutdown also waits for these to reach zero). The metrics are Effect
  * Metrics of telemetry/metrics.ts, rendered on GET /metrics.
  *
+ * The access log (middleware.ts) times each exchange and watches for the client going away; `record`
+ * counts the record it makes, so the two always agree.
+ *
  * @since 0.1.0
  */
-import { type HttpApp, HttpServerRequest } from "@effect/platform"
-import { Clock, Context, Effect, Layer, Metric, MetricLabel } from "effect"
+import type { HttpApp } from "@effect/platform"
+import { Context, Effect, Layer, Metric, MetricLabel, Stream, SubscriptionRef } from "effect"
 import * as Metrics from "../telemetry/metrics.js"
-import { exchangeStatus, pathOf, watchClientGone } from "./middleware.js"
+import type { RequestRecord } from "./middleware.js"
 import type { RouteTable } from "./routeTable.js"
 
 export interface HttpMetricsShape {
   /** Requests of this server being answered now. */
   readonly inFlight: Effect.Effect<number>
-  /** Middleware: counts the request while it runs and once it is answered (for streams: its end). */
-  readonly count: (routes: RouteTable) => <E, R>(app: HttpApp.Default<E, R>) => HttpApp.Default<E, R>
+  /** Waits until no request is being answered. */
+  readonly idle: Effect.Effect<void>
+  /** Middleware: counts the request as in flight while it runs (for streams: until its end). */
+  readonly track: <E, R>(app: HttpApp.Default<E, R>) => HttpApp.Default<E, R>
+  /** Counts an answered request and its duration (the access log's `onRecord`). */
+  readonly record: (routes: RouteTable) => (record: RequestRecord) => Effect.Effect<void>
 }
 
 export class HttpMetrics extends Context.Tag("vdiff/HttpMetrics")<HttpMetrics, HttpMetricsShape>() {}
 
-export const make: Effect.Effect<HttpMetricsShape> = Effect.sync(() => {
-  let inFlight = 0
+export const make: Effect.Effect<HttpMetricsShape> = Effect.gen(function*() {
+  const inFlight = yield* SubscriptionRef.make(0)
+  const add = (delta: number) =>
+    SubscriptionRef.update(inFlight, (n) => n + delta).pipe(
+      Effect.zipRight(Metric.incrementBy(Metrics.httpRequestsInFlight, delta))
+    )
   return {
-    inFlight: Effect.sync(() => inFlight),
-    count: (routes) => (app) =>
-      Effect.flatMap(HttpServerRequest.HttpServerRequest, (request) =>
-        Effect.gen(function*() {
-          const started = yield* Clock.currentTimeNanos
-          const clientGone = yield* watchClientGone(request)
-          inFlight++
-          yield* Metric.increment(Metrics.httpRequestsInFlight)
-          return yield* app.pipe(
-            Effect.onExit((exit) =>
-              Effect.gen(function*() {
-                inFlight--
-                yield* Metric.incrementBy(Metrics.httpRequestsInFlight, -1)
-                const status = exchangeStatus(exit, clientGone())
-                // Unknown paths share one label, so clients cannot grow the series without bound.
-                const route = routes.find(pathOf(request.url))?.route ?? "unmatched"
-                const labels = { route, method: request.method, status: String(status) }
-                yield* Metric.increment(Metric.taggedWithLabels(Metrics.httpRequests, tags(labels)))
-                yield* Metric.update(
-                  Metric.taggedWithLabels(Metrics.httpRequestDuration, tags(labels)),
-                  Metrics.secondsBetween(started, yield* Clock.currentTimeNanos)
-                )
-              })
-            )
-          )
-        }))
+    inFlight: SubscriptionRef.get(inFlight),
+    idle: inFlight.changes.pipe(Stream.takeUntil((n) => n === 0), Stream.runDrain),
+    track: (app) => Effect.acquireUseRelease(add(1), () => app, () => add(-1)),
+    record: (routes) => (record) => {
+      // Unknown paths share one label, so clients cannot grow the series without bound.
+      const route = routes.find(record.path)?.route ?? "unmatched"
+      const labels = tags({ route, method: record.method, status: String(record.status) })
+      return Metric.increment(Metric.taggedWithLabels(Metrics.httpRequests, labels)).pipe(
+        Effect.zipRight(Metric.update(Metric.taggedWithLabels(Metrics.httpRequestDuration, labels), record.durationMs / 1000))
+      )
+    }
   }
 })
 

@@ -1,7 +1,7 @@
 /**
  * The HTTP middleware of the server, each a function from an HttpApp to an HttpApp. Server.ts applies
- * them in this order, outermost first: request id · access log · request counters (HttpMetrics.ts) ·
- * errors → responses (errorResponses.ts) · security headers · CORS · body size limit · failed-auth limit
+ * them in this order, outermost first: request id · access log (which hands each exchange's record to
+ * the request counters of HttpMetrics.ts) · requests in flight (HttpMetrics.ts) · errors → responses (errorResponses.ts) · security headers · CORS · body size limit · failed-auth limit
  * (RateLimiter.ts) · auth (auth.ts) · rate limit (RateLimiter.ts) · router. Headers that every response
  * must carry — errors included — are added with pre-response handlers, which run on whatever response
  * finally goes out.
@@ -10,9 +10,10 @@
  */
 import { randomUUID } from "node:crypto"
 import type { IncomingMessage } from "node:http"
-import { HttpApp, HttpServerRequest, HttpServerResponse } from "@effect/platform"
+import { HttpApp, HttpIncomingMessage, HttpServerRequest, HttpServerResponse, UrlParams } from "@effect/platform"
+import { RequestError } from "@effect/platform/HttpServerError"
 import { NodeHttpServerRequest } from "@effect/platform-node"
-import { Cause, Clock, Effect, Exit, Option, Stream } from "effect"
+import { Cause, Clock, Effect, Exit, Inspectable, Option, Stream } from "effect"
 import { BadRequest, Forbidden, PayloadTooLarge } from "../api/errors.js"
 import { RequestId } from "../api/RequestId.js"
 
@@ -74,7 +75,7 @@ export const requestId = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E, 
  * whether it has. The status alone cannot tell for a stream: when its client goes away the platform ends
  * the exchange as though the response had gone out, with the response's own status.
  */
-export const watchClientGone = (request: HttpServerRequest.HttpServerRequest): Effect.Effect<() => boolean> =>
+const watchClientGone = (request: HttpServerRequest.HttpServerRequest): Effect.Effect<() => boolean> =>
   Effect.sync(() => {
     let gone = false
     const response = NodeHttpServerRequest.toServerResponse(request)
@@ -85,7 +86,7 @@ export const watchClientGone = (request: HttpServerRequest.HttpServerRequest): E
   })
 
 /** The status an exchange ended with: 499 when the client went away, 500 for a failure nothing answered. */
-export const exchangeStatus = (exit: Exit.Exit<HttpServerResponse.HttpServerResponse, unknown>, clientGone: boolean) =>
+const exchangeStatus = (exit: Exit.Exit<HttpServerResponse.HttpServerResponse, unknown>, clientGone: boolean) =>
   clientGone || (Exit.isFailure(exit) && Cause.isInterruptedOnly(exit.cause))
     ? 499
     : Exit.isSuccess(exit) ? exit.value.status : 500
@@ -96,6 +97,7 @@ export interface RequestRecord {
   readonly path: string
   /** 499 when the client went away before the response was complete. */
   readonly status: number
+  /** From the request's arrival to the response's end, unrounded. */
   readonly durationMs: number
   readonly client: string
 }
@@ -104,7 +106,7 @@ export interface RequestRecord {
  * One structured log line per request once its response is complete (for streams: when the stream ends),
  * through Effect's logger: method, path, status, duration, client (request_id comes from the annotation).
  * Never logs headers, so neither the Authorization header nor keys appear. `onRecord` also receives each
- * record (for metrics).
+ * record (the request counters of HttpMetrics.ts), so the exchange is timed and watched in one place.
  */
 export const accessLog = (options: {
   readonly trustProxy: boolean
@@ -118,12 +120,11 @@ export const accessLog = (options: {
     return yield* app.pipe(
       Effect.onExit((exit) =>
         Effect.gen(function*() {
-          const durationMs = Number((yield* Clock.currentTimeNanos) - started) / 1e6
           const record: RequestRecord = {
             method: request.method,
             path: pathOf(request.url),
             status: exchangeStatus(exit, clientGone()),
-            durationMs: Math.round(durationMs * 1000) / 1000,
+            durationMs: Number((yield* Clock.currentTimeNanos) - started) / 1e6,
             client: clientAddress(request, options.trustProxy)
           }
           yield* Effect.logInfo("request").pipe(
@@ -131,7 +132,7 @@ export const accessLog = (options: {
               method: record.method,
               path: record.path,
               status: record.status,
-              duration_ms: record.durationMs,
+              duration_ms: Math.round(record.durationMs * 1000) / 1000,
               client: record.client
             })
           )
@@ -170,6 +171,11 @@ const corsExposed = "x-request-id, retry-after, x-ratelimit-limit, x-ratelimit-r
  * browsers keep other origins out. A preflight (OPTIONS with Origin and Access-Control-Request-Method) is
  * answered here, before auth (browsers send preflights without credentials): 204 for an allowed origin,
  * 403 otherwise.
+ *
+ * Why not @effect/platform's HttpMiddleware.cors (0.97): it answers every OPTIONS request with 204, for
+ * any origin and before anything else, where a preflight from an origin not allowed gets a 403 with the
+ * API's error body here; with no origins given it allows every origin (`*`), where here none is the safe
+ * default; and with one origin it sends that origin to every client. Keep this one unless those change.
  */
 export const cors = (allowedOrigins: ReadonlyArray<string>) => {
   const anyOrigin = allowedOrigins.includes("*")
@@ -263,19 +269,76 @@ const readBody = (source: IncomingMessage, limit: number) =>
   })
 
 /**
- * The request with its body already read: `text`, `json`, `arrayBuffer` and `stream` serve the buffered
- * copy, everything else is the original's. (Routes must not be mounted under a prefix: `modify` would
- * build a request that reads the consumed socket again.)
+ * The request with its body already read: the body's readers (`text`, `json`, `urlParamsBody`,
+ * `arrayBuffer`, `stream`) serve the buffered copy; everything else is the original request's, and so
+ * is what platform-node reads of it (`source`, `response`: NodeHttpServerRequest.toIncomingMessage and
+ * toServerResponse). `modify` (a router mounted under a prefix) keeps the buffered body.
  */
-const withBufferedBody = (
-  request: HttpServerRequest.HttpServerRequest,
-  body: Buffer
-): HttpServerRequest.HttpServerRequest =>
-  Object.create(request, {
-    text: { value: Effect.succeed(body.toString("utf8")) },
-    arrayBuffer: { value: Effect.succeed(new Uint8Array(body).buffer) },
-    stream: { value: Stream.succeed(new Uint8Array(body)) }
-  })
+class BufferedRequest extends Inspectable.Class implements HttpServerRequest.HttpServerRequest {
+  readonly [HttpServerRequest.TypeId]: HttpServerRequest.TypeId = HttpServerRequest.TypeId
+  readonly [HttpIncomingMessage.TypeId]: HttpIncomingMessage.TypeId = HttpIncomingMessage.TypeId
+  constructor(readonly original: HttpServerRequest.HttpServerRequest, readonly body: Buffer) {
+    super()
+  }
+  get source() {
+    return this.original.source
+  }
+  get response() {
+    return NodeHttpServerRequest.toServerResponse(this.original)
+  }
+  get url() {
+    return this.original.url
+  }
+  get originalUrl() {
+    return this.original.originalUrl
+  }
+  get method() {
+    return this.original.method
+  }
+  get cookies() {
+    return this.original.cookies
+  }
+  get headers() {
+    return this.original.headers
+  }
+  get remoteAddress() {
+    return this.original.remoteAddress
+  }
+  get multipart() {
+    return this.original.multipart
+  }
+  get multipartStream() {
+    return this.original.multipartStream
+  }
+  get upgrade() {
+    return this.original.upgrade
+  }
+  modify(options: Parameters<HttpServerRequest.HttpServerRequest["modify"]>[0]) {
+    return new BufferedRequest(this.original.modify(options), this.body)
+  }
+  get text(): Effect.Effect<string> {
+    return Effect.succeed(this.body.toString("utf8"))
+  }
+  get json(): Effect.Effect<unknown, RequestError> {
+    return Effect.flatMap(this.text, (text) =>
+      Effect.try({
+        try: (): unknown => text === "" ? null : JSON.parse(text),
+        catch: (cause) => new RequestError({ request: this, reason: "Decode", cause })
+      }))
+  }
+  get urlParamsBody() {
+    return Effect.map(this.text, (text) => UrlParams.fromInput(new URLSearchParams(text)))
+  }
+  get arrayBuffer() {
+    return Effect.succeed(new Uint8Array(this.body).buffer)
+  }
+  get stream() {
+    return Stream.succeed(new Uint8Array(this.body))
+  }
+  toJSON(): unknown {
+    return { _id: "BufferedRequest", method: this.method, url: this.originalUrl, bytes: this.body.length }
+  }
+}
 
 /**
  * Refuses a body over `limit` bytes with 413 and closes the connection: once the body has been read and
@@ -297,5 +360,5 @@ export const bodyLimit = (limit: number) =>
     const body = yield* readBody(NodeHttpServerRequest.toIncomingMessage(request), limit).pipe(
       Effect.tapError(() => closeAfter)
     )
-    return yield* Effect.provideService(app, HttpServerRequest.HttpServerRequest, withBufferedBody(request, body))
+    return yield* Effect.provideService(app, HttpServerRequest.HttpServerRequest, new BufferedRequest(request, body))
   })

@@ -20,7 +20,7 @@ import { createServer } from "node:http"
 import { HttpMiddleware, HttpRouter, HttpServer, type HttpServerRequest } from "@effect/platform"
 import type { ServeError } from "@effect/platform/HttpServerError"
 import { NodeHttpServer } from "@effect/platform-node"
-import { Clock, Context, Effect, Fiber, Layer } from "effect"
+import { Context, Effect, Fiber, Layer } from "effect"
 import type { ApiError } from "../api/errors.js"
 import type { RequestId } from "../api/RequestId.js"
 import { ChatFormatter } from "../chat/ChatFormatter.js"
@@ -140,7 +140,7 @@ export const layerServe = (options: ServerOptions) =>
       // Around the exchange as a whole, so that the log and the counters see a stream's end; every metric
       // updated in it is labelled with the model's name.
       return HttpServer.serve(app, (app) =>
-        requestId(accessLog({ trustProxy: config.trustProxy })(metrics.count(table)(app))).pipe(
+        requestId(accessLog({ trustProxy: config.trustProxy, onRecord: metrics.record(table) })(metrics.track(app))).pipe(
           Effect.tagMetrics("model_name", modelName)
         )).pipe(
           HttpMiddleware.withTracerDisabledWhen(untraced),
@@ -201,8 +201,8 @@ export const shutdown = (timeoutMs: number) =>
       Effect.annotateLogs({ timeout_s: timeoutMs / 1000 })
     )
     yield* host.drain(timeoutMs)
-    const deadline = (yield* Clock.currentTimeMillis) + flushGraceMs
-    while ((yield* metrics.inFlight) > 0 && (yield* Clock.currentTimeMillis) < deadline) yield* Effect.sleep(10)
+    // Interruptible inside the timeout, so that the grace ends on time wherever shutdown runs.
+    yield* metrics.idle.pipe(Effect.interruptible, Effect.timeoutOption(flushGraceMs))
     yield* Effect.logInfo("drained; closing the server and releasing the model")
   })
 
