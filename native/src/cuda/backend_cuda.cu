@@ -395,7 +395,7 @@ int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<boo
   std::vector<SeqDesc> seqs(plan.seqs.size());
   std::vector<QueryTile> tiles;
   head_rows.reserve(rows);
-  constexpr int kTileQueries = 16;
+  constexpr int kTileQueries = kAttentionQueries;
   for (size_t s = 0; s < plan.seqs.size(); ++s) {
     const BatchPlan::Seq& p = plan.seqs[s];
     for (int i = 0; i < p.end - p.begin; ++i) {

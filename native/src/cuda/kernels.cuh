@@ -23,6 +23,9 @@ void launch_rope(float* qkv, int T, int64_t ld, int q_heads, int kv_heads, int h
 void launch_store_kv(const float* qkv, int T, int64_t ld, int k_col, int v_col, int kv_dim, int layer,
                      const int32_t* token_seq, const SeqDesc* seqs, cudaStream_t stream);
 
+// Queries per QueryTile of the attention kernel (tiles hold at most this many).
+constexpr int kAttentionQueries = 32;
+
 // Bidirectional attention with GQA over ragged sequences: out[t, h*hd ..] for every query tile and head.
 // Keys and values from qkv (fresh) or from the sequence's cache (reads_cache). out in `out_type`.
 void launch_attention(const float* qkv, int64_t ld, int k_col, int v_col, int q_heads, int kv_heads, int hd,

@@ -103,8 +103,8 @@ void attention(const float* qkv, int T, int q_heads, int kv_heads, int hd, const
     const bool whole = a.begin == 0 && a.end == a.length;
     descs.push_back(SeqDesc{a.offset, a.begin, a.end, a.length, cache && !whole ? 1 : 0, a.cache_bf16 ? 1 : 0, cache});
     for (int i = 0; i < a.end - a.begin; ++i) token_seq[a.offset + i] = static_cast<int32_t>(s);
-    for (int q0 = 0; q0 < a.end - a.begin; q0 += 16)
-      tiles.push_back(QueryTile{static_cast<int>(s), q0, std::min(16, a.end - a.begin - q0)});
+    for (int q0 = 0; q0 < a.end - a.begin; q0 += kAttentionQueries)
+      tiles.push_back(QueryTile{static_cast<int>(s), q0, std::min(kAttentionQueries, a.end - a.begin - q0)});
   }
   Dev dseqs(descs.size() * sizeof(SeqDesc), descs.data()), dtiles(tiles.size() * sizeof(QueryTile), tiles.data());
   Dev dtoken_seq(T * 4, token_seq.data());
