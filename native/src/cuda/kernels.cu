@@ -2,6 +2,8 @@
 // arithmetic of one element (one RMSNorm row's scale, one RoPE pair, one online-softmax merge, one Gumbel
 // score) is ops.h's, which vdiff-cuda-tests also checks on the CPU.
 #include <cfloat>
+#include <cstdlib>
+#include <string>
 
 #include "cuda/kernels.cuh"
 #include "cuda/ops.h"
@@ -287,6 +289,110 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const float* qk
   }
 }
 
+// The first, plain version of the same computation (one score or output element per thread and step),
+// kept as a second opinion: VDIFF_CUDA_ATTENTION=simple selects it, and the op-parity test checks both.
+constexpr int kQueriesSimple = kAttentionQueries;
+
+size_t attention_simple_smem(int hd) {
+  return sizeof(float) * (static_cast<size_t>(kQueriesSimple) * hd * 2 + static_cast<size_t>(kKeys) * (hd + 1) +
+                          static_cast<size_t>(kKeys) * hd + kQueriesSimple * kKeys + 4 * kQueriesSimple);
+}
+
+template <class O>
+__global__ void __launch_bounds__(kAttnThreads) attention_simple_kernel(const float* qkv, int64_t ld, int k_col, int v_col,
+                                                                 int q_heads, int kv_heads, int hd, int layer,
+                                                                 const SeqDesc* seqs, const QueryTile* tiles, O* out,
+                                                                 int64_t out_ld) {
+  extern __shared__ float smem[];
+  float* Qs = smem;                              // [kQueriesSimple][hd]
+  float* Os = Qs + kQueriesSimple * hd;                // [kQueriesSimple][hd]
+  float* Ks = Os + kQueriesSimple * hd;                // [kKeys][hd + 1]
+  float* Vs = Ks + kKeys * (hd + 1);             // [kKeys][hd]
+  float* S = Vs + kKeys * hd;                    // [kQueriesSimple][kKeys]
+  float* state_max = S + kQueriesSimple * kKeys;       // [kQueriesSimple] x 4
+  float* state_sum = state_max + kQueriesSimple;
+  float* scale_old = state_sum + kQueriesSimple;
+  float* scale_new = scale_old + kQueriesSimple;
+
+  const QueryTile tile = tiles[blockIdx.x];
+  const int h = blockIdx.y, kv_head = h / (q_heads / kv_heads);
+  const SeqDesc s = seqs[tile.seq];
+  const int kv_dim = kv_heads * hd, L = s.length, tid = threadIdx.x;
+  const float scale = 1.0f / sqrtf(static_cast<float>(hd));
+
+  for (int i = tid; i < kQueriesSimple * hd; i += blockDim.x) {
+    const int q = i / hd, d = i % hd;
+    Qs[i] = q < tile.nq ? qkv[static_cast<int64_t>(s.offset + tile.q0 + q) * ld + h * hd + d] : 0.0f;
+    Os[i] = 0.0f;
+  }
+  if (tid < kQueriesSimple) state_max[tid] = -INFINITY, state_sum[tid] = 0.0f;
+
+  const char* k_cache = s.reads_cache ? cache_table(s, layer, kv_dim, 0) : nullptr;
+  const char* v_cache = s.reads_cache ? cache_table(s, layer, kv_dim, 1) : nullptr;
+  for (int k0 = 0; k0 < L; k0 += kKeys) {
+    const int nk = min(kKeys, L - k0);
+    __syncthreads();
+    for (int i = tid; i < kKeys * hd; i += blockDim.x) {
+      const int j = i / hd, d = i % hd;
+      float k = 0.0f, v = 0.0f;
+      if (j < nk) {
+        const int64_t p = k0 + j;
+        if (!s.reads_cache) {
+          const float* row = qkv + (s.offset + p) * ld;
+          k = row[k_col + kv_head * hd + d];
+          v = row[v_col + kv_head * hd + d];
+        } else if (s.cache_bf16) {
+          k = ops::bf16_to_f32(reinterpret_cast<const uint16_t*>(k_cache)[p * kv_dim + kv_head * hd + d]);
+          v = ops::bf16_to_f32(reinterpret_cast<const uint16_t*>(v_cache)[p * kv_dim + kv_head * hd + d]);
+        } else {
+          k = reinterpret_cast<const float*>(k_cache)[p * kv_dim + kv_head * hd + d];
+          v = reinterpret_cast<const float*>(v_cache)[p * kv_dim + kv_head * hd + d];
+        }
+      }
+      Ks[j * (hd + 1) + d] = k;
+      Vs[j * hd + d] = v;
+    }
+    __syncthreads();
+    for (int i = tid; i < kQueriesSimple * kKeys; i += blockDim.x) {
+      const int q = i / kKeys, j = i % kKeys;
+      float dot = 0.0f;
+      if (q < tile.nq && j < nk) {
+        for (int d = 0; d < hd; ++d) dot += Qs[q * hd + d] * Ks[j * (hd + 1) + d];
+        S[i] = dot * scale;
+      } else {
+        S[i] = -INFINITY;
+      }
+    }
+    __syncthreads();
+    if (tid < kQueriesSimple) {
+      float m = -INFINITY;
+      for (int j = 0; j < nk; ++j) m = fmaxf(m, S[tid * kKeys + j]);
+      float sum = 0.0f;
+      for (int j = 0; j < kKeys; ++j) {
+        const float p = j < nk ? expf(S[tid * kKeys + j] - m) : 0.0f;
+        S[tid * kKeys + j] = p;
+        sum += p;
+      }
+      ops::SoftmaxState a{state_max[tid], state_sum[tid]};
+      float sa, sb;
+      ops::softmax_merge(a, ops::SoftmaxState{m, sum}, sa, sb);
+      state_max[tid] = a.max, state_sum[tid] = a.sum, scale_old[tid] = sa, scale_new[tid] = sb;
+    }
+    __syncthreads();
+    for (int i = tid; i < kQueriesSimple * hd; i += blockDim.x) {
+      const int q = i / hd, d = i % hd;
+      float acc = 0.0f;
+      for (int j = 0; j < nk; ++j) acc += S[q * kKeys + j] * Vs[j * hd + d];
+      Os[i] = Os[i] * scale_old[q] + acc * scale_new[q];
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < tile.nq * hd; i += blockDim.x) {
+    const int q = i / hd, d = i % hd;
+    out[static_cast<int64_t>(s.offset + tile.q0 + q) * out_ld + h * hd + d] = from_f32<O>(Os[i] / state_sum[q]);
+  }
+}
+
 // ---- the vocabulary reduction ---------------------------------------------------------------------------
 
 constexpr int kReduceThreads = 512;
@@ -386,6 +492,16 @@ int grid_for(int64_t n, int threads) {
 
 }  // namespace
 
+namespace {
+AttentionVariant g_attention = [] {
+  const char* v = std::getenv("VDIFF_CUDA_ATTENTION");
+  return v && std::string(v) == "simple" ? AttentionVariant::Simple : AttentionVariant::Blocked;
+}();
+}  // namespace
+
+AttentionVariant attention_variant() { return g_attention; }
+void set_attention_variant(AttentionVariant v) { g_attention = v; }
+
 // ---- launchers -----------------------------------------------------------------------------------------
 
 void launch_embed(const int32_t* tokens, int T, const void* table, Elem type, int D, float* x, cudaStream_t stream) {
@@ -430,15 +546,16 @@ template <class O>
 static void attention_typed(const float* qkv, int64_t ld, int k_col, int v_col, int q_heads, int kv_heads, int hd,
                             int layer, const SeqDesc* seqs, const QueryTile* tiles, int n_tiles, O* out,
                             int64_t out_ld, cudaStream_t stream) {
-  const size_t smem = attention_smem(hd);
-  static size_t raised = 0;  // per instantiation: the dynamic shared memory limit set so far
-  if (smem > 48 * 1024 && smem > raised) {
-    VDIFF_CUDA_CHECK(cudaFuncSetAttribute(attention_kernel<O>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-    raised = smem;
+  const bool simple = attention_variant() == AttentionVariant::Simple;
+  const auto kernel = simple ? attention_simple_kernel<O> : attention_kernel<O>;
+  const size_t smem = simple ? attention_simple_smem(hd) : attention_smem(hd);
+  static size_t raised[2] = {0, 0};  // per instantiation and variant: the dynamic shared memory limit set so far
+  if (smem > 48 * 1024 && smem > raised[simple]) {
+    VDIFF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    raised[simple] = smem;
   }
-  attention_kernel<O><<<dim3(n_tiles, q_heads), kAttnThreads, smem, stream>>>(qkv, ld, k_col, v_col, q_heads, kv_heads,
-                                                                             hd, layer, seqs, tiles, out, out_ld);
+  kernel<<<dim3(n_tiles, q_heads), kAttnThreads, smem, stream>>>(qkv, ld, k_col, v_col, q_heads, kv_heads, hd, layer,
+                                                                 seqs, tiles, out, out_ld);
   VDIFF_CUDA_LAUNCHED("attention");
 }
 

@@ -23,6 +23,12 @@ void launch_rope(float* qkv, int T, int64_t ld, int q_heads, int kv_heads, int h
 void launch_store_kv(const float* qkv, int T, int64_t ld, int k_col, int v_col, int kv_dim, int layer,
                      const int32_t* token_seq, const SeqDesc* seqs, cudaStream_t stream);
 
+// Which attention kernel launch_attention runs: the register-blocked one, or the plain first version
+// (VDIFF_CUDA_ATTENTION=simple at start-up; tests switch between them).
+enum class AttentionVariant { Blocked, Simple };
+AttentionVariant attention_variant();
+void set_attention_variant(AttentionVariant v);
+
 // Queries per QueryTile of the attention kernel (tiles hold at most this many).
 constexpr int kAttentionQueries = 32;
 

@@ -83,7 +83,7 @@ void swiglu(const float* gate, const float* up, int T, int H, float* out) {
 }
 
 void attention(const float* qkv, int T, int q_heads, int kv_heads, int hd, const std::vector<AttentionSeq>& seqs,
-               float* out) {
+               float* out, bool simple) {
   const int q_dim = q_heads * hd, kv_dim = kv_heads * hd, ld = q_dim + 2 * kv_dim;
   Dev dqkv(static_cast<size_t>(T) * ld * 4, qkv), dout(static_cast<size_t>(T) * q_dim * 4);
   std::vector<std::unique_ptr<Dev>> caches;
@@ -111,8 +111,11 @@ void attention(const float* qkv, int T, int q_heads, int kv_heads, int hd, const
   if (any_cache)
     launch_store_kv(dqkv.get<float>(), T, ld, q_dim, q_dim + kv_dim, kv_dim, 0, dtoken_seq.get<int32_t>(),
                     dseqs.get<SeqDesc>(), 0);
+  const AttentionVariant before = attention_variant();
+  set_attention_variant(simple ? AttentionVariant::Simple : AttentionVariant::Blocked);
   launch_attention(dqkv.get<float>(), ld, q_dim, q_dim + kv_dim, q_heads, kv_heads, hd, 0, dseqs.get<SeqDesc>(),
                    dtiles.get<QueryTile>(), static_cast<int>(tiles.size()), dout.get(), Elem::F32, q_dim, 0);
+  set_attention_variant(before);
   finish();
   dout.to_host(out, static_cast<size_t>(T) * q_dim * 4);
 }

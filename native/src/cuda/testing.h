@@ -41,8 +41,9 @@ struct AttentionSeq {
 // out[T][q_heads * hd] = attention over the given ragged sequences; qkv [T][(q_heads + 2 kv_heads) * hd]
 // with q at column 0, k at q_heads * hd, v after it. Fresh keys of cached sequences are stored into a
 // device copy of their cache first, as the backend does.
+// `simple`: the plain first version of the kernel instead of the register-blocked one the backend runs.
 void attention(const float* qkv, int T, int q_heads, int kv_heads, int hd, const std::vector<AttentionSeq>& seqs,
-               float* out);
+               float* out, bool simple = false);
 
 // C[M][N] (+)= A[M][K] · W[N][K]^T, A and W of `type` (raw bits), through cuBLAS when `use_cublas` (and it
 // loads; returns false when it does not) or the tiled kernel.

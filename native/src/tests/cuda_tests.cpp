@@ -478,12 +478,15 @@ void device_ops() {
           }
         }
     }
-    std::vector<float> got(want.size(), std::nanf(""));
-    ct::attention(qkv.data(), T, qh, kvh, hd, seqs, got.data());
-    const double e = rel_inf(got, want);
-    report(e < 1e-5, "cuda op: attention (ragged, GQA 4/2, head dim " + std::to_string(hd) +
-                         ", no cache / f32 cache / bf16 cache, whole canvas and cached reads) against float64",
-           fmt("max rel diff %.1e", e));
+    for (bool simple : {false, true}) {
+      std::vector<float> got(want.size(), std::nanf(""));
+      ct::attention(qkv.data(), T, qh, kvh, hd, seqs, got.data(), simple);
+      const double e = rel_inf(got, want);
+      report(e < 1e-5, std::string("cuda op: attention, ") + (simple ? "simple" : "register-blocked") +
+                           " kernel (ragged, GQA 4/2, head dim " + std::to_string(hd) +
+                           ", no cache / f32 cache / bf16 cache, whole canvas and cached reads) against float64",
+             fmt("max rel diff %.1e", e));
+    }
   }
   // GEMM: the tiled kernel and cuBLAS, each type, several M, with and without accumulation.
   for (bool use_cublas : {false, true})
