@@ -2,10 +2,12 @@
 // (loading a model, a denoising step) on the libuv pool with a promise per call, and turns every native
 // failure into a JS Error whose `code` is "VDIFF_<NAME>". src/engine/native.ts describes it in TypeScript.
 //
-//   loadModel(dir, {threads?}) -> Promise<NativeEngine>
-//   NativeEngine: info() create(prompt, params, suffix?) step(ids, cancel?) release(id) canvas(id)
-//                 sequenceInfo(id) live()
+//   loadModel(dir, {device?, threads?, kvCacheDtype?, kvCacheBudgetBytes?, packWeightsMaxBytes?,
+//                   gpuMemoryUtilization?}) -> Promise<NativeEngine>
+//   NativeEngine: info() create(prompt, params, suffix?) step(ids, cancel?) score(canvas, positions, targets)
+//                 release(id) canvas(id) sequenceInfo(id) live() kvCacheBytes()
 //   CancelToken: cancel() cancelled
+//   cudaDevices() -> number of visible GPUs (0 without the CUDA build, a driver or a GPU)
 #include <napi.h>
 
 #include <atomic>
@@ -17,7 +19,7 @@
 
 #include "core/engine.h"
 #include "core/error.h"
-#include "core/model.h"
+#include "core/backend.h"
 
 namespace {
 
@@ -185,6 +187,10 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
     else throw invalid_argument(env, "params.kvCache must be \"none\", \"prefix\" or \"dual\"");
   }
   const Napi::Value refresh = field(env, o, "kvRefreshInterval", false);
+  const Napi::Value top_logprobs = field(env, o, "topLogprobs", false);
+  p.top_logprobs = top_logprobs.IsUndefined() || top_logprobs.IsNull()
+                       ? 0
+                       : static_cast<int>(integer_of(env, top_logprobs, "params.topLogprobs", INT32_MIN, INT32_MAX));
   p.kv_refresh_interval = refresh.IsUndefined() || refresh.IsNull()
                               ? 0
                               : static_cast<int>(integer_of(env, refresh, "params.kvRefreshInterval", INT32_MIN, INT32_MAX));
@@ -236,8 +242,7 @@ class LoadWorker : public PromiseWorker {
 
  private:
   void run() override {
-    std::shared_ptr<vdiff::Model> model = vdiff::Model::load(dir_, options_);
-    engine_ = std::make_shared<Engine>(std::move(model));
+    engine_ = std::make_shared<Engine>(vdiff::Backend::load(dir_, options_));
   }
   Napi::Value result(Napi::Env env) override {
     AddonData* data = env.GetInstanceData<AddonData>();
@@ -291,25 +296,34 @@ class StepWorker : public PromiseWorker {
     Napi::Array results = Napi::Array::New(env, outputs_.size());
     for (size_t i = 0; i < outputs_.size(); ++i) {
       const vdiff::StepOutput& out = outputs_[i];
-      const size_t n = out.committed.size();
-      auto positions = Napi::Int32Array::New(env, n);
-      auto tokens = Napi::Int32Array::New(env, n);
-      auto probabilities = Napi::Float32Array::New(env, n);
-      for (size_t j = 0; j < n; ++j) {
-        positions[j] = out.committed[j].position;
-        tokens[j] = out.committed[j].token;
-        probabilities[j] = out.committed[j].probability;
+      Napi::Array committed = Napi::Array::New(env, out.committed.size());
+      for (size_t j = 0; j < out.committed.size(); ++j) {
+        const vdiff::CommittedToken& t = out.committed[j];
+        Napi::Object c = Napi::Object::New(env);
+        c.Set("position", t.position);
+        c.Set("token", t.token);
+        c.Set("probability", static_cast<double>(t.probability));
+        if (!t.top.empty()) {
+          Napi::Array top = Napi::Array::New(env, t.top.size());
+          for (size_t k = 0; k < t.top.size(); ++k) {
+            Napi::Object alt = Napi::Object::New(env);
+            alt.Set("token", t.top[k].token);
+            alt.Set("logprob", static_cast<double>(t.top[k].logprob));
+            top.Set(static_cast<uint32_t>(k), alt);
+          }
+          c.Set("top", top);
+        }
+        committed.Set(static_cast<uint32_t>(j), c);
       }
       Napi::Object o = Napi::Object::New(env);
       o.Set("id", Napi::Number::New(env, static_cast<double>(out.id)));
-      o.Set("positions", positions);
-      o.Set("tokens", tokens);
-      o.Set("probabilities", probabilities);
+      o.Set("committed", committed);
       o.Set("finished", Napi::Boolean::New(env, out.finished));
       const char* reason = reason_name(out.reason);
       o.Set("reason", reason ? Napi::Value(Napi::String::New(env, reason)) : env.Null());
       o.Set("block", Napi::Number::New(env, out.block));
       o.Set("stepsDone", Napi::Number::New(env, out.steps_done));
+      o.Set("stepsTotal", Napi::Number::New(env, out.steps_total));
       o.Set("filled", Napi::Number::New(env, out.filled));
       o.Set("forwardPasses", Napi::Number::New(env, out.forward_passes));
       o.Set("kvRefreshes", Napi::Number::New(env, out.kv_refreshes));
@@ -373,7 +387,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
  private:
   Napi::Value info(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    const vdiff::Model& model = engine_->model();
+    const vdiff::Backend& model = engine_->backend();
     const vdiff::ModelConfig& c = model.config();
     Napi::Object config = Napi::Object::New(env);
     config.Set("dModel", c.d_model);
@@ -392,7 +406,12 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     config.Set("includeBias", c.include_bias);
     Napi::Object o = Napi::Object::New(env);
     o.Set("config", config);
-    o.Set("threads", model.threads());
+    const vdiff::BackendInfo backend = model.info();
+    o.Set("backend", backend.backend);
+    o.Set("device", backend.device);
+    o.Set("gemm", backend.gemm);
+    o.Set("memoryUsedBytes", static_cast<double>(backend.memory_used));
+    o.Set("memoryTotalBytes", static_cast<double>(backend.memory_total));
     o.Set("weightDtype", model.weight_dtype());
     o.Set("parameterCount", static_cast<double>(model.parameter_count()));
     o.Set("weightBytes", static_cast<double>(model.weight_bytes()));
@@ -451,7 +470,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
   }
 
   Napi::Value kv_cache_bytes(const Napi::CallbackInfo& info) {
-    return Napi::Number::New(info.Env(), static_cast<double>(engine_->model().kv_cache_live_bytes()));
+    return Napi::Number::New(info.Env(), static_cast<double>(engine_->backend().kv_cache_live_bytes()));
   }
 
   Napi::Value release(const Napi::CallbackInfo& info) {
@@ -507,6 +526,20 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
     if (info.Length() > 1 && !info[1].IsUndefined()) {
       if (!info[1].IsObject()) throw invalid_argument(env, "options must be an object");
       const Napi::Object o = info[1].As<Napi::Object>();
+      const Napi::Value device = o.Get("device");
+      if (!device.IsUndefined()) {
+        const std::string d = device.IsString() ? device.As<Napi::String>().Utf8Value() : "";
+        if (d == "auto") options.device = vdiff::Device::Auto;
+        else if (d == "cpu") options.device = vdiff::Device::Cpu;
+        else if (d == "cuda") options.device = vdiff::Device::Cuda;
+        else throw invalid_argument(env, "options.device must be \"auto\", \"cpu\" or \"cuda\"");
+      }
+      const Napi::Value utilization = o.Get("gpuMemoryUtilization");
+      if (!utilization.IsUndefined()) {
+        const double u = utilization.IsNumber() ? utilization.As<Napi::Number>().DoubleValue() : -1.0;
+        if (!(u > 0.0 && u <= 1.0)) throw invalid_argument(env, "options.gpuMemoryUtilization must be in (0, 1]");
+        options.gpu_memory_utilization = u;
+      }
       const Napi::Value threads = o.Get("threads");
       if (!threads.IsUndefined())
         options.threads = static_cast<int>(integer_of(env, threads, "options.threads", 0, 4096));
@@ -543,6 +576,11 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   data->cancel_constructor = Napi::Persistent(cancel_class);
   env.SetInstanceData<AddonData>(data);
   exports.Set("loadModel", Napi::Function::New<load_model>(env, "loadModel"));
+  exports.Set("cudaDevices", Napi::Function::New(
+                                 env, [](const Napi::CallbackInfo& info) {
+                                   return Napi::Number::New(info.Env(), vdiff::Backend::cuda_devices());
+                                 },
+                                 "cudaDevices"));
   exports.Set("NativeEngine", engine_class);
   exports.Set("CancelToken", cancel_class);
   return exports;

@@ -27,11 +27,12 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/engine.h"
 #include "core/error.h"
-#include "core/model.h"
+#include "core/backend.h"
 #include "core/sampler.h"
 #include "cli/bench_native.h"
 
@@ -170,9 +171,25 @@ double ms_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
 }
 
-std::shared_ptr<Model> load_model(const Args& args) {
+// The host threads a run uses: --threads, or every core.
+int threads_of(const Args& args) {
+  const int threads = to_int("--threads", args.integer("--threads", 0));
+  return threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+// "backend":"cpu","device":"avx512","gemm":"avx512" — what ran, for every JSON line.
+std::string backend_fields(const Backend& backend) {
+  const BackendInfo i = backend.info();
+  return "\"backend\":" + json_string(i.backend) + ",\"device\":" + json_string(i.device) + ",\"gemm\":" + json_string(i.gemm);
+}
+
+std::shared_ptr<Backend> load_model(const Args& args) {
   LoadOptions options;
   options.threads = to_int("--threads", args.integer("--threads", 0));
+  const std::string device = args.text("--device", "cpu");
+  if (device == "auto") options.device = Device::Auto;
+  else if (device == "cuda") options.device = Device::Cuda;
+  else if (device != "cpu") throw usage("--device must be auto, cpu or cuda, got '" + device + "'");
   const std::string dtype = args.text("--kv-cache-dtype", "f32");
   if (dtype == "bf16") options.kv_cache_dtype = KVCacheDType::BF16;
   else if (dtype != "f32") throw usage("--kv-cache-dtype must be f32 or bf16, got '" + dtype + "'");
@@ -182,7 +199,7 @@ std::shared_ptr<Model> load_model(const Args& args) {
   const long long pack_mb = args.integer("--pack-weights-max-mb", static_cast<long long>(options.pack_weights_max_bytes >> 20));
   if (pack_mb < 0) throw usage("--pack-weights-max-mb must be >= 0 (0: never pack)");
   options.pack_weights_max_bytes = static_cast<uint64_t>(pack_mb) << 20;
-  return Model::load(args.required("--model"), options);
+  return Backend::load(args.required("--model"), options);
 }
 
 KVCacheMode kv_cache_mode(const std::string& name) {
@@ -336,7 +353,7 @@ int bench(const Args& args) {
     for (std::string item; std::getline(in, item, ',');) modes.push_back(kv_cache_mode(item));
   }
 
-  std::shared_ptr<Model> model = load_model(args);
+  std::shared_ptr<Backend> model = load_model(args);
   const ModelConfig& config = model->config();
   if (params.gen_length < 1 || params.block_length < 1) throw usage("--gen and --block must be >= 1");
   const double load_before = load_average();
@@ -439,9 +456,9 @@ int bench(const Args& args) {
   denoise += "]";
 
   std::printf(
-      "{\"threads\":%d,\"weight_dtype\":%s,\"prompt_len\":%d,\"gen\":%d,\"block\":%d,\"steps\":%d,"
+      "{%s,\"threads\":%d,\"weight_dtype\":%s,\"prompt_len\":%d,\"gen\":%d,\"block\":%d,\"steps\":%d,"
       "\"threshold\":%s,\"factor\":%s,\"load_average\":[%s,%s],\"forward_ms\":%s,\"denoise\":%s}\n",
-      model->threads(), json_string(model->weight_dtype()).c_str(), prompt_used, params.gen_length,
+      backend_fields(*model).c_str(), threads_of(args), json_string(model->weight_dtype()).c_str(), prompt_used, params.gen_length,
       params.block_length, params.steps, json_number(params.parallel_threshold).c_str(),
       json_number(params.parallel_factor).c_str(), json_number(load_before).c_str(),
       json_number(load_average()).c_str(), forward_ms.c_str(), denoise.c_str());
@@ -449,18 +466,18 @@ int bench(const Args& args) {
 }
 
 int info(const Args& args) {
-  std::shared_ptr<Model> model = load_model(args);
+  std::shared_ptr<Backend> model = load_model(args);
   const ModelConfig& c = model->config();
   std::printf(
       "{\"config\":{\"d_model\":%d,\"n_heads\":%d,\"n_kv_heads\":%d,\"n_layers\":%d,\"mlp_hidden_size\":%d,"
       "\"vocab_size\":%d,\"embedding_size\":%d,\"mask_token_id\":%d,\"eos_token_id\":%d,"
       "\"max_sequence_length\":%d,\"rope_theta\":%s,\"rms_norm_eps\":%s,\"weight_tying\":%s,"
-      "\"include_bias\":%s},\"threads\":%d,\"weight_dtype\":%s,\"parameter_count\":%llu,"
+      "\"include_bias\":%s},%s,\"threads\":%d,\"weight_dtype\":%s,\"parameter_count\":%llu,"
       "\"weight_bytes\":%llu,\"packed_weight_bytes\":%llu}\n",
       c.d_model, c.n_heads, c.n_kv_heads, c.n_layers, c.mlp_hidden_size, c.vocab_size, c.embedding_size,
       c.mask_token_id, c.eos_token_id, c.max_sequence_length, json_number(c.rope_theta).c_str(),
       json_number(c.rms_norm_eps).c_str(), c.weight_tying ? "true" : "false",
-      c.include_bias ? "true" : "false", model->threads(), json_string(model->weight_dtype()).c_str(),
+      c.include_bias ? "true" : "false", backend_fields(*model).c_str(), threads_of(args), json_string(model->weight_dtype()).c_str(),
       static_cast<unsigned long long>(model->parameter_count()),
       static_cast<unsigned long long>(model->weight_bytes()),
       static_cast<unsigned long long>(model->packed_weight_bytes()));

@@ -22,7 +22,6 @@
 
 #include "error.h"
 #include "sampler.h"
-#include "threadpool.h"
 
 namespace vdiff {
 
@@ -65,9 +64,8 @@ class Sequence {
 
 static Error invalid(const std::string& message) { return Error(ErrorCode::InvalidArgument, message); }
 
-Engine::Engine(std::shared_ptr<Model> model) : model_(std::move(model)) {
-  if (!model_) throw invalid("Engine needs a model");
-  pool_ = std::make_unique<ThreadPool>(model_->threads());
+Engine::Engine(std::shared_ptr<Backend> backend) : backend_(std::move(backend)) {
+  if (!backend_) throw invalid("Engine needs a backend");
 }
 
 Engine::~Engine() = default;
@@ -124,6 +122,9 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
     throw invalid("parallel_threshold and parallel_factor cannot both be set");
   if (p.kv_cache != KVCacheMode::None && p.kv_cache != KVCacheMode::Prefix && p.kv_cache != KVCacheMode::Dual)
     throw invalid("kv_cache must be none, prefix or dual");
+  if (p.top_logprobs < 0 || p.top_logprobs > kMaxTopLogprobs)
+    throw invalid("top_logprobs must be in [0, " + std::to_string(kMaxTopLogprobs) + "] (got " +
+                  std::to_string(p.top_logprobs) + ")");
   if (p.kv_refresh_interval < 0)
     throw invalid("kv_refresh_interval must be >= 0 (0: only at block starts) (got " +
                   std::to_string(p.kv_refresh_interval) + ")");
@@ -131,7 +132,7 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
 
 uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams& params,
                         const std::vector<int32_t>& suffix) {
-  const ModelConfig& config = model_->config();
+  const ModelConfig& config = backend_->config();
   validate(prompt, suffix, params, config);
 
   auto seq = std::make_shared<Sequence>();
@@ -148,8 +149,8 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
   else for (const BlockPlan& b : seq->blocks) seq->steps_total += b.steps;
   if (params.kv_cache != KVCacheMode::None) {
     const int length = static_cast<int>(seq->canvas.size());
-    seq->cache = model_->make_kv_cache(length);
-    if (params.cfg_scale > 0.0) seq->uncond_cache = model_->make_kv_cache(length);
+    seq->cache = backend_->make_kv_cache(length);
+    if (params.cfg_scale > 0.0) seq->uncond_cache = backend_->make_kv_cache(length);
   }
 
   std::lock_guard<std::mutex> lock(mu_);
@@ -191,7 +192,7 @@ SequenceInfo Engine::info(uint64_t id) const {
 
 std::vector<double> Engine::score(const std::vector<int32_t>& canvas, const std::vector<int32_t>& positions,
                                   const std::vector<int32_t>& targets, const std::atomic<bool>* cancel) {
-  const ModelConfig& config = model_->config();
+  const ModelConfig& config = backend_->config();
   const int vocab = std::min(config.vocab_size, config.embedding_size);
   const int length = static_cast<int>(canvas.size());
   if (length < 1 || length > config.max_sequence_length)
@@ -214,26 +215,19 @@ std::vector<double> Engine::score(const std::vector<int32_t>& canvas, const std:
   std::vector<double> out(positions.size());
   if (positions.empty()) return out;
   std::lock_guard<std::mutex> step_lock(step_mu_);
-  std::vector<float> logits;
-  try {
-    logits.resize(positions.size() * static_cast<size_t>(config.embedding_size));
-  } catch (const std::bad_alloc&) {
-    throw Error(ErrorCode::OutOfMemory, "score: cannot allocate the logits of " + std::to_string(positions.size()) + " rows");
-  }
   ForwardSeq seq;
   seq.tokens = canvas.data();
   seq.length = length;
   seq.logit_rows = positions.data();
   seq.n_logit_rows = static_cast<int>(positions.size());
-  model_->forward({seq}, logits.data(), cancel);
+  std::vector<RowTask> tasks(positions.size());
   for (size_t r = 0; r < positions.size(); ++r) {
-    const float* row = logits.data() + r * config.embedding_size;
-    double max = row[0];
-    for (int v = 1; v < config.embedding_size; ++v) max = std::max(max, static_cast<double>(row[v]));
-    double sum = 0;
-    for (int v = 0; v < config.embedding_size; ++v) sum += std::exp(static_cast<double>(row[v]) - max);
-    out[r] = static_cast<double>(row[targets[r]]) - max - std::log(sum);
+    tasks[r].cond = static_cast<int>(r);
+    tasks[r].target = targets[r];
   }
+  std::vector<RowResult> results(positions.size());
+  backend_->predict({seq}, tasks, results.data(), cancel);
+  for (size_t r = 0; r < positions.size(); ++r) out[r] = results[r].target_logprob;
   return out;
 }
 
@@ -260,18 +254,6 @@ struct Work {
   size_t uncond_offset = 0;      // ... of the unconditional rows (cfg only)
 };
 
-// One row of sampling work, self-contained so rows can run on any thread.
-struct RowJob {
-  float* logits;
-  const float* uncond;  // nullptr without cfg
-  double cfg_scale;
-  const RowRule* rule;
-  uint64_t seed;
-  int step;
-  int position;  // in the answer
-  RowChoice* out;
-};
-
 }  // namespace
 
 Engine::Pinned Engine::pin(const std::vector<uint64_t>& ids) const {
@@ -290,7 +272,7 @@ std::vector<StepOutput> Engine::step(const std::vector<uint64_t>& ids, const std
 
 std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::atomic<bool>* cancel) {
   std::lock_guard<std::mutex> step_lock(step_mu_);
-  const ModelConfig& config = model_->config();
+  const ModelConfig& config = backend_->config();
   const int vocab = config.embedding_size;
   const int32_t mask = config.mask_token_id;
 
@@ -348,16 +330,10 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
     }
   }
 
-  // Not zero-filled: with cfg and a batch of 8 at LLaDA's vocabulary this is a few hundred MB, and the
-  // forward writes every element.
-  std::unique_ptr<float[]> logits(new float[n_rows * static_cast<size_t>(vocab)]);
-  if (n_rows > 0) model_->forward(batch, logits.get(), cancel);
-
-  // Sample every row, in parallel across rows.
+  // One forward over the batch; every row comes back sampled (the logits stay in the backend).
   std::vector<RowRule> rules(work.size());
-  std::vector<RowChoice> choices(n_cond_rows);
-  std::vector<RowJob> jobs;
-  jobs.reserve(n_cond_rows);
+  std::vector<RowTask> tasks;
+  tasks.reserve(n_cond_rows);
   for (size_t i = 0; i < work.size(); ++i) {
     const Work& w = work[i];
     const SamplingParams& p = w.seq->params;
@@ -374,29 +350,20 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
                        .top_p = p.top_p};
     const bool cfg = p.cfg_scale > 0.0;
     for (size_t r = 0; r < w.rows.size(); ++r) {
-      float* row = logits.get() + (w.cond_offset + r) * vocab;
-      const float* un = cfg ? logits.get() + (w.uncond_offset + r) * vocab : nullptr;
-      jobs.push_back(RowJob{row, un, p.cfg_scale, &rules[i], p.seed, w.seq->steps_done,
-                            w.rows[r] - w.seq->prompt_length, &choices[w.first_row + r]});
+      RowTask t;
+      t.cond = static_cast<int>(w.cond_offset + r);
+      t.uncond = cfg ? static_cast<int>(w.uncond_offset + r) : -1;
+      t.cfg_scale = p.cfg_scale;
+      t.rule = &rules[i];
+      t.seed = p.seed;
+      t.step = w.seq->steps_done;
+      t.position = w.rows[r] - w.seq->prompt_length;
+      t.top_logprobs = p.top_logprobs;
+      tasks.push_back(t);
     }
   }
-  // Per worker thread: the index buffer top-k / top-p filtering sorts, reserved here so that the
-  // workers never allocate (the pool's functions must not throw).
-  std::vector<std::vector<int32_t>> scratch(pool_->size());
-  const bool filtering = std::any_of(rules.begin(), rules.end(), [](const RowRule& r) {
-    return r.temperature > 0.0 && (r.top_k > 0 || r.top_p < 1.0);
-  });
-  if (filtering)
-    for (std::vector<int32_t>& buffer : scratch) buffer.reserve(static_cast<size_t>(vocab));
-  pool_->parallel_for(jobs.size(), [&jobs, &scratch, vocab](size_t begin, size_t end, int thread) {
-    for (size_t j = begin; j < end; ++j) {
-      const RowJob& job = jobs[j];
-      if (job.uncond) apply_cfg(job.logits, job.uncond, vocab, job.cfg_scale);
-      Rng rng = row_rng(job.seed, job.step, job.position);
-      *job.out = sample_row(job.logits, *job.rule, rng, &scratch[thread]);
-    }
-  });
-
+  std::vector<RowResult> choices(n_cond_rows);
+  if (!tasks.empty()) backend_->predict(batch, tasks, choices.data(), cancel);
   if (cancel && cancel->load()) throw Error(ErrorCode::Cancelled, "step cancelled");
 
   // Decide everything (and allocate everything) before touching any sequence.
@@ -415,9 +382,9 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
                                         ? select_parallel(confidence.data(), n, p.parallel_threshold, p.parallel_factor)
                                         : select_most_confident(confidence.data(), n, w.k);
     for (int r : chosen) {
-      const RowChoice& c = choices[w.first_row + r];
-      out.committed.push_back(CommittedToken{w.rows[r] - s.answer_begin(), c.token,
-                                             static_cast<float>(c.probability)});
+      const RowResult& c = choices[w.first_row + r];
+      out.committed.push_back(CommittedToken{w.rows[r] - s.answer_begin(), c.token, static_cast<float>(c.probability),
+                                             std::vector<TopLogprob>(c.top, c.top + c.n_top)});
     }
 
     // The block is done when this step committed its last mask.
@@ -434,7 +401,7 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
       for (const CommittedToken& t : out.committed) answer[t.position] = t.token;
       if (answer_has_ended(answer.data(), block_end, config.eos_token_id, p.eot_token_id)) {
         for (int q = block_end; q < s.answer_length(); ++q)
-          out.committed.push_back(CommittedToken{q, config.eos_token_id, 1.0f});
+          out.committed.push_back(CommittedToken{q, config.eos_token_id, 1.0f, {}});
         out.filled = s.answer_length() - block_end;
         w.finishes = true;
       }
@@ -475,6 +442,7 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
     out.finished = s.finished;
     out.reason = s.reason;
     out.steps_done = s.steps_done;
+    out.steps_total = s.steps_total;
     out.forward_passes = s.forward_passes;
     out.kv_refreshes = s.kv_refreshes;
     out.positions_computed = s.positions_computed;

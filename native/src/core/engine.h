@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "model.h"
+#include "backend.h"
 
 namespace vdiff {
 
@@ -21,7 +21,7 @@ enum class Remasking { LowConfidence, Random };
 //   Prefix: the block and everything after it, attending to the cached prefix;
 //   Dual:   the block only, attending to the cached prefix and the cached rest (suffix and later blocks).
 // Approximate because the cached keys and values are those of the canvas at the refresh, before this
-// block's commits. Memory: Model::kv_cache_bytes(canvas length) per sequence (twice with cfg).
+// block's commits. Memory: Backend::kv_cache_bytes(canvas length) per sequence (twice with cfg).
 enum class KVCacheMode { None, Prefix, Dual };
 
 struct SamplingParams {
@@ -57,6 +57,10 @@ struct SamplingParams {
   // With a cache, also refresh at every kv_refresh_interval-th step inside a block (1: every step, which
   // gives the uncached output exactly); 0: only at block starts.
   int kv_refresh_interval = 0;
+
+  // Alternatives reported with every committed token: its step's top_logprobs likeliest tokens with their
+  // log-probabilities (0 .. kMaxTopLogprobs; 0: none).
+  int top_logprobs = 0;
 };
 
 struct CommittedToken {
@@ -64,6 +68,7 @@ struct CommittedToken {
   int32_t token;
   float probability;   // the softmax probability of `token` at the step it was committed; 1 for the
                        // EOS an early stop fills in (certain by rule, not sampled)
+  std::vector<TopLogprob> top;  // SamplingParams::top_logprobs alternatives at that step (none when filled)
 };
 
 enum class FinishReason { None, Length, Eos };
@@ -75,6 +80,7 @@ struct StepOutput {
   FinishReason reason = FinishReason::None;  // Eos when the answer holds an EOS/EOT token, else Length
   int block = 0;        // the block this step worked on
   int steps_done = 0;   // denoising steps done so far by this sequence (this one included)
+  int steps_total = 0;  // planned steps (an upper bound with parallel decoding or early stop)
   int filled = 0;       // how many of `committed` (the last ones) an early stop filled with EOS
   int forward_passes = 0;  // canvas evaluations so far (this step's included): 1 per step, 2 with cfg
                            // (a cached step's partial forward counts as one)
@@ -98,20 +104,19 @@ struct SequenceInfo {
 };
 
 class Sequence;    // defined in engine.cpp
-class ThreadPool;  // threadpool.h
 
 class Engine {
  public:
-  explicit Engine(std::shared_ptr<Model> model);
+  explicit Engine(std::shared_ptr<Backend> backend);
   ~Engine();
 
-  const Model& model() const { return *model_; }
+  const Backend& backend() const { return *backend_; }
 
   // Validates the prompt and suffix (token ids in range, no mask token, prompt + gen_length + suffix
   // within the context) and the settings; throws Error(InvalidArgument) naming the bad field. Returns the
   // new sequence's id. A KV cache is allocated here: beyond the model's cache budget this throws
   // Error(InvalidArgument) when the cache alone exceeds it, Error(OutOfMemory) when live caches hold
-  // too much of it (see Model::make_kv_cache).
+  // too much of it (see Backend::make_kv_cache).
   //
   // The canvas is prompt, gen_length masks, suffix: with a suffix the answer is infilled between the two.
   // The suffix is context like the prompt (the model sees it every step; it never changes); positions,
@@ -154,8 +159,7 @@ class Engine {
 
  private:
   std::shared_ptr<Sequence> get(uint64_t id) const;
-  std::shared_ptr<Model> model_;
-  std::unique_ptr<ThreadPool> pool_;  // the sampler's per-row work (softmax, argmax) runs on it
+  std::shared_ptr<Backend> backend_;
   mutable std::mutex mu_;       // guards sequences_ and next_id_
   std::mutex step_mu_;          // one step at a time
   std::map<uint64_t, std::shared_ptr<Sequence>> sequences_;

@@ -11,6 +11,7 @@ enum class ErrorCode {
   InvalidArgument,  // bad sampling settings, prompt too long, unknown sequence id, ...
   Cancelled,        // a step was cancelled through its cancel flag
   OutOfMemory,      // an allocation failed
+  Unavailable,      // the device asked for is not there (no CUDA in this build, no GPU visible)
   Internal,         // a bug: an invariant did not hold
 };
 
@@ -20,6 +21,7 @@ inline const char* error_code_name(ErrorCode c) {
     case ErrorCode::InvalidArgument: return "INVALID_ARGUMENT";
     case ErrorCode::Cancelled: return "CANCELLED";
     case ErrorCode::OutOfMemory: return "OUT_OF_MEMORY";
+    case ErrorCode::Unavailable: return "UNAVAILABLE";
     case ErrorCode::Internal: return "INTERNAL";
   }
   return "INTERNAL";

@@ -16,40 +16,6 @@ uint64_t splitmix64(uint64_t& state) {
   return z ^ (z >> 31);
 }
 
-Rng::Rng(uint64_t seed) {
-  uint64_t state = seed;
-  for (uint64_t& word : s_) word = splitmix64(state);
-}
-
-static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-
-uint64_t Rng::next() {
-  const uint64_t result = rotl(s_[1] * 5, 7) * 9;
-  const uint64_t t = s_[1] << 17;
-  s_[2] ^= s_[0];
-  s_[3] ^= s_[1];
-  s_[1] ^= s_[2];
-  s_[0] ^= s_[3];
-  s_[2] ^= t;
-  s_[3] = rotl(s_[3], 45);
-  return result;
-}
-
-double Rng::uniform_open() {
-  // 53 random bits, shifted by half a unit: (k + 0.5) / 2^53 lies strictly inside (0, 1).
-  return (static_cast<double>(next() >> 11) + 0.5) * 0x1.0p-53;
-}
-
-Rng row_rng(uint64_t seed, int step, int position) {
-  // Hash the three numbers together through splitmix64 so that neighbouring steps and positions give
-  // unrelated streams.
-  uint64_t state = seed;
-  uint64_t key = splitmix64(state);
-  state = key ^ (static_cast<uint64_t>(static_cast<uint32_t>(step)) << 32 |
-                 static_cast<uint32_t>(position));
-  return Rng(splitmix64(state));
-}
-
 // ---- block plan and transfer schedule -------------------------------------------------------------
 
 std::vector<BlockPlan> plan_blocks(int gen_length, int block_length, int steps) {
@@ -153,7 +119,7 @@ static int32_t last_candidate(const float* logits, const RowRule& rule, std::vec
   return keep < n ? order[keep - 1] : -1;  // rounding kept the sum below the target: every kept token
 }
 
-RowChoice sample_row(float* logits, const RowRule& rule, Rng& rng, std::vector<int32_t>* scratch) {
+RowChoice sample_row(float* logits, const RowRule& rule, const Rng& rng, std::vector<int32_t>* scratch) {
   const int n = rule.row_size;
   if (rule.logits_eos_inf && in_vocab(rule.eos_token_id, n)) logits[rule.eos_token_id] = kMinusInf;
 
@@ -170,7 +136,7 @@ RowChoice sample_row(float* logits, const RowRule& rule, Rng& rng, std::vector<i
     double best = -std::numeric_limits<double>::infinity();
     int32_t best_index = -1;
     for (int i = 0; i < rule.vocab_size; ++i) {
-      const double u = rng.uniform_open();
+      const double u = rng.uniform(static_cast<uint64_t>(i));
       const double score = static_cast<double>(logits[i]) - rule.temperature * std::log(-std::log(u));
       const bool candidate = drawable(i, rule) && (last < 0 || i == last || ranks_before(logits, i, last));
       if (candidate && (best_index < 0 || score > best)) {
@@ -195,8 +161,8 @@ RowChoice sample_row(float* logits, const RowRule& rule, Rng& rng, std::vector<i
   if (std::isnan(choice.probability)) choice.probability = 0.0;
 
   if (rule.remasking == Remasking::Random) {
-    // Drawn after the Gumbel noise from the same row stream.
-    choice.confidence = rng.uniform_open();
+    // A draw of the row stream past any token's (rng.h, kConfidenceDraw).
+    choice.confidence = rng.uniform(kConfidenceDraw);
   } else {
     choice.confidence = choice.probability;
   }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "engine.h"
+#include "rng.h"
 
 namespace vdiff {
 
@@ -19,22 +20,26 @@ namespace vdiff {
 
 uint64_t splitmix64(uint64_t& state);
 
-// xoshiro256** seeded from splitmix64. Small, fast and good enough for Gumbel noise.
+// A counter-based stream: the index-th draw is uniform_at(key, index) (rng.h), a pure function, so a
+// device that draws every token of a row at once gets the numbers a CPU loop gets one by one.
 class Rng {
  public:
-  explicit Rng(uint64_t seed);
-  uint64_t next();
+  explicit Rng(uint64_t key) : key_(key) {}
+  uint64_t key() const { return key_; }
+  // The next draw of the stream (draws 0, 1, 2, ...).
+  uint64_t next() { return bits_at(key_, counter_++); }
   // Uniform in the open interval (0, 1): never 0, so -log(u) is finite and positive.
-  double uniform_open();
+  double uniform_open() { return uniform_at(key_, counter_++); }
+  // Draw `index` of the stream, whatever was drawn before.
+  double uniform(uint64_t index) const { return uniform_at(key_, index); }
 
  private:
-  uint64_t s_[4];
+  uint64_t key_;
+  uint64_t counter_ = 0;
 };
 
-// The stream for one row of one step of one sequence. Every (seed, step, position) gets its own stream,
-// so a row's noise does not depend on which other rows were sampled, in which order, on how many
-// threads, or on whether an earlier step was cancelled and retried.
-Rng row_rng(uint64_t seed, int step, int position);
+// The stream for one row of one step of one sequence (rng.h, row_key).
+inline Rng row_rng(uint64_t seed, int step, int position) { return Rng(row_key(seed, step, position)); }
 
 // ---- block plan and transfer schedule -------------------------------------------------------------
 
@@ -99,7 +104,7 @@ void apply_cfg(float* cond, const float* uncond, size_t n, double cfg_scale);
 // holding a non-token), so a step could commit fewer than k tokens and a finished answer could still
 // hold masks. Its probability still comes from the softmax over the whole row, as in the reference, so
 // whenever the reference's x0 is a real token the two agree exactly.
-RowChoice sample_row(float* logits, const RowRule& rule, Rng& rng, std::vector<int32_t>* scratch = nullptr);
+RowChoice sample_row(float* logits, const RowRule& rule, const Rng& rng, std::vector<int32_t>* scratch = nullptr);
 
 // Indices (into confidence[0..n)) of the k most confident rows, ties to the lower index, returned in
 // ascending index order. k is clamped to [0, n].

@@ -11,7 +11,7 @@
 // With a KV cache a sequence contributes only its computed range [begin, end) to the T tokens: their
 // keys (after RoPE at their canvas positions) and values are written into the cache, and a read's
 // attention runs over the cache's keys of the whole canvas (stale outside the range, fresh inside).
-#include "model.h"
+#include "cpu/backend_cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -21,18 +21,15 @@
 #include <new>
 #include <set>
 
+#include "core/error.h"
+#include "core/safetensors.h"
+#include "core/threadpool.h"
+#include "core/weights.h"
 #include "cpu/kernels.h"
-#include "error.h"
-#include "safetensors.h"
-#include "threadpool.h"
 
-namespace vdiff {
+namespace vdiff::cpu {
 
 namespace {
-
-using cpu::Kernels;
-using cpu::MatB;
-using cpu::WType;
 
 constexpr int kQueryBlock = 64;  // queries per attention task: bounds the score buffer to 64 x L floats
 
@@ -80,34 +77,15 @@ class Buffer {
   size_t size_ = 0;
 };
 
-// Bytes the model's caches hold, shared with every cache so a cache may outlive the model that made it.
-struct CacheAccount {
-  std::atomic<uint64_t> live{0};
-  uint64_t budget = 0;  // 0: no bound
-};
-
 // Keys and values of every layer as [layer][keys | values][position][kv_dim], in one allocation.
 class CpuKVCache final : public KVCache {
  public:
-  CpuKVCache(std::shared_ptr<CacheAccount> account, const void* owner, int layers, int positions, int kv_dim,
-             WType type, uint64_t bytes)
-      : account_(std::move(account)), owner_(owner), positions_(positions), kv_dim_(kv_dim), type_(type), bytes_(bytes) {
+  CpuKVCache(int positions, int kv_dim, WType type, uint64_t bytes) : positions_(positions), kv_dim_(kv_dim), type_(type) {
     data_ = static_cast<char*>(std::aligned_alloc(64, ((bytes + 63) / 64) * 64));
-    if (!data_) {
-      account_->live -= bytes_;  // reserved by the caller
-      throw Error(ErrorCode::OutOfMemory, "cannot allocate " + std::to_string(bytes >> 20) + " MiB for a KV cache");
-    }
+    if (!data_) throw std::bad_alloc();
   }
-  ~CpuKVCache() override {
-    std::free(data_);
-    account_->live -= bytes_;
-  }
+  ~CpuKVCache() override { std::free(data_); }
 
-  int positions() const override { return positions_; }
-  uint64_t size() const override { return bytes_; }
-  bool filled() const override { return filled_; }
-
-  const void* owner() const { return owner_; }
   WType type() const { return type_; }
   size_t element_size() const { return type_ == WType::F32 ? 4 : 2; }
   // Start of position 0 of one layer's keys or values: rows of kv_dim elements.
@@ -115,16 +93,11 @@ class CpuKVCache final : public KVCache {
   char* values(int layer) const { return data_ + (2 * static_cast<size_t>(layer) + 1) * table_bytes(); }
   size_t row_bytes() const { return static_cast<size_t>(kv_dim_) * element_size(); }
 
-  bool filled_ = false;
-
  private:
   size_t table_bytes() const { return static_cast<size_t>(positions_) * row_bytes(); }
 
-  std::shared_ptr<CacheAccount> account_;
-  const void* owner_;
   int positions_, kv_dim_;
   WType type_;
-  uint64_t bytes_;
   char* data_ = nullptr;
 };
 
@@ -146,18 +119,11 @@ const char* wtype_name(WType t) {
   return "?";
 }
 
-std::string shape_string(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-class CpuModel final : public Model {
+class CpuBackend final : public Backend {
  public:
-  CpuModel(const std::string& dir, const LoadOptions& options);
+  CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadOptions& options);
 
-  const ModelConfig& config() const override { return cfg_; }
-  int threads() const override { return pool_->size(); }
+  BackendInfo info() const override { return BackendInfo{"cpu", kernels_->isa, kernels_->isa, weight_bytes_ + packed_weight_bytes_, 0}; }
   std::string weight_dtype() const override { return wtype_name(blocks_[0].q.type); }
   uint64_t parameter_count() const override { return parameter_count_; }
   uint64_t weight_bytes() const override { return weight_bytes_; }
@@ -165,20 +131,13 @@ class CpuModel final : public Model {
 
   void forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) override;
 
-  uint64_t kv_cache_bytes(int positions) const override;
-  std::unique_ptr<KVCache> make_kv_cache(int positions) override;
-  uint64_t kv_cache_live_bytes() const override { return cache_account_->live.load(); }
-  uint64_t kv_cache_budget_bytes() const override { return cache_account_->budget; }
+
+ protected:
+  std::unique_ptr<KVCache> allocate_kv_cache(int positions, uint64_t bytes) override;
 
  private:
-  // What one sequence of the current forward computes.
-  struct SeqPlan {
-    int offset;          // index of its first computed token among all T computed tokens
-    int begin, end;      // the computed range of its canvas
-    int length;          // canvas length: the keys its queries attend to
-    CpuKVCache* cache;   // nullptr: no cache
-    bool reads_cache;    // keys outside [begin, end) come from the cache
-  };
+  using SeqPlan = BatchPlan::Seq;
+  static CpuKVCache& cache_of(const SeqPlan& p) { return *static_cast<CpuKVCache*>(p.cache); }  // checked: made here
 
   // One output of a fused linear call: out[:, 0:w.rows] (+)= A · w^T.
   struct LinearOut {
@@ -188,9 +147,7 @@ class CpuModel final : public Model {
     bool accumulate;
   };
 
-  const TensorView& tensor(const std::string& name, std::initializer_list<int64_t> shape);
-  Weight weight(const std::string& name, int rows, int cols);
-  std::vector<float> norm_weight(const std::string& name);
+  ThreadPool& pool() const { return host_pool(); }
 
   void linear(const float* A, int M, int K, std::initializer_list<LinearOut> outs);
   void rmsnorm_rows(const float* x, const std::vector<float>& w, float* y, int rows);
@@ -198,14 +155,11 @@ class CpuModel final : public Model {
   void apply_rope(float* q, float* k, int T);
   void store_in_caches(int layer);
   void attention(int layer);
-  void plan_batch(const std::vector<ForwardSeq>& batch);
   void ensure_scratch(int T, int rows, int max_len);
   void pack_weights(uint64_t max_bytes);
 
-  ModelConfig cfg_;
   TensorSet tensors_;
   const Kernels* kernels_;
-  std::unique_ptr<ThreadPool> pool_;
   Weight wte_, head_;
   std::vector<Block> blocks_;
   std::vector<float> ln_f_;
@@ -214,83 +168,63 @@ class CpuModel final : public Model {
   std::vector<Buffer> packed_;  // the packed copies of the weights (Weight::packed points into them)
   uint64_t packed_weight_bytes_ = 0;
   WType cache_type_;
-  std::shared_ptr<CacheAccount> cache_account_ = std::make_shared<CacheAccount>();
 
   // RoPE tables [position][head_dim / 2], grown to the longest sequence seen.
   int rope_len_ = 0;
   std::vector<float> rope_cos_, rope_sin_;
 
   // Per-forward state and scratch (forward is not reentrant).
-  std::vector<SeqPlan> plan_;
+  std::vector<SeqPlan> plan_;  // check_batch's layout of the current forward
   Buffer x_, xn_, q_, k_, v_, att_, gate_, up_, rows_;
   std::vector<Buffer> gemm_scratch_, scores_;  // per thread
 };
 
-const TensorView& CpuModel::tensor(const std::string& name, std::initializer_list<int64_t> shape) {
-  const TensorView& t = tensors_.get(name);
-  if (t.dtype != DType::F32 && t.dtype != DType::BF16 && t.dtype != DType::F16)
-    throw Error(ErrorCode::InvalidModel, t.file + ": tensor \"" + name + "\" has dtype " + dtype_name(t.dtype) +
-                                             "; only F32, BF16 and F16 are supported");
-  std::vector<int64_t> want(shape);
-  if (t.shape != want)
-    throw Error(ErrorCode::InvalidModel, t.file + ": tensor \"" + name + "\" has shape " + shape_string(t.shape) +
-                                             ", expected " + shape_string(want) + " from config.json");
-  parameter_count_ += static_cast<uint64_t>(t.numel());
-  weight_bytes_ += t.nbytes;
-  return t;
+WType wtype_of(DType t) { return t == DType::F32 ? WType::F32 : t == DType::BF16 ? WType::BF16 : WType::F16; }
+
+Weight weight_of(const WeightRef& w) {
+  Weight out;
+  out.data = w.data;
+  out.type = wtype_of(w.dtype);
+  out.rows = w.rows;
+  out.cols = w.cols;
+  return out;
 }
 
-Weight CpuModel::weight(const std::string& name, int rows, int cols) {
-  const TensorView& t = tensor(name, {rows, cols});
-  Weight w;
-  w.data = t.data;
-  w.type = t.dtype == DType::F32 ? WType::F32 : t.dtype == DType::BF16 ? WType::BF16 : WType::F16;
-  w.rows = rows;
-  w.cols = cols;
-  return w;
+std::vector<float> norm_of(const WeightRef& w) {
+  std::vector<float> out(w.cols);
+  for (int i = 0; i < w.cols; ++i) out[i] = weight_element(w, i);
+  return out;
 }
 
-std::vector<float> CpuModel::norm_weight(const std::string& name) {
-  const TensorView& t = tensor(name, {cfg_.d_model});
-  WType type = t.dtype == DType::F32 ? WType::F32 : t.dtype == DType::BF16 ? WType::BF16 : WType::F16;
-  std::vector<float> w(cfg_.d_model);
-  for (int i = 0; i < cfg_.d_model; ++i) w[i] = cpu::weight_to_f32(t.data, type, i);
-  return w;
-}
-
-CpuModel::CpuModel(const std::string& dir, const LoadOptions& options)
-    : cfg_(ModelConfig::from_file(dir + "/config.json")),
-      tensors_(TensorSet::load_dir(dir)),
-      kernels_(&cpu::active_kernels()) {
-  const int D = cfg_.d_model, H = cfg_.mlp_hidden_size, E = cfg_.embedding_size;
-  const int hd = cfg_.head_dim();
-  const std::string p = "model.transformer.";
-  wte_ = weight(p + "wte.weight", E, D);
-  blocks_.resize(cfg_.n_layers);
-  for (int i = 0; i < cfg_.n_layers; ++i) {
-    const std::string b = p + "blocks." + std::to_string(i) + ".";
+CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadOptions& options)
+    : Backend(config, options), tensors_(std::move(tensors)), kernels_(&active_kernels()) {
+  const ModelWeights w = find_weights(tensors_, config_, family_of(config_));
+  parameter_count_ = w.parameter_count;
+  weight_bytes_ = w.bytes;
+  wte_ = weight_of(w.embed);
+  blocks_.resize(config_.n_layers);
+  for (int i = 0; i < config_.n_layers; ++i) {
+    const LayerWeights& l = w.layers[i];
     Block& blk = blocks_[i];
-    blk.attn_norm = norm_weight(b + "attn_norm.weight");
-    blk.ff_norm = norm_weight(b + "ff_norm.weight");
-    blk.q = weight(b + "q_proj.weight", cfg_.n_heads * hd, D);
-    blk.k = weight(b + "k_proj.weight", cfg_.n_kv_heads * hd, D);
-    blk.v = weight(b + "v_proj.weight", cfg_.n_kv_heads * hd, D);
-    blk.attn_out = weight(b + "attn_out.weight", D, D);
-    blk.ff_proj = weight(b + "ff_proj.weight", H, D);
-    blk.up_proj = weight(b + "up_proj.weight", H, D);
-    blk.ff_out = weight(b + "ff_out.weight", D, H);
+    blk.attn_norm = norm_of(l.attn_norm);
+    blk.ff_norm = norm_of(l.ffn_norm);
+    blk.q = weight_of(l.q);
+    blk.k = weight_of(l.k);
+    blk.v = weight_of(l.v);
+    blk.attn_out = weight_of(l.o);
+    blk.ff_proj = weight_of(l.gate);
+    blk.up_proj = weight_of(l.up);
+    blk.ff_out = weight_of(l.down);
   }
-  ln_f_ = norm_weight(p + "ln_f.weight");
-  head_ = cfg_.weight_tying ? wte_ : weight(p + "ff_out.weight", E, D);
-  pool_ = std::make_unique<ThreadPool>(options.threads);
+  ln_f_ = norm_of(w.final_norm);
+  head_ = weight_of(w.head);
   pack_weights(options.pack_weights_max_bytes);
   cache_type_ = options.kv_cache_dtype == KVCacheDType::BF16 ? WType::BF16 : WType::F32;
-  cache_account_->budget = options.kv_cache_budget_bytes;
-  gemm_scratch_.resize(pool_->size());
-  scores_.resize(pool_->size());
+  gemm_scratch_.resize(pool().size());
+  scores_.resize(pool().size());
 }
 
-void CpuModel::pack_weights(uint64_t max_bytes) {
+void CpuBackend::pack_weights(uint64_t max_bytes) {
   if (kernels_->pack_panel == nullptr || max_bytes == 0) return;
   std::vector<Weight*> weights;
   for (Block& blk : blocks_)
@@ -306,7 +240,7 @@ void CpuModel::pack_weights(uint64_t max_bytes) {
     Weight& w = *weights[i];
     float* out = packed_[i].ensure(static_cast<size_t>(panels(w)) * nr * w.cols);
     const MatB b = w.as_b();
-    pool_->parallel_for(panels(w), [&](size_t begin, size_t end, int) {
+    pool().parallel_for(panels(w), [&](size_t begin, size_t end, int) {
       for (size_t p = begin; p < end; ++p)
         kernels_->pack_panel(b, w.rows, w.cols, static_cast<int>(p), out + p * nr * w.cols);
     });
@@ -315,62 +249,10 @@ void CpuModel::pack_weights(uint64_t max_bytes) {
   packed_weight_bytes_ = total;
 }
 
-// Validates the batch (before anything is touched) and lays out the computed tokens.
-void CpuModel::plan_batch(const std::vector<ForwardSeq>& batch) {
-  plan_.clear();
-  std::set<const KVCache*> caches;
-  int offset = 0;
-  for (size_t s = 0; s < batch.size(); ++s) {
-    const ForwardSeq& seq = batch[s];
-    const std::string where = "forward: sequence " + std::to_string(s) + ": ";
-    if (seq.length < 1 || !seq.tokens) throw Error(ErrorCode::InvalidArgument, where + "empty");
-    if (seq.length > cfg_.max_sequence_length)
-      throw Error(ErrorCode::InvalidArgument, where + "length " + std::to_string(seq.length) + " exceeds max_sequence_length " +
-                                                  std::to_string(cfg_.max_sequence_length));
-    for (int i = 0; i < seq.length; ++i)
-      if (seq.tokens[i] < 0 || seq.tokens[i] >= cfg_.embedding_size)
-        throw Error(ErrorCode::InvalidArgument, where + "token " + std::to_string(seq.tokens[i]) + " at position " +
-                                                    std::to_string(i) + " is outside [0, " + std::to_string(cfg_.embedding_size) + ")");
-    const int begin = seq.compute_begin, end = seq.compute_end == -1 ? seq.length : seq.compute_end;
-    auto range = [&] {
-      char text[64];
-      std::snprintf(text, sizeof text, "[%d, %d)", begin, end);
-      return std::string(text);
-    };
-    if (begin < 0 || end > seq.length || begin >= end)
-      throw Error(ErrorCode::InvalidArgument, where + "compute range " + range() + " is not a non-empty part of [0, " +
-                                                  std::to_string(seq.length) + ")");
-    const bool whole = begin == 0 && end == seq.length;
-    CpuKVCache* cache = nullptr;
-    if (seq.cache) {
-      cache = dynamic_cast<CpuKVCache*>(seq.cache);
-      if (!cache || cache->owner() != this) throw Error(ErrorCode::InvalidArgument, where + "the KV cache was made by another model");
-      if (cache->positions() != seq.length)
-        throw Error(ErrorCode::InvalidArgument, where + "the KV cache serves " + std::to_string(cache->positions()) +
-                                                    " positions, the canvas has " + std::to_string(seq.length));
-      if (!caches.insert(cache).second)
-        throw Error(ErrorCode::InvalidArgument, where + "the same KV cache appears twice in one forward");
-      if (!whole && !cache->filled())
-        throw Error(ErrorCode::InvalidArgument, where + "the KV cache is not filled: computing " + range() +
-                                                    " needs a forward over the whole canvas first");
-    } else if (!whole) {
-      throw Error(ErrorCode::InvalidArgument, where + "computing only " + range() + " of the canvas needs a KV cache");
-    }
-    if (seq.n_logit_rows < 0 || (seq.n_logit_rows > 0 && !seq.logit_rows))
-      throw Error(ErrorCode::InvalidArgument, where + "bad logit rows");
-    for (int r = 0; r < seq.n_logit_rows; ++r)
-      if (seq.logit_rows[r] < begin || seq.logit_rows[r] >= end)
-        throw Error(ErrorCode::InvalidArgument, where + "logit row " + std::to_string(seq.logit_rows[r]) + " is outside " +
-                                                    (whole ? "[0, " + std::to_string(seq.length) + ")" : "the computed range " + range()));
-    plan_.push_back(SeqPlan{offset, begin, end, seq.length, cache, !whole && cache});
-    offset += end - begin;
-  }
-}
-
-void CpuModel::ensure_scratch(int T, int rows, int max_len) {
-  const size_t D = cfg_.d_model, H = cfg_.mlp_hidden_size;
-  const size_t q_dim = static_cast<size_t>(cfg_.n_heads) * cfg_.head_dim();
-  const size_t kv_dim = static_cast<size_t>(cfg_.n_kv_heads) * cfg_.head_dim();
+void CpuBackend::ensure_scratch(int T, int rows, int max_len) {
+  const size_t D = config_.d_model, H = config_.mlp_hidden_size;
+  const size_t q_dim = static_cast<size_t>(config_.n_heads) * config_.head_dim();
+  const size_t kv_dim = static_cast<size_t>(config_.n_kv_heads) * config_.head_dim();
   x_.ensure(T * D);
   xn_.ensure(T * D);
   q_.ensure(T * q_dim);
@@ -380,9 +262,9 @@ void CpuModel::ensure_scratch(int T, int rows, int max_len) {
   gate_.ensure(T * H);
   up_.ensure(T * H);
   rows_.ensure(static_cast<size_t>(rows > 0 ? rows : 1) * D);
-  int max_k = std::max({cfg_.d_model, cfg_.mlp_hidden_size, cfg_.head_dim(), max_len});
+  int max_k = std::max({config_.d_model, config_.mlp_hidden_size, config_.head_dim(), max_len});
   const int query_block = std::min(kQueryBlock, max_len);
-  for (int t = 0; t < pool_->size(); ++t) {
+  for (int t = 0; t < pool().size(); ++t) {
     gemm_scratch_[t].ensure(kernels_->gemm_scratch_floats(max_k));
     scores_[t].ensure(static_cast<size_t>(query_block) * max_len);
   }
@@ -399,7 +281,7 @@ void run_dynamic(ThreadPool& pool, size_t n, const Task& task) {
   });
 }
 
-void CpuModel::linear(const float* A, int M, int K, std::initializer_list<LinearOut> outs) {
+void CpuBackend::linear(const float* A, int M, int K, std::initializer_list<LinearOut> outs) {
   // Work items are column panels of gemm_nr outputs (a few panels each for the portable kernels),
   // numbered across all outputs so that one parallel_for covers e.g. q, k and v together.
   // Many rows (a batch of whole canvases) are also split into chunks of about 1 MiB of A, so that each
@@ -417,7 +299,7 @@ void CpuModel::linear(const float* A, int M, int K, std::initializer_list<Linear
     for (const LinearOut& o : outs)
       for (int n0 = 0; n0 < o.w->rows; n0 += nr)
         items.push_back({&o, m0, std::min(m0 + chunk, M), n0, std::min(n0 + nr, o.w->rows)});
-  run_dynamic(*pool_, items.size(), [&](size_t i, int thread) {
+  run_dynamic(pool(), items.size(), [&](size_t i, int thread) {
     const Item& item = items[i];
     const LinearOut& o = *item.out;
     kernels_->gemm(item.m1 - item.m0, item.n0, item.n1, K, A + static_cast<int64_t>(item.m0) * K, K, o.w->as_b(),
@@ -425,22 +307,22 @@ void CpuModel::linear(const float* A, int M, int K, std::initializer_list<Linear
   });
 }
 
-void CpuModel::rmsnorm_rows(const float* x, const std::vector<float>& w, float* y, int rows) {
-  const int D = cfg_.d_model;
-  const float eps = static_cast<float>(cfg_.rms_norm_eps);
-  pool_->parallel_for(rows, [&](size_t begin, size_t end, int) {
+void CpuBackend::rmsnorm_rows(const float* x, const std::vector<float>& w, float* y, int rows) {
+  const int D = config_.d_model;
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  pool().parallel_for(rows, [&](size_t begin, size_t end, int) {
     for (size_t r = begin; r < end; ++r) kernels_->rmsnorm(x + r * D, w.data(), y + r * D, D, eps);
   });
 }
 
-void CpuModel::ensure_rope(int length) {
+void CpuBackend::ensure_rope(int length) {
   if (length <= rope_len_) return;
   // Angles in double, so the f32 tables are the correctly rounded cos/sin of pos * theta^(-2i/hd) (the
   // PyTorch reference in tools/reference does the same; LLaDA's own code rounds the angle to f32 first,
   // which moves it by up to half an f32 ulp of the angle).
-  const int half = cfg_.head_dim() / 2;
+  const int half = config_.head_dim() / 2;
   std::vector<double> inv_freq(half);
-  for (int i = 0; i < half; ++i) inv_freq[i] = 1.0 / std::pow(cfg_.rope_theta, 2.0 * i / cfg_.head_dim());
+  for (int i = 0; i < half; ++i) inv_freq[i] = 1.0 / std::pow(config_.rope_theta, 2.0 * i / config_.head_dim());
   rope_cos_.resize(static_cast<size_t>(length) * half);
   rope_sin_.resize(static_cast<size_t>(length) * half);
   for (int pos = rope_len_; pos < length; ++pos)
@@ -452,14 +334,14 @@ void CpuModel::ensure_rope(int length) {
   rope_len_ = length;
 }
 
-void CpuModel::apply_rope(float* q, float* k, int T) {
-  const int hd = cfg_.head_dim(), half = hd / 2;
-  const int q_heads = cfg_.n_heads, kv_heads = cfg_.n_kv_heads;
+void CpuBackend::apply_rope(float* q, float* k, int T) {
+  const int hd = config_.head_dim(), half = hd / 2;
+  const int q_heads = config_.n_heads, kv_heads = config_.n_kv_heads;
   // Position of token t is its index within its own canvas.
   std::vector<int> position(T);
   for (const SeqPlan& p : plan_)
     for (int i = 0; i < p.end - p.begin; ++i) position[p.offset + i] = p.begin + i;
-  pool_->parallel_for(T, [&](size_t begin, size_t end, int) {
+  pool().parallel_for(T, [&](size_t begin, size_t end, int) {
     for (size_t t = begin; t < end; ++t) {
       const float* c = rope_cos_.data() + static_cast<size_t>(position[t]) * half;
       const float* s = rope_sin_.data() + static_cast<size_t>(position[t]) * half;
@@ -478,12 +360,12 @@ void CpuModel::apply_rope(float* q, float* k, int T) {
 }
 
 // Copies this layer's fresh keys and values of every cached sequence into its cache, at their positions.
-void CpuModel::store_in_caches(int layer) {
-  const int kv_dim = cfg_.n_kv_heads * cfg_.head_dim();
+void CpuBackend::store_in_caches(int layer) {
+  const int kv_dim = config_.n_kv_heads * config_.head_dim();
   for (const SeqPlan& p : plan_) {
     if (!p.cache) continue;
-    const CpuKVCache& c = *p.cache;
-    pool_->parallel_for(p.end - p.begin, [&](size_t begin, size_t end, int) {
+    const CpuKVCache& c = cache_of(p);
+    pool().parallel_for(p.end - p.begin, [&](size_t begin, size_t end, int) {
       for (size_t i = begin; i < end; ++i) {
         const float* k = k_.data() + (p.offset + i) * kv_dim;
         const float* v = v_.data() + (p.offset + i) * kv_dim;
@@ -502,9 +384,9 @@ void CpuModel::store_in_caches(int layer) {
   }
 }
 
-void CpuModel::attention(int layer) {
-  const int hd = cfg_.head_dim();
-  const int q_heads = cfg_.n_heads, kv_heads = cfg_.n_kv_heads, group = q_heads / kv_heads;
+void CpuBackend::attention(int layer) {
+  const int hd = config_.head_dim();
+  const int q_heads = config_.n_heads, kv_heads = config_.n_kv_heads, group = q_heads / kv_heads;
   const int64_t q_dim = static_cast<int64_t>(q_heads) * hd, kv_dim = static_cast<int64_t>(kv_heads) * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   struct Task {
@@ -516,7 +398,7 @@ void CpuModel::attention(int layer) {
     for (int h = 0; h < q_heads; ++h)
       for (int q0 = 0; q0 < n; q0 += kQueryBlock) tasks.push_back({static_cast<int>(s), h, q0, std::min(kQueryBlock, n - q0)});
   }
-  run_dynamic(*pool_, tasks.size(), [&](size_t i, int thread) {
+  run_dynamic(pool(), tasks.size(), [&](size_t i, int thread) {
     float* scratch = gemm_scratch_[thread].data();
     float* scores = scores_[thread].data();
     const Task& task = tasks[i];
@@ -528,9 +410,9 @@ void CpuModel::attention(int layer) {
     // cache's (which holds this call's fresh ones for the computed range).
     MatB K, V;
     if (p.reads_cache) {
-      const size_t head_bytes = static_cast<size_t>(kv_head) * hd * p.cache->element_size();
-      K = MatB{p.cache->keys(layer) + head_bytes, p.cache->type(), kv_dim, false};
-      V = MatB{p.cache->values(layer) + head_bytes, p.cache->type(), kv_dim, true};
+      const size_t head_bytes = static_cast<size_t>(kv_head) * hd * cache_of(p).element_size();
+      K = MatB{cache_of(p).keys(layer) + head_bytes, cache_of(p).type(), kv_dim, false};
+      V = MatB{cache_of(p).values(layer) + head_bytes, cache_of(p).type(), kv_dim, true};
     } else {
       K = MatB{k_.data() + p.offset * kv_dim + kv_head * hd, WType::F32, kv_dim, false};
       V = MatB{v_.data() + p.offset * kv_dim + kv_head * hd, WType::F32, kv_dim, true};
@@ -544,8 +426,8 @@ void CpuModel::attention(int layer) {
   });
 }
 
-void CpuModel::forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) {
-  plan_batch(batch);
+void CpuBackend::forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) {
+  plan_ = check_batch(batch).seqs;
   auto check_cancel = [&] {
     if (cancel && cancel->load(std::memory_order_relaxed)) throw Error(ErrorCode::Cancelled, "forward cancelled");
   };
@@ -558,8 +440,8 @@ void CpuModel::forward(const std::vector<ForwardSeq>& batch, float* logits, cons
     rows += batch[s].n_logit_rows;
     max_len = std::max(max_len, batch[s].length);
   }
-  const int D = cfg_.d_model, H = cfg_.mlp_hidden_size, E = cfg_.embedding_size;
-  const int q_dim = cfg_.n_heads * cfg_.head_dim(), kv_dim = cfg_.n_kv_heads * cfg_.head_dim();
+  const int D = config_.d_model, H = config_.mlp_hidden_size, E = config_.embedding_size;
+  const int q_dim = config_.n_heads * config_.head_dim(), kv_dim = config_.n_kv_heads * config_.head_dim();
   try {
     ensure_scratch(T, rows, max_len);
     ensure_rope(max_len);
@@ -574,7 +456,7 @@ void CpuModel::forward(const std::vector<ForwardSeq>& batch, float* logits, cons
   tokens.reserve(T);
   for (size_t s = 0; s < batch.size(); ++s)
     tokens.insert(tokens.end(), batch[s].tokens + plan_[s].begin, batch[s].tokens + plan_[s].end);
-  pool_->parallel_for(T, [&](size_t begin, size_t end, int) {
+  pool().parallel_for(T, [&](size_t begin, size_t end, int) {
     const size_t row_bytes = static_cast<size_t>(D) * (wte_.type == WType::F32 ? 4 : 2);
     for (size_t t = begin; t < end; ++t)
       kernels_->convert(static_cast<const char*>(wte_.data) + tokens[t] * row_bytes, wte_.type, x + t * D, D);
@@ -584,9 +466,9 @@ void CpuModel::forward(const std::vector<ForwardSeq>& batch, float* logits, cons
   // between leaves it unusable for reads). A read keeps its cache filled: a cancel leaves its computed
   // range half written, and retrying the same range rewrites it.
   for (const SeqPlan& p : plan_)
-    if (p.cache && !p.reads_cache) p.cache->filled_ = false;
+    if (p.cache && !p.reads_cache) p.cache->set_filled(false);
 
-  for (int layer = 0; layer < cfg_.n_layers; ++layer) {
+  for (int layer = 0; layer < config_.n_layers; ++layer) {
     const Block& blk = blocks_[layer];
     check_cancel();
     rmsnorm_rows(x, blk.attn_norm, xn, T);
@@ -598,14 +480,14 @@ void CpuModel::forward(const std::vector<ForwardSeq>& batch, float* logits, cons
 
     rmsnorm_rows(x, blk.ff_norm, xn, T);
     linear(xn, T, D, {{&blk.ff_proj, gate_.data(), H, false}, {&blk.up_proj, up_.data(), H, false}});
-    pool_->parallel_for(T, [&](size_t begin, size_t end, int) {
+    pool().parallel_for(T, [&](size_t begin, size_t end, int) {
       for (size_t t = begin; t < end; ++t)
         kernels_->silu_mul(gate_.data() + t * H, up_.data() + t * H, gate_.data() + t * H, H);
     });
     linear(gate_.data(), T, H, {{&blk.ff_out, x, D, true}});  // residual: x += ff_out(...)
   }
   for (const SeqPlan& p : plan_)
-    if (p.cache) p.cache->filled_ = true;
+    if (p.cache) p.cache->set_filled(true);
   check_cancel();
 
   // Final norm and LM head for the requested rows only.
@@ -620,51 +502,15 @@ void CpuModel::forward(const std::vector<ForwardSeq>& batch, float* logits, cons
   linear(r, rows, D, {{&head_, logits, E, false}});
 }
 
-uint64_t CpuModel::kv_cache_bytes(int positions) const {
-  const uint64_t kv_dim = static_cast<uint64_t>(cfg_.n_kv_heads) * cfg_.head_dim();
-  return static_cast<uint64_t>(cfg_.n_layers) * static_cast<uint64_t>(std::max(positions, 0)) * kv_dim * 2 *
-         (cache_type_ == WType::F32 ? 4 : 2);
-}
-
-std::unique_ptr<KVCache> CpuModel::make_kv_cache(int positions) {
-  if (positions < 1 || positions > cfg_.max_sequence_length)
-    throw Error(ErrorCode::InvalidArgument, "KV cache: " + std::to_string(positions) + " positions is outside [1, " +
-                                                std::to_string(cfg_.max_sequence_length) + "]");
-  const uint64_t bytes = kv_cache_bytes(positions), budget = cache_account_->budget;
-  auto size_text = [](uint64_t b) {
-    return b < (10u << 20) ? std::to_string((b + 1023) >> 10) + " KiB" : std::to_string((b + (1 << 20) - 1) >> 20) + " MiB";
-  };
-  if (budget > 0 && bytes > budget)
-    throw Error(ErrorCode::InvalidArgument, "KV cache for " + std::to_string(positions) + " positions needs " +
-                                                size_text(bytes) + ", more than the whole cache budget of " + size_text(budget));
-  // Reserve the bytes first (other threads may be making caches too), then allocate.
-  uint64_t live = cache_account_->live.load();
-  do {
-    if (budget > 0 && live + bytes > budget)
-      throw Error(ErrorCode::OutOfMemory, "KV cache budget exhausted: " + size_text(bytes) + " wanted, " +
-                                              size_text(live) + " of " + size_text(budget) + " held by live caches");
-  } while (!cache_account_->live.compare_exchange_weak(live, live + bytes));
-  try {
-    return std::make_unique<CpuKVCache>(cache_account_, this, cfg_.n_layers, positions,
-                                        cfg_.n_kv_heads * cfg_.head_dim(), cache_type_, bytes);
-  } catch (const std::bad_alloc&) {  // make_unique's own allocation; the cache constructor never ran
-    cache_account_->live -= bytes;
-    throw Error(ErrorCode::OutOfMemory, "cannot allocate a KV cache");
-  }
+std::unique_ptr<KVCache> CpuBackend::allocate_kv_cache(int positions, uint64_t bytes) {
+  return std::make_unique<CpuKVCache>(positions, config_.n_kv_heads * config_.head_dim(), cache_type_, bytes);
 }
 
 }  // namespace
 
-std::unique_ptr<KVCache> Model::make_kv_cache(int positions) {
-  throw Error(ErrorCode::InvalidArgument, "this model does not support KV caching");
+std::unique_ptr<Backend> load(const std::string& dir, const LoadOptions& options) {
+  const ModelConfig config = ModelConfig::from_file(dir + "/config.json");
+  return std::make_unique<CpuBackend>(config, TensorSet::load_dir(dir), options);
 }
 
-std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& options) {
-  try {
-    return std::make_unique<CpuModel>(dir, options);
-  } catch (const std::bad_alloc&) {
-    throw Error(ErrorCode::OutOfMemory, dir + ": out of memory while loading the model");
-  }
-}
-
-}  // namespace vdiff
+}  // namespace vdiff::cpu

@@ -7,11 +7,10 @@ namespace vdiff::test {
 
 // A model that forwards to another and records what each forward computed; it can also set the cancel
 // flag once a forward is done (the engine then cancels the step after the cache was written).
-class RecordingModel final : public Model {
+class RecordingModel final : public Backend {
  public:
-  explicit RecordingModel(std::shared_ptr<Model> inner) : inner_(std::move(inner)) {}
-  const ModelConfig& config() const override { return inner_->config(); }
-  int threads() const override { return inner_->threads(); }
+  explicit RecordingModel(std::shared_ptr<Backend> inner) : Backend(inner->config(), test_options(1)), inner_(std::move(inner)) {}
+  BackendInfo info() const override { return inner_->info(); }
   std::string weight_dtype() const override { return inner_->weight_dtype(); }
   uint64_t parameter_count() const override { return inner_->parameter_count(); }
   uint64_t weight_bytes() const override { return inner_->weight_bytes(); }
@@ -28,8 +27,13 @@ class RecordingModel final : public Model {
   std::vector<std::string> calls;  // "begin-end" per sequence per forward, "c" when it had a cache
   std::atomic<bool>* cancel_after = nullptr;
 
+ protected:
+  std::unique_ptr<KVCache> allocate_kv_cache(int, uint64_t) override {
+    throw Error(ErrorCode::Internal, "RecordingModel: caches come from the inner backend");
+  }
+
  private:
-  std::shared_ptr<Model> inner_;
+  std::shared_ptr<Backend> inner_;
 };
 
 // Every step of one sequence: committed tokens and their probabilities, flattened.
@@ -82,7 +86,7 @@ void test_engine_kv_cache(const std::string& golden_dir) {
       std::stringstream ss;
       ss << in.rdbuf();
       Json fixture = Json::parse(ss.str());
-      Engine engine(Model::load((fs::path(golden_dir) / name).string(), LoadOptions{2}));
+      Engine engine(Backend::load((fs::path(golden_dir) / name).string(), test_options(2)));
       int cases = 0, same = 0, reference = 0;
       for (const Json& c : fixture.find("generate")->items()) {
         std::vector<int32_t> prompt, answer;
@@ -128,7 +132,7 @@ void test_engine_kv_cache(const std::string& golden_dir) {
 
   // What each mode computes, step by step: prompt 5, 3 blocks of 4, 2 steps each, a suffix of 2 (L = 19).
   {
-    auto recorder = std::make_shared<RecordingModel>(Model::load(dir, LoadOptions{2}));
+    auto recorder = std::make_shared<RecordingModel>(Backend::load(dir, test_options(2)));
     Engine engine(recorder);
     const std::vector<int32_t> prompt = prompt_of(5), suffix = {1, 2};
     auto calls_of = [&](KVCacheMode mode) {
@@ -190,7 +194,7 @@ void test_engine_kv_cache(const std::string& golden_dir) {
   // A mixed batch (no cache, prefix, dual, dual with cfg; prompts of different lengths, different block
   // sizes) gives each sequence what it gets alone.
   {
-    Engine engine(Model::load(dir, LoadOptions{2}));
+    Engine engine(Backend::load(dir, test_options(2)));
     struct Spec {
       std::vector<int32_t> prompt;
       SamplingParams params;
@@ -221,11 +225,11 @@ void test_engine_kv_cache(const std::string& golden_dir) {
 
   // Memory: reported per sequence, freed when it finishes, bounded by the model's budget.
   {
-    LoadOptions options{1};
-    auto probe = Model::load(dir, options);
+    LoadOptions options = test_options(1);
+    auto probe = Backend::load(dir, options);
     const uint64_t per_seq = probe->kv_cache_bytes(5 + 16);
     options.kv_cache_budget_bytes = 3 * per_seq;
-    std::shared_ptr<Model> model = Model::load(dir, options);
+    std::shared_ptr<Backend> model = Backend::load(dir, options);
     Engine engine(model);
     const std::vector<int32_t> prompt = prompt_of(5);
     uint64_t a = engine.create(prompt, params_of(KVCacheMode::Prefix, 16, 4, 4));
@@ -271,7 +275,7 @@ void test_golden(const std::string& golden_dir) {
       std::stringstream ss;
       ss << in.rdbuf();
       Json fixture = Json::parse(ss.str());
-      auto model = Model::load((json_path.parent_path() / name).string(), LoadOptions{2});
+      auto model = Backend::load((json_path.parent_path() / name).string(), test_options(2));
       const int E = model->config().embedding_size;
       double worst = 0, scale = 0;
       size_t n_seqs = 0;

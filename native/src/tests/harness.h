@@ -25,7 +25,7 @@
 #include "core/engine.h"
 #include "core/error.h"
 #include "core/json.h"
-#include "core/model.h"
+#include "core/backend.h"
 #include "core/safetensors.h"
 #include "core/threadpool.h"
 #include "cpu/kernels.h"
@@ -43,6 +43,16 @@ using cpu::WType;
 
 // ------------------------------------------------------------------------------------------------
 // Reporting
+
+// Load options of the model tests: `threads` host threads on the device VDIFF_TEST_DEVICE names (cpu,
+// the default, or cuda — the GPU script runs the same model and golden tests on the CUDA backend).
+inline LoadOptions test_options(int threads) {
+  LoadOptions options;
+  options.threads = threads;
+  const char* device = std::getenv("VDIFF_TEST_DEVICE");
+  options.device = device && std::string(device) == "cuda" ? Device::Cuda : Device::Cpu;
+  return options;
+}
 
 inline int g_checks = 0;
 inline int g_failures = 0;

@@ -14,17 +14,17 @@ void test_kv_cache() {
   write_tiny(tmp.path / "tiny", tiny);
   const std::string dir = (tmp.path / "tiny").string();
   const int E = spec.embedding;
-  auto model = Model::load(dir, LoadOptions{2});
-  LoadOptions bf16_options{2};
+  auto model = Backend::load(dir, test_options(2));
+  LoadOptions bf16_options = test_options(2);
   bf16_options.kv_cache_dtype = KVCacheDType::BF16;
-  auto bf16_model = Model::load(dir, bf16_options);
+  auto bf16_model = Backend::load(dir, bf16_options);
 
   // A canvas of 150 positions: a prefix read computes 130 queries (more than one attention query block).
   const int L = 150, block_begin = 20, block_end = 28;
   std::vector<int32_t> canvas = random_tokens(rng, L, spec.vocab);
   const std::vector<float> full = run_forward(*model, {canvas}, {all_rows(L)});
 
-  for (Model* m : {model.get(), bf16_model.get()}) {
+  for (Backend* m : {model.get(), bf16_model.get()}) {
     const bool f32 = m == model.get();
     const std::string kind = f32 ? "f32" : "bf16";
     auto cache = m->make_kv_cache(L);
@@ -85,10 +85,10 @@ void test_kv_cache() {
   // (4) A ragged batch mixing no cache, a refresh, a prefix read and a dual read (lengths 9, 20, 131, 70)
   // equals each alone, with 2 threads vs 1, bit for bit.
   {
-    auto model1 = Model::load(dir, LoadOptions{1});
+    auto model1 = Backend::load(dir, test_options(1));
     std::vector<int32_t> a = random_tokens(rng, 9, spec.vocab), b = random_tokens(rng, 20, spec.vocab),
                          c = random_tokens(rng, 131, spec.vocab), d = random_tokens(rng, 70, spec.vocab);
-    auto make_seqs = [&](Model& m, std::vector<std::unique_ptr<KVCache>>& caches) {
+    auto make_seqs = [&](Backend& m, std::vector<std::unique_ptr<KVCache>>& caches) {
       for (int len : {20, 131, 70}) caches.push_back(m.make_kv_cache(len));
       run_cached(m, {{c, {}, caches[1].get()}, {d, {}, caches[2].get()}});  // fill the read caches
       std::vector<int32_t> c2 = c, d2 = d;  // commit a few tokens since the refresh
@@ -143,10 +143,10 @@ void test_kv_cache() {
 
   // The budget bounds the bytes of all live caches of a model together.
   {
-    LoadOptions options{1};
+    LoadOptions options = test_options(1);
     const uint64_t per_100 = model->kv_cache_bytes(100);
     options.kv_cache_budget_bytes = 2 * per_100 + per_100 / 2;  // room for two caches of 100 positions
-    auto bounded = Model::load(dir, options);
+    auto bounded = Backend::load(dir, options);
     auto first = bounded->make_kv_cache(100);
     auto second = bounded->make_kv_cache(100);
     report(bounded->kv_cache_live_bytes() == 2 * per_100 && bounded->kv_cache_budget_bytes() == options.kv_cache_budget_bytes,

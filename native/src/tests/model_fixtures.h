@@ -241,7 +241,7 @@ inline std::vector<int32_t> random_tokens(std::mt19937& rng, int n, int vocab) {
 }
 
 // Runs one forward over `seqs`, asking for `rows[i]` of sequence i; returns the logits.
-inline std::vector<float> run_forward(Model& model, const std::vector<std::vector<int32_t>>& seqs,
+inline std::vector<float> run_forward(Backend& model, const std::vector<std::vector<int32_t>>& seqs,
                                const std::vector<std::vector<int32_t>>& rows, const std::atomic<bool>* cancel = nullptr) {
   std::vector<ForwardSeq> batch;
   size_t n_rows = 0;
@@ -268,7 +268,7 @@ struct CachedSeq {
   int begin = 0, end = -1;
 };
 
-inline std::vector<float> run_cached(Model& model, const std::vector<CachedSeq>& seqs, const std::atomic<bool>* cancel = nullptr) {
+inline std::vector<float> run_cached(Backend& model, const std::vector<CachedSeq>& seqs, const std::atomic<bool>* cancel = nullptr) {
   std::vector<ForwardSeq> batch;
   size_t n_rows = 0;
   for (const CachedSeq& s : seqs) {

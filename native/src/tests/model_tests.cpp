@@ -16,7 +16,7 @@ void test_model() {
     TinyModel tiny = make_tiny(spec, type, 100 + static_cast<int>(type));
     const fs::path dir = tmp.path / (std::string("tiny-") + type_name(type));
     write_tiny(dir, tiny);
-    auto model = Model::load(dir.string(), LoadOptions{2});
+    auto model = Backend::load(dir.string(), test_options(2));
     std::vector<int32_t> tokens = random_tokens(rng, 70, spec.vocab);
     std::vector<float> got = run_forward(*model, {tokens}, {all_rows(tokens.size())});
     auto ref = reference_forward(tiny, tokens);
@@ -26,7 +26,7 @@ void test_model() {
         worst = std::max(worst, std::fabs(got[t * spec.embedding + e] - ref[t][e]));
         scale = std::max(scale, std::fabs(ref[t][e]));
       }
-    bool meta = model->weight_dtype() == type_name(type) && model->threads() == 2 && model->config().n_kv_heads == 2;
+    bool meta = model->weight_dtype() == type_name(type) && model->info().backend == "cpu" && model->config().n_kv_heads == 2;
     report(worst <= 1e-5 * scale && meta,
            std::string("model forward (") + isa + ", " + type_name(type) + (spec.tied ? ", tied head" : "") + ") vs float64 reference",
            fmt("max |diff| %.2e, max |logit| %.2f", worst, scale));
@@ -38,8 +38,8 @@ void test_model() {
   TinyModel tiny = make_tiny(spec, WType::F32, 5);
   const fs::path dir = tmp.path / "tiny";
   write_tiny(dir, tiny);
-  auto model2 = Model::load(dir.string(), LoadOptions{2});
-  auto model1 = Model::load(dir.string(), LoadOptions{1});
+  auto model2 = Backend::load(dir.string(), test_options(2));
+  auto model1 = Backend::load(dir.string(), test_options(1));
   std::vector<int32_t> a = random_tokens(rng, 9, spec.vocab), b = random_tokens(rng, 131, spec.vocab), c = random_tokens(rng, 1, spec.vocab);
   std::vector<int32_t> rows_a = {8, 0, 3}, rows_b = {130, 64, 63, 0, 7}, rows_c = {0};
   std::vector<float> batched = run_forward(*model2, {a, b, c}, {rows_a, rows_b, rows_c});
@@ -51,9 +51,9 @@ void test_model() {
   joined.insert(joined.end(), alone_c.begin(), alone_c.end());
   report(batched == joined, "model forward: batch of 3 (lengths 9, 131, 1) equals each alone, 1 vs 2 threads, bit for bit");
   {
-    LoadOptions unpacked_options{2};
+    LoadOptions unpacked_options = test_options(2);
     unpacked_options.pack_weights_max_bytes = 0;
-    auto unpacked = Model::load(dir.string(), unpacked_options);
+    auto unpacked = Backend::load(dir.string(), unpacked_options);
     const bool packs = cpu::active_kernels().pack_panel != nullptr;
     report(unpacked->packed_weight_bytes() == 0 && (model2->packed_weight_bytes() > 0) == packs &&
                run_forward(*unpacked, {a, b, c}, {rows_a, rows_b, rows_c}) == batched,
@@ -83,7 +83,7 @@ void test_model() {
   }
   {
     write_tiny(tmp.path / "tiny-sharded", tiny, 2);
-    auto sharded = Model::load((tmp.path / "tiny-sharded").string(), LoadOptions{2});
+    auto sharded = Backend::load((tmp.path / "tiny-sharded").string(), test_options(2));
     report(run_forward(*sharded, {b}, {rows_b}) == alone_b && sharded->parameter_count() == model2->parameter_count(),
            "model load: two shards + index give the same logits");
   }
@@ -108,13 +108,13 @@ void test_model() {
   // Load errors name the tensor (and the file).
   write_tiny(tmp.path / "missing", tiny, 1, "model.transformer.blocks.1.up_proj.weight");
   expect_error("model load: missing tensor", ErrorCode::InvalidModel, {"missing tensor \"model.transformer.blocks.1.up_proj.weight\""},
-               [&] { Model::load((tmp.path / "missing").string()); });
+               [&] { Backend::load((tmp.path / "missing").string()); });
   write_tiny(tmp.path / "reshaped", tiny, 1, "", "model.transformer.blocks.0.k_proj.weight");
   expect_error("model load: wrong shape", ErrorCode::InvalidModel,
                {"model.transformer.blocks.0.k_proj.weight", "[8, 64]", "expected [16, 32]", "model.safetensors"},
-               [&] { Model::load((tmp.path / "reshaped").string()); });
+               [&] { Backend::load((tmp.path / "reshaped").string()); });
   expect_error("model load: no config.json", ErrorCode::InvalidModel, {"config.json"},
-               [&] { Model::load((tmp.path / "nowhere").string()); });
+               [&] { Backend::load((tmp.path / "nowhere").string()); });
 }
 
 }  // namespace vdiff::test

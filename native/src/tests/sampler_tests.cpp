@@ -67,9 +67,10 @@ static void default_rule(const int32_t* canvas, int length, int position, float*
   for (int v = 0; v < kVocab; ++v) out[v] = 6.0f * hash_unit(h + 1000003ull * position + v) - 3.0f;
 }
 
-class FakeModel : public Model {
+class FakeModel : public Backend {
  public:
-  explicit FakeModel(LogitRule rule = default_rule, int max_length = 64) : rule_(std::move(rule)) {
+  explicit FakeModel(LogitRule rule = default_rule, int max_length = 64)
+      : Backend(ModelConfig{}, LoadOptions{}), rule_(std::move(rule)) {
     config_.d_model = 8;
     config_.n_heads = 1;
     config_.n_kv_heads = 1;
@@ -81,8 +82,7 @@ class FakeModel : public Model {
     config_.eos_token_id = kEos;
     config_.max_sequence_length = max_length;
   }
-  const ModelConfig& config() const override { return config_; }
-  int threads() const override { return 2; }
+  BackendInfo info() const override { return BackendInfo{"fake", "fake", "none", 0, 0}; }
   std::string weight_dtype() const override { return "f32"; }
   uint64_t parameter_count() const override { return 0; }
   uint64_t weight_bytes() const override { return 0; }
@@ -110,8 +110,12 @@ class FakeModel : public Model {
   int forwards = 0;
   std::function<void()> after_forward;  // lets a test act while the step is between forward and commit
 
+ protected:
+  std::unique_ptr<KVCache> allocate_kv_cache(int, uint64_t) override {
+    throw Error(ErrorCode::InvalidArgument, "this model does not support KV caching");
+  }
+
  private:
-  ModelConfig config_;
   LogitRule rule_;
 };
 

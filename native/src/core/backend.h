@@ -1,0 +1,231 @@
+// The native boundary: a Backend holds one model's weights on one device and does the tensor work of a
+// denoising step — a batched forward over canvases, then, per requested row, the token it would take, how
+// sure it is and (on request) the most likely alternatives. Logits stay where they were computed; only
+// sampled rows come back. Everything that is not tensor work is written once, here and in the engine:
+// loading and checking the weights (weights.h), the checks of a forward's batch, the KV-cache budget,
+// the sampler's rules and its (seed, step, position)-keyed random numbers (sampler.h, rng.h).
+//
+// Backends: CpuBackend (cpu/backend_cpu.cpp) and CudaBackend (cuda/, built when nvcc is found), made by
+// Backend::load from LoadOptions::device.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "config.h"
+
+namespace vdiff {
+
+class ThreadPool;
+struct RowRule;  // sampler.h
+
+enum class Device { Auto, Cpu, Cuda };
+const char* device_name(Device device);  // "auto" | "cpu" | "cuda"
+
+// Element type of the KV caches: f32 keeps a cached read exactly equal to a full forward over an
+// unchanged canvas; bf16 halves the memory at about 3 significant digits per key and value.
+enum class KVCacheDType { F32, BF16 };
+
+struct LoadOptions {
+  Device device = Device::Cpu;  // Auto: CUDA when a GPU is visible (and the build has CUDA), else CPU
+  int threads = 0;              // host worker threads (the CPU forward, host-side sampling); <= 0: all cores
+  KVCacheDType kv_cache_dtype = KVCacheDType::F32;
+  // Upper bound on the bytes all live KV caches of this model hold together; 0: no bound (on a GPU: what
+  // gpu_memory_utilization leaves after the weights).
+  uint64_t kv_cache_budget_bytes = 0;
+  // CPU: the projection and head weights are packed once at load into the layout the GEMM reads (f32),
+  // when the packed copies take at most this many bytes in all; 0: never.
+  uint64_t pack_weights_max_bytes = uint64_t{4} << 30;
+  // CUDA: the share of the device's memory the backend may use for weights, KV caches and activations.
+  double gpu_memory_utilization = 0.9;
+  // CUDA: report upload progress (bytes done, bytes total); may be empty.
+  void (*progress)(void* context, uint64_t done, uint64_t total) = nullptr;
+  void* progress_context = nullptr;
+};
+
+// What /health, /v1/engine/stats and the CLI report about the backend.
+struct BackendInfo {
+  std::string backend;        // "cpu" | "cuda"
+  std::string device;         // CPU: the ISA path ("avx512", ...); CUDA: the GPU's name
+  std::string gemm;           // the matrix-product implementation ("avx512", "cublas", "tiled fallback", ...)
+  uint64_t memory_used = 0;   // bytes the backend holds on its device (weights, caches, scratch)
+  uint64_t memory_total = 0;  // the device's memory (CPU: 0, not reported)
+};
+
+class Backend;
+
+// Keys and values of every layer for every position of one canvas, for caching in the style of
+// Fast-dLLM. Keys are stored after RoPE at their absolute canvas positions, so a cached key is exactly the
+// key a full forward would use as long as the tokens it was computed from are unchanged. Made by
+// Backend::make_kv_cache for one canvas length; owned by the sequence that uses it; freed with it (which
+// returns its bytes to the budget). Only its backend's forward reads or writes it.
+class KVCache {
+ public:
+  virtual ~KVCache();
+  int positions() const { return positions_; }
+  uint64_t size() const { return bytes_; }
+  const Backend* owner() const { return owner_; }
+  // True once a forward has computed every position into it (a refresh); calls that compute only part
+  // of the canvas need it. A refresh that was cancelled leaves the cache not filled.
+  bool filled() const { return filled_; }
+  void set_filled(bool filled) { filled_ = filled; }
+
+ protected:
+  KVCache() = default;
+
+ private:
+  friend class Backend;
+  struct Account;
+  std::shared_ptr<Account> account_;  // the budget the bytes were reserved from
+  const Backend* owner_ = nullptr;
+  int positions_ = 0;
+  uint64_t bytes_ = 0;
+  bool filled_ = false;
+};
+
+// One sequence of a batched forward. Sequences of different lengths share one call: the linear layers
+// run over the computed tokens of the batch concatenated, attention runs per sequence over its own keys.
+//
+// Without a cache every position is computed. With a cache, the call computes the positions
+// [compute_begin, compute_end) of the canvas and writes their keys and values into the cache; the keys
+// and values of the other positions come from the cache, i.e. from the last call that computed them:
+//   - a refresh computes the whole canvas (the default range): the cache is filled, and the logits are
+//     bit for bit those of the same call without a cache (attention uses the fresh keys);
+//   - a read computes a part only and needs a filled cache: the prefix cache's steps compute
+//     [block start, length), the dual cache's steps [block start, block end).
+// Such a read is approximate exactly where tokens outside the range changed since they were computed.
+struct ForwardSeq {
+  const int32_t* tokens = nullptr;       // the whole canvas (prompt + answer, mask tokens included)
+  int length = 0;
+  const int32_t* logit_rows = nullptr;   // positions (compute_begin <= p < compute_end) whose rows are wanted
+  int n_logit_rows = 0;
+  KVCache* cache = nullptr;              // optional; made by this backend for `length` positions
+  int compute_begin = 0;
+  int compute_end = -1;                  // -1: length. Without a cache the range must be the whole canvas.
+};
+
+// A forward's batch after its checks: per sequence, the computed range and where its tokens sit among
+// all T computed tokens. Made by Backend::check_batch for every backend alike.
+struct BatchPlan {
+  struct Seq {
+    int offset;        // index of its first computed token among the T computed tokens
+    int begin, end;    // the computed range of its canvas
+    int length;        // canvas length: the keys its queries attend to
+    KVCache* cache;    // nullptr: no cache
+    bool reads_cache;  // keys outside [begin, end) come from the cache
+  };
+  std::vector<Seq> seqs;
+  int tokens = 0;   // T
+  int rows = 0;     // logit rows requested over the batch
+  int max_length = 0;
+};
+
+constexpr int kMaxTopLogprobs = 20;
+
+// One row a step asks for: the row `cond` of the forward's requested rows (batch order, then row order)
+// — with cfg combined with the unconditional copy's row `uncond` — sampled by `rule` with the noise of
+// (seed, step, position).
+struct RowTask {
+  int cond = 0;
+  int uncond = -1;          // -1: no cfg
+  double cfg_scale = 0.0;
+  const RowRule* rule = nullptr;  // nullptr: no sampling (only `target` is wanted)
+  uint64_t seed = 0;
+  int step = 0;
+  int position = 0;         // in the answer
+  int top_logprobs = 0;     // 0 .. kMaxTopLogprobs alternatives to report
+  int32_t target = -1;      // >= 0: also report the natural log-probability of this token (scoring)
+};
+
+struct TopLogprob {
+  int32_t token;
+  float logprob;
+};
+
+struct RowResult {
+  int32_t token = 0;          // x0: the token this row would take
+  double probability = 0.0;   // float64 softmax probability of `token`
+  double confidence = 0.0;    // what committing ranks by (never NaN)
+  double target_logprob = 0.0;
+  int n_top = 0;
+  TopLogprob top[kMaxTopLogprobs];  // the n_top likeliest tokens, most likely first, ties to the lower id
+};
+
+class Backend {
+ public:
+  // Loads <dir>/config.json and <dir>/model.safetensors (or the shards of model.safetensors.index.json)
+  // onto options.device. Throws Error(InvalidModel) naming the file and the problem, and
+  // Error(Unavailable) when the device asked for is not there (no CUDA in this build, no GPU visible).
+  static std::unique_ptr<Backend> load(const std::string& dir, const LoadOptions& options = {});
+  // Whether this build has the CUDA backend, and how many GPUs it sees (0 without the build, a driver or
+  // a device; never throws).
+  static bool cuda_built();
+  static int cuda_devices();
+
+  virtual ~Backend();
+
+  const ModelConfig& config() const { return config_; }
+  virtual BackendInfo info() const = 0;
+  virtual std::string weight_dtype() const = 0;   // "f32" | "bf16" | "f16" (of the projection weights)
+  virtual uint64_t parameter_count() const = 0;
+  virtual uint64_t weight_bytes() const = 0;
+  // CPU: bytes of the weights packed at load (LoadOptions::pack_weights_max_bytes); 0: none packed.
+  virtual uint64_t packed_weight_bytes() const { return 0; }
+
+  // One step's tensor work: a forward over `batch`, then every task sampled from its rows into
+  // out[0 .. tasks.size()). The default computes the rows into host memory with forward() and samples
+  // them on the host pool; a device backend overrides it so that logits never leave the device.
+  // Checks `cancel` between layers and throws Error(Cancelled) when it is set. Not reentrant: one call
+  // at a time per backend (the Engine serialises steps).
+  virtual void predict(const std::vector<ForwardSeq>& batch, const std::vector<RowTask>& tasks, RowResult* out,
+                       const std::atomic<bool>* cancel = nullptr);
+
+  // The requested rows' logits in host memory: sum(n_logit_rows) rows of config().embedding_size
+  // floats, in batch order then row order. For tests, op parity and tools; steps use predict().
+  virtual void forward(const std::vector<ForwardSeq>& batch, float* logits,
+                       const std::atomic<bool>* cancel = nullptr) = 0;
+
+  // Bytes a KV cache for a canvas of `positions` tokens takes: layers x positions x kv_dim x 2 (keys and
+  // values) x the element size.
+  virtual uint64_t kv_cache_bytes(int positions) const;
+  // A new, not yet filled cache for a canvas of `positions` tokens. Throws Error(InvalidArgument) when
+  // positions is outside [1, max_sequence_length] or one cache alone exceeds the budget (it could never
+  // be served), Error(OutOfMemory) when the live caches leave too little of the budget or the
+  // allocation fails.
+  virtual std::unique_ptr<KVCache> make_kv_cache(int positions);
+  // Bytes held by this backend's live caches, and the budget they share (0: none).
+  virtual uint64_t kv_cache_live_bytes() const;
+  virtual uint64_t kv_cache_budget_bytes() const;
+  KVCacheDType kv_cache_dtype() const { return kv_dtype_; }
+
+ protected:
+  Backend(const ModelConfig& config, const LoadOptions& options);
+
+  // Checks a forward's batch before anything is touched — canvases within the context, token ids in the
+  // embedding, compute ranges, caches made by this backend for that length and filled where read, logit
+  // rows inside the computed range — and lays out its computed tokens. Throws Error(InvalidArgument).
+  BatchPlan check_batch(const std::vector<ForwardSeq>& batch) const;
+  // The backend's own cache object for `positions` positions (its bytes already reserved from the budget).
+  virtual std::unique_ptr<KVCache> allocate_kv_cache(int positions, uint64_t bytes) = 0;
+  // The bound the budget starts with; a device backend may lower it once it knows its free memory.
+  void set_kv_cache_budget(uint64_t bytes);
+  ThreadPool& host_pool() const { return *pool_; }
+
+  ModelConfig config_;
+
+ private:
+  KVCacheDType kv_dtype_;
+  std::shared_ptr<KVCache::Account> account_;
+  std::unique_ptr<ThreadPool> pool_;
+};
+
+// Host-side sampling of one task from its rows of logits (`uncond` nullptr without cfg): applies cfg in
+// place, then the rule (sample_row), the top logprobs and the target's log-probability. Used by the
+// default predict() and by tests that check a device's sampling against it. `scratch` (vocab ints) is
+// reused by top-k / top-p filtering.
+void sample_task(float* logits, const float* uncond, int row_size, const RowTask& task, RowResult& out,
+                 std::vector<int32_t>* scratch = nullptr);
+
+}  // namespace vdiff
