@@ -209,7 +209,7 @@ const generateAll = async (
       const results = await engine.step(running)
       for (const r of results) {
         steps += 1
-        denoised += r.positions.length - r.filled
+        denoised += r.committed.length - r.filled
       }
       running = results.filter((r) => !r.finished).map((r) => r.id)
     }

@@ -85,7 +85,7 @@ describe("a suffix", () => {
     try {
       for (let guard = 0; guard < 1000; guard++) {
         const [r] = await engine.step([id])
-        positions.push(...r!.positions)
+        positions.push(...r!.committed.map((c) => c.position))
         if (r!.finished) break
       }
       return { answer: Array.from(engine.canvas(id)), positions }
@@ -182,9 +182,9 @@ describe("early stop", () => {
     const last = run!.results[run!.results.length - 1]!
     expect(run!.results.length).toBe(1)  // the first block's one step (3 steps over 4 blocks)
     expect(last).toMatchObject({ finished: true, reason: "eos", filled: 7 })
-    expect(Array.from(last.positions.slice(-7))).toEqual([3, 4, 5, 6, 7, 8, 9])
-    expect(Array.from(last.tokens.slice(-7))).toEqual(Array(7).fill(EOS))
-    expect(Array.from(last.probabilities.slice(-7))).toEqual(Array(7).fill(1))
+    expect(last.committed.slice(-7).map((c) => c.position)).toEqual([3, 4, 5, 6, 7, 8, 9])
+    expect(last.committed.slice(-7).map((c) => c.token)).toEqual(Array(7).fill(EOS))
+    expect(last.committed.slice(-7).map((c) => c.probability)).toEqual(Array(7).fill(1))
     expect(info).toMatchObject({ stepsDone: 1, tokensDenoised: 3, forwardPasses: 1 })
     const end = c.answer.findIndex((t) => t === EOS || t === EOT)
     expect(run!.answer.slice(0, end + 1)).toEqual(c.answer.slice(0, end + 1))

@@ -38,7 +38,8 @@ describe("the loaded model", () => {
     })
     expect(info.weightDtype).toBe("f32")
     expect(info.parameterCount).toBe(parameterCount(tiny.config))
-    expect(info.threads).toBe(2)
+    expect(info).toMatchObject({ backend: "cpu", memoryTotalBytes: 0 })
+    expect(["portable", "avx2", "avx512"]).toContain(info.device)
   })
 })
 
@@ -58,19 +59,17 @@ describe("stepping one sequence", () => {
       expect(r!.id).toBe(id)
       expect(r!.stepsDone).toBe(step)
       expect(r!.block).toBe(Math.floor((step - 1) / 2))
-      expect(r!.positions.length).toBe(2)
-      expect(r!.tokens.length).toBe(2)
-      expect(r!.probabilities.length).toBe(2)
+      expect(r!.committed.length).toBe(2)
+      expect(r!.stepsTotal).toBe(8)
       // Ascending, new, and inside the block being worked on.
-      expect(r!.positions[0]!).toBeLessThan(r!.positions[1]!)
-      for (let i = 0; i < r!.positions.length; i++) {
-        const position = r!.positions[i]!
+      expect(r!.committed[0]!.position).toBeLessThan(r!.committed[1]!.position)
+      for (const { position, token, probability } of r!.committed) {
         expect(committed.has(position)).toBe(false)
         expect(Math.floor(position / 4)).toBe(r!.block)
-        expect(r!.tokens[i]).not.toBe(MASK)
-        expect(r!.probabilities[i]).toBeGreaterThan(0)
-        expect(r!.probabilities[i]).toBeLessThanOrEqual(1)
-        committed.set(position, r!.tokens[i]!)
+        expect(token).not.toBe(MASK)
+        expect(probability).toBeGreaterThan(0)
+        expect(probability).toBeLessThanOrEqual(1)
+        committed.set(position, token)
       }
       // The canvas holds exactly what was committed so far; everything else is still masked.
       const canvas = Array.from(engine.canvas(id))

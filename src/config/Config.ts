@@ -78,6 +78,16 @@ export const Settings = Schema.Struct({
     default: "auto",
     value: "auto"
   }),
+  device: setting(OneOfText(["auto", "cpu", "cuda"]), {
+    description: "Where the forward pass runs: cuda (a GPU; start-up fails without one), cpu, or auto (a visible GPU, else the CPU)",
+    default: "auto",
+    value: "auto|cpu|cuda"
+  }),
+  gpuMemoryUtilization: setting(NumberText(0, true, 1), {
+    description: "Share of the GPU's memory vdiff may use for weights, KV caches and activations (cuda only), in (0, 1]",
+    default: "0.9",
+    value: "F"
+  }),
   threads: setting(IntegerText(0, 4096), {
     description: "Threads for the forward pass; 0 uses every core",
     default: "0",

@@ -312,6 +312,11 @@ export interface EngineOnlyParams {
   readonly eotTokenId: number
   /** With a KV cache, also refresh every n-th step of a block (1: every step, = no cache); absent or 0: never. */
   readonly kvRefreshInterval?: number | undefined
+  /**
+   * Alternatives reported with each committed token: the topLogprobs likeliest tokens of the step that
+   * committed it, with their log-probabilities (0 to 20); absent or 0: none.
+   */
+  readonly topLogprobs?: number | undefined
 }
 
 /** How one sequence is denoised, as the Engine service takes it. Meanings follow LLaDA's generate(). */

@@ -10,7 +10,7 @@
 import { Context, Effect, Layer } from "effect"
 import { fromNative, type EngineError, type ModelLoadError } from "./errors.js"
 import type { SamplingParams } from "../config/sampling.js"
-import { loadAddon, type NativeEngine, type NativeModelInfo } from "./native.js"
+import { loadAddon, type NativeEngine, type NativeModelInfo, type StepSnapshot } from "./native.js"
 
 export type SequenceId = number
 
@@ -26,30 +26,12 @@ export type Remasking = SamplingSettings["remasking"]
  */
 export type KvCacheMode = NonNullable<SamplingSettings["kvCache"]>
 
-export interface CommittedToken {
-  /** Index into the answer (0 .. genLength-1). */
-  readonly position: number
-  readonly token: number
-  /** The probability the token had when it was committed. */
-  readonly probability: number
-}
+export type { CommittedToken, TopLogprob } from "./native.js"
 
 export type FinishReason = "length" | "eos"
 
-export interface StepResult {
-  readonly id: SequenceId
-  readonly committed: ReadonlyArray<CommittedToken>
-  readonly finished: boolean
-  readonly reason: FinishReason | null
-  readonly block: number
-  readonly stepsDone: number
-  /** How many of `committed` (the last ones) an early stop filled with EOS instead of denoising. */
-  readonly filled: number
-  /** Canvas evaluations of the sequence so far (one per step, two with cfg). */
-  readonly forwardPasses: number
-  /** Of those, the ones that refreshed a KV cache (whole-canvas evaluations of a cached sequence). */
-  readonly kvRefreshes: number
-}
+/** What one step did to one sequence: the addon's StepSnapshot, passed on unchanged. */
+export type StepResult = StepSnapshot
 
 export type ModelInfo = NativeModelInfo
 
@@ -93,24 +75,10 @@ export interface EngineOptions {
    * InvalidRequestError when one cache alone is larger, EngineFailure VDIFF_OUT_OF_MEMORY otherwise.
    */
   readonly kvCacheBudgetBytes?: number | undefined
-}
-
-const toStepResult = (r: Awaited<ReturnType<NativeEngine["step"]>>[number]): StepResult => {
-  const committed: Array<CommittedToken> = []
-  for (let i = 0; i < r.positions.length; i++) {
-    committed.push({ position: r.positions[i]!, token: r.tokens[i]!, probability: r.probabilities[i]! })
-  }
-  return {
-    id: r.id,
-    committed,
-    finished: r.finished,
-    reason: r.reason,
-    block: r.block,
-    stepsDone: r.stepsDone,
-    filled: r.filled,
-    forwardPasses: r.forwardPasses,
-    kvRefreshes: r.kvRefreshes
-  }
+  /** Where the forward runs; absent: "cpu". "auto" takes a visible GPU, else the CPU. */
+  readonly device?: "auto" | "cpu" | "cuda" | undefined
+  /** CUDA: the share of the GPU's memory vdiff may use, in (0, 1]; absent: 0.9. */
+  readonly gpuMemoryUtilization?: number | undefined
 }
 
 /** Wraps an already loaded native engine. */
@@ -129,7 +97,7 @@ export const fromNativeEngine = (modelDir: string, native: NativeEngine): Engine
       const addon = loadAddon()
       const token = new addon.CancelToken()
       native.step([...ids], token).then(
-        (results) => resume(Effect.succeed(results.map(toStepResult))),
+        (results) => resume(Effect.succeed(results)),
         (cause) => resume(Effect.fail(fromNative(cause)))
       )
       return Effect.sync(() => token.cancel())
@@ -147,6 +115,8 @@ export const make = (options: EngineOptions): Effect.Effect<EngineShape, ModelLo
     const native = yield* Effect.tryPromise({
       try: () =>
         addon.loadModel(options.modelDir, {
+          device: options.device ?? "cpu",
+          gpuMemoryUtilization: options.gpuMemoryUtilization,
           threads: options.threads ?? 0,
           kvCacheDtype: options.kvCacheDtype,
           kvCacheBudgetBytes: options.kvCacheBudgetBytes

@@ -94,6 +94,7 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
       reason: finished ? (Array.from(s.canvas).some((token) => ends.has(token)) ? "eos" : "length") : null,
       block: Math.floor((positions[0] ?? 0) / s.settings.blockLength),
       stepsDone: s.done,
+      stepsTotal: schedule.length,
       filled: 0,
       forwardPasses: forwardPasses(s),
       kvRefreshes: kvRefreshes(s, Math.floor((positions[0] ?? 0) / s.settings.blockLength))
@@ -108,7 +109,7 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
         maskTokenId: MASK, eosTokenId: 998, maxSequenceLength: maxLen, ropeTheta: 10000, rmsNormEps: 1e-5,
         weightTying: false, includeBias: false
       },
-      threads: 1, weightDtype: "f32", parameterCount: 0, weightBytes: 0, packedWeightBytes: 0, kvCacheBytesPerPosition: KV_BYTES_PER_POSITION,
+      backend: "cpu", device: "fake", gemm: "none", memoryUsedBytes: 0, memoryTotalBytes: 0, weightDtype: "f32", parameterCount: 0, weightBytes: 0, packedWeightBytes: 0, kvCacheBytesPerPosition: KV_BYTES_PER_POSITION,
       kvCacheBudgetBytes: 0
     },
     batches,
@@ -159,6 +160,7 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
             reason: finished ? "length" : null,
             block: Math.floor(position / s.settings.blockLength),
             stepsDone: s.done,
+            stepsTotal: s.settings.genLength,
             filled: 0,
             forwardPasses: forwardPasses(s),
             kvRefreshes: kvRefreshes(s, Math.floor(position / s.settings.blockLength))

@@ -15,6 +15,7 @@ export type NativeErrorCode =
   | "VDIFF_INVALID_ARGUMENT"
   | "VDIFF_CANCELLED"
   | "VDIFF_OUT_OF_MEMORY"
+  | "VDIFF_UNAVAILABLE"
   | "VDIFF_INTERNAL"
 
 export interface NativeError extends Error {
@@ -26,6 +27,7 @@ const nativeErrorCodes: ReadonlySet<string> = new Set<NativeErrorCode>([
   "VDIFF_INVALID_ARGUMENT",
   "VDIFF_CANCELLED",
   "VDIFF_OUT_OF_MEMORY",
+  "VDIFF_UNAVAILABLE",
   "VDIFF_INTERNAL"
 ])
 
@@ -52,7 +54,16 @@ export interface NativeModelConfig {
 
 export interface NativeModelInfo {
   readonly config: NativeModelConfig
-  readonly threads: number
+  /** The backend computing the forward: "cpu" or "cuda". */
+  readonly backend: "cpu" | "cuda"
+  /** CPU: the instruction-set path of the kernels ("avx512", "avx2", "portable"); CUDA: the GPU's name. */
+  readonly device: string
+  /** The matrix-product implementation ("avx512", "cublas", "tiled fallback", ...). */
+  readonly gemm: string
+  /** Bytes the backend holds on its device (weights, packed copies, caches); CPU: the weights and packed copies. */
+  readonly memoryUsedBytes: number
+  /** The device's memory; 0 on the CPU (not reported). */
+  readonly memoryTotalBytes: number
   readonly weightDtype: "f32" | "bf16" | "f16"
   readonly parameterCount: number
   readonly weightBytes: number
@@ -80,14 +91,30 @@ export type NativeRemasking = "low_confidence" | "random"
  */
 export type { NativeSamplingParams } from "../config/sampling.js"
 
-/** What one denoising step did to one sequence. */
-export interface NativeStepResult {
+/** A likely alternative at the step that committed a token: its id and natural log-probability. */
+export interface TopLogprob {
+  readonly token: number
+  readonly logprob: number
+}
+
+export interface CommittedToken {
+  /** Index into the answer (0 .. genLength-1). */
+  readonly position: number
+  readonly token: number
+  /** The softmax probability the token had at the step that committed it (1 for an early stop's EOS). */
+  readonly probability: number
+  /** With topLogprobs > 0: that step's likeliest tokens, most likely first (absent for an early stop's EOS). */
+  readonly top?: ReadonlyArray<TopLogprob>
+}
+
+/**
+ * What one denoising step did to one sequence, as the addon builds it; the Engine, the Scheduler and the
+ * serving layer pass this object on unchanged.
+ */
+export interface StepSnapshot {
   readonly id: number
   /** Answer positions committed in this step, ascending; never masked again. */
-  readonly positions: Int32Array
-  readonly tokens: Int32Array
-  /** Softmax probability of each committed token when it was committed. */
-  readonly probabilities: Float32Array
+  readonly committed: ReadonlyArray<CommittedToken>
   readonly finished: boolean
   /** Set once finished: "eos" when the answer holds an EOS/EOT token, else "length". */
   readonly reason: "length" | "eos" | null
@@ -95,6 +122,8 @@ export interface NativeStepResult {
   readonly block: number
   /** Steps done by this sequence so far, this one included. */
   readonly stepsDone: number
+  /** Steps planned for the whole answer; an upper bound with parallel decoding or early stop. */
+  readonly stepsTotal: number
   /** How many of the committed tokens (the last ones) an early stop filled with EOS (probability 1). */
   readonly filled: number
   /** Canvas evaluations of this sequence so far: one per step, two with cfg (a cached step's counts too). */
@@ -143,7 +172,7 @@ export interface NativeEngine {
    * Advances every given sequence by one denoising step in one batched forward, off the JS thread.
    * Steps run one at a time; a second call waits for the first.
    */
-  step(ids: ReadonlyArray<number>, cancel?: NativeCancelToken): Promise<Array<NativeStepResult>>
+  step(ids: ReadonlyArray<number>, cancel?: NativeCancelToken): Promise<Array<StepSnapshot>>
   /**
    * The model's log-probability of targets[i] at canvas position positions[i], from one forward over the
    * whole canvas (mask tokens where it is to predict): the masked-token likelihood of a text, for
@@ -166,6 +195,10 @@ export interface NativeEngine {
 }
 
 export interface NativeLoadOptions {
+  /** Where the forward runs: "cuda", "cpu", or "auto" (CUDA when a GPU is visible, else the CPU). Absent: "cpu". */
+  readonly device?: "auto" | "cpu" | "cuda" | undefined
+  /** CUDA: the share of the GPU's memory for weights, KV caches and activations, in (0, 1]; absent: 0.9. */
+  readonly gpuMemoryUtilization?: number | undefined
   /** Worker threads for the forward pass; 0 or absent: all hardware threads. */
   readonly threads?: number | undefined
   /** Element type of the KV caches; absent: "f32" (exact reads), "bf16" halves their memory. */
@@ -183,6 +216,8 @@ export interface NativeAddon {
   /** Loads config.json and safetensors weights from dir, off the JS thread. Rejects with VDIFF_INVALID_MODEL. */
   loadModel(dir: string, options?: NativeLoadOptions): Promise<NativeEngine>
   readonly CancelToken: new () => NativeCancelToken
+  /** GPUs the CUDA backend sees: 0 when the build has no CUDA, or there is no driver or device. */
+  cudaDevices(): number
 }
 
 /** The directory holding this package's package.json, found by walking up from this module. */

@@ -141,6 +141,9 @@ export const layer = (options: ModelHostOptions): Layer.Layer<ModelHost> => Laye
 
 export interface NativeModelOptions {
   readonly modelDir: string
+  /** Where the forward runs (--device) and, on a GPU, the share of its memory to use. */
+  readonly device: "auto" | "cpu" | "cuda"
+  readonly gpuMemoryUtilization?: number | undefined
   readonly threads: number
   /** Element type of the KV caches (absent: f32) and the bound on their bytes together (absent or 0: none). */
   readonly kvCacheDtype?: "f32" | "bf16" | undefined
@@ -157,6 +160,8 @@ export const loadNative = (options: NativeModelOptions): Loader =>
     const tokenizer = yield* Tokenizer.make(options.modelDir)
     const engine = yield* Engine.make({
       modelDir: options.modelDir,
+      device: options.device,
+      gpuMemoryUtilization: options.gpuMemoryUtilization,
       threads: options.threads,
       kvCacheDtype: options.kvCacheDtype,
       kvCacheBudgetBytes: options.kvCacheBudgetBytes
@@ -175,7 +180,7 @@ export const loadNative = (options: NativeModelOptions): Loader =>
 export const fromEngine = (
   engine: EngineShape,
   tokenizer: TokenizerShape,
-  options: Omit<NativeModelOptions, "modelDir" | "threads" | "kvCacheDtype" | "kvCacheBudgetBytes">
+  options: Omit<NativeModelOptions, "modelDir" | "device" | "gpuMemoryUtilization" | "threads" | "kvCacheDtype" | "kvCacheBudgetBytes">
 ): Effect.Effect<LoadedModel, ModelLoadFailed, Scope.Scope> =>
   Effect.gen(function*() {
     const chat = yield* fromTokenizerConfig(tokenizer.tokenizerConfig).pipe(

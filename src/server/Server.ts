@@ -87,6 +87,8 @@ export const servingDefaults = (config: Settings): ServingDefaults => ({
 export const nativeLoader = (config: Settings): Loader =>
   loadNative({
     modelDir: config.model,
+    device: config.device,
+    gpuMemoryUtilization: config.gpuMemoryUtilization,
     threads: config.threads,
     kvCacheDtype: config.kvCacheDtype,
     kvCacheBudgetBytes: config.kvCacheBudget,
@@ -236,16 +238,19 @@ export const run = (options: ServerOptions): Effect.Effect<never, ServeError | M
       yield* Effect.logInfo(`listening on ${address}; loading the model`).pipe(
         Effect.annotateLogs({ address, model_dir: config.model })
       )
-      yield* host.awaitReady.pipe(
+      const loaded = yield* host.awaitReady.pipe(
         Effect.tapError((error) => Effect.logError(`cannot load the model from ${error.modelDir}: ${error.message}`))
       )
       const model = servedModelName(config)
-      yield* Effect.logInfo(`vdiff ready on ${address}: model ${model}, backend cpu`).pipe(
+      const { backend, device } = loaded.engine.info
+      yield* Effect.logInfo(`vdiff ready on ${address}: model ${model}, backend ${backend} (${device})`).pipe(
         Effect.annotateLogs({
           address,
           model,
           model_dir: config.model,
-          backend: "cpu",
+          backend,
+          device,
+          device_setting: config.device,
           otlp_endpoint: config.otlpEndpoint ?? null
         })
       )

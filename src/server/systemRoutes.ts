@@ -15,6 +15,7 @@
 import { HttpRouter, HttpServerResponse } from "@effect/platform"
 import { Effect, Metric, ModuleVersion, Option } from "effect"
 import { packageInfo } from "../config/package.js"
+import type { ModelInfo } from "../engine/Engine.js"
 import type { SchedulerStats } from "../scheduler/Scheduler.js"
 import * as Metrics from "../telemetry/metrics.js"
 import { Telemetry } from "../telemetry/Telemetry.js"
@@ -28,8 +29,14 @@ export interface SystemInfo {
   readonly queueCapacity: number
 }
 
-/** The compute backend; the CUDA engine will report "cuda". */
-const backend = "cpu"
+/** What runs the forward pass, as /health and /v1/engine/stats report it; null until the model is loaded. */
+const backendOf = (info: ModelInfo) => ({
+  name: info.backend,
+  device: info.device,
+  gemm: info.gemm,
+  memory_used_bytes: info.memoryUsedBytes,
+  memory_total_bytes: info.memoryTotalBytes
+})
 
 export type HealthStatus = "healthy" | "degraded" | "unhealthy"
 
@@ -58,7 +65,7 @@ export const router = (info: SystemInfo) =>
           status,
           state,
           model: info.modelName,
-          backend,
+          backend: Option.match(model, { onNone: () => null, onSome: (m) => backendOf(m.engine.info) }),
           ...(state === "error" ? { error: Option.getOrNull(yield* host.failure) } : {}),
           memory: {
             rss_bytes: memory.rss,
@@ -93,8 +100,7 @@ export const router = (info: SystemInfo) =>
           name: packageInfo().name,
           version: packageInfo().version,
           node: process.version,
-          effect: ModuleVersion.getCurrentVersion(),
-          backend
+          effect: ModuleVersion.getCurrentVersion()
         })
       )
     ),
@@ -107,7 +113,7 @@ export const router = (info: SystemInfo) =>
         const config = engine.info.config
         return HttpServerResponse.unsafeJson({
           model: info.modelName,
-          backend,
+          backend: backendOf(engine.info),
           state: yield* host.state,
           scheduler: {
             waiting: stats.waiting,
@@ -125,7 +131,6 @@ export const router = (info: SystemInfo) =>
           },
           engine: {
             live_sequences: yield* engine.live,
-            threads: engine.info.threads,
             weight_dtype: engine.info.weightDtype,
             parameters: engine.info.parameterCount,
             weight_bytes: engine.info.weightBytes,

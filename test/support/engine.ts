@@ -2,7 +2,7 @@
  * Test helpers around the native addon: run a set of sequences to the end in one shared step loop and
  * record what every step committed.
  */
-import type { NativeEngine, NativeSamplingParams, NativeStepResult } from "../../src/engine/native.js"
+import type { NativeEngine, NativeSamplingParams, StepSnapshot } from "../../src/engine/native.js"
 
 export interface Run {
   readonly id: number
@@ -10,9 +10,9 @@ export interface Run {
   readonly answer: Array<number>
   /** Per step of this sequence: [position, token, probability] committed in it. */
   readonly trace: Array<Array<[number, number, number]>>
-  readonly reason: NativeStepResult["reason"]
+  readonly reason: StepSnapshot["reason"]
   /** Every step result of this sequence, in order. */
-  readonly results: Array<NativeStepResult>
+  readonly results: Array<StepSnapshot>
 }
 
 export interface Job {
@@ -26,7 +26,7 @@ export interface Job {
  */
 export const runTogether = async (engine: NativeEngine, jobs: ReadonlyArray<Job>, keep = false): Promise<Array<Run>> => {
   const ids = jobs.map((job) => engine.create(Int32Array.from(job.prompt), job.params))
-  const runs = new Map<number, { trace: Run["trace"]; results: Array<NativeStepResult>; reason: Run["reason"] }>(
+  const runs = new Map<number, { trace: Run["trace"]; results: Array<StepSnapshot>; reason: Run["reason"] }>(
     ids.map((id) => [id, { trace: [], results: [], reason: null }])
   )
   try {
@@ -41,7 +41,7 @@ export const runTogether = async (engine: NativeEngine, jobs: ReadonlyArray<Job>
         const run = runs.get(r.id)
         if (run === undefined) throw new Error(`step returned an unknown id ${r.id}`)
         run.results.push(r)
-        run.trace.push(Array.from(r.positions, (p, i) => [p, r.tokens[i]!, r.probabilities[i]!]))
+        run.trace.push(r.committed.map((c) => [c.position, c.token, c.probability]))
         if (r.finished) run.reason = r.reason
       }
       running = results.filter((r) => !r.finished).map((r) => r.id)
