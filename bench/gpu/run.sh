@@ -55,7 +55,7 @@ timeout 240 "$BUILD/native/vdiff-cuda-tests" --golden "$ROOT/test/fixtures/golde
   | grep -v "^ok  " ; echo "(every line: $RESULTS/cuda-tests.txt)"
 
 stamp "vdiff-native-tests on CUDA (informative)"
-VDIFF_TEST_DEVICE=cuda timeout 120 "$BUILD/native/vdiff-native-tests" > "$RESULTS/native-tests-cuda.txt" 2>&1
+VDIFF_TEST_DEVICE=cuda timeout 90 "$BUILD/native/vdiff-native-tests" > "$RESULTS/native-tests-cuda.txt" 2>&1
 echo "rc $?: $(grep -c '^FAIL' "$RESULTS/native-tests-cuda.txt") FAIL lines"; grep '^FAIL' "$RESULTS/native-tests-cuda.txt" | head -10
 
 stamp "PyTorch side: weights on the device, eager bf16 benchmark"
