@@ -2,35 +2,16 @@
  * POST /v1/chat/completions: the messages rendered with the model's chat template, n answers, as one JSON
  * response or as server-sent events.
  */
-import { HttpServerResponse } from "@effect/platform"
-import { Effect, Option } from "effect"
+import { Effect } from "effect"
 import { ChatFormatter, type ChatMessage } from "../chat/ChatFormatter.js"
 import { RequestId } from "../api/RequestId.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { BadRequest, InternalError } from "../api/errors.js"
-import type {
-  ChatCompletionChoice,
-  ChatCompletionChunk,
-  ChatCompletionChunkChoice,
-  ChatCompletionRequest,
-  ChatCompletionResponse
-} from "./protocol.js"
-import {
-  chatLogprobs,
-  diffusionOfJobs,
-  makePlan,
-  mergedChunks,
-  nowSeconds,
-  type PreparedPrompt,
-  preparePromptJobs,
-  runToEnd,
-  snapshotOf,
-  TokenTexts,
-  usageOfJobs,
-  worthAChunk
-} from "./serving.js"
+import type { ChatCompletionRequest } from "./protocol.js"
+import { makePlan, type PreparedPrompt } from "./plan.js"
+import { chatLogprobs, respond, TokenTexts } from "./render.js"
+import { preparePromptJobs } from "./run.js"
 import { ServingConfig } from "./ServingConfig.js"
-import { respondSse } from "./streaming.js"
 
 /**
  * Renders and tokenizes a conversation, as chat completions and /tokenize do. Messages the template
@@ -86,71 +67,25 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
       tokens: yield* renderMessages(request.messages, { addGenerationPrompt: true }),
       param: "messages"
     }
-    const [job] = yield* preparePromptJobs([prompt], plan)
-    const jobs = [job!]
+    const jobs = yield* preparePromptJobs([prompt], plan)
     const texts = new TokenTexts(tokenizer)
-    const id = `chatcmpl-${requestId}`
-    const created = yield* nowSeconds
-    const head = <O extends string>(object: O) => ({ id, object, created, model: config.modelName })
     const top = request.logprobs === true ? request.top_logprobs ?? 0 : undefined
-
-    if (!plan.stream) {
-      yield* runToEnd(jobs)
-      const choices = job!.run.decoders.map((decoder, index): ChatCompletionChoice => ({
-        index,
+    return yield* respond(plan, jobs, {
+      id: `chatcmpl-${requestId}`,
+      object: "chat.completion",
+      chunkObject: "chat.completion.chunk",
+      modelName: config.modelName,
+      texts,
+      wantsTokens: top !== undefined,
+      choice: (_, decoder) => ({
         message: { role: "assistant", content: decoder.text },
-        logprobs: top === undefined ? null : chatLogprobs(decoder, 0, decoder.tokenIds.length, top, texts),
-        finish_reason: decoder.finishReason ?? "length",
-        ...(plan.returnTokenIds ? { prompt_token_ids: prompt.tokens, token_ids: decoder.tokenIds } : {})
-      }))
-      return HttpServerResponse.unsafeJson(
-        {
-          ...head("chat.completion"),
-          choices,
-          usage: usageOfJobs(jobs),
-          diffusion: diffusionOfJobs(jobs)
-        } satisfies ChatCompletionResponse
-      )
-    }
-
-    const chunk = (choice: ChatCompletionChunkChoice): ChatCompletionChunk => ({
-      ...head("chat.completion.chunk"),
-      choices: [choice],
-      ...(plan.includeUsage ? { usage: null } : {})
-    })
-    // OpenAI opens every choice with a chunk carrying the role; vLLM's return_token_ids puts the prompt's
-    // ids there.
-    const preamble = job!.run.decoders.map((_, index) =>
-      chunk({
-        index,
-        delta: { role: "assistant", content: "" },
-        logprobs: null,
-        finish_reason: null,
-        ...(plan.returnTokenIds ? { prompt_token_ids: prompt.tokens } : {})
-      })
-    )
-    const chunks = mergedChunks(jobs, plan.n, (job, index, update) => {
-      if (!worthAChunk(update, plan.includeSnapshots, top !== undefined || plan.returnTokenIds)) return Option.none()
-      const { decoder, delta } = update
-      const to = delta.endToken
-      return Option.some(chunk({
-        index,
+        logprobs: top === undefined ? null : chatLogprobs(decoder, 0, decoder.tokenIds.length, top, texts)
+      }),
+      delta: (_, { decoder, delta }) => ({
         delta: delta.text === "" ? {} : { content: delta.text },
-        logprobs: top === undefined ? null : chatLogprobs(decoder, delta.firstToken, to, top, texts),
-        finish_reason: delta.finishReason,
-        ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, job.totalSteps, texts) } : {}),
-        ...(plan.returnTokenIds ? { token_ids: decoder.tokenIds.slice(delta.firstToken, to) } : {})
-      }))
+        logprobs: top === undefined ? null : chatLogprobs(decoder, delta.firstToken, delta.endToken, top, texts)
+      }),
+      // OpenAI opens every choice with a chunk carrying the role.
+      opening: () => ({ delta: { role: "assistant", content: "" }, logprobs: null })
     })
-    const epilogue = Effect.sync(() =>
-      plan.includeUsage
-        ? [{
-          ...head("chat.completion.chunk"),
-          choices: [],
-          usage: usageOfJobs(jobs),
-          diffusion: diffusionOfJobs(jobs)
-        } satisfies ChatCompletionChunk]
-        : []
-    )
-    return yield* respondSse({ preamble, chunks, epilogue })
   })

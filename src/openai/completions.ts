@@ -4,37 +4,16 @@
  * suffix tokenized without special tokens, the same for every prompt); the text returned is the inserted
  * text only, as OpenAI's, and usage counts the suffix among the prompt tokens.
  */
-import { HttpServerResponse } from "@effect/platform"
-import { Effect, Option } from "effect"
+import { Effect } from "effect"
 import { RequestId } from "../api/RequestId.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { BadRequest } from "../api/errors.js"
-import type {
-  CompletionChoice,
-  CompletionChunk,
-  CompletionChunkChoice,
-  CompletionRequest,
-  CompletionResponse
-} from "./protocol.js"
-import {
-  checkTokenIds,
-  completionLogprobs,
-  diffusionOfJobs,
-  makePlan,
-  mergedChunks,
-  type PreparedPrompt,
-  preparePromptJobs,
-  nowSeconds,
-  type PromptJob,
-  runToEnd,
-  snapshotOf,
-  TokenTexts,
-  usageOfJobs,
-  worthAChunk
-} from "./serving.js"
+import type { CompletionRequest } from "./protocol.js"
+import { checkTokenIds, makePlan, type PreparedPrompt } from "./plan.js"
+import { completionLogprobs, respond, TokenTexts } from "./render.js"
+import { preparePromptJobs, type PromptJob } from "./run.js"
 import { ServingConfig } from "./ServingConfig.js"
-import { respondSse } from "./streaming.js"
 
 /** A prompt with the text that `echo` puts before its answer. */
 interface CompletionPrompt extends PreparedPrompt {
@@ -124,67 +103,29 @@ export const completions = (request: CompletionRequest) =>
     }
     const jobs = yield* preparePromptJobs(prompts, plan)
     const texts = new TokenTexts(tokenizer)
-    const head = { id: `cmpl-${requestId}`, object: "text_completion" as const, created: yield* nowSeconds, model: config.modelName }
     const echoOf = (job: PromptJob) => (request.echo === true ? (job.prompt as CompletionPrompt).text : "")
     const top = request.logprobs
-
-    if (!plan.stream) {
-      yield* runToEnd(jobs)
-      const choices = jobs.flatMap((job, p) =>
-        job.run.decoders.map((decoder, j): CompletionChoice => {
-          const echo = echoOf(job)
-          return {
-            index: p * plan.n + j,
-            text: echo + decoder.text,
-            logprobs: top === undefined
-              ? null
-              : completionLogprobs(decoder, 0, decoder.tokenIds.length, top, echo.length, texts),
-            finish_reason: decoder.finishReason ?? "length",
-            ...(plan.returnTokenIds ? { prompt_token_ids: job.prompt.tokens, token_ids: decoder.tokenIds } : {})
-          }
-        })
-      )
-      return HttpServerResponse.unsafeJson(
-        { ...head, choices, usage: usageOfJobs(jobs), diffusion: diffusionOfJobs(jobs) } satisfies CompletionResponse
-      )
-    }
-
-    const chunk = (choice: CompletionChunkChoice): CompletionChunk => ({
-      ...head,
-      choices: [choice],
-      ...(plan.includeUsage ? { usage: null } : {})
-    })
-    // vLLM's return_token_ids in a stream: the prompt's ids on a choice's first chunk, new ids on every one.
-    const started = new Set<number>()
-    const promptIds = (index: number, job: PromptJob) => {
-      if (!plan.returnTokenIds || started.has(index)) return {}
-      started.add(index)
-      return { prompt_token_ids: job.prompt.tokens }
-    }
-    const preamble = request.echo !== true ? [] : jobs.flatMap((job, p) =>
-      job.run.decoders.map((_, j) => {
-        const index = p * plan.n + j
-        return chunk({ index, text: echoOf(job), logprobs: null, finish_reason: null, ...promptIds(index, job) })
-      })
-    )
-    const chunks = mergedChunks(jobs, plan.n, (job, index, update) => {
-      if (!worthAChunk(update, plan.includeSnapshots, top !== undefined || plan.returnTokenIds)) return Option.none()
-      const { decoder, delta } = update
-      const to = delta.endToken
-      return Option.some(chunk({
-        index,
+    return yield* respond(plan, jobs, {
+      id: `cmpl-${requestId}`,
+      object: "text_completion",
+      chunkObject: "text_completion",
+      modelName: config.modelName,
+      texts,
+      wantsTokens: top !== undefined,
+      choice: (job, decoder) => {
+        const echo = echoOf(job)
+        return {
+          text: echo + decoder.text,
+          logprobs: top === undefined ? null : completionLogprobs(decoder, 0, decoder.tokenIds.length, top, echo.length, texts)
+        }
+      },
+      delta: (job, { decoder, delta }) => ({
         text: delta.text,
-        logprobs: top === undefined ? null : completionLogprobs(decoder, delta.firstToken, to, top, echoOf(job).length, texts),
-        finish_reason: delta.finishReason,
-        ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, job.totalSteps, texts) } : {}),
-        ...promptIds(index, job),
-        ...(plan.returnTokenIds ? { token_ids: decoder.tokenIds.slice(delta.firstToken, to) } : {})
-      }))
+        logprobs: top === undefined
+          ? null
+          : completionLogprobs(decoder, delta.firstToken, delta.endToken, top, echoOf(job).length, texts)
+      }),
+      // With echo, every choice's stream opens with its prompt's text.
+      opening: request.echo === true ? (job) => ({ text: echoOf(job), logprobs: null }) : undefined
     })
-    const epilogue = Effect.sync(() =>
-      plan.includeUsage
-        ? [{ ...head, choices: [], usage: usageOfJobs(jobs), diffusion: diffusionOfJobs(jobs) } satisfies CompletionChunk]
-        : []
-    )
-    return yield* respondSse({ preamble, chunks, epilogue })
   })

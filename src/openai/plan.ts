@@ -1,0 +1,212 @@
+/**
+ * Planning a request (completions and chat): the checks that need the server (its model name, batch size,
+ * context length, vocabulary, mask token) and the engine's sampling settings for each prompt — the
+ * request's values, else the server's defaults, as src/config/sampling.ts resolves them. Like vLLM's
+ * `to_sampling_params`. Ranges that do not depend on the model were checked by the request schema.
+ *
+ * The engine checks the settings again when it creates a sequence (native/src/core/engine.cpp, validate),
+ * as its own invariant; the checks here stay because they answer in OpenAI's words (context_length_exceeded,
+ * the batch size as `n`'s bound) and before anything is queued, so a request of several prompts is refused
+ * whole.
+ */
+import { Effect, Option, Random } from "effect"
+import { BadRequest, NotFound } from "../api/errors.js"
+import * as Sampling from "../config/sampling.js"
+import type { SamplingSettings } from "../engine/Engine.js"
+import { Scheduler } from "../scheduler/Scheduler.js"
+import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
+import type { SamplingRequest } from "./protocol.js"
+import { ServingConfig } from "./ServingConfig.js"
+
+/** `model` may be left out; when given it must name the served model. */
+export const checkModel = (model: string | undefined) =>
+  Effect.flatMap(ServingConfig, (config) =>
+    model === undefined || model === config.modelName
+      ? Effect.void
+      : Effect.fail(
+          new NotFound({
+            message: `The model \`${model}\` does not exist; this server serves \`${config.modelName}\``,
+            param: "model",
+            code: "model_not_found"
+          })
+        ))
+
+const notSupported = (param: string, message: string) =>
+  Effect.fail(new BadRequest({ message, param, code: "unsupported_parameter" }))
+
+/** The answer length a request asked for, and under which name (max_tokens or max_completion_tokens). */
+export interface MaxTokens {
+  readonly value: number
+  readonly param: string
+}
+
+/** Everything about how to answer a request that does not depend on the prompt. */
+export interface AnswerPlan {
+  readonly n: number
+  readonly seed: number
+  readonly stopStrings: ReadonlyArray<string>
+  readonly stopTokens: ReadonlySet<number>
+  /** EOS and end-of-turn: where an answer ends. */
+  readonly endTokens: ReadonlySet<number>
+  readonly stream: boolean
+  readonly includeUsage: boolean
+  readonly includeSnapshots: boolean
+  readonly returnTokenIds: boolean
+  /**
+   * The engine's settings for a prompt (and suffix) of the given lengths; fails when they leave no room
+   * for the answer in the context.
+   */
+  readonly settingsFor: (
+    promptLength: number,
+    promptParam: string,
+    suffixLength?: number
+  ) => Effect.Effect<SamplingSettings, BadRequest>
+}
+
+/**
+ * Checks what completions and chat share and resolves the server's defaults. Parameters the sampler
+ * cannot honour (penalties, logit_bias) are accepted only at their neutral values: an answer that
+ * silently ignored them would not be the answer the client asked for.
+ */
+export const makePlan = (request: SamplingRequest, maxTokens: MaxTokens | undefined) =>
+  Effect.gen(function*() {
+    const config = yield* ServingConfig
+    const tokenizer = yield* Tokenizer
+    const scheduler = yield* Scheduler
+    yield* checkModel(request.model)
+
+    const exclusive = Sampling.exclusiveViolation(request)
+    if (exclusive !== undefined) return yield* new BadRequest(exclusive)
+    for (const param of ["presence_penalty", "frequency_penalty"] as const) {
+      const value = request[param]
+      if (value !== undefined && value !== 0) {
+        return yield* notSupported(param, `${param} other than 0 is not supported: a diffusion model does not generate left to right`)
+      }
+    }
+    if (request.logit_bias !== undefined && Object.keys(request.logit_bias).length > 0) {
+      return yield* notSupported("logit_bias", "logit_bias is not supported yet")
+    }
+    if (request.stream_options !== undefined && request.stream !== true) {
+      return yield* new BadRequest({ message: "stream_options can only be given when stream is true", param: "stream_options" })
+    }
+
+    const n = request.n ?? 1
+    const { maxConcurrent } = yield* scheduler.stats
+    if (n > maxConcurrent) {
+      return yield* new BadRequest({
+        message: `n must be at most ${maxConcurrent} (the server's batch size), got ${n}`,
+        param: "n"
+      })
+    }
+
+    const stopStrings = request.stop === undefined ? [] : typeof request.stop === "string" ? [request.stop] : [...request.stop]
+    if (stopStrings.includes("")) {
+      return yield* new BadRequest({ message: "stop strings must not be empty", param: "stop" })
+    }
+    const special = tokenizer.specialTokens
+    const endTokens = new Set([special.eos, ...Option.toArray(special.eot)])
+    const seed = request.seed ?? (yield* Random.nextIntBetween(0, 2 ** 31))
+    const defaults = config.defaults
+
+    const settingsFor = (
+      promptLength: number,
+      promptParam: string,
+      suffixLength = 0
+    ): Effect.Effect<SamplingSettings, BadRequest> => {
+      const context = promptLength + suffixLength
+      const has = suffixLength === 0
+        ? `${promptLength} tokens`
+        : `${promptLength} tokens and the suffix ${suffixLength}`
+      const room = config.maxModelLen - context
+      if (room < 1) {
+        return Effect.fail(
+          new BadRequest({
+            message: `This model's maximum context length is ${config.maxModelLen} tokens, and the ${promptParam} ` +
+              `has ${has}, which leaves no room for an answer. Please shorten the ${promptParam}` +
+              `${suffixLength === 0 ? "" : " or the suffix"}.`,
+            param: promptParam,
+            code: "context_length_exceeded"
+          })
+        )
+      }
+      if (maxTokens !== undefined && maxTokens.value > room) {
+        return Effect.fail(
+          new BadRequest({
+            message: `This model's maximum context length is ${config.maxModelLen} tokens. However, you requested ` +
+              `${context + maxTokens.value} tokens (${promptLength} in the ${promptParam}, ` +
+              `${suffixLength === 0 ? "" : `${suffixLength} in the suffix, `}${maxTokens.value} ` +
+              `for the answer). Please reduce the length of the ${promptParam} or ${maxTokens.param}.`,
+            param: maxTokens.param,
+            code: "context_length_exceeded"
+          })
+        )
+      }
+      const genLength = maxTokens?.value ?? Math.min(defaults.maxTokens, room)
+      return Effect.succeed({
+        ...Sampling.resolve(request, defaults, genLength),
+        seed,
+        logitsEosInf: false,
+        confidenceEosEotInf: false,
+        eotTokenId: Option.getOrElse(special.eot, () => -1)
+      })
+    }
+
+    return {
+      n,
+      seed,
+      stopStrings,
+      stopTokens: new Set(request.stop_token_ids ?? []),
+      endTokens,
+      stream: request.stream === true,
+      includeUsage: request.stream_options?.include_usage === true,
+      includeSnapshots: request.stream_options?.include_snapshots === true,
+      returnTokenIds: request.return_token_ids === true,
+      settingsFor
+    } satisfies AnswerPlan
+  })
+
+/** Checks that every id of a token prompt is one the tokenizer knows. */
+export const checkTokenIds = (tokens: ReadonlyArray<number>, param: string, tokenizer: TokenizerShape) => {
+  if (tokens.length === 0) return Effect.fail(new BadRequest({ message: `${param} must not be empty`, param }))
+  const bad = tokens.findIndex((id) => id >= tokenizer.vocabSize)
+  return bad < 0
+    ? Effect.void
+    : Effect.fail(
+        new BadRequest({
+          message: `token id ${tokens[bad]} is not in the vocabulary (ids 0 to ${tokenizer.vocabSize - 1})`,
+          param: `${param}[${bad}]`
+        })
+      )
+}
+
+/** A prompt of the request, tokenized, with the name its errors carry ("prompt[2]", "messages"). */
+export interface PreparedPrompt {
+  readonly tokens: ReadonlyArray<number>
+  readonly param: string
+  /** Tokens after the answer (completions' `suffix`): the answer is infilled between the two. */
+  readonly suffix?: ReadonlyArray<number>
+}
+
+/**
+ * Refuses a prompt or suffix that holds the mask token (typed as text, e.g. "<|mdm_mask|>", or given as
+ * an id): on the canvas it marks the positions the model writes, so it cannot stand for itself in the
+ * context. The engine refuses it too, but only once the request is queued and in its own words.
+ */
+export const checkNoMaskToken = (prompts: ReadonlyArray<PreparedPrompt>) =>
+  Effect.flatMap(Tokenizer, (tokenizer) => {
+    const mask = tokenizer.specialTokens.mask
+    for (const prompt of prompts) {
+      for (const [param, tokens] of [[prompt.param, prompt.tokens], ["suffix", prompt.suffix ?? []]] as const) {
+        if (tokens.includes(mask)) {
+          return Effect.fail(
+            new BadRequest({
+              message: `${param} contains the mask token ${JSON.stringify(tokenizer.decode([mask]))} (id ${mask}), ` +
+                "which marks the positions the model fills in and cannot be part of a prompt",
+              param
+            })
+          )
+        }
+      }
+    }
+    return Effect.void
+  })

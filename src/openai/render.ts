@@ -1,0 +1,184 @@
+/**
+ * Rendering answers as OpenAI responses: tokens, logprobs and snapshots, and ONE response builder that
+ * completions and chat share (`respond`): the JSON body of a finished request, or the server-sent events
+ * of a streamed one — head fields, choice indexes (prompt × n + answer), finish reasons, token ids,
+ * snapshots, the usage chunk and the `diffusion` statistics. An endpoint gives only what its choices say
+ * in their own words (completions: `text`; chat: `message` / `delta`), through a `ChoiceRenderer`.
+ */
+import { HttpServerResponse } from "@effect/platform"
+import { Clock, Effect, Option } from "effect"
+import type { TokenizerShape } from "../tokenizer/Tokenizer.js"
+import { type ChoiceDecoder, NOT_COMMITTED } from "./ChoiceDecoder.js"
+import type { AnswerPlan } from "./plan.js"
+import {
+  type ChatTokenLogprob,
+  type CompletionLogprobs,
+  MASK_PLACEHOLDER,
+  type Snapshot
+} from "./protocol.js"
+import { type ChoiceUpdate, diffusionOfJobs, mergedChunks, type PromptJob, runToEnd, usageOfJobs, worthAChunk } from "./run.js"
+import { respondSse } from "./streaming.js"
+
+/** What JSON cannot say (-Infinity) said as vLLM does. */
+const LOGPROB_FLOOR = -9999
+
+export const logprobOf = (probability: number): number => (probability > 0 ? Math.log(probability) : LOGPROB_FLOOR)
+
+/**
+ * Renders single tokens for logprobs and snapshots, caching each id's text. A token of a byte-level
+ * vocabulary may be part of a character; its text then holds U+FFFD and its bytes are unknown (null).
+ */
+export class TokenTexts {
+  private readonly cache = new Map<number, string>()
+  constructor(private readonly tokenizer: TokenizerShape) {}
+
+  text(id: number): string {
+    let text = this.cache.get(id)
+    if (text === undefined) {
+      text = this.tokenizer.decode([id])
+      this.cache.set(id, text)
+    }
+    return text
+  }
+
+  bytes(id: number): Array<number> | null {
+    const text = this.text(id)
+    return text.includes("\uFFFD") ? null : Array.from(new TextEncoder().encode(text))
+  }
+}
+
+/** Completions logprobs of the decoder's tokens [from, to); offsets shifted by `textStart` (echo). */
+export const completionLogprobs = (
+  decoder: ChoiceDecoder,
+  from: number,
+  to: number,
+  top: number,
+  textStart: number,
+  texts: TokenTexts
+): CompletionLogprobs => {
+  const ids = decoder.tokenIds.slice(from, to)
+  const logprobs = decoder.probabilities.slice(from, to).map(logprobOf)
+  const tokens = ids.map((id) => texts.text(id))
+  return {
+    tokens,
+    token_logprobs: logprobs,
+    top_logprobs: top > 0 ? tokens.map((token, i) => ({ [token]: logprobs[i]! })) : null,
+    text_offset: decoder.textOffsets.slice(from, to).map((offset) => offset + textStart)
+  }
+}
+
+/** Chat logprobs of the decoder's tokens [from, to). */
+export const chatLogprobs = (
+  decoder: ChoiceDecoder,
+  from: number,
+  to: number,
+  top: number,
+  texts: TokenTexts
+): { content: Array<ChatTokenLogprob> } => ({
+  content: decoder.tokenIds.slice(from, to).map((id, i) => {
+    const entry = { token: texts.text(id), logprob: logprobOf(decoder.probabilities[from + i]!), bytes: texts.bytes(id) }
+    return { ...entry, top_logprobs: top > 0 ? [entry] : [] }
+  })
+})
+
+/** The snapshot of an update made with `includeSnapshots` (which copied the canvas). */
+export const snapshotOf = (update: ChoiceUpdate, totalSteps: number, texts: TokenTexts): Snapshot => {
+  const canvas: Array<string> = []
+  let masked = 0
+  for (const token of update.canvas ?? []) {
+    if (token === NOT_COMMITTED) {
+      canvas.push(MASK_PLACEHOLDER)
+      masked++
+    } else canvas.push(texts.text(token))
+  }
+  return {
+    step: update.event.stepsDone,
+    total_steps: totalSteps,
+    block: update.event.block,
+    masked,
+    canvas,
+    committed_now: update.event.committed.map((c) => c.position)
+  }
+}
+
+/** Seconds since the epoch, for `created`. */
+export const nowSeconds = Effect.map(Clock.currentTimeMillis, (ms) => Math.floor(ms / 1000))
+
+// ---- the response ------------------------------------------------------------------------------------
+
+/** What an endpoint's choices say in their own words; `respond` adds what every choice has. */
+export interface ChoiceRenderer {
+  /** The response's `id` and `object`s: "cmpl-…", "text_completion" (both), "chatcmpl-…", "chat.completion" / "chat.completion.chunk". */
+  readonly id: string
+  readonly object: string
+  readonly chunkObject: string
+  readonly modelName: string
+  /** Renders single tokens (for snapshots), with a cache shared by the request. */
+  readonly texts: TokenTexts
+  /** Whether the client wants per-token data (logprobs), so that a step without new text is worth a chunk. */
+  readonly wantsTokens: boolean
+  /** A finished answer's own fields: `text` and `logprobs`, or `message` and `logprobs`. */
+  readonly choice: (job: PromptJob, decoder: ChoiceDecoder) => Record<string, unknown>
+  /** A stream update's own fields: `text` and `logprobs`, or `delta` and `logprobs`. */
+  readonly delta: (job: PromptJob, update: ChoiceUpdate) => Record<string, unknown>
+  /** The chunk that opens a choice's stream, when there is one (chat: the role; completions: an echo). */
+  readonly opening?: ((job: PromptJob) => Record<string, unknown>) | undefined
+}
+
+/**
+ * The response to a request whose prompts are set up as `jobs`: run to the end and rendered as one JSON
+ * body, or streamed as server-sent events.
+ */
+export const respond = (plan: AnswerPlan, jobs: ReadonlyArray<PromptJob>, renderer: ChoiceRenderer) =>
+  Effect.gen(function*() {
+    const created = yield* nowSeconds
+    const head = (object: string) => ({ id: renderer.id, object, created, model: renderer.modelName })
+    const summary = () => ({ usage: usageOfJobs(jobs), diffusion: diffusionOfJobs(jobs) })
+
+    if (!plan.stream) {
+      yield* runToEnd(jobs)
+      const choices = jobs.flatMap((job, p) =>
+        job.run.decoders.map((decoder, j) => ({
+          index: p * plan.n + j,
+          ...renderer.choice(job, decoder),
+          finish_reason: decoder.finishReason ?? "length",
+          ...(plan.returnTokenIds ? { prompt_token_ids: job.prompt.tokens, token_ids: decoder.tokenIds } : {})
+        }))
+      )
+      return HttpServerResponse.unsafeJson({ ...head(renderer.object), choices, ...summary() })
+    }
+
+    const chunk = (choice: Record<string, unknown>) => ({
+      ...head(renderer.chunkObject),
+      choices: [choice],
+      ...(plan.includeUsage ? { usage: null } : {})
+    })
+    // vLLM's return_token_ids in a stream: the prompt's ids on a choice's first chunk, new ids on every one.
+    const started = new Set<number>()
+    const promptIds = (index: number, job: PromptJob) => {
+      if (!plan.returnTokenIds || started.has(index)) return {}
+      started.add(index)
+      return { prompt_token_ids: job.prompt.tokens }
+    }
+    const opening = renderer.opening
+    const preamble = opening === undefined ? [] : jobs.flatMap((job, p) =>
+      job.run.decoders.map((_, j) => {
+        const index = p * plan.n + j
+        return chunk({ index, ...opening(job), finish_reason: null, ...promptIds(index, job) })
+      })
+    )
+    const chunks = mergedChunks(jobs, plan.n, (job, index, update) => {
+      if (!worthAChunk(update, plan.includeSnapshots, renderer.wantsTokens || plan.returnTokenIds)) return Option.none()
+      const { decoder, delta } = update
+      return Option.some(chunk({
+        index,
+        ...renderer.delta(job, update),
+        finish_reason: delta.finishReason,
+        ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, job.totalSteps, renderer.texts) } : {}),
+        ...promptIds(index, job),
+        ...(plan.returnTokenIds ? { token_ids: decoder.tokenIds.slice(delta.firstToken, delta.endToken) } : {})
+      }))
+    })
+    const epilogue = Effect.sync(() => plan.includeUsage ? [{ ...head(renderer.chunkObject), choices: [], ...summary() }] : [])
+    return yield* respondSse({ preamble, chunks, epilogue })
+  })

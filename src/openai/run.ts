@@ -1,0 +1,208 @@
+/**
+ * Running a request's prompts: each prompt's n answers go to the scheduler as one request, and its step
+ * events are read into one ChoiceDecoder per answer as they come, with a tally of the denoising work.
+ * Rendering what the decoders hold is render.ts's job.
+ */
+import { Effect, Option, Stream } from "effect"
+import { type ApiError, InternalError } from "../api/errors.js"
+import type { SamplingSettings } from "../engine/Engine.js"
+import { Scheduler, type StepEvent } from "../scheduler/Scheduler.js"
+import { RequestMetrics } from "../telemetry/requests.js"
+import { Tokenizer } from "../tokenizer/Tokenizer.js"
+import { ChoiceDecoder, type ChoiceDelta } from "./ChoiceDecoder.js"
+import { fromGenerationError } from "./errors.js"
+import { type AnswerPlan, checkNoMaskToken, type PreparedPrompt } from "./plan.js"
+import type { Diffusion, Usage } from "./protocol.js"
+import { plannedSteps } from "./serving.js"
+
+/** One step's effect on one choice. */
+export interface ChoiceUpdate {
+  /** Which of the prompt's n answers. */
+  readonly index: number
+  readonly decoder: ChoiceDecoder
+  readonly delta: ChoiceDelta
+  readonly event: StepEvent
+  /** The answer canvas right after this step (when the request asked for snapshots). */
+  readonly canvas?: ReadonlyArray<number>
+}
+
+/** What denoising one answer took so far, as its step events report it. */
+export interface DenoisingTally {
+  steps: number
+  forwardPasses: number
+  /** Forward passes that recomputed the whole canvas to refresh a KV cache. */
+  kvRefreshes: number
+  /** Positions committed by denoising. */
+  tokensDenoised: number
+  /** Positions an early stop filled with EOS. */
+  tokensSkipped: number
+}
+
+/** One prompt's n answers in flight: a decoder per answer, and the stream that feeds them. */
+export interface PromptRun {
+  readonly decoders: ReadonlyArray<ChoiceDecoder>
+  /** Per answer: the work its denoising took (every step event counts, also after its text ended). */
+  readonly tallies: ReadonlyArray<DenoisingTally>
+  /**
+   * The scheduler's step events read into the decoders. It ends as soon as every answer has ended (at an
+   * end token or a stop), which ends the scheduler stream early and so cancels the request's sequences.
+   * Updates of answers that had already ended are dropped.
+   */
+  readonly updates: Stream.Stream<ChoiceUpdate, ApiError>
+}
+
+export const runPrompt = (
+  prompt: ReadonlyArray<number>,
+  settings: SamplingSettings,
+  plan: AnswerPlan,
+  suffix: ReadonlyArray<number> = []
+) =>
+  Effect.gen(function*() {
+    const scheduler = yield* Scheduler
+    const tokenizer = yield* Tokenizer
+    const metrics = yield* RequestMetrics
+    yield* metrics.started(plan.n)
+    const decoders = Array.from({ length: plan.n }, () =>
+      new ChoiceDecoder({
+        genLength: settings.genLength,
+        endTokens: plan.endTokens,
+        stopTokens: plan.stopTokens,
+        stopStrings: plan.stopStrings,
+        detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
+      }))
+    const tallies: Array<DenoisingTally> = decoders.map(() => ({
+      steps: 0,
+      forwardPasses: 0,
+      kvRefreshes: 0,
+      tokensDenoised: 0,
+      tokensSkipped: 0
+    }))
+    const allEnded = () => decoders.every((decoder) => decoder.finished)
+    const request = suffix.length === 0 ? { prompt, settings, n: plan.n } : { prompt, suffix, settings, n: plan.n }
+    const updates = scheduler.generateStream(request).pipe(
+      Stream.mapError(fromGenerationError),
+      // Events arrive in chunks and `map` runs over a whole chunk at once, so whether all answers had
+      // ended is recorded with each event's updates rather than asked afterwards.
+      Stream.map((event) => {
+        const tally = tallies[event.index]!
+        tally.steps = event.stepsDone
+        tally.forwardPasses = event.forwardPasses
+        tally.kvRefreshes = event.kvRefreshes
+        tally.tokensDenoised += event.committed.length - event.filled
+        tally.tokensSkipped += event.filled
+        const decoder = decoders[event.index]!
+        // An update is rendered later than it is made (the decoder has moved on by then), so it carries
+        // what it needs: the delta's token range, and a copy of the canvas for a snapshot.
+        const updates: ReadonlyArray<ChoiceUpdate> = decoder.finished ? [] : [{
+          index: event.index,
+          decoder,
+          delta: decoder.commit(event.committed),
+          event,
+          ...(plan.includeSnapshots ? { canvas: Array.from(decoder.canvas) } : {})
+        }]
+        return { updates, allEnded: allEnded() }
+      }),
+      Stream.takeUntil((step) => step.allEnded),
+      Stream.flatMap((step) => Stream.fromIterable(step.updates)),
+      // Time to first token and inter-token latency: when an answer's committed prefix grows (or it ends).
+      Stream.tap((update) =>
+        update.delta.endToken > update.delta.firstToken || update.delta.finishReason !== null
+          ? metrics.advanced(update.decoder)
+          : Effect.void
+      ),
+      // The scheduler ends the stream when every sequence has committed every position, which ends every
+      // decoder; if one has not ended, the engine broke its contract.
+      Stream.concat(
+        Stream.fromEffect(
+          Effect.suspend(() =>
+            allEnded()
+              ? metrics.answered({
+                promptTokens: prompt.length + suffix.length,
+                generationTokens: decoders.reduce((sum, decoder) => sum + decoder.tokenIds.length, 0),
+                finishReasons: decoders.map((decoder) => decoder.finishReason ?? "length")
+              })
+              : Effect.fail(new InternalError({ message: "an answer ended with positions never committed" }))
+          )
+        ).pipe(Stream.drain)
+      )
+    )
+    return { decoders, tallies, updates } satisfies PromptRun
+  })
+
+/** One prompt's answers, set up but not yet run. */
+export interface PromptJob {
+  readonly prompt: PreparedPrompt
+  readonly settings: SamplingSettings
+  readonly totalSteps: number
+  readonly run: PromptRun
+}
+
+/** Resolves every prompt's settings (failing before anything runs if one does not fit) and sets it up. */
+export const preparePromptJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: AnswerPlan) =>
+  Effect.zipRight(
+    checkNoMaskToken(prompts),
+    Effect.forEach(prompts, (prompt) =>
+      Effect.gen(function*() {
+        const suffix = prompt.suffix ?? []
+        const settings = yield* plan.settingsFor(prompt.tokens.length, prompt.param, suffix.length)
+        const run = yield* runPrompt(prompt.tokens, settings, plan, suffix)
+        return { prompt, settings, totalSteps: plannedSteps(settings), run } satisfies PromptJob
+      }))
+  )
+
+/** Runs every prompt's answers to their end, all at once (they share the scheduler's batches). */
+export const runToEnd = (jobs: ReadonlyArray<PromptJob>) =>
+  Effect.forEach(jobs, (job) => Stream.runDrain(job.run.updates), { concurrency: "unbounded", discard: true })
+
+/**
+ * Every prompt's updates merged as they come, each turned into a chunk (or nothing) by `render`, which is
+ * given the choice's index in the response: prompt index × n + answer index.
+ */
+export const mergedChunks = <A>(
+  jobs: ReadonlyArray<PromptJob>,
+  n: number,
+  render: (job: PromptJob, choiceIndex: number, update: ChoiceUpdate) => Option.Option<A>
+): Stream.Stream<A, ApiError> =>
+  Stream.mergeAll(
+    jobs.map((job, p) => Stream.filterMap(job.run.updates, (update) => render(job, p * n + update.index, update))),
+    { concurrency: "unbounded" }
+  )
+
+/** Whether a stream update is worth a chunk: new text, an end, a snapshot, or tokens the client wants. */
+export const worthAChunk = (update: ChoiceUpdate, snapshot: boolean, wantsTokens: boolean): boolean =>
+  update.delta.text !== "" ||
+  update.delta.finishReason !== null ||
+  snapshot ||
+  (wantsTokens && update.delta.firstToken < update.delta.endToken)
+
+/** Usage of a request; a suffix counts as prompt tokens, as OpenAI counts it. */
+export const usageOfJobs = (jobs: ReadonlyArray<PromptJob>): Usage =>
+  usageOf(
+    jobs.reduce((sum, job) => sum + job.prompt.tokens.length + (job.prompt.suffix?.length ?? 0), 0),
+    jobs.flatMap((job) => job.run.decoders)
+  )
+
+/** The request's denoising statistics: summed over every answer of every prompt. */
+export const diffusionOfJobs = (jobs: ReadonlyArray<PromptJob>): Diffusion => {
+  const tallies = jobs.flatMap((job) => job.run.tallies)
+  const sum = (field: keyof DenoisingTally) => tallies.reduce((total, tally) => total + tally[field], 0)
+  const steps = sum("steps")
+  const settings = jobs[0]?.settings
+  const threshold = settings?.parallelThreshold ?? 0
+  const factor = settings?.parallelFactor ?? 0
+  return {
+    steps,
+    forward_passes: sum("forwardPasses"),
+    kv_refreshes: sum("kvRefreshes"),
+    tokens_per_step: steps === 0 ? 0 : sum("tokensDenoised") / steps,
+    skipped_tokens: sum("tokensSkipped"),
+    kv_cache: settings?.kvCache ?? "none",
+    parallel: threshold > 0 ? { threshold } : factor > 0 ? { factor } : null
+  }
+}
+
+export const usageOf = (promptTokens: number, decoders: ReadonlyArray<ChoiceDecoder>): Usage => {
+  const completionTokens = decoders.reduce((sum, decoder) => sum + decoder.tokenIds.length, 0)
+  return { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens }
+}
+
