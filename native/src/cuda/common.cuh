@@ -9,6 +9,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "cuda/attention_tile.h"
 #include "cuda/ops.h"
 
 namespace vdiff::cuda {
@@ -46,23 +47,6 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <>
 __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-
-// One sequence of a forward, as the attention and cache kernels see it.
-struct SeqDesc {
-  int offset;       // first computed token among the T computed tokens
-  int begin, end;   // computed range of the canvas
-  int length;       // canvas length (keys attended to)
-  int reads_cache;  // 1: keys and values of all `length` positions come from the cache
-  int cache_bf16;   // the cache's element type (1: bf16, 0: f32)
-  char* cache;      // [layer][keys | values][position][kv_dim], or nullptr
-};
-
-// A tile of queries of one sequence for the attention kernel.
-struct QueryTile {
-  int seq;
-  int q0;  // first query, relative to the sequence's computed range
-  int nq;
-};
 
 using ops::TaskDesc;
 using ops::TaskResult;

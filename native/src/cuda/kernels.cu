@@ -122,46 +122,20 @@ __global__ void swiglu_kernel(const float* gu, int T, int H, O* out) {
 
 // ---- KV caches -----------------------------------------------------------------------------------------
 
-__device__ __forceinline__ char* cache_table(const SeqDesc& s, int layer, int kv_dim, int which) {
-  const size_t table_bytes = static_cast<size_t>(s.length) * kv_dim * (s.cache_bf16 ? 2 : 4);
-  return s.cache + (2 * static_cast<size_t>(layer) + which) * table_bytes;
-}
-
 __global__ void store_kv_kernel(const float* qkv, int T, int64_t ld, int k_col, int v_col, int kv_dim, int layer,
                                 const int32_t* token_seq, const SeqDesc* seqs) {
   const int64_t n = static_cast<int64_t>(T) * kv_dim;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int t = static_cast<int>(idx / kv_dim), j = static_cast<int>(idx % kv_dim);
-    const SeqDesc s = seqs[token_seq[t]];
-    if (!s.cache) continue;
-    const int64_t at = static_cast<int64_t>(s.begin + t - s.offset) * kv_dim + j;
-    const float k = qkv[t * ld + k_col + j], v = qkv[t * ld + v_col + j];
-    if (s.cache_bf16) {
-      reinterpret_cast<uint16_t*>(cache_table(s, layer, kv_dim, 0))[at] = ops::f32_to_bf16(k);
-      reinterpret_cast<uint16_t*>(cache_table(s, layer, kv_dim, 1))[at] = ops::f32_to_bf16(v);
-    } else {
-      reinterpret_cast<float*>(cache_table(s, layer, kv_dim, 0))[at] = k;
-      reinterpret_cast<float*>(cache_table(s, layer, kv_dim, 1))[at] = v;
-    }
-  }
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    store_kv_element(qkv, ld, k_col, v_col, kv_dim, layer, token_seq, seqs, idx);
 }
 
 // ---- attention -----------------------------------------------------------------------------------------
-// One block per (query tile, head): the tile's kAttentionQueries queries in shared memory, keys and values
-// streamed in tiles of kKeys, an online softmax per query (ops::softmax_merge of each key tile's partial
-// state). Register-blocked: each thread computes 2 queries x 4 keys of a score tile and 4 queries x 8
-// dimensions (per 128) of the output, so that a shared-memory load feeds 1.3 to 2.7 multiply-adds. f32
-// throughout, like the CPU backend.
+// One block per (query tile, head), the phases of attention_tile.h with a barrier after each.
 
-constexpr int kQueries = kAttentionQueries, kKeys = 32, kAttnThreads = 128;
-static_assert(kQueries == 32, "the thread layout below assumes 32 queries per tile");
+constexpr int kKeys = kAttentionKeys, kAttnThreads = kAttentionThreads;
 
-size_t attention_smem(int hd) {
-  return sizeof(float) * (static_cast<size_t>(kQueries) * (hd + 1) + static_cast<size_t>(kQueries) * hd +
-                          static_cast<size_t>(kKeys) * (hd + 1) + static_cast<size_t>(kKeys) * hd + kQueries * (kKeys + 1) +
-                          4 * kQueries);
-}
+size_t attention_smem_bytes(int hd) { return sizeof(float) * attention_smem_floats(hd); }
 
 template <class O>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const float* qkv, int64_t ld, int k_col, int v_col,
@@ -169,124 +143,27 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const float* qk
                                                                  const SeqDesc* seqs, const QueryTile* tiles, O* out,
                                                                  int64_t out_ld) {
   extern __shared__ float smem[];
-  const int qs_ld = hd + 1, ks_ld = hd + 1, s_ld = kKeys + 1;
-  float* Qs = smem;                              // [kQueries][hd + 1]
-  float* Os = Qs + kQueries * qs_ld;             // [kQueries][hd]
-  float* Ks = Os + kQueries * hd;                // [kKeys][hd + 1]
-  float* Vs = Ks + kKeys * ks_ld;                // [kKeys][hd]
-  float* S = Vs + kKeys * hd;                    // [kQueries][kKeys + 1]
-  float* state_max = S + kQueries * s_ld;        // [kQueries] x 4
-  float* state_sum = state_max + kQueries;
-  float* scale_old = state_sum + kQueries;
-  float* scale_new = scale_old + kQueries;
-
+  const AttentionSmem m = attention_smem(smem, hd);
+  const AttentionArgs a{qkv, ld, k_col, v_col, q_heads, kv_heads, hd, layer};
   const QueryTile tile = tiles[blockIdx.x];
-  const int h = blockIdx.y, kv_head = h / (q_heads / kv_heads);
+  const int h = blockIdx.y, kv_head = h / (q_heads / kv_heads), tid = threadIdx.x;
   const SeqDesc s = seqs[tile.seq];
-  const int kv_dim = kv_heads * hd, L = s.length, tid = threadIdx.x;
   const float scale = 1.0f / sqrtf(static_cast<float>(hd));
-
-  for (int i = tid; i < kQueries * hd; i += blockDim.x) {
-    const int q = i / hd, d = i % hd;
-    Qs[q * qs_ld + d] = q < tile.nq ? qkv[static_cast<int64_t>(s.offset + tile.q0 + q) * ld + h * hd + d] : 0.0f;
-    Os[i] = 0.0f;
-  }
-  if (tid < kQueries) state_max[tid] = -INFINITY, state_sum[tid] = 0.0f;
-
-  // Score tile: this thread's queries sq0, sq0 + 1 and keys sk0 .. sk0 + 3.
-  const int sq0 = (tid / 8) * 2, sk0 = (tid % 8) * 4;
-  // Output: queries oq0 .. oq0 + 3 and dimensions od0 + 16 m.
-  const int oq0 = (tid / 16) * 4, od0 = tid % 16;
-
-  const char* k_cache = s.reads_cache ? cache_table(s, layer, kv_dim, 0) : nullptr;
-  const char* v_cache = s.reads_cache ? cache_table(s, layer, kv_dim, 1) : nullptr;
-  for (int k0 = 0; k0 < L; k0 += kKeys) {
-    const int nk = min(kKeys, L - k0);
+  attention_start(tid, a, s, tile, h, m);
+  for (int k0 = 0; k0 < s.length; k0 += kKeys) {
+    const int nk = min(kKeys, s.length - k0);
     __syncthreads();
-    for (int i = tid; i < kKeys * hd; i += blockDim.x) {
-      const int j = i / hd, d = i % hd;
-      float k = 0.0f, v = 0.0f;
-      if (j < nk) {
-        const int64_t p = k0 + j;
-        if (!s.reads_cache) {
-          const float* row = qkv + (s.offset + p) * ld;
-          k = row[k_col + kv_head * hd + d];
-          v = row[v_col + kv_head * hd + d];
-        } else if (s.cache_bf16) {
-          k = ops::bf16_to_f32(reinterpret_cast<const uint16_t*>(k_cache)[p * kv_dim + kv_head * hd + d]);
-          v = ops::bf16_to_f32(reinterpret_cast<const uint16_t*>(v_cache)[p * kv_dim + kv_head * hd + d]);
-        } else {
-          k = reinterpret_cast<const float*>(k_cache)[p * kv_dim + kv_head * hd + d];
-          v = reinterpret_cast<const float*>(v_cache)[p * kv_dim + kv_head * hd + d];
-        }
-      }
-      Ks[j * ks_ld + d] = k;
-      Vs[j * hd + d] = v;
-    }
+    attention_load_keys(tid, a, s, kv_head, k0, nk, m);
     __syncthreads();
-    {
-      float acc[2][4] = {};
-      for (int d = 0; d < hd; ++d) {
-        const float q0 = Qs[sq0 * qs_ld + d], q1 = Qs[(sq0 + 1) * qs_ld + d];
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          const float kv = Ks[(sk0 + kk) * ks_ld + d];
-          acc[0][kk] += q0 * kv;
-          acc[1][kk] += q1 * kv;
-        }
-      }
-#pragma unroll
-      for (int qq = 0; qq < 2; ++qq)
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-          S[(sq0 + qq) * s_ld + sk0 + kk] = (sq0 + qq < tile.nq && sk0 + kk < nk) ? acc[qq][kk] * scale : -INFINITY;
-    }
+    attention_scores(tid, hd, tile.nq, nk, scale, m);
     __syncthreads();
-    if (tid < kQueries) {
-      float m = -INFINITY;
-      for (int j = 0; j < nk; ++j) m = fmaxf(m, S[tid * s_ld + j]);
-      float sum = 0.0f;
-      for (int j = 0; j < kKeys; ++j) {
-        const float p = (j < nk && m > -INFINITY) ? expf(S[tid * s_ld + j] - m) : 0.0f;
-        S[tid * s_ld + j] = p;
-        sum += p;
-      }
-      ops::SoftmaxState a{state_max[tid], state_sum[tid]};
-      float sa, sb;
-      ops::softmax_merge(a, ops::SoftmaxState{m, sum}, sa, sb);
-      state_max[tid] = a.max, state_sum[tid] = a.sum, scale_old[tid] = sa, scale_new[tid] = sb;
-    }
+    attention_softmax(tid, nk, m);
     __syncthreads();
-    for (int d0 = 0; d0 < hd; d0 += 128) {
-      float acc[4][8] = {};
-      for (int j = 0; j < nk; ++j) {
-        float p[4], v[8];
-#pragma unroll
-        for (int qq = 0; qq < 4; ++qq) p[qq] = S[(oq0 + qq) * s_ld + j];
-#pragma unroll
-        for (int m = 0; m < 8; ++m) {
-          const int d = d0 + od0 + 16 * m;
-          v[m] = d < hd ? Vs[j * hd + d] : 0.0f;
-        }
-#pragma unroll
-        for (int qq = 0; qq < 4; ++qq)
-#pragma unroll
-          for (int m = 0; m < 8; ++m) acc[qq][m] += p[qq] * v[m];
-      }
-#pragma unroll
-      for (int qq = 0; qq < 4; ++qq)
-#pragma unroll
-        for (int m = 0; m < 8; ++m) {
-          const int q = oq0 + qq, d = d0 + od0 + 16 * m;
-          if (d < hd) Os[q * hd + d] = Os[q * hd + d] * scale_old[q] + acc[qq][m] * scale_new[q];
-        }
-    }
+    attention_accumulate(tid, hd, nk, m);
   }
   __syncthreads();
-  for (int i = tid; i < tile.nq * hd; i += blockDim.x) {
-    const int q = i / hd, d = i % hd;
-    out[static_cast<int64_t>(s.offset + tile.q0 + q) * out_ld + h * hd + d] = from_f32<O>(Os[i] / state_sum[q]);
-  }
+  for (int i = tid; i < tile.nq * hd; i += kAttnThreads)
+    out[attention_out_index(i, hd, s, tile, h, out_ld)] = from_f32<O>(attention_result(i, hd, m));
 }
 
 // The first, plain version of the same computation (one score or output element per thread and step),
@@ -548,7 +425,7 @@ static void attention_typed(const float* qkv, int64_t ld, int k_col, int v_col, 
                             int64_t out_ld, cudaStream_t stream) {
   const bool simple = attention_variant() == AttentionVariant::Simple;
   const auto kernel = simple ? attention_simple_kernel<O> : attention_kernel<O>;
-  const size_t smem = simple ? attention_simple_smem(hd) : attention_smem(hd);
+  const size_t smem = simple ? attention_simple_smem(hd) : attention_smem_bytes(hd);
   static size_t raised[2] = {0, 0};  // per instantiation and variant: the dynamic shared memory limit set so far
   if (smem > 48 * 1024 && smem > raised[simple]) {
     VDIFF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));

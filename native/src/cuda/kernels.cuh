@@ -29,9 +29,6 @@ enum class AttentionVariant { Blocked, Simple };
 AttentionVariant attention_variant();
 void set_attention_variant(AttentionVariant v);
 
-// Queries per QueryTile of the attention kernel (tiles hold at most this many).
-constexpr int kAttentionQueries = 32;
-
 // Bidirectional attention with GQA over ragged sequences: out[t, h*hd ..] for every query tile and head.
 // Keys and values from qkv (fresh) or from the sequence's cache (reads_cache). out in `out_type`.
 void launch_attention(const float* qkv, int64_t ld, int k_col, int v_col, int q_heads, int kv_heads, int hd,

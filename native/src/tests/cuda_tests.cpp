@@ -17,6 +17,7 @@
 #include "core/engine.h"
 #include "core/rng.h"
 #include "core/sampler.h"
+#include "cuda/attention_tile.h"
 #include "cuda/ops.h"
 #include "cuda/tasks.h"
 #include "tests/model_fixtures.h"
@@ -294,6 +295,133 @@ void host_vocab_reduction() {
   }
 }
 
+// An attention test case: ragged sequences (whole canvases, and cached reads of part of a canvas with an
+// f32 or bf16 cache holding stale keys elsewhere), GQA 4/2, random q/k/v, and the float64 result.
+struct AttentionCase {
+  struct Spec {
+    int length, begin, end;
+    int cache;  // 0 none, 1 f32, 2 bf16
+  };
+  int qh = 4, kvh = 2, hd = 0, T = 0;
+  std::vector<Spec> specs;
+  std::vector<int> offsets;
+  std::vector<float> qkv;                // [T][(qh + 2 kvh) hd]
+  std::vector<std::vector<char>> caches;  // per sequence: [keys | values][length][kv_dim] (empty: none)
+  std::vector<float> want;               // [T][qh hd]
+};
+
+AttentionCase attention_case(std::mt19937& rng, int hd) {
+  AttentionCase c;
+  c.hd = hd;
+  c.specs = {{5, 0, 5, 0}, {37, 0, 37, 0}, {100, 0, 100, 1}, {70, 32, 48, 1}, {90, 16, 90, 2}, {17, 0, 17, 2}, {33, 0, 33, 0}};
+  const int q_dim = c.qh * hd, kv_dim = c.kvh * hd, ld = q_dim + 2 * kv_dim;
+  for (const auto& s : c.specs) c.offsets.push_back(c.T), c.T += s.end - s.begin;
+  c.qkv = random_floats(static_cast<size_t>(c.T) * ld, rng);
+  c.want.assign(static_cast<size_t>(c.T) * q_dim, 0.0f);
+  for (size_t si = 0; si < c.specs.size(); ++si) {
+    const auto& s = c.specs[si];
+    const int offset = c.offsets[si];
+    const size_t n = static_cast<size_t>(s.length) * kv_dim;
+    std::vector<float> keys(n), values(n);
+    c.caches.emplace_back();
+    if (s.cache) {
+      std::vector<float> stale = random_floats(2 * n, rng);
+      if (s.cache == 2) {
+        std::vector<uint16_t> bits(2 * n);
+        for (size_t i = 0; i < 2 * n; ++i) bits[i] = f32_to_bf16_bits(stale[i]), stale[i] = cpu::bf16_to_f32(bits[i]);
+        c.caches.back().assign(reinterpret_cast<const char*>(bits.data()), reinterpret_cast<const char*>(bits.data() + 2 * n));
+      } else {
+        c.caches.back().assign(reinterpret_cast<const char*>(stale.data()), reinterpret_cast<const char*>(stale.data() + 2 * n));
+      }
+      for (size_t i = 0; i < n; ++i) keys[i] = stale[i], values[i] = stale[n + i];
+    }
+    // Fresh keys in the computed range (as a cache stores them: bf16-rounded in a bf16 cache) ...
+    for (int p = s.begin; p < s.end; ++p)
+      for (int j = 0; j < kv_dim; ++j) {
+        float kf = c.qkv[static_cast<size_t>(offset + p - s.begin) * ld + q_dim + j];
+        float vf = c.qkv[static_cast<size_t>(offset + p - s.begin) * ld + q_dim + kv_dim + j];
+        if (s.cache == 2) kf = cpu::bf16_to_f32(f32_to_bf16_bits(kf)), vf = cpu::bf16_to_f32(f32_to_bf16_bits(vf));
+        keys[static_cast<size_t>(p) * kv_dim + j] = kf, values[static_cast<size_t>(p) * kv_dim + j] = vf;
+      }
+    // ... but a whole-canvas call attends to the fresh f32 keys even when it stores them into a bf16 cache.
+    if (s.begin == 0 && s.end == s.length)
+      for (int p = 0; p < s.length; ++p)
+        for (int j = 0; j < kv_dim; ++j) {
+          keys[static_cast<size_t>(p) * kv_dim + j] = c.qkv[static_cast<size_t>(offset + p) * ld + q_dim + j];
+          values[static_cast<size_t>(p) * kv_dim + j] = c.qkv[static_cast<size_t>(offset + p) * ld + q_dim + kv_dim + j];
+        }
+    for (int qi = 0; qi < s.end - s.begin; ++qi)
+      for (int h = 0; h < c.qh; ++h) {
+        const int kv_head = h / (c.qh / c.kvh);
+        std::vector<double> score(s.length);
+        double mx = -INFINITY;
+        for (int p = 0; p < s.length; ++p) {
+          double dot = 0;
+          for (int d = 0; d < hd; ++d)
+            dot += double(c.qkv[static_cast<size_t>(offset + qi) * ld + h * hd + d]) * keys[static_cast<size_t>(p) * kv_dim + kv_head * hd + d];
+          score[p] = dot / std::sqrt(double(hd));
+          mx = std::max(mx, score[p]);
+        }
+        double sum = 0;
+        for (double& v : score) sum += v = std::exp(v - mx);
+        for (int d = 0; d < hd; ++d) {
+          double acc = 0;
+          for (int p = 0; p < s.length; ++p) acc += score[p] * values[static_cast<size_t>(p) * kv_dim + kv_head * hd + d];
+          c.want[static_cast<size_t>(offset + qi) * q_dim + h * hd + d] = static_cast<float>(acc / sum);
+        }
+      }
+  }
+  return c;
+}
+
+// The attention kernel's block, emulated on the CPU: every phase of attention_tile.h run for threads 0..127
+// in turn (the barrier between phases is the loop boundary), shared memory poisoned with NaN; the cache
+// writes by store_kv_element first, as the backend launches them.
+void host_attention_tile() {
+  std::mt19937 rng(7);
+  for (int hd : {32, 128, 160}) {
+    AttentionCase c = attention_case(rng, hd);
+    const int q_dim = c.qh * hd, kv_dim = c.kvh * hd, ld = q_dim + 2 * kv_dim;
+    std::vector<cuda::SeqDesc> seqs;
+    std::vector<cuda::QueryTile> tiles;
+    std::vector<int32_t> token_seq(c.T);
+    for (size_t i = 0; i < c.specs.size(); ++i) {
+      const auto& s = c.specs[i];
+      const bool whole = s.begin == 0 && s.end == s.length;
+      seqs.push_back(cuda::SeqDesc{c.offsets[i], s.begin, s.end, s.length, s.cache && !whole ? 1 : 0, s.cache == 2 ? 1 : 0,
+                                   c.caches[i].empty() ? nullptr : c.caches[i].data()});
+      for (int t = 0; t < s.end - s.begin; ++t) token_seq[c.offsets[i] + t] = static_cast<int32_t>(i);
+      for (int q0 = 0; q0 < s.end - s.begin; q0 += cuda::kAttentionQueries)
+        tiles.push_back(cuda::QueryTile{static_cast<int>(i), q0, std::min(cuda::kAttentionQueries, s.end - s.begin - q0)});
+    }
+    for (int64_t idx = 0; idx < static_cast<int64_t>(c.T) * kv_dim; ++idx)
+      cuda::store_kv_element(c.qkv.data(), ld, q_dim, q_dim + kv_dim, kv_dim, 0, token_seq.data(), seqs.data(), idx);
+    const cuda::AttentionArgs args{c.qkv.data(), ld, q_dim, q_dim + kv_dim, c.qh, c.kvh, hd, 0};
+    std::vector<float> got(c.want.size(), std::nanf("")), smem(cuda::attention_smem_floats(hd));
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    for (const cuda::QueryTile& tile : tiles)
+      for (int h = 0; h < c.qh; ++h) {
+        std::fill(smem.begin(), smem.end(), std::nanf(""));
+        const cuda::AttentionSmem m = cuda::attention_smem(smem.data(), hd);
+        const cuda::SeqDesc& s = seqs[tile.seq];
+        const int kv_head = h / (c.qh / c.kvh);
+        for (int tid = 0; tid < cuda::kAttentionThreads; ++tid) cuda::attention_start(tid, args, s, tile, h, m);
+        for (int k0 = 0; k0 < s.length; k0 += cuda::kAttentionKeys) {
+          const int nk = std::min(cuda::kAttentionKeys, s.length - k0);
+          for (int tid = 0; tid < cuda::kAttentionThreads; ++tid) cuda::attention_load_keys(tid, args, s, kv_head, k0, nk, m);
+          for (int tid = 0; tid < cuda::kAttentionThreads; ++tid) cuda::attention_scores(tid, hd, tile.nq, nk, scale, m);
+          for (int tid = 0; tid < cuda::kAttentionThreads; ++tid) cuda::attention_softmax(tid, nk, m);
+          for (int tid = 0; tid < cuda::kAttentionThreads; ++tid) cuda::attention_accumulate(tid, hd, nk, m);
+        }
+        for (int i = 0; i < tile.nq * hd; ++i) got[cuda::attention_out_index(i, hd, s, tile, h, q_dim)] = cuda::attention_result(i, hd, m);
+      }
+    const double e = rel_inf(got, c.want);
+    report(e < 1e-5, "host ops: the attention kernel's block phases and cache stores, thread by thread (ragged, GQA 4/2, head dim " +
+                         std::to_string(hd) + ", no cache / f32 / bf16 cache, whole and cached reads) against float64",
+           fmt("max rel diff %.1e", e));
+  }
+}
+
 // `--device cuda` where no GPU is visible (or the build has none) fails at load with Unavailable.
 void host_device_unavailable(const std::string& golden_dir) {
   LoadOptions options;
@@ -406,82 +534,19 @@ void device_ops() {
   }
   // Attention: ragged sequences, GQA, whole canvases and cached reads (f32 and bf16 caches).
   for (int hd : {32, 128}) {
-    const int qh = 4, kvh = 2, q_dim = qh * hd, kv_dim = kvh * hd, ld = q_dim + 2 * kv_dim;
-    struct Spec {
-      int length, begin, end;
-      int cache;  // 0 none, 1 f32, 2 bf16
-    };
-    const std::vector<Spec> specs = {{5, 0, 5, 0}, {37, 0, 37, 0}, {100, 0, 100, 1}, {70, 32, 48, 1}, {90, 16, 90, 2}, {17, 0, 17, 2}};
+    AttentionCase c = attention_case(rng, hd);
     std::vector<ct::AttentionSeq> seqs;
-    std::vector<std::vector<float>> cache_f32;
-    std::vector<std::vector<uint16_t>> cache_bf16;
-    int T = 0;
-    for (const Spec& s : specs) {
+    for (size_t i = 0; i < c.specs.size(); ++i) {
       ct::AttentionSeq a;
-      a.offset = T, a.begin = s.begin, a.end = s.end, a.length = s.length;
-      T += s.end - s.begin;
+      a.offset = c.offsets[i], a.begin = c.specs[i].begin, a.end = c.specs[i].end, a.length = c.specs[i].length;
+      a.cache = c.caches[i].empty() ? nullptr : c.caches[i].data();
+      a.cache_bf16 = c.specs[i].cache == 2;
       seqs.push_back(a);
     }
-    std::vector<float> qkv = random_floats(static_cast<size_t>(T) * ld, rng);
-    // Keys and values each query sees, built on the host: fresh in the computed range, cached elsewhere.
-    std::vector<float> want(static_cast<size_t>(T) * q_dim, 0.0f);
-    for (size_t si = 0; si < specs.size(); ++si) {
-      const Spec& s = specs[si];
-      ct::AttentionSeq& a = seqs[si];
-      std::vector<float> keys(static_cast<size_t>(s.length) * kv_dim), values(keys.size());
-      if (s.cache) {
-        std::vector<float> stale = random_floats(2 * keys.size(), rng);
-        for (size_t i = 0; i < keys.size(); ++i) keys[i] = stale[i], values[i] = stale[keys.size() + i];
-        if (s.cache == 2) {
-          cache_bf16.push_back(to_half_bits(stale, ct::Type::BF16));
-          for (size_t i = 0; i < keys.size(); ++i)
-            keys[i] = cpu::bf16_to_f32(cache_bf16.back()[i]), values[i] = cpu::bf16_to_f32(cache_bf16.back()[keys.size() + i]);
-          a.cache = cache_bf16.back().data();
-          a.cache_bf16 = true;
-        } else {
-          cache_f32.push_back(stale);
-          a.cache = cache_f32.back().data();
-        }
-      }
-      for (int p = s.begin; p < s.end; ++p)
-        for (int j = 0; j < kv_dim; ++j) {
-          float kf = qkv[static_cast<size_t>(a.offset + p - s.begin) * ld + q_dim + j];
-          float vf = qkv[static_cast<size_t>(a.offset + p - s.begin) * ld + q_dim + kv_dim + j];
-          if (s.cache == 2) kf = cpu::bf16_to_f32(f32_to_bf16_bits(kf)), vf = cpu::bf16_to_f32(f32_to_bf16_bits(vf));
-          keys[static_cast<size_t>(p) * kv_dim + j] = kf, values[static_cast<size_t>(p) * kv_dim + j] = vf;
-        }
-      // A whole-canvas call attends to the fresh f32 keys even when it stores them into a bf16 cache.
-      if (s.begin == 0 && s.end == s.length)
-        for (int p = 0; p < s.length; ++p)
-          for (int j = 0; j < kv_dim; ++j) {
-            keys[static_cast<size_t>(p) * kv_dim + j] = qkv[static_cast<size_t>(a.offset + p) * ld + q_dim + j];
-            values[static_cast<size_t>(p) * kv_dim + j] = qkv[static_cast<size_t>(a.offset + p) * ld + q_dim + kv_dim + j];
-          }
-      for (int qi = 0; qi < s.end - s.begin; ++qi)
-        for (int h = 0; h < qh; ++h) {
-          const int kvh_i = h / (qh / kvh);
-          std::vector<double> score(s.length);
-          double m = -INFINITY;
-          for (int p = 0; p < s.length; ++p) {
-            double dot = 0;
-            for (int d = 0; d < hd; ++d)
-              dot += double(qkv[static_cast<size_t>(a.offset + qi) * ld + h * hd + d]) * keys[static_cast<size_t>(p) * kv_dim + kvh_i * hd + d];
-            score[p] = dot / std::sqrt(double(hd));
-            m = std::max(m, score[p]);
-          }
-          double sum = 0;
-          for (double& v : score) sum += v = std::exp(v - m);
-          for (int d = 0; d < hd; ++d) {
-            double acc = 0;
-            for (int p = 0; p < s.length; ++p) acc += score[p] * values[static_cast<size_t>(p) * kv_dim + kvh_i * hd + d];
-            want[static_cast<size_t>(a.offset + qi) * q_dim + h * hd + d] = static_cast<float>(acc / sum);
-          }
-        }
-    }
     for (bool simple : {false, true}) {
-      std::vector<float> got(want.size(), std::nanf(""));
-      ct::attention(qkv.data(), T, qh, kvh, hd, seqs, got.data(), simple);
-      const double e = rel_inf(got, want);
+      std::vector<float> got(c.want.size(), std::nanf(""));
+      ct::attention(c.qkv.data(), c.T, c.qh, c.kvh, hd, seqs, got.data(), simple);
+      const double e = rel_inf(got, c.want);
       report(e < 1e-5, std::string("cuda op: attention, ") + (simple ? "simple" : "register-blocked") +
                            " kernel (ragged, GQA 4/2, head dim " + std::to_string(hd) +
                            ", no cache / f32 cache / bf16 cache, whole canvas and cached reads) against float64",
@@ -755,6 +820,7 @@ int main(int argc, char** argv) {
   host_silu();
   host_online_softmax();
   host_vocab_reduction();
+  host_attention_tile();
   bool device = false;
   std::string reason;
 #if VDIFF_WITH_CUDA
