@@ -1,24 +1,42 @@
 /**
- * The `vdiff` command line: parses arguments and hands them to the functions that do the work.
+ * The `vdiff` command line: one parser for every command (src/config/Setting.ts), whose flags and
+ * `--help` come from each command's settings table — `vdiff serve`'s in src/config/Config.ts, the tools'
+ * in src/cli/commands.ts. It hands the parsed settings to the functions that do the work.
  *
+ *   vdiff serve [flags]        (vdiff serve --help lists the flags)
+ *   vdiff generate --model DIR --prompt-ids 1,2,3 [--gen N --block N --steps N ...]
  *   vdiff make-model --preset tiny|small|llada-8b --seed N --out DIR [--dtype f32|bf16|f16] [--shard-mb N]
  *   vdiff make-model --from-raw DIR --out DIR [--dtype f32|bf16|f16]
- *   vdiff generate --model DIR --prompt-ids 1,2,3 [--gen N --block N --steps N --temperature T --cfg S
- *                  --remasking low_confidence|random --seed N --threads N]
- *   vdiff serve [flags]   (vdiff serve --help lists the flags)
+ *   vdiff bench [--models ...]  (the engine benchmark, bench/engine.mjs; --help lists its flags)
  */
-import { parseArgs } from "node:util"
+import { spawnSync } from "node:child_process"
+import { dirname, join } from "node:path"
+import { fileURLToPath } from "node:url"
+import { Either } from "effect"
+import * as Commands from "./cli/commands.js"
+import type { CommandLine } from "./config/Setting.js"
 import type { DType } from "./model/safetensors.js"
 
 /** A usage error: printed without a stack trace, exit status 2. */
 class UsageError extends Error {}
 
 const usage = `usage:
-  vdiff make-model --preset NAME --seed N --out DIR [--dtype f32|bf16|f16] [--shard-mb N]
-  vdiff make-model --from-raw DIR --out DIR [--dtype f32|bf16|f16] [--shard-mb N]
-  vdiff generate --model DIR --prompt-ids 1,2,3 [--gen 128] [--block 32] [--steps 128] [--temperature 0]
-                 [--cfg 0] [--remasking low_confidence|random] [--seed 0] [--threads N]
-  vdiff serve [flags]    (vdiff serve --help lists the flags)`
+  vdiff serve [flags]          (vdiff serve --help lists the flags)
+  vdiff generate --model DIR --prompt-ids 1,2,3 [flags]     (vdiff generate --help)
+  vdiff make-model --preset NAME --seed N --out DIR [flags]  (vdiff make-model --help)
+  vdiff make-model --from-raw DIR --out DIR [flags]
+  vdiff bench [flags]          (the engine benchmark: vdiff bench --help)`
+
+/** The command's settings, or its help printed (undefined). */
+const settingsOf = <A>(command: CommandLine<A, string>, args: ReadonlyArray<string>): A | undefined => {
+  if (args.includes("--help") || args.includes("-h")) {
+    process.stdout.write(command.help() + "\n")
+    return undefined
+  }
+  const loaded = command.load({ argv: args, env: {} })
+  if (Either.isLeft(loaded)) throw new UsageError(loaded.left.message)
+  return loaded.right
+}
 
 const parseDType = (text: string | undefined): DType | undefined => {
   if (text === undefined) return undefined
@@ -27,95 +45,54 @@ const parseDType = (text: string | undefined): DType | undefined => {
   return dtype
 }
 
-/** A number flag: undefined when absent, a usage error when not a number (or not an integer). */
-const parseNumber = (flag: string, text: string | undefined, integer: boolean): number | undefined => {
-  if (text === undefined) return undefined
-  const value = Number(text)
-  if (text.trim() === "" || !Number.isFinite(value) || (integer && !Number.isSafeInteger(value))) {
-    throw new UsageError(`--${flag} must be ${integer ? "an integer" : "a number"}, got "${text}"`)
-  }
-  return value
-}
-
-const makeModelCommand = async (args: Array<string>): Promise<void> => {
-  const { values } = parseArgs({
-    args,
-    options: {
-      preset: { type: "string" },
-      "from-raw": { type: "string" },
-      seed: { type: "string" },
-      out: { type: "string" },
-      dtype: { type: "string" },
-      "shard-mb": { type: "string" }
-    },
-    strict: true
-  })
+const makeModelCommand = async (args: ReadonlyArray<string>): Promise<void> => {
+  const values = settingsOf(Commands.makeModel, args)
+  if (values === undefined) return
   const { makeModel, importRaw, presetNames } = await import("./model/makeModel.js")
   if (values.out === undefined) throw new UsageError("make-model needs --out DIR")
-  if ((values.preset === undefined) === (values["from-raw"] === undefined)) {
+  if ((values.preset === undefined) === (values.fromRaw === undefined)) {
     throw new UsageError("make-model needs exactly one of --preset NAME and --from-raw DIR")
   }
   if (values.preset !== undefined && !presetNames().includes(values.preset)) {
     throw new UsageError(`unknown preset "${values.preset}" (known: ${presetNames().join(", ")})`)
   }
   const dtype = parseDType(values.dtype)
-  const shardMb = parseNumber("shard-mb", values["shard-mb"], false)
   const common = {
     out: values.out,
     ...(dtype !== undefined ? { dtype } : {}),
-    ...(shardMb !== undefined ? { maxShardBytes: shardMb * 1e6 } : {}),
+    ...(values.shardMb !== undefined ? { maxShardBytes: values.shardMb * 1e6 } : {}),
     onProgress: (message: string) => process.stderr.write(message + "\n")
   }
   const written =
     values.preset !== undefined
-      ? await makeModel({ ...common, preset: values.preset, seed: parseNumber("seed", values.seed ?? "0", true)! })
-      : await importRaw({ ...common, from: values["from-raw"]! })
+      ? await makeModel({ ...common, preset: values.preset, seed: values.seed })
+      : await importRaw({ ...common, from: values.fromRaw! })
   process.stdout.write(JSON.stringify(written) + "\n")
 }
 
-const generateCommand = async (args: Array<string>): Promise<void> => {
-  const { values } = parseArgs({
-    args,
-    options: {
-      model: { type: "string" },
-      "prompt-ids": { type: "string" },
-      prompt: { type: "string" },
-      gen: { type: "string" },
-      block: { type: "string" },
-      steps: { type: "string" },
-      temperature: { type: "string" },
-      cfg: { type: "string" },
-      remasking: { type: "string" },
-      seed: { type: "string" },
-      threads: { type: "string" }
-    },
-    strict: true
-  })
+const generateCommand = async (args: ReadonlyArray<string>): Promise<void> => {
+  const values = settingsOf(Commands.generate, args)
+  if (values === undefined) return
   if (values.model === undefined) throw new UsageError("generate needs --model DIR")
   if (values.prompt !== undefined) {
-    throw new UsageError("--prompt TEXT needs a tokenizer, which is not yet available; pass --prompt-ids 1,2,3")
+    throw new UsageError("--prompt TEXT is not supported by generate; pass --prompt-ids 1,2,3 (vdiff serve takes text)")
   }
-  if (values["prompt-ids"] === undefined) throw new UsageError("generate needs --prompt-ids 1,2,3")
-  const prompt = values["prompt-ids"].split(",").map((id) => parseNumber("prompt-ids", id, true)!)
-  const remasking = values.remasking ?? "low_confidence"
-  if (remasking !== "low_confidence" && remasking !== "random") {
-    throw new UsageError(`--remasking must be low_confidence or random, got "${remasking}"`)
-  }
-  const int = (flag: "gen" | "block" | "steps" | "seed" | "threads") => parseNumber(flag, values[flag], true)
-  const { generate } = await import("./cli/generate.js")
-  const result = await generate({
-    model: values.model,
-    prompt,
-    genLength: int("gen") ?? 128,
-    blockLength: int("block") ?? 32,
-    steps: int("steps") ?? 128,
-    temperature: parseNumber("temperature", values.temperature, false) ?? 0,
-    cfgScale: parseNumber("cfg", values.cfg, false) ?? 0,
-    remasking,
-    seed: int("seed") ?? 0,
-    threads: int("threads") ?? 0
+  if (values.promptIds === undefined) throw new UsageError("generate needs --prompt-ids 1,2,3")
+  const prompt = values.promptIds.split(",").map((id) => {
+    const value = Number(id)
+    if (id.trim() === "" || !Number.isSafeInteger(value)) throw new UsageError(`--prompt-ids must be integers, got "${id}"`)
+    return value
   })
+  const { generate } = await import("./cli/generate.js")
+  const { model, promptIds: _ids, prompt: _text, ...settings } = values
+  const result = await generate({ model, prompt, ...settings })
   process.stdout.write(JSON.stringify(result) + "\n")
+}
+
+/** `vdiff bench`: the engine benchmark (bench/engine.mjs), which takes its own flags. */
+const benchCommand = (args: ReadonlyArray<string>): number => {
+  const script = join(dirname(fileURLToPath(import.meta.url)), "..", "bench", "engine.mjs")
+  return spawnSync(process.execPath, [script, ...args], { stdio: "inherit" }).status ?? 1
 }
 
 const main = async (argv: Array<string>): Promise<number> => {
@@ -130,6 +107,8 @@ const main = async (argv: Array<string>): Promise<number> => {
         return 0
       case "serve":
         return await (await import("./cli/serve.js")).serve(rest)
+      case "bench":
+        return benchCommand(rest)
       case undefined:
       case "help":
       case "--help":
@@ -140,12 +119,11 @@ const main = async (argv: Array<string>): Promise<number> => {
         throw new UsageError(`unknown command "${command}"`)
     }
   } catch (error) {
-    // parseArgs reports unknown or malformed flags with codes starting ERR_PARSE_ARGS.
-    const code = (error as { code?: unknown }).code
-    if (error instanceof UsageError || (typeof code === "string" && code.startsWith("ERR_PARSE_ARGS"))) {
-      process.stderr.write(`vdiff: ${(error as Error).message}\n${usage}\n`)
+    if (error instanceof UsageError) {
+      process.stderr.write(`vdiff: ${error.message}\n${usage}\n`)
       return 2
     }
+    const code = (error as { code?: unknown }).code
     const prefix = typeof code === "string" ? `${code}: ` : ""
     process.stderr.write(`vdiff: ${prefix}${error instanceof Error ? error.message : String(error)}\n`)
     return 1

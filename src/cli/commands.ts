@@ -1,0 +1,53 @@
+/**
+ * The settings tables of the `vdiff` tools (make-model, generate), on the same mechanism as `vdiff serve`
+ * (src/config/Setting.ts): one parser, and `--help` generated from the table. They read flags only, no
+ * environment variables.
+ */
+import { Schema } from "effect"
+import { samplingSettings } from "../config/sampling.js"
+import { commandLine, IntegerText, NonEmptyText, NumberText, OneOfText, setting } from "../config/Setting.js"
+
+const optionalText = (description: string, value: string) =>
+  setting(Schema.UndefinedOr(NonEmptyText), { description, default: undefined, defaultText: "", value })
+
+export const makeModel = commandLine(
+  Schema.Struct({
+    preset: optionalText("Preset to build with random weights: tiny, small or llada-8b (or --from-raw)", "NAME"),
+    fromRaw: optionalText("Directory of raw f32 tensors to import instead of a preset", "DIR"),
+    seed: setting(IntegerText(Number.MIN_SAFE_INTEGER), { description: "Seed of the random weights", default: "0", value: "N" }),
+    out: optionalText("Directory to write the model to (required)", "DIR"),
+    dtype: optionalText("Element type of the weights written: f32, bf16 or f16 (default: the preset's)", "f32|bf16|f16"),
+    shardMb: setting(Schema.UndefinedOr(NumberText(0, true)), {
+      description: "Largest safetensors shard, in MB; larger models are split (default: one file)",
+      default: undefined,
+      defaultText: "",
+      value: "MB"
+    })
+  }),
+  { command: "vdiff make-model", environment: false, summary: ["Writes a model directory (config.json, safetensors, tokenizer)."] }
+)
+
+export const generate = commandLine(
+  Schema.Struct({
+    model: optionalText("Model directory (required)", "DIR"),
+    promptIds: optionalText("Prompt as comma-separated token ids (required)", "1,2,3"),
+    prompt: optionalText("Prompt as text (not supported: pass --prompt-ids)", "TEXT"),
+    genLength: setting(IntegerText(1), { description: "Answer length in tokens", default: "128", value: "N", flag: "--gen" }),
+    blockLength: setting(IntegerText(1), { description: "Semi-autoregressive block length", default: "32", value: "N", flag: "--block" }),
+    steps: setting(IntegerText(1), { description: "Denoising steps over the whole answer", default: "128", value: "N" }),
+    temperature: setting(NumberText(0), { description: "Sampling temperature; 0 is greedy", default: "0", value: "T" }),
+    cfgScale: setting(NumberText(0), { description: "Classifier-free guidance scale; 0 turns it off", default: "0", value: "S", flag: "--cfg" }),
+    remasking: setting(OneOfText(samplingSettings.remasking.value.values), {
+      description: "Which masked positions a step commits",
+      default: "low_confidence",
+      value: samplingSettings.remasking.value.values.join("|")
+    }),
+    seed: setting(IntegerText(0), { description: "Seed of the sequence's random stream", default: "0", value: "N" }),
+    threads: setting(IntegerText(0), { description: "Forward-pass threads; 0 uses every core", default: "0", value: "N" })
+  }),
+  {
+    command: "vdiff generate",
+    environment: false,
+    summary: ["One generation from token ids straight through the native engine, timed; prints JSON."]
+  }
+)
