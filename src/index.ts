@@ -89,3 +89,23 @@ export const generate = (request: SchedulerModule.GenerationRequest) =>
 /** The request's step events as they happen; ending the stream early cancels the request. */
 export const generateStream = (request: SchedulerModule.GenerationRequest) =>
   Stream.unwrap(Effect.map(SchedulerModule.Scheduler, (scheduler) => scheduler.generateStream(request)))
+
+/** A step event with the answer's canvas after it: token ids, the model's mask token where still masked. */
+export interface CanvasEvent extends SchedulerModule.StepEvent {
+  readonly canvas: ReadonlyArray<number>
+}
+
+/**
+ * generateStream with each answer's canvas as it forms, for a caller that wants to watch it (the HTTP
+ * playground renders the same from the committed tokens). Built from the events alone: no engine call.
+ */
+export const generateCanvasStream = (request: SchedulerModule.GenerationRequest) =>
+  Stream.unwrap(Effect.map(EngineModule.Engine, (engine) => {
+    const mask = engine.info.config.maskTokenId
+    const canvases = Array.from({ length: request.n ?? 1 }, () => new Array<number>(request.settings.genLength).fill(mask))
+    return Stream.map(generateStream(request), (event): CanvasEvent => {
+      const canvas = canvases[event.index]!
+      for (const c of event.step.committed) canvas[c.position] = c.token
+      return { ...event, canvas: [...canvas] }
+    })
+  }))

@@ -15,13 +15,20 @@ describe("embedding vdiff in an Effect program", () => {
       const result = yield* Vdiff.generate({ prompt, settings })
       expect(result.choices[0]!.tokens).toHaveLength(16)
 
-      const events = Chunk.toArray(yield* Stream.runCollect(Vdiff.generateStream({ prompt, settings, snapshots: true })))
+      const events = Chunk.toArray(yield* Stream.runCollect(Vdiff.generateCanvasStream({ prompt, settings })))
       expect(events).toHaveLength(16)
-      expect(events.at(-1)!.finished).toBe(true)
-      // The stream's last snapshot is the same answer generate() gave (greedy decoding is deterministic).
+      expect(events.map((e) => e.step.stepsDone)).toEqual(Array.from({ length: 16 }, (_, i) => i + 1))
+      expect(events.at(-1)!.step.finished).toBe(true)
+      // One token a step: each canvas has one mask fewer than the one before.
+      const mask = (yield* Vdiff.Engine).info.config.maskTokenId
+      expect(events.map((e) => e.canvas.filter((t) => t === mask).length)).toEqual(Array.from({ length: 16 }, (_, i) => 15 - i))
+      // The stream's last canvas is the same answer generate() gave (greedy decoding is deterministic),
+      // and the tokens the steps committed, in position order, are that answer too.
       expect(events.at(-1)!.canvas).toEqual(result.choices[0]!.tokens)
-      const text = tokenizer.decode(result.choices[0]!.tokens, { skipSpecialTokens: true })
-      expect(typeof text).toBe("string")
+      const committed = events.flatMap((e) => e.step.committed).sort((a, b) => a.position - b.position)
+      expect(committed.map((c) => c.token)).toEqual(result.choices[0]!.tokens)
+      expect(tokenizer.decode(committed.map((c) => c.token), { skipSpecialTokens: true }))
+        .toBe(tokenizer.decode(result.choices[0]!.tokens, { skipSpecialTokens: true }))
 
       const scheduler = yield* Vdiff.Scheduler
       expect((yield* scheduler.stats).requestsFinished).toBe(2)

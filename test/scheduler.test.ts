@@ -187,15 +187,16 @@ describe("Scheduler", () => {
     }).pipe(Effect.provide(layer))
   })
 
-  it.live("snapshots carry the whole answer canvas", () => {
+  it.live("events carry the engine's step results unchanged, tagged with the answer's index", () => {
     const { layer } = setup()
     return Effect.gen(function*() {
       const scheduler = yield* Scheduler.Scheduler
-      const events = yield* scheduler.generateStream({ prompt: [0], settings: settings(3), snapshots: true }).pipe(
-        Stream.runCollect
-      )
-      const canvases = Chunk.toArray(events).map((e) => e.canvas)
-      expect(canvases).toEqual([[0, 999_999, 999_999], [0, 1, 999_999], [0, 1, 2]])
+      const events = yield* scheduler.generateStream({ prompt: [0], settings: settings(3), n: 2 }).pipe(Stream.runCollect)
+      const steps = Chunk.toArray(events)
+      expect(steps.map((e) => [e.index, e.step.stepsDone, e.step.committed.map((c) => c.token)])).toEqual([
+        [0, 1, [0]], [1, 1, [1]], [0, 2, [1]], [1, 2, [2]], [0, 3, [2]], [1, 3, [3]]
+      ])
+      expect(steps.every((e) => e.step.stepsTotal === 3)).toBe(true)
     }).pipe(Effect.provide(layer))
   })
 })

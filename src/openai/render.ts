@@ -92,12 +92,12 @@ export const snapshotOf = (update: ChoiceUpdate, totalSteps: number, texts: Toke
     } else canvas.push(texts.text(token))
   }
   return {
-    step: update.event.stepsDone,
+    step: update.step.stepsDone,
     total_steps: totalSteps,
-    block: update.event.block,
+    block: update.step.block,
     masked,
     canvas,
-    committed_now: update.event.committed.map((c) => c.position)
+    committed_now: update.step.committed.map((c) => c.position)
   }
 }
 

@@ -5,8 +5,8 @@
  */
 import { Effect, Option, Stream } from "effect"
 import { type ApiError, InternalError } from "../api/errors.js"
-import type { SamplingSettings } from "../engine/Engine.js"
-import { Scheduler, type StepEvent } from "../scheduler/Scheduler.js"
+import type { SamplingSettings, StepResult } from "../engine/Engine.js"
+import { Scheduler } from "../scheduler/Scheduler.js"
 import { RequestMetrics } from "../telemetry/requests.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { ChoiceDecoder, type ChoiceDelta } from "./ChoiceDecoder.js"
@@ -21,7 +21,8 @@ export interface ChoiceUpdate {
   readonly index: number
   readonly decoder: ChoiceDecoder
   readonly delta: ChoiceDelta
-  readonly event: StepEvent
+  /** The engine's step result this update came from, as it came. */
+  readonly step: StepResult
   /** The answer canvas right after this step (when the request asked for snapshots). */
   readonly canvas?: ReadonlyArray<number>
 }
@@ -83,21 +84,21 @@ export const runPrompt = (
       Stream.mapError(fromGenerationError),
       // Events arrive in chunks and `map` runs over a whole chunk at once, so whether all answers had
       // ended is recorded with each event's updates rather than asked afterwards.
-      Stream.map((event) => {
-        const tally = tallies[event.index]!
+      Stream.map(({ index, step: event }) => {
+        const tally = tallies[index]!
         tally.steps = event.stepsDone
         tally.forwardPasses = event.forwardPasses
         tally.kvRefreshes = event.kvRefreshes
         tally.tokensDenoised += event.committed.length - event.filled
         tally.tokensSkipped += event.filled
-        const decoder = decoders[event.index]!
+        const decoder = decoders[index]!
         // An update is rendered later than it is made (the decoder has moved on by then), so it carries
         // what it needs: the delta's token range, and a copy of the canvas for a snapshot.
         const updates: ReadonlyArray<ChoiceUpdate> = decoder.finished ? [] : [{
-          index: event.index,
+          index,
           decoder,
           delta: decoder.commit(event.committed),
-          event,
+          step: event,
           ...(plan.includeSnapshots ? { canvas: Array.from(decoder.canvas) } : {})
         }]
         return { updates, allEnded: allEnded() }

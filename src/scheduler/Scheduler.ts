@@ -18,7 +18,7 @@
  * "vdiff.generate" (admission → end, with its step and token counts).
  */
 import { Clock, Context, Deferred, Effect, Exit, FiberId, Layer, Mailbox, Metric, Option, Queue, Stream, type Tracer } from "effect"
-import { Engine, type CommittedToken, type FinishReason, type SamplingSettings, type SequenceId } from "../engine/Engine.js"
+import { Engine, type FinishReason, type SamplingSettings, type SequenceId, type StepResult } from "../engine/Engine.js"
 import { EngineFailure, type EngineError, InvalidRequestError } from "../engine/errors.js"
 import * as Metrics from "../telemetry/metrics.js"
 import { Draining, QueueFull, RequestTimeout } from "./errors.js"
@@ -32,27 +32,15 @@ export interface GenerationRequest {
   readonly n?: number
   /** Overrides the scheduler's request timeout for this request (milliseconds, from submission). */
   readonly timeoutMs?: number
-  /** Attach the whole answer canvas (masks included) to every event. */
-  readonly snapshots?: boolean
 }
 
-/** What one denoising step did to one of a request's sequences. */
+/**
+ * What one denoising step did to one of a request's sequences: which of its `n` answers, and the engine's
+ * step result for it as the addon made it (committed tokens, block, step counts, finish).
+ */
 export interface StepEvent {
-  /** Which of the request's `n` sequences. */
   readonly index: number
-  readonly committed: ReadonlyArray<CommittedToken>
-  readonly block: number
-  readonly stepsDone: number
-  /** How many of `committed` (the last ones) an early stop filled with EOS instead of denoising. */
-  readonly filled: number
-  /** Canvas evaluations of this sequence so far. */
-  readonly forwardPasses: number
-  /** Of those, the ones that recomputed the whole canvas to refresh a KV cache. */
-  readonly kvRefreshes: number
-  readonly finished: boolean
-  readonly reason: FinishReason | null
-  /** The answer canvas after this step, when the request asked for snapshots. */
-  readonly canvas?: ReadonlyArray<number>
+  readonly step: StepResult
 }
 
 export interface ChoiceResult {
@@ -307,27 +295,12 @@ export const make = (options: SchedulerOptions) =>
       }
     })
 
-    const route = (job: Job, results: ReadonlyArray<{ readonly id: SequenceId } & Omit<StepEvent, "index" | "canvas">>) =>
+    const route = (job: Job, results: ReadonlyArray<StepResult>) =>
       Effect.gen(function*() {
         for (const r of results) {
           const index = job.sequences.indexOf(r.id)
           if (index < 0) continue
-          const canvas = job.request.snapshots === true
-            ? Array.from(yield* engine.canvas(r.id).pipe(Effect.orElseSucceed(() => new Int32Array())))
-            : undefined
-          const event: StepEvent = {
-            index,
-            committed: r.committed,
-            block: r.block,
-            stepsDone: r.stepsDone,
-            filled: r.filled,
-            forwardPasses: r.forwardPasses,
-            kvRefreshes: r.kvRefreshes,
-            finished: r.finished,
-            reason: r.reason,
-            ...(canvas === undefined ? {} : { canvas })
-          }
-          yield* job.mailbox.offer(event)
+          yield* job.mailbox.offer({ index, step: r })
           const denoised = r.committed.length - r.filled
           state.tokensCommitted += denoised
           job.tokensCommitted += denoised
@@ -476,9 +449,9 @@ export const make = (options: SchedulerOptions) =>
           forwardPasses: 0,
           tokensDenoised: 0
         }))
-        yield* Stream.runForEach(generateStream(request), (event) =>
+        yield* Stream.runForEach(generateStream(request), ({ index, step: event }) =>
           Effect.sync(() => {
-            const choice = choices[event.index]!
+            const choice = choices[index]!
             for (const c of event.committed) {
               choice.tokens[c.position] = c.token
               choice.probabilities[c.position] = c.probability
