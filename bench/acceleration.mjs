@@ -14,35 +14,26 @@
 // Prints, per gen and batch: tokens/s (wall), tokens per CPU second (all threads: steadier on a shared
 // machine), the speedup of each over vanilla, steps, forward passes per token, and the positions
 // computed per token in whole canvases (what the cache cuts).
-import { spawnSync } from "node:child_process"
 import { existsSync, readFileSync, writeFileSync } from "node:fs"
-import { dirname, join } from "node:path"
-import { fileURLToPath } from "node:url"
-import { parseArgs } from "node:util"
+import { join } from "node:path"
+import { fixed, flags, list, log, root, run, table } from "./lib.mjs"
 
-const root = join(dirname(fileURLToPath(import.meta.url)), "..")
-
-const { values: opts } = parseArgs({
-  options: {
-    model: { type: "string" },
-    cli: { type: "string", default: join(root, "build", "native", "vdiff-cli") },
-    gen: { type: "string", default: "128,256,512" },
-    batch: { type: "string", default: "1,8" },
-    block: { type: "string", default: "32" },
-    "prompt-len": { type: "string", default: "32" },
-    modes: { type: "string", default: "none,prefix,dual,dual+threshold" },
-    threshold: { type: "string", default: "0.9" },
-    threads: { type: "string", default: "2" },
-    seed: { type: "string", default: "1" },
-    skip: { type: "string", default: "" },
-    "kv-cache-dtype": { type: "string", default: "f32" },
-    "prompt-ids": { type: "string" },
-    json: { type: "string" }
-  }
+const opts = flags({
+  model: undefined,
+  cli: join(root, "build", "native", "vdiff-cli"),
+  gen: "128,256,512",
+  batch: "1,8",
+  block: "32",
+  "prompt-len": "32",
+  modes: "none,prefix,dual,dual+threshold",
+  threshold: "0.9",
+  threads: "2",
+  seed: "1",
+  skip: "",
+  "kv-cache-dtype": "f32",
+  "prompt-ids": undefined,
+  json: undefined
 })
-
-const log = (message) => process.stderr.write(`[bench] ${message}\n`)
-const list = (text) => text.split(",").filter((item) => item !== "")
 
 const benchOne = (gen, mode, batches) => {
   const [cache, extra] = mode.split("+")
@@ -55,17 +46,8 @@ const benchOne = (gen, mode, batches) => {
   if (extra === "threshold") args.push("--threshold", opts.threshold)
   if (opts["prompt-ids"] !== undefined) args.push("--prompt-ids", opts["prompt-ids"])
   log(`gen ${gen}, ${mode}, batch ${batches.join(",")} ...`)
-  const result = spawnSync(opts.cli, args, { encoding: "utf8", maxBuffer: 64 << 20 })
-  if (result.status !== 0) throw new Error(`vdiff-cli ${args.join(" ")} failed:\n${result.stderr}`)
-  const out = JSON.parse(result.stdout)
+  const out = JSON.parse(run(opts.cli, args))
   return out.denoise.map((d) => ({ gen, mode, loadAverage: out.load_average, ...d }))
-}
-
-const fixed = (x, digits = 1) => (x === undefined || x === null || !Number.isFinite(x) ? "-" : x.toFixed(digits))
-
-const table = (rows) => {
-  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => String(r[c]).length)))
-  return rows.map((r) => r.map((cell, c) => String(cell).padStart(widths[c])).join("  ")).join("\n")
 }
 
 const main = () => {

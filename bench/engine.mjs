@@ -17,28 +17,24 @@
 import { spawnSync } from "node:child_process"
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
-import { dirname, join } from "node:path"
-import { fileURLToPath } from "node:url"
-import { parseArgs } from "node:util"
+import { join } from "node:path"
+import { fixed, flags, log, makeModel as makeModelDir, root, run, table } from "./lib.mjs"
 
-const root = join(dirname(fileURLToPath(import.meta.url)), "..")
 const cli = join(root, "build", "native", "vdiff-cli")
 const python = "/usr/bin/python3"
 
-const { values: opts } = parseArgs({
-  options: {
-    models: { type: "string", default: "tiny,small,small-bf16" },
-    batch: { type: "string", default: "1,8" },
-    gen: { type: "string", default: "128" },
-    block: { type: "string", default: "32" },
-    steps: { type: "string", default: "128" },
-    "prompt-len": { type: "string", default: "32" },
-    threads: { type: "string", default: "2" },
-    seed: { type: "string", default: "1" },
-    "no-torch": { type: "boolean", default: false },
-    json: { type: "string" },
-    keep: { type: "string" }
-  }
+const opts = flags({
+  models: "tiny,small,small-bf16",
+  batch: "1,8",
+  gen: "128",
+  block: "32",
+  steps: "128",
+  "prompt-len": "32",
+  threads: "2",
+  seed: "1",
+  "no-torch": false,
+  json: undefined,
+  keep: undefined
 })
 
 // name → how to make it, and whether the PyTorch reference runs on it too.
@@ -46,16 +42,6 @@ const modelSpecs = {
   tiny: { preset: "tiny", dtype: "f32", torch: true },
   small: { preset: "small", dtype: "f32", torch: true },
   "small-bf16": { preset: "small", dtype: "bf16", torch: false }
-}
-
-const log = (message) => process.stderr.write(`[bench] ${message}\n`)
-
-const run = (command, args) => {
-  const result = spawnSync(command, args, { cwd: root, encoding: "utf8", maxBuffer: 64 << 20 })
-  if (result.status !== 0) {
-    throw new Error(`${command} ${args.join(" ")} failed (${result.status ?? result.signal}):\n${result.stderr}`)
-  }
-  return result.stdout
 }
 
 const hasTorch = () => {
@@ -68,9 +54,7 @@ const makeModel = (workdir, name) => {
   if (spec === undefined) throw new Error(`unknown model "${name}" (known: ${Object.keys(modelSpecs).join(", ")})`)
   const out = join(workdir, name)
   const started = Date.now()
-  run(join(root, "node_modules", ".bin", "tsx"), [
-    join(root, "src", "main.ts"), "make-model", "--preset", spec.preset, "--seed", opts.seed, "--out", out, "--dtype", spec.dtype
-  ])
+  makeModelDir({ preset: spec.preset, seed: opts.seed, out, dtype: spec.dtype })
   log(`made ${name} (${spec.preset}, ${spec.dtype}) in ${((Date.now() - started) / 1000).toFixed(1)} s`)
   return out
 }
@@ -91,13 +75,6 @@ const benchTorch = (dir) =>
       "--gen-length", opts.gen, "--block-length", opts.block, "--steps", opts.steps, "--batches", opts.batch
     ])
   )
-
-const fixed = (x, digits = 1) => (x === undefined || x === null ? "-" : x.toFixed(digits))
-
-const table = (rows) => {
-  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => String(r[c]).length)))
-  return rows.map((r) => r.map((cell, c) => String(cell).padStart(widths[c])).join("  ")).join("\n")
-}
 
 const main = () => {
   if (!existsSync(cli)) throw new Error(`${cli} not found: run npm run build:native first`)

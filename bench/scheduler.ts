@@ -12,22 +12,21 @@ import { Effect, Layer } from "effect"
 import { mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
-import { parseArgs } from "node:util"
 import * as Engine from "../src/engine/Engine.js"
 import { makeModel } from "../src/model/makeModel.js"
 import * as Scheduler from "../src/scheduler/Scheduler.js"
+import { defaultSettings } from "../src/index.js"
+import { flags } from "./lib.mjs"
 
-const { values } = parseArgs({
-  options: {
-    model: { type: "string" },
-    concurrency: { type: "string", default: "1,4,8,16" },
-    gen: { type: "string", default: "32" },
-    block: { type: "string", default: "32" },
-    steps: { type: "string", default: "32" },
-    "prompt-len": { type: "string", default: "32" },
-    rounds: { type: "string", default: "2" },
-    threads: { type: "string", default: "2" }
-  }
+const values = flags({
+  model: undefined,
+  concurrency: "1,4,8,16",
+  gen: "32",
+  block: "32",
+  steps: "32",
+  "prompt-len": "32",
+  rounds: "2",
+  threads: "2"
 })
 
 const levels = values.concurrency.split(",").map(Number)
@@ -60,16 +59,10 @@ const main = async () => {
       const engine = yield* Engine.Engine
       const vocab = engine.info.config.vocabSize
       const settings: Engine.SamplingSettings = {
+        ...defaultSettings,
         genLength,
         blockLength: Number(values.block),
-        steps: Number(values.steps),
-        temperature: 0,
-        remasking: "low_confidence",
-        cfgScale: 0,
-        seed: 0,
-        logitsEosInf: false,
-        confidenceEosEotInf: false,
-        eotTokenId: -1
+        steps: Number(values.steps)
       }
       const prompt = (i: number) => Array.from({ length: promptLength }, (_, j) => (i * 7919 + j * 104729) % (vocab - 8))
       // Warm-up: page the weights in.
