@@ -45,7 +45,9 @@ export interface EngineShape {
   readonly create: (
     prompt: ReadonlyArray<number>,
     settings: SamplingSettings,
-    suffix?: ReadonlyArray<number>
+    suffix?: ReadonlyArray<number>,
+    /** genLength entries: -1 where the model writes, else the token fixed there from the start. */
+    template?: ReadonlyArray<number>
   ) => Effect.Effect<SequenceId, EngineError>
   /**
    * One denoising step for every given sequence, in one batched forward off the JS thread. Interrupting
@@ -85,11 +87,16 @@ export interface EngineOptions {
 export const fromNativeEngine = (modelDir: string, native: NativeEngine): EngineShape => ({
   modelDir,
   info: native.info(),
-  create: (prompt, s, suffix) =>
+  create: (prompt, s, suffix, template) =>
     Effect.try({
       try: () =>
         // The settings are the params object the addon reads: the same fields, passed as they are.
-        native.create(Int32Array.from(prompt), s, suffix === undefined ? undefined : Int32Array.from(suffix)),
+        native.create(
+          Int32Array.from(prompt),
+          s,
+          suffix === undefined ? undefined : Int32Array.from(suffix),
+          template === undefined ? undefined : Int32Array.from(template)
+        ),
       catch: fromNative
     }),
   step: (ids) =>

@@ -161,12 +161,15 @@ export interface NativeEngine {
   info(): NativeModelInfo
   /**
    * Creates a sequence; throws VDIFF_INVALID_ARGUMENT. Returns its id. With a suffix the canvas is
-   * prompt, genLength masks, suffix (infilling); answers and positions are the masked middle's.
+   * prompt, genLength masks, suffix (infilling); answers and positions are the masked middle's. With a
+   * template (genLength entries: -1 where the model writes, else the token fixed there) the fixed tokens
+   * are committed from the start and the model denoises the rest around them (structured output).
    */
   create(
     prompt: Int32Array | ReadonlyArray<number>,
     params: import("../config/sampling.js").NativeSamplingParams,
-    suffix?: Int32Array | ReadonlyArray<number>
+    suffix?: Int32Array | ReadonlyArray<number> | null,
+    template?: Int32Array | ReadonlyArray<number>
   ): number
   /**
    * Advances every given sequence by one denoising step in one batched forward, off the JS thread.

@@ -32,6 +32,11 @@ export interface GenerationRequest {
   readonly n?: number
   /** Overrides the scheduler's request timeout for this request (milliseconds, from submission). */
   readonly timeoutMs?: number
+  /**
+   * Answer positions fixed from the start (genLength entries: -1 where the model writes, else the token):
+   * the model denoises around them, e.g. the values of a JSON skeleton (Engine.create).
+   */
+  readonly template?: ReadonlyArray<number>
 }
 
 /**
@@ -231,7 +236,7 @@ export const make = (options: SchedulerOptions) =>
         const created: Array<SequenceId> = []
         for (let i = 0; i < job.n; i++) {
           const settings = { ...job.request.settings, seed: job.request.settings.seed + i }
-          const id = yield* engine.create(job.request.prompt, settings, job.request.suffix).pipe(
+          const id = yield* engine.create(job.request.prompt, settings, job.request.suffix, job.request.template).pipe(
             Effect.tapError(() => Effect.forEach(created, (id) => engine.release(id), { discard: true }))
           )
           created.push(id)

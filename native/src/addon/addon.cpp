@@ -4,7 +4,7 @@
 //
 //   loadModel(dir, {device?, threads?, kvCacheDtype?, kvCacheBudgetBytes?, packWeightsMaxBytes?,
 //                   gpuMemoryUtilization?}) -> Promise<NativeEngine>
-//   NativeEngine: info() create(prompt, params, suffix?) step(ids, cancel?) score(canvas, positions, targets)
+//   NativeEngine: info() create(prompt, params, suffix?, template?) step(ids, cancel?) score(canvas, positions, targets)
 //                 release(id) canvas(id) sequenceInfo(id) live() kvCacheBytes()
 //   CancelToken: cancel() cancelled
 //   cudaDevices() -> number of visible GPUs (0 without the CUDA build, a driver or a GPU)
@@ -428,7 +428,10 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     const std::vector<int32_t> suffix =
         info.Length() > 2 && !info[2].IsUndefined() && !info[2].IsNull() ? tokens_of(env, info[2], "suffix")
                                                                           : std::vector<int32_t>();
-    const uint64_t id = guarded(env, [&] { return engine_->create(prompt, params, suffix); });
+    const std::vector<int32_t> answer_template =
+        info.Length() > 3 && !info[3].IsUndefined() && !info[3].IsNull() ? tokens_of(env, info[3], "template")
+                                                                          : std::vector<int32_t>();
+    const uint64_t id = guarded(env, [&] { return engine_->create(prompt, params, suffix, answer_template); });
     return Napi::Number::New(env, static_cast<double>(id));
   }
 
@@ -558,6 +561,14 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
       if (!pack.IsUndefined())
         options.pack_weights_max_bytes =
             static_cast<uint64_t>(integer_of(env, pack, "options.packWeightsMaxBytes", 0, kMaxSafeInteger));
+      const Napi::Value quantize = o.Get("quantize");
+      if (!quantize.IsUndefined()) {
+        const std::string q = quantize.IsString() ? quantize.As<Napi::String>().Utf8Value() : "";
+        if (q == "none") options.quantize = vdiff::Quant::None;
+        else if (q == "q8_0") options.quantize = vdiff::Quant::Q8_0;
+        else if (q == "q4_0") options.quantize = vdiff::Quant::Q4_0;
+        else throw invalid_argument(env, "options.quantize must be \"none\", \"q8_0\" or \"q4_0\"");
+      }
     }
     auto* worker = new LoadWorker(env, info[0].As<Napi::String>().Utf8Value(), options);
     Napi::Promise promise = worker->promise();

@@ -34,6 +34,8 @@ class Sequence {
   int suffix_length = 0;
   SamplingParams params;
   std::vector<BlockPlan> blocks;
+  std::vector<int> block_masks;  // per block: the positions to denoise (fewer than its length with a template)
+  bool templated = false;        // created with a template: some answer positions were fixed from the start
   int steps_total = 0;
   // Progress: the block being worked on and the steps already spent on it.
   int block = 0;
@@ -55,6 +57,11 @@ class Sequence {
   int answer_begin() const { return prompt_length; }
   int answer_end() const { return prompt_length + params.gen_length; }
   bool parallel() const { return params.parallel_threshold > 0.0 || params.parallel_factor > 0.0; }
+  // The first block at or after `from` that has a position to denoise; blocks.size() when none has.
+  int open_block(int from) const {
+    while (from < static_cast<int>(blocks.size()) && block_masks[from] == 0) ++from;
+    return from;
+  }
   uint64_t cache_bytes() const { return (cache ? cache->size() : 0) + (uncond_cache ? uncond_cache->size() : 0); }
   uint64_t memory_bytes() const {
     return sizeof(Sequence) + canvas.capacity() * sizeof(int32_t) + blocks.capacity() * sizeof(BlockPlan) +
@@ -131,9 +138,26 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
 }
 
 uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams& params,
-                        const std::vector<int32_t>& suffix) {
+                        const std::vector<int32_t>& suffix, const std::vector<int32_t>& answer_template) {
   const ModelConfig& config = backend_->config();
   validate(prompt, suffix, params, config);
+  if (!answer_template.empty()) {
+    if (static_cast<int>(answer_template.size()) != params.gen_length)
+      throw invalid("template has " + std::to_string(answer_template.size()) + " positions, gen_length is " +
+                    std::to_string(params.gen_length));
+    int open = 0;
+    for (size_t i = 0; i < answer_template.size(); ++i) {
+      const int32_t t = answer_template[i];
+      if (t == -1) {
+        ++open;
+        continue;
+      }
+      if (t < 0 || t >= config.embedding_size || t == config.mask_token_id)
+        throw invalid("template[" + std::to_string(i) + "] = " + std::to_string(t) +
+                      " is neither -1 (to denoise) nor a token id other than the mask");
+    }
+    if (open == 0) throw invalid("template fixes every position of the answer: nothing is left to denoise");
+  }
 
   auto seq = std::make_shared<Sequence>();
   seq->prompt_length = static_cast<int>(prompt.size());
@@ -144,8 +168,22 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
   seq->canvas.resize(prompt.size() + params.gen_length, config.mask_token_id);
   seq->canvas.insert(seq->canvas.end(), suffix.begin(), suffix.end());
   seq->blocks = plan_blocks(params.gen_length, params.block_length, params.steps);
-  // Parallel decoding commits at least one token a step, so a block takes at most its length in steps.
-  if (seq->parallel()) seq->steps_total = params.gen_length;
+  seq->block_masks.resize(seq->blocks.size());
+  for (size_t b = 0; b < seq->blocks.size(); ++b) {
+    BlockPlan& block = seq->blocks[b];
+    int masks = block.length;
+    if (!answer_template.empty()) {
+      // Template positions are committed from the start; a block's steps are spread over its masks only.
+      for (int q = block.start; q < block.start + block.length; ++q)
+        if (answer_template[q] != -1) seq->canvas[seq->answer_begin() + q] = answer_template[q], --masks;
+      block.steps = masks == 0 ? 0 : std::min(block.steps, masks);
+    }
+    seq->block_masks[b] = masks;
+  }
+  seq->templated = !answer_template.empty();
+  seq->block = seq->open_block(0);
+  // Parallel decoding commits at least one token a step, so a block takes at most its masks in steps.
+  if (seq->parallel()) for (int m : seq->block_masks) seq->steps_total += m;
   else for (const BlockPlan& b : seq->blocks) seq->steps_total += b.steps;
   if (params.kv_cache != KVCacheMode::None) {
     const int length = static_cast<int>(seq->canvas.size());
@@ -290,7 +328,8 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
   for (Work& w : work) {
     const Sequence& s = *w.seq;
     const BlockPlan& block = s.blocks[s.block];
-    w.k = s.parallel() ? block.length : transfers_at(block.length, block.steps, s.step_in_block);
+    const int masks = s.block_masks[s.block];
+    w.k = s.parallel() ? masks : transfers_at(masks, block.steps, s.step_in_block);
     if (w.k == 0) continue;  // nothing would be committed: no forward needed, the step still counts
     // The candidates are the block's still-masked positions: earlier blocks are complete (a block is
     // left only when it has no mask), later ones wait.
@@ -393,9 +432,10 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
     int masks_left = -static_cast<int>(chosen.size());
     for (int q = block.start; q < block_end; ++q) masks_left += s.canvas[s.answer_begin() + q] == mask;
     w.block_done = masks_left == 0;
-    const bool last_block = s.block + 1 == static_cast<int>(s.blocks.size());
+    const bool last_block = s.open_block(s.block + 1) == static_cast<int>(s.blocks.size());
     w.finishes = w.block_done && last_block;
-    if (w.block_done && !last_block && p.early_stop) {
+    // Early stop fills what follows with EOS, which would overwrite a template's fixed tokens: not with one.
+    if (w.block_done && !last_block && p.early_stop && !s.templated) {
       // The answer up to the end of this block is final once this step's tokens are in.
       std::vector<int32_t> answer(s.canvas.begin() + s.answer_begin(), s.canvas.begin() + s.answer_begin() + block_end);
       for (const CommittedToken& t : out.committed) answer[t.position] = t.token;
@@ -426,7 +466,7 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
     if (!w.block_done) {
       ++s.step_in_block;
     } else if (!w.finishes) {
-      ++s.block;
+      s.block = s.open_block(s.block + 1);
       s.step_in_block = 0;
     } else {
       s.finished = true;

@@ -123,8 +123,15 @@ class Engine {
   // blocks and the answer are those of the masked middle only. Under cfg the unconditional copy masks
   // the prompt and the suffix (everything that is not answer), as the reference's formula does for any
   // non-mask token of its canvas.
+  //
+  // With a template (gen_length entries: -1 for a position to denoise, else the token fixed there), the
+  // fixed tokens are committed from the start and never change: a masked diffusion model fills the rest
+  // around them (structured output: a JSON skeleton with its values denoised in place). Each block's steps
+  // are spread over its masks only; a block without masks is skipped; early stop is off (it would
+  // overwrite fixed tokens). Throws Error(InvalidArgument) for a template of the wrong length, with ids
+  // outside the embedding or the mask token, or with nothing left to denoise.
   uint64_t create(const std::vector<int32_t>& prompt, const SamplingParams& params,
-                  const std::vector<int32_t>& suffix = {});
+                  const std::vector<int32_t>& suffix = {}, const std::vector<int32_t>& answer_template = {});
 
   // Advances every given sequence by one denoising step in one batched forward. Unknown or finished ids
   // throw Error(InvalidArgument); a set `cancel` flag throws Error(Cancelled) and leaves every sequence

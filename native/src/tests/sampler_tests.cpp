@@ -983,6 +983,44 @@ static void test_early_stop() {
   CHECK((filled == std::vector<int32_t>{5, 5, 5, kEos, kEos, kEos, kEos, kEos}));
 }
 
+static void test_template() {
+  // A template fixes answer positions from the start; the model denoises only the others, each block's
+  // steps spread over its masks, a block with none skipped.
+  auto model = std::make_shared<FakeModel>();
+  Engine engine(model);
+  const std::vector<int32_t> prompt = {1, 2};
+  SamplingParams p = params(8, 4, 8);  // two blocks of 4, 4 steps each without a template
+  p.early_stop = true;                 // ignored with a template: it would overwrite fixed tokens
+  const std::vector<int32_t> tmpl = {9, -1, -1, 9, 3, 3, 3, -1};  // block 0: 2 masks, block 1: 1 mask
+  const uint64_t id = engine.create(prompt, p, {}, tmpl);
+  CHECK(engine.info(id).steps_total == 3);  // min(4, masks) per block: 2 + 1
+  engine.step({id});
+  CHECK((model->seen[0].tokens == std::vector<int32_t>{1, 2, 9, kMask, kMask, 9, 3, 3, 3, kMask}));
+  CHECK((model->seen[0].rows == std::vector<int32_t>{3, 4}));  // only the masks of block 0
+  std::vector<StepOutput> steps;
+  const std::vector<int32_t> answer = run_to_end(engine, id, &steps);
+  CHECK(steps.size() == 2 && engine.info(id).steps_done == 3);
+  for (size_t q = 0; q < tmpl.size(); ++q) CHECK(tmpl[q] == -1 ? answer[q] != kMask : answer[q] == tmpl[q]);
+  for (const StepOutput& o : steps)
+    for (const CommittedToken& t : o.committed) CHECK(tmpl[t.position] == -1);  // fixed tokens never reported
+
+  // A block whose positions are all fixed is skipped: steps go to the first block with a mask.
+  const uint64_t skip = engine.create(prompt, params(8, 4, 8), {}, {4, 4, 4, 4, -1, 5, -1, 5});
+  const std::vector<StepOutput> first = engine.step({skip});
+  CHECK(first[0].block == 1 && !first[0].committed.empty() && first[0].committed[0].position >= 4);
+
+  // All -1 is no template: the same answer as without one.
+  const uint64_t plain = engine.create(prompt, params(8, 4, 8));
+  const uint64_t open = engine.create(prompt, params(8, 4, 8), {}, std::vector<int32_t>(8, -1));
+  CHECK(run_to_end(engine, plain) == run_to_end(engine, open));
+
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "template has 3 positions", engine.create(prompt, params(8, 4, 8), {}, {-1, -1, -1}));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "nothing is left to denoise",
+               engine.create(prompt, params(2, 2, 2), {}, {3, 4}));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "template[1]", engine.create(prompt, params(2, 2, 2), {}, {-1, kMask}));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "template[0]", engine.create(prompt, params(2, 2, 2), {}, {kVocab, -1}));
+}
+
 int main() {
   test_schedule();
   test_select_most_confident();
@@ -1007,6 +1045,7 @@ int main() {
   test_suffix();
   test_parallel_decoding();
   test_early_stop();
+  test_template();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
