@@ -471,11 +471,15 @@ int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<boo
     launch_swiglu(gu, T, H, hbuf, type_, stream_);
     gemm(hbuf, T, H, w.down, D, x, D, true);
   }
-  sync();
+  // Every layer is queued: the caches hold the whole computation once the stream gets there, and nothing
+  // reads them before (later forwards run on the same stream), so no wait here.
   for (const BatchPlan::Seq& p : plan.seqs)
     if (p.cache) p.cache->set_filled(true);
   check_cancel();
-  if (rows == 0) return 0;
+  if (rows == 0) {
+    sync();  // the pinned metadata buffer is rewritten by the next forward: its copy must be done
+    return 0;
+  }
   void* head_in = head_in_.ensure(static_cast<size_t>(rows) * D * act, "head input");
   float* logits = static_cast<float*>(logits_.ensure(static_cast<size_t>(rows) * E * 4, "logits"));
   launch_rmsnorm(x, d_head_rows, rows, D, final_norm_, eps, head_in, type_, stream_);
