@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "config.h"
+#include "weights.h"  // Quant
 
 namespace vdiff {
 
@@ -38,6 +39,10 @@ struct LoadOptions {
   // CPU: the projection and head weights are packed once at load into the layout the GEMM reads (f32),
   // when the packed copies take at most this many bytes in all; 0: never.
   uint64_t pack_weights_max_bytes = uint64_t{4} << 30;
+  // CPU: quantize the projection and head matrices at load (Q8_0 or Q4_0, cpu/quant.h) into a copy in
+  // memory, the float originals staying mapped; matrices a checkpoint already stores quantized, and
+  // those whose in-features are not a multiple of 32, are kept as stored. CPU only (CUDA: not yet).
+  Quant quantize = Quant::None;
   // CUDA: the share of the device's memory the backend may use for weights, KV caches and activations.
   double gpu_memory_utilization = 0.9;
   // CUDA: report upload progress (bytes done, bytes total); may be empty.

@@ -65,14 +65,57 @@ const Family& family_of(const ModelConfig&) {
   return llada;
 }
 
-ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& c, const Family& f) {
+const char* quant_name(Quant q) {
+  switch (q) {
+    case Quant::None: return "none";
+    case Quant::Q8_0: return "q8_0";
+    case Quant::Q4_0: return "q4_0";
+  }
+  return "?";
+}
+
+ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& c, const Family& f, bool allow_quantized) {
   ModelWeights out;
   std::set<const void*> counted;
-  const auto find = [&](const std::string& name, std::vector<int64_t> shape) {
+  // A quantized matrix (may_quantize: a projection or the head): the blocks under `name`, the scales
+  // under name + "_scale".
+  const auto find_quantized = [&](const TensorView& t, const std::string& name, const std::vector<int64_t>& shape) {
+    const Quant q = t.dtype == DType::I8 ? Quant::Q8_0 : Quant::Q4_0;
+    const int64_t rows = shape[0], cols = shape[1];
+    const std::vector<int64_t> stored = {rows, q == Quant::Q8_0 ? cols : cols / 2};
+    if (cols % 32 != 0 || t.shape != stored)
+      throw Error(ErrorCode::InvalidModel, t.file + ": quantized tensor \"" + name + "\" (" + quant_name(q) +
+                                               ") has shape " + shape_string(t.shape) + ", expected " +
+                                               shape_string(stored) + " from config.json");
+    const TensorView* s = tensors.find(name + "_scale");
+    const std::vector<int64_t> scale_shape = {rows, cols / 32};
+    if (!s || s->dtype != DType::F16 || s->shape != scale_shape)
+      throw Error(ErrorCode::InvalidModel, t.file + ": quantized tensor \"" + name + "\" needs its scales \"" + name +
+                                               "_scale\" as F16 " + shape_string(scale_shape));
+    WeightRef w;
+    w.data = t.data;
+    w.dtype = t.dtype;
+    w.rows = static_cast<int>(rows);
+    w.cols = static_cast<int>(cols);
+    w.name = name;
+    w.quant = q;
+    w.scales = s->data;
+    if (counted.insert(t.data).second) {
+      out.parameter_count += static_cast<uint64_t>(rows * cols);
+      out.bytes += t.nbytes + s->nbytes;
+    }
+    return w;
+  };
+  const auto find = [&](const std::string& name, std::vector<int64_t> shape, bool may_quantize = false) {
     const TensorView& t = tensors.get(name);
+    if (allow_quantized && may_quantize && (t.dtype == DType::I8 || t.dtype == DType::U8))
+      return find_quantized(t, name, shape);
     if (t.dtype != DType::F32 && t.dtype != DType::BF16 && t.dtype != DType::F16)
       throw Error(ErrorCode::InvalidModel, t.file + ": tensor \"" + name + "\" has dtype " + dtype_name(t.dtype) +
-                                               "; only F32, BF16 and F16 are supported");
+                                               "; only F32, BF16 and F16 are supported" +
+                                               (t.dtype == DType::I8 || t.dtype == DType::U8
+                                                    ? " here (quantized checkpoints load on the CPU backend)"
+                                                    : ""));
     if (t.shape != shape)
       throw Error(ErrorCode::InvalidModel, t.file + ": tensor \"" + name + "\" has shape " + shape_string(t.shape) +
                                                ", expected " + shape_string(shape) + " from config.json");
@@ -95,16 +138,16 @@ ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& c, const 
     LayerWeights& l = out.layers[i];
     l.attn_norm = find(at_layer(f.attn_norm, i), {D});
     l.ffn_norm = find(at_layer(f.ffn_norm, i), {D});
-    l.q = find(at_layer(f.q, i), {c.n_heads * hd, D});
-    l.k = find(at_layer(f.k, i), {c.n_kv_heads * hd, D});
-    l.v = find(at_layer(f.v, i), {c.n_kv_heads * hd, D});
-    l.o = find(at_layer(f.o, i), {D, c.n_heads * hd});
-    l.gate = find(at_layer(f.gate, i), {H, D});
-    l.up = find(at_layer(f.up, i), {H, D});
-    l.down = find(at_layer(f.down, i), {D, H});
+    l.q = find(at_layer(f.q, i), {c.n_heads * hd, D}, true);
+    l.k = find(at_layer(f.k, i), {c.n_kv_heads * hd, D}, true);
+    l.v = find(at_layer(f.v, i), {c.n_kv_heads * hd, D}, true);
+    l.o = find(at_layer(f.o, i), {D, c.n_heads * hd}, true);
+    l.gate = find(at_layer(f.gate, i), {H, D}, true);
+    l.up = find(at_layer(f.up, i), {H, D}, true);
+    l.down = find(at_layer(f.down, i), {D, H}, true);
   }
   out.final_norm = find(f.final_norm, {D});
-  out.head = c.weight_tying ? out.embed : find(f.head, {E, D});
+  out.head = c.weight_tying ? out.embed : find(f.head, {E, D}, true);
   return out;
 }
 

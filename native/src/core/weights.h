@@ -17,15 +17,33 @@
 
 namespace vdiff {
 
+// Block quantization of a weight matrix (cpu/quant.h has the formats): None, or blocks of 32 along a
+// row with one f16 scale each — Q8_0 (int8 values), Q4_0 (4-bit values, two per byte).
+enum class Quant { None, Q8_0, Q4_0 };
+const char* quant_name(Quant q);  // "none" | "q8_0" | "q4_0"
+
 // One weight tensor in the mapping: a matrix [rows = out features, cols = in features] or a vector
 // (rows = 1).
+//
+// A quantized checkpoint (vdiff quantize) stores a quantized matrix under its usual name — dtype I8 and
+// shape [rows, cols] for Q8_0, U8 and [rows, cols / 2] for Q4_0 — and its f16 scales [rows, cols / 32]
+// under the name + "_scale"; the safetensors metadata names the format ("vdiff.quantization").
 struct WeightRef {
   const void* data = nullptr;
-  DType dtype = DType::F32;  // F32, BF16 or F16
+  DType dtype = DType::F32;  // F32, BF16 or F16; I8 (Q8_0) or U8 (Q4_0) when quantized
   int rows = 0;
-  int cols = 0;
+  int cols = 0;              // in elements (not bytes), quantized or not
   std::string name;
-  uint64_t bytes() const { return static_cast<uint64_t>(rows) * cols * dtype_size(dtype); }
+  Quant quant = Quant::None;
+  const void* scales = nullptr;  // quantized: f16 [rows][cols / 32]
+  uint64_t bytes() const {
+    const uint64_t n = static_cast<uint64_t>(rows) * cols;
+    switch (quant) {
+      case Quant::Q8_0: return n + n / 32 * 2;
+      case Quant::Q4_0: return n / 2 + n / 32 * 2;
+      default: return n * dtype_size(dtype);
+    }
+  }
 };
 
 struct LayerWeights {
@@ -54,8 +72,11 @@ struct Family {
 const Family& family_of(const ModelConfig& config);
 
 // Finds every tensor the family names with the shape config.json implies and a float dtype. Throws
-// Error(InvalidModel) naming the file, the tensor and what is wrong.
-ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& config, const Family& family);
+// Error(InvalidModel) naming the file, the tensor and what is wrong. With allow_quantized (the CPU
+// backend), the projection and head matrices may also be quantized (see WeightRef); the embedding and
+// the norms are always float.
+ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& config, const Family& family,
+                          bool allow_quantized = false);
 
 // The element i of a float weight (F32, BF16 or F16) as f32.
 float weight_element(const WeightRef& w, int64_t i);

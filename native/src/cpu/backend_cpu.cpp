@@ -26,6 +26,7 @@
 #include "core/threadpool.h"
 #include "core/weights.h"
 #include "cpu/kernels.h"
+#include "cpu/quant.h"
 
 namespace vdiff::cpu {
 
@@ -40,7 +41,15 @@ struct Weight {
   int rows = 0;
   int cols = 0;
   const float* packed = nullptr;  // the GEMM's layout of the whole matrix, when packed at load
+  // Block-quantized (cpu/quant.h): `data` holds the blocks, `scales` the f16 scales, both row-major.
+  bool quantized = false;
+  QType qtype = QType::Q8_0;
+  const uint16_t* scales = nullptr;
   MatB as_b() const { return MatB{data, type, cols, false, packed}; }
+  QMatB as_qb() const {
+    return QMatB{static_cast<const uint8_t*>(data), scales, qtype, static_cast<int64_t>(cols) / kQBlock * qblock_bytes(qtype),
+                 cols / kQBlock};
+  }
 };
 
 struct Block {
@@ -123,8 +132,10 @@ class CpuBackend final : public Backend {
  public:
   CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadOptions& options);
 
-  BackendInfo info() const override { return BackendInfo{"cpu", kernels_->isa, kernels_->isa, weight_bytes_ + packed_weight_bytes_, 0}; }
-  std::string weight_dtype() const override { return wtype_name(blocks_[0].q.type); }
+  BackendInfo info() const override { return BackendInfo{"cpu", kernels_->isa, gemm_name(), weight_bytes_ + packed_weight_bytes_ + quantized_bytes_, 0}; }
+  std::string weight_dtype() const override {
+    return blocks_[0].q.quantized ? qtype_name(blocks_[0].q.qtype) : wtype_name(blocks_[0].q.type);
+  }
   uint64_t parameter_count() const override { return parameter_count_; }
   uint64_t weight_bytes() const override { return weight_bytes_; }
   uint64_t packed_weight_bytes() const override { return packed_weight_bytes_; }
@@ -157,9 +168,14 @@ class CpuBackend final : public Backend {
   void attention(int layer);
   void ensure_scratch(int T, int rows, int max_len);
   void pack_weights(uint64_t max_bytes);
+  void quantize_weights(QType type);
+  std::string gemm_name() const {
+    return quantized_bytes_ > 0 || blocks_[0].q.quantized ? std::string(kernels_->isa) + " + int8 " + quant_->isa : kernels_->isa;
+  }
 
   TensorSet tensors_;
   const Kernels* kernels_;
+  const QuantKernels* quant_;
   Weight wte_, head_;
   std::vector<Block> blocks_;
   std::vector<float> ln_f_;
@@ -167,6 +183,10 @@ class CpuBackend final : public Backend {
   uint64_t weight_bytes_ = 0;
   std::vector<Buffer> packed_;  // the packed copies of the weights (Weight::packed points into them)
   uint64_t packed_weight_bytes_ = 0;
+  std::vector<std::vector<uint8_t>> quantized_;  // the copies quantized at load (Weight::data points into them)
+  uint64_t quantized_bytes_ = 0;
+  std::vector<int8_t> qa_;                       // activations quantized for the integer GEMM
+  std::vector<float> qa_scales_;
   WType cache_type_;
 
   // RoPE tables [position][head_dim / 2], grown to the longest sequence seen.
@@ -184,9 +204,14 @@ WType wtype_of(DType t) { return t == DType::F32 ? WType::F32 : t == DType::BF16
 Weight weight_of(const WeightRef& w) {
   Weight out;
   out.data = w.data;
-  out.type = wtype_of(w.dtype);
+  out.type = w.quant == Quant::None ? wtype_of(w.dtype) : WType::F32;
   out.rows = w.rows;
   out.cols = w.cols;
+  if (w.quant != Quant::None) {
+    out.quantized = true;
+    out.qtype = w.quant == Quant::Q8_0 ? QType::Q8_0 : QType::Q4_0;
+    out.scales = static_cast<const uint16_t*>(w.scales);
+  }
   return out;
 }
 
@@ -197,8 +222,9 @@ std::vector<float> norm_of(const WeightRef& w) {
 }
 
 CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadOptions& options)
-    : Backend(config, options), tensors_(std::move(tensors)), kernels_(&active_kernels()) {
-  const ModelWeights w = find_weights(tensors_, config_, family_of(config_));
+    : Backend(config, options), tensors_(std::move(tensors)), kernels_(&active_kernels()),
+      quant_(&quant_kernels_for(*kernels_)) {
+  const ModelWeights w = find_weights(tensors_, config_, family_of(config_), /*allow_quantized=*/true);
   parameter_count_ = w.parameter_count;
   weight_bytes_ = w.bytes;
   wte_ = weight_of(w.embed);
@@ -218,18 +244,54 @@ CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadO
   }
   ln_f_ = norm_of(w.final_norm);
   head_ = weight_of(w.head);
+  if (options.quantize != Quant::None) quantize_weights(options.quantize == Quant::Q8_0 ? QType::Q8_0 : QType::Q4_0);
   pack_weights(options.pack_weights_max_bytes);
   cache_type_ = options.kv_cache_dtype == KVCacheDType::BF16 ? WType::BF16 : WType::F32;
   gemm_scratch_.resize(pool().size());
   scores_.resize(pool().size());
 }
 
-void CpuBackend::pack_weights(uint64_t max_bytes) {
-  if (kernels_->pack_panel == nullptr || max_bytes == 0) return;
+// Quantizes every float projection and head matrix whose in-features are a multiple of 32 into a copy
+// (rows converted to f32 one at a time, then cpu::quantize_weight_row); the mapped originals are left
+// alone. Matrices stored quantized stay as they are.
+void CpuBackend::quantize_weights(QType type) {
   std::vector<Weight*> weights;
   for (Block& blk : blocks_)
     for (Weight* w : {&blk.q, &blk.k, &blk.v, &blk.attn_out, &blk.ff_proj, &blk.up_proj, &blk.ff_out}) weights.push_back(w);
   weights.push_back(&head_);
+  quantized_.reserve(weights.size());
+  for (Weight* wp : weights) {
+    Weight& w = *wp;
+    if (w.quantized || w.cols % kQBlock != 0) continue;
+    const int64_t row_bytes = static_cast<int64_t>(w.cols) / kQBlock * qblock_bytes(type);
+    const int64_t row_scales = w.cols / kQBlock;
+    std::vector<uint8_t>& store = quantized_.emplace_back(static_cast<size_t>(w.rows) * (row_bytes + 2 * row_scales));
+    uint8_t* blocks = store.data();
+    auto* scales = reinterpret_cast<uint16_t*>(blocks + static_cast<size_t>(w.rows) * row_bytes);
+    const size_t in_row = static_cast<size_t>(w.cols) * (w.type == WType::F32 ? 4 : 2);
+    pool().parallel_for(w.rows, [&](size_t begin, size_t end, int) {
+      std::vector<float> row(w.cols);
+      for (size_t r = begin; r < end; ++r) {
+        kernels_->convert(static_cast<const char*>(w.data) + r * in_row, w.type, row.data(), w.cols);
+        quantize_weight_row(row.data(), w.cols, type, blocks + r * row_bytes, scales + r * row_scales);
+      }
+    });
+    w.data = blocks;
+    w.scales = scales;
+    w.quantized = true;
+    w.qtype = type;
+    w.type = WType::F32;
+    quantized_bytes_ += store.size();
+  }
+}
+
+void CpuBackend::pack_weights(uint64_t max_bytes) {
+  if (kernels_->pack_panel == nullptr || max_bytes == 0) return;
+  std::vector<Weight*> weights;
+  for (Block& blk : blocks_)
+    for (Weight* w : {&blk.q, &blk.k, &blk.v, &blk.attn_out, &blk.ff_proj, &blk.up_proj, &blk.ff_out})
+      if (!w->quantized) weights.push_back(w);
+  if (!head_.quantized) weights.push_back(&head_);
   const int nr = kernels_->gemm_nr;
   const auto panels = [nr](const Weight& w) { return (w.rows + nr - 1) / nr; };
   uint64_t total = 0;
@@ -290,6 +352,18 @@ void CpuBackend::linear(const float* A, int M, int K, std::initializer_list<Line
   // the forward's.
   const int nr = kernels_->gemm_nr == 1 ? 16 : kernels_->gemm_nr;
   const int chunk = std::clamp((1 << 20) / (4 * std::max(K, 1)) / 6 * 6, 192, 1026);
+  // Quantized weights take the activations quantized per row and block of 32 (once for all outputs).
+  bool any_quantized = false;
+  for (const LinearOut& o : outs) any_quantized = any_quantized || o.w->quantized;
+  if (any_quantized) {
+    qa_.resize(static_cast<size_t>(M) * K);
+    qa_scales_.resize(static_cast<size_t>(M) * (K / kQBlock));
+    pool().parallel_for(M, [&](size_t begin, size_t end, int) {
+      quant_->quantize_rows(static_cast<int>(end - begin), K, A + begin * K, K, qa_.data() + begin * K,
+                            qa_scales_.data() + begin * (K / kQBlock));
+    });
+  }
+  const QMatA qa{qa_.data(), qa_scales_.data(), K, K / kQBlock};
   struct Item {
     const LinearOut* out;
     int m0, m1, n0, n1;
@@ -302,6 +376,13 @@ void CpuBackend::linear(const float* A, int M, int K, std::initializer_list<Line
   run_dynamic(pool(), items.size(), [&](size_t i, int thread) {
     const Item& item = items[i];
     const LinearOut& o = *item.out;
+    if (o.w->quantized) {
+      const QMatA part{qa.q + static_cast<int64_t>(item.m0) * K, qa.scales + static_cast<int64_t>(item.m0) * (K / kQBlock), K,
+                       K / kQBlock};
+      quant_->gemm(item.m1 - item.m0, item.n0, item.n1, K, part, o.w->as_qb(), o.out + static_cast<int64_t>(item.m0) * o.ldc,
+                   o.ldc, o.accumulate);
+      return;
+    }
     kernels_->gemm(item.m1 - item.m0, item.n0, item.n1, K, A + static_cast<int64_t>(item.m0) * K, K, o.w->as_b(),
                    o.out + static_cast<int64_t>(item.m0) * o.ldc, o.ldc, o.accumulate, gemm_scratch_[thread].data());
   });

@@ -3,6 +3,7 @@
 
 #include "core/error.h"
 #include "kernels.h"
+#include "quant.h"
 
 namespace vdiff::cpu {
 
@@ -28,6 +29,15 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 const Kernels* select_default() {
   if (cpu_has_avx512()) return avx512_kernels();
   if (cpu_has_avx2()) return avx2_kernels();
@@ -48,6 +58,15 @@ std::vector<std::string> available_isas() {
   if (cpu_has_avx2()) out.push_back("avx2");
   if (cpu_has_avx512()) out.push_back("avx512");
   return out;
+}
+
+bool cpu_has_avx512vnni() { return cpu_has_vnni(); }
+
+const QuantKernels& quant_kernels_for(const Kernels& k) {
+  const std::string isa = k.isa;
+  if (isa == "avx512" && cpu_has_vnni()) return *quant_avx512vnni_kernels();
+  if ((isa == "avx512" || isa == "avx2") && cpu_has_avx2()) return *quant_avx2_kernels();
+  return *quant_portable_kernels();
 }
 
 const Kernels& active_kernels() {

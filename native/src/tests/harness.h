@@ -29,6 +29,7 @@
 #include "core/safetensors.h"
 #include "core/threadpool.h"
 #include "cpu/kernels.h"
+#include "cpu/quant.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -173,6 +174,9 @@ void test_scalar_conversions();                                     // kernels_t
 void test_gemm(const Kernels& k, WType type, bool k_major);         // kernels_tests.cpp
 void test_elementwise(const Kernels& k);                            // kernels_tests.cpp
 void test_threadpool();                                             // kernels_tests.cpp
+void test_quantize_weights();                                       // kernels_tests.cpp
+void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type);  // kernels_tests.cpp
+void test_quant_model();                                            // quant_tests.cpp
 void test_json();                                                   // io_tests.cpp
 void test_safetensors();                                            // io_tests.cpp
 void test_config();                                                 // io_tests.cpp

@@ -1,5 +1,6 @@
 // Kernels of every ISA against scalar references, the scalar f16/bf16 conversions, the thread pool.
 #include "tests/harness.h"
+#include "cpu/quant.h"
 
 namespace vdiff::test {
 
@@ -217,6 +218,124 @@ void test_threadpool() {
   double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / rounds;
   ok = ok && total == 4L * rounds;
   report(ok, "threadpool parallel_for covers each index once", fmt("%.1f us per 2-thread parallel_for", us));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Quantized kernels (cpu/quant.h)
+
+// Weight quantization (the scalar quantize_weight_row every path shares): each value within half a scale
+// step of the original (Q8_0; a whole step for Q4_0's one-sided clamp), the format's value range.
+void test_quantize_weights() {
+  std::mt19937 rng(77);
+  for (cpu::QType type : {cpu::QType::Q8_0, cpu::QType::Q4_0}) {
+    const int K = 256;
+    std::vector<float> x = random_floats(K, rng, 0.05f);
+    for (int j = 64; j < 96; ++j) x[j] = 0.0f;  // an all-zero block
+    x[100] = 3.0f;                              // an outlier block
+    std::vector<uint8_t> q(K);
+    std::vector<uint16_t> d(K / 32);
+    cpu::quantize_weight_row(x.data(), K, type, q.data(), d.data());
+    cpu::QMatB B{q.data(), d.data(), type, K, K / 32};
+    bool ok = true;
+    double worst = 0;
+    for (int k = 0; k < K; ++k) {
+      const double step = std::fabs(cpu::f16_to_f32(d[k / 32]));
+      const double err = std::fabs(cpu::qweight_value(B, 0, k) - static_cast<double>(x[k]));
+      const double allowed = (type == cpu::QType::Q8_0 ? 0.5 : 1.0) * step * (1 + 1e-3);
+      if (err > allowed) ok = false;
+      worst = std::max(worst, step > 0 ? err / step : err);
+    }
+    for (int k = 64; k < 96; ++k) ok = ok && cpu::qweight_value(B, 0, k) == 0.0f;
+    report(ok, std::string("quantize weights ") + cpu::qtype_name(type) + " within the rounding step",
+           fmt("worst |error| / step %.3f", worst));
+  }
+  // f32 -> f16 rounding against the f16 -> f32 widening: every f16 round-trips, midpoints go to even.
+  bool ok = true;
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    if ((h & 0x7c00) == 0x7c00) continue;
+    const float f = cpu::f16_to_f32(static_cast<uint16_t>(h));
+    if (cpu::f32_to_f16(f) != (h == 0x8000 ? 0x8000 : h)) ok = false;
+    if ((h & 0x7fff) < 0x7bff) {  // the midpoint to the next f16 up ties to the even one
+      const float next = cpu::f16_to_f32(static_cast<uint16_t>(h + 1));
+      const float mid = static_cast<float>((static_cast<double>(f) + next) / 2);
+      if (static_cast<double>(mid) * 2 == static_cast<double>(f) + next && cpu::f32_to_f16(mid) != ((h & 1) ? h + 1 : h)) ok = false;
+    }
+  }
+  report(ok, "f32_to_f16 round-trips every finite f16 and ties to even");
+}
+
+// One ISA's quantize_rows and gemm for one format: activation quantization within half a step and
+// identical to the portable one; the product within the bound of quant.h against the float64 product of
+// the dequantized operands; sentinel columns untouched; every SIMD path bit-identical to the portable one.
+void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
+  const cpu::QuantKernels& ref = *cpu::quant_portable_kernels();
+  struct Shape {
+    int M, N, K;
+  };
+  const Shape shapes[] = {{1, 1, 32}, {1, 7, 64}, {5, 17, 96}, {4, 2, 256}, {7, 33, 320}, {13, 40, 512}, {3, 5, 4096}};
+  std::mt19937 rng(4321 + static_cast<int>(type));
+  bool act_ok = true, act_same = true, bound_ok = true, sentinels_ok = true, same = true;
+  double worst = 0;
+  for (const Shape& s : shapes)
+    for (int variant = 0; variant < 3; ++variant) {
+      const bool accumulate = variant == 1;
+      const int n0 = variant == 2 ? std::min(1, s.N - 1) : 0;
+      const int n1 = variant == 2 ? std::max(n0 + 1, s.N - 1) : s.N;
+      const int64_t lda = s.K + 5, ldc = s.N + 3;
+      const int nb = s.K / 32;
+      const int row_bytes = s.K / 32 * cpu::qblock_bytes(type);
+      const int64_t ldw = row_bytes + 16, lds = nb + 3;
+      std::vector<float> W = random_floats(static_cast<size_t>(s.N) * s.K, rng, 0.05f);
+      std::vector<uint8_t> wq(s.N * ldw, 0xAB);
+      std::vector<uint16_t> wd(s.N * lds, 0);
+      for (int n = 0; n < s.N; ++n)
+        cpu::quantize_weight_row(W.data() + static_cast<size_t>(n) * s.K, s.K, type, wq.data() + n * ldw, wd.data() + n * lds);
+      const cpu::QMatB B{wq.data(), wd.data(), type, ldw, lds};
+      std::vector<float> A = random_floats(s.M * lda, rng, 2.0f);
+      if (variant == 0) std::fill(A.begin(), A.begin() + 32, 0.0f);  // an all-zero activation block
+      std::vector<int8_t> aq(s.M * s.K), aq_ref(s.M * s.K);
+      std::vector<float> as(s.M * nb), as_ref(s.M * nb);
+      k.quantize_rows(s.M, s.K, A.data(), lda, aq.data(), as.data());
+      ref.quantize_rows(s.M, s.K, A.data(), lda, aq_ref.data(), as_ref.data());
+      if (aq != aq_ref || std::memcmp(as.data(), as_ref.data(), as.size() * 4) != 0) act_same = false;
+      for (int m = 0; m < s.M; ++m)
+        for (int kk = 0; kk < s.K; ++kk) {
+          const double sc = as[m * nb + kk / 32], q = aq[m * s.K + kk];
+          if (std::fabs(q) > 127 || std::fabs(q * sc - A[m * lda + kk]) > 0.5 * sc * (1 + 1e-5) + 1e-30) act_ok = false;
+        }
+      const cpu::QMatA Aq{aq.data(), as.data(), s.K, nb};
+      std::vector<float> C0 = random_floats(s.M * ldc, rng), C = C0, Cr = C0;
+      k.gemm(s.M, n0, n1, s.K, Aq, B, C.data(), ldc, accumulate);
+      ref.gemm(s.M, n0, n1, s.K, Aq, B, Cr.data(), ldc, accumulate);
+      if (std::memcmp(C.data(), Cr.data(), C.size() * 4) != 0) same = false;
+      for (int m = 0; m < s.M; ++m)
+        for (int n = 0; n < s.N + 3; ++n) {
+          const size_t ci = m * ldc + n;
+          if (n < n0 || n >= n1) {
+            if (std::memcmp(&C[ci], &C0[ci], 4) != 0) sentinels_ok = false;
+            continue;
+          }
+          double exact = 0, mag = 0;
+          for (int kk = 0; kk < s.K; ++kk) {
+            const double term = static_cast<double>(aq[m * s.K + kk]) * as[m * nb + kk / 32] * cpu::qweight_value(B, n, kk);
+            exact += term;
+            mag += std::fabs(term);
+          }
+          const double c0 = accumulate ? C0[ci] : 0.0;
+          // quant.h: (nb/8 + 4) * 2^-23 * sum|terms| for the dot, plus one rounding of the final add to C.
+          const double tol = (nb / 8.0 + 4) * std::ldexp(1.0, -23) * mag +
+                             std::ldexp(1.0, -24) * (std::fabs(c0) + std::fabs(exact) + mag) + 1e-30;
+          const double err = std::fabs(C[ci] - (c0 + exact));
+          if (err > tol) bound_ok = false;
+          worst = std::max(worst, mag > 0 ? err / mag : err);
+        }
+    }
+  const std::string name = std::string("quant ") + k.isa + " " + cpu::qtype_name(type);
+  report(act_ok, name + " activations within half a step");
+  report(act_same, name + " activations identical to portable");
+  report(bound_ok, name + " gemm within the bound of the float64 product", fmt("worst |error| / sum|terms| %.2e", worst));
+  report(sentinels_ok, name + " gemm leaves columns outside [n0, n1) untouched");
+  report(same, name + " gemm bit-identical to portable");
 }
 
 }  // namespace vdiff::test

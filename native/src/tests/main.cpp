@@ -27,13 +27,18 @@ int main(int argc, char** argv) {
       for (WType type : {WType::F32, WType::BF16, WType::F16})
         for (bool k_major : {false, true}) test_gemm(k, type, k_major);
       test_elementwise(k);
+      for (cpu::QType type : {cpu::QType::Q8_0, cpu::QType::Q4_0}) test_quant_gemm(cpu::quant_kernels_for(k), type);
     }
+    if (cpu::cpu_has_avx512vnni())  // the AVX2 integer path too, which an AVX-512 table does not pick there
+      for (cpu::QType type : {cpu::QType::Q8_0, cpu::QType::Q4_0}) test_quant_gemm(*cpu::quant_avx2_kernels(), type);
+    test_quantize_weights();
     test_threadpool();
     test_json();
     test_safetensors();
     test_config();
     test_model();
     test_kv_cache();
+    test_quant_model();
     std::string golden = VDIFF_GOLDEN_DIR;
     for (size_t i = 0; i + 1 < args.size(); ++i)
       if (args[i] == "--golden") golden = args[i + 1];
