@@ -9,7 +9,7 @@
 // A forward shape BxL is B canvases of L random tokens; each asks for its last `rows` positions (a
 // block's worth, what a denoising step reads) through predict() at temperature 0, so the latency is a
 // whole step's: forward, head on those rows, and the vocabulary reduction. Median and min over `repeat`
-// runs after 3 warm-ups.
+// runs after 3 warm-ups; on CUDA, then 5 steps with per-operation device times ("profile").
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -24,6 +24,12 @@
 #include "core/engine.h"
 #include "core/error.h"
 #include "core/sampler.h"
+#ifndef VDIFF_WITH_CUDA
+#define VDIFF_WITH_CUDA 0
+#endif
+#if VDIFF_WITH_CUDA
+#include "cuda/cuda_backend.h"
+#endif
 
 using namespace vdiff;
 
@@ -144,8 +150,19 @@ int main(int argc, char** argv) {
       const double per_token = c.n_layers * 2.0 * (D * (c.n_heads * hd + 2 * c.n_kv_heads * hd) + c.n_heads * hd * D + 3 * H * D);
       const double attention = c.n_layers * 4.0 * c.n_heads * hd * double(L) * L * B;
       const double flops = per_token * B * L + attention + 2.0 * D * c.embedding_size * B * R;
-      std::printf("%s\n  {\"batch\": %d, \"length\": %d, \"rows\": %d, \"median_ms\": %.3f, \"min_ms\": %.3f, \"tflops\": %.1f}",
-                  first ? "" : ",", B, L, R * B, median * 1e3, best * 1e3, flops / median / 1e12);
+      // Then 5 more steps with per-operation device times (CUDA events), kept apart from the timings above.
+      std::string profile = "null";
+#if VDIFF_WITH_CUDA
+      if (info.backend == "cuda") {
+        cuda::set_profiling(true);
+        for (int i = 0; i < 5; ++i) backend->predict(batch, tasks, out.data());
+        cuda::set_profiling(false);
+        profile = cuda::take_profile();
+      }
+#endif
+      std::printf("%s\n  {\"batch\": %d, \"length\": %d, \"rows\": %d, \"median_ms\": %.3f, \"min_ms\": %.3f, \"tflops\": %.1f, "
+                  "\"profile\": %s}",
+                  first ? "" : ",", B, L, R * B, median * 1e3, best * 1e3, flops / median / 1e12, profile.c_str());
       std::fflush(stdout);
       first = false;
     }

@@ -59,6 +59,11 @@ def main():
     for k in ("vanilla_answer_agreement", "dual_threshold_answer_agreement", "vdiff_32x160_share_of_matmul", "cuda_tests"):
         if k in out:
             print(f"{k}: {out[k]}")
+    for vf in v.get("forward", []):
+        if vf.get("profile"):
+            ms = vf["profile"]["ms"]
+            top = sorted(ms.items(), key=lambda kv: -kv[1])[:6]
+            print(f'vdiff {vf["batch"]}x{vf["length"]} per step: ' + ", ".join(f"{k} {x:.3f}" for k, x in top) + " ms")
     for k, ok in out["targets"].items():
         print(f"target {k}: {'met' if ok else 'NOT met'}")
     print(f"wrote {a.out}")

@@ -14,6 +14,7 @@
 // RowResults. Matrix products go to cuBLAS when it loads (cublas_loader.h), else to the tiled kernel.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -100,6 +101,56 @@ class CudaKVCache final : public KVCache {
   void* data_ = nullptr;
 };
 
+// Optional per-operation device times (set_profiling): CUDA events recorded after each operation of a
+// forward, read once the forward is done, summed per operation name over forwards until taken.
+struct Profile {
+  std::mutex mu;
+  bool on = false;
+  std::vector<std::pair<std::string, double>> totals;  // ms per operation, first-seen order
+  int forwards = 0;
+  void add(const std::string& name, double ms) {
+    for (auto& t : totals)
+      if (t.first == name) {
+        t.second += ms;
+        return;
+      }
+    totals.emplace_back(name, ms);
+  }
+};
+Profile g_profile;
+
+class Marks {
+ public:
+  Marks(cudaStream_t stream, bool on) : stream_(stream), on_(on) { mark("start"); }
+  ~Marks() {
+    for (auto& m : marks_) cudaEventDestroy(m.second);
+  }
+  void mark(const char* name) {
+    if (!on_) return;
+    cudaEvent_t e;
+    if (cudaEventCreate(&e) != cudaSuccess) return;
+    cudaEventRecord(e, stream_);
+    marks_.emplace_back(name, e);
+  }
+  // After the stream reached the last mark: the time between consecutive marks, to the later one's name.
+  void collect() {
+    if (!on_ || marks_.size() < 2) return;
+    cudaEventSynchronize(marks_.back().second);
+    std::lock_guard<std::mutex> lock(g_profile.mu);
+    for (size_t i = 1; i < marks_.size(); ++i) {
+      float ms = 0;
+      cudaEventElapsedTime(&ms, marks_[i - 1].second, marks_[i].second);
+      g_profile.add(marks_[i].first, ms);
+    }
+    ++g_profile.forwards;
+  }
+
+ private:
+  cudaStream_t stream_;
+  bool on_;
+  std::vector<std::pair<std::string, cudaEvent_t>> marks_;
+};
+
 struct DeviceLayer {
   float* attn_norm = nullptr;
   float* ffn_norm = nullptr;
@@ -132,7 +183,7 @@ class CudaBackend final : public Backend {
   float* upload_norm(const WeightRef& w);
   void* device_alloc(size_t bytes, const std::string& what);
   // Runs the forward; leaves the requested rows' logits in logits_ (rows x embedding_size f32).
-  int run(const std::vector<ForwardSeq>& batch, const std::atomic<bool>* cancel);
+  int run(const std::vector<ForwardSeq>& batch, const std::atomic<bool>* cancel, Marks& marks);
   void gemm(const void* A, int M, int K, const void* W, int N, float* C, int64_t ldc, bool accumulate);
   void sync() { VDIFF_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
@@ -372,7 +423,7 @@ struct MetaLayout {
   size_t tokens, positions, token_seq, head_rows, seqs, tiles, bytes;
 };
 
-int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<bool>* cancel) {
+int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<bool>* cancel, Marks& marks) {
   const BatchPlan plan = check_batch(batch);
   auto check_cancel = [&] {
     if (cancel && cancel->load(std::memory_order_relaxed)) {
@@ -456,20 +507,31 @@ int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<boo
 
   const float eps = static_cast<float>(c.rms_norm_eps);
   launch_embed(d_tokens, T, embed_, embed_type_, D, x, stream_);
+  marks.mark("embed");
   for (int l = 0; l < c.n_layers; ++l) {
     check_cancel();
     const DeviceLayer& w = layers_[l];
     launch_rmsnorm(x, nullptr, T, D, w.attn_norm, eps, xn, type_, stream_);
+    marks.mark("rmsnorm");
     gemm(xn, T, D, w.qkv, qkv_dim, qkv, qkv_dim, false);
+    marks.mark("gemm qkv");
     launch_rope(qkv, T, qkv_dim, c.n_heads, c.n_kv_heads, hd, q_dim, d_positions, rope_cos_, rope_sin_, stream_);
+    marks.mark("rope");
     if (any_cache) launch_store_kv(qkv, T, qkv_dim, q_dim, q_dim + kv_dim, kv_dim, l, d_token_seq, d_seqs, stream_);
+    marks.mark("kv cache store");
     launch_attention(qkv, qkv_dim, q_dim, q_dim + kv_dim, c.n_heads, c.n_kv_heads, hd, l, d_seqs, d_tiles,
                      static_cast<int>(tiles.size()), att, type_, q_dim, stream_);
+    marks.mark("attention");
     gemm(att, T, q_dim, w.o, D, x, D, true);
+    marks.mark("gemm o");
     launch_rmsnorm(x, nullptr, T, D, w.ffn_norm, eps, xn, type_, stream_);
+    marks.mark("rmsnorm");
     gemm(xn, T, D, w.gate_up, 2 * H, gu, 2 * H, false);
+    marks.mark("gemm gate_up");
     launch_swiglu(gu, T, H, hbuf, type_, stream_);
+    marks.mark("swiglu");
     gemm(hbuf, T, H, w.down, D, x, D, true);
+    marks.mark("gemm down");
   }
   // Every layer is queued: the caches hold the whole computation once the stream gets there, and nothing
   // reads them before (later forwards run on the same stream), so no wait here.
@@ -483,21 +545,26 @@ int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<boo
   void* head_in = head_in_.ensure(static_cast<size_t>(rows) * D * act, "head input");
   float* logits = static_cast<float*>(logits_.ensure(static_cast<size_t>(rows) * E * 4, "logits"));
   launch_rmsnorm(x, d_head_rows, rows, D, final_norm_, eps, head_in, type_, stream_);
+  marks.mark("rmsnorm");
   gemm(head_in, rows, D, head_, E, logits, E, false);
+  marks.mark("gemm head");
   return rows;
 }
 
 void CudaBackend::forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) {
-  const int rows = run(batch, cancel);
+  Marks marks(stream_, g_profile.on);
+  const int rows = run(batch, cancel, marks);
   if (rows == 0) return;
   VDIFF_CUDA_CHECK(cudaMemcpyAsync(logits, logits_.as<float>(), static_cast<size_t>(rows) * config_.embedding_size * 4,
                                    cudaMemcpyDeviceToHost, stream_));
   sync();
+  marks.collect();
 }
 
 void CudaBackend::predict(const std::vector<ForwardSeq>& batch, const std::vector<RowTask>& tasks, RowResult* out,
                           const std::atomic<bool>* cancel) {
-  const int rows = run(batch, cancel);
+  Marks marks(stream_, g_profile.on);
+  const int rows = run(batch, cancel, marks);
   const int E = config_.embedding_size;
   for (const RowTask& t : tasks)
     if (t.cond < 0 || t.cond >= rows || t.uncond >= rows)
@@ -518,11 +585,13 @@ void CudaBackend::predict(const std::vector<ForwardSeq>& batch, const std::vecto
     auto* d_results = static_cast<TaskResult*>(results_.ensure(n * sizeof(TaskResult), "row results"));
     VDIFF_CUDA_CHECK(cudaMemcpyAsync(d_tasks, device_tasks.data(), n * sizeof(TaskDesc), cudaMemcpyHostToDevice, stream_));
     launch_reduce_rows(logits_.as<float>(), E, d_tasks, static_cast<int>(n), d_results, stream_);
+    marks.mark("vocabulary reduction");
     std::vector<TaskResult> results(n);
     VDIFF_CUDA_CHECK(cudaMemcpyAsync(results.data(), d_results, n * sizeof(TaskResult), cudaMemcpyDeviceToHost, stream_));
     sync();
     for (size_t i = 0; i < n; ++i) to_row_result(results[i], out[device_index[i]]);
   }
+  marks.collect();
   // top-k / top-p rows: their logits to the host, sampled there exactly as the CPU backend does.
   std::vector<float> cond(E), uncond(E);
   std::vector<int32_t> scratch;
@@ -556,6 +625,24 @@ std::string unavailable_reason() {
     return std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
   }
   return n > 0 ? "" : "no CUDA device";
+}
+
+void set_profiling(bool on) {
+  std::lock_guard<std::mutex> lock(g_profile.mu);
+  g_profile.on = on;
+}
+
+std::string take_profile() {
+  std::lock_guard<std::mutex> lock(g_profile.mu);
+  std::string json = "{\"forwards\": " + std::to_string(g_profile.forwards) + ", \"ms\": {";
+  for (size_t i = 0; i < g_profile.totals.size(); ++i) {
+    char value[64];
+    std::snprintf(value, sizeof value, "%.4f", g_profile.totals[i].second / std::max(g_profile.forwards, 1));
+    json += (i ? ", \"" : "\"") + g_profile.totals[i].first + "\": " + value;
+  }
+  g_profile.totals.clear();
+  g_profile.forwards = 0;
+  return json + "}}";
 }
 
 std::unique_ptr<Backend> load(const std::string& dir, const LoadOptions& options) {

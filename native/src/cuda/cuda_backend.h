@@ -20,4 +20,10 @@ int device_count();
 // Why device_count() is 0 ("no CUDA driver", "no CUDA device", ...); empty when a device is visible.
 std::string unavailable_reason();
 
+// Per-operation device times of the CUDA forwards (for benchmarks): while on, each forward records CUDA
+// events after every operation; take_profile() returns {"forwards": N, "ms": {"gemm qkv": ms per forward,
+// ...}} summed over the forwards since the last take, and clears it. Off by default.
+void set_profiling(bool on);
+std::string take_profile();
+
 }  // namespace vdiff::cuda
