@@ -42,7 +42,7 @@ describe("auth", () => {
         expect((yield* request(url + "/v1/engine/stats")).status).toBe(200)
       })))
 
-  it.scopedLive("answers 401 without a key, 403 with a wrong one, 200 with any configured key", () =>
+  it.scopedLive("answers 401 without a key and with a wrong one (missing_api_key, invalid_api_key), 200 with any configured key", () =>
     withServer(["--api-key", "key-one,key-two"], (url) =>
       Effect.gen(function*() {
         const missing = yield* request(url + "/v1/models")
@@ -54,13 +54,14 @@ describe("auth", () => {
         expect(basic.status).toBe(401)
 
         const wrong = yield* request(url + "/v1/models", { headers: { authorization: "Bearer key-three" } })
-        expect(wrong.status).toBe(403)
-        expect(wrong.headers.get("www-authenticate")).toBeNull()
-        expectErrorBody(wrong.json, "permission_error", "invalid_api_key", wrong.headers.get("x-request-id"))
+        expect(wrong.status).toBe(401)
+        expect(wrong.headers.get("www-authenticate")).toBe(`Bearer realm="vdiff"`)
+        expectErrorBody(wrong.json, "authentication_error", "invalid_api_key", wrong.headers.get("x-request-id"))
+        expect(wrong.text).not.toContain("key-three")
 
         // A prefix or an extension of a key is not the key.
         for (const key of ["key-on", "key-one1", "KEY-ONE"]) {
-          expect((yield* request(url + "/v1/models", { headers: { authorization: `Bearer ${key}` } })).status).toBe(403)
+          expect((yield* request(url + "/v1/models", { headers: { authorization: `Bearer ${key}` } })).status).toBe(401)
         }
         for (const key of ["key-one", "key-two"]) {
           const ok = yield* request(url + "/v1/models", { headers: { authorization: `Bearer ${key}` } })
@@ -281,7 +282,7 @@ describe("request id and security headers", () => {
           yield* request(url + "/v1/completions", { method: "OPTIONS", headers: { origin: "https://x.example", "access-control-request-method": "POST" } })
         ]
         // Auth comes before routing: an unknown path without a key is 401, not 404.
-        expect(replies.map((r) => r.status)).toEqual([200, 200, 401, 401, 403, 403])
+        expect(replies.map((r) => r.status)).toEqual([200, 200, 401, 401, 401, 403])
         const ids = new Set<string>()
         for (const reply of replies) {
           expectSecurityHeaders(reply.headers)
@@ -337,7 +338,7 @@ describe("access log", () => {
         duration_ms: expect.any(Number),
         client: "127.0.0.1"
       })
-      expect(access[1]!.annotations["status"]).toBe(403)
+      expect(access[1]!.annotations["status"]).toBe(401)
       const everything = JSON.stringify(lines)
       expect(everything).not.toContain("topsecret")
       expect(everything).not.toContain("wrong-secret")

@@ -109,10 +109,10 @@ describe("rate limit over HTTP", () => {
         request(url + "/v1/models", { headers: key === undefined ? {} : { authorization: `Bearer ${key}` } })
 
       // t = 0 s, 4 s: three failures (wrong and missing keys alike) are answered as such.
-      expect((yield* as("guess-1")).status).toBe(403)
+      expect((yield* as("guess-1")).status).toBe(401)
       expect((yield* as(undefined)).status).toBe(401)
       yield* TestClock.adjust("4 seconds")
-      expect((yield* as("guess-2")).status).toBe(403)
+      expect((yield* as("guess-2")).status).toBe(401)
 
       // Past the limit every attempt from the address is refused before its key is checked, so a guess
       // that happens to be right cannot be told from a wrong one.
@@ -128,8 +128,8 @@ describe("rate limit over HTTP", () => {
       // address has two failed attempts left.
       yield* TestClock.adjust("6 seconds")
       expect((yield* as("right")).status).toBe(200)
-      expect((yield* as("guess-4")).status).toBe(403)
-      expect((yield* as("guess-5")).status).toBe(403)
+      expect((yield* as("guess-4")).status).toBe(401)
+      expect((yield* as("guess-5")).status).toBe(401)
       expect((yield* as("guess-6")).status).toBe(429)
       // Probes need no key and are never refused.
       expect((yield* request(url + "/health")).status).toBe(200)
@@ -140,13 +140,13 @@ describe("rate limit over HTTP", () => {
       const guess = (url: string, address: string) =>
         request(url + "/v1/models", { headers: { authorization: "Bearer guess", "x-forwarded-for": address } })
       const trusting = yield* serve(["--rate-limit-requests", "1", "--api-key", "right", "--trust-proxy"])
-      expect((yield* guess(trusting, "203.0.113.1")).status).toBe(403)
+      expect((yield* guess(trusting, "203.0.113.1")).status).toBe(401)
       expect((yield* guess(trusting, "203.0.113.1")).status).toBe(429)
-      expect((yield* guess(trusting, "203.0.113.2")).status).toBe(403)
+      expect((yield* guess(trusting, "203.0.113.2")).status).toBe(401)
 
       // Without it a guesser cannot dodge the limit by changing the header: everyone here is 127.0.0.1.
       const plain = yield* serve(["--rate-limit-requests", "1", "--api-key", "right"])
-      expect((yield* guess(plain, "203.0.113.1")).status).toBe(403)
+      expect((yield* guess(plain, "203.0.113.1")).status).toBe(401)
       expect((yield* guess(plain, "203.0.113.2")).status).toBe(429)
     }).pipe(quiet))
 
@@ -154,7 +154,7 @@ describe("rate limit over HTTP", () => {
     Effect.gen(function*() {
       const url = yield* serve(["--api-key", "right"])
       for (let i = 0; i < 20; i++) {
-        expect((yield* request(url + "/v1/models", { headers: { authorization: `Bearer guess-${i}` } })).status).toBe(403)
+        expect((yield* request(url + "/v1/models", { headers: { authorization: `Bearer guess-${i}` } })).status).toBe(401)
       }
       expect((yield* request(url + "/v1/models", { headers: { authorization: "Bearer right" } })).status).toBe(200)
     }).pipe(quiet))

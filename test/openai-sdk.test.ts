@@ -114,7 +114,8 @@ describe("the openai SDK", () => {
 
     const intruder = new OpenAI({ apiKey: "sk-not-ours", baseURL: server.url + "/v1", maxRetries: 0 })
     const denied = await intruder.models.list().catch((e) => e)
-    expect(denied).toBeInstanceOf(OpenAI.PermissionDeniedError)
-    expect(denied.status).toBe(403)
+    expect(denied).toBeInstanceOf(OpenAI.AuthenticationError)
+    expect(denied.status).toBe(401)
+    expect(denied.code).toBe("invalid_api_key")
   })
 })

@@ -158,16 +158,17 @@ describe("with API keys set (vdiff serve child, log level debug)", () => {
           exemptAnswered++
           continue
         }
-        // Never an answer with content: refused (401/403), or for a preflight-style OPTIONS, which
-        // browsers send without credentials and which auth lets through, no route (404/405) or a
-        // refused origin (403).
+        // Never an answer with content: refused (401: a missing, malformed or unknown key alike, as
+        // OpenAI answers), or for a preflight-style OPTIONS, which browsers send without credentials and
+        // which auth lets through, no route (404/405) or a refused origin (403).
         expect(reply.status < 200 || reply.status >= 300, context).toBe(true)
         if (method !== "OPTIONS" && path !== "*") {
-          expect([401, 403], context).toContain(reply.status)
-          if (reply.status === 401) expect(header(reply, "www-authenticate"), context).toMatch(/^Bearer/)
+          expect(reply.status, context).toBe(401)
+          expect(header(reply, "www-authenticate"), context).toMatch(/^Bearer/)
           if (method !== "HEAD") {
             const error = JSON.parse(reply.text).error
-            expect(error.type, context).toBe(reply.status === 401 ? "authentication_error" : "permission_error")
+            expect(error.type, context).toBe("authentication_error")
+            expect(["missing_api_key", "invalid_api_key"], context).toContain(error.code)
           }
         }
         // No response carries a key back.

@@ -1,14 +1,18 @@
 /**
  * API key authentication: `Authorization: Bearer <key>` against the keys of --api-key. No keys configured:
- * no authentication. A missing or malformed header is 401 (with WWW-Authenticate), a key that is not one
- * of ours 403. Public paths (probes, /version, /metrics, GET /) and CORS preflights need no key.
+ * no authentication. A missing or malformed header is 401 `missing_api_key`, a key that is not one of ours
+ * 401 `invalid_api_key` (both with WWW-Authenticate), as OpenAI and vLLM answer: clients raise their
+ * authentication error for it (the openai SDK's AuthenticationError). 403 is kept for what it means, a
+ * client that is known but not allowed (http/middleware.ts: a refused CORS origin); every key of
+ * --api-key may use every route, so auth itself never answers 403. The key is never echoed back. Public
+ * paths (probes, /version, /metrics, GET /) and CORS preflights need no key.
  *
  * @since 0.1.0
  */
 import { createHash, timingSafeEqual } from "node:crypto"
 import { type HttpApp, HttpServerRequest } from "@effect/platform"
 import { Effect } from "effect"
-import { Forbidden, Unauthorized } from "../api/errors.js"
+import { Unauthorized } from "../api/errors.js"
 import { isPublic } from "./middleware.js"
 
 const digest = (key: string): Buffer => createHash("sha256").update(key, "utf8").digest()
@@ -37,7 +41,7 @@ export const makeKeyCheck = (keys: ReadonlyArray<string>) => {
 
 export const auth = (keys: ReadonlyArray<string>) => {
   const isKey = makeKeyCheck(keys)
-  return <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Unauthorized | Forbidden, R> =>
+  return <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Unauthorized, R> =>
     keys.length === 0
       ? app
       : Effect.gen(function*() {
@@ -51,7 +55,10 @@ export const auth = (keys: ReadonlyArray<string>) => {
           })
         }
         if (!isKey(token)) {
-          return yield* new Forbidden({ message: "the API key is not valid", code: "invalid_api_key" })
+          return yield* new Unauthorized({
+            message: "Incorrect API key provided: send one of this server's keys as Authorization: Bearer <key>",
+            code: "invalid_api_key"
+          })
         }
         return yield* app
       })
