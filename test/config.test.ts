@@ -188,7 +188,7 @@ describe("Config", () => {
     const defaults = servingDefaults(
       ok(["--top-k", "20", "--top-p", "0.9", "--parallel-factor", "1.5", "--early-stop=false", "--diffusion-steps", "0"])
     )
-    expect(defaults).toMatchObject({ topK: 20, topP: 0.9, parallelThreshold: 0, parallelFactor: 1.5, earlyStop: false, steps: null })
+    expect(defaults).toMatchObject({ topK: 20, topP: 0.9, parallelThreshold: 0, parallelFactor: 1.5, earlyStop: false, steps: 0 })
     expect(servingDefaults(ok([]))).toMatchObject({ topK: 0, topP: 1, parallelThreshold: 0, parallelFactor: 0, earlyStop: true, kvCache: "none" })
     expect(servingDefaults(ok(["--kv-cache", "dual"])).kvCache).toBe("dual")
   })

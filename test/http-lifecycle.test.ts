@@ -64,7 +64,7 @@ describe("while the model loads", () => {
         status: "degraded",
         state: "loading",
         model: config.model.split("/").at(-1),
-        backend: "cpu",
+        backend: null,
         memory: {
           rss_bytes: expect.any(Number),
           heap_used_bytes: expect.any(Number),
@@ -131,8 +131,7 @@ describe("system endpoints", () => {
         name: "vdiff",
         version: packageInfo().version,
         node: process.version,
-        effect: expect.stringMatching(/^3\.\d+\.\d+$/),
-        backend: "cpu"
+        effect: expect.stringMatching(/^3\.\d+\.\d+$/)
       })
 
       const name = yield* modelName(url)
@@ -141,7 +140,7 @@ describe("system endpoints", () => {
       expect(stats.status).toBe(200)
       expect(stats.json).toEqual({
         model: name,
-        backend: "cpu",
+        backend: { name: "cpu", device: "fake", gemm: "none", memory_used_bytes: 0, memory_total_bytes: 0 },
         state: "ready",
         scheduler: {
           waiting: 0,
@@ -159,7 +158,6 @@ describe("system endpoints", () => {
         },
         engine: {
           live_sequences: 0,
-          threads: 1,
           weight_dtype: "f32",
           parameters: 0,
           weight_bytes: 0,

@@ -8,7 +8,6 @@ import { Effect, Layer, Schema } from "effect"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import * as Engine from "../src/engine/Engine.js"
 import { ChatCompletionResponse, CompletionChunk, CompletionResponse } from "../src/openai/protocol.js"
-import { plannedSteps } from "../src/openai/serving.js"
 import type { ServingDefaults } from "../src/openai/ServingConfig.js"
 import * as Tokenizer from "../src/tokenizer/Tokenizer.js"
 import { eventually, parseSse, startServerWith, type TestServer } from "./openai-support.js"
@@ -99,7 +98,7 @@ describe("OpenAI routes on the embedded model", () => {
     expect(server.tokenizer.decode(choice.prompt_token_ids!)).toContain("<|start_header_id|>user<|end_header_id|>")
   })
 
-  it("plans as many steps as the engine runs", async () => {
+  it("reports on every step the steps it plans, and runs exactly that many", async () => {
     const engine = server.engine
     for (const [genLength, blockLength, steps] of [[24, 8, 12], [20, 8, 7], [10, 4, 30], [9, 9, 1]] as const) {
       const settings: Engine.SamplingSettings = {
@@ -108,13 +107,21 @@ describe("OpenAI routes on the embedded model", () => {
       }
       const id = await Effect.runPromise(engine.create(server.tokenizer.encode("To be"), settings))
       let taken = 0
+      const planned = new Set<number>()
       for (;;) {
         taken++
         const [result] = await Effect.runPromise(engine.step([id]))
+        planned.add(result!.stepsTotal)
         if (result!.finished) break
       }
       await Effect.runPromise(engine.release(id))
-      expect({ genLength, blockLength, steps, taken }).toEqual({ genLength, blockLength, steps, taken: plannedSteps(settings) })
+      expect({ genLength, blockLength, steps, planned: [...planned] }).toEqual({ genLength, blockLength, steps, planned: [taken] })
+      // The reference's plan: the steps shared over the blocks, each block's share in [1, its length].
+      const blocks = Math.ceil(genLength / blockLength)
+      const expected = Array.from({ length: blocks }, (_, b) =>
+        Math.min(Math.max(Math.floor(steps / blocks) + (b < steps % blocks ? 1 : 0), 1), Math.min(blockLength, genLength - b * blockLength)))
+        .reduce((a, b) => a + b, 0)
+      expect(taken).toBe(expected)
     }
   })
 

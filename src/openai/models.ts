@@ -2,7 +2,7 @@
 import { HttpServerResponse } from "@effect/platform"
 import { Effect } from "effect"
 import type { Model, ModelList } from "./protocol.js"
-import { checkModel } from "./serving.js"
+import { checkModel } from "./plan.js"
 import { ServingConfig } from "./ServingConfig.js"
 
 const servedModel = Effect.map(ServingConfig, (config): Model => ({

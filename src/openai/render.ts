@@ -82,7 +82,7 @@ export const chatLogprobs = (
 })
 
 /** The snapshot of an update made with `includeSnapshots` (which copied the canvas). */
-export const snapshotOf = (update: ChoiceUpdate, totalSteps: number, texts: TokenTexts): Snapshot => {
+export const snapshotOf = (update: ChoiceUpdate, texts: TokenTexts): Snapshot => {
   const canvas: Array<string> = []
   let masked = 0
   for (const token of update.canvas ?? []) {
@@ -93,7 +93,7 @@ export const snapshotOf = (update: ChoiceUpdate, totalSteps: number, texts: Toke
   }
   return {
     step: update.step.stepsDone,
-    total_steps: totalSteps,
+    total_steps: update.step.stepsTotal,
     block: update.step.block,
     masked,
     canvas,
@@ -174,7 +174,7 @@ export const respond = (plan: AnswerPlan, jobs: ReadonlyArray<PromptJob>, render
         index,
         ...renderer.delta(job, update),
         finish_reason: delta.finishReason,
-        ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, job.totalSteps, renderer.texts) } : {}),
+        ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, renderer.texts) } : {}),
         ...promptIds(index, job),
         ...(plan.returnTokenIds ? { token_ids: decoder.tokenIds.slice(delta.firstToken, delta.endToken) } : {})
       }))

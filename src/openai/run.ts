@@ -13,7 +13,6 @@ import { ChoiceDecoder, type ChoiceDelta } from "./ChoiceDecoder.js"
 import { fromGenerationError } from "./errors.js"
 import { type AnswerPlan, checkNoMaskToken, type PreparedPrompt } from "./plan.js"
 import type { Diffusion, Usage } from "./protocol.js"
-import { plannedSteps } from "./serving.js"
 
 /** One step's effect on one choice. */
 export interface ChoiceUpdate {
@@ -134,7 +133,6 @@ export const runPrompt = (
 export interface PromptJob {
   readonly prompt: PreparedPrompt
   readonly settings: SamplingSettings
-  readonly totalSteps: number
   readonly run: PromptRun
 }
 
@@ -147,7 +145,7 @@ export const preparePromptJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: 
         const suffix = prompt.suffix ?? []
         const settings = yield* plan.settingsFor(prompt.tokens.length, prompt.param, suffix.length)
         const run = yield* runPrompt(prompt.tokens, settings, plan, suffix)
-        return { prompt, settings, totalSteps: plannedSteps(settings), run } satisfies PromptJob
+        return { prompt, settings, run } satisfies PromptJob
       }))
   )
 

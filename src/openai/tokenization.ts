@@ -8,7 +8,7 @@ import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { renderMessages } from "./chat.js"
 import { BadRequest } from "../api/errors.js"
 import type { DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse } from "./protocol.js"
-import { checkModel, checkTokenIds } from "./serving.js"
+import { checkModel, checkTokenIds } from "./plan.js"
 import { ServingConfig } from "./ServingConfig.js"
 
 export const tokenize = (request: TokenizeRequest) =>

@@ -32,6 +32,7 @@ import * as HttpMetrics from "../http/HttpMetrics.js"
 import { accessLog, bodyLimit, cors, pathOf, requestId, securityHeaders } from "../http/middleware.js"
 import * as RateLimiter from "../http/RateLimiter.js"
 import * as RouteTable from "../http/routeTable.js"
+import * as Sampling from "../config/sampling.js"
 import { ServingConfig, type ServingDefaults } from "../openai/ServingConfig.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import * as Telemetry from "../telemetry/Telemetry.js"
@@ -68,20 +69,7 @@ const untraced = (request: HttpServerRequest.HttpServerRequest): boolean => {
 }
 
 /** What a request gets for the fields it leaves out, as the configuration says. */
-export const servingDefaults = (config: Settings): ServingDefaults => ({
-  maxTokens: config.maxTokens,
-  steps: config.diffusionSteps === 0 ? null : config.diffusionSteps,
-  blockLength: config.blockLength,
-  remasking: config.remasking,
-  cfgScale: config.cfgScale,
-  temperature: config.temperature,
-  topK: config.topK,
-  topP: config.topP,
-  parallelThreshold: config.parallelThreshold,
-  parallelFactor: config.parallelFactor,
-  earlyStop: config.earlyStop,
-  kvCache: config.kvCache
-})
+export const servingDefaults = (config: Settings): ServingDefaults => Sampling.defaultsFromConfig(config)
 
 /** The model loader the configuration asks for. */
 export const nativeLoader = (config: Settings): Loader =>
