@@ -19,22 +19,9 @@ import type { ApiRouter } from "../src/server/Server.js"
 import * as Server from "../src/server/Server.js"
 import * as Tokenizer from "../src/tokenizer/Tokenizer.js"
 import { router as openaiRouter } from "../src/openai/routes.js"
+import { byteChars } from "./support/bytes.js"
 
 export const repoRoot = join(import.meta.dirname, "..")
-
-// GPT-2's byte-to-character table, which byte-level BPE vocabularies are written in.
-const byteChars = (): Array<string> => {
-  const printable: Array<number> = []
-  for (let b = 33; b <= 126; b++) printable.push(b)
-  for (let b = 161; b <= 172; b++) printable.push(b)
-  for (let b = 174; b <= 255; b++) printable.push(b)
-  const chars = new Array<string>(256)
-  let extra = 0
-  for (let b = 0; b < 256; b++) {
-    chars[b] = printable.includes(b) ? String.fromCharCode(b) : String.fromCharCode(256 + extra++)
-  }
-  return chars
-}
 
 /**
  * Writes a byte-level BPE tokenizer without merges (one token per byte, ids 0..255) plus the special

@@ -20,21 +20,9 @@ import { router } from "../src/openai/routes.js"
 import * as ServingConfig from "../src/openai/ServingConfig.js"
 import * as Scheduler from "../src/scheduler/Scheduler.js"
 import * as Tokenizer from "../src/tokenizer/Tokenizer.js"
+import { byteChars } from "./support/bytes.js"
 
 // ---- a tiny tokenizer ---------------------------------------------------------------------------------
-
-/** GPT-2's reversible map from bytes to printable characters, in which byte-level vocabularies are written. */
-const byteChars = (): Array<string> => {
-  const printable: Array<number> = []
-  for (let c = 33; c <= 126; c++) printable.push(c)
-  for (let c = 161; c <= 172; c++) printable.push(c)
-  for (let c = 174; c <= 255; c++) printable.push(c)
-  const chars = new Array<string>(256)
-  for (const b of printable) chars[b] = String.fromCharCode(b)
-  let extra = 0
-  for (let b = 0; b < 256; b++) if (chars[b] === undefined) chars[b] = String.fromCharCode(256 + extra++)
-  return chars
-}
 
 /**
  * Words that become single tokens (merged byte by byte, left to right). Everything else, e.g. "é" or an
