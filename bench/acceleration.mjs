@@ -14,9 +14,9 @@
 // Prints, per gen and batch: tokens/s (wall), tokens per CPU second (all threads: steadier on a shared
 // machine), the speedup of each over vanilla, steps, forward passes per token, and the positions
 // computed per token in whole canvases (what the cache cuts).
-import { existsSync, readFileSync, writeFileSync } from "node:fs"
+import { existsSync, readFileSync } from "node:fs"
 import { join } from "node:path"
-import { fixed, flags, list, log, root, run, table } from "./lib.mjs"
+import { fixed, flags, list, log, report, root, run, runMain, table } from "./lib.mjs"
 
 const opts = flags({
   model: undefined,
@@ -80,20 +80,16 @@ const main = () => {
   const promptLength = opts["prompt-ids"] === undefined
     ? `${opts["prompt-len"]} random tokens`
     : `${list(opts["prompt-ids"]).length} given tokens`
-  process.stdout.write(
+  report(
     `model ${opts.model} (${config.n_layers} layers, d_model ${config.d_model}), prompt ${promptLength}, ` +
       `block ${opts.block}, steps = gen, threshold ${opts.threshold}, threads ${opts.threads}, ` +
       `kv cache ${opts["kv-cache-dtype"]}\n` +
       `x: speedup over mode none at the same gen and batch; fwd/tok: forward passes per answer token; ` +
       `canvas/tok: positions computed per token, in canvases; load: 1-minute load average before/after\n\n` +
-      table(rows) + "\n"
+      table(rows) + "\n",
+    opts.json,
+    results
   )
-  if (opts.json !== undefined) writeFileSync(opts.json, JSON.stringify(results, null, 2) + "\n")
 }
 
-try {
-  main()
-} catch (error) {
-  process.stderr.write(`[bench] ${error instanceof Error ? error.message : String(error)}\n`)
-  process.exitCode = 1
-}
+runMain(main)

@@ -15,10 +15,10 @@
 // The defaults (prompt 32 + gen 128, 128 steps, batches 1 and 8) take several minutes for `small` on two
 // cores: every step is a full forward over every sequence of the batch.
 import { spawnSync } from "node:child_process"
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs"
+import { existsSync, mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
-import { fixed, flags, log, makeModel as makeModelDir, root, run, table } from "./lib.mjs"
+import { fixed, flags, log, makeModel as makeModelDir, report, root, run, runMain, table } from "./lib.mjs"
 
 const cli = join(root, "build", "native", "vdiff-cli")
 const python = "/usr/bin/python3"
@@ -117,17 +117,13 @@ const main = () => {
     }
   }
   const threads = results[0]?.vdiff.threads
-  process.stdout.write(
+  report(
     `prompt ${opts["prompt-len"]}, gen ${opts.gen}, block ${opts.block}, steps ${opts.steps}, threads ${threads}` +
       ` (forward: one pass over the whole canvas, logits for every row; tok/s: answer tokens per second of denoising)\n\n` +
-      table(rows) + "\n"
+      table(rows) + "\n",
+    opts.json,
+    results
   )
-  if (opts.json !== undefined) writeFileSync(opts.json, JSON.stringify(results, null, 2) + "\n")
 }
 
-try {
-  main()
-} catch (error) {
-  process.stderr.write(`[bench] ${error instanceof Error ? error.message : String(error)}\n`)
-  process.exitCode = 1
-}
+runMain(main)

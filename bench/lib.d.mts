@@ -9,3 +9,5 @@ export declare const run: (command: string, args: ReadonlyArray<string>) => stri
 export declare const makeModel: (options: { preset: string; seed: number | string; out: string; dtype: string }) => string
 export declare const fixed: (x: number | null | undefined, digits?: number) => string
 export declare const table: (rows: ReadonlyArray<ReadonlyArray<unknown>>) => string
+export declare const report: (text: string, json: string | undefined, results: unknown) => void
+export declare const runMain: (main: () => void) => void

@@ -1,5 +1,6 @@
 // What the benchmark scripts share (engine.mjs, acceleration.mjs, scheduler.ts, quality.ts): the repo's
 // root, their flags, running a tool, making a model, logging and printing a table.
+import { writeFileSync } from "node:fs"
 import { spawnSync } from "node:child_process"
 import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
@@ -42,4 +43,20 @@ export const fixed = (x, digits = 1) => (x === undefined || x === null || !Numbe
 export const table = (rows) => {
   const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => String(r[c]).length)))
   return rows.map((r) => r.map((cell, c) => String(cell).padStart(widths[c])).join("  ")).join("\n")
+}
+
+/** Prints the report, writes the JSON results when --json names a file. */
+export const report = (text, json, results) => {
+  process.stdout.write(text)
+  if (json !== undefined) writeFileSync(json, JSON.stringify(results, null, 2) + "\n")
+}
+
+/** Runs a benchmark's main; a failure is one line on stderr and exit code 1. */
+export const runMain = (main) => {
+  try {
+    main()
+  } catch (error) {
+    log(error instanceof Error ? error.message : String(error))
+    process.exitCode = 1
+  }
 }
