@@ -11,6 +11,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "cuda/ops.h"
 
@@ -116,12 +117,82 @@ VDIFF_HD void attention_start(int tid, const AttentionArgs& a, const SeqDesc& s,
   if (tid < kAttentionQueries) m.state_max[tid] = -INFINITY, m.state_sum[tid] = 0.0f;
 }
 
+// Four floats / four bf16 read as one 16- / 8-byte access (the device's vector loads; memcpy on the host).
+struct alignas(16) Float4 {
+  float x, y, z, w;
+};
+struct alignas(8) Bf16x4 {
+  uint16_t x, y, z, w;
+};
+VDIFF_HD Float4 load_float4(const float* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const Float4*>(p);
+#else
+  Float4 r;
+  memcpy(&r, p, sizeof r);
+  return r;
+#endif
+}
+VDIFF_HD Float4 load_bf16x4(const uint16_t* p) {
+#if defined(__CUDA_ARCH__)
+  const Bf16x4 h = *reinterpret_cast<const Bf16x4*>(p);
+#else
+  Bf16x4 h;
+  memcpy(&h, p, sizeof h);
+#endif
+  return Float4{ops::bf16_to_f32(h.x), ops::bf16_to_f32(h.y), ops::bf16_to_f32(h.z), ops::bf16_to_f32(h.w)};
+}
+
+// Whether keys and values can be read four at a time (every row and column offset a multiple of 4
+// elements; the buffers themselves are cudaMalloc'd, so aligned).
+VDIFF_HD bool attention_vector_loads(const AttentionArgs& a) {
+  return a.hd % 4 == 0 && a.ld % 4 == 0 && a.k_col % 4 == 0 && a.v_col % 4 == 0;
+}
+
 // Phase 1 of a key tile: keys and values k0 .. k0 + nk - 1 (fresh, or from the cache on a read), zero past nk.
+// Vector path: every thread issues all its loads (up to 8 x 2 of 16 bytes) before its first store, so
+// one memory latency covers the tile.
 VDIFF_HD void attention_load_keys(int tid, const AttentionArgs& a, const SeqDesc& s, int kv_head, int k0, int nk,
                                   const AttentionSmem& m) {
   const int hd = a.hd, kv_dim = a.kv_heads * hd;
   const char* k_cache = s.reads_cache ? cache_table(s, a.layer, kv_dim, 0) : nullptr;
   const char* v_cache = s.reads_cache ? cache_table(s, a.layer, kv_dim, 1) : nullptr;
+  if (attention_vector_loads(a)) {
+    constexpr int kBatch = 8;
+    const int hd4 = hd / 4, n4 = kAttentionKeys * hd4;
+    for (int base = tid; base < n4; base += kAttentionThreads * kBatch) {
+      Float4 k[kBatch], v[kBatch];
+      VDIFF_UNROLL
+      for (int b = 0; b < kBatch; ++b) {
+        const int i = base + b * kAttentionThreads, j = i / hd4, d = (i % hd4) * 4;
+        k[b] = v[b] = Float4{0.0f, 0.0f, 0.0f, 0.0f};
+        if (i >= n4 || j >= nk) continue;
+        const int64_t p = k0 + j;
+        const int64_t at = p * kv_dim + kv_head * hd + d;
+        if (!s.reads_cache) {
+          const float* row = a.qkv + (s.offset + p) * a.ld;
+          k[b] = load_float4(row + a.k_col + kv_head * hd + d);
+          v[b] = load_float4(row + a.v_col + kv_head * hd + d);
+        } else if (s.cache_bf16) {
+          k[b] = load_bf16x4(reinterpret_cast<const uint16_t*>(k_cache) + at);
+          v[b] = load_bf16x4(reinterpret_cast<const uint16_t*>(v_cache) + at);
+        } else {
+          k[b] = load_float4(reinterpret_cast<const float*>(k_cache) + at);
+          v[b] = load_float4(reinterpret_cast<const float*>(v_cache) + at);
+        }
+      }
+      VDIFF_UNROLL
+      for (int b = 0; b < kBatch; ++b) {
+        const int i = base + b * kAttentionThreads, j = i / hd4, d = (i % hd4) * 4;
+        if (i >= n4) continue;
+        float* kr = m.Ks + j * (hd + 1) + d;
+        float* vr = m.Vs + j * hd + d;
+        kr[0] = k[b].x, kr[1] = k[b].y, kr[2] = k[b].z, kr[3] = k[b].w;
+        vr[0] = v[b].x, vr[1] = v[b].y, vr[2] = v[b].z, vr[3] = v[b].w;
+      }
+    }
+    return;
+  }
   for (int i = tid; i < kAttentionKeys * hd; i += kAttentionThreads) {
     const int j = i / hd, d = i % hd;
     float k = 0.0f, v = 0.0f;

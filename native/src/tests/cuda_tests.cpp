@@ -379,7 +379,8 @@ AttentionCase attention_case(std::mt19937& rng, int hd) {
 // writes by store_kv_element first, as the backend launches them.
 void host_attention_tile() {
   std::mt19937 rng(7);
-  for (int hd : {32, 128, 160}) {
+  // Head dim 30: the scalar load path (rows not a multiple of 4 floats); the others read 4 at a time.
+  for (int hd : {30, 32, 128, 160}) {
     AttentionCase c = attention_case(rng, hd);
     const int q_dim = c.qh * hd, kv_dim = c.kvh * hd, ld = q_dim + 2 * kv_dim;
     std::vector<cuda::SeqDesc> seqs;
@@ -417,7 +418,7 @@ void host_attention_tile() {
       }
     const double e = rel_inf(got, c.want);
     report(e < 1e-5, "host ops: the attention kernel's block phases and cache stores, thread by thread (ragged, GQA 4/2, head dim " +
-                         std::to_string(hd) + ", no cache / f32 / bf16 cache, whole and cached reads) against float64",
+                         std::to_string(hd) + (hd % 4 ? ", scalar loads" : ", vector loads") + ", no cache / f32 / bf16 cache, whole and cached reads) against float64",
            fmt("max rel diff %.1e", e));
   }
 }
