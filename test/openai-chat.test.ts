@@ -86,11 +86,15 @@ describe("POST /v1/chat/completions", () => {
       // A whole character has its UTF-8 bytes; a token holding part of one (the emoji's) has none known.
       if (entry.token.includes("\uFFFD")) expect(entry.bytes).toBeNull()
       else expect(Buffer.from(entry.bytes!).toString("utf8")).toBe(entry.token)
-      // The engine knows only the committed token's probability, so that is the one alternative.
-      expect(entry.top_logprobs).toEqual([{ token: entry.token, logprob: entry.logprob, bytes: entry.bytes }])
+      // top_logprobs are the engine's alternatives at the committing step (test/openai-clients.test.ts
+      // checks them on the real engine); this fake engine reports none.
+      expect(entry.top_logprobs).toEqual([])
     }
+    // The engine was asked for them.
+    expect(server.engine.created[server.engine.created.length - 1]!.settings.topLogprobs).toBe(1)
     expect(content.filter((entry) => entry.bytes === null)).toHaveLength(4)
     const plain = await chat({ max_tokens: 40, seed: 7, logprobs: true })
     expect(plain.choices[0]!.logprobs!.content.every((entry) => entry.top_logprobs.length === 0)).toBe(true)
+    expect(server.engine.created[server.engine.created.length - 1]!.settings.topLogprobs).toBeUndefined()
   })
 })

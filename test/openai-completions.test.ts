@@ -188,12 +188,15 @@ describe("POST /v1/completions", () => {
     expect(logprobs.token_logprobs).toHaveLength(tokens.length)
     logprobs.token_logprobs.forEach((lp, p) => expect(lp).toBeCloseTo(Math.log(1 / (p + 2)), 6))
     expect(logprobs.tokens).toEqual(tokens.map((id) => server.tokenizer.decode([id])))
+    // The engine's alternatives (none from this fake engine) plus the chosen token, as OpenAI returns it.
     expect(logprobs.top_logprobs).toEqual(logprobs.tokens.map((token, p) => ({ [token]: logprobs.token_logprobs[p] })))
+    expect(lastCreated().settings.topLogprobs).toBe(1)
     // text_offset: where each token's text starts; a token inside a character starts where it does.
     const offsets = tokens.map((_, i) => server.tokenizer.decode(tokens.slice(0, i)).replace(/\uFFFD+$/, "").length)
     expect(logprobs.text_offset).toEqual(offsets)
     const none = await complete({ prompt: "Say hello", max_tokens: 40, seed: 3, logprobs: 0 })
     expect(none.choices[0]!.logprobs!.top_logprobs).toBeNull()
+    expect(lastCreated().settings.topLogprobs).toBeUndefined()
   })
 
   it("infills between the prompt and a suffix: the inserted text only, the suffix counted as prompt", async () => {

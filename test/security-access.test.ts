@@ -182,6 +182,7 @@ describe("with API keys set (vdiff serve child, log level debug)", () => {
     const validBody: Record<string, unknown> = {
       "/v1/completions": { prompt: "x", max_tokens: 2 },
       "/v1/chat/completions": { messages: [{ role: "user", content: "x" }], max_tokens: 2 },
+      "/v1/responses": { input: "x", max_output_tokens: 2 },
       "/tokenize": { prompt: "x" },
       "/detokenize": { tokens: [1] }
     }

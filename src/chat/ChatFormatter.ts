@@ -30,6 +30,12 @@ export interface ChatMessage {
 export const roles = ["system", "user", "assistant"] as const
 export type Role = (typeof roles)[number]
 
+/**
+ * Roles a request may use besides `roles`, and the role each is rendered as: OpenAI's `developer` (its
+ * newer models' name for system instructions) is a system message to every chat template.
+ */
+export const roleAliases: Readonly<Record<string, Role>> = { developer: "system" }
+
 /** A message after validation: a known role and plain text. */
 export interface TextMessage {
   readonly role: Role
@@ -77,7 +83,8 @@ export class ChatFormatter extends Context.Tag("vdiff/ChatFormatter")<ChatFormat
 const isRole = (role: string): role is Role => (roles as ReadonlyArray<string>).includes(role)
 
 /**
- * Checks roles and content and flattens content parts to text. Several text parts are joined with "\n"
+ * Checks roles (a `developer` message becomes a system message) and content and flattens content parts
+ * to text. Several text parts are joined with "\n"
  * (as vLLM does for text-only templates); any other part (image_url, input_audio, ...) is an error.
  */
 export const validateMessages = (
@@ -92,12 +99,13 @@ export const validateMessages = (
       })
     }
     const out: Array<TextMessage> = []
-    for (const [i, { role, content }] of messages.entries()) {
+    for (const [i, { role: given, content }] of messages.entries()) {
+      const role = Object.hasOwn(roleAliases, given) ? roleAliases[given]! : given
       if (!isRole(role)) {
         return yield* new InvalidChatRequest({
           reason: "UnknownRole",
           param: `messages[${i}].role`,
-          message: `unknown role "${role}" (expected one of ${roles.join(", ")})`
+          message: `unknown role "${given}" (expected one of ${[...roles, ...Object.keys(roleAliases)].join(", ")})`
         })
       }
       if (typeof content === "string") {

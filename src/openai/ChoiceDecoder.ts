@@ -11,7 +11,7 @@
  * The non-streaming and the streaming responses both read answers through this class, so the streamed
  * deltas always add up to the non-streamed text.
  */
-import type { CommittedToken } from "../engine/Engine.js"
+import type { CommittedToken, TopLogprob } from "../engine/Engine.js"
 import type { IncrementalDetokenizer } from "../tokenizer/IncrementalDetokenizer.js"
 import type { FinishReason } from "./protocol.js"
 
@@ -23,6 +23,14 @@ export interface ChoiceDecoderOptions {
   readonly stopTokens: ReadonlySet<number>
   readonly stopStrings: ReadonlyArray<string>
   readonly detokenizer: IncrementalDetokenizer
+  /**
+   * Answer positions fixed from the start (genLength entries: NOT_COMMITTED where the model writes, else
+   * the token): the engine commits them before the first step and never reports them, so the decoder
+   * holds them as committed, with probability 1, from the start (structured output's JSON skeleton).
+   */
+  readonly template?: ReadonlyArray<number> | undefined
+  /** The finish reason of an answer that fills its whole length; default "length". */
+  readonly lengthReason?: FinishReason | undefined
 }
 
 /** What one batch of commits added to the choice. */
@@ -39,6 +47,8 @@ export interface ChoiceDelta {
 /** What `canvas` holds at a position nothing has been committed to yet. */
 export const NOT_COMMITTED = -1
 
+const noAlternatives: ReadonlyArray<TopLogprob> = []
+
 export class ChoiceDecoder {
   /** The answer canvas: token ids, NOT_COMMITTED where still masked. */
   readonly canvas: Int32Array
@@ -47,6 +57,11 @@ export class ChoiceDecoder {
   readonly tokenIds: Array<number> = []
   /** The probability each of `tokenIds` had when it was committed. */
   readonly probabilities: Array<number> = []
+  /**
+   * Each of `tokenIds`'s likeliest alternatives at the step that committed it, as the engine reported
+   * them (with the engine setting topLogprobs; empty otherwise, and for fixed or early-stop tokens).
+   */
+  readonly alternatives: Array<ReadonlyArray<TopLogprob>> = []
   /** Where each of `tokenIds`'s text starts in the decoded answer. */
   readonly textOffsets: Array<number> = []
   /** All text emitted so far. */
@@ -54,6 +69,7 @@ export class ChoiceDecoder {
   finishReason: FinishReason | null = null
 
   private readonly committedProbabilities: Float32Array
+  private readonly committedAlternatives: Array<ReadonlyArray<TopLogprob>>
   /** First answer position not read yet. */
   private next = 0
   /** Decoded text not emitted yet because it could be the start of a stop string. */
@@ -64,6 +80,13 @@ export class ChoiceDecoder {
   constructor(private readonly options: ChoiceDecoderOptions) {
     this.canvas = new Int32Array(options.genLength).fill(NOT_COMMITTED)
     this.committedProbabilities = new Float32Array(options.genLength)
+    this.committedAlternatives = new Array(options.genLength).fill(noAlternatives)
+    options.template?.forEach((token, position) => {
+      if (token !== NOT_COMMITTED) {
+        this.canvas[position] = token
+        this.committedProbabilities[position] = 1
+      }
+    })
   }
 
   get finished(): boolean {
@@ -80,6 +103,7 @@ export class ChoiceDecoder {
     for (const c of committed) {
       this.canvas[c.position] = c.token
       this.committedProbabilities[c.position] = c.probability
+      if (c.top !== undefined) this.committedAlternatives[c.position] = c.top
     }
     const firstToken = this.tokenIds.length
     if (this.finished) return { text: "", firstToken, endToken: firstToken, finishReason: null }
@@ -94,6 +118,7 @@ export class ChoiceDecoder {
       }
       this.tokenIds.push(token)
       this.probabilities.push(this.committedProbabilities[position]!)
+      this.alternatives.push(this.committedAlternatives[position]!)
       this.textOffsets.push(this.decodedLength)
       if (stopTokens.has(token)) {
         text += this.finish("stop")
@@ -103,7 +128,7 @@ export class ChoiceDecoder {
       this.decodedLength += piece.length
       text += this.accept(piece)
     }
-    if (!this.finished && this.next === genLength) text += this.finish("length")
+    if (!this.finished && this.next === genLength) text += this.finish(this.options.lengthReason ?? "length")
     this.text += text
     return { text, firstToken, endToken: this.tokenIds.length, finishReason: this.finishReason }
   }

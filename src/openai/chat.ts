@@ -11,6 +11,8 @@ import type { ChatCompletionRequest } from "./protocol.js"
 import { makePlan, type PreparedPrompt } from "./plan.js"
 import { chatLogprobs, respond, TokenTexts } from "./render.js"
 import { preparePromptJobs } from "./run.js"
+import type { ChoiceDecoder } from "./ChoiceDecoder.js"
+import { planStructured } from "./structured.js"
 import { ServingConfig } from "./ServingConfig.js"
 
 /**
@@ -48,25 +50,37 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
       : request.max_tokens !== undefined
       ? { value: request.max_tokens, param: "max_tokens" }
       : undefined
-    const plan = yield* makePlan(request, maxTokens)
+    const structured = yield* planStructured({
+      type: request.response_format?.type,
+      schema: request.response_format?.json_schema?.schema,
+      param: "response_format",
+      maxTokens,
+      conflicting: [
+        ...(request.stop === undefined ? [] : ["stop"]),
+        ...(request.stop_token_ids === undefined ? [] : ["stop_token_ids"])
+      ]
+    })
+    // Structured output: the answer is the template, as long as it is.
+    const answerLength = structured === undefined
+      ? maxTokens
+      : { value: structured.template.length, param: maxTokens?.param ?? "max_tokens" }
+    const plan = yield* makePlan(request, answerLength, request.logprobs === true ? request.top_logprobs ?? 0 : 0)
     if (request.top_logprobs !== undefined && request.logprobs !== true) {
       return yield* new BadRequest({ message: "top_logprobs requires logprobs to be true", param: "top_logprobs" })
     }
     if (request.tools !== undefined && request.tools.length > 0) {
       return yield* new BadRequest({ message: "tools are not supported", param: "tools", code: "unsupported_parameter" })
     }
-    if (request.response_format !== undefined && request.response_format.type !== "text") {
-      return yield* new BadRequest({
-        message: `response_format "${request.response_format.type}" is not supported; only "text" is`,
-        param: "response_format",
-        code: "unsupported_parameter"
-      })
-    }
 
     const prompt: PreparedPrompt = {
       tokens: yield* renderMessages(request.messages, { addGenerationPrompt: true }),
-      param: "messages"
+      param: "messages",
+      ...(structured === undefined ? {} : { template: structured.template })
     }
+    // A structured answer's text is its JSON, complete once every slot is denoised: a stream carries it
+    // whole in the choice's last chunk.
+    const contentOf = (decoder: ChoiceDecoder): string =>
+      structured === undefined ? decoder.text : structured.render(decoder.canvas)
     const jobs = yield* preparePromptJobs([prompt], plan)
     const texts = new TokenTexts(tokenizer)
     const top = request.logprobs === true ? request.top_logprobs ?? 0 : undefined
@@ -78,11 +92,13 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
       texts,
       wantsTokens: top !== undefined,
       choice: (_, decoder) => ({
-        message: { role: "assistant", content: decoder.text },
+        message: { role: "assistant", content: contentOf(decoder) },
         logprobs: top === undefined ? null : chatLogprobs(decoder, 0, decoder.tokenIds.length, top, texts)
       }),
       delta: (_, { decoder, delta }) => ({
-        delta: delta.text === "" ? {} : { content: delta.text },
+        delta: structured === undefined
+          ? delta.text === "" ? {} : { content: delta.text }
+          : delta.finishReason === null ? {} : { content: contentOf(decoder) },
         logprobs: top === undefined ? null : chatLogprobs(decoder, delta.firstToken, delta.endToken, top, texts)
       }),
       // OpenAI opens every choice with a chunk carrying the role.

@@ -65,7 +65,8 @@ export const completions = (request: CompletionRequest) =>
     const requestId = yield* RequestId
     const plan = yield* makePlan(
       request,
-      request.max_tokens === undefined ? undefined : { value: request.max_tokens, param: "max_tokens" }
+      request.max_tokens === undefined ? undefined : { value: request.max_tokens, param: "max_tokens" },
+      request.logprobs ?? 0
     )
     if (request.echo === true && request.logprobs !== undefined) {
       return yield* new BadRequest({

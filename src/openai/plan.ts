@@ -68,7 +68,12 @@ export interface AnswerPlan {
  * cannot honour (penalties, logit_bias) are accepted only at their neutral values: an answer that
  * silently ignored them would not be the answer the client asked for.
  */
-export const makePlan = (request: SamplingRequest, maxTokens: MaxTokens | undefined) =>
+export const makePlan = (
+  request: SamplingRequest,
+  maxTokens: MaxTokens | undefined,
+  /** Alternatives per token the engine reports (completions' logprobs, chat's top_logprobs); 0: none. */
+  topLogprobs = 0
+) =>
   Effect.gen(function*() {
     const config = yield* ServingConfig
     const tokenizer = yield* Tokenizer
@@ -147,7 +152,8 @@ export const makePlan = (request: SamplingRequest, maxTokens: MaxTokens | undefi
         seed,
         logitsEosInf: false,
         confidenceEosEotInf: false,
-        eotTokenId: Option.getOrElse(special.eot, () => -1)
+        eotTokenId: Option.getOrElse(special.eot, () => -1),
+        ...(topLogprobs > 0 ? { topLogprobs } : {})
       })
     }
 
@@ -185,6 +191,12 @@ export interface PreparedPrompt {
   readonly param: string
   /** Tokens after the answer (completions' `suffix`): the answer is infilled between the two. */
   readonly suffix?: ReadonlyArray<number>
+  /**
+   * Answer positions fixed from the start (structured output's JSON skeleton; NOT_COMMITTED where the
+   * model writes). The answer then ends only where the template does: end tokens and stops do not end
+   * it, and filling it whole is finish reason "stop".
+   */
+  readonly template?: ReadonlyArray<number>
 }
 
 /**

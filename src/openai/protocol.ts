@@ -91,8 +91,11 @@ export const CompletionRequest = Schema.Struct({
    */
   suffix: optional(described(Schema.String, "suffix must be a string")),
   echo: optional(boolean("echo")),
-  /** Completions: how many alternatives per token (OpenAI allows up to 5). */
-  logprobs: optional(int("logprobs", 0, 5)),
+  /**
+   * Completions: the logprobs of the answer's tokens, with this many likeliest alternatives per token
+   * (OpenAI allows up to 5, vLLM up to 20; the engine reports up to 20).
+   */
+  logprobs: optional(int("logprobs", 0, 20)),
   best_of: optional(int("best_of", 1))
 })
 export type CompletionRequest = typeof CompletionRequest.Type
@@ -111,6 +114,21 @@ export const ChatMessage = Schema.Struct({
   name: optional(Schema.String)
 })
 
+/** `response_format.json_schema` (chat) and the json_schema `text.format` (responses). */
+export const JsonSchemaFormat = Schema.Struct({
+  name: optional(described(Schema.String, "json_schema.name must be a string")),
+  description: optional(described(Schema.String, "json_schema.description must be a string")),
+  schema: optional(Schema.Unknown),
+  strict: optional(described(Schema.Boolean, "json_schema.strict must be true or false"))
+})
+
+/** Chat's response_format: "text", or "json_schema" with a schema (structured output, openai/structured.ts). */
+export const ResponseFormat = Schema.Struct({
+  type: described(Schema.String, "response_format.type must be a string"),
+  json_schema: optional(JsonSchemaFormat)
+})
+export type ResponseFormat = typeof ResponseFormat.Type
+
 export const ChatCompletionRequest = Schema.Struct({
   ...samplingFields,
   messages: Schema.Array(ChatMessage).annotations({
@@ -121,9 +139,64 @@ export const ChatCompletionRequest = Schema.Struct({
   logprobs: optional(boolean("logprobs")),
   top_logprobs: optional(int("top_logprobs", 0, 20)),
   tools: optional(Schema.Array(Schema.Unknown)),
-  response_format: optional(Schema.Struct({ type: Schema.String }))
+  response_format: optional(ResponseFormat)
 })
 export type ChatCompletionRequest = typeof ChatCompletionRequest.Type
+
+/** A content part of a Responses input message: input_text / output_text carry text. */
+const ResponseContentPart = Schema.Struct({
+  type: described(Schema.String, "a content part needs a string type"),
+  text: Schema.optional(Schema.Unknown)
+})
+
+/** An item of a Responses `input` list: a message (type "message" or left out); other items are refused. */
+export const ResponseInputItem = Schema.Struct({
+  type: optional(described(Schema.String, "an input item's type must be a string")),
+  role: optional(described(Schema.String, "role must be a string")),
+  content: optional(described(
+    Schema.Union(Schema.String, Schema.Array(ResponseContentPart)),
+    "content must be a string or an array of content parts"
+  ))
+})
+
+/** `text.format` of the Responses API: "text", or "json_schema" (name, schema, strict) as structured output. */
+export const ResponseTextFormat = Schema.Struct({
+  type: described(Schema.String, "text.format.type must be a string"),
+  ...JsonSchemaFormat.fields
+})
+
+const { max_tokens: _maxTokens, ...responseSamplingFields } = Sampling.requestFields
+
+/**
+ * POST /v1/responses, the part a stateless server can honour: `input` (a string or a list of messages),
+ * `instructions` (a system message before them), `max_output_tokens`, `temperature`, `top_p`, `stream`,
+ * `text.format`, and this server's own settings (top_k, seed, the diffusion settings). What needs stored
+ * state or tools is decoded so that it can be refused by name (openai/responses.ts).
+ */
+export const ResponseRequest = Schema.Struct({
+  ...responseSamplingFields,
+  model: optional(described(Schema.String, "model must be a string")),
+  input: described(
+    Schema.Union(Schema.String, Schema.Array(ResponseInputItem)),
+    "input must be a string or an array of input items"
+  ),
+  instructions: optional(described(Schema.String, "instructions must be a string")),
+  max_output_tokens: optional(int("max_output_tokens", 1)),
+  stream: optional(boolean("stream")),
+  seed: optional(int("seed", 0, MAX_SEED)),
+  text: optional(Schema.Struct({ format: optional(ResponseTextFormat) })),
+  // Refused unless neutral (openai/responses.ts says why).
+  store: optional(boolean("store")),
+  background: optional(boolean("background")),
+  previous_response_id: optional(described(Schema.String, "previous_response_id must be a string")),
+  conversation: optional(Schema.Unknown),
+  tools: optional(described(Schema.Array(Schema.Unknown), "tools must be an array")),
+  tool_choice: optional(Schema.Unknown),
+  include: optional(described(Schema.Array(Schema.String), "include must be an array of strings")),
+  top_logprobs: optional(int("top_logprobs", 0, 20)),
+  metadata: optional(Schema.Record({ key: Schema.String, value: Schema.String }))
+})
+export type ResponseRequest = typeof ResponseRequest.Type
 
 /** vLLM's /tokenize: either a prompt or chat messages. */
 export const TokenizeRequest = Schema.Struct({
@@ -178,8 +251,9 @@ export type Diffusion = typeof Diffusion.Type
 const diffusionField = { diffusion: Schema.optionalWith(Diffusion, { exact: true }) }
 
 /**
- * Completions logprobs. The engine knows one probability per token: the one the token had when it was
- * committed. So `top_logprobs` (when asked for) holds only the committed token.
+ * Completions logprobs. A token's logprob is that of the probability it had when it was committed; its
+ * `top_logprobs` are the likeliest tokens of the distribution at the step that committed it (for a
+ * diffusion model, the step where the position was unmasked), plus the chosen token.
  */
 export const CompletionLogprobs = Schema.Struct({
   tokens: Schema.Array(Schema.String),

@@ -24,6 +24,9 @@ const LOGPROB_FLOOR = -9999
 
 export const logprobOf = (probability: number): number => (probability > 0 ? Math.log(probability) : LOGPROB_FLOOR)
 
+/** A log-probability as JSON can say it. */
+const finiteLogprob = (logprob: number): number => (Number.isFinite(logprob) ? logprob : LOGPROB_FLOOR)
+
 /**
  * Renders single tokens for logprobs and snapshots, caching each id's text. A token of a byte-level
  * vocabulary may be part of a character; its text then holds U+FFFD and its bytes are unknown (null).
@@ -47,7 +50,13 @@ export class TokenTexts {
   }
 }
 
-/** Completions logprobs of the decoder's tokens [from, to); offsets shifted by `textStart` (echo). */
+/**
+ * Completions logprobs of the decoder's tokens [from, to); offsets shifted by `textStart` (echo). With
+ * `top` > 0 each token's `top_logprobs` maps the `top` likeliest tokens at the step that committed it
+ * (the engine's alternatives) to their logprobs, plus the chosen token when it is not among them — up to
+ * top + 1 entries, as OpenAI documents. Tokens that render to the same text keep the likelier's entry.
+ * With 0 it is null, as the recorded responses have it.
+ */
 export const completionLogprobs = (
   decoder: ChoiceDecoder,
   from: number,
@@ -59,15 +68,28 @@ export const completionLogprobs = (
   const ids = decoder.tokenIds.slice(from, to)
   const logprobs = decoder.probabilities.slice(from, to).map(logprobOf)
   const tokens = ids.map((id) => texts.text(id))
+  const topOf = (i: number): Record<string, number> => {
+    const entries: Record<string, number> = {}
+    for (const alternative of decoder.alternatives[from + i]!.slice(0, top)) {
+      const text = texts.text(alternative.token)
+      if (!Object.hasOwn(entries, text)) entries[text] = finiteLogprob(alternative.logprob)
+    }
+    if (!Object.hasOwn(entries, tokens[i]!)) entries[tokens[i]!] = logprobs[i]!
+    return entries
+  }
   return {
     tokens,
     token_logprobs: logprobs,
-    top_logprobs: top > 0 ? tokens.map((token, i) => ({ [token]: logprobs[i]! })) : null,
+    top_logprobs: top > 0 ? tokens.map((_, i) => topOf(i)) : null,
     text_offset: decoder.textOffsets.slice(from, to).map((offset) => offset + textStart)
   }
 }
 
-/** Chat logprobs of the decoder's tokens [from, to). */
+/**
+ * Chat logprobs of the decoder's tokens [from, to): each token's logprob (of the probability it had when
+ * committed) and its `top` likeliest alternatives at that step, most likely first, as the engine reported
+ * them (none for a token fixed by a template, which no step chose).
+ */
 export const chatLogprobs = (
   decoder: ChoiceDecoder,
   from: number,
@@ -75,10 +97,16 @@ export const chatLogprobs = (
   top: number,
   texts: TokenTexts
 ): { content: Array<ChatTokenLogprob> } => ({
-  content: decoder.tokenIds.slice(from, to).map((id, i) => {
-    const entry = { token: texts.text(id), logprob: logprobOf(decoder.probabilities[from + i]!), bytes: texts.bytes(id) }
-    return { ...entry, top_logprobs: top > 0 ? [entry] : [] }
-  })
+  content: decoder.tokenIds.slice(from, to).map((id, i) => ({
+    token: texts.text(id),
+    logprob: logprobOf(decoder.probabilities[from + i]!),
+    bytes: texts.bytes(id),
+    top_logprobs: decoder.alternatives[from + i]!.slice(0, top).map((alternative) => ({
+      token: texts.text(alternative.token),
+      logprob: finiteLogprob(alternative.logprob),
+      bytes: texts.bytes(alternative.token)
+    }))
+  }))
 })
 
 /** The snapshot of an update made with `includeSnapshots` (which copied the canvas). */

@@ -4,7 +4,7 @@
  * need, besides what the router provides, the Scheduler, the Tokenizer, the ChatFormatter, the
  * ServingConfig and the request's RequestId.
  *
- *   POST /v1/completions        POST /v1/chat/completions
+ *   POST /v1/completions        POST /v1/chat/completions     POST /v1/responses
  *   GET  /v1/models             GET  /v1/models/{model}
  *   POST /tokenize              POST /detokenize
  *
@@ -18,7 +18,8 @@ import { decodeJsonBody } from "./body.js"
 import { chatCompletions } from "./chat.js"
 import { completions } from "./completions.js"
 import { listModels, retrieveModel } from "./models.js"
-import { ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest } from "./protocol.js"
+import { ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ResponseRequest, TokenizeRequest } from "./protocol.js"
+import { responses } from "./responses.js"
 import { detokenize, tokenize } from "./tokenization.js"
 
 export const router = HttpRouter.empty.pipe(
@@ -30,6 +31,10 @@ export const router = HttpRouter.empty.pipe(
   HttpRouter.post(
     "/v1/chat/completions",
     tracked(Effect.flatMap(decodeJsonBody(ChatCompletionRequest), chatCompletions), errorTypeOf)
+  ),
+  HttpRouter.post(
+    "/v1/responses",
+    tracked(Effect.flatMap(decodeJsonBody(ResponseRequest), responses), errorTypeOf)
   ),
   HttpRouter.get("/v1/models", listModels),
   HttpRouter.get("/v1/models/:model", Effect.flatMap(HttpRouter.params, (params) => retrieveModel(params["model"] ?? ""))),

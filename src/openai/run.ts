@@ -55,7 +55,8 @@ export const runPrompt = (
   prompt: ReadonlyArray<number>,
   settings: SamplingSettings,
   plan: AnswerPlan,
-  suffix: ReadonlyArray<number> = []
+  suffix: ReadonlyArray<number> = [],
+  template?: ReadonlyArray<number>
 ) =>
   Effect.gen(function*() {
     const scheduler = yield* Scheduler
@@ -63,13 +64,25 @@ export const runPrompt = (
     const metrics = yield* RequestMetrics
     yield* metrics.started(plan.n)
     const decoders = Array.from({ length: plan.n }, () =>
-      new ChoiceDecoder({
-        genLength: settings.genLength,
-        endTokens: plan.endTokens,
-        stopTokens: plan.stopTokens,
-        stopStrings: plan.stopStrings,
-        detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
-      }))
+      new ChoiceDecoder(
+        template === undefined
+          ? {
+            genLength: settings.genLength,
+            endTokens: plan.endTokens,
+            stopTokens: plan.stopTokens,
+            stopStrings: plan.stopStrings,
+            detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
+          }
+          : {
+            genLength: settings.genLength,
+            endTokens: new Set(),
+            stopTokens: new Set(),
+            stopStrings: [],
+            detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true }),
+            template,
+            lengthReason: "stop"
+          }
+      ))
     const tallies: Array<DenoisingTally> = decoders.map(() => ({
       steps: 0,
       forwardPasses: 0,
@@ -78,7 +91,13 @@ export const runPrompt = (
       tokensSkipped: 0
     }))
     const allEnded = () => decoders.every((decoder) => decoder.finished)
-    const request = suffix.length === 0 ? { prompt, settings, n: plan.n } : { prompt, suffix, settings, n: plan.n }
+    const request = {
+      prompt,
+      settings,
+      n: plan.n,
+      ...(suffix.length === 0 ? {} : { suffix }),
+      ...(template === undefined ? {} : { template })
+    }
     const updates = scheduler.generateStream(request).pipe(
       Stream.mapError(fromGenerationError),
       // Events arrive in chunks and `map` runs over a whole chunk at once, so whether all answers had
@@ -144,7 +163,7 @@ export const preparePromptJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: 
       Effect.gen(function*() {
         const suffix = prompt.suffix ?? []
         const settings = yield* plan.settingsFor(prompt.tokens.length, prompt.param, suffix.length)
-        const run = yield* runPrompt(prompt.tokens, settings, plan, suffix)
+        const run = yield* runPrompt(prompt.tokens, settings, plan, suffix, prompt.template)
         return { prompt, settings, run } satisfies PromptJob
       }))
   )

@@ -18,12 +18,32 @@ export const sseEvent = (data: unknown): string => `data: ${JSON.stringify(data)
 
 export const SSE_DONE = "data: [DONE]\n\n"
 
+/**
+ * How events are written: chat and completions send `data: {json}` lines ending with `data: [DONE]`;
+ * the Responses API sends `event: <type>` lines, numbers its events, and has no [DONE].
+ */
+export interface SseEncoding {
+  readonly event: (chunk: unknown) => string
+  /** The last event of a stream, after the chunks or after an error event. */
+  readonly done: string
+  /** The event an error after the response head becomes. */
+  readonly error: (error: ApiError, requestId: string) => unknown
+}
+
+export const chatEncoding: SseEncoding = {
+  event: sseEvent,
+  done: SSE_DONE,
+  error: (error, requestId) => toErrorBody(error, requestId)
+}
+
 export interface SseParts {
   /** Chunks sent first, once the stream is known to have started (e.g. chat's role chunks). */
   readonly preamble: ReadonlyArray<unknown>
   readonly chunks: Stream.Stream<unknown, ApiError>
   /** Chunks sent after `chunks` ended (e.g. the usage chunk); computed then. */
   readonly epilogue: Effect.Effect<ReadonlyArray<unknown>, ApiError>
+  /** Default: chat's. */
+  readonly encoding?: SseEncoding
 }
 
 /** The error a failed stream reports; logged here, since the access log has already seen a 200. */
@@ -42,6 +62,7 @@ export const respondSse = (parts: SseParts) =>
   Effect.gen(function*() {
     const requestId = yield* RequestId
     const metrics = yield* RequestMetrics
+    const encoding = parts.encoding ?? chatEncoding
     const pull = yield* Stream.toPull(parts.chunks)
     const first = yield* pull.pipe(
       Effect.map((chunk) => ({ chunk, ended: false })),
@@ -57,15 +78,15 @@ export const respondSse = (parts: SseParts) =>
       Stream.concat(Stream.fromChunk(first.chunk)),
       Stream.concat(rest),
       Stream.concat(Stream.fromIterableEffect(parts.epilogue)),
-      Stream.map(sseEvent),
-      Stream.concat(Stream.make(SSE_DONE)),
+      Stream.map(encoding.event),
+      Stream.concat(Stream.make(encoding.done)),
       Stream.catchAllCause((cause) =>
         Cause.isInterruptedOnly(cause)
           ? Stream.failCause(cause)
           : Stream.fromEffect(apiErrorOf(cause)).pipe(
               Stream.tap((error) => metrics.failed(errorTypeOf(error))),
-              Stream.map((error) => sseEvent(toErrorBody(error, requestId))),
-              Stream.concat(Stream.make(SSE_DONE))
+              Stream.map((error) => encoding.event(encoding.error(error, requestId))),
+              Stream.concat(Stream.make(encoding.done))
             )
       ),
       Stream.encodeText

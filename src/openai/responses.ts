@@ -1,0 +1,232 @@
+/**
+ * POST /v1/responses: OpenAI's Responses API, as far as a stateless server can honour it. New OpenAI SDK
+ * code and the AI SDK's default OpenAI provider call it.
+ *
+ * `input` is a string (one user message) or a list of messages (roles user, assistant, system,
+ * developer; content a string or input_text / output_text parts); `instructions` comes first as a system
+ * message. `max_output_tokens`, `temperature`, `top_p` and `text.format` (json_schema: structured
+ * output, as chat's response_format) are honoured, as are this server's own settings (top_k, seed, the
+ * diffusion settings). One answer (no `n`).
+ *
+ * Refused by name (400), because this server keeps nothing between requests and runs no tools:
+ * `previous_response_id`, `conversation`, `store: true`, `background: true`, `tools`, a `tool_choice`
+ * that needs a tool, `include`, and input items other than messages.
+ *
+ * The response is a `response` object whose one output item is the assistant message; `status` is
+ * "completed", or "incomplete" (`incomplete_details.reason: "max_output_tokens"`) when the answer filled
+ * its length. A stream sends the Responses events: response.created, response.in_progress,
+ * response.output_item.added, response.content_part.added, response.output_text.delta..., then
+ * response.output_text.done, response.content_part.done, response.output_item.done and
+ * response.completed (or response.incomplete); an error after the head is an `error` event.
+ */
+import { Effect, Option } from "effect"
+import { type ApiError, BadRequest } from "../api/errors.js"
+import { RequestId } from "../api/RequestId.js"
+import type { ChatMessage, ContentPart } from "../chat/ChatFormatter.js"
+import type { ChoiceDecoder } from "./ChoiceDecoder.js"
+import { renderMessages } from "./chat.js"
+import { makePlan, type PreparedPrompt } from "./plan.js"
+import type { ResponseRequest } from "./protocol.js"
+import { nowSeconds } from "./render.js"
+import { diffusionOfJobs, mergedChunks, preparePromptJobs, runToEnd, usageOfJobs } from "./run.js"
+import { ServingConfig } from "./ServingConfig.js"
+import { planStructured } from "./structured.js"
+import { respondSse, type SseEncoding } from "./streaming.js"
+import { HttpServerResponse } from "@effect/platform"
+
+const unsupported = (param: string, message: string) =>
+  new BadRequest({ message, param, code: "unsupported_parameter" })
+
+/** The first field of the request that needs what this server does not have, as a 400. */
+const refusal = (request: ResponseRequest): BadRequest | undefined => {
+  const stateless = "this server keeps no responses or conversations between requests"
+  if (request.previous_response_id !== undefined) {
+    return unsupported("previous_response_id", `previous_response_id is not supported: ${stateless}; send the whole conversation as input`)
+  }
+  if (request.conversation !== undefined) {
+    return unsupported("conversation", `conversation is not supported: ${stateless}; send the whole conversation as input`)
+  }
+  if (request.store === true) {
+    return unsupported("store", `store is not supported: ${stateless}; send store: false or leave it out`)
+  }
+  if (request.background === true) {
+    return unsupported("background", "background is not supported: responses are answered while the request waits")
+  }
+  if (request.tools !== undefined && request.tools.length > 0) {
+    return unsupported("tools", "tools are not supported: the model cannot call tools")
+  }
+  if (request.tool_choice !== undefined && request.tool_choice !== "none" && request.tool_choice !== "auto") {
+    return unsupported("tool_choice", "tool_choice other than \"none\" or \"auto\" is not supported: the model cannot call tools")
+  }
+  if (request.include !== undefined && request.include.length > 0) {
+    return unsupported("include", `include is not supported (asked for ${request.include.join(", ")})`)
+  }
+  return undefined
+}
+
+/** The request's input as chat messages: the instructions first (as system), then the input. */
+const messagesOf = (request: ResponseRequest): Effect.Effect<ReadonlyArray<ChatMessage>, BadRequest> => {
+  const messages: Array<ChatMessage> = []
+  if (request.instructions !== undefined) messages.push({ role: "system", content: request.instructions })
+  if (typeof request.input === "string") {
+    messages.push({ role: "user", content: request.input })
+    return Effect.succeed(messages)
+  }
+  for (const [i, item] of request.input.entries()) {
+    const param = `input[${i}]`
+    if (item.type !== undefined && item.type !== "message") {
+      return Effect.fail(
+        unsupported(`${param}.type`, `input items of type "${item.type}" are not supported: only messages are`)
+      )
+    }
+    if (item.role === undefined) return Effect.fail(new BadRequest({ message: `${param}.role is required`, param: `${param}.role` }))
+    if (item.content === undefined) {
+      return Effect.fail(new BadRequest({ message: `${param}.content is required`, param: `${param}.content` }))
+    }
+    if (typeof item.content === "string") {
+      messages.push({ role: item.role, content: item.content })
+      continue
+    }
+    const parts: Array<ContentPart> = []
+    for (const [j, part] of item.content.entries()) {
+      if (part.type !== "input_text" && part.type !== "output_text" && part.type !== "text") {
+        return Effect.fail(
+          unsupported(
+            `${param}.content[${j}]`,
+            `content parts of type "${part.type}" are not supported: this model takes text only`
+          )
+        )
+      }
+      if (typeof part.text !== "string") {
+        return Effect.fail(
+          new BadRequest({ message: "text must be a string", param: `${param}.content[${j}].text` })
+        )
+      }
+      parts.push({ type: "text", text: part.text })
+    }
+    messages.push({ role: item.role, content: parts })
+  }
+  return Effect.succeed(messages)
+}
+
+/** Responses SSE: `event: <type>` before each data line, events numbered, no [DONE]. */
+const responsesEncoding = (): SseEncoding => {
+  let sequence = 0
+  return {
+    event: (chunk) => {
+      const { type, ...rest } = chunk as { type: string }
+      return `event: ${type}\ndata: ${JSON.stringify({ type, sequence_number: sequence++, ...rest })}\n\n`
+    },
+    done: "",
+    error: (error: ApiError) => ({ type: "error", code: error.code ?? error.type, message: error.message, param: error.param })
+  }
+}
+
+export const responses = (request: ResponseRequest) =>
+  Effect.gen(function*() {
+    const config = yield* ServingConfig
+    const requestId = yield* RequestId
+    const refused = refusal(request)
+    if (refused !== undefined) return yield* refused
+
+    const maxTokens = request.max_output_tokens === undefined
+      ? undefined
+      : { value: request.max_output_tokens, param: "max_output_tokens" }
+    const format = request.text?.format
+    const structured = yield* planStructured({
+      type: format?.type,
+      schema: format?.schema,
+      param: "text.format",
+      maxTokens,
+      conflicting: []
+    })
+    const answerLength = structured === undefined
+      ? maxTokens
+      : { value: structured.template.length, param: maxTokens?.param ?? "max_output_tokens" }
+    const plan = yield* makePlan({ ...request, n: 1 }, answerLength)
+    const messages = yield* messagesOf(request)
+    const prompt: PreparedPrompt = {
+      tokens: yield* renderMessages(messages, { addGenerationPrompt: true }),
+      param: "input",
+      ...(structured === undefined ? {} : { template: structured.template })
+    }
+    const jobs = yield* preparePromptJobs([prompt], plan)
+    const decoder = jobs[0]!.run.decoders[0]!
+    const textOf = (d: ChoiceDecoder) => (structured === undefined ? d.text : structured.render(d.canvas))
+
+    const createdAt = yield* nowSeconds
+    const id = `resp_${requestId}`
+    const itemId = `msg_${requestId}`
+    const part = (text: string) => ({ type: "output_text", text, annotations: [], logprobs: [] })
+    const item = (status: "in_progress" | "completed" | "incomplete", content: ReadonlyArray<unknown>) => ({
+      id: itemId,
+      type: "message",
+      status,
+      role: "assistant",
+      content
+    })
+    const response = (finished: boolean) => {
+      const status = !finished ? "in_progress" : decoder.finishReason === "length" ? "incomplete" : "completed"
+      const usage = finished ? usageOfJobs(jobs) : undefined
+      return {
+        id,
+        object: "response",
+        created_at: createdAt,
+        status,
+        error: null,
+        incomplete_details: status === "incomplete" ? { reason: "max_output_tokens" } : null,
+        instructions: request.instructions ?? null,
+        max_output_tokens: request.max_output_tokens ?? null,
+        model: config.modelName,
+        output: finished ? [item(status === "incomplete" ? "incomplete" : "completed", [part(textOf(decoder))])] : [],
+        parallel_tool_calls: false,
+        previous_response_id: null,
+        store: false,
+        temperature: jobs[0]!.settings.temperature,
+        top_p: jobs[0]!.settings.topP ?? 1,
+        text: { format: format === undefined || structured === undefined ? { type: "text" } : format },
+        tool_choice: "none",
+        tools: [],
+        truncation: "disabled",
+        metadata: request.metadata ?? {},
+        usage: usage === undefined ? null : {
+          input_tokens: usage.prompt_tokens,
+          input_tokens_details: { cached_tokens: 0 },
+          output_tokens: usage.completion_tokens,
+          output_tokens_details: { reasoning_tokens: 0 },
+          total_tokens: usage.total_tokens
+        },
+        ...(finished ? { diffusion: diffusionOfJobs(jobs) } : {})
+      }
+    }
+
+    if (!plan.stream) {
+      yield* runToEnd(jobs)
+      return HttpServerResponse.unsafeJson(response(true))
+    }
+
+    const at = { item_id: itemId, output_index: 0, content_index: 0 }
+    const preamble = [
+      { type: "response.created", response: response(false) },
+      { type: "response.in_progress", response: response(false) },
+      { type: "response.output_item.added", output_index: 0, item: item("in_progress", []) },
+      { type: "response.content_part.added", ...at, part: part("") }
+    ]
+    const chunks = mergedChunks(jobs, 1, (_, __, update) => {
+      const delta = structured === undefined
+        ? update.delta.text
+        : update.delta.finishReason === null ? "" : textOf(update.decoder)
+      return delta === "" ? Option.none() : Option.some({ type: "response.output_text.delta", ...at, delta, logprobs: [] })
+    })
+    const epilogue = Effect.sync(() => {
+      const done = response(true)
+      const text = textOf(decoder)
+      return [
+        { type: "response.output_text.done", ...at, text, logprobs: [] },
+        { type: "response.content_part.done", ...at, part: part(text) },
+        { type: "response.output_item.done", output_index: 0, item: done.output[0] },
+        { type: done.status === "incomplete" ? "response.incomplete" : "response.completed", response: done }
+      ]
+    })
+    return yield* respondSse({ preamble, chunks, epilogue, encoding: responsesEncoding() })
+  })

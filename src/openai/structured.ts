@@ -1,0 +1,267 @@
+/**
+ * Structured output, diffusion's way: `response_format: {type: "json_schema", json_schema: {schema}}`.
+ *
+ * A masked diffusion model does not write left to right: it fills masked positions of a canvas in any
+ * order, around whatever is already there. So the JSON skeleton of the answer — braces, keys, quotes,
+ * colons and commas — is tokenized and put on the canvas from the start (the engine's `template`), and
+ * the model denoises only the values, each in a slot of a fixed number of tokens, in place. No grammar
+ * and no constrained sampling: the structure cannot come out wrong because the model never writes it.
+ *
+ * What a template can honour: an object with known keys (`properties`), whose values are strings (a slot
+ * each), nested objects of the same kind, or fixed values (`const`, a one-value `enum`). Every property
+ * is written, in schema order. A slot's text is read back with special tokens left out, whitespace runs
+ * folded to one space and trimmed, and JSON-escaped, so the reply always parses and matches the schema.
+ * What it cannot honour is refused (400) with the reason: numbers, booleans, arrays and string formats
+ * would need the model's choice restricted token by token, which the engine does not do.
+ */
+import { Effect } from "effect"
+import { BadRequest } from "../api/errors.js"
+import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
+import { NOT_COMMITTED } from "./ChoiceDecoder.js"
+
+/**
+ * Tokens per string value when the request gives no answer length; with one, the slots share evenly what
+ * the skeleton leaves of it.
+ */
+export const DEFAULT_SLOT_TOKENS = 8
+
+/** A piece of the answer: fixed JSON text, or the slot of a string value. */
+type Part = { readonly fixed: string } | { readonly slot: true }
+
+/** Why a schema cannot be honoured, and where in it. */
+export interface SchemaRefusal {
+  readonly message: string
+  readonly path: string
+}
+
+/** The skeleton of a schema: fixed text and slots, in order (adjacent fixed pieces merged). */
+export interface Skeleton {
+  readonly parts: ReadonlyArray<Part>
+  readonly slots: number
+}
+
+const KNOWN_OBJECT_KEYS = new Set([
+  "type", "properties", "required", "additionalProperties", "title", "description", "$schema", "$id", "strict",
+  "default", "examples"
+])
+const KNOWN_STRING_KEYS = new Set(["type", "title", "description", "default", "examples"])
+const STRING_CONSTRAINTS = ["pattern", "format", "minLength", "maxLength", "enum"] as const
+
+const isObject = (value: unknown): value is Record<string, unknown> =>
+  typeof value === "object" && value !== null && !Array.isArray(value)
+
+const typesOf = (schema: Record<string, unknown>): ReadonlyArray<unknown> =>
+  schema["type"] === undefined ? [] : Array.isArray(schema["type"]) ? schema["type"] : [schema["type"]]
+
+/**
+ * The skeleton of a JSON schema, or why a template cannot honour it. `path` names the place in the
+ * schema for the error message ("schema.properties.name").
+ */
+export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
+  const parts: Array<Part> = []
+  let slots = 0
+  const fixed = (text: string) => {
+    const last = parts[parts.length - 1]
+    if (last !== undefined && "fixed" in last) parts[parts.length - 1] = { fixed: last.fixed + text }
+    else parts.push({ fixed: text })
+  }
+  const refuse = (path: string, message: string): SchemaRefusal => ({ path, message })
+
+  const walk = (node: unknown, path: string, top: boolean): SchemaRefusal | undefined => {
+    if (!isObject(node)) return refuse(path, "a schema must be a JSON object")
+    if (top && !(typesOf(node).length === 1 && typesOf(node)[0] === "object")) {
+      return refuse(path, "the answer must be an object with known keys: give the schema type \"object\" and its properties")
+    }
+    if ("const" in node) {
+      fixed(JSON.stringify(node["const"]))
+      return undefined
+    }
+    if (Array.isArray(node["enum"]) && node["enum"].length === 1) {
+      fixed(JSON.stringify(node["enum"][0]))
+      return undefined
+    }
+    for (const combinator of ["$ref", "anyOf", "oneOf", "allOf", "not", "if", "$defs", "definitions"]) {
+      if (combinator in node) {
+        return refuse(path, `${combinator} is not supported: the answer's JSON skeleton is fixed before denoising, so every value's shape must be known`)
+      }
+    }
+    const types = typesOf(node)
+    if (types.length !== 1) {
+      return refuse(path, types.length === 0
+        ? "each value needs a `type` (object or string), a `const` or a one-value `enum`"
+        : "a value must have one type: the skeleton is fixed before denoising")
+    }
+    const type = types[0]
+    if (type === "object") {
+      const properties = node["properties"]
+      if (!isObject(properties) || Object.keys(properties).length === 0) {
+        return refuse(path, "an object needs its keys in `properties`: only objects with known keys can be laid out on the canvas")
+      }
+      for (const key of Object.keys(node)) {
+        if (!KNOWN_OBJECT_KEYS.has(key)) return refuse(`${path}.${key}`, `${key} is not supported on an object`)
+      }
+      if (isObject(node["additionalProperties"])) {
+        return refuse(`${path}.additionalProperties`, "additionalProperties with a schema is not supported: only known keys are written")
+      }
+      const required = node["required"]
+      if (required !== undefined) {
+        if (!Array.isArray(required)) return refuse(`${path}.required`, "required must be a list of keys")
+        const missing = required.find((key) => typeof key !== "string" || !Object.hasOwn(properties, key))
+        if (missing !== undefined) {
+          return refuse(`${path}.required`, `required names ${JSON.stringify(missing)}, which is not in properties`)
+        }
+      }
+      fixed("{")
+      let first = true
+      for (const [key, value] of Object.entries(properties)) {
+        fixed(`${first ? "" : ", "}${JSON.stringify(key)}: `)
+        first = false
+        const refusal = walk(value, `${path}.properties.${key}`, false)
+        if (refusal !== undefined) return refusal
+      }
+      fixed("}")
+      return undefined
+    }
+    if (type === "string") {
+      for (const constraint of STRING_CONSTRAINTS) {
+        if (constraint in node) {
+          return refuse(`${path}.${constraint}`, `${constraint} is not supported: a string value is whatever the model writes in its slot`)
+        }
+      }
+      for (const key of Object.keys(node)) {
+        if (!KNOWN_STRING_KEYS.has(key)) return refuse(`${path}.${key}`, `${key} is not supported on a string`)
+      }
+      fixed("\"")
+      parts.push({ slot: true })
+      slots++
+      fixed("\"")
+      return undefined
+    }
+    return refuse(path, `values of type ${JSON.stringify(type)} are not supported: the model writes values freely in ` +
+      "their slots, and only a string can hold whatever it writes (numbers, booleans and arrays would need " +
+      "constrained sampling)")
+  }
+
+  const refusal = walk(schema, "schema", true)
+  return refusal ?? { parts, slots }
+}
+
+export const isRefusal = (value: Skeleton | SchemaRefusal): value is SchemaRefusal => "message" in value
+
+/** A skeleton laid out as answer positions: the engine's template and how to read the answer back. */
+export interface JsonTemplate {
+  /** genLength entries: NOT_COMMITTED (-1) where the model writes, else the fixed token. */
+  readonly template: ReadonlyArray<number>
+  readonly slotTokens: number
+  /** The JSON text of a finished answer canvas. */
+  readonly render: (canvas: ArrayLike<number>) => string
+}
+
+/** Tokens of the fixed parts, for sizing the slots before the layout. */
+export const fixedTokens = (skeleton: Skeleton, tokenizer: TokenizerShape): number =>
+  skeleton.parts.reduce((sum, part) => sum + ("fixed" in part ? tokenizer.encode(part.fixed, { addSpecialTokens: false }).length : 0), 0)
+
+/** Lays a skeleton out with `slotTokens` positions per string value. */
+export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: TokenizerShape): JsonTemplate => {
+  const template: Array<number> = []
+  const pieces: Array<{ readonly fixed: string } | { readonly start: number }> = []
+  for (const part of skeleton.parts) {
+    if ("fixed" in part) {
+      template.push(...tokenizer.encode(part.fixed, { addSpecialTokens: false }))
+      pieces.push(part)
+    } else {
+      pieces.push({ start: template.length })
+      for (let i = 0; i < slotTokens; i++) template.push(NOT_COMMITTED)
+    }
+  }
+  const special = tokenizer.specialTokens
+  return {
+    template,
+    slotTokens,
+    render: (canvas) =>
+      pieces.map((piece) => {
+        if ("fixed" in piece) return piece.fixed
+        const tokens: Array<number> = []
+        for (let i = piece.start; i < piece.start + slotTokens; i++) {
+          const token = canvas[i]!
+          if (token !== NOT_COMMITTED && token !== special.mask) tokens.push(token)
+        }
+        const text = tokenizer.decode(tokens, { skipSpecialTokens: true }).replace(/\s+/g, " ").trim()
+        return JSON.stringify(text).slice(1, -1)
+      }).join("")
+  }
+}
+
+// ---- a request's structured output -------------------------------------------------------------------
+
+/** What a request asked for: a JSON schema to lay out, where it was given, and its answer length. */
+export interface StructuredRequest {
+  /** "text" or absent: plain text; "json_schema": lay `schema` out; anything else is refused. */
+  readonly type: string | undefined
+  readonly schema: unknown
+  /** The request field holding the format ("response_format", "text.format"). */
+  readonly param: string
+  /** The answer length the request asked for, if any: the slots share what the skeleton leaves. */
+  readonly maxTokens: { readonly value: number; readonly param: string } | undefined
+  /** Fields given that cannot be honoured with a template (stop, stop_token_ids). */
+  readonly conflicting: ReadonlyArray<string>
+}
+
+/**
+ * The template of a request's structured output, undefined for plain text, or a 400 saying why it cannot
+ * be honoured.
+ */
+export const planStructured = (request: StructuredRequest) =>
+  Effect.gen(function*() {
+    const { param, type } = request
+    if (type === undefined || type === "text") return undefined
+    if (type === "json_object") {
+      return yield* new BadRequest({
+        message: `${param} "json_object" is not supported: the keys of the object are not known, so its skeleton ` +
+          `cannot be laid out on the canvas; use "json_schema" with the object's properties`,
+        param,
+        code: "unsupported_parameter"
+      })
+    }
+    if (type !== "json_schema") {
+      return yield* new BadRequest({
+        message: `${param} "${type}" is not supported; "text" and "json_schema" are`,
+        param,
+        code: "unsupported_parameter"
+      })
+    }
+    const schemaParam = param === "response_format" ? "response_format.json_schema.schema" : `${param}.schema`
+    if (request.schema === undefined) {
+      return yield* new BadRequest({ message: `${schemaParam} is required for "json_schema"`, param: schemaParam })
+    }
+    const conflict = request.conflicting[0]
+    if (conflict !== undefined) {
+      return yield* new BadRequest({
+        message: `${conflict} cannot be used with structured output: the answer is the whole JSON skeleton, which a stop would cut`,
+        param: conflict,
+        code: "unsupported_parameter"
+      })
+    }
+    const skeleton = skeletonOf(request.schema)
+    if (isRefusal(skeleton)) {
+      return yield* new BadRequest({
+        message: `the schema cannot be honoured at ${skeleton.path.replace(/^schema/, schemaParam)}: ${skeleton.message}`,
+        param: schemaParam,
+        code: "unsupported_schema"
+      })
+    }
+    const tokenizer = yield* Tokenizer
+    const fixed = fixedTokens(skeleton, tokenizer)
+    let slotTokens = DEFAULT_SLOT_TOKENS
+    if (request.maxTokens !== undefined) {
+      slotTokens = Math.floor((request.maxTokens.value - fixed) / skeleton.slots)
+      if (slotTokens < 1) {
+        return yield* new BadRequest({
+          message: `${request.maxTokens.param} ${request.maxTokens.value} leaves no room for the values: the JSON ` +
+            `skeleton takes ${fixed} tokens and each of its ${skeleton.slots} string values needs at least one`,
+          param: request.maxTokens.param
+        })
+      }
+    }
+    return layOut(skeleton, slotTokens, tokenizer)
+  })
