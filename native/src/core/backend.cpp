@@ -240,9 +240,7 @@ void Backend::predict(const std::vector<ForwardSeq>& batch, const std::vector<Ro
   // Per worker thread: the index buffer top-k / top-p filtering sorts, reserved here so that the workers
   // never allocate (the pool's functions must not throw).
   std::vector<std::vector<int32_t>> scratch(pool_->size());
-  const bool filtering = std::any_of(tasks.begin(), tasks.end(), [](const RowTask& t) {
-    return t.rule && t.rule->temperature > 0.0 && (t.rule->top_k > 0 || t.rule->top_p < 1.0);
-  });
+  const bool filtering = std::any_of(tasks.begin(), tasks.end(), [](const RowTask& t) { return t.rule && t.rule->filters(); });
   if (filtering)
     for (std::vector<int32_t>& buffer : scratch) buffer.reserve(row_size);
   pool_->parallel_for(tasks.size(), [&](size_t begin, size_t end, int thread) {

@@ -311,7 +311,6 @@ std::vector<StepOutput> Engine::step(const std::vector<uint64_t>& ids, const std
 std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::atomic<bool>* cancel) {
   std::lock_guard<std::mutex> step_lock(step_mu_);
   const ModelConfig& config = backend_->config();
-  const int vocab = config.embedding_size;
   const int32_t mask = config.mask_token_id;
 
   // Check the batch before any work.
@@ -376,17 +375,7 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
   for (size_t i = 0; i < work.size(); ++i) {
     const Work& w = work[i];
     const SamplingParams& p = w.seq->params;
-    rules[i] = RowRule{.row_size = vocab,
-                       .vocab_size = std::min(config.vocab_size, vocab),
-                       .mask_token_id = mask,
-                       .temperature = p.temperature,
-                       .remasking = p.remasking,
-                       .eos_token_id = config.eos_token_id,
-                       .eot_token_id = p.eot_token_id,
-                       .logits_eos_inf = p.logits_eos_inf,
-                       .confidence_eos_eot_inf = p.confidence_eos_eot_inf,
-                       .top_k = p.top_k,
-                       .top_p = p.top_p};
+    rules[i] = RowRule::of(p, config);
     const bool cfg = p.cfg_scale > 0.0;
     for (size_t r = 0; r < w.rows.size(); ++r) {
       RowTask t;

@@ -42,6 +42,20 @@ int transfers_at(int masked, int steps, int step) {
 
 // ---- one row --------------------------------------------------------------------------------------
 
+RowRule RowRule::of(const SamplingParams& p, const ModelConfig& config) {
+  return RowRule{.row_size = config.embedding_size,
+                 .vocab_size = std::min(config.vocab_size, config.embedding_size),
+                 .mask_token_id = config.mask_token_id,
+                 .temperature = p.temperature,
+                 .remasking = p.remasking,
+                 .eos_token_id = config.eos_token_id,
+                 .eot_token_id = p.eot_token_id,
+                 .logits_eos_inf = p.logits_eos_inf,
+                 .confidence_eos_eot_inf = p.confidence_eos_eot_inf,
+                 .top_k = p.top_k,
+                 .top_p = p.top_p};
+}
+
 void apply_cfg(float* cond, const float* uncond, size_t n, double cfg_scale) {
   const float scale = static_cast<float>(cfg_scale + 1.0);
   for (size_t i = 0; i < n; ++i) cond[i] = uncond[i] + scale * (cond[i] - uncond[i]);

@@ -16,9 +16,7 @@ using ops::kMaxTop;
 
 // Rows whose draw is restricted by top-k / top-p are sampled on the host by sample_task (their logits
 // copied back): ranking a whole vocabulary per row is not worth a kernel for a rarely used option.
-inline bool needs_host(const RowTask& t) {
-  return t.rule && t.rule->temperature > 0.0 && (t.rule->top_k > 0 || t.rule->top_p < 1.0);
-}
+inline bool needs_host(const RowTask& t) { return t.rule && t.rule->filters(); }
 
 inline TaskDesc task_desc(const RowTask& t, int row_size) {
   TaskDesc d{};
