@@ -1,0 +1,332 @@
+/**
+ * What today's client libraries send, against a live `vdiff serve` on the embedded model (with an API
+ * key): the official `openai` SDK (top logprobs, auth errors by class, the developer role, the Responses
+ * API, structured output parsed with zod), the Vercel AI SDK through `@ai-sdk/openai-compatible` (chat
+ * completions) and through `@ai-sdk/openai`'s default provider (the Responses API), and LangChain's
+ * ChatOpenAI. Answers are Shakespeare-ish: the checks are about shape, agreement between endpoints and
+ * streaming, never about what the model says.
+ */
+import { createOpenAI } from "@ai-sdk/openai"
+import { createOpenAICompatible } from "@ai-sdk/openai-compatible"
+import { ChatOpenAI } from "@langchain/openai"
+import { generateText, Output, streamText } from "ai"
+import OpenAI from "openai"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { z } from "zod"
+import { type ServeProcess, startServe } from "./stress/serve.js"
+
+const apiKey = "sk-clients-test-key"
+const model = "shakespeare"
+let server: ServeProcess
+let client: OpenAI
+
+beforeAll(async () => {
+  server = await startServe({ flags: ["--api-key", apiKey, "--max-tokens", "12"] })
+  client = new OpenAI({ apiKey, baseURL: server.url + "/v1", maxRetries: 0, timeout: 30_000 })
+})
+afterAll(async () => {
+  expect(await server.stop()).toBe(0)
+})
+
+const descending = (values: ReadonlyArray<number>) => values.every((v, i) => i === 0 || values[i - 1]! >= v)
+
+describe("openai SDK", () => {
+  it("completions logprobs: N: the N likeliest alternatives of the committing step, plus the chosen token", async () => {
+    const completion = await client.completions.create({ model, prompt: "KING:", max_tokens: 8, seed: 1, logprobs: 3 })
+    const logprobs = completion.choices[0]!.logprobs!
+    expect(logprobs.tokens!.length).toBe(8)
+    logprobs.top_logprobs!.forEach((top, i) => {
+      const entries = Object.entries(top)
+      // 3 alternatives (fewer only if two render to the same text), and the chosen token when not among them.
+      expect(entries.length).toBeGreaterThanOrEqual(2)
+      expect(entries.length).toBeLessThanOrEqual(4)
+      expect(Object.keys(top)).toContain(logprobs.tokens![i])
+      const alternatives = entries.slice(0, 3).map(([, lp]) => lp)
+      expect(descending(alternatives)).toBe(true)
+      for (const lp of alternatives) expect(lp).toBeLessThanOrEqual(0)
+      // The chosen token's own logprob is the probability it was committed with.
+      expect(top[logprobs.tokens![i]!]).toBeCloseTo(logprobs.token_logprobs![i]!, 4)
+    })
+    // Real alternatives: at least one position offers tokens besides the chosen one, with less weight.
+    expect(logprobs.top_logprobs!.every((top) => Object.keys(top).length > 1)).toBe(true)
+
+    // 20 is the most; 21 is refused.
+    const twenty = await client.completions.create({ model, prompt: "KING:", max_tokens: 2, seed: 1, logprobs: 20 })
+    expect(Object.keys(twenty.choices[0]!.logprobs!.top_logprobs![0]!).length).toBeGreaterThanOrEqual(15)
+    const tooMany = await client.completions.create({ model, prompt: "KING:", max_tokens: 2, logprobs: 21 }).catch((e) => e)
+    expect(tooMany).toBeInstanceOf(OpenAI.BadRequestError)
+    expect(tooMany.param).toBe("logprobs")
+  })
+
+  it("chat logprobs with top_logprobs: N alternatives per token with logprobs and bytes, the same streamed", async () => {
+    const request = {
+      model,
+      messages: [{ role: "user" as const, content: "Speak, my lord." }],
+      max_tokens: 8,
+      seed: 2,
+      logprobs: true,
+      top_logprobs: 4
+    }
+    const completion = await client.chat.completions.create(request)
+    const content = completion.choices[0]!.logprobs!.content!
+    expect(content.length).toBeGreaterThan(0)
+    for (const entry of content) {
+      expect(entry.top_logprobs).toHaveLength(4)
+      expect(descending(entry.top_logprobs.map((t) => t.logprob))).toBe(true)
+      expect(new Set(entry.top_logprobs.map((t) => t.token)).size).toBeGreaterThan(1)
+      for (const top of entry.top_logprobs) {
+        if (top.bytes !== null) expect(Buffer.from(top.bytes).toString("utf8")).toBe(top.token)
+      }
+      // The likeliest alternative is at least as likely as the token committed.
+      expect(entry.top_logprobs[0]!.logprob).toBeGreaterThanOrEqual(entry.logprob - 1e-4)
+    }
+    expect(content.map((e) => e.token).join("")).toBe(completion.choices[0]!.message.content)
+
+    const stream = await client.chat.completions.create({ ...request, stream: true })
+    const streamed: Array<OpenAI.ChatCompletionTokenLogprob> = []
+    for await (const chunk of stream) streamed.push(...(chunk.choices[0]?.logprobs?.content ?? []))
+    expect(streamed).toEqual(content)
+  })
+
+  it("auth errors by class: no key and a wrong key are AuthenticationError (401)", async () => {
+    for (const key of ["sk-not-ours", "sk-clients-test-ke"]) {
+      const intruder = new OpenAI({ apiKey: key, baseURL: server.url + "/v1", maxRetries: 0 })
+      const denied = await intruder.chat.completions.create({ model, messages: [{ role: "user", content: "x" }] })
+        .catch((e) => e)
+      expect(denied).toBeInstanceOf(OpenAI.AuthenticationError)
+      expect(denied.status).toBe(401)
+      expect(denied.code).toBe("invalid_api_key")
+      expect(denied.message).not.toContain(key)
+    }
+    const response = await fetch(server.url + "/v1/models")
+    expect(response.status).toBe(401)
+    expect(((await response.json()) as { error: { code: string } }).error.code).toBe("missing_api_key")
+  })
+
+  it("the developer role is a system message", async () => {
+    const ask = (role: "developer" | "system" | "user") =>
+      client.chat.completions.create({
+        model,
+        messages: [{ role, content: "Thou art a herald of the king." }, { role: "user", content: "What news?" }],
+        max_tokens: 10,
+        seed: 5
+      })
+    const [developer, system, user] = await Promise.all([ask("developer"), ask("system"), ask("user")])
+    expect(developer.choices[0]!.message.content).toBe(system.choices[0]!.message.content)
+    expect(developer.usage).toEqual(system.usage)
+    // The control: as a user message the same words make another prompt.
+    expect(user.usage!.prompt_tokens).not.toBe(system.usage!.prompt_tokens)
+  })
+
+  it("responses: input and instructions answer as chat's system and user messages do", async () => {
+    const response = await client.responses.create({
+      model,
+      instructions: "Thou art a herald of the king.",
+      input: "What news?",
+      max_output_tokens: 10,
+      temperature: 0,
+      seed: 6
+    } as OpenAI.Responses.ResponseCreateParamsNonStreaming)
+    const chat = await client.chat.completions.create({
+      model,
+      messages: [{ role: "system", content: "Thou art a herald of the king." }, { role: "user", content: "What news?" }],
+      max_tokens: 10,
+      temperature: 0,
+      seed: 6
+    })
+    expect(response.object).toBe("response")
+    expect(response.id).toMatch(/^resp_/)
+    expect(response.output_text).toBe(chat.choices[0]!.message.content)
+    expect(response.status).toBe(chat.choices[0]!.finish_reason === "length" ? "incomplete" : "completed")
+    expect(response.usage).toMatchObject({
+      input_tokens: chat.usage!.prompt_tokens,
+      output_tokens: chat.usage!.completion_tokens,
+      total_tokens: chat.usage!.total_tokens
+    })
+
+    // A message list with content parts, streamed: the events in order, the deltas adding up.
+    const request = {
+      model,
+      input: [
+        { role: "developer" as const, content: "Thou art a herald of the king." },
+        { role: "user" as const, content: [{ type: "input_text" as const, text: "What news?" }] }
+      ],
+      max_output_tokens: 10,
+      seed: 6
+    } as OpenAI.Responses.ResponseCreateParamsNonStreaming
+    const whole = await client.responses.create(request)
+    expect(whole.output_text).toBe(response.output_text)
+    const stream = await client.responses.create({ ...request, stream: true })
+    const types: Array<string> = []
+    let text = ""
+    let completed: OpenAI.Responses.Response | undefined
+    for await (const event of stream) {
+      types.push(event.type)
+      if (event.type === "response.output_text.delta") text += event.delta
+      if (event.type === "response.completed" || event.type === "response.incomplete") completed = event.response
+    }
+    expect(types.slice(0, 4)).toEqual([
+      "response.created",
+      "response.in_progress",
+      "response.output_item.added",
+      "response.content_part.added"
+    ])
+    expect(types.filter((t) => t === "response.output_text.delta").length).toBeGreaterThan(0)
+    expect(types.slice(-4, -1)).toEqual(["response.output_text.done", "response.content_part.done", "response.output_item.done"])
+    expect(["response.completed", "response.incomplete"]).toContain(types[types.length - 1])
+    expect(text).toBe(whole.output_text)
+    expect(completed!.output_text ?? completed!.output.flatMap((o) => o.type === "message" ? o.content : [])
+      .map((c) => (c.type === "output_text" ? c.text : "")).join("")).toBe(whole.output_text)
+  })
+
+  it("responses: what needs stored state or tools is a 400 naming the field", async () => {
+    const cases: Array<[Record<string, unknown>, string]> = [
+      [{ previous_response_id: "resp_1" }, "previous_response_id"],
+      [{ store: true }, "store"],
+      [{ tools: [{ type: "function", name: "f", parameters: {} }] }, "tools"],
+      [{ input: [{ type: "function_call_output", call_id: "c", output: "x" }] }, "input[0].type"],
+      [{ text: { format: { type: "json_object" } } }, "text.format"]
+    ]
+    for (const [fields, param] of cases) {
+      const refused = await client.responses.create({ model, input: "x", ...fields } as never).catch((e) => e)
+      expect(refused, param).toBeInstanceOf(OpenAI.BadRequestError)
+      expect(refused.param, param).toBe(param)
+      expect(refused.message, param).toMatch(/not supported/)
+    }
+    // store: false is what this server does anyway.
+    const stored = await client.responses.create({ model, input: "x", store: false, max_output_tokens: 2 })
+    expect((stored as unknown as { store: boolean }).store).toBe(false)
+  })
+})
+
+describe("structured output (json_schema by template)", () => {
+  const Herald = z.object({
+    name: z.string(),
+    news: z.string(),
+    house: z.object({ seat: z.string(), liege: z.string() })
+  })
+  const messages = [{ role: "user" as const, content: "Who art thou, and what news?" }]
+  const format = { type: "json_schema" as const, json_schema: { name: "herald", schema: z.toJSONSchema(Herald), strict: true } }
+  /** Fewer denoising steps than masks (several tokens a step), to keep the test quick: the skeleton is what is checked. */
+  const quick = { diffusion_steps: 12 } as Record<string, unknown>
+
+  it("the reply parses with the schema, streamed or not; without response_format it does not", async () => {
+    for (const seed of [1, 2]) {
+      const completion = await client.chat.completions.create({ model, messages, seed, response_format: format, ...quick })
+      const content = completion.choices[0]!.message.content!
+      const parsed = Herald.parse(JSON.parse(content))
+      expect(Object.keys(parsed)).toEqual(["name", "news", "house"])
+      expect(completion.choices[0]!.finish_reason).toBe("stop")
+      const stream = await client.chat.completions.create({ model, messages, seed, response_format: format, stream: true, ...quick })
+      let streamed = ""
+      for await (const chunk of stream) streamed += chunk.choices[0]?.delta.content ?? ""
+      expect(streamed).toBe(content)
+    }
+    // The negative control: the same request as plain text is not JSON of this shape.
+    const plain = await client.chat.completions.create({ model, messages, seed: 1, max_tokens: 40 })
+    const valid = (() => {
+      try {
+        return Herald.safeParse(JSON.parse(plain.choices[0]!.message.content!)).success
+      } catch {
+        return false
+      }
+    })()
+    expect(valid).toBe(false)
+  })
+
+  it("max_tokens sizes the value slots; schemas a template cannot honour are refused with the reason", async () => {
+    // The skeleton of this schema is 50 tokens of the embedded model's vocabulary; 4 values share the rest.
+    const small = await client.chat.completions.create({ model, messages, seed: 4, max_tokens: 62, response_format: format, ...quick })
+    expect(small.usage!.completion_tokens).toBe(62)
+    Herald.parse(JSON.parse(small.choices[0]!.message.content!))
+
+    const refused = async (schema: unknown, reason: RegExp) => {
+      const error = await client.chat.completions.create({
+        model,
+        messages,
+        response_format: { type: "json_schema", json_schema: { name: "x", schema: schema as Record<string, unknown> } }
+      }).catch((e) => e)
+      expect(error).toBeInstanceOf(OpenAI.BadRequestError)
+      expect(error.param).toBe("response_format.json_schema.schema")
+      expect(error.message).toMatch(reason)
+    }
+    await refused(z.toJSONSchema(z.object({ age: z.number() })), /schema\.properties\.age: values of type "number" are not supported/)
+    await refused(z.toJSONSchema(z.object({ tags: z.array(z.string()) })), /"array"/)
+    await refused(z.toJSONSchema(z.object({ id: z.string().regex(/^[a-z]+$/) })), /pattern is not supported/)
+    await refused(z.toJSONSchema(z.string()), /must be an object with known keys/)
+    await refused({ type: "object" }, /needs its keys in `properties`/)
+    const jsonObject = await client.chat.completions.create({ model, messages, response_format: { type: "json_object" } })
+      .catch((e) => e)
+    expect(jsonObject).toBeInstanceOf(OpenAI.BadRequestError)
+    expect(jsonObject.message).toMatch(/keys of the object are not known/)
+    const tooShort = await client.chat.completions.create({ model, messages, max_tokens: 10, response_format: format })
+      .catch((e) => e)
+    expect(tooShort).toBeInstanceOf(OpenAI.BadRequestError)
+    expect(tooShort.message).toMatch(/leaves no room for the values/)
+  })
+})
+
+describe("Vercel AI SDK", () => {
+  it("@ai-sdk/openai-compatible: generateText and streamText agree", async () => {
+    const provider = createOpenAICompatible({ name: "vdiff", baseURL: server.url + "/v1", apiKey, includeUsage: true })
+    const settings = { model: provider.chatModel(model), prompt: "What news?", system: "Thou art a herald.", maxOutputTokens: 10, seed: 7, temperature: 0 }
+    const generated = await generateText(settings)
+    expect(generated.text.length).toBeGreaterThan(0)
+    expect(["stop", "length"]).toContain(generated.finishReason)
+    expect(generated.usage.outputTokens).toBeGreaterThan(0)
+    const streamed = streamText(settings)
+    let text = ""
+    for await (const delta of streamed.textStream) text += delta
+    expect(text).toBe(generated.text)
+    expect((await streamed.usage).outputTokens).toBe(generated.usage.outputTokens)
+  })
+
+  it("@ai-sdk/openai-compatible with structured outputs: the object validates against the zod schema", async () => {
+    const provider = createOpenAICompatible({ name: "vdiff", baseURL: server.url + "/v1", apiKey, supportsStructuredOutputs: true })
+    const schema = z.object({ name: z.string(), news: z.string() })
+    const result = await generateText({
+      model: provider.chatModel(model),
+      prompt: "Who art thou?",
+      seed: 8,
+      output: Output.object({ schema })
+    })
+    expect(schema.parse(result.output)).toEqual(result.output)
+  })
+
+  it("@ai-sdk/openai's default provider (the Responses API): generateText and streamText agree", async () => {
+    const openai = createOpenAI({ baseURL: server.url + "/v1", apiKey })
+    const settings = { model: openai(model), prompt: "What news?", system: "Thou art a herald.", maxOutputTokens: 10, seed: 7, temperature: 0 }
+    const generated = await generateText(settings)
+    expect(generated.text.length).toBeGreaterThan(0)
+    expect(generated.response.id).toMatch(/^resp_/)
+    expect(generated.usage.outputTokens).toBeGreaterThan(0)
+    const streamed = streamText(settings)
+    let text = ""
+    for await (const delta of streamed.textStream) text += delta
+    expect(text).toBe(generated.text)
+    expect(await streamed.finishReason).toBe(generated.finishReason)
+  })
+})
+
+describe("LangChain ChatOpenAI", () => {
+  it("invoke and stream agree", async () => {
+    const chat = new ChatOpenAI({
+      model,
+      apiKey,
+      configuration: { baseURL: server.url + "/v1" },
+      maxTokens: 10,
+      temperature: 0,
+      maxRetries: 0
+    })
+    const messages: Array<[string, string]> = [["system", "Thou art a herald."], ["human", "What news?"]]
+    const reply = await chat.invoke(messages, { seed: 9 })
+    expect(typeof reply.content).toBe("string")
+    expect((reply.content as string).length).toBeGreaterThan(0)
+    // (The message type's fields resolve to `never` across the zod versions installed; read it plainly.)
+    const usage = (reply as unknown as { usage_metadata?: { output_tokens: number } }).usage_metadata
+    expect(usage?.output_tokens).toBeGreaterThan(0)
+    let streamed = ""
+    for await (const chunk of await chat.stream(messages, { seed: 9 })) streamed += chunk.content as string
+    expect(streamed).toBe(reply.content)
+  })
+})
