@@ -1,0 +1,111 @@
+/**
+ * Structured output's template (src/openai/structured.ts), without a model: which schemas become a JSON
+ * skeleton and which are refused with their reason; the skeleton laid out on the embedded model's
+ * tokenizer (fixed tokens decode to the skeleton, slots are -1); and reading an answer back: whatever
+ * tokens the model puts in the slots (quotes, backslashes, newlines, special tokens), the text is JSON
+ * that parses and has the schema's keys.
+ */
+import { Effect } from "effect"
+import fc from "fast-check"
+import { join } from "node:path"
+import { beforeAll, describe, expect, it } from "vitest"
+import * as Tokenizer from "../src/tokenizer/Tokenizer.js"
+import { isRefusal, layOut, skeletonOf } from "../src/openai/structured.js"
+
+let tokenizer: Tokenizer.TokenizerShape
+beforeAll(async () => {
+  tokenizer = await Effect.runPromise(Tokenizer.make(join(import.meta.dirname, "..", "models", "shakespeare")))
+})
+
+const object = (properties: Record<string, unknown>, extra: Record<string, unknown> = {}) => ({
+  type: "object",
+  properties,
+  ...extra
+})
+
+describe("skeletonOf", () => {
+  it("lays out objects with known keys: strings as slots, nested objects, fixed values", () => {
+    const skeleton = skeletonOf(object({
+      name: { type: "string", description: "who" },
+      kind: { const: "herald" },
+      rank: { enum: [3] },
+      house: object({ seat: { type: "string" } }, { required: ["seat"], additionalProperties: false })
+    }, { $schema: "https://json-schema.org/draft/2020-12/schema", required: ["name"] }))
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    expect(skeleton.slots).toBe(2)
+    expect(skeleton.parts).toEqual([
+      { fixed: `{"name": "` },
+      { slot: true },
+      { fixed: `", "kind": "herald", "rank": 3, "house": {"seat": "` },
+      { slot: true },
+      { fixed: `"}}` }
+    ])
+  })
+
+  it.each([
+    ["a string at the top", { type: "string" }, "schema", /must be an object with known keys/],
+    ["an object without properties", { type: "object" }, "schema", /needs its keys in `properties`/],
+    ["a number", object({ age: { type: "number" } }), "schema.properties.age", /"number" are not supported/],
+    ["a boolean", object({ ok: { type: "boolean" } }), "schema.properties.ok", /"boolean" are not supported/],
+    ["an array", object({ tags: { type: "array", items: { type: "string" } } }), "schema.properties.tags", /"array"/],
+    ["a nullable string", object({ s: { type: ["string", "null"] } }), "schema.properties.s", /one type/],
+    ["anyOf", object({ s: { anyOf: [{ type: "string" }] } }), "schema.properties.s", /anyOf is not supported/],
+    ["$ref", object({ s: { $ref: "#/$defs/x" } }), "schema.properties.s", /\$ref is not supported/],
+    ["a pattern", object({ s: { type: "string", pattern: "^a$" } }), "schema.properties.s.pattern", /pattern/],
+    ["a string enum", object({ s: { type: "string", enum: ["a", "b"] } }), "schema.properties.s.enum", /enum/],
+    ["a value without type", object({ s: {} }), "schema.properties.s", /needs a `type`/],
+    ["additionalProperties with a schema", object({ s: { type: "string" } }, { additionalProperties: { type: "string" } }),
+      "schema.additionalProperties", /only known keys/],
+    ["required naming an unknown key", object({ s: { type: "string" } }, { required: ["t"] }), "schema.required", /"t"/]
+  ])("refuses %s", (_, schema, path, reason) => {
+    const refusal = skeletonOf(schema)
+    expect(isRefusal(refusal)).toBe(true)
+    if (!isRefusal(refusal)) return
+    expect(refusal.path).toBe(path)
+    expect(refusal.message).toMatch(reason)
+  })
+})
+
+describe("layOut", () => {
+  const schema = object({ name: { type: "string" }, house: object({ seat: { type: "string" } }) })
+
+  it("puts the skeleton's tokens on the canvas and leaves slotTokens masks per value", () => {
+    const skeleton = skeletonOf(schema)
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    const laid = layOut(skeleton, 5, tokenizer)
+    const open = laid.template.flatMap((token, i) => (token === -1 ? [i] : []))
+    expect(open).toHaveLength(10)
+    // Two runs of 5 masks.
+    expect(open[4]! - open[0]!).toBe(4)
+    expect(open[9]! - open[5]!).toBe(4)
+    const fixed = laid.template.filter((token) => token !== -1)
+    expect(tokenizer.decode(fixed)).toBe(`{"name": "", "house": {"seat": ""}}`)
+  })
+
+  it("reads any slot contents back as JSON with the schema's keys", () => {
+    const skeleton = skeletonOf(schema)
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    const laid = layOut(skeleton, 6, tokenizer)
+    const special = tokenizer.specialTokens
+    const awkward = ["\"", "\\", "\n", "}", "{\"a\":", " \t"].map((text) => tokenizer.encode(text, { addSpecialTokens: false })[0]!)
+    const token = fc.oneof(
+      fc.integer({ min: 0, max: tokenizer.vocabSize - 1 }),
+      fc.constantFrom(special.eos, special.mask, ...awkward)
+    )
+    fc.assert(
+      fc.property(fc.array(token, { minLength: 12, maxLength: 12 }), (values) => {
+        let v = 0
+        const canvas = laid.template.map((t) => (t === -1 ? values[v++]! : t))
+        const parsed = JSON.parse(laid.render(canvas))
+        expect(Object.keys(parsed)).toEqual(["name", "house"])
+        expect(Object.keys(parsed.house)).toEqual(["seat"])
+        expect(typeof parsed.name).toBe("string")
+        expect(typeof parsed.house.seat).toBe("string")
+        // Whitespace folded and trimmed, special tokens left out.
+        expect(parsed.name).toBe(parsed.name.trim())
+        expect(parsed.name).not.toMatch(/\s\s|\n|<\|/)
+      }),
+      { numRuns: 300 }
+    )
+  })
+})
