@@ -185,7 +185,8 @@ describe("openai SDK", () => {
       [{ store: true }, "store"],
       [{ tools: [{ type: "function", name: "f", parameters: {} }] }, "tools"],
       [{ input: [{ type: "function_call_output", call_id: "c", output: "x" }] }, "input[0].type"],
-      [{ text: { format: { type: "json_object" } } }, "text.format"]
+      [{ text: { format: { type: "json_object" } } }, "text.format"],
+      [{ include: ["file_search_call.results"] }, "include"]
     ]
     for (const [fields, param] of cases) {
       const refused = await client.responses.create({ model, input: "x", ...fields } as never).catch((e) => e)
@@ -196,6 +197,31 @@ describe("openai SDK", () => {
     // store: false is what this server does anyway.
     const stored = await client.responses.create({ model, input: "x", store: false, max_output_tokens: 2 })
     expect((stored as unknown as { store: boolean }).store).toBe(false)
+  })
+
+  it("responses: include message.output_text.logprobs gives each token's logprob and alternatives, streamed alike", async () => {
+    const request = {
+      model,
+      input: "Speak, my lord.",
+      max_output_tokens: 8,
+      seed: 3,
+      include: ["message.output_text.logprobs" as const],
+      top_logprobs: 3
+    }
+    const response = await client.responses.create(request)
+    const message = response.output[0]!
+    if (message.type !== "message" || message.content[0]!.type !== "output_text") throw new Error("no output text")
+    const logprobs = message.content[0]!.logprobs!
+    expect(logprobs).toHaveLength(response.usage!.output_tokens)
+    expect(logprobs.map((l) => l.token).join("")).toBe(response.output_text)
+    for (const entry of logprobs) {
+      expect(entry.top_logprobs).toHaveLength(3)
+      expect(descending(entry.top_logprobs.map((t) => t.logprob))).toBe(true)
+    }
+    const stream = await client.responses.create({ ...request, stream: true })
+    const streamed: Array<unknown> = []
+    for await (const event of stream) if (event.type === "response.output_text.delta") streamed.push(...event.logprobs)
+    expect(streamed).toEqual(logprobs)
   })
 })
 
@@ -291,6 +317,19 @@ describe("Vercel AI SDK", () => {
       output: Output.object({ schema })
     })
     expect(schema.parse(result.output)).toEqual(result.output)
+  })
+
+  it("@ai-sdk/openai's default provider: an object by the Responses API's text.format validates against the zod schema", async () => {
+    const openai = createOpenAI({ baseURL: server.url + "/v1", apiKey })
+    const schema = z.object({ name: z.string(), news: z.string() })
+    const result = await generateText({
+      model: openai(model),
+      prompt: "Who art thou?",
+      output: Output.object({ schema }),
+      providerOptions: { openai: { strictJsonSchema: true } }
+    })
+    expect(schema.parse(result.output)).toEqual(result.output)
+    expect(result.finishReason).toBe("stop")
   })
 
   it("@ai-sdk/openai's default provider (the Responses API): generateText and streamText agree", async () => {

@@ -8,7 +8,7 @@ import { RequestId } from "../api/RequestId.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { BadRequest, InternalError } from "../api/errors.js"
 import type { ChatCompletionRequest } from "./protocol.js"
-import { makePlan, type PreparedPrompt } from "./plan.js"
+import { checkModel, makePlan, type PreparedPrompt } from "./plan.js"
 import { chatLogprobs, respond, TokenTexts } from "./render.js"
 import { preparePromptJobs } from "./run.js"
 import type { ChoiceDecoder } from "./ChoiceDecoder.js"
@@ -50,6 +50,8 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
       : request.max_tokens !== undefined
       ? { value: request.max_tokens, param: "max_tokens" }
       : undefined
+    // An unknown model is a 404 before anything about the request's content is.
+    yield* checkModel(request.model)
     const structured = yield* planStructured({
       type: request.response_format?.type,
       schema: request.response_format?.json_schema?.schema,

@@ -8,9 +8,12 @@
  * output, as chat's response_format) are honoured, as are this server's own settings (top_k, seed, the
  * diffusion settings). One answer (no `n`).
  *
+ * `include: ["message.output_text.logprobs"]` with `top_logprobs` gives each output token's logprob and
+ * alternatives, as chat's logprobs.
+ *
  * Refused by name (400), because this server keeps nothing between requests and runs no tools:
  * `previous_response_id`, `conversation`, `store: true`, `background: true`, `tools`, a `tool_choice`
- * that needs a tool, `include`, and input items other than messages.
+ * that needs a tool, any other `include`, and input items other than messages.
  *
  * The response is a `response` object whose one output item is the assistant message; `status` is
  * "completed", or "incomplete" (`incomplete_details.reason: "max_output_tokens"`) when the answer filled
@@ -25,14 +28,18 @@ import { RequestId } from "../api/RequestId.js"
 import type { ChatMessage, ContentPart } from "../chat/ChatFormatter.js"
 import type { ChoiceDecoder } from "./ChoiceDecoder.js"
 import { renderMessages } from "./chat.js"
-import { makePlan, type PreparedPrompt } from "./plan.js"
+import { checkModel, makePlan, type PreparedPrompt } from "./plan.js"
 import type { ResponseRequest } from "./protocol.js"
-import { nowSeconds } from "./render.js"
+import { chatLogprobs, nowSeconds, TokenTexts } from "./render.js"
 import { diffusionOfJobs, mergedChunks, preparePromptJobs, runToEnd, usageOfJobs } from "./run.js"
 import { ServingConfig } from "./ServingConfig.js"
+import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { planStructured } from "./structured.js"
 import { respondSse, type SseEncoding } from "./streaming.js"
 import { HttpServerResponse } from "@effect/platform"
+
+/** What `include` may ask for: each output token's logprob and its `top_logprobs` alternatives. */
+const LOGPROBS = "message.output_text.logprobs"
 
 const unsupported = (param: string, message: string) =>
   new BadRequest({ message, param, code: "unsupported_parameter" })
@@ -58,8 +65,9 @@ const refusal = (request: ResponseRequest): BadRequest | undefined => {
   if (request.tool_choice !== undefined && request.tool_choice !== "none" && request.tool_choice !== "auto") {
     return unsupported("tool_choice", "tool_choice other than \"none\" or \"auto\" is not supported: the model cannot call tools")
   }
-  if (request.include !== undefined && request.include.length > 0) {
-    return unsupported("include", `include is not supported (asked for ${request.include.join(", ")})`)
+  const included = (request.include ?? []).filter((what) => what !== LOGPROBS)
+  if (included.length > 0) {
+    return unsupported("include", `include is not supported for ${included.join(", ")}; only ${LOGPROBS} is`)
   }
   return undefined
 }
@@ -126,6 +134,7 @@ export const responses = (request: ResponseRequest) =>
   Effect.gen(function*() {
     const config = yield* ServingConfig
     const requestId = yield* RequestId
+    yield* checkModel(request.model)
     const refused = refusal(request)
     if (refused !== undefined) return yield* refused
 
@@ -143,7 +152,12 @@ export const responses = (request: ResponseRequest) =>
     const answerLength = structured === undefined
       ? maxTokens
       : { value: structured.template.length, param: maxTokens?.param ?? "max_output_tokens" }
-    const plan = yield* makePlan({ ...request, n: 1 }, answerLength)
+    // With include: [LOGPROBS], each output token's logprob and top_logprobs alternatives, as chat's.
+    const top = request.include?.includes(LOGPROBS) === true ? request.top_logprobs ?? 0 : undefined
+    if (request.top_logprobs !== undefined && top === undefined) {
+      return yield* new BadRequest({ message: `top_logprobs requires include: ["${LOGPROBS}"]`, param: "top_logprobs" })
+    }
+    const plan = yield* makePlan({ ...request, n: 1 }, answerLength, top ?? 0)
     const messages = yield* messagesOf(request)
     const prompt: PreparedPrompt = {
       tokens: yield* renderMessages(messages, { addGenerationPrompt: true }),
@@ -153,11 +167,14 @@ export const responses = (request: ResponseRequest) =>
     const jobs = yield* preparePromptJobs([prompt], plan)
     const decoder = jobs[0]!.run.decoders[0]!
     const textOf = (d: ChoiceDecoder) => (structured === undefined ? d.text : structured.render(d.canvas))
+    const texts = new TokenTexts(yield* Tokenizer)
+    const logprobsOf = (from: number, to: number) => top === undefined ? [] : chatLogprobs(decoder, from, to, top, texts).content
 
     const createdAt = yield* nowSeconds
     const id = `resp_${requestId}`
     const itemId = `msg_${requestId}`
-    const part = (text: string) => ({ type: "output_text", text, annotations: [], logprobs: [] })
+    const part = (text: string, logprobs: ReadonlyArray<unknown> = []) => ({ type: "output_text", text, annotations: [], logprobs })
+    const finalPart = () => part(textOf(decoder), logprobsOf(0, decoder.tokenIds.length))
     const item = (status: "in_progress" | "completed" | "incomplete", content: ReadonlyArray<unknown>) => ({
       id: itemId,
       type: "message",
@@ -178,7 +195,7 @@ export const responses = (request: ResponseRequest) =>
         instructions: request.instructions ?? null,
         max_output_tokens: request.max_output_tokens ?? null,
         model: config.modelName,
-        output: finished ? [item(status === "incomplete" ? "incomplete" : "completed", [part(textOf(decoder))])] : [],
+        output: finished ? [item(status === "incomplete" ? "incomplete" : "completed", [finalPart()])] : [],
         parallel_tool_calls: false,
         previous_response_id: null,
         store: false,
@@ -212,18 +229,19 @@ export const responses = (request: ResponseRequest) =>
       { type: "response.output_item.added", output_index: 0, item: item("in_progress", []) },
       { type: "response.content_part.added", ...at, part: part("") }
     ]
-    const chunks = mergedChunks(jobs, 1, (_, __, update) => {
-      const delta = structured === undefined
-        ? update.delta.text
-        : update.delta.finishReason === null ? "" : textOf(update.decoder)
-      return delta === "" ? Option.none() : Option.some({ type: "response.output_text.delta", ...at, delta, logprobs: [] })
+    const chunks = mergedChunks(jobs, 1, (_, __, { delta: { text, finishReason, firstToken, endToken } }) => {
+      const delta = structured === undefined ? text : finishReason === null ? "" : textOf(decoder)
+      const worthIt = delta !== "" || (top !== undefined && endToken > firstToken)
+      return worthIt
+        ? Option.some({ type: "response.output_text.delta", ...at, delta, logprobs: logprobsOf(firstToken, endToken) })
+        : Option.none()
     })
     const epilogue = Effect.sync(() => {
       const done = response(true)
-      const text = textOf(decoder)
+      const final = finalPart()
       return [
-        { type: "response.output_text.done", ...at, text, logprobs: [] },
-        { type: "response.content_part.done", ...at, part: part(text) },
+        { type: "response.output_text.done", ...at, text: final.text, logprobs: final.logprobs },
+        { type: "response.content_part.done", ...at, part: final },
         { type: "response.output_item.done", output_index: 0, item: done.output[0] },
         { type: done.status === "incomplete" ? "response.incomplete" : "response.completed", response: done }
       ]
