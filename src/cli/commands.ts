@@ -51,3 +51,20 @@ export const generate = commandLine(
     summary: ["One generation from token ids straight through the native engine, timed; prints JSON."]
   }
 )
+
+export const quantize = commandLine(
+  Schema.Struct({
+    model: optionalText("Model directory to quantize (required)", "DIR"),
+    out: optionalText("Directory to write the quantized model to (required)", "DIR"),
+    format: setting(OneOfText(["q8_0", "q4_0"]), {
+      description: "Block format of the projection and head matrices: int8 or 4-bit, 32 per f16 scale",
+      default: "q8_0",
+      value: "q8_0|q4_0"
+    })
+  }),
+  {
+    command: "vdiff quantize",
+    environment: false,
+    summary: ["Writes a copy of a model with its matrices block-quantized (src/model/quantize.ts), streaming."]
+  }
+)

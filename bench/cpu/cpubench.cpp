@@ -1,0 +1,349 @@
+// bench/cpu: the roof of this CPU per instruction family, and how close the engine's GEMMs and forward
+// come to it. Prints JSON (one object) and a table on stderr.
+//
+//   1. Peaks: independent chains of one instruction on every requested thread at once (f32 FMA on ymm
+//      and zmm, int8 dot by vpmaddubsw+vpmaddwd+vpaddd, vpdpbusd on ymm and zmm, bf16 dot vdpbf16ps);
+//      each family only where cpuid reports it. A multiply-add counts as 2 operations.
+//   2. GEMMs of the model's shapes through the kernels the engine dispatched (f32 packed, and the
+//      int8 GEMMs of Q8_0 / Q4_0 including the activations' quantization), split over the threads by
+//      columns like the backend, each as a percentage of its family's peak.
+//   3. Optionally a model's forward over T tokens (32 logit rows, one block) as stored, and quantized at
+//      load to Q8_0 and Q4_0, with its rate against the relevant peak.
+//
+// Built by bench/cpu/run.sh against libvdiff_core.a:
+//   cpubench [--threads 2] [--model DIR] [--tokens 160] [--formats none,q8_0,q4_0]
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/backend.h"
+#include "cpu/kernels.h"
+#include "cpu/quant.h"
+
+using namespace vdiff;
+using namespace vdiff::cpu;
+
+namespace {
+
+double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+// Runs fn(thread) on `threads` threads at once; returns the wall time (best of `trials`).
+double timed_parallel(int threads, int trials, const std::function<void(int)>& fn) {
+  double best = 1e30;
+  for (int t = 0; t < trials; ++t) {
+    std::atomic<int> ready{0};
+    std::atomic<bool> go{false};
+    std::vector<std::thread> pool;
+    double t0 = 0;
+    for (int i = 0; i < threads; ++i)
+      pool.emplace_back([&, i] {
+        ready.fetch_add(1);
+        while (!go.load()) {
+        }
+        fn(i);
+      });
+    while (ready.load() < threads) {
+    }
+    t0 = now();
+    go.store(true);
+    for (auto& th : pool) th.join();
+    best = std::min(best, now() - t0);
+  }
+  return best;
+}
+
+volatile float g_sink_f;
+volatile int g_sink_i;
+
+// Short runs, best of many: on a shared machine a short run is more often left alone for its whole length.
+constexpr long kIters = 8'000'000;
+
+__attribute__((target("avx2,fma"))) void peak_fma_ymm() {
+  __m256 a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm256_set1_ps(1.0f + i * 1e-3f);
+  const __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+  for (long it = 0; it < kIters / 4; ++it)
+#pragma GCC unroll 16
+    for (int i = 0; i < 12; ++i) a[i] = _mm256_fmadd_ps(a[i], b, c);
+  __m256 s = a[0];
+  for (int i = 1; i < 12; ++i) s = _mm256_add_ps(s, a[i]);
+  g_sink_f = _mm256_cvtss_f32(s);
+}
+
+__attribute__((target("avx512f"))) void peak_fma_zmm() {
+  __m512 a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm512_set1_ps(1.0f + i * 1e-3f);
+  const __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
+  for (long it = 0; it < kIters / 4; ++it)
+#pragma GCC unroll 16
+    for (int i = 0; i < 12; ++i) a[i] = _mm512_fmadd_ps(a[i], b, c);
+  __m512 s = a[0];
+  for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, a[i]);
+  g_sink_f = _mm512_reduce_add_ps(s);
+}
+
+// The AVX2 int8 dot as the quantized GEMM issues it: maddubs, madd, add (32 multiply-adds).
+__attribute__((target("avx2"))) void peak_int8_avx2() {
+  __m256i acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_epi32(i);
+  const __m256i u = _mm256_set1_epi8(3), s = _mm256_set1_epi8(-2), ones = _mm256_set1_epi16(1);
+  for (long it = 0; it < kIters / 4; ++it)
+#pragma GCC unroll 16
+    for (int i = 0; i < 8; ++i) {
+      __m256i x = _mm256_xor_si256(u, acc[i]);  // keeps the chains independent of each other, dependent in time
+      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(x, s), ones));
+    }
+  __m256i t = acc[0];
+  for (int i = 1; i < 8; ++i) t = _mm256_add_epi32(t, acc[i]);
+  g_sink_i = _mm256_extract_epi32(t, 0);
+}
+
+__attribute__((target("avx512f,avx512vl,avx512vnni"))) void peak_vnni_ymm() {
+  __m256i acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_epi32(i);
+  const __m256i u = _mm256_set1_epi8(3), s = _mm256_set1_epi8(-2);
+  for (long it = 0; it < kIters / 4; ++it)
+#pragma GCC unroll 16
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_dpbusd_epi32(acc[i], u, s);
+  __m256i t = acc[0];
+  for (int i = 1; i < 12; ++i) t = _mm256_add_epi32(t, acc[i]);
+  g_sink_i = _mm256_extract_epi32(t, 0);
+}
+
+__attribute__((target("avx512f,avx512vnni"))) void peak_vnni_zmm() {
+  __m512i acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_epi32(i);
+  const __m512i u = _mm512_set1_epi8(3), s = _mm512_set1_epi8(-2);
+  for (long it = 0; it < kIters / 4; ++it)
+#pragma GCC unroll 16
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], u, s);
+  __m512i t = acc[0];
+  for (int i = 1; i < 12; ++i) t = _mm512_add_epi32(t, acc[i]);
+  g_sink_i = _mm512_reduce_add_epi32(t);
+}
+
+__attribute__((target("avx512f,avx512bf16"))) void peak_bf16_zmm() {
+  __m512 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
+  const __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80), b = (__m512bh)_mm512_set1_epi16(0x3f80);
+  for (long it = 0; it < kIters / 4; ++it)
+#pragma GCC unroll 16
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+  __m512 t = acc[0];
+  for (int i = 1; i < 12; ++i) t = _mm512_add_ps(t, acc[i]);
+  g_sink_f = _mm512_reduce_add_ps(t);
+}
+
+struct Peak {
+  std::string family;
+  double gops = 0;  // operations per second / 1e9 (a multiply-add is 2)
+};
+
+std::vector<Peak> measure_peaks(int threads) {
+  std::vector<Peak> out;
+  __builtin_cpu_init();
+  const double per_iter_chains = kIters / 4.0;
+  auto run = [&](const char* name, void (*fn)(), double ops_per_chain_step, int chains) {
+    const double t = timed_parallel(threads, 15, [&](int) { fn(); });
+    out.push_back({name, threads * per_iter_chains * chains * ops_per_chain_step / t / 1e9});
+  };
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    run("f32 FMA ymm (AVX2)", peak_fma_ymm, 16, 12);
+    run("int8 maddubs+madd ymm (AVX2)", peak_int8_avx2, 64, 8);
+  }
+  if (__builtin_cpu_supports("avx512f")) run("f32 FMA zmm (AVX-512F)", peak_fma_zmm, 32, 12);
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) {
+    run("int8 vpdpbusd ymm (AVX512_VNNI)", peak_vnni_ymm, 64, 12);
+    run("int8 vpdpbusd zmm (AVX512_VNNI)", peak_vnni_zmm, 128, 12);
+  }
+  if (__builtin_cpu_supports("avx512bf16")) run("bf16 vdpbf16ps zmm (AVX512_BF16)", peak_bf16_zmm, 64, 12);
+  return out;
+}
+
+double peak_of(const std::vector<Peak>& peaks, const std::string& prefix) {
+  for (const Peak& p : peaks)
+    if (p.family.rfind(prefix, 0) == 0) return p.gops;
+  return 0;
+}
+
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown";
+}
+
+// The family whose peak bounds each kind of work on the dispatched path.
+std::string f32_family(const Kernels& k) { return std::string(k.isa) == "avx512" ? "f32 FMA zmm" : "f32 FMA ymm"; }
+std::string int8_family(const QuantKernels& q) {
+  return std::string(q.isa) == "avx512vnni" ? "int8 vpdpbusd ymm" : "int8 maddubs+madd ymm";
+}
+
+struct GemmResult {
+  std::string name;
+  int M, N, K;
+  double seconds, gops, percent;
+  std::string family;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int threads = 2, tokens = 160;
+  std::string model, formats = "none,q8_0,q4_0";
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i];
+    if (a == "--threads") threads = std::atoi(argv[i + 1]);
+    else if (a == "--model") model = argv[i + 1];
+    else if (a == "--tokens") tokens = std::atoi(argv[i + 1]);
+    else if (a == "--formats") formats = argv[i + 1];
+  }
+  const Kernels& k = active_kernels();
+  const QuantKernels& qk = quant_kernels_for(k);
+  std::fprintf(stderr, "cpu: %s; dispatched: f32 %s, int8 %s; %d threads\n", cpu_model().c_str(), k.isa, qk.isa, threads);
+  const std::vector<Peak> peaks = measure_peaks(threads);
+  for (const Peak& p : peaks) std::fprintf(stderr, "peak %-36s %8.1f GOP/s\n", p.family.c_str(), p.gops);
+
+  // GEMMs of the `small` shapes (d 768, hidden 2048), fat (160 rows) and skinny (8 rows).
+  std::vector<GemmResult> gemms;
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  struct Shape {
+    int M, N, K;
+  };
+  for (Shape s : {Shape{160, 2048, 768}, Shape{160, 768, 2048}, Shape{8, 2048, 768}}) {
+    std::vector<float> A(static_cast<size_t>(s.M) * s.K), W(static_cast<size_t>(s.N) * s.K), C(static_cast<size_t>(s.M) * s.N);
+    for (auto& x : A) x = normal(rng);
+    for (auto& x : W) x = normal(rng) * 0.02f;
+    const double flops = 2.0 * s.M * s.N * s.K;
+    // f32, packed once (as the backend does at load).
+    if (k.pack_panel != nullptr) {
+      const int panels = (s.N + k.gemm_nr - 1) / k.gemm_nr;
+      // 64-byte aligned, as the backend's Buffer (the kernels load packed panels with aligned loads).
+      struct Aligned {
+        float* p;
+        explicit Aligned(size_t n) : p(static_cast<float*>(std::aligned_alloc(64, (n * 4 + 63) / 64 * 64))) {}
+        ~Aligned() { std::free(p); }
+        float* data() const { return p; }
+      } packed(static_cast<size_t>(panels) * k.gemm_nr * s.K);
+      const MatB raw{W.data(), WType::F32, s.K, false};
+      for (int p = 0; p < panels; ++p) k.pack_panel(raw, s.N, s.K, p, packed.data() + static_cast<size_t>(p) * k.gemm_nr * s.K);
+      const MatB b{W.data(), WType::F32, s.K, false, packed.data()};
+      std::vector<Aligned> scratch;
+      for (int th = 0; th < threads; ++th) scratch.emplace_back(k.gemm_scratch_floats(s.K));
+      const int per = (panels + threads - 1) / threads;
+      const double t = timed_parallel(threads, 15, [&](int th) {
+        const int n0 = std::min(s.N, th * per * k.gemm_nr), n1 = std::min(s.N, (th + 1) * per * k.gemm_nr);
+        for (int rep = 0; rep < 2; ++rep)
+          k.gemm(s.M, n0, n1, s.K, A.data(), s.K, b, C.data(), s.N, false, scratch[th].data());
+      }) / 2;
+      const double peak = peak_of(peaks, f32_family(k));
+      gemms.push_back({"f32", s.M, s.N, s.K, t, flops / t / 1e9, 100 * flops / t / 1e9 / peak, f32_family(k)});
+    }
+    for (QType qt : {QType::Q8_0, QType::Q4_0}) {
+      const int64_t row_bytes = s.K / kQBlock * qblock_bytes(qt);
+      std::vector<uint8_t> wq(static_cast<size_t>(s.N) * row_bytes);
+      std::vector<uint16_t> ws(static_cast<size_t>(s.N) * (s.K / kQBlock));
+      for (int n = 0; n < s.N; ++n)
+        quantize_weight_row(W.data() + static_cast<size_t>(n) * s.K, s.K, qt, wq.data() + n * row_bytes, ws.data() + n * (s.K / kQBlock));
+      const QMatB b{wq.data(), ws.data(), qt, row_bytes, s.K / kQBlock};
+      std::vector<int8_t> aq(static_cast<size_t>(s.M) * s.K);
+      std::vector<float> as(static_cast<size_t>(s.M) * (s.K / kQBlock));
+      const int per_rows = (s.M + threads - 1) / threads, per_cols = ((s.N + threads - 1) / threads + 1) / 2 * 2;
+      std::barrier sync(threads);
+      const double t = timed_parallel(threads, 15, [&](int th) {
+        for (int rep = 0; rep < 2; ++rep) {
+          // Activations quantized by rows over the threads, then the product by columns (the backend's order).
+          const int m0 = std::min(s.M, th * per_rows), m1 = std::min(s.M, (th + 1) * per_rows);
+          qk.quantize_rows(m1 - m0, s.K, A.data() + static_cast<size_t>(m0) * s.K, s.K, aq.data() + static_cast<size_t>(m0) * s.K,
+                           as.data() + static_cast<size_t>(m0) * (s.K / kQBlock));
+          sync.arrive_and_wait();
+          const QMatA a{aq.data(), as.data(), s.K, s.K / kQBlock};
+          const int n0 = std::min(s.N, th * per_cols), n1 = std::min(s.N, (th + 1) * per_cols);
+          qk.gemm(s.M, n0, n1, s.K, a, b, C.data(), s.N, false);
+          sync.arrive_and_wait();
+        }
+      }) / 2;
+      const double peak = peak_of(peaks, int8_family(qk));
+      gemms.push_back({qtype_name(qt), s.M, s.N, s.K, t, flops / t / 1e9, 100 * flops / t / 1e9 / peak, int8_family(qk)});
+    }
+  }
+  for (const GemmResult& g : gemms)
+    std::fprintf(stderr, "gemm %-5s %4d x %4d x %4d  %8.1f GOP/s  %5.1f%% of %s\n", g.name.c_str(), g.M, g.N, g.K, g.gops, g.percent,
+                 g.family.c_str());
+
+  // The forward.
+  std::string forwards_json;
+  if (!model.empty()) {
+    for (size_t at = 0; at <= formats.size();) {
+      const size_t comma = std::min(formats.find(',', at), formats.size());
+      const std::string f = formats.substr(at, comma - at);
+      at = comma + 1;
+      LoadOptions options;
+      options.threads = threads;
+      options.quantize = f == "q8_0" ? Quant::Q8_0 : f == "q4_0" ? Quant::Q4_0 : Quant::None;
+      auto backend = Backend::load(model, options);
+      const ModelConfig& c = backend->config();
+      std::vector<int32_t> toks(tokens);
+      for (int i = 0; i < tokens; ++i) toks[i] = (i * 7919) % (c.vocab_size - 8) + 1;
+      const int rows = std::min(32, tokens);
+      std::vector<int32_t> logit_rows(rows);
+      for (int i = 0; i < rows; ++i) logit_rows[i] = tokens - rows + i;
+      std::vector<float> logits(static_cast<size_t>(rows) * c.embedding_size);
+      ForwardSeq seq;
+      seq.tokens = toks.data();
+      seq.length = tokens;
+      seq.logit_rows = logit_rows.data();
+      seq.n_logit_rows = rows;
+      backend->forward({seq}, logits.data());  // warm-up
+      double best = 1e30;
+      for (int rep = 0; rep < 5; ++rep) {
+        const double t0 = now();
+        backend->forward({seq}, logits.data());
+        best = std::min(best, now() - t0);
+      }
+      const double hd = c.head_dim();
+      const double per_token = 2.0 * c.d_model * (c.n_heads * hd + 2 * c.n_kv_heads * hd) + 2.0 * c.n_heads * hd * c.d_model +
+                               3 * 2.0 * c.d_model * c.mlp_hidden_size;
+      const double attention = 4.0 * tokens * tokens * c.n_heads * hd;  // QK^T and PV
+      const double flops = c.n_layers * (tokens * per_token + attention) + 2.0 * rows * c.d_model * c.embedding_size;
+      const std::string dtype = backend->weight_dtype();
+      std::string family = f == "none" ? (dtype == "bf16" && peak_of(peaks, "bf16") > 0 ? "bf16" : f32_family(k)) : int8_family(qk);
+      // The f32 part of a quantized forward (attention) still runs on the FMA units; the figure is against
+      // the int8 peak, which bounds its matrices.
+      const double peak = peak_of(peaks, family);
+      std::fprintf(stderr, "forward %-5s (%s, %s) %d tokens: %.1f ms, %.1f GFLOP/s, %.1f%% of %s\n", f.c_str(), dtype.c_str(),
+                   backend->info().gemm.c_str(), tokens, best * 1e3, flops / best / 1e9, 100 * flops / best / 1e9 / peak,
+                   family.c_str());
+      char buf[512];
+      std::snprintf(buf, sizeof buf,
+                    "%s{\"format\":\"%s\",\"weights\":\"%s\",\"gemm\":\"%s\",\"tokens\":%d,\"ms\":%.2f,\"gflops\":%.2f,\"percent\":%.2f,\"peak\":\"%s\",\"memory_bytes\":%llu}",
+                    forwards_json.empty() ? "" : ",", f.c_str(), dtype.c_str(), backend->info().gemm.c_str(), tokens, best * 1e3,
+                    flops / best / 1e9, 100 * flops / best / 1e9 / peak, family.c_str(),
+                    static_cast<unsigned long long>(backend->info().memory_used));
+      forwards_json += buf;
+    }
+  }
+
+  std::printf("{\"cpu\":\"%s\",\"isa\":\"%s\",\"int8\":\"%s\",\"threads\":%d,\"peaks\":[", cpu_model().c_str(), k.isa, qk.isa, threads);
+  for (size_t i = 0; i < peaks.size(); ++i) std::printf("%s{\"family\":\"%s\",\"gops\":%.2f}", i ? "," : "", peaks[i].family.c_str(), peaks[i].gops);
+  std::printf("],\"gemms\":[");
+  for (size_t i = 0; i < gemms.size(); ++i)
+    std::printf("%s{\"weights\":\"%s\",\"M\":%d,\"N\":%d,\"K\":%d,\"gops\":%.2f,\"percent\":%.2f,\"peak\":\"%s\"}", i ? "," : "",
+                gemms[i].name.c_str(), gemms[i].M, gemms[i].N, gemms[i].K, gemms[i].gops, gemms[i].percent, gemms[i].family.c_str());
+  std::printf("],\"forwards\":[%s]}\n", forwards_json.c_str());
+  return 0;
+}

@@ -1,0 +1,292 @@
+/**
+ * `vdiff quantize`: a checkpoint's projection and head matrices block-quantized to Q8_0 or Q4_0, written
+ * as a safetensors checkpoint the CPU engine maps and multiplies in place (native/src/cpu/quant.h).
+ *
+ * Format, per quantized matrix W [rows, cols] (cols a multiple of 32), in blocks of 32 along a row:
+ *   - Q8_0: tensor `name`, dtype I8, shape [rows, cols]: value = q * d;
+ *   - Q4_0: tensor `name`, dtype U8, shape [rows, cols / 2]: byte j of a block holds element j in its low
+ *     nibble and element j + 16 in its high nibble, u in 0..15, value = (u - 8) * d;
+ *   - the scales d: tensor `name + "_scale"`, dtype F16, shape [rows, cols / 32].
+ * The metadata says `"vdiff.quantization": "q8_0" | "q4_0"` and `"vdiff.block_size": "32"`. The embedding
+ * and the norms are copied as they are (the embedding is looked up by row, not multiplied), and so is a
+ * matrix whose columns are not a multiple of 32.
+ *
+ * The arithmetic is the engine's quantize_weight_row (quant.h) in f32, step for step, so a checkpoint
+ * quantized here and the same checkpoint quantized at load (`--quantize`) hold the same bytes:
+ *   Q8_0: d = f16(max|x| / 127), q = clamp(rne(x / d), -127, 127)
+ *   Q4_0: d = f16(m / -8) for m the first element of largest magnitude, u = clamp(rne(x / d) + 8, 0, 15)
+ * (a zero d gives zeros).
+ *
+ * Streaming: one input tensor is read a band of rows at a time (a few MB), quantized and written before
+ * the next band is read; the output keeps the input's sharding (same file names, an index rewritten with
+ * the scales added).
+ */
+import { copyFile, mkdir, open, readdir, readFile, writeFile } from "node:fs/promises"
+import type { FileHandle } from "node:fs/promises"
+import { existsSync } from "node:fs"
+import { join } from "node:path"
+import {
+  bf16ToF32,
+  type DType,
+  dtypeBytes,
+  f16ToF32,
+  f32BitsToF16,
+  readSafetensorsHeader,
+  type ShardIndex,
+  type TensorEntry
+} from "./safetensors.js"
+
+export type QuantFormat = "q8_0" | "q4_0"
+export const quantFormats: ReadonlyArray<QuantFormat> = ["q8_0", "q4_0"]
+export const QBLOCK = 32
+
+const DATA_ALIGNMENT = 64
+/** Bytes of input read per band of rows. */
+const BAND_BYTES = 8 << 20
+
+const f32 = new Float32Array(1)
+const u32 = new Uint32Array(f32.buffer)
+const f32Bits = (x: number): number => {
+  f32[0] = x
+  return u32[0]!
+}
+
+/** Round half to even, exact on doubles. */
+const rne = (v: number): number => {
+  const f = Math.floor(v)
+  const diff = v - f
+  if (diff > 0.5) return f + 1
+  if (diff < 0.5) return f
+  return f % 2 === 0 ? f : f + 1
+}
+
+/**
+ * Quantizes one row `x` (f32 values; length a multiple of 32) into `out` (cols bytes for Q8_0, cols / 2
+ * for Q4_0) and `scales` (f16 bits, cols / 32), exactly as the engine's quantize_weight_row.
+ */
+export const quantizeRow = (x: Float32Array, format: QuantFormat, out: Uint8Array, scales: Uint16Array): void => {
+  const q = new Int32Array(QBLOCK)
+  for (let b = 0; b < x.length / QBLOCK; b++) {
+    const base = b * QBLOCK
+    let amax = 0
+    let m = 0
+    for (let j = 0; j < QBLOCK; j++) {
+      const v = x[base + j]!
+      if (Math.abs(v) > amax) {
+        amax = Math.abs(v)
+        m = v
+      }
+    }
+    const d = Math.fround(format === "q8_0" ? amax / 127 : m / -8)
+    const dh = f32BitsToF16(f32Bits(d))
+    scales[b] = dh
+    const d16 = f16ToF32(dh)
+    for (let j = 0; j < QBLOCK; j++) {
+      const r = d16 !== 0 ? rne(Math.fround(x[base + j]! / d16)) : 0
+      q[j] = format === "q8_0" ? Math.max(-127, Math.min(127, r)) : Math.max(0, Math.min(15, r + 8))
+    }
+    if (format === "q8_0") {
+      for (let j = 0; j < QBLOCK; j++) out[b * 32 + j] = q[j]! & 0xff
+    } else {
+      for (let j = 0; j < 16; j++) out[b * 16 + j] = q[j]! | (q[j + 16]! << 4)
+    }
+  }
+}
+
+/** The value of element k of a row quantized by quantizeRow (for tests and tools). */
+export const dequantizeElement = (row: Uint8Array, scales: Uint16Array, format: QuantFormat, k: number): number => {
+  const d = f16ToF32(scales[Math.floor(k / QBLOCK)]!)
+  if (format === "q8_0") return ((row[k]! << 24) >> 24) * d
+  const b = Math.floor(k / QBLOCK)
+  const j = k % QBLOCK
+  const byte = row[b * 16 + (j & 15)]!
+  return ((j < 16 ? byte & 15 : byte >> 4) - 8) * d
+}
+
+/** Whether a tensor is quantized: a float matrix other than the embedding, with columns in whole blocks. */
+export const isQuantizable = (name: string, entry: Pick<TensorEntry, "dtype" | "shape">): boolean =>
+  entry.shape.length === 2 &&
+  (entry.dtype === "F32" || entry.dtype === "BF16" || entry.dtype === "F16") &&
+  entry.shape[1]! % QBLOCK === 0 &&
+  !name.endsWith("wte.weight") &&
+  !name.endsWith("embed_tokens.weight")
+
+interface OutTensor {
+  readonly name: string
+  readonly dtype: string
+  readonly shape: ReadonlyArray<number>
+  readonly bytes: number
+}
+
+const outTensorsOf = (name: string, entry: TensorEntry, format: QuantFormat): Array<OutTensor> => {
+  if (!isQuantizable(name, entry)) {
+    return [{ name, dtype: entry.dtype, shape: entry.shape, bytes: entry.dataOffsets[1] - entry.dataOffsets[0] }]
+  }
+  const [rows, cols] = entry.shape as [number, number]
+  const rowBytes = format === "q8_0" ? cols : cols / 2
+  return [
+    { name, dtype: format === "q8_0" ? "I8" : "U8", shape: [rows, rowBytes], bytes: rows * rowBytes },
+    { name: `${name}_scale`, dtype: "F16", shape: [rows, cols / QBLOCK], bytes: rows * (cols / QBLOCK) * 2 }
+  ]
+}
+
+const encodeRawHeader = (tensors: ReadonlyArray<OutTensor>, metadata: Readonly<Record<string, string>>): Buffer => {
+  const header: Record<string, unknown> = { __metadata__: metadata }
+  let offset = 0
+  for (const t of tensors) {
+    header[t.name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + t.bytes] }
+    offset += t.bytes
+  }
+  const json = Buffer.from(JSON.stringify(header), "utf8")
+  const padded = Math.ceil((8 + json.length) / DATA_ALIGNMENT) * DATA_ALIGNMENT - 8
+  const out = Buffer.alloc(8 + padded, 0x20)
+  out.writeBigUInt64LE(BigInt(padded), 0)
+  json.copy(out, 8)
+  return out
+}
+
+const readFully = async (file: FileHandle, out: Uint8Array, position: number): Promise<void> => {
+  let done = 0
+  while (done < out.byteLength) {
+    const { bytesRead } = await file.read(out, done, out.byteLength - done, position + done)
+    if (bytesRead === 0) throw new Error("quantize: unexpected end of file")
+    done += bytesRead
+  }
+}
+
+const decodeInto = (bytes: Uint8Array, dtype: DType, out: Float32Array): void => {
+  if (dtype === "F32") {
+    out.set(new Float32Array(new Uint8Array(bytes).buffer, 0, out.length))
+    return
+  }
+  const halves = new Uint16Array(new Uint8Array(bytes).buffer, 0, out.length)
+  const convert = dtype === "BF16" ? bf16ToF32 : f16ToF32
+  for (let i = 0; i < out.length; i++) out[i] = convert(halves[i]!)
+}
+
+export interface QuantizeFileReport {
+  readonly quantized: number
+  readonly copied: number
+  readonly bytesIn: number
+  readonly bytesOut: number
+}
+
+/** Quantizes one safetensors file into another, streaming. */
+export const quantizeFile = async (input: string, output: string, format: QuantFormat): Promise<QuantizeFileReport> => {
+  const header = await readSafetensorsHeader(input)
+  const outTensors: Array<OutTensor> = []
+  for (const [name, entry] of header.tensors) outTensors.push(...outTensorsOf(name, entry, format))
+  const metadata = { ...header.metadata, "vdiff.quantization": format, "vdiff.block_size": String(QBLOCK) }
+  const head = encodeRawHeader(outTensors, metadata)
+  const src = await open(input, "r")
+  const dst = await open(output, "w")
+  let position = 0
+  let quantized = 0
+  let copied = 0
+  const write = async (data: Uint8Array) => {
+    let done = 0
+    while (done < data.byteLength) {
+      const { bytesWritten } = await dst.write(data, done, data.byteLength - done, position)
+      done += bytesWritten
+      position += bytesWritten
+    }
+  }
+  try {
+    await write(head)
+    for (const [name, entry] of header.tensors) {
+      const [begin, end] = entry.dataOffsets
+      if (!isQuantizable(name, entry)) {
+        for (let at = begin; at < end; at += BAND_BYTES) {
+          const chunk = new Uint8Array(Math.min(BAND_BYTES, end - at))
+          await readFully(src, chunk, header.dataStart + at)
+          await write(chunk)
+        }
+        copied++
+        continue
+      }
+      const [rows, cols] = entry.shape as [number, number]
+      const dtype = entry.dtype as DType
+      const inRow = cols * dtypeBytes[dtype]
+      const outRow = format === "q8_0" ? cols : cols / 2
+      const band = Math.max(1, Math.floor(BAND_BYTES / inRow))
+      const scaleChunks: Array<Uint8Array> = []
+      // Values first (as they are laid out), the scales after them: kept per band (1/16 of the values).
+      const rowValues = new Float32Array(cols)
+      for (let r0 = 0; r0 < rows; r0 += band) {
+        const n = Math.min(band, rows - r0)
+        const raw = new Uint8Array(n * inRow)
+        await readFully(src, raw, header.dataStart + begin + r0 * inRow)
+        const blocks = new Uint8Array(n * outRow)
+        const scales = new Uint16Array(n * (cols / QBLOCK))
+        for (let r = 0; r < n; r++) {
+          decodeInto(raw.subarray(r * inRow, (r + 1) * inRow), dtype, rowValues)
+          quantizeRow(rowValues, format, blocks.subarray(r * outRow, (r + 1) * outRow), scales.subarray(r * (cols / QBLOCK), (r + 1) * (cols / QBLOCK)))
+        }
+        await write(blocks)
+        scaleChunks.push(new Uint8Array(scales.buffer))
+      }
+      for (const chunk of scaleChunks) await write(chunk)
+      quantized++
+    }
+  } finally {
+    await src.close()
+    await dst.close()
+  }
+  return { quantized, copied, bytesIn: (await readFileSize(input)), bytesOut: position }
+}
+
+const readFileSize = async (path: string): Promise<number> => {
+  const f = await open(path, "r")
+  try {
+    return (await f.stat()).size
+  } finally {
+    await f.close()
+  }
+}
+
+export interface QuantizeOptions {
+  readonly model: string
+  readonly out: string
+  readonly format: QuantFormat
+  readonly log?: (line: string) => void
+}
+
+/**
+ * Quantizes the checkpoint in `model` (model.safetensors, or the shards of model.safetensors.index.json)
+ * into `out`, copying every other file of the directory (config.json, the tokenizer, ...).
+ */
+export const quantizeModel = async (options: QuantizeOptions): Promise<QuantizeFileReport> => {
+  const { model, out, format } = options
+  if (!quantFormats.includes(format)) throw new Error(`quantize: unknown format "${format}" (q8_0 or q4_0)`)
+  await mkdir(out, { recursive: true })
+  const indexPath = join(model, "model.safetensors.index.json")
+  const sharded = existsSync(indexPath)
+  let shards: Array<string>
+  if (sharded) {
+    const index = JSON.parse(await readFile(indexPath, "utf8")) as ShardIndex
+    shards = [...new Set(Object.values(index.weight_map))].sort()
+  } else {
+    if (!existsSync(join(model, "model.safetensors"))) throw new Error(`quantize: ${model} has no model.safetensors`)
+    shards = ["model.safetensors"]
+  }
+  for (const entry of await readdir(model, { withFileTypes: true })) {
+    if (!entry.isFile() || entry.name.endsWith(".safetensors") || entry.name === "model.safetensors.index.json") continue
+    await copyFile(join(model, entry.name), join(out, entry.name))
+  }
+  const total = { quantized: 0, copied: 0, bytesIn: 0, bytesOut: 0 }
+  const weightMap: Record<string, string> = {}
+  for (const shard of shards) {
+    const r = await quantizeFile(join(model, shard), join(out, shard), format)
+    options.log?.(`${shard}: ${r.quantized} tensors quantized, ${r.copied} copied, ${r.bytesIn} -> ${r.bytesOut} bytes`)
+    total.quantized += r.quantized
+    total.copied += r.copied
+    total.bytesIn += r.bytesIn
+    total.bytesOut += r.bytesOut
+    for (const name of (await readSafetensorsHeader(join(out, shard))).tensors.keys()) weightMap[name] = shard
+  }
+  if (sharded) {
+    const index = { metadata: { total_size: total.bytesOut, "vdiff.quantization": format }, weight_map: weightMap }
+    await writeFile(join(out, "model.safetensors.index.json"), JSON.stringify(index, null, 2) + "\n")
+  }
+  return total
+}
