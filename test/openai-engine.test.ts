@@ -125,6 +125,16 @@ describe("OpenAI routes on the embedded model", () => {
     }
   })
 
+  it("samples with min_p: 1 keeps only the likeliest token, so a hot sampler answers the greedy text", async () => {
+    const body = { prompt: "ROMEO:\nBut soft, what light", max_tokens: 16, block_length: 8, seed: 3 }
+    const greedy = (await complete({ ...body, temperature: 0 })).choices[0]!.text
+    expect((await complete({ ...body, temperature: 1.5, min_p: 1 })).choices[0]!.text).toBe(greedy)
+    expect((await complete({ ...body, temperature: 1.5 })).choices[0]!.text).not.toBe(greedy)
+    const bad = await server.post("/v1/completions", { ...body, min_p: 1.5 })
+    expect(bad.status).toBe(400)
+    expect(((await bad.json()) as any).error.param).toBe("min_p")
+  })
+
   it("decodes in parallel when asked: fewer steps than tokens at most, reported in the diffusion object", async () => {
     const body = { prompt: "ROMEO:\nBut soft, what light", max_tokens: 32, block_length: 8, seed: 5, return_token_ids: true }
     const vanilla = await complete(body)

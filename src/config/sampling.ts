@@ -141,6 +141,13 @@ export const samplingSettings = {
     placeholder: "P",
     description: "Nucleus sampling when a request gives no top_p: at temperature > 0 draw from the likeliest tokens holding P of the probability; 1 turns it off"
   }),
+  min_p: entry({
+    value: { type: "number", min: 0, max: 1 },
+    optional: true,
+    default: "0",
+    placeholder: "P",
+    description: "Min-p sampling when a request gives no min_p: at temperature > 0 draw only tokens at least P times as likely as the likeliest; 0 turns it off"
+  }),
   parallel_threshold: entry({
     value: { type: "number", min: 0, max: 1 },
     optional: true,

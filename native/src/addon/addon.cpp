@@ -175,6 +175,7 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
                 ? 0
                 : static_cast<int>(integer_of(env, top_k, "params.topK", INT32_MIN, INT32_MAX));
   p.top_p = optional_number("topP", 1.0);
+  p.min_p = optional_number("minP", 0.0);
   p.parallel_threshold = optional_number("parallelThreshold", 0.0);
   p.parallel_factor = optional_number("parallelFactor", 0.0);
   p.early_stop = bool_field("earlyStop");

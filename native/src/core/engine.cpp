@@ -120,6 +120,8 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
   if (p.top_k < 0) throw invalid("top_k must be >= 0 (0: off) (got " + std::to_string(p.top_k) + ")");
   if (!(p.top_p > 0.0 && p.top_p <= 1.0))
     throw invalid("top_p must be in (0, 1] (1: off) (got " + std::to_string(p.top_p) + ")");
+  if (!(p.min_p >= 0.0 && p.min_p <= 1.0))
+    throw invalid("min_p must be in [0, 1] (0: off) (got " + std::to_string(p.min_p) + ")");
   if (!(p.parallel_threshold >= 0.0 && p.parallel_threshold <= 1.0))
     throw invalid("parallel_threshold must be in [0, 1] (0: off) (got " + std::to_string(p.parallel_threshold) + ")");
   if (!(p.parallel_factor >= 0.0) || !std::isfinite(p.parallel_factor))

@@ -39,6 +39,7 @@ struct SamplingParams {
   // Candidate filtering of the draw at temperature > 0 (no effect at temperature 0); see sampler.h.
   int top_k = 0;               // >= 0; 0: off
   double top_p = 1.0;          // in (0, 1]; 1: off
+  double min_p = 0.0;          // in [0, 1]: only tokens at least min_p times as likely as the likeliest; 0: off
 
   // Confidence-aware parallel decoding (Fast-dLLM); at most one of the two may be set (> 0). When set it
   // replaces the per-step quota of `steps`: each step commits the block's most confident masked position

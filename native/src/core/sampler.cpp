@@ -53,7 +53,8 @@ RowRule RowRule::of(const SamplingParams& p, const ModelConfig& config) {
                  .logits_eos_inf = p.logits_eos_inf,
                  .confidence_eos_eot_inf = p.confidence_eos_eot_inf,
                  .top_k = p.top_k,
-                 .top_p = p.top_p};
+                 .top_p = p.top_p,
+                 .min_p = p.min_p};
 }
 
 void apply_cfg(float* cond, const float* uncond, size_t n, double cfg_scale) {
@@ -144,6 +145,15 @@ RowChoice sample_row(float* logits, const RowRule& rule, const Rng& rng, std::ve
       std::vector<int32_t> local;
       last = last_candidate(logits, rule, scratch ? *scratch : local);
     }
+    // min-p: p_i >= min_p * p_max of softmax(l / T) is l_i >= l_max + T * log(min_p); the likeliest
+    // token always passes.
+    double min_logit = -std::numeric_limits<double>::infinity();
+    if (rule.min_p > 0.0) {
+      double max = -std::numeric_limits<double>::infinity();
+      for (int i = 0; i < rule.vocab_size; ++i)
+        if (drawable(i, rule)) max = std::max(max, static_cast<double>(rank_logit(logits[i])));
+      if (std::isfinite(max)) min_logit = max + rule.temperature * std::log(rule.min_p);
+    }
     // Gumbel-max in float64: the reference takes argmax of exp(l) / (-log u)^T. Its logarithm,
     // l - T * log(-log u), has the same argmax and cannot overflow. One draw per token, drawable or not,
     // so the stream lines up with the vocabulary.
@@ -152,7 +162,8 @@ RowChoice sample_row(float* logits, const RowRule& rule, const Rng& rng, std::ve
     for (int i = 0; i < rule.vocab_size; ++i) {
       const double u = rng.uniform(static_cast<uint64_t>(i));
       const double score = static_cast<double>(logits[i]) - rule.temperature * std::log(-std::log(u));
-      const bool candidate = drawable(i, rule) && (last < 0 || i == last || ranks_before(logits, i, last));
+      const bool candidate = drawable(i, rule) && (last < 0 || i == last || ranks_before(logits, i, last)) &&
+                             static_cast<double>(logits[i]) >= min_logit;
       if (candidate && (best_index < 0 || score > best)) {
         best = score;
         best_index = i;

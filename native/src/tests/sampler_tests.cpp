@@ -839,6 +839,46 @@ static void test_top_k_in_engine() {
   };
   CHECK(sampled(0.5) == sampled(0.5));
   CHECK(sampled(0.5) != sampled(1.0));
+  // min_p = 1 keeps only the likeliest token: the greedy answer at any temperature; a smaller min_p
+  // still samples, deterministically per seed.
+  p = greedy, p.temperature = 2.0, p.min_p = 1.0, p.seed = 8;
+  Engine c(std::make_shared<FakeModel>());
+  CHECK(run_to_end(c, c.create(prompt, p)) == expected);
+  auto min_p_sampled = [&](double min_p) {
+    SamplingParams s = greedy;
+    s.temperature = 1.0, s.min_p = min_p, s.seed = 21;
+    Engine e(std::make_shared<FakeModel>());
+    return run_to_end(e, e.create(prompt, s));
+  };
+  CHECK(min_p_sampled(0.2) == min_p_sampled(0.2));
+  CHECK(min_p_sampled(0.0) == sampled(1.0));  // 0 is off
+}
+
+static void test_min_p_rows() {
+  // One row: every drawn token passes p >= min_p * p_max of softmax(l / T); with min_p the set of
+  // tokens drawn over many seeds is exactly those that pass.
+  std::vector<float> base(kVocab);
+  for (int v = 0; v < kVocab; ++v) base[v] = 0.25f * static_cast<float>(v % 9);
+  RowRule rule;
+  rule.row_size = rule.vocab_size = kVocab;
+  rule.mask_token_id = kMask;
+  rule.temperature = 0.7;
+  rule.min_p = 0.3;
+  const double max = 0.25 * 8;
+  std::vector<bool> passes(kVocab), drawn(kVocab);
+  for (int v = 0; v < kVocab; ++v)
+    passes[v] = v != kMask && std::exp((base[v] - max) / rule.temperature) >= rule.min_p;
+  for (uint64_t seed = 0; seed < 2000; ++seed) {
+    std::vector<float> row = base;
+    drawn[sample_row(row.data(), rule, Rng(seed)).token] = true;
+  }
+  CHECK(drawn == passes);
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "min_p must be in [0, 1]", {
+    Engine e(std::make_shared<FakeModel>());
+    SamplingParams bad = params(4, 4, 4);
+    bad.min_p = 1.5;
+    e.create({1}, bad);
+  });
 }
 
 static void test_suffix() {
@@ -1042,6 +1082,7 @@ int main() {
   test_answer_has_ended();
   test_new_options_validation();
   test_top_k_in_engine();
+  test_min_p_rows();
   test_suffix();
   test_parallel_decoding();
   test_early_stop();
