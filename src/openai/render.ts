@@ -72,7 +72,9 @@ export const completionLogprobs = (
     const entries: Record<string, number> = {}
     for (const alternative of decoder.alternatives[from + i]!.slice(0, top)) {
       const text = texts.text(alternative.token)
-      if (!Object.hasOwn(entries, text)) entries[text] = finiteLogprob(alternative.logprob)
+      if (!Object.hasOwn(entries, text)) {
+        entries[text] = alternative.token === ids[i] ? logprobs[i]! : finiteLogprob(alternative.logprob)
+      }
     }
     if (!Object.hasOwn(entries, tokens[i]!)) entries[tokens[i]!] = logprobs[i]!
     return entries
@@ -97,16 +99,20 @@ export const chatLogprobs = (
   top: number,
   texts: TokenTexts
 ): { content: Array<ChatTokenLogprob> } => ({
-  content: decoder.tokenIds.slice(from, to).map((id, i) => ({
-    token: texts.text(id),
-    logprob: logprobOf(decoder.probabilities[from + i]!),
-    bytes: texts.bytes(id),
-    top_logprobs: decoder.alternatives[from + i]!.slice(0, top).map((alternative) => ({
-      token: texts.text(alternative.token),
-      logprob: finiteLogprob(alternative.logprob),
-      bytes: texts.bytes(alternative.token)
-    }))
-  }))
+  content: decoder.tokenIds.slice(from, to).map((id, i) => {
+    const logprob = logprobOf(decoder.probabilities[from + i]!)
+    return {
+      token: texts.text(id),
+      logprob,
+      bytes: texts.bytes(id),
+      // The chosen token among its alternatives carries the same logprob as itself.
+      top_logprobs: decoder.alternatives[from + i]!.slice(0, top).map((alternative) => ({
+        token: texts.text(alternative.token),
+        logprob: alternative.token === id ? logprob : finiteLogprob(alternative.logprob),
+        bytes: texts.bytes(alternative.token)
+      }))
+    }
+  })
 })
 
 /** The snapshot of an update made with `includeSnapshots` (which copied the canvas). */
