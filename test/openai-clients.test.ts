@@ -248,8 +248,14 @@ describe("structured output (json_schema by template)", () => {
       expect(completion.choices[0]!.finish_reason).toBe("stop")
       const stream = await client.chat.completions.create({ model, messages, seed, response_format: format, stream: true, ...quick })
       let streamed = ""
-      for await (const chunk of stream) streamed += chunk.choices[0]?.delta.content ?? ""
+      let chunks = 0
+      for await (const chunk of stream) {
+        chunks++
+        streamed += chunk.choices[0]?.delta.content ?? ""
+      }
       expect(streamed).toBe(content)
+      // The role, then the whole JSON once every slot is denoised: no empty chunks for the steps between.
+      expect(chunks).toBe(2)
     }
     // The negative control: the same request as plain text is not JSON of this shape.
     const plain = await client.chat.completions.create({ model, messages, seed: 1, max_tokens: 40 })

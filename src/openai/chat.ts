@@ -93,6 +93,7 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
       modelName: config.modelName,
       texts,
       wantsTokens: top !== undefined,
+      textAtEnd: structured !== undefined,
       choice: (_, decoder) => ({
         message: { role: "assistant", content: contentOf(decoder) },
         logprobs: top === undefined ? null : chatLogprobs(decoder, 0, decoder.tokenIds.length, top, texts)

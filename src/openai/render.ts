@@ -155,6 +155,11 @@ export interface ChoiceRenderer {
   readonly choice: (job: PromptJob, decoder: ChoiceDecoder) => Record<string, unknown>
   /** A stream update's own fields: `text` and `logprobs`, or `delta` and `logprobs`. */
   readonly delta: (job: PromptJob, update: ChoiceUpdate) => Record<string, unknown>
+  /**
+   * The choices' text is known only once each has ended (structured output's JSON): a step that adds text
+   * but ends nothing is worth no chunk on that account.
+   */
+  readonly textAtEnd?: boolean
   /** The chunk that opens a choice's stream, when there is one (chat: the role; completions: an echo). */
   readonly opening?: ((job: PromptJob) => Record<string, unknown>) | undefined
 }
@@ -202,7 +207,8 @@ export const respond = (plan: AnswerPlan, jobs: ReadonlyArray<PromptJob>, render
       })
     )
     const chunks = mergedChunks(jobs, plan.n, (job, index, update) => {
-      if (!worthAChunk(update, plan.includeSnapshots, renderer.wantsTokens || plan.returnTokenIds)) return Option.none()
+      const judged = renderer.textAtEnd === true ? { ...update, delta: { ...update.delta, text: "" } } : update
+      if (!worthAChunk(judged, plan.includeSnapshots, renderer.wantsTokens || plan.returnTokenIds)) return Option.none()
       const { decoder, delta } = update
       return Option.some(chunk({
         index,
