@@ -7,7 +7,7 @@
  * `Engine.layer({ modelDir })` loads a model directory; any Effect program can provide it and drive
  * sequences itself, or hand it to the Scheduler.
  */
-import { Context, Effect, Layer } from "effect"
+import { Context, Effect, Layer, Runtime } from "effect"
 import { fromNative, type EngineError, type ModelLoadError } from "./errors.js"
 import type { SamplingParams } from "../config/sampling.js"
 import { loadAddon, type NativeEngine, type NativeModelInfo, type StepSnapshot } from "./native.js"
@@ -119,10 +119,19 @@ export const fromNativeEngine = (modelDir: string, native: NativeEngine): Engine
 export const make = (options: EngineOptions): Effect.Effect<EngineShape, ModelLoadError | EngineError> =>
   Effect.gen(function*() {
     const addon = yield* Effect.try({ try: () => loadAddon(), catch: fromNative })
+    const runtime = yield* Effect.runtime<never>()
+    // A device backend uploads the weights: one log line per 256 MiB, with the share done.
+    const onProgress = (done: number, total: number) =>
+      Runtime.runFork(runtime)(
+        Effect.logInfo(`uploading weights: ${(done / 2 ** 20).toFixed(0)} of ${(total / 2 ** 20).toFixed(0)} MiB`).pipe(
+          Effect.annotateLogs({ bytes_done: done, bytes_total: total })
+        )
+      )
     const native = yield* Effect.tryPromise({
       try: () =>
         addon.loadModel(options.modelDir, {
           device: options.device ?? "cpu",
+          onProgress,
           gpuMemoryUtilization: options.gpuMemoryUtilization,
           threads: options.threads ?? 0,
           kvCacheDtype: options.kvCacheDtype,

@@ -202,6 +202,8 @@ export interface NativeLoadOptions {
   readonly device?: "auto" | "cpu" | "cuda" | undefined
   /** CUDA: the share of the GPU's memory for weights, KV caches and activations, in (0, 1]; absent: 0.9. */
   readonly gpuMemoryUtilization?: number | undefined
+  /** Called on the JS thread while a device backend uploads the weights (every 256 MiB, and at the end). */
+  readonly onProgress?: ((bytesDone: number, bytesTotal: number) => void) | undefined
   /** Worker threads for the forward pass; 0 or absent: all hardware threads. */
   readonly threads?: number | undefined
   /** Element type of the KV caches; absent: "f32" (exact reads), "bf16" halves their memory. */

@@ -238,13 +238,29 @@ class PromiseWorker : public Napi::AsyncWorker {
 
 class LoadWorker : public PromiseWorker {
  public:
-  LoadWorker(Napi::Env env, std::string dir, vdiff::LoadOptions options)
-      : PromiseWorker(env, "vdiff.loadModel"), dir_(std::move(dir)), options_(options) {}
+  // on_progress (may be empty): called on the JS thread as (bytesDone, bytesTotal) while a device backend
+  // uploads the weights.
+  LoadWorker(Napi::Env env, std::string dir, vdiff::LoadOptions options, Napi::Function on_progress)
+      : PromiseWorker(env, "vdiff.loadModel"), dir_(std::move(dir)), options_(options) {
+    if (on_progress.IsEmpty()) return;
+    progress_ = Napi::ThreadSafeFunction::New(env, on_progress, "vdiff.loadModel.progress", 0, 1);
+    options_.progress = [](void* context, uint64_t done, uint64_t total) {
+      auto* tsfn = static_cast<Napi::ThreadSafeFunction*>(context);
+      tsfn->NonBlockingCall([done, total](Napi::Env env, Napi::Function callback) {
+        callback.Call({Napi::Number::New(env, static_cast<double>(done)), Napi::Number::New(env, static_cast<double>(total))});
+      });
+    };
+    options_.progress_context = &progress_;
+  }
+  ~LoadWorker() override {
+    if (progress_) progress_.Release();
+  }
 
  private:
   void run() override {
     engine_ = std::make_shared<Engine>(vdiff::Backend::load(dir_, options_));
   }
+  Napi::ThreadSafeFunction progress_;
   Napi::Value result(Napi::Env env) override {
     AddonData* data = env.GetInstanceData<AddonData>();
     return data->engine_constructor.New({Napi::External<std::shared_ptr<Engine>>::New(env, &engine_)});
@@ -571,7 +587,13 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
         else throw invalid_argument(env, "options.quantize must be \"none\", \"q8_0\" or \"q4_0\"");
       }
     }
-    auto* worker = new LoadWorker(env, info[0].As<Napi::String>().Utf8Value(), options);
+    Napi::Function on_progress;
+    if (info.Length() > 1 && info[1].IsObject()) {
+      const Napi::Value callback = info[1].As<Napi::Object>().Get("onProgress");
+      if (callback.IsFunction()) on_progress = callback.As<Napi::Function>();
+      else if (!callback.IsUndefined()) throw invalid_argument(env, "options.onProgress must be a function");
+    }
+    auto* worker = new LoadWorker(env, info[0].As<Napi::String>().Utf8Value(), options, on_progress);
     Napi::Promise promise = worker->promise();
     worker->Queue();
     return promise;
