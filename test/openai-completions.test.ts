@@ -82,7 +82,7 @@ describe("POST /v1/completions", () => {
     expect(lastCreated().settings).toEqual({
       genLength: 24, steps: 12, blockLength: 6, remasking: "random", cfgScale: 1.5, temperature: 0.7, seed: 42,
       logitsEosInf: false, confidenceEosEotInf: false, eotTokenId: eot._tag === "Some" ? eot.value : -1,
-      topK: 20, topP: 0.9, parallelThreshold: 0.8, parallelFactor: 0, earlyStop: false, kvCache: "dual"
+      topK: 20, topP: 0.9, minP: 0, parallelThreshold: 0.8, parallelFactor: 0, earlyStop: false, kvCache: "dual"
     })
     await complete({ prompt: "Say hello", seed: 1 })
     const { defaults } = servingConfig
@@ -90,7 +90,7 @@ describe("POST /v1/completions", () => {
       genLength: defaults.maxTokens, steps: defaults.maxTokens, blockLength: defaults.blockLength,
       remasking: defaults.remasking, cfgScale: defaults.cfgScale, temperature: defaults.temperature,
       // Without server defaults for them: no filtering, no parallel decoding, early stop on, no cache.
-      topK: 0, topP: 1, parallelThreshold: 0, parallelFactor: 0, earlyStop: true, kvCache: "none"
+      topK: 0, topP: 1, minP: 0, parallelThreshold: 0, parallelFactor: 0, earlyStop: true, kvCache: "none"
     })
     // top_k -1 means off, as in vLLM; parallel_factor chooses the factor rule.
     await complete({ prompt: "Say hello", seed: 1, top_k: -1, parallel_factor: 2 })

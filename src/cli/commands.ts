@@ -43,7 +43,13 @@ export const generate = commandLine(
       value: samplingSettings.remasking.value.values.join("|")
     }),
     seed: setting(IntegerText(0), { description: "Seed of the sequence's random stream", default: "0", value: "N" }),
-    threads: setting(IntegerText(0), { description: "Forward-pass threads; 0 uses every core", default: "0", value: "N" })
+    threads: setting(IntegerText(0), { description: "Forward-pass threads; 0 uses every core", default: "0", value: "N" }),
+    device: setting(OneOfText(["auto", "cpu", "cuda"]), { description: "Where the forward runs", default: "cpu", value: "auto|cpu|cuda" }),
+    quantize: setting(OneOfText(["none", "q8_0", "q4_0"]), {
+      description: "Quantize the matrices at load (CPU): q8_0 or q4_0 blocks of 32; none keeps them as stored",
+      default: "none",
+      value: "none|q8_0|q4_0"
+    })
   }),
   {
     command: "vdiff generate",

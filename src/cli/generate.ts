@@ -16,6 +16,9 @@ export interface GenerateOptions {
   readonly seed: number
   /** Forward-pass threads; 0: all cores. */
   readonly threads: number
+  readonly device: "auto" | "cpu" | "cuda"
+  /** Quantize the matrices at load (CPU); "none": as stored. */
+  readonly quantize: "none" | "q8_0" | "q4_0"
 }
 
 export interface GenerateResult {
@@ -31,7 +34,7 @@ export interface GenerateResult {
 export const generate = async (options: GenerateOptions): Promise<GenerateResult> => {
   const addon = loadAddon()
   const loadStart = performance.now()
-  const engine = await addon.loadModel(options.model, { threads: options.threads })
+  const engine = await addon.loadModel(options.model, { threads: options.threads, device: options.device, quantize: options.quantize })
   const loadMs = performance.now() - loadStart
   const id = engine.create(Int32Array.from(options.prompt), {
     genLength: options.genLength,

@@ -88,6 +88,11 @@ export const Settings = Schema.Struct({
     default: "0.9",
     value: "F"
   }),
+  quantize: setting(OneOfText(["none", "q8_0", "q4_0"]), {
+    description: "Quantize the weight matrices at load (CPU): q8_0 (int8 blocks of 32) or q4_0 (4-bit); none computes from the weights as stored; a checkpoint from `vdiff quantize` is served as it is",
+    default: "none",
+    value: "none|q8_0|q4_0"
+  }),
   threads: setting(IntegerText(0, 4096), {
     description: "Threads for the forward pass; 0 uses every core",
     default: "0",

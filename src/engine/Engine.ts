@@ -81,6 +81,8 @@ export interface EngineOptions {
   readonly device?: "auto" | "cpu" | "cuda" | undefined
   /** CUDA: the share of the GPU's memory vdiff may use, in (0, 1]; absent: 0.9. */
   readonly gpuMemoryUtilization?: number | undefined
+  /** CPU: quantize the matrices at load (Q8_0 or Q4_0); absent or "none": as stored. */
+  readonly quantize?: "none" | "q8_0" | "q4_0" | undefined
 }
 
 /** Wraps an already loaded native engine. */
@@ -132,6 +134,7 @@ export const make = (options: EngineOptions): Effect.Effect<EngineShape, ModelLo
         addon.loadModel(options.modelDir, {
           device: options.device ?? "cpu",
           onProgress,
+          quantize: options.quantize,
           gpuMemoryUtilization: options.gpuMemoryUtilization,
           threads: options.threads ?? 0,
           kvCacheDtype: options.kvCacheDtype,

@@ -202,6 +202,11 @@ export interface NativeLoadOptions {
   readonly device?: "auto" | "cpu" | "cuda" | undefined
   /** CUDA: the share of the GPU's memory for weights, KV caches and activations, in (0, 1]; absent: 0.9. */
   readonly gpuMemoryUtilization?: number | undefined
+  /**
+   * CPU: quantize the projection and head matrices at load into blocks of 32 (int8 with a scale, or 4-bit)
+   * for the integer GEMM; absent or "none": compute from the weights as stored.
+   */
+  readonly quantize?: "none" | "q8_0" | "q4_0" | undefined
   /** Called on the JS thread while a device backend uploads the weights (every 256 MiB, and at the end). */
   readonly onProgress?: ((bytesDone: number, bytesTotal: number) => void) | undefined
   /** Worker threads for the forward pass; 0 or absent: all hardware threads. */

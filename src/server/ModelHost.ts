@@ -144,6 +144,8 @@ export interface NativeModelOptions {
   /** Where the forward runs (--device) and, on a GPU, the share of its memory to use. */
   readonly device: "auto" | "cpu" | "cuda"
   readonly gpuMemoryUtilization?: number | undefined
+  /** Quantize the matrices at load (--quantize). */
+  readonly quantize?: "none" | "q8_0" | "q4_0" | undefined
   readonly threads: number
   /** Element type of the KV caches (absent: f32) and the bound on their bytes together (absent or 0: none). */
   readonly kvCacheDtype?: "f32" | "bf16" | undefined
@@ -162,6 +164,7 @@ export const loadNative = (options: NativeModelOptions): Loader =>
       modelDir: options.modelDir,
       device: options.device,
       gpuMemoryUtilization: options.gpuMemoryUtilization,
+      quantize: options.quantize,
       threads: options.threads,
       kvCacheDtype: options.kvCacheDtype,
       kvCacheBudgetBytes: options.kvCacheBudgetBytes
@@ -180,7 +183,7 @@ export const loadNative = (options: NativeModelOptions): Loader =>
 export const fromEngine = (
   engine: EngineShape,
   tokenizer: TokenizerShape,
-  options: Omit<NativeModelOptions, "modelDir" | "device" | "gpuMemoryUtilization" | "threads" | "kvCacheDtype" | "kvCacheBudgetBytes">
+  options: Omit<NativeModelOptions, "modelDir" | "device" | "gpuMemoryUtilization" | "quantize" | "threads" | "kvCacheDtype" | "kvCacheBudgetBytes">
 ): Effect.Effect<LoadedModel, ModelLoadFailed, Scope.Scope> =>
   Effect.gen(function*() {
     const chat = yield* fromTokenizerConfig(tokenizer.tokenizerConfig).pipe(

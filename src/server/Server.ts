@@ -77,6 +77,7 @@ export const nativeLoader = (config: Settings): Loader =>
     modelDir: config.model,
     device: config.device,
     gpuMemoryUtilization: config.gpuMemoryUtilization,
+    quantize: config.quantize,
     threads: config.threads,
     kvCacheDtype: config.kvCacheDtype,
     kvCacheBudgetBytes: config.kvCacheBudget,
