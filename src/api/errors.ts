@@ -124,7 +124,10 @@ export const Unauthorized = apiError("Unauthorized", {
 })
 export type Unauthorized = InstanceType<typeof Unauthorized>
 
-/** 403: the API key given is not one of the server's. */
+/**
+ * 403: understood and refused — a browser origin the server does not allow (CORS). A missing or unknown API
+ * key is 401 (Unauthorized), as OpenAI answers.
+ */
 export const Forbidden = apiError("Forbidden", { status: 403, type: "permission_error" })
 export type Forbidden = InstanceType<typeof Forbidden>
 

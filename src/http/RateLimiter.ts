@@ -19,7 +19,7 @@
 import { createHash } from "node:crypto"
 import { HttpApp, HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { Clock, Context, Effect, Layer } from "effect"
-import { Forbidden, RateLimited, Unauthorized } from "../api/errors.js"
+import { RateLimited, Unauthorized } from "../api/errors.js"
 import { bearerToken } from "./auth.js"
 import { clientAddress, isPublic } from "./middleware.js"
 
@@ -101,7 +101,7 @@ const seconds = (ms: number) => Math.max(0, Math.ceil(ms / 1000))
  * Limits failed authentication per client address (the peer's; X-Forwarded-For only with `trustProxy`),
  * in the same window and with the same limit as requests, so API keys cannot be guessed at any speed:
  * auth runs before the request limit, which therefore never sees a request with a wrong or missing key.
- * Each 401 or 403 from auth (inside this) counts against the address; once it has had `limit` of them in
+ * Each 401 from auth (inside this: a missing or unknown key) counts against the address; once it has had `limit` of them in
  * the window, every request of it that needs a key gets 429 with Retry-After before its key is even
  * checked — checking it would tell a guesser when a guess is right. Off when the limit is 0.
  */
@@ -133,8 +133,7 @@ export const limitFailedAuth = (options: { readonly trustProxy: boolean }) =>
   })
 
 const isAuthFailure = (error: unknown): boolean =>
-  (error instanceof Unauthorized || error instanceof Forbidden) &&
-  (error.code === "missing_api_key" || error.code === "invalid_api_key")
+  error instanceof Unauthorized && (error.code === "missing_api_key" || error.code === "invalid_api_key")
 
 /**
  * Applies the limiter to every request but public paths and preflights. The client is the API key when
