@@ -102,7 +102,10 @@ __attribute__((target("avx2"))) void peak_int8_avx2() {
   for (long it = 0; it < kIters / 4; ++it)
 #pragma GCC unroll 16
     for (int i = 0; i < 8; ++i) {
-      __m256i x = _mm256_xor_si256(u, acc[i]);  // keeps the chains independent of each other, dependent in time
+      // The empty asm makes x opaque, so the products are not hoisted out of the loop; each chain then
+      // depends on its 1-cycle add only, and the products' throughput is what is measured.
+      __m256i x = u;
+      asm volatile("" : "+x"(x));
       acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(x, s), ones));
     }
   __m256i t = acc[0];
@@ -236,6 +239,8 @@ int main(int argc, char** argv) {
       struct Aligned {
         float* p;
         explicit Aligned(size_t n) : p(static_cast<float*>(std::aligned_alloc(64, (n * 4 + 63) / 64 * 64))) {}
+        Aligned(const Aligned&) = delete;
+        Aligned(Aligned&& o) noexcept : p(o.p) { o.p = nullptr; }
         ~Aligned() { std::free(p); }
         float* data() const { return p; }
       } packed(static_cast<size_t>(panels) * k.gemm_nr * s.K);

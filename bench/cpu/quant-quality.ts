@@ -127,7 +127,7 @@ export const measureQuantQuality = async (options: QuantQualityOptions): Promise
     const engine = await addon.loadModel(fromDir ?? modelDir, load)
     {
       const weightDtype: string = engine.info().weightDtype
-      if (format !== "none" && weightDtype !== format) {
+      if (fromDir === undefined && format !== "none" && weightDtype !== format) {
         throw new Error(`loaded ${format} but the engine reports weights of ${weightDtype} (an addon without quantize?)`)
       }
       const loss = await heldOutLoss(engine, pairs)

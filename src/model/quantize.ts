@@ -118,8 +118,8 @@ interface OutTensor {
   readonly bytes: number
 }
 
-const outTensorsOf = (name: string, entry: TensorEntry, format: QuantFormat): Array<OutTensor> => {
-  if (!isQuantizable(name, entry)) {
+const outTensorsOf = (name: string, entry: TensorEntry, format: QuantFormat, keep: ReadonlySet<string>): Array<OutTensor> => {
+  if (!isQuantizable(name, entry) || keep.has(name)) {
     return [{ name, dtype: entry.dtype, shape: entry.shape, bytes: entry.dataOffsets[1] - entry.dataOffsets[0] }]
   }
   const [rows, cols] = entry.shape as [number, number]
@@ -172,10 +172,15 @@ export interface QuantizeFileReport {
 }
 
 /** Quantizes one safetensors file into another, streaming. */
-export const quantizeFile = async (input: string, output: string, format: QuantFormat): Promise<QuantizeFileReport> => {
+export const quantizeFile = async (
+  input: string,
+  output: string,
+  format: QuantFormat,
+  keep: ReadonlySet<string> = new Set()
+): Promise<QuantizeFileReport> => {
   const header = await readSafetensorsHeader(input)
   const outTensors: Array<OutTensor> = []
-  for (const [name, entry] of header.tensors) outTensors.push(...outTensorsOf(name, entry, format))
+  for (const [name, entry] of header.tensors) outTensors.push(...outTensorsOf(name, entry, format, keep))
   const metadata = { ...header.metadata, "vdiff.quantization": format, "vdiff.block_size": String(QBLOCK) }
   const head = encodeRawHeader(outTensors, metadata)
   const src = await open(input, "r")
@@ -195,7 +200,7 @@ export const quantizeFile = async (input: string, output: string, format: QuantF
     await write(head)
     for (const [name, entry] of header.tensors) {
       const [begin, end] = entry.dataOffsets
-      if (!isQuantizable(name, entry)) {
+      if (!isQuantizable(name, entry) || keep.has(name)) {
         for (let at = begin; at < end; at += BAND_BYTES) {
           const chunk = new Uint8Array(Math.min(BAND_BYTES, end - at))
           await readFully(src, chunk, header.dataStart + at)
@@ -248,6 +253,8 @@ export interface QuantizeOptions {
   readonly model: string
   readonly out: string
   readonly format: QuantFormat
+  /** Tensors to copy as they are although they could be quantized (e.g. the head). */
+  readonly keep?: ReadonlyArray<string>
   readonly log?: (line: string) => void
 }
 
@@ -276,7 +283,7 @@ export const quantizeModel = async (options: QuantizeOptions): Promise<QuantizeF
   const total = { quantized: 0, copied: 0, bytesIn: 0, bytesOut: 0 }
   const weightMap: Record<string, string> = {}
   for (const shard of shards) {
-    const r = await quantizeFile(join(model, shard), join(out, shard), format)
+    const r = await quantizeFile(join(model, shard), join(out, shard), format, new Set(options.keep ?? []))
     options.log?.(`${shard}: ${r.quantized} tensors quantized, ${r.copied} copied, ${r.bytesIn} -> ${r.bytesOut} bytes`)
     total.quantized += r.quantized
     total.copied += r.copied
@@ -289,4 +296,24 @@ export const quantizeModel = async (options: QuantizeOptions): Promise<QuantizeF
     await writeFile(join(out, "model.safetensors.index.json"), JSON.stringify(index, null, 2) + "\n")
   }
   return total
+}
+
+/**
+ * The `vdiff quantize` command on the values of its settings table (src/cli/commands.ts `quantize`):
+ * checks the required flags, quantizes, and prints one JSON line of what it did.
+ */
+export const quantizeCommand = async (values: {
+  readonly model?: string | undefined
+  readonly out?: string | undefined
+  readonly format: QuantFormat
+}): Promise<void> => {
+  if (values.model === undefined || values.out === undefined) throw new Error("quantize needs --model DIR and --out DIR")
+  const started = performance.now()
+  const report = await quantizeModel({
+    model: values.model,
+    out: values.out,
+    format: values.format,
+    log: (line) => console.error(line)
+  })
+  console.log(JSON.stringify({ out: values.out, format: values.format, ...report, seconds: (performance.now() - started) / 1000 }))
 }

@@ -21,6 +21,9 @@
 #include <new>
 #include <set>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include "core/error.h"
 #include "core/safetensors.h"
 #include "core/threadpool.h"
@@ -253,7 +256,7 @@ CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadO
 
 // Quantizes every float projection and head matrix whose in-features are a multiple of 32 into a copy
 // (rows converted to f32 one at a time, then cpu::quantize_weight_row); the mapped originals are left
-// alone. Matrices stored quantized stay as they are.
+// in place but their pages released. Matrices stored quantized stay as they are.
 void CpuBackend::quantize_weights(QType type) {
   std::vector<Weight*> weights;
   for (Block& blk : blocks_)
@@ -276,6 +279,14 @@ void CpuBackend::quantize_weights(QType type) {
         quantize_weight_row(row.data(), w.cols, type, blocks + r * row_bytes, scales + r * row_scales);
       }
     });
+    // The float original is not read again (unless it is also the embedding): drop its pages from this
+    // process's resident set (the mapping stays valid; a later read faults them back in from the file).
+    if (w.data != wte_.data) {
+      const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+      const uintptr_t begin = (reinterpret_cast<uintptr_t>(w.data) + page - 1) / page * page;
+      const uintptr_t end = (reinterpret_cast<uintptr_t>(w.data) + static_cast<uintptr_t>(w.rows) * in_row) / page * page;
+      if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+    }
     w.data = blocks;
     w.scales = scales;
     w.quantized = true;
