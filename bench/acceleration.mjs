@@ -39,9 +39,29 @@ const benchOne = (gen, mode, batches) => {
   const [cache, extra] = mode.split("+")
   if (extra !== undefined && extra !== "threshold") throw new Error(`unknown mode "${mode}"`)
   const args = [
-    "bench", "--model", opts.model, "--prompt-len", opts["prompt-len"], "--gen", String(gen), "--block", opts.block,
-    "--steps", String(gen), "--batch", batches.join(","), "--threads", opts.threads, "--seed", opts.seed,
-    "--kv-cache", cache, "--kv-cache-dtype", opts["kv-cache-dtype"], "--repeat", "0"
+    "bench",
+    "--model",
+    opts.model,
+    "--prompt-len",
+    opts["prompt-len"],
+    "--gen",
+    String(gen),
+    "--block",
+    opts.block,
+    "--steps",
+    String(gen),
+    "--batch",
+    batches.join(","),
+    "--threads",
+    opts.threads,
+    "--seed",
+    opts.seed,
+    "--kv-cache",
+    cache,
+    "--kv-cache-dtype",
+    opts["kv-cache-dtype"],
+    "--repeat",
+    "0"
   ]
   if (extra === "threshold") args.push("--threshold", opts.threshold)
   if (opts["prompt-ids"] !== undefined) args.push("--prompt-ids", opts["prompt-ids"])
@@ -57,36 +77,42 @@ const main = () => {
   const results = []
   for (const gen of list(opts.gen).map(Number)) {
     for (const mode of list(opts.modes)) {
-      const batches = list(opts.batch).map(Number).filter((b) => !skip.has(`${mode}:${b}:${gen}`))
+      const batches = list(opts.batch)
+        .map(Number)
+        .filter((b) => !skip.has(`${mode}:${b}:${gen}`))
       if (batches.length > 0) results.push(...benchOne(gen, mode, batches))
     }
   }
 
-  const header = [
-    "gen", "batch", "mode", "tok/s", "x", "tok/cpu-s", "x", "steps", "fwd/tok", "canvas/tok", "load"
-  ]
+  const header = ["gen", "batch", "mode", "tok/s", "x", "tok/cpu-s", "x", "steps", "fwd/tok", "canvas/tok", "load"]
   const rows = [header]
   for (const r of results) {
     const vanilla = results.find((v) => v.gen === r.gen && v.batch === r.batch && v.mode === "none")
     rows.push([
-      r.gen, r.batch, r.mode,
-      fixed(r.tokens_per_s, 2), vanilla ? `${fixed(r.tokens_per_s / vanilla.tokens_per_s, 2)}` : "-",
-      fixed(r.tokens_per_cpu_s, 2), vanilla ? `${fixed(r.tokens_per_cpu_s / vanilla.tokens_per_cpu_s, 2)}` : "-",
-      r.steps, fixed(r.forwards_per_token, 3), fixed(r.canvas_forwards_per_token, 3),
+      r.gen,
+      r.batch,
+      r.mode,
+      fixed(r.tokens_per_s, 2),
+      vanilla ? `${fixed(r.tokens_per_s / vanilla.tokens_per_s, 2)}` : "-",
+      fixed(r.tokens_per_cpu_s, 2),
+      vanilla ? `${fixed(r.tokens_per_cpu_s / vanilla.tokens_per_cpu_s, 2)}` : "-",
+      r.steps,
+      fixed(r.forwards_per_token, 3),
+      fixed(r.canvas_forwards_per_token, 3),
       r.loadAverage.map((l) => fixed(l, 1)).join("/")
     ])
   }
   const config = JSON.parse(readFileSync(join(opts.model, "config.json"), "utf8"))
-  const promptLength = opts["prompt-ids"] === undefined
-    ? `${opts["prompt-len"]} random tokens`
-    : `${list(opts["prompt-ids"]).length} given tokens`
+  const promptLength =
+    opts["prompt-ids"] === undefined ? `${opts["prompt-len"]} random tokens` : `${list(opts["prompt-ids"]).length} given tokens`
   report(
     `model ${opts.model} (${config.n_layers} layers, d_model ${config.d_model}), prompt ${promptLength}, ` +
       `block ${opts.block}, steps = gen, threshold ${opts.threshold}, threads ${opts.threads}, ` +
       `kv cache ${opts["kv-cache-dtype"]}\n` +
       `x: speedup over mode none at the same gen and batch; fwd/tok: forward passes per answer token; ` +
       `canvas/tok: positions computed per token, in canvases; load: 1-minute load average before/after\n\n` +
-      table(rows) + "\n",
+      table(rows) +
+      "\n",
     opts.json,
     results
   )

@@ -62,17 +62,43 @@ const makeModel = (workdir, name) => {
 const benchVdiff = (dir) =>
   JSON.parse(
     run(cli, [
-      "bench", "--model", dir, "--prompt-len", opts["prompt-len"], "--gen", opts.gen, "--block", opts.block,
-      "--steps", opts.steps, "--batch", opts.batch, "--threads", opts.threads
+      "bench",
+      "--model",
+      dir,
+      "--prompt-len",
+      opts["prompt-len"],
+      "--gen",
+      opts.gen,
+      "--block",
+      opts.block,
+      "--steps",
+      opts.steps,
+      "--batch",
+      opts.batch,
+      "--threads",
+      opts.threads
     ])
   )
 
 const benchTorch = (dir) =>
   JSON.parse(
     run(python, [
-      join(root, "tools", "reference", "bench.py"), dir, "--threads", opts.threads,
-      "--seq-len", String(Number(opts["prompt-len"]) + Number(opts.gen)), "--prompt-length", opts["prompt-len"],
-      "--gen-length", opts.gen, "--block-length", opts.block, "--steps", opts.steps, "--batches", opts.batch
+      join(root, "tools", "reference", "bench.py"),
+      dir,
+      "--threads",
+      opts.threads,
+      "--seq-len",
+      String(Number(opts["prompt-len"]) + Number(opts.gen)),
+      "--prompt-length",
+      opts["prompt-len"],
+      "--gen-length",
+      opts.gen,
+      "--block-length",
+      opts.block,
+      "--steps",
+      opts.steps,
+      "--batches",
+      opts.batch
     ])
   )
 
@@ -120,7 +146,8 @@ const main = () => {
   report(
     `prompt ${opts["prompt-len"]}, gen ${opts.gen}, block ${opts.block}, steps ${opts.steps}, threads ${threads}` +
       ` (forward: one pass over the whole canvas, logits for every row; tok/s: answer tokens per second of denoising)\n\n` +
-      table(rows) + "\n",
+      table(rows) +
+      "\n",
     opts.json,
     results
   )

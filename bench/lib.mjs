@@ -10,10 +10,16 @@ export const root = join(dirname(fileURLToPath(import.meta.url)), "..")
 
 /** The flags of a benchmark: every one takes a value (text) unless its default is a boolean. */
 export const flags = (defaults) => {
-  const options = Object.fromEntries(Object.entries(defaults).map(([name, value]) => [
-    name,
-    typeof value === "boolean" ? { type: "boolean", default: value } : value === undefined ? { type: "string" } : { type: "string", default: value }
-  ]))
+  const options = Object.fromEntries(
+    Object.entries(defaults).map(([name, value]) => [
+      name,
+      typeof value === "boolean"
+        ? { type: "boolean", default: value }
+        : value === undefined
+          ? { type: "string" }
+          : { type: "string", default: value }
+    ])
+  )
   return parseArgs({ options }).values
 }
 
@@ -34,7 +40,16 @@ export const run = (command, args) => {
 /** `vdiff make-model --preset ... --out ...`, through the repo's own CLI. */
 export const makeModel = ({ preset, seed, out, dtype }) =>
   run(join(root, "node_modules", ".bin", "tsx"), [
-    join(root, "src", "main.ts"), "make-model", "--preset", preset, "--seed", String(seed), "--out", out, "--dtype", dtype
+    join(root, "src", "main.ts"),
+    "make-model",
+    "--preset",
+    preset,
+    "--seed",
+    String(seed),
+    "--out",
+    out,
+    "--dtype",
+    dtype
   ])
 
 export const fixed = (x, digits = 1) => (x === undefined || x === null || !Number.isFinite(x) ? "-" : x.toFixed(digits))

@@ -171,7 +171,11 @@ const ownLoss = async (
     if (half.length === 0) continue
     const canvas = [...prompt, ...answer]
     for (const i of half) canvas[prompt.length + i] = mask
-    const scores = await engine.score(canvas, half.map((i) => prompt.length + i), half.map((i) => answer[i]!))
+    const scores = await engine.score(
+      canvas,
+      half.map((i) => prompt.length + i),
+      half.map((i) => answer[i]!)
+    )
     for (const s of scores) nll -= s
   }
   return { nll, count: scored }
@@ -184,7 +188,10 @@ const judge = async (
   endTokens: ReadonlySet<number>,
   pairs: ReadonlyArray<{ prompt: ReadonlyArray<number>; answer: ReadonlyArray<number> }>
 ): Promise<Judged> => {
-  let inCorpus = 0, total = 0, nll = 0, count = 0
+  let inCorpus = 0,
+    total = 0,
+    nll = 0,
+    count = 0
   for (const [i, { prompt, answer }] of pairs.entries()) {
     const answerWords = words(tokenizer.decode(answer, { skipSpecialTokens: true }))
     inCorpus += answerWords.filter((w) => corpusWords.has(w)).length
@@ -204,7 +211,9 @@ const generateAll = async (
 ): Promise<{ answers: Array<Array<number>>; steps: number; denoised: number }> => {
   const ids = prompts.map((prompt) => engine.create(prompt, params))
   try {
-    let running = [...ids], steps = 0, denoised = 0
+    let running = [...ids],
+      steps = 0,
+      denoised = 0
     while (running.length > 0) {
       const results = await engine.step(running)
       for (const r of results) {
@@ -228,7 +237,10 @@ export const measureQuality = async (options: QualityOptions): Promise<QualityRe
   const endTokens = new Set([eos, ...(eot._tag === "Some" ? [eot.value] : [])])
   const prompts = promptsFrom(readSpeeches(options), tokenizer, options.promptTokens, options.genLength)
   const heldOut = await judge(
-    engine, tokenizer, corpusWords, endTokens,
+    engine,
+    tokenizer,
+    corpusWords,
+    endTokens,
     prompts.map(({ prompt, continuation }) => ({ prompt, answer: continuation }))
   )
   const modes: Array<ModeQuality> = []
@@ -246,13 +258,20 @@ export const measureQuality = async (options: QualityOptions): Promise<QualityRe
       parallelThreshold: mode.parallelThreshold
     }
     const started = performance.now()
-    const run = await generateAll(engine, prompts.map((p) => p.prompt), params)
+    const run = await generateAll(
+      engine,
+      prompts.map((p) => p.prompt),
+      params
+    )
     const seconds = (performance.now() - started) / 1000
     first ??= run.answers
     let same = 0
     run.answers.forEach((answer, i) => answer.forEach((t, j) => (same += t === first![i]![j] ? 1 : 0)))
     const judged = await judge(
-      engine, tokenizer, corpusWords, endTokens,
+      engine,
+      tokenizer,
+      corpusWords,
+      endTokens,
       prompts.map(({ prompt }, i) => ({ prompt, answer: run.answers[i]! }))
     )
     modes.push({
@@ -280,17 +299,33 @@ export const formatReport = (report: QualityReport): string => {
     "",
     row(["mode", "own loss", "vs", "corpus", "vs", "words", "tok/step", "same", "seconds"]),
     row([
-      "held-out text", report.heldOut.ownLoss.toFixed(3), "", report.heldOut.corpusWordFraction.toFixed(3), "",
-      String(report.heldOut.words), "", "", ""
+      "held-out text",
+      report.heldOut.ownLoss.toFixed(3),
+      "",
+      report.heldOut.corpusWordFraction.toFixed(3),
+      "",
+      String(report.heldOut.words),
+      "",
+      "",
+      ""
     ])
   ]
   for (const m of report.modes) {
     const lossVs = vanilla ? `${(100 * (m.ownLoss / vanilla.ownLoss - 1)).toFixed(1)}%` : ""
     const corpusVs = vanilla ? `${(100 * (m.corpusWordFraction - vanilla.corpusWordFraction)).toFixed(1)} pt` : ""
-    lines.push(row([
-      m.mode.name, m.ownLoss.toFixed(3), lossVs, m.corpusWordFraction.toFixed(3), corpusVs, String(m.words),
-      m.tokensPerStep.toFixed(2), m.agreement.toFixed(3), m.seconds.toFixed(1)
-    ]))
+    lines.push(
+      row([
+        m.mode.name,
+        m.ownLoss.toFixed(3),
+        lossVs,
+        m.corpusWordFraction.toFixed(3),
+        corpusVs,
+        String(m.words),
+        m.tokensPerStep.toFixed(2),
+        m.agreement.toFixed(3),
+        m.seconds.toFixed(1)
+      ])
+    )
   }
   return lines.join("\n")
 }
@@ -312,7 +347,8 @@ if (import.meta.url === `file://${process.argv[1]}`) {
   if (values["write-speeches"] !== undefined) {
     const { writeFileSync } = await import("node:fs")
     const speeches = heldOutSpeeches(readFileSync(values["write-speeches"], "utf8"), 48, SPEECH_CHARS)
-    const source = "tinyshakespeare (public domain), the held-out last 10% (tools/train/corpus.py): " +
+    const source =
+      "tinyshakespeare (public domain), the held-out last 10% (tools/train/corpus.py): " +
       "48 passages from the start of speeches spread evenly over it"
     writeFileSync(speechesPath, JSON.stringify({ source, speeches }, null, 1) + "\n")
     console.log(`wrote ${speeches.length} speeches to ${speechesPath}`)

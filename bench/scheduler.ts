@@ -34,8 +34,7 @@ const genLength = Number(values.gen)
 const promptLength = Number(values["prompt-len"])
 const rounds = Number(values.rounds)
 
-const percentile = (sorted: ReadonlyArray<number>, p: number) =>
-  sorted[Math.min(sorted.length - 1, Math.floor(p * sorted.length))]!
+const percentile = (sorted: ReadonlyArray<number>, p: number) => sorted[Math.min(sorted.length - 1, Math.floor(p * sorted.length))]!
 
 const main = async () => {
   let modelDir = values.model
@@ -54,7 +53,7 @@ const main = async () => {
   )
   const rows: Array<Record<string, number>> = []
   await Effect.runPromise(
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const scheduler = yield* Scheduler.Scheduler
       const engine = yield* Engine.Engine
       const vocab = engine.info.config.vocabSize
@@ -74,7 +73,7 @@ const main = async () => {
         yield* Effect.forEach(
           Array.from({ length: c * rounds }, (_, i) => i),
           (i) =>
-            Effect.gen(function*() {
+            Effect.gen(function* () {
               const t0 = performance.now()
               yield* scheduler.generate({ prompt: prompt(i + 1), settings })
               latencies.push(performance.now() - t0)
@@ -99,7 +98,9 @@ const main = async () => {
   )
   cleanup()
   const base = rows[0]!.tokens_per_s!
-  console.log(`model ${values.model ?? "small (random, f32)"}; prompt ${promptLength}, gen ${genLength}, block ${values.block}, steps ${values.steps}; ${values.threads} threads; ${new Date().toISOString()}`)
+  console.log(
+    `model ${values.model ?? "small (random, f32)"}; prompt ${promptLength}, gen ${genLength}, block ${values.block}, steps ${values.steps}; ${values.threads} threads; ${new Date().toISOString()}`
+  )
   console.log("concurrency  requests  tokens/s  x vs 1   p50 ms   p99 ms  avg batch  step ms")
   for (const r of rows) {
     console.log(

@@ -76,10 +76,7 @@ export const layer = (options: LayerOptions) => {
     requestTimeoutMs: options.requestTimeoutMs ?? 0
   })
   const tokenizer = TokenizerModule.layer(options.modelDir)
-  return Layer.mergeAll(
-    Layer.provideMerge(scheduler, engine),
-    Layer.provideMerge(ChatFormatterModule.layer, tokenizer)
-  )
+  return Layer.mergeAll(Layer.provideMerge(scheduler, engine), Layer.provideMerge(ChatFormatterModule.layer, tokenizer))
 }
 
 /** Runs a request to the end on the Scheduler in context and returns its answers. */
@@ -100,12 +97,14 @@ export interface CanvasEvent extends SchedulerModule.StepEvent {
  * playground renders the same from the committed tokens). Built from the events alone: no engine call.
  */
 export const generateCanvasStream = (request: SchedulerModule.GenerationRequest) =>
-  Stream.unwrap(Effect.map(EngineModule.Engine, (engine) => {
-    const mask = engine.info.config.maskTokenId
-    const canvases = Array.from({ length: request.n ?? 1 }, () => new Array<number>(request.settings.genLength).fill(mask))
-    return Stream.map(generateStream(request), (event): CanvasEvent => {
-      const canvas = canvases[event.index]!
-      for (const c of event.step.committed) canvas[c.position] = c.token
-      return { ...event, canvas: [...canvas] }
+  Stream.unwrap(
+    Effect.map(EngineModule.Engine, (engine) => {
+      const mask = engine.info.config.maskTokenId
+      const canvases = Array.from({ length: request.n ?? 1 }, () => new Array<number>(request.settings.genLength).fill(mask))
+      return Stream.map(generateStream(request), (event): CanvasEvent => {
+        const canvas = canvases[event.index]!
+        for (const c of event.step.committed) canvas[c.position] = c.token
+        return { ...event, canvas: [...canvas] }
+      })
     })
-  }))
+  )

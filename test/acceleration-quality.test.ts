@@ -15,8 +15,7 @@ const MAX_LOSS_INCREASE = 0.05
 const MAX_CORPUS_DROP = 0.03
 
 const withinMargin = (m: { ownLoss: number; corpusWordFraction: number }, vanilla: typeof m) =>
-  m.ownLoss <= vanilla.ownLoss * (1 + MAX_LOSS_INCREASE) &&
-  m.corpusWordFraction >= vanilla.corpusWordFraction - MAX_CORPUS_DROP
+  m.ownLoss <= vanilla.ownLoss * (1 + MAX_LOSS_INCREASE) && m.corpusWordFraction >= vanilla.corpusWordFraction - MAX_CORPUS_DROP
 
 describe("quality of approximate decoding on the embedded model", () => {
   it("prefix, dual and dual + threshold 0.9 stay within the margin of vanilla; a hot sampler does not", async () => {
@@ -35,7 +34,8 @@ describe("quality of approximate decoding on the embedded model", () => {
     expect(vanilla!.words).toBeGreaterThan(12 * 20)
     for (const m of others) {
       const inside = withinMargin(m, vanilla!)
-      const figures = `${m.mode.name}: own loss ${m.ownLoss.toFixed(3)} vs ${vanilla!.ownLoss.toFixed(3)}, corpus ` +
+      const figures =
+        `${m.mode.name}: own loss ${m.ownLoss.toFixed(3)} vs ${vanilla!.ownLoss.toFixed(3)}, corpus ` +
         `${m.corpusWordFraction.toFixed(3)} vs ${vanilla!.corpusWordFraction.toFixed(3)}`
       expect(inside, figures).toBe(m.mode.temperature === undefined)
     }

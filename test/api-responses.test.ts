@@ -31,9 +31,19 @@ const requests: ReadonlyArray<Case> = [
     path: "/v1/completions",
     body: { prompt, max_tokens: 32, block_length: 8, diffusion_steps: 16, return_token_ids: true }
   },
-  { name: "completion n=2 echo", method: "POST", path: "/v1/completions", body: { prompt: ["KING:", "QUEEN:"], max_tokens: 16, n: 2, echo: true } },
+  {
+    name: "completion n=2 echo",
+    method: "POST",
+    path: "/v1/completions",
+    body: { prompt: ["KING:", "QUEEN:"], max_tokens: 16, n: 2, echo: true }
+  },
   { name: "completion stop", method: "POST", path: "/v1/completions", body: { prompt, max_tokens: 32, stop: ["\n"] } },
-  { name: "completion suffix", method: "POST", path: "/v1/completions", body: { prompt: "First Citizen:\n", suffix: "\n\nSecond Citizen:", max_tokens: 16 } },
+  {
+    name: "completion suffix",
+    method: "POST",
+    path: "/v1/completions",
+    body: { prompt: "First Citizen:\n", suffix: "\n\nSecond Citizen:", max_tokens: 16 }
+  },
   { name: "completion token ids", method: "POST", path: "/v1/completions", body: { prompt: [1, 50, 60, 70], max_tokens: 12 } },
   { name: "completion cfg", method: "POST", path: "/v1/completions", body: { prompt, max_tokens: 16, cfg_scale: 1.5, block_length: 8 } },
   {
@@ -42,7 +52,12 @@ const requests: ReadonlyArray<Case> = [
     path: "/v1/completions",
     body: { prompt, max_tokens: 32, kv_cache: "dual", parallel_threshold: 0.5, early_stop: true }
   },
-  { name: "completion prefix cache", method: "POST", path: "/v1/completions", body: { prompt, max_tokens: 32, kv_cache: "prefix", block_length: 16 } },
+  {
+    name: "completion prefix cache",
+    method: "POST",
+    path: "/v1/completions",
+    body: { prompt, max_tokens: 32, kv_cache: "prefix", block_length: 16 }
+  },
   { name: "completion logprobs 0", method: "POST", path: "/v1/completions", body: { prompt, max_tokens: 8, logprobs: 0 } },
   {
     name: "completion stream",
@@ -74,7 +89,12 @@ const requests: ReadonlyArray<Case> = [
   { name: "error unknown model", method: "POST", path: "/v1/completions", body: { model: "gpt-4", prompt } },
   { name: "error bad field", method: "POST", path: "/v1/completions", body: { prompt, max_tokens: -1 } },
   { name: "error bad type", method: "POST", path: "/v1/completions", body: { prompt, temperature: "hot" } },
-  { name: "error both parallel rules", method: "POST", path: "/v1/completions", body: { prompt, parallel_threshold: 0.9, parallel_factor: 1 } },
+  {
+    name: "error both parallel rules",
+    method: "POST",
+    path: "/v1/completions",
+    body: { prompt, parallel_threshold: 0.9, parallel_factor: 1 }
+  },
   { name: "error context", method: "POST", path: "/v1/completions", body: { prompt, max_tokens: 100000 } },
   { name: "error chat no messages", method: "POST", path: "/v1/chat/completions", body: { messages: [] } },
   { name: "error not found", method: "GET", path: "/v1/nothing" }

@@ -28,7 +28,10 @@ const folderOf = (file: string): string | undefined => {
 
 /** Every relative module specifier a file imports or re-exports, static or dynamic, type-only or not. */
 const specifiersOf = (source: string): Array<string> =>
-  ts.preProcessFile(source, true, true).importedFiles.map((f) => f.fileName).filter((s) => s.startsWith("."))
+  ts
+    .preProcessFile(source, true, true)
+    .importedFiles.map((f) => f.fileName)
+    .filter((s) => s.startsWith("."))
 
 interface Edge {
   readonly from: string
@@ -116,7 +119,13 @@ const cyclesOf = (graph: Map<string, Map<string, Edge>>): Array<Array<Edge>> => 
 }
 
 const describeCycle = (cycle: ReadonlyArray<Edge>): string =>
-  [cycle.map((e) => e.from).concat(cycle[0]!.from).join(" -> "), ...cycle.map((e) => `  ${e.witness}`)].join("\n")
+  [
+    cycle
+      .map((e) => e.from)
+      .concat(cycle[0]!.from)
+      .join(" -> "),
+    ...cycle.map((e) => `  ${e.witness}`)
+  ].join("\n")
 
 describe("architecture", () => {
   it("finds imports of every kind, and cycles with their witnesses", () => {
@@ -132,7 +141,13 @@ describe("architecture", () => {
     const edge = (from: string, to: string): Edge => ({ from, to, witness: `${from}->${to}` })
     const graph = new Map([
       ["a", new Map([["b", edge("a", "b")]])],
-      ["b", new Map([["c", edge("b", "c")], ["d", edge("b", "d")]])],
+      [
+        "b",
+        new Map([
+          ["c", edge("b", "c")],
+          ["d", edge("b", "d")]
+        ])
+      ],
       ["c", new Map([["a", edge("c", "a")]])],
       ["d", new Map<string, Edge>()]
     ])

@@ -1,12 +1,7 @@
 import { join } from "node:path"
 import { Effect, Either, Layer, Option } from "effect"
 import { describe, expect, it } from "vitest"
-import {
-  type ChatMessage,
-  ChatFormatter,
-  fromTokenizerConfig,
-  layer as chatLayer
-} from "../src/chat/ChatFormatter.js"
+import { type ChatMessage, ChatFormatter, fromTokenizerConfig, layer as chatLayer } from "../src/chat/ChatFormatter.js"
 import { Tokenizer, layer as tokenizerLayer } from "../src/tokenizer/Tokenizer.js"
 
 const modelDir = join(import.meta.dirname, "..", "models", "shakespeare")
@@ -43,7 +38,15 @@ describe("fallback chat format (no chat_template)", () => {
   it("omits the final 'Assistant:' without a generation prompt, and joins text parts with a newline", async () => {
     const result = await render(
       {},
-      [{ role: "user", content: [{ type: "text", text: "Good morrow." }, { type: "text", text: "What hour is it?" }] }],
+      [
+        {
+          role: "user",
+          content: [
+            { type: "text", text: "Good morrow." },
+            { type: "text", text: "What hour is it?" }
+          ]
+        }
+      ],
       false
     )
     expect(Either.getOrThrow(result).text).toBe("User: Good morrow.\nWhat hour is it?")
@@ -88,7 +91,10 @@ describe("the embedded model's chat template", () => {
 describe("validation", () => {
   const template = { chat_template: "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}" }
 
-  for (const [name, config] of [["fallback", {}], ["template", template]] as const) {
+  for (const [name, config] of [
+    ["fallback", {}],
+    ["template", template]
+  ] as const) {
     it(`rejects an empty message list (${name})`, async () => {
       const result = await render(config, [])
       expect(Either.isLeft(result) && result.left).toMatchObject({

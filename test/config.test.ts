@@ -151,9 +151,7 @@ describe("Config", () => {
   it("stops on a bad value with one line naming the flag, the value and its source", () => {
     expect(error(["--port", "abc"])).toBe(`--port: must be an integer from 0 to 65535, got "abc"`)
     expect(error([], { VDIFF_PORT: "70000" })).toBe(`VDIFF_PORT (--port): must be an integer from 0 to 65535, got "70000"`)
-    expect(error(["--max-concurrent-requests", "0"])).toBe(
-      `--max-concurrent-requests: must be an integer from 1 to 1024, got "0"`
-    )
+    expect(error(["--max-concurrent-requests", "0"])).toBe(`--max-concurrent-requests: must be an integer from 1 to 1024, got "0"`)
     expect(error(["--temperature", "-1"])).toBe(`--temperature: must be a number of at least 0, got "-1"`)
     expect(error(["--rate-limit-window", "0"])).toBe(`--rate-limit-window: must be a number above 0, got "0"`)
     expect(error(["--remasking", "best"])).toBe(`--remasking: must be one of low_confidence, random; got "best"`)
@@ -193,7 +191,14 @@ describe("Config", () => {
       ok(["--top-k", "20", "--top-p", "0.9", "--parallel-factor", "1.5", "--early-stop=false", "--diffusion-steps", "0"])
     )
     expect(defaults).toMatchObject({ topK: 20, topP: 0.9, parallelThreshold: 0, parallelFactor: 1.5, earlyStop: false, steps: 0 })
-    expect(servingDefaults(ok([]))).toMatchObject({ topK: 0, topP: 1, parallelThreshold: 0, parallelFactor: 0, earlyStop: true, kvCache: "none" })
+    expect(servingDefaults(ok([]))).toMatchObject({
+      topK: 0,
+      topP: 1,
+      parallelThreshold: 0,
+      parallelFactor: 0,
+      earlyStop: true,
+      kvCache: "none"
+    })
     expect(servingDefaults(ok(["--kv-cache", "dual"])).kvCache).toBe("dual")
   })
 

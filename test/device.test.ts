@@ -22,7 +22,8 @@ const serveToExit = (flags: ReadonlyArray<string>) =>
       stdio: ["ignore", "pipe", "pipe"],
       env: { PATH: process.env["PATH"] ?? "" }
     })
-    let stdout = "", stderr = ""
+    let stdout = "",
+      stderr = ""
     child.stdout.on("data", (chunk) => (stdout += chunk))
     child.stderr.on("data", (chunk) => (stderr += chunk))
     const timer = setTimeout(() => child.kill("SIGKILL"), 30_000)
@@ -56,7 +57,10 @@ describe("--device", () => {
   it.skipIf(!noGpu)("cuda without a GPU stops start-up with one error line naming the device: exit 1, no stack trace", async () => {
     const run = await serveToExit(["--device", "cuda"])
     expect(run.code).toBe(1)
-    const errors = run.stdout.split("\n").filter((line) => line !== "").map((line) => JSON.parse(line) as Record<string, unknown>)
+    const errors = run.stdout
+      .split("\n")
+      .filter((line) => line !== "")
+      .map((line) => JSON.parse(line) as Record<string, unknown>)
       .filter((entry) => entry["level"] === "error")
     expect(errors).toHaveLength(1)
     expect(String(errors[0]!["message"])).toMatch(

@@ -117,9 +117,7 @@ describe("the embedded Shakespeare model", () => {
 
   it("answers a chat turn in the corpus's words and ends the answer before the canvas does", async () => {
     const formatter = await Effect.runPromise(fromTokenizerConfig(tokenizer.tokenizerConfig))
-    const rendered = await Effect.runPromise(
-      formatter.render([{ role: "user", content: "What news from Rome, good friend?" }])
-    )
+    const rendered = await Effect.runPromise(formatter.render([{ role: "user", content: "What news from Rome, good friend?" }]))
     const eot = Option.getOrThrow(tokenizer.specialTokens.eot)
     // Short blocks: with one long block the low-confidence sampler commits the (easy) EOS padding first
     // and leaves this small model a one-word answer.
@@ -143,9 +141,7 @@ describe("the embedded Shakespeare model", () => {
   it("answers exactly as the PyTorch reference does (tools/reference, greedy, low-confidence remasking)", async () => {
     // Written by tools/train/reference_answers.py from this model directory; each case records its
     // decision margins (all well above float32 rounding), so exact token equality is a fair demand.
-    const cases: ReadonlyArray<ReferenceCase> = JSON.parse(
-      await readFile(join(root, "tools", "train", "reference-answers.json"), "utf8")
-    )
+    const cases: ReadonlyArray<ReferenceCase> = JSON.parse(await readFile(join(root, "tools", "train", "reference-answers.json"), "utf8"))
     const formatter = await Effect.runPromise(fromTokenizerConfig(tokenizer.tokenizerConfig))
     expect(cases.length).toBeGreaterThanOrEqual(4)
     for (const c of cases) {
@@ -153,10 +149,9 @@ describe("the embedded Shakespeare model", () => {
       const prompt =
         c.kind === "completion"
           ? tokenizer.encode(c.text)
-          : tokenizer.encode(
-              (await Effect.runPromise(formatter.render([{ role: "user", content: c.text }]))).text,
-              { addSpecialTokens: false }
-            )
+          : tokenizer.encode((await Effect.runPromise(formatter.render([{ role: "user", content: c.text }]))).text, {
+              addSpecialTokens: false
+            })
       expect(prompt, c.text).toEqual(c.prompt)
       const answer = await generate(engine, c.prompt, {
         ...greedy,

@@ -8,7 +8,7 @@ const modelDir = join(import.meta.dirname, "..", "models", "shakespeare")
 
 describe("embedding vdiff in an Effect program", () => {
   it.live("generate and generateStream through the public layers", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const tokenizer = yield* Vdiff.Tokenizer
       const prompt = tokenizer.encode("ROMEO:")
       const settings = { ...Vdiff.defaultSettings, genLength: 16, blockLength: 8, steps: 16 }
@@ -27,10 +27,15 @@ describe("embedding vdiff in an Effect program", () => {
       expect(events.at(-1)!.canvas).toEqual(result.choices[0]!.tokens)
       const committed = events.flatMap((e) => e.step.committed).sort((a, b) => a.position - b.position)
       expect(committed.map((c) => c.token)).toEqual(result.choices[0]!.tokens)
-      expect(tokenizer.decode(committed.map((c) => c.token), { skipSpecialTokens: true }))
-        .toBe(tokenizer.decode(result.choices[0]!.tokens, { skipSpecialTokens: true }))
+      expect(
+        tokenizer.decode(
+          committed.map((c) => c.token),
+          { skipSpecialTokens: true }
+        )
+      ).toBe(tokenizer.decode(result.choices[0]!.tokens, { skipSpecialTokens: true }))
 
       const scheduler = yield* Vdiff.Scheduler
       expect((yield* scheduler.stats).requestsFinished).toBe(2)
-    }).pipe(Effect.provide(Vdiff.layer({ modelDir, threads: 2 }))))
+    }).pipe(Effect.provide(Vdiff.layer({ modelDir, threads: 2 })))
+  )
 })

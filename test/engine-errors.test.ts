@@ -135,7 +135,10 @@ describe("loading a broken model directory", () => {
     const bytes = await readFile(file)
     const text = bytes.toString("latin1")
     // Same length, so offsets stay valid: first an unsupported real dtype, then a made-up one.
-    for (const [replacement, pattern] of [['"dtype":"I32"', /I32/], ['"dtype":"Q32"', /Q32/]] as const) {
+    for (const [replacement, pattern] of [
+      ['"dtype":"I32"', /I32/],
+      ['"dtype":"Q32"', /Q32/]
+    ] as const) {
       const at = text.indexOf('"dtype":"F32"')
       expect(at).toBeGreaterThan(0)
       const damaged = Buffer.from(bytes)
@@ -188,7 +191,11 @@ describe("bad requests", () => {
 
   it("a prompt longer than the context", () => {
     const long = Array.from({ length: tiny.config.max_sequence_length - 8 }, (_, i) => i % 100)
-    expectError(thrown(() => engine.create(long, greedy({ genLength: 16 }))), "VDIFF_INVALID_ARGUMENT", /max_sequence_length|context/)
+    expectError(
+      thrown(() => engine.create(long, greedy({ genLength: 16 }))),
+      "VDIFF_INVALID_ARGUMENT",
+      /max_sequence_length|context/
+    )
     expect(engine.live()).toBe(0)
   })
 
@@ -206,7 +213,11 @@ describe("bad requests", () => {
     ["fractional gen length", greedy({ genLength: 2.5 }), /genLength|gen_length/],
     ["EOT id outside the vocabulary", greedy({ eotTokenId: vocab }), /eot/i]
   ])("%s", (_, params, message) => {
-    expectError(thrown(() => engine.create(prompt, params)), "VDIFF_INVALID_ARGUMENT", message)
+    expectError(
+      thrown(() => engine.create(prompt, params)),
+      "VDIFF_INVALID_ARGUMENT",
+      message
+    )
     expect(engine.live()).toBe(0)
   })
 
@@ -215,7 +226,11 @@ describe("bad requests", () => {
     ["negative id", [1, -1, 2]],
     ["the mask token", [1, tiny.config.mask_token_id]]
   ])("prompt token: %s", (_, bad) => {
-    expectError(thrown(() => engine.create(bad, greedy())), "VDIFF_INVALID_ARGUMENT", /prompt\[\d\]/)
+    expectError(
+      thrown(() => engine.create(bad, greedy())),
+      "VDIFF_INVALID_ARGUMENT",
+      /prompt\[\d\]/
+    )
     expect(engine.live()).toBe(0)
   })
 
@@ -236,8 +251,16 @@ describe("bad requests", () => {
     // The failed step left the sequence untouched.
     expect(engine.sequenceInfo(twice).stepsDone).toBe(0)
     engine.release(twice)
-    expectError(thrown(() => engine.canvas(twice)), "VDIFF_INVALID_ARGUMENT", new RegExp(`${twice}`))
-    expectError(thrown(() => engine.sequenceInfo(twice)), "VDIFF_INVALID_ARGUMENT", new RegExp(`${twice}`))
+    expectError(
+      thrown(() => engine.canvas(twice)),
+      "VDIFF_INVALID_ARGUMENT",
+      new RegExp(`${twice}`)
+    )
+    expectError(
+      thrown(() => engine.sequenceInfo(twice)),
+      "VDIFF_INVALID_ARGUMENT",
+      new RegExp(`${twice}`)
+    )
   })
 
   it("a cancelled step rejects with VDIFF_CANCELLED and leaves the sequences as they were", async () => {

@@ -11,7 +11,6 @@ import { type NativeEngine, type NativeSamplingParams, loadAddon } from "../src/
 import { greedy, runTogether } from "./support/engine.js"
 import { goldenCases, goldenDir, nativeParamsOf } from "./support/golden.js"
 
-
 const cases = goldenCases("plain")
 const EOS = 94
 const EOT = 93
@@ -29,7 +28,10 @@ beforeAll(async () => {
 describe("with every new option off", () => {
   it("gives every golden answer, the options spelled out at their off values", async () => {
     const off = { topK: 0, topP: 1, parallelThreshold: 0, parallelFactor: 0, earlyStop: false }
-    const runs = await runTogether(engine, cases.map((c) => ({ prompt: c.prompt, params: paramsOf(c, off) })))
+    const runs = await runTogether(
+      engine,
+      cases.map((c) => ({ prompt: c.prompt, params: paramsOf(c, off) }))
+    )
     runs.forEach((run, i) => expect(run.answer, cases[i]!.name).toEqual(cases[i]!.answer))
     // One canvas evaluation per step, two with cfg; nothing filled.
     runs.forEach((run, i) => {
@@ -41,7 +43,10 @@ describe("with every new option off", () => {
 
   it("top-k and top-p change nothing at temperature 0", async () => {
     const filtered = { topK: 1, topP: 0.2 }
-    const runs = await runTogether(engine, cases.map((c) => ({ prompt: c.prompt, params: paramsOf(c, filtered) })))
+    const runs = await runTogether(
+      engine,
+      cases.map((c) => ({ prompt: c.prompt, params: paramsOf(c, filtered) }))
+    )
     runs.forEach((run, i) => expect(run.answer, cases[i]!.name).toEqual(cases[i]!.answer))
   })
 })
@@ -49,8 +54,9 @@ describe("with every new option off", () => {
 describe("top-k and top-p", () => {
   const prompt = [5, 17, 33, 2]
   const sampled = (overrides: Partial<NativeSamplingParams>) =>
-    runTogether(engine, [{ prompt, params: greedy({ genLength: 16, blockLength: 8, steps: 16, temperature: 1, seed: 7, ...overrides }) }])
-      .then(([run]) => run!.answer)
+    runTogether(engine, [
+      { prompt, params: greedy({ genLength: 16, blockLength: 8, steps: 16, temperature: 1, seed: 7, ...overrides }) }
+    ]).then(([run]) => run!.answer)
 
   it("top_k 1 samples the argmax: the greedy answer at any temperature", async () => {
     const [reference] = await runTogether(engine, [{ prompt, params: greedy({ genLength: 16, blockLength: 8, steps: 16 }) }])
@@ -130,7 +136,7 @@ describe("parallel decoding", () => {
     const [run] = await runTogether(engine, [{ prompt, params: { ...base, parallelThreshold: threshold } }], true)
     const info = engine.sequenceInfo(run!.id)
     engine.release(run!.id)
-    expect(info.stepsTotal).toBe(32)  // the upper bound: one token a step
+    expect(info.stepsTotal).toBe(32) // the upper bound: one token a step
     expect(info.stepsDone).toBe(run!.results.length)
     expect(info.tokensDenoised).toBe(32)
     expect(run!.answer).not.toContain(MASK)
@@ -180,7 +186,7 @@ describe("early stop", () => {
     const info = engine.sequenceInfo(run!.id)
     engine.release(run!.id)
     const last = run!.results[run!.results.length - 1]!
-    expect(run!.results.length).toBe(1)  // the first block's one step (3 steps over 4 blocks)
+    expect(run!.results.length).toBe(1) // the first block's one step (3 steps over 4 blocks)
     expect(last).toMatchObject({ finished: true, reason: "eos", filled: 7 })
     expect(last.committed.slice(-7).map((c) => c.position)).toEqual([3, 4, 5, 6, 7, 8, 9])
     expect(last.committed.slice(-7).map((c) => c.token)).toEqual(Array(7).fill(EOS))
@@ -197,11 +203,11 @@ describe("early stop", () => {
     const c = byName("blocks")
     const [run] = await runTogether(engine, [{ prompt: c.prompt, params: paramsOf(c, { earlyStop: true }) }])
     expect(run!.answer).toEqual([...c.answer.slice(0, 4), ...Array(12).fill(EOS)])
-    expect(run!.results.length).toBe(2)  // 8 steps over 4 blocks: the first block's two
+    expect(run!.results.length).toBe(2) // 8 steps over 4 blocks: the first block's two
   })
 
   it("changes nothing when no block ends the answer", async () => {
-    const c = byName("cfg")  // [66, 93, 73, 21 | 39, ...] with EOT 93: real tokens follow the end token
+    const c = byName("cfg") // [66, 93, 73, 21 | 39, ...] with EOT 93: real tokens follow the end token
     const [run] = await runTogether(engine, [{ prompt: c.prompt, params: paramsOf(c, { earlyStop: true }) }])
     expect(run!.answer).toEqual(c.answer)
     expect(run!.results.length).toBe(8)

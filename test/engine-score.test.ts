@@ -23,9 +23,13 @@ describe("NativeEngine.score", () => {
       const engine = engines.get(model)!
       const mask = engine.info().config.maskTokenId
       // Cases whose recorded probability is the plain softmax (no cfg, no EOS rules).
-      const cases = goldenCases(model).filter((c) =>
-        c.params.cfg_scale === 0 && c.params.temperature === 0 && !c.params.logits_eos_inf &&
-        !c.params.confidence_eos_eot_inf && c.params.remasking === "low_confidence"
+      const cases = goldenCases(model).filter(
+        (c) =>
+          c.params.cfg_scale === 0 &&
+          c.params.temperature === 0 &&
+          !c.params.logits_eos_inf &&
+          !c.params.confidence_eos_eot_inf &&
+          c.params.remasking === "low_confidence"
       )
       expect(cases.length).toBeGreaterThan(0)
       let checked = 0
@@ -33,7 +37,11 @@ describe("NativeEngine.score", () => {
         const canvas = [...c.prompt, ...new Array<number>(c.params.gen_length).fill(mask)]
         const first = c.trace[0]!
         const positions = first.map(([position]) => c.prompt.length + position)
-        const scores = await engine.score(canvas, positions, first.map(([, token]) => token))
+        const scores = await engine.score(
+          canvas,
+          positions,
+          first.map(([, token]) => token)
+        )
         expect(scores.length).toBe(first.length)
         first.forEach(([, , probability], i) => {
           expect(Math.abs(Math.exp(scores[i]!) - probability), `${c.name} position ${positions[i]}`).toBeLessThan(1e-5)
@@ -47,11 +55,15 @@ describe("NativeEngine.score", () => {
   it("scores every listed position in one forward: log-probabilities over the vocabulary sum to 1", async () => {
     const engine = engines.get("plain")!
     const { vocabSize, embeddingSize, maskTokenId } = engine.info().config
-    expect(vocabSize).toBe(embeddingSize)  // no head padding: the vocabulary is the whole row
+    expect(vocabSize).toBe(embeddingSize) // no head padding: the vocabulary is the whole row
     const canvas = [1, 2, maskTokenId, 3, maskTokenId]
     const everyToken = Array.from({ length: vocabSize }, (_, v) => v)
     for (const position of [2, 4, 0]) {
-      const scores = await engine.score(canvas, everyToken.map(() => position), everyToken)
+      const scores = await engine.score(
+        canvas,
+        everyToken.map(() => position),
+        everyToken
+      )
       expect(scores.every((s) => s <= 0)).toBe(true)
       expect(scores.reduce((sum, s) => sum + Math.exp(s), 0)).toBeCloseTo(1, 9)
     }

@@ -33,8 +33,18 @@ describe("the loaded model", () => {
   it("reports the preset's config, dtype and size", () => {
     const info = engine.info()
     expect(info.config).toMatchObject({
-      dModel: 64, nHeads: 4, nKvHeads: 2, nLayers: 2, mlpHiddenSize: 160, vocabSize: 512, embeddingSize: 512,
-      maskTokenId: 511, eosTokenId: 510, maxSequenceLength: 512, weightTying: false, includeBias: false
+      dModel: 64,
+      nHeads: 4,
+      nKvHeads: 2,
+      nLayers: 2,
+      mlpHiddenSize: 160,
+      vocabSize: 512,
+      embeddingSize: 512,
+      maskTokenId: 511,
+      eosTokenId: 510,
+      maxSequenceLength: 512,
+      weightTying: false,
+      includeBias: false
     })
     expect(info.weightDtype).toBe("f32")
     expect(info.parameterCount).toBe(parameterCount(tiny.config))
@@ -91,7 +101,9 @@ describe("stepping one sequence", () => {
   })
 
   it("random remasking also commits every position exactly once", async () => {
-    const [run] = await runTogether(engine, [{ prompt, params: greedy({ genLength: 24, blockLength: 8, steps: 12, remasking: "random", seed: 3 }) }])
+    const [run] = await runTogether(engine, [
+      { prompt, params: greedy({ genLength: 24, blockLength: 8, steps: 12, remasking: "random", seed: 3 }) }
+    ])
     const positions = run!.trace.flat().map(([p]) => p)
     expect(positions.slice().sort((a, b) => a - b)).toEqual(Array.from({ length: 24 }, (_, i) => i))
     expect(run!.answer).not.toContain(MASK)
@@ -146,7 +158,10 @@ describe("batching", () => {
   const jobs = [
     { prompt, params: greedy({ genLength: 16, blockLength: 4, steps: 8 }) },
     { prompt: [5, 6, 7], params: greedy({ genLength: 9, blockLength: 9, steps: 3, temperature: 0.7, seed: 11 }) },
-    { prompt: [300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310], params: greedy({ genLength: 12, blockLength: 6, steps: 12, cfgScale: 1.5 }) },
+    {
+      prompt: [300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310],
+      params: greedy({ genLength: 12, blockLength: 6, steps: 12, cfgScale: 1.5 })
+    },
     { prompt: [9], params: greedy({ genLength: 20, blockLength: 5, steps: 8, remasking: "random", seed: 4 }) },
     { prompt: [1, 2], params: greedy({ genLength: 1, blockLength: 1, steps: 1 }) }
   ]
@@ -157,7 +172,10 @@ describe("batching", () => {
       const [alone] = await runTogether(engine, [job])
       const label = `job ${i}`
       expect(together[i]!.answer, label).toEqual(alone!.answer)
-      expect(together[i]!.trace.map((s) => s.map(([p, t]) => [p, t])), label).toEqual(alone!.trace.map((s) => s.map(([p, t]) => [p, t])))
+      expect(
+        together[i]!.trace.map((s) => s.map(([p, t]) => [p, t])),
+        label
+      ).toEqual(alone!.trace.map((s) => s.map(([p, t]) => [p, t])))
       together[i]!.trace.flat().forEach(([, , p], k) => expect(Math.abs(p - alone!.trace.flat()[k]![2]), label).toBeLessThan(1e-5))
       expect(together[i]!.results.length, label).toBe(alone!.results.length)
     }
@@ -179,7 +197,10 @@ describe("model formats written by make-model", () => {
     expect(b!.trace).toEqual(a!.trace)
   })
 
-  it.each([["BF16", "bf16"], ["F16", "f16"]] as const)("%s weights load and generate", async (dtype, name) => {
+  it.each([
+    ["BF16", "bf16"],
+    ["F16", "f16"]
+  ] as const)("%s weights load and generate", async (dtype, name) => {
     const out = join(dir, `tiny-${name}`)
     await makeModel({ preset: "tiny", seed: 1, out, dtype })
     const other = await loadAddon().loadModel(out, { threads: 2 })
@@ -195,11 +216,29 @@ describe("vdiff generate (command line)", () => {
     const tsx = join(import.meta.dirname, "..", "node_modules", ".bin", "tsx")
     const main = join(import.meta.dirname, "..", "src", "main.ts")
     const { stdout } = await promisify(execFile)(tsx, [
-      main, "generate", "--model", join(dir, "tiny"), "--prompt-ids", prompt.join(","),
-      "--gen", "24", "--block", "8", "--steps", "12", "--temperature", "0.8", "--seed", "9", "--threads", "1"
+      main,
+      "generate",
+      "--model",
+      join(dir, "tiny"),
+      "--prompt-ids",
+      prompt.join(","),
+      "--gen",
+      "24",
+      "--block",
+      "8",
+      "--steps",
+      "12",
+      "--temperature",
+      "0.8",
+      "--seed",
+      "9",
+      "--threads",
+      "1"
     ])
     const printed = JSON.parse(stdout)
-    const [run] = await runTogether(engine, [{ prompt, params: greedy({ genLength: 24, blockLength: 8, steps: 12, temperature: 0.8, seed: 9 }) }])
+    const [run] = await runTogether(engine, [
+      { prompt, params: greedy({ genLength: 24, blockLength: 8, steps: 12, temperature: 0.8, seed: 9 }) }
+    ])
     expect(printed.answer).toEqual(run!.answer)
     expect(printed.steps).toBe(12)
     expect(printed.finish_reason).toBe(run!.reason)

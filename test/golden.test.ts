@@ -14,7 +14,6 @@ import { loadAddon, type NativeEngine } from "../src/engine/native.js"
 import { type Run, runTogether } from "./support/engine.js"
 import { type GoldenCase, nativeParamsOf } from "./support/golden.js"
 
-
 interface Golden {
   readonly model: string
   readonly generate: Array<GoldenCase>
@@ -29,11 +28,11 @@ const goldens: Array<Golden> = readdirSync(fixtures)
   .sort()
   .map((f) => JSON.parse(readFileSync(join(fixtures, f), "utf8")) as Golden)
 
-
 /** Compares one run with its reference: answer and commits exactly, probabilities within tolerance. */
 const expectMatches = (run: Run, expected: GoldenCase, label: string) => {
   expect(run.answer, `${label}: answer`).toEqual(expected.answer)
-  const positionsAndTokens = (trace: ReadonlyArray<ReadonlyArray<readonly [number, number, number]>>) => trace.map((step) => step.map(([p, t]) => [p, t]))
+  const positionsAndTokens = (trace: ReadonlyArray<ReadonlyArray<readonly [number, number, number]>>) =>
+    trace.map((step) => step.map(([p, t]) => [p, t]))
   expect(positionsAndTokens(run.trace), `${label}: positions and tokens committed per step`).toEqual(positionsAndTokens(expected.trace))
   let worst = 0
   run.trace.forEach((step, s) =>
@@ -61,7 +60,10 @@ describe.each(goldens.map((g) => [g.model, g] as const))("golden %s", (name, gol
 
   it.each(golden.batches.map((b, i) => [i, b] as const))("batch %i together in one step loop", async (_, batch) => {
     const cases = batch.map((i) => golden.generate[i]!)
-    const runs = await runTogether(engine, cases.map((c) => ({ prompt: c.prompt, params: nativeParamsOf(c) })))
+    const runs = await runTogether(
+      engine,
+      cases.map((c) => ({ prompt: c.prompt, params: nativeParamsOf(c) }))
+    )
     runs.forEach((run, i) => expectMatches(run, cases[i]!, `${name}/batch[${batch.join(",")}]/${cases[i]!.name}`))
   })
 })

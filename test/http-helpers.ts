@@ -11,7 +11,7 @@ import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { HttpServer } from "@effect/platform"
 import { NodeHttpServer } from "@effect/platform-node"
-import { Context, Deferred, Effect, Either, Layer, Scope } from "effect"
+import { Context, Deferred, Effect, Either, Layer, type Scope } from "effect"
 import * as Config from "../src/config/Config.js"
 import { type FakeEngineOptions, makeFake } from "../src/engine/EngineTest.js"
 import { fromEngine, type Loader, ModelHost, ModelLoadFailed } from "../src/server/ModelHost.js"
@@ -95,7 +95,7 @@ export interface FakeLoaderOptions extends FakeEngineOptions {
 
 /** A Loader over the fake engine and the fake model directory's tokenizer, with the config's settings. */
 export const fakeLoader = (config: Config.Settings, options: FakeLoaderOptions = {}): Loader =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     if (options.hold !== undefined) yield* Deferred.await(options.hold)
     if (options.fail !== undefined) return yield* new ModelLoadFailed({ modelDir: config.model, message: options.fail })
     const tokenizer = yield* Tokenizer.make(config.model).pipe(
@@ -136,7 +136,7 @@ export const startServer = (options: {
   /** Wait for the model to be ready before returning (default true). */
   readonly awaitReady?: boolean
 }): Effect.Effect<TestServer, never, Scope.Scope> =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const context = yield* Layer.build(
       Server.layerApp({
         config: options.config,
@@ -163,7 +163,7 @@ export const request = (url: string, init: RequestInit = {}): Effect.Effect<Repl
   Effect.promise(async () => {
     const response = await fetch(url, init)
     const text = await response.text()
-    let json: unknown = undefined
+    let json: unknown
     try {
       json = JSON.parse(text)
     } catch {

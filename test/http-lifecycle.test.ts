@@ -38,15 +38,21 @@ const openStream = (url: string, body: unknown) =>
       headers: response.headers,
       events,
       /** Reads until at least `count` events have come (or the stream ended). */
-      waitFor: (count: number) => Effect.promise(async () => { while (events.length < count && (await pull())); }),
+      waitFor: (count: number) =>
+        Effect.promise(async () => {
+          while (events.length < count && (await pull()));
+        }),
       /** Reads to the end. */
-      rest: Effect.promise(async () => { while (await pull()); return events })
+      rest: Effect.promise(async () => {
+        while (await pull());
+        return events
+      })
     }
   })
 
 describe("while the model loads", () => {
   it.scopedLive("answers liveness, reports loading, and refuses API work with 503 until it is ready", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const config = yield* Effect.promise(() => settings())
       const hold = yield* Deferred.make<void>()
       const { url, host } = yield* startServer({ config, load: fakeLoader(config, { hold }), awaitReady: false })
@@ -95,10 +101,11 @@ describe("while the model loads", () => {
       expect(done.status).toBe(200)
       expect(done.json.choices[0].finish_reason).toBe("length")
       expect((yield* request(url + "/metrics")).text).toMatch(/\nvdiff_model_ready\{model_name="[^"]+"\} 1\n/)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 
   it.scopedLive("reports a model that failed to load as unhealthy, and refuses work", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const config = yield* Effect.promise(() => settings())
       const { url, host } = yield* startServer({
         config,
@@ -115,12 +122,13 @@ describe("while the model loads", () => {
       expect(ready.json.error.message).toContain("weights are corrupt")
       expect((yield* postJson(url + "/v1/completions", { model: "m", prompt: "x" })).status).toBe(503)
       expect((yield* request(url + "/health/live")).status).toBe(200)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 })
 
 describe("system endpoints", () => {
   it.scopedLive("/version, /v1/engine/stats and /metrics", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       // Metrics are process-wide: a model name of its own keeps this test's series apart.
       const config = yield* Effect.promise(() =>
         settings(["--max-concurrent-requests", "4", "--max-queue-size", "9", "--served-model-name", "system-endpoints"])
@@ -181,12 +189,13 @@ describe("system endpoints", () => {
       expect(lines).toContain(`vdiff_denoising_steps_total{${labels}} 5`)
       expect(lines).toContain(`vdiff_tokens_per_step_sum{${labels}} 10`)
       expect(lines).toContain("# TYPE vdiff_http_requests_total counter")
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 })
 
 describe("draining", () => {
   it.scopedLive("refuses new work with 503 while in-flight streams finish", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const config = yield* Effect.promise(() => settings())
       const { url, host } = yield* startServer({ config, load: fakeLoader(config, { stepMs: 15 }) })
       const name = yield* modelName(url)
@@ -215,10 +224,11 @@ describe("draining", () => {
       expect(JSON.parse(events.at(-2)!).choices[0].finish_reason).toBe("length")
       expect(events.some((e) => e.includes(`"error"`))).toBe(false)
       yield* Fiber.join(drain)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 
   it.scopedLive("ends the streams still running at the shutdown timeout with an error event", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const config = yield* Effect.promise(() => settings())
       const { url, host } = yield* startServer({ config, load: fakeLoader(config, { stepMs: 15 }) })
       const name = yield* modelName(url)
@@ -231,5 +241,6 @@ describe("draining", () => {
       expect(error.error).toMatchObject({ type: "service_unavailable_error", code: "draining" })
       // It ended long before its 200 steps.
       expect(events.length).toBeLessThan(50)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 })

@@ -7,11 +7,8 @@ import { postJson, request, settings, startServer } from "./http-helpers.js"
 /** Tests run the server quietly; the access-log test captures the log instead. */
 const quiet = Effect.provide(Logger.minimumLogLevel(LogLevel.None))
 
-const withServer = <A, E>(
-  argv: ReadonlyArray<string>,
-  body: (url: string) => Effect.Effect<A, E>
-) =>
-  Effect.gen(function*() {
+const withServer = <A, E>(argv: ReadonlyArray<string>, body: (url: string) => Effect.Effect<A, E>) =>
+  Effect.gen(function* () {
     const config = yield* Effect.promise(() => settings(argv))
     const server = yield* startServer({ config })
     return yield* body(server.url)
@@ -37,14 +34,16 @@ const expectSecurityHeaders = (headers: Headers) => {
 describe("auth", () => {
   it.scopedLive("lets every request through when no key is configured", () =>
     withServer([], (url) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         expect((yield* request(url + "/v1/models")).status).toBe(200)
         expect((yield* request(url + "/v1/engine/stats")).status).toBe(200)
-      })))
+      })
+    )
+  )
 
   it.scopedLive("answers 401 without a key and with a wrong one (missing_api_key, invalid_api_key), 200 with any configured key", () =>
     withServer(["--api-key", "key-one,key-two"], (url) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const missing = yield* request(url + "/v1/models")
         expect(missing.status).toBe(401)
         expect(missing.headers.get("www-authenticate")).toBe(`Bearer realm="vdiff"`)
@@ -72,21 +71,25 @@ describe("auth", () => {
         expect(stats.status).toBe(401)
         const post = yield* postJson(url + "/v1/completions", { model: "m", prompt: "x" })
         expect(post.status).toBe(401)
-      })))
+      })
+    )
+  )
 
   it.scopedLive("exempts the probes, /version and /metrics", () =>
     withServer(["--api-key", "secret"], (url) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         for (const path of ["/health", "/health/live", "/health/ready", "/version", "/metrics"]) {
           expect((yield* request(url + path)).status, path).toBe(200)
         }
-      })))
+      })
+    )
+  )
 })
 
 describe("routing errors", () => {
   it.scopedLive("answers 404 for an unknown route and 405 with Allow for a wrong method", () =>
     withServer([], (url) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const missing = yield* request(url + "/v2/completions")
         expect(missing.status).toBe(404)
         expectErrorBody(missing.json, "not_found_error", "route_not_found", missing.headers.get("x-request-id"))
@@ -103,13 +106,15 @@ describe("routing errors", () => {
         const deleteModel = yield* request(url + "/v1/models/some-model", { method: "DELETE" })
         expect(deleteModel.status).toBe(405)
         expect(deleteModel.headers.get("allow")).toBe("GET, HEAD")
-      })))
+      })
+    )
+  )
 })
 
 describe("body size limit", () => {
   it.scopedLive("answers 413 when Content-Length or the body itself is over the limit", () =>
     withServer(["--max-body-size", "100"], (url) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const big = JSON.stringify({ model: "m", prompt: "x".repeat(200) })
         const declared = yield* request(url + "/v1/completions", {
           method: "POST",
@@ -138,11 +143,13 @@ describe("body size limit", () => {
         const small = yield* postJson(url + "/v1/completions", { model: "m", prompt: "x" })
         expect(small.status).toBe(404)
         expect(small.json.error.code).toBe("model_not_found")
-      })))
+      })
+    )
+  )
 
   it.scopedLive("lets a client that uploads a whole oversized body before reading get its 413", () =>
     withServer([], (url) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         // 2 MiB declared in Content-Length against the default 1 MiB limit, from a client that, like curl
         // or most HTTP libraries, sends all of it before it reads. The server reads and discards the body
         // before it answers and closes; closing on unread bytes would reset the connection, and the
@@ -171,7 +178,9 @@ describe("body size limit", () => {
         } as RequestInit)
         expect(streamed.status).toBe(413)
         expect(streamed.json.error.code).toBe("body_too_large")
-      })))
+      })
+    )
+  )
 })
 
 /**
@@ -189,8 +198,7 @@ const uploadThenRead = (url: string, path: string, bytes: number) =>
     try {
       await once(socket, "connect")
       socket.write(
-        `POST ${path} HTTP/1.1\r\nhost: ${hostname}:${port}\r\ncontent-type: application/json\r\n` +
-          `content-length: ${bytes}\r\n\r\n`
+        `POST ${path} HTTP/1.1\r\nhost: ${hostname}:${port}\r\ncontent-type: application/json\r\n` + `content-length: ${bytes}\r\n\r\n`
       )
       const piece = Buffer.alloc(64 * 1024, "x")
       for (let sent = 0; sent < bytes && !socket.destroyed; sent += piece.length) {
@@ -221,7 +229,7 @@ describe("CORS", () => {
 
   it.scopedLive("allows no cross-origin access by default", () =>
     withServer([], (url) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const refused = yield* preflight(url, "https://app.example")
         expect(refused.status).toBe(403)
         expect(refused.headers.get("access-control-allow-origin")).toBeNull()
@@ -229,11 +237,13 @@ describe("CORS", () => {
         const simple = yield* request(url + "/v1/models", { headers: { origin: "https://app.example" } })
         expect(simple.status).toBe(200)
         expect(simple.headers.get("access-control-allow-origin")).toBeNull()
-      })))
+      })
+    )
+  )
 
   it.scopedLive("answers preflights of listed origins before auth and refuses others", () =>
     withServer(["--allowed-origins", "https://app.example,https://other.example", "--api-key", "k"], (url) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const allowed = yield* preflight(url, "https://app.example")
         expect(allowed.status).toBe(204)
         expect(allowed.headers.get("access-control-allow-origin")).toBe("https://app.example")
@@ -257,29 +267,36 @@ describe("CORS", () => {
         const unauthorized = yield* request(url + "/v1/models", { headers: { origin: "https://app.example" } })
         expect(unauthorized.status).toBe(401)
         expect(unauthorized.headers.get("access-control-allow-origin")).toBe("https://app.example")
-      })))
+      })
+    )
+  )
 
   it.scopedLive("allows any origin with *", () =>
     withServer(["--allowed-origins", "*"], (url) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const allowed = yield* preflight(url, "https://anywhere.example")
         expect(allowed.status).toBe(204)
         expect(allowed.headers.get("access-control-allow-origin")).toBe("*")
         expect(allowed.headers.get("vary")).toBeNull()
-      })))
+      })
+    )
+  )
 })
 
 describe("request id and security headers", () => {
   it.scopedLive("are on successes, errors and preflights alike", () =>
     withServer(["--api-key", "k"], (url) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const replies = [
           yield* request(url + "/health"),
           yield* request(url + "/v1/models", { headers: { authorization: "Bearer k" } }),
           yield* request(url + "/nowhere"),
           yield* request(url + "/v1/models"),
           yield* request(url + "/v1/models", { headers: { authorization: "Bearer no" } }),
-          yield* request(url + "/v1/completions", { method: "OPTIONS", headers: { origin: "https://x.example", "access-control-request-method": "POST" } })
+          yield* request(url + "/v1/completions", {
+            method: "OPTIONS",
+            headers: { origin: "https://x.example", "access-control-request-method": "POST" }
+          })
         ]
         // Auth comes before routing: an unknown path without a key is 401, not 404.
         expect(replies.map((r) => r.status)).toEqual([200, 200, 401, 401, 401, 403])
@@ -292,11 +309,13 @@ describe("request id and security headers", () => {
           if (reply.status >= 400) expect(reply.json.error.request_id).toBe(id)
         }
         expect(ids.size).toBe(replies.length)
-      })))
+      })
+    )
+  )
 
   it.scopedLive("takes a sane incoming X-Request-ID and replaces an insane one", () =>
     withServer([], (url) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const sane = yield* request(url + "/nowhere", { headers: { "x-request-id": "trace-42.a_B" } })
         expect(sane.headers.get("x-request-id")).toBe("trace-42.a_B")
         expect(sane.json.error.request_id).toBe("trace-42.a_B")
@@ -308,15 +327,21 @@ describe("request id and security headers", () => {
         }
         // The id is the suffix of a completion's id.
         const name = models.json.data[0].id
-        const completion = yield* postJson(url + "/v1/completions", { model: name, prompt: "Hi", max_tokens: 3 }, { "x-request-id": "req-7" })
+        const completion = yield* postJson(
+          url + "/v1/completions",
+          { model: name, prompt: "Hi", max_tokens: 3 },
+          { "x-request-id": "req-7" }
+        )
         expect(completion.status).toBe(200)
         expect(completion.json.id).toBe("cmpl-req-7")
-      })))
+      })
+    )
+  )
 })
 
 describe("access log", () => {
   it.scopedLive("writes one structured line per request, without keys or the Authorization header", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const lines: Array<{ message: unknown; annotations: Record<string, unknown> }> = []
       const capture = Logger.make(({ annotations, message }) => {
         lines.push({ message, annotations: Object.fromEntries(HashMap.toEntries(annotations)) })
@@ -343,5 +368,6 @@ describe("access log", () => {
       expect(everything).not.toContain("topsecret")
       expect(everything).not.toContain("wrong-secret")
       expect(everything.toLowerCase()).not.toContain("authorization")
-    }))
+    })
+  )
 })

@@ -7,7 +7,7 @@ import { type Reply, request, settings, startServer } from "./http-helpers.js"
 const quiet = Effect.provide(Logger.minimumLogLevel(LogLevel.None))
 
 const serve = (argv: ReadonlyArray<string>) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const config = yield* Effect.promise(() => settings(argv))
     return (yield* startServer({ config })).url
   })
@@ -20,7 +20,7 @@ const limitHeaders = (reply: Reply) => ({
 
 describe("rate limit over HTTP", () => {
   it.scoped("allows exactly N requests per window, then 429 with Retry-After until the window slides", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const url = yield* serve(["--rate-limit-requests", "3", "--rate-limit-window", "10"])
       const get = () => request(url + "/v1/models")
 
@@ -59,10 +59,11 @@ describe("rate limit over HTTP", () => {
       yield* TestClock.adjust("20 seconds")
       for (let i = 0; i < 3; i++) expect((yield* get()).status).toBe(200)
       expect((yield* get()).status).toBe(429)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 
   it.scoped("does not limit the probes, /version or /metrics, nor count them", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const url = yield* serve(["--rate-limit-requests", "1", "--rate-limit-window", "60"])
       for (let i = 0; i < 5; i++) {
         for (const path of ["/health", "/health/live", "/health/ready", "/version", "/metrics"]) {
@@ -73,10 +74,11 @@ describe("rate limit over HTTP", () => {
       }
       expect((yield* request(url + "/v1/models")).status).toBe(200)
       expect((yield* request(url + "/v1/models")).status).toBe(429)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 
   it.scoped("counts each API key apart", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const url = yield* serve(["--rate-limit-requests", "2", "--rate-limit-window", "60", "--api-key", "a,b"])
       const as = (key: string) => request(url + "/v1/models", { headers: { authorization: `Bearer ${key}` } })
       expect((yield* as("a")).status).toBe(200)
@@ -85,12 +87,12 @@ describe("rate limit over HTTP", () => {
       expect((yield* as("b")).status).toBe(200)
       expect((yield* as("b")).status).toBe(200)
       expect((yield* as("b")).status).toBe(429)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 
   it.scoped("keys clients by X-Forwarded-For only with --trust-proxy", () =>
-    Effect.gen(function*() {
-      const from = (url: string, address: string) =>
-        request(url + "/v1/models", { headers: { "x-forwarded-for": `${address}, 10.0.0.1` } })
+    Effect.gen(function* () {
+      const from = (url: string, address: string) => request(url + "/v1/models", { headers: { "x-forwarded-for": `${address}, 10.0.0.1` } })
       const trusting = yield* serve(["--rate-limit-requests", "1", "--trust-proxy"])
       expect((yield* from(trusting, "203.0.113.1")).status).toBe(200)
       expect((yield* from(trusting, "203.0.113.1")).status).toBe(429)
@@ -100,10 +102,11 @@ describe("rate limit over HTTP", () => {
       const plain = yield* serve(["--rate-limit-requests", "1"])
       expect((yield* from(plain, "203.0.113.1")).status).toBe(200)
       expect((yield* from(plain, "203.0.113.2")).status).toBe(429)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 
   it.scoped("limits failed API key attempts per address, then refuses even the right key until the window slides", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const url = yield* serve(["--rate-limit-requests", "3", "--rate-limit-window", "10", "--api-key", "right"])
       const as = (key: string | undefined) =>
         request(url + "/v1/models", { headers: key === undefined ? {} : { authorization: `Bearer ${key}` } })
@@ -133,10 +136,11 @@ describe("rate limit over HTTP", () => {
       expect((yield* as("guess-6")).status).toBe(429)
       // Probes need no key and are never refused.
       expect((yield* request(url + "/health")).status).toBe(200)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 
   it.scoped("counts failed API key attempts per peer address, and X-Forwarded-For only with --trust-proxy", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const guess = (url: string, address: string) =>
         request(url + "/v1/models", { headers: { authorization: "Bearer guess", "x-forwarded-for": address } })
       const trusting = yield* serve(["--rate-limit-requests", "1", "--api-key", "right", "--trust-proxy"])
@@ -148,31 +152,34 @@ describe("rate limit over HTTP", () => {
       const plain = yield* serve(["--rate-limit-requests", "1", "--api-key", "right"])
       expect((yield* guess(plain, "203.0.113.1")).status).toBe(401)
       expect((yield* guess(plain, "203.0.113.2")).status).toBe(429)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 
   it.scoped("leaves failed API key attempts unlimited with --rate-limit-requests 0", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const url = yield* serve(["--api-key", "right"])
       for (let i = 0; i < 20; i++) {
         expect((yield* request(url + "/v1/models", { headers: { authorization: `Bearer guess-${i}` } })).status).toBe(401)
       }
       expect((yield* request(url + "/v1/models", { headers: { authorization: "Bearer right" } })).status).toBe(200)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 
   it.scoped("is off with --rate-limit-requests 0", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const url = yield* serve([])
       for (let i = 0; i < 20; i++) {
         const reply = yield* request(url + "/v1/models")
         expect(reply.status).toBe(200)
         expect(reply.headers.get("x-ratelimit-limit")).toBeNull()
       }
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 })
 
 describe("RateLimiter", () => {
   it.effect("forgets clients idle for a whole window, so memory stays bounded", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const limiter = yield* RateLimiter.make({ limit: 5, windowMs: 1000 })
       for (let i = 0; i < 1000; i++) yield* limiter.consume(`client-${i}`)
       expect(yield* limiter.clients).toBe(1000)
@@ -183,14 +190,16 @@ describe("RateLimiter", () => {
       yield* limiter.consume("late")
       // client-0 was last seen 1 s ago, the rest 2 s ago: all gone but the newcomer.
       expect(yield* limiter.clients).toBe(1)
-    }))
+    })
+  )
 
   it.effect("refuses every request past the limit within the window, however many come", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const limiter = yield* RateLimiter.make({ limit: 3, windowMs: 1000 })
       const decisions = []
       for (let i = 0; i < 100; i++) decisions.push(yield* limiter.consume("c"))
       expect(decisions.filter((d) => d.allowed)).toHaveLength(3)
       expect(decisions.at(-1)).toEqual({ allowed: false, limit: 3, remaining: 0, resetMs: 1000 })
-    }))
+    })
+  )
 })

@@ -95,7 +95,10 @@ const startStream = async (url: string) => {
         if (done) break
         text += decoder.decode(value, { stream: true })
       }
-      return text.split("\n\n").filter((e) => e !== "").map((e) => e.replace(/^data: /, ""))
+      return text
+        .split("\n\n")
+        .filter((e) => e !== "")
+        .map((e) => e.replace(/^data: /, ""))
     }
   }
 }

@@ -14,7 +14,6 @@ import { type NativeEngine, type NativeSamplingParams, loadAddon } from "../src/
 import { runTogether } from "./support/engine.js"
 import { goldenCases, goldenDir, nativeParamsOf } from "./support/golden.js"
 
-
 const golden = goldenCases
 
 const paramsOf = nativeParamsOf
@@ -70,11 +69,7 @@ describe("KV cache through the addon", () => {
     const stepsPerBlock = c.params.steps / blocks
     let prefix = 0
     for (let b = 0; b < blocks; b++) prefix += length + (stepsPerBlock - 1) * (length - c.prompt.length - 4 * b)
-    expect(info.map((s) => s.positionsComputed)).toEqual([
-      c.params.steps * length,
-      prefix,
-      blocks * (length + (stepsPerBlock - 1) * 4)
-    ])
+    expect(info.map((s) => s.positionsComputed)).toEqual([c.params.steps * length, prefix, blocks * (length + (stepsPerBlock - 1) * 4)])
     for (const run of runs) engine.release(run.id)
   })
 
@@ -83,7 +78,13 @@ describe("KV cache through the addon", () => {
     const perPosition = probe.info().kvCacheBytesPerPosition
     const prompt = [5, 17, 33, 2]
     const params: NativeSamplingParams = {
-      genLength: 12, blockLength: 4, steps: 12, temperature: 0, remasking: "low_confidence", cfgScale: 0, seed: 0,
+      genLength: 12,
+      blockLength: 4,
+      steps: 12,
+      temperature: 0,
+      remasking: "low_confidence",
+      cfgScale: 0,
+      seed: 0,
       kvCache: "dual"
     }
     const perSequence = perPosition * (prompt.length + 12)
@@ -95,9 +96,7 @@ describe("KV cache through the addon", () => {
     const b = engine.create(prompt, params)
     expect(engine.kvCacheBytes()).toBe(2 * perSequence)
     expect(() => engine.create(prompt, params)).toThrow(expect.objectContaining({ code: "VDIFF_OUT_OF_MEMORY" }))
-    expect(() => engine.create(prompt, { ...params, genLength: 40 })).toThrow(
-      expect.objectContaining({ code: "VDIFF_INVALID_ARGUMENT" })
-    )
+    expect(() => engine.create(prompt, { ...params, genLength: 40 })).toThrow(expect.objectContaining({ code: "VDIFF_INVALID_ARGUMENT" }))
     engine.release(a)
     expect(engine.kvCacheBytes()).toBe(perSequence)
     const c = engine.create(prompt, { ...params, kvCache: "prefix" })
@@ -122,7 +121,7 @@ describe("KV cache through the Engine service", () => {
       kvCache: "prefix",
       kvRefreshInterval: 1
     }
-    const program = Effect.gen(function*() {
+    const program = Effect.gen(function* () {
       const engine = yield* Engine.Engine
       const id = yield* engine.create(c.prompt, settings)
       let last: Engine.StepResult | undefined
@@ -133,9 +132,7 @@ describe("KV cache through the Engine service", () => {
       return { answer, last, refused }
     })
     const { answer, last, refused } = await Effect.runPromise(
-      program.pipe(
-        Effect.provide(Engine.layer({ modelDir: join(goldenDir, "gqa"), threads: 2, kvCacheBudgetBytes: 16 * 1024 }))
-      )
+      program.pipe(Effect.provide(Engine.layer({ modelDir: join(goldenDir, "gqa"), threads: 2, kvCacheBudgetBytes: 16 * 1024 })))
     )
     expect(answer).toEqual(c.answer) // refreshed every step: the reference answer
     expect(last.kvRefreshes).toBe(c.params.steps)

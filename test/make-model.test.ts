@@ -6,13 +6,7 @@ import { promisify } from "node:util"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { importRaw, makeModel, presetTensors } from "../src/model/makeModel.js"
 import { parameterCount, presets } from "../src/model/presets.js"
-import {
-  type ShardIndex,
-  f32BitsToBf16,
-  readSafetensorsHeader,
-  readShardIndex,
-  readTensor
-} from "../src/model/safetensors.js"
+import { type ShardIndex, f32BitsToBf16, readSafetensorsHeader, readShardIndex, readTensor } from "../src/model/safetensors.js"
 
 const run = promisify(execFile)
 
@@ -28,7 +22,14 @@ afterAll(async () => {
  * LLaDA-8B's tensor names and shapes (DESIGN.md), written out here independently of src/model/presets.ts
  * so a wrong name or transposed shape there cannot pass unnoticed.
  */
-const expectedTensors = (c: { d_model: number; n_heads: number; n_kv_heads: number; n_layers: number; mlp_hidden_size: number; embedding_size: number }) => {
+const expectedTensors = (c: {
+  d_model: number
+  n_heads: number
+  n_kv_heads: number
+  n_layers: number
+  mlp_hidden_size: number
+  embedding_size: number
+}) => {
   const D = c.d_model
   const kv = (D / c.n_heads) * c.n_kv_heads
   const H = c.mlp_hidden_size
@@ -181,9 +182,20 @@ describe("small and llada-8b presets", () => {
   it("llada-8b has LLaDA-8B's config, names and 8.0B parameters, in bf16 shards of at most 4 GB", () => {
     const preset = presets["llada-8b"]!
     expect(preset.config).toMatchObject({
-      d_model: 4096, n_heads: 32, n_kv_heads: 32, n_layers: 32, mlp_hidden_size: 12288,
-      vocab_size: 126464, embedding_size: 126464, mask_token_id: 126336, eos_token_id: 126081,
-      rope_theta: 500000, rms_norm_eps: 1e-5, max_sequence_length: 4096, weight_tying: false, include_bias: false
+      d_model: 4096,
+      n_heads: 32,
+      n_kv_heads: 32,
+      n_layers: 32,
+      mlp_hidden_size: 12288,
+      vocab_size: 126464,
+      embedding_size: 126464,
+      mask_token_id: 126336,
+      eos_token_id: 126081,
+      rope_theta: 500000,
+      rms_norm_eps: 1e-5,
+      max_sequence_length: 4096,
+      weight_tying: false,
+      include_bias: false
     })
     const tensors = presetTensors(preset, 0)
     const shapes = Object.fromEntries(tensors.map((t) => [t.name, t.shape]))
@@ -196,7 +208,11 @@ describe("small and llada-8b presets", () => {
 
 describe("--from-raw import", () => {
   /** Exports the tiny model as the training script would: manifest.json plus raw f32 files. */
-  const exportRaw = async (source: string, raw: string, tamper?: (m: { config: Record<string, unknown>; tensors: Array<{ name: string; shape: Array<number>; file: string }> }) => void) => {
+  const exportRaw = async (
+    source: string,
+    raw: string,
+    tamper?: (m: { config: Record<string, unknown>; tensors: Array<{ name: string; shape: Array<number>; file: string }> }) => void
+  ) => {
     await mkdir(raw, { recursive: true })
     const header = await readSafetensorsHeader(join(source, "model.safetensors"))
     const tensors: Array<{ name: string; shape: Array<number>; file: string }> = []
@@ -205,7 +221,12 @@ describe("--from-raw import", () => {
       await writeFile(join(raw, file), await readTensor(join(source, "model.safetensors"), name))
       tensors.push({ name, shape: [...t.shape], file })
     }
-    const { architectures: _a, model_type: _m, torch_dtype: _t, ...config } = JSON.parse(await readFile(join(source, "config.json"), "utf8"))
+    const {
+      architectures: _a,
+      model_type: _m,
+      torch_dtype: _t,
+      ...config
+    } = JSON.parse(await readFile(join(source, "config.json"), "utf8"))
     const manifest = { config: { ...config, bos_token_id: 3 }, tensors }
     tamper?.(manifest)
     await writeFile(join(raw, "manifest.json"), JSON.stringify(manifest))
@@ -227,7 +248,13 @@ describe("--from-raw import", () => {
     const outBytes = await readFile(join(out, "model.safetensors"))
     expect(outBytes.subarray(b.dataStart).equals(sourceBytes.subarray(a.dataStart))).toBe(true)
     const config = JSON.parse(await readFile(join(out, "config.json"), "utf8"))
-    expect(config).toMatchObject({ architectures: ["LLaDAModelLM"], model_type: "llada", d_model: 64, bos_token_id: 3, torch_dtype: "float32" })
+    expect(config).toMatchObject({
+      architectures: ["LLaDAModelLM"],
+      model_type: "llada",
+      d_model: 64,
+      bos_token_id: 3,
+      torch_dtype: "float32"
+    })
     expect(await readFile(join(out, "tokenizer.json"), "utf8")).toBe('{"model": {}}')
     expect(await readFile(join(out, "tokenizer_config.json"), "utf8")).toBe('{"bos_token": "<s>"}')
 
@@ -280,7 +307,10 @@ describe("command line", () => {
       ["make-model", "--out", out],
       ["frobnicate"]
     ]) {
-      const failed = await run(tsx, [main, ...args]).then(() => undefined, (e: { code: number; stderr: string }) => e)
+      const failed = await run(tsx, [main, ...args]).then(
+        () => undefined,
+        (e: { code: number; stderr: string }) => e
+      )
       expect(failed, args.join(" ")).toBeDefined()
       expect(failed!.code).toBe(2)
       expect(failed!.stderr).toMatch(/unknown preset "huge"|--dtype must be|exactly one of|unknown command "frobnicate"/)

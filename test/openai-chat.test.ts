@@ -21,7 +21,13 @@ afterAll(() => server.close())
 
 const messages = [
   { role: "system", content: "Be brief." },
-  { role: "user", content: [{ type: "text", text: "Say" }, { type: "text", text: "goodnight" }] }
+  {
+    role: "user",
+    content: [
+      { type: "text", text: "Say" },
+      { type: "text", text: "goodnight" }
+    ]
+  }
 ]
 
 const chat = async (body: Record<string, unknown>) => {

@@ -94,8 +94,7 @@ describe("openai SDK", () => {
   it("auth errors by class: no key and a wrong key are AuthenticationError (401)", async () => {
     for (const key of ["sk-not-ours", "sk-clients-test-ke"]) {
       const intruder = new OpenAI({ apiKey: key, baseURL: server.url + "/v1", maxRetries: 0 })
-      const denied = await intruder.chat.completions.create({ model, messages: [{ role: "user", content: "x" }] })
-        .catch((e) => e)
+      const denied = await intruder.chat.completions.create({ model, messages: [{ role: "user", content: "x" }] }).catch((e) => e)
       expect(denied).toBeInstanceOf(OpenAI.AuthenticationError)
       expect(denied.status).toBe(401)
       expect(denied.code).toBe("invalid_api_key")
@@ -110,7 +109,10 @@ describe("openai SDK", () => {
     const ask = (role: "developer" | "system" | "user") =>
       client.chat.completions.create({
         model,
-        messages: [{ role, content: "Thou art a herald of the king." }, { role: "user", content: "What news?" }],
+        messages: [
+          { role, content: "Thou art a herald of the king." },
+          { role: "user", content: "What news?" }
+        ],
         max_tokens: 10,
         seed: 5
       })
@@ -132,7 +134,10 @@ describe("openai SDK", () => {
     } as OpenAI.Responses.ResponseCreateParamsNonStreaming)
     const chat = await client.chat.completions.create({
       model,
-      messages: [{ role: "system", content: "Thou art a herald of the king." }, { role: "user", content: "What news?" }],
+      messages: [
+        { role: "system", content: "Thou art a herald of the king." },
+        { role: "user", content: "What news?" }
+      ],
       max_tokens: 10,
       temperature: 0,
       seed: 6
@@ -178,8 +183,13 @@ describe("openai SDK", () => {
     expect(types.slice(-4, -1)).toEqual(["response.output_text.done", "response.content_part.done", "response.output_item.done"])
     expect(["response.completed", "response.incomplete"]).toContain(types[types.length - 1])
     expect(text).toBe(whole.output_text)
-    expect(completed!.output_text ?? completed!.output.flatMap((o) => o.type === "message" ? o.content : [])
-      .map((c) => (c.type === "output_text" ? c.text : "")).join("")).toBe(whole.output_text)
+    expect(
+      completed!.output_text ??
+        completed!.output
+          .flatMap((o) => (o.type === "message" ? o.content : []))
+          .map((c) => (c.type === "output_text" ? c.text : ""))
+          .join("")
+    ).toBe(whole.output_text)
   })
 
   it("responses: what needs stored state or tools is a 400 naming the field", async () => {
@@ -276,11 +286,13 @@ describe("structured output (json_schema by template)", () => {
     Herald.parse(JSON.parse(small.choices[0]!.message.content!))
 
     const refused = async (schema: unknown, reason: RegExp) => {
-      const error = await client.chat.completions.create({
-        model,
-        messages,
-        response_format: { type: "json_schema", json_schema: { name: "x", schema: schema as Record<string, unknown> } }
-      }).catch((e) => e)
+      const error = await client.chat.completions
+        .create({
+          model,
+          messages,
+          response_format: { type: "json_schema", json_schema: { name: "x", schema: schema as Record<string, unknown> } }
+        })
+        .catch((e) => e)
       expect(error).toBeInstanceOf(OpenAI.BadRequestError)
       expect(error.param).toBe("response_format.json_schema.schema")
       expect(error.message).toMatch(reason)
@@ -290,12 +302,10 @@ describe("structured output (json_schema by template)", () => {
     await refused(z.toJSONSchema(z.object({ id: z.string().regex(/^[a-z]+$/) })), /pattern is not supported/)
     await refused(z.toJSONSchema(z.string()), /must be an object with known keys/)
     await refused({ type: "object" }, /needs its keys in `properties`/)
-    const jsonObject = await client.chat.completions.create({ model, messages, response_format: { type: "json_object" } })
-      .catch((e) => e)
+    const jsonObject = await client.chat.completions.create({ model, messages, response_format: { type: "json_object" } }).catch((e) => e)
     expect(jsonObject).toBeInstanceOf(OpenAI.BadRequestError)
     expect(jsonObject.message).toMatch(/keys of the object are not known/)
-    const tooShort = await client.chat.completions.create({ model, messages, max_tokens: 10, response_format: format })
-      .catch((e) => e)
+    const tooShort = await client.chat.completions.create({ model, messages, max_tokens: 10, response_format: format }).catch((e) => e)
     expect(tooShort).toBeInstanceOf(OpenAI.BadRequestError)
     expect(tooShort.message).toMatch(/leaves no room for the values/)
   })
@@ -304,7 +314,14 @@ describe("structured output (json_schema by template)", () => {
 describe("Vercel AI SDK", () => {
   it("@ai-sdk/openai-compatible: generateText and streamText agree", async () => {
     const provider = createOpenAICompatible({ name: "vdiff", baseURL: server.url + "/v1", apiKey, includeUsage: true })
-    const settings = { model: provider.chatModel(model), prompt: "What news?", system: "Thou art a herald.", maxOutputTokens: 10, seed: 7, temperature: 0 }
+    const settings = {
+      model: provider.chatModel(model),
+      prompt: "What news?",
+      system: "Thou art a herald.",
+      maxOutputTokens: 10,
+      seed: 7,
+      temperature: 0
+    }
     const generated = await generateText(settings)
     expect(generated.text.length).toBeGreaterThan(0)
     expect(["stop", "length"]).toContain(generated.finishReason)
@@ -343,7 +360,14 @@ describe("Vercel AI SDK", () => {
 
   it("@ai-sdk/openai's default provider (the Responses API): generateText and streamText agree", async () => {
     const openai = createOpenAI({ baseURL: server.url + "/v1", apiKey })
-    const settings = { model: openai(model), prompt: "What news?", system: "Thou art a herald.", maxOutputTokens: 10, seed: 7, temperature: 0 }
+    const settings = {
+      model: openai(model),
+      prompt: "What news?",
+      system: "Thou art a herald.",
+      maxOutputTokens: 10,
+      seed: 7,
+      temperature: 0
+    }
     const generated = await generateText(settings)
     expect(generated.text.length).toBeGreaterThan(0)
     expect(generated.response.id).toMatch(/^resp_/)
@@ -366,7 +390,10 @@ describe("LangChain ChatOpenAI", () => {
       temperature: 0,
       maxRetries: 0
     })
-    const messages: Array<[string, string]> = [["system", "Thou art a herald."], ["human", "What news?"]]
+    const messages: Array<[string, string]> = [
+      ["system", "Thou art a herald."],
+      ["human", "What news?"]
+    ]
     const reply = await chat.invoke(messages, { seed: 9 })
     expect(typeof reply.content).toBe("string")
     expect((reply.content as string).length).toBeGreaterThan(0)

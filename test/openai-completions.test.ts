@@ -5,13 +5,7 @@
  */
 import { Effect, Schema } from "effect"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import {
-  CompletionResponse,
-  DetokenizeResponse,
-  Model,
-  ModelList,
-  TokenizeResponse
-} from "../src/openai/protocol.js"
+import { CompletionResponse, DetokenizeResponse, Model, ModelList, TokenizeResponse } from "../src/openai/protocol.js"
 import { eventually, servingConfig, startServer, type TestServer, textScript } from "./openai-support.js"
 
 const strict = <A, I>(schema: Schema.Schema<A, I>) => Schema.decodeUnknownSync(schema, { onExcessProperty: "error" })
@@ -72,25 +66,59 @@ describe("POST /v1/completions", () => {
 
   it("hands the engine the request's settings, and the server's defaults for the rest", async () => {
     await complete({
-      prompt: "Say hello", max_tokens: 24, diffusion_steps: 12, block_length: 6, remasking: "random",
-      cfg_scale: 1.5, temperature: 0.7, seed: 42, top_k: 20, top_p: 0.9, parallel_threshold: 0.8, early_stop: false,
+      prompt: "Say hello",
+      max_tokens: 24,
+      diffusion_steps: 12,
+      block_length: 6,
+      remasking: "random",
+      cfg_scale: 1.5,
+      temperature: 0.7,
+      seed: 42,
+      top_k: 20,
+      top_p: 0.9,
+      parallel_threshold: 0.8,
+      early_stop: false,
       kv_cache: "dual"
     })
     const eot = server.tokenizer.specialTokens.eot
     expect(lastCreated().prompt).toEqual(encode("Say hello", true))
     expect(lastCreated().suffix).toEqual([])
     expect(lastCreated().settings).toEqual({
-      genLength: 24, steps: 12, blockLength: 6, remasking: "random", cfgScale: 1.5, temperature: 0.7, seed: 42,
-      logitsEosInf: false, confidenceEosEotInf: false, eotTokenId: eot._tag === "Some" ? eot.value : -1,
-      topK: 20, topP: 0.9, minP: 0, parallelThreshold: 0.8, parallelFactor: 0, earlyStop: false, kvCache: "dual"
+      genLength: 24,
+      steps: 12,
+      blockLength: 6,
+      remasking: "random",
+      cfgScale: 1.5,
+      temperature: 0.7,
+      seed: 42,
+      logitsEosInf: false,
+      confidenceEosEotInf: false,
+      eotTokenId: eot._tag === "Some" ? eot.value : -1,
+      topK: 20,
+      topP: 0.9,
+      minP: 0,
+      parallelThreshold: 0.8,
+      parallelFactor: 0,
+      earlyStop: false,
+      kvCache: "dual"
     })
     await complete({ prompt: "Say hello", seed: 1 })
     const { defaults } = servingConfig
     expect(lastCreated().settings).toMatchObject({
-      genLength: defaults.maxTokens, steps: defaults.maxTokens, blockLength: defaults.blockLength,
-      remasking: defaults.remasking, cfgScale: defaults.cfgScale, temperature: defaults.temperature,
+      genLength: defaults.maxTokens,
+      steps: defaults.maxTokens,
+      blockLength: defaults.blockLength,
+      remasking: defaults.remasking,
+      cfgScale: defaults.cfgScale,
+      temperature: defaults.temperature,
       // Without server defaults for them: no filtering, no parallel decoding, early stop on, no cache.
-      topK: 0, topP: 1, minP: 0, parallelThreshold: 0, parallelFactor: 0, earlyStop: true, kvCache: "none"
+      topK: 0,
+      topP: 1,
+      minP: 0,
+      parallelThreshold: 0,
+      parallelFactor: 0,
+      earlyStop: true,
+      kvCache: "none"
     })
     // top_k -1 means off, as in vLLM; parallel_factor chooses the factor rule.
     await complete({ prompt: "Say hello", seed: 1, top_k: -1, parallel_factor: 2 })
@@ -129,7 +157,11 @@ describe("POST /v1/completions", () => {
       0
     )
     // Prompt tokens count once per prompt, not once per answer.
-    expect(response.usage).toEqual({ prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens })
+    expect(response.usage).toEqual({
+      prompt_tokens: promptTokens,
+      completion_tokens: completionTokens,
+      total_tokens: promptTokens + completionTokens
+    })
   })
 
   it("takes prompts as token ids, one list or several", async () => {
@@ -158,7 +190,11 @@ describe("POST /v1/completions", () => {
   it("ends at a stop token id, counted as generated but not in the text", async () => {
     const tokens = encode(answerText("Say hello", 3))
     const response = await complete({
-      prompt: "Say hello", max_tokens: 40, seed: 3, stop_token_ids: [tokens[2]!], return_token_ids: true
+      prompt: "Say hello",
+      max_tokens: 40,
+      seed: 3,
+      stop_token_ids: [tokens[2]!],
+      return_token_ids: true
     })
     expect(response.choices[0]).toMatchObject({
       text: server.tokenizer.decode(tokens.slice(0, 2)),
@@ -170,10 +206,7 @@ describe("POST /v1/completions", () => {
 
   it("puts the prompt before the answer with echo", async () => {
     const texts = await complete({ prompt: ["Say hello", "a long one"], max_tokens: 40, seed: 2, echo: true })
-    expect(texts.choices.map((c) => c.text)).toEqual([
-      "Say hello" + answerText("Say hello", 2),
-      "a long one" + answerText("a long one", 2)
-    ])
+    expect(texts.choices.map((c) => c.text)).toEqual(["Say hello" + answerText("Say hello", 2), "a long one" + answerText("a long one", 2)])
     // Token prompts echo their text (special tokens such as BOS left out, as in the answers).
     const ids = await complete({ prompt: encode("Say hello", true), max_tokens: 40, seed: 2, echo: true })
     expect(ids.choices[0]!.text).toBe("Say hello" + answerText("Say hello", 2))
@@ -236,13 +269,17 @@ describe("POST /v1/completions", () => {
     })
     // Sums over every answer of every prompt; the request's parallel rule is named.
     const many = await complete({
-      prompt: ["Say hello", "a long one"], n: 2, max_tokens: 40, seed: 3, parallel_threshold: 0.8, cfg_scale: 1
+      prompt: ["Say hello", "a long one"],
+      n: 2,
+      max_tokens: 40,
+      seed: 3,
+      parallel_threshold: 0.8,
+      cfg_scale: 1
     })
     expect(many.diffusion!.steps).toBeGreaterThanOrEqual(4 * (encode(answerText("Say hello", 3)).length + 1))
-    expect(many.diffusion!.forward_passes).toBe(2 * many.diffusion!.steps)  // cfg: two canvases a step
+    expect(many.diffusion!.forward_passes).toBe(2 * many.diffusion!.steps) // cfg: two canvases a step
     expect(many.diffusion!.parallel).toEqual({ threshold: 0.8 })
-    expect((await complete({ prompt: "Say hello", max_tokens: 8, parallel_factor: 1.5 })).diffusion!.parallel)
-      .toEqual({ factor: 1.5 })
+    expect((await complete({ prompt: "Say hello", max_tokens: 8, parallel_factor: 1.5 })).diffusion!.parallel).toEqual({ factor: 1.5 })
     // A cached answer refreshes its cache once per block begun: 40 tokens in blocks of 8 (the default).
     const cached = await complete({ prompt: "Say hello", max_tokens: 40, seed: 3, kv_cache: "dual" })
     const blocksBegun = Math.floor((cached.diffusion!.steps - 1) / 8) + 1
@@ -329,7 +366,12 @@ describe("server defaults for the sampler options", () => {
 
   it("applies them to requests that do not choose, and lets a request override each", async () => {
     expect(await settingsFor({})).toMatchObject({
-      topK: 40, topP: 0.95, parallelThreshold: 0.9, parallelFactor: 0, earlyStop: false, kvCache: "prefix"
+      topK: 40,
+      topP: 0.95,
+      parallelThreshold: 0.9,
+      parallelFactor: 0,
+      earlyStop: false,
+      kvCache: "prefix"
     })
     expect(await settingsFor({ kv_cache: "none" })).toMatchObject({ kvCache: "none" })
     expect(await settingsFor({ top_k: 0, top_p: 1, early_stop: true })).toMatchObject({ topK: 0, topP: 1, earlyStop: true })
@@ -353,9 +395,7 @@ describe("models, tokenize, detokenize", () => {
   it("tokenizes a prompt or messages exactly as the completion endpoints do", async () => {
     const plain = strict(TokenizeResponse)(await (await server.post("/tokenize", { prompt: "Say hello" })).json())
     expect(plain).toEqual({ count: plain.tokens.length, max_model_len: 128, tokens: encode("Say hello", true) })
-    const bare = strict(TokenizeResponse)(
-      await (await server.post("/tokenize", { prompt: "Say hello", add_special_tokens: false })).json()
-    )
+    const bare = strict(TokenizeResponse)(await (await server.post("/tokenize", { prompt: "Say hello", add_special_tokens: false })).json())
     expect(bare.tokens).toEqual(encode("Say hello"))
     const messages = [{ role: "user", content: "hi" }]
     const chat = strict(TokenizeResponse)(await (await server.post("/tokenize", { messages })).json())
@@ -363,8 +403,9 @@ describe("models, tokenize, detokenize", () => {
       "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     )
     const chatResponse = await server.post("/v1/chat/completions", { messages, max_tokens: 8, seed: 1, return_token_ids: true })
-    expect(((await chatResponse.json()) as { choices: Array<{ prompt_token_ids: Array<number> }> }).choices[0]!.prompt_token_ids)
-      .toEqual(chat.tokens)
+    expect(((await chatResponse.json()) as { choices: Array<{ prompt_token_ids: Array<number> }> }).choices[0]!.prompt_token_ids).toEqual(
+      chat.tokens
+    )
   })
 
   it("detokenizes token ids", async () => {

@@ -26,7 +26,12 @@ const startEmbedded = async (engineOptions: Partial<Engine.EngineOptions> = {}, 
       modelName: "shakespeare",
       maxModelLen: engine.info.config.maxSequenceLength,
       defaults: {
-        maxTokens: 24, steps: null, blockLength: 8, remasking: "low_confidence", cfgScale: 0, temperature: 0,
+        maxTokens: 24,
+        steps: null,
+        blockLength: 8,
+        remasking: "low_confidence",
+        cfgScale: 0,
+        temperature: 0,
         ...defaults
       }
     }
@@ -100,10 +105,23 @@ describe("OpenAI routes on the embedded model", () => {
 
   it("reports on every step the steps it plans, and runs exactly that many", async () => {
     const engine = server.engine
-    for (const [genLength, blockLength, steps] of [[24, 8, 12], [20, 8, 7], [10, 4, 30], [9, 9, 1]] as const) {
+    for (const [genLength, blockLength, steps] of [
+      [24, 8, 12],
+      [20, 8, 7],
+      [10, 4, 30],
+      [9, 9, 1]
+    ] as const) {
       const settings: Engine.SamplingSettings = {
-        genLength, blockLength, steps, temperature: 0, remasking: "low_confidence", cfgScale: 0, seed: 0,
-        logitsEosInf: false, confidenceEosEotInf: false, eotTokenId: -1
+        genLength,
+        blockLength,
+        steps,
+        temperature: 0,
+        remasking: "low_confidence",
+        cfgScale: 0,
+        seed: 0,
+        logitsEosInf: false,
+        confidenceEosEotInf: false,
+        eotTokenId: -1
       }
       const id = await Effect.runPromise(engine.create(server.tokenizer.encode("To be"), settings))
       let taken = 0
@@ -119,8 +137,8 @@ describe("OpenAI routes on the embedded model", () => {
       // The reference's plan: the steps shared over the blocks, each block's share in [1, its length].
       const blocks = Math.ceil(genLength / blockLength)
       const expected = Array.from({ length: blocks }, (_, b) =>
-        Math.min(Math.max(Math.floor(steps / blocks) + (b < steps % blocks ? 1 : 0), 1), Math.min(blockLength, genLength - b * blockLength)))
-        .reduce((a, b) => a + b, 0)
+        Math.min(Math.max(Math.floor(steps / blocks) + (b < steps % blocks ? 1 : 0), 1), Math.min(blockLength, genLength - b * blockLength))
+      ).reduce((a, b) => a + b, 0)
       expect(taken).toBe(expected)
     }
   })
@@ -147,7 +165,10 @@ describe("OpenAI routes on the embedded model", () => {
     expect(d.tokens_per_step).toBeGreaterThanOrEqual(1)
     // Streamed with snapshots: the same text, and total_steps is the upper bound of one step per token.
     const response = await server.post("/v1/completions", {
-      ...body, parallel_threshold: 0.9, stream: true, stream_options: { include_snapshots: true, include_usage: true }
+      ...body,
+      parallel_threshold: 0.9,
+      stream: true,
+      stream_options: { include_snapshots: true, include_usage: true }
     })
     const events = parseSse(await response.text())
     expect(events.pop()).toBe("[DONE]")

@@ -62,7 +62,10 @@ describe("the openai SDK", () => {
   it("chat: a stream's deltas add up to the message without streaming, the role first", async () => {
     const request = {
       model: "shakespeare",
-      messages: [{ role: "system" as const, content: "Speak as a player." }, { role: "user" as const, content: "Who goes there?" }],
+      messages: [
+        { role: "system" as const, content: "Speak as a player." },
+        { role: "user" as const, content: "Who goes there?" }
+      ],
       max_completion_tokens: 16,
       temperature: 0,
       seed: 5,
@@ -93,7 +96,14 @@ describe("the openai SDK", () => {
   })
 
   it("n answers in one request, each with its own index", async () => {
-    const completion = await client.completions.create({ model: "shakespeare", prompt: "JULIET:\n", max_tokens: 8, n: 3, temperature: 0.8, seed: 1 })
+    const completion = await client.completions.create({
+      model: "shakespeare",
+      prompt: "JULIET:\n",
+      max_tokens: 8,
+      n: 3,
+      temperature: 0.8,
+      seed: 1
+    })
     expect(completion.choices.map((c) => c.index)).toEqual([0, 1, 2])
   })
 

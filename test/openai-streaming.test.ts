@@ -114,8 +114,9 @@ describe("streaming completions", () => {
   it("holds back text that could begin a stop string until it is decided", async () => {
     // Left to right, one token per step, so " Good" and " night" are read in different steps.
     const oneByOne = await startServer({ script: (t) => textScript(t, (_, settings) => answerText(settings.seed)) })
-    const chunks = await stream(oneByOne, "/v1/completions", { prompt: "Say hello", max_tokens: 40, seed: 4, stop: "Good day" })
-      .finally(() => oneByOne.close())
+    const chunks = await stream(oneByOne, "/v1/completions", { prompt: "Say hello", max_tokens: 40, seed: 4, stop: "Good day" }).finally(
+      () => oneByOne.close()
+    )
     const texts = chunks.map((chunk) => decodeCompletionChunk(chunk).choices[0]!.text)
     expect(texts.join("")).toBe(answerText(4))
     // "Good" was held until " night" showed it does not begin "Good day": it goes out with " night".
@@ -191,16 +192,21 @@ describe("streaming chat completions", () => {
     const body = { messages: [{ role: "user", content: "hi" }], n: 2, seed: 9, max_tokens: 40, stop: "night" }
     const expected = decodeChatResponse(await nonStreamed("/v1/chat/completions", body))
     const chunks = await chatChunks({ ...body, stream_options: { include_usage: true } })
-    expect(chunks.slice(0, 2).map((chunk) => chunk.choices[0])).toEqual([0, 1].map((index) => ({
-      index, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null
-    })))
+    expect(chunks.slice(0, 2).map((chunk) => chunk.choices[0])).toEqual(
+      [0, 1].map((index) => ({
+        index,
+        delta: { role: "assistant", content: "" },
+        logprobs: null,
+        finish_reason: null
+      }))
+    )
     for (const chunk of chunks) expect(chunk.object).toBe("chat.completion.chunk")
     const usage = chunks[chunks.length - 1]!
     expect(usage.usage).toEqual(expected.usage)
     const { texts, finishes } = collect(
-      chunks.slice(2, -1).flatMap((chunk) =>
-        chunk.choices.map((c) => ({ index: c.index, text: c.delta.content ?? "", finish_reason: c.finish_reason }))
-      )
+      chunks
+        .slice(2, -1)
+        .flatMap((chunk) => chunk.choices.map((c) => ({ index: c.index, text: c.delta.content ?? "", finish_reason: c.finish_reason })))
     )
     for (const choice of expected.choices) {
       expect(texts.get(choice.index)).toBe(choice.message.content)

@@ -25,12 +25,17 @@ const object = (properties: Record<string, unknown>, extra: Record<string, unkno
 
 describe("skeletonOf", () => {
   it("lays out objects with known keys: strings as slots, nested objects, fixed values", () => {
-    const skeleton = skeletonOf(object({
-      name: { type: "string", description: "who" },
-      kind: { const: "herald" },
-      rank: { enum: [3] },
-      house: object({ seat: { type: "string" } }, { required: ["seat"], additionalProperties: false })
-    }, { $schema: "https://json-schema.org/draft/2020-12/schema", required: ["name"] }))
+    const skeleton = skeletonOf(
+      object(
+        {
+          name: { type: "string", description: "who" },
+          kind: { const: "herald" },
+          rank: { enum: [3] },
+          house: object({ seat: { type: "string" } }, { required: ["seat"], additionalProperties: false })
+        },
+        { $schema: "https://json-schema.org/draft/2020-12/schema", required: ["name"] }
+      )
+    )
     if (isRefusal(skeleton)) throw new Error(skeleton.message)
     expect(skeleton.slots).toBe(2)
     expect(skeleton.parts).toEqual([
@@ -54,8 +59,12 @@ describe("skeletonOf", () => {
     ["a pattern", object({ s: { type: "string", pattern: "^a$" } }), "schema.properties.s.pattern", /pattern/],
     ["a string enum", object({ s: { type: "string", enum: ["a", "b"] } }), "schema.properties.s.enum", /enum/],
     ["a value without type", object({ s: {} }), "schema.properties.s", /needs a `type`/],
-    ["additionalProperties with a schema", object({ s: { type: "string" } }, { additionalProperties: { type: "string" } }),
-      "schema.additionalProperties", /only known keys/],
+    [
+      "additionalProperties with a schema",
+      object({ s: { type: "string" } }, { additionalProperties: { type: "string" } }),
+      "schema.additionalProperties",
+      /only known keys/
+    ],
     ["required naming an unknown key", object({ s: { type: "string" } }, { required: ["t"] }), "schema.required", /"t"/]
   ])("refuses %s", (_, schema, path, reason) => {
     const refusal = skeletonOf(schema)
@@ -87,11 +96,8 @@ describe("layOut", () => {
     if (isRefusal(skeleton)) throw new Error(skeleton.message)
     const laid = layOut(skeleton, 6, tokenizer)
     const special = tokenizer.specialTokens
-    const awkward = ["\"", "\\", "\n", "}", "{\"a\":", " \t"].map((text) => tokenizer.encode(text, { addSpecialTokens: false })[0]!)
-    const token = fc.oneof(
-      fc.integer({ min: 0, max: tokenizer.vocabSize - 1 }),
-      fc.constantFrom(special.eos, special.mask, ...awkward)
-    )
+    const awkward = ['"', "\\", "\n", "}", '{"a":', " \t"].map((text) => tokenizer.encode(text, { addSpecialTokens: false })[0]!)
+    const token = fc.oneof(fc.integer({ min: 0, max: tokenizer.vocabSize - 1 }), fc.constantFrom(special.eos, special.mask, ...awkward))
     fc.assert(
       fc.property(fc.array(token, { minLength: 12, maxLength: 12 }), (values) => {
         let v = 0

@@ -32,7 +32,8 @@ const WORDS = ["Hello", " world", " night", " Good", " Say", " hello", "ö", " t
 
 export const SPECIAL = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
-const CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}" +
+const CHAT_TEMPLATE =
+  "{{ bos_token }}{% for message in messages %}" +
   "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}" +
   "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 
@@ -60,7 +61,13 @@ export const writeTinyModelDir = async (): Promise<string> => {
     truncation: null,
     padding: null,
     added_tokens: SPECIAL.map((content, k) => ({
-      id: firstSpecial + k, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true
+      id: firstSpecial + k,
+      content,
+      single_word: false,
+      lstrip: false,
+      rstrip: false,
+      normalized: false,
+      special: true
     })),
     normalizer: null,
     pre_tokenizer: { type: "ByteLevel", add_prefix_space: false, trim_offsets: true, use_regex: true },
@@ -72,8 +79,16 @@ export const writeTinyModelDir = async (): Promise<string> => {
     },
     decoder: { type: "ByteLevel", add_prefix_space: false, trim_offsets: true, use_regex: true },
     model: {
-      type: "BPE", dropout: null, unk_token: null, continuing_subword_prefix: null, end_of_word_suffix: null,
-      fuse_unk: false, byte_fallback: false, ignore_merges: false, vocab, merges
+      type: "BPE",
+      dropout: null,
+      unk_token: null,
+      continuing_subword_prefix: null,
+      end_of_word_suffix: null,
+      fuse_unk: false,
+      byte_fallback: false,
+      ignore_merges: false,
+      vocab,
+      merges
     }
   }
   const tokenizerConfig = {
@@ -192,11 +207,13 @@ export const startServerWith = async <E>(options: {
   const app = router.pipe(
     Effect.catchAll((error) =>
       isApiError(error)
-        ? Effect.flatMap(RequestId, (id) =>
-          Effect.succeed(HttpServerResponse.unsafeJson(toErrorBody(error, id), { status: error.status })))
+        ? Effect.flatMap(RequestId, (id) => Effect.succeed(HttpServerResponse.unsafeJson(toErrorBody(error, id), { status: error.status })))
         : Effect.fail(error)
     ),
-    Effect.provideServiceEffect(RequestId, Effect.sync(() => `req${++requests}`))
+    Effect.provideServiceEffect(
+      RequestId,
+      Effect.sync(() => `req${++requests}`)
+    )
   )
   const services = Layer.mergeAll(
     Scheduler.layer({

@@ -47,15 +47,22 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
   ["parallel_threshold above 1", { ...prompt, parallel_threshold: 1.2 }, "parallel_threshold", /from 0 to 1/],
   ["negative parallel_threshold", { ...prompt, parallel_threshold: -0.1 }, "parallel_threshold"],
   ["negative parallel_factor", { ...prompt, parallel_factor: -1 }, "parallel_factor"],
-  ["both parallel rules", { ...prompt, parallel_threshold: 0.9, parallel_factor: 1 }, "parallel_factor",
-    /cannot both be set/],
+  ["both parallel rules", { ...prompt, parallel_threshold: 0.9, parallel_factor: 1 }, "parallel_factor", /cannot both be set/],
   ["early_stop a string", { ...prompt, early_stop: "yes" }, "early_stop"],
   ["kv_cache unknown", { ...prompt, kv_cache: "full" }, "kv_cache", /"none", "prefix" or "dual"/],
   ["suffix a number", { ...prompt, suffix: 5 }, "suffix"],
-  ["prompt plus suffix over the context", { prompt: "x".repeat(60), suffix: "y".repeat(70) }, "prompt",
-    /the prompt has 61 tokens and the suffix 70/],
-  ["prompt, suffix and max_tokens over the context", { prompt: "x".repeat(60), suffix: "y".repeat(30), max_tokens: 40 },
-    "max_tokens", /131 tokens \(61 in the prompt, 30 in the suffix, 40 for the answer\)/],
+  [
+    "prompt plus suffix over the context",
+    { prompt: "x".repeat(60), suffix: "y".repeat(70) },
+    "prompt",
+    /the prompt has 61 tokens and the suffix 70/
+  ],
+  [
+    "prompt, suffix and max_tokens over the context",
+    { prompt: "x".repeat(60), suffix: "y".repeat(30), max_tokens: 40 },
+    "max_tokens",
+    /131 tokens \(61 in the prompt, 30 in the suffix, 40 for the answer\)/
+  ],
   ["n 0", { ...prompt, n: 0 }, "n"],
   ["n fractional", { ...prompt, n: 1.5 }, "n"],
   ["n above the batch size", { ...prompt, n: 9 }, "n", /at most 8/],
@@ -73,14 +80,29 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
   ["echo with logprobs", { ...prompt, echo: true, logprobs: 1 }, "echo", /does not score prompt tokens/],
   ["stream a string", { ...prompt, stream: "yes" }, "stream"],
   ["stream_options without stream", { ...prompt, stream_options: { include_usage: true } }, "stream_options"],
-  ["stream_options.include_usage a string", { ...prompt, stream: true, stream_options: { include_usage: "x" } },
-    "stream_options.include_usage"],
-  ["stream_options.include_snapshots a number", { ...prompt, stream: true, stream_options: { include_snapshots: 1 } },
-    "stream_options.include_snapshots"],
+  [
+    "stream_options.include_usage a string",
+    { ...prompt, stream: true, stream_options: { include_usage: "x" } },
+    "stream_options.include_usage"
+  ],
+  [
+    "stream_options.include_snapshots a number",
+    { ...prompt, stream: true, stream_options: { include_snapshots: 1 } },
+    "stream_options.include_snapshots"
+  ],
   ["diffusion_steps 0", { ...prompt, diffusion_steps: 0 }, "diffusion_steps"],
-  ["diffusion_steps absurdly large", { ...prompt, diffusion_steps: 1e15 }, "diffusion_steps",
-    /^diffusion_steps must be an integer from 1 to 100000$/],
-  ["the mask token typed in the prompt", { prompt: "Say <|mdm_mask|> hello" }, "prompt", /^prompt contains the mask token "<\|mdm_mask\|>"/],
+  [
+    "diffusion_steps absurdly large",
+    { ...prompt, diffusion_steps: 1e15 },
+    "diffusion_steps",
+    /^diffusion_steps must be an integer from 1 to 100000$/
+  ],
+  [
+    "the mask token typed in the prompt",
+    { prompt: "Say <|mdm_mask|> hello" },
+    "prompt",
+    /^prompt contains the mask token "<\|mdm_mask\|>"/
+  ],
   ["the mask token in a prompt of a list", { prompt: ["Say hello", "<|mdm_mask|>"] }, "prompt[1]", /mask token/],
   ["the mask token in the suffix", { ...prompt, suffix: "a <|mdm_mask|>" }, "suffix", /^suffix contains the mask token/],
   ["block_length 0", { ...prompt, block_length: 0 }, "block_length"],
@@ -94,8 +116,12 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
   ["logit_bias set", { ...prompt, logit_bias: { "1": 5 } }, "logit_bias"],
   ["model a number", { ...prompt, model: 5 }, "model"],
   ["prompt over the context", { prompt: "x".repeat(200) }, "prompt", /maximum context length is 128 tokens/],
-  ["prompt plus max_tokens over the context", { prompt: "x".repeat(100), max_tokens: 50 }, "max_tokens",
-    /you requested 151 tokens \(101 in the prompt, 50 for the answer\)/]
+  [
+    "prompt plus max_tokens over the context",
+    { prompt: "x".repeat(100), max_tokens: 50 },
+    "max_tokens",
+    /you requested 151 tokens \(101 in the prompt, 50 for the answer\)/
+  ]
 ]
 
 const chatCases: ReadonlyArray<readonly [string, Record<string, unknown>, string, RegExp?]> = [
@@ -105,12 +131,24 @@ const chatCases: ReadonlyArray<readonly [string, Record<string, unknown>, string
   ["a message without content", { messages: [{ role: "user" }] }, "messages[0].content", /is required/],
   ["content a number", { messages: [{ role: "user", content: 5 }] }, "messages[0].content"],
   ["an unknown role", { messages: [{ role: "robot", content: "hi" }] }, "messages[0].role", /unknown role/],
-  ["an image part", { messages: [{ role: "user", content: [{ type: "image_url", image_url: {} }] }] },
-    "messages[0].content[0]", /text only/],
-  ["a text part whose text is not a string", { messages: [{ role: "user", content: [{ type: "text", text: 5 }] }] },
-    "messages[0].content[0].text", /^text must be a string$/],
-  ["the mask token in a message", { messages: [{ role: "user", content: "fill <|mdm_mask|> in" }] }, "messages",
-    /^messages contains the mask token/],
+  [
+    "an image part",
+    { messages: [{ role: "user", content: [{ type: "image_url", image_url: {} }] }] },
+    "messages[0].content[0]",
+    /text only/
+  ],
+  [
+    "a text part whose text is not a string",
+    { messages: [{ role: "user", content: [{ type: "text", text: 5 }] }] },
+    "messages[0].content[0].text",
+    /^text must be a string$/
+  ],
+  [
+    "the mask token in a message",
+    { messages: [{ role: "user", content: "fill <|mdm_mask|> in" }] },
+    "messages",
+    /^messages contains the mask token/
+  ],
   ["max_completion_tokens 0", { ...chat, max_completion_tokens: 0 }, "max_completion_tokens"],
   ["logprobs a number", { ...chat, logprobs: 1 }, "logprobs"],
   ["top_logprobs above 20", { ...chat, logprobs: true, top_logprobs: 21 }, "top_logprobs"],
@@ -118,8 +156,7 @@ const chatCases: ReadonlyArray<readonly [string, Record<string, unknown>, string
   ["tools", { ...chat, tools: [{ type: "function" }] }, "tools"],
   ["a JSON response_format", { ...chat, response_format: { type: "json_object" } }, "response_format"],
   ["temperature above 2", { ...chat, temperature: 3 }, "temperature"],
-  ["messages over the context", { messages: [{ role: "user", content: "x".repeat(200) }] }, "messages",
-    /maximum context length/],
+  ["messages over the context", { messages: [{ role: "user", content: "x".repeat(200) }] }, "messages", /maximum context length/],
   ["max_tokens over the context", { ...chat, max_tokens: 120 }, "max_tokens", /maximum context length/]
 ]
 
@@ -143,7 +180,11 @@ describe("request validation", () => {
   })
 
   it("an unknown model is a 404 model_not_found, everywhere a model can be named", async () => {
-    for (const [path, body] of [["/v1/completions", prompt], ["/v1/chat/completions", chat], ["/tokenize", prompt]] as const) {
+    for (const [path, body] of [
+      ["/v1/completions", prompt],
+      ["/v1/chat/completions", chat],
+      ["/tokenize", prompt]
+    ] as const) {
       const error = await expectError(await server.post(path, { ...body, model: "gpt-4" }), 404, "model", /gpt-4/)
       expect(error.code).toBe("model_not_found")
       expect(error.type).toBe("not_found_error")

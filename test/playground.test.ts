@@ -130,8 +130,11 @@ describe.skipIf(!haveChromium)(`the playground in headless Chromium (needs ${chr
     if (!existsSync(join(modelDir, "model.safetensors"))) {
       // No embedded model in this checkout: a tiny random one does (its text is gibberish, which is fine).
       modelDir = join(work, "tiny")
-      const made = spawnSync(process.execPath, ["--import", "tsx", "src/main.ts", "make-model", "--preset", "tiny",
-        "--seed", "1", "--out", modelDir], { cwd: repoRoot, encoding: "utf8" })
+      const made = spawnSync(
+        process.execPath,
+        ["--import", "tsx", "src/main.ts", "make-model", "--preset", "tiny", "--seed", "1", "--out", modelDir],
+        { cwd: repoRoot, encoding: "utf8" }
+      )
       if (made.status !== 0) throw new Error(`make-model failed: ${made.stderr}`)
       await writeTinyTokenizer(modelDir, { eos: 510, mask: 511 })
     }
@@ -238,9 +241,7 @@ describe.skipIf(!haveChromium)(`the playground in headless Chromium (needs ${chr
     await page.getByLabel("Prompt", { exact: true }).press("Control+Enter")
     await expect.poll(() => page.locator("#status").textContent(), { timeout: 60_000 }).toMatch(/^Done/)
 
-    const seen: Array<{ step: string; masked: number; fresh: number; blocks: number }> = await page.evaluate(
-      () => window.__seen
-    )
+    const seen: Array<{ step: string; masked: number; fresh: number; blocks: number }> = await page.evaluate(() => window.__seen)
     const steps = seen.filter((s) => /^step \d+ \/ 32 /.test(s.step))
     expect(steps.length).toBeGreaterThanOrEqual(3)
     const masked = steps.map((s) => s.masked)
@@ -290,10 +291,15 @@ describe.skipIf(!haveChromium)(`the playground in headless Chromium (needs ${chr
     expect(await page.getByRole("button", { name: "Stop" }).isDisabled()).toBe(true)
 
     // The server notices the closed connection and frees the sequence within a step or so.
-    await expect.poll(async () => {
-      const stats = await api("/v1/engine/stats")
-      return [stats.scheduler.running, stats.engine.live_sequences]
-    }, { timeout: 10_000 }).toEqual([0, 0])
+    await expect
+      .poll(
+        async () => {
+          const stats = await api("/v1/engine/stats")
+          return [stats.scheduler.running, stats.engine.live_sequences]
+        },
+        { timeout: 10_000 }
+      )
+      .toEqual([0, 0])
     const after = (await api("/v1/engine/stats")).scheduler.sequence_steps_total as number
     expect(after - before).toBeLessThan(totalSteps)
     expect(after - before).toBeGreaterThanOrEqual(stoppedAt)

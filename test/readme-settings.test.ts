@@ -31,7 +31,10 @@ describe("README.md", () => {
     for (const field of Object.keys(Sampling.samplingSettings)) {
       const flag = "--" + field.replace(/_/g, "-")
       const env = "VDIFF_" + field.toUpperCase()
-      expect(table.split("\n").some((row) => row.startsWith(`| \`${flag}`) && row.includes(`\`${env}\``)), flag).toBe(true)
+      expect(
+        table.split("\n").some((row) => row.startsWith(`| \`${flag}`) && row.includes(`\`${env}\``)),
+        flag
+      ).toBe(true)
     }
   })
 })

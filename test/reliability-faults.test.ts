@@ -62,92 +62,100 @@ describe("clients that disconnect", () => {
     expect(await server.stop()).toBe(0)
   })
 
-  it("a stream cut mid-way frees its slot within a step and its sequence at once", async () => {
-    const controller = new AbortController()
-    const response = await post(server.url, longStream("ROMEO:\n"), controller.signal)
-    expect(response.status).toBe(200)
-    await readEvents(response, 5)
-    const before = await engineStats(server.url)
-    expect(before.scheduler.running).toBe(1)
-    controller.abort()
-    const { stats, waitedMs } = await awaitIdle(server.url, 5_000)
-    // The step in flight when the server noticed, and at most one that began before this test read
-    // `before`: the slot is free before the next step after the disconnect.
-    const steps = stats.scheduler.steps_total - before.scheduler.steps_total
-    console.log(`disconnect: slot and sequence freed ${steps} step(s) / ${waitedMs} ms after the abort`)
-    expect(steps).toBeLessThanOrEqual(2)
-  }, timeLimit())
-
-  it("random disconnects leave nothing running and do not disturb the other requests", async () => {
-    const specs = requestSpecs(8, 7)
-    const expected = await answersAlone(server.url, specs)
-    const random = prng(42)
-    const cut = size(16, 96)
-    const kept = size(8, 32)
-    const cuts = { beforeHead: 0, midStream: 0, midWait: 0 }
-
-    /** A request abandoned at a random point. */
-    const abandon = async (i: number) => {
+  it(
+    "a stream cut mid-way frees its slot within a step and its sequence at once",
+    async () => {
       const controller = new AbortController()
-      const stream = random() < 0.7
-      const spec: RequestSpec = stream
-        ? longStream(["ROMEO:\n", "JULIET:\n"][i % 2]!)
-        : { key: "long-json", path: "/v1/completions", stream: false, n: 1, body: { prompt: "HAMLET:\n", max_tokens: 96 } }
-      const when = random()
-      try {
-        const pending = post(server.url, spec, controller.signal)
-        if (when < 0.2) {
-          // Gone before the answer started (the request may still be queued or just admitted).
-          await sleep(Math.floor(random() * 30))
+      const response = await post(server.url, longStream("ROMEO:\n"), controller.signal)
+      expect(response.status).toBe(200)
+      await readEvents(response, 5)
+      const before = await engineStats(server.url)
+      expect(before.scheduler.running).toBe(1)
+      controller.abort()
+      const { stats, waitedMs } = await awaitIdle(server.url, 5_000)
+      // The step in flight when the server noticed, and at most one that began before this test read
+      // `before`: the slot is free before the next step after the disconnect.
+      const steps = stats.scheduler.steps_total - before.scheduler.steps_total
+      console.log(`disconnect: slot and sequence freed ${steps} step(s) / ${waitedMs} ms after the abort`)
+      expect(steps).toBeLessThanOrEqual(2)
+    },
+    timeLimit()
+  )
+
+  it(
+    "random disconnects leave nothing running and do not disturb the other requests",
+    async () => {
+      const specs = requestSpecs(8, 7)
+      const expected = await answersAlone(server.url, specs)
+      const random = prng(42)
+      const cut = size(16, 96)
+      const kept = size(8, 32)
+      const cuts = { beforeHead: 0, midStream: 0, midWait: 0 }
+
+      /** A request abandoned at a random point. */
+      const abandon = async (i: number) => {
+        const controller = new AbortController()
+        const stream = random() < 0.7
+        const spec: RequestSpec = stream
+          ? longStream(["ROMEO:\n", "JULIET:\n"][i % 2]!)
+          : { key: "long-json", path: "/v1/completions", stream: false, n: 1, body: { prompt: "HAMLET:\n", max_tokens: 96 } }
+        const when = random()
+        try {
+          const pending = post(server.url, spec, controller.signal)
+          if (when < 0.2) {
+            // Gone before the answer started (the request may still be queued or just admitted).
+            await sleep(Math.floor(random() * 30))
+            controller.abort()
+            cuts.beforeHead++
+            await pending.catch(() => undefined)
+            return
+          }
+          const response = await pending
+          if (stream) {
+            await readEvents(response, 1 + Math.floor(random() * 40))
+            cuts.midStream++
+          } else {
+            await sleep(Math.floor(random() * 400))
+            cuts.midWait++
+          }
           controller.abort()
-          cuts.beforeHead++
-          await pending.catch(() => undefined)
-          return
+        } catch {
+          // The abort itself rejects what was pending.
         }
-        const response = await pending
-        if (stream) {
-          await readEvents(response, 1 + Math.floor(random() * 40))
-          cuts.midStream++
-        } else {
-          await sleep(Math.floor(random() * 400))
-          cuts.midWait++
-        }
-        controller.abort()
-      } catch {
-        // The abort itself rejects what was pending.
       }
-    }
 
-    /** A request that runs to the end among the abandoned ones. */
-    const keep = async (i: number) => {
-      const spec = specAt(specs, i)
-      const outcome = await send(server.url, spec)
-      expect(outcome.kind, JSON.stringify(outcome)).toBe("ok")
-      if (outcome.kind === "ok") expect(outcome.texts).toEqual(expected.get(spec.key))
-    }
+      /** A request that runs to the end among the abandoned ones. */
+      const keep = async (i: number) => {
+        const spec = specAt(specs, i)
+        const outcome = await send(server.url, spec)
+        expect(outcome.kind, JSON.stringify(outcome)).toBe("ok")
+        if (outcome.kind === "ok") expect(outcome.texts).toEqual(expected.get(spec.key))
+      }
 
-    // Waves of 8 abandoned requests, each with its share of the kept ones running among them.
-    const started = performance.now()
-    const waves = Math.ceil(cut / 8)
-    const keptPerWave = Math.ceil(kept / waves)
-    for (let wave = 0; wave < waves; wave++) {
-      const abandoned = Array.from({ length: Math.min(8, cut - wave * 8) }, (_, i) => abandon(wave * 8 + i))
-      const finishing = Array.from({ length: keptPerWave }, (_, i) => keep(wave * keptPerWave + i))
-      await Promise.all([...abandoned, ...finishing])
-    }
-    const { stats, waitedMs } = await awaitIdle(server.url, 10_000)
-    console.log(
-      `random disconnects: ${cut} abandoned (${cuts.beforeHead} before the head, ${cuts.midStream} mid-stream, ` +
-        `${cuts.midWait} waiting for JSON), ${waves * keptPerWave} completed alongside with their exact answers; idle ` +
-        `${waitedMs} ms after the last, in ${Math.round(performance.now() - started)} ms; engine live sequences ` +
-        `${stats.engine.live_sequences}`
-    )
-    expect(stats.engine.live_sequences).toBe(0)
-    expect(cuts.midStream).toBeGreaterThan(0)
-    // Still serving.
-    const after = await send(server.url, specAt(specs, 0))
-    expect(after.kind).toBe("ok")
-  }, timeLimit())
+      // Waves of 8 abandoned requests, each with its share of the kept ones running among them.
+      const started = performance.now()
+      const waves = Math.ceil(cut / 8)
+      const keptPerWave = Math.ceil(kept / waves)
+      for (let wave = 0; wave < waves; wave++) {
+        const abandoned = Array.from({ length: Math.min(8, cut - wave * 8) }, (_, i) => abandon(wave * 8 + i))
+        const finishing = Array.from({ length: keptPerWave }, (_, i) => keep(wave * keptPerWave + i))
+        await Promise.all([...abandoned, ...finishing])
+      }
+      const { stats, waitedMs } = await awaitIdle(server.url, 10_000)
+      console.log(
+        `random disconnects: ${cut} abandoned (${cuts.beforeHead} before the head, ${cuts.midStream} mid-stream, ` +
+          `${cuts.midWait} waiting for JSON), ${waves * keptPerWave} completed alongside with their exact answers; idle ` +
+          `${waitedMs} ms after the last, in ${Math.round(performance.now() - started)} ms; engine live sequences ` +
+          `${stats.engine.live_sequences}`
+      )
+      expect(stats.engine.live_sequences).toBe(0)
+      expect(cuts.midStream).toBeGreaterThan(0)
+      // Still serving.
+      const after = await send(server.url, specAt(specs, 0))
+      expect(after.kind).toBe("ok")
+    },
+    timeLimit()
+  )
 })
 
 // ---- an injected engine fault --------------------------------------------------------------------------
@@ -164,17 +172,22 @@ const faultyEngine = (engine: EngineShape): EngineShape => {
       Effect.tap(engine.create(prompt, settings), (id) =>
         Effect.sync(() => {
           if (prompt[0] === POISON) poisoned.add(id)
-        })),
+        })
+      ),
     step: (ids) =>
       ids.some((id) => poisoned.has(id))
         ? Effect.fail(new EngineFailure({ message: "injected fault", code: "VDIFF_INTERNAL" }))
         : engine.step(ids),
-    release: (id) => Effect.zipRight(Effect.sync(() => poisoned.delete(id)), engine.release(id))
+    release: (id) =>
+      Effect.zipRight(
+        Effect.sync(() => poisoned.delete(id)),
+        engine.release(id)
+      )
   }
 }
 
 const faultyLoader = (config: Config.Settings): Loader =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const tokenizer = yield* makeTokenizer(config.model)
     const engine = yield* makeEngine({ modelDir: config.model, threads: 1 })
     return yield* fromEngine(faultyEngine(engine), tokenizer, {
@@ -213,41 +226,45 @@ describe("a fault inside the engine", () => {
     await Effect.runPromise(Scope.close(scope, Exit.void))
   })
 
-  it("fails only its own request with 500 while the requests batched with it complete", async () => {
-    const specs = requestSpecs(6, 3)
-    const expected = await answersAlone(url, specs)
-    const healthy = size(8, 32)
-    const faulty = size(3, 12)
-    const poisoned = (i: number): RequestSpec => {
-      const stream = i % 2 === 0
-      const body = { prompt: [POISON, 200 + i, 300], max_tokens: 16, ...(stream ? { stream: true } : {}) }
-      return { key: `poisoned${i}`, path: "/v1/completions", stream, n: 1, body }
-    }
-    const healthyRuns = Array.from({ length: healthy }, (_, i) => send(url, specAt(specs, i)))
-    // The faulty ones arrive while the healthy ones are in the batch.
-    await sleep(50)
-    const faultyRuns = Array.from({ length: faulty }, async (_, i) => {
-      const response = await post(url, poisoned(i))
-      return { status: response.status, body: (await response.json()) as any }
-    })
-    const results = await Promise.all(healthyRuns)
-    results.forEach((outcome, i) => {
-      expect(outcome.kind, JSON.stringify(outcome)).toBe("ok")
-      if (outcome.kind === "ok") expect(outcome.texts).toEqual(expected.get(specAt(specs, i).key))
-    })
-    for (const { status, body } of await Promise.all(faultyRuns)) {
-      // Streams too: the fault comes before the first chunk, so it still has its own status.
-      expect(status).toBe(500)
-      expect(body.error).toEqual({
-        message: "injected fault",
-        type: "server_error",
-        param: null,
-        code: "vdiff_internal",
-        request_id: expect.any(String)
+  it(
+    "fails only its own request with 500 while the requests batched with it complete",
+    async () => {
+      const specs = requestSpecs(6, 3)
+      const expected = await answersAlone(url, specs)
+      const healthy = size(8, 32)
+      const faulty = size(3, 12)
+      const poisoned = (i: number): RequestSpec => {
+        const stream = i % 2 === 0
+        const body = { prompt: [POISON, 200 + i, 300], max_tokens: 16, ...(stream ? { stream: true } : {}) }
+        return { key: `poisoned${i}`, path: "/v1/completions", stream, n: 1, body }
+      }
+      const healthyRuns = Array.from({ length: healthy }, (_, i) => send(url, specAt(specs, i)))
+      // The faulty ones arrive while the healthy ones are in the batch.
+      await sleep(50)
+      const faultyRuns = Array.from({ length: faulty }, async (_, i) => {
+        const response = await post(url, poisoned(i))
+        return { status: response.status, body: (await response.json()) as any }
       })
-    }
-    const { stats } = await awaitIdle(url)
-    expect(stats.engine.live_sequences).toBe(0)
-    console.log(`injected fault: ${faulty} poisoned requests failed with 500, ${healthy} batched with them completed exactly`)
-  }, timeLimit())
+      const results = await Promise.all(healthyRuns)
+      results.forEach((outcome, i) => {
+        expect(outcome.kind, JSON.stringify(outcome)).toBe("ok")
+        if (outcome.kind === "ok") expect(outcome.texts).toEqual(expected.get(specAt(specs, i).key))
+      })
+      for (const { status, body } of await Promise.all(faultyRuns)) {
+        // Streams too: the fault comes before the first chunk, so it still has its own status.
+        expect(status).toBe(500)
+        expect(body.error).toEqual({
+          message: "injected fault",
+          type: "server_error",
+          param: null,
+          code: "vdiff_internal",
+          request_id: expect.any(String)
+        })
+      }
+      const { stats } = await awaitIdle(url)
+      expect(stats.engine.live_sequences).toBe(0)
+      console.log(`injected fault: ${faulty} poisoned requests failed with 500, ${healthy} batched with them completed exactly`)
+    },
+    timeLimit()
+  )
 })

@@ -31,67 +31,70 @@ const memory = async (server: Awaited<ReturnType<typeof startServe>>) => {
 const mib = (x: number) => `${x.toFixed(1)} MiB`
 
 describe("load", () => {
-  it("a sustained mix above the batch size: nothing lost or malformed, exact answers, bounded memory", async () => {
-    const slots = 4
-    const clients = size(8, 16)
-    const server = await startServe({
-      gcHook: true,
-      flags: ["--max-concurrent-requests", String(slots), "--max-queue-size", "64"]
-    })
-    try {
-      const specs = requestSpecs(size(6, 12))
-      const expected = await answersAlone(server.url, specs)
-      const warmUp = await runLoad({ url: server.url, clients, requests: size(8, 200), durationMs: 120_000, specs, expected })
-      expect(warmUp.ok).toBe(warmUp.sent)
-      const before = await memory(server)
-
-      let maxWaiting = 0
-      let maxRunning = 0
-      const figures = await runLoad({
-        url: server.url,
-        clients,
-        requests: size(24, 2000),
-        durationMs: size(25_000, 480_000),
-        specs,
-        expected,
-        sample: async () => {
-          const { scheduler } = await engineStats(server.url)
-          maxWaiting = Math.max(maxWaiting, scheduler.waiting)
-          maxRunning = Math.max(maxRunning, scheduler.running_sequences)
-        },
-        sampleEveryMs: 200
+  it(
+    "a sustained mix above the batch size: nothing lost or malformed, exact answers, bounded memory",
+    async () => {
+      const slots = 4
+      const clients = size(8, 16)
+      const server = await startServe({
+        gcHook: true,
+        flags: ["--max-concurrent-requests", String(slots), "--max-queue-size", "64"]
       })
-      const after = await memory(server)
-      const { stats } = await awaitIdle(server.url)
+      try {
+        const specs = requestSpecs(size(6, 12))
+        const expected = await answersAlone(server.url, specs)
+        const warmUp = await runLoad({ url: server.url, clients, requests: size(8, 200), durationMs: 120_000, specs, expected })
+        expect(warmUp.ok).toBe(warmUp.sent)
+        const before = await memory(server)
 
-      console.log(
-        [
-          `load (${date()}, ${fullSize ? "full" : "short"} run): ${clients} clients, batch size ${slots}, embedded model, ` +
-          `completions+chat, half streaming, n 1-2, 8-32 tokens`,
-          `  sent ${figures.sent}, served ${figures.ok} (${figures.streamed} streamed), 503 ${figures.queueFull}, ` +
-          `malformed ${figures.malformed}, lost ${figures.lost}, answers differing from alone ${figures.mismatched}`,
-          `  latency p50 ${figures.p50Ms} ms, p99 ${figures.p99Ms} ms, max ${figures.maxMs} ms; stream first bytes p50 ` +
-          `${figures.firstEventP50Ms} ms; ${figures.requestsPerSecond} req/s over ${(figures.wallMs / 1000).toFixed(1)} s`,
-          `  scheduler: at most ${maxRunning} sequences running, ${maxWaiting} requests waiting; engine live after: ` +
-          `${stats.engine.live_sequences}`,
-          `  memory after GC: heap ${mib(before.heapMiB)} -> ${mib(after.heapMiB)} ` +
-          `(${((after.heapMiB / before.heapMiB - 1) * 100).toFixed(1)}%), RSS ${mib(before.rssMiB)} -> ${mib(after.rssMiB)} ` +
-          `(${((after.rssMiB / before.rssMiB - 1) * 100).toFixed(1)}%)`
-        ].join("\n")
-      )
-      expect(figures.problems).toEqual([])
-      expect(figures.ok).toBe(figures.sent)
-      expect(figures.lost + figures.malformed + figures.mismatched + figures.queueFull).toBe(0)
-      expect(maxRunning).toBeLessThanOrEqual(slots)
-      expect(maxRunning).toBe(slots)
-      expect(stats.engine.live_sequences).toBe(0)
-      expect(after.heapMiB).toBeLessThan(before.heapMiB * 1.1)
-      expect(after.rssMiB).toBeLessThan(before.rssMiB * 1.2)
-    } finally {
-      expect(await server.stop()).toBe(0)
-    }
-  }, timeLimit())
+        let maxWaiting = 0
+        let maxRunning = 0
+        const figures = await runLoad({
+          url: server.url,
+          clients,
+          requests: size(24, 2000),
+          durationMs: size(25_000, 480_000),
+          specs,
+          expected,
+          sample: async () => {
+            const { scheduler } = await engineStats(server.url)
+            maxWaiting = Math.max(maxWaiting, scheduler.waiting)
+            maxRunning = Math.max(maxRunning, scheduler.running_sequences)
+          },
+          sampleEveryMs: 200
+        })
+        const after = await memory(server)
+        const { stats } = await awaitIdle(server.url)
 
+        console.log(
+          [
+            `load (${date()}, ${fullSize ? "full" : "short"} run): ${clients} clients, batch size ${slots}, embedded model, ` +
+              `completions+chat, half streaming, n 1-2, 8-32 tokens`,
+            `  sent ${figures.sent}, served ${figures.ok} (${figures.streamed} streamed), 503 ${figures.queueFull}, ` +
+              `malformed ${figures.malformed}, lost ${figures.lost}, answers differing from alone ${figures.mismatched}`,
+            `  latency p50 ${figures.p50Ms} ms, p99 ${figures.p99Ms} ms, max ${figures.maxMs} ms; stream first bytes p50 ` +
+              `${figures.firstEventP50Ms} ms; ${figures.requestsPerSecond} req/s over ${(figures.wallMs / 1000).toFixed(1)} s`,
+            `  scheduler: at most ${maxRunning} sequences running, ${maxWaiting} requests waiting; engine live after: ` +
+              `${stats.engine.live_sequences}`,
+            `  memory after GC: heap ${mib(before.heapMiB)} -> ${mib(after.heapMiB)} ` +
+              `(${((after.heapMiB / before.heapMiB - 1) * 100).toFixed(1)}%), RSS ${mib(before.rssMiB)} -> ${mib(after.rssMiB)} ` +
+              `(${((after.rssMiB / before.rssMiB - 1) * 100).toFixed(1)}%)`
+          ].join("\n")
+        )
+        expect(figures.problems).toEqual([])
+        expect(figures.ok).toBe(figures.sent)
+        expect(figures.lost + figures.malformed + figures.mismatched + figures.queueFull).toBe(0)
+        expect(maxRunning).toBeLessThanOrEqual(slots)
+        expect(maxRunning).toBe(slots)
+        expect(stats.engine.live_sequences).toBe(0)
+        expect(after.heapMiB).toBeLessThan(before.heapMiB * 1.1)
+        expect(after.rssMiB).toBeLessThan(before.rssMiB * 1.2)
+      } finally {
+        expect(await server.stop()).toBe(0)
+      }
+    },
+    timeLimit()
+  )
 })
 
 describe("a full queue (2 slots, a queue of 2)", () => {
@@ -104,85 +107,93 @@ describe("a full queue (2 slots, a queue of 2)", () => {
     expect(await server.stop()).toBe(0)
   })
 
-  it("503 exactly when the queue is full, and never otherwise", async () => {
-    const post = (body: Record<string, unknown>, signal?: AbortSignal) =>
-      fetch(server.url + "/v1/completions", {
-        method: "POST",
-        headers: { "content-type": "application/json" },
-        body: JSON.stringify(body),
-        ...(signal === undefined ? {} : { signal })
-      })
-    const long = { prompt: "ROMEO:\n", max_tokens: 192, diffusion_steps: 192 }
-    const short = { prompt: "JULIET:\n", max_tokens: 4 }
-    const until = async (check: (s: Awaited<ReturnType<typeof engineStats>>["scheduler"]) => boolean) => {
-      for (let i = 0; !check((await engineStats(server.url)).scheduler); i++) {
-        if (i > 2000) throw new Error("the scheduler never reached the expected state")
-        await sleep(5)
+  it(
+    "503 exactly when the queue is full, and never otherwise",
+    async () => {
+      const post = (body: Record<string, unknown>, signal?: AbortSignal) =>
+        fetch(server.url + "/v1/completions", {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify(body),
+          ...(signal === undefined ? {} : { signal })
+        })
+      const long = { prompt: "ROMEO:\n", max_tokens: 192, diffusion_steps: 192 }
+      const short = { prompt: "JULIET:\n", max_tokens: 4 }
+      const until = async (check: (s: Awaited<ReturnType<typeof engineStats>>["scheduler"]) => boolean) => {
+        for (let i = 0; !check((await engineStats(server.url)).scheduler); i++) {
+          if (i > 2000) throw new Error("the scheduler never reached the expected state")
+          await sleep(5)
+        }
       }
-    }
-    // Two streams fill both slots.
-    const streams = [new AbortController(), new AbortController()]
-    for (const controller of streams) {
-      const response = await post({ ...long, stream: true }, controller.signal)
-      expect(response.status).toBe(200)
-    }
-    await until((s) => s.running === 2)
-    // Two more fill the queue.
-    const queued = [new AbortController(), new AbortController()]
-    const queuedReplies = queued.map((controller) => post(long, controller.signal).catch(() => undefined))
-    await until((s) => s.waiting === 2)
-    // Full: every further request is refused at once, with the OpenAI body and Retry-After.
-    for (let i = 0; i < 3; i++) {
-      const response = await post(short)
-      const body = (await response.json()) as any
-      expect(response.status).toBe(503)
-      expect(body.error).toMatchObject({ type: "service_unavailable_error", code: "queue_full", param: null })
-      expect(Number(response.headers.get("retry-after"))).toBeGreaterThanOrEqual(1)
-    }
-    expect(((await (await fetch(server.url + "/health")).json()) as any).status).toBe("degraded")
-    // One stream leaves: a queued request takes its slot, and the queue has room for exactly one again.
-    streams[0]!.abort()
-    await until((s) => s.waiting === 1 && s.running === 2)
-    const admitted = post(short)
-    await until((s) => s.waiting === 2)
-    const refused = await post(short)
-    expect(refused.status).toBe(503)
-    // Let the rest go: the request that found room is answered.
-    streams[1]!.abort()
-    for (const controller of queued) controller.abort()
-    await Promise.all(queuedReplies)
-    const answer = await admitted
-    expect(answer.status).toBe(200)
-    expect(((await answer.json()) as any).choices).toHaveLength(1)
-    await awaitIdle(server.url)
-  }, timeLimit())
+      // Two streams fill both slots.
+      const streams = [new AbortController(), new AbortController()]
+      for (const controller of streams) {
+        const response = await post({ ...long, stream: true }, controller.signal)
+        expect(response.status).toBe(200)
+      }
+      await until((s) => s.running === 2)
+      // Two more fill the queue.
+      const queued = [new AbortController(), new AbortController()]
+      const queuedReplies = queued.map((controller) => post(long, controller.signal).catch(() => undefined))
+      await until((s) => s.waiting === 2)
+      // Full: every further request is refused at once, with the OpenAI body and Retry-After.
+      for (let i = 0; i < 3; i++) {
+        const response = await post(short)
+        const body = (await response.json()) as any
+        expect(response.status).toBe(503)
+        expect(body.error).toMatchObject({ type: "service_unavailable_error", code: "queue_full", param: null })
+        expect(Number(response.headers.get("retry-after"))).toBeGreaterThanOrEqual(1)
+      }
+      expect(((await (await fetch(server.url + "/health")).json()) as any).status).toBe("degraded")
+      // One stream leaves: a queued request takes its slot, and the queue has room for exactly one again.
+      streams[0]!.abort()
+      await until((s) => s.waiting === 1 && s.running === 2)
+      const admitted = post(short)
+      await until((s) => s.waiting === 2)
+      const refused = await post(short)
+      expect(refused.status).toBe(503)
+      // Let the rest go: the request that found room is answered.
+      streams[1]!.abort()
+      for (const controller of queued) controller.abort()
+      await Promise.all(queuedReplies)
+      const answer = await admitted
+      expect(answer.status).toBe(200)
+      expect(((await answer.json()) as any).choices).toHaveLength(1)
+      await awaitIdle(server.url)
+    },
+    timeLimit()
+  )
 
-  it("overload: some requests get 503, all others are answered exactly, the queue stays within its capacity", async () => {
-    const specs = requestSpecs(6, 5)
-    const expected = await answersAlone(server.url, specs)
-    let maxWaiting = 0
-    const figures = await runLoad({
-      url: server.url,
-      clients: 8,
-      requests: size(400, 5000),
-      durationMs: size(4_000, 120_000),
-      specs,
-      expected,
-      sample: async () => {
-        maxWaiting = Math.max(maxWaiting, (await engineStats(server.url)).scheduler.waiting)
-      },
-      sampleEveryMs: 50,
-      pauseAfterQueueFullMs: 250
-    })
-    console.log(
-      `overload (${date()}): 8 clients on 2 slots + a queue of 2: sent ${figures.sent}, served ${figures.ok}, ` +
-        `503 queue_full ${figures.queueFull}, malformed ${figures.malformed}, lost ${figures.lost}, ` +
-        `most waiting ${maxWaiting}; served p50 ${figures.p50Ms} ms, p99 ${figures.p99Ms} ms`
-    )
-    expect(figures.problems).toEqual([])
-    expect(figures.queueFull).toBeGreaterThan(0)
-    expect(figures.ok + figures.queueFull).toBe(figures.sent)
-    expect(maxWaiting).toBeLessThanOrEqual(2)
-    await awaitIdle(server.url)
-  }, timeLimit())
+  it(
+    "overload: some requests get 503, all others are answered exactly, the queue stays within its capacity",
+    async () => {
+      const specs = requestSpecs(6, 5)
+      const expected = await answersAlone(server.url, specs)
+      let maxWaiting = 0
+      const figures = await runLoad({
+        url: server.url,
+        clients: 8,
+        requests: size(400, 5000),
+        durationMs: size(4_000, 120_000),
+        specs,
+        expected,
+        sample: async () => {
+          maxWaiting = Math.max(maxWaiting, (await engineStats(server.url)).scheduler.waiting)
+        },
+        sampleEveryMs: 50,
+        pauseAfterQueueFullMs: 250
+      })
+      console.log(
+        `overload (${date()}): 8 clients on 2 slots + a queue of 2: sent ${figures.sent}, served ${figures.ok}, ` +
+          `503 queue_full ${figures.queueFull}, malformed ${figures.malformed}, lost ${figures.lost}, ` +
+          `most waiting ${maxWaiting}; served p50 ${figures.p50Ms} ms, p99 ${figures.p99Ms} ms`
+      )
+      expect(figures.problems).toEqual([])
+      expect(figures.queueFull).toBeGreaterThan(0)
+      expect(figures.ok + figures.queueFull).toBe(figures.sent)
+      expect(maxWaiting).toBeLessThanOrEqual(2)
+      await awaitIdle(server.url)
+    },
+    timeLimit()
+  )
 })

@@ -221,7 +221,14 @@ describe("lazy chunking", () => {
     const whole = join(dir, "chunk-all.safetensors")
     await writeSafetensors(small, [spy, tensor("u", "F16", [9], value)], { chunkElements: 7 })
     expect(calls).toEqual([
-      [0, 7], [7, 7], [14, 7], [21, 7], [28, 7], [35, 7], [42, 7], [49, 1]
+      [0, 7],
+      [7, 7],
+      [14, 7],
+      [21, 7],
+      [28, 7],
+      [35, 7],
+      [42, 7],
+      [49, 1]
     ])
     await writeSafetensors(whole, [tensor("t", "BF16", [5, 10], value), tensor("u", "F16", [9], value)])
     expect((await readFile(small)).equals(await readFile(whole))).toBe(true)

@@ -31,14 +31,14 @@ const setup = (options: Partial<Scheduler.SchedulerOptions> = {}, engineOptions:
 }
 
 const waitUntil = (condition: () => boolean) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     while (!condition()) yield* Effect.sleep(1)
   })
 
 describe("Scheduler", () => {
   it.live("runs one request to the end and collects every position", () => {
     const { engine, layer } = setup()
-    return Effect.gen(function*() {
+    return Effect.gen(function* () {
       const scheduler = yield* Scheduler.Scheduler
       const result = yield* scheduler.generate({ prompt: [7], settings: settings(5) })
       expect(result.choices).toHaveLength(1)
@@ -51,7 +51,7 @@ describe("Scheduler", () => {
 
   it.live("batches concurrent requests into one step and lets late ones join between steps", () => {
     const { engine, layer } = setup({}, { stepMs: 2 })
-    return Effect.gen(function*() {
+    return Effect.gen(function* () {
       const scheduler = yield* Scheduler.Scheduler
       const first = yield* Effect.fork(scheduler.generate({ prompt: [1], settings: settings(20) }))
       yield* waitUntil(() => engine.batches.length >= 3)
@@ -75,7 +75,7 @@ describe("Scheduler", () => {
 
   it.live("never steps more sequences than max-concurrent, and admits in arrival order", () => {
     const { engine, layer } = setup({ maxConcurrent: 2 }, { stepMs: 1 })
-    return Effect.gen(function*() {
+    return Effect.gen(function* () {
       const scheduler = yield* Scheduler.Scheduler
       const results = yield* Effect.forEach(
         [10, 20, 30, 40, 50],
@@ -90,10 +90,14 @@ describe("Scheduler", () => {
 
   it.live("runs n answers as n sequences of the same batch with consecutive seeds", () => {
     const { engine, layer } = setup()
-    return Effect.gen(function*() {
+    return Effect.gen(function* () {
       const scheduler = yield* Scheduler.Scheduler
       const result = yield* scheduler.generate({ prompt: [100], settings: settings(2, 5), n: 3 })
-      expect(result.choices.map((c) => c.tokens)).toEqual([[105, 106], [106, 107], [107, 108]])
+      expect(result.choices.map((c) => c.tokens)).toEqual([
+        [105, 106],
+        [106, 107],
+        [107, 108]
+      ])
       expect(engine.batches[0]).toHaveLength(3)
       const tooMany = yield* Effect.either(scheduler.generate({ prompt: [1], settings: settings(2), n: 5 }))
       expect(Either.isLeft(tooMany) && tooMany.left._tag).toBe("InvalidRequestError")
@@ -102,7 +106,7 @@ describe("Scheduler", () => {
 
   it.live("refuses with QueueFull when the admission queue is full", () => {
     const { engine, layer } = setup({ maxConcurrent: 1, queueCapacity: 1 }, { stepMs: 5 })
-    return Effect.gen(function*() {
+    return Effect.gen(function* () {
       const scheduler = yield* Scheduler.Scheduler
       const running = yield* Effect.fork(scheduler.generate({ prompt: [1], settings: settings(10) }))
       yield* waitUntil(() => engine.batches.length >= 1)
@@ -119,12 +123,9 @@ describe("Scheduler", () => {
 
   it.live("frees a cancelled request's sequences within one step", () => {
     const { engine, layer } = setup({}, { stepMs: 2 })
-    return Effect.gen(function*() {
+    return Effect.gen(function* () {
       const scheduler = yield* Scheduler.Scheduler
-      const firstTwo = yield* scheduler.generateStream({ prompt: [1], settings: settings(1000) }).pipe(
-        Stream.take(2),
-        Stream.runCollect
-      )
+      const firstTwo = yield* scheduler.generateStream({ prompt: [1], settings: settings(1000) }).pipe(Stream.take(2), Stream.runCollect)
       expect(Chunk.size(firstTwo)).toBe(2)
       const stepsAtCancel = engine.batches.length
       yield* Effect.sleep(10)
@@ -136,15 +137,13 @@ describe("Scheduler", () => {
 
   it.live("times a request out at its deadline and releases it", () => {
     const { engine, layer } = setup({ requestTimeoutMs: 30 }, { stepMs: 5 })
-    return Effect.gen(function*() {
+    return Effect.gen(function* () {
       const scheduler = yield* Scheduler.Scheduler
       const started = Date.now()
       const timedOut = yield* Effect.either(scheduler.generate({ prompt: [1], settings: settings(1000) }))
       expect(Either.isLeft(timedOut) && timedOut.left._tag).toBe("RequestTimeout")
       expect(Date.now() - started).toBeLessThan(1000)
-      const override = yield* Effect.either(
-        scheduler.generate({ prompt: [1], settings: settings(3), timeoutMs: 5_000 })
-      )
+      const override = yield* Effect.either(scheduler.generate({ prompt: [1], settings: settings(3), timeoutMs: 5_000 }))
       expect(Either.isRight(override)).toBe(true)
       yield* Effect.sleep(15)
       expect(yield* engine.live).toBe(0)
@@ -153,7 +152,7 @@ describe("Scheduler", () => {
 
   it.live("fails only the request whose sequence faults inside the engine", () => {
     const { layer } = setup({}, { failOnPromptToken: 666, stepMs: 1 })
-    return Effect.gen(function*() {
+    return Effect.gen(function* () {
       const scheduler = yield* Scheduler.Scheduler
       const [good, bad, alsoGood] = yield* Effect.all(
         [
@@ -171,7 +170,7 @@ describe("Scheduler", () => {
 
   it.live("drains: finishes in-flight work, refuses new work, and ends leftovers at the deadline", () => {
     const { engine, layer } = setup({ maxConcurrent: 1 }, { stepMs: 2 })
-    return Effect.gen(function*() {
+    return Effect.gen(function* () {
       const scheduler = yield* Scheduler.Scheduler
       const short = yield* Effect.fork(Effect.either(scheduler.generate({ prompt: [1], settings: settings(3) })))
       const long = yield* Effect.fork(Effect.either(scheduler.generate({ prompt: [2], settings: settings(4000) })))
@@ -189,12 +188,17 @@ describe("Scheduler", () => {
 
   it.live("events carry the engine's step results unchanged, tagged with the answer's index", () => {
     const { layer } = setup()
-    return Effect.gen(function*() {
+    return Effect.gen(function* () {
       const scheduler = yield* Scheduler.Scheduler
       const events = yield* scheduler.generateStream({ prompt: [0], settings: settings(3), n: 2 }).pipe(Stream.runCollect)
       const steps = Chunk.toArray(events)
       expect(steps.map((e) => [e.index, e.step.stepsDone, e.step.committed.map((c) => c.token)])).toEqual([
-        [0, 1, [0]], [1, 1, [1]], [0, 2, [1]], [1, 2, [2]], [0, 3, [2]], [1, 3, [3]]
+        [0, 1, [0]],
+        [1, 1, [1]],
+        [0, 2, [1]],
+        [1, 2, [2]],
+        [0, 3, [2]],
+        [1, 3, [3]]
       ])
       expect(steps.every((e) => e.step.stepsTotal === 3)).toBe(true)
     }).pipe(Effect.provide(layer))
@@ -204,7 +208,7 @@ describe("Scheduler", () => {
 describe("Scheduler drain at shutdown", () => {
   it.live("keeps its deadline inside an uninterruptible finalizer", () => {
     const { engine, layer } = setup({ maxConcurrent: 1 }, { stepMs: 2 })
-    return Effect.gen(function*() {
+    return Effect.gen(function* () {
       const scheduler = yield* Scheduler.Scheduler
       const long = yield* Effect.fork(Effect.either(scheduler.generate({ prompt: [2], settings: settings(4000) })))
       yield* waitUntil(() => engine.batches.length >= 1)

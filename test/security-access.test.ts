@@ -33,10 +33,7 @@ interface RawReply {
 }
 
 /** A request exactly as given (path and method unnormalised), over node:http. */
-const raw = (
-  url: string,
-  options: { method: string; path: string; headers?: Record<string, string | Array<string>>; body?: string }
-) =>
+const raw = (url: string, options: { method: string; path: string; headers?: Record<string, string | Array<string>>; body?: string }) =>
   new Promise<RawReply>((resolve, reject) => {
     const { hostname, port } = new URL(url)
     // Content-Length explicitly: node:http sends a DELETE's or OPTIONS's body without one otherwise.
@@ -210,7 +207,7 @@ describe("with API keys set (vdiff serve child, log level debug)", () => {
         method: "POST",
         path: "/v1/completions",
         headers: { "content-type": "application/json", authorization, "x-request-id": requestId },
-        body: "{\"prompt\": 5}"
+        body: '{"prompt": 5}'
       })
     const sane = `client-${randomBytes(6).toString("hex")}.A_1`
     const kept = await post(sane)

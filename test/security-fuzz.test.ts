@@ -53,77 +53,96 @@ const send = async (request: HostileRequest): Promise<Answer | undefined> => {
 }
 
 const tally = (counts: Map<string, number>) =>
-  [...counts.entries()].sort().map(([k, v]) => `${k}: ${v}`).join(", ")
+  [...counts.entries()]
+    .sort()
+    .map(([k, v]) => `${k}: ${v}`)
+    .join(", ")
 
 describe("hostile input", () => {
-  it("fuzzed bodies and headers: a 4xx with the OpenAI error body or a well-formed 200, never a 5xx, hang or crash", async () => {
-    const statuses = new Map<string, number>()
-    const kinds = new Map<string, number>()
-    let tried = 0
-    const started = performance.now()
-    await fc.assert(
-      fc.asyncProperty(hostileRequest, async (request) => {
-        tried++
-        const answer = await send(request)
-        const status = answer === undefined ? "closed over the size limit" : String(answer.status)
-        statuses.set(status, (statuses.get(status) ?? 0) + 1)
-        kinds.set(request.label, (kinds.get(request.label) ?? 0) + 1)
-        if (answer === undefined) return
-        const problem = problemWith(answer)
-        if (problem !== undefined) throw new Error(`${request.label}: ${problem}`)
-      }),
-      { numRuns: size(400, 10_000), interruptAfterTimeLimit: size(20_000, 600_000), markInterruptAsFailure: false }
-    )
-    console.log(
-      `fuzz (${new Date().toISOString().slice(0, 10)}): ${tried} hostile requests in ` +
-        `${((performance.now() - started) / 1000).toFixed(1)} s; statuses {${tally(statuses)}}; kinds {${tally(kinds)}}`
-    )
-    expect(tried).toBeGreaterThanOrEqual(size(100, 1000))
-    expect(server.child.exitCode).toBeNull()
-    expect((await fetch(server.url + "/health/live")).status).toBe(200)
-    const { stats } = await awaitIdle(server.url)
-    expect(stats.engine.live_sequences).toBe(0)
-  }, fullSize ? 1_000_000 : 60_000)
+  it(
+    "fuzzed bodies and headers: a 4xx with the OpenAI error body or a well-formed 200, never a 5xx, hang or crash",
+    async () => {
+      const statuses = new Map<string, number>()
+      const kinds = new Map<string, number>()
+      let tried = 0
+      const started = performance.now()
+      await fc.assert(
+        fc.asyncProperty(hostileRequest, async (request) => {
+          tried++
+          const answer = await send(request)
+          const status = answer === undefined ? "closed over the size limit" : String(answer.status)
+          statuses.set(status, (statuses.get(status) ?? 0) + 1)
+          kinds.set(request.label, (kinds.get(request.label) ?? 0) + 1)
+          if (answer === undefined) return
+          const problem = problemWith(answer)
+          if (problem !== undefined) throw new Error(`${request.label}: ${problem}`)
+        }),
+        { numRuns: size(400, 10_000), interruptAfterTimeLimit: size(20_000, 600_000), markInterruptAsFailure: false }
+      )
+      console.log(
+        `fuzz (${new Date().toISOString().slice(0, 10)}): ${tried} hostile requests in ` +
+          `${((performance.now() - started) / 1000).toFixed(1)} s; statuses {${tally(statuses)}}; kinds {${tally(kinds)}}`
+      )
+      expect(tried).toBeGreaterThanOrEqual(size(100, 1000))
+      expect(server.child.exitCode).toBeNull()
+      expect((await fetch(server.url + "/health/live")).status).toBe(200)
+      const { stats } = await awaitIdle(server.url)
+      expect(stats.engine.live_sequences).toBe(0)
+    },
+    fullSize ? 1_000_000 : 60_000
+  )
 
   it("bodies nested 100 000 deep, in any field, get a 400 (they once overflowed the error formatter: 500)", async () => {
     const cases: Array<[HostileRequest["path"], string, string]> = [
-      ["/v1/completions", "{\"prompt\":\"x\",\"model\":", "}"],
-      ["/v1/completions", "{\"prompt\":", "}"],
-      ["/v1/completions", "{\"prompt\":\"x\",\"unknown\":", "}"],
-      ["/v1/chat/completions", "{\"messages\":", "}"],
-      ["/v1/chat/completions", "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":", "}]}]}"]
+      ["/v1/completions", '{"prompt":"x","model":', "}"],
+      ["/v1/completions", '{"prompt":', "}"],
+      ["/v1/completions", '{"prompt":"x","unknown":', "}"],
+      ["/v1/chat/completions", '{"messages":', "}"],
+      ["/v1/chat/completions", '{"messages":[{"role":"user","content":[{"type":"text","text":', "}]}]}"]
     ]
     for (const [path, before, after] of cases) {
-      for (const [open, close] of [["[", "]"], ["{\"a\":", "}"]] as const) {
+      for (const [open, close] of [
+        ["[", "]"],
+        ['{"a":', "}"]
+      ] as const) {
         const text = before + open.repeat(100_000) + "1" + close.repeat(100_000) + after
-        const answer = await send({ path, headers: { "content-type": "application/json" }, body: new TextEncoder().encode(text), label: "deep" })
+        const answer = await send({
+          path,
+          headers: { "content-type": "application/json" },
+          body: new TextEncoder().encode(text),
+          label: "deep"
+        })
         expect(answer?.status, `${before}${open}${open}...`).toBe(400)
         expect(problemWith(answer!)).toBeUndefined()
       }
     }
   })
 
-  it("generated valid bodies all get a well-formed 200", async () => {
-    let tried = 0
-    await fc.assert(
-      fc.asyncProperty(validRequest, async ({ path, body }) => {
-        tried++
-        const response = await fetch(server.url + path, {
-          method: "POST",
-          headers: { "content-type": "application/json" },
-          body: JSON.stringify(body),
-          signal: AbortSignal.timeout(30_000)
-        })
-        const answer = { status: response.status, headers: response.headers, text: await response.text() }
-        if (answer.status !== 200) throw new Error(`${JSON.stringify(body)}: ${answer.status} ${answer.text.slice(0, 300)}`)
-        const problem = problemWith(answer)
-        if (problem !== undefined) throw new Error(`${JSON.stringify(body)}: ${problem}`)
-      }),
-      { numRuns: size(30, 500), interruptAfterTimeLimit: size(15_000, 240_000), markInterruptAsFailure: false }
-    )
-    console.log(`valid bodies: ${tried} tried, all 200`)
-    expect(tried).toBeGreaterThanOrEqual(size(10, 100))
-  }, fullSize ? 700_000 : 60_000)
+  it(
+    "generated valid bodies all get a well-formed 200",
+    async () => {
+      let tried = 0
+      await fc.assert(
+        fc.asyncProperty(validRequest, async ({ path, body }) => {
+          tried++
+          const response = await fetch(server.url + path, {
+            method: "POST",
+            headers: { "content-type": "application/json" },
+            body: JSON.stringify(body),
+            signal: AbortSignal.timeout(30_000)
+          })
+          const answer = { status: response.status, headers: response.headers, text: await response.text() }
+          if (answer.status !== 200) throw new Error(`${JSON.stringify(body)}: ${answer.status} ${answer.text.slice(0, 300)}`)
+          const problem = problemWith(answer)
+          if (problem !== undefined) throw new Error(`${JSON.stringify(body)}: ${problem}`)
+        }),
+        { numRuns: size(30, 500), interruptAfterTimeLimit: size(15_000, 240_000), markInterruptAsFailure: false }
+      )
+      console.log(`valid bodies: ${tried} tried, all 200`)
+      expect(tried).toBeGreaterThanOrEqual(size(10, 100))
+    },
+    fullSize ? 700_000 : 60_000
+  )
 
   it("malformed HTTP on a raw socket: a 4xx or a closed connection, and the server keeps serving", async () => {
     const { port } = new URL(server.url)
@@ -149,9 +168,8 @@ describe("hostile input", () => {
         // Half-close after writing, so a request whose body never completes ends rather than waits.
         socket.end(bytes)
       })
-    const body = "{\"prompt\":\"x\",\"max_tokens\":2}"
-    const post = (headerLines: string, payload = body) =>
-      `POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n${headerLines}\r\n${payload}`
+    const body = '{"prompt":"x","max_tokens":2}'
+    const post = (headerLines: string, payload = body) => `POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n${headerLines}\r\n${payload}`
     const cases: Array<string | Buffer> = [
       post(`Content-Type: application/json\r\nX-Request-ID: a\rb\r\nContent-Length: ${body.length}\r\n`),
       post(`Content-Type: application/json\r\nX-Request-ID: a\u0000b\r\nContent-Length: ${body.length}\r\n`),

@@ -33,9 +33,7 @@ describe("--otlp-endpoint", () => {
       if (Either.isRight(result)) throw new Error("expected a ConfigError")
       return result.left.message
     }
-    expect(error(["--otlp-endpoint", "collector:4318"])).toBe(
-      `--otlp-endpoint: must be an http:// or https:// URL, got "collector:4318"`
-    )
+    expect(error(["--otlp-endpoint", "collector:4318"])).toBe(`--otlp-endpoint: must be an http:// or https:// URL, got "collector:4318"`)
     expect(error([], { OTEL_EXPORTER_OTLP_ENDPOINT: "grpc://x" })).toBe(
       `OTEL_EXPORTER_OTLP_ENDPOINT (--otlp-endpoint): must be an http:// or https:// URL, got "grpc://x"`
     )

@@ -10,7 +10,7 @@ describe("JSON logs", () => {
   it.effect("writes one object per line: timestamp, level, message, trace ids in a span, then the fields", () => {
     const written: Array<string> = []
     const exporter = new InMemorySpanExporter()
-    return Effect.gen(function*() {
+    return Effect.gen(function* () {
       yield* Effect.logDebug("below the level")
       yield* Effect.logInfo("below the level too")
       yield* Effect.logWarning("queue almost full").pipe(Effect.annotateLogs({ request_id: "req-1", waiting: 7 }))
@@ -42,7 +42,12 @@ describe("JSON logs", () => {
       expect(failed!["message"]).toEqual(["failed", "Error: boom"])
       expect(failed).not.toHaveProperty("trace_id")
     }).pipe(
-      Effect.provide(Logging.layer("warning", Logging.makeJsonLogger((line) => written.push(line)))),
+      Effect.provide(
+        Logging.layer(
+          "warning",
+          Logging.makeJsonLogger((line) => written.push(line))
+        )
+      ),
       Effect.provide(Telemetry.layer({ spanProcessors: [new SimpleSpanProcessor(exporter)] }))
     )
   })
@@ -51,13 +56,18 @@ describe("JSON logs", () => {
     const written: Array<string> = []
     return Effect.logFatal("unseen").pipe(
       Effect.zipRight(Effect.sync(() => expect(written).toEqual([]))),
-      Effect.provide(Logging.layer("none", Logging.makeJsonLogger((line) => written.push(line))))
+      Effect.provide(
+        Logging.layer(
+          "none",
+          Logging.makeJsonLogger((line) => written.push(line))
+        )
+      )
     )
   })
 
   it.effect("writes what OpenTelemetry reports (a collector it cannot reach) as warnings while tracing", () => {
     const written: Array<string> = []
-    return Effect.gen(function*() {
+    return Effect.gen(function* () {
       diag.error("export failed", new Error("connect ECONNREFUSED 127.0.0.1:4318"))
       diag.info("chatter")
       yield* Effect.yieldNow()
@@ -66,7 +76,12 @@ describe("JSON logs", () => {
       ])
     }).pipe(
       Effect.provide(Telemetry.layer({ spanProcessors: [new SimpleSpanProcessor(new InMemorySpanExporter())] })),
-      Effect.provide(Logging.layer("info", Logging.makeJsonLogger((line) => written.push(line))))
+      Effect.provide(
+        Logging.layer(
+          "info",
+          Logging.makeJsonLogger((line) => written.push(line))
+        )
+      )
     )
   })
 })

@@ -17,24 +17,25 @@ interface Sample {
 
 /** The samples of a Prometheus text exposition (comments skipped). */
 const parseSamples = (text: string): Array<Sample> =>
-  text.split("\n").filter((line) => line !== "" && !line.startsWith("#")).map((line) => {
-    const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$/.exec(line)
-    if (match === null) throw new Error(`not a sample line: ${line}`)
-    const labels: Record<string, string> = {}
-    for (const [, key, value] of (match[2] ?? "").matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g)) {
-      labels[key!] = value!
-    }
-    return { name: match[1]!, labels, value: Number(match[3]) }
-  })
+  text
+    .split("\n")
+    .filter((line) => line !== "" && !line.startsWith("#"))
+    .map((line) => {
+      const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$/.exec(line)
+      if (match === null) throw new Error(`not a sample line: ${line}`)
+      const labels: Record<string, string> = {}
+      for (const [, key, value] of (match[2] ?? "").matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g)) {
+        labels[key!] = value!
+      }
+      return { name: match[1]!, labels, value: Number(match[3]) }
+    })
 
 /** Reads samples of one model's series: `value(name, labels)` is the one sample whose labels include these. */
 const scrape = (url: string, model: string) =>
   Effect.map(request(url + "/metrics"), (reply) => {
     const samples = parseSamples(reply.text).filter((s) => s.labels["model_name"] === model)
     const value = (name: string, labels: Record<string, string> = {}): number | undefined => {
-      const found = samples.filter((s) =>
-        s.name === name && Object.entries(labels).every(([key, v]) => s.labels[key] === v)
-      )
+      const found = samples.filter((s) => s.name === name && Object.entries(labels).every(([key, v]) => s.labels[key] === v))
       if (found.length > 1) throw new Error(`${name} ${JSON.stringify(labels)} matches ${found.length} samples`)
       return found[0]?.value
     }
@@ -43,16 +44,11 @@ const scrape = (url: string, model: string) =>
 
 describe("GET /metrics", () => {
   it.scopedLive("reports every metric with the values the requests imply", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       // Metrics are process-wide: a model name of its own keeps this test's series apart.
       const model = `metrics-${randomUUID().slice(0, 8)}`
       const config = yield* Effect.promise(() =>
-        settings([
-          "--served-model-name", model,
-          "--max-concurrent-requests", "1",
-          "--max-queue-size", "1",
-          "--rate-limit-requests", "7"
-        ])
+        settings(["--served-model-name", model, "--max-concurrent-requests", "1", "--max-queue-size", "1", "--rate-limit-requests", "7"])
       )
       const { url } = yield* startServer({ config, load: fakeLoader(config, { stepMs: 10 }) })
       const completions = url + "/v1/completions"
@@ -64,13 +60,24 @@ describe("GET /metrics", () => {
       expect(plain.status).toBe(200)
       usages.push(plain.json.usage)
       const stream = yield* postJson(completions, {
-        model, prompt: "Hi", max_tokens: 3, seed: 0, stream: true, stream_options: { include_usage: true }
+        model,
+        prompt: "Hi",
+        max_tokens: 3,
+        seed: 0,
+        stream: true,
+        stream_options: { include_usage: true }
       })
       expect(stream.status).toBe(200)
-      const events = stream.text.split("\n\n").filter((e) => e.startsWith("data: {")).map((e) => JSON.parse(e.slice(6)))
+      const events = stream.text
+        .split("\n\n")
+        .filter((e) => e.startsWith("data: {"))
+        .map((e) => JSON.parse(e.slice(6)))
       usages.push(events.at(-1).usage)
       const chat = yield* postJson(url + "/v1/chat/completions", {
-        model, messages: [{ role: "user", content: "Hello" }], max_tokens: 5, seed: 0
+        model,
+        messages: [{ role: "user", content: "Hello" }],
+        max_tokens: 5,
+        seed: 0
       })
       expect(chat.status).toBe(200)
       usages.push(chat.json.usage)
@@ -137,8 +144,7 @@ describe("GET /metrics", () => {
       expect(value("vdiff_tokens_per_step_bucket", { le: "0" })).toBe(0)
       expect(value("vdiff_tokens_per_step_bucket", { le: "1" })).toBe(steps)
 
-      const http = (route: string, status: string, name = "vdiff_http_requests_total") =>
-        value(name, { route, method: "POST", status })
+      const http = (route: string, status: string, name = "vdiff_http_requests_total") => value(name, { route, method: "POST", status })
       expect(http("/v1/completions", "200")).toBe(4)
       expect(http("/v1/chat/completions", "200")).toBe(1)
       expect(http("/v1/completions", "503")).toBe(1)
@@ -175,10 +181,11 @@ describe("GET /metrics", () => {
       expect(after.value("vdiff_http_requests_total", { route: "/v1/completions", method: "POST", status: "429" })).toBe(1)
       expect(after.value("vdiff_request_failure_total", { error_type: "rate_limit_error" })).toBeUndefined()
       expect(after.value("vdiff_num_requests_running")).toBe(0)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 
   it.scopedLive("reports the bytes the running sequences' KV caches hold, and frees them when they finish", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const model = `kv-${randomUUID().slice(0, 8)}`
       const config = yield* Effect.promise(() => settings(["--served-model-name", model, "--kv-cache", "dual"]))
       const { url } = yield* startServer({ config, load: fakeLoader(config, { stepMs: 10 }) })
@@ -194,10 +201,11 @@ describe("GET /metrics", () => {
       // The fake model's cache takes 64 bytes per canvas position: prompt plus answer.
       expect(held).toBe(64 * (reply.value.json.usage.prompt_tokens + 60))
       yield* waitFor(url, model, "vdiff_kv_cache_bytes", 0)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 
   it.scopedLive("counts failures by the error's code, a stream's error event included", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const model = `failures-${randomUUID().slice(0, 8)}`
       const config = yield* Effect.promise(() => settings(["--served-model-name", model, "--request-timeout", "0.15"]))
       const { url } = yield* startServer({ config, load: fakeLoader(config, { stepMs: 10 }) })
@@ -219,21 +227,23 @@ describe("GET /metrics", () => {
       expect(value("vdiff_time_to_first_token_seconds_count")).toBe(1)
       expect(value("vdiff_http_requests_total", { route: "/v1/completions", method: "POST", status: "200" })).toBe(1)
       expect(value("vdiff_http_requests_total", { route: "/v1/completions", method: "POST", status: "400" })).toBe(1)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 
   it.scopedLive("reports the model as not ready while it loads", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const model = `loading-${randomUUID().slice(0, 8)}`
       const config = yield* Effect.promise(() => settings(["--served-model-name", model]))
       const hold = yield* Deferred.make<void>()
       const { url } = yield* startServer({ config, load: fakeLoader(config, { hold }), awaitReady: false })
       expect((yield* scrape(url, model)).value("vdiff_model_ready")).toBe(0)
-    }).pipe(quiet))
+    }).pipe(quiet)
+  )
 })
 
 /** Polls /metrics until the series has the value (the server's fibers run on their own). */
 const waitFor = (url: string, model: string, name: string, expected: number, labels: Record<string, string> = {}) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     for (let tries = 0; tries < 500; tries++) {
       if ((yield* scrape(url, model)).value(name, labels) === expected) return
       yield* Effect.sleep(5)

@@ -19,7 +19,7 @@ import { fakeLoader, postJson, request, settings } from "./http-helpers.js"
 
 /** The whole server on 127.0.0.1:0 in `scope`, with the given telemetry (else the configuration's). */
 const serve = (config: Config.Settings, scope: Scope.Scope, telemetry?: Layer.Layer<Telemetry.Telemetry>) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const context = yield* Layer.buildWithScope(
       Server.layerApp({
         config,
@@ -40,25 +40,30 @@ const parentId = (span: ReadableSpan) => span.parentSpanContext?.spanId
 
 describe("tracing", () => {
   it.scopedLive("records a span per request with queue, prompt and generation spans beneath it", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const exporter = new InMemorySpanExporter()
       const lines: Array<Record<string, unknown>> = []
       const logger = makeJsonLogger((line) => lines.push(JSON.parse(line)))
       const model = `traced-${randomUUID().slice(0, 8)}`
       const config = yield* Effect.promise(() => settings(["--served-model-name", model]))
       const telemetry = Telemetry.layer({ spanProcessors: [new SimpleSpanProcessor(exporter)] })
-      const url = yield* serve(config, yield* Effect.scope, telemetry).pipe(
-        Effect.provide(Logger.replace(Logger.defaultLogger, logger))
-      )
+      const url = yield* serve(config, yield* Effect.scope, telemetry).pipe(Effect.provide(Logger.replace(Logger.defaultLogger, logger)))
 
       // A caller's trace continues in vdiff's spans (W3C traceparent).
       const callerTrace = "4bf92f3577b34da6a3ce929d0e0e4736"
-      const completion = yield* postJson(url + "/v1/completions", { model, prompt: "Hi", max_tokens: 4, seed: 0 }, {
-        traceparent: `00-${callerTrace}-00f067aa0ba902b7-01`
-      })
+      const completion = yield* postJson(
+        url + "/v1/completions",
+        { model, prompt: "Hi", max_tokens: 4, seed: 0 },
+        {
+          traceparent: `00-${callerTrace}-00f067aa0ba902b7-01`
+        }
+      )
       expect(completion.status).toBe(200)
       const chat = yield* postJson(url + "/v1/chat/completions", {
-        model, messages: [{ role: "user", content: "Hello" }], max_tokens: 3, seed: 0
+        model,
+        messages: [{ role: "user", content: "Hello" }],
+        max_tokens: 3,
+        seed: 0
       })
       expect(chat.status).toBe(200)
       const stream = yield* postJson(url + "/v1/completions", { model, prompt: "Hi", max_tokens: 2, seed: 0, stream: true })
@@ -116,10 +121,11 @@ describe("tracing", () => {
       expect(access[0]).toMatchObject({ trace_id: callerTrace, span_id: spanId(traced!), status: 200 })
       const probe = lines.find((l) => l["message"] === "request" && l["path"] === "/health")!
       expect(probe["trace_id"]).toBeUndefined()
-    }).pipe(Effect.provide(Logger.minimumLogLevel(LogLevel.Info))))
+    }).pipe(Effect.provide(Logger.minimumLogLevel(LogLevel.Info)))
+  )
 
   it.scopedLive("exports spans over OTLP/HTTP to the configured endpoint", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const received: Array<{ method: string; url: string; headers: IncomingHttpHeaders; body: string }> = []
       const collector = createServer((req, res) => {
         const chunks: Array<Buffer> = []
@@ -137,9 +143,7 @@ describe("tracing", () => {
       )
       const model = `otlp-${randomUUID().slice(0, 8)}`
       // Only the base URL is given, as in OTEL_EXPORTER_OTLP_ENDPOINT; /v1/traces is appended.
-      const config = yield* Effect.promise(() =>
-        settings(["--served-model-name", model, "--otlp-endpoint", `http://127.0.0.1:${port}/`])
-      )
+      const config = yield* Effect.promise(() => settings(["--served-model-name", model, "--otlp-endpoint", `http://127.0.0.1:${port}/`]))
       const scope = yield* Scope.make()
       const url = yield* serve(config, scope)
       const completion = yield* postJson(url + "/v1/completions", { model, prompt: "Hi", max_tokens: 3, seed: 0 })
@@ -156,10 +160,11 @@ describe("tracing", () => {
       expect(names).toEqual(expect.arrayContaining(["POST /v1/completions", "vdiff.tokenize", "vdiff.queue_wait", "vdiff.generate"]))
       const resource = (JSON.parse(traces[0]!.body) as OtlpTraces).resourceSpans[0]!.resource.attributes
       expect(resource).toContainEqual({ key: "service.name", value: { stringValue: "vdiff" } })
-    }).pipe(Effect.provide(Logger.minimumLogLevel(LogLevel.None))))
+    }).pipe(Effect.provide(Logger.minimumLogLevel(LogLevel.None)))
+  )
 
   it.effect("is off without an endpoint: spans are no-ops and log lines carry no trace", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const lines: Array<Record<string, unknown>> = []
       const telemetry = yield* Telemetry.Telemetry
       expect(telemetry.tracing).toBe(false)
@@ -167,11 +172,17 @@ describe("tracing", () => {
       expect(span.sampled).toBe(false)
       yield* Effect.logInfo("inside a span").pipe(
         Effect.withSpan("anything"),
-        Effect.provide(Logger.replace(Logger.defaultLogger, makeJsonLogger((line) => lines.push(JSON.parse(line)))))
+        Effect.provide(
+          Logger.replace(
+            Logger.defaultLogger,
+            makeJsonLogger((line) => lines.push(JSON.parse(line)))
+          )
+        )
       )
       expect(lines).toHaveLength(1)
       expect(lines[0]).not.toHaveProperty("trace_id")
-    }).pipe(Effect.provide(Telemetry.layer({}))))
+    }).pipe(Effect.provide(Telemetry.layer({})))
+  )
 })
 
 interface OtlpTraces {

@@ -4,7 +4,7 @@ import { join } from "node:path"
 import { Effect, Either, Option } from "effect"
 import * as fc from "fast-check"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { IncrementalDetokenizer } from "../src/tokenizer/IncrementalDetokenizer.js"
+import type { IncrementalDetokenizer } from "../src/tokenizer/IncrementalDetokenizer.js"
 import { type TokenizerShape, make } from "../src/tokenizer/Tokenizer.js"
 
 // The embedded model: its own byte-level BPE (tools/train/bpe.py), trained on ASCII Shakespeare, so every

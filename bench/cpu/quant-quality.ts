@@ -73,7 +73,11 @@ const heldOutLoss = async (
     for (const half of [order.slice(0, order.length >> 1), order.slice(order.length >> 1)]) {
       const canvas = [...prompt, ...continuation]
       for (const i of half) canvas[prompt.length + i] = mask
-      const scores = await engine.score(canvas, half.map((i) => prompt.length + i), half.map((i) => continuation[i]!))
+      const scores = await engine.score(
+        canvas,
+        half.map((i) => prompt.length + i),
+        half.map((i) => continuation[i]!)
+      )
       for (const s of scores) nll -= s
       count += half.length
     }
@@ -131,7 +135,11 @@ export const measureQuantQuality = async (options: QuantQualityOptions): Promise
         throw new Error(`loaded ${format} but the engine reports weights of ${weightDtype} (an addon without quantize?)`)
       }
       const loss = await heldOutLoss(engine, pairs)
-      const answers = await greedyAnswers(engine, pairs.map((p) => p.prompt), options.genLength)
+      const answers = await greedyAnswers(
+        engine,
+        pairs.map((p) => p.prompt),
+        options.genLength
+      )
       firstAnswers ??= answers
       if (out.length === 0) firstLoss = loss
       let same = 0
@@ -151,7 +159,9 @@ export const measureQuantQuality = async (options: QuantQualityOptions): Promise
         agreement: same / total,
         seconds: (performance.now() - started) / 1000
       })
-      options.log?.(`${format}: loss ${loss.toFixed(4)}, agreement ${(out.at(-1)!.agreement * 100).toFixed(1)}%, ${out.at(-1)!.seconds.toFixed(1)} s`)
+      options.log?.(
+        `${format}: loss ${loss.toFixed(4)}, agreement ${(out.at(-1)!.agreement * 100).toFixed(1)}%, ${out.at(-1)!.seconds.toFixed(1)} s`
+      )
     }
   }
   return out
@@ -161,9 +171,10 @@ export const formatQuantQuality = (rows: ReadonlyArray<FormatQuality>, options: 
   [
     `embedded model, ${options.prompts} held-out prompts, gen ${options.genLength}, greedy, ${options.threads} threads`,
     "format   weights  held-out own loss   vs first   greedy agreement",
-    ...rows.map((r) =>
-      `${r.format.padEnd(8)} ${r.weightDtype.padEnd(8)} ${r.heldOutLoss.toFixed(4).padStart(17)} ` +
-      `${(100 * (r.lossRatio - 1)).toFixed(2).padStart(9)}% ${(100 * r.agreement).toFixed(1).padStart(17)}%`
+    ...rows.map(
+      (r) =>
+        `${r.format.padEnd(8)} ${r.weightDtype.padEnd(8)} ${r.heldOutLoss.toFixed(4).padStart(17)} ` +
+        `${(100 * (r.lossRatio - 1)).toFixed(2).padStart(9)}% ${(100 * r.agreement).toFixed(1).padStart(17)}%`
     )
   ].join("\n")
 

@@ -58,7 +58,7 @@ export interface ApiError<Tag extends string = string> extends YieldableError, H
 }
 
 export interface ApiErrorClass<Tag extends string> {
-  new(props: ApiErrorProps): ApiError<Tag>
+  new (props: ApiErrorProps): ApiError<Tag>
 }
 
 export const isApiError = (u: unknown): u is ApiError => Predicate.hasProperty(u, ApiErrorTypeId)
@@ -80,9 +80,8 @@ export const toErrorBody = (error: ApiError, requestId: string | null): ErrorBod
 /** The response for an API error: its status, the headers its kind implies and its own, and the body. */
 export const errorResponse = (error: ApiError, requestId: string | null): HttpServerResponse.HttpServerResponse => {
   const kind = error[ApiErrorTypeId]
-  const retryAfter: Record<string, string> = kind.retryAfter === true
-    ? { "retry-after": String(Math.max(1, Math.ceil(error.retryAfterSeconds ?? 1))) }
-    : {}
+  const retryAfter: Record<string, string> =
+    kind.retryAfter === true ? { "retry-after": String(Math.max(1, Math.ceil(error.retryAfterSeconds ?? 1))) } : {}
   return HttpServerResponse.unsafeJson(toErrorBody(error, requestId), {
     status: error.status,
     headers: { ...retryAfter, ...kind.headers, ...error.headers }

@@ -87,9 +87,7 @@ const isRole = (role: string): role is Role => (roles as ReadonlyArray<string>).
  * to text. Several text parts are joined with "\n"
  * (as vLLM does for text-only templates); any other part (image_url, input_audio, ...) is an error.
  */
-export const validateMessages = (
-  messages: ReadonlyArray<ChatMessage>
-): Effect.Effect<ReadonlyArray<TextMessage>, InvalidChatRequest> =>
+export const validateMessages = (messages: ReadonlyArray<ChatMessage>): Effect.Effect<ReadonlyArray<TextMessage>, InvalidChatRequest> =>
   Effect.gen(function* () {
     if (messages.length === 0) {
       return yield* new InvalidChatRequest({
@@ -189,9 +187,7 @@ export const fromTokenizerConfig = (
       return {
         hasTemplate: false,
         render: (messages, options) =>
-          validateMessages(messages).pipe(
-            Effect.map((valid) => ({ text: renderFallback(valid, options), addSpecialTokens: true }))
-          )
+          validateMessages(messages).pipe(Effect.map((valid) => ({ text: renderFallback(valid, options), addSpecialTokens: true })))
       }
     }
     // The library's own raise_exception throws a plain Error like every other rendering failure, and it

@@ -36,7 +36,12 @@ export const generate = commandLine(
     blockLength: setting(IntegerText(1), { description: "Semi-autoregressive block length", default: "32", value: "N", flag: "--block" }),
     steps: setting(IntegerText(1), { description: "Denoising steps over the whole answer", default: "128", value: "N" }),
     temperature: setting(NumberText(0), { description: "Sampling temperature; 0 is greedy", default: "0", value: "T" }),
-    cfgScale: setting(NumberText(0), { description: "Classifier-free guidance scale; 0 turns it off", default: "0", value: "S", flag: "--cfg" }),
+    cfgScale: setting(NumberText(0), {
+      description: "Classifier-free guidance scale; 0 turns it off",
+      default: "0",
+      value: "S",
+      flag: "--cfg"
+    }),
     remasking: setting(OneOfText(samplingSettings.remasking.value.values), {
       description: "Which masked positions a step commits",
       default: "low_confidence",

@@ -11,12 +11,12 @@
  * @since 0.1.0
  */
 import { basename } from "node:path"
-import { Either, Schema } from "effect"
+import { type Either, Schema } from "effect"
 import { embeddedModelDir } from "./package.js"
 import * as Sampling from "./sampling.js"
 import {
   commandLine,
-  ConfigError,
+  type ConfigError,
   HttpUrlText,
   IntegerText,
   type LoadInput,
@@ -89,7 +89,8 @@ export const Settings = Schema.Struct({
     value: "F"
   }),
   quantize: setting(OneOfText(["none", "q8_0", "q4_0"]), {
-    description: "Quantize the weight matrices at load (CPU): q8_0 (int8 blocks of 32) or q4_0 (4-bit); none computes from the weights as stored; a checkpoint from `vdiff quantize` is served as it is",
+    description:
+      "Quantize the weight matrices at load (CPU): q8_0 (int8 blocks of 32) or q4_0 (4-bit); none computes from the weights as stored; a checkpoint from `vdiff quantize` is served as it is",
     default: "none",
     value: "none|q8_0|q4_0"
   }),
@@ -100,11 +101,12 @@ export const Settings = Schema.Struct({
   }),
   apiKey: setting(
     ListText(
-      (item) => /^[\x21-\x7e]+$/.test(item) ? undefined : "API keys must be printable ASCII without spaces",
+      (item) => (/^[\x21-\x7e]+$/.test(item) ? undefined : "API keys must be printable ASCII without spaces"),
       () => "a key that is not (value hidden)"
     ),
     {
-      description: "API key clients must send as `Authorization: Bearer KEY`; repeat or comma-separate for several; none: no authentication",
+      description:
+        "API key clients must send as `Authorization: Bearer KEY`; repeat or comma-separate for several; none: no authentication",
       default: [],
       defaultText: "none",
       kind: "list",
@@ -112,7 +114,7 @@ export const Settings = Schema.Struct({
     }
   ),
   allowedOrigins: setting(
-    ListText((item) => isOrigin(item) ? undefined : `origins must be "*" or like https://example.com:8080`),
+    ListText((item) => (isOrigin(item) ? undefined : `origins must be "*" or like https://example.com:8080`)),
     {
       description: "Browser origins allowed to call the API (CORS), comma-separated; `*` allows any; none: no cross-origin access",
       default: [],
@@ -128,7 +130,8 @@ export const Settings = Schema.Struct({
     value: "BOOL"
   }),
   rateLimitRequests: setting(IntegerText(0), {
-    description: "Requests a client (API key, else address) may make per window, and failed API key attempts an address may make; 0 turns rate limiting off",
+    description:
+      "Requests a client (API key, else address) may make per window, and failed API key attempts an address may make; 0 turns rate limiting off",
     default: "0",
     value: "N"
   }),
@@ -175,7 +178,8 @@ export const Settings = Schema.Struct({
     value: "f32|bf16"
   }),
   kvCacheBudget: setting(IntegerText(0), {
-    description: "Bytes all live KV caches may hold together; a request whose caches do not fit waits for running ones to finish; one cache larger than the budget is a 400, a request whose caches never fit together a 503; 0: no limit",
+    description:
+      "Bytes all live KV caches may hold together; a request whose caches do not fit waits for running ones to finish; one cache larger than the budget is a 400, a request whose caches never fit together a 503; 0: no limit",
     default: "0",
     value: "BYTES"
   }),

@@ -60,8 +60,7 @@ export const setting = <A, I>(schema: Schema.Schema<A, I>, doc: SettingDoc): Sch
 
 // --- schemas from text --------------------------------------------------------------------------------
 
-const invalid = (ast: SchemaAST.AST, actual: unknown, message: string) =>
-  ParseResult.fail(new ParseResult.Type(ast, actual, message))
+const invalid = (ast: SchemaAST.AST, actual: unknown, message: string) => ParseResult.fail(new ParseResult.Type(ast, actual, message))
 
 const quoted = (text: string) => JSON.stringify(text)
 
@@ -89,26 +88,38 @@ export const NumberText = (min: number, exclusive = false, max = Infinity) =>
     decode: (text, _, ast) => {
       const trimmed = text.trim()
       const value = Number(trimmed)
-      const ok = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/.test(trimmed) && Number.isFinite(value) &&
-        (exclusive ? value > min : value >= min) && value <= max
+      const ok =
+        /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/.test(trimmed) &&
+        Number.isFinite(value) &&
+        (exclusive ? value > min : value >= min) &&
+        value <= max
       const range = exclusive
         ? `above ${min}${max === Infinity ? "" : ` and at most ${max}`}`
-        : max === Infinity ? `of at least ${min}` : `from ${min} to ${max}`
+        : max === Infinity
+          ? `of at least ${min}`
+          : `from ${min} to ${max}`
       return ok ? ParseResult.succeed(value) : invalid(ast, text, `must be a number ${range}, got ${quoted(text)}`)
     },
     encode: (value) => ParseResult.succeed(String(value))
   })
 
-const switchValues: Record<string, boolean> = { true: true, false: false, "1": true, "0": false, yes: true, no: false, on: true, off: false }
+const switchValues: Record<string, boolean> = {
+  true: true,
+  false: false,
+  "1": true,
+  "0": false,
+  yes: true,
+  no: false,
+  on: true,
+  off: false
+}
 
 /** true/false (also 1/0, yes/no, on/off). */
 export const SwitchText = Schema.transformOrFail(Schema.String, Schema.Boolean, {
   strict: true,
   decode: (text, _, ast) => {
     const value = switchValues[text.trim().toLowerCase()]
-    return value === undefined
-      ? invalid(ast, text, `must be true or false, got ${quoted(text)}`)
-      : ParseResult.succeed(value)
+    return value === undefined ? invalid(ast, text, `must be true or false, got ${quoted(text)}`) : ParseResult.succeed(value)
   },
   encode: (value) => ParseResult.succeed(String(value))
 })
@@ -127,8 +138,7 @@ export const OneOfText = <const Values extends ReadonlyArray<string>>(values: Va
 /** Text without surrounding whitespace and not empty. */
 export const NonEmptyText = Schema.transformOrFail(Schema.String, Schema.String, {
   strict: true,
-  decode: (text, _, ast) =>
-    text.trim() === "" ? invalid(ast, text, "must not be empty") : ParseResult.succeed(text.trim()),
+  decode: (text, _, ast) => (text.trim() === "" ? invalid(ast, text, "must not be empty") : ParseResult.succeed(text.trim())),
   encode: ParseResult.succeed
 })
 
@@ -140,7 +150,10 @@ export const ListText = (check: (item: string) => string | undefined, describe: 
   Schema.transformOrFail(Schema.Array(Schema.String), Schema.Array(Schema.String), {
     strict: true,
     decode: (values, _, ast) => {
-      const items = values.flatMap((value) => value.split(",")).map((item) => item.trim()).filter((item) => item !== "")
+      const items = values
+        .flatMap((value) => value.split(","))
+        .map((item) => item.trim())
+        .filter((item) => item !== "")
       for (const item of items) {
         const problem = check(item)
         if (problem !== undefined) return invalid(ast, "<list>", `${problem}, got ${describe(item)}`)
@@ -189,8 +202,7 @@ export interface SettingInfo<Name extends string = string> {
 
 const words = (name: string) => name.replace(/[A-Z]/g, (c) => " " + c.toLowerCase()).split(" ")
 
-const annotation = <A>(ast: SchemaAST.AST, id: symbol): A | undefined =>
-  Option.getOrUndefined(SchemaAST.getAnnotation<A>(id)(ast))
+const annotation = <A>(ast: SchemaAST.AST, id: symbol): A | undefined => Option.getOrUndefined(SchemaAST.getAnnotation<A>(id)(ast))
 
 /** What the annotations of a Struct's fields say about each setting, in field order. */
 export const settingsOf = <Fields extends Schema.Struct.Fields>(
@@ -312,7 +324,7 @@ export const commandLine = <Fields extends Schema.Struct.Fields>(
   }
 
   const load = (input: LoadInput): Either.Either<A, ConfigError> =>
-    Either.gen(function*() {
+    Either.gen(function* () {
       const flags: Raw = yield* parseFlags(input.argv)
       const raw: Raw = {}
       const sources: Record<string, Source> = {}

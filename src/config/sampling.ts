@@ -42,9 +42,11 @@ export type ValueType =
   | { readonly type: "oneOf"; readonly values: ReadonlyArray<string> }
   | { readonly type: "switch" }
 
-type ValueOf<V> = V extends { readonly type: "oneOf"; readonly values: ReadonlyArray<infer W> } ? W
-  : V extends { readonly type: "switch" } ? boolean
-  : number
+type ValueOf<V> = V extends { readonly type: "oneOf"; readonly values: ReadonlyArray<infer W> }
+  ? W
+  : V extends { readonly type: "switch" }
+    ? boolean
+    : number
 
 export interface SamplingSetting<V extends ValueType = ValueType> {
   readonly value: V
@@ -139,21 +141,24 @@ export const samplingSettings = {
     optional: true,
     default: "1",
     placeholder: "P",
-    description: "Nucleus sampling when a request gives no top_p: at temperature > 0 draw from the likeliest tokens holding P of the probability; 1 turns it off"
+    description:
+      "Nucleus sampling when a request gives no top_p: at temperature > 0 draw from the likeliest tokens holding P of the probability; 1 turns it off"
   }),
   min_p: entry({
     value: { type: "number", min: 0, max: 1 },
     optional: true,
     default: "0",
     placeholder: "P",
-    description: "Min-p sampling when a request gives no min_p: at temperature > 0 draw only tokens at least P times as likely as the likeliest; 0 turns it off"
+    description:
+      "Min-p sampling when a request gives no min_p: at temperature > 0 draw only tokens at least P times as likely as the likeliest; 0 turns it off"
   }),
   parallel_threshold: entry({
     value: { type: "number", min: 0, max: 1 },
     optional: true,
     default: "0",
     placeholder: "T",
-    description: "Parallel decoding when a request sets neither parallel rule: a step also commits every masked position of the block at least T likely; 0 turns it off"
+    description:
+      "Parallel decoding when a request sets neither parallel rule: a step also commits every masked position of the block at least T likely; 0 turns it off"
   }),
   parallel_factor: entry({
     value: { type: "number", min: 0, max: 1000 },
@@ -161,19 +166,22 @@ export const samplingSettings = {
     optional: true,
     default: "0",
     placeholder: "F",
-    description: "Parallel decoding by rank when a request sets neither parallel rule: threshold 1 − F/(r+1); 0 turns it off; not together with --parallel-threshold"
+    description:
+      "Parallel decoding by rank when a request sets neither parallel rule: threshold 1 − F/(r+1); 0 turns it off; not together with --parallel-threshold"
   }),
   early_stop: entry({
     value: { type: "switch" },
     optional: true,
     default: "true",
-    description: "Finish once the answer has ended instead of denoising the remaining blocks, when a request gives no early_stop; --early-stop=false turns it off"
+    description:
+      "Finish once the answer has ended instead of denoising the remaining blocks, when a request gives no early_stop; --early-stop=false turns it off"
   }),
   kv_cache: entry({
     value: { type: "oneOf", values: ["none", "prefix", "dual"] },
     optional: true,
     default: "none",
-    description: "Approximate KV cache when a request gives no kv_cache: prefix recomputes the block and what follows it, dual the block only, between whole-canvas refreshes at block starts; none is exact"
+    description:
+      "Approximate KV cache when a request gives no kv_cache: prefix recomputes the block and what follows it, dual the block only, between whole-canvas refreshes at block starts; none is exact"
   })
 }
 
@@ -184,19 +192,20 @@ export type SamplingField = keyof Table
  * Settings that decide the same thing: a request that sets any of them decides alone (the others are
  * off), and neither a request nor the server may turn on more than one.
  */
-export const exclusiveSettings = [{
-  members: ["parallel_threshold", "parallel_factor"] as const,
-  off: 0,
-  because: "they are two rules for the same choice"
-}] as const
+export const exclusiveSettings = [
+  {
+    members: ["parallel_threshold", "parallel_factor"] as const,
+    off: 0,
+    because: "they are two rules for the same choice"
+  }
+] as const
 
 // ---- names -------------------------------------------------------------------------------------------
 
 type Camel<S extends string> = S extends `${infer H}_${infer T}` ? `${H}${Capitalize<Camel<T>>}` : S
 const camel = (name: string) => name.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase())
 
-type EngineName<K extends SamplingField> = Table[K] extends { readonly engine: infer E extends string } ? E
-  : Camel<K>
+type EngineName<K extends SamplingField> = Table[K] extends { readonly engine: infer E extends string } ? E : Camel<K>
 type ConfigName<K extends SamplingField> = Camel<K>
 
 const fields = Object.keys(samplingSettings) as Array<SamplingField>
@@ -228,22 +237,22 @@ export const requestValue = <V extends ValueType>(name: string, value: V): Schem
         value.max === undefined
           ? `${name} must be an integer >= ${value.min}`
           : `${name} must be an integer from ${value.min} to ${value.max}`
-      ) as Schema.Schema<any>
+      ) as unknown as Schema.Schema<ValueOf<V>>
     }
     case "number":
       return (value.above === true
         ? described(
-          Schema.Finite.pipe(Schema.greaterThan(value.min), Schema.lessThanOrEqualTo(value.max ?? Infinity)),
-          `${name} must be a number greater than ${value.min} and at most ${value.max}`
-        )
+            Schema.Finite.pipe(Schema.greaterThan(value.min), Schema.lessThanOrEqualTo(value.max ?? Infinity)),
+            `${name} must be a number greater than ${value.min} and at most ${value.max}`
+          )
         : described(
-          Schema.Finite.pipe(Schema.between(value.min, value.max ?? Infinity)),
-          `${name} must be a number from ${value.min} to ${value.max}`
-        )) as Schema.Schema<any>
+            Schema.Finite.pipe(Schema.between(value.min, value.max ?? Infinity)),
+            `${name} must be a number from ${value.min} to ${value.max}`
+          )) as unknown as Schema.Schema<ValueOf<V>>
     case "oneOf":
-      return described(Schema.Literal(...value.values), `${name} must be ${listed(value.values)}`) as Schema.Schema<any>
+      return described(Schema.Literal(...value.values), `${name} must be ${listed(value.values)}`) as unknown as Schema.Schema<ValueOf<V>>
     case "switch":
-      return described(Schema.Boolean, `${name} must be true or false`) as Schema.Schema<any>
+      return described(Schema.Boolean, `${name} must be true or false`) as unknown as Schema.Schema<ValueOf<V>>
   }
 }
 
@@ -264,6 +273,7 @@ export type SamplingRequest = { readonly [K in SamplingField]?: ValueOf<Table[K]
 
 // ---- derived: server settings ------------------------------------------------------------------------
 
+// biome-ignore lint/suspicious/noExplicitAny: each setting's value type is derived from the table separately (ValueOf)
 const flagSchema = (value: ValueType): Schema.Schema<any, string> => {
   switch (value.type) {
     case "int":
@@ -282,17 +292,22 @@ type ConfigFields = {
 }
 
 /** The `vdiff serve` settings of the server defaults (flag `--top-p`, variable VDIFF_TOP_P), in table order. */
-export const configFields: ConfigFields = Object.fromEntries(fields.map((field) => {
-  const spec = specOf(field)
-  const value = spec.flag ?? spec.value
-  return [configName(field), setting(flagSchema(value), {
-    description: spec.description,
-    default: spec.default,
-    defaultText: spec.defaultText,
-    kind: value.type === "switch" ? "switch" : "value",
-    value: value.type === "oneOf" ? value.values.join("|") : value.type === "switch" ? "BOOL" : spec.placeholder
-  })]
-})) as unknown as ConfigFields
+export const configFields: ConfigFields = Object.fromEntries(
+  fields.map((field) => {
+    const spec = specOf(field)
+    const value = spec.flag ?? spec.value
+    return [
+      configName(field),
+      setting(flagSchema(value), {
+        description: spec.description,
+        default: spec.default,
+        defaultText: spec.defaultText,
+        kind: value.type === "switch" ? "switch" : "value",
+        value: value.type === "oneOf" ? value.values.join("|") : value.type === "switch" ? "BOOL" : spec.placeholder
+      })
+    ]
+  })
+) as unknown as ConfigFields
 
 /** The server settings' values of the sampling settings. */
 export type SamplingConfig = { readonly [K in SamplingField as ConfigName<K>]: ValueOf<Table[K]["value"]> }
@@ -303,9 +318,9 @@ type Required_ = { [K in SamplingField]: Table[K]["optional"] extends true ? nev
 type Optional_ = Exclude<SamplingField, Required_>
 
 /** The part of the engine's settings that the table describes. */
-export type SamplingTableParams =
-  & { readonly [K in Required_ as EngineName<K>]: ValueOf<Table[K]["value"]> }
-  & { readonly [K in Optional_ as EngineName<K>]?: ValueOf<Table[K]["value"]> | undefined }
+export type SamplingTableParams = { readonly [K in Required_ as EngineName<K>]: ValueOf<Table[K]["value"]> } & {
+  readonly [K in Optional_ as EngineName<K>]?: ValueOf<Table[K]["value"]> | undefined
+}
 
 /** The engine's settings that are no request setting: the seed and the model's own tokens. */
 export interface EngineOnlyParams {
@@ -333,10 +348,8 @@ export type SamplingParams = SamplingTableParams & EngineOnlyParams
  * The params object the native addon reads (native/src/addon/addon.cpp, params_of): the same names; the
  * seed may be a bigint, and the reference options may be left out.
  */
-export type NativeSamplingParams =
-  & SamplingTableParams
-  & Omit<EngineOnlyParams, "seed" | "logitsEosInf" | "confidenceEosEotInf" | "eotTokenId">
-  & {
+export type NativeSamplingParams = SamplingTableParams &
+  Omit<EngineOnlyParams, "seed" | "logitsEosInf" | "confidenceEosEotInf" | "eotTokenId"> & {
     readonly seed: number | bigint
     readonly logitsEosInf?: boolean | undefined
     readonly confidenceEosEotInf?: boolean | undefined
@@ -350,9 +363,9 @@ export type NativeSamplingParams =
  * What the server gives a request that leaves a setting out, by engine name (the answer length as
  * maxTokens). Absent or null: the documented default.
  */
-export type EngineDefaults =
-  & { readonly maxTokens: number }
-  & { readonly [K in Exclude<SamplingField, "max_tokens"> as EngineName<K>]?: ValueOf<Table[K]["value"]> | null | undefined }
+export type EngineDefaults = { readonly maxTokens: number } & {
+  readonly [K in Exclude<SamplingField, "max_tokens"> as EngineName<K>]?: ValueOf<Table[K]["value"]> | null | undefined
+}
 
 /** The serving defaults of the server settings. */
 export const defaultsFromConfig = (config: SamplingConfig): EngineDefaults => {
@@ -362,10 +375,12 @@ export const defaultsFromConfig = (config: SamplingConfig): EngineDefaults => {
   ) as unknown as EngineDefaults
 }
 
-const documentedDefault = new Map(fields.map((field) => {
-  const spec = specOf(field)
-  return [field, Schema.decodeSync(flagSchema(spec.flag ?? spec.value))(spec.default) as unknown]
-}))
+const documentedDefault = new Map(
+  fields.map((field) => {
+    const spec = specOf(field)
+    return [field, Schema.decodeSync(flagSchema(spec.flag ?? spec.value))(spec.default) as unknown]
+  })
+)
 
 /** The exclusive rule a request breaks, with the field it names (the last one it set), or undefined. */
 export const exclusiveViolation = (request: SamplingRequest): { message: string; param: string } | undefined => {
@@ -386,11 +401,7 @@ export const exclusiveViolation = (request: SamplingRequest): { message: string;
  * request's, else the server's default, else the documented one. A request that sets any member of an
  * exclusive group decides the whole group (the members it leaves out are off).
  */
-export const resolve = (
-  request: SamplingRequest,
-  defaults: EngineDefaults,
-  genLength: number
-): SamplingTableParams => {
+export const resolve = (request: SamplingRequest, defaults: EngineDefaults, genLength: number): SamplingTableParams => {
   const fromDefaults = defaults as unknown as Record<string, unknown>
   const decided = new Map<SamplingField, unknown>()
   for (const rule of exclusiveSettings) {
@@ -403,7 +414,7 @@ export const resolve = (
     if (field === "max_tokens") continue
     const spec = specOf(field)
     const name = engineName(field)
-    const value = decided.has(field) ? decided.get(field) : request[field] ?? fromDefaults[name] ?? documentedDefault.get(field)
+    const value = decided.has(field) ? decided.get(field) : (request[field] ?? fromDefaults[name] ?? documentedDefault.get(field))
     params[name] = spec.toEngine === undefined ? value : (spec.toEngine as (v: unknown, g: number) => unknown)(value, genLength)
   }
   return params as unknown as SamplingTableParams

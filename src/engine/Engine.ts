@@ -119,7 +119,7 @@ export const fromNativeEngine = (modelDir: string, native: NativeEngine): Engine
 
 /** Loads the model directory with the addon. Sequences still alive when the scope closes are released. */
 export const make = (options: EngineOptions): Effect.Effect<EngineShape, ModelLoadError | EngineError> =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const addon = yield* Effect.try({ try: () => loadAddon(), catch: fromNative })
     const runtime = yield* Effect.runtime<never>()
     // A device backend uploads the weights: one log line per 256 MiB, with the share done.

@@ -105,11 +105,31 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
     modelDir: "fake",
     info: {
       config: {
-        dModel: 8, nHeads: 1, nKvHeads: 1, nLayers: 1, mlpHiddenSize: 8, vocabSize: 1000, embeddingSize: 1000,
-        maskTokenId: MASK, eosTokenId: 998, maxSequenceLength: maxLen, ropeTheta: 10000, rmsNormEps: 1e-5,
-        weightTying: false, includeBias: false
+        dModel: 8,
+        nHeads: 1,
+        nKvHeads: 1,
+        nLayers: 1,
+        mlpHiddenSize: 8,
+        vocabSize: 1000,
+        embeddingSize: 1000,
+        maskTokenId: MASK,
+        eosTokenId: 998,
+        maxSequenceLength: maxLen,
+        ropeTheta: 10000,
+        rmsNormEps: 1e-5,
+        weightTying: false,
+        includeBias: false
       },
-      backend: "cpu", device: "fake", gemm: "none", memoryUsedBytes: 0, memoryTotalBytes: 0, weightDtype: "f32", parameterCount: 0, weightBytes: 0, packedWeightBytes: 0, kvCacheBytesPerPosition: KV_BYTES_PER_POSITION,
+      backend: "cpu",
+      device: "fake",
+      gemm: "none",
+      memoryUsedBytes: 0,
+      memoryTotalBytes: 0,
+      weightDtype: "f32",
+      parameterCount: 0,
+      weightBytes: 0,
+      packedWeightBytes: 0,
+      kvCacheBytesPerPosition: KV_BYTES_PER_POSITION,
       kvCacheBudgetBytes: 0
     },
     batches,
@@ -123,15 +143,15 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
         const sequence: FakeSequence = { prompt, settings, canvas: new Int32Array(settings.genLength).fill(MASK), done: 0 }
         if (script !== undefined) {
           sequence.answer = script.answer(prompt, settings)
-          sequence.schedule = script.schedule?.(settings.genLength) ??
-            Array.from({ length: settings.genLength }, (_, position) => [position])
+          sequence.schedule =
+            script.schedule?.(settings.genLength) ?? Array.from({ length: settings.genLength }, (_, position) => [position])
         }
         sequences.set(id, sequence)
         created.push({ id, prompt, settings, suffix })
         return Effect.succeed(id)
       }),
     step: (ids) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         batches.push([...ids])
         if (options.stepMs !== undefined) yield* Effect.sleep(options.stepMs)
         const results: Array<StepResult> = []

@@ -25,12 +25,9 @@ export type EngineError = ModelLoadError | InvalidRequestError | EngineFailure
 
 /** Reads the `.code` that the addon puts on its errors ("VDIFF_INVALID_MODEL", ...). */
 export const nativeErrorCode = (cause: unknown): string =>
-  typeof cause === "object" && cause !== null && "code" in cause && typeof cause.code === "string"
-    ? cause.code
-    : "VDIFF_INTERNAL"
+  typeof cause === "object" && cause !== null && "code" in cause && typeof cause.code === "string" ? cause.code : "VDIFF_INTERNAL"
 
-export const nativeErrorMessage = (cause: unknown): string =>
-  cause instanceof Error ? cause.message : String(cause)
+export const nativeErrorMessage = (cause: unknown): string => (cause instanceof Error ? cause.message : String(cause))
 
 /** Turns whatever the addon threw into the tagged error it stands for. */
 export const fromNative = (cause: unknown): EngineError => {

@@ -28,16 +28,22 @@ export interface HttpMetricsShape {
 
 export class HttpMetrics extends Context.Tag("vdiff/HttpMetrics")<HttpMetrics, HttpMetricsShape>() {}
 
-export const make: Effect.Effect<HttpMetricsShape> = Effect.gen(function*() {
+export const make: Effect.Effect<HttpMetricsShape> = Effect.gen(function* () {
   const inFlight = yield* SubscriptionRef.make(0)
   const add = (delta: number) =>
-    SubscriptionRef.update(inFlight, (n) => n + delta).pipe(
-      Effect.zipRight(Metric.incrementBy(Metrics.httpRequestsInFlight, delta))
-    )
+    SubscriptionRef.update(inFlight, (n) => n + delta).pipe(Effect.zipRight(Metric.incrementBy(Metrics.httpRequestsInFlight, delta)))
   return {
     inFlight: SubscriptionRef.get(inFlight),
-    idle: inFlight.changes.pipe(Stream.takeUntil((n) => n === 0), Stream.runDrain),
-    track: (app) => Effect.acquireUseRelease(add(1), () => app, () => add(-1)),
+    idle: inFlight.changes.pipe(
+      Stream.takeUntil((n) => n === 0),
+      Stream.runDrain
+    ),
+    track: (app) =>
+      Effect.acquireUseRelease(
+        add(1),
+        () => app,
+        () => add(-1)
+      ),
     record: (routes) => (record) => {
       // Unknown paths share one label, so clients cannot grow the series without bound.
       const route = routes.find(record.path)?.route ?? "unmatched"
@@ -49,7 +55,6 @@ export const make: Effect.Effect<HttpMetricsShape> = Effect.gen(function*() {
   }
 })
 
-const tags = (labels: Record<string, string>) =>
-  Object.entries(labels).map(([key, value]) => MetricLabel.make(key, value))
+const tags = (labels: Record<string, string>) => Object.entries(labels).map(([key, value]) => MetricLabel.make(key, value))
 
 export const layer: Layer.Layer<HttpMetrics> = Layer.effect(HttpMetrics, make)

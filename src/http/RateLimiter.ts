@@ -105,32 +105,34 @@ const seconds = (ms: number) => Math.max(0, Math.ceil(ms / 1000))
  * the window, every request of it that needs a key gets 429 with Retry-After before its key is even
  * checked — checking it would tell a guesser when a guess is right. Off when the limit is 0.
  */
-export const limitFailedAuth = (options: { readonly trustProxy: boolean }) =>
-<E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | RateLimited, R | RateLimiter> =>
-  Effect.gen(function*() {
-    const limiter = yield* RateLimiter
-    const request = yield* HttpServerRequest.HttpServerRequest
-    if (limiter.options.limit === 0 || isPublic(request) || request.method === "OPTIONS") return yield* app
-    const client = "auth-failures:" + clientAddress(request, options.trustProxy)
-    const refuse = (decision: Decision) => {
-      const retryAfterSeconds = Math.max(1, seconds(decision.resetMs))
-      return new RateLimited({
-        message: `too many failed authentication attempts (${decision.limit} per ${limiter.options.windowMs / 1000} s); ` +
-          `retry in ${retryAfterSeconds} s`,
-        code: "rate_limit_exceeded",
-        retryAfterSeconds
-      })
-    }
-    const before = yield* limiter.peek(client)
-    if (!before.allowed) return yield* refuse(before)
-    return yield* app.pipe(
-      Effect.tapError((error) =>
-        isAuthFailure(error)
-          ? Effect.flatMap(limiter.consume(client), (decision) => decision.allowed ? Effect.void : Effect.fail(refuse(decision)))
-          : Effect.void
+export const limitFailedAuth =
+  (options: { readonly trustProxy: boolean }) =>
+  <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | RateLimited, R | RateLimiter> =>
+    Effect.gen(function* () {
+      const limiter = yield* RateLimiter
+      const request = yield* HttpServerRequest.HttpServerRequest
+      if (limiter.options.limit === 0 || isPublic(request) || request.method === "OPTIONS") return yield* app
+      const client = "auth-failures:" + clientAddress(request, options.trustProxy)
+      const refuse = (decision: Decision) => {
+        const retryAfterSeconds = Math.max(1, seconds(decision.resetMs))
+        return new RateLimited({
+          message:
+            `too many failed authentication attempts (${decision.limit} per ${limiter.options.windowMs / 1000} s); ` +
+            `retry in ${retryAfterSeconds} s`,
+          code: "rate_limit_exceeded",
+          retryAfterSeconds
+        })
+      }
+      const before = yield* limiter.peek(client)
+      if (!before.allowed) return yield* refuse(before)
+      return yield* app.pipe(
+        Effect.tapError((error) =>
+          isAuthFailure(error)
+            ? Effect.flatMap(limiter.consume(client), (decision) => (decision.allowed ? Effect.void : Effect.fail(refuse(decision))))
+            : Effect.void
+        )
       )
-    )
-  })
+    })
 
 const isAuthFailure = (error: unknown): boolean =>
   error instanceof Unauthorized && (error.code === "missing_api_key" || error.code === "invalid_api_key")
@@ -141,32 +143,32 @@ const isAuthFailure = (error: unknown): boolean =>
  * else the address. Responses carry X-RateLimit-Limit, -Remaining and -Reset (seconds until a request
  * frees up); a refused request fails with RateLimited, whose Retry-After is the same wait, at least 1 s.
  */
-export const rateLimit = (options: { readonly keyedByApiKey: boolean; readonly trustProxy: boolean }) =>
-<E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | RateLimited, R | RateLimiter> =>
-  Effect.gen(function*() {
-    const limiter = yield* RateLimiter
-    const request = yield* HttpServerRequest.HttpServerRequest
-    if (limiter.options.limit === 0 || isPublic(request) || request.method === "OPTIONS") return yield* app
-    const token = options.keyedByApiKey ? bearerToken(request) : undefined
-    const client = token !== undefined
-      ? "key:" + createHash("sha256").update(token).digest("hex")
-      : "addr:" + clientAddress(request, options.trustProxy)
-    const decision = yield* limiter.consume(client)
-    const headers = {
-      "x-ratelimit-limit": String(decision.limit),
-      "x-ratelimit-remaining": String(decision.remaining),
-      "x-ratelimit-reset": String(seconds(decision.resetMs))
-    }
-    yield* HttpApp.appendPreResponseHandler((_request, response) =>
-      Effect.succeed(HttpServerResponse.setHeaders(response, headers))
-    )
-    if (!decision.allowed) {
-      const retryAfterSeconds = Math.max(1, seconds(decision.resetMs))
-      return yield* new RateLimited({
-        message: `rate limit of ${decision.limit} requests per ${limiter.options.windowMs / 1000} s reached; retry in ${retryAfterSeconds} s`,
-        code: "rate_limit_exceeded",
-        retryAfterSeconds
-      })
-    }
-    return yield* app
-  })
+export const rateLimit =
+  (options: { readonly keyedByApiKey: boolean; readonly trustProxy: boolean }) =>
+  <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | RateLimited, R | RateLimiter> =>
+    Effect.gen(function* () {
+      const limiter = yield* RateLimiter
+      const request = yield* HttpServerRequest.HttpServerRequest
+      if (limiter.options.limit === 0 || isPublic(request) || request.method === "OPTIONS") return yield* app
+      const token = options.keyedByApiKey ? bearerToken(request) : undefined
+      const client =
+        token !== undefined
+          ? "key:" + createHash("sha256").update(token).digest("hex")
+          : "addr:" + clientAddress(request, options.trustProxy)
+      const decision = yield* limiter.consume(client)
+      const headers = {
+        "x-ratelimit-limit": String(decision.limit),
+        "x-ratelimit-remaining": String(decision.remaining),
+        "x-ratelimit-reset": String(seconds(decision.resetMs))
+      }
+      yield* HttpApp.appendPreResponseHandler((_request, response) => Effect.succeed(HttpServerResponse.setHeaders(response, headers)))
+      if (!decision.allowed) {
+        const retryAfterSeconds = Math.max(1, seconds(decision.resetMs))
+        return yield* new RateLimited({
+          message: `rate limit of ${decision.limit} requests per ${limiter.options.windowMs / 1000} s reached; retry in ${retryAfterSeconds} s`,
+          code: "rate_limit_exceeded",
+          retryAfterSeconds
+        })
+      }
+      return yield* app
+    })

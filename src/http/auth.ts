@@ -44,22 +44,22 @@ export const auth = (keys: ReadonlyArray<string>) => {
   return <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Unauthorized, R> =>
     keys.length === 0
       ? app
-      : Effect.gen(function*() {
-        const request = yield* HttpServerRequest.HttpServerRequest
-        if (isPublic(request) || request.method === "OPTIONS") return yield* app
-        const token = bearerToken(request)
-        if (token === undefined) {
-          return yield* new Unauthorized({
-            message: "an API key is required: send it as Authorization: Bearer <key>",
-            code: "missing_api_key"
-          })
-        }
-        if (!isKey(token)) {
-          return yield* new Unauthorized({
-            message: "Incorrect API key provided: send one of this server's keys as Authorization: Bearer <key>",
-            code: "invalid_api_key"
-          })
-        }
-        return yield* app
-      })
+      : Effect.gen(function* () {
+          const request = yield* HttpServerRequest.HttpServerRequest
+          if (isPublic(request) || request.method === "OPTIONS") return yield* app
+          const token = bearerToken(request)
+          if (token === undefined) {
+            return yield* new Unauthorized({
+              message: "an API key is required: send it as Authorization: Bearer <key>",
+              code: "missing_api_key"
+            })
+          }
+          if (!isKey(token)) {
+            return yield* new Unauthorized({
+              message: "Incorrect API key provided: send one of this server's keys as Authorization: Bearer <key>",
+              code: "invalid_api_key"
+            })
+          }
+          return yield* app
+        })
 }

@@ -19,8 +19,7 @@ import type { RequestId } from "../api/RequestId.js"
 import { pathOf } from "./middleware.js"
 import type { RouteTable } from "./routeTable.js"
 
-const isTagged = (u: unknown, tag: string): boolean =>
-  typeof u === "object" && u !== null && "_tag" in u && u._tag === tag
+const isTagged = (u: unknown, tag: string): boolean => typeof u === "object" && u !== null && "_tag" in u && u._tag === tag
 
 /** The API error a failure that is not one stands for: from the router, the body reader, or a bug. */
 const asApiError = (failure: unknown, request: HttpServerRequest.HttpServerRequest, routes: RouteTable) => {
@@ -42,17 +41,17 @@ const asApiError = (failure: unknown, request: HttpServerRequest.HttpServerReque
 }
 
 /** Turns every failure of `app` into an error response (see the module comment). */
-export const renderErrors = (routes: RouteTable) =>
-<E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<never, R | RequestId> =>
-  Effect.catchAllCause(app, (cause) =>
-    Effect.gen(function*() {
-      if (Cause.isInterruptedOnly(cause)) return yield* Effect.failCause(cause as Cause.Cause<never>)
-      const request = yield* HttpServerRequest.HttpServerRequest
-      const failure = Option.getOrUndefined(Cause.failureOption(cause))
-      const error = isApiError(failure) ? failure : asApiError(failure, request, routes)
-      if (error !== undefined) return yield* HttpServerRespondable.toResponse(error)
-      yield* Effect.logError("unhandled failure", cause)
-      return yield* HttpServerRespondable.toResponse(
-        new InternalError({ message: "internal server error", code: "internal_error" })
-      )
-    }))
+export const renderErrors =
+  (routes: RouteTable) =>
+  <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<never, R | RequestId> =>
+    Effect.catchAllCause(app, (cause) =>
+      Effect.gen(function* () {
+        if (Cause.isInterruptedOnly(cause)) return yield* Effect.failCause(cause as Cause.Cause<never>)
+        const request = yield* HttpServerRequest.HttpServerRequest
+        const failure = Option.getOrUndefined(Cause.failureOption(cause))
+        const error = isApiError(failure) ? failure : asApiError(failure, request, routes)
+        if (error !== undefined) return yield* HttpServerRespondable.toResponse(error)
+        yield* Effect.logError("unhandled failure", cause)
+        return yield* HttpServerRespondable.toResponse(new InternalError({ message: "internal server error", code: "internal_error" }))
+      })
+    )

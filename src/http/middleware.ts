@@ -87,9 +87,7 @@ const watchClientGone = (request: HttpServerRequest.HttpServerRequest): Effect.E
 
 /** The status an exchange ended with: 499 when the client went away, 500 for a failure nothing answered. */
 const exchangeStatus = (exit: Exit.Exit<HttpServerResponse.HttpServerResponse, unknown>, clientGone: boolean) =>
-  clientGone || (Exit.isFailure(exit) && Cause.isInterruptedOnly(exit.cause))
-    ? 499
-    : Exit.isSuccess(exit) ? exit.value.status : 500
+  clientGone || (Exit.isFailure(exit) && Cause.isInterruptedOnly(exit.cause)) ? 499 : Exit.isSuccess(exit) ? exit.value.status : 500
 
 /** What the access log and the request counters learn about each answered request. */
 export interface RequestRecord {
@@ -108,39 +106,37 @@ export interface RequestRecord {
  * Never logs headers, so neither the Authorization header nor keys appear. `onRecord` also receives each
  * record (the request counters of HttpMetrics.ts), so the exchange is timed and watched in one place.
  */
-export const accessLog = (options: {
-  readonly trustProxy: boolean
-  readonly onRecord?: (record: RequestRecord) => Effect.Effect<void>
-}) =>
-<E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E, R> =>
-  Effect.gen(function*() {
-    const request = yield* HttpServerRequest.HttpServerRequest
-    const started = yield* Clock.currentTimeNanos
-    const clientGone = yield* watchClientGone(request)
-    return yield* app.pipe(
-      Effect.onExit((exit) =>
-        Effect.gen(function*() {
-          const record: RequestRecord = {
-            method: request.method,
-            path: pathOf(request.url),
-            status: exchangeStatus(exit, clientGone()),
-            durationMs: Number((yield* Clock.currentTimeNanos) - started) / 1e6,
-            client: clientAddress(request, options.trustProxy)
-          }
-          yield* Effect.logInfo("request").pipe(
-            Effect.annotateLogs({
-              method: record.method,
-              path: record.path,
-              status: record.status,
-              duration_ms: Math.round(record.durationMs * 1000) / 1000,
-              client: record.client
-            })
-          )
-          if (options.onRecord !== undefined) yield* options.onRecord(record)
-        })
+export const accessLog =
+  (options: { readonly trustProxy: boolean; readonly onRecord?: (record: RequestRecord) => Effect.Effect<void> }) =>
+  <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E, R> =>
+    Effect.gen(function* () {
+      const request = yield* HttpServerRequest.HttpServerRequest
+      const started = yield* Clock.currentTimeNanos
+      const clientGone = yield* watchClientGone(request)
+      return yield* app.pipe(
+        Effect.onExit((exit) =>
+          Effect.gen(function* () {
+            const record: RequestRecord = {
+              method: request.method,
+              path: pathOf(request.url),
+              status: exchangeStatus(exit, clientGone()),
+              durationMs: Number((yield* Clock.currentTimeNanos) - started) / 1e6,
+              client: clientAddress(request, options.trustProxy)
+            }
+            yield* Effect.logInfo("request").pipe(
+              Effect.annotateLogs({
+                method: record.method,
+                path: record.path,
+                status: record.status,
+                duration_ms: Math.round(record.durationMs * 1000) / 1000,
+                client: record.client
+              })
+            )
+            if (options.onRecord !== undefined) yield* options.onRecord(record)
+          })
+        )
       )
-    )
-  })
+    })
 
 // --- security headers ---------------------------------------------------------------------------------
 
@@ -183,11 +179,11 @@ export const cors = (allowedOrigins: ReadonlyArray<string>) => {
   // With a list, the answer depends on Origin, so caches must key on it.
   const vary: Record<string, string> = allowedOrigins.length > 0 && !anyOrigin ? { vary: "Origin" } : {}
   return <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | Forbidden, R> =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const request = yield* HttpServerRequest.HttpServerRequest
       const origin = request.headers["origin"]
-      const preflight = request.method === "OPTIONS" && origin !== undefined &&
-        request.headers["access-control-request-method"] !== undefined
+      const preflight =
+        request.method === "OPTIONS" && origin !== undefined && request.headers["access-control-request-method"] !== undefined
       if (origin === undefined || !allowed(origin)) {
         if (preflight) {
           return yield* new Forbidden({
@@ -219,8 +215,7 @@ export const cors = (allowedOrigins: ReadonlyArray<string>) => {
 
 // --- body size limit ----------------------------------------------------------------------------------
 
-const tooLarge = (limit: number) =>
-  new PayloadTooLarge({ message: `request body is larger than ${limit} bytes`, code: "body_too_large" })
+const tooLarge = (limit: number) => new PayloadTooLarge({ message: `request body is larger than ${limit} bytes`, code: "body_too_large" })
 
 /**
  * How much of an oversized body is read and thrown away before the 413 goes out. A server that answers
@@ -277,7 +272,10 @@ const readBody = (source: IncomingMessage, limit: number) =>
 class BufferedRequest extends Inspectable.Class implements HttpServerRequest.HttpServerRequest {
   readonly [HttpServerRequest.TypeId]: HttpServerRequest.TypeId = HttpServerRequest.TypeId
   readonly [HttpIncomingMessage.TypeId]: HttpIncomingMessage.TypeId = HttpIncomingMessage.TypeId
-  constructor(readonly original: HttpServerRequest.HttpServerRequest, readonly body: Buffer) {
+  constructor(
+    readonly original: HttpServerRequest.HttpServerRequest,
+    readonly body: Buffer
+  ) {
     super()
   }
   get source() {
@@ -322,9 +320,10 @@ class BufferedRequest extends Inspectable.Class implements HttpServerRequest.Htt
   get json(): Effect.Effect<unknown, RequestError> {
     return Effect.flatMap(this.text, (text) =>
       Effect.try({
-        try: (): unknown => text === "" ? null : JSON.parse(text),
+        try: (): unknown => (text === "" ? null : JSON.parse(text)),
         catch: (cause) => new RequestError({ request: this, reason: "Decode", cause })
-      }))
+      })
+    )
   }
   get urlParamsBody() {
     return Effect.map(this.text, (text) => UrlParams.fromInput(new URLSearchParams(text)))
@@ -346,19 +345,18 @@ class BufferedRequest extends Inspectable.Class implements HttpServerRequest.Htt
  * A body is read here, in full, before auth and the handler run, and handed on as a buffered copy, so
  * handlers never see a partial or oversized body.
  */
-export const bodyLimit = (limit: number) =>
-<E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | PayloadTooLarge | BadRequest, R> =>
-  Effect.gen(function*() {
-    const request = yield* HttpServerRequest.HttpServerRequest
-    const declared = request.headers["content-length"]
-    const hasBody = (declared !== undefined && declared !== "0") || request.headers["transfer-encoding"] !== undefined
-    if (!hasBody || request.method === "GET" || request.method === "HEAD") return yield* app
-    const closeAfter = setHeaders({ connection: "close" })
-    if (declared !== undefined && Number(declared) > drainBound(limit)) {
-      return yield* Effect.zipRight(closeAfter, tooLarge(limit))
-    }
-    const body = yield* readBody(NodeHttpServerRequest.toIncomingMessage(request), limit).pipe(
-      Effect.tapError(() => closeAfter)
-    )
-    return yield* Effect.provideService(app, HttpServerRequest.HttpServerRequest, new BufferedRequest(request, body))
-  })
+export const bodyLimit =
+  (limit: number) =>
+  <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | PayloadTooLarge | BadRequest, R> =>
+    Effect.gen(function* () {
+      const request = yield* HttpServerRequest.HttpServerRequest
+      const declared = request.headers["content-length"]
+      const hasBody = (declared !== undefined && declared !== "0") || request.headers["transfer-encoding"] !== undefined
+      if (!hasBody || request.method === "GET" || request.method === "HEAD") return yield* app
+      const closeAfter = setHeaders({ connection: "close" })
+      if (declared !== undefined && Number(declared) > drainBound(limit)) {
+        return yield* Effect.zipRight(closeAfter, tooLarge(limit))
+      }
+      const body = yield* readBody(NodeHttpServerRequest.toIncomingMessage(request), limit).pipe(Effect.tapError(() => closeAfter))
+      return yield* Effect.provideService(app, HttpServerRequest.HttpServerRequest, new BufferedRequest(request, body))
+    })

@@ -62,5 +62,5 @@ export const make = (entries: Iterable<RouteEntry>): RouteTable => {
   }
 }
 
-export const fromRouters = (...routers: ReadonlyArray<HttpRouter.HttpRouter<any, any>>): RouteTable =>
+export const fromRouters = (...routers: ReadonlyArray<HttpRouter.HttpRouter<unknown, unknown>>): RouteTable =>
   make(routers.flatMap((router) => Chunk.toReadonlyArray(router.routes).map((r) => ({ method: r.method, path: r.path }))))

@@ -154,7 +154,9 @@ export const writeModelDir = async (
       metadata,
       ...(options.chunkElements !== undefined ? { chunkElements: options.chunkElements } : {})
     })
-    options.onProgress?.(`wrote ${name}: ${shard.length} tensors, ${(size / 1e6).toFixed(1)} MB in ${((Date.now() - started) / 1000).toFixed(1)} s`)
+    options.onProgress?.(
+      `wrote ${name}: ${shard.length} tensors, ${(size / 1e6).toFixed(1)} MB in ${((Date.now() - started) / 1000).toFixed(1)} s`
+    )
     files.push(name)
     for (const t of shard) weightMap[t.name] = name
   }
@@ -272,8 +274,7 @@ const rawTensor = (path: string, name: string, shape: ReadonlyArray<number>, dty
   }
 })
 
-const sameShape = (a: ReadonlyArray<number>, b: ReadonlyArray<number>): boolean =>
-  a.length === b.length && a.every((d, i) => d === b[i])
+const sameShape = (a: ReadonlyArray<number>, b: ReadonlyArray<number>): boolean => a.length === b.length && a.every((d, i) => d === b[i])
 
 export interface ImportRawOptions {
   readonly from: string
@@ -329,4 +330,3 @@ export const importRaw = async (options: ImportRawOptions): Promise<WrittenModel
   }
   return written
 }
-

@@ -225,7 +225,12 @@ export const quantizeFile = async (
         const scales = new Uint16Array(n * (cols / QBLOCK))
         for (let r = 0; r < n; r++) {
           decodeInto(raw.subarray(r * inRow, (r + 1) * inRow), dtype, rowValues)
-          quantizeRow(rowValues, format, blocks.subarray(r * outRow, (r + 1) * outRow), scales.subarray(r * (cols / QBLOCK), (r + 1) * (cols / QBLOCK)))
+          quantizeRow(
+            rowValues,
+            format,
+            blocks.subarray(r * outRow, (r + 1) * outRow),
+            scales.subarray(r * (cols / QBLOCK), (r + 1) * (cols / QBLOCK))
+          )
         }
         await write(blocks)
         scaleChunks.push(new Uint8Array(scales.buffer))
@@ -237,7 +242,7 @@ export const quantizeFile = async (
     await src.close()
     await dst.close()
   }
-  return { quantized, copied, bytesIn: (await readFileSize(input)), bytesOut: position }
+  return { quantized, copied, bytesIn: await readFileSize(input), bytesOut: position }
 }
 
 const readFileSize = async (path: string): Promise<number> => {

@@ -57,8 +57,7 @@ const DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
 export const elementCount = (shape: ReadonlyArray<number>): number => shape.reduce((n, d) => n * d, 1)
 
-export const tensorBytes = (t: Pick<TensorSource, "dtype" | "shape">): number =>
-  elementCount(t.shape) * dtypeBytes[t.dtype]
+export const tensorBytes = (t: Pick<TensorSource, "dtype" | "shape">): number => elementCount(t.shape) * dtypeBytes[t.dtype]
 
 // --- element conversion ----------------------------------------------------------------------------
 
@@ -177,11 +176,7 @@ export const encodeHeader = (
  * Writes `tensors` to `path` in the given order, producing each one chunk by chunk.
  * Returns the file's total size in bytes.
  */
-export const writeSafetensors = async (
-  path: string,
-  tensors: ReadonlyArray<TensorSource>,
-  options: WriteOptions = {}
-): Promise<number> => {
+export const writeSafetensors = async (path: string, tensors: ReadonlyArray<TensorSource>, options: WriteOptions = {}): Promise<number> => {
   const chunkElements = Math.max(1, Math.floor(options.chunkElements ?? DEFAULT_CHUNK_ELEMENTS))
   const header = encodeHeader(tensors, options.metadata)
   const values = new Float32Array(chunkElements)
@@ -248,12 +243,7 @@ export const readSafetensorsHeader = async (path: string): Promise<SafetensorsHe
         continue
       }
       const v = value as { dtype?: unknown; shape?: unknown; data_offsets?: unknown }
-      if (
-        typeof v.dtype !== "string" ||
-        !Array.isArray(v.shape) ||
-        !Array.isArray(v.data_offsets) ||
-        v.data_offsets.length !== 2
-      ) {
+      if (typeof v.dtype !== "string" || !Array.isArray(v.shape) || !Array.isArray(v.data_offsets) || v.data_offsets.length !== 2) {
         throw new Error(`${path}: tensor "${name}" lacks dtype, shape or data_offsets`)
       }
       entries.push([name, { dtype: v.dtype, shape: v.shape as number[], dataOffsets: [v.data_offsets[0], v.data_offsets[1]] }])
@@ -295,11 +285,9 @@ export interface ShardIndex {
   readonly weight_map: Readonly<Record<string, string>>
 }
 
-export const readShardIndex = async (path: string): Promise<ShardIndex> =>
-  JSON.parse(await readFile(path, "utf8")) as ShardIndex
+export const readShardIndex = async (path: string): Promise<ShardIndex> => JSON.parse(await readFile(path, "utf8")) as ShardIndex
 
-export const writeShardIndex = (path: string, index: ShardIndex): Promise<void> =>
-  writeFile(path, JSON.stringify(index, null, 2) + "\n")
+export const writeShardIndex = (path: string, index: ShardIndex): Promise<void> => writeFile(path, JSON.stringify(index, null, 2) + "\n")
 
 /** Writes an HF-style config.json (pretty-printed, keys in the given order). */
 export const writeConfigJson = (path: string, config: Readonly<Record<string, unknown>>): Promise<void> =>

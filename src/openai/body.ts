@@ -35,8 +35,7 @@ const fromRequestError = (error: RequestError) => {
     : new BadRequest({ message: "the request body could not be read" })
 }
 
-const isObject = (value: unknown): value is Record<string, unknown> =>
-  typeof value === "object" && value !== null && !Array.isArray(value)
+const isObject = (value: unknown): value is Record<string, unknown> => typeof value === "object" && value !== null && !Array.isArray(value)
 
 /**
  * How deep a body may nest: far more than any request needs (messages[i].content[j].text is 5 deep).
@@ -58,7 +57,7 @@ const nestsDeeperThan = (value: unknown, limit: number): boolean => {
 }
 
 export const decodeJsonBody = <A, I>(schema: Schema.Schema<A, I>) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const request = yield* HttpServerRequest.HttpServerRequest
     const body = yield* Effect.mapError(request.json, fromRequestError)
     if (!isObject(body)) return yield* new BadRequest({ message: "the request body must be a JSON object" })

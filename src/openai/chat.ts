@@ -19,11 +19,14 @@ import { ServingConfig } from "./ServingConfig.js"
  * Renders and tokenizes a conversation, as chat completions and /tokenize do. Messages the template
  * cannot take are the client's fault (400); a template that fails to render is the model's (500).
  */
-export const renderMessages = (messages: ReadonlyArray<ChatMessage>, options: {
-  readonly addGenerationPrompt: boolean
-  readonly addSpecialTokens?: boolean
-}) =>
-  Effect.gen(function*() {
+export const renderMessages = (
+  messages: ReadonlyArray<ChatMessage>,
+  options: {
+    readonly addGenerationPrompt: boolean
+    readonly addSpecialTokens?: boolean
+  }
+) =>
+  Effect.gen(function* () {
     const formatter = yield* ChatFormatter
     const tokenizer = yield* Tokenizer
     const rendered = yield* formatter.render(messages, { addGenerationPrompt: options.addGenerationPrompt }).pipe(
@@ -34,22 +37,21 @@ export const renderMessages = (messages: ReadonlyArray<ChatMessage>, options: {
     )
     return tokenizer.encode(rendered.text, { addSpecialTokens: options.addSpecialTokens ?? rendered.addSpecialTokens })
   }).pipe(
-    Effect.tap((tokens) =>
-      Effect.annotateCurrentSpan({ "vdiff.messages": messages.length, "vdiff.prompt_tokens": tokens.length })
-    ),
+    Effect.tap((tokens) => Effect.annotateCurrentSpan({ "vdiff.messages": messages.length, "vdiff.prompt_tokens": tokens.length })),
     Effect.withSpan("vdiff.render_prompt")
   )
 
 export const chatCompletions = (request: ChatCompletionRequest) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const tokenizer = yield* Tokenizer
     const config = yield* ServingConfig
     const requestId = yield* RequestId
-    const maxTokens = request.max_completion_tokens !== undefined
-      ? { value: request.max_completion_tokens, param: "max_completion_tokens" }
-      : request.max_tokens !== undefined
-      ? { value: request.max_tokens, param: "max_tokens" }
-      : undefined
+    const maxTokens =
+      request.max_completion_tokens !== undefined
+        ? { value: request.max_completion_tokens, param: "max_completion_tokens" }
+        : request.max_tokens !== undefined
+          ? { value: request.max_tokens, param: "max_tokens" }
+          : undefined
     // An unknown model is a 404 before anything about the request's content is.
     yield* checkModel(request.model)
     const structured = yield* planStructured({
@@ -57,16 +59,12 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
       schema: request.response_format?.json_schema?.schema,
       param: "response_format",
       maxTokens,
-      conflicting: [
-        ...(request.stop === undefined ? [] : ["stop"]),
-        ...(request.stop_token_ids === undefined ? [] : ["stop_token_ids"])
-      ]
+      conflicting: [...(request.stop === undefined ? [] : ["stop"]), ...(request.stop_token_ids === undefined ? [] : ["stop_token_ids"])]
     })
     // Structured output: the answer is the template, as long as it is.
-    const answerLength = structured === undefined
-      ? maxTokens
-      : { value: structured.template.length, param: maxTokens?.param ?? "max_tokens" }
-    const plan = yield* makePlan(request, answerLength, request.logprobs === true ? request.top_logprobs ?? 0 : 0)
+    const answerLength =
+      structured === undefined ? maxTokens : { value: structured.template.length, param: maxTokens?.param ?? "max_tokens" }
+    const plan = yield* makePlan(request, answerLength, request.logprobs === true ? (request.top_logprobs ?? 0) : 0)
     if (request.top_logprobs !== undefined && request.logprobs !== true) {
       return yield* new BadRequest({ message: "top_logprobs requires logprobs to be true", param: "top_logprobs" })
     }
@@ -81,11 +79,10 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
     }
     // A structured answer's text is its JSON, complete once every slot is denoised: a stream carries it
     // whole in the choice's last chunk.
-    const contentOf = (decoder: ChoiceDecoder): string =>
-      structured === undefined ? decoder.text : structured.render(decoder.canvas)
+    const contentOf = (decoder: ChoiceDecoder): string => (structured === undefined ? decoder.text : structured.render(decoder.canvas))
     const jobs = yield* preparePromptJobs([prompt], plan)
     const texts = new TokenTexts(tokenizer)
-    const top = request.logprobs === true ? request.top_logprobs ?? 0 : undefined
+    const top = request.logprobs === true ? (request.top_logprobs ?? 0) : undefined
     return yield* respond(plan, jobs, {
       id: `chatcmpl-${requestId}`,
       object: "chat.completion",
@@ -99,9 +96,14 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
         logprobs: top === undefined ? null : chatLogprobs(decoder, 0, decoder.tokenIds.length, top, texts)
       }),
       delta: (_, { decoder, delta }) => ({
-        delta: structured === undefined
-          ? delta.text === "" ? {} : { content: delta.text }
-          : delta.finishReason === null ? {} : { content: contentOf(decoder) },
+        delta:
+          structured === undefined
+            ? delta.text === ""
+              ? {}
+              : { content: delta.text }
+            : delta.finishReason === null
+              ? {}
+              : { content: contentOf(decoder) },
         logprobs: top === undefined ? null : chatLogprobs(decoder, delta.firstToken, delta.endToken, top, texts)
       }),
       // OpenAI opens every choice with a chunk carrying the role.

@@ -25,7 +25,7 @@ interface CompletionPrompt extends PreparedPrompt {
  * lists is one prompt per entry. Text is encoded with the tokenizer's special tokens (BOS), as vLLM does.
  */
 const preparePrompts = (prompt: CompletionRequest["prompt"], tokenizer: TokenizerShape) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const fromText = (text: string, param: string): CompletionPrompt => ({ text, tokens: tokenizer.encode(text), param })
     const fromTokens = (tokens: ReadonlyArray<number>, param: string) =>
       Effect.as(checkTokenIds(tokens, param, tokenizer), {
@@ -58,7 +58,7 @@ const preparePrompts = (prompt: CompletionRequest["prompt"], tokenizer: Tokenize
   )
 
 export const completions = (request: CompletionRequest) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const tokenizer = yield* Tokenizer
     const config = yield* ServingConfig
     const scheduler = yield* Scheduler
@@ -83,9 +83,8 @@ export const completions = (request: CompletionRequest) =>
       })
     }
 
-    const suffix = request.suffix === undefined || request.suffix === ""
-      ? []
-      : tokenizer.encode(request.suffix, { addSpecialTokens: false })
+    const suffix =
+      request.suffix === undefined || request.suffix === "" ? [] : tokenizer.encode(request.suffix, { addSpecialTokens: false })
     const prompts = (yield* preparePrompts(request.prompt, tokenizer)).map((prompt) =>
       suffix.length === 0 ? prompt : { ...prompt, suffix }
     )
@@ -96,7 +95,8 @@ export const completions = (request: CompletionRequest) =>
     const { capacity } = yield* scheduler.stats
     if (prompts.length > 1 && prompts.length > capacity) {
       return yield* new BadRequest({
-        message: `prompt has ${prompts.length} prompts, but this server queues at most ${capacity} requests at once; ` +
+        message:
+          `prompt has ${prompts.length} prompts, but this server queues at most ${capacity} requests at once; ` +
           `send at most ${capacity} prompts per request`,
         param: "prompt",
         code: "too_many_prompts"
@@ -122,9 +122,7 @@ export const completions = (request: CompletionRequest) =>
       },
       delta: (job, { decoder, delta }) => ({
         text: delta.text,
-        logprobs: top === undefined
-          ? null
-          : completionLogprobs(decoder, delta.firstToken, delta.endToken, top, echoOf(job).length, texts)
+        logprobs: top === undefined ? null : completionLogprobs(decoder, delta.firstToken, delta.endToken, top, echoOf(job).length, texts)
       }),
       // With echo, every choice's stream opens with its prompt's text.
       opening: request.echo === true ? (job) => ({ text: echoOf(job), logprobs: null }) : undefined

@@ -5,16 +5,23 @@ import type { Model, ModelList } from "./protocol.js"
 import { checkModel } from "./plan.js"
 import { ServingConfig } from "./ServingConfig.js"
 
-const servedModel = Effect.map(ServingConfig, (config): Model => ({
-  id: config.modelName,
-  object: "model",
-  created: config.created,
-  owned_by: "vdiff",
-  max_model_len: config.maxModelLen
-}))
+const servedModel = Effect.map(
+  ServingConfig,
+  (config): Model => ({
+    id: config.modelName,
+    object: "model",
+    created: config.created,
+    owned_by: "vdiff",
+    max_model_len: config.maxModelLen
+  })
+)
 
 export const listModels = Effect.map(servedModel, (model) =>
-  HttpServerResponse.unsafeJson({ object: "list", data: [model] } satisfies ModelList))
+  HttpServerResponse.unsafeJson({ object: "list", data: [model] } satisfies ModelList)
+)
 
 export const retrieveModel = (name: string) =>
-  Effect.zipRight(checkModel(name), Effect.map(servedModel, (model) => HttpServerResponse.unsafeJson(model)))
+  Effect.zipRight(
+    checkModel(name),
+    Effect.map(servedModel, (model) => HttpServerResponse.unsafeJson(model))
+  )

@@ -29,10 +29,10 @@ export const checkModel = (model: string | undefined) =>
             param: "model",
             code: "model_not_found"
           })
-        ))
+        )
+  )
 
-const notSupported = (param: string, message: string) =>
-  Effect.fail(new BadRequest({ message, param, code: "unsupported_parameter" }))
+const notSupported = (param: string, message: string) => Effect.fail(new BadRequest({ message, param, code: "unsupported_parameter" }))
 
 /** The answer length a request asked for, and under which name (max_tokens or max_completion_tokens). */
 export interface MaxTokens {
@@ -56,11 +56,7 @@ export interface AnswerPlan {
    * The engine's settings for a prompt (and suffix) of the given lengths; fails when they leave no room
    * for the answer in the context.
    */
-  readonly settingsFor: (
-    promptLength: number,
-    promptParam: string,
-    suffixLength?: number
-  ) => Effect.Effect<SamplingSettings, BadRequest>
+  readonly settingsFor: (promptLength: number, promptParam: string, suffixLength?: number) => Effect.Effect<SamplingSettings, BadRequest>
 }
 
 /**
@@ -74,7 +70,7 @@ export const makePlan = (
   /** Alternatives per token the engine reports (completions' logprobs, chat's top_logprobs); 0: none. */
   topLogprobs = 0
 ) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const config = yield* ServingConfig
     const tokenizer = yield* Tokenizer
     const scheduler = yield* Scheduler
@@ -113,20 +109,15 @@ export const makePlan = (
     const seed = request.seed ?? (yield* Random.nextIntBetween(0, 2 ** 31))
     const defaults = config.defaults
 
-    const settingsFor = (
-      promptLength: number,
-      promptParam: string,
-      suffixLength = 0
-    ): Effect.Effect<SamplingSettings, BadRequest> => {
+    const settingsFor = (promptLength: number, promptParam: string, suffixLength = 0): Effect.Effect<SamplingSettings, BadRequest> => {
       const context = promptLength + suffixLength
-      const has = suffixLength === 0
-        ? `${promptLength} tokens`
-        : `${promptLength} tokens and the suffix ${suffixLength}`
+      const has = suffixLength === 0 ? `${promptLength} tokens` : `${promptLength} tokens and the suffix ${suffixLength}`
       const room = config.maxModelLen - context
       if (room < 1) {
         return Effect.fail(
           new BadRequest({
-            message: `This model's maximum context length is ${config.maxModelLen} tokens, and the ${promptParam} ` +
+            message:
+              `This model's maximum context length is ${config.maxModelLen} tokens, and the ${promptParam} ` +
               `has ${has}, which leaves no room for an answer. Please shorten the ${promptParam}` +
               `${suffixLength === 0 ? "" : " or the suffix"}.`,
             param: promptParam,
@@ -137,7 +128,8 @@ export const makePlan = (
       if (maxTokens !== undefined && maxTokens.value > room) {
         return Effect.fail(
           new BadRequest({
-            message: `This model's maximum context length is ${config.maxModelLen} tokens. However, you requested ` +
+            message:
+              `This model's maximum context length is ${config.maxModelLen} tokens. However, you requested ` +
               `${context + maxTokens.value} tokens (${promptLength} in the ${promptParam}, ` +
               `${suffixLength === 0 ? "" : `${suffixLength} in the suffix, `}${maxTokens.value} ` +
               `for the answer). Please reduce the length of the ${promptParam} or ${maxTokens.param}.`,
@@ -208,11 +200,15 @@ export const checkNoMaskToken = (prompts: ReadonlyArray<PreparedPrompt>) =>
   Effect.flatMap(Tokenizer, (tokenizer) => {
     const mask = tokenizer.specialTokens.mask
     for (const prompt of prompts) {
-      for (const [param, tokens] of [[prompt.param, prompt.tokens], ["suffix", prompt.suffix ?? []]] as const) {
+      for (const [param, tokens] of [
+        [prompt.param, prompt.tokens],
+        ["suffix", prompt.suffix ?? []]
+      ] as const) {
         if (tokens.includes(mask)) {
           return Effect.fail(
             new BadRequest({
-              message: `${param} contains the mask token ${JSON.stringify(tokenizer.decode([mask]))} (id ${mask}), ` +
+              message:
+                `${param} contains the mask token ${JSON.stringify(tokenizer.decode([mask]))} (id ${mask}), ` +
                 "which marks the positions the model fills in and cannot be part of a prompt",
               param
             })

@@ -37,10 +37,7 @@ const TokenId = Schema.NonNegativeInt
 
 export { MAX_DIFFUSION_STEPS, MAX_SEED } from "../config/sampling.js"
 
-const Stop = described(
-  Schema.Union(Schema.String, Schema.Array(Schema.String)),
-  "stop must be a string or an array of strings"
-)
+const Stop = described(Schema.Union(Schema.String, Schema.Array(Schema.String)), "stop must be a string or an array of strings")
 
 export const StreamOptions = Schema.Struct({
   include_usage: optional(boolean("stream_options.include_usage")),
@@ -62,9 +59,7 @@ const samplingFields = {
   seed: optional(int("seed", 0, MAX_SEED)),
   presence_penalty: optional(number("presence_penalty", -2, 2)),
   frequency_penalty: optional(number("frequency_penalty", -2, 2)),
-  logit_bias: optional(
-    described(Schema.Record({ key: Schema.String, value: Schema.Number }), "logit_bias must map token ids to numbers")
-  ),
+  logit_bias: optional(described(Schema.Record({ key: Schema.String, value: Schema.Number }), "logit_bias must map token ids to numbers")),
   stream: optional(boolean("stream")),
   stream_options: optional(StreamOptions),
   /** vLLM: add prompt_token_ids and token_ids to every choice. */
@@ -107,10 +102,7 @@ const ContentPart = Schema.Struct({
 
 export const ChatMessage = Schema.Struct({
   role: described(Schema.String, "role must be a string"),
-  content: described(
-    Schema.Union(Schema.String, Schema.Array(ContentPart)),
-    "content must be a string or an array of content parts"
-  ),
+  content: described(Schema.Union(Schema.String, Schema.Array(ContentPart)), "content must be a string or an array of content parts"),
   name: optional(Schema.String)
 })
 
@@ -153,10 +145,9 @@ const ResponseContentPart = Schema.Struct({
 export const ResponseInputItem = Schema.Struct({
   type: optional(described(Schema.String, "an input item's type must be a string")),
   role: optional(described(Schema.String, "role must be a string")),
-  content: optional(described(
-    Schema.Union(Schema.String, Schema.Array(ResponseContentPart)),
-    "content must be a string or an array of content parts"
-  ))
+  content: optional(
+    described(Schema.Union(Schema.String, Schema.Array(ResponseContentPart)), "content must be a string or an array of content parts")
+  )
 })
 
 /** `text.format` of the Responses API: "text", or "json_schema" (name, schema, strict) as structured output. */
@@ -176,10 +167,7 @@ const { max_tokens: _maxTokens, ...responseSamplingFields } = Sampling.requestFi
 export const ResponseRequest = Schema.Struct({
   ...responseSamplingFields,
   model: optional(described(Schema.String, "model must be a string")),
-  input: described(
-    Schema.Union(Schema.String, Schema.Array(ResponseInputItem)),
-    "input must be a string or an array of input items"
-  ),
+  input: described(Schema.Union(Schema.String, Schema.Array(ResponseInputItem)), "input must be a string or an array of input items"),
   instructions: optional(described(Schema.String, "instructions must be a string")),
   max_output_tokens: optional(int("max_output_tokens", 1)),
   stream: optional(boolean("stream")),

@@ -10,12 +10,7 @@ import { Clock, Effect, Option } from "effect"
 import type { TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { type ChoiceDecoder, NOT_COMMITTED } from "./ChoiceDecoder.js"
 import type { AnswerPlan } from "./plan.js"
-import {
-  type ChatTokenLogprob,
-  type CompletionLogprobs,
-  MASK_PLACEHOLDER,
-  type Snapshot
-} from "./protocol.js"
+import { type ChatTokenLogprob, type CompletionLogprobs, MASK_PLACEHOLDER, type Snapshot } from "./protocol.js"
 import { type ChoiceUpdate, diffusionOfJobs, mergedChunks, type PromptJob, runToEnd, usageOfJobs, worthAChunk } from "./run.js"
 import { respondSse } from "./streaming.js"
 
@@ -169,7 +164,7 @@ export interface ChoiceRenderer {
  * body, or streamed as server-sent events.
  */
 export const respond = (plan: AnswerPlan, jobs: ReadonlyArray<PromptJob>, renderer: ChoiceRenderer) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const created = yield* nowSeconds
     const head = (object: string) => ({ id: renderer.id, object, created, model: renderer.modelName })
     const summary = () => ({ usage: usageOfJobs(jobs), diffusion: diffusionOfJobs(jobs) })
@@ -200,25 +195,30 @@ export const respond = (plan: AnswerPlan, jobs: ReadonlyArray<PromptJob>, render
       return { prompt_token_ids: job.prompt.tokens }
     }
     const opening = renderer.opening
-    const preamble = opening === undefined ? [] : jobs.flatMap((job, p) =>
-      job.run.decoders.map((_, j) => {
-        const index = p * plan.n + j
-        return chunk({ index, ...opening(job), finish_reason: null, ...promptIds(index, job) })
-      })
-    )
+    const preamble =
+      opening === undefined
+        ? []
+        : jobs.flatMap((job, p) =>
+            job.run.decoders.map((_, j) => {
+              const index = p * plan.n + j
+              return chunk({ index, ...opening(job), finish_reason: null, ...promptIds(index, job) })
+            })
+          )
     const chunks = mergedChunks(jobs, plan.n, (job, index, update) => {
       const judged = renderer.textAtEnd === true ? { ...update, delta: { ...update.delta, text: "" } } : update
       if (!worthAChunk(judged, plan.includeSnapshots, renderer.wantsTokens || plan.returnTokenIds)) return Option.none()
       const { decoder, delta } = update
-      return Option.some(chunk({
-        index,
-        ...renderer.delta(job, update),
-        finish_reason: delta.finishReason,
-        ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, renderer.texts) } : {}),
-        ...promptIds(index, job),
-        ...(plan.returnTokenIds ? { token_ids: decoder.tokenIds.slice(delta.firstToken, delta.endToken) } : {})
-      }))
+      return Option.some(
+        chunk({
+          index,
+          ...renderer.delta(job, update),
+          finish_reason: delta.finishReason,
+          ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, renderer.texts) } : {}),
+          ...promptIds(index, job),
+          ...(plan.returnTokenIds ? { token_ids: decoder.tokenIds.slice(delta.firstToken, delta.endToken) } : {})
+        })
+      )
     })
-    const epilogue = Effect.sync(() => plan.includeUsage ? [{ ...head(renderer.chunkObject), choices: [], ...summary() }] : [])
+    const epilogue = Effect.sync(() => (plan.includeUsage ? [{ ...head(renderer.chunkObject), choices: [], ...summary() }] : []))
     return yield* respondSse({ preamble, chunks, epilogue })
   })

@@ -41,8 +41,7 @@ import { HttpServerResponse } from "@effect/platform"
 /** What `include` may ask for: each output token's logprob and its `top_logprobs` alternatives. */
 const LOGPROBS = "message.output_text.logprobs"
 
-const unsupported = (param: string, message: string) =>
-  new BadRequest({ message, param, code: "unsupported_parameter" })
+const unsupported = (param: string, message: string) => new BadRequest({ message, param, code: "unsupported_parameter" })
 
 /** The first field of the request that needs what this server does not have, as a 400. */
 const refusal = (request: ResponseRequest): BadRequest | undefined => {
@@ -63,7 +62,7 @@ const refusal = (request: ResponseRequest): BadRequest | undefined => {
     return unsupported("tools", "tools are not supported: the model cannot call tools")
   }
   if (request.tool_choice !== undefined && request.tool_choice !== "none" && request.tool_choice !== "auto") {
-    return unsupported("tool_choice", "tool_choice other than \"none\" or \"auto\" is not supported: the model cannot call tools")
+    return unsupported("tool_choice", 'tool_choice other than "none" or "auto" is not supported: the model cannot call tools')
   }
   const included = (request.include ?? []).filter((what) => what !== LOGPROBS)
   if (included.length > 0) {
@@ -83,9 +82,7 @@ const messagesOf = (request: ResponseRequest): Effect.Effect<ReadonlyArray<ChatM
   for (const [i, item] of request.input.entries()) {
     const param = `input[${i}]`
     if (item.type !== undefined && item.type !== "message") {
-      return Effect.fail(
-        unsupported(`${param}.type`, `input items of type "${item.type}" are not supported: only messages are`)
-      )
+      return Effect.fail(unsupported(`${param}.type`, `input items of type "${item.type}" are not supported: only messages are`))
     }
     if (item.role === undefined) return Effect.fail(new BadRequest({ message: `${param}.role is required`, param: `${param}.role` }))
     if (item.content === undefined) {
@@ -99,16 +96,11 @@ const messagesOf = (request: ResponseRequest): Effect.Effect<ReadonlyArray<ChatM
     for (const [j, part] of item.content.entries()) {
       if (part.type !== "input_text" && part.type !== "output_text" && part.type !== "text") {
         return Effect.fail(
-          unsupported(
-            `${param}.content[${j}]`,
-            `content parts of type "${part.type}" are not supported: this model takes text only`
-          )
+          unsupported(`${param}.content[${j}]`, `content parts of type "${part.type}" are not supported: this model takes text only`)
         )
       }
       if (typeof part.text !== "string") {
-        return Effect.fail(
-          new BadRequest({ message: "text must be a string", param: `${param}.content[${j}].text` })
-        )
+        return Effect.fail(new BadRequest({ message: "text must be a string", param: `${param}.content[${j}].text` }))
       }
       parts.push({ type: "text", text: part.text })
     }
@@ -131,16 +123,14 @@ const responsesEncoding = (): SseEncoding => {
 }
 
 export const responses = (request: ResponseRequest) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const config = yield* ServingConfig
     const requestId = yield* RequestId
     yield* checkModel(request.model)
     const refused = refusal(request)
     if (refused !== undefined) return yield* refused
 
-    const maxTokens = request.max_output_tokens === undefined
-      ? undefined
-      : { value: request.max_output_tokens, param: "max_output_tokens" }
+    const maxTokens = request.max_output_tokens === undefined ? undefined : { value: request.max_output_tokens, param: "max_output_tokens" }
     const format = request.text?.format
     const structured = yield* planStructured({
       type: format?.type,
@@ -149,11 +139,10 @@ export const responses = (request: ResponseRequest) =>
       maxTokens,
       conflicting: []
     })
-    const answerLength = structured === undefined
-      ? maxTokens
-      : { value: structured.template.length, param: maxTokens?.param ?? "max_output_tokens" }
+    const answerLength =
+      structured === undefined ? maxTokens : { value: structured.template.length, param: maxTokens?.param ?? "max_output_tokens" }
     // With include: [LOGPROBS], each output token's logprob and top_logprobs alternatives, as chat's.
-    const top = request.include?.includes(LOGPROBS) === true ? request.top_logprobs ?? 0 : undefined
+    const top = request.include?.includes(LOGPROBS) === true ? (request.top_logprobs ?? 0) : undefined
     if (request.top_logprobs !== undefined && top === undefined) {
       return yield* new BadRequest({ message: `top_logprobs requires include: ["${LOGPROBS}"]`, param: "top_logprobs" })
     }
@@ -168,7 +157,7 @@ export const responses = (request: ResponseRequest) =>
     const decoder = jobs[0]!.run.decoders[0]!
     const textOf = (d: ChoiceDecoder) => (structured === undefined ? d.text : structured.render(d.canvas))
     const texts = new TokenTexts(yield* Tokenizer)
-    const logprobsOf = (from: number, to: number) => top === undefined ? [] : chatLogprobs(decoder, from, to, top, texts).content
+    const logprobsOf = (from: number, to: number) => (top === undefined ? [] : chatLogprobs(decoder, from, to, top, texts).content)
 
     const createdAt = yield* nowSeconds
     const id = `resp_${requestId}`
@@ -206,13 +195,16 @@ export const responses = (request: ResponseRequest) =>
         tools: [],
         truncation: "disabled",
         metadata: request.metadata ?? {},
-        usage: usage === undefined ? null : {
-          input_tokens: usage.prompt_tokens,
-          input_tokens_details: { cached_tokens: 0 },
-          output_tokens: usage.completion_tokens,
-          output_tokens_details: { reasoning_tokens: 0 },
-          total_tokens: usage.total_tokens
-        },
+        usage:
+          usage === undefined
+            ? null
+            : {
+                input_tokens: usage.prompt_tokens,
+                input_tokens_details: { cached_tokens: 0 },
+                output_tokens: usage.completion_tokens,
+                output_tokens_details: { reasoning_tokens: 0 },
+                total_tokens: usage.total_tokens
+              },
         ...(finished ? { diffusion: diffusionOfJobs(jobs) } : {})
       }
     }

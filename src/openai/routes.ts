@@ -24,20 +24,14 @@ import { detokenize, tokenize } from "./tokenization.js"
 
 export const router = HttpRouter.empty.pipe(
   // Generation requests are counted and timed from here to their last byte (telemetry/requests.ts).
-  HttpRouter.post(
-    "/v1/completions",
-    tracked(Effect.flatMap(decodeJsonBody(CompletionRequest), completions), errorTypeOf)
-  ),
-  HttpRouter.post(
-    "/v1/chat/completions",
-    tracked(Effect.flatMap(decodeJsonBody(ChatCompletionRequest), chatCompletions), errorTypeOf)
-  ),
-  HttpRouter.post(
-    "/v1/responses",
-    tracked(Effect.flatMap(decodeJsonBody(ResponseRequest), responses), errorTypeOf)
-  ),
+  HttpRouter.post("/v1/completions", tracked(Effect.flatMap(decodeJsonBody(CompletionRequest), completions), errorTypeOf)),
+  HttpRouter.post("/v1/chat/completions", tracked(Effect.flatMap(decodeJsonBody(ChatCompletionRequest), chatCompletions), errorTypeOf)),
+  HttpRouter.post("/v1/responses", tracked(Effect.flatMap(decodeJsonBody(ResponseRequest), responses), errorTypeOf)),
   HttpRouter.get("/v1/models", listModels),
-  HttpRouter.get("/v1/models/:model", Effect.flatMap(HttpRouter.params, (params) => retrieveModel(params["model"] ?? ""))),
+  HttpRouter.get(
+    "/v1/models/:model",
+    Effect.flatMap(HttpRouter.params, (params) => retrieveModel(params["model"] ?? ""))
+  ),
   HttpRouter.post("/tokenize", Effect.flatMap(decodeJsonBody(TokenizeRequest), tokenize)),
   HttpRouter.post("/detokenize", Effect.flatMap(decodeJsonBody(DetokenizeRequest), detokenize))
 )

@@ -3,7 +3,7 @@
  * events are read into one ChoiceDecoder per answer as they come, with a tally of the denoising work.
  * Rendering what the decoders hold is render.ts's job.
  */
-import { Effect, Option, Stream } from "effect"
+import { Effect, type Option, Stream } from "effect"
 import { type ApiError, InternalError } from "../api/errors.js"
 import type { SamplingSettings, StepResult } from "../engine/Engine.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
@@ -58,31 +58,34 @@ export const runPrompt = (
   suffix: ReadonlyArray<number> = [],
   template?: ReadonlyArray<number>
 ) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const scheduler = yield* Scheduler
     const tokenizer = yield* Tokenizer
     const metrics = yield* RequestMetrics
     yield* metrics.started(plan.n)
-    const decoders = Array.from({ length: plan.n }, () =>
-      new ChoiceDecoder(
-        template === undefined
-          ? {
-            genLength: settings.genLength,
-            endTokens: plan.endTokens,
-            stopTokens: plan.stopTokens,
-            stopStrings: plan.stopStrings,
-            detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
-          }
-          : {
-            genLength: settings.genLength,
-            endTokens: new Set(),
-            stopTokens: new Set(),
-            stopStrings: [],
-            detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true }),
-            template,
-            lengthReason: "stop"
-          }
-      ))
+    const decoders = Array.from(
+      { length: plan.n },
+      () =>
+        new ChoiceDecoder(
+          template === undefined
+            ? {
+                genLength: settings.genLength,
+                endTokens: plan.endTokens,
+                stopTokens: plan.stopTokens,
+                stopStrings: plan.stopStrings,
+                detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
+              }
+            : {
+                genLength: settings.genLength,
+                endTokens: new Set(),
+                stopTokens: new Set(),
+                stopStrings: [],
+                detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true }),
+                template,
+                lengthReason: "stop"
+              }
+        )
+    )
     const tallies: Array<DenoisingTally> = decoders.map(() => ({
       steps: 0,
       forwardPasses: 0,
@@ -112,13 +115,17 @@ export const runPrompt = (
         const decoder = decoders[index]!
         // An update is rendered later than it is made (the decoder has moved on by then), so it carries
         // what it needs: the delta's token range, and a copy of the canvas for a snapshot.
-        const updates: ReadonlyArray<ChoiceUpdate> = decoder.finished ? [] : [{
-          index,
-          decoder,
-          delta: decoder.commit(event.committed),
-          step: event,
-          ...(plan.includeSnapshots ? { canvas: Array.from(decoder.canvas) } : {})
-        }]
+        const updates: ReadonlyArray<ChoiceUpdate> = decoder.finished
+          ? []
+          : [
+              {
+                index,
+                decoder,
+                delta: decoder.commit(event.committed),
+                step: event,
+                ...(plan.includeSnapshots ? { canvas: Array.from(decoder.canvas) } : {})
+              }
+            ]
         return { updates, allEnded: allEnded() }
       }),
       Stream.takeUntil((step) => step.allEnded),
@@ -136,10 +143,10 @@ export const runPrompt = (
           Effect.suspend(() =>
             allEnded()
               ? metrics.answered({
-                promptTokens: prompt.length + suffix.length,
-                generationTokens: decoders.reduce((sum, decoder) => sum + decoder.tokenIds.length, 0),
-                finishReasons: decoders.map((decoder) => decoder.finishReason ?? "length")
-              })
+                  promptTokens: prompt.length + suffix.length,
+                  generationTokens: decoders.reduce((sum, decoder) => sum + decoder.tokenIds.length, 0),
+                  finishReasons: decoders.map((decoder) => decoder.finishReason ?? "length")
+                })
               : Effect.fail(new InternalError({ message: "an answer ended with positions never committed" }))
           )
         ).pipe(Stream.drain)
@@ -160,12 +167,13 @@ export const preparePromptJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: 
   Effect.zipRight(
     checkNoMaskToken(prompts),
     Effect.forEach(prompts, (prompt) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const suffix = prompt.suffix ?? []
         const settings = yield* plan.settingsFor(prompt.tokens.length, prompt.param, suffix.length)
         const run = yield* runPrompt(prompt.tokens, settings, plan, suffix, prompt.template)
         return { prompt, settings, run } satisfies PromptJob
-      }))
+      })
+    )
   )
 
 /** Runs every prompt's answers to their end, all at once (they share the scheduler's batches). */
@@ -223,4 +231,3 @@ export const usageOf = (promptTokens: number, decoders: ReadonlyArray<ChoiceDeco
   const completionTokens = decoders.reduce((sum, decoder) => sum + decoder.tokenIds.length, 0)
   return { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens }
 }
-

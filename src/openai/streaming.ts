@@ -49,8 +49,7 @@ export interface SseParts {
 /** The error a failed stream reports; logged here, since the access log has already seen a 200. */
 const apiErrorOf = (cause: Cause.Cause<ApiError>): Effect.Effect<ApiError> =>
   Option.match(Cause.failureOption(cause), {
-    onSome: (error) =>
-      Effect.logWarning("stream ended with an error event", error._tag, error.message).pipe(Effect.as(error)),
+    onSome: (error) => Effect.logWarning("stream ended with an error event", error._tag, error.message).pipe(Effect.as(error)),
     onNone: () =>
       Effect.logError("stream failed after the response head was sent", cause).pipe(
         Effect.as(new InternalError({ message: "internal error while streaming" }))
@@ -59,7 +58,7 @@ const apiErrorOf = (cause: Cause.Cause<ApiError>): Effect.Effect<ApiError> =>
 
 /** An SSE response; needs the request's Scope, which the HTTP router provides to handlers. */
 export const respondSse = (parts: SseParts) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const requestId = yield* RequestId
     const metrics = yield* RequestMetrics
     const encoding = parts.encoding ?? chatEncoding

@@ -41,14 +41,22 @@ export interface Skeleton {
 }
 
 const KNOWN_OBJECT_KEYS = new Set([
-  "type", "properties", "required", "additionalProperties", "title", "description", "$schema", "$id", "strict",
-  "default", "examples"
+  "type",
+  "properties",
+  "required",
+  "additionalProperties",
+  "title",
+  "description",
+  "$schema",
+  "$id",
+  "strict",
+  "default",
+  "examples"
 ])
 const KNOWN_STRING_KEYS = new Set(["type", "title", "description", "default", "examples"])
 const STRING_CONSTRAINTS = ["pattern", "format", "minLength", "maxLength", "enum"] as const
 
-const isObject = (value: unknown): value is Record<string, unknown> =>
-  typeof value === "object" && value !== null && !Array.isArray(value)
+const isObject = (value: unknown): value is Record<string, unknown> => typeof value === "object" && value !== null && !Array.isArray(value)
 
 const typesOf = (schema: Record<string, unknown>): ReadonlyArray<unknown> =>
   schema["type"] === undefined ? [] : Array.isArray(schema["type"]) ? schema["type"] : [schema["type"]]
@@ -70,7 +78,7 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
   const walk = (node: unknown, path: string, top: boolean): SchemaRefusal | undefined => {
     if (!isObject(node)) return refuse(path, "a schema must be a JSON object")
     if (top && !(typesOf(node).length === 1 && typesOf(node)[0] === "object")) {
-      return refuse(path, "the answer must be an object with known keys: give the schema type \"object\" and its properties")
+      return refuse(path, 'the answer must be an object with known keys: give the schema type "object" and its properties')
     }
     if ("const" in node) {
       fixed(JSON.stringify(node["const"]))
@@ -82,14 +90,20 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
     }
     for (const combinator of ["$ref", "anyOf", "oneOf", "allOf", "not", "if", "$defs", "definitions"]) {
       if (combinator in node) {
-        return refuse(path, `${combinator} is not supported: the answer's JSON skeleton is fixed before denoising, so every value's shape must be known`)
+        return refuse(
+          path,
+          `${combinator} is not supported: the answer's JSON skeleton is fixed before denoising, so every value's shape must be known`
+        )
       }
     }
     const types = typesOf(node)
     if (types.length !== 1) {
-      return refuse(path, types.length === 0
-        ? "each value needs a `type` (object or string), a `const` or a one-value `enum`"
-        : "a value must have one type: the skeleton is fixed before denoising")
+      return refuse(
+        path,
+        types.length === 0
+          ? "each value needs a `type` (object or string), a `const` or a one-value `enum`"
+          : "a value must have one type: the skeleton is fixed before denoising"
+      )
     }
     const type = types[0]
     if (type === "object") {
@@ -131,15 +145,18 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
       for (const key of Object.keys(node)) {
         if (!KNOWN_STRING_KEYS.has(key)) return refuse(`${path}.${key}`, `${key} is not supported on a string`)
       }
-      fixed("\"")
+      fixed('"')
       parts.push({ slot: true })
       slots++
-      fixed("\"")
+      fixed('"')
       return undefined
     }
-    return refuse(path, `values of type ${JSON.stringify(type)} are not supported: the model writes values freely in ` +
-      "their slots, and only a string can hold whatever it writes (numbers, booleans and arrays would need " +
-      "constrained sampling)")
+    return refuse(
+      path,
+      `values of type ${JSON.stringify(type)} are not supported: the model writes values freely in ` +
+        "their slots, and only a string can hold whatever it writes (numbers, booleans and arrays would need " +
+        "constrained sampling)"
+    )
   }
 
   const refusal = walk(schema, "schema", true)
@@ -179,16 +196,18 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
     template,
     slotTokens,
     render: (canvas) =>
-      pieces.map((piece) => {
-        if ("fixed" in piece) return piece.fixed
-        const tokens: Array<number> = []
-        for (let i = piece.start; i < piece.start + slotTokens; i++) {
-          const token = canvas[i]!
-          if (token !== NOT_COMMITTED && token !== special.mask) tokens.push(token)
-        }
-        const text = tokenizer.decode(tokens, { skipSpecialTokens: true }).replace(/\s+/g, " ").trim()
-        return JSON.stringify(text).slice(1, -1)
-      }).join("")
+      pieces
+        .map((piece) => {
+          if ("fixed" in piece) return piece.fixed
+          const tokens: Array<number> = []
+          for (let i = piece.start; i < piece.start + slotTokens; i++) {
+            const token = canvas[i]!
+            if (token !== NOT_COMMITTED && token !== special.mask) tokens.push(token)
+          }
+          const text = tokenizer.decode(tokens, { skipSpecialTokens: true }).replace(/\s+/g, " ").trim()
+          return JSON.stringify(text).slice(1, -1)
+        })
+        .join("")
   }
 }
 
@@ -212,12 +231,13 @@ export interface StructuredRequest {
  * be honoured.
  */
 export const planStructured = (request: StructuredRequest) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const { param, type } = request
     if (type === undefined || type === "text") return undefined
     if (type === "json_object") {
       return yield* new BadRequest({
-        message: `${param} "json_object" is not supported: the keys of the object are not known, so its skeleton ` +
+        message:
+          `${param} "json_object" is not supported: the keys of the object are not known, so its skeleton ` +
           `cannot be laid out on the canvas; use "json_schema" with the object's properties`,
         param,
         code: "unsupported_parameter"
@@ -257,7 +277,8 @@ export const planStructured = (request: StructuredRequest) =>
       slotTokens = Math.floor((request.maxTokens.value - fixed) / skeleton.slots)
       if (slotTokens < 1) {
         return yield* new BadRequest({
-          message: `${request.maxTokens.param} ${request.maxTokens.value} leaves no room for the values: the JSON ` +
+          message:
+            `${request.maxTokens.param} ${request.maxTokens.value} leaves no room for the values: the JSON ` +
             `skeleton takes ${fixed} tokens and each of its ${skeleton.slots} string values needs at least one`,
           param: request.maxTokens.param
         })

@@ -55,7 +55,7 @@ const httpErrorMessage = async (response) => {
   let message = response.statusText
   try {
     const body = await response.json()
-    if (body && body.error && typeof body.error.message === "string") message = body.error.message
+    if (body?.error && typeof body.error.message === "string") message = body.error.message
   } catch {
     // not JSON: keep the status text
   }
@@ -75,8 +75,11 @@ async function* sseData(body) {
       const events = buffer.split(/\r?\n\r?\n/)
       buffer = done ? "" : events.pop()
       for (const event of events) {
-        const data = event.split(/\r?\n/).filter((line) => line.startsWith("data:"))
-          .map((line) => line.slice(5).replace(/^ /, "")).join("\n")
+        const data = event
+          .split(/\r?\n/)
+          .filter((line) => line.startsWith("data:"))
+          .map((line) => line.slice(5).replace(/^ /, ""))
+          .join("\n")
         if (data !== "") yield data
       }
       if (done) return
@@ -199,9 +202,9 @@ const run = async () => {
       const chunk = JSON.parse(data)
       if (chunk.error) throw new Error(chunk.error.message)
       if (chunk.usage) usage = chunk.usage
-      const choice = chunk.choices && chunk.choices[0]
+      const choice = chunk.choices?.[0]
       if (!choice) continue
-      text += chat ? (choice.delta && choice.delta.content) || "" : choice.text || ""
+      text += chat ? choice.delta?.content || "" : choice.text || ""
       // The committed prefix is final (a committed token is never masked again), so it can be shown.
       answer.textContent = text
       if (choice.finish_reason) finishReason = choice.finish_reason
@@ -218,9 +221,7 @@ const run = async () => {
       (finishReason ? `, finish reason "${finishReason}".` : ".")
   } catch (error) {
     if (controller.signal.aborted) {
-      status.textContent = last === null
-        ? "Stopped before the first step."
-        : `Stopped at step ${last.step} of ${last.total_steps}.`
+      status.textContent = last === null ? "Stopped before the first step." : `Stopped at step ${last.step} of ${last.total_steps}.`
     } else {
       status.textContent = "Failed."
       showError(error instanceof Error ? error.message : String(error))

@@ -135,11 +135,10 @@ interface Job {
 }
 
 const canvasTokens = (request: GenerationRequest, n: number) =>
-  n * (request.prompt.length + request.settings.genLength + (request.suffix?.length ?? 0)) *
-  (request.settings.cfgScale > 0 ? 2 : 1)
+  n * (request.prompt.length + request.settings.genLength + (request.suffix?.length ?? 0)) * (request.settings.cfgScale > 0 ? 2 : 1)
 
 export const make = (options: SchedulerOptions) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const engine = yield* Engine
     const waiting = yield* Queue.unbounded<Job>()
     const running: Array<Job> = []
@@ -183,17 +182,15 @@ export const make = (options: SchedulerOptions) =>
       })
 
     /** Ends the job's events (Exit.void: its answers are complete) and its span. */
-    const settle = (job: Job, exit: Exit.Exit<void, GenerationError>) =>
-      endSpan(job, exit).pipe(Effect.zipRight(job.mailbox.done(exit)))
+    const settle = (job: Job, exit: Exit.Exit<void, GenerationError>) => endSpan(job, exit).pipe(Effect.zipRight(job.mailbox.done(exit)))
 
     /** The consumer went away. */
     const cancelledExit = Exit.interrupt(FiberId.none)
 
-    const failJob = (job: Job, error: GenerationError) =>
-      releaseJob(job).pipe(Effect.zipRight(settle(job, Exit.fail(error))))
+    const failJob = (job: Job, error: GenerationError) => releaseJob(job).pipe(Effect.zipRight(settle(job, Exit.fail(error))))
 
     /** The running and waiting gauges, from the figures `stats` reports. */
-    const publishLoad = Effect.gen(function*() {
+    const publishLoad = Effect.gen(function* () {
       yield* Metric.set(Metrics.numRequestsRunning, running.length)
       yield* Metric.set(Metrics.numRequestsWaiting, (yield* queueLength) + (head === undefined ? 0 : 1))
       yield* Metric.set(Metrics.kvCacheBytes, yield* engine.kvCacheBytes)
@@ -201,7 +198,7 @@ export const make = (options: SchedulerOptions) =>
 
     /** Admitted: the queue time is known, the wait's span ends and the generation's begins. */
     const startGeneration = (job: Job) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const now = yield* Clock.currentTimeNanos
         yield* Metric.update(Metrics.requestQueueTime, Metrics.secondsBetween(job.submittedAt, now))
         job.queueSpan.end(now, Exit.void)
@@ -232,13 +229,13 @@ export const make = (options: SchedulerOptions) =>
      * requests to finish and free theirs: false. With nothing running the room will never come, so it fails.
      */
     const admit = (job: Job) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const created: Array<SequenceId> = []
         for (let i = 0; i < job.n; i++) {
           const settings = { ...job.request.settings, seed: job.request.settings.seed + i }
-          const id = yield* engine.create(job.request.prompt, settings, job.request.suffix, job.request.template).pipe(
-            Effect.tapError(() => Effect.forEach(created, (id) => engine.release(id), { discard: true }))
-          )
+          const id = yield* engine
+            .create(job.request.prompt, settings, job.request.suffix, job.request.template)
+            .pipe(Effect.tapError(() => Effect.forEach(created, (id) => engine.release(id), { discard: true })))
           created.push(id)
         }
         job.sequences = created
@@ -255,12 +252,12 @@ export const make = (options: SchedulerOptions) =>
 
     /** Looks at the head of the queue without losing FIFO order: a job taken but not admitted is kept. */
     let head: Job | undefined
-    const nextWaiting = Effect.gen(function*() {
+    const nextWaiting = Effect.gen(function* () {
       if (head === undefined) head = Option.getOrUndefined(yield* Queue.poll(waiting))
       return head
     })
 
-    const admitWaiting = Effect.gen(function*() {
+    const admitWaiting = Effect.gen(function* () {
       while (true) {
         const job = yield* nextWaiting
         if (job === undefined) return
@@ -275,16 +272,16 @@ export const make = (options: SchedulerOptions) =>
           yield* settle(job, Exit.fail(timeoutError(job)))
           continue
         }
-        const fits = running.length === 0 ||
-          (runningSequences() + job.n <= options.maxConcurrent &&
-            runningTokens() + job.tokens <= options.maxBatchTokens)
+        const fits =
+          running.length === 0 ||
+          (runningSequences() + job.n <= options.maxConcurrent && runningTokens() + job.tokens <= options.maxBatchTokens)
         if (!fits) return
         if (!(yield* admit(job))) return
         head = undefined
       }
     })
 
-    const reap = Effect.gen(function*() {
+    const reap = Effect.gen(function* () {
       if (state.stopping !== undefined) {
         const stopping = Exit.fail(state.stopping)
         for (const job of [...running]) yield* failJob(job, state.stopping)
@@ -301,7 +298,7 @@ export const make = (options: SchedulerOptions) =>
     })
 
     const route = (job: Job, results: ReadonlyArray<StepResult>) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         for (const r of results) {
           const index = job.sequences.indexOf(r.id)
           if (index < 0) continue
@@ -324,7 +321,7 @@ export const make = (options: SchedulerOptions) =>
      * One batched step. If the batch fails, each job is stepped alone once more so that a fault fails only
      * the request it belongs to (a failed step leaves sequences unchanged, so retrying is safe).
      */
-    const stepAll = Effect.gen(function*() {
+    const stepAll = Effect.gen(function* () {
       const jobs = [...running]
       const ids = jobs.flatMap((job) => job.sequences)
       const started = yield* Clock.currentTimeNanos
@@ -346,7 +343,7 @@ export const make = (options: SchedulerOptions) =>
       }
     })
 
-    const loop = Effect.gen(function*() {
+    const loop = Effect.gen(function* () {
       while (true) {
         if (running.length === 0 && head === undefined) {
           // Nothing to do: tell a drain so, and sleep until a request arrives.
@@ -363,7 +360,7 @@ export const make = (options: SchedulerOptions) =>
 
     // Whatever is still live or waiting when the scheduler's scope closes is released and told so.
     yield* Effect.addFinalizer(() =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const closing = new Draining({ message: "the scheduler has stopped" })
         for (const job of [...running]) yield* failJob(job, closing)
         if (head !== undefined) yield* settle(head, Exit.fail(closing))
@@ -389,7 +386,7 @@ export const make = (options: SchedulerOptions) =>
     }
 
     const submit = (request: GenerationRequest) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const n = request.n ?? 1
         yield* validate(request, n)
         if (state.draining) return yield* new Draining({ message: "the server is shutting down" })
@@ -428,21 +425,19 @@ export const make = (options: SchedulerOptions) =>
 
     const generateStream = (request: GenerationRequest): Stream.Stream<StepEvent, GenerationError> =>
       Stream.unwrapScoped(
-        Effect.gen(function*() {
+        Effect.gen(function* () {
           const job = yield* submit(request)
           yield* Effect.addFinalizer(() => Effect.sync(() => (job.cancelled = true)))
           const events = Mailbox.toStream(job.mailbox)
           if (job.deadline === 0) return events
           // The consumer also stops at the deadline, so a request stuck in the queue times out on time.
           const remaining = Math.max(0, job.deadline - (yield* Clock.currentTimeMillis))
-          return events.pipe(
-            Stream.interruptWhen(Effect.sleep(remaining).pipe(Effect.zipRight(Effect.fail(timeoutError(job)))))
-          )
+          return events.pipe(Stream.interruptWhen(Effect.sleep(remaining).pipe(Effect.zipRight(Effect.fail(timeoutError(job))))))
         })
       )
 
     const generate = (request: GenerationRequest): Effect.Effect<GenerationResult, GenerationError> =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const n = request.n ?? 1
         const gen = request.settings.genLength
         const choices = Array.from({ length: n }, (_, index) => ({
@@ -478,7 +473,7 @@ export const make = (options: SchedulerOptions) =>
         return { choices }
       })
 
-    const stats = Effect.gen(function*() {
+    const stats = Effect.gen(function* () {
       const queued = yield* queueLength
       return {
         waiting: queued + (head === undefined ? 0 : 1),
@@ -497,7 +492,7 @@ export const make = (options: SchedulerOptions) =>
     })
 
     const drain = (timeoutMs: number) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         state.draining = true
         // The loop says so when it runs out of work; one already idle, waiting for a request, cannot.
         if (!(yield* busy)) yield* Deferred.succeed(drained, undefined)
@@ -516,5 +511,4 @@ export const make = (options: SchedulerOptions) =>
     return { generateStream, generate, stats, drain } satisfies SchedulerShape
   })
 
-export const layer = (options: SchedulerOptions): Layer.Layer<Scheduler, never, Engine> =>
-  Layer.scoped(Scheduler, make(options))
+export const layer = (options: SchedulerOptions): Layer.Layer<Scheduler, never, Engine> => Layer.scoped(Scheduler, make(options))

@@ -80,7 +80,7 @@ export interface ModelHostOptions {
 }
 
 export const make = (options: ModelHostOptions): Effect.Effect<ModelHostShape, never, Scope.Scope> =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const scope = yield* Effect.scope
     const loaded = yield* Deferred.make<LoadedModel, ModelLoadFailed>()
     const host = yield* Ref.make<HostState>({ state: "loading", model: undefined, failure: undefined })
@@ -88,9 +88,7 @@ export const make = (options: ModelHostOptions): Effect.Effect<ModelHostShape, n
     yield* options.load.pipe(
       Scope.extend(scope),
       // A shutdown that began while loading keeps the host draining.
-      Effect.tap((model) =>
-        Ref.update(host, (h): HostState => ({ ...h, model, state: h.state === "loading" ? "ready" : h.state }))
-      ),
+      Effect.tap((model) => Ref.update(host, (h): HostState => ({ ...h, model, state: h.state === "loading" ? "ready" : h.state }))),
       Effect.tapError((error) => Ref.update(host, (h): HostState => ({ ...h, state: "error", failure: error.message }))),
       Effect.intoDeferred(loaded),
       Effect.forkIn(scope)
@@ -115,9 +113,11 @@ export const make = (options: ModelHostOptions): Effect.Effect<ModelHostShape, n
     }
 
     const drain = (timeoutMs: number) =>
-      Effect.gen(function*() {
-        const before = yield* Ref.getAndUpdate(host, (h): HostState =>
-          h.state === "draining" || h.state === "error" ? h : { ...h, state: "draining" })
+      Effect.gen(function* () {
+        const before = yield* Ref.getAndUpdate(
+          host,
+          (h): HostState => (h.state === "draining" || h.state === "error" ? h : { ...h, state: "draining" })
+        )
         if (before.state === "draining") return
         if (before.model !== undefined) yield* before.model.scheduler.drain(timeoutMs)
       })
@@ -126,9 +126,9 @@ export const make = (options: ModelHostOptions): Effect.Effect<ModelHostShape, n
       modelDir: options.modelDir,
       state: Effect.map(Ref.get(host), (h) => h.state),
       use: Effect.flatMap(Ref.get(host), (h) =>
-        h.state === "ready" && h.model !== undefined ? Effect.succeed(h.model) : Effect.fail(unavailable(h))),
-      current: Effect.flatMap(Ref.get(host), (h) =>
-        h.model !== undefined ? Effect.succeed(h.model) : Effect.fail(unavailable(h))),
+        h.state === "ready" && h.model !== undefined ? Effect.succeed(h.model) : Effect.fail(unavailable(h))
+      ),
+      current: Effect.flatMap(Ref.get(host), (h) => (h.model !== undefined ? Effect.succeed(h.model) : Effect.fail(unavailable(h)))),
       failure: Effect.map(Ref.get(host), (h) => Option.fromNullable(h.failure)),
       awaitReady: Deferred.await(loaded),
       drain
@@ -158,7 +158,7 @@ export interface NativeModelOptions {
 
 /** Loads the tokenizer and the weights of `modelDir` with the native engine and starts its scheduler. */
 export const loadNative = (options: NativeModelOptions): Loader =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const tokenizer = yield* Tokenizer.make(options.modelDir)
     const engine = yield* Engine.make({
       modelDir: options.modelDir,
@@ -171,9 +171,7 @@ export const loadNative = (options: NativeModelOptions): Loader =>
     })
     return yield* fromEngine(engine, tokenizer, options)
   }).pipe(
-    Effect.mapError((e) =>
-      e._tag === "ModelLoadFailed" ? e : new ModelLoadFailed({ modelDir: options.modelDir, message: e.message })
-    )
+    Effect.mapError((e) => (e._tag === "ModelLoadFailed" ? e : new ModelLoadFailed({ modelDir: options.modelDir, message: e.message })))
   )
 
 /**
@@ -183,9 +181,12 @@ export const loadNative = (options: NativeModelOptions): Loader =>
 export const fromEngine = (
   engine: EngineShape,
   tokenizer: TokenizerShape,
-  options: Omit<NativeModelOptions, "modelDir" | "device" | "gpuMemoryUtilization" | "quantize" | "threads" | "kvCacheDtype" | "kvCacheBudgetBytes">
+  options: Omit<
+    NativeModelOptions,
+    "modelDir" | "device" | "gpuMemoryUtilization" | "quantize" | "threads" | "kvCacheDtype" | "kvCacheBudgetBytes"
+  >
 ): Effect.Effect<LoadedModel, ModelLoadFailed, Scope.Scope> =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const chat = yield* fromTokenizerConfig(tokenizer.tokenizerConfig).pipe(
       Effect.mapError((e) => new ModelLoadFailed({ modelDir: tokenizer.modelDir, message: e.message }))
     )

@@ -104,12 +104,15 @@ export const gate = (api: ApiRouter) =>
           Effect.provideService(Tokenizer, model.tokenizer),
           Effect.provideService(ChatFormatter, model.chat),
           Effect.provideService(ServingConfig, model.serving)
-        ))))
+        )
+      )
+    )
+  )
 
 /** Serves the application on the HttpServer in context. */
 export const layerServe = (options: ServerOptions) =>
   Layer.unwrapEffect(
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const { config } = options
       const metrics = yield* HttpMetrics.HttpMetrics
       const modelName = servedModelName(config)
@@ -133,13 +136,12 @@ export const layerServe = (options: ServerOptions) =>
       return HttpServer.serve(app, (app) =>
         requestId(accessLog({ trustProxy: config.trustProxy, onRecord: metrics.record(table) })(metrics.track(app))).pipe(
           Effect.tagMetrics("model_name", modelName)
-        )).pipe(
-          HttpMiddleware.withTracerDisabledWhen(untraced),
-          // Spans named by route pattern ("POST /v1/completions"), as OpenTelemetry's conventions ask.
-          HttpMiddleware.withSpanNameGenerator((request) =>
-            `${request.method} ${table.find(pathOf(request.url))?.route ?? "unmatched"}`
-          )
         )
+      ).pipe(
+        HttpMiddleware.withTracerDisabledWhen(untraced),
+        // Spans named by route pattern ("POST /v1/completions"), as OpenTelemetry's conventions ask.
+        HttpMiddleware.withSpanNameGenerator((request) => `${request.method} ${table.find(pathOf(request.url))?.route ?? "unmatched"}`)
+      )
     })
   )
 
@@ -149,9 +151,7 @@ export const layerServe = (options: ServerOptions) =>
  */
 export const layerApp = (options: ServerOptions) => {
   // The scheduler's fiber is forked while loading: it keeps the model_name label for its metrics.
-  const load = (options.load ?? nativeLoader(options.config)).pipe(
-    Effect.tagMetrics("model_name", servedModelName(options.config))
-  )
+  const load = (options.load ?? nativeLoader(options.config)).pipe(Effect.tagMetrics("model_name", servedModelName(options.config)))
   const host = ModelHostModule.layer({ modelDir: options.config.model, load })
   const limiter = RateLimiter.layer({
     limit: options.config.rateLimitRequests,
@@ -166,10 +166,7 @@ export const layerApp = (options: ServerOptions) => {
 /** The whole server listening on --host/--port. */
 export const layer = (
   options: ServerOptions
-): Layer.Layer<
-  ModelHost | HttpMetrics.HttpMetrics | HttpServer.HttpServer | RateLimiter.RateLimiter | Telemetry.Telemetry,
-  ServeError
-> =>
+): Layer.Layer<ModelHost | HttpMetrics.HttpMetrics | HttpServer.HttpServer | RateLimiter.RateLimiter | Telemetry.Telemetry, ServeError> =>
   layerApp(options).pipe(
     Layer.provideMerge(NodeHttpServer.layer(() => createServer(), { host: options.config.host, port: options.config.port }))
   )
@@ -183,14 +180,12 @@ const flushGraceMs = 5000
  * given time to go out.
  */
 export const shutdown = (timeoutMs: number) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const host = yield* ModelHost
     const metrics = yield* HttpMetrics.HttpMetrics
     // Nothing to drain when the model never loaded.
     if ((yield* host.state) === "error") return
-    yield* Effect.logInfo("shutting down: draining in-flight requests").pipe(
-      Effect.annotateLogs({ timeout_s: timeoutMs / 1000 })
-    )
+    yield* Effect.logInfo("shutting down: draining in-flight requests").pipe(Effect.annotateLogs({ timeout_s: timeoutMs / 1000 }))
     yield* host.drain(timeoutMs)
     // Interruptible inside the timeout, so that the grace ends on time wherever shutdown runs.
     yield* metrics.idle.pipe(Effect.interruptible, Effect.timeoutOption(flushGraceMs))
@@ -204,12 +199,10 @@ export const shutdown = (timeoutMs: number) =>
  */
 export const run = (options: ServerOptions): Effect.Effect<never, ServeError | ModelLoadFailed> =>
   Effect.scoped(
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const { config } = options
       const context = yield* Layer.build(layer(options)).pipe(
-        Effect.tapError((error) =>
-          Effect.logError(`cannot listen on ${config.host}:${config.port}: ${String(error.cause)}`)
-        )
+        Effect.tapError((error) => Effect.logError(`cannot listen on ${config.host}:${config.port}: ${String(error.cause)}`))
       )
       const host = Context.get(context, ModelHost)
       const address = HttpServer.formatAddress(Context.get(context, HttpServer.HttpServer).address)
@@ -224,9 +217,7 @@ export const run = (options: ServerOptions): Effect.Effect<never, ServeError | M
           Effect.flatMap(Fiber.join)
         )
       )
-      yield* Effect.logInfo(`listening on ${address}; loading the model`).pipe(
-        Effect.annotateLogs({ address, model_dir: config.model })
-      )
+      yield* Effect.logInfo(`listening on ${address}; loading the model`).pipe(Effect.annotateLogs({ address, model_dir: config.model }))
       const loaded = yield* host.awaitReady.pipe(
         Effect.tapError((error) => Effect.logError(`cannot load the model from ${error.modelDir}: ${error.message}`))
       )

@@ -17,9 +17,7 @@ import type { LogLevelName } from "../config/Config.js"
 
 const messageText = (message: unknown): unknown => {
   // An Error would serialize as {}: it is written as its name and message.
-  const parts = (Array.isArray(message) ? message : [message]).map((part) =>
-    part instanceof Error ? String(part) : part
-  )
+  const parts = (Array.isArray(message) ? message : [message]).map((part) => (part instanceof Error ? String(part) : part))
   return parts.length === 1 ? parts[0] : parts
 }
 

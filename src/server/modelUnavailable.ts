@@ -19,6 +19,5 @@ export const toServiceUnavailable = (error: ModelUnavailable): ServiceUnavailabl
   new ServiceUnavailable({ message: error.message, ...answers[error.state] })
 
 /** `effect`, failing with the 503 instead of ModelUnavailable. */
-export const orServiceUnavailable = <A, R>(
-  effect: Effect.Effect<A, ModelUnavailable, R>
-): Effect.Effect<A, ServiceUnavailable, R> => Effect.mapError(effect, toServiceUnavailable)
+export const orServiceUnavailable = <A, R>(effect: Effect.Effect<A, ModelUnavailable, R>): Effect.Effect<A, ServiceUnavailable, R> =>
+  Effect.mapError(effect, toServiceUnavailable)

@@ -48,46 +48,53 @@ const healthStatus = (state: ModelState, stats: SchedulerStats | undefined): Hea
 }
 
 const schedulerStats = Effect.flatMap(ModelHost, (host) =>
-  host.current.pipe(Effect.flatMap((model) => model.scheduler.stats), Effect.option))
+  host.current.pipe(
+    Effect.flatMap((model) => model.scheduler.stats),
+    Effect.option
+  )
+)
 
 export const router = (info: SystemInfo) =>
   HttpRouter.empty.pipe(
     HttpRouter.get(
       "/health",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const host = yield* ModelHost
         const state = yield* host.state
         const model = yield* Effect.option(host.current)
         const stats = Option.getOrUndefined(yield* schedulerStats)
         const status = healthStatus(state, stats)
         const memory = process.memoryUsage()
-        return HttpServerResponse.unsafeJson({
-          status,
-          state,
-          model: info.modelName,
-          backend: Option.match(model, { onNone: () => null, onSome: (m) => backendOf(m.engine.info) }),
-          ...(state === "error" ? { error: Option.getOrNull(yield* host.failure) } : {}),
-          memory: {
-            rss_bytes: memory.rss,
-            heap_used_bytes: memory.heapUsed,
-            heap_total_bytes: memory.heapTotal,
-            external_bytes: memory.external,
-            array_buffers_bytes: memory.arrayBuffers,
-            weight_bytes: Option.match(model, { onNone: () => null, onSome: (m) => m.engine.info.weightBytes })
+        return HttpServerResponse.unsafeJson(
+          {
+            status,
+            state,
+            model: info.modelName,
+            backend: Option.match(model, { onNone: () => null, onSome: (m) => backendOf(m.engine.info) }),
+            ...(state === "error" ? { error: Option.getOrNull(yield* host.failure) } : {}),
+            memory: {
+              rss_bytes: memory.rss,
+              heap_used_bytes: memory.heapUsed,
+              heap_total_bytes: memory.heapTotal,
+              external_bytes: memory.external,
+              array_buffers_bytes: memory.arrayBuffers,
+              weight_bytes: Option.match(model, { onNone: () => null, onSome: (m) => m.engine.info.weightBytes })
+            },
+            queue: {
+              waiting: stats?.waiting ?? 0,
+              capacity: stats?.capacity ?? info.queueCapacity,
+              running: stats?.running ?? 0
+            },
+            uptime_s: Math.round(process.uptime() * 1000) / 1000
           },
-          queue: {
-            waiting: stats?.waiting ?? 0,
-            capacity: stats?.capacity ?? info.queueCapacity,
-            running: stats?.running ?? 0
-          },
-          uptime_s: Math.round(process.uptime() * 1000) / 1000
-        }, { status: status === "unhealthy" ? 503 : 200 })
+          { status: status === "unhealthy" ? 503 : 200 }
+        )
       })
     ),
     HttpRouter.get("/health/live", Effect.succeed(HttpServerResponse.unsafeJson({ status: "alive" }))),
     HttpRouter.get(
       "/health/ready",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const host = yield* ModelHost
         yield* orServiceUnavailable(host.use)
         return HttpServerResponse.unsafeJson({ status: "ready" })
@@ -106,7 +113,7 @@ export const router = (info: SystemInfo) =>
     ),
     HttpRouter.get(
       "/v1/engine/stats",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const host = yield* ModelHost
         const { engine, scheduler } = yield* orServiceUnavailable(host.current)
         const stats = yield* scheduler.stats
@@ -144,7 +151,7 @@ export const router = (info: SystemInfo) =>
     ),
     HttpRouter.get(
       "/metrics",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const host = yield* ModelHost
         const telemetry = yield* Telemetry
         // Readiness is sampled when scraped; everything else is updated where it happens.

@@ -64,7 +64,8 @@ const resourceLayer = (options: TelemetryOptions) =>
       OtelResource.layerFromEnv({
         [ATTR_SERVICE_NAME]: Option.getOrElse(fromEnv, () => options.serviceName ?? "vdiff"),
         ...(options.serviceVersion === undefined ? {} : { [ATTR_SERVICE_VERSION]: options.serviceVersion })
-      }))
+      })
+    )
   )
 
 /** The producer's metrics without the ones `drop` names. */
@@ -88,7 +89,7 @@ const isFiberMetric = (name: string) => name.startsWith("effect_fiber_")
 const metricsLayer = (tracing: boolean) =>
   Layer.scoped(
     Telemetry,
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       // The scope-info label would put otel_scope_name="@effect/opentelemetry/Metrics" on every sample.
       const exporter = new PrometheusExporter({ preventServerStart: true, withoutScopeInfo: true })
       const serializer = new PrometheusSerializer(undefined, false, undefined, false, true)
@@ -96,9 +97,7 @@ const metricsLayer = (tracing: boolean) =>
       yield* OtelMetrics.registerProducer(producer, () => exporter)
       const scrape = Effect.promise(() => exporter.collect()).pipe(
         Effect.tap(({ errors }) =>
-          errors.length === 0
-            ? Effect.void
-            : Effect.logWarning("metrics collection reported errors", errors.map(String))
+          errors.length === 0 ? Effect.void : Effect.logWarning("metrics collection reported errors", errors.map(String))
         ),
         Effect.map(({ resourceMetrics }) => serializer.serialize(resourceMetrics))
       )
@@ -111,7 +110,7 @@ const metricsLayer = (tracing: boolean) =>
  * global diagnostic logger, which is silent until set: its warnings and errors become vdiff's log lines.
  */
 const diagnosticsLayer = Layer.scopedDiscard(
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const runFork = Runtime.runFork(yield* Effect.runtime<never>())
     const warn = (message: string, ...args: Array<unknown>) =>
       void runFork(Effect.logWarning(`opentelemetry: ${message}`, ...args.map(String)))
@@ -141,8 +140,6 @@ export const layer = (options: TelemetryOptions = {}): Layer.Layer<Telemetry> =>
       if (options.otlpEndpoint !== undefined) {
         processors.push(new BatchSpanProcessor(new OTLPTraceExporter({ url: tracesUrl(options.otlpEndpoint) })))
       }
-      return Layer.merge(metricsLayer(processors.length > 0), tracingLayer(processors)).pipe(
-        Layer.provide(resourceLayer(options))
-      )
+      return Layer.merge(metricsLayer(processors.length > 0), tracingLayer(processors)).pipe(Layer.provide(resourceLayer(options)))
     })
   )

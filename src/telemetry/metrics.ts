@@ -29,9 +29,7 @@ const histogram = (name: string, boundaries: ReadonlyArray<number>, description:
   Metric.histogram(name, MetricBoundaries.fromIterable(boundaries), description)
 
 // Bucket bounds: vLLM's for the latencies it also has, so that the histograms compare bucket by bucket.
-const firstTokenBounds = [
-  0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640, 2560
-]
+const firstTokenBounds = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640, 2560]
 const interTokenBounds = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80]
 const requestBounds = [0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920, 7680]
 const stepBounds = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
@@ -63,11 +61,7 @@ export const denoisingSteps = counter(
   "Batched denoising steps taken (engine forward calls; each advances every sequence of the batch)."
 )
 
-export const batchSize = histogram(
-  "vdiff_batch_size",
-  powersOfTwo(1024),
-  "Sequences advanced together by one denoising step."
-)
+export const batchSize = histogram("vdiff_batch_size", powersOfTwo(1024), "Sequences advanced together by one denoising step.")
 
 export const tokensPerStep = histogram(
   "vdiff_tokens_per_step",
@@ -75,11 +69,7 @@ export const tokensPerStep = histogram(
   "Answer tokens one sequence committed by denoising in one step (parallel decoding commits more than one)."
 )
 
-export const stepDuration = histogram(
-  "vdiff_step_duration_seconds",
-  stepBounds,
-  "Seconds one batched denoising step took in the engine."
-)
+export const stepDuration = histogram("vdiff_step_duration_seconds", stepBounds, "Seconds one batched denoising step took in the engine.")
 
 // --- requests (OpenAI routes) -------------------------------------------------------------------------
 
@@ -94,10 +84,7 @@ export const requestFailure = counter(
     "context_length_exceeded; cancelled when the client went away)."
 )
 
-export const promptTokens = counter(
-  "vdiff_prompt_tokens_total",
-  "Prompt tokens of the requests answered (as in their usage)."
-)
+export const promptTokens = counter("vdiff_prompt_tokens_total", "Prompt tokens of the requests answered (as in their usage).")
 
 export const generationTokens = counter(
   "vdiff_generation_tokens_total",

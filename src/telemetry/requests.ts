@@ -42,11 +42,10 @@ export interface RequestMetricsShape {
 export class RequestMetrics extends Context.Tag("vdiff/RequestMetrics")<RequestMetrics, RequestMetricsShape>() {}
 
 /** The label of an API error: its code when it has one ("queue_full"), else its type. */
-export const errorTypeOf = (error: { readonly code: string | null; readonly type: string }): string =>
-  error.code ?? error.type
+export const errorTypeOf = (error: { readonly code: string | null; readonly type: string }): string => error.code ?? error.type
 
 /** A fresh RequestMetrics and the effect that settles it (see the module comment). */
-export const make = Effect.gen(function*() {
+export const make = Effect.gen(function* () {
   const arrived = yield* Clock.currentTimeNanos
   let failure: string | undefined
   let unended = 0
@@ -57,7 +56,7 @@ export const make = Effect.gen(function*() {
   const shape: RequestMetricsShape = {
     started: (answers) => Effect.sync(() => void (unended += answers)),
     advanced: (answer) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const now = yield* Clock.currentTimeNanos
         if (!firstTokenSeen) {
           firstTokenSeen = true
@@ -70,7 +69,7 @@ export const make = Effect.gen(function*() {
         lastGrowth.set(answer, now)
       }),
     answered: (answers) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         unended -= answers.finishReasons.length
         answeredAny = true
         for (const reason of answers.finishReasons) {
@@ -82,7 +81,7 @@ export const make = Effect.gen(function*() {
     failed: (errorType) => Effect.sync(() => void (failure ??= errorType))
   }
 
-  const settle = Effect.gen(function*() {
+  const settle = Effect.gen(function* () {
     const errorType = failure ?? (unended > 0 ? "cancelled" : undefined)
     if (errorType !== undefined) {
       yield* Metric.increment(Metric.tagged(Metrics.requestFailure, "error_type", errorType))
@@ -103,7 +102,7 @@ export const tracked = <A, E, R>(
   handler: Effect.Effect<A, E, R>,
   errorType: (error: E) => string
 ): Effect.Effect<A, E, Exclude<R, RequestMetrics> | Scope.Scope> =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const { metrics, settle } = yield* make
     yield* Effect.addFinalizer(() => settle)
     return yield* handler.pipe(
@@ -111,7 +110,7 @@ export const tracked = <A, E, R>(
         Option.match(Cause.failureOption(cause), {
           onSome: (error) => metrics.failed(errorType(error)),
           // Interrupted (the client went away) is settled as cancelled; a defect is a server error.
-          onNone: () => Cause.isInterruptedOnly(cause) ? Effect.void : metrics.failed("internal_error")
+          onNone: () => (Cause.isInterruptedOnly(cause) ? Effect.void : metrics.failed("internal_error"))
         })
       ),
       Effect.provideService(RequestMetrics, metrics)

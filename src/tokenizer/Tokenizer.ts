@@ -116,8 +116,7 @@ export const make = (modelDir: string): Effect.Effect<TokenizerShape, TokenizerE
     const modelConfig = yield* readJson(join(modelDir, "config.json"))
     const hf = yield* Effect.try({
       try: () => new HfTokenizer(tokenizerJson, tokenizerConfig),
-      catch: (cause) =>
-        new TokenizerLoadError({ path: tokenizerJsonPath, message: `unsupported tokenizer: ${errorMessage(cause)}` })
+      catch: (cause) => new TokenizerLoadError({ path: tokenizerJsonPath, message: `unsupported tokenizer: ${errorMessage(cause)}` })
     })
 
     const tokenId = (token: string): Option.Option<number> => Option.fromNullable(hf.token_to_id(token))

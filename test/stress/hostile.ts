@@ -36,7 +36,9 @@ const toJson = (value: unknown): string => {
   if (value instanceof RawJson) return value.text
   if (Array.isArray(value)) return `[${value.map(toJson).join(",")}]`
   if (typeof value === "object" && value !== null) {
-    return `{${Object.entries(value).map(([k, v]) => `${JSON.stringify(k)}:${toJson(v)}`).join(",")}}`
+    return `{${Object.entries(value)
+      .map(([k, v]) => `${JSON.stringify(k)}:${toJson(v)}`)
+      .join(",")}}`
   }
   // NaN and ±Infinity become null, as JSON.stringify does.
   return JSON.stringify(value) ?? "null"
@@ -47,7 +49,7 @@ const nested = (depth: number, open: string, close: string, leaf: string) => new
 /** Arrays or objects nested up to 100 000 deep. */
 const deepNesting = fc.oneof(
   fc.integer({ min: 1, max: 100_000 }).map((d) => nested(d, "[", "]", "1")),
-  fc.integer({ min: 1, max: 100_000 }).map((d) => nested(d, "{\"a\":", "}", "1"))
+  fc.integer({ min: 1, max: 100_000 }).map((d) => nested(d, '{"a":', "}", "1"))
 )
 
 const hugeNumbers = fc.constantFrom(1e308, -1e308, 2 ** 53 + 2, -(2 ** 63), 2 ** 31, 2 ** 32, 1e-320, -0, Number.MAX_SAFE_INTEGER)
@@ -73,9 +75,11 @@ const junk: fc.Arbitrary<unknown> = fc.oneof(
 /** Sometimes a valid value, sometimes junk. */
 const field = <A>(valid: fc.Arbitrary<A>) => fc.oneof({ arbitrary: valid, weight: 2 }, { arbitrary: junk, weight: 3 })
 
-const giantString = fc.constantFrom(20_000, 300_000, 1_100_000).chain((length) =>
-  fc.constantFrom("x", "é", "😀", "\u0000", "<|endoftext|>", "<|mdm_mask|>").map((unit) => unit.repeat(Math.ceil(length / unit.length)))
-)
+const giantString = fc
+  .constantFrom(20_000, 300_000, 1_100_000)
+  .chain((length) =>
+    fc.constantFrom("x", "é", "😀", "\u0000", "<|endoftext|>", "<|mdm_mask|>").map((unit) => unit.repeat(Math.ceil(length / unit.length)))
+  )
 
 const shortText = fc.oneof(
   fc.constantFrom("ROMEO:\n", "To be, or not", "", " ", "<|mdm_mask|><|mdm_mask|>", "<|endoftext|>", "<|eot_id|>"),
@@ -97,9 +101,9 @@ const prompt = fc.oneof(
   { arbitrary: fc.array(tokenId, { minLength: 0, maxLength: 30 }), weight: 3 },
   // Over the context.
   {
-    arbitrary: fc.integer({ min: CONTEXT - 10, max: CONTEXT + 200 }).map((n) =>
-      Array.from({ length: n }, (_, i) => (i * 37) % (VOCAB - 8))
-    ),
+    arbitrary: fc
+      .integer({ min: CONTEXT - 10, max: CONTEXT + 200 })
+      .map((n) => Array.from({ length: n }, (_, i) => (i * 37) % (VOCAB - 8))),
     weight: 1
   },
   { arbitrary: fc.array(shortText, { minLength: 0, maxLength: 6 }), weight: 2 },
@@ -134,9 +138,9 @@ const messages = fc.oneof(
   { arbitrary: fc.array(message, { maxLength: 6 }), weight: 6 },
   // Thousands of messages, each fine on its own.
   {
-    arbitrary: fc.integer({ min: 1000, max: 5000 }).map((n) =>
-      Array.from({ length: n }, (_, i) => ({ role: i % 2 === 0 ? "user" : "assistant", content: "hi" }))
-    ),
+    arbitrary: fc
+      .integer({ min: 1000, max: 5000 })
+      .map((n) => Array.from({ length: n }, (_, i) => ({ role: i % 2 === 0 ? "user" : "assistant", content: "hi" }))),
     weight: 1
   },
   { arbitrary: junk, weight: 2 }
@@ -197,13 +201,18 @@ const chatBody = fc.record(
 const utf8 = (text: string) => new TextEncoder().encode(text)
 
 /** Bytes that are not UTF-8: overlong forms, lone continuation bytes, surrogates encoded, 0xFF. */
-const invalidUtf8 = fc.array(
-  fc.oneof(
-    fc.constantFrom([0xff], [0xfe], [0xc0, 0xaf], [0xe0, 0x80, 0xaf], [0xed, 0xa0, 0x80], [0x80], [0xf8, 0x88, 0x80, 0x80, 0x80], [0xc3]),
-    fc.integer({ min: 0x20, max: 0x7e }).filter((b) => b !== 0x22 && b !== 0x5c).map((b) => [b])
-  ),
-  { minLength: 1, maxLength: 40 }
-).map((parts) => Uint8Array.from(parts.flat()))
+const invalidUtf8 = fc
+  .array(
+    fc.oneof(
+      fc.constantFrom([0xff], [0xfe], [0xc0, 0xaf], [0xe0, 0x80, 0xaf], [0xed, 0xa0, 0x80], [0x80], [0xf8, 0x88, 0x80, 0x80, 0x80], [0xc3]),
+      fc
+        .integer({ min: 0x20, max: 0x7e })
+        .filter((b) => b !== 0x22 && b !== 0x5c)
+        .map((b) => [b])
+    ),
+    { minLength: 1, maxLength: 40 }
+  )
+  .map((parts) => Uint8Array.from(parts.flat()))
 
 /** A body: a fuzzed object of the endpoint, or something that is not such an object at all. */
 const body = (fields: fc.Arbitrary<Record<string, unknown>>, textField: string) =>
@@ -220,22 +229,23 @@ const body = (fields: fc.Arbitrary<Record<string, unknown>>, textField: string) 
     { arbitrary: invalidUtf8.map((bytes) => ({ bytes, label: "invalid-utf8-body" })), weight: 1 },
     { arbitrary: junk.map((value) => ({ bytes: utf8(toJson(value)), label: "not-an-object" })), weight: 1 },
     {
-      arbitrary: fc.constantFrom(
-        "",
-        "{",
-        "{\"prompt\":",
-        "{'prompt': 'x'}",
-        "{\"prompt\": NaN}",
-        "{\"prompt\": \"x\",}",
-        "\u0000",
-        "[]",
-        "null",
-        "{\"prompt\":\"a\",\"prompt\":5}",
-        // Prototype keys: JSON.parse makes them own properties; nothing may treat them as more.
-        "{\"__proto__\":{\"stream\":true,\"n\":9},\"prompt\":\"x\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"max_tokens\":2}",
-        "{\"constructor\":{\"prototype\":{\"polluted\":1}},\"prompt\":\"x\",\"max_tokens\":2}",
-        "{\"prompt\":\"x\",\"max_tokens\":2,\"stream_options\":{\"__proto__\":{\"include_usage\":true}}}"
-      )
+      arbitrary: fc
+        .constantFrom(
+          "",
+          "{",
+          '{"prompt":',
+          "{'prompt': 'x'}",
+          '{"prompt": NaN}',
+          '{"prompt": "x",}',
+          "\u0000",
+          "[]",
+          "null",
+          '{"prompt":"a","prompt":5}',
+          // Prototype keys: JSON.parse makes them own properties; nothing may treat them as more.
+          '{"__proto__":{"stream":true,"n":9},"prompt":"x","messages":[{"role":"user","content":"x"}],"max_tokens":2}',
+          '{"constructor":{"prototype":{"polluted":1}},"prompt":"x","max_tokens":2}',
+          '{"prompt":"x","max_tokens":2,"stream_options":{"__proto__":{"include_usage":true}}}'
+        )
         .map((text) => ({ bytes: utf8(text), label: "odd-json" })),
       weight: 1
     }
@@ -280,18 +290,21 @@ const shown = (request: HostileRequest) =>
   Object.assign(request, {
     [fc.toStringMethod]: () => {
       const text = new TextDecoder().decode(request.body.subarray(0, 400))
-      return `${request.label}: POST ${request.path} headers ${JSON.stringify(request.headers)} body (${request.body.length} bytes) ` +
-        JSON.stringify(text) + (request.body.length > 400 ? "..." : "")
+      return (
+        `${request.label}: POST ${request.path} headers ${JSON.stringify(request.headers)} body (${request.body.length} bytes) ` +
+        JSON.stringify(text) +
+        (request.body.length > 400 ? "..." : "")
+      )
     }
   })
 
 export const hostileRequest: fc.Arbitrary<HostileRequest> = fc.oneof(
-  fc.record({ body: body(completionBody, "prompt"), headers }).map(({ body, headers }) =>
-    shown({ path: "/v1/completions", headers, body: body.bytes, label: `completions ${body.label}` })
-  ),
-  fc.record({ body: body(chatBody, "messages"), headers }).map(({ body, headers }) =>
-    shown({ path: "/v1/chat/completions", headers, body: body.bytes, label: `chat ${body.label}` })
-  )
+  fc
+    .record({ body: body(completionBody, "prompt"), headers })
+    .map(({ body, headers }) => shown({ path: "/v1/completions", headers, body: body.bytes, label: `completions ${body.label}` })),
+  fc
+    .record({ body: body(chatBody, "messages"), headers })
+    .map(({ body, headers }) => shown({ path: "/v1/chat/completions", headers, body: body.bytes, label: `chat ${body.label}` }))
 )
 
 // ---- valid requests --------------------------------------------------------------------------------
@@ -302,7 +315,10 @@ export const MASK = 2044
 const validPrompt = fc.oneof(
   fc.string({ maxLength: 40 }),
   fc.constantFrom("ROMEO:\n", "First Citizen:\nWe are"),
-  fc.array(fc.integer({ min: 0, max: VOCAB - 1 }).filter((id) => id !== MASK), { minLength: 1, maxLength: 30 }),
+  fc.array(
+    fc.integer({ min: 0, max: VOCAB - 1 }).filter((id) => id !== MASK),
+    { minLength: 1, maxLength: 30 }
+  ),
   fc.array(fc.string({ maxLength: 20 }), { minLength: 1, maxLength: 3 })
 )
 
@@ -321,23 +337,29 @@ const validCommon = {
 
 /** Requests that are valid by the API: each must get 200 and a well-formed answer. */
 export const validRequest = fc.oneof(
-  fc.record({ ...validCommon, prompt: validPrompt, echo: fc.boolean(), stream: fc.boolean() }, { requiredKeys: ["prompt"] })
+  fc
+    .record({ ...validCommon, prompt: validPrompt, echo: fc.boolean(), stream: fc.boolean() }, { requiredKeys: ["prompt"] })
     .map((b) => ({ path: "/v1/completions" as const, body: b as Record<string, unknown> })),
-  fc.record(
-    {
-      ...validCommon,
-      messages: fc.array(
-        fc.record({
-          role: fc.constantFrom("user", "system", "assistant"),
-          content: fc.oneof(fc.string({ maxLength: 30 }), fc.array(fc.record({ type: fc.constant("text"), text: fc.string({ maxLength: 10 }) }), { minLength: 1, maxLength: 2 }))
-        }),
-        { minLength: 1, maxLength: 3 }
-      ),
-      logprobs: fc.boolean(),
-      stream: fc.boolean()
-    },
-    { requiredKeys: ["messages"] }
-  ).map((b) => ({ path: "/v1/chat/completions" as const, body: b as Record<string, unknown> }))
+  fc
+    .record(
+      {
+        ...validCommon,
+        messages: fc.array(
+          fc.record({
+            role: fc.constantFrom("user", "system", "assistant"),
+            content: fc.oneof(
+              fc.string({ maxLength: 30 }),
+              fc.array(fc.record({ type: fc.constant("text"), text: fc.string({ maxLength: 10 }) }), { minLength: 1, maxLength: 2 })
+            )
+          }),
+          { minLength: 1, maxLength: 3 }
+        ),
+        logprobs: fc.boolean(),
+        stream: fc.boolean()
+      },
+      { requiredKeys: ["messages"] }
+    )
+    .map((b) => ({ path: "/v1/chat/completions" as const, body: b as Record<string, unknown> }))
 )
 
 // ---- the check -------------------------------------------------------------------------------------
@@ -388,9 +410,12 @@ export const problemWith = (answer: Answer): string | undefined => {
     return `${answer.status} body is not JSON: ${answer.text.slice(0, 200)}`
   }
   const error = json?.error
-  const shaped = typeof error === "object" && error !== null &&
+  const shaped =
+    typeof error === "object" &&
+    error !== null &&
     Object.keys(error).sort().join(",") === "code,message,param,request_id,type" &&
-    typeof error.message === "string" && error.message !== "" &&
+    typeof error.message === "string" &&
+    error.message !== "" &&
     typeof error.type === "string" &&
     (error.param === null || typeof error.param === "string") &&
     (error.code === null || typeof error.code === "string") &&

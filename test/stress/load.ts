@@ -13,12 +13,7 @@
  *  - lost: no answer at all (connection reset, or nothing within `requestTimeoutMs`).
  */
 import { Either, Schema } from "effect"
-import {
-  ChatCompletionChunk,
-  ChatCompletionResponse,
-  CompletionChunk,
-  CompletionResponse
-} from "../../src/openai/protocol.js"
+import { ChatCompletionChunk, ChatCompletionResponse, CompletionChunk, CompletionResponse } from "../../src/openai/protocol.js"
 
 export interface RequestSpec {
   /** Which distinct request this is (the same key, the same answer). */
@@ -168,7 +163,7 @@ export const send = async (url: string, spec: RequestSpec, options: SendOptions 
     })
     if (response.status === 503) {
       const text = await response.text()
-      const ok = text.includes("\"code\":\"queue_full\"") && response.headers.get("retry-after") !== null
+      const ok = text.includes('"code":"queue_full"') && response.headers.get("retry-after") !== null
       return ok ? { kind: "queueFull", ms: ms() } : { kind: "malformed", why: `503: ${text.slice(0, 300)}`, ms: ms() }
     }
     if (response.status !== 200) {

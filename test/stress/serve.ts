@@ -52,12 +52,17 @@ export const startServe = (options: ServeOptions = {}): Promise<ServeProcess> =>
   new Promise((resolve, reject) => {
     const args = [
       ...(options.gcHook === true ? ["--expose-gc"] : []),
-      "--import", "tsx",
+      "--import",
+      "tsx",
       ...(options.gcHook === true ? ["--import", "./test/stress/gc-on-signal.ts"] : []),
-      "src/main.ts", "serve",
-      "--model", options.model ?? embeddedModel,
-      "--port", "0",
-      "--threads", "1",
+      "src/main.ts",
+      "serve",
+      "--model",
+      options.model ?? embeddedModel,
+      "--port",
+      "0",
+      "--threads",
+      "1",
       ...(options.flags ?? [])
     ]
     const child = spawn(process.execPath, args, {
