@@ -117,6 +117,9 @@ describe("GET /metrics", () => {
       expect(reply.text).not.toContain("effect_fiber_")
 
       expect(value("vdiff_model_ready")).toBe(1)
+      // The fake engine's backend: no weights, no caches left, no device memory reported.
+      expect(value("vdiff_device_memory_used_bytes", { backend: "cpu", device: "fake" })).toBe(0)
+      expect(value("vdiff_device_memory_total_bytes", { backend: "cpu", device: "fake" })).toBe(0)
       expect(value("vdiff_num_requests_running")).toBe(0)
       expect(value("vdiff_num_requests_waiting")).toBe(0)
       expect(value("vdiff_request_success_total", { finished_reason: "length" })).toBe(5)

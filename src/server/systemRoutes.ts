@@ -156,6 +156,14 @@ export const router = (info: SystemInfo) =>
         const telemetry = yield* Telemetry
         // Readiness is sampled when scraped; everything else is updated where it happens.
         yield* Metric.set(Metrics.modelReady, (yield* host.state) === "ready" ? 1 : 0)
+        const model = yield* Effect.option(host.current)
+        if (Option.isSome(model)) {
+          const { engine } = model.value
+          const tagged = (gauge: Metric.Metric.Gauge<number>, value: number) =>
+            Metric.set(gauge.pipe(Metric.tagged("backend", engine.info.backend), Metric.tagged("device", engine.info.device)), value)
+          yield* tagged(Metrics.deviceMemoryUsedBytes, engine.info.memoryUsedBytes + (yield* engine.kvCacheBytes))
+          yield* tagged(Metrics.deviceMemoryTotalBytes, engine.info.memoryTotalBytes)
+        }
         return HttpServerResponse.text(yield* telemetry.scrape, {
           contentType: "text/plain; version=0.0.4; charset=utf-8"
         })

@@ -132,5 +132,15 @@ export const modelReady = Metric.gauge("vdiff_model_ready", {
   description: "1 when the model is loaded and the server takes work, else 0."
 })
 
+/** Bytes the backend holds on its device (weights, packed or quantized copies, KV caches); labels backend, device. */
+export const deviceMemoryUsedBytes = Metric.gauge("vdiff_device_memory_used_bytes", {
+  description: "Bytes the backend holds on its device: weights, their packed or quantized copies, and live KV caches."
+})
+
+/** The device's memory (a GPU's; 0 on the CPU, not reported); labels backend, device. */
+export const deviceMemoryTotalBytes = Metric.gauge("vdiff_device_memory_total_bytes", {
+  description: "The device's memory in bytes (a GPU's total; 0 on the CPU)."
+})
+
 /** Seconds between two Clock.currentTimeNanos readings. */
 export const secondsBetween = (start: bigint, end: bigint): number => Number(end - start) / 1e9
