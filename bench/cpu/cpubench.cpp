@@ -2,10 +2,11 @@
 // come to it. Prints JSON (one object) and a table on stderr.
 //
 //   1. Peaks: independent chains of one instruction on every requested thread at once (f32 FMA on ymm
-//      and zmm, int8 dot by vpmaddubsw+vpmaddwd+vpaddd, vpdpbusd on ymm and zmm, bf16 dot vdpbf16ps);
+//      and zmm, int16 dot vpmaddwd (what the quantized GEMM issues on AVX2), int8 dot by
+//      vpmaddubsw+vpmaddwd, vpdpwssd / vpdpbusd on ymm and zmm, bf16 dot vdpbf16ps);
 //      each family only where cpuid reports it. A multiply-add counts as 2 operations.
 //   2. GEMMs of the model's shapes through the kernels the engine dispatched (f32 packed, and the
-//      int8 GEMMs of Q8_0 / Q4_0 including the activations' quantization), split over the threads by
+//      integer GEMMs of Q8_0 / Q4_0 including the activations' quantization), split over the threads by
 //      columns like the backend, each as a percentage of its family's peak.
 //   3. Optionally a model's forward over T tokens (32 logit rows, one block) as stored, and quantized at
 //      load to Q8_0 and Q4_0, with its rate against the relevant peak.
@@ -113,6 +114,35 @@ __attribute__((target("avx2"))) void peak_int8_avx2() {
   g_sink_i = _mm256_extract_epi32(t, 0);
 }
 
+// The AVX2 int16 dot the quantized GEMM issues: vpmaddwd (16 multiply-adds) and an add.
+__attribute__((target("avx2"))) void peak_int16_avx2() {
+  __m256i acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_epi32(i);
+  const __m256i u = _mm256_set1_epi16(3), s = _mm256_set1_epi16(-2);
+  for (long it = 0; it < kIters / 4; ++it)
+#pragma GCC unroll 16
+    for (int i = 0; i < 8; ++i) {
+      __m256i x = u;
+      asm volatile("" : "+x"(x));
+      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(x, s));
+    }
+  __m256i t = acc[0];
+  for (int i = 1; i < 8; ++i) t = _mm256_add_epi32(t, acc[i]);
+  g_sink_i = _mm256_extract_epi32(t, 0);
+}
+
+__attribute__((target("avx512f,avx512vl,avx512vnni"))) void peak_vnni16_ymm() {
+  __m256i acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_epi32(i);
+  const __m256i u = _mm256_set1_epi16(3), s = _mm256_set1_epi16(-2);
+  for (long it = 0; it < kIters / 4; ++it)
+#pragma GCC unroll 16
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_dpwssd_epi32(acc[i], u, s);
+  __m256i t = acc[0];
+  for (int i = 1; i < 12; ++i) t = _mm256_add_epi32(t, acc[i]);
+  g_sink_i = _mm256_extract_epi32(t, 0);
+}
+
 __attribute__((target("avx512f,avx512vl,avx512vnni"))) void peak_vnni_ymm() {
   __m256i acc[12];
   for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_epi32(i);
@@ -164,10 +194,12 @@ std::vector<Peak> measure_peaks(int threads) {
   };
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     run("f32 FMA ymm (AVX2)", peak_fma_ymm, 16, 12);
+    run("int16 vpmaddwd ymm (AVX2)", peak_int16_avx2, 32, 8);
     run("int8 maddubs+madd ymm (AVX2)", peak_int8_avx2, 64, 8);
   }
   if (__builtin_cpu_supports("avx512f")) run("f32 FMA zmm (AVX-512F)", peak_fma_zmm, 32, 12);
   if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) {
+    run("int16 vpdpwssd ymm (AVX512_VNNI)", peak_vnni16_ymm, 32, 12);
     run("int8 vpdpbusd ymm (AVX512_VNNI)", peak_vnni_ymm, 64, 12);
     run("int8 vpdpbusd zmm (AVX512_VNNI)", peak_vnni_zmm, 128, 12);
   }
@@ -191,8 +223,9 @@ std::string cpu_model() {
 
 // The family whose peak bounds each kind of work on the dispatched path.
 std::string f32_family(const Kernels& k) { return std::string(k.isa) == "avx512" ? "f32 FMA zmm" : "f32 FMA ymm"; }
+// The quantized GEMM's products are int16 activations x widened weights (quant.h).
 std::string int8_family(const QuantKernels& q) {
-  return std::string(q.isa) == "avx512vnni" ? "int8 vpdpbusd ymm" : "int8 maddubs+madd ymm";
+  return std::string(q.isa) == "avx512vnni" ? "int16 vpdpwssd ymm" : "int16 vpmaddwd ymm";
 }
 
 struct GemmResult {
@@ -265,7 +298,7 @@ int main(int argc, char** argv) {
       for (int n = 0; n < s.N; ++n)
         quantize_weight_row(W.data() + static_cast<size_t>(n) * s.K, s.K, qt, wq.data() + n * row_bytes, ws.data() + n * (s.K / kQBlock));
       const QMatB b{wq.data(), ws.data(), qt, row_bytes, s.K / kQBlock};
-      std::vector<int8_t> aq(static_cast<size_t>(s.M) * s.K);
+      std::vector<int16_t> aq(static_cast<size_t>(s.M) * s.K);
       std::vector<float> as(static_cast<size_t>(s.M) * (s.K / kQBlock));
       const int per_rows = (s.M + threads - 1) / threads, per_cols = ((s.N + threads - 1) / threads + 1) / 2 * 2;
       std::barrier sync(threads);

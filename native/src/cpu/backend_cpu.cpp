@@ -188,7 +188,7 @@ class CpuBackend final : public Backend {
   uint64_t packed_weight_bytes_ = 0;
   std::vector<std::vector<uint8_t>> quantized_;  // the copies quantized at load (Weight::data points into them)
   uint64_t quantized_bytes_ = 0;
-  std::vector<int8_t> qa_;                       // activations quantized for the integer GEMM
+  std::vector<int16_t> qa_;                      // activations quantized for the integer GEMM
   std::vector<float> qa_scales_;
   WType cache_type_;
 

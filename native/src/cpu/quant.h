@@ -6,17 +6,20 @@
 //   Q4_0: 16 bytes at row + 16 b; byte j holds element j in its low nibble and element j + 16 in its high
 //         nibble, unsigned u in 0..15; value = (u - 8) * d[b].
 //   d[b]: one IEEE f16 scale per block (a separate [N][K/32] array).
-// Activations (the left operand) are quantized per row and block to int8 in [-127, 127] with one f32
-// scale per block: s = max|x| / 127, q = round_to_nearest_even(x * (127 / max|x|)) (all-zero blocks: 0).
+// Activations (the left operand) are quantized per row and block to int16 in [-32767, 32767] with one
+// f32 scale per block: s = max|x| / 32767, q = round_to_nearest_even(x * (32767 / max|x|)) (all-zero
+// blocks: 0). (int8 activations, as llama.cpp's Q8_0 dot uses, cost the embedded model 9 points of greedy
+// agreement against 5 for the weights' own rounding: bench/cpu/RESULTS.md. int16 makes them negligible
+// at the same instruction count on AVX2: vpmovsxbw + vpmaddwd replace vpsignb + vpmaddubsw + vpmaddwd.)
 //
-// The product, per output (m, n): block b's 32 integer products are summed in 8 int32 lanes of 4
-// consecutive k each (lane l: k = 4l .. 4l+3 of the block; exact), lane l's float accumulator takes
-// acc[l] = fma(float(lane sum), s_a[m][b] * d_w[n][b], acc[l]) for b = 0, 1, ... in order, and the
-// output is ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)), added to C when
-// accumulating. Every ISA (portable, AVX2 maddubs/madd, AVX-512 VNNI vpdpbusd) computes exactly these
-// operations, so they agree bit for bit. Against the float64 value of sum_b s_a d_w (integer dot) — the
-// exact product of the dequantized weights and the dequantized activations — the error is at most
-// (K/32/8 + 4) * 2^-23 * sum_b |s_a d_w| |lane sums| (a standard recursive-summation bound, with the
+// The product, per output (m, n): block b's 32 integer products are summed in 8 int32 lanes (lane l:
+// k = 2l, 2l+1, 16+2l, 17+2l of the block; exact, and |lane| <= 4 * 32767 * 128 < 2^24, so exact in f32
+// too), lane l's float accumulator takes acc[l] = fma(float(lane sum), s_a[m][b] * d_w[n][b], acc[l])
+// for b = 0, 1, ... in order, and the output is ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) +
+// (acc3 + acc7)), added to C when accumulating. Every ISA (portable, AVX2 vpmaddwd, AVX-512 VNNI
+// vpdpwssd) computes exactly these operations, so they agree bit for bit. Against the float64 value of
+// sum_b s_a d_w (integer dot) — the exact product of the dequantized weights and the dequantized
+// activations — the error is at most (K/32/8 + 4) * 2^-23 * sum|products| (recursive summation, with the
 // scale product's own rounding; the tests check it).
 //
 // Static and header-only for the same ODR reason as kernels.h.
@@ -48,7 +51,7 @@ struct QMatB {
 
 // Activations A[M][K] quantized per row: q[m * ld + k], scales[m * ld_scales + b].
 struct QMatA {
-  const int8_t* q = nullptr;
+  const int16_t* q = nullptr;
   const float* scales = nullptr;
   int64_t ld = 0;
   int64_t ld_scales = 0;
@@ -57,7 +60,7 @@ struct QMatA {
 struct QuantKernels {
   const char* isa;  // "portable" | "avx2" | "avx512vnni"
   // Quantizes rows A[0..M)[0..K) (K % 32 == 0) into q (M x K, row stride K) and scales (M x K/32).
-  void (*quantize_rows)(int M, int K, const float* A, int64_t lda, int8_t* q, float* scales);
+  void (*quantize_rows)(int M, int K, const float* A, int64_t lda, int16_t* q, float* scales);
   // C[m][n] = (accumulate ? C[m][n] : 0) + sum_k Aq[m][k] * W[n][k] for 0 <= m < M, n0 <= n < n1, as
   // described above (K % 32 == 0).
   void (*gemm)(int M, int n0, int n1, int K, const QMatA& A, const QMatB& B, float* C, int64_t ldc, bool accumulate);

@@ -1,6 +1,6 @@
-// Quantized GEMM (quant.h) with AVX2: int8 products by vpmaddubsw (|w| x sign(a, w), pairs into int16:
-// at most 2 * 128 * 127 < 2^15, no saturation) and vpmaddwd (pairs into int32). Only
-// quant_avx2_kernels() has external linkage (see kernels.h).
+// Quantized GEMM (quant.h) with AVX2: weights widened to int16 (vpmovsxbw, or the nibbles by vpmovzxbw),
+// products with the int16 activations summed in pairs into int32 by vpmaddwd (exact: 2 * 32767 * 128 <
+// 2^31). Only quant_avx2_kernels() has external linkage (see kernels.h).
 #include <immintrin.h>
 
 #include "quant.h"
@@ -8,9 +8,8 @@
 namespace vdiff::cpu {
 namespace {
 
-inline __m256i dot32(__m256i w, __m256i a) {
-  const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-  return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+inline __m256i dot32(__m256i w0, __m256i w1, __m256i a0, __m256i a1) {
+  return _mm256_add_epi32(_mm256_madd_epi16(a0, w0), _mm256_madd_epi16(a1, w1));
 }
 
 #include "quant_simd.h"

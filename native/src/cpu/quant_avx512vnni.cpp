@@ -1,5 +1,5 @@
-// Quantized GEMM (quant.h) with AVX512_VNNI: vpdpbusd on ymm registers (AVX512VL) sums four
-// |w| x sign(a, w) products into each int32 lane in one instruction (no intermediate saturation).
+// Quantized GEMM (quant.h) with AVX512_VNNI: vpdpwssd on ymm registers (AVX512VL) multiplies int16
+// pairs and adds them into each int32 lane in one instruction (no saturation).
 // Selected only when cpuid reports AVX512_VNNI (dispatch.cpp). Only quant_avx512vnni_kernels() has
 // external linkage (see kernels.h).
 #include <immintrin.h>
@@ -9,8 +9,8 @@
 namespace vdiff::cpu {
 namespace {
 
-inline __m256i dot32(__m256i w, __m256i a) {
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+inline __m256i dot32(__m256i w0, __m256i w1, __m256i a0, __m256i a1) {
+  return _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(_mm256_setzero_si256(), a0, w0), a1, w1);
 }
 
 #include "quant_simd.h"

@@ -2,22 +2,25 @@
 // quant_avx512vnni.cpp (vpdpbusd on ymm, AVX512_VNNI + VL). Include it INSIDE the file's
 // `namespace vdiff::cpu { namespace {` (internal linkage, that file's -m flags; see kernels.h), after
 // defining
-//   __m256i dot32(__m256i w, __m256i a);  // lane l = sum_{j=4l..4l+3} w[j] * a[j] (int8; |a| <= 127), exact
+//   __m256i dot32(__m256i w0, __m256i w1, __m256i a0, __m256i a1);
+//       // int16 halves (elements 0..15 and 16..31): lane l = w0[2l]a0[2l] + w0[2l+1]a0[2l+1] + same of w1, a1
 // It includes nothing itself.
 
 constexpr int kTileRows = 4;  // rows of A per tile
 constexpr int kTileCols = 2;  // weight rows (outputs) per tile
 
-// The 32 weights of block b of a weight row as signed int8.
+// The 32 weights of block b of a weight row as int16: elements 0..15 in w[0], 16..31 in w[1].
 template <QType T>
-inline __m256i load_wblock(const uint8_t* row, int b) {
+inline void load_wblock(const uint8_t* row, int b, __m256i w[2]) {
   if constexpr (T == QType::Q8_0) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * b));
+    w[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 32 * b)));
+    w[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 32 * b + 16)));
   } else {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * b));
     const __m128i m = _mm_set1_epi8(0x0f);
-    const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-    return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+    const __m256i eight = _mm256_set1_epi16(8);
+    w[0] = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(v, m)), eight);
+    w[1] = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m)), eight);
   }
 }
 
@@ -40,20 +43,21 @@ void qtile(int nblocks, const QMatA& A, int m0, const QMatB& B, int n0, float* C
     wrow[c] = B.data + static_cast<int64_t>(n0 + c) * B.ld;
     wscale[c] = B.scales + static_cast<int64_t>(n0 + c) * B.ld_scales;
   }
-  const int8_t* arow = A.q + static_cast<int64_t>(m0) * A.ld;
+  const int16_t* arow = A.q + static_cast<int64_t>(m0) * A.ld;
   const float* ascale = A.scales + static_cast<int64_t>(m0) * A.ld_scales;
   for (int b = 0; b < nblocks; ++b) {
-    __m256i w[C];
+    __m256i w[C][2];
     float dw[C];
     for (int c = 0; c < C; ++c) {
-      w[c] = load_wblock<T>(wrow[c], b);
+      load_wblock<T>(wrow[c], b, w[c]);
       dw[c] = _cvtsh_ss(wscale[c][b]);
     }
     for (int r = 0; r < R; ++r) {
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(arow + r * A.ld + 32 * b));
+      const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(arow + r * A.ld + 32 * b));
+      const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(arow + r * A.ld + 32 * b + 16));
       const float sa = ascale[r * A.ld_scales + b];
       for (int c = 0; c < C; ++c) {
-        const __m256 p = _mm256_cvtepi32_ps(dot32(w[c], a));
+        const __m256 p = _mm256_cvtepi32_ps(dot32(w[c][0], w[c][1], a0, a1));
         acc[r][c] = _mm256_fmadd_ps(p, _mm256_set1_ps(sa * dw[c]), acc[r][c]);
       }
     }
@@ -88,10 +92,9 @@ void qgemm(int M, int n0, int n1, int K, const QMatA& A, const QMatB& B, float* 
   else qgemm_t<QType::Q4_0>(M, n0, n1, K, A, B, C, ldc, accumulate);
 }
 
-// Per row and block of 32: amax = max|x|, scale = amax / 127, q = rne(x * (127 / amax)).
-void quantize_rows(int M, int K, const float* A, int64_t lda, int8_t* q, float* scales) {
+// Per row and block of 32: amax = max|x|, scale = amax / 32767, q = rne(x * (32767 / amax)).
+void quantize_rows(int M, int K, const float* A, int64_t lda, int16_t* q, float* scales) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   const int nblocks = K / kQBlock;
   for (int m = 0; m < M; ++m)
     for (int b = 0; b < nblocks; ++b) {
@@ -104,12 +107,13 @@ void quantize_rows(int M, int K, const float* A, int64_t lda, int8_t* q, float* 
       h = _mm_max_ps(h, _mm_movehl_ps(h, h));
       h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
       const float amax = _mm_cvtss_f32(h);
-      scales[static_cast<int64_t>(m) * nblocks + b] = amax / 127.0f;
-      const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      scales[static_cast<int64_t>(m) * nblocks + b] = amax / 32767.0f;
+      const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
       const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(x0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(x1, inv));
       const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(x2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(x3, inv));
-      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + static_cast<int64_t>(m) * K + b * kQBlock),
-                          _mm256_permutevar8x32_epi32(p, order));
+      // packs works per 128-bit lane: [i0 0..3, i1 0..3 | i0 4..7, i1 4..7]; the 64-bit permute restores order.
+      int16_t* out = q + static_cast<int64_t>(m) * K + b * kQBlock;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xd8));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xd8));
     }
 }

@@ -264,7 +264,7 @@ void test_quantize_weights() {
   report(ok, "f32_to_f16 round-trips every finite f16 and ties to even");
 }
 
-// One ISA's quantize_rows and gemm for one format: activation quantization within half a step and
+// One ISA's quantize_rows and gemm for one format: activation quantization (int16) within half a step and
 // identical to the portable one; the product within the bound of quant.h against the float64 product of
 // the dequantized operands; sentinel columns untouched; every SIMD path bit-identical to the portable one.
 void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
@@ -293,7 +293,7 @@ void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
       const cpu::QMatB B{wq.data(), wd.data(), type, ldw, lds};
       std::vector<float> A = random_floats(s.M * lda, rng, 2.0f);
       if (variant == 0) std::fill(A.begin(), A.begin() + 32, 0.0f);  // an all-zero activation block
-      std::vector<int8_t> aq(s.M * s.K), aq_ref(s.M * s.K);
+      std::vector<int16_t> aq(s.M * s.K), aq_ref(s.M * s.K);
       std::vector<float> as(s.M * nb), as_ref(s.M * nb);
       k.quantize_rows(s.M, s.K, A.data(), lda, aq.data(), as.data());
       ref.quantize_rows(s.M, s.K, A.data(), lda, aq_ref.data(), as_ref.data());
@@ -301,7 +301,10 @@ void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
       for (int m = 0; m < s.M; ++m)
         for (int kk = 0; kk < s.K; ++kk) {
           const double sc = as[m * nb + kk / 32], q = aq[m * s.K + kk];
-          if (std::fabs(q) > 127 || std::fabs(q * sc - A[m * lda + kk]) > 0.5 * sc * (1 + 1e-5) + 1e-30) act_ok = false;
+          // Half a step, plus the f32 roundings of the scale, its inverse and x * inverse (each 2^-24
+          // relative, of values up to 32767 steps).
+          if (std::fabs(q) > 32767 || std::fabs(q * sc - A[m * lda + kk]) > (0.5 + 4 * 32767 * std::ldexp(1.0, -24)) * sc + 1e-30)
+            act_ok = false;
         }
       const cpu::QMatA Aq{aq.data(), as.data(), s.K, nb};
       std::vector<float> C0 = random_floats(s.M * ldc, rng), C = C0, Cr = C0;
