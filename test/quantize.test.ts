@@ -66,7 +66,7 @@ describe("vdiff quantize on the embedded model", () => {
   }
 
   it("Q8_0 keeps the held-out own loss within 1% and >= 90% of greedy tokens over 32 prompts", async () => {
-    const options = { prompts: 32, genLength: 64, threads: 2, formats: ["none", "q8_0", "q4_0"] as const }
+    const options = { prompts: 32, genLength: 32, threads: 2, formats: ["none", "q8_0", "q4_0"] as const }
     const rows = await measureQuantQuality(options)
     console.log(formatQuantQuality(rows, options))
     const [stored, q8] = rows
@@ -75,5 +75,5 @@ describe("vdiff quantize on the embedded model", () => {
     expect(q8!.agreement).toBeGreaterThanOrEqual(0.9)
     // Q4_0 is reported, not held to the margin; it must still be a working model (not a broken kernel).
     expect(rows[2]!.heldOutLoss).toBeLessThan(stored!.heldOutLoss * 1.5)
-  }, 300_000)
+  }, 900_000)
 })

@@ -249,7 +249,7 @@ int main(int argc, char** argv) {
   }
   const Kernels& k = active_kernels();
   const QuantKernels& qk = quant_kernels_for(k);
-  std::fprintf(stderr, "cpu: %s; dispatched: f32 %s, int8 %s; %d threads\n", cpu_model().c_str(), k.isa, qk.isa, threads);
+  std::fprintf(stderr, "cpu: %s; dispatched: f32 %s, quantized %s; %d threads\n", cpu_model().c_str(), k.isa, qk.isa, threads);
   const std::vector<Peak> peaks = measure_peaks(threads);
   for (const Peak& p : peaks) std::fprintf(stderr, "peak %-36s %8.1f GOP/s\n", p.family.c_str(), p.gops);
 
@@ -376,7 +376,7 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("{\"cpu\":\"%s\",\"isa\":\"%s\",\"int8\":\"%s\",\"threads\":%d,\"peaks\":[", cpu_model().c_str(), k.isa, qk.isa, threads);
+  std::printf("{\"cpu\":\"%s\",\"isa\":\"%s\",\"quantized\":\"%s\",\"threads\":%d,\"peaks\":[", cpu_model().c_str(), k.isa, qk.isa, threads);
   for (size_t i = 0; i < peaks.size(); ++i) std::printf("%s{\"family\":\"%s\",\"gops\":%.2f}", i ? "," : "", peaks[i].family.c_str(), peaks[i].gops);
   std::printf("],\"gemms\":[");
   for (size_t i = 0; i < gemms.size(); ++i)

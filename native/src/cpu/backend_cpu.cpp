@@ -173,7 +173,7 @@ class CpuBackend final : public Backend {
   void pack_weights(uint64_t max_bytes);
   void quantize_weights(QType type);
   std::string gemm_name() const {
-    return quantized_bytes_ > 0 || blocks_[0].q.quantized ? std::string(kernels_->isa) + " + int8 " + quant_->isa : kernels_->isa;
+    return quantized_bytes_ > 0 || blocks_[0].q.quantized ? std::string(kernels_->isa) + " + quantized " + quant_->isa : kernels_->isa;
   }
 
   TensorSet tensors_;
