@@ -6,6 +6,7 @@ import { cp, mkdtemp, readFile, rm, truncate, writeFile } from "node:fs/promises
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { fromNative } from "../src/engine/errors.js"
 import { type NativeEngine, isNativeError, loadAddon } from "../src/engine/native.js"
 import { makeModel, presetTensors, writeModelDir } from "../src/model/makeModel.js"
 import { configJson, presets } from "../src/model/presets.js"
@@ -219,6 +220,26 @@ describe("bad requests", () => {
       message
     )
     expect(engine.live()).toBe(0)
+  })
+
+  it.each([
+    ["gen length 0", greedy({ genLength: 0 }), "gen_length", "max_tokens"],
+    ["top_p above 1", greedy({ topP: 1.5 }), "top_p", "top_p"],
+    ["min_p above 1", greedy({ minP: 2 }), "min_p", "min_p"],
+    ["steps 0", greedy({ steps: 0 }), "steps", "diffusion_steps"],
+    ["both parallel rules", greedy({ parallelThreshold: 0.9, parallelFactor: 1 }), "parallel_factor", "parallel_factor"]
+  ])("names the setting at fault: %s", (_, params, native, request) => {
+    const error = thrown(() => engine.create(prompt, params))
+    expect((error as { param?: unknown }).param).toBe(native)
+    // The Engine service reports it under the request's name for it.
+    const tagged = fromNative(error)
+    expect(tagged._tag).toBe("InvalidRequestError")
+    expect(tagged._tag === "InvalidRequestError" && tagged.param).toBe(request)
+  })
+
+  it("names the input at fault: a prompt token", () => {
+    const tagged = fromNative(thrown(() => engine.create([1, -1], greedy())))
+    expect(tagged._tag === "InvalidRequestError" && tagged.param).toBe("prompt")
   })
 
   it.each([

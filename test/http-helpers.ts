@@ -19,7 +19,7 @@ import type { ApiRouter } from "../src/server/Server.js"
 import * as Server from "../src/server/Server.js"
 import * as Tokenizer from "../src/tokenizer/Tokenizer.js"
 import { router as openaiRouter } from "../src/openai/routes.js"
-import { byteChars } from "./support/bytes.js"
+import { byteChars, byteLevelBpe } from "./support/tokenizer-json.js"
 
 export const repoRoot = join(import.meta.dirname, "..")
 
@@ -31,39 +31,17 @@ export const writeTinyTokenizer = async (dir: string, ids: { readonly eos: numbe
   await mkdir(dir, { recursive: true })
   const vocab: Record<string, number> = {}
   byteChars().forEach((c, id) => (vocab[c] = id))
-  const special = (id: number, content: string) => ({
-    id,
-    content,
-    single_word: false,
-    lstrip: false,
-    rstrip: false,
-    normalized: false,
-    special: true
-  })
   vocab["<|endoftext|>"] = ids.eos
   vocab["<|mdm_mask|>"] = ids.mask
-  const tokenizer = {
-    version: "1.0",
-    truncation: null,
-    padding: null,
-    added_tokens: [special(ids.eos, "<|endoftext|>"), special(ids.mask, "<|mdm_mask|>")],
-    normalizer: null,
-    pre_tokenizer: { type: "ByteLevel", add_prefix_space: false, trim_offsets: true, use_regex: true },
-    post_processor: null,
-    decoder: { type: "ByteLevel", add_prefix_space: true, trim_offsets: true, use_regex: true },
-    model: {
-      type: "BPE",
-      dropout: null,
-      unk_token: null,
-      continuing_subword_prefix: null,
-      end_of_word_suffix: null,
-      fuse_unk: false,
-      byte_fallback: false,
-      ignore_merges: false,
-      vocab,
-      merges: []
-    }
-  }
+  const tokenizer = byteLevelBpe({
+    vocab,
+    merges: [],
+    special: [
+      { id: ids.eos, content: "<|endoftext|>" },
+      { id: ids.mask, content: "<|mdm_mask|>" }
+    ],
+    decoderPrefixSpace: true
+  })
   await writeFile(join(dir, "tokenizer.json"), JSON.stringify(tokenizer))
   await writeFile(
     join(dir, "tokenizer_config.json"),

@@ -20,7 +20,7 @@ import { router } from "../src/openai/routes.js"
 import * as ServingConfig from "../src/openai/ServingConfig.js"
 import * as Scheduler from "../src/scheduler/Scheduler.js"
 import * as Tokenizer from "../src/tokenizer/Tokenizer.js"
-import { byteChars } from "./support/bytes.js"
+import { byteChars, byteLevelBpe } from "./support/tokenizer-json.js"
 
 // ---- a tiny tokenizer ---------------------------------------------------------------------------------
 
@@ -56,41 +56,18 @@ export const writeTinyModelDir = async (): Promise<string> => {
   }
   const firstSpecial = Object.keys(vocab).length
   const bos = SPECIAL[0]!
-  const tokenizerJson = {
-    version: "1.0",
-    truncation: null,
-    padding: null,
-    added_tokens: SPECIAL.map((content, k) => ({
-      id: firstSpecial + k,
-      content,
-      single_word: false,
-      lstrip: false,
-      rstrip: false,
-      normalized: false,
-      special: true
-    })),
-    normalizer: null,
-    pre_tokenizer: { type: "ByteLevel", add_prefix_space: false, trim_offsets: true, use_regex: true },
-    post_processor: {
+  const tokenizerJson = byteLevelBpe({
+    vocab,
+    merges,
+    special: SPECIAL.map((content, k) => ({ id: firstSpecial + k, content })),
+    postProcessor: {
       type: "TemplateProcessing",
       single: [{ SpecialToken: { id: bos, type_id: 0 } }, { Sequence: { id: "A", type_id: 0 } }],
       pair: [{ SpecialToken: { id: bos, type_id: 0 } }, { Sequence: { id: "A", type_id: 0 } }, { Sequence: { id: "B", type_id: 1 } }],
       special_tokens: { [bos]: { id: bos, ids: [firstSpecial], tokens: [bos] } }
     },
-    decoder: { type: "ByteLevel", add_prefix_space: false, trim_offsets: true, use_regex: true },
-    model: {
-      type: "BPE",
-      dropout: null,
-      unk_token: null,
-      continuing_subword_prefix: null,
-      end_of_word_suffix: null,
-      fuse_unk: false,
-      byte_fallback: false,
-      ignore_merges: false,
-      vocab,
-      merges
-    }
-  }
+    decoderPrefixSpace: false
+  })
   const tokenizerConfig = {
     tokenizer_class: "PreTrainedTokenizerFast",
     bos_token: bos,

@@ -213,6 +213,15 @@ const specOf = (field: SamplingField): SamplingSetting => samplingSettings[field
 
 /** The engine's name of a setting: genLength for max_tokens, topP for top_p. */
 export const engineName = (field: SamplingField): string => specOf(field).engine ?? camel(field)
+
+/**
+ * The request field of a native setting's name (the C++ SamplingParams field, as the engine's errors name
+ * it: "gen_length" → max_tokens, "top_p" → top_p); undefined for a name no request field stands for.
+ */
+export const requestFieldOfNative = (name: string): SamplingField | undefined => {
+  const engine = camel(name)
+  return fields.find((field) => (field === "max_tokens" ? "genLength" : engineName(field)) === engine)
+}
 /** The server setting's name (Config.Settings): maxTokens for max_tokens, topP for top_p. */
 export const configName = (field: SamplingField): string => camel(field)
 

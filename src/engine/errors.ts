@@ -3,6 +3,7 @@
  * callers can `Effect.catchTag` on what went wrong instead of parsing messages.
  */
 import { Schema } from "effect"
+import { requestFieldOfNative } from "../config/sampling.js"
 
 /** The model directory, its config.json or its safetensors cannot be used. */
 export class ModelLoadError extends Schema.TaggedError<ModelLoadError>()("ModelLoadError", {
@@ -29,6 +30,15 @@ export const nativeErrorCode = (cause: unknown): string =>
 
 export const nativeErrorMessage = (cause: unknown): string => (cause instanceof Error ? cause.message : String(cause))
 
+/**
+ * The request field at fault in a native error: the addon's `.param` (the C++ name) as the request names
+ * it (gen_length → max_tokens); inputs (prompt, suffix, template) keep their names.
+ */
+export const nativeErrorParam = (cause: unknown): string | undefined => {
+  if (typeof cause !== "object" || cause === null || !("param" in cause) || typeof cause.param !== "string") return undefined
+  return requestFieldOfNative(cause.param) ?? cause.param
+}
+
 /** Turns whatever the addon threw into the tagged error it stands for. */
 export const fromNative = (cause: unknown): EngineError => {
   const code = nativeErrorCode(cause)
@@ -36,8 +46,10 @@ export const fromNative = (cause: unknown): EngineError => {
   switch (code) {
     case "VDIFF_INVALID_MODEL":
       return new ModelLoadError({ message })
-    case "VDIFF_INVALID_ARGUMENT":
-      return new InvalidRequestError({ message })
+    case "VDIFF_INVALID_ARGUMENT": {
+      const param = nativeErrorParam(cause)
+      return new InvalidRequestError(param === undefined ? { message } : { message, param })
+    }
     default:
       return new EngineFailure({ message, code })
   }

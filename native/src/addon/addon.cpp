@@ -36,13 +36,14 @@ struct AddonData {
 struct Failure {
   std::string code;  // without the VDIFF_ prefix
   std::string message;
+  std::string param;  // the setting or input at fault (vdiff::Error::param), empty when none
 };
 
 Failure describe(std::exception_ptr failure) {
   try {
     std::rethrow_exception(failure);
   } catch (const vdiff::Error& e) {
-    return {vdiff::error_code_name(e.code()), e.what()};
+    return {vdiff::error_code_name(e.code()), e.what(), e.param()};
   } catch (const std::bad_alloc&) {
     return {"OUT_OF_MEMORY", "out of memory"};
   } catch (const std::exception& e) {
@@ -55,6 +56,7 @@ Failure describe(std::exception_ptr failure) {
 Napi::Error js_error(Napi::Env env, const Failure& f) {
   Napi::Error error = Napi::Error::New(env, f.message);
   error.Set("code", Napi::String::New(env, "VDIFF_" + f.code));
+  if (!f.param.empty()) error.Set("param", Napi::String::New(env, f.param));
   return error;
 }
 

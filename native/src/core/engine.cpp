@@ -69,7 +69,9 @@ class Sequence {
   }
 };
 
-static Error invalid(const std::string& message) { return Error(ErrorCode::InvalidArgument, message); }
+static Error invalid(const std::string& message, const std::string& param = "") {
+  return Error(ErrorCode::InvalidArgument, message, param);
+}
 
 Engine::Engine(std::shared_ptr<Backend> backend) : backend_(std::move(backend)) {
   if (!backend_) throw invalid("Engine needs a backend");
@@ -84,10 +86,10 @@ static void validate_tokens(const std::vector<int32_t>& tokens, const char* name
     const std::string at = std::string(name) + "[" + std::to_string(i) + "]";
     if (tokens[i] < 0 || tokens[i] >= vocab)
       throw invalid(at + " = " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " +
-                    std::to_string(vocab) + ")");
+                    std::to_string(vocab) + ")", name);
     // The reference would treat a mask token in the context as a hole to fill; holes are the answer's
     // masks only, so it is refused rather than silently rewritten.
-    if (tokens[i] == c.mask_token_id) throw invalid(at + " is the mask token " + std::to_string(c.mask_token_id));
+    if (tokens[i] == c.mask_token_id) throw invalid(at + " is the mask token " + std::to_string(c.mask_token_id), name);
   }
 }
 
@@ -98,45 +100,45 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
   // with cfg the unconditional copy is then identical to the conditional one).
   validate_tokens(prompt, "prompt", c);
   validate_tokens(suffix, "suffix", c);
-  if (p.gen_length < 1) throw invalid("gen_length must be >= 1 (got " + std::to_string(p.gen_length) + ")");
+  if (p.gen_length < 1) throw invalid("gen_length must be >= 1 (got " + std::to_string(p.gen_length) + ")", "gen_length");
   if (p.block_length < 1)
-    throw invalid("block_length must be >= 1 (got " + std::to_string(p.block_length) + ")");
-  if (p.steps < 1) throw invalid("steps must be >= 1 (got " + std::to_string(p.steps) + ")");
+    throw invalid("block_length must be >= 1 (got " + std::to_string(p.block_length) + ")", "block_length");
+  if (p.steps < 1) throw invalid("steps must be >= 1 (got " + std::to_string(p.steps) + ")", "steps");
   const int64_t total = static_cast<int64_t>(prompt.size()) + p.gen_length + static_cast<int64_t>(suffix.size());
   if (total > c.max_sequence_length)
     throw invalid("prompt of " + std::to_string(prompt.size()) + " tokens plus gen_length " +
                   std::to_string(p.gen_length) +
                   (suffix.empty() ? "" : " plus suffix of " + std::to_string(suffix.size()) + " tokens") +
-                  " exceeds the model context of " + std::to_string(c.max_sequence_length));
+                  " exceeds the model context of " + std::to_string(c.max_sequence_length), "gen_length");
   if (!(p.temperature >= 0.0) || !std::isfinite(p.temperature))
-    throw invalid("temperature must be a finite number >= 0 (got " + std::to_string(p.temperature) + ")");
+    throw invalid("temperature must be a finite number >= 0 (got " + std::to_string(p.temperature) + ")", "temperature");
   if (!(p.cfg_scale >= 0.0) || !std::isfinite(p.cfg_scale))
-    throw invalid("cfg_scale must be a finite number >= 0 (got " + std::to_string(p.cfg_scale) + ")");
+    throw invalid("cfg_scale must be a finite number >= 0 (got " + std::to_string(p.cfg_scale) + ")", "cfg_scale");
   if (p.remasking != Remasking::LowConfidence && p.remasking != Remasking::Random)
-    throw invalid("remasking must be low_confidence or random");
+    throw invalid("remasking must be low_confidence or random", "remasking");
   if (p.eot_token_id != -1 && (p.eot_token_id < 0 || p.eot_token_id >= vocab))
     throw invalid("eot_token_id " + std::to_string(p.eot_token_id) + " is outside the vocabulary [0, " +
-                  std::to_string(vocab) + ") (use -1 for none)");
-  if (p.top_k < 0) throw invalid("top_k must be >= 0 (0: off) (got " + std::to_string(p.top_k) + ")");
+                  std::to_string(vocab) + ") (use -1 for none)", "eot_token_id");
+  if (p.top_k < 0) throw invalid("top_k must be >= 0 (0: off) (got " + std::to_string(p.top_k) + ")", "top_k");
   if (!(p.top_p > 0.0 && p.top_p <= 1.0))
-    throw invalid("top_p must be in (0, 1] (1: off) (got " + std::to_string(p.top_p) + ")");
+    throw invalid("top_p must be in (0, 1] (1: off) (got " + std::to_string(p.top_p) + ")", "top_p");
   if (!(p.min_p >= 0.0 && p.min_p <= 1.0))
-    throw invalid("min_p must be in [0, 1] (0: off) (got " + std::to_string(p.min_p) + ")");
+    throw invalid("min_p must be in [0, 1] (0: off) (got " + std::to_string(p.min_p) + ")", "min_p");
   if (!(p.parallel_threshold >= 0.0 && p.parallel_threshold <= 1.0))
-    throw invalid("parallel_threshold must be in [0, 1] (0: off) (got " + std::to_string(p.parallel_threshold) + ")");
+    throw invalid("parallel_threshold must be in [0, 1] (0: off) (got " + std::to_string(p.parallel_threshold) + ")", "parallel_threshold");
   if (!(p.parallel_factor >= 0.0) || !std::isfinite(p.parallel_factor))
     throw invalid("parallel_factor must be a finite number >= 0 (0: off) (got " +
-                  std::to_string(p.parallel_factor) + ")");
+                  std::to_string(p.parallel_factor) + ")", "parallel_factor");
   if (p.parallel_threshold > 0.0 && p.parallel_factor > 0.0)
-    throw invalid("parallel_threshold and parallel_factor cannot both be set");
+    throw invalid("parallel_threshold and parallel_factor cannot both be set", "parallel_factor");
   if (p.kv_cache != KVCacheMode::None && p.kv_cache != KVCacheMode::Prefix && p.kv_cache != KVCacheMode::Dual)
-    throw invalid("kv_cache must be none, prefix or dual");
+    throw invalid("kv_cache must be none, prefix or dual", "kv_cache");
   if (p.top_logprobs < 0 || p.top_logprobs > kMaxTopLogprobs)
     throw invalid("top_logprobs must be in [0, " + std::to_string(kMaxTopLogprobs) + "] (got " +
-                  std::to_string(p.top_logprobs) + ")");
+                  std::to_string(p.top_logprobs) + ")", "top_logprobs");
   if (p.kv_refresh_interval < 0)
     throw invalid("kv_refresh_interval must be >= 0 (0: only at block starts) (got " +
-                  std::to_string(p.kv_refresh_interval) + ")");
+                  std::to_string(p.kv_refresh_interval) + ")", "kv_refresh_interval");
 }
 
 uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams& params,
@@ -146,7 +148,7 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
   if (!answer_template.empty()) {
     if (static_cast<int>(answer_template.size()) != params.gen_length)
       throw invalid("template has " + std::to_string(answer_template.size()) + " positions, gen_length is " +
-                    std::to_string(params.gen_length));
+                    std::to_string(params.gen_length), "template");
     int open = 0;
     for (size_t i = 0; i < answer_template.size(); ++i) {
       const int32_t t = answer_template[i];
@@ -156,9 +158,9 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
       }
       if (t < 0 || t >= config.embedding_size || t == config.mask_token_id)
         throw invalid("template[" + std::to_string(i) + "] = " + std::to_string(t) +
-                      " is neither -1 (to denoise) nor a token id other than the mask");
+                      " is neither -1 (to denoise) nor a token id other than the mask", "template");
     }
-    if (open == 0) throw invalid("template fixes every position of the answer: nothing is left to denoise");
+    if (open == 0) throw invalid("template fixes every position of the answer: nothing is left to denoise", "template");
   }
 
   auto seq = std::make_shared<Sequence>();

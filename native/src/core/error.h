@@ -29,11 +29,15 @@ inline const char* error_code_name(ErrorCode c) {
 
 class Error : public std::runtime_error {
  public:
-  Error(ErrorCode code, const std::string& message) : std::runtime_error(message), code_(code) {}
+  // `param`: the setting or input at fault, by its C++ name (e.g. "top_p", "prompt"); empty when none is.
+  Error(ErrorCode code, const std::string& message, std::string param = "")
+      : std::runtime_error(message), code_(code), param_(std::move(param)) {}
   ErrorCode code() const { return code_; }
+  const std::string& param() const { return param_; }
 
  private:
   ErrorCode code_;
+  std::string param_;
 };
 
 }  // namespace vdiff
