@@ -7,6 +7,7 @@
  *   vdiff generate --model DIR --prompt-ids 1,2,3 [--gen N --block N --steps N ...]
  *   vdiff make-model --preset tiny|small|llada-8b --seed N --out DIR [--dtype f32|bf16|f16] [--shard-mb N]
  *   vdiff make-model --from-raw DIR --out DIR [--dtype f32|bf16|f16]
+ *   vdiff quantize --model DIR --out DIR --format q8_0|q4_0
  *   vdiff bench [--models ...]  (the engine benchmark, bench/engine.mjs; --help lists its flags)
  */
 import { spawnSync } from "node:child_process"
@@ -25,6 +26,7 @@ const usage = `usage:
   vdiff generate --model DIR --prompt-ids 1,2,3 [flags]     (vdiff generate --help)
   vdiff make-model --preset NAME --seed N --out DIR [flags]  (vdiff make-model --help)
   vdiff make-model --from-raw DIR --out DIR [flags]
+  vdiff quantize --model DIR --out DIR --format q8_0|q4_0   (vdiff quantize --help)
   vdiff bench [flags]          (the engine benchmark: vdiff bench --help)`
 
 /** The command's settings, or its help printed (undefined). */
@@ -107,6 +109,11 @@ const main = async (argv: Array<string>): Promise<number> => {
         return 0
       case "serve":
         return await (await import("./cli/serve.js")).serve(rest)
+      case "quantize": {
+        const values = settingsOf(Commands.quantize, rest)
+        if (values !== undefined) await (await import("./model/quantize.js")).quantizeCommand(values)
+        return 0
+      }
       case "bench":
         return benchCommand(rest)
       case undefined:

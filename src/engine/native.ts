@@ -64,7 +64,8 @@ export interface NativeModelInfo {
   readonly memoryUsedBytes: number
   /** The device's memory; 0 on the CPU (not reported). */
   readonly memoryTotalBytes: number
-  readonly weightDtype: "f32" | "bf16" | "f16"
+  /** The projection weights' type: as stored, or the block-quantized format (a `vdiff quantize` checkpoint or --quantize). */
+  readonly weightDtype: "f32" | "bf16" | "f16" | "q8_0" | "q4_0"
   readonly parameterCount: number
   readonly weightBytes: number
   /** Bytes of the f32 copies of the weights packed at load for the GEMM; 0: none (see packWeightsMaxBytes). */

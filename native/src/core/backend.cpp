@@ -9,10 +9,10 @@
 #include <new>
 #include <set>
 
+#include "cpu/backend_cpu.h"
 #include "error.h"
 #include "sampler.h"
 #include "threadpool.h"
-#include "cpu/backend_cpu.h"
 #ifndef VDIFF_WITH_CUDA
 #define VDIFF_WITH_CUDA 0
 #endif
@@ -48,13 +48,18 @@ std::unique_ptr<Backend> Backend::load(const std::string& dir, const LoadOptions
   if (device == Device::Auto) device = cuda_devices() > 0 ? Device::Cuda : Device::Cpu;
   try {
     if (device == Device::Cpu) return cpu::load(dir, options);
+    if (options.quantize != Quant::None)
+      throw Error(ErrorCode::InvalidArgument,
+                  "quantizing at load (q8_0, q4_0) is done by the CPU backend only; "
+                  "serve a quantized model with --device cpu");
 #if VDIFF_WITH_CUDA
     if (cuda::device_count() == 0)
       throw Error(ErrorCode::Unavailable, "device cuda: no CUDA GPU is visible (no device, or no driver)");
     return cuda::load(dir, options);
 #else
-    throw Error(ErrorCode::Unavailable, "device cuda: this build of vdiff has no CUDA backend (nvcc was not found "
-                                        "when it was built, or it was built with VDIFF_CUDA=OFF)");
+    throw Error(ErrorCode::Unavailable,
+                "device cuda: this build of vdiff has no CUDA backend (nvcc was not found "
+                "when it was built, or it was built with VDIFF_CUDA=OFF)");
 #endif
   } catch (const std::bad_alloc&) {
     throw Error(ErrorCode::OutOfMemory, dir + ": out of memory while loading the model");
@@ -62,7 +67,9 @@ std::unique_ptr<Backend> Backend::load(const std::string& dir, const LoadOptions
 }
 
 Backend::Backend(const ModelConfig& config, const LoadOptions& options)
-    : config_(config), kv_dtype_(options.kv_cache_dtype), account_(std::make_shared<KVCache::Account>()),
+    : config_(config),
+      kv_dtype_(options.kv_cache_dtype),
+      account_(std::make_shared<KVCache::Account>()),
       pool_(std::make_unique<ThreadPool>(options.threads)) {
   set_kv_cache_budget(options.kv_cache_budget_bytes);
 }
@@ -92,7 +99,8 @@ uint64_t Backend::kv_cache_bytes(int positions) const {
 }
 
 static std::string size_text(uint64_t b) {
-  return b < (10u << 20) ? std::to_string((b + 1023) >> 10) + " KiB" : std::to_string((b + (1 << 20) - 1) >> 20) + " MiB";
+  return b < (10u << 20) ? std::to_string((b + 1023) >> 10) + " KiB"
+                         : std::to_string((b + (1 << 20) - 1) >> 20) + " MiB";
 }
 
 std::unique_ptr<KVCache> Backend::make_kv_cache(int positions) {
@@ -102,7 +110,8 @@ std::unique_ptr<KVCache> Backend::make_kv_cache(int positions) {
   const uint64_t bytes = kv_cache_bytes(positions), budget = account_->budget.load();
   if (budget > 0 && bytes > budget)
     throw Error(ErrorCode::InvalidArgument, "KV cache for " + std::to_string(positions) + " positions needs " +
-                                                size_text(bytes) + ", more than the whole cache budget of " + size_text(budget));
+                                                size_text(bytes) + ", more than the whole cache budget of " +
+                                                size_text(budget));
   // Reserve the bytes first (other threads may be making caches too), then allocate.
   uint64_t live = account_->live.load();
   do {
@@ -142,8 +151,8 @@ BatchPlan Backend::check_batch(const std::vector<ForwardSeq>& batch) const {
                     std::to_string(config_.max_sequence_length));
     for (int i = 0; i < seq.length; ++i)
       if (seq.tokens[i] < 0 || seq.tokens[i] >= config_.embedding_size)
-        throw invalid("token " + std::to_string(seq.tokens[i]) + " at position " + std::to_string(i) + " is outside [0, " +
-                      std::to_string(config_.embedding_size) + ")");
+        throw invalid("token " + std::to_string(seq.tokens[i]) + " at position " + std::to_string(i) +
+                      " is outside [0, " + std::to_string(config_.embedding_size) + ")");
     const int begin = seq.compute_begin, end = seq.compute_end == -1 ? seq.length : seq.compute_end;
     const auto range = [&] {
       char text[64];
@@ -160,7 +169,8 @@ BatchPlan Backend::check_batch(const std::vector<ForwardSeq>& batch) const {
                       std::to_string(seq.length));
       if (!caches.insert(seq.cache).second) throw invalid("the same KV cache appears twice in one forward");
       if (!whole && !seq.cache->filled())
-        throw invalid("the KV cache is not filled: computing " + range() + " needs a forward over the whole canvas first");
+        throw invalid("the KV cache is not filled: computing " + range() +
+                      " needs a forward over the whole canvas first");
     } else if (!whole) {
       throw invalid("computing only " + range() + " of the canvas needs a KV cache");
     }
@@ -201,7 +211,8 @@ void sample_task(float* logits, const float* uncond, int row_size, const RowTask
   double sum = 0.0;
   for (int i = 0; i < row_size; ++i) sum += std::exp(static_cast<double>(logits[i]) - max);
   const double log_sum = std::log(sum);
-  if (task.target >= 0 && task.target < row_size) out.target_logprob = static_cast<double>(logits[task.target]) - max - log_sum;
+  if (task.target >= 0 && task.target < row_size)
+    out.target_logprob = static_cast<double>(logits[task.target]) - max - log_sum;
   // The n_top likeliest tokens that could be drawn (not the mask, not head padding), kept sorted by an
   // insertion pass: most rows reject a token at the first comparison.
   for (int i = 0; i < vocab && n_top > 0; ++i) {
@@ -240,7 +251,8 @@ void Backend::predict(const std::vector<ForwardSeq>& batch, const std::vector<Ro
   // Per worker thread: the index buffer top-k / top-p filtering sorts, reserved here so that the workers
   // never allocate (the pool's functions must not throw).
   std::vector<std::vector<int32_t>> scratch(pool_->size());
-  const bool filtering = std::any_of(tasks.begin(), tasks.end(), [](const RowTask& t) { return t.rule && t.rule->filters(); });
+  const bool filtering =
+      std::any_of(tasks.begin(), tasks.end(), [](const RowTask& t) { return t.rule && t.rule->filters(); });
   if (filtering)
     for (std::vector<int32_t>& buffer : scratch) buffer.reserve(row_size);
   pool_->parallel_for(tasks.size(), [&](size_t begin, size_t end, int thread) {
