@@ -4,7 +4,8 @@
 //
 //   loadModel(dir, {device?, threads?, kvCacheDtype?, kvCacheBudgetBytes?, packWeightsMaxBytes?,
 //                   gpuMemoryUtilization?}) -> Promise<NativeEngine>
-//   NativeEngine: info() create(prompt, params, suffix?, template?) step(ids, cancel?) score(canvas, positions, targets)
+//   NativeEngine: info() create(prompt, params, suffix?, template?) step(ids, cancel?) score(canvas, positions,
+//   targets)
 //                 release(id) canvas(id) sequenceInfo(id) live() kvCacheBytes()
 //   CancelToken: cancel() cancelled
 //   cudaDevices() -> number of visible GPUs (0 without the CUDA build, a driver or a GPU)
@@ -17,9 +18,9 @@
 #include <string>
 #include <vector>
 
+#include "core/backend.h"
 #include "core/engine.h"
 #include "core/error.h"
-#include "core/backend.h"
 
 namespace {
 
@@ -109,8 +110,8 @@ std::vector<int32_t> tokens_of(Napi::Env env, const Napi::Value& v, const std::s
   auto array = v.As<Napi::Array>();
   std::vector<int32_t> tokens(array.Length());
   for (uint32_t i = 0; i < array.Length(); ++i)
-    tokens[i] = static_cast<int32_t>(
-        integer_of(env, array.Get(i), name + "[" + std::to_string(i) + "]", INT32_MIN, INT32_MAX));
+    tokens[i] =
+        static_cast<int32_t>(integer_of(env, array.Get(i), name + "[" + std::to_string(i) + "]", INT32_MIN, INT32_MAX));
   return tokens;
 }
 
@@ -125,7 +126,8 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
   const Napi::Object o = v.As<Napi::Object>();
   vdiff::SamplingParams p;
   auto int_field = [&](const char* name) {
-    return static_cast<int>(integer_of(env, field(env, o, name, true), std::string("params.") + name, INT32_MIN, INT32_MAX));
+    return static_cast<int>(
+        integer_of(env, field(env, o, name, true), std::string("params.") + name, INT32_MIN, INT32_MAX));
   };
   auto number_field = [&](const char* name) {
     Napi::Value x = field(env, o, name, true);
@@ -194,9 +196,10 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
   p.top_logprobs = top_logprobs.IsUndefined() || top_logprobs.IsNull()
                        ? 0
                        : static_cast<int>(integer_of(env, top_logprobs, "params.topLogprobs", INT32_MIN, INT32_MAX));
-  p.kv_refresh_interval = refresh.IsUndefined() || refresh.IsNull()
-                              ? 0
-                              : static_cast<int>(integer_of(env, refresh, "params.kvRefreshInterval", INT32_MIN, INT32_MAX));
+  p.kv_refresh_interval =
+      refresh.IsUndefined() || refresh.IsNull()
+          ? 0
+          : static_cast<int>(integer_of(env, refresh, "params.kvRefreshInterval", INT32_MIN, INT32_MAX));
   return p;
 }
 
@@ -249,7 +252,8 @@ class LoadWorker : public PromiseWorker {
     options_.progress = [](void* context, uint64_t done, uint64_t total) {
       auto* tsfn = static_cast<Napi::ThreadSafeFunction*>(context);
       tsfn->NonBlockingCall([done, total](Napi::Env env, Napi::Function callback) {
-        callback.Call({Napi::Number::New(env, static_cast<double>(done)), Napi::Number::New(env, static_cast<double>(total))});
+        callback.Call(
+            {Napi::Number::New(env, static_cast<double>(done)), Napi::Number::New(env, static_cast<double>(total))});
       });
     };
     options_.progress_context = &progress_;
@@ -259,9 +263,7 @@ class LoadWorker : public PromiseWorker {
   }
 
  private:
-  void run() override {
-    engine_ = std::make_shared<Engine>(vdiff::Backend::load(dir_, options_));
-  }
+  void run() override { engine_ = std::make_shared<Engine>(vdiff::Backend::load(dir_, options_)); }
   Napi::ThreadSafeFunction progress_;
   Napi::Value result(Napi::Env env) override {
     AddonData* data = env.GetInstanceData<AddonData>();
@@ -279,8 +281,8 @@ const char* reason_name(vdiff::FinishReason r) {
 
 class ScoreWorker : public PromiseWorker {
  public:
-  ScoreWorker(Napi::Env env, std::shared_ptr<Engine> engine, std::vector<int32_t> canvas, std::vector<int32_t> positions,
-              std::vector<int32_t> targets)
+  ScoreWorker(Napi::Env env, std::shared_ptr<Engine> engine, std::vector<int32_t> canvas,
+              std::vector<int32_t> positions, std::vector<int32_t> targets)
       : PromiseWorker(env, "vdiff.score"),
         engine_(std::move(engine)),
         canvas_(std::move(canvas)),
@@ -363,9 +365,9 @@ class StepWorker : public PromiseWorker {
 class CancelToken : public Napi::ObjectWrap<CancelToken> {
  public:
   static Napi::Function define(Napi::Env env) {
-    return DefineClass(env, "CancelToken",
-                       {InstanceMethod<&CancelToken::cancel>("cancel"),
-                        InstanceAccessor<&CancelToken::cancelled>("cancelled")});
+    return DefineClass(
+        env, "CancelToken",
+        {InstanceMethod<&CancelToken::cancel>("cancel"), InstanceAccessor<&CancelToken::cancelled>("cancelled")});
   }
   explicit CancelToken(const Napi::CallbackInfo& info)
       : Napi::ObjectWrap<CancelToken>(info), flag_(std::make_shared<std::atomic<bool>>(false)) {}
@@ -385,16 +387,13 @@ class CancelToken : public Napi::ObjectWrap<CancelToken> {
 class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
  public:
   static Napi::Function define(Napi::Env env) {
-    return DefineClass(env, "NativeEngine",
-                       {InstanceMethod<&NativeEngine::info>("info"),
-                        InstanceMethod<&NativeEngine::create>("create"),
-                        InstanceMethod<&NativeEngine::step>("step"),
-                        InstanceMethod<&NativeEngine::score>("score"),
-                        InstanceMethod<&NativeEngine::release>("release"),
-                        InstanceMethod<&NativeEngine::canvas>("canvas"),
-                        InstanceMethod<&NativeEngine::sequence_info>("sequenceInfo"),
-                        InstanceMethod<&NativeEngine::live>("live"),
-                        InstanceMethod<&NativeEngine::kv_cache_bytes>("kvCacheBytes")});
+    return DefineClass(
+        env, "NativeEngine",
+        {InstanceMethod<&NativeEngine::info>("info"), InstanceMethod<&NativeEngine::create>("create"),
+         InstanceMethod<&NativeEngine::step>("step"), InstanceMethod<&NativeEngine::score>("score"),
+         InstanceMethod<&NativeEngine::release>("release"), InstanceMethod<&NativeEngine::canvas>("canvas"),
+         InstanceMethod<&NativeEngine::sequence_info>("sequenceInfo"), InstanceMethod<&NativeEngine::live>("live"),
+         InstanceMethod<&NativeEngine::kv_cache_bytes>("kvCacheBytes")});
   }
 
   explicit NativeEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeEngine>(info) {
@@ -444,12 +443,12 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     Napi::Env env = info.Env();
     const std::vector<int32_t> prompt = tokens_of(env, info[0], "prompt");
     const vdiff::SamplingParams params = params_of(env, info[1]);
-    const std::vector<int32_t> suffix =
-        info.Length() > 2 && !info[2].IsUndefined() && !info[2].IsNull() ? tokens_of(env, info[2], "suffix")
-                                                                          : std::vector<int32_t>();
-    const std::vector<int32_t> answer_template =
-        info.Length() > 3 && !info[3].IsUndefined() && !info[3].IsNull() ? tokens_of(env, info[3], "template")
-                                                                          : std::vector<int32_t>();
+    const std::vector<int32_t> suffix = info.Length() > 2 && !info[2].IsUndefined() && !info[2].IsNull()
+                                            ? tokens_of(env, info[2], "suffix")
+                                            : std::vector<int32_t>();
+    const std::vector<int32_t> answer_template = info.Length() > 3 && !info[3].IsUndefined() && !info[3].IsNull()
+                                                     ? tokens_of(env, info[3], "template")
+                                                     : std::vector<int32_t>();
     const uint64_t id = guarded(env, [&] { return engine_->create(prompt, params, suffix, answer_template); });
     return Napi::Number::New(env, static_cast<double>(id));
   }
@@ -481,8 +480,8 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
   Napi::Value score(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     try {
-      auto* worker = new ScoreWorker(env, engine_, tokens_of(env, info[0], "canvas"), tokens_of(env, info[1], "positions"),
-                                     tokens_of(env, info[2], "targets"));
+      auto* worker = new ScoreWorker(env, engine_, tokens_of(env, info[0], "canvas"),
+                                     tokens_of(env, info[1], "positions"), tokens_of(env, info[2], "targets"));
       Napi::Promise promise = worker->promise();
       worker->Queue();
       return promise;
@@ -613,7 +612,8 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData<AddonData>(data);
   exports.Set("loadModel", Napi::Function::New<load_model>(env, "loadModel"));
   exports.Set("cudaDevices", Napi::Function::New(
-                                 env, [](const Napi::CallbackInfo& info) {
+                                 env,
+                                 [](const Napi::CallbackInfo& info) {
                                    return Napi::Number::New(info.Env(), vdiff::Backend::cuda_devices());
                                  },
                                  "cudaDevices"));

@@ -74,14 +74,14 @@ double measure_ghz() {
   uint64_t x = 3, m = 1;
   double best = 1e9;
   for (int trial = 0; trial < 20; ++trial) {
-  auto t0 = std::chrono::steady_clock::now();
-  for (long i = 0; i < iterations; ++i)
-    asm volatile(
-        "imul %1, %0\n\timul %1, %0\n\timul %1, %0\n\timul %1, %0\n\timul %1, %0\n\t"
-        "imul %1, %0\n\timul %1, %0\n\timul %1, %0\n\timul %1, %0\n\timul %1, %0\n\t"
-        : "+r"(x)
-        : "r"(m));
-  best = std::min(best, seconds_since(t0));
+    auto t0 = std::chrono::steady_clock::now();
+    for (long i = 0; i < iterations; ++i)
+      asm volatile(
+          "imul %1, %0\n\timul %1, %0\n\timul %1, %0\n\timul %1, %0\n\timul %1, %0\n\t"
+          "imul %1, %0\n\timul %1, %0\n\timul %1, %0\n\timul %1, %0\n\timul %1, %0\n\t"
+          : "+r"(x)
+          : "r"(m));
+    best = std::min(best, seconds_since(t0));
   }
   return iterations * 10.0 * 3.0 / best / 1e9;
 #else
@@ -96,32 +96,32 @@ __attribute__((target("avx512f"))) double measure_avx512_fma_gflops() {
   const long iterations = 1000000;
   double best = 1e9;
   for (int trial = 0; trial < 20; ++trial) {
-  long n = iterations;
-  auto t0 = std::chrono::steady_clock::now();
-  asm volatile(
-      "vpxord %%zmm24, %%zmm24, %%zmm24\n\t"
-      "vpxord %%zmm25, %%zmm25, %%zmm25\n\t"
-      "1:\n\t"
-      "vfmadd231ps %%zmm24, %%zmm25, %%zmm0\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm1\n\t"
-      "vfmadd231ps %%zmm24, %%zmm25, %%zmm2\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm3\n\t"
-      "vfmadd231ps %%zmm24, %%zmm25, %%zmm4\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm5\n\t"
-      "vfmadd231ps %%zmm24, %%zmm25, %%zmm6\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm7\n\t"
-      "vfmadd231ps %%zmm24, %%zmm25, %%zmm8\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm9\n\t"
-      "vfmadd231ps %%zmm24, %%zmm25, %%zmm10\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm11\n\t"
-      "vfmadd231ps %%zmm24, %%zmm25, %%zmm12\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm13\n\t"
-      "vfmadd231ps %%zmm24, %%zmm25, %%zmm14\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm15\n\t"
-      "vfmadd231ps %%zmm24, %%zmm25, %%zmm16\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm17\n\t"
-      "vfmadd231ps %%zmm24, %%zmm25, %%zmm18\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm19\n\t"
-      "vfmadd231ps %%zmm24, %%zmm25, %%zmm20\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm21\n\t"
-      "vfmadd231ps %%zmm24, %%zmm25, %%zmm22\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm23\n\t"
-      "dec %0\n\t"
-      "jnz 1b\n\t"
-      : "+r"(n)
-      :
-      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12",
-        "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24",
-        "xmm25", "cc");
-  best = std::min(best, seconds_since(t0));
+    long n = iterations;
+    auto t0 = std::chrono::steady_clock::now();
+    asm volatile(
+        "vpxord %%zmm24, %%zmm24, %%zmm24\n\t"
+        "vpxord %%zmm25, %%zmm25, %%zmm25\n\t"
+        "1:\n\t"
+        "vfmadd231ps %%zmm24, %%zmm25, %%zmm0\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm1\n\t"
+        "vfmadd231ps %%zmm24, %%zmm25, %%zmm2\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm3\n\t"
+        "vfmadd231ps %%zmm24, %%zmm25, %%zmm4\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm5\n\t"
+        "vfmadd231ps %%zmm24, %%zmm25, %%zmm6\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm7\n\t"
+        "vfmadd231ps %%zmm24, %%zmm25, %%zmm8\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm9\n\t"
+        "vfmadd231ps %%zmm24, %%zmm25, %%zmm10\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm11\n\t"
+        "vfmadd231ps %%zmm24, %%zmm25, %%zmm12\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm13\n\t"
+        "vfmadd231ps %%zmm24, %%zmm25, %%zmm14\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm15\n\t"
+        "vfmadd231ps %%zmm24, %%zmm25, %%zmm16\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm17\n\t"
+        "vfmadd231ps %%zmm24, %%zmm25, %%zmm18\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm19\n\t"
+        "vfmadd231ps %%zmm24, %%zmm25, %%zmm20\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm21\n\t"
+        "vfmadd231ps %%zmm24, %%zmm25, %%zmm22\n\t vfmadd231ps %%zmm24, %%zmm25, %%zmm23\n\t"
+        "dec %0\n\t"
+        "jnz 1b\n\t"
+        : "+r"(n)
+        :
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12",
+          "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24",
+          "xmm25", "cc");
+    best = std::min(best, seconds_since(t0));
   }
   return iterations * 24.0 * 32.0 / best / 1e9;
 }
@@ -137,8 +137,10 @@ int bench_kernels() {
 #if defined(__x86_64__)
   if (std::string(k.isa) == "avx512") {
     peak = measure_avx512_fma_gflops();
-    std::printf("measured 1-core AVX-512 FMA peak (best of 20): %.1f GFLOP/s = %.1f flop/cycle at %.2f GHz "
-                "(2 FMA units x 16 lanes x 2 flops = 64)\n", peak, peak / ghz, ghz);
+    std::printf(
+        "measured 1-core AVX-512 FMA peak (best of 20): %.1f GFLOP/s = %.1f flop/cycle at %.2f GHz "
+        "(2 FMA units x 16 lanes x 2 flops = 64)\n",
+        peak, peak / ghz, ghz);
   }
 #endif
   if (peak == 0) peak = 64 * ghz;
@@ -158,7 +160,8 @@ int bench_kernels() {
         auto run = [&] {
           pool.parallel_for(panels, [&](size_t b, size_t e, int t) {
             int n0 = static_cast<int>(b * k.gemm_nr), n1 = static_cast<int>(std::min<size_t>(e * k.gemm_nr, s.N));
-            k.gemm(s.M, n0, n1, s.K, A.data(), s.K, MatB{W.data(), type, s.K, false}, C.data(), s.N, false, scratch[t]->p);
+            k.gemm(s.M, n0, n1, s.K, A.data(), s.K, MatB{W.data(), type, s.K, false}, C.data(), s.N, false,
+                   scratch[t]->p);
           });
         };
         run();
@@ -172,8 +175,9 @@ int bench_kernels() {
           ++reps;
         }
         double gflops = 2.0 * s.M * s.N * s.K / best / 1e9;
-        std::printf("gemm %-4s M=%-4d N=%-5d K=%-5d threads=%d: %6.1f GFLOP/s (best of %d) = %3.0f%% of %d x measured peak\n",
-                    type_name(type), s.M, s.N, s.K, threads, gflops, reps, 100.0 * gflops / (threads * peak), threads);
+        std::printf(
+            "gemm %-4s M=%-4d N=%-5d K=%-5d threads=%d: %6.1f GFLOP/s (best of %d) = %3.0f%% of %d x measured peak\n",
+            type_name(type), s.M, s.N, s.K, threads, gflops, reps, 100.0 * gflops / (threads * peak), threads);
         for (auto* p : scratch) delete p;
       }
     }

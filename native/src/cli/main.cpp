@@ -30,11 +30,11 @@
 #include <thread>
 #include <vector>
 
+#include "cli/bench_native.h"
+#include "core/backend.h"
 #include "core/engine.h"
 #include "core/error.h"
-#include "core/backend.h"
 #include "core/sampler.h"
-#include "cli/bench_native.h"
 
 using namespace vdiff;
 
@@ -44,7 +44,8 @@ constexpr const char* kUsage =
     "usage: vdiff-cli generate --model DIR --prompt-ids 1,2,3 [--gen N --block N --steps N --temperature T "
     "--cfg S --remasking low_confidence|random --seed N --threads N --batch B --eot ID --logits-eos-inf "
     "--confidence-eos-eot-inf --trace --suffix-ids 4,5 --top-k K --top-p P --threshold T --factor F "
-    "--early-stop --kv-cache none|prefix|dual --kv-refresh N --kv-cache-dtype f32|bf16 --kv-budget-mb N --pack-weights-max-mb N]\n"
+    "--early-stop --kv-cache none|prefix|dual --kv-refresh N --kv-cache-dtype f32|bf16 --kv-budget-mb N "
+    "--pack-weights-max-mb N]\n"
     "       vdiff-cli bench --model DIR [--prompt-len N --gen N --block N --steps N --batch 1,8 "
     "--kv-cache none,prefix,dual --threads N --repeat N --seed N --prompt-ids 1,2,3 (and the sampling flags of "
     "generate)]\n"
@@ -180,7 +181,8 @@ int threads_of(const Args& args) {
 // "backend":"cpu","device":"avx512","gemm":"avx512" — what ran, for every JSON line.
 std::string backend_fields(const Backend& backend) {
   const BackendInfo i = backend.info();
-  return "\"backend\":" + json_string(i.backend) + ",\"device\":" + json_string(i.device) + ",\"gemm\":" + json_string(i.gemm);
+  return "\"backend\":" + json_string(i.backend) + ",\"device\":" + json_string(i.device) +
+         ",\"gemm\":" + json_string(i.gemm);
 }
 
 std::shared_ptr<Backend> load_model(const Args& args) {
@@ -196,7 +198,8 @@ std::shared_ptr<Backend> load_model(const Args& args) {
   const long long budget_mb = args.integer("--kv-budget-mb", 0);
   if (budget_mb < 0) throw usage("--kv-budget-mb must be >= 0 (0: no bound)");
   options.kv_cache_budget_bytes = static_cast<uint64_t>(budget_mb) << 20;
-  const long long pack_mb = args.integer("--pack-weights-max-mb", static_cast<long long>(options.pack_weights_max_bytes >> 20));
+  const long long pack_mb =
+      args.integer("--pack-weights-max-mb", static_cast<long long>(options.pack_weights_max_bytes >> 20));
   if (pack_mb < 0) throw usage("--pack-weights-max-mb must be >= 0 (0: never pack)");
   options.pack_weights_max_bytes = static_cast<uint64_t>(pack_mb) << 20;
   return Backend::load(args.required("--model"), options);
@@ -393,8 +396,8 @@ int bench(const Args& args) {
     return times;
   };
   auto stats = [](const std::vector<double>& v) {
-    return "{\"median\":" + json_number(median(v)) + ",\"min\":" +
-           json_number(*std::min_element(v.begin(), v.end())) + "}";
+    return "{\"median\":" + json_number(median(v)) + ",\"min\":" + json_number(*std::min_element(v.begin(), v.end())) +
+           "}";
   };
   std::string forward_ms = "null";
   if (repeat > 0)
@@ -458,8 +461,8 @@ int bench(const Args& args) {
   std::printf(
       "{%s,\"threads\":%d,\"weight_dtype\":%s,\"prompt_len\":%d,\"gen\":%d,\"block\":%d,\"steps\":%d,"
       "\"threshold\":%s,\"factor\":%s,\"load_average\":[%s,%s],\"forward_ms\":%s,\"denoise\":%s}\n",
-      backend_fields(*model).c_str(), threads_of(args), json_string(model->weight_dtype()).c_str(), prompt_used, params.gen_length,
-      params.block_length, params.steps, json_number(params.parallel_threshold).c_str(),
+      backend_fields(*model).c_str(), threads_of(args), json_string(model->weight_dtype()).c_str(), prompt_used,
+      params.gen_length, params.block_length, params.steps, json_number(params.parallel_threshold).c_str(),
       json_number(params.parallel_factor).c_str(), json_number(load_before).c_str(),
       json_number(load_average()).c_str(), forward_ms.c_str(), denoise.c_str());
   return 0;
@@ -476,10 +479,9 @@ int info(const Args& args) {
       "\"weight_bytes\":%llu,\"packed_weight_bytes\":%llu}\n",
       c.d_model, c.n_heads, c.n_kv_heads, c.n_layers, c.mlp_hidden_size, c.vocab_size, c.embedding_size,
       c.mask_token_id, c.eos_token_id, c.max_sequence_length, json_number(c.rope_theta).c_str(),
-      json_number(c.rms_norm_eps).c_str(), c.weight_tying ? "true" : "false",
-      c.include_bias ? "true" : "false", backend_fields(*model).c_str(), threads_of(args), json_string(model->weight_dtype()).c_str(),
-      static_cast<unsigned long long>(model->parameter_count()),
-      static_cast<unsigned long long>(model->weight_bytes()),
+      json_number(c.rms_norm_eps).c_str(), c.weight_tying ? "true" : "false", c.include_bias ? "true" : "false",
+      backend_fields(*model).c_str(), threads_of(args), json_string(model->weight_dtype()).c_str(),
+      static_cast<unsigned long long>(model->parameter_count()), static_cast<unsigned long long>(model->weight_bytes()),
       static_cast<unsigned long long>(model->packed_weight_bytes()));
   return 0;
 }
@@ -494,8 +496,9 @@ int bench_forward_command(Args args) {
   const int rows = to_int("--rows", args.integer("--rows", 32));
   if (seq_len < 1 || rows < 1 || rows > seq_len) throw usage("--seq-len and --rows must be >= 1, rows <= seq-len");
   auto model = load_model(args);
-  return cli::bench_forward(*model, args.required("--model"), to_int("--threads", args.integer("--threads", 2)), seq_len,
-                            rows, read.empty() ? -1 : to_int("--read", read[0]), read.empty() ? -1 : to_int("--read", read[1]));
+  return cli::bench_forward(*model, args.required("--model"), to_int("--threads", args.integer("--threads", 2)),
+                            seq_len, rows, read.empty() ? -1 : to_int("--read", read[0]),
+                            read.empty() ? -1 : to_int("--read", read[1]));
 }
 
 int fail(const char* code, const std::string& message) {

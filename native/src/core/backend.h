@@ -102,13 +102,13 @@ class KVCache {
 //     [block start, length), the dual cache's steps [block start, block end).
 // Such a read is approximate exactly where tokens outside the range changed since they were computed.
 struct ForwardSeq {
-  const int32_t* tokens = nullptr;       // the whole canvas (prompt + answer, mask tokens included)
+  const int32_t* tokens = nullptr;  // the whole canvas (prompt + answer, mask tokens included)
   int length = 0;
-  const int32_t* logit_rows = nullptr;   // positions (compute_begin <= p < compute_end) whose rows are wanted
+  const int32_t* logit_rows = nullptr;  // positions (compute_begin <= p < compute_end) whose rows are wanted
   int n_logit_rows = 0;
-  KVCache* cache = nullptr;              // optional; made by this backend for `length` positions
+  KVCache* cache = nullptr;  // optional; made by this backend for `length` positions
   int compute_begin = 0;
-  int compute_end = -1;                  // -1: length. Without a cache the range must be the whole canvas.
+  int compute_end = -1;  // -1: length. Without a cache the range must be the whole canvas.
 };
 
 // A forward's batch after its checks: per sequence, the computed range and where its tokens sit among
@@ -122,8 +122,8 @@ struct BatchPlan {
     bool reads_cache;  // keys outside [begin, end) come from the cache
   };
   std::vector<Seq> seqs;
-  int tokens = 0;   // T
-  int rows = 0;     // logit rows requested over the batch
+  int tokens = 0;  // T
+  int rows = 0;    // logit rows requested over the batch
   int max_length = 0;
 };
 
@@ -134,14 +134,14 @@ constexpr int kMaxTopLogprobs = 20;
 // (seed, step, position).
 struct RowTask {
   int cond = 0;
-  int uncond = -1;          // -1: no cfg
+  int uncond = -1;  // -1: no cfg
   double cfg_scale = 0.0;
   const RowRule* rule = nullptr;  // nullptr: no sampling (only `target` is wanted)
   uint64_t seed = 0;
   int step = 0;
-  int position = 0;         // in the answer
-  int top_logprobs = 0;     // 0 .. kMaxTopLogprobs alternatives to report
-  int32_t target = -1;      // >= 0: also report the natural log-probability of this token (scoring)
+  int position = 0;      // in the answer
+  int top_logprobs = 0;  // 0 .. kMaxTopLogprobs alternatives to report
+  int32_t target = -1;   // >= 0: also report the natural log-probability of this token (scoring)
 };
 
 struct TopLogprob {
@@ -150,9 +150,9 @@ struct TopLogprob {
 };
 
 struct RowResult {
-  int32_t token = 0;          // x0: the token this row would take
-  double probability = 0.0;   // float64 softmax probability of `token`
-  double confidence = 0.0;    // what committing ranks by (never NaN)
+  int32_t token = 0;         // x0: the token this row would take
+  double probability = 0.0;  // float64 softmax probability of `token`
+  double confidence = 0.0;   // what committing ranks by (never NaN)
   double target_logprob = 0.0;
   int n_top = 0;
   TopLogprob top[kMaxTopLogprobs];  // the n_top likeliest tokens, most likely first, ties to the lower id
@@ -173,7 +173,7 @@ class Backend {
 
   const ModelConfig& config() const { return config_; }
   virtual BackendInfo info() const = 0;
-  virtual std::string weight_dtype() const = 0;   // "f32" | "bf16" | "f16" (of the projection weights)
+  virtual std::string weight_dtype() const = 0;  // "f32" | "bf16" | "f16" (of the projection weights)
   virtual uint64_t parameter_count() const = 0;
   virtual uint64_t weight_bytes() const = 0;
   // CPU: bytes of the weights packed at load (LoadOptions::pack_weights_max_bytes); 0: none packed.

@@ -49,8 +49,12 @@ void reject_unsupported(const Json& j) {
     bool supported;
   };
   const Switch switches[] = {
-      {"alibi", false},       {"rope", true},          {"attention_layer_norm", false},
-      {"scale_logits", false}, {"include_qkv_bias", false}, {"norm_after", false},
+      {"alibi", false},
+      {"rope", true},
+      {"attention_layer_norm", false},
+      {"scale_logits", false},
+      {"include_qkv_bias", false},
+      {"norm_after", false},
   };
   for (const auto& s : switches) {
     const Json* v = member(j, s.key);
@@ -136,18 +140,23 @@ void ModelConfig::validate() const {
   positive("embedding_size", embedding_size);
   positive("max_sequence_length", max_sequence_length);
   if (d_model % n_heads != 0)
-    bad("\"d_model\" (" + std::to_string(d_model) + ") must be divisible by \"n_heads\" (" + std::to_string(n_heads) + ")");
+    bad("\"d_model\" (" + std::to_string(d_model) + ") must be divisible by \"n_heads\" (" + std::to_string(n_heads) +
+        ")");
   if (n_heads % n_kv_heads != 0)
-    bad("\"n_heads\" (" + std::to_string(n_heads) + ") must be divisible by \"n_kv_heads\" (" + std::to_string(n_kv_heads) + ")");
+    bad("\"n_heads\" (" + std::to_string(n_heads) + ") must be divisible by \"n_kv_heads\" (" +
+        std::to_string(n_kv_heads) + ")");
   if (head_dim() % 2 != 0)
-    bad("head dimension \"d_model\"/\"n_heads\" = " + std::to_string(head_dim()) + " must be even for rotary embeddings");
+    bad("head dimension \"d_model\"/\"n_heads\" = " + std::to_string(head_dim()) +
+        " must be even for rotary embeddings");
   if (embedding_size < vocab_size)
     bad("\"embedding_size\" (" + std::to_string(embedding_size) + ") must be at least \"vocab_size\" (" +
         std::to_string(vocab_size) + ")");
   if (mask_token_id < 0 || mask_token_id >= vocab_size)
-    bad("\"mask_token_id\" = " + std::to_string(mask_token_id) + " is outside the vocabulary [0, " + std::to_string(vocab_size) + ")");
+    bad("\"mask_token_id\" = " + std::to_string(mask_token_id) + " is outside the vocabulary [0, " +
+        std::to_string(vocab_size) + ")");
   if (eos_token_id < 0 || eos_token_id >= vocab_size)
-    bad("\"eos_token_id\" = " + std::to_string(eos_token_id) + " is outside the vocabulary [0, " + std::to_string(vocab_size) + ")");
+    bad("\"eos_token_id\" = " + std::to_string(eos_token_id) + " is outside the vocabulary [0, " +
+        std::to_string(vocab_size) + ")");
   if (!(rope_theta > 0) || !std::isfinite(rope_theta)) bad("\"rope_theta\" must be a positive number");
   if (!(rms_norm_eps > 0) || !std::isfinite(rms_norm_eps)) bad("\"rms_norm_eps\" must be a positive number");
   if (include_bias) bad("\"include_bias\" = true is not supported (this engine has no bias terms)");

@@ -85,60 +85,69 @@ static void validate_tokens(const std::vector<int32_t>& tokens, const char* name
   for (size_t i = 0; i < tokens.size(); ++i) {
     const std::string at = std::string(name) + "[" + std::to_string(i) + "]";
     if (tokens[i] < 0 || tokens[i] >= vocab)
-      throw invalid(at + " = " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " +
-                    std::to_string(vocab) + ")", name);
+      throw invalid(
+          at + " = " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " + std::to_string(vocab) + ")",
+          name);
     // The reference would treat a mask token in the context as a hole to fill; holes are the answer's
     // masks only, so it is refused rather than silently rewritten.
     if (tokens[i] == c.mask_token_id) throw invalid(at + " is the mask token " + std::to_string(c.mask_token_id), name);
   }
 }
 
-static void validate(const std::vector<int32_t>& prompt, const std::vector<int32_t>& suffix,
-                     const SamplingParams& p, const ModelConfig& c) {
+static void validate(const std::vector<int32_t>& prompt, const std::vector<int32_t>& suffix, const SamplingParams& p,
+                     const ModelConfig& c) {
   const int vocab = c.embedding_size;
   // An empty prompt is allowed: it is unconditional generation (the reference handles it the same way;
   // with cfg the unconditional copy is then identical to the conditional one).
   validate_tokens(prompt, "prompt", c);
   validate_tokens(suffix, "suffix", c);
-  if (p.gen_length < 1) throw invalid("gen_length must be >= 1 (got " + std::to_string(p.gen_length) + ")", "gen_length");
+  if (p.gen_length < 1)
+    throw invalid("gen_length must be >= 1 (got " + std::to_string(p.gen_length) + ")", "gen_length");
   if (p.block_length < 1)
     throw invalid("block_length must be >= 1 (got " + std::to_string(p.block_length) + ")", "block_length");
   if (p.steps < 1) throw invalid("steps must be >= 1 (got " + std::to_string(p.steps) + ")", "steps");
   const int64_t total = static_cast<int64_t>(prompt.size()) + p.gen_length + static_cast<int64_t>(suffix.size());
   if (total > c.max_sequence_length)
     throw invalid("prompt of " + std::to_string(prompt.size()) + " tokens plus gen_length " +
-                  std::to_string(p.gen_length) +
-                  (suffix.empty() ? "" : " plus suffix of " + std::to_string(suffix.size()) + " tokens") +
-                  " exceeds the model context of " + std::to_string(c.max_sequence_length), "gen_length");
+                      std::to_string(p.gen_length) +
+                      (suffix.empty() ? "" : " plus suffix of " + std::to_string(suffix.size()) + " tokens") +
+                      " exceeds the model context of " + std::to_string(c.max_sequence_length),
+                  "gen_length");
   if (!(p.temperature >= 0.0) || !std::isfinite(p.temperature))
-    throw invalid("temperature must be a finite number >= 0 (got " + std::to_string(p.temperature) + ")", "temperature");
+    throw invalid("temperature must be a finite number >= 0 (got " + std::to_string(p.temperature) + ")",
+                  "temperature");
   if (!(p.cfg_scale >= 0.0) || !std::isfinite(p.cfg_scale))
     throw invalid("cfg_scale must be a finite number >= 0 (got " + std::to_string(p.cfg_scale) + ")", "cfg_scale");
   if (p.remasking != Remasking::LowConfidence && p.remasking != Remasking::Random)
     throw invalid("remasking must be low_confidence or random", "remasking");
   if (p.eot_token_id != -1 && (p.eot_token_id < 0 || p.eot_token_id >= vocab))
     throw invalid("eot_token_id " + std::to_string(p.eot_token_id) + " is outside the vocabulary [0, " +
-                  std::to_string(vocab) + ") (use -1 for none)", "eot_token_id");
+                      std::to_string(vocab) + ") (use -1 for none)",
+                  "eot_token_id");
   if (p.top_k < 0) throw invalid("top_k must be >= 0 (0: off) (got " + std::to_string(p.top_k) + ")", "top_k");
   if (!(p.top_p > 0.0 && p.top_p <= 1.0))
     throw invalid("top_p must be in (0, 1] (1: off) (got " + std::to_string(p.top_p) + ")", "top_p");
   if (!(p.min_p >= 0.0 && p.min_p <= 1.0))
     throw invalid("min_p must be in [0, 1] (0: off) (got " + std::to_string(p.min_p) + ")", "min_p");
   if (!(p.parallel_threshold >= 0.0 && p.parallel_threshold <= 1.0))
-    throw invalid("parallel_threshold must be in [0, 1] (0: off) (got " + std::to_string(p.parallel_threshold) + ")", "parallel_threshold");
+    throw invalid("parallel_threshold must be in [0, 1] (0: off) (got " + std::to_string(p.parallel_threshold) + ")",
+                  "parallel_threshold");
   if (!(p.parallel_factor >= 0.0) || !std::isfinite(p.parallel_factor))
-    throw invalid("parallel_factor must be a finite number >= 0 (0: off) (got " +
-                  std::to_string(p.parallel_factor) + ")", "parallel_factor");
+    throw invalid(
+        "parallel_factor must be a finite number >= 0 (0: off) (got " + std::to_string(p.parallel_factor) + ")",
+        "parallel_factor");
   if (p.parallel_threshold > 0.0 && p.parallel_factor > 0.0)
     throw invalid("parallel_threshold and parallel_factor cannot both be set", "parallel_factor");
   if (p.kv_cache != KVCacheMode::None && p.kv_cache != KVCacheMode::Prefix && p.kv_cache != KVCacheMode::Dual)
     throw invalid("kv_cache must be none, prefix or dual", "kv_cache");
   if (p.top_logprobs < 0 || p.top_logprobs > kMaxTopLogprobs)
     throw invalid("top_logprobs must be in [0, " + std::to_string(kMaxTopLogprobs) + "] (got " +
-                  std::to_string(p.top_logprobs) + ")", "top_logprobs");
+                      std::to_string(p.top_logprobs) + ")",
+                  "top_logprobs");
   if (p.kv_refresh_interval < 0)
     throw invalid("kv_refresh_interval must be >= 0 (0: only at block starts) (got " +
-                  std::to_string(p.kv_refresh_interval) + ")", "kv_refresh_interval");
+                      std::to_string(p.kv_refresh_interval) + ")",
+                  "kv_refresh_interval");
 }
 
 uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams& params,
@@ -148,7 +157,8 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
   if (!answer_template.empty()) {
     if (static_cast<int>(answer_template.size()) != params.gen_length)
       throw invalid("template has " + std::to_string(answer_template.size()) + " positions, gen_length is " +
-                    std::to_string(params.gen_length), "template");
+                        std::to_string(params.gen_length),
+                    "template");
     int open = 0;
     for (size_t i = 0; i < answer_template.size(); ++i) {
       const int32_t t = answer_template[i];
@@ -158,7 +168,8 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
       }
       if (t < 0 || t >= config.embedding_size || t == config.mask_token_id)
         throw invalid("template[" + std::to_string(i) + "] = " + std::to_string(t) +
-                      " is neither -1 (to denoise) nor a token id other than the mask", "template");
+                          " is neither -1 (to denoise) nor a token id other than the mask",
+                      "template");
     }
     if (open == 0) throw invalid("template fixes every position of the answer: nothing is left to denoise", "template");
   }
@@ -187,8 +198,10 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
   seq->templated = !answer_template.empty();
   seq->block = seq->open_block(0);
   // Parallel decoding commits at least one token a step, so a block takes at most its masks in steps.
-  if (seq->parallel()) for (int m : seq->block_masks) seq->steps_total += m;
-  else for (const BlockPlan& b : seq->blocks) seq->steps_total += b.steps;
+  if (seq->parallel())
+    for (int m : seq->block_masks) seq->steps_total += m;
+  else
+    for (const BlockPlan& b : seq->blocks) seq->steps_total += b.steps;
   if (params.kv_cache != KVCacheMode::None) {
     const int length = static_cast<int>(seq->canvas.size());
     seq->cache = backend_->make_kv_cache(length);
@@ -227,9 +240,9 @@ std::vector<int32_t> Engine::canvas(uint64_t id) const {
 SequenceInfo Engine::info(uint64_t id) const {
   std::shared_ptr<Sequence> seq = get(id);
   std::lock_guard<std::mutex> lock(mu_);
-  return SequenceInfo{seq->prompt_length,  seq->answer_length(), seq->suffix_length,   seq->steps_total,
-                      seq->steps_done,     seq->finished,        seq->memory_bytes(),  seq->forward_passes,
-                      seq->tokens_denoised, seq->kv_refreshes,   seq->cache_bytes(), seq->positions_computed};
+  return SequenceInfo{seq->prompt_length,   seq->answer_length(), seq->suffix_length,  seq->steps_total,
+                      seq->steps_done,      seq->finished,        seq->memory_bytes(), seq->forward_passes,
+                      seq->tokens_denoised, seq->kv_refreshes,    seq->cache_bytes(),  seq->positions_computed};
 }
 
 std::vector<double> Engine::score(const std::vector<int32_t>& canvas, const std::vector<int32_t>& positions,
@@ -283,17 +296,17 @@ namespace {
 // What one sequence does in the step being built.
 struct Work {
   std::shared_ptr<Sequence> seq;
-  int k = 0;                     // tokens to commit now (quota mode; parallel decoding decides per step)
-  std::vector<int32_t> rows;     // canvas positions that get logits (the block's still-masked ones)
-  std::vector<int32_t> uncond;   // cfg only: the canvas with the prompt and suffix masked
-  int forwards = 0;              // canvas evaluations this step: 0, 1, or 2 with cfg
-  bool refresh = false;          // ... which refresh the KV caches
-  int computed = 0;              // canvas positions each of them computes
-  bool block_done = false;       // this step commits the block's last mask
-  bool finishes = false;         // ... and that ends the sequence (last block, or an early stop)
-  size_t first_row = 0;          // index of rows[0] among all conditional rows of the step
-  size_t cond_offset = 0;        // row index into the logits buffer of the conditional rows
-  size_t uncond_offset = 0;      // ... of the unconditional rows (cfg only)
+  int k = 0;                    // tokens to commit now (quota mode; parallel decoding decides per step)
+  std::vector<int32_t> rows;    // canvas positions that get logits (the block's still-masked ones)
+  std::vector<int32_t> uncond;  // cfg only: the canvas with the prompt and suffix masked
+  int forwards = 0;             // canvas evaluations this step: 0, 1, or 2 with cfg
+  bool refresh = false;         // ... which refresh the KV caches
+  int computed = 0;             // canvas positions each of them computes
+  bool block_done = false;      // this step commits the block's last mask
+  bool finishes = false;        // ... and that ends the sequence (last block, or an early stop)
+  size_t first_row = 0;         // index of rows[0] among all conditional rows of the step
+  size_t cond_offset = 0;       // row index into the logits buffer of the conditional rows
+  size_t uncond_offset = 0;     // ... of the unconditional rows (cfg only)
 };
 
 }  // namespace
@@ -321,8 +334,7 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
   std::vector<Work> work(sequences.size());
   for (size_t i = 0; i < sequences.size(); ++i) {
     work[i].seq = sequences[i];
-    if (work[i].seq->finished)
-      throw invalid("sequence " + std::to_string(work[i].seq->id) + " is already finished");
+    if (work[i].seq->finished) throw invalid("sequence " + std::to_string(work[i].seq->id) + " is already finished");
   }
 
   // Plan: the rows each sequence needs, and the batched forward that computes them.
@@ -347,8 +359,8 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
     int begin = 0, end = length;
     if (s.cache) {
       const int interval = s.params.kv_refresh_interval;
-      w.refresh = s.cache_block != s.block || (interval > 0 && s.step_in_block % interval == 0) ||
-                  !s.cache->filled() || (s.uncond_cache && !s.uncond_cache->filled());
+      w.refresh = s.cache_block != s.block || (interval > 0 && s.step_in_block % interval == 0) || !s.cache->filled() ||
+                  (s.uncond_cache && !s.uncond_cache->filled());
       if (!w.refresh) {
         begin = block_begin;
         end = s.params.kv_cache == KVCacheMode::Dual ? block_begin + block.length : length;
@@ -463,11 +475,10 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
       s.step_in_block = 0;
     } else {
       s.finished = true;
-      const bool eos = std::any_of(s.canvas.begin() + s.answer_begin(), s.canvas.begin() + s.answer_end(),
-                                   [&](int32_t t) {
-                                     return t == config.eos_token_id ||
-                                            (s.params.eot_token_id >= 0 && t == s.params.eot_token_id);
-                                   });
+      const bool eos =
+          std::any_of(s.canvas.begin() + s.answer_begin(), s.canvas.begin() + s.answer_end(), [&](int32_t t) {
+            return t == config.eos_token_id || (s.params.eot_token_id >= 0 && t == s.params.eot_token_id);
+          });
       s.reason = eos ? FinishReason::Eos : FinishReason::Length;
       s.cache.reset();  // never read again
       s.uncond_cache.reset();

@@ -25,21 +25,21 @@ enum class Remasking { LowConfidence, Random };
 enum class KVCacheMode { None, Prefix, Dual };
 
 struct SamplingParams {
-  int gen_length = 128;        // answer length in tokens (>= 1); prompt + gen_length <= max_sequence_length
-  int block_length = 32;       // semi-autoregressive block size (>= 1); the last block may be shorter
-  int steps = 128;             // total denoising steps over all blocks (>= 1)
-  double temperature = 0.0;    // 0: argmax; > 0: Gumbel-max in float64 with the sequence's RNG
+  int gen_length = 128;      // answer length in tokens (>= 1); prompt + gen_length <= max_sequence_length
+  int block_length = 32;     // semi-autoregressive block size (>= 1); the last block may be shorter
+  int steps = 128;           // total denoising steps over all blocks (>= 1)
+  double temperature = 0.0;  // 0: argmax; > 0: Gumbel-max in float64 with the sequence's RNG
   Remasking remasking = Remasking::LowConfidence;
-  double cfg_scale = 0.0;      // > 0: classifier-free guidance with an unconditional copy (prompt masked)
-  uint64_t seed = 0;           // seeds the per-sequence RNG: same seed, same output
+  double cfg_scale = 0.0;               // > 0: classifier-free guidance with an unconditional copy (prompt masked)
+  uint64_t seed = 0;                    // seeds the per-sequence RNG: same seed, same output
   bool logits_eos_inf = false;          // reference option: forbid EOS in the logits
   bool confidence_eos_eot_inf = false;  // reference option: EOS/EOT confidence to -inf
-  int eot_token_id = -1;       // end-of-turn token (LLaDA-Instruct: 126348); -1: none
+  int eot_token_id = -1;                // end-of-turn token (LLaDA-Instruct: 126348); -1: none
 
   // Candidate filtering of the draw at temperature > 0 (no effect at temperature 0); see sampler.h.
-  int top_k = 0;               // >= 0; 0: off
-  double top_p = 1.0;          // in (0, 1]; 1: off
-  double min_p = 0.0;          // in [0, 1]: only tokens at least min_p times as likely as the likeliest; 0: off
+  int top_k = 0;       // >= 0; 0: off
+  double top_p = 1.0;  // in (0, 1]; 1: off
+  double min_p = 0.0;  // in [0, 1]: only tokens at least min_p times as likely as the likeliest; 0: off
 
   // Confidence-aware parallel decoding (Fast-dLLM); at most one of the two may be set (> 0). When set it
   // replaces the per-step quota of `steps`: each step commits the block's most confident masked position
@@ -65,10 +65,10 @@ struct SamplingParams {
 };
 
 struct CommittedToken {
-  int32_t position;    // index into the answer (0 .. gen_length-1)
+  int32_t position;  // index into the answer (0 .. gen_length-1)
   int32_t token;
-  float probability;   // the softmax probability of `token` at the step it was committed; 1 for the
-                       // EOS an early stop fills in (certain by rule, not sampled)
+  float probability;            // the softmax probability of `token` at the step it was committed; 1 for the
+                                // EOS an early stop fills in (certain by rule, not sampled)
   std::vector<TopLogprob> top;  // SamplingParams::top_logprobs alternatives at that step (none when filled)
 };
 
@@ -79,32 +79,32 @@ struct StepOutput {
   std::vector<CommittedToken> committed;  // in ascending position order
   bool finished = false;
   FinishReason reason = FinishReason::None;  // Eos when the answer holds an EOS/EOT token, else Length
-  int block = 0;        // the block this step worked on
-  int steps_done = 0;   // denoising steps done so far by this sequence (this one included)
-  int steps_total = 0;  // planned steps (an upper bound with parallel decoding or early stop)
-  int filled = 0;       // how many of `committed` (the last ones) an early stop filled with EOS
-  int forward_passes = 0;  // canvas evaluations so far (this step's included): 1 per step, 2 with cfg
-                           // (a cached step's partial forward counts as one)
-  int kv_refreshes = 0;    // of those, the ones that refreshed a KV cache (whole-canvas forwards)
-  int64_t positions_computed = 0;  // canvas positions the forwards computed so far: the cost a cache cuts
+  int block = 0;                             // the block this step worked on
+  int steps_done = 0;                        // denoising steps done so far by this sequence (this one included)
+  int steps_total = 0;                       // planned steps (an upper bound with parallel decoding or early stop)
+  int filled = 0;                            // how many of `committed` (the last ones) an early stop filled with EOS
+  int forward_passes = 0;                    // canvas evaluations so far (this step's included): 1 per step, 2 with cfg
+                                             // (a cached step's partial forward counts as one)
+  int kv_refreshes = 0;                      // of those, the ones that refreshed a KV cache (whole-canvas forwards)
+  int64_t positions_computed = 0;            // canvas positions the forwards computed so far: the cost a cache cuts
 };
 
 struct SequenceInfo {
   int prompt_length;
   int gen_length;
   int suffix_length;
-  int steps_total;        // planned steps over all blocks; an upper bound with parallel decoding or early stop
+  int steps_total;  // planned steps over all blocks; an upper bound with parallel decoding or early stop
   int steps_done;
   bool finished;
-  uint64_t memory_bytes;  // what this sequence holds (canvas, schedules, scratch)
-  int forward_passes;     // canvas evaluations so far (see StepOutput)
-  int tokens_denoised;    // answer positions committed by sampling (not filled by an early stop)
-  int kv_refreshes;       // forward passes that refreshed a KV cache (see StepOutput)
-  uint64_t kv_cache_bytes;  // held by its KV caches (included in memory_bytes; 0 once finished)
+  uint64_t memory_bytes;       // what this sequence holds (canvas, schedules, scratch)
+  int forward_passes;          // canvas evaluations so far (see StepOutput)
+  int tokens_denoised;         // answer positions committed by sampling (not filled by an early stop)
+  int kv_refreshes;            // forward passes that refreshed a KV cache (see StepOutput)
+  uint64_t kv_cache_bytes;     // held by its KV caches (included in memory_bytes; 0 once finished)
   int64_t positions_computed;  // see StepOutput
 };
 
-class Sequence;    // defined in engine.cpp
+class Sequence;  // defined in engine.cpp
 
 class Engine {
  public:
@@ -168,8 +168,8 @@ class Engine {
  private:
   std::shared_ptr<Sequence> get(uint64_t id) const;
   std::shared_ptr<Backend> backend_;
-  mutable std::mutex mu_;       // guards sequences_ and next_id_
-  std::mutex step_mu_;          // one step at a time
+  mutable std::mutex mu_;  // guards sequences_ and next_id_
+  std::mutex step_mu_;     // one step at a time
   std::map<uint64_t, std::shared_ptr<Sequence>> sequences_;
   uint64_t next_id_ = 1;
 };

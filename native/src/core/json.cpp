@@ -88,9 +88,7 @@ class JsonParser {
         expect_literal("false");
         value.type_ = Json::Type::Bool;
         return value;
-      case 'n':
-        expect_literal("null");
-        return value;
+      case 'n': expect_literal("null"); return value;
       default:
         if (c == '-' || (c >= '0' && c <= '9')) return parse_number();
         fail("unexpected " + describe_byte(c) + " (expected a value)");
@@ -187,10 +185,16 @@ class JsonParser {
     unsigned char lead = static_cast<unsigned char>(text_[pos_]);
     int extra;
     uint32_t cp;
-    if (lead >= 0xc2 && lead <= 0xdf) { extra = 1; cp = lead & 0x1f; }
-    else if (lead >= 0xe0 && lead <= 0xef) { extra = 2; cp = lead & 0x0f; }
-    else if (lead >= 0xf0 && lead <= 0xf4) { extra = 3; cp = lead & 0x07; }
-    else fail("invalid UTF-8 " + describe_byte(text_[pos_]) + " in a string");
+    if (lead >= 0xc2 && lead <= 0xdf) {
+      extra = 1;
+      cp = lead & 0x1f;
+    } else if (lead >= 0xe0 && lead <= 0xef) {
+      extra = 2;
+      cp = lead & 0x0f;
+    } else if (lead >= 0xf0 && lead <= 0xf4) {
+      extra = 3;
+      cp = lead & 0x07;
+    } else fail("invalid UTF-8 " + describe_byte(text_[pos_]) + " in a string");
     if (pos_ + extra >= text_.size()) fail("truncated UTF-8 sequence in a string");
     for (int i = 1; i <= extra; ++i) {
       unsigned char c = static_cast<unsigned char>(text_[pos_ + i]);
@@ -215,7 +219,8 @@ class JsonParser {
         ++pos_;
         return out;
       }
-      if (static_cast<unsigned char>(c) < 0x20) fail("unescaped control character " + describe_byte(c) + " in a string");
+      if (static_cast<unsigned char>(c) < 0x20)
+        fail("unescaped control character " + describe_byte(c) + " in a string");
       if (static_cast<unsigned char>(c) >= 0x80) {
         copy_utf8_sequence(out);
         continue;

@@ -13,8 +13,7 @@ namespace vdiff {
 // A parse error (with the byte offset) or a type mismatch when reading a value.
 class JsonError : public std::runtime_error {
  public:
-  JsonError(const std::string& message, size_t offset = npos)
-      : std::runtime_error(message), offset_(offset) {}
+  JsonError(const std::string& message, size_t offset = npos) : std::runtime_error(message), offset_(offset) {}
   static constexpr size_t npos = static_cast<size_t>(-1);
   size_t offset() const { return offset_; }  // npos for type mismatches
 

@@ -28,10 +28,9 @@ struct DTypeInfo {
 };
 
 constexpr DTypeInfo kDTypes[] = {
-    {"F32", DType::F32, 4},   {"BF16", DType::BF16, 2}, {"F16", DType::F16, 2},
-    {"F64", DType::F64, 8},   {"I64", DType::I64, 8},   {"I32", DType::I32, 4},
-    {"I16", DType::I16, 2},   {"I8", DType::I8, 1},     {"U64", DType::U64, 8},
-    {"U32", DType::U32, 4},   {"U16", DType::U16, 2},   {"U8", DType::U8, 1},
+    {"F32", DType::F32, 4},   {"BF16", DType::BF16, 2},       {"F16", DType::F16, 2},         {"F64", DType::F64, 8},
+    {"I64", DType::I64, 8},   {"I32", DType::I32, 4},         {"I16", DType::I16, 2},         {"I8", DType::I8, 1},
+    {"U64", DType::U64, 8},   {"U32", DType::U32, 4},         {"U16", DType::U16, 2},         {"U8", DType::U8, 1},
     {"BOOL", DType::Bool, 1}, {"F8_E4M3", DType::F8_E4M3, 1}, {"F8_E5M2", DType::F8_E5M2, 1},
 };
 
@@ -116,7 +115,8 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   } catch (const JsonError& e) {
     invalid(path, std::string("bad header: ") + e.what());
   }
-  if (!header.is_object()) invalid(path, std::string("bad header: expected an object, got ") + Json::type_name(header.type()));
+  if (!header.is_object())
+    invalid(path, std::string("bad header: expected an object, got ") + Json::type_name(header.type()));
 
   const uint64_t data_start = 8 + header_len;
   const uint64_t data_size = file->size_ - data_start;
@@ -168,7 +168,8 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
       invalid(path, where + ": \"data_offsets\" must be two non-negative integers");
     uint64_t begin = static_cast<uint64_t>((*offsets)[0].as_int64());
     uint64_t end = static_cast<uint64_t>((*offsets)[1].as_int64());
-    if (end < begin) invalid(path, where + ": data_offsets end " + std::to_string(end) + " is before begin " + std::to_string(begin));
+    if (end < begin)
+      invalid(path, where + ": data_offsets end " + std::to_string(end) + " is before begin " + std::to_string(begin));
     uint64_t expected = numel * info->size;
     if (end - begin != expected)
       invalid(path, where + ": " + info->name + " " + shape_string(view.shape) + " needs " + std::to_string(expected) +
@@ -183,9 +184,8 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   }
 
   // Two tensors sharing bytes would alias each other's weights: reject.
-  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) {
-    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
-  });
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& a, const Range& b) { return a.begin != b.begin ? a.begin < b.begin : a.end < b.end; });
   const Range* previous = nullptr;
   for (const Range& r : ranges) {
     if (r.begin == r.end) continue;
@@ -249,7 +249,9 @@ TensorSet TensorSet::load_dir(const std::string& dir) {
       set.files_.push_back(it->second);
     }
     const TensorView* view = it->second->find(names[i]);
-    if (!view) invalid(index_path, "tensor \"" + names[i] + "\" is listed in shard \"" + shard + "\", which does not contain it");
+    if (!view)
+      invalid(index_path,
+              "tensor \"" + names[i] + "\" is listed in shard \"" + shard + "\", which does not contain it");
     set.tensors_[names[i]] = view;
   }
   return set;

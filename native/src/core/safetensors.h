@@ -19,10 +19,10 @@ size_t dtype_size(DType dtype);       // bytes per element
 
 struct TensorView {
   std::string name;
-  std::string file;              // the file it lives in (for error messages)
+  std::string file;  // the file it lives in (for error messages)
   DType dtype = DType::F32;
   std::vector<int64_t> shape;
-  const void* data = nullptr;    // points into the mapping; alignment is whatever the file gives
+  const void* data = nullptr;  // points into the mapping; alignment is whatever the file gives
   uint64_t nbytes = 0;
 
   int64_t numel() const;
@@ -67,7 +67,7 @@ class TensorSet {
  private:
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, const TensorView*> tensors_;  // points into files_
-  std::string description_;  // "<dir>/model.safetensors" or the index path, for messages
+  std::string description_;                           // "<dir>/model.safetensors" or the index path, for messages
 };
 
 }  // namespace vdiff

@@ -36,9 +36,7 @@ std::vector<BlockPlan> plan_blocks(int gen_length, int block_length, int steps) 
   return plan;
 }
 
-int transfers_at(int masked, int steps, int step) {
-  return masked / steps + (step < masked % steps ? 1 : 0);
-}
+int transfers_at(int masked, int steps, int step) { return masked / steps + (step < masked % steps ? 1 : 0); }
 
 // ---- one row --------------------------------------------------------------------------------------
 
@@ -121,7 +119,9 @@ static int32_t last_candidate(const float* logits, const RowRule& rule, std::vec
   const double max = rank_logit(logits[order[0]]);
   if (!std::isfinite(max)) return keep < n ? order[keep - 1] : -1;
   const double temperature = rule.temperature;
-  const auto weight = [&](int32_t id) { return std::exp((static_cast<double>(rank_logit(logits[id])) - max) / temperature); };
+  const auto weight = [&](int32_t id) {
+    return std::exp((static_cast<double>(rank_logit(logits[id])) - max) / temperature);
+  };
   double total = 0.0;  // over the tokens top-k kept: order[0 .. keep), sorted or not
   for (int j = 0; j < keep; ++j) total += weight(order[j]);
   const double target = rule.top_p * total;

@@ -71,9 +71,9 @@ struct RowRule {
   int eot_token_id = -1;  // -1: none
   bool logits_eos_inf = false;
   bool confidence_eos_eot_inf = false;
-  int top_k = 0;        // > 0: only the top_k best tokens can be drawn (temperature > 0 only); 0: off
-  double top_p = 1.0;   // < 1: only the nucleus can be drawn (temperature > 0 only); 1: off
-  double min_p = 0.0;   // > 0: only tokens with p >= min_p * p(likeliest) at the temperature can be drawn; 0: off
+  int top_k = 0;       // > 0: only the top_k best tokens can be drawn (temperature > 0 only); 0: off
+  double top_p = 1.0;  // < 1: only the nucleus can be drawn (temperature > 0 only); 1: off
+  double min_p = 0.0;  // > 0: only tokens with p >= min_p * p(likeliest) at the temperature can be drawn; 0: off
 
   // The rule of a sequence's rows: its sampling settings on this model's rows.
   static RowRule of(const SamplingParams& p, const ModelConfig& config);

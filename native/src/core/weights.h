@@ -32,7 +32,7 @@ struct WeightRef {
   const void* data = nullptr;
   DType dtype = DType::F32;  // F32, BF16 or F16; I8 (Q8_0) or U8 (Q4_0) when quantized
   int rows = 0;
-  int cols = 0;              // in elements (not bytes), quantized or not
+  int cols = 0;  // in elements (not bytes), quantized or not
   std::string name;
   Quant quant = Quant::None;
   const void* scales = nullptr;  // quantized: f16 [rows][cols / 32]
@@ -53,12 +53,12 @@ struct LayerWeights {
 };
 
 struct ModelWeights {
-  WeightRef embed;                // [E, D]
+  WeightRef embed;  // [E, D]
   std::vector<LayerWeights> layers;
-  WeightRef final_norm;           // [D]
-  WeightRef head;                 // [E, D] (the embedding itself when the head is tied)
-  uint64_t parameter_count = 0;   // the distinct tensors' elements (a tied head counted once)
-  uint64_t bytes = 0;             // ... and their bytes
+  WeightRef final_norm;          // [D]
+  WeightRef head;                // [E, D] (the embedding itself when the head is tied)
+  uint64_t parameter_count = 0;  // the distinct tensors' elements (a tied head counted once)
+  uint64_t bytes = 0;            // ... and their bytes
 };
 
 // The tensor names of a family; `{i}` stands for the layer index.

@@ -50,8 +50,8 @@ struct Weight {
   const uint16_t* scales = nullptr;
   MatB as_b() const { return MatB{data, type, cols, false, packed}; }
   QMatB as_qb() const {
-    return QMatB{static_cast<const uint8_t*>(data), scales, qtype, static_cast<int64_t>(cols) / kQBlock * qblock_bytes(qtype),
-                 cols / kQBlock};
+    return QMatB{static_cast<const uint8_t*>(data), scales, qtype,
+                 static_cast<int64_t>(cols) / kQBlock * qblock_bytes(qtype), cols / kQBlock};
   }
 };
 
@@ -92,7 +92,8 @@ class Buffer {
 // Keys and values of every layer as [layer][keys | values][position][kv_dim], in one allocation.
 class CpuKVCache final : public KVCache {
  public:
-  CpuKVCache(int positions, int kv_dim, WType type, uint64_t bytes) : positions_(positions), kv_dim_(kv_dim), type_(type) {
+  CpuKVCache(int positions, int kv_dim, WType type, uint64_t bytes)
+      : positions_(positions), kv_dim_(kv_dim), type_(type) {
     data_ = static_cast<char*>(std::aligned_alloc(64, ((bytes + 63) / 64) * 64));
     if (!data_) throw std::bad_alloc();
   }
@@ -135,7 +136,9 @@ class CpuBackend final : public Backend {
  public:
   CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadOptions& options);
 
-  BackendInfo info() const override { return BackendInfo{"cpu", kernels_->isa, gemm_name(), weight_bytes_ + packed_weight_bytes_ + quantized_bytes_, 0}; }
+  BackendInfo info() const override {
+    return BackendInfo{"cpu", kernels_->isa, gemm_name(), weight_bytes_ + packed_weight_bytes_ + quantized_bytes_, 0};
+  }
   std::string weight_dtype() const override {
     return blocks_[0].q.quantized ? qtype_name(blocks_[0].q.qtype) : wtype_name(blocks_[0].q.type);
   }
@@ -144,7 +147,6 @@ class CpuBackend final : public Backend {
   uint64_t packed_weight_bytes() const override { return packed_weight_bytes_; }
 
   void forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) override;
-
 
  protected:
   std::unique_ptr<KVCache> allocate_kv_cache(int positions, uint64_t bytes) override;
@@ -173,7 +175,8 @@ class CpuBackend final : public Backend {
   void pack_weights(uint64_t max_bytes);
   void quantize_weights(QType type);
   std::string gemm_name() const {
-    return quantized_bytes_ > 0 || blocks_[0].q.quantized ? std::string(kernels_->isa) + " + quantized " + quant_->isa : kernels_->isa;
+    return quantized_bytes_ > 0 || blocks_[0].q.quantized ? std::string(kernels_->isa) + " + quantized " + quant_->isa
+                                                          : kernels_->isa;
   }
 
   TensorSet tensors_;
@@ -188,7 +191,7 @@ class CpuBackend final : public Backend {
   uint64_t packed_weight_bytes_ = 0;
   std::vector<std::vector<uint8_t>> quantized_;  // the copies quantized at load (Weight::data points into them)
   uint64_t quantized_bytes_ = 0;
-  std::vector<int16_t> qa_;                      // activations quantized for the integer GEMM
+  std::vector<int16_t> qa_;  // activations quantized for the integer GEMM
   std::vector<float> qa_scales_;
   WType cache_type_;
 
@@ -225,7 +228,9 @@ std::vector<float> norm_of(const WeightRef& w) {
 }
 
 CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadOptions& options)
-    : Backend(config, options), tensors_(std::move(tensors)), kernels_(&active_kernels()),
+    : Backend(config, options),
+      tensors_(std::move(tensors)),
+      kernels_(&active_kernels()),
       quant_(&quant_kernels_for(*kernels_)) {
   const ModelWeights w = find_weights(tensors_, config_, family_of(config_), /*allow_quantized=*/true);
   parameter_count_ = w.parameter_count;
@@ -260,7 +265,8 @@ CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadO
 void CpuBackend::quantize_weights(QType type) {
   std::vector<Weight*> weights;
   for (Block& blk : blocks_)
-    for (Weight* w : {&blk.q, &blk.k, &blk.v, &blk.attn_out, &blk.ff_proj, &blk.up_proj, &blk.ff_out}) weights.push_back(w);
+    for (Weight* w : {&blk.q, &blk.k, &blk.v, &blk.attn_out, &blk.ff_proj, &blk.up_proj, &blk.ff_out})
+      weights.push_back(w);
   weights.push_back(&head_);
   quantized_.reserve(weights.size());
   for (Weight* wp : weights) {
@@ -284,7 +290,8 @@ void CpuBackend::quantize_weights(QType type) {
     if (w.data != wte_.data) {
       const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
       const uintptr_t begin = (reinterpret_cast<uintptr_t>(w.data) + page - 1) / page * page;
-      const uintptr_t end = (reinterpret_cast<uintptr_t>(w.data) + static_cast<uintptr_t>(w.rows) * in_row) / page * page;
+      const uintptr_t end =
+          (reinterpret_cast<uintptr_t>(w.data) + static_cast<uintptr_t>(w.rows) * in_row) / page * page;
       if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
     }
     w.data = blocks;
@@ -388,10 +395,10 @@ void CpuBackend::linear(const float* A, int M, int K, std::initializer_list<Line
     const Item& item = items[i];
     const LinearOut& o = *item.out;
     if (o.w->quantized) {
-      const QMatA part{qa.q + static_cast<int64_t>(item.m0) * K, qa.scales + static_cast<int64_t>(item.m0) * (K / kQBlock), K,
-                       K / kQBlock};
-      quant_->gemm(item.m1 - item.m0, item.n0, item.n1, K, part, o.w->as_qb(), o.out + static_cast<int64_t>(item.m0) * o.ldc,
-                   o.ldc, o.accumulate);
+      const QMatA part{qa.q + static_cast<int64_t>(item.m0) * K,
+                       qa.scales + static_cast<int64_t>(item.m0) * (K / kQBlock), K, K / kQBlock};
+      quant_->gemm(item.m1 - item.m0, item.n0, item.n1, K, part, o.w->as_qb(),
+                   o.out + static_cast<int64_t>(item.m0) * o.ldc, o.ldc, o.accumulate);
       return;
     }
     kernels_->gemm(item.m1 - item.m0, item.n0, item.n1, K, A + static_cast<int64_t>(item.m0) * K, K, o.w->as_b(),
@@ -488,7 +495,8 @@ void CpuBackend::attention(int layer) {
   for (size_t s = 0; s < plan_.size(); ++s) {
     const int n = plan_[s].end - plan_[s].begin;
     for (int h = 0; h < q_heads; ++h)
-      for (int q0 = 0; q0 < n; q0 += kQueryBlock) tasks.push_back({static_cast<int>(s), h, q0, std::min(kQueryBlock, n - q0)});
+      for (int q0 = 0; q0 < n; q0 += kQueryBlock)
+        tasks.push_back({static_cast<int>(s), h, q0, std::min(kQueryBlock, n - q0)});
   }
   run_dynamic(pool(), tasks.size(), [&](size_t i, int thread) {
     float* scratch = gemm_scratch_[thread].data();
@@ -564,7 +572,8 @@ void CpuBackend::forward(const std::vector<ForwardSeq>& batch, float* logits, co
     const Block& blk = blocks_[layer];
     check_cancel();
     rmsnorm_rows(x, blk.attn_norm, xn, T);
-    linear(xn, T, D, {{&blk.q, q_.data(), q_dim, false}, {&blk.k, k_.data(), kv_dim, false}, {&blk.v, v_.data(), kv_dim, false}});
+    linear(xn, T, D,
+           {{&blk.q, q_.data(), q_dim, false}, {&blk.k, k_.data(), kv_dim, false}, {&blk.v, v_.data(), kv_dim, false}});
     apply_rope(q_.data(), k_.data(), T);
     store_in_caches(layer);
     attention(layer);
@@ -589,7 +598,8 @@ void CpuBackend::forward(const std::vector<ForwardSeq>& batch, float* logits, co
   for (size_t s = 0; s < batch.size(); ++s)
     for (int i = 0; i < batch[s].n_logit_rows; ++i, ++row)
       std::memcpy(r + static_cast<size_t>(row) * D,
-                  x + static_cast<size_t>(plan_[s].offset + batch[s].logit_rows[i] - plan_[s].begin) * D, D * sizeof(float));
+                  x + static_cast<size_t>(plan_[s].offset + batch[s].logit_rows[i] - plan_[s].begin) * D,
+                  D * sizeof(float));
   rmsnorm_rows(r, ln_f_, r, rows);
   linear(r, rows, D, {{&head_, logits, E, false}});
 }

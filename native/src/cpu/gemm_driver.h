@@ -85,8 +85,7 @@ void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB&
       const int kc = min_int(kKC, K - k0);
       const float* Pk = P + static_cast<int64_t>(k0) * kNR;
       const bool load_c = accumulate || k0 > 0;
-      for (int m = 0; m < m_full; m += kMR)
-        full(kc, A + m * lda + k0, lda, Pk, C + m * ldc + np, ldc, masks, load_c);
+      for (int m = 0; m < m_full; m += kMR) full(kc, A + m * lda + k0, lda, Pk, C + m * ldc + np, ldc, masks, load_c);
       for (int t = 0, m = m_full; t < 2 && tails[t] != nullptr; m += tail_rows[t++])
         tails[t](kc, A + m * lda + k0, lda, Pk, C + m * ldc + np, ldc, masks, load_c);
     }

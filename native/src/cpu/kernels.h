@@ -34,16 +34,16 @@ struct MatB {
 };
 
 struct Kernels {
-  const char* isa;            // "portable" | "avx2" | "avx512"
-  int gemm_nr;                // column panel width: callers should split N at multiples of it
+  const char* isa;  // "portable" | "avx2" | "avx512"
+  int gemm_nr;      // column panel width: callers should split N at multiples of it
   // Floats of per-thread scratch (64-byte aligned) the gemm needs for a given K.
   size_t (*gemm_scratch_floats)(int K);
 
   // C[m][n] = (accumulate ? C[m][n] : 0) + sum_k A[m][k] * B(k, n), for 0 <= m < M and n0 <= n < n1.
   // Weight elements are widened to f32; products are accumulated in f32 in ascending k order, one
   // fused multiply-add at a time in the SIMD kernels (so they agree bit for bit with each other).
-  void (*gemm)(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C,
-               int64_t ldc, bool accumulate, float* scratch);
+  void (*gemm)(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
+               bool accumulate, float* scratch);
 
   // y = x * (1 / sqrt(mean(x^2) + eps)) * w, all f32 (y may alias x).
   void (*rmsnorm)(const float* x, const float* w, float* y, int n, float eps);

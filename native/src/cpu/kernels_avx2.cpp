@@ -177,7 +177,8 @@ void rmsnorm(const float* x, const float* w, float* y, int n, float eps) {
   }
   float sum = hsum(_mm256_add_ps(s0, s1));
   __m256 r = _mm256_set1_ps(1.0f / __builtin_sqrtf(sum / static_cast<float>(n) + eps));
-  for (i = 0; i < n; i += 8) storen(y + i, n - i, _mm256_mul_ps(_mm256_mul_ps(loadn(x + i, n - i), r), loadn(w + i, n - i)));
+  for (i = 0; i < n; i += 8)
+    storen(y + i, n - i, _mm256_mul_ps(_mm256_mul_ps(loadn(x + i, n - i), r), loadn(w + i, n - i)));
 }
 
 void silu_mul(const float* gate, const float* up, float* out, int n) {
@@ -227,7 +228,8 @@ void convert(const void* src, WType type, float* dst, int n) {
 }  // namespace
 
 const Kernels* avx2_kernels() {
-  static const Kernels table = {"avx2", kNR, gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax, exp_, convert, pack_panel};
+  static const Kernels table = {"avx2", kNR,     gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax,
+                                exp_,   convert, pack_panel};
   return &table;
 }
 

@@ -21,7 +21,7 @@ constexpr int kNR = 64;   // columns per panel (4 zmm)
 constexpr int kKC = 128;  // k per packed block
 constexpr int kLanes = 16;
 constexpr bool kSplitThinTail = true;  // see the row tiles in gemm_driver.h
-constexpr int kPrefetchK = 16;  // the micro-kernel prefetches P this many k ahead (into the next block too)
+constexpr int kPrefetchK = 16;         // the micro-kernel prefetches P this many k ahead (into the next block too)
 
 inline int min_int(int a, int b) { return a < b ? a : b; }
 
@@ -59,8 +59,8 @@ inline void transpose16(__m512 r[16]) {
   }
   // Gather lane l of u[c], u[4+c], u[8+c], u[12+c] into output column 4l + c.
   for (int c = 0; c < 4; ++c) {
-    __m512 v = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);       // u[c].l0 u[c].l2 u[4+c].l0 u[4+c].l2
-    __m512 w = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);       // lanes 1 and 3
+    __m512 v = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);  // u[c].l0 u[c].l2 u[4+c].l0 u[4+c].l2
+    __m512 w = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);  // lanes 1 and 3
     __m512 x = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
     __m512 y = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
     r[c] = _mm512_shuffle_f32x4(v, x, 0x88);
@@ -126,7 +126,8 @@ void micro_kernel(int kc, const float* A, int64_t lda, const float* P, float* C,
   for (int k = 0; k < kc; ++k) {
     __m512 b[NB];
     for (int j = 0; j < NB; ++j) b[j] = _mm512_load_ps(P + k * kNR + 16 * j);
-    for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(P + (k + kPrefetchK) * kNR + 16 * j), _MM_HINT_T0);
+    for (int j = 0; j < NB; ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(P + (k + kPrefetchK) * kNR + 16 * j), _MM_HINT_T0);
     for (int i = 0; i < R; ++i) {
       __m512 a = _mm512_set1_ps(a_row[i][k]);
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
@@ -242,7 +243,8 @@ void convert(const void* src, WType type, float* dst, int n) {
 }  // namespace
 
 const Kernels* avx512_kernels() {
-  static const Kernels table = {"avx512", kNR, gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax, exp_, convert, pack_panel};
+  static const Kernels table = {"avx512", kNR,     gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax,
+                                exp_,     convert, pack_panel};
   return &table;
 }
 

@@ -110,7 +110,8 @@ void convert(const void* src, WType type, float* dst, int n) {
 }  // namespace
 
 const Kernels* portable_kernels() {
-  static const Kernels table = {"portable", 1, gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax, exp_, convert, nullptr};
+  static const Kernels table = {"portable", 1,      gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax, exp_,
+                                convert,    nullptr};
   return &table;
 }
 

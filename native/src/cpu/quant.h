@@ -42,11 +42,11 @@ static inline int qblock_bytes(QType t) { return t == QType::Q8_0 ? 32 : 16; }
 
 // A quantized weight matrix W[N][K] (the product uses W^T, like MatB with k_major == false).
 struct QMatB {
-  const uint8_t* data = nullptr;    // row n at data + n * ld
-  const uint16_t* scales = nullptr; // f16 bits; row n's block b at scales[n * ld_scales + b]
+  const uint8_t* data = nullptr;     // row n at data + n * ld
+  const uint16_t* scales = nullptr;  // f16 bits; row n's block b at scales[n * ld_scales + b]
   QType type = QType::Q8_0;
-  int64_t ld = 0;                   // bytes between rows
-  int64_t ld_scales = 0;            // scales between rows
+  int64_t ld = 0;         // bytes between rows
+  int64_t ld_scales = 0;  // scales between rows
 };
 
 // Activations A[M][K] quantized per row: q[m * ld + k], scales[m * ld_scales + b].
@@ -86,8 +86,8 @@ static inline uint16_t f32_to_f16(float f) {
   x &= 0x7fffffffu;
   if (x > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
   if (x >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
-  if (x < 0x38800000u) {                                                 // below 2^-14: subnormal or zero
-    if (x < 0x33000000u) return static_cast<uint16_t>(sign);             // below 2^-25: rounds to 0
+  if (x < 0x38800000u) {                                               // below 2^-14: subnormal or zero
+    if (x < 0x33000000u) return static_cast<uint16_t>(sign);           // below 2^-25: rounds to 0
     const uint32_t mant = (x & 0x7fffffu) | 0x800000u;
     const int shift = 126 - static_cast<int>(x >> 23);  // 14 .. 24 (value = mant * 2^(e-150); unit 2^-24)
     uint32_t h = mant >> shift;

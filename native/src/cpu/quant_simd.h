@@ -74,9 +74,10 @@ template <QType T>
 void qgemm_t(int M, int n0, int n1, int K, const QMatA& A, const QMatB& B, float* C, int64_t ldc, bool accumulate) {
   const int nblocks = K / kQBlock;
   using Tile = void (*)(int, const QMatA&, int, const QMatB&, int, float*, int64_t, bool);
-  static constexpr Tile tiles[kTileRows][kTileCols] = {
-      {qtile<T, 1, 1>, qtile<T, 1, 2>}, {qtile<T, 2, 1>, qtile<T, 2, 2>},
-      {qtile<T, 3, 1>, qtile<T, 3, 2>}, {qtile<T, 4, 1>, qtile<T, 4, 2>}};
+  static constexpr Tile tiles[kTileRows][kTileCols] = {{qtile<T, 1, 1>, qtile<T, 1, 2>},
+                                                       {qtile<T, 2, 1>, qtile<T, 2, 2>},
+                                                       {qtile<T, 3, 1>, qtile<T, 3, 2>},
+                                                       {qtile<T, 4, 1>, qtile<T, 4, 2>}};
   for (int n = n0; n < n1; n += kTileCols) {
     const int nc = n1 - n < kTileCols ? n1 - n : kTileCols;
     for (int m = 0; m < M; m += kTileRows) {
@@ -114,6 +115,7 @@ void quantize_rows(int M, int K, const float* A, int64_t lda, int16_t* q, float*
       // packs works per 128-bit lane: [i0 0..3, i1 0..3 | i0 4..7, i1 4..7]; the 64-bit permute restores order.
       int16_t* out = q + static_cast<int64_t>(m) * K + b * kQBlock;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xd8));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xd8));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xd8));
     }
 }

@@ -111,7 +111,8 @@ VDIFF_HD void attention_start(int tid, const AttentionArgs& a, const SeqDesc& s,
   const int hd = a.hd;
   for (int i = tid; i < kAttentionQueries * hd; i += kAttentionThreads) {
     const int q = i / hd, d = i % hd;
-    m.Qs[q * (hd + 1) + d] = q < tile.nq ? a.qkv[static_cast<int64_t>(s.offset + tile.q0 + q) * a.ld + h * hd + d] : 0.0f;
+    m.Qs[q * (hd + 1) + d] =
+        q < tile.nq ? a.qkv[static_cast<int64_t>(s.offset + tile.q0 + q) * a.ld + h * hd + d] : 0.0f;
     m.Os[i] = 0.0f;
   }
   if (tid < kAttentionQueries) m.state_max[tid] = -INFINITY, m.state_sum[tid] = 0.0f;
@@ -230,10 +231,9 @@ VDIFF_HD void attention_scores(int tid, int hd, int nq, int nk, float scale, con
     }
   }
   VDIFF_UNROLL
-  for (int qq = 0; qq < 2; ++qq)
-    VDIFF_UNROLL
-    for (int kk = 0; kk < 4; ++kk)
-      m.S[(q0 + qq) * (kAttentionKeys + 1) + j0 + kk] = (q0 + qq < nq && j0 + kk < nk) ? acc[qq][kk] * scale : -INFINITY;
+  for (int qq = 0; qq < 2; ++qq) VDIFF_UNROLL
+  for (int kk = 0; kk < 4; ++kk)
+    m.S[(q0 + qq) * (kAttentionKeys + 1) + j0 + kk] = (q0 + qq < nq && j0 + kk < nk) ? acc[qq][kk] * scale : -INFINITY;
 }
 
 // Phase 3 (threads < queries, one query each): the tile's probabilities exp(s - tile max) in place, and the
@@ -270,17 +270,15 @@ VDIFF_HD void attention_accumulate(int tid, int hd, int nk, const AttentionSmem&
         v[i] = d < hd ? m.Vs[j * hd + d] : 0.0f;
       }
       VDIFF_UNROLL
-      for (int qq = 0; qq < 4; ++qq)
-        VDIFF_UNROLL
-        for (int i = 0; i < 8; ++i) acc[qq][i] += p[qq] * v[i];
+      for (int qq = 0; qq < 4; ++qq) VDIFF_UNROLL
+      for (int i = 0; i < 8; ++i) acc[qq][i] += p[qq] * v[i];
     }
     VDIFF_UNROLL
-    for (int qq = 0; qq < 4; ++qq)
-      VDIFF_UNROLL
-      for (int i = 0; i < 8; ++i) {
-        const int q = q0 + qq, d = d0 + dd + 16 * i;
-        if (d < hd) m.Os[q * hd + d] = m.Os[q * hd + d] * m.scale_old[q] + acc[qq][i] * m.scale_new[q];
-      }
+    for (int qq = 0; qq < 4; ++qq) VDIFF_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      const int q = q0 + qq, d = d0 + dd + 16 * i;
+      if (d < hd) m.Os[q * hd + d] = m.Os[q * hd + d] * m.scale_old[q] + acc[qq][i] * m.scale_new[q];
+    }
   }
 }
 

@@ -68,7 +68,9 @@ class DeviceBuffer {
     return data_;
   }
   template <class T>
-  T* as() const { return static_cast<T*>(data_); }
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
   size_t size() const { return size_; }
   void release() {
     if (data_) cudaFree(data_);
@@ -243,7 +245,8 @@ void convert_host(const WeightRef& w, Elem as, std::vector<char>& out) {
   }
 }
 
-void* CudaBackend::upload_concat(std::initializer_list<const WeightRef*> parts, Elem as, uint64_t& done, uint64_t total) {
+void* CudaBackend::upload_concat(std::initializer_list<const WeightRef*> parts, Elem as, uint64_t& done,
+                                 uint64_t total) {
   size_t bytes = 0;
   for (const WeightRef* w : parts) bytes += static_cast<size_t>(w->rows) * w->cols * elem_size(as);
   char* const base = static_cast<char*>(device_alloc(bytes, (*parts.begin())->name));
@@ -262,7 +265,8 @@ void* CudaBackend::upload_concat(std::initializer_list<const WeightRef*> parts, 
     for (size_t at = 0; at < n; at += kPiece) {
       const size_t len = std::min(kPiece, n - at);
       VDIFF_CUDA_CHECK(cudaMemcpy(dst + at, static_cast<const char*>(src) + at, len, cudaMemcpyHostToDevice));
-      done += static_cast<uint64_t>(static_cast<double>(len) / static_cast<double>(n) * static_cast<double>(w->bytes()));
+      done +=
+          static_cast<uint64_t>(static_cast<double>(len) / static_cast<double>(n) * static_cast<double>(w->bytes()));
       if (progress_) progress_(progress_context_, std::min(done, total), total);
     }
     dst += n;
@@ -298,7 +302,8 @@ CudaBackend::CudaBackend(const ModelConfig& config, TensorSet tensors, const Loa
   memory_total_ = total_bytes;
   const double utilization = options.gpu_memory_utilization;
   if (!(utilization > 0.0 && utilization <= 1.0))
-    throw Error(ErrorCode::InvalidArgument, "gpu_memory_utilization must be in (0, 1], got " + std::to_string(utilization));
+    throw Error(ErrorCode::InvalidArgument,
+                "gpu_memory_utilization must be in (0, 1], got " + std::to_string(utilization));
   // What this process may hold: the share of the device, less what others hold already.
   const double allowed = utilization * static_cast<double>(total_bytes) - static_cast<double>(total_bytes - free_bytes);
 
@@ -310,7 +315,8 @@ CudaBackend::CudaBackend(const ModelConfig& config, TensorSet tensors, const Loa
   uint64_t need = static_cast<uint64_t>(c.embedding_size) * D * elem_size(embed_type_);
   if (!c.weight_tying || embed_type_ != type_) need += static_cast<uint64_t>(c.embedding_size) * D * elem_size(type_);
   need += static_cast<uint64_t>(c.n_layers) *
-          ((static_cast<uint64_t>(q_dim + 2 * kv_dim) * D + static_cast<uint64_t>(D) * q_dim + 3ull * H * D) * elem_size(type_) +
+          ((static_cast<uint64_t>(q_dim + 2 * kv_dim) * D + static_cast<uint64_t>(D) * q_dim + 3ull * H * D) *
+               elem_size(type_) +
            2ull * D * 4);
   if (static_cast<double>(need) > allowed)
     throw Error(ErrorCode::OutOfMemory, "the weights take " + mib(need) + " on " + device_name_ + ", more than the " +
@@ -393,7 +399,8 @@ BackendInfo CudaBackend::info() const {
   i.device = device_name_;
   i.gemm = cublas_ ? "cublas" : "tiled fallback";
   i.memory_used = device_weight_bytes_ + kv_cache_live_bytes() + x_.size() + xn_.size() + qkv_.size() + att_.size() +
-                  gu_.size() + h_.size() + head_in_.size() + logits_.size() + meta_.size() + tasks_.size() + results_.size();
+                  gu_.size() + h_.size() + head_in_.size() + logits_.size() + meta_.size() + tasks_.size() +
+                  results_.size();
   i.memory_total = memory_total_;
   return i;
 }
@@ -409,9 +416,9 @@ void CudaBackend::gemm(const void* A, int M, int K, const void* W, int N, float*
     // Row-major C[M, N] = A[M, K] · W[N, K]^T is column-major C^T[N, M] = W^T · A^T.
     const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     const int t = type_ == Elem::F32 ? Cublas::kR32F : type_ == Elem::BF16 ? Cublas::kR16BF : Cublas::kR16F;
-    const int status = cublas_->gemm_ex(cublas_handle_, Cublas::kOpT, Cublas::kOpN, N, M, K, &alpha, W, t, K, A, t, K,
-                                        &beta, C, Cublas::kR32F, static_cast<int>(ldc), Cublas::kCompute32F,
-                                        Cublas::kComputeDefaultAlgo);
+    const int status =
+        cublas_->gemm_ex(cublas_handle_, Cublas::kOpT, Cublas::kOpN, N, M, K, &alpha, W, t, K, A, t, K, &beta, C,
+                         Cublas::kR32F, static_cast<int>(ldc), Cublas::kCompute32F, Cublas::kComputeDefaultAlgo);
     if (status != 0) throw Error(ErrorCode::Internal, "cublasGemmEx failed with status " + std::to_string(status));
   } else {
     launch_gemm_tiled(A, K, W, K, type_, M, N, K, C, ldc, accumulate, stream_);
@@ -456,8 +463,13 @@ int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<boo
     }
     for (int r = 0; r < batch[s].n_logit_rows; ++r) head_rows.push_back(p.offset + batch[s].logit_rows[r] - p.begin);
     const auto* cache = static_cast<const CudaKVCache*>(p.cache);
-    seqs[s] = SeqDesc{p.offset, p.begin, p.end, p.length, p.reads_cache ? 1 : 0,
-                      kv_cache_dtype() == KVCacheDType::BF16 ? 1 : 0, cache ? cache->data() : nullptr};
+    seqs[s] = SeqDesc{p.offset,
+                      p.begin,
+                      p.end,
+                      p.length,
+                      p.reads_cache ? 1 : 0,
+                      kv_cache_dtype() == KVCacheDType::BF16 ? 1 : 0,
+                      cache ? cache->data() : nullptr};
     for (int q0 = 0; q0 < p.end - p.begin; q0 += kTileQueries)
       tiles.push_back(QueryTile{static_cast<int>(s), q0, std::min(kTileQueries, p.end - p.begin - q0)});
   }
@@ -583,11 +595,13 @@ void CudaBackend::predict(const std::vector<ForwardSeq>& batch, const std::vecto
     const size_t n = device_tasks.size();
     auto* d_tasks = static_cast<TaskDesc*>(tasks_.ensure(n * sizeof(TaskDesc), "row tasks"));
     auto* d_results = static_cast<TaskResult*>(results_.ensure(n * sizeof(TaskResult), "row results"));
-    VDIFF_CUDA_CHECK(cudaMemcpyAsync(d_tasks, device_tasks.data(), n * sizeof(TaskDesc), cudaMemcpyHostToDevice, stream_));
+    VDIFF_CUDA_CHECK(
+        cudaMemcpyAsync(d_tasks, device_tasks.data(), n * sizeof(TaskDesc), cudaMemcpyHostToDevice, stream_));
     launch_reduce_rows(logits_.as<float>(), E, d_tasks, static_cast<int>(n), d_results, stream_);
     marks.mark("vocabulary reduction");
     std::vector<TaskResult> results(n);
-    VDIFF_CUDA_CHECK(cudaMemcpyAsync(results.data(), d_results, n * sizeof(TaskResult), cudaMemcpyDeviceToHost, stream_));
+    VDIFF_CUDA_CHECK(
+        cudaMemcpyAsync(results.data(), d_results, n * sizeof(TaskResult), cudaMemcpyDeviceToHost, stream_));
     sync();
     for (size_t i = 0; i < n; ++i) to_row_result(results[i], out[device_index[i]]);
   }
@@ -597,9 +611,11 @@ void CudaBackend::predict(const std::vector<ForwardSeq>& batch, const std::vecto
   std::vector<int32_t> scratch;
   for (size_t j : host_index) {
     const RowTask& t = tasks[j];
-    VDIFF_CUDA_CHECK(cudaMemcpy(cond.data(), logits_.as<float>() + static_cast<size_t>(t.cond) * E, E * 4, cudaMemcpyDeviceToHost));
+    VDIFF_CUDA_CHECK(
+        cudaMemcpy(cond.data(), logits_.as<float>() + static_cast<size_t>(t.cond) * E, E * 4, cudaMemcpyDeviceToHost));
     if (t.uncond >= 0)
-      VDIFF_CUDA_CHECK(cudaMemcpy(uncond.data(), logits_.as<float>() + static_cast<size_t>(t.uncond) * E, E * 4, cudaMemcpyDeviceToHost));
+      VDIFF_CUDA_CHECK(cudaMemcpy(uncond.data(), logits_.as<float>() + static_cast<size_t>(t.uncond) * E, E * 4,
+                                  cudaMemcpyDeviceToHost));
     sample_task(cond.data(), t.uncond >= 0 ? uncond.data() : nullptr, E, t, out[j], &scratch);
   }
   if (cancel && cancel->load()) throw Error(ErrorCode::Cancelled, "step cancelled");

@@ -33,23 +33,35 @@ inline void check(cudaError_t status, const char* what) {
 template <class E>
 __device__ __forceinline__ float load_f32(const E* p, int64_t i);
 template <>
-__device__ __forceinline__ float load_f32<float>(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load_f32<float>(const float* p, int64_t i) {
+  return p[i];
+}
 template <>
-__device__ __forceinline__ float load_f32<__nv_bfloat16>(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ float load_f32<__nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
+  return __bfloat162float(p[i]);
+}
 template <>
-__device__ __forceinline__ float load_f32<__half>(const __half* p, int64_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ float load_f32<__half>(const __half* p, int64_t i) {
+  return __half2float(p[i]);
+}
 
 template <class E>
 __device__ __forceinline__ E from_f32(float x);
 template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
+__device__ __forceinline__ float from_f32<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half from_f32<__half>(float x) {
+  return __float2half_rn(x);
+}
 
+using ops::kMaxTop;
 using ops::TaskDesc;
 using ops::TaskResult;
-using ops::kMaxTop;
 
 }  // namespace vdiff::cuda

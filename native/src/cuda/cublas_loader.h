@@ -8,9 +8,9 @@ namespace vdiff::cuda {
 struct Cublas {
   // The enum values of cublas_api.h / library_types.h that the backend uses.
   static constexpr int kOpN = 0, kOpT = 1;
-  static constexpr int kR32F = 0, kR16F = 2, kR16BF = 14;     // cudaDataType_t
-  static constexpr int kCompute32F = 68;                       // CUBLAS_COMPUTE_32F (no TF32)
-  static constexpr int kComputeDefaultAlgo = -1;               // CUBLAS_GEMM_DEFAULT
+  static constexpr int kR32F = 0, kR16F = 2, kR16BF = 14;  // cudaDataType_t
+  static constexpr int kCompute32F = 68;                   // CUBLAS_COMPUTE_32F (no TF32)
+  static constexpr int kComputeDefaultAlgo = -1;           // CUBLAS_GEMM_DEFAULT
 
   using Handle = void*;
   int (*create)(Handle*) = nullptr;

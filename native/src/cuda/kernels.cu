@@ -67,7 +67,9 @@ __device__ ops::ArgBest block_arg_max(ops::ArgBest v) {
 
 struct Sum {
   template <class T>
-  __device__ T operator()(T a, T b) const { return a + b; }
+  __device__ T operator()(T a, T b) const {
+    return a + b;
+  }
 };
 struct MaxNoNaN {
   __device__ double operator()(double a, double b) const { return ops::max_no_nan(a, b); }
@@ -138,10 +140,9 @@ constexpr int kKeys = kAttentionKeys, kAttnThreads = kAttentionThreads;
 size_t attention_smem_bytes(int hd) { return sizeof(float) * attention_smem_floats(hd); }
 
 template <class O>
-__global__ void __launch_bounds__(kAttnThreads) attention_kernel(const float* qkv, int64_t ld, int k_col, int v_col,
-                                                                 int q_heads, int kv_heads, int hd, int layer,
-                                                                 const SeqDesc* seqs, const QueryTile* tiles, O* out,
-                                                                 int64_t out_ld) {
+__global__ void __launch_bounds__(kAttnThreads)
+    attention_kernel(const float* qkv, int64_t ld, int k_col, int v_col, int q_heads, int kv_heads, int hd, int layer,
+                     const SeqDesc* seqs, const QueryTile* tiles, O* out, int64_t out_ld) {
   extern __shared__ float smem[];
   const AttentionSmem m = attention_smem(smem, hd);
   const AttentionArgs a{qkv, ld, k_col, v_col, q_heads, kv_heads, hd, layer};
@@ -176,17 +177,16 @@ size_t attention_simple_smem(int hd) {
 }
 
 template <class O>
-__global__ void __launch_bounds__(kAttnThreads) attention_simple_kernel(const float* qkv, int64_t ld, int k_col, int v_col,
-                                                                 int q_heads, int kv_heads, int hd, int layer,
-                                                                 const SeqDesc* seqs, const QueryTile* tiles, O* out,
-                                                                 int64_t out_ld) {
+__global__ void __launch_bounds__(kAttnThreads)
+    attention_simple_kernel(const float* qkv, int64_t ld, int k_col, int v_col, int q_heads, int kv_heads, int hd,
+                            int layer, const SeqDesc* seqs, const QueryTile* tiles, O* out, int64_t out_ld) {
   extern __shared__ float smem[];
-  float* Qs = smem;                              // [kQueriesSimple][hd]
-  float* Os = Qs + kQueriesSimple * hd;                // [kQueriesSimple][hd]
-  float* Ks = Os + kQueriesSimple * hd;                // [kKeys][hd + 1]
-  float* Vs = Ks + kKeys * (hd + 1);             // [kKeys][hd]
-  float* S = Vs + kKeys * hd;                    // [kQueriesSimple][kKeys]
-  float* state_max = S + kQueriesSimple * kKeys;       // [kQueriesSimple] x 4
+  float* Qs = smem;                               // [kQueriesSimple][hd]
+  float* Os = Qs + kQueriesSimple * hd;           // [kQueriesSimple][hd]
+  float* Ks = Os + kQueriesSimple * hd;           // [kKeys][hd + 1]
+  float* Vs = Ks + kKeys * (hd + 1);              // [kKeys][hd]
+  float* S = Vs + kKeys * hd;                     // [kQueriesSimple][kKeys]
+  float* state_max = S + kQueriesSimple * kKeys;  // [kQueriesSimple] x 4
   float* state_sum = state_max + kQueriesSimple;
   float* scale_old = state_sum + kQueriesSimple;
   float* scale_new = scale_old + kQueriesSimple;
@@ -274,8 +274,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_simple_kernel(const fl
 
 constexpr int kReduceThreads = 512;
 
-__global__ void __launch_bounds__(kReduceThreads) reduce_rows_kernel(const float* logits, int row_size,
-                                                                     const TaskDesc* tasks, TaskResult* results) {
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_rows_kernel(const float* logits, int row_size, const TaskDesc* tasks, TaskResult* results) {
   const TaskDesc t = tasks[blockIdx.x];
   const float* cond = logits + static_cast<int64_t>(t.cond) * row_size;
   const float* uncond = t.uncond >= 0 ? logits + static_cast<int64_t>(t.uncond) * row_size : nullptr;
@@ -304,7 +304,8 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_rows_kernel(const float
     if (pick.index < 0) break;
     if (tid == 0) {
       r->top_token[k] = pick.index;
-      r->top_logprob[k] = static_cast<float>(ops::log_probability(ops::final_logit(t, cond, uncond, pick.index), pass.max, sum));
+      r->top_logprob[k] =
+          static_cast<float>(ops::log_probability(ops::final_logit(t, cond, uncond, pick.index), pass.max, sum));
       r->n_top = k + 1;
     }
     previous = pick;
@@ -316,9 +317,9 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_rows_kernel(const float
 constexpr int kTile = 64, kTileK = 16, kGemmThreads = 256;
 
 template <class E>
-__global__ void __launch_bounds__(kGemmThreads) gemm_tiled_kernel(const E* A, int64_t lda, const E* W, int64_t ldw,
-                                                                  int M, int N, int K, float* C, int64_t ldc,
-                                                                  bool accumulate) {
+__global__ void __launch_bounds__(kGemmThreads)
+    gemm_tiled_kernel(const E* A, int64_t lda, const E* W, int64_t ldw, int M, int N, int K, float* C, int64_t ldc,
+                      bool accumulate) {
   __shared__ float As[kTileK][kTile + 4];
   __shared__ float Ws[kTileK][kTile + 4];
   const int m0 = blockIdx.y * kTile, n0 = blockIdx.x * kTile, tid = threadIdx.x;
@@ -397,7 +398,9 @@ void launch_rmsnorm(const float* x, const int32_t* src, int rows, int D, const f
   const int threads = D >= 2048 ? 512 : 256;
   switch (y_type) {
     case Elem::F32: rmsnorm_kernel<<<rows, threads, 0, stream>>>(x, src, D, w, eps, static_cast<float*>(y)); break;
-    case Elem::BF16: rmsnorm_kernel<<<rows, threads, 0, stream>>>(x, src, D, w, eps, static_cast<__nv_bfloat16*>(y)); break;
+    case Elem::BF16:
+      rmsnorm_kernel<<<rows, threads, 0, stream>>>(x, src, D, w, eps, static_cast<__nv_bfloat16*>(y));
+      break;
     case Elem::F16: rmsnorm_kernel<<<rows, threads, 0, stream>>>(x, src, D, w, eps, static_cast<__half*>(y)); break;
   }
   VDIFF_CUDA_LAUNCHED("rmsnorm");
@@ -407,7 +410,8 @@ void launch_rope(float* qkv, int T, int64_t ld, int q_heads, int kv_heads, int h
                  const float* cos, const float* sin, cudaStream_t stream) {
   const int64_t n = static_cast<int64_t>(T) * (q_heads + kv_heads) * (hd / 2);
   if (n == 0) return;
-  rope_kernel<<<grid_for(n, 256), 256, 0, stream>>>(qkv, T, ld, q_heads, q_heads + kv_heads, hd, k_col, positions, cos, sin);
+  rope_kernel<<<grid_for(n, 256), 256, 0, stream>>>(qkv, T, ld, q_heads, q_heads + kv_heads, hd, k_col, positions, cos,
+                                                    sin);
   VDIFF_CUDA_LAUNCHED("rope");
 }
 
@@ -421,8 +425,8 @@ void launch_store_kv(const float* qkv, int T, int64_t ld, int k_col, int v_col, 
 
 template <class O>
 static void attention_typed(const float* qkv, int64_t ld, int k_col, int v_col, int q_heads, int kv_heads, int hd,
-                            int layer, const SeqDesc* seqs, const QueryTile* tiles, int n_tiles, O* out,
-                            int64_t out_ld, cudaStream_t stream) {
+                            int layer, const SeqDesc* seqs, const QueryTile* tiles, int n_tiles, O* out, int64_t out_ld,
+                            cudaStream_t stream) {
   const bool simple = attention_variant() == AttentionVariant::Simple;
   const auto kernel = simple ? attention_simple_kernel<O> : attention_kernel<O>;
   const size_t smem = simple ? attention_simple_smem(hd) : attention_smem_bytes(hd);
@@ -442,14 +446,16 @@ void launch_attention(const float* qkv, int64_t ld, int k_col, int v_col, int q_
   if (n_tiles == 0) return;
   switch (out_type) {
     case Elem::F32:
-      attention_typed(qkv, ld, k_col, v_col, q_heads, kv_heads, hd, layer, seqs, tiles, n_tiles, static_cast<float*>(out), out_ld, stream);
+      attention_typed(qkv, ld, k_col, v_col, q_heads, kv_heads, hd, layer, seqs, tiles, n_tiles,
+                      static_cast<float*>(out), out_ld, stream);
       break;
     case Elem::BF16:
       attention_typed(qkv, ld, k_col, v_col, q_heads, kv_heads, hd, layer, seqs, tiles, n_tiles,
                       static_cast<__nv_bfloat16*>(out), out_ld, stream);
       break;
     case Elem::F16:
-      attention_typed(qkv, ld, k_col, v_col, q_heads, kv_heads, hd, layer, seqs, tiles, n_tiles, static_cast<__half*>(out), out_ld, stream);
+      attention_typed(qkv, ld, k_col, v_col, q_heads, kv_heads, hd, layer, seqs, tiles, n_tiles,
+                      static_cast<__half*>(out), out_ld, stream);
       break;
   }
 }
@@ -479,16 +485,17 @@ void launch_gemm_tiled(const void* A, int64_t lda, const void* W, int64_t ldw, E
   const dim3 grid((N + kTile - 1) / kTile, (M + kTile - 1) / kTile);
   switch (type) {
     case Elem::F32:
-      gemm_tiled_kernel<<<grid, kGemmThreads, 0, stream>>>(static_cast<const float*>(A), lda, static_cast<const float*>(W),
-                                                          ldw, M, N, K, C, ldc, accumulate);
+      gemm_tiled_kernel<<<grid, kGemmThreads, 0, stream>>>(
+          static_cast<const float*>(A), lda, static_cast<const float*>(W), ldw, M, N, K, C, ldc, accumulate);
       break;
     case Elem::BF16:
       gemm_tiled_kernel<<<grid, kGemmThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(A), lda,
-                                                          static_cast<const __nv_bfloat16*>(W), ldw, M, N, K, C, ldc, accumulate);
+                                                           static_cast<const __nv_bfloat16*>(W), ldw, M, N, K, C, ldc,
+                                                           accumulate);
       break;
     case Elem::F16:
-      gemm_tiled_kernel<<<grid, kGemmThreads, 0, stream>>>(static_cast<const __half*>(A), lda, static_cast<const __half*>(W),
-                                                          ldw, M, N, K, C, ldc, accumulate);
+      gemm_tiled_kernel<<<grid, kGemmThreads, 0, stream>>>(
+          static_cast<const __half*>(A), lda, static_cast<const __half*>(W), ldw, M, N, K, C, ldc, accumulate);
       break;
   }
   VDIFF_CUDA_LAUNCHED("gemm_tiled");

@@ -31,8 +31,8 @@ void set_attention_variant(AttentionVariant v);
 
 // Bidirectional attention with GQA over ragged sequences: out[t, h*hd ..] for every query tile and head.
 // Keys and values from qkv (fresh) or from the sequence's cache (reads_cache). out in `out_type`.
-void launch_attention(const float* qkv, int64_t ld, int k_col, int v_col, int q_heads, int kv_heads, int hd,
-                      int layer, const SeqDesc* seqs, const QueryTile* tiles, int n_tiles, void* out, Elem out_type,
+void launch_attention(const float* qkv, int64_t ld, int k_col, int v_col, int q_heads, int kv_heads, int hd, int layer,
+                      const SeqDesc* seqs, const QueryTile* tiles, int n_tiles, void* out, Elem out_type,
                       int64_t out_ld, cudaStream_t stream);
 
 // out[t, j] = silu(gu[t, j]) * gu[t, H + j] (row stride 2H), out [T, H] in `out_type`.
@@ -45,8 +45,8 @@ void launch_reduce_rows(const float* logits, int row_size, const TaskDesc* tasks
 
 // C[m, n] (+)= sum_k A[m, k] * W[n, k]: the project's own tiled GEMM (the fallback without cuBLAS). A and W
 // of one type (f32, bf16 or f16), f32 accumulation and output.
-void launch_gemm_tiled(const void* A, int64_t lda, const void* W, int64_t ldw, Elem type, int M, int N, int K,
-                       float* C, int64_t ldc, bool accumulate, cudaStream_t stream);
+void launch_gemm_tiled(const void* A, int64_t lda, const void* W, int64_t ldw, Elem type, int M, int N, int K, float* C,
+                       int64_t ldc, bool accumulate, cudaStream_t stream);
 
 // dst = f32(src) for n elements.
 void launch_to_f32(const void* src, Elem type, int64_t n, float* dst, cudaStream_t stream);

@@ -100,10 +100,14 @@ VDIFF_HD void softmax_merge(SoftmaxState& a, const SoftmaxState& b, float& scale
 // ---- the vocabulary reduction (sampler.h's sample_row semantics) -----------------------------------------
 
 // Classifier-free guidance on one logit, in float like the reference: un + (scale + 1) * (cond - un).
-VDIFF_HD float cfg_logit(float cond, float uncond, float scale_plus_one) { return uncond + scale_plus_one * (cond - uncond); }
+VDIFF_HD float cfg_logit(float cond, float uncond, float scale_plus_one) {
+  return uncond + scale_plus_one * (cond - uncond);
+}
 
 // Whether x0 may be `token`: a real token (not head padding) and not the mask.
-VDIFF_HD bool drawable(int token, int vocab_size, int mask_token_id) { return token < vocab_size && token != mask_token_id; }
+VDIFF_HD bool drawable(int token, int vocab_size, int mask_token_id) {
+  return token < vocab_size && token != mask_token_id;
+}
 
 // The Gumbel-max score of token `index` at temperature T > 0: l - T * log(-log(u)) in float64, with
 // u = uniform_at(key, index) (the reference's argmax of exp(l) / (-log u)^T, as a logarithm).
@@ -153,7 +157,9 @@ VDIFF_HD SumExp sumexp_merge(const SumExp& a, const SumExp& b) {
 }
 
 // log-probability of a logit under the row's softmax whose max and sum of exp(l - max) are given.
-VDIFF_HD double log_probability(float logit, double max, double sum) { return static_cast<double>(logit) - max - log(sum); }
+VDIFF_HD double log_probability(float logit, double max, double sum) {
+  return static_cast<double>(logit) - max - log(sum);
+}
 
 // Probability as sample_row reports it: exp(l - max) / sum, 0 for a row without a usable distribution.
 VDIFF_HD double probability(float logit, double max, double sum) {
@@ -162,24 +168,23 @@ VDIFF_HD double probability(float logit, double max, double sum) {
   return p != p ? 0.0 : p;
 }
 
-
 // ---- one task of the vocabulary reduction ------------------------------------------------------------
 // A RowTask flattened (tasks.h makes it): the kernel gives each task a block whose threads stride over the
 // row, each folding its elements into a RowPass, then merge; the host tests run the same functions with
 // a few emulated threads against sample_task.
 
 struct TaskDesc {
-  int cond, uncond;           // rows of the logits buffer; uncond -1: no cfg
+  int cond, uncond;  // rows of the logits buffer; uncond -1: no cfg
   float cfg_scale_plus_one;
-  int sample;                 // 0: no draw (only the target / top logprobs)
+  int sample;  // 0: no draw (only the target / top logprobs)
   double temperature;
-  uint64_t key;               // row_key(seed, step, position)
+  uint64_t key;  // row_key(seed, step, position)
   int random_remasking;
   int logits_eos_inf, confidence_eos_eot_inf;
-  int eos, eot;               // -1: none (or outside the row)
+  int eos, eot;                   // -1: none (or outside the row)
   int vocab_size, mask_token_id;  // drawable: [0, vocab_size) except the mask
   int top_logprobs;
-  int target;                 // -1: none
+  int target;  // -1: none
 };
 
 constexpr int kMaxTop = 20;
@@ -222,12 +227,15 @@ VDIFF_HD void row_pass_add(RowPass& p, const TaskDesc& t, const float* cond, con
   p.max = max_no_nan(p.max, static_cast<double>(final_logit(t, cond, uncond, i)));
   if (t.sample && drawable(i, t.vocab_size, t.mask_token_id)) {
     const float l = draw_logit(t, cond, uncond, i);
-    const double score = t.temperature > 0.0 ? gumbel_score(l, t.temperature, t.key, static_cast<uint64_t>(i)) : static_cast<double>(l);
+    const double score =
+        t.temperature > 0.0 ? gumbel_score(l, t.temperature, t.key, static_cast<uint64_t>(i)) : static_cast<double>(l);
     p.best = arg_max(p.best, ArgBest{score, i});
   }
 }
 
-VDIFF_HD RowPass row_pass_merge(const RowPass& a, const RowPass& b) { return RowPass{max_no_nan(a.max, b.max), arg_max(a.best, b.best)}; }
+VDIFF_HD RowPass row_pass_merge(const RowPass& a, const RowPass& b) {
+  return RowPass{max_no_nan(a.max, b.max), arg_max(a.best, b.best)};
+}
 
 // Pass 2's term: exp(l - max) in float64 (0 for a row without a usable max).
 VDIFF_HD double row_sum_term(const TaskDesc& t, const float* cond, const float* uncond, int i, double max) {
@@ -236,7 +244,8 @@ VDIFF_HD double row_sum_term(const TaskDesc& t, const float* cond, const float* 
 }
 
 // The result's scalar part from the reductions.
-VDIFF_HD void row_finish(const TaskDesc& t, const float* cond, const float* uncond, const RowPass& p, double sum, TaskResult& r) {
+VDIFF_HD void row_finish(const TaskDesc& t, const float* cond, const float* uncond, const RowPass& p, double sum,
+                         TaskResult& r) {
   const int token = p.best.index < 0 ? 0 : p.best.index;
   r.token = t.sample ? token : 0;
   r.probability = t.sample ? probability(final_logit(t, cond, uncond, token), p.max, sum) : 0.0;
@@ -246,7 +255,8 @@ VDIFF_HD void row_finish(const TaskDesc& t, const float* cond, const float* unco
 }
 
 // A candidate for the next top logprob: a drawable token, not NaN, ranked after `previous` (none: any).
-VDIFF_HD void top_candidate(ArgBest& pick, const TaskDesc& t, const float* cond, const float* uncond, int i, const ArgBest& previous) {
+VDIFF_HD void top_candidate(ArgBest& pick, const TaskDesc& t, const float* cond, const float* uncond, int i,
+                            const ArgBest& previous) {
   if (!drawable(i, t.vocab_size, t.mask_token_id)) return;
   const float l = final_logit(t, cond, uncond, i);
   if (l != l) return;

@@ -10,9 +10,9 @@
 
 namespace vdiff::cuda {
 
+using ops::kMaxTop;
 using ops::TaskDesc;
 using ops::TaskResult;
-using ops::kMaxTop;
 
 // Rows whose draw is restricted by top-k / top-p are sampled on the host by sample_task (their logits
 // copied back): ranking a whole vocabulary per row is not worth a kernel for a rarely used option.

@@ -22,8 +22,12 @@ class Dev {
   Dev(const Dev&) = delete;
   Dev& operator=(const Dev&) = delete;
   template <class T = void>
-  T* get() const { return static_cast<T*>(p_); }
-  void to_host(void* host, size_t bytes) const { VDIFF_CUDA_CHECK(cudaMemcpy(host, p_, bytes, cudaMemcpyDeviceToHost)); }
+  T* get() const {
+    return static_cast<T*>(p_);
+  }
+  void to_host(void* host, size_t bytes) const {
+    VDIFF_CUDA_CHECK(cudaMemcpy(host, p_, bytes, cudaMemcpyDeviceToHost));
+  }
 
  private:
   void* p_ = nullptr;
@@ -123,7 +127,8 @@ void attention(const float* qkv, int T, int q_heads, int kv_heads, int hd, const
 bool gemm(const void* A, const void* W, Type type, int M, int N, int K, float* C, bool accumulate, bool use_cublas,
           std::string* library) {
   const size_t e = type == Type::F32 ? 4 : 2;
-  Dev dA(static_cast<size_t>(M) * K * e, A), dW(static_cast<size_t>(N) * K * e, W), dC(static_cast<size_t>(M) * N * 4, C);
+  Dev dA(static_cast<size_t>(M) * K * e, A), dW(static_cast<size_t>(N) * K * e, W),
+      dC(static_cast<size_t>(M) * N * 4, C);
   if (use_cublas) {
     const Cublas* cublas = load_cublas(nullptr);
     if (!cublas) return false;
@@ -132,8 +137,9 @@ bool gemm(const void* A, const void* W, Type type, int M, int N, int K, float* C
     if (cublas->create(&handle) != 0) return false;
     const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     const int t = type == Type::F32 ? Cublas::kR32F : type == Type::BF16 ? Cublas::kR16BF : Cublas::kR16F;
-    const int status = cublas->gemm_ex(handle, Cublas::kOpT, Cublas::kOpN, N, M, K, &alpha, dW.get(), t, K, dA.get(), t, K,
-                                       &beta, dC.get(), Cublas::kR32F, N, Cublas::kCompute32F, Cublas::kComputeDefaultAlgo);
+    const int status =
+        cublas->gemm_ex(handle, Cublas::kOpT, Cublas::kOpN, N, M, K, &alpha, dW.get(), t, K, dA.get(), t, K, &beta,
+                        dC.get(), Cublas::kR32F, N, Cublas::kCompute32F, Cublas::kComputeDefaultAlgo);
     cublas->destroy(handle);
     if (status != 0) throw Error(ErrorCode::Internal, "cublasGemmEx failed with status " + std::to_string(status));
   } else {
@@ -147,12 +153,14 @@ bool gemm(const void* A, const void* W, Type type, int M, int N, int K, float* C
 void reduce_rows(const float* logits, int n_rows, int row_size, const std::vector<RowTask>& tasks, RowResult* out) {
   std::vector<TaskDesc> descs;
   for (const RowTask& t : tasks) {
-    if (needs_host(t)) throw Error(ErrorCode::InvalidArgument, "reduce_rows: top-k / top-p rows are sampled on the host");
+    if (needs_host(t))
+      throw Error(ErrorCode::InvalidArgument, "reduce_rows: top-k / top-p rows are sampled on the host");
     descs.push_back(task_desc(t, row_size));
   }
   Dev dl(static_cast<size_t>(n_rows) * row_size * 4, logits), dt(descs.size() * sizeof(TaskDesc), descs.data()),
       dr(descs.size() * sizeof(TaskResult));
-  launch_reduce_rows(dl.get<float>(), row_size, dt.get<TaskDesc>(), static_cast<int>(descs.size()), dr.get<TaskResult>(), 0);
+  launch_reduce_rows(dl.get<float>(), row_size, dt.get<TaskDesc>(), static_cast<int>(descs.size()),
+                     dr.get<TaskResult>(), 0);
   finish();
   std::vector<TaskResult> results(descs.size());
   dr.to_host(results.data(), results.size() * sizeof(TaskResult));

@@ -114,19 +114,22 @@ void host_rope() {
     }
     for (int i = 0; i < hd; ++i) worst = std::max(worst, std::fabs(y[i] - want[i]));
   }
-  report(worst < 1e-6, "host ops: RoPE pair (NeoX rotate-half) against the float64 formula", fmt("max |diff| %.1e", worst));
+  report(worst < 1e-6, "host ops: RoPE pair (NeoX rotate-half) against the float64 formula",
+         fmt("max |diff| %.1e", worst));
 }
 
 void host_silu() {
   std::mt19937 rng(4);
-  std::vector<float> g = random_floats(10000, rng, 4.0f), u = random_floats(10000, rng), a(g.size()), b(g.size()), c(g.size());
+  std::vector<float> g = random_floats(10000, rng, 4.0f), u = random_floats(10000, rng), a(g.size()), b(g.size()),
+                     c(g.size());
   for (size_t i = 0; i < g.size(); ++i) a[i] = ops::silu_mul(g[i], u[i]);
   cpu::portable_kernels()->silu_mul(g.data(), u.data(), b.data(), static_cast<int>(g.size()));
   cpu::active_kernels().silu_mul(g.data(), u.data(), c.data(), static_cast<int>(g.size()));
   const bool same = std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
   const double active = rel_inf(a, c);
-  report(same && active < 1e-6, "host ops: SwiGLU equals the portable kernel bit for bit, the " +
-                                    std::string(cpu::active_kernels().isa) + " one to rounding",
+  report(same && active < 1e-6,
+         "host ops: SwiGLU equals the portable kernel bit for bit, the " + std::string(cpu::active_kernels().isa) +
+             " one to rounding",
          fmt("max rel diff to the active ISA %.1e", active));
 }
 
@@ -197,7 +200,8 @@ ops::TaskResult emulated_reduction(const ops::TaskDesc& t, const float* logits, 
     for (int i = 0; i < row_size; ++i) ops::top_candidate(pick, t, cond, uncond, i, previous);
     if (pick.index < 0) break;
     r.top_token[k] = pick.index;
-    r.top_logprob[k] = static_cast<float>(ops::log_probability(ops::final_logit(t, cond, uncond, pick.index), pass.max, sum));
+    r.top_logprob[k] =
+        static_cast<float>(ops::log_probability(ops::final_logit(t, cond, uncond, pick.index), pass.max, sum));
     r.n_top = k + 1;
     previous = pick;
   }
@@ -263,7 +267,9 @@ std::string compare_results(const TaskSet& s, int row_size, const std::vector<Ro
     RowResult want;
     sample_task(cond.data(), uncond, row_size, t, want, &scratch);
     const RowResult& g = got[j];
-    const auto close = [](double a, double b) { return a == b || std::fabs(a - b) <= 1e-12 * std::max(1.0, std::fabs(b)); };
+    const auto close = [](double a, double b) {
+      return a == b || std::fabs(a - b) <= 1e-12 * std::max(1.0, std::fabs(b));
+    };
     bool ok = g.token == want.token && close(g.probability, want.probability) && close(g.confidence, want.confidence) &&
               (t.target < 0 || close(g.target_logprob, want.target_logprob)) && g.n_top == want.n_top;
     for (int k = 0; ok && k < want.n_top; ++k)
@@ -271,8 +277,9 @@ std::string compare_results(const TaskSet& s, int row_size, const std::vector<Ro
     *equal_tokens += g.token == want.token;
     if (!ok && first.empty()) {
       char text[256];
-      std::snprintf(text, sizeof text, "task %zu: token %d vs %d, p %.17g vs %.17g, conf %.17g vs %.17g, top %d vs %d", j,
-                    g.token, want.token, g.probability, want.probability, g.confidence, want.confidence, g.n_top, want.n_top);
+      std::snprintf(text, sizeof text, "task %zu: token %d vs %d, p %.17g vs %.17g, conf %.17g vs %.17g, top %d vs %d",
+                    j, g.token, want.token, g.probability, want.probability, g.confidence, want.confidence, g.n_top,
+                    want.n_top);
       first = text;
     }
   }
@@ -285,12 +292,14 @@ void host_vocab_reduction() {
     TaskSet s = random_tasks(rng, row_size, 400);
     std::vector<RowResult> got(s.tasks.size());
     for (size_t j = 0; j < s.tasks.size(); ++j)
-      cuda::to_row_result(emulated_reduction(cuda::task_desc(s.tasks[j], row_size), s.logits.data(), row_size, 13), got[j]);
+      cuda::to_row_result(emulated_reduction(cuda::task_desc(s.tasks[j], row_size), s.logits.data(), row_size, 13),
+                          got[j]);
     int equal = 0;
     const std::string first = compare_results(s, row_size, got, &equal);
-    report(first.empty(), "host ops: vocabulary reduction (cfg, EOS/EOT rules, argmax / Gumbel-max, float64 softmax, "
-                          "random remasking, top logprobs, target) emulated with 13 threads equals sample_task, row " +
-                              std::to_string(row_size),
+    report(first.empty(),
+           "host ops: vocabulary reduction (cfg, EOS/EOT rules, argmax / Gumbel-max, float64 softmax, "
+           "random remasking, top logprobs, target) emulated with 13 threads equals sample_task, row " +
+               std::to_string(row_size),
            first.empty() ? std::to_string(equal) + " of " + std::to_string(s.tasks.size()) + " tokens equal" : first);
   }
 }
@@ -305,15 +314,16 @@ struct AttentionCase {
   int qh = 4, kvh = 2, hd = 0, T = 0;
   std::vector<Spec> specs;
   std::vector<int> offsets;
-  std::vector<float> qkv;                // [T][(qh + 2 kvh) hd]
+  std::vector<float> qkv;                 // [T][(qh + 2 kvh) hd]
   std::vector<std::vector<char>> caches;  // per sequence: [keys | values][length][kv_dim] (empty: none)
-  std::vector<float> want;               // [T][qh hd]
+  std::vector<float> want;                // [T][qh hd]
 };
 
 AttentionCase attention_case(std::mt19937& rng, int hd) {
   AttentionCase c;
   c.hd = hd;
-  c.specs = {{5, 0, 5, 0}, {37, 0, 37, 0}, {100, 0, 100, 1}, {70, 32, 48, 1}, {90, 16, 90, 2}, {17, 0, 17, 2}, {33, 0, 33, 0}};
+  c.specs = {{5, 0, 5, 0},    {37, 0, 37, 0}, {100, 0, 100, 1}, {70, 32, 48, 1},
+             {90, 16, 90, 2}, {17, 0, 17, 2}, {33, 0, 33, 0}};
   const int q_dim = c.qh * hd, kv_dim = c.kvh * hd, ld = q_dim + 2 * kv_dim;
   for (const auto& s : c.specs) c.offsets.push_back(c.T), c.T += s.end - s.begin;
   c.qkv = random_floats(static_cast<size_t>(c.T) * ld, rng);
@@ -329,9 +339,11 @@ AttentionCase attention_case(std::mt19937& rng, int hd) {
       if (s.cache == 2) {
         std::vector<uint16_t> bits(2 * n);
         for (size_t i = 0; i < 2 * n; ++i) bits[i] = f32_to_bf16_bits(stale[i]), stale[i] = cpu::bf16_to_f32(bits[i]);
-        c.caches.back().assign(reinterpret_cast<const char*>(bits.data()), reinterpret_cast<const char*>(bits.data() + 2 * n));
+        c.caches.back().assign(reinterpret_cast<const char*>(bits.data()),
+                               reinterpret_cast<const char*>(bits.data() + 2 * n));
       } else {
-        c.caches.back().assign(reinterpret_cast<const char*>(stale.data()), reinterpret_cast<const char*>(stale.data() + 2 * n));
+        c.caches.back().assign(reinterpret_cast<const char*>(stale.data()),
+                               reinterpret_cast<const char*>(stale.data() + 2 * n));
       }
       for (size_t i = 0; i < n; ++i) keys[i] = stale[i], values[i] = stale[n + i];
     }
@@ -348,7 +360,8 @@ AttentionCase attention_case(std::mt19937& rng, int hd) {
       for (int p = 0; p < s.length; ++p)
         for (int j = 0; j < kv_dim; ++j) {
           keys[static_cast<size_t>(p) * kv_dim + j] = c.qkv[static_cast<size_t>(offset + p) * ld + q_dim + j];
-          values[static_cast<size_t>(p) * kv_dim + j] = c.qkv[static_cast<size_t>(offset + p) * ld + q_dim + kv_dim + j];
+          values[static_cast<size_t>(p) * kv_dim + j] =
+              c.qkv[static_cast<size_t>(offset + p) * ld + q_dim + kv_dim + j];
         }
     for (int qi = 0; qi < s.end - s.begin; ++qi)
       for (int h = 0; h < c.qh; ++h) {
@@ -358,7 +371,8 @@ AttentionCase attention_case(std::mt19937& rng, int hd) {
         for (int p = 0; p < s.length; ++p) {
           double dot = 0;
           for (int d = 0; d < hd; ++d)
-            dot += double(c.qkv[static_cast<size_t>(offset + qi) * ld + h * hd + d]) * keys[static_cast<size_t>(p) * kv_dim + kv_head * hd + d];
+            dot += double(c.qkv[static_cast<size_t>(offset + qi) * ld + h * hd + d]) *
+                   keys[static_cast<size_t>(p) * kv_dim + kv_head * hd + d];
           score[p] = dot / std::sqrt(double(hd));
           mx = std::max(mx, score[p]);
         }
@@ -366,7 +380,8 @@ AttentionCase attention_case(std::mt19937& rng, int hd) {
         for (double& v : score) sum += v = std::exp(v - mx);
         for (int d = 0; d < hd; ++d) {
           double acc = 0;
-          for (int p = 0; p < s.length; ++p) acc += score[p] * values[static_cast<size_t>(p) * kv_dim + kv_head * hd + d];
+          for (int p = 0; p < s.length; ++p)
+            acc += score[p] * values[static_cast<size_t>(p) * kv_dim + kv_head * hd + d];
           c.want[static_cast<size_t>(offset + qi) * q_dim + h * hd + d] = static_cast<float>(acc / sum);
         }
       }
@@ -389,11 +404,12 @@ void host_attention_tile() {
     for (size_t i = 0; i < c.specs.size(); ++i) {
       const auto& s = c.specs[i];
       const bool whole = s.begin == 0 && s.end == s.length;
-      seqs.push_back(cuda::SeqDesc{c.offsets[i], s.begin, s.end, s.length, s.cache && !whole ? 1 : 0, s.cache == 2 ? 1 : 0,
-                                   c.caches[i].empty() ? nullptr : c.caches[i].data()});
+      seqs.push_back(cuda::SeqDesc{c.offsets[i], s.begin, s.end, s.length, s.cache && !whole ? 1 : 0,
+                                   s.cache == 2 ? 1 : 0, c.caches[i].empty() ? nullptr : c.caches[i].data()});
       for (int t = 0; t < s.end - s.begin; ++t) token_seq[c.offsets[i] + t] = static_cast<int32_t>(i);
       for (int q0 = 0; q0 < s.end - s.begin; q0 += cuda::kAttentionQueries)
-        tiles.push_back(cuda::QueryTile{static_cast<int>(i), q0, std::min(cuda::kAttentionQueries, s.end - s.begin - q0)});
+        tiles.push_back(
+            cuda::QueryTile{static_cast<int>(i), q0, std::min(cuda::kAttentionQueries, s.end - s.begin - q0)});
     }
     for (int64_t idx = 0; idx < static_cast<int64_t>(c.T) * kv_dim; ++idx)
       cuda::store_kv_element(c.qkv.data(), ld, q_dim, q_dim + kv_dim, kv_dim, 0, token_seq.data(), seqs.data(), idx);
@@ -409,17 +425,23 @@ void host_attention_tile() {
         for (int tid = 0; tid < cuda::kAttentionThreads; ++tid) cuda::attention_start(tid, args, s, tile, h, m);
         for (int k0 = 0; k0 < s.length; k0 += cuda::kAttentionKeys) {
           const int nk = std::min(cuda::kAttentionKeys, s.length - k0);
-          for (int tid = 0; tid < cuda::kAttentionThreads; ++tid) cuda::attention_load_keys(tid, args, s, kv_head, k0, nk, m);
-          for (int tid = 0; tid < cuda::kAttentionThreads; ++tid) cuda::attention_scores(tid, hd, tile.nq, nk, scale, m);
+          for (int tid = 0; tid < cuda::kAttentionThreads; ++tid)
+            cuda::attention_load_keys(tid, args, s, kv_head, k0, nk, m);
+          for (int tid = 0; tid < cuda::kAttentionThreads; ++tid)
+            cuda::attention_scores(tid, hd, tile.nq, nk, scale, m);
           for (int tid = 0; tid < cuda::kAttentionThreads; ++tid) cuda::attention_softmax(tid, nk, m);
           for (int tid = 0; tid < cuda::kAttentionThreads; ++tid) cuda::attention_accumulate(tid, hd, nk, m);
         }
-        for (int i = 0; i < tile.nq * hd; ++i) got[cuda::attention_out_index(i, hd, s, tile, h, q_dim)] = cuda::attention_result(i, hd, m);
+        for (int i = 0; i < tile.nq * hd; ++i)
+          got[cuda::attention_out_index(i, hd, s, tile, h, q_dim)] = cuda::attention_result(i, hd, m);
       }
     const double e = rel_inf(got, c.want);
-    report(e < 1e-5, "host ops: the attention kernel's block phases and cache stores, thread by thread (ragged, GQA 4/2, head dim " +
-                         std::to_string(hd) + (hd % 4 ? ", scalar loads" : ", vector loads") + ", no cache / f32 / bf16 cache, whole and cached reads) against float64",
-           fmt("max rel diff %.1e", e));
+    report(
+        e < 1e-5,
+        "host ops: the attention kernel's block phases and cache stores, thread by thread (ragged, GQA 4/2, head dim " +
+            std::to_string(hd) + (hd % 4 ? ", scalar loads" : ", vector loads") +
+            ", no cache / f32 / bf16 cache, whole and cached reads) against float64",
+        fmt("max rel diff %.1e", e));
   }
 }
 
@@ -489,7 +511,11 @@ void device_ops() {
     for (size_t t = 0; t < tokens.size(); ++t)
       for (int j = 0; j < D; ++j)
         want[t * D + j] = type == ct::Type::F32 ? table[tokens[t] * D + j] : element(bits, type, tokens[t] * D + j);
-    report(got == want, std::string("cuda op: embedding gather (") + (type == ct::Type::F32 ? "f32" : type == ct::Type::BF16 ? "bf16" : "f16") + ") exact");
+    report(got == want, std::string("cuda op: embedding gather (") +
+                            (type == ct::Type::F32    ? "f32"
+                             : type == ct::Type::BF16 ? "bf16"
+                                                      : "f16") +
+                            ") exact");
   }
   // RMSNorm.
   {
@@ -548,9 +574,10 @@ void device_ops() {
       std::vector<float> got(c.want.size(), std::nanf(""));
       ct::attention(c.qkv.data(), c.T, c.qh, c.kvh, hd, seqs, got.data(), simple);
       const double e = rel_inf(got, c.want);
-      report(e < 1e-5, std::string("cuda op: attention, ") + (simple ? "simple" : "register-blocked") +
-                           " kernel (ragged, GQA 4/2, head dim " + std::to_string(hd) +
-                           ", no cache / f32 cache / bf16 cache, whole canvas and cached reads) against float64",
+      report(e < 1e-5,
+             std::string("cuda op: attention, ") + (simple ? "simple" : "register-blocked") +
+                 " kernel (ragged, GQA 4/2, head dim " + std::to_string(hd) +
+                 ", no cache / f32 cache / bf16 cache, whole canvas and cached reads) against float64",
              fmt("max rel diff %.1e", e));
     }
   }
@@ -563,7 +590,8 @@ void device_ops() {
       for (int M : {1, 37, 160})
         for (bool accumulate : {false, true}) {
           const int N = 200, K = 96;
-          std::vector<float> A = random_floats(static_cast<size_t>(M) * K, rng), W = random_floats(static_cast<size_t>(N) * K, rng, 0.1f);
+          std::vector<float> A = random_floats(static_cast<size_t>(M) * K, rng),
+                             W = random_floats(static_cast<size_t>(N) * K, rng, 0.1f);
           std::vector<float> C = random_floats(static_cast<size_t>(M) * N, rng), want(C.size());
           std::vector<uint16_t> Ab = to_half_bits(A, type), Wb = to_half_bits(W, type);
           for (int m = 0; m < M; ++m)
@@ -580,12 +608,16 @@ void device_ops() {
           if (ran) worst = std::max(worst, rel_inf(C, want));
         }
       const std::string name = std::string("cuda op: GEMM ") + (use_cublas ? "cuBLAS" : "tiled") + " (" +
-                               (type == ct::Type::F32 ? "f32" : type == ct::Type::BF16 ? "bf16" : "f16") + ", M 1/37/160, += and =)";
+                               (type == ct::Type::F32    ? "f32"
+                                : type == ct::Type::BF16 ? "bf16"
+                                                         : "f16") +
+                               ", M 1/37/160, += and =)";
       if (!ran) {
         std::printf("SKIPPED: %s: cuBLAS did not load\n", name.c_str());
         continue;
       }
-      report(worst < 1e-5, name + " against float64", fmt("max rel diff %.1e", worst) + (library.empty() ? "" : ", " + library));
+      report(worst < 1e-5, name + " against float64",
+             fmt("max rel diff %.1e", worst) + (library.empty() ? "" : ", " + library));
     }
   // The vocabulary reduction against sample_task.
   for (int row_size : {300, 126464}) {
@@ -635,12 +667,14 @@ void device_backend_parity(const std::string& golden_dir) {
       const bool f32 = gpu->weight_dtype() == "f32";
       // bf16 / f16 weights: the GPU feeds its GEMMs activations in the weights' type, the CPU keeps f32.
       const double tolerance = f32 ? 1e-4 : 5e-2;
-      std::vector<std::vector<int32_t>> seqs = {random_tokens(rng, 9, c.vocab_size), random_tokens(rng, 40, c.vocab_size),
+      std::vector<std::vector<int32_t>> seqs = {random_tokens(rng, 9, c.vocab_size),
+                                                random_tokens(rng, 40, c.vocab_size),
                                                 random_tokens(rng, 23, c.vocab_size)};
       std::vector<std::vector<int32_t>> rows = {all_rows(9), all_rows(40), {0, 5, 22}};
       const std::vector<float> a = run_forward(*gpu, seqs, rows), b = run_forward(*cpu_backend, seqs, rows);
       const double e = rel_inf(a, b);
-      report(e < tolerance, "cuda backend: " + name + " (" + gpu->weight_dtype() + ") batched forward against the CPU backend",
+      report(e < tolerance,
+             "cuda backend: " + name + " (" + gpu->weight_dtype() + ") batched forward against the CPU backend",
              fmt("max rel diff %.1e", e));
 
       // A refresh then a dual-cache read of [8, 16), on each backend.
@@ -666,12 +700,14 @@ void device_backend_parity(const std::string& golden_dir) {
       std::vector<RowTask> tasks;
       for (int r = 0; r < 52; ++r) {
         RowTask t;
-        t.cond = r, t.rule = &rule, t.seed = 7, t.step = 1, t.position = r, t.top_logprobs = 3, t.target = r % c.vocab_size;
+        t.cond = r, t.rule = &rule, t.seed = 7, t.step = 1, t.position = r, t.top_logprobs = 3,
+        t.target = r % c.vocab_size;
         tasks.push_back(t);
       }
       std::vector<ForwardSeq> batch;
       for (size_t s = 0; s < seqs.size(); ++s)
-        batch.push_back({seqs[s].data(), static_cast<int>(seqs[s].size()), rows[s].data(), static_cast<int>(rows[s].size())});
+        batch.push_back(
+            {seqs[s].data(), static_cast<int>(seqs[s].size()), rows[s].data(), static_cast<int>(rows[s].size())});
       std::vector<RowResult> ga(tasks.size()), gb(tasks.size());
       gpu->predict(batch, tasks, ga.data());
       cpu_backend->predict(batch, tasks, gb.data());
@@ -690,9 +726,9 @@ void device_backend_parity(const std::string& golden_dir) {
                     gpu->weight_dtype().c_str(), same, tasks.size(), worst_p);
       const BackendInfo info = gpu->info();
       report(info.backend == "cuda" && !info.device.empty() && info.memory_total > 0 && info.memory_used > 0,
-             "cuda backend: " + name + " info", info.device + ", gemm " + info.gemm + ", " +
-                                                    std::to_string(info.memory_used >> 20) + " of " +
-                                                    std::to_string(info.memory_total >> 20) + " MiB");
+             "cuda backend: " + name + " info",
+             info.device + ", gemm " + info.gemm + ", " + std::to_string(info.memory_used >> 20) + " of " +
+                 std::to_string(info.memory_total >> 20) + " MiB");
     } catch (const std::exception& e) {
       report(false, "cuda backend: " + name, e.what());
     }
@@ -756,10 +792,13 @@ void device_golden(const std::string& golden_dir) {
       const std::string detail = std::to_string(equal) + " of " + std::to_string(cases) + " answers equal, " +
                                  std::to_string(tokens_equal) + " of " + std::to_string(tokens_total) + " tokens";
       if (f32)
-        report(cases > 0 && equal == cases, "cuda golden " + name + ": temperature-0 answers equal PyTorch's exactly", detail);
+        report(cases > 0 && equal == cases, "cuda golden " + name + ": temperature-0 answers equal PyTorch's exactly",
+               detail);
       else
         report(cases > 0 && tokens_equal * 2 >= tokens_total,
-               "cuda golden " + name + " (" + gpu->weight_dtype() + "): temperature-0 agreement with PyTorch (reported; at least half)", detail);
+               "cuda golden " + name + " (" + gpu->weight_dtype() +
+                   "): temperature-0 agreement with PyTorch (reported; at least half)",
+               detail);
     } catch (const std::exception& e) {
       report(false, "cuda golden " + name, e.what());
     }
@@ -789,9 +828,10 @@ void device_batch_invariance(const std::string& golden_dir) {
         argmax_same += std::max_element(a, a + V) - a == std::max_element(b, b + V) - b;
       }
       const double e = rel_inf(together, alone);
-      report(e < 1e-5 && argmax_same == n_rows, "cuda batch invariance: " + name + ", 6 canvases in one batch vs each alone",
-             fmt("max rel diff %.1e, bit-exact: ", e) + (e == 0 ? "yes" : "no") + ", " +
-                 std::to_string(argmax_same) + " of " + std::to_string(n_rows) + " argmax rows equal");
+      report(e < 1e-5 && argmax_same == n_rows,
+             "cuda batch invariance: " + name + ", 6 canvases in one batch vs each alone",
+             fmt("max rel diff %.1e, bit-exact: ", e) + (e == 0 ? "yes" : "no") + ", " + std::to_string(argmax_same) +
+                 " of " + std::to_string(n_rows) + " argmax rows equal");
     } catch (const std::exception& e) {
       report(false, "cuda batch invariance: " + name, e.what());
     }
@@ -833,9 +873,10 @@ int main(int argc, char** argv) {
   if (host_only) {
     std::printf("SKIPPED: device checks (--host-only)\n");
   } else if (!device) {
-    std::printf("SKIPPED: no CUDA device (%s): op parity, backend parity, golden fixtures on CUDA and batch invariance "
-                "wait for a GPU (bench/gpu/run.sh)\n",
-                reason.c_str());
+    std::printf(
+        "SKIPPED: no CUDA device (%s): op parity, backend parity, golden fixtures on CUDA and batch invariance "
+        "wait for a GPU (bench/gpu/run.sh)\n",
+        reason.c_str());
   } else {
 #if VDIFF_WITH_CUDA
     std::printf("== op parity (each kernel against the CPU)\n");

@@ -4,12 +4,12 @@
 
 namespace vdiff::test {
 
-
 // A model that forwards to another and records what each forward computed; it can also set the cancel
 // flag once a forward is done (the engine then cancels the step after the cache was written).
 class RecordingModel final : public Backend {
  public:
-  explicit RecordingModel(std::shared_ptr<Backend> inner) : Backend(inner->config(), test_options(1)), inner_(std::move(inner)) {}
+  explicit RecordingModel(std::shared_ptr<Backend> inner)
+      : Backend(inner->config(), test_options(1)), inner_(std::move(inner)) {}
   BackendInfo info() const override { return inner_->info(); }
   std::string weight_dtype() const override { return inner_->weight_dtype(); }
   uint64_t parameter_count() const override { return inner_->parameter_count(); }
@@ -19,8 +19,8 @@ class RecordingModel final : public Backend {
   uint64_t kv_cache_live_bytes() const override { return inner_->kv_cache_live_bytes(); }
   void forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) override {
     for (const ForwardSeq& s : batch)
-      calls.push_back(std::to_string(s.compute_begin) + "-" + std::to_string(s.compute_end == -1 ? s.length : s.compute_end) +
-                      (s.cache ? "c" : ""));
+      calls.push_back(std::to_string(s.compute_begin) + "-" +
+                      std::to_string(s.compute_end == -1 ? s.length : s.compute_end) + (s.cache ? "c" : ""));
     inner_->forward(batch, logits, cancel);
     if (cancel_after) cancel_after->store(true), cancel_after = nullptr;
   }
@@ -41,7 +41,9 @@ struct Trace {
   std::vector<int32_t> answer;
   std::vector<float> probabilities;
   int steps = 0;
-  bool operator==(const Trace& o) const { return answer == o.answer && probabilities == o.probabilities && steps == o.steps; }
+  bool operator==(const Trace& o) const {
+    return answer == o.answer && probabilities == o.probabilities && steps == o.steps;
+  }
 };
 
 // Runs the given sequences to the end, all in one batch per step.
@@ -143,10 +145,13 @@ void test_engine_kv_cache(const std::string& golden_dir) {
       engine.release(id);
       std::string joined;
       for (const std::string& c : recorder->calls) joined += (joined.empty() ? "" : " ") + c;
-      return joined + " / " + std::to_string(info.forward_passes) + " forwards, " + std::to_string(info.kv_refreshes) + " refreshes";
+      return joined + " / " + std::to_string(info.forward_passes) + " forwards, " + std::to_string(info.kv_refreshes) +
+             " refreshes";
     };
-    const std::string none = calls_of(KVCacheMode::None), prefix = calls_of(KVCacheMode::Prefix), dual = calls_of(KVCacheMode::Dual);
-    report(none == "0-19 0-19 0-19 0-19 0-19 0-19 / 6 forwards, 0 refreshes", "engine kv cache: none computes the whole canvas", none);
+    const std::string none = calls_of(KVCacheMode::None), prefix = calls_of(KVCacheMode::Prefix),
+                      dual = calls_of(KVCacheMode::Dual);
+    report(none == "0-19 0-19 0-19 0-19 0-19 0-19 / 6 forwards, 0 refreshes",
+           "engine kv cache: none computes the whole canvas", none);
     report(prefix == "0-19c 5-19c 0-19c 9-19c 0-19c 13-19c / 6 forwards, 3 refreshes",
            "engine kv cache: prefix refreshes at each block start, then computes block + rest", prefix);
     report(dual == "0-19c 5-9c 0-19c 9-13c 0-19c 13-17c / 6 forwards, 3 refreshes",
@@ -187,7 +192,8 @@ void test_engine_kv_cache(const std::string& golden_dir) {
       got.answer = engine.canvas(seq);
       engine.release(seq);
       report(cancelled && got == want, "engine kv cache: a step cancelled after its forward (" +
-                                           std::string(cancel_at == 2 ? "a refresh" : "a read") + "), retried, changes nothing");
+                                           std::string(cancel_at == 2 ? "a refresh" : "a read") +
+                                           "), retried, changes nothing");
     }
   }
 
@@ -214,13 +220,17 @@ void test_engine_kv_cache(const std::string& golden_dir) {
       ok = ok && run_engine(engine, {id})[0] == together[i];
       engine.release(id);
     }
-    bool differs = !(together[2].answer == run_engine(engine, {engine.create(specs[2].prompt, [&] {
-                       SamplingParams p = specs[2].params;
-                       p.kv_cache = KVCacheMode::None;
-                       return p;
-                     }())})[0].answer);
-    report(ok, "engine kv cache: a batch mixing none / prefix / dual / cfg, different lengths and blocks, equals each alone",
-           std::string("(dual ") + (differs ? "differs from" : "equals") + " no cache on this tiny random model)");
+    bool differs = !(together[2].answer == run_engine(engine, {engine.create(specs[2].prompt,
+                                                                             [&] {
+                                                                               SamplingParams p = specs[2].params;
+                                                                               p.kv_cache = KVCacheMode::None;
+                                                                               return p;
+                                                                             }())})[0]
+                                               .answer);
+    report(
+        ok,
+        "engine kv cache: a batch mixing none / prefix / dual / cfg, different lengths and blocks, equals each alone",
+        std::string("(dual ") + (differs ? "differs from" : "equals") + " no cache on this tiny random model)");
   }
 
   // Memory: reported per sequence, freed when it finishes, bounded by the model's budget.
@@ -238,21 +248,23 @@ void test_engine_kv_cache(const std::string& golden_dir) {
     SequenceInfo ia = engine.info(a), ib = engine.info(b), ic = engine.info(c);
     report(ia.kv_cache_bytes == per_seq && ib.kv_cache_bytes == 2 * per_seq && ic.kv_cache_bytes == 0 &&
                ia.memory_bytes >= per_seq && model->kv_cache_live_bytes() == 3 * per_seq,
-           "engine kv cache: bytes per sequence reported (x2 with cfg) and accounted", std::to_string(per_seq) + " bytes per cache");
-    expect_error("engine kv cache: create beyond the budget held by live caches", ErrorCode::OutOfMemory, {"budget exhausted"},
-                 [&] { engine.create(prompt, params_of(KVCacheMode::Dual, 16, 4, 4)); });
-    expect_error("engine kv cache: a cache larger than the whole budget", ErrorCode::InvalidArgument, {"whole cache budget"},
-                 [&] { engine.create(prompt_of(60), params_of(KVCacheMode::Dual, 16, 4, 4)); });
+           "engine kv cache: bytes per sequence reported (x2 with cfg) and accounted",
+           std::to_string(per_seq) + " bytes per cache");
+    expect_error("engine kv cache: create beyond the budget held by live caches", ErrorCode::OutOfMemory,
+                 {"budget exhausted"}, [&] { engine.create(prompt, params_of(KVCacheMode::Dual, 16, 4, 4)); });
+    expect_error("engine kv cache: a cache larger than the whole budget", ErrorCode::InvalidArgument,
+                 {"whole cache budget"}, [&] { engine.create(prompt_of(60), params_of(KVCacheMode::Dual, 16, 4, 4)); });
     run_engine(engine, {a});
     report(engine.info(a).kv_cache_bytes == 0 && model->kv_cache_live_bytes() == 2 * per_seq,
            "engine kv cache: a finished sequence's cache is freed before release");
     engine.release(b);
     report(model->kv_cache_live_bytes() == 0, "engine kv cache: release frees the caches");
-    expect_error("engine kv cache: negative kv_refresh_interval", ErrorCode::InvalidArgument, {"kv_refresh_interval"}, [&] {
-      SamplingParams p = params_of(KVCacheMode::Dual, 16, 4, 4);
-      p.kv_refresh_interval = -1;
-      engine.create(prompt, p);
-    });
+    expect_error("engine kv cache: negative kv_refresh_interval", ErrorCode::InvalidArgument, {"kv_refresh_interval"},
+                 [&] {
+                   SamplingParams p = params_of(KVCacheMode::Dual, 16, 4, 4);
+                   p.kv_refresh_interval = -1;
+                   engine.create(prompt, p);
+                 });
   }
 }
 

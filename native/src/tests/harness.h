@@ -21,11 +21,11 @@
 #include <string>
 #include <vector>
 
+#include "core/backend.h"
 #include "core/config.h"
 #include "core/engine.h"
 #include "core/error.h"
 #include "core/json.h"
-#include "core/backend.h"
 #include "core/safetensors.h"
 #include "core/threadpool.h"
 #include "cpu/kernels.h"
@@ -72,7 +72,8 @@ inline std::string fmt(const char* format, double a, double b = 0, double c = 0)
 }
 
 // Runs fn and checks it throws vdiff::Error with `code` and a message containing every `needle`.
-inline void expect_error(const std::string& name, ErrorCode code, std::vector<std::string> needles, const std::function<void()>& fn) {
+inline void expect_error(const std::string& name, ErrorCode code, std::vector<std::string> needles,
+                         const std::function<void()>& fn) {
   try {
     fn();
     report(false, name, "no error thrown");

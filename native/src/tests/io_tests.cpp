@@ -9,19 +9,21 @@ namespace vdiff::test {
 
 void test_json() {
   {
-    Json j = Json::parse(R"( {"a": [1, -2.5e3, true, false, null], "s": "x\"\\\/\b\f\n\r\t\u00e9\ud83d\ude00", "o": {}, "e": []} )");
+    Json j = Json::parse(
+        R"( {"a": [1, -2.5e3, true, false, null], "s": "x\"\\\/\b\f\n\r\t\u00e9\ud83d\ude00", "o": {}, "e": []} )");
     const Json& a = *j.find("a");
     bool ok = j.is_object() && a.size() == 5 && a[0].as_int64() == 1 && a[1].as_number() == -2500.0 && a[2].as_bool() &&
-              !a[3].as_bool() && a[4].is_null() && j.find("o")->size() == 0 && j.find("e")->size() == 0 && !j.find("zz");
+              !a[3].as_bool() && a[4].is_null() && j.find("o")->size() == 0 && j.find("e")->size() == 0 &&
+              !j.find("zz");
     ok = ok && j.find("s")->as_string() == "x\"\\/\b\f\n\r\t\xc3\xa9\xf0\x9f\x98\x80";
     ok = ok && j.keys() == std::vector<std::string>({"a", "s", "o", "e"});
     report(ok, "json: values, escapes, \\u and surrogate pairs");
   }
   {
     bool ok = Json::parse("9223372036854775807").as_int64() == INT64_MAX && Json::parse("-0").as_int64() == 0 &&
-              Json::parse("2.0").is_integer() && !Json::parse("1.5").is_integer() && !Json::parse("1e30").is_integer() &&
-              std::isinf(Json::parse("1e400").as_number()) && Json::parse("1e-400").as_number() == 0.0 &&
-              Json::parse("\"\xc3\xa9\"").as_string() == "\xc3\xa9";
+              Json::parse("2.0").is_integer() && !Json::parse("1.5").is_integer() &&
+              !Json::parse("1e30").is_integer() && std::isinf(Json::parse("1e400").as_number()) &&
+              Json::parse("1e-400").as_number() == 0.0 && Json::parse("\"\xc3\xa9\"").as_string() == "\xc3\xa9";
     bool threw = false;
     try {
       Json::parse("1.5").as_int64();
@@ -87,7 +89,6 @@ void test_json() {
   }
 }
 
-
 void test_safetensors() {
   TempDir dir;
   const fs::path file = dir.path / "t.safetensors";
@@ -107,27 +108,34 @@ void test_safetensors() {
   auto corrupt = [&](const std::string& name, const std::string& bytes, std::vector<std::string> needles) {
     write_file(file, bytes);
     needles.push_back(file.string());
-    expect_error("safetensors error: " + name, ErrorCode::InvalidModel, needles, [&] { SafetensorsFile::open(file.string()); });
+    expect_error("safetensors error: " + name, ErrorCode::InvalidModel, needles,
+                 [&] { SafetensorsFile::open(file.string()); });
   };
   const std::string tensor_a = "\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}";
   corrupt("shorter than the length field", "abc", {"truncated", "shorter than the 8-byte"});
   corrupt("header length past the end", raw_safetensors("{" + tensor_a + "}", float_bytes({1, 2})).substr(0, 20),
           {"truncated", "header length"});
-  corrupt("implausible header length", std::string("\xff\xff\xff\xff\xff\xff\x00\x00", 8) + "{}", {"implausibly large"});
+  corrupt("implausible header length", std::string("\xff\xff\xff\xff\xff\xff\x00\x00", 8) + "{}",
+          {"implausibly large"});
   corrupt("header is not JSON", raw_safetensors("{\"a\":", ""), {"bad header", "JSON error"});
   corrupt("header is not an object", raw_safetensors("[1,2]", ""), {"expected an object"});
-  corrupt("unknown dtype", raw_safetensors("{\"a\":{\"dtype\":\"Q4_K\",\"shape\":[2],\"data_offsets\":[0,8]}}", float_bytes({1, 2})),
+  corrupt("unknown dtype",
+          raw_safetensors("{\"a\":{\"dtype\":\"Q4_K\",\"shape\":[2],\"data_offsets\":[0,8]}}", float_bytes({1, 2})),
           {"tensor \"a\"", "unknown dtype \"Q4_K\""});
-  corrupt("size does not match shape", raw_safetensors("{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", float_bytes({1, 2})),
+  corrupt("size does not match shape",
+          raw_safetensors("{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", float_bytes({1, 2})),
           {"tensor \"a\"", "needs 12 bytes", "span 8"});
   corrupt("data past the end (truncated)", raw_safetensors("{" + tensor_a + "}", float_bytes({1})),
           {"tensor \"a\"", "truncated file"});
-  corrupt("end before begin", raw_safetensors("{\"a\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[8,4]}}", float_bytes({1, 2})),
+  corrupt("end before begin",
+          raw_safetensors("{\"a\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[8,4]}}", float_bytes({1, 2})),
           {"tensor \"a\"", "before begin"});
   corrupt("overlapping tensors",
-          raw_safetensors("{" + tensor_a + ",\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}", float_bytes({1, 2, 3})),
+          raw_safetensors("{" + tensor_a + ",\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}",
+                          float_bytes({1, 2, 3})),
           {"\"a\"", "\"b\"", "overlap"});
-  corrupt("negative shape", raw_safetensors("{\"a\":{\"dtype\":\"F32\",\"shape\":[-2],\"data_offsets\":[0,8]}}", float_bytes({1, 2})),
+  corrupt("negative shape",
+          raw_safetensors("{\"a\":{\"dtype\":\"F32\",\"shape\":[-2],\"data_offsets\":[0,8]}}", float_bytes({1, 2})),
           {"non-negative"});
   corrupt("missing data_offsets", raw_safetensors("{\"a\":{\"dtype\":\"F32\",\"shape\":[2]}}", float_bytes({1, 2})),
           {"data_offsets"});
@@ -143,11 +151,12 @@ void test_safetensors() {
              R"({"metadata": {"total_size": 12}, "weight_map": {"x": "s1.safetensors", "y": "s2.safetensors"}})");
   {
     TensorSet set = TensorSet::load_dir(shard_dir.string());
-    bool ok = set.all().size() == 2 && set.files().size() == 2 && static_cast<const float*>(set.get("y").data)[1] == 9.0f &&
+    bool ok = set.all().size() == 2 && set.files().size() == 2 &&
+              static_cast<const float*>(set.get("y").data)[1] == 9.0f &&
               static_cast<const float*>(set.get("x").data)[0] == 7.0f;
     report(ok, "safetensors: sharded directory through the index");
-    expect_error("safetensors error: missing tensor names the tensor", ErrorCode::InvalidModel, {"missing tensor \"z\""},
-                 [&] { set.get("z"); });
+    expect_error("safetensors error: missing tensor names the tensor", ErrorCode::InvalidModel,
+                 {"missing tensor \"z\""}, [&] { set.get("z"); });
   }
   auto bad_index = [&](const std::string& name, const std::string& index, std::vector<std::string> needles) {
     write_file(shard_dir / "model.safetensors.index.json", index);
@@ -170,7 +179,7 @@ void test_safetensors() {
 // value removes it.
 std::string config_text(const std::vector<std::pair<std::string, std::string>>& changes = {}) {
   std::vector<std::pair<std::string, std::string>> keys = {
-      {"d_model", "64"},      {"n_heads", "4"},        {"n_layers", "2"},      {"mlp_hidden_size", "96"},
+      {"d_model", "64"},     {"n_heads", "4"},        {"n_layers", "2"},     {"mlp_hidden_size", "96"},
       {"vocab_size", "100"}, {"mask_token_id", "99"}, {"eos_token_id", "98"}};
   for (const auto& [key, value] : changes) {
     auto it = std::find_if(keys.begin(), keys.end(), [&](const auto& kv) { return kv.first == key; });
@@ -193,8 +202,10 @@ void test_config() {
     expect_error("config error: " + name, ErrorCode::InvalidModel, needles,
                  [&] { ModelConfig::from_json(Json::parse(text)); });
   };
-  for (const char* key : {"d_model", "n_heads", "n_layers", "mlp_hidden_size", "vocab_size", "mask_token_id", "eos_token_id"})
-    bad(std::string("missing ") + key, config_text({{key, ""}}), {"missing required key", std::string("\"") + key + "\""});
+  for (const char* key :
+       {"d_model", "n_heads", "n_layers", "mlp_hidden_size", "vocab_size", "mask_token_id", "eos_token_id"})
+    bad(std::string("missing ") + key, config_text({{key, ""}}),
+        {"missing required key", std::string("\"") + key + "\""});
   bad("string where an integer belongs", config_text({{"n_kv_heads", "\"4\""}}), {"\"n_kv_heads\"", "integer"});
   bad("fractional integer", config_text({{"max_sequence_length", "10.5"}}), {"\"max_sequence_length\""});
   bad("eos_token_id as a list", config_text({{"eos_token_id", "[98]"}}), {"\"eos_token_id\"", "integer"});
@@ -214,21 +225,28 @@ void test_config() {
   bad("unsupported layer_norm_type", config_text({{"layer_norm_type", "\"default\""}}), {"\"layer_norm_type\""});
   bad("not an object", "[1]", {"object"});
   {
-    ModelConfig c = ModelConfig::from_json(Json::parse(config_text(
-        {{"rope", "true"}, {"alibi", "false"}, {"activation_type", "\"silu\""}, {"block_type", "\"llama\""},
-         {"layer_norm_type", "\"rms\""}, {"n_kv_heads", "2"}, {"embedding_size", "128"}, {"rope_theta", "500000.0"},
-         {"max_sequence_length", "null"}, {"pad_token_id", "98"}})));
+    ModelConfig c = ModelConfig::from_json(Json::parse(config_text({{"rope", "true"},
+                                                                    {"alibi", "false"},
+                                                                    {"activation_type", "\"silu\""},
+                                                                    {"block_type", "\"llama\""},
+                                                                    {"layer_norm_type", "\"rms\""},
+                                                                    {"n_kv_heads", "2"},
+                                                                    {"embedding_size", "128"},
+                                                                    {"rope_theta", "500000.0"},
+                                                                    {"max_sequence_length", "null"},
+                                                                    {"pad_token_id", "98"}})));
     report(c.d_model == 64 && c.n_kv_heads == 2 && c.embedding_size == 128 && c.rope_theta == 500000.0 &&
                c.max_sequence_length == 4096,
            "config: explicit values, supported switches and unknown keys are accepted");
   }
   TempDir dir;
   write_file(dir.path / "config.json", "{\"d_model\": 64,");
-  expect_error("config error: bad JSON names the file", ErrorCode::InvalidModel, {"config.json", "JSON error at offset"},
+  expect_error("config error: bad JSON names the file", ErrorCode::InvalidModel,
+               {"config.json", "JSON error at offset"},
                [&] { ModelConfig::from_file((dir.path / "config.json").string()); });
   write_file(dir.path / "config.json", config_text({{"n_heads", ""}}));
-  expect_error("config error: from_file names the file and the key", ErrorCode::InvalidModel, {"config.json", "\"n_heads\""},
-               [&] { ModelConfig::from_file((dir.path / "config.json").string()); });
+  expect_error("config error: from_file names the file and the key", ErrorCode::InvalidModel,
+               {"config.json", "\"n_heads\""}, [&] { ModelConfig::from_file((dir.path / "config.json").string()); });
 }
 
 }  // namespace vdiff::test

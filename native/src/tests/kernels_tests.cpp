@@ -1,6 +1,6 @@
 // Kernels of every ISA against scalar references, the scalar f16/bf16 conversions, the thread pool.
-#include "tests/harness.h"
 #include "cpu/quant.h"
+#include "tests/harness.h"
 
 namespace vdiff::test {
 
@@ -13,7 +13,7 @@ void test_gemm(const Kernels& k, WType type, bool k_major) {
   struct Shape {
     int M, N, K;
   };
-  const Shape shapes[] = {{1, 1, 1},    {1, 7, 5},     {5, 17, 33},  {6, 64, 128}, {7, 65, 129},
+  const Shape shapes[] = {{1, 1, 1},      {1, 7, 5},     {5, 17, 33},  {6, 64, 128}, {7, 65, 129},
                           {13, 130, 300}, {12, 200, 16}, {3, 64, 257}, {19, 48, 64}, {4, 9, 0}};
   std::mt19937 rng(1234 + static_cast<int>(type) * 7 + k_major);
   double worst = 0;  // error / bound
@@ -78,11 +78,14 @@ void test_gemm(const Kernels& k, WType type, bool k_major) {
     }
   }
   std::string name = std::string(k.isa) + " gemm " + type_name(type) + (k_major ? " B[K][N]" : " W[N][K]");
-  report(bound_ok && sentinels_ok && (exact_ok || !simd) && packed_ok, name,
-         fmt("max error/sum|terms| %.2e", worst) + (sentinels_ok ? "" : ", wrote outside [n0, n1)") +
-             (simd ? (exact_ok ? ", bit-identical to a sequential fma chain" : ", NOT equal to the sequential fma chain") : "") +
-             (packed_checked == 0 ? "" : packed_ok ? fmt(", prepacked = per call in %.0f products", packed_checked)
-                                                   : ", prepacked weights give DIFFERENT results"));
+  report(
+      bound_ok && sentinels_ok && (exact_ok || !simd) && packed_ok, name,
+      fmt("max error/sum|terms| %.2e", worst) + (sentinels_ok ? "" : ", wrote outside [n0, n1)") +
+          (simd ? (exact_ok ? ", bit-identical to a sequential fma chain" : ", NOT equal to the sequential fma chain")
+                : "") +
+          (packed_checked == 0 ? ""
+           : packed_ok         ? fmt(", prepacked = per call in %.0f products", packed_checked)
+                               : ", prepacked weights give DIFFERENT results"));
 }
 
 void test_elementwise(const Kernels& k) {
@@ -150,8 +153,9 @@ void test_elementwise(const Kernels& k) {
     bool specials = special_out[0] == 0.0f && std::isinf(special_out[1]) && special_out[1] > 0 &&
                     std::isnan(special_out[2]) && special_out[3] == 1.0f && special_out[4] == 0.0f &&
                     std::isinf(special_out[5]);
-    report(worst < 3e-7 && specials, isa + " exp",
-           fmt("max relative error %.2e on [-87, 88.7]", worst) + (specials ? ", specials ok" : ", SPECIAL VALUES WRONG"));
+    report(
+        worst < 3e-7 && specials, isa + " exp",
+        fmt("max relative error %.2e on [-87, 88.7]", worst) + (specials ? ", specials ok" : ", SPECIAL VALUES WRONG"));
   }
   {  // convert: every bf16 and f16 bit pattern, and f32 rows of odd length
     std::vector<uint16_t> all(65536);
@@ -178,13 +182,19 @@ void test_scalar_conversions() {
     uint16_t bits;
     float value;
   };
-  const Case f16[] = {{0x3c00, 1.0f},        {0xc000, -2.0f},          {0x7bff, 65504.0f},
-                      {0x0001, std::ldexp(1.0f, -24)}, {0x03ff, 1023 * std::ldexp(1.0f, -24)},
-                      {0x0400, std::ldexp(1.0f, -14)}, {0x3555, 0.333251953125f}, {0x7c00, INFINITY},
+  const Case f16[] = {{0x3c00, 1.0f},
+                      {0xc000, -2.0f},
+                      {0x7bff, 65504.0f},
+                      {0x0001, std::ldexp(1.0f, -24)},
+                      {0x03ff, 1023 * std::ldexp(1.0f, -24)},
+                      {0x0400, std::ldexp(1.0f, -14)},
+                      {0x3555, 0.333251953125f},
+                      {0x7c00, INFINITY},
                       {0xfc00, -INFINITY}};
   bool ok = true;
   for (const Case& c : f16) ok = ok && cpu::f16_to_f32(c.bits) == c.value;
-  ok = ok && std::isnan(cpu::f16_to_f32(0x7e00)) && std::signbit(cpu::f16_to_f32(0x8000)) && cpu::f16_to_f32(0x8000) == 0.0f;
+  ok = ok && std::isnan(cpu::f16_to_f32(0x7e00)) && std::signbit(cpu::f16_to_f32(0x8000)) &&
+       cpu::f16_to_f32(0x8000) == 0.0f;
   ok = ok && cpu::bf16_to_f32(0x3f80) == 1.0f && cpu::bf16_to_f32(0xc2f7) == -123.5f;
   report(ok, "scalar f16/bf16 -> f32 conversions (known values, subnormals, inf, nan, -0)");
 }
@@ -258,7 +268,9 @@ void test_quantize_weights() {
     if ((h & 0x7fff) < 0x7bff) {  // the midpoint to the next f16 up ties to the even one
       const float next = cpu::f16_to_f32(static_cast<uint16_t>(h + 1));
       const float mid = static_cast<float>((static_cast<double>(f) + next) / 2);
-      if (static_cast<double>(mid) * 2 == static_cast<double>(f) + next && cpu::f32_to_f16(mid) != ((h & 1) ? h + 1 : h)) ok = false;
+      if (static_cast<double>(mid) * 2 == static_cast<double>(f) + next &&
+          cpu::f32_to_f16(mid) != ((h & 1) ? h + 1 : h))
+        ok = false;
     }
   }
   report(ok, "f32_to_f16 round-trips every finite f16 and ties to even");
@@ -289,7 +301,8 @@ void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
       std::vector<uint8_t> wq(s.N * ldw, 0xAB);
       std::vector<uint16_t> wd(s.N * lds, 0);
       for (int n = 0; n < s.N; ++n)
-        cpu::quantize_weight_row(W.data() + static_cast<size_t>(n) * s.K, s.K, type, wq.data() + n * ldw, wd.data() + n * lds);
+        cpu::quantize_weight_row(W.data() + static_cast<size_t>(n) * s.K, s.K, type, wq.data() + n * ldw,
+                                 wd.data() + n * lds);
       const cpu::QMatB B{wq.data(), wd.data(), type, ldw, lds};
       std::vector<float> A = random_floats(s.M * lda, rng, 2.0f);
       if (variant == 0) std::fill(A.begin(), A.begin() + 32, 0.0f);  // an all-zero activation block
@@ -303,7 +316,8 @@ void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
           const double sc = as[m * nb + kk / 32], q = aq[m * s.K + kk];
           // Half a step, plus the f32 roundings of the scale, its inverse and x * inverse (each 2^-24
           // relative, of values up to 32767 steps).
-          if (std::fabs(q) > 32767 || std::fabs(q * sc - A[m * lda + kk]) > (0.5 + 4 * 32767 * std::ldexp(1.0, -24)) * sc + 1e-30)
+          if (std::fabs(q) > 32767 ||
+              std::fabs(q * sc - A[m * lda + kk]) > (0.5 + 4 * 32767 * std::ldexp(1.0, -24)) * sc + 1e-30)
             act_ok = false;
         }
       const cpu::QMatA Aq{aq.data(), as.data(), s.K, nb};
@@ -320,7 +334,8 @@ void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
           }
           double exact = 0, mag = 0;
           for (int kk = 0; kk < s.K; ++kk) {
-            const double term = static_cast<double>(aq[m * s.K + kk]) * as[m * nb + kk / 32] * cpu::qweight_value(B, n, kk);
+            const double term =
+                static_cast<double>(aq[m * s.K + kk]) * as[m * nb + kk / 32] * cpu::qweight_value(B, n, kk);
             exact += term;
             mag += std::fabs(term);
           }
@@ -336,7 +351,8 @@ void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
   const std::string name = std::string("quant ") + k.isa + " " + cpu::qtype_name(type);
   report(act_ok, name + " activations within half a step");
   report(act_same, name + " activations identical to portable");
-  report(bound_ok, name + " gemm within the bound of the float64 product", fmt("worst |error| / sum|terms| %.2e", worst));
+  report(bound_ok, name + " gemm within the bound of the float64 product",
+         fmt("worst |error| / sum|terms| %.2e", worst));
   report(sentinels_ok, name + " gemm leaves columns outside [n0, n1) untouched");
   report(same, name + " gemm bit-identical to portable");
 }

@@ -3,7 +3,6 @@
 
 namespace vdiff::test {
 
-
 // Approximate KV caching (ForwardSeq::cache): exact where it must be, the stale-key semantics where it is
 // approximate (against the float64 reference), ragged batches, and the errors and the memory budget.
 void test_kv_cache() {
@@ -29,7 +28,8 @@ void test_kv_cache() {
     const std::string kind = f32 ? "f32" : "bf16";
     auto cache = m->make_kv_cache(L);
     report(!cache->filled() && cache->size() == m->kv_cache_bytes(L) &&
-               cache->size() == uint64_t(spec.n_layers) * L * (spec.n_kv_heads * spec.d_model / spec.n_heads) * 2 * (f32 ? 4 : 2),
+               cache->size() ==
+                   uint64_t(spec.n_layers) * L * (spec.n_kv_heads * spec.d_model / spec.n_heads) * 2 * (f32 ? 4 : 2),
            "kv cache (" + kind + "): size() = kv_cache_bytes = layers x positions x kv_dim x 2 x element",
            std::to_string(cache->size()) + " bytes");
     // (1) A refresh (the whole canvas through a cache) is the uncached forward, bit for bit.
@@ -43,8 +43,9 @@ void test_kv_cache() {
       const std::vector<float> got = run_cached(*m, {{canvas, rows, cache.get(), block_begin, end}});
       const std::vector<float> want = select_rows(full, rows, E);
       const double diff = max_abs_diff(got, want), scale = max_abs(want);
-      const std::string name = "kv cache (" + kind + "): " + (dual ? "dual" : "prefix") + " read [" + std::to_string(block_begin) +
-                               ", " + std::to_string(end) + ") of an unchanged canvas equals the full forward";
+      const std::string name = "kv cache (" + kind + "): " + (dual ? "dual" : "prefix") + " read [" +
+                               std::to_string(block_begin) + ", " + std::to_string(end) +
+                               ") of an unchanged canvas equals the full forward";
       // f32 keys are the very values a full forward uses, and every kernel's result per row is
       // independent of the other rows, so the read is exact; bf16 keys carry 8 significant bits.
       report(f32 ? got == want : diff <= 2e-2 * scale, name + (f32 ? " bit for bit" : " within 2e-2 x max|logit|"),
@@ -57,7 +58,8 @@ void test_kv_cache() {
   {
     std::vector<int32_t> before = random_tokens(rng, 90, spec.vocab);
     std::vector<int32_t> after = before;
-    for (int p : {3, 25, 26, 31, 40, 70, 89}) after[p] = (after[p] + 7) % spec.vocab;  // prefix, block and suffix change
+    for (int p : {3, 25, 26, 31, 40, 70, 89})
+      after[p] = (after[p] + 7) % spec.vocab;  // prefix, block and suffix change
     ReferenceKV stale;
     reference_forward(tiny, before, &stale);
     for (bool dual : {false, true}) {
@@ -91,7 +93,7 @@ void test_kv_cache() {
     auto make_seqs = [&](Backend& m, std::vector<std::unique_ptr<KVCache>>& caches) {
       for (int len : {20, 131, 70}) caches.push_back(m.make_kv_cache(len));
       run_cached(m, {{c, {}, caches[1].get()}, {d, {}, caches[2].get()}});  // fill the read caches
-      std::vector<int32_t> c2 = c, d2 = d;  // commit a few tokens since the refresh
+      std::vector<int32_t> c2 = c, d2 = d;                                  // commit a few tokens since the refresh
       c2[60] = 1, c2[61] = 2, d2[33] = 3;
       return std::vector<CachedSeq>{{a, {8, 0, 3}},
                                     {b, {0, 19}, caches[0].get()},
@@ -105,40 +107,55 @@ void test_kv_cache() {
       std::vector<float> alone = run_cached(*model1, {s});
       joined.insert(joined.end(), alone.begin(), alone.end());
     }
-    report(batched == joined, "kv cache: batch of none / refresh / prefix read / dual read (lengths 9, 20, 131, 70) "
-                              "equals each alone, 1 vs 2 threads, bit for bit");
+    report(batched == joined,
+           "kv cache: batch of none / refresh / prefix read / dual read (lengths 9, 20, 131, 70) "
+           "equals each alone, 1 vs 2 threads, bit for bit");
   }
 
   // Errors: each names what is wrong; nothing is touched.
   {
     auto cache = model->make_kv_cache(10);
     std::vector<int32_t> t = random_tokens(rng, 10, spec.vocab);
-    expect_error("kv cache: a read needs a filled cache", ErrorCode::InvalidArgument, {"not filled"},
-                 [&] { run_cached(*model, {{t, {5}, cache.get(), 4, 10}}); });
-    expect_error("kv cache: computing part of the canvas needs a cache", ErrorCode::InvalidArgument, {"needs a KV cache"},
-                 [&] { run_cached(*model, {{t, {5}, nullptr, 4, 10}}); });
+    expect_error("kv cache: a read needs a filled cache", ErrorCode::InvalidArgument, {"not filled"}, [&] {
+      run_cached(*model, {{t, {5}, cache.get(), 4, 10}});
+    });
+    expect_error("kv cache: computing part of the canvas needs a cache", ErrorCode::InvalidArgument,
+                 {"needs a KV cache"}, [&] {
+                   run_cached(*model, {{t, {5}, nullptr, 4, 10}});
+                 });
     run_cached(*model, {{t, {}, cache.get()}});
-    expect_error("kv cache: logit row outside the computed range", ErrorCode::InvalidArgument, {"logit row 3", "[4, 8)"},
-                 [&] { run_cached(*model, {{t, {3}, cache.get(), 4, 8}}); });
-    expect_error("kv cache: empty compute range", ErrorCode::InvalidArgument, {"compute range [4, 4)"},
-                 [&] { run_cached(*model, {{t, {}, cache.get(), 4, 4}}); });
-    expect_error("kv cache: compute range past the canvas", ErrorCode::InvalidArgument, {"compute range [4, 11)"},
-                 [&] { run_cached(*model, {{t, {}, cache.get(), 4, 11}}); });
+    expect_error("kv cache: logit row outside the computed range", ErrorCode::InvalidArgument,
+                 {"logit row 3", "[4, 8)"}, [&] {
+                   run_cached(*model, {{t, {3}, cache.get(), 4, 8}});
+                 });
+    expect_error("kv cache: empty compute range", ErrorCode::InvalidArgument, {"compute range [4, 4)"}, [&] {
+      run_cached(*model, {{t, {}, cache.get(), 4, 4}});
+    });
+    expect_error("kv cache: compute range past the canvas", ErrorCode::InvalidArgument, {"compute range [4, 11)"}, [&] {
+      run_cached(*model, {{t, {}, cache.get(), 4, 11}});
+    });
     expect_error("kv cache: cache of another length", ErrorCode::InvalidArgument, {"serves 10 positions", "has 9"},
-                 [&] { run_cached(*model, {{std::vector<int32_t>(t.begin(), t.end() - 1), {}, cache.get()}}); });
-    expect_error("kv cache: cache of another model", ErrorCode::InvalidArgument, {"another model"},
-                 [&] { run_cached(*bf16_model, {{t, {}, cache.get()}}); });
-    expect_error("kv cache: one cache twice in a batch", ErrorCode::InvalidArgument, {"twice"},
-                 [&] { run_cached(*model, {{t, {}, cache.get()}, {t, {}, cache.get()}}); });
-    expect_error("kv cache: zero positions", ErrorCode::InvalidArgument, {"0 positions"}, [&] { model->make_kv_cache(0); });
+                 [&] {
+                   run_cached(*model, {{std::vector<int32_t>(t.begin(), t.end() - 1), {}, cache.get()}});
+                 });
+    expect_error("kv cache: cache of another model", ErrorCode::InvalidArgument, {"another model"}, [&] {
+      run_cached(*bf16_model, {{t, {}, cache.get()}});
+    });
+    expect_error("kv cache: one cache twice in a batch", ErrorCode::InvalidArgument, {"twice"}, [&] {
+      run_cached(*model, {{t, {}, cache.get()}, {t, {}, cache.get()}});
+    });
+    expect_error("kv cache: zero positions", ErrorCode::InvalidArgument, {"0 positions"},
+                 [&] { model->make_kv_cache(0); });
     expect_error("kv cache: more positions than max_sequence_length", ErrorCode::InvalidArgument, {"257 positions"},
                  [&] { model->make_kv_cache(257); });
     std::atomic<bool> cancel{true};
     auto fresh = model->make_kv_cache(10);
-    expect_error("kv cache: a cancelled refresh throws Cancelled", ErrorCode::Cancelled, {"cancel"},
-                 [&] { run_cached(*model, {{t, {}, fresh.get()}}, &cancel); });
-    expect_error("kv cache: ... and leaves the cache not filled", ErrorCode::InvalidArgument, {"not filled"},
-                 [&] { run_cached(*model, {{t, {5}, fresh.get(), 4, 10}}); });
+    expect_error("kv cache: a cancelled refresh throws Cancelled", ErrorCode::Cancelled, {"cancel"}, [&] {
+      run_cached(*model, {{t, {}, fresh.get()}}, &cancel);
+    });
+    expect_error("kv cache: ... and leaves the cache not filled", ErrorCode::InvalidArgument, {"not filled"}, [&] {
+      run_cached(*model, {{t, {5}, fresh.get(), 4, 10}});
+    });
   }
 
   // The budget bounds the bytes of all live caches of a model together.
@@ -149,12 +166,13 @@ void test_kv_cache() {
     auto bounded = Backend::load(dir, options);
     auto first = bounded->make_kv_cache(100);
     auto second = bounded->make_kv_cache(100);
-    report(bounded->kv_cache_live_bytes() == 2 * per_100 && bounded->kv_cache_budget_bytes() == options.kv_cache_budget_bytes,
+    report(bounded->kv_cache_live_bytes() == 2 * per_100 &&
+               bounded->kv_cache_budget_bytes() == options.kv_cache_budget_bytes,
            "kv cache budget: live bytes are accounted", std::to_string(bounded->kv_cache_live_bytes()) + " bytes");
     expect_error("kv cache budget: exhausted by live caches", ErrorCode::OutOfMemory, {"budget exhausted"},
                  [&] { bounded->make_kv_cache(100); });
-    expect_error("kv cache budget: one cache larger than the whole budget", ErrorCode::InvalidArgument, {"whole cache budget"},
-                 [&] { bounded->make_kv_cache(256); });
+    expect_error("kv cache budget: one cache larger than the whole budget", ErrorCode::InvalidArgument,
+                 {"whole cache budget"}, [&] { bounded->make_kv_cache(256); });
     first.reset();
     auto third = bounded->make_kv_cache(100);
     second.reset();

@@ -35,7 +35,8 @@ inline std::string safetensors_bytes(const std::vector<TensorSpec>& tensors) {
   std::string data;
   for (const auto& t : tensors) {
     header += ",\"" + t.name + "\":{\"dtype\":\"" + t.dtype + "\",\"shape\":" + shape_json(t.shape) +
-              ",\"data_offsets\":[" + std::to_string(data.size()) + "," + std::to_string(data.size() + t.bytes.size()) + "]}";
+              ",\"data_offsets\":[" + std::to_string(data.size()) + "," + std::to_string(data.size() + t.bytes.size()) +
+              "]}";
     data += t.bytes;
   }
   header += "}";
@@ -44,7 +45,9 @@ inline std::string safetensors_bytes(const std::vector<TensorSpec>& tensors) {
 }
 
 // A file with a hand-written header (for corrupt cases).
-inline std::string raw_safetensors(const std::string& header, const std::string& data) { return le64(header.size()) + header + data; }
+inline std::string raw_safetensors(const std::string& header, const std::string& data) {
+  return le64(header.size()) + header + data;
+}
 
 inline std::string float_bytes(std::initializer_list<float> v) {
   return std::string(reinterpret_cast<const char*>(std::data(v)), v.size() * 4);
@@ -120,7 +123,7 @@ inline std::string tiny_config_json(const TinySpec& s) {
 
 // Writes config.json and model.safetensors (or two shards + index). `skip` omits one tensor.
 inline void write_tiny(const fs::path& dir, const TinyModel& m, int shards = 1, const std::string& skip = "",
-                const std::string& reshape = "") {
+                       const std::string& reshape = "") {
   fs::create_directories(dir);
   write_file(dir / "config.json", tiny_config_json(m.spec));
   std::vector<TensorSpec> specs;
@@ -135,12 +138,14 @@ inline void write_tiny(const fs::path& dir, const TinyModel& m, int shards = 1, 
     write_file(dir / "model.safetensors", safetensors_bytes(specs));
     return;
   }
-  std::vector<TensorSpec> first(specs.begin(), specs.begin() + specs.size() / 2), second(specs.begin() + specs.size() / 2, specs.end());
+  std::vector<TensorSpec> first(specs.begin(), specs.begin() + specs.size() / 2),
+      second(specs.begin() + specs.size() / 2, specs.end());
   write_file(dir / "model-00001-of-00002.safetensors", safetensors_bytes(first));
   write_file(dir / "model-00002-of-00002.safetensors", safetensors_bytes(second));
   std::string index = "{\"metadata\": {}, \"weight_map\": {";
   for (size_t i = 0; i < specs.size(); ++i)
-    index += (i ? ", \"" : "\"") + specs[i].name + "\": \"model-0000" + (i < first.size() ? "1" : "2") + "-of-00002.safetensors\"";
+    index += (i ? ", \"" : "\"") + specs[i].name + "\": \"model-0000" + (i < first.size() ? "1" : "2") +
+             "-of-00002.safetensors\"";
   write_file(dir / "model.safetensors.index.json", index + "}}");
 }
 
@@ -153,12 +158,15 @@ struct ReferenceKV {
 // With `stale`, the keys and values of the positions outside [begin, end) are taken from it instead of
 // being computed (what a KV cache read does); `kv_out` receives the keys and values used.
 inline std::vector<std::vector<double>> reference_forward(const TinyModel& m, const std::vector<int32_t>& tokens,
-                                                   ReferenceKV* kv_out = nullptr, const ReferenceKV* stale = nullptr,
-                                                   int begin = 0, int end = -1) {
+                                                          ReferenceKV* kv_out = nullptr,
+                                                          const ReferenceKV* stale = nullptr, int begin = 0,
+                                                          int end = -1) {
   if (end < 0) end = static_cast<int>(tokens.size());
   const TinySpec& s = m.spec;
   const int L = static_cast<int>(tokens.size()), D = s.d_model, hd = D / s.n_heads, H = s.hidden;
-  auto W = [&](const std::string& name) -> const std::vector<double>& { return m.tensors.at("model.transformer." + name).exact; };
+  auto W = [&](const std::string& name) -> const std::vector<double>& {
+    return m.tensors.at("model.transformer." + name).exact;
+  };
   auto rms = [&](const std::vector<double>& x, const std::vector<double>& w) {
     double ss = 0;
     for (double v : x) ss += v * v;
@@ -175,7 +183,8 @@ inline std::vector<std::vector<double>> reference_forward(const TinyModel& m, co
     return y;
   };
   std::vector<std::vector<double>> x(L);
-  for (int t = 0; t < L; ++t) x[t].assign(W("wte.weight").begin() + tokens[t] * D, W("wte.weight").begin() + (tokens[t] + 1) * D);
+  for (int t = 0; t < L; ++t)
+    x[t].assign(W("wte.weight").begin() + tokens[t] * D, W("wte.weight").begin() + (tokens[t] + 1) * D);
   for (int layer = 0; layer < s.n_layers; ++layer) {
     const std::string b = "blocks." + std::to_string(layer) + ".";
     std::vector<std::vector<double>> q(L), k(L), v(L);
@@ -242,11 +251,13 @@ inline std::vector<int32_t> random_tokens(std::mt19937& rng, int n, int vocab) {
 
 // Runs one forward over `seqs`, asking for `rows[i]` of sequence i; returns the logits.
 inline std::vector<float> run_forward(Backend& model, const std::vector<std::vector<int32_t>>& seqs,
-                               const std::vector<std::vector<int32_t>>& rows, const std::atomic<bool>* cancel = nullptr) {
+                                      const std::vector<std::vector<int32_t>>& rows,
+                                      const std::atomic<bool>* cancel = nullptr) {
   std::vector<ForwardSeq> batch;
   size_t n_rows = 0;
   for (size_t i = 0; i < seqs.size(); ++i) {
-    batch.push_back({seqs[i].data(), static_cast<int>(seqs[i].size()), rows[i].data(), static_cast<int>(rows[i].size())});
+    batch.push_back(
+        {seqs[i].data(), static_cast<int>(seqs[i].size()), rows[i].data(), static_cast<int>(rows[i].size())});
     n_rows += rows[i].size();
   }
   std::vector<float> logits(n_rows * model.config().embedding_size);
@@ -268,7 +279,8 @@ struct CachedSeq {
   int begin = 0, end = -1;
 };
 
-inline std::vector<float> run_cached(Backend& model, const std::vector<CachedSeq>& seqs, const std::atomic<bool>* cancel = nullptr) {
+inline std::vector<float> run_cached(Backend& model, const std::vector<CachedSeq>& seqs,
+                                     const std::atomic<bool>* cancel = nullptr) {
   std::vector<ForwardSeq> batch;
   size_t n_rows = 0;
   for (const CachedSeq& s : seqs) {
@@ -290,7 +302,8 @@ inline std::vector<int32_t> range_rows(int begin, int end) {
 // The rows `rows` (canvas positions) of a logits block that holds every position of the canvas.
 inline std::vector<float> select_rows(const std::vector<float>& all, const std::vector<int32_t>& rows, int E) {
   std::vector<float> out;
-  for (int r : rows) out.insert(out.end(), all.begin() + static_cast<size_t>(r) * E, all.begin() + static_cast<size_t>(r + 1) * E);
+  for (int r : rows)
+    out.insert(out.end(), all.begin() + static_cast<size_t>(r) * E, all.begin() + static_cast<size_t>(r + 1) * E);
   return out;
 }
 

@@ -3,7 +3,6 @@
 
 namespace vdiff::test {
 
-
 void test_model() {
   TempDir tmp;
   const std::string isa = cpu::active_kernels().isa;
@@ -26,9 +25,11 @@ void test_model() {
         worst = std::max(worst, std::fabs(got[t * spec.embedding + e] - ref[t][e]));
         scale = std::max(scale, std::fabs(ref[t][e]));
       }
-    bool meta = model->weight_dtype() == type_name(type) && model->info().backend == "cpu" && model->config().n_kv_heads == 2;
+    bool meta =
+        model->weight_dtype() == type_name(type) && model->info().backend == "cpu" && model->config().n_kv_heads == 2;
     report(worst <= 1e-5 * scale && meta,
-           std::string("model forward (") + isa + ", " + type_name(type) + (spec.tied ? ", tied head" : "") + ") vs float64 reference",
+           std::string("model forward (") + isa + ", " + type_name(type) + (spec.tied ? ", tied head" : "") +
+               ") vs float64 reference",
            fmt("max |diff| %.2e, max |logit| %.2f", worst, scale));
   }
 
@@ -40,7 +41,8 @@ void test_model() {
   write_tiny(dir, tiny);
   auto model2 = Backend::load(dir.string(), test_options(2));
   auto model1 = Backend::load(dir.string(), test_options(1));
-  std::vector<int32_t> a = random_tokens(rng, 9, spec.vocab), b = random_tokens(rng, 131, spec.vocab), c = random_tokens(rng, 1, spec.vocab);
+  std::vector<int32_t> a = random_tokens(rng, 9, spec.vocab), b = random_tokens(rng, 131, spec.vocab),
+                       c = random_tokens(rng, 1, spec.vocab);
   std::vector<int32_t> rows_a = {8, 0, 3}, rows_b = {130, 64, 63, 0, 7}, rows_c = {0};
   std::vector<float> batched = run_forward(*model2, {a, b, c}, {rows_a, rows_b, rows_c});
   std::vector<float> alone_a = run_forward(*model2, {a}, {rows_a});
@@ -49,7 +51,8 @@ void test_model() {
   std::vector<float> joined = alone_a;
   joined.insert(joined.end(), alone_b.begin(), alone_b.end());
   joined.insert(joined.end(), alone_c.begin(), alone_c.end());
-  report(batched == joined, "model forward: batch of 3 (lengths 9, 131, 1) equals each alone, 1 vs 2 threads, bit for bit");
+  report(batched == joined,
+         "model forward: batch of 3 (lengths 9, 131, 1) equals each alone, 1 vs 2 threads, bit for bit");
   {
     LoadOptions unpacked_options = test_options(2);
     unpacked_options.pack_weights_max_bytes = 0;
@@ -97,9 +100,12 @@ void test_model() {
   expect_error("model forward: cancel flag throws Cancelled", ErrorCode::Cancelled, {"cancel"},
                [&] { run_forward(*model2, {a}, {rows_a}, &cancel); });
   expect_error("model forward: token outside the embedding", ErrorCode::InvalidArgument, {"token 56", "position 2"},
-               [&] { run_forward(*model2, {{1, 2, 56}}, {{0}}); });
-  expect_error("model forward: logit row outside the sequence", ErrorCode::InvalidArgument, {"logit row 3"},
-               [&] { run_forward(*model2, {{1, 2, 3}}, {{3}}); });
+               [&] {
+                 run_forward(*model2, {{1, 2, 56}}, {{0}});
+               });
+  expect_error("model forward: logit row outside the sequence", ErrorCode::InvalidArgument, {"logit row 3"}, [&] {
+    run_forward(*model2, {{1, 2, 3}}, {{3}});
+  });
   expect_error("model forward: longer than max_sequence_length", ErrorCode::InvalidArgument, {"max_sequence_length"},
                [&] { run_forward(*model2, {std::vector<int32_t>(257, 1)}, {{0}}); });
   // The model still works after the errors above.
@@ -107,7 +113,8 @@ void test_model() {
 
   // Load errors name the tensor (and the file).
   write_tiny(tmp.path / "missing", tiny, 1, "model.transformer.blocks.1.up_proj.weight");
-  expect_error("model load: missing tensor", ErrorCode::InvalidModel, {"missing tensor \"model.transformer.blocks.1.up_proj.weight\""},
+  expect_error("model load: missing tensor", ErrorCode::InvalidModel,
+               {"missing tensor \"model.transformer.blocks.1.up_proj.weight\""},
                [&] { Backend::load((tmp.path / "missing").string()); });
   write_tiny(tmp.path / "reshaped", tiny, 1, "", "model.transformer.blocks.0.k_proj.weight");
   expect_error("model load: wrong shape", ErrorCode::InvalidModel,

@@ -36,7 +36,8 @@ void write_quantized(const fs::path& dir, const TinyModel& m, cpu::QType type, c
     std::vector<int64_t> scale_shape = {rows, cols / 32};
     if (name == bad_scale) scale_shape = {rows, cols / 32 - 1};
     specs.push_back({name + "_scale", "F16", scale_shape,
-                     std::string(reinterpret_cast<const char*>(scales.data()), scales.size() * 2).substr(0, name == bad_scale ? rows * (cols / 32 - 1) * 2 : std::string::npos)});
+                     std::string(reinterpret_cast<const char*>(scales.data()), scales.size() * 2)
+                         .substr(0, name == bad_scale ? rows * (cols / 32 - 1) * 2 : std::string::npos)});
   }
   write_file(dir / "model.safetensors", safetensors_bytes(specs));
 }
@@ -54,7 +55,8 @@ TinyModel dequantized(const TinyModel& m, cpu::QType type) {
       std::vector<uint8_t> blocks(cols);
       std::vector<uint16_t> scales(cols / 32);
       for (int r = 0; r < rows; ++r) {
-        cpu::quantize_weight_row(f.f32.data() + static_cast<size_t>(r) * cols, cols, type, blocks.data(), scales.data());
+        cpu::quantize_weight_row(f.f32.data() + static_cast<size_t>(r) * cols, cols, type, blocks.data(),
+                                 scales.data());
         const cpu::QMatB B{blocks.data(), scales.data(), type, cols, cols / 32};
         for (int c = 0; c < cols; ++c) f.f32[static_cast<size_t>(r) * cols + c] = cpu::qweight_value(B, 0, c);
       }
@@ -95,7 +97,8 @@ void test_quant_model() {
     const std::vector<float> ref = run_forward(*dense, {a}, {all_rows(a.size())});
     const double scale = max_abs(ref);
     for (cpu::QType q : {cpu::QType::Q8_0, cpu::QType::Q4_0}) {
-      const std::string name = std::string("quantized model (") + isa + ", " + type_name(type) + " -> " + cpu::qtype_name(q) + ")";
+      const std::string name =
+          std::string("quantized model (") + isa + ", " + type_name(type) + " -> " + cpu::qtype_name(q) + ")";
       LoadOptions options = test_options(2);
       options.quantize = q == cpu::QType::Q8_0 ? Quant::Q8_0 : Quant::Q4_0;
       auto at_load = Backend::load(dir.string(), options);

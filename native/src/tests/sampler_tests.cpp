@@ -19,18 +19,17 @@ using namespace vdiff;
 static int g_failures = 0;
 static int g_checks = 0;
 
-#define CHECK(cond)                                                              \
-  do {                                                                           \
-    ++g_checks;                                                                  \
-    if (!(cond)) {                                                               \
-      ++g_failures;                                                              \
+#define CHECK(cond)                                                                 \
+  do {                                                                              \
+    ++g_checks;                                                                     \
+    if (!(cond)) {                                                                  \
+      ++g_failures;                                                                 \
       std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-    }                                                                            \
+    }                                                                               \
   } while (0)
 
 // Runs fn, expects a vdiff::Error with `code` whose message contains `fragment`.
-static void expect_error(ErrorCode code, const std::string& fragment, const std::function<void()>& fn,
-                         int line) {
+static void expect_error(ErrorCode code, const std::string& fragment, const std::function<void()>& fn, int line) {
   ++g_checks;
   try {
     fn();
@@ -43,7 +42,9 @@ static void expect_error(ErrorCode code, const std::string& fragment, const std:
   std::fprintf(stderr, "line %d: expected an error containing '%s'\n", line, fragment.c_str());
   ++g_failures;
 }
-#define EXPECT_ERROR(code, fragment, body) expect_error(code, fragment, [&] { body; }, __LINE__)
+#define EXPECT_ERROR(code, fragment, body) \
+  expect_error(                            \
+      code, fragment, [&] { body; }, __LINE__)
 
 // ---- the fake model -------------------------------------------------------------------------------
 
@@ -355,8 +356,7 @@ static void test_validation() {
                engine.create({1, 16}, p));
   EXPECT_ERROR(ErrorCode::InvalidArgument, "prompt[0] = -1", engine.create({-1}, p));
   EXPECT_ERROR(ErrorCode::InvalidArgument, "mask token", engine.create({1, kMask}, p));
-  EXPECT_ERROR(ErrorCode::InvalidArgument,
-               "prompt of 60 tokens plus gen_length 8 exceeds the model context of 64",
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "prompt of 60 tokens plus gen_length 8 exceeds the model context of 64",
                engine.create(std::vector<int32_t>(60, 1), p));
   SamplingParams q = p;
   q.gen_length = 0;
@@ -394,7 +394,10 @@ static void test_validation() {
 static void test_matches_reference_loop() {
   // Greedy low-confidence decoding against the plain re-statement above, over several shapes including
   // non-divisible ones.
-  struct Case { std::vector<int32_t> prompt; int gen, block, steps; };
+  struct Case {
+    std::vector<int32_t> prompt;
+    int gen, block, steps;
+  };
   const std::vector<Case> cases = {
       {{1, 2, 3}, 16, 4, 16}, {{4}, 16, 16, 4}, {{5, 6}, 11, 4, 7}, {{}, 9, 3, 2}, {{7, 8, 9, 10}, 12, 5, 30}};
   for (const Case& c : cases) {
@@ -515,7 +518,11 @@ static void test_never_samples_mask_or_padding() {
   Rng rng(0);
   RowChoice c = sample_row(l, rule, rng);
   CHECK(c.token == 10);
-  const double z = 5.0 * std::exp(5.0) + [] { double s = 0; for (int v = 0; v < 11; ++v) s += std::exp(0.1 * v); return s; }();
+  const double z = 5.0 * std::exp(5.0) + [] {
+    double s = 0;
+    for (int v = 0; v < 11; ++v) s += std::exp(0.1 * v);
+    return s;
+  }();
   CHECK(std::fabs(c.probability - std::exp(1.0) / z) < 1e-12);
   rule.temperature = 2.0;
   bool real_tokens = true;
@@ -556,7 +563,8 @@ static void test_gumbel_determinism_in_engine() {
   CHECK(run(11, Remasking::LowConfidence) == run(11, Remasking::LowConfidence));
   CHECK(run(11, Remasking::Random) == run(11, Remasking::Random));
   int differing = 0;
-  for (uint64_t s = 0; s < 5; ++s) differing += run(100 + s, Remasking::LowConfidence) != run(200 + s, Remasking::LowConfidence);
+  for (uint64_t s = 0; s < 5; ++s)
+    differing += run(100 + s, Remasking::LowConfidence) != run(200 + s, Remasking::LowConfidence);
   CHECK(differing >= 4);
 
   // Batching does not change a sequence's result: same seeds alone and together.
@@ -628,7 +636,6 @@ static void test_release() {
   CHECK(engine.live() == 0);
   CHECK(engine.step({}).empty());
 }
-
 
 // ---- top-k / top-p --------------------------------------------------------------------------------
 
@@ -866,8 +873,7 @@ static void test_min_p_rows() {
   rule.min_p = 0.3;
   const double max = 0.25 * 8;
   std::vector<bool> passes(kVocab), drawn(kVocab);
-  for (int v = 0; v < kVocab; ++v)
-    passes[v] = v != kMask && std::exp((base[v] - max) / rule.temperature) >= rule.min_p;
+  for (int v = 0; v < kVocab; ++v) passes[v] = v != kMask && std::exp((base[v] - max) / rule.temperature) >= rule.min_p;
   for (uint64_t seed = 0; seed < 2000; ++seed) {
     std::vector<float> row = base;
     drawn[sample_row(row.data(), rule, Rng(seed)).token] = true;
@@ -914,10 +920,16 @@ static void test_suffix() {
 }
 
 static void test_parallel_decoding() {
-  struct Case { std::vector<int32_t> prompt; int gen, block; double threshold, factor; };
-  const std::vector<Case> cases = {
-      {{1, 2, 3}, 16, 4, 0.2, 0.0}, {{4}, 16, 16, 0.1, 0.0}, {{5, 6}, 11, 4, 0.0, 1.0}, {{}, 9, 3, 0.0, 3.0},
-      {{7, 8}, 12, 5, 1.0, 0.0}};
+  struct Case {
+    std::vector<int32_t> prompt;
+    int gen, block;
+    double threshold, factor;
+  };
+  const std::vector<Case> cases = {{{1, 2, 3}, 16, 4, 0.2, 0.0},
+                                   {{4}, 16, 16, 0.1, 0.0},
+                                   {{5, 6}, 11, 4, 0.0, 1.0},
+                                   {{}, 9, 3, 0.0, 3.0},
+                                   {{7, 8}, 12, 5, 1.0, 0.0}};
   bool fewer_steps = false;
   for (const Case& c : cases) {
     SamplingParams p = params(c.gen, c.block, c.gen);
@@ -977,8 +989,8 @@ static void test_early_stop() {
   CHECK(last.committed.size() == 9);  // the block's last token, then the fill
   bool fill_ok = true;
   for (size_t i = 1; i < last.committed.size(); ++i)
-    fill_ok = fill_ok && last.committed[i].position == 3 + static_cast<int>(i) &&
-              last.committed[i].token == kEos && last.committed[i].probability == 1.0f;
+    fill_ok = fill_ok && last.committed[i].position == 3 + static_cast<int>(i) && last.committed[i].token == kEos &&
+              last.committed[i].probability == 1.0f;
   CHECK(fill_ok);
   const SequenceInfo info = engine.info(id);
   CHECK(info.steps_done == 4 && info.tokens_denoised == 4 && info.forward_passes == 4 && info.finished);
@@ -1054,7 +1066,8 @@ static void test_template() {
   const uint64_t open = engine.create(prompt, params(8, 4, 8), {}, std::vector<int32_t>(8, -1));
   CHECK(run_to_end(engine, plain) == run_to_end(engine, open));
 
-  EXPECT_ERROR(ErrorCode::InvalidArgument, "template has 3 positions", engine.create(prompt, params(8, 4, 8), {}, {-1, -1, -1}));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "template has 3 positions",
+               engine.create(prompt, params(8, 4, 8), {}, {-1, -1, -1}));
   EXPECT_ERROR(ErrorCode::InvalidArgument, "nothing is left to denoise",
                engine.create(prompt, params(2, 2, 2), {}, {3, 4}));
   EXPECT_ERROR(ErrorCode::InvalidArgument, "template[1]", engine.create(prompt, params(2, 2, 2), {}, {-1, kMask}));
