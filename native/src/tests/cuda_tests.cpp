@@ -767,17 +767,7 @@ void device_golden(const std::string& golden_dir) {
         std::vector<int32_t> prompt, answer;
         for (const Json& t : c.find("prompt")->items()) prompt.push_back(static_cast<int32_t>(t.as_int64()));
         for (const Json& t : c.find("answer")->items()) answer.push_back(static_cast<int32_t>(t.as_int64()));
-        const Json& p = *c.find("params");
-        SamplingParams s;
-        s.gen_length = static_cast<int>(p.find("gen_length")->as_int64());
-        s.block_length = static_cast<int>(p.find("block_length")->as_int64());
-        s.steps = static_cast<int>(p.find("steps")->as_int64());
-        s.temperature = p.find("temperature")->as_number();
-        s.remasking = p.find("remasking")->as_string() == "random" ? Remasking::Random : Remasking::LowConfidence;
-        s.cfg_scale = p.find("cfg_scale")->as_number();
-        s.logits_eos_inf = p.find("logits_eos_inf")->as_bool();
-        s.confidence_eos_eot_inf = p.find("confidence_eos_eot_inf")->as_bool();
-        s.eot_token_id = static_cast<int>(p.find("eot_token_id")->as_int64());
+        const SamplingParams s = golden_params(*c.find("params"));
         if (s.temperature != 0.0 || s.remasking == Remasking::Random) continue;  // only temperature 0 is comparable
         const uint64_t id = engine.create(prompt, s);
         for (int guard = 0; guard < 10000; ++guard)

@@ -319,4 +319,19 @@ inline double max_abs(const std::vector<float>& a) {
   return m;
 }
 
+// The sampling settings of a golden case ("params" of test/fixtures/golden/*.json).
+inline SamplingParams golden_params(const Json& p) {
+  SamplingParams s;
+  s.gen_length = static_cast<int>(p.find("gen_length")->as_int64());
+  s.block_length = static_cast<int>(p.find("block_length")->as_int64());
+  s.steps = static_cast<int>(p.find("steps")->as_int64());
+  s.temperature = p.find("temperature")->as_number();
+  s.remasking = p.find("remasking")->as_string() == "random" ? Remasking::Random : Remasking::LowConfidence;
+  s.cfg_scale = p.find("cfg_scale")->as_number();
+  s.logits_eos_inf = p.find("logits_eos_inf")->as_bool();
+  s.confidence_eos_eot_inf = p.find("confidence_eos_eot_inf")->as_bool();
+  s.eot_token_id = static_cast<int>(p.find("eot_token_id")->as_int64());
+  return s;
+}
+
 }  // namespace vdiff::test
