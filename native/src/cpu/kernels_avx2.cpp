@@ -217,20 +217,10 @@ void convert_t(const void* src, float* dst, int n) {
   for (int i = 0; i < n; i += 8) storen(dst + i, n - i, load8<T>(src, i, n - i));
 }
 
-void convert(const void* src, WType type, float* dst, int n) {
-  switch (type) {
-    case WType::F32: return convert_t<WType::F32>(src, dst, n);
-    case WType::BF16: return convert_t<WType::BF16>(src, dst, n);
-    case WType::F16: return convert_t<WType::F16>(src, dst, n);
-  }
-}
+#include "kernel_table.h"
 
 }  // namespace
 
-const Kernels* avx2_kernels() {
-  static const Kernels table = {"avx2", kNR,     gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax,
-                                exp_,   convert, pack_panel};
-  return &table;
-}
+const Kernels* avx2_kernels() { return kernel_table("avx2"); }
 
 }  // namespace vdiff::cpu
