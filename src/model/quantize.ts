@@ -32,6 +32,7 @@ import {
   f16ToF32,
   f32BitsToF16,
   readSafetensorsHeader,
+  sequentialWriter,
   type ShardIndex,
   type TensorEntry
 } from "./safetensors.js"
@@ -185,17 +186,9 @@ export const quantizeFile = async (
   const head = encodeRawHeader(outTensors, metadata)
   const src = await open(input, "r")
   const dst = await open(output, "w")
-  let position = 0
   let quantized = 0
   let copied = 0
-  const write = async (data: Uint8Array) => {
-    let done = 0
-    while (done < data.byteLength) {
-      const { bytesWritten } = await dst.write(data, done, data.byteLength - done, position)
-      done += bytesWritten
-      position += bytesWritten
-    }
-  }
+  const { write, written } = sequentialWriter(dst)
   try {
     await write(head)
     for (const [name, entry] of header.tensors) {
@@ -242,7 +235,7 @@ export const quantizeFile = async (
     await src.close()
     await dst.close()
   }
-  return { quantized, copied, bytesIn: await readFileSize(input), bytesOut: position }
+  return { quantized, copied, bytesIn: await readFileSize(input), bytesOut: written() }
 }
 
 const readFileSize = async (path: string): Promise<number> => {

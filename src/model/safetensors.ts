@@ -13,9 +13,24 @@
  *
  * @since 0.1.0
  */
-import { open, readFile, writeFile } from "node:fs/promises"
+import { type FileHandle, open, readFile, writeFile } from "node:fs/promises"
 
 /** The element types this project reads and writes. */
+
+/** Writes whole buffers one after another from the start of `file`, retrying short writes; `written` counts bytes. */
+export const sequentialWriter = (file: FileHandle) => {
+  let position = 0
+  const write = async (data: Uint8Array): Promise<void> => {
+    let done = 0
+    while (done < data.byteLength) {
+      const { bytesWritten } = await file.write(data, done, data.byteLength - done, position)
+      done += bytesWritten
+      position += bytesWritten
+    }
+  }
+  return { write, written: () => position }
+}
+
 export type DType = "F32" | "BF16" | "F16"
 
 export const dtypeBytes: Record<DType, number> = { F32: 4, BF16: 2, F16: 2 }
@@ -183,15 +198,7 @@ export const writeSafetensors = async (path: string, tensors: ReadonlyArray<Tens
   const bytes = new Uint8Array(chunkElements * 4)
   const file = await open(path, "w")
   try {
-    let position = 0
-    const write = async (data: Uint8Array) => {
-      let done = 0
-      while (done < data.byteLength) {
-        const { bytesWritten } = await file.write(data, done, data.byteLength - done, position)
-        done += bytesWritten
-        position += bytesWritten
-      }
-    }
+    const { write, written } = sequentialWriter(file)
     await write(header)
     for (const t of tensors) {
       const total = elementCount(t.shape)
@@ -205,7 +212,7 @@ export const writeSafetensors = async (path: string, tensors: ReadonlyArray<Tens
         await write(encoded)
       }
     }
-    return position
+    return written()
   } finally {
     await file.close()
   }
