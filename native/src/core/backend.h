@@ -76,6 +76,12 @@ class KVCache {
   // of the canvas need it. A refresh that was cancelled leaves the cache not filled.
   bool filled() const { return filled_; }
   void set_filled(bool filled) { filled_ = filled; }
+  // Block-causal forwards (ForwardSeq::attention_block > 0): positions [0, cached_until()) hold keys and
+  // values a read may use. A forward that computes [begin, end) with begin <= cached_until() sets it to
+  // max(cached_until, end) once it completes; a cancelled one leaves it at min(cached_until, begin). The
+  // engine decides which of them are final (a block's keys are exact once computed from its final tokens).
+  int cached_until() const { return cached_until_; }
+  void set_cached_until(int positions) { cached_until_ = positions; }
 
  protected:
   KVCache() = default;
@@ -88,6 +94,7 @@ class KVCache {
   int positions_ = 0;
   uint64_t bytes_ = 0;
   bool filled_ = false;
+  int cached_until_ = 0;
 };
 
 // One sequence of a batched forward. Sequences of different lengths share one call: the linear layers
@@ -109,6 +116,11 @@ struct ForwardSeq {
   KVCache* cache = nullptr;  // optional; made by this backend for `length` positions
   int compute_begin = 0;
   int compute_end = -1;  // -1: length. Without a cache the range must be the whole canvas.
+  // 0: bidirectional attention over the whole canvas. B > 0: block-causal with blocks of B positions
+  // aligned at 0 — the query at position i attends the keys j < min(length, (i / B + 1) * B). Then a
+  // cache read needs only the keys before compute_begin (KVCache::cached_until() >= compute_begin), and
+  // without a cache the range may be any [0, end) (what lies after `end` is never attended by it).
+  int attention_block = 0;
 };
 
 // A forward's batch after its checks: per sequence, the computed range and where its tokens sit among

@@ -62,7 +62,30 @@ struct SamplingParams {
   // Alternatives reported with every committed token: its step's top_logprobs likeliest tokens with their
   // log-probabilities (0 .. kMaxTopLogprobs; 0: none).
   int top_logprobs = 0;
+
+  // Block decoding (ModelConfig::decoding == Block: LLaDA2.x, SDAR) reads these with their own meaning,
+  // and refuses the LLaDA settings that do not apply to it (cfg, remasking random, suffix, templates,
+  // parallel_factor, kv_cache dual):
+  //   block_length must be the model's; steps is per block (the reference's schedule: block_length / steps
+  //   tokens a step, the first block_length % steps steps one more); parallel_threshold > 0 commits every
+  //   masked position whose confidence is strictly above it when they are at least the step's quota, else
+  //   the quota's most confident (LLaDA2.0 "threshold", SDAR "low_confidence_dynamic"); 0: the quota only.
+  //   kv_cache None recomputes the window [0, block end) every step (the reference's form); Prefix (the
+  //   default for these families) prefills whole prompt blocks once and caches each finished block exactly.
+  // LLaDA2.1 editing (families that have it): after each forward, a committed position of the open block
+  // (not the prompt's) whose prediction differs from its token with probability > editing_threshold is
+  // rewritten; a block with no mask left takes up to max_post_steps more forwards while edits happen.
+  // < 0: off (LLaDA2.0 behaviour).
+  double editing_threshold = -1.0;
+  int max_post_steps = 16;
 };
+
+// What a sequence's forward does in a step (Block decoding; FullCanvas sequences always Denoise):
+//   Prefill: the prompt's whole blocks, once, into the KV cache (no rows sampled);
+//   Denoise: the open block, attending to the cache (or, without cache, the window up to the block's end);
+//   Commit:  the finished block again from its final tokens, to cache its exact keys and values (none
+//            after the last block).
+enum class Phase { Prefill, Denoise, Commit };
 
 struct CommittedToken {
   int32_t position;  // index into the answer (0 .. gen_length-1)
@@ -87,6 +110,10 @@ struct StepOutput {
                                              // (a cached step's partial forward counts as one)
   int kv_refreshes = 0;                      // of those, the ones that refreshed a KV cache (whole-canvas forwards)
   int64_t positions_computed = 0;            // canvas positions the forwards computed so far: the cost a cache cuts
+  Phase phase = Phase::Denoise;              // what this step's forward did for the sequence
+  // Editing: the open block's committed tokens that may still change (answer positions, ascending); they
+  // reach `committed` only when their block closes. Empty without editing.
+  std::vector<CommittedToken> provisional;
 };
 
 struct SequenceInfo {

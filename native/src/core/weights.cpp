@@ -142,9 +142,9 @@ ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& c, const 
     l.k = find(at_layer(f.k, i), {c.n_kv_heads * hd, D}, true);
     l.v = find(at_layer(f.v, i), {c.n_kv_heads * hd, D}, true);
     l.o = find(at_layer(f.o, i), {D, c.n_heads * hd}, true);
-    l.gate = find(at_layer(f.gate, i), {H, D}, true);
-    l.up = find(at_layer(f.up, i), {H, D}, true);
-    l.down = find(at_layer(f.down, i), {D, H}, true);
+    l.mlp.gate = find(at_layer(f.gate, i), {H, D}, true);
+    l.mlp.up = find(at_layer(f.up, i), {H, D}, true);
+    l.mlp.down = find(at_layer(f.down, i), {D, H}, true);
   }
   out.final_norm = find(f.final_norm, {D});
   out.head = c.weight_tying ? out.embed : find(f.head, {E, D}, true);

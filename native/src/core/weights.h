@@ -46,10 +46,29 @@ struct WeightRef {
   }
 };
 
+// One SwiGLU MLP: down(silu(gate x) * up x). A dense layer's (width mlp_hidden_size), one expert's or the
+// shared experts' (width moe_hidden_size, times n_shared_experts for the shared one).
+struct MlpWeights {
+  WeightRef gate, up, down;  // [H, D], [H, D], [D, H]
+  bool present() const { return gate.data != nullptr; }
+};
+
+// A mixture-of-experts layer (ModelConfig::router says how tokens are routed).
+struct MoeWeights {
+  WeightRef router;       // [n_experts, D], float (the router product is f32)
+  WeightRef expert_bias;  // [n_experts] (GroupedSigmoid; data == nullptr when absent): for the choice only
+  std::vector<MlpWeights> experts;
+  MlpWeights shared;  // absent (gate.data == nullptr) when the family has none
+};
+
 struct LayerWeights {
   WeightRef attn_norm, ffn_norm;  // [D]
-  WeightRef q, k, v, o;           // [n_heads*hd, D], [n_kv_heads*hd, D] x2, [D, n_heads*hd]
-  WeightRef gate, up, down;       // [H, D], [H, D], [D, H]
+  // Separate projections: q [n_heads*hd, D], k and v [n_kv_heads*hd, D]. A fused checkpoint (LLaDA2's
+  // query_key_value [(n_heads + 2 n_kv_heads) hd, D]) gives q, k and v as row ranges of the one matrix.
+  WeightRef q, k, v, o;  // o: [D, n_heads*hd]
+  WeightRef q_norm, k_norm;  // [hd] (ModelConfig::qk_norm), else absent
+  MlpWeights mlp;            // dense layers (ModelConfig::moe_layer(i) false), else absent
+  MoeWeights moe;            // MoE layers, else empty
 };
 
 struct ModelWeights {

@@ -246,9 +246,9 @@ CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadO
     blk.k = weight_of(l.k);
     blk.v = weight_of(l.v);
     blk.attn_out = weight_of(l.o);
-    blk.ff_proj = weight_of(l.gate);
-    blk.up_proj = weight_of(l.up);
-    blk.ff_out = weight_of(l.down);
+    blk.ff_proj = weight_of(l.mlp.gate);
+    blk.up_proj = weight_of(l.mlp.up);
+    blk.ff_out = weight_of(l.mlp.down);
   }
   ln_f_ = norm_of(w.final_norm);
   head_ = weight_of(w.head);

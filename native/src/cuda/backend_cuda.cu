@@ -345,8 +345,8 @@ CudaBackend::CudaBackend(const ModelConfig& config, TensorSet tensors, const Loa
       d.ffn_norm = upload_norm(lw.ffn_norm);
       d.qkv = upload_concat({&lw.q, &lw.k, &lw.v}, type_, done, total);
       d.o = upload(lw.o, type_, done, total);
-      d.gate_up = upload_concat({&lw.gate, &lw.up}, type_, done, total);
-      d.down = upload(lw.down, type_, done, total);
+      d.gate_up = upload_concat({&lw.mlp.gate, &lw.mlp.up}, type_, done, total);
+      d.down = upload(lw.mlp.down, type_, done, total);
     }
     final_norm_ = upload_norm(w.final_norm);
     head_ = (w.head.data == w.embed.data && embed_type_ == type_) ? embed_ : upload(w.head, type_, done, total);
