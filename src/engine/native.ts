@@ -52,8 +52,36 @@ export interface NativeModelConfig {
   readonly includeBias: boolean
 }
 
+/**
+ * How a model family writes its answer (native ModelConfig::decoding and the family description):
+ * "full_canvas" (LLaDA: bidirectional attention over prompt and answer) or "block" (LLaDA2.x, SDAR:
+ * block-causal attention over blocks of `blockLength` aligned at position 0, finished blocks cached exactly).
+ */
+export type NativeDecoding = "full_canvas" | "block"
+
+/** The loaded model's family, for per-family defaults and for refusing settings that do not apply. */
+export interface NativeModelFamily {
+  /** config.json "model_type": "llada" | "llada2_moe" | "sdar" | "sdar_moe". */
+  readonly name: string
+  readonly decoding: NativeDecoding
+  /** Block decoding: the block size the model was trained with (LLaDA2 32, SDAR 4), the only one it accepts; 0 for full_canvas. */
+  readonly blockLength: number
+  /** Whether the family has LLaDA2.1 token editing (editingThreshold >= 0 is refused otherwise). */
+  readonly editing: boolean
+  /** The mask token of the model (config.json, else the family's default). */
+  readonly maskTokenId: number
+  readonly eosTokenId: number
+  /** Further end tokens besides eosTokenId (an "eos_token_id" list's rest); block decoding stops after the block holding any. */
+  readonly stopTokenIds: ReadonlyArray<number>
+}
+
 export interface NativeModelInfo {
   readonly config: NativeModelConfig
+  /**
+   * The model's family. Always set by the addon; optional in the type only so that test doubles written
+   * before block decoding need not set it (absent: LLaDA, full_canvas).
+   */
+  readonly family?: NativeModelFamily | undefined
   /** The backend computing the forward: "cpu" or "cuda". */
   readonly backend: "cpu" | "cuda"
   /** CPU: the instruction-set path of the kernels ("avx512", "avx2", "portable"); CUDA: the GPU's name. */
@@ -89,6 +117,20 @@ export type NativeRemasking = "low_confidence" | "random"
  * Sampling settings of one sequence; validated natively (VDIFF_INVALID_ARGUMENT names the bad field). The
  * type comes from the sampling settings' table (src/config/sampling.ts); its field names are the ones
  * params_of in native/src/addon/addon.cpp reads.
+ *
+ * Block decoding (family.decoding "block") reads the same fields with their own meaning and two more:
+ * - blockLength must be family.blockLength; steps is per block (the reference's quota schedule);
+ * - parallelThreshold > 0 commits every masked position above it (strict >) when they are at least the
+ *   step's quota, else the quota's most confident (LLaDA2.0 "threshold", SDAR "confidence_threshold");
+ * - kvCache "prefix" is the exact block cache (prefill of the prompt's whole blocks, one commit forward
+ *   per finished block), "none" recomputes [0, block end) every step; "dual" is refused;
+ * - editingThreshold (optional number; absent, null or < 0: off) and maxPostSteps (optional integer >= 0;
+ *   absent or null: 16): LLaDA2.1 token editing, refused (param "editing_threshold") on a family
+ *   without it. A full-canvas model refuses editingThreshold >= 0.
+ * Refused on block models, each naming its field: cfgScale > 0 ("cfg_scale"), remasking "random"
+ * ("remasking"), a suffix ("suffix"), a template ("template"), parallelFactor > 0 ("parallel_factor"),
+ * kvCache "dual" ("kv_cache"), blockLength other than the model's ("block_length"). earlyStop and
+ * kvRefreshInterval have no effect there (block decoding always stops after the block holding an end token).
  */
 export type { NativeSamplingParams } from "../config/sampling.js"
 
@@ -99,7 +141,10 @@ export interface TopLogprob {
 }
 
 export interface CommittedToken {
-  /** Index into the answer (0 .. genLength-1). */
+  /**
+   * Index into the answer (0 .. genLength-1). Block decoding denoises the last block past genLength too
+   * (and the prompt's tail with the first); only answer positions are reported.
+   */
   readonly position: number
   readonly token: number
   /** The softmax probability the token had at the step that committed it (1 for an early stop's EOS). */
@@ -107,6 +152,14 @@ export interface CommittedToken {
   /** With topLogprobs > 0: that step's likeliest tokens, most likely first (absent for an early stop's EOS). */
   readonly top?: ReadonlyArray<TopLogprob>
 }
+
+/**
+ * What a sequence's forward did in a step. Full-canvas models: always "denoise". Block decoding:
+ * "prefill" (the prompt's whole blocks into the KV cache, once; nothing committed), "denoise" (the open
+ * block), "commit" (the finished block again from its final tokens, caching its exact keys and values;
+ * nothing committed; none after the last block). One batched step mixes the phases of its sequences.
+ */
+export type NativePhase = "prefill" | "denoise" | "commit"
 
 /**
  * What one denoising step did to one sequence, as the addon builds it; the Engine, the Scheduler and the
@@ -119,18 +172,41 @@ export interface StepSnapshot {
   readonly finished: boolean
   /** Set once finished: "eos" when the answer holds an EOS/EOT token, else "length". */
   readonly reason: "length" | "eos" | null
-  /** The block this step worked on. */
+  /**
+   * The block this step worked on. Block decoding: counted from the block that holds the answer's first
+   * position (the prompt's tail shares it); a prefill says 0, a commit the block it cached.
+   */
   readonly block: number
-  /** Steps done by this sequence so far, this one included. */
+  /** Steps done by this sequence so far, this one included (block decoding: denoise steps only). */
   readonly stepsDone: number
-  /** Steps planned for the whole answer; an upper bound with parallel decoding or early stop. */
+  /**
+   * Steps planned for the whole answer; an upper bound with parallel decoding or early stop (block
+   * decoding: steps per block times its blocks, or with editing each block's masks plus maxPostSteps).
+   */
   readonly stepsTotal: number
   /** How many of the committed tokens (the last ones) an early stop filled with EOS (probability 1). */
   readonly filled: number
   /** Canvas evaluations of this sequence so far: one per step, two with cfg (a cached step's counts too). */
   readonly forwardPasses: number
-  /** Of those, the ones that refreshed a KV cache (evaluated the whole canvas). */
+  /**
+   * Of those, the ones that refreshed a KV cache (evaluated the whole canvas). Block decoding: the prefill
+   * and commit forwards (those that write final keys and values).
+   */
   readonly kvRefreshes: number
+  /**
+   * The rest is set by the addon for every model; optional in the type only so that test doubles written
+   * before block decoding need not set it.
+   * What this step's forward did for the sequence (absent: "denoise").
+   */
+  readonly phase?: NativePhase | undefined
+  /**
+   * Editing (block decoding with editingThreshold >= 0): the open block's tokens that may still change
+   * (answer positions, ascending, each with its current token and probability). They reach `committed`
+   * only when their block closes, with their final token. Empty otherwise.
+   */
+  readonly provisional?: ReadonlyArray<CommittedToken> | undefined
+  /** Canvas positions this sequence's forwards computed so far (prefill, denoise and commit forwards). */
+  readonly positionsComputed?: number | undefined
 }
 
 export interface NativeSequenceInfo {
