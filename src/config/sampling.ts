@@ -69,6 +69,68 @@ export interface SamplingSetting<V extends ValueType = ValueType> {
   readonly description: string
   /** Turns the chosen value into the engine's, given the answer length (block_length: at most that). */
   readonly toEngine?: ((value: ValueOf<V>, genLength: number) => ValueOf<V>) | undefined
+  /**
+   * The models the setting applies to (ModelFamily): every model (absent), only full-canvas decoding
+   * (LLaDA), or only models with token editing (LLaDA2.1's rule). A request that sets it for another model
+   * gets a 400 naming it, unless it gives the `neutral` value.
+   */
+  readonly appliesTo?: "full_canvas" | "editing" | undefined
+  /**
+   * Where the setting does not apply: the value that means "off" there. A request may give it (it changes
+   * nothing), and the engine gets it when the setting is required. Absent: every value is refused there and
+   * the engine gets none.
+   */
+  readonly neutral?: ValueOf<V> | undefined
+  /** How block decoding (LLaDA2.x, SDAR) reads the setting, where it differs from full-canvas decoding. */
+  readonly block?: BlockReading<ValueOf<V>> | undefined
+}
+
+/** A setting as block decoding reads it. */
+export interface BlockReading<T> {
+  /** The README's words for its meaning under block decoding. */
+  readonly meaning: string
+  /** The README's words for its default there. */
+  readonly defaultText: string
+  /**
+   * The family's default: what a request that leaves the setting out gets when the server's default is
+   * the documented (full-canvas) one. Absent: the documented default.
+   */
+  readonly default?: ((family: ModelFamily) => T) | undefined
+  /** Whether a server default other than the documented one applies to block models (default true). */
+  readonly serverDefault?: boolean | undefined
+  /** Why the value does not fit the model (a 400 naming the setting); undefined: it fits. */
+  readonly check?: ((value: T, family: ModelFamily) => string | undefined) | undefined
+  /** The engine's value under block decoding (replaces the setting's own toEngine). */
+  readonly toEngine?: ((value: T, genLength: number, family: ModelFamily) => T) | undefined
+}
+
+// ---- model families ----------------------------------------------------------------------------------
+
+/**
+ * How a model writes its answer: "full_canvas" (LLaDA: bidirectional attention over prompt and answer;
+ * blocks only order the commits) or "block" (LLaDA2.x, SDAR: block-causal attention, blocks of the trained
+ * length aligned at position 0, finished blocks cached exactly).
+ */
+export type Decoding = "full_canvas" | "block"
+
+/** What the settings depend on about the served model (the engine's model info says it). */
+export interface ModelFamily {
+  /** config.json's model_type: llada, llada2_moe, sdar, sdar_moe. */
+  readonly name: string
+  readonly decoding: Decoding
+  /** Block decoding: the block length the model was trained with; full canvas: 0. */
+  readonly blockLength: number
+  /** Whether the model has LLaDA2.1's token editing (editing_threshold, max_post_steps). */
+  readonly editing: boolean
+}
+
+/** LLaDA: the family of every model served before block decoding, and of models that say nothing else. */
+export const lladaFamily: ModelFamily = { name: "llada", decoding: "full_canvas", blockLength: 0, editing: false }
+
+/** Whether the setting applies to the model. */
+export const appliesTo = (field: SamplingField, family: ModelFamily): boolean => {
+  const applies = specOf(field).appliesTo
+  return applies === undefined || (applies === "full_canvas" ? family.decoding === "full_canvas" : family.editing)
 }
 
 const entry = <const V extends ValueType, const O extends boolean, const E extends string = never>(
@@ -94,7 +156,12 @@ export const samplingSettings = {
     default: "0",
     placeholder: "N",
     description: "Denoising steps when a request gives no diffusion_steps; 0: one step per answer token",
-    toEngine: (steps, genLength) => (steps === 0 ? genLength : steps)
+    toEngine: (steps, genLength) => (steps === 0 ? genLength : steps),
+    block: {
+      meaning: "denoising steps per block (at most block_length: one token a step)",
+      defaultText: "block_length (one token a step)",
+      toEngine: (steps, _genLength, family) => (steps === 0 ? family.blockLength : Math.min(steps, family.blockLength))
+    }
   }),
   block_length: entry({
     value: { type: "int", min: 1 },
@@ -102,13 +169,26 @@ export const samplingSettings = {
     default: "32",
     placeholder: "N",
     description: "Semi-autoregressive block length when a request gives no block_length",
-    toEngine: (length, genLength) => Math.min(length, genLength)
+    toEngine: (length, genLength) => Math.min(length, genLength),
+    block: {
+      meaning: "the block the model was trained with; no other is accepted",
+      defaultText: "the model's (LLaDA2 32, SDAR 4)",
+      default: (family) => family.blockLength,
+      serverDefault: false,
+      check: (length, family) =>
+        length === family.blockLength
+          ? undefined
+          : `block_length must be ${family.blockLength}, the block length this model (${family.name}) was trained with, got ${length}`,
+      toEngine: (_length, _genLength, family) => family.blockLength
+    }
   }),
   remasking: entry({
     value: { type: "oneOf", values: ["low_confidence", "random"] },
     optional: false,
     default: "low_confidence",
-    description: "Which masked positions a step commits when a request gives no remasking"
+    description: "Which masked positions a step commits when a request gives no remasking",
+    appliesTo: "full_canvas",
+    neutral: "low_confidence"
   }),
   cfg_scale: entry({
     value: { type: "number", min: 0, max: 1000 },
@@ -116,7 +196,9 @@ export const samplingSettings = {
     optional: false,
     default: "0",
     placeholder: "S",
-    description: "Classifier-free guidance scale when a request gives no cfg_scale; 0 turns it off"
+    description: "Classifier-free guidance scale when a request gives no cfg_scale; 0 turns it off",
+    appliesTo: "full_canvas",
+    neutral: 0
   }),
   temperature: entry({
     value: { type: "number", min: 0, max: 2 },
@@ -158,7 +240,13 @@ export const samplingSettings = {
     default: "0",
     placeholder: "T",
     description:
-      "Parallel decoding when a request sets neither parallel rule: a step also commits every masked position of the block at least T likely; 0 turns it off"
+      "Parallel decoding when a request sets neither parallel rule: a step also commits every masked position of the block at least T likely; 0 turns it off",
+    block: {
+      meaning:
+        "commit every masked position of the open block more than T likely (strictly) when they are at least the step's quota, else the quota's likeliest (LLaDA2.0's threshold, SDAR's low_confidence_dynamic); 0: the quota only",
+      defaultText: "0.95",
+      default: () => 0.95
+    }
   }),
   parallel_factor: entry({
     value: { type: "number", min: 0, max: 1000 },
@@ -167,26 +255,70 @@ export const samplingSettings = {
     default: "0",
     placeholder: "F",
     description:
-      "Parallel decoding by rank when a request sets neither parallel rule: threshold 1 − F/(r+1); 0 turns it off; not together with --parallel-threshold"
+      "Parallel decoding by rank when a request sets neither parallel rule: threshold 1 − F/(r+1); 0 turns it off; not together with --parallel-threshold",
+    appliesTo: "full_canvas",
+    neutral: 0
   }),
   early_stop: entry({
     value: { type: "switch" },
     optional: true,
     default: "true",
     description:
-      "Finish once the answer has ended instead of denoising the remaining blocks, when a request gives no early_stop; --early-stop=false turns it off"
+      "Finish once the answer has ended instead of denoising the remaining blocks, when a request gives no early_stop; --early-stop=false turns it off",
+    // Block decoding always stops after the block that holds the end of the answer, as its references do.
+    appliesTo: "full_canvas",
+    neutral: true
   }),
   kv_cache: entry({
     value: { type: "oneOf", values: ["none", "prefix", "dual"] },
     optional: true,
     default: "none",
     description:
-      "Approximate KV cache when a request gives no kv_cache: prefix recomputes the block and what follows it, dual the block only, between whole-canvas refreshes at block starts; none is exact"
+      "Approximate KV cache when a request gives no kv_cache: prefix recomputes the block and what follows it, dual the block only, between whole-canvas refreshes at block starts; none is exact",
+    block: {
+      meaning:
+        "prefix: the prompt's whole blocks are prefilled once and every finished block is cached from its final tokens (exact); none: every step recomputes the window up to the open block's end (the references' form); dual does not apply",
+      defaultText: "prefix",
+      default: () => "prefix",
+      check: (mode) =>
+        mode === "dual"
+          ? 'kv_cache "dual" does not apply to block decoding: a finished block\'s cache is exact already ("prefix"), and later blocks are never attended'
+          : undefined
+    }
   })
 }
 
-type Table = typeof samplingSettings
+/**
+ * Settings a request may give but the server has no flag for: LLaDA2.1's token editing, chosen per
+ * request (its modes are pairs of parallel_threshold and editing_threshold). Off unless a request sets it.
+ */
+export const requestOnlySettings = {
+  editing_threshold: entry({
+    value: { type: "number", min: 0, max: 1 },
+    optional: true,
+    default: "",
+    defaultText: "off",
+    placeholder: "T",
+    description:
+      "LLaDA2.1 token editing: after every forward, a token already committed in the open block (not the prompt's) is rewritten where the model predicts another token more than T likely; a block without masks takes up to max_post_steps more forwards while edits happen. Modes: quality parallel_threshold 0.7 + editing_threshold 0.5, speed 0.5 + 0.0",
+    appliesTo: "editing"
+  }),
+  max_post_steps: entry({
+    value: { type: "int", min: 0, max: 1000 },
+    optional: true,
+    default: "16",
+    placeholder: "N",
+    description: "LLaDA2.1 token editing: forwards a block without masks may still take to edit its tokens",
+    appliesTo: "editing"
+  })
+}
+
+const allSettings = { ...samplingSettings, ...requestOnlySettings }
+type Table = typeof allSettings
+/** Every request setting: the server's (with a flag) and the request-only ones. */
 export type SamplingField = keyof Table
+/** The settings that are also server flags. */
+export type ServerField = keyof typeof samplingSettings
 
 /**
  * Settings that decide the same thing: a request that sets any of them decides alone (the others are
@@ -208,8 +340,9 @@ const camel = (name: string) => name.replace(/_([a-z])/g, (_, c: string) => c.to
 type EngineName<K extends SamplingField> = Table[K] extends { readonly engine: infer E extends string } ? E : Camel<K>
 type ConfigName<K extends SamplingField> = Camel<K>
 
-const fields = Object.keys(samplingSettings) as Array<SamplingField>
-const specOf = (field: SamplingField): SamplingSetting => samplingSettings[field] as SamplingSetting
+const fields = Object.keys(allSettings) as Array<SamplingField>
+const serverFields = Object.keys(samplingSettings) as Array<ServerField>
+const specOf = (field: SamplingField): SamplingSetting => allSettings[field] as SamplingSetting
 
 /** The engine's name of a setting: genLength for max_tokens, topP for top_p. */
 export const engineName = (field: SamplingField): string => specOf(field).engine ?? camel(field)
@@ -297,12 +430,12 @@ const flagSchema = (value: ValueType): Schema.Schema<any, string> => {
 }
 
 type ConfigFields = {
-  readonly [K in SamplingField as ConfigName<K>]: Schema.Schema<ValueOf<Table[K]["value"]>, string>
+  readonly [K in ServerField as ConfigName<K>]: Schema.Schema<ValueOf<Table[K]["value"]>, string>
 }
 
 /** The `vdiff serve` settings of the server defaults (flag `--top-p`, variable VDIFF_TOP_P), in table order. */
 export const configFields: ConfigFields = Object.fromEntries(
-  fields.map((field) => {
+  serverFields.map((field) => {
     const spec = specOf(field)
     const value = spec.flag ?? spec.value
     return [
@@ -319,7 +452,7 @@ export const configFields: ConfigFields = Object.fromEntries(
 ) as unknown as ConfigFields
 
 /** The server settings' values of the sampling settings. */
-export type SamplingConfig = { readonly [K in SamplingField as ConfigName<K>]: ValueOf<Table[K]["value"]> }
+export type SamplingConfig = { readonly [K in ServerField as ConfigName<K>]: ValueOf<Table[K]["value"]> }
 
 // ---- derived: the engine's settings ------------------------------------------------------------------
 
@@ -370,24 +503,25 @@ export type NativeSamplingParams = SamplingTableParams &
 
 /**
  * What the server gives a request that leaves a setting out, by engine name (the answer length as
- * maxTokens). Absent or null: the documented default.
+ * maxTokens). Absent or null: the documented default (or the model family's, see `resolve`).
  */
 export type EngineDefaults = { readonly maxTokens: number } & {
-  readonly [K in Exclude<SamplingField, "max_tokens"> as EngineName<K>]?: ValueOf<Table[K]["value"]> | null | undefined
+  readonly [K in Exclude<ServerField, "max_tokens"> as EngineName<K>]?: ValueOf<Table[K]["value"]> | null | undefined
 }
 
 /** The serving defaults of the server settings. */
 export const defaultsFromConfig = (config: SamplingConfig): EngineDefaults => {
   const values = config as unknown as Record<string, unknown>
   return Object.fromEntries(
-    fields.map((field) => [field === "max_tokens" ? "maxTokens" : engineName(field), values[configName(field)]])
+    serverFields.map((field) => [field === "max_tokens" ? "maxTokens" : engineName(field), values[configName(field)]])
   ) as unknown as EngineDefaults
 }
 
+/** Each setting's documented default, as the engine takes it (absent: none, the setting is off). */
 const documentedDefault = new Map(
-  fields.map((field) => {
+  fields.flatMap((field) => {
     const spec = specOf(field)
-    return [field, Schema.decodeSync(flagSchema(spec.flag ?? spec.value))(spec.default) as unknown]
+    return spec.default === "" ? [] : [[field, Schema.decodeSync(flagSchema(spec.flag ?? spec.value))(spec.default) as unknown] as const]
   })
 )
 
@@ -405,26 +539,130 @@ export const exclusiveViolation = (request: SamplingRequest): { message: string;
   return undefined
 }
 
+const decodingWords: Record<Decoding, string> = { full_canvas: "full-canvas decoding", block: "block decoding" }
+
+/**
+ * The first setting the request gives that the served model cannot honour, with the field it names: one
+ * that does not apply to the model's family (other than its neutral value: `cfg_scale: 0` on a block
+ * model changes nothing), or a value the family does not take (a block_length the model was not trained
+ * with, kv_cache "dual" under block decoding). Undefined: every setting fits.
+ */
+export const familyViolation = (request: SamplingRequest, family: ModelFamily): { message: string; param: string } | undefined => {
+  for (const field of fields) {
+    const value = request[field]
+    if (value === undefined) continue
+    const spec = specOf(field)
+    if (!appliesTo(field, family)) {
+      if (spec.neutral !== undefined && value === spec.neutral) continue
+      const where =
+        spec.appliesTo === "editing"
+          ? "it needs a model with token editing (LLaDA2.1's llada2_moe)"
+          : `it is a setting of ${decodingWords.full_canvas} (LLaDA)`
+      return {
+        message: `${field} does not apply to this model (${family.name}, ${decodingWords[family.decoding]}): ${where}`,
+        param: field
+      }
+    }
+    const problem = family.decoding === "block" ? spec.block?.check?.(value as never, family) : undefined
+    if (problem !== undefined) return { message: problem, param: field }
+  }
+  return undefined
+}
+
 /**
  * The engine's values of every setting but the answer length, for an answer of `genLength` tokens: the
  * request's, else the server's default, else the documented one. A request that sets any member of an
  * exclusive group decides the whole group (the members it leaves out are off).
+ *
+ * For a model of another family than LLaDA (`family`): a setting that does not apply gets its neutral
+ * value (required settings) or none; block decoding takes a setting's family default where the request
+ * leaves it out and the server's default is the documented one (or, for block_length, always), and reads
+ * the value through the setting's block rule. The request is expected to have passed `familyViolation`.
  */
-export const resolve = (request: SamplingRequest, defaults: EngineDefaults, genLength: number): SamplingTableParams => {
+export const resolve = (
+  request: SamplingRequest,
+  defaults: EngineDefaults,
+  genLength: number,
+  family: ModelFamily = lladaFamily
+): SamplingTableParams => {
   const fromDefaults = defaults as unknown as Record<string, unknown>
   const decided = new Map<SamplingField, unknown>()
   for (const rule of exclusiveSettings) {
+    // A group decides together only where all of it applies (block models have one parallel rule).
+    if (!rule.members.every((field) => appliesTo(field, family))) continue
     if (rule.members.some((field) => request[field] !== undefined)) {
       for (const field of rule.members) decided.set(field, request[field] ?? rule.off)
     }
   }
+  const block = family.decoding === "block"
   const params: Record<string, unknown> = { genLength }
   for (const field of fields) {
     if (field === "max_tokens") continue
     const spec = specOf(field)
     const name = engineName(field)
-    const value = decided.has(field) ? decided.get(field) : (request[field] ?? fromDefaults[name] ?? documentedDefault.get(field))
-    params[name] = spec.toEngine === undefined ? value : (spec.toEngine as (v: unknown, g: number) => unknown)(value, genLength)
+    if (!appliesTo(field, family)) {
+      if (!spec.optional) params[name] = spec.neutral
+      continue
+    }
+    const documented = documentedDefault.get(field)
+    const rule = block ? spec.block : undefined
+    const server = fromDefaults[name] ?? undefined
+    const fallback =
+      rule === undefined
+        ? (server ?? documented)
+        : rule.serverDefault !== false && server !== undefined && server !== documented
+          ? server
+          : (rule.default?.(family) ?? documented)
+    const value = decided.has(field) ? decided.get(field) : (request[field] ?? fallback)
+    if (value === undefined) continue
+    const convert = rule?.toEngine
+    params[name] =
+      convert !== undefined
+        ? (convert as (v: unknown, g: number, f: ModelFamily) => unknown)(value, genLength, family)
+        : spec.toEngine === undefined
+          ? value
+          : (spec.toEngine as (v: unknown, g: number) => unknown)(value, genLength)
   }
   return params as unknown as SamplingTableParams
+}
+
+// ---- derived: the README's table of the families' settings -------------------------------------------
+
+/** The families the engine knows, for the docs: config.json's model_type, and what it decodes with. */
+export const knownFamilies: ReadonlyArray<ModelFamily> = [
+  lladaFamily,
+  { name: "llada2_moe", decoding: "block", blockLength: 32, editing: true },
+  { name: "sdar", decoding: "block", blockLength: 4, editing: false },
+  { name: "sdar_moe", decoding: "block", blockLength: 4, editing: false }
+]
+
+/**
+ * The Markdown table of which request settings apply to which decoding, with each one's default there
+ * (README.md's "Model families"; test/families-settings.test.ts keeps the README equal to it):
+ *   node --import tsx -e 'import("./src/config/sampling.ts").then((m) => console.log(m.familiesMarkdown()))'
+ */
+export const familiesMarkdown = (): string => {
+  const cell = (text: string) => text.replace(/\|/g, "\\|")
+  const code = (value: unknown) => `\`${typeof value === "string" ? value : JSON.stringify(value)}\``
+  const documented = (field: SamplingField) => {
+    const spec = specOf(field)
+    return spec.defaultText ?? code(spec.default)
+  }
+  const refused = (spec: SamplingSetting) =>
+    spec.neutral === undefined ? "400 (does not apply)" : `400 unless ${code(spec.neutral)} (does not apply)`
+  const rows = fields.map((field) => {
+    const spec = specOf(field)
+    const flag = (serverFields as ReadonlyArray<string>).includes(field) ? `, or \`--${field.replace(/_/g, "-")}\`` : ""
+    const full = spec.appliesTo === "editing" ? refused(spec) : `default ${documented(field)}${flag}`
+    const block =
+      spec.appliesTo === "full_canvas"
+        ? refused(spec)
+        : spec.appliesTo === "editing"
+          ? `llada2_moe only (elsewhere 400); default ${documented(field)}`
+          : spec.block === undefined
+            ? `as full canvas; default ${documented(field)}${flag}`
+            : `${spec.block.meaning}; default ${spec.block.defaultText}${spec.block.serverDefault === false ? "" : flag}`
+    return `| \`${field}\` | ${cell(full)} | ${cell(block)} |`
+  })
+  return ["| request field | full canvas: `llada` | block: `llada2_moe`, `sdar`, `sdar_moe` |", "|---|---|---|", ...rows].join("\n")
 }
