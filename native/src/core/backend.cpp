@@ -162,12 +162,26 @@ BatchPlan Backend::check_batch(const std::vector<ForwardSeq>& batch) const {
     if (begin < 0 || end > seq.length || begin >= end)
       throw invalid("compute range " + range() + " is not a non-empty part of [0, " + std::to_string(seq.length) + ")");
     const bool whole = begin == 0 && end == seq.length;
+    const int block = seq.attention_block;
+    if (block < 0) throw invalid("attention_block " + std::to_string(block) + " is negative");
     if (seq.cache) {
       if (seq.cache->owner() != this) throw invalid("the KV cache was made by another model");
       if (seq.cache->positions() != seq.length)
         throw invalid("the KV cache serves " + std::to_string(seq.cache->positions()) + " positions, the canvas has " +
                       std::to_string(seq.length));
       if (!caches.insert(seq.cache).second) throw invalid("the same KV cache appears twice in one forward");
+    }
+    if (block > 0) {
+      // Block-causal: the computed queries attend the keys before their block's end, which this call computes
+      // (the range ends at a block boundary or the canvas's end); the keys before `begin` come from the cache.
+      if (end != seq.length && end % block != 0)
+        throw invalid("compute range " + range() + " ends inside a block of " + std::to_string(block) +
+                      " positions (its queries attend keys past it)");
+      if (seq.cache && seq.cache->cached_until() < begin)
+        throw invalid("the KV cache holds keys up to position " + std::to_string(seq.cache->cached_until()) +
+                      ": computing " + range() + " needs them up to " + std::to_string(begin));
+      if (!seq.cache && begin != 0) throw invalid("computing " + range() + " (not from position 0) needs a KV cache");
+    } else if (seq.cache) {
       if (!whole && !seq.cache->filled())
         throw invalid("the KV cache is not filled: computing " + range() +
                       " needs a forward over the whole canvas first");
@@ -179,7 +193,8 @@ BatchPlan Backend::check_batch(const std::vector<ForwardSeq>& batch) const {
       if (seq.logit_rows[r] < begin || seq.logit_rows[r] >= end)
         throw invalid("logit row " + std::to_string(seq.logit_rows[r]) + " is outside " +
                       (whole ? "[0, " + std::to_string(seq.length) + ")" : "the computed range " + range()));
-    plan.seqs.push_back(BatchPlan::Seq{plan.tokens, begin, end, seq.length, seq.cache, !whole && seq.cache});
+    plan.seqs.push_back(BatchPlan::Seq{plan.tokens, begin, end, seq.length, seq.cache,
+                                       block > 0 ? seq.cache && begin > 0 : !whole && seq.cache, block});
     plan.tokens += end - begin;
     plan.rows += seq.n_logit_rows;
     plan.max_length = std::max(plan.max_length, seq.length);

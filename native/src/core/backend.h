@@ -8,6 +8,7 @@
 // Backends: CpuBackend (cpu/backend_cpu.cpp) and CudaBackend (cuda/, built when nvcc is found), made by
 // Backend::load from LoadOptions::device.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -132,6 +133,9 @@ struct BatchPlan {
     int length;        // canvas length: the keys its queries attend to
     KVCache* cache;    // nullptr: no cache
     bool reads_cache;  // keys outside [begin, end) come from the cache
+    int block = 0;     // ForwardSeq::attention_block: 0 bidirectional, B > 0 block-causal
+    // Block-causal: the number of keys the query at canvas position i attends.
+    int keys_of(int i) const { return block > 0 ? std::min(length, (i / block + 1) * block) : length; }
   };
   std::vector<Seq> seqs;
   int tokens = 0;  // T

@@ -517,11 +517,30 @@ void CpuBackend::attention(int layer) {
       K = MatB{k_.data() + p.offset * kv_dim + kv_head * hd, WType::F32, kv_dim, false};
       V = MatB{v_.data() + p.offset * kv_dim + kv_head * hd, WType::F32, kv_dim, true};
     }
+    float* out = att_.data() + (p.offset + task.q0) * q_dim + task.head * hd;
+    if (p.block > 0) {
+      // Block-causal: query i attends the keys [0, keys_of(i)). The scores of the task's rows are computed
+      // over the most keys any of them attends (each score depends only on its query and key), the softmax
+      // and P·V of each row over its own keys — so a row's result does not depend on which other rows
+      // share its task (a cached read equals the full forward bit for bit).
+      const int first = p.begin + task.q0, last = first + task.nq - 1;
+      const int Lt = p.keys_of(last);
+      kernels_->gemm(task.nq, 0, Lt, hd, Q, q_dim, K, scores, Lt, false, scratch);
+      for (int r = 0; r < task.nq;) {
+        const int n = p.keys_of(first + r);
+        int rows = 1;
+        while (r + rows < task.nq && p.keys_of(first + r + rows) == n) ++rows;
+        for (int j = r; j < r + rows; ++j) kernels_->softmax(scores + static_cast<int64_t>(j) * Lt, n, scale);
+        kernels_->gemm(rows, 0, hd, n, scores + static_cast<int64_t>(r) * Lt, Lt, V, out + r * q_dim, q_dim, false,
+                       scratch);
+        r += rows;
+      }
+      return;
+    }
     // scores[nq, L] = Q · K^T (K's rows are keys: a [N = L][K = hd] matrix), then softmax per row.
     kernels_->gemm(task.nq, 0, L, hd, Q, q_dim, K, scores, L, false, scratch);
     for (int r = 0; r < task.nq; ++r) kernels_->softmax(scores + static_cast<int64_t>(r) * L, L, scale);
     // out[nq, hd] = scores · V (V is [K = L][N = hd]).
-    float* out = att_.data() + (p.offset + task.q0) * q_dim + task.head * hd;
     kernels_->gemm(task.nq, 0, hd, L, scores, L, V, out, q_dim, false, scratch);
   });
 }
@@ -565,8 +584,19 @@ void CpuBackend::forward(const std::vector<ForwardSeq>& batch, float* logits, co
   // A cache that a whole-canvas call rewrites is not filled until every layer is done (a cancel in
   // between leaves it unusable for reads). A read keeps its cache filled: a cancel leaves its computed
   // range half written, and retrying the same range rewrites it.
-  for (const SeqPlan& p : plan_)
-    if (p.cache && !p.reads_cache) p.cache->set_filled(false);
+  // Block-causal caches: until the call completes, only the keys before `begin` are known good.
+  std::vector<int> cached_before(plan_.size(), 0);
+  for (size_t s = 0; s < plan_.size(); ++s) {
+    const SeqPlan& p = plan_[s];
+    if (!p.cache) continue;
+    if (p.block > 0) {
+      cached_before[s] = p.cache->cached_until();
+      p.cache->set_cached_until(std::min(cached_before[s], p.begin));
+      if (p.begin == 0 && p.end == p.length) p.cache->set_filled(false);
+    } else if (!p.reads_cache) {
+      p.cache->set_filled(false);
+    }
+  }
 
   for (int layer = 0; layer < config_.n_layers; ++layer) {
     const Block& blk = blocks_[layer];
@@ -587,8 +617,16 @@ void CpuBackend::forward(const std::vector<ForwardSeq>& batch, float* logits, co
     });
     linear(gate_.data(), T, H, {{&blk.ff_out, x, D, true}});  // residual: x += ff_out(...)
   }
-  for (const SeqPlan& p : plan_)
-    if (p.cache) p.cache->set_filled(true);
+  for (size_t s = 0; s < plan_.size(); ++s) {
+    const SeqPlan& p = plan_[s];
+    if (!p.cache) continue;
+    if (p.block > 0) {
+      p.cache->set_cached_until(std::max(cached_before[s], p.end));
+      if (p.begin == 0 && p.end == p.length) p.cache->set_filled(true);
+    } else {
+      p.cache->set_filled(true);
+    }
+  }
   check_cancel();
 
   // Final norm and LM head for the requested rows only.

@@ -39,6 +39,7 @@ int main(int argc, char** argv) {
     test_model();
     test_kv_cache();
     test_quant_model();
+    test_families();
     test_moe();
     std::string golden = VDIFF_GOLDEN_DIR;
     for (size_t i = 0; i + 1 < args.size(); ++i)
