@@ -72,7 +72,7 @@ MODELS = [("llada2", LLADA2, llada2.LLaDA2, 21), ("sdar", SDAR, sdar.SDAR, 22), 
 
 # name, prompt length, params, what the case must show:
 #   "threshold" (some step committed more than its quota by the threshold), "edit" (an edit at an answer
-#   position), "eos" (a stop id ended it before the last block), "stop_id:N" (the answer's only stop id is N),
+#   position), "eos" (a stop id ended it before the last block, and not in the first block opened), "stop_id:N" (the answer's only stop id is N),
 #   "no_eos" (no early stop; a stop id in the last block is allowed)
 LLADA2_CASES = [
     ("aligned_threshold", 8, dict(gen_length=24, block_length=8, steps=8, threshold=0.6), ["threshold", "no_eos"]),
@@ -117,7 +117,9 @@ def sig6(v: float) -> float:
 
 def ordinary_tokens(rng: torch.Generator, count: int, config: dict) -> list[int]:
     """Ids below every special id (stop ids, mask, pad sit at the top of the vocabulary)."""
-    special = set(config["stop_token_ids"]) | {config["mask_token_id"], config.get("pad_token_id", -1)}
+    special = set(config["stop_token_ids"]) | {config["mask_token_id"]}
+    if config.get("pad_token_id") is not None:
+        special.add(config["pad_token_id"])
     low = min(special)
     return torch.randint(0, low, (count,), generator=rng).tolist()
 
@@ -192,7 +194,7 @@ def shows(result: bg.Result, requirements: list[str], stop_ids: list[int]) -> bo
             return False
         if req == "edit" and result.edits == 0:
             return False
-        if req == "eos" and not result.stopped_early:
+        if req == "eos" and not (result.stopped_early and len(result.block_steps) >= 2):
             return False
         if req == "no_eos" and result.stopped_early:
             return False

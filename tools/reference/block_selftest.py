@@ -1,0 +1,265 @@
+"""Checks the block-diffusion reference against things it must agree with. Exits non-zero on the first failure.
+
+    /usr/bin/python3 tools/reference/block_selftest.py
+
+1. The forward of every golden-block model against a second implementation in float64, written another way:
+   one position and one head at a time, RoPE as rotations of (x[i], x[i + rotary_dim / 2]) pairs over the
+   rotary dims only, GQA by index arithmetic, the block-causal rule as an explicit list of visible keys, the
+   routers as per-token loops over Python lists (group scores from a sorted copy, experts from a sorted copy)
+   and the MoE output summed expert by expert for that token.
+2. The routers alone against that per-token loop on many random rows: the same experts, the same weights.
+3. The KV cache: a canvas forwarded block by block through the cache (prefill of several blocks, then one block
+   at a time, stored) gives the logits of the block-causal forward over the whole canvas; a block attending the
+   cache without storing leaves the cache unchanged.
+4. Every stored generate case: the cached and full-recompute forms agree (tokens, commits, step boundaries), and
+   both reproduce the stored answer and trace; the stored forward logits are current.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import block_generate as bg  # noqa: E402
+import llada2  # noqa: E402
+import sdar  # noqa: E402
+
+GOLDEN = os.path.normpath(os.path.join(HERE, "..", "..", "test", "fixtures", "golden-block"))
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        print("FAIL:", message)
+        sys.exit(1)
+
+
+def naive_route(model, layer: int, row: list[float]) -> tuple[list[int], list[float]]:
+    """One token's router, float64, Python lists."""
+    c = model.config
+    b = model.layer_name(layer, "mlp.gate.")
+    weight = model.w[b + "weight"].double().tolist()
+    logits = [sum(a * w for a, w in zip(row, wrow)) for wrow in weight]
+    k = c["num_experts_per_tok"]
+    if isinstance(model, llada2.LLaDA2):
+        scores = [1.0 / (1.0 + math.exp(-v)) for v in logits]
+        bias = model.w[b + "expert_bias"].double().tolist() if c["moe_router_enable_expert_bias"] else [0.0] * len(scores)
+        biased = [s + e for s, e in zip(scores, bias)]
+        size = c["num_experts"] // c["n_group"]
+        group_score = []
+        for g in range(c["n_group"]):
+            members = sorted(biased[g * size:(g + 1) * size], reverse=True)
+            group_score.append(members[0] + members[1])
+        groups = sorted(range(c["n_group"]), key=lambda g: -group_score[g])[:c["topk_group"]]
+        candidates = [e for e in range(c["num_experts"]) if e // size in groups]
+        chosen = sorted(candidates, key=lambda e: -biased[e])[:k]
+        w = [scores[e] for e in chosen]
+        if k > 1:
+            total = sum(w) + 1e-20
+            w = [v / total for v in w]
+        return chosen, [v * c["routed_scaling_factor"] for v in w]
+    top = max(logits)
+    exps = [math.exp(v - top) for v in logits]
+    probs = [v / sum(exps) for v in exps]
+    chosen = sorted(range(len(probs)), key=lambda e: -probs[e])[:k]
+    w = [probs[e] for e in chosen]
+    if c["norm_topk_prob"]:
+        w = [v / sum(w) for v in w]
+    return chosen, w
+
+
+def naive_swiglu(x: torch.Tensor, prefix: str, w: dict) -> torch.Tensor:
+    gate = w[prefix + "gate_proj.weight"] @ x
+    up = w[prefix + "up_proj.weight"] @ x
+    return w[prefix + "down_proj.weight"] @ (gate / (1 + torch.exp(-gate)) * up)
+
+
+def naive_mlp(model, layer: int, x: torch.Tensor, w: dict) -> torch.Tensor:
+    """x [D] float64 -> the layer's MLP output for one token."""
+    b = model.layer_name(layer, "mlp.")
+    if not model.is_moe(model.config, layer):
+        return naive_swiglu(x, b, w)
+    chosen, weights = naive_route(model, layer, x.tolist())
+    out = torch.zeros_like(x)
+    for e, v in zip(chosen, weights):
+        out += v * naive_swiglu(x, f"{b}experts.{e}.", w)
+    if isinstance(model, llada2.LLaDA2) and model.config["num_shared_experts"]:
+        out += naive_swiglu(x, b + "shared_experts.", w)
+    return out
+
+
+def naive_forward(model, tokens: list[int], attention_block: int) -> torch.Tensor:
+    c = model.config
+    w = {k: v.double() for k, v in model.w.items()}
+    nq, nkv, hd, rot = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["rotary_dim"]
+    eps = c["rms_norm_eps"]
+    length = len(tokens)
+
+    def norm(v, weight):
+        return v / torch.sqrt((v * v).mean() + eps) * weight
+
+    def rope(vec, pos):
+        out = vec.clone()
+        half = rot // 2
+        for i in range(half):
+            angle = pos * c["rope_theta"] ** (-2.0 * i / rot)
+            a, b = float(vec[i]), float(vec[i + half])
+            out[i] = a * math.cos(angle) - b * math.sin(angle)
+            out[i + half] = b * math.cos(angle) + a * math.sin(angle)
+        return out
+
+    def visible(i):
+        if attention_block <= 0:
+            return list(range(length))
+        return [j for j in range(length) if j // attention_block <= i // attention_block]
+
+    x = [w[model.EMBED][t].clone() for t in tokens]
+    for layer in range(c["num_hidden_layers"]):
+        n = [norm(v, w[model.layer_name(layer, "input_layernorm.weight")]) for v in x]
+        q, k, v = [], [], []
+        for vec in n:
+            if isinstance(model, llada2.LLaDA2):
+                qkv = w[model.layer_name(layer, "attention.query_key_value.weight")] @ vec
+                q.append(qkv[:nq * hd].view(nq, hd))
+                k.append(qkv[nq * hd:(nq + nkv) * hd].view(nkv, hd))
+                v.append(qkv[(nq + nkv) * hd:].view(nkv, hd))
+            else:
+                p = model.layer_name(layer, "self_attn.")
+                q.append((w[p + "q_proj.weight"] @ vec).view(nq, hd))
+                k.append((w[p + "k_proj.weight"] @ vec).view(nkv, hd))
+                v.append((w[p + "v_proj.weight"] @ vec).view(nkv, hd))
+        qn, kn = model.qk_norm_names(layer)
+        for i in range(length):
+            q[i] = torch.stack([rope(norm(h, w[qn]) if qn else h, i) for h in q[i]])
+            k[i] = torch.stack([rope(norm(h, w[kn]) if kn else h, i) for h in k[i]])
+        new_x = []
+        for i in range(length):
+            heads = []
+            keys = visible(i)
+            for h in range(nq):
+                g = h // (nq // nkv)
+                scores = torch.tensor([float(q[i][h] @ k[j][g]) / math.sqrt(hd) for j in keys], dtype=torch.float64)
+                p = torch.softmax(scores, dim=0)
+                heads.append(sum(pj * v[j][g] for pj, j in zip(p, keys)))
+            h_out = x[i] + w[model.attn_out_name(layer)] @ torch.cat(heads)
+            m = norm(h_out, w[model.layer_name(layer, "post_attention_layernorm.weight")])
+            new_x.append(h_out + naive_mlp(model, layer, m, w))
+        x = new_x
+    head = w[model.EMBED if c["tie_word_embeddings"] else model.HEAD]
+    return torch.stack([head @ norm(v, w[model.NORM]) for v in x])
+
+
+def models():
+    for name in sorted(os.listdir(GOLDEN)):
+        model_dir = os.path.join(GOLDEN, name)
+        if os.path.isdir(model_dir):
+            with open(model_dir + ".json") as f:
+                yield name, bg.load_model(model_dir), json.load(f)
+
+
+def test_forward() -> None:
+    worst = 0.0
+    for name, model, fixture in models():
+        for case in fixture["forward"]:
+            ours = model.forward(case["tokens"], attention_block=case["attention_block"]).double()
+            ref = naive_forward(model, case["tokens"], case["attention_block"])
+            err = float((ours - ref).abs().max() / ref.abs().max())
+            worst = max(worst, err)
+            check(err < 1e-5, f"{name}: forward differs from the float64 check by {err:.2e} (relative to max)")
+            stored = torch.tensor(case["logits"], dtype=torch.float64)
+            check(float((stored - ours).abs().max()) <= 1e-5 * float(ours.abs().max()) + 1e-6,
+                  f"{name}: stored forward logits are stale")
+    print(f"ok forward against float64 per-token loops (worst relative difference {worst:.1e})")
+
+
+def test_router() -> None:
+    for name, model, _ in models():
+        c = model.config
+        layers = [i for i in range(c["num_hidden_layers"]) if model.is_moe(c, i)]
+        if not layers:
+            continue
+        gen = torch.Generator().manual_seed(5)
+        rows = torch.randn(256, c["hidden_size"], generator=gen)
+        worst = 0.0
+        for layer in layers:
+            idx, weight = model.route(layer, rows)
+            for t in range(rows.shape[0]):
+                chosen, ref_w = naive_route(model, layer, rows[t].double().tolist())
+                got = dict(zip(idx[t].tolist(), weight[t].tolist()))
+                check(sorted(got) == sorted(chosen), f"{name} layer {layer} row {t}: experts {sorted(got)} != {sorted(chosen)}")
+                for e, v in zip(chosen, ref_w):
+                    worst = max(worst, abs(got[e] - v))
+            y = model.mlp(layer, rows).double()
+            w64 = {k: v.double() for k, v in model.w.items()}
+            ref = torch.stack([naive_mlp(model, layer, rows[t].double(), w64) for t in range(rows.shape[0])])
+            err = float((y - ref).abs().max() / ref.abs().max())
+            check(err < 1e-5, f"{name} layer {layer}: MoE output differs from the per-token loop by {err:.2e}")
+        check(worst < 1e-5, f"{name}: router weights differ by {worst:.2e}")
+        print(f"ok router {name} (256 rows x {len(layers)} layers; worst weight difference {worst:.1e})")
+
+
+def test_cache() -> None:
+    for name, model, fixture in models():
+        block = fixture["block_size"]
+        gen = torch.Generator().manual_seed(9)
+        tokens = torch.randint(0, fixture["mask_token_id"], (5 * block,), generator=gen).tolist()
+        full = model.forward(tokens, attention_block=block)
+        cache = model.new_cache()
+        parts = [model.forward(tokens[:2 * block], 0, cache, store=True, attention_block=block)]
+        for b in range(2, 5):
+            s, e = b * block, (b + 1) * block
+            before = cache.length
+            peek = model.forward(tokens[s:e], s, cache, store=False, attention_block=block)
+            check(cache.length == before, "a forward without store changed the cache")
+            parts.append(model.forward(tokens[s:e], s, cache, store=True, attention_block=block))
+            check(float((peek - parts[-1]).abs().max()) == 0.0, "peek and store forwards differ")
+        diff = float((torch.cat(parts) - full).abs().max())
+        check(diff < 1e-4 * float(full.abs().max()), f"{name}: cached block forwards differ from the full forward by {diff}")
+        print(f"ok cache {name} (block-by-block vs whole canvas: max |dlogit| {diff:.1e})")
+
+
+def test_generate() -> None:
+    worst = 0.0
+    count = 0
+    for name, model, fixture in models():
+        for case in fixture["generate"]:
+            params = bg.BlockParams(**case["params"])
+            result, diff = bg.generate_checked(model, case["prompt"], params)
+            worst = max(worst, diff)
+            where = f"{name}/{case['name']}"
+            check(result.answer == case["answer"], f"{where}: answer {result.answer} != stored {case['answer']}")
+            stored = [[(p, t) for p, t, _ in step] for step in case["trace"]]
+            check(result.commits() == stored, f"{where}: commits differ from the stored trace")
+            probs = [p for step in result.trace for _, _, p in step]
+            stored_probs = [p for step in case["trace"] for _, _, p in step]
+            check(all(abs(a - b) < 1e-5 for a, b in zip(probs, stored_probs)), f"{where}: trace probabilities")
+            check(result.forwards == case["forwards"] and result.block_steps == case["block_steps"],
+                  f"{where}: forward counts {result.forwards} / block steps {result.block_steps}")
+            check(result.finished_eos == case["finished_eos"] and result.stopped_early == case["stopped_early"],
+                  f"{where}: stop")
+            opened = len(result.block_steps)
+            last_opened = len(case["prompt"]) // params.block_length + opened - 1
+            n_blocks = math.ceil((len(case["prompt"]) + params.gen_length) / params.block_length)
+            commits = opened - (1 if (result.finished_eos or last_opened == n_blocks - 1) else 0)
+            check(result.forwards["commit"] == commits, f"{where}: one commit forward per finished block")
+            check(result.forwards["prefill"] == int(len(case["prompt"]) >= params.block_length), f"{where}: prefill")
+            check(result.forwards["denoise"] == sum(result.block_steps) == len(result.trace), f"{where}: denoise")
+            count += 1
+    print(f"ok generate: {count} stored cases, cached = recompute (max |dlogit| {worst:.1e})")
+
+
+def main():
+    torch.set_num_threads(2)
+    check(bg.quota_schedule(8, 3) == [3, 3, 2] and bg.quota_schedule(4, 4) == [1, 1, 1, 1], "quota schedule")
+    test_router()
+    test_cache()
+    test_forward()
+    test_generate()
+
+
+if __name__ == "__main__":
+    main()
