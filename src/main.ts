@@ -65,9 +65,15 @@ const makeModelCommand = async (args: ReadonlyArray<string>): Promise<void> => {
     ...(values.shardMb !== undefined ? { maxShardBytes: values.shardMb * 1e6 } : {}),
     onProgress: (message: string) => process.stderr.write(message + "\n")
   }
+  if (values.quantize !== "none" && values.preset === undefined) throw new UsageError("--quantize applies to --preset only")
   const written =
     values.preset !== undefined
-      ? await makeModel({ ...common, preset: values.preset, seed: values.seed })
+      ? await makeModel({
+          ...common,
+          preset: values.preset,
+          seed: values.seed,
+          ...(values.quantize !== "none" ? { quantize: values.quantize } : {})
+        })
       : await importRaw({ ...common, from: values.fromRaw! })
   process.stdout.write(JSON.stringify(written) + "\n")
 }

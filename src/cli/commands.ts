@@ -12,7 +12,10 @@ const optionalText = (description: string, value: string) =>
 
 export const makeModel = commandLine(
   Schema.Struct({
-    preset: optionalText("Preset to build with random weights: tiny, small or llada-8b (or --from-raw)", "NAME"),
+    preset: optionalText(
+      "Preset to build with random weights: tiny, small, llada-8b, llada2-tiny, sdar-tiny, sdar-moe-tiny, llada2-mini or sdar-4b (or --from-raw)",
+      "NAME"
+    ),
     fromRaw: optionalText("Directory of raw f32 tensors to import instead of a preset", "DIR"),
     seed: setting(IntegerText(Number.MIN_SAFE_INTEGER), { description: "Seed of the random weights", default: "0", value: "N" }),
     out: optionalText("Directory to write the model to (required)", "DIR"),
@@ -22,6 +25,11 @@ export const makeModel = commandLine(
       default: undefined,
       defaultText: "",
       value: "MB"
+    }),
+    quantize: setting(OneOfText(["none", "q8_0", "q4_0"]), {
+      description: "Write the preset's matrices block-quantized (as vdiff quantize would), tensor by tensor",
+      default: "none",
+      value: "none|q8_0|q4_0"
     })
   }),
   { command: "vdiff make-model", environment: false, summary: ["Writes a model directory (config.json, safetensors, tokenizer)."] }

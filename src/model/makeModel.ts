@@ -1,22 +1,31 @@
 /**
- * Writes LLaDA-format model directories: config.json plus model.safetensors (or shards with
- * model.safetensors.index.json), either from a preset with seeded random weights or by importing the
- * raw f32 tensors the training script exports.
+ * Writes model directories: config.json plus model.safetensors (or shards with
+ * model.safetensors.index.json), either from a preset with seeded random weights — LLaDA's (tiny, small,
+ * llada-8b) or a block-diffusion family's (llada2-tiny, sdar-tiny, sdar-moe-tiny, llada2-mini, sdar-4b) —
+ * or by importing the raw f32 tensors the training script exports. A preset can be written straight into
+ * Q8_0 or Q4_0 (the format of `vdiff quantize`), tensor by tensor, without an unquantized copy.
  *
  * @since 0.1.0
  */
-import { copyFile, mkdir, open, readdir, readFile, rm, stat } from "node:fs/promises"
+import { copyFile, mkdir, open, readdir, readFile, rm, stat, writeFile } from "node:fs/promises"
 import { join } from "node:path"
+import { embeddedModelDir } from "../config/package.js"
 import {
+  type FamilyPreset,
   type LladaConfig,
   type Preset,
   type TensorShape,
   configJson,
+  familyConfigJson,
+  familyPresets,
+  familyTensors,
+  familyTokenizers,
   lladaTensors,
   presets,
   requiredConfigKeys,
   torchDtypeNames
 } from "./presets.js"
+import { type QuantFormat, quantizedLayout, writeQuantizedSafetensors } from "./quantize.js"
 import {
   type DType,
   type TensorSource,
@@ -43,6 +52,11 @@ export interface WriteModelOptions {
   readonly chunkElements?: number
   /** Called with a line of progress text per file written. */
   readonly onProgress?: (message: string) => void
+  /**
+   * Write the matrices block-quantized (src/model/quantize.ts), tensor by tensor: the same files
+   * `vdiff quantize` makes of the unquantized directory, without writing that directory first.
+   */
+  readonly quantize?: QuantFormat
 }
 
 // --- seeded random weights --------------------------------------------------------------------------
@@ -90,14 +104,28 @@ const ones = (out: Float32Array): void => {
   out.fill(1)
 }
 
-/** The tensors of `preset` as lazily generated sources. */
-export const presetTensors = (preset: Preset, seed: number, dtype: DType = preset.dtype): Array<TensorSource> =>
-  lladaTensors(preset.config).map((t) => ({
+const isFamilyPreset = (preset: Preset | FamilyPreset): preset is FamilyPreset => "tokenizer" in preset
+
+/**
+ * The tensors of `preset` as lazily generated sources: norms exactly 1, matrices uniform with the
+ * preset's std, an MoE router's expert bias uniform with its biasStd (stored f32).
+ */
+export const presetTensors = (preset: Preset | FamilyPreset, seed: number, dtype: DType = preset.dtype): Array<TensorSource> => {
+  if (!isFamilyPreset(preset)) {
+    return lladaTensors(preset.config).map((t) => ({
+      name: t.name,
+      dtype,
+      shape: t.shape,
+      fill: t.kind === "norm" ? ones : uniformFill(seed, t.name, preset.initStd)
+    }))
+  }
+  return familyTensors(preset.config).map((t) => ({
     name: t.name,
-    dtype,
+    dtype: t.dtype ?? dtype,
     shape: t.shape,
-    fill: t.kind === "norm" ? ones : uniformFill(seed, t.name, preset.initStd)
+    fill: t.kind === "norm" ? ones : uniformFill(seed, t.name, t.kind === "bias" ? preset.biasStd : preset.initStd)
   }))
+}
 
 // --- writing a model directory ------------------------------------------------------------------------
 
@@ -147,58 +175,120 @@ export const writeModelDir = async (
   const shards = planShards(tensors, options.maxShardBytes)
   const files: Array<string> = []
   const weightMap: Record<string, string> = {}
+  const format = options.quantize
+  let fileBytes = 0
   for (const [i, shard] of shards.entries()) {
     const name = shards.length === 1 ? "model.safetensors" : shardName(i, shards.length)
     const started = Date.now()
-    const size = await writeSafetensors(join(dir, name), shard, {
-      metadata,
-      ...(options.chunkElements !== undefined ? { chunkElements: options.chunkElements } : {})
-    })
+    const size =
+      format === undefined
+        ? await writeSafetensors(join(dir, name), shard, {
+            metadata,
+            ...(options.chunkElements !== undefined ? { chunkElements: options.chunkElements } : {})
+          })
+        : await writeQuantizedSafetensors(join(dir, name), shard, format, metadata)
     options.onProgress?.(
-      `wrote ${name}: ${shard.length} tensors, ${(size / 1e6).toFixed(1)} MB in ${((Date.now() - started) / 1000).toFixed(1)} s`
+      `wrote ${name}: ${shard.length} tensors${format !== undefined ? ` (${format})` : ""}, ${(size / 1e6).toFixed(1)} MB in ${((Date.now() - started) / 1000).toFixed(1)} s`
     )
     files.push(name)
-    for (const t of shard) weightMap[t.name] = name
+    fileBytes += size
+    if (format === undefined) for (const t of shard) weightMap[t.name] = name
+    else for (const t of quantizedLayout(shard, format)) weightMap[t.name] = name
+  }
+  const parameters = tensors.reduce((n, t) => n + elementCount(t.shape), 0)
+  if (format !== undefined) {
+    // The index `vdiff quantize` writes for a sharded checkpoint (its total_size counts the files' bytes).
+    if (shards.length > 1) {
+      await writeFile(
+        join(dir, "model.safetensors.index.json"),
+        JSON.stringify({ metadata: { total_size: fileBytes, "vdiff.quantization": format }, weight_map: weightMap }, null, 2) + "\n"
+      )
+    }
+    return { dir, files, parameters, bytes: quantizedLayout(tensors, format).reduce((n, t) => n + t.bytes, 0) }
   }
   const bytes = tensors.reduce((n, t) => n + tensorBytes(t), 0)
   if (shards.length > 1) {
     await writeShardIndex(join(dir, "model.safetensors.index.json"), { metadata: { total_size: bytes }, weight_map: weightMap })
   }
-  return { dir, files, parameters: tensors.reduce((n, t) => n + elementCount(t.shape), 0), bytes }
+  return { dir, files, parameters, bytes }
 }
 
 export interface MakeModelOptions {
   readonly preset: string
   readonly seed: number
   readonly out: string
-  /** Defaults to the preset's dtype (f32 for tiny and small, bf16 for llada-8b). */
+  /** Defaults to the preset's dtype (f32 for the tiny ones and small, bf16 for the real shapes). */
   readonly dtype?: DType
-  /** Defaults to the preset's shard size (llada-8b: 4 GB; others: one file). */
+  /** Defaults to the preset's shard size (the real shapes: 4 GB; others: one file). */
   readonly maxShardBytes?: number
+  /** Write the matrices in Q8_0 or Q4_0 (see WriteModelOptions.quantize). */
+  readonly quantize?: QuantFormat
   readonly onProgress?: (message: string) => void
 }
 
-export const presetNames = (): Array<string> => Object.keys(presets)
+export const presetNames = (): Array<string> => [...Object.keys(presets), ...Object.keys(familyPresets)]
 
-export const findPreset = (name: string): Preset => {
-  const preset = presets[name]
+export const findPreset = (name: string): Preset | FamilyPreset => {
+  const preset = presets[name] ?? familyPresets[name]
   if (preset === undefined) throw new Error(`unknown preset "${name}" (known: ${presetNames().join(", ")})`)
   return preset
 }
 
-/** `vdiff make-model --preset`: a LLaDA directory with deterministic random weights. */
-export const makeModel = (options: MakeModelOptions): Promise<WrittenModel> => {
+/**
+ * The embedded model's tokenizer as a block-diffusion family's: tokenizer.json with the six special
+ * tokens (ids 2042 .. 2047) renamed to the family's and no post-processor (neither family adds a BOS when
+ * encoding), and a tokenizer_config.json with the family's special tokens and chat template.
+ */
+export const writeFamilyTokenizer = async (dir: string, family: keyof typeof familyTokenizers): Promise<void> => {
+  const spec = familyTokenizers[family]
+  const source = embeddedModelDir()
+  const tokenizer = JSON.parse(await readFile(join(source, "tokenizer.json"), "utf8")) as {
+    added_tokens: Array<{ id: number; content: string }>
+    post_processor: unknown
+  }
+  const names: Readonly<Record<number, string>> = spec.names
+  for (const token of tokenizer.added_tokens) {
+    const name = names[token.id]
+    if (name === undefined) throw new Error(`${source}/tokenizer.json: unexpected special token ${token.id} ${token.content}`)
+    token.content = name
+  }
+  if (tokenizer.added_tokens.length !== Object.keys(names).length) {
+    throw new Error(
+      `${source}/tokenizer.json: expected ${Object.keys(names).length} special tokens, found ${tokenizer.added_tokens.length}`
+    )
+  }
+  tokenizer.post_processor = null
+  await writeFile(join(dir, "tokenizer.json"), JSON.stringify(tokenizer))
+  const config = {
+    tokenizer_class: "PreTrainedTokenizerFast",
+    ...spec.config,
+    add_bos_token: false,
+    add_eos_token: false,
+    clean_up_tokenization_spaces: false,
+    model_max_length: 4096
+  }
+  await writeFile(join(dir, "tokenizer_config.json"), JSON.stringify(config, null, 2) + "\n")
+}
+
+/** `vdiff make-model --preset`: a model directory with deterministic random weights. */
+export const makeModel = async (options: MakeModelOptions): Promise<WrittenModel> => {
   const preset = findPreset(options.preset)
   if (!Number.isSafeInteger(options.seed) || options.seed < 0) {
     throw new Error(`seed must be a non-negative integer, got ${options.seed}`)
   }
   const dtype = options.dtype ?? preset.dtype
   const maxShardBytes = options.maxShardBytes ?? preset.maxShardBytes
-  return writeModelDir(options.out, configJson(preset.config, dtype), presetTensors(preset, options.seed, dtype), {
+  const config = isFamilyPreset(preset) ? familyConfigJson(preset.config, dtype) : configJson(preset.config, dtype)
+  const written = await writeModelDir(options.out, config, presetTensors(preset, options.seed, dtype), {
     metadata: { generator: "vdiff make-model", preset: preset.name, seed: String(options.seed) },
     ...(maxShardBytes !== undefined ? { maxShardBytes } : {}),
+    ...(options.quantize !== undefined ? { quantize: options.quantize } : {}),
     ...(options.onProgress !== undefined ? { onProgress: options.onProgress } : {})
   })
+  if (isFamilyPreset(preset) && preset.tokenizer === "embedded") {
+    await writeFamilyTokenizer(options.out, preset.config.model_type === "llada2_moe" ? "llada2_moe" : "sdar")
+  }
+  return written
 }
 
 // --- importing raw tensors from the training script ---------------------------------------------------

@@ -187,3 +187,402 @@ export const presets: Readonly<Record<string, Preset>> = {
     maxShardBytes: 4_000_000_000
   }
 }
+
+// --- block-diffusion families: LLaDA2.x (llada2_moe) and SDAR (sdar, sdar_moe) ----------------------------
+
+/**
+ * The config.json of an LLaDA2.0/2.1 checkpoint (`model_type: "llada2_moe"`, Hugging Face keys;
+ * ../shared/specs/block-diffusion.md A1). Layers [0, first_k_dense_replace) are dense SwiGLUs of
+ * intermediate_size, the others mixtures of num_experts experts of moe_intermediate_size with a group-limited
+ * sigmoid router and num_shared_experts shared experts. Attention has a fused QKV, QK-norm and rotary
+ * embeddings over the first partial_rotary_factor × head_dim dims of a head.
+ */
+export interface Llada2Config {
+  readonly model_type: "llada2_moe"
+  readonly hidden_size: number
+  readonly num_hidden_layers: number
+  readonly num_attention_heads: number
+  readonly num_key_value_heads: number
+  readonly head_dim: number
+  readonly intermediate_size: number
+  readonly moe_intermediate_size: number
+  readonly num_experts: number
+  readonly num_experts_per_tok: number
+  readonly num_shared_experts: number
+  readonly first_k_dense_replace: number
+  readonly n_group: number
+  readonly topk_group: number
+  readonly routed_scaling_factor: number
+  readonly vocab_size: number
+  readonly rope_theta: number
+  readonly partial_rotary_factor: number
+  readonly rms_norm_eps: number
+  readonly max_position_embeddings: number
+  readonly tie_word_embeddings: boolean
+  readonly pad_token_id: number
+  readonly eos_token_id: number
+  readonly mask_token_id: number
+  readonly block_size: number
+}
+
+/**
+ * The config.json of an SDAR checkpoint (Qwen3 keys; spec B1): `sdar` is dense, `sdar_moe` has Qwen3-MoE
+ * experts (softmax router, top-k renormalised when norm_topk_prob, no shared expert) in every layer.
+ * eos_token_id may be a list: the first is the end of text, the rest further stop tokens.
+ */
+export interface SdarConfig {
+  readonly model_type: "sdar" | "sdar_moe"
+  readonly hidden_size: number
+  readonly num_hidden_layers: number
+  readonly num_attention_heads: number
+  readonly num_key_value_heads: number
+  readonly head_dim: number
+  readonly intermediate_size: number
+  readonly vocab_size: number
+  readonly rope_theta: number
+  readonly rms_norm_eps: number
+  readonly max_position_embeddings: number
+  readonly tie_word_embeddings: boolean
+  readonly bos_token_id: number
+  readonly eos_token_id: number | ReadonlyArray<number>
+  readonly mask_token_id: number
+  readonly block_size: number
+  /** sdar_moe only. */
+  readonly moe?: {
+    readonly num_experts: number
+    readonly num_experts_per_tok: number
+    readonly moe_intermediate_size: number
+    readonly norm_topk_prob: boolean
+  }
+}
+
+export type FamilyConfig = Llada2Config | SdarConfig
+
+/** A tensor of a family checkpoint: "bias" is the router's expert bias (small random values, stored f32). */
+export interface FamilyTensorShape {
+  readonly name: string
+  readonly shape: ReadonlyArray<number>
+  readonly kind: TensorKind | "bias"
+  /** Stored in this dtype whatever the model's (LLaDA2's expert_bias is f32 in the real checkpoints). */
+  readonly dtype?: DType
+}
+
+const swiglu = (prefix: string, width: number, D: number): Array<FamilyTensorShape> => [
+  { name: `${prefix}.gate_proj.weight`, shape: [width, D], kind: "matrix" },
+  { name: `${prefix}.up_proj.weight`, shape: [width, D], kind: "matrix" },
+  { name: `${prefix}.down_proj.weight`, shape: [D, width], kind: "matrix" }
+]
+
+/**
+ * The tensors of a family checkpoint with the Hugging Face names (spec A3 for llada2_moe: fused
+ * query_key_value, query_layernorm / key_layernorm, dense, mlp.gate + expert_bias, mlp.experts.E.*,
+ * mlp.shared_experts.*, word_embeddings, lm_head; spec B3 for sdar: self_attn.{q,k,v,o}_proj, q_norm /
+ * k_norm, mlp.*, embed_tokens, lm_head; sdar_moe: mlp.gate and mlp.experts.E.*), in file order.
+ */
+export const familyTensors = (config: FamilyConfig): Array<FamilyTensorShape> => {
+  const D = config.hidden_size
+  const hd = config.head_dim
+  const q = config.num_attention_heads * hd
+  const kv = config.num_key_value_heads * hd
+  const V = config.vocab_size
+  const out: Array<FamilyTensorShape> = []
+  if (config.model_type === "llada2_moe") {
+    out.push({ name: "model.word_embeddings.weight", shape: [V, D], kind: "matrix" })
+    for (let i = 0; i < config.num_hidden_layers; i++) {
+      const l = `model.layers.${i}`
+      out.push(
+        { name: `${l}.input_layernorm.weight`, shape: [D], kind: "norm" },
+        { name: `${l}.attention.query_key_value.weight`, shape: [q + 2 * kv, D], kind: "matrix" },
+        { name: `${l}.attention.query_layernorm.weight`, shape: [hd], kind: "norm" },
+        { name: `${l}.attention.key_layernorm.weight`, shape: [hd], kind: "norm" },
+        { name: `${l}.attention.dense.weight`, shape: [D, q], kind: "matrix" },
+        { name: `${l}.post_attention_layernorm.weight`, shape: [D], kind: "norm" }
+      )
+      if (i < config.first_k_dense_replace) {
+        out.push(...swiglu(`${l}.mlp`, config.intermediate_size, D))
+        continue
+      }
+      const E = config.num_experts
+      out.push(
+        { name: `${l}.mlp.gate.weight`, shape: [E, D], kind: "matrix" },
+        { name: `${l}.mlp.gate.expert_bias`, shape: [E], kind: "bias", dtype: "F32" }
+      )
+      for (let e = 0; e < E; e++) out.push(...swiglu(`${l}.mlp.experts.${e}`, config.moe_intermediate_size, D))
+      if (config.num_shared_experts > 0) {
+        out.push(...swiglu(`${l}.mlp.shared_experts`, config.moe_intermediate_size * config.num_shared_experts, D))
+      }
+    }
+    out.push({ name: "model.norm.weight", shape: [D], kind: "norm" })
+  } else {
+    out.push({ name: "model.embed_tokens.weight", shape: [V, D], kind: "matrix" })
+    for (let i = 0; i < config.num_hidden_layers; i++) {
+      const l = `model.layers.${i}`
+      out.push(
+        { name: `${l}.input_layernorm.weight`, shape: [D], kind: "norm" },
+        { name: `${l}.self_attn.q_proj.weight`, shape: [q, D], kind: "matrix" },
+        { name: `${l}.self_attn.k_proj.weight`, shape: [kv, D], kind: "matrix" },
+        { name: `${l}.self_attn.v_proj.weight`, shape: [kv, D], kind: "matrix" },
+        { name: `${l}.self_attn.q_norm.weight`, shape: [hd], kind: "norm" },
+        { name: `${l}.self_attn.k_norm.weight`, shape: [hd], kind: "norm" },
+        { name: `${l}.self_attn.o_proj.weight`, shape: [D, q], kind: "matrix" },
+        { name: `${l}.post_attention_layernorm.weight`, shape: [D], kind: "norm" }
+      )
+      if (config.moe === undefined) {
+        out.push(...swiglu(`${l}.mlp`, config.intermediate_size, D))
+        continue
+      }
+      out.push({ name: `${l}.mlp.gate.weight`, shape: [config.moe.num_experts, D], kind: "matrix" })
+      for (let e = 0; e < config.moe.num_experts; e++) {
+        out.push(...swiglu(`${l}.mlp.experts.${e}`, config.moe.moe_intermediate_size, D))
+      }
+    }
+    out.push({ name: "model.norm.weight", shape: [D], kind: "norm" })
+  }
+  if (!config.tie_word_embeddings) out.push({ name: "lm_head.weight", shape: [V, D], kind: "matrix" })
+  return out
+}
+
+export const familyParameterCount = (config: FamilyConfig): number =>
+  familyTensors(config).reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 1), 0)
+
+/** The config.json written for a family preset: the checkpoint's own keys, as the real ones have them. */
+export const familyConfigJson = (config: FamilyConfig, dtype: DType): Record<string, unknown> => {
+  const common = {
+    hidden_act: "silu",
+    rope_scaling: null,
+    use_sliding_window: false,
+    torch_dtype: torchDtypeNames[dtype]
+  }
+  if (config.model_type === "llada2_moe") {
+    return {
+      architectures: ["LLaDA2MoeModelLM"],
+      ...config,
+      rotary_dim: config.partial_rotary_factor * config.head_dim,
+      score_function: "sigmoid",
+      moe_router_enable_expert_bias: true,
+      norm_topk_prob: true,
+      router_dtype: "fp32",
+      use_qk_norm: true,
+      use_qkv_bias: false,
+      use_bias: false,
+      ...common
+    }
+  }
+  const { moe, ...rest } = config
+  return {
+    architectures: [config.model_type === "sdar_moe" ? "SDARMoeForCausalLM" : "SDARForCausalLM"],
+    ...rest,
+    ...(moe !== undefined ? { ...moe, decoder_sparse_step: 1, mlp_only_layers: [] } : {}),
+    attention_bias: false,
+    ...common
+  }
+}
+
+/**
+ * A preset of a block-diffusion family. `tokenizer: "embedded"`: the directory gets the embedded model's
+ * tokenizer (models/shakespeare, vocabulary 2048) with its six special tokens renamed to the family's own
+ * (see familyTokenizers) and a chat template in the family's style, so that the server can serve it;
+ * "none": no tokenizer (the real shapes, whose vocabularies are the real ones; prompts go in as token ids).
+ */
+export interface FamilyPreset {
+  readonly name: string
+  readonly description: string
+  readonly config: FamilyConfig
+  readonly dtype: DType
+  readonly initStd: number
+  /** Standard deviation of the router's expert bias (LLaDA2). */
+  readonly biasStd: number
+  readonly maxShardBytes?: number
+  readonly tokenizer: "embedded" | "none"
+}
+
+/** The embedded tokenizer's special token ids (2042 .. 2047) under each family's names. */
+export const familyTokenizers = {
+  llada2_moe: {
+    names: { 2042: "<|startoftext|>", 2043: "<|endoftext|>", 2044: "<|mask|>", 2045: "<|role_end|>", 2046: "<role>", 2047: "</role>" },
+    config: {
+      bos_token: "<|startoftext|>",
+      eos_token: "<|endoftext|>",
+      pad_token: "<|endoftext|>",
+      mask_token: "<|mask|>",
+      additional_special_tokens: ["<|role_end|>", "<role>", "</role>"],
+      // LLaDA2's template (tokenizer_config.json of inclusionAI/LLaDA2.x): a system turn that always ends
+      // with "detailed thinking off", then HUMAN / ASSISTANT turns each closed by <|role_end|>.
+      chat_template:
+        "<role>SYSTEM</role>{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n' }}{% endif %}" +
+        "detailed thinking off<|role_end|>{% for message in messages %}{% if message['role'] == 'user' %}" +
+        "<role>HUMAN</role>{{ message['content'] }}<|role_end|>{% elif message['role'] == 'assistant' %}" +
+        "<role>ASSISTANT</role>{{ message['content'] }}<|role_end|>{% endif %}{% endfor %}" +
+        "{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}"
+    }
+  },
+  sdar: {
+    names: { 2042: "<|im_start|>", 2043: "<|endoftext|>", 2044: "<|MASK|>", 2045: "<|im_end|>", 2046: "<think>", 2047: "</think>" },
+    config: {
+      bos_token: null,
+      eos_token: "<|im_end|>",
+      pad_token: "<|endoftext|>",
+      mask_token: "<|MASK|>",
+      additional_special_tokens: ["<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+      // Qwen3's ChatML (SDAR is Qwen3 converted to block diffusion).
+      chat_template:
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}" +
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    }
+  }
+} as const
+
+/** The embedded tokenizer's vocabulary (models/shakespeare/tokenizer.json: 2042 BPE tokens + 6 special). */
+export const EMBEDDED_VOCAB = 2048
+
+const llada2Tiny: Llada2Config = {
+  model_type: "llada2_moe",
+  hidden_size: 64,
+  num_hidden_layers: 3,
+  num_attention_heads: 4,
+  num_key_value_heads: 2,
+  head_dim: 16,
+  intermediate_size: 128,
+  moe_intermediate_size: 32,
+  num_experts: 16,
+  num_experts_per_tok: 4,
+  num_shared_experts: 1,
+  first_k_dense_replace: 1,
+  n_group: 4,
+  topk_group: 2,
+  routed_scaling_factor: 2.5,
+  vocab_size: EMBEDDED_VOCAB,
+  rope_theta: 600000,
+  partial_rotary_factor: 0.5,
+  rms_norm_eps: 1e-6,
+  max_position_embeddings: 512,
+  tie_word_embeddings: false,
+  pad_token_id: 2043,
+  eos_token_id: 2043,
+  mask_token_id: 2044,
+  block_size: 32
+}
+
+// spec A1: 16.26B parameters (about 1.4B active per token).
+const llada2Mini: Llada2Config = {
+  model_type: "llada2_moe",
+  hidden_size: 2048,
+  num_hidden_layers: 20,
+  num_attention_heads: 16,
+  num_key_value_heads: 4,
+  head_dim: 128,
+  intermediate_size: 5120,
+  moe_intermediate_size: 512,
+  num_experts: 256,
+  num_experts_per_tok: 8,
+  num_shared_experts: 1,
+  first_k_dense_replace: 1,
+  n_group: 8,
+  topk_group: 4,
+  routed_scaling_factor: 2.5,
+  vocab_size: 157184,
+  rope_theta: 600000,
+  partial_rotary_factor: 0.5,
+  rms_norm_eps: 1e-6,
+  max_position_embeddings: 32768,
+  tie_word_embeddings: false,
+  pad_token_id: 156892,
+  eos_token_id: 156892,
+  mask_token_id: 156895,
+  block_size: 32
+}
+
+const sdarTiny: SdarConfig = {
+  model_type: "sdar",
+  hidden_size: 64,
+  num_hidden_layers: 2,
+  num_attention_heads: 4,
+  num_key_value_heads: 2,
+  // As in SDAR-4B the query width (4 × 32) is not the hidden size.
+  head_dim: 32,
+  intermediate_size: 160,
+  vocab_size: EMBEDDED_VOCAB,
+  rope_theta: 1000000,
+  rms_norm_eps: 1e-6,
+  max_position_embeddings: 512,
+  tie_word_embeddings: false,
+  bos_token_id: 2043,
+  eos_token_id: [2045, 2043],
+  mask_token_id: 2044,
+  block_size: 4
+}
+
+// spec B1 (JetLM/SDAR-4B-Chat): 4.41B parameters.
+const sdar4b: SdarConfig = {
+  model_type: "sdar",
+  hidden_size: 2560,
+  num_hidden_layers: 36,
+  num_attention_heads: 32,
+  num_key_value_heads: 8,
+  head_dim: 128,
+  intermediate_size: 9728,
+  vocab_size: 151936,
+  rope_theta: 1000000,
+  rms_norm_eps: 1e-6,
+  max_position_embeddings: 32768,
+  tie_word_embeddings: false,
+  bos_token_id: 151643,
+  eos_token_id: [151645, 151643],
+  mask_token_id: 151669,
+  block_size: 4
+}
+
+export const familyPresets: Readonly<Record<string, FamilyPreset>> = {
+  "llada2-tiny": {
+    name: "llada2-tiny",
+    description:
+      "llada2_moe, 3 layers (layer 0 dense), d 64, 16 experts in 4 groups (2 kept), top 4, a shared expert, partial rotary, QK-norm, fused QKV; the embedded tokenizer",
+    config: llada2Tiny,
+    dtype: "F32",
+    initStd: 0.125,
+    biasStd: 0.05,
+    tokenizer: "embedded"
+  },
+  "sdar-tiny": {
+    name: "sdar-tiny",
+    description: "sdar, 2 layers, d 64, 4/2 heads of 32, block 4; the embedded tokenizer",
+    config: sdarTiny,
+    dtype: "F32",
+    initStd: 0.125,
+    biasStd: 0,
+    tokenizer: "embedded"
+  },
+  "sdar-moe-tiny": {
+    name: "sdar-moe-tiny",
+    description: "sdar_moe, 2 layers, d 64, 8 experts, top 2 renormalised, block 4; the embedded tokenizer",
+    config: {
+      ...sdarTiny,
+      model_type: "sdar_moe",
+      moe: { num_experts: 8, num_experts_per_tok: 2, moe_intermediate_size: 32, norm_topk_prob: true }
+    },
+    dtype: "F32",
+    initStd: 0.125,
+    biasStd: 0,
+    tokenizer: "embedded"
+  },
+  "llada2-mini": {
+    name: "llada2-mini",
+    description: "the real LLaDA2.0/2.1-mini shape with random weights: 16.26B parameters (256 experts, top 8), bf16 (use --quantize)",
+    config: llada2Mini,
+    dtype: "BF16",
+    initStd: 0.02,
+    biasStd: 0.01,
+    maxShardBytes: 4_000_000_000,
+    tokenizer: "none"
+  },
+  "sdar-4b": {
+    name: "sdar-4b",
+    description: "the real SDAR-4B shape with random weights: 4.41B parameters, bf16",
+    config: sdar4b,
+    dtype: "BF16",
+    initStd: 0.02,
+    biasStd: 0,
+    maxShardBytes: 4_000_000_000,
+    tokenizer: "none"
+  }
+}

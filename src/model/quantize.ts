@@ -29,12 +29,17 @@ import {
   bf16ToF32,
   type DType,
   dtypeBytes,
+  elementCount,
+  encodeValues,
   f16ToF32,
+  f32BitsToBf16,
   f32BitsToF16,
   readSafetensorsHeader,
   sequentialWriter,
   type ShardIndex,
-  type TensorEntry
+  type TensorEntry,
+  type TensorSource,
+  tensorBytes
 } from "./safetensors.js"
 
 export type QuantFormat = "q8_0" | "q4_0"
@@ -105,12 +110,15 @@ export const dequantizeElement = (row: Uint8Array, scales: Uint16Array, format: 
 }
 
 /** Whether a tensor is quantized: a float matrix other than the embedding, with columns in whole blocks. */
+/** The router of an MoE layer (LLaDA2's and Qwen3-MoE's `mlp.gate.weight`) stays float too: its product is f32. */
 export const isQuantizable = (name: string, entry: Pick<TensorEntry, "dtype" | "shape">): boolean =>
   entry.shape.length === 2 &&
   (entry.dtype === "F32" || entry.dtype === "BF16" || entry.dtype === "F16") &&
   entry.shape[1]! % QBLOCK === 0 &&
   !name.endsWith("wte.weight") &&
-  !name.endsWith("embed_tokens.weight")
+  !name.endsWith("embed_tokens.weight") &&
+  !name.endsWith("word_embeddings.weight") &&
+  !name.endsWith(".mlp.gate.weight")
 
 interface OutTensor {
   readonly name: string
@@ -237,6 +245,89 @@ export const quantizeFile = async (
   }
   return { quantized, copied, bytesIn: await readFileSize(input), bytesOut: written() }
 }
+
+/**
+ * Writes tensors produced chunk by chunk (a make-model preset) straight into a quantized safetensors file,
+ * without an unquantized copy on disk or in memory: a band of rows of one tensor at a time is produced,
+ * rounded to the tensor's own dtype (so the bytes are those `vdiff quantize` writes from the unquantized
+ * checkpoint), quantized and written. `metadata` is the unquantized file's; the quantization keys are added
+ * as quantizeFile adds them. Returns the file's size in bytes.
+ */
+export const writeQuantizedSafetensors = async (
+  path: string,
+  tensors: ReadonlyArray<TensorSource>,
+  format: QuantFormat,
+  metadata: Readonly<Record<string, string>>
+): Promise<number> => {
+  const outTensors: Array<OutTensor> = []
+  for (const t of tensors) {
+    outTensors.push(...outTensorsOf(t.name, { dtype: t.dtype, shape: t.shape, dataOffsets: [0, tensorBytes(t)] }, format, new Set()))
+  }
+  const head = encodeRawHeader(outTensors, { ...metadata, "vdiff.quantization": format, "vdiff.block_size": String(QBLOCK) })
+  const dst = await open(path, "w")
+  const { write, written } = sequentialWriter(dst)
+  try {
+    await write(head)
+    for (const t of tensors) {
+      const total = elementCount(t.shape)
+      const width = dtypeBytes[t.dtype]
+      if (!isQuantizable(t.name, t)) {
+        const chunkElements = Math.max(1, Math.floor(BAND_BYTES / 4))
+        const values = new Float32Array(Math.min(chunkElements, total))
+        const bytes = new Uint8Array(values.length * width)
+        for (let start = 0; start < total; start += chunkElements) {
+          const n = Math.min(chunkElements, total - start)
+          await t.fill(values.subarray(0, n), start)
+          encodeValues(values.subarray(0, n), t.dtype, bytes.subarray(0, n * width))
+          await write(bytes.subarray(0, n * width))
+        }
+        continue
+      }
+      const [rows, cols] = t.shape as [number, number]
+      const outRow = format === "q8_0" ? cols : cols / 2
+      const band = Math.max(1, Math.floor(BAND_BYTES / (cols * 4)))
+      const values = new Float32Array(Math.min(band, rows) * cols)
+      const bits = new Uint32Array(values.buffer)
+      const scales = new Uint16Array(rows * (cols / QBLOCK))
+      for (let r0 = 0; r0 < rows; r0 += band) {
+        const n = Math.min(band, rows - r0)
+        await t.fill(values.subarray(0, n * cols), r0 * cols)
+        // Round to the stored dtype first, as the unquantized checkpoint holds the values.
+        if (t.dtype === "BF16") {
+          for (let i = 0; i < n * cols; i++) values[i] = bf16ToF32(f32BitsToBf16(bits[i]!))
+        } else if (t.dtype === "F16") {
+          for (let i = 0; i < n * cols; i++) values[i] = f16ToF32(f32BitsToF16(bits[i]!))
+        }
+        const blocks = new Uint8Array(n * outRow)
+        for (let r = 0; r < n; r++) {
+          quantizeRow(
+            values.subarray(r * cols, (r + 1) * cols),
+            format,
+            blocks.subarray(r * outRow, (r + 1) * outRow),
+            scales.subarray((r0 + r) * (cols / QBLOCK), (r0 + r + 1) * (cols / QBLOCK))
+          )
+        }
+        await write(blocks)
+      }
+      await write(new Uint8Array(scales.buffer))
+    }
+    return written()
+  } finally {
+    await dst.close()
+  }
+}
+
+/** The names and bytes a quantized file holds for `tensors` (quantized ones with their `_scale`). */
+export const quantizedLayout = (
+  tensors: ReadonlyArray<Pick<TensorSource, "name" | "dtype" | "shape">>,
+  format: QuantFormat
+): Array<{ readonly name: string; readonly bytes: number }> =>
+  tensors.flatMap((t) =>
+    outTensorsOf(t.name, { dtype: t.dtype, shape: t.shape, dataOffsets: [0, tensorBytes(t)] }, format, new Set()).map((o) => ({
+      name: o.name,
+      bytes: o.bytes
+    }))
+  )
 
 const readFileSize = async (path: string): Promise<number> => {
   const f = await open(path, "r")
