@@ -73,6 +73,7 @@ class Result:
     stopped_early: bool = False          # ... before its last block (the later blocks stay masks)
     edits: int = 0
     threshold_commits: int = 0
+    clamped_fallbacks: int = 0           # quota fallbacks whose quota exceeded the masks left (SDAR differs there)
     block_logits: list[torch.Tensor] = field(default_factory=list)  # the open block's logits at each step
     token_margin: float = math.inf       # min top-1 - top-2 logit gap where a flip would change the result
     select_margin: float = math.inf      # min log-confidence gap at a quota top-k boundary
@@ -157,6 +158,8 @@ def generate(model, prompt: list[int], params: BlockParams, form: str = "cached"
     def pick(conf: list[float], active: list[int], k: int) -> list[int]:
         """The min(k, len(active)) most confident active positions (ties: lower position)."""
         order = sorted(active, key=lambda i: (-conf[i], i))
+        if k > len(order):
+            result.clamped_fallbacks += 1
         k = min(k, len(order))
         if margins and k < len(order):
             result.select_margin = min(result.select_margin, log_gap(conf[order[k - 1]], conf[order[k]]))

@@ -13,13 +13,25 @@
    cache without storing leaves the cache unchanged.
 4. Every stored generate case: the cached and full-recompute forms agree (tokens, commits, step boundaries), and
    both reproduce the stored answer and trace; the stored forward logits are current.
+5. With --upstream-llada2 PATH (a modeling_llada2_moe.py holding LLaDA2.0's generate() with the greedy branch) and
+   --upstream-sdar PATH (JetAstra/SDAR generate.py): the official loops, read from the given files at run time
+   (never copied here), run with this reference's models as their model, on every stored case they can express,
+   give the same answers and the same number of denoising forwards. LLaDA2.0's generate() is taken out of its
+   class by name with `ast` (the rest of the file needs transformers); SDAR's module gets a stand-in for the
+   `transformers` imports and a greedy sampler (argmax, softmax probability) in place of its multinomial one,
+   since it has no temperature-0 branch. threshold 0 ("off") is passed as 1.0 (nothing exceeds it).
 """
 from __future__ import annotations
 
+import argparse
+import ast
 import json
 import math
 import os
 import sys
+import textwrap
+import types
+import typing
 
 import torch
 
@@ -47,7 +59,9 @@ def naive_route(model, layer: int, row: list[float]) -> tuple[list[int], list[fl
     k = c["num_experts_per_tok"]
     if isinstance(model, llada2.LLaDA2):
         scores = [1.0 / (1.0 + math.exp(-v)) for v in logits]
-        bias = model.w[b + "expert_bias"].double().tolist() if c["moe_router_enable_expert_bias"] else [0.0] * len(scores)
+        bias = [0.0] * len(scores)
+        if c["moe_router_enable_expert_bias"]:
+            bias = model.w[b + "expert_bias"].double().tolist()
         biased = [s + e for s, e in zip(scores, bias)]
         size = c["num_experts"] // c["n_group"]
         group_score = []
@@ -190,7 +204,7 @@ def test_router() -> None:
             for t in range(rows.shape[0]):
                 chosen, ref_w = naive_route(model, layer, rows[t].double().tolist())
                 got = dict(zip(idx[t].tolist(), weight[t].tolist()))
-                check(sorted(got) == sorted(chosen), f"{name} layer {layer} row {t}: experts {sorted(got)} != {sorted(chosen)}")
+                check(sorted(got) == sorted(chosen), f"{name} layer {layer} row {t}: experts {sorted(got)} != {chosen}")
                 for e, v in zip(chosen, ref_w):
                     worst = max(worst, abs(got[e] - v))
             y = model.mlp(layer, rows).double()
@@ -218,7 +232,7 @@ def test_cache() -> None:
             parts.append(model.forward(tokens[s:e], s, cache, store=True, attention_block=block))
             check(float((peek - parts[-1]).abs().max()) == 0.0, "peek and store forwards differ")
         diff = float((torch.cat(parts) - full).abs().max())
-        check(diff < 1e-4 * float(full.abs().max()), f"{name}: cached block forwards differ from the full forward by {diff}")
+        check(diff < 1e-4 * float(full.abs().max()), f"{name}: block-by-block forwards differ from one forward: {diff}")
         print(f"ok cache {name} (block-by-block vs whole canvas: max |dlogit| {diff:.1e})")
 
 
@@ -252,13 +266,156 @@ def test_generate() -> None:
     print(f"ok generate: {count} stored cases, cached = recompute (max |dlogit| {worst:.1e})")
 
 
+def load_llada2_upstream(path: str) -> type:
+    """A class whose generate() and helpers are LLaDA2.0's, taken from the file by name; forward() is ours."""
+    source = open(path).read()
+    wanted = {"generate", "_sample_with_temperature_topk_topp", "_get_num_transfer_tokens", "_top_k_logits",
+              "_top_p_logits"}
+    lines = source.splitlines()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and any(isinstance(f, ast.FunctionDef) and f.name == "generate"
+                                                  for f in node.body):
+            break
+    else:
+        raise ValueError(f"{path}: no class with a generate() method")
+    namespace = {"torch": torch, "F": torch.nn.functional, "Optional": typing.Optional}
+    methods = {}
+    for f in node.body:
+        if isinstance(f, ast.FunctionDef) and f.name in wanted:
+            exec(textwrap.dedent("\n".join(lines[f.lineno - 1:f.end_lineno])), namespace)
+            static = any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in f.decorator_list)
+            methods[f.name] = staticmethod(namespace[f.name]) if static else namespace[f.name]
+    check(set(methods) == wanted, f"{path}: missing {wanted - set(methods)}")
+
+    class Upstream:
+        def __init__(self, model, block):
+            self.model, self.block, self.forwards = model, block, 0
+            self.device = torch.device("cpu")
+
+        def forward(self, x, attention_mask=None, position_ids=None):
+            length = x.shape[1]
+            expected = llada2.block_causal_bias(0, length, self.block)
+            check(torch.equal(attention_mask[0, 0].float(), expected), "upstream mask is not block-causal")
+            check(torch.equal(position_ids[0], torch.arange(length)), "upstream positions")
+            self.forwards += 1
+            return types.SimpleNamespace(logits=self.model.forward(x[0], attention_block=self.block)[None])
+
+    for name, fn in methods.items():
+        setattr(Upstream, name, fn)
+    return Upstream
+
+
+def load_sdar_upstream(path: str) -> types.ModuleType:
+    source = open(path).read()
+
+    class DynamicCache:
+        pass
+    stub = types.ModuleType("transformers")
+    stub.AutoModelForCausalLM = stub.AutoTokenizer = stub.GenerationConfig = None
+    cache_utils = types.ModuleType("transformers.cache_utils")
+    cache_utils.DynamicCache = DynamicCache
+    saved = {k: sys.modules.get(k) for k in ("transformers", "transformers.cache_utils")}
+    sys.modules.update({"transformers": stub, "transformers.cache_utils": cache_utils})
+    try:
+        module = types.ModuleType("upstream_sdar_generate")
+        exec(compile(source, path, "exec"), module.__dict__)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k)
+            else:
+                sys.modules[k] = v
+
+    def greedy(logits, temperature=1.0, top_k=0, top_p=1.0):
+        x0, p = bg.greedy(logits.reshape(-1, logits.shape[-1]))
+        return x0.view(logits.shape[:-1]), p.view(logits.shape[:-1])
+    module.sample_with_temperature_topk_topp = greedy
+    return module
+
+
+class SDARUpstreamModel:
+    """What SDAR's block_diffusion_generate expects of a model, on this reference's forward and KV cache."""
+
+    def __init__(self, model, block):
+        self.model, self.block = model, block
+        self.device = torch.device("cpu")
+        self.forwards = {"store": 0, "denoise": 0}
+
+    def eval(self):
+        return self
+
+    def __call__(self, x, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
+                 store_kv=False):
+        if not hasattr(past_key_values, "reference_cache"):
+            past_key_values.reference_cache = self.model.new_cache()
+        start, length = int(position_ids[0, 0]), x.shape[1]
+        check(torch.equal(position_ids[0], torch.arange(start, start + length)), "upstream positions")
+        visible = llada2.block_causal_bias(start, length, self.block) == 0
+        check(torch.equal(attention_mask[0].bool(), visible), "upstream mask is not block-causal")
+        self.forwards["store" if store_kv else "denoise"] += 1
+        logits = self.model.forward(x[0], start, past_key_values.reference_cache, store=bool(store_kv),
+                                    attention_block=self.block)
+        return types.SimpleNamespace(logits=logits[None])
+
+
+def test_upstream(llada2_path: str | None, sdar_path: str | None) -> None:
+    upstream_llada2 = load_llada2_upstream(llada2_path) if llada2_path else None
+    upstream_sdar = load_sdar_upstream(sdar_path) if sdar_path else None
+    compared, differing = 0, []
+    for name, model, fixture in models():
+        mask, stops = fixture["mask_token_id"], fixture["eos_token_ids"]
+        for case in fixture["generate"]:
+            p = case["params"]
+            params = bg.BlockParams(**p)
+            prompt, plen, glen = case["prompt"], len(case["prompt"]), p["gen_length"]
+            ours = bg.generate(model, prompt, params, "cached")
+            threshold = p["threshold"] if p["threshold"] > 0 else 1.0
+            where = f"{name}/{case['name']}"
+            if fixture["model_type"] == "llada2_moe":
+                if upstream_llada2 is None or params.editing or p["steps"] > glen:
+                    continue
+                check(len(stops) == 1, "LLaDA2.0 generate() takes one eos id")
+                up = upstream_llada2(model, p["block_length"])
+                out = up.generate(inputs=torch.tensor([prompt]), temperature=0.0, block_length=p["block_length"],
+                                  steps=p["steps"], gen_length=glen, threshold=threshold, eos_id=stops[0],
+                                  mask_id=mask)[0, plen:].tolist()
+                expected = case["answer"][:case["answer"].index(stops[0]) + 1] if stops[0] in case["answer"] \
+                    else case["answer"]
+                check(out == expected, f"{where}: upstream {out} != fixture {expected}")
+                check(up.forwards == case["forwards"]["denoise"], f"{where}: upstream ran {up.forwards} forwards")
+            else:
+                if upstream_sdar is None:
+                    continue
+                wrapper = SDARUpstreamModel(model, p["block_length"])
+                out = upstream_sdar.block_diffusion_generate(
+                    wrapper, {"input_ids": torch.tensor([prompt])}, mask, gen_length=glen,
+                    block_length=p["block_length"], denoising_steps=p["steps"], temperature=0.0,
+                    remasking_strategy="low_confidence_dynamic", confidence_threshold=threshold,
+                    stopping_criteria_idx=stops)[0, plen:plen + glen].tolist()
+                if ours.clamped_fallbacks:
+                    # SDAR's fallback topk(conf, quota) is not clamped to the masks left: it rewrites other positions.
+                    differing.append(f"{where} ({'differs' if out != case['answer'] else 'agrees'})")
+                    continue
+                check(out == case["answer"], f"{where}: upstream {out} != fixture {case['answer']}")
+                check(wrapper.forwards["denoise"] == case["forwards"]["denoise"], f"{where}: upstream forwards")
+            compared += 1
+    note = f"; not compared (quota > masks left in a fallback step): {differing}" if differing else ""
+    print(f"ok upstream generate loops agree on {compared} stored cases{note}")
+
+
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--upstream-llada2", help="path to a modeling_llada2_moe.py with LLaDA2.0's generate()")
+    parser.add_argument("--upstream-sdar", help="path to JetAstra/SDAR generate.py")
+    args = parser.parse_args()
     torch.set_num_threads(2)
     check(bg.quota_schedule(8, 3) == [3, 3, 2] and bg.quota_schedule(4, 4) == [1, 1, 1, 1], "quota schedule")
     test_router()
     test_cache()
     test_forward()
     test_generate()
+    if args.upstream_llada2 or args.upstream_sdar:
+        test_upstream(args.upstream_llada2, args.upstream_sdar)
 
 
 if __name__ == "__main__":

@@ -216,6 +216,10 @@ class BlockLM:
     def layer_name(layer: int, rest: str) -> str:
         return f"model.layers.{layer}.{rest}"
 
+    def mlp_weights(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate, up, down) of the SwiGLU MLP whose names start with prefix."""
+        return tuple(self.w[prefix + n + "_proj.weight"] for n in ("gate", "up", "down"))
+
 
 def note_gap(model: BlockLM, values: torch.Tensor, k: int) -> None:
     """Records the selection margin of a top-k over the last dim: the k-th largest minus the (k+1)-th."""
@@ -381,16 +385,11 @@ class LLaDA2(BlockLM):
         c = self.config
         b = self.layer_name(layer, "mlp.")
         if not self.is_moe(c, layer):
-            return swiglu(m, self.w[b + "gate_proj.weight"], self.w[b + "up_proj.weight"], self.w[b + "down_proj.weight"])
+            return swiglu(m, *self.mlp_weights(b))
         idx, weight = self.route(layer, m)
-
-        def expert(x):
-            p = f"{b}experts.{x}."
-            return self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"]
-        y = run_experts(m, idx, weight, expert)
+        y = run_experts(m, idx, weight, lambda x: self.mlp_weights(f"{b}experts.{x}."))
         if c["num_shared_experts"]:
-            s = b + "shared_experts."
-            y = y + swiglu(m, self.w[s + "gate_proj.weight"], self.w[s + "up_proj.weight"], self.w[s + "down_proj.weight"])
+            y = y + swiglu(m, *self.mlp_weights(b + "shared_experts."))
         return y
 
 

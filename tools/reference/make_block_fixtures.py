@@ -72,8 +72,8 @@ MODELS = [("llada2", LLADA2, llada2.LLaDA2, 21), ("sdar", SDAR, sdar.SDAR, 22), 
 
 # name, prompt length, params, what the case must show:
 #   "threshold" (some step committed more than its quota by the threshold), "edit" (an edit at an answer
-#   position), "eos" (a stop id ended it before the last block, and not in the first block opened), "stop_id:N" (the answer's only stop id is N),
-#   "no_eos" (no early stop; a stop id in the last block is allowed)
+#   position), "eos" (a stop id ended it before the last block, and not in the first block opened),
+#   "stop_id:N" (the answer's only stop id is N), "no_eos" (no early stop; a stop id in the last block is allowed)
 LLADA2_CASES = [
     ("aligned_threshold", 8, dict(gen_length=24, block_length=8, steps=8, threshold=0.6), ["threshold", "no_eos"]),
     ("tail_threshold", 5, dict(gen_length=27, block_length=8, steps=8, threshold=0.6), ["threshold", "no_eos"]),

@@ -135,10 +135,6 @@ class SDAR(BlockLM):
     def mlp(self, layer: int, m: torch.Tensor) -> torch.Tensor:
         b = self.layer_name(layer, "mlp.")
         if not self.is_moe(self.config, layer):
-            return swiglu(m, self.w[b + "gate_proj.weight"], self.w[b + "up_proj.weight"], self.w[b + "down_proj.weight"])
+            return swiglu(m, *self.mlp_weights(b))
         idx, weight = self.route(layer, m)
-
-        def expert(x):
-            p = f"{b}experts.{x}."
-            return self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"]
-        return run_experts(m, idx, weight, expert)
+        return run_experts(m, idx, weight, lambda x: self.mlp_weights(f"{b}experts.{x}."))
