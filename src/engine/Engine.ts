@@ -9,8 +9,8 @@
  */
 import { Context, Effect, Layer, Runtime } from "effect"
 import { fromNative, type EngineError, type ModelLoadError } from "./errors.js"
-import type { SamplingParams } from "../config/sampling.js"
-import { loadAddon, type NativeEngine, type NativeModelInfo, type StepSnapshot } from "./native.js"
+import { lladaFamily, type ModelFamily, type SamplingParams } from "../config/sampling.js"
+import { type CommittedToken, loadAddon, type NativeEngine, type NativeModelInfo, type StepSnapshot } from "./native.js"
 
 export type SequenceId = number
 
@@ -34,6 +34,67 @@ export type FinishReason = "length" | "eos"
 export type StepResult = StepSnapshot
 
 export type ModelInfo = NativeModelInfo
+
+export type { ModelFamily } from "../config/sampling.js"
+
+/**
+ * What a sequence's forward did in a step (block decoding): "prefill" (the prompt's whole blocks, once,
+ * into the KV cache; nothing committed), "denoise" (the open block) or "commit" (the finished block again,
+ * from its final tokens, to cache its exact keys and values). Full-canvas sequences always denoise.
+ */
+export type Phase = "prefill" | "denoise" | "commit"
+
+export const phases: ReadonlyArray<Phase> = ["prefill", "denoise", "commit"]
+
+type Loose = Record<string, unknown>
+const field = (object: unknown, ...names: ReadonlyArray<string>): unknown => {
+  if (typeof object !== "object" || object === null) return undefined
+  for (const name of names) if ((object as Loose)[name] !== undefined) return (object as Loose)[name]
+  return undefined
+}
+
+/**
+ * The served model's family, from the engine's model info (`info.family`: its model_type, decoding,
+ * trained block length and whether it has token editing); LLaDA (full canvas) when the info says none,
+ * as engines from before block decoding and the test engine do.
+ */
+export const familyOf = (info: ModelInfo): ModelFamily => {
+  const family = field(info, "family")
+  if (family === undefined) return lladaFamily
+  const name = field(family, "name", "modelType")
+  const decoding = field(family, "decoding")
+  const blockLength = field(family, "blockLength", "block_length")
+  const editing = field(family, "editing", "editingAvailable")
+  return {
+    name: typeof name === "string" ? name : lladaFamily.name,
+    decoding: decoding === "block" ? "block" : "full_canvas",
+    blockLength: typeof blockLength === "number" ? blockLength : 0,
+    editing: editing === true
+  }
+}
+
+/** The model's own end tokens from its config (eos_token_id, and the rest of an eos_token_id list). */
+export const modelEndTokens = (info: ModelInfo): ReadonlyArray<number> => {
+  const config = info.config as unknown as Loose
+  const eos = field(config, "eosTokenId")
+  const more = field(config, "stopTokenIds")
+  return [...(typeof eos === "number" && eos >= 0 ? [eos] : []), ...(Array.isArray(more) ? more.filter((id) => typeof id === "number") : [])]
+}
+
+/** The phase of a sequence's forward in a step ("denoise" where the engine does not say). */
+export const phaseOf = (step: StepResult): Phase => {
+  const phase = field(step, "phase")
+  return phase === "prefill" || phase === "commit" ? phase : "denoise"
+}
+
+/**
+ * With token editing, the open block's committed tokens that may still change (answer positions,
+ * ascending), as of this step; they reach `committed` when their block closes. Empty otherwise.
+ */
+export const provisionalOf = (step: StepResult): ReadonlyArray<CommittedToken> => {
+  const provisional = field(step, "provisional")
+  return Array.isArray(provisional) ? (provisional as ReadonlyArray<CommittedToken>) : []
+}
 
 export interface EngineShape {
   readonly modelDir: string

@@ -4,7 +4,7 @@
  * configuration (CLI flags / VDIFF_* variables).
  */
 import { Context, Layer } from "effect"
-import type { EngineDefaults } from "../config/sampling.js"
+import type { EngineDefaults, ModelFamily } from "../config/sampling.js"
 
 /**
  * What a request gets for the sampling settings it leaves out (src/config/sampling.ts): the answer length
@@ -22,6 +22,16 @@ export interface ServingConfigShape {
   /** Prompt plus answer tokens may not exceed this (the model's context). */
   readonly maxModelLen: number
   readonly defaults: ServingDefaults
+  /**
+   * The model's family (src/config/sampling.ts: which settings apply, and their defaults there); absent:
+   * LLaDA (full-canvas decoding).
+   */
+  readonly family?: ModelFamily | undefined
+  /**
+   * Tokens that end an answer besides the tokenizer's EOS and end-of-turn: the model's own (config.json's
+   * eos_token_id list), where its engine stops at them (block decoding stops after the block holding one).
+   */
+  readonly endTokenIds?: ReadonlyArray<number> | undefined
 }
 
 export class ServingConfig extends Context.Tag("vdiff/ServingConfig")<ServingConfig, ServingConfigShape>() {}

@@ -52,6 +52,8 @@ export interface AnswerPlan {
   readonly includeUsage: boolean
   readonly includeSnapshots: boolean
   readonly returnTokenIds: boolean
+  /** The served model's family: which settings applied, and how its steps are reported. */
+  readonly family: Sampling.ModelFamily
   /**
    * The engine's settings for a prompt (and suffix) of the given lengths; fails when they leave no room
    * for the answer in the context.
@@ -78,6 +80,9 @@ export const makePlan = (
 
     const exclusive = Sampling.exclusiveViolation(request)
     if (exclusive !== undefined) return yield* new BadRequest(exclusive)
+    const family = config.family ?? Sampling.lladaFamily
+    const misfit = Sampling.familyViolation(request, family)
+    if (misfit !== undefined) return yield* notSupported(misfit.param, misfit.message)
     for (const param of ["presence_penalty", "frequency_penalty"] as const) {
       const value = request[param]
       if (value !== undefined && value !== 0) {
@@ -105,11 +110,14 @@ export const makePlan = (
       return yield* new BadRequest({ message: "stop strings must not be empty", param: "stop" })
     }
     const special = tokenizer.specialTokens
-    const endTokens = new Set([special.eos, ...Option.toArray(special.eot)])
+    const endTokens = new Set([special.eos, ...Option.toArray(special.eot), ...(config.endTokenIds ?? [])])
     const seed = request.seed ?? (yield* Random.nextIntBetween(0, 2 ** 31))
     const defaults = config.defaults
 
     const settingsFor = (promptLength: number, promptParam: string, suffixLength = 0): Effect.Effect<SamplingSettings, BadRequest> => {
+      if (suffixLength > 0 && family.decoding === "block") {
+        return notSupported("suffix", `suffix does not apply to this model (${family.name}, block decoding): it writes its answer block by block after the prompt`)
+      }
       const context = promptLength + suffixLength
       const has = suffixLength === 0 ? `${promptLength} tokens` : `${promptLength} tokens and the suffix ${suffixLength}`
       const room = config.maxModelLen - context
@@ -140,7 +148,7 @@ export const makePlan = (
       }
       const genLength = maxTokens?.value ?? Math.min(defaults.maxTokens, room)
       return Effect.succeed({
-        ...Sampling.resolve(request, defaults, genLength),
+        ...Sampling.resolve(request, defaults, genLength, family),
         seed,
         logitsEosInf: false,
         confidenceEosEotInf: false,
@@ -159,6 +167,7 @@ export const makePlan = (
       includeUsage: request.stream_options?.include_usage === true,
       includeSnapshots: request.stream_options?.include_snapshots === true,
       returnTokenIds: request.return_token_ids === true,
+      family,
       settingsFor
     } satisfies AnswerPlan
   })

@@ -232,7 +232,21 @@ export const Diffusion = Schema.Struct({
   skipped_tokens: Schema.Int,
   kv_cache: Schema.Literal("none", "prefix", "dual"),
   /** The parallel decoding rule in use, or null for the fixed per-step quota. */
-  parallel: Schema.NullOr(Schema.Union(Schema.Struct({ threshold: Schema.Number }), Schema.Struct({ factor: Schema.Number })))
+  parallel: Schema.NullOr(Schema.Union(Schema.Struct({ threshold: Schema.Number }), Schema.Struct({ factor: Schema.Number }))),
+  // Block decoding (LLaDA2.x, SDAR) adds these; LLaDA's object is as it was.
+  /** "block" for block decoding. */
+  decoding: Schema.optionalWith(Schema.Literal("block"), { exact: true }),
+  /** The block length the answers were written in (the model's). */
+  block_length: Schema.optionalWith(Schema.Int, { exact: true }),
+  /**
+   * The sequences' steps by the phase of their forward: prefill (the prompt's whole blocks, once), denoise
+   * (the open block) and commit (a finished block once more, from its final tokens, to cache it exactly).
+   */
+  forwards: Schema.optionalWith(Schema.Struct({ prefill: Schema.Int, denoise: Schema.Int, commit: Schema.Int }), { exact: true }),
+  /** Tokens committed by denoising per forward pass, every phase counted. */
+  tokens_per_forward: Schema.optionalWith(Schema.Number, { exact: true }),
+  /** LLaDA2.1 token editing in use, or null. */
+  editing: Schema.optionalWith(Schema.NullOr(Schema.Struct({ threshold: Schema.Number, max_post_steps: Schema.Int })), { exact: true })
 })
 export type Diffusion = typeof Diffusion.Type
 
@@ -288,7 +302,16 @@ export const Snapshot = Schema.Struct({
   masked: Schema.Int,
   canvas: Schema.Array(Schema.String),
   /** Answer positions committed by this step. */
-  committed_now: Schema.Array(Schema.Int)
+  committed_now: Schema.Array(Schema.Int),
+  // Block decoding adds these; LLaDA's snapshots are as they were.
+  /** What the sequence's forward did in this step: "prefill", "denoise" or "commit". */
+  phase: Schema.optionalWith(Schema.Literal("prefill", "denoise", "commit"), { exact: true }),
+  /**
+   * With token editing: the open block's positions whose token (shown in `canvas`) is committed for now
+   * but may still be rewritten; they become final, and reach the text, when their block closes. Every other
+   * position of `canvas` that is not `<mask>` is final.
+   */
+  provisional: Schema.optionalWith(Schema.Array(Schema.Int), { exact: true })
 })
 export type Snapshot = typeof Snapshot.Type
 
@@ -381,12 +404,25 @@ export const ChatCompletionChunk = Schema.Struct({
 })
 export type ChatCompletionChunk = typeof ChatCompletionChunk.Type
 
+/**
+ * vdiff extension on a model: its family (config.json's model_type), how it decodes, the block it was
+ * trained with (block decoding) and whether it has token editing. Absent for LLaDA (full canvas), whose
+ * model objects are as they were before other families were served.
+ */
+export const ModelFamily = Schema.Struct({
+  name: Schema.String,
+  decoding: Schema.Literal("full_canvas", "block"),
+  block_length: Schema.Int,
+  editing: Schema.Boolean
+})
+
 export const Model = Schema.Struct({
   id: Schema.String,
   object: Schema.Literal("model"),
   created: Schema.Int,
   owned_by: Schema.String,
-  max_model_len: Schema.Int
+  max_model_len: Schema.Int,
+  family: Schema.optionalWith(ModelFamily, { exact: true })
 })
 export type Model = typeof Model.Type
 

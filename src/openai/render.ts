@@ -7,6 +7,8 @@
  */
 import { HttpServerResponse } from "@effect/platform"
 import { Clock, Effect, Option } from "effect"
+import { lladaFamily, type ModelFamily } from "../config/sampling.js"
+import { phaseOf, provisionalOf } from "../engine/Engine.js"
 import type { TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { type ChoiceDecoder, NOT_COMMITTED } from "./ChoiceDecoder.js"
 import type { AnswerPlan } from "./plan.js"
@@ -110,23 +112,36 @@ export const chatLogprobs = (
   })
 })
 
-/** The snapshot of an update made with `includeSnapshots` (which copied the canvas). */
-export const snapshotOf = (update: ChoiceUpdate, texts: TokenTexts): Snapshot => {
+/**
+ * The snapshot of an update made with `includeSnapshots` (which copied the canvas). Under block decoding
+ * it also says the step's phase and, with token editing, which positions hold provisional tokens (shown
+ * in the canvas, not yet final).
+ */
+export const snapshotOf = (update: ChoiceUpdate, texts: TokenTexts, family: ModelFamily = lladaFamily): Snapshot => {
+  const tokens = update.canvas === undefined ? [] : Array.from(update.canvas)
+  const provisional = family.decoding === "block" ? provisionalOf(update.step).filter((p) => p.position < tokens.length) : []
+  for (const p of provisional) if (tokens[p.position] === NOT_COMMITTED) tokens[p.position] = p.token
   const canvas: Array<string> = []
   let masked = 0
-  for (const token of update.canvas ?? []) {
+  for (const token of tokens) {
     if (token === NOT_COMMITTED) {
       canvas.push(MASK_PLACEHOLDER)
       masked++
     } else canvas.push(texts.text(token))
   }
-  return {
+  const snapshot = {
     step: update.step.stepsDone,
     total_steps: update.step.stepsTotal,
     block: update.step.block,
     masked,
     canvas,
     committed_now: update.step.committed.map((c) => c.position)
+  }
+  if (family.decoding !== "block") return snapshot
+  return {
+    ...snapshot,
+    phase: phaseOf(update.step),
+    ...(family.editing ? { provisional: provisional.map((p) => p.position) } : {})
   }
 }
 
@@ -167,7 +182,7 @@ export const respond = (plan: AnswerPlan, jobs: ReadonlyArray<PromptJob>, render
   Effect.gen(function* () {
     const created = yield* nowSeconds
     const head = (object: string) => ({ id: renderer.id, object, created, model: renderer.modelName })
-    const summary = () => ({ usage: usageOfJobs(jobs), diffusion: diffusionOfJobs(jobs) })
+    const summary = () => ({ usage: usageOfJobs(jobs), diffusion: diffusionOfJobs(jobs, plan.family) })
 
     if (!plan.stream) {
       yield* runToEnd(jobs)
@@ -213,7 +228,7 @@ export const respond = (plan: AnswerPlan, jobs: ReadonlyArray<PromptJob>, render
           index,
           ...renderer.delta(job, update),
           finish_reason: delta.finishReason,
-          ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, renderer.texts) } : {}),
+          ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, renderer.texts, plan.family) } : {}),
           ...promptIds(index, job),
           ...(plan.returnTokenIds ? { token_ids: decoder.tokenIds.slice(delta.firstToken, delta.endToken) } : {})
         })

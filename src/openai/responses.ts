@@ -205,7 +205,7 @@ export const responses = (request: ResponseRequest) =>
                 output_tokens_details: { reasoning_tokens: 0 },
                 total_tokens: usage.total_tokens
               },
-        ...(finished ? { diffusion: diffusionOfJobs(jobs) } : {})
+        ...(finished ? { diffusion: diffusionOfJobs(jobs, plan.family) } : {})
       }
     }
 

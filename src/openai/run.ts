@@ -4,8 +4,8 @@
  * Rendering what the decoders hold is render.ts's job.
  */
 import { Effect, type Option, Stream } from "effect"
-import { type ApiError, InternalError } from "../api/errors.js"
-import type { SamplingSettings, StepResult } from "../engine/Engine.js"
+import { type ApiError, BadRequest, InternalError } from "../api/errors.js"
+import { type Phase, phaseOf, type SamplingSettings, type StepResult } from "../engine/Engine.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import { RequestMetrics } from "../telemetry/requests.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
@@ -13,6 +13,7 @@ import { ChoiceDecoder, type ChoiceDelta } from "./ChoiceDecoder.js"
 import { fromGenerationError } from "./errors.js"
 import { type AnswerPlan, checkNoMaskToken, type PreparedPrompt } from "./plan.js"
 import type { Diffusion, Usage } from "./protocol.js"
+import { lladaFamily, type ModelFamily } from "../config/sampling.js"
 
 /** One step's effect on one choice. */
 export interface ChoiceUpdate {
@@ -36,6 +37,8 @@ export interface DenoisingTally {
   tokensDenoised: number
   /** Positions an early stop filled with EOS. */
   tokensSkipped: number
+  /** Step events by the phase of the sequence's forward (block decoding; full canvas: all "denoise"). */
+  phases: Record<Phase, number>
 }
 
 /** One prompt's n answers in flight: a decoder per answer, and the stream that feeds them. */
@@ -91,7 +94,8 @@ export const runPrompt = (
       forwardPasses: 0,
       kvRefreshes: 0,
       tokensDenoised: 0,
-      tokensSkipped: 0
+      tokensSkipped: 0,
+      phases: { prefill: 0, denoise: 0, commit: 0 }
     }))
     const allEnded = () => decoders.every((decoder) => decoder.finished)
     const request = {
@@ -112,6 +116,7 @@ export const runPrompt = (
         tally.kvRefreshes = event.kvRefreshes
         tally.tokensDenoised += event.committed.length - event.filled
         tally.tokensSkipped += event.filled
+        tally.phases[phaseOf(event)]++
         const decoder = decoders[index]!
         // An update is rendered later than it is made (the decoder has moved on by then), so it carries
         // what it needs: the delta's token range, and a copy of the canvas for a snapshot.
@@ -155,6 +160,21 @@ export const runPrompt = (
     return { decoders, tallies, updates } satisfies PromptRun
   })
 
+/**
+ * Structured output lays the JSON skeleton on the answer canvas from the start; block decoding writes its
+ * blocks in order and takes no fixed positions, so a schema is refused for those models.
+ */
+const checkNoTemplate = (prompts: ReadonlyArray<PreparedPrompt>, plan: AnswerPlan) =>
+  plan.family.decoding === "block" && prompts.some((prompt) => prompt.template !== undefined)
+    ? Effect.fail(
+        new BadRequest({
+          message: `response_format json_schema does not apply to this model (${plan.family.name}, block decoding): its skeleton is laid on the canvas before denoising, which block decoding does not take`,
+          param: "response_format",
+          code: "unsupported_parameter"
+        })
+      )
+    : Effect.void
+
 /** One prompt's answers, set up but not yet run. */
 export interface PromptJob {
   readonly prompt: PreparedPrompt
@@ -165,7 +185,7 @@ export interface PromptJob {
 /** Resolves every prompt's settings (failing before anything runs if one does not fit) and sets it up. */
 export const preparePromptJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: AnswerPlan) =>
   Effect.zipRight(
-    checkNoMaskToken(prompts),
+    Effect.zipRight(checkNoTemplate(prompts, plan), checkNoMaskToken(prompts)),
     Effect.forEach(prompts, (prompt) =>
       Effect.gen(function* () {
         const suffix = prompt.suffix ?? []
@@ -209,21 +229,35 @@ export const usageOfJobs = (jobs: ReadonlyArray<PromptJob>): Usage =>
   )
 
 /** The request's denoising statistics: summed over every answer of every prompt. */
-export const diffusionOfJobs = (jobs: ReadonlyArray<PromptJob>): Diffusion => {
+export const diffusionOfJobs = (jobs: ReadonlyArray<PromptJob>, family: ModelFamily = lladaFamily): Diffusion => {
   const tallies = jobs.flatMap((job) => job.run.tallies)
-  const sum = (field: keyof DenoisingTally) => tallies.reduce((total, tally) => total + tally[field], 0)
+  const sum = (field: Exclude<keyof DenoisingTally, "phases">) => tallies.reduce((total, tally) => total + tally[field], 0)
   const steps = sum("steps")
+  const forwardPasses = sum("forwardPasses")
   const settings = jobs[0]?.settings
   const threshold = settings?.parallelThreshold ?? 0
   const factor = settings?.parallelFactor ?? 0
-  return {
+  const common = {
     steps,
-    forward_passes: sum("forwardPasses"),
+    forward_passes: forwardPasses,
     kv_refreshes: sum("kvRefreshes"),
     tokens_per_step: steps === 0 ? 0 : sum("tokensDenoised") / steps,
     skipped_tokens: sum("tokensSkipped"),
     kv_cache: settings?.kvCache ?? "none",
     parallel: threshold > 0 ? { threshold } : factor > 0 ? { factor } : null
+  }
+  if (family.decoding !== "block") return common
+  // Block decoding: the forwards by phase, and the tokens each forward committed (prefill and commit
+  // forwards commit none, so this is below tokens_per_step's denoising rate).
+  const phase = (name: Phase) => tallies.reduce((total, tally) => total + tally.phases[name], 0)
+  const editing = settings?.editingThreshold
+  return {
+    ...common,
+    decoding: "block",
+    block_length: settings?.blockLength ?? family.blockLength,
+    forwards: { prefill: phase("prefill"), denoise: phase("denoise"), commit: phase("commit") },
+    tokens_per_forward: forwardPasses === 0 ? 0 : sum("tokensDenoised") / forwardPasses,
+    editing: editing === undefined || editing < 0 ? null : { threshold: editing, max_post_steps: settings?.maxPostSteps ?? 16 }
   }
 }
 

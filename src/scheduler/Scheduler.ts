@@ -18,8 +18,9 @@
  * "vdiff.generate" (admission → end, with its step and token counts).
  */
 import { Clock, Context, Deferred, Effect, Exit, FiberId, Layer, Mailbox, Metric, Option, Queue, Stream, type Tracer } from "effect"
-import { Engine, type FinishReason, type SamplingSettings, type SequenceId, type StepResult } from "../engine/Engine.js"
+import { Engine, type FinishReason, familyOf, phaseOf, type SamplingSettings, type SequenceId, type StepResult } from "../engine/Engine.js"
 import { EngineFailure, type EngineError, InvalidRequestError } from "../engine/errors.js"
+import { kvPositions } from "../telemetry/kvReuse.js"
 import * as Metrics from "../telemetry/metrics.js"
 import { Draining, QueueFull, RequestTimeout } from "./errors.js"
 
@@ -132,6 +133,8 @@ interface Job {
   /** The most denoising steps any of its sequences has taken, and the tokens they committed. */
   steps: number
   tokensCommitted: number
+  /** Per sequence: the KV refreshes its last step reported (a step that adds one refreshed the cache). */
+  readonly kvRefreshes: Map<SequenceId, number>
 }
 
 const canvasTokens = (request: GenerationRequest, n: number) =>
@@ -140,6 +143,8 @@ const canvasTokens = (request: GenerationRequest, n: number) =>
 export const make = (options: SchedulerOptions) =>
   Effect.gen(function* () {
     const engine = yield* Engine
+    const family = familyOf(engine.info)
+    const kvTotals = { attended: 0, reused: 0 }
     const waiting = yield* Queue.unbounded<Job>()
     const running: Array<Job> = []
     const state = {
@@ -297,6 +302,26 @@ export const make = (options: SchedulerOptions) =>
       }
     })
 
+    /** The phase mix and the KV reuse of one sequence's forward. */
+    const observeForward = (job: Job, r: StepResult) =>
+      Effect.gen(function* () {
+        const phase = phaseOf(r)
+        yield* Metric.increment(Metric.tagged(Metrics.stepPhases, "phase", phase))
+        const refreshed = r.kvRefreshes > (job.kvRefreshes.get(r.id) ?? 0)
+        job.kvRefreshes.set(r.id, r.kvRefreshes)
+        const kv = kvPositions(
+          family,
+          { promptLength: job.request.prompt.length, suffixLength: job.request.suffix?.length ?? 0, settings: job.request.settings },
+          { phase, block: r.block, refreshed }
+        )
+        if (kv.attended === 0) return
+        kvTotals.attended += kv.attended
+        kvTotals.reused += kv.reused
+        yield* Metric.incrementBy(Metrics.kvPositionsAttended, kv.attended)
+        yield* Metric.incrementBy(Metrics.kvPositionsReused, kv.reused)
+        yield* Metric.set(Metrics.kvReuseShare, kvTotals.reused / kvTotals.attended)
+      })
+
     const route = (job: Job, results: ReadonlyArray<StepResult>) =>
       Effect.gen(function* () {
         for (const r of results) {
@@ -308,6 +333,7 @@ export const make = (options: SchedulerOptions) =>
           job.tokensCommitted += denoised
           job.steps = Math.max(job.steps, r.stepsDone)
           yield* Metric.update(Metrics.tokensPerStep, denoised)
+          yield* observeForward(job, r)
           if (r.finished) job.finished++
         }
         if (job.finished === job.n) {
@@ -416,7 +442,8 @@ export const make = (options: SchedulerOptions) =>
           }),
           generationSpan: undefined,
           steps: 0,
-          tokensCommitted: 0
+          tokensCommitted: 0,
+          kvRefreshes: new Map()
         }
         yield* Queue.offer(waiting, job)
         yield* publishLoad

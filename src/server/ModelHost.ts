@@ -191,11 +191,15 @@ export const fromEngine = (
       Effect.mapError((e) => new ModelLoadFailed({ modelDir: tokenizer.modelDir, message: e.message }))
     )
     const scheduler = yield* Scheduler.make(options.scheduler).pipe(Effect.provideService(Engine.Engine, engine))
+    const family = Engine.familyOf(engine.info)
     const serving: ServingConfigShape = {
       modelName: options.modelName,
       created: Math.floor((yield* Clock.currentTimeMillis) / 1000),
       maxModelLen: engine.info.config.maxSequenceLength,
-      defaults: options.defaults
+      defaults: options.defaults,
+      family,
+      // Block decoding stops after the block that holds one of the model's end tokens; the answer ends there.
+      ...(family.decoding === "block" ? { endTokenIds: Engine.modelEndTokens(engine.info) } : {})
     }
     return { engine, scheduler, tokenizer, chat, serving }
   })

@@ -13,7 +13,7 @@
  *
  * Who updates what:
  *   scheduler/Scheduler.ts   running/waiting gauges, queue time, denoising steps, batch size,
- *                            tokens per step, step duration
+ *                            tokens per step, step duration, step phases, KV reuse
  *   telemetry/requests.ts    successes, failures, prompt and generation tokens, time to first token,
  *                            inter-token latency, end-to-end latency (for the OpenAI routes)
  *   http/HttpMetrics.ts      HTTP requests, their duration, requests in flight
@@ -70,6 +70,33 @@ export const tokensPerStep = histogram(
 )
 
 export const stepDuration = histogram("vdiff_step_duration_seconds", stepBounds, "Seconds one batched denoising step took in the engine.")
+
+/**
+ * The phase mix of the steps: each sequence's forward in each batched step, by `phase` — prefill (a
+ * prompt's whole blocks), denoise (an open block), commit (a finished block cached from its final tokens).
+ * Full-canvas (LLaDA) sequences always denoise. Over vdiff_denoising_steps_total: the mix per step.
+ */
+export const stepPhases = counter(
+  "vdiff_step_phase_total",
+  "Sequence forwards by phase (prefill, denoise, commit): one per sequence per batched step; full-canvas models always denoise."
+)
+
+/** Key/value positions the forwards attended (telemetry/kvReuse.ts: per sequence forward, in canvas positions). */
+export const kvPositionsAttended = counter(
+  "vdiff_kv_positions_attended_total",
+  "Canvas positions whose keys and values the sequences' forwards attended (per sequence forward)."
+)
+
+/** Of those, the positions read from a KV cache instead of computed. */
+export const kvPositionsReused = counter(
+  "vdiff_kv_positions_reused_total",
+  "Of the attended positions, those read from a KV cache rather than computed by the forward."
+)
+
+/** reused / attended since the server started: the share of the KV the forwards reused. */
+export const kvReuseShare = Metric.gauge("vdiff_kv_reuse_share", {
+  description: "Share of the attended key/value positions read from a KV cache, since start (reused / attended)."
+})
 
 // --- requests (OpenAI routes) -------------------------------------------------------------------------
 
