@@ -576,7 +576,8 @@ export const familyViolation = (request: SamplingRequest, family: ModelFamily): 
  *
  * For a model of another family than LLaDA (`family`): a setting that does not apply gets its neutral
  * value (required settings) or none; block decoding takes a setting's family default where the request
- * leaves it out and the server's default is the documented one (or, for block_length, always), and reads
+ * leaves it out and the server's default is the documented one or one the family does not take (for
+ * block_length: always), and reads
  * the value through the setting's block rule. The request is expected to have passed `familyViolation`.
  */
 export const resolve = (
@@ -610,7 +611,10 @@ export const resolve = (
     const fallback =
       rule === undefined
         ? (server ?? documented)
-        : rule.serverDefault !== false && server !== undefined && server !== documented
+        : rule.serverDefault !== false &&
+            server !== undefined &&
+            server !== documented &&
+            rule.check?.(server as never, family) === undefined
           ? server
           : (rule.default?.(family) ?? documented)
     const value = decided.has(field) ? decided.get(field) : (request[field] ?? fallback)

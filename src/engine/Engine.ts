@@ -78,7 +78,10 @@ export const modelEndTokens = (info: ModelInfo): ReadonlyArray<number> => {
   const config = info.config as unknown as Loose
   const eos = field(config, "eosTokenId")
   const more = field(config, "stopTokenIds")
-  return [...(typeof eos === "number" && eos >= 0 ? [eos] : []), ...(Array.isArray(more) ? more.filter((id) => typeof id === "number") : [])]
+  return [
+    ...(typeof eos === "number" && eos >= 0 ? [eos] : []),
+    ...(Array.isArray(more) ? more.filter((id) => typeof id === "number") : [])
+  ]
 }
 
 /** The phase of a sequence's forward in a step ("denoise" where the engine does not say). */

@@ -116,7 +116,10 @@ export const makePlan = (
 
     const settingsFor = (promptLength: number, promptParam: string, suffixLength = 0): Effect.Effect<SamplingSettings, BadRequest> => {
       if (suffixLength > 0 && family.decoding === "block") {
-        return notSupported("suffix", `suffix does not apply to this model (${family.name}, block decoding): it writes its answer block by block after the prompt`)
+        return notSupported(
+          "suffix",
+          `suffix does not apply to this model (${family.name}, block decoding): it writes its answer block by block after the prompt`
+        )
       }
       const context = promptLength + suffixLength
       const has = suffixLength === 0 ? `${promptLength} tokens` : `${promptLength} tokens and the suffix ${suffixLength}`

@@ -1,0 +1,285 @@
+/**
+ * The request settings by model family (src/config/sampling.ts): which settings apply to full-canvas and
+ * block decoding, the family defaults, the 400s that name a setting a model cannot honour, and what the
+ * serving layer says about a block model (/v1/models, the usage's `diffusion`, snapshots), over the fake
+ * engine made to report a family, phases and provisional tokens. The same through the native engine on
+ * real tiny models of each family: test/families-serving.test.ts.
+ */
+import { readFileSync } from "node:fs"
+import { join } from "node:path"
+import { Effect, Layer } from "effect"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import * as Sampling from "../src/config/sampling.js"
+import { Engine, type EngineShape, familyOf, type StepResult } from "../src/engine/Engine.js"
+import { makeFake } from "../src/engine/EngineTest.js"
+import { kvPositions } from "../src/telemetry/kvReuse.js"
+import { parseSse, startServerWith, type TestServer, tinyTokenizer } from "./openai-support.js"
+
+const families = Object.fromEntries(Sampling.knownFamilies.map((family) => [family.name, family]))
+const llada = families["llada"]!
+const llada2 = families["llada2_moe"]!
+const sdar = families["sdar"]!
+const serverDefaults: Sampling.EngineDefaults = {
+  maxTokens: 16,
+  steps: 0,
+  blockLength: 32,
+  remasking: "low_confidence",
+  cfgScale: 0,
+  temperature: 0,
+  parallelThreshold: 0,
+  parallelFactor: 0,
+  earlyStop: true,
+  kvCache: "none"
+}
+
+describe("settings by family", () => {
+  it("leaves LLaDA's settings as they were: no editing fields, the server's defaults", () => {
+    const params = Sampling.resolve({}, serverDefaults, 16, llada) as unknown as Record<string, unknown>
+    expect(params).toEqual(Sampling.resolve({}, serverDefaults, 16) as unknown as Record<string, unknown>)
+    expect(params).toMatchObject({ genLength: 16, steps: 16, blockLength: 16, parallelThreshold: 0, kvCache: "none", earlyStop: true })
+    expect(params).not.toHaveProperty("editingThreshold")
+    expect(params).not.toHaveProperty("maxPostSteps")
+    expect(Sampling.familyViolation({ cfg_scale: 1.5, remasking: "random", kv_cache: "dual", block_length: 7 }, llada)).toBeUndefined()
+    expect(Sampling.familyViolation({ editing_threshold: 0.5 }, llada)).toMatchObject({ param: "editing_threshold" })
+  })
+
+  it("gives block models their family's defaults: the trained block, steps = block_length per block, threshold 0.95, the exact prefix cache", () => {
+    const params = Sampling.resolve({}, serverDefaults, 10, sdar) as unknown as Record<string, unknown>
+    expect(params).toMatchObject({
+      genLength: 10,
+      steps: 4,
+      blockLength: 4,
+      parallelThreshold: 0.95,
+      kvCache: "prefix",
+      remasking: "low_confidence",
+      cfgScale: 0
+    })
+    // Settings that do not apply are left out (off), whatever the server's default.
+    expect(params).not.toHaveProperty("parallelFactor")
+    expect(params).not.toHaveProperty("earlyStop")
+    expect(params).not.toHaveProperty("editingThreshold")
+    const two = Sampling.resolve({}, { ...serverDefaults, cfgScale: 2, parallelFactor: 1 }, 64, llada2) as unknown as Record<
+      string,
+      unknown
+    >
+    expect(two).toMatchObject({ steps: 32, blockLength: 32, parallelThreshold: 0.95, kvCache: "prefix", cfgScale: 0, maxPostSteps: 16 })
+    expect(two).not.toHaveProperty("parallelFactor")
+    expect(two).not.toHaveProperty("editingThreshold")
+  })
+
+  it("takes a request's values, and the server's where they differ from the documented default", () => {
+    const request = { diffusion_steps: 2, parallel_threshold: 0, kv_cache: "none", temperature: 0.7, top_k: 5 } as const
+    expect(Sampling.resolve(request, serverDefaults, 16, sdar)).toMatchObject({
+      steps: 2,
+      parallelThreshold: 0,
+      kvCache: "none",
+      temperature: 0.7,
+      topK: 5
+    })
+    // More steps than the block has positions: one token a step.
+    expect(Sampling.resolve({ diffusion_steps: 9 }, serverDefaults, 16, sdar)).toMatchObject({ steps: 4 })
+    expect(Sampling.resolve({}, { ...serverDefaults, parallelThreshold: 0.8, steps: 2 }, 16, sdar)).toMatchObject({
+      parallelThreshold: 0.8,
+      steps: 2
+    })
+    // The server's block length is LLaDA's; a block model always takes its own.
+    expect(Sampling.resolve({}, { ...serverDefaults, blockLength: 8 }, 16, sdar)).toMatchObject({ blockLength: 4 })
+    // A server cache mode the family cannot take leaves the family default.
+    expect(Sampling.resolve({}, { ...serverDefaults, kvCache: "dual" }, 16, sdar)).toMatchObject({ kvCache: "prefix" })
+    // Editing: only where a request asks for it.
+    expect(Sampling.resolve({ editing_threshold: 0.5, max_post_steps: 4 }, serverDefaults, 64, llada2)).toMatchObject({
+      editingThreshold: 0.5,
+      maxPostSteps: 4
+    })
+  })
+
+  it("names the setting a block model cannot honour", () => {
+    const misfit = (request: Sampling.SamplingRequest, family = sdar) => Sampling.familyViolation(request, family)
+    expect(misfit({ cfg_scale: 1.5 })).toEqual({
+      param: "cfg_scale",
+      message: "cfg_scale does not apply to this model (sdar, block decoding): it is a setting of full-canvas decoding (LLaDA)"
+    })
+    expect(misfit({ editing_threshold: 0.5 })).toEqual({
+      param: "editing_threshold",
+      message:
+        "editing_threshold does not apply to this model (sdar, block decoding): it needs a model with token editing (LLaDA2.1's llada2_moe)"
+    })
+    expect(misfit({ max_post_steps: 3 })?.param).toBe("max_post_steps")
+    expect(misfit({ block_length: 32 })).toEqual({
+      param: "block_length",
+      message: "block_length must be 4, the block length this model (sdar) was trained with, got 32"
+    })
+    expect(misfit({ block_length: 8 }, llada2)?.param).toBe("block_length")
+    expect(misfit({ kv_cache: "dual" })?.param).toBe("kv_cache")
+    expect(misfit({ remasking: "random" })?.param).toBe("remasking")
+    expect(misfit({ parallel_factor: 1 })?.param).toBe("parallel_factor")
+    expect(misfit({ early_stop: false })?.param).toBe("early_stop")
+    // Neutral values change nothing, and the model's own block length is its default.
+    expect(misfit({ cfg_scale: 0, remasking: "low_confidence", parallel_factor: 0, early_stop: true, block_length: 4 })).toBeUndefined()
+    expect(misfit({ editing_threshold: 0, max_post_steps: 0, block_length: 32, kv_cache: "none" }, llada2)).toBeUndefined()
+  })
+
+  it("is documented in README.md's Model families table, generated from the table", () => {
+    const readme = readFileSync(join(import.meta.dirname, "..", "README.md"), "utf8").split("\n")
+    const start = readme.indexOf("## Model families")
+    expect(start, 'README.md has a "## Model families" section').toBeGreaterThanOrEqual(0)
+    const header = Sampling.familiesMarkdown().split("\n")[0]!
+    const first = readme.findIndex((line, i) => i > start && line === header)
+    expect(first, "the settings table follows the heading").toBeGreaterThan(start)
+    const end = readme.findIndex((line, i) => i > first && !line.startsWith("|"))
+    expect(readme.slice(first, end).join("\n")).toBe(Sampling.familiesMarkdown())
+    for (const field of Object.keys({ ...Sampling.samplingSettings, ...Sampling.requestOnlySettings })) {
+      expect(Sampling.familiesMarkdown()).toContain(`| \`${field}\` |`)
+    }
+  })
+})
+
+describe("KV reuse", () => {
+  const settings = { genLength: 10, blockLength: 4, kvCache: "prefix" as const, cfgScale: 0 }
+  it("counts block decoding's cached prefix: the prompt's whole blocks, then every finished block", () => {
+    const sequence = { promptLength: 6, suffixLength: 0, settings }
+    // P = 6, B = 4: prefill [0, 4); the first open block is block 1 (positions 4..7, the prompt's tail 4, 5).
+    expect(kvPositions(sdar, sequence, { phase: "prefill", block: 0, refreshed: false })).toEqual({ attended: 4, reused: 0 })
+    expect(kvPositions(sdar, sequence, { phase: "denoise", block: 0, refreshed: false })).toEqual({ attended: 8, reused: 4 })
+    expect(kvPositions(sdar, sequence, { phase: "commit", block: 2, refreshed: false })).toEqual({ attended: 16, reused: 12 })
+    const none = { ...sequence, settings: { ...settings, kvCache: "none" as const } }
+    expect(kvPositions(sdar, none, { phase: "denoise", block: 2, refreshed: false })).toEqual({ attended: 16, reused: 0 })
+  })
+
+  it("counts LLaDA's approximate caches between refreshes", () => {
+    const sequence = { promptLength: 6, suffixLength: 2, settings: { ...settings, blockLength: 5 } }
+    expect(kvPositions(llada, sequence, { phase: "denoise", block: 1, refreshed: true })).toEqual({ attended: 18, reused: 0 })
+    expect(kvPositions(llada, sequence, { phase: "denoise", block: 1, refreshed: false })).toEqual({ attended: 18, reused: 11 })
+    const dual = { ...sequence, settings: { ...sequence.settings, kvCache: "dual" as const, cfgScale: 1 } }
+    expect(kvPositions(llada, dual, { phase: "denoise", block: 1, refreshed: false })).toEqual({ attended: 36, reused: 26 })
+  })
+})
+
+// ---- the serving layer over an engine that reports a block family --------------------------------------
+
+/** The fake engine as a block model: its info names the family; its steps a phase and provisional tokens. */
+const blockEngine = (family: Sampling.ModelFamily) => {
+  const fake = makeFake()
+  let steps = 0
+  const engine: EngineShape = {
+    ...fake,
+    info: { ...fake.info, family } as EngineShape["info"],
+    step: (ids) =>
+      Effect.map(fake.step(ids), (results) =>
+        results.map((r): StepResult => {
+          steps++
+          // The first step of every sequence is its prefill; with editing, a token past the committed one is provisional.
+          const phase = r.stepsDone === 1 ? "prefill" : r.committed.length === 0 ? "commit" : "denoise"
+          const next = r.committed[r.committed.length - 1]
+          const provisional = family.editing && next !== undefined ? [{ position: next.position + 1, token: 5, probability: 0.5 }] : []
+          return { ...r, phase, provisional } as StepResult
+        })
+      )
+  }
+  return { engine, fake, steps: () => steps }
+}
+
+describe.each([
+  ["sdar", sdar],
+  ["llada2_moe", llada2]
+] as const)("serving a %s model", (name, family) => {
+  let server: TestServer<EngineShape>
+  let fake: ReturnType<typeof makeFake>
+  beforeAll(async () => {
+    const made = blockEngine(family)
+    const engine = made.engine
+    fake = made.fake
+    expect(familyOf(engine.info)).toEqual(family)
+    server = await startServerWith({
+      engine,
+      engineLayer: Layer.succeed(Engine, engine),
+      tokenizer: await tinyTokenizer(),
+      config: { family, defaults: serverDefaults }
+    })
+  })
+  afterAll(() => server?.close())
+
+  it("names the family in /v1/models", async () => {
+    const models = (await (await fetch(`${server.url}/v1/models`)).json()) as { data: Array<Record<string, unknown>> }
+    expect(models.data[0]!["family"]).toEqual({ name, decoding: "block", block_length: family.blockLength, editing: family.editing })
+  })
+
+  it("answers 400 naming what the model cannot honour", async () => {
+    const refused = async (body: Record<string, unknown>, path = "/v1/completions") => {
+      const response = await server.post(path, { prompt: "Hello", max_tokens: 4, ...body })
+      expect(response.status).toBe(400)
+      return ((await response.json()) as { error: { param: string; message: string; type: string } }).error
+    }
+    expect(await refused({ cfg_scale: 1 })).toMatchObject({ param: "cfg_scale", type: "invalid_request_error" })
+    expect((await refused({ block_length: family.blockLength * 2 })).param).toBe("block_length")
+    expect((await refused({ kv_cache: "dual" })).param).toBe("kv_cache")
+    expect((await refused({ suffix: " world" })).param).toBe("suffix")
+    expect(
+      (
+        await refused(
+          {
+            max_tokens: undefined,
+            messages: [{ role: "user", content: "Hello" }],
+            response_format: {
+              type: "json_schema",
+              json_schema: { name: "x", schema: { type: "object", properties: { a: { type: "string" } } } }
+            }
+          },
+          "/v1/chat/completions"
+        )
+      ).param
+    ).toBe("response_format")
+    if (!family.editing) expect((await refused({ editing_threshold: 0.5 })).param).toBe("editing_threshold")
+  })
+
+  it("hands the engine the family's settings and reports the forwards by phase", async () => {
+    const body = { prompt: "Hello", max_tokens: 6, ...(family.editing ? { editing_threshold: 0.5 } : {}) }
+    const response = await server.post("/v1/completions", body)
+    expect(response.status).toBe(200)
+    const json = (await response.json()) as { diffusion: Record<string, unknown> }
+    expect(json.diffusion).toMatchObject({
+      decoding: "block",
+      block_length: family.blockLength,
+      kv_cache: "prefix",
+      parallel: { threshold: 0.95 },
+      editing: family.editing ? { threshold: 0.5, max_post_steps: 16 } : null
+    })
+    const forwards = json.diffusion["forwards"] as Record<string, number>
+    // The fake engine commits one token a step; its first step reports the prefill.
+    expect(forwards).toEqual({ prefill: 1, denoise: 5, commit: 0 })
+    expect(json.diffusion["tokens_per_forward"]).toBe(1)
+    const settings = fake.created[fake.created.length - 1]!.settings as unknown as Record<string, unknown>
+    expect(settings).toMatchObject({
+      genLength: 6,
+      blockLength: family.blockLength,
+      steps: family.blockLength,
+      parallelThreshold: 0.95,
+      kvCache: "prefix",
+      cfgScale: 0
+    })
+    expect(settings["editingThreshold"]).toBe(family.editing ? 0.5 : undefined)
+  })
+
+  it("marks the phase and, with editing, the provisional tokens in snapshots", async () => {
+    const response = await server.post("/v1/completions", {
+      prompt: "Hello",
+      max_tokens: 3,
+      stream: true,
+      stream_options: { include_snapshots: true },
+      ...(family.editing ? { editing_threshold: 0.5 } : {})
+    })
+    const snapshots = parseSse(await response.text())
+      .filter((e): e is { choices: Array<{ snapshot?: Record<string, unknown> }> } => typeof e === "object")
+      .flatMap((e) => e.choices.flatMap((c) => (c.snapshot === undefined ? [] : [c.snapshot])))
+    expect(snapshots.map((s) => s["phase"])).toEqual(["prefill", "denoise", "denoise"])
+    if (family.editing) {
+      // After the first step position 0 is committed and position 1 provisional: shown, not masked.
+      expect(snapshots[0]).toMatchObject({ provisional: [1], masked: 1, committed_now: [0] })
+      expect((snapshots[0]!["canvas"] as Array<string>)[1]).not.toBe("<mask>")
+      // Past the answer's end nothing is shown.
+      expect(snapshots[2]).toMatchObject({ provisional: [], masked: 0 })
+    } else {
+      for (const snapshot of snapshots) expect(snapshot).not.toHaveProperty("provisional")
+    }
+  })
+})
