@@ -11,6 +11,8 @@
  *
  * @since 0.1.0
  */
+import { readFileSync } from "node:fs"
+import { join } from "node:path"
 import { Clock, Context, Deferred, Effect, Layer, Option, Ref, Schema, Scope } from "effect"
 import { type ChatFormatterShape, fromTokenizerConfig } from "../chat/ChatFormatter.js"
 import type { EngineShape } from "../engine/Engine.js"
@@ -199,7 +201,23 @@ export const fromEngine = (
       defaults: options.defaults,
       family,
       // Block decoding stops after the block that holds one of the model's end tokens; the answer ends there.
-      ...(family.decoding === "block" ? { endTokenIds: Engine.modelEndTokens(engine.info) } : {})
+      ...(family.decoding === "block"
+        ? { endTokenIds: [...new Set([...Engine.modelEndTokens(engine.info), ...configEndTokens(tokenizer.modelDir)])] }
+        : {})
     }
     return { engine, scheduler, tokenizer, chat, serving }
   })
+
+/**
+ * config.json's eos_token_id, an id or a list of them (SDAR: <|im_end|> and <|endoftext|>): the tokens
+ * block decoding stops at. None when the file has none (the engine's own report still counts).
+ */
+const configEndTokens = (modelDir: string): ReadonlyArray<number> => {
+  try {
+    const eos: unknown = JSON.parse(readFileSync(join(modelDir, "config.json"), "utf8"))["eos_token_id"]
+    const ids = Array.isArray(eos) ? eos : [eos]
+    return ids.filter((id): id is number => Number.isInteger(id) && id >= 0)
+  } catch {
+    return []
+  }
+}

@@ -1,0 +1,253 @@
+/**
+ * End to end through a live `vdiff serve` for each block-diffusion family: tiny random models written by
+ * `vdiff make-model --preset llada2-tiny | sdar-tiny | sdar-moe-tiny` into a temporary directory, served
+ * by the real CLI and native engine. Completions, chat (the model's own chat template), streaming (the
+ * streamed text adds up to the non-streamed one; snapshots mark the phase and, with LLaDA2.1 editing,
+ * the provisional tokens), n > 1 (each answer is the one its seed gives alone), the usage's block
+ * statistics, the cached path equal to full recompute, the metrics, and the 400s that name a setting
+ * the model cannot honour.
+ */
+import { execFile } from "node:child_process"
+import { mkdtemp, rm } from "node:fs/promises"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
+import { promisify } from "node:util"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { repoRoot, type ServeProcess, startServe } from "./stress/serve.js"
+
+const run = promisify(execFile)
+
+interface Family {
+  readonly preset: string
+  readonly name: string
+  readonly blockLength: number
+  readonly editing: boolean
+  /** A one-message conversation ("Speak.") as the model's own chat template renders it. */
+  readonly chat: string
+}
+
+const families: ReadonlyArray<Family> = [
+  {
+    preset: "llada2-tiny",
+    name: "llada2_moe",
+    blockLength: 32,
+    editing: true,
+    chat: "<role>SYSTEM</role>detailed thinking off<|role_end|><role>HUMAN</role>Speak.<|role_end|><role>ASSISTANT</role>"
+  },
+  {
+    preset: "sdar-tiny",
+    name: "sdar",
+    blockLength: 4,
+    editing: false,
+    chat: "<|im_start|>user\nSpeak.<|im_end|>\n<|im_start|>assistant\n"
+  },
+  {
+    preset: "sdar-moe-tiny",
+    name: "sdar_moe",
+    blockLength: 4,
+    editing: false,
+    chat: "<|im_start|>user\nSpeak.<|im_end|>\n<|im_start|>assistant\n"
+  }
+]
+
+const prompt = "ROMEO:\nBut soft, what light"
+
+interface Choice {
+  readonly index: number
+  readonly text?: string
+  readonly message?: { readonly content: string }
+  readonly finish_reason: string
+  readonly token_ids?: ReadonlyArray<number>
+  readonly prompt_token_ids?: ReadonlyArray<number>
+}
+
+interface Diffusion {
+  readonly steps: number
+  readonly forward_passes: number
+  readonly decoding?: string
+  readonly block_length?: number
+  readonly forwards?: { readonly prefill: number; readonly denoise: number; readonly commit: number }
+  readonly tokens_per_forward?: number
+  readonly kv_cache: string
+  readonly parallel: unknown
+  readonly editing?: unknown
+}
+
+interface Completion {
+  readonly choices: ReadonlyArray<Choice>
+  readonly usage: { readonly prompt_tokens: number; readonly completion_tokens: number }
+  readonly diffusion: Diffusion
+}
+
+let dir: string
+
+beforeAll(async () => {
+  dir = await mkdtemp(join(tmpdir(), "vdiff-families-"))
+})
+afterAll(async () => {
+  if (dir !== undefined) await rm(dir, { recursive: true, force: true })
+})
+
+describe.each(families)("serving $preset ($name)", (family) => {
+  let server: ServeProcess
+  const post = async (path: string, body: unknown) =>
+    fetch(server.url + path, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) })
+  const complete = async (body: Record<string, unknown>): Promise<Completion> => {
+    const response = await post("/v1/completions", { prompt, max_tokens: 12, ...body })
+    expect(response.status, await response.clone().text()).toBe(200)
+    return (await response.json()) as Completion
+  }
+  const refused = async (body: Record<string, unknown>, path = "/v1/completions") => {
+    const response = await post(path, { prompt, max_tokens: 8, ...body })
+    expect(response.status).toBe(400)
+    return ((await response.json()) as { error: { param: string; message: string; type: string } }).error
+  }
+
+  beforeAll(async () => {
+    const out = join(dir, family.preset)
+    await run(process.execPath, ["--import", "tsx", "src/main.ts", "make-model", "--preset", family.preset, "--seed", "3", "--out", out], {
+      cwd: repoRoot
+    })
+    server = await startServe({ model: out, flags: ["--max-tokens", "16", "--served-model-name", family.preset] })
+  }, 120_000)
+  afterAll(async () => {
+    await server?.stop()
+  })
+
+  it("names the family in /v1/models", async () => {
+    const models = (await (await fetch(`${server.url}/v1/models`)).json()) as { data: Array<Record<string, unknown>> }
+    expect(models.data).toHaveLength(1)
+    expect(models.data[0]).toMatchObject({
+      id: family.preset,
+      family: { name: family.name, decoding: "block", block_length: family.blockLength, editing: family.editing }
+    })
+  })
+
+  it("completes a prompt with block decoding: the family's defaults, forwards by phase, the same answer every time at temperature 0", async () => {
+    // Long enough for two blocks or more, so that a finished block is committed and cached.
+    const first = await complete({ max_tokens: 2 * family.blockLength + 4, return_token_ids: true })
+    expect(first.choices).toHaveLength(1)
+    const [choice] = first.choices
+    expect(["stop", "length"]).toContain(choice!.finish_reason)
+    expect(first.usage.completion_tokens).toBe(choice!.token_ids!.length)
+    expect(first.usage.completion_tokens).toBeLessThanOrEqual(2 * family.blockLength + 4)
+    const d = first.diffusion
+    expect(d).toMatchObject({ decoding: "block", block_length: family.blockLength, kv_cache: "prefix", parallel: { threshold: 0.95 } })
+    // One forward per step: prefill of the prompt's whole blocks (the prompt is longer than a block of
+    // SDAR's, shorter than LLaDA2's), denoise steps, one commit per finished block but the last.
+    expect(d.forwards!.prefill + d.forwards!.denoise + d.forwards!.commit).toBe(d.forward_passes)
+    expect(d.forwards!.prefill).toBe(choice!.prompt_token_ids!.length >= family.blockLength ? 1 : 0)
+    expect(d.forwards!.denoise).toBeGreaterThan(0)
+    expect(d.tokens_per_forward).toBeGreaterThan(0)
+    expect(d.editing).toBeNull()
+    const again = await complete({ max_tokens: 2 * family.blockLength + 4, return_token_ids: true })
+    expect(again.choices[0]!.token_ids).toEqual(choice!.token_ids)
+  })
+
+  it("gives the same tokens with the exact block cache as with full recompute", async () => {
+    for (const body of [{ parallel_threshold: 0 }, { diffusion_steps: 2 }, {}]) {
+      const cached = await complete({ ...body, max_tokens: 16, return_token_ids: true })
+      const recomputed = await complete({ ...body, max_tokens: 16, return_token_ids: true, kv_cache: "none" })
+      expect(recomputed.diffusion.kv_cache).toBe("none")
+      expect(recomputed.diffusion.forwards!.prefill + recomputed.diffusion.forwards!.commit).toBe(0)
+      expect(recomputed.choices[0]!.token_ids, JSON.stringify(body)).toEqual(cached.choices[0]!.token_ids)
+    }
+  })
+
+  it("chats with the model's own chat template", async () => {
+    const response = await post("/v1/chat/completions", {
+      messages: [{ role: "user", content: "Speak." }],
+      max_tokens: 8,
+      return_token_ids: true
+    })
+    expect(response.status).toBe(200)
+    const chat = (await response.json()) as Completion
+    expect(chat.choices[0]!.message!.content).toEqual(expect.any(String))
+    const rendered = (await (await post("/detokenize", { tokens: chat.choices[0]!.prompt_token_ids })).json()) as { prompt: string }
+    expect(rendered.prompt).toBe(family.chat)
+    expect(chat.diffusion.decoding).toBe("block")
+  })
+
+  it("streams the text the non-streamed answer has, with the usage and block statistics on the last chunk", async () => {
+    const body = { max_tokens: 16, temperature: 0.9, seed: 11 }
+    const whole = await complete(body)
+    const response = await post("/v1/completions", { prompt, ...body, stream: true, stream_options: { include_usage: true } })
+    expect(response.status).toBe(200)
+    const events = (await response.text())
+      .split("\n\n")
+      .filter((block) => block !== "")
+      .map((block) => block.slice("data: ".length))
+    expect(events[events.length - 1]).toBe("[DONE]")
+    const chunks = events.slice(0, -1).map((e) => JSON.parse(e) as Completion)
+    const text = chunks.flatMap((c) => c.choices.map((choice) => choice.text ?? "")).join("")
+    expect(text).toBe(whole.choices[0]!.text)
+    const last = chunks[chunks.length - 1]!
+    expect(last.usage).toEqual(whole.usage)
+    expect(last.diffusion).toEqual(whole.diffusion)
+  })
+
+  it("answers n > 1 together, each answer the one its seed gives alone", async () => {
+    const together = await complete({ n: 3, temperature: 0.8, seed: 5, return_token_ids: true })
+    expect(together.choices.map((c) => c.index)).toEqual([0, 1, 2])
+    for (const [i, choice] of together.choices.entries()) {
+      const alone = await complete({ temperature: 0.8, seed: 5 + i, return_token_ids: true })
+      expect(choice.token_ids, `answer ${i}`).toEqual(alone.choices[0]!.token_ids)
+    }
+  })
+
+  it("refuses with a 400 naming what the model cannot honour", async () => {
+    expect(await refused({ cfg_scale: 1.5 })).toMatchObject({ param: "cfg_scale", type: "invalid_request_error" })
+    expect((await refused({ block_length: family.blockLength * 2 })).message).toContain(`block_length must be ${family.blockLength}`)
+    expect((await refused({ kv_cache: "dual" })).param).toBe("kv_cache")
+    expect((await refused({ remasking: "random" })).param).toBe("remasking")
+    expect((await refused({ parallel_factor: 1 })).param).toBe("parallel_factor")
+    expect((await refused({ suffix: "\n\nJULIET:" })).param).toBe("suffix")
+    if (!family.editing) {
+      expect((await refused({ editing_threshold: 0.5 })).param).toBe("editing_threshold")
+      expect((await refused({ max_post_steps: 4 })).param).toBe("max_post_steps")
+    }
+    // Neutral values change nothing and are accepted.
+    await complete({ cfg_scale: 0, remasking: "low_confidence", block_length: family.blockLength, max_tokens: 4 })
+  })
+
+  it.runIf(family.editing)("edits with LLaDA2.1's rule: provisional tokens in the snapshots, final text as without streaming", async () => {
+    const body = { max_tokens: 16, parallel_threshold: 0.5, editing_threshold: 0, max_post_steps: 4 }
+    const whole = await complete(body)
+    expect(whole.diffusion.editing).toEqual({ threshold: 0, max_post_steps: 4 })
+    const response = await post("/v1/completions", { prompt, ...body, stream: true, stream_options: { include_snapshots: true } })
+    expect(response.status).toBe(200)
+    const chunks = (await response.text())
+      .split("\n\n")
+      .filter((block) => block !== "" && block !== "data: [DONE]")
+      .map((block) => JSON.parse(block.slice("data: ".length)) as { choices: Array<{ text: string; snapshot?: Record<string, unknown> }> })
+    const snapshots = chunks.flatMap((c) => c.choices.flatMap((choice) => (choice.snapshot === undefined ? [] : [choice.snapshot])))
+    expect(snapshots.length).toBeGreaterThan(0)
+    for (const snapshot of snapshots) {
+      expect(["prefill", "denoise", "commit"]).toContain(snapshot["phase"])
+      const canvas = snapshot["canvas"] as Array<string>
+      for (const position of snapshot["provisional"] as Array<number>) expect(canvas[position]).not.toBe("<mask>")
+    }
+    // While the only block is open its written tokens are provisional; none reach the text before it closes.
+    expect(snapshots.some((s) => (s["provisional"] as Array<number>).length > 0)).toBe(true)
+    expect(chunks.map((c) => c.choices.map((choice) => choice.text).join("")).join("")).toBe(whole.choices[0]!.text)
+  })
+
+  it("counts the phase mix and the KV reuse in /metrics", async () => {
+    const text = await (await fetch(`${server.url}/metrics`)).text()
+    const value = (series: string) => {
+      const line = text.split("\n").find((l) => l.startsWith(series + " ") || l.startsWith(series + "{"))
+      return line === undefined ? undefined : Number(line.slice(line.lastIndexOf(" ") + 1))
+    }
+    const phase = (name: string) => {
+      const line = text.split("\n").find((l) => l.startsWith("vdiff_step_phase_total{") && l.includes(`phase="${name}"`))
+      return line === undefined ? 0 : Number(line.slice(line.lastIndexOf(" ") + 1))
+    }
+    expect(phase("denoise")).toBeGreaterThan(0)
+    expect(phase("commit")).toBeGreaterThan(0)
+    const attended = value("vdiff_kv_positions_attended_total")!
+    const reused = value("vdiff_kv_positions_reused_total")!
+    expect(reused).toBeGreaterThan(0)
+    expect(reused).toBeLessThan(attended)
+    expect(value("vdiff_kv_reuse_share")).toBeCloseTo(reused / attended, 6)
+  })
+})
