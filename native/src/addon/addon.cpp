@@ -6,6 +6,7 @@
 //                   gpuMemoryUtilization?}) -> Promise<NativeEngine>
 //   NativeEngine: info() create(prompt, params, suffix?, template?) step(ids, cancel?) score(canvas, positions,
 //   targets)
+//                 (info().family: the model family; step results: phase, provisional, positionsComputed)
 //                 release(id) canvas(id) sequenceInfo(id) live() kvCacheBytes()
 //   CancelToken: cancel() cancelled
 //   cudaDevices() -> number of visible GPUs (0 without the CUDA build, a driver or a GPU)
@@ -21,6 +22,7 @@
 #include "core/backend.h"
 #include "core/engine.h"
 #include "core/error.h"
+#include "core/weights.h"
 
 namespace {
 
@@ -200,6 +202,12 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
       refresh.IsUndefined() || refresh.IsNull()
           ? 0
           : static_cast<int>(integer_of(env, refresh, "params.kvRefreshInterval", INT32_MIN, INT32_MAX));
+  // Block decoding, LLaDA2.1 editing: absent or null is off (-1) and the reference's 16.
+  p.editing_threshold = optional_number("editingThreshold", -1.0);
+  const Napi::Value post = field(env, o, "maxPostSteps", false);
+  p.max_post_steps = post.IsUndefined() || post.IsNull()
+                         ? 16
+                         : static_cast<int>(integer_of(env, post, "params.maxPostSteps", INT32_MIN, INT32_MAX));
   return p;
 }
 
@@ -302,6 +310,33 @@ class ScoreWorker : public PromiseWorker {
   std::vector<double> scores_;
 };
 
+const char* phase_name(vdiff::Phase p) {
+  return p == vdiff::Phase::Prefill ? "prefill" : p == vdiff::Phase::Commit ? "commit" : "denoise";
+}
+
+Napi::Array tokens_array(Napi::Env env, const std::vector<vdiff::CommittedToken>& tokens) {
+  Napi::Array array = Napi::Array::New(env, tokens.size());
+  for (size_t j = 0; j < tokens.size(); ++j) {
+    const vdiff::CommittedToken& t = tokens[j];
+    Napi::Object c = Napi::Object::New(env);
+    c.Set("position", t.position);
+    c.Set("token", t.token);
+    c.Set("probability", static_cast<double>(t.probability));
+    if (!t.top.empty()) {
+      Napi::Array top = Napi::Array::New(env, t.top.size());
+      for (size_t k = 0; k < t.top.size(); ++k) {
+        Napi::Object alt = Napi::Object::New(env);
+        alt.Set("token", t.top[k].token);
+        alt.Set("logprob", static_cast<double>(t.top[k].logprob));
+        top.Set(static_cast<uint32_t>(k), alt);
+      }
+      c.Set("top", top);
+    }
+    array.Set(static_cast<uint32_t>(j), c);
+  }
+  return array;
+}
+
 class StepWorker : public PromiseWorker {
  public:
   StepWorker(Napi::Env env, std::shared_ptr<Engine> engine, Engine::Pinned sequences,
@@ -317,25 +352,7 @@ class StepWorker : public PromiseWorker {
     Napi::Array results = Napi::Array::New(env, outputs_.size());
     for (size_t i = 0; i < outputs_.size(); ++i) {
       const vdiff::StepOutput& out = outputs_[i];
-      Napi::Array committed = Napi::Array::New(env, out.committed.size());
-      for (size_t j = 0; j < out.committed.size(); ++j) {
-        const vdiff::CommittedToken& t = out.committed[j];
-        Napi::Object c = Napi::Object::New(env);
-        c.Set("position", t.position);
-        c.Set("token", t.token);
-        c.Set("probability", static_cast<double>(t.probability));
-        if (!t.top.empty()) {
-          Napi::Array top = Napi::Array::New(env, t.top.size());
-          for (size_t k = 0; k < t.top.size(); ++k) {
-            Napi::Object alt = Napi::Object::New(env);
-            alt.Set("token", t.top[k].token);
-            alt.Set("logprob", static_cast<double>(t.top[k].logprob));
-            top.Set(static_cast<uint32_t>(k), alt);
-          }
-          c.Set("top", top);
-        }
-        committed.Set(static_cast<uint32_t>(j), c);
-      }
+      Napi::Array committed = tokens_array(env, out.committed);
       Napi::Object o = Napi::Object::New(env);
       o.Set("id", Napi::Number::New(env, static_cast<double>(out.id)));
       o.Set("committed", committed);
@@ -348,6 +365,9 @@ class StepWorker : public PromiseWorker {
       o.Set("filled", Napi::Number::New(env, out.filled));
       o.Set("forwardPasses", Napi::Number::New(env, out.forward_passes));
       o.Set("kvRefreshes", Napi::Number::New(env, out.kv_refreshes));
+      o.Set("phase", Napi::String::New(env, phase_name(out.phase)));
+      o.Set("provisional", tokens_array(env, out.provisional));
+      o.Set("positionsComputed", Napi::Number::New(env, static_cast<double>(out.positions_computed)));
       results.Set(static_cast<uint32_t>(i), o);
     }
     return results;
@@ -422,8 +442,20 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     config.Set("rmsNormEps", c.rms_norm_eps);
     config.Set("weightTying", c.weight_tying);
     config.Set("includeBias", c.include_bias);
+    // The family: what the serving side picks its defaults by and refuses settings with.
+    Napi::Object family = Napi::Object::New(env);
+    family.Set("name", c.model_type);
+    family.Set("decoding", c.decoding == vdiff::Decoding::Block ? "block" : "full_canvas");
+    family.Set("blockLength", c.decoding == vdiff::Decoding::Block ? c.block_length : 0);
+    family.Set("editing", guarded(env, [&] { return vdiff::family_of(c).editing; }));
+    family.Set("maskTokenId", c.mask_token_id);
+    family.Set("eosTokenId", c.eos_token_id);
+    Napi::Array stops = Napi::Array::New(env, c.stop_token_ids.size());
+    for (size_t i = 0; i < c.stop_token_ids.size(); ++i) stops.Set(static_cast<uint32_t>(i), c.stop_token_ids[i]);
+    family.Set("stopTokenIds", stops);
     Napi::Object o = Napi::Object::New(env);
     o.Set("config", config);
+    o.Set("family", family);
     const vdiff::BackendInfo backend = model.info();
     o.Set("backend", backend.backend);
     o.Set("device", backend.device);

@@ -1,6 +1,9 @@
-// The step engine: owns the live sequences and advances a batch of them by one denoising step per call.
+// The step engine: owns the live sequences and advances a batch of them by one step per call: every
+// sequence says what its forward is (sequence.h), one batched forward runs them all, and each sequence
+// gets its sampled rows back. Two decodings: the full canvas (LLaDA, here) and block diffusion (LLaDA2.x,
+// SDAR; block_decoding.h), chosen by the model's ModelConfig::decoding.
 //
-// One step of one sequence, as in LLaDA's reference generate():
+// One step of one full-canvas sequence, as in LLaDA's reference generate():
 //   1. the current block's schedule says how many tokens k to commit now (k = 0: nothing to do);
 //   2. the model predicts every still-masked position of the current block (with cfg, a second copy of
 //      the canvas whose prompt and suffix are masked runs in the same batched forward);
@@ -20,40 +23,29 @@
 #include <set>
 #include <string>
 
+#include "block_decoding.h"
 #include "error.h"
 #include "sampler.h"
+#include "sequence.h"
 
 namespace vdiff {
 
-class Sequence {
+class FullCanvasSequence final : public Sequence {
  public:
-  uint64_t id = 0;
   // Prompt, answer, suffix; mask tokens where nothing is committed (only ever in the answer).
   std::vector<int32_t> canvas;
-  int prompt_length = 0;
-  int suffix_length = 0;
-  SamplingParams params;
+  int suffix = 0;
   std::vector<BlockPlan> blocks;
   std::vector<int> block_masks;  // per block: the positions to denoise (fewer than its length with a template)
   bool templated = false;        // created with a template: some answer positions were fixed from the start
-  int steps_total = 0;
   // Progress: the block being worked on and the steps already spent on it.
   int block = 0;
   int step_in_block = 0;
-  int steps_done = 0;
-  bool finished = false;
-  FinishReason reason = FinishReason::None;
   // KV caches (KVCacheMode other than None): one per canvas the forward sees (two with cfg); freed as
   // soon as the sequence finishes. cache_block: the block of their last refresh (-1: none yet).
   std::unique_ptr<KVCache> cache, uncond_cache;
   int cache_block = -1;
-  // Statistics.
-  int forward_passes = 0;
-  int tokens_denoised = 0;
-  int kv_refreshes = 0;
-  int64_t positions_computed = 0;
 
-  int answer_length() const { return params.gen_length; }
   int answer_begin() const { return prompt_length; }
   int answer_end() const { return prompt_length + params.gen_length; }
   bool parallel() const { return params.parallel_threshold > 0.0 || params.parallel_factor > 0.0; }
@@ -62,11 +54,21 @@ class Sequence {
     while (from < static_cast<int>(blocks.size()) && block_masks[from] == 0) ++from;
     return from;
   }
-  uint64_t cache_bytes() const { return (cache ? cache->size() : 0) + (uncond_cache ? uncond_cache->size() : 0); }
-  uint64_t memory_bytes() const {
-    return sizeof(Sequence) + canvas.capacity() * sizeof(int32_t) + blocks.capacity() * sizeof(BlockPlan) +
+  std::vector<int32_t> answer() const override {
+    return std::vector<int32_t>(canvas.begin() + answer_begin(), canvas.begin() + answer_end());
+  }
+  int suffix_length() const override { return suffix; }
+  uint64_t cache_bytes() const override {
+    return (cache ? cache->size() : 0) + (uncond_cache ? uncond_cache->size() : 0);
+  }
+  uint64_t memory_bytes() const override {
+    return sizeof(FullCanvasSequence) + canvas.capacity() * sizeof(int32_t) + blocks.capacity() * sizeof(BlockPlan) +
            cache_bytes();
   }
+
+  void plan(StepWork& w, const ModelConfig& config) const override;
+  void decide(StepWork& w, const RowResult* rows, StepOutput& out, const ModelConfig& config) const override;
+  void apply(const StepWork& w, StepOutput& out, const ModelConfig& config) override;
 };
 
 static Error invalid(const std::string& message, const std::string& param = "") {
@@ -148,12 +150,31 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
     throw invalid("kv_refresh_interval must be >= 0 (0: only at block starts) (got " +
                       std::to_string(p.kv_refresh_interval) + ")",
                   "kv_refresh_interval");
+  if (!(p.editing_threshold <= 1.0))
+    throw invalid(
+        "editing_threshold must be in [0, 1], or < 0 for no editing (got " + std::to_string(p.editing_threshold) + ")",
+        "editing_threshold");
+  if (p.max_post_steps < 0)
+    throw invalid("max_post_steps must be >= 0 (got " + std::to_string(p.max_post_steps) + ")", "max_post_steps");
+  if (c.decoding == Decoding::FullCanvas && p.editing_threshold >= 0.0)
+    throw invalid("editing_threshold: token editing is for block-diffusion models (LLaDA2.1); model type " +
+                      c.model_type + " denoises the full canvas",
+                  "editing_threshold");
 }
 
 uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams& params,
                         const std::vector<int32_t>& suffix, const std::vector<int32_t>& answer_template) {
   const ModelConfig& config = backend_->config();
   validate(prompt, suffix, params, config);
+  // Block diffusion (block_decoding.h) validates the rest of its settings and refuses LLaDA's extras.
+  if (config.decoding == Decoding::Block) {
+    std::shared_ptr<Sequence> seq = make_block_sequence(prompt, params, suffix, answer_template, *backend_);
+    std::lock_guard<std::mutex> lock(mu_);
+    const uint64_t id = next_id_++;
+    seq->id = id;
+    sequences_.emplace(id, std::move(seq));
+    return id;
+  }
   if (!answer_template.empty()) {
     if (static_cast<int>(answer_template.size()) != params.gen_length)
       throw invalid("template has " + std::to_string(answer_template.size()) + " positions, gen_length is " +
@@ -174,9 +195,9 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
     if (open == 0) throw invalid("template fixes every position of the answer: nothing is left to denoise", "template");
   }
 
-  auto seq = std::make_shared<Sequence>();
+  auto seq = std::make_shared<FullCanvasSequence>();
   seq->prompt_length = static_cast<int>(prompt.size());
-  seq->suffix_length = static_cast<int>(suffix.size());
+  seq->suffix = static_cast<int>(suffix.size());
   seq->params = params;
   seq->canvas.reserve(prompt.size() + params.gen_length + suffix.size());
   seq->canvas.assign(prompt.begin(), prompt.end());
@@ -234,15 +255,15 @@ void Engine::release(uint64_t id) {
 std::vector<int32_t> Engine::canvas(uint64_t id) const {
   std::shared_ptr<Sequence> seq = get(id);
   std::lock_guard<std::mutex> lock(mu_);  // a step commits under this lock
-  return std::vector<int32_t>(seq->canvas.begin() + seq->answer_begin(), seq->canvas.begin() + seq->answer_end());
+  return seq->answer();
 }
 
 SequenceInfo Engine::info(uint64_t id) const {
   std::shared_ptr<Sequence> seq = get(id);
   std::lock_guard<std::mutex> lock(mu_);
-  return SequenceInfo{seq->prompt_length,   seq->answer_length(), seq->suffix_length,  seq->steps_total,
-                      seq->steps_done,      seq->finished,        seq->memory_bytes(), seq->forward_passes,
-                      seq->tokens_denoised, seq->kv_refreshes,    seq->cache_bytes(),  seq->positions_computed};
+  return SequenceInfo{seq->prompt_length,   seq->answer_length(), seq->suffix_length(), seq->steps_total,
+                      seq->steps_done,      seq->finished,        seq->memory_bytes(),  seq->forward_passes,
+                      seq->tokens_denoised, seq->kv_refreshes,    seq->cache_bytes(),   seq->positions_computed};
 }
 
 std::vector<double> Engine::score(const std::vector<int32_t>& canvas, const std::vector<int32_t>& positions,
@@ -275,6 +296,8 @@ std::vector<double> Engine::score(const std::vector<int32_t>& canvas, const std:
   seq.length = length;
   seq.logit_rows = positions.data();
   seq.n_logit_rows = static_cast<int>(positions.size());
+  // A block-diffusion model sees its canvas through its block-causal attention.
+  if (config.decoding == Decoding::Block) seq.attention_block = config.block_length;
   std::vector<RowTask> tasks(positions.size());
   for (size_t r = 0; r < positions.size(); ++r) {
     tasks[r].cond = static_cast<int>(r);
@@ -291,25 +314,102 @@ size_t Engine::live() const {
   return sequences_.size();
 }
 
-namespace {
+// ---- one full-canvas step ------------------------------------------------------------------------
 
-// What one sequence does in the step being built.
-struct Work {
-  std::shared_ptr<Sequence> seq;
-  int k = 0;                    // tokens to commit now (quota mode; parallel decoding decides per step)
-  std::vector<int32_t> rows;    // canvas positions that get logits (the block's still-masked ones)
-  std::vector<int32_t> uncond;  // cfg only: the canvas with the prompt and suffix masked
-  int forwards = 0;             // canvas evaluations this step: 0, 1, or 2 with cfg
-  bool refresh = false;         // ... which refresh the KV caches
-  int computed = 0;             // canvas positions each of them computes
-  bool block_done = false;      // this step commits the block's last mask
-  bool finishes = false;        // ... and that ends the sequence (last block, or an early stop)
-  size_t first_row = 0;         // index of rows[0] among all conditional rows of the step
-  size_t cond_offset = 0;       // row index into the logits buffer of the conditional rows
-  size_t uncond_offset = 0;     // ... of the unconditional rows (cfg only)
-};
+void FullCanvasSequence::plan(StepWork& w, const ModelConfig& config) const {
+  const int32_t mask = config.mask_token_id;
+  const BlockPlan& plan = blocks[block];
+  const int masks = block_masks[block];
+  w.k = parallel() ? masks : transfers_at(masks, plan.steps, step_in_block);
+  if (w.k == 0) return;  // nothing would be committed: no forward needed, the step still counts
+  // The candidates are the block's still-masked positions: earlier blocks are complete (a block is
+  // left only when it has no mask), later ones wait.
+  const int block_begin = prompt_length + plan.start;
+  for (int p = block_begin; p < block_begin + plan.length; ++p)
+    if (canvas[p] == mask) w.rows.push_back(p);
+  if (w.rows.empty()) return;  // cannot happen while k <= masks left in the block; nothing to sample
+  const int length = static_cast<int>(canvas.size());
+  const int n = static_cast<int>(w.rows.size());
+  // With a cache: a refresh computes the whole canvas; a read only the block (dual) or the block and
+  // everything after it (prefix). A refresh that was cancelled left its cache not filled.
+  int begin = 0, end = length;
+  if (cache) {
+    const int interval = params.kv_refresh_interval;
+    w.refresh = cache_block != block || (interval > 0 && step_in_block % interval == 0) || !cache->filled() ||
+                (uncond_cache && !uncond_cache->filled());
+    if (!w.refresh) {
+      begin = block_begin;
+      end = params.kv_cache == KVCacheMode::Dual ? block_begin + plan.length : length;
+    }
+  }
+  w.forwards.push_back(ForwardSeq{canvas.data(), length, w.rows.data(), n, cache.get(), begin, end});
+  w.computed = end - begin;
+  if (params.cfg_scale > 0.0) {
+    w.uncond = canvas;
+    std::fill(w.uncond.begin(), w.uncond.begin() + answer_begin(), mask);
+    std::fill(w.uncond.begin() + answer_end(), w.uncond.end(), mask);
+    w.forwards.push_back(ForwardSeq{w.uncond.data(), length, w.rows.data(), n, uncond_cache.get(), begin, end});
+  }
+}
 
-}  // namespace
+void FullCanvasSequence::decide(StepWork& w, const RowResult* rows, StepOutput& out, const ModelConfig& config) const {
+  const int32_t mask = config.mask_token_id;
+  const SamplingParams& p = params;
+  out.block = block;
+  std::vector<double> confidence(w.rows.size());
+  for (size_t r = 0; r < w.rows.size(); ++r) confidence[r] = rows[r].confidence;
+  const int n = static_cast<int>(confidence.size());
+  const std::vector<int> chosen = parallel()
+                                      ? select_parallel(confidence.data(), n, p.parallel_threshold, p.parallel_factor)
+                                      : select_most_confident(confidence.data(), n, w.k);
+  for (int r : chosen) {
+    const RowResult& c = rows[r];
+    out.committed.push_back(CommittedToken{w.rows[r] - answer_begin(), c.token, static_cast<float>(c.probability),
+                                           std::vector<TopLogprob>(c.top, c.top + c.n_top)});
+  }
+
+  // The block is done when this step committed its last mask.
+  const BlockPlan& plan = blocks[block];
+  const int block_end = plan.start + plan.length;  // in the answer
+  int masks_left = -static_cast<int>(chosen.size());
+  for (int q = plan.start; q < block_end; ++q) masks_left += canvas[answer_begin() + q] == mask;
+  w.block_done = masks_left == 0;
+  const bool last_block = open_block(block + 1) == static_cast<int>(blocks.size());
+  w.finishes = w.block_done && last_block;
+  // Early stop fills what follows with EOS, which would overwrite a template's fixed tokens: not with one.
+  if (w.block_done && !last_block && p.early_stop && !templated) {
+    // The answer up to the end of this block is final once this step's tokens are in.
+    std::vector<int32_t> answer(canvas.begin() + answer_begin(), canvas.begin() + answer_begin() + block_end);
+    for (const CommittedToken& t : out.committed) answer[t.position] = t.token;
+    if (answer_has_ended(answer.data(), block_end, config.eos_token_id, p.eot_token_id)) {
+      for (int q = block_end; q < answer_length(); ++q)
+        out.committed.push_back(CommittedToken{q, config.eos_token_id, 1.0f, {}});
+      out.filled = answer_length() - block_end;
+      w.finishes = true;
+    }
+  }
+}
+
+void FullCanvasSequence::apply(const StepWork& w, StepOutput& out, const ModelConfig& config) {
+  for (const CommittedToken& t : out.committed) canvas[answer_begin() + t.position] = t.token;
+  if (w.refresh) cache_block = block;
+  if (!w.block_done) {
+    ++step_in_block;
+  } else if (!w.finishes) {
+    block = open_block(block + 1);
+    step_in_block = 0;
+  } else {
+    finished = true;
+    const bool eos = std::any_of(canvas.begin() + answer_begin(), canvas.begin() + answer_end(), [&](int32_t t) {
+      return t == config.eos_token_id || (params.eot_token_id >= 0 && t == params.eot_token_id);
+    });
+    reason = eos ? FinishReason::Eos : FinishReason::Length;
+    cache.reset();  // never read again
+    uncond_cache.reset();
+  }
+}
+
+// ---- the step -------------------------------------------------------------------------------------
 
 Engine::Pinned Engine::pin(const std::vector<uint64_t>& ids) const {
   Pinned sequences;
@@ -328,71 +428,38 @@ std::vector<StepOutput> Engine::step(const std::vector<uint64_t>& ids, const std
 std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::atomic<bool>* cancel) {
   std::lock_guard<std::mutex> step_lock(step_mu_);
   const ModelConfig& config = backend_->config();
-  const int32_t mask = config.mask_token_id;
 
   // Check the batch before any work.
-  std::vector<Work> work(sequences.size());
-  for (size_t i = 0; i < sequences.size(); ++i) {
-    work[i].seq = sequences[i];
-    if (work[i].seq->finished) throw invalid("sequence " + std::to_string(work[i].seq->id) + " is already finished");
-  }
+  for (const std::shared_ptr<Sequence>& s : sequences)
+    if (s->finished) throw invalid("sequence " + std::to_string(s->id) + " is already finished");
 
-  // Plan: the rows each sequence needs, and the batched forward that computes them.
+  // Plan: the forwards and rows each sequence needs, laid out in one batched forward.
+  std::vector<StepWork> work(sequences.size());
   std::vector<ForwardSeq> batch;
-  size_t n_rows = 0, n_cond_rows = 0;
-  for (Work& w : work) {
-    const Sequence& s = *w.seq;
-    const BlockPlan& block = s.blocks[s.block];
-    const int masks = s.block_masks[s.block];
-    w.k = s.parallel() ? masks : transfers_at(masks, block.steps, s.step_in_block);
-    if (w.k == 0) continue;  // nothing would be committed: no forward needed, the step still counts
-    // The candidates are the block's still-masked positions: earlier blocks are complete (a block is
-    // left only when it has no mask), later ones wait.
-    const int block_begin = s.prompt_length + block.start;
-    for (int p = block_begin; p < block_begin + block.length; ++p)
-      if (s.canvas[p] == mask) w.rows.push_back(p);
-    if (w.rows.empty()) continue;  // cannot happen while k <= masks left in the block; nothing to sample
-    const int length = static_cast<int>(s.canvas.size());
-    const int n = static_cast<int>(w.rows.size());
-    // With a cache: a refresh computes the whole canvas; a read only the block (dual) or the block and
-    // everything after it (prefix). A refresh that was cancelled left its cache not filled.
-    int begin = 0, end = length;
-    if (s.cache) {
-      const int interval = s.params.kv_refresh_interval;
-      w.refresh = s.cache_block != s.block || (interval > 0 && s.step_in_block % interval == 0) || !s.cache->filled() ||
-                  (s.uncond_cache && !s.uncond_cache->filled());
-      if (!w.refresh) {
-        begin = block_begin;
-        end = s.params.kv_cache == KVCacheMode::Dual ? block_begin + block.length : length;
-      }
-    }
-    w.first_row = n_cond_rows;
-    n_cond_rows += n;
-    w.cond_offset = n_rows;
-    batch.push_back(ForwardSeq{s.canvas.data(), length, w.rows.data(), n, s.cache.get(), begin, end});
-    n_rows += n;
-    w.forwards = 1;
-    w.computed = end - begin;
-    if (s.params.cfg_scale > 0.0) {
-      w.uncond = s.canvas;
-      std::fill(w.uncond.begin(), w.uncond.begin() + s.answer_begin(), mask);
-      std::fill(w.uncond.begin() + s.answer_end(), w.uncond.end(), mask);
-      w.uncond_offset = n_rows;
-      batch.push_back(ForwardSeq{w.uncond.data(), length, w.rows.data(), n, s.uncond_cache.get(), begin, end});
-      n_rows += n;
-      w.forwards = 2;
+  size_t n_rows = 0, n_tasks = 0;
+  for (size_t i = 0; i < sequences.size(); ++i) {
+    StepWork& w = work[i];
+    sequences[i]->plan(w, config);
+    w.first_task = n_tasks;
+    if (!w.forwards.empty()) n_tasks += w.rows.size();
+    for (size_t f = 0; f < w.forwards.size(); ++f) {
+      (f == 0 ? w.cond_offset : w.uncond_offset) = n_rows;
+      n_rows += static_cast<size_t>(w.forwards[f].n_logit_rows);
+      batch.push_back(w.forwards[f]);
     }
   }
 
   // One forward over the batch; every row comes back sampled (the logits stay in the backend).
   std::vector<RowRule> rules(work.size());
   std::vector<RowTask> tasks;
-  tasks.reserve(n_cond_rows);
+  tasks.reserve(n_tasks);
   for (size_t i = 0; i < work.size(); ++i) {
-    const Work& w = work[i];
-    const SamplingParams& p = w.seq->params;
+    const StepWork& w = work[i];
+    const Sequence& s = *sequences[i];
+    const SamplingParams& p = s.params;
     rules[i] = RowRule::of(p, config);
-    const bool cfg = p.cfg_scale > 0.0;
+    if (w.forwards.empty()) continue;
+    const bool cfg = w.forwards.size() > 1;
     for (size_t r = 0; r < w.rows.size(); ++r) {
       RowTask t;
       t.cond = static_cast<int>(w.cond_offset + r);
@@ -400,89 +467,37 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
       t.cfg_scale = p.cfg_scale;
       t.rule = &rules[i];
       t.seed = p.seed;
-      t.step = w.seq->steps_done;
-      t.position = w.rows[r] - w.seq->prompt_length;
+      t.step = s.steps_done;
+      t.position = w.rows[r] - s.prompt_length;
       t.top_logprobs = p.top_logprobs;
       tasks.push_back(t);
     }
   }
-  std::vector<RowResult> choices(n_cond_rows);
-  if (!tasks.empty()) backend_->predict(batch, tasks, choices.data(), cancel);
+  std::vector<RowResult> choices(n_tasks);
+  if (!batch.empty()) backend_->predict(batch, tasks, choices.data(), cancel);
   if (cancel && cancel->load()) throw Error(ErrorCode::Cancelled, "step cancelled");
 
   // Decide everything (and allocate everything) before touching any sequence.
   std::vector<StepOutput> outputs(work.size());
   for (size_t i = 0; i < work.size(); ++i) {
-    Work& w = work[i];
-    const Sequence& s = *w.seq;
-    const SamplingParams& p = s.params;
-    StepOutput& out = outputs[i];
-    out.id = s.id;
-    out.block = s.block;
-    std::vector<double> confidence(w.rows.size());
-    for (size_t r = 0; r < w.rows.size(); ++r) confidence[r] = choices[w.first_row + r].confidence;
-    const int n = static_cast<int>(confidence.size());
-    const std::vector<int> chosen = s.parallel()
-                                        ? select_parallel(confidence.data(), n, p.parallel_threshold, p.parallel_factor)
-                                        : select_most_confident(confidence.data(), n, w.k);
-    for (int r : chosen) {
-      const RowResult& c = choices[w.first_row + r];
-      out.committed.push_back(CommittedToken{w.rows[r] - s.answer_begin(), c.token, static_cast<float>(c.probability),
-                                             std::vector<TopLogprob>(c.top, c.top + c.n_top)});
-    }
-
-    // The block is done when this step committed its last mask.
-    const BlockPlan& block = s.blocks[s.block];
-    const int block_end = block.start + block.length;  // in the answer
-    int masks_left = -static_cast<int>(chosen.size());
-    for (int q = block.start; q < block_end; ++q) masks_left += s.canvas[s.answer_begin() + q] == mask;
-    w.block_done = masks_left == 0;
-    const bool last_block = s.open_block(s.block + 1) == static_cast<int>(s.blocks.size());
-    w.finishes = w.block_done && last_block;
-    // Early stop fills what follows with EOS, which would overwrite a template's fixed tokens: not with one.
-    if (w.block_done && !last_block && p.early_stop && !s.templated) {
-      // The answer up to the end of this block is final once this step's tokens are in.
-      std::vector<int32_t> answer(s.canvas.begin() + s.answer_begin(), s.canvas.begin() + s.answer_begin() + block_end);
-      for (const CommittedToken& t : out.committed) answer[t.position] = t.token;
-      if (answer_has_ended(answer.data(), block_end, config.eos_token_id, p.eot_token_id)) {
-        for (int q = block_end; q < s.answer_length(); ++q)
-          out.committed.push_back(CommittedToken{q, config.eos_token_id, 1.0f, {}});
-        out.filled = s.answer_length() - block_end;
-        w.finishes = true;
-      }
-    }
+    outputs[i].id = sequences[i]->id;
+    outputs[i].phase = work[i].phase;
+    sequences[i]->decide(work[i], choices.data() + work[i].first_task, outputs[i], config);
   }
 
   // Commit.
   std::lock_guard<std::mutex> lock(mu_);
   for (size_t i = 0; i < work.size(); ++i) {
-    const Work& w = work[i];
-    Sequence& s = *w.seq;
+    const StepWork& w = work[i];
+    Sequence& s = *sequences[i];
     StepOutput& out = outputs[i];
-    for (const CommittedToken& t : out.committed) s.canvas[s.answer_begin() + t.position] = t.token;
-    ++s.steps_done;
-    s.forward_passes += w.forwards;
-    s.positions_computed += static_cast<int64_t>(w.forwards) * w.computed;
-    if (w.refresh) {
-      s.cache_block = s.block;
-      s.kv_refreshes += w.forwards;
-    }
+    const int forwards = static_cast<int>(w.forwards.size());
+    if (w.phase == Phase::Denoise) ++s.steps_done;
+    s.forward_passes += forwards;
+    s.positions_computed += static_cast<int64_t>(forwards) * w.computed;
+    if (w.refresh) s.kv_refreshes += forwards;
     s.tokens_denoised += static_cast<int>(out.committed.size()) - out.filled;
-    if (!w.block_done) {
-      ++s.step_in_block;
-    } else if (!w.finishes) {
-      s.block = s.open_block(s.block + 1);
-      s.step_in_block = 0;
-    } else {
-      s.finished = true;
-      const bool eos =
-          std::any_of(s.canvas.begin() + s.answer_begin(), s.canvas.begin() + s.answer_end(), [&](int32_t t) {
-            return t == config.eos_token_id || (s.params.eot_token_id >= 0 && t == s.params.eot_token_id);
-          });
-      s.reason = eos ? FinishReason::Eos : FinishReason::Length;
-      s.cache.reset();  // never read again
-      s.uncond_cache.reset();
-    }
+    s.apply(w, out, config);
     out.finished = s.finished;
     out.reason = s.reason;
     out.steps_done = s.steps_done;

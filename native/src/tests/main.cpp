@@ -46,6 +46,10 @@ int main(int argc, char** argv) {
       if (args[i] == "--golden") golden = args[i + 1];
     test_golden(golden);
     test_engine_kv_cache(golden);
+    std::string golden_block = VDIFF_GOLDEN_BLOCK_DIR;
+    for (size_t i = 0; i + 1 < args.size(); ++i)
+      if (args[i] == "--golden-block") golden_block = args[i + 1];
+    test_block(golden_block);
     std::printf("%d checks, %d failed, %.1f s\n", g_checks, g_failures, seconds_since(t0));
   } catch (const std::exception& e) {
     std::printf("FAIL uncaught exception: %s\n", e.what());

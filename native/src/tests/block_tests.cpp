@@ -1,0 +1,662 @@
+// Block decoding in the step engine (core/block_decoding.h): the phases and forwards of a sequence, the
+// exact block cache against full recompute (tokens, traces and the largest logit difference), a batch of
+// mixed sequences against each alone, editing, the stop after the block holding an end token, the
+// settings block decoding refuses, score's block-causal attention, and the golden fixtures of the
+// PyTorch reference (test/fixtures/golden-block) when they are there.
+//
+// Until the block families load, the engine is driven through a tiny LLaDA checkpoint whose config says
+// Decoding::Block (BlockModel below): the CPU forward honours ForwardSeq::attention_block whatever the
+// family, so this is the same engine path a LLaDA2 or SDAR model takes.
+#include <tuple>
+
+#include "core/block_decoding.h"
+#include "tests/model_fixtures.h"
+
+namespace vdiff::test {
+
+namespace {
+
+// A backend that runs another one's forward under a config of its own (block decoding, a block length,
+// a model type, end tokens) and records what each forward computed and the logits it returned.
+class BlockModel final : public Backend {
+ public:
+  BlockModel(std::shared_ptr<Backend> inner, const ModelConfig& config)
+      : Backend(config, test_options(1)), inner_(std::move(inner)) {}
+  BackendInfo info() const override { return inner_->info(); }
+  std::string weight_dtype() const override { return inner_->weight_dtype(); }
+  uint64_t parameter_count() const override { return inner_->parameter_count(); }
+  uint64_t weight_bytes() const override { return inner_->weight_bytes(); }
+  uint64_t kv_cache_bytes(int positions) const override { return inner_->kv_cache_bytes(positions); }
+  std::unique_ptr<KVCache> make_kv_cache(int positions) override { return inner_->make_kv_cache(positions); }
+  uint64_t kv_cache_live_bytes() const override { return inner_->kv_cache_live_bytes(); }
+  void forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) override {
+    for (const ForwardSeq& s : batch)
+      calls.push_back(std::to_string(s.compute_begin) + "-" +
+                      std::to_string(s.compute_end == -1 ? s.length : s.compute_end) + (s.cache ? "c" : "") +
+                      (s.attention_block > 0 ? "" : " bidirectional!"));
+    inner_->forward(batch, logits, cancel);
+    size_t rows = 0;
+    for (const ForwardSeq& s : batch) rows += s.n_logit_rows;
+    if (record_logits && rows > 0)
+      row_logits.emplace_back(logits, logits + rows * static_cast<size_t>(config_.embedding_size));
+    if (cancel_after) cancel_after->store(true), cancel_after = nullptr;
+  }
+  std::vector<std::string> calls;  // "begin-end" per sequence per forward, "c" when it had a cache
+  bool record_logits = false;
+  std::vector<std::vector<float>> row_logits;  // per forward with rows: the rows' logits
+  std::atomic<bool>* cancel_after = nullptr;
+
+ protected:
+  std::unique_ptr<KVCache> allocate_kv_cache(int, uint64_t) override {
+    throw Error(ErrorCode::Internal, "BlockModel: caches come from the inner backend");
+  }
+
+ private:
+  std::shared_ptr<Backend> inner_;
+};
+
+ModelConfig block_config(const ModelConfig& base, int block, const std::string& model_type = "llada2_moe") {
+  ModelConfig c = base;
+  c.decoding = Decoding::Block;
+  c.block_length = block;
+  c.model_type = model_type;
+  return c;
+}
+
+// One sequence's run: every step's output and, per denoise step, the tokens it wrote at answer positions
+// (committed, or with editing written provisionally) with their probabilities: the fixtures' trace.
+struct Run {
+  std::string phases;  // P, D, C per step
+  std::vector<std::vector<std::tuple<int, int, float>>> trace;
+  std::vector<int32_t> answer;
+  FinishReason reason = FinishReason::None;
+  std::vector<StepOutput> outputs;
+  SequenceInfo info{};
+  int edits = 0;
+  bool operator==(const Run& o) const {
+    return phases == o.phases && answer == o.answer && reason == o.reason && trace == o.trace;
+  }
+  // The same denoising (answer, trace, stop) whatever the prefill and commit forwards around it.
+  bool same_denoising(const Run& o) const { return answer == o.answer && reason == o.reason && trace == o.trace; }
+};
+
+char phase_letter(Phase p) { return p == Phase::Prefill ? 'P' : p == Phase::Commit ? 'C' : 'D'; }
+
+// Runs the sequences to the end, all in one batch per step.
+std::vector<Run> run_all(Engine& engine, const std::vector<uint64_t>& ids) {
+  std::vector<Run> runs(ids.size());
+  std::vector<std::map<int, std::pair<int, float>>> shown(ids.size());  // editing: what provisional showed
+  std::vector<uint64_t> running = ids;
+  for (int guard = 0; !running.empty() && guard < 10000; ++guard) {
+    std::vector<uint64_t> next;
+    for (const StepOutput& out : engine.step(running)) {
+      const size_t i = std::find(ids.begin(), ids.end(), out.id) - ids.begin();
+      Run& r = runs[i];
+      r.phases += phase_letter(out.phase);
+      r.outputs.push_back(out);
+      if (out.phase == Phase::Denoise) {
+        // The writes: entries new or changed against what the step before showed.
+        std::vector<std::tuple<int, int, float>> writes;
+        auto& before = shown[i];
+        auto take = [&](const std::vector<CommittedToken>& list) {
+          for (const CommittedToken& c : list) {
+            auto it = before.find(c.position);
+            if (it == before.end() || it->second.first != c.token) {
+              if (it != before.end()) ++r.edits;
+              writes.emplace_back(c.position, c.token, c.probability);
+            }
+          }
+        };
+        take(out.committed);
+        take(out.provisional);
+        std::sort(writes.begin(), writes.end());
+        r.trace.push_back(writes);
+        if (!out.provisional.empty() || !out.committed.empty()) {
+          std::map<int, std::pair<int, float>> now;
+          for (const CommittedToken& c : out.provisional) now[c.position] = {c.token, c.probability};
+          if (out.provisional.empty()) now.clear();  // the block closed: the next one starts empty
+          before = now;
+        }
+      }
+      if (out.finished) r.reason = out.reason;
+      else next.push_back(out.id);
+    }
+    running = next;
+  }
+  for (size_t i = 0; i < ids.size(); ++i) {
+    runs[i].answer = engine.canvas(ids[i]);
+    runs[i].info = engine.info(ids[i]);
+  }
+  return runs;
+}
+
+Run run_one(Engine& engine, const std::vector<int32_t>& prompt, const SamplingParams& p) {
+  const uint64_t id = engine.create(prompt, p);
+  Run r = run_all(engine, {id})[0];
+  engine.release(id);
+  return r;
+}
+
+SamplingParams block_params(int gen, int block, int steps, KVCacheMode mode, double threshold = 0.0) {
+  SamplingParams p;
+  p.gen_length = gen, p.block_length = block, p.steps = steps, p.kv_cache = mode;
+  p.parallel_threshold = threshold;
+  return p;
+}
+
+std::string joined(const std::vector<std::string>& calls) {
+  std::string s;
+  for (const std::string& c : calls) s += (s.empty() ? "" : " ") + c;
+  return s;
+}
+
+int count(const std::string& s, char c) { return static_cast<int>(std::count(s.begin(), s.end(), c)); }
+
+// The expected forward ranges of a cached run from its phases: block_decoding.h's rules.
+std::string expected_calls(const std::string& phases, int P, int B) {
+  std::string s;
+  int block = P / B;
+  for (char ph : phases) {
+    std::string c;
+    if (ph == 'P') c = "0-" + std::to_string(P / B * B) + "c";
+    if (ph == 'D') c = std::to_string(block * B) + "-" + std::to_string((block + 1) * B) + "c";
+    if (ph == 'C') c = std::to_string(block * B) + "-" + std::to_string((block + 1) * B) + "c", ++block;
+    s += (s.empty() ? "" : " ") + c;
+  }
+  return s;
+}
+
+void expect_refused(const std::string& name, const std::string& param, const std::function<void()>& fn) {
+  try {
+    fn();
+    report(false, "block refuses " + name, "no error thrown");
+  } catch (const Error& e) {
+    report(e.code() == ErrorCode::InvalidArgument && e.param() == param, "block refuses " + name,
+           std::string(e.what()) + " [param " + e.param() + "]");
+  }
+}
+
+}  // namespace
+
+void test_block_schedule() {
+  report(block_schedule(32, 32) == std::vector<int>(32, 1), "block schedule 32/32: all ones");
+  report(block_schedule(4, 3) == std::vector<int>({2, 1, 1}), "block schedule 4/3: the first B % steps one more");
+  report(block_schedule(4, 6) == std::vector<int>({1, 1, 1, 1, 0, 0}), "block schedule 4/6: zeros past B");
+  report(block_schedule(8, 1) == std::vector<int>({8}), "block schedule 8/1: the whole block");
+}
+
+void test_block_engine() {
+  TempDir tmp;
+  TinySpec spec;
+  write_tiny(tmp.path / "tiny", make_tiny(spec, WType::F32, 77));
+  std::shared_ptr<Backend> inner = Backend::load((tmp.path / "tiny").string(), test_options(2));
+  const int B = 4;
+  std::mt19937 rng(9);
+  auto prompt_of = [&](int n) { return random_tokens(rng, n, spec.vocab - 2); };  // no mask, no EOS
+
+  // EOS set to a head-padding id that is never drawn: runs go to the last block unless a test sets stops.
+  ModelConfig base = block_config(inner->config(), B);
+  base.eos_token_id = spec.embedding - 1;
+  auto model = std::make_shared<BlockModel>(inner, base);
+  Engine engine(model);
+
+  // Phases and forwards: prompt 6 (one whole block and a tail of 2), 10 answer tokens: canvas 16, blocks 1..3.
+  {
+    const std::vector<int32_t> prompt = prompt_of(6);
+    model->calls.clear();
+    const Run cached = run_one(engine, prompt, block_params(10, B, 4, KVCacheMode::Prefix));
+    const std::string cached_calls = joined(model->calls);
+    model->calls.clear();
+    const Run full = run_one(engine, prompt, block_params(10, B, 4, KVCacheMode::None));
+    const std::string full_calls = joined(model->calls);
+    // Block 1 holds 2 masks (one per step), blocks 2 and 3 four each.
+    report(cached.phases == "PDDCDDDDCDDDD", "block phases, cached: prefill, denoise per step, commit between blocks",
+           cached.phases + ": " + cached_calls);
+    report(cached_calls == expected_calls(cached.phases, 6, B) && cached_calls.substr(0, 14) == "0-4c 4-8c 4-8c",
+           "block forwards, cached: prefill [0,4), the open block with the prompt tail, commit of the final block",
+           cached_calls);
+    std::string from_cached;  // each cached denoise [b, e)c is an uncached [0, e)
+    for (size_t i = 0, at = 0; i < cached.phases.size(); ++i) {
+      const size_t space = cached_calls.find(' ', at);
+      const std::string call = cached_calls.substr(at, space == std::string::npos ? std::string::npos : space - at);
+      at = space + 1;
+      if (cached.phases[i] == 'D')
+        from_cached +=
+            (from_cached.empty() ? "0-" : " 0-") + call.substr(call.find('-') + 1, call.size() - call.find('-') - 2);
+    }
+    report(full.phases == "DDDDDDDDDD" && full_calls == from_cached,
+           "block forwards, no cache: [0, block end) every step", full_calls);
+    const SequenceInfo& ci = cached.info;
+    const int denoise = count(cached.phases, 'D'), commits = count(cached.phases, 'C');
+    report(ci.forward_passes == 1 + denoise + commits && commits == 2 && ci.steps_done == denoise &&
+               ci.kv_refreshes == 1 + commits && ci.positions_computed == 4 + 4 * (denoise + commits) &&
+               full.info.forward_passes == 10 && full.info.kv_refreshes == 0 &&
+               full.info.positions_computed == 2 * 8 + 4 * 12 + 4 * 16,
+           "block counters: forwards = prefill + denoise steps + one commit per block but the last",
+           fmt("%g forwards, %g refreshes, %g positions", ci.forward_passes, ci.kv_refreshes,
+               static_cast<double>(ci.positions_computed)));
+    report(cached.same_denoising(full) && cached.info.tokens_denoised == 10 && cached.reason == FinishReason::Length &&
+               std::find(cached.answer.begin(), cached.answer.end(), spec.vocab - 1) == cached.answer.end(),
+           "block cached == full recompute: same tokens, probabilities and steps (prompt 6, block 4)");
+    bool blocks_ok = true;
+    for (const StepOutput& o : cached.outputs) {
+      if (o.phase == Phase::Prefill) blocks_ok = blocks_ok && o.block == 0 && o.committed.empty();
+      if (o.phase == Phase::Commit) blocks_ok = blocks_ok && o.committed.empty() && o.provisional.empty();
+      for (const CommittedToken& t : o.committed) blocks_ok = blocks_ok && t.position >= 0 && t.position < 10;
+    }
+    report(blocks_ok && cached.outputs.back().finished,
+           "block outputs: prefill and commit commit nothing; answer positions only");
+
+    // Prompts shorter than a block and a multiple of it; no prefill / a prefill and no tail.
+    model->calls.clear();
+    const Run short_prompt = run_one(engine, prompt_of(3), block_params(5, B, 2, KVCacheMode::Prefix));
+    report(short_prompt.phases.find('P') == std::string::npos && joined(model->calls).substr(0, 8) == "0-4c 0-4",
+           "block prompt shorter than a block: no prefill, the first block holds it", joined(model->calls));
+    model->calls.clear();
+    const Run whole = run_one(engine, prompt_of(8), block_params(4, B, 4, KVCacheMode::Prefix));
+    report(whole.phases == "PDDDD" && joined(model->calls) == "0-8c 8-12c 8-12c 8-12c 8-12c",
+           "block prompt of whole blocks: prefill then the answer's single block, no commit after the last",
+           whole.phases + ": " + joined(model->calls));
+  }
+
+  // The cached form == full recompute on many sequences (prompt lengths 0..13, thresholds, steps), and
+  // the largest logit difference between them over every denoise forward.
+  {
+    double worst = 0.0, worst_logit = 0.0;
+    int cases = 0, same = 0, threshold_steps = 0;
+    for (int P = 0; P <= 13; ++P) {
+      const std::vector<int32_t> prompt = prompt_of(P);
+      for (auto [steps, threshold] : {std::pair{4, 0.0}, std::pair{2, 0.0}, std::pair{4, 0.3}, std::pair{3, 0.15}}) {
+        const int gen = 3 + (P * 5) % 11;
+        model->record_logits = true;
+        model->row_logits.clear();
+        const Run cached = run_one(engine, prompt, block_params(gen, B, steps, KVCacheMode::Prefix, threshold));
+        std::vector<std::vector<float>> a = std::move(model->row_logits);
+        model->row_logits.clear();
+        const Run full = run_one(engine, prompt, block_params(gen, B, steps, KVCacheMode::None, threshold));
+        std::vector<std::vector<float>> b = std::move(model->row_logits);
+        model->record_logits = false;
+        ++cases;
+        const bool ok = full.phases.size() == size_t(count(cached.phases, 'D')) && full.trace == cached.trace &&
+                        full.answer == cached.answer && full.reason == cached.reason && a.size() == b.size();
+        same += ok;
+        if (ok)
+          for (size_t f = 0; f < a.size(); ++f)
+            worst = std::max(worst, max_abs_diff(a[f], b[f])), worst_logit = std::max(worst_logit, max_abs(a[f]));
+        for (const auto& step : cached.trace) threshold_steps += step.size() > 1 && steps == 4;
+      }
+    }
+    report(
+        same == cases && worst <= 1e-4 * worst_logit,
+        "block cached == full recompute token for token (prompts 0..13, steps 4/2/3, thresholds 0/0.3/0.15)",
+        std::to_string(same) + " of " + std::to_string(cases) + " equal; largest logit difference " +
+            fmt("%.3g (max |logit| %.3g); %g threshold steps committing > quota", worst, worst_logit, threshold_steps));
+  }
+
+  // A batch of 8 mixed sequences (prompt lengths, answer lengths, cached or not, thresholds, editing)
+  // gives each what it gets alone.
+  {
+    struct Spec {
+      std::vector<int32_t> prompt;
+      SamplingParams params;
+    };
+    std::vector<Spec> specs;
+    const int lengths[8] = {0, 3, 4, 6, 8, 9, 13, 2};
+    for (int i = 0; i < 8; ++i) {
+      SamplingParams p = block_params(2 + (i * 7) % 13, B, i % 3 == 0 ? 4 : 2,
+                                      i % 2 ? KVCacheMode::Prefix : KVCacheMode::None, i % 4 == 1 ? 0.2 : 0.0);
+      if (i == 5 || i == 6) p.editing_threshold = i == 5 ? 0.0 : 0.5, p.max_post_steps = 3, p.parallel_threshold = 0.4;
+      specs.push_back({prompt_of(lengths[i]), p});
+    }
+    std::vector<uint64_t> ids;
+    for (const Spec& s : specs) ids.push_back(engine.create(s.prompt, s.params));
+    const std::vector<Run> together = run_all(engine, ids);
+    int same = 0;
+    std::string phases;
+    for (size_t i = 0; i < specs.size(); ++i) {
+      same += run_one(engine, specs[i].prompt, specs[i].params) == together[i];
+      phases += (i ? " " : "") + together[i].phases;
+      engine.release(ids[i]);
+    }
+    report(same == 8, "block batch of 8 mixed (prompts 0..13, cached / not, threshold, editing) == each alone",
+           std::to_string(same) + " of 8; phases " + phases);
+  }
+
+  // Editing: provisional tokens while the block is open, committed with their final values when it
+  // closes; at most max_post_steps forwards without masks per block; cached == full recompute.
+  {
+    int edits = 0, cases = 0, ok_cases = 0, same = 0;
+    std::string detail;
+    for (int P : {2, 4, 7}) {
+      const std::vector<int32_t> prompt = prompt_of(P);
+      for (double edit : {0.0, 0.3}) {
+        for (int post : {0, 2, 16}) {
+          SamplingParams p = block_params(9, B, 4, KVCacheMode::Prefix, 0.5);
+          p.editing_threshold = edit, p.max_post_steps = post;
+          const Run cached = run_one(engine, prompt, p);
+          p.kv_cache = KVCacheMode::None;
+          const Run full = run_one(engine, prompt, p);
+          ++cases;
+          same += cached.same_denoising(full);
+          edits += cached.edits;
+          // Per block: the steps without masks stay within max_post_steps; every answer position is
+          // committed exactly once, when its block closes, with the canvas's final token.
+          bool ok = true;
+          std::map<int, int> committed;
+          for (const StepOutput& o : cached.outputs) {
+            for (const CommittedToken& t : o.committed) {
+              ok = ok && committed.count(t.position) == 0 && cached.answer[t.position] == t.token;
+              committed[t.position] = t.token;
+              ok = ok && o.provisional.empty();
+            }
+            for (const CommittedToken& t : o.provisional) ok = ok && committed.count(t.position) == 0;
+          }
+          ok = ok && static_cast<int>(committed.size()) == 9 && cached.info.tokens_denoised == 9;
+          ok_cases += ok;
+        }
+      }
+    }
+    report(ok_cases == cases && same == cases && edits > 0,
+           "block editing: provisional until the block closes, committed once with the final token; cached == "
+           "full recompute",
+           std::to_string(same) + " of " + std::to_string(cases) + " equal, " + std::to_string(edits) + " edits");
+
+    // max_post_steps bounds the forwards of a block without masks: with editing_threshold 0 every
+    // differing prediction is an edit, so blocks tend to use all of them.
+    const std::vector<int32_t> prompt = prompt_of(4);
+    for (int post : {0, 1, 3}) {
+      SamplingParams p = block_params(4, B, 4, KVCacheMode::None, 0.99);  // one block, one mask per step
+      p.editing_threshold = 0.0, p.max_post_steps = post;
+      const Run r = run_one(engine, prompt, p);
+      // Steps with masks: 4 (one each, the threshold is never passed on this random model or rarely);
+      // then at most `post` more.
+      const int steps = r.info.steps_done;
+      report(steps >= 1 && steps <= 4 + post && r.info.steps_done <= r.info.steps_total,
+             "block editing: max_post_steps " + std::to_string(post) + " bounds the block's forwards",
+             std::to_string(steps) + " steps of at most " + std::to_string(r.info.steps_total));
+    }
+  }
+
+  // Stop: the block holding an end token is the last one denoised; later blocks stay masks. The stop
+  // token: one whose first occurrence in the answer is in its second block if there is one, else the
+  // answer's first token.
+  {
+    const int P = 5, G = 14;  // canvas blocks 1..4: answer 0..2, 3..6, 7..10, 11..13
+    const std::vector<int32_t> prompt = prompt_of(P);
+    const SamplingParams p = block_params(G, B, 4, KVCacheMode::Prefix);
+    const Run free_run = run_one(engine, prompt, p);
+    int32_t stop = free_run.answer[0];
+    for (int q = 3; q < 7; ++q)
+      if (std::find(free_run.answer.begin(), free_run.answer.begin() + q, free_run.answer[q]) ==
+          free_run.answer.begin() + q) {
+        stop = free_run.answer[q];
+        break;
+      }
+    const int first =
+        static_cast<int>(std::find(free_run.answer.begin(), free_run.answer.end(), stop) - free_run.answer.begin());
+    const int last_block = (P + first) / B;            // canvas block holding it
+    const int answer_done = (last_block + 1) * B - P;  // answer positions up to that block's end
+    ModelConfig with_stop = base;
+    with_stop.stop_token_ids = {stop};
+    Engine stop_engine(std::make_shared<BlockModel>(inner, with_stop));
+    const Run stopped = run_one(stop_engine, prompt, p);
+    bool later_masks = true;
+    for (int q = answer_done; q < G; ++q) later_masks = later_masks && stopped.answer[q] == spec.vocab - 1;
+    // The free run's phases up to the end of that block's denoising (its commit is skipped).
+    const size_t commits_before = static_cast<size_t>(last_block - P / B);
+    size_t cut = 0;
+    for (size_t seen = 0; cut < free_run.phases.size(); ++cut)
+      if (free_run.phases[cut] == 'C' && seen++ == commits_before) break;
+    report(stopped.reason == FinishReason::Eos && later_masks &&
+               std::equal(stopped.answer.begin(), stopped.answer.begin() + answer_done, free_run.answer.begin()) &&
+               stopped.phases == free_run.phases.substr(0, cut) && free_run.reason == FinishReason::Length,
+           "block stop: after the block holding a stop token, the rest stays masks, no commit after it",
+           "stop token " + std::to_string(stop) + " first at answer position " + std::to_string(first) + ": " +
+               stopped.phases + " of " + free_run.phases);
+  }
+
+  // A step cancelled after its forward (prefill, denoise, commit), retried, changes nothing.
+  {
+    const std::vector<int32_t> prompt = prompt_of(6);
+    const SamplingParams p = block_params(10, B, 4, KVCacheMode::Prefix);
+    const Run want = run_one(engine, prompt, p);
+    for (int cancel_at : {0, 1, 3, 4}) {
+      const uint64_t id = engine.create(prompt, p);
+      std::atomic<bool> cancel{false};
+      bool cancelled = false;
+      Run got;
+      for (int step = 0, guard = 0; guard < 200; ++guard) {
+        if (step == cancel_at && !cancelled) model->cancel_after = &cancel;
+        try {
+          StepOutput out = engine.step({id}, &cancel).at(0);
+          got.phases += phase_letter(out.phase);
+          ++step;
+          if (out.finished) break;
+        } catch (const Error& e) {
+          cancelled = e.code() == ErrorCode::Cancelled;
+          cancel.store(false);
+        }
+      }
+      got.answer = engine.canvas(id);
+      engine.release(id);
+      report(cancelled && got.phases == want.phases && got.answer == want.answer,
+             std::string("block: a step cancelled after its forward (") + want.phases[cancel_at] +
+                 "), retried, changes nothing");
+    }
+  }
+
+  // Settings that do not apply to block decoding are refused, each naming its field.
+  {
+    const std::vector<int32_t> prompt = prompt_of(5);
+    auto with = [&](auto change) {
+      SamplingParams p = block_params(8, B, 4, KVCacheMode::Prefix);
+      change(p);
+      return p;
+    };
+    expect_refused("cfg_scale", "cfg_scale",
+                   [&] { engine.create(prompt, with([](SamplingParams& p) { p.cfg_scale = 1; })); });
+    expect_refused("remasking random", "remasking",
+                   [&] { engine.create(prompt, with([](SamplingParams& p) { p.remasking = Remasking::Random; })); });
+    expect_refused("a suffix", "suffix", [&] { engine.create(prompt, with([](SamplingParams&) {}), {1, 2}); });
+    std::vector<int32_t> tmpl(8, -1);
+    tmpl[0] = 3;
+    expect_refused("a template", "template", [&] { engine.create(prompt, with([](SamplingParams&) {}), {}, tmpl); });
+    expect_refused("parallel_factor", "parallel_factor",
+                   [&] { engine.create(prompt, with([](SamplingParams& p) { p.parallel_factor = 1; })); });
+    expect_refused("kv_cache dual", "kv_cache",
+                   [&] { engine.create(prompt, with([](SamplingParams& p) { p.kv_cache = KVCacheMode::Dual; })); });
+    expect_refused("block_length other than the model's", "block_length",
+                   [&] { engine.create(prompt, with([](SamplingParams& p) { p.block_length = 8; })); });
+    expect_refused("max_post_steps < 0", "max_post_steps",
+                   [&] { engine.create(prompt, with([](SamplingParams& p) { p.max_post_steps = -1; })); });
+    expect_refused("editing_threshold > 1", "editing_threshold",
+                   [&] { engine.create(prompt, with([](SamplingParams& p) { p.editing_threshold = 1.5; })); });
+    ModelConfig short_context = base;
+    short_context.max_sequence_length = 254;
+    Engine short_engine(std::make_shared<BlockModel>(inner, short_context));
+    expect_refused("a canvas past the context (254 tokens, whole blocks 256)", "gen_length",
+                   [&] { short_engine.create(prompt, with([&](SamplingParams& p) { p.gen_length = 249; })); });
+    ModelConfig sdar = block_config(inner->config(), B, "sdar");
+    Engine sdar_engine(std::make_shared<BlockModel>(inner, sdar));
+    expect_refused("editing on a family without it (sdar)", "editing_threshold",
+                   [&] { sdar_engine.create(prompt, with([](SamplingParams& p) { p.editing_threshold = 0.5; })); });
+    Engine llada(inner);
+    SamplingParams p = block_params(8, B, 4, KVCacheMode::None);
+    p.editing_threshold = 0.5;
+    expect_refused("editing on a full-canvas model (llada)", "editing_threshold", [&] { llada.create(prompt, p); });
+    // What does apply passes: temperature, top-k, top_logprobs.
+    SamplingParams ok =
+        with([](SamplingParams& q) { q.temperature = 0.8, q.top_k = 5, q.top_logprobs = 3, q.seed = 7; });
+    const Run a = run_one(engine, prompt, ok), b = run_one(engine, prompt, ok);
+    bool tops = true;
+    for (const StepOutput& o : a.outputs)
+      for (const CommittedToken& t : o.committed) tops = tops && t.top.size() == 3;
+    report(a == b && tops, "block sampling at temperature 0.8, top-k 5, top_logprobs 3: reproducible per seed");
+  }
+
+  // score() on a block model reads the canvas through the block-causal attention.
+  {
+    const std::vector<int32_t> canvas = prompt_of(11);
+    const std::vector<int32_t> positions = {0, 3, 4, 9, 10}, targets = {1, 2, 3, 4, 5};
+    const std::vector<double> scores = engine.score(canvas, positions, targets);
+    ForwardSeq s;
+    s.tokens = canvas.data(), s.length = 11, s.logit_rows = positions.data(), s.n_logit_rows = 5;
+    s.attention_block = B;
+    std::vector<float> logits(5 * static_cast<size_t>(spec.embedding));
+    inner->forward({s}, logits.data());
+    double worst = 0.0;
+    for (int r = 0; r < 5; ++r) {
+      const float* row = logits.data() + r * spec.embedding;
+      double max = -INFINITY, sum = 0.0;
+      for (int i = 0; i < spec.embedding; ++i) max = std::max(max, double(row[i]));
+      for (int i = 0; i < spec.embedding; ++i) sum += std::exp(double(row[i]) - max);
+      worst = std::max(worst, std::fabs(scores[r] - (double(row[targets[r]]) - max - std::log(sum))));
+    }
+    Engine bidirectional(inner);
+    const std::vector<double> full = bidirectional.score(canvas, positions, targets);
+    report(worst < 1e-9 && full[0] != scores[0], "block score: the block-causal forward's log-probabilities",
+           fmt("max difference %.3g", worst));
+  }
+}
+
+// The golden fixtures of the PyTorch reference (tools/reference/block_generate.py): every case's answer,
+// trace (positions and tokens exactly, probabilities within 1e-4), denoise steps per block, forwards per
+// phase and edits, alone in the cached and the full-recompute form, and in the fixture's batch.
+void test_block_golden(const std::string& dir) {
+  for (const std::string name : {"llada2", "sdar", "sdar_moe"}) {
+    const std::string label = "block golden " + name;
+    try {
+      std::ifstream in(fs::path(dir) / (name + ".json"));
+      if (!in) {
+        report(false, label, "no fixture " + (fs::path(dir) / (name + ".json")).string());
+        continue;
+      }
+      std::stringstream ss;
+      ss << in.rdbuf();
+      const Json fixture = Json::parse(ss.str());
+      Engine engine(Backend::load((fs::path(dir) / name).string(), test_options(2)));
+      const ModelConfig& config = engine.backend().config();
+      report(config.decoding == Decoding::Block && config.block_length == fixture.find("block_size")->as_int64() &&
+                 config.mask_token_id == fixture.find("mask_token_id")->as_int64(),
+             label + ": the family decodes in blocks of the fixture's size with its mask token",
+             config.model_type + ", block " + std::to_string(config.block_length));
+
+      struct Case {
+        std::string name;
+        std::vector<int32_t> prompt;
+        SamplingParams params;
+        const Json* json;
+      };
+      std::vector<Case> cases;
+      for (const Json& c : fixture.find("generate")->items()) {
+        Case k;
+        k.name = c.find("name")->as_string();
+        for (const Json& t : c.find("prompt")->items()) k.prompt.push_back(static_cast<int32_t>(t.as_int64()));
+        const Json& p = *c.find("params");
+        k.params.gen_length = static_cast<int>(p.find("gen_length")->as_int64());
+        k.params.block_length = static_cast<int>(p.find("block_length")->as_int64());
+        k.params.steps = static_cast<int>(p.find("steps")->as_int64());
+        k.params.parallel_threshold = p.find("threshold")->as_number();
+        k.params.editing_threshold = p.find("editing_threshold")->as_number();
+        k.params.max_post_steps = static_cast<int>(p.find("max_post_steps")->as_int64());
+        k.params.kv_cache = KVCacheMode::Prefix;
+        k.json = &c;
+        cases.push_back(k);
+      }
+
+      // What a run must show for its case; "" when it does.
+      auto mismatch = [&](const Case& k, const Run& r, bool cached, double* worst_p) -> std::string {
+        const Json& c = *k.json;
+        std::vector<int32_t> answer;
+        for (const Json& t : c.find("answer")->items()) answer.push_back(static_cast<int32_t>(t.as_int64()));
+        if (r.answer != answer) return "answer differs";
+        if ((r.reason == FinishReason::Eos) != c.find("finished_eos")->as_bool()) return "finish reason differs";
+        const auto& trace = c.find("trace")->items();
+        if (trace.size() != r.trace.size())
+          return "denoise steps " + std::to_string(r.trace.size()) + " vs " + std::to_string(trace.size());
+        for (size_t st = 0; st < trace.size(); ++st) {
+          const auto& want = trace[st].items();
+          if (want.size() != r.trace[st].size()) return "step " + std::to_string(st) + " writes a different count";
+          for (size_t e = 0; e < want.size(); ++e) {
+            const auto& entry = want[e].items();
+            const auto& [pos, tok, prob] = r.trace[st][e];
+            if (pos != entry[0].as_int64() || tok != entry[1].as_int64())
+              return "step " + std::to_string(st) + " writes other positions or tokens";
+            *worst_p = std::max(*worst_p, std::fabs(prob - entry[2].as_number()));
+          }
+        }
+        std::vector<int> block_steps;
+        int last_block = -1;
+        for (const StepOutput& o : r.outputs) {
+          if (o.phase != Phase::Denoise) continue;
+          if (o.block != last_block) block_steps.push_back(0), last_block = o.block;
+          ++block_steps.back();
+        }
+        std::vector<int> want_steps;
+        for (const Json& n : c.find("block_steps")->items()) want_steps.push_back(static_cast<int>(n.as_int64()));
+        if (block_steps != want_steps) return "denoise steps per block differ";
+        if (r.edits != c.find("edits")->as_int64()) return "edits " + std::to_string(r.edits);
+        const Json& f = *c.find("forwards");
+        if (cached && (count(r.phases, 'P') != f.find("prefill")->as_int64() ||
+                       count(r.phases, 'D') != f.find("denoise")->as_int64() ||
+                       count(r.phases, 'C') != f.find("commit")->as_int64() ||
+                       r.info.forward_passes != static_cast<int>(r.phases.size())))
+          return "forwards per phase differ: " + r.phases;
+        if (!cached && r.phases != std::string(f.find("denoise")->as_int64(), 'D'))
+          return "uncached phases " + r.phases;
+        return "";
+      };
+
+      int ok_alone = 0;
+      double worst_p = 0.0;
+      std::vector<Run> alone;
+      for (const Case& k : cases) {
+        const Run cached = run_one(engine, k.prompt, k.params);
+        SamplingParams none = k.params;
+        none.kv_cache = KVCacheMode::None;
+        const Run full = run_one(engine, k.prompt, none);
+        const std::string a = mismatch(k, cached, true, &worst_p), b = mismatch(k, full, false, &worst_p);
+        const bool ok = a.empty() && b.empty() && cached.same_denoising(full);
+        ok_alone += ok;
+        if (!ok)
+          report(false, label + " case " + k.name,
+                 (a.empty() ? "" : "cached: " + a + "; ") + (b.empty() ? "" : "no cache: " + b + "; ") +
+                     (cached.same_denoising(full) ? "" : "cached != full recompute"));
+        alone.push_back(cached);
+      }
+      report(ok_alone == static_cast<int>(cases.size()) && worst_p <= 1e-4,
+             label + ": every case token for token, alone, cached and full recompute",
+             std::to_string(ok_alone) + " of " + std::to_string(cases.size()) +
+                 fmt(" cases; largest probability difference %.2g", worst_p));
+
+      for (const Json& batch : fixture.find("batches")->items()) {
+        std::vector<size_t> members;
+        std::vector<uint64_t> ids;
+        for (const Json& i : batch.items()) members.push_back(static_cast<size_t>(i.as_int64()));
+        for (size_t m : members) ids.push_back(engine.create(cases[m].prompt, cases[m].params));
+        const std::vector<Run> together = run_all(engine, ids);
+        int same = 0;
+        double worst = 0.0;
+        std::string names;
+        for (size_t j = 0; j < members.size(); ++j) {
+          same += together[j] == alone[members[j]] && mismatch(cases[members[j]], together[j], true, &worst).empty();
+          names += (j ? " " : "") + cases[members[j]].name;
+          engine.release(ids[j]);
+        }
+        report(same == static_cast<int>(members.size()),
+               label + ": the fixture's batch gives each case what it gets alone",
+               std::to_string(same) + " of " + std::to_string(members.size()) + " (" + names + ")");
+      }
+    } catch (const std::exception& e) {
+      report(false, label, e.what());
+    }
+  }
+}
+
+void test_block(const std::string& golden_block_dir) {
+  test_block_schedule();
+  test_block_engine();
+  test_block_golden(golden_block_dir);
+}
+
+}  // namespace vdiff::test
