@@ -4,9 +4,20 @@ import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { promisify } from "node:util"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { importRaw, makeModel, presetTensors } from "../src/model/makeModel.js"
-import { parameterCount, presets } from "../src/model/presets.js"
-import { type ShardIndex, f32BitsToBf16, readSafetensorsHeader, readShardIndex, readTensor } from "../src/model/safetensors.js"
+import { Template } from "@huggingface/jinja"
+import { Effect, Option } from "effect"
+import { importRaw, makeModel, presetTensors, writeModelDir } from "../src/model/makeModel.js"
+import { familyParameterCount, familyPresets, parameterCount, presets } from "../src/model/presets.js"
+import { quantizeModel } from "../src/model/quantize.js"
+import {
+  type ShardIndex,
+  type TensorSource,
+  f32BitsToBf16,
+  readSafetensorsHeader,
+  readShardIndex,
+  readTensor
+} from "../src/model/safetensors.js"
+import { make as makeTokenizer } from "../src/tokenizer/Tokenizer.js"
 
 const run = promisify(execFile)
 
@@ -315,5 +326,377 @@ describe("command line", () => {
       expect(failed!.code).toBe(2)
       expect(failed!.stderr).toMatch(/unknown preset "huge"|--dtype must be|exactly one of|unknown command "frobnicate"/)
     }
+  })
+
+  it("make-model --quantize writes a family preset quantized; a bad format or --quantize with --from-raw exits with status 2", async () => {
+    const out = join(dir, "cli-bad-quantize")
+    const quantized = join(dir, "cli-llada2-q8")
+    const q = await run(tsx, [main, "make-model", "--preset", "llada2-tiny", "--seed", "3", "--out", quantized, "--quantize", "q8_0"])
+    expect(JSON.parse(q.stdout)).toMatchObject({ dir: quantized, files: ["model.safetensors"], parameters: 535_104 })
+    expect((await readSafetensorsHeader(join(quantized, "model.safetensors"))).metadata["vdiff.quantization"]).toBe("q8_0")
+    expect((await readdir(quantized)).sort()).toEqual(["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
+
+    for (const args of [
+      ["make-model", "--preset", "tiny", "--out", out, "--quantize", "q2"],
+      ["make-model", "--from-raw", out, "--out", out, "--quantize", "q8_0"]
+    ]) {
+      const failed = await run(tsx, [main, ...args]).then(
+        () => undefined,
+        (e: { code: number; stderr: string }) => e
+      )
+      expect(failed, args.join(" ")).toBeDefined()
+      expect(failed!.code).toBe(2)
+      expect(failed!.stderr).toMatch(/quantize/)
+    }
+  }, 120_000)
+})
+
+/**
+ * The block-diffusion families' tensor names and shapes (../shared/specs/block-diffusion.md A3 and B3),
+ * written out here independently of src/model/presets.ts.
+ */
+const llada2Expected = (c: {
+  D: number
+  layers: number
+  heads: number
+  kv: number
+  hd: number
+  dense: number
+  moe: number
+  experts: number
+  shared: number
+  firstDense: number
+  V: number
+}) => {
+  const out: Record<string, Array<number>> = { "model.word_embeddings.weight": [c.V, c.D] }
+  const mlp = (p: string, w: number) => {
+    out[`${p}.gate_proj.weight`] = [w, c.D]
+    out[`${p}.up_proj.weight`] = [w, c.D]
+    out[`${p}.down_proj.weight`] = [c.D, w]
+  }
+  for (let i = 0; i < c.layers; i++) {
+    const l = `model.layers.${i}.`
+    out[l + "input_layernorm.weight"] = [c.D]
+    out[l + "post_attention_layernorm.weight"] = [c.D]
+    out[l + "attention.query_key_value.weight"] = [(c.heads + 2 * c.kv) * c.hd, c.D]
+    out[l + "attention.query_layernorm.weight"] = [c.hd]
+    out[l + "attention.key_layernorm.weight"] = [c.hd]
+    out[l + "attention.dense.weight"] = [c.D, c.heads * c.hd]
+    if (i < c.firstDense) {
+      mlp(l + "mlp", c.dense)
+      continue
+    }
+    out[l + "mlp.gate.weight"] = [c.experts, c.D]
+    out[l + "mlp.gate.expert_bias"] = [c.experts]
+    for (let e = 0; e < c.experts; e++) mlp(`${l}mlp.experts.${e}`, c.moe)
+    mlp(l + "mlp.shared_experts", c.moe * c.shared)
+  }
+  out["model.norm.weight"] = [c.D]
+  out["lm_head.weight"] = [c.V, c.D]
+  return out
+}
+
+const sdarExpected = (c: {
+  D: number
+  layers: number
+  heads: number
+  kv: number
+  hd: number
+  ff: number
+  V: number
+  experts?: number
+  moe?: number
+}) => {
+  const out: Record<string, Array<number>> = { "model.embed_tokens.weight": [c.V, c.D] }
+  const mlp = (p: string, w: number) => {
+    out[`${p}.gate_proj.weight`] = [w, c.D]
+    out[`${p}.up_proj.weight`] = [w, c.D]
+    out[`${p}.down_proj.weight`] = [c.D, w]
+  }
+  for (let i = 0; i < c.layers; i++) {
+    const l = `model.layers.${i}.`
+    out[l + "input_layernorm.weight"] = [c.D]
+    out[l + "post_attention_layernorm.weight"] = [c.D]
+    out[l + "self_attn.q_proj.weight"] = [c.heads * c.hd, c.D]
+    out[l + "self_attn.k_proj.weight"] = [c.kv * c.hd, c.D]
+    out[l + "self_attn.v_proj.weight"] = [c.kv * c.hd, c.D]
+    out[l + "self_attn.o_proj.weight"] = [c.D, c.heads * c.hd]
+    out[l + "self_attn.q_norm.weight"] = [c.hd]
+    out[l + "self_attn.k_norm.weight"] = [c.hd]
+    if (c.experts === undefined) {
+      mlp(l + "mlp", c.ff)
+      continue
+    }
+    out[l + "mlp.gate.weight"] = [c.experts, c.D]
+    for (let e = 0; e < c.experts; e++) mlp(`${l}mlp.experts.${e}`, c.moe!)
+  }
+  out["model.norm.weight"] = [c.D]
+  out["lm_head.weight"] = [c.V, c.D]
+  return out
+}
+
+const shapesOf = async (dir: string) => {
+  const header = await readSafetensorsHeader(join(dir, "model.safetensors"))
+  return { header, shapes: Object.fromEntries([...header.tensors].map(([name, t]) => [name, t.shape])) }
+}
+
+describe("block-diffusion family presets", () => {
+  it("llada2-tiny: LLaDA2's names and shapes (fused QKV, QK-norm, dense layer 0, 4 groups of 4 experts, a shared expert) and config keys", async () => {
+    const out = join(dir, "llada2-tiny")
+    await makeModel({ preset: "llada2-tiny", seed: 2, out })
+    const { header, shapes } = await shapesOf(out)
+    expect(shapes).toEqual(
+      llada2Expected({ D: 64, layers: 3, heads: 4, kv: 2, hd: 16, dense: 128, moe: 32, experts: 16, shared: 1, firstDense: 1, V: 2048 })
+    )
+    for (const [name, t] of header.tensors) expect(t.dtype, name).toBe("F32")
+    const config = JSON.parse(await readFile(join(out, "config.json"), "utf8"))
+    expect(config).toMatchObject({
+      architectures: ["LLaDA2MoeModelLM"],
+      model_type: "llada2_moe",
+      hidden_size: 64,
+      num_hidden_layers: 3,
+      num_attention_heads: 4,
+      num_key_value_heads: 2,
+      head_dim: 16,
+      intermediate_size: 128,
+      moe_intermediate_size: 32,
+      num_experts: 16,
+      num_experts_per_tok: 4,
+      num_shared_experts: 1,
+      first_k_dense_replace: 1,
+      n_group: 4,
+      topk_group: 2,
+      routed_scaling_factor: 2.5,
+      score_function: "sigmoid",
+      moe_router_enable_expert_bias: true,
+      partial_rotary_factor: 0.5,
+      rotary_dim: 8,
+      use_qk_norm: true,
+      use_qkv_bias: false,
+      use_bias: false,
+      tie_word_embeddings: false,
+      vocab_size: 2048,
+      mask_token_id: 2044,
+      eos_token_id: 2043,
+      block_size: 32,
+      torch_dtype: "float32"
+    })
+    // Several groups, and fewer kept than there are: the group limit can exclude experts.
+    expect(config.n_group).toBeGreaterThan(config.topk_group)
+    // The expert bias is random (it changes the choice), the norms are 1.
+    const bias = await readTensor(join(out, "model.safetensors"), "model.layers.1.mlp.gate.expert_bias")
+    expect(new Set(bias).size).toBe(16)
+    expect(Math.max(...bias.map(Math.abs))).toBeLessThanOrEqual(Math.sqrt(3) * familyPresets["llada2-tiny"]!.biasStd)
+    expect(new Set(await readTensor(join(out, "model.safetensors"), "model.layers.2.attention.key_layernorm.weight"))).toEqual(new Set([1]))
+  })
+
+  it("sdar-tiny and sdar-moe-tiny: Qwen3's names and shapes (q width != hidden), stop ids as a list, block 4", async () => {
+    const dense = join(dir, "sdar-tiny")
+    const moe = join(dir, "sdar-moe-tiny")
+    await makeModel({ preset: "sdar-tiny", seed: 2, out: dense })
+    await makeModel({ preset: "sdar-moe-tiny", seed: 2, out: moe })
+    expect((await shapesOf(dense)).shapes).toEqual(sdarExpected({ D: 64, layers: 2, heads: 4, kv: 2, hd: 32, ff: 160, V: 2048 }))
+    expect((await shapesOf(moe)).shapes).toEqual(
+      sdarExpected({ D: 64, layers: 2, heads: 4, kv: 2, hd: 32, ff: 160, V: 2048, experts: 8, moe: 32 })
+    )
+    const common = {
+      hidden_size: 64,
+      num_hidden_layers: 2,
+      num_attention_heads: 4,
+      num_key_value_heads: 2,
+      head_dim: 32,
+      vocab_size: 2048,
+      tie_word_embeddings: false,
+      attention_bias: false,
+      eos_token_id: [2045, 2043],
+      mask_token_id: 2044,
+      block_size: 4
+    }
+    expect(JSON.parse(await readFile(join(dense, "config.json"), "utf8"))).toMatchObject({
+      architectures: ["SDARForCausalLM"],
+      model_type: "sdar",
+      intermediate_size: 160,
+      ...common
+    })
+    const moeConfig = JSON.parse(await readFile(join(moe, "config.json"), "utf8"))
+    expect(moeConfig).toMatchObject({
+      architectures: ["SDARMoeForCausalLM"],
+      model_type: "sdar_moe",
+      num_experts: 8,
+      num_experts_per_tok: 2,
+      moe_intermediate_size: 32,
+      norm_topk_prob: true,
+      decoder_sparse_step: 1,
+      mlp_only_layers: [],
+      ...common
+    })
+    expect(moeConfig.moe).toBeUndefined()
+  })
+
+  it("the tiny ones carry the embedded tokenizer under the family's special tokens, with the family's chat template", async () => {
+    const conversation = {
+      messages: [
+        { role: "system", content: "Be brief." },
+        { role: "user", content: "Who art thou?" },
+        { role: "assistant", content: "A player." },
+        { role: "user", content: "Speak!" }
+      ],
+      add_generation_prompt: true,
+      bos_token: "",
+      eos_token: ""
+    }
+    const cases = [
+      {
+        preset: "llada2-tiny",
+        mask: "<|mask|>",
+        eos: "<|endoftext|>",
+        specials: ["<|role_end|>", "<role>", "</role>"],
+        rendered:
+          "<role>SYSTEM</role>Be brief.\ndetailed thinking off<|role_end|><role>HUMAN</role>Who art thou?<|role_end|>" +
+          "<role>ASSISTANT</role>A player.<|role_end|><role>HUMAN</role>Speak!<|role_end|><role>ASSISTANT</role>"
+      },
+      {
+        preset: "sdar-tiny",
+        mask: "<|MASK|>",
+        eos: "<|im_end|>",
+        specials: ["<|im_start|>", "<|endoftext|>"],
+        rendered:
+          "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWho art thou?<|im_end|>\n" +
+          "<|im_start|>assistant\nA player.<|im_end|>\n<|im_start|>user\nSpeak!<|im_end|>\n<|im_start|>assistant\n"
+      }
+    ]
+    const embedded = JSON.parse(await readFile(join(import.meta.dirname, "..", "models", "shakespeare", "tokenizer.json"), "utf8"))
+    for (const c of cases) {
+      const out = join(dir, `tok-${c.preset}`)
+      await makeModel({ preset: c.preset, seed: 1, out })
+      const config = JSON.parse(await readFile(join(out, "config.json"), "utf8"))
+      const tokenizer = await Effect.runPromise(makeTokenizer(out))
+      expect(tokenizer.vocabSize).toBe(config.vocab_size)
+      expect(tokenizer.specialTokens.mask).toBe(config.mask_token_id)
+      expect(tokenizer.tokenId(c.mask)).toEqual(Option.some(config.mask_token_id))
+      const eos = Array.isArray(config.eos_token_id) ? config.eos_token_id[0] : config.eos_token_id
+      expect(tokenizer.tokenId(c.eos)).toEqual(Option.some(eos))
+      for (const name of c.specials) expect(Option.isSome(tokenizer.tokenId(name)), name).toBe(true)
+      // The BPE itself is the embedded model's; no BOS is added.
+      const written = JSON.parse(await readFile(join(out, "tokenizer.json"), "utf8"))
+      expect(written.model).toEqual(embedded.model)
+      const text = "Now is the winter of our discontent"
+      const ids = tokenizer.encode(text)
+      expect(ids.every((id) => id < 2042)).toBe(true)
+      expect(tokenizer.decode(ids)).toBe(text)
+      // The chat template in the family's style; its markers are single special tokens.
+      const tokenizerConfig = JSON.parse(await readFile(join(out, "tokenizer_config.json"), "utf8"))
+      const rendered = new Template(tokenizerConfig.chat_template).render(conversation)
+      expect(rendered).toBe(c.rendered)
+      const encoded = tokenizer.encode(rendered)
+      expect(tokenizer.decode(encoded)).toBe(rendered)
+      for (const name of c.specials.slice(0, 1)) {
+        const id = Option.getOrThrow(tokenizer.tokenId(name))
+        expect(encoded.filter((t) => t === id).length, name).toBe(c.rendered.split(name).length - 1)
+      }
+    }
+  })
+
+  it("llada2-mini and sdar-4b have the real shapes: 16.26B and 4.41B parameters (counted, nothing written)", () => {
+    const mini = familyPresets["llada2-mini"]!
+    const shapes = Object.fromEntries(presetTensors(mini, 0).map((t) => [t.name, t.shape]))
+    expect(shapes).toEqual(
+      llada2Expected({
+        D: 2048,
+        layers: 20,
+        heads: 16,
+        kv: 4,
+        hd: 128,
+        dense: 5120,
+        moe: 512,
+        experts: 256,
+        shared: 1,
+        firstDense: 1,
+        V: 157184
+      })
+    )
+    expect(familyParameterCount(mini.config)).toBe(16_255_643_392)
+    expect(mini.config).toMatchObject({
+      n_group: 8,
+      topk_group: 4,
+      num_experts_per_tok: 8,
+      routed_scaling_factor: 2.5,
+      mask_token_id: 156895
+    })
+    expect(
+      presetTensors(mini, 0)
+        .filter((t) => t.dtype !== "BF16")
+        .map((t) => t.name)
+    ).toEqual(Array.from({ length: 19 }, (_, i) => `model.layers.${i + 1}.mlp.gate.expert_bias`))
+    const sdar = familyPresets["sdar-4b"]!
+    expect(Object.fromEntries(presetTensors(sdar, 0).map((t) => [t.name, t.shape]))).toEqual(
+      sdarExpected({ D: 2560, layers: 36, heads: 32, kv: 8, hd: 128, ff: 9728, V: 151936 })
+    )
+    expect(familyParameterCount(sdar.config)).toBe(4_411_424_256)
+    expect(sdar.config).toMatchObject({ mask_token_id: 151669, eos_token_id: [151645, 151643], block_size: 4 })
+  })
+})
+
+describe("make-model --quantize", () => {
+  it("writes the same files as make-model followed by vdiff quantize, sharded or not, in q8_0 and q4_0", async () => {
+    for (const format of ["q8_0", "q4_0"] as const) {
+      for (const [preset, dtype, maxShardBytes] of [
+        ["llada2-tiny", "BF16", 300_000],
+        ["sdar-moe-tiny", "F32", undefined]
+      ] as const) {
+        const tag = `${preset}-${format}-${dtype}`
+        const direct = join(dir, `q-direct-${tag}`)
+        const plain = join(dir, `q-plain-${tag}`)
+        const twoStep = join(dir, `q-two-${tag}`)
+        const shard = maxShardBytes !== undefined ? { maxShardBytes } : {}
+        await makeModel({ preset, seed: 4, out: direct, dtype, quantize: format, ...shard })
+        await makeModel({ preset, seed: 4, out: plain, dtype, ...shard })
+        await quantizeModel({ model: plain, out: twoStep, format })
+        const files = (await readdir(direct)).sort()
+        expect(files).toEqual((await readdir(twoStep)).sort())
+        expect(files.filter((f) => f.endsWith(".safetensors")).length > 1, tag).toBe(maxShardBytes !== undefined)
+        for (const f of files) expect((await readFile(join(direct, f))).equals(await readFile(join(twoStep, f))), `${tag} ${f}`).toBe(true)
+        // Embeddings, routers, norms and the expert bias stay float; the projections are quantized.
+        const tensors = new Map<string, { dtype: string; shape: ReadonlyArray<number> }>()
+        for (const f of files.filter((f) => f.endsWith(".safetensors"))) {
+          for (const [name, t] of (await readSafetensorsHeader(join(direct, f))).tensors) tensors.set(name, t)
+        }
+        const q = format === "q8_0" ? "I8" : "U8"
+        const embed = preset === "llada2-tiny" ? "model.word_embeddings.weight" : "model.embed_tokens.weight"
+        expect(tensors.get(embed)!.dtype).toBe(dtype)
+        expect(tensors.get("model.layers.1.mlp.gate.weight")!.dtype).toBe(dtype)
+        expect(tensors.get("model.layers.1.mlp.experts.3.down_proj.weight")!.dtype).toBe(q)
+        expect(tensors.get("model.layers.1.mlp.experts.3.down_proj.weight_scale")!.dtype).toBe("F16")
+        expect(tensors.get("lm_head.weight")!.dtype).toBe(q)
+        if (preset === "llada2-tiny") {
+          expect(tensors.get("model.layers.1.mlp.gate.expert_bias")!.dtype).toBe("F32")
+          expect(tensors.get("model.layers.0.attention.query_key_value.weight")!.shape).toEqual([128, format === "q8_0" ? 64 : 32])
+        }
+      }
+    }
+  })
+
+  it("streams: no tensor is ever produced whole (a 16 MB matrix in bands of at most 8 MB of f32)", async () => {
+    let largest = 0
+    const rows = 2048
+    const cols = 2048
+    const source: TensorSource = {
+      name: "model.layers.0.mlp.experts.0.up_proj.weight",
+      dtype: "BF16",
+      shape: [rows, cols],
+      fill: (out, start) => {
+        largest = Math.max(largest, out.length)
+        for (let i = 0; i < out.length; i++) out[i] = Math.sin(start + i)
+      }
+    }
+    const norm: TensorSource = { name: "model.norm.weight", dtype: "F32", shape: [cols], fill: (out) => void out.fill(1) }
+    const out = join(dir, "q-stream")
+    const written = await writeModelDir(out, { model_type: "test" }, [source, norm], { quantize: "q4_0" })
+    expect(largest).toBeLessThanOrEqual((8 << 20) / 4)
+    expect(largest).toBeLessThan(rows * cols)
+    expect(written.bytes).toBe(rows * (cols / 2) + rows * (cols / 32) * 2 + cols * 4)
+    const header = await readSafetensorsHeader(join(out, "model.safetensors"))
+    expect(header.tensors.get(source.name)).toMatchObject({ dtype: "U8", shape: [rows, cols / 2] })
+    expect(header.metadata["vdiff.quantization"]).toBe("q4_0")
   })
 })
