@@ -534,7 +534,9 @@ void test_block_golden(const std::string& dir) {
       std::stringstream ss;
       ss << in.rdbuf();
       const Json fixture = Json::parse(ss.str());
-      Engine engine(Backend::load((fs::path(dir) / name).string(), test_options(2)));
+      std::shared_ptr<Backend> loaded = Backend::load((fs::path(dir) / name).string(), test_options(2));
+      auto recorder = std::make_shared<BlockModel>(loaded, loaded->config());  // the same model, logits recorded
+      Engine engine(recorder);
       const ModelConfig& config = engine.backend().config();
       report(config.decoding == Decoding::Block && config.block_length == fixture.find("block_size")->as_int64() &&
                  config.mask_token_id == fixture.find("mask_token_id")->as_int64(),
@@ -608,13 +610,24 @@ void test_block_golden(const std::string& dir) {
       };
 
       int ok_alone = 0;
-      double worst_p = 0.0;
+      double worst_p = 0.0, worst_logit = 0.0, max_logit = 0.0;
       std::vector<Run> alone;
       for (const Case& k : cases) {
+        recorder->record_logits = true;
+        recorder->row_logits.clear();
         const Run cached = run_one(engine, k.prompt, k.params);
+        const std::vector<std::vector<float>> cached_logits = std::move(recorder->row_logits);
+        recorder->row_logits.clear();
         SamplingParams none = k.params;
         none.kv_cache = KVCacheMode::None;
         const Run full = run_one(engine, k.prompt, none);
+        recorder->record_logits = false;
+        if (cached_logits.size() == recorder->row_logits.size())
+          for (size_t f = 0; f < cached_logits.size(); ++f) {
+            worst_logit = std::max(worst_logit, max_abs_diff(cached_logits[f], recorder->row_logits[f]));
+            max_logit = std::max(max_logit, max_abs(cached_logits[f]));
+          }
+        else worst_logit = INFINITY;
         const std::string a = mismatch(k, cached, true, &worst_p), b = mismatch(k, full, false, &worst_p);
         const bool ok = a.empty() && b.empty() && cached.same_denoising(full);
         ok_alone += ok;
@@ -624,10 +637,12 @@ void test_block_golden(const std::string& dir) {
                      (cached.same_denoising(full) ? "" : "cached != full recompute"));
         alone.push_back(cached);
       }
-      report(ok_alone == static_cast<int>(cases.size()) && worst_p <= 1e-4,
+      report(ok_alone == static_cast<int>(cases.size()) && worst_p <= 1e-4 && worst_logit <= 1e-4 * max_logit,
              label + ": every case token for token, alone, cached and full recompute",
              std::to_string(ok_alone) + " of " + std::to_string(cases.size()) +
-                 fmt(" cases; largest probability difference %.2g", worst_p));
+                 fmt(" cases; largest probability difference to the reference %.2g; largest logit difference cached "
+                     "vs full recompute %.3g (max |logit| %.3g)",
+                     worst_p, worst_logit, max_logit));
 
       for (const Json& batch : fixture.find("batches")->items()) {
         std::vector<size_t> members;
