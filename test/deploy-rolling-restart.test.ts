@@ -33,6 +33,7 @@ describe("rolling restart behind HAProxy", () => {
         maxTokens: 16,
         threads: 1,
         distinct: 12,
+        burst: 3,
         timeoutMs: 540_000
       })
       const summary = JSON.stringify({

@@ -9,7 +9,8 @@
  *      chat, streaming and not (test/stress/load.ts);
  *   4. steady phase for `steadyMs`; then the rolling restart: for each replica in turn, SIGTERM, wait for it
  *      to drain and exit, start it again on the same port, wait until HAProxy reports it UP; then stop
- *      sending and wait for what is in flight.
+ *      sending and wait for what is in flight. Right after each SIGTERM a burst of `burst` more requests
+ *      goes out at once, so that some reach the draining replica before HAProxy's check takes it out.
  *
  * Every request is counted by the phase it started in: sent, completed (200 and well formed and the same
  * text as alone), failed (anything else) and, among the streams, truncated (a 200 stream that did not end
@@ -25,7 +26,7 @@
  *  - the health check takes the replica out within about one `inter` and puts it back after `rise` passes.
  *
  *   node --import tsx bench/lb/rolling-restart.ts [--replicas 3] [--clients 4] [--steady-s 60]
- *        [--settle-s 5] [--max-tokens 16] [--threads 1] [--out FILE]        (bench/lb/run writes FILE)
+ *        [--settle-s 5] [--max-tokens 16] [--threads 1] [--burst 6] [--out FILE]        (bench/lb/run writes FILE)
  */
 import { type ChildProcess, execFileSync, spawn } from "node:child_process"
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs"
@@ -52,6 +53,8 @@ export interface RollingRestartOptions {
   readonly shutdownTimeoutS: number
   /** Distinct requests in the mix (each sent streaming and not). */
   readonly distinct: number
+  /** Requests sent at once right after each SIGTERM, besides the steady load. */
+  readonly burst: number
   /** A bound on the whole run: a hang fails instead of waiting forever. */
   readonly timeoutMs: number
   /** Progress lines (default: none). */
@@ -67,6 +70,7 @@ export const defaultOptions: RollingRestartOptions = {
   threads: 1,
   shutdownTimeoutS: 30,
   distinct: 12,
+  burst: 6,
   timeoutMs: 15 * 60_000
 }
 
@@ -131,13 +135,21 @@ export const freePorts = async (count: number): Promise<Array<number>> => {
   return ports
 }
 
-/** Whether Debian's haproxy is on the PATH, and its version line. */
+/** Debian's haproxy: on the PATH, or in /usr/sbin (not on a non-root user's PATH). */
+export const haproxyBinary = (): string | undefined =>
+  ["haproxy", "/usr/sbin/haproxy"].find((binary) => {
+    try {
+      execFileSync(binary, ["-v"], { stdio: "ignore" })
+      return true
+    } catch {
+      return false
+    }
+  })
+
+/** HAProxy's version line, or undefined when it is not installed. */
 export const haproxyVersion = (): string | undefined => {
-  try {
-    return execFileSync("haproxy", ["-v"], { encoding: "utf8" }).split("\n")[0]!.trim()
-  } catch {
-    return undefined
-  }
+  const binary = haproxyBinary()
+  return binary === undefined ? undefined : execFileSync(binary, ["-v"], { encoding: "utf8" }).split("\n")[0]!.trim()
 }
 
 // --- a replica ----------------------------------------------------------------------------------------
@@ -276,9 +288,10 @@ export class Balancer {
   async start(): Promise<void> {
     const config = join(this.dir, "haproxy.cfg")
     writeFileSync(config, haproxyConfig({ port: this.port, socket: this.socket, replicas: this.replicas }))
-    execFileSync("haproxy", ["-c", "-q", "-f", config])
+    const binary = haproxyBinary() ?? "haproxy"
+    execFileSync(binary, ["-c", "-q", "-f", config])
     // -db: stay in the foreground, so that the process is ours to stop.
-    const child = spawn("haproxy", ["-db", "-f", config], { stdio: ["ignore", "pipe", "pipe"] })
+    const child = spawn(binary, ["-db", "-f", config], { stdio: ["ignore", "pipe", "pipe"] })
     this.child = child
     child.stdout!.on("data", (chunk) => (this.output = (this.output + String(chunk)).slice(-20_000)))
     child.stderr!.on("data", (chunk) => (this.output = (this.output + String(chunk)).slice(-20_000)))
@@ -420,21 +433,22 @@ const experiment = async (
   let phase: Phase = "steady"
   let sending = true
   let next = 0
-  const client = async () => {
-    while (sending) {
-      const spec: RequestSpec = specAt(specs, next++)
-      const startedIn = phase
-      const outcome = await send(balancer.url, spec, { timeoutMs: 120_000 })
-      let ok = outcome.kind === "ok"
-      let why = outcome.kind === "ok" ? undefined : `${outcome.kind}: ${"why" in outcome ? outcome.why : "503 queue_full"}`
-      if (outcome.kind === "ok" && JSON.stringify(outcome.texts) !== JSON.stringify(expected.get(spec.key))) {
-        ok = false
-        why = `answer differs from alone: ${JSON.stringify(outcome.texts)} != ${JSON.stringify(expected.get(spec.key))}`
-      }
-      const truncated = spec.stream && (outcome.kind === "lost" || (outcome.kind === "malformed" && cutStream(outcome.why)))
-      records.push({ phase: startedIn, stream: spec.stream, ok, truncated, ms: outcome.ms, ...(why === undefined ? {} : { why }) })
-      if (why !== undefined && problems.length < 10) problems.push(`${startedIn} ${spec.key}${spec.stream ? " (stream)" : ""}: ${why}`)
+  const one = async () => {
+    const spec: RequestSpec = specAt(specs, next++)
+    const startedIn = phase
+    const outcome = await send(balancer.url, spec, { timeoutMs: 120_000 })
+    let ok = outcome.kind === "ok"
+    let why = outcome.kind === "ok" ? undefined : `${outcome.kind}: ${"why" in outcome ? outcome.why : "503 queue_full"}`
+    if (outcome.kind === "ok" && JSON.stringify(outcome.texts) !== JSON.stringify(expected.get(spec.key))) {
+      ok = false
+      why = `answer differs from alone: ${JSON.stringify(outcome.texts)} != ${JSON.stringify(expected.get(spec.key))}`
     }
+    const truncated = spec.stream && (outcome.kind === "lost" || (outcome.kind === "malformed" && cutStream(outcome.why)))
+    records.push({ phase: startedIn, stream: spec.stream, ok, truncated, ms: outcome.ms, ...(why === undefined ? {} : { why }) })
+    if (why !== undefined && problems.length < 10) problems.push(`${startedIn} ${spec.key}${spec.stream ? " (stream)" : ""}: ${why}`)
+  }
+  const client = async () => {
+    while (sending) await one()
   }
   const started = performance.now()
   const senders = Promise.all(Array.from({ length: options.clients }, client))
@@ -445,8 +459,14 @@ const experiment = async (
   const restarts: Array<RestartFigures> = []
   for (const replica of replicas) {
     const signalled = performance.now()
-    const exitCode = await replica.stop("SIGTERM")
+    const exited = replica.stop("SIGTERM")
+    // A burst right after the signal, before HAProxy's next check: whatever of it reaches the draining
+    // replica is refused there (503 draining) and must be retried on another one.
+    await sleep(20)
+    const burst = Promise.all(Array.from({ length: options.burst }, one))
+    const exitCode = await exited
     const drainMs = performance.now() - signalled
+    await burst
     log(`${replica.name}: drained and exited ${exitCode} in ${Math.round(drainMs)} ms; starting it again`)
     await replica.start()
     await balancer.awaitStatus([replica.name], "UP", 60_000)
@@ -496,6 +516,7 @@ if (isMain) {
     settleMs: Number(flag("settle-s", "5")) * 1000,
     maxTokens: Number(flag("max-tokens", "16")),
     threads: Number(flag("threads", "1")),
+    burst: Number(flag("burst", "6")),
     log: (line) => console.error(`[lb] ${line}`)
   })
   const text = JSON.stringify(figures, null, 2) + "\n"
