@@ -73,15 +73,16 @@ export const familyOf = (info: ModelInfo): ModelFamily => {
   }
 }
 
-/** The model's own end tokens from its config (eos_token_id, and the rest of an eos_token_id list). */
+/**
+ * The model's own end tokens from its config (eos_token_id, and the rest of an eos_token_id list), as the
+ * model info reports them (`family.eosTokenId` / `family.stopTokenIds`, else the config's eosTokenId).
+ */
 export const modelEndTokens = (info: ModelInfo): ReadonlyArray<number> => {
-  const config = info.config as unknown as Loose
-  const eos = field(config, "eosTokenId")
-  const more = field(config, "stopTokenIds")
-  return [
-    ...(typeof eos === "number" && eos >= 0 ? [eos] : []),
-    ...(Array.isArray(more) ? more.filter((id) => typeof id === "number") : [])
-  ]
+  const family = field(info, "family")
+  const eos = field(family, "eosTokenId") ?? field(info.config, "eosTokenId")
+  const more = field(family, "stopTokenIds") ?? field(info.config, "stopTokenIds")
+  const ids = [eos, ...(Array.isArray(more) ? more : [])]
+  return ids.filter((id): id is number => typeof id === "number" && Number.isInteger(id) && id >= 0)
 }
 
 /** The phase of a sequence's forward in a step ("denoise" where the engine does not say). */
