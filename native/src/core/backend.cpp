@@ -45,7 +45,15 @@ int Backend::cuda_devices() {
 
 std::unique_ptr<Backend> Backend::load(const std::string& dir, const LoadOptions& options) {
   Device device = options.device;
-  if (device == Device::Auto) device = cuda_devices() > 0 ? Device::Cuda : Device::Cpu;
+  if (device == Device::Auto) {
+    device = cuda_devices() > 0 ? Device::Cuda : Device::Cpu;
+    // A family the CUDA backend does not run goes to the CPU (a config that does not parse is reported by
+    // the backend's own load below).
+    if (device == Device::Cuda) try {
+        if (!family_of(ModelConfig::from_file(dir + "/config.json")).cuda) device = Device::Cpu;
+      } catch (const Error&) {
+      }
+  }
   try {
     if (device == Device::Cpu) return cpu::load(dir, options);
     if (options.quantize != Quant::None)

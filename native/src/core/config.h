@@ -61,10 +61,23 @@ struct ModelConfig {
   double routed_scaling_factor = 1.0;
   bool norm_topk_prob = true;  // Softmax: renormalise the top-k weights
   RouterKind router = RouterKind::None;
+  bool expert_bias = false;        // GroupedSigmoid: the layers hold mlp.gate.expert_bias (choice only)
+  int moe_layer_step = 1;          // Qwen3-MoE decoder_sparse_step: layer i is MoE when (i + 1) % step == 0
+  std::vector<int> dense_layers;   // Qwen3-MoE mlp_only_layers: dense whatever the rules above say
 
   int head_dim() const { return head_dim_size > 0 ? head_dim_size : d_model / n_heads; }
   int rope_dims() const { return rotary_dim > 0 ? rotary_dim : head_dim(); }
-  bool moe_layer(int layer) const { return n_experts > 0 && layer >= first_k_dense; }
+  bool moe_layer(int layer) const {
+    if (n_experts == 0 || layer < first_k_dense || (layer + 1) % moe_layer_step != 0) return false;
+    for (int d : dense_layers)
+      if (d == layer) return false;
+    return true;
+  }
+  bool has_dense_layer() const {
+    for (int i = 0; i < n_layers; ++i)
+      if (!moe_layer(i)) return true;
+    return false;
+  }
 
   // Parses and validates; throws Error(InvalidModel) naming the missing or bad key.
   static ModelConfig from_json(const Json& j);

@@ -46,23 +46,125 @@ float f16_to_f32(uint16_t h) {
 
 }  // namespace
 
-const Family& family_of(const ModelConfig&) {
-  static const Family llada{
-      .name = "llada",
-      .embed = "model.transformer.wte.weight",
-      .final_norm = "model.transformer.ln_f.weight",
-      .head = "model.transformer.ff_out.weight",
-      .attn_norm = "model.transformer.blocks.{i}.attn_norm.weight",
-      .ffn_norm = "model.transformer.blocks.{i}.ff_norm.weight",
-      .q = "model.transformer.blocks.{i}.q_proj.weight",
-      .k = "model.transformer.blocks.{i}.k_proj.weight",
-      .v = "model.transformer.blocks.{i}.v_proj.weight",
-      .o = "model.transformer.blocks.{i}.attn_out.weight",
-      .gate = "model.transformer.blocks.{i}.ff_proj.weight",
-      .up = "model.transformer.blocks.{i}.up_proj.weight",
-      .down = "model.transformer.blocks.{i}.ff_out.weight",
-  };
-  return llada;
+namespace {
+
+Family llada_family() {
+  Family f;
+  f.name = "llada";
+  f.architectures = {"LLaDAModelLM"};
+  f.keys = ConfigKeys::Llada;
+  f.decoding = Decoding::FullCanvas;
+  f.cuda = true;
+  f.embed = "model.transformer.wte.weight";
+  f.final_norm = "model.transformer.ln_f.weight";
+  f.head = "model.transformer.ff_out.weight";
+  f.attn_norm = "model.transformer.blocks.{i}.attn_norm.weight";
+  f.ffn_norm = "model.transformer.blocks.{i}.ff_norm.weight";
+  f.q = "model.transformer.blocks.{i}.q_proj.weight";
+  f.k = "model.transformer.blocks.{i}.k_proj.weight";
+  f.v = "model.transformer.blocks.{i}.v_proj.weight";
+  f.o = "model.transformer.blocks.{i}.attn_out.weight";
+  f.gate = "model.transformer.blocks.{i}.ff_proj.weight";
+  f.up = "model.transformer.blocks.{i}.up_proj.weight";
+  f.down = "model.transformer.blocks.{i}.ff_out.weight";
+  return f;
+}
+
+// LLaDA2.0 / 2.1 (BailingMoeV2 layout): ../shared/specs/block-diffusion.md A3.
+Family llada2_family() {
+  Family f;
+  f.name = "llada2_moe";
+  f.architectures = {"LLaDA2MoeModelLM"};
+  f.keys = ConfigKeys::HuggingFace;
+  f.decoding = Decoding::Block;
+  f.default_block_length = 32;
+  f.default_mask_token_id = 156895;
+  f.editing = true;
+  f.qk_norm = true;
+  f.router = RouterKind::GroupedSigmoid;
+  const std::string l = "model.layers.{i}.";
+  f.embed = "model.word_embeddings.weight";
+  f.final_norm = "model.norm.weight";
+  f.head = "lm_head.weight";
+  f.attn_norm = l + "input_layernorm.weight";
+  f.ffn_norm = l + "post_attention_layernorm.weight";
+  f.qkv = l + "attention.query_key_value.weight";
+  f.o = l + "attention.dense.weight";
+  f.q_norm = l + "attention.query_layernorm.weight";
+  f.k_norm = l + "attention.key_layernorm.weight";
+  f.gate = l + "mlp.gate_proj.weight";
+  f.up = l + "mlp.up_proj.weight";
+  f.down = l + "mlp.down_proj.weight";
+  f.router_weight = l + "mlp.gate.weight";
+  f.expert_bias = l + "mlp.gate.expert_bias";
+  f.expert_gate = l + "mlp.experts.{e}.gate_proj.weight";
+  f.expert_up = l + "mlp.experts.{e}.up_proj.weight";
+  f.expert_down = l + "mlp.experts.{e}.down_proj.weight";
+  f.shared_gate = l + "mlp.shared_experts.gate_proj.weight";
+  f.shared_up = l + "mlp.shared_experts.up_proj.weight";
+  f.shared_down = l + "mlp.shared_experts.down_proj.weight";
+  return f;
+}
+
+// SDAR (Qwen3 layout): spec B3; sdar_moe adds the Qwen3-MoE experts (softmax router, no shared expert).
+Family sdar_family(bool moe) {
+  Family f;
+  f.name = moe ? "sdar_moe" : "sdar";
+  f.architectures = {moe ? "SDARMoeForCausalLM" : "SDARForCausalLM"};
+  f.keys = ConfigKeys::HuggingFace;
+  f.decoding = Decoding::Block;
+  f.default_block_length = 4;
+  f.default_mask_token_id = 151669;
+  f.qk_norm = true;
+  f.router = moe ? RouterKind::Softmax : RouterKind::None;
+  const std::string l = "model.layers.{i}.";
+  f.embed = "model.embed_tokens.weight";
+  f.final_norm = "model.norm.weight";
+  f.head = "lm_head.weight";
+  f.attn_norm = l + "input_layernorm.weight";
+  f.ffn_norm = l + "post_attention_layernorm.weight";
+  f.q = l + "self_attn.q_proj.weight";
+  f.k = l + "self_attn.k_proj.weight";
+  f.v = l + "self_attn.v_proj.weight";
+  f.o = l + "self_attn.o_proj.weight";
+  f.q_norm = l + "self_attn.q_norm.weight";
+  f.k_norm = l + "self_attn.k_norm.weight";
+  f.gate = l + "mlp.gate_proj.weight";
+  f.up = l + "mlp.up_proj.weight";
+  f.down = l + "mlp.down_proj.weight";
+  if (moe) {
+    f.router_weight = l + "mlp.gate.weight";
+    f.expert_gate = l + "mlp.experts.{e}.gate_proj.weight";
+    f.expert_up = l + "mlp.experts.{e}.up_proj.weight";
+    f.expert_down = l + "mlp.experts.{e}.down_proj.weight";
+  }
+  return f;
+}
+
+std::string at_expert(const std::string& pattern, int layer, int expert) {
+  const std::string s = at_layer(pattern, layer);
+  const size_t at = s.find("{e}");
+  return at == std::string::npos ? s : s.substr(0, at) + std::to_string(expert) + s.substr(at + 3);
+}
+
+}  // namespace
+
+const std::vector<const Family*>& families() {
+  static const Family llada = llada_family(), llada2 = llada2_family(), sdar = sdar_family(false),
+                      sdar_moe = sdar_family(true);
+  static const std::vector<const Family*> all = {&llada, &llada2, &sdar, &sdar_moe};
+  return all;
+}
+
+const Family* find_family(const std::string& model_type) {
+  for (const Family* f : families())
+    if (f->name == model_type) return f;
+  return nullptr;
+}
+
+const Family& family_of(const ModelConfig& config) {
+  if (const Family* f = find_family(config.model_type)) return *f;
+  throw Error(ErrorCode::InvalidModel, "config.json: unknown \"model_type\" \"" + config.model_type + "\"");
 }
 
 const char* quant_name(Quant q) {
@@ -131,20 +233,71 @@ ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& c, const 
     w.name = name;
     return w;
   };
+  // A row range [begin, begin + rows) of a matrix: a view (the fused QKV's q, k and v).
+  const auto rows_of = [](const WeightRef& w, int begin, int rows, const char* part) {
+    WeightRef r = w;
+    r.rows = rows;
+    r.name = w.name + "[" + part + "]";
+    const uint64_t row_bytes = w.quant == Quant::None ? static_cast<uint64_t>(w.cols) * dtype_size(w.dtype)
+                               : w.quant == Quant::Q8_0 ? static_cast<uint64_t>(w.cols)
+                                                        : static_cast<uint64_t>(w.cols) / 2;
+    r.data = static_cast<const char*>(w.data) + static_cast<uint64_t>(begin) * row_bytes;
+    if (w.scales) r.scales = static_cast<const uint16_t*>(w.scales) + static_cast<uint64_t>(begin) * (w.cols / 32);
+    return r;
+  };
+  const auto mlp = [&](const std::string& gate, const std::string& up, const std::string& down, int64_t width) {
+    MlpWeights m;
+    m.gate = find(gate, {width, c.d_model}, true);
+    m.up = find(up, {width, c.d_model}, true);
+    m.down = find(down, {c.d_model, width}, true);
+    return m;
+  };
   const int64_t D = c.d_model, H = c.mlp_hidden_size, E = c.embedding_size, hd = c.head_dim();
+  const int64_t q_rows = c.n_heads * hd, kv_rows = c.n_kv_heads * hd;
   out.embed = find(f.embed, {E, D});
   out.layers.resize(c.n_layers);
   for (int i = 0; i < c.n_layers; ++i) {
     LayerWeights& l = out.layers[i];
-    l.attn_norm = find(at_layer(f.attn_norm, i), {D});
-    l.ffn_norm = find(at_layer(f.ffn_norm, i), {D});
-    l.q = find(at_layer(f.q, i), {c.n_heads * hd, D}, true);
-    l.k = find(at_layer(f.k, i), {c.n_kv_heads * hd, D}, true);
-    l.v = find(at_layer(f.v, i), {c.n_kv_heads * hd, D}, true);
-    l.o = find(at_layer(f.o, i), {D, c.n_heads * hd}, true);
-    l.mlp.gate = find(at_layer(f.gate, i), {H, D}, true);
-    l.mlp.up = find(at_layer(f.up, i), {H, D}, true);
-    l.mlp.down = find(at_layer(f.down, i), {D, H}, true);
+    const auto name = [i](const std::string& pattern) { return at_layer(pattern, i); };
+    l.attn_norm = find(name(f.attn_norm), {D});
+    l.ffn_norm = find(name(f.ffn_norm), {D});
+    if (!f.qkv.empty()) {
+      const WeightRef qkv = find(name(f.qkv), {q_rows + 2 * kv_rows, D}, true);
+      l.q = rows_of(qkv, 0, static_cast<int>(q_rows), "q");
+      l.k = rows_of(qkv, static_cast<int>(q_rows), static_cast<int>(kv_rows), "k");
+      l.v = rows_of(qkv, static_cast<int>(q_rows + kv_rows), static_cast<int>(kv_rows), "v");
+    } else {
+      l.q = find(name(f.q), {q_rows, D}, true);
+      l.k = find(name(f.k), {kv_rows, D}, true);
+      l.v = find(name(f.v), {kv_rows, D}, true);
+    }
+    l.o = find(name(f.o), {D, q_rows}, true);
+    if (c.qk_norm) {
+      if (f.q_norm.empty()) throw Error(ErrorCode::InvalidModel, "config.json: the " + f.name + " family has no QK-norm");
+      l.q_norm = find(name(f.q_norm), {hd});
+      l.k_norm = find(name(f.k_norm), {hd});
+    }
+    if (!c.moe_layer(i)) {
+      l.mlp = mlp(name(f.gate), name(f.up), name(f.down), H);
+      continue;
+    }
+    // The router stays float: its product is f32 and decides which experts run.
+    l.moe.router = find(name(f.router_weight), {c.n_experts, D});
+    if (c.expert_bias) {
+      if (f.expert_bias.empty())
+        throw Error(ErrorCode::InvalidModel, "config.json: the " + f.name + " family has no expert bias");
+      l.moe.expert_bias = find(name(f.expert_bias), {c.n_experts});
+    }
+    l.moe.experts.reserve(c.n_experts);
+    for (int e = 0; e < c.n_experts; ++e)
+      l.moe.experts.push_back(mlp(at_expert(f.expert_gate, i, e), at_expert(f.expert_up, i, e),
+                                  at_expert(f.expert_down, i, e), c.moe_hidden_size));
+    if (c.n_shared_experts > 0) {
+      if (f.shared_gate.empty())
+        throw Error(ErrorCode::InvalidModel, "config.json: the " + f.name + " family has no shared experts");
+      l.moe.shared = mlp(name(f.shared_gate), name(f.shared_up), name(f.shared_down),
+                         static_cast<int64_t>(c.moe_hidden_size) * c.n_shared_experts);
+    }
   }
   out.final_norm = find(f.final_norm, {D});
   out.head = c.weight_tying ? out.embed : find(f.head, {E, D}, true);

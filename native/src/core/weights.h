@@ -3,10 +3,11 @@
 // still the memory-mapped views of the safetensors files (the CPU computes from them in place, the CUDA
 // backend uploads them).
 //
-// A family says which tensors a checkpoint holds (names and shapes from config.json) and which layer kinds
-// the forward runs. Today one family exists (LLaDA: pre-norm blocks, bidirectional attention, SwiGLU);
-// the block-diffusion and mixture-of-experts families join as further descriptions, not as `if`s in a
-// backend's forward.
+// A family says which tensors a checkpoint holds (names and shapes from config.json) and how it decodes:
+// llada (LLaDA: bidirectional attention, full canvas), llada2_moe (LLaDA2.x: fused QKV, QK-norm, partial
+// rotary, dense first layers then grouped-sigmoid MoE with a shared expert; block decoding, editing) and
+// sdar / sdar_moe (Qwen3 layout: QK-norm; softmax-routed MoE; block decoding). The differences are data
+// here and in ModelConfig, not `if`s in a backend's forward.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -80,14 +81,43 @@ struct ModelWeights {
   uint64_t bytes = 0;            // ... and their bytes
 };
 
-// The tensor names of a family; `{i}` stands for the layer index.
+// How a family's config.json names its keys: LLaDA's own (d_model, n_heads, ...) or the Hugging Face
+// transformers names (hidden_size, num_attention_heads, ...).
+enum class ConfigKeys { Llada, HuggingFace };
+
+// A model family, as one description: what config.json says it is, how it decodes, and the tensors a
+// checkpoint holds. The forward reads the layer structure from ModelConfig (head_dim, rotary_dim, qk_norm,
+// moe_layer, router) and the tensors from ModelWeights; nothing else in a backend depends on the family.
 struct Family {
-  std::string name;
+  std::string name;                        // config.json "model_type"
+  std::vector<std::string> architectures;  // config.json "architectures" entries that name it
+  ConfigKeys keys = ConfigKeys::Llada;
+  Decoding decoding = Decoding::FullCanvas;
+  int default_block_length = 0;    // Block decoding: when config.json has no "block_size"
+  int default_mask_token_id = -1;  // when config.json has no "mask_token_id"; -1: it must have one
+  bool editing = false;            // LLaDA2.1 token editing (SamplingParams::editing_threshold) applies
+  bool qk_norm = false;            // query/key RMSNorm before RoPE (a config key may turn it off: use_qk_norm)
+  RouterKind router = RouterKind::None;  // of its MoE layers (None: no MoE)
+  bool shifted_logits = false;           // the row of position i predicts token i + 1 (none of these four)
+  bool cuda = false;                     // the CUDA backend runs it (LLaDA only, today); else CPU only
+
+  // Tensor names: `{i}` stands for the layer index, `{e}` for the expert index. An empty name: the family
+  // has no such tensor.
   std::string embed, final_norm, head;
-  std::string attn_norm, ffn_norm, q, k, v, o, gate, up, down;
+  std::string attn_norm, ffn_norm;
+  std::string qkv;  // fused [(n_heads + 2 n_kv_heads) hd, D]; q, k and v are its row ranges. Empty: q, k, v.
+  std::string q, k, v, o;
+  std::string q_norm, k_norm;  // [hd] (ModelConfig::qk_norm)
+  std::string gate, up, down;  // a dense layer's MLP
+  std::string router_weight, expert_bias;            // MoE: [n_experts, D], [n_experts]
+  std::string expert_gate, expert_up, expert_down;   // MoE: one expert's MLP
+  std::string shared_gate, shared_up, shared_down;   // MoE: the shared expert(s), one MLP
 };
 
-// The family of a config (today LLaDA's for every config the parser accepts).
+// Every family this engine serves, and the one config.json names (nullptr: none).
+const std::vector<const Family*>& families();
+const Family* find_family(const std::string& model_type);
+// The family of a parsed config (ModelConfig::model_type); throws Error(InvalidModel) for an unknown one.
 const Family& family_of(const ModelConfig& config);
 
 // Finds every tensor the family names with the shape config.json implies and a float dtype. Throws

@@ -1,12 +1,17 @@
-// The LLaDA mask predictor on CPU. Weights stay memory-mapped in their stored dtype; activations are f32.
+// The mask predictor of every family (weights.h) on CPU. Weights stay memory-mapped in their stored dtype;
+// activations are f32.
 //
 // One forward over a batch:
 //   x = wte[tokens]                                   all sequences' tokens concatenated: [T, D]
 //   per block:  x += attn_out(attention(rope(q), rope(k), v))   q, k, v = projections of rmsnorm(x)
 //               x += ff_out(silu(ff_proj(h)) * up_proj(h))      h = rmsnorm(x)
 //   logits = head(rmsnorm(x[requested rows]))         only the rows the sampler asked for
+// with what ModelConfig says of the family: QK-norm (q and k heads RMS-normalised before RoPE), partial
+// rotary (the first rotary_dim dims of a head), head_dim independent of d_model, and MoE layers in place
+// of the dense MLP (moe(): routed with cpu/moe.h, one product per active expert, plus a shared expert).
 // Linear layers run over all T tokens at once, split across threads by column panels; attention runs
-// per (sequence, head, block of queries) over that sequence's own keys, with no mask (bidirectional).
+// per (sequence, head, block of queries) over that sequence's own keys: all of them (bidirectional), or
+// with ForwardSeq::attention_block those before the end of the query's block (block-causal).
 //
 // With a KV cache a sequence contributes only its computed range [begin, end) to the T tokens: their
 // keys (after RoPE at their canvas positions) and values are written into the cache, and a read's
@@ -29,6 +34,7 @@
 #include "core/threadpool.h"
 #include "core/weights.h"
 #include "cpu/kernels.h"
+#include "cpu/moe.h"
 #include "cpu/quant.h"
 
 namespace vdiff::cpu {
@@ -55,9 +61,21 @@ struct Weight {
   }
 };
 
+struct Mlp {
+  Weight gate, up, down;
+};
+
+// One layer. A dense layer uses ff_proj, up_proj and ff_out; a mixture-of-experts layer (moe) the router,
+// the experts and the shared expert (shared.gate.data == nullptr: none).
 struct Block {
   std::vector<float> attn_norm, ff_norm;
+  std::vector<float> q_norm, k_norm;  // QK-norm weights [head_dim] (empty: none)
   Weight q, k, v, attn_out, ff_proj, up_proj, ff_out;
+  bool moe = false;
+  Weight router;                   // [n_experts, D], float
+  std::vector<float> expert_bias;  // [n_experts] (empty: none)
+  std::vector<Mlp> experts;
+  Mlp shared;
 };
 
 // A 64-byte aligned float array that only grows. Contents are not kept across growth.
@@ -162,10 +180,22 @@ class CpuBackend final : public Backend {
     int64_t ldc;
     bool accumulate;
   };
+  // One product of a grouped linear call: out[0 .. m1-m0, 0:w.rows] = A[m0 .. m1) · w^T.
+  struct GroupOut {
+    const Weight* w;
+    int m0, m1;
+    float* out;
+    int64_t ldc;
+  };
 
   ThreadPool& pool() const { return host_pool(); }
 
   void linear(const float* A, int M, int K, std::initializer_list<LinearOut> outs);
+  void linear_grouped(const float* A, int M, int K, const std::vector<GroupOut>& outs);
+  void quantize_activations(const float* A, int M, int K);
+  void qk_norm(const Block& blk, int T);
+  void moe(const Block& blk, int T);
+  std::vector<Weight*> matrices(bool experts);
   void rmsnorm_rows(const float* x, const std::vector<float>& w, float* y, int rows);
   void ensure_rope(int length);
   void apply_rope(float* q, float* k, int T);
@@ -202,6 +232,13 @@ class CpuBackend final : public Backend {
   // Per-forward state and scratch (forward is not reentrant).
   std::vector<SeqPlan> plan_;  // check_batch's layout of the current forward
   Buffer x_, xn_, q_, k_, v_, att_, gate_, up_, rows_;
+  // Mixture of experts: router logits [T, E]; the routed rows sorted by expert: inputs [T*k, D], gate
+  // and up [T*k, moe_hidden], outputs [T*k, D]; the layer's output [T, D].
+  Buffer router_logits_, moe_in_, moe_gate_, moe_up_, moe_out_, moe_y_;
+  RouterParams router_params_;
+  Routing routing_;
+  ExpertGroups groups_;
+  std::vector<int32_t> sorted_row_;  // routed slot -> its row in the sorted order
   std::vector<Buffer> gemm_scratch_, scores_;  // per thread
 };
 
@@ -246,10 +283,23 @@ CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadO
     blk.k = weight_of(l.k);
     blk.v = weight_of(l.v);
     blk.attn_out = weight_of(l.o);
-    blk.ff_proj = weight_of(l.mlp.gate);
-    blk.up_proj = weight_of(l.mlp.up);
-    blk.ff_out = weight_of(l.mlp.down);
+    if (l.q_norm.data) blk.q_norm = norm_of(l.q_norm), blk.k_norm = norm_of(l.k_norm);
+    if (l.mlp.present()) {
+      blk.ff_proj = weight_of(l.mlp.gate);
+      blk.up_proj = weight_of(l.mlp.up);
+      blk.ff_out = weight_of(l.mlp.down);
+    }
+    if (!l.moe.experts.empty()) {
+      blk.moe = true;
+      blk.router = weight_of(l.moe.router);
+      if (l.moe.expert_bias.data) blk.expert_bias = norm_of(l.moe.expert_bias);
+      for (const MlpWeights& e : l.moe.experts)
+        blk.experts.push_back(Mlp{weight_of(e.gate), weight_of(e.up), weight_of(e.down)});
+      if (l.moe.shared.present())
+        blk.shared = Mlp{weight_of(l.moe.shared.gate), weight_of(l.moe.shared.up), weight_of(l.moe.shared.down)};
+    }
   }
+  if (config_.n_experts > 0) router_params_ = router_params(config_);
   ln_f_ = norm_of(w.final_norm);
   head_ = weight_of(w.head);
   if (options.quantize != Quant::None) quantize_weights(options.quantize == Quant::Q8_0 ? QType::Q8_0 : QType::Q4_0);
@@ -263,10 +313,7 @@ CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadO
 // (rows converted to f32 one at a time, then cpu::quantize_weight_row); the mapped originals are left
 // in place but their pages released. Matrices stored quantized stay as they are.
 void CpuBackend::quantize_weights(QType type) {
-  std::vector<Weight*> weights;
-  for (Block& blk : blocks_)
-    for (Weight* w : {&blk.q, &blk.k, &blk.v, &blk.attn_out, &blk.ff_proj, &blk.up_proj, &blk.ff_out})
-      weights.push_back(w);
+  std::vector<Weight*> weights = matrices(/*experts=*/true);
   weights.push_back(&head_);
   quantized_.reserve(weights.size());
   for (Weight* wp : weights) {
@@ -303,12 +350,30 @@ void CpuBackend::quantize_weights(QType type) {
   }
 }
 
+// The projection matrices of every layer (present ones only): attention, dense MLP, shared expert and,
+// with `experts`, every expert (not the router, which stays float and unpacked).
+std::vector<Weight*> CpuBackend::matrices(bool experts) {
+  std::vector<Weight*> out;
+  const auto add = [&out](Weight& w) {
+    if (w.data) out.push_back(&w);
+  };
+  for (Block& blk : blocks_) {
+    for (Weight* w : {&blk.q, &blk.k, &blk.v, &blk.attn_out, &blk.ff_proj, &blk.up_proj, &blk.ff_out}) add(*w);
+    for (Weight* w : {&blk.shared.gate, &blk.shared.up, &blk.shared.down}) add(*w);
+    if (experts)
+      for (Mlp& e : blk.experts)
+        for (Weight* w : {&e.gate, &e.up, &e.down}) add(*w);
+  }
+  return out;
+}
+
 void CpuBackend::pack_weights(uint64_t max_bytes) {
   if (kernels_->pack_panel == nullptr || max_bytes == 0) return;
+  // Not the experts: a few of them run per token, and packed f32 copies of all of them would take many
+  // times the checkpoint's memory.
   std::vector<Weight*> weights;
-  for (Block& blk : blocks_)
-    for (Weight* w : {&blk.q, &blk.k, &blk.v, &blk.attn_out, &blk.ff_proj, &blk.up_proj, &blk.ff_out})
-      if (!w->quantized) weights.push_back(w);
+  for (Weight* w : matrices(/*experts=*/false))
+    if (!w->quantized) weights.push_back(w);
   if (!head_.quantized) weights.push_back(&head_);
   const int nr = kernels_->gemm_nr;
   const auto panels = [nr](const Weight& w) { return (w.rows + nr - 1) / nr; };
@@ -330,7 +395,10 @@ void CpuBackend::pack_weights(uint64_t max_bytes) {
 }
 
 void CpuBackend::ensure_scratch(int T, int rows, int max_len) {
-  const size_t D = config_.d_model, H = config_.mlp_hidden_size;
+  const size_t D = config_.d_model;
+  // The widest MLP the gate/up buffers hold: a dense layer's or the shared expert's.
+  const size_t shared = static_cast<size_t>(config_.moe_hidden_size) * config_.n_shared_experts;
+  const size_t H = std::max<size_t>(config_.mlp_hidden_size, shared);
   const size_t q_dim = static_cast<size_t>(config_.n_heads) * config_.head_dim();
   const size_t kv_dim = static_cast<size_t>(config_.n_kv_heads) * config_.head_dim();
   x_.ensure(T * D);
@@ -342,7 +410,17 @@ void CpuBackend::ensure_scratch(int T, int rows, int max_len) {
   gate_.ensure(T * H);
   up_.ensure(T * H);
   rows_.ensure(static_cast<size_t>(rows > 0 ? rows : 1) * D);
-  int max_k = std::max({config_.d_model, config_.mlp_hidden_size, config_.head_dim(), max_len});
+  if (config_.n_experts > 0) {
+    const size_t routed = static_cast<size_t>(T) * config_.experts_per_token;
+    router_logits_.ensure(static_cast<size_t>(T) * config_.n_experts);
+    moe_in_.ensure(routed * D);
+    moe_gate_.ensure(routed * config_.moe_hidden_size);
+    moe_up_.ensure(routed * config_.moe_hidden_size);
+    moe_out_.ensure(routed * D);
+    moe_y_.ensure(T * D);
+  }
+  int max_k = std::max({config_.d_model, static_cast<int>(H), config_.moe_hidden_size, config_.head_dim(), max_len,
+                        config_.n_heads * config_.head_dim()});
   const int query_block = std::min(kQueryBlock, max_len);
   for (int t = 0; t < pool().size(); ++t) {
     gemm_scratch_[t].ensure(kernels_->gemm_scratch_floats(max_k));
@@ -406,6 +484,137 @@ void CpuBackend::linear(const float* A, int M, int K, std::initializer_list<Line
   });
 }
 
+// Quantizes A[0 .. M)[0 .. K) per row and block of 32 into qa_ / qa_scales_ (for quantized weights).
+void CpuBackend::quantize_activations(const float* A, int M, int K) {
+  qa_.resize(static_cast<size_t>(M) * K);
+  qa_scales_.resize(static_cast<size_t>(M) * (K / kQBlock));
+  pool().parallel_for(M, [&](size_t begin, size_t end, int) {
+    quant_->quantize_rows(static_cast<int>(end - begin), K, A + begin * K, K, qa_.data() + begin * K,
+                          qa_scales_.data() + begin * (K / kQBlock));
+  });
+}
+
+// Several products over row ranges of one A [M, K], in one parallel pass: the experts of a MoE layer,
+// each over the rows routed to it (a grouped GEMM over sorted tokens). Work items are (product, rows
+// chunk, column panel), as in linear(); each output row's values are those linear() would give it.
+void CpuBackend::linear_grouped(const float* A, int M, int K, const std::vector<GroupOut>& outs) {
+  const int nr = kernels_->gemm_nr == 1 ? 16 : kernels_->gemm_nr;
+  const int chunk = std::clamp((1 << 20) / (4 * std::max(K, 1)) / 6 * 6, 192, 1026);
+  bool any_quantized = false;
+  for (const GroupOut& o : outs) any_quantized = any_quantized || o.w->quantized;
+  if (any_quantized) quantize_activations(A, M, K);
+  struct Item {
+    const GroupOut* out;
+    int m0, m1, n0, n1;
+  };
+  std::vector<Item> items;
+  for (const GroupOut& o : outs)
+    for (int m0 = o.m0; m0 < o.m1; m0 += chunk)
+      for (int n0 = 0; n0 < o.w->rows; n0 += nr)
+        items.push_back({&o, m0, std::min(m0 + chunk, o.m1), n0, std::min(n0 + nr, o.w->rows)});
+  run_dynamic(pool(), items.size(), [&](size_t i, int thread) {
+    const Item& item = items[i];
+    const GroupOut& o = *item.out;
+    float* C = o.out + static_cast<int64_t>(item.m0 - o.m0) * o.ldc;
+    if (o.w->quantized) {
+      const QMatA part{qa_.data() + static_cast<int64_t>(item.m0) * K,
+                       qa_scales_.data() + static_cast<int64_t>(item.m0) * (K / kQBlock), K, K / kQBlock};
+      quant_->gemm(item.m1 - item.m0, item.n0, item.n1, K, part, o.w->as_qb(), C, o.ldc, false);
+      return;
+    }
+    kernels_->gemm(item.m1 - item.m0, item.n0, item.n1, K, A + static_cast<int64_t>(item.m0) * K, K, o.w->as_b(), C,
+                   o.ldc, false, gemm_scratch_[thread].data());
+  });
+}
+
+// QK-norm: every query and key head RMS-normalised over head_dim with its own weights (before RoPE).
+void CpuBackend::qk_norm(const Block& blk, int T) {
+  const int hd = config_.head_dim(), q_heads = config_.n_heads, kv_heads = config_.n_kv_heads;
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  pool().parallel_for(T, [&](size_t begin, size_t end, int) {
+    for (size_t t = begin; t < end; ++t) {
+      for (int h = 0; h < q_heads; ++h) {
+        float* x = q_.data() + (t * q_heads + h) * hd;
+        kernels_->rmsnorm(x, blk.q_norm.data(), x, hd, eps);
+      }
+      for (int h = 0; h < kv_heads; ++h) {
+        float* x = k_.data() + (t * kv_heads + h) * hd;
+        kernels_->rmsnorm(x, blk.k_norm.data(), x, hd, eps);
+      }
+    }
+  });
+}
+
+// A mixture-of-experts MLP over the normed rows xn_ [T, D], added to x_ (the residual):
+//   route (cpu/moe.h) from the f32 router logits; sort the routed (token, slot) pairs by expert; per
+//   ACTIVE expert one product over its rows (gate and up together, then down), all experts in one
+//   parallel pass each; combine per token over its k slots in slot order, weighted; plus the shared
+//   expert. A token's result does not depend on the other tokens of the batch.
+void CpuBackend::moe(const Block& blk, int T) {
+  const int D = config_.d_model, E = config_.n_experts, k = config_.experts_per_token, Hm = config_.moe_hidden_size;
+  const float* xn = xn_.data();
+  float* logits = router_logits_.data();
+  linear(xn, T, D, {{&blk.router, logits, E, false}});
+  route(router_params_, logits, T, E, blk.expert_bias.empty() ? nullptr : blk.expert_bias.data(), routing_);
+  group_by_expert(routing_, E, groups_);
+  const int R = T * k;  // routed rows, sorted by expert
+  sorted_row_.resize(R);
+  float* in = moe_in_.data();
+  pool().parallel_for(R, [&](size_t begin, size_t end, int) {
+    for (size_t r = begin; r < end; ++r) {
+      std::memcpy(in + r * D, xn + static_cast<size_t>(groups_.token[r]) * D, D * sizeof(float));
+      sorted_row_[groups_.slot[r]] = static_cast<int32_t>(r);
+    }
+  });
+  float* g = moe_gate_.data();
+  float* u = moe_up_.data();
+  float* o = moe_out_.data();
+  std::vector<GroupOut> gate_up, down;
+  gate_up.reserve(2 * groups_.active.size());
+  down.reserve(groups_.active.size());
+  for (int e : groups_.active) {
+    const int m0 = groups_.offsets[e], m1 = groups_.offsets[e + 1];
+    const Mlp& x = blk.experts[e];
+    gate_up.push_back({&x.gate, m0, m1, g + static_cast<size_t>(m0) * Hm, Hm});
+    gate_up.push_back({&x.up, m0, m1, u + static_cast<size_t>(m0) * Hm, Hm});
+    down.push_back({&x.down, m0, m1, o + static_cast<size_t>(m0) * D, D});
+  }
+  linear_grouped(in, R, D, gate_up);
+  pool().parallel_for(R, [&](size_t begin, size_t end, int) {
+    for (size_t r = begin; r < end; ++r) kernels_->silu_mul(g + r * Hm, u + r * Hm, g + r * Hm, Hm);
+  });
+  linear_grouped(g, R, Hm, down);
+  // y[t] = sum over the token's slots j (in order) of weight * expert output.
+  float* y = moe_y_.data();
+  pool().parallel_for(T, [&](size_t begin, size_t end, int) {
+    for (size_t t = begin; t < end; ++t) {
+      float* yt = y + t * D;
+      for (int j = 0; j < k; ++j) {
+        const size_t slot = t * k + j;
+        const float w = routing_.weight[slot];
+        const float* ot = o + static_cast<size_t>(sorted_row_[slot]) * D;
+        if (j == 0)
+          for (int d = 0; d < D; ++d) yt[d] = w * ot[d];
+        else
+          for (int d = 0; d < D; ++d) yt[d] += w * ot[d];
+      }
+    }
+  });
+  if (blk.shared.gate.data) {
+    const int Hs = blk.shared.gate.rows;
+    linear(xn, T, D, {{&blk.shared.gate, gate_.data(), Hs, false}, {&blk.shared.up, up_.data(), Hs, false}});
+    pool().parallel_for(T, [&](size_t begin, size_t end, int) {
+      for (size_t t = begin; t < end; ++t)
+        kernels_->silu_mul(gate_.data() + t * Hs, up_.data() + t * Hs, gate_.data() + t * Hs, Hs);
+    });
+    linear(gate_.data(), T, Hs, {{&blk.shared.down, y, D, true}});  // y += shared(xn)
+  }
+  float* x = x_.data();
+  pool().parallel_for(T, [&](size_t begin, size_t end, int) {
+    for (size_t i = begin * D; i < end * D; ++i) x[i] += y[i];
+  });
+}
+
 void CpuBackend::rmsnorm_rows(const float* x, const std::vector<float>& w, float* y, int rows) {
   const int D = config_.d_model;
   const float eps = static_cast<float>(config_.rms_norm_eps);
@@ -419,9 +628,10 @@ void CpuBackend::ensure_rope(int length) {
   // Angles in double, so the f32 tables are the correctly rounded cos/sin of pos * theta^(-2i/hd) (the
   // PyTorch reference in tools/reference does the same; LLaDA's own code rounds the angle to f32 first,
   // which moves it by up to half an f32 ulp of the angle).
-  const int half = config_.head_dim() / 2;
+  // Partial rotary (rotary_dim < head_dim): the frequencies are those of a rotary_dim-wide head.
+  const int rd = config_.rope_dims(), half = rd / 2;
   std::vector<double> inv_freq(half);
-  for (int i = 0; i < half; ++i) inv_freq[i] = 1.0 / std::pow(config_.rope_theta, 2.0 * i / config_.head_dim());
+  for (int i = 0; i < half; ++i) inv_freq[i] = 1.0 / std::pow(config_.rope_theta, 2.0 * i / rd);
   rope_cos_.resize(static_cast<size_t>(length) * half);
   rope_sin_.resize(static_cast<size_t>(length) * half);
   for (int pos = rope_len_; pos < length; ++pos)
@@ -434,7 +644,7 @@ void CpuBackend::ensure_rope(int length) {
 }
 
 void CpuBackend::apply_rope(float* q, float* k, int T) {
-  const int hd = config_.head_dim(), half = hd / 2;
+  const int hd = config_.head_dim(), half = config_.rope_dims() / 2;
   const int q_heads = config_.n_heads, kv_heads = config_.n_kv_heads;
   // Position of token t is its index within its own canvas.
   std::vector<int> position(T);
@@ -445,7 +655,8 @@ void CpuBackend::apply_rope(float* q, float* k, int T) {
       const float* c = rope_cos_.data() + static_cast<size_t>(position[t]) * half;
       const float* s = rope_sin_.data() + static_cast<size_t>(position[t]) * half;
       auto rotate = [&](float* x) {
-        // NeoX rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) over the two head halves.
+        // NeoX rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) over the two halves of the
+        // first rope_dims() dims of the head (the whole head unless rotary is partial); the rest pass.
         for (int i = 0; i < half; ++i) {
           float x1 = x[i], x2 = x[i + half];
           x[i] = x1 * c[i] - x2 * s[i];
@@ -604,12 +815,17 @@ void CpuBackend::forward(const std::vector<ForwardSeq>& batch, float* logits, co
     rmsnorm_rows(x, blk.attn_norm, xn, T);
     linear(xn, T, D,
            {{&blk.q, q_.data(), q_dim, false}, {&blk.k, k_.data(), kv_dim, false}, {&blk.v, v_.data(), kv_dim, false}});
+    if (!blk.q_norm.empty()) qk_norm(blk, T);
     apply_rope(q_.data(), k_.data(), T);
     store_in_caches(layer);
     attention(layer);
     linear(att_.data(), T, q_dim, {{&blk.attn_out, x, D, true}});  // residual: x += attn_out(att)
 
     rmsnorm_rows(x, blk.ff_norm, xn, T);
+    if (blk.moe) {
+      moe(blk, T);
+      continue;
+    }
     linear(xn, T, D, {{&blk.ff_proj, gate_.data(), H, false}, {&blk.up_proj, up_.data(), H, false}});
     pool().parallel_for(T, [&](size_t begin, size_t end, int) {
       for (size_t t = begin; t < end; ++t)

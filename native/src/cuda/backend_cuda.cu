@@ -432,6 +432,11 @@ struct MetaLayout {
 
 int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<bool>* cancel, Marks& marks) {
   const BatchPlan plan = check_batch(batch);
+  for (const BatchPlan::Seq& p : plan.seqs)
+    if (p.block > 0)
+      throw Error(ErrorCode::Unavailable,
+                  "device cuda: block-causal attention (attention_block " + std::to_string(p.block) +
+                      ") is not implemented on the CUDA backend; serve this model with --device cpu");
   auto check_cancel = [&] {
     if (cancel && cancel->load(std::memory_order_relaxed)) {
       sync();
@@ -665,6 +670,12 @@ std::unique_ptr<Backend> load(const std::string& dir, const LoadOptions& options
   if (device_count() == 0)
     throw Error(ErrorCode::Unavailable, "device cuda: no CUDA GPU is visible (" + unavailable_reason() + ")");
   const ModelConfig config = ModelConfig::from_file(dir + "/config.json");
+  // This backend runs LLaDA's layers only: no QK-norm, full rotary, head_dim = d_model / n_heads, no experts.
+  if (!family_of(config).cuda || config.qk_norm || config.rope_dims() != config.head_dim() || config.n_experts > 0 ||
+      config.n_heads * config.head_dim() != config.d_model)
+    throw Error(ErrorCode::Unavailable, "device cuda: the CUDA backend does not run model_type \"" + config.model_type +
+                                            "\" (QK-norm, partial rotary, mixture of experts and block-causal "
+                                            "attention are CPU only for now); serve it with --device cpu");
   return std::make_unique<CudaBackend>(config, TensorSet::load_dir(dir), options);
 }
 
