@@ -63,9 +63,10 @@ struct SamplingParams {
   // log-probabilities (0 .. kMaxTopLogprobs; 0: none).
   int top_logprobs = 0;
 
-  // Block decoding (ModelConfig::decoding == Block: LLaDA2.x, SDAR) reads these with their own meaning,
-  // and refuses the LLaDA settings that do not apply to it (cfg, remasking random, suffix, templates,
-  // parallel_factor, kv_cache dual):
+  // Block decoding (ModelConfig::decoding == Block: LLaDA2.x, SDAR; core/block_decoding.h) reads these with
+  // their own meaning, and refuses the LLaDA settings that do not apply to it (cfg, remasking random,
+  // suffix, templates, parallel_factor, kv_cache dual; early_stop and kv_refresh_interval have no effect:
+  // it always stops after the block holding EOS, a stop token or eot_token_id, and its cache is exact):
   //   block_length must be the model's; steps is per block (the reference's schedule: block_length / steps
   //   tokens a step, the first block_length % steps steps one more); parallel_threshold > 0 commits every
   //   masked position whose confidence is strictly above it when they are at least the step's quota, else
@@ -102,15 +103,17 @@ struct StepOutput {
   std::vector<CommittedToken> committed;  // in ascending position order
   bool finished = false;
   FinishReason reason = FinishReason::None;  // Eos when the answer holds an EOS/EOT token, else Length
-  int block = 0;                             // the block this step worked on
-  int steps_done = 0;                        // denoising steps done so far by this sequence (this one included)
-  int steps_total = 0;                       // planned steps (an upper bound with parallel decoding or early stop)
-  int filled = 0;                            // how many of `committed` (the last ones) an early stop filled with EOS
-  int forward_passes = 0;                    // canvas evaluations so far (this step's included): 1 per step, 2 with cfg
-                                             // (a cached step's partial forward counts as one)
-  int kv_refreshes = 0;                      // of those, the ones that refreshed a KV cache (whole-canvas forwards)
-  int64_t positions_computed = 0;            // canvas positions the forwards computed so far: the cost a cache cuts
-  Phase phase = Phase::Denoise;              // what this step's forward did for the sequence
+  int block = 0;           // the block this step worked on (Block: counted from the block holding the answer's first
+                           // position; a prefill says 0, a commit the block it caches)
+  int steps_done = 0;      // denoising steps done so far by this sequence (this one included; Block: Denoise phases)
+  int steps_total = 0;     // planned steps (an upper bound with parallel decoding or early stop)
+  int filled = 0;          // how many of `committed` (the last ones) an early stop filled with EOS
+  int forward_passes = 0;  // canvas evaluations so far (this step's included): 1 per step, 2 with cfg
+                           // (a cached step's partial forward counts as one)
+  int kv_refreshes = 0;    // of those, the ones that refreshed a KV cache (whole-canvas forwards; Block: the
+                           // prefill and commit forwards, which write keys and values that stay)
+  int64_t positions_computed = 0;  // canvas positions the forwards computed so far: the cost a cache cuts
+  Phase phase = Phase::Denoise;    // what this step's forward did for the sequence
   // Editing: the open block's committed tokens that may still change (answer positions, ascending); they
   // reach `committed` only when their block closes. Empty without editing.
   std::vector<CommittedToken> provisional;
