@@ -202,6 +202,7 @@ describe.each(families)("serving $preset ($name)", (family) => {
     expect((await refused({ remasking: "random" })).param).toBe("remasking")
     expect((await refused({ parallel_factor: 1 })).param).toBe("parallel_factor")
     expect((await refused({ suffix: "\n\nJULIET:" })).param).toBe("suffix")
+    if (family.editing) expect((await refused({ editing_threshold: 0.5, diffusion_steps: 4 })).param).toBe("diffusion_steps")
     if (!family.editing) {
       expect((await refused({ editing_threshold: 0.5 })).param).toBe("editing_threshold")
       expect((await refused({ max_post_steps: 4 })).param).toBe("max_post_steps")

@@ -117,6 +117,8 @@ describe("settings by family", () => {
     // Neutral values change nothing, and the model's own block length is its default.
     expect(misfit({ cfg_scale: 0, remasking: "low_confidence", parallel_factor: 0, early_stop: true, block_length: 4 })).toBeUndefined()
     expect(misfit({ editing_threshold: 0, max_post_steps: 0, block_length: 32, kv_cache: "none" }, llada2)).toBeUndefined()
+    expect(misfit({ editing_threshold: 0.5, diffusion_steps: 8 }, llada2)?.param).toBe("diffusion_steps")
+    expect(misfit({ diffusion_steps: 8 }, llada2)).toBeUndefined()
   })
 
   it("is documented in README.md's Model families table, generated from the table", () => {

@@ -300,7 +300,7 @@ export const requestOnlySettings = {
     defaultText: "off",
     placeholder: "T",
     description:
-      "LLaDA2.1 token editing: after every forward, a token already committed in the open block (not the prompt's) is rewritten where the model predicts another token more than T likely; a block without masks takes up to max_post_steps more forwards while edits happen. Modes: quality parallel_threshold 0.7 + editing_threshold 0.5, speed 0.5 + 0.0",
+      "LLaDA2.1 token editing: after every forward, a token already committed in the open block (not the prompt's) is rewritten where the model predicts another token more than T likely; a block without masks takes up to max_post_steps more forwards while edits happen; masks are committed above parallel_threshold (at least one a forward), so diffusion_steps does not apply. Modes: quality parallel_threshold 0.7 + editing_threshold 0.5, speed 0.5 + 0.0",
     appliesTo: "editing"
   }),
   max_post_steps: entry({
@@ -565,6 +565,14 @@ export const familyViolation = (request: SamplingRequest, family: ModelFamily): 
     }
     const problem = family.decoding === "block" ? spec.block?.check?.(value as never, family) : undefined
     if (problem !== undefined) return { message: problem, param: field }
+  }
+  // LLaDA2.1's editing commits by its thresholds, at least one token a forward, with no step schedule.
+  if (request.editing_threshold !== undefined && request.diffusion_steps !== undefined) {
+    return {
+      message:
+        "diffusion_steps does not apply with editing_threshold: token editing commits every masked position above parallel_threshold (at least one a forward) until the block is done, with no step schedule",
+      param: "diffusion_steps"
+    }
   }
   return undefined
 }

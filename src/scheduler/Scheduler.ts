@@ -18,7 +18,16 @@
  * "vdiff.generate" (admission → end, with its step and token counts).
  */
 import { Clock, Context, Deferred, Effect, Exit, FiberId, Layer, Mailbox, Metric, Option, Queue, Stream, type Tracer } from "effect"
-import { Engine, type FinishReason, familyOf, phaseOf, type SamplingSettings, type SequenceId, type StepResult } from "../engine/Engine.js"
+import {
+  Engine,
+  type FinishReason,
+  familyOf,
+  type ModelFamily,
+  phaseOf,
+  type SamplingSettings,
+  type SequenceId,
+  type StepResult
+} from "../engine/Engine.js"
 import { EngineFailure, type EngineError, InvalidRequestError } from "../engine/errors.js"
 import { kvPositions } from "../telemetry/kvReuse.js"
 import * as Metrics from "../telemetry/metrics.js"
@@ -137,8 +146,13 @@ interface Job {
   readonly kvRefreshes: Map<SequenceId, number>
 }
 
-const canvasTokens = (request: GenerationRequest, n: number) =>
-  n * (request.prompt.length + request.settings.genLength + (request.suffix?.length ?? 0)) * (request.settings.cfgScale > 0 ? 2 : 1)
+/** A request's canvas positions: block decoding's canvas runs to the end of the block the answer ends in. */
+const canvasTokens = (request: GenerationRequest, n: number, family: ModelFamily) => {
+  const length = request.prompt.length + request.settings.genLength + (request.suffix?.length ?? 0)
+  const canvas =
+    family.decoding === "block" && family.blockLength > 0 ? Math.ceil(length / family.blockLength) * family.blockLength : length
+  return n * canvas * (request.settings.cfgScale > 0 ? 2 : 1)
+}
 
 export const make = (options: SchedulerOptions) =>
   Effect.gen(function* () {
@@ -429,7 +443,7 @@ export const make = (options: SchedulerOptions) =>
         const job: Job = {
           request,
           n,
-          tokens: canvasTokens(request, n),
+          tokens: canvasTokens(request, n, family),
           deadline: timeoutMs > 0 ? now + timeoutMs : 0,
           mailbox: yield* Mailbox.make<StepEvent, GenerationError>(),
           cancelled: false,
