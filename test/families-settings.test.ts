@@ -13,7 +13,7 @@ import * as Sampling from "../src/config/sampling.js"
 import { Engine, type EngineShape, familyOf, type StepResult } from "../src/engine/Engine.js"
 import { makeFake } from "../src/engine/EngineTest.js"
 import { kvPositions } from "../src/telemetry/kvReuse.js"
-import { parseSse, startServerWith, type TestServer, tinyTokenizer } from "./openai-support.js"
+import { parseSse, startServer, startServerWith, type TestServer, tinyTokenizer } from "./openai-support.js"
 
 const families = Object.fromEntries(Sampling.knownFamilies.map((family) => [family.name, family]))
 const llada = families["llada"]!
@@ -282,6 +282,55 @@ describe.each([
       expect(snapshots[2]).toMatchObject({ provisional: [], masked: 0 })
     } else {
       for (const snapshot of snapshots) expect(snapshot).not.toHaveProperty("provisional")
+    }
+  })
+})
+
+describe("a block model that stops at one of its own end tokens", () => {
+  // The engine stops after the block that holds an end token of the model's config (here " night", which
+  // the tokenizer does not know as an end): later blocks are never committed.
+  const serve = async (endTokenIds: ReadonlyArray<number> | undefined) =>
+    startServer({
+      script: (tokenizer) => {
+        const night = tokenizer.encode(" night", { addSpecialTokens: false })
+        expect(night).toHaveLength(1)
+        return {
+          answer: (_prompt, settings) => {
+            const tokens = tokenizer.encode("Hello world night Good", { addSpecialTokens: false })
+            return Array.from({ length: settings.genLength }, (_, i) => tokens[i % tokens.length]!)
+          },
+          schedule: () => [
+            [0, 1],
+            [2, 3]
+          ],
+          endTokens: night
+        }
+      },
+      config: { family: sdar, defaults: serverDefaults, ...(endTokenIds === undefined ? {} : { endTokenIds }) }
+    })
+
+  it("ends the answer there, with the text before it", async () => {
+    const tokenizer = await tinyTokenizer()
+    const [night] = tokenizer.encode(" night", { addSpecialTokens: false })
+    const server = await serve([night!])
+    try {
+      const response = await server.post("/v1/completions", { prompt: "Hello", max_tokens: 8 })
+      expect(response.status).toBe(200)
+      const json = (await response.json()) as { choices: Array<{ text: string; finish_reason: string }>; usage: Record<string, number> }
+      expect(json.choices[0]).toMatchObject({ text: "Hello world", finish_reason: "stop" })
+      expect(json.usage["completion_tokens"]).toBe(2)
+    } finally {
+      await server.close()
+    }
+  })
+
+  it("cannot end an answer whose end token it is not told (the control)", async () => {
+    const server = await serve(undefined)
+    try {
+      const response = await server.post("/v1/completions", { prompt: "Hello", max_tokens: 8 })
+      expect(response.status).toBe(500)
+    } finally {
+      await server.close()
     }
   })
 })
