@@ -114,13 +114,15 @@ describe.each(families)("serving $preset ($name)", (family) => {
     await server?.stop()
   })
 
-  it("names the family in /v1/models", async () => {
+  it("names the family in /v1/models and /v1/engine/stats", async () => {
     const models = (await (await fetch(`${server.url}/v1/models`)).json()) as { data: Array<Record<string, unknown>> }
     expect(models.data).toHaveLength(1)
     expect(models.data[0]).toMatchObject({
       id: family.preset,
       family: { name: family.name, decoding: "block", block_length: family.blockLength, editing: family.editing }
     })
+    const stats = (await (await fetch(`${server.url}/v1/engine/stats`)).json()) as { engine: Record<string, unknown> }
+    expect(stats.engine["family"]).toEqual(models.data[0]!["family"])
   })
 
   it("completes a prompt with block decoding: the family's defaults, forwards by phase, the same answer every time at temperature 0", async () => {

@@ -15,7 +15,7 @@
 import { HttpRouter, HttpServerResponse } from "@effect/platform"
 import { Effect, Metric, ModuleVersion, Option } from "effect"
 import { packageInfo } from "../config/package.js"
-import type { ModelInfo } from "../engine/Engine.js"
+import { familyOf, type ModelInfo } from "../engine/Engine.js"
 import type { SchedulerStats } from "../scheduler/Scheduler.js"
 import * as Metrics from "../telemetry/metrics.js"
 import { Telemetry } from "../telemetry/Telemetry.js"
@@ -118,6 +118,7 @@ export const router = (info: SystemInfo) =>
         const { engine, scheduler } = yield* orServiceUnavailable(host.current)
         const stats = yield* scheduler.stats
         const config = engine.info.config
+        const family = familyOf(engine.info)
         return HttpServerResponse.unsafeJson({
           model: info.modelName,
           backend: backendOf(engine.info),
@@ -144,7 +145,11 @@ export const router = (info: SystemInfo) =>
             max_sequence_length: config.maxSequenceLength,
             vocab_size: config.vocabSize,
             layers: config.nLayers,
-            d_model: config.dModel
+            d_model: config.dModel,
+            // The other families than LLaDA name themselves, as in /v1/models.
+            ...(family.decoding === "block"
+              ? { family: { name: family.name, decoding: family.decoding, block_length: family.blockLength, editing: family.editing } }
+              : {})
           }
         })
       })
