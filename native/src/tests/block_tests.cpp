@@ -7,6 +7,7 @@
 // Until the block families load, the engine is driven through a tiny LLaDA checkpoint whose config says
 // Decoding::Block (BlockModel below): the CPU forward honours ForwardSeq::attention_block whatever the
 // family, so this is the same engine path a LLaDA2 or SDAR model takes.
+#include <set>
 #include <tuple>
 
 #include "core/block_decoding.h"
@@ -318,7 +319,18 @@ void test_block_engine() {
       phases += (i ? " " : "") + together[i].phases;
       engine.release(ids[i]);
     }
-    report(same == 8, "block batch of 8 mixed (prompts 0..13, cached / not, threshold, editing) == each alone",
+    // Steps where one sequence prefilled or committed while another denoised.
+    int mixed = 0;
+    for (size_t k = 0;; ++k) {
+      std::set<char> at;
+      for (const Run& r : together)
+        if (k < r.phases.size()) at.insert(r.phases[k]);
+      if (at.empty()) break;
+      mixed += at.size() > 1;
+    }
+    report(same == 8 && mixed > 0,
+           "block batch of 8 mixed (prompts 0..13, cached / not, threshold, editing) == each alone, " +
+               std::to_string(mixed) + " steps mixing phases",
            std::to_string(same) + " of 8; phases " + phases);
   }
 
@@ -378,20 +390,23 @@ void test_block_engine() {
   }
 
   // Stop: the block holding an end token is the last one denoised; later blocks stay masks. The stop
-  // token: one whose first occurrence in the answer is in its second block if there is one, else the
-  // answer's first token.
+  // token: one whose first occurrence in the answer is in its second block, on the first of a few prompts
+  // that has one (else the answer's first token).
   {
     const int P = 5, G = 14;  // canvas blocks 1..4: answer 0..2, 3..6, 7..10, 11..13
-    const std::vector<int32_t> prompt = prompt_of(P);
     const SamplingParams p = block_params(G, B, 4, KVCacheMode::Prefix);
-    const Run free_run = run_one(engine, prompt, p);
-    int32_t stop = free_run.answer[0];
-    for (int q = 3; q < 7; ++q)
-      if (std::find(free_run.answer.begin(), free_run.answer.begin() + q, free_run.answer[q]) ==
-          free_run.answer.begin() + q) {
-        stop = free_run.answer[q];
-        break;
-      }
+    std::vector<int32_t> prompt;
+    Run free_run;
+    int32_t stop = -1;
+    for (int attempt = 0; attempt < 8 && stop < 0; ++attempt) {
+      prompt = prompt_of(P);
+      free_run = run_one(engine, prompt, p);
+      for (int q = 3; q < 7 && stop < 0; ++q)
+        if (std::find(free_run.answer.begin(), free_run.answer.begin() + q, free_run.answer[q]) ==
+            free_run.answer.begin() + q)
+          stop = free_run.answer[q];
+    }
+    if (stop < 0) stop = free_run.answer[0];
     const int first =
         static_cast<int>(std::find(free_run.answer.begin(), free_run.answer.end(), stop) - free_run.answer.begin());
     const int last_block = (P + first) / B;            // canvas block holding it
