@@ -120,7 +120,8 @@ struct ForwardSeq {
   // 0: bidirectional attention over the whole canvas. B > 0: block-causal with blocks of B positions
   // aligned at 0 — the query at position i attends the keys j < min(length, (i / B + 1) * B). Then a
   // cache read needs only the keys before compute_begin (KVCache::cached_until() >= compute_begin), and
-  // without a cache the range may be any [0, end) (what lies after `end` is never attended by it).
+  // without a cache the range may be any [0, end) (what lies after `end` is never attended by it). The
+  // range must end at a block boundary or at `length` (its queries attend their whole block).
   int attention_block = 0;
 };
 
