@@ -42,6 +42,9 @@ namespace vdiff::cpu {
 namespace {
 
 constexpr int kQueryBlock = 64;  // queries per attention task: bounds the score buffer to 64 x L floats
+// Tokens routed together by a MoE layer: bounds its scratch (routed rows x (2 D + 2 moe_hidden) floats) for
+// long prefills; a token's result does not depend on which tokens share its chunk.
+constexpr int kMoeTokens = 1024;
 
 // A weight matrix [rows = out features, cols = in features], still in the mapping.
 struct Weight {
@@ -195,6 +198,7 @@ class CpuBackend final : public Backend {
   void quantize_activations(const float* A, int M, int K);
   void qk_norm(const Block& blk, int T);
   void moe(const Block& blk, int T);
+  void routed_experts(const Block& blk, int t0, int T);
   std::vector<Weight*> matrices(bool experts);
   void rmsnorm_rows(const float* x, const std::vector<float>& w, float* y, int rows);
   void ensure_rope(int length);
@@ -411,8 +415,8 @@ void CpuBackend::ensure_scratch(int T, int rows, int max_len) {
   up_.ensure(T * H);
   rows_.ensure(static_cast<size_t>(rows > 0 ? rows : 1) * D);
   if (config_.n_experts > 0) {
-    const size_t routed = static_cast<size_t>(T) * config_.experts_per_token;
-    router_logits_.ensure(static_cast<size_t>(T) * config_.n_experts);
+    const size_t chunk = std::min(T, kMoeTokens), routed = chunk * config_.experts_per_token;
+    router_logits_.ensure(chunk * config_.n_experts);
     moe_in_.ensure(routed * D);
     moe_gate_.ensure(routed * config_.moe_hidden_size);
     moe_up_.ensure(routed * config_.moe_hidden_size);
@@ -549,10 +553,32 @@ void CpuBackend::qk_norm(const Block& blk, int T) {
 //   route (cpu/moe.h) from the f32 router logits; sort the routed (token, slot) pairs by expert; per
 //   ACTIVE expert one product over its rows (gate and up together, then down), all experts in one
 //   parallel pass each; combine per token over its k slots in slot order, weighted; plus the shared
-//   expert. A token's result does not depend on the other tokens of the batch.
+//   expert. A token's result does not depend on the other tokens of the batch, so the routed part runs in
+//   chunks of kMoeTokens tokens.
 void CpuBackend::moe(const Block& blk, int T) {
-  const int D = config_.d_model, E = config_.n_experts, k = config_.experts_per_token, Hm = config_.moe_hidden_size;
+  float* y = moe_y_.data();
+  for (int t0 = 0; t0 < T; t0 += kMoeTokens) routed_experts(blk, t0, std::min(kMoeTokens, T - t0));
+  const int D = config_.d_model;
   const float* xn = xn_.data();
+  if (blk.shared.gate.data) {
+    const int Hs = blk.shared.gate.rows;
+    linear(xn, T, D, {{&blk.shared.gate, gate_.data(), Hs, false}, {&blk.shared.up, up_.data(), Hs, false}});
+    pool().parallel_for(T, [&](size_t begin, size_t end, int) {
+      for (size_t t = begin; t < end; ++t)
+        kernels_->silu_mul(gate_.data() + t * Hs, up_.data() + t * Hs, gate_.data() + t * Hs, Hs);
+    });
+    linear(gate_.data(), T, Hs, {{&blk.shared.down, y, D, true}});  // y += shared(xn)
+  }
+  float* x = x_.data();
+  pool().parallel_for(T, [&](size_t begin, size_t end, int) {
+    for (size_t i = begin * D; i < end * D; ++i) x[i] += y[i];
+  });
+}
+
+// The routed experts of the tokens [t0, t0 + T) into moe_y_'s rows [t0, t0 + T).
+void CpuBackend::routed_experts(const Block& blk, int t0, int T) {
+  const int D = config_.d_model, E = config_.n_experts, k = config_.experts_per_token, Hm = config_.moe_hidden_size;
+  const float* xn = xn_.data() + static_cast<size_t>(t0) * D;
   float* logits = router_logits_.data();
   linear(xn, T, D, {{&blk.router, logits, E, false}});
   route(router_params_, logits, T, E, blk.expert_bias.empty() ? nullptr : blk.expert_bias.data(), routing_);
@@ -585,7 +611,7 @@ void CpuBackend::moe(const Block& blk, int T) {
   });
   linear_grouped(g, R, Hm, down);
   // y[t] = sum over the token's slots j (in order) of weight * expert output.
-  float* y = moe_y_.data();
+  float* y = moe_y_.data() + static_cast<size_t>(t0) * D;
   pool().parallel_for(T, [&](size_t begin, size_t end, int) {
     for (size_t t = begin; t < end; ++t) {
       float* yt = y + t * D;
@@ -599,19 +625,6 @@ void CpuBackend::moe(const Block& blk, int T) {
           for (int d = 0; d < D; ++d) yt[d] += w * ot[d];
       }
     }
-  });
-  if (blk.shared.gate.data) {
-    const int Hs = blk.shared.gate.rows;
-    linear(xn, T, D, {{&blk.shared.gate, gate_.data(), Hs, false}, {&blk.shared.up, up_.data(), Hs, false}});
-    pool().parallel_for(T, [&](size_t begin, size_t end, int) {
-      for (size_t t = begin; t < end; ++t)
-        kernels_->silu_mul(gate_.data() + t * Hs, up_.data() + t * Hs, gate_.data() + t * Hs, Hs);
-    });
-    linear(gate_.data(), T, Hs, {{&blk.shared.down, y, D, true}});  // y += shared(xn)
-  }
-  float* x = x_.data();
-  pool().parallel_for(T, [&](size_t begin, size_t end, int) {
-    for (size_t i = begin * D; i < end * D; ++i) x[i] += y[i];
   });
 }
 

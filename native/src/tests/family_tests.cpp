@@ -720,6 +720,19 @@ void test_family_forward() {
         report(got == want, tag + ": a mixed batch gives each sequence its own rows bit for bit");
       }
       if (type != WType::F32) continue;
+      // More tokens than the MoE layer routes at once (1024): three canvases of 400 in one forward, each
+      // sequence's rows as alone.
+      if (s.experts > 0) {
+        std::vector<std::vector<int32_t>> canvases, rows;
+        for (int i = 0; i < 3; ++i) canvases.push_back(random_tokens(rng, 400, V)), rows.push_back({0, 199, 399});
+        const std::vector<float> together = run_forward(*model, canvases, rows);
+        std::vector<float> alone;
+        for (int i = 0; i < 3; ++i) {
+          const std::vector<float> one = run_forward(*model, {canvases[i]}, {rows[i]});
+          alone.insert(alone.end(), one.begin(), one.end());
+        }
+        report(together == alone, tag + ": 1200 tokens in one forward (MoE routed in chunks) equal each canvas alone");
+      }
       // Quantized at load: against the reference with the dequantized weights.
       for (cpu::QType q : {cpu::QType::Q8_0, cpu::QType::Q4_0}) {
         LoadOptions options = test_options(2);
