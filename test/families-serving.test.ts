@@ -247,6 +247,8 @@ describe.each(families)("serving $preset ($name)", (family) => {
     }
     expect(phase("denoise")).toBeGreaterThan(0)
     expect(phase("commit")).toBeGreaterThan(0)
+    // Tokens per step are observed for the denoising steps only, not for prefill and commit forwards.
+    expect(value("vdiff_tokens_per_step_count")).toBe(phase("denoise"))
     const attended = value("vdiff_kv_positions_attended_total")!
     const reused = value("vdiff_kv_positions_reused_total")!
     expect(reused).toBeGreaterThan(0)

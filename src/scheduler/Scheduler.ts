@@ -346,7 +346,8 @@ export const make = (options: SchedulerOptions) =>
           state.tokensCommitted += denoised
           job.tokensCommitted += denoised
           job.steps = Math.max(job.steps, r.stepsDone)
-          yield* Metric.update(Metrics.tokensPerStep, denoised)
+          // A prefill or commit forward (block decoding) is no denoising step: it commits nothing by design.
+          if (phaseOf(r) === "denoise") yield* Metric.update(Metrics.tokensPerStep, denoised)
           yield* observeForward(job, r)
           if (r.finished) job.finished++
         }

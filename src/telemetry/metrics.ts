@@ -66,7 +66,7 @@ export const batchSize = histogram("vdiff_batch_size", powersOfTwo(1024), "Seque
 export const tokensPerStep = histogram(
   "vdiff_tokens_per_step",
   [0, ...powersOfTwo(512)],
-  "Answer tokens one sequence committed by denoising in one step (parallel decoding commits more than one)."
+  "Answer tokens one sequence committed by denoising in one step (parallel decoding commits more than one); block decoding's prefill and commit forwards are not counted."
 )
 
 export const stepDuration = histogram("vdiff_step_duration_seconds", stepBounds, "Seconds one batched denoising step took in the engine.")
