@@ -57,6 +57,8 @@ export interface WriteModelOptions {
    * `vdiff quantize` makes of the unquantized directory, without writing that directory first.
    */
   readonly quantize?: QuantFormat
+  /** Writes one quantized shard instead of writeQuantizedSafetensors (same contract; bench/moe's native writer). */
+  readonly writeQuantizedShard?: typeof writeQuantizedSafetensors
 }
 
 // --- seeded random weights --------------------------------------------------------------------------
@@ -85,12 +87,7 @@ const fnv1a = (text: string): number => {
  * independent keys keep tensors from being shifted copies of one another.
  */
 export const uniformFill = (seed: number, name: string, std: number) => {
-  const seedLow = seed >>> 0
-  const seedHigh = Math.floor(seed / 2 ** 32) >>> 0
-  const keyA = fmix32((fnv1a(name) ^ fmix32(seedLow + 0x9e3779b9)) >>> 0)
-  const keyB = fmix32((keyA ^ fmix32((seedHigh + 0x7f4a7c15) >>> 0) ^ 0x5bd1e995) >>> 0)
-  const scale = (Math.sqrt(3) * std * 2) / 2 ** 32
-  const a = Math.sqrt(3) * std
+  const { keyA, keyB, scale, a } = uniformKeys(seed, name, std)
   return (out: Float32Array, start: number): void => {
     for (let j = 0; j < out.length; j++) {
       const x = fmix32((start + j + keyA) >>> 0)
@@ -100,37 +97,53 @@ export const uniformFill = (seed: number, name: string, std: number) => {
   }
 }
 
+/**
+ * The constants of uniformFill for a tensor: element i is f32((fmix32(fmix32(i + keyA) ^ keyB) + 0.5) *
+ * scale - a), the arithmetic in doubles and 32-bit unsigned integers (for a writer in another language).
+ */
+export const uniformKeys = (seed: number, name: string, std: number) => {
+  const seedLow = seed >>> 0
+  const seedHigh = Math.floor(seed / 2 ** 32) >>> 0
+  const keyA = fmix32((fnv1a(name) ^ fmix32(seedLow + 0x9e3779b9)) >>> 0)
+  const keyB = fmix32((keyA ^ fmix32((seedHigh + 0x7f4a7c15) >>> 0) ^ 0x5bd1e995) >>> 0)
+  return { keyA, keyB, scale: (Math.sqrt(3) * std * 2) / 2 ** 32, a: Math.sqrt(3) * std }
+}
+
 const ones = (out: Float32Array): void => {
   out.fill(1)
 }
 
 const isFamilyPreset = (preset: Preset | FamilyPreset): preset is FamilyPreset => "tokenizer" in preset
 
+/** A preset's tensor, with how its values are made (for a writer in another language: uniformKeys). */
+export interface PresetTensor extends TensorSource {
+  readonly init: { readonly kind: "ones" } | { readonly kind: "uniform"; readonly seed: number; readonly std: number }
+}
+
 /**
  * The tensors of `preset` as lazily generated sources: norms exactly 1, matrices uniform with the
  * preset's std, an MoE router's expert bias uniform with its biasStd (stored f32).
  */
-export const presetTensors = (preset: Preset | FamilyPreset, seed: number, dtype: DType = preset.dtype): Array<TensorSource> => {
+export const presetTensors = (preset: Preset | FamilyPreset, seed: number, dtype: DType = preset.dtype): Array<PresetTensor> => {
+  const source = (name: string, shape: ReadonlyArray<number>, type: DType, std: number | undefined): PresetTensor => ({
+    name,
+    dtype: type,
+    shape,
+    fill: std === undefined ? ones : uniformFill(seed, name, std),
+    init: std === undefined ? { kind: "ones" } : { kind: "uniform", seed, std }
+  })
   if (!isFamilyPreset(preset)) {
-    return lladaTensors(preset.config).map((t) => ({
-      name: t.name,
-      dtype,
-      shape: t.shape,
-      fill: t.kind === "norm" ? ones : uniformFill(seed, t.name, preset.initStd)
-    }))
+    return lladaTensors(preset.config).map((t) => source(t.name, t.shape, dtype, t.kind === "norm" ? undefined : preset.initStd))
   }
-  return familyTensors(preset.config).map((t) => ({
-    name: t.name,
-    dtype: t.dtype ?? dtype,
-    shape: t.shape,
-    fill: t.kind === "norm" ? ones : uniformFill(seed, t.name, t.kind === "bias" ? preset.biasStd : preset.initStd)
-  }))
+  return familyTensors(preset.config).map((t) =>
+    source(t.name, t.shape, t.dtype ?? dtype, t.kind === "norm" ? undefined : t.kind === "bias" ? preset.biasStd : preset.initStd)
+  )
 }
 
 // --- writing a model directory ------------------------------------------------------------------------
 
 /** Groups tensors into consecutive shards of at most `maxBytes` (never splitting a tensor). */
-const planShards = (tensors: ReadonlyArray<TensorSource>, maxBytes: number | undefined): Array<Array<TensorSource>> => {
+export const planShards = (tensors: ReadonlyArray<TensorSource>, maxBytes: number | undefined): Array<Array<TensorSource>> => {
   if (maxBytes === undefined) return [Array.from(tensors)]
   const shards: Array<Array<TensorSource>> = []
   let current: Array<TensorSource> = []
@@ -149,7 +162,7 @@ const planShards = (tensors: ReadonlyArray<TensorSource>, maxBytes: number | und
   return shards
 }
 
-const shardName = (index: number, count: number): string =>
+export const shardName = (index: number, count: number): string =>
   `model-${String(index + 1).padStart(5, "0")}-of-${String(count).padStart(5, "0")}.safetensors`
 
 /** Removes weight files of an earlier model in `dir`, so the loader cannot mix old and new files. */
@@ -186,7 +199,7 @@ export const writeModelDir = async (
             metadata,
             ...(options.chunkElements !== undefined ? { chunkElements: options.chunkElements } : {})
           })
-        : await writeQuantizedSafetensors(join(dir, name), shard, format, metadata)
+        : await (options.writeQuantizedShard ?? writeQuantizedSafetensors)(join(dir, name), shard, format, metadata)
     options.onProgress?.(
       `wrote ${name}: ${shard.length} tensors${format !== undefined ? ` (${format})` : ""}, ${(size / 1e6).toFixed(1)} MB in ${((Date.now() - started) / 1000).toFixed(1)} s`
     )
@@ -223,6 +236,7 @@ export interface MakeModelOptions {
   readonly maxShardBytes?: number
   /** Write the matrices in Q8_0 or Q4_0 (see WriteModelOptions.quantize). */
   readonly quantize?: QuantFormat
+  readonly writeQuantizedShard?: WriteModelOptions["writeQuantizedShard"]
   readonly onProgress?: (message: string) => void
 }
 
@@ -283,6 +297,7 @@ export const makeModel = async (options: MakeModelOptions): Promise<WrittenModel
     metadata: { generator: "vdiff make-model", preset: preset.name, seed: String(options.seed) },
     ...(maxShardBytes !== undefined ? { maxShardBytes } : {}),
     ...(options.quantize !== undefined ? { quantize: options.quantize } : {}),
+    ...(options.writeQuantizedShard !== undefined ? { writeQuantizedShard: options.writeQuantizedShard } : {}),
     ...(options.onProgress !== undefined ? { onProgress: options.onProgress } : {})
   })
   if (isFamilyPreset(preset) && preset.tokenizer === "embedded") {

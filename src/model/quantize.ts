@@ -259,11 +259,7 @@ export const writeQuantizedSafetensors = async (
   format: QuantFormat,
   metadata: Readonly<Record<string, string>>
 ): Promise<number> => {
-  const outTensors: Array<OutTensor> = []
-  for (const t of tensors) {
-    outTensors.push(...outTensorsOf(t.name, { dtype: t.dtype, shape: t.shape, dataOffsets: [0, tensorBytes(t)] }, format, new Set()))
-  }
-  const head = encodeRawHeader(outTensors, { ...metadata, "vdiff.quantization": format, "vdiff.block_size": String(QBLOCK) })
+  const head = quantizedHeader(tensors, format, metadata)
   const dst = await open(path, "w")
   const { write, written } = sequentialWriter(dst)
   try {
@@ -315,6 +311,19 @@ export const writeQuantizedSafetensors = async (
   } finally {
     await dst.close()
   }
+}
+
+/** The header (length prefix included) of the quantized file writeQuantizedSafetensors writes for `tensors`. */
+export const quantizedHeader = (
+  tensors: ReadonlyArray<Pick<TensorSource, "name" | "dtype" | "shape">>,
+  format: QuantFormat,
+  metadata: Readonly<Record<string, string>>
+): Buffer => {
+  const outTensors: Array<OutTensor> = []
+  for (const t of tensors) {
+    outTensors.push(...outTensorsOf(t.name, { dtype: t.dtype, shape: t.shape, dataOffsets: [0, tensorBytes(t)] }, format, new Set()))
+  }
+  return encodeRawHeader(outTensors, { ...metadata, "vdiff.quantization": format, "vdiff.block_size": String(QBLOCK) })
 }
 
 /** The names and bytes a quantized file holds for `tensors` (quantized ones with their `_scale`). */

@@ -2,6 +2,7 @@
 #include "cpu/moe.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <string>
 
@@ -31,7 +32,17 @@ void top_k(const float* score, int n, int k, std::vector<int32_t>& idx, int32_t*
   throw Error(ErrorCode::InvalidModel, "MoE router: " + key + " " + what, key);
 }
 
+std::atomic<uint64_t> g_calls{0}, g_active{0}, g_slots{0};
+
 }  // namespace
+
+GroupingCounters grouping_counters() {
+  GroupingCounters c;
+  c.calls = g_calls.load(std::memory_order_relaxed);
+  c.active_experts = g_active.load(std::memory_order_relaxed);
+  c.slots = g_slots.load(std::memory_order_relaxed);
+  return c;
+}
 
 void validate(const RouterParams& p) {
   if (p.kind == RouterKind::None) bad("router", "is none but the model has experts");
@@ -173,6 +184,9 @@ void group_by_expert(const Routing& r, int n_experts, ExpertGroups& out) {
     out.slot[row] = static_cast<int32_t>(s);
     out.weight[row] = r.weight[s];
   }
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  g_active.fetch_add(out.active.size(), std::memory_order_relaxed);
+  g_slots.fetch_add(slots, std::memory_order_relaxed);
 }
 
 }  // namespace vdiff::cpu

@@ -76,4 +76,14 @@ struct ExpertGroups {
 
 void group_by_expert(const Routing& routing, int n_experts, ExpertGroups& out);
 
+// Process-wide counters of group_by_expert (relaxed atomics; for benchmarks): calls, the active experts
+// they found (summed over calls: with one call per MoE layer and forward, the distinct experts whose
+// weights a forward reads) and the routed slots.
+struct GroupingCounters {
+  uint64_t calls = 0;
+  uint64_t active_experts = 0;
+  uint64_t slots = 0;
+};
+GroupingCounters grouping_counters();
+
 }  // namespace vdiff::cpu

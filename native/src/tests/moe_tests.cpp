@@ -272,7 +272,12 @@ void test_grouping_and_product() {
   report(r.expert == rs.expert && r.weight == rs.weight, "moe: route reads rows at the given stride");
 
   ExpertGroups g;
+  const cpu::GroupingCounters before = cpu::grouping_counters();
   cpu::group_by_expert(r, 32, g);
+  const cpu::GroupingCounters after = cpu::grouping_counters();
+  report(after.calls == before.calls + 1 && after.active_experts == before.active_experts + g.active.size() &&
+             after.slots == before.slots + T * 4,
+         "moe: grouping counters count calls, active experts and slots");
   bool ok = g.offsets.front() == 0 && g.offsets.back() == T * 4;
   std::vector<int> seen(T * 4, 0);
   int active = 0;
