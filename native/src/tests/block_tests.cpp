@@ -248,6 +248,24 @@ void test_block_engine() {
     report(blocks_ok && cached.outputs.back().finished,
            "block outputs: prefill and commit commit nothing; answer positions only");
 
+    // The cache: one for the whole canvas (nb * B positions), accounted while the sequence runs, freed
+    // when it finishes; none without a cache.
+    {
+      const uint64_t id = engine.create(prompt, block_params(10, B, 4, KVCacheMode::Prefix));
+      const uint64_t plain = engine.create(prompt, block_params(10, B, 4, KVCacheMode::None));
+      const SequenceInfo before = engine.info(id);
+      const uint64_t live = inner->kv_cache_live_bytes();
+      run_all(engine, {id, plain});
+      const SequenceInfo after = engine.info(id);
+      report(before.kv_cache_bytes == inner->kv_cache_bytes(16) && live == before.kv_cache_bytes &&
+                 engine.info(plain).kv_cache_bytes == 0 && after.finished && after.kv_cache_bytes == 0 &&
+                 inner->kv_cache_live_bytes() == 0 && before.memory_bytes > before.kv_cache_bytes,
+             "block cache: the whole canvas's (16 positions), accounted, freed when the sequence finishes",
+             std::to_string(before.kv_cache_bytes) + " bytes");
+      engine.release(id);
+      engine.release(plain);
+    }
+
     // Prompts shorter than a block and a multiple of it; no prefill / a prefill and no tail.
     model->calls.clear();
     const Run short_prompt = run_one(engine, prompt_of(3), block_params(5, B, 2, KVCacheMode::Prefix));
