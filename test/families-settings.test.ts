@@ -231,6 +231,10 @@ describe.each([
         )
       ).param
     ).toBe("response_format")
+    const schema = { type: "object", properties: { a: { type: "string" } } }
+    expect((await refused({ input: "Hello", text: { format: { type: "json_schema", name: "x", schema } } }, "/v1/responses")).param).toBe(
+      "text.format"
+    )
     if (!family.editing) expect((await refused({ editing_threshold: 0.5 })).param).toBe("editing_threshold")
   })
 

@@ -201,6 +201,8 @@ export interface PreparedPrompt {
    * it, and filling it whole is finish reason "stop".
    */
   readonly template?: ReadonlyArray<number>
+  /** The request field that asked for the template (errors name it); default "response_format". */
+  readonly templateParam?: string
 }
 
 /**

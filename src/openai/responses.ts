@@ -151,7 +151,7 @@ export const responses = (request: ResponseRequest) =>
     const prompt: PreparedPrompt = {
       tokens: yield* renderMessages(messages, { addGenerationPrompt: true }),
       param: "input",
-      ...(structured === undefined ? {} : { template: structured.template })
+      ...(structured === undefined ? {} : { template: structured.template, templateParam: "text.format" })
     }
     const jobs = yield* preparePromptJobs([prompt], plan)
     const decoder = jobs[0]!.run.decoders[0]!

@@ -164,16 +164,18 @@ export const runPrompt = (
  * Structured output lays the JSON skeleton on the answer canvas from the start; block decoding writes its
  * blocks in order and takes no fixed positions, so a schema is refused for those models.
  */
-const checkNoTemplate = (prompts: ReadonlyArray<PreparedPrompt>, plan: AnswerPlan) =>
-  plan.family.decoding === "block" && prompts.some((prompt) => prompt.template !== undefined)
-    ? Effect.fail(
-        new BadRequest({
-          message: `response_format json_schema does not apply to this model (${plan.family.name}, block decoding): its skeleton is laid on the canvas before denoising, which block decoding does not take`,
-          param: "response_format",
-          code: "unsupported_parameter"
-        })
-      )
-    : Effect.void
+const checkNoTemplate = (prompts: ReadonlyArray<PreparedPrompt>, plan: AnswerPlan) => {
+  const structured = prompts.find((prompt) => prompt.template !== undefined)
+  if (plan.family.decoding !== "block" || structured === undefined) return Effect.void
+  const param = structured.templateParam ?? "response_format"
+  return Effect.fail(
+    new BadRequest({
+      message: `${param} json_schema does not apply to this model (${plan.family.name}, block decoding): its skeleton is laid on the canvas before denoising, which block decoding does not take`,
+      param,
+      code: "unsupported_parameter"
+    })
+  )
+}
 
 /** One prompt's answers, set up but not yet run. */
 export interface PromptJob {
