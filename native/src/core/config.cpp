@@ -126,8 +126,7 @@ ModelConfig from_hf_keys(const Json& j, const Family& f) {
   c.head_dim_size = read_int(j, "head_dim", &zero);
   c.vocab_size = read_int(j, "vocab_size", nullptr);
   c.embedding_size = c.vocab_size;
-  c.mask_token_id =
-      read_int(j, "mask_token_id", f.default_mask_token_id >= 0 ? &f.default_mask_token_id : nullptr);
+  c.mask_token_id = read_int(j, "mask_token_id", f.default_mask_token_id >= 0 ? &f.default_mask_token_id : nullptr);
   const std::vector<int> eos = read_token_ids(j, "eos_token_id");
   c.eos_token_id = eos[0];
   c.stop_token_ids.assign(eos.begin() + 1, eos.end());
@@ -153,8 +152,8 @@ ModelConfig from_hf_keys(const Json& j, const Family& f) {
   }
   c.rotary_dim = read_int(j, "rotary_dim", &from_factor);
   if (from_factor > 0 && c.rotary_dim != from_factor)
-    bad("\"rotary_dim\" = " + std::to_string(c.rotary_dim) + " disagrees with \"partial_rotary_factor\" x head_dim = " +
-        std::to_string(from_factor));
+    bad("\"rotary_dim\" = " + std::to_string(c.rotary_dim) +
+        " disagrees with \"partial_rotary_factor\" x head_dim = " + std::to_string(from_factor));
   if (c.rotary_dim == hd) c.rotary_dim = 0;  // the whole head
 
   c.router = f.router;
@@ -335,8 +334,8 @@ void ModelConfig::validate() const {
   if (!(rms_norm_eps > 0) || !std::isfinite(rms_norm_eps)) bad("\"rms_norm_eps\" must be a positive number");
   if (include_bias) bad("\"include_bias\" = true is not supported (this engine has no bias terms)");
   if (decoding == Decoding::Block && (block_length < 1 || block_length > max_sequence_length))
-    bad("\"block_size\" = " + std::to_string(block_length) + " must be in [1, " + q(key("max_sequence_length", "max_position_embeddings")) +
-        " = " + std::to_string(max_sequence_length) + "]");
+    bad("\"block_size\" = " + std::to_string(block_length) + " must be in [1, " +
+        q(key("max_sequence_length", "max_position_embeddings")) + " = " + std::to_string(max_sequence_length) + "]");
   if (decoding == Decoding::FullCanvas && block_length != 0) bad("\"block_size\" applies to block decoding only");
   // Mixture of experts.
   if (router == RouterKind::None) {
@@ -351,8 +350,8 @@ void ModelConfig::validate() const {
         std::to_string(n_experts) + ")");
   if (n_shared_experts < 0) bad("\"num_shared_experts\" must not be negative");
   if (first_k_dense < 0 || first_k_dense > n_layers)
-    bad("\"first_k_dense_replace\" = " + std::to_string(first_k_dense) + " must be in [0, " +
-        q("num_hidden_layers") + " = " + std::to_string(n_layers) + "]");
+    bad("\"first_k_dense_replace\" = " + std::to_string(first_k_dense) + " must be in [0, " + q("num_hidden_layers") +
+        " = " + std::to_string(n_layers) + "]");
   for (int d : dense_layers)
     if (d < 0 || d >= n_layers) bad("\"mlp_only_layers\" lists layer " + std::to_string(d) + ", which does not exist");
   if (!(routed_scaling_factor > 0) || !std::isfinite(routed_scaling_factor))
@@ -361,10 +360,11 @@ void ModelConfig::validate() const {
     if (n_group < 1 || n_experts % n_group != 0)
       bad("\"n_group\" = " + std::to_string(n_group) + " must divide \"num_experts\" = " + std::to_string(n_experts));
     if (n_experts / n_group < 2)
-      bad("\"n_group\" = " + std::to_string(n_group) + " leaves fewer than 2 experts per group (groups are scored by their top 2)");
+      bad("\"n_group\" = " + std::to_string(n_group) +
+          " leaves fewer than 2 experts per group (groups are scored by their top 2)");
     if (topk_group < 1 || topk_group > n_group)
-      bad("\"topk_group\" = " + std::to_string(topk_group) + " must be in [1, \"n_group\" = " + std::to_string(n_group) +
-          "]");
+      bad("\"topk_group\" = " + std::to_string(topk_group) +
+          " must be in [1, \"n_group\" = " + std::to_string(n_group) + "]");
     if (experts_per_token > topk_group * (n_experts / n_group))
       bad("\"num_experts_per_tok\" (" + std::to_string(experts_per_token) + ") is more than the " +
           std::to_string(topk_group * (n_experts / n_group)) + " experts of the \"topk_group\" groups kept");

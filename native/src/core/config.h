@@ -41,8 +41,8 @@ struct ModelConfig {
   int max_sequence_length = 0;
   double rope_theta = 10000.0;
   double rms_norm_eps = 1e-5;
-  bool weight_tying = false;  // true: the LM head is wte
-  bool include_bias = false;  // biases are not supported; true is rejected with InvalidModel
+  bool weight_tying = false;        // true: the LM head is wte
+  bool include_bias = false;        // biases are not supported; true is rejected with InvalidModel
   std::vector<int> stop_token_ids;  // further end tokens besides eos_token_id (an "eos_token_id" list's rest)
 
   // Attention details of the newer families.
@@ -52,18 +52,18 @@ struct ModelConfig {
 
   // Mixture of experts (n_experts == 0: every layer is a dense SwiGLU of mlp_hidden_size).
   int n_experts = 0;
-  int experts_per_token = 0;   // top-k
-  int moe_hidden_size = 0;     // width of one expert
-  int n_shared_experts = 0;    // shared expert width: moe_hidden_size * n_shared_experts
-  int first_k_dense = 0;       // layers [0, first_k_dense) are dense
-  int n_group = 1;             // GroupedSigmoid only
+  int experts_per_token = 0;  // top-k
+  int moe_hidden_size = 0;    // width of one expert
+  int n_shared_experts = 0;   // shared expert width: moe_hidden_size * n_shared_experts
+  int first_k_dense = 0;      // layers [0, first_k_dense) are dense
+  int n_group = 1;            // GroupedSigmoid only
   int topk_group = 1;
   double routed_scaling_factor = 1.0;
   bool norm_topk_prob = true;  // Softmax: renormalise the top-k weights
   RouterKind router = RouterKind::None;
-  bool expert_bias = false;        // GroupedSigmoid: the layers hold mlp.gate.expert_bias (choice only)
-  int moe_layer_step = 1;          // Qwen3-MoE decoder_sparse_step: layer i is MoE when (i + 1) % step == 0
-  std::vector<int> dense_layers;   // Qwen3-MoE mlp_only_layers: dense whatever the rules above say
+  bool expert_bias = false;       // GroupedSigmoid: the layers hold mlp.gate.expert_bias (choice only)
+  int moe_layer_step = 1;         // Qwen3-MoE decoder_sparse_step: layer i is MoE when (i + 1) % step == 0
+  std::vector<int> dense_layers;  // Qwen3-MoE mlp_only_layers: dense whatever the rules above say
 
   int head_dim() const { return head_dim_size > 0 ? head_dim_size : d_model / n_heads; }
   int rope_dims() const { return rotary_dim > 0 ? rotary_dim : head_dim(); }

@@ -238,7 +238,7 @@ ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& c, const 
     WeightRef r = w;
     r.rows = rows;
     r.name = w.name + "[" + part + "]";
-    const uint64_t row_bytes = w.quant == Quant::None ? static_cast<uint64_t>(w.cols) * dtype_size(w.dtype)
+    const uint64_t row_bytes = w.quant == Quant::None   ? static_cast<uint64_t>(w.cols) * dtype_size(w.dtype)
                                : w.quant == Quant::Q8_0 ? static_cast<uint64_t>(w.cols)
                                                         : static_cast<uint64_t>(w.cols) / 2;
     r.data = static_cast<const char*>(w.data) + static_cast<uint64_t>(begin) * row_bytes;
@@ -273,7 +273,8 @@ ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& c, const 
     }
     l.o = find(name(f.o), {D, q_rows}, true);
     if (c.qk_norm) {
-      if (f.q_norm.empty()) throw Error(ErrorCode::InvalidModel, "config.json: the " + f.name + " family has no QK-norm");
+      if (f.q_norm.empty())
+        throw Error(ErrorCode::InvalidModel, "config.json: the " + f.name + " family has no QK-norm");
       l.q_norm = find(name(f.q_norm), {hd});
       l.k_norm = find(name(f.k_norm), {hd});
     }

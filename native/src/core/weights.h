@@ -66,7 +66,7 @@ struct LayerWeights {
   WeightRef attn_norm, ffn_norm;  // [D]
   // Separate projections: q [n_heads*hd, D], k and v [n_kv_heads*hd, D]. A fused checkpoint (LLaDA2's
   // query_key_value [(n_heads + 2 n_kv_heads) hd, D]) gives q, k and v as row ranges of the one matrix.
-  WeightRef q, k, v, o;  // o: [D, n_heads*hd]
+  WeightRef q, k, v, o;      // o: [D, n_heads*hd]
   WeightRef q_norm, k_norm;  // [hd] (ModelConfig::qk_norm), else absent
   MlpWeights mlp;            // dense layers (ModelConfig::moe_layer(i) false), else absent
   MoeWeights moe;            // MoE layers, else empty
@@ -93,10 +93,10 @@ struct Family {
   std::vector<std::string> architectures;  // config.json "architectures" entries that name it
   ConfigKeys keys = ConfigKeys::Llada;
   Decoding decoding = Decoding::FullCanvas;
-  int default_block_length = 0;    // Block decoding: when config.json has no "block_size"
-  int default_mask_token_id = -1;  // when config.json has no "mask_token_id"; -1: it must have one
-  bool editing = false;            // LLaDA2.1 token editing (SamplingParams::editing_threshold) applies
-  bool qk_norm = false;            // query/key RMSNorm before RoPE (a config key may turn it off: use_qk_norm)
+  int default_block_length = 0;          // Block decoding: when config.json has no "block_size"
+  int default_mask_token_id = -1;        // when config.json has no "mask_token_id"; -1: it must have one
+  bool editing = false;                  // LLaDA2.1 token editing (SamplingParams::editing_threshold) applies
+  bool qk_norm = false;                  // query/key RMSNorm before RoPE (a config key may turn it off: use_qk_norm)
   RouterKind router = RouterKind::None;  // of its MoE layers (None: no MoE)
   bool shifted_logits = false;           // the row of position i predicts token i + 1 (none of these four)
   bool cuda = false;                     // the CUDA backend runs it (LLaDA only, today); else CPU only
@@ -107,11 +107,11 @@ struct Family {
   std::string attn_norm, ffn_norm;
   std::string qkv;  // fused [(n_heads + 2 n_kv_heads) hd, D]; q, k and v are its row ranges. Empty: q, k, v.
   std::string q, k, v, o;
-  std::string q_norm, k_norm;  // [hd] (ModelConfig::qk_norm)
-  std::string gate, up, down;  // a dense layer's MLP
-  std::string router_weight, expert_bias;            // MoE: [n_experts, D], [n_experts]
-  std::string expert_gate, expert_up, expert_down;   // MoE: one expert's MLP
-  std::string shared_gate, shared_up, shared_down;   // MoE: the shared expert(s), one MLP
+  std::string q_norm, k_norm;                       // [hd] (ModelConfig::qk_norm)
+  std::string gate, up, down;                       // a dense layer's MLP
+  std::string router_weight, expert_bias;           // MoE: [n_experts, D], [n_experts]
+  std::string expert_gate, expert_up, expert_down;  // MoE: one expert's MLP
+  std::string shared_gate, shared_up, shared_down;  // MoE: the shared expert(s), one MLP
 };
 
 // Every family this engine serves, and the one config.json names (nullptr: none).

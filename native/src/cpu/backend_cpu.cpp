@@ -242,7 +242,7 @@ class CpuBackend final : public Backend {
   RouterParams router_params_;
   Routing routing_;
   ExpertGroups groups_;
-  std::vector<int32_t> sorted_row_;  // routed slot -> its row in the sorted order
+  std::vector<int32_t> sorted_row_;            // routed slot -> its row in the sorted order
   std::vector<Buffer> gemm_scratch_, scores_;  // per thread
 };
 

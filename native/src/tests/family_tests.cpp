@@ -10,8 +10,8 @@ namespace {
 // A forward with block-causal attention; `cache` and [begin, end) as in ForwardSeq.
 std::vector<float> run_block(Backend& model, const std::vector<int32_t>& tokens, const std::vector<int32_t>& rows,
                              int block, KVCache* cache = nullptr, int begin = 0, int end = -1) {
-  ForwardSeq s{tokens.data(), static_cast<int>(tokens.size()), rows.data(), static_cast<int>(rows.size()),
-               cache, begin, end};
+  ForwardSeq s{
+      tokens.data(), static_cast<int>(tokens.size()), rows.data(), static_cast<int>(rows.size()), cache, begin, end};
   s.attention_block = block;
   std::vector<float> logits(rows.size() * model.config().embedding_size);
   model.forward({s}, logits.data());
@@ -42,9 +42,9 @@ void test_block_causal_llada() {
                max_abs_diff(select_rows(full, late, E), select_rows(other, late, E)) > 1e-3,
            tag + "earlier blocks do not see a later block's tokens; later blocks do");
     // The bidirectional forward differs (the mask is in effect).
-    report(max_abs_diff(run_forward(*model, {canvas}, {range_rows(0, B)}), select_rows(full, range_rows(0, B), E)) >
-               1e-3,
-           tag + "differs from bidirectional attention");
+    report(
+        max_abs_diff(run_forward(*model, {canvas}, {range_rows(0, B)}), select_rows(full, range_rows(0, B), E)) > 1e-3,
+        tag + "differs from bidirectional attention");
     // Without a cache, [0, end) gives the rows of the whole canvas's forward, bit for bit.
     report(run_block(*model, canvas, range_rows(0, 2 * B), B, nullptr, 0, 2 * B) == select_rows(full, early, E),
            tag + "an uncached window [0, 2B) equals the whole canvas's rows, bit for bit");
@@ -67,7 +67,8 @@ void test_block_causal_llada() {
     run_block(*model, canvas, range_rows(B, 2 * B), B, cache.get(), B, 2 * B);
     report(cache->cached_until() == L, tag + "re-reading an earlier block keeps cached_until");
     auto fresh = model->make_kv_cache(L);
-    expect_error(tag + "a read past cached_until is refused", ErrorCode::InvalidArgument, {"holds keys up to position 0", "needs them up to"},
+    expect_error(tag + "a read past cached_until is refused", ErrorCode::InvalidArgument,
+                 {"holds keys up to position 0", "needs them up to"},
                  [&] { run_block(*model, canvas, range_rows(B, 2 * B), B, fresh.get(), B, 2 * B); });
     // A range that ends inside a block (not at the canvas's end) is refused, with or without a cache.
     expect_error(tag + "a range ending inside a block is refused", ErrorCode::InvalidArgument, {"inside a block"},
@@ -202,7 +203,8 @@ void test_family_configs() {
                     c.expert_bias && !c.moe_layer(0) && c.moe_layer(1) && c.moe_layer(19) && c.rope_theta == 600000 &&
                     c.max_sequence_length == 32768 && !c.weight_tying && c.vocab_size == 157184 &&
                     c.embedding_size == 157184 && f.editing && f.default_block_length == 32 && !f.shifted_logits;
-    report(ok, "family config: LLaDA2.1-mini parses (partial rotary 64 of 128, groups, defaults mask 156895, block 32)");
+    report(ok,
+           "family config: LLaDA2.1-mini parses (partial rotary 64 of 128, groups, defaults mask 156895, block 32)");
     const ModelConfig d = parse(llada2_mini_config(
         {{"partial_rotary_factor", ""}, {"rotary_dim", "64"}, {"block_size", "64"}, {"mask_token_id", "7"}}));
     report(d.rotary_dim == 64 && d.block_length == 64 && d.mask_token_id == 7,
@@ -214,10 +216,11 @@ void test_family_configs() {
     const ModelConfig c = parse(sdar_4b_config());
     const Family& f = family_of(c);
     const bool ok = c.model_type == "sdar" && c.decoding == Decoding::Block && c.block_length == 4 &&
-                    c.mask_token_id == 151669 && c.eos_token_id == 151645 && c.stop_token_ids == std::vector<int>{151643} &&
-                    c.d_model == 2560 && c.head_dim() == 128 && c.n_heads * c.head_dim() == 4096 && c.rope_dims() == 128 &&
-                    c.qk_norm && c.n_experts == 0 && !c.moe_layer(0) && c.mlp_hidden_size == 9728 && !f.editing &&
-                    c.rms_norm_eps == 1e-6 && c.router == RouterKind::None;
+                    c.mask_token_id == 151669 && c.eos_token_id == 151645 &&
+                    c.stop_token_ids == std::vector<int>{151643} && c.d_model == 2560 && c.head_dim() == 128 &&
+                    c.n_heads * c.head_dim() == 4096 && c.rope_dims() == 128 && c.qk_norm && c.n_experts == 0 &&
+                    !c.moe_layer(0) && c.mlp_hidden_size == 9728 && !f.editing && c.rms_norm_eps == 1e-6 &&
+                    c.router == RouterKind::None;
     report(ok, "family config: SDAR-4B parses (head_dim 128 != hidden/heads, eos list, defaults mask 151669, block 4)");
     const ModelConfig m = parse(sdar_4b_config(plus(
         sdar_moe_keys, {{"norm_topk_prob", "true"}, {"decoder_sparse_step", "1"}, {"mlp_only_layers", "[0, 5]"}})));
@@ -383,7 +386,8 @@ std::string family_config_json(const FamSpec& s) {
   if (s.rotary_dim > 0) o << ", \"partial_rotary_factor\": " << static_cast<double>(s.rotary_dim) / s.head_dim;
   if (s.experts > 0) {
     o << ", \"num_experts\": " << s.experts << ", \"num_experts_per_tok\": " << s.top_k
-      << ", \"moe_intermediate_size\": " << s.moe_hidden << ", \"norm_topk_prob\": " << (s.norm_topk ? "true" : "false");
+      << ", \"moe_intermediate_size\": " << s.moe_hidden
+      << ", \"norm_topk_prob\": " << (s.norm_topk ? "true" : "false");
     if (s.type == "llada2_moe")
       o << ", \"num_shared_experts\": " << s.shared << ", \"first_k_dense_replace\": " << s.first_dense
         << ", \"n_group\": " << s.n_group << ", \"topk_group\": " << s.topk_group
@@ -405,8 +409,11 @@ void write_family_model(const fs::path& dir, const FamModel& m, const std::strin
   std::vector<TensorSpec> specs;
   for (const auto& [name, v] : m.tensors) {
     if (name == skip) continue;
-    specs.push_back({name, v.type == WType::F32 ? "F32" : v.type == WType::BF16 ? "BF16" : "F16", m.shapes.at(name),
-                     v.raw()});
+    specs.push_back({name,
+                     v.type == WType::F32    ? "F32"
+                     : v.type == WType::BF16 ? "BF16"
+                                             : "F16",
+                     m.shapes.at(name), v.raw()});
   }
   write_file(dir / "model.safetensors", safetensors_bytes(specs));
 }
@@ -661,7 +668,8 @@ void test_family_forward() {
     const int V = s.vocab, B = fc.block;
     for (WType type : {WType::F32, WType::BF16}) {
       const std::string tag = fc.name + " (" + type_name(type) + ")";
-      const FamModel m = make_family_model(s, type, static_cast<uint32_t>(1000 + 7 * (&fc - cases.data())) + (type == WType::F32 ? 0 : 1));
+      const FamModel m = make_family_model(
+          s, type, static_cast<uint32_t>(1000 + 7 * (&fc - cases.data())) + (type == WType::F32 ? 0 : 1));
       const fs::path dir = tmp.path / (fc.name + "-" + type_name(type));
       write_family_model(dir, m);
       auto model = Backend::load(dir.string(), test_options(2));
@@ -704,7 +712,8 @@ void test_family_forward() {
         const std::vector<int32_t> other = random_tokens(rng, 2 * B + 1, V);
         auto cache = model->make_kv_cache(L);
         run_block(*model, canvas, {}, B, cache.get(), 0, 3 * B);
-        const std::vector<int32_t> r0 = range_rows(0, 2 * B), r1 = range_rows(3 * B, 4 * B), r2 = all_rows(other.size());
+        const std::vector<int32_t> r0 = range_rows(0, 2 * B), r1 = range_rows(3 * B, 4 * B),
+                                   r2 = all_rows(other.size());
         std::vector<ForwardSeq> batch(3);
         batch[0] = {canvas.data(), L, r0.data(), static_cast<int>(r0.size()), nullptr, 0, 2 * B};
         batch[0].attention_block = B;
@@ -767,7 +776,8 @@ void test_family_weights_errors() {
     expect_error("family weights: " + name, ErrorCode::InvalidModel, {needle},
                  [&] { Backend::load(dir.string(), test_options(1)); });
   };
-  refuse("missing expert", "model.layers.1.mlp.experts.3.down_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight");
+  refuse("missing expert", "model.layers.1.mlp.experts.3.down_proj.weight",
+         "model.layers.1.mlp.experts.3.down_proj.weight");
   refuse("missing expert bias", "model.layers.1.mlp.gate.expert_bias", "model.layers.1.mlp.gate.expert_bias");
   refuse("missing shared expert", "model.layers.1.mlp.shared_experts.up_proj.weight", "shared_experts.up_proj");
   refuse("missing fused qkv", "model.layers.0.attention.query_key_value.weight", "query_key_value");
