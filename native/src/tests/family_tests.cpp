@@ -630,6 +630,40 @@ FamModel dequantized(const FamModel& m, cpu::QType type, std::vector<double>* he
   return out;
 }
 
+// Writes `m` quantized as vdiff quantize writes it: every float matrix with in-features a multiple of 32
+// but the embedding and the router as I8 (Q8_0) / U8 (Q4_0) blocks plus F16 "_scale"s — LLaDA2's fused
+// QKV as one quantized matrix, read back as row views.
+void write_family_quantized(const fs::path& dir, const FamModel& m, cpu::QType type) {
+  fs::create_directories(dir);
+  write_file(dir / "config.json", family_config_json(m.spec));
+  std::vector<TensorSpec> specs;
+  for (const auto& [name, v] : m.tensors) {
+    const std::vector<int64_t>& shape = m.shapes.at(name);
+    const bool matrix = shape.size() == 2 && shape[1] % 32 == 0 && name.find("embed") == std::string::npos &&
+                        name.find("mlp.gate.weight") == std::string::npos;
+    if (!matrix) {
+      specs.push_back({name, v.type == WType::F32 ? "F32" : "BF16", shape, v.raw()});
+      continue;
+    }
+    const int rows = static_cast<int>(shape[0]), cols = static_cast<int>(shape[1]);
+    const int row_bytes = cols / 32 * cpu::qblock_bytes(type);
+    std::string blocks(static_cast<size_t>(rows) * row_bytes, '\0');
+    std::vector<uint16_t> scales(static_cast<size_t>(rows) * cols / 32);
+    std::vector<float> row(cols);
+    for (int r = 0; r < rows; ++r) {
+      for (int c = 0; c < cols; ++c) row[c] = static_cast<float>(v.exact[static_cast<size_t>(r) * cols + c]);
+      cpu::quantize_weight_row(row.data(), cols, type, reinterpret_cast<uint8_t*>(blocks.data()) + r * row_bytes,
+                               scales.data() + static_cast<size_t>(r) * cols / 32);
+    }
+    specs.push_back({name, type == cpu::QType::Q8_0 ? "I8" : "U8", {rows, row_bytes}, blocks});
+    specs.push_back({name + "_scale",
+                     "F16",
+                     {rows, cols / 32},
+                     std::string(reinterpret_cast<const char*>(scales.data()), scales.size() * 2)});
+  }
+  write_file(dir / "model.safetensors", safetensors_bytes(specs));
+}
+
 struct FamilyCase {
   std::string name;
   FamSpec spec;
@@ -757,6 +791,22 @@ void test_family_forward() {
         report(qmodel->weight_dtype() == cpu::qtype_name(q) && qw <= 2e-3 * qs && off > 10 * qw,
                tag + ": " + cpu::qtype_name(q) + " at load equals the dequantized reference",
                fmt("max |diff| %.2e (%.2e from the float model), max |logit| %.2f", qw, off, qs));
+        // The same quantization stored in the checkpoint: the same logits, bit for bit. (A tied head is the
+        // embedding, which a checkpoint keeps float: there, against the reference with a float head.)
+        const fs::path qdir = tmp.path / (fc.name + "-stored-" + cpu::qtype_name(q));
+        write_family_quantized(qdir, m, q);
+        auto stored = Backend::load(qdir.string(), test_options(2));
+        const std::vector<float> from_file = run_block(*stored, canvas, all_rows(L), B);
+        const std::string what = tag + ": a " + cpu::qtype_name(q) + " checkpoint (vdiff quantize's layout" +
+                                 (s.type == "llada2_moe" ? ", fused QKV quantized as one" : "") + ")";
+        if (s.tied) {
+          const auto [fw, fs_] = compare(from_file, family_reference(dq, canvas, B), all_rows(L), V);
+          report(fw <= 2e-3 * fs_ && stored->weight_dtype() == cpu::qtype_name(q),
+                 what + " equals the dequantized reference with its float (tied) head", fmt("max |diff| %.2e", fw));
+        } else {
+          report(from_file == got && stored->weight_dtype() == cpu::qtype_name(q),
+                 what + " gives the logits of quantizing at load, bit for bit");
+        }
       }
     }
   }
