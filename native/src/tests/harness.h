@@ -185,7 +185,7 @@ void test_model();                                                  // model_tes
 void test_kv_cache();                                               // kv_cache_tests.cpp
 void test_golden(const std::string& golden_dir);                    // golden_tests.cpp
 void test_engine_kv_cache(const std::string& golden_dir);           // golden_tests.cpp
-void test_families();                                                // family_tests.cpp
+void test_families();                                               // family_tests.cpp
 void test_moe();                                                    // moe_tests.cpp
 void test_block(const std::string& golden_block_dir);               // block_tests.cpp
 
