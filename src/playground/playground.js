@@ -97,9 +97,13 @@ async function* sseData(body) {
  */
 const shown = (text) => text.replace(/\r?\n/g, "↵")
 
-/** One span per answer position; the positions of the current block go inside a dashed box. */
+/**
+ * One span per answer position; the positions of the current block go inside a dashed box. With token
+ * editing (block-diffusion models), the open block's tokens that may still change are drawn provisional.
+ */
 const drawCanvas = (snapshot, blockLength) => {
   const fresh = new Set(snapshot.committed_now)
+  const provisional = new Set(snapshot.provisional ?? [])
   const length = snapshot.canvas.length
   const block = blockLength === undefined ? 0 : Math.min(blockLength, length)
   const blockStart = snapshot.block * block
@@ -114,8 +118,9 @@ const drawCanvas = (snapshot, blockLength) => {
       span.setAttribute("role", "img")
       span.setAttribute("aria-label", "masked")
     } else {
-      span.className = fresh.has(position) ? "tok new" : "tok"
+      span.className = provisional.has(position) ? "tok provisional" : fresh.has(position) ? "tok new" : "tok"
       span.textContent = shown(text)
+      if (provisional.has(position)) span.title = "provisional: may still be edited"
     }
     if (block > 0 && position >= blockStart && position < blockEnd) {
       if (box === null) {
