@@ -10,7 +10,8 @@ Canvas and steps
     prediction for position i is the output at i - 1); only the masked positions are sampled.
 
 Time schedule and tokens per step
-  * timesteps = torch.linspace(1, eps, steps + 1) in float32 (eps default 1e-3); step i has t = ts[i], s = ts[i+1];
+  * timesteps = linspace(1, eps, steps + 1) in float32 (upstream: torch.linspace; here its scalar rule written out,
+    see timesteps()); eps default 1e-3; step i has t = ts[i], s = ts[i+1];
   * maskgit_plus / topk_margin / entropy commit k = int(n * (1 - s / t)) at steps i < steps - 1 and k = n at the
     last step, with n = the number of masks left in the row. Upstream evaluates this on 0-dim float32 tensors:
     n as float32 (mask count / batch size), s / t, 1 - (s / t) and the product each rounded to float32, then int()
@@ -81,8 +82,11 @@ class DreamParams:
 
 
 def timesteps(steps: int, eps: float) -> np.ndarray:
-    """torch.linspace(1, eps, steps + 1), float32 (what upstream computes)."""
-    return torch.linspace(1.0, eps, steps + 1, dtype=torch.float32).numpy()
+    """linspace(1, eps, steps + 1) in float32 by the scalar rule of linspace_f32 (no fused multiply-add): the
+    canonical timesteps of this reference and of the engine. torch.linspace agrees within 1 ulp (its CPU
+    vectorised path and its CUDA kernel round some entries differently), which can move a count only where
+    n (1 - s/t) is an exact integer in real arithmetic (dream_selftest counts how often)."""
+    return linspace_f32(1.0, eps, steps + 1)
 
 
 def linspace_f32(start: float, end: float, count: int, fma: bool = False) -> np.ndarray:
