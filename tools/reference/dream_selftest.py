@@ -17,13 +17,22 @@
 5. Every stored generate case: a naive generate loop (Python lists, float64 math) reproduces the answer, the
    counts and the trace; dream_generate.generate does too (the fixtures are current).
 6. The stochastic paths (origin; temperature > 0; alg_temp > 0) are reproducible per seed and change with it.
+7. With --upstream PATH (Dream's generation_utils.py, e.g. from the Dream-org/Dream-v0-Instruct-7B model repository
+   or a verbatim copy of it): `top_p_logits`, `top_k_logits`, `sample_tokens` and `DreamGenerationMixin._sample` are
+   taken out of the file with `ast` (the rest needs transformers), read at run time and never copied here, and run
+   with this reference's model as `self` (its __call__ returns the raw, unshifted logits; upstream shifts them);
+   every stored case must give the stored answer. Upstream runs its float32 softmax and torch.linspace timesteps.
 """
 from __future__ import annotations
 
+import argparse
+import ast
 import json
 import math
 import os
 import sys
+import types
+import typing
 
 import numpy as np
 import torch
@@ -379,7 +388,71 @@ def check_stochastic() -> None:
     print(f"stochastic: {len(variants)} stochastic settings reproducible per seed, and seed-dependent")
 
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. the official loop
+
+def load_upstream(path: str) -> dict:
+    with open(path) as f:
+        tree = ast.parse(f.read(), filename=path)
+    keep = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in ("top_p_logits", "top_k_logits", "sample_tokens"):
+            keep.append(node)
+        if isinstance(node, ast.ClassDef) and node.name == "DreamGenerationMixin":
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "_sample":
+                    item.decorator_list = []
+                    keep.append(item)
+    names = sorted(n.name for n in keep)
+    check(names == ["_sample", "sample_tokens", "top_k_logits", "top_p_logits"], f"{path}: found {names}")
+    namespace = {"torch": torch, "F": torch.nn.functional, "dists": torch.distributions,
+                 "DreamGenerationConfig": object, "DreamModelOutput": types.SimpleNamespace}
+    namespace.update({k: getattr(typing, k) for k in ("Any", "Dict", "Optional", "Tuple", "Union")})
+    exec(compile(ast.Module(body=keep, type_ignores=[]), path, "exec"), namespace)
+    return namespace
+
+
+class UpstreamSelf:
+    """What _sample needs of `self`: .device and self(x, attention_mask, tok_idx).logits, the RAW logits [B, L, V]."""
+
+    def __init__(self, model: dream.Dream):
+        self.model = model
+        self.device = torch.device("cpu")
+
+    def __call__(self, x, attention_mask=None, tok_idx=None):
+        check(isinstance(attention_mask, str) and attention_mask == "full" and tok_idx is None, "unpadded batch")
+        return types.SimpleNamespace(logits=torch.stack([self.model.raw_logits(row) for row in x]))
+
+
+def check_upstream(path: str) -> None:
+    ns = load_upstream(path)
+    total = 0
+    for name in MODELS:
+        model = dream.Dream.load(os.path.join(GOLDEN, name))
+        with open(os.path.join(GOLDEN, f"{name}.json")) as f:
+            fixture = json.load(f)
+        for case in fixture["generate"]:
+            p = case["params"]
+            prompt = torch.tensor([case["prompt"]])
+            config = types.SimpleNamespace(
+                output_history=False, return_dict=False, return_dict_in_generate=False,
+                max_length=len(case["prompt"]) + p["gen_length"], mask_token_id=fixture["mask_token_id"],
+                steps=p["steps"], eps=p["eps"], alg=p["alg"], alg_temp=p["alg_temp"], temperature=p["temperature"],
+                top_p=p["top_p"], top_k=p["top_k"])
+            out = ns["_sample"](UpstreamSelf(model), prompt, attention_mask=None, generation_config=config,
+                                generation_tokens_hook_func=lambda step, x, logits: x,
+                                generation_logits_hook_func=lambda step, x, logits: logits)
+            answer = out[0, len(case["prompt"]):].tolist()
+            check(answer == case["answer"], f"{name}/{case['name']}: upstream gives {answer}, stored {case['answer']}")
+            total += 1
+    print(f"upstream: Dream's own _sample / sample_tokens agree on all {total} stored cases")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--upstream", help="path to Dream's generation_utils.py")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     check_shift()
     check_schedule()
@@ -387,6 +460,8 @@ def main() -> None:
     check_forward()
     check_cases()
     check_stochastic()
+    if args.upstream:
+        check_upstream(args.upstream)
     print("dream_selftest: all checks passed")
 
 
