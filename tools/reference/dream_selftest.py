@@ -223,12 +223,10 @@ def check_sampling() -> None:
                 order = torch.sort(conf, descending=True, stable=True).indices[:k]
                 check(sorted(order.tolist()) == naive_pick(conf.tolist(), k), f"{alg}: top-{k} selection")
         # temperature scales before the filters
-        params = dg.DreamParams(gen_length=n, steps=1, alg="maskgit_plus", temperature=0.5, top_p=0.9, top_k=5)
         probs = dg.filtered_probs(logits, 0.5, 0.9, 5)
         for r in range(n):
             naive = naive_probs(logits[r].double().tolist(), 0.5, 0.9, 5)
             check(max(abs(a - b) for a, b in zip(probs[r].tolist(), naive)) < 1e-12, "temperature + filters")
-        del params
     print(f"sampling: x0, probability and confidence of {rows} rows and every top-k selection match naive loops")
 
 
