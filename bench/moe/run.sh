@@ -82,7 +82,11 @@ for (const m of runs) {
       `| ${m.quant} (${gib(m.weights.total_bytes)} GiB) | ${r.batch} | ${r.denoise_ms_median.toFixed(0)} | ${r.experts_touched_per_layer.toFixed(0)} of ${m.weights.experts_per_layer} | ${gib(r.touched_bytes_per_step)} GiB | ${r.floor_ms.toFixed(0)} | ${r.floor_pct.toFixed(0)}% | ${r.forward_passes_per_sequence} (${r.expected_forwards})${r.finished_by_eos > 0 ? `, ${r.finished_by_eos} ended at EOS` : ""} | ${r.peak_rss_gib.toFixed(1)} GiB |`
     )
   }
+}
+console.log("")
+for (const m of runs) {
   const [b1, b8] = [m.runs.find((r) => r.batch === 1), m.runs.find((r) => r.batch === 8)]
-  if (b1 && b8) console.log(`\n${m.quant}: batch 8 costs ${(b8.denoise_ms_median / b1.denoise_ms_median).toFixed(2)}x batch 1 per step; bandwidth ${m.bandwidth_gbps.toFixed(1)} GB/s (${m.threads} threads), ${m.bandwidth_1thread_gbps.toFixed(1)} GB/s (1 thread)\n`)
+  const ratio = b1 && b8 ? `batch 8 costs ${(b8.denoise_ms_median / b1.denoise_ms_median).toFixed(2)}x batch 1 per step; ` : ""
+  console.log(`${m.quant}: ${ratio}bandwidth ${m.bandwidth_gbps.toFixed(1)} GB/s (${m.threads} threads), ${m.bandwidth_1thread_gbps.toFixed(1)} GB/s (1 thread)`)
 }
 EOF
