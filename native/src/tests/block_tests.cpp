@@ -19,17 +19,9 @@ namespace {
 
 // A backend that runs another one's forward under a config of its own (block decoding, a block length,
 // a model type, end tokens) and records what each forward computed and the logits it returned.
-class BlockModel final : public Backend {
+class BlockModel final : public ForwardingBackend {
  public:
-  BlockModel(std::shared_ptr<Backend> inner, const ModelConfig& config)
-      : Backend(config, test_options(1)), inner_(std::move(inner)) {}
-  BackendInfo info() const override { return inner_->info(); }
-  std::string weight_dtype() const override { return inner_->weight_dtype(); }
-  uint64_t parameter_count() const override { return inner_->parameter_count(); }
-  uint64_t weight_bytes() const override { return inner_->weight_bytes(); }
-  uint64_t kv_cache_bytes(int positions) const override { return inner_->kv_cache_bytes(positions); }
-  std::unique_ptr<KVCache> make_kv_cache(int positions) override { return inner_->make_kv_cache(positions); }
-  uint64_t kv_cache_live_bytes() const override { return inner_->kv_cache_live_bytes(); }
+  BlockModel(std::shared_ptr<Backend> inner, const ModelConfig& config) : ForwardingBackend(std::move(inner), config) {}
   void forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) override {
     for (const ForwardSeq& s : batch)
       calls.push_back(std::to_string(s.compute_begin) + "-" +
@@ -46,14 +38,6 @@ class BlockModel final : public Backend {
   bool record_logits = false;
   std::vector<std::vector<float>> row_logits;  // per forward with rows: the rows' logits
   std::atomic<bool>* cancel_after = nullptr;
-
- protected:
-  std::unique_ptr<KVCache> allocate_kv_cache(int, uint64_t) override {
-    throw Error(ErrorCode::Internal, "BlockModel: caches come from the inner backend");
-  }
-
- private:
-  std::shared_ptr<Backend> inner_;
 };
 
 ModelConfig block_config(const ModelConfig& base, int block, const std::string& model_type = "llada2_moe") {

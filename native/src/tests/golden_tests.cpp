@@ -6,17 +6,9 @@ namespace vdiff::test {
 
 // A model that forwards to another and records what each forward computed; it can also set the cancel
 // flag once a forward is done (the engine then cancels the step after the cache was written).
-class RecordingModel final : public Backend {
+class RecordingModel final : public ForwardingBackend {
  public:
-  explicit RecordingModel(std::shared_ptr<Backend> inner)
-      : Backend(inner->config(), test_options(1)), inner_(std::move(inner)) {}
-  BackendInfo info() const override { return inner_->info(); }
-  std::string weight_dtype() const override { return inner_->weight_dtype(); }
-  uint64_t parameter_count() const override { return inner_->parameter_count(); }
-  uint64_t weight_bytes() const override { return inner_->weight_bytes(); }
-  uint64_t kv_cache_bytes(int positions) const override { return inner_->kv_cache_bytes(positions); }
-  std::unique_ptr<KVCache> make_kv_cache(int positions) override { return inner_->make_kv_cache(positions); }
-  uint64_t kv_cache_live_bytes() const override { return inner_->kv_cache_live_bytes(); }
+  explicit RecordingModel(std::shared_ptr<Backend> inner) : ForwardingBackend(inner, inner->config()) {}
   void forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) override {
     for (const ForwardSeq& s : batch)
       calls.push_back(std::to_string(s.compute_begin) + "-" +
@@ -26,14 +18,6 @@ class RecordingModel final : public Backend {
   }
   std::vector<std::string> calls;  // "begin-end" per sequence per forward, "c" when it had a cache
   std::atomic<bool>* cancel_after = nullptr;
-
- protected:
-  std::unique_ptr<KVCache> allocate_kv_cache(int, uint64_t) override {
-    throw Error(ErrorCode::Internal, "RecordingModel: caches come from the inner backend");
-  }
-
- private:
-  std::shared_ptr<Backend> inner_;
 };
 
 // Every step of one sequence: committed tokens and their probabilities, flattened.

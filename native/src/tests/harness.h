@@ -55,6 +55,30 @@ inline LoadOptions test_options(int threads) {
   return options;
 }
 
+// A test backend that passes everything to another one (its caches included) under a config of its own;
+// tests derive from it to record or change what a forward sees.
+class ForwardingBackend : public Backend {
+ public:
+  ForwardingBackend(std::shared_ptr<Backend> inner, const ModelConfig& config)
+      : Backend(config, test_options(1)), inner_(std::move(inner)) {}
+  BackendInfo info() const override { return inner_->info(); }
+  std::string weight_dtype() const override { return inner_->weight_dtype(); }
+  uint64_t parameter_count() const override { return inner_->parameter_count(); }
+  uint64_t weight_bytes() const override { return inner_->weight_bytes(); }
+  uint64_t kv_cache_bytes(int positions) const override { return inner_->kv_cache_bytes(positions); }
+  std::unique_ptr<KVCache> make_kv_cache(int positions) override { return inner_->make_kv_cache(positions); }
+  uint64_t kv_cache_live_bytes() const override { return inner_->kv_cache_live_bytes(); }
+  void forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) override {
+    inner_->forward(batch, logits, cancel);
+  }
+
+ protected:
+  std::unique_ptr<KVCache> allocate_kv_cache(int, uint64_t) override {
+    throw Error(ErrorCode::Internal, "ForwardingBackend: caches come from the inner backend");
+  }
+  std::shared_ptr<Backend> inner_;
+};
+
 inline int g_checks = 0;
 inline int g_failures = 0;
 
