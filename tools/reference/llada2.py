@@ -100,6 +100,13 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
     return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
+def swiglu_shapes(shapes: dict[str, list[int]], prefix: str, hidden: int, d: int) -> None:
+    """Adds the shapes of one SwiGLU MLP (gate, up [hidden, d]; down [d, hidden]) under `prefix`."""
+    shapes[prefix + "gate_proj.weight"] = [hidden, d]
+    shapes[prefix + "up_proj.weight"] = [hidden, d]
+    shapes[prefix + "down_proj.weight"] = [d, hidden]
+
+
 def run_experts(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, expert) -> torch.Tensor:
     """sum_k weight[t, k] * expert(e = idx[t, k])(x[t]); tokens grouped by expert, one product per active expert.
     expert(e) -> (gate, up, down)."""
@@ -325,19 +332,12 @@ class LLaDA2(BlockLM):
                 if c["moe_router_enable_expert_bias"]:
                     shapes[b + "mlp.gate.expert_bias"] = [e]
                 for x in range(e):
-                    shapes[b + f"mlp.experts.{x}.gate_proj.weight"] = [h, d]
-                    shapes[b + f"mlp.experts.{x}.up_proj.weight"] = [h, d]
-                    shapes[b + f"mlp.experts.{x}.down_proj.weight"] = [d, h]
+                    swiglu_shapes(shapes, b + f"mlp.experts.{x}.", h, d)
                 if c["num_shared_experts"]:
                     hs = h * c["num_shared_experts"]
-                    shapes[b + "mlp.shared_experts.gate_proj.weight"] = [hs, d]
-                    shapes[b + "mlp.shared_experts.up_proj.weight"] = [hs, d]
-                    shapes[b + "mlp.shared_experts.down_proj.weight"] = [d, hs]
+                    swiglu_shapes(shapes, b + "mlp.shared_experts.", hs, d)
             else:
-                h = c["intermediate_size"]
-                shapes[b + "mlp.gate_proj.weight"] = [h, d]
-                shapes[b + "mlp.up_proj.weight"] = [h, d]
-                shapes[b + "mlp.down_proj.weight"] = [d, h]
+                swiglu_shapes(shapes, b + "mlp.", c["intermediate_size"], d)
         shapes[LLaDA2.NORM] = [d]
         if not c["tie_word_embeddings"]:
             shapes[LLaDA2.HEAD] = [c["vocab_size"], d]

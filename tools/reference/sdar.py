@@ -20,7 +20,7 @@ import os
 import torch
 
 import safetensors_io
-from llada2 import BlockLM, note_gap, run_experts, stop_ids, swiglu
+from llada2 import BlockLM, note_gap, run_experts, stop_ids, swiglu, swiglu_shapes
 
 
 def read_config(model_dir: str) -> dict:
@@ -94,14 +94,9 @@ class SDAR(BlockLM):
                 e, h = c["num_experts"], c["moe_intermediate_size"]
                 shapes[b + "mlp.gate.weight"] = [e, d]
                 for x in range(e):
-                    shapes[b + f"mlp.experts.{x}.gate_proj.weight"] = [h, d]
-                    shapes[b + f"mlp.experts.{x}.up_proj.weight"] = [h, d]
-                    shapes[b + f"mlp.experts.{x}.down_proj.weight"] = [d, h]
+                    swiglu_shapes(shapes, b + f"mlp.experts.{x}.", h, d)
             else:
-                h = c["intermediate_size"]
-                shapes[b + "mlp.gate_proj.weight"] = [h, d]
-                shapes[b + "mlp.up_proj.weight"] = [h, d]
-                shapes[b + "mlp.down_proj.weight"] = [d, h]
+                swiglu_shapes(shapes, b + "mlp.", c["intermediate_size"], d)
         shapes[SDAR.NORM] = [d]
         if not c["tie_word_embeddings"]:
             shapes[SDAR.HEAD] = [c["vocab_size"], d]
