@@ -70,11 +70,12 @@ def chat_examples(vocab, text, seq_len, min_answer_room=8):
 class Batches:
     """Random pretraining windows and chat examples, drawn from one seeded generator."""
 
-    def __init__(self, vocab, train_text, seq_len, seed):
+    def __init__(self, vocab, train_text, seq_len, seed, sft_len=None):
         self.vocab = vocab
         self.seq_len = seq_len
+        self.sft_len = sft_len or seq_len
         self.ids = torch.tensor(vocab.encoder.encode(train_text), dtype=torch.long)
-        self.chat = chat_examples(vocab, train_text, seq_len)
+        self.chat = chat_examples(vocab, train_text, self.sft_len)
         self.rng = random.Random(seed)
 
     def pretrain(self, batch):
@@ -90,7 +91,7 @@ class Batches:
         picks = [self.chat[self.rng.randrange(len(self.chat))] for _ in range(batch)]
         tokens = torch.tensor([ids for ids, _ in picks], dtype=torch.long)
         # Only the answer (its text, <|eot_id|> and the EOS padding) is masked; the prompt stays visible.
-        positions = torch.arange(self.seq_len)[None, :]
+        positions = torch.arange(self.sft_len)[None, :]
         maskable = positions >= torch.tensor([start for _, start in picks])[:, None]
         return tokens, maskable
 

@@ -39,13 +39,17 @@ def main():
     parser.add_argument("--raw", required=True, help="scratch directory for the raw export")
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", default="bf16", choices=["f32", "bf16"])
+    parser.add_argument("--weights", default="model", choices=["model", "ema"],
+                        help="the trained weights, or their moving average (train.py --ema)")
     args = parser.parse_args()
 
     state = torch.load(args.ckpt)
-    write_raw(state["model"], state["config"], args.tokenizer, args.raw)
+    if args.weights not in state:
+        raise SystemExit(f"{args.ckpt} has no '{args.weights}' weights")
+    write_raw(state[args.weights], state["config"], args.tokenizer, args.raw)
     subprocess.run(["npx", "tsx", "src/main.ts", "make-model", "--from-raw", os.path.abspath(args.raw),
                     "--out", os.path.abspath(args.out), "--dtype", args.dtype], cwd=REPO, check=True)
-    print(f"exported step {state['step']} to {args.out}")
+    print(f"exported step {state['step']} ({args.weights} weights) to {args.out}")
 
 
 if __name__ == "__main__":

@@ -10,16 +10,27 @@ length, as in LLaDA's SFT.
 AdamW, linear warmup then cosine decay, fixed seed, float32 on the CPU. A checkpoint (model, optimizer,
 step, data RNG) is written every --ckpt-every steps; --resume continues from it.
 
+A continuation stage (STAGE3.md) starts from an exported model directory instead of random weights
+(--init-from, which may have a shorter max_sequence_length than --seq-len: RoPE has no learned positions),
+may pad chat examples to a shorter length than the pretraining windows (--sft-len, a separate forward pass
+in the same step) with their own number of rows (--sft-rows), and may keep an exponential moving average of
+the weights (--ema) for exports taken while the learning rate is still high.
+
     nice -n 10 /usr/bin/python3 tools/train/train.py --tokenizer TOKDIR --corpus tinyshakespeare.txt --ckpt CKPT
 """
 import argparse
+import json
 import math
 import os
 import random
 import time
 
+import sys
+
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
 
 from corpus import load_split
 from data import Batches, Vocab, heldout_windows
@@ -39,6 +50,30 @@ def diffusion_loss(model, tokens, maskable, mask_id, gen):
     ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), tokens.view(-1), reduction="none").view(b, length)
     per_row = (ce * masked / t[:, None]).sum(1) / maskable.sum(1)
     return per_row.mean()
+
+
+def load_init(model, model_dir):
+    """Copies an exported model directory's weights (bf16/f16 upcast exactly to float32) into `model`."""
+    import safetensors_io
+
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    for key in ("d_model", "n_heads", "n_layers", "mlp_hidden_size", "embedding_size", "mask_token_id",
+                "eos_token_id", "bos_token_id"):
+        if config[key] != model.config[key]:
+            raise SystemExit(f"--init-from {model_dir}: {key} is {config[key]}, the model being trained has "
+                             f"{model.config[key]}")
+    weights = safetensors_io.load_dir(model_dir)
+    own = model.state_dict()
+    if set(weights) != set(own):
+        raise SystemExit(f"--init-from {model_dir}: tensor names differ: "
+                         f"{sorted(set(weights) ^ set(own))[:5]}")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            if tuple(weights[name].shape) != tuple(tensor.shape):
+                raise SystemExit(f"--init-from {model_dir}: {name} has shape {tuple(weights[name].shape)}")
+            tensor.copy_(weights[name].to(torch.float32))
+    return config["max_sequence_length"]
 
 
 def learning_rate(step, args):
@@ -64,6 +99,14 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--sft-from", type=int, default=None, help="step from which half of each batch is chat data")
+    p.add_argument("--sft-rows", type=int, default=None,
+                   help="chat rows in each batch from --sft-from on (default: half of --batch); the rest pretrain")
+    p.add_argument("--sft-len", type=int, default=None,
+                   help="length chat examples are padded to (default: --seq-len); a separate forward if shorter")
+    p.add_argument("--init-from", default=None,
+                   help="model directory (config.json + model.safetensors) whose weights start a fresh run")
+    p.add_argument("--ema", type=float, default=None,
+                   help="keep an exponential moving average of the weights with this decay (checkpoint key 'ema')")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=50)
@@ -79,7 +122,9 @@ def main():
     torch.manual_seed(args.seed)
     vocab = Vocab(args.tokenizer)
     train_text, heldout_text = load_split(args.corpus)
-    batches = Batches(vocab, train_text, args.seq_len, args.seed)
+    sft_len = args.sft_len or args.seq_len
+    batches = Batches(vocab, train_text, args.seq_len, args.seed, sft_len=sft_len)
+    sft_rows = args.batch // 2 if args.sft_rows is None else args.sft_rows
     # A small fixed slice of the held-out windows, for a progress signal only (evaluate.py reports the rest).
     probe = heldout_windows(vocab, heldout_text, args.seq_len)[:32]
     config = config_for(args.d_model, args.n_heads, args.n_layers, args.mlp_hidden, vocab.size, args.seq_len,
@@ -91,13 +136,24 @@ def main():
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(args.seed + 1)
     step, elapsed_before = 0, 0.0
-    if args.resume and os.path.exists(args.ckpt):
+    resuming = args.resume and os.path.exists(args.ckpt)
+    if args.init_from is not None and not resuming:
+        init_len = load_init(model, args.init_from)
+        print(f"initialised from {args.init_from} (trained at context {init_len})", flush=True)
+    ema = None
+    if args.ema is not None:
+        ema = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    if resuming:
         state = torch.load(args.ckpt)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["gen"])
         batches.rng.setstate(state["data_rng"])
         step, elapsed_before = state["step"], state["elapsed"]
+        if ema is not None:
+            if "ema" not in state:
+                raise SystemExit(f"{args.ckpt} has no EMA weights; resume without --ema or start a new run")
+            ema = state["ema"]
         print(f"resumed at step {step}", flush=True)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -107,7 +163,8 @@ def main():
     def save(path):
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "gen": gen.get_state(),
                     "data_rng": batches.rng.getstate(), "step": step, "config": config, "args": vars(args),
-                    "elapsed": elapsed_before + time.time() - start_time}, path + ".tmp")
+                    "elapsed": elapsed_before + time.time() - start_time,
+                    **({"ema": ema} if ema is not None else {})}, path + ".tmp")
         os.replace(path + ".tmp", path)
 
     start_time = time.time()
@@ -117,20 +174,33 @@ def main():
     while step < last_step:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
-        if args.sft_from is not None and step >= args.sft_from:
-            half = args.batch // 2
-            pre_tokens, pre_mask = batches.pretrain(args.batch - half)
-            sft_tokens, sft_mask = batches.sft(half)
-            tokens, maskable = torch.cat([pre_tokens, sft_tokens]), torch.cat([pre_mask, sft_mask])
+        if args.sft_from is not None and step >= args.sft_from and sft_len != args.seq_len:
+            # Two lengths cannot share a tensor: the mean over all rows, from one forward per length.
+            pre_tokens, pre_mask = batches.pretrain(args.batch - sft_rows)
+            sft_tokens, sft_mask = batches.sft(sft_rows)
+            pre_loss = diffusion_loss(model, pre_tokens, pre_mask, vocab.mask, gen)
+            sft_loss = diffusion_loss(model, sft_tokens, sft_mask, vocab.mask, gen)
+            loss = (pre_loss * (args.batch - sft_rows) + sft_loss * sft_rows) / args.batch
+            n_tokens = pre_tokens.numel() + sft_tokens.numel()
         else:
-            tokens, maskable = batches.pretrain(args.batch)
-        loss = diffusion_loss(model, tokens, maskable, vocab.mask, gen)
+            if args.sft_from is not None and step >= args.sft_from:
+                pre_tokens, pre_mask = batches.pretrain(args.batch - sft_rows)
+                sft_tokens, sft_mask = batches.sft(sft_rows)
+                tokens, maskable = torch.cat([pre_tokens, sft_tokens]), torch.cat([pre_mask, sft_mask])
+            else:
+                tokens, maskable = batches.pretrain(args.batch)
+            loss = diffusion_loss(model, tokens, maskable, vocab.mask, gen)
+            n_tokens = tokens.numel()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if ema is not None:
+            with torch.no_grad():
+                for name, tensor in model.state_dict().items():
+                    ema[name].mul_(args.ema).add_(tensor, alpha=1 - args.ema)
         step += 1
-        tokens_since += tokens.numel()
+        tokens_since += n_tokens
 
         if step % args.log_every == 0:
             now = time.time()
@@ -144,6 +214,14 @@ def main():
             model.train()
             print(f"step {step} heldout-probe loss@0.15 {probe_losses[0]:.4f} @0.5 {probe_losses[1]:.4f} "
                   f"@1.0 {probe_losses[2]:.4f}", flush=True)
+            if ema is not None:
+                live = {n: t.detach().clone() for n, t in model.state_dict().items()}
+                model.load_state_dict(ema)
+                ema_losses = [masked_loss(model, probe, r, vocab.mask) for r in (0.15, 0.5, 1.0)]
+                model.load_state_dict(live)
+                model.train()
+                print(f"step {step} heldout-probe ema loss@0.15 {ema_losses[0]:.4f} @0.5 {ema_losses[1]:.4f} "
+                      f"@1.0 {ema_losses[2]:.4f}", flush=True)
         if step % args.ckpt_every == 0 or step == last_step:
             save(args.ckpt)
     print(f"done: {step} steps, wall time {elapsed_before + time.time() - start_time:.0f}s", flush=True)
