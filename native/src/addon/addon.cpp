@@ -208,6 +208,18 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
   p.max_post_steps = post.IsUndefined() || post.IsNull()
                          ? 16
                          : static_cast<int>(integer_of(env, post, "params.maxPostSteps", INT32_MIN, INT32_MAX));
+  // Dream decoding: absent or null is entropy, 0 and 1e-3 (the engine checks the ranges).
+  const Napi::Value alg = field(env, o, "alg", false);
+  if (!alg.IsUndefined() && !alg.IsNull()) {
+    const std::string name = alg.IsString() ? alg.As<Napi::String>().Utf8Value() : "";
+    if (name == "origin") p.alg = vdiff::DreamAlg::Origin;
+    else if (name == "maskgit_plus") p.alg = vdiff::DreamAlg::MaskgitPlus;
+    else if (name == "topk_margin") p.alg = vdiff::DreamAlg::TopkMargin;
+    else if (name == "entropy") p.alg = vdiff::DreamAlg::Entropy;
+    else throw invalid_argument(env, "params.alg must be \"origin\", \"maskgit_plus\", \"topk_margin\" or \"entropy\"");
+  }
+  p.alg_temp = optional_number("algTemp", 0.0);
+  p.eps = optional_number("eps", 1e-3);
   return p;
 }
 
@@ -445,7 +457,9 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     // The family: what the serving side picks its defaults by and refuses settings with.
     Napi::Object family = Napi::Object::New(env);
     family.Set("name", c.model_type);
-    family.Set("decoding", c.decoding == vdiff::Decoding::Block ? "block" : "full_canvas");
+    family.Set("decoding", c.decoding == vdiff::Decoding::Block   ? "block"
+                           : c.decoding == vdiff::Decoding::Dream ? "dream"
+                                                                  : "full_canvas");
     family.Set("blockLength", c.decoding == vdiff::Decoding::Block ? c.block_length : 0);
     family.Set("editing", guarded(env, [&] { return vdiff::family_of(c).editing; }));
     family.Set("maskTokenId", c.mask_token_id);

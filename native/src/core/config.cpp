@@ -101,8 +101,10 @@ const Family& resolve_family(const Json& j) {
 }
 
 // Keys of the Hugging Face families that change the architecture in a way this engine does not implement.
-void reject_unsupported_hf(const Json& j) {
+// "attention_bias" is the family's own switch where it has q/k/v biases (Family::qkv_bias).
+void reject_unsupported_hf(const Json& j, const Family& f) {
   for (const char* key : {"use_qkv_bias", "use_bias", "attention_bias", "mlp_bias", "use_sliding_window"}) {
+    if (f.qkv_bias && std::string(key) == "attention_bias") continue;
     const Json* v = member(j, key);
     if (!v || v->is_null()) continue;
     if (!v->is_bool()) bad(std::string("\"") + key + "\" must be a boolean");
@@ -136,7 +138,12 @@ ModelConfig from_hf_keys(const Json& j, const Family& f) {
   c.weight_tying = read_bool(j, "tie_word_embeddings", false);
   c.qk_norm = read_bool(j, "use_qk_norm", f.qk_norm);
   if (f.decoding == Decoding::Block) c.block_length = read_int(j, "block_size", &f.default_block_length);
-  reject_unsupported_hf(j);
+  c.qkv_bias = f.qkv_bias && read_bool(j, "attention_bias", true);
+  c.shifted_logits = f.shifted_logits;
+  // Dream's attention derives the head size from hidden_size; a "head_dim" that disagrees is another model.
+  if (f.decoding == Decoding::Dream && c.head_dim_size > 0 && c.n_heads > 0 && c.head_dim_size * c.n_heads != c.d_model)
+    bad("\"head_dim\" = " + std::to_string(c.head_dim_size) + " is not \"hidden_size\" / \"num_attention_heads\"");
+  reject_unsupported_hf(j, f);
 
   // Partial rotary: "rotary_dim", or "partial_rotary_factor" times the head dimension (both: they agree).
   const int hd = c.head_dim_size > 0 ? c.head_dim_size : (c.n_heads > 0 ? c.d_model / c.n_heads : 0);
@@ -336,7 +343,7 @@ void ModelConfig::validate() const {
   if (decoding == Decoding::Block && (block_length < 1 || block_length > max_sequence_length))
     bad("\"block_size\" = " + std::to_string(block_length) + " must be in [1, " +
         q(key("max_sequence_length", "max_position_embeddings")) + " = " + std::to_string(max_sequence_length) + "]");
-  if (decoding == Decoding::FullCanvas && block_length != 0) bad("\"block_size\" applies to block decoding only");
+  if (decoding != Decoding::Block && block_length != 0) bad("\"block_size\" applies to block decoding only");
   // Mixture of experts.
   if (router == RouterKind::None) {
     if (n_experts != 0) bad("experts without a router");

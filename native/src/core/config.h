@@ -15,7 +15,10 @@ class Json;
 //     answer only decide which positions a step may commit.
 //   Block (LLaDA2.x, SDAR): block-causal attention over blocks of block_length aligned at position 0 (the
 //     prompt's tail shares the first answer block); a finished block's keys and values are exact and cached.
-enum class Decoding { FullCanvas, Block };
+//   Dream: bidirectional attention over prompt + answer, no blocks; Dream's eps time schedule says how many
+//     positions a step commits and its algorithm (maskgit_plus, topk_margin, entropy, origin) which
+//     (core/dream_decoding.h).
+enum class Decoding { FullCanvas, Block, Dream };
 
 // The router of a mixture-of-experts layer.
 //   GroupedSigmoid (LLaDA2): f32 sigmoid scores; expert_bias added for the choice only; the n_group groups
@@ -41,8 +44,12 @@ struct ModelConfig {
   int max_sequence_length = 0;
   double rope_theta = 10000.0;
   double rms_norm_eps = 1e-5;
-  bool weight_tying = false;        // true: the LM head is wte
-  bool include_bias = false;        // biases are not supported; true is rejected with InvalidModel
+  bool weight_tying = false;  // true: the LM head is wte
+  bool include_bias = false;  // LLaDA's all-biases switch: not supported; true is rejected with InvalidModel
+  bool qkv_bias = false;      // the q, k and v projections add a bias (Qwen2/Dream's "attention_bias")
+  // The output row of position i predicts token i + 1 (an autoregressive parent's convention, kept by
+  // Dream): the prediction for canvas position p is the output row prediction_row(p) = max(p - 1, 0).
+  bool shifted_logits = false;
   std::vector<int> stop_token_ids;  // further end tokens besides eos_token_id (an "eos_token_id" list's rest)
 
   // Attention details of the newer families.
@@ -65,6 +72,7 @@ struct ModelConfig {
   int moe_layer_step = 1;         // Qwen3-MoE decoder_sparse_step: layer i is MoE when (i + 1) % step == 0
   std::vector<int> dense_layers;  // Qwen3-MoE mlp_only_layers: dense whatever the rules above say
 
+  int prediction_row(int position) const { return shifted_logits && position > 0 ? position - 1 : position; }
   int head_dim() const { return head_dim_size > 0 ? head_dim_size : d_model / n_heads; }
   int rope_dims() const { return rotary_dim > 0 ? rotary_dim : head_dim(); }
   bool moe_layer(int layer) const {

@@ -1,7 +1,7 @@
 // The step engine: owns the live sequences and advances a batch of them by one step per call: every
 // sequence says what its forward is (sequence.h), one batched forward runs them all, and each sequence
 // gets its sampled rows back. Two decodings: the full canvas (LLaDA, here) and block diffusion (LLaDA2.x,
-// SDAR; block_decoding.h), chosen by the model's ModelConfig::decoding.
+// SDAR; block_decoding.h) and Dream's (dream_decoding.h), chosen by the model's ModelConfig::decoding.
 //
 // One step of one full-canvas sequence, as in LLaDA's reference generate():
 //   1. the current block's schedule says how many tokens k to commit now (k = 0: nothing to do);
@@ -24,6 +24,7 @@
 #include <string>
 
 #include "block_decoding.h"
+#include "dream_decoding.h"
 #include "error.h"
 #include "sampler.h"
 #include "sequence.h"
@@ -156,7 +157,7 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
         "editing_threshold");
   if (p.max_post_steps < 0)
     throw invalid("max_post_steps must be >= 0 (got " + std::to_string(p.max_post_steps) + ")", "max_post_steps");
-  if (c.decoding == Decoding::FullCanvas && p.editing_threshold >= 0.0)
+  if (c.decoding != Decoding::Block && p.editing_threshold >= 0.0)
     throw invalid("editing_threshold: token editing is for block-diffusion models (LLaDA2.1); model type " +
                       c.model_type + " denoises the full canvas",
                   "editing_threshold");
@@ -166,9 +167,12 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
                         const std::vector<int32_t>& suffix, const std::vector<int32_t>& answer_template) {
   const ModelConfig& config = backend_->config();
   validate(prompt, suffix, params, config);
-  // Block diffusion (block_decoding.h) validates the rest of its settings and refuses LLaDA's extras.
-  if (config.decoding == Decoding::Block) {
-    std::shared_ptr<Sequence> seq = make_block_sequence(prompt, params, suffix, answer_template, *backend_);
+  // Block diffusion (block_decoding.h) and Dream (dream_decoding.h) validate the rest of their settings and
+  // refuse LLaDA's extras.
+  if (config.decoding != Decoding::FullCanvas) {
+    std::shared_ptr<Sequence> seq = config.decoding == Decoding::Block
+                                        ? make_block_sequence(prompt, params, suffix, answer_template, *backend_)
+                                        : make_dream_sequence(prompt, params, suffix, answer_template, *backend_);
     std::lock_guard<std::mutex> lock(mu_);
     const uint64_t id = next_id_++;
     seq->id = id;
@@ -291,11 +295,14 @@ std::vector<double> Engine::score(const std::vector<int32_t>& canvas, const std:
   std::vector<double> out(positions.size());
   if (positions.empty()) return out;
   std::lock_guard<std::mutex> step_lock(step_mu_);
+  // With shifted logits (Dream) the row predicting position p is the output row p - 1.
+  std::vector<int32_t> rows(positions.size());
+  for (size_t i = 0; i < positions.size(); ++i) rows[i] = config.prediction_row(positions[i]);
   ForwardSeq seq;
   seq.tokens = canvas.data();
   seq.length = length;
-  seq.logit_rows = positions.data();
-  seq.n_logit_rows = static_cast<int>(positions.size());
+  seq.logit_rows = rows.data();
+  seq.n_logit_rows = static_cast<int>(rows.size());
   // A block-diffusion model sees its canvas through its block-causal attention.
   if (config.decoding == Decoding::Block) seq.attention_block = config.block_length;
   std::vector<RowTask> tasks(positions.size());

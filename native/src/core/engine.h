@@ -24,6 +24,11 @@ enum class Remasking { LowConfidence, Random };
 // block's commits. Memory: Backend::kv_cache_bytes(canvas length) per sequence (twice with cfg).
 enum class KVCacheMode { None, Prefix, Dual };
 
+// Dream's choice of what a step commits (core/dream_decoding.h): the k most confident masked positions
+// by the token's probability (MaskgitPlus), by the gap between the two likeliest tokens (TopkMargin) or
+// by negative entropy (Entropy); Origin reveals each mask independently with probability 1 - s/t.
+enum class DreamAlg { Origin, MaskgitPlus, TopkMargin, Entropy };
+
 struct SamplingParams {
   int gen_length = 128;      // answer length in tokens (>= 1); prompt + gen_length <= max_sequence_length
   int block_length = 32;     // semi-autoregressive block size (>= 1); the last block may be shorter
@@ -79,6 +84,13 @@ struct SamplingParams {
   // < 0: off (LLaDA2.0 behaviour).
   double editing_threshold = -1.0;
   int max_post_steps = 16;
+
+  // Dream decoding (ModelConfig::decoding == Dream; other decodings ignore them). `steps` are over the
+  // whole answer, whose steps commit what the time schedule linspace(1, eps, steps + 1) says; alg_temp > 0
+  // draws the positions from softmax(confidence / alg_temp) instead of taking the most confident.
+  DreamAlg alg = DreamAlg::Entropy;
+  double alg_temp = 0.0;  // >= 0
+  double eps = 1e-3;      // in (0, 1)
 };
 
 // What a sequence's forward does in a step (Block decoding; FullCanvas sequences always Denoise):

@@ -42,5 +42,9 @@ VDIFF_HD double uniform_at(uint64_t key, uint64_t index) {
 // Draw indices of a row's stream: token i's Gumbel noise is draw i; random remasking's confidence is
 // draw kConfidenceDraw (past any vocabulary), so neither shifts the other.
 constexpr uint64_t kConfidenceDraw = uint64_t{1} << 40;
+// Dream (dream_decoding.h): origin's test whether a masked position is revealed this step, and alg_temp's
+// noise for drawing which positions a step commits.
+constexpr uint64_t kRevealDraw = kConfidenceDraw + 1;
+constexpr uint64_t kSelectDraw = kConfidenceDraw + 2;
 
 }  // namespace vdiff

@@ -52,7 +52,9 @@ RowRule RowRule::of(const SamplingParams& p, const ModelConfig& config) {
                  .confidence_eos_eot_inf = p.confidence_eos_eot_inf,
                  .top_k = p.top_k,
                  .top_p = p.top_p,
-                 .min_p = p.min_p};
+                 .min_p = p.min_p,
+                 .dream = config.decoding == Decoding::Dream,
+                 .alg = p.alg};
 }
 
 void apply_cfg(float* cond, const float* uncond, size_t n, double cfg_scale) {
@@ -135,6 +137,7 @@ static int32_t last_candidate(const float* logits, const RowRule& rule, std::vec
 }
 
 RowChoice sample_row(float* logits, const RowRule& rule, const Rng& rng, std::vector<int32_t>* scratch) {
+  if (rule.dream) return sample_row_dream(logits, rule, rng, scratch);
   const int n = rule.row_size;
   if (rule.logits_eos_inf && in_vocab(rule.eos_token_id, n)) logits[rule.eos_token_id] = kMinusInf;
 
@@ -190,6 +193,110 @@ RowChoice sample_row(float* logits, const RowRule& rule, const Rng& rng, std::ve
     choice.confidence = rng.uniform(kConfidenceDraw);
   } else {
     choice.confidence = choice.probability;
+  }
+  return choice;
+}
+
+RowChoice sample_row_dream(const float* logits, const RowRule& rule, const Rng& rng, std::vector<int32_t>* scratch) {
+  const int n = rule.row_size;
+  const double temperature = rule.temperature;
+  // z: the row at the temperature, float64; NaN ranks (and weighs) as -inf.
+  const auto z = [&](int i) {
+    const double l = rank_logit(logits[i]);
+    return temperature > 0.0 ? l / temperature : l;
+  };
+  const auto before = [&](int32_t a, int32_t b) {  // the ranking: higher z first, ties to the lower id
+    const double za = z(a), zb = z(b);
+    return za > zb || (za == zb && a < b);
+  };
+  RowChoice choice;
+  int32_t top = 0;
+  for (int i = 1; i < n; ++i)
+    if (before(i, top)) top = i;
+  const double max = z(top);
+  if (!std::isfinite(max)) return choice;  // no usable distribution: token 0, probability 0
+  double total = 0.0;
+  for (int i = 0; i < n; ++i) total += std::exp(z(i) - max);
+
+  // The filters keep a prefix of the ranking: the tokens ranked no lower than `last` (-1: every token).
+  int32_t last = -1;
+  if (rule.top_p < 1.0 || rule.top_k > 0) {
+    std::vector<int32_t> local;
+    std::vector<int32_t>& order = scratch ? *scratch : local;
+    order.resize(n);
+    std::iota(order.begin(), order.end(), 0);
+    // order[0 .. sorted) is the head of the ranking; it grows only as far as the filters look.
+    int sorted = 0;
+    const auto sort_to = [&](int count) {
+      if (count <= sorted) return;
+      count = std::min(n, std::max(count, sorted * 8));
+      std::partial_sort(order.begin() + sorted, order.begin() + count, order.end(), before);
+      sorted = count;
+    };
+    int kept = n;  // the prefix order[0 .. kept)
+    if (rule.top_p < 1.0) {
+      double mass = 0.0;
+      for (int j = 0; j < n; ++j) {
+        sort_to(std::max(j + 1, 64));
+        if (j > 0 && mass / total > rule.top_p) {
+          kept = j;
+          break;
+        }
+        mass += std::exp(z(order[j]) - max);
+      }
+    }
+    if (rule.top_k > 0 && rule.top_k < kept) {
+      sort_to(rule.top_k);
+      const double kth = z(order[rule.top_k - 1]);
+      int j = rule.top_k;  // ties with the top_k-th are kept
+      for (; j < kept; ++j) {
+        sort_to(j + 1);
+        if (z(order[j]) < kth) break;
+      }
+      kept = j;
+    }
+    if (kept < n) last = order[kept - 1];
+  }
+  const auto is_kept = [&](int32_t i) { return last < 0 || i == last || before(i, last); };
+
+  double sum = last < 0 ? total : 0.0;  // of the kept tokens' weights
+  double best = -std::numeric_limits<double>::infinity();
+  int32_t x0 = -1;
+  for (int i = 0; i < n; ++i) {
+    if (!is_kept(i)) continue;
+    if (last >= 0) sum += std::exp(z(i) - max);
+    if (!drawable(i, rule)) continue;
+    // Gumbel-max draws from p at temperature > 0; at 0 the first of the highest z wins.
+    const double score = temperature > 0.0 ? z(i) - std::log(-std::log(rng.uniform(static_cast<uint64_t>(i)))) : z(i);
+    if (x0 < 0 || score > best) best = score, x0 = i;
+  }
+  if (x0 < 0) return choice;  // nothing drawable is kept (only the mask or padding)
+  choice.token = x0;
+  choice.probability = std::exp(z(x0) - max) / sum;
+  switch (rule.alg) {
+    case DreamAlg::Origin:
+    case DreamAlg::MaskgitPlus: choice.confidence = choice.probability; break;
+    case DreamAlg::TopkMargin: {
+      double first = 0.0, second = 0.0;
+      for (int i = 0; i < n; ++i) {
+        if (!is_kept(i)) continue;
+        const double p = std::exp(z(i) - max) / sum;
+        if (p > first) second = first, first = p;
+        else if (p > second) second = p;
+      }
+      choice.confidence = first - second;
+      break;
+    }
+    case DreamAlg::Entropy: {
+      double negative_entropy = 0.0;
+      for (int i = 0; i < n; ++i) {
+        if (!is_kept(i)) continue;
+        const double p = std::exp(z(i) - max) / sum;
+        negative_entropy += p * std::log(p + 1e-10);
+      }
+      choice.confidence = negative_entropy;
+      break;
+    }
   }
   return choice;
 }

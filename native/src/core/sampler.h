@@ -74,6 +74,9 @@ struct RowRule {
   int top_k = 0;       // > 0: only the top_k best tokens can be drawn (temperature > 0 only); 0: off
   double top_p = 1.0;  // < 1: only the nucleus can be drawn (temperature > 0 only); 1: off
   double min_p = 0.0;  // > 0: only tokens with p >= min_p * p(likeliest) at the temperature can be drawn; 0: off
+  // Dream's rows (sample_row_dream) instead of LLaDA's, with the confidence of its algorithm.
+  bool dream = false;
+  DreamAlg alg = DreamAlg::Entropy;
 
   // The rule of a sequence's rows: its sampling settings on this model's rows.
   static RowRule of(const SamplingParams& p, const ModelConfig& config);
@@ -111,6 +114,18 @@ void apply_cfg(float* cond, const float* uncond, size_t n, double cfg_scale);
 // hold masks. Its probability still comes from the softmax over the whole row, as in the reference, so
 // whenever the reference's x0 is a real token the two agree exactly.
 RowChoice sample_row(float* logits, const RowRule& rule, const Rng& rng, std::vector<int32_t>* scratch = nullptr);
+
+// Dream's rule for one row (sample_row calls it when rule.dream), as tools/reference/dream_generate.py's
+// sample_tokens: z = logits / temperature (temperature > 0) in float64; top_p < 1 drops, in the ranking
+// (higher z first, ties to the lower id), every token after the first whose preceding cumulative
+// probability exceeds top_p; top_k > 0 then drops the tokens below the top_k-th largest remaining z
+// (ties kept); p = softmax of what is left. Unlike LLaDA's rule the filters also apply at temperature 0,
+// where they change the probabilities (not x0). x0: argmax of p (ties to the lower id) at temperature 0,
+// else a draw from p (Gumbel-max with the row's stream); never the mask token nor head padding.
+// probability = p(x0); confidence: MaskgitPlus and Origin p(x0), TopkMargin p(top 1) - p(top 2), Entropy
+// sum p log(p + 1e-10). `scratch` (row_size ints) is reused by the filters.
+RowChoice sample_row_dream(const float* logits, const RowRule& rule, const Rng& rng,
+                           std::vector<int32_t>* scratch = nullptr);
 
 // Indices (into confidence[0..n)) of the k most confident rows, ties to the lower index, returned in
 // ascending index order. k is clamped to [0, n].

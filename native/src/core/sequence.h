@@ -22,10 +22,11 @@ struct StepWork {
   // second, asking for the same rows). Their logit_rows point into `rows`, their tokens into the
   // sequence's canvas or `uncond`, which stay put until the step is applied.
   std::vector<ForwardSeq> forwards;
-  std::vector<int32_t> rows;    // canvas positions whose rows are sampled (in every forward)
-  std::vector<int32_t> uncond;  // cfg: the canvas with the prompt and suffix masked
-  int computed = 0;             // canvas positions each forward computes
-  bool refresh = false;         // the forwards write keys and values meant to stay (counted as kv refreshes)
+  std::vector<int32_t> rows;        // canvas positions whose rows are sampled (in every forward)
+  std::vector<int32_t> logit_rows;  // shifted logits: the forward's output rows predicting `rows`
+  std::vector<int32_t> uncond;      // cfg: the canvas with the prompt and suffix masked
+  int computed = 0;                 // canvas positions each forward computes
+  bool refresh = false;             // the forwards write keys and values meant to stay (counted as kv refreshes)
 
   // Where the rows sit in the step's batch (set by the engine).
   size_t first_task = 0;     // index of rows[0] among the step's sampling tasks

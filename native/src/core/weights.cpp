@@ -141,6 +141,36 @@ Family sdar_family(bool moe) {
   return f;
 }
 
+// Dream (Qwen2 layout trained as a masked diffusion LM): tools/reference/dream.py.
+Family dream_family() {
+  Family f;
+  f.name = "dream";
+  f.model_types = {"Dream"};
+  f.architectures = {"DreamModel"};
+  f.keys = ConfigKeys::HuggingFace;
+  f.decoding = Decoding::Dream;
+  f.default_mask_token_id = 151666;
+  f.qkv_bias = true;
+  f.shifted_logits = true;
+  const std::string l = "model.layers.{i}.";
+  f.embed = "model.embed_tokens.weight";
+  f.final_norm = "model.norm.weight";
+  f.head = "lm_head.weight";
+  f.attn_norm = l + "input_layernorm.weight";
+  f.ffn_norm = l + "post_attention_layernorm.weight";
+  f.q = l + "self_attn.q_proj.weight";
+  f.k = l + "self_attn.k_proj.weight";
+  f.v = l + "self_attn.v_proj.weight";
+  f.q_bias = l + "self_attn.q_proj.bias";
+  f.k_bias = l + "self_attn.k_proj.bias";
+  f.v_bias = l + "self_attn.v_proj.bias";
+  f.o = l + "self_attn.o_proj.weight";
+  f.gate = l + "mlp.gate_proj.weight";
+  f.up = l + "mlp.up_proj.weight";
+  f.down = l + "mlp.down_proj.weight";
+  return f;
+}
+
 std::string at_expert(const std::string& pattern, int layer, int expert) {
   const std::string s = at_layer(pattern, layer);
   const size_t at = s.find("{e}");
@@ -151,14 +181,17 @@ std::string at_expert(const std::string& pattern, int layer, int expert) {
 
 const std::vector<const Family*>& families() {
   static const Family llada = llada_family(), llada2 = llada2_family(), sdar = sdar_family(false),
-                      sdar_moe = sdar_family(true);
-  static const std::vector<const Family*> all = {&llada, &llada2, &sdar, &sdar_moe};
+                      sdar_moe = sdar_family(true), dream = dream_family();
+  static const std::vector<const Family*> all = {&llada, &llada2, &sdar, &sdar_moe, &dream};
   return all;
 }
 
 const Family* find_family(const std::string& model_type) {
-  for (const Family* f : families())
+  for (const Family* f : families()) {
     if (f->name == model_type) return f;
+    for (const std::string& other : f->model_types)
+      if (other == model_type) return f;
+  }
   return nullptr;
 }
 
@@ -272,6 +305,13 @@ ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& c, const 
       l.v = find(name(f.v), {kv_rows, D}, true);
     }
     l.o = find(name(f.o), {D, q_rows}, true);
+    if (c.qkv_bias) {
+      if (f.q_bias.empty())
+        throw Error(ErrorCode::InvalidModel, "config.json: the " + f.name + " family has no q/k/v biases");
+      l.q_bias = find(name(f.q_bias), {q_rows});
+      l.k_bias = find(name(f.k_bias), {kv_rows});
+      l.v_bias = find(name(f.v_bias), {kv_rows});
+    }
     if (c.qk_norm) {
       if (f.q_norm.empty())
         throw Error(ErrorCode::InvalidModel, "config.json: the " + f.name + " family has no QK-norm");

@@ -6,7 +6,8 @@
 // A family says which tensors a checkpoint holds (names and shapes from config.json) and how it decodes:
 // llada (LLaDA: bidirectional attention, full canvas), llada2_moe (LLaDA2.x: fused QKV, QK-norm, partial
 // rotary, dense first layers then grouped-sigmoid MoE with a shared expert; block decoding, editing) and
-// sdar / sdar_moe (Qwen3 layout: QK-norm; softmax-routed MoE; block decoding). The differences are data
+// sdar / sdar_moe (Qwen3 layout: QK-norm; softmax-routed MoE; block decoding) and dream (Qwen2 layout:
+// q/k/v biases, shifted logits; Dream's full-canvas decoding). The differences are data
 // here and in ModelConfig, not `if`s in a backend's forward.
 #pragma once
 #include <cstdint>
@@ -66,10 +67,11 @@ struct LayerWeights {
   WeightRef attn_norm, ffn_norm;  // [D]
   // Separate projections: q [n_heads*hd, D], k and v [n_kv_heads*hd, D]. A fused checkpoint (LLaDA2's
   // query_key_value [(n_heads + 2 n_kv_heads) hd, D]) gives q, k and v as row ranges of the one matrix.
-  WeightRef q, k, v, o;      // o: [D, n_heads*hd]
-  WeightRef q_norm, k_norm;  // [hd] (ModelConfig::qk_norm), else absent
-  MlpWeights mlp;            // dense layers (ModelConfig::moe_layer(i) false), else absent
-  MoeWeights moe;            // MoE layers, else empty
+  WeightRef q, k, v, o;              // o: [D, n_heads*hd]
+  WeightRef q_bias, k_bias, v_bias;  // [n_heads*hd], [n_kv_heads*hd] x 2 (ModelConfig::qkv_bias), else absent
+  WeightRef q_norm, k_norm;          // [hd] (ModelConfig::qk_norm), else absent
+  MlpWeights mlp;                    // dense layers (ModelConfig::moe_layer(i) false), else absent
+  MoeWeights moe;                    // MoE layers, else empty
 };
 
 struct ModelWeights {
@@ -89,7 +91,8 @@ enum class ConfigKeys { Llada, HuggingFace };
 // checkpoint holds. The forward reads the layer structure from ModelConfig (head_dim, rotary_dim, qk_norm,
 // moe_layer, router) and the tensors from ModelWeights; nothing else in a backend depends on the family.
 struct Family {
-  std::string name;                        // config.json "model_type"
+  std::string name;                        // config.json "model_type" (and ModelConfig::model_type)
+  std::vector<std::string> model_types;    // further "model_type" spellings that name it (Dream's "Dream")
   std::vector<std::string> architectures;  // config.json "architectures" entries that name it
   ConfigKeys keys = ConfigKeys::Llada;
   Decoding decoding = Decoding::FullCanvas;
@@ -98,7 +101,8 @@ struct Family {
   bool editing = false;                  // LLaDA2.1 token editing (SamplingParams::editing_threshold) applies
   bool qk_norm = false;                  // query/key RMSNorm before RoPE (a config key may turn it off: use_qk_norm)
   RouterKind router = RouterKind::None;  // of its MoE layers (None: no MoE)
-  bool shifted_logits = false;           // the row of position i predicts token i + 1 (none of these four)
+  bool qkv_bias = false;                 // q/k/v biases unless config.json says "attention_bias": false
+  bool shifted_logits = false;           // the row of position i predicts token i + 1 (ModelConfig::shifted_logits)
   bool cuda = false;                     // the CUDA backend runs it (LLaDA only, today); else CPU only
 
   // Tensor names: `{i}` stands for the layer index, `{e}` for the expert index. An empty name: the family
@@ -107,6 +111,7 @@ struct Family {
   std::string attn_norm, ffn_norm;
   std::string qkv;  // fused [(n_heads + 2 n_kv_heads) hd, D]; q, k and v are its row ranges. Empty: q, k, v.
   std::string q, k, v, o;
+  std::string q_bias, k_bias, v_bias;               // [rows of q / k / v] (ModelConfig::qkv_bias)
   std::string q_norm, k_norm;                       // [hd] (ModelConfig::qk_norm)
   std::string gate, up, down;                       // a dense layer's MLP
   std::string router_weight, expert_bias;           // MoE: [n_experts, D], [n_experts]

@@ -72,7 +72,8 @@ struct Mlp {
 // the experts and the shared expert (shared.gate.data == nullptr: none).
 struct Block {
   std::vector<float> attn_norm, ff_norm;
-  std::vector<float> q_norm, k_norm;  // QK-norm weights [head_dim] (empty: none)
+  std::vector<float> q_norm, k_norm;          // QK-norm weights [head_dim] (empty: none)
+  std::vector<float> q_bias, k_bias, v_bias;  // q/k/v biases (empty: none)
   Weight q, k, v, attn_out, ff_proj, up_proj, ff_out;
   bool moe = false;
   Weight router;                   // [n_experts, D], float
@@ -205,6 +206,7 @@ class CpuBackend final : public Backend {
   void apply_rope(float* q, float* k, int T);
   void store_in_caches(int layer);
   void attention(int layer);
+  void add_bias(float* y, const std::vector<float>& bias, int T);  // y[t] += bias for each of T rows
   void ensure_scratch(int T, int rows, int max_len);
   void pack_weights(uint64_t max_bytes);
   void quantize_weights(QType type);
@@ -288,6 +290,7 @@ CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadO
     blk.v = weight_of(l.v);
     blk.attn_out = weight_of(l.o);
     if (l.q_norm.data) blk.q_norm = norm_of(l.q_norm), blk.k_norm = norm_of(l.k_norm);
+    if (l.q_bias.data) blk.q_bias = norm_of(l.q_bias), blk.k_bias = norm_of(l.k_bias), blk.v_bias = norm_of(l.v_bias);
     if (l.mlp.present()) {
       blk.ff_proj = weight_of(l.mlp.gate);
       blk.up_proj = weight_of(l.mlp.up);
@@ -769,6 +772,14 @@ void CpuBackend::attention(int layer) {
   });
 }
 
+void CpuBackend::add_bias(float* y, const std::vector<float>& bias, int T) {
+  const size_t n = bias.size();
+  pool().parallel_for(T, [&](size_t begin, size_t end, int) {
+    for (size_t t = begin; t < end; ++t)
+      for (size_t j = 0; j < n; ++j) y[t * n + j] += bias[j];
+  });
+}
+
 void CpuBackend::forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) {
   plan_ = check_batch(batch).seqs;
   auto check_cancel = [&] {
@@ -828,6 +839,9 @@ void CpuBackend::forward(const std::vector<ForwardSeq>& batch, float* logits, co
     rmsnorm_rows(x, blk.attn_norm, xn, T);
     linear(xn, T, D,
            {{&blk.q, q_.data(), q_dim, false}, {&blk.k, k_.data(), kv_dim, false}, {&blk.v, v_.data(), kv_dim, false}});
+    if (!blk.q_bias.empty()) {
+      add_bias(q_.data(), blk.q_bias, T), add_bias(k_.data(), blk.k_bias, T), add_bias(v_.data(), blk.v_bias, T);
+    }
     if (!blk.q_norm.empty()) qk_norm(blk, T);
     apply_rope(q_.data(), k_.data(), T);
     store_in_caches(layer);

@@ -246,9 +246,9 @@ void test_family_configs() {
   const auto bad = [&](const std::string& name, const std::string& text, std::vector<std::string> needles) {
     expect_error("family config error: " + name, ErrorCode::InvalidModel, needles, [&] { parse(text); });
   };
-  bad("unknown model_type", sdar_4b_config({{"model_type", "\"dream\""}}),
-      {"unknown \"model_type\" \"dream\"", "llada2_moe", "sdar"});
-  bad("unknown architectures", "{\"architectures\": [\"DreamModel\"], \"d_model\": 8}", {"DreamModel"});
+  bad("unknown model_type", sdar_4b_config({{"model_type", "\"mamba\""}}),
+      {"unknown \"model_type\" \"mamba\"", "llada2_moe", "sdar", "dream"});
+  bad("unknown architectures", "{\"architectures\": [\"MambaForCausalLM\"], \"d_model\": 8}", {"MambaForCausalLM"});
   bad("model_type not a string", "{\"model_type\": 3}", {"\"model_type\""});
   bad("missing hidden_size", llada2_mini_config({{"hidden_size", ""}}), {"\"hidden_size\""});
   bad("missing num_experts", llada2_mini_config({{"num_experts", ""}}), {"\"num_experts\""});

@@ -212,5 +212,6 @@ void test_engine_kv_cache(const std::string& golden_dir);           // golden_te
 void test_families();                                               // family_tests.cpp
 void test_moe();                                                    // moe_tests.cpp
 void test_block(const std::string& golden_block_dir);               // block_tests.cpp
+void test_dream(const std::string& golden_dream_dir);               // dream_tests.cpp
 
 }  // namespace vdiff::test

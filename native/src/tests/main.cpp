@@ -50,6 +50,10 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i + 1 < args.size(); ++i)
       if (args[i] == "--golden-block") golden_block = args[i + 1];
     test_block(golden_block);
+    std::string golden_dream = VDIFF_GOLDEN_DREAM_DIR;
+    for (size_t i = 0; i + 1 < args.size(); ++i)
+      if (args[i] == "--golden-dream") golden_dream = args[i + 1];
+    test_dream(golden_dream);
     std::printf("%d checks, %d failed, %.1f s\n", g_checks, g_failures, seconds_since(t0));
   } catch (const std::exception& e) {
     std::printf("FAIL uncaught exception: %s\n", e.what());
