@@ -59,6 +59,9 @@ describe("Config", () => {
       parallelFactor: 0,
       earlyStop: true,
       kvCache: "none",
+      alg: "entropy",
+      algTemp: 0,
+      eps: 0.001,
       kvCacheDtype: "f32",
       kvCacheBudget: 0,
       logLevel: "info"
@@ -115,6 +118,9 @@ describe("Config", () => {
       parallelFactor: ["1", "0.5"],
       earlyStop: ["true", "false"],
       kvCache: ["prefix", "dual"],
+      alg: ["maskgit_plus", "origin"],
+      algTemp: ["0.5", "2"],
+      eps: ["0.01", "1e-4"],
       kvCacheDtype: ["bf16", "f32"],
       kvCacheBudget: ["1048576", "2097152"],
       logLevel: ["debug", "error"],
@@ -167,6 +173,10 @@ describe("Config", () => {
     expect(error(["--parallel-factor", "-1"])).toBe(`--parallel-factor: must be a number of at least 0, got "-1"`)
     expect(error(["--early-stop=sometimes"])).toBe(`--early-stop: must be true or false, got "sometimes"`)
     expect(error(["--kv-cache", "full"])).toBe(`--kv-cache: must be one of none, prefix, dual; got "full"`)
+    expect(error(["--alg", "random"])).toBe(`--alg: must be one of origin, maskgit_plus, topk_margin, entropy; got "random"`)
+    expect(error(["--eps", "1"])).toBe(`--eps: must be a number above 0 and below 1, got "1"`)
+    expect(error([], { VDIFF_EPS: "0" })).toBe(`VDIFF_EPS (--eps): must be a number above 0 and below 1, got "0"`)
+    expect(error(["--alg-temp", "-0.5"])).toBe(`--alg-temp: must be a number of at least 0, got "-0.5"`)
     expect(error([], { VDIFF_KV_CACHE_BUDGET: "1.5e9" })).toBe(
       `VDIFF_KV_CACHE_BUDGET (--kv-cache-budget): must be an integer of at least 0, got "1.5e9"`
     )

@@ -7,7 +7,7 @@
  */
 import { readFileSync } from "node:fs"
 import { join } from "node:path"
-import { Effect, Layer } from "effect"
+import { Effect, Either, Layer, ParseResult, Schema } from "effect"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import * as Sampling from "../src/config/sampling.js"
 import { Engine, type EngineShape, familyOf, type StepResult } from "../src/engine/Engine.js"
@@ -19,6 +19,7 @@ const families = Object.fromEntries(Sampling.knownFamilies.map((family) => [fami
 const llada = families["llada"]!
 const llada2 = families["llada2_moe"]!
 const sdar = families["sdar"]!
+const dream = families["dream"]!
 const serverDefaults: Sampling.EngineDefaults = {
   maxTokens: 16,
   steps: 0,
@@ -119,6 +120,124 @@ describe("settings by family", () => {
     expect(misfit({ editing_threshold: 0, max_post_steps: 0, block_length: 32, kv_cache: "none" }, llada2)).toBeUndefined()
     expect(misfit({ editing_threshold: 0.5, diffusion_steps: 8 }, llada2)?.param).toBe("diffusion_steps")
     expect(misfit({ diffusion_steps: 8 }, llada2)).toBeUndefined()
+  })
+
+  it("gives Dream models Dream's sampler: entropy at alg_temp 0, eps 1e-3, steps = max_tokens, neutral values for LLaDA's settings", () => {
+    expect(dream).toEqual({ name: "dream", decoding: "dream", blockLength: 0, editing: false })
+    const params = Sampling.resolve({}, serverDefaults, 16, dream) as unknown as Record<string, unknown>
+    expect(params).toEqual({
+      genLength: 16,
+      steps: 16,
+      // Not read by Dream decoding; the whole answer is one block.
+      blockLength: 16,
+      remasking: "low_confidence",
+      cfgScale: 0,
+      temperature: 0,
+      topK: 0,
+      topP: 1,
+      alg: "entropy",
+      algTemp: 0,
+      eps: 0.001
+    })
+    // A server tuned for LLaDA (a cache, a parallel rule, guidance, its block) hands none of it to Dream.
+    const tuned = {
+      ...serverDefaults,
+      blockLength: 8,
+      kvCache: "prefix",
+      cfgScale: 2,
+      parallelThreshold: 0.9,
+      minP: 0.1,
+      remasking: "random"
+    }
+    expect(Sampling.resolve({}, tuned as Sampling.EngineDefaults, 16, dream)).toEqual(params)
+    expect(Sampling.resolve({}, { ...serverDefaults, parallelFactor: 1 }, 16, dream)).toEqual(params)
+    // The server's Dream defaults and a request's values.
+    expect(Sampling.resolve({}, { ...serverDefaults, alg: "maskgit_plus", algTemp: 0.5, eps: 0.01, steps: 4 }, 16, dream)).toMatchObject({
+      alg: "maskgit_plus",
+      algTemp: 0.5,
+      eps: 0.01,
+      steps: 4
+    })
+    const request = { alg: "topk_margin", alg_temp: 0.2, eps: 0.05, diffusion_steps: 40, temperature: 0.7, top_p: 0.9, top_k: 5 } as const
+    expect(Sampling.resolve(request, serverDefaults, 16, dream)).toMatchObject({
+      alg: "topk_margin",
+      algTemp: 0.2,
+      eps: 0.05,
+      // More steps than tokens: Dream runs them (the extra ones commit nothing).
+      steps: 40,
+      temperature: 0.7,
+      topP: 0.9,
+      topK: 5
+    })
+    // The other families never get Dream's settings.
+    for (const family of [llada, sdar, llada2]) {
+      const other = Sampling.resolve({}, { ...serverDefaults, alg: "origin", algTemp: 1, eps: 0.1 }, 16, family)
+      expect(other).not.toHaveProperty("alg")
+      expect(other).not.toHaveProperty("algTemp")
+      expect(other).not.toHaveProperty("eps")
+    }
+  })
+
+  it("names the setting a Dream model cannot honour, and Dream's settings on the other families", () => {
+    const misfit = (request: Sampling.SamplingRequest, family = dream) => Sampling.familyViolation(request, family)
+    expect(misfit({ cfg_scale: 1.5 })).toEqual({
+      param: "cfg_scale",
+      message: "cfg_scale does not apply to this model (dream, Dream decoding): it is a setting of full-canvas decoding (LLaDA)"
+    })
+    expect(misfit({ kv_cache: "prefix" })).toEqual({
+      param: "kv_cache",
+      message:
+        "kv_cache does not apply to this model (dream, Dream decoding): it is a setting of full-canvas decoding (LLaDA) and block decoding (LLaDA2.x, SDAR)"
+    })
+    for (const [field, value] of [
+      ["block_length", 4],
+      ["remasking", "random"],
+      ["parallel_threshold", 0.9],
+      ["parallel_factor", 1],
+      ["min_p", 0.1],
+      ["early_stop", false],
+      ["editing_threshold", 0.5],
+      ["max_post_steps", 2]
+    ] as const) {
+      expect(misfit({ [field]: value })?.param, field).toBe(field)
+    }
+    // Neutral values change nothing; Dream's own settings fit.
+    expect(
+      misfit({
+        cfg_scale: 0,
+        remasking: "low_confidence",
+        kv_cache: "none",
+        parallel_threshold: 0,
+        parallel_factor: 0,
+        min_p: 0,
+        early_stop: true,
+        alg: "origin",
+        alg_temp: 1,
+        eps: 0.5,
+        diffusion_steps: 3,
+        top_k: 3,
+        top_p: 0.5,
+        temperature: 1
+      })
+    ).toBeUndefined()
+    expect(misfit({ alg: "entropy" }, llada)).toEqual({
+      param: "alg",
+      message: "alg does not apply to this model (llada, full-canvas decoding): it is a setting of Dream decoding (Dream)"
+    })
+    expect(misfit({ alg_temp: 0 }, sdar)?.param).toBe("alg_temp")
+    expect(misfit({ eps: 0.001 }, llada2)?.param).toBe("eps")
+  })
+
+  it("checks Dream's request fields' values", () => {
+    const decode = Schema.decodeUnknownEither(Schema.Struct(Sampling.requestFields))
+    const message = (body: Record<string, unknown>) =>
+      Either.match(decode(body), { onLeft: (e) => ParseResult.TreeFormatter.formatErrorSync(e), onRight: () => "ok" })
+    expect(message({ alg: "maskgit_plus", alg_temp: 0, eps: 0.5 })).toBe("ok")
+    expect(message({ alg: "random" })).toContain('alg must be "origin", "maskgit_plus", "topk_margin" or "entropy"')
+    expect(message({ alg_temp: -1 })).toContain("alg_temp must be a number >= 0")
+    expect(message({ eps: 0 })).toContain("eps must be a number greater than 0 and less than 1")
+    expect(message({ eps: 1 })).toContain("eps must be a number greater than 0 and less than 1")
+    expect(message({ eps: 0.999 })).toBe("ok")
   })
 
   it("is documented in README.md's Model families table, generated from the table", () => {
@@ -335,6 +454,105 @@ describe("a block model that stops at one of its own end tokens", () => {
       expect(response.status).toBe(500)
     } finally {
       await server.close()
+    }
+  })
+})
+
+describe("serving a Dream model", () => {
+  // The fake engine reporting the Dream family: every step a full-canvas denoise step.
+  let server: TestServer<EngineShape>
+  let fake: ReturnType<typeof makeFake>
+  beforeAll(async () => {
+    fake = makeFake()
+    const engine: EngineShape = { ...fake, info: { ...fake.info, family: dream } as EngineShape["info"] }
+    expect(familyOf(engine.info)).toEqual(dream)
+    server = await startServerWith({
+      engine,
+      engineLayer: Layer.succeed(Engine, engine),
+      tokenizer: await tinyTokenizer(),
+      config: { family: dream, defaults: { ...serverDefaults, kvCache: "prefix", blockLength: 8 } }
+    })
+  })
+  afterAll(() => server?.close())
+
+  it("names the family in /v1/models", async () => {
+    const models = (await (await fetch(`${server.url}/v1/models`)).json()) as { data: Array<Record<string, unknown>> }
+    expect(models.data[0]!["family"]).toEqual({ name: "dream", decoding: "dream", block_length: 0, editing: false })
+  })
+
+  it("hands the engine Dream's settings and reports them in the usage's diffusion object", async () => {
+    const response = await server.post("/v1/completions", { prompt: "Hello", max_tokens: 6 })
+    expect(response.status).toBe(200)
+    const json = (await response.json()) as { diffusion: Record<string, unknown> }
+    expect(json.diffusion).toMatchObject({
+      decoding: "dream",
+      dream: { alg: "entropy", alg_temp: 0, eps: 0.001 },
+      steps: 6,
+      kv_cache: "none",
+      parallel: null
+    })
+    expect(json.diffusion).not.toHaveProperty("block_length")
+    const settings = fake.created[fake.created.length - 1]!.settings as unknown as Record<string, unknown>
+    expect(settings).toMatchObject({ genLength: 6, steps: 6, blockLength: 6, alg: "entropy", algTemp: 0, eps: 0.001, cfgScale: 0 })
+    expect(settings).not.toHaveProperty("kvCache")
+    const chosen = await server.post("/v1/chat/completions", {
+      messages: [{ role: "user", content: "Hello" }],
+      max_tokens: 4,
+      alg: "maskgit_plus",
+      alg_temp: 0.5,
+      eps: 0.01
+    })
+    expect(chosen.status).toBe(200)
+    expect(((await chosen.json()) as { diffusion: Record<string, unknown> }).diffusion["dream"]).toEqual({
+      alg: "maskgit_plus",
+      alg_temp: 0.5,
+      eps: 0.01
+    })
+    expect(fake.created[fake.created.length - 1]!.settings).toMatchObject({ alg: "maskgit_plus", algTemp: 0.5, eps: 0.01 })
+  })
+
+  it("answers 400 naming what the model cannot honour", async () => {
+    const refused = async (body: Record<string, unknown>, path = "/v1/completions") => {
+      const response = await server.post(path, { prompt: "Hello", max_tokens: 4, ...body })
+      expect(response.status).toBe(400)
+      return ((await response.json()) as { error: { param: string; message: string; type: string } }).error
+    }
+    expect(await refused({ cfg_scale: 1 })).toMatchObject({ param: "cfg_scale", type: "invalid_request_error" })
+    for (const body of [
+      { block_length: 4 },
+      { kv_cache: "prefix" },
+      { parallel_threshold: 0.9 },
+      { min_p: 0.1 },
+      { remasking: "random" }
+    ]) {
+      expect((await refused(body)).param).toBe(Object.keys(body)[0])
+    }
+    expect((await refused({ eps: 1 })).param).toBe("eps")
+    expect(await refused({ suffix: " world" })).toMatchObject({
+      param: "suffix",
+      message: expect.stringContaining("(dream, Dream decoding)")
+    })
+    const schema = { type: "object", properties: { a: { type: "string" } } }
+    expect((await refused({ input: "Hello", text: { format: { type: "json_schema", name: "x", schema } } }, "/v1/responses")).param).toBe(
+      "text.format"
+    )
+  })
+})
+
+describe("Dream's settings on a LLaDA server", () => {
+  let server: TestServer
+  beforeAll(async () => {
+    server = await startServer()
+  })
+  afterAll(() => server?.close())
+
+  it("answers 400 naming alg, alg_temp and eps", async () => {
+    for (const body of [{ alg: "entropy" }, { alg_temp: 0.5 }, { eps: 0.01 }]) {
+      const response = await server.post("/v1/completions", { prompt: "Hello", max_tokens: 4, ...body })
+      expect(response.status).toBe(400)
+      const error = ((await response.json()) as { error: { param: string; message: string } }).error
+      expect(error.param).toBe(Object.keys(body)[0])
+      expect(error.message).toContain("it is a setting of Dream decoding (Dream)")
     }
   })
 })

@@ -81,8 +81,11 @@ export const IntegerText = (min: number, max: number = Number.MAX_SAFE_INTEGER) 
     encode: (value) => ParseResult.succeed(String(value))
   })
 
-/** A finite decimal number of at least `min` (above `min` when `exclusive`) and at most `max`. */
-export const NumberText = (min: number, exclusive = false, max = Infinity) =>
+/**
+ * A finite decimal number of at least `min` (above `min` when `exclusive`) and at most `max` (below `max`
+ * when `exclusiveMax`).
+ */
+export const NumberText = (min: number, exclusive = false, max = Infinity, exclusiveMax = false) =>
   Schema.transformOrFail(Schema.String, Schema.Number, {
     strict: true,
     decode: (text, _, ast) => {
@@ -92,12 +95,15 @@ export const NumberText = (min: number, exclusive = false, max = Infinity) =>
         /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/.test(trimmed) &&
         Number.isFinite(value) &&
         (exclusive ? value > min : value >= min) &&
-        value <= max
+        (exclusiveMax ? value < max : value <= max)
+      const upper = exclusiveMax ? "below" : "at most"
       const range = exclusive
-        ? `above ${min}${max === Infinity ? "" : ` and at most ${max}`}`
-        : max === Infinity
-          ? `of at least ${min}`
-          : `from ${min} to ${max}`
+        ? `above ${min}${max === Infinity ? "" : ` and ${upper} ${max}`}`
+        : exclusiveMax
+          ? `of at least ${min} and below ${max}`
+          : max === Infinity
+            ? `of at least ${min}`
+            : `from ${min} to ${max}`
       return ok ? ParseResult.succeed(value) : invalid(ast, text, `must be a number ${range}, got ${quoted(text)}`)
     },
     encode: (value) => ParseResult.succeed(String(value))

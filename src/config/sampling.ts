@@ -19,6 +19,12 @@
  * Names: the key is the request field (snake_case); the flag and the engine field are its camelCase unless
  * `engine` names the engine field (max_tokens → genLength, diffusion_steps → steps).
  *
+ * Families: a setting applies to the decodings `appliesTo` lists (all when absent: full canvas, block,
+ * Dream), and `readings` says how a decoding other than full canvas reads it where that differs; a request
+ * that gives it for a model of another decoding gets a 400 naming it (`familyViolation`), and the engine gets
+ * its neutral value or none (`resolve`). A new family's decoding is one more `Decoding`, its settings an
+ * `appliesTo` entry or a reading each.
+ *
  * @since 0.1.0
  */
 import { Schema } from "effect"
@@ -38,7 +44,15 @@ export const MAX_DIFFUSION_STEPS = 100_000
 /** What a setting holds, and the range a request may ask for. */
 export type ValueType =
   | { readonly type: "int"; readonly min: number; readonly max?: number }
-  | { readonly type: "number"; readonly min: number; readonly max?: number; readonly above?: boolean }
+  | {
+      readonly type: "number"
+      readonly min: number
+      readonly max?: number
+      /** Strictly above min (eps > 0). */
+      readonly above?: boolean
+      /** Strictly below max (eps < 1). */
+      readonly below?: boolean
+    }
   | { readonly type: "oneOf"; readonly values: ReadonlyArray<string> }
   | { readonly type: "switch" }
 
@@ -70,24 +84,34 @@ export interface SamplingSetting<V extends ValueType = ValueType> {
   /** Turns the chosen value into the engine's, given the answer length (block_length: at most that). */
   readonly toEngine?: ((value: ValueOf<V>, genLength: number) => ValueOf<V>) | undefined
   /**
-   * The models the setting applies to (ModelFamily): every model (absent), only full-canvas decoding
-   * (LLaDA), or only models with token editing (LLaDA2.1's rule). A request that sets it for another model
-   * gets a 400 naming it, unless it gives the `neutral` value.
+   * The decodings whose models the setting applies to (ModelFamily.decoding); absent: every decoding. A
+   * request that sets it for a model of another decoding gets a 400 naming it, unless it gives the
+   * `neutral` value.
    */
-  readonly appliesTo?: "full_canvas" | "editing" | undefined
+  readonly appliesTo?: ReadonlyArray<Decoding> | undefined
+  /** Only models with token editing (LLaDA2.1's rule) take it, among those of its decodings. */
+  readonly requires?: "editing" | undefined
   /**
    * Where the setting does not apply: the value that means "off" there. A request may give it (it changes
    * nothing), and the engine gets it when the setting is required. Absent: every value is refused there and
-   * the engine gets none.
+   * the engine gets none (or `inert`'s).
    */
   readonly neutral?: ValueOf<V> | undefined
-  /** How block decoding (LLaDA2.x, SDAR) reads the setting, where it differs from full-canvas decoding. */
-  readonly block?: BlockReading<ValueOf<V>> | undefined
+  /**
+   * Where a required setting does not apply and has no neutral value: the value the engine gets, which it
+   * does not read there (block_length under Dream decoding: the whole answer, one block).
+   */
+  readonly inert?: ((genLength: number) => ValueOf<V>) | undefined
+  /**
+   * How the decodings other than full canvas read the setting, where that differs from full-canvas decoding
+   * (block: LLaDA2.x, SDAR; dream: Dream).
+   */
+  readonly readings?: { readonly [D in Decoding]?: Reading<ValueOf<V>> } | undefined
 }
 
-/** A setting as block decoding reads it. */
-export interface BlockReading<T> {
-  /** The README's words for its meaning under block decoding. */
+/** A setting as a decoding other than full canvas reads it. */
+export interface Reading<T> {
+  /** The README's words for its meaning under that decoding. */
   readonly meaning: string
   /** The README's words for its default there. */
   readonly defaultText: string
@@ -96,11 +120,11 @@ export interface BlockReading<T> {
    * the documented (full-canvas) one. Absent: the documented default.
    */
   readonly default?: ((family: ModelFamily) => T) | undefined
-  /** Whether a server default other than the documented one applies to block models (default true). */
+  /** Whether a server default other than the documented one applies to these models (default true). */
   readonly serverDefault?: boolean | undefined
   /** Why the value does not fit the model (a 400 naming the setting); undefined: it fits. */
   readonly check?: ((value: T, family: ModelFamily) => string | undefined) | undefined
-  /** The engine's value under block decoding (replaces the setting's own toEngine). */
+  /** The engine's value under that decoding (replaces the setting's own toEngine). */
   readonly toEngine?: ((value: T, genLength: number, family: ModelFamily) => T) | undefined
 }
 
@@ -108,10 +132,22 @@ export interface BlockReading<T> {
 
 /**
  * How a model writes its answer: "full_canvas" (LLaDA: bidirectional attention over prompt and answer;
- * blocks only order the commits) or "block" (LLaDA2.x, SDAR: block-causal attention, blocks of the trained
- * length aligned at position 0, finished blocks cached exactly).
+ * blocks only order the commits), "block" (LLaDA2.x, SDAR: block-causal attention, blocks of the trained
+ * length aligned at position 0, finished blocks cached exactly) or "dream" (Dream: bidirectional over the
+ * whole canvas with shifted predictions, no blocks; Dream's sampler: the eps time schedule and its
+ * unmasking algorithms).
  */
-export type Decoding = "full_canvas" | "block"
+export type Decoding = "full_canvas" | "block" | "dream"
+
+/** Every decoding, in the order the docs list them. */
+export const decodings: ReadonlyArray<Decoding> = ["full_canvas", "block", "dream"]
+
+/** How the docs and the 400s name a decoding, and the models that decode so. */
+export const decodingDocs: Readonly<Record<Decoding, { readonly words: string; readonly column: string; readonly models: string }>> = {
+  full_canvas: { words: "full-canvas decoding", column: "full canvas", models: "LLaDA" },
+  block: { words: "block decoding", column: "block", models: "LLaDA2.x, SDAR" },
+  dream: { words: "Dream decoding", column: "Dream", models: "Dream" }
+}
 
 /** What the settings depend on about the served model (the engine's model info says it). */
 export interface ModelFamily {
@@ -127,10 +163,14 @@ export interface ModelFamily {
 /** LLaDA: the family of every model served before block decoding, and of models that say nothing else. */
 export const lladaFamily: ModelFamily = { name: "llada", decoding: "full_canvas", blockLength: 0, editing: false }
 
+/** Whether the setting applies to models of the decoding (for some of them, with `requires`). */
+const appliesToDecoding = (spec: SamplingSetting, decoding: Decoding): boolean =>
+  spec.appliesTo === undefined || spec.appliesTo.includes(decoding)
+
 /** Whether the setting applies to the model. */
 export const appliesTo = (field: SamplingField, family: ModelFamily): boolean => {
-  const applies = specOf(field).appliesTo
-  return applies === undefined || (applies === "full_canvas" ? family.decoding === "full_canvas" : family.editing)
+  const spec = specOf(field)
+  return appliesToDecoding(spec, family.decoding) && (spec.requires !== "editing" || family.editing)
 }
 
 const entry = <const V extends ValueType, const O extends boolean, const E extends string = never>(
@@ -157,10 +197,17 @@ export const samplingSettings = {
     placeholder: "N",
     description: "Denoising steps when a request gives no diffusion_steps; 0: one step per answer token",
     toEngine: (steps, genLength) => (steps === 0 ? genLength : steps),
-    block: {
-      meaning: "denoising steps per block (at most block_length: one token a step)",
-      defaultText: "block_length (one token a step)",
-      toEngine: (steps, _genLength, family) => (steps === 0 ? family.blockLength : Math.min(steps, family.blockLength))
+    readings: {
+      block: {
+        meaning: "denoising steps per block (at most block_length: one token a step)",
+        defaultText: "block_length (one token a step)",
+        toEngine: (steps, _genLength, family) => (steps === 0 ? family.blockLength : Math.min(steps, family.blockLength))
+      },
+      dream: {
+        meaning:
+          "Dream's steps over the whole answer: step i of N commits the share 1 − t(i+1)/t(i) of the masks left (the last step all); more steps than max_tokens add steps that commit nothing",
+        defaultText: "max_tokens (one token a step, as Dream runs steps = max_new_tokens)"
+      }
     }
   }),
   block_length: entry({
@@ -170,16 +217,21 @@ export const samplingSettings = {
     placeholder: "N",
     description: "Semi-autoregressive block length when a request gives no block_length",
     toEngine: (length, genLength) => Math.min(length, genLength),
-    block: {
-      meaning: "the block the model was trained with; no other is accepted",
-      defaultText: "the model's (LLaDA2 32, SDAR 4)",
-      default: (family) => family.blockLength,
-      serverDefault: false,
-      check: (length, family) =>
-        length === family.blockLength
-          ? undefined
-          : `block_length must be ${family.blockLength}, the block length this model (${family.name}) was trained with, got ${length}`,
-      toEngine: (_length, _genLength, family) => family.blockLength
+    // Dream denoises the whole answer as one: the engine does not read the block length there.
+    appliesTo: ["full_canvas", "block"],
+    inert: (genLength) => genLength,
+    readings: {
+      block: {
+        meaning: "the block the model was trained with; no other is accepted",
+        defaultText: "the model's (LLaDA2 32, SDAR 4)",
+        default: (family) => family.blockLength,
+        serverDefault: false,
+        check: (length, family) =>
+          length === family.blockLength
+            ? undefined
+            : `block_length must be ${family.blockLength}, the block length this model (${family.name}) was trained with, got ${length}`,
+        toEngine: (_length, _genLength, family) => family.blockLength
+      }
     }
   }),
   remasking: entry({
@@ -187,7 +239,7 @@ export const samplingSettings = {
     optional: false,
     default: "low_confidence",
     description: "Which masked positions a step commits when a request gives no remasking",
-    appliesTo: "full_canvas",
+    appliesTo: ["full_canvas"],
     neutral: "low_confidence"
   }),
   cfg_scale: entry({
@@ -197,7 +249,7 @@ export const samplingSettings = {
     default: "0",
     placeholder: "S",
     description: "Classifier-free guidance scale when a request gives no cfg_scale; 0 turns it off",
-    appliesTo: "full_canvas",
+    appliesTo: ["full_canvas"],
     neutral: 0
   }),
   temperature: entry({
@@ -216,7 +268,14 @@ export const samplingSettings = {
     placeholder: "K",
     description: "Top-k sampling when a request gives no top_k: at temperature > 0 draw among the K likeliest tokens; 0 turns it off",
     // -1 and 0 both mean off, as in vLLM.
-    toEngine: (k) => Math.max(0, k)
+    toEngine: (k) => Math.max(0, k),
+    readings: {
+      dream: {
+        meaning:
+          "Dream's rule: the tokens outside the K likeliest are dropped before the softmax, so at temperature 0 too they change the confidences and with them the order of the commits; 0: off",
+        defaultText: "`0`"
+      }
+    }
   }),
   top_p: entry({
     value: { type: "number", min: 0, above: true, max: 1 },
@@ -224,7 +283,14 @@ export const samplingSettings = {
     default: "1",
     placeholder: "P",
     description:
-      "Nucleus sampling when a request gives no top_p: at temperature > 0 draw from the likeliest tokens holding P of the probability; 1 turns it off"
+      "Nucleus sampling when a request gives no top_p: at temperature > 0 draw from the likeliest tokens holding P of the probability; 1 turns it off",
+    readings: {
+      dream: {
+        meaning:
+          "Dream's rule: the likeliest tokens holding P of the probability are kept before the softmax, so at temperature 0 too they change the confidences and with them the order of the commits; 1: off",
+        defaultText: "`1`"
+      }
+    }
   }),
   min_p: entry({
     value: { type: "number", min: 0, max: 1 },
@@ -232,7 +298,9 @@ export const samplingSettings = {
     default: "0",
     placeholder: "P",
     description:
-      "Min-p sampling when a request gives no min_p: at temperature > 0 draw only tokens at least P times as likely as the likeliest; 0 turns it off"
+      "Min-p sampling when a request gives no min_p: at temperature > 0 draw only tokens at least P times as likely as the likeliest; 0 turns it off",
+    appliesTo: ["full_canvas", "block"],
+    neutral: 0
   }),
   parallel_threshold: entry({
     value: { type: "number", min: 0, max: 1 },
@@ -241,11 +309,15 @@ export const samplingSettings = {
     placeholder: "T",
     description:
       "Parallel decoding when a request sets neither parallel rule: a step also commits every masked position of the block at least T likely; 0 turns it off",
-    block: {
-      meaning:
-        "commit every masked position of the open block more than T likely (strictly) when they are at least the step's quota, else the quota's likeliest (LLaDA2.0's threshold, SDAR's low_confidence_dynamic); 0: the quota only",
-      defaultText: "0.95",
-      default: () => 0.95
+    appliesTo: ["full_canvas", "block"],
+    neutral: 0,
+    readings: {
+      block: {
+        meaning:
+          "commit every masked position of the open block more than T likely (strictly) when they are at least the step's quota, else the quota's likeliest (LLaDA2.0's threshold, SDAR's low_confidence_dynamic); 0: the quota only",
+        defaultText: "0.95",
+        default: () => 0.95
+      }
     }
   }),
   parallel_factor: entry({
@@ -256,7 +328,7 @@ export const samplingSettings = {
     placeholder: "F",
     description:
       "Parallel decoding by rank when a request sets neither parallel rule: threshold 1 − F/(r+1); 0 turns it off; not together with --parallel-threshold",
-    appliesTo: "full_canvas",
+    appliesTo: ["full_canvas"],
     neutral: 0
   }),
   early_stop: entry({
@@ -265,8 +337,9 @@ export const samplingSettings = {
     default: "true",
     description:
       "Finish once the answer has ended instead of denoising the remaining blocks, when a request gives no early_stop; --early-stop=false turns it off",
-    // Block decoding always stops after the block that holds the end of the answer, as its references do.
-    appliesTo: "full_canvas",
+    // Block decoding always stops after the block that holds the end of the answer, as its references do;
+    // Dream denoises the whole answer for all its steps, as its reference does.
+    appliesTo: ["full_canvas"],
     neutral: true
   }),
   kv_cache: entry({
@@ -275,16 +348,47 @@ export const samplingSettings = {
     default: "none",
     description:
       "Approximate KV cache when a request gives no kv_cache: prefix recomputes the block and what follows it, dual the block only, between whole-canvas refreshes at block starts; none is exact",
-    block: {
-      meaning:
-        "prefix: the prompt's whole blocks are prefilled once and every finished block is cached from its final tokens (exact); none: every step recomputes the window up to the open block's end (the references' form); dual does not apply",
-      defaultText: "prefix",
-      default: () => "prefix",
-      check: (mode) =>
-        mode === "dual"
-          ? 'kv_cache "dual" does not apply to block decoding: a finished block\'s cache is exact already ("prefix"), and later blocks are never attended'
-          : undefined
+    // Dream has no blocks to cache between: every step evaluates the whole canvas.
+    appliesTo: ["full_canvas", "block"],
+    neutral: "none",
+    readings: {
+      block: {
+        meaning:
+          "prefix: the prompt's whole blocks are prefilled once and every finished block is cached from its final tokens (exact); none: every step recomputes the window up to the open block's end (the references' form); dual does not apply",
+        defaultText: "prefix",
+        default: () => "prefix",
+        check: (mode) =>
+          mode === "dual"
+            ? 'kv_cache "dual" does not apply to block decoding: a finished block\'s cache is exact already ("prefix"), and later blocks are never attended'
+            : undefined
+      }
     }
+  }),
+  alg: entry({
+    value: { type: "oneOf", values: ["origin", "maskgit_plus", "topk_margin", "entropy"] },
+    optional: true,
+    default: "entropy",
+    description:
+      "Dream: which masked positions a step commits when a request gives no alg: entropy (the lowest entropy), maskgit_plus (the likeliest token), topk_margin (the widest margin between the two likeliest) or origin (each at random with the step's share)",
+    appliesTo: ["dream"]
+  }),
+  alg_temp: entry({
+    value: { type: "number", min: 0 },
+    optional: true,
+    default: "0",
+    placeholder: "T",
+    description:
+      "Dream: when a request gives no alg_temp, above 0 a step draws the positions it commits from softmax(confidence / T) instead of taking the most confident; 0 takes them",
+    appliesTo: ["dream"]
+  }),
+  eps: entry({
+    value: { type: "number", min: 0, above: true, max: 1, below: true },
+    optional: true,
+    default: "0.001",
+    placeholder: "E",
+    description:
+      "Dream: the end of the time schedule linspace(1, E, steps + 1) when a request gives no eps; step i commits the share 1 − t(i+1)/t(i) of the masks left",
+    appliesTo: ["dream"]
   })
 }
 
@@ -301,7 +405,8 @@ export const requestOnlySettings = {
     placeholder: "T",
     description:
       "LLaDA2.1 token editing: after every forward, a token already committed in the open block (not the prompt's) is rewritten where the model predicts another token more than T likely; a block without masks takes up to max_post_steps more forwards while edits happen; masks are committed above parallel_threshold (at least one a forward), so diffusion_steps does not apply. Modes: quality parallel_threshold 0.7 + editing_threshold 0.5, speed 0.5 + 0.0",
-    appliesTo: "editing"
+    appliesTo: ["block"],
+    requires: "editing"
   }),
   max_post_steps: entry({
     value: { type: "int", min: 0, max: 1000 },
@@ -309,7 +414,8 @@ export const requestOnlySettings = {
     default: "16",
     placeholder: "N",
     description: "LLaDA2.1 token editing: forwards a block without masks may still take to edit its tokens",
-    appliesTo: "editing"
+    appliesTo: ["block"],
+    requires: "editing"
   })
 }
 
@@ -381,16 +487,21 @@ export const requestValue = <V extends ValueType>(name: string, value: V): Schem
           : `${name} must be an integer from ${value.min} to ${value.max}`
       ) as unknown as Schema.Schema<ValueOf<V>>
     }
-    case "number":
-      return (value.above === true
-        ? described(
-            Schema.Finite.pipe(Schema.greaterThan(value.min), Schema.lessThanOrEqualTo(value.max ?? Infinity)),
-            `${name} must be a number greater than ${value.min} and at most ${value.max}`
-          )
-        : described(
-            Schema.Finite.pipe(Schema.between(value.min, value.max ?? Infinity)),
-            `${name} must be a number from ${value.min} to ${value.max}`
-          )) as unknown as Schema.Schema<ValueOf<V>>
+    case "number": {
+      const max = value.max ?? Infinity
+      const above = value.above === true
+      const below = value.below === true
+      const message =
+        value.max === undefined
+          ? `${name} must be a number ${above ? ">" : ">="} ${value.min}`
+          : above
+            ? `${name} must be a number greater than ${value.min} and ${below ? "less than" : "at most"} ${value.max}`
+            : below
+              ? `${name} must be a number from ${value.min} to less than ${value.max}`
+              : `${name} must be a number from ${value.min} to ${value.max}`
+      const inRange = (x: number) => (above ? x > value.min : x >= value.min) && (below ? x < max : x <= max)
+      return described(Schema.Finite.pipe(Schema.filter(inRange)), message) as unknown as Schema.Schema<ValueOf<V>>
+    }
     case "oneOf":
       return described(Schema.Literal(...value.values), `${name} must be ${listed(value.values)}`) as unknown as Schema.Schema<ValueOf<V>>
     case "switch":
@@ -421,7 +532,7 @@ const flagSchema = (value: ValueType): Schema.Schema<any, string> => {
     case "int":
       return IntegerText(value.min, value.max)
     case "number":
-      return NumberText(value.min, value.above ?? false, value.max)
+      return NumberText(value.min, value.above ?? false, value.max, value.below ?? false)
     case "oneOf":
       return OneOfText(value.values)
     case "switch":
@@ -539,7 +650,11 @@ export const exclusiveViolation = (request: SamplingRequest): { message: string;
   return undefined
 }
 
-const decodingWords: Record<Decoding, string> = { full_canvas: "full-canvas decoding", block: "block decoding" }
+/** "full-canvas decoding (LLaDA) and block decoding (LLaDA2.x, SDAR)": the decodings a setting applies to. */
+const decodingsText = (list: ReadonlyArray<Decoding>) => {
+  const named = list.map((decoding) => `${decodingDocs[decoding].words} (${decodingDocs[decoding].models})`)
+  return named.length === 1 ? named[0]! : `${named.slice(0, -1).join(", ")} and ${named[named.length - 1]}`
+}
 
 /**
  * The first setting the request gives that the served model cannot honour, with the field it names: one
@@ -555,15 +670,15 @@ export const familyViolation = (request: SamplingRequest, family: ModelFamily): 
     if (!appliesTo(field, family)) {
       if (spec.neutral !== undefined && value === spec.neutral) continue
       const where =
-        spec.appliesTo === "editing"
+        spec.requires === "editing"
           ? "it needs a model with token editing (LLaDA2.1's llada2_moe)"
-          : `it is a setting of ${decodingWords.full_canvas} (LLaDA)`
+          : `it is a setting of ${decodingsText(spec.appliesTo ?? decodings)}`
       return {
-        message: `${field} does not apply to this model (${family.name}, ${decodingWords[family.decoding]}): ${where}`,
+        message: `${field} does not apply to this model (${family.name}, ${decodingDocs[family.decoding].words}): ${where}`,
         param: field
       }
     }
-    const problem = family.decoding === "block" ? spec.block?.check?.(value as never, family) : undefined
+    const problem = spec.readings?.[family.decoding]?.check?.(value as never, family)
     if (problem !== undefined) return { message: problem, param: field }
   }
   // LLaDA2.1's editing commits by its thresholds, at least one token a forward, with no step schedule.
@@ -583,10 +698,11 @@ export const familyViolation = (request: SamplingRequest, family: ModelFamily): 
  * exclusive group decides the whole group (the members it leaves out are off).
  *
  * For a model of another family than LLaDA (`family`): a setting that does not apply gets its neutral
- * value (required settings) or none; block decoding takes a setting's family default where the request
- * leaves it out and the server's default is the documented one or one the family does not take (for
- * block_length: always), and reads
- * the value through the setting's block rule. The request is expected to have passed `familyViolation`.
+ * (or inert) value when the engine requires it, else none; where the family's decoding has its own reading
+ * of a setting, it takes the family default where the request leaves the setting out and the server's
+ * default is the documented one or one the family does not take (for block_length under block decoding:
+ * always), and reads the value through that reading's rule. The request is expected to have passed
+ * `familyViolation`.
  */
 export const resolve = (
   request: SamplingRequest,
@@ -603,18 +719,17 @@ export const resolve = (
       for (const field of rule.members) decided.set(field, request[field] ?? rule.off)
     }
   }
-  const block = family.decoding === "block"
   const params: Record<string, unknown> = { genLength }
   for (const field of fields) {
     if (field === "max_tokens") continue
     const spec = specOf(field)
     const name = engineName(field)
     if (!appliesTo(field, family)) {
-      if (!spec.optional) params[name] = spec.neutral
+      if (!spec.optional) params[name] = spec.neutral ?? spec.inert?.(genLength)
       continue
     }
     const documented = documentedDefault.get(field)
-    const rule = block ? spec.block : undefined
+    const rule = spec.readings?.[family.decoding]
     const server = fromDefaults[name] ?? undefined
     const fallback =
       rule === undefined
@@ -645,7 +760,8 @@ export const knownFamilies: ReadonlyArray<ModelFamily> = [
   lladaFamily,
   { name: "llada2_moe", decoding: "block", blockLength: 32, editing: true },
   { name: "sdar", decoding: "block", blockLength: 4, editing: false },
-  { name: "sdar_moe", decoding: "block", blockLength: 4, editing: false }
+  { name: "sdar_moe", decoding: "block", blockLength: 4, editing: false },
+  { name: "dream", decoding: "dream", blockLength: 0, editing: false }
 ]
 
 /**
@@ -662,19 +778,28 @@ export const familiesMarkdown = (): string => {
   }
   const refused = (spec: SamplingSetting) =>
     spec.neutral === undefined ? "400 (does not apply)" : `400 unless ${code(spec.neutral)} (does not apply)`
-  const rows = fields.map((field) => {
+  const familiesOf = (decoding: Decoding) => knownFamilies.filter((family) => family.decoding === decoding)
+  const text = (field: SamplingField, decoding: Decoding): string => {
     const spec = specOf(field)
     const flag = (serverFields as ReadonlyArray<string>).includes(field) ? `, or \`--${field.replace(/_/g, "-")}\`` : ""
-    const full = spec.appliesTo === "editing" ? refused(spec) : `default ${documented(field)}${flag}`
-    const block =
-      spec.appliesTo === "full_canvas"
-        ? refused(spec)
-        : spec.appliesTo === "editing"
-          ? `llada2_moe only (elsewhere 400); default ${documented(field)}`
-          : spec.block === undefined
-            ? `as full canvas; default ${documented(field)}${flag}`
-            : `${spec.block.meaning}; default ${spec.block.defaultText}${spec.block.serverDefault === false ? "" : flag}`
-    return `| \`${field}\` | ${cell(full)} | ${cell(block)} |`
-  })
-  return ["| request field | full canvas: `llada` | block: `llada2_moe`, `sdar`, `sdar_moe` |", "|---|---|---|", ...rows].join("\n")
+    const takers = familiesOf(decoding).filter((family) => appliesTo(field, family))
+    if (takers.length === 0) return refused(spec)
+    if (spec.requires !== undefined) {
+      return `${takers.map((family) => family.name).join(", ")} only (elsewhere 400); default ${documented(field)}`
+    }
+    const reading = spec.readings?.[decoding]
+    if (reading !== undefined) {
+      return `${reading.meaning}; default ${reading.defaultText}${reading.serverDefault === false ? "" : flag}`
+    }
+    const asFull = decoding !== "full_canvas" && appliesToDecoding(spec, "full_canvas") ? "as full canvas; " : ""
+    return `${asFull}default ${documented(field)}${flag}`
+  }
+  const header = decodings.map(
+    (decoding) =>
+      `${decodingDocs[decoding].column}: ${familiesOf(decoding)
+        .map((family) => `\`${family.name}\``)
+        .join(", ")}`
+  )
+  const rows = fields.map((field) => `| \`${field}\` | ${decodings.map((decoding) => cell(text(field, decoding))).join(" | ")} |`)
+  return [`| request field | ${header.join(" | ")} |`, `|---|${decodings.map(() => "---|").join("")}`, ...rows].join("\n")
 }

@@ -9,7 +9,7 @@
  */
 import { Context, Effect, Layer, Runtime } from "effect"
 import { fromNative, type EngineError, type ModelLoadError } from "./errors.js"
-import { lladaFamily, type ModelFamily, type SamplingParams } from "../config/sampling.js"
+import { decodings, lladaFamily, type ModelFamily, type SamplingParams } from "../config/sampling.js"
 import { type CommittedToken, loadAddon, type NativeEngine, type NativeModelInfo, type StepSnapshot } from "./native.js"
 
 export type SequenceId = number
@@ -67,7 +67,7 @@ export const familyOf = (info: ModelInfo): ModelFamily => {
   const editing = field(family, "editing", "editingAvailable")
   return {
     name: typeof name === "string" ? name : lladaFamily.name,
-    decoding: decoding === "block" ? "block" : "full_canvas",
+    decoding: decodings.find((known) => known === decoding) ?? "full_canvas",
     blockLength: typeof blockLength === "number" ? blockLength : 0,
     editing: editing === true
   }

@@ -54,17 +54,19 @@ export interface NativeModelConfig {
 
 /**
  * How a model family writes its answer (native ModelConfig::decoding and the family description):
- * "full_canvas" (LLaDA: bidirectional attention over prompt and answer) or "block" (LLaDA2.x, SDAR:
- * block-causal attention over blocks of `blockLength` aligned at position 0, finished blocks cached exactly).
+ * "full_canvas" (LLaDA: bidirectional attention over prompt and answer), "block" (LLaDA2.x, SDAR:
+ * block-causal attention over blocks of `blockLength` aligned at position 0, finished blocks cached exactly)
+ * or "dream" (Dream: bidirectional over the whole canvas, the prediction for a position read from the
+ * output at the position before it; Dream's sampler, no blocks).
  */
-export type NativeDecoding = "full_canvas" | "block"
+export type NativeDecoding = "full_canvas" | "block" | "dream"
 
 /** The loaded model's family, for per-family defaults and for refusing settings that do not apply. */
 export interface NativeModelFamily {
-  /** config.json "model_type": "llada" | "llada2_moe" | "sdar" | "sdar_moe". */
+  /** config.json "model_type": "llada" | "llada2_moe" | "sdar" | "sdar_moe"; "dream" for model_type "Dream". */
   readonly name: string
   readonly decoding: NativeDecoding
-  /** Block decoding: the block size the model was trained with (LLaDA2 32, SDAR 4), the only one it accepts; 0 for full_canvas. */
+  /** Block decoding: the block size the model was trained with (LLaDA2 32, SDAR 4), the only one it accepts; 0 for full_canvas and dream. */
   readonly blockLength: number
   /** Whether the family has LLaDA2.1 token editing (editingThreshold >= 0 is refused otherwise). */
   readonly editing: boolean
@@ -131,6 +133,21 @@ export type NativeRemasking = "low_confidence" | "random"
  * ("remasking"), a suffix ("suffix"), a template ("template"), parallelFactor > 0 ("parallel_factor"),
  * kvCache "dual" ("kv_cache"), blockLength other than the model's ("block_length"). earlyStop and
  * kvRefreshInterval have no effect there (block decoding always stops after the block holding an end token).
+ *
+ * Dream decoding (family.decoding "dream", tools/reference/dream_generate.py) reads three more, each
+ * optional and ignored by the other families (the serving layer refuses them there):
+ * - alg: "origin" | "maskgit_plus" | "topk_margin" | "entropy" (absent: "entropy"): the confidence a step
+ *   commits by (origin: each mask revealed at random with probability 1 − s/t);
+ * - algTemp: number >= 0 (absent: 0): above 0 the committed positions are drawn by softmax(confidence / algTemp);
+ * - eps: number in (0, 1) (absent: 1e-3): timesteps linspace(1, eps, steps + 1) in f32; step i commits
+ *   int(n (1 − t[i+1]/t[i])) of the n masks left, the last step all.
+ * `steps` counts the whole answer (more than genLength: steps that commit nothing); temperature, topP and
+ * topK follow Dream's rule (at temperature 0 they still change the confidences). Refused there, each naming
+ * its field: cfgScale > 0, remasking "random", a suffix, a template, parallelThreshold > 0, parallelFactor > 0,
+ * kvCache other than "none", minP > 0, logitsEosInf, confidenceEosEotInf, editingThreshold >= 0 ("alg",
+ * "alg_temp", "eps" for their own bad values). blockLength, earlyStop and kvRefreshInterval are not read.
+ * Every step is phase "denoise" of block 0 and evaluates the whole canvas; stepsTotal = steps; a committed
+ * token's probability is its softmax probability after top_p/top_k (Dream's trace probability).
  */
 export type { NativeSamplingParams } from "../config/sampling.js"
 

@@ -34,6 +34,12 @@ export const checkModel = (model: string | undefined) =>
 
 const notSupported = (param: string, message: string) => Effect.fail(new BadRequest({ message, param, code: "unsupported_parameter" }))
 
+/** Why a decoding other than full canvas takes no suffix (infilling lays tokens after the answer's masks). */
+const noSuffix: Record<Exclude<Sampling.Decoding, "full_canvas">, string> = {
+  block: "it writes its answer block by block after the prompt",
+  dream: "Dream's sampler denoises a canvas of the prompt and the answer's masks, with nothing after them"
+}
+
 /** The answer length a request asked for, and under which name (max_tokens or max_completion_tokens). */
 export interface MaxTokens {
   readonly value: number
@@ -115,10 +121,10 @@ export const makePlan = (
     const defaults = config.defaults
 
     const settingsFor = (promptLength: number, promptParam: string, suffixLength = 0): Effect.Effect<SamplingSettings, BadRequest> => {
-      if (suffixLength > 0 && family.decoding === "block") {
+      if (suffixLength > 0 && family.decoding !== "full_canvas") {
         return notSupported(
           "suffix",
-          `suffix does not apply to this model (${family.name}, block decoding): it writes its answer block by block after the prompt`
+          `suffix does not apply to this model (${family.name}, ${Sampling.decodingDocs[family.decoding].words}): ${noSuffix[family.decoding]}`
         )
       }
       const context = promptLength + suffixLength

@@ -233,9 +233,18 @@ export const Diffusion = Schema.Struct({
   kv_cache: Schema.Literal("none", "prefix", "dual"),
   /** The parallel decoding rule in use, or null for the fixed per-step quota. */
   parallel: Schema.NullOr(Schema.Union(Schema.Struct({ threshold: Schema.Number }), Schema.Struct({ factor: Schema.Number }))),
-  // Block decoding (LLaDA2.x, SDAR) adds these; LLaDA's object is as it was.
-  /** "block" for block decoding. */
-  decoding: Schema.optionalWith(Schema.Literal("block"), { exact: true }),
+  // Block decoding (LLaDA2.x, SDAR) and Dream add these; LLaDA's object is as it was.
+  /** "block" for block decoding, "dream" for Dream's sampler. */
+  decoding: Schema.optionalWith(Schema.Literal("block", "dream"), { exact: true }),
+  /** Dream: the unmasking algorithm, its temperature and the end of the time schedule the answers used. */
+  dream: Schema.optionalWith(
+    Schema.Struct({
+      alg: Schema.Literal("origin", "maskgit_plus", "topk_margin", "entropy"),
+      alg_temp: Schema.Number,
+      eps: Schema.Number
+    }),
+    { exact: true }
+  ),
   /** The block length the answers were written in (the model's). */
   block_length: Schema.optionalWith(Schema.Int, { exact: true }),
   /**
@@ -405,13 +414,14 @@ export const ChatCompletionChunk = Schema.Struct({
 export type ChatCompletionChunk = typeof ChatCompletionChunk.Type
 
 /**
- * vdiff extension on a model: its family (config.json's model_type), how it decodes, the block it was
- * trained with (block decoding) and whether it has token editing. Absent for LLaDA (full canvas), whose
+ * vdiff extension on a model: its family (config.json's model_type; "dream" for Dream), how it decodes
+ * (full canvas, block, or Dream's sampler), the block it was trained with (block decoding; 0 otherwise) and
+ * whether it has token editing. Absent for LLaDA (full canvas), whose
  * model objects are as they were before other families were served.
  */
 export const ModelFamily = Schema.Struct({
   name: Schema.String,
-  decoding: Schema.Literal("full_canvas", "block"),
+  decoding: Schema.Literal("full_canvas", "block", "dream"),
   block_length: Schema.Int,
   editing: Schema.Boolean
 })

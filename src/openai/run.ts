@@ -13,7 +13,7 @@ import { ChoiceDecoder, type ChoiceDelta } from "./ChoiceDecoder.js"
 import { fromGenerationError } from "./errors.js"
 import { type AnswerPlan, checkNoMaskToken, type PreparedPrompt } from "./plan.js"
 import type { Diffusion, Usage } from "./protocol.js"
-import { lladaFamily, type ModelFamily } from "../config/sampling.js"
+import { decodingDocs, lladaFamily, type ModelFamily } from "../config/sampling.js"
 
 /** One step's effect on one choice. */
 export interface ChoiceUpdate {
@@ -162,15 +162,17 @@ export const runPrompt = (
 
 /**
  * Structured output lays the JSON skeleton on the answer canvas from the start; block decoding writes its
- * blocks in order and takes no fixed positions, so a schema is refused for those models.
+ * blocks in order and Dream's sampler denoises the whole answer from masks, and neither takes fixed
+ * positions, so a schema is refused for those models.
  */
 const checkNoTemplate = (prompts: ReadonlyArray<PreparedPrompt>, plan: AnswerPlan) => {
   const structured = prompts.find((prompt) => prompt.template !== undefined)
-  if (plan.family.decoding !== "block" || structured === undefined) return Effect.void
+  if (plan.family.decoding === "full_canvas" || structured === undefined) return Effect.void
   const param = structured.templateParam ?? "response_format"
+  const decoding = decodingDocs[plan.family.decoding].words
   return Effect.fail(
     new BadRequest({
-      message: `${param} json_schema does not apply to this model (${plan.family.name}, block decoding): its skeleton is laid on the canvas before denoising, which block decoding does not take`,
+      message: `${param} json_schema does not apply to this model (${plan.family.name}, ${decoding}): its skeleton is laid on the canvas before denoising, which ${decoding} does not take`,
       param,
       code: "unsupported_parameter"
     })
@@ -247,6 +249,14 @@ export const diffusionOfJobs = (jobs: ReadonlyArray<PromptJob>, family: ModelFam
     skipped_tokens: sum("tokensSkipped"),
     kv_cache: settings?.kvCache ?? "none",
     parallel: threshold > 0 ? { threshold } : factor > 0 ? { factor } : null
+  }
+  if (family.decoding === "dream") {
+    // Dream's sampler: the unmasking algorithm and its time schedule (every step evaluates the whole canvas).
+    return {
+      ...common,
+      decoding: "dream",
+      dream: { alg: settings?.alg ?? "entropy", alg_temp: settings?.algTemp ?? 0, eps: settings?.eps ?? 1e-3 }
+    }
   }
   if (family.decoding !== "block") return common
   // Block decoding: the forwards by phase, and the tokens each forward committed (prefill and commit

@@ -201,12 +201,32 @@ export const fromEngine = (
       defaults: options.defaults,
       family,
       // Block decoding stops after the block that holds one of the model's end tokens; the answer ends there.
-      ...(family.decoding === "block"
-        ? { endTokenIds: [...new Set([...Engine.modelEndTokens(engine.info), ...configEndTokens(tokenizer.modelDir)])] }
+      // Dream denoises the whole answer; its text ends at the first of the model's end tokens or its chat
+      // template's turn end.
+      ...(family.decoding !== "full_canvas"
+        ? {
+            endTokenIds: [
+              ...new Set([...Engine.modelEndTokens(engine.info), ...configEndTokens(tokenizer.modelDir), ...templateTurnEnd(tokenizer)])
+            ]
+          }
         : {})
     }
     return { engine, scheduler, tokenizer, chat, serving }
   })
+
+/** ChatML's turn end (Qwen2's template, which Dream's and SDAR's chat templates are). */
+const CHATML_TURN_END = "<|im_end|>"
+
+/**
+ * The turn end of the model's own chat template: `<|im_end|>` when the template closes turns with it and
+ * the vocabulary has it. Dream's config names only `<|endoftext|>` (the padding after an answer), while its
+ * chat answers end with `<|im_end|>` first. None for other templates.
+ */
+const templateTurnEnd = (tokenizer: TokenizerShape): ReadonlyArray<number> => {
+  const template = tokenizer.tokenizerConfig["chat_template"]
+  const text = typeof template === "string" ? template : JSON.stringify(template ?? "")
+  return text.includes(CHATML_TURN_END) ? Option.toArray(tokenizer.tokenId(CHATML_TURN_END)) : []
+}
 
 /**
  * config.json's eos_token_id, an id or a list of them (SDAR: <|im_end|> and <|endoftext|>): the tokens

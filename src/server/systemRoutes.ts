@@ -147,7 +147,7 @@ export const router = (info: SystemInfo) =>
             layers: config.nLayers,
             d_model: config.dModel,
             // The other families than LLaDA name themselves, as in /v1/models.
-            ...(family.decoding === "block"
+            ...(family.decoding !== "full_canvas"
               ? { family: { name: family.name, decoding: family.decoding, block_length: family.blockLength, editing: family.editing } }
               : {})
           }
