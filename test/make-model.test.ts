@@ -435,6 +435,33 @@ const sdarExpected = (c: {
   return out
 }
 
+/**
+ * Dream's tensor names and shapes (HF Qwen2 names, tools/reference/README.md "Dream"): q/k/v with a bias,
+ * o_proj and the MLP without, head_dim = hidden / heads.
+ */
+const dreamExpected = (c: { D: number; layers: number; heads: number; kv: number; ff: number; V: number; tied?: boolean }) => {
+  const hd = c.D / c.heads
+  const out: Record<string, Array<number>> = { "model.embed_tokens.weight": [c.V, c.D] }
+  for (let i = 0; i < c.layers; i++) {
+    const l = `model.layers.${i}.`
+    out[l + "input_layernorm.weight"] = [c.D]
+    out[l + "post_attention_layernorm.weight"] = [c.D]
+    out[l + "self_attn.q_proj.weight"] = [c.heads * hd, c.D]
+    out[l + "self_attn.q_proj.bias"] = [c.heads * hd]
+    out[l + "self_attn.k_proj.weight"] = [c.kv * hd, c.D]
+    out[l + "self_attn.k_proj.bias"] = [c.kv * hd]
+    out[l + "self_attn.v_proj.weight"] = [c.kv * hd, c.D]
+    out[l + "self_attn.v_proj.bias"] = [c.kv * hd]
+    out[l + "self_attn.o_proj.weight"] = [c.D, c.heads * hd]
+    out[l + "mlp.gate_proj.weight"] = [c.ff, c.D]
+    out[l + "mlp.up_proj.weight"] = [c.ff, c.D]
+    out[l + "mlp.down_proj.weight"] = [c.D, c.ff]
+  }
+  out["model.norm.weight"] = [c.D]
+  if (c.tied !== true) out["lm_head.weight"] = [c.V, c.D]
+  return out
+}
+
 const shapesOf = async (dir: string) => {
   const header = await readSafetensorsHeader(join(dir, "model.safetensors"))
   return { header, shapes: Object.fromEntries([...header.tensors].map(([name, t]) => [name, t.shape])) }
@@ -563,6 +590,15 @@ describe("block-diffusion family presets", () => {
         rendered:
           "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWho art thou?<|im_end|>\n" +
           "<|im_start|>assistant\nA player.<|im_end|>\n<|im_start|>user\nSpeak!<|im_end|>\n<|im_start|>assistant\n"
+      },
+      {
+        preset: "dream-tiny",
+        mask: "<|mask|>",
+        eos: "<|endoftext|>",
+        specials: ["<|im_start|>", "<|im_end|>", "<|beginoftext|>"],
+        rendered:
+          "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWho art thou?<|im_end|>\n" +
+          "<|im_start|>assistant\nA player.<|im_end|>\n<|im_start|>user\nSpeak!<|im_end|>\n<|im_start|>assistant\n"
       }
     ]
     const embedded = JSON.parse(await readFile(join(import.meta.dirname, "..", "models", "shakespeare", "tokenizer.json"), "utf8"))
@@ -595,6 +631,72 @@ describe("block-diffusion family presets", () => {
         expect(encoded.filter((t) => t === id).length, name).toBe(c.rendered.split(name).length - 1)
       }
     }
+  })
+
+  it("dream-tiny: Dream's names and shapes (q/k/v biases, GQA), config keys, random biases, and Qwen2's chat template with its default system turn", async () => {
+    const out = join(dir, "dream-tiny")
+    await makeModel({ preset: "dream-tiny", seed: 2, out })
+    const { header, shapes } = await shapesOf(out)
+    expect(shapes).toEqual(dreamExpected({ D: 64, layers: 2, heads: 4, kv: 2, ff: 160, V: 2048 }))
+    for (const [name, t] of header.tensors) expect(t.dtype, name).toBe("F32")
+    const config = JSON.parse(await readFile(join(out, "config.json"), "utf8"))
+    expect(config).toMatchObject({
+      architectures: ["DreamModel"],
+      model_type: "Dream",
+      hidden_size: 64,
+      num_hidden_layers: 2,
+      num_attention_heads: 4,
+      num_key_value_heads: 2,
+      intermediate_size: 160,
+      vocab_size: 2048,
+      rope_theta: 1000000,
+      rms_norm_eps: 1e-6,
+      tie_word_embeddings: false,
+      mask_token_id: 2047,
+      eos_token_id: 2042,
+      pad_token_id: 2042,
+      bos_token_id: 2042,
+      hidden_act: "silu",
+      rope_scaling: null,
+      sliding_window: null,
+      torch_dtype: "float32"
+    })
+    // Dream's q/k/v biases are its architecture's rule: the real config has no key for them.
+    expect(config).not.toHaveProperty("attention_bias")
+    expect(config).not.toHaveProperty("head_dim")
+    const bias = await readTensor(join(out, "model.safetensors"), "model.layers.1.self_attn.k_proj.bias")
+    expect(new Set(bias).size).toBe(32)
+    expect(Math.max(...bias.map(Math.abs))).toBeLessThanOrEqual(Math.sqrt(3) * familyPresets["dream-tiny"]!.biasStd)
+    expect(new Set(await readTensor(join(out, "model.safetensors"), "model.layers.0.input_layernorm.weight"))).toEqual(new Set([1]))
+    // The special tokens: <|endoftext|> ends the text (config's eos), <|im_end|> a chat turn, <|mask|> is the last id.
+    const tokenizer = await Effect.runPromise(makeTokenizer(out))
+    expect(tokenizer.specialTokens).toMatchObject({ eos: 2042, mask: 2047, bos: Option.some(2046), pad: 2042 })
+    expect(tokenizer.tokenId("<|im_end|>")).toEqual(Option.some(2044))
+    const template = new Template(JSON.parse(await readFile(join(out, "tokenizer_config.json"), "utf8")).chat_template)
+    expect(template.render({ messages: [{ role: "user", content: "Speak." }], add_generation_prompt: true })).toBe(
+      "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nSpeak.<|im_end|>\n<|im_start|>assistant\n"
+    )
+  })
+
+  it("dream-7b has Dream-v0-7B's shape: 7.62B parameters, q/k/v biases, untied head (counted, nothing written)", () => {
+    const preset = familyPresets["dream-7b"]!
+    expect(Object.fromEntries(presetTensors(preset, 0).map((t) => [t.name, t.shape]))).toEqual(
+      dreamExpected({ D: 3584, layers: 28, heads: 28, kv: 4, ff: 18944, V: 152064 })
+    )
+    // Qwen2.5-7B's count: 28 × 233,057,792 per layer, 2 × 152064 × 3584 for embedding and head, the final norm.
+    expect(familyParameterCount(preset.config)).toBe(7_615_616_512)
+    expect(preset.config).toMatchObject({
+      model_type: "Dream",
+      rope_theta: 1000000,
+      rms_norm_eps: 1e-6,
+      tie_word_embeddings: false,
+      mask_token_id: 151666,
+      eos_token_id: 151643,
+      pad_token_id: 151643,
+      max_position_embeddings: 131072
+    })
+    expect(preset).toMatchObject({ dtype: "BF16", maxShardBytes: 4_000_000_000, tokenizer: "none" })
+    expect(presetTensors(preset, 0).every((t) => t.dtype === "BF16")).toBe(true)
   })
 
   it("llada2-mini and sdar-4b have the real shapes: 16.26B and 4.41B parameters (counted, nothing written)", () => {

@@ -13,7 +13,7 @@ const optionalText = (description: string, value: string) =>
 export const makeModel = commandLine(
   Schema.Struct({
     preset: optionalText(
-      "Preset to build with random weights: tiny, small, llada-8b, llada2-tiny, sdar-tiny, sdar-moe-tiny, llada2-mini or sdar-4b (or --from-raw)",
+      "Preset to build with random weights: tiny, small, llada-8b, llada2-tiny, sdar-tiny, sdar-moe-tiny, dream-tiny, llada2-mini, sdar-4b or dream-7b (or --from-raw)",
       "NAME"
     ),
     fromRaw: optionalText("Directory of raw f32 tensors to import instead of a preset", "DIR"),

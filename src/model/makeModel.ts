@@ -1,9 +1,10 @@
 /**
  * Writes model directories: config.json plus model.safetensors (or shards with
  * model.safetensors.index.json), either from a preset with seeded random weights — LLaDA's (tiny, small,
- * llada-8b) or a block-diffusion family's (llada2-tiny, sdar-tiny, sdar-moe-tiny, llada2-mini, sdar-4b) —
- * or by importing the raw f32 tensors the training script exports. A preset can be written straight into
- * Q8_0 or Q4_0 (the format of `vdiff quantize`), tensor by tensor, without an unquantized copy.
+ * llada-8b), a block-diffusion family's (llada2-tiny, sdar-tiny, sdar-moe-tiny, llada2-mini, sdar-4b) or
+ * Dream's (dream-tiny, dream-7b) — or by importing the raw f32 tensors the training script exports. A
+ * preset can be written straight into Q8_0 or Q4_0 (the format of `vdiff quantize`), tensor by tensor,
+ * without an unquantized copy.
  *
  * @since 0.1.0
  */
@@ -23,6 +24,7 @@ import {
   lladaTensors,
   presets,
   requiredConfigKeys,
+  tokenizerStyle,
   torchDtypeNames
 } from "./presets.js"
 import { type QuantFormat, quantizedLayout, writeQuantizedSafetensors } from "./quantize.js"
@@ -249,9 +251,9 @@ export const findPreset = (name: string): Preset | FamilyPreset => {
 }
 
 /**
- * The embedded model's tokenizer as a block-diffusion family's: tokenizer.json with the six special
- * tokens (ids 2042 .. 2047) renamed to the family's and no post-processor (neither family adds a BOS when
- * encoding), and a tokenizer_config.json with the family's special tokens and chat template.
+ * The embedded model's tokenizer as another family's (LLaDA2, SDAR, Dream): tokenizer.json with the six
+ * special tokens (ids 2042 .. 2047) renamed to the family's and no post-processor (no family adds a BOS
+ * when encoding), and a tokenizer_config.json with the family's special tokens and chat template.
  */
 export const writeFamilyTokenizer = async (dir: string, family: keyof typeof familyTokenizers): Promise<void> => {
   const spec = familyTokenizers[family]
@@ -301,7 +303,7 @@ export const makeModel = async (options: MakeModelOptions): Promise<WrittenModel
     ...(options.onProgress !== undefined ? { onProgress: options.onProgress } : {})
   })
   if (isFamilyPreset(preset) && preset.tokenizer === "embedded") {
-    await writeFamilyTokenizer(options.out, preset.config.model_type === "llada2_moe" ? "llada2_moe" : "sdar")
+    await writeFamilyTokenizer(options.out, tokenizerStyle(preset.config))
   }
   return written
 }

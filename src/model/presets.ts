@@ -1,6 +1,6 @@
 /**
- * LLaDA model shapes: the config.json keys, the tensor names and shapes of a LLaDA checkpoint, and the
- * named presets `vdiff make-model` can write with random weights.
+ * Model shapes: the config.json keys, the tensor names and shapes of a LLaDA checkpoint and of the other
+ * families' (LLaDA2.x, SDAR, Dream), and the named presets `vdiff make-model` can write with random weights.
  *
  * @since 0.1.0
  */
@@ -256,9 +256,40 @@ export interface SdarConfig {
   }
 }
 
-export type FamilyConfig = Llada2Config | SdarConfig
+/**
+ * The config.json of a Dream checkpoint (`model_type: "Dream"`, `architectures: ["DreamModel"]`; Qwen2 keys,
+ * tools/reference/README.md "Dream"): Qwen2.5's dense decoder with q/k/v biases (none on o_proj and the MLP),
+ * head_dim = hidden_size / num_attention_heads, trained as a masked diffusion model whose prediction for a
+ * position is the output at the position before it. bos, eos and pad are all `<|endoftext|>`.
+ */
+export interface DreamConfig {
+  readonly model_type: "Dream"
+  readonly hidden_size: number
+  readonly num_hidden_layers: number
+  readonly num_attention_heads: number
+  readonly num_key_value_heads: number
+  readonly intermediate_size: number
+  readonly vocab_size: number
+  readonly rope_theta: number
+  readonly rms_norm_eps: number
+  readonly max_position_embeddings: number
+  readonly tie_word_embeddings: boolean
+  readonly mask_token_id: number
+  readonly pad_token_id: number
+  readonly bos_token_id: number
+  readonly eos_token_id: number
+}
 
-/** A tensor of a family checkpoint: "bias" is the router's expert bias (small random values, stored f32). */
+export type FamilyConfig = Llada2Config | SdarConfig | DreamConfig
+
+/** A family's attention head width: Dream's config has none (hidden_size / heads), the others say it. */
+export const headDim = (config: FamilyConfig): number =>
+  config.model_type === "Dream" ? config.hidden_size / config.num_attention_heads : config.head_dim
+
+/**
+ * A tensor of a family checkpoint: "bias" is a bias vector (the router's expert bias, stored f32; Dream's
+ * q/k/v biases), small random values.
+ */
 export interface FamilyTensorShape {
   readonly name: string
   readonly shape: ReadonlyArray<number>
@@ -281,7 +312,7 @@ const swiglu = (prefix: string, width: number, D: number): Array<FamilyTensorSha
  */
 export const familyTensors = (config: FamilyConfig): Array<FamilyTensorShape> => {
   const D = config.hidden_size
-  const hd = config.head_dim
+  const hd = headDim(config)
   const q = config.num_attention_heads * hd
   const kv = config.num_key_value_heads * hd
   const V = config.vocab_size
@@ -311,6 +342,24 @@ export const familyTensors = (config: FamilyConfig): Array<FamilyTensorShape> =>
       if (config.num_shared_experts > 0) {
         out.push(...swiglu(`${l}.mlp.shared_experts`, config.moe_intermediate_size * config.num_shared_experts, D))
       }
+    }
+    out.push({ name: "model.norm.weight", shape: [D], kind: "norm" })
+  } else if (config.model_type === "Dream") {
+    out.push({ name: "model.embed_tokens.weight", shape: [V, D], kind: "matrix" })
+    for (let i = 0; i < config.num_hidden_layers; i++) {
+      const l = `model.layers.${i}`
+      out.push(
+        { name: `${l}.input_layernorm.weight`, shape: [D], kind: "norm" },
+        { name: `${l}.self_attn.q_proj.weight`, shape: [q, D], kind: "matrix" },
+        { name: `${l}.self_attn.q_proj.bias`, shape: [q], kind: "bias" },
+        { name: `${l}.self_attn.k_proj.weight`, shape: [kv, D], kind: "matrix" },
+        { name: `${l}.self_attn.k_proj.bias`, shape: [kv], kind: "bias" },
+        { name: `${l}.self_attn.v_proj.weight`, shape: [kv, D], kind: "matrix" },
+        { name: `${l}.self_attn.v_proj.bias`, shape: [kv], kind: "bias" },
+        { name: `${l}.self_attn.o_proj.weight`, shape: [D, q], kind: "matrix" },
+        { name: `${l}.post_attention_layernorm.weight`, shape: [D], kind: "norm" },
+        ...swiglu(`${l}.mlp`, config.intermediate_size, D)
+      )
     }
     out.push({ name: "model.norm.weight", shape: [D], kind: "norm" })
   } else {
@@ -368,6 +417,20 @@ export const familyConfigJson = (config: FamilyConfig, dtype: DType): Record<str
       ...common
     }
   }
+  if (config.model_type === "Dream") {
+    // Dream-v0-Instruct-7B's keys (the ones a loader ignores included); q/k/v biases are Dream's own rule,
+    // so, as in the real config, there is no attention_bias key.
+    return {
+      architectures: ["DreamModel"],
+      ...config,
+      max_window_layers: config.num_hidden_layers,
+      sliding_window: null,
+      attention_dropout: 0,
+      initializer_range: 0.02,
+      use_cache: false,
+      ...common
+    }
+  }
   const { moe, ...rest } = config
   return {
     architectures: [config.model_type === "sdar_moe" ? "SDARMoeForCausalLM" : "SDARForCausalLM"],
@@ -396,7 +459,7 @@ export interface FamilyPreset {
   readonly tokenizer: "embedded" | "none"
 }
 
-/** The embedded tokenizer's special token ids (2042 .. 2047) under each family's names. */
+/** The embedded tokenizer's special token ids (2042 .. 2047) under each family's names, by chat style. */
 export const familyTokenizers = {
   llada2_moe: {
     names: { 2042: "<|startoftext|>", 2043: "<|endoftext|>", 2044: "<|mask|>", 2045: "<|role_end|>", 2046: "<role>", 2047: "</role>" },
@@ -429,8 +492,37 @@ export const familyTokenizers = {
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}" +
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     }
+  },
+  dream: {
+    // Dream's special tokens in the order of their ids in Dream-v0 (151643, 151644, 151645, 151664, 151665,
+    // 151666): the mask is the last id, as in the golden-dream fixtures.
+    names: {
+      2042: "<|endoftext|>",
+      2043: "<|im_start|>",
+      2044: "<|im_end|>",
+      2045: "<|file_sep|>",
+      2046: "<|beginoftext|>",
+      2047: "<|mask|>"
+    },
+    config: {
+      bos_token: "<|beginoftext|>",
+      eos_token: "<|endoftext|>",
+      pad_token: "<|endoftext|>",
+      mask_token: "<|mask|>",
+      additional_special_tokens: ["<|im_start|>", "<|im_end|>", "<|file_sep|>"],
+      // Qwen2's ChatML with its default system turn (Dream is Qwen2.5 trained as a diffusion model).
+      chat_template:
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}" +
+        "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}" +
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}" +
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    }
   }
 } as const
+
+/** Which of familyTokenizers a family's tiny preset carries. */
+export const tokenizerStyle = (config: FamilyConfig): keyof typeof familyTokenizers =>
+  config.model_type === "llada2_moe" ? "llada2_moe" : config.model_type === "Dream" ? "dream" : "sdar"
 
 /** The embedded tokenizer's vocabulary (models/shakespeare/tokenizer.json: 2042 BPE tokens + 6 special). */
 export const EMBEDDED_VOCAB = 2048
@@ -532,6 +624,43 @@ const sdar4b: SdarConfig = {
   block_size: 4
 }
 
+const dreamTiny: DreamConfig = {
+  model_type: "Dream",
+  hidden_size: 64,
+  num_hidden_layers: 2,
+  num_attention_heads: 4,
+  num_key_value_heads: 2,
+  intermediate_size: 160,
+  vocab_size: EMBEDDED_VOCAB,
+  rope_theta: 1000000,
+  rms_norm_eps: 1e-6,
+  max_position_embeddings: 512,
+  tie_word_embeddings: false,
+  mask_token_id: 2047,
+  pad_token_id: 2042,
+  bos_token_id: 2042,
+  eos_token_id: 2042
+}
+
+// Dream-v0-Instruct-7B (tools/reference/README.md, "dream-7b"): 7.62B parameters, Qwen2.5-7B's shape.
+const dream7b: DreamConfig = {
+  model_type: "Dream",
+  hidden_size: 3584,
+  num_hidden_layers: 28,
+  num_attention_heads: 28,
+  num_key_value_heads: 4,
+  intermediate_size: 18944,
+  vocab_size: 152064,
+  rope_theta: 1000000,
+  rms_norm_eps: 1e-6,
+  max_position_embeddings: 131072,
+  tie_word_embeddings: false,
+  mask_token_id: 151666,
+  pad_token_id: 151643,
+  bos_token_id: 151643,
+  eos_token_id: 151643
+}
+
 export const familyPresets: Readonly<Record<string, FamilyPreset>> = {
   "llada2-tiny": {
     name: "llada2-tiny",
@@ -565,6 +694,15 @@ export const familyPresets: Readonly<Record<string, FamilyPreset>> = {
     biasStd: 0,
     tokenizer: "embedded"
   },
+  "dream-tiny": {
+    name: "dream-tiny",
+    description: "Dream (Qwen2 layout), 2 layers, d 64, 4/2 heads of 16 with q/k/v biases, shifted logits; the embedded tokenizer",
+    config: dreamTiny,
+    dtype: "F32",
+    initStd: 0.125,
+    biasStd: 0.125,
+    tokenizer: "embedded"
+  },
   "llada2-mini": {
     name: "llada2-mini",
     description: "the real LLaDA2.0/2.1-mini shape with random weights: 16.26B parameters (256 experts, top 8), bf16 (use --quantize)",
@@ -582,6 +720,16 @@ export const familyPresets: Readonly<Record<string, FamilyPreset>> = {
     dtype: "BF16",
     initStd: 0.02,
     biasStd: 0,
+    maxShardBytes: 4_000_000_000,
+    tokenizer: "none"
+  },
+  "dream-7b": {
+    name: "dream-7b",
+    description: "the real Dream-v0-7B shape with random weights: 7.62B parameters, q/k/v biases, bf16",
+    config: dream7b,
+    dtype: "BF16",
+    initStd: 0.02,
+    biasStd: 0.02,
     maxShardBytes: 4_000_000_000,
     tokenizer: "none"
   }
