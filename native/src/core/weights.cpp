@@ -152,6 +152,7 @@ Family dream_family() {
   f.default_mask_token_id = 151666;
   f.qkv_bias = true;
   f.shifted_logits = true;
+  f.cuda = true;  // LLaDA's layers plus the q/k/v biases; its rows are sampled on the host
   const std::string l = "model.layers.{i}.";
   f.embed = "model.embed_tokens.weight";
   f.final_norm = "model.norm.weight";

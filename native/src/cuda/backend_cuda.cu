@@ -156,10 +156,11 @@ class Marks {
 struct DeviceLayer {
   float* attn_norm = nullptr;
   float* ffn_norm = nullptr;
-  void* qkv = nullptr;      // [q_dim + 2 kv_dim, D]
-  void* o = nullptr;        // [D, q_dim]
-  void* gate_up = nullptr;  // [2H, D]
-  void* down = nullptr;     // [D, H]
+  void* qkv = nullptr;        // [q_dim + 2 kv_dim, D]
+  float* qkv_bias = nullptr;  // [q_dim + 2 kv_dim] f32 (ModelConfig::qkv_bias), else none
+  void* o = nullptr;          // [D, q_dim]
+  void* gate_up = nullptr;    // [2H, D]
+  void* down = nullptr;       // [D, H]
 };
 
 class CudaBackend final : public Backend {
@@ -183,6 +184,7 @@ class CudaBackend final : public Backend {
   void* upload(const WeightRef& w, Elem as, uint64_t& done, uint64_t total);
   void* upload_concat(std::initializer_list<const WeightRef*> parts, Elem as, uint64_t& done, uint64_t total);
   float* upload_norm(const WeightRef& w);
+  float* upload_bias(std::initializer_list<const WeightRef*> parts);  // concatenated, as f32
   void* device_alloc(size_t bytes, const std::string& what);
   // Runs the forward; leaves the requested rows' logits in logits_ (rows x embedding_size f32).
   int run(const std::vector<ForwardSeq>& batch, const std::atomic<bool>* cancel, Marks& marks);
@@ -287,6 +289,16 @@ float* CudaBackend::upload_norm(const WeightRef& w) {
   return d;
 }
 
+float* CudaBackend::upload_bias(std::initializer_list<const WeightRef*> parts) {
+  std::vector<float> host;
+  for (const WeightRef* w : parts)
+    for (int64_t i = 0; i < static_cast<int64_t>(w->rows) * w->cols; ++i) host.push_back(weight_element(*w, i));
+  float* d = static_cast<float*>(device_alloc(host.size() * 4, "q/k/v biases"));
+  VDIFF_CUDA_CHECK(cudaMemcpy(d, host.data(), host.size() * 4, cudaMemcpyHostToDevice));
+  device_weight_bytes_ += host.size() * 4;
+  return d;
+}
+
 CudaBackend::CudaBackend(const ModelConfig& config, TensorSet tensors, const LoadOptions& options)
     : Backend(config, options), progress_(options.progress), progress_context_(options.progress_context) {
   const ModelWeights w = find_weights(tensors, config, family_of(config));
@@ -344,6 +356,7 @@ CudaBackend::CudaBackend(const ModelConfig& config, TensorSet tensors, const Loa
       d.attn_norm = upload_norm(lw.attn_norm);
       d.ffn_norm = upload_norm(lw.ffn_norm);
       d.qkv = upload_concat({&lw.q, &lw.k, &lw.v}, type_, done, total);
+      if (c.qkv_bias) d.qkv_bias = upload_bias({&lw.q_bias, &lw.k_bias, &lw.v_bias});
       d.o = upload(lw.o, type_, done, total);
       d.gate_up = upload_concat({&lw.mlp.gate, &lw.mlp.up}, type_, done, total);
       d.down = upload(lw.mlp.down, type_, done, total);
@@ -531,6 +544,7 @@ int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<boo
     launch_rmsnorm(x, nullptr, T, D, w.attn_norm, eps, xn, type_, stream_);
     marks.mark("rmsnorm");
     gemm(xn, T, D, w.qkv, qkv_dim, qkv, qkv_dim, false);
+    if (w.qkv_bias) launch_add_bias(qkv, T, qkv_dim, w.qkv_bias, qkv_dim, stream_);
     marks.mark("gemm qkv");
     launch_rope(qkv, T, qkv_dim, c.n_heads, c.n_kv_heads, hd, q_dim, d_positions, rope_cos_, rope_sin_, stream_);
     marks.mark("rope");

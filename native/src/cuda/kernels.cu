@@ -415,6 +415,21 @@ void launch_rope(float* qkv, int T, int64_t ld, int q_heads, int kv_heads, int h
   VDIFF_CUDA_LAUNCHED("rope");
 }
 
+__global__ void add_bias_kernel(float* y, int T, int64_t ld, const float* bias, int n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<int64_t>(T) * n) return;
+  const int64_t t = i / n;
+  const int j = static_cast<int>(i % n);
+  y[t * ld + j] += bias[j];
+}
+
+void launch_add_bias(float* y, int T, int64_t ld, const float* bias, int n, cudaStream_t stream) {
+  const int64_t count = static_cast<int64_t>(T) * n;
+  if (count == 0) return;
+  add_bias_kernel<<<grid_for(count, 256), 256, 0, stream>>>(y, T, ld, bias, n);
+  VDIFF_CUDA_LAUNCHED("add_bias");
+}
+
 void launch_store_kv(const float* qkv, int T, int64_t ld, int k_col, int v_col, int kv_dim, int layer,
                      const int32_t* token_seq, const SeqDesc* seqs, cudaStream_t stream) {
   const int64_t n = static_cast<int64_t>(T) * kv_dim;

@@ -23,6 +23,9 @@ void launch_rope(float* qkv, int T, int64_t ld, int q_heads, int kv_heads, int h
 void launch_store_kv(const float* qkv, int T, int64_t ld, int k_col, int v_col, int kv_dim, int layer,
                      const int32_t* token_seq, const SeqDesc* seqs, cudaStream_t stream);
 
+// y[t, j] += bias[j] for j < n, rows of stride ld (the q/k/v biases on the fused projection's output).
+void launch_add_bias(float* y, int T, int64_t ld, const float* bias, int n, cudaStream_t stream);
+
 // Which attention kernel launch_attention runs: the register-blocked one, or the plain first version
 // (VDIFF_CUDA_ATTENTION=simple at start-up; tests switch between them).
 enum class AttentionVariant { Blocked, Simple };
