@@ -1,7 +1,7 @@
 /**
- * End to end through a live `vdiff serve` for each block-diffusion family: tiny random models written by
- * `vdiff make-model --preset llada2-tiny | sdar-tiny | sdar-moe-tiny` into a temporary directory, served
- * by the real CLI and native engine. Completions, chat (the model's own chat template), streaming (the
+ * End to end through a live `vdiff serve` for each family other than LLaDA: tiny random models written by
+ * `vdiff make-model --preset llada2-tiny | sdar-tiny | sdar-moe-tiny | dream-tiny` into a temporary
+ * directory, served by the real CLI and native engine. Block families: Completions, chat (the model's own chat template), streaming (the
  * streamed text adds up to the non-streamed one; snapshots mark the phase and, with LLaDA2.1 editing,
  * the provisional tokens), n > 1 (each answer is the one its seed gives alone), the usage's block
  * statistics, the cached path equal to full recompute, the metrics, and the 400s that name a setting
@@ -13,6 +13,7 @@ import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { promisify } from "node:util"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { loadAddon } from "../src/engine/native.js"
 import { repoRoot, type ServeProcess, startServe } from "./stress/serve.js"
 
 const run = promisify(execFile)
@@ -209,6 +210,7 @@ describe.each(families)("serving $preset ($name)", (family) => {
       expect((await refused({ editing_threshold: 0.5 })).param).toBe("editing_threshold")
       expect((await refused({ max_post_steps: 4 })).param).toBe("max_post_steps")
     }
+    expect((await refused({ alg: "entropy" })).param).toBe("alg")
     // Neutral values change nothing and are accepted.
     await complete({ cfg_scale: 0, remasking: "low_confidence", block_length: family.blockLength, max_tokens: 4 })
   })
@@ -259,5 +261,167 @@ describe.each(families)("serving $preset ($name)", (family) => {
     expect(reused).toBeGreaterThan(0)
     expect(reused).toBeLessThan(attended)
     expect(value("vdiff_kv_reuse_share")).toBeCloseTo(reused / attended, 6)
+  })
+})
+
+// ---- Dream -------------------------------------------------------------------------------------------
+
+describe("serving dream-tiny (dream)", () => {
+  let server: ServeProcess
+  let model: string
+  const post = async (path: string, body: unknown) =>
+    fetch(server.url + path, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) })
+  const complete = async (body: Record<string, unknown>, path = "/v1/completions"): Promise<Completion> => {
+    const response = await post(path, { prompt, max_tokens: 12, ...body })
+    expect(response.status, await response.clone().text()).toBe(200)
+    return (await response.json()) as Completion
+  }
+  const refused = async (body: Record<string, unknown>) => {
+    const response = await post("/v1/completions", { prompt, max_tokens: 8, ...body })
+    expect(response.status).toBe(400)
+    return ((await response.json()) as { error: { param: string; message: string; type: string } }).error
+  }
+
+  beforeAll(async () => {
+    model = join(dir, "dream-tiny")
+    await run(process.execPath, ["--import", "tsx", "src/main.ts", "make-model", "--preset", "dream-tiny", "--seed", "3", "--out", model], {
+      cwd: repoRoot
+    })
+    // A server tuned for LLaDA (a KV cache, a block length, a parallel rule): none of it applies to Dream.
+    server = await startServe({
+      model,
+      flags: [
+        "--max-tokens",
+        "16",
+        "--served-model-name",
+        "dream-tiny",
+        "--kv-cache",
+        "prefix",
+        "--block-length",
+        "8",
+        "--parallel-threshold",
+        "0.9"
+      ]
+    })
+  }, 120_000)
+  afterAll(async () => {
+    await server?.stop()
+  })
+
+  it("names the family in /v1/models and /v1/engine/stats", async () => {
+    const models = (await (await fetch(`${server.url}/v1/models`)).json()) as { data: Array<Record<string, unknown>> }
+    expect(models.data[0]).toMatchObject({
+      id: "dream-tiny",
+      family: { name: "dream", decoding: "dream", block_length: 0, editing: false }
+    })
+    const stats = (await (await fetch(`${server.url}/v1/engine/stats`)).json()) as { engine: Record<string, unknown> }
+    expect(stats.engine["family"]).toEqual(models.data[0]!["family"])
+  })
+
+  it("completes with Dream's sampler: entropy, eps 1e-3, one step per token; the answer the engine gives alone", async () => {
+    const first = await complete({ return_token_ids: true })
+    const [choice] = first.choices
+    expect(first.diffusion).toMatchObject({
+      decoding: "dream",
+      dream: { alg: "entropy", alg_temp: 0, eps: 0.001 },
+      steps: 12,
+      kv_cache: "none",
+      parallel: null
+    })
+    expect(first.diffusion.block_length).toBeUndefined()
+    expect(["stop", "length"]).toContain(choice!.finish_reason)
+    // The same answer the addon writes for these prompt tokens with Dream's defaults, up to its end.
+    const engine = await loadAddon().loadModel(model, { threads: 1 })
+    const id = engine.create(Int32Array.from(choice!.prompt_token_ids!), {
+      genLength: 12,
+      blockLength: 12,
+      steps: 12,
+      temperature: 0,
+      remasking: "low_confidence",
+      cfgScale: 0,
+      seed: 0,
+      alg: "entropy",
+      algTemp: 0,
+      eps: 0.001
+    })
+    for (let done = false; !done; ) done = (await engine.step([id]))[0]!.finished
+    const canvas = Array.from(engine.canvas(id))
+    engine.release(id)
+    // dream-tiny's <|endoftext|> (config eos) and <|im_end|> (its chat template's turn end) end the text.
+    const ends = [2042, 2044]
+    const end = canvas.findIndex((t) => ends.includes(t))
+    expect(choice!.token_ids).toEqual(end < 0 ? canvas : canvas.slice(0, end))
+    expect(choice!.finish_reason).toBe(end < 0 ? "length" : "stop")
+    // Deterministic, and each algorithm its own answer.
+    expect((await complete({ return_token_ids: true })).choices[0]!.token_ids).toEqual(choice!.token_ids)
+    const margin = await complete({ return_token_ids: true, alg: "topk_margin", diffusion_steps: 4, eps: 0.01 })
+    expect(margin.diffusion).toMatchObject({ steps: 4, dream: { alg: "topk_margin", alg_temp: 0, eps: 0.01 } })
+  })
+
+  it("chats with the model's own chat template (Qwen2's, with its default system turn)", async () => {
+    const chat = await complete(
+      { prompt: undefined, messages: [{ role: "user", content: "Speak." }], max_tokens: 8, return_token_ids: true },
+      "/v1/chat/completions"
+    )
+    expect(chat.choices[0]!.message!.content).toEqual(expect.any(String))
+    const rendered = (await (await post("/detokenize", { tokens: chat.choices[0]!.prompt_token_ids })).json()) as { prompt: string }
+    expect(rendered.prompt).toBe(
+      "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nSpeak.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    expect(chat.diffusion.decoding).toBe("dream")
+  })
+
+  it("streams the text the non-streamed answer has, sampling the same for a seed", async () => {
+    const body = { max_tokens: 16, temperature: 0.9, alg_temp: 0.5, seed: 11 }
+    const whole = await complete(body)
+    const response = await post("/v1/completions", { prompt, ...body, stream: true, stream_options: { include_usage: true } })
+    expect(response.status).toBe(200)
+    const events = (await response.text())
+      .split("\n\n")
+      .filter((block) => block !== "")
+      .map((block) => block.slice("data: ".length))
+    expect(events[events.length - 1]).toBe("[DONE]")
+    const chunks = events.slice(0, -1).map((e) => JSON.parse(e) as Completion)
+    expect(chunks.flatMap((c) => c.choices.map((choice) => choice.text ?? "")).join("")).toBe(whole.choices[0]!.text)
+    expect(chunks[chunks.length - 1]!.diffusion).toEqual(whole.diffusion)
+  })
+
+  it("refuses with a 400 naming what the model cannot honour", async () => {
+    expect(await refused({ cfg_scale: 1.5 })).toMatchObject({ param: "cfg_scale", type: "invalid_request_error" })
+    expect((await refused({ kv_cache: "prefix" })).param).toBe("kv_cache")
+    expect((await refused({ block_length: 4 })).param).toBe("block_length")
+    expect((await refused({ remasking: "random" })).param).toBe("remasking")
+    expect((await refused({ parallel_threshold: 0.5 })).param).toBe("parallel_threshold")
+    expect((await refused({ min_p: 0.1 })).param).toBe("min_p")
+    expect((await refused({ editing_threshold: 0.5 })).param).toBe("editing_threshold")
+    expect((await refused({ suffix: "\n\nJULIET:" })).param).toBe("suffix")
+    expect((await refused({ eps: 1 })).param).toBe("eps")
+    expect((await refused({ alg: "random" })).param).toBe("alg")
+    // Neutral values change nothing and are accepted.
+    await complete({ cfg_scale: 0, remasking: "low_confidence", kv_cache: "none", parallel_threshold: 0, max_tokens: 4 })
+  })
+})
+
+describe("Dream's settings on a LLaDA model (the embedded one)", () => {
+  let server: ServeProcess
+  beforeAll(async () => {
+    server = await startServe({ flags: ["--max-tokens", "8"] })
+  }, 120_000)
+  afterAll(async () => {
+    await server?.stop()
+  })
+
+  it("refuses alg, alg_temp and eps with a 400 naming them", async () => {
+    for (const body of [{ alg: "entropy" }, { alg_temp: 0 }, { eps: 0.001 }]) {
+      const response = await fetch(`${server.url}/v1/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ prompt, max_tokens: 4, ...body })
+      })
+      expect(response.status).toBe(400)
+      const error = ((await response.json()) as { error: { param: string; message: string } }).error
+      expect(error.param).toBe(Object.keys(body)[0])
+      expect(error.message).toContain("(llada, full-canvas decoding): it is a setting of Dream decoding (Dream)")
+    }
   })
 })
