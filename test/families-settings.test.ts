@@ -1,17 +1,24 @@
 /**
- * The request settings by model family (src/config/sampling.ts): which settings apply to full-canvas and
- * block decoding, the family defaults, the 400s that name a setting a model cannot honour, and what the
- * serving layer says about a block model (/v1/models, the usage's `diffusion`, snapshots), over the fake
- * engine made to report a family, phases and provisional tokens. The same through the native engine on
+ * The request settings by model family (src/config/sampling.ts): which settings apply to full-canvas,
+ * block and Dream decoding, the family defaults, the 400s that name a setting a model cannot honour, what
+ * the serving layer says about a block or Dream model (/v1/models, the usage's `diffusion`, snapshots) and
+ * where each family's answers end, over the fake engine made to report a family, phases and provisional
+ * tokens. The same through the native engine on
  * real tiny models of each family: test/families-serving.test.ts.
  */
 import { readFileSync } from "node:fs"
+import { mkdtemp, rm } from "node:fs/promises"
+import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { Effect, Either, Layer, ParseResult, Schema } from "effect"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import * as Sampling from "../src/config/sampling.js"
 import { Engine, type EngineShape, familyOf, type StepResult } from "../src/engine/Engine.js"
 import { makeFake } from "../src/engine/EngineTest.js"
+import { embeddedModelDir } from "../src/config/package.js"
+import { makeModel } from "../src/model/makeModel.js"
+import { fromEngine } from "../src/server/ModelHost.js"
+import * as Tokenizer from "../src/tokenizer/Tokenizer.js"
 import { kvPositions } from "../src/telemetry/kvReuse.js"
 import { parseSse, startServer, startServerWith, type TestServer, tinyTokenizer } from "./openai-support.js"
 
@@ -554,5 +561,49 @@ describe("Dream's settings on a LLaDA server", () => {
       expect(error.param).toBe(Object.keys(body)[0])
       expect(error.message).toContain("it is a setting of Dream decoding (Dream)")
     }
+  })
+})
+
+describe("where an answer of each family ends", () => {
+  // The serving config that ModelHost builds from the engine's family and the model directory's files.
+  const endTokensOf = async (preset: string | undefined, family: Sampling.ModelFamily | undefined, engineEnds: ReadonlyArray<number>) => {
+    const made = await mkdtemp(join(tmpdir(), "vdiff-ends-"))
+    // A preset's directory, or the embedded (LLaDA) model's.
+    const dir = preset === undefined ? embeddedModelDir() : made
+    try {
+      if (preset !== undefined) await makeModel({ preset, seed: 1, out: dir })
+      const fake = makeFake()
+      const info =
+        family === undefined
+          ? fake.info
+          : { ...fake.info, family: { ...family, eosTokenId: engineEnds[0], stopTokenIds: engineEnds.slice(1) } }
+      const engine: EngineShape = { ...fake, info: info as EngineShape["info"] }
+      const program = Effect.gen(function* () {
+        const tokenizer = yield* Tokenizer.make(dir)
+        const loaded = yield* fromEngine(engine, tokenizer, {
+          modelName: preset ?? "embedded",
+          scheduler: { maxConcurrent: 1, queueCapacity: 1, maxBatchTokens: 1_000, requestTimeoutMs: 0 },
+          defaults: serverDefaults
+        })
+        return loaded.serving.endTokenIds
+      })
+      return await Effect.runPromise(Effect.scoped(program))
+    } finally {
+      await rm(made, { recursive: true, force: true })
+    }
+  }
+
+  it("Dream: its <|endoftext|> and its chat template's turn end <|im_end|>", async () => {
+    // dream-tiny: <|endoftext|> 2042 (config.json's eos_token_id), <|im_end|> 2044.
+    expect(await endTokensOf("dream-tiny", dream, [2042])).toEqual([2042, 2044])
+  })
+
+  it("block models: the engine's and config.json's end tokens (SDAR's list holds <|im_end|> already)", async () => {
+    expect(await endTokensOf("sdar-tiny", sdar, [2045, 2043])).toEqual([2045, 2043])
+    expect(await endTokensOf("llada2-tiny", llada2, [2043])).toEqual([2043])
+  })
+
+  it("LLaDA: none beyond the tokenizer's, as before", async () => {
+    expect(await endTokensOf(undefined, undefined, [])).toBeUndefined()
   })
 })
