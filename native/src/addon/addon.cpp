@@ -216,7 +216,9 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
     else if (name == "maskgit_plus") p.alg = vdiff::DreamAlg::MaskgitPlus;
     else if (name == "topk_margin") p.alg = vdiff::DreamAlg::TopkMargin;
     else if (name == "entropy") p.alg = vdiff::DreamAlg::Entropy;
-    else throw invalid_argument(env, "params.alg must be \"origin\", \"maskgit_plus\", \"topk_margin\" or \"entropy\"");
+    else
+      throw js_error(env, {vdiff::error_code_name(ErrorCode::InvalidArgument),
+                           "params.alg must be \"origin\", \"maskgit_plus\", \"topk_margin\" or \"entropy\"", "alg"});
   }
   p.alg_temp = optional_number("algTemp", 0.0);
   p.eps = optional_number("eps", 1e-3);
