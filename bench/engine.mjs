@@ -41,7 +41,10 @@ const opts = flags({
 const modelSpecs = {
   tiny: { preset: "tiny", dtype: "f32", torch: true },
   small: { preset: "small", dtype: "f32", torch: true },
-  "small-bf16": { preset: "small", dtype: "bf16", torch: false }
+  "small-bf16": { preset: "small", dtype: "bf16", torch: false },
+  // Dream's layout at small's size (q/k/v biases, shifted logits, Dream's decoding): the family comparison.
+  // The PyTorch bench script runs LLaDA only.
+  "dream-small": { preset: "dream-small", dtype: "f32", torch: false }
 }
 
 const hasTorch = () => {

@@ -642,6 +642,26 @@ const dreamTiny: DreamConfig = {
   eos_token_id: 2042
 }
 
+// The `small` LLaDA preset's dimensions in Dream's layout (q/k/v biases, shifted logits): for the CPU
+// benchmark's family comparison at one size (bench/engine.mjs).
+const dreamSmall: DreamConfig = {
+  model_type: "Dream",
+  hidden_size: smallConfig.d_model,
+  num_hidden_layers: smallConfig.n_layers,
+  num_attention_heads: smallConfig.n_heads,
+  num_key_value_heads: smallConfig.n_kv_heads,
+  intermediate_size: smallConfig.mlp_hidden_size,
+  vocab_size: smallConfig.vocab_size,
+  rope_theta: smallConfig.rope_theta,
+  rms_norm_eps: 1e-6,
+  max_position_embeddings: smallConfig.max_sequence_length,
+  tie_word_embeddings: false,
+  mask_token_id: smallConfig.mask_token_id,
+  pad_token_id: smallConfig.eos_token_id,
+  bos_token_id: smallConfig.eos_token_id,
+  eos_token_id: smallConfig.eos_token_id
+}
+
 // Dream-v0-Instruct-7B (tools/reference/README.md, "dream-7b"): 7.62B parameters, Qwen2.5-7B's shape.
 const dream7b: DreamConfig = {
   model_type: "Dream",
@@ -702,6 +722,15 @@ export const familyPresets: Readonly<Record<string, FamilyPreset>> = {
     initStd: 0.125,
     biasStd: 0.125,
     tokenizer: "embedded"
+  },
+  "dream-small": {
+    name: "dream-small",
+    description: "Dream (Qwen2 layout) at the small preset's size: 12 layers, d 768, vocab 10240, q/k/v biases; for benchmarks",
+    config: dreamSmall,
+    dtype: "F32",
+    initStd: 0.02,
+    biasStd: 0.02,
+    tokenizer: "none"
   },
   "llada2-mini": {
     name: "llada2-mini",
