@@ -106,6 +106,23 @@ Family llada2_family() {
   return f;
 }
 
+// The tensor names of the Qwen2 / Qwen3 layout (Hugging Face transformers), which SDAR and Dream share.
+void qwen_names(Family& f) {
+  const std::string l = "model.layers.{i}.";
+  f.embed = "model.embed_tokens.weight";
+  f.final_norm = "model.norm.weight";
+  f.head = "lm_head.weight";
+  f.attn_norm = l + "input_layernorm.weight";
+  f.ffn_norm = l + "post_attention_layernorm.weight";
+  f.q = l + "self_attn.q_proj.weight";
+  f.k = l + "self_attn.k_proj.weight";
+  f.v = l + "self_attn.v_proj.weight";
+  f.o = l + "self_attn.o_proj.weight";
+  f.gate = l + "mlp.gate_proj.weight";
+  f.up = l + "mlp.up_proj.weight";
+  f.down = l + "mlp.down_proj.weight";
+}
+
 // SDAR (Qwen3 layout): spec B3; sdar_moe adds the Qwen3-MoE experts (softmax router, no shared expert).
 Family sdar_family(bool moe) {
   Family f;
@@ -117,21 +134,10 @@ Family sdar_family(bool moe) {
   f.default_mask_token_id = 151669;
   f.qk_norm = true;
   f.router = moe ? RouterKind::Softmax : RouterKind::None;
+  qwen_names(f);
   const std::string l = "model.layers.{i}.";
-  f.embed = "model.embed_tokens.weight";
-  f.final_norm = "model.norm.weight";
-  f.head = "lm_head.weight";
-  f.attn_norm = l + "input_layernorm.weight";
-  f.ffn_norm = l + "post_attention_layernorm.weight";
-  f.q = l + "self_attn.q_proj.weight";
-  f.k = l + "self_attn.k_proj.weight";
-  f.v = l + "self_attn.v_proj.weight";
-  f.o = l + "self_attn.o_proj.weight";
   f.q_norm = l + "self_attn.q_norm.weight";
   f.k_norm = l + "self_attn.k_norm.weight";
-  f.gate = l + "mlp.gate_proj.weight";
-  f.up = l + "mlp.up_proj.weight";
-  f.down = l + "mlp.down_proj.weight";
   if (moe) {
     f.router_weight = l + "mlp.gate.weight";
     f.expert_gate = l + "mlp.experts.{e}.gate_proj.weight";
@@ -153,22 +159,11 @@ Family dream_family() {
   f.qkv_bias = true;
   f.shifted_logits = true;
   f.cuda = true;  // LLaDA's layers plus the q/k/v biases; its rows are sampled on the host
+  qwen_names(f);
   const std::string l = "model.layers.{i}.";
-  f.embed = "model.embed_tokens.weight";
-  f.final_norm = "model.norm.weight";
-  f.head = "lm_head.weight";
-  f.attn_norm = l + "input_layernorm.weight";
-  f.ffn_norm = l + "post_attention_layernorm.weight";
-  f.q = l + "self_attn.q_proj.weight";
-  f.k = l + "self_attn.k_proj.weight";
-  f.v = l + "self_attn.v_proj.weight";
   f.q_bias = l + "self_attn.q_proj.bias";
   f.k_bias = l + "self_attn.k_proj.bias";
   f.v_bias = l + "self_attn.v_proj.bias";
-  f.o = l + "self_attn.o_proj.weight";
-  f.gate = l + "mlp.gate_proj.weight";
-  f.up = l + "mlp.up_proj.weight";
-  f.down = l + "mlp.down_proj.weight";
   return f;
 }
 
