@@ -4,6 +4,7 @@
  * environment variables.
  */
 import { Schema } from "effect"
+import { cpuIsas } from "../config/Config.js"
 import { samplingSettings } from "../config/sampling.js"
 import { commandLine, IntegerText, NonEmptyText, NumberText, OneOfText, setting } from "../config/Setting.js"
 
@@ -62,6 +63,11 @@ export const generate = commandLine(
       description: "Quantize the matrices at load (CPU): q8_0 or q4_0 blocks of 32; none keeps them as stored",
       default: "none",
       value: "none|q8_0|q4_0"
+    }),
+    cpuIsa: setting(OneOfText(cpuIsas), {
+      description: "Instruction set of the CPU kernels: auto (the widest this CPU has) or one to force",
+      default: "auto",
+      value: "auto|portable|avx2|avx512"
     })
   }),
   {

@@ -19,6 +19,8 @@ export interface GenerateOptions {
   readonly device: "auto" | "cpu" | "cuda"
   /** Quantize the matrices at load (CPU); "none": as stored. */
   readonly quantize: "none" | "q8_0" | "q4_0"
+  /** The CPU kernels' instruction set; "auto": the widest the CPU has. */
+  readonly cpuIsa: "auto" | "portable" | "avx2" | "avx512"
 }
 
 export interface GenerateResult {
@@ -34,7 +36,12 @@ export interface GenerateResult {
 export const generate = async (options: GenerateOptions): Promise<GenerateResult> => {
   const addon = loadAddon()
   const loadStart = performance.now()
-  const engine = await addon.loadModel(options.model, { threads: options.threads, device: options.device, quantize: options.quantize })
+  const engine = await addon.loadModel(options.model, {
+    threads: options.threads,
+    device: options.device,
+    quantize: options.quantize,
+    cpuIsa: options.cpuIsa
+  })
   const loadMs = performance.now() - loadStart
   const id = engine.create(Int32Array.from(options.prompt), {
     genLength: options.genLength,

@@ -43,6 +43,10 @@ const isOrigin = (item: string): boolean => {
 
 // --- the settings -------------------------------------------------------------------------------------
 
+/** The CPU kernels' instruction sets (--cpu-isa); auto is the widest the CPU has. */
+export const cpuIsas = ["auto", "portable", "avx2", "avx512"] as const
+export type CpuIsa = (typeof cpuIsas)[number]
+
 export const logLevels = ["all", "trace", "debug", "info", "warning", "error", "fatal", "none"] as const
 export type LogLevelName = (typeof logLevels)[number]
 
@@ -98,6 +102,12 @@ export const Settings = Schema.Struct({
     description: "Threads for the forward pass; 0 uses every core",
     default: "0",
     value: "N"
+  }),
+  cpuIsa: setting(OneOfText(cpuIsas), {
+    description:
+      "Instruction set of the CPU kernels: auto (the widest this CPU has), or portable, avx2 or avx512 to force one (tests, benchmarks); one the CPU lacks fails at start-up",
+    default: "auto",
+    value: "auto|portable|avx2|avx512"
   }),
   apiKey: setting(
     ListText(

@@ -148,6 +148,8 @@ export interface EngineOptions {
   readonly gpuMemoryUtilization?: number | undefined
   /** CPU: quantize the matrices at load (Q8_0 or Q4_0); absent or "none": as stored. */
   readonly quantize?: "none" | "q8_0" | "q4_0" | undefined
+  /** CPU: the kernels' instruction set; absent or "auto": the widest the CPU has. */
+  readonly cpuIsa?: "auto" | "portable" | "avx2" | "avx512" | undefined
 }
 
 /** Wraps an already loaded native engine. */
@@ -200,6 +202,7 @@ export const make = (options: EngineOptions): Effect.Effect<EngineShape, ModelLo
           device: options.device ?? "cpu",
           onProgress,
           quantize: options.quantize,
+          cpuIsa: options.cpuIsa,
           gpuMemoryUtilization: options.gpuMemoryUtilization,
           threads: options.threads ?? 0,
           kvCacheDtype: options.kvCacheDtype,

@@ -301,6 +301,11 @@ export interface NativeLoadOptions {
    * for the integer GEMM; absent or "none": compute from the weights as stored.
    */
   readonly quantize?: "none" | "q8_0" | "q4_0" | undefined
+  /**
+   * CPU: the kernels' instruction set; absent or "auto": the widest the CPU has (or the one the VDIFF_ISA
+   * environment variable names). One this CPU lacks rejects with VDIFF_UNAVAILABLE listing those it has.
+   */
+  readonly cpuIsa?: "auto" | "portable" | "avx2" | "avx512" | undefined
   /** Called on the JS thread while a device backend uploads the weights (every 256 MiB, and at the end). */
   readonly onProgress?: ((bytesDone: number, bytesTotal: number) => void) | undefined
   /** Worker threads for the forward pass; 0 or absent: all hardware threads. */

@@ -148,6 +148,8 @@ export interface NativeModelOptions {
   readonly gpuMemoryUtilization?: number | undefined
   /** Quantize the matrices at load (--quantize). */
   readonly quantize?: "none" | "q8_0" | "q4_0" | undefined
+  /** The CPU kernels' instruction set (--cpu-isa); absent: auto. */
+  readonly cpuIsa?: "auto" | "portable" | "avx2" | "avx512" | undefined
   readonly threads: number
   /** Element type of the KV caches (absent: f32) and the bound on their bytes together (absent or 0: none). */
   readonly kvCacheDtype?: "f32" | "bf16" | undefined
@@ -167,6 +169,7 @@ export const loadNative = (options: NativeModelOptions): Loader =>
       device: options.device,
       gpuMemoryUtilization: options.gpuMemoryUtilization,
       quantize: options.quantize,
+      cpuIsa: options.cpuIsa,
       threads: options.threads,
       kvCacheDtype: options.kvCacheDtype,
       kvCacheBudgetBytes: options.kvCacheBudgetBytes
@@ -185,7 +188,7 @@ export const fromEngine = (
   tokenizer: TokenizerShape,
   options: Omit<
     NativeModelOptions,
-    "modelDir" | "device" | "gpuMemoryUtilization" | "quantize" | "threads" | "kvCacheDtype" | "kvCacheBudgetBytes"
+    "modelDir" | "device" | "gpuMemoryUtilization" | "quantize" | "cpuIsa" | "threads" | "kvCacheDtype" | "kvCacheBudgetBytes"
   >
 ): Effect.Effect<LoadedModel, ModelLoadFailed, Scope.Scope> =>
   Effect.gen(function* () {

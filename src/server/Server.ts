@@ -78,6 +78,7 @@ export const nativeLoader = (config: Settings): Loader =>
     device: config.device,
     gpuMemoryUtilization: config.gpuMemoryUtilization,
     quantize: config.quantize,
+    cpuIsa: config.cpuIsa,
     threads: config.threads,
     kvCacheDtype: config.kvCacheDtype,
     kvCacheBudgetBytes: config.kvCacheBudget,

@@ -3,7 +3,7 @@
 // failure into a JS Error whose `code` is "VDIFF_<NAME>". src/engine/native.ts describes it in TypeScript.
 //
 //   loadModel(dir, {device?, threads?, kvCacheDtype?, kvCacheBudgetBytes?, packWeightsMaxBytes?,
-//                   gpuMemoryUtilization?}) -> Promise<NativeEngine>
+//                   gpuMemoryUtilization?, quantize?, cpuIsa?}) -> Promise<NativeEngine>
 //   NativeEngine: info() create(prompt, params, suffix?, template?) step(ids, cancel?) score(canvas, positions,
 //   targets)
 //                 (info().family: the model family; step results: phase, provisional, positionsComputed)
@@ -634,6 +634,12 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
         else if (q == "q8_0") options.quantize = vdiff::Quant::Q8_0;
         else if (q == "q4_0") options.quantize = vdiff::Quant::Q4_0;
         else throw invalid_argument(env, "options.quantize must be \"none\", \"q8_0\" or \"q4_0\"");
+      }
+      const Napi::Value isa = o.Get("cpuIsa");
+      if (!isa.IsUndefined()) {
+        // The name is checked at load (cpu::kernels_for_setting), which also knows what this CPU runs.
+        if (!isa.IsString()) throw invalid_argument(env, "options.cpuIsa must be a string");
+        options.cpu_isa = isa.As<Napi::String>().Utf8Value();
       }
     }
     Napi::Function on_progress;

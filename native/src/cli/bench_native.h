@@ -70,8 +70,8 @@ int bench_forward(Model& model, const std::string& dir, int threads, int seq_len
       "{\"model\": \"%s\", \"isa\": \"%s\", \"dtype\": \"%s\", \"parameters\": %llu, \"threads\": %d, \"seq_len\": %d, "
       "\"logit_rows\": %d, \"computed\": %d, \"median_ms\": %.3f, \"min_ms\": %.3f, \"median_cpu_ms\": %.3f, "
       "\"min_cpu_ms\": %.3f, \"runs\": %zu}\n",
-      dir.c_str(), cpu::active_kernels().isa, model.weight_dtype().c_str(),
-      static_cast<unsigned long long>(model.parameter_count()), threads, seq_len, rows,
+      dir.c_str(), model.info().backend == "cpu" ? model.info().device.c_str() : cpu::active_kernels().isa,
+      model.weight_dtype().c_str(), static_cast<unsigned long long>(model.parameter_count()), threads, seq_len, rows,
       read ? read_end - read_begin : seq_len, times[times.size() / 2], times[0], cpu_times[cpu_times.size() / 2],
       cpu_times[0], times.size());
   return 0;

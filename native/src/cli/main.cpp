@@ -15,6 +15,8 @@
 //       core clock, measured FMA peak and GEMM GFLOP/s of the active kernels on 1 and 2 threads (text)
 //   vdiff-cli bench-forward --model DIR [--threads 2 --seq-len 160 --rows 32 --read B,E]
 //       forward latency of the model (one JSON line); with --read, of a KV cache read computing [B, E)
+//   Every command that loads a model takes --cpu-isa auto|portable|avx2|avx512 (LoadOptions::cpu_isa;
+//   auto: the widest the CPU has, or the environment variable VDIFF_ISA's choice).
 #include <time.h>
 
 #include <algorithm>
@@ -51,7 +53,8 @@ constexpr const char* kUsage =
     "generate)]\n"
     "       vdiff-cli info --model DIR [--threads N]\n"
     "       vdiff-cli bench-kernels\n"
-    "       vdiff-cli bench-forward --model DIR [--threads N --seq-len L --rows R --read B,E]";
+    "       vdiff-cli bench-forward --model DIR [--threads N --seq-len L --rows R --read B,E]\n"
+    "       (the commands that load a model also take --cpu-isa auto|portable|avx2|avx512; VDIFF_ISA sets auto's)";
 
 Error usage(const std::string& message) { return Error(ErrorCode::InvalidArgument, message); }
 
@@ -202,6 +205,7 @@ std::shared_ptr<Backend> load_model(const Args& args) {
       args.integer("--pack-weights-max-mb", static_cast<long long>(options.pack_weights_max_bytes >> 20));
   if (pack_mb < 0) throw usage("--pack-weights-max-mb must be >= 0 (0: never pack)");
   options.pack_weights_max_bytes = static_cast<uint64_t>(pack_mb) << 20;
+  options.cpu_isa = args.text("--cpu-isa", "auto");
   return Backend::load(args.required("--model"), options);
 }
 

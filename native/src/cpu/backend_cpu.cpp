@@ -273,7 +273,7 @@ std::vector<float> norm_of(const WeightRef& w) {
 CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadOptions& options)
     : Backend(config, options),
       tensors_(std::move(tensors)),
-      kernels_(&active_kernels()),
+      kernels_(&kernels_for_setting(options.cpu_isa)),
       quant_(&quant_kernels_for(*kernels_)) {
   const ModelWeights w = find_weights(tensors_, config_, family_of(config_), /*allow_quantized=*/true);
   parameter_count_ = w.parameter_count;
@@ -893,6 +893,7 @@ std::unique_ptr<KVCache> CpuBackend::allocate_kv_cache(int positions, uint64_t b
 
 std::unique_ptr<Backend> load(const std::string& dir, const LoadOptions& options) {
   const ModelConfig config = ModelConfig::from_file(dir + "/config.json");
+  kernels_for_setting(options.cpu_isa);  // an ISA this CPU lacks fails before the weights are mapped
   return std::make_unique<CpuBackend>(config, TensorSet::load_dir(dir), options);
 }
 

@@ -1,4 +1,5 @@
-// Run-time choice of the kernel table: the widest ISA this CPU supports, unless VDIFF_ISA names one.
+// Run-time choice of the kernel table: the widest ISA this CPU supports, unless VDIFF_ISA names one (the
+// process-wide default of "auto"), or a model's load option names one (kernels_for_setting).
 #include <cstdlib>
 
 #include "core/error.h"
@@ -67,6 +68,17 @@ const QuantKernels& quant_kernels_for(const Kernels& k) {
   if (isa == "avx512" && cpu_has_vnni()) return *quant_avx512vnni_kernels();
   if ((isa == "avx512" || isa == "avx2") && cpu_has_avx2()) return *quant_avx2_kernels();
   return *quant_portable_kernels();
+}
+
+const Kernels& kernels_for_setting(const std::string& isa) {
+  if (isa.empty() || isa == "auto") return active_kernels();
+  const std::string setting = "--cpu-isa (VDIFF_CPU_ISA) " + isa + ": ";
+  if (isa != "portable" && isa != "avx2" && isa != "avx512")
+    throw Error(ErrorCode::InvalidArgument, setting + "not one of auto, portable, avx2, avx512");
+  if (const Kernels* k = kernels_for(isa)) return *k;
+  std::string available = "auto";
+  for (const std::string& name : available_isas()) available += ", " + name;
+  throw Error(ErrorCode::Unavailable, setting + "this CPU does not support it; available: " + available);
 }
 
 const Kernels& active_kernels() {

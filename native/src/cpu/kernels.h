@@ -76,6 +76,11 @@ const Kernels& active_kernels();
 const Kernels* kernels_for(const std::string& isa);
 std::vector<std::string> available_isas();
 
+// The table a model's load option asks for (LoadOptions::cpu_isa): "auto" is active_kernels(); a named
+// ISA is its table. Throws vdiff::Error(InvalidArgument) for an unknown name and Error(Unavailable),
+// listing the available ones, for an ISA this CPU lacks.
+const Kernels& kernels_for_setting(const std::string& isa);
+
 // Per-ISA tables (defined in kernels_<isa>.cpp; call only when the CPU supports the ISA).
 const Kernels* portable_kernels();
 const Kernels* avx2_kernels();

@@ -206,6 +206,7 @@ void test_json();                                                   // io_tests.
 void test_safetensors();                                            // io_tests.cpp
 void test_config();                                                 // io_tests.cpp
 void test_model();                                                  // model_tests.cpp
+void test_cpu_isa();                                                // isa_tests.cpp
 void test_kv_cache();                                               // kv_cache_tests.cpp
 void test_golden(const std::string& golden_dir);                    // golden_tests.cpp
 void test_engine_kv_cache(const std::string& golden_dir);           // golden_tests.cpp

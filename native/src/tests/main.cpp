@@ -37,6 +37,7 @@ int main(int argc, char** argv) {
     test_safetensors();
     test_config();
     test_model();
+    test_cpu_isa();
     test_kv_cache();
     test_quant_model();
     test_families();
