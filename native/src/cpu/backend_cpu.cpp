@@ -11,7 +11,8 @@
 // of the dense MLP (moe(): routed with cpu/moe.h, one product per active expert, plus a shared expert).
 // Linear layers run over all T tokens at once, split across threads by column panels; attention runs
 // per (sequence, head, block of queries) over that sequence's own keys: all of them (bidirectional), or
-// with ForwardSeq::attention_block those before the end of the query's block (block-causal).
+// with ForwardSeq::attention_block those before the end of the query's block (block-causal), tiled over
+// the keys with the online softmax (cpu/attention.h: at most 64 x kKeyTile scores per task).
 //
 // With a KV cache a sequence contributes only its computed range [begin, end) to the T tokens: their
 // keys (after RoPE at their canvas positions) and values are written into the cache, and a read's
@@ -33,6 +34,7 @@
 #include "core/safetensors.h"
 #include "core/threadpool.h"
 #include "core/weights.h"
+#include "cpu/attention.h"
 #include "cpu/kernels.h"
 #include "cpu/moe.h"
 #include "cpu/quant.h"
@@ -41,7 +43,7 @@ namespace vdiff::cpu {
 
 namespace {
 
-constexpr int kQueryBlock = 64;  // queries per attention task: bounds the score buffer to 64 x L floats
+constexpr int kQueryBlock = 64;  // queries per attention task (its scores: 64 x kKeyTile floats, cpu/attention.h)
 // Tokens routed together by a MoE layer: bounds its scratch (routed rows x (2 D + 2 moe_hidden) floats) for
 // long prefills; a token's result does not depend on which tokens share its chunk.
 constexpr int kMoeTokens = 1024;
@@ -431,7 +433,7 @@ void CpuBackend::ensure_scratch(int T, int rows, int max_len) {
   const int query_block = std::min(kQueryBlock, max_len);
   for (int t = 0; t < pool().size(); ++t) {
     gemm_scratch_[t].ensure(kernels_->gemm_scratch_floats(max_k));
-    scores_[t].ensure(static_cast<size_t>(query_block) * max_len);
+    scores_[t].ensure(attention_scratch_floats(*kernels_, query_block, config_.head_dim()));
   }
 }
 
@@ -726,11 +728,8 @@ void CpuBackend::attention(int layer) {
         tasks.push_back({static_cast<int>(s), h, q0, std::min(kQueryBlock, n - q0)});
   }
   run_dynamic(pool(), tasks.size(), [&](size_t i, int thread) {
-    float* scratch = gemm_scratch_[thread].data();
-    float* scores = scores_[thread].data();
     const Task& task = tasks[i];
     const SeqPlan& p = plan_[task.seq];
-    const int L = p.length;
     const int kv_head = task.head / group;
     const float* Q = q_.data() + (p.offset + task.q0) * q_dim + task.head * hd;
     // Keys and values of all L positions: the fresh ones when the whole canvas was computed, else the
@@ -745,30 +744,11 @@ void CpuBackend::attention(int layer) {
       V = MatB{v_.data() + p.offset * kv_dim + kv_head * hd, WType::F32, kv_dim, true};
     }
     float* out = att_.data() + (p.offset + task.q0) * q_dim + task.head * hd;
-    if (p.block > 0) {
-      // Block-causal: query i attends the keys [0, keys_of(i)). The scores of the task's rows are computed
-      // over the most keys any of them attends (each score depends only on its query and key), the softmax
-      // and P·V of each row over its own keys — so a row's result does not depend on which other rows
-      // share its task (a cached read equals the full forward bit for bit).
-      const int first = p.begin + task.q0, last = first + task.nq - 1;
-      const int Lt = p.keys_of(last);
-      kernels_->gemm(task.nq, 0, Lt, hd, Q, q_dim, K, scores, Lt, false, scratch);
-      for (int r = 0; r < task.nq;) {
-        const int n = p.keys_of(first + r);
-        int rows = 1;
-        while (r + rows < task.nq && p.keys_of(first + r + rows) == n) ++rows;
-        for (int j = r; j < r + rows; ++j) kernels_->softmax(scores + static_cast<int64_t>(j) * Lt, n, scale);
-        kernels_->gemm(rows, 0, hd, n, scores + static_cast<int64_t>(r) * Lt, Lt, V, out + r * q_dim, q_dim, false,
-                       scratch);
-        r += rows;
-      }
-      return;
-    }
-    // scores[nq, L] = Q · K^T (K's rows are keys: a [N = L][K = hd] matrix), then softmax per row.
-    kernels_->gemm(task.nq, 0, L, hd, Q, q_dim, K, scores, L, false, scratch);
-    for (int r = 0; r < task.nq; ++r) kernels_->softmax(scores + static_cast<int64_t>(r) * L, L, scale);
-    // out[nq, hd] = scores · V (V is [K = L][N = hd]).
-    kernels_->gemm(task.nq, 0, hd, L, scores, L, V, out, q_dim, false, scratch);
+    // Bidirectional: every query attends all L keys; block-causal: query i the keys [0, keys_of(i)). Each
+    // row's result depends only on its query and its keys (cpu/attention.h), so a cached read equals the
+    // full forward bit for bit.
+    const AttentionRows rows{task.nq, p.begin + task.q0, p.length, p.block};
+    attention_rows(*kernels_, rows, hd, scale, Q, q_dim, K, V, out, q_dim, scores_[thread].data());
   });
 }
 

@@ -198,6 +198,7 @@ inline double seconds_since(std::chrono::steady_clock::time_point t0) {
 void test_scalar_conversions();                                     // kernels_tests.cpp
 void test_gemm(const Kernels& k, WType type, bool k_major);         // kernels_tests.cpp
 void test_elementwise(const Kernels& k);                            // kernels_tests.cpp
+void test_attention(const Kernels& k);                              // attention_tests.cpp
 void test_threadpool();                                             // kernels_tests.cpp
 void test_quantize_weights();                                       // kernels_tests.cpp
 void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type);  // kernels_tests.cpp
