@@ -6,6 +6,7 @@
 import { Schema } from "effect"
 import { cpuIsas } from "../config/Config.js"
 import { samplingSettings } from "../config/sampling.js"
+import { familyPresets, presets } from "../model/presets.js"
 import { commandLine, IntegerText, NonEmptyText, NumberText, OneOfText, setting } from "../config/Setting.js"
 
 const optionalText = (description: string, value: string) =>
@@ -14,7 +15,7 @@ const optionalText = (description: string, value: string) =>
 export const makeModel = commandLine(
   Schema.Struct({
     preset: optionalText(
-      "Preset to build with random weights: tiny, small, llada-8b, llada2-tiny, sdar-tiny, sdar-moe-tiny, dream-tiny, llada2-mini, sdar-4b or dream-7b (or --from-raw)",
+      `Preset to build with random weights: ${[...Object.keys(presets), ...Object.keys(familyPresets)].join(", ")} (or --from-raw)`,
       "NAME"
     ),
     fromRaw: optionalText("Directory of raw f32 tensors to import instead of a preset", "DIR"),
