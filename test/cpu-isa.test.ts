@@ -25,7 +25,9 @@ const has = await Promise.all(named.map(runs))
 const ours = named.filter((_, i) => has[i])
 const lacking = named.filter((_, i) => !has[i])
 const widest = ours[ours.length - 1]!
-if (lacking.length === 0) console.log("test/cpu-isa.test.ts: this CPU runs every ISA; the refusal of a lacking one is SKIPPED")
+// A CPU that runs every ISA has none to refuse: the start-up test below exists only where there is one
+// (like the editing tests, which exist only for families with editing), and says so when it does not.
+if (lacking.length === 0) console.log("test/cpu-isa.test.ts: this CPU runs every ISA; no lacking one to refuse")
 
 /** `vdiff serve` with these flags, to its exit (killed after 30 s: a hang fails the test). */
 const serveToExit = (flags: ReadonlyArray<string>, env: Record<string, string> = {}) =>
@@ -115,9 +117,8 @@ describe("--cpu-isa", () => {
     })
   })
 
-  it.skipIf(lacking.length === 0)(
-    "an ISA this CPU lacks stops start-up with one error line naming the setting and the ISAs it has: exit 1",
-    async () => {
+  if (lacking.length > 0)
+    it("an ISA this CPU lacks stops start-up with one error line naming the setting and the ISAs it has: exit 1", async () => {
       const run = await serveToExit(["--cpu-isa", lacking[0]!])
       expect(run.code).toBe(1)
       const errors = run.stdout
@@ -131,6 +132,5 @@ describe("--cpu-isa", () => {
       expect(message).toContain(`available: auto, ${ours.join(", ")}`)
       expect(run.stdout + run.stderr).not.toMatch(/\n\s+at /)
       expect(run.stdout).not.toContain("vdiff ready on")
-    }
-  )
+    })
 })
