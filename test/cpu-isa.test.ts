@@ -4,12 +4,11 @@
  * CPU lacks stops start-up with one error line naming the setting and listing the ISAs the CPU has. The
  * ISAs this CPU has are found by loading the embedded model on each through the addon.
  */
-import { spawn } from "node:child_process"
 import { Either } from "effect"
 import { afterAll, describe, expect, it } from "vitest"
 import * as Config from "../src/config/Config.js"
 import { loadAddon, type NativeAddon } from "../src/engine/native.js"
-import { embeddedModel, repoRoot, type ServeProcess, startServe } from "./stress/serve.js"
+import { embeddedModel, type ServeProcess, serveToExit, startServe } from "./stress/serve.js"
 
 const addon: NativeAddon = loadAddon()
 const named = ["portable", "avx2", "avx512"] as const
@@ -28,25 +27,6 @@ const widest = ours[ours.length - 1]!
 // A CPU that runs every ISA has none to refuse: the start-up test below exists only where there is one
 // (like the editing tests, which exist only for families with editing), and says so when it does not.
 if (lacking.length === 0) console.log("test/cpu-isa.test.ts: this CPU runs every ISA; no lacking one to refuse")
-
-/** `vdiff serve` with these flags, to its exit (killed after 30 s: a hang fails the test). */
-const serveToExit = (flags: ReadonlyArray<string>, env: Record<string, string> = {}) =>
-  new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
-    const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts", "serve", "--port", "0", "--threads", "1", ...flags], {
-      cwd: repoRoot,
-      stdio: ["ignore", "pipe", "pipe"],
-      env: { PATH: process.env["PATH"] ?? "", ...env }
-    })
-    let stdout = "",
-      stderr = ""
-    child.stdout.on("data", (chunk) => (stdout += chunk))
-    child.stderr.on("data", (chunk) => (stderr += chunk))
-    const timer = setTimeout(() => child.kill("SIGKILL"), 30_000)
-    child.on("exit", (code) => {
-      clearTimeout(timer)
-      resolve({ code, stdout, stderr })
-    })
-  })
 
 describe("--cpu-isa", () => {
   it("the configuration takes auto, portable, avx2 and avx512 (default auto) and refuses anything else", () => {

@@ -4,34 +4,14 @@
  * checks that need a GPU run only where one is visible and report themselves skipped, with the reason,
  * everywhere else (bench/gpu/run.sh runs the native CUDA tests on a lent GPU).
  */
-import { spawn } from "node:child_process"
 import { join } from "node:path"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { loadAddon } from "../src/engine/native.js"
-import { repoRoot, type ServeProcess, startServe } from "./stress/serve.js"
+import { repoRoot, type ServeProcess, serveToExit, startServe } from "./stress/serve.js"
 
 const gpus = loadAddon().cudaDevices()
 const noGpu = gpus === 0
 if (noGpu) console.log("test/device.test.ts: GPU checks SKIPPED: no CUDA GPU is visible to this build (cudaDevices() = 0)")
-
-/** `vdiff serve` with these flags, to its exit (killed after 30 s: a hang fails the test). */
-const serveToExit = (flags: ReadonlyArray<string>) =>
-  new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
-    const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts", "serve", "--port", "0", "--threads", "1", ...flags], {
-      cwd: repoRoot,
-      stdio: ["ignore", "pipe", "pipe"],
-      env: { PATH: process.env["PATH"] ?? "" }
-    })
-    let stdout = "",
-      stderr = ""
-    child.stdout.on("data", (chunk) => (stdout += chunk))
-    child.stderr.on("data", (chunk) => (stderr += chunk))
-    const timer = setTimeout(() => child.kill("SIGKILL"), 30_000)
-    child.on("exit", (code) => {
-      clearTimeout(timer)
-      resolve({ code, stdout, stderr })
-    })
-  })
 
 describe("--device", () => {
   let server: ServeProcess

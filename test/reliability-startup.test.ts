@@ -8,13 +8,12 @@
  * a process start (seconds of CPU), so `npm test` runs one of each kind of fault and `npm run test:stress`
  * all of them.
  */
-import { spawn } from "node:child_process"
 import { cp, mkdir, mkdtemp, rm, truncate, writeFile } from "node:fs/promises"
 import { readFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { embeddedModel, fullSize, repoRoot, startServe, timeLimit } from "./stress/serve.js"
+import { embeddedModel, fullSize, serveToExit, startServe, timeLimit } from "./stress/serve.js"
 
 let work: string
 
@@ -40,23 +39,7 @@ interface Run {
 }
 
 /** Runs `vdiff serve --model DIR` to its exit (killed after 30 s: a hang fails the test). */
-const serve = (model: string): Promise<Run> =>
-  new Promise((resolve) => {
-    const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts", "serve", "--model", model, "--port", "0", "--threads", "1"], {
-      cwd: repoRoot,
-      stdio: ["ignore", "pipe", "pipe"],
-      env: { PATH: process.env["PATH"] ?? "" }
-    })
-    let stdout = ""
-    let stderr = ""
-    child.stdout.on("data", (chunk) => (stdout += chunk))
-    child.stderr.on("data", (chunk) => (stderr += chunk))
-    const timer = setTimeout(() => child.kill("SIGKILL"), 30_000)
-    child.on("exit", (code) => {
-      clearTimeout(timer)
-      resolve({ code, stdout, stderr })
-    })
-  })
+const serve = (model: string): Promise<Run> => serveToExit(["--model", model])
 
 /** The JSON log lines at level error. */
 const errorLines = (stdout: string) =>

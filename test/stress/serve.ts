@@ -48,6 +48,35 @@ export interface ServeOptions {
 }
 
 /** Starts `vdiff serve` and resolves once its ready line is out; rejects if it exits or stalls first. */
+/** What `vdiff serve` printed before it exited, and its exit code (null: killed). */
+export interface ServeExit {
+  readonly code: number | null
+  readonly stdout: string
+  readonly stderr: string
+}
+
+/**
+ * `vdiff serve --port 0 --threads 1` with these flags, run to its exit (killed after 30 s: a hang fails
+ * the test), with only PATH and `env` in its environment.
+ */
+export const serveToExit = (flags: ReadonlyArray<string>, env: Record<string, string> = {}): Promise<ServeExit> =>
+  new Promise((resolve) => {
+    const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts", "serve", "--port", "0", "--threads", "1", ...flags], {
+      cwd: repoRoot,
+      stdio: ["ignore", "pipe", "pipe"],
+      env: { PATH: process.env["PATH"] ?? "", ...env }
+    })
+    let stdout = ""
+    let stderr = ""
+    child.stdout.on("data", (chunk) => (stdout += chunk))
+    child.stderr.on("data", (chunk) => (stderr += chunk))
+    const timer = setTimeout(() => child.kill("SIGKILL"), 30_000)
+    child.on("exit", (code) => {
+      clearTimeout(timer)
+      resolve({ code, stdout, stderr })
+    })
+  })
+
 export const startServe = (options: ServeOptions = {}): Promise<ServeProcess> =>
   new Promise((resolve, reject) => {
     const args = [
