@@ -1,5 +1,7 @@
 // Run-time choice of the kernel table: the widest ISA this CPU supports, unless VDIFF_ISA names one (the
 // process-wide default of "auto"), or a model's load option names one (kernels_for_setting).
+#include <unistd.h>
+
 #include <cstdlib>
 
 #include "core/error.h"
@@ -46,6 +48,17 @@ const Kernels* select_default() {
 }
 
 }  // namespace
+
+const CacheSizes& cache_sizes() {
+  static const CacheSizes sizes = [] {
+    auto reported = [](int name, size_t fallback) {
+      const long v = sysconf(name);
+      return v > 0 ? static_cast<size_t>(v) : fallback;
+    };
+    return CacheSizes{reported(_SC_LEVEL1_DCACHE_SIZE, size_t{32} << 10), reported(_SC_LEVEL2_CACHE_SIZE, size_t{256} << 10)};
+  }();
+  return sizes;
+}
 
 const Kernels* kernels_for(const std::string& isa) {
   if (isa == "portable") return portable_kernels();

@@ -56,6 +56,47 @@ MicroKernel select_micro(int rows, int nb) {
   else return rows == R ? micro_for<R>(nb) : select_micro<R + 1>(rows, nb);
 }
 
+// Row tiles of a block of M rows: kMR rows each. With kSplitThinTail, a remainder of 1 to 3 rows is merged
+// with the last full tile and the two split evenly (32 rows: 6 6 6 6 4 4, not 6 6 6 6 6 2), as a thin tile
+// wastes its loads of P. Each output is still one FMA chain in ascending k, so the tiling does not change
+// the result.
+struct RowTiles {
+  int m_full;        // rows in whole kMR tiles
+  int tail_rows[2];  // the rows of up to two tail tiles after them (0: none)
+};
+
+RowTiles row_tiles(int M) {
+  const int rest = M % kMR;
+  const bool split = kSplitThinTail && rest > 0 && rest < 4 && M > kMR;
+  return {split ? M - rest - kMR : M - rest,
+          {split ? (kMR + rest + 1) / 2 : rest, split ? (kMR + rest) / 2 : 0}};
+}
+
+// C[rows of the block][panel] over one k block: the full tiles, then the tails.
+void panel_block(const RowTiles& tiles, int nb, const PanelMasks& masks, int kc, const float* A, int64_t lda,
+                 const float* Pk, float* C, int64_t ldc, bool load_c) {
+  const MicroKernel full = select_micro(kMR, nb);
+  for (int m = 0; m < tiles.m_full; m += kMR) full(kc, A + m * lda, lda, Pk, C + m * ldc, ldc, masks, load_c);
+  for (int t = 0, m = tiles.m_full; t < 2 && tiles.tail_rows[t] > 0; m += tiles.tail_rows[t++])
+    select_micro(tiles.tail_rows[t], nb)(kc, A + m * lda, lda, Pk, C + m * ldc, ldc, masks, load_c);
+}
+
+// Asks for floats p[0 .. n) to be brought into L2, one request per 64-byte line.
+void prefetch_l2(const float* p, int n) {
+  for (int i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T1);
+}
+
+// Rows of A per row block: the block's kMR-row slices of one k block (mc x kKC floats) take at most half
+// of the L2 cache the CPU reports, so they stay there while every panel of the call passes over them.
+int row_block_rows() {
+  static const int rows = [] {
+    const size_t budget = cache_sizes().l2_bytes / 2;
+    const int r = static_cast<int>(budget / (sizeof(float) * kKC)) / kMR * kMR;
+    return r < kMR ? kMR : r;
+  }();
+  return rows;
+}
+
 void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
           bool accumulate, float* scratch) {
   if (M <= 0 || n1 <= n0) return;
@@ -65,34 +106,40 @@ void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB&
         for (int n = n0; n < n1; ++n) C[static_cast<int64_t>(m) * ldc + n] = 0.0f;
     return;
   }
-  // Row tiles: kMR rows each. With kSplitThinTail, a remainder of 1 to 3 rows is merged with the last full
-  // tile and the two split evenly (32 rows: 6 6 6 6 4 4, not 6 6 6 6 6 2), as a thin tile wastes its loads
-  // of P. Each output is still one FMA chain in ascending k, so the tiling does not change the result.
-  const int rest = M % kMR;
-  const bool split = kSplitThinTail && rest > 0 && rest < 4 && M > kMR;
-  const int m_full = split ? M - rest - kMR : M - rest;  // rows in whole kMR tiles
-  const int tail_rows[2] = {split ? (kMR + rest + 1) / 2 : rest, split ? (kMR + rest) / 2 : 0};
-  for (int np = n0; np < n1; np += kNR) {
-    const int nv = min_int(kNR, n1 - np);
-    const int nb = (nv + kLanes - 1) / kLanes;
-    const PanelMasks masks = panel_masks(nv);
-    const MicroKernel full = select_micro(kMR, nb);
-    const MicroKernel tails[2] = {tail_rows[0] ? select_micro(tail_rows[0], nb) : nullptr,
-                                  tail_rows[1] ? select_micro(tail_rows[1], nb) : nullptr};
-    const float* P = B.packed != nullptr ? B.packed + static_cast<int64_t>(np / kNR) * K * kNR : scratch;
-    if (B.packed == nullptr) pack(B, np, nv, 0, K, scratch);
-    for (int k0 = 0; k0 < K; k0 += kKC) {
-      const int kc = min_int(kKC, K - k0);
-      const float* Pk = P + static_cast<int64_t>(k0) * kNR;
-      const bool load_c = accumulate || k0 > 0;
-      for (int m = 0; m < m_full; m += kMR) full(kc, A + m * lda + k0, lda, Pk, C + m * ldc + np, ldc, masks, load_c);
-      for (int t = 0, m = m_full; t < 2 && tails[t] != nullptr; m += tail_rows[t++])
-        tails[t](kc, A + m * lda + k0, lda, Pk, C + m * ldc + np, ldc, masks, load_c);
+  // K blocks outermost, then blocks of rows sized to L2, then the panels. The block of A a panel reads
+  // (mc rows x kc) is the same for every panel of the range, so it is read from memory once per k block
+  // rather than once per panel; each panel's kc x kNR block of P stays in L1 while the row tiles pass over
+  // it. P is the weight packed at load (MatB::packed), or else this block packed here into the scratch
+  // (again for each row block: a kc x kNR pack costs 1/mc of the block's products).
+  const int mc = row_block_rows();
+  for (int k0 = 0; k0 < K; k0 += kKC) {
+    const int kc = min_int(kKC, K - k0);
+    const bool load_c = accumulate || k0 > 0;
+    for (int m0 = 0; m0 < M; m0 += mc) {
+      const int rows = min_int(mc, M - m0);
+      // A thin last block is merged with the one before it (its tiles would waste loads of P).
+      const int block = M - m0 - rows < kMR ? M - m0 : rows;
+      const RowTiles tiles = row_tiles(block);
+      for (int np = n0; np < n1; np += kNR) {
+        const int nv = min_int(kNR, n1 - np);
+        const float* Pk = scratch;
+        if (B.packed != nullptr) {
+          Pk = B.packed + static_cast<int64_t>(np / kNR) * K * kNR + static_cast<int64_t>(k0) * kNR;
+          // The next panel's block of P is requested into L2 now, while this one's row tiles run: its
+          // first tile would otherwise wait on memory for every line of it.
+          if (np + kNR < n1) prefetch_l2(Pk + static_cast<int64_t>(K) * kNR, kc * kNR);
+        } else {
+          pack(B, np, nv, k0, kc, scratch);
+        }
+        panel_block(tiles, (nv + kLanes - 1) / kLanes, panel_masks(nv), kc, A + m0 * lda + k0, lda, Pk,
+                    C + m0 * ldc + np, ldc, load_c);
+      }
+      m0 += block - rows;
     }
   }
 }
 
-size_t gemm_scratch_floats(int K) { return static_cast<size_t>(K > 0 ? K : 1) * kNR; }
+size_t gemm_scratch_floats(int K) { return static_cast<size_t>(K > 0 ? min_int(K, kKC) : 1) * kNR; }
 
 void pack_panel(const MatB& B, int N, int K, int panel, float* out) {
   const int n0 = panel * kNR;

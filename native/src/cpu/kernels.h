@@ -67,6 +67,14 @@ struct Kernels {
   void (*pack_panel)(const MatB& B, int N, int K, int panel, float* out);
 };
 
+// The data caches this CPU reports (sysconf, from cpuid), for the GEMM's cache blocking; conservative
+// defaults where it reports nothing (32 KiB L1d, 256 KiB L2).
+struct CacheSizes {
+  size_t l1d_bytes;
+  size_t l2_bytes;
+};
+const CacheSizes& cache_sizes();
+
 // The kernels for the running CPU: the widest available ISA, or the one named by the environment
 // variable VDIFF_ISA=portable|avx2|avx512. Throws vdiff::Error(InvalidArgument) when VDIFF_ISA names an
 // unknown ISA or one this CPU lacks.
