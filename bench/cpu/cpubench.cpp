@@ -12,8 +12,11 @@
 //      load to Q8_0 and Q4_0, with its rate against the relevant peak.
 //
 // Built by bench/cpu/run.sh against libvdiff_core.a:
-//   cpubench [--threads 2] [--model DIR] [--tokens 160] [--formats none,q8_0,q4_0]
+//   cpubench [--threads 2] [--model DIR] [--tokens 160] [--formats none,q8_0,q4_0] [--pack-max-mb N]
+//   (--pack-max-mb 0 keeps the weights as stored, packed per product, as for a model too big to pack)
 #include <immintrin.h>
+#include <pthread.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -40,6 +43,22 @@ namespace {
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
+// Pins the calling thread to the i-th CPU it may run on. A new thread starts beside its parent and is
+// moved to an idle CPU only some milliseconds later, which a trial of a few milliseconds would measure.
+void pin_to_cpu(int i) {
+  cpu_set_t allowed;
+  if (sched_getaffinity(0, sizeof allowed, &allowed) != 0 || CPU_COUNT(&allowed) == 0) return;
+  int nth = i % CPU_COUNT(&allowed);
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &allowed) && nth-- == 0) {
+      cpu_set_t one;
+      CPU_ZERO(&one);
+      CPU_SET(c, &one);
+      pthread_setaffinity_np(pthread_self(), sizeof one, &one);
+      return;
+    }
+}
+
 // Runs fn(thread) on `threads` threads at once; returns the wall time (best of `trials`).
 double timed_parallel(int threads, int trials, const std::function<void(int)>& fn) {
   double best = 1e30;
@@ -50,6 +69,7 @@ double timed_parallel(int threads, int trials, const std::function<void(int)>& f
     double t0 = 0;
     for (int i = 0; i < threads; ++i)
       pool.emplace_back([&, i] {
+        pin_to_cpu(i);
         ready.fetch_add(1);
         while (!go.load()) {
         }
@@ -184,26 +204,65 @@ struct Peak {
   double gops = 0;  // operations per second / 1e9 (a multiply-add is 2)
 };
 
+// One instruction family's micro-benchmark: fn runs kIters / 4 steps of `chains` independent chains, each
+// step `ops` operations.
+struct PeakKernel {
+  std::string family;
+  void (*fn)();
+  double ops;
+  int chains;
+};
+
+std::vector<PeakKernel> peak_kernels() {
+  std::vector<PeakKernel> out;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    out.push_back({"f32 FMA ymm (AVX2)", peak_fma_ymm, 16, 12});
+    out.push_back({"int16 vpmaddwd ymm (AVX2)", peak_int16_avx2, 32, 8});
+    out.push_back({"int8 maddubs+madd ymm (AVX2)", peak_int8_avx2, 64, 8});
+  }
+  if (__builtin_cpu_supports("avx512f")) out.push_back({"f32 FMA zmm (AVX-512F)", peak_fma_zmm, 32, 12});
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) {
+    out.push_back({"int16 vpdpwssd ymm (AVX512_VNNI)", peak_vnni16_ymm, 32, 12});
+    out.push_back({"int8 vpdpbusd ymm (AVX512_VNNI)", peak_vnni_ymm, 64, 12});
+    out.push_back({"int8 vpdpbusd zmm (AVX512_VNNI)", peak_vnni_zmm, 128, 12});
+  }
+  if (__builtin_cpu_supports("avx512bf16")) out.push_back({"bf16 vdpbf16ps zmm (AVX512_BF16)", peak_bf16_zmm, 64, 12});
+  return out;
+}
+
+// The family's rate over the best of `trials` runs on every thread at once.
+double measure_peak(const PeakKernel& p, int threads, int trials) {
+  const double t = timed_parallel(threads, trials, [&](int) { p.fn(); });
+  return threads * (kIters / 4.0) * p.chains * p.ops / t / 1e9;
+}
+
 std::vector<Peak> measure_peaks(int threads) {
   std::vector<Peak> out;
-  __builtin_cpu_init();
-  const double per_iter_chains = kIters / 4.0;
-  auto run = [&](const char* name, void (*fn)(), double ops_per_chain_step, int chains) {
-    const double t = timed_parallel(threads, 15, [&](int) { fn(); });
-    out.push_back({name, threads * per_iter_chains * chains * ops_per_chain_step / t / 1e9});
-  };
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    run("f32 FMA ymm (AVX2)", peak_fma_ymm, 16, 12);
-    run("int16 vpmaddwd ymm (AVX2)", peak_int16_avx2, 32, 8);
-    run("int8 maddubs+madd ymm (AVX2)", peak_int8_avx2, 64, 8);
+  for (const PeakKernel& p : peak_kernels()) out.push_back({p.family, measure_peak(p, threads, 15)});
+  return out;
+}
+
+// The speed of this machine's cores changes from minute to minute (it shares its host), so a percentage
+// of a peak measured at another moment can be off by a factor of two. Each figure is therefore timed in
+// trials that alternate with trials of its family's peak; the figure is its best trial against the best
+// peak trial of the same stretch of time.
+struct Interleaved {
+  double seconds = 1e30;  // best trial of the work
+  double peak_gops = 0;   // best trial of the peak beside it
+};
+
+Interleaved interleaved(const std::string& family, int threads, int trials, const std::function<double()>& trial) {
+  const std::vector<PeakKernel> kernels = peak_kernels();
+  const PeakKernel* peak = nullptr;
+  for (const PeakKernel& p : kernels)
+    if (p.family.rfind(family, 0) == 0) peak = &p;
+  Interleaved out;
+  for (int t = 0; t < trials; ++t) {
+    if (peak != nullptr) out.peak_gops = std::max(out.peak_gops, measure_peak(*peak, threads, 2));
+    out.seconds = std::min(out.seconds, trial());
   }
-  if (__builtin_cpu_supports("avx512f")) run("f32 FMA zmm (AVX-512F)", peak_fma_zmm, 32, 12);
-  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) {
-    run("int16 vpdpwssd ymm (AVX512_VNNI)", peak_vnni16_ymm, 32, 12);
-    run("int8 vpdpbusd ymm (AVX512_VNNI)", peak_vnni_ymm, 64, 12);
-    run("int8 vpdpbusd zmm (AVX512_VNNI)", peak_vnni_zmm, 128, 12);
-  }
-  if (__builtin_cpu_supports("avx512bf16")) run("bf16 vdpbf16ps zmm (AVX512_BF16)", peak_bf16_zmm, 64, 12);
+  if (peak != nullptr) out.peak_gops = std::max(out.peak_gops, measure_peak(*peak, threads, 2));
   return out;
 }
 
@@ -233,6 +292,7 @@ struct GemmResult {
   int M, N, K;
   double seconds, gops, percent;
   std::string family;
+  double peak_gops;  // the family's peak measured beside it
 };
 
 }  // namespace
@@ -240,12 +300,14 @@ struct GemmResult {
 int main(int argc, char** argv) {
   int threads = 2, tokens = 160;
   std::string model, formats = "none,q8_0,q4_0";
+  long long pack_max_mb = -1;  // LoadOptions::pack_weights_max_bytes in MiB (-1: the default)
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--threads") threads = std::atoi(argv[i + 1]);
     else if (a == "--model") model = argv[i + 1];
     else if (a == "--tokens") tokens = std::atoi(argv[i + 1]);
     else if (a == "--formats") formats = argv[i + 1];
+    else if (a == "--pack-max-mb") pack_max_mb = std::atoll(argv[i + 1]);
   }
   const Kernels& k = active_kernels();
   const QuantKernels& qk = quant_kernels_for(k);
@@ -283,13 +345,15 @@ int main(int argc, char** argv) {
       std::vector<Aligned> scratch;
       for (int th = 0; th < threads; ++th) scratch.emplace_back(k.gemm_scratch_floats(s.K));
       const int per = (panels + threads - 1) / threads;
-      const double t = timed_parallel(threads, 15, [&](int th) {
-        const int n0 = std::min(s.N, th * per * k.gemm_nr), n1 = std::min(s.N, (th + 1) * per * k.gemm_nr);
-        for (int rep = 0; rep < 2; ++rep)
-          k.gemm(s.M, n0, n1, s.K, A.data(), s.K, b, C.data(), s.N, false, scratch[th].data());
-      }) / 2;
-      const double peak = peak_of(peaks, f32_family(k));
-      gemms.push_back({"f32", s.M, s.N, s.K, t, flops / t / 1e9, 100 * flops / t / 1e9 / peak, f32_family(k)});
+      const Interleaved r = interleaved(f32_family(k), threads, 30, [&] {
+        return timed_parallel(threads, 1, [&](int th) {
+          const int n0 = std::min(s.N, th * per * k.gemm_nr), n1 = std::min(s.N, (th + 1) * per * k.gemm_nr);
+          for (int rep = 0; rep < 2; ++rep)
+            k.gemm(s.M, n0, n1, s.K, A.data(), s.K, b, C.data(), s.N, false, scratch[th].data());
+        }) / 2;
+      });
+      const double t = r.seconds;
+      gemms.push_back({"f32", s.M, s.N, s.K, t, flops / t / 1e9, 100 * flops / t / 1e9 / r.peak_gops, f32_family(k), r.peak_gops});
     }
     for (QType qt : {QType::Q8_0, QType::Q4_0}) {
       const int64_t row_bytes = s.K / kQBlock * qblock_bytes(qt);
@@ -302,7 +366,8 @@ int main(int argc, char** argv) {
       std::vector<float> as(static_cast<size_t>(s.M) * (s.K / kQBlock));
       const int per_rows = (s.M + threads - 1) / threads, per_cols = ((s.N + threads - 1) / threads + 1) / 2 * 2;
       std::barrier sync(threads);
-      const double t = timed_parallel(threads, 15, [&](int th) {
+      const Interleaved r = interleaved(int8_family(qk), threads, 30, [&] {
+       return timed_parallel(threads, 1, [&](int th) {
         for (int rep = 0; rep < 2; ++rep) {
           // Activations quantized by rows over the threads, then the product by columns (the backend's order).
           const int m0 = std::min(s.M, th * per_rows), m1 = std::min(s.M, (th + 1) * per_rows);
@@ -314,14 +379,16 @@ int main(int argc, char** argv) {
           qk.gemm(s.M, n0, n1, s.K, a, b, C.data(), s.N, false);
           sync.arrive_and_wait();
         }
-      }) / 2;
-      const double peak = peak_of(peaks, int8_family(qk));
-      gemms.push_back({qtype_name(qt), s.M, s.N, s.K, t, flops / t / 1e9, 100 * flops / t / 1e9 / peak, int8_family(qk)});
+       }) / 2;
+      });
+      const double t = r.seconds;
+      gemms.push_back({qtype_name(qt), s.M, s.N, s.K, t, flops / t / 1e9, 100 * flops / t / 1e9 / r.peak_gops, int8_family(qk),
+                       r.peak_gops});
     }
   }
   for (const GemmResult& g : gemms)
-    std::fprintf(stderr, "gemm %-5s %4d x %4d x %4d  %8.1f GOP/s  %5.1f%% of %s\n", g.name.c_str(), g.M, g.N, g.K, g.gops, g.percent,
-                 g.family.c_str());
+    std::fprintf(stderr, "gemm %-5s %4d x %4d x %4d  %8.1f GOP/s  %5.1f%% of %s (%.1f beside it)\n", g.name.c_str(), g.M, g.N, g.K,
+                 g.gops, g.percent, g.family.c_str(), g.peak_gops);
 
   // The forward.
   std::string forwards_json;
@@ -332,6 +399,7 @@ int main(int argc, char** argv) {
       at = comma + 1;
       LoadOptions options;
       options.threads = threads;
+      if (pack_max_mb >= 0) options.pack_weights_max_bytes = static_cast<uint64_t>(pack_max_mb) << 20;
       options.quantize = f == "q8_0" ? Quant::Q8_0 : f == "q4_0" ? Quant::Q4_0 : Quant::None;
       auto backend = Backend::load(model, options);
       const ModelConfig& c = backend->config();
@@ -347,12 +415,6 @@ int main(int argc, char** argv) {
       seq.logit_rows = logit_rows.data();
       seq.n_logit_rows = rows;
       backend->forward({seq}, logits.data());  // warm-up
-      double best = 1e30;
-      for (int rep = 0; rep < 5; ++rep) {
-        const double t0 = now();
-        backend->forward({seq}, logits.data());
-        best = std::min(best, now() - t0);
-      }
       const double hd = c.head_dim();
       const double per_token = 2.0 * c.d_model * (c.n_heads * hd + 2 * c.n_kv_heads * hd) + 2.0 * c.n_heads * hd * c.d_model +
                                3 * 2.0 * c.d_model * c.mlp_hidden_size;
@@ -362,15 +424,20 @@ int main(int argc, char** argv) {
       std::string family = f == "none" ? (dtype == "bf16" && peak_of(peaks, "bf16") > 0 ? "bf16" : f32_family(k)) : int8_family(qk);
       // The f32 part of a quantized forward (attention) still runs on the FMA units; the figure is against
       // the int8 peak, which bounds its matrices.
-      const double peak = peak_of(peaks, family);
-      std::fprintf(stderr, "forward %-5s (%s, %s) %d tokens: %.1f ms, %.1f GFLOP/s, %.1f%% of %s\n", f.c_str(), dtype.c_str(),
-                   backend->info().gemm.c_str(), tokens, best * 1e3, flops / best / 1e9, 100 * flops / best / 1e9 / peak,
-                   family.c_str());
+      const Interleaved r = interleaved(family, threads, 5, [&] {
+        const double t0 = now();
+        backend->forward({seq}, logits.data());
+        return now() - t0;
+      });
+      const double best = r.seconds, peak = r.peak_gops;
+      std::fprintf(stderr, "forward %-5s (%s, %s) %d tokens: %.1f ms, %.1f GFLOP/s, %.1f%% of %s (%.1f beside it)\n", f.c_str(),
+                   dtype.c_str(), backend->info().gemm.c_str(), tokens, best * 1e3, flops / best / 1e9, 100 * flops / best / 1e9 / peak,
+                   family.c_str(), peak);
       char buf[512];
       std::snprintf(buf, sizeof buf,
-                    "%s{\"format\":\"%s\",\"weights\":\"%s\",\"gemm\":\"%s\",\"tokens\":%d,\"ms\":%.2f,\"gflops\":%.2f,\"percent\":%.2f,\"peak\":\"%s\",\"memory_bytes\":%llu}",
+                    "%s{\"format\":\"%s\",\"weights\":\"%s\",\"gemm\":\"%s\",\"tokens\":%d,\"ms\":%.2f,\"gflops\":%.2f,\"percent\":%.2f,\"peak\":\"%s\",\"peak_gops\":%.2f,\"memory_bytes\":%llu}",
                     forwards_json.empty() ? "" : ",", f.c_str(), dtype.c_str(), backend->info().gemm.c_str(), tokens, best * 1e3,
-                    flops / best / 1e9, 100 * flops / best / 1e9 / peak, family.c_str(),
+                    flops / best / 1e9, 100 * flops / best / 1e9 / peak, family.c_str(), peak,
                     static_cast<unsigned long long>(backend->info().memory_used));
       forwards_json += buf;
     }
@@ -380,8 +447,9 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < peaks.size(); ++i) std::printf("%s{\"family\":\"%s\",\"gops\":%.2f}", i ? "," : "", peaks[i].family.c_str(), peaks[i].gops);
   std::printf("],\"gemms\":[");
   for (size_t i = 0; i < gemms.size(); ++i)
-    std::printf("%s{\"weights\":\"%s\",\"M\":%d,\"N\":%d,\"K\":%d,\"gops\":%.2f,\"percent\":%.2f,\"peak\":\"%s\"}", i ? "," : "",
-                gemms[i].name.c_str(), gemms[i].M, gemms[i].N, gemms[i].K, gemms[i].gops, gemms[i].percent, gemms[i].family.c_str());
+    std::printf("%s{\"weights\":\"%s\",\"M\":%d,\"N\":%d,\"K\":%d,\"gops\":%.2f,\"percent\":%.2f,\"peak\":\"%s\",\"peak_gops\":%.2f}",
+                i ? "," : "", gemms[i].name.c_str(), gemms[i].M, gemms[i].N, gemms[i].K, gemms[i].gops, gemms[i].percent,
+                gemms[i].family.c_str(), gemms[i].peak_gops);
   std::printf("],\"forwards\":[%s]}\n", forwards_json.c_str());
   return 0;
 }
