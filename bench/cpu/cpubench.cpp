@@ -8,12 +8,14 @@
 //   2. GEMMs of the model's shapes through the kernels the engine dispatched (f32 packed, and the
 //      integer GEMMs of Q8_0 / Q4_0 including the activations' quantization), split over the threads by
 //      columns like the backend, each as a percentage of its family's peak.
-//   3. Optionally a model's forward over T tokens (32 logit rows, one block) as stored, and quantized at
+//   3. Optionally a model's forward over T tokens (--logit-rows of them through the head) as stored, and quantized at
 //      load to Q8_0 and Q4_0, with its rate against the relevant peak.
 //
 // Built by bench/cpu/run.sh against libvdiff_core.a:
 //   cpubench [--threads 2] [--model DIR] [--tokens 160] [--formats none,q8_0,q4_0] [--pack-max-mb N]
-//   (--pack-max-mb 0 keeps the weights as stored, packed per product, as for a model too big to pack)
+//            [--logit-rows 32] [--forward-trials 5]
+//   --logit-rows 160 gives every row's logits, as PyTorch's forward does; --pack-max-mb 0 keeps the
+//   weights as stored, packed per product, as for a model too big to pack at load.
 #include <immintrin.h>
 #include <pthread.h>
 #include <sched.h>
@@ -300,6 +302,8 @@ struct GemmResult {
 int main(int argc, char** argv) {
   int threads = 2, tokens = 160;
   std::string model, formats = "none,q8_0,q4_0";
+  int forward_trials = 5;      // timed forwards per format (after one warm-up)
+  int logit_rows_wanted = 32;  // rows of the forward that go through the head (all: PyTorch's forward)
   long long pack_max_mb = -1;  // LoadOptions::pack_weights_max_bytes in MiB (-1: the default)
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
@@ -308,6 +312,8 @@ int main(int argc, char** argv) {
     else if (a == "--tokens") tokens = std::atoi(argv[i + 1]);
     else if (a == "--formats") formats = argv[i + 1];
     else if (a == "--pack-max-mb") pack_max_mb = std::atoll(argv[i + 1]);
+    else if (a == "--logit-rows") logit_rows_wanted = std::atoi(argv[i + 1]);
+    else if (a == "--forward-trials") forward_trials = std::atoi(argv[i + 1]);
   }
   const Kernels& k = active_kernels();
   const QuantKernels& qk = quant_kernels_for(k);
@@ -405,7 +411,7 @@ int main(int argc, char** argv) {
       const ModelConfig& c = backend->config();
       std::vector<int32_t> toks(tokens);
       for (int i = 0; i < tokens; ++i) toks[i] = (i * 7919) % (c.vocab_size - 8) + 1;
-      const int rows = std::min(32, tokens);
+      const int rows = std::min(logit_rows_wanted, tokens);
       std::vector<int32_t> logit_rows(rows);
       for (int i = 0; i < rows; ++i) logit_rows[i] = tokens - rows + i;
       std::vector<float> logits(static_cast<size_t>(rows) * c.embedding_size);
@@ -424,7 +430,7 @@ int main(int argc, char** argv) {
       std::string family = f == "none" ? (dtype == "bf16" && peak_of(peaks, "bf16") > 0 ? "bf16" : f32_family(k)) : int8_family(qk);
       // The f32 part of a quantized forward (attention) still runs on the FMA units; the figure is against
       // the int8 peak, which bounds its matrices.
-      const Interleaved r = interleaved(family, threads, 5, [&] {
+      const Interleaved r = interleaved(family, threads, forward_trials, [&] {
         const double t0 = now();
         backend->forward({seq}, logits.data());
         return now() - t0;
