@@ -9,10 +9,12 @@
  *     to the answer's first end token; padding after it is not text.
  * The held-out continuation of each prompt (what Shakespeare wrote next) is scored the same way, as the
  * scale of the figures. Modes: none (the reference's vanilla decoding), prefix and dual caches, and
- * parallel decoding by threshold, alone or with a cache ("dual+0.9").
+ * parallel decoding by threshold, alone or with a cache ("dual+0.9"). Two measures of degenerate text
+ * (issue 19's): the longest run of one token repeated in a row, and distinct-2 (distinct token bigrams over
+ * all bigrams of the mode's answers), each up to the answer's first end token.
  *
  *   npx tsx bench/quality.ts [--prompts 48 --gen 128 --block 32 --prompt-tokens 32 --threads 2
- *       --modes none,prefix,dual,none+0.9,dual+0.9 --corpus tinyshakespeare.txt --json out.json]
+ *       --modes none,prefix,dual,none+0.9,dual+0.9 --corpus tinyshakespeare.txt --model DIR --json out.json]
  *   npx tsx bench/quality.ts --write-speeches tinyshakespeare.txt   (rewrites the fixture of 48 speeches)
  *
  * test/acceleration-quality.test.ts runs a smaller instance and holds the modes to a margin.
@@ -71,6 +73,38 @@ export interface Judged {
   /** Own masked-token loss, nats per scored token, and how many tokens were scored. */
   readonly ownLoss: number
   readonly scoredTokens: number
+  /** The most times one token follows itself in a row in any answer (1: never repeated). */
+  readonly longestRun: number
+  /** Distinct token bigrams over all token bigrams of the answers. */
+  readonly distinct2: number
+}
+
+/** The answer up to its first end token (the padding after it is not text). */
+const text = (answer: ReadonlyArray<number>, endTokens: ReadonlySet<number>): ReadonlyArray<number> => {
+  const end = answer.findIndex((t) => endTokens.has(t))
+  return end < 0 ? answer : answer.slice(0, end)
+}
+
+/** The longest run of one token in a row over the answers. */
+export const longestRun = (answers: ReadonlyArray<ReadonlyArray<number>>): number => {
+  let longest = 0
+  for (const answer of answers) {
+    for (let i = 0, run = 0; i < answer.length; i++) {
+      run = i > 0 && answer[i] === answer[i - 1] ? run + 1 : 1
+      longest = Math.max(longest, run)
+    }
+  }
+  return longest
+}
+
+/** Distinct bigrams over all bigrams of the answers (bigrams do not cross answers); 0 when there are none. */
+export const distinct2 = (answers: ReadonlyArray<ReadonlyArray<number>>): number => {
+  const seen = new Set<string>()
+  let total = 0
+  for (const answer of answers) {
+    for (let i = 1; i < answer.length; i++, total++) seen.add(`${answer[i - 1]},${answer[i]}`)
+  }
+  return total === 0 ? 0 : seen.size / total
 }
 
 export interface ModeQuality extends Judged {
@@ -200,7 +234,15 @@ const judge = async (
     nll += loss.nll
     count += loss.count
   }
-  return { corpusWordFraction: total === 0 ? 0 : inCorpus / total, words: total, ownLoss: nll / count, scoredTokens: count }
+  const texts = pairs.map(({ answer }) => text(answer, endTokens))
+  return {
+    corpusWordFraction: total === 0 ? 0 : inCorpus / total,
+    words: total,
+    ownLoss: nll / count,
+    scoredTokens: count,
+    longestRun: longestRun(texts),
+    distinct2: distinct2(texts)
+  }
 }
 
 /** Answers every prompt in one batch (one engine step per round for all of them). */
@@ -291,13 +333,13 @@ export const formatReport = (report: QualityReport): string => {
   const vanilla = report.modes[0]
   const row = (cells: ReadonlyArray<string>) => cells.map((c, i) => (i === 0 ? c.padEnd(16) : c.padStart(11))).join(" ")
   const lines = [
-    `embedded model, ${options.prompts} held-out prompts of ${options.promptTokens} tokens, gen ${options.genLength}, ` +
+    `${options.modelDir ?? "embedded model"}, ${options.prompts} held-out prompts of ${options.promptTokens} tokens, gen ${options.genLength}, ` +
       `block ${options.blockLength}, steps = gen, greedy, ${options.threads} threads`,
     `own loss: the model's masked-token loss on the answer (nats/token, lower = likelier to the model); ` +
       `corpus: fraction of answer words that are corpus words; vs: relative to ${vanilla?.mode.name ?? "-"}; ` +
       `same: answer tokens equal to ${vanilla?.mode.name ?? "-"}'s`,
     "",
-    row(["mode", "own loss", "vs", "corpus", "vs", "words", "tok/step", "same", "seconds"]),
+    row(["mode", "own loss", "vs", "corpus", "vs", "words", "run", "distinct-2", "tok/step", "same", "seconds"]),
     row([
       "held-out text",
       report.heldOut.ownLoss.toFixed(3),
@@ -305,6 +347,8 @@ export const formatReport = (report: QualityReport): string => {
       report.heldOut.corpusWordFraction.toFixed(3),
       "",
       String(report.heldOut.words),
+      String(report.heldOut.longestRun),
+      report.heldOut.distinct2.toFixed(3),
       "",
       "",
       ""
@@ -321,6 +365,8 @@ export const formatReport = (report: QualityReport): string => {
         m.corpusWordFraction.toFixed(3),
         corpusVs,
         String(m.words),
+        String(m.longestRun),
+        m.distinct2.toFixed(3),
         m.tokensPerStep.toFixed(2),
         m.agreement.toFixed(3),
         m.seconds.toFixed(1)
@@ -340,6 +386,7 @@ if (import.meta.url === `file://${process.argv[1]}`) {
       threads: { type: "string", default: "2" },
       modes: { type: "string", default: "none,prefix,dual,none+0.9,dual+0.9" },
       corpus: { type: "string" },
+      model: { type: "string" },
       json: { type: "string" },
       "write-speeches": { type: "string" }
     }
@@ -361,7 +408,8 @@ if (import.meta.url === `file://${process.argv[1]}`) {
     promptTokens: Number(values["prompt-tokens"]),
     threads: Number(values.threads),
     modes: values.modes!.split(",").map(parseMode),
-    ...(values.corpus === undefined ? {} : { corpusPath: values.corpus })
+    ...(values.corpus === undefined ? {} : { corpusPath: values.corpus }),
+    ...(values.model === undefined ? {} : { modelDir: values.model })
   })
   console.log(formatReport(report))
   if (values.json !== undefined) {
