@@ -32,5 +32,7 @@ describe("bench/quality.ts measures", () => {
       ])
     ).toBe(2 / 3)
     expect(distinct2([[9]])).toBe(0)
+    // Words too: "my lord, my lord" has bigrams (my,lord) twice and (lord,my) once.
+    expect(distinct2([["my", "lord", "my", "lord"]])).toBe(2 / 3)
   })
 })
