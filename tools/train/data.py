@@ -5,6 +5,12 @@ completion prompt looks like: the server encodes prompts with BOS first). Chat s
 speeches by different speakers into a user turn and an assistant turn rendered exactly as the chat
 template in tokenizer_config.json renders them, then padded with EOS up to the sequence length, as in
 LLaDA's SFT.
+
+Two options of the continuation stage (STAGE3.md, session 2) change the shapes, both off by default so that
+earlier runs reproduce: `random_length` cuts a step's pretraining rows to one length drawn uniformly from
+[64, seq_len] with that probability (LLaDA trains 1% of its rows at a random length), so that a canvas
+ending short of seq_len does not mean "EOS padding follows"; `sft_fit` pads a step's chat rows only to
+the longest of them (rounded up to 16) instead of to sft_len, so that they hold far fewer EOS targets.
 """
 import json
 import os
@@ -54,7 +60,8 @@ def chat_tokens(vocab, user, assistant):
 
 
 def chat_examples(vocab, text, seq_len, min_answer_room=8):
-    """Consecutive speeches by different speakers as (padded ids, answer start); over-long pairs are skipped."""
+    """Consecutive speeches by different speakers as (ids padded to seq_len, answer start, unpadded length);
+    over-long pairs are skipped."""
     examples = []
     turns = speeches(text)
     for (speaker_a, a), (speaker_b, b) in zip(turns, turns[1:]):
@@ -63,24 +70,29 @@ def chat_examples(vocab, text, seq_len, min_answer_room=8):
         ids, answer_start = chat_tokens(vocab, a, b)
         if len(ids) + min_answer_room > seq_len:
             continue
-        examples.append((ids + [vocab.eos] * (seq_len - len(ids)), answer_start))
+        examples.append((ids + [vocab.eos] * (seq_len - len(ids)), answer_start, len(ids)))
     return examples
 
 
 class Batches:
     """Random pretraining windows and chat examples, drawn from one seeded generator."""
 
-    def __init__(self, vocab, train_text, seq_len, seed, sft_len=None):
+    def __init__(self, vocab, train_text, seq_len, seed, sft_len=None, random_length=0.0, sft_fit=False):
         self.vocab = vocab
         self.seq_len = seq_len
         self.sft_len = sft_len or seq_len
+        self.random_length = random_length
+        self.sft_fit = sft_fit
         self.ids = torch.tensor(vocab.encoder.encode(train_text), dtype=torch.long)
         self.chat = chat_examples(vocab, train_text, self.sft_len)
         self.rng = random.Random(seed)
 
     def pretrain(self, batch):
+        length = self.seq_len
+        if self.random_length > 0 and self.rng.random() < self.random_length:
+            length = self.rng.randint(min(64, self.seq_len), self.seq_len)
         starts = [self.rng.randrange(0, len(self.ids) - self.seq_len) for _ in range(batch)]
-        rows = [torch.cat([torch.tensor([self.vocab.bos]), self.ids[s:s + self.seq_len - 1]]) for s in starts]
+        rows = [torch.cat([torch.tensor([self.vocab.bos]), self.ids[s:s + length - 1]]) for s in starts]
         tokens = torch.stack(rows)
         # Everything but BOS may be masked.
         maskable = torch.ones_like(tokens, dtype=torch.bool)
@@ -89,10 +101,13 @@ class Batches:
 
     def sft(self, batch):
         picks = [self.chat[self.rng.randrange(len(self.chat))] for _ in range(batch)]
-        tokens = torch.tensor([ids for ids, _ in picks], dtype=torch.long)
+        length = self.sft_len
+        if self.sft_fit:
+            length = min(self.sft_len, (max(n for _, _, n in picks) + 15) // 16 * 16)
+        tokens = torch.tensor([ids[:length] for ids, _, _ in picks], dtype=torch.long)
         # Only the answer (its text, <|eot_id|> and the EOS padding) is masked; the prompt stays visible.
-        positions = torch.arange(self.sft_len)[None, :]
-        maskable = positions >= torch.tensor([start for _, start in picks])[:, None]
+        positions = torch.arange(length)[None, :]
+        maskable = positions >= torch.tensor([start for _, start, _ in picks])[:, None]
         return tokens, maskable
 
 
