@@ -55,7 +55,8 @@ const CacheSizes& cache_sizes() {
       const long v = sysconf(name);
       return v > 0 ? static_cast<size_t>(v) : fallback;
     };
-    return CacheSizes{reported(_SC_LEVEL1_DCACHE_SIZE, size_t{32} << 10), reported(_SC_LEVEL2_CACHE_SIZE, size_t{256} << 10)};
+    return CacheSizes{reported(_SC_LEVEL1_DCACHE_SIZE, size_t{32} << 10),
+                      reported(_SC_LEVEL2_CACHE_SIZE, size_t{256} << 10)};
   }();
   return sizes;
 }

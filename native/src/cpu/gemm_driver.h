@@ -68,8 +68,7 @@ struct RowTiles {
 RowTiles row_tiles(int M) {
   const int rest = M % kMR;
   const bool split = kSplitThinTail && rest > 0 && rest < 4 && M > kMR;
-  return {split ? M - rest - kMR : M - rest,
-          {split ? (kMR + rest + 1) / 2 : rest, split ? (kMR + rest) / 2 : 0}};
+  return {split ? M - rest - kMR : M - rest, {split ? (kMR + rest + 1) / 2 : rest, split ? (kMR + rest) / 2 : 0}};
 }
 
 // C[rows of the block][panel] over one k block: the full tiles, then the tails.

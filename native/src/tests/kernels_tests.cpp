@@ -16,8 +16,8 @@ void test_gemm(const Kernels& k, WType type, bool k_major) {
   // The last two have more rows than a row block of the prepacked path (sized from the L2 cache, at most
   // about 2,000 rows for a 2 MiB L2), so they cover several row blocks, a thin last block merged with the
   // one before it, and several k blocks.
-  const Shape shapes[] = {{1, 1, 1},     {1, 7, 5},    {5, 17, 33},  {6, 64, 128},  {7, 65, 129},   {13, 130, 300},
-                          {12, 200, 16}, {3, 64, 257}, {19, 48, 64}, {4, 9, 0},     {301, 40, 300}, {2105, 20, 290}};
+  const Shape shapes[] = {{1, 1, 1},     {1, 7, 5},    {5, 17, 33},  {6, 64, 128}, {7, 65, 129},   {13, 130, 300},
+                          {12, 200, 16}, {3, 64, 257}, {19, 48, 64}, {4, 9, 0},    {301, 40, 300}, {2105, 20, 290}};
   std::mt19937 rng(1234 + static_cast<int>(type) * 7 + k_major);
   double worst = 0;  // error / bound
   bool sentinels_ok = true, exact_ok = true, bound_ok = true, packed_ok = true;
