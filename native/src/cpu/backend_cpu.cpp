@@ -518,7 +518,7 @@ void CpuBackend::quantize_activations(const float* A, int M, int K) {
 
 // Several products over row ranges of one A [M, K], in one parallel pass: the experts of a MoE layer,
 // each over the rows routed to it (a grouped GEMM over sorted tokens). Work items are (product, rows
-// chunk, column panel), as in linear(); each output row's values are those linear() would give it.
+// chunk, run of column panels), as in linear(); each output row's values are those linear() would give it.
 void CpuBackend::linear_grouped(const float* A, int M, int K, const std::vector<GroupOut>& outs) {
   const int chunk = std::clamp((1 << 20) / (4 * std::max(K, 1)) / 6 * 6, 192, 1026);
   bool any_quantized = false;
