@@ -258,7 +258,7 @@ Interleaved interleaved(const std::string& family, int threads, int trials, cons
   const std::vector<PeakKernel> kernels = peak_kernels();
   const PeakKernel* peak = nullptr;
   for (const PeakKernel& p : kernels)
-    if (p.family.rfind(family, 0) == 0) peak = &p;
+    if (peak == nullptr && p.family.rfind(family, 0) == 0) peak = &p;  // the first match, as peak_of
   Interleaved out;
   for (int t = 0; t < trials; ++t) {
     if (peak != nullptr) out.peak_gops = std::max(out.peak_gops, measure_peak(*peak, threads, 2));

@@ -1,5 +1,5 @@
 // The GEMM driver shared by the SIMD kernels (kernels_avx2.cpp, kernels_avx512.cpp): packing dispatch,
-// micro-kernel selection, the loops over column panels, k blocks and row tiles, and the packed-panel
+// micro-kernel selection, the loops over k blocks, row blocks, column panels and row tiles, and the packed-panel
 // entry points of the Kernels table.
 //
 // Include it once per ISA translation unit, INSIDE that file's `namespace vdiff::cpu { namespace {`, after
