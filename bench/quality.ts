@@ -40,17 +40,35 @@ export interface Mode {
   readonly parallelThreshold: number
   /** Sampling temperature (0: greedy, the default); a hot mode shows what a real loss of quality looks like. */
   readonly temperature?: number
+  readonly topP?: number
+  readonly topK?: number
+  readonly minP?: number
+  /** EOS/EOT committed last (the engine's confidenceEosEotInf). */
+  readonly endLast?: boolean
 }
 
-/** "dual+0.9" → a dual cache with threshold 0.9; "none" → vanilla; "hot1.5" → vanilla at temperature 1.5. */
+/**
+ * "dual+0.9" → a dual cache with threshold 0.9; "none" → vanilla; "hot1.5" → vanilla at temperature 1.5.
+ * Sampling options follow after colons: "none:t0.8:p0.9:k40:m0.05:end-last" (temperature, top_p, top_k,
+ * min_p, EOS/EOT committed last).
+ */
 export const parseMode = (name: string): Mode => {
-  const hot = /^hot(\d+(?:\.\d+)?)$/.exec(name)
-  if (hot) return { name, kvCache: "none", parallelThreshold: 0, temperature: Number(hot[1]) }
-  const [cache, threshold] = name.split("+")
+  const [head, ...options] = name.split(":")
+  const hot = /^hot(\d+(?:\.\d+)?)$/.exec(head!)
+  const [cache, threshold] = hot ? ["none", undefined] : head!.split("+")
   if (cache !== "none" && cache !== "prefix" && cache !== "dual") throw new Error(`unknown mode "${name}"`)
   const t = threshold === undefined ? 0 : Number(threshold)
   if (!(t >= 0 && t <= 1)) throw new Error(`bad threshold in mode "${name}"`)
-  return { name, kvCache: cache, parallelThreshold: t }
+  let mode: Mode = { name, kvCache: cache, parallelThreshold: t, ...(hot ? { temperature: Number(hot[1]) } : {}) }
+  for (const option of options) {
+    const m = /^([tpkm])(\d+(?:\.\d+)?)$/.exec(option)
+    if (option === "end-last") mode = { ...mode, endLast: true }
+    else if (m) {
+      const key = ({ t: "temperature", p: "topP", k: "topK", m: "minP" } as const)[m[1] as "t" | "p" | "k" | "m"]
+      mode = { ...mode, [key]: Number(m[2]) }
+    } else throw new Error(`unknown option "${option}" in mode "${name}"`)
+  }
+  return mode
 }
 
 export interface QualityOptions {
@@ -299,7 +317,11 @@ export const measureQuality = async (options: QualityOptions): Promise<QualityRe
       cfgScale: 0,
       seed: 7,
       kvCache: mode.kvCache,
-      parallelThreshold: mode.parallelThreshold
+      parallelThreshold: mode.parallelThreshold,
+      ...(mode.topP === undefined ? {} : { topP: mode.topP }),
+      ...(mode.topK === undefined ? {} : { topK: mode.topK }),
+      ...(mode.minP === undefined ? {} : { minP: mode.minP }),
+      ...(mode.endLast ? { confidenceEosEotInf: true, eotTokenId: eot._tag === "Some" ? eot.value : -1 } : {})
     }
     const started = performance.now()
     const run = await generateAll(
