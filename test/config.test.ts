@@ -63,6 +63,7 @@ describe("Config", () => {
       alg: "entropy",
       algTemp: 0,
       eps: 0.001,
+      generationConfig: "auto",
       kvCacheDtype: "f32",
       kvCacheBudget: 0,
       logLevel: "info"
@@ -123,6 +124,7 @@ describe("Config", () => {
       alg: ["maskgit_plus", "origin"],
       algTemp: ["0.5", "2"],
       eps: ["0.01", "1e-4"],
+      generationConfig: ["vdiff", "auto"],
       kvCacheDtype: ["bf16", "f32"],
       kvCacheBudget: ["1048576", "2097152"],
       logLevel: ["debug", "error"],

@@ -13,7 +13,7 @@ import { HttpServer } from "@effect/platform"
 import { NodeHttpServer } from "@effect/platform-node"
 import { Context, Deferred, Effect, Either, Layer, type Scope } from "effect"
 import * as Config from "../src/config/Config.js"
-import { type FakeEngineOptions, makeFake } from "../src/engine/EngineTest.js"
+import { type FakeEngine, type FakeEngineOptions, makeFake } from "../src/engine/EngineTest.js"
 import { fromEngine, type Loader, ModelHost, ModelLoadFailed } from "../src/server/ModelHost.js"
 import type { ApiRouter } from "../src/server/Server.js"
 import * as Server from "../src/server/Server.js"
@@ -53,7 +53,7 @@ export const writeTinyTokenizer = async (dir: string, ids: { readonly eos: numbe
 }
 
 /** The fake engine's special ids (src/engine/EngineTest.ts). */
-const fakeIds = { eos: 998, mask: 999_999 }
+export const fakeIds = { eos: 998, mask: 999_999 }
 
 let fakeTokenizerDir: Promise<string> | undefined
 
@@ -69,6 +69,8 @@ export interface FakeLoaderOptions extends FakeEngineOptions {
   readonly hold?: Deferred.Deferred<void>
   /** Loading fails with this message. */
   readonly fail?: string
+  /** The engine to serve (a test inspects what it was asked); default: a new fake engine with these options. */
+  readonly engine?: FakeEngine
 }
 
 /** A Loader over the fake engine and the fake model directory's tokenizer, with the config's settings. */
@@ -79,7 +81,7 @@ export const fakeLoader = (config: Config.Settings, options: FakeLoaderOptions =
     const tokenizer = yield* Tokenizer.make(config.model).pipe(
       Effect.mapError((e) => new ModelLoadFailed({ modelDir: config.model, message: e.message }))
     )
-    return yield* fromEngine(makeFake(options), tokenizer, {
+    return yield* fromEngine(options.engine ?? makeFake(options), tokenizer, {
       modelName: Config.servedModelName(config),
       scheduler: {
         maxConcurrent: config.maxConcurrentRequests,
@@ -87,7 +89,8 @@ export const fakeLoader = (config: Config.Settings, options: FakeLoaderOptions =
         maxBatchTokens: Number.MAX_SAFE_INTEGER,
         requestTimeoutMs: config.requestTimeout * 1000
       },
-      defaults: Server.servingDefaults(config)
+      defaults: Server.servingDefaults(config),
+      generationConfig: config.generationConfig
     })
   })
 

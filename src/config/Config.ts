@@ -182,6 +182,12 @@ export const Settings = Schema.Struct({
   }),
   // The server defaults of the sampling settings (--max-tokens ... --kv-cache), from their one table.
   ...Sampling.configFields,
+  generationConfig: setting(OneOfText(["auto", "vdiff"]), {
+    description:
+      "Where the sampling defaults come from: auto lays the model's generation_config.json (temperature, top_p, block_length, ... as vLLM reads it) under the flags above, so a setting left at its documented default takes the model's; vdiff uses the flags alone",
+    default: "auto",
+    value: "auto|vdiff"
+  }),
   kvCacheDtype: setting(OneOfText(["f32", "bf16"]), {
     description: "Element type of the KV caches: f32 (a read of an unchanged canvas is exact) or bf16 (half the memory)",
     default: "f32",

@@ -27,7 +27,7 @@
  *
  * @since 0.1.0
  */
-import { Schema } from "effect"
+import { Either, ParseResult, Schema } from "effect"
 import { IntegerText, NumberText, OneOfText, setting, SwitchText } from "./Setting.js"
 
 /** The largest seed: the n answers of a request use seed, seed+1, ..., which must stay exact integers. */
@@ -751,6 +751,79 @@ export const resolve = (
           : (spec.toEngine as (v: unknown, g: number) => unknown)(value, genLength)
   }
   return params as unknown as SamplingTableParams
+}
+
+// ---- derived: the model's own defaults -----------------------------------------------------------------
+
+/** The settings a model may recommend, by request field: the server's (each has a flag). */
+export type ModelDefaults = { readonly [K in ServerField]?: ValueOf<Table[K]["value"]> }
+
+/** generation_config.json keys, as Hugging Face names them, that stand for a request field of another name. */
+const generationConfigAliases: Readonly<Record<string, ServerField>> = {
+  max_new_tokens: "max_tokens",
+  steps: "diffusion_steps"
+}
+
+/**
+ * The sampling defaults a model recommends in its directory's generation_config.json (Hugging Face's file,
+ * which vLLM's `--generation-config auto` reads the same way): the keys that are server settings of this
+ * table, by their request names (temperature, top_p, block_length, ...) or Hugging Face's (max_new_tokens,
+ * and Dream's steps for diffusion_steps), each checked as a request's value is. Other keys (token ids,
+ * do_sample, transformers_version) are not sampling defaults here and are passed over, as are settings
+ * that do not apply to the model's family. A value out of range fails with the request's message.
+ */
+export const modelDefaults = (json: unknown, family: ModelFamily = lladaFamily): Either.Either<ModelDefaults, string> => {
+  if (typeof json !== "object" || json === null || Array.isArray(json)) return Either.left("it must hold a JSON object")
+  const given: Record<string, unknown> = {}
+  for (const [key, value] of Object.entries(json)) {
+    const field = generationConfigAliases[key] ?? key
+    if ((serverFields as ReadonlyArray<string>).includes(field) && value !== null && appliesTo(field as ServerField, family)) {
+      given[field] = value
+    }
+  }
+  const decoded: Record<string, unknown> = {}
+  for (const [field, value] of Object.entries(given)) {
+    const result = Schema.decodeUnknownEither(requestValue(field, specOf(field as ServerField).value))(value)
+    if (Either.isLeft(result)) return Either.left(ParseResult.TreeFormatter.formatErrorSync(result.left))
+    decoded[field] = result.right
+  }
+  for (const rule of exclusiveSettings) {
+    const set = rule.members.filter((field) => decoded[field] !== undefined && decoded[field] !== rule.off)
+    if (set.length > 1) return Either.left(`${set.join(" and ")} cannot both be set: ${rule.because}`)
+  }
+  return Either.right(decoded as ModelDefaults)
+}
+
+/**
+ * The server's defaults with the model's beneath them: a setting the server leaves at its documented
+ * default takes the model's recommendation; one set by a flag or variable to anything else keeps it. A
+ * member of an exclusive group (parallel_threshold, parallel_factor) that the server turned on keeps the
+ * whole group. Returns the defaults and the settings the model's values decided.
+ */
+export const withModelDefaults = (
+  defaults: EngineDefaults,
+  model: ModelDefaults
+): { readonly defaults: EngineDefaults; readonly applied: ModelDefaults } => {
+  const out: Record<string, unknown> = { ...defaults }
+  const applied: Record<string, unknown> = {}
+  const nameOf = (field: ServerField) => (field === "max_tokens" ? "maxTokens" : engineName(field))
+  const atDocumented = (field: ServerField) => {
+    const server = out[nameOf(field)] ?? undefined
+    return server === undefined || server === documentedDefault.get(field)
+  }
+  const serverTurnedOn = new Set<ServerField>()
+  for (const rule of exclusiveSettings) {
+    if (rule.members.some((field) => !atDocumented(field) && out[nameOf(field)] !== rule.off)) {
+      for (const field of rule.members) serverTurnedOn.add(field)
+    }
+  }
+  for (const field of serverFields) {
+    const value = model[field]
+    if (value === undefined || serverTurnedOn.has(field) || !atDocumented(field)) continue
+    out[nameOf(field)] = value
+    applied[field] = value
+  }
+  return { defaults: out as unknown as EngineDefaults, applied: applied as ModelDefaults }
 }
 
 // ---- derived: the README's table of the families' settings -------------------------------------------

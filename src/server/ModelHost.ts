@@ -11,11 +11,12 @@
  *
  * @since 0.1.0
  */
-import { readFileSync } from "node:fs"
+import { existsSync, readFileSync } from "node:fs"
 import { join } from "node:path"
-import { Clock, Context, Deferred, Effect, Layer, Option, Ref, Schema, Scope } from "effect"
+import { Clock, Context, Deferred, Effect, Either, Layer, Option, Ref, Schema, Scope } from "effect"
 import { type ChatFormatterShape, fromTokenizerConfig } from "../chat/ChatFormatter.js"
 import type { EngineShape } from "../engine/Engine.js"
+import * as Sampling from "../config/sampling.js"
 import * as Engine from "../engine/Engine.js"
 import type { ServingConfigShape, ServingDefaults } from "../openai/ServingConfig.js"
 import * as Scheduler from "../scheduler/Scheduler.js"
@@ -158,6 +159,11 @@ export interface NativeModelOptions {
   /** --served-model-name, resolved. */
   readonly modelName: string
   readonly defaults: ServingDefaults
+  /**
+   * auto (absent): the model directory's generation_config.json recommends the defaults the server leaves
+   * at their documented values (Sampling.withModelDefaults); vdiff: the server's alone.
+   */
+  readonly generationConfig?: "auto" | "vdiff" | undefined
 }
 
 /** Loads the tokenizer and the weights of `modelDir` with the native engine and starts its scheduler. */
@@ -197,11 +203,13 @@ export const fromEngine = (
     )
     const scheduler = yield* Scheduler.make(options.scheduler).pipe(Effect.provideService(Engine.Engine, engine))
     const family = Engine.familyOf(engine.info)
+    const defaults =
+      options.generationConfig === "vdiff" ? options.defaults : yield* underModelDefaults(options.defaults, tokenizer.modelDir, family)
     const serving: ServingConfigShape = {
       modelName: options.modelName,
       created: Math.floor((yield* Clock.currentTimeMillis) / 1000),
       maxModelLen: engine.info.config.maxSequenceLength,
-      defaults: options.defaults,
+      defaults,
       family,
       // Block decoding stops after the block that holds one of the model's end tokens; the answer ends there.
       // Dream denoises the whole answer; its text ends at the first of the model's end tokens or its chat
@@ -215,6 +223,31 @@ export const fromEngine = (
         : {})
     }
     return { engine, scheduler, tokenizer, chat, serving }
+  })
+
+/** The file in a model directory that recommends sampling defaults (Hugging Face's name). */
+export const GENERATION_CONFIG = "generation_config.json"
+
+/**
+ * The server's defaults with the model's generation_config.json beneath them (Sampling.withModelDefaults),
+ * logging the settings it decided; unchanged when the directory has no such file. A file that is not JSON
+ * or holds a value out of range fails the load, naming the file.
+ */
+const underModelDefaults = (defaults: ServingDefaults, modelDir: string, family: Sampling.ModelFamily) =>
+  Effect.gen(function* () {
+    const path = join(modelDir, GENERATION_CONFIG)
+    if (!existsSync(path)) return defaults
+    const failed = (message: string) => new ModelLoadFailed({ modelDir, message: `${GENERATION_CONFIG}: ${message}` })
+    const json = yield* Effect.try({ try: () => JSON.parse(readFileSync(path, "utf8")) as unknown, catch: (e) => failed(String(e)) })
+    const model = yield* Either.mapLeft(Sampling.modelDefaults(json, family), failed)
+    const { defaults: merged, applied } = Sampling.withModelDefaults(defaults, model)
+    const listed = Object.entries(applied).map(([field, value]) => `${field} ${String(value)}`)
+    if (listed.length > 0) {
+      yield* Effect.logInfo(
+        `sampling defaults from the model's ${GENERATION_CONFIG}: ${listed.join(", ")} (a flag set to another value wins; --generation-config vdiff ignores the file)`
+      )
+    }
+    return merged
   })
 
 /** ChatML's turn end (Qwen2's template, which Dream's and SDAR's chat templates are). */

@@ -89,7 +89,8 @@ export const nativeLoader = (config: Settings): Loader =>
       maxBatchTokens: config.maxBatchTokens === 0 ? Number.MAX_SAFE_INTEGER : config.maxBatchTokens,
       requestTimeoutMs: config.requestTimeout * 1000
     },
-    defaults: servingDefaults(config)
+    defaults: servingDefaults(config),
+    generationConfig: config.generationConfig
   })
 
 /**
