@@ -11,6 +11,12 @@ earlier runs reproduce: `random_length` cuts a step's pretraining rows to one le
 [64, seq_len] with that probability (LLaDA trains 1% of its rows at a random length), so that a canvas
 ending short of seq_len does not mean "EOS padding follows"; `sft_fit` pads a step's chat rows only to
 the longest of them (rounded up to 16) instead of to sft_len, so that they hold far fewer EOS targets.
+
+A third (STAGE3.md, session 3), `sft_packed`, replaces the padded pairs: a chat row is a conversation of
+consecutive speeches, user and assistant turns alternating, each closed by <|eot_id|>, filling the row with
+no EOS at all; everything from the first assistant answer on may be masked. The model then learns that an
+answer ends with <|eot_id|> and that another turn follows it, never "masked positions near the end are EOS
+padding", which made the padded models commit EOS first and end almost every answer at once.
 """
 import json
 import os
@@ -77,8 +83,12 @@ def chat_examples(vocab, text, seq_len, min_answer_room=8):
 class Batches:
     """Random pretraining windows and chat examples, drawn from one seeded generator."""
 
-    def __init__(self, vocab, train_text, seq_len, seed, sft_len=None, random_length=0.0, sft_fit=False):
+    def __init__(self, vocab, train_text, seq_len, seed, sft_len=None, random_length=0.0, sft_fit=False,
+                 sft_packed=False):
         self.vocab = vocab
+        self.sft_packed = sft_packed
+        if sft_packed:
+            self.turns = [vocab.encoder.encode("\n\n" + text.strip()) for _, text in speeches(train_text)]
         self.seq_len = seq_len
         self.sft_len = sft_len or seq_len
         self.random_length = random_length
@@ -99,7 +109,32 @@ class Batches:
         maskable[:, 0] = False
         return tokens, maskable
 
+    def conversation(self, length):
+        """A row of `length` tokens: BOS, then consecutive speeches as alternating user and assistant turns
+        from a random speech, and where the first answer starts."""
+        enc, v = self.vocab.encoder.encode, self.vocab
+        headers = {role: [v.start_header] + enc(role) + [v.end_header] for role in ("user", "assistant")}
+        while True:
+            i = self.rng.randrange(len(self.turns) - 1)
+            ids = [v.bos] + headers["user"] + self.turns[i] + [v.eot] + headers["assistant"]
+            answer_start = len(ids)
+            if answer_start + 8 > length:
+                continue
+            role = "assistant"
+            while len(ids) < length and i + 1 < len(self.turns):
+                i += 1
+                ids += self.turns[i] + [v.eot]
+                role = "user" if role == "assistant" else "assistant"
+                ids += headers[role]
+            if len(ids) >= length:
+                return ids[:length], answer_start
+
     def sft(self, batch):
+        if self.sft_packed:
+            rows = [self.conversation(self.sft_len) for _ in range(batch)]
+            tokens = torch.tensor([ids for ids, _ in rows], dtype=torch.long)
+            positions = torch.arange(self.sft_len)[None, :]
+            return tokens, positions >= torch.tensor([start for _, start in rows])[:, None]
         picks = [self.chat[self.rng.randrange(len(self.chat))] for _ in range(batch)]
         length = self.sft_len
         if self.sft_fit:

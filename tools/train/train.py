@@ -107,6 +107,8 @@ def main():
                    help="probability that a step's pretraining rows are cut to one length drawn from [64, --seq-len]")
     p.add_argument("--sft-fit", action="store_true",
                    help="pad a step's chat rows only to the longest of them (rounded up to 16), not to --sft-len")
+    p.add_argument("--sft-packed", action="store_true",
+                   help="chat rows are conversations of consecutive speeches filling --sft-len, with no EOS padding")
     p.add_argument("--init-from", default=None,
                    help="model directory (config.json + model.safetensors) whose weights start a fresh run")
     p.add_argument("--ema", type=float, default=None,
@@ -128,7 +130,7 @@ def main():
     train_text, heldout_text = load_split(args.corpus)
     sft_len = args.sft_len or args.seq_len
     batches = Batches(vocab, train_text, args.seq_len, args.seed, sft_len=sft_len,
-                      random_length=args.random_length, sft_fit=args.sft_fit)
+                      random_length=args.random_length, sft_fit=args.sft_fit, sft_packed=args.sft_packed)
     sft_rows = args.batch // 2 if args.sft_rows is None else args.sft_rows
     # A small fixed slice of the held-out windows, for a progress signal only (evaluate.py reports the rest).
     probe = heldout_windows(vocab, heldout_text, args.seq_len)[:32]
@@ -179,7 +181,7 @@ def main():
     while step < last_step:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
-        separate = sft_len != args.seq_len or args.random_length > 0 or args.sft_fit
+        separate = sft_len != args.seq_len or args.random_length > 0 or args.sft_fit or args.sft_packed
         if args.sft_from is not None and step >= args.sft_from and separate:
             # Two lengths cannot share a tensor: the mean over all rows, from one forward per length.
             pre_tokens, pre_mask = batches.pretrain(args.batch - sft_rows)
