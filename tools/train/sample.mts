@@ -1,14 +1,26 @@
-// Prints greedy generations of a model directory through the native engine: completions of a few
-// prompts, and (--chat) replies to a few user lines through the model's chat template.
-//   npx tsx tools/train/sample.mts MODEL_DIR [GEN_LENGTH] [BLOCK_LENGTH] [--chat]
+// Prints generations of a model directory through the native engine: completions of a few prompts, and
+// (--chat) replies to a few user lines through the model's chat template. Greedy unless --temperature is
+// given (then --top-p, --min-p and --seed apply too).
+//   npx tsx tools/train/sample.mts MODEL_DIR [GEN_LENGTH] [BLOCK_LENGTH] [--chat] [--temperature T]
+//       [--top-p P] [--min-p M] [--seed S]
+import { parseArgs } from "node:util"
 import { Effect, Option } from "effect"
 import { fromTokenizerConfig } from "../../src/chat/ChatFormatter.js"
 import { loadAddon } from "../../src/engine/native.js"
 import { make } from "../../src/tokenizer/Tokenizer.js"
 
-const args = process.argv.slice(2)
-const chat = args.includes("--chat")
-const [dir, genText = "48", blockText = "16"] = args.filter((a) => a !== "--chat")
+const { values, positionals } = parseArgs({
+  allowPositionals: true,
+  options: {
+    chat: { type: "boolean", default: false },
+    temperature: { type: "string", default: "0" },
+    "top-p": { type: "string" },
+    "min-p": { type: "string" },
+    seed: { type: "string", default: "0" }
+  }
+})
+const chat = values.chat
+const [dir, genText = "48", blockText = "16"] = positionals
 const genLength = Number(genText)
 const blockLength = Number(blockText)
 const tokenizer = await Effect.runPromise(make(dir!))
@@ -20,10 +32,12 @@ const generate = async (prompt: ReadonlyArray<number>): Promise<Array<number>> =
     genLength,
     blockLength,
     steps: genLength,
-    temperature: 0,
+    temperature: Number(values.temperature),
+    ...(values["top-p"] === undefined ? {} : { topP: Number(values["top-p"]) }),
+    ...(values["min-p"] === undefined ? {} : { minP: Number(values["min-p"]) }),
     remasking: "low_confidence",
     cfgScale: 0,
-    seed: 0,
+    seed: Number(values.seed),
     ...(eot === undefined ? {} : { eotTokenId: eot })
   })
   try {
