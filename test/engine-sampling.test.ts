@@ -51,6 +51,33 @@ describe("with every new option off", () => {
   })
 })
 
+describe("repetition penalties", () => {
+  // The exact rule is checked natively (sampler_tests.cpp, test_penalties); here: the addon reads the three
+  // fields, a penalty changes a greedy answer on a real forward, and the native check refuses a bad value.
+  const prompt = [5, 17, 33, 2]
+  const answer = (overrides: Partial<NativeSamplingParams>) =>
+    runTogether(engine, [{ prompt, params: greedy({ genLength: 24, blockLength: 8, steps: 24, ...overrides }) }]).then(
+      ([run]) => run!.answer
+    )
+
+  it("leaves the answer alone at their off values and changes it when on", async () => {
+    const plain = await answer({})
+    expect(await answer({ presencePenalty: 0, frequencyPenalty: 0, repetitionPenalty: 1 })).toEqual(plain)
+    const repeats = (tokens: ReadonlyArray<number>) => tokens.length - new Set(tokens).size
+    for (const on of [{ presencePenalty: 2 }, { frequencyPenalty: 2 }, { repetitionPenalty: 2 }]) {
+      const penalised = await answer(on)
+      expect(penalised, JSON.stringify(on)).not.toEqual(plain)
+      expect(repeats(penalised), JSON.stringify(on)).toBeLessThan(repeats(plain))
+    }
+  })
+
+  it("refuses a value out of range natively, naming the field", () => {
+    expect(() => engine.create(prompt, greedy({ genLength: 8, blockLength: 8, steps: 8, repetitionPenalty: 0 }))).toThrow(
+      /repetition_penalty must be in \(0, 2\]/
+    )
+  })
+})
+
 describe("top-k and top-p", () => {
   const prompt = [5, 17, 33, 2]
   const sampled = (overrides: Partial<NativeSamplingParams>) =>

@@ -142,6 +142,9 @@ describe("settings by family", () => {
       temperature: 0,
       topK: 0,
       topP: 1,
+      presencePenalty: 0,
+      frequencyPenalty: 0,
+      repetitionPenalty: 1,
       alg: "entropy",
       algTemp: 0,
       eps: 0.001

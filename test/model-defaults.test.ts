@@ -125,6 +125,16 @@ describe("a served model's generation_config.json", () => {
     expect(await settingsOf(dir, ["--temperature", "0.2"])).toMatchObject({ temperature: 0.2, topP: 0.9, genLength: 12 })
   })
 
+  it("passes Hugging Face's repetition_penalty on as the default, and a request's penalties over it", async () => {
+    const dir = await modelDir({ repetition_penalty: 1.3 })
+    expect(await settingsOf(dir, [])).toMatchObject({ repetitionPenalty: 1.3, presencePenalty: 0, frequencyPenalty: 0 })
+    expect(await settingsOf(dir, [], { repetition_penalty: 1, presence_penalty: 0.5, frequency_penalty: -0.25 })).toMatchObject({
+      repetitionPenalty: 1,
+      presencePenalty: 0.5,
+      frequencyPenalty: -0.25
+    })
+  })
+
   it("is ignored under --generation-config vdiff", async () => {
     const settings = await settingsOf(await modelDir(recommended), ["--generation-config", "vdiff"])
     expect(settings).toMatchObject({ temperature: 0, topP: 1, genLength: 128 })

@@ -302,6 +302,30 @@ export const samplingSettings = {
     appliesTo: ["full_canvas", "block"],
     neutral: 0
   }),
+  presence_penalty: entry({
+    value: { type: "number", min: -2, max: 2 },
+    optional: true,
+    default: "0",
+    placeholder: "P",
+    description:
+      "Presence penalty when a request gives none: subtracted from the logit of every token the answer already holds (committed anywhere in it; EOS and end-of-turn not counted), at every temperature; 0 turns it off"
+  }),
+  frequency_penalty: entry({
+    value: { type: "number", min: -2, max: 2 },
+    optional: true,
+    default: "0",
+    placeholder: "P",
+    description:
+      "Frequency penalty when a request gives none: subtracted from a token's logit once per time the answer already holds it (EOS and end-of-turn not counted), at every temperature; 0 turns it off"
+  }),
+  repetition_penalty: entry({
+    value: { type: "number", min: 0, above: true, max: 2 },
+    optional: true,
+    default: "1",
+    placeholder: "R",
+    description:
+      "Repetition penalty when a request gives none (Hugging Face's and vLLM's): the logit of every token in the prompt or the answer is divided by R when positive, multiplied when negative, at every temperature; 1 turns it off"
+  }),
   parallel_threshold: entry({
     value: { type: "number", min: 0, max: 1 },
     optional: true,

@@ -89,12 +89,6 @@ export const makePlan = (
     const family = config.family ?? Sampling.lladaFamily
     const misfit = Sampling.familyViolation(request, family)
     if (misfit !== undefined) return yield* notSupported(misfit.param, misfit.message)
-    for (const param of ["presence_penalty", "frequency_penalty"] as const) {
-      const value = request[param]
-      if (value !== undefined && value !== 0) {
-        return yield* notSupported(param, `${param} other than 0 is not supported: a diffusion model does not generate left to right`)
-      }
-    }
     if (request.logit_bias !== undefined && Object.keys(request.logit_bias).length > 0) {
       return yield* notSupported("logit_bias", "logit_bias is not supported yet")
     }

@@ -57,8 +57,6 @@ const samplingFields = {
   stop: optional(Stop),
   stop_token_ids: optional(described(Schema.Array(TokenId), "stop_token_ids must be an array of token ids")),
   seed: optional(int("seed", 0, MAX_SEED)),
-  presence_penalty: optional(number("presence_penalty", -2, 2)),
-  frequency_penalty: optional(number("frequency_penalty", -2, 2)),
   logit_bias: optional(described(Schema.Record({ key: Schema.String, value: Schema.Number }), "logit_bias must map token ids to numbers")),
   stream: optional(boolean("stream")),
   stream_options: optional(StreamOptions),

@@ -182,6 +182,9 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
                 : static_cast<int>(integer_of(env, top_k, "params.topK", INT32_MIN, INT32_MAX));
   p.top_p = optional_number("topP", 1.0);
   p.min_p = optional_number("minP", 0.0);
+  p.presence_penalty = optional_number("presencePenalty", 0.0);
+  p.frequency_penalty = optional_number("frequencyPenalty", 0.0);
+  p.repetition_penalty = optional_number("repetitionPenalty", 1.0);
   p.parallel_threshold = optional_number("parallelThreshold", 0.0);
   p.parallel_factor = optional_number("parallelFactor", 0.0);
   p.early_stop = bool_field("earlyStop");

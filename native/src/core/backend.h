@@ -21,7 +21,8 @@
 namespace vdiff {
 
 class ThreadPool;
-struct RowRule;  // sampler.h
+struct RowRule;    // sampler.h
+struct Penalties;  // sampler.h
 
 enum class Device { Auto, Cpu, Cuda };
 const char* device_name(Device device);  // "auto" | "cpu" | "cuda"
@@ -157,7 +158,8 @@ struct RowTask {
   int cond = 0;
   int uncond = -1;  // -1: no cfg
   double cfg_scale = 0.0;
-  const RowRule* rule = nullptr;  // nullptr: no sampling (only `target` is wanted)
+  const RowRule* rule = nullptr;         // nullptr: no sampling (only `target` is wanted)
+  const Penalties* penalties = nullptr;  // applied after cfg, before the rule; nullptr: none
   uint64_t seed = 0;
   int step = 0;
   int position = 0;      // in the answer

@@ -132,6 +132,15 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
     throw invalid("top_p must be in (0, 1] (1: off) (got " + std::to_string(p.top_p) + ")", "top_p");
   if (!(p.min_p >= 0.0 && p.min_p <= 1.0))
     throw invalid("min_p must be in [0, 1] (0: off) (got " + std::to_string(p.min_p) + ")", "min_p");
+  if (!(p.presence_penalty >= -2.0 && p.presence_penalty <= 2.0))
+    throw invalid("presence_penalty must be in [-2, 2] (0: off) (got " + std::to_string(p.presence_penalty) + ")",
+                  "presence_penalty");
+  if (!(p.frequency_penalty >= -2.0 && p.frequency_penalty <= 2.0))
+    throw invalid("frequency_penalty must be in [-2, 2] (0: off) (got " + std::to_string(p.frequency_penalty) + ")",
+                  "frequency_penalty");
+  if (!(p.repetition_penalty > 0.0 && p.repetition_penalty <= 2.0))
+    throw invalid("repetition_penalty must be in (0, 2] (1: off) (got " + std::to_string(p.repetition_penalty) + ")",
+                  "repetition_penalty");
   if (!(p.parallel_threshold >= 0.0 && p.parallel_threshold <= 1.0))
     throw invalid("parallel_threshold must be in [0, 1] (0: off) (got " + std::to_string(p.parallel_threshold) + ")",
                   "parallel_threshold");
@@ -173,6 +182,7 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
     std::shared_ptr<Sequence> seq = config.decoding == Decoding::Block
                                         ? make_block_sequence(prompt, params, suffix, answer_template, *backend_)
                                         : make_dream_sequence(prompt, params, suffix, answer_template, *backend_);
+    if (params.repetition_penalty != 1.0) seq->penalised_prompt = prompt;
     std::lock_guard<std::mutex> lock(mu_);
     const uint64_t id = next_id_++;
     seq->id = id;
@@ -233,6 +243,7 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
     if (params.cfg_scale > 0.0) seq->uncond_cache = backend_->make_kv_cache(length);
   }
 
+  if (params.repetition_penalty != 1.0) seq->penalised_prompt = prompt;
   std::lock_guard<std::mutex> lock(mu_);
   const uint64_t id = next_id_++;
   seq->id = id;
@@ -458,6 +469,7 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
 
   // One forward over the batch; every row comes back sampled (the logits stay in the backend).
   std::vector<RowRule> rules(work.size());
+  std::vector<Penalties> penalties(work.size());
   std::vector<RowTask> tasks;
   tasks.reserve(n_tasks);
   for (size_t i = 0; i < work.size(); ++i) {
@@ -466,6 +478,10 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
     const SamplingParams& p = s.params;
     rules[i] = RowRule::of(p, config);
     if (w.forwards.empty()) continue;
+    const bool penalised = Penalties::wanted(p);
+    if (penalised)
+      penalties[i] = Penalties::of(p, s.penalised_prompt, s.answer(), config.mask_token_id, config.eos_token_id,
+                                   p.eot_token_id, config.embedding_size);
     const bool cfg = w.forwards.size() > 1;
     for (size_t r = 0; r < w.rows.size(); ++r) {
       RowTask t;
@@ -473,6 +489,7 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
       t.uncond = cfg ? static_cast<int>(w.uncond_offset + r) : -1;
       t.cfg_scale = p.cfg_scale;
       t.rule = &rules[i];
+      t.penalties = penalised ? &penalties[i] : nullptr;
       t.seed = p.seed;
       t.step = s.steps_done;
       t.position = w.rows[r] - s.prompt_length;

@@ -46,6 +46,11 @@ struct SamplingParams {
   double top_p = 1.0;  // in (0, 1]; 1: off
   double min_p = 0.0;  // in [0, 1]: only tokens at least min_p times as likely as the likeliest; 0: off
 
+  // Penalties on tokens the answer already holds (sampler.h, Penalties), at every temperature.
+  double presence_penalty = 0.0;    // in [-2, 2]: subtracted from a token's logit once it is in the answer
+  double frequency_penalty = 0.0;   // in [-2, 2]: subtracted once per time the token is in the answer
+  double repetition_penalty = 1.0;  // in (0, 2]: a token in the prompt or the answer: logit / r if > 0, else * r
+
   // Confidence-aware parallel decoding (Fast-dLLM); at most one of the two may be set (> 0). When set it
   // replaces the per-step quota of `steps`: each step commits the block's most confident masked position
   // plus those that pass the rule (sampler.h, select_parallel), and a block ends when it has no masks.

@@ -57,6 +57,51 @@ RowRule RowRule::of(const SamplingParams& p, const ModelConfig& config) {
                  .alg = p.alg};
 }
 
+Penalties Penalties::of(const SamplingParams& p, const std::vector<int32_t>& prompt, const std::vector<int32_t>& answer,
+                        int mask, int eos, int eot, int row_size) {
+  Penalties out;
+  out.presence = p.presence_penalty, out.frequency = p.frequency_penalty, out.repetition = p.repetition_penalty;
+  std::vector<int32_t> held;
+  for (int32_t t : answer)
+    if (t >= 0 && t < row_size && t != mask && t != eos && t != eot) held.push_back(t);
+  std::sort(held.begin(), held.end());
+  for (size_t i = 0; i < held.size();) {
+    size_t j = i;
+    while (j < held.size() && held[j] == held[i]) ++j;
+    out.answer.emplace_back(held[i], static_cast<int>(j - i));
+    i = j;
+  }
+  if (out.repetition != 1.0) {
+    for (int32_t t : prompt)
+      if (t >= 0 && t < row_size) out.prompt.push_back(t);
+    std::sort(out.prompt.begin(), out.prompt.end());
+    out.prompt.erase(std::unique(out.prompt.begin(), out.prompt.end()), out.prompt.end());
+  }
+  return out;
+}
+
+void Penalties::apply(float* logits, int row_size) const {
+  const auto repeat = [&](int32_t t) {
+    const double l = logits[t];
+    logits[t] = static_cast<float>(l > 0.0 ? l / repetition : l * repetition);
+  };
+  if (repetition != 1.0) {
+    // Every token of the prompt or the answer once: walk the two sorted lists together.
+    size_t a = 0, q = 0;
+    while (a < answer.size() || q < prompt.size()) {
+      const int32_t ta = a < answer.size() ? answer[a].first : INT32_MAX;
+      const int32_t tq = q < prompt.size() ? prompt[q] : INT32_MAX;
+      const int32_t t = std::min(ta, tq);
+      if (t < row_size) repeat(t);
+      a += ta == t;
+      q += tq == t;
+    }
+  }
+  if (presence != 0.0 || frequency != 0.0)
+    for (const auto& [t, count] : answer)
+      if (t < row_size) logits[t] = static_cast<float>(static_cast<double>(logits[t]) - frequency * count - presence);
+}
+
 void apply_cfg(float* cond, const float* uncond, size_t n, double cfg_scale) {
   const float scale = static_cast<float>(cfg_scale + 1.0);
   for (size_t i = 0; i < n; ++i) cond[i] = uncond[i] + scale * (cond[i] - uncond[i]);

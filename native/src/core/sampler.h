@@ -9,6 +9,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "engine.h"
@@ -82,6 +83,30 @@ struct RowRule {
   static RowRule of(const SamplingParams& p, const ModelConfig& config);
   // Whether the draw is restricted to candidates (then it ranks the row: see sample_row).
   bool filters() const { return temperature > 0.0 && (top_k > 0 || top_p < 1.0 || min_p > 0.0); }
+};
+
+// Penalties on the tokens a sequence already holds, applied to every row of its step before the rule
+// (OpenAI's presence and frequency penalties, Hugging Face's and vLLM's repetition penalty). A diffusion
+// answer is written in no fixed order, so "already generated" means committed anywhere in the answer so
+// far; masks and the end tokens (EOS, EOT: the padding after an answer) are not counted. For each token t
+// in the prompt or the answer (repetition) or in the answer (the other two), in float64 and stored as
+// float: l = repetition != 1 ? (l > 0 ? l / repetition : l * repetition) : l; then
+// l -= frequency * count(t) + presence. The row's probability, confidence and log-probabilities are those
+// of the penalised logits: they rank the commits, so a repeated token is also committed later.
+struct Penalties {
+  double presence = 0.0, frequency = 0.0, repetition = 1.0;
+  std::vector<std::pair<int32_t, int>> answer;  // (token, count >= 1), ascending token
+  std::vector<int32_t> prompt;                  // distinct prompt tokens, ascending (repetition != 1 only)
+
+  static bool wanted(const SamplingParams& p) {
+    return p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 || p.repetition_penalty != 1.0;
+  }
+  // The penalties of a sequence holding `answer` (mask tokens where uncommitted) after `prompt`; ids
+  // outside [0, row_size) are ignored.
+  static Penalties of(const SamplingParams& p, const std::vector<int32_t>& prompt, const std::vector<int32_t>& answer,
+                      int mask, int eos, int eot, int row_size);
+  // In place on one row of logits (row_size floats).
+  void apply(float* logits, int row_size) const;
 };
 
 struct RowChoice {

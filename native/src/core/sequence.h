@@ -70,6 +70,8 @@ class Sequence {
   uint64_t id = 0;
   SamplingParams params;
   int prompt_length = 0;
+  // The prompt's tokens, kept only for repetition_penalty (sampler.h, Penalties).
+  std::vector<int32_t> penalised_prompt;
   int steps_total = 0;
   int steps_done = 0;
   bool finished = false;

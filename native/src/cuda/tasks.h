@@ -16,8 +16,11 @@ using ops::TaskResult;
 
 // Rows whose draw is restricted by top-k / top-p are sampled on the host by sample_task (their logits
 // copied back): ranking a whole vocabulary per row is not worth a kernel for a rarely used option. So are
-// Dream's rows (sample_row_dream: its filters, margin and entropy confidences), for now.
-inline bool needs_host(const RowTask& t) { return t.rule && (t.rule->filters() || t.rule->dream); }
+// Dream's rows (sample_row_dream: its filters, margin and entropy confidences), for now, and rows with
+// repetition penalties (a sparse change of a few logits, made by sample_task as on the CPU).
+inline bool needs_host(const RowTask& t) {
+  return t.penalties != nullptr || (t.rule && (t.rule->filters() || t.rule->dream));
+}
 
 inline TaskDesc task_desc(const RowTask& t, int row_size) {
   TaskDesc d{};

@@ -166,6 +166,20 @@ static std::vector<int32_t> reference_answer(const LogitRule& rule, const std::v
       for (int pos = 0; pos < static_cast<int>(x.size()); ++pos) {
         float l[kVocab];
         rule(x.data(), static_cast<int>(x.size()), pos, l);
+        // Penalties, restated: per token, its count among the answer's committed tokens (not masks, EOS or
+        // EOT) and whether the prompt holds it.
+        for (int v = 0; v < kVocab; ++v) {
+          int count = 0;
+          bool in_prompt = false;
+          for (int q = lp; q < lp + p.gen_length; ++q)
+            count += x[q] == v && v != kMask && v != kEos && v != p.eot_token_id;
+          for (int q = 0; q < lp; ++q) in_prompt = in_prompt || x[q] == v;
+          double value = l[v];
+          if (p.repetition_penalty != 1.0 && (count > 0 || in_prompt))
+            value = value > 0 ? value / p.repetition_penalty : value * p.repetition_penalty;
+          if (count > 0) value -= p.frequency_penalty * count + p.presence_penalty;
+          l[v] = static_cast<float>(value);
+        }
         int best = 0;  // x0: argmax over every token but the mask (see sampler.h)
         for (int v = 1; v < kVocab; ++v)
           if (v != kMask && l[v] > l[best]) best = v;
@@ -436,6 +450,60 @@ static void test_matches_reference_loop() {
     CHECK(ordered);
     CHECK(rebuilt == answer);
   }
+}
+
+static void test_penalties() {
+  // Penalties::of: counts over the answer's committed tokens, masks and end tokens left out; the prompt's
+  // distinct tokens only with a repetition penalty.
+  SamplingParams p = params(8, 8, 8);
+  p.presence_penalty = 0.5, p.frequency_penalty = 0.25;
+  const std::vector<int32_t> prompt = {3, 3, 9}, answer = {3, kMask, 5, 3, kEos, kEot, 5, 3};
+  Penalties pen = Penalties::of(p, prompt, answer, kMask, kEos, kEot, kVocab);
+  CHECK((pen.answer == std::vector<std::pair<int32_t, int>>{{3, 3}, {5, 2}}));
+  CHECK(pen.prompt.empty());
+  float row[kVocab];
+  for (int v = 0; v < kVocab; ++v) row[v] = static_cast<float>(v) - 4.0f;
+  pen.apply(row, kVocab);
+  CHECK(row[3] == -1.0f - 0.75f - 0.5f && row[5] == 1.0f - 0.5f - 0.5f && row[9] == 5.0f && row[kEos] == 10.0f);
+  p.presence_penalty = p.frequency_penalty = 0.0, p.repetition_penalty = 1.25;
+  pen = Penalties::of(p, prompt, answer, kMask, kEos, kEot, kVocab);
+  CHECK((pen.prompt == std::vector<int32_t>{3, 9}));
+  for (int v = 0; v < kVocab; ++v) row[v] = static_cast<float>(v) - 4.0f;
+  pen.apply(row, kVocab);
+  // Divided when positive, multiplied when negative, once per token however often it appears.
+  CHECK(row[3] == -1.25f && row[5] == 1.0f / 1.25f && row[9] == 5.0f / 1.25f && row[4] == 0.0f && row[6] == 2.0f);
+
+  // End to end against the restated reference loop, and never a no-op on these shapes.
+  struct Case {
+    std::vector<int32_t> prompt;
+    double presence, frequency, repetition;
+  };
+  for (const Case& c : std::vector<Case>{{{1, 2, 3}, 1.0, 0.0, 1.0},
+                                         {{4, 4}, 0.0, 0.7, 1.0},
+                                         {{5, 6, 7}, 0.0, 0.0, 1.8},
+                                         {{8}, 0.3, 0.4, 1.3},
+                                         {{9, 1}, -1.0, -0.5, 0.6}}) {
+    SamplingParams q = params(16, 4, 16);
+    q.eot_token_id = kEot;
+    const std::vector<int32_t> plain = reference_answer(default_rule, c.prompt, q);
+    q.presence_penalty = c.presence, q.frequency_penalty = c.frequency, q.repetition_penalty = c.repetition;
+    Engine engine(std::make_shared<FakeModel>());
+    const std::vector<int32_t> answer = run_to_end(engine, engine.create(c.prompt, q));
+    CHECK(answer == reference_answer(default_rule, c.prompt, q));
+    CHECK(answer != plain);
+  }
+
+  Engine engine(std::make_shared<FakeModel>());
+  SamplingParams q = params(8, 4, 8);
+  q.presence_penalty = 2.5;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "presence_penalty must be in [-2, 2]", engine.create({1}, q));
+  q = params(8, 4, 8), q.frequency_penalty = -2.01;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "frequency_penalty must be in [-2, 2]", engine.create({1}, q));
+  q = params(8, 4, 8), q.repetition_penalty = 0.0;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "repetition_penalty must be in (0, 2]", engine.create({1}, q));
+  q.repetition_penalty = NAN;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "repetition_penalty", engine.create({1}, q));
+  CHECK(engine.live() == 0);
 }
 
 static void test_rows_requested() {
@@ -1083,6 +1151,7 @@ int main() {
   test_gumbel();
   test_validation();
   test_matches_reference_loop();
+  test_penalties();
   test_rows_requested();
   test_cfg_in_engine();
   test_eos_finish_reason();
