@@ -45,12 +45,15 @@ export interface Mode {
   readonly minP?: number
   /** EOS/EOT committed last (the engine's confidenceEosEotInf). */
   readonly endLast?: boolean
+  readonly repetitionPenalty?: number
+  readonly frequencyPenalty?: number
+  readonly presencePenalty?: number
 }
 
 /**
  * "dual+0.9" → a dual cache with threshold 0.9; "none" → vanilla; "hot1.5" → vanilla at temperature 1.5.
- * Sampling options follow after colons: "none:t0.8:p0.9:k40:m0.05:end-last" (temperature, top_p, top_k,
- * min_p, EOS/EOT committed last).
+ * Sampling options follow after colons: "none:t0.8:p0.9:k40:m0.05:rp1.2:fp0.5:pp0.5:end-last" (temperature,
+ * top_p, top_k, min_p, repetition, frequency and presence penalties, EOS/EOT committed last).
  */
 export const parseMode = (name: string): Mode => {
   const [head, ...options] = name.split(":")
@@ -61,12 +64,19 @@ export const parseMode = (name: string): Mode => {
   if (!(t >= 0 && t <= 1)) throw new Error(`bad threshold in mode "${name}"`)
   let mode: Mode = { name, kvCache: cache, parallelThreshold: t, ...(hot ? { temperature: Number(hot[1]) } : {}) }
   for (const option of options) {
-    const m = /^([tpkm])(\d+(?:\.\d+)?)$/.exec(option)
+    const m = /^(t|p|k|m|rp|fp|pp)(-?\d+(?:\.\d+)?)$/.exec(option)
+    const keys = {
+      t: "temperature",
+      p: "topP",
+      k: "topK",
+      m: "minP",
+      rp: "repetitionPenalty",
+      fp: "frequencyPenalty",
+      pp: "presencePenalty"
+    } as const
     if (option === "end-last") mode = { ...mode, endLast: true }
-    else if (m) {
-      const key = ({ t: "temperature", p: "topP", k: "topK", m: "minP" } as const)[m[1] as "t" | "p" | "k" | "m"]
-      mode = { ...mode, [key]: Number(m[2]) }
-    } else throw new Error(`unknown option "${option}" in mode "${name}"`)
+    else if (m) mode = { ...mode, [keys[m[1] as keyof typeof keys]]: Number(m[2]) }
+    else throw new Error(`unknown option "${option}" in mode "${name}"`)
   }
   return mode
 }
@@ -321,6 +331,9 @@ export const measureQuality = async (options: QualityOptions): Promise<QualityRe
       ...(mode.topP === undefined ? {} : { topP: mode.topP }),
       ...(mode.topK === undefined ? {} : { topK: mode.topK }),
       ...(mode.minP === undefined ? {} : { minP: mode.minP }),
+      ...(mode.repetitionPenalty === undefined ? {} : { repetitionPenalty: mode.repetitionPenalty }),
+      ...(mode.frequencyPenalty === undefined ? {} : { frequencyPenalty: mode.frequencyPenalty }),
+      ...(mode.presencePenalty === undefined ? {} : { presencePenalty: mode.presencePenalty }),
       ...(mode.endLast ? { confidenceEosEotInf: true, eotTokenId: eot._tag === "Some" ? eot.value : -1 } : {})
     }
     const started = performance.now()
