@@ -48,12 +48,15 @@ export interface Mode {
   readonly repetitionPenalty?: number
   readonly frequencyPenalty?: number
   readonly presencePenalty?: number
+  /** Commit positions in random order (LLaDA's remasking "random") instead of the most confident first. */
+  readonly randomOrder?: boolean
 }
 
 /**
  * "dual+0.9" → a dual cache with threshold 0.9; "none" → vanilla; "hot1.5" → vanilla at temperature 1.5.
  * Sampling options follow after colons: "none:t0.8:p0.9:k40:m0.05:rp1.2:fp0.5:pp0.5:end-last" (temperature,
- * top_p, top_k, min_p, repetition, frequency and presence penalties, EOS/EOT committed last).
+ * top_p, top_k, min_p, repetition, frequency and presence penalties, EOS/EOT committed last); ":random"
+ * commits positions in random order (remasking "random").
  */
 export const parseMode = (name: string): Mode => {
   const [head, ...options] = name.split(":")
@@ -75,6 +78,7 @@ export const parseMode = (name: string): Mode => {
       pp: "presencePenalty"
     } as const
     if (option === "end-last") mode = { ...mode, endLast: true }
+    else if (option === "random") mode = { ...mode, randomOrder: true }
     else if (m) mode = { ...mode, [keys[m[1] as keyof typeof keys]]: Number(m[2]) }
     else throw new Error(`unknown option "${option}" in mode "${name}"`)
   }
@@ -275,13 +279,17 @@ const judge = async (
   }
 }
 
-/** Answers every prompt in one batch (one engine step per round for all of them). */
+/**
+ * Answers every prompt in one batch (one engine step per round for all of them). Prompt i is seeded with
+ * params.seed + i, as the server seeds each request on its own: with one seed for all, every answer would
+ * draw the same noise at the same step and position.
+ */
 const generateAll = async (
   engine: NativeEngine,
   prompts: ReadonlyArray<ReadonlyArray<number>>,
   params: NativeSamplingParams
 ): Promise<{ answers: Array<Array<number>>; steps: number; denoised: number }> => {
-  const ids = prompts.map((prompt) => engine.create(prompt, params))
+  const ids = prompts.map((prompt, i) => engine.create(prompt, { ...params, seed: Number(params.seed) + i }))
   try {
     let running = [...ids],
       steps = 0,
@@ -323,7 +331,7 @@ export const measureQuality = async (options: QualityOptions): Promise<QualityRe
       blockLength: options.blockLength,
       steps: options.genLength,
       temperature: mode.temperature ?? 0,
-      remasking: "low_confidence",
+      remasking: mode.randomOrder ? "random" : "low_confidence",
       cfgScale: 0,
       seed: 7,
       kvCache: mode.kvCache,
