@@ -182,12 +182,7 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
     std::shared_ptr<Sequence> seq = config.decoding == Decoding::Block
                                         ? make_block_sequence(prompt, params, suffix, answer_template, *backend_)
                                         : make_dream_sequence(prompt, params, suffix, answer_template, *backend_);
-    if (params.repetition_penalty != 1.0) seq->penalised_prompt = prompt;
-    std::lock_guard<std::mutex> lock(mu_);
-    const uint64_t id = next_id_++;
-    seq->id = id;
-    sequences_.emplace(id, std::move(seq));
-    return id;
+    return adopt(std::move(seq), prompt);
   }
   if (!answer_template.empty()) {
     if (static_cast<int>(answer_template.size()) != params.gen_length)
@@ -243,7 +238,11 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
     if (params.cfg_scale > 0.0) seq->uncond_cache = backend_->make_kv_cache(length);
   }
 
-  if (params.repetition_penalty != 1.0) seq->penalised_prompt = prompt;
+  return adopt(std::move(seq), prompt);
+}
+
+uint64_t Engine::adopt(std::shared_ptr<Sequence> seq, const std::vector<int32_t>& prompt) {
+  if (seq->params.repetition_penalty != 1.0) seq->penalised_prompt = prompt;
   std::lock_guard<std::mutex> lock(mu_);
   const uint64_t id = next_id_++;
   seq->id = id;

@@ -213,6 +213,8 @@ class Engine {
   size_t live() const;
 
  private:
+  // Registers a new sequence made from `prompt` (kept for repetition_penalty) and returns its id.
+  uint64_t adopt(std::shared_ptr<Sequence> seq, const std::vector<int32_t>& prompt);
   std::shared_ptr<Sequence> get(uint64_t id) const;
   std::shared_ptr<Backend> backend_;
   mutable std::mutex mu_;  // guards sequences_ and next_id_
