@@ -2,7 +2,9 @@
  * What approximate decoding costs in quality, on the embedded model (models/shakespeare): every mode
  * answers the same held-out prompts greedily, and each answer is judged by
  *   - corpus-likeness: the fraction of its words (runs of letters, lowercased) that are words of
- *     tinyshakespeare (tools/train/corpus-words.txt), the measure of test/embedded-model.test.ts;
+ *     tinyshakespeare (tools/train/corpus-words.txt), the measure of test/embedded-model.test.ts, up to
+ *     the answer's first end token; a word that the prompt's cut splits is judged whole, and one that the
+ *     canvas end cuts is not judged (answerWords);
  *   - own loss: the model's own masked-token loss on the answer, in nats per token: the answer's
  *     positions are split at random (seeded) into two halves, each half is masked in turn with the prompt
  *     and the other half visible, and every answer token is scored once (NativeEngine.score). Scored up
@@ -19,12 +21,16 @@
  *       --modes none,prefix,dual,none+0.9,dual+0.9 --corpus tinyshakespeare.txt --model DIR --json out.json]
  *   npx tsx bench/quality.ts --write-speeches tinyshakespeare.txt   (rewrites the fixture of 48 speeches)
  *
+ * The mode "served" is what the server answers on the model when a request sets no sampling field: the
+ * server's defaults under the model's generation_config.json (servedMode).
+ *
  * test/acceleration-quality.test.ts runs a smaller instance and holds the modes to a margin.
  */
-import { readFileSync } from "node:fs"
+import { existsSync, readFileSync } from "node:fs"
 import { join } from "node:path"
 import { parseArgs } from "node:util"
-import { Effect } from "effect"
+import { Effect, Either } from "effect"
+import * as Sampling from "../src/config/sampling.js"
 import type { NativeEngine, NativeKvCacheMode, NativeSamplingParams } from "../src/engine/native.js"
 import { loadAddon } from "../src/engine/native.js"
 import { make as makeTokenizer, type TokenizerShape } from "../src/tokenizer/Tokenizer.js"
@@ -50,13 +56,15 @@ export interface Mode {
   readonly presencePenalty?: number
   /** Commit positions in random order (LLaDA's remasking "random") instead of the most confident first. */
   readonly randomOrder?: boolean
+  /** The block length of this mode (default: the run's --block). */
+  readonly blockLength?: number
 }
 
 /**
  * "dual+0.9" → a dual cache with threshold 0.9; "none" → vanilla; "hot1.5" → vanilla at temperature 1.5.
  * Sampling options follow after colons: "none:t0.8:p0.9:k40:m0.05:rp1.2:fp0.5:pp0.5:end-last" (temperature,
  * top_p, top_k, min_p, repetition, frequency and presence penalties, EOS/EOT committed last); ":random"
- * commits positions in random order (remasking "random").
+ * commits positions in random order (remasking "random"); ":b8" sets the mode's block length.
  */
 export const parseMode = (name: string): Mode => {
   const [head, ...options] = name.split(":")
@@ -67,7 +75,7 @@ export const parseMode = (name: string): Mode => {
   if (!(t >= 0 && t <= 1)) throw new Error(`bad threshold in mode "${name}"`)
   let mode: Mode = { name, kvCache: cache, parallelThreshold: t, ...(hot ? { temperature: Number(hot[1]) } : {}) }
   for (const option of options) {
-    const m = /^(t|p|k|m|rp|fp|pp)(-?\d+(?:\.\d+)?)$/.exec(option)
+    const m = /^(t|p|k|m|rp|fp|pp|b)(-?\d+(?:\.\d+)?)$/.exec(option)
     const keys = {
       t: "temperature",
       p: "topP",
@@ -75,7 +83,8 @@ export const parseMode = (name: string): Mode => {
       m: "minP",
       rp: "repetitionPenalty",
       fp: "frequencyPenalty",
-      pp: "presencePenalty"
+      pp: "presencePenalty",
+      b: "blockLength"
     } as const
     if (option === "end-last") mode = { ...mode, endLast: true }
     else if (option === "random") mode = { ...mode, randomOrder: true }
@@ -84,6 +93,48 @@ export const parseMode = (name: string): Mode => {
   }
   return mode
 }
+
+/**
+ * The mode "served": what `vdiff serve` answers a request that sets no sampling field, on this model: the
+ * server's documented defaults under the model's generation_config.json (Sampling.modelDefaults, as
+ * `--generation-config auto` applies them). Steps stay one token a step, as the server's default does.
+ */
+export const servedMode = (modelDir: string): Mode => {
+  const path = join(modelDir, "generation_config.json")
+  if (!existsSync(path)) return { name: "served", kvCache: "none", parallelThreshold: 0 }
+  const model = Either.getOrThrowWith(Sampling.modelDefaults(JSON.parse(readFileSync(path, "utf8"))), (e) => new Error(`${path}: ${e}`))
+  const unsupported = Object.keys(model).filter((k) => !servedFields.includes(k))
+  if (unsupported.length > 0) throw new Error(`${path}: bench/quality.ts does not model ${unsupported.join(", ")}`)
+  return {
+    name: "served",
+    kvCache: model.kv_cache ?? "none",
+    parallelThreshold: model.parallel_threshold ?? 0,
+    ...(model.temperature === undefined ? {} : { temperature: model.temperature }),
+    ...(model.top_p === undefined ? {} : { topP: model.top_p }),
+    ...(model.top_k === undefined ? {} : { topK: model.top_k }),
+    ...(model.min_p === undefined ? {} : { minP: model.min_p }),
+    ...(model.repetition_penalty === undefined ? {} : { repetitionPenalty: model.repetition_penalty }),
+    ...(model.frequency_penalty === undefined ? {} : { frequencyPenalty: model.frequency_penalty }),
+    ...(model.presence_penalty === undefined ? {} : { presencePenalty: model.presence_penalty }),
+    ...(model.remasking === "random" ? { randomOrder: true } : {}),
+    ...(model.block_length === undefined ? {} : { blockLength: model.block_length })
+  }
+}
+
+/** The generation_config.json settings that servedMode carries over. */
+const servedFields: ReadonlyArray<string> = [
+  "kv_cache",
+  "parallel_threshold",
+  "temperature",
+  "top_p",
+  "top_k",
+  "min_p",
+  "repetition_penalty",
+  "frequency_penalty",
+  "presence_penalty",
+  "remasking",
+  "block_length"
+]
 
 export interface QualityOptions {
   readonly prompts: number
@@ -165,6 +216,21 @@ export const heldOutText = (corpus: string): string => {
 }
 
 const words = (text: string): Array<string> => text.toLowerCase().match(/[a-z]+/g) ?? []
+
+/**
+ * The words of an answer that continues `promptText` with `answerText`, judged whole:
+ * - a prompt cut after a fixed number of tokens often ends inside a word ("...for Brit" + "ain's"); the
+ *   answer's first letters are then the rest of that word, and are judged joined to the prompt's last letters;
+ * - an answer that the canvas cut (`cut`: no end token) and that ends in a letter may end inside a word
+ *   ("...and hort"); that last word is not judged.
+ * The held-out continuations, cut at both ends the same way, are judged by the same rule.
+ */
+export const answerWords = (promptText: string, answerText: string, cut = false): Array<string> => {
+  const tail = /[A-Za-z]+$/.exec(promptText)?.[0] ?? ""
+  const joined = tail !== "" && /^[A-Za-z]/.test(answerText)
+  const all = words(joined ? tail + answerText : answerText)
+  return cut && /[A-Za-z]$/.test(answerText) ? all.slice(0, -1) : all
+}
 
 /** `count` passages of `chars` characters, each from the start of a speech, spread evenly over the held-out text. */
 export const heldOutSpeeches = (corpus: string, count: number, chars: number): Array<string> => {
@@ -260,10 +326,18 @@ const judge = async (
     total = 0,
     nll = 0,
     count = 0
+  const wordsOf = (prompt: ReadonlyArray<number>, answer: ReadonlyArray<number>) => {
+    const upToEnd = text(answer, endTokens)
+    return answerWords(
+      tokenizer.decode(prompt, { skipSpecialTokens: true }),
+      tokenizer.decode(upToEnd, { skipSpecialTokens: true }),
+      upToEnd.length === answer.length
+    )
+  }
   for (const [i, { prompt, answer }] of pairs.entries()) {
-    const answerWords = words(tokenizer.decode(answer, { skipSpecialTokens: true }))
-    inCorpus += answerWords.filter((w) => corpusWords.has(w)).length
-    total += answerWords.length
+    const judged = wordsOf(prompt, answer)
+    inCorpus += judged.filter((w) => corpusWords.has(w)).length
+    total += judged.length
     const loss = await ownLoss(engine, prompt, answer, endTokens, 1000 + i)
     nll += loss.nll
     count += loss.count
@@ -275,7 +349,7 @@ const judge = async (
     ownLoss: nll / count,
     scoredTokens: count,
     longestRun: longestRun(texts),
-    distinct2: distinct2(texts.map((t) => words(tokenizer.decode(t, { skipSpecialTokens: true }))))
+    distinct2: distinct2(pairs.map(({ prompt, answer }) => wordsOf(prompt, answer)))
   }
 }
 
@@ -328,7 +402,7 @@ export const measureQuality = async (options: QualityOptions): Promise<QualityRe
   for (const mode of options.modes) {
     const params: NativeSamplingParams = {
       genLength: options.genLength,
-      blockLength: options.blockLength,
+      blockLength: mode.blockLength ?? options.blockLength,
       steps: options.genLength,
       temperature: mode.temperature ?? 0,
       remasking: mode.randomOrder ? "random" : "low_confidence",
@@ -379,7 +453,7 @@ export const formatReport = (report: QualityReport): string => {
   const row = (cells: ReadonlyArray<string>) => cells.map((c, i) => (i === 0 ? c.padEnd(16) : c.padStart(11))).join(" ")
   const lines = [
     `${options.modelDir ?? "embedded model"}, ${options.prompts} held-out prompts of ${options.promptTokens} tokens, gen ${options.genLength}, ` +
-      `block ${options.blockLength}, steps = gen, greedy, ${options.threads} threads`,
+      `block ${options.blockLength} (or the mode's), steps = gen, greedy unless the mode samples, ${options.threads} threads`,
     `own loss: the model's masked-token loss on the answer (nats/token, lower = likelier to the model); ` +
       `corpus: fraction of answer words that are corpus words; vs: relative to ${vanilla?.mode.name ?? "-"}; ` +
       `same: answer tokens equal to ${vanilla?.mode.name ?? "-"}'s`,
@@ -452,7 +526,7 @@ if (import.meta.url === `file://${process.argv[1]}`) {
     blockLength: Number(values.block),
     promptTokens: Number(values["prompt-tokens"]),
     threads: Number(values.threads),
-    modes: values.modes!.split(",").map(parseMode),
+    modes: values.modes!.split(",").map((name) => (name === "served" ? servedMode(values.model ?? embeddedModelDir) : parseMode(name))),
     ...(values.corpus === undefined ? {} : { corpusPath: values.corpus }),
     ...(values.model === undefined ? {} : { modelDir: values.model })
   })
