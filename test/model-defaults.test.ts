@@ -4,6 +4,7 @@
  * beneath the server's flags and above the documented defaults, through the real server layers over the
  * fake engine (which records the settings each sequence was created with).
  */
+import { readFileSync } from "node:fs"
 import { mkdtemp, rm, writeFile } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
@@ -13,6 +14,7 @@ import * as Config from "../src/config/Config.js"
 import * as Sampling from "../src/config/sampling.js"
 import { makeFake } from "../src/engine/EngineTest.js"
 import { fakeIds, fakeLoader, postJson, startServer, writeTinyTokenizer } from "./http-helpers.js"
+import { embeddedModel, startServe } from "./stress/serve.js"
 
 const families = Object.fromEntries(Sampling.knownFamilies.map((family) => [family.name, family]))
 
@@ -150,5 +152,43 @@ describe("a served model's generation_config.json", () => {
       return yield* server.host.failure
     }).pipe(Effect.scoped, Effect.runPromise)
     expect(Option.getOrThrow(failure)).toContain("generation_config.json: temperature must be a number from 0 to 2")
+  })
+})
+
+describe("the embedded model's generation_config.json, through `vdiff serve`", () => {
+  const recommended = JSON.parse(readFileSync(join(embeddedModel, "generation_config.json"), "utf8")) as Record<string, unknown>
+  const sampling = Object.fromEntries(
+    Object.entries(recommended).filter(([key]) =>
+      Sampling.modelDefaults({ [key]: recommended[key] }).pipe(
+        Either.map((d) => Object.keys(d).length > 0),
+        Either.getOrElse(() => false)
+      )
+    )
+  )
+
+  it("recommends sampling settings the server applies when a request sets none", async () => {
+    expect(Object.keys(sampling).length).toBeGreaterThan(0)
+    const serve = await startServe({ flags: ["--generation-config", "auto"] })
+    try {
+      const line = serve.logs.find((entry) => String(entry["message"]).startsWith("sampling defaults from the model's"))
+      expect(line, serve.output()).toBeDefined()
+      for (const [key, value] of Object.entries(sampling)) expect(String(line!["message"])).toContain(`${key} ${String(value)}`)
+      const complete = async (fields: Record<string, unknown>) => {
+        const response = await fetch(`${serve.url}/v1/completions`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ prompt: "ROMEO:\n", max_tokens: 32, seed: 11, ...fields })
+        })
+        expect(response.status).toBe(200)
+        return ((await response.json()) as { choices: Array<{ text: string }> }).choices[0]!.text
+      }
+      // Unset fields take the file's values: the same answer as a request that sets them all, and not the
+      // answer of vdiff's own greedy default.
+      const byDefault = await complete({})
+      expect(await complete(sampling)).toBe(byDefault)
+      expect(await complete({ temperature: 0 })).not.toBe(byDefault)
+    } finally {
+      await serve.stop()
+    }
   })
 })

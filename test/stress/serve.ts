@@ -32,8 +32,18 @@ export interface ServeProcess {
   readonly collectGarbage: () => Promise<void>
 }
 
+/**
+ * Flags every served test starts with: vdiff's own sampling defaults (greedy, deterministic), not the
+ * embedded model's recommended ones from its generation_config.json, which sample. A test of what a
+ * user gets passes `--generation-config auto` (a later flag wins).
+ */
+const testDefaults = ["--port", "0", "--threads", "1", "--generation-config", "vdiff"]
+
 export interface ServeOptions {
-  /** Extra `vdiff serve` flags; --port 0 and --threads 1 come first and may be overridden. */
+  /**
+   * Extra `vdiff serve` flags; --port 0, --threads 1 and --generation-config vdiff come first and may be
+   * overridden.
+   */
   readonly flags?: ReadonlyArray<string>
   /** Default: the embedded model. */
   readonly model?: string
@@ -56,12 +66,12 @@ export interface ServeExit {
 }
 
 /**
- * `vdiff serve --port 0 --threads 1` with these flags, run to its exit (killed after 30 s: a hang fails
+ * `vdiff serve --port 0 --threads 1 --generation-config vdiff` with these flags, run to its exit (killed after 30 s: a hang fails
  * the test), with only PATH and `env` in its environment.
  */
 export const serveToExit = (flags: ReadonlyArray<string>, env: Record<string, string> = {}): Promise<ServeExit> =>
   new Promise((resolve) => {
-    const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts", "serve", "--port", "0", "--threads", "1", ...flags], {
+    const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts", "serve", ...testDefaults, ...flags], {
       cwd: repoRoot,
       stdio: ["ignore", "pipe", "pipe"],
       env: { PATH: process.env["PATH"] ?? "", ...env }
@@ -88,10 +98,7 @@ export const startServe = (options: ServeOptions = {}): Promise<ServeProcess> =>
       "serve",
       "--model",
       options.model ?? embeddedModel,
-      "--port",
-      "0",
-      "--threads",
-      "1",
+      ...testDefaults,
       ...(options.flags ?? [])
     ]
     const child = spawn(process.execPath, args, {
