@@ -27,7 +27,7 @@ describe("the openai SDK", () => {
   it("lists the model", async () => {
     const models = await client.models.list()
     expect(models.data.map((m) => m.id)).toEqual(["shakespeare"])
-    expect(models.data[0]).toMatchObject({ object: "model", owned_by: expect.any(String), max_model_len: 256 })
+    expect(models.data[0]).toMatchObject({ object: "model", owned_by: expect.any(String), max_model_len: 512 })
     const model = await client.models.retrieve("shakespeare")
     expect(model.id).toBe("shakespeare")
   })

@@ -117,7 +117,8 @@ describe("a full queue (2 slots, a queue of 2)", () => {
           body: JSON.stringify(body),
           ...(signal === undefined ? {} : { signal })
         })
-      const long = { prompt: "ROMEO:\n", max_tokens: 192, diffusion_steps: 192 }
+      // Long whatever the model writes: early_stop false denoises all 192 steps even if the answer ends early.
+      const long = { prompt: "ROMEO:\n", max_tokens: 192, diffusion_steps: 192, early_stop: false }
       const short = { prompt: "JULIET:\n", max_tokens: 4 }
       const until = async (check: (s: Awaited<ReturnType<typeof engineStats>>["scheduler"]) => boolean) => {
         for (let i = 0; !check((await engineStats(server.url)).scheduler); i++) {
