@@ -101,40 +101,30 @@ export const parseMode = (name: string): Mode => {
  */
 export const servedMode = (modelDir: string): Mode => {
   const path = join(modelDir, "generation_config.json")
-  if (!existsSync(path)) return { name: "served", kvCache: "none", parallelThreshold: 0 }
+  let mode: Mode = { name: "served", kvCache: "none", parallelThreshold: 0 }
+  if (!existsSync(path)) return mode
   const model = Either.getOrThrowWith(Sampling.modelDefaults(JSON.parse(readFileSync(path, "utf8"))), (e) => new Error(`${path}: ${e}`))
-  const unsupported = Object.keys(model).filter((k) => !servedFields.includes(k))
-  if (unsupported.length > 0) throw new Error(`${path}: bench/quality.ts does not model ${unsupported.join(", ")}`)
-  return {
-    name: "served",
-    kvCache: model.kv_cache ?? "none",
-    parallelThreshold: model.parallel_threshold ?? 0,
-    ...(model.temperature === undefined ? {} : { temperature: model.temperature }),
-    ...(model.top_p === undefined ? {} : { topP: model.top_p }),
-    ...(model.top_k === undefined ? {} : { topK: model.top_k }),
-    ...(model.min_p === undefined ? {} : { minP: model.min_p }),
-    ...(model.repetition_penalty === undefined ? {} : { repetitionPenalty: model.repetition_penalty }),
-    ...(model.frequency_penalty === undefined ? {} : { frequencyPenalty: model.frequency_penalty }),
-    ...(model.presence_penalty === undefined ? {} : { presencePenalty: model.presence_penalty }),
-    ...(model.remasking === "random" ? { randomOrder: true } : {}),
-    ...(model.block_length === undefined ? {} : { blockLength: model.block_length })
+  for (const [field, value] of Object.entries(model)) {
+    if (field === "remasking") mode = { ...mode, randomOrder: value === "random" }
+    else if (field in servedKeys) mode = { ...mode, [servedKeys[field as keyof typeof servedKeys]]: value }
+    else throw new Error(`${path}: bench/quality.ts does not model ${field}`)
   }
+  return mode
 }
 
-/** The generation_config.json settings that servedMode carries over. */
-const servedFields: ReadonlyArray<string> = [
-  "kv_cache",
-  "parallel_threshold",
-  "temperature",
-  "top_p",
-  "top_k",
-  "min_p",
-  "repetition_penalty",
-  "frequency_penalty",
-  "presence_penalty",
-  "remasking",
-  "block_length"
-]
+/** The generation_config.json settings that servedMode carries over (besides remasking), by Mode key. */
+const servedKeys = {
+  kv_cache: "kvCache",
+  parallel_threshold: "parallelThreshold",
+  temperature: "temperature",
+  top_p: "topP",
+  top_k: "topK",
+  min_p: "minP",
+  repetition_penalty: "repetitionPenalty",
+  frequency_penalty: "frequencyPenalty",
+  presence_penalty: "presencePenalty",
+  block_length: "blockLength"
+} as const
 
 export interface QualityOptions {
   readonly prompts: number
