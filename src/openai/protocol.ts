@@ -29,8 +29,6 @@ const optional = <A, I>(schema: Schema.Schema<A, I>) => Schema.optionalWith(sche
 const int = (name: string, min: number, max?: number) =>
   Sampling.requestValue(name, max === undefined ? { type: "int", min } : { type: "int", min, max })
 
-const number = (name: string, min: number, max: number) => Sampling.requestValue(name, { type: "number", min, max })
-
 const boolean = (name: string) => Sampling.requestValue(name, { type: "switch" })
 
 const TokenId = Schema.NonNegativeInt
