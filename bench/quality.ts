@@ -316,30 +316,29 @@ const judge = async (
     total = 0,
     nll = 0,
     count = 0
-  const wordsOf = (prompt: ReadonlyArray<number>, answer: ReadonlyArray<number>) => {
-    const upToEnd = text(answer, endTokens)
-    return answerWords(
+  // Each answer up to its first end token, and its words (judged once, for corpus-likeness and distinct-2).
+  const texts = pairs.map(({ answer }) => text(answer, endTokens))
+  const judged = pairs.map(({ prompt, answer }, i) =>
+    answerWords(
       tokenizer.decode(prompt, { skipSpecialTokens: true }),
-      tokenizer.decode(upToEnd, { skipSpecialTokens: true }),
-      upToEnd.length === answer.length
+      tokenizer.decode(texts[i]!, { skipSpecialTokens: true }),
+      texts[i]!.length === answer.length
     )
-  }
+  )
   for (const [i, { prompt, answer }] of pairs.entries()) {
-    const judged = wordsOf(prompt, answer)
-    inCorpus += judged.filter((w) => corpusWords.has(w)).length
-    total += judged.length
+    inCorpus += judged[i]!.filter((w) => corpusWords.has(w)).length
+    total += judged[i]!.length
     const loss = await ownLoss(engine, prompt, answer, endTokens, 1000 + i)
     nll += loss.nll
     count += loss.count
   }
-  const texts = pairs.map(({ answer }) => text(answer, endTokens))
   return {
     corpusWordFraction: total === 0 ? 0 : inCorpus / total,
     words: total,
     ownLoss: nll / count,
     scoredTokens: count,
     longestRun: longestRun(texts),
-    distinct2: distinct2(pairs.map(({ prompt, answer }) => wordsOf(prompt, answer)))
+    distinct2: distinct2(judged)
   }
 }
 
