@@ -29,7 +29,7 @@
 import { existsSync, readFileSync } from "node:fs"
 import { join } from "node:path"
 import { parseArgs } from "node:util"
-import { Effect, Either } from "effect"
+import { Effect, Either, Option } from "effect"
 import * as Sampling from "../src/config/sampling.js"
 import type { NativeEngine, NativeKvCacheMode, NativeSamplingParams } from "../src/engine/native.js"
 import { loadAddon } from "../src/engine/native.js"
@@ -126,6 +126,29 @@ const servedKeys = {
   block_length: "blockLength"
 } as const
 
+/**
+ * The engine's settings for `mode` at answer length `genLength` (one token a step, seed 7; `blockLength`
+ * unless the mode sets its own). `eot` is the model's end-of-turn token, for a mode that commits ends last.
+ */
+export const modeParams = (mode: Mode, genLength: number, blockLength: number, eot: number | undefined): NativeSamplingParams => ({
+  genLength,
+  blockLength: mode.blockLength ?? blockLength,
+  steps: genLength,
+  temperature: mode.temperature ?? 0,
+  remasking: mode.randomOrder ? "random" : "low_confidence",
+  cfgScale: 0,
+  seed: 7,
+  kvCache: mode.kvCache,
+  parallelThreshold: mode.parallelThreshold,
+  ...(mode.topP === undefined ? {} : { topP: mode.topP }),
+  ...(mode.topK === undefined ? {} : { topK: mode.topK }),
+  ...(mode.minP === undefined ? {} : { minP: mode.minP }),
+  ...(mode.repetitionPenalty === undefined ? {} : { repetitionPenalty: mode.repetitionPenalty }),
+  ...(mode.frequencyPenalty === undefined ? {} : { frequencyPenalty: mode.frequencyPenalty }),
+  ...(mode.presencePenalty === undefined ? {} : { presencePenalty: mode.presencePenalty }),
+  ...(mode.endLast ? { confidenceEosEotInf: true, eotTokenId: eot ?? -1 } : {})
+})
+
 export interface QualityOptions {
   readonly prompts: number
   readonly genLength: number
@@ -205,7 +228,7 @@ export const heldOutText = (corpus: string): string => {
   return corpus.slice(corpus.indexOf("\n\n", mark) + 2)
 }
 
-const words = (text: string): Array<string> => text.toLowerCase().match(/[a-z]+/g) ?? []
+export const words = (text: string): Array<string> => text.toLowerCase().match(/[a-z]+/g) ?? []
 
 /**
  * The words of an answer that continues `promptText` with `answerText`, judged whole:
@@ -347,7 +370,7 @@ const judge = async (
  * params.seed + i, as the server seeds each request on its own: with one seed for all, every answer would
  * draw the same noise at the same step and position.
  */
-const generateAll = async (
+export const generateAll = async (
   engine: NativeEngine,
   prompts: ReadonlyArray<ReadonlyArray<number>>,
   params: NativeSamplingParams
@@ -389,24 +412,7 @@ export const measureQuality = async (options: QualityOptions): Promise<QualityRe
   const modes: Array<ModeQuality> = []
   let first: Array<Array<number>> | undefined
   for (const mode of options.modes) {
-    const params: NativeSamplingParams = {
-      genLength: options.genLength,
-      blockLength: mode.blockLength ?? options.blockLength,
-      steps: options.genLength,
-      temperature: mode.temperature ?? 0,
-      remasking: mode.randomOrder ? "random" : "low_confidence",
-      cfgScale: 0,
-      seed: 7,
-      kvCache: mode.kvCache,
-      parallelThreshold: mode.parallelThreshold,
-      ...(mode.topP === undefined ? {} : { topP: mode.topP }),
-      ...(mode.topK === undefined ? {} : { topK: mode.topK }),
-      ...(mode.minP === undefined ? {} : { minP: mode.minP }),
-      ...(mode.repetitionPenalty === undefined ? {} : { repetitionPenalty: mode.repetitionPenalty }),
-      ...(mode.frequencyPenalty === undefined ? {} : { frequencyPenalty: mode.frequencyPenalty }),
-      ...(mode.presencePenalty === undefined ? {} : { presencePenalty: mode.presencePenalty }),
-      ...(mode.endLast ? { confidenceEosEotInf: true, eotTokenId: eot._tag === "Some" ? eot.value : -1 } : {})
-    }
+    const params = modeParams(mode, options.genLength, options.blockLength, Option.getOrUndefined(eot))
     const started = performance.now()
     const run = await generateAll(
       engine,

@@ -17,7 +17,12 @@ consecutive speeches, user and assistant turns alternating, each closed by <|eot
 no EOS at all; everything from the first assistant answer on may be masked. The model then learns that an
 answer ends with <|eot_id|> and that another turn follows it, never "masked positions near the end are EOS
 padding", which made the padded models commit EOS first and end almost every answer at once.
+
+A fourth (STAGE3.md, session 5), `sft_echo`, starts that share of the packed conversations at a line whose
+reply takes up one of its words (`replies_taking_up`), so that the model learns to answer what was said
+rather than with any speech.
 """
+import collections
 import json
 import os
 import random
@@ -25,6 +30,7 @@ import random
 import torch
 
 from bpe import BOS, END_HEADER, EOS, EOT, MASK, START_HEADER, Encoder
+from corpus import words
 
 
 class Vocab:
@@ -48,6 +54,21 @@ def speeches(text):
         lines = block.strip("\n").split("\n")
         if len(lines) >= 2 and lines[0].endswith(":"):
             out.append((lines[0][:-1], "\n".join(lines[1:]).strip()))
+    return out
+
+
+def replies_taking_up(turns, train_text, common=120, max_line_words=30, max_reply_words=40):
+    """Indices i where speech i + 1 answers speech i by taking up one of its words: a different speaker, a
+    short line and reply, and a word they share that is not among the `common` most frequent words of the
+    training text ("Well, let it strike." / "Why let it strike?"). About one pair in nine."""
+    frequent = {w for w, _ in collections.Counter(words(train_text)).most_common(common)}
+    out = []
+    for i, ((speaker_a, a), (speaker_b, b)) in enumerate(zip(turns, turns[1:])):
+        line, reply = words(a), words(b)
+        if speaker_a == speaker_b or len(line) > max_line_words or len(reply) > max_reply_words:
+            continue
+        if set(line) & set(reply) - frequent:
+            out.append(i)
     return out
 
 
@@ -84,11 +105,14 @@ class Batches:
     """Random pretraining windows and chat examples, drawn from one seeded generator."""
 
     def __init__(self, vocab, train_text, seq_len, seed, sft_len=None, random_length=0.0, sft_fit=False,
-                 sft_packed=False):
+                 sft_packed=False, sft_echo=0.0):
         self.vocab = vocab
         self.sft_packed = sft_packed
+        self.sft_echo = sft_echo
         if sft_packed:
-            self.turns = [vocab.encoder.encode("\n\n" + text.strip()) for _, text in speeches(train_text)]
+            turns = speeches(train_text)
+            self.turns = [vocab.encoder.encode("\n\n" + text.strip()) for _, text in turns]
+            self.echo_starts = replies_taking_up(turns, train_text) if sft_echo > 0 else []
         self.seq_len = seq_len
         self.sft_len = sft_len or seq_len
         self.random_length = random_length
@@ -115,7 +139,10 @@ class Batches:
         enc, v = self.vocab.encoder.encode, self.vocab
         headers = {role: [v.start_header] + enc(role) + [v.end_header] for role in ("user", "assistant")}
         while True:
-            i = self.rng.randrange(len(self.turns) - 1)
+            if self.sft_echo > 0 and self.rng.random() < self.sft_echo:
+                i = self.echo_starts[self.rng.randrange(len(self.echo_starts))]
+            else:
+                i = self.rng.randrange(len(self.turns) - 1)
             ids = [v.bos] + headers["user"] + self.turns[i] + [v.eot] + headers["assistant"]
             answer_start = len(ids)
             if answer_start + 8 > length:

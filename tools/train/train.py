@@ -109,6 +109,8 @@ def main():
                    help="pad a step's chat rows only to the longest of them (rounded up to 16), not to --sft-len")
     p.add_argument("--sft-packed", action="store_true",
                    help="chat rows are conversations of consecutive speeches filling --sft-len, with no EOS padding")
+    p.add_argument("--sft-echo", type=float, default=0.0,
+                   help="with --sft-packed: the share of conversations that start at a reply taking up the line")
     p.add_argument("--init-from", default=None,
                    help="model directory (config.json + model.safetensors) whose weights start a fresh run")
     p.add_argument("--ema", type=float, default=None,
@@ -123,6 +125,8 @@ def main():
     p.add_argument("--stop-after", type=int, default=None,
                    help="end the run after this step (checkpointed), leaving the schedule as for --steps")
     args = p.parse_args()
+    if args.sft_echo > 0 and not args.sft_packed:
+        p.error("--sft-echo picks where packed conversations start: it needs --sft-packed")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -130,7 +134,8 @@ def main():
     train_text, heldout_text = load_split(args.corpus)
     sft_len = args.sft_len or args.seq_len
     batches = Batches(vocab, train_text, args.seq_len, args.seed, sft_len=sft_len,
-                      random_length=args.random_length, sft_fit=args.sft_fit, sft_packed=args.sft_packed)
+                      random_length=args.random_length, sft_fit=args.sft_fit, sft_packed=args.sft_packed,
+                      sft_echo=args.sft_echo)
     sft_rows = args.batch // 2 if args.sft_rows is None else args.sft_rows
     # A small fixed slice of the held-out windows, for a progress signal only (evaluate.py reports the rest).
     probe = heldout_windows(vocab, heldout_text, args.seq_len)[:32]
@@ -164,8 +169,9 @@ def main():
         print(f"resumed at step {step}", flush=True)
 
     n_params = sum(p.numel() for p in model.parameters())
+    echo = f"replies taking up the line {len(batches.echo_starts)}; " if args.sft_echo > 0 else ""
     print(f"parameters {n_params} ({n_params / 1e6:.2f}M); train tokens {len(batches.ids)}; "
-          f"chat examples {len(batches.chat)}; config {config}", flush=True)
+          f"chat examples {len(batches.chat)}; {echo}config {config}", flush=True)
 
     def save(path):
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "gen": gen.get_state(),
