@@ -6,6 +6,7 @@ the tokenizer files) and converts it with `vdiff make-model --from-raw`, so the 
 comes from the project's one safetensors writer.
 
     /usr/bin/python3 tools/train/export.py --ckpt CKPT --tokenizer TOKDIR --raw RAWDIR --out models/shakespeare --dtype bf16
+    /usr/bin/python3 tools/train/export.py --packed PACKDIR --tokenizer TOKDIR --raw RAWDIR --out DIR   (pack.py's)
 """
 import argparse
 import json
@@ -34,7 +35,9 @@ def write_raw(state_dict, config, tokenizer_dir, raw_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="a train.py checkpoint")
+    source.add_argument("--packed", help="a pack.py directory (bf16 weights carried off the GPU machine)")
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--raw", required=True, help="scratch directory for the raw export")
     parser.add_argument("--out", required=True)
@@ -43,13 +46,19 @@ def main():
                         help="the trained weights, or their moving average (train.py --ema)")
     args = parser.parse_args()
 
-    state = torch.load(args.ckpt)
-    if args.weights not in state:
-        raise SystemExit(f"{args.ckpt} has no '{args.weights}' weights")
-    write_raw(state[args.weights], state["config"], args.tokenizer, args.raw)
+    if args.packed is not None:
+        from pack import unpack
+
+        weights, config, step = unpack(args.packed)
+    else:
+        state = torch.load(args.ckpt)
+        if args.weights not in state:
+            raise SystemExit(f"{args.ckpt} has no '{args.weights}' weights")
+        weights, config, step = state[args.weights], state["config"], state["step"]
+    write_raw(weights, config, args.tokenizer, args.raw)
     subprocess.run(["npx", "tsx", "src/main.ts", "make-model", "--from-raw", os.path.abspath(args.raw),
                     "--out", os.path.abspath(args.out), "--dtype", args.dtype], cwd=REPO, check=True)
-    print(f"exported step {state['step']} ({args.weights} weights) to {args.out}")
+    print(f"exported step {step} to {args.out}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ by the number of maskable tokens (the sequence length, as in the LLaDA paper). F
 every batch is chat data (see data.py): only the answer is maskable and the loss is divided by the answer
 length, as in LLaDA's SFT.
 
-AdamW, linear warmup then cosine decay, fixed seed, float32 on the CPU. A checkpoint (model, optimizer,
+AdamW, linear warmup then cosine decay, fixed seed, float32 on the CPU (or on a GPU with bf16 autocast,
+--device cuda, gpu.sh). A checkpoint (model, optimizer,
 step, data RNG) is written every --ckpt-every steps; --resume continues from it.
 
 A continuation stage (STAGE3.md) starts from an exported model directory instead of random weights
@@ -46,8 +47,12 @@ def diffusion_loss(model, tokens, maskable, mask_id, gen):
     t = (1 - EPS) * torch.rand(b, generator=gen) + EPS
     masked = (torch.rand(b, length, generator=gen) < t[:, None]) & maskable
     noisy = torch.where(masked, torch.full_like(tokens, mask_id), tokens)
-    logits = model(noisy)
-    ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), tokens.view(-1), reduction="none").view(b, length)
+    # The draws above stay on the CPU generator whatever the device, so a GPU run masks as a CPU run does.
+    device = next(model.parameters()).device
+    tokens, masked, maskable, t = tokens.to(device), masked.to(device), maskable.to(device), t.to(device)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(noisy.to(device))
+    ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), tokens.view(-1), reduction="none").view(b, length)
     per_row = (ce * masked / t[:, None]).sum(1) / maskable.sum(1)
     return per_row.mean()
 
@@ -91,6 +96,11 @@ def main():
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: float32 weights, bf16 autocast")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="end the run (checkpointed) once this process has trained this long")
+    p.add_argument("--keep-best", default=None,
+                   help="file that gets the EMA (else live) weights whenever the held-out probe at 0.5 improves")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--n-layers", type=int, default=6)
@@ -141,7 +151,8 @@ def main():
     probe = heldout_windows(vocab, heldout_text, args.seq_len)[:32]
     config = config_for(args.d_model, args.n_heads, args.n_layers, args.mlp_hidden, vocab.size, args.seq_len,
                         vocab.special_ids())
-    model = LLaDA(config)
+    device = torch.device(args.device)
+    model = LLaDA(config).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -156,7 +167,7 @@ def main():
     if args.ema is not None:
         ema = {n: t.detach().clone() for n, t in model.state_dict().items()}
     if resuming:
-        state = torch.load(args.ckpt)
+        state = torch.load(args.ckpt, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["gen"])
@@ -180,6 +191,12 @@ def main():
                     **({"ema": ema} if ema is not None else {})}, path + ".tmp")
         os.replace(path + ".tmp", path)
 
+    def forward(tokens):
+        """The probe's forward: CPU tokens in, float32 CPU logits out, on whatever device the model is."""
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return model(tokens.to(device)).float().cpu()
+
+    best = math.inf
     start_time = time.time()
     last_log, tokens_since = time.time(), 0
     model.train()
@@ -215,6 +232,7 @@ def main():
                     ema[name].mul_(args.ema).add_(tensor, alpha=1 - args.ema)
         step += 1
         tokens_since += n_tokens
+        timed_out = args.max_minutes is not None and time.time() - start_time > 60 * args.max_minutes
 
         if step % args.log_every == 0:
             now = time.time()
@@ -222,22 +240,31 @@ def main():
                   f"tok/s {tokens_since / (now - last_log):.0f} elapsed {elapsed_before + now - start_time:.0f}s",
                   flush=True)
             last_log, tokens_since = now, 0
-        if step % args.eval_every == 0 or step == args.steps:
+        if step % args.eval_every == 0 or step == args.steps or timed_out:
             model.eval()
-            probe_losses = [masked_loss(model, probe, r, vocab.mask) for r in (0.15, 0.5, 1.0)]
+            probe_losses = [masked_loss(forward, probe, r, vocab.mask) for r in (0.15, 0.5, 1.0)]
             model.train()
             print(f"step {step} heldout-probe loss@0.15 {probe_losses[0]:.4f} @0.5 {probe_losses[1]:.4f} "
                   f"@1.0 {probe_losses[2]:.4f}", flush=True)
             if ema is not None:
                 live = {n: t.detach().clone() for n, t in model.state_dict().items()}
                 model.load_state_dict(ema)
-                ema_losses = [masked_loss(model, probe, r, vocab.mask) for r in (0.15, 0.5, 1.0)]
+                ema_losses = [masked_loss(forward, probe, r, vocab.mask) for r in (0.15, 0.5, 1.0)]
                 model.load_state_dict(live)
                 model.train()
                 print(f"step {step} heldout-probe ema loss@0.15 {ema_losses[0]:.4f} @0.5 {ema_losses[1]:.4f} "
                       f"@1.0 {ema_losses[2]:.4f}", flush=True)
-        if step % args.ckpt_every == 0 or step == last_step:
+            kept = (ema_losses if ema is not None else probe_losses)[1]
+            if args.keep_best is not None and kept < best:
+                best = kept
+                torch.save({"weights": ema if ema is not None else model.state_dict(), "config": config,
+                            "step": step, "probe@0.5": kept}, args.keep_best)
+                print(f"step {step} kept as the best so far ({args.keep_best})", flush=True)
+        if step % args.ckpt_every == 0 or step == last_step or timed_out:
             save(args.ckpt)
+        if timed_out:
+            print(f"stopped at step {step}: --max-minutes {args.max_minutes} reached", flush=True)
+            break
     print(f"done: {step} steps, wall time {elapsed_before + time.time() - start_time:.0f}s", flush=True)
 
 

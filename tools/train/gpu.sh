@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Trains the embedded Shakespeare model on a lent GPU in one device call (issue 19) and brings the weights
+# back through $OUT as pack.py shards (the device has torch but no Node, so export.py runs back here).
+#
+# Here, before the call (the corpus is not in the repository and ../shared does not travel):
+#   mkdir -p .train-data && cp ../shared/data/tinyshakespeare.txt .train-data/
+#   grep -qx /.train-data/ .git/info/exclude || echo /.train-data/ >> .git/info/exclude
+# The device call: command `bash tools/train/gpu.sh`, carry [".train-data"], timeout_s 600.
+# Back here, with FILES the call's files_at:
+#   /usr/bin/python3 tools/train/export.py --packed FILES/pack --tokenizer models/shakespeare \
+#     --raw /tmp/gpu-raw --out /tmp/gpu-model --dtype bf16
+#   /usr/bin/python3 tools/train/evaluate.py --model /tmp/gpu-model --corpus ../shared/data/tinyshakespeare.txt --seq-len 256
+#
+# The run trains from scratch with the stage-3 data options (context 512, packed chat conversations, a
+# share of them starting at a reply that takes up the line) for at most MINUTES minutes, probes the
+# held-out split every 250 steps and keeps the EMA weights with the best probe at mask ratio 0.5. The log
+# (log.txt) records every argument, and the step the run stopped at; `--stop-after STEP` with the same
+# arguments repeats it. DEVICE=cpu with a tiny ARCH checks the whole pipeline on a machine without a GPU.
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+root=$(cd "$(dirname "$0")/../.." && pwd)
+OUT=${OUT:-/tmp/gpu-train-out}
+DEVICE=${DEVICE:-cuda}
+PYTHON=${PYTHON:-python3}
+MINUTES=${MINUTES:-7}
+STEPS=${STEPS:-8000}
+CORPUS=${CORPUS:-$root/.train-data/tinyshakespeare.txt}
+ARCH=${ARCH:-"--d-model 320 --n-heads 5 --n-layers 8 --mlp-hidden 1024"}
+BATCH=${BATCH:-"--batch 32 --sft-rows 8"}
+mkdir -p "$OUT"
+cd "$root/tools/train"
+"$PYTHON" - "$DEVICE" <<'PY'
+import sys, torch
+if sys.argv[1] == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("gpu.sh: no CUDA device visible to torch")
+print("torch", torch.__version__, torch.cuda.get_device_name(0) if sys.argv[1] == "cuda" else "cpu", flush=True)
+PY
+args="--device $DEVICE --threads 8 --tokenizer $root/models/shakespeare --corpus $CORPUS --ckpt /tmp/gpu-train-ckpt.pt
+  --seed 0 $ARCH --seq-len 512 $BATCH --sft-len 256 --sft-from 0 --random-length 0.3 --sft-packed --sft-echo 0.5
+  --lr 1e-3 --min-lr 5e-5 --warmup 200 --steps $STEPS --ema 0.999 --ckpt-every 1000 --eval-every 250
+  --log-every 50 --max-minutes $MINUTES --keep-best /tmp/gpu-train-best.pt"
+echo "train.py $args" | tee "$OUT/log.txt"
+rm -f /tmp/gpu-train-ckpt.pt /tmp/gpu-train-best.pt
+# shellcheck disable=SC2086
+"$PYTHON" train.py $args 2>&1 | tee -a "$OUT/log.txt"
+"$PYTHON" pack.py --from /tmp/gpu-train-best.pt --out "$OUT/pack" | tee -a "$OUT/log.txt"
