@@ -58,13 +58,16 @@ export interface Mode {
   readonly randomOrder?: boolean
   /** The block length of this mode (default: the run's --block). */
   readonly blockLength?: number
+  /** Classifier-free guidance scale (LLaDA's: the prompt masked for the unconditional pass; 0: off). */
+  readonly cfgScale?: number
 }
 
 /**
  * "dual+0.9" → a dual cache with threshold 0.9; "none" → vanilla; "hot1.5" → vanilla at temperature 1.5.
  * Sampling options follow after colons: "none:t0.8:p0.9:k40:m0.05:rp1.2:fp0.5:pp0.5:end-last" (temperature,
  * top_p, top_k, min_p, repetition, frequency and presence penalties, EOS/EOT committed last); ":random"
- * commits positions in random order (remasking "random"); ":b8" sets the mode's block length.
+ * commits positions in random order (remasking "random"); ":b8" sets the mode's block length, ":cfg1"
+ * classifier-free guidance.
  */
 export const parseMode = (name: string): Mode => {
   const [head, ...options] = name.split(":")
@@ -75,7 +78,7 @@ export const parseMode = (name: string): Mode => {
   if (!(t >= 0 && t <= 1)) throw new Error(`bad threshold in mode "${name}"`)
   let mode: Mode = { name, kvCache: cache, parallelThreshold: t, ...(hot ? { temperature: Number(hot[1]) } : {}) }
   for (const option of options) {
-    const m = /^(t|p|k|m|rp|fp|pp|b)(-?\d+(?:\.\d+)?)$/.exec(option)
+    const m = /^(t|p|k|m|rp|fp|pp|b|cfg)(-?\d+(?:\.\d+)?)$/.exec(option)
     const keys = {
       t: "temperature",
       p: "topP",
@@ -84,7 +87,8 @@ export const parseMode = (name: string): Mode => {
       rp: "repetitionPenalty",
       fp: "frequencyPenalty",
       pp: "presencePenalty",
-      b: "blockLength"
+      b: "blockLength",
+      cfg: "cfgScale"
     } as const
     if (option === "end-last") mode = { ...mode, endLast: true }
     else if (option === "random") mode = { ...mode, randomOrder: true }
@@ -123,7 +127,8 @@ const servedKeys = {
   repetition_penalty: "repetitionPenalty",
   frequency_penalty: "frequencyPenalty",
   presence_penalty: "presencePenalty",
-  block_length: "blockLength"
+  block_length: "blockLength",
+  cfg_scale: "cfgScale"
 } as const
 
 /**
@@ -136,7 +141,7 @@ export const modeParams = (mode: Mode, genLength: number, blockLength: number, e
   steps: genLength,
   temperature: mode.temperature ?? 0,
   remasking: mode.randomOrder ? "random" : "low_confidence",
-  cfgScale: 0,
+  cfgScale: mode.cfgScale ?? 0,
   seed: 7,
   kvCache: mode.kvCache,
   parallelThreshold: mode.parallelThreshold,

@@ -39,6 +39,19 @@ describe("bench/quality.ts measures", () => {
     expect(distinct2([["my", "lord", "my", "lord"]])).toBe(2 / 3)
   })
 
+  it("parseMode reads each sampling option after the cache and threshold", () => {
+    expect(parseMode("dual+0.9:t0.8:m0.05:b8:cfg2")).toEqual({
+      name: "dual+0.9:t0.8:m0.05:b8:cfg2",
+      kvCache: "dual",
+      parallelThreshold: 0.9,
+      temperature: 0.8,
+      minP: 0.05,
+      blockLength: 8,
+      cfgScale: 2
+    })
+    expect(() => parseMode("none:cfg")).toThrow(/unknown option "cfg"/)
+  })
+
   it("answerWords judges a word the prompt's cut splits as one word, and skips one the canvas end cuts", () => {
     // The prompt ends inside "Britain": the answer's "ain" is the rest of it.
     expect(answerWords("Now, for Brit", "ain's sake, my lord")).toEqual(["britain", "s", "sake", "my", "lord"])
@@ -62,7 +75,9 @@ describe("bench/quality.ts measures", () => {
     // A value the server would refuse fails here too, and a setting the bench cannot reproduce is named.
     await writeFile(join(dir, "generation_config.json"), JSON.stringify({ temperature: -1 }))
     expect(() => servedMode(dir)).toThrow(/generation_config.json/)
+    await writeFile(join(dir, "generation_config.json"), JSON.stringify({ diffusion_steps: 64 }))
+    expect(() => servedMode(dir)).toThrow(/does not model diffusion_steps/)
     await writeFile(join(dir, "generation_config.json"), JSON.stringify({ cfg_scale: 1.5 }))
-    expect(() => servedMode(dir)).toThrow(/does not model cfg_scale/)
+    expect(servedMode(dir)).toEqual({ ...parseMode("none:cfg1.5"), name: "served" })
   })
 })
