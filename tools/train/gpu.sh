@@ -13,9 +13,9 @@
 #
 # The run trains from scratch with the stage-3 data options (context 512, packed chat conversations, a
 # share of them starting at a reply that takes up the line) for at most MINUTES minutes, probes the
-# held-out split every 250 steps and keeps the EMA weights with the best probe at mask ratio 0.5. The log
-# (log.txt) records every argument, and the step the run stopped at; `--stop-after STEP` with the same
-# arguments repeats it. DEVICE=cpu with a tiny ARCH checks the whole pipeline on a machine without a GPU.
+# held-out split every 250 steps and keeps the EMA weights with the best probe at mask ratio 0.5. Unless
+# STEPS is given, a 60-step timing run first sizes the cosine schedule to end within the time. The log
+# (log.txt) records every argument and the step the run stopped at; the same arguments repeat the run. DEVICE=cpu with a tiny ARCH checks the whole pipeline on a machine without a GPU.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -23,7 +23,7 @@ OUT=${OUT:-/tmp/gpu-train-out}
 DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
 MINUTES=${MINUTES:-7}
-STEPS=${STEPS:-8000}
+STEPS=${STEPS:-}
 CORPUS=${CORPUS:-$root/.train-data/tinyshakespeare.txt}
 ARCH=${ARCH:-"--d-model 320 --n-heads 5 --n-layers 8 --mlp-hidden 1024"}
 BATCH=${BATCH:-"--batch 32 --sft-rows 8"}
@@ -35,11 +35,22 @@ if sys.argv[1] == "cuda" and not torch.cuda.is_available():
     raise SystemExit("gpu.sh: no CUDA device visible to torch")
 print("torch", torch.__version__, torch.cuda.get_device_name(0) if sys.argv[1] == "cuda" else "cpu", flush=True)
 PY
-args="--device $DEVICE --threads 8 --tokenizer $root/models/shakespeare --corpus $CORPUS --ckpt /tmp/gpu-train-ckpt.pt
+common="--device $DEVICE --threads 8 --tokenizer $root/models/shakespeare --corpus $CORPUS --ckpt /tmp/gpu-train-ckpt.pt
   --seed 0 $ARCH --seq-len 512 $BATCH --sft-len 256 --sft-from 0 --random-length 0.3 --sft-packed --sft-echo 0.5
-  --lr 1e-3 --min-lr 5e-5 --warmup 200 --steps $STEPS --ema 0.999 --ckpt-every 1000 --eval-every 250
-  --log-every 50 --max-minutes $MINUTES --keep-best /tmp/gpu-train-best.pt"
-echo "train.py $args" | tee "$OUT/log.txt"
+  --lr 1e-3 --min-lr 5e-5 --warmup 200 --ema 0.999"
+: > "$OUT/log.txt"
+if [ -z "$STEPS" ]; then
+  # The cosine should end when the time does: time 60 steps, then size the run to 90% of MINUTES.
+  rm -f /tmp/gpu-train-ckpt.pt
+  start=$(date +%s.%N)
+  # shellcheck disable=SC2086
+  "$PYTHON" train.py $common --steps 60 --log-every 20 --eval-every 1000 --ckpt-every 1000 >> "$OUT/log.txt" 2>&1
+  STEPS=$("$PYTHON" -c "import sys; s = (float(sys.argv[2]) - float(sys.argv[1])) / 60; print(max(100, int(0.9 * 60 * $MINUTES / s)))" "$start" "$(date +%s.%N)")
+  echo "timing run: $STEPS steps fit in 90% of $MINUTES minutes" | tee -a "$OUT/log.txt"
+fi
+args="$common --steps $STEPS --ckpt-every 1000 --eval-every 250 --log-every 50 --max-minutes $MINUTES
+  --keep-best /tmp/gpu-train-best.pt"
+echo "train.py $args" | tee -a "$OUT/log.txt"
 rm -f /tmp/gpu-train-ckpt.pt /tmp/gpu-train-best.pt
 # shellcheck disable=SC2086
 "$PYTHON" train.py $args 2>&1 | tee -a "$OUT/log.txt"
