@@ -12,11 +12,12 @@
  *   - corpus words and word count, as bench/quality.ts judges answers.
  * Shakespeare's own replies to the same lines are judged the same way, as the scale.
  *
- *   npx tsx bench/chat.ts [--lines 40 --gen 128 --modes served,none --corpus tinyshakespeare.txt
+ *   npx tsx bench/chat.ts [--lines 40 --gen 128 --block 32 --modes served,none --corpus tinyshakespeare.txt
  *       --model DIR --threads 2 --show 5]
  *
  * Modes are bench/quality.ts's ("served": the server's defaults under the model's generation_config.json);
- * reply i is seeded 7 + i.
+ * a mode without a block length of its own (":b8") uses --block, the server's default 32. Reply i is
+ * seeded 7 + i.
  */
 import { readFileSync } from "node:fs"
 import { join } from "node:path"
@@ -110,6 +111,8 @@ export const measureChat = async (options: {
   readonly corpus: string
   readonly lines: number
   readonly genLength: number
+  /** The block length of a mode that sets none (the server's default is 32). */
+  readonly blockLength: number
   readonly modes: ReadonlyArray<Mode>
   readonly threads: number
   readonly modelDir: string
@@ -131,7 +134,7 @@ export const measureChat = async (options: {
   )
   const modes: Array<ChatReport["modes"][number]> = []
   for (const mode of options.modes) {
-    const params = { ...modeParams(mode, options.genLength, options.genLength, eot), earlyStop: true, eotTokenId: eot ?? -1 }
+    const params = { ...modeParams(mode, options.genLength, options.blockLength, eot), earlyStop: true, eotTokenId: eot ?? -1 }
     const { answers } = await generateAll(engine, prompts, params)
     const replies = answers.map((answer) => {
       const end = answer.findIndex((t) => ends.has(t))
@@ -154,6 +157,7 @@ if (import.meta.url === `file://${process.argv[1]}`) {
     options: {
       lines: { type: "string", default: "40" },
       gen: { type: "string", default: "128" },
+      block: { type: "string", default: "32" },
       threads: { type: "string", default: "2" },
       modes: { type: "string", default: "served,none" },
       corpus: { type: "string", default: join(root, "..", "shared", "data", "tinyshakespeare.txt") },
@@ -166,12 +170,15 @@ if (import.meta.url === `file://${process.argv[1]}`) {
     corpus: readFileSync(values.corpus!, "utf8"),
     lines: Number(values.lines),
     genLength: Number(values.gen),
+    blockLength: Number(values.block),
     threads: Number(values.threads),
     modelDir,
     modes: values.modes!.split(",").map((name) => (name === "served" ? servedMode(modelDir) : parseMode(name)))
   })
   const row = (cells: ReadonlyArray<string>) => cells.map((c, i) => (i === 0 ? c.padEnd(22) : c.padStart(10))).join(" ")
-  console.log(`${modelDir}: replies to ${exchanges.length} held-out lines, gen ${values.gen}, one token a step`)
+  console.log(
+    `${modelDir}: replies to ${exchanges.length} held-out lines, gen ${values.gen}, block ${values.block} (or the mode's), one token a step`
+  )
   console.log(row(["replies", "closed", "take up", "by chance", "corpus", "words"]))
   const print = (name: string, j: ChatJudged) =>
     console.log(
