@@ -14,7 +14,7 @@
 # The run trains from scratch with the stage-3 data options (context 512, packed chat conversations, a
 # share of them starting at a reply that takes up the line) for at most MINUTES minutes, probes the
 # held-out split every 250 steps and keeps the EMA weights with the best probe at mask ratio 0.5. Unless
-# STEPS is given, a 60-step timing run first sizes the cosine schedule to end within the time. The log
+# STEPS is given, a 100-step timing run first sizes the cosine schedule to end within the time. The log
 # (log.txt) records every argument and the step the run stopped at; the same arguments repeat the run. DEVICE=cpu with a tiny ARCH checks the whole pipeline on a machine without a GPU.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -40,12 +40,19 @@ common="--device $DEVICE --threads 8 --tokenizer $root/models/shakespeare --corp
   --lr 1e-3 --min-lr 5e-5 --warmup 200 --ema 0.999"
 : > "$OUT/log.txt"
 if [ -z "$STEPS" ]; then
-  # The cosine should end when the time does: time 60 steps, then size the run to 90% of MINUTES.
+  # The cosine should end when the time does: time steps 26-100 of a short run (its set-up and first steps
+  # excluded), then size the run to 90% of MINUTES.
   rm -f /tmp/gpu-train-ckpt.pt
-  start=$(date +%s.%N)
   # shellcheck disable=SC2086
-  "$PYTHON" train.py $common --steps 60 --log-every 20 --eval-every 1000 --ckpt-every 1000 >> "$OUT/log.txt" 2>&1
-  STEPS=$("$PYTHON" -c "import sys; s = (float(sys.argv[2]) - float(sys.argv[1])) / 60; print(max(100, int(0.9 * 60 * $MINUTES / s)))" "$start" "$(date +%s.%N)")
+  "$PYTHON" train.py $common --steps 100 --log-every 25 --eval-every 1000 --ckpt-every 1000 > /tmp/gpu-timing.txt 2>&1
+  cat /tmp/gpu-timing.txt >> "$OUT/log.txt"
+  STEPS=$("$PYTHON" - "$MINUTES" /tmp/gpu-timing.txt <<'PY'
+import re, sys
+elapsed = dict(re.findall(r"^step (\d+) loss .* elapsed ([0-9.]+)s$", open(sys.argv[2]).read(), re.M))
+per_step = (float(elapsed["100"]) - float(elapsed["25"])) / 75
+print(max(100, int(0.9 * 60 * float(sys.argv[1]) / per_step)))
+PY
+)
   echo "timing run: $STEPS steps fit in 90% of $MINUTES minutes" | tee -a "$OUT/log.txt"
 fi
 args="$common --steps $STEPS --ckpt-every 1000 --eval-every 250 --log-every 50 --max-minutes $MINUTES

@@ -237,7 +237,7 @@ def main():
         if step % args.log_every == 0:
             now = time.time()
             print(f"step {step} loss {loss.item():.4f} lr {learning_rate(step - 1, args):.2e} "
-                  f"tok/s {tokens_since / (now - last_log):.0f} elapsed {elapsed_before + now - start_time:.0f}s",
+                  f"tok/s {tokens_since / (now - last_log):.0f} elapsed {elapsed_before + now - start_time:.1f}s",
                   flush=True)
             last_log, tokens_since = now, 0
         if step % args.eval_every == 0 or step == args.steps or timed_out:
