@@ -26,7 +26,19 @@ import { Effect, Option } from "effect"
 import { fromTokenizerConfig } from "../src/chat/ChatFormatter.js"
 import { loadAddon } from "../src/engine/native.js"
 import { make as makeTokenizer } from "../src/tokenizer/Tokenizer.js"
-import { embeddedModelDir, generateAll, heldOutText, type Mode, modeParams, parseMode, servedMode, words } from "./quality.js"
+import {
+  embeddedModelDir,
+  endTokensOf,
+  generateAll,
+  heldOutText,
+  type Mode,
+  modeParams,
+  parseMode,
+  readCorpusWords,
+  servedMode,
+  splitCorpus,
+  words
+} from "./quality.js"
 
 const root = join(import.meta.dirname, "..")
 
@@ -120,11 +132,11 @@ export const measureChat = async (options: {
   const tokenizer = await Effect.runPromise(makeTokenizer(options.modelDir))
   const formatter = await Effect.runPromise(fromTokenizerConfig(tokenizer.tokenizerConfig))
   const engine = await loadAddon().loadModel(options.modelDir, { threads: options.threads })
-  const corpusWords = new Set(readFileSync(join(root, "tools", "train", "corpus-words.txt"), "utf8").split("\n"))
+  const corpusWords = readCorpusWords()
   const exchanges = heldOutExchanges(options.corpus, options.lines)
-  const frequent = frequentWords(options.corpus.slice(0, options.corpus.length - heldOutText(options.corpus).length), 120)
+  const frequent = frequentWords(splitCorpus(options.corpus).train, 120)
   const eot = Option.getOrUndefined(tokenizer.specialTokens.eot)
-  const ends = new Set([tokenizer.specialTokens.eos, ...(eot === undefined ? [] : [eot])])
+  const ends = endTokensOf(tokenizer)
   const headers = new Set(["<|start_header_id|>", "<|end_header_id|>"].flatMap((t) => tokenizer.encode(t, { addSpecialTokens: false })))
   const prompts = await Promise.all(
     exchanges.map(async ({ line }) => {

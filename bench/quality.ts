@@ -227,10 +227,26 @@ export interface QualityReport {
   readonly modes: ReadonlyArray<ModeQuality>
 }
 
-/** The last 10% of the corpus, cut at the first blank line after the mark (tools/train/corpus.py). */
-export const heldOutText = (corpus: string): string => {
-  const mark = Math.floor(corpus.length * 0.9)
-  return corpus.slice(corpus.indexOf("\n\n", mark) + 2)
+/**
+ * The corpus split of tools/train/corpus.py: the first 90% trains, the rest is held out, cut at the first
+ * blank line after the mark.
+ */
+export const splitCorpus = (corpus: string): { readonly train: string; readonly heldOut: string } => {
+  const cut = corpus.indexOf("\n\n", Math.floor(corpus.length * 0.9)) + 2
+  return { train: corpus.slice(0, cut), heldOut: corpus.slice(cut) }
+}
+
+/** The held-out last 10% of the corpus (splitCorpus). */
+export const heldOutText = (corpus: string): string => splitCorpus(corpus).heldOut
+
+/** The words of tinyshakespeare (tools/train/corpus-words.txt). */
+export const readCorpusWords = (): Set<string> =>
+  new Set(readFileSync(join(root, "tools", "train", "corpus-words.txt"), "utf8").split("\n"))
+
+/** The tokens that end an answer: EOS, and the end of a turn where the tokenizer has one. */
+export const endTokensOf = (tokenizer: TokenizerShape): Set<number> => {
+  const { eos, eot } = tokenizer.specialTokens
+  return new Set([eos, ...Option.toArray(eot)])
 }
 
 export const words = (text: string): Array<string> => text.toLowerCase().match(/[a-z]+/g) ?? []
@@ -403,9 +419,9 @@ export const measureQuality = async (options: QualityOptions): Promise<QualityRe
   const modelDir = options.modelDir ?? embeddedModelDir
   const tokenizer = await Effect.runPromise(makeTokenizer(modelDir))
   const engine = await loadAddon().loadModel(modelDir, { threads: options.threads })
-  const corpusWords = new Set(readFileSync(join(root, "tools", "train", "corpus-words.txt"), "utf8").split("\n"))
-  const { eos, eot } = tokenizer.specialTokens
-  const endTokens = new Set([eos, ...(eot._tag === "Some" ? [eot.value] : [])])
+  const corpusWords = readCorpusWords()
+  const endTokens = endTokensOf(tokenizer)
+  const eot = tokenizer.specialTokens.eot
   const prompts = promptsFrom(readSpeeches(options), tokenizer, options.promptTokens, options.genLength)
   const heldOut = await judge(
     engine,
