@@ -46,7 +46,7 @@ struct LoadOptions {
   // those whose in-features are not a multiple of 32, are kept as stored. CPU only (CUDA: not yet).
   Quant quantize = Quant::None;
   // CPU: the kernels' instruction set: "auto" (the widest this CPU has, or the one the environment
-  // variable VDIFF_ISA names), "portable", "avx2" or "avx512". Load throws Error(InvalidArgument) for
+  // variable VDIFF_ISA names), "portable", "avx2", "avx512" or "avx512bf16". Load throws Error(InvalidArgument) for
   // another name, Error(Unavailable) for one this CPU lacks (the message lists those it has).
   std::string cpu_isa = "auto";
   // CUDA: the share of the device's memory the backend may use for weights, KV caches and activations.

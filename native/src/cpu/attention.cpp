@@ -21,6 +21,7 @@ MatB from_key(const MatB& B, int j0) {
   out.data =
       static_cast<const char*>(B.data) + static_cast<size_t>(j0) * static_cast<size_t>(B.ld) * element_bytes(B.type);
   out.packed = nullptr;
+  out.bf16_dot = false;  // f32 queries and probabilities times the keys and values widened
   return out;
 }
 

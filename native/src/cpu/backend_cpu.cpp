@@ -54,12 +54,13 @@ struct Weight {
   WType type = WType::F32;
   int rows = 0;
   int cols = 0;
-  const float* packed = nullptr;  // the GEMM's layout of the whole matrix, when packed at load
+  const void* packed = nullptr;  // the GEMM's layout of the whole matrix, when packed at load
+  bool bf16_dot = true;          // MatB::bf16_dot: false for the MoE router, whose logits are f32 products
   // Block-quantized (cpu/quant.h): `data` holds the blocks, `scales` the f16 scales, both row-major.
   bool quantized = false;
   QType qtype = QType::Q8_0;
   const uint16_t* scales = nullptr;
-  MatB as_b() const { return MatB{data, type, cols, false, packed}; }
+  MatB as_b() const { return MatB{data, type, cols, false, packed, bf16_dot}; }
   QMatB as_qb() const {
     return QMatB{static_cast<const uint8_t*>(data), scales, qtype,
                  static_cast<int64_t>(cols) / kQBlock * qblock_bytes(qtype), cols / kQBlock};
@@ -302,6 +303,7 @@ CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadO
     if (!l.moe.experts.empty()) {
       blk.moe = true;
       blk.router = weight_of(l.moe.router);
+      blk.router.bf16_dot = false;  // the references compute router logits in f32 from the widened weight
       if (l.moe.expert_bias.data) blk.expert_bias = norm_of(l.moe.expert_bias);
       for (const MlpWeights& e : l.moe.experts)
         blk.experts.push_back(Mlp{weight_of(e.gate), weight_of(e.up), weight_of(e.down)});
@@ -379,7 +381,7 @@ std::vector<Weight*> CpuBackend::matrices(bool experts) {
 
 void CpuBackend::pack_weights(uint64_t max_bytes) {
   if (kernels_->pack_panel == nullptr || max_bytes == 0) return;
-  // Not the experts: a few of them run per token, and packed f32 copies of all of them would take many
+  // Not the experts: a few of them run per token, and packed copies of all of them would take many
   // times the checkpoint's memory.
   std::vector<Weight*> weights;
   for (Weight* w : matrices(/*experts=*/false))
@@ -387,17 +389,19 @@ void CpuBackend::pack_weights(uint64_t max_bytes) {
   if (!head_.quantized) weights.push_back(&head_);
   const int nr = kernels_->gemm_nr;
   const auto panels = [nr](const Weight& w) { return (w.rows + nr - 1) / nr; };
+  const auto panel_bytes = [this](const Weight& w) { return kernels_->packed_panel_bytes(w.cols, w.type); };
   uint64_t total = 0;
-  for (const Weight* w : weights) total += uint64_t{4} * panels(*w) * nr * w->cols;
+  for (const Weight* w : weights) total += uint64_t{panel_bytes(*w)} * panels(*w);
   if (total > max_bytes) return;
   packed_.resize(weights.size());
   for (size_t i = 0; i < weights.size(); ++i) {
     Weight& w = *weights[i];
-    float* out = packed_[i].ensure(static_cast<size_t>(panels(w)) * nr * w.cols);
+    const size_t bytes = panel_bytes(w);
+    char* out = reinterpret_cast<char*>(packed_[i].ensure((panels(w) * bytes + 3) / 4));
     const MatB b = w.as_b();
     pool().parallel_for(panels(w), [&](size_t begin, size_t end, int) {
       for (size_t p = begin; p < end; ++p)
-        kernels_->pack_panel(b, w.rows, w.cols, static_cast<int>(p), out + p * nr * w.cols);
+        kernels_->pack_panel(b, w.rows, w.cols, static_cast<int>(p), out + p * bytes);
     });
     w.packed = out;
   }

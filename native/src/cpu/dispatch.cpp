@@ -32,6 +32,15 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_bf16_dot() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_vnni() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
@@ -41,7 +50,17 @@ bool cpu_has_vnni() {
 #endif
 }
 
+// The ISA names, lowest first.
+const char* const kIsaNames[] = {"portable", "avx2", "avx512", "avx512bf16"};
+
+bool known_isa(const std::string& name) {
+  for (const char* known : kIsaNames)
+    if (name == known) return true;
+  return false;
+}
+
 const Kernels* select_default() {
+  if (cpu_has_bf16_dot()) return avx512bf16_kernels();
   if (cpu_has_avx512()) return avx512_kernels();
   if (cpu_has_avx2()) return avx2_kernels();
   return portable_kernels();
@@ -65,13 +84,14 @@ const Kernels* kernels_for(const std::string& isa) {
   if (isa == "portable") return portable_kernels();
   if (isa == "avx2") return cpu_has_avx2() ? avx2_kernels() : nullptr;
   if (isa == "avx512") return cpu_has_avx512() ? avx512_kernels() : nullptr;
+  if (isa == "avx512bf16") return cpu_has_bf16_dot() ? avx512bf16_kernels() : nullptr;
   return nullptr;
 }
 
 std::vector<std::string> available_isas() {
-  std::vector<std::string> out = {"portable"};
-  if (cpu_has_avx2()) out.push_back("avx2");
-  if (cpu_has_avx512()) out.push_back("avx512");
+  std::vector<std::string> out;
+  for (const char* name : kIsaNames)
+    if (kernels_for(name) != nullptr) out.push_back(name);
   return out;
 }
 
@@ -79,16 +99,17 @@ bool cpu_has_avx512vnni() { return cpu_has_vnni(); }
 
 const QuantKernels& quant_kernels_for(const Kernels& k) {
   const std::string isa = k.isa;
-  if (isa == "avx512" && cpu_has_vnni()) return *quant_avx512vnni_kernels();
-  if ((isa == "avx512" || isa == "avx2") && cpu_has_avx2()) return *quant_avx2_kernels();
+  const bool avx512 = isa == "avx512" || isa == "avx512bf16";
+  if (avx512 && cpu_has_vnni()) return *quant_avx512vnni_kernels();
+  if ((avx512 || isa == "avx2") && cpu_has_avx2()) return *quant_avx2_kernels();
   return *quant_portable_kernels();
 }
 
 const Kernels& kernels_for_setting(const std::string& isa) {
   if (isa.empty() || isa == "auto") return active_kernels();
   const std::string setting = "--cpu-isa (VDIFF_CPU_ISA) " + isa + ": ";
-  if (isa != "portable" && isa != "avx2" && isa != "avx512")
-    throw Error(ErrorCode::InvalidArgument, setting + "not one of auto, portable, avx2, avx512");
+  if (!known_isa(isa))
+    throw Error(ErrorCode::InvalidArgument, setting + "not one of auto, portable, avx2, avx512, avx512bf16");
   if (const Kernels* k = kernels_for(isa)) return *k;
   std::string available = "auto";
   for (const std::string& name : available_isas()) available += ", " + name;
@@ -101,8 +122,9 @@ const Kernels& active_kernels() {
     const char* requested = std::getenv("VDIFF_ISA");
     if (!requested || !*requested) return select_default();
     std::string name(requested);
-    if (name != "portable" && name != "avx2" && name != "avx512")
-      throw Error(ErrorCode::InvalidArgument, "VDIFF_ISA=" + name + " is not one of portable, avx2, avx512");
+    if (!known_isa(name))
+      throw Error(ErrorCode::InvalidArgument,
+                  "VDIFF_ISA=" + name + " is not one of portable, avx2, avx512, avx512bf16");
     const Kernels* k = kernels_for(name);
     if (!k) throw Error(ErrorCode::InvalidArgument, "VDIFF_ISA=" + name + " is not supported by this CPU");
     return k;

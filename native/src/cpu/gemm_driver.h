@@ -1,30 +1,280 @@
-// The GEMM driver shared by the SIMD kernels (kernels_avx2.cpp, kernels_avx512.cpp): packing dispatch,
-// micro-kernel selection, the loops over k blocks, row blocks, column panels and row tiles, and the packed-panel
-// entry points of the Kernels table.
+// The GEMM driver shared by the SIMD kernels (kernels_avx2.cpp, kernels_avx512.cpp, kernels_avx512bf16.cpp):
+// micro-kernel selection, the loops over k blocks, row blocks, column panels and row tiles, and the
+// packed-panel entry points of the Kernels table, for each element format ("path") of the product.
 //
 // Include it once per ISA translation unit, INSIDE that file's `namespace vdiff::cpu { namespace {`, after
 // the ISA's own pieces, so that everything here gets internal linkage and is compiled with that file's
 // -m flags (the ODR note in kernels.h). It includes nothing itself. The including file defines:
 //
 //   constexpr int kMR, kNR, kKC, kLanes;  // rows per micro-tile, panel width, k block, f32 lanes per vector
-//   constexpr bool kSplitThinTail;         // merge a 1..3-row remainder with the last full row tile
+//   constexpr bool kSplitThinTail;        // merge a 1..3-row remainder with the last full row tile
 //   int min_int(int, int);
-//   struct PanelMasks;                     // the lane masks of one panel's (possibly partial) width
-//   PanelMasks panel_masks(int nv);        // for a panel of nv <= kNR valid columns
+//   struct PanelMasks;                    // the lane masks of one panel's (possibly partial) width
+//   PanelMasks panel_masks(int nv);       // for a panel of nv <= kNR valid columns
 //   template <WType T> void pack_transposed(const void* W, int64_t ld, int n0, int nv, int k0, int kc, float* P);
 //   template <WType T> void pack_k_major(const void* B, int64_t ld, int n0, int nv, int k0, int kc, float* P);
+//       // P[k][j] = B(k0 + k, n0 + j) widened to f32 for k < kc, j < kNR; zero for j >= nv
 //   template <int R, int NB> void micro_kernel(int kc, const float* A, int64_t lda, const float* P, float* C,
 //                                              int64_t ldc, const PanelMasks& masks, bool load_c);
-//       // C[0..R)[0..kLanes*NB) (masked) = (load_c ? C : 0) + A[0..R)[0..kc) · P[0..kc)[0..kLanes*NB),
+//       // C[0..R)[0..kLanes*NB) (masked) = (load_c ? C : 0) + A[0..R)[0..kc) . P[0..kc)[0..kLanes*NB),
 //       // one FMA per k in ascending k.
 //
-// Every output is one FMA chain in ascending k whatever the panel, k block or row tile, so the ISAs agree
-// bit for bit with each other and the result does not depend on M, the thread split or the packing.
+// From those it builds the two paths every SIMD ISA runs (F32Path for f32 and f16 weights, Bf16FmaPath for
+// bf16 ones) and the Kernels entries gemm, gemm_scratch_floats, pack_panel and packed_panel_bytes over them.
+// A path is a struct:
+//
+//   struct SomePath {
+//     using AT = ...;  // an element of A as the micro-kernel reads it
+//     using PT = ...;  // an element of the packed panel P
+//     static constexpr int kKC;     // k per block (even, so that k pairs never straddle two blocks)
+//     static constexpr int kKStep;  // k per element of A and per row of P: 1, or 2 for bf16 pairs
+//     static constexpr int kKPad;   // K is padded with zeros to a multiple of this (1, or 2 for bf16)
+//     static constexpr bool kStagesA;  // A is converted per block into the scratch (else read in place)
+//     // out[r * steps + s] = element s of row r of A's k block [k0, k0 + kc), steps = padded kc / kKStep.
+//     static void stage(const float* A, int64_t lda, int rows, int kc, AT* out);
+//     // P[s * kNR + j] = element s of column n0 + j of B's k block [k0, k0 + kc); zero for j >= nv and
+//     // for the padding.
+//     static void pack(const MatB& B, int n0, int nv, int k0, int kc, PT* P);
+//     // C[0..R)[0..kLanes*NB) (masked) = (load_c ? C : 0) + A[0..R)[0..steps) . P[0..steps)[0..kLanes*NB).
+//     template <int R, int NB>
+//     static void micro(int steps, const AT* A, int64_t lda, const PT* P, float* C, int64_t ldc,
+//                       const PanelMasks& masks, bool load_c);
+//   };
+//
+// Every output is one chain in ascending k whatever the panel, k block or row tile, so the result does not
+// depend on M, the thread split or the packing, and the ISAs agree bit for bit with each other.
 
 static_assert(kNR % kLanes == 0, "a panel is a whole number of vectors");
 
-// P[k][j] = B(k0 + k, n0 + j) for k < kc, j < kNR, as f32; zero for j >= nv.
-void pack(const MatB& B, int n0, int nv, int k0, int kc, float* P) {
+template <class Path>
+using MicroKernel = void (*)(int, const typename Path::AT*, int64_t, const typename Path::PT*, float*, int64_t,
+                             const PanelMasks&, bool);
+
+// The micro-kernel for R rows and nb vectors of columns (1 <= nb <= kNR / kLanes).
+template <class Path, int R, int NB = 1>
+constexpr MicroKernel<Path> micro_for(int nb) {
+  if constexpr (NB == kNR / kLanes) return Path::template micro<R, NB>;
+  else return nb == NB ? Path::template micro<R, NB> : micro_for<Path, R, NB + 1>(nb);
+}
+
+// The micro-kernel for `rows` rows (1 <= rows <= kMR) and nb vectors of columns.
+template <class Path, int R = 1>
+MicroKernel<Path> select_micro(int rows, int nb) {
+  if constexpr (R == kMR) return micro_for<Path, R>(nb);
+  else return rows == R ? micro_for<Path, R>(nb) : select_micro<Path, R + 1>(rows, nb);
+}
+
+// Row tiles of a block of M rows: kMR rows each. With kSplitThinTail, a remainder of 1 to 3 rows is merged
+// with the last full tile and the two split evenly (32 rows: 6 6 6 6 4 4, not 6 6 6 6 6 2), as a thin tile
+// wastes its loads of P. Each output is still one chain in ascending k, so the tiling does not change
+// the result.
+struct RowTiles {
+  int m_full;        // rows in whole kMR tiles
+  int tail_rows[2];  // the rows of up to two tail tiles after them (0: none)
+};
+
+RowTiles row_tiles(int M) {
+  const int rest = M % kMR;
+  const bool split = kSplitThinTail && rest > 0 && rest < 4 && M > kMR;
+  return {split ? M - rest - kMR : M - rest, {split ? (kMR + rest + 1) / 2 : rest, split ? (kMR + rest) / 2 : 0}};
+}
+
+// A region to be brought into L2 while a panel's row tiles run: `rows` runs of `lines` 64-byte lines,
+// `stride` bytes apart. It is requested a slice before each row tile: a burst of hundreds of prefetches
+// overflows the core's queue of misses, and the ones past it are dropped.
+struct L2Prefetch {
+  const char* base = nullptr;
+  int64_t stride = 0;
+  int rows = 0;
+  int lines = 0;
+
+  // Slice `part` of `parts`.
+  void issue(int part, int parts) const {
+    const int64_t total = static_cast<int64_t>(rows) * lines;
+    const int64_t begin = total * part / parts, end = total * (part + 1) / parts;
+    if (begin >= end) return;
+    int row = static_cast<int>(begin / lines), line = static_cast<int>(begin % lines);
+    for (int64_t i = begin; i < end; ++i) {
+      _mm_prefetch(base + row * stride + line * 64, _MM_HINT_T1);
+      if (++line == lines) line = 0, ++row;
+    }
+  }
+};
+
+// The lines of bytes [p, p + n).
+inline int lines_of(const void* p, size_t n) {
+  const size_t first = reinterpret_cast<uintptr_t>(p) / 64, last = (reinterpret_cast<uintptr_t>(p) + n + 63) / 64;
+  return static_cast<int>(last - first);
+}
+
+// What B packs into a panel of columns [n0, n0 + nv) over k in [k0, k0 + kc): a weight's nv rows of kc
+// elements, or a k-major B's kc rows of nv elements.
+L2Prefetch source_of(const MatB& B, int n0, int nv, int k0, int kc) {
+  const size_t element = B.type == WType::F32 ? 4 : 2;
+  const char* base = static_cast<const char*>(B.data);
+  if (B.k_major) {
+    const char* first = base + (static_cast<size_t>(k0) * B.ld + n0) * element;
+    return {first, static_cast<int64_t>(B.ld * element), kc, lines_of(first, nv * element)};
+  }
+  const char* first = base + (static_cast<size_t>(n0) * B.ld + k0) * element;
+  return {first, static_cast<int64_t>(B.ld * element), nv, lines_of(first, kc * element)};
+}
+
+// C[rows of the block][panel] over one k block: the full tiles, then the tails; before each tile, a slice
+// of the next panel's data is requested into L2.
+template <class Path>
+void panel_block(const RowTiles& tiles, int nb, const PanelMasks& masks, int steps, const typename Path::AT* A,
+                 int64_t lda, const typename Path::PT* Pk, float* C, int64_t ldc, bool load_c, const L2Prefetch& next) {
+  const MicroKernel<Path> full = select_micro<Path>(kMR, nb);
+  const int parts = tiles.m_full / kMR + (tiles.tail_rows[0] > 0) + (tiles.tail_rows[1] > 0);
+  int part = 0;
+  for (int m = 0; m < tiles.m_full; m += kMR) {
+    next.issue(part++, parts);
+    full(steps, A + m * lda, lda, Pk, C + m * ldc, ldc, masks, load_c);
+  }
+  for (int t = 0, m = tiles.m_full; t < 2 && tiles.tail_rows[t] > 0; m += tiles.tail_rows[t++]) {
+    next.issue(part++, parts);
+    select_micro<Path>(tiles.tail_rows[t], nb)(steps, A + m * lda, lda, Pk, C + m * ldc, ldc, masks, load_c);
+  }
+}
+
+// k padded as the path pads it, and the elements (rows of P, or elements of a row of A) it takes.
+template <class Path>
+constexpr int padded_k(int k) {
+  return (k + Path::kKPad - 1) / Path::kKPad * Path::kKPad;
+}
+template <class Path>
+constexpr int k_steps(int k) {
+  return padded_k<Path>(k) / Path::kKStep;
+}
+
+// Rows of A per row block: the block's kMR-row slices of one k block (mc x kKC floats) take at most half
+// of the L2 cache the CPU reports, so they stay there while every panel of the call passes over them.
+template <class Path>
+int row_block_rows() {
+  static const int rows = [] {
+    const size_t budget = cache_sizes().l2_bytes / 2;
+    const int r = static_cast<int>(budget / (sizeof(float) * Path::kKC)) / kMR * kMR;
+    return r < kMR ? kMR : r;
+  }();
+  return rows;
+}
+
+// The scratch one gemm call of the path uses: a packed k block of one panel, then (when the path stages
+// A) one row block of A's k block, each 64-byte aligned.
+template <class Path>
+constexpr size_t aligned_floats(size_t bytes) {
+  return (bytes + 63) / 64 * 16;
+}
+template <class Path>
+size_t panel_block_floats(int K) {
+  return aligned_floats<Path>(sizeof(typename Path::PT) * k_steps<Path>(min_int(K, Path::kKC)) * kNR);
+}
+template <class Path>
+size_t path_scratch_floats(int K) {
+  const int kc = K > 0 ? min_int(K, Path::kKC) : 1;
+  size_t floats = panel_block_floats<Path>(kc);
+  // A row block merged with a thin last one has up to kMR - 1 rows more than row_block_rows().
+  if (Path::kStagesA)
+    floats += aligned_floats<Path>(sizeof(typename Path::AT) * k_steps<Path>(kc) * (row_block_rows<Path>() + kMR));
+  return floats;
+}
+
+template <class Path>
+size_t path_panel_bytes(int K) {
+  return sizeof(typename Path::PT) * static_cast<size_t>(k_steps<Path>(K > 0 ? K : 1)) * kNR;
+}
+
+template <class Path>
+void gemm_path(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
+               bool accumulate, float* scratch) {
+  using AT = typename Path::AT;
+  using PT = typename Path::PT;
+  // K blocks outermost, then blocks of rows sized to L2, then the panels. The block of A a panel reads
+  // (mc rows x kc) is the same for every panel of the range, so it is read from memory (and, for a path
+  // that stages A, converted) once per k block rather than once per panel; each panel's block of P stays
+  // in L1 while the row tiles pass over it. P is the weight packed at load (MatB::packed), or else this
+  // block packed here into the scratch (again for each row block: a pack costs 1/mc of the block's products).
+  const int mc = row_block_rows<Path>();
+  PT* const pack_buffer = reinterpret_cast<PT*>(scratch);
+  AT* const stage_buffer = reinterpret_cast<AT*>(scratch + panel_block_floats<Path>(K));
+  const size_t panel_bytes = path_panel_bytes<Path>(K);
+  for (int k0 = 0; k0 < K; k0 += Path::kKC) {
+    const int kc = min_int(Path::kKC, K - k0);
+    const int steps = k_steps<Path>(kc);
+    const bool load_c = accumulate || k0 > 0;
+    for (int m0 = 0; m0 < M; m0 += mc) {
+      const int rows = min_int(mc, M - m0);
+      // A thin last block is merged with the one before it (its tiles would waste loads of P).
+      const int block = M - m0 - rows < kMR ? M - m0 : rows;
+      const RowTiles tiles = row_tiles(block);
+      const AT* Ab;
+      int64_t ldab;
+      if constexpr (Path::kStagesA) {
+        Path::stage(A + static_cast<int64_t>(m0) * lda + k0, lda, block, kc, stage_buffer);
+        Ab = stage_buffer;
+        ldab = steps;
+      } else {
+        Ab = A + static_cast<int64_t>(m0) * lda + k0;
+        ldab = lda;
+      }
+      for (int np = n0; np < n1; np += kNR) {
+        const int nv = min_int(kNR, n1 - np);
+        const PT* Pk = pack_buffer;
+        // The next block of B this loop reads (the next panel's, or after the last panel the first panel's
+        // of the next k block): its packed P, or the part of B it packs from (read straight from a weight's
+        // rows, that would otherwise arrive a few lines at a time, on demand: bench/cpu, the pack took 40%
+        // of an llada-8b forward before).
+        const bool last_panel = np + kNR >= n1;
+        const int next_n0 = last_panel ? n0 : np + kNR, next_k0 = last_panel ? k0 + Path::kKC : k0;
+        const int next_nv = min_int(kNR, n1 - next_n0), next_kc = min_int(Path::kKC, K - next_k0);
+        L2Prefetch next;
+        const bool has_next = next_kc > 0 && (!last_panel || m0 + block >= M);
+        if (B.packed != nullptr) {
+          const char* panel = static_cast<const char*>(B.packed) + static_cast<size_t>(np / kNR) * panel_bytes;
+          Pk = reinterpret_cast<const PT*>(panel) + static_cast<int64_t>(k0 / Path::kKStep) * kNR;
+          const char* next_panel =
+              static_cast<const char*>(B.packed) + static_cast<size_t>(next_n0 / kNR) * panel_bytes;
+          if (has_next)
+            next = {next_panel + sizeof(PT) * (next_k0 / Path::kKStep) * kNR, 0, 1,
+                    lines_of(next_panel, sizeof(PT) * k_steps<Path>(next_kc) * kNR)};
+        } else {
+          if (has_next) next = source_of(B, next_n0, next_nv, next_k0, next_kc);
+          Path::pack(B, np, nv, k0, kc, pack_buffer);
+        }
+        panel_block<Path>(tiles, (nv + kLanes - 1) / kLanes, panel_masks(nv), steps, Ab, ldab, Pk, C + m0 * ldc + np,
+                          ldc, load_c, next);
+      }
+      m0 += block - rows;
+    }
+  }
+}
+
+// C = 0 (or left as it is when accumulating) for an empty K.
+void gemm_empty_k(int M, int n0, int n1, float* C, int64_t ldc, bool accumulate) {
+  if (accumulate) return;
+  for (int m = 0; m < M; ++m)
+    for (int n = n0; n < n1; ++n) C[static_cast<int64_t>(m) * ldc + n] = 0.0f;
+}
+
+// Sets FTZ and DAZ for the lifetime of the object (the bf16 dot product's treatment of denormals, for
+// the paths that compute it with FMAs), and restores the caller's MXCSR after.
+class FlushDenormals {
+ public:
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+ private:
+  unsigned saved_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// The two paths of every SIMD ISA, and the Kernels entries over them.
+
+// B's k block widened to f32: P[k][j] = B(k0 + k, n0 + j) for k < kc, j < kNR; zero for j >= nv.
+void pack_widened(const MatB& B, int n0, int nv, int k0, int kc, float* P) {
   if (B.k_major) {
     switch (B.type) {
       case WType::F32: return pack_k_major<WType::F32>(B.data, B.ld, n0, nv, k0, kc, P);
@@ -40,107 +290,115 @@ void pack(const MatB& B, int n0, int nv, int k0, int kc, float* P) {
   }
 }
 
-using MicroKernel = void (*)(int, const float*, int64_t, const float*, float*, int64_t, const PanelMasks&, bool);
-
-// The micro-kernel for R rows and nb vectors of columns (1 <= nb <= kNR / kLanes).
-template <int R, int NB = 1>
-constexpr MicroKernel micro_for(int nb) {
-  if constexpr (NB == kNR / kLanes) return micro_kernel<R, NB>;
-  else return nb == NB ? micro_kernel<R, NB> : micro_for<R, NB + 1>(nb);
-}
-
-// The micro-kernel for `rows` rows (1 <= rows <= kMR) and nb vectors of columns.
-template <int R = 1>
-MicroKernel select_micro(int rows, int nb) {
-  if constexpr (R == kMR) return micro_for<R>(nb);
-  else return rows == R ? micro_for<R>(nb) : select_micro<R + 1>(rows, nb);
-}
-
-// Row tiles of a block of M rows: kMR rows each. With kSplitThinTail, a remainder of 1 to 3 rows is merged
-// with the last full tile and the two split evenly (32 rows: 6 6 6 6 4 4, not 6 6 6 6 6 2), as a thin tile
-// wastes its loads of P. Each output is still one FMA chain in ascending k, so the tiling does not change
-// the result.
-struct RowTiles {
-  int m_full;        // rows in whole kMR tiles
-  int tail_rows[2];  // the rows of up to two tail tiles after them (0: none)
+// f32 and f16 weights: A read in place, B widened to f32, one FMA per k in ascending k.
+struct F32Path {
+  using AT = float;
+  using PT = float;
+  static constexpr int kKC = ::vdiff::cpu::kKC;
+  static constexpr int kKStep = 1, kKPad = 1;
+  static constexpr bool kStagesA = false;
+  static void stage(const float*, int64_t, int, int, float*) {}
+  static void pack(const MatB& B, int n0, int nv, int k0, int kc, float* P) { pack_widened(B, n0, nv, k0, kc, P); }
+  template <int R, int NB>
+  static void micro(int steps, const float* A, int64_t lda, const float* P, float* C, int64_t ldc,
+                    const PanelMasks& masks, bool load_c) {
+    micro_kernel<R, NB>(steps, A, lda, P, C, ldc, masks, load_c);
+  }
 };
 
-RowTiles row_tiles(int M) {
-  const int rest = M % kMR;
-  const bool split = kSplitThinTail && rest > 0 && rest < 4 && M > kMR;
-  return {split ? M - rest - kMR : M - rest, {split ? (kMR + rest + 1) / 2 : rest, split ? (kMR + rest) / 2 : 0}};
+// 8 floats rounded as round_to_bf16 (kernels.h) does, and widened back to f32.
+inline __m256 round_bf16x8(__m256 v) {
+  const __m256i x = _mm256_castps_si256(v);
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_and_si256(_mm256_add_epi32(x, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), high);
+  const __m256i magnitude = _mm256_and_si256(x, _mm256_set1_epi32(0x7fffffff));
+  const __m256i nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7f800000));
+  r = _mm256_blendv_epi8(r, _mm256_and_si256(_mm256_or_si256(x, _mm256_set1_epi32(0x00400000)), high), nan);
+  const __m256i denormal =
+      _mm256_cmpeq_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x7f800000)), _mm256_setzero_si256());
+  r = _mm256_blendv_epi8(r, _mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0x80000000u))), denormal);
+  return _mm256_castsi256_ps(r);
 }
 
-// C[rows of the block][panel] over one k block: the full tiles, then the tails.
-void panel_block(const RowTiles& tiles, int nb, const PanelMasks& masks, int kc, const float* A, int64_t lda,
-                 const float* Pk, float* C, int64_t ldc, bool load_c) {
-  const MicroKernel full = select_micro(kMR, nb);
-  for (int m = 0; m < tiles.m_full; m += kMR) full(kc, A + m * lda, lda, Pk, C + m * ldc, ldc, masks, load_c);
-  for (int t = 0, m = tiles.m_full; t < 2 && tiles.tail_rows[t] > 0; m += tiles.tail_rows[t++])
-    select_micro(tiles.tail_rows[t], nb)(kc, A + m * lda, lda, Pk, C + m * ldc, ldc, masks, load_c);
+// The lanes [0, n) of 8 (all when n >= 8).
+inline __m256i first_lanes(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// Asks for floats p[0 .. n) to be brought into L2, one request per 64-byte line.
-void prefetch_l2(const float* p, int n) {
-  for (int i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T1);
-}
+// bf16 weights on an ISA without vdpbf16ps: the bf16 dot product (kernels.h) computed with FMAs. A is
+// staged rounded to bf16 and B packed widened, both with the two k of each pair swapped (and an odd K
+// padded with a zero pair member), so that the ascending FMA chain adds the odd product of each pair
+// first, as vdpbf16ps does. The gemm runs it under FTZ and DAZ, vdpbf16ps's treatment of denormals.
+struct Bf16FmaPath {
+  using AT = float;
+  using PT = float;
+  static constexpr int kKC = ::vdiff::cpu::kKC;
+  static constexpr int kKStep = 1, kKPad = 2;
+  static constexpr bool kStagesA = true;
+  static_assert(kKC % 2 == 0, "k pairs never straddle two blocks");
 
-// Rows of A per row block: the block's kMR-row slices of one k block (mc x kKC floats) take at most half
-// of the L2 cache the CPU reports, so they stay there while every panel of the call passes over them.
-int row_block_rows() {
-  static const int rows = [] {
-    const size_t budget = cache_sizes().l2_bytes / 2;
-    const int r = static_cast<int>(budget / (sizeof(float) * kKC)) / kMR * kMR;
-    return r < kMR ? kMR : r;
-  }();
-  return rows;
-}
+  static void stage(const float* A, int64_t lda, int rows, int kc, float* out) {
+    const int steps = padded_k<Bf16FmaPath>(kc);
+    for (int r = 0; r < rows; ++r) {
+      const float* a = A + r * lda;
+      float* o = out + static_cast<int64_t>(r) * steps;
+      for (int k = 0; k < steps; k += 8) {
+        // Lanes past kc load as zero: the padding of an odd kc.
+        const __m256 v = kc - k >= 8 ? _mm256_loadu_ps(a + k) : _mm256_maskload_ps(a + k, first_lanes(kc - k));
+        const __m256 swapped = _mm256_permute_ps(round_bf16x8(v), _MM_SHUFFLE(2, 3, 0, 1));
+        if (steps - k >= 8) _mm256_storeu_ps(o + k, swapped);
+        else _mm256_maskstore_ps(o + k, first_lanes(steps - k), swapped);
+      }
+    }
+  }
+
+  static void pack(const MatB& B, int n0, int nv, int k0, int kc, float* P) {
+    pack_widened(B, n0, nv, k0, kc, P);
+    const int steps = padded_k<Bf16FmaPath>(kc);
+    if (steps > kc)
+      for (int j = 0; j < kNR; j += 8) _mm256_store_ps(P + kc * kNR + j, _mm256_setzero_ps());
+    for (int s = 0; s < steps; s += 2)
+      for (int j = 0; j < kNR; j += 8) {
+        float* even = P + s * kNR + j;
+        const __m256 e = _mm256_load_ps(even), o = _mm256_load_ps(even + kNR);
+        _mm256_store_ps(even, o);
+        _mm256_store_ps(even + kNR, e);
+      }
+  }
+
+  template <int R, int NB>
+  static void micro(int steps, const float* A, int64_t lda, const float* P, float* C, int64_t ldc,
+                    const PanelMasks& masks, bool load_c) {
+    micro_kernel<R, NB>(steps, A, lda, P, C, ldc, masks, load_c);
+  }
+};
 
 void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
           bool accumulate, float* scratch) {
   if (M <= 0 || n1 <= n0) return;
-  if (K <= 0) {
-    if (!accumulate)
-      for (int m = 0; m < M; ++m)
-        for (int n = n0; n < n1; ++n) C[static_cast<int64_t>(m) * ldc + n] = 0.0f;
-    return;
-  }
-  // K blocks outermost, then blocks of rows sized to L2, then the panels. The block of A a panel reads
-  // (mc rows x kc) is the same for every panel of the range, so it is read from memory once per k block
-  // rather than once per panel; each panel's kc x kNR block of P stays in L1 while the row tiles pass over
-  // it. P is the weight packed at load (MatB::packed), or else this block packed here into the scratch
-  // (again for each row block: a kc x kNR pack costs 1/mc of the block's products).
-  const int mc = row_block_rows();
-  for (int k0 = 0; k0 < K; k0 += kKC) {
-    const int kc = min_int(kKC, K - k0);
-    const bool load_c = accumulate || k0 > 0;
-    for (int m0 = 0; m0 < M; m0 += mc) {
-      const int rows = min_int(mc, M - m0);
-      // A thin last block is merged with the one before it (its tiles would waste loads of P).
-      const int block = M - m0 - rows < kMR ? M - m0 : rows;
-      const RowTiles tiles = row_tiles(block);
-      for (int np = n0; np < n1; np += kNR) {
-        const int nv = min_int(kNR, n1 - np);
-        const float* Pk = scratch;
-        if (B.packed != nullptr) {
-          Pk = B.packed + static_cast<int64_t>(np / kNR) * K * kNR + static_cast<int64_t>(k0) * kNR;
-          // The next panel's block of P is requested into L2 now, while this one's row tiles run: its
-          // first tile would otherwise wait on memory for every line of it.
-          if (np + kNR < n1) prefetch_l2(Pk + static_cast<int64_t>(K) * kNR, kc * kNR);
-        } else {
-          pack(B, np, nv, k0, kc, scratch);
-        }
-        panel_block(tiles, (nv + kLanes - 1) / kLanes, panel_masks(nv), kc, A + m0 * lda + k0, lda, Pk,
-                    C + m0 * ldc + np, ldc, load_c);
-      }
-      m0 += block - rows;
-    }
+  if (K <= 0) return gemm_empty_k(M, n0, n1, C, ldc, accumulate);
+  if (B.type == WType::BF16 && B.bf16_dot) {
+    const FlushDenormals ftz_daz;
+    gemm_path<Bf16FmaPath>(M, n0, n1, K, A, lda, B, C, ldc, accumulate, scratch);
+  } else {
+    gemm_path<F32Path>(M, n0, n1, K, A, lda, B, C, ldc, accumulate, scratch);
   }
 }
 
-size_t gemm_scratch_floats(int K) { return static_cast<size_t>(K > 0 ? min_int(K, kKC) : 1) * kNR; }
+size_t gemm_scratch_floats(int K) {
+  const size_t f = path_scratch_floats<F32Path>(K), b = path_scratch_floats<Bf16FmaPath>(K);
+  return f > b ? f : b;
+}
 
-void pack_panel(const MatB& B, int N, int K, int panel, float* out) {
+// (A packed matrix is a weight: a bf16 one is packed for the bf16 dot product.)
+size_t packed_panel_bytes(int K, WType type) {
+  return type == WType::BF16 ? path_panel_bytes<Bf16FmaPath>(K) : path_panel_bytes<F32Path>(K);
+}
+
+void pack_panel(const MatB& B, int N, int K, int panel, void* out) {
   const int n0 = panel * kNR;
-  pack(B, n0, min_int(kNR, N - n0), 0, K, out);
+  if (B.type == WType::BF16 && B.bf16_dot)
+    Bf16FmaPath::pack(B, n0, min_int(kNR, N - n0), 0, K, static_cast<float*>(out));
+  else F32Path::pack(B, n0, min_int(kNR, N - n0), 0, K, static_cast<float*>(out));
 }

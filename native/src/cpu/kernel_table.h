@@ -1,7 +1,8 @@
 // The end of a SIMD kernels file (kernels_avx2.cpp, kernels_avx512.cpp): the weight-type dispatch of
 // `convert` and the ISA's table of kernels, written once. Include it at the END of that file's
 // `namespace vdiff::cpu { namespace {` (like gemm_driver.h, for internal linkage and the file's -m flags),
-// after its convert_t<T>, rmsnorm, silu_mul, softmax and exp_ and gemm_driver.h; it includes nothing.
+// after its convert_t<T>, rmsnorm, silu_mul, softmax and exp_ and gemm_driver.h (which defines gemm,
+// gemm_scratch_floats, pack_panel and packed_panel_bytes); it includes nothing.
 
 // Kernels::convert: the file's convert_t by the weight type.
 void convert(const void* src, WType type, float* dst, int n) {
@@ -14,7 +15,7 @@ void convert(const void* src, WType type, float* dst, int n) {
 
 // The table an ISA's getter returns: this file's kernels under the ISA's name.
 const Kernels* kernel_table(const char* isa) {
-  static const Kernels table = {isa,  kNR,     gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax,
-                                exp_, convert, pack_panel};
+  static const Kernels table = {isa,     kNR,        gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax, exp_,
+                                convert, pack_panel, packed_panel_bytes};
   return &table;
 }

@@ -28,20 +28,34 @@ struct MatB {
   int64_t ld = 0;
   bool k_major = false;
   // Optional: the whole matrix already in the layout the gemm packs into (Kernels::pack_panel, panel p at
-  // packed + p * K * gemm_nr). The gemm then reads it instead of packing per call, with the same values
-  // in the same order, so the result is bit for bit the same; its n0 must be a multiple of gemm_nr.
-  const float* packed = nullptr;
+  // packed + p * packed_panel_bytes(K, type) bytes). The gemm then reads it instead of packing per call, with
+  // the same values in the same order, so the result is bit for bit the same; its n0 must be a multiple of
+  // gemm_nr.
+  const void* packed = nullptr;
+  // A bf16 B is multiplied as the bf16 dot product (Kernels::gemm) unless this is false: then it is widened
+  // to f32 like an f16 one (attention over a bf16 KV cache keeps f32 queries and probabilities).
+  bool bf16_dot = true;
 };
 
 struct Kernels {
-  const char* isa;  // "portable" | "avx2" | "avx512"
+  const char* isa;  // "portable" | "avx2" | "avx512" | "avx512bf16"
   int gemm_nr;      // column panel width: callers should split N at multiples of it
   // Floats of per-thread scratch (64-byte aligned) the gemm needs for a given K.
   size_t (*gemm_scratch_floats)(int K);
 
   // C[m][n] = (accumulate ? C[m][n] : 0) + sum_k A[m][k] * B(k, n), for 0 <= m < M and n0 <= n < n1.
-  // Weight elements are widened to f32; products are accumulated in f32 in ascending k order, one
-  // fused multiply-add at a time in the SIMD kernels (so they agree bit for bit with each other).
+  //
+  // f32 and f16 B: B's elements are widened to f32 and the products accumulated in f32 in ascending k, one
+  // fused multiply-add at a time in the SIMD kernels (so they agree bit for bit with each other; the
+  // portable kernel multiplies, then adds).
+  //
+  // bf16 B with bf16_dot (the bf16 dot product, as vdpbf16ps and llama.cpp compute it): A's elements are
+  // first rounded to bf16 (round_to_bf16), then each output is one f32 chain over the pairs of k (2i, 2i+1)
+  // in ascending i, adding the odd product first: c += a[2i+1] b[2i+1]; c += a[2i] b[2i] (an odd K pads a
+  // zero). The products of two bf16 values are exact in f32, so each step rounds once; denormal inputs
+  // count as zero and denormal sums flush to zero. Every ISA computes exactly this (the avx512bf16 path with
+  // vdpbf16ps, the others with the FMA or multiply-add it equals under FTZ/DAZ), so all agree bit for bit;
+  // only a product below 2^-126 may differ.
   void (*gemm)(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
                bool accumulate, float* scratch);
 
@@ -61,11 +75,22 @@ struct Kernels {
   void (*convert)(const void* src, WType type, float* dst, int n);
 
   // Packs column panel `panel` of the product's right-hand side B (N columns, K rows: columns
-  // [panel * gemm_nr, +gemm_nr)) into out[K * gemm_nr] floats, as gemm would; columns past N are zero.
-  // Lets a caller pack a constant matrix (a weight) once instead of on every gemm call (MatB::packed).
-  // nullptr for an ISA whose gemm does not pack (portable).
-  void (*pack_panel)(const MatB& B, int N, int K, int panel, float* out);
+  // [panel * gemm_nr, +gemm_nr)) into out (packed_panel_bytes(K, B.type) bytes, 64-byte aligned), as gemm
+  // would; columns past N are zero. Lets a caller pack a constant matrix (a weight) once instead of on every
+  // gemm call (MatB::packed). nullptr for an ISA whose gemm does not pack (portable).
+  void (*pack_panel)(const MatB& B, int N, int K, int panel, void* out);
+  size_t (*packed_panel_bytes)(int K, WType type);  // nullptr where pack_panel is
 };
+
+// f32 -> bf16 bits as the bf16 dot product rounds its left operand: round to nearest even; a denormal
+// counts as zero (its sign kept); NaN stays a quiet NaN.
+static inline uint16_t round_to_bf16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7f800000u) == 0) return static_cast<uint16_t>((x >> 16) & 0x8000u);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x0040u);
+  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
 
 // The data caches this CPU reports (sysconf, from cpuid), for the GEMM's cache blocking; conservative
 // defaults where it reports nothing (32 KiB L1d, 256 KiB L2).
@@ -76,7 +101,7 @@ struct CacheSizes {
 const CacheSizes& cache_sizes();
 
 // The kernels for the running CPU: the widest available ISA, or the one named by the environment
-// variable VDIFF_ISA=portable|avx2|avx512. Throws vdiff::Error(InvalidArgument) when VDIFF_ISA names an
+// variable VDIFF_ISA=portable|avx2|avx512|avx512bf16. Throws vdiff::Error(InvalidArgument) when VDIFF_ISA names an
 // unknown ISA or one this CPU lacks.
 const Kernels& active_kernels();
 
@@ -93,6 +118,7 @@ const Kernels& kernels_for_setting(const std::string& isa);
 const Kernels* portable_kernels();
 const Kernels* avx2_kernels();
 const Kernels* avx512_kernels();
+const Kernels* avx512bf16_kernels();  // avx512's table with the bf16 products on vdpbf16ps
 
 // Scalar conversions shared by every translation unit (static: each TU keeps its own copy).
 static inline float bf16_to_f32(uint16_t h) {

@@ -1,12 +1,17 @@
-// AVX-512 kernels (F, BW, VL, DQ + F16C/FMA). Only avx512_kernels() has external linkage (see kernels.h).
+// AVX-512 kernels (F, BW, VL, DQ + F16C/FMA), and the avx512bf16 table: the same kernels with the bf16
+// products on vdpbf16ps (AVX512_BF16; only its micro-kernel is compiled for that extension, so the avx512
+// table runs on CPUs without it). Only the two table getters have external linkage (see kernels.h).
 //
-// GEMM layout: C[M, N] = A[M, K] · B(K, N). For each panel of NR = 64 output columns, the whole K x 64
+// f32 GEMM layout: C[M, N] = A[M, K] · B(K, N). For each panel of NR = 64 output columns, the whole K x 64
 // slice of B is widened to f32 and transposed into a buffer `P` (reading each weight row front to back,
 // which the hardware prefetchers follow; the packing cost is shared by all M rows). The micro-kernel then
 // walks P in blocks of KC = 128 values of k (32 KiB, L1-resident while every row tile of A streams past)
 // and keeps a 6 x 64 tile of C in 24 zmm accumulators: per k it loads 4 vectors of P, broadcasts 6
 // values of A and issues 24 FMAs. Accumulators start from C for every k block after the first, so each
 // output is one FMA chain in ascending k: the result does not depend on blocking, thread split or M.
+//
+// bf16 dot GEMM (avx512bf16): the same tiles, with P holding bf16 pairs (k 2i and 2i + 1 of a column in
+// one 32-bit lane) and A staged per block as bf16 pairs; per pair of k one vdpbf16ps per accumulator.
 #include <immintrin.h>
 
 #include <math.h>  // INFINITY
@@ -22,6 +27,7 @@ constexpr int kKC = 128;  // k per packed block
 constexpr int kLanes = 16;
 constexpr bool kSplitThinTail = true;  // see the row tiles in gemm_driver.h
 constexpr int kPrefetchK = 16;         // the micro-kernel prefetches P this many k ahead (into the next block too)
+constexpr int kDotKC = 256;            // k per block of the bf16 dot path (128 pairs: 32 KiB of P)
 
 inline int min_int(int a, int b) { return a < b ? a : b; }
 
@@ -139,6 +145,134 @@ void micro_kernel(int kc, const float* A, int64_t lda, const float* P, float* C,
 
 #include "gemm_driver.h"
 
+// ------------------------------------------------------------------------------------------------
+// The bf16 dot path (vdpbf16ps): P and A hold bf16 pairs, P[s][j] = B(2s, j) | B(2s + 1, j) << 16.
+
+// 16 floats rounded as round_to_bf16 (kernels.h) does; the bf16 bits in the low half of each lane.
+inline __m512i round_bf16x16(__m512 v) {
+  const __m512i x = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+  const __m512i magnitude = _mm512_and_si512(x, _mm512_set1_epi32(0x7fffffff));
+  const __mmask16 nan = _mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(0x7f800000));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x0040)));
+  const __mmask16 denormal = _mm512_testn_epi32_mask(x, _mm512_set1_epi32(0x7f800000));
+  return _mm512_mask_mov_epi32(r, denormal, _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x8000)));
+}
+
+inline __mmask32 tail_mask32(int n) {
+  if (n >= 32) return 0xffffffffu;
+  if (n <= 0) return 0;
+  return static_cast<__mmask32>((1u << n) - 1);
+}
+
+struct Bf16DotPath {
+  using AT = uint32_t;
+  using PT = uint32_t;
+  static constexpr int kKC = kDotKC;
+  static constexpr int kKStep = 2, kKPad = 2;
+  static constexpr bool kStagesA = true;
+
+  // out[r][s] = bf16(A[r][2s]) | bf16(A[r][2s + 1]) << 16 (an odd kc's last pair padded with zero).
+  static void stage(const float* A, int64_t lda, int rows, int kc, uint32_t* out) {
+    const int steps = k_steps<Bf16DotPath>(kc);
+    for (int r = 0; r < rows; ++r) {
+      const float* a = A + r * lda;
+      uint16_t* o = reinterpret_cast<uint16_t*>(out + static_cast<int64_t>(r) * steps);
+      for (int k = 0; k < kc; k += 16) {
+        const __mmask16 m = tail_mask(kc - k);
+        // The pad element of an odd kc is the zero of a lane past kc, stored with its pair.
+        _mm256_mask_storeu_epi16(o + k, tail_mask(2 * steps - k),
+                                 _mm512_cvtepi32_epi16(round_bf16x16(_mm512_maskz_loadu_ps(m, a + k))));
+      }
+    }
+  }
+
+  static void pack(const MatB& B, int n0, int nv, int k0, int kc, uint32_t* P) {
+    const int steps = k_steps<Bf16DotPath>(kc);
+    const uint16_t* b = static_cast<const uint16_t*>(B.data);
+    if (B.k_major) {
+      // Rows k0 + 2s and k0 + 2s + 1 of B[K][N], interleaved.
+      for (int s = 0; s < steps; ++s) {
+        const uint16_t* even = b + static_cast<int64_t>(k0 + 2 * s) * B.ld + n0;
+        const bool has_odd = 2 * s + 1 < kc;
+        for (int g = 0; g < kNR / 16; ++g) {
+          const __mmask16 m = tail_mask(nv - 16 * g);
+          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, even + 16 * g));
+          const __m512i hi = has_odd ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, even + B.ld + 16 * g))
+                                     : _mm512_setzero_si512();
+          _mm512_store_si512(P + s * kNR + 16 * g, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+      }
+      return;
+    }
+    // A weight W[N][K]: each 32-bit word of a row is already a pair; 16 rows x 16 words transposed at a time.
+    for (int g = 0; g < kNR / 16; ++g) {
+      const int rows = nv - 16 * g;
+      if (rows <= 0) {
+        for (int s = 0; s < steps; ++s) _mm512_store_si512(P + s * kNR + 16 * g, _mm512_setzero_si512());
+        continue;
+      }
+      for (int ss = 0; ss < steps; ss += 16) {
+        const __mmask32 km = tail_mask32(kc - 2 * ss);
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i)
+          r[i] = i < rows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(
+                                km, b + static_cast<int64_t>(n0 + 16 * g + i) * B.ld + k0 + 2 * ss))
+                          : _mm512_setzero_ps();
+        transpose16(r);
+        for (int i = 0; i < min_int(16, steps - ss); ++i)
+          _mm512_store_si512(P + (ss + i) * kNR + 16 * g, _mm512_castps_si512(r[i]));
+      }
+    }
+  }
+
+  template <int R, int NB>
+  __attribute__((target("avx512bf16"))) static void micro(int steps, const uint32_t* A, int64_t lda, const uint32_t* P,
+                                                          float* C, int64_t ldc, const PanelMasks& panel, bool load_c) {
+    const __mmask16* masks = panel.lanes;
+    __m512 acc[R][NB];
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < NB; ++j)
+        acc[i][j] = load_c ? _mm512_maskz_loadu_ps(masks[j], C + i * ldc + 16 * j) : _mm512_setzero_ps();
+    for (int s = 0; s < steps; ++s) {
+      __m512bh b[NB];
+      for (int j = 0; j < NB; ++j) b[j] = (__m512bh)_mm512_load_si512(P + s * kNR + 16 * j);
+      for (int j = 0; j < NB; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(P + (s + kPrefetchK) * kNR + 16 * j), _MM_HINT_T0);
+      for (int i = 0; i < R; ++i) {
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(A[i * lda + s]));
+        for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, b[j]);
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < NB; ++j) _mm512_mask_storeu_ps(C + i * ldc + 16 * j, masks[j], acc[i][j]);
+  }
+};
+
+// The avx512bf16 table's entries: bf16 B on the dot path, everything else as the avx512 table.
+void gemm_dot(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
+              bool accumulate, float* scratch) {
+  if (B.type != WType::BF16 || !B.bf16_dot || M <= 0 || n1 <= n0 || K <= 0)
+    return gemm(M, n0, n1, K, A, lda, B, C, ldc, accumulate, scratch);
+  gemm_path<Bf16DotPath>(M, n0, n1, K, A, lda, B, C, ldc, accumulate, scratch);
+}
+
+size_t gemm_dot_scratch_floats(int K) {
+  const size_t d = path_scratch_floats<Bf16DotPath>(K), s = gemm_scratch_floats(K);
+  return d > s ? d : s;
+}
+
+size_t dot_packed_panel_bytes(int K, WType type) {
+  return type == WType::BF16 ? path_panel_bytes<Bf16DotPath>(K) : packed_panel_bytes(K, type);
+}
+
+void dot_pack_panel(const MatB& B, int N, int K, int panel, void* out) {
+  if (B.type != WType::BF16 || !B.bf16_dot) return pack_panel(B, N, K, panel, out);
+  const int n0 = panel * kNR;
+  Bf16DotPath::pack(B, n0, min_int(kNR, N - n0), 0, K, static_cast<uint32_t*>(out));
+}
+
 // exp(x) = 2^n * exp(r) with n = round(x / ln 2) and |r| <= ln2 / 2; exp(r) by the Cephes expf
 // polynomial (about 1 ulp), 2^n applied with scalef so that overflow gives inf and underflow 0.
 inline __m512 exp16(__m512 x) {
@@ -237,5 +371,18 @@ void convert_t(const void* src, float* dst, int n) {
 }  // namespace
 
 const Kernels* avx512_kernels() { return kernel_table("avx512"); }
+
+const Kernels* avx512bf16_kernels() {
+  static const Kernels table = [] {
+    Kernels t = *kernel_table("avx512");
+    t.isa = "avx512bf16";
+    t.gemm = gemm_dot;
+    t.gemm_scratch_floats = gemm_dot_scratch_floats;
+    t.pack_panel = dot_pack_panel;
+    t.packed_panel_bytes = dot_packed_panel_bytes;
+    return t;
+  }();
+  return &table;
+}
 
 }  // namespace vdiff::cpu

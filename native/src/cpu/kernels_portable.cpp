@@ -1,8 +1,12 @@
 // Portable C++ kernels: the fallback for CPUs without AVX2, and a second opinion in the tests. Plain
-// multiply-then-add (the baseline x86-64 ISA has no FMA), so results differ from the SIMD kernels by
-// ordinary f32 rounding only.
+// multiply-then-add (the baseline x86-64 ISA has no FMA), so f32 and f16 products differ from the SIMD
+// kernels by ordinary f32 rounding only; bf16 products (the bf16 dot product of kernels.h, whose products
+// are exact) agree with them bit for bit.
 #include <cmath>
 #include <cstdlib>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>  // MXCSR: FTZ and DAZ for the bf16 dot product
+#endif
 
 #include "kernels.h"
 
@@ -21,8 +25,54 @@ void load_column(const MatB& B, int n, int K, float* col) {
   }
 }
 
+// The bf16 dot product (kernels.h): A rounded to bf16, pairs of k with the odd product added first, each
+// addition rounded once (the products are exact), under FTZ and DAZ as vdpbf16ps computes it.
+// Not vectorized: GCC 12 at -O2/-O3 turns the odd-then-even chain into an in-order vector reduction that
+// adds the even product twice (A = [1, 0], W = [1, 0] gave 2); kernels_tests checks the chain bit for bit.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-vectorize")))
+#endif
+void gemm_bf16(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
+               bool accumulate, float* scratch) {
+#if defined(__x86_64__) || defined(__i386__)
+  const unsigned saved = _mm_getcsr();
+  _mm_setcsr(saved | 0x8040u);
+#endif
+  const int Kp = (K + 1) / 2 * 2;
+  float* col = scratch;    // Kp floats: column n of B, widened, with a zero pad
+  float* rows = col + Kp;  // kRows x Kp floats: rows of A rounded to bf16, with a zero pad
+  col[Kp - 1] = 0.0f;
+  for (int m0 = 0; m0 < M; m0 += kRows) {
+    const int mr = M - m0 < kRows ? M - m0 : kRows;
+    for (int r = 0; r < mr; ++r) {
+      const float* a = A + static_cast<int64_t>(m0 + r) * lda;
+      float* row = rows + r * Kp;
+      row[Kp - 1] = 0.0f;
+      for (int k = 0; k < K; ++k) row[k] = bf16_to_f32(round_to_bf16(a[k]));
+    }
+    for (int n = n0; n < n1; ++n) {
+      load_column(B, n, K, col);
+      for (int r = 0; r < mr; ++r) {
+        const float* row = rows + r * Kp;
+        float* c = C + static_cast<int64_t>(m0 + r) * ldc + n;
+        float s = accumulate ? *c : 0.0f;
+        for (int k = 0; k < Kp; k += 2) {
+          s += row[k + 1] * col[k + 1];
+          s += row[k] * col[k];
+        }
+        *c = s;
+      }
+    }
+  }
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_setcsr(saved);
+#endif
+}
+
 void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
           bool accumulate, float* scratch) {
+  if (B.type == WType::BF16 && B.bf16_dot && K > 0)
+    return gemm_bf16(M, n0, n1, K, A, lda, B, C, ldc, accumulate, scratch);
   float* col = scratch;  // K floats
   for (int n = n0; n < n1; ++n) {
     load_column(B, n, K, col);
@@ -63,7 +113,8 @@ void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB&
   }
 }
 
-size_t gemm_scratch_floats(int K) { return K > 0 ? static_cast<size_t>(K) : 1; }
+// The bf16 product's column and kRows rounded rows, each padded to an even length.
+size_t gemm_scratch_floats(int K) { return K > 0 ? (1 + kRows) * static_cast<size_t>(K + 1) : 1; }
 
 void rmsnorm(const float* x, const float* w, float* y, int n, float eps) {
   float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -110,8 +161,8 @@ void convert(const void* src, WType type, float* dst, int n) {
 }  // namespace
 
 const Kernels* portable_kernels() {
-  static const Kernels table = {"portable", 1,      gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax, exp_,
-                                convert,    nullptr};
+  static const Kernels table = {
+      "portable", 1, gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax, exp_, convert, nullptr, nullptr};
   return &table;
 }
 

@@ -98,9 +98,12 @@ Outcome run_case(const Kernels& k, const Case& c, std::mt19937& rng) {
       if (n <= cpu::kKeyTile) {  // the one-pass softmax, as the backend computed it before tiling
         std::vector<float> p(n), want(hd);
         AlignedFloats g(k.gemm_scratch_floats(std::max(hd, n)));
-        k.gemm(1, 0, n, hd, q.data() + r * q_dim + h * hd, q_dim, K, p.data(), n, false, g.p);
+        // Attention reads a bf16 cache widened (f32 queries and probabilities, not the bf16 dot product).
+        MatB Kw = K, Vw = V;
+        Kw.bf16_dot = Vw.bf16_dot = false;
+        k.gemm(1, 0, n, hd, q.data() + r * q_dim + h * hd, q_dim, Kw, p.data(), n, false, g.p);
         k.softmax(p.data(), n, scale);
-        k.gemm(1, 0, hd, n, p.data(), n, V, want.data(), hd, false, g.p);
+        k.gemm(1, 0, hd, n, p.data(), n, Vw, want.data(), hd, false, g.p);
         o.one_pass_exact = o.one_pass_exact && std::equal(want.begin(), want.end(), out.begin() + r * q_dim + h * hd);
       }
     }

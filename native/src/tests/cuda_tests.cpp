@@ -665,7 +665,8 @@ void device_backend_parity(const std::string& golden_dir) {
       auto gpu = Backend::load(dir, device_options(Device::Cuda));
       const ModelConfig& c = gpu->config();
       const bool f32 = gpu->weight_dtype() == "f32";
-      // bf16 / f16 weights: the GPU feeds its GEMMs activations in the weights' type, the CPU keeps f32.
+      // bf16 / f16 weights: the GPU feeds its GEMMs activations in the weights' type and sums in its own
+      // order; the CPU rounds them to bf16 only for bf16 weights (the bf16 dot product), keeps f32 for f16.
       const double tolerance = f32 ? 1e-4 : 5e-2;
       std::vector<std::vector<int32_t>> seqs = {random_tokens(rng, 9, c.vocab_size),
                                                 random_tokens(rng, 40, c.vocab_size),

@@ -173,6 +173,29 @@ inline Values random_values(WType type, size_t count, std::mt19937& rng, double 
   return v;
 }
 
+// What the engine's bf16 dot product (Kernels::gemm with a bf16 B and MatB::bf16_dot) multiplies in place
+// of an activation x: x as f32, rounded to bf16 (cpu::round_to_bf16), widened back.
+inline double bf16_activation(double x) { return cpu::bf16_to_f32(cpu::round_to_bf16(static_cast<float>(x))); }
+
+// The float64 references' matrix product: rows [r0, r0 + rows) of a [*, x.size()] weight matrix with exact
+// values w times x. `bf16_dot`: the weight is stored bf16 and the engine multiplies it as the bf16 dot
+// product, so each activation is first rounded to bf16 as the engine rounds its f32 value (not for the
+// MoE router, attention, or f32/f16/quantized weights: there the activations stay as they are).
+inline std::vector<double> reference_matvec(const std::vector<double>& w, bool bf16_dot, const std::vector<double>& x,
+                                            int rows, int r0 = 0) {
+  std::vector<double> in = x;
+  if (bf16_dot)
+    for (double& v : in) v = bf16_activation(v);
+  std::vector<double> y(rows, 0.0);
+  const size_t cols = in.size();
+  for (int r = 0; r < rows; ++r)
+    for (size_t c = 0; c < cols; ++c) y[r] += w[(static_cast<size_t>(r0) + r) * cols + c] * in[c];
+  return y;
+}
+inline std::vector<double> reference_matvec(const Values& w, const std::vector<double>& x, int rows, int r0 = 0) {
+  return reference_matvec(w.exact, w.type == WType::BF16, x, rows, r0);
+}
+
 inline std::vector<float> random_floats(size_t count, std::mt19937& rng, float scale = 1.0f) {
   std::normal_distribution<float> normal(0.0f, scale);
   std::vector<float> out(count);
@@ -197,6 +220,7 @@ inline double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 void test_scalar_conversions();                                     // kernels_tests.cpp
 void test_gemm(const Kernels& k, WType type, bool k_major);         // kernels_tests.cpp
+void test_bf16_denormals(const Kernels& k);                         // kernels_tests.cpp
 void test_elementwise(const Kernels& k);                            // kernels_tests.cpp
 void test_attention(const Kernels& k);                              // attention_tests.cpp
 void test_threadpool();                                             // kernels_tests.cpp

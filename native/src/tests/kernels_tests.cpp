@@ -9,6 +9,10 @@ namespace vdiff::test {
 
 // Every gemm shape/type/layout of one ISA: within the rigorous bound for f32 recursive summation, sentinel
 // columns outside [n0, n1) untouched, and (SIMD ISAs) bit-identical to one sequential fmaf chain per output.
+// bf16 B is the bf16 dot product (kernels.h): A rounded to bf16, the odd product of each pair of k first.
+// There every ISA, portable too, must equal that chain bit for bit; the bound holds against the float64
+// product of the rounded A, and a stated bound (2^-8 + (K + 1) 2^-24) sum|terms| against the float64
+// product of A itself.
 void test_gemm(const Kernels& k, WType type, bool k_major) {
   struct Shape {
     int M, N, K;
@@ -19,10 +23,11 @@ void test_gemm(const Kernels& k, WType type, bool k_major) {
   const Shape shapes[] = {{1, 1, 1},     {1, 7, 5},    {5, 17, 33},  {6, 64, 128}, {7, 65, 129},   {13, 130, 300},
                           {12, 200, 16}, {3, 64, 257}, {19, 48, 64}, {4, 9, 0},    {301, 40, 300}, {2105, 20, 290}};
   std::mt19937 rng(1234 + static_cast<int>(type) * 7 + k_major);
-  double worst = 0;  // error / bound
+  double worst = 0, worst_unrounded = 0;  // error / bound
   bool sentinels_ok = true, exact_ok = true, bound_ok = true, packed_ok = true;
   int packed_checked = 0;
-  const bool simd = std::string(k.isa) != "portable";
+  const bool bf16_dot = type == WType::BF16;
+  const bool exact_chain = std::string(k.isa) != "portable" || bf16_dot;
   for (const Shape& s : shapes) {
     for (int variant = 0; variant < 3; ++variant) {
       const bool accumulate = variant == 1;
@@ -45,24 +50,38 @@ void test_gemm(const Kernels& k, WType type, bool k_major) {
             continue;
           }
           double ref = accumulate ? C0[ci] : 0.0, bound = std::fabs(ref);
+          double unrounded = ref, unrounded_bound = bound;
           float chain = accumulate ? C0[ci] : 0.0f;
-          for (int kk = 0; kk < s.K; ++kk) {
-            double b = B.exact[k_major ? kk * ldb + n : n * ldb + kk];
-            ref += A[m * lda + kk] * b;
-            bound += std::fabs(A[m * lda + kk] * b);
-            chain = std::fma(A[m * lda + kk], static_cast<float>(b), chain);
+          const int k_pad = bf16_dot ? (s.K + 1) / 2 * 2 : s.K;
+          for (int step = 0; step < k_pad; ++step) {
+            const int kk = bf16_dot ? (step ^ 1) : step;  // bf16: the odd k of each pair first
+            if (kk >= s.K) continue;                      // the zero pad of an odd K
+            const double b = B.exact[k_major ? kk * ldb + n : n * ldb + kk];
+            const float a = bf16_dot ? cpu::bf16_to_f32(cpu::round_to_bf16(A[m * lda + kk])) : A[m * lda + kk];
+            ref += a * b;
+            bound += std::fabs(a * b);
+            unrounded += A[m * lda + kk] * b;
+            unrounded_bound += std::fabs(A[m * lda + kk] * b);
+            chain = std::fma(a, static_cast<float>(b), chain);
           }
           // Recursive summation: |error| <= 2 (K + 1) u sum|terms| with u = 2^-24 (mul + add roundings).
-          const double tol = 2.0 * (s.K + 1) * std::ldexp(1.0, -24) * bound + 1e-30;
+          const double u = std::ldexp(1.0, -24);
+          const double tol = 2.0 * (s.K + 1) * u * bound + 1e-30;
           double err = std::fabs(C[ci] - ref);
           if (err > tol) bound_ok = false;
           worst = std::max(worst, bound > 0 ? err / bound : err);
-          if (simd && std::memcmp(&C[ci], &chain, 4) != 0) exact_ok = false;
+          if (bf16_dot) {
+            const double err_unrounded = std::fabs(C[ci] - unrounded);
+            if (err_unrounded > (std::ldexp(1.0, -8) + (s.K + 1) * u) * unrounded_bound + 1e-30) bound_ok = false;
+            worst_unrounded =
+                std::max(worst_unrounded, unrounded_bound > 0 ? err_unrounded / unrounded_bound : err_unrounded);
+          }
+          if (exact_chain && std::memcmp(&C[ci], &chain, 4) != 0) exact_ok = false;
         }
       // The weight packed once ahead (MatB::packed) gives the same bits as packing per call.
       if (k.pack_panel != nullptr && !k_major && n0 % k.gemm_nr == 0) {
         const int panels = (s.N + k.gemm_nr - 1) / k.gemm_nr;
-        const size_t panel_floats = static_cast<size_t>(k.gemm_nr) * std::max(s.K, 1);
+        const size_t panel_floats = k.packed_panel_bytes(std::max(s.K, 1), type) / 4;
         AlignedFloats packed(panels * panel_floats);
         const MatB plain{B.data(), type, ldb, false};
         for (int p = 0; p < panels; ++p) k.pack_panel(plain, s.N, s.K, p, packed.p + p * panel_floats);
@@ -81,14 +100,53 @@ void test_gemm(const Kernels& k, WType type, bool k_major) {
     }
   }
   std::string name = std::string(k.isa) + " gemm " + type_name(type) + (k_major ? " B[K][N]" : " W[N][K]");
-  report(
-      bound_ok && sentinels_ok && (exact_ok || !simd) && packed_ok, name,
-      fmt("max error/sum|terms| %.2e", worst) + (sentinels_ok ? "" : ", wrote outside [n0, n1)") +
-          (simd ? (exact_ok ? ", bit-identical to a sequential fma chain" : ", NOT equal to the sequential fma chain")
-                : "") +
-          (packed_checked == 0 ? ""
-           : packed_ok         ? fmt(", prepacked = per call in %.0f products", packed_checked)
-                               : ", prepacked weights give DIFFERENT results"));
+  report(bound_ok && sentinels_ok && (exact_ok || !exact_chain) && packed_ok, name,
+         fmt("max error/sum|terms| %.2e", worst) +
+             (bf16_dot ? fmt(" (against A unrounded: %.2e)", worst_unrounded) : std::string()) +
+             (sentinels_ok ? "" : ", wrote outside [n0, n1)") +
+             (exact_chain ? (exact_ok ? (bf16_dot ? ", bit-identical to the bf16 dot chain (odd k of each pair first)"
+                                                  : ", bit-identical to a sequential fma chain")
+                                      : ", NOT equal to the sequential chain")
+                          : "") +
+             (packed_checked == 0 ? ""
+              : packed_ok         ? fmt(", prepacked = per call in %.0f products", packed_checked)
+                                  : ", prepacked weights give DIFFERENT results"));
+}
+
+// The bf16 dot product's denormals (kernels.h): denormal inputs count as zero and a denormal sum flushes
+// to zero, as vdpbf16ps computes them; every path (the FMA ones under FTZ/DAZ) must give these bits.
+void test_bf16_denormals(const Kernels& k) {
+  struct Case {
+    const char* what;
+    float a0, a1, c0;  // A's two k, C's value before accumulating
+    uint16_t w0, w1;   // the bf16 weights
+    float want;
+  };
+  const Case cases[] = {
+      // odd first: 1.5 x 2^-126, then minus 2^-126: 2^-127 is denormal and flushes to +0
+      {"a denormal sum flushes to zero", -1.0f, 1.0f, 0.0f, 0x0080, 0x00c0, 0.0f},
+      // 2^100 x the denormal bf16 2^-133 would be the normal 2^-33
+      {"a denormal weight counts as zero", std::ldexp(1.0f, 100), 0.0f, 0.0f, 0x0001, 0, 0.0f},
+      // 1e-39 is a denormal float; times 2^100 it would be 1.3e-9
+      {"a denormal activation counts as zero", 1e-39f, 0.0f, 0.0f, 0x7180, 0, 0.0f},
+      {"a denormal partial result before it counts as zero", 0.0f, 0.0f, 1e-39f, 0, 0, 0.0f},
+      {"normal values are untouched", 1.0f, 2.0f, 0.5f, 0x3f80, 0x4000, 5.5f},
+  };
+  bool ok = true;
+  std::string first_bad;
+  for (const Case& c : cases) {
+    const float A[2] = {c.a0, c.a1};
+    const uint16_t W[2] = {c.w0, c.w1};
+    AlignedFloats scratch(k.gemm_scratch_floats(2));
+    float C = c.c0;
+    k.gemm(1, 0, 1, 2, A, 2, MatB{W, WType::BF16, 2, false}, &C, 1, /*accumulate=*/true, scratch.p);
+    if (std::memcmp(&C, &c.want, 4) != 0 && ok) {
+      ok = false;
+      first_bad = std::string(c.what) + fmt(": got %g", C);
+    }
+  }
+  report(ok, std::string(k.isa) + " gemm bf16: denormal inputs count as zero and denormal sums flush to zero",
+         ok ? "as vdpbf16ps" : first_bad);
 }
 
 void test_elementwise(const Kernels& k) {

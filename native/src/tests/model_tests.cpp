@@ -19,18 +19,13 @@ void test_model() {
     std::vector<int32_t> tokens = random_tokens(rng, 70, spec.vocab);
     std::vector<float> got = run_forward(*model, {tokens}, {all_rows(tokens.size())});
     auto ref = reference_forward(tiny, tokens);
-    double worst = 0, scale = 0;
-    for (size_t t = 0; t < tokens.size(); ++t)
-      for (int e = 0; e < spec.embedding; ++e) {
-        worst = std::max(worst, std::fabs(got[t * spec.embedding + e] - ref[t][e]));
-        scale = std::max(scale, std::fabs(ref[t][e]));
-      }
+    const LogitErrors e = logit_errors(got, ref, all_rows(tokens.size()), spec.embedding);
     bool meta =
         model->weight_dtype() == type_name(type) && model->info().backend == "cpu" && model->config().n_kv_heads == 2;
-    report(worst <= 1e-5 * scale && meta,
+    report(logits_within(e, type, 1e-5) && meta,
            std::string("model forward (") + isa + ", " + type_name(type) + (spec.tied ? ", tied head" : "") +
-               ") vs float64 reference",
-           fmt("max |diff| %.2e, max |logit| %.2f", worst, scale));
+               ") vs float64 reference" + (type == WType::BF16 ? ": " + logit_bound_text(type, 1e-5) : ""),
+           logit_errors_text(e));
   }
 
   // Batching, row selection and threads must not change a single bit: every output is computed by the
