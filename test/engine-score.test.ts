@@ -2,7 +2,9 @@
  * NativeEngine.score: the model's log-probability of given tokens at given canvas positions. Checked
  * against the PyTorch reference through the golden fixtures: at a case's first step the canvas is the
  * prompt followed by masks, and the reference recorded the softmax probability of every token that step
- * committed, so exp(score) of those tokens there must be those probabilities.
+ * committed, so exp(score) of those tokens there must be those probabilities: within 1e-5, or 1e-2 for
+ * the bf16 model, whose activations are rounded to bf16 before each product on both sides (the reason is in
+ * test/golden.test.ts).
  */
 import { join } from "node:path"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
@@ -10,6 +12,7 @@ import { type NativeEngine, loadAddon } from "../src/engine/native.js"
 import { goldenCases, goldenDir } from "./support/golden.js"
 
 const models = ["plain", "gqa", "odd", "bf16", "f16"]
+const tolerance = (model: string) => (model === "bf16" ? 1e-2 : 1e-5)
 const engines = new Map<string, NativeEngine>()
 
 beforeAll(async () => {
@@ -44,7 +47,7 @@ describe("NativeEngine.score", () => {
         )
         expect(scores.length).toBe(first.length)
         first.forEach(([, , probability], i) => {
-          expect(Math.abs(Math.exp(scores[i]!) - probability), `${c.name} position ${positions[i]}`).toBeLessThan(1e-5)
+          expect(Math.abs(Math.exp(scores[i]!) - probability), `${c.name} position ${positions[i]}`).toBeLessThan(tolerance(model))
         })
         checked += first.length
       }

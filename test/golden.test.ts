@@ -2,7 +2,14 @@
  * The native engine against the PyTorch reference (tools/reference, fixtures in test/fixtures/golden):
  * every generate case alone, and every batch of cases together in one step loop, must give the
  * reference's answer token for token, commit the same positions at the same steps, and report the
- * committed probabilities within 1e-4.
+ * committed probabilities within 1e-4 (1e-2 for the bf16 model).
+ *
+ * Why the bf16 model's bound is wider: its products are the bf16 dot product (native/src/cpu/kernels.h),
+ * which rounds each activation to bf16 first, and the reference does the same. Rounding is discontinuous:
+ * where the engine's and the reference's f32 sums (added in different orders) differ in the last bit, an
+ * activation can round to the neighbouring bf16 value, 2^-8 away relative, and that moves the
+ * probabilities by up to a few 1e-3 (2.3e-3 measured on 2026-12-06). Tokens, positions and steps are still
+ * compared exactly; the fixture writer keeps only prompts whose commits survive such noise.
  *
  * The fixtures' forward logits are not checked here: the addon's step API does not expose logits (nor does
  * vdiff-cli), so they belong to the native tests, which call Model::forward directly.
@@ -20,7 +27,8 @@ interface Golden {
   readonly batches: Array<Array<number>>
 }
 
-const PROBABILITY_TOLERANCE = 1e-4
+/** The committed-probability bound of a fixture model: see the header for the bf16 one. */
+const probabilityTolerance = (model: string) => (model === "bf16" ? 1e-2 : 1e-4)
 
 const fixtures = join(import.meta.dirname, "fixtures", "golden")
 const goldens: Array<Golden> = readdirSync(fixtures)
@@ -40,7 +48,7 @@ const expectMatches = (run: Run, expected: GoldenCase, label: string) => {
       worst = Math.max(worst, Math.abs(probability - expected.trace[s]![i]![2]))
     })
   )
-  expect(worst, `${label}: largest committed-probability difference`).toBeLessThanOrEqual(PROBABILITY_TOLERANCE)
+  expect(worst, `${label}: largest committed-probability difference`).toBeLessThanOrEqual(probabilityTolerance(label.split("/")[0]!))
   expect(run.results.at(-1)!.finished, `${label}: finished`).toBe(true)
 }
 

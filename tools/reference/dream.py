@@ -17,6 +17,10 @@ raw = lm_head(rms(x) * model.norm)   (lm_head is model.embed_tokens when tie_wor
   frequencies rope_theta^(-2i/head_dim), positions 0..L-1 (angles in float64, tables rounded to float32);
 * attention is bidirectional over the whole canvas (Dream passes is_causal=False, no mask unless left padding),
   scaled by 1/sqrt(head_dim), softmax in float32.
+* precision: f32 throughout (bf16/f16 weights upcast exactly), except that a product with a weight matrix stored as
+  bf16 (q/k/v/o, gate/up/down, lm_head or a tied bf16 embed_tokens) rounds its input activations to bf16 first
+  (matmul.py, the rule the native engine follows); the q/k/v bias is added after the product, in f32. Attention,
+  norms, RoPE and the embedding lookup are plain f32.
 
 SHIFTED LOGITS. Dream keeps the autoregressive parent's output convention: the network's output at position i - 1
 is the prediction for position i. Its sampler does `logits = cat([logits[:, :1], logits[:, :-1]], dim=1)`, so
@@ -34,7 +38,7 @@ import torch
 
 import llada
 import safetensors_io
-from llada2 import BlockLM, swiglu
+from llada2 import BlockLM
 
 EMBED = "model.embed_tokens.weight"
 NORM = "model.norm.weight"
@@ -142,8 +146,8 @@ class Dream(BlockLM):
         for name, heads in (("q_proj", c["num_attention_heads"]), ("k_proj", c["num_key_value_heads"]),
                             ("v_proj", c["num_key_value_heads"])):
             b = self.layer_name(layer, f"self_attn.{name}.")
-            y = n @ self.w[b + "weight"].T
-            if c["attention_bias"]:
+            y = self.linear(n, b + "weight")
+            if c["attention_bias"]:  # added after the product, in f32
                 y = y + self.w[b + "bias"]
             out.append(y.view(-1, heads, hd))
         return tuple(out)
@@ -155,7 +159,7 @@ class Dream(BlockLM):
         return self.layer_name(layer, "self_attn.o_proj.weight")
 
     def mlp(self, layer: int, m: torch.Tensor) -> torch.Tensor:
-        return swiglu(m, *self.mlp_weights(self.layer_name(layer, "mlp.")))
+        return self.swiglu(m, self.layer_name(layer, "mlp."))
 
     @torch.no_grad()
     def raw_logits(self, tokens) -> torch.Tensor:

@@ -4,7 +4,8 @@
 
 1. The forward of every golden-dream model against a second implementation in float64, written another way: one
    position and one head at a time, RoPE as rotations of (x[i], x[i + head_dim / 2]) pairs, GQA by index
-   arithmetic, biases added per head, the prediction for position i read from the output row i - 1 by index. The
+   arithmetic, biases added per head, the prediction for position i read from the output row i - 1 by index, the
+   input of every product with a bf16-stored weight rounded to bf16 (selftest.naive_round_bf16; bias after). The
    stored logits (shifted rows and the raw last row) are current. Dropping the q/k/v biases changes the logits of
    the models that have them (so a loader that ignores them fails).
 2. The shift rule on a labelled tensor.
@@ -41,6 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import dream  # noqa: E402
 import dream_generate as dg  # noqa: E402
+from selftest import naive_round_bf16  # noqa: E402
 
 GOLDEN = os.path.normpath(os.path.join(HERE, "..", "..", "test", "fixtures", "golden-dream"))
 MODELS = ["gqa", "mha_tied", "nobias", "bf16"]
@@ -59,6 +61,11 @@ def naive_raw_logits(model: dream.Dream, tokens: list[int]) -> torch.Tensor:
     c = model.config
     w = {k: v.double() for k, v in model.w.items()}
     nq, nkv, hd, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["hidden_size"]
+
+    def mv(name, vec):  # w[name] @ vec, vec rounded to bf16 first when that weight was stored bf16
+        if name in model.bf16:
+            vec = torch.from_numpy(naive_round_bf16(vec.numpy()))
+        return w[name] @ vec
     eps, theta = c["rms_norm_eps"], float(c["rope_theta"])
     length = len(tokens)
 
@@ -81,7 +88,7 @@ def naive_raw_logits(model: dream.Dream, tokens: list[int]) -> torch.Tensor:
         normed = [rms(x, w[pre + "input_layernorm.weight"]) for x in xs]
 
         def proj(name, n):
-            y = w[f"{pre}self_attn.{name}.weight"] @ n
+            y = mv(f"{pre}self_attn.{name}.weight", n)
             if c["attention_bias"]:
                 y = y + w[f"{pre}self_attn.{name}.bias"]
             return y
@@ -101,14 +108,14 @@ def naive_raw_logits(model: dream.Dream, tokens: list[int]) -> torch.Tensor:
                 total = sum(e)
                 heads.append(sum((e[j] / total) * v[j][g * hd:(g + 1) * hd] for j in range(length)))
             attn = torch.cat(heads)
-            h1 = xs[i] + w[pre + "self_attn.o_proj.weight"] @ attn
+            h1 = xs[i] + mv(pre + "self_attn.o_proj.weight", attn)
             m = rms(h1, w[pre + "post_attention_layernorm.weight"])
-            gate = w[pre + "mlp.gate_proj.weight"] @ m
-            up = w[pre + "mlp.up_proj.weight"] @ m
-            new.append(h1 + w[pre + "mlp.down_proj.weight"] @ (gate / (1 + torch.exp(-gate)) * up))
+            gate = mv(pre + "mlp.gate_proj.weight", m)
+            up = mv(pre + "mlp.up_proj.weight", m)
+            new.append(h1 + mv(pre + "mlp.down_proj.weight", gate / (1 + torch.exp(-gate)) * up))
         xs = new
-    head = w[dream.EMBED if c["tie_word_embeddings"] else dream.HEAD]
-    return torch.stack([head @ rms(x, w[dream.NORM]) for x in xs])
+    head = dream.EMBED if c["tie_word_embeddings"] else dream.HEAD
+    return torch.stack([mv(head, rms(x, w[dream.NORM])) for x in xs])
 
 
 def check_forward() -> None:

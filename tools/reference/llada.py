@@ -1,8 +1,10 @@
 """An independent PyTorch implementation of the LLaDA mask predictor, computed in float32.
 
 Reads an HF-style directory: config.json with LLaDA's keys and model.safetensors (or the shards named by
-model.safetensors.index.json). Weights stored as bf16 or f16 are upcast exactly to float32, and every
-operation runs in float32, which is what the native engine does too.
+model.safetensors.index.json). Weights stored as bf16 or f16 are upcast exactly to float32 and everything runs
+in float32, with one rule for the products with a bf16-stored weight matrix (q/k/v/attn_out, ff_proj/up_proj/ff_out,
+the head, also a tied head over a bf16 wte): the activations are rounded to bf16 first (matmul.py, the rule the
+native engine follows). Attention scores, P.V, norms, RoPE and the embedding lookup stay plain f32.
 
 Architecture (per block, pre-norm):
     h = x + attn_out(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))   with n = rms(x) * attn_norm
@@ -21,6 +23,7 @@ import os
 import torch
 
 import safetensors_io
+from matmul import linear, upcast
 
 PREFIX = "model.transformer."
 
@@ -100,24 +103,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LLaDA:
     def __init__(self, config: dict, weights: dict[str, torch.Tensor]):
         self.config = config
-        shapes = tensor_shapes(config)
-        missing = [n for n in shapes if n not in weights]
-        if missing:
-            raise ValueError(f"missing tensors: {missing[:5]}")
-        self.w: dict[str, torch.Tensor] = {}
-        for name, shape in shapes.items():
-            t = weights[name]
-            if list(t.shape) != shape:
-                raise ValueError(f"{name}: shape {list(t.shape)}, expected {shape}")
-            # bf16 -> f32 and f16 -> f32 are exact conversions.
-            self.w[name] = t.to(torch.float32).contiguous()
-        self.head = self.w[PREFIX + ("wte.weight" if config["weight_tying"] else "ff_out.weight")]
+        # f32 copies (exact from bf16 and f16) and the names stored as bf16 (their products round the input).
+        self.w, self.bf16 = upcast(weights, tensor_shapes(config))
+        self.head_name = PREFIX + ("wte.weight" if config["weight_tying"] else "ff_out.weight")
+        self.head = self.w[self.head_name]
         self.head_dim = config["d_model"] // config["n_heads"]
         self.rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def load(cls, model_dir: str) -> "LLaDA":
         return cls(read_config(model_dir), safetensors_io.load_dir(model_dir))
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x @ w[name]^T, x rounded to bf16 first when that weight was stored as bf16 (matmul.py)."""
+        return linear(x, self.w[name], name in self.bf16)
 
     @torch.no_grad()
     def hidden(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,9 +145,9 @@ class LLaDA:
         for i in range(c["n_layers"]):
             b = f"{PREFIX}blocks.{i}."
             n = rms_norm(x, self.w[b + "attn_norm.weight"], eps)
-            q = (n @ self.w[b + "q_proj.weight"].T).view(batch, length, n_heads, hd).transpose(1, 2)
-            k = (n @ self.w[b + "k_proj.weight"].T).view(batch, length, n_kv, hd).transpose(1, 2)
-            v = (n @ self.w[b + "v_proj.weight"].T).view(batch, length, n_kv, hd).transpose(1, 2)
+            q = self.linear(n, b + "q_proj.weight").view(batch, length, n_heads, hd).transpose(1, 2)
+            k = self.linear(n, b + "k_proj.weight").view(batch, length, n_kv, hd).transpose(1, 2)
+            v = self.linear(n, b + "v_proj.weight").view(batch, length, n_kv, hd).transpose(1, 2)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             if n_kv != n_heads:
@@ -160,19 +159,19 @@ class LLaDA:
                 scores = scores + key_bias
             attn = torch.softmax(scores, dim=-1) @ v  # [B, heads, L, hd]
             attn = attn.transpose(1, 2).reshape(batch, length, n_heads * hd)
-            x = x + attn @ self.w[b + "attn_out.weight"].T
+            x = x + self.linear(attn, b + "attn_out.weight")
 
             m = rms_norm(x, self.w[b + "ff_norm.weight"], eps)
-            gate = m @ self.w[b + "ff_proj.weight"].T
-            up = m @ self.w[b + "up_proj.weight"].T
-            x = x + (torch.nn.functional.silu(gate) * up) @ self.w[b + "ff_out.weight"].T
+            gate = self.linear(m, b + "ff_proj.weight")
+            up = self.linear(m, b + "up_proj.weight")
+            x = x + self.linear(torch.nn.functional.silu(gate) * up, b + "ff_out.weight")
 
         return rms_norm(x, self.w[PREFIX + "ln_f.weight"], eps)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, L] int64 -> logits [B, L, embedding_size] float32 (see hidden for attention_mask)."""
-        return self.hidden(tokens, attention_mask) @ self.head.T
+        return self.linear(self.hidden(tokens, attention_mask), self.head_name)
 
     __call__ = forward
 

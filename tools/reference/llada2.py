@@ -2,7 +2,11 @@
 and the pieces the block-diffusion families share (block-causal attention with an exact KV cache).
 
 Written from the public descriptions of LLaDA2.0 (BailingMoeV2 layout; see shared/specs/block-diffusion.md A2/A3).
-Every operation runs in float32 (bf16/f16 weights are upcast exactly), which is what the native engine does.
+Everything runs in float32 (bf16/f16 weights are upcast exactly), with one rule for the products with a weight
+matrix stored as bf16 (fused QKV, dense, the MLPs, experts, shared expert, lm_head, also a tied head over bf16
+embeddings): the activations are rounded to bf16 first (matmul.py, the rule the native engine follows). The router's
+product stays f32 whatever the gate's stored dtype (router logits are computed in fp32), as do attention scores,
+P.V, the norms, RoPE and the embedding lookup.
 
 Per layer, pre-norm:
     h = x + dense(attention(...))                 on n = rms(x) * input_layernorm
@@ -16,7 +20,7 @@ inverse frequencies theta^(-2i / rotary_dim)); the other dims pass through. Scor
 GQA (query head h reads kv head h // (nq / nkv)), additive 0/-inf block-causal mask, softmax in float32.
 
 MLP: layers i < first_k_dense_replace are dense SwiGLU (intermediate_size). The others are MoE:
-    router: r = n @ gate^T (f32); s = sigmoid(r); s_b = s + expert_bias (selection only);
+    router: r = n @ gate^T (f32, never bf16-rounded); s = sigmoid(r); s_b = s + expert_bias (selection only);
             group score = sum of the top 2 of s_b in each of n_group contiguous groups; keep the topk_group best
             groups; idx = top num_experts_per_tok of s_b over the kept groups;
             w = s[idx] (unbiased), w = w / (sum w + 1e-20) (only when top_k > 1), w *= routed_scaling_factor
@@ -32,6 +36,7 @@ import os
 import torch
 
 import safetensors_io
+from matmul import linear, upcast
 
 NEG_INF = float("-inf")
 
@@ -96,10 +101,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     return out.transpose(0, 1).reshape(q.shape[0], nq * hd)
 
 
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
-
-
 def swiglu_shapes(shapes: dict[str, list[int]], prefix: str, hidden: int, d: int) -> None:
     """Adds the shapes of one SwiGLU MLP (gate, up [hidden, d]; down [d, hidden]) under `prefix`."""
     shapes[prefix + "gate_proj.weight"] = [hidden, d]
@@ -108,8 +109,8 @@ def swiglu_shapes(shapes: dict[str, list[int]], prefix: str, hidden: int, d: int
 
 
 def run_experts(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, expert) -> torch.Tensor:
-    """sum_k weight[t, k] * expert(e = idx[t, k])(x[t]); tokens grouped by expert, one product per active expert.
-    expert(e) -> (gate, up, down)."""
+    """sum_k weight[t, k] * expert(e = idx[t, k], x[t]); tokens grouped by expert, one product per active expert.
+    expert(e, rows [n, D]) -> that expert's MLP output [n, D]."""
     out = torch.zeros_like(x)
     flat = idx.reshape(-1)
     order = torch.sort(flat, stable=True).indices
@@ -120,7 +121,7 @@ def run_experts(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, expert
     for e, count in zip(experts.tolist(), counts.tolist()):
         rows = order[begin:begin + count]
         tokens = token_of[begin:begin + count]
-        y = swiglu(x[tokens], *expert(e))
+        y = expert(e, x[tokens])
         w = weight.reshape(-1)[rows][:, None]
         out.index_add_(0, tokens, y * w)
         begin += count
@@ -139,17 +140,10 @@ class BlockLM:
 
     def __init__(self, config: dict, weights: dict[str, torch.Tensor]):
         self.config = config
-        shapes = self.tensor_shapes(config)
-        missing = [n for n in shapes if n not in weights]
-        if missing:
-            raise ValueError(f"missing tensors: {missing[:5]}")
-        self.w: dict[str, torch.Tensor] = {}
-        for name, shape in shapes.items():
-            t = weights[name]
-            if list(t.shape) != shape:
-                raise ValueError(f"{name}: shape {list(t.shape)}, expected {shape}")
-            self.w[name] = t.to(torch.float32).contiguous()
-        self.head = self.w[self.EMBED if config["tie_word_embeddings"] else self.HEAD]
+        # f32 copies (exact from bf16 and f16) and the names stored as bf16 (their products round the input).
+        self.w, self.bf16 = upcast(weights, self.tensor_shapes(config))
+        self.head_name = self.EMBED if config["tie_word_embeddings"] else self.HEAD
+        self.head = self.w[self.head_name]
         self.block_size = config["block_size"]
         self.router_gap = math.inf  # smallest selection margin seen by a router since the last reset
 
@@ -164,7 +158,7 @@ class BlockLM:
 
         cache: the keys/values of [0, start) (required when start > 0); store: append this forward's keys/values
         to it. attention_block: B for block-causal (default the model's block_size), 0 for bidirectional."""
-        return self.hidden(tokens, start, cache, store, attention_block) @ self.head.T
+        return self.linear(self.hidden(tokens, start, cache, store, attention_block), self.head_name)
 
     @torch.no_grad()
     def hidden(self, tokens, start: int = 0, cache: KVCache | None = None, store: bool = False,
@@ -207,7 +201,7 @@ class BlockLM:
                 cache.k[layer] = new_k if cache.k[layer] is None else torch.cat([cache.k[layer], new_k], dim=1)
                 cache.v[layer] = new_v if cache.v[layer] is None else torch.cat([cache.v[layer], new_v], dim=1)
             attn = attend(q, keys, values, bias)
-            x = x + attn @ self.w[self.attn_out_name(layer)].T
+            x = x + self.linear(attn, self.attn_out_name(layer))
             m = rms_norm(x, self.w[self.layer_name(layer, "post_attention_layernorm.weight")], eps)
             x = x + self.mlp(layer, m)
         if store:
@@ -223,9 +217,15 @@ class BlockLM:
     def layer_name(layer: int, rest: str) -> str:
         return f"model.layers.{layer}.{rest}"
 
-    def mlp_weights(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate, up, down) of the SwiGLU MLP whose names start with prefix."""
-        return tuple(self.w[prefix + n + "_proj.weight"] for n in ("gate", "up", "down"))
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x @ w[name]^T, x rounded to bf16 first when that weight was stored as bf16 (matmul.py)."""
+        return linear(x, self.w[name], name in self.bf16)
+
+    def swiglu(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        """The SwiGLU MLP whose tensors are prefix + {gate,up,down}_proj.weight."""
+        gate = self.linear(x, prefix + "gate_proj.weight")
+        up = self.linear(x, prefix + "up_proj.weight")
+        return self.linear(torch.nn.functional.silu(gate) * up, prefix + "down_proj.weight")
 
 
 def note_gap(model: BlockLM, values: torch.Tensor, k: int) -> None:
@@ -346,7 +346,7 @@ class LLaDA2(BlockLM):
     def project_qkv(self, layer: int, n: torch.Tensor):
         c = self.config
         nq, nkv, hd = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
-        qkv = (n @ self.w[self.layer_name(layer, "attention.query_key_value.weight")].T).view(-1, nq + 2 * nkv, hd)
+        qkv = self.linear(n, self.layer_name(layer, "attention.query_key_value.weight")).view(-1, nq + 2 * nkv, hd)
         return qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
 
     def qk_norm_names(self, layer: int):
@@ -363,7 +363,7 @@ class LLaDA2(BlockLM):
         c = self.config
         b = self.layer_name(layer, "mlp.gate.")
         e, k, groups = c["num_experts"], c["num_experts_per_tok"], c["n_group"]
-        scores = torch.sigmoid(m @ self.w[b + "weight"].T)
+        scores = torch.sigmoid(m @ self.w[b + "weight"].T)  # f32 router: no bf16 rounding of m
         biased = scores + self.w[b + "expert_bias"] if c["moe_router_enable_expert_bias"] else scores
         group_scores = biased.view(-1, groups, e // groups).topk(2, dim=-1).values.sum(dim=-1)
         note_gap(self, group_scores, c["topk_group"])
@@ -385,11 +385,11 @@ class LLaDA2(BlockLM):
         c = self.config
         b = self.layer_name(layer, "mlp.")
         if not self.is_moe(c, layer):
-            return swiglu(m, *self.mlp_weights(b))
+            return self.swiglu(m, b)
         idx, weight = self.route(layer, m)
-        y = run_experts(m, idx, weight, lambda x: self.mlp_weights(f"{b}experts.{x}."))
+        y = run_experts(m, idx, weight, lambda e, rows: self.swiglu(rows, f"{b}experts.{e}."))
         if c["num_shared_experts"]:
-            y = y + swiglu(m, *self.mlp_weights(b + "shared_experts."))
+            y = y + self.swiglu(m, b + "shared_experts.")
         return y
 
 

@@ -10,8 +10,10 @@ answer and the per-step trace, and the groups of cases the native test runs toge
 Robustness (as make_fixtures.py): a case is kept only if its top-1/top-2 logit gaps at committed positions and its
 selection gaps at the top-k boundary reach MARGIN, its top_p cut (when set) is at least TOP_P_MARGIN away from every
 masked row's cumulative probabilities, PERTURB_TRIALS re-runs with the logits multiplied by (1 + PERTURB_REL *
-N(0, 1)) give the same commits, it never commits the mask id, and it shows what it is there for (an EOS inside the
-answer; top_p / top_k changing the commits). Otherwise the next prompt seed is drawn.
+N(0, 1)) give the same commits (for a model with bf16-stored weights also ACTIVATION_TRIALS re-runs with every
+activation multiplied by (1 + ACTIVATION_NOISE_REL * N(0, 1)) before its bf16 rounding, matmul.activation_noise), it
+never commits the mask id, and it shows what it is there for (an EOS inside the answer; top_p / top_k changing the
+commits). Otherwise the next prompt seed is drawn.
 Deterministic: same script, same bytes.
 """
 from __future__ import annotations
@@ -27,12 +29,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dream  # noqa: E402
 import dream_generate as dg  # noqa: E402
+import matmul  # noqa: E402
 
 MARGIN = 2e-3
 TOP_P_MARGIN = 2e-4   # cumulative probabilities; float32 cumsum error is ~1e-7
 COUNT_MARGIN = 1e-5    # n (1 - s/t) must not sit on an integer (it never does in practice; see README)
 PERTURB_REL = 1e-4
 PERTURB_TRIALS = 3
+ACTIVATION_NOISE_REL = 1e-6  # bf16 models: f32 noise before the bf16 input rounding (flips a rounding now and then)
+ACTIVATION_TRIALS = 50
 MAX_SEEDS = 400
 EOS_SHARE = 0.08       # how often EOS should win the argmax at a masked position
 
@@ -191,6 +196,11 @@ def robust(model, config, prompt, params, result) -> bool:
         return False
     for trial in range(PERTURB_TRIALS):
         again = dg.generate(model, prompt, params, config["mask_token_id"], logits_hook=perturbation(1000 + trial))
+        if again.commits() != result.commits():
+            return False
+    for trial in range(ACTIVATION_TRIALS if model.bf16 else 0):
+        with matmul.activation_noise(2000 + trial, ACTIVATION_NOISE_REL):
+            again = dg.generate(model, prompt, params, config["mask_token_id"])
         if again.commits() != result.commits():
             return False
     return True

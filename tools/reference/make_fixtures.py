@@ -9,7 +9,9 @@ native test runs together in one engine batch. Everything is deterministic: same
 Every generate case is checked for robustness before it is written (see README.md): its minimum top-1/top-2
 logit gap at committed tokens and its minimum log-confidence gap at the top-k boundary must reach MARGIN, and
 PERTURB_TRIALS re-runs with the logits multiplied by (1 + PERTURB_REL * N(0, 1)) must give the same answer and
-the same commit order. A case that fails is re-drawn with the next prompt seed.
+the same commit order; for a model with bf16-stored weights, so must ACTIVATION_TRIALS re-runs with every activation
+multiplied by (1 + ACTIVATION_NOISE_REL * N(0, 1)) before its bf16 rounding (matmul.activation_noise). A case that
+fails is re-drawn with the next prompt seed.
 """
 from __future__ import annotations
 
@@ -24,10 +26,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import generate as gen  # noqa: E402
 import llada  # noqa: E402
+import matmul  # noqa: E402
 
 MARGIN = 2e-3          # logits (absolute) and log-confidence; f32 summation-order noise is ~1e-5
 PERTURB_REL = 1e-4
 PERTURB_TRIALS = 3
+ACTIVATION_NOISE_REL = 1e-6  # bf16 models: f32 noise before the bf16 input rounding (flips a rounding now and then)
+ACTIVATION_TRIALS = 50
 MAX_SEEDS = 400
 SPECIAL_SHARE = 0.12   # how often EOS (and EOT) should win the argmax at a masked position
 
@@ -192,6 +197,11 @@ def robust(model, config, prompt, params, result) -> bool:
         return False
     for trial in range(PERTURB_TRIALS):
         again = run_case(model, config, prompt, params, hook=perturbation(1000 + trial))
+        if again.commits() != result.commits():
+            return False
+    for trial in range(ACTIVATION_TRIALS if model.bf16 else 0):
+        with matmul.activation_noise(2000 + trial, ACTIVATION_NOISE_REL):
+            again = run_case(model, config, prompt, params)
         if again.commits() != result.commits():
             return False
     return True

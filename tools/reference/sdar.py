@@ -7,10 +7,12 @@ over the full head_dim, GQA, o_proj; the block-causal mask and KV cache of llada
 
 MLP: dense SwiGLU (intermediate_size), or, for sdar_moe layers that are sparse (num_experts > 0, layer not in
 mlp_only_layers, (layer + 1) % decoder_sparse_step == 0), the Qwen3-MoE block:
-    r = m @ gate^T (f32); p = softmax(r); idx = top num_experts_per_tok of p; w = p[idx];
+    r = m @ gate^T (f32, never bf16-rounded); p = softmax(r); idx = top num_experts_per_tok of p; w = p[idx];
     if norm_topk_prob: w = w / sum w;   y = sum_k w_k * expert_idx_k(m)        (no shared expert, no bias)
 Logits: lm_head (or embed_tokens when tie_word_embeddings), unshifted, float32 here (the official code keeps
-them in the model dtype; the reference is f32 throughout).
+them in the model dtype). The reference runs in f32 with one rule (matmul.py): a product with a weight matrix
+stored as bf16 (q/k/v/o, dense MLP, experts, lm_head or a tied bf16 embedding) rounds its input activations to
+bf16 first; the router, attention, norms and RoPE stay plain f32.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import os
 import torch
 
 import safetensors_io
-from llada2 import BlockLM, note_gap, run_experts, stop_ids, swiglu, swiglu_shapes
+from llada2 import BlockLM, note_gap, run_experts, stop_ids, swiglu_shapes
 
 
 def read_config(model_dir: str) -> dict:
@@ -106,9 +108,9 @@ class SDAR(BlockLM):
         c = self.config
         nq, nkv, hd = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
         b = self.layer_name(layer, "self_attn.")
-        q = (n @ self.w[b + "q_proj.weight"].T).view(-1, nq, hd)
-        k = (n @ self.w[b + "k_proj.weight"].T).view(-1, nkv, hd)
-        v = (n @ self.w[b + "v_proj.weight"].T).view(-1, nkv, hd)
+        q = self.linear(n, b + "q_proj.weight").view(-1, nq, hd)
+        k = self.linear(n, b + "k_proj.weight").view(-1, nkv, hd)
+        v = self.linear(n, b + "v_proj.weight").view(-1, nkv, hd)
         return q, k, v
 
     def qk_norm_names(self, layer: int):
@@ -120,6 +122,7 @@ class SDAR(BlockLM):
     def route(self, layer: int, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         k = c["num_experts_per_tok"]
+        # f32 router (Qwen3-MoE computes router logits in fp32): no bf16 rounding of m.
         probs = torch.softmax(m @ self.w[self.layer_name(layer, "mlp.gate.weight")].T, dim=-1)
         note_gap(self, probs, k)
         weight, idx = probs.topk(k, dim=-1)
@@ -130,6 +133,6 @@ class SDAR(BlockLM):
     def mlp(self, layer: int, m: torch.Tensor) -> torch.Tensor:
         b = self.layer_name(layer, "mlp.")
         if not self.is_moe(self.config, layer):
-            return swiglu(m, *self.mlp_weights(b))
+            return self.swiglu(m, b)
         idx, weight = self.route(layer, m)
-        return run_experts(m, idx, weight, lambda x: self.mlp_weights(f"{b}experts.{x}."))
+        return run_experts(m, idx, weight, lambda e, rows: self.swiglu(rows, f"{b}experts.{e}."))

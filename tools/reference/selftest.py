@@ -4,7 +4,9 @@
 
 1. safetensors_io: F32/BF16/F16 round trip, metadata, sharded index.
 2. llada.forward against a second implementation in float64 numpy written another way (per head, RoPE as
-   a rotation of (x[i], x[i + half]) pairs, GQA by index arithmetic, key padding by dropping keys).
+   a rotation of (x[i], x[i + half]) pairs, GQA by index arithmetic, key padding by dropping keys); the inputs of
+   products with a bf16-stored weight are rounded to bf16 there too (naive_round_bf16, written with frexp), and
+   matmul.round_bf16 is checked against that rounding (ties to even).
 3. generate's schedule rules (blocks, steps per block, tokens per step).
 4. With --upstream: generate() against LLaDA's own generate.py (loaded from the given path, never copied
    here) on every golden case where the upstream asserts hold, token for token. The upstream file hard-codes
@@ -28,6 +30,7 @@ sys.path.insert(0, HERE)
 import generate as gen  # noqa: E402
 import llada  # noqa: E402
 import safetensors_io  # noqa: E402
+from matmul import round_bf16  # noqa: E402
 
 GOLDEN = os.path.normpath(os.path.join(HERE, "..", "..", "test", "fixtures", "golden"))
 
@@ -57,10 +60,31 @@ def test_safetensors() -> None:
     print("ok safetensors_io")
 
 
+def naive_round_bf16(x) -> np.ndarray:
+    """float64 values -> the nearest bf16 value (8 significant bits, ties to even), by frexp rather than a cast.
+    (The self-tests' version of the reference's bf16 input rounding; normal range only.)"""
+    m, e = np.frexp(np.asarray(x, dtype=np.float64))  # x = m * 2^e, 0.5 <= |m| < 1
+    return np.ldexp(np.round(m * 256.0), e - 8)  # np.round: half to even
+
+
+def test_round_bf16() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(20000, generator=gen) * 10.0 ** torch.randint(-6, 6, (20000,), generator=gen)
+    ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 3 * 2 ** -9 * (1 + 2 ** -8)])
+    x = torch.cat([x, ties, ties.nextafter(torch.tensor(2.0)), ties.nextafter(torch.tensor(-2.0)), torch.zeros(1)])
+    ours = round_bf16(x).double().numpy()
+    check(np.array_equal(ours, naive_round_bf16(x.double().numpy())), "matmul.round_bf16 is not round-to-nearest-even")
+    check(ours[20000] == 1.0 and ours[20001] == 1 + 2 ** -6, "bf16 ties go to even")
+    print("ok bf16 rounding (ties to even)")
+
+
 def numpy_forward(model: llada.LLaDA, tokens: list[int], valid: list[bool] | None = None) -> np.ndarray:
     """float64, one head and one position at a time."""
     c = model.config
     w = {k: v.double().numpy() for k, v in model.w.items()}
+
+    def mm(x, name):  # x @ w[name]^T; its input rounded to bf16 when the weight was stored bf16
+        return (naive_round_bf16(x) if name in model.bf16 else x) @ w[name].T
     p = llada.PREFIX
     n_heads, n_kv, hd = c["n_heads"], c["n_kv_heads"], model.head_dim
     half = hd // 2
@@ -83,7 +107,7 @@ def numpy_forward(model: llada.LLaDA, tokens: list[int], valid: list[bool] | Non
     for layer in range(c["n_layers"]):
         b = f"{p}blocks.{layer}."
         n = norm(x, w[b + "attn_norm.weight"])
-        q, k, v = n @ w[b + "q_proj.weight"].T, n @ w[b + "k_proj.weight"].T, n @ w[b + "v_proj.weight"].T
+        q, k, v = mm(n, b + "q_proj.weight"), mm(n, b + "k_proj.weight"), mm(n, b + "v_proj.weight")
         attn = np.zeros_like(q)
         for h in range(n_heads):
             g = h * n_kv // n_heads
@@ -94,12 +118,11 @@ def numpy_forward(model: llada.LLaDA, tokens: list[int], valid: list[bool] | Non
                 weights = np.exp(scores - scores.max())
                 weights /= weights.sum()
                 attn[i, h * hd:(h + 1) * hd] = sum(wj * v[j, g * hd:(g + 1) * hd] for wj, j in zip(weights, keys))
-        x = x + attn @ w[b + "attn_out.weight"].T
+        x = x + mm(attn, b + "attn_out.weight")
         m = norm(x, w[b + "ff_norm.weight"])
-        gate, up = m @ w[b + "ff_proj.weight"].T, m @ w[b + "up_proj.weight"].T
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ w[b + "ff_out.weight"].T
-    head = w[p + ("wte.weight" if c["weight_tying"] else "ff_out.weight")]
-    return norm(x, w[p + "ln_f.weight"]) @ head.T
+        gate, up = mm(m, b + "ff_proj.weight"), mm(m, b + "up_proj.weight")
+        x = x + mm(gate / (1 + np.exp(-gate)) * up, b + "ff_out.weight")
+    return mm(norm(x, w[p + "ln_f.weight"]), p + ("wte.weight" if c["weight_tying"] else "ff_out.weight"))
 
 
 def test_forward() -> None:
@@ -200,6 +223,7 @@ def main():
     torch.set_num_threads(2)
     test_safetensors()
     test_schedule()
+    test_round_bf16()
     test_forward()
     if args.upstream:
         test_upstream(args.upstream)

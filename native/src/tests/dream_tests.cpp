@@ -158,8 +158,12 @@ void test_dream_model(const fs::path& dir, const std::string& name) {
     if (why.empty()) ++ok;
     else if (first_bad.empty()) first_bad = c.find("name")->as_string() + ": " + why;
   }
-  report(ok == static_cast<int>(cases.size()) && worst_p < 1e-4,
-         label + ": every case token for token with its commits per step and trace, alone",
+  // A bf16 model's probabilities move by up to a few 1e-3 where an activation rounds to the other bf16
+  // neighbour than the reference's (logits_within, model_fixtures.h; test/golden-dream.test.ts).
+  const double probability_bound = backend->weight_dtype() == "bf16" ? 1e-2 : 1e-4;
+  report(ok == static_cast<int>(cases.size()) && worst_p < probability_bound,
+         label + ": every case token for token with its commits per step and trace, alone" +
+             fmt(" (probabilities within %.0e)", probability_bound),
          std::to_string(ok) + "/" + std::to_string(cases.size()) + fmt(", probabilities within %.2g", worst_p) +
              (first_bad.empty() ? "" : "; first: " + first_bad));
 
