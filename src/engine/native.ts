@@ -98,7 +98,7 @@ export interface NativeModelInfo {
   readonly weightDtype: "f32" | "bf16" | "f16" | "q8_0" | "q4_0"
   readonly parameterCount: number
   readonly weightBytes: number
-  /** Bytes of the f32 copies of the weights packed at load for the GEMM; 0: none (see packWeightsMaxBytes). */
+  /** Bytes of the copies of the weights packed at load for the GEMM; 0: none (see packWeightsMaxBytes). */
   readonly packedWeightBytes: number
   /** Bytes a KV cache takes per canvas position (a sequence's cache: this x its canvas length). */
   readonly kvCacheBytesPerPosition: number
