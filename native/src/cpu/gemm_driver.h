@@ -185,9 +185,11 @@ size_t path_panel_bytes(int K) {
   return sizeof(typename Path::PT) * static_cast<size_t>(k_steps<Path>(K > 0 ? K : 1)) * kNR;
 }
 
+// A staged whole (stage_rows): row m at staged + m * staged_ld elements; nullptr: A is staged here per
+// block (or read in place).
 template <class Path>
 void gemm_path(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
-               bool accumulate, float* scratch) {
+               bool accumulate, float* scratch, const typename Path::AT* staged = nullptr, int64_t staged_ld = 0) {
   using AT = typename Path::AT;
   using PT = typename Path::PT;
   // K blocks outermost, then blocks of rows sized to L2, then the panels. The block of A a panel reads
@@ -210,7 +212,10 @@ void gemm_path(int M, int n0, int n1, int K, const float* A, int64_t lda, const 
       const RowTiles tiles = row_tiles(block);
       const AT* Ab;
       int64_t ldab;
-      if constexpr (Path::kStagesA) {
+      if (staged != nullptr) {
+        Ab = staged + static_cast<int64_t>(m0) * staged_ld + k0 / Path::kKStep;
+        ldab = staged_ld;
+      } else if constexpr (Path::kStagesA) {
         Path::stage(A + static_cast<int64_t>(m0) * lda + k0, lda, block, kc, stage_buffer);
         Ab = stage_buffer;
         ldab = steps;
@@ -401,4 +406,35 @@ void pack_panel(const MatB& B, int N, int K, int panel, void* out) {
   if (B.type == WType::BF16 && B.bf16_dot)
     Bf16FmaPath::pack(B, n0, min_int(kNR, N - n0), 0, K, static_cast<float*>(out));
   else F32Path::pack(B, n0, min_int(kNR, N - n0), 0, K, static_cast<float*>(out));
+}
+
+// Whole rows of A staged for a path (Kernels::stage_bf16_a): row m at out + m * staged_row_bytes<Path>(K).
+template <class Path>
+size_t staged_row_bytes(int K) {
+  return (sizeof(typename Path::AT) * static_cast<size_t>(k_steps<Path>(K > 0 ? K : 1)) + 63) / 64 * 64;
+}
+
+template <class Path>
+void stage_rows(int M, int K, const float* A, int64_t lda, void* out) {
+  const size_t row_bytes = staged_row_bytes<Path>(K);
+  for (int m = 0; m < M; ++m)
+    Path::stage(A + static_cast<int64_t>(m) * lda, lda, 1, K,
+                reinterpret_cast<typename Path::AT*>(static_cast<char*>(out) + m * row_bytes));
+}
+
+template <class Path>
+void gemm_staged_path(int M, int n0, int n1, int K, const void* As, const MatB& B, float* C, int64_t ldc,
+                      bool accumulate, float* scratch) {
+  if (M <= 0 || n1 <= n0) return;
+  if (K <= 0) return gemm_empty_k(M, n0, n1, C, ldc, accumulate);
+  gemm_path<Path>(M, n0, n1, K, nullptr, 0, B, C, ldc, accumulate, scratch, static_cast<const typename Path::AT*>(As),
+                  static_cast<int64_t>(staged_row_bytes<Path>(K) / sizeof(typename Path::AT)));
+}
+
+size_t bf16_a_row_bytes(int K) { return staged_row_bytes<Bf16FmaPath>(K); }
+void stage_bf16_a(int M, int K, const float* A, int64_t lda, void* out) { stage_rows<Bf16FmaPath>(M, K, A, lda, out); }
+void gemm_staged(int M, int n0, int n1, int K, const void* As, const MatB& B, float* C, int64_t ldc, bool accumulate,
+                 float* scratch) {
+  const FlushDenormals ftz_daz;
+  gemm_staged_path<Bf16FmaPath>(M, n0, n1, K, As, B, C, ldc, accumulate, scratch);
 }

@@ -15,7 +15,19 @@ void convert(const void* src, WType type, float* dst, int n) {
 
 // The table an ISA's getter returns: this file's kernels under the ISA's name.
 const Kernels* kernel_table(const char* isa) {
-  static const Kernels table = {isa,     kNR,        gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax, exp_,
-                                convert, pack_panel, packed_panel_bytes};
+  static const Kernels table = {isa,
+                                kNR,
+                                gemm_scratch_floats,
+                                gemm,
+                                rmsnorm,
+                                silu_mul,
+                                softmax,
+                                exp_,
+                                convert,
+                                pack_panel,
+                                packed_panel_bytes,
+                                bf16_a_row_bytes,
+                                stage_bf16_a,
+                                gemm_staged};
   return &table;
 }

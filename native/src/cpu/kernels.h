@@ -80,6 +80,16 @@ struct Kernels {
   // gemm call (MatB::packed). nullptr for an ISA whose gemm does not pack (portable).
   void (*pack_panel)(const MatB& B, int N, int K, int panel, void* out);
   size_t (*packed_panel_bytes)(int K, WType type);  // nullptr where pack_panel is
+
+  // The bf16 dot product's left operand prepared once for many gemm calls (the products of one layer
+  // input with several weights, in column ranges): stage_bf16_a writes A's rows rounded to bf16, in the
+  // layout this ISA's bf16 products read, bf16_a_row_bytes(K) bytes per row (a multiple of 64) from `out`
+  // (64-byte aligned); gemm_staged is gemm for a bf16 B (bf16_dot) with row m of A at As + m *
+  // bf16_a_row_bytes(K), bit for bit the same result. nullptr where the ISA has none (portable).
+  size_t (*bf16_a_row_bytes)(int K);
+  void (*stage_bf16_a)(int M, int K, const float* A, int64_t lda, void* out);
+  void (*gemm_staged)(int M, int n0, int n1, int K, const void* As, const MatB& B, float* C, int64_t ldc,
+                      bool accumulate, float* scratch);
 };
 
 // f32 -> bf16 bits as the bf16 dot product rounds its left operand: round to nearest even; a denormal

@@ -267,6 +267,9 @@ size_t dot_packed_panel_bytes(int K, WType type) {
   return type == WType::BF16 ? path_panel_bytes<Bf16DotPath>(K) : packed_panel_bytes(K, type);
 }
 
+size_t dot_a_row_bytes(int K) { return staged_row_bytes<Bf16DotPath>(K); }
+void dot_stage_a(int M, int K, const float* A, int64_t lda, void* out) { stage_rows<Bf16DotPath>(M, K, A, lda, out); }
+
 void dot_pack_panel(const MatB& B, int N, int K, int panel, void* out) {
   if (B.type != WType::BF16 || !B.bf16_dot) return pack_panel(B, N, K, panel, out);
   const int n0 = panel * kNR;
@@ -380,6 +383,9 @@ const Kernels* avx512bf16_kernels() {
     t.gemm_scratch_floats = gemm_dot_scratch_floats;
     t.pack_panel = dot_pack_panel;
     t.packed_panel_bytes = dot_packed_panel_bytes;
+    t.bf16_a_row_bytes = dot_a_row_bytes;
+    t.stage_bf16_a = dot_stage_a;
+    t.gemm_staged = gemm_staged_path<Bf16DotPath>;
     return t;
   }();
   return &table;

@@ -161,8 +161,11 @@ void convert(const void* src, WType type, float* dst, int n) {
 }  // namespace
 
 const Kernels* portable_kernels() {
-  static const Kernels table = {
-      "portable", 1, gemm_scratch_floats, gemm, rmsnorm, silu_mul, softmax, exp_, convert, nullptr, nullptr};
+  static const Kernels table = {"portable", 1,       gemm_scratch_floats,
+                                gemm,       rmsnorm, silu_mul,
+                                softmax,    exp_,    convert,
+                                nullptr,    nullptr, nullptr,
+                                nullptr,    nullptr};
   return &table;
 }
 

@@ -25,7 +25,8 @@ void test_gemm(const Kernels& k, WType type, bool k_major) {
   std::mt19937 rng(1234 + static_cast<int>(type) * 7 + k_major);
   double worst = 0, worst_unrounded = 0;  // error / bound
   bool sentinels_ok = true, exact_ok = true, bound_ok = true, packed_ok = true;
-  int packed_checked = 0;
+  int packed_checked = 0, staged_checked = 0;
+  bool staged_ok = true;
   const bool bf16_dot = type == WType::BF16;
   const bool exact_chain = std::string(k.isa) != "portable" || bf16_dot;
   for (const Shape& s : shapes) {
@@ -97,10 +98,21 @@ void test_gemm(const Kernels& k, WType type, bool k_major) {
         if (std::memcmp(C2.data(), C.data(), C.size() * 4) != 0) packed_ok = false;
         ++packed_checked;
       }
+      // A staged once (Kernels::stage_bf16_a) gives the same bits as A staged per call.
+      if (bf16_dot && k.gemm_staged != nullptr && s.K > 0) {
+        const size_t row_bytes = k.bf16_a_row_bytes(s.K);
+        AlignedFloats staged(s.M * row_bytes / 4 + 16);
+        k.stage_bf16_a(s.M, s.K, A.data(), lda, staged.p);
+        std::vector<float> C3 = C0;
+        k.gemm_staged(s.M, n0, n1, s.K, staged.p, MatB{B.data(), type, ldb, k_major}, C3.data(), ldc, accumulate,
+                      scratch.p);
+        if (std::memcmp(C3.data(), C.data(), C.size() * 4) != 0) staged_ok = false;
+        ++staged_checked;
+      }
     }
   }
   std::string name = std::string(k.isa) + " gemm " + type_name(type) + (k_major ? " B[K][N]" : " W[N][K]");
-  report(bound_ok && sentinels_ok && (exact_ok || !exact_chain) && packed_ok, name,
+  report(bound_ok && sentinels_ok && (exact_ok || !exact_chain) && packed_ok && staged_ok, name,
          fmt("max error/sum|terms| %.2e", worst) +
              (bf16_dot ? fmt(" (against A unrounded: %.2e)", worst_unrounded) : std::string()) +
              (sentinels_ok ? "" : ", wrote outside [n0, n1)") +
@@ -110,7 +122,10 @@ void test_gemm(const Kernels& k, WType type, bool k_major) {
                           : "") +
              (packed_checked == 0 ? ""
               : packed_ok         ? fmt(", prepacked = per call in %.0f products", packed_checked)
-                                  : ", prepacked weights give DIFFERENT results"));
+                                  : ", prepacked weights give DIFFERENT results") +
+             (staged_checked == 0 ? ""
+              : staged_ok         ? fmt(", A staged once = per call in %.0f products", staged_checked)
+                                  : ", A staged once gives DIFFERENT results"));
 }
 
 // The bf16 dot product's denormals (kernels.h): denormal inputs count as zero and a denormal sum flushes
