@@ -4,6 +4,7 @@
 # a model) the forward as stored and quantized at load, each with its percentage of the relevant peak.
 #
 #   bench/cpu/run.sh [BUILD_DIR] -- [--threads 2] [--model DIR] [--tokens 160] [--formats none,q8_0,q4_0] [--pack-max-mb N]
+#                                   [--forward-trials 5] [--logit-rows 32] [--gemms none]
 #   VDIFF_ISA=avx2 bench/cpu/run.sh ...   forces a lower path (the peaks are still measured for every family)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
