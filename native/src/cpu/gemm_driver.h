@@ -331,15 +331,13 @@ inline __m256i first_lanes(int n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// bf16 weights on an ISA without vdpbf16ps: the bf16 dot product (kernels.h) computed with FMAs. A is
-// staged rounded to bf16 and B packed widened, both with the two k of each pair swapped (and an odd K
-// padded with a zero pair member), so that the ascending FMA chain adds the odd product of each pair
-// first, as vdpbf16ps does. The gemm runs it under FTZ and DAZ, vdpbf16ps's treatment of denormals.
-struct Bf16FmaPath {
-  using AT = float;
-  using PT = float;
-  static constexpr int kKC = ::vdiff::cpu::kKC;
-  static constexpr int kKStep = 1, kKPad = 2;
+// bf16 weights on an ISA without vdpbf16ps: the bf16 dot product (kernels.h) computed with FMAs, by
+// F32Path's micro-kernel. A is staged rounded to bf16 and B packed widened, both with the two k of each pair
+// swapped (and an odd K padded with a zero pair member), so that the ascending FMA chain adds the odd
+// product of each pair first, as vdpbf16ps does. The gemm runs it under FTZ and DAZ, vdpbf16ps's treatment
+// of denormals.
+struct Bf16FmaPath : F32Path {
+  static constexpr int kKPad = 2;
   static constexpr bool kStagesA = true;
   static_assert(kKC % 2 == 0, "k pairs never straddle two blocks");
 
@@ -370,12 +368,6 @@ struct Bf16FmaPath {
         _mm256_store_ps(even, o);
         _mm256_store_ps(even + kNR, e);
       }
-  }
-
-  template <int R, int NB>
-  static void micro(int steps, const float* A, int64_t lda, const float* P, float* C, int64_t ldc,
-                    const PanelMasks& masks, bool load_c) {
-    micro_kernel<R, NB>(steps, A, lda, P, C, ldc, masks, load_c);
   }
 };
 
