@@ -40,7 +40,8 @@ struct LoadOptions {
   uint64_t kv_cache_budget_bytes = 0;
   // CPU: the projection and head weights are packed once at load into the layout the GEMM reads, when
   // the packed copies take at most this many bytes in all; 0: never. A copy no larger than the stored
-  // matrix (bf16 on the avx512bf16 path) replaces it, its mapped pages released, and is not counted.
+  // matrix (bf16 on the avx512bf16 path; f32 whose rows fill whole panels) replaces it, its mapped pages
+  // released, and is not counted.
   uint64_t pack_weights_max_bytes = uint64_t{4} << 30;
   // CPU: quantize the projection and head matrices at load (Q8_0 or Q4_0, cpu/quant.h) into a copy in
   // memory, the float originals staying mapped; matrices a checkpoint already stores quantized, and

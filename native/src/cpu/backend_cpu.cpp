@@ -414,9 +414,9 @@ void CpuBackend::pack_weights(uint64_t max_bytes) {
     return uint64_t{w.type == WType::F32 ? 4u : 2u} * static_cast<uint64_t>(w.rows) * w.cols;
   };
   // A matrix whose packed copy is no larger than it is stored (bf16 on the vdpbf16ps path: the same
-  // bytes, as pairs) replaces it: its mapped pages are released, so it costs no memory, and the products
-  // read contiguous panels instead of packing rows of the mapping on every call (bench/cpu: the llada-8b
-  // forward 5.6 s mapped, 4.4 s packed). Not the embedding (a tied head), which is read as stored.
+  // bytes, as pairs; f32 whose rows fill whole panels) replaces it: its mapped pages are released, so it costs no
+  // memory, and the products read contiguous panels instead of packing rows of the mapping on every call (bench/cpu:
+  // the llada-8b forward 5.6 s mapped, 4.4 s packed). Not the embedding (a tied head), which is read as stored.
   const auto replaces = [&](const Weight& w) {
     return w.data != wte_.data && uint64_t{panel_bytes(w)} * panels(w) <= stored_bytes(w);
   };
