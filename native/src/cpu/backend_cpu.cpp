@@ -94,16 +94,17 @@ class Buffer {
   Buffer(Buffer&& o) noexcept : data_(o.data_), size_(o.size_) { o.data_ = nullptr, o.size_ = 0; }
   ~Buffer() { std::free(data_); }
 
-  float* ensure(size_t n) {
+  // `huge_pages`: from 2 MiB on, whole 2 MiB huge pages where the kernel allows them (transparent huge
+  // pages in "madvise" mode or above). For the weights packed at load: one read per forward then costs one
+  // TLB entry per 2 MiB, not per 4 KiB, and fills in 512 times fewer page faults. Not for buffers that
+  // grow while serving, whose first touch could then wait on the kernel's compaction.
+  float* ensure(size_t n, bool huge_pages = false) {
     if (n > size_) {
       std::free(data_);
       data_ = nullptr;
       size_ = 0;
-      // From 2 MiB on, whole 2 MiB huge pages where the kernel allows them (transparent huge pages in
-      // "madvise" mode or above): a packed weight read once per forward then costs one TLB entry per 2 MiB,
-      // not per 4 KiB, and fills in 512 times fewer page faults.
       const size_t huge = size_t{2} << 20;
-      const size_t align = n * sizeof(float) >= huge ? huge : 64;
+      const size_t align = huge_pages && n * sizeof(float) >= huge ? huge : 64;
       size_t bytes = (n * sizeof(float) + align - 1) / align * align;
       data_ = static_cast<float*>(std::aligned_alloc(align, bytes));
       if (!data_)
@@ -429,7 +430,8 @@ void CpuBackend::pack_weights(uint64_t max_bytes) {
     Weight& w = *wp;
     if (!pack_all && !replaces(w)) continue;
     const size_t bytes = panel_bytes(w);
-    char* out = reinterpret_cast<char*>(packed_.emplace_back().ensure((panels(w) * bytes + 3) / 4));
+    char* out =
+        reinterpret_cast<char*>(packed_.emplace_back().ensure((panels(w) * bytes + 3) / 4, /*huge_pages=*/true));
     const MatB b = w.as_b();
     pool().parallel_for(panels(w), [&](size_t begin, size_t end, int) {
       for (size_t p = begin; p < end; ++p)
