@@ -208,7 +208,16 @@ class CpuBackend final : public Backend {
   int item_columns(int columns) const;
   void linear(const float* A, int M, int K, std::initializer_list<LinearOut> outs);
   void linear_grouped(const float* A, int M, int K, const std::vector<GroupOut>& outs);
-  void quantize_activations(const float* A, int M, int K);
+  // The activations A[0 .. M)[0 .. K) of one input prepared once for all its products: quantized per row
+  // and block of 32 for quantized weights (qa_), staged for the bf16 products (bf16_a_).
+  void prepare_activations(const float* A, int M, int K, bool quantized, bool staged);
+  // Whether w's products read the staged activations: a bf16 weight on a path that stages them.
+  bool staged_bf16(const Weight& w) const {
+    return kernels_->gemm_staged != nullptr && w.type == WType::BF16 && w.bf16_dot && !w.quantized;
+  }
+  // One work item: rows [m0, m1) of A times columns [n0, n1) of w into C (row m0 at C), by the kind of w.
+  void product(const Weight& w, const float* A, int K, int m0, int m1, int n0, int n1, float* C, int64_t ldc,
+               bool accumulate, int thread);
   void qk_norm(const Block& blk, int T);
   void moe(const Block& blk, int T);
   void routed_experts(const Block& blk, int t0, int T);
@@ -242,6 +251,7 @@ class CpuBackend final : public Backend {
   uint64_t quantized_bytes_ = 0;
   std::vector<int16_t> qa_;  // activations quantized for the integer GEMM
   Buffer bf16_a_;            // activations staged for the bf16 products (Kernels::stage_bf16_a)
+  size_t bf16_a_row_bytes_ = 0;
   std::vector<float> qa_scales_;
   WType cache_type_;
 
@@ -506,33 +516,12 @@ void CpuBackend::linear(const float* A, int M, int K, std::initializer_list<Line
   // in order, so the threads share one chunk at a time. The kernel's result per output does not depend on
   // M or on the columns it is given, so neither does the forward's.
   const int chunk = std::clamp((1 << 20) / (4 * std::max(K, 1)) / 6 * 6, 192, 1026);
-  // Quantized weights take the activations quantized per row and block of 32 (once for all outputs).
-  bool any_quantized = false;
-  for (const LinearOut& o : outs) any_quantized = any_quantized || o.w->quantized;
-  if (any_quantized) {
-    qa_.resize(static_cast<size_t>(M) * K);
-    qa_scales_.resize(static_cast<size_t>(M) * (K / kQBlock));
-    pool().parallel_for(M, [&](size_t begin, size_t end, int) {
-      quant_->quantize_rows(static_cast<int>(end - begin), K, A + begin * K, K, qa_.data() + begin * K,
-                            qa_scales_.data() + begin * (K / kQBlock));
-    });
+  bool any_quantized = false, any_staged = false;
+  for (const LinearOut& o : outs) {
+    any_quantized = any_quantized || o.w->quantized;
+    any_staged = any_staged || staged_bf16(*o.w);
   }
-  const QMatA qa{qa_.data(), qa_scales_.data(), K, K / kQBlock};
-  // bf16 weights (the bf16 dot product) take A rounded and laid out once for all outputs, rather than
-  // again by every work item (bench/cpu: 16% of an llada-8b forward went to that).
-  const auto staged_bf16 = [this](const Weight& w) {
-    return kernels_->gemm_staged != nullptr && w.type == WType::BF16 && w.bf16_dot && !w.quantized;
-  };
-  bool any_staged = false;
-  for (const LinearOut& o : outs) any_staged = any_staged || staged_bf16(*o.w);
-  const size_t staged_row = any_staged ? kernels_->bf16_a_row_bytes(K) : 0;
-  char* staged = nullptr;
-  if (any_staged) {
-    staged = reinterpret_cast<char*>(bf16_a_.ensure((static_cast<size_t>(M) * staged_row + 3) / 4));
-    pool().parallel_for(M, [&](size_t begin, size_t end, int) {
-      kernels_->stage_bf16_a(static_cast<int>(end - begin), K, A + begin * K, K, staged + begin * staged_row);
-    });
-  }
+  prepare_activations(A, M, K, any_quantized, any_staged);
   struct Item {
     const LinearOut* out;
     int m0, m1, n0, n1;
@@ -548,32 +537,45 @@ void CpuBackend::linear(const float* A, int M, int K, std::initializer_list<Line
   run_dynamic(pool(), items.size(), [&](size_t i, int thread) {
     const Item& item = items[i];
     const LinearOut& o = *item.out;
-    if (o.w->quantized) {
-      const QMatA part{qa.q + static_cast<int64_t>(item.m0) * K,
-                       qa.scales + static_cast<int64_t>(item.m0) * (K / kQBlock), K, K / kQBlock};
-      quant_->gemm(item.m1 - item.m0, item.n0, item.n1, K, part, o.w->as_qb(),
-                   o.out + static_cast<int64_t>(item.m0) * o.ldc, o.ldc, o.accumulate);
-      return;
-    }
-    if (staged_bf16(*o.w)) {
-      kernels_->gemm_staged(item.m1 - item.m0, item.n0, item.n1, K, staged + item.m0 * staged_row, o.w->as_b(),
-                            o.out + static_cast<int64_t>(item.m0) * o.ldc, o.ldc, o.accumulate,
-                            gemm_scratch_[thread].data());
-      return;
-    }
-    kernels_->gemm(item.m1 - item.m0, item.n0, item.n1, K, A + static_cast<int64_t>(item.m0) * K, K, o.w->as_b(),
-                   o.out + static_cast<int64_t>(item.m0) * o.ldc, o.ldc, o.accumulate, gemm_scratch_[thread].data());
+    product(*o.w, A, K, item.m0, item.m1, item.n0, item.n1, o.out + static_cast<int64_t>(item.m0) * o.ldc, o.ldc,
+            o.accumulate, thread);
   });
 }
 
-// Quantizes A[0 .. M)[0 .. K) per row and block of 32 into qa_ / qa_scales_ (for quantized weights).
-void CpuBackend::quantize_activations(const float* A, int M, int K) {
-  qa_.resize(static_cast<size_t>(M) * K);
-  qa_scales_.resize(static_cast<size_t>(M) * (K / kQBlock));
-  pool().parallel_for(M, [&](size_t begin, size_t end, int) {
-    quant_->quantize_rows(static_cast<int>(end - begin), K, A + begin * K, K, qa_.data() + begin * K,
-                          qa_scales_.data() + begin * (K / kQBlock));
-  });
+void CpuBackend::prepare_activations(const float* A, int M, int K, bool quantized, bool staged) {
+  if (quantized) {
+    qa_.resize(static_cast<size_t>(M) * K);
+    qa_scales_.resize(static_cast<size_t>(M) * (K / kQBlock));
+    pool().parallel_for(M, [&](size_t begin, size_t end, int) {
+      quant_->quantize_rows(static_cast<int>(end - begin), K, A + begin * K, K, qa_.data() + begin * K,
+                            qa_scales_.data() + begin * (K / kQBlock));
+    });
+  }
+  // The bf16 products take A rounded and laid out once for all outputs, rather than again by every work
+  // item (bench/cpu: 16% of an llada-8b forward went to that).
+  if (staged) {
+    bf16_a_row_bytes_ = kernels_->bf16_a_row_bytes(K);
+    char* out = reinterpret_cast<char*>(bf16_a_.ensure((static_cast<size_t>(M) * bf16_a_row_bytes_ + 3) / 4));
+    pool().parallel_for(M, [&](size_t begin, size_t end, int) {
+      kernels_->stage_bf16_a(static_cast<int>(end - begin), K, A + begin * K, K, out + begin * bf16_a_row_bytes_);
+    });
+  }
+}
+
+void CpuBackend::product(const Weight& w, const float* A, int K, int m0, int m1, int n0, int n1, float* C, int64_t ldc,
+                         bool accumulate, int thread) {
+  if (w.quantized) {
+    const QMatA part{qa_.data() + static_cast<int64_t>(m0) * K,
+                     qa_scales_.data() + static_cast<int64_t>(m0) * (K / kQBlock), K, K / kQBlock};
+    return quant_->gemm(m1 - m0, n0, n1, K, part, w.as_qb(), C, ldc, accumulate);
+  }
+  if (staged_bf16(w)) {
+    const char* staged = reinterpret_cast<const char*>(bf16_a_.data()) + static_cast<size_t>(m0) * bf16_a_row_bytes_;
+    return kernels_->gemm_staged(m1 - m0, n0, n1, K, staged, w.as_b(), C, ldc, accumulate,
+                                 gemm_scratch_[thread].data());
+  }
+  kernels_->gemm(m1 - m0, n0, n1, K, A + static_cast<int64_t>(m0) * K, K, w.as_b(), C, ldc, accumulate,
+                 gemm_scratch_[thread].data());
 }
 
 // Several products over row ranges of one A [M, K], in one parallel pass: the experts of a MoE layer,
@@ -581,9 +583,12 @@ void CpuBackend::quantize_activations(const float* A, int M, int K) {
 // chunk, run of column panels), as in linear(); each output row's values are those linear() would give it.
 void CpuBackend::linear_grouped(const float* A, int M, int K, const std::vector<GroupOut>& outs) {
   const int chunk = std::clamp((1 << 20) / (4 * std::max(K, 1)) / 6 * 6, 192, 1026);
-  bool any_quantized = false;
-  for (const GroupOut& o : outs) any_quantized = any_quantized || o.w->quantized;
-  if (any_quantized) quantize_activations(A, M, K);
+  bool any_quantized = false, any_staged = false;
+  for (const GroupOut& o : outs) {
+    any_quantized = any_quantized || o.w->quantized;
+    any_staged = any_staged || staged_bf16(*o.w);
+  }
+  prepare_activations(A, M, K, any_quantized, any_staged);
   struct Item {
     const GroupOut* out;
     int m0, m1, n0, n1;
@@ -599,15 +604,8 @@ void CpuBackend::linear_grouped(const float* A, int M, int K, const std::vector<
   run_dynamic(pool(), items.size(), [&](size_t i, int thread) {
     const Item& item = items[i];
     const GroupOut& o = *item.out;
-    float* C = o.out + static_cast<int64_t>(item.m0 - o.m0) * o.ldc;
-    if (o.w->quantized) {
-      const QMatA part{qa_.data() + static_cast<int64_t>(item.m0) * K,
-                       qa_scales_.data() + static_cast<int64_t>(item.m0) * (K / kQBlock), K, K / kQBlock};
-      quant_->gemm(item.m1 - item.m0, item.n0, item.n1, K, part, o.w->as_qb(), C, o.ldc, false);
-      return;
-    }
-    kernels_->gemm(item.m1 - item.m0, item.n0, item.n1, K, A + static_cast<int64_t>(item.m0) * K, K, o.w->as_b(), C,
-                   o.ldc, false, gemm_scratch_[thread].data());
+    product(*o.w, A, K, item.m0, item.m1, item.n0, item.n1, o.out + static_cast<int64_t>(item.m0 - o.m0) * o.ldc, o.ldc,
+            false, thread);
   });
 }
 
