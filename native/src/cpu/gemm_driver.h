@@ -1,4 +1,4 @@
-// The GEMM driver shared by the SIMD kernels (kernels_avx2.cpp, kernels_avx512.cpp, kernels_avx512bf16.cpp):
+// The GEMM driver shared by the SIMD kernels (kernels_avx2.cpp, kernels_avx512.cpp and its avx512bf16 table):
 // micro-kernel selection, the loops over k blocks, row blocks, column panels and row tiles, and the
 // packed-panel entry points of the Kernels table, for each element format ("path") of the product.
 //
@@ -162,13 +162,10 @@ int row_block_rows() {
 
 // The scratch one gemm call of the path uses: a packed k block of one panel, then (when the path stages
 // A) one row block of A's k block, each 64-byte aligned.
-template <class Path>
-constexpr size_t aligned_floats(size_t bytes) {
-  return (bytes + 63) / 64 * 16;
-}
+constexpr size_t aligned_floats(size_t bytes) { return (bytes + 63) / 64 * 16; }
 template <class Path>
 size_t panel_block_floats(int K) {
-  return aligned_floats<Path>(sizeof(typename Path::PT) * k_steps<Path>(min_int(K, Path::kKC)) * kNR);
+  return aligned_floats(sizeof(typename Path::PT) * k_steps<Path>(min_int(K, Path::kKC)) * kNR);
 }
 template <class Path>
 size_t path_scratch_floats(int K) {
@@ -176,7 +173,7 @@ size_t path_scratch_floats(int K) {
   size_t floats = panel_block_floats<Path>(kc);
   // A row block merged with a thin last one has up to kMR - 1 rows more than row_block_rows().
   if (Path::kStagesA)
-    floats += aligned_floats<Path>(sizeof(typename Path::AT) * k_steps<Path>(kc) * (row_block_rows<Path>() + kMR));
+    floats += aligned_floats(sizeof(typename Path::AT) * k_steps<Path>(kc) * (row_block_rows<Path>() + kMR));
   return floats;
 }
 
