@@ -292,9 +292,9 @@ std::string f32_family(const Kernels& k) {
 std::string bf16_family(const Kernels& k) {
   return std::string(k.isa) == "avx512bf16" ? "bf16 vdpbf16ps zmm" : f32_family(k);
 }
-// The quantized GEMM's products are int16 activations x widened weights (quant.h).
+// The quantized GEMM's products are int8 activations x int8 (or 4-bit) weights (quant.h).
 std::string int8_family(const QuantKernels& q) {
-  return std::string(q.isa) == "avx512vnni" ? "int16 vpdpwssd ymm" : "int16 vpmaddwd ymm";
+  return std::string(q.isa) == "avx512vnni" ? "int8 vpdpbusd zmm" : "int8 maddubs+madd ymm";
 }
 
 struct GemmResult {
@@ -327,7 +327,8 @@ int main(int argc, char** argv) {
   }
   const Kernels& k = active_kernels();
   const QuantKernels& qk = quant_kernels_for(k);
-  std::fprintf(stderr, "cpu: %s; dispatched: f32 %s, quantized %s; %d threads\n", cpu_model().c_str(), k.isa, qk.isa, threads);
+  std::fprintf(stderr, "cpu: %s; dispatched: f32 %s, quantized %s; %d threads\n", cpu_model().c_str(), k.isa, qk.isa,
+               threads);
   const std::vector<Peak> peaks = measure_peaks(threads);
   for (const Peak& p : peaks) std::fprintf(stderr, "peak %-36s %8.1f GOP/s\n", p.family.c_str(), p.gops);
 
@@ -338,10 +339,12 @@ int main(int argc, char** argv) {
   struct Shape {
     int M, N, K;
   };
-  std::vector<Shape> shapes = {Shape{160, 2048, 768}, Shape{160, 768, 2048}, Shape{8, 2048, 768}, Shape{160, 4096, 4096}};
+  std::vector<Shape> shapes = {Shape{160, 2048, 768}, Shape{160, 768, 2048}, Shape{8, 2048, 768},
+                               Shape{160, 4096, 4096}};
   if (!run_gemms) shapes.clear();
   for (Shape s : shapes) {
-    std::vector<float> A(static_cast<size_t>(s.M) * s.K), W(static_cast<size_t>(s.N) * s.K), C(static_cast<size_t>(s.M) * s.N);
+    std::vector<float> A(static_cast<size_t>(s.M) * s.K), W(static_cast<size_t>(s.N) * s.K),
+        C(static_cast<size_t>(s.M) * s.N);
     for (auto& x : A) x = normal(rng);
     for (auto& x : W) x = normal(rng) * 0.02f;
     const double flops = 2.0 * s.M * s.N * s.K;
@@ -372,11 +375,14 @@ int main(int argc, char** argv) {
       const int per = (panels + threads - 1) / threads;
       const std::string family = wt == WType::BF16 ? bf16_family(k) : f32_family(k);
       const Interleaved r = interleaved(family, threads, 30, [&] {
-        return timed_parallel(threads, 1, [&](int th) {
-          const int n0 = std::min(s.N, th * per * k.gemm_nr), n1 = std::min(s.N, (th + 1) * per * k.gemm_nr);
-          for (int rep = 0; rep < 2; ++rep)
-            k.gemm(s.M, n0, n1, s.K, A.data(), s.K, b, C.data(), s.N, false, scratch[th].data());
-        }) / 2;
+        return timed_parallel(threads, 1,
+                              [&](int th) {
+                                const int n0 = std::min(s.N, th * per * k.gemm_nr),
+                                          n1 = std::min(s.N, (th + 1) * per * k.gemm_nr);
+                                for (int rep = 0; rep < 2; ++rep)
+                                  k.gemm(s.M, n0, n1, s.K, A.data(), s.K, b, C.data(), s.N, false, scratch[th].data());
+                              }) /
+               2;
       });
       const double t = r.seconds;
       gemms.push_back({wt == WType::BF16 ? "bf16" : "f32", s.M, s.N, s.K, t, flops / t / 1e9,
@@ -387,35 +393,51 @@ int main(int argc, char** argv) {
       std::vector<uint8_t> wq(static_cast<size_t>(s.N) * row_bytes);
       std::vector<uint16_t> ws(static_cast<size_t>(s.N) * (s.K / kQBlock));
       for (int n = 0; n < s.N; ++n)
-        quantize_weight_row(W.data() + static_cast<size_t>(n) * s.K, s.K, qt, wq.data() + n * row_bytes, ws.data() + n * (s.K / kQBlock));
-      const QMatB b{wq.data(), ws.data(), qt, row_bytes, s.K / kQBlock};
-      std::vector<int16_t> aq(static_cast<size_t>(s.M) * s.K);
-      std::vector<float> as(static_cast<size_t>(s.M) * (s.K / kQBlock));
-      const int per_rows = (s.M + threads - 1) / threads, per_cols = ((s.N + threads - 1) / threads + 1) / 2 * 2;
+        quantize_weight_row(W.data() + static_cast<size_t>(n) * s.K, s.K, qt, wq.data() + n * row_bytes,
+                            ws.data() + n * (s.K / kQBlock));
+      QMatB b{wq.data(), ws.data(), qt, row_bytes, s.K / kQBlock};
+      // Packed once (as the backend does at load) where the ISA's gemm reads panels.
+      const int nr = qk.nr > 0 ? qk.nr : 1;
+      const int panels = (s.N + nr - 1) / nr;
+      const size_t panel_bytes = qk.nr > 0 ? qk.packed_panel_bytes(s.K, qt) : 0;
+      void* packed = qk.nr > 0 ? std::aligned_alloc(64, (panels * panel_bytes + 63) / 64 * 64) : nullptr;
+      for (int p = 0; qk.nr > 0 && p < panels; ++p)
+        qk.pack_panel(b, s.N, s.K, p, static_cast<char*>(packed) + static_cast<size_t>(p) * panel_bytes);
+      b.packed = packed;
+      std::vector<QBlockA> aq(static_cast<size_t>(s.M) * (s.K / kQBlock));
+      std::vector<float*> scratch;
+      for (int th = 0; th < threads; ++th)
+        scratch.push_back(
+            static_cast<float*>(std::aligned_alloc(64, (qk.gemm_scratch_floats(s.K) * 4 + 127) / 64 * 64)));
+      const int per_rows = (s.M + threads - 1) / threads, per_cols = (panels + threads - 1) / threads * nr;
       std::barrier sync(threads);
       const Interleaved r = interleaved(int8_family(qk), threads, 30, [&] {
-       return timed_parallel(threads, 1, [&](int th) {
-        for (int rep = 0; rep < 2; ++rep) {
-          // Activations quantized by rows over the threads, then the product by columns (the backend's order).
-          const int m0 = std::min(s.M, th * per_rows), m1 = std::min(s.M, (th + 1) * per_rows);
-          qk.quantize_rows(m1 - m0, s.K, A.data() + static_cast<size_t>(m0) * s.K, s.K, aq.data() + static_cast<size_t>(m0) * s.K,
-                           as.data() + static_cast<size_t>(m0) * (s.K / kQBlock));
-          sync.arrive_and_wait();
-          const QMatA a{aq.data(), as.data(), s.K, s.K / kQBlock};
-          const int n0 = std::min(s.N, th * per_cols), n1 = std::min(s.N, (th + 1) * per_cols);
-          qk.gemm(s.M, n0, n1, s.K, a, b, C.data(), s.N, false);
-          sync.arrive_and_wait();
-        }
-       }) / 2;
+        return timed_parallel(threads, 1,
+                              [&](int th) {
+                                for (int rep = 0; rep < 2; ++rep) {
+                                  // Activations quantized by rows over the threads, then the product by columns (the
+                                  // backend's order).
+                                  const int m0 = std::min(s.M, th * per_rows), m1 = std::min(s.M, (th + 1) * per_rows);
+                                  qk.quantize(m1 - m0, s.K, A.data() + static_cast<size_t>(m0) * s.K, s.K,
+                                              aq.data() + static_cast<size_t>(m0) * (s.K / kQBlock));
+                                  sync.arrive_and_wait();
+                                  const int n0 = std::min(s.N, th * per_cols), n1 = std::min(s.N, (th + 1) * per_cols);
+                                  qk.gemm(s.M, n0, n1, s.K, aq.data(), b, C.data(), s.N, false, scratch[th]);
+                                  sync.arrive_and_wait();
+                                }
+                              }) /
+               2;
       });
+      for (float* p : scratch) std::free(p);
+      std::free(packed);
       const double t = r.seconds;
-      gemms.push_back({qtype_name(qt), s.M, s.N, s.K, t, flops / t / 1e9, 100 * flops / t / 1e9 / r.peak_gops, int8_family(qk),
-                       r.peak_gops});
+      gemms.push_back({qtype_name(qt), s.M, s.N, s.K, t, flops / t / 1e9, 100 * flops / t / 1e9 / r.peak_gops,
+                       int8_family(qk), r.peak_gops});
     }
   }
   for (const GemmResult& g : gemms)
-    std::fprintf(stderr, "gemm %-5s %4d x %4d x %4d  %8.1f GOP/s  %5.1f%% of %s (%.1f beside it)\n", g.name.c_str(), g.M, g.N, g.K,
-                 g.gops, g.percent, g.family.c_str(), g.peak_gops);
+    std::fprintf(stderr, "gemm %-5s %4d x %4d x %4d  %8.1f GOP/s  %5.1f%% of %s (%.1f beside it)\n", g.name.c_str(),
+                 g.M, g.N, g.K, g.gops, g.percent, g.family.c_str(), g.peak_gops);
 
   // The forward.
   std::string forwards_json;
@@ -445,8 +467,8 @@ int main(int argc, char** argv) {
       seq.n_logit_rows = rows;
       backend->forward({seq}, logits.data());  // warm-up
       const double hd = c.head_dim();
-      const double per_token = 2.0 * c.d_model * (c.n_heads * hd + 2 * c.n_kv_heads * hd) + 2.0 * c.n_heads * hd * c.d_model +
-                               3 * 2.0 * c.d_model * c.mlp_hidden_size;
+      const double per_token = 2.0 * c.d_model * (c.n_heads * hd + 2 * c.n_kv_heads * hd) +
+                               2.0 * c.n_heads * hd * c.d_model + 3 * 2.0 * c.d_model * c.mlp_hidden_size;
       const double attention = 4.0 * tokens * tokens * c.n_heads * hd;  // QK^T and PV
       const double flops = c.n_layers * (tokens * per_token + attention) + 2.0 * rows * c.d_model * c.embedding_size;
       const std::string dtype = backend->weight_dtype();
@@ -459,26 +481,33 @@ int main(int argc, char** argv) {
         return now() - t0;
       });
       const double best = r.seconds, peak = r.peak_gops;
-      std::fprintf(stderr, "forward %-5s (%s, %s) %d tokens: %.1f ms, %.1f GFLOP/s, %.1f%% of %s (%.1f beside it); load %.1f s\n",
-                   f.c_str(), dtype.c_str(), backend->info().gemm.c_str(), tokens, best * 1e3, flops / best / 1e9,
-                   100 * flops / best / 1e9 / peak, family.c_str(), peak, load_seconds);
+      std::fprintf(
+          stderr,
+          "forward %-5s (%s, %s) %d tokens: %.1f ms, %.1f GFLOP/s, %.1f%% of %s (%.1f beside it); load %.1f s\n",
+          f.c_str(), dtype.c_str(), backend->info().gemm.c_str(), tokens, best * 1e3, flops / best / 1e9,
+          100 * flops / best / 1e9 / peak, family.c_str(), peak, load_seconds);
       char buf[512];
       std::snprintf(buf, sizeof buf,
-                    "%s{\"format\":\"%s\",\"weights\":\"%s\",\"gemm\":\"%s\",\"tokens\":%d,\"ms\":%.2f,\"gflops\":%.2f,\"percent\":%.2f,\"peak\":\"%s\",\"peak_gops\":%.2f,\"memory_bytes\":%llu,\"load_s\":%.2f}",
-                    forwards_json.empty() ? "" : ",", f.c_str(), dtype.c_str(), backend->info().gemm.c_str(), tokens, best * 1e3,
-                    flops / best / 1e9, 100 * flops / best / 1e9 / peak, family.c_str(), peak,
+                    "%s{\"format\":\"%s\",\"weights\":\"%s\",\"gemm\":\"%s\",\"tokens\":%d,\"ms\":%.2f,\"gflops\":%.2f,"
+                    "\"percent\":%.2f,\"peak\":\"%s\",\"peak_gops\":%.2f,\"memory_bytes\":%llu,\"load_s\":%.2f}",
+                    forwards_json.empty() ? "" : ",", f.c_str(), dtype.c_str(), backend->info().gemm.c_str(), tokens,
+                    best * 1e3, flops / best / 1e9, 100 * flops / best / 1e9 / peak, family.c_str(), peak,
                     static_cast<unsigned long long>(backend->info().memory_used), load_seconds);
       forwards_json += buf;
     }
   }
 
-  std::printf("{\"cpu\":\"%s\",\"isa\":\"%s\",\"quantized\":\"%s\",\"threads\":%d,\"peaks\":[", cpu_model().c_str(), k.isa, qk.isa, threads);
-  for (size_t i = 0; i < peaks.size(); ++i) std::printf("%s{\"family\":\"%s\",\"gops\":%.2f}", i ? "," : "", peaks[i].family.c_str(), peaks[i].gops);
+  std::printf("{\"cpu\":\"%s\",\"isa\":\"%s\",\"quantized\":\"%s\",\"threads\":%d,\"peaks\":[", cpu_model().c_str(),
+              k.isa, qk.isa, threads);
+  for (size_t i = 0; i < peaks.size(); ++i)
+    std::printf("%s{\"family\":\"%s\",\"gops\":%.2f}", i ? "," : "", peaks[i].family.c_str(), peaks[i].gops);
   std::printf("],\"gemms\":[");
   for (size_t i = 0; i < gemms.size(); ++i)
-    std::printf("%s{\"weights\":\"%s\",\"M\":%d,\"N\":%d,\"K\":%d,\"gops\":%.2f,\"percent\":%.2f,\"peak\":\"%s\",\"peak_gops\":%.2f}",
-                i ? "," : "", gemms[i].name.c_str(), gemms[i].M, gemms[i].N, gemms[i].K, gemms[i].gops, gemms[i].percent,
-                gemms[i].family.c_str(), gemms[i].peak_gops);
+    std::printf(
+        "%s{\"weights\":\"%s\",\"M\":%d,\"N\":%d,\"K\":%d,\"gops\":%.2f,\"percent\":%.2f,\"peak\":\"%s\",\"peak_gops\":"
+        "%.2f}",
+        i ? "," : "", gemms[i].name.c_str(), gemms[i].M, gemms[i].N, gemms[i].K, gemms[i].gops, gemms[i].percent,
+        gemms[i].family.c_str(), gemms[i].peak_gops);
   std::printf("],\"forwards\":[%s]}\n", forwards_json.c_str());
   return 0;
 }

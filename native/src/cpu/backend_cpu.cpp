@@ -56,14 +56,19 @@ struct Weight {
   int cols = 0;
   const void* packed = nullptr;  // the GEMM's layout of the whole matrix, when packed at load
   bool bf16_dot = true;          // MatB::bf16_dot: false for the MoE router, whose logits are f32 products
-  // Block-quantized (cpu/quant.h): `data` holds the blocks, `scales` the f16 scales, both row-major.
+  // Block-quantized (cpu/quant.h): `data` holds the blocks, `scales` the f16 scales, both row-major, and
+  // `packed` (on the SIMD ISAs) the same in the quantized gemm's layout, which replaces them.
   bool quantized = false;
   QType qtype = QType::Q8_0;
   const uint16_t* scales = nullptr;
   MatB as_b() const { return MatB{data, type, cols, false, packed, bf16_dot}; }
   QMatB as_qb() const {
-    return QMatB{static_cast<const uint8_t*>(data), scales, qtype,
-                 static_cast<int64_t>(cols) / kQBlock * qblock_bytes(qtype), cols / kQBlock};
+    return QMatB{static_cast<const uint8_t*>(data),
+                 scales,
+                 qtype,
+                 static_cast<int64_t>(cols) / kQBlock * qblock_bytes(qtype),
+                 cols / kQBlock,
+                 packed};
   }
 };
 
@@ -231,6 +236,7 @@ class CpuBackend final : public Backend {
   void ensure_scratch(int T, int rows, int max_len);
   void pack_weights(uint64_t max_bytes);
   void quantize_weights(QType type);
+  void pack_quantized();
   std::string gemm_name() const {
     return quantized_bytes_ > 0 || blocks_[0].q.quantized ? std::string(kernels_->isa) + " + quantized " + quant_->isa
                                                           : kernels_->isa;
@@ -249,10 +255,9 @@ class CpuBackend final : public Backend {
   uint64_t released_weight_bytes_ = 0;           // mapped weights whose packed copy replaced them (pages released)
   std::vector<std::vector<uint8_t>> quantized_;  // the copies quantized at load (Weight::data points into them)
   uint64_t quantized_bytes_ = 0;
-  std::vector<int16_t> qa_;  // activations quantized for the integer GEMM
-  Buffer bf16_a_;            // activations staged for the bf16 products (Kernels::stage_bf16_a)
+  Buffer qa_;      // activations quantized for the integer GEMM (QBlockA, K / 32 per row)
+  Buffer bf16_a_;  // activations staged for the bf16 products (Kernels::stage_bf16_a)
   size_t bf16_a_row_bytes_ = 0;
-  std::vector<float> qa_scales_;
   WType cache_type_;
 
   // RoPE tables [position][head_dim / 2], grown to the longest sequence seen.
@@ -335,50 +340,113 @@ CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadO
   ln_f_ = norm_of(w.final_norm);
   head_ = weight_of(w.head);
   if (options.quantize != Quant::None) quantize_weights(options.quantize == Quant::Q8_0 ? QType::Q8_0 : QType::Q4_0);
+  pack_quantized();
   pack_weights(options.pack_weights_max_bytes);
   cache_type_ = options.kv_cache_dtype == KVCacheDType::BF16 ? WType::BF16 : WType::F32;
   gemm_scratch_.resize(pool().size());
   scores_.resize(pool().size());
 }
 
-// Quantizes every float projection and head matrix whose in-features are a multiple of 32 into a copy
-// (rows converted to f32 one at a time, then cpu::quantize_weight_row); the mapped originals are left
-// in place but their pages released. Matrices stored quantized stay as they are.
+// Drops the pages of a mapped matrix from this process's resident set once a copy replaces it (the
+// mapping stays valid; a later read faults them back in from the file). Returns the bytes released.
+uint64_t release_pages(const void* data, uint64_t bytes) {
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + page - 1) / page * page;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) / page * page;
+  if (end <= begin) return 0;
+  madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+  return end - begin;
+}
+
+// Quantizes every projection and the head (cpu::quantize_weight_row, each row converted to f32 first).
+// On an ISA whose quantized gemm reads packed panels (QuantKernels::nr), each panel's rows are quantized
+// into a small buffer and packed from it, so the matrix exists only in that layout; otherwise (and for
+// the MoE experts, which the gemm packs per product: see pack_quantized) into a row-major copy. Either way
+// the float original's pages are released (unless it is also the embedding). Matrices stored quantized
+// stay as they are.
 void CpuBackend::quantize_weights(QType type) {
   std::vector<Weight*> weights = matrices(/*experts=*/true);
   weights.push_back(&head_);
+  const std::vector<Weight*> dense = matrices(/*experts=*/false);
   quantized_.reserve(weights.size());
   for (Weight* wp : weights) {
     Weight& w = *wp;
+    const bool expert = wp != &head_ && std::find(dense.begin(), dense.end(), wp) == dense.end();
     if (w.quantized || w.cols % kQBlock != 0) continue;
     const int64_t row_bytes = static_cast<int64_t>(w.cols) / kQBlock * qblock_bytes(type);
     const int64_t row_scales = w.cols / kQBlock;
-    std::vector<uint8_t>& store = quantized_.emplace_back(static_cast<size_t>(w.rows) * (row_bytes + 2 * row_scales));
-    uint8_t* blocks = store.data();
-    auto* scales = reinterpret_cast<uint16_t*>(blocks + static_cast<size_t>(w.rows) * row_bytes);
     const size_t in_row = static_cast<size_t>(w.cols) * (w.type == WType::F32 ? 4 : 2);
-    pool().parallel_for(w.rows, [&](size_t begin, size_t end, int) {
-      std::vector<float> row(w.cols);
-      for (size_t r = begin; r < end; ++r) {
-        kernels_->convert(static_cast<const char*>(w.data) + r * in_row, w.type, row.data(), w.cols);
+    const void* original = w.data;
+    // Rows [r0, r0 + n) quantized into blocks (row_bytes each) and scales (row_scales each).
+    const auto quantize_rows = [&](int r0, int n, uint8_t* blocks, uint16_t* scales, std::vector<float>& row) {
+      for (int r = 0; r < n; ++r) {
+        kernels_->convert(static_cast<const char*>(w.data) + (r0 + r) * in_row, w.type, row.data(), w.cols);
         quantize_weight_row(row.data(), w.cols, type, blocks + r * row_bytes, scales + r * row_scales);
       }
-    });
-    // The float original is not read again (unless it is also the embedding): drop its pages from this
-    // process's resident set (the mapping stays valid; a later read faults them back in from the file).
-    if (w.data != wte_.data) {
-      const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-      const uintptr_t begin = (reinterpret_cast<uintptr_t>(w.data) + page - 1) / page * page;
-      const uintptr_t end =
-          (reinterpret_cast<uintptr_t>(w.data) + static_cast<uintptr_t>(w.rows) * in_row) / page * page;
-      if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+    };
+    if (quant_->nr > 0 && !expert) {
+      const int nr = quant_->nr, panels = (w.rows + nr - 1) / nr;
+      const size_t panel_bytes = quant_->packed_panel_bytes(w.cols, type);
+      char* out =
+          reinterpret_cast<char*>(packed_.emplace_back().ensure((panels * panel_bytes + 3) / 4, /*huge_pages=*/true));
+      pool().parallel_for(panels, [&](size_t begin, size_t end, int) {
+        std::vector<float> row(w.cols);
+        std::vector<uint8_t> blocks(static_cast<size_t>(nr) * row_bytes);
+        std::vector<uint16_t> scales(static_cast<size_t>(nr) * row_scales);
+        for (size_t p = begin; p < end; ++p) {
+          const int r0 = static_cast<int>(p) * nr, n = std::min(nr, w.rows - r0);
+          quantize_rows(r0, n, blocks.data(), scales.data(), row);
+          const QMatB panel{blocks.data(), scales.data(), type, row_bytes, row_scales};
+          quant_->pack_panel(panel, n, w.cols, 0, out + p * panel_bytes);
+        }
+      });
+      w.packed = out;  // `data` stays the (released) original: the gemm reads only the panels
+      packed_weight_bytes_ += uint64_t{panel_bytes} * panels;
+    } else {
+      std::vector<uint8_t>& store = quantized_.emplace_back(static_cast<size_t>(w.rows) * (row_bytes + 2 * row_scales));
+      uint8_t* blocks = store.data();
+      auto* scales = reinterpret_cast<uint16_t*>(blocks + static_cast<size_t>(w.rows) * row_bytes);
+      pool().parallel_for(w.rows, [&](size_t begin, size_t end, int) {
+        std::vector<float> row(w.cols);
+        quantize_rows(static_cast<int>(begin), static_cast<int>(end - begin), blocks + begin * row_bytes,
+                      scales + begin * row_scales, row);
+      });
+      quantized_bytes_ += store.size();
+      w.data = blocks;
+      w.scales = scales;
     }
-    w.data = blocks;
-    w.scales = scales;
+    // The float original is not read again (unless it is also the embedding).
+    if (w.data != wte_.data) released_weight_bytes_ += release_pages(original, w.rows * in_row);
     w.quantized = true;
     w.qtype = type;
     w.type = WType::F32;
-    quantized_bytes_ += store.size();
+  }
+}
+
+// Packs the matrices stored quantized in the checkpoint for an ISA whose gemm reads panels, and releases
+// the mapped blocks and scales (the panels replace them). Not the MoE experts: a step reads only the
+// experts it routes to, so they stay mapped (a 16B model then runs in a few GiB) and are packed per
+// product.
+void CpuBackend::pack_quantized() {
+  if (quant_->nr == 0) return;
+  std::vector<Weight*> weights = matrices(/*experts=*/false);
+  weights.push_back(&head_);
+  for (Weight* wp : weights) {
+    Weight& w = *wp;
+    if (!w.quantized || w.packed != nullptr) continue;
+    const int nr = quant_->nr, panels = (w.rows + nr - 1) / nr;
+    const size_t panel_bytes = quant_->packed_panel_bytes(w.cols, w.qtype);
+    char* out =
+        reinterpret_cast<char*>(packed_.emplace_back().ensure((panels * panel_bytes + 3) / 4, /*huge_pages=*/true));
+    const QMatB b = w.as_qb();
+    pool().parallel_for(panels, [&](size_t begin, size_t end, int) {
+      for (size_t p = begin; p < end; ++p)
+        quant_->pack_panel(b, w.rows, w.cols, static_cast<int>(p), out + p * panel_bytes);
+    });
+    w.packed = out;
+    packed_weight_bytes_ += uint64_t{panel_bytes} * panels;
+    released_weight_bytes_ += release_pages(b.data, static_cast<uint64_t>(w.rows) * b.ld);
+    released_weight_bytes_ += release_pages(b.scales, static_cast<uint64_t>(w.rows) * b.ld_scales * 2);
   }
 }
 
@@ -397,17 +465,6 @@ std::vector<Weight*> CpuBackend::matrices(bool experts) {
         for (Weight* w : {&e.gate, &e.up, &e.down}) add(*w);
   }
   return out;
-}
-
-// Drops the pages of a mapped matrix from this process's resident set once a copy replaces it (the
-// mapping stays valid; a later read faults them back in from the file). Returns the bytes released.
-uint64_t release_pages(const void* data, uint64_t bytes) {
-  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + page - 1) / page * page;
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) / page * page;
-  if (end <= begin) return 0;
-  madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
-  return end - begin;
 }
 
 void CpuBackend::pack_weights(uint64_t max_bytes) {
@@ -482,7 +539,7 @@ void CpuBackend::ensure_scratch(int T, int rows, int max_len) {
                         config_.n_heads * config_.head_dim()});
   const int query_block = std::min(kQueryBlock, max_len);
   for (int t = 0; t < pool().size(); ++t) {
-    gemm_scratch_[t].ensure(kernels_->gemm_scratch_floats(max_k));
+    gemm_scratch_[t].ensure(std::max(kernels_->gemm_scratch_floats(max_k), quant_->gemm_scratch_floats(max_k)));
     scores_[t].ensure(attention_scratch_floats(*kernels_, query_block, config_.head_dim()));
   }
 }
@@ -544,11 +601,10 @@ void CpuBackend::linear(const float* A, int M, int K, std::initializer_list<Line
 
 void CpuBackend::prepare_activations(const float* A, int M, int K, bool quantized, bool staged) {
   if (quantized) {
-    qa_.resize(static_cast<size_t>(M) * K);
-    qa_scales_.resize(static_cast<size_t>(M) * (K / kQBlock));
+    static_assert(sizeof(QBlockA) % sizeof(float) == 0, "qa_ holds whole blocks");
+    QBlockA* out = reinterpret_cast<QBlockA*>(qa_.ensure(static_cast<size_t>(M) * (K / kQBlock) * sizeof(QBlockA) / 4));
     pool().parallel_for(M, [&](size_t begin, size_t end, int) {
-      quant_->quantize_rows(static_cast<int>(end - begin), K, A + begin * K, K, qa_.data() + begin * K,
-                            qa_scales_.data() + begin * (K / kQBlock));
+      quant_->quantize(static_cast<int>(end - begin), K, A + begin * K, K, out + begin * (K / kQBlock));
     });
   }
   // The bf16 products take A rounded and laid out once for all outputs, rather than again by every work
@@ -565,9 +621,8 @@ void CpuBackend::prepare_activations(const float* A, int M, int K, bool quantize
 void CpuBackend::product(const Weight& w, const float* A, int K, int m0, int m1, int n0, int n1, float* C, int64_t ldc,
                          bool accumulate, int thread) {
   if (w.quantized) {
-    const QMatA part{qa_.data() + static_cast<int64_t>(m0) * K,
-                     qa_scales_.data() + static_cast<int64_t>(m0) * (K / kQBlock), K, K / kQBlock};
-    return quant_->gemm(m1 - m0, n0, n1, K, part, w.as_qb(), C, ldc, accumulate);
+    const QBlockA* rows = reinterpret_cast<const QBlockA*>(qa_.data()) + static_cast<int64_t>(m0) * (K / kQBlock);
+    return quant_->gemm(m1 - m0, n0, n1, K, rows, w.as_qb(), C, ldc, accumulate, gemm_scratch_[thread].data());
   }
   if (staged_bf16(w)) {
     const char* staged = reinterpret_cast<const char*>(bf16_a_.data()) + static_cast<size_t>(m0) * bf16_a_row_bytes_;

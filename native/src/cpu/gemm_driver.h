@@ -19,11 +19,22 @@
 //       // C[0..R)[0..kLanes*NB) (masked) = (load_c ? C : 0) + A[0..R)[0..kc) . P[0..kc)[0..kLanes*NB),
 //       // one FMA per k in ascending k.
 //
+// and, for the block-quantized weights of quant.h,
+//   constexpr int kQuantMR, kQuantKC;     // rows per micro-tile and k per block (a multiple of 32) of the
+//                                         // quantized path
+//   constexpr bool kQ8Unsigned;           // the Q8_0 panels hold q + 128 (pack_quant_panel)
+//   void quantize_rows_isa(int M, int K, const float* A, int64_t lda, QBlockA* out);  // quantize_activations
+//   template <QType T, int R, int NB> void quant_micro(int blocks, const QBlockA* A, int64_t lda,
+//       const uint8_t* P, float* C, int64_t ldc, const PanelMasks& masks, bool load_c);
+//       // C[0..R)[0..kLanes*NB) (masked) over `blocks` blocks of 32 k as quant.h specifies, the chain of each
+//       // output starting from C when load_c or past the first block, else from 0.
+//
 // From those it builds the two paths every SIMD ISA runs (F32Path for f32 and f16 weights, Bf16FmaPath for
 // bf16 ones) and the Kernels entries gemm, gemm_scratch_floats, pack_panel and packed_panel_bytes over them.
 // A path is a struct:
 //
 //   struct SomePath {
+//     static constexpr int kMR;  // rows per micro-tile
 //     using AT = ...;  // an element of A as the micro-kernel reads it
 //     using PT = ...;  // an element of the packed panel P
 //     static constexpr int kKC;     // k per block (even, so that k pairs never straddle two blocks)
@@ -35,6 +46,8 @@
 //     // P[s * kNR + j] = element s of column n0 + j of B's k block [k0, k0 + kc); zero for j >= nv and
 //     // for the padding.
 //     static void pack(const MatB& B, int n0, int nv, int k0, int kc, PT* P);
+//     // The part of B that pack reads, to request into L2 ahead of it (source_of for a float B).
+//     static L2Prefetch source(const MatB& B, int n0, int nv, int k0, int kc);
 //     // C[0..R)[0..kLanes*NB) (masked) = (load_c ? C : 0) + A[0..R)[0..steps) . P[0..steps)[0..kLanes*NB).
 //     template <int R, int NB>
 //     static void micro(int steps, const AT* A, int64_t lda, const PT* P, float* C, int64_t ldc,
@@ -57,10 +70,10 @@ constexpr MicroKernel<Path> micro_for(int nb) {
   else return nb == NB ? Path::template micro<R, NB> : micro_for<Path, R, NB + 1>(nb);
 }
 
-// The micro-kernel for `rows` rows (1 <= rows <= kMR) and nb vectors of columns.
+// The micro-kernel for `rows` rows (1 <= rows <= Path::kMR) and nb vectors of columns.
 template <class Path, int R = 1>
 MicroKernel<Path> select_micro(int rows, int nb) {
-  if constexpr (R == kMR) return micro_for<Path, R>(nb);
+  if constexpr (R == Path::kMR) return micro_for<Path, R>(nb);
   else return rows == R ? micro_for<Path, R>(nb) : select_micro<Path, R + 1>(rows, nb);
 }
 
@@ -73,6 +86,7 @@ struct RowTiles {
   int tail_rows[2];  // the rows of up to two tail tiles after them (0: none)
 };
 
+template <int kMR>
 RowTiles row_tiles(int M) {
   const int rest = M % kMR;
   const bool split = kSplitThinTail && rest > 0 && rest < 4 && M > kMR;
@@ -125,10 +139,10 @@ L2Prefetch source_of(const MatB& B, int n0, int nv, int k0, int kc) {
 template <class Path>
 void panel_block(const RowTiles& tiles, int nb, const PanelMasks& masks, int steps, const typename Path::AT* A,
                  int64_t lda, const typename Path::PT* Pk, float* C, int64_t ldc, bool load_c, const L2Prefetch& next) {
-  const MicroKernel<Path> full = select_micro<Path>(kMR, nb);
-  const int parts = tiles.m_full / kMR + (tiles.tail_rows[0] > 0) + (tiles.tail_rows[1] > 0);
+  const MicroKernel<Path> full = select_micro<Path>(Path::kMR, nb);
+  const int parts = tiles.m_full / Path::kMR + (tiles.tail_rows[0] > 0) + (tiles.tail_rows[1] > 0);
   int part = 0;
-  for (int m = 0; m < tiles.m_full; m += kMR) {
+  for (int m = 0; m < tiles.m_full; m += Path::kMR) {
     next.issue(part++, parts);
     full(steps, A + m * lda, lda, Pk, C + m * ldc, ldc, masks, load_c);
   }
@@ -154,8 +168,8 @@ template <class Path>
 int row_block_rows() {
   static const int rows = [] {
     const size_t budget = cache_sizes().l2_bytes / 2;
-    const int r = static_cast<int>(budget / (sizeof(float) * Path::kKC)) / kMR * kMR;
-    return r < kMR ? kMR : r;
+    const int r = static_cast<int>(budget / (sizeof(float) * Path::kKC)) / Path::kMR * Path::kMR;
+    return r < Path::kMR ? Path::kMR : r;
   }();
   return rows;
 }
@@ -173,7 +187,7 @@ size_t path_scratch_floats(int K) {
   size_t floats = panel_block_floats<Path>(kc);
   // A row block merged with a thin last one has up to kMR - 1 rows more than row_block_rows().
   if (Path::kStagesA)
-    floats += aligned_floats(sizeof(typename Path::AT) * k_steps<Path>(kc) * (row_block_rows<Path>() + kMR));
+    floats += aligned_floats(sizeof(typename Path::AT) * k_steps<Path>(kc) * (row_block_rows<Path>() + Path::kMR));
   return floats;
 }
 
@@ -205,8 +219,8 @@ void gemm_path(int M, int n0, int n1, int K, const float* A, int64_t lda, const 
     for (int m0 = 0; m0 < M; m0 += mc) {
       const int rows = min_int(mc, M - m0);
       // A thin last block is merged with the one before it (its tiles would waste loads of P).
-      const int block = M - m0 - rows < kMR ? M - m0 : rows;
-      const RowTiles tiles = row_tiles(block);
+      const int block = M - m0 - rows < Path::kMR ? M - m0 : rows;
+      const RowTiles tiles = row_tiles<Path::kMR>(block);
       const AT* Ab;
       int64_t ldab;
       if (staged != nullptr) {
@@ -241,7 +255,7 @@ void gemm_path(int M, int n0, int n1, int K, const float* A, int64_t lda, const 
             next = {next_panel + sizeof(PT) * (next_k0 / Path::kKStep) * kNR, 0, 1,
                     lines_of(next_panel, sizeof(PT) * k_steps<Path>(next_kc) * kNR)};
         } else {
-          if (has_next) next = source_of(B, next_n0, next_nv, next_k0, next_kc);
+          if (has_next) next = Path::source(B, next_n0, next_nv, next_k0, next_kc);
           Path::pack(B, np, nv, k0, kc, pack_buffer);
         }
         panel_block<Path>(tiles, (nv + kLanes - 1) / kLanes, panel_masks(nv), steps, Ab, ldab, Pk, C + m0 * ldc + np,
@@ -296,11 +310,13 @@ void pack_widened(const MatB& B, int n0, int nv, int k0, int kc, float* P) {
 struct F32Path {
   using AT = float;
   using PT = float;
+  static constexpr int kMR = ::vdiff::cpu::kMR;
   static constexpr int kKC = ::vdiff::cpu::kKC;
   static constexpr int kKStep = 1, kKPad = 1;
   static constexpr bool kStagesA = false;
   static void stage(const float*, int64_t, int, int, float*) {}
   static void pack(const MatB& B, int n0, int nv, int k0, int kc, float* P) { pack_widened(B, n0, nv, k0, kc, P); }
+  static L2Prefetch source(const MatB& B, int n0, int nv, int k0, int kc) { return source_of(B, n0, nv, k0, kc); }
   template <int R, int NB>
   static void micro(int steps, const float* A, int64_t lda, const float* P, float* C, int64_t ldc,
                     const PanelMasks& masks, bool load_c) {
@@ -418,6 +434,69 @@ void gemm_staged_path(int M, int n0, int n1, int K, const void* As, const MatB& 
   if (K <= 0) return gemm_empty_k(M, n0, n1, C, ldc, accumulate);
   gemm_path<Path>(M, n0, n1, K, nullptr, 0, B, C, ldc, accumulate, scratch, static_cast<const typename Path::AT*>(As),
                   static_cast<int64_t>(staged_row_bytes<Path>(K) / sizeof(typename Path::AT)));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Block-quantized weights (quant.h): A staged as QBlockA (one per 32 k), one step of the driver per block
+// of 32 k. B is the weight packed at load (pack_quant_blocks), or else packed here per k block: then
+// MatB::data points to the QMatB (the MoE experts, which stay mapped: only the routed ones are read).
+template <QType T>
+struct QuantPath {
+  using AT = QBlockA;
+  struct PT {
+    uint8_t bytes[qpacked_column_bytes(T)];
+  };
+  static constexpr int kMR = kQuantMR;
+  static constexpr int kKC = kQuantKC;
+  static constexpr int kKStep = kQBlock, kKPad = kQBlock;
+  static constexpr bool kStagesA = true;
+  static_assert(kKC % kQBlock == 0, "a k block is whole quantization blocks");
+  static_assert(sizeof(PT) * kNR % 64 == 0, "each block of a panel starts on a cache line");
+
+  static const QMatB& weight(const MatB& B) { return *static_cast<const QMatB*>(B.data); }
+  static void stage(const float* A, int64_t lda, int rows, int kc, QBlockA* out) {
+    quantize_rows_isa(rows, kc, A, lda, out);
+  }
+  static void pack(const MatB& B, int n0, int nv, int k0, int kc, PT* P) {
+    pack_quant_blocks(weight(B), n0 + nv, n0, kNR, k0 / kQBlock, kc / kQBlock, kQ8Unsigned, P);
+  }
+  static L2Prefetch source(const MatB& B, int n0, int nv, int k0, int kc) {
+    const QMatB& q = weight(B);
+    const uint8_t* first =
+        q.data + static_cast<int64_t>(n0) * q.ld + static_cast<int64_t>(k0 / kQBlock) * qblock_bytes(T);
+    return {reinterpret_cast<const char*>(first), q.ld, nv, lines_of(first, kc / kQBlock * qblock_bytes(T))};
+  }
+  template <int R, int NB>
+  static void micro(int steps, const QBlockA* A, int64_t lda, const PT* P, float* C, int64_t ldc,
+                    const PanelMasks& masks, bool load_c) {
+    quant_micro<T, R, NB>(steps, A, lda, reinterpret_cast<const uint8_t*>(P), C, ldc, masks, load_c);
+  }
+};
+
+void quant_gemm(int M, int n0, int n1, int K, const QBlockA* A, const QMatB& B, float* C, int64_t ldc, bool accumulate,
+                float* scratch) {
+  if (M <= 0 || n1 <= n0) return;
+  if (K <= 0) return gemm_empty_k(M, n0, n1, C, ldc, accumulate);
+  MatB b;
+  b.data = &B;
+  b.packed = B.packed;
+  if (B.type == QType::Q8_0)
+    gemm_path<QuantPath<QType::Q8_0>>(M, n0, n1, K, nullptr, 0, b, C, ldc, accumulate, scratch, A, K / kQBlock);
+  else gemm_path<QuantPath<QType::Q4_0>>(M, n0, n1, K, nullptr, 0, b, C, ldc, accumulate, scratch, A, K / kQBlock);
+}
+
+size_t quant_gemm_scratch_floats(int K) {
+  const size_t a = path_scratch_floats<QuantPath<QType::Q8_0>>(K), b = path_scratch_floats<QuantPath<QType::Q4_0>>(K);
+  return a > b ? a : b;
+}
+
+size_t quant_packed_panel_bytes(int K, QType type) {
+  return type == QType::Q8_0 ? path_panel_bytes<QuantPath<QType::Q8_0>>(K)
+                             : path_panel_bytes<QuantPath<QType::Q4_0>>(K);
+}
+
+void quant_pack_panel(const QMatB& B, int N, int K, int panel, void* out) {
+  pack_quant_blocks(B, N, panel * kNR, kNR, 0, K / kQBlock, kQ8Unsigned, out);
 }
 
 size_t bf16_a_row_bytes(int K) { return staged_row_bytes<Bf16FmaPath>(K); }

@@ -4,7 +4,7 @@
 #include <immintrin.h>
 #include <math.h>  // INFINITY
 
-#include "kernels.h"
+#include "quant.h"
 
 namespace vdiff::cpu {
 namespace {
@@ -15,6 +15,9 @@ constexpr int kKC = 256;  // 16 KiB packed block
 constexpr int kLanes = 8;
 constexpr int kPrefetchK = 16;  // the micro-kernel prefetches the packed row of B this many k ahead
 constexpr bool kSplitThinTail = false;
+constexpr int kQuantMR = 6;          // rows per micro-tile of the quantized path (run 3 at a time)
+constexpr int kQuantKC = 1024;       // 32 blocks: 18 KiB of Q8_0 P
+constexpr bool kQ8Unsigned = false;  // signed Q8_0 bytes: the sign trick of quant_rows below
 
 inline int min_int(int a, int b) { return a < b ? a : b; }
 
@@ -116,6 +119,138 @@ void micro_kernel(int kc, const float* A, int64_t lda, const float* P, float* C,
     for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) _mm256_maskstore_ps(C + i * ldc + 8 * j, mask[j], acc[i][j]);
+  }
+}
+
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// quantize_activations (quant.h) on 8 lanes: the same max, scale, inverse and rounding (the current mode,
+// round to nearest even), so the same bytes.
+void quantize_rows_isa(int M, int K, const float* A, int64_t lda, QBlockA* out) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < K / kQBlock; ++b) {
+      const float* x = A + static_cast<int64_t>(m) * lda + b * kQBlock;
+      QBlockA& o = out[static_cast<int64_t>(m) * (K / kQBlock) + b];
+      __m256 v[4], mx = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], absmask));
+      }
+      const float amax = hmax8(mx);
+      o.scale = amax / 127.0f;
+      const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      __m256i q[4], sum = _mm256_setzero_si256();
+      for (int i = 0; i < 4; ++i) {
+        q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+        sum = _mm256_add_epi32(sum, q[i]);
+      }
+      // packs work per 128-bit lane: [q0 0..3, q1 0..3 | q0 4..7, q1 4..7] and so on; the permutes restore order.
+      const __m256i w01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xd8);
+      const __m256i w23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xd8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.q),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi16(w01, w23), 0xd8));
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+      o.sum = _mm_cvtsi128_si32(s4);
+    }
+}
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return v;
+}
+
+// Rows [0, RC) of the quantized micro-kernel over one block at P (gemm_driver.h): int32 lanes per column
+// from vpmaddubsw + vpmaddwd. Q8_0: |a| times the weight with a's sign (vpsignb), so no pair of products
+// passes 2 * 127 * 127 (no int16 saturation). Q4_0: the nibbles (0..15) times a as they are, the lanes
+// starting at -8 * sum(q_a).
+template <QType T, int RC, int NB>
+void quant_rows(const QBlockA* A, int64_t lda, const uint8_t* P, float* C, int64_t ldc, const __m256i* mask,
+                bool full_width, bool chain) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[RC][NB];
+#pragma GCC unroll 4
+  for (int r = 0; r < RC; ++r) {
+    const __m256i init = _mm256_set1_epi32(T == QType::Q8_0 ? 0 : -8 * A[r * lda].sum);
+#pragma GCC unroll 2
+    for (int j = 0; j < NB; ++j) acc[r][j] = init;
+  }
+  if constexpr (T == QType::Q8_0) {
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; ++g) {
+      __m256i b[NB];
+#pragma GCC unroll 2
+      for (int j = 0; j < NB; ++j) b[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(P + g * 4 * kNR + 32 * j));
+#pragma GCC unroll 4
+      for (int r = 0; r < RC; ++r) {
+        const __m256i a = _mm256_set1_epi32(load_i32(A[r * lda].q + 4 * g));
+        const __m256i magnitude = _mm256_abs_epi8(a);
+#pragma GCC unroll 2
+        for (int j = 0; j < NB; ++j)
+          acc[r][j] = _mm256_add_epi32(
+              acc[r][j], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(b[j], a)), ones));
+      }
+    }
+  } else {
+    const __m256i low = _mm256_set1_epi8(0x0f);
+#pragma GCC unroll 8
+    for (int gh = 0; gh < 8; ++gh) {
+      const int g = gh >> 1, half = gh & 1;
+      __m256i b[NB];
+#pragma GCC unroll 2
+      for (int j = 0; j < NB; ++j) {
+        const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(P + g * 4 * kNR + 32 * j));
+        b[j] = _mm256_and_si256(half == 0 ? v : _mm256_srli_epi16(v, 4), low);
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < RC; ++r) {
+        const __m256i a = _mm256_set1_epi32(load_i32(A[r * lda].q + 4 * g + 16 * half));
+#pragma GCC unroll 2
+        for (int j = 0; j < NB; ++j)
+          acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(_mm256_maddubs_epi16(b[j], a), ones));
+      }
+    }
+  }
+  const float* ws = reinterpret_cast<const float*>(P + kNR * qblock_bytes(T));
+#pragma GCC unroll 4
+  for (int r = 0; r < RC; ++r) {
+    const __m256 sa = _mm256_set1_ps(A[r * lda].scale);
+#pragma GCC unroll 2
+    for (int j = 0; j < NB; ++j) {
+      float* c = C + r * ldc + 8 * j;
+      const __m256 scale = _mm256_mul_ps(sa, _mm256_load_ps(ws + 8 * j));
+      const __m256 prev = !chain       ? _mm256_setzero_ps()
+                          : full_width ? _mm256_loadu_ps(c)
+                                       : _mm256_maskload_ps(c, mask[j]);
+      const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][j]), scale, prev);
+      if (full_width) _mm256_storeu_ps(c, v);
+      else _mm256_maskstore_ps(c, mask[j], v);
+    }
+  }
+}
+
+// The quantized micro-kernel (gemm_driver.h): rows in runs of up to 3 (3 x 2 accumulators, the weights and
+// the broadcasts fit the 16 ymm registers), each run over the block of P in L1.
+template <QType T, int R, int NB>
+void quant_micro(int blocks, const QBlockA* A, int64_t lda, const uint8_t* P, float* C, int64_t ldc,
+                 const PanelMasks& panel, bool load_c) {
+  constexpr int kBlockBytes = kNR * qpacked_column_bytes(T);
+  for (int s = 0; s < blocks; ++s, P += kBlockBytes) {
+    const bool chain = load_c || s > 0;
+    if constexpr (R > 3) {
+      quant_rows<T, 3, NB>(A + s, lda, P, C, ldc, panel.lanes, panel.full_width, chain);
+      quant_rows<T, R - 3, NB>(A + 3 * lda + s, lda, P, C + 3 * ldc, ldc, panel.lanes, panel.full_width, chain);
+    } else {
+      quant_rows<T, R, NB>(A + s, lda, P, C, ldc, panel.lanes, panel.full_width, chain);
+    }
   }
 }
 
@@ -232,6 +367,17 @@ void convert_t(const void* src, float* dst, int n) {
 #include "kernel_table.h"
 
 }  // namespace
+
+const QuantKernels* quant_avx2_kernels() {
+  static const QuantKernels table = {"avx2",
+                                     kNR,
+                                     quantize_rows_isa,
+                                     quant_gemm,
+                                     quant_gemm_scratch_floats,
+                                     quant_pack_panel,
+                                     quant_packed_panel_bytes};
+  return &table;
+}
 
 const Kernels* avx2_kernels() { return kernel_table("avx2"); }
 

@@ -6,21 +6,24 @@
 //   Q4_0: 16 bytes at row + 16 b; byte j holds element j in its low nibble and element j + 16 in its high
 //         nibble, unsigned u in 0..15; value = (u - 8) * d[b].
 //   d[b]: one IEEE f16 scale per block (a separate [N][K/32] array).
-// Activations (the left operand) are quantized per row and block to int16 in [-32767, 32767] with one
-// f32 scale per block: s = max|x| / 32767, q = round_to_nearest_even(x * (32767 / max|x|)) (all-zero
-// blocks: 0). (int8 activations, as llama.cpp's Q8_0 dot uses, cost the embedded model 9 points of greedy
-// agreement against 5 for the weights' own rounding: bench/cpu/RESULTS.md. int16 makes them negligible
-// at the same instruction count on AVX2: vpmovsxbw + vpmaddwd replace vpsignb + vpmaddubsw + vpmaddwd.)
+// Activations (the left operand) are quantized to int8 per row and block of 32 (QBlockA): scale
+// s = max|x| / 127 (f32), q = round_to_nearest_even(x * (127 / max|x|)), so |q| <= 127; an all-zero block
+// has s = 0 and q = 0. Each block also carries sum(q), which the integer kernels use to multiply with
+// unsigned bytes (below).
 //
-// The product, per output (m, n): block b's 32 integer products are summed in 8 int32 lanes (lane l:
-// k = 2l, 2l+1, 16+2l, 17+2l of the block; exact, and |lane| <= 4 * 32767 * 128 < 2^24, so exact in f32
-// too), lane l's float accumulator takes acc[l] = fma(float(lane sum), s_a[m][b] * d_w[n][b], acc[l])
-// for b = 0, 1, ... in order, and the output is ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) +
-// (acc3 + acc7)), added to C when accumulating. Every ISA (portable, AVX2 vpmaddwd, AVX-512 VNNI
-// vpdpwssd) computes exactly these operations, so they agree bit for bit. Against the float64 value of
-// sum_b s_a d_w (integer dot) — the exact product of the dequantized weights and the dequantized
-// activations — the error is at most (K/32/8 + 4) * 2^-23 * sum|products| (recursive summation, with the
-// scale product's own rounding; the tests check it).
+// The product, per output (m, n): acc starts at C[m][n] when accumulating, else at 0; for each block b in
+// ascending order, I = sum_j q_a[j] * q_w[j] (exact in int32: |I| <= 32 * 127 * 128), then
+// acc = fma(float(I), s_a[m][b] * d_w[n][b], acc) (the scale product rounded to f32 first; float(I) is
+// exact). Every ISA computes exactly these operations, so they agree bit for bit:
+//   - avx512vnni: vpdpbusd, unsigned weight bytes times signed activations; a Q8_0 weight is stored as
+//     q + 128 and a Q4_0 one as its nibble u = q + 8, and I = sum(u_w * q_a) - offset * sum(q_a);
+//   - avx2: vpmaddubsw + vpmaddwd (the sign of each activation moved onto its weight for Q8_0, so that no
+//     pair of products saturates int16; Q4_0's nibbles are small enough to multiply as they are);
+//   - portable: plain integer loops.
+// The SIMD kernels read the weight packed at load (QuantKernels::pack_panel): panels of `nr` columns,
+// per block of 32 k the integer bytes laid out for the instruction, then the panel's f32 scales.
+// Against the float64 value of sum_b s_a d_w I (the exact product of the dequantized operands) the error
+// is at most (K/32 + 2) * 2^-23 * sum|products| (the tests check it).
 //
 // Static and header-only for the same ODR reason as kernels.h.
 #pragma once
@@ -38,42 +41,73 @@ constexpr int kQBlock = 32;
 
 static inline const char* qtype_name(QType t) { return t == QType::Q8_0 ? "q8_0" : "q4_0"; }
 // Bytes of quantized values per block (not counting the scale).
-static inline int qblock_bytes(QType t) { return t == QType::Q8_0 ? 32 : 16; }
+static inline constexpr int qblock_bytes(QType t) { return t == QType::Q8_0 ? 32 : 16; }
 
 // A quantized weight matrix W[N][K] (the product uses W^T, like MatB with k_major == false).
 struct QMatB {
   const uint8_t* data = nullptr;     // row n at data + n * ld
   const uint16_t* scales = nullptr;  // f16 bits; row n's block b at scales[n * ld_scales + b]
   QType type = QType::Q8_0;
-  int64_t ld = 0;         // bytes between rows
-  int64_t ld_scales = 0;  // scales between rows
+  int64_t ld = 0;                // bytes between rows
+  int64_t ld_scales = 0;         // scales between rows
+  const void* packed = nullptr;  // the matrix packed at load for the ISA's gemm (QuantKernels::pack_panel)
 };
 
-// Activations A[M][K] quantized per row: q[m * ld + k], scales[m * ld_scales + b].
-struct QMatA {
-  const int16_t* q = nullptr;
-  const float* scales = nullptr;
-  int64_t ld = 0;
-  int64_t ld_scales = 0;
+// A block of 32 activations quantized to int8: 40 bytes, read by the kernels as they are staged.
+struct QBlockA {
+  int8_t q[kQBlock];
+  float scale;  // max|x| / 127
+  int32_t sum;  // sum of q
 };
+static_assert(sizeof(QBlockA) == 40, "QBlockA is packed as the kernels read it");
 
+// A quantized weight prepared for an ISA's products: packed panels (QuantKernels::pack_panel) when the
+// ISA packs, else the row-major blocks.
 struct QuantKernels {
   const char* isa;  // "portable" | "avx2" | "avx512vnni"
-  // Quantizes rows A[0..M)[0..K) (K % 32 == 0) into q (M x K, row stride K) and scales (M x K/32).
-  void (*quantize_rows)(int M, int K, const float* A, int64_t lda, int16_t* q, float* scales);
-  // C[m][n] = (accumulate ? C[m][n] : 0) + sum_k Aq[m][k] * W[n][k] for 0 <= m < M, n0 <= n < n1, as
-  // described above (K % 32 == 0).
-  void (*gemm)(int M, int n0, int n1, int K, const QMatA& A, const QMatB& B, float* C, int64_t ldc, bool accumulate);
+  int nr;           // panel width of the packed weights (0: the gemm reads QMatB's rows; nothing is packed)
+  // quantize_activations (below), compiled for this ISA.
+  void (*quantize)(int M, int K, const float* A, int64_t lda, QBlockA* out);
+  // C[m][n] for 0 <= m < M, n0 <= n < n1 as described above (K % 32 == 0), row m of the activations at
+  // A + m * (K / 32). The SIMD gemms read B.packed (n0 a multiple of nr) or, when it is nullptr, pack B's
+  // rows per k block into the scratch: gemm_scratch_floats(K) floats, 64-byte aligned.
+  void (*gemm)(int M, int n0, int n1, int K, const QBlockA* A, const QMatB& B, float* C, int64_t ldc, bool accumulate,
+               float* scratch);
+  size_t (*gemm_scratch_floats)(int K);
+  // Panel p of B (columns [p * nr, +nr), past N zero) in this ISA's layout, packed_panel_bytes(K, type)
+  // bytes at out (64-byte aligned). nullptr where nr is 0.
+  void (*pack_panel)(const QMatB& B, int N, int K, int panel, void* out);
+  size_t (*packed_panel_bytes)(int K, QType type);
 };
 
 // The quantized kernels matching a float kernel table: the same ISA family (avx512 -> avx512vnni when the
 // CPU has VNNI, else avx2). Never nullptr.
 const QuantKernels& quant_kernels_for(const Kernels& k);
-// Per-ISA tables (quant_<isa>.cpp); call only when the CPU supports the ISA.
-const QuantKernels* quant_portable_kernels();
-const QuantKernels* quant_avx2_kernels();
-const QuantKernels* quant_avx512vnni_kernels();
+// Per-ISA tables; call only when the CPU supports the ISA.
+const QuantKernels* quant_portable_kernels();    // quant_portable.cpp
+const QuantKernels* quant_avx2_kernels();        // kernels_avx2.cpp
+const QuantKernels* quant_avx512vnni_kernels();  // kernels_avx512.cpp
 bool cpu_has_avx512vnni();
+
+// Quantizes rows A[0..M)[0..K) (K % 32 == 0, row stride lda) into blocks, row m at out + m * (K / 32).
+// The same arithmetic on every ISA; SIMD only where the loop vectorizes as written.
+static inline void quantize_activations(int M, int K, const float* A, int64_t lda, QBlockA* out) {
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < K / kQBlock; ++b) {
+      const float* x = A + static_cast<int64_t>(m) * lda + b * kQBlock;
+      QBlockA& o = out[static_cast<int64_t>(m) * (K / kQBlock) + b];
+      float amax = 0.0f;
+      for (int j = 0; j < kQBlock; ++j) amax = amax >= std::fabs(x[j]) ? amax : std::fabs(x[j]);
+      o.scale = amax / 127.0f;
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t sum = 0;
+      for (int j = 0; j < kQBlock; ++j) {
+        o.q[j] = static_cast<int8_t>(std::nearbyint(x[j] * inv));
+        sum += o.q[j];
+      }
+      o.sum = sum;
+    }
+}
 
 // ------------------------------------------------------------------------------------------------
 // Scalar helpers shared by the kernels, the loader and the tests.
@@ -126,6 +160,34 @@ static inline void quantize_weight_row(const float* x, int K, QType type, uint8_
       for (int j = 0; j < kQBlock; ++j) out[b * 32 + j] = static_cast<uint8_t>(static_cast<int8_t>(q[j]));
     } else {
       for (int j = 0; j < 16; ++j) out[b * 16 + j] = static_cast<uint8_t>(q[j] | (q[j + 16] << 4));
+    }
+  }
+}
+
+// The bytes one column of a packed panel takes per block of 32 k: its integer bytes and its f32 scale.
+static inline constexpr int qpacked_column_bytes(QType t) { return qblock_bytes(t) + 4; }
+
+// Blocks [b0, b0 + nb) of the columns [n0, n0 + nr) of B (past N zero) in the layout the SIMD kernels read:
+// per block of 32 k, the integer bytes as groups of 4 consecutive k per column, then the nr f32 scales.
+//   Q8_0: group g (k = 4g .. 4g+3) at g * 4 * nr: column c's 4 bytes at 4c, XOR 0x80 when
+//         `q8_unsigned` (q + 128, for vpdpbusd's unsigned operand); 8 groups.
+//   Q4_0: group pair p (k = 4p .. 4p+3 in the low nibbles, 16+4p .. 19+4p in the high ones) at p * 4 * nr:
+//         column c's 4 bytes at 4c, which are the stored bytes 4p .. 4p+3 of its block as they are; 4 pairs.
+static inline void pack_quant_blocks(const QMatB& B, int N, int n0, int nr, int b0, int nb, bool q8_unsigned,
+                                     void* out) {
+  const int qbytes = qblock_bytes(B.type);
+  const uint8_t flip = B.type == QType::Q8_0 && q8_unsigned ? 0x80 : 0x00;
+  uint8_t* o = static_cast<uint8_t*>(out);
+  for (int b = b0; b < b0 + nb; ++b, o += static_cast<size_t>(nr) * qpacked_column_bytes(B.type)) {
+    float* scales = reinterpret_cast<float*>(o + static_cast<size_t>(nr) * qbytes);
+    for (int c = 0; c < nr; ++c) {
+      const int n = n0 + c;
+      const uint8_t* block =
+          n < N ? B.data + static_cast<int64_t>(n) * B.ld + static_cast<int64_t>(b) * qbytes : nullptr;
+      for (int g = 0; g < qbytes / 4; ++g)
+        for (int kk = 0; kk < 4; ++kk)
+          o[(static_cast<size_t>(g) * nr + c) * 4 + kk] = block ? static_cast<uint8_t>(block[4 * g + kk] ^ flip) : 0;
+      scales[c] = block ? f16_to_f32(B.scales[static_cast<int64_t>(n) * B.ld_scales + b]) : 0.0f;
     }
   }
 }

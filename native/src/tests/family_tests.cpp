@@ -525,7 +525,7 @@ std::vector<std::vector<double>> family_reference(const FamModel& m, const std::
         const int E = s.experts;
         // The router: f32 logits from the widened weight whatever its type (the engine's router Weight has
         // bf16_dot = false, as the LLaDA2 / Qwen3-MoE references compute it), so no rounding of n.
-        const auto logits = reference_matvec(W(l + "mlp.gate.weight"), false, n, E);
+        const auto logits = reference_matvec(W(l + "mlp.gate.weight"), RefActivations::Exact, n, E);
         std::vector<int> chosen;
         std::vector<double> weight;
         std::vector<bool> all(E, true);
@@ -581,13 +581,16 @@ std::vector<std::vector<double>> family_reference(const FamModel& m, const std::
     }
   }
   // The head (a tied one: the embedding's matrix, bf16 in a bf16 model); an overriding `head` is a quantized
-  // one, whose activations stay f32.
+  // one, whose activations are int8.
   const Values& head_v = m.tensors.at(s.tied ? embed : "lm_head.weight");
   const std::vector<double>& head_w = head ? *head : head_v.exact;
-  const bool head_bf16 = !head && head_v.type == WType::BF16;
+  const RefActivations head_mode = head                         ? RefActivations::Int8
+                                   : head_v.int8_activations    ? RefActivations::Int8
+                                   : head_v.type == WType::BF16 ? RefActivations::Bf16
+                                                                : RefActivations::Exact;
   std::vector<std::vector<double>> logits(L);
   for (int t = 0; t < L; ++t)
-    logits[t] = reference_matvec(head_w, head_bf16, rms(x[t].data(), D, W("model.norm.weight")), s.vocab);
+    logits[t] = reference_matvec(head_w, head_mode, rms(x[t].data(), D, W("model.norm.weight")), s.vocab);
   return logits;
 }
 
@@ -626,8 +629,10 @@ FamModel dequantized(const FamModel& m, cpu::QType type, std::vector<double>* he
     if (!matrix || name.find("embed") != std::string::npos || name.find("mlp.gate.weight") != std::string::npos)
       continue;
     v.exact = dequant(v.exact, static_cast<int>(shape[0]), static_cast<int>(shape[1]));
-    // Quantized weights keep f32 activations (no bf16 dot product): an f32 matrix of the dequantized values.
+    // Quantized weights multiply int8 activations (no bf16 dot product): an f32 matrix of the dequantized
+    // values, flagged for the references.
     v.type = WType::F32;
+    v.int8_activations = true;
     v.f32.assign(v.exact.begin(), v.exact.end());
     v.half.clear();
   }

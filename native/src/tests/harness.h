@@ -145,6 +145,9 @@ struct Values {
   std::vector<float> f32;
   std::vector<uint16_t> half;
   std::vector<double> exact;  // the value each stored element represents
+  // A quantized matrix's dequantized values: the engine multiplies them with its activations quantized to
+  // int8 per block of 32 (cpu/quant.h), so the references do too (reference_matvec).
+  bool int8_activations = false;
   const void* data() const { return type == WType::F32 ? static_cast<const void*>(f32.data()) : half.data(); }
   size_t bytes() const { return type == WType::F32 ? f32.size() * 4 : half.size() * 2; }
   std::string raw() const { return std::string(static_cast<const char*>(data()), bytes()); }
@@ -177,14 +180,33 @@ inline Values random_values(WType type, size_t count, std::mt19937& rng, double 
 // of an activation x: x as f32, rounded to bf16 (cpu::round_to_bf16), widened back.
 inline double bf16_activation(double x) { return cpu::bf16_to_f32(cpu::round_to_bf16(static_cast<float>(x))); }
 
+// How the engine multiplies a weight's left operand, which the float64 references repeat.
+enum class RefActivations {
+  Exact,  // f32 and f16 weights, the MoE router, attention: as they are
+  Bf16,   // the bf16 dot product: each x as f32, rounded to bf16 (bf16_activation)
+  Int8,   // quantized weights: per block of 32, x as f32 quantized as cpu::quantize_activations does
+};
+
+// x with each block of 32 replaced by what the engine's int8 activations represent: q * scale, with q and
+// the scale computed from the f32 values by cpu::quantize_activations (the reference's x is float64, so
+// near a rounding tie it can differ from the engine's by one step).
+inline std::vector<double> int8_activations(const std::vector<double>& x) {
+  std::vector<double> out(x.size());
+  std::vector<float> f(x.begin(), x.end());
+  cpu::QBlockA block;
+  for (size_t b = 0; b + 32 <= x.size(); b += 32) {
+    cpu::quantize_activations(1, 32, f.data() + b, 32, &block);
+    for (int j = 0; j < 32; ++j) out[b + j] = static_cast<double>(block.q[j]) * block.scale;
+  }
+  return out;
+}
+
 // The float64 references' matrix product: rows [r0, r0 + rows) of a [*, x.size()] weight matrix with exact
-// values w times x. `bf16_dot`: the weight is stored bf16 and the engine multiplies it as the bf16 dot
-// product, so each activation is first rounded to bf16 as the engine rounds its f32 value (not for the
-// MoE router, attention, or f32/f16/quantized weights: there the activations stay as they are).
-inline std::vector<double> reference_matvec(const std::vector<double>& w, bool bf16_dot, const std::vector<double>& x,
-                                            int rows, int r0 = 0) {
-  std::vector<double> in = x;
-  if (bf16_dot)
+// values w times x, its activations as the engine multiplies them (RefActivations).
+inline std::vector<double> reference_matvec(const std::vector<double>& w, RefActivations mode,
+                                            const std::vector<double>& x, int rows, int r0 = 0) {
+  std::vector<double> in = mode == RefActivations::Int8 ? int8_activations(x) : x;
+  if (mode == RefActivations::Bf16)
     for (double& v : in) v = bf16_activation(v);
   std::vector<double> y(rows, 0.0);
   const size_t cols = in.size();
@@ -193,7 +215,10 @@ inline std::vector<double> reference_matvec(const std::vector<double>& w, bool b
   return y;
 }
 inline std::vector<double> reference_matvec(const Values& w, const std::vector<double>& x, int rows, int r0 = 0) {
-  return reference_matvec(w.exact, w.type == WType::BF16, x, rows, r0);
+  const RefActivations mode = w.int8_activations      ? RefActivations::Int8
+                              : w.type == WType::BF16 ? RefActivations::Bf16
+                                                      : RefActivations::Exact;
+  return reference_matvec(w.exact, mode, x, rows, r0);
 }
 
 inline std::vector<float> random_floats(size_t count, std::mt19937& rng, float scale = 1.0f) {

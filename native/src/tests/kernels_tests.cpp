@@ -352,22 +352,26 @@ void test_quantize_weights() {
   report(ok, "f32_to_f16 round-trips every finite f16 and ties to even");
 }
 
-// One ISA's quantize_rows and gemm for one format: activation quantization (int16) within half a step and
-// identical to the portable one; the product within the bound of quant.h against the float64 product of
-// the dequantized operands; sentinel columns untouched; every SIMD path bit-identical to the portable one.
+// One ISA's activation quantization and gemm for one format: the activations within half a step, with
+// their sum, and identical to the portable ones; the product within the bound of quant.h against the
+// float64 product of the dequantized operands; sentinel columns untouched; every SIMD path, on the packed
+// weights and on the row-major ones, bit-identical to the portable kernel.
 void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
   const cpu::QuantKernels& ref = *cpu::quant_portable_kernels();
   struct Shape {
     int M, N, K;
   };
-  const Shape shapes[] = {{1, 1, 32}, {1, 7, 64}, {5, 17, 96}, {4, 2, 256}, {7, 33, 320}, {13, 40, 512}, {3, 5, 4096}};
+  const Shape shapes[] = {{1, 1, 32},    {1, 7, 64},   {5, 17, 96},   {4, 2, 256},   {7, 33, 320},
+                          {13, 40, 512}, {3, 5, 4096}, {8, 70, 1056}, {19, 130, 288}};
   std::mt19937 rng(4321 + static_cast<int>(type));
-  bool act_ok = true, act_same = true, bound_ok = true, sentinels_ok = true, same = true;
+  bool act_ok = true, act_same = true, bound_ok = true, sentinels_ok = true, same = true, same_rows = true;
   double worst = 0;
   for (const Shape& s : shapes)
     for (int variant = 0; variant < 3; ++variant) {
       const bool accumulate = variant == 1;
-      const int n0 = variant == 2 ? std::min(1, s.N - 1) : 0;
+      // A column range: whole panels from the first one past 0 (n0 a multiple of the panel width).
+      const int step = k.nr > 0 ? k.nr : 1;
+      const int n0 = variant == 2 && s.N > step ? step : 0;
       const int n1 = variant == 2 ? std::max(n0 + 1, s.N - 1) : s.N;
       const int64_t lda = s.K + 5, ldc = s.N + 3;
       const int nb = s.K / 32;
@@ -380,27 +384,44 @@ void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
         cpu::quantize_weight_row(W.data() + static_cast<size_t>(n) * s.K, s.K, type, wq.data() + n * ldw,
                                  wd.data() + n * lds);
       const cpu::QMatB B{wq.data(), wd.data(), type, ldw, lds};
+      cpu::QMatB Bp = B;
+      std::vector<uint8_t> packed;
+      if (k.nr > 0) {
+        const int panels = (s.N + k.nr - 1) / k.nr;
+        const size_t panel_bytes = k.packed_panel_bytes(s.K, type);
+        packed.resize(panels * panel_bytes + 64);
+        uint8_t* base = packed.data() + (64 - reinterpret_cast<uintptr_t>(packed.data()) % 64) % 64;
+        for (int p = 0; p < panels; ++p) k.pack_panel(B, s.N, s.K, p, base + p * panel_bytes);
+        Bp.packed = base;
+      }
       std::vector<float> A = random_floats(s.M * lda, rng, 2.0f);
       if (variant == 0) std::fill(A.begin(), A.begin() + 32, 0.0f);  // an all-zero activation block
-      std::vector<int16_t> aq(s.M * s.K), aq_ref(s.M * s.K);
-      std::vector<float> as(s.M * nb), as_ref(s.M * nb);
-      k.quantize_rows(s.M, s.K, A.data(), lda, aq.data(), as.data());
-      ref.quantize_rows(s.M, s.K, A.data(), lda, aq_ref.data(), as_ref.data());
-      if (aq != aq_ref || std::memcmp(as.data(), as_ref.data(), as.size() * 4) != 0) act_same = false;
+      if (variant == 2) A[3] = 1e-30f;                               // a block of tiny values
+      std::vector<cpu::QBlockA> aq(s.M * nb), aq_ref(s.M * nb);
+      k.quantize(s.M, s.K, A.data(), lda, aq.data());
+      ref.quantize(s.M, s.K, A.data(), lda, aq_ref.data());
+      if (std::memcmp(aq.data(), aq_ref.data(), aq.size() * sizeof(cpu::QBlockA)) != 0) act_same = false;
       for (int m = 0; m < s.M; ++m)
-        for (int kk = 0; kk < s.K; ++kk) {
-          const double sc = as[m * nb + kk / 32], q = aq[m * s.K + kk];
-          // Half a step, plus the f32 roundings of the scale, its inverse and x * inverse (each 2^-24
-          // relative, of values up to 32767 steps).
-          if (std::fabs(q) > 32767 ||
-              std::fabs(q * sc - A[m * lda + kk]) > (0.5 + 4 * 32767 * std::ldexp(1.0, -24)) * sc + 1e-30)
-            act_ok = false;
+        for (int b = 0; b < nb; ++b) {
+          const cpu::QBlockA& blk = aq[m * nb + b];
+          int sum = 0;
+          for (int j = 0; j < 32; ++j) {
+            const double q = blk.q[j], x = A[m * lda + b * 32 + j];
+            sum += blk.q[j];
+            // Half a step, plus the f32 roundings of the scale, its inverse and x * inverse.
+            if (std::fabs(q) > 127 || std::fabs(q * blk.scale - x) > (0.5 + 4 * 127 * std::ldexp(1.0, -24)) * blk.scale)
+              act_ok = false;
+          }
+          if (sum != blk.sum) act_ok = false;
         }
-      const cpu::QMatA Aq{aq.data(), as.data(), s.K, nb};
-      std::vector<float> C0 = random_floats(s.M * ldc, rng), C = C0, Cr = C0;
-      k.gemm(s.M, n0, n1, s.K, Aq, B, C.data(), ldc, accumulate);
-      ref.gemm(s.M, n0, n1, s.K, Aq, B, Cr.data(), ldc, accumulate);
+      std::vector<float> C0 = random_floats(s.M * ldc, rng), C = C0, Cr = C0, Crows = C0;
+      std::vector<float> scratch(k.gemm_scratch_floats(s.K) + 16);
+      float* scratch_aligned = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / 4 % 16) % 16;
+      k.gemm(s.M, n0, n1, s.K, aq.data(), Bp, C.data(), ldc, accumulate, scratch_aligned);
+      k.gemm(s.M, n0, n1, s.K, aq.data(), B, Crows.data(), ldc, accumulate, scratch_aligned);
+      ref.gemm(s.M, n0, n1, s.K, aq.data(), B, Cr.data(), ldc, accumulate, nullptr);
       if (std::memcmp(C.data(), Cr.data(), C.size() * 4) != 0) same = false;
+      if (std::memcmp(Crows.data(), Cr.data(), C.size() * 4) != 0) same_rows = false;
       for (int m = 0; m < s.M; ++m)
         for (int n = 0; n < s.N + 3; ++n) {
           const size_t ci = m * ldc + n;
@@ -410,27 +431,27 @@ void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
           }
           double exact = 0, mag = 0;
           for (int kk = 0; kk < s.K; ++kk) {
-            const double term =
-                static_cast<double>(aq[m * s.K + kk]) * as[m * nb + kk / 32] * cpu::qweight_value(B, n, kk);
+            const cpu::QBlockA& blk = aq[m * nb + kk / 32];
+            const double term = static_cast<double>(blk.q[kk % 32]) * blk.scale * cpu::qweight_value(B, n, kk);
             exact += term;
             mag += std::fabs(term);
           }
           const double c0 = accumulate ? C0[ci] : 0.0;
-          // quant.h: (nb/8 + 4) * 2^-23 * sum|terms| for the dot, plus one rounding of the final add to C.
-          const double tol = (nb / 8.0 + 4) * std::ldexp(1.0, -23) * mag +
-                             std::ldexp(1.0, -24) * (std::fabs(c0) + std::fabs(exact) + mag) + 1e-30;
+          // quant.h: (K/32 + 2) * 2^-23 * sum|terms|, the chain here starting from C.
+          const double tol = (nb + 2) * std::ldexp(1.0, -23) * (mag + std::fabs(c0)) + 1e-30;
           const double err = std::fabs(C[ci] - (c0 + exact));
           if (err > tol) bound_ok = false;
           worst = std::max(worst, mag > 0 ? err / mag : err);
         }
     }
   const std::string name = std::string("quant ") + k.isa + " " + cpu::qtype_name(type);
-  report(act_ok, name + " activations within half a step");
+  report(act_ok, name + " activations within half a step, with their sum");
   report(act_same, name + " activations identical to portable");
   report(bound_ok, name + " gemm within the bound of the float64 product",
          fmt("worst |error| / sum|terms| %.2e", worst));
   report(sentinels_ok, name + " gemm leaves columns outside [n0, n1) untouched");
-  report(same, name + " gemm bit-identical to portable");
+  report(same, name + " gemm on packed weights bit-identical to portable");
+  report(same_rows, name + " gemm on row-major weights bit-identical to portable");
 }
 
 }  // namespace vdiff::test

@@ -103,21 +103,25 @@ void test_quant_model() {
       options.quantize = q == cpu::QType::Q8_0 ? Quant::Q8_0 : Quant::Q4_0;
       auto at_load = Backend::load(dir.string(), options);
       const std::vector<float> got = run_forward(*at_load, {a}, {all_rows(a.size())});
-      // Against the float forward of the dequantized weights, what is left is the activations' int16
-      // rounding (a relative step of 1/65534 of each block's largest value per product): measured 1e-4
-      // rms. The weights' own rounding is what quantization costs: measured 2% rms for Q8_0 and 30% for
-      // Q4_0 on this random 2-layer model (its sharp attention amplifies it); the margins guard against a
-      // broken kernel (off by 100%). A trained model's quality is held by test/quantize.test.ts.
+      // Against the float forward of the dequantized weights, what is left is the activations' int8
+      // rounding (a step of 1/254 of each block's largest value, like the Q8_0 weights' own): measured 2% rms
+      // on this random 2-layer model, whose sharp attention amplifies it. The weights' own rounding is what
+      // quantization costs: measured 2% rms for Q8_0 and 30% for Q4_0. The margins guard against a broken
+      // kernel (off by 100%); the family tests hold the kernels to a reference that rounds the activations
+      // the same way, and test/quantize.test.ts a trained model's quality.
       const fs::path ddir = tmp.path / (std::string("dq-") + type_name(type) + cpu::qtype_name(q));
       write_tiny(ddir, dequantized(tiny, q));
       auto deq = Backend::load(ddir.string(), test_options(2));
       const std::vector<float> deq_logits = run_forward(*deq, {a}, {all_rows(a.size())});
       const double act_err = rms_diff(got, deq_logits) / rms(deq_logits), w_err = rms_diff(deq_logits, ref) / rms(ref);
       const double w_margin = q == cpu::QType::Q8_0 ? 0.05 : 0.5;
-      report(act_err <= 0.001 && w_err <= w_margin && at_load->weight_dtype() == cpu::qtype_name(q) &&
-                 at_load->info().memory_used > dense->weight_bytes(),
-             name + " quantized at load: within 0.1% (rms) of the float forward of its dequantized weights",
-             fmt("rms error %.4f from activations, %.4f from the weights (max |logit| %.2f)", act_err, w_err, scale));
+      report(
+          act_err <= 0.05 && w_err <= w_margin && at_load->weight_dtype() == cpu::qtype_name(q) &&
+              at_load->info().memory_used < dense->info().memory_used,
+          name + " quantized at load: within 5% (rms) of the float forward of its dequantized weights, in less memory",
+          fmt("rms error %.4f from activations, %.4f from the weights (max |logit| %.2f)", act_err, w_err, scale) +
+              fmt("; weights %.0f KiB against %.0f KiB", at_load->info().memory_used / 1024.0,
+                  dense->info().memory_used / 1024.0));
 
       const fs::path qdir = tmp.path / (std::string("q-") + type_name(type) + cpu::qtype_name(q));
       write_quantized(qdir, tiny, q);
