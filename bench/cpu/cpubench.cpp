@@ -2,8 +2,9 @@
 // come to it. Prints JSON (one object) and a table on stderr.
 //
 //   1. Peaks: independent chains of one instruction on every requested thread at once (f32 FMA on ymm
-//      and zmm, int16 dot vpmaddwd (what the quantized GEMM issues on AVX2), int8 dot by
-//      vpmaddubsw+vpmaddwd, vpdpwssd / vpdpbusd on ymm and zmm, bf16 dot vdpbf16ps);
+//      and zmm, int16 dot vpmaddwd, int8 dot by vpmaddubsw+vpmaddwd (what the quantized GEMM issues on
+//      AVX2), vpdpwssd / vpdpbusd on ymm and zmm (vpdpbusd zmm: the quantized GEMM with VNNI), bf16 dot
+//      vdpbf16ps);
 //      each family only where cpuid reports it. A multiply-add counts as 2 operations.
 //   2. GEMMs of the model's shapes through the kernels the engine dispatched (f32 packed, and the
 //      integer GEMMs of Q8_0 / Q4_0 including the activations' quantization), split over the threads by

@@ -28,7 +28,7 @@ constexpr int kLanes = 16;
 constexpr bool kSplitThinTail = true;  // see the row tiles in gemm_driver.h
 constexpr int kPrefetchK = 16;         // the micro-kernel prefetches P this many k ahead (into the next block too)
 constexpr int kDotKC = 256;            // k per block of the bf16 dot path (128 pairs: 32 KiB of P)
-constexpr int kQuantMR = 4;            // rows per micro-tile of the quantized path: 16 int32 accumulators
+constexpr int kQuantMR = 3;            // rows per micro-tile of the quantized path: 12 int32 accumulators
 constexpr int kQuantKC = 256;          // k per block of the quantized path (8 blocks: 18 KiB of Q8_0 P;
                                        // 512 measured the same)
 constexpr bool kQ8Unsigned = true;     // vpdpbusd multiplies unsigned weight bytes (quant.h)

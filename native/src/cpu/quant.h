@@ -20,8 +20,11 @@
 //   - avx2: vpmaddubsw + vpmaddwd (the sign of each activation moved onto its weight for Q8_0, so that no
 //     pair of products saturates int16; Q4_0's nibbles are small enough to multiply as they are);
 //   - portable: plain integer loops.
-// The SIMD kernels read the weight packed at load (QuantKernels::pack_panel): panels of `nr` columns,
-// per block of 32 k the integer bytes laid out for the instruction, then the panel's f32 scales.
+// A Q8_0 value is in [-127, 127], as quantize_weight_row (and llama.cpp) write them: the AVX2 sign trick
+// would negate a -128 wrongly.
+// The SIMD kernels read the weight packed at load (QuantKernels::pack_panel; the MoE experts, which stay
+// mapped, per product): panels of `nr` columns, per block of 32 k the integer bytes laid out for the
+// instruction, then the panel's f32 scales.
 // Against the float64 value of sum_b s_a d_w I (the exact product of the dequantized operands) the error
 // is at most (K/32 + 2) * 2^-23 * sum|products| (the tests check it).
 //
