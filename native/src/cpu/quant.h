@@ -20,8 +20,8 @@
 //   - avx2: vpmaddubsw + vpmaddwd (the sign of each activation moved onto its weight for Q8_0, so that no
 //     pair of products saturates int16; Q4_0's nibbles are small enough to multiply as they are);
 //   - portable: plain integer loops.
-// A Q8_0 value is in [-127, 127], as quantize_weight_row (and llama.cpp) write them: the AVX2 sign trick
-// would negate a -128 wrongly.
+// A Q8_0 value is in [-127, 127], as quantize_weight_row (and llama.cpp) write them; a stored -128 (which
+// the AVX2 sign trick could not negate) reads as -127 on every path (q8_value).
 // The SIMD kernels read the weight packed at load (QuantKernels::pack_panel; the MoE experts, which stay
 // mapped, per product): panels of `nr` columns, per block of 32 k the integer bytes laid out for the
 // instruction, then the panel's f32 scales.
@@ -167,6 +167,12 @@ static inline void quantize_weight_row(const float* x, int K, QType type, uint8_
   }
 }
 
+// A stored Q8_0 byte as the kernels read it: its signed value, -128 read as -127.
+static inline int q8_value(uint8_t byte) {
+  const int v = static_cast<int8_t>(byte);
+  return v < -127 ? -127 : v;
+}
+
 // The bytes one column of a packed panel takes per block of 32 k: its integer bytes and its f32 scale.
 static inline constexpr int qpacked_column_bytes(QType t) { return qblock_bytes(t) + 4; }
 
@@ -188,8 +194,11 @@ static inline void pack_quant_blocks(const QMatB& B, int N, int n0, int nr, int 
       const uint8_t* block =
           n < N ? B.data + static_cast<int64_t>(n) * B.ld + static_cast<int64_t>(b) * qbytes : nullptr;
       for (int g = 0; g < qbytes / 4; ++g)
-        for (int kk = 0; kk < 4; ++kk)
-          o[(static_cast<size_t>(g) * nr + c) * 4 + kk] = block ? static_cast<uint8_t>(block[4 * g + kk] ^ flip) : 0;
+        for (int kk = 0; kk < 4; ++kk) {
+          uint8_t byte = block ? block[4 * g + kk] : 0;
+          if (B.type == QType::Q8_0) byte = static_cast<uint8_t>(q8_value(byte)) ^ flip;
+          o[(static_cast<size_t>(g) * nr + c) * 4 + kk] = block ? byte : 0;
+        }
       scales[c] = block ? f16_to_f32(B.scales[static_cast<int64_t>(n) * B.ld_scales + b]) : 0.0f;
     }
   }
@@ -199,7 +208,7 @@ static inline void pack_quant_blocks(const QMatB& B, int N, int n0, int nr, int 
 static inline float qweight_value(const QMatB& B, int n, int k) {
   const uint8_t* row = B.data + static_cast<int64_t>(n) * B.ld;
   const float d = f16_to_f32(B.scales[static_cast<int64_t>(n) * B.ld_scales + k / kQBlock]);
-  if (B.type == QType::Q8_0) return static_cast<float>(static_cast<int8_t>(row[k])) * d;
+  if (B.type == QType::Q8_0) return static_cast<float>(q8_value(row[k])) * d;
   const int b = k / kQBlock, j = k % kQBlock;
   const uint8_t byte = row[b * 16 + (j & 15)];
   const int u = j < 16 ? (byte & 15) : (byte >> 4);

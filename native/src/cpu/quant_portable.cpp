@@ -9,7 +9,7 @@ namespace {
 // Block b of a weight row as 32 signed ints.
 inline void unpack_block(const QMatB& B, const uint8_t* row, int b, int w[kQBlock]) {
   if (B.type == QType::Q8_0) {
-    for (int j = 0; j < kQBlock; ++j) w[j] = static_cast<int8_t>(row[32 * b + j]);
+    for (int j = 0; j < kQBlock; ++j) w[j] = q8_value(row[32 * b + j]);
   } else {
     for (int j = 0; j < 16; ++j) {
       const uint8_t byte = row[16 * b + j];

@@ -354,8 +354,8 @@ void test_quantize_weights() {
 
 // One ISA's activation quantization and gemm for one format: the activations within half a step, with
 // their sum, and identical to the portable ones; the product within the bound of quant.h against the
-// float64 product of the dequantized operands; sentinel columns untouched; every SIMD path, on the packed
-// weights and on the row-major ones, bit-identical to the portable kernel.
+// float64 product of the dequantized operands (a stored Q8_0 -128 among them); sentinel columns untouched;
+// every SIMD path, on the packed weights and on the row-major ones, bit-identical to the portable kernel.
 void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
   const cpu::QuantKernels& ref = *cpu::quant_portable_kernels();
   struct Shape {
@@ -383,6 +383,8 @@ void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
       for (int n = 0; n < s.N; ++n)
         cpu::quantize_weight_row(W.data() + static_cast<size_t>(n) * s.K, s.K, type, wq.data() + n * ldw,
                                  wd.data() + n * lds);
+      // A stored Q8_0 -128 (not written by quantize_weight_row) reads as -127 on every path.
+      if (type == cpu::QType::Q8_0 && variant == 1) wq[s.K / 2] = 0x80;
       const cpu::QMatB B{wq.data(), wd.data(), type, ldw, lds};
       cpu::QMatB Bp = B;
       std::vector<uint8_t> packed;
