@@ -416,7 +416,7 @@ void CpuBackend::quantize_weights(QType type) {
       w.scales = scales;
     }
     // The float original is not read again (unless it is also the embedding).
-    if (w.data != wte_.data) released_weight_bytes_ += release_pages(original, w.rows * in_row);
+    if (original != wte_.data) released_weight_bytes_ += release_pages(original, w.rows * in_row);
     w.quantized = true;
     w.qtype = type;
     w.type = WType::F32;
