@@ -22,7 +22,7 @@
 // and, for the block-quantized weights of quant.h,
 //   constexpr int kQuantMR, kQuantKC;     // rows per micro-tile and k per block (a multiple of 32) of the
 //                                         // quantized path
-//   constexpr bool kQ8Unsigned;           // the Q8_0 panels hold q + 128 (pack_quant_panel)
+//   constexpr bool kQ8Unsigned;           // the Q8_0 panels hold q + 128 (pack_quant_blocks)
 //   void quantize_rows_isa(int M, int K, const float* A, int64_t lda, QBlockA* out);  // quantize_activations
 //   template <QType T, int R, int NB> void quant_micro(int blocks, const QBlockA* A, int64_t lda,
 //       const uint8_t* P, float* C, int64_t ldc, const PanelMasks& masks, bool load_c);
