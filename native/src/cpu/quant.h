@@ -1,5 +1,6 @@
 // Block-quantized weights (Q8_0, Q4_0) and the integer GEMM that multiplies them with activations
-// quantized per row, in the layout of llama.cpp's formats of the same names (the bytes are our own).
+// quantized to int8 per row and block of 32, in the layout of llama.cpp's formats of the same names (the
+// bytes are our own).
 //
 // Formats, per row of a weight W[N][K] (K a multiple of 32), blocks b of 32 consecutive k:
 //   Q8_0: 32 int8 q[j] at row + 32 b; value = q[j] * d[b].
