@@ -87,6 +87,29 @@ describe("OpenAI routes on the embedded model", () => {
     expect(again.choices[0]!.text).toBe(batched.choices[0]!.text)
   })
 
+  it("answers n choices whose sequences finish at different steps (one stops early, another runs to the end)", async () => {
+    // A CI run once got 400 "sequence N is already finished": the scheduler stepped the early-stopped one.
+    let mixed = 0
+    for (let seed = 1; seed <= 12; seed++) {
+      const response = await server.post("/v1/chat/completions", {
+        messages: [{ role: "user", content: "" }],
+        n: 4,
+        seed,
+        max_tokens: 12,
+        block_length: 3,
+        diffusion_steps: 12,
+        temperature: 1
+      })
+      expect(response.status, `seed ${seed}`).toBe(200)
+      const body = Schema.decodeUnknownSync(ChatCompletionResponse)(await response.json())
+      expect(body.choices).toHaveLength(4)
+      const skipped = (body as unknown as { diffusion: { skipped_tokens: number } }).diffusion.skipped_tokens
+      if (skipped > 0 && body.choices.some((c) => c.finish_reason === "length")) mixed++
+    }
+    // The case was really exercised.
+    expect(mixed).toBeGreaterThan(0)
+  })
+
   it("answers a chat with the model's template, counting no end token", async () => {
     const response = await server.post("/v1/chat/completions", {
       messages: [{ role: "user", content: "Who art thou?" }],

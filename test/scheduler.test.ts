@@ -203,6 +203,35 @@ describe("Scheduler", () => {
       expect(steps.every((e) => e.step.stepsTotal === 3)).toBe(true)
     }).pipe(Effect.provide(layer))
   })
+
+  it.live("steps only the unfinished sequences of a request whose sequences finish at different steps", () => {
+    // Sequence i (seed i) commits its 6 positions in i + 1 steps: the first finishes after one step.
+    const { engine, layer } = setup(
+      {},
+      {
+        script: {
+          answer: (prompt, s) => Array.from({ length: s.genLength }, (_, q) => 10 * s.seed + q),
+          schedule: (genLength, s) => {
+            const steps = Math.min(s.seed + 1, genLength)
+            return Array.from({ length: steps }, (_, k) =>
+              Array.from(
+                { length: Math.floor(((k + 1) * genLength) / steps) - Math.floor((k * genLength) / steps) },
+                (_, j) => Math.floor((k * genLength) / steps) + j
+              )
+            )
+          }
+        }
+      }
+    )
+    return Effect.gen(function* () {
+      const scheduler = yield* Scheduler.Scheduler
+      const result = yield* scheduler.generate({ prompt: [1], settings: settings(6), n: 3 })
+      expect(result.choices.map((c) => c.tokens)).toEqual([0, 1, 2].map((i) => Array.from({ length: 6 }, (_, q) => 10 * i + q)))
+      expect(result.choices.map((c) => c.steps)).toEqual([1, 2, 3])
+      expect(engine.batches.map((b) => b.length)).toEqual([3, 2, 1])
+      expect(yield* engine.live).toBe(0)
+    }).pipe(Effect.provide(layer))
+  })
 })
 
 describe("Scheduler drain at shutdown", () => {

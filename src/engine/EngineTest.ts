@@ -9,7 +9,7 @@
  *
  * A suffix is recorded (and counts against the context) but does not change the answer. Every step is
  * one forward pass (two with cfg); with a KV cache the first step of each block counts as a refresh;
- * nothing is ever filled by an early stop.
+ * nothing is ever filled by an early stop. Stepping a finished sequence fails, as it does natively.
  */
 import { Effect, Layer } from "effect"
 import { Engine, type EngineShape, type SamplingSettings, type SequenceId, type StepResult } from "./Engine.js"
@@ -27,8 +27,12 @@ export interface FakeEngineOptions {
 export interface FakeScript {
   /** The whole answer (genLength tokens) a sequence produces. */
   readonly answer: (prompt: ReadonlyArray<number>, settings: SamplingSettings) => ReadonlyArray<number>
-  /** The answer positions committed by each step, in order; default one per step, left to right. */
-  readonly schedule?: (genLength: number) => ReadonlyArray<ReadonlyArray<number>>
+  /**
+   * The answer positions committed by each step, in order; default one per step, left to right. Schedules
+   * of different lengths per seed make the sequences of one request finish at different steps, as an early
+   * stop does.
+   */
+  readonly schedule?: (genLength: number, settings: SamplingSettings) => ReadonlyArray<ReadonlyArray<number>>
   /** The probability a token is committed with; default 0.5. */
   readonly probability?: (position: number, token: number) => number
   /** Tokens that make the finish reason "eos" when the answer holds one (EOS, end-of-turn). */
@@ -144,7 +148,7 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
         if (script !== undefined) {
           sequence.answer = script.answer(prompt, settings)
           sequence.schedule =
-            script.schedule?.(settings.genLength) ?? Array.from({ length: settings.genLength }, (_, position) => [position])
+            script.schedule?.(settings.genLength, settings) ?? Array.from({ length: settings.genLength }, (_, position) => [position])
         }
         sequences.set(id, sequence)
         created.push({ id, prompt, settings, suffix })
@@ -158,6 +162,10 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
         for (const id of ids) {
           const s = sequences.get(id)
           if (s === undefined) return yield* new InvalidRequestError({ message: `unknown sequence ${id}` })
+          // As natively: stepping a finished sequence is the caller's mistake.
+          if (s.done >= (s.schedule?.length ?? s.settings.genLength)) {
+            return yield* new InvalidRequestError({ message: `sequence ${id} is already finished` })
+          }
           if (options.failOnPromptToken !== undefined && s.prompt[0] === options.failOnPromptToken) {
             return yield* new EngineFailure({ message: "injected fault", code: "VDIFF_INTERNAL" })
           }

@@ -132,7 +132,8 @@ interface Job {
   /** Set when the consumer went away; the loop frees the job before the next step. */
   cancelled: boolean
   sequences: Array<SequenceId>
-  finished: number
+  /** Its sequences that have finished; they wait, unstepped, for the others (an early stop ends one sooner). */
+  readonly finished: Set<SequenceId>
   /** Clock.currentTimeNanos at submission, for the queue time. */
   readonly submittedAt: bigint
   /** Open from submission to admission. */
@@ -349,14 +350,17 @@ export const make = (options: SchedulerOptions) =>
           // A prefill or commit forward (block decoding) is no denoising step: it commits nothing by design.
           if (phaseOf(r) === "denoise") yield* Metric.update(Metrics.tokensPerStep, denoised)
           yield* observeForward(job, r)
-          if (r.finished) job.finished++
+          if (r.finished) job.finished.add(r.id)
         }
-        if (job.finished === job.n) {
+        if (job.finished.size === job.n) {
           state.requestsFinished++
           yield* releaseJob(job)
           yield* settle(job, Exit.void)
         }
       })
+
+    /** The job's sequences still to step: the engine refuses to step a finished one. */
+    const unfinished = (job: Job) => job.sequences.filter((id) => !job.finished.has(id))
 
     /**
      * One batched step. If the batch fails, each job is stepped alone once more so that a fault fails only
@@ -364,7 +368,7 @@ export const make = (options: SchedulerOptions) =>
      */
     const stepAll = Effect.gen(function* () {
       const jobs = [...running]
-      const ids = jobs.flatMap((job) => job.sequences)
+      const ids = jobs.flatMap(unfinished)
       const started = yield* Clock.currentTimeNanos
       const batch = yield* Effect.either(engine.step(ids))
       yield* Metric.update(Metrics.stepDuration, Metrics.secondsBetween(started, yield* Clock.currentTimeNanos))
@@ -378,7 +382,7 @@ export const make = (options: SchedulerOptions) =>
       }
       if (jobs.length === 1) return yield* failJob(jobs[0]!, batch.left)
       for (const job of jobs) {
-        const alone = yield* Effect.either(engine.step(job.sequences))
+        const alone = yield* Effect.either(engine.step(unfinished(job)))
         if (alone._tag === "Right") yield* route(job, alone.right)
         else yield* failJob(job, alone.left)
       }
@@ -449,7 +453,7 @@ export const make = (options: SchedulerOptions) =>
           mailbox: yield* Mailbox.make<StepEvent, GenerationError>(),
           cancelled: false,
           sequences: [],
-          finished: 0,
+          finished: new Set(),
           submittedAt: yield* Clock.currentTimeNanos,
           // A child of the submitter's span (the HTTP request's); the loop ends it at admission.
           queueSpan: yield* Effect.makeSpan("vdiff.queue_wait", {
