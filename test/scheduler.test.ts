@@ -210,7 +210,7 @@ describe("Scheduler", () => {
       {},
       {
         script: {
-          answer: (prompt, s) => Array.from({ length: s.genLength }, (_, q) => 10 * s.seed + q),
+          answer: (_prompt, s) => Array.from({ length: s.genLength }, (_, q) => 10 * s.seed + q),
           schedule: (genLength, s) => {
             const steps = Math.min(s.seed + 1, genLength)
             return Array.from({ length: steps }, (_, k) =>
