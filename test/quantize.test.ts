@@ -2,7 +2,7 @@
  * Quantized weights: `vdiff quantize` (src/model/quantize.ts) writes the checkpoint the engine maps, and
  * quantizing at load (the addon's `quantize` option) gives the same model bit for bit; on the embedded
  * model, Q8_0 keeps the own loss on held-out text within 1% of the stored weights and agrees on at least
- * 90% of greedy answer tokens over 32 prompts (bench/cpu/quant-quality.ts; the Q4_0 figures are printed).
+ * 80% of greedy answer tokens over 32 prompts (bench/cpu/quant-quality.ts; the Q4_0 figures are printed).
  */
 import { mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
@@ -11,7 +11,7 @@ import { afterAll, describe, expect, it } from "vitest"
 import { formatQuantQuality, measureQuantQuality } from "../bench/cpu/quant-quality.js"
 import { embeddedModelDir } from "../bench/quality.js"
 import { loadAddon, type NativeLoadOptions } from "../src/engine/native.js"
-import { dequantizeElement, quantizeModel, quantizeRow } from "../src/model/quantize.js"
+import { dequantizeElement, hadamardBlock, hadamardTransform, quantizeModel, quantizeRow } from "../src/model/quantize.js"
 import { f16ToF32, readSafetensorsHeader } from "../src/model/safetensors.js"
 
 const tmp = mkdtempSync(join(tmpdir(), "vdiff-quantize-"))
@@ -37,6 +37,27 @@ describe("quantizeRow", () => {
   })
 })
 
+describe("hadamardTransform", () => {
+  it("equals the Hadamard matrix per block and applied twice is r times x; hadamardBlock is the engine's", () => {
+    expect([96, 192, 256, 768, 4096, 12288].map(hadamardBlock)).toEqual([32, 64, 128, 128, 128, 128])
+    for (const r of [32, 64, 128]) {
+      const x = Float32Array.from({ length: 2 * r }, (_, i) => ((i * 37) % 101) - 50)
+      const y = Float32Array.from(x)
+      hadamardTransform(y, r)
+      const popcount = (v: number) => v.toString(2).replaceAll("0", "").length
+      for (let b = 0; b < 2 * r; b += r) {
+        for (let i = 0; i < r; i++) {
+          let want = 0
+          for (let j = 0; j < r; j++) want += (popcount(i & j) % 2 === 1 ? -1 : 1) * x[b + j]!
+          expect(y[b + i]).toBe(want)
+        }
+      }
+      hadamardTransform(y, r)
+      expect(Array.from(y)).toEqual(Array.from(x, (v) => v * r))
+    }
+  })
+})
+
 describe("vdiff quantize on the embedded model", () => {
   for (const format of ["q8_0", "q4_0"] as const) {
     it(`${format}: the checkpoint's layout, and the same logits as quantizing at load`, async () => {
@@ -45,6 +66,8 @@ describe("vdiff quantize on the embedded model", () => {
       expect(report.quantized).toBe(6 * 7 + 1) // every projection and the head
       const header = await readSafetensorsHeader(join(out, "model.safetensors"))
       expect(header.metadata["vdiff.quantization"]).toBe(format)
+      // Q8_0 rows are rotated (the logits below equal the engine's, which rotates the activations alike).
+      expect(header.metadata["vdiff.rotation"]).toBe(format === "q8_0" ? "hadamard" : undefined)
       const q = header.tensors.get("model.transformer.blocks.0.ff_out.weight")!
       expect(q.dtype).toBe(format === "q8_0" ? "I8" : "U8")
       expect(q.shape).toEqual([256, format === "q8_0" ? 768 : 384])
@@ -65,7 +88,7 @@ describe("vdiff quantize on the embedded model", () => {
     })
   }
 
-  it("Q8_0 keeps the held-out own loss within 1% and >= 75% of greedy tokens over 32 prompts", async () => {
+  it("Q8_0 keeps the held-out own loss within 1% and >= 80% of greedy tokens over 32 prompts", async () => {
     const options = { prompts: 32, genLength: 32, threads: 2, formats: ["none", "q8_0", "q4_0"] as const }
     const rows = await measureQuantQuality(options)
     console.log(formatQuantQuality(rows, options))
@@ -73,12 +96,13 @@ describe("vdiff quantize on the embedded model", () => {
     // Better than a uniform guess over the vocabulary (ln 2048 = 7.6); measured 4.78 (held-out text).
     expect(stored!.heldOutLoss).toBeLessThan(Math.log(2048))
     expect(Math.abs(q8!.lossRatio - 1)).toBeLessThanOrEqual(0.01)
-    // The integer GEMM multiplies int8 activations (llama.cpp's Q8_0 dot): 80.2% of the greedy tokens stay
-    // (2026-12-06), against 91.2% with the int16 activations it used before at a third of the speed. This
-    // small model's confidences are so close that any rounding moves its greedy path: the bf16 dot
-    // product's own rounding of the activations keeps 93.1% against exact f32 products
-    // (bench/cpu/RESULTS.md). Deterministic: every ISA computes the same bits. A broken kernel keeps ~0%.
-    expect(q8!.agreement).toBeGreaterThanOrEqual(0.75)
+    // The integer GEMM multiplies int8 activations (llama.cpp's Q8_0 dot), rotated with the Q8_0 weights
+    // (quant.h): 83.1% of the greedy tokens stay (2026-12-06; 80.2% unrotated), against 91.2% with the int16
+    // activations it used before at a third of the speed. This small model's confidences are so close that
+    // any rounding moves its greedy path: the bf16 dot product's own rounding of the activations keeps 93.1%
+    // against exact f32 products (bench/cpu/RESULTS.md). Deterministic: every ISA computes the same bits. A
+    // broken kernel keeps ~0%, a missing rotation of the activations far less than this.
+    expect(q8!.agreement).toBeGreaterThanOrEqual(0.8)
     // Q4_0 is reported, not held to the margin; it must still be a working model (not a broken kernel).
     expect(rows[2]!.heldOutLoss).toBeLessThan(stored!.heldOutLoss * 1.5)
   }, 900_000)

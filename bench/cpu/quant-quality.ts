@@ -10,7 +10,7 @@
  *
  *   npx tsx bench/cpu/quant-quality.ts [--prompts 32 --gen 64 --formats none,q8_0,q4_0 --threads 2]
  *
- * test/quantize.test.ts runs it and holds Q8_0 to 1% of loss and 90% agreement.
+ * test/quantize.test.ts runs it and holds Q8_0 to 1% of loss and 80% agreement.
  */
 import { readFileSync } from "node:fs"
 import { parseArgs } from "node:util"

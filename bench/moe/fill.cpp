@@ -4,9 +4,9 @@
 // shards, header, config.json, index, tokenizer) and hands this program the header bytes and, per tensor,
 // how its values are made (uniformKeys of src/model/makeModel.ts); this program computes exactly what
 // writeQuantizedSafetensors (src/model/quantize.ts) writes: the uniform values in double, rounded to f32,
-// then to the stored dtype, quantized by the engine's quantize_weight_row (the arithmetic quantize.ts
-// copies). write-model.ts checks it byte for byte against the TypeScript writer on llada2-tiny before
-// writing the big model.
+// then to the stored dtype, rotated and quantized by the engine's hadamard_transform and
+// quantize_weight_row (the arithmetic quantize.ts repeats). write-model.ts checks it byte for byte against the
+// TypeScript writer on llada2-tiny before writing the big model.
 //
 //   moe-fill PLAN.json      PLAN: {"path", "header" (a file holding the header bytes), "format", "threads",
 //                           "tensors": [{"dtype", "rows", "cols", "quantize", "kind": "ones"|"uniform",
@@ -154,9 +154,12 @@ int main(int argc, char** argv) {
         const int64_t n = std::min(band, t.rows - r0);
         parallel(threads, n, [&](int64_t b, int64_t e) {
           values(t, (r0 + b) * t.cols, (r0 + e) * t.cols, buf.data() + b * t.cols);
-          for (int64_t r = b; r < e; ++r)
+          const int rotation = vdiff::cpu::weight_rotation(qtype, static_cast<int>(t.cols));
+          for (int64_t r = b; r < e; ++r) {
+            vdiff::cpu::hadamard_transform(buf.data() + r * t.cols, static_cast<int>(t.cols), rotation);
             vdiff::cpu::quantize_weight_row(buf.data() + r * t.cols, static_cast<int>(t.cols), qtype,
                                             q.data() + r * out_row, scales.data() + (r0 + r) * blocks);
+          }
         });
         write_all(f, q.data(), n * out_row);
         written += n * out_row;

@@ -7,11 +7,16 @@
  *   - Q4_0: tensor `name`, dtype U8, shape [rows, cols / 2]: byte j of a block holds element j in its low
  *     nibble and element j + 16 in its high nibble, u in 0..15, value = (u - 8) * d;
  *   - the scales d: tensor `name + "_scale"`, dtype F16, shape [rows, cols / 32].
- * The metadata says `"vdiff.quantization": "q8_0" | "q4_0"` and `"vdiff.block_size": "32"`. The embedding
+ * Q8_0 rows are rotated before they are quantized: multiplied by the Walsh-Hadamard matrix per block of
+ * R columns (R = hadamardBlock(cols), the largest power of two up to 128 dividing cols). The engine rotates
+ * the activations alike before their int8 rounding, so the product is the same in exact arithmetic while an
+ * outlier is spread over R values before it is rounded (quant.h has the details, and why Q4_0 is not
+ * rotated). The metadata says `"vdiff.quantization": "q8_0" | "q4_0"`, `"vdiff.block_size": "32"` and, for
+ * Q8_0, `"vdiff.rotation": "hadamard"` (a checkpoint without that key is read as unrotated). The embedding
  * and the norms are copied as they are (the embedding is looked up by row, not multiplied), and so is a
  * matrix whose columns are not a multiple of 32.
  *
- * The arithmetic is the engine's quantize_weight_row (quant.h) in f32, step for step, so a checkpoint
+ * The arithmetic is the engine's hadamard_transform and quantize_weight_row (quant.h) in f32, step for step, so a checkpoint
  * quantized here and the same checkpoint quantized at load (`--quantize`) hold the same bytes:
  *   Q8_0: d = f16(max|x| / 127), q = clamp(rne(x / d), -127, 127)
  *   Q4_0: d = f16(m / -8) for m the first element of largest magnitude, u = clamp(rne(x / d) + 8, 0, 15)
@@ -98,6 +103,48 @@ export const quantizeRow = (x: Float32Array, format: QuantFormat, out: Uint8Arra
     }
   }
 }
+
+/** The Hadamard block width for `cols` in-features (a multiple of 32): the largest power of two <= 128 dividing it. */
+export const hadamardBlock = (cols: number): number => {
+  let r = 128
+  while (cols % r !== 0) r /= 2
+  return r
+}
+
+/**
+ * x <- its unnormalised Walsh-Hadamard transform per block of `r` columns, in place: the butterflies
+ * (a, b) -> (a + b, a - b) at distance 1, 2, .., r / 2, each rounded to f32 as the engine's
+ * hadamard_transform adds (the sum of two f32 values computed in double and rounded once is the f32 sum).
+ */
+export const hadamardTransform = (x: Float32Array, r: number): void => {
+  for (let b = 0; b < x.length; b += r) {
+    for (let h = 1; h < r; h *= 2) {
+      for (let i = b; i < b + r; i += 2 * h) {
+        for (let j = i; j < i + h; j++) {
+          const u = x[j]!
+          const v = x[j + h]!
+          x[j] = u + v
+          x[j + h] = u - v
+        }
+      }
+    }
+  }
+}
+
+/** Whether a format's rows are rotated before they are quantized (the engine's weight_rotation: Q8_0). */
+export const rotates = (format: QuantFormat): boolean => format === "q8_0"
+
+/** Rotates a row before quantizeRow as the format asks (in place). */
+const rotateRow = (x: Float32Array, format: QuantFormat): void => {
+  if (rotates(format)) hadamardTransform(x, hadamardBlock(x.length))
+}
+
+/** The metadata keys a quantized checkpoint carries. */
+const quantizedMetadata = (format: QuantFormat): Record<string, string> => ({
+  "vdiff.quantization": format,
+  "vdiff.block_size": String(QBLOCK),
+  ...(rotates(format) ? { "vdiff.rotation": "hadamard" } : {})
+})
 
 /** The value of element k of a row quantized by quantizeRow (for tests and tools). */
 export const dequantizeElement = (row: Uint8Array, scales: Uint16Array, format: QuantFormat, k: number): number => {
@@ -190,7 +237,7 @@ export const quantizeFile = async (
   const header = await readSafetensorsHeader(input)
   const outTensors: Array<OutTensor> = []
   for (const [name, entry] of header.tensors) outTensors.push(...outTensorsOf(name, entry, format, keep))
-  const metadata = { ...header.metadata, "vdiff.quantization": format, "vdiff.block_size": String(QBLOCK) }
+  const metadata = { ...header.metadata, ...quantizedMetadata(format) }
   const head = encodeRawHeader(outTensors, metadata)
   const src = await open(input, "r")
   const dst = await open(output, "w")
@@ -226,6 +273,7 @@ export const quantizeFile = async (
         const scales = new Uint16Array(n * (cols / QBLOCK))
         for (let r = 0; r < n; r++) {
           decodeInto(raw.subarray(r * inRow, (r + 1) * inRow), dtype, rowValues)
+          rotateRow(rowValues, format)
           quantizeRow(
             rowValues,
             format,
@@ -296,6 +344,7 @@ export const writeQuantizedSafetensors = async (
         }
         const blocks = new Uint8Array(n * outRow)
         for (let r = 0; r < n; r++) {
+          rotateRow(values.subarray(r * cols, (r + 1) * cols), format)
           quantizeRow(
             values.subarray(r * cols, (r + 1) * cols),
             format,
@@ -323,7 +372,7 @@ export const quantizedHeader = (
   for (const t of tensors) {
     outTensors.push(...outTensorsOf(t.name, { dtype: t.dtype, shape: t.shape, dataOffsets: [0, tensorBytes(t)] }, format, new Set()))
   }
-  return encodeRawHeader(outTensors, { ...metadata, "vdiff.quantization": format, "vdiff.block_size": String(QBLOCK) })
+  return encodeRawHeader(outTensors, { ...metadata, ...quantizedMetadata(format) })
 }
 
 /** The names and bytes a quantized file holds for `tensors` (quantized ones with their `_scale`). */

@@ -133,6 +133,8 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
     const Json& entry = values[t];
     if (name == "__metadata__") {
       if (!entry.is_object()) invalid(path, "\"__metadata__\" is not an object");
+      for (size_t m = 0; m < entry.keys().size(); ++m)
+        if (entry.items()[m].is_string()) file->metadata_[entry.keys()[m]] = entry.items()[m].as_string();
       continue;
     }
     const std::string where = "tensor \"" + name + "\"";
@@ -260,6 +262,16 @@ TensorSet TensorSet::load_dir(const std::string& dir) {
 const TensorView* TensorSet::find(const std::string& name) const {
   auto it = tensors_.find(name);
   return it == tensors_.end() ? nullptr : it->second;
+}
+
+std::string TensorSet::metadata_of(const TensorView& tensor, const std::string& key) const {
+  for (const std::shared_ptr<SafetensorsFile>& f : files_) {
+    const TensorView* own = f->find(tensor.name);
+    if (own != &tensor) continue;
+    const auto it = f->metadata().find(key);
+    return it == f->metadata().end() ? std::string() : it->second;
+  }
+  return std::string();
 }
 
 const TensorView& TensorSet::get(const std::string& name) const {

@@ -42,6 +42,8 @@ class SafetensorsFile {
   const std::map<std::string, TensorView>& tensors() const { return tensors_; }
   const TensorView* find(const std::string& name) const;
   uint64_t file_size() const { return size_; }
+  // The header's "__metadata__" (string values only; others are left out).
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
  private:
   SafetensorsFile() = default;
@@ -49,6 +51,7 @@ class SafetensorsFile {
   void* map_ = nullptr;
   uint64_t size_ = 0;
   std::map<std::string, TensorView> tensors_;
+  std::map<std::string, std::string> metadata_;
 };
 
 // The tensors of a model directory: <dir>/model.safetensors, or the shards named by the "weight_map" of
@@ -63,6 +66,8 @@ class TensorSet {
   const TensorView& get(const std::string& name) const;
   const std::map<std::string, const TensorView*>& all() const { return tensors_; }
   const std::vector<std::shared_ptr<SafetensorsFile>>& files() const { return files_; }
+  // The metadata value `key` of the file holding `tensor` ("" when absent).
+  std::string metadata_of(const TensorView& tensor, const std::string& key) const;
 
  private:
   std::vector<std::shared_ptr<SafetensorsFile>> files_;

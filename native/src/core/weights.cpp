@@ -231,6 +231,11 @@ ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& c, const 
     w.name = name;
     w.quant = q;
     w.scales = s->data;
+    const std::string rotation = tensors.metadata_of(t, "vdiff.rotation");
+    if (!rotation.empty() && rotation != "hadamard")
+      throw Error(ErrorCode::InvalidModel,
+                  t.file + ": unknown \"vdiff.rotation\" \"" + rotation + "\" (this version reads \"hadamard\")");
+    w.hadamard = rotation == "hadamard";
     if (counted.insert(t.data).second) {
       out.parameter_count += static_cast<uint64_t>(rows * cols);
       out.bytes += t.nbytes + s->nbytes;

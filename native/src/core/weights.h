@@ -29,7 +29,8 @@ const char* quant_name(Quant q);  // "none" | "q8_0" | "q4_0"
 //
 // A quantized checkpoint (vdiff quantize) stores a quantized matrix under its usual name — dtype I8 and
 // shape [rows, cols] for Q8_0, U8 and [rows, cols / 2] for Q4_0 — and its f16 scales [rows, cols / 32]
-// under the name + "_scale"; the safetensors metadata names the format ("vdiff.quantization").
+// under the name + "_scale"; the safetensors metadata names the format ("vdiff.quantization") and, when the
+// rows were rotated before quantizing, "vdiff.rotation": "hadamard".
 struct WeightRef {
   const void* data = nullptr;
   DType dtype = DType::F32;  // F32, BF16 or F16; I8 (Q8_0) or U8 (Q4_0) when quantized
@@ -38,6 +39,7 @@ struct WeightRef {
   std::string name;
   Quant quant = Quant::None;
   const void* scales = nullptr;  // quantized: f16 [rows][cols / 32]
+  bool hadamard = false;         // quantized: rows rotated by Hadamard blocks before quantizing (cpu/quant.h)
   uint64_t bytes() const {
     const uint64_t n = static_cast<uint64_t>(rows) * cols;
     switch (quant) {

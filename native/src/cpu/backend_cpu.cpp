@@ -61,6 +61,7 @@ struct Weight {
   bool quantized = false;
   QType qtype = QType::Q8_0;
   const uint16_t* scales = nullptr;
+  int rotation = 0;  // QMatB::rotation: rows rotated by Hadamard blocks of this width before quantizing
   MatB as_b() const { return MatB{data, type, cols, false, packed, bf16_dot}; }
   QMatB as_qb() const {
     return QMatB{static_cast<const uint8_t*>(data),
@@ -68,7 +69,8 @@ struct Weight {
                  qtype,
                  static_cast<int64_t>(cols) / kQBlock * qblock_bytes(qtype),
                  cols / kQBlock,
-                 packed};
+                 packed,
+                 rotation};
   }
 };
 
@@ -215,7 +217,9 @@ class CpuBackend final : public Backend {
   void linear_grouped(const float* A, int M, int K, const std::vector<GroupOut>& outs);
   // The activations A[0 .. M)[0 .. K) of one input prepared once for all its products: quantized per row
   // and block of 32 for quantized weights (qa_), staged for the bf16 products (bf16_a_).
-  void prepare_activations(const float* A, int M, int K, bool quantized, bool staged);
+  // `rotation`: -1 when no product is quantized, else the Hadamard width of the quantized ones (0: none).
+  void prepare_activations(const float* A, int M, int K, int rotation, bool staged);
+  static int common_rotation(int rotation, const Weight& w);
   // Whether w's products read the staged activations: a bf16 weight on a path that stages them.
   bool staged_bf16(const Weight& w) const {
     return kernels_->gemm_staged != nullptr && w.type == WType::BF16 && w.bf16_dot && !w.quantized;
@@ -255,8 +259,9 @@ class CpuBackend final : public Backend {
   uint64_t released_weight_bytes_ = 0;           // mapped weights whose packed copy replaced them (pages released)
   std::vector<std::vector<uint8_t>> quantized_;  // the copies quantized at load (Weight::data points into them)
   uint64_t quantized_bytes_ = 0;
-  Buffer qa_;      // activations quantized for the integer GEMM (QBlockA, K / 32 per row)
-  Buffer bf16_a_;  // activations staged for the bf16 products (Kernels::stage_bf16_a)
+  Buffer qa_;         // activations quantized for the integer GEMM (QBlockA, K / 32 per row)
+  Buffer rotated_a_;  // the activations rotated for rotated quantized weights (quant.h), before qa_
+  Buffer bf16_a_;     // activations staged for the bf16 products (Kernels::stage_bf16_a)
   size_t bf16_a_row_bytes_ = 0;
   WType cache_type_;
 
@@ -289,6 +294,7 @@ Weight weight_of(const WeightRef& w) {
     out.quantized = true;
     out.qtype = w.quant == Quant::Q8_0 ? QType::Q8_0 : QType::Q4_0;
     out.scales = static_cast<const uint16_t*>(w.scales);
+    out.rotation = w.hadamard ? hadamard_block(w.cols) : 0;
   }
   return out;
 }
@@ -377,10 +383,12 @@ void CpuBackend::quantize_weights(QType type) {
     const int64_t row_scales = w.cols / kQBlock;
     const size_t in_row = static_cast<size_t>(w.cols) * (w.type == WType::F32 ? 4 : 2);
     const void* original = w.data;
-    // Rows [r0, r0 + n) quantized into blocks (row_bytes each) and scales (row_scales each).
+    const int rotation = weight_rotation(type, w.cols);
+    // Rows [r0, r0 + n) rotated and quantized into blocks (row_bytes each) and scales (row_scales each).
     const auto quantize_rows = [&](int r0, int n, uint8_t* blocks, uint16_t* scales, std::vector<float>& row) {
       for (int r = 0; r < n; ++r) {
         kernels_->convert(static_cast<const char*>(w.data) + (r0 + r) * in_row, w.type, row.data(), w.cols);
+        hadamard_transform(row.data(), w.cols, rotation);
         quantize_weight_row(row.data(), w.cols, type, blocks + r * row_bytes, scales + r * row_scales);
       }
     };
@@ -396,7 +404,7 @@ void CpuBackend::quantize_weights(QType type) {
         for (size_t p = begin; p < end; ++p) {
           const int r0 = static_cast<int>(p) * nr, n = std::min(nr, w.rows - r0);
           quantize_rows(r0, n, blocks.data(), scales.data(), row);
-          const QMatB panel{blocks.data(), scales.data(), type, row_bytes, row_scales};
+          const QMatB panel{blocks.data(), scales.data(), type, row_bytes, row_scales, nullptr, rotation};
           quant_->pack_panel(panel, n, w.cols, 0, out + p * panel_bytes);
         }
       });
@@ -420,6 +428,7 @@ void CpuBackend::quantize_weights(QType type) {
     w.quantized = true;
     w.qtype = type;
     w.type = WType::F32;
+    w.rotation = rotation;
   }
 }
 
@@ -573,12 +582,13 @@ void CpuBackend::linear(const float* A, int M, int K, std::initializer_list<Line
   // in order, so the threads share one chunk at a time. The kernel's result per output does not depend on
   // M or on the columns it is given, so neither does the forward's.
   const int chunk = std::clamp((1 << 20) / (4 * std::max(K, 1)) / 6 * 6, 192, 1026);
-  bool any_quantized = false, any_staged = false;
+  int rotation = -1;
+  bool any_staged = false;
   for (const LinearOut& o : outs) {
-    any_quantized = any_quantized || o.w->quantized;
+    if (o.w->quantized) rotation = common_rotation(rotation, *o.w);
     any_staged = any_staged || staged_bf16(*o.w);
   }
-  prepare_activations(A, M, K, any_quantized, any_staged);
+  prepare_activations(A, M, K, rotation, any_staged);
   struct Item {
     const LinearOut* out;
     int m0, m1, n0, n1;
@@ -599,12 +609,36 @@ void CpuBackend::linear(const float* A, int M, int K, std::initializer_list<Line
   });
 }
 
-void CpuBackend::prepare_activations(const float* A, int M, int K, bool quantized, bool staged) {
-  if (quantized) {
+// The rotation `w` (quantized) shares with the other quantized products of one input (-1: none yet): the
+// activations are rotated once for all of them, so they must agree (a checkpoint mixing rotated and
+// unrotated matrices of one input is refused here rather than multiplied wrong).
+int CpuBackend::common_rotation(int rotation, const Weight& w) {
+  if (rotation >= 0 && rotation != w.rotation)
+    throw Error(ErrorCode::InvalidModel, "quantized matrices of one input disagree on their Hadamard rotation (" +
+                                             std::to_string(rotation) + " and " + std::to_string(w.rotation) +
+                                             "): quantize the checkpoint again with vdiff quantize");
+  return w.rotation;
+}
+
+void CpuBackend::prepare_activations(const float* A, int M, int K, int rotation, bool staged) {
+  if (rotation >= 0) {
     static_assert(sizeof(QBlockA) % sizeof(float) == 0, "qa_ holds whole blocks");
     QBlockA* out = reinterpret_cast<QBlockA*>(qa_.ensure(static_cast<size_t>(M) * (K / kQBlock) * sizeof(QBlockA) / 4));
+    // Rotated weights: the rows of A rotated alike (quant.h), into rotated_a_, quantized from there with
+    // the scales times 1 / R (exact).
+    float* rotated = rotation > 0 ? rotated_a_.ensure(static_cast<size_t>(M) * K) : nullptr;
     pool().parallel_for(M, [&](size_t begin, size_t end, int) {
-      quant_->quantize(static_cast<int>(end - begin), K, A + begin * K, K, out + begin * (K / kQBlock));
+      const float* rows = A + begin * K;
+      if (rotated) {
+        float* r = rotated + begin * K;
+        std::memcpy(r, rows, (end - begin) * K * sizeof(float));
+        for (size_t m = 0; m < end - begin; ++m) hadamard_transform(r + m * K, K, rotation);
+        rows = r;
+      }
+      QBlockA* q = out + begin * (K / kQBlock);
+      quant_->quantize(static_cast<int>(end - begin), K, rows, K, q);
+      if (rotated)
+        for (size_t b = 0; b < (end - begin) * (K / kQBlock); ++b) q[b].scale *= 1.0f / static_cast<float>(rotation);
     });
   }
   // The bf16 products take A rounded and laid out once for all outputs, rather than again by every work
@@ -638,12 +672,13 @@ void CpuBackend::product(const Weight& w, const float* A, int K, int m0, int m1,
 // chunk, run of column panels), as in linear(); each output row's values are those linear() would give it.
 void CpuBackend::linear_grouped(const float* A, int M, int K, const std::vector<GroupOut>& outs) {
   const int chunk = std::clamp((1 << 20) / (4 * std::max(K, 1)) / 6 * 6, 192, 1026);
-  bool any_quantized = false, any_staged = false;
+  int rotation = -1;
+  bool any_staged = false;
   for (const GroupOut& o : outs) {
-    any_quantized = any_quantized || o.w->quantized;
+    if (o.w->quantized) rotation = common_rotation(rotation, *o.w);
     any_staged = any_staged || staged_bf16(*o.w);
   }
-  prepare_activations(A, M, K, any_quantized, any_staged);
+  prepare_activations(A, M, K, rotation, any_staged);
   struct Item {
     const GroupOut* out;
     int m0, m1, n0, n1;

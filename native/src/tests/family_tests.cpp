@@ -425,11 +425,10 @@ struct RoutingStats {
 };
 
 // The forward of every family in float64, as plainly as possible: logits [L][vocab] of the canvas under
-// block-causal attention with blocks of B (0: bidirectional). `head` overrides the LM head's values (a
-// tied head quantized apart from the embedding).
+// block-causal attention with blocks of B (0: bidirectional). `head` overrides the LM head (a tied head
+// quantized apart from the embedding: its dequantized values, flagged int8_activations).
 std::vector<std::vector<double>> family_reference(const FamModel& m, const std::vector<int32_t>& tokens, int B,
-                                                  RoutingStats* stats = nullptr,
-                                                  const std::vector<double>* head = nullptr) {
+                                                  RoutingStats* stats = nullptr, const Values* head = nullptr) {
   const FamSpec& s = m.spec;
   const bool llada2 = s.type == "llada2_moe";
   const int L = static_cast<int>(tokens.size()), D = s.d_model, hd = s.head_dim;
@@ -582,15 +581,10 @@ std::vector<std::vector<double>> family_reference(const FamModel& m, const std::
   }
   // The head (a tied one: the embedding's matrix, bf16 in a bf16 model); an overriding `head` is a quantized
   // one, whose activations are int8.
-  const Values& head_v = m.tensors.at(s.tied ? embed : "lm_head.weight");
-  const std::vector<double>& head_w = head ? *head : head_v.exact;
-  const RefActivations head_mode = head                         ? RefActivations::Int8
-                                   : head_v.int8_activations    ? RefActivations::Int8
-                                   : head_v.type == WType::BF16 ? RefActivations::Bf16
-                                                                : RefActivations::Exact;
+  const Values& head_v = head ? *head : m.tensors.at(s.tied ? embed : "lm_head.weight");
   std::vector<std::vector<double>> logits(L);
   for (int t = 0; t < L; ++t)
-    logits[t] = reference_matvec(head_w, head_mode, rms(x[t].data(), D, W("model.norm.weight")), s.vocab);
+    logits[t] = reference_matvec(head_v, rms(x[t].data(), D, W("model.norm.weight")), s.vocab);
   return logits;
 }
 
@@ -608,45 +602,45 @@ std::pair<double, double> compare(const std::vector<float>& got, const std::vect
 
 // `m` with the matrices LoadOptions::quantize quantizes (projections, experts, shared experts, the head;
 // in-features a multiple of 32; not the embedding, norms, router or bias) replaced by their dequantized
-// values. `head` receives the quantized head's values when it is tied to the embedding.
-FamModel dequantized(const FamModel& m, cpu::QType type, std::vector<double>* head) {
+// values (in the basis of their Hadamard rotation, as quantizing at load rotates them). `head` receives the
+// quantized head when it is tied to the embedding.
+FamModel dequantized(const FamModel& m, cpu::QType type, Values* head) {
   FamModel out = m;
-  const auto dequant = [&](const std::vector<double>& exact, int rows, int cols) {
-    std::vector<float> f(exact.begin(), exact.end());
+  // Into v: the dequantized values of `exact` [rows, cols], flagged for the references.
+  const auto dequant = [&](const std::vector<double>& exact, int rows, int cols, Values& v) {
     std::vector<uint8_t> blocks(cols);
     std::vector<uint16_t> scales(cols / 32);
-    std::vector<double> d(f.size());
+    v.exact.assign(exact.size(), 0.0);
     for (int r = 0; r < rows; ++r) {
-      cpu::quantize_weight_row(f.data() + static_cast<size_t>(r) * cols, cols, type, blocks.data(), scales.data());
+      const auto row = exact.begin() + static_cast<size_t>(r) * cols;
+      v.rotation = quantize_row_rotated(std::vector<float>(row, row + cols), type, cpu::weight_rotation(type, cols) > 0,
+                                        blocks.data(), scales.data());
       const cpu::QMatB B{blocks.data(), scales.data(), type, cols, cols / 32};
-      for (int c = 0; c < cols; ++c) d[static_cast<size_t>(r) * cols + c] = cpu::qweight_value(B, 0, c);
+      for (int c = 0; c < cols; ++c) v.exact[static_cast<size_t>(r) * cols + c] = cpu::qweight_value(B, 0, c);
     }
-    return d;
+    // Quantized weights multiply int8 activations (no bf16 dot product): an f32 matrix of the dequantized
+    // values.
+    v.type = WType::F32;
+    v.int8_activations = true;
+    v.f32.assign(v.exact.begin(), v.exact.end());
+    v.half.clear();
   };
   for (auto& [name, v] : out.tensors) {
     const std::vector<int64_t>& shape = m.shapes.at(name);
     const bool matrix = shape.size() == 2 && shape[1] % 32 == 0;
     if (!matrix || name.find("embed") != std::string::npos || name.find("mlp.gate.weight") != std::string::npos)
       continue;
-    v.exact = dequant(v.exact, static_cast<int>(shape[0]), static_cast<int>(shape[1]));
-    // Quantized weights multiply int8 activations (no bf16 dot product): an f32 matrix of the dequantized
-    // values, flagged for the references.
-    v.type = WType::F32;
-    v.int8_activations = true;
-    v.f32.assign(v.exact.begin(), v.exact.end());
-    v.half.clear();
+    dequant(std::vector<double>(v.exact), static_cast<int>(shape[0]), static_cast<int>(shape[1]), v);
   }
-  if (m.spec.tied) {
-    const std::string embed = "model.embed_tokens.weight";
-    *head = dequant(m.tensors.at(embed).exact, m.spec.vocab, m.spec.d_model);
-  }
+  if (m.spec.tied) dequant(m.tensors.at("model.embed_tokens.weight").exact, m.spec.vocab, m.spec.d_model, *head);
   return out;
 }
 
 // Writes `m` quantized as vdiff quantize writes it: every float matrix with in-features a multiple of 32
-// but the embedding and the router as I8 (Q8_0) / U8 (Q4_0) blocks plus F16 "_scale"s — LLaDA2's fused
-// QKV as one quantized matrix, read back as row views.
+// but the embedding and the router rotated as at load (the metadata says so) and stored as I8 (Q8_0) / U8 (Q4_0)
+// blocks plus F16 "_scale"s — LLaDA2's fused QKV as one quantized matrix, read back as row views.
 void write_family_quantized(const fs::path& dir, const FamModel& m, cpu::QType type) {
+  const bool rotated = cpu::weight_rotation(type, 32) > 0;
   fs::create_directories(dir);
   write_file(dir / "config.json", family_config_json(m.spec));
   std::vector<TensorSpec> specs;
@@ -665,8 +659,8 @@ void write_family_quantized(const fs::path& dir, const FamModel& m, cpu::QType t
     std::vector<float> row(cols);
     for (int r = 0; r < rows; ++r) {
       for (int c = 0; c < cols; ++c) row[c] = static_cast<float>(v.exact[static_cast<size_t>(r) * cols + c]);
-      cpu::quantize_weight_row(row.data(), cols, type, reinterpret_cast<uint8_t*>(blocks.data()) + r * row_bytes,
-                               scales.data() + static_cast<size_t>(r) * cols / 32);
+      quantize_row_rotated(row, type, rotated, reinterpret_cast<uint8_t*>(blocks.data()) + r * row_bytes,
+                           scales.data() + static_cast<size_t>(r) * cols / 32);
     }
     specs.push_back({name, type == cpu::QType::Q8_0 ? "I8" : "U8", {rows, row_bytes}, blocks});
     specs.push_back({name + "_scale",
@@ -674,7 +668,7 @@ void write_family_quantized(const fs::path& dir, const FamModel& m, cpu::QType t
                      {rows, cols / 32},
                      std::string(reinterpret_cast<const char*>(scales.data()), scales.size() * 2)});
   }
-  write_file(dir / "model.safetensors", safetensors_bytes(specs));
+  write_file(dir / "model.safetensors", safetensors_bytes(specs, rotated ? ",\"vdiff.rotation\":\"hadamard\"" : ""));
 }
 
 struct FamilyCase {
@@ -796,7 +790,7 @@ void test_family_forward() {
         options.quantize = q == cpu::QType::Q8_0 ? Quant::Q8_0 : Quant::Q4_0;
         if (options.device != Device::Cpu) continue;
         auto qmodel = Backend::load(dir.string(), options);
-        std::vector<double> head;
+        Values head;
         const FamModel dq = dequantized(m, q, &head);
         const auto qref = family_reference(dq, canvas, B, nullptr, s.tied ? &head : nullptr);
         const std::vector<float> got = run_block(*qmodel, canvas, all_rows(L), B);

@@ -148,6 +148,9 @@ struct Values {
   // A quantized matrix's dequantized values: the engine multiplies them with its activations quantized to
   // int8 per block of 32 (cpu/quant.h), so the references do too (reference_matvec).
   bool int8_activations = false;
+  // ... and when the quantized rows were rotated (cpu/quant.h), `exact` holds the rotated basis's values
+  // and the activations are rotated alike before their rounding: this is the Hadamard width (0: none).
+  int rotation = 0;
   const void* data() const { return type == WType::F32 ? static_cast<const void*>(f32.data()) : half.data(); }
   size_t bytes() const { return type == WType::F32 ? f32.size() * 4 : half.size() * 2; }
   std::string raw() const { return std::string(static_cast<const char*>(data()), bytes()); }
@@ -189,23 +192,36 @@ enum class RefActivations {
 
 // x with each block of 32 replaced by what the engine's int8 activations represent: q * scale, with q and
 // the scale computed from the f32 values by cpu::quantize_activations (the reference's x is float64, so
-// near a rounding tie it can differ from the engine's by one step).
-inline std::vector<double> int8_activations(const std::vector<double>& x) {
+// near a rounding tie it can differ from the engine's by one step). With a `rotation` R, x as f32 is first
+// rotated (cpu::hadamard_transform) and each value is q * scale / R, in the rotated basis.
+inline std::vector<double> int8_activations(const std::vector<double>& x, int rotation = 0) {
   std::vector<double> out(x.size());
   std::vector<float> f(x.begin(), x.end());
+  if (rotation > 0) cpu::hadamard_transform(f.data(), static_cast<int>(f.size()), rotation);
   cpu::QBlockA block;
   for (size_t b = 0; b + 32 <= x.size(); b += 32) {
     cpu::quantize_activations(1, 32, f.data() + b, 32, &block);
-    for (int j = 0; j < 32; ++j) out[b + j] = static_cast<double>(block.q[j]) * block.scale;
+    for (int j = 0; j < 32; ++j)
+      out[b + j] = static_cast<double>(block.q[j]) * block.scale / (rotation > 0 ? rotation : 1);
   }
   return out;
+}
+
+// A row of a float matrix quantized, rotated first by Hadamard blocks of cpu::hadamard_block(K) when
+// `rotate` (quantizing at load rotates when cpu::weight_rotation says so). Returns the rotation (0: none).
+inline int quantize_row_rotated(std::vector<float> row, cpu::QType type, bool rotate, uint8_t* blocks,
+                                uint16_t* scales) {
+  const int K = static_cast<int>(row.size()), rotation = rotate ? cpu::hadamard_block(K) : 0;
+  cpu::hadamard_transform(row.data(), K, rotation);
+  cpu::quantize_weight_row(row.data(), K, type, blocks, scales);
+  return rotation;
 }
 
 // The float64 references' matrix product: rows [r0, r0 + rows) of a [*, x.size()] weight matrix with exact
 // values w times x, its activations as the engine multiplies them (RefActivations).
 inline std::vector<double> reference_matvec(const std::vector<double>& w, RefActivations mode,
-                                            const std::vector<double>& x, int rows, int r0 = 0) {
-  std::vector<double> in = mode == RefActivations::Int8 ? int8_activations(x) : x;
+                                            const std::vector<double>& x, int rows, int r0 = 0, int rotation = 0) {
+  std::vector<double> in = mode == RefActivations::Int8 ? int8_activations(x, rotation) : x;
   if (mode == RefActivations::Bf16)
     for (double& v : in) v = bf16_activation(v);
   std::vector<double> y(rows, 0.0);
@@ -218,7 +234,7 @@ inline std::vector<double> reference_matvec(const Values& w, const std::vector<d
   const RefActivations mode = w.int8_activations      ? RefActivations::Int8
                               : w.type == WType::BF16 ? RefActivations::Bf16
                                                       : RefActivations::Exact;
-  return reference_matvec(w.exact, mode, x, rows, r0);
+  return reference_matvec(w.exact, mode, x, rows, r0, w.rotation);
 }
 
 inline std::vector<float> random_floats(size_t count, std::mt19937& rng, float scale = 1.0f) {

@@ -350,6 +350,28 @@ void test_quantize_weights() {
     }
   }
   report(ok, "f32_to_f16 round-trips every finite f16 and ties to even");
+
+  // The Hadamard rotation: the block width for K, and the transform against the matrix's definition
+  // H[i][j] = (-1)^popcount(i & j) per block (exact on small integers), applied twice = R times x.
+  ok = cpu::hadamard_block(96) == 32 && cpu::hadamard_block(192) == 64 && cpu::hadamard_block(4096) == 128 &&
+       cpu::hadamard_block(12288) == 128 && cpu::hadamard_block(1408) == 128 && cpu::hadamard_block(160) == 32;
+  std::uniform_int_distribution<int> small(-50, 50);
+  for (int R : {32, 64, 128}) {
+    const int K = 3 * R;
+    std::vector<float> x(K);
+    for (float& v : x) v = static_cast<float>(small(rng));
+    std::vector<float> y = x;
+    cpu::hadamard_transform(y.data(), K, R);
+    for (int b = 0; b < K; b += R)
+      for (int i = 0; i < R; ++i) {
+        double want = 0;
+        for (int j = 0; j < R; ++j) want += (__builtin_popcount(i & j) % 2 ? -1.0 : 1.0) * x[b + j];
+        ok = ok && y[b + i] == want;
+      }
+    cpu::hadamard_transform(y.data(), K, R);
+    for (int k = 0; k < K; ++k) ok = ok && y[k] == static_cast<float>(R) * x[k];
+  }
+  report(ok, "hadamard_transform equals the Hadamard matrix per block, and applied twice is R times x");
 }
 
 // One ISA's activation quantization and gemm for one format: the activations within half a step, with

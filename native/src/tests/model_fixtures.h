@@ -30,8 +30,9 @@ inline std::string le64(uint64_t n) {
 }
 
 // A well-formed file: header padded with spaces to a multiple of 8, tensors laid out in order.
-inline std::string safetensors_bytes(const std::vector<TensorSpec>& tensors) {
-  std::string header = "{\"__metadata__\":{\"format\":\"pt\"}";
+// `metadata`: more members of "__metadata__", as JSON (",\"key\":\"value\"").
+inline std::string safetensors_bytes(const std::vector<TensorSpec>& tensors, const std::string& metadata = "") {
+  std::string header = "{\"__metadata__\":{\"format\":\"pt\"" + metadata + "}";
   std::string data;
   for (const auto& t : tensors) {
     header += ",\"" + t.name + "\":{\"dtype\":\"" + t.dtype + "\",\"shape\":" + shape_json(t.shape) +

@@ -9,8 +9,11 @@ namespace vdiff::test {
 namespace {
 
 // Writes `m` with every projection and head matrix quantized the way LoadOptions::quantize does it (the
-// embedding and norms as they are): the layout vdiff quantize writes.
-void write_quantized(const fs::path& dir, const TinyModel& m, cpu::QType type, const std::string& bad_scale = "") {
+// embedding and norms as they are): the layout vdiff quantize writes. `rotation`: the metadata's
+// "vdiff.rotation" ("hadamard": the rows rotated first, as vdiff quantize writes them; "": not rotated, as
+// the checkpoints before it were; anything else is written as it is, for the loader's error).
+void write_quantized(const fs::path& dir, const TinyModel& m, cpu::QType type, const std::string& bad_scale,
+                     const std::string& rotation) {
   fs::create_directories(dir);
   write_file(dir / "config.json", tiny_config_json(m.spec));
   std::vector<TensorSpec> specs;
@@ -29,8 +32,8 @@ void write_quantized(const fs::path& dir, const TinyModel& m, cpu::QType type, c
     std::vector<float> row(cols);
     for (int r = 0; r < rows; ++r) {
       for (int c = 0; c < cols; ++c) row[c] = static_cast<float>(v.exact[static_cast<size_t>(r) * cols + c]);
-      cpu::quantize_weight_row(row.data(), cols, type, reinterpret_cast<uint8_t*>(blocks.data()) + r * row_bytes,
-                               scales.data() + static_cast<size_t>(r) * cols / 32);
+      quantize_row_rotated(row, type, rotation == "hadamard", reinterpret_cast<uint8_t*>(blocks.data()) + r * row_bytes,
+                           scales.data() + static_cast<size_t>(r) * cols / 32);
     }
     specs.push_back({name, type == cpu::QType::Q8_0 ? "I8" : "U8", {rows, row_bytes}, blocks});
     std::vector<int64_t> scale_shape = {rows, cols / 32};
@@ -39,11 +42,18 @@ void write_quantized(const fs::path& dir, const TinyModel& m, cpu::QType type, c
                      std::string(reinterpret_cast<const char*>(scales.data()), scales.size() * 2)
                          .substr(0, name == bad_scale ? rows * (cols / 32 - 1) * 2 : std::string::npos)});
   }
-  write_file(dir / "model.safetensors", safetensors_bytes(specs));
+  write_file(dir / "model.safetensors",
+             safetensors_bytes(specs, rotation.empty() ? "" : ",\"vdiff.rotation\":\"" + rotation + "\""));
 }
 
-// `m` with every matrix write_quantized quantizes replaced by its dequantized values (f32).
-TinyModel dequantized(const TinyModel& m, cpu::QType type) {
+// ... with the rotation of quantizing at load (cpu::weight_rotation).
+void write_quantized(const fs::path& dir, const TinyModel& m, cpu::QType type, const std::string& bad_scale = "") {
+  write_quantized(dir, m, type, bad_scale, cpu::weight_rotation(type, 32) > 0 ? "hadamard" : "");
+}
+
+// `m` with every matrix write_quantized quantizes replaced by the float weights its quantized rows stand
+// for: the dequantized values, rotated back (H deq / R, quant.h) when they were rotated (`rotate`).
+TinyModel dequantized(const TinyModel& m, cpu::QType type, bool rotate) {
   TinyModel out = m;
   for (auto& [name, v] : out.tensors) {
     const std::vector<int64_t>& shape = m.shapes.at(name);
@@ -55,10 +65,15 @@ TinyModel dequantized(const TinyModel& m, cpu::QType type) {
       std::vector<uint8_t> blocks(cols);
       std::vector<uint16_t> scales(cols / 32);
       for (int r = 0; r < rows; ++r) {
-        cpu::quantize_weight_row(f.f32.data() + static_cast<size_t>(r) * cols, cols, type, blocks.data(),
-                                 scales.data());
+        float* row = f.f32.data() + static_cast<size_t>(r) * cols;
+        const int rotation =
+            quantize_row_rotated(std::vector<float>(row, row + cols), type, rotate, blocks.data(), scales.data());
         const cpu::QMatB B{blocks.data(), scales.data(), type, cols, cols / 32};
-        for (int c = 0; c < cols; ++c) f.f32[static_cast<size_t>(r) * cols + c] = cpu::qweight_value(B, 0, c);
+        for (int c = 0; c < cols; ++c) row[c] = cpu::qweight_value(B, 0, c);
+        if (rotation > 0) {
+          cpu::hadamard_transform(row, cols, rotation);
+          for (int c = 0; c < cols; ++c) row[c] /= static_cast<float>(rotation);
+        }
       }
     }
     f.exact.assign(f.f32.begin(), f.f32.end());
@@ -110,7 +125,7 @@ void test_quant_model() {
       // kernel (off by 100%); the family tests hold the kernels to a reference that rounds the activations
       // the same way, and test/quantize.test.ts a trained model's quality.
       const fs::path ddir = tmp.path / (std::string("dq-") + type_name(type) + cpu::qtype_name(q));
-      write_tiny(ddir, dequantized(tiny, q));
+      write_tiny(ddir, dequantized(tiny, q, cpu::weight_rotation(q, 32) > 0));
       auto deq = Backend::load(ddir.string(), test_options(2));
       const std::vector<float> deq_logits = run_forward(*deq, {a}, {all_rows(a.size())});
       const double act_err = rms_diff(got, deq_logits) / rms(deq_logits), w_err = rms_diff(deq_logits, ref) / rms(ref);
@@ -135,6 +150,23 @@ void test_quant_model() {
       const std::vector<float> alone_b = run_forward(*one, {b}, {{8, 1}});
       joined.insert(joined.end(), alone_b.begin(), alone_b.end());
       report(batched == joined, name + ": batch of 2 equals each alone, 1 vs 2 threads, bit for bit");
+
+      // A checkpoint quantized the other way (Q8_0 without the rotation, as before vdiff quantize rotated;
+      // Q4_0 with it) loads too, and is close to the float forward of its own dequantized weights.
+      const bool other = cpu::weight_rotation(q, 32) == 0;
+      const fs::path udir = tmp.path / (std::string("u-") + type_name(type) + cpu::qtype_name(q));
+      write_quantized(udir, tiny, q, "", other ? "hadamard" : "");
+      auto unrotated = Backend::load(udir.string(), test_options(2));
+      const std::vector<float> u_logits = run_forward(*unrotated, {a}, {all_rows(a.size())});
+      const fs::path uddir = tmp.path / (std::string("ud-") + type_name(type) + cpu::qtype_name(q));
+      write_tiny(uddir, dequantized(tiny, q, other));
+      auto udeq = Backend::load(uddir.string(), test_options(2));
+      const std::vector<float> ud_logits = run_forward(*udeq, {a}, {all_rows(a.size())});
+      const double u_err = rms_diff(u_logits, ud_logits) / rms(ud_logits);
+      report(u_err <= 0.05 && u_logits != file_logits,
+             name + (other ? " from a rotated" : " from an unrotated") +
+                 " quantized checkpoint: within 5% (rms) of its dequantized weights' forward",
+             fmt("rms error %.4f", u_err));
     }
   }
 
@@ -146,6 +178,10 @@ void test_quant_model() {
   write_quantized(bad, tiny, cpu::QType::Q8_0, q_name);
   expect_error("quantized checkpoint with a wrong scale shape", ErrorCode::InvalidModel, {q_name + "_scale", "[64, 2]"},
                [&] { Backend::load(bad.string(), test_options(1)); });
+  const fs::path odd = tmp.path / "odd-rotation";
+  write_quantized(odd, tiny, cpu::QType::Q8_0, "", "givens");
+  expect_error("quantized checkpoint with an unknown rotation", ErrorCode::InvalidModel,
+               {"vdiff.rotation", "givens", "hadamard"}, [&] { Backend::load(odd.string(), test_options(1)); });
   const fs::path good = tmp.path / "good";
   write_quantized(good, tiny, cpu::QType::Q4_0);
   expect_error("quantized checkpoint where only float weights are accepted", ErrorCode::InvalidModel,
