@@ -1,5 +1,5 @@
 import { describe, expect, it } from "@effect/vitest"
-import { Chunk, Effect, Either, Fiber, Layer, Stream } from "effect"
+import { Chunk, Context, Effect, Either, Exit, Fiber, Layer, Scope, Stream } from "effect"
 import type { SamplingSettings } from "../src/engine/Engine.js"
 import { layerFake, makeFake, type FakeEngineOptions } from "../src/engine/EngineTest.js"
 import * as Scheduler from "../src/scheduler/Scheduler.js"
@@ -235,6 +235,18 @@ describe("Scheduler", () => {
 })
 
 describe("Scheduler drain at shutdown", () => {
+  it.live("a request submitted after the scheduler's scope closed is told so at once (it once waited forever)", () =>
+    Effect.gen(function* () {
+      // Shutdown drains an idle scheduler at once and closes its scope; a request fiber preempted between
+      // submit's draining check and its offer to the queue reaches the queue only after that.
+      const scope = yield* Scope.make()
+      const scheduler = yield* Layer.buildWithScope(setup().layer, scope).pipe(Effect.map(Context.get(Scheduler.Scheduler)))
+      yield* Scope.close(scope, Exit.void)
+      const late = yield* Effect.either(scheduler.generate({ prompt: [1], settings: settings(3) })).pipe(Effect.timeout(5_000))
+      expect(Either.isLeft(late) && late.left._tag).toBe("Draining")
+    })
+  )
+
   it.live("keeps its deadline inside an uninterruptible finalizer", () => {
     const { engine, layer } = setup({ maxConcurrent: 1 }, { stepMs: 2 })
     return Effect.gen(function* () {

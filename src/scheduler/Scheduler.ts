@@ -165,6 +165,8 @@ export const make = (options: SchedulerOptions) =>
     const state = {
       draining: false,
       stopping: undefined as Draining | undefined,
+      /** Set when the scope closes: the loop is gone, so nothing offered to the queue after this runs. */
+      closed: false,
       stepsTotal: 0,
       sequenceStepsTotal: 0,
       tokensCommitted: 0,
@@ -406,6 +408,7 @@ export const make = (options: SchedulerOptions) =>
     // Whatever is still live or waiting when the scheduler's scope closes is released and told so.
     yield* Effect.addFinalizer(() =>
       Effect.gen(function* () {
+        state.closed = true
         const closing = new Draining({ message: "the scheduler has stopped" })
         for (const job of [...running]) yield* failJob(job, closing)
         if (head !== undefined) yield* settle(head, Exit.fail(closing))
@@ -465,6 +468,15 @@ export const make = (options: SchedulerOptions) =>
           kvRefreshes: new Map()
         }
         yield* Queue.offer(waiting, job)
+        // The draining check above and this offer are not one step: a fiber can be preempted between them
+        // while shutdown drains (an idle scheduler drains at once) and closes the scope. A job offered
+        // after that would wait forever (a CI run held a request until HAProxy's 300 s timeout, which the
+        // HTTP server's close waited on): it is told the scheduler has stopped. (One offered before the
+        // finalizer's takeAll is told there; telling it twice is harmless.)
+        if (state.closed) {
+          yield* settle(job, Exit.fail(new Draining({ message: "the scheduler has stopped" })))
+          return job
+        }
         yield* publishLoad
         return job
       })
