@@ -388,7 +388,7 @@ void CpuBackend::quantize_weights(QType type) {
     const auto quantize_rows = [&](int r0, int n, uint8_t* blocks, uint16_t* scales, std::vector<float>& row) {
       for (int r = 0; r < n; ++r) {
         kernels_->convert(static_cast<const char*>(w.data) + (r0 + r) * in_row, w.type, row.data(), w.cols);
-        hadamard_transform(row.data(), w.cols, rotation);
+        if (rotation > 0) quant_->rotate(row.data(), w.cols, rotation);
         quantize_weight_row(row.data(), w.cols, type, blocks + r * row_bytes, scales + r * row_scales);
       }
     };
@@ -632,7 +632,7 @@ void CpuBackend::prepare_activations(const float* A, int M, int K, int rotation,
       if (rotated) {
         float* r = rotated + begin * K;
         std::memcpy(r, rows, (end - begin) * K * sizeof(float));
-        for (size_t m = 0; m < end - begin; ++m) hadamard_transform(r + m * K, K, rotation);
+        for (size_t m = 0; m < end - begin; ++m) quant_->rotate(r + m * K, K, rotation);
         rows = r;
       }
       QBlockA* q = out + begin * (K / kQBlock);

@@ -129,6 +129,37 @@ inline float hmax8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// hadamard_transform (quant.h) on 8 lanes, for R of 32, 64 or 128 (R / 8 registers per block): the
+// butterflies at distance 1, 2 and 4 inside each register (its partner x[i ^ h] permuted in, then
+// fma(+-1, x[i], partner)), then those at 8 .. 64 between registers, in the scalar order, so the same bits.
+void hadamard_isa(float* x, int K, int R) {
+  if (R % 8 != 0 || R > 128) return hadamard_transform(x, K, R);
+  const int nv = R / 8;
+  __m256i partner[3];
+  __m256 sign[3];
+  for (int s = 0; s < 3; ++s) {
+    alignas(32) int32_t idx[8];
+    alignas(32) float sg[8];
+    for (int i = 0; i < 8; ++i) idx[i] = i ^ (1 << s), sg[i] = (i & (1 << s)) ? -1.0f : 1.0f;
+    partner[s] = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
+    sign[s] = _mm256_load_ps(sg);
+  }
+  for (int b = 0; b < K; b += R) {
+    __m256 v[16];
+    for (int i = 0; i < nv; ++i) v[i] = _mm256_loadu_ps(x + b + 8 * i);
+    for (int s = 0; s < 3; ++s)
+      for (int i = 0; i < nv; ++i) v[i] = _mm256_fmadd_ps(sign[s], v[i], _mm256_permutevar8x32_ps(v[i], partner[s]));
+    for (int d = 1; d < nv; d *= 2)
+      for (int i = 0; i < nv; i += 2 * d)
+        for (int j = i; j < i + d; ++j) {
+          const __m256 u = v[j], w = v[j + d];
+          v[j] = _mm256_add_ps(u, w);
+          v[j + d] = _mm256_sub_ps(u, w);
+        }
+    for (int i = 0; i < nv; ++i) _mm256_storeu_ps(x + b + 8 * i, v[i]);
+  }
+}
+
 // quantize_activations (quant.h) on 8 lanes: the same max, scale, inverse and rounding (the current mode,
 // round to nearest even), so the same bytes.
 void quantize_rows_isa(int M, int K, const float* A, int64_t lda, QBlockA* out) {
@@ -372,6 +403,7 @@ const QuantKernels* quant_avx2_kernels() {
   static const QuantKernels table = {"avx2",
                                      kNR,
                                      quantize_rows_isa,
+                                     hadamard_isa,
                                      quant_gemm,
                                      quant_gemm_scratch_floats,
                                      quant_pack_panel,

@@ -80,6 +80,9 @@ struct QuantKernels {
   int nr;           // panel width of the packed weights (0: the gemm reads QMatB's rows; nothing is packed)
   // quantize_activations (below), compiled for this ISA.
   void (*quantize)(int M, int K, const float* A, int64_t lda, QBlockA* out);
+  // hadamard_transform (below) on this ISA's registers: the same butterflies in the same order, so the
+  // same bits (an add and a subtract are an fma with +-1, rounded once).
+  void (*rotate)(float* x, int K, int R);
   // C[m][n] for 0 <= m < M, n0 <= n < n1 as described above (K % 32 == 0), row m of the activations at
   // A + m * (K / 32). The SIMD gemms read B.packed (n0 a multiple of nr) or, when it is nullptr, pack B's
   // rows per k block into the scratch: gemm_scratch_floats(K) floats, 64-byte aligned.

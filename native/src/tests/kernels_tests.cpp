@@ -380,6 +380,20 @@ void test_quantize_weights() {
 // every SIMD path, on the packed weights and on the row-major ones, bit-identical to the portable kernel.
 void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
   const cpu::QuantKernels& ref = *cpu::quant_portable_kernels();
+  if (type == cpu::QType::Q8_0) {
+    // The ISA's rotation: hadamard_transform's bits on random floats (roundings included), every width.
+    std::mt19937 r(99);
+    bool rot_same = true;
+    for (int R : {32, 64, 128})
+      for (int K : {R, 3 * R, 4096}) {
+        if (K % R != 0) continue;
+        std::vector<float> x = random_floats(K, r, 3.0f), y = x;
+        cpu::hadamard_transform(x.data(), K, R);
+        k.rotate(y.data(), K, R);
+        rot_same = rot_same && x == y;
+      }
+    report(rot_same, std::string("quantized (") + k.isa + "): rotate equals hadamard_transform bit for bit");
+  }
   struct Shape {
     int M, N, K;
   };
