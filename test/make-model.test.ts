@@ -758,7 +758,7 @@ describe("make-model --quantize", () => {
         expect(files).toEqual((await readdir(twoStep)).sort())
         expect(files.filter((f) => f.endsWith(".safetensors")).length > 1, tag).toBe(maxShardBytes !== undefined)
         for (const f of files) expect((await readFile(join(direct, f))).equals(await readFile(join(twoStep, f))), `${tag} ${f}`).toBe(true)
-        // Embeddings, routers, norms and the expert bias stay float; the projections are quantized.
+        // Embeddings, heads, routers, norms and the expert bias stay float; the projections are quantized.
         const tensors = new Map<string, { dtype: string; shape: ReadonlyArray<number> }>()
         for (const f of files.filter((f) => f.endsWith(".safetensors"))) {
           for (const [name, t] of (await readSafetensorsHeader(join(direct, f))).tensors) tensors.set(name, t)
@@ -769,7 +769,7 @@ describe("make-model --quantize", () => {
         expect(tensors.get("model.layers.1.mlp.gate.weight")!.dtype).toBe(dtype)
         expect(tensors.get("model.layers.1.mlp.experts.3.down_proj.weight")!.dtype).toBe(q)
         expect(tensors.get("model.layers.1.mlp.experts.3.down_proj.weight_scale")!.dtype).toBe("F16")
-        expect(tensors.get("lm_head.weight")!.dtype).toBe(q)
+        expect(tensors.get("lm_head.weight")!.dtype).toBe(dtype) // the head stays as stored
         if (preset === "llada2-tiny") {
           expect(tensors.get("model.layers.1.mlp.gate.expert_bias")!.dtype).toBe("F32")
           expect(tensors.get("model.layers.0.attention.query_key_value.weight")!.shape).toEqual([128, format === "q8_0" ? 64 : 32])

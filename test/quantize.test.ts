@@ -1,14 +1,14 @@
 /**
  * Quantized weights: `vdiff quantize` (src/model/quantize.ts) writes the checkpoint the engine maps, and
  * quantizing at load (the addon's `quantize` option) gives the same model bit for bit; on the embedded
- * model, Q8_0 keeps the own loss on held-out text within 1% of the stored weights and agrees on at least
- * 80% of greedy answer tokens over 32 prompts (bench/cpu/quant-quality.ts; the Q4_0 figures are printed).
+ * model widened to f32, Q8_0 keeps the own loss on held-out text within 1% of f32's and agrees on at least
+ * 90% of its greedy answer tokens over 32 prompts (bench/cpu/quant-quality.ts; the Q4_0 figures are printed).
  */
 import { mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { afterAll, describe, expect, it } from "vitest"
-import { formatQuantQuality, measureQuantQuality } from "../bench/cpu/quant-quality.js"
+import { formatQuantQuality, measureQuantQuality, widenToF32 } from "../bench/cpu/quant-quality.js"
 import { embeddedModelDir } from "../bench/quality.js"
 import { loadAddon, type NativeLoadOptions } from "../src/engine/native.js"
 import { dequantizeElement, hadamardBlock, hadamardTransform, quantizeModel, quantizeRow } from "../src/model/quantize.js"
@@ -63,7 +63,7 @@ describe("vdiff quantize on the embedded model", () => {
     it(`${format}: the checkpoint's layout, and the same logits as quantizing at load`, async () => {
       const out = join(tmp, format)
       const report = await quantizeModel({ model: embeddedModelDir, out, format })
-      expect(report.quantized).toBe(6 * 7 + 1) // every projection and the head
+      expect(report.quantized).toBe(6 * 7) // every projection; not the head
       const header = await readSafetensorsHeader(join(out, "model.safetensors"))
       expect(header.metadata["vdiff.quantization"]).toBe(format)
       // Q8_0 rows are rotated (the logits below equal the engine's, which rotates the activations alike).
@@ -73,6 +73,7 @@ describe("vdiff quantize on the embedded model", () => {
       expect(q.shape).toEqual([256, format === "q8_0" ? 768 : 384])
       expect(header.tensors.get("model.transformer.blocks.0.ff_out.weight_scale")).toMatchObject({ dtype: "F16", shape: [256, 24] })
       expect(header.tensors.get("model.transformer.wte.weight")!.dtype).toBe("BF16")
+      expect(header.tensors.get("model.transformer.ff_out.weight")!.dtype).toBe("BF16")
 
       const addon = loadAddon()
       const atLoad: NativeLoadOptions & { quantize: string } = { threads: 2, quantize: format }
@@ -88,21 +89,22 @@ describe("vdiff quantize on the embedded model", () => {
     })
   }
 
-  it("Q8_0 keeps the held-out own loss within 1% and >= 80% of greedy tokens over 32 prompts", async () => {
-    const options = { prompts: 32, genLength: 32, threads: 2, formats: ["none", "q8_0", "q4_0"] as const }
+  it("Q8_0 keeps the held-out own loss within 1% of f32's and >= 90% of its greedy tokens over 32 prompts", async () => {
+    // The embedded model widened to f32 (the same values), so that "none" is its exact f32 arithmetic.
+    const f32 = await widenToF32(embeddedModelDir, join(tmp, "f32"))
+    const options = { prompts: 32, genLength: 32, threads: 2, formats: ["none", "q8_0", "q4_0"] as const, modelDir: f32 }
     const rows = await measureQuantQuality(options)
     console.log(formatQuantQuality(rows, options))
     const [stored, q8] = rows
-    // Better than a uniform guess over the vocabulary (ln 2048 = 7.6); measured 4.78 (held-out text).
+    // Better than a uniform guess over the vocabulary (ln 2048 = 7.6); measured 3.92 (held-out text).
     expect(stored!.heldOutLoss).toBeLessThan(Math.log(2048))
     expect(Math.abs(q8!.lossRatio - 1)).toBeLessThanOrEqual(0.01)
     // The integer GEMM multiplies int8 activations (llama.cpp's Q8_0 dot), rotated with the Q8_0 weights
-    // (quant.h): 83.1% of the greedy tokens stay (2026-12-06; 80.2% unrotated), against 91.2% with the int16
-    // activations it used before at a third of the speed. This small model's confidences are so close that
-    // any rounding moves its greedy path: the bf16 dot product's own rounding of the activations keeps 93.1%
-    // against exact f32 products (bench/cpu/RESULTS.md). Deterministic: every ISA computes the same bits. A
-    // broken kernel keeps ~0%, a missing rotation of the activations far less than this.
-    expect(q8!.agreement).toBeGreaterThanOrEqual(0.8)
+    // (quant.h), and the head is not quantized: 94.5% of the f32 greedy tokens stay (2026-12-06; 88.0% with
+    // the head quantized, 84.8% unrotated as well). This small model's confidences are so close that any
+    // rounding moves its greedy path: the bf16 dot product's own rounding of the activations keeps 93.1%
+    // (bench/cpu/RESULTS.md). Deterministic: every ISA computes the same bits. A broken kernel keeps ~0%.
+    expect(q8!.agreement).toBeGreaterThanOrEqual(0.9)
     // Q4_0 is reported, not held to the margin; it must still be a working model (not a broken kernel).
     expect(rows[2]!.heldOutLoss).toBeLessThan(stored!.heldOutLoss * 1.5)
   }, 900_000)

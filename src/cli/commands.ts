@@ -83,7 +83,7 @@ export const quantize = commandLine(
     model: optionalText("Model directory to quantize (required)", "DIR"),
     out: optionalText("Directory to write the quantized model to (required)", "DIR"),
     format: setting(OneOfText(["q8_0", "q4_0"]), {
-      description: "Block format of the projection and head matrices: int8 or 4-bit, 32 per f16 scale",
+      description: "Block format of the projection matrices (the head stays as stored): int8 or 4-bit, 32 per f16 scale",
       default: "q8_0",
       value: "q8_0|q4_0"
     })

@@ -94,7 +94,7 @@ export const Settings = Schema.Struct({
   }),
   quantize: setting(OneOfText(["none", "q8_0", "q4_0"]), {
     description:
-      "Quantize the weight matrices at load (CPU): q8_0 (int8 blocks of 32) or q4_0 (4-bit); none computes from the weights as stored; a checkpoint from `vdiff quantize` is served as it is",
+      "Quantize the projection matrices at load (CPU; the head stays as stored): q8_0 (int8 blocks of 32) or q4_0 (4-bit); none computes from the weights as stored; a checkpoint from `vdiff quantize` is served as it is",
     default: "none",
     value: "none|q8_0|q4_0"
   }),

@@ -297,7 +297,7 @@ export interface NativeLoadOptions {
   /** CUDA: the share of the GPU's memory for weights, KV caches and activations, in (0, 1]; absent: 0.9. */
   readonly gpuMemoryUtilization?: number | undefined
   /**
-   * CPU: quantize the projection and head matrices at load into blocks of 32 (int8 with a scale, or 4-bit)
+   * CPU: quantize the projection matrices at load (not the head) into blocks of 32 (int8 with a scale, or 4-bit)
    * for the integer GEMM; absent or "none": compute from the weights as stored.
    */
   readonly quantize?: "none" | "q8_0" | "q4_0" | undefined

@@ -1,5 +1,5 @@
 /**
- * `vdiff quantize`: a checkpoint's projection and head matrices block-quantized to Q8_0 or Q4_0, written
+ * `vdiff quantize`: a checkpoint's projection matrices block-quantized to Q8_0 or Q4_0, written
  * as a safetensors checkpoint the CPU engine maps and multiplies in place (native/src/cpu/quant.h).
  *
  * Format, per quantized matrix W [rows, cols] (cols a multiple of 32), in blocks of 32 along a row:
@@ -13,8 +13,9 @@
  * outlier is spread over R values before it is rounded (quant.h has the details, and why Q4_0 is not
  * rotated). The metadata says `"vdiff.quantization": "q8_0" | "q4_0"`, `"vdiff.block_size": "32"` and, for
  * Q8_0, `"vdiff.rotation": "hadamard"` (a checkpoint without that key is read as unrotated). The embedding
- * and the norms are copied as they are (the embedding is looked up by row, not multiplied), and so is a
- * matrix whose columns are not a multiple of 32.
+ * and the norms are copied as they are (the embedding is looked up by row, not multiplied), and so are the
+ * LM head (its int8 input costs the most greedy tokens: isHead) and a matrix whose columns are not a
+ * multiple of 32.
  *
  * The arithmetic is the engine's hadamard_transform and quantize_weight_row (quant.h) in f32, step for step, so a checkpoint
  * quantized here and the same checkpoint quantized at load (`--quantize`) hold the same bytes:
@@ -156,7 +157,14 @@ export const dequantizeElement = (row: Uint8Array, scales: Uint16Array, format: 
   return ((j < 16 ? byte & 15 : byte >> 4) - 8) * d
 }
 
-/** Whether a tensor is quantized: a float matrix other than the embedding, with columns in whole blocks. */
+/**
+ * The LM head (`lm_head.weight`; LLaDA's `model.transformer.ff_out.weight`, not a block's ff_out) stays in
+ * its dtype, as the engine's --quantize leaves it: its int8 input cost the most greedy tokens of any
+ * (native/src/cpu/quant.h has the figures).
+ */
+const isHead = (name: string): boolean => name === "lm_head.weight" || name === "model.transformer.ff_out.weight"
+
+/** Whether a tensor is quantized: a float matrix other than the embedding and the head, with columns in whole blocks. */
 /** The router of an MoE layer (LLaDA2's and Qwen3-MoE's `mlp.gate.weight`) stays float too: its product is f32. */
 export const isQuantizable = (name: string, entry: Pick<TensorEntry, "dtype" | "shape">): boolean =>
   entry.shape.length === 2 &&
@@ -165,7 +173,8 @@ export const isQuantizable = (name: string, entry: Pick<TensorEntry, "dtype" | "
   !name.endsWith("wte.weight") &&
   !name.endsWith("embed_tokens.weight") &&
   !name.endsWith("word_embeddings.weight") &&
-  !name.endsWith(".mlp.gate.weight")
+  !name.endsWith(".mlp.gate.weight") &&
+  !isHead(name)
 
 interface OutTensor {
   readonly name: string

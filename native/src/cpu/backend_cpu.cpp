@@ -364,20 +364,20 @@ uint64_t release_pages(const void* data, uint64_t bytes) {
   return end - begin;
 }
 
-// Quantizes every projection and the head (cpu::quantize_weight_row, each row converted to f32 first).
+// Quantizes every projection (cpu::quantize_weight_row, each row converted to f32 and rotated first), not
+// the head: it stays in its stored dtype (cpu/quant.h says why; a checkpoint may still store it quantized).
 // On an ISA whose quantized gemm reads packed panels (QuantKernels::nr), each panel's rows are quantized
 // into a small buffer and packed from it, so the matrix exists only in that layout; otherwise (and for
 // the MoE experts, which the gemm packs per product: see pack_quantized) into a row-major copy. Either way
 // the float original's pages are released (unless it is also the embedding). Matrices stored quantized
 // stay as they are.
 void CpuBackend::quantize_weights(QType type) {
-  std::vector<Weight*> weights = matrices(/*experts=*/true);
-  weights.push_back(&head_);
+  const std::vector<Weight*> weights = matrices(/*experts=*/true);
   const std::vector<Weight*> dense = matrices(/*experts=*/false);
   quantized_.reserve(weights.size());
   for (Weight* wp : weights) {
     Weight& w = *wp;
-    const bool expert = wp != &head_ && std::find(dense.begin(), dense.end(), wp) == dense.end();
+    const bool expert = std::find(dense.begin(), dense.end(), wp) == dense.end();
     if (w.quantized || w.cols % kQBlock != 0) continue;
     const int64_t row_bytes = static_cast<int64_t>(w.cols) / kQBlock * qblock_bytes(type);
     const int64_t row_scales = w.cols / kQBlock;

@@ -425,10 +425,9 @@ struct RoutingStats {
 };
 
 // The forward of every family in float64, as plainly as possible: logits [L][vocab] of the canvas under
-// block-causal attention with blocks of B (0: bidirectional). `head` overrides the LM head (a tied head
-// quantized apart from the embedding: its dequantized values, flagged int8_activations).
+// block-causal attention with blocks of B (0: bidirectional).
 std::vector<std::vector<double>> family_reference(const FamModel& m, const std::vector<int32_t>& tokens, int B,
-                                                  RoutingStats* stats = nullptr, const Values* head = nullptr) {
+                                                  RoutingStats* stats = nullptr) {
   const FamSpec& s = m.spec;
   const bool llada2 = s.type == "llada2_moe";
   const int L = static_cast<int>(tokens.size()), D = s.d_model, hd = s.head_dim;
@@ -581,7 +580,7 @@ std::vector<std::vector<double>> family_reference(const FamModel& m, const std::
   }
   // The head (a tied one: the embedding's matrix, bf16 in a bf16 model); an overriding `head` is a quantized
   // one, whose activations are int8.
-  const Values& head_v = head ? *head : m.tensors.at(s.tied ? embed : "lm_head.weight");
+  const Values& head_v = m.tensors.at(s.tied ? embed : "lm_head.weight");
   std::vector<std::vector<double>> logits(L);
   for (int t = 0; t < L; ++t)
     logits[t] = reference_matvec(head_v, rms(x[t].data(), D, W("model.norm.weight")), s.vocab);
@@ -600,11 +599,16 @@ std::pair<double, double> compare(const std::vector<float>& got, const std::vect
   return {worst, scale};
 }
 
-// `m` with the matrices LoadOptions::quantize quantizes (projections, experts, shared experts, the head;
-// in-features a multiple of 32; not the embedding, norms, router or bias) replaced by their dequantized
-// values (in the basis of their Hadamard rotation, as quantizing at load rotates them). `head` receives the
-// quantized head when it is tied to the embedding.
-FamModel dequantized(const FamModel& m, cpu::QType type, Values* head) {
+// Whether LoadOptions::quantize (and vdiff quantize) quantizes a family tensor: the projections, experts
+// and shared experts (in-features a multiple of 32); not the embedding, head, norms, router or bias.
+bool quantized_at_load(const std::string& name, const std::vector<int64_t>& shape) {
+  return shape.size() == 2 && shape[1] % 32 == 0 && name.find("embed") == std::string::npos &&
+         name.find("mlp.gate.weight") == std::string::npos && name != "lm_head.weight";
+}
+
+// `m` with the matrices quantized at load replaced by their dequantized values (in the basis of their
+// Hadamard rotation, as quantizing at load rotates them).
+FamModel dequantized(const FamModel& m, cpu::QType type) {
   FamModel out = m;
   // Into v: the dequantized values of `exact` [rows, cols], flagged for the references.
   const auto dequant = [&](const std::vector<double>& exact, int rows, int cols, Values& v) {
@@ -627,18 +631,15 @@ FamModel dequantized(const FamModel& m, cpu::QType type, Values* head) {
   };
   for (auto& [name, v] : out.tensors) {
     const std::vector<int64_t>& shape = m.shapes.at(name);
-    const bool matrix = shape.size() == 2 && shape[1] % 32 == 0;
-    if (!matrix || name.find("embed") != std::string::npos || name.find("mlp.gate.weight") != std::string::npos)
-      continue;
+    if (!quantized_at_load(name, shape)) continue;
     dequant(std::vector<double>(v.exact), static_cast<int>(shape[0]), static_cast<int>(shape[1]), v);
   }
-  if (m.spec.tied) dequant(m.tensors.at("model.embed_tokens.weight").exact, m.spec.vocab, m.spec.d_model, *head);
   return out;
 }
 
-// Writes `m` quantized as vdiff quantize writes it: every float matrix with in-features a multiple of 32
-// but the embedding and the router rotated as at load (the metadata says so) and stored as I8 (Q8_0) / U8 (Q4_0)
-// blocks plus F16 "_scale"s — LLaDA2's fused QKV as one quantized matrix, read back as row views.
+// Writes `m` quantized as vdiff quantize writes it: the matrices quantized at load, rotated as there (the
+// metadata says so) and stored as I8 (Q8_0) / U8 (Q4_0) blocks plus F16 "_scale"s — LLaDA2's fused QKV as
+// one quantized matrix, read back as row views.
 void write_family_quantized(const fs::path& dir, const FamModel& m, cpu::QType type) {
   const bool rotated = cpu::weight_rotation(type, 32) > 0;
   fs::create_directories(dir);
@@ -646,9 +647,7 @@ void write_family_quantized(const fs::path& dir, const FamModel& m, cpu::QType t
   std::vector<TensorSpec> specs;
   for (const auto& [name, v] : m.tensors) {
     const std::vector<int64_t>& shape = m.shapes.at(name);
-    const bool matrix = shape.size() == 2 && shape[1] % 32 == 0 && name.find("embed") == std::string::npos &&
-                        name.find("mlp.gate.weight") == std::string::npos;
-    if (!matrix) {
+    if (!quantized_at_load(name, shape)) {
       specs.push_back({name, v.type == WType::F32 ? "F32" : "BF16", shape, v.raw()});
       continue;
     }
@@ -790,31 +789,23 @@ void test_family_forward() {
         options.quantize = q == cpu::QType::Q8_0 ? Quant::Q8_0 : Quant::Q4_0;
         if (options.device != Device::Cpu) continue;
         auto qmodel = Backend::load(dir.string(), options);
-        Values head;
-        const FamModel dq = dequantized(m, q, &head);
-        const auto qref = family_reference(dq, canvas, B, nullptr, s.tied ? &head : nullptr);
+        const FamModel dq = dequantized(m, q);
+        const auto qref = family_reference(dq, canvas, B);
         const std::vector<float> got = run_block(*qmodel, canvas, all_rows(L), B);
         const auto [qw, qs] = compare(got, qref, all_rows(L), V);
         const double off = max_abs_diff(got, full);
         report(qmodel->weight_dtype() == cpu::qtype_name(q) && qw <= 2e-3 * qs && off > 10 * qw,
                tag + ": " + cpu::qtype_name(q) + " at load equals the dequantized reference",
                fmt("max |diff| %.2e (%.2e from the float model), max |logit| %.2f", qw, off, qs));
-        // The same quantization stored in the checkpoint: the same logits, bit for bit. (A tied head is the
-        // embedding, which a checkpoint keeps float: there, against the reference with a float head.)
+        // The same quantization stored in the checkpoint: the same logits, bit for bit.
         const fs::path qdir = tmp.path / (fc.name + "-stored-" + cpu::qtype_name(q));
         write_family_quantized(qdir, m, q);
         auto stored = Backend::load(qdir.string(), test_options(2));
         const std::vector<float> from_file = run_block(*stored, canvas, all_rows(L), B);
         const std::string what = tag + ": a " + cpu::qtype_name(q) + " checkpoint (vdiff quantize's layout" +
                                  (s.type == "llada2_moe" ? ", fused QKV quantized as one" : "") + ")";
-        if (s.tied) {
-          const auto [fw, fs_] = compare(from_file, family_reference(dq, canvas, B), all_rows(L), V);
-          report(fw <= 2e-3 * fs_ && stored->weight_dtype() == cpu::qtype_name(q),
-                 what + " equals the dequantized reference with its float (tied) head", fmt("max |diff| %.2e", fw));
-        } else {
-          report(from_file == got && stored->weight_dtype() == cpu::qtype_name(q),
-                 what + " gives the logits of quantizing at load, bit for bit");
-        }
+        report(from_file == got && stored->weight_dtype() == cpu::qtype_name(q),
+               what + " gives the logits of quantizing at load, bit for bit");
       }
     }
   }

@@ -8,6 +8,13 @@ namespace vdiff::test {
 
 namespace {
 
+// Whether LoadOptions::quantize quantizes a tensor of the tiny model: a matrix with in-features a multiple
+// of 32, not the embedding and not the head (model.transformer.ff_out, as opposed to a block's ff_out).
+bool quantized_at_load(const std::string& name, const std::vector<int64_t>& shape) {
+  return shape.size() == 2 && shape[1] % 32 == 0 && name.find("wte") == std::string::npos &&
+         name != "model.transformer.ff_out.weight";
+}
+
 // Writes `m` with every projection and head matrix quantized the way LoadOptions::quantize does it (the
 // embedding and norms as they are): the layout vdiff quantize writes. `rotation`: the metadata's
 // "vdiff.rotation" ("hadamard": the rows rotated first, as vdiff quantize writes them; "": not rotated, as
@@ -20,7 +27,7 @@ void write_quantized(const fs::path& dir, const TinyModel& m, cpu::QType type, c
   for (const auto& [name, v] : m.tensors) {
     const std::vector<int64_t>& shape = m.shapes.at(name);
     const char* dtype = v.type == WType::F32 ? "F32" : v.type == WType::BF16 ? "BF16" : "F16";
-    const bool matrix = shape.size() == 2 && name.find("wte") == std::string::npos && shape[1] % 32 == 0;
+    const bool matrix = quantized_at_load(name, shape);
     if (!matrix) {
       specs.push_back({name, dtype, shape, v.raw()});
       continue;
@@ -60,7 +67,7 @@ TinyModel dequantized(const TinyModel& m, cpu::QType type, bool rotate) {
     Values f;
     f.type = WType::F32;
     for (double x : v.exact) f.f32.push_back(static_cast<float>(x));
-    if (shape.size() == 2 && name.find("wte") == std::string::npos && shape[1] % 32 == 0) {
+    if (quantized_at_load(name, shape)) {
       const int rows = static_cast<int>(shape[0]), cols = static_cast<int>(shape[1]);
       std::vector<uint8_t> blocks(cols);
       std::vector<uint16_t> scales(cols / 32);
