@@ -14,7 +14,8 @@
 //
 // Built by bench/cpu/run.sh against libvdiff_core.a:
 //   cpubench [--threads 2] [--model DIR] [--tokens 160] [--formats none,q8_0,q4_0] [--pack-max-mb N]
-//            [--logit-rows 32] [--forward-trials 5]
+//            [--logit-rows 32] [--forward-trials 5] [--gemms none|MxNxK[,MxNxK...]]
+//   --gemms none skips the GEMMs; a list of shapes runs only those (e.g. 160x4096x4096 for an A/B).
 //   --logit-rows 160 gives every row's logits, as PyTorch's forward does; --pack-max-mb 0 keeps the
 //   weights as stored, packed per product, as for a model too big to pack at load.
 #include <immintrin.h>
@@ -314,7 +315,7 @@ int main(int argc, char** argv) {
   int forward_trials = 5;      // timed forwards per format (after one warm-up)
   int logit_rows_wanted = 32;  // rows of the forward that go through the head (all: PyTorch's forward)
   long long pack_max_mb = -1;  // LoadOptions::pack_weights_max_bytes in MiB (-1: the default)
-  bool run_gemms = true;       // --gemms none: only the peaks and the forward
+  std::string gemm_shapes;     // --gemms: "none", or MxNxK[,MxNxK...] in place of the default shapes
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--threads") threads = std::atoi(argv[i + 1]);
@@ -324,7 +325,7 @@ int main(int argc, char** argv) {
     else if (a == "--pack-max-mb") pack_max_mb = std::atoll(argv[i + 1]);
     else if (a == "--logit-rows") logit_rows_wanted = std::atoi(argv[i + 1]);
     else if (a == "--forward-trials") forward_trials = std::atoi(argv[i + 1]);
-    else if (a == "--gemms") run_gemms = std::string(argv[i + 1]) != "none";
+    else if (a == "--gemms") gemm_shapes = argv[i + 1];
   }
   const Kernels& k = active_kernels();
   const QuantKernels& qk = quant_kernels_for(k);
@@ -342,7 +343,22 @@ int main(int argc, char** argv) {
   };
   std::vector<Shape> shapes = {Shape{160, 2048, 768}, Shape{160, 768, 2048}, Shape{8, 2048, 768},
                                Shape{160, 4096, 4096}};
-  if (!run_gemms) shapes.clear();
+  if (!gemm_shapes.empty()) {
+    shapes.clear();
+    for (size_t at = 0; gemm_shapes != "none" && at < gemm_shapes.size();) {
+      size_t end = gemm_shapes.find(',', at);
+      if (end == std::string::npos) end = gemm_shapes.size();
+      Shape s{};
+      if (std::sscanf(gemm_shapes.substr(at, end - at).c_str(), "%dx%dx%d", &s.M, &s.N, &s.K) != 3 || s.M <= 0 ||
+          s.N <= 0 || s.K <= 0 || s.K % kQBlock != 0) {
+        std::fprintf(stderr, "--gemms: '%s' is not MxNxK with K a multiple of %d\n",
+                     gemm_shapes.substr(at, end - at).c_str(), kQBlock);
+        return 2;
+      }
+      shapes.push_back(s);
+      at = end + 1;
+    }
+  }
   for (Shape s : shapes) {
     std::vector<float> A(static_cast<size_t>(s.M) * s.K), W(static_cast<size_t>(s.N) * s.K),
         C(static_cast<size_t>(s.M) * s.N);
