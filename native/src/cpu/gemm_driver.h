@@ -20,8 +20,8 @@
 //       // one FMA per k in ascending k.
 //
 // and, for the block-quantized weights of quant.h,
-//   constexpr int kQuantMR, kQuantKC;     // rows per micro-tile and k per block (a multiple of 32) of the
-//                                         // quantized path
+//   constexpr int kQuantMR;               // rows per micro-tile of the quantized path
+//   int quant_k_block(QType);             // its k per block (a multiple of 32), asked once per format
 //   constexpr bool kQ8Unsigned;           // the Q8_0 panels hold q + 128 (pack_quant_blocks)
 //   void quantize_rows_isa(int M, int K, const float* A, int64_t lda, QBlockA* out);  // quantize_activations
 //   template <QType T, int R, int NB> void quant_micro(int blocks, const QBlockA* A, int64_t lda,
@@ -37,7 +37,7 @@
 //     static constexpr int kMR;  // rows per micro-tile
 //     using AT = ...;  // an element of A as the micro-kernel reads it
 //     using PT = ...;  // an element of the packed panel P
-//     static constexpr int kKC;     // k per block (even, so that k pairs never straddle two blocks)
+//     static int k_block();         // k per block (even, so that k pairs never straddle two blocks)
 //     static constexpr int kKStep;  // k per element of A and per row of P: 1, or 2 for bf16 pairs
 //     static constexpr int kKPad;   // K is padded with zeros to a multiple of this (1, or 2 for bf16)
 //     static constexpr bool kStagesA;  // A is converted per block into the scratch (else read in place)
@@ -134,6 +134,13 @@ L2Prefetch source_of(const MatB& B, int n0, int nv, int k0, int kc) {
   return {first, static_cast<int64_t>(B.ld * element), nv, lines_of(first, kc * element)};
 }
 
+// Requests into L1 the outputs of the row tile after this one (rows [m, min(m + count, rows))), which the
+// micro-kernel loads first: they were last written a whole pass over the panels ago, so they come from L3.
+inline void prefetch_c_rows(const float* C, int64_t ldc, int m, int rows, int count, int nb) {
+  for (int r = m; r < rows && r < m + count; ++r)
+    for (int v = 0; v < nb * kLanes; v += 16) _mm_prefetch(reinterpret_cast<const char*>(C + r * ldc + v), _MM_HINT_T0);
+}
+
 // C[rows of the block][panel] over one k block: the full tiles, then the tails; before each tile, a slice
 // of the next panel's data is requested into L2.
 template <class Path>
@@ -142,12 +149,15 @@ void panel_block(const RowTiles& tiles, int nb, const PanelMasks& masks, int ste
   const MicroKernel<Path> full = select_micro<Path>(Path::kMR, nb);
   const int parts = tiles.m_full / Path::kMR + (tiles.tail_rows[0] > 0) + (tiles.tail_rows[1] > 0);
   int part = 0;
+  const int rows = tiles.m_full + tiles.tail_rows[0] + tiles.tail_rows[1];
   for (int m = 0; m < tiles.m_full; m += Path::kMR) {
     next.issue(part++, parts);
+    if (load_c) prefetch_c_rows(C, ldc, m + Path::kMR, rows, Path::kMR, nb);
     full(steps, A + m * lda, lda, Pk, C + m * ldc, ldc, masks, load_c);
   }
   for (int t = 0, m = tiles.m_full; t < 2 && tiles.tail_rows[t] > 0; m += tiles.tail_rows[t++]) {
     next.issue(part++, parts);
+    if (load_c) prefetch_c_rows(C, ldc, m + tiles.tail_rows[t], rows, Path::kMR, nb);
     select_micro<Path>(tiles.tail_rows[t], nb)(steps, A + m * lda, lda, Pk, C + m * ldc, ldc, masks, load_c);
   }
 }
@@ -162,13 +172,13 @@ constexpr int k_steps(int k) {
   return padded_k<Path>(k) / Path::kKStep;
 }
 
-// Rows of A per row block: the block's kMR-row slices of one k block (mc x kKC floats) take at most half
+// Rows of A per row block: the block's kMR-row slices of one k block (mc x k_block() floats) take at most half
 // of the L2 cache the CPU reports, so they stay there while every panel of the call passes over them.
 template <class Path>
 int row_block_rows() {
   static const int rows = [] {
     const size_t budget = cache_sizes().l2_bytes / 2;
-    const int r = static_cast<int>(budget / (sizeof(float) * Path::kKC)) / Path::kMR * Path::kMR;
+    const int r = static_cast<int>(budget / (sizeof(float) * Path::k_block())) / Path::kMR * Path::kMR;
     return r < Path::kMR ? Path::kMR : r;
   }();
   return rows;
@@ -179,11 +189,11 @@ int row_block_rows() {
 constexpr size_t aligned_floats(size_t bytes) { return (bytes + 63) / 64 * 16; }
 template <class Path>
 size_t panel_block_floats(int K) {
-  return aligned_floats(sizeof(typename Path::PT) * k_steps<Path>(min_int(K, Path::kKC)) * kNR);
+  return aligned_floats(sizeof(typename Path::PT) * k_steps<Path>(min_int(K, Path::k_block())) * kNR);
 }
 template <class Path>
 size_t path_scratch_floats(int K) {
-  const int kc = K > 0 ? min_int(K, Path::kKC) : 1;
+  const int kc = K > 0 ? min_int(K, Path::k_block()) : 1;
   size_t floats = panel_block_floats<Path>(kc);
   // A row block merged with a thin last one has up to kMR - 1 rows more than row_block_rows().
   if (Path::kStagesA)
@@ -196,11 +206,33 @@ size_t path_panel_bytes(int K) {
   return sizeof(typename Path::PT) * static_cast<size_t>(k_steps<Path>(K > 0 ? K : 1)) * kNR;
 }
 
+// Columns per chunk of gemm_path: C's rows over the chunk take at most half of L2, so that a k block finds
+// the outputs the one before it left there (the micro-kernel loads each tile of C once per k block; over
+// 12,288 columns they came from L3 and the Q8_0 GEMM ran at 50% of the peak instead of 60%). At least 8
+// panels, since A's block is read again for each chunk.
+inline int column_chunk(int M) {
+  const size_t fit = cache_sizes().l2_bytes / 2 / (sizeof(float) * static_cast<size_t>(M > 0 ? M : 1));
+  const int panels = static_cast<int>(fit / kNR);
+  return kNR * (panels < 8 ? 8 : panels);
+}
+
+template <class Path>
+void gemm_columns(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
+                  bool accumulate, float* scratch, const typename Path::AT* staged, int64_t staged_ld);
+
 // A staged whole (stage_rows): row m at staged + m * staged_ld elements; nullptr: A is staged here per
-// block (or read in place).
+// block (or read in place). The columns go in chunks (column_chunk), each through all of K.
 template <class Path>
 void gemm_path(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
                bool accumulate, float* scratch, const typename Path::AT* staged = nullptr, int64_t staged_ld = 0) {
+  const int chunk = column_chunk(M);
+  for (int c0 = n0; c0 < n1; c0 += chunk)
+    gemm_columns<Path>(M, c0, min_int(n1, c0 + chunk), K, A, lda, B, C, ldc, accumulate, scratch, staged, staged_ld);
+}
+
+template <class Path>
+void gemm_columns(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
+                  bool accumulate, float* scratch, const typename Path::AT* staged, int64_t staged_ld) {
   using AT = typename Path::AT;
   using PT = typename Path::PT;
   // K blocks outermost, then blocks of rows sized to L2, then the panels. The block of A a panel reads
@@ -212,8 +244,9 @@ void gemm_path(int M, int n0, int n1, int K, const float* A, int64_t lda, const 
   PT* const pack_buffer = reinterpret_cast<PT*>(scratch);
   AT* const stage_buffer = reinterpret_cast<AT*>(scratch + panel_block_floats<Path>(K));
   const size_t panel_bytes = path_panel_bytes<Path>(K);
-  for (int k0 = 0; k0 < K; k0 += Path::kKC) {
-    const int kc = min_int(Path::kKC, K - k0);
+  const int k_block = Path::k_block();
+  for (int k0 = 0; k0 < K; k0 += k_block) {
+    const int kc = min_int(k_block, K - k0);
     const int steps = k_steps<Path>(kc);
     const bool load_c = accumulate || k0 > 0;
     for (int m0 = 0; m0 < M; m0 += mc) {
@@ -242,8 +275,8 @@ void gemm_path(int M, int n0, int n1, int K, const float* A, int64_t lda, const 
         // rows, that would otherwise arrive a few lines at a time, on demand: bench/cpu, the pack took 40%
         // of an llada-8b forward before).
         const bool last_panel = np + kNR >= n1;
-        const int next_n0 = last_panel ? n0 : np + kNR, next_k0 = last_panel ? k0 + Path::kKC : k0;
-        const int next_nv = min_int(kNR, n1 - next_n0), next_kc = min_int(Path::kKC, K - next_k0);
+        const int next_n0 = last_panel ? n0 : np + kNR, next_k0 = last_panel ? k0 + k_block : k0;
+        const int next_nv = min_int(kNR, n1 - next_n0), next_kc = min_int(k_block, K - next_k0);
         L2Prefetch next;
         const bool has_next = next_kc > 0 && (!last_panel || m0 + block >= M);
         if (B.packed != nullptr) {
@@ -314,6 +347,7 @@ struct F32Path {
   static constexpr int kKC = ::vdiff::cpu::kKC;
   static constexpr int kKStep = 1, kKPad = 1;
   static constexpr bool kStagesA = false;
+  static int k_block() { return kKC; }
   static void stage(const float*, int64_t, int, int, float*) {}
   static void pack(const MatB& B, int n0, int nv, int k0, int kc, float* P) { pack_widened(B, n0, nv, k0, kc, P); }
   static L2Prefetch source(const MatB& B, int n0, int nv, int k0, int kc) { return source_of(B, n0, nv, k0, kc); }
@@ -447,10 +481,12 @@ struct QuantPath {
     uint8_t bytes[qpacked_column_bytes(T)];
   };
   static constexpr int kMR = kQuantMR;
-  static constexpr int kKC = kQuantKC;
   static constexpr int kKStep = kQBlock, kKPad = kQBlock;
   static constexpr bool kStagesA = true;
-  static_assert(kKC % kQBlock == 0, "a k block is whole quantization blocks");
+  static int k_block() {
+    static const int kc = quant_k_block(T);  // a multiple of kQBlock: a k block is whole quantization blocks
+    return kc;
+  }
   static_assert(sizeof(PT) * kNR % 64 == 0, "each block of a panel starts on a cache line");
 
   static const QMatB& weight(const MatB& B) { return *static_cast<const QMatB*>(B.data); }

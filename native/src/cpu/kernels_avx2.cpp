@@ -16,10 +16,12 @@ constexpr int kLanes = 8;
 constexpr int kPrefetchK = 16;  // the micro-kernel prefetches the packed row of B this many k ahead
 constexpr bool kSplitThinTail = false;
 constexpr int kQuantMR = 6;          // rows per micro-tile of the quantized path (run 3 at a time)
-constexpr int kQuantKC = 1024;       // 32 blocks: 18 KiB of Q8_0 P
 constexpr bool kQ8Unsigned = false;  // signed Q8_0 bytes: the sign trick of quant_rows below
 
 inline int min_int(int a, int b) { return a < b ? a : b; }
+
+// k per block of the quantized path: 1024 (32 blocks: 18 KiB of Q8_0 P, 10 KiB of Q4_0).
+int quant_k_block(QType) { return 1024; }
 
 // Lane mask (all-ones lanes) for the first n of 8 lanes.
 inline __m256i tail_mask(int n) {

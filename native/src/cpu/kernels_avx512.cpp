@@ -29,11 +29,19 @@ constexpr bool kSplitThinTail = true;  // see the row tiles in gemm_driver.h
 constexpr int kPrefetchK = 16;         // the micro-kernel prefetches P this many k ahead (into the next block too)
 constexpr int kDotKC = 256;            // k per block of the bf16 dot path (128 pairs: 32 KiB of P)
 constexpr int kQuantMR = 3;            // rows per micro-tile of the quantized path: 12 int32 accumulators
-constexpr int kQuantKC = 256;          // k per block of the quantized path (8 blocks: 18 KiB of Q8_0 P;
-                                       // 512 measured the same)
 constexpr bool kQ8Unsigned = true;     // vpdpbusd multiplies unsigned weight bytes (quant.h)
 
 inline int min_int(int a, int b) { return a < b ? a : b; }
+
+// k per block of the quantized path: the most whole 256-k steps whose packed panel block takes at most
+// 85% of the L1 data cache the CPU reports, so that it stays there while the row tiles pass over it with
+// their rows of A (Zen 5, 48 KiB: Q8_0 512 k, 36 KiB; Q4_0 1024 k, 40 KiB; both measured faster than the
+// half-size block, and Q8_0's 1024 k, 72 KiB, slower).
+int quant_k_block(QType type) {
+  const size_t step_bytes = static_cast<size_t>(256 / kQBlock) * kNR * qpacked_column_bytes(type);
+  const size_t steps = cache_sizes().l1d_bytes * 85 / 100 / step_bytes;
+  return 256 * static_cast<int>(steps < 1 ? 1 : steps > 8 ? 8 : steps);
+}
 
 inline __mmask16 tail_mask(int n) {
   if (n >= 16) return 0xffff;
@@ -317,6 +325,7 @@ struct Bf16DotPath {
   static constexpr int kKC = kDotKC;
   static constexpr int kKStep = 2, kKPad = 2;
   static constexpr bool kStagesA = true;
+  static int k_block() { return kKC; }
 
   // out[r][s] = bf16(A[r][2s]) | bf16(A[r][2s + 1]) << 16 (an odd kc's last pair padded with zero).
   static void stage(const float* A, int64_t lda, int rows, int kc, uint32_t* out) {

@@ -17,11 +17,13 @@ void test_gemm(const Kernels& k, WType type, bool k_major) {
   struct Shape {
     int M, N, K;
   };
-  // The last two have more rows than a row block of the prepacked path (sized from the L2 cache, at most
-  // about 2,000 rows for a 2 MiB L2), so they cover several row blocks, a thin last block merged with the
-  // one before it, and several k blocks.
-  const Shape shapes[] = {{1, 1, 1},     {1, 7, 5},    {5, 17, 33},  {6, 64, 128}, {7, 65, 129},   {13, 130, 300},
-                          {12, 200, 16}, {3, 64, 257}, {19, 48, 64}, {4, 9, 0},    {301, 40, 300}, {2105, 20, 290}};
+  // {301, 40, 300} and {2105, 20, 290} have more rows than a row block of the prepacked path (sized from the
+  // L2 cache, at most about 2,000 rows for a 2 MiB L2), so they cover several row blocks, a thin last block
+  // merged with the one before it, and several k blocks; the last has more columns than a chunk of
+  // gemm_path (512 columns at that many rows for an L2 of up to 4 MiB), so it covers several chunks.
+  const Shape shapes[] = {{1, 1, 1},      {1, 7, 5},       {5, 17, 33},   {6, 64, 128}, {7, 65, 129},
+                          {13, 130, 300}, {12, 200, 16},   {3, 64, 257},  {19, 48, 64}, {4, 9, 0},
+                          {301, 40, 300}, {2105, 20, 290}, {1100, 530, 8}};
   std::mt19937 rng(1234 + static_cast<int>(type) * 7 + k_major);
   double worst = 0, worst_unrounded = 0;  // error / bound
   bool sentinels_ok = true, exact_ok = true, bound_ok = true, packed_ok = true;
@@ -397,8 +399,10 @@ void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
   struct Shape {
     int M, N, K;
   };
-  const Shape shapes[] = {{1, 1, 32},    {1, 7, 64},   {5, 17, 96},   {4, 2, 256},   {7, 33, 320},
-                          {13, 40, 512}, {3, 5, 4096}, {8, 70, 1056}, {19, 130, 288}};
+  // The last has more columns than a chunk of gemm_path (512 columns at that many rows for an L2 of up to
+  // 4 MiB).
+  const Shape shapes[] = {{1, 1, 32},    {1, 7, 64},   {5, 17, 96},   {4, 2, 256},    {7, 33, 320},
+                          {13, 40, 512}, {3, 5, 4096}, {8, 70, 1056}, {19, 130, 288}, {1100, 530, 32}};
   std::mt19937 rng(4321 + static_cast<int>(type));
   bool act_ok = true, act_same = true, bound_ok = true, sentinels_ok = true, same = true, same_rows = true;
   double worst = 0;
