@@ -391,13 +391,32 @@ int main(int argc, char** argv) {
       for (int th = 0; th < threads; ++th) scratch.emplace_back(k.gemm_scratch_floats(s.K));
       const int per = (panels + threads - 1) / threads;
       const std::string family = wt == WType::BF16 ? bf16_family(k) : f32_family(k);
+      // bf16 weights as the backend multiplies them: A rounded and laid out once (rows split over the
+      // threads), then each thread's columns from that copy.
+      const bool staged = wt == WType::BF16 && k.gemm_staged != nullptr;
+      const size_t staged_row = staged ? k.bf16_a_row_bytes(s.K) : 0;
+      Aligned staged_a((s.M * staged_row + 3) / 4 + 1);
+      const int per_rows = (s.M + threads - 1) / threads;
+      std::barrier sync(threads);
       const Interleaved r = interleaved(family, threads, 30, [&] {
         return timed_parallel(threads, 1,
                               [&](int th) {
                                 const int n0 = std::min(s.N, th * per * k.gemm_nr),
                                           n1 = std::min(s.N, (th + 1) * per * k.gemm_nr);
-                                for (int rep = 0; rep < 2; ++rep)
-                                  k.gemm(s.M, n0, n1, s.K, A.data(), s.K, b, C.data(), s.N, false, scratch[th].data());
+                                for (int rep = 0; rep < 2; ++rep) {
+                                  if (!staged) {
+                                    k.gemm(s.M, n0, n1, s.K, A.data(), s.K, b, C.data(), s.N, false,
+                                           scratch[th].data());
+                                    continue;
+                                  }
+                                  const int m0 = std::min(s.M, th * per_rows), m1 = std::min(s.M, (th + 1) * per_rows);
+                                  char* out = reinterpret_cast<char*>(staged_a.data());
+                                  k.stage_bf16_a(m1 - m0, s.K, A.data() + static_cast<size_t>(m0) * s.K, s.K,
+                                                 out + m0 * staged_row);
+                                  sync.arrive_and_wait();
+                                  k.gemm_staged(s.M, n0, n1, s.K, out, b, C.data(), s.N, false, scratch[th].data());
+                                  sync.arrive_and_wait();
+                                }
                               }) /
                2;
       });
