@@ -364,7 +364,7 @@ uint64_t release_pages(const void* data, uint64_t bytes) {
   return end - begin;
 }
 
-// Quantizes every projection (cpu::quantize_weight_row, each row converted to f32 and rotated first), not
+// Quantizes every projection (QuantKernels::quantize_weights, each row converted to f32 and rotated first), not
 // the head: it stays in its stored dtype (cpu/quant.h says why; a checkpoint may still store it quantized).
 // On an ISA whose quantized gemm reads packed panels (QuantKernels::nr), each panel's rows are quantized
 // into a small buffer and packed from it, so the matrix exists only in that layout; otherwise (and for
@@ -389,7 +389,7 @@ void CpuBackend::quantize_weights(QType type) {
       for (int r = 0; r < n; ++r) {
         kernels_->convert(static_cast<const char*>(w.data) + (r0 + r) * in_row, w.type, row.data(), w.cols);
         if (rotation > 0) quant_->rotate(row.data(), w.cols, rotation);
-        quantize_weight_row(row.data(), w.cols, type, blocks + r * row_bytes, scales + r * row_scales);
+        quant_->quantize_weights(row.data(), w.cols, type, blocks + r * row_bytes, scales + r * row_scales);
       }
     };
     if (quant_->nr > 0 && !expert) {

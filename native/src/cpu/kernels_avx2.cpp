@@ -131,6 +131,54 @@ inline float hmax8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// quantize_weight_row (quant.h) on 8 lanes, per block of 32: max|x| (a NaN never wins, as in the scalar
+// compare), for Q4_0 the first element of that magnitude, the scale through f16, then x / d rounded to
+// nearest even and clamped with min/max, whose NaN rule (the second operand) is fmin's and fmax's here.
+void quantize_weights(const float* x, int K, QType type, uint8_t* out, uint16_t* scales) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const bool q8 = type == QType::Q8_0;
+  for (int b = 0; b < K / kQBlock; ++b) {
+    const float* xb = x + b * kQBlock;
+    __m256 v[4], a[4];
+    __m256 mx = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      a[i] = _mm256_and_ps(v[i], absmask);
+      mx = _mm256_max_ps(a[i], mx);
+    }
+    mx = _mm256_max_ps(mx, _mm256_permute2f128_ps(mx, mx, 1));
+    mx = _mm256_max_ps(mx, _mm256_permute_ps(mx, 0x4e));
+    mx = _mm256_max_ps(mx, _mm256_permute_ps(mx, 0xb1));
+    const float amax = _mm256_cvtss_f32(mx);
+    float m = 0.0f;
+    if (!q8 && amax > 0.0f) {
+      uint32_t at = 0;
+      for (int i = 0; i < 4; ++i)
+        at |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(a[i], mx, _CMP_EQ_OQ))) << (8 * i);
+      m = xb[__builtin_ctz(at)];
+    }
+    const uint16_t dh = f32_to_f16(q8 ? amax / 127.0f : m / -8.0f);
+    scales[b] = dh;
+    const float d16 = f16_to_f32(dh);
+    const __m256 d = _mm256_set1_ps(d16);
+    const __m256 hi = _mm256_set1_ps(q8 ? 127.0f : 15.0f), lo = _mm256_set1_ps(q8 ? -127.0f : 0.0f);
+    const __m256 shift = _mm256_set1_ps(q8 ? 0.0f : 8.0f);
+    alignas(32) int32_t q[kQBlock];
+    for (int i = 0; i < 4; ++i) {
+      __m256 r = _mm256_setzero_ps();
+      if (d16 != 0.0f) r = _mm256_round_ps(_mm256_div_ps(v[i], d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      if (!q8) r = _mm256_add_ps(r, shift);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q + 8 * i),
+                         _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(r, hi), lo)));
+    }
+    if (q8) {
+      for (int j = 0; j < kQBlock; ++j) out[32 * b + j] = static_cast<uint8_t>(static_cast<int8_t>(q[j]));
+    } else {
+      for (int j = 0; j < 16; ++j) out[16 * b + j] = static_cast<uint8_t>(q[j] | (q[j + 16] << 4));
+    }
+  }
+}
+
 // hadamard_transform (quant.h) on 8 lanes, for R of 32, 64 or 128 (R / 8 registers per block): the
 // butterflies at distance 1, 2 and 4 inside each register (its partner x[i ^ h] permuted in, then
 // fma(+-1, x[i], partner)), then those at 8 .. 64 between registers, in the scalar order, so the same bits.
@@ -406,6 +454,7 @@ const QuantKernels* quant_avx2_kernels() {
                                      kNR,
                                      quantize_rows_isa,
                                      hadamard_isa,
+                                     quantize_weights,
                                      quant_gemm,
                                      quant_gemm_scratch_floats,
                                      quant_pack_panel,

@@ -174,6 +174,49 @@ void quantize_rows_isa(int M, int K, const float* A, int64_t lda, QBlockA* out) 
     }
 }
 
+// quantize_weight_row (quant.h) on 16 lanes, per block of 32: max|x| (a NaN never wins, as in the scalar
+// compare), for Q4_0 the first element of that magnitude, the scale through f16, then x / d rounded to
+// nearest even and clamped with min/max, whose NaN rule (the second operand) is fmin's and fmax's here.
+void quantize_weights(const float* x, int K, QType type, uint8_t* out, uint16_t* scales) {
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const bool q8 = type == QType::Q8_0;
+  for (int b = 0; b < K / kQBlock; ++b) {
+    const float* xb = x + b * kQBlock;
+    const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+    const __m512 a0 = _mm512_and_ps(x0, absmask), a1 = _mm512_and_ps(x1, absmask);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, _mm512_max_ps(a1, _mm512_setzero_ps())));
+    float m = 0.0f;
+    if (!q8 && amax > 0.0f) {
+      const __m512 v = _mm512_set1_ps(amax);
+      const uint32_t at = _mm512_cmp_ps_mask(a0, v, _CMP_EQ_OQ) | uint32_t{_mm512_cmp_ps_mask(a1, v, _CMP_EQ_OQ)} << 16;
+      m = xb[__builtin_ctz(at)];
+    }
+    const uint16_t dh = f32_to_f16(q8 ? amax / 127.0f : m / -8.0f);
+    scales[b] = dh;
+    const float d16 = f16_to_f32(dh);
+    __m512 r0 = _mm512_setzero_ps(), r1 = _mm512_setzero_ps();
+    if (d16 != 0.0f) {
+      const __m512 d = _mm512_set1_ps(d16);
+      constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+      r0 = _mm512_roundscale_ps(_mm512_div_ps(x0, d), kNearest);
+      r1 = _mm512_roundscale_ps(_mm512_div_ps(x1, d), kNearest);
+    }
+    if (q8) {
+      const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(r0, hi), lo));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(r1, hi), lo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * b), _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * b + 16), _mm512_cvtepi32_epi8(q1));
+    } else {
+      const __m512 hi = _mm512_set1_ps(15.0f), eight = _mm512_set1_ps(8.0f), zero = _mm512_setzero_ps();
+      const __m512i u0 = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(_mm512_add_ps(r0, eight), hi), zero));
+      const __m512i u1 = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(_mm512_add_ps(r1, eight), hi), zero));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * b),
+                       _mm512_cvtepi32_epi8(_mm512_or_si512(u0, _mm512_slli_epi32(u1, 4))));
+    }
+  }
+}
+
 // hadamard_transform (quant.h) on 16 lanes, for R of 32, 64 or 128 (R / 16 registers per block): the
 // butterflies at distance 1, 2, 4 and 8 inside each register (its partner x[i ^ h] permuted in, then
 // fma(+-1, x[i], partner): x[i] + x[i + h] in the lower lane, x[i - h] - x[i] in the upper one), then those
@@ -532,10 +575,15 @@ void convert_t(const void* src, float* dst, int n) {
 const Kernels* avx512_kernels() { return kernel_table("avx512"); }
 
 const QuantKernels* quant_avx512vnni_kernels() {
-  static const QuantKernels table = {"avx512vnni",      kNR,
-                                     quantize_rows_isa, hadamard_isa,
-                                     quant_gemm,        quant_gemm_scratch_floats,
-                                     quant_pack_panel,  quant_packed_panel_bytes};
+  static const QuantKernels table = {"avx512vnni",
+                                     kNR,
+                                     quantize_rows_isa,
+                                     hadamard_isa,
+                                     quantize_weights,
+                                     quant_gemm,
+                                     quant_gemm_scratch_floats,
+                                     quant_pack_panel,
+                                     quant_packed_panel_bytes};
   return &table;
 }
 

@@ -83,6 +83,9 @@ struct QuantKernels {
   // hadamard_transform (below) on this ISA's registers: the same butterflies in the same order, so the
   // same bits (an add and a subtract are an fma with +-1, rounded once).
   void (*rotate)(float* x, int K, int R);
+  // quantize_weight_row (below) on this ISA's registers: the same divisions, roundings and clamps, so the
+  // same bytes (`--quantize` at load quantizes every projection with it).
+  void (*quantize_weights)(const float* x, int K, QType type, uint8_t* out, uint16_t* scales);
   // C[m][n] for 0 <= m < M, n0 <= n < n1 as described above (K % 32 == 0), row m of the activations at
   // A + m * (K / 32). The SIMD gemms read B.packed (n0 a multiple of nr) or, when it is nullptr, pack B's
   // rows per k block into the scratch: gemm_scratch_floats(K) floats, 64-byte aligned.

@@ -46,8 +46,8 @@ size_t no_scratch(int) { return 0; }
 }  // namespace
 
 const QuantKernels* quant_portable_kernels() {
-  static const QuantKernels table = {"portable", 0,      quantize_activations, hadamard_transform, gemm, no_scratch,
-                                     nullptr,    nullptr};
+  static const QuantKernels table = {
+      "portable", 0, quantize_activations, hadamard_transform, quantize_weight_row, gemm, no_scratch, nullptr, nullptr};
   return &table;
 }
 

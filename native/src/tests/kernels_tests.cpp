@@ -396,6 +396,34 @@ void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
       }
     report(rot_same, std::string("quantized (") + k.isa + "): rotate equals hadamard_transform bit for bit");
   }
+  {
+    // The ISA's weight quantization: quantize_weight_row's bytes and scales on random rows and on blocks
+    // made to catch a difference: all zeros (and -0), ties at half a step, the largest magnitude twice
+    // with both signs (Q4_0 takes the first), values past the clamp after the f16 rounding of the scale,
+    // tiny and huge values, an infinity and a NaN.
+    std::mt19937 r(77 + static_cast<int>(type));
+    const int K = 32 * 24;
+    std::vector<float> x = random_floats(K, r, 1.0f);
+    for (int j = 0; j < 32; ++j) x[j] = j % 2 ? 0.0f : -0.0f;
+    for (int j = 0; j < 32; ++j) x[32 + j] = 0.5f * static_cast<float>(j - 16);
+    x[64 + 3] = -2.5f, x[64 + 9] = 2.5f;
+    for (int j = 0; j < 32; ++j) x[96 + j] = 127.49f * static_cast<float>(j - 16) / 16.0f;
+    for (int j = 0; j < 32; ++j) x[128 + j] = std::ldexp(x[128 + j], -130);
+    for (int j = 0; j < 32; ++j) x[160 + j] = std::ldexp(x[160 + j], 100);
+    x[192 + 5] = INFINITY;
+    x[224 + 7] = NAN;
+    std::vector<uint8_t> want(K, 0xCD), got(K, 0xCD);
+    std::vector<uint16_t> want_s(K / 32, 1), got_s(K / 32, 2);
+    bool same_bytes = true;
+    for (int trial = 0; trial < 4; ++trial) {
+      if (trial > 0) x = random_floats(K, r, trial == 1 ? 1e-3f : 40.0f);
+      cpu::quantize_weight_row(x.data(), K, type, want.data(), want_s.data());
+      k.quantize_weights(x.data(), K, type, got.data(), got_s.data());
+      same_bytes = same_bytes && want == got && want_s == got_s;
+    }
+    report(same_bytes, std::string("quantized (") + k.isa + "): quantize_weights writes quantize_weight_row's " +
+                           (type == cpu::QType::Q8_0 ? "q8_0" : "q4_0") + " bytes and scales");
+  }
   struct Shape {
     int M, N, K;
   };
