@@ -161,6 +161,8 @@ describe("system endpoints", () => {
           sequence_steps_total: 10,
           tokens_committed: 10,
           requests_finished: 1,
+          cancelled_total: 0,
+          steps_after_cancel_max: 0,
           average_batch_size: 2,
           average_tokens_per_step: 1
         },

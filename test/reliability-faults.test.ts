@@ -73,11 +73,17 @@ describe("clients that disconnect", () => {
       expect(before.scheduler.running).toBe(1)
       controller.abort()
       const { stats, waitedMs } = await awaitIdle(server.url, 5_000)
-      // The step in flight when the server noticed, and at most one that began before this test read
-      // `before`: the slot is free before the next step after the disconnect.
+      // Counted by the server from the moment it saw the disconnect: freed before the next step, so after
+      // at most the step then in flight. (Counted from this test's `before`, the steps also include those
+      // that ran while the stats answer and the abort crossed the network, which on a loaded machine can
+      // be one more: an earlier version of this test asserted that total and failed in CI.)
+      expect(stats.scheduler.cancelled_total - before.scheduler.cancelled_total).toBe(1)
+      expect(stats.scheduler.steps_after_cancel_max).toBeLessThanOrEqual(1)
       const steps = stats.scheduler.steps_total - before.scheduler.steps_total
-      console.log(`disconnect: slot and sequence freed ${steps} step(s) / ${waitedMs} ms after the abort`)
-      expect(steps).toBeLessThanOrEqual(2)
+      console.log(
+        `disconnect: slot and sequence freed ${steps} step(s) / ${waitedMs} ms after the abort, ` +
+          `${stats.scheduler.steps_after_cancel_max} after the server saw it`
+      )
     },
     timeLimit()
   )

@@ -132,6 +132,10 @@ describe("Scheduler", () => {
       expect(yield* engine.live).toBe(0)
       // No step ran for it after the one in flight when the consumer left.
       expect(engine.batches.length).toBeLessThanOrEqual(stepsAtCancel + 1)
+      // And the scheduler counts it so: one cancellation, freed after at most the step in flight.
+      const stats = yield* scheduler.stats
+      expect(stats.cancelledTotal).toBe(1)
+      expect(stats.stepsAfterCancelMax).toBeLessThanOrEqual(1)
     }).pipe(Effect.provide(layer))
   })
 

@@ -91,6 +91,13 @@ export interface SchedulerStats {
   /** Tokens committed by denoising (not the EOS an early stop fills in). */
   readonly tokensCommitted: number
   readonly requestsFinished: number
+  /** Jobs freed because their consumer went away (a client disconnect, a stream ended early). */
+  readonly cancelledTotal: number
+  /**
+   * The most engine steps that ended between a consumer going away and its job being freed: 1 when the
+   * step in flight at the time was the last (the loop frees cancelled jobs before each step), 0 between steps.
+   */
+  readonly stepsAfterCancelMax: number
   /** Sequences per engine step, on average. */
   readonly averageBatchSize: number
   /** Tokens committed per sequence per step, on average. */
@@ -131,6 +138,8 @@ interface Job {
   readonly mailbox: Mailbox.Mailbox<StepEvent, GenerationError>
   /** Set when the consumer went away; the loop frees the job before the next step. */
   cancelled: boolean
+  /** stepsTotal when `cancelled` was set, for stepsAfterCancelMax. */
+  cancelledAtStep: number
   sequences: Array<SequenceId>
   /** Its sequences that have finished; they wait, unstepped, for the others (an early stop ends one sooner). */
   readonly finished: Set<SequenceId>
@@ -170,7 +179,9 @@ export const make = (options: SchedulerOptions) =>
       stepsTotal: 0,
       sequenceStepsTotal: 0,
       tokensCommitted: 0,
-      requestsFinished: 0
+      requestsFinished: 0,
+      cancelledTotal: 0,
+      stepsAfterCancelMax: 0
     }
 
     /** Completed once draining has begun and nothing is left: the loop idles, or the scheduler stopped. */
@@ -286,6 +297,7 @@ export const make = (options: SchedulerOptions) =>
         const now = yield* Clock.currentTimeMillis
         if (job.cancelled) {
           head = undefined
+          countCancelled(job)
           yield* endSpan(job, cancelledExit)
           continue
         }
@@ -303,6 +315,11 @@ export const make = (options: SchedulerOptions) =>
       }
     })
 
+    const countCancelled = (job: Job) => {
+      state.cancelledTotal++
+      state.stepsAfterCancelMax = Math.max(state.stepsAfterCancelMax, state.stepsTotal - job.cancelledAtStep)
+    }
+
     const reap = Effect.gen(function* () {
       if (state.stopping !== undefined) {
         const stopping = Exit.fail(state.stopping)
@@ -314,8 +331,10 @@ export const make = (options: SchedulerOptions) =>
       }
       const now = yield* Clock.currentTimeMillis
       for (const job of [...running]) {
-        if (job.cancelled) yield* releaseJob(job).pipe(Effect.zipRight(endSpan(job, cancelledExit)))
-        else if (expired(job, now)) yield* failJob(job, timeoutError(job))
+        if (job.cancelled) {
+          countCancelled(job)
+          yield* releaseJob(job).pipe(Effect.zipRight(endSpan(job, cancelledExit)))
+        } else if (expired(job, now)) yield* failJob(job, timeoutError(job))
       }
     })
 
@@ -455,6 +474,7 @@ export const make = (options: SchedulerOptions) =>
           deadline: timeoutMs > 0 ? now + timeoutMs : 0,
           mailbox: yield* Mailbox.make<StepEvent, GenerationError>(),
           cancelled: false,
+          cancelledAtStep: 0,
           sequences: [],
           finished: new Set(),
           submittedAt: yield* Clock.currentTimeNanos,
@@ -485,7 +505,12 @@ export const make = (options: SchedulerOptions) =>
       Stream.unwrapScoped(
         Effect.gen(function* () {
           const job = yield* submit(request)
-          yield* Effect.addFinalizer(() => Effect.sync(() => (job.cancelled = true)))
+          yield* Effect.addFinalizer(() =>
+            Effect.sync(() => {
+              job.cancelled = true
+              job.cancelledAtStep = state.stepsTotal
+            })
+          )
           const events = Mailbox.toStream(job.mailbox)
           if (job.deadline === 0) return events
           // The consumer also stops at the deadline, so a request stuck in the queue times out on time.
@@ -544,6 +569,8 @@ export const make = (options: SchedulerOptions) =>
         sequenceStepsTotal: state.sequenceStepsTotal,
         tokensCommitted: state.tokensCommitted,
         requestsFinished: state.requestsFinished,
+        cancelledTotal: state.cancelledTotal,
+        stepsAfterCancelMax: state.stepsAfterCancelMax,
         averageBatchSize: state.stepsTotal === 0 ? 0 : state.sequenceStepsTotal / state.stepsTotal,
         averageTokensPerStep: state.sequenceStepsTotal === 0 ? 0 : state.tokensCommitted / state.sequenceStepsTotal
       }

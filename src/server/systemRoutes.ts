@@ -134,6 +134,8 @@ export const router = (info: SystemInfo) =>
             sequence_steps_total: stats.sequenceStepsTotal,
             tokens_committed: stats.tokensCommitted,
             requests_finished: stats.requestsFinished,
+            cancelled_total: stats.cancelledTotal,
+            steps_after_cancel_max: stats.stepsAfterCancelMax,
             average_batch_size: stats.averageBatchSize,
             average_tokens_per_step: stats.averageTokensPerStep
           },

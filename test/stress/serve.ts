@@ -171,7 +171,15 @@ export const engineStats = async (url: string, headers: Record<string, string> =
   const response = await fetch(url + "/v1/engine/stats", { headers })
   if (response.status !== 200) throw new Error(`/v1/engine/stats answered ${response.status}`)
   return (await response.json()) as {
-    scheduler: { waiting: number; running: number; running_sequences: number; steps_total: number; requests_finished: number }
+    scheduler: {
+      waiting: number
+      running: number
+      running_sequences: number
+      steps_total: number
+      requests_finished: number
+      cancelled_total: number
+      steps_after_cancel_max: number
+    }
     engine: { live_sequences: number }
   }
 }
