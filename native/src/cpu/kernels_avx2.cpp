@@ -157,9 +157,7 @@ void quantize_weights(const float* x, int K, QType type, uint8_t* out, uint16_t*
         at |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(a[i], mx, _CMP_EQ_OQ))) << (8 * i);
       m = xb[__builtin_ctz(at)];
     }
-    const uint16_t dh = f32_to_f16(q8 ? amax / 127.0f : m / -8.0f);
-    scales[b] = dh;
-    const float d16 = f16_to_f32(dh);
+    const float d16 = weight_block_scale(type, amax, m, scales + b);
     const __m256 d = _mm256_set1_ps(d16);
     const __m256 hi = _mm256_set1_ps(q8 ? 127.0f : 15.0f), lo = _mm256_set1_ps(q8 ? -127.0f : 0.0f);
     const __m256 shift = _mm256_set1_ps(q8 ? 0.0f : 8.0f);

@@ -191,9 +191,7 @@ void quantize_weights(const float* x, int K, QType type, uint8_t* out, uint16_t*
       const uint32_t at = _mm512_cmp_ps_mask(a0, v, _CMP_EQ_OQ) | uint32_t{_mm512_cmp_ps_mask(a1, v, _CMP_EQ_OQ)} << 16;
       m = xb[__builtin_ctz(at)];
     }
-    const uint16_t dh = f32_to_f16(q8 ? amax / 127.0f : m / -8.0f);
-    scales[b] = dh;
-    const float d16 = f16_to_f32(dh);
+    const float d16 = weight_block_scale(type, amax, m, scales + b);
     __m512 r0 = _mm512_setzero_ps(), r1 = _mm512_setzero_ps();
     if (d16 != 0.0f) {
       const __m512 d = _mm512_set1_ps(d16);

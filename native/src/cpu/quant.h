@@ -190,6 +190,13 @@ static inline uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(sign | h);
 }
 
+// The scale of one weight block from its largest magnitude `amax` and (Q4_0) the first element `m` of that
+// magnitude, rounded to f16: its bits into *scale, its value returned (quantize_weight_row says how).
+static inline float weight_block_scale(QType type, float amax, float m, uint16_t* scale) {
+  *scale = f32_to_f16(type == QType::Q8_0 ? amax / 127.0f : m / -8.0f);
+  return f16_to_f32(*scale);
+}
+
 // Quantizes one weight row x[0..K) (K % 32 == 0) into `out` (K bytes for Q8_0, K/2 for Q4_0) and
 // scales[K/32] (f16 bits). The scale is rounded to f16 first and the values quantized with the rounded
 // scale: Q8_0 d = max|x| / 127, q = clamp(rne(x / d), -127, 127); Q4_0 d = m / -8 with m the element of
@@ -201,10 +208,7 @@ static inline void quantize_weight_row(const float* x, int K, QType type, uint8_
     float amax = 0.0f, m = 0.0f;
     for (int j = 0; j < kQBlock; ++j)
       if (std::fabs(xb[j]) > amax) amax = std::fabs(xb[j]), m = xb[j];
-    const float d = type == QType::Q8_0 ? amax / 127.0f : m / -8.0f;
-    const uint16_t dh = f32_to_f16(d);
-    scales[b] = dh;
-    const float d16 = f16_to_f32(dh);
+    const float d16 = weight_block_scale(type, amax, m, scales + b);
     int q[kQBlock];
     for (int j = 0; j < kQBlock; ++j) {
       const float r = d16 != 0.0f ? std::nearbyint(xb[j] / d16) : 0.0f;
