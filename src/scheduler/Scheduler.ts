@@ -136,10 +136,8 @@ interface Job {
   readonly tokens: number
   readonly deadline: number
   readonly mailbox: Mailbox.Mailbox<StepEvent, GenerationError>
-  /** Set when the consumer went away; the loop frees the job before the next step. */
-  cancelled: boolean
-  /** stepsTotal when `cancelled` was set, for stepsAfterCancelMax. */
-  cancelledAtStep: number
+  /** stepsTotal when the consumer went away (the loop frees the job before the next step); unset while it is there. */
+  cancelledAtStep: number | undefined
   sequences: Array<SequenceId>
   /** Its sequences that have finished; they wait, unstepped, for the others (an early stop ends one sooner). */
   readonly finished: Set<SequenceId>
@@ -295,9 +293,9 @@ export const make = (options: SchedulerOptions) =>
         const job = yield* nextWaiting
         if (job === undefined) return
         const now = yield* Clock.currentTimeMillis
-        if (job.cancelled) {
+        if (job.cancelledAtStep !== undefined) {
           head = undefined
-          countCancelled(job)
+          countCancelled(job.cancelledAtStep)
           yield* endSpan(job, cancelledExit)
           continue
         }
@@ -315,9 +313,9 @@ export const make = (options: SchedulerOptions) =>
       }
     })
 
-    const countCancelled = (job: Job) => {
+    const countCancelled = (cancelledAtStep: number) => {
       state.cancelledTotal++
-      state.stepsAfterCancelMax = Math.max(state.stepsAfterCancelMax, state.stepsTotal - job.cancelledAtStep)
+      state.stepsAfterCancelMax = Math.max(state.stepsAfterCancelMax, state.stepsTotal - cancelledAtStep)
     }
 
     const reap = Effect.gen(function* () {
@@ -331,8 +329,8 @@ export const make = (options: SchedulerOptions) =>
       }
       const now = yield* Clock.currentTimeMillis
       for (const job of [...running]) {
-        if (job.cancelled) {
-          countCancelled(job)
+        if (job.cancelledAtStep !== undefined) {
+          countCancelled(job.cancelledAtStep)
           yield* releaseJob(job).pipe(Effect.zipRight(endSpan(job, cancelledExit)))
         } else if (expired(job, now)) yield* failJob(job, timeoutError(job))
       }
@@ -473,8 +471,7 @@ export const make = (options: SchedulerOptions) =>
           tokens: canvasTokens(request, n, family),
           deadline: timeoutMs > 0 ? now + timeoutMs : 0,
           mailbox: yield* Mailbox.make<StepEvent, GenerationError>(),
-          cancelled: false,
-          cancelledAtStep: 0,
+          cancelledAtStep: undefined,
           sequences: [],
           finished: new Set(),
           submittedAt: yield* Clock.currentTimeNanos,
@@ -507,7 +504,6 @@ export const make = (options: SchedulerOptions) =>
           const job = yield* submit(request)
           yield* Effect.addFinalizer(() =>
             Effect.sync(() => {
-              job.cancelled = true
               job.cancelledAtStep = state.stepsTotal
             })
           )
