@@ -15,7 +15,8 @@
 # share of them starting at a reply that takes up the line) for at most MINUTES minutes, probes the
 # held-out split every 250 steps and keeps the EMA weights with the best probe at mask ratio 0.5. Unless
 # STEPS is given, a 100-step timing run first sizes the cosine schedule to end within the time. The log
-# (log.txt) records every argument and the step the run stopped at; the same arguments repeat the run. DEVICE=cpu with a tiny ARCH checks the whole pipeline on a machine without a GPU.
+# (log.txt) records every argument and the step the run stopped at; the same arguments repeat the run. DEVICE=cpu with a tiny ARCH checks the whole pipeline on a machine without a GPU; on a CPU with a bf16 dot
+# instruction, DEVICE=cpu THREADS=2 EXTRA=--cpu-bf16 PYTHON=/usr/bin/python3 trains the real ARCH there (STAGE4.md).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -24,6 +25,8 @@ DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
 MINUTES=${MINUTES:-7}
 STEPS=${STEPS:-}
+THREADS=${THREADS:-8}
+EXTRA=${EXTRA:-}
 CORPUS=${CORPUS:-$root/.train-data/tinyshakespeare.txt}
 ARCH=${ARCH:-"--d-model 320 --n-heads 5 --n-layers 8 --mlp-hidden 1024"}
 BATCH=${BATCH:-"--batch 32 --sft-rows 8"}
@@ -35,7 +38,7 @@ if sys.argv[1] == "cuda" and not torch.cuda.is_available():
     raise SystemExit("gpu.sh: no CUDA device visible to torch")
 print("torch", torch.__version__, torch.cuda.get_device_name(0) if sys.argv[1] == "cuda" else "cpu", flush=True)
 PY
-common="--device $DEVICE --threads 8 --tokenizer $root/models/shakespeare --corpus $CORPUS --ckpt /tmp/gpu-train-ckpt.pt
+common="--device $DEVICE --threads $THREADS $EXTRA --tokenizer $root/models/shakespeare --corpus $CORPUS --ckpt /tmp/gpu-train-ckpt.pt
   --seed 0 $ARCH --seq-len 512 $BATCH --sft-len 256 --sft-from 0 --random-length 0.3 --sft-packed --sft-echo 0.5
   --lr 1e-3 --min-lr 5e-5 --warmup 200 --ema 0.999"
 : > "$OUT/log.txt"

@@ -41,7 +41,7 @@ from model import LLaDA, config_for
 EPS = 1e-3  # smallest mask probability, as in LLaDA's forward process
 
 
-def diffusion_loss(model, tokens, maskable, mask_id, gen):
+def diffusion_loss(model, tokens, maskable, mask_id, gen, bf16):
     """LLaDA's loss for one batch: sum over masked tokens of CE / t, divided per row by its maskable count."""
     b, length = tokens.shape
     t = (1 - EPS) * torch.rand(b, generator=gen) + EPS
@@ -50,7 +50,7 @@ def diffusion_loss(model, tokens, maskable, mask_id, gen):
     # The draws above stay on the CPU generator whatever the device, so a GPU run masks as a CPU run does.
     device = next(model.parameters()).device
     tokens, masked, maskable, t = tokens.to(device), masked.to(device), maskable.to(device), t.to(device)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(noisy.to(device))
     ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), tokens.view(-1), reduction="none").view(b, length)
     per_row = (ce * masked / t[:, None]).sum(1) / maskable.sum(1)
@@ -97,6 +97,9 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu, or cuda: float32 weights, bf16 autocast")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="bf16 autocast on the CPU too (float32 weights and optimizer, as on a GPU); with a bf16 dot "
+                        "instruction (AVX512_BF16, AMX) its matrix products are several times the float32 ones")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="end the run (checkpointed) once this process has trained this long")
     p.add_argument("--keep-best", default=None,
@@ -152,6 +155,7 @@ def main():
     config = config_for(args.d_model, args.n_heads, args.n_layers, args.mlp_hidden, vocab.size, args.seq_len,
                         vocab.special_ids())
     device = torch.device(args.device)
+    bf16 = device.type == "cuda" or args.cpu_bf16
     model = LLaDA(config).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -193,7 +197,7 @@ def main():
 
     def forward(tokens):
         """The probe's forward: CPU tokens in, float32 CPU logits out, on whatever device the model is."""
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             return model(tokens.to(device)).float().cpu()
 
     best = math.inf
@@ -209,8 +213,8 @@ def main():
             # Two lengths cannot share a tensor: the mean over all rows, from one forward per length.
             pre_tokens, pre_mask = batches.pretrain(args.batch - sft_rows)
             sft_tokens, sft_mask = batches.sft(sft_rows)
-            pre_loss = diffusion_loss(model, pre_tokens, pre_mask, vocab.mask, gen)
-            sft_loss = diffusion_loss(model, sft_tokens, sft_mask, vocab.mask, gen)
+            pre_loss = diffusion_loss(model, pre_tokens, pre_mask, vocab.mask, gen, bf16)
+            sft_loss = diffusion_loss(model, sft_tokens, sft_mask, vocab.mask, gen, bf16)
             loss = (pre_loss * (args.batch - sft_rows) + sft_loss * sft_rows) / args.batch
             n_tokens = pre_tokens.numel() + sft_tokens.numel()
         else:
@@ -220,7 +224,7 @@ def main():
                 tokens, maskable = torch.cat([pre_tokens, sft_tokens]), torch.cat([pre_mask, sft_mask])
             else:
                 tokens, maskable = batches.pretrain(args.batch)
-            loss = diffusion_loss(model, tokens, maskable, vocab.mask, gen)
+            loss = diffusion_loss(model, tokens, maskable, vocab.mask, gen, bf16)
             n_tokens = tokens.numel()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
