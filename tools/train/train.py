@@ -128,6 +128,8 @@ def main():
                    help="model directory (config.json + model.safetensors) whose weights start a fresh run")
     p.add_argument("--ema", type=float, default=None,
                    help="keep an exponential moving average of the weights with this decay (checkpoint key 'ema')")
+    p.add_argument("--ema-warmup", action="store_true",
+                   help="ramp the EMA decay up as (1 + step) / (10 + step) until it reaches --ema")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=50)
@@ -231,9 +233,12 @@ def main():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if ema is not None:
+            # --ema-warmup: the decay grows as (1 + step) / (10 + step) up to --ema, so that a short run's average
+            # is not still partly its random initial weights (0.999 keeps 7% of them after 2,600 steps).
+            ema_decay = min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema
             with torch.no_grad():
                 for name, tensor in model.state_dict().items():
-                    ema[name].mul_(args.ema).add_(tensor, alpha=1 - args.ema)
+                    ema[name].mul_(ema_decay).add_(tensor, alpha=1 - ema_decay)
         step += 1
         tokens_since += n_tokens
         timed_out = args.max_minutes is not None and time.time() - start_time > 60 * args.max_minutes
