@@ -15,8 +15,10 @@
 # share of them starting at a reply that takes up the line) for at most MINUTES minutes, probes the
 # held-out split every 250 steps and keeps the EMA weights with the best probe at mask ratio 0.5. Unless
 # STEPS is given, a 100-step timing run first sizes the cosine schedule to end within the time. The log
-# (log.txt) records every argument and the step the run stopped at; the same arguments repeat the run. DEVICE=cpu with a tiny ARCH checks the whole pipeline on a machine without a GPU; on a CPU with a bf16 dot
-# instruction, DEVICE=cpu THREADS=2 EXTRA=--cpu-bf16 PYTHON=/usr/bin/python3 trains the real ARCH there (STAGE4.md).
+# (log.txt) records every argument and the step the run stopped at; the same arguments repeat the run.
+# DEVICE=cpu with a tiny ARCH checks the whole pipeline on a machine without a GPU; on a CPU with a bf16 dot
+# instruction, DEVICE=cpu THREADS=2 EXTRA=--cpu-bf16 PYTHON=/usr/bin/python3 trains the real ARCH there
+# (STAGE4.md).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 root=$(cd "$(dirname "$0")/../.." && pwd)

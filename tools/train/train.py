@@ -7,8 +7,8 @@ by the number of maskable tokens (the sequence length, as in the LLaDA paper). F
 every batch is chat data (see data.py): only the answer is maskable and the loss is divided by the answer
 length, as in LLaDA's SFT.
 
-AdamW, linear warmup then cosine decay, fixed seed, float32 on the CPU (or on a GPU with bf16 autocast,
---device cuda, gpu.sh). A checkpoint (model, optimizer,
+AdamW, linear warmup then cosine decay, fixed seed, float32 on the CPU (or with bf16 autocast: on a GPU,
+--device cuda, gpu.sh; on the CPU, --cpu-bf16). A checkpoint (model, optimizer,
 step, data RNG) is written every --ckpt-every steps; --resume continues from it.
 
 A continuation stage (STAGE3.md) starts from an exported model directory instead of random weights
