@@ -18,8 +18,9 @@
  * pieces: the held-out text itself scores 0.66 on token bigrams.
  *
  *   npx tsx bench/quality.ts [--prompts 48 --gen 128 --block 32 --prompt-tokens 32 --threads 2
- *       --modes none,prefix,dual,none+0.9,dual+0.9 --corpus tinyshakespeare.txt --model DIR --json out.json]
+ *       --modes none,prefix,dual,none+0.9,dual+0.9 --corpus tinyshakespeare.txt --model DIR --json out.json --show N]
  *   npx tsx bench/quality.ts --write-speeches tinyshakespeare.txt   (rewrites the fixture of 48 speeches)
+ * (--show N prints the first N answers of every mode, as text up to its first end token.)
  *
  * The mode "served" is what the server answers on the model when a request sets no sampling field: the
  * server's defaults under the model's generation_config.json (servedMode).
@@ -180,6 +181,8 @@ export interface Judged {
   readonly longestRun: number
   /** Distinct word bigrams over all word bigrams of the answers. */
   readonly distinct2: number
+  /** The answers as text, each up to its first end token (--show prints them). */
+  readonly answers: ReadonlyArray<string>
 }
 
 /** The answer up to its first end token (the padding after it is not text). */
@@ -362,12 +365,9 @@ const judge = async (
     count = 0
   // Each answer up to its first end token, and its words (judged once, for corpus-likeness and distinct-2).
   const texts = pairs.map(({ answer }) => text(answer, endTokens))
+  const answers = texts.map((t) => tokenizer.decode(t, { skipSpecialTokens: true }))
   const judged = pairs.map(({ prompt, answer }, i) =>
-    answerWords(
-      tokenizer.decode(prompt, { skipSpecialTokens: true }),
-      tokenizer.decode(texts[i]!, { skipSpecialTokens: true }),
-      texts[i]!.length === answer.length
-    )
+    answerWords(tokenizer.decode(prompt, { skipSpecialTokens: true }), answers[i]!, texts[i]!.length === answer.length)
   )
   for (const [i, { prompt, answer }] of pairs.entries()) {
     inCorpus += judged[i]!.filter((w) => corpusWords.has(w)).length
@@ -382,7 +382,8 @@ const judge = async (
     ownLoss: nll / count,
     scoredTokens: count,
     longestRun: longestRun(texts),
-    distinct2: distinct2(judged)
+    distinct2: distinct2(judged),
+    answers
   }
 }
 
@@ -523,6 +524,7 @@ if (import.meta.url === `file://${process.argv[1]}`) {
       corpus: { type: "string" },
       model: { type: "string" },
       json: { type: "string" },
+      show: { type: "string", default: "0" },
       "write-speeches": { type: "string" }
     }
   })
@@ -547,6 +549,11 @@ if (import.meta.url === `file://${process.argv[1]}`) {
     ...(values.model === undefined ? {} : { modelDir: values.model })
   })
   console.log(formatReport(report))
+  for (const m of report.modes) {
+    for (const [i, answer] of m.answers.slice(0, Number(values.show)).entries()) {
+      console.log(`\n[${m.mode.name} #${i}] ${JSON.stringify(answer)}`)
+    }
+  }
   if (values.json !== undefined) {
     const { writeFileSync } = await import("node:fs")
     writeFileSync(values.json, JSON.stringify(report, null, 2))
