@@ -41,20 +41,54 @@ from model import LLaDA, config_for
 EPS = 1e-3  # smallest mask probability, as in LLaDA's forward process
 
 
-def diffusion_loss(model, tokens, maskable, mask_id, gen, bf16):
-    """LLaDA's loss for one batch: sum over masked tokens of CE / t, divided per row by its maskable count."""
+def diffusion_loss(model, tokens, maskable, mask_id, gen, bf16, certainty=0.0, certainty_above=0.0, semi_ar=0.0,
+                   semi_block=8):
+    """LLaDA's loss for one batch: sum over masked tokens of CE / t, divided per row by its maskable count.
+
+    certainty > 0 adds that weight times the mean entropy of the predictions at the masked positions the model
+    already predicts right (argmax = the token): certainty forcing, as dParallel trains it, which makes the model
+    sure where it is right so that threshold decoding commits more than one position a step. certainty_above > 0
+    narrows it to the positions whose token already has at least that probability, so that the model's choice
+    among words it is unsure of keeps its spread.
+
+    semi_ar > 0 trains that share of the rows in the state semi-autoregressive decoding (blocks of semi_block)
+    puts the model in, rather than under a uniformly random mask: the loss of such a row is the mean over its
+    block of CE / t."""
     b, length = tokens.shape
     t = (1 - EPS) * torch.rand(b, generator=gen) + EPS
     masked = (torch.rand(b, length, generator=gen) < t[:, None]) & maskable
-    noisy = torch.where(masked, torch.full_like(tokens, mask_id), tokens)
+    hidden, scale = masked, maskable.sum(1)
+    if semi_ar > 0:
+        hidden, scale = masked.clone(), scale.clone()
+        for row in (torch.rand(b, generator=gen) < semi_ar).nonzero()[:, 0].tolist():
+            # The state semi-autoregressive decoding is in: the text before a cut is clean, the block after it is
+            # masked at ratio t, everything after the block is masked; the loss is on the block alone.
+            places = maskable[row].nonzero()[:, 0]
+            cut = int(torch.randint(len(places), (1,), generator=gen))
+            block, after = places[cut:cut + semi_block], places[cut + semi_block:]
+            masked[row] = False
+            masked[row, block] = torch.rand(len(block), generator=gen) < t[row]
+            hidden[row] = masked[row]
+            hidden[row, after] = True
+            scale[row] = semi_block
+    noisy = torch.where(hidden, torch.full_like(tokens, mask_id), tokens)
     # The draws above stay on the CPU generator whatever the device, so a GPU run masks as a CPU run does.
     device = next(model.parameters()).device
     tokens, masked, maskable, t = tokens.to(device), masked.to(device), maskable.to(device), t.to(device)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(noisy.to(device))
     ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), tokens.view(-1), reduction="none").view(b, length)
-    per_row = (ce * masked / t[:, None]).sum(1) / maskable.sum(1)
-    return per_row.mean()
+    per_row = (ce * masked / t[:, None]).sum(1) / scale.to(device)
+    if certainty <= 0:
+        return per_row.mean()
+    logits = logits.float()
+    right = masked & (logits.argmax(-1) == tokens)
+    if certainty_above > 0:
+        p_token = F.softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
+        right &= p_token >= certainty_above
+    log_p = F.log_softmax(logits[right], dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return per_row.mean() + certainty * entropy.sum() / right.sum().clamp(min=1)
 
 
 def load_init(model, model_dir):
@@ -130,6 +164,14 @@ def main():
                    help="keep an exponential moving average of the weights with this decay (checkpoint key 'ema')")
     p.add_argument("--ema-warmup", action="store_true",
                    help="ramp the EMA decay up as (1 + step) / (10 + step) until it reaches --ema")
+    p.add_argument("--certainty", type=float, default=0.0,
+                   help="weight of the entropy at masked positions predicted right (certainty forcing)")
+    p.add_argument("--certainty-above", type=float, default=0.0,
+                   help="certainty forcing only where the token's probability is at least this")
+    p.add_argument("--semi-ar", type=float, default=0.0,
+                   help="share of rows masked as semi-autoregressive decoding sees them (clean text, a block "
+                        "masked at ratio t, all masked after it)")
+    p.add_argument("--semi-block", type=int, default=8, help="the block length of --semi-ar rows")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=50)
@@ -202,6 +244,10 @@ def main():
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             return model(tokens.to(device)).float().cpu()
 
+    def loss_of(tokens, maskable):
+        return diffusion_loss(model, tokens, maskable, vocab.mask, gen, bf16, args.certainty, args.certainty_above,
+                              args.semi_ar, args.semi_block)
+
     best = math.inf
     start_time = time.time()
     last_log, tokens_since = time.time(), 0
@@ -215,8 +261,8 @@ def main():
             # Two lengths cannot share a tensor: the mean over all rows, from one forward per length.
             pre_tokens, pre_mask = batches.pretrain(args.batch - sft_rows)
             sft_tokens, sft_mask = batches.sft(sft_rows)
-            pre_loss = diffusion_loss(model, pre_tokens, pre_mask, vocab.mask, gen, bf16)
-            sft_loss = diffusion_loss(model, sft_tokens, sft_mask, vocab.mask, gen, bf16)
+            pre_loss = loss_of(pre_tokens, pre_mask)
+            sft_loss = loss_of(sft_tokens, sft_mask)
             loss = (pre_loss * (args.batch - sft_rows) + sft_loss * sft_rows) / args.batch
             n_tokens = pre_tokens.numel() + sft_tokens.numel()
         else:
@@ -226,7 +272,7 @@ def main():
                 tokens, maskable = torch.cat([pre_tokens, sft_tokens]), torch.cat([pre_mask, sft_mask])
             else:
                 tokens, maskable = batches.pretrain(args.batch)
-            loss = diffusion_loss(model, tokens, maskable, vocab.mask, gen, bf16)
+            loss = loss_of(tokens, maskable)
             n_tokens = tokens.numel()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
