@@ -6,7 +6,7 @@ import { promisify } from "node:util"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { Template } from "@huggingface/jinja"
 import { Effect, Option } from "effect"
-import { importRaw, makeModel, presetTensors, writeModelDir } from "../src/model/makeModel.js"
+import { cutTokenizer, importRaw, makeModel, presetTensors, writeModelDir } from "../src/model/makeModel.js"
 import { familyParameterCount, familyPresets, parameterCount, presets } from "../src/model/presets.js"
 import { quantizeModel } from "../src/model/quantize.js"
 import {
@@ -613,9 +613,9 @@ describe("block-diffusion family presets", () => {
       const eos = Array.isArray(config.eos_token_id) ? config.eos_token_id[0] : config.eos_token_id
       expect(tokenizer.tokenId(c.eos)).toEqual(Option.some(eos))
       for (const name of c.specials) expect(Option.isSome(tokenizer.tokenId(name)), name).toBe(true)
-      // The BPE itself is the embedded model's; no BOS is added.
+      // The BPE itself is the embedded model's, cut to the presets' 2048 ids; no BOS is added.
       const written = JSON.parse(await readFile(join(out, "tokenizer.json"), "utf8"))
-      expect(written.model).toEqual(embedded.model)
+      expect(written.model).toEqual(cutTokenizer(embedded, 2048).model)
       const text = "Now is the winter of our discontent"
       const ids = tokenizer.encode(text)
       expect(ids.every((id) => id < 2042)).toBe(true)
@@ -800,5 +800,60 @@ describe("make-model --quantize", () => {
     const header = await readSafetensorsHeader(join(out, "model.safetensors"))
     expect(header.tensors.get(source.name)).toMatchObject({ dtype: "U8", shape: [rows, cols / 2] })
     expect(header.metadata["vdiff.quantization"]).toBe("q4_0")
+  })
+})
+
+describe("cutTokenizer", () => {
+  // A byte-level BPE in tokenizer.json's shape: 4 base symbols, 3 merges in the order learnt, 2 special tokens.
+  const bpe = {
+    added_tokens: [
+      { id: 8, content: "<eos>" },
+      { id: 7, content: "<bos>" }
+    ],
+    post_processor: null,
+    model: {
+      vocab: { a: 0, b: 1, c: 2, d: 3, ab: 4, abc: 5, cd: 6 },
+      merges: [
+        ["a", "b"],
+        ["ab", "c"],
+        ["c", "d"]
+      ] as Array<readonly [string, string]>
+    }
+  }
+
+  it("keeps the first ids and the merges that make them, and renumbers the special tokens after them", () => {
+    const cut = cutTokenizer(bpe, 7)
+    expect(cut.model.vocab).toEqual({ a: 0, b: 1, c: 2, d: 3, ab: 4 })
+    expect(cut.model.merges).toEqual([["a", "b"]])
+    expect(cut.added_tokens).toEqual([
+      { id: 5, content: "<bos>" },
+      { id: 6, content: "<eos>" }
+    ])
+    // Merges written as "a b" strings (the other tokenizer.json form) are cut the same way.
+    expect(cutTokenizer({ ...bpe, model: { ...bpe.model, merges: ["a b", "ab c", "c d"] } }, 8).model.merges).toEqual(["a b", "ab c"])
+    // Cut to its own size it is unchanged but for the special tokens' order.
+    expect(cutTokenizer(bpe, 9).model).toEqual(bpe.model)
+  })
+
+  it("refuses a vocabulary whose first ids are not all there", () => {
+    const gapped = { ...bpe, model: { ...bpe.model, vocab: { a: 0, b: 1, c: 2, d: 5, ab: 4, abc: 6, cd: 7 } } }
+    expect(() => cutTokenizer(gapped, 7)).toThrow(/not contiguous/)
+  })
+
+  it("cuts the embedded 8192-id tokenizer to the 2048 ids the tiny family presets use, encoding as before", async () => {
+    const full = JSON.parse(await readFile(join(import.meta.dirname, "..", "models", "shakespeare", "tokenizer.json"), "utf8"))
+    const cut = cutTokenizer(full, 2048)
+    expect(Object.keys(cut.model.vocab)).toHaveLength(2042)
+    expect(cut.model.merges).toHaveLength(1786)
+    expect(cut.added_tokens.map((t) => [t.id, t.content])).toEqual([
+      [2042, "<|startoftext|>"],
+      [2043, "<|endoftext|>"],
+      [2044, "<|mdm_mask|>"],
+      [2045, "<|start_header_id|>"],
+      [2046, "<|end_header_id|>"],
+      [2047, "<|eot_id|>"]
+    ])
+    // The cut is the prefix the 8192-id run learnt first: the first 1786 merges are unchanged, in order.
+    expect(cut.model.merges).toEqual(full.model.merges.slice(0, 1786))
   })
 })

@@ -12,6 +12,7 @@ import { copyFile, mkdir, open, readdir, readFile, rm, stat, writeFile } from "n
 import { join } from "node:path"
 import { embeddedModelDir } from "../config/package.js"
 import {
+  EMBEDDED_VOCAB,
   type FamilyPreset,
   type LladaConfig,
   type Preset,
@@ -250,6 +251,36 @@ export const findPreset = (name: string): Preset | FamilyPreset => {
   return preset
 }
 
+interface BpeTokenizerJson {
+  added_tokens: Array<{ id: number; content: string }>
+  post_processor: unknown
+  model: { vocab: Record<string, number>; merges: Array<readonly [string, string] | string> }
+}
+
+/**
+ * A byte-level BPE tokenizer.json cut to its first `size` ids: the tokens below size - (special tokens), the
+ * merges that make them, and the special tokens renumbered after them. tools/train/bpe.py learns its merges
+ * in a fixed order, so the embedded 8192-id tokenizer cut to 2048 is exactly the 2048-id tokenizer of the same
+ * corpus that the tiny family presets (and their golden fixtures) were made with.
+ */
+export const cutTokenizer = (tokenizer: BpeTokenizerJson, size: number): BpeTokenizerJson => {
+  const special = [...tokenizer.added_tokens].sort((a, b) => a.id - b.id)
+  const keep = size - special.length
+  const vocab = Object.fromEntries(Object.entries(tokenizer.model.vocab).filter(([, id]) => id < keep))
+  if (Object.keys(vocab).length !== keep) {
+    throw new Error(`tokenizer.json: ids below ${keep} are not contiguous, so it cannot be cut to ${size}`)
+  }
+  const merges = tokenizer.model.merges.filter((merge) => {
+    const [a, b] = typeof merge === "string" ? merge.split(" ") : merge
+    return vocab[`${a}${b}`] !== undefined
+  })
+  return {
+    ...tokenizer,
+    added_tokens: special.map((token, i) => ({ ...token, id: keep + i })),
+    model: { ...tokenizer.model, vocab, merges }
+  }
+}
+
 /**
  * The embedded model's tokenizer as another family's (LLaDA2, SDAR, Dream): tokenizer.json with the six
  * special tokens (ids 2042 .. 2047) renamed to the family's and no post-processor (no family adds a BOS
@@ -258,10 +289,7 @@ export const findPreset = (name: string): Preset | FamilyPreset => {
 export const writeFamilyTokenizer = async (dir: string, family: keyof typeof familyTokenizers): Promise<void> => {
   const spec = familyTokenizers[family]
   const source = embeddedModelDir()
-  const tokenizer = JSON.parse(await readFile(join(source, "tokenizer.json"), "utf8")) as {
-    added_tokens: Array<{ id: number; content: string }>
-    post_processor: unknown
-  }
+  const tokenizer = cutTokenizer(JSON.parse(await readFile(join(source, "tokenizer.json"), "utf8")), EMBEDDED_VOCAB)
   const names: Readonly<Record<number, string>> = spec.names
   for (const token of tokenizer.added_tokens) {
     const name = names[token.id]

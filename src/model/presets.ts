@@ -443,7 +443,7 @@ export const familyConfigJson = (config: FamilyConfig, dtype: DType): Record<str
 
 /**
  * A preset of a block-diffusion family. `tokenizer: "embedded"`: the directory gets the embedded model's
- * tokenizer (models/shakespeare, vocabulary 2048) with its six special tokens renamed to the family's own
+ * tokenizer (models/shakespeare) cut to 2048 ids (cutTokenizer), with its six special tokens renamed to the family's own
  * (see familyTokenizers) and a chat template in the family's style, so that the server can serve it;
  * "none": no tokenizer (the real shapes, whose vocabularies are the real ones; prompts go in as token ids).
  */
@@ -524,7 +524,7 @@ export const familyTokenizers = {
 export const tokenizerStyle = (config: FamilyConfig): keyof typeof familyTokenizers =>
   config.model_type === "llada2_moe" ? "llada2_moe" : config.model_type === "Dream" ? "dream" : "sdar"
 
-/** The embedded tokenizer's vocabulary (models/shakespeare/tokenizer.json: 2042 BPE tokens + 6 special). */
+/** The tiny family presets' vocabulary: the embedded tokenizer cut to 2048 ids (2042 BPE tokens + 6 special; cutTokenizer). */
 export const EMBEDDED_VOCAB = 2048
 
 const llada2Tiny: Llada2Config = {
