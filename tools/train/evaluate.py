@@ -66,12 +66,12 @@ def main():
     vocab = Vocab(args.model)
     _, heldout_text = load_split(args.corpus)
     windows = heldout_windows(vocab, heldout_text, seq_len)
-    # Bytes of text per token id (a byte-level BPE piece has one character per byte; special tokens none), so
-    # that models with different tokenizers compare per byte of the same held-out text.
+    # Bytes of text per token id (a byte-level BPE piece has one character per byte; the special tokens are not
+    # in the BPE vocabulary and stand for none), so that models with different tokenizers compare per byte of
+    # the same held-out text.
     token_bytes = torch.zeros(vocab.size, dtype=torch.long)
     for piece, token in vocab.encoder.vocab.items():
-        if token not in vocab.encoder.special.values():
-            token_bytes[token] = len(piece)
+        token_bytes[token] = len(piece)
     results, per_byte = {}, {}
     for ratio in RATIOS:
         loss, loss_per_byte = masked_loss(model.forward, windows, ratio, model.config["mask_token_id"],

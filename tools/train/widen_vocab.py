@@ -45,7 +45,7 @@ def main():
         config = json.load(f)
     weights = {name: t.to(torch.float32) for name, t in safetensors_io.load_dir(args.model).items()}
     size = max(new_special.values()) + 1
-    parents = {"".join(m): m for m in (tuple(m) for m in new_merges)}
+    parents = {"".join(m): m for m in new_merges}
     for name in ROWS:
         old = weights[name]
         new = torch.empty(size, old.shape[1])
