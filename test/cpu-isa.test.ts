@@ -1,5 +1,5 @@
 /**
- * --cpu-isa (VDIFF_CPU_ISA): the configuration takes auto, portable, avx2, avx512 or avx512bf16 and nothing else; a
+ * --cpu-isa (VDIFF_CPU_ISA): the configuration takes auto, portable, avx2, avx512, avx512bf16 or amx and nothing else; a
  * served model computes on the kernels asked for and /health and /v1/engine/stats say which; an ISA this
  * CPU lacks stops start-up with one error line naming the setting and listing the ISAs the CPU has. The
  * ISAs this CPU has are found by loading the embedded model on each through the addon.
@@ -11,7 +11,7 @@ import { loadAddon, type NativeAddon } from "../src/engine/native.js"
 import { embeddedModel, type ServeProcess, serveToExit, startServe } from "./stress/serve.js"
 
 const addon: NativeAddon = loadAddon()
-const named = ["portable", "avx2", "avx512", "avx512bf16"] as const
+const named = ["portable", "avx2", "avx512", "avx512bf16", "amx"] as const
 const runs = async (isa: (typeof named)[number]): Promise<boolean> =>
   addon.loadModel(embeddedModel, { threads: 1, cpuIsa: isa }).then(
     () => true,
@@ -29,7 +29,7 @@ const widest = ours[ours.length - 1]!
 if (lacking.length === 0) console.log("test/cpu-isa.test.ts: this CPU runs every ISA; no lacking one to refuse")
 
 describe("--cpu-isa", () => {
-  it("the configuration takes auto, portable, avx2, avx512 and avx512bf16 (default auto) and refuses anything else", () => {
+  it("the configuration takes auto, portable, avx2, avx512, avx512bf16 and amx (default auto) and refuses anything else", () => {
     const load = (argv: ReadonlyArray<string>, env: Record<string, string> = {}) => Config.load({ argv, env })
     const ok = (argv: ReadonlyArray<string>, env: Record<string, string> = {}) => {
       const result = load(argv, env)

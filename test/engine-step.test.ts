@@ -49,7 +49,7 @@ describe("the loaded model", () => {
     expect(info.weightDtype).toBe("f32")
     expect(info.parameterCount).toBe(parameterCount(tiny.config))
     expect(info).toMatchObject({ backend: "cpu", memoryTotalBytes: 0 })
-    expect(["portable", "avx2", "avx512", "avx512bf16"]).toContain(info.device)
+    expect(["portable", "avx2", "avx512", "avx512bf16", "amx"]).toContain(info.device)
   })
 })
 

@@ -68,7 +68,7 @@ export const generate = commandLine(
     cpuIsa: setting(OneOfText(cpuIsas), {
       description: "Instruction set of the CPU kernels: auto (the widest this CPU has) or one to force",
       default: "auto",
-      value: "auto|portable|avx2|avx512|avx512bf16"
+      value: "auto|portable|avx2|avx512|avx512bf16|amx"
     })
   }),
   {

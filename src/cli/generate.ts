@@ -20,7 +20,7 @@ export interface GenerateOptions {
   /** Quantize the matrices at load (CPU); "none": as stored. */
   readonly quantize: "none" | "q8_0" | "q4_0"
   /** The CPU kernels' instruction set; "auto": the widest the CPU has. */
-  readonly cpuIsa: "auto" | "portable" | "avx2" | "avx512" | "avx512bf16"
+  readonly cpuIsa: "auto" | "portable" | "avx2" | "avx512" | "avx512bf16" | "amx"
 }
 
 export interface GenerateResult {

@@ -44,7 +44,7 @@ const isOrigin = (item: string): boolean => {
 // --- the settings -------------------------------------------------------------------------------------
 
 /** The CPU kernels' instruction sets (--cpu-isa); auto is the widest the CPU has. */
-export const cpuIsas = ["auto", "portable", "avx2", "avx512", "avx512bf16"] as const
+export const cpuIsas = ["auto", "portable", "avx2", "avx512", "avx512bf16", "amx"] as const
 export type CpuIsa = (typeof cpuIsas)[number]
 
 export const logLevels = ["all", "trace", "debug", "info", "warning", "error", "fatal", "none"] as const
@@ -105,9 +105,9 @@ export const Settings = Schema.Struct({
   }),
   cpuIsa: setting(OneOfText(cpuIsas), {
     description:
-      "Instruction set of the CPU kernels: auto (the widest this CPU has), or portable, avx2, avx512 or avx512bf16 (AVX-512 with the bf16 dot product) to force one (tests, benchmarks); one the CPU lacks fails at start-up",
+      "Instruction set of the CPU kernels: auto (the widest this CPU has), or portable, avx2, avx512, avx512bf16 (AVX-512 with the bf16 dot product) or amx (bf16 products on AMX tiles) to force one (tests, benchmarks); one the CPU lacks fails at start-up",
     default: "auto",
-    value: "auto|portable|avx2|avx512|avx512bf16"
+    value: "auto|portable|avx2|avx512|avx512bf16|amx"
   }),
   apiKey: setting(
     ListText(

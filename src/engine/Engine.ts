@@ -149,7 +149,7 @@ export interface EngineOptions {
   /** CPU: quantize the matrices at load (Q8_0 or Q4_0); absent or "none": as stored. */
   readonly quantize?: "none" | "q8_0" | "q4_0" | undefined
   /** CPU: the kernels' instruction set; absent or "auto": the widest the CPU has. */
-  readonly cpuIsa?: "auto" | "portable" | "avx2" | "avx512" | "avx512bf16" | undefined
+  readonly cpuIsa?: "auto" | "portable" | "avx2" | "avx512" | "avx512bf16" | "amx" | undefined
 }
 
 /** Wraps an already loaded native engine. */

@@ -86,7 +86,7 @@ export interface NativeModelInfo {
   readonly family?: NativeModelFamily | undefined
   /** The backend computing the forward: "cpu" or "cuda". */
   readonly backend: "cpu" | "cuda"
-  /** CPU: the instruction-set path of the kernels ("avx512bf16", "avx512", "avx2", "portable"); CUDA: the GPU's name. */
+  /** CPU: the instruction-set path of the kernels ("amx", "avx512bf16", "avx512", "avx2", "portable"); CUDA: the GPU's name. */
   readonly device: string
   /** The matrix-product implementation ("avx512", "cublas", "tiled fallback", ...). */
   readonly gemm: string
@@ -305,7 +305,7 @@ export interface NativeLoadOptions {
    * CPU: the kernels' instruction set; absent or "auto": the widest the CPU has (or the one the VDIFF_ISA
    * environment variable names). One this CPU lacks rejects with VDIFF_UNAVAILABLE listing those it has.
    */
-  readonly cpuIsa?: "auto" | "portable" | "avx2" | "avx512" | "avx512bf16" | undefined
+  readonly cpuIsa?: "auto" | "portable" | "avx2" | "avx512" | "avx512bf16" | "amx" | undefined
   /** Called on the JS thread while a device backend uploads the weights (every 256 MiB, and at the end). */
   readonly onProgress?: ((bytesDone: number, bytesTotal: number) => void) | undefined
   /** Worker threads for the forward pass; 0 or absent: all hardware threads. */

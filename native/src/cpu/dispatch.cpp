@@ -1,5 +1,6 @@
 // Run-time choice of the kernel table: the widest ISA this CPU supports, unless VDIFF_ISA names one (the
 // process-wide default of "auto"), or a model's load option names one (kernels_for_setting).
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -50,8 +51,26 @@ bool cpu_has_vnni() {
 #endif
 }
 
+// AMX tiles with bf16 products (and the AVX512_BF16 the amx table falls back on): the CPU has them and Linux lets this
+// process use their state (which it grants on request, once per process: arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA).
+bool cpu_has_amx() {
+#if defined(__x86_64__) && defined(SYS_arch_prctl)
+  static const bool usable = [] {
+    __builtin_cpu_init();
+    if (!cpu_has_bf16_dot() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
 // The ISA names, lowest first.
-const char* const kIsaNames[] = {"portable", "avx2", "avx512", "avx512bf16"};
+const char* const kIsaNames[] = {"portable", "avx2", "avx512", "avx512bf16", "amx"};
+constexpr const char* kIsaList = "portable, avx2, avx512, avx512bf16, amx";
 
 bool known_isa(const std::string& name) {
   for (const char* known : kIsaNames)
@@ -60,6 +79,7 @@ bool known_isa(const std::string& name) {
 }
 
 const Kernels* select_default() {
+  if (cpu_has_amx()) return amx_kernels();
   if (cpu_has_bf16_dot()) return avx512bf16_kernels();
   if (cpu_has_avx512()) return avx512_kernels();
   if (cpu_has_avx2()) return avx2_kernels();
@@ -85,6 +105,7 @@ const Kernels* kernels_for(const std::string& isa) {
   if (isa == "avx2") return cpu_has_avx2() ? avx2_kernels() : nullptr;
   if (isa == "avx512") return cpu_has_avx512() ? avx512_kernels() : nullptr;
   if (isa == "avx512bf16") return cpu_has_bf16_dot() ? avx512bf16_kernels() : nullptr;
+  if (isa == "amx") return cpu_has_amx() ? amx_kernels() : nullptr;
   return nullptr;
 }
 
@@ -99,7 +120,7 @@ bool cpu_has_avx512vnni() { return cpu_has_vnni(); }
 
 const QuantKernels& quant_kernels_for(const Kernels& k) {
   const std::string isa = k.isa;
-  const bool avx512 = isa == "avx512" || isa == "avx512bf16";
+  const bool avx512 = isa == "avx512" || isa == "avx512bf16" || isa == "amx";
   if (avx512 && cpu_has_vnni()) return *quant_avx512vnni_kernels();
   if ((avx512 || isa == "avx2") && cpu_has_avx2()) return *quant_avx2_kernels();
   return *quant_portable_kernels();
@@ -108,8 +129,7 @@ const QuantKernels& quant_kernels_for(const Kernels& k) {
 const Kernels& kernels_for_setting(const std::string& isa) {
   if (isa.empty() || isa == "auto") return active_kernels();
   const std::string setting = "--cpu-isa (VDIFF_CPU_ISA) " + isa + ": ";
-  if (!known_isa(isa))
-    throw Error(ErrorCode::InvalidArgument, setting + "not one of auto, portable, avx2, avx512, avx512bf16");
+  if (!known_isa(isa)) throw Error(ErrorCode::InvalidArgument, setting + "not one of auto, " + kIsaList);
   if (const Kernels* k = kernels_for(isa)) return *k;
   std::string available = "auto";
   for (const std::string& name : available_isas()) available += ", " + name;
@@ -122,9 +142,7 @@ const Kernels& active_kernels() {
     const char* requested = std::getenv("VDIFF_ISA");
     if (!requested || !*requested) return select_default();
     std::string name(requested);
-    if (!known_isa(name))
-      throw Error(ErrorCode::InvalidArgument,
-                  "VDIFF_ISA=" + name + " is not one of portable, avx2, avx512, avx512bf16");
+    if (!known_isa(name)) throw Error(ErrorCode::InvalidArgument, "VDIFF_ISA=" + name + " is not one of " + kIsaList);
     const Kernels* k = kernels_for(name);
     if (!k) throw Error(ErrorCode::InvalidArgument, "VDIFF_ISA=" + name + " is not supported by this CPU");
     return k;

@@ -38,7 +38,7 @@ struct MatB {
 };
 
 struct Kernels {
-  const char* isa;  // "portable" | "avx2" | "avx512" | "avx512bf16"
+  const char* isa;  // "portable" | "avx2" | "avx512" | "avx512bf16" | "amx"
   int gemm_nr;      // column panel width: callers should split N at multiples of it
   // Floats of per-thread scratch (64-byte aligned) the gemm needs for a given K.
   size_t (*gemm_scratch_floats)(int K);
@@ -55,7 +55,9 @@ struct Kernels {
   // zero). The products of two bf16 values are exact in f32, so each step rounds once; denormal inputs
   // count as zero and denormal sums flush to zero. Every ISA computes exactly this (the avx512bf16 path with
   // vdpbf16ps, the others with the FMA or multiply-add it equals under FTZ/DAZ), so all agree bit for bit;
-  // only a product below 2^-126 may differ.
+  // only a product below 2^-126 may differ. The one exception is amx, whose TDPBF16PS sums each 32 k in an
+  // order of its own: the same rounded operands and denormal rules, an f32 result within the bound of
+  // recursive summation, deterministic and independent of M and the thread split, but not these bits.
   void (*gemm)(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
                bool accumulate, float* scratch);
 
@@ -111,7 +113,7 @@ struct CacheSizes {
 const CacheSizes& cache_sizes();
 
 // The kernels for the running CPU: the widest available ISA, or the one named by the environment
-// variable VDIFF_ISA=portable|avx2|avx512|avx512bf16. Throws vdiff::Error(InvalidArgument) when VDIFF_ISA names an
+// variable VDIFF_ISA=portable|avx2|avx512|avx512bf16|amx. Throws vdiff::Error(InvalidArgument) when VDIFF_ISA names an
 // unknown ISA or one this CPU lacks.
 const Kernels& active_kernels();
 
@@ -129,6 +131,7 @@ const Kernels* portable_kernels();
 const Kernels* avx2_kernels();
 const Kernels* avx512_kernels();
 const Kernels* avx512bf16_kernels();  // avx512's table with the bf16 products on vdpbf16ps
+const Kernels* amx_kernels();         // avx512bf16's table with the bf16 products on AMX tiles
 
 // Scalar conversions shared by every translation unit (static: each TU keeps its own copy).
 static inline float bf16_to_f32(uint16_t h) {

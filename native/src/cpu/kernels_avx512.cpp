@@ -473,6 +473,256 @@ void dot_pack_panel(const MatB& B, int N, int K, int panel, void* out) {
   Bf16DotPath::pack(B, n0, min_int(kNR, N - n0), 0, K, static_cast<uint32_t*>(out));
 }
 
+// ------------------------------------------------------------------------------------------------
+// The amx table: bf16 products on AMX tiles (TDPBF16PS), everything else as the avx512bf16 table (the
+// quantized products too: AMX's int8 tiles measured no faster than vpdpbusd there, bench/cpu/RESULTS.md,
+// as each block of 32 k still needs its scales applied in f32). A is Bf16DotPath's staged rows; per k
+// block it is copied into tiles (16 rows x 16 pairs of k, 1 KiB each, contiguous), as its rows lie pages
+// apart. The weights are Bf16DotPath's panels with each 16 pairs of k rearranged into four B tiles
+// (amx_pack_panel; the same size, packed at load). Each 32 x 64 tile of C runs in two halves of 32
+// columns; a half keeps four C tiles (2 row groups x 2 column tiles), two A and two B tiles: all eight
+// tile registers. The pairs past the last whole 16 of a block (a K that is not a multiple of 32) run on
+// vdpbf16ps.
+//
+// The result is the bf16 dot product of A rounded to bf16, accumulated in f32, but not the chain of
+// kernels.h: TDPBF16PS sums 32 products per instruction in an order of its own (it flushes denormals as
+// vdpbf16ps does). It is deterministic, and does not depend on M, the thread split or the packing (every
+// output sees the same k blocks and tiles in the same order); tests bound it against float64
+// (kernels_tests.cpp).
+
+constexpr int kAmxKC = 2048;  // k per block (1024 pairs): C's tiles are read and written once per block
+constexpr int kAmxSteps = kAmxKC / 2;
+constexpr int kAmxMR = 32;          // rows per tile of C
+constexpr int kAmxStagedRows = 64;  // rows of A gemm_amx stages at a time (the backend stages them all once)
+
+// The tile configuration (palette 1): every tile 16 rows of 64 bytes. 0-3: C (16 x 16 f32), 4-5: A (16 rows
+// x 16 pairs of k), 6-7: B (16 pairs of k x 16 columns).
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  AmxTileConfig() {
+    for (int t = 0; t < 8; ++t) colsb[t] = 64, rows[t] = 16;
+  }
+};
+
+// Loads the tile configuration for this thread's products and releases the tiles after them (so that the
+// thread's saved state stays small between calls).
+class AmxTiles {
+ public:
+  __attribute__((target("amx-tile"))) AmxTiles() {
+    static const AmxTileConfig config;
+    _tile_loadconfig(&config);
+  }
+  __attribute__((target("amx-tile"))) ~AmxTiles() { _tile_release(); }
+  AmxTiles(const AmxTiles&) = delete;
+  AmxTiles& operator=(const AmxTiles&) = delete;
+};
+
+// One column tile of C (16 rows x 16 columns): read and written in place when all of it lies in the
+// output, else through a buffer of the valid rows and lanes.
+struct AmxCTile {
+  float* at;
+  int64_t stride;  // bytes
+  int rows;        // valid rows (0..16)
+  __mmask16 lanes;
+  bool direct;
+  alignas(64) float buffer[16 * 16];
+
+  void open(float* C, int64_t ldc, int valid_rows, __mmask16 valid_lanes, bool load_c) {
+    rows = valid_rows < 0 ? 0 : valid_rows > 16 ? 16 : valid_rows;
+    lanes = rows > 0 ? valid_lanes : 0;
+    direct = rows == 16 && lanes == 0xffff;
+    if (direct) {
+      at = C, stride = ldc * 4;
+      return;
+    }
+    at = buffer, stride = 64;
+    for (int r = 0; r < 16; ++r)
+      _mm512_store_ps(buffer + 16 * r,
+                      load_c && r < rows ? _mm512_maskz_loadu_ps(lanes, C + r * ldc) : _mm512_setzero_ps());
+  }
+  void close(float* C, int64_t ldc) const {
+    if (direct) return;
+    for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(C + r * ldc, lanes, _mm512_load_ps(buffer + 16 * r));
+  }
+};
+
+// A's rows [0, rows) over pairs [0, whole) (a multiple of 16) as tiles: tile (g, c) holds rows 16g.. and
+// pairs 16c.. at out + (g * whole / 16 + c) * 256; rows past `rows` are zero.
+void amx_stage_tiles(int rows, int whole, const uint32_t* A, int64_t lda, uint32_t* out) {
+  const int chunks = whole / 16;
+  for (int g = 0; g < (rows + 15) / 16; ++g)
+    for (int r = 0; r < 16; ++r) {
+      const int m = 16 * g + r;
+      uint32_t* o = out + static_cast<int64_t>(g) * chunks * 256 + 16 * r;
+      for (int c = 0; c < chunks; ++c)
+        _mm512_store_si512(o + 256 * c, m < rows ? _mm512_loadu_si512(A + m * lda + 16 * c) : _mm512_setzero_si512());
+    }
+}
+
+// Columns [32 half, 32 half + 32) of C[0..rows)[0..16 nb) (rows <= 32, masked) = (load_c ? C : 0) + the
+// tiles of A (up to two row groups, `chunks` tiles each, the second group's `group_stride` elements after
+// the first's) . P's chunks of 16 pairs. C tile i is row group i / 2 and column tile i % 2 of the half.
+__attribute__((target("amx-tile,amx-bf16"))) void amx_tile_block(int rows, int nb, int half, int chunks,
+                                                                 const uint32_t* At, int64_t group_stride,
+                                                                 const uint32_t* P, float* C, int64_t ldc,
+                                                                 const PanelMasks& panel, bool load_c) {
+  const bool two = rows > 16;
+  const int tiles = two ? 4 : 2;
+  AmxCTile c[4];
+  for (int i = 0; i < tiles; ++i) {
+    const int j = 2 * half + (i & 1);
+    c[i].open(C + 16 * (i >> 1) * ldc + 16 * j, ldc, j < nb ? rows - 16 * (i >> 1) : 0, panel.lanes[j], load_c);
+  }
+  if (load_c) {
+    _tile_loadd(0, c[0].at, c[0].stride);
+    _tile_loadd(1, c[1].at, c[1].stride);
+    if (two) {
+      _tile_loadd(2, c[2].at, c[2].stride);
+      _tile_loadd(3, c[3].at, c[3].stride);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const uint32_t* Ph = P + 2 * half * 256;
+  for (int k = 0; k < chunks; ++k) {
+    _tile_loadd(4, At + 256 * k, 64);
+    _tile_loadd(6, Ph + 16 * k * kNR, 64);
+    _tile_loadd(7, Ph + 16 * k * kNR + 256, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (two) {
+      _tile_loadd(5, At + group_stride + 256 * k, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c[0].at, c[0].stride);
+  _tile_stored(1, c[1].at, c[1].stride);
+  if (two) {
+    _tile_stored(2, c[2].at, c[2].stride);
+    _tile_stored(3, c[3].at, c[3].stride);
+  }
+  for (int i = 0; i < tiles; ++i) c[i].close(C + 16 * (i >> 1) * ldc + 16 * (2 * half + (i & 1)), ldc);
+}
+
+// The amx panels: Bf16DotPath's, with each whole chunk of 16 pairs of k ([pair][64 columns]) rearranged
+// into its four B tiles ([column tile][pair][16 columns], 1 KiB each, read as they lie); the pairs past the
+// last whole chunk stay as they were (the vdpbf16ps micro-kernel reads them).
+void amx_tile_chunks(uint32_t* P, int steps) {
+  for (int c = 0; c + 16 <= steps; c += 16) {
+    uint32_t* chunk = P + c * kNR;
+    __m512i rows[16][4];
+    for (int r = 0; r < 16; ++r)
+      for (int j = 0; j < 4; ++j) rows[r][j] = _mm512_load_si512(chunk + r * kNR + 16 * j);
+    for (int j = 0; j < 4; ++j)
+      for (int r = 0; r < 16; ++r) _mm512_store_si512(chunk + 256 * j + 16 * r, rows[r][j]);
+  }
+}
+
+void amx_pack_panel(const MatB& B, int N, int K, int panel, void* out) {
+  dot_pack_panel(B, N, K, panel, out);
+  if (B.type == WType::BF16 && B.bf16_dot) amx_tile_chunks(static_cast<uint32_t*>(out), k_steps<Bf16DotPath>(K));
+}
+
+// Rows per row block: the block's tiles of one k block take at most half of L2 (they are read again for
+// every panel), a multiple of kAmxMR.
+int amx_row_block_rows() {
+  static const int rows = [] {
+    const int r = static_cast<int>(cache_sizes().l2_bytes / 2 / (sizeof(uint32_t) * kAmxSteps)) / kAmxMR * kAmxMR;
+    return r < kAmxMR ? kAmxMR : r;
+  }();
+  return rows;
+}
+
+// Scratch: a packed k block of one panel, then a row block's tiles of A.
+size_t amx_tiles_offset_floats() { return aligned_floats(sizeof(uint32_t) * kAmxSteps * kNR); }
+size_t amx_scratch_floats() {
+  return amx_tiles_offset_floats() + aligned_floats(sizeof(uint32_t) * kAmxSteps * amx_row_block_rows());
+}
+
+// C[M][n0, n1) = (accumulate ? C : 0) + A . B with A as staged rows (Bf16DotPath's layout, row m at
+// A + m * lda pairs) and B bf16 (packed at load, or packed here per k block). K blocks outermost, then row
+// blocks, then panels, then tiles of 32 rows: a panel's k block stays in L2 while the row tiles pass over it.
+void amx_gemm_rows(int M, int n0, int n1, int K, const uint32_t* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
+                   bool accumulate, float* scratch) {
+  uint32_t* const pack_buffer = reinterpret_cast<uint32_t*>(scratch);
+  uint32_t* const tiles = reinterpret_cast<uint32_t*>(scratch + amx_tiles_offset_floats());
+  const size_t panel_bytes = path_panel_bytes<Bf16DotPath>(K);
+  const int mc = amx_row_block_rows();
+  for (int k0 = 0; k0 < K; k0 += kAmxKC) {
+    const int kc = min_int(kAmxKC, K - k0);
+    const int steps = k_steps<Bf16DotPath>(kc), whole = steps / 16 * 16;
+    const bool load_c = accumulate || k0 > 0;
+    const uint32_t* Ak = A + k0 / 2;
+    for (int m0 = 0; m0 < M; m0 += mc) {
+      const int rows = min_int(mc, M - m0);
+      const int64_t group_stride = static_cast<int64_t>(whole / 16) * 256;
+      amx_stage_tiles(rows, whole, Ak + m0 * lda, lda, tiles);
+      for (int np = n0; np < n1; np += kNR) {
+        const int nv = min_int(kNR, n1 - np), nb = (nv + 15) / 16;
+        const PanelMasks masks = panel_masks(nv);
+        const uint32_t* Pk = pack_buffer;
+        if (B.packed != nullptr)
+          Pk = reinterpret_cast<const uint32_t*>(static_cast<const char*>(B.packed) + (np / kNR) * panel_bytes) +
+               static_cast<int64_t>(k0 / 2) * kNR;
+        else Bf16DotPath::pack(B, np, nv, k0, kc, pack_buffer), amx_tile_chunks(pack_buffer, steps);
+        // Each half of the panel's block (32 columns) stays in L1 while the row tiles pass over it.
+        for (int half = 0; half < 2 && 2 * half < nb && whole > 0; ++half)
+          for (int m = 0; m < rows; m += kAmxMR)
+            amx_tile_block(min_int(kAmxMR, rows - m), nb, half, whole / 16, tiles + (m / 16) * group_stride,
+                           group_stride, Pk, C + static_cast<int64_t>(m0 + m) * ldc + np, ldc, masks, load_c);
+        if (whole == steps) continue;
+        for (int m = 0; m < rows; m += kAmxMR) {
+          const int r = min_int(kAmxMR, rows - m);
+          float* Cm = C + static_cast<int64_t>(m0 + m) * ldc + np;
+          // The last pairs of the block on vdpbf16ps, Bf16DotPath::kMR rows at a time.
+          for (int i = 0; i < r; i += Bf16DotPath::kMR)
+            select_micro<Bf16DotPath>(min_int(Bf16DotPath::kMR, r - i), nb)(
+                steps - whole, Ak + (m0 + m + i) * lda + whole, lda, Pk + whole * kNR, Cm + i * ldc, ldc, masks,
+                load_c || whole > 0);
+        }
+      }
+    }
+  }
+}
+
+// The amx table's gemm: A staged per call into `scratch` past amx_scratch_floats (whole rows: the tiles
+// are copied from them per k block), the rest as amx_gemm_rows.
+void gemm_amx(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
+              bool accumulate, float* scratch) {
+  if (B.type != WType::BF16 || !B.bf16_dot || M <= 0 || n1 <= n0 || K <= 0)
+    return gemm(M, n0, n1, K, A, lda, B, C, ldc, accumulate, scratch);
+  uint32_t* const staged = reinterpret_cast<uint32_t*>(scratch + amx_scratch_floats());
+  const int64_t staged_ld = static_cast<int64_t>(staged_row_bytes<Bf16DotPath>(K) / 4);
+  const AmxTiles tiles;
+  for (int m0 = 0; m0 < M; m0 += kAmxStagedRows) {  // a bounded part of the scratch at a time
+    const int rows = min_int(kAmxStagedRows, M - m0);
+    stage_rows<Bf16DotPath>(rows, K, A + static_cast<int64_t>(m0) * lda, lda, staged);
+    amx_gemm_rows(rows, n0, n1, K, staged, staged_ld, B, C + static_cast<int64_t>(m0) * ldc, ldc, accumulate, scratch);
+  }
+}
+
+void gemm_amx_staged(int M, int n0, int n1, int K, const void* As, const MatB& B, float* C, int64_t ldc,
+                     bool accumulate, float* scratch) {
+  if (M <= 0 || n1 <= n0) return;
+  if (K <= 0) return gemm_empty_k(M, n0, n1, C, ldc, accumulate);
+  const AmxTiles tiles;
+  amx_gemm_rows(M, n0, n1, K, static_cast<const uint32_t*>(As),
+                static_cast<int64_t>(staged_row_bytes<Bf16DotPath>(K) / 4), B, C, ldc, accumulate, scratch);
+}
+
+size_t gemm_amx_scratch_floats(int K) {
+  const size_t a = amx_scratch_floats() + aligned_floats(staged_row_bytes<Bf16DotPath>(K) * kAmxStagedRows),
+               d = gemm_dot_scratch_floats(K);
+  return a > d ? a : d;
+}
+
 // exp(x) = 2^n * exp(r) with n = round(x / ln 2) and |r| <= ln2 / 2; exp(r) by the Cephes expf
 // polynomial (about 1 ulp), 2^n applied with scalef so that overflow gives inf and underflow 0.
 inline __m512 exp16(__m512 x) {
@@ -596,6 +846,19 @@ const Kernels* avx512bf16_kernels() {
     t.bf16_a_row_bytes = dot_a_row_bytes;
     t.stage_bf16_a = dot_stage_a;
     t.gemm_staged = gemm_staged_path<Bf16DotPath>;
+    return t;
+  }();
+  return &table;
+}
+
+const Kernels* amx_kernels() {
+  static const Kernels table = [] {
+    Kernels t = *avx512bf16_kernels();
+    t.isa = "amx";
+    t.gemm = gemm_amx;
+    t.gemm_scratch_floats = gemm_amx_scratch_floats;
+    t.gemm_staged = gemm_amx_staged;
+    t.pack_panel = amx_pack_panel;
     return t;
   }();
   return &table;
