@@ -4,7 +4,7 @@
 //   1. Peaks: independent chains of one instruction on every requested thread at once (f32 FMA on ymm
 //      and zmm, int16 dot vpmaddwd, int8 dot by vpmaddubsw+vpmaddwd (what the quantized GEMM issues on
 //      AVX2), vpdpwssd / vpdpbusd on ymm and zmm (vpdpbusd zmm: the quantized GEMM with VNNI), bf16 dot
-//      vdpbf16ps);
+//      vdpbf16ps, and AMX's tdpbf16ps and tdpbssd tiles);
 //      each family only where cpuid reports it. A multiply-add counts as 2 operations.
 //   2. GEMMs of the model's shapes through the kernels the engine dispatched (f32 packed, and the
 //      integer GEMMs of Q8_0 / Q4_0 including the activations' quantization), split over the threads by
@@ -204,6 +204,45 @@ __attribute__((target("avx512f,avx512bf16"))) void peak_bf16_zmm() {
   g_sink_f = _mm512_reduce_add_ps(t);
 }
 
+// AMX tiles (where the CPU has them and Linux grants this process their state, which the engine requests
+// when it looks for its amx kernels): four C tiles of 16 x 16 f32 / int32, chained through TDPBF16PS
+// (16 x 16 x 32 bf16 multiply-adds each) or TDPBSSD (16 x 16 x 64 int8), kIters / 64 steps of the four.
+struct alignas(64) AmxConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16};
+};
+alignas(64) uint8_t g_amx_operand[16 * 64];
+
+template <bool Int8>
+__attribute__((target("amx-tile,amx-bf16,amx-int8"))) void peak_amx() {
+  static const AmxConfig config;
+  _tile_loadconfig(&config);
+  _tile_loadd(4, g_amx_operand, 64);
+  _tile_loadd(5, g_amx_operand, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (long it = 0; it < kIters / 64; ++it) {
+    if constexpr (Int8) {
+      _tile_dpbssd(0, 4, 5);
+      _tile_dpbssd(1, 4, 5);
+      _tile_dpbssd(2, 4, 5);
+      _tile_dpbssd(3, 4, 5);
+    } else {
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 5);
+      _tile_dpbf16ps(2, 4, 5);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  alignas(64) int32_t out[256];
+  _tile_stored(0, out, 64);
+  g_sink_i = out[0];
+  _tile_release();
+}
+
 struct Peak {
   std::string family;
   double gops = 0;  // operations per second / 1e9 (a multiply-add is 2)
@@ -234,6 +273,11 @@ std::vector<PeakKernel> peak_kernels() {
   }
   // kIters / 8 steps of 24 chains: the same count as kIters / 4 steps of 12.
   if (__builtin_cpu_supports("avx512bf16")) out.push_back({"bf16 vdpbf16ps zmm (AVX512_BF16)", peak_bf16_zmm, 64, 12});
+  // kIters / 64 steps of 4 tiles = kIters / 4 steps of 4 chains of a sixteenth of a tile's operations.
+  if (kernels_for("amx") != nullptr) {
+    out.push_back({"bf16 tdpbf16ps tile (AMX)", peak_amx<false>, 16 * 16 * 32 * 2 / 16, 4});
+    out.push_back({"int8 tdpbssd tile (AMX)", peak_amx<true>, 16 * 16 * 64 * 2 / 16, 4});
+  }
   return out;
 }
 
@@ -288,11 +332,13 @@ std::string cpu_model() {
 
 // The family whose peak bounds each kind of work on the dispatched path.
 std::string f32_family(const Kernels& k) {
-  return std::string(k.isa).rfind("avx512", 0) == 0 ? "f32 FMA zmm" : "f32 FMA ymm";
+  const std::string isa = k.isa;
+  return isa.rfind("avx512", 0) == 0 || isa == "amx" ? "f32 FMA zmm" : "f32 FMA ymm";
 }
 // bf16 weights: the bf16 dot product, on vdpbf16ps where the path has it, else on the FMA units.
 std::string bf16_family(const Kernels& k) {
-  return std::string(k.isa) == "avx512bf16" ? "bf16 vdpbf16ps zmm" : f32_family(k);
+  const std::string isa = k.isa;
+  return isa == "amx" ? "bf16 tdpbf16ps tile" : isa == "avx512bf16" ? "bf16 vdpbf16ps zmm" : f32_family(k);
 }
 // The quantized GEMM's products are int8 activations x int8 (or 4-bit) weights (quant.h).
 std::string int8_family(const QuantKernels& q) {
