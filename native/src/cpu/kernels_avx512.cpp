@@ -648,7 +648,8 @@ size_t amx_scratch_floats() {
 
 // C[M][n0, n1) = (accumulate ? C : 0) + A . B with A as staged rows (Bf16DotPath's layout, row m at
 // A + m * lda pairs) and B bf16 (packed at load, or packed here per k block). K blocks outermost, then row
-// blocks, then panels, then tiles of 32 rows: a panel's k block stays in L2 while the row tiles pass over it.
+// blocks, then panels, then the panel's two halves, then tiles of 32 rows: a half's k block (128 KiB) stays
+// in L2 while the row tiles pass over it.
 void amx_gemm_rows(int M, int n0, int n1, int K, const uint32_t* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
                    bool accumulate, float* scratch) {
   uint32_t* const pack_buffer = reinterpret_cast<uint32_t*>(scratch);
@@ -672,7 +673,6 @@ void amx_gemm_rows(int M, int n0, int n1, int K, const uint32_t* A, int64_t lda,
           Pk = reinterpret_cast<const uint32_t*>(static_cast<const char*>(B.packed) + (np / kNR) * panel_bytes) +
                static_cast<int64_t>(k0 / 2) * kNR;
         else Bf16DotPath::pack(B, np, nv, k0, kc, pack_buffer), amx_tile_chunks(pack_buffer, steps);
-        // Each half of the panel's block (32 columns) stays in L1 while the row tiles pass over it.
         for (int half = 0; half < 2 && 2 * half < nb && whole > 0; ++half)
           for (int m = 0; m < rows; m += kAmxMR)
             amx_tile_block(min_int(kAmxMR, rows - m), nb, half, whole / 16, tiles + (m / 16) * group_stride,
