@@ -3,6 +3,7 @@
  * and timing it without the server. Drives the same step API the scheduler does.
  */
 import { loadAddon, type NativeRemasking } from "../engine/native.js"
+import type { CpuIsa } from "../config/Config.js"
 
 export interface GenerateOptions {
   readonly model: string
@@ -20,7 +21,7 @@ export interface GenerateOptions {
   /** Quantize the matrices at load (CPU); "none": as stored. */
   readonly quantize: "none" | "q8_0" | "q4_0"
   /** The CPU kernels' instruction set; "auto": the widest the CPU has. */
-  readonly cpuIsa: "auto" | "portable" | "avx2" | "avx512" | "avx512bf16" | "amx"
+  readonly cpuIsa: CpuIsa
 }
 
 export interface GenerateResult {

@@ -11,6 +11,7 @@ import { Context, Effect, Layer, Runtime } from "effect"
 import { fromNative, type EngineError, type ModelLoadError } from "./errors.js"
 import { decodings, lladaFamily, type ModelFamily, type SamplingParams } from "../config/sampling.js"
 import { type CommittedToken, loadAddon, type NativeEngine, type NativeModelInfo, type StepSnapshot } from "./native.js"
+import type { CpuIsa } from "../config/Config.js"
 
 export type SequenceId = number
 
@@ -149,7 +150,7 @@ export interface EngineOptions {
   /** CPU: quantize the matrices at load (Q8_0 or Q4_0); absent or "none": as stored. */
   readonly quantize?: "none" | "q8_0" | "q4_0" | undefined
   /** CPU: the kernels' instruction set; absent or "auto": the widest the CPU has. */
-  readonly cpuIsa?: "auto" | "portable" | "avx2" | "avx512" | "avx512bf16" | "amx" | undefined
+  readonly cpuIsa?: CpuIsa | undefined
 }
 
 /** Wraps an already loaded native engine. */

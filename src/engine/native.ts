@@ -8,6 +8,7 @@ import { existsSync, readFileSync } from "node:fs"
 import { createRequire } from "node:module"
 import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
+import type { CpuIsa } from "../config/Config.js"
 
 /** `code` of every error the addon throws or rejects with: "VDIFF_" + the native error code's name. */
 export type NativeErrorCode =
@@ -305,7 +306,7 @@ export interface NativeLoadOptions {
    * CPU: the kernels' instruction set; absent or "auto": the widest the CPU has (or the one the VDIFF_ISA
    * environment variable names). One this CPU lacks rejects with VDIFF_UNAVAILABLE listing those it has.
    */
-  readonly cpuIsa?: "auto" | "portable" | "avx2" | "avx512" | "avx512bf16" | "amx" | undefined
+  readonly cpuIsa?: CpuIsa | undefined
   /** Called on the JS thread while a device backend uploads the weights (every 256 MiB, and at the end). */
   readonly onProgress?: ((bytesDone: number, bytesTotal: number) => void) | undefined
   /** Worker threads for the forward pass; 0 or absent: all hardware threads. */

@@ -23,6 +23,7 @@ import * as Scheduler from "../scheduler/Scheduler.js"
 import type { SchedulerOptions, SchedulerShape } from "../scheduler/Scheduler.js"
 import type { TokenizerShape } from "../tokenizer/Tokenizer.js"
 import * as Tokenizer from "../tokenizer/Tokenizer.js"
+import type { CpuIsa } from "../config/Config.js"
 
 export type ModelState = "loading" | "ready" | "draining" | "error"
 
@@ -150,7 +151,7 @@ export interface NativeModelOptions {
   /** Quantize the matrices at load (--quantize). */
   readonly quantize?: "none" | "q8_0" | "q4_0" | undefined
   /** The CPU kernels' instruction set (--cpu-isa); absent: auto. */
-  readonly cpuIsa?: "auto" | "portable" | "avx2" | "avx512" | "avx512bf16" | "amx" | undefined
+  readonly cpuIsa?: CpuIsa | undefined
   readonly threads: number
   /** Element type of the KV caches (absent: f32) and the bound on their bytes together (absent or 0: none). */
   readonly kvCacheDtype?: "f32" | "bf16" | undefined
