@@ -70,7 +70,12 @@ bool cpu_has_amx() {
 
 // The ISA names, lowest first.
 const char* const kIsaNames[] = {"portable", "avx2", "avx512", "avx512bf16", "amx"};
-constexpr const char* kIsaList = "portable, avx2, avx512, avx512bf16, amx";
+// "portable, avx2, ...": the names for the errors that list them.
+std::string isa_list() {
+  std::string out;
+  for (const char* name : kIsaNames) out += (out.empty() ? "" : ", ") + std::string(name);
+  return out;
+}
 
 bool known_isa(const std::string& name) {
   for (const char* known : kIsaNames)
@@ -129,7 +134,7 @@ const QuantKernels& quant_kernels_for(const Kernels& k) {
 const Kernels& kernels_for_setting(const std::string& isa) {
   if (isa.empty() || isa == "auto") return active_kernels();
   const std::string setting = "--cpu-isa (VDIFF_CPU_ISA) " + isa + ": ";
-  if (!known_isa(isa)) throw Error(ErrorCode::InvalidArgument, setting + "not one of auto, " + kIsaList);
+  if (!known_isa(isa)) throw Error(ErrorCode::InvalidArgument, setting + "not one of auto, " + isa_list());
   if (const Kernels* k = kernels_for(isa)) return *k;
   std::string available = "auto";
   for (const std::string& name : available_isas()) available += ", " + name;
@@ -142,7 +147,7 @@ const Kernels& active_kernels() {
     const char* requested = std::getenv("VDIFF_ISA");
     if (!requested || !*requested) return select_default();
     std::string name(requested);
-    if (!known_isa(name)) throw Error(ErrorCode::InvalidArgument, "VDIFF_ISA=" + name + " is not one of " + kIsaList);
+    if (!known_isa(name)) throw Error(ErrorCode::InvalidArgument, "VDIFF_ISA=" + name + " is not one of " + isa_list());
     const Kernels* k = kernels_for(name);
     if (!k) throw Error(ErrorCode::InvalidArgument, "VDIFF_ISA=" + name + " is not supported by this CPU");
     return k;
