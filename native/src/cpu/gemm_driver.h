@@ -474,6 +474,77 @@ void gemm_staged_path(int M, int n0, int n1, int K, const void* As, const MatB& 
 // Block-quantized weights (quant.h): A staged as QBlockA (one per 32 k), one step of the driver per block
 // of 32 k. B is the weight packed at load (pack_quant_blocks), or else packed here per k block: then
 // MatB::data points to the QMatB (the MoE experts, which stay mapped: only the routed ones are read).
+// pack_quant_blocks (quant.h) for a panel of kNR columns on 128-bit registers, the same bytes (an f16 NaN
+// scale aside, which F16C makes quiet): per 4 columns and 16 bytes of their blocks, a 4 x 4 transpose of
+// dwords (4 groups of 4 k of each column into 4 columns per group), and their scales 8 blocks at a time.
+// The MoE experts are packed this way per product, straight from the mapped weights: 4 columns at a time
+// through all their blocks, the next 4 columns' lines requested meanwhile. bench/moe (llada2-mini, Q4_0,
+// batch 1, Zen 4): 454-497 ms per denoising step with the byte-at-a-time pack, 248-294 ms with this one
+// (289-331 ms while the scales were still converted one at a time in software).
+template <QType T>
+void pack_quant_panel_blocks(const QMatB& B, int N, int n0, int b0, int nb, void* out) {
+  constexpr int qbytes = qblock_bytes(T);
+  constexpr size_t block_stride = static_cast<size_t>(kNR) * qpacked_column_bytes(T);
+  static_assert(kNR % 4 == 0 && qbytes % 16 == 0, "whole 4 x 4 dword transposes");
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(T == QType::Q8_0 && kQ8Unsigned ? 0x80 : 0x00));
+  const __m128i lowest = _mm_set1_epi8(-127);
+  uint8_t* o = static_cast<uint8_t*>(out);
+  const int64_t span = static_cast<int64_t>(nb) * qbytes;  // the bytes of one column this reads
+  const auto row_of = [&](int n) {
+    return B.data + static_cast<int64_t>(n) * B.ld + static_cast<int64_t>(b0) * qbytes;
+  };
+  for (int c = 0; c < kNR; c += 4) {
+    for (int i = 0; i < 4; ++i) {
+      const int next = n0 + c + 4 + i;
+      if (next >= N || c + 4 >= kNR) break;
+      for (int64_t line = 0; line < span; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(row_of(next) + line), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(B.scales + static_cast<int64_t>(next) * B.ld_scales + b0),
+                   _MM_HINT_T0);
+    }
+    const uint8_t* row[4];
+    const uint16_t* scale_row[4];
+    for (int i = 0; i < 4; ++i) {
+      const bool present = n0 + c + i < N;
+      row[i] = present ? row_of(n0 + c + i) : nullptr;
+      scale_row[i] = present ? B.scales + static_cast<int64_t>(n0 + c + i) * B.ld_scales + b0 : nullptr;
+    }
+    // The scales 8 blocks at a time on F16C (exact, as f16_to_f32; an f16 NaN comes out quiet).
+    alignas(32) float scale[4][8];
+    for (int b = 0; b < nb; ++b) {
+      if (b % 8 == 0)
+        for (int i = 0; i < 4; ++i) {
+          if (!scale_row[i]) {
+            _mm256_store_ps(scale[i], _mm256_setzero_ps());
+          } else if (nb - b >= 8) {
+            _mm256_store_ps(scale[i],
+                            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale_row[i] + b))));
+          } else {
+            for (int j = 0; j < nb - b; ++j) scale[i][j] = f16_to_f32(scale_row[i][b + j]);
+          }
+        }
+      uint8_t* ob = o + b * block_stride;
+      float* scales = reinterpret_cast<float*>(ob + static_cast<size_t>(kNR) * qbytes);
+      for (int i = 0; i < 4; ++i) scales[c + i] = scale[i][b % 8];
+      for (int h = 0; h < qbytes / 16; ++h) {
+        __m128i r[4];
+        for (int i = 0; i < 4; ++i) {
+          r[i] = row[i] ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[i] + b * qbytes + 16 * h))
+                        : _mm_setzero_si128();
+          // A Q8_0 byte as q8_value reads it (-128 as -127), then the unsigned form the kernel multiplies.
+          if (T == QType::Q8_0 && row[i]) r[i] = _mm_xor_si128(_mm_max_epi8(r[i], lowest), flip);
+        }
+        const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpacklo_epi32(r[2], r[3]);
+        const __m128i t2 = _mm_unpackhi_epi32(r[0], r[1]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
+        const __m128i g[4] = {_mm_unpacklo_epi64(t0, t1), _mm_unpackhi_epi64(t0, t1), _mm_unpacklo_epi64(t2, t3),
+                              _mm_unpackhi_epi64(t2, t3)};
+        for (int j = 0; j < 4; ++j)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(ob + (static_cast<size_t>(4 * h + j) * kNR + c) * 4), g[j]);
+      }
+    }
+  }
+}
+
 template <QType T>
 struct QuantPath {
   using AT = QBlockA;
@@ -494,7 +565,7 @@ struct QuantPath {
     quantize_rows_isa(rows, kc, A, lda, out);
   }
   static void pack(const MatB& B, int n0, int nv, int k0, int kc, PT* P) {
-    pack_quant_blocks(weight(B), n0 + nv, n0, kNR, k0 / kQBlock, kc / kQBlock, kQ8Unsigned, P);
+    pack_quant_panel_blocks<T>(weight(B), n0 + nv, n0, k0 / kQBlock, kc / kQBlock, P);
   }
   static L2Prefetch source(const MatB& B, int n0, int nv, int k0, int kc) {
     const QMatB& q = weight(B);
@@ -532,7 +603,8 @@ size_t quant_packed_panel_bytes(int K, QType type) {
 }
 
 void quant_pack_panel(const QMatB& B, int N, int K, int panel, void* out) {
-  pack_quant_blocks(B, N, panel * kNR, kNR, 0, K / kQBlock, kQ8Unsigned, out);
+  if (B.type == QType::Q8_0) pack_quant_panel_blocks<QType::Q8_0>(B, N, panel * kNR, 0, K / kQBlock, out);
+  else pack_quant_panel_blocks<QType::Q4_0>(B, N, panel * kNR, 0, K / kQBlock, out);
 }
 
 size_t bf16_a_row_bytes(int K) { return staged_row_bytes<Bf16FmaPath>(K); }

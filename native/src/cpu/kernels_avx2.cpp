@@ -448,15 +448,11 @@ void convert_t(const void* src, float* dst, int n) {
 }  // namespace
 
 const QuantKernels* quant_avx2_kernels() {
-  static const QuantKernels table = {"avx2",
-                                     kNR,
-                                     quantize_rows_isa,
-                                     hadamard_isa,
-                                     quantize_weights,
-                                     quant_gemm,
-                                     quant_gemm_scratch_floats,
-                                     quant_pack_panel,
-                                     quant_packed_panel_bytes};
+  static const QuantKernels table = {"avx2",           kNR,
+                                     kQ8Unsigned,      quantize_rows_isa,
+                                     hadamard_isa,     quantize_weights,
+                                     quant_gemm,       quant_gemm_scratch_floats,
+                                     quant_pack_panel, quant_packed_panel_bytes};
   return &table;
 }
 

@@ -823,15 +823,11 @@ void convert_t(const void* src, float* dst, int n) {
 const Kernels* avx512_kernels() { return kernel_table("avx512"); }
 
 const QuantKernels* quant_avx512vnni_kernels() {
-  static const QuantKernels table = {"avx512vnni",
-                                     kNR,
-                                     quantize_rows_isa,
-                                     hadamard_isa,
-                                     quantize_weights,
-                                     quant_gemm,
-                                     quant_gemm_scratch_floats,
-                                     quant_pack_panel,
-                                     quant_packed_panel_bytes};
+  static const QuantKernels table = {"avx512vnni",     kNR,
+                                     kQ8Unsigned,      quantize_rows_isa,
+                                     hadamard_isa,     quantize_weights,
+                                     quant_gemm,       quant_gemm_scratch_floats,
+                                     quant_pack_panel, quant_packed_panel_bytes};
   return &table;
 }
 

@@ -76,8 +76,9 @@ static_assert(sizeof(QBlockA) == 40, "QBlockA is packed as the kernels read it")
 // A quantized weight prepared for an ISA's products: packed panels (QuantKernels::pack_panel) when the
 // ISA packs, else the row-major blocks.
 struct QuantKernels {
-  const char* isa;  // "portable" | "avx2" | "avx512vnni"
-  int nr;           // panel width of the packed weights (0: the gemm reads QMatB's rows; nothing is packed)
+  const char* isa;   // "portable" | "avx2" | "avx512vnni"
+  int nr;            // panel width of the packed weights (0: the gemm reads QMatB's rows; nothing is packed)
+  bool q8_unsigned;  // its panels hold Q8_0 bytes as q + 128 (pack_quant_blocks' q8_unsigned)
   // quantize_activations (below), compiled for this ISA.
   void (*quantize)(int M, int K, const float* A, int64_t lda, QBlockA* out);
   // hadamard_transform (below) on this ISA's registers: the same butterflies in the same order, so the

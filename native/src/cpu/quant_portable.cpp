@@ -47,7 +47,8 @@ size_t no_scratch(int) { return 0; }
 
 const QuantKernels* quant_portable_kernels() {
   static const QuantKernels table = {
-      "portable", 0, quantize_activations, hadamard_transform, quantize_weight_row, gemm, no_scratch, nullptr, nullptr};
+      "portable", 0,       false,  quantize_activations, hadamard_transform, quantize_weight_row, gemm,
+      no_scratch, nullptr, nullptr};
   return &table;
 }
 

@@ -452,7 +452,8 @@ void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
   const Shape shapes[] = {{1, 1, 32},    {1, 7, 64},   {5, 17, 96},   {4, 2, 256},    {7, 33, 320},
                           {13, 40, 512}, {3, 5, 4096}, {8, 70, 1056}, {19, 130, 288}, {1100, 530, 32}};
   std::mt19937 rng(4321 + static_cast<int>(type));
-  bool act_ok = true, act_same = true, bound_ok = true, sentinels_ok = true, same = true, same_rows = true;
+  bool act_ok = true, act_same = true, bound_ok = true, sentinels_ok = true, same = true, same_rows = true,
+       packs_same = true;
   double worst = 0;
   for (const Shape& s : shapes)
     for (int variant = 0; variant < 3; ++variant) {
@@ -483,6 +484,12 @@ void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
         uint8_t* base = packed.data() + (64 - reinterpret_cast<uintptr_t>(packed.data()) % 64) % 64;
         for (int p = 0; p < panels; ++p) k.pack_panel(B, s.N, s.K, p, base + p * panel_bytes);
         Bp.packed = base;
+        // The ISA's pack writes pack_quant_blocks' bytes (its own transposes; the zero columns past N).
+        std::vector<uint8_t> want(panel_bytes);
+        for (int p = 0; p < panels; ++p) {
+          cpu::pack_quant_blocks(B, s.N, p * k.nr, k.nr, 0, nb, k.q8_unsigned, want.data());
+          if (std::memcmp(want.data(), base + p * panel_bytes, panel_bytes) != 0) packs_same = false;
+        }
       }
       std::vector<float> A = random_floats(s.M * lda, rng, 2.0f);
       if (variant == 0) std::fill(A.begin(), A.begin() + 32, 0.0f);  // an all-zero activation block
@@ -542,6 +549,7 @@ void test_quant_gemm(const cpu::QuantKernels& k, cpu::QType type) {
   report(sentinels_ok, name + " gemm leaves columns outside [n0, n1) untouched");
   report(same, name + " gemm on packed weights bit-identical to portable");
   report(same_rows, name + " gemm on row-major weights bit-identical to portable");
+  if (k.nr > 0) report(packs_same, name + " pack_panel writes pack_quant_blocks' bytes");
 }
 
 }  // namespace vdiff::test
