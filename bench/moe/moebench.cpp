@@ -53,6 +53,12 @@ std::string cpu_model() {
   return "unknown";
 }
 
+// The last component of a path (the model directory's name: the results carry no machine paths).
+std::string base_name(std::string path) {
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  return path.substr(path.find_last_of('/') + 1);
+}
+
 long major_faults() {
   rusage u{};
   getrusage(RUSAGE_SELF, &u);
@@ -316,8 +322,8 @@ int main(int argc, char** argv) {
         "\"experts_per_layer\": %d}, "
         "\"prompt\": %d, \"gen\": %d, \"steps_per_block\": %d, \"block_length\": %d, \"runs\": [%s], "
         "\"peak_rss_gib\": %.2f}\n",
-        cpu_model().c_str(), threads, model.c_str(), wb.quant.c_str(), info.backend.c_str(), info.gemm.c_str(), load_s,
-        bw / 1e9, bw1 / 1e9, bandwidth_mib, static_cast<unsigned long long>(wb.total),
+        cpu_model().c_str(), threads, base_name(model).c_str(), wb.quant.c_str(), info.backend.c_str(),
+        info.gemm.c_str(), load_s, bw / 1e9, bw1 / 1e9, bandwidth_mib, static_cast<unsigned long long>(wb.total),
         static_cast<unsigned long long>(wb.attention), static_cast<unsigned long long>(wb.dense_mlp),
         static_cast<unsigned long long>(wb.routers), static_cast<unsigned long long>(wb.shared),
         static_cast<unsigned long long>(wb.head), static_cast<unsigned long long>(wb.expert),
