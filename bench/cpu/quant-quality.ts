@@ -1,10 +1,13 @@
 /**
- * What block quantization costs in quality, on the embedded model (models/shakespeare), by two measures:
+ * What block quantization costs in quality, on the embedded model (models/shakespeare), by three measures:
  *   - own loss on held-out text: each held-out continuation (what Shakespeare wrote after the prompt) is
  *     scored by the model itself, its positions split at random (seeded) into two halves, each half
  *     masked in turn with the prompt and the other half visible (NativeEngine.score), in nats per token;
+ *   - log-prob deviation: the mean |log p - log p_first| of those same scores, position by position: how
+ *     far the predictions moved, stable from change to change (bench/cpu/RESULTS.md, 2026-12-07);
  *   - agreement: the fraction of answer tokens that greedy (temperature 0) decoding of the same prompts
- *     produces identically with the quantized weights and with the stored ones.
+ *     produces identically with the quantized weights and with the stored ones (a first different token
+ *     changes the rest of the answer, so this one jumps by points where the predictions barely moved).
  * Formats: "none" (the checkpoint as stored), "q8_0", "q4_0", each quantized at load (LoadOptions
  * quantize); `fromDir` runs a checkpoint written by `vdiff quantize` instead.
  *
@@ -59,6 +62,11 @@ export interface FormatQuality {
   /** Own loss on the held-out continuations, nats per token, and its ratio to the first format's. */
   readonly heldOutLoss: number
   readonly lossRatio: number
+  /**
+   * Mean |log p - log p_first| over the same held-out positions: how far each prediction moved, with no
+   * decoding path to diverge (greedy agreement counts every token after a first difference as lost).
+   */
+  readonly logProbDeviation: number
   /** Fraction of greedy answer tokens equal to the first format's. */
   readonly agreement: number
   readonly seconds: number
@@ -86,13 +94,13 @@ const random = (seed: number) => () => {
   return ((t ^ (t >>> 14)) >>> 0) / 4294967296
 }
 
-const heldOutLoss = async (
+/** The log-probabilities of every held-out position (in a fixed order) and their mean negative, nats per token. */
+const heldOutScores = async (
   engine: NativeEngine,
   pairs: ReadonlyArray<{ prompt: ReadonlyArray<number>; continuation: ReadonlyArray<number> }>
-): Promise<number> => {
+): Promise<{ readonly loss: number; readonly scores: ReadonlyArray<number> }> => {
   const mask = engine.info().config.maskTokenId
-  let nll = 0
-  let count = 0
+  const all: Array<number> = []
   for (const [p, { prompt, continuation }] of pairs.entries()) {
     const order = Array.from({ length: continuation.length }, (_, i) => i)
     const next = random(1000 + p)
@@ -108,11 +116,10 @@ const heldOutLoss = async (
         half.map((i) => prompt.length + i),
         half.map((i) => continuation[i]!)
       )
-      for (const s of scores) nll -= s
-      count += half.length
+      all.push(...scores)
     }
   }
-  return nll / count
+  return { loss: -all.reduce((a, b) => a + b, 0) / all.length, scores: all }
 }
 
 const greedyAnswers = async (
@@ -150,6 +157,7 @@ export const measureQuantQuality = async (options: QuantQualityOptions): Promise
   const addon = loadAddon(options.addonPath)
   const out: Array<FormatQuality> = []
   let firstLoss = 0
+  let firstScores: ReadonlyArray<number> | undefined
   let firstAnswers: Array<Array<number>> | undefined
   for (const format of options.formats) {
     const started = performance.now()
@@ -164,7 +172,9 @@ export const measureQuantQuality = async (options: QuantQualityOptions): Promise
       if (fromDir === undefined && format !== "none" && weightDtype !== format) {
         throw new Error(`loaded ${format} but the engine reports weights of ${weightDtype} (an addon without quantize?)`)
       }
-      const loss = await heldOutLoss(engine, pairs)
+      const { loss, scores } = await heldOutScores(engine, pairs)
+      firstScores ??= scores
+      const logProbDeviation = scores.reduce((a, s, i) => a + Math.abs(s - firstScores![i]!), 0) / scores.length
       const answers = await greedyAnswers(
         engine,
         pairs.map((p) => p.prompt),
@@ -186,11 +196,12 @@ export const measureQuantQuality = async (options: QuantQualityOptions): Promise
         weightDtype,
         heldOutLoss: loss,
         lossRatio: loss / firstLoss,
+        logProbDeviation,
         agreement: same / total,
         seconds: (performance.now() - started) / 1000
       })
       options.log?.(
-        `${format}: loss ${loss.toFixed(4)}, agreement ${(out.at(-1)!.agreement * 100).toFixed(1)}%, ${out.at(-1)!.seconds.toFixed(1)} s`
+        `${format}: loss ${loss.toFixed(4)}, mean |dlog p| ${logProbDeviation.toExponential(2)}, agreement ${(out.at(-1)!.agreement * 100).toFixed(1)}%, ${out.at(-1)!.seconds.toFixed(1)} s`
       )
     }
   }
@@ -200,11 +211,12 @@ export const measureQuantQuality = async (options: QuantQualityOptions): Promise
 export const formatQuantQuality = (rows: ReadonlyArray<FormatQuality>, options: QuantQualityOptions): string =>
   [
     `embedded model, ${options.prompts} held-out prompts, gen ${options.genLength}, greedy, ${options.threads} threads`,
-    "format   weights  held-out own loss   vs first   greedy agreement",
+    "format   weights  held-out own loss   vs first   mean |dlog p|   greedy agreement",
     ...rows.map(
       (r) =>
         `${r.format.padEnd(8)} ${r.weightDtype.padEnd(8)} ${r.heldOutLoss.toFixed(4).padStart(17)} ` +
-        `${(100 * (r.lossRatio - 1)).toFixed(2).padStart(9)}% ${(100 * r.agreement).toFixed(1).padStart(17)}%`
+        `${(100 * (r.lossRatio - 1)).toFixed(2).padStart(9)}% ${r.logProbDeviation.toExponential(2).padStart(15)} ` +
+        `${(100 * r.agreement).toFixed(1).padStart(17)}%`
     )
   ].join("\n")
 
