@@ -101,16 +101,22 @@ struct L2Prefetch {
   int64_t stride = 0;
   int rows = 0;
   int lines = 0;
+  // A second part per row, requested with it: a quantized weight's scales, which are stored apart.
+  const char* base2 = nullptr;
+  int64_t stride2 = 0;
+  int lines2 = 0;
 
   // Slice `part` of `parts`.
   void issue(int part, int parts) const {
-    const int64_t total = static_cast<int64_t>(rows) * lines;
+    const int per_row = lines + lines2;
+    const int64_t total = static_cast<int64_t>(rows) * per_row;
     const int64_t begin = total * part / parts, end = total * (part + 1) / parts;
     if (begin >= end) return;
-    int row = static_cast<int>(begin / lines), line = static_cast<int>(begin % lines);
+    int row = static_cast<int>(begin / per_row), line = static_cast<int>(begin % per_row);
     for (int64_t i = begin; i < end; ++i) {
-      _mm_prefetch(base + row * stride + line * 64, _MM_HINT_T1);
-      if (++line == lines) line = 0, ++row;
+      const char* p = line < lines ? base + row * stride + line * 64 : base2 + row * stride2 + (line - lines) * 64;
+      _mm_prefetch(p, _MM_HINT_T1);
+      if (++line == per_row) line = 0, ++row;
     }
   }
 };
@@ -571,7 +577,14 @@ struct QuantPath {
     const QMatB& q = weight(B);
     const uint8_t* first =
         q.data + static_cast<int64_t>(n0) * q.ld + static_cast<int64_t>(k0 / kQBlock) * qblock_bytes(T);
-    return {reinterpret_cast<const char*>(first), q.ld, nv, lines_of(first, kc / kQBlock * qblock_bytes(T))};
+    const uint16_t* scales = q.scales + static_cast<int64_t>(n0) * q.ld_scales + k0 / kQBlock;
+    return {reinterpret_cast<const char*>(first),
+            q.ld,
+            nv,
+            lines_of(first, kc / kQBlock * qblock_bytes(T)),
+            reinterpret_cast<const char*>(scales),
+            q.ld_scales * static_cast<int64_t>(sizeof(uint16_t)),
+            lines_of(scales, kc / kQBlock * sizeof(uint16_t))};
   }
   template <int R, int NB>
   static void micro(int steps, const QBlockA* A, int64_t lda, const PT* P, float* C, int64_t ldc,
