@@ -478,8 +478,9 @@ void gemm_staged_path(int M, int n0, int n1, int K, const void* As, const MatB& 
 
 // ------------------------------------------------------------------------------------------------
 // Block-quantized weights (quant.h): A staged as QBlockA (one per 32 k), one step of the driver per block
-// of 32 k. B is the weight packed at load (pack_quant_blocks), or else packed here per k block: then
+// of 32 k. B is the weight packed at load (pack_quant_panel_blocks), or else packed here per k block: then
 // MatB::data points to the QMatB (the MoE experts, which stay mapped: only the routed ones are read).
+
 // pack_quant_blocks (quant.h) for a panel of kNR columns on 128-bit registers, the same bytes (an f16 NaN
 // scale aside, which F16C makes quiet): per 4 columns and 16 bytes of their blocks, a 4 x 4 transpose of
 // dwords (4 groups of 4 k of each column into 4 columns per group), and their scales 8 blocks at a time.

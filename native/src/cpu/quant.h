@@ -233,7 +233,9 @@ static inline int q8_value(uint8_t byte) {
 // The bytes one column of a packed panel takes per block of 32 k: its integer bytes and its f32 scale.
 static inline constexpr int qpacked_column_bytes(QType t) { return qblock_bytes(t) + 4; }
 
-// Blocks [b0, b0 + nb) of the columns [n0, n0 + nr) of B (past N zero) in the layout the SIMD kernels read:
+// The layout the SIMD kernels read, element by element (each ISA packs it on its registers, gemm_driver.h
+// pack_quant_panel_blocks, and the kernel tests hold those to these bytes):
+// blocks [b0, b0 + nb) of the columns [n0, n0 + nr) of B (past N zero),
 // per block of 32 k, the integer bytes as groups of 4 consecutive k per column, then the nr f32 scales.
 //   Q8_0: group g (k = 4g .. 4g+3) at g * 4 * nr: column c's 4 bytes at 4c, XOR 0x80 when
 //         `q8_unsigned` (q + 128, for vpdpbusd's unsigned operand); 8 groups.

@@ -46,9 +46,16 @@ size_t no_scratch(int) { return 0; }
 }  // namespace
 
 const QuantKernels* quant_portable_kernels() {
-  static const QuantKernels table = {
-      "portable", 0,       false,  quantize_activations, hadamard_transform, quantize_weight_row, gemm,
-      no_scratch, nullptr, nullptr};
+  static const QuantKernels table = {.isa = "portable",
+                                     .nr = 0,
+                                     .q8_unsigned = false,
+                                     .quantize = quantize_activations,
+                                     .rotate = hadamard_transform,
+                                     .quantize_weights = quantize_weight_row,
+                                     .gemm = gemm,
+                                     .gemm_scratch_floats = no_scratch,
+                                     .pack_panel = nullptr,
+                                     .packed_panel_bytes = nullptr};
   return &table;
 }
 
