@@ -447,19 +447,7 @@ void convert_t(const void* src, float* dst, int n) {
 
 }  // namespace
 
-const QuantKernels* quant_avx2_kernels() {
-  static const QuantKernels table = {.isa = "avx2",
-                                     .nr = kNR,
-                                     .q8_unsigned = kQ8Unsigned,
-                                     .quantize = quantize_rows_isa,
-                                     .rotate = hadamard_isa,
-                                     .quantize_weights = quantize_weights,
-                                     .gemm = quant_gemm,
-                                     .gemm_scratch_floats = quant_gemm_scratch_floats,
-                                     .pack_panel = quant_pack_panel,
-                                     .packed_panel_bytes = quant_packed_panel_bytes};
-  return &table;
-}
+const QuantKernels* quant_avx2_kernels() { return quant_kernel_table("avx2"); }
 
 const Kernels* avx2_kernels() { return kernel_table("avx2"); }
 

@@ -822,19 +822,7 @@ void convert_t(const void* src, float* dst, int n) {
 
 const Kernels* avx512_kernels() { return kernel_table("avx512"); }
 
-const QuantKernels* quant_avx512vnni_kernels() {
-  static const QuantKernels table = {.isa = "avx512vnni",
-                                     .nr = kNR,
-                                     .q8_unsigned = kQ8Unsigned,
-                                     .quantize = quantize_rows_isa,
-                                     .rotate = hadamard_isa,
-                                     .quantize_weights = quantize_weights,
-                                     .gemm = quant_gemm,
-                                     .gemm_scratch_floats = quant_gemm_scratch_floats,
-                                     .pack_panel = quant_pack_panel,
-                                     .packed_panel_bytes = quant_packed_panel_bytes};
-  return &table;
-}
+const QuantKernels* quant_avx512vnni_kernels() { return quant_kernel_table("avx512vnni"); }
 
 const Kernels* avx512bf16_kernels() {
   static const Kernels table = [] {
