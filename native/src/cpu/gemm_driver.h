@@ -486,7 +486,7 @@ void gemm_staged_path(int M, int n0, int n1, int K, const void* As, const MatB& 
 // dwords (4 groups of 4 k of each column into 4 columns per group), and their scales 8 blocks at a time.
 // The MoE experts are packed this way per product, straight from the mapped weights: 4 columns at a time
 // through all their blocks, the next 4 columns' lines requested meanwhile. bench/moe (llada2-mini, Q4_0,
-// batch 1, Zen 4): 454-497 ms per denoising step with the byte-at-a-time pack, 248-294 ms with this one
+// batch 1, Zen 4): 418-497 ms per denoising step with the byte-at-a-time pack, 248-294 ms with this one
 // (289-331 ms while the scales were still converted one at a time in software).
 template <QType T>
 void pack_quant_panel_blocks(const QMatB& B, int N, int n0, int b0, int nb, void* out) {
