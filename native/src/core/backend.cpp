@@ -45,15 +45,7 @@ int Backend::cuda_devices() {
 
 std::unique_ptr<Backend> Backend::load(const std::string& dir, const LoadOptions& options) {
   Device device = options.device;
-  if (device == Device::Auto) {
-    device = cuda_devices() > 0 ? Device::Cuda : Device::Cpu;
-    // A family the CUDA backend does not run goes to the CPU (a config that does not parse is reported by
-    // the backend's own load below).
-    if (device == Device::Cuda) try {
-        if (!family_of(ModelConfig::from_file(dir + "/config.json")).cuda) device = Device::Cpu;
-      } catch (const Error&) {
-      }
-  }
+  if (device == Device::Auto) device = cuda_devices() > 0 ? Device::Cuda : Device::Cpu;
   try {
     if (device == Device::Cpu) return cpu::load(dir, options);
     if (options.quantize != Quant::None)
@@ -145,6 +137,39 @@ std::unique_ptr<KVCache> Backend::make_kv_cache(int positions) {
 }
 
 // ---- the checks of a forward's batch --------------------------------------------------------------
+
+std::vector<int> Backend::caches_computing(const BatchPlan& plan) {
+  // A whole-canvas refresh is not filled until every layer is done (a cancel in between leaves it unusable
+  // for reads). A read keeps its cache filled: a cancel leaves its computed range half written, and
+  // retrying the same range rewrites it. Block-causal: until the call completes, only the keys before
+  // `begin` are known good.
+  std::vector<int> cached_before(plan.seqs.size(), 0);
+  for (size_t s = 0; s < plan.seqs.size(); ++s) {
+    const BatchPlan::Seq& p = plan.seqs[s];
+    if (!p.cache) continue;
+    if (p.block > 0) {
+      cached_before[s] = p.cache->cached_until();
+      p.cache->set_cached_until(std::min(cached_before[s], p.begin));
+      if (p.begin == 0 && p.end == p.length) p.cache->set_filled(false);
+    } else if (!p.reads_cache) {
+      p.cache->set_filled(false);
+    }
+  }
+  return cached_before;
+}
+
+void Backend::caches_computed(const BatchPlan& plan, const std::vector<int>& before) {
+  for (size_t s = 0; s < plan.seqs.size(); ++s) {
+    const BatchPlan::Seq& p = plan.seqs[s];
+    if (!p.cache) continue;
+    if (p.block > 0) {
+      p.cache->set_cached_until(std::max(before[s], p.end));
+      if (p.begin == 0 && p.end == p.length) p.cache->set_filled(true);
+    } else {
+      p.cache->set_filled(true);
+    }
+  }
+}
 
 BatchPlan Backend::check_batch(const std::vector<ForwardSeq>& batch) const {
   BatchPlan plan;

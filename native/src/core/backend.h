@@ -237,6 +237,13 @@ class Backend {
   // embedding, compute ranges, caches made by this backend for that length and filled where read, logit
   // rows inside the computed range — and lays out its computed tokens. Throws Error(InvalidArgument).
   BatchPlan check_batch(const std::vector<ForwardSeq>& batch) const;
+  // The caches' state around a forward, the same for every backend: before the layers run,
+  // caches_computing() marks what the call is about to rewrite as not usable (a whole-canvas refresh: not
+  // filled; a block-causal call: keys known good only before its `begin`) and returns what it needs to
+  // restore; caches_computed() then marks the call's result usable (filled; cached up to its `end`).
+  // A cancelled forward calls only the first, which leaves its caches honest.
+  static std::vector<int> caches_computing(const BatchPlan& plan);
+  static void caches_computed(const BatchPlan& plan, const std::vector<int>& before);
   // The backend's own cache object for `positions` positions (its bytes already reserved from the budget).
   virtual std::unique_ptr<KVCache> allocate_kv_cache(int positions, uint64_t bytes) = 0;
   // The bound the budget starts with; a device backend may lower it once it knows its free memory.

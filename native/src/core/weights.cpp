@@ -54,7 +54,6 @@ Family llada_family() {
   f.architectures = {"LLaDAModelLM"};
   f.keys = ConfigKeys::Llada;
   f.decoding = Decoding::FullCanvas;
-  f.cuda = true;
   f.embed = "model.transformer.wte.weight";
   f.final_norm = "model.transformer.ln_f.weight";
   f.head = "model.transformer.ff_out.weight";
@@ -158,7 +157,6 @@ Family dream_family() {
   f.default_mask_token_id = 151666;
   f.qkv_bias = true;
   f.shifted_logits = true;
-  f.cuda = true;  // LLaDA's layers plus the q/k/v biases; its rows are sampled on the host
   qwen_names(f);
   const std::string l = "model.layers.{i}.";
   f.q_bias = l + "self_attn.q_proj.bias";

@@ -105,7 +105,6 @@ struct Family {
   RouterKind router = RouterKind::None;  // of its MoE layers (None: no MoE)
   bool qkv_bias = false;                 // q/k/v biases unless config.json says "attention_bias": false
   bool shifted_logits = false;           // the row of position i predicts token i + 1 (ModelConfig::shifted_logits)
-  bool cuda = false;                     // the CUDA backend runs it (LLaDA and Dream, today); else CPU only
 
   // Tensor names: `{i}` stands for the layer index, `{e}` for the expert index. An empty name: the family
   // has no such tensor.

@@ -924,7 +924,8 @@ void CpuBackend::add_bias(float* y, const std::vector<float>& bias, int T) {
 }
 
 void CpuBackend::forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) {
-  plan_ = check_batch(batch).seqs;
+  const BatchPlan plan = check_batch(batch);
+  plan_ = plan.seqs;
   auto check_cancel = [&] {
     if (cancel && cancel->load(std::memory_order_relaxed)) throw Error(ErrorCode::Cancelled, "forward cancelled");
   };
@@ -959,22 +960,7 @@ void CpuBackend::forward(const std::vector<ForwardSeq>& batch, float* logits, co
       kernels_->convert(static_cast<const char*>(wte_.data) + tokens[t] * row_bytes, wte_.type, x + t * D, D);
   });
 
-  // A cache that a whole-canvas call rewrites is not filled until every layer is done (a cancel in
-  // between leaves it unusable for reads). A read keeps its cache filled: a cancel leaves its computed
-  // range half written, and retrying the same range rewrites it.
-  // Block-causal caches: until the call completes, only the keys before `begin` are known good.
-  std::vector<int> cached_before(plan_.size(), 0);
-  for (size_t s = 0; s < plan_.size(); ++s) {
-    const SeqPlan& p = plan_[s];
-    if (!p.cache) continue;
-    if (p.block > 0) {
-      cached_before[s] = p.cache->cached_until();
-      p.cache->set_cached_until(std::min(cached_before[s], p.begin));
-      if (p.begin == 0 && p.end == p.length) p.cache->set_filled(false);
-    } else if (!p.reads_cache) {
-      p.cache->set_filled(false);
-    }
-  }
+  const std::vector<int> cached_before = caches_computing(plan);
 
   for (int layer = 0; layer < config_.n_layers; ++layer) {
     const Block& blk = blocks_[layer];
@@ -1003,16 +989,7 @@ void CpuBackend::forward(const std::vector<ForwardSeq>& batch, float* logits, co
     });
     linear(gate_.data(), T, H, {{&blk.ff_out, x, D, true}});  // residual: x += ff_out(...)
   }
-  for (size_t s = 0; s < plan_.size(); ++s) {
-    const SeqPlan& p = plan_[s];
-    if (!p.cache) continue;
-    if (p.block > 0) {
-      p.cache->set_cached_until(std::max(cached_before[s], p.end));
-      if (p.begin == 0 && p.end == p.length) p.cache->set_filled(true);
-    } else {
-      p.cache->set_filled(true);
-    }
-  }
+  caches_computed(plan, cached_before);
   check_cancel();
 
   // Final norm and LM head for the requested rows only.

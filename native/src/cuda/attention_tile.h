@@ -31,6 +31,7 @@ struct SeqDesc {
   int reads_cache;  // 1: keys and values of all `length` positions come from the cache
   int cache_bf16;   // the cache's element type (1: bf16, 0: f32)
   char* cache;      // [layer][keys | values][position][kv_dim], or nullptr
+  int block;        // 0: bidirectional; B > 0: block-causal (BatchPlan::Seq::block)
 };
 
 // A tile of queries of one sequence for the attention kernel.
@@ -41,6 +42,18 @@ struct QueryTile {
 };
 
 constexpr int kAttentionQueries = 32, kAttentionKeys = 32, kAttentionThreads = 128;
+
+// The keys the query at canvas position i attends: all `length` of them, or block-causal those before the
+// end of its block (BatchPlan::Seq::keys_of).
+VDIFF_HD int seq_keys_of(const SeqDesc& s, int i) {
+  if (s.block <= 0) return s.length;
+  const int end = (i / s.block + 1) * s.block;
+  return end < s.length ? end : s.length;
+}
+
+// The keys a tile's queries attend at most (its last query's): the key tiles its block loads. Block-causal
+// without a cache the computed range may stop short of `length`, and no key past it is ever loaded.
+VDIFF_HD int tile_keys(const SeqDesc& s, const QueryTile& t) { return seq_keys_of(s, s.begin + t.q0 + t.nq - 1); }
 
 // Start of one layer's keys (which 0) or values (which 1) in a sequence's cache.
 VDIFF_HD char* cache_table(const SeqDesc& s, int layer, int kv_dim, int which) {
@@ -217,9 +230,11 @@ VDIFF_HD void attention_load_keys(int tid, const AttentionArgs& a, const SeqDesc
   }
 }
 
-// Phase 2: scaled scores of 2 queries x 4 keys (-inf past nq or nk).
-VDIFF_HD void attention_scores(int tid, int hd, int nq, int nk, float scale, const AttentionSmem& m) {
-  const int q0 = (tid / 8) * 2, j0 = (tid % 8) * 4;
+// Phase 2: scaled scores of 2 queries x 4 keys of the key tile at k0 (-inf past nq or nk, and for keys
+// the query does not attend).
+VDIFF_HD void attention_scores(int tid, int hd, const SeqDesc& s, const QueryTile& tile, int k0, int nk, float scale,
+                               const AttentionSmem& m) {
+  const int q0 = (tid / 8) * 2, j0 = (tid % 8) * 4, nq = tile.nq;
   float acc[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
   for (int d = 0; d < hd; ++d) {
     const float a0 = m.Qs[q0 * (hd + 1) + d], a1 = m.Qs[(q0 + 1) * (hd + 1) + d];
@@ -231,9 +246,13 @@ VDIFF_HD void attention_scores(int tid, int hd, int nq, int nk, float scale, con
     }
   }
   VDIFF_UNROLL
-  for (int qq = 0; qq < 2; ++qq) VDIFF_UNROLL
-  for (int kk = 0; kk < 4; ++kk)
-    m.S[(q0 + qq) * (kAttentionKeys + 1) + j0 + kk] = (q0 + qq < nq && j0 + kk < nk) ? acc[qq][kk] * scale : -INFINITY;
+  for (int qq = 0; qq < 2; ++qq) {
+    const int visible = seq_keys_of(s, s.begin + tile.q0 + q0 + qq) - k0;
+    VDIFF_UNROLL
+    for (int kk = 0; kk < 4; ++kk)
+      m.S[(q0 + qq) * (kAttentionKeys + 1) + j0 + kk] =
+          (q0 + qq < nq && j0 + kk < nk && j0 + kk < visible) ? acc[qq][kk] * scale : -INFINITY;
+  }
 }
 
 // Phase 3 (threads < queries, one query each): the tile's probabilities exp(s - tile max) in place, and the

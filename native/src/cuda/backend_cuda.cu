@@ -1,14 +1,22 @@
-// The CUDA backend: the LLaDA forward on one GPU. Weights live on the device in their stored dtype (q, k, v
-// concatenated into one matrix per layer, gate and up into another, so each is one GEMM); the residual
-// stream and the GEMMs' outputs are f32, the GEMMs' inputs are in the weights' dtype, accumulation is f32.
+// The CUDA backend: every family's forward on one GPU (the layer structure comes from ModelConfig and
+// ModelWeights, as on the CPU). Weights live on the device in their stored dtype (q, k, v concatenated into
+// one matrix per layer, gate and up into another, per expert too, so each is one GEMM); the residual stream
+// and the GEMMs' outputs are f32, the GEMMs' inputs are in the weights' dtype, accumulation is f32.
 //
 // One forward over a batch (all sequences' computed tokens concatenated, T of them):
 //   x = wte[tokens]
 //   per layer:  xn = rmsnorm(x) · attn_norm        (in the GEMM input type)
-//               qkv = xn · Wqkv^T ; RoPE on q and k ; fresh k, v into the KV caches
-//               att = attention(q, keys, values)   (per sequence and head; keys from the cache on a read)
+//               qkv = xn · Wqkv^T (+ q/k/v biases) ; QK-norm per head ; RoPE on the first rotary_dim dims
+//               fresh k, v into the KV caches
+//               att = attention(q, keys, values)   (per sequence and head, bidirectional or block-causal;
+//                                                   keys from the cache on a read)
 //               x += att · Wo^T                    (the GEMM's beta = 1 is the residual add)
-//               xn = rmsnorm(x) · ff_norm ; gu = xn · [Wgate; Wup]^T ; h = silu(g) * u ; x += h · Wdown^T
+//               xn = rmsnorm(x) · ff_norm
+//               dense:  gu = xn · [Wgate; Wup]^T ; h = silu(g) * u ; x += h · Wdown^T
+//               MoE:    router logits in f32 -> the host routes and groups the tokens by expert (cpu/moe.h,
+//                       the CPU backend's code) -> gather the routed rows sorted by expert -> per ACTIVE
+//                       expert one GEMM over its run of rows (gate/up, then down) -> combine per token in
+//                       slot order -> + shared expert -> x += y
 //   logits = rmsnorm(x[requested rows]) · ln_f · head^T
 // predict() then reduces every task's rows on the device (kernels.cu, reduce_rows) and copies back only
 // RowResults. Matrix products go to cuBLAS when it loads (cublas_loader.h), else to the tiled kernel.
@@ -23,6 +31,7 @@
 #include "core/error.h"
 #include "core/safetensors.h"
 #include "core/weights.h"
+#include "cpu/moe.h"
 #include "cuda/cublas_loader.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/kernels.cuh"
@@ -153,14 +162,30 @@ class Marks {
   std::vector<std::pair<std::string, cudaEvent_t>> marks_;
 };
 
+// One SwiGLU MLP on the device: a dense layer's, an expert's or the shared expert's.
+struct DeviceMlp {
+  void* gate_up = nullptr;  // [2 hidden, D]
+  void* down = nullptr;     // [D, hidden]
+  int hidden = 0;
+};
+
 struct DeviceLayer {
   float* attn_norm = nullptr;
   float* ffn_norm = nullptr;
   void* qkv = nullptr;        // [q_dim + 2 kv_dim, D]
   float* qkv_bias = nullptr;  // [q_dim + 2 kv_dim] f32 (ModelConfig::qkv_bias), else none
-  void* o = nullptr;          // [D, q_dim]
-  void* gate_up = nullptr;    // [2H, D]
-  void* down = nullptr;       // [D, H]
+  float* q_norm = nullptr;    // [hd] f32 (ModelConfig::qk_norm), else none
+  float* k_norm = nullptr;
+  void* o = nullptr;  // [D, q_dim]
+  DeviceMlp mlp;      // a dense layer's
+  // A mixture-of-experts layer: the router [n_experts, D] in f32 (the router product is f32), the expert
+  // bias on the host (it only steers the choice, made there), the experts and the shared expert (hidden 0:
+  // none).
+  float* router = nullptr;
+  std::vector<float> expert_bias;
+  std::vector<DeviceMlp> experts;
+  DeviceMlp shared;
+  bool moe() const { return !experts.empty(); }
 };
 
 class CudaBackend final : public Backend {
@@ -183,12 +208,21 @@ class CudaBackend final : public Backend {
  private:
   void* upload(const WeightRef& w, Elem as, uint64_t& done, uint64_t total);
   void* upload_concat(std::initializer_list<const WeightRef*> parts, Elem as, uint64_t& done, uint64_t total);
-  float* upload_norm(const WeightRef& w);
+  float* upload_f32(const WeightRef& w);  // a norm, a router: any float tensor, as f32
   float* upload_bias(std::initializer_list<const WeightRef*> parts);  // concatenated, as f32
+  DeviceMlp upload_mlp(const MlpWeights& m, uint64_t& done, uint64_t total);
   void* device_alloc(size_t bytes, const std::string& what);
   // Runs the forward; leaves the requested rows' logits in logits_ (rows x embedding_size f32).
   int run(const std::vector<ForwardSeq>& batch, const std::atomic<bool>* cancel, Marks& marks);
-  void gemm(const void* A, int M, int K, const void* W, int N, float* C, int64_t ldc, bool accumulate);
+  // A MoE layer over the normed rows xn [T, D] (xn_f32: the same rows in f32, for the router), added to x.
+  void moe(const DeviceLayer& w, int T, const void* xn, const float* xn_f32, float* x, Marks& marks);
+  // x += mlp(xn): gate/up, SwiGLU, down, over T rows (accumulate: the down GEMM adds to out, else writes).
+  void mlp(const DeviceMlp& m, int T, const void* xn, float* out, bool accumulate);
+  // C[M, N] (+)= A[M, K] · W[N, K]^T with A and W of `type` (the weights' dtype unless given), f32 C.
+  void gemm(const void* A, int M, int K, const void* W, int N, float* C, int64_t ldc, bool accumulate) {
+    gemm(A, M, K, W, type_, N, C, ldc, accumulate);
+  }
+  void gemm(const void* A, int M, int K, const void* W, Elem type, int N, float* C, int64_t ldc, bool accumulate);
   void sync() { VDIFF_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
   int device_ = 0;
@@ -214,6 +248,16 @@ class CudaBackend final : public Backend {
   DeviceBuffer x_, xn_, qkv_, att_, gu_, h_, head_in_, logits_, meta_, tasks_, results_;
   void* host_meta_ = nullptr;  // pinned
   size_t host_meta_size_ = 0;
+  // Mixture of experts: the f32 normed rows and the router logits [T, E]; the routed rows sorted by expert
+  // (inputs [T k, D], gate/up [T k, 2 moe_hidden], hidden [T k, moe_hidden], outputs [T k, D]), the layer's
+  // output y [T, D]; the grouping's metadata (device and pinned host); the routing on the host.
+  DeviceBuffer xn_f32_, router_logits_, moe_in_, moe_gu_, moe_h_, moe_out_, moe_y_, moe_meta_;
+  std::vector<float> host_router_logits_;
+  void* host_moe_meta_ = nullptr;  // pinned
+  size_t host_moe_meta_size_ = 0;
+  cpu::RouterParams router_params_;
+  cpu::Routing routing_;
+  cpu::ExpertGroups groups_;
   void (*progress_)(void*, uint64_t, uint64_t) = nullptr;
   void* progress_context_ = nullptr;
 };
@@ -280,12 +324,20 @@ void* CudaBackend::upload(const WeightRef& w, Elem as, uint64_t& done, uint64_t 
   return upload_concat({&w}, as, done, total);
 }
 
-float* CudaBackend::upload_norm(const WeightRef& w) {
+float* CudaBackend::upload_f32(const WeightRef& w) {
   std::vector<float> host(static_cast<size_t>(w.rows) * w.cols);
   for (size_t i = 0; i < host.size(); ++i) host[i] = weight_element(w, static_cast<int64_t>(i));
   float* d = static_cast<float*>(device_alloc(host.size() * 4, w.name));
   VDIFF_CUDA_CHECK(cudaMemcpy(d, host.data(), host.size() * 4, cudaMemcpyHostToDevice));
   device_weight_bytes_ += host.size() * 4;
+  return d;
+}
+
+DeviceMlp CudaBackend::upload_mlp(const MlpWeights& m, uint64_t& done, uint64_t total) {
+  DeviceMlp d;
+  d.gate_up = upload_concat({&m.gate, &m.up}, type_, done, total);
+  d.down = upload(m.down, type_, done, total);
+  d.hidden = m.gate.rows;
   return d;
 }
 
@@ -322,14 +374,23 @@ CudaBackend::CudaBackend(const ModelConfig& config, TensorSet tensors, const Loa
   type_ = elem_of(w.layers.at(0).q.dtype);
   embed_type_ = elem_of(w.embed.dtype);
   const ModelConfig& c = config_;
-  const int D = c.d_model, H = c.mlp_hidden_size, hd = c.head_dim();
+  const int D = c.d_model, hd = c.head_dim();
   const int q_dim = c.n_heads * hd, kv_dim = c.n_kv_heads * hd;
+  // The device bytes of what is uploaded: matrices in the GEMM type, norms, biases and routers in f32.
+  auto in_type = [&](const WeightRef& m) { return static_cast<uint64_t>(m.rows) * m.cols * elem_size(type_); };
+  auto in_f32 = [](const WeightRef& v) { return v.data ? static_cast<uint64_t>(v.rows) * v.cols * 4 : 0; };
+  auto mlp_bytes = [&](const MlpWeights& m) {
+    return m.present() ? in_type(m.gate) + in_type(m.up) + in_type(m.down) : 0;
+  };
   uint64_t need = static_cast<uint64_t>(c.embedding_size) * D * elem_size(embed_type_);
-  if (!c.weight_tying || embed_type_ != type_) need += static_cast<uint64_t>(c.embedding_size) * D * elem_size(type_);
-  need += static_cast<uint64_t>(c.n_layers) *
-          ((static_cast<uint64_t>(q_dim + 2 * kv_dim) * D + static_cast<uint64_t>(D) * q_dim + 3ull * H * D) *
-               elem_size(type_) +
-           2ull * D * 4);
+  if (!(w.head.data == w.embed.data && embed_type_ == type_)) need += in_type(w.head);
+  need += in_f32(w.final_norm);
+  for (const LayerWeights& l : w.layers) {
+    need += in_f32(l.attn_norm) + in_f32(l.ffn_norm) + in_type(l.q) + in_type(l.k) + in_type(l.v) + in_type(l.o);
+    need += in_f32(l.q_bias) + in_f32(l.k_bias) + in_f32(l.v_bias) + in_f32(l.q_norm) + in_f32(l.k_norm);
+    need += mlp_bytes(l.mlp) + in_f32(l.moe.router) + mlp_bytes(l.moe.shared);
+    for (const MlpWeights& e : l.moe.experts) need += mlp_bytes(e);
+  }
   if (static_cast<double>(need) > allowed)
     throw Error(ErrorCode::OutOfMemory, "the weights take " + mib(need) + " on " + device_name_ + ", more than the " +
                                             mib(static_cast<uint64_t>(std::max(allowed, 0.0))) +
@@ -353,23 +414,33 @@ CudaBackend::CudaBackend(const ModelConfig& config, TensorSet tensors, const Loa
     for (int l = 0; l < c.n_layers; ++l) {
       const LayerWeights& lw = w.layers[l];
       DeviceLayer& d = layers_[l];
-      d.attn_norm = upload_norm(lw.attn_norm);
-      d.ffn_norm = upload_norm(lw.ffn_norm);
+      d.attn_norm = upload_f32(lw.attn_norm);
+      d.ffn_norm = upload_f32(lw.ffn_norm);
       d.qkv = upload_concat({&lw.q, &lw.k, &lw.v}, type_, done, total);
       if (c.qkv_bias) d.qkv_bias = upload_bias({&lw.q_bias, &lw.k_bias, &lw.v_bias});
+      if (lw.q_norm.data) d.q_norm = upload_f32(lw.q_norm), d.k_norm = upload_f32(lw.k_norm);
       d.o = upload(lw.o, type_, done, total);
-      d.gate_up = upload_concat({&lw.mlp.gate, &lw.mlp.up}, type_, done, total);
-      d.down = upload(lw.mlp.down, type_, done, total);
+      if (lw.mlp.present()) d.mlp = upload_mlp(lw.mlp, done, total);
+      if (!lw.moe.experts.empty()) {
+        d.router = upload_f32(lw.moe.router);
+        if (lw.moe.expert_bias.data)
+          for (int64_t e = 0; e < static_cast<int64_t>(lw.moe.expert_bias.rows) * lw.moe.expert_bias.cols; ++e)
+            d.expert_bias.push_back(weight_element(lw.moe.expert_bias, e));
+        for (const MlpWeights& e : lw.moe.experts) d.experts.push_back(upload_mlp(e, done, total));
+        if (lw.moe.shared.present()) d.shared = upload_mlp(lw.moe.shared, done, total);
+      }
     }
-    final_norm_ = upload_norm(w.final_norm);
+    if (c.n_experts > 0) router_params_ = cpu::router_params(c);
+    final_norm_ = upload_f32(w.final_norm);
     head_ = (w.head.data == w.embed.data && embed_type_ == type_) ? embed_ : upload(w.head, type_, done, total);
     if (progress_) progress_(progress_context_, total, total);
 
-    // RoPE tables for every position the model accepts: angles in double, like the CPU backend.
-    const int half = hd / 2, L = c.max_sequence_length;
+    // RoPE tables for every position the model accepts: angles in double, like the CPU backend; with
+    // partial rotary the frequencies of a rotary_dim-wide head.
+    const int rd = c.rope_dims(), half = rd / 2, L = c.max_sequence_length;
     std::vector<float> cos_table(static_cast<size_t>(L) * half), sin_table(cos_table.size());
     for (int i = 0; i < half; ++i) {
-      const double inv_freq = 1.0 / std::pow(c.rope_theta, 2.0 * i / hd);
+      const double inv_freq = 1.0 / std::pow(c.rope_theta, 2.0 * i / rd);
       for (int p = 0; p < L; ++p) {
         cos_table[static_cast<size_t>(p) * half + i] = static_cast<float>(std::cos(p * inv_freq));
         sin_table[static_cast<size_t>(p) * half + i] = static_cast<float>(std::sin(p * inv_freq));
@@ -380,6 +451,7 @@ CudaBackend::CudaBackend(const ModelConfig& config, TensorSet tensors, const Loa
     VDIFF_CUDA_CHECK(cudaMemcpy(rope_cos_, cos_table.data(), cos_table.size() * 4, cudaMemcpyHostToDevice));
     VDIFF_CUDA_CHECK(cudaMemcpy(rope_sin_, sin_table.data(), sin_table.size() * 4, cudaMemcpyHostToDevice));
   } catch (...) {
+    if (stream_) cudaStreamSynchronize(stream_);
     for (void* p : allocations_) cudaFree(p);
     allocations_.clear();
     if (cublas_handle_) cublas_->destroy(cublas_handle_);
@@ -391,7 +463,11 @@ CudaBackend::CudaBackend(const ModelConfig& config, TensorSet tensors, const Loa
   // large step (8192 tokens and 1024 logit rows).
   VDIFF_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
   const double left = utilization * static_cast<double>(total_bytes) - static_cast<double>(total_bytes - free_bytes);
-  const double per_token = 4.0 * D + 2.0 * D + 4.0 * (q_dim + 2 * kv_dim) + 2.0 * q_dim + 8.0 * H + 2.0 * H;
+  const double H = std::max(c.mlp_hidden_size, c.moe_hidden_size * c.n_shared_experts);
+  double per_token = 4.0 * D + 2.0 * D + 4.0 * (q_dim + 2 * kv_dim) + 2.0 * q_dim + 8.0 * H + 2.0 * H;
+  if (c.n_experts > 0)  // f32 rows, router logits, y; per routed slot its row, gate/up, hidden and output
+    per_token += 8.0 * D + 4.0 * c.n_experts +
+                 c.experts_per_token * (2.0 * D + 8.0 * c.moe_hidden_size + 2.0 * c.moe_hidden_size + 4.0 * D);
   const double reserve = 8192.0 * per_token + 1024.0 * 4.0 * c.embedding_size;
   uint64_t budget = left > reserve ? static_cast<uint64_t>(left - reserve) : uint64_t{1};
   if (options.kv_cache_budget_bytes > 0) budget = std::min(budget, options.kv_cache_budget_bytes);
@@ -402,6 +478,7 @@ CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamSynchronize(stream_);
   for (void* p : allocations_) cudaFree(p);
   if (host_meta_) cudaFreeHost(host_meta_);
+  if (host_moe_meta_) cudaFreeHost(host_moe_meta_);
   if (cublas_handle_) cublas_->destroy(cublas_handle_);
   if (stream_) cudaStreamDestroy(stream_);
 }
@@ -413,7 +490,8 @@ BackendInfo CudaBackend::info() const {
   i.gemm = cublas_ ? "cublas" : "tiled fallback";
   i.memory_used = device_weight_bytes_ + kv_cache_live_bytes() + x_.size() + xn_.size() + qkv_.size() + att_.size() +
                   gu_.size() + h_.size() + head_in_.size() + logits_.size() + meta_.size() + tasks_.size() +
-                  results_.size();
+                  results_.size() + xn_f32_.size() + router_logits_.size() + moe_in_.size() + moe_gu_.size() +
+                  moe_h_.size() + moe_out_.size() + moe_y_.size() + moe_meta_.size();
   i.memory_total = memory_total_;
   return i;
 }
@@ -423,19 +501,90 @@ std::unique_ptr<KVCache> CudaBackend::allocate_kv_cache(int positions, uint64_t 
   return std::make_unique<CudaKVCache>(bytes);
 }
 
-void CudaBackend::gemm(const void* A, int M, int K, const void* W, int N, float* C, int64_t ldc, bool accumulate) {
+void CudaBackend::gemm(const void* A, int M, int K, const void* W, Elem type, int N, float* C, int64_t ldc,
+                       bool accumulate) {
   if (M == 0) return;
   if (cublas_) {
     // Row-major C[M, N] = A[M, K] · W[N, K]^T is column-major C^T[N, M] = W^T · A^T.
     const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    const int t = type_ == Elem::F32 ? Cublas::kR32F : type_ == Elem::BF16 ? Cublas::kR16BF : Cublas::kR16F;
+    const int t = type == Elem::F32 ? Cublas::kR32F : type == Elem::BF16 ? Cublas::kR16BF : Cublas::kR16F;
     const int status =
         cublas_->gemm_ex(cublas_handle_, Cublas::kOpT, Cublas::kOpN, N, M, K, &alpha, W, t, K, A, t, K, &beta, C,
                          Cublas::kR32F, static_cast<int>(ldc), Cublas::kCompute32F, Cublas::kComputeDefaultAlgo);
     if (status != 0) throw Error(ErrorCode::Internal, "cublasGemmEx failed with status " + std::to_string(status));
   } else {
-    launch_gemm_tiled(A, K, W, K, type_, M, N, K, C, ldc, accumulate, stream_);
+    launch_gemm_tiled(A, K, W, K, type, M, N, K, C, ldc, accumulate, stream_);
   }
+}
+
+void CudaBackend::mlp(const DeviceMlp& m, int T, const void* xn, float* out, bool accumulate) {
+  const int D = config_.d_model, H = m.hidden;
+  float* gu = static_cast<float*>(gu_.ensure(static_cast<size_t>(T) * 2 * H * 4, "activations"));
+  void* h = h_.ensure(static_cast<size_t>(T) * H * elem_size(type_), "activations");
+  gemm(xn, T, D, m.gate_up, 2 * H, gu, 2 * H, false);
+  launch_swiglu(gu, T, H, h, type_, stream_);
+  gemm(h, T, H, m.down, D, out, D, accumulate);
+}
+
+void CudaBackend::moe(const DeviceLayer& w, int T, const void* xn, const float* xn_f32, float* x, Marks& marks) {
+  const ModelConfig& c = config_;
+  const int D = c.d_model, E = c.n_experts, k = c.experts_per_token, Hm = c.moe_hidden_size, R = T * k;
+  const size_t act = elem_size(type_);
+  // Router logits in f32, routed and grouped on the host by the CPU backend's code (cpu/moe.h).
+  float* logits = static_cast<float*>(router_logits_.ensure(static_cast<size_t>(T) * E * 4, "router logits"));
+  gemm(xn_f32, T, D, w.router, Elem::F32, E, logits, E, false);
+  host_router_logits_.resize(static_cast<size_t>(T) * E);
+  VDIFF_CUDA_CHECK(cudaMemcpyAsync(host_router_logits_.data(), logits, host_router_logits_.size() * 4,
+                                   cudaMemcpyDeviceToHost, stream_));
+  sync();  // also: the previous MoE layer's upload from the pinned buffer is done
+  marks.mark("moe router");
+  cpu::route(router_params_, host_router_logits_.data(), T, E, w.expert_bias.empty() ? nullptr : w.expert_bias.data(),
+             routing_);
+  cpu::group_by_expert(routing_, E, groups_);
+  // Metadata: each sorted row's input token, each slot's sorted row, each slot's weight.
+  const size_t section = (static_cast<size_t>(R) * 4 + 255) / 256 * 256;
+  if (host_moe_meta_size_ < 3 * section) {
+    if (host_moe_meta_) cudaFreeHost(host_moe_meta_);
+    host_moe_meta_ = nullptr;
+    host_moe_meta_size_ = 0;
+    VDIFF_CUDA_CHECK(cudaMallocHost(&host_moe_meta_, 6 * section));
+    host_moe_meta_size_ = 6 * section;
+  }
+  char* h = static_cast<char*>(host_moe_meta_);
+  auto* src = reinterpret_cast<int32_t*>(h);
+  auto* sorted_row = reinterpret_cast<int32_t*>(h + section);
+  std::memcpy(src, groups_.token.data(), static_cast<size_t>(R) * 4);
+  for (int r = 0; r < R; ++r) sorted_row[groups_.slot[r]] = r;
+  std::memcpy(h + 2 * section, routing_.weight.data(), static_cast<size_t>(R) * 4);
+  char* meta = static_cast<char*>(moe_meta_.ensure(3 * section, "MoE metadata"));
+  VDIFF_CUDA_CHECK(cudaMemcpyAsync(meta, h, 3 * section, cudaMemcpyHostToDevice, stream_));
+  const auto* d_src = reinterpret_cast<const int32_t*>(meta);
+  const auto* d_sorted_row = reinterpret_cast<const int32_t*>(meta + section);
+  const auto* d_weight = reinterpret_cast<const float*>(meta + 2 * section);
+
+  // The routed rows sorted by expert; one GEMM per active expert over its run of rows.
+  char* in = static_cast<char*>(moe_in_.ensure(static_cast<size_t>(R) * D * act, "MoE rows"));
+  float* gu = static_cast<float*>(moe_gu_.ensure(static_cast<size_t>(R) * 2 * Hm * 4, "MoE rows"));
+  char* hidden = static_cast<char*>(moe_h_.ensure(static_cast<size_t>(R) * Hm * act, "MoE rows"));
+  float* out = static_cast<float*>(moe_out_.ensure(static_cast<size_t>(R) * D * 4, "MoE rows"));
+  float* y = static_cast<float*>(moe_y_.ensure(static_cast<size_t>(T) * D * 4, "MoE output"));
+  launch_gather_rows(xn, type_, D, d_src, R, in, stream_);
+  for (int e : groups_.active) {
+    const int m0 = groups_.offsets[e], rows = groups_.count(e);
+    gemm(in + static_cast<size_t>(m0) * D * act, rows, D, w.experts[e].gate_up, 2 * Hm,
+         gu + static_cast<size_t>(m0) * 2 * Hm, 2 * Hm, false);
+  }
+  launch_swiglu(gu, R, Hm, hidden, type_, stream_);
+  for (int e : groups_.active) {
+    const int m0 = groups_.offsets[e], rows = groups_.count(e);
+    gemm(hidden + static_cast<size_t>(m0) * Hm * act, rows, Hm, w.experts[e].down, D, out + static_cast<size_t>(m0) * D,
+         D, false);
+  }
+  marks.mark("moe experts");
+  launch_moe_combine(out, d_sorted_row, d_weight, T, k, D, y, stream_);
+  if (w.shared.hidden > 0) mlp(w.shared, T, xn, y, true);  // y += shared(xn)
+  launch_add(x, y, static_cast<int64_t>(T) * D, stream_);
+  marks.mark("moe combine and shared expert");
 }
 
 // Aligned sections of one metadata upload.
@@ -445,11 +594,6 @@ struct MetaLayout {
 
 int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<bool>* cancel, Marks& marks) {
   const BatchPlan plan = check_batch(batch);
-  for (const BatchPlan::Seq& p : plan.seqs)
-    if (p.block > 0)
-      throw Error(ErrorCode::Unavailable,
-                  "device cuda: block-causal attention (attention_block " + std::to_string(p.block) +
-                      ") is not implemented on the CUDA backend; serve this model with --device cpu");
   auto check_cancel = [&] {
     if (cancel && cancel->load(std::memory_order_relaxed)) {
       sync();
@@ -461,7 +605,7 @@ int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<boo
   if (batch.empty() || T == 0) return 0;
   VDIFF_CUDA_CHECK(cudaSetDevice(device_));
   const ModelConfig& c = config_;
-  const int D = c.d_model, H = c.mlp_hidden_size, E = c.embedding_size, hd = c.head_dim();
+  const int D = c.d_model, E = c.embedding_size, hd = c.head_dim();
   const int q_dim = c.n_heads * hd, kv_dim = c.n_kv_heads * hd, qkv_dim = q_dim + 2 * kv_dim;
   const size_t act = elem_size(type_);
 
@@ -487,7 +631,8 @@ int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<boo
                       p.length,
                       p.reads_cache ? 1 : 0,
                       kv_cache_dtype() == KVCacheDType::BF16 ? 1 : 0,
-                      cache ? cache->data() : nullptr};
+                      cache ? cache->data() : nullptr,
+                      p.block};
     for (int q0 = 0; q0 < p.end - p.begin; q0 += kTileQueries)
       tiles.push_back(QueryTile{static_cast<int>(s), q0, std::min(kTileQueries, p.end - p.begin - q0)});
   }
@@ -527,13 +672,14 @@ int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<boo
   void* xn = xn_.ensure(static_cast<size_t>(T) * D * act, "activations");
   float* qkv = static_cast<float*>(qkv_.ensure(static_cast<size_t>(T) * qkv_dim * 4, "activations"));
   void* att = att_.ensure(static_cast<size_t>(T) * q_dim * act, "activations");
-  float* gu = static_cast<float*>(gu_.ensure(static_cast<size_t>(T) * 2 * H * 4, "activations"));
-  void* hbuf = h_.ensure(static_cast<size_t>(T) * H * act, "activations");
+  // MoE layers route from the normed rows in f32 (the same buffer when the GEMMs take f32).
+  float* xn_f32 = c.n_experts == 0 ? nullptr
+                  : type_ == Elem::F32
+                      ? static_cast<float*>(xn)
+                      : static_cast<float*>(xn_f32_.ensure(static_cast<size_t>(T) * D * 4, "activations"));
   bool any_cache = false;
-  for (const BatchPlan::Seq& p : plan.seqs) {
-    any_cache = any_cache || p.cache;
-    if (p.cache && !p.reads_cache) p.cache->set_filled(false);
-  }
+  for (const BatchPlan::Seq& p : plan.seqs) any_cache = any_cache || p.cache;
+  const std::vector<int> cached_before = caches_computing(plan);
 
   const float eps = static_cast<float>(c.rms_norm_eps);
   launch_embed(d_tokens, T, embed_, embed_type_, D, x, stream_);
@@ -546,7 +692,12 @@ int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<boo
     gemm(xn, T, D, w.qkv, qkv_dim, qkv, qkv_dim, false);
     if (w.qkv_bias) launch_add_bias(qkv, T, qkv_dim, w.qkv_bias, qkv_dim, stream_);
     marks.mark("gemm qkv");
-    launch_rope(qkv, T, qkv_dim, c.n_heads, c.n_kv_heads, hd, q_dim, d_positions, rope_cos_, rope_sin_, stream_);
+    if (w.q_norm) {
+      launch_head_rmsnorm(qkv, T, qkv_dim, c.n_heads, c.n_kv_heads, hd, q_dim, w.q_norm, w.k_norm, eps, stream_);
+      marks.mark("qk norm");
+    }
+    launch_rope(qkv, T, qkv_dim, c.n_heads, c.n_kv_heads, hd, c.rope_dims(), q_dim, d_positions, rope_cos_, rope_sin_,
+                stream_);
     marks.mark("rope");
     if (any_cache) launch_store_kv(qkv, T, qkv_dim, q_dim, q_dim + kv_dim, kv_dim, l, d_token_seq, d_seqs, stream_);
     marks.mark("kv cache store");
@@ -557,17 +708,17 @@ int CudaBackend::run(const std::vector<ForwardSeq>& batch, const std::atomic<boo
     marks.mark("gemm o");
     launch_rmsnorm(x, nullptr, T, D, w.ffn_norm, eps, xn, type_, stream_);
     marks.mark("rmsnorm");
-    gemm(xn, T, D, w.gate_up, 2 * H, gu, 2 * H, false);
-    marks.mark("gemm gate_up");
-    launch_swiglu(gu, T, H, hbuf, type_, stream_);
-    marks.mark("swiglu");
-    gemm(hbuf, T, H, w.down, D, x, D, true);
-    marks.mark("gemm down");
+    if (w.moe()) {
+      if (xn_f32 != xn) launch_rmsnorm(x, nullptr, T, D, w.ffn_norm, eps, xn_f32, Elem::F32, stream_);
+      moe(w, T, xn, xn_f32, x, marks);
+      continue;
+    }
+    mlp(w.mlp, T, xn, x, true);  // x += mlp(xn)
+    marks.mark("mlp");
   }
   // Every layer is queued: the caches hold the whole computation once the stream gets there, and nothing
   // reads them before (later forwards run on the same stream), so no wait here.
-  for (const BatchPlan::Seq& p : plan.seqs)
-    if (p.cache) p.cache->set_filled(true);
+  caches_computed(plan, cached_before);
   check_cancel();
   if (rows == 0) {
     sync();  // the pinned metadata buffer is rewritten by the next forward: its copy must be done
@@ -684,12 +835,6 @@ std::unique_ptr<Backend> load(const std::string& dir, const LoadOptions& options
   if (device_count() == 0)
     throw Error(ErrorCode::Unavailable, "device cuda: no CUDA GPU is visible (" + unavailable_reason() + ")");
   const ModelConfig config = ModelConfig::from_file(dir + "/config.json");
-  // This backend runs LLaDA's layers only: no QK-norm, full rotary, head_dim = d_model / n_heads, no experts.
-  if (!family_of(config).cuda || config.qk_norm || config.rope_dims() != config.head_dim() || config.n_experts > 0 ||
-      config.n_heads * config.head_dim() != config.d_model)
-    throw Error(ErrorCode::Unavailable, "device cuda: the CUDA backend does not run model_type \"" + config.model_type +
-                                            "\" (QK-norm, partial rotary, mixture of experts and block-causal "
-                                            "attention are CPU only for now); serve it with --device cpu");
   return std::make_unique<CudaBackend>(config, TensorSet::load_dir(dir), options);
 }
 

@@ -96,9 +96,9 @@ __global__ void rmsnorm_kernel(const float* x, const int32_t* src, int D, const 
     y[static_cast<int64_t>(r) * D + j] = from_f32<Y>(ops::rms_apply(row[j], inverse, w[j]));
 }
 
-__global__ void rope_kernel(float* qkv, int T, int64_t ld, int q_heads, int heads, int hd, int k_col,
+__global__ void rope_kernel(float* qkv, int T, int64_t ld, int q_heads, int heads, int hd, int rot, int k_col,
                             const int32_t* positions, const float* cos, const float* sin) {
-  const int half = hd / 2;
+  const int half = rot / 2;
   const int64_t n = static_cast<int64_t>(T) * heads * half;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -111,6 +111,22 @@ __global__ void rope_kernel(float* qkv, int T, int64_t ld, int q_heads, int head
   }
 }
 
+// QK-norm: one warp per (token, head), the head's hd values RMS-normalised in place with its weights.
+__global__ void head_rmsnorm_kernel(float* qkv, int T, int64_t ld, int q_heads, int heads, int hd, int k_col,
+                                    const float* q_norm, const float* k_norm, float eps) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (warp >= static_cast<int64_t>(T) * heads) return;  // the same for every lane of the warp
+  const int t = static_cast<int>(warp / heads), head = static_cast<int>(warp % heads);
+  float* x = qkv + t * ld + (head < q_heads ? head * hd : k_col + (head - q_heads) * hd);
+  const float* w = head < q_heads ? q_norm : k_norm;
+  float s = 0.0f;
+  for (int j = lane; j < hd; j += kWarp) s += x[j] * x[j];
+  s = __shfl_sync(0xffffffffu, warp_reduce(s, Sum{}), 0);
+  const float inverse = ops::rms_inverse(s, hd, eps);
+  for (int j = lane; j < hd; j += kWarp) x[j] = ops::rms_apply(x[j], inverse, w[j]);
+}
+
 template <class O>
 __global__ void swiglu_kernel(const float* gu, int T, int H, O* out) {
   const int64_t n = static_cast<int64_t>(T) * H;
@@ -120,6 +136,30 @@ __global__ void swiglu_kernel(const float* gu, int T, int H, O* out) {
     const float* row = gu + t * 2 * H;
     out[idx] = from_f32<O>(ops::silu_mul(row[j], row[H + j]));
   }
+}
+
+// ---- mixture of experts ----------------------------------------------------------------------------------
+
+template <class E>
+__global__ void gather_rows_kernel(const E* x, int D, const int32_t* src, int R, E* rows) {
+  const int64_t n = static_cast<int64_t>(R) * D;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    rows[idx] = x[static_cast<int64_t>(src[idx / D]) * D + idx % D];
+}
+
+__global__ void moe_combine_kernel(const float* out, const int32_t* sorted_row, const float* weight, int T, int k,
+                                   int D, float* y) {
+  const int64_t n = static_cast<int64_t>(T) * D;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y[idx] = ops::moe_combine(out, sorted_row, weight, k, D, idx);
+}
+
+__global__ void add_kernel(float* x, const float* y, int64_t n) {
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[idx] += y[idx];
 }
 
 // ---- KV caches -----------------------------------------------------------------------------------------
@@ -151,12 +191,13 @@ __global__ void __launch_bounds__(kAttnThreads)
   const SeqDesc s = seqs[tile.seq];
   const float scale = 1.0f / sqrtf(static_cast<float>(hd));
   attention_start(tid, a, s, tile, h, m);
-  for (int k0 = 0; k0 < s.length; k0 += kKeys) {
-    const int nk = min(kKeys, s.length - k0);
+  const int keys = tile_keys(s, tile);
+  for (int k0 = 0; k0 < keys; k0 += kKeys) {
+    const int nk = min(kKeys, keys - k0);
     __syncthreads();
     attention_load_keys(tid, a, s, kv_head, k0, nk, m);
     __syncthreads();
-    attention_scores(tid, hd, tile.nq, nk, scale, m);
+    attention_scores(tid, hd, s, tile, k0, nk, scale, m);
     __syncthreads();
     attention_softmax(tid, nk, m);
     __syncthreads();
@@ -194,7 +235,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   const QueryTile tile = tiles[blockIdx.x];
   const int h = blockIdx.y, kv_head = h / (q_heads / kv_heads);
   const SeqDesc s = seqs[tile.seq];
-  const int kv_dim = kv_heads * hd, L = s.length, tid = threadIdx.x;
+  const int kv_dim = kv_heads * hd, L = tile_keys(s, tile), tid = threadIdx.x;
   const float scale = 1.0f / sqrtf(static_cast<float>(hd));
 
   for (int i = tid; i < kQueriesSimple * hd; i += blockDim.x) {
@@ -233,7 +274,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     for (int i = tid; i < kQueriesSimple * kKeys; i += blockDim.x) {
       const int q = i / kKeys, j = i % kKeys;
       float dot = 0.0f;
-      if (q < tile.nq && j < nk) {
+      if (q < tile.nq && j < nk && k0 + j < seq_keys_of(s, s.begin + tile.q0 + q)) {
         for (int d = 0; d < hd; ++d) dot += Qs[q * hd + d] * Ks[j * (hd + 1) + d];
         S[i] = dot * scale;
       } else {
@@ -246,7 +287,8 @@ __global__ void __launch_bounds__(kAttnThreads)
       for (int j = 0; j < nk; ++j) m = fmaxf(m, S[tid * kKeys + j]);
       float sum = 0.0f;
       for (int j = 0; j < kKeys; ++j) {
-        const float p = j < nk ? expf(S[tid * kKeys + j] - m) : 0.0f;
+        // A block-causal query may attend none of this tile's keys (m = -inf): then they all weigh 0.
+        const float p = (j < nk && m > -INFINITY) ? expf(S[tid * kKeys + j] - m) : 0.0f;
         S[tid * kKeys + j] = p;
         sum += p;
       }
@@ -406,13 +448,56 @@ void launch_rmsnorm(const float* x, const int32_t* src, int rows, int D, const f
   VDIFF_CUDA_LAUNCHED("rmsnorm");
 }
 
-void launch_rope(float* qkv, int T, int64_t ld, int q_heads, int kv_heads, int hd, int k_col, const int32_t* positions,
-                 const float* cos, const float* sin, cudaStream_t stream) {
-  const int64_t n = static_cast<int64_t>(T) * (q_heads + kv_heads) * (hd / 2);
+void launch_rope(float* qkv, int T, int64_t ld, int q_heads, int kv_heads, int hd, int rot, int k_col,
+                 const int32_t* positions, const float* cos, const float* sin, cudaStream_t stream) {
+  const int64_t n = static_cast<int64_t>(T) * (q_heads + kv_heads) * (rot / 2);
   if (n == 0) return;
-  rope_kernel<<<grid_for(n, 256), 256, 0, stream>>>(qkv, T, ld, q_heads, q_heads + kv_heads, hd, k_col, positions, cos,
-                                                    sin);
+  rope_kernel<<<grid_for(n, 256), 256, 0, stream>>>(qkv, T, ld, q_heads, q_heads + kv_heads, hd, rot, k_col, positions,
+                                                    cos, sin);
   VDIFF_CUDA_LAUNCHED("rope");
+}
+
+void launch_head_rmsnorm(float* qkv, int T, int64_t ld, int q_heads, int kv_heads, int hd, int k_col,
+                         const float* q_norm, const float* k_norm, float eps, cudaStream_t stream) {
+  const int64_t threads = static_cast<int64_t>(T) * (q_heads + kv_heads) * kWarp;
+  if (threads == 0) return;
+  head_rmsnorm_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
+      qkv, T, ld, q_heads, q_heads + kv_heads, hd, k_col, q_norm, k_norm, eps);
+  VDIFF_CUDA_LAUNCHED("head_rmsnorm");
+}
+
+void launch_gather_rows(const void* x, Elem type, int D, const int32_t* src, int R, void* rows, cudaStream_t stream) {
+  const int64_t n = static_cast<int64_t>(R) * D;
+  if (n == 0) return;
+  const int grid = grid_for(n, 256);
+  switch (type) {
+    case Elem::F32:
+      gather_rows_kernel<<<grid, 256, 0, stream>>>(static_cast<const float*>(x), D, src, R, static_cast<float*>(rows));
+      break;
+    case Elem::BF16:
+      gather_rows_kernel<<<grid, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), D, src, R,
+                                                   static_cast<__nv_bfloat16*>(rows));
+      break;
+    case Elem::F16:
+      gather_rows_kernel<<<grid, 256, 0, stream>>>(static_cast<const __half*>(x), D, src, R,
+                                                   static_cast<__half*>(rows));
+      break;
+  }
+  VDIFF_CUDA_LAUNCHED("gather_rows");
+}
+
+void launch_moe_combine(const float* out, const int32_t* sorted_row, const float* weight, int T, int k, int D, float* y,
+                        cudaStream_t stream) {
+  const int64_t n = static_cast<int64_t>(T) * D;
+  if (n == 0) return;
+  moe_combine_kernel<<<grid_for(n, 256), 256, 0, stream>>>(out, sorted_row, weight, T, k, D, y);
+  VDIFF_CUDA_LAUNCHED("moe_combine");
+}
+
+void launch_add(float* x, const float* y, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  add_kernel<<<grid_for(n, 256), 256, 0, stream>>>(x, y, n);
+  VDIFF_CUDA_LAUNCHED("add");
 }
 
 __global__ void add_bias_kernel(float* y, int T, int64_t ld, const float* bias, int n) {

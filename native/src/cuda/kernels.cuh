@@ -13,10 +13,26 @@ void launch_rmsnorm(const float* x, const int32_t* src, int rows, int D, const f
                     Elem y_type, cudaStream_t stream);
 
 // NeoX rotate-half RoPE in place on the q and k columns of each token's row of `qkv` (row stride ld):
-// q heads at column 0, k heads at column k_col; token t at canvas position positions[t]; cos/sin tables
-// [position][hd / 2].
-void launch_rope(float* qkv, int T, int64_t ld, int q_heads, int kv_heads, int hd, int k_col, const int32_t* positions,
-                 const float* cos, const float* sin, cudaStream_t stream);
+// q heads at column 0, k heads at column k_col; token t at canvas position positions[t]. Over the first
+// `rot` dims of each head (rot = hd: the whole head; less: partial rotary, the rest pass), cos/sin tables
+// [position][rot / 2].
+void launch_rope(float* qkv, int T, int64_t ld, int q_heads, int kv_heads, int hd, int rot, int k_col,
+                 const int32_t* positions, const float* cos, const float* sin, cudaStream_t stream);
+
+// QK-norm: every query head (column 0) and key head (column k_col) of each token's row of `qkv`
+// RMS-normalised over its hd values in place, with the weights q_norm / k_norm [hd] (f32).
+void launch_head_rmsnorm(float* qkv, int T, int64_t ld, int q_heads, int kv_heads, int hd, int k_col,
+                         const float* q_norm, const float* k_norm, float eps, cudaStream_t stream);
+
+// Mixture of experts (cpu/moe.h routes and groups on the host):
+// rows[r] = x[src[r]] for r < R (rows of D elements of `type`): the routed rows sorted by expert.
+void launch_gather_rows(const void* x, Elem type, int D, const int32_t* src, int R, void* rows, cudaStream_t stream);
+// y[t] = sum over the token's slots j = 0 .. k-1, in order, of weight[t k + j] * out[sorted_row[t k + j]]
+// (f32 rows of D; ops::moe_combine).
+void launch_moe_combine(const float* out, const int32_t* sorted_row, const float* weight, int T, int k, int D, float* y,
+                        cudaStream_t stream);
+// x[i] += y[i] for n floats.
+void launch_add(float* x, const float* y, int64_t n, cudaStream_t stream);
 
 // Writes layer `layer`'s fresh keys and values (columns k_col and v_col of qkv) of every token of every
 // cached sequence into its cache at the token's canvas position.

@@ -62,6 +62,22 @@ VDIFF_HD void rope_pair(float& x1, float& x2, float c, float s) {
   x2 = b * c + a * s;
 }
 
+// ---- mixture of experts: the combine of one element -----------------------------------------------------
+// Element idx (token idx / D, column idx % D) of a MoE layer's routed output: the token's expert rows
+// (out[sorted_row[slot]], rows of D) weighted and summed over its k slots in slot order, the first one
+// assigned — the CPU backend's order (cpu/moe.h).
+VDIFF_HD float moe_combine(const float* out, const int32_t* sorted_row, const float* weight, int k, int D,
+                           int64_t idx) {
+  const int64_t t = idx / D, d = idx % D;
+  float y = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    const int64_t slot = t * k + j;
+    const float v = weight[slot] * out[static_cast<int64_t>(sorted_row[slot]) * D + d];
+    y = j == 0 ? v : y + v;
+  }
+  return y;
+}
+
 // ---- SwiGLU: silu(gate) * up ----------------------------------------------------------------------
 
 VDIFF_HD float silu_mul(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }

@@ -1,4 +1,5 @@
 // Host entry points to each kernel on its own (testing.h): copy in, launch on a private stream, copy out.
+#include <algorithm>
 #include <cstring>
 
 #include "cuda/cublas_loader.h"
@@ -63,15 +64,39 @@ void rmsnorm(const float* x, int rows, int D, const float* w, float eps, float* 
   dy.to_host(y, n);
 }
 
-void rope(float* qk, int T, int q_heads, int kv_heads, int hd, const int32_t* positions, const float* cos,
+void rope(float* qk, int T, int q_heads, int kv_heads, int hd, int rot, const int32_t* positions, const float* cos,
           const float* sin, int n_positions) {
   const size_t n = static_cast<size_t>(T) * (q_heads + kv_heads) * hd * 4;
-  const size_t table = static_cast<size_t>(n_positions) * (hd / 2) * 4;
+  const size_t table = static_cast<size_t>(n_positions) * (rot / 2) * 4;
   Dev dx(n, qk), dp(T * 4, positions), dc(table, cos), ds(table, sin);
-  launch_rope(dx.get<float>(), T, (q_heads + kv_heads) * hd, q_heads, kv_heads, hd, q_heads * hd, dp.get<int32_t>(),
-              dc.get<float>(), ds.get<float>(), 0);
+  launch_rope(dx.get<float>(), T, (q_heads + kv_heads) * hd, q_heads, kv_heads, hd, rot, q_heads * hd,
+              dp.get<int32_t>(), dc.get<float>(), ds.get<float>(), 0);
   finish();
   dx.to_host(qk, n);
+}
+
+void qk_norm(float* qk, int T, int q_heads, int kv_heads, int hd, const float* q_norm, const float* k_norm, float eps) {
+  const size_t n = static_cast<size_t>(T) * (q_heads + kv_heads) * hd * 4;
+  Dev dx(n, qk), dq(hd * 4, q_norm), dk(hd * 4, k_norm);
+  launch_head_rmsnorm(dx.get<float>(), T, (q_heads + kv_heads) * hd, q_heads, kv_heads, hd, q_heads * hd,
+                      dq.get<float>(), dk.get<float>(), eps, 0);
+  finish();
+  dx.to_host(qk, n);
+}
+
+void moe_rows(const float* x, int D, const std::vector<int32_t>& src, float* rows, const float* out,
+              const std::vector<int32_t>& sorted_row, const std::vector<float>& weight, int T, int k, float* y) {
+  const int R = static_cast<int>(src.size());
+  int n_x = 0;
+  for (int32_t r : src) n_x = std::max(n_x, r + 1);
+  Dev dx(static_cast<size_t>(n_x) * D * 4, x), dsrc(src.size() * 4, src.data()), drows(static_cast<size_t>(R) * D * 4);
+  launch_gather_rows(dx.get(), Elem::F32, D, dsrc.get<int32_t>(), R, drows.get(), 0);
+  Dev dout(static_cast<size_t>(R) * D * 4, out), dsorted(sorted_row.size() * 4, sorted_row.data()),
+      dweight(weight.size() * 4, weight.data()), dy(static_cast<size_t>(T) * D * 4);
+  launch_moe_combine(dout.get<float>(), dsorted.get<int32_t>(), dweight.get<float>(), T, k, D, dy.get<float>(), 0);
+  finish();
+  drows.to_host(rows, static_cast<size_t>(R) * D * 4);
+  dy.to_host(y, static_cast<size_t>(T) * D * 4);
 }
 
 void swiglu(const float* gate, const float* up, int T, int H, float* out) {
@@ -105,7 +130,8 @@ void attention(const float* qkv, int T, int q_heads, int kv_heads, int hd, const
       any_cache = true;
     }
     const bool whole = a.begin == 0 && a.end == a.length;
-    descs.push_back(SeqDesc{a.offset, a.begin, a.end, a.length, cache && !whole ? 1 : 0, a.cache_bf16 ? 1 : 0, cache});
+    descs.push_back(
+        SeqDesc{a.offset, a.begin, a.end, a.length, cache && !whole ? 1 : 0, a.cache_bf16 ? 1 : 0, cache, a.block});
     for (int i = 0; i < a.end - a.begin; ++i) token_seq[a.offset + i] = static_cast<int32_t>(s);
     for (int q0 = 0; q0 < a.end - a.begin; q0 += kAttentionQueries)
       tiles.push_back(QueryTile{static_cast<int>(s), q0, std::min(kAttentionQueries, a.end - a.begin - q0)});

@@ -22,10 +22,18 @@ void embed(const std::vector<int32_t>& tokens, const void* table, size_t table_b
 // y = rmsnorm(x) * w over rows of D (f32 out).
 void rmsnorm(const float* x, int rows, int D, const float* w, float eps, float* y);
 
-// RoPE in place on qk [T][(q_heads + kv_heads) * hd] (q heads first), token t at positions[t], with
-// tables cos/sin [n_positions][hd / 2].
-void rope(float* qk, int T, int q_heads, int kv_heads, int hd, const int32_t* positions, const float* cos,
+// RoPE in place on qk [T][(q_heads + kv_heads) * hd] (q heads first), token t at positions[t], over the
+// first `rot` dims of each head, with tables cos/sin [n_positions][rot / 2].
+void rope(float* qk, int T, int q_heads, int kv_heads, int hd, int rot, const int32_t* positions, const float* cos,
           const float* sin, int n_positions);
+
+// QK-norm in place on qk [T][(q_heads + kv_heads) * hd]: each head RMS-normalised with q_norm / k_norm [hd].
+void qk_norm(float* qk, int T, int q_heads, int kv_heads, int hd, const float* q_norm, const float* k_norm, float eps);
+
+// The MoE layer's two data movements: rows[r] = x[src[r]] (the gather of the routed rows, f32, rows of D),
+// and y [T][D] = the combine of the expert outputs out [src.size()][D] (launch_moe_combine).
+void moe_rows(const float* x, int D, const std::vector<int32_t>& src, float* rows, const float* out,
+              const std::vector<int32_t>& sorted_row, const std::vector<float>& weight, int T, int k, float* y);
 
 // out[t][j] = silu(gate[t][j]) * up[t][j] (f32).
 void swiglu(const float* gate, const float* up, int T, int H, float* out);
@@ -36,6 +44,7 @@ struct AttentionSeq {
   int offset = 0, begin = 0, end = 0, length = 0;
   const void* cache = nullptr;  // [n_layers = 1][keys | values][length][kv_dim] of f32 (or bf16 bits)
   bool cache_bf16 = false;
+  int block = 0;  // ForwardSeq::attention_block: 0 bidirectional, B > 0 block-causal
 };
 
 // out[T][q_heads * hd] = attention over the given ragged sequences; qkv [T][(q_heads + 2 kv_heads) * hd]

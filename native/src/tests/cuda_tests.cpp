@@ -17,6 +17,7 @@
 #include "core/engine.h"
 #include "core/rng.h"
 #include "core/sampler.h"
+#include "cpu/moe.h"
 #include "cuda/attention_tile.h"
 #include "cuda/ops.h"
 #include "cuda/tasks.h"
@@ -309,7 +310,9 @@ void host_vocab_reduction() {
 struct AttentionCase {
   struct Spec {
     int length, begin, end;
-    int cache;  // 0 none, 1 f32, 2 bf16
+    int cache;      // 0 none, 1 f32, 2 bf16
+    int block = 0;  // block-causal with blocks of this size (0: bidirectional)
+    int keys_of(int i) const { return block > 0 ? std::min(length, (i / block + 1) * block) : length; }
   };
   int qh = 4, kvh = 2, hd = 0, T = 0;
   std::vector<Spec> specs;
@@ -322,8 +325,12 @@ struct AttentionCase {
 AttentionCase attention_case(std::mt19937& rng, int hd) {
   AttentionCase c;
   c.hd = hd;
-  c.specs = {{5, 0, 5, 0},    {37, 0, 37, 0}, {100, 0, 100, 1}, {70, 32, 48, 1},
-             {90, 16, 90, 2}, {17, 0, 17, 2}, {33, 0, 33, 0}};
+  // Bidirectional, then block-causal: a whole canvas with a bf16 cache, a range [0, 40) of a 70-position
+  // canvas without one (no key past 40 is attended), cached reads of one block and of a last short block,
+  // and a range whose later query tile spans blocks whose keys some of its queries do not see.
+  c.specs = {{5, 0, 5, 0},      {37, 0, 37, 0},      {100, 0, 100, 1},   {70, 32, 48, 1},
+             {90, 16, 90, 2},   {17, 0, 17, 2},      {33, 0, 33, 0},     {50, 0, 50, 2, 32},
+             {70, 0, 40, 0, 8}, {64, 32, 48, 1, 16}, {45, 40, 45, 1, 4}, {80, 40, 80, 2, 4}};
   const int q_dim = c.qh * hd, kv_dim = c.kvh * hd, ld = q_dim + 2 * kv_dim;
   for (const auto& s : c.specs) c.offsets.push_back(c.T), c.T += s.end - s.begin;
   c.qkv = random_floats(static_cast<size_t>(c.T) * ld, rng);
@@ -366,9 +373,10 @@ AttentionCase attention_case(std::mt19937& rng, int hd) {
     for (int qi = 0; qi < s.end - s.begin; ++qi)
       for (int h = 0; h < c.qh; ++h) {
         const int kv_head = h / (c.qh / c.kvh);
-        std::vector<double> score(s.length);
+        const int attended = s.keys_of(s.begin + qi);
+        std::vector<double> score(attended);
         double mx = -INFINITY;
-        for (int p = 0; p < s.length; ++p) {
+        for (int p = 0; p < attended; ++p) {
           double dot = 0;
           for (int d = 0; d < hd; ++d)
             dot += double(c.qkv[static_cast<size_t>(offset + qi) * ld + h * hd + d]) *
@@ -380,13 +388,60 @@ AttentionCase attention_case(std::mt19937& rng, int hd) {
         for (double& v : score) sum += v = std::exp(v - mx);
         for (int d = 0; d < hd; ++d) {
           double acc = 0;
-          for (int p = 0; p < s.length; ++p)
+          for (int p = 0; p < attended; ++p)
             acc += score[p] * values[static_cast<size_t>(p) * kv_dim + kv_head * hd + d];
           c.want[static_cast<size_t>(offset + qi) * q_dim + h * hd + d] = static_cast<float>(acc / sum);
         }
       }
   }
   return c;
+}
+
+// A MoE layer's data movement on a routing made by cpu/moe.h (the backend's): T tokens of D, 16 experts,
+// top 4 by the grouped-sigmoid router. src: the input row of each sorted row; sorted_row: each slot's row;
+// out: random expert outputs per sorted row; want: the float64 combine, each token's slots weighted.
+struct MoeCase {
+  int k = 4;
+  std::vector<float> x, out, weight, want;
+  std::vector<int32_t> src, sorted_row;
+};
+
+MoeCase moe_case(std::mt19937& rng, int T, int D) {
+  MoeCase c;
+  cpu::RouterParams p;
+  p.kind = RouterKind::GroupedSigmoid, p.n_experts = 16, p.top_k = c.k, p.n_group = 4, p.topk_group = 2;
+  p.routed_scaling_factor = 2.5f;
+  const std::vector<float> logits = random_floats(static_cast<size_t>(T) * p.n_experts, rng, 3.0f);
+  cpu::Routing routing;
+  cpu::ExpertGroups groups;
+  cpu::route(p, logits.data(), T, p.n_experts, nullptr, routing);
+  cpu::group_by_expert(routing, p.n_experts, groups);
+  const size_t R = groups.token.size();
+  c.x = random_floats(static_cast<size_t>(T) * D, rng);
+  c.out = random_floats(R * D, rng);
+  c.src = groups.token;
+  c.weight = routing.weight;
+  c.sorted_row.assign(R, -1);
+  for (size_t r = 0; r < R; ++r) c.sorted_row[groups.slot[r]] = static_cast<int32_t>(r);
+  c.want.assign(static_cast<size_t>(T) * D, 0.0f);
+  for (size_t r = 0; r < R; ++r) {
+    const int t = groups.token[r];
+    for (int d = 0; d < D; ++d)
+      c.want[static_cast<size_t>(t) * D + d] += static_cast<float>(double(groups.weight[r]) * c.out[r * D + d]);
+  }
+  return c;
+}
+
+void host_moe_combine() {
+  std::mt19937 rng(11);
+  const int T = 23, D = 40;
+  const MoeCase c = moe_case(rng, T, D);
+  std::vector<float> y(static_cast<size_t>(T) * D);
+  for (int64_t idx = 0; idx < static_cast<int64_t>(y.size()); ++idx)
+    y[idx] = ops::moe_combine(c.out.data(), c.sorted_row.data(), c.weight.data(), c.k, D, idx);
+  const double e = rel_inf(y, c.want);
+  report(e < 1e-5, "host ops: the MoE combine of one element (slots in order) on a grouped-sigmoid routing",
+         fmt("max rel diff %.1e", e));
 }
 
 // The attention kernel's block, emulated on the CPU: every phase of attention_tile.h run for threads 0..127
@@ -405,7 +460,7 @@ void host_attention_tile() {
       const auto& s = c.specs[i];
       const bool whole = s.begin == 0 && s.end == s.length;
       seqs.push_back(cuda::SeqDesc{c.offsets[i], s.begin, s.end, s.length, s.cache && !whole ? 1 : 0,
-                                   s.cache == 2 ? 1 : 0, c.caches[i].empty() ? nullptr : c.caches[i].data()});
+                                   s.cache == 2 ? 1 : 0, c.caches[i].empty() ? nullptr : c.caches[i].data(), s.block});
       for (int t = 0; t < s.end - s.begin; ++t) token_seq[c.offsets[i] + t] = static_cast<int32_t>(i);
       for (int q0 = 0; q0 < s.end - s.begin; q0 += cuda::kAttentionQueries)
         tiles.push_back(
@@ -423,12 +478,13 @@ void host_attention_tile() {
         const cuda::SeqDesc& s = seqs[tile.seq];
         const int kv_head = h / (c.qh / c.kvh);
         for (int tid = 0; tid < cuda::kAttentionThreads; ++tid) cuda::attention_start(tid, args, s, tile, h, m);
-        for (int k0 = 0; k0 < s.length; k0 += cuda::kAttentionKeys) {
-          const int nk = std::min(cuda::kAttentionKeys, s.length - k0);
+        const int keys = cuda::tile_keys(s, tile);
+        for (int k0 = 0; k0 < keys; k0 += cuda::kAttentionKeys) {
+          const int nk = std::min(cuda::kAttentionKeys, keys - k0);
           for (int tid = 0; tid < cuda::kAttentionThreads; ++tid)
             cuda::attention_load_keys(tid, args, s, kv_head, k0, nk, m);
           for (int tid = 0; tid < cuda::kAttentionThreads; ++tid)
-            cuda::attention_scores(tid, hd, tile.nq, nk, scale, m);
+            cuda::attention_scores(tid, hd, s, tile, k0, nk, scale, m);
           for (int tid = 0; tid < cuda::kAttentionThreads; ++tid) cuda::attention_softmax(tid, nk, m);
           for (int tid = 0; tid < cuda::kAttentionThreads; ++tid) cuda::attention_accumulate(tid, hd, nk, m);
         }
@@ -440,7 +496,8 @@ void host_attention_tile() {
         e < 1e-5,
         "host ops: the attention kernel's block phases and cache stores, thread by thread (ragged, GQA 4/2, head dim " +
             std::to_string(hd) + (hd % 4 ? ", scalar loads" : ", vector loads") +
-            ", no cache / f32 / bf16 cache, whole and cached reads) against float64",
+            ", no cache / f32 / bf16 cache, whole and cached reads, bidirectional and block-causal) against "
+            "float64",
         fmt("max rel diff %.1e", e));
   }
 }
@@ -528,13 +585,13 @@ void device_ops() {
     const double e = rel_inf(got, want);
     report(e < 2e-6, "cuda op: RMSNorm against the CPU kernel", fmt("max rel diff %.1e", e));
   }
-  // RoPE (GQA: 4 query heads, 2 kv heads).
-  {
-    const int T = 50, qh = 4, kvh = 2, hd = 64, half = hd / 2, L = 600;
+  // RoPE (GQA: 4 query heads, 2 kv heads), over the whole head and partial (the first half of it).
+  for (const int rot : {64, 32}) {
+    const int T = 50, qh = 4, kvh = 2, hd = 64, half = rot / 2, L = 600;
     std::vector<float> cos(static_cast<size_t>(L) * half), sin(cos.size());
     for (int p = 0; p < L; ++p)
       for (int i = 0; i < half; ++i) {
-        const double a = p * (1.0 / std::pow(500000.0, 2.0 * i / hd));
+        const double a = p * (1.0 / std::pow(500000.0, 2.0 * i / rot));
         cos[p * half + i] = static_cast<float>(std::cos(a)), sin[p * half + i] = static_cast<float>(std::sin(a));
       }
     std::vector<float> x = random_floats(static_cast<size_t>(T) * (qh + kvh) * hd, rng), want = x;
@@ -545,9 +602,39 @@ void device_ops() {
           float* row = want.data() + (static_cast<size_t>(t) * (qh + kvh) + h) * hd;
           ops::rope_pair(row[i], row[i + half], cos[positions[t] * half + i], sin[positions[t] * half + i]);
         }
-    ct::rope(x.data(), T, qh, kvh, hd, positions.data(), cos.data(), sin.data(), L);
+    ct::rope(x.data(), T, qh, kvh, hd, rot, positions.data(), cos.data(), sin.data(), L);
     const double e = rel_inf(x, want);
-    report(e < 1e-6, "cuda op: RoPE against ops::rope_pair on the CPU", fmt("max rel diff %.1e", e));
+    report(e < 1e-6, "cuda op: RoPE over " + std::to_string(rot) + " of 64 dims against ops::rope_pair on the CPU",
+           fmt("max rel diff %.1e", e));
+  }
+  // QK-norm: every head of q (4) and k (2) normalised with its own weights, against the CPU's RMSNorm.
+  {
+    const int T = 21, qh = 4, kvh = 2, hd = 128;
+    std::vector<float> x = random_floats(static_cast<size_t>(T) * (qh + kvh) * hd, rng, 3.0f), want = x;
+    std::vector<float> qw = random_floats(hd, rng, 0.3f), kw = random_floats(hd, rng, 0.3f);
+    for (size_t i = 0; i < qw.size(); ++i) qw[i] += 1.0f, kw[i] += 1.0f;
+    for (int t = 0; t < T; ++t)
+      for (int h = 0; h < qh + kvh; ++h) {
+        float* row = want.data() + (static_cast<size_t>(t) * (qh + kvh) + h) * hd;
+        k.rmsnorm(row, h < qh ? qw.data() : kw.data(), row, hd, 1e-6f);
+      }
+    ct::qk_norm(x.data(), T, qh, kvh, hd, qw.data(), kw.data(), 1e-6f);
+    const double e = rel_inf(x, want);
+    report(e < 2e-6, "cuda op: QK-norm (per head, own weights) against the CPU's RMSNorm", fmt("max rel diff %.1e", e));
+  }
+  // The MoE layer's gather of routed rows and its combine, on a routing by cpu/moe.h.
+  {
+    const int T = 19, D = 96;
+    const MoeCase mc = moe_case(rng, T, D);
+    std::vector<float> rows(mc.src.size() * D), y(static_cast<size_t>(T) * D);
+    ct::moe_rows(mc.x.data(), D, mc.src, rows.data(), mc.out.data(), mc.sorted_row, mc.weight, T, mc.k, y.data());
+    bool gathered = true;
+    for (size_t r = 0; r < mc.src.size(); ++r)
+      gathered = gathered && std::memcmp(rows.data() + r * D, mc.x.data() + static_cast<size_t>(mc.src[r]) * D,
+                                         D * sizeof(float)) == 0;
+    const double e = rel_inf(y, mc.want);
+    report(gathered && e < 1e-6, "cuda op: MoE gather of the routed rows (exact) and combine against float64",
+           fmt("max rel diff %.1e", e));
   }
   // SwiGLU.
   {
@@ -568,6 +655,7 @@ void device_ops() {
       a.offset = c.offsets[i], a.begin = c.specs[i].begin, a.end = c.specs[i].end, a.length = c.specs[i].length;
       a.cache = c.caches[i].empty() ? nullptr : c.caches[i].data();
       a.cache_bf16 = c.specs[i].cache == 2;
+      a.block = c.specs[i].block;
       seqs.push_back(a);
     }
     for (bool simple : {false, true}) {
@@ -736,6 +824,52 @@ void device_backend_parity(const std::string& golden_dir) {
   }
 }
 
+// The CUDA backend against the CPU backend on the block-diffusion models of test/fixtures/golden-block
+// (LLaDA2: fused QKV, QK-norm, partial rotary, dense then grouped-sigmoid MoE layers with a shared expert;
+// SDAR: QK-norm; SDAR-MoE: softmax-routed experts): block-causal forwards of ragged canvases in one batch,
+// and the exact cache of finished blocks — a prefill of two blocks, then the third block read from it,
+// against the CPU's same calls and against the GPU's own full recompute of the three blocks.
+void device_block_parity(const std::string& dir) {
+  std::mt19937 rng(41);
+  for (const std::string name : {"llada2", "sdar", "sdar_moe"}) {
+    const std::string model = (fs::path(dir) / name).string();
+    try {
+      auto cpu_backend = Backend::load(model, device_options(Device::Cpu));
+      auto gpu = Backend::load(model, device_options(Device::Cuda));
+      const ModelConfig& c = gpu->config();
+      const int B = c.block_length;
+      const double tolerance = gpu->weight_dtype() == "f32" ? 1e-4 : 5e-2;
+      std::vector<CachedSeq> batch;
+      for (int n : {9, 3 * B + 1, 2 * B})
+        batch.push_back({random_tokens(rng, n, c.vocab_size), all_rows(n), nullptr, 0, -1, B});
+      const double e = rel_inf(run_cached(*gpu, batch), run_cached(*cpu_backend, batch));
+      report(e < tolerance,
+             "cuda backend: " + name + " (" + gpu->weight_dtype() + ", block " + std::to_string(B) +
+                 ") block-causal batched forward against the CPU backend",
+             fmt("max rel diff %.1e", e));
+
+      const int L = 4 * B;
+      const std::vector<int32_t> canvas = random_tokens(rng, L, c.vocab_size);
+      std::vector<float> read[2];
+      int i = 0;
+      for (Backend* be : {gpu.get(), cpu_backend.get()}) {
+        auto cache = be->make_kv_cache(L);
+        run_cached(*be, {{canvas, {0}, cache.get(), 0, 2 * B, B}});
+        read[i++] = run_cached(*be, {{canvas, range_rows(2 * B, 3 * B), cache.get(), 2 * B, 3 * B, B}});
+      }
+      const std::vector<float> full = run_cached(*gpu, {{canvas, range_rows(2 * B, 3 * B), nullptr, 0, 3 * B, B}});
+      const double ec = rel_inf(read[0], read[1]), ef = rel_inf(read[0], full);
+      report(ec < tolerance && ef < 1e-5,
+             "cuda backend: " + name +
+                 " block read from the cache of two finished blocks, against the CPU backend "
+                 "and the GPU's full recompute",
+             fmt("max rel diff %.1e (CPU), ", ec) + fmt("%.1e (recompute)", ef));
+    } catch (const std::exception& e) {
+      report(false, "cuda backend: " + name, e.what());
+    }
+  }
+}
+
 // The golden fixtures on CUDA: the logits against PyTorch's, and the generated answers through the
 // Engine (exact for f32 models; the agreement reported, and bounded loosely, for bf16 / f16).
 void device_golden(const std::string& golden_dir) {
@@ -849,6 +983,7 @@ int main(int argc, char** argv) {
   host_conversions();
   host_rmsnorm();
   host_rope();
+  host_moe_combine();
   host_silu();
   host_online_softmax();
   host_vocab_reduction();
@@ -874,6 +1009,7 @@ int main(int argc, char** argv) {
     device_ops();
     std::printf("== the CUDA backend against the CPU backend\n");
     device_backend_parity(golden_dir);
+    device_block_parity((fs::path(golden_dir).parent_path() / "golden-block").string());
     std::printf("== golden fixtures on CUDA\n");
     device_golden(golden_dir);
     std::printf("== batch invariance on the GPU\n");

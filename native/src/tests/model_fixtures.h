@@ -275,6 +275,7 @@ struct CachedSeq {
   std::vector<int32_t> rows;
   KVCache* cache = nullptr;
   int begin = 0, end = -1;
+  int block = 0;  // ForwardSeq::attention_block
 };
 
 inline std::vector<float> run_cached(Backend& model, const std::vector<CachedSeq>& seqs,
@@ -283,7 +284,7 @@ inline std::vector<float> run_cached(Backend& model, const std::vector<CachedSeq
   size_t n_rows = 0;
   for (const CachedSeq& s : seqs) {
     batch.push_back({s.tokens.data(), static_cast<int>(s.tokens.size()), s.rows.data(), static_cast<int>(s.rows.size()),
-                     s.cache, s.begin, s.end});
+                     s.cache, s.begin, s.end, s.block});
     n_rows += s.rows.size();
   }
   std::vector<float> logits(n_rows * model.config().embedding_size);
