@@ -8,13 +8,15 @@
 // quantize_weight_row (the arithmetic quantize.ts repeats). write-model.ts checks it byte for byte against the
 // TypeScript writer on llada2-tiny before writing the big model.
 //
-//   moe-fill PLAN.json      PLAN: {"path", "header" (a file holding the header bytes), "format", "threads",
-//                           "tensors": [{"dtype", "rows", "cols", "quantize", "kind": "ones"|"uniform",
-//                           "keyA", "keyB", "scale", "a"}]}
+//   moe-fill PLAN.json      PLAN: {"path", "header" (a file holding the header bytes), "format" (q8_0, q4_0
+//                           or none), "threads", "tensors": [{"dtype", "rows", "cols", "quantize",
+//                           "kind": "ones"|"uniform", "keyA", "keyB", "scale", "a"}]}; relative paths are
+//                           taken from the plan's own directory (write-model.ts --plan-only).
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -103,12 +105,21 @@ int main(int argc, char** argv) {
     text << in.rdbuf();
     const vdiff::Json plan = vdiff::Json::parse(text.str());
     const std::string format = plan.find("format")->as_string();
+    if (format != "q8_0" && format != "q4_0" && format != "none")
+      throw std::runtime_error("format must be q8_0, q4_0 or none, got " + format);
     const vdiff::cpu::QType qtype = format == "q8_0" ? vdiff::cpu::QType::Q8_0 : vdiff::cpu::QType::Q4_0;
     const int threads = static_cast<int>(plan.find("threads")->as_int64());
-    std::ifstream hin(plan.find("header")->as_string(), std::ios::binary);
+    const std::filesystem::path here = std::filesystem::path(argv[1]).parent_path();
+    auto resolve = [&](const std::string& p) {
+      const std::filesystem::path path(p);
+      return (path.is_absolute() ? path : here / path).string();
+    };
+    std::ifstream hin(resolve(plan.find("header")->as_string()), std::ios::binary);
+    if (!hin) throw std::runtime_error("cannot read " + resolve(plan.find("header")->as_string()));
     const std::string header((std::istreambuf_iterator<char>(hin)), std::istreambuf_iterator<char>());
-    std::FILE* f = std::fopen(plan.find("path")->as_string().c_str(), "wb");
-    if (!f) throw std::runtime_error("cannot open " + plan.find("path")->as_string());
+    const std::string out_path = resolve(plan.find("path")->as_string());
+    std::FILE* f = std::fopen(out_path.c_str(), "wb");
+    if (!f) throw std::runtime_error("cannot open " + out_path);
     std::setvbuf(f, nullptr, _IOFBF, 8 << 20);
     write_all(f, header.data(), header.size());
     uint64_t written = header.size();
@@ -118,6 +129,7 @@ int main(int argc, char** argv) {
       t.rows = j.find("rows")->as_int64();
       t.cols = j.find("cols")->as_int64();
       t.quantize = j.find("quantize")->as_bool();
+      if (t.quantize && format == "none") throw std::runtime_error("a tensor to quantize in a plan of format none");
       t.ones = j.find("kind")->as_string() == "ones";
       if (!t.ones) {
         t.key_a = static_cast<uint32_t>(j.find("keyA")->as_int64());
@@ -131,10 +143,14 @@ int main(int argc, char** argv) {
         std::vector<uint8_t> bytes(buf.size() * (t.dtype == "BF16" ? 2 : 4));
         for (int64_t r0 = 0; r0 < t.rows; r0 += band) {
           const int64_t n = std::min(band, t.rows - r0);
-          values(t, r0 * t.cols, (r0 + n) * t.cols, buf.data());
+          parallel(threads, n, [&](int64_t b, int64_t e) {
+            values(t, (r0 + b) * t.cols, (r0 + e) * t.cols, buf.data() + b * t.cols);
+            if (t.dtype == "BF16") {
+              auto* h = reinterpret_cast<uint16_t*>(bytes.data());
+              for (int64_t i = b * t.cols; i < e * t.cols; ++i) h[i] = f32_to_bf16_bits(buf[i]);
+            }
+          });
           if (t.dtype == "BF16") {
-            auto* h = reinterpret_cast<uint16_t*>(bytes.data());
-            for (int64_t i = 0; i < n * t.cols; ++i) h[i] = f32_to_bf16_bits(buf[i]);
             write_all(f, bytes.data(), n * t.cols * 2);
             written += n * t.cols * 2;
           } else if (t.dtype == "F32") {

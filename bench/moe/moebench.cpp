@@ -1,5 +1,5 @@
-// bench/moe: a block-diffusion MoE model's denoising step on the CPU against the memory-bandwidth floor.
-// Prints one JSON object on stdout (and progress on stderr).
+// bench/moe: a block-diffusion MoE model's denoising step against the memory-bandwidth floor, on the CPU
+// (or, --device cuda, on a GPU: bench/gpu/moe.sh). Prints one JSON object on stdout (and progress on stderr).
 //
 //   1. Bandwidth: a streaming read of a buffer far larger than the caches (sum of 64-bit words, every
 //      thread on its own part at once), best of several passes: bytes / s.
@@ -12,10 +12,13 @@
 //      shared-expert and head matrix, the embedding rows of its tokens, and each touched expert's three
 //      matrices, as stored (WeightRef::bytes: quantized or not) — over the measured bandwidth.
 //   Peak RSS is getrusage's ru_maxrss (the mapped weights the process touched included).
+//   --device cuda: the same steps on the CUDA backend (the experts grouped on the host by the same code,
+//   so the counters hold); the floor's bandwidth is the GPU's, given by --bandwidth-gbps (bench/gpu/moe.sh
+//   measures it with a device-to-device copy), and the backend's device memory is reported.
 //
 // Built by bench/moe/run.sh against libvdiff_core.a:
 //   moebench --model DIR [--threads 2] [--batches 1,8] [--prompt 32] [--gen 64] [--steps 8]
-//            [--bandwidth-mib 1024] [--seed 1]
+//            [--bandwidth-mib 1024] [--seed 1] [--device cpu|cuda] [--bandwidth-gbps G]
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -170,6 +173,8 @@ int main(int argc, char** argv) {
   std::string model;
   int threads = 2, prompt_len = 32, gen = 64, steps = 8, seed = 1;
   size_t bandwidth_mib = 1024;
+  Device device = Device::Cpu;
+  double given_gbps = 0;  // > 0: the floor's bandwidth, not measured here
   std::vector<int> batches = {1, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
@@ -180,6 +185,8 @@ int main(int argc, char** argv) {
     else if (a == "--steps") steps = std::atoi(v.c_str());
     else if (a == "--seed") seed = std::atoi(v.c_str());
     else if (a == "--bandwidth-mib") bandwidth_mib = std::strtoul(v.c_str(), nullptr, 10);
+    else if (a == "--bandwidth-gbps") given_gbps = std::atof(v.c_str());
+    else if (a == "--device" && (v == "cpu" || v == "cuda")) device = v == "cpu" ? Device::Cpu : Device::Cuda;
     else if (a == "--batches") {
       batches.clear();
       std::stringstream ss(v);
@@ -192,13 +199,15 @@ int main(int argc, char** argv) {
   }
   if (model.empty()) {
     std::fprintf(stderr,
-                 "usage: moebench --model DIR [--threads 2] [--batches 1,8] [--prompt 32] [--gen 64] [--steps 8]\n");
+                 "usage: moebench --model DIR [--threads 2] [--batches 1,8] [--prompt 32] [--gen 64] [--steps 8]\n"
+                 "                [--device cpu|cuda] [--bandwidth-gbps G] [--bandwidth-mib 1024] [--seed 1]\n");
     return 2;
   }
   try {
     const WeightBytes wb = weight_bytes(model);
     LoadOptions options;
     options.threads = threads;
+    options.device = device;
     const double t_load = now();
     std::shared_ptr<Backend> backend = Backend::load(model, options);
     const double load_s = now() - t_load;
@@ -289,9 +298,13 @@ int main(int argc, char** argv) {
     }
     // The bandwidth is measured after the runs: its buffer would count in their peak RSS.
     const double peak_rss = peak_rss_kib() / 1048576.0;
-    std::fprintf(stderr, "bandwidth: streaming read of %zu MiB on %d threads\n", bandwidth_mib, threads);
-    const double bw = bandwidth(bandwidth_mib << 20, threads, 5);
-    const double bw1 = bandwidth(bandwidth_mib << 20, 1, 3);
+    double bw = given_gbps * 1e9, bw1 = 0;
+    if (given_gbps <= 0) {
+      std::fprintf(stderr, "bandwidth: streaming read of %zu MiB on %d threads\n", bandwidth_mib, threads);
+      bw = bandwidth(bandwidth_mib << 20, threads, 5);
+      bw1 = bandwidth(bandwidth_mib << 20, 1, 3);
+    }
+    const BackendInfo after = backend->info();
 
     std::string runs_json;
     for (const Run& r : runs) {
@@ -315,15 +328,17 @@ int main(int argc, char** argv) {
     }
     std::printf(
         "{\"cpu\": \"%s\", \"threads\": %d, \"model\": \"%s\", \"quant\": \"%s\", \"backend\": \"%s\", "
-        "\"gemm\": \"%s\", \"load_s\": %.1f, "
-        "\"bandwidth_gbps\": %.2f, \"bandwidth_1thread_gbps\": %.2f, \"bandwidth_buffer_mib\": %zu, "
+        "\"device\": \"%s\", \"device_memory_used_gib\": %.2f, \"gemm\": \"%s\", \"load_s\": %.1f, "
+        "\"bandwidth_gbps\": %.2f, \"bandwidth_source\": \"%s\", \"bandwidth_1thread_gbps\": %.2f, "
+        "\"bandwidth_buffer_mib\": %zu, "
         "\"weights\": {\"total_bytes\": %llu, \"attention\": %llu, \"dense_mlp\": %llu, \"routers\": %llu, "
         "\"shared_experts\": %llu, \"head\": %llu, \"one_expert\": %llu, \"all_experts\": %llu, \"moe_layers\": %d, "
         "\"experts_per_layer\": %d}, "
         "\"prompt\": %d, \"gen\": %d, \"steps_per_block\": %d, \"block_length\": %d, \"runs\": [%s], "
         "\"peak_rss_gib\": %.2f}\n",
         cpu_model().c_str(), threads, base_name(model).c_str(), wb.quant.c_str(), info.backend.c_str(),
-        info.gemm.c_str(), load_s, bw / 1e9, bw1 / 1e9, bandwidth_mib, static_cast<unsigned long long>(wb.total),
+        after.device.c_str(), after.memory_used / 1073741824.0, info.gemm.c_str(), load_s, bw / 1e9,
+        given_gbps > 0 ? "given" : "streaming read (host)", bw1 / 1e9, bandwidth_mib, static_cast<unsigned long long>(wb.total),
         static_cast<unsigned long long>(wb.attention), static_cast<unsigned long long>(wb.dense_mlp),
         static_cast<unsigned long long>(wb.routers), static_cast<unsigned long long>(wb.shared),
         static_cast<unsigned long long>(wb.head), static_cast<unsigned long long>(wb.expert),

@@ -5,7 +5,11 @@
 # reads, touched experts counted, over that bandwidth). See bench/moe/moebench.cpp.
 #
 #   bench/moe/run.sh [--models DIR] [--build DIR] [--formats q4_0,q8_0] [--threads 2] [--batches 1,8]
-#                    [--gen 64] [--steps 8] [--no-results]
+#                    [--gen 64] [--steps 8] [--no-results] [--plan-only DIR]
+#
+# --plan-only DIR: only plans each format's model into DIR/llada2-mini-<format> (config.json, index, each
+# shard's header and plan for moe-fill; no data, no benchmark) — for bench/gpu/moe.sh on a GPU machine
+# without Node (--formats none: the unquantized bf16 model it runs).
 #
 # The models go to DIR (default /tmp/vdiff-moe; 9.2 GB and 17.3 GB), written once by
 # bench/moe/write-model.ts (make-model's layout, data by the native writer fill.cpp, checked against the
@@ -22,6 +26,7 @@ batches=1,8
 gen=64
 steps=8
 results=1
+plan_only=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --models) models="$2"; shift 2 ;;
@@ -32,6 +37,7 @@ while [ $# -gt 0 ]; do
     --gen) gen="$2"; shift 2 ;;
     --steps) steps="$2"; shift 2 ;;
     --no-results) results=0; shift ;;
+    --plan-only) plan_only="$2"; shift 2 ;;
     *) echo "unknown flag $1" >&2; exit 2 ;;
   esac
 done
@@ -41,6 +47,14 @@ cmake -S "$root/native" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DVDIFF_
 ninja -C "$build" -j2 vdiff_core >/dev/null
 c++ -O3 -ffp-contract=off -std=c++20 -I "$root/native/src" "$root/bench/moe/fill.cpp" "$build/libvdiff_core.a" -lpthread -o "$build/moe-fill"
 c++ -O3 -std=c++20 -I "$root/native/src" "$root/bench/moe/moebench.cpp" "$build/libvdiff_core.a" -lpthread -o "$build/moebench"
+
+if [ -n "$plan_only" ]; then
+  for format in ${formats//,/ }; do
+    (cd "$root" && npx tsx bench/moe/write-model.ts --fill "$build/moe-fill" --format "$format" \
+      --out "$plan_only/llada2-mini-$format" --threads "$threads" --plan-only)
+  done
+  exit 0
+fi
 
 out="$build/moe-runs.jsonl"
 : > "$out"

@@ -62,6 +62,8 @@ export interface WriteModelOptions {
   readonly quantize?: QuantFormat
   /** Writes one quantized shard instead of writeQuantizedSafetensors (same contract; bench/moe's native writer). */
   readonly writeQuantizedShard?: typeof writeQuantizedSafetensors
+  /** Writes one unquantized shard instead of writeSafetensors; returns the file's bytes (bench/moe's native writer). */
+  readonly writeShard?: (path: string, tensors: ReadonlyArray<TensorSource>, metadata: Readonly<Record<string, string>>) => Promise<number>
 }
 
 // --- seeded random weights --------------------------------------------------------------------------
@@ -198,10 +200,12 @@ export const writeModelDir = async (
     const started = Date.now()
     const size =
       format === undefined
-        ? await writeSafetensors(join(dir, name), shard, {
-            metadata,
-            ...(options.chunkElements !== undefined ? { chunkElements: options.chunkElements } : {})
-          })
+        ? options.writeShard !== undefined
+          ? await options.writeShard(join(dir, name), shard, metadata)
+          : await writeSafetensors(join(dir, name), shard, {
+              metadata,
+              ...(options.chunkElements !== undefined ? { chunkElements: options.chunkElements } : {})
+            })
         : await (options.writeQuantizedShard ?? writeQuantizedSafetensors)(join(dir, name), shard, format, metadata)
     options.onProgress?.(
       `wrote ${name}: ${shard.length} tensors${format !== undefined ? ` (${format})` : ""}, ${(size / 1e6).toFixed(1)} MB in ${((Date.now() - started) / 1000).toFixed(1)} s`
@@ -240,6 +244,7 @@ export interface MakeModelOptions {
   /** Write the matrices in Q8_0 or Q4_0 (see WriteModelOptions.quantize). */
   readonly quantize?: QuantFormat
   readonly writeQuantizedShard?: WriteModelOptions["writeQuantizedShard"]
+  readonly writeShard?: WriteModelOptions["writeShard"]
   readonly onProgress?: (message: string) => void
 }
 
@@ -328,6 +333,7 @@ export const makeModel = async (options: MakeModelOptions): Promise<WrittenModel
     ...(maxShardBytes !== undefined ? { maxShardBytes } : {}),
     ...(options.quantize !== undefined ? { quantize: options.quantize } : {}),
     ...(options.writeQuantizedShard !== undefined ? { writeQuantizedShard: options.writeQuantizedShard } : {}),
+    ...(options.writeShard !== undefined ? { writeShard: options.writeShard } : {}),
     ...(options.onProgress !== undefined ? { onProgress: options.onProgress } : {})
   })
   if (isFamilyPreset(preset) && preset.tokenizer === "embedded") {
