@@ -3,6 +3,7 @@
 #include <cstring>
 #include <set>
 
+#include "cpu/quant.h"
 #include "error.h"
 
 namespace vdiff {
@@ -203,7 +204,7 @@ const char* quant_name(Quant q) {
   return "?";
 }
 
-ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& c, const Family& f, bool allow_quantized) {
+ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& c, const Family& f) {
   ModelWeights out;
   std::set<const void*> counted;
   // A quantized matrix (may_quantize: a projection or the head): the blocks under `name`, the scales
@@ -242,13 +243,12 @@ ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& c, const 
   };
   const auto find = [&](const std::string& name, std::vector<int64_t> shape, bool may_quantize = false) {
     const TensorView& t = tensors.get(name);
-    if (allow_quantized && may_quantize && (t.dtype == DType::I8 || t.dtype == DType::U8))
-      return find_quantized(t, name, shape);
+    if (may_quantize && (t.dtype == DType::I8 || t.dtype == DType::U8)) return find_quantized(t, name, shape);
     if (t.dtype != DType::F32 && t.dtype != DType::BF16 && t.dtype != DType::F16)
       throw Error(ErrorCode::InvalidModel, t.file + ": tensor \"" + name + "\" has dtype " + dtype_name(t.dtype) +
                                                "; only F32, BF16 and F16 are supported" +
                                                (t.dtype == DType::I8 || t.dtype == DType::U8
-                                                    ? " here (quantized checkpoints load on the CPU backend)"
+                                                    ? " here (only projection and head matrices may be quantized)"
                                                     : ""));
     if (t.shape != shape)
       throw Error(ErrorCode::InvalidModel, t.file + ": tensor \"" + name + "\" has shape " + shape_string(t.shape) +
@@ -365,6 +365,24 @@ float weight_element(const WeightRef& w, int64_t i) {
       return f16_to_f32(h);
     }
     default: throw Error(ErrorCode::Internal, "weight_element: not a float dtype");
+  }
+}
+
+void dequantize_row(const WeightRef& w, int r, float* out) {
+  if (w.quant == Quant::None) {
+    for (int c = 0; c < w.cols; ++c) out[c] = weight_element(w, static_cast<int64_t>(r) * w.cols + c);
+    return;
+  }
+  const cpu::QType type = w.quant == Quant::Q8_0 ? cpu::QType::Q8_0 : cpu::QType::Q4_0;
+  const int64_t row_bytes = static_cast<int64_t>(w.cols) / cpu::kQBlock * cpu::qblock_bytes(type);
+  const cpu::QMatB row{static_cast<const uint8_t*>(w.data) + r * row_bytes,
+                       static_cast<const uint16_t*>(w.scales) + static_cast<int64_t>(r) * (w.cols / cpu::kQBlock), type,
+                       row_bytes, w.cols / cpu::kQBlock};
+  for (int c = 0; c < w.cols; ++c) out[c] = cpu::qweight_value(row, 0, c);
+  if (w.hadamard) {
+    const int R = cpu::hadamard_block(w.cols);
+    cpu::hadamard_transform(out, w.cols, R);
+    for (int c = 0; c < w.cols; ++c) out[c] /= static_cast<float>(R);
   }
 }
 

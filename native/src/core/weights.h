@@ -127,13 +127,17 @@ const Family* find_family(const std::string& model_type);
 const Family& family_of(const ModelConfig& config);
 
 // Finds every tensor the family names with the shape config.json implies and a float dtype. Throws
-// Error(InvalidModel) naming the file, the tensor and what is wrong. With allow_quantized (the CPU
-// backend), the projection and head matrices may also be quantized (see WeightRef); the embedding and
-// the norms are always float.
-ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& config, const Family& family,
-                          bool allow_quantized = false);
+// Error(InvalidModel) naming the file, the tensor and what is wrong. The projection and head matrices may
+// also be quantized (see WeightRef); the embedding and the norms are always float.
+ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& config, const Family& family);
 
 // The element i of a float weight (F32, BF16 or F16) as f32.
 float weight_element(const WeightRef& w, int64_t i);
+
+// Row r of a matrix as f32 (cols values): a float one as stored; a quantized one dequantized (each value
+// its integer times its block's f16 scale, exact in f32) and, when its rows were rotated before
+// quantizing, rotated back (H deq / R: the weight the CPU's rotated product multiplies by). For a backend
+// that runs quantized checkpoints in a float type (the CUDA backend, in bf16).
+void dequantize_row(const WeightRef& w, int r, float* out);
 
 }  // namespace vdiff

@@ -310,7 +310,7 @@ CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadO
       tensors_(std::move(tensors)),
       kernels_(&kernels_for_setting(options.cpu_isa)),
       quant_(&quant_kernels_for(*kernels_)) {
-  const ModelWeights w = find_weights(tensors_, config_, family_of(config_), /*allow_quantized=*/true);
+  const ModelWeights w = find_weights(tensors_, config_, family_of(config_));
   parameter_count_ = w.parameter_count;
   weight_bytes_ = w.bytes;
   wte_ = weight_of(w.embed);

@@ -208,7 +208,7 @@ class CudaBackend final : public Backend {
  private:
   void* upload(const WeightRef& w, Elem as, uint64_t& done, uint64_t total);
   void* upload_concat(std::initializer_list<const WeightRef*> parts, Elem as, uint64_t& done, uint64_t total);
-  float* upload_f32(const WeightRef& w);  // a norm, a router: any float tensor, as f32
+  float* upload_f32(const WeightRef& w);                              // a norm, a router: any float tensor, as f32
   float* upload_bias(std::initializer_list<const WeightRef*> parts);  // concatenated, as f32
   DeviceMlp upload_mlp(const MlpWeights& m, uint64_t& done, uint64_t total);
   void* device_alloc(size_t bytes, const std::string& what);
@@ -233,7 +233,8 @@ class CudaBackend final : public Backend {
   Cublas::Handle cublas_handle_ = nullptr;
   std::string cublas_reason_;
 
-  Elem type_ = Elem::F32;  // the projection weights' dtype: the GEMMs' input type
+  Elem type_ = Elem::F32;   // the projection weights' dtype: the GEMMs' input type
+  bool quantized_ = false;  // a quantized checkpoint, dequantized to type_ (bf16) at upload
   Elem embed_type_ = Elem::F32;
   void* embed_ = nullptr;
   void* head_ = nullptr;
@@ -273,20 +274,25 @@ void* CudaBackend::device_alloc(size_t bytes, const std::string& what) {
   return p;
 }
 
-// Host-side conversion of one weight to `as` (f32 -> bf16/f16 rounds to nearest even).
+// Host-side conversion of one weight to `as` (f32 -> bf16/f16 rounds to nearest even); a quantized one
+// dequantized first (dequantize_row: its rotation undone).
 void convert_host(const WeightRef& w, Elem as, std::vector<char>& out) {
-  const int64_t n = static_cast<int64_t>(w.rows) * w.cols;
-  out.resize(static_cast<size_t>(n) * elem_size(as));
-  for (int64_t i = 0; i < n; ++i) {
-    const float f = weight_element(w, i);
-    if (as == Elem::F32) {
-      std::memcpy(out.data() + i * 4, &f, 4);
-    } else if (as == Elem::BF16) {
-      const uint16_t h = ops::f32_to_bf16(f);
-      std::memcpy(out.data() + i * 2, &h, 2);
-    } else {
-      const __half h = __float2half_rn(f);
-      std::memcpy(out.data() + i * 2, &h, 2);
+  out.resize(static_cast<size_t>(w.rows) * w.cols * elem_size(as));
+  std::vector<float> row(w.cols);
+  for (int r = 0; r < w.rows; ++r) {
+    dequantize_row(w, r, row.data());
+    for (int c = 0; c < w.cols; ++c) {
+      const int64_t i = static_cast<int64_t>(r) * w.cols + c;
+      const float f = row[c];
+      if (as == Elem::F32) {
+        std::memcpy(out.data() + i * 4, &f, 4);
+      } else if (as == Elem::BF16) {
+        const uint16_t h = ops::f32_to_bf16(f);
+        std::memcpy(out.data() + i * 2, &h, 2);
+      } else {
+        const __half h = __float2half_rn(f);
+        std::memcpy(out.data() + i * 2, &h, 2);
+      }
     }
   }
 }
@@ -302,7 +308,7 @@ void* CudaBackend::upload_concat(std::initializer_list<const WeightRef*> parts, 
   for (const WeightRef* w : parts) {
     const size_t n = static_cast<size_t>(w->rows) * w->cols * elem_size(as);
     const void* src = w->data;
-    if (elem_of(w->dtype) != as) {
+    if (w->quant != Quant::None || elem_of(w->dtype) != as) {
       convert_host(*w, as, converted);
       src = converted.data();
     }
@@ -371,7 +377,9 @@ CudaBackend::CudaBackend(const ModelConfig& config, TensorSet tensors, const Loa
   // What this process may hold: the share of the device, less what others hold already.
   const double allowed = utilization * static_cast<double>(total_bytes) - static_cast<double>(total_bytes - free_bytes);
 
-  type_ = elem_of(w.layers.at(0).q.dtype);
+  // A quantized checkpoint runs in bf16: its matrices dequantized at upload (no int8 / int4 kernels here).
+  quantized_ = w.layers.at(0).q.quant != Quant::None;
+  type_ = quantized_ ? Elem::BF16 : elem_of(w.layers.at(0).q.dtype);
   embed_type_ = elem_of(w.embed.dtype);
   const ModelConfig& c = config_;
   const int D = c.d_model, hd = c.head_dim();
@@ -487,7 +495,8 @@ BackendInfo CudaBackend::info() const {
   BackendInfo i;
   i.backend = "cuda";
   i.device = device_name_;
-  i.gemm = cublas_ ? "cublas" : "tiled fallback";
+  i.gemm =
+      std::string(cublas_ ? "cublas" : "tiled fallback") + (quantized_ ? " (quantized checkpoint, run in bf16)" : "");
   i.memory_used = device_weight_bytes_ + kv_cache_live_bytes() + x_.size() + xn_.size() + qkv_.size() + att_.size() +
                   gu_.size() + h_.size() + head_in_.size() + logits_.size() + meta_.size() + tasks_.size() +
                   results_.size() + xn_f32_.size() + router_logits_.size() + moe_in_.size() + moe_gu_.size() +

@@ -177,8 +177,7 @@ void test_quant_model() {
     }
   }
 
-  // Loader errors: a quantized matrix without its scales (or with the wrong shape), and a quantized
-  // checkpoint where only float weights are accepted (the CUDA backend's find_weights).
+  // Loader errors: a quantized matrix without its scales (or with the wrong shape), or an unknown rotation.
   TinyModel tiny = make_tiny(spec, WType::F32, 9);
   const std::string q_name = "model.transformer.blocks.1.q_proj.weight";
   const fs::path bad = tmp.path / "bad-scale";
@@ -189,14 +188,35 @@ void test_quant_model() {
   write_quantized(odd, tiny, cpu::QType::Q8_0, "", "givens");
   expect_error("quantized checkpoint with an unknown rotation", ErrorCode::InvalidModel,
                {"vdiff.rotation", "givens", "hadamard"}, [&] { Backend::load(odd.string(), test_options(1)); });
-  const fs::path good = tmp.path / "good";
-  write_quantized(good, tiny, cpu::QType::Q4_0);
-  expect_error("quantized checkpoint where only float weights are accepted", ErrorCode::InvalidModel,
-               {"has dtype U8", "CPU backend"}, [&] {
-                 const TensorSet set = TensorSet::load_dir(good.string());
-                 const ModelConfig config = ModelConfig::from_file((good / "config.json").string());
-                 find_weights(set, config, family_of(config));
-               });
+
+  // dequantize_row (what the CUDA backend uploads, in bf16, for a quantized checkpoint): every row of
+  // every quantized matrix equals the float weights the quantized rows stand for (`dequantized`: the
+  // values, rotated back where they were rotated), bit for bit; float matrices come back as stored.
+  for (const auto& [type, rotate] : {std::pair{cpu::QType::Q8_0, true}, std::pair{cpu::QType::Q4_0, false}}) {
+    const fs::path dir = tmp.path / (std::string("rows-") + cpu::qtype_name(type));
+    write_quantized(dir, tiny, type, "", rotate ? "hadamard" : "");
+    const TinyModel want = dequantized(tiny, type, rotate);
+    const TensorSet set = TensorSet::load_dir(dir.string());
+    const ModelConfig config = ModelConfig::from_file((dir / "config.json").string());
+    const ModelWeights w = find_weights(set, config, family_of(config));
+    int matrices = 0, quantized = 0, differ = 0;
+    for (const LayerWeights& l : w.layers)
+      for (const WeightRef* m : {&l.q, &l.k, &l.v, &l.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down}) {
+        ++matrices;
+        quantized += m->quant != Quant::None;
+        const std::vector<float>& f = want.tensors.at(m->name).f32;
+        std::vector<float> row(m->cols);
+        for (int r = 0; r < m->rows; ++r) {
+          dequantize_row(*m, r, row.data());
+          differ += std::memcmp(row.data(), f.data() + static_cast<size_t>(r) * m->cols, m->cols * sizeof(float)) != 0;
+        }
+      }
+    report(quantized == matrices && differ == 0,
+           std::string("dequantize_row: a ") + cpu::qtype_name(type) + (rotate ? " (rotated)" : "") +
+               " checkpoint's matrices as the float weights their rows stand for",
+           std::to_string(quantized) + " of " + std::to_string(matrices) + " quantized, " + std::to_string(differ) +
+               " rows differ");
+  }
 }
 
 }  // namespace vdiff::test
