@@ -316,12 +316,81 @@ __global__ void __launch_bounds__(kAttnThreads)
 
 constexpr int kReduceThreads = 512;
 
+// The top logprobs of a task's row under the softmax of its final logits (max, sum): rounds of a max over
+// the drawable tokens ranked after the previous pick.
+__device__ void top_logprobs(const TaskDesc& t, const float* cond, const float* uncond, int row_size, double max,
+                             double sum, TaskResult& r) {
+  const int tid = threadIdx.x;
+  ops::ArgBest previous = ops::arg_none();
+  for (int k = 0; k < t.top_logprobs && k < kMaxTop; ++k) {
+    ops::ArgBest pick = ops::arg_none();
+    for (int i = tid; i < row_size; i += blockDim.x) ops::top_candidate(pick, t, cond, uncond, i, previous);
+    pick = block_arg_max(pick);
+    if (pick.index < 0) break;
+    if (tid == 0) {
+      r.top_token[k] = pick.index;
+      r.top_logprob[k] =
+          static_cast<float>(ops::log_probability(ops::final_logit(t, cond, uncond, pick.index), max, sum));
+      r.n_top = k + 1;
+    }
+    previous = pick;
+  }
+}
+
+// A Dream row (ops.h: the DreamPass of every thread merged in thread order in shared memory; then the sum,
+// and the entropy's sum when its algorithm asks), and the log-probabilities from the row's own softmax.
+__device__ void dream_row(const TaskDesc& t, const float* cond, const float* uncond, int row_size, TaskResult& r) {
+  __shared__ ops::DreamPass passes[kReduceThreads];
+  const int tid = threadIdx.x;
+  ops::DreamPass mine = ops::dream_pass_start();
+  double raw_max = -static_cast<double>(INFINITY);
+  for (int i = tid; i < row_size; i += blockDim.x) {
+    ops::dream_pass_add(mine, t, cond, uncond, i);
+    raw_max = ops::max_no_nan(raw_max, static_cast<double>(ops::final_logit(t, cond, uncond, i)));
+  }
+  passes[tid] = mine;
+  __syncthreads();
+  if (tid == 0) {
+    ops::DreamPass all = passes[0];
+    for (int i = 1; i < static_cast<int>(blockDim.x); ++i) all = ops::dream_pass_merge(all, passes[i]);
+    passes[0] = all;
+  }
+  __syncthreads();
+  const ops::DreamPass pass = passes[0];
+  raw_max = block_reduce(raw_max, MaxNoNaN{}, -static_cast<double>(INFINITY));
+  const bool usable = ops::dream_usable(pass);
+  double sum = 0.0, raw_sum = 0.0;
+  for (int i = tid; i < row_size; i += blockDim.x) {
+    if (usable) sum += ops::dream_sum_term(t, cond, uncond, i, pass.z1);
+    raw_sum += ops::row_sum_term(t, cond, uncond, i, raw_max);
+  }
+  sum = block_reduce(sum, Sum{}, 0.0);
+  raw_sum = block_reduce(raw_sum, Sum{}, 0.0);
+  double negative_entropy = 0.0;
+  if (usable && t.dream == ops::kDreamEntropy) {
+    for (int i = tid; i < row_size; i += blockDim.x)
+      negative_entropy += ops::dream_entropy_term(t, cond, uncond, i, pass.z1, sum);
+    negative_entropy = block_reduce(negative_entropy, Sum{}, 0.0);
+  }
+  if (tid == 0) {
+    ops::dream_finish(t, cond, uncond, pass, sum, negative_entropy, r);
+    r.target_logprob =
+        t.target >= 0 ? ops::log_probability(ops::final_logit(t, cond, uncond, t.target), raw_max, raw_sum) : 0.0;
+  }
+  top_logprobs(t, cond, uncond, row_size, raw_max, raw_sum, r);
+}
+
 __global__ void __launch_bounds__(kReduceThreads)
     reduce_rows_kernel(const float* logits, int row_size, const TaskDesc* tasks, TaskResult* results) {
   const TaskDesc t = tasks[blockIdx.x];
   const float* cond = logits + static_cast<int64_t>(t.cond) * row_size;
   const float* uncond = t.uncond >= 0 ? logits + static_cast<int64_t>(t.uncond) * row_size : nullptr;
   const int tid = threadIdx.x;
+  TaskResult* r = results + blockIdx.x;
+  if (t.dream) {
+    dream_row(t, cond, uncond, row_size, *r);
+    return;
+  }
 
   // Pass 1: the row's max (for the softmax) and the drawn token.
   ops::RowPass pass = ops::row_pass_start();
@@ -334,24 +403,8 @@ __global__ void __launch_bounds__(kReduceThreads)
   for (int i = tid; i < row_size; i += blockDim.x) sum += ops::row_sum_term(t, cond, uncond, i, pass.max);
   sum = block_reduce(sum, Sum{}, 0.0);
 
-  TaskResult* r = results + blockIdx.x;
   if (tid == 0) ops::row_finish(t, cond, uncond, pass, sum, *r);
-
-  // The top logprobs: rounds of a max over the drawable tokens ranked after the previous pick.
-  ops::ArgBest previous = ops::arg_none();
-  for (int k = 0; k < t.top_logprobs && k < kMaxTop; ++k) {
-    ops::ArgBest pick = ops::arg_none();
-    for (int i = tid; i < row_size; i += blockDim.x) ops::top_candidate(pick, t, cond, uncond, i, previous);
-    pick = block_arg_max(pick);
-    if (pick.index < 0) break;
-    if (tid == 0) {
-      r->top_token[k] = pick.index;
-      r->top_logprob[k] =
-          static_cast<float>(ops::log_probability(ops::final_logit(t, cond, uncond, pick.index), pass.max, sum));
-      r->n_top = k + 1;
-    }
-    previous = pick;
-  }
+  top_logprobs(t, cond, uncond, row_size, pass.max, sum, *r);
 }
 
 // ---- the tiled GEMM (fallback) -----------------------------------------------------------------------------

@@ -201,7 +201,11 @@ struct TaskDesc {
   int vocab_size, mask_token_id;  // drawable: [0, vocab_size) except the mask
   int top_logprobs;
   int target;  // -1: none
+  int dream;   // 0: LLaDA's rule (above); else Dream's (sample_row_dream, no filters), 1 + its DreamAlg
 };
+
+// TaskDesc::dream: 1 + DreamAlg (core/engine.h: Origin, MaskgitPlus, TopkMargin, Entropy).
+constexpr int kDreamOrigin = 1, kDreamMaskgitPlus = 2, kDreamTopkMargin = 3, kDreamEntropy = 4;
 
 constexpr int kMaxTop = 20;
 
@@ -279,6 +283,77 @@ VDIFF_HD void top_candidate(ArgBest& pick, const TaskDesc& t, const float* cond,
   const ArgBest c{static_cast<double>(l), i};
   if (previous.index >= 0 && !arg_better(previous, c)) return;
   pick = arg_max(pick, c);
+}
+
+// ---- Dream's rows (core/sampler.cpp sample_row_dream without its top-p / top-k filters) ----------------
+// z = the row at the temperature in float64 (l / T, or l at T = 0), NaN as -inf. Pass 1 folds the largest
+// z and the next (DreamPass: the top two of the multiset, so a tie counts twice) and x0 (the argmax of z,
+// or Gumbel-max at T > 0, over the drawable tokens; ties to the lower id); pass 2 sums exp(z - max); for
+// the entropy a third pass sums p log(p + 1e-10). Threads' passes merge in thread order (the kernel merges
+// them one by one in shared memory, as the host emulation does).
+
+VDIFF_HD double dream_z(const TaskDesc& t, const float* cond, const float* uncond, int i) {
+  const float l = draw_logit(t, cond, uncond, i);
+  const double r = l != l ? -INFINITY : static_cast<double>(l);
+  return t.temperature > 0.0 ? r / t.temperature : r;
+}
+
+struct DreamPass {
+  double z1, z2;  // the largest z and the next (-inf: none)
+  ArgBest best;   // x0
+};
+
+VDIFF_HD DreamPass dream_pass_start() { return DreamPass{-INFINITY, -INFINITY, arg_none()}; }
+
+VDIFF_HD void dream_top2(DreamPass& p, double z) {
+  if (z > p.z1) p.z2 = p.z1, p.z1 = z;
+  else if (z > p.z2) p.z2 = z;
+}
+
+VDIFF_HD void dream_pass_add(DreamPass& p, const TaskDesc& t, const float* cond, const float* uncond, int i) {
+  const double z = dream_z(t, cond, uncond, i);
+  dream_top2(p, z);
+  if (drawable(i, t.vocab_size, t.mask_token_id)) {
+    const double score = t.temperature > 0.0 ? z - log(-log(uniform_at(t.key, static_cast<uint64_t>(i)))) : z;
+    p.best = arg_max(p.best, ArgBest{score, i});
+  }
+}
+
+VDIFF_HD DreamPass dream_pass_merge(const DreamPass& a, const DreamPass& b) {
+  DreamPass r = a;
+  dream_top2(r, b.z1);
+  dream_top2(r, b.z2);
+  r.best = arg_max(a.best, b.best);
+  return r;
+}
+
+// Pass 2's and pass 3's terms (the row's max z finite).
+VDIFF_HD double dream_sum_term(const TaskDesc& t, const float* cond, const float* uncond, int i, double max) {
+  return exp(dream_z(t, cond, uncond, i) - max);
+}
+VDIFF_HD double dream_entropy_term(const TaskDesc& t, const float* cond, const float* uncond, int i, double max,
+                                   double sum) {
+  const double p = exp(dream_z(t, cond, uncond, i) - max) / sum;
+  return p * log(p + 1e-10);
+}
+
+// Whether the row has a usable distribution (sample_row_dream returns token 0, probability 0 otherwise).
+VDIFF_HD bool dream_usable(const DreamPass& p) { return p.z1 > -INFINITY && p.z1 < INFINITY && p.best.index >= 0; }
+
+// token, probability and confidence (negative_entropy: pass 3's sum, for kDreamEntropy).
+VDIFF_HD void dream_finish(const TaskDesc& t, const float* cond, const float* uncond, const DreamPass& p, double sum,
+                           double negative_entropy, TaskResult& r) {
+  r.token = 0;
+  r.probability = r.confidence = 0.0;
+  r.n_top = 0;
+  if (!dream_usable(p)) return;
+  r.token = p.best.index;
+  r.probability = exp(dream_z(t, cond, uncond, r.token) - p.z1) / sum;
+  switch (t.dream) {
+    case kDreamTopkMargin: r.confidence = exp(p.z1 - p.z1) / sum - exp(p.z2 - p.z1) / sum; break;
+    case kDreamEntropy: r.confidence = negative_entropy; break;
+    default: r.confidence = r.probability;  // origin, maskgit_plus
+  }
 }
 
 }  // namespace vdiff::cuda::ops

@@ -15,12 +15,19 @@ using ops::TaskDesc;
 using ops::TaskResult;
 
 // Rows whose draw is restricted by top-k / top-p are sampled on the host by sample_task (their logits
-// copied back): ranking a whole vocabulary per row is not worth a kernel for a rarely used option. So are
-// Dream's rows (sample_row_dream: its filters, margin and entropy confidences), for now, and rows with
+// copied back): ranking a whole vocabulary per row is not worth a kernel for a rarely used option. Dream
+// applies its top-p / top-k at any temperature, so its filtered rows go there too. So do rows with
 // repetition penalties (a sparse change of a few logits, made by sample_task as on the CPU).
 inline bool needs_host(const RowTask& t) {
-  return t.penalties != nullptr || (t.rule && (t.rule->filters() || t.rule->dream));
+  return t.penalties != nullptr ||
+         (t.rule && (t.rule->filters() || (t.rule->dream && (t.rule->top_p < 1.0 || t.rule->top_k > 0))));
 }
+
+static_assert(1 + static_cast<int>(DreamAlg::Origin) == ops::kDreamOrigin &&
+                  1 + static_cast<int>(DreamAlg::MaskgitPlus) == ops::kDreamMaskgitPlus &&
+                  1 + static_cast<int>(DreamAlg::TopkMargin) == ops::kDreamTopkMargin &&
+                  1 + static_cast<int>(DreamAlg::Entropy) == ops::kDreamEntropy,
+              "TaskDesc::dream is 1 + DreamAlg");
 
 inline TaskDesc task_desc(const RowTask& t, int row_size) {
   TaskDesc d{};
@@ -44,6 +51,10 @@ inline TaskDesc task_desc(const RowTask& t, int row_size) {
     d.eot = r.eot_token_id >= 0 && r.eot_token_id < row_size ? r.eot_token_id : -1;
     d.vocab_size = std::min(r.vocab_size, row_size);
     d.mask_token_id = r.mask_token_id;
+    if (r.dream) {  // sample_row_dream: no EOS/EOT options, no random remasking; the algorithm's confidence
+      d.dream = 1 + static_cast<int>(r.alg);
+      d.logits_eos_inf = d.confidence_eos_eot_inf = d.random_remasking = 0;
+    }
   }
   return d;
 }

@@ -177,11 +177,66 @@ void host_online_softmax() {
          fmt("max rel diff %.1e", worst));
 }
 
+// The top-logprob rounds of the reduction kernel (top_logprobs in kernels.cu) on the host.
+void emulated_top_logprobs(const ops::TaskDesc& t, const float* cond, const float* uncond, int row_size, double max,
+                           double sum, ops::TaskResult& r) {
+  ops::ArgBest previous = ops::arg_none();
+  for (int k = 0; k < t.top_logprobs && k < ops::kMaxTop; ++k) {
+    ops::ArgBest pick = ops::arg_none();
+    for (int i = 0; i < row_size; ++i) ops::top_candidate(pick, t, cond, uncond, i, previous);
+    if (pick.index < 0) break;
+    r.top_token[k] = pick.index;
+    r.top_logprob[k] =
+        static_cast<float>(ops::log_probability(ops::final_logit(t, cond, uncond, pick.index), max, sum));
+    r.n_top = k + 1;
+    previous = pick;
+  }
+}
+
+// A Dream row as the kernel's dream_row schedules it: `threads` strided DreamPasses merged in thread order,
+// partial sums added, the entropy's pass when the algorithm asks, then dream_finish.
+ops::TaskResult emulated_dream_row(const ops::TaskDesc& t, const float* cond, const float* uncond, int row_size,
+                                   int threads) {
+  ops::DreamPass pass = ops::dream_pass_start();
+  double raw_max = -INFINITY;
+  for (int th = 0; th < threads; ++th) {
+    ops::DreamPass mine = ops::dream_pass_start();
+    for (int i = th; i < row_size; i += threads) {
+      ops::dream_pass_add(mine, t, cond, uncond, i);
+      raw_max = ops::max_no_nan(raw_max, static_cast<double>(ops::final_logit(t, cond, uncond, i)));
+    }
+    pass = th == 0 ? mine : ops::dream_pass_merge(pass, mine);
+  }
+  const bool usable = ops::dream_usable(pass);
+  double sum = 0, raw_sum = 0, negative_entropy = 0;
+  for (int th = 0; th < threads; ++th) {
+    double part = 0, raw_part = 0;
+    for (int i = th; i < row_size; i += threads) {
+      if (usable) part += ops::dream_sum_term(t, cond, uncond, i, pass.z1);
+      raw_part += ops::row_sum_term(t, cond, uncond, i, raw_max);
+    }
+    sum += part, raw_sum += raw_part;
+  }
+  if (usable && t.dream == ops::kDreamEntropy)
+    for (int th = 0; th < threads; ++th) {
+      double part = 0;
+      for (int i = th; i < row_size; i += threads) part += ops::dream_entropy_term(t, cond, uncond, i, pass.z1, sum);
+      negative_entropy += part;
+    }
+  ops::TaskResult r{};
+  ops::dream_finish(t, cond, uncond, pass, sum, negative_entropy, r);
+  r.target_logprob =
+      t.target >= 0 ? ops::log_probability(ops::final_logit(t, cond, uncond, t.target), raw_max, raw_sum) : 0.0;
+  emulated_top_logprobs(t, cond, uncond, row_size, raw_max, raw_sum, r);
+  return r;
+}
+
 // The reduction kernel's schedule on the host: `threads` strided RowPasses merged, partial sums added,
 // then row_finish and the top-logprob rounds — the same ops.h functions the kernel calls.
 ops::TaskResult emulated_reduction(const ops::TaskDesc& t, const float* logits, int row_size, int threads) {
   const float* cond = logits + static_cast<size_t>(t.cond) * row_size;
   const float* uncond = t.uncond >= 0 ? logits + static_cast<size_t>(t.uncond) * row_size : nullptr;
+  if (t.dream) return emulated_dream_row(t, cond, uncond, row_size, threads);
   std::vector<ops::RowPass> passes(threads, ops::row_pass_start());
   for (int th = 0; th < threads; ++th)
     for (int i = th; i < row_size; i += threads) ops::row_pass_add(passes[th], t, cond, uncond, i);
@@ -195,17 +250,7 @@ ops::TaskResult emulated_reduction(const ops::TaskDesc& t, const float* logits, 
   }
   ops::TaskResult r{};
   ops::row_finish(t, cond, uncond, pass, sum, r);
-  ops::ArgBest previous = ops::arg_none();
-  for (int k = 0; k < t.top_logprobs && k < ops::kMaxTop; ++k) {
-    ops::ArgBest pick = ops::arg_none();
-    for (int i = 0; i < row_size; ++i) ops::top_candidate(pick, t, cond, uncond, i, previous);
-    if (pick.index < 0) break;
-    r.top_token[k] = pick.index;
-    r.top_logprob[k] =
-        static_cast<float>(ops::log_probability(ops::final_logit(t, cond, uncond, pick.index), pass.max, sum));
-    r.n_top = k + 1;
-    previous = pick;
-  }
+  emulated_top_logprobs(t, cond, uncond, row_size, pass.max, sum, r);
   return r;
 }
 
@@ -217,7 +262,7 @@ struct TaskSet {
   int rows = 0;
 };
 
-TaskSet random_tasks(std::mt19937& rng, int row_size, int n_tasks) {
+TaskSet random_tasks(std::mt19937& rng, int row_size, int n_tasks, bool dream = false) {
   TaskSet s;
   s.rows = n_tasks * 2;
   s.logits = random_floats(static_cast<size_t>(s.rows) * row_size, rng, 3.0f);
@@ -240,6 +285,10 @@ TaskSet random_tasks(std::mt19937& rng, int row_size, int n_tasks) {
     rule.eot_token_id = coin(rng) ? 9 : -1;
     rule.logits_eos_inf = few(rng) == 0;
     rule.confidence_eos_eot_inf = few(rng) == 0;
+    if (dream) {  // Dream's rows: its algorithms; the EOS options and remasking above must not matter
+      rule.dream = true;
+      rule.alg = static_cast<DreamAlg>(few(rng));
+    }
     RowTask t;
     t.cond = 2 * j;
     t.uncond = few(rng) == 0 ? 2 * j + 1 : -1;
@@ -291,6 +340,19 @@ void host_vocab_reduction() {
   std::mt19937 rng(6);
   for (int row_size : {300, 1000}) {
     TaskSet s = random_tasks(rng, row_size, 400);
+    TaskSet d = random_tasks(rng, row_size, 400, /*dream=*/true);
+    std::vector<RowResult> got_dream(d.tasks.size());
+    for (size_t j = 0; j < d.tasks.size(); ++j)
+      cuda::to_row_result(emulated_reduction(cuda::task_desc(d.tasks[j], row_size), d.logits.data(), row_size, 13),
+                          got_dream[j]);
+    int equal_dream = 0;
+    const std::string first_dream = compare_results(d, row_size, got_dream, &equal_dream);
+    report(first_dream.empty(),
+           "host ops: Dream's rows (origin, maskgit_plus, topk_margin, entropy; argmax / Gumbel-max at the "
+           "temperature, top logprobs, target) emulated with 13 threads equal sample_task, row " +
+               std::to_string(row_size),
+           first_dream.empty() ? std::to_string(equal_dream) + " of " + std::to_string(d.tasks.size()) + " tokens equal"
+                               : first_dream);
     std::vector<RowResult> got(s.tasks.size());
     for (size_t j = 0; j < s.tasks.size(); ++j)
       cuda::to_row_result(emulated_reduction(cuda::task_desc(s.tasks[j], row_size), s.logits.data(), row_size, 13),
@@ -707,16 +769,19 @@ void device_ops() {
       report(worst < 1e-5, name + " against float64",
              fmt("max rel diff %.1e", worst) + (library.empty() ? "" : ", " + library));
     }
-  // The vocabulary reduction against sample_task.
-  for (int row_size : {300, 126464}) {
-    TaskSet s = random_tasks(rng, row_size, row_size > 1000 ? 48 : 400);
-    std::vector<RowResult> got(s.tasks.size());
-    ct::reduce_rows(s.logits.data(), s.rows, row_size, s.tasks, got.data());
-    int equal = 0;
-    const std::string first = compare_results(s, row_size, got, &equal);
-    report(first.empty(), "cuda op: vocabulary reduction equals sample_task, row " + std::to_string(row_size),
-           first.empty() ? std::to_string(equal) + " of " + std::to_string(s.tasks.size()) + " tokens equal" : first);
-  }
+  // The vocabulary reduction against sample_task: LLaDA's rows, then Dream's.
+  for (const bool dream : {false, true})
+    for (int row_size : {300, 126464}) {
+      TaskSet s = random_tasks(rng, row_size, row_size > 1000 ? 48 : 400, dream);
+      std::vector<RowResult> got(s.tasks.size());
+      ct::reduce_rows(s.logits.data(), s.rows, row_size, s.tasks, got.data());
+      int equal = 0;
+      const std::string first = compare_results(s, row_size, got, &equal);
+      report(first.empty(),
+             std::string("cuda op: vocabulary reduction") + (dream ? " of Dream's rows" : "") +
+                 " equals sample_task, row " + std::to_string(row_size),
+             first.empty() ? std::to_string(equal) + " of " + std::to_string(s.tasks.size()) + " tokens equal" : first);
+    }
 }
 
 LoadOptions device_options(Device device) {
