@@ -120,7 +120,7 @@ struct WeightBytes {
 WeightBytes weight_bytes(const std::string& dir) {
   const ModelConfig config = ModelConfig::from_file(dir + "/config.json");
   const TensorSet tensors = TensorSet::load_dir(dir);
-  const ModelWeights w = find_weights(tensors, config, family_of(config), true);
+  const ModelWeights w = find_weights(tensors, config, family_of(config));
   WeightBytes b;
   b.embed_row = w.embed.bytes() / w.embed.rows;
   b.head = w.head.bytes();
