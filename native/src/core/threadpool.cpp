@@ -1,6 +1,39 @@
 #include "threadpool.h"
 
+#include <chrono>
+
 namespace vdiff {
+
+namespace {
+
+// How long a thread polls before it sleeps: longer than the gap between two parallel_for calls of one
+// forward, far shorter than a step.
+constexpr auto kSpin = std::chrono::microseconds(50);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Polls `done` until it holds or kSpin has passed; returns whether it holds.
+template <class Done>
+bool spin_until(const Done& done) {
+  const auto until = std::chrono::steady_clock::now() + kSpin;
+  for (int i = 1;; ++i) {
+    if (done()) return true;
+    cpu_relax();
+    if (i % 64 == 0 && std::chrono::steady_clock::now() > until) return done();
+  }
+}
+
+// Chunk `index` of `parts` contiguous chunks of [0, n).
+inline void chunk_bounds(size_t n, size_t parts, size_t index, size_t& begin, size_t& end) {
+  begin = n * index / parts;
+  end = n * (index + 1) / parts;
+}
+
+}  // namespace
 
 ThreadPool::ThreadPool(int threads) {
   if (threads <= 0) threads = static_cast<int>(std::thread::hardware_concurrency());
@@ -13,19 +46,11 @@ ThreadPool::ThreadPool(int threads) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    stop_.store(true, std::memory_order_release);
   }
   cv_work_.notify_all();
   for (auto& t : workers_) t.join();
 }
-
-namespace {
-// Chunk `index` of `parts` contiguous chunks of [0, n).
-inline void chunk_bounds(size_t n, size_t parts, size_t index, size_t& begin, size_t& end) {
-  begin = n * index / parts;
-  end = n * (index + 1) / parts;
-}
-}  // namespace
 
 void ThreadPool::parallel_for(size_t n, const std::function<void(size_t, size_t, int)>& fn) {
   if (n == 0) return;
@@ -38,39 +63,48 @@ void ThreadPool::parallel_for(size_t n, const std::function<void(size_t, size_t,
     std::lock_guard<std::mutex> lock(mu_);
     job_ = &fn;
     job_n_ = n;
-    pending_ = static_cast<int>(parts) - 1;  // workers 1 .. parts-1 take a chunk each
-    ++generation_;
+    pending_.store(static_cast<int>(parts) - 1, std::memory_order_relaxed);  // workers 1 .. parts-1
+    generation_.fetch_add(1, std::memory_order_release);
   }
-  cv_work_.notify_all();
+  cv_work_.notify_all();  // no system call when every worker is still spinning
   size_t begin, end;
   chunk_bounds(n, parts, 0, begin, end);
   fn(begin, end, 0);
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_done_.wait(lock, [this] { return pending_ == 0; });
-  job_ = nullptr;
+  const auto done = [this] { return pending_.load(std::memory_order_acquire) == 0; };
+  if (!spin_until(done)) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_done_.wait(lock, done);
+  }
 }
 
 void ThreadPool::worker(int index) {
   size_t seen = 0;
+  const auto ready = [&] {
+    return stop_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen;
+  };
   for (;;) {
+    const bool spun = spin_until(ready);
     const std::function<void(size_t, size_t, int)>* job;
     size_t n;
     {
+      // The job as one snapshot: a worker without a chunk in one job may only see the next one, whose
+      // caller may be writing it now.
       std::unique_lock<std::mutex> lock(mu_);
-      cv_work_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
+      if (!spun) cv_work_.wait(lock, ready);
+      if (stop_.load(std::memory_order_relaxed)) return;
+      seen = generation_.load(std::memory_order_relaxed);
       job = job_;
       n = job_n_;
     }
-    size_t parts = n < static_cast<size_t>(n_threads_) ? n : static_cast<size_t>(n_threads_);
+    const size_t parts = n < static_cast<size_t>(n_threads_) ? n : static_cast<size_t>(n_threads_);
     if (static_cast<size_t>(index) >= parts) continue;  // no chunk this time
     size_t begin, end;
     chunk_bounds(n, parts, static_cast<size_t>(index), begin, end);
     (*job)(begin, end, index);
-    {
+    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      // Under the lock, so that a caller between its predicate check and its wait cannot miss it.
       std::lock_guard<std::mutex> lock(mu_);
-      if (--pending_ == 0) cv_done_.notify_one();
+      cv_done_.notify_one();
     }
   }
 }

@@ -1,4 +1,6 @@
 // Kernels of every ISA against scalar references, the scalar f16/bf16 conversions, the thread pool.
+#include <thread>
+
 #include "cpu/quant.h"
 #include "tests/harness.h"
 
@@ -325,7 +327,25 @@ void test_threadpool() {
     pool.parallel_for(4, [&](size_t b, size_t e, int) { total += static_cast<long>(e - b); });
   double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / rounds;
   ok = ok && total == 4L * rounds;
-  report(ok, "threadpool parallel_for covers each index once", fmt("%.1f us per 2-thread parallel_for", us));
+  // Jobs smaller than the pool (workers without a chunk may first see the next job), back to back; then
+  // jobs spaced wider than the spin, so that the workers and the caller sleep and are woken.
+  ThreadPool wide(5);
+  std::atomic<long> covered{0};
+  long expected = 0;
+  for (int r = 0; r < rounds; ++r) {
+    const size_t n = static_cast<size_t>(r % 7);
+    expected += static_cast<long>(n);
+    wide.parallel_for(n, [&](size_t b, size_t e, int) { covered += static_cast<long>(e - b); });
+  }
+  ok = ok && covered == expected;
+  std::atomic<long> spaced{0};
+  for (int r = 0; r < 50; ++r) {
+    std::this_thread::sleep_for(std::chrono::microseconds(r % 2 ? 300 : 20));
+    pool.parallel_for(2, [&](size_t b, size_t e, int) { spaced += static_cast<long>(e - b); });
+  }
+  ok = ok && spaced == 100;
+  report(ok, "threadpool parallel_for covers each index once (back to back, smaller than the pool, and spaced)",
+         fmt("%.1f us per 2-thread parallel_for", us));
 }
 
 // ------------------------------------------------------------------------------------------------
