@@ -24,18 +24,7 @@ T0=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 
 [ -f "$MODEL/config.json" ] || { echo "no planned model at $MODEL (see the comment at the top)"; exit 1; }
-export VDIFF_CUBLAS_DIR=${VDIFF_CUBLAS_DIR:-$(python3 - <<'PY'
-import glob, os
-found = []
-try:
-    import nvidia
-    for root in list(nvidia.__path__):
-        found += glob.glob(os.path.join(root, "**", "libcublas.so.*"), recursive=True)
-except Exception:
-    pass
-print(os.path.dirname(sorted(found)[0]) if found else "")
-PY
-)}
+export VDIFF_CUBLAS_DIR=${VDIFF_CUBLAS_DIR:-$(python3 bench/gpu/cublas_dir.py)}
 echo "VDIFF_CUBLAS_DIR=$VDIFF_CUBLAS_DIR"
 
 stamp "build"

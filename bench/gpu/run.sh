@@ -28,18 +28,7 @@ stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 
 stamp "device"
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm --format=csv,noheader || true
-export VDIFF_CUBLAS_DIR=${VDIFF_CUBLAS_DIR:-$(python3 - <<'PY'
-import glob, os
-found = []
-try:
-    import nvidia
-    for root in list(nvidia.__path__):
-        found += glob.glob(os.path.join(root, "**", "libcublas.so.*"), recursive=True)
-except Exception:
-    pass
-print(os.path.dirname(sorted(found)[0]) if found else "")
-PY
-)}
+export VDIFF_CUBLAS_DIR=${VDIFF_CUBLAS_DIR:-$(python3 bench/gpu/cublas_dir.py)}
 echo "VDIFF_CUBLAS_DIR=$VDIFF_CUBLAS_DIR"
 
 stamp "build"
