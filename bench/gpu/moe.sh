@@ -32,6 +32,13 @@ cmake -S bench/gpu -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_
   > "$RESULTS/moe-build.log" 2>&1 && ninja -C "$BUILD" -j"$(nproc)" moe-fill moebench >> "$RESULTS/moe-build.log" 2>&1 \
   || { echo "BUILD FAILED"; tail -30 "$RESULTS/moe-build.log"; exit 1; }
 
+# 32.5 GB of shards: on a warm machine run.sh's LLaDA-8B model (16 GB) may still take the disk.
+free_gb=$(df -Pk "$MODEL" | awk 'NR==2 {print int($4 / 1048576)}')
+if [ "$free_gb" -lt 36 ] && [ -d "${VDIFF_GPU_MODEL:-/tmp/vdiff-llada8b-random}" ]; then
+  echo "only $free_gb GiB free: removing run.sh's model"; rm -rf "${VDIFF_GPU_MODEL:-/tmp/vdiff-llada8b-random}"
+fi
+df -h "$MODEL" | tail -1
+
 stamp "fill the shards ($(ls "$MODEL"/*.plan.json | wc -l) plans)"
 for plan in "$MODEL"/*.plan.json; do
   # Every plan at once: each writer uses 2 threads, the disk takes the rest.
