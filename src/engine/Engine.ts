@@ -10,7 +10,7 @@
 import { Context, Effect, Layer, Runtime } from "effect"
 import { fromNative, type EngineError, type ModelLoadError } from "./errors.js"
 import { decodings, lladaFamily, type ModelFamily, type SamplingParams } from "../config/sampling.js"
-import { type CommittedToken, loadAddon, type NativeEngine, type NativeModelInfo, type StepSnapshot } from "./native.js"
+import { type CommittedToken, loadAddon, type NativeAddon, type NativeEngine, type NativeModelInfo, type StepSnapshot } from "./native.js"
 import type { CpuIsa } from "../config/Config.js"
 
 export type SequenceId = number
@@ -154,7 +154,7 @@ export interface EngineOptions {
 }
 
 /** Wraps an already loaded native engine. */
-export const fromNativeEngine = (modelDir: string, native: NativeEngine): EngineShape => ({
+export const fromNativeEngine = (modelDir: string, native: NativeEngine, addon: NativeAddon): EngineShape => ({
   modelDir,
   info: native.info(),
   create: (prompt, s, suffix, template) =>
@@ -171,7 +171,6 @@ export const fromNativeEngine = (modelDir: string, native: NativeEngine): Engine
     }),
   step: (ids) =>
     Effect.async<ReadonlyArray<StepResult>, EngineError>((resume) => {
-      const addon = loadAddon()
       const token = new addon.CancelToken()
       native.step([...ids], token).then(
         (results) => resume(Effect.succeed(results)),
@@ -211,7 +210,7 @@ export const make = (options: EngineOptions): Effect.Effect<EngineShape, ModelLo
         }),
       catch: fromNative
     })
-    return fromNativeEngine(options.modelDir, native)
+    return fromNativeEngine(options.modelDir, native, addon)
   })
 
 export const layer = (options: EngineOptions): Layer.Layer<Engine, EngineError> => Layer.effect(Engine, make(options))
