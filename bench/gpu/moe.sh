@@ -12,19 +12,10 @@
 # Steps: build moe-fill and moebench against the CUDA build (bench/gpu/CMakeLists.txt, sm_90); fill the
 # shards from their plans (make-model's bytes, computed by fill.cpp); a device-to-device copy measures the
 # GPU's bandwidth (torch); moebench --device cuda. Writes moe-gpu-<date>.json to $OUT (or bench/results).
-set -u -o pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$ROOT"
-RESULTS=${OUT:-$ROOT/bench/results}
-mkdir -p "$RESULTS"
-BUILD=${VDIFF_GPU_BUILD:-/tmp/vdiff-gpu-build}
+source "$(dirname "$0")/common.sh"
 MODEL=${VDIFF_GPU_MOE_MODEL:-$ROOT/.gpu-moe/llada2-mini-none}
-DATE=$(date -u +%Y-%m-%d)
-T0=$(date +%s)
-stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 
 [ -f "$MODEL/config.json" ] || { echo "no planned model at $MODEL (see the comment at the top)"; exit 1; }
-export VDIFF_CUBLAS_DIR=${VDIFF_CUBLAS_DIR:-$(python3 bench/gpu/cublas_dir.py)}
 echo "VDIFF_CUBLAS_DIR=$VDIFF_CUBLAS_DIR"
 
 stamp "build"

@@ -15,20 +15,11 @@
 #    the ratios and the targets, and prints the table.
 # cuBLAS comes from the nvidia-cublas Python package: its lib folder is found at run time and passed on
 # as VDIFF_CUBLAS_DIR (the backend dlopens libcublas.so.13 there, else the loader's search path).
-set -u -o pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$ROOT"
-RESULTS=${OUT:-$ROOT/bench/results}
-mkdir -p "$RESULTS"
-BUILD=${VDIFF_GPU_BUILD:-/tmp/vdiff-gpu-build}
+source "$(dirname "$0")/common.sh"
 MODEL=${VDIFF_GPU_MODEL:-/tmp/vdiff-llada8b-random}
-DATE=$(date -u +%Y-%m-%d)
-T0=$(date +%s)
-stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 
 stamp "device"
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm --format=csv,noheader || true
-export VDIFF_CUBLAS_DIR=${VDIFF_CUBLAS_DIR:-$(python3 bench/gpu/cublas_dir.py)}
 echo "VDIFF_CUBLAS_DIR=$VDIFF_CUBLAS_DIR"
 
 stamp "build"
