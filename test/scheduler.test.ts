@@ -154,6 +154,24 @@ describe("Scheduler", () => {
     }).pipe(Effect.provide(layer))
   })
 
+  it.live("times out a waiting request at its deadline while a long step runs", () => {
+    // One sequence at a time, and each step takes 300 ms: the loop meets the waiting request only between
+    // steps, so its deadline of 40 ms must be kept by its own timer.
+    const { engine, layer } = setup({ maxConcurrent: 1 }, { stepMs: 300 })
+    return Effect.gen(function* () {
+      const scheduler = yield* Scheduler.Scheduler
+      const running = yield* Effect.fork(scheduler.generate({ prompt: [1], settings: settings(2) }))
+      yield* Effect.sleep(20)
+      const started = Date.now()
+      const waiting = yield* Effect.either(scheduler.generate({ prompt: [2], settings: settings(2), timeoutMs: 40 }))
+      expect(Either.isLeft(waiting) && waiting.left._tag).toBe("RequestTimeout")
+      expect(Date.now() - started).toBeLessThan(200)
+      expect(Either.isRight(yield* Effect.either(Fiber.join(running)))).toBe(true)
+      // It never ran.
+      expect(engine.created.map((c) => c.prompt[0])).toEqual([1])
+    }).pipe(Effect.provide(layer))
+  })
+
   it.live("fails only the request whose sequence faults inside the engine", () => {
     const { layer } = setup({}, { failOnPromptToken: 666, stepMs: 1 })
     return Effect.gen(function* () {

@@ -134,7 +134,7 @@ export const runPrompt = (
         return { updates, allEnded: allEnded() }
       }),
       Stream.takeUntil((step) => step.allEnded),
-      Stream.flatMap((step) => Stream.fromIterable(step.updates)),
+      Stream.mapConcat((step) => step.updates),
       // Time to first token and inter-token latency: when an answer's committed prefix grows (or it ends).
       Stream.tap((update) =>
         update.delta.endToken > update.delta.firstToken || update.delta.finishReason !== null

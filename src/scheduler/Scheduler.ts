@@ -340,7 +340,7 @@ export const make = (options: SchedulerOptions) =>
     const observeForward = (job: Job, r: StepResult) =>
       Effect.gen(function* () {
         const phase = phaseOf(r)
-        yield* Metric.increment(Metric.tagged(Metrics.stepPhases, "phase", phase))
+        yield* Metric.increment(Metrics.stepPhases[phase])
         const refreshed = r.kvRefreshes > (job.kvRefreshes.get(r.id) ?? 0)
         job.kvRefreshes.set(r.id, r.kvRefreshes)
         const kv = kvPositions(
@@ -378,6 +378,22 @@ export const make = (options: SchedulerOptions) =>
         }
       })
 
+    /**
+     * On the CPU backend, waits until the event loop has run what the last step set off (the consumers of
+     * its events: text decoding, SSE chunks, metrics) before the next step starts. A CPU step keeps every
+     * core busy; JavaScript running beside it takes a core from one of its threads, and the others wait
+     * for that thread at each of the step's barriers: on two cores, 1 ms of JavaScript beside a 7 ms step
+     * made it 2-3 ms longer, the same work run before it cost its 1 ms (bench/server.mjs has the
+     * server's side of it). A GPU step leaves the cores free, so there the JavaScript runs beside it.
+     */
+    const quiet =
+      engine.info.backend === "cpu"
+        ? Effect.async<void>((resume) => {
+            const handle = setImmediate(() => resume(Effect.void))
+            return Effect.sync(() => clearImmediate(handle))
+          })
+        : Effect.void
+
     /** The job's sequences still to step: the engine refuses to step a finished one. */
     const unfinished = (job: Job) => job.sequences.filter((id) => !job.finished.has(id))
 
@@ -414,6 +430,10 @@ export const make = (options: SchedulerOptions) =>
           yield* publishLoad
           if (state.draining && !(yield* busy)) yield* Deferred.succeed(drained, undefined)
           head = yield* Queue.take(waiting)
+        } else {
+          // The last step's consumers run first: they leave the cores to the next step, and a consumer
+          // that went away is freed before it.
+          yield* quiet
         }
         yield* reap
         yield* admitWaiting
@@ -507,11 +527,14 @@ export const make = (options: SchedulerOptions) =>
               job.cancelledAtStep = state.stepsTotal
             })
           )
-          const events = Mailbox.toStream(job.mailbox)
-          if (job.deadline === 0) return events
-          // The consumer also stops at the deadline, so a request stuck in the queue times out on time.
-          const remaining = Math.max(0, job.deadline - (yield* Clock.currentTimeMillis))
-          return events.pipe(Stream.interruptWhen(Effect.sleep(remaining).pipe(Effect.zipRight(Effect.fail(timeoutError(job))))))
+          if (job.deadline > 0) {
+            // The events also end at the deadline, so a request stuck in the queue, or in a long step, times
+            // out on time; the loop frees its sequences before its next step. (One timer for the request:
+            // Stream.interruptWhen would race every pull, forking three fibers per step event.)
+            const remaining = Math.max(0, job.deadline - (yield* Clock.currentTimeMillis))
+            yield* Effect.forkScoped(Effect.sleep(remaining).pipe(Effect.zipRight(settle(job, Exit.fail(timeoutError(job))))))
+          }
+          return Mailbox.toStream(job.mailbox)
         })
       )
 

@@ -21,7 +21,7 @@
  *
  * @since 0.1.0
  */
-import { Metric, MetricBoundaries } from "effect"
+import { Metric, MetricBoundaries, MetricKey } from "effect"
 
 const counter = (name: string, description: string) => Metric.counter(name, { description, incremental: true })
 
@@ -75,11 +75,20 @@ export const stepDuration = histogram("vdiff_step_duration_seconds", stepBounds,
  * The phase mix of the steps: each sequence's forward in each batched step, by `phase` — prefill (a
  * prompt's whole blocks), denoise (an open block), commit (a finished block cached from its final tokens).
  * Full-canvas (LLaDA) sequences always denoise. Over vdiff_denoising_steps_total: the mix per step.
+ *
+ * One counter per phase, each with its label in its key: `Metric.tagged` at the update would build the
+ * labelled key again at every update (a new label array, so Effect's per-labels cache never hits), for
+ * every sequence at every step.
  */
-export const stepPhases = counter(
-  "vdiff_step_phase_total",
-  "Sequence forwards by phase (prefill, denoise, commit): one per sequence per batched step; full-canvas models always denoise."
-)
+export const stepPhases: Readonly<Record<"prefill" | "denoise" | "commit", Metric.Metric.Counter<number>>> = (() => {
+  const key = MetricKey.counter("vdiff_step_phase_total", {
+    description:
+      "Sequence forwards by phase (prefill, denoise, commit): one per sequence per batched step; full-canvas models always denoise.",
+    incremental: true
+  })
+  const phase = (name: string) => Metric.fromMetricKey(MetricKey.tagged(key, "phase", name))
+  return { prefill: phase("prefill"), denoise: phase("denoise"), commit: phase("commit") }
+})()
 
 /** Key/value positions the forwards attended (telemetry/kvReuse.ts: per sequence forward, in canvas positions). */
 export const kvPositionsAttended = counter(
