@@ -212,11 +212,11 @@ export const mergedChunks = <A>(
   jobs: ReadonlyArray<PromptJob>,
   n: number,
   render: (job: PromptJob, choiceIndex: number, update: ChoiceUpdate) => Option.Option<A>
-): Stream.Stream<A, ApiError> =>
-  Stream.mergeAll(
-    jobs.map((job, p) => Stream.filterMap(job.run.updates, (update) => render(job, p * n + update.index, update))),
-    { concurrency: "unbounded" }
-  )
+): Stream.Stream<A, ApiError> => {
+  const streams = jobs.map((job, p) => Stream.filterMap(job.run.updates, (update) => render(job, p * n + update.index, update)))
+  // One prompt (the usual request) needs no merging, which would pass every chunk through a queue.
+  return streams.length === 1 ? streams[0]! : Stream.mergeAll(streams, { concurrency: "unbounded" })
+}
 
 /** Whether a stream update is worth a chunk: new text, an end, a snapshot, or tokens the client wants. */
 export const worthAChunk = (update: ChoiceUpdate, snapshot: boolean, wantsTokens: boolean): boolean =>
