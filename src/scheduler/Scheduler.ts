@@ -532,7 +532,9 @@ export const make = (options: SchedulerOptions) =>
             // out on time; the loop frees its sequences before its next step. (One timer for the request:
             // Stream.interruptWhen would race every pull, forking three fibers per step event.)
             const remaining = Math.max(0, job.deadline - (yield* Clock.currentTimeMillis))
-            yield* Effect.forkScoped(Effect.sleep(remaining).pipe(Effect.zipRight(settle(job, Exit.fail(timeoutError(job))))))
+            yield* Effect.forkScoped(
+              Effect.sleep(remaining).pipe(Effect.zipRight(Effect.suspend(() => settle(job, Exit.fail(timeoutError(job))))))
+            )
           }
           return Mailbox.toStream(job.mailbox)
         })
