@@ -419,7 +419,7 @@ int main(int argc, char** argv) {
         for (float x : W) w16.push_back(round_to_bf16(x));
       const void* wdata = wt == WType::BF16 ? static_cast<const void*>(w16.data()) : W.data();
       const int panels = (s.N + k.gemm_nr - 1) / k.gemm_nr;
-      const size_t panel_bytes = k.packed_panel_bytes(s.K, wt);
+      const size_t panel_bytes = k.packed_panel_bytes(MatB{wdata, wt, s.K, false}, s.K);
       // 64-byte aligned, as the backend's Buffer (the kernels load packed panels with aligned loads).
       struct Aligned {
         float* p;

@@ -486,7 +486,7 @@ void CpuBackend::pack_weights(uint64_t max_bytes) {
   if (!head_.quantized) weights.push_back(&head_);
   const int nr = kernels_->gemm_nr;
   const auto panels = [nr](const Weight& w) { return (w.rows + nr - 1) / nr; };
-  const auto panel_bytes = [this](const Weight& w) { return kernels_->packed_panel_bytes(w.cols, w.type); };
+  const auto panel_bytes = [this](const Weight& w) { return kernels_->packed_panel_bytes(w.as_b(), w.cols); };
   const auto stored_bytes = [](const Weight& w) {
     return uint64_t{w.type == WType::F32 ? 4u : 2u} * static_cast<uint64_t>(w.rows) * w.cols;
   };

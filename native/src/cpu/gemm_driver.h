@@ -441,9 +441,10 @@ size_t gemm_scratch_floats(int K) {
   return f > b ? f : b;
 }
 
-// (A packed matrix is a weight: a bf16 one is packed for the bf16 dot product.)
-size_t packed_panel_bytes(int K, WType type) {
-  return type == WType::BF16 ? path_panel_bytes<Bf16FmaPath>(K) : path_panel_bytes<F32Path>(K);
+// The bytes pack_panel writes for a panel of B: a bf16 B on the bf16 dot product's path, anything else
+// (a bf16 B without it too) widened on the f32 path.
+size_t packed_panel_bytes(const MatB& B, int K) {
+  return B.type == WType::BF16 && B.bf16_dot ? path_panel_bytes<Bf16FmaPath>(K) : path_panel_bytes<F32Path>(K);
 }
 
 void pack_panel(const MatB& B, int N, int K, int panel, void* out) {

@@ -28,7 +28,7 @@ struct MatB {
   int64_t ld = 0;
   bool k_major = false;
   // Optional: the whole matrix already in the layout the gemm packs into (Kernels::pack_panel, panel p at
-  // packed + p * packed_panel_bytes(K, type) bytes). The gemm then reads it instead of packing per call, with
+  // packed + p * packed_panel_bytes(B, K) bytes). The gemm then reads it instead of packing per call, with
   // the same values in the same order, so the result is bit for bit the same; its n0 must be a multiple of
   // gemm_nr.
   const void* packed = nullptr;
@@ -77,11 +77,11 @@ struct Kernels {
   void (*convert)(const void* src, WType type, float* dst, int n);
 
   // Packs column panel `panel` of the product's right-hand side B (N columns, K rows: columns
-  // [panel * gemm_nr, +gemm_nr)) into out (packed_panel_bytes(K, B.type) bytes, 64-byte aligned), as gemm
+  // [panel * gemm_nr, +gemm_nr)) into out (packed_panel_bytes(B, K) bytes, 64-byte aligned), as gemm
   // would; columns past N are zero. Lets a caller pack a constant matrix (a weight) once instead of on every
   // gemm call (MatB::packed). nullptr for an ISA whose gemm does not pack (portable).
   void (*pack_panel)(const MatB& B, int N, int K, int panel, void* out);
-  size_t (*packed_panel_bytes)(int K, WType type);  // nullptr where pack_panel is
+  size_t (*packed_panel_bytes)(const MatB& B, int K);  // nullptr where pack_panel is; B's data may be null
 
   // The bf16 dot product's left operand prepared once for many gemm calls (the products of one layer
   // input with several weights, in column ranges): stage_bf16_a writes A's rows rounded to bf16, in the

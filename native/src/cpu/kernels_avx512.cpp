@@ -460,8 +460,8 @@ size_t gemm_dot_scratch_floats(int K) {
   return d > s ? d : s;
 }
 
-size_t dot_packed_panel_bytes(int K, WType type) {
-  return type == WType::BF16 ? path_panel_bytes<Bf16DotPath>(K) : packed_panel_bytes(K, type);
+size_t dot_packed_panel_bytes(const MatB& B, int K) {
+  return B.type == WType::BF16 && B.bf16_dot ? path_panel_bytes<Bf16DotPath>(K) : packed_panel_bytes(B, K);
 }
 
 size_t dot_a_row_bytes(int K) { return staged_row_bytes<Bf16DotPath>(K); }

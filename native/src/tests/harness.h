@@ -262,6 +262,7 @@ inline double seconds_since(std::chrono::steady_clock::time_point t0) {
 void test_scalar_conversions();                                     // kernels_tests.cpp
 void test_gemm(const Kernels& k, WType type, bool k_major);         // kernels_tests.cpp
 void test_bf16_denormals(const Kernels& k);                         // kernels_tests.cpp
+void test_packed_bf16_widened(const Kernels& k);                    // kernels_tests.cpp
 void test_elementwise(const Kernels& k);                            // kernels_tests.cpp
 void test_attention(const Kernels& k);                              // attention_tests.cpp
 void test_threadpool();                                             // kernels_tests.cpp

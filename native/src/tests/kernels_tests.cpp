@@ -103,7 +103,7 @@ void test_gemm(const Kernels& k, WType type, bool k_major) {
       // The weight packed once ahead (MatB::packed) gives the same bits as packing per call.
       if (k.pack_panel != nullptr && !k_major && n0 % k.gemm_nr == 0) {
         const int panels = (s.N + k.gemm_nr - 1) / k.gemm_nr;
-        const size_t panel_floats = k.packed_panel_bytes(std::max(s.K, 1), type) / 4;
+        const size_t panel_floats = k.packed_panel_bytes(MatB{B.data(), type, ldb, false}, std::max(s.K, 1)) / 4;
         AlignedFloats packed(panels * panel_floats);
         const MatB plain{B.data(), type, ldb, false};
         for (int p = 0; p < panels; ++p) k.pack_panel(plain, s.N, s.K, p, packed.p + p * panel_floats);
@@ -186,6 +186,37 @@ void test_bf16_denormals(const Kernels& k) {
   }
   report(ok, std::string(k.isa) + " gemm bf16: denormal inputs count as zero and denormal sums flush to zero",
          ok ? "as vdpbf16ps" : first_bad);
+}
+
+// A bf16 weight packed for a product without the bf16 dot (MatB::bf16_dot false: widened to f32, as the MoE
+// router is): pack_panel writes exactly packed_panel_bytes per panel, nothing past it, and the product from
+// the packed copy has the bits of the product that packs per call.
+void test_packed_bf16_widened(const Kernels& k) {
+  if (k.pack_panel == nullptr) return;
+  const int N = 2 * k.gemm_nr + 3, K = 37, M = 5;
+  std::mt19937 rng(41);
+  Values W = random_values(WType::BF16, static_cast<size_t>(N) * K, rng, 0.5);
+  const MatB widened{W.data(), WType::BF16, K, false, nullptr, /*bf16_dot=*/false};
+  const size_t bytes = k.packed_panel_bytes(widened, K);
+  const int panels = (N + k.gemm_nr - 1) / k.gemm_nr;
+  const size_t guard = 256;  // floats past the last panel, which nothing may write
+  AlignedFloats packed(panels * bytes / 4 + guard);
+  std::fill(packed.p, packed.p + panels * bytes / 4 + guard, -7.0f);
+  for (int p = 0; p < panels; ++p) k.pack_panel(widened, N, K, p, reinterpret_cast<char*>(packed.p) + p * bytes);
+  bool guard_ok = true;
+  for (size_t i = 0; i < guard; ++i) guard_ok = guard_ok && packed.p[panels * bytes / 4 + i] == -7.0f;
+  std::vector<float> A = random_floats(static_cast<size_t>(M) * K, rng);
+  std::vector<float> want(static_cast<size_t>(M) * N), got(want.size());
+  AlignedFloats scratch(k.gemm_scratch_floats(K));
+  k.gemm(M, 0, N, K, A.data(), K, widened, want.data(), N, false, scratch.p);
+  MatB prepacked = widened;
+  prepacked.packed = packed.p;
+  k.gemm(M, 0, N, K, A.data(), K, prepacked, got.data(), N, false, scratch.p);
+  const bool same = std::memcmp(want.data(), got.data(), want.size() * 4) == 0;
+  report(guard_ok && same, std::string(k.isa) + " gemm bf16 without the bf16 dot: packed once, as packed per call",
+         !guard_ok ? "pack_panel wrote past packed_panel_bytes"
+         : same    ? fmt("%.0f bytes a panel", static_cast<double>(bytes))
+                   : "other bits");
 }
 
 void test_elementwise(const Kernels& k) {

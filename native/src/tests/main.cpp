@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
       for (WType type : {WType::F32, WType::BF16, WType::F16})
         for (bool k_major : {false, true}) test_gemm(k, type, k_major);
       test_bf16_denormals(k);
+      test_packed_bf16_widened(k);
       test_elementwise(k);
       test_attention(k);
       for (cpu::QType type : {cpu::QType::Q8_0, cpu::QType::Q4_0}) test_quant_gemm(cpu::quant_kernels_for(k), type);
