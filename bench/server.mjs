@@ -12,6 +12,7 @@
 // than alone is one the server's JavaScript competed with for the cores.
 import { spawn } from "node:child_process"
 import { connect } from "node:net"
+import { cpus } from "node:os"
 import { join } from "node:path"
 import { flags, fixed, log, report, root, table } from "./lib.mjs"
 
@@ -173,7 +174,15 @@ const main = async () => {
     const text =
       `model ${values.model}, prompt ${prompt.length} tokens, gen ${gen}, block ${block}, one step per token, ` +
       `threads ${threads}, ${rounds} rounds of ${requests} requests each\n${table(rows)}\n`
-    report(text, values.json, { date: new Date().toISOString(), gen, block, threads, promptTokens: prompt.length, runs })
+    report(text, values.json, {
+      date: new Date().toISOString(),
+      cpu: cpus()[0]?.model,
+      gen,
+      block,
+      threads,
+      promptTokens: prompt.length,
+      runs
+    })
   } finally {
     child.kill("SIGTERM")
   }
