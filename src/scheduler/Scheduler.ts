@@ -220,11 +220,18 @@ export const make = (options: SchedulerOptions) =>
 
     const failJob = (job: Job, error: GenerationError) => releaseJob(job).pipe(Effect.zipRight(settle(job, Exit.fail(error))))
 
-    /** The running and waiting gauges, from the figures `stats` reports. */
+    const published = { running: -1, waiting: -1, kvCacheBytes: -1 }
+    /** The running and waiting gauges, from the figures `stats` reports; set when they change (every step asks). */
     const publishLoad = Effect.gen(function* () {
-      yield* Metric.set(Metrics.numRequestsRunning, running.length)
-      yield* Metric.set(Metrics.numRequestsWaiting, (yield* queueLength) + (head === undefined ? 0 : 1))
-      yield* Metric.set(Metrics.kvCacheBytes, yield* engine.kvCacheBytes)
+      const load = {
+        running: running.length,
+        waiting: (yield* queueLength) + (head === undefined ? 0 : 1),
+        kvCacheBytes: yield* engine.kvCacheBytes
+      }
+      if (load.running !== published.running) yield* Metric.set(Metrics.numRequestsRunning, load.running)
+      if (load.waiting !== published.waiting) yield* Metric.set(Metrics.numRequestsWaiting, load.waiting)
+      if (load.kvCacheBytes !== published.kvCacheBytes) yield* Metric.set(Metrics.kvCacheBytes, load.kvCacheBytes)
+      Object.assign(published, load)
     })
 
     /** Admitted: the queue time is known, the wait's span ends and the generation's begins. */
