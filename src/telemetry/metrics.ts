@@ -22,6 +22,7 @@
  * @since 0.1.0
  */
 import { Metric, MetricBoundaries, MetricKey } from "effect"
+import type { Phase } from "../engine/Engine.js"
 
 const counter = (name: string, description: string) => Metric.counter(name, { description, incremental: true })
 
@@ -80,7 +81,7 @@ export const stepDuration = histogram("vdiff_step_duration_seconds", stepBounds,
  * labelled key again at every update (a new label array, so Effect's per-labels cache never hits), for
  * every sequence at every step.
  */
-export const stepPhases: Readonly<Record<"prefill" | "denoise" | "commit", Metric.Metric.Counter<number>>> = (() => {
+export const stepPhases: Readonly<Record<Phase, Metric.Metric.Counter<number>>> = (() => {
   const key = MetricKey.counter("vdiff_step_phase_total", {
     description:
       "Sequence forwards by phase (prefill, denoise, commit): one per sequence per batched step; full-canvas models always denoise.",
