@@ -203,16 +203,18 @@ RowChoice sample_row(float* logits, const RowRule& rule, const Rng& rng, std::ve
       if (std::isfinite(max)) min_logit = max + rule.temperature * std::log(rule.min_p);
     }
     // Gumbel-max in float64: the reference takes argmax of exp(l) / (-log u)^T. Its logarithm,
-    // l - T * log(-log u), has the same argmax and cannot overflow. One draw per token, drawable or not,
-    // so the stream lines up with the vocabulary.
+    // l - T * log(-log u), has the same argmax and cannot overflow. Token i's noise is draw i of the row's
+    // stream (a pure function of the index), so it is drawn for the candidates alone: the filters above
+    // leave few of them (min-p 0.1 a handful of 8,192), and the two logarithms a draw were 4% of a step.
     double best = -std::numeric_limits<double>::infinity();
     int32_t best_index = -1;
     for (int i = 0; i < rule.vocab_size; ++i) {
-      const double u = rng.uniform(static_cast<uint64_t>(i));
-      const double score = static_cast<double>(logits[i]) - rule.temperature * std::log(-std::log(u));
       const bool candidate = drawable(i, rule) && (last < 0 || i == last || ranks_before(logits, i, last)) &&
                              static_cast<double>(logits[i]) >= min_logit;
-      if (candidate && (best_index < 0 || score > best)) {
+      if (!candidate) continue;
+      const double u = rng.uniform(static_cast<uint64_t>(i));
+      const double score = static_cast<double>(logits[i]) - rule.temperature * std::log(-std::log(u));
+      if (best_index < 0 || score > best) {
         best = score;
         best_index = i;
       }
