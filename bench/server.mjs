@@ -6,7 +6,7 @@
 //
 // The engine alone: the addon's create/step loop in this process (the model loaded once). The server: a
 // `vdiff serve` child process on the same model and threads, asked one request at a time (temperature 0,
-// no early stop, one step per answer token) by a plain node:http client; its time per step is the
+// no early stop, one step per answer token) by a client that reads raw sockets; its time per step is the
 // request's wall time over its steps. The server's own step metric (vdiff_step_duration_seconds, the
 // native step as the scheduler sees it) is printed beside it: a step that takes longer inside the server
 // than alone is one the server's JavaScript competed with for the cores.
