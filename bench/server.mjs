@@ -2,9 +2,11 @@
 // `vdiff serve` over HTTP (plain and streamed), in alternated rounds on this machine.
 //
 //   npm run build && node bench/server.mjs [--model DIR] [--gen 128] [--block 8] [--rounds 5] [--requests 3]
-//                                          [--threads 2] [--json FILE]
+//                                          [--warmup 5] [--threads 2] [--json FILE]
 //
-// The engine alone: the addon's create/step loop in this process (the model loaded once). The server: a
+// The engine alone: the addon's create/step loop in this process (the model loaded once). The scheduler:
+// the same engine behind the Effect Engine and Scheduler layers in this process, one request at a time (what
+// the server adds before HTTP). The server: a
 // `vdiff serve` child process on the same model and threads, asked one request at a time (temperature 0,
 // no early stop, one step per answer token) by a client that reads raw sockets; its time per step is the
 // request's wall time over its steps. The server's own step metric (vdiff_step_duration_seconds, the
@@ -22,6 +24,7 @@ const values = flags({
   block: "8",
   rounds: "5",
   requests: "3",
+  warmup: "5",
   threads: "2",
   prompt: "ROMEO:\nWhat light through yonder window breaks?",
   json: undefined
@@ -33,6 +36,9 @@ const requests = Number(values.requests)
 const threads = Number(values.threads)
 
 const { loadAddon } = await import(join(root, "dist", "engine", "native.js"))
+const Engine = await import(join(root, "dist", "engine", "Engine.js"))
+const Scheduler = await import(join(root, "dist", "scheduler", "Scheduler.js"))
+const { Effect, Layer, ManagedRuntime } = await import("effect")
 
 const median = (xs) => {
   const sorted = [...xs].sort((a, b) => a - b)
@@ -125,6 +131,16 @@ const main = async () => {
       engine.release(id)
       return (performance.now() - started) / steps
     }
+    const scheduler = ManagedRuntime.make(
+      Scheduler.layer({ maxConcurrent: 1, queueCapacity: 1, maxBatchTokens: 1 << 30, requestTimeoutMs: 300_000 }).pipe(
+        Layer.provide(Layer.succeed(Engine.Engine, Engine.fromNativeEngine(values.model, engine, addon)))
+      )
+    )
+    const scheduled = async () => {
+      const started = performance.now()
+      await scheduler.runPromise(Effect.flatMap(Scheduler.Scheduler, (s) => s.generate({ prompt, settings })))
+      return (performance.now() - started) / gen
+    }
     const served = async (stream) => {
       const started = performance.now()
       const { status, text } = await call(address, "POST", "/v1/completions", { ...body, stream })
@@ -136,9 +152,16 @@ const main = async () => {
       count: await metric(address, "vdiff_step_duration_seconds_count")
     })
 
-    await alone()
-    await served(false)
-    const runs = { alone: [], plain: [], stream: [], plainInside: [], streamInside: [] }
+    // JavaScript runs slowly until V8 has optimized it (before this bench's first fixes, the server over the
+    // test engine took 1.1 ms of JS a step over its first 2,560 steps and 0.45 ms over its third): every
+    // path answers a few requests before anything is timed.
+    for (let i = 0; i < Number(values.warmup); i++) {
+      await alone()
+      await scheduled()
+      await served(false)
+      await served(true)
+    }
+    const runs = { alone: [], scheduler: [], plain: [], stream: [], plainInside: [], streamInside: [] }
     /** Serves `requests` requests; returns the native step's mean inside the server meanwhile. */
     const serve = async (stream) => {
       const before = await stepMetric()
@@ -148,17 +171,20 @@ const main = async () => {
     }
     for (let round = 0; round < rounds; round++) {
       for (let i = 0; i < requests; i++) runs.alone.push(await alone())
+      for (let i = 0; i < requests; i++) runs.scheduler.push(await scheduled())
       runs.plainInside.push(await serve(false))
       runs.streamInside.push(await serve(true))
       log(
-        `round ${round + 1}: alone ${fixed(median(runs.alone.slice(-requests)), 2)} ms/step, server ${fixed(median(runs.plain.slice(-requests)), 2)} (plain) ${fixed(median(runs.stream.slice(-requests)), 2)} (stream)`
+        `round ${round + 1}: alone ${fixed(median(runs.alone.slice(-requests)), 2)} ms/step, scheduler ${fixed(median(runs.scheduler.slice(-requests)), 2)}, server ${fixed(median(runs.plain.slice(-requests)), 2)} (plain) ${fixed(median(runs.stream.slice(-requests)), 2)} (stream)`
       )
     }
+    await scheduler.dispose()
     const base = median(runs.alone)
     const rows = [
       ["path", "ms/step (median)", "min", "max", "vs alone"],
       ...[
         ["engine alone", runs.alone],
+        ["scheduler, no HTTP", runs.scheduler],
         ["server, plain", runs.plain],
         ["  its native step", runs.plainInside],
         ["server, stream", runs.stream],
