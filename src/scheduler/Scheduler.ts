@@ -187,7 +187,13 @@ export const make = (options: SchedulerOptions) =>
 
     // Queue.size is negative while the loop waits in Queue.take: count only requests.
     const queueLength = Effect.map(Queue.size(waiting), (size) => Math.max(0, size))
-    const busy = Effect.map(queueLength, (queued) => running.length > 0 || head !== undefined || queued > 0)
+    /**
+     * Every job submitted and not yet ended, wherever it is: in the queue, at its head, running, or in the
+     * hand-off between the queue and the loop (taken from the queue, not yet the head), where neither the
+     * queue nor the loop's variables show it. Drain waits for these; the scope's close tells each one.
+     */
+    const unended = new Set<Job>()
+    const busy = Effect.map(queueLength, (queued) => running.length > 0 || head !== undefined || queued > 0 || unended.size > 0)
     const runningSequences = () => running.reduce((sum, job) => sum + job.sequences.length, 0)
     const runningTokens = () => running.reduce((sum, job) => sum + job.tokens, 0)
 
@@ -203,6 +209,7 @@ export const make = (options: SchedulerOptions) =>
     /** Ends the job's open span: the generation's (with its counts) once admitted, else the queue wait's. */
     const endSpan = (job: Job, exit: Exit.Exit<void, GenerationError>) =>
       Effect.map(Clock.currentTimeNanos, (now) => {
+        unended.delete(job)
         const span = job.generationSpan ?? job.queueSpan
         if (span.status._tag === "Ended") return
         if (job.generationSpan !== undefined) {
@@ -457,6 +464,8 @@ export const make = (options: SchedulerOptions) =>
         for (const job of [...running]) yield* failJob(job, closing)
         if (head !== undefined) yield* settle(head, Exit.fail(closing))
         for (const job of yield* Queue.takeAll(waiting)) yield* settle(job, Exit.fail(closing))
+        // And one the loop had taken from the queue when it was interrupted, before it became the head.
+        for (const job of [...unended]) yield* settle(job, Exit.fail(closing))
         yield* Deferred.succeed(drained, undefined)
       })
     )
@@ -511,6 +520,7 @@ export const make = (options: SchedulerOptions) =>
           tokensCommitted: 0,
           kvRefreshes: new Map()
         }
+        unended.add(job)
         yield* Queue.offer(waiting, job)
         // The draining check above and this offer are not one step: a fiber can be preempted between them
         // while shutdown drains (an idle scheduler drains at once) and closes the scope. A job offered
