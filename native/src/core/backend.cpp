@@ -103,7 +103,12 @@ static std::string size_text(uint64_t b) {
                          : std::to_string((b + (1 << 20) - 1) >> 20) + " MiB";
 }
 
-std::unique_ptr<KVCache> Backend::make_kv_cache(int positions) {
+void Backend::set_kv_reclaimer(std::function<bool()> reclaimer) {
+  std::lock_guard<std::mutex> lock(reclaimer_mu_);
+  reclaimer_ = std::move(reclaimer);
+}
+
+std::unique_ptr<KVCache> Backend::make_kv_cache(int positions, bool reclaim) {
   if (positions < 1 || positions > config_.max_sequence_length)
     throw Error(ErrorCode::InvalidArgument, "KV cache: " + std::to_string(positions) + " positions is outside [1, " +
                                                 std::to_string(config_.max_sequence_length) + "]");
@@ -114,10 +119,21 @@ std::unique_ptr<KVCache> Backend::make_kv_cache(int positions) {
                                                 size_text(budget));
   // Reserve the bytes first (other threads may be making caches too), then allocate.
   uint64_t live = account_->live.load();
+  // When they do not fit, the reclaimer (the prefix cache) frees what it holds, one entry at a time.
   do {
-    if (budget > 0 && live + bytes > budget)
+    if (budget > 0 && live + bytes > budget) {
+      bool freed = false;
+      if (reclaim) {
+        std::lock_guard<std::mutex> lock(reclaimer_mu_);
+        freed = reclaimer_ && reclaimer_();
+      }
+      if (freed) {
+        live = account_->live.load();
+        continue;
+      }
       throw Error(ErrorCode::OutOfMemory, "KV cache budget exhausted: " + size_text(bytes) + " wanted, " +
                                               size_text(live) + " of " + size_text(budget) + " held by live caches");
+    }
   } while (!account_->live.compare_exchange_weak(live, live + bytes));
   std::unique_ptr<KVCache> cache;
   try {
@@ -134,6 +150,23 @@ std::unique_ptr<KVCache> Backend::make_kv_cache(int positions) {
   cache->positions_ = positions;
   cache->bytes_ = bytes;
   return cache;
+}
+
+void Backend::copy_kv(const KVCache& from, KVCache& to, int positions) {
+  if (from.owner() != this || to.owner() != this)
+    throw Error(ErrorCode::InvalidArgument, "copy_kv: a KV cache made by another backend");
+  if (positions < 0 || positions > from.positions() || positions > to.positions() || positions > from.cached_until())
+    throw Error(ErrorCode::InvalidArgument, "copy_kv: " + std::to_string(positions) + " positions from a cache of " +
+                                                std::to_string(from.positions()) + " (cached to " +
+                                                std::to_string(from.cached_until()) + ") into one of " +
+                                                std::to_string(to.positions()));
+  if (positions == 0) return;
+  copy_kv_tables(from, to, positions);
+  to.set_cached_until(std::max(to.cached_until(), positions));
+}
+
+void Backend::copy_kv_tables(const KVCache&, KVCache&, int) {
+  throw Error(ErrorCode::Unavailable, "this backend does not copy KV caches");
 }
 
 // ---- the checks of a forward's batch --------------------------------------------------------------

@@ -11,7 +11,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -224,7 +226,19 @@ class Backend {
   // positions is outside [1, max_sequence_length] or one cache alone exceeds the budget (it could never
   // be served), Error(OutOfMemory) when the live caches leave too little of the budget or the
   // allocation fails.
-  virtual std::unique_ptr<KVCache> make_kv_cache(int positions);
+  std::unique_ptr<KVCache> make_kv_cache(int positions) { return make_kv_cache(positions, true); }
+  // The same, for a cache that must not make room: without `reclaim`, a full budget throws at once instead
+  // of asking the reclaimer (set_kv_reclaimer) to free something first.
+  virtual std::unique_ptr<KVCache> make_kv_cache(int positions, bool reclaim);
+  // Called by make_kv_cache when the live caches leave too little of the budget: frees what it can spare
+  // (one piece at a time) and returns whether it freed anything; make_kv_cache then tries again. Empty:
+  // none. The engine's prefix cache (prefix_cache.h) sets it and clears it before it goes.
+  virtual void set_kv_reclaimer(std::function<bool()> reclaimer);
+  // Copies the keys and values of positions [0, positions) of every layer from one cache into another
+  // (both made by this backend; `from` cached that far), and marks them cached in `to`
+  // (KVCache::cached_until). Throws Error(InvalidArgument) for caches of another backend or positions
+  // outside either. On a device the copy is queued before any later forward.
+  virtual void copy_kv(const KVCache& from, KVCache& to, int positions);
   // Bytes held by this backend's live caches, and the budget they share (0: none).
   virtual uint64_t kv_cache_live_bytes() const;
   virtual uint64_t kv_cache_budget_bytes() const;
@@ -246,6 +260,10 @@ class Backend {
   static void caches_computed(const BatchPlan& plan, const std::vector<int>& before);
   // The backend's own cache object for `positions` positions (its bytes already reserved from the budget).
   virtual std::unique_ptr<KVCache> allocate_kv_cache(int positions, uint64_t bytes) = 0;
+  // copy_kv's copy, after its checks. Both caches hold [layer][keys | values][position][kv_dim] tables of
+  // their own number of positions.
+  // The default throws Error(Unavailable).
+  virtual void copy_kv_tables(const KVCache& from, KVCache& to, int positions);
   // The bound the budget starts with; a device backend may lower it once it knows its free memory.
   void set_kv_cache_budget(uint64_t bytes);
   ThreadPool& host_pool() const { return *pool_; }
@@ -255,6 +273,8 @@ class Backend {
  private:
   KVCacheDType kv_dtype_;
   std::shared_ptr<KVCache::Account> account_;
+  std::mutex reclaimer_mu_;
+  std::function<bool()> reclaimer_;
   std::unique_ptr<ThreadPool> pool_;
 };
 

@@ -33,7 +33,8 @@ class BlockSequence final : public Sequence {
   int post = 0;
   bool prefilled = false;
   int pending_commit = -1;
-  std::unique_ptr<KVCache> cache;  // kv_cache Prefix; freed when the sequence finishes
+  std::unique_ptr<KVCache> cache;           // kv_cache Prefix; freed when the sequence finishes
+  std::weak_ptr<PrefixCache> prefix_cache;  // where finished prefixes are left for later sequences
   // Editing: per canvas position, the probability and alternatives of its last write (reported with it).
   std::vector<float> probability;
   std::vector<std::vector<TopLogprob>> top;
@@ -70,13 +71,18 @@ class BlockSequence final : public Sequence {
     return f;
   }
   bool is_stop(int32_t t) const { return std::find(stops.begin(), stops.end(), t) != stops.end(); }
+  // Leaves the exact keys of [0, positions) in the prefix cache.
+  void keep_prefix(int positions) const {
+    if (const std::shared_ptr<PrefixCache> prefixes = prefix_cache.lock())
+      if (cache && positions > 0) prefixes->insert(canvas.data(), positions, B, *cache);
+  }
 };
 
 void BlockSequence::plan(StepWork& w, const ModelConfig&) const {
   if (cache && !prefilled) {  // the prompt's whole blocks, once
     w.phase = Phase::Prefill;
-    w.forwards.push_back(forward_of(0, first_block * B, w, true));
-    w.computed = first_block * B;
+    w.forwards.push_back(forward_of(prompt_cached, first_block * B, w, true));
+    w.computed = first_block * B - prompt_cached;
     w.refresh = true;
     return;
   }
@@ -181,7 +187,10 @@ void BlockSequence::decide(StepWork& w, const RowResult* rows, StepOutput& out, 
 
 void BlockSequence::apply(const StepWork& w, StepOutput&, const ModelConfig&) {
   switch (w.phase) {
-    case Phase::Prefill: prefilled = true; return;
+    case Phase::Prefill:
+      prefilled = true;
+      keep_prefix(first_block * B);
+      return;
     case Phase::Commit: pending_commit = -1; return;
     case Phase::Denoise: break;
   }
@@ -200,7 +209,8 @@ void BlockSequence::apply(const StepWork& w, StepOutput&, const ModelConfig&) {
   if (w.finishes) {
     finished = true;
     reason = w.eos ? FinishReason::Eos : FinishReason::Length;
-    cache.reset();  // never read again
+    keep_prefix(block * B);  // the blocks before this one were committed from their final tokens
+    cache.reset();           // never read again
     return;
   }
   if (cache) pending_commit = block;
@@ -219,7 +229,8 @@ std::vector<int> block_schedule(int block_length, int steps) {
 
 std::shared_ptr<Sequence> make_block_sequence(const std::vector<int32_t>& prompt, const SamplingParams& p,
                                               const std::vector<int32_t>& suffix,
-                                              const std::vector<int32_t>& answer_template, Backend& backend) {
+                                              const std::vector<int32_t>& answer_template, Backend& backend,
+                                              const std::shared_ptr<PrefixCache>& prefix_cache) {
   const ModelConfig& c = backend.config();
   const std::string family = "model type " + c.model_type + " (block diffusion)";
   if (p.cfg_scale > 0.0) throw invalid("cfg_scale: classifier-free guidance does not apply to " + family, "cfg_scale");
@@ -271,7 +282,18 @@ std::shared_ptr<Sequence> make_block_sequence(const std::vector<int32_t>& prompt
   }
   // The prefill exists only when the prompt holds a whole block.
   seq->prefilled = seq->first_block == 0;
-  if (p.kv_cache == KVCacheMode::Prefix) seq->cache = backend.make_kv_cache(seq->length());
+  if (p.kv_cache == KVCacheMode::Prefix) {
+    seq->cache = backend.make_kv_cache(seq->length());
+    if (prefix_cache) {
+      seq->prefix_cache = prefix_cache;
+      if (!seq->prefilled) {
+        const PrefixCache::Hit hit = prefix_cache->find(seq->canvas.data(), seq->first_block * B, B);
+        prefix_cache->copy_into(hit, *seq->cache);
+        seq->prompt_cached = hit.positions;
+        seq->prefilled = hit.positions == seq->first_block * B;
+      }
+    }
+  }
   return seq;
 }
 

@@ -21,7 +21,8 @@
 // stop token (later blocks stay masks), or when it was the last block.
 //
 // Forwards and phases (StepOutput::phase), one per step:
-//   kv_cache Prefix (the exact block cache): Prefill [0, (P / B) B) once when P >= B (no rows sampled);
+//   kv_cache Prefix (the exact block cache): Prefill [0, (P / B) B) once when P >= B (no rows sampled;
+//     [C, (P / B) B) when the prefix cache held the prompt's first C positions, none when it held them all);
 //     Denoise [bB, (b + 1) B) attending the cached keys before it; Commit [bB, (b + 1) B) from the block's
 //     final tokens once it is done, which caches its exact keys and values (none when the sequence
 //     finishes). forwards = prefill + denoise steps + one commit per block but the last.
@@ -33,6 +34,7 @@
 #include <memory>
 #include <vector>
 
+#include "prefix_cache.h"
 #include "sequence.h"
 
 namespace vdiff {
@@ -41,9 +43,14 @@ namespace vdiff {
 // field: cfg_scale, remasking, suffix, template, parallel_factor, kv_cache dual, block_length other than
 // the model's, editing_threshold on a family without editing, a canvas beyond the context) and makes the
 // sequence, with its KV cache for kv_cache Prefix. The common checks (engine.cpp, validate) ran before.
+// With kv_cache Prefix and a prefix cache, the prompt's whole blocks that an earlier sequence computed are
+// copied from it (StepOutput::prompt_cached), and the prefill computes only the rest; the sequence leaves
+// its prompt's whole blocks there after its prefill, and its exact prefix (prompt and committed answer
+// blocks) when it finishes.
 std::shared_ptr<Sequence> make_block_sequence(const std::vector<int32_t>& prompt, const SamplingParams& params,
                                               const std::vector<int32_t>& suffix,
-                                              const std::vector<int32_t>& answer_template, Backend& backend);
+                                              const std::vector<int32_t>& answer_template, Backend& backend,
+                                              const std::shared_ptr<PrefixCache>& prefix_cache = nullptr);
 
 // The quota of each step of a block of `block_length` positions over `steps` steps (the reference's
 // schedule: block_length / steps each, the first block_length % steps one more; zeros past block_length).

@@ -76,11 +76,22 @@ static Error invalid(const std::string& message, const std::string& param = "") 
   return Error(ErrorCode::InvalidArgument, message, param);
 }
 
-Engine::Engine(std::shared_ptr<Backend> backend) : backend_(std::move(backend)) {
+Engine::Engine(std::shared_ptr<Backend> backend, uint64_t prefix_cache_bytes) : backend_(std::move(backend)) {
   if (!backend_) throw invalid("Engine needs a backend");
+  if (prefix_cache_bytes > 0 && backend_->config().decoding == Decoding::Block) {
+    prefix_cache_ = std::make_shared<PrefixCache>(*backend_, prefix_cache_bytes);
+    PrefixCache* cache = prefix_cache_.get();
+    backend_->set_kv_reclaimer([cache] { return cache->evict_one(); });
+  }
 }
 
-Engine::~Engine() = default;
+Engine::~Engine() {
+  if (prefix_cache_) backend_->set_kv_reclaimer(nullptr);
+}
+
+PrefixCacheStats Engine::prefix_cache_stats() const {
+  return prefix_cache_ ? prefix_cache_->stats() : PrefixCacheStats{};
+}
 
 // Token ids of a prompt or suffix: in the vocabulary, and not the mask token.
 static void validate_tokens(const std::vector<int32_t>& tokens, const char* name, const ModelConfig& c) {
@@ -179,9 +190,10 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
   // Block diffusion (block_decoding.h) and Dream (dream_decoding.h) validate the rest of their settings and
   // refuse LLaDA's extras.
   if (config.decoding != Decoding::FullCanvas) {
-    std::shared_ptr<Sequence> seq = config.decoding == Decoding::Block
-                                        ? make_block_sequence(prompt, params, suffix, answer_template, *backend_)
-                                        : make_dream_sequence(prompt, params, suffix, answer_template, *backend_);
+    std::shared_ptr<Sequence> seq =
+        config.decoding == Decoding::Block
+            ? make_block_sequence(prompt, params, suffix, answer_template, *backend_, prefix_cache_)
+            : make_dream_sequence(prompt, params, suffix, answer_template, *backend_);
     return adopt(std::move(seq), prompt);
   }
   if (!answer_template.empty()) {
@@ -277,7 +289,8 @@ SequenceInfo Engine::info(uint64_t id) const {
   std::lock_guard<std::mutex> lock(mu_);
   return SequenceInfo{seq->prompt_length,   seq->answer_length(), seq->suffix_length(), seq->steps_total,
                       seq->steps_done,      seq->finished,        seq->memory_bytes(),  seq->forward_passes,
-                      seq->tokens_denoised, seq->kv_refreshes,    seq->cache_bytes(),   seq->positions_computed};
+                      seq->tokens_denoised, seq->kv_refreshes,    seq->cache_bytes(),   seq->positions_computed,
+                      seq->prompt_cached};
 }
 
 std::vector<double> Engine::score(const std::vector<int32_t>& canvas, const std::vector<int32_t>& positions,
@@ -528,6 +541,7 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
     out.forward_passes = s.forward_passes;
     out.kv_refreshes = s.kv_refreshes;
     out.positions_computed = s.positions_computed;
+    out.prompt_cached = s.prompt_cached;
   }
   return outputs;
 }

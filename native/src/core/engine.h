@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "prefix_cache.h"
 
 namespace vdiff {
 
@@ -130,6 +131,7 @@ struct StepOutput {
   int kv_refreshes = 0;    // of those, the ones that refreshed a KV cache (whole-canvas forwards; Block: the
                            // prefill and commit forwards, which write keys and values that stay)
   int64_t positions_computed = 0;  // canvas positions the forwards computed so far: the cost a cache cuts
+  int prompt_cached = 0;           // prompt positions copied from the prefix cache instead of computed
   Phase phase = Phase::Denoise;    // what this step's forward did for the sequence
   // Editing: the open block's committed tokens that may still change (answer positions, ascending); they
   // reach `committed` only when their block closes. Empty without editing.
@@ -149,16 +151,22 @@ struct SequenceInfo {
   int kv_refreshes;            // forward passes that refreshed a KV cache (see StepOutput)
   uint64_t kv_cache_bytes;     // held by its KV caches (included in memory_bytes; 0 once finished)
   int64_t positions_computed;  // see StepOutput
+  int prompt_cached;           // see StepOutput
 };
 
 class Sequence;  // defined in engine.cpp
 
 class Engine {
  public:
-  explicit Engine(std::shared_ptr<Backend> backend);
+  // prefix_cache_bytes > 0: a block-causal model (ModelConfig::decoding == Block) keeps up to that many
+  // bytes of finished prefixes' keys and values for later sequences that start with the same whole blocks
+  // (prefix_cache.h); other models, or 0: none.
+  explicit Engine(std::shared_ptr<Backend> backend, uint64_t prefix_cache_bytes = 0);
   ~Engine();
 
   const Backend& backend() const { return *backend_; }
+  // The prefix cache's figures (all zero without one).
+  PrefixCacheStats prefix_cache_stats() const;
 
   // Validates the prompt and suffix (token ids in range, no mask token, prompt + gen_length + suffix
   // within the context) and the settings; throws Error(InvalidArgument) naming the bad field. Returns the
@@ -217,8 +225,9 @@ class Engine {
   uint64_t adopt(std::shared_ptr<Sequence> seq, const std::vector<int32_t>& prompt);
   std::shared_ptr<Sequence> get(uint64_t id) const;
   std::shared_ptr<Backend> backend_;
-  mutable std::mutex mu_;  // guards sequences_ and next_id_
-  std::mutex step_mu_;     // one step at a time
+  std::shared_ptr<PrefixCache> prefix_cache_;  // after backend_: it goes first
+  mutable std::mutex mu_;                      // guards sequences_ and next_id_
+  std::mutex step_mu_;                         // one step at a time
   std::map<uint64_t, std::shared_ptr<Sequence>> sequences_;
   uint64_t next_id_ = 1;
 };

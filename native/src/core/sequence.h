@@ -81,6 +81,7 @@ class Sequence {
   int tokens_denoised = 0;
   int kv_refreshes = 0;
   int64_t positions_computed = 0;
+  int prompt_cached = 0;  // prompt positions copied from the prefix cache
 };
 
 }  // namespace vdiff

@@ -190,6 +190,7 @@ class CpuBackend final : public Backend {
 
  protected:
   std::unique_ptr<KVCache> allocate_kv_cache(int positions, uint64_t bytes) override;
+  void copy_kv_tables(const KVCache& from, KVCache& to, int positions) override;
 
  private:
   using SeqPlan = BatchPlan::Seq;
@@ -1007,6 +1008,16 @@ void CpuBackend::forward(const std::vector<ForwardSeq>& batch, float* logits, co
 
 std::unique_ptr<KVCache> CpuBackend::allocate_kv_cache(int positions, uint64_t bytes) {
   return std::make_unique<CpuKVCache>(positions, config_.n_kv_heads * config_.head_dim(), cache_type_, bytes);
+}
+
+void CpuBackend::copy_kv_tables(const KVCache& from, KVCache& to, int positions) {
+  const auto& src = static_cast<const CpuKVCache&>(from);  // checked by copy_kv: made here
+  auto& dst = static_cast<CpuKVCache&>(to);
+  const size_t bytes = static_cast<size_t>(positions) * src.row_bytes();
+  for (int l = 0; l < config_.n_layers; ++l) {
+    std::memcpy(dst.keys(l), src.keys(l), bytes);
+    std::memcpy(dst.values(l), src.values(l), bytes);
+  }
 }
 
 }  // namespace

@@ -204,6 +204,7 @@ class CudaBackend final : public Backend {
 
  protected:
   std::unique_ptr<KVCache> allocate_kv_cache(int positions, uint64_t bytes) override;
+  void copy_kv_tables(const KVCache& from, KVCache& to, int positions) override;
 
  private:
   void* upload(const WeightRef& w, Elem as, uint64_t& done, uint64_t total);
@@ -508,6 +509,21 @@ BackendInfo CudaBackend::info() const {
 std::unique_ptr<KVCache> CudaBackend::allocate_kv_cache(int positions, uint64_t bytes) {
   VDIFF_CUDA_CHECK(cudaSetDevice(device_));
   return std::make_unique<CudaKVCache>(bytes);
+}
+
+void CudaBackend::copy_kv_tables(const KVCache& from, KVCache& to, int positions) {
+  // 2 x n_layers tables of [position][kv_dim], each table's first `positions` rows, queued on the forward's
+  // stream (so the next forward reading `to` runs after them).
+  const size_t row =
+      static_cast<size_t>(config_.n_kv_heads) * config_.head_dim() * (kv_cache_dtype() == KVCacheDType::BF16 ? 2 : 4);
+  const size_t src_table = static_cast<size_t>(from.positions()) * row;
+  const size_t dst_table = static_cast<size_t>(to.positions()) * row;
+  const char* src = static_cast<const CudaKVCache&>(from).data();
+  char* dst = static_cast<CudaKVCache&>(to).data();
+  VDIFF_CUDA_CHECK(cudaSetDevice(device_));
+  for (size_t t = 0; t < 2 * static_cast<size_t>(config_.n_layers); ++t)
+    VDIFF_CUDA_CHECK(cudaMemcpyAsync(dst + t * dst_table, src + t * src_table, static_cast<size_t>(positions) * row,
+                                     cudaMemcpyDeviceToDevice, stream_));
 }
 
 void CudaBackend::gemm(const void* A, int M, int K, const void* W, Elem type, int N, float* C, int64_t ldc,

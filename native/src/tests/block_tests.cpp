@@ -661,6 +661,28 @@ void test_block_golden(const std::string& dir) {
                      "vs full recompute %.3g (max |logit| %.3g)",
                      worst_p, worst_logit, max_logit));
 
+      // With a prefix cache: every case twice; the second time its whole prompt blocks are copied, and every
+      // run denoises as the case alone (the reference's tokens).
+      {
+        Engine prefixed(loaded, uint64_t{64} << 20);
+        int same = 0, copied = 0, whole_blocks = 0;
+        for (int round = 0; round < 2; ++round)
+          for (size_t i = 0; i < cases.size(); ++i) {
+            const Run r = run_one(prefixed, cases[i].prompt, cases[i].params);
+            same += r.same_denoising(alone[i]) && mismatch(cases[i], r, false, &worst_p) != "answer differs";
+            if (round == 1) {
+              copied += r.info.prompt_cached ==
+                            static_cast<int>(cases[i].prompt.size()) / config.block_length * config.block_length &&
+                        r.info.prompt_cached > 0;
+              whole_blocks += static_cast<int>(cases[i].prompt.size()) >= config.block_length;
+            }
+          }
+        report(same == 2 * static_cast<int>(cases.size()) && copied == whole_blocks && whole_blocks > 0,
+               label + ": with a prefix cache, every case as alone; run again, its whole prompt blocks are copied",
+               std::to_string(same) + " of " + std::to_string(2 * cases.size()) + " runs; " + std::to_string(copied) +
+                   " of " + std::to_string(whole_blocks) + " prompts with a whole block copied it");
+      }
+
       for (const Json& batch : fixture.find("batches")->items()) {
         std::vector<size_t> members;
         std::vector<uint64_t> ids;
@@ -685,9 +707,146 @@ void test_block_golden(const std::string& dir) {
   }
 }
 
+// Prefix caching across sequences (prefix_cache.h): what a later sequence copies, what it computes, and that
+// its answer is the one it gets with no prefix cache at all, token for token and probability for probability.
+void test_block_prefix_cache() {
+  TempDir tmp;
+  TinySpec spec;
+  write_tiny(tmp.path / "tiny", make_tiny(spec, WType::F32, 78));
+  std::shared_ptr<Backend> inner = Backend::load((tmp.path / "tiny").string(), test_options(2));
+  const int B = 4;
+  std::mt19937 rng(11);
+  auto prompt_of = [&](int n) { return random_tokens(rng, n, spec.vocab - 2); };
+  ModelConfig base = block_config(inner->config(), B);
+  base.eos_token_id = spec.embedding - 1;  // never drawn: every run goes to its last block
+  auto model = std::make_shared<BlockModel>(inner, base);
+  const uint64_t per_position = inner->kv_cache_bytes(1);
+  Engine cached(model, 64 * per_position);
+  Engine plain(model);
+  const SamplingParams params = block_params(10, B, 4, KVCacheMode::Prefix);
+  auto plain_run = [&](const std::vector<int32_t>& prompt) { return run_one(plain, prompt, params); };
+  auto cached_run = [&](const std::vector<int32_t>& prompt, std::string& calls) {
+    model->calls.clear();
+    Run r = run_one(cached, prompt, params);
+    calls = joined(model->calls);
+    return r;
+  };
+  std::string calls;
+
+  // Prompt A: 10 tokens (two whole blocks and a tail of 2), canvas 20.
+  const std::vector<int32_t> a = prompt_of(10);
+  const Run first = cached_run(a, calls);
+  PrefixCacheStats st = cached.prefix_cache_stats();
+  report(first == plain_run(a) && first.outputs.back().prompt_cached == 0 && calls.substr(0, 4) == "0-8c" &&
+             st.lookups == 1 && st.hits == 0 && st.inserts == 2 && st.entries == 1 &&
+             st.bytes == inner->kv_cache_bytes(16),
+         "prefix cache, first sequence: prefills [0, 8) and keeps it, then its exact prefix [0, 16) (prompt and "
+         "committed blocks) in its place when it finishes; its run is the plain engine's",
+         calls + fmt(" | %g entries, %g bytes", st.entries, static_cast<double>(st.bytes)));
+
+  // The same prompt again: its two whole blocks are copied, no prefill.
+  const Run again = cached_run(a, calls);
+  st = cached.prefix_cache_stats();
+  report(again.same_denoising(first) && again.phases.find('P') == std::string::npos && calls.substr(0, 5) == "8-12c" &&
+             again.outputs.front().prompt_cached == 8 && again.info.prompt_cached == 8 &&
+             again.info.positions_computed == first.info.positions_computed - 8 && st.hits == 1 &&
+             st.hit_positions == 8,
+         "prefix cache, the same prompt: [0, 8) copied, no prefill, the same tokens and probabilities",
+         again.phases + ": " + calls);
+
+  // A prompt sharing only the first block: [0, 4) copied, the prefill computes [4, 12).
+  std::vector<int32_t> b(a.begin(), a.begin() + 4);
+  for (int32_t t : prompt_of(10)) b.push_back(t);
+  const Run shared = cached_run(b, calls);
+  report(shared.same_denoising(plain_run(b)) && shared.phases[0] == 'P' && calls.substr(0, 5) == "4-12c" &&
+             shared.info.prompt_cached == 4,
+         "prefix cache, one shared block: [0, 4) copied, the prefill computes the rest, the plain engine's answer",
+         calls.substr(0, 20));
+
+  // The next turn: A, its answer's committed blocks and more; the finished sequence left [0, 16).
+  std::vector<int32_t> turn(a);
+  for (int i = 0; i < 6; ++i) turn.push_back(first.answer[i]);
+  for (int32_t t : prompt_of(5)) turn.push_back(t);
+  const Run next = cached_run(turn, calls);
+  report(next.same_denoising(plain_run(turn)) && next.info.prompt_cached == 16 && calls.substr(0, 6) == "16-20c",
+         "prefix cache, the next turn: the prompt and answer blocks of the last one copied (16 positions)", calls);
+
+  // copy_kv's checks.
+  {
+    std::unique_ptr<KVCache> from = inner->make_kv_cache(12), to = inner->make_kv_cache(8);
+    expect_error("copy_kv refuses positions the source has not cached", ErrorCode::InvalidArgument, {"cached to 0"},
+                 [&] { inner->copy_kv(*from, *to, 4); });
+    from->set_cached_until(12);
+    expect_error("copy_kv refuses more positions than the target holds", ErrorCode::InvalidArgument,
+                 {"12 positions", "one of 8"}, [&] { inner->copy_kv(*from, *to, 12); });
+    std::shared_ptr<Backend> other = Backend::load((tmp.path / "tiny").string(), test_options(1));
+    std::unique_ptr<KVCache> foreign = other->make_kv_cache(8);
+    expect_error("copy_kv refuses a cache of another backend", ErrorCode::InvalidArgument, {"another backend"},
+                 [&] { inner->copy_kv(*from, *foreign, 4); });
+    inner->copy_kv(*from, *to, 8);
+    report(to->cached_until() == 8, "copy_kv marks the copied positions cached");
+  }
+
+  // Not a block model, or no capacity: no prefix cache.
+  report(plain.prefix_cache_stats().capacity_bytes == 0 && plain_run(a).info.prompt_cached == 0,
+         "prefix cache: none without capacity");
+
+  // Capacity: room for one entry of 16 positions; a second prompt's evicts the first.
+  {
+    Engine small(model, inner->kv_cache_bytes(16));
+    run_one(small, a, params);
+    const std::vector<int32_t> c = prompt_of(10);
+    run_one(small, c, params);
+    const PrefixCacheStats s = small.prefix_cache_stats();
+    const Run back = run_one(small, a, params);
+    report(s.entries == 1 && s.evictions == 1 && s.bytes <= s.capacity_bytes && back.info.prompt_cached == 0 &&
+               back.same_denoising(first),
+           "prefix cache capacity: the least recently used entry makes room",
+           fmt("%g entries, %g evictions", s.entries, static_cast<double>(s.evictions)));
+  }
+
+  // The KV budget: entries give way to a sequence's cache; a sequence never gives way to an entry.
+  {
+    LoadOptions options = test_options(2);
+    options.kv_cache_budget_bytes = inner->kv_cache_bytes(20);  // one canvas of 20 positions
+    std::shared_ptr<Backend> tight = Backend::load((tmp.path / "tiny").string(), options);
+    auto tight_model = std::make_shared<BlockModel>(tight, base);
+    Engine engine(tight_model, 64 * per_position);
+    const uint64_t id = engine.create(a, params);
+    const Run alone = run_all(engine, {id})[0];
+    engine.release(id);
+    const PrefixCacheStats full = engine.prefix_cache_stats();  // the live sequence held the whole budget
+    const Run after = run_one(engine, a, params);               // and now nothing holds it
+    const PrefixCacheStats later = engine.prefix_cache_stats();
+    const uint64_t id2 = engine.create(prompt_of(10), params);  // needs the budget the entry holds
+    const PrefixCacheStats reclaimed = engine.prefix_cache_stats();
+    engine.release(id2);
+    report(alone.same_denoising(first) && full.entries == 0 && full.inserts == 0 && after.same_denoising(first) &&
+               later.entries == 0 && reclaimed.entries == 0 && tight->kv_cache_live_bytes() == 0,
+           "prefix cache under a full KV budget: nothing kept while sequences hold it, no sequence refused",
+           fmt("%g entries after the first run, %g inserts", full.entries, static_cast<double>(full.inserts)));
+    // A budget with room for an entry beside a sequence: the entry goes when a second sequence needs it.
+    LoadOptions roomy = options;
+    roomy.kv_cache_budget_bytes = inner->kv_cache_bytes(20) + inner->kv_cache_bytes(16);
+    std::shared_ptr<Backend> two = Backend::load((tmp.path / "tiny").string(), roomy);
+    Engine engine2(std::make_shared<BlockModel>(two, base), 64 * per_position);
+    run_one(engine2, a, params);
+    const PrefixCacheStats held = engine2.prefix_cache_stats();
+    const uint64_t s1 = engine2.create(prompt_of(10), params);
+    const uint64_t s2 = engine2.create(prompt_of(3), block_params(1, B, 1, KVCacheMode::Prefix));  // 4 positions
+    const PrefixCacheStats given = engine2.prefix_cache_stats();
+    report(held.entries == 1 && given.entries == 0 && given.evictions == 1,
+           "prefix cache: an entry gives its budget to a new sequence (reclaimed, not refused)",
+           fmt("%g entries held, %g after", held.entries, given.entries));
+    engine2.release(s1);
+    engine2.release(s2);
+  }
+}
+
 void test_block(const std::string& golden_block_dir) {
   test_block_schedule();
   test_block_engine();
+  test_block_prefix_cache();
   test_block_golden(golden_block_dir);
 }
 

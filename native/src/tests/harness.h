@@ -66,7 +66,12 @@ class ForwardingBackend : public Backend {
   uint64_t parameter_count() const override { return inner_->parameter_count(); }
   uint64_t weight_bytes() const override { return inner_->weight_bytes(); }
   uint64_t kv_cache_bytes(int positions) const override { return inner_->kv_cache_bytes(positions); }
-  std::unique_ptr<KVCache> make_kv_cache(int positions) override { return inner_->make_kv_cache(positions); }
+  using Backend::make_kv_cache;
+  std::unique_ptr<KVCache> make_kv_cache(int positions, bool reclaim) override {
+    return inner_->make_kv_cache(positions, reclaim);
+  }
+  void set_kv_reclaimer(std::function<bool()> reclaimer) override { inner_->set_kv_reclaimer(std::move(reclaimer)); }
+  void copy_kv(const KVCache& from, KVCache& to, int positions) override { inner_->copy_kv(from, to, positions); }
   uint64_t kv_cache_live_bytes() const override { return inner_->kv_cache_live_bytes(); }
   void forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) override {
     inner_->forward(batch, logits, cancel);
