@@ -69,6 +69,7 @@ describe("Config", () => {
       generationConfig: "auto",
       kvCacheDtype: "f32",
       kvCacheBudget: 0,
+      prefixCache: 536870912,
       logLevel: "info"
     })
     expect(Config.servedModelName(config)).toBe("shakespeare")
@@ -133,6 +134,7 @@ describe("Config", () => {
       generationConfig: ["vdiff", "auto"],
       kvCacheDtype: ["bf16", "f32"],
       kvCacheBudget: ["1048576", "2097152"],
+      prefixCache: ["0", "1073741824"],
       logLevel: ["debug", "error"],
       otlpEndpoint: ["http://collector-a:4318", "https://collector-b:4318"]
     }

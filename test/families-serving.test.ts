@@ -76,7 +76,11 @@ interface Diffusion {
 
 interface Completion {
   readonly choices: ReadonlyArray<Choice>
-  readonly usage: { readonly prompt_tokens: number; readonly completion_tokens: number }
+  readonly usage: {
+    readonly prompt_tokens: number
+    readonly completion_tokens: number
+    readonly prompt_tokens_details: { readonly cached_tokens: number }
+  }
   readonly diffusion: Diffusion
 }
 
@@ -155,6 +159,46 @@ describe.each(families)("serving $preset ($name)", (family) => {
       expect(recomputed.diffusion.forwards!.prefill + recomputed.diffusion.forwards!.commit).toBe(0)
       expect(recomputed.choices[0]!.token_ids, JSON.stringify(body)).toEqual(cached.choices[0]!.token_ids)
     }
+  })
+
+  it("keeps whole prompt blocks across requests: a prompt that starts with them copies them, with the same answer", async () => {
+    const speech = "KING RICHARD III:\nNow is the winter of our discontent\nMade glorious summer by this sun of York;\n"
+    const body = { prompt: speech + speech, max_tokens: 12, return_token_ids: true }
+    const first = await complete(body)
+    const promptIds = first.choices[0]!.prompt_token_ids!
+    const whole = Math.floor(promptIds.length / family.blockLength) * family.blockLength
+    expect(whole).toBeGreaterThan(0)
+    expect(first.usage.prompt_tokens_details).toEqual({ cached_tokens: 0 })
+    expect(first.diffusion.forwards!.prefill).toBe(1)
+    // The same prompt again: its whole blocks are copied, no prefill, the same answer.
+    const second = await complete(body)
+    expect(second.usage.prompt_tokens_details).toEqual({ cached_tokens: whole })
+    expect(second.diffusion.forwards!.prefill).toBe(0)
+    expect(second.choices[0]!.token_ids).toEqual(first.choices[0]!.token_ids)
+    // The next turn (token ids: the prompt, its answer, more): at least the prompt's blocks are copied, and
+    // the answer is the one full recompute gives (kv_cache none looks nothing up).
+    const next = [...promptIds, ...first.choices[0]!.token_ids!, ...promptIds.slice(1, 6)]
+    const turn = await complete({ prompt: next, max_tokens: 8, return_token_ids: true })
+    const recomputed = await complete({ prompt: next, max_tokens: 8, return_token_ids: true, kv_cache: "none" })
+    expect(turn.usage.prompt_tokens_details.cached_tokens).toBeGreaterThanOrEqual(whole)
+    expect(turn.usage.prompt_tokens_details.cached_tokens % family.blockLength).toBe(0)
+    expect(recomputed.usage.prompt_tokens_details.cached_tokens).toBe(0)
+    expect(turn.choices[0]!.token_ids).toEqual(recomputed.choices[0]!.token_ids)
+    const stats = (await (await fetch(`${server.url}/v1/engine/stats`)).json()) as { engine: { prefix_cache: Record<string, number> } }
+    expect(stats.engine.prefix_cache).toMatchObject({ capacity_bytes: 536870912, evictions: 0 })
+    expect(stats.engine.prefix_cache["hits"]).toBeGreaterThanOrEqual(2)
+    expect(stats.engine.prefix_cache["entries"]).toBeGreaterThan(0)
+    const metrics = await (await fetch(`${server.url}/metrics`)).text()
+    const counter = (name: string) =>
+      Number(
+        metrics
+          .split("\n")
+          .find((l) => l.startsWith(name))!
+          .split(" ")
+          .pop()
+      )
+    expect(counter("vdiff_prefix_cache_hits_total")).toBeGreaterThanOrEqual(2 * whole)
+    expect(counter("vdiff_prefix_cache_queries_total")).toBeGreaterThan(counter("vdiff_prefix_cache_hits_total"))
   })
 
   it("chats with the model's own chat template", async () => {

@@ -139,3 +139,17 @@ describe("KV cache through the Engine service", () => {
     expect(refused._tag).toBe("InvalidRequestError")
   })
 })
+
+describe("the prefix cache option", () => {
+  it("keeps nothing for a full-canvas model, whose prompt keys depend on the answer; refuses a size that is not a byte count", async () => {
+    const engine = await loadAddon().loadModel(join(goldenDir, "plain"), { threads: 1, prefixCacheBytes: 1 << 20 })
+    expect(engine.info().prefixCacheBytes).toBe(0)
+    expect(engine.prefixCache()).toMatchObject({ capacityBytes: 0, entries: 0, lookups: 0 })
+    for (const bad of [-1, 1.5, Number.NaN]) {
+      await expect(loadAddon().loadModel(join(goldenDir, "plain"), { prefixCacheBytes: bad })).rejects.toMatchObject({
+        code: "VDIFF_INVALID_ARGUMENT",
+        message: expect.stringContaining("options.prefixCacheBytes")
+      })
+    }
+  })
+})

@@ -57,7 +57,8 @@ describe("POST /v1/chat/completions", () => {
     expect(response.usage).toEqual({
       prompt_tokens: prompt.length,
       completion_tokens: completionTokens,
-      total_tokens: prompt.length + completionTokens
+      total_tokens: prompt.length + completionTokens,
+      prompt_tokens_details: { cached_tokens: 0 }
     })
     // How it was denoised: the fake engine commits one token per step, read up to the end-of-turn token.
     expect(response.diffusion).toMatchObject({ tokens_per_step: 1, kv_cache: "none", parallel: null })

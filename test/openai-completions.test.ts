@@ -52,7 +52,8 @@ describe("POST /v1/completions", () => {
     expect(response.usage).toEqual({
       prompt_tokens: promptTokens,
       completion_tokens: completionTokens,
-      total_tokens: promptTokens + completionTokens
+      total_tokens: promptTokens + completionTokens,
+      prompt_tokens_details: { cached_tokens: 0 }
     })
   })
 
@@ -163,7 +164,8 @@ describe("POST /v1/completions", () => {
     expect(response.usage).toEqual({
       prompt_tokens: promptTokens,
       completion_tokens: completionTokens,
-      total_tokens: promptTokens + completionTokens
+      total_tokens: promptTokens + completionTokens,
+      prompt_tokens_details: { cached_tokens: 0 }
     })
   })
 
@@ -246,7 +248,8 @@ describe("POST /v1/completions", () => {
     expect(response.usage).toEqual({
       prompt_tokens: promptTokens,
       completion_tokens: encode(text).length,
-      total_tokens: promptTokens + encode(text).length
+      total_tokens: promptTokens + encode(text).length,
+      prompt_tokens_details: { cached_tokens: 0 }
     })
     // echo adds the prompt in front, never the suffix behind; an empty suffix is no suffix.
     const echoed = await complete({ prompt: "Say hello", suffix: " the end", echo: true, max_tokens: 40, seed: 3 })

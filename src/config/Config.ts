@@ -199,6 +199,12 @@ export const Settings = Schema.Struct({
     default: "0",
     value: "BYTES"
   }),
+  prefixCache: setting(IntegerText(0), {
+    description:
+      "Block-diffusion models (LLaDA2.x, SDAR): bytes of the keys and values of finished prompt blocks kept for later requests whose prompts start with the same blocks, which then skip computing them (exact: the same answers); entries give way to running requests' caches; 0: off",
+    default: "536870912",
+    value: "BYTES"
+  }),
   logLevel: setting(OneOfText(logLevels), {
     description: `Least important log level written: ${logLevels.join(", ")}`,
     default: "info",

@@ -10,7 +10,15 @@
 import { Context, Effect, Layer, Runtime } from "effect"
 import { fromNative, type EngineError, type ModelLoadError } from "./errors.js"
 import { decodings, lladaFamily, type ModelFamily, type SamplingParams } from "../config/sampling.js"
-import { type CommittedToken, loadAddon, type NativeAddon, type NativeEngine, type NativeModelInfo, type StepSnapshot } from "./native.js"
+import {
+  type CommittedToken,
+  loadAddon,
+  type NativeAddon,
+  type NativeEngine,
+  type NativeModelInfo,
+  type NativePrefixCacheStats,
+  type StepSnapshot
+} from "./native.js"
 import type { CpuIsa } from "../config/Config.js"
 
 export type SequenceId = number
@@ -126,8 +134,13 @@ export interface EngineShape {
   readonly canvas: (id: SequenceId) => Effect.Effect<Int32Array, EngineError>
   /** How many sequences are alive in the engine. */
   readonly live: Effect.Effect<number>
-  /** Bytes the KV caches of live sequences hold now (counted against EngineOptions.kvCacheBudgetBytes). */
+  /**
+   * Bytes the KV caches of live sequences and the prefix cache hold now (counted against
+   * EngineOptions.kvCacheBudgetBytes).
+   */
   readonly kvCacheBytes: Effect.Effect<number>
+  /** The prefix cache's figures (all zero without one). */
+  readonly prefixCache: Effect.Effect<NativePrefixCacheStats>
 }
 
 export class Engine extends Context.Tag("vdiff/Engine")<Engine, EngineShape>() {}
@@ -143,6 +156,11 @@ export interface EngineOptions {
    * InvalidRequestError when one cache alone is larger, EngineFailure VDIFF_OUT_OF_MEMORY otherwise.
    */
   readonly kvCacheBudgetBytes?: number | undefined
+  /**
+   * Block-diffusion models: bytes of whole prompt blocks' keys and values kept across requests for later
+   * prompts that start with the same blocks (exact); 0 or absent: none.
+   */
+  readonly prefixCacheBytes?: number | undefined
   /** Where the forward runs; absent: "cpu". "auto" takes a visible GPU, else the CPU. */
   readonly device?: "auto" | "cpu" | "cuda" | undefined
   /** CUDA: the share of the GPU's memory vdiff may use, in (0, 1]; absent: 0.9. */
@@ -181,7 +199,8 @@ export const fromNativeEngine = (modelDir: string, native: NativeEngine, addon: 
   release: (id) => Effect.sync(() => native.release(id)),
   canvas: (id) => Effect.try({ try: () => native.canvas(id), catch: fromNative }),
   live: Effect.sync(() => native.live()),
-  kvCacheBytes: Effect.sync(() => native.kvCacheBytes())
+  kvCacheBytes: Effect.sync(() => native.kvCacheBytes()),
+  prefixCache: Effect.sync(() => native.prefixCache())
 })
 
 /** Loads the model directory with the addon. Sequences still alive when the scope closes are released. */
@@ -206,7 +225,8 @@ export const make = (options: EngineOptions): Effect.Effect<EngineShape, ModelLo
           gpuMemoryUtilization: options.gpuMemoryUtilization,
           threads: options.threads ?? 0,
           kvCacheDtype: options.kvCacheDtype,
-          kvCacheBudgetBytes: options.kvCacheBudgetBytes
+          kvCacheBudgetBytes: options.kvCacheBudgetBytes,
+          prefixCacheBytes: options.prefixCacheBytes
         }),
       catch: fromNative
     })

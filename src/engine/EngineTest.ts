@@ -134,7 +134,8 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
       weightBytes: 0,
       packedWeightBytes: 0,
       kvCacheBytesPerPosition: KV_BYTES_PER_POSITION,
-      kvCacheBudgetBytes: 0
+      kvCacheBudgetBytes: 0,
+      prefixCacheBytes: 0
     },
     batches,
     created,
@@ -209,7 +210,8 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
         bytes += (s.prompt.length + s.settings.genLength + suffix) * KV_BYTES_PER_POSITION * (s.settings.cfgScale > 0 ? 2 : 1)
       }
       return bytes
-    })
+    }),
+    prefixCache: Effect.succeed({ capacityBytes: 0, bytes: 0, entries: 0, lookups: 0, hits: 0, hitPositions: 0, inserts: 0, evictions: 0 })
   }
 }
 

@@ -105,6 +105,30 @@ export interface NativeModelInfo {
   readonly kvCacheBytesPerPosition: number
   /** The bound on the bytes of all live KV caches together; 0: none. */
   readonly kvCacheBudgetBytes: number
+  /**
+   * The prefix cache's capacity (NativeLoadOptions.prefixCacheBytes on a block-diffusion model); 0: none.
+   * Optional in the type only so that test doubles need not set it.
+   */
+  readonly prefixCacheBytes?: number | undefined
+}
+
+/**
+ * The prefix cache of a block-diffusion model (native/src/core/prefix_cache.h): whole prompt blocks kept
+ * across requests, exact. All zero without one.
+ */
+export interface NativePrefixCacheStats {
+  readonly capacityBytes: number
+  /** Held by its entries now (also counted in kvCacheBytes()). */
+  readonly bytes: number
+  readonly entries: number
+  /** Sequences that looked a prompt up (kvCache "prefix", at least one whole block), and those that found one. */
+  readonly lookups: number
+  readonly hits: number
+  /** Prompt positions copied instead of computed. */
+  readonly hitPositions: number
+  readonly inserts: number
+  /** Entries dropped to make room (the capacity, or the KV budget for a new sequence). */
+  readonly evictions: number
 }
 
 /**
@@ -225,6 +249,8 @@ export interface StepSnapshot {
   readonly provisional?: ReadonlyArray<CommittedToken> | undefined
   /** Canvas positions this sequence's forwards computed so far (prefill, denoise and commit forwards). */
   readonly positionsComputed?: number | undefined
+  /** Prompt positions whose keys and values the sequence copied from the prefix cache (the same every step). */
+  readonly promptCached?: number | undefined
 }
 
 export interface NativeSequenceInfo {
@@ -244,6 +270,8 @@ export interface NativeSequenceInfo {
   readonly kvCacheBytes: number
   /** Canvas positions its forwards computed so far: the work a cache cuts. */
   readonly positionsComputed: number
+  /** Prompt positions copied from the prefix cache instead of computed. */
+  readonly promptCached: number
 }
 
 /** A flag a running step checks; once cancelled the step rejects with VDIFF_CANCELLED and changes nothing. */
@@ -288,8 +316,9 @@ export interface NativeEngine {
   sequenceInfo(id: number): NativeSequenceInfo
   /** Number of live (created, not released) sequences. */
   live(): number
-  /** Bytes the KV caches of live sequences hold now (a sequence's are freed when it finishes). */
+  /** Bytes the KV caches of live sequences and the prefix cache's entries hold now (a sequence's are freed when it finishes). */
   kvCacheBytes(): number
+  prefixCache(): NativePrefixCacheStats
 }
 
 export interface NativeLoadOptions {
@@ -315,6 +344,12 @@ export interface NativeLoadOptions {
   readonly kvCacheDtype?: "f32" | "bf16" | undefined
   /** Bound on the bytes of all live KV caches together; 0 or absent: none. */
   readonly kvCacheBudgetBytes?: number | undefined
+  /**
+   * Block-diffusion models: bytes of finished prefixes' keys and values kept for later sequences whose
+   * prompts start with the same whole blocks (drawn from the KV budget, given back to a new sequence when
+   * it needs them); 0 or absent: none. Other models ignore it.
+   */
+  readonly prefixCacheBytes?: number | undefined
   /**
    * The projection and head weights are packed once at load (f32, in the GEMM's layout) when that takes
    * at most this many bytes: the same results with less work per forward. Absent: 4 GiB; 0: never.

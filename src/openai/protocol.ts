@@ -207,7 +207,12 @@ export type FinishReason = typeof FinishReason.Type
 export const Usage = Schema.Struct({
   prompt_tokens: Schema.Int,
   completion_tokens: Schema.Int,
-  total_tokens: Schema.Int
+  total_tokens: Schema.Int,
+  /**
+   * cached_tokens: the prompt tokens whose keys and values came from the prefix cache instead of being
+   * computed (block-diffusion models with --prefix-cache; 0 otherwise). With n > 1, those every answer got.
+   */
+  prompt_tokens_details: Schema.Struct({ cached_tokens: Schema.Int })
 })
 export type Usage = typeof Usage.Type
 

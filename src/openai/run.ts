@@ -39,6 +39,8 @@ export interface DenoisingTally {
   tokensSkipped: number
   /** Step events by the phase of the sequence's forward (block decoding; full canvas: all "denoise"). */
   phases: Record<Phase, number>
+  /** Prompt positions whose keys and values came from the prefix cache. */
+  promptCached: number
 }
 
 /** One prompt's n answers in flight: a decoder per answer, and the stream that feeds them. */
@@ -95,7 +97,8 @@ export const runPrompt = (
       kvRefreshes: 0,
       tokensDenoised: 0,
       tokensSkipped: 0,
-      phases: { prefill: 0, denoise: 0, commit: 0 }
+      phases: { prefill: 0, denoise: 0, commit: 0 },
+      promptCached: 0
     }))
     const allEnded = () => decoders.every((decoder) => decoder.finished)
     const request = {
@@ -117,6 +120,7 @@ export const runPrompt = (
         tally.tokensDenoised += event.committed.length - event.filled
         tally.tokensSkipped += event.filled
         tally.phases[phaseOf(event)]++
+        tally.promptCached = event.promptCached ?? 0
         const decoder = decoders[index]!
         // An update is rendered later than it is made (the decoder has moved on by then), so it carries
         // what it needs: the delta's token range, and a copy of the canvas for a snapshot.
@@ -225,11 +229,15 @@ export const worthAChunk = (update: ChoiceUpdate, snapshot: boolean, wantsTokens
   snapshot ||
   (wantsTokens && update.delta.firstToken < update.delta.endToken)
 
-/** Usage of a request; a suffix counts as prompt tokens, as OpenAI counts it. */
+/**
+ * Usage of a request; a suffix counts as prompt tokens, as OpenAI counts it. Cached tokens: per prompt,
+ * the ones every one of its answers copied from the prefix cache.
+ */
 export const usageOfJobs = (jobs: ReadonlyArray<PromptJob>): Usage =>
   usageOf(
     jobs.reduce((sum, job) => sum + job.prompt.tokens.length + (job.prompt.suffix?.length ?? 0), 0),
-    jobs.flatMap((job) => job.run.decoders)
+    jobs.flatMap((job) => job.run.decoders),
+    jobs.reduce((sum, job) => sum + (job.run.tallies.length === 0 ? 0 : Math.min(...job.run.tallies.map((tally) => tally.promptCached))), 0)
   )
 
 /** The request's denoising statistics: summed over every answer of every prompt. */
@@ -273,7 +281,12 @@ export const diffusionOfJobs = (jobs: ReadonlyArray<PromptJob>, family: ModelFam
   }
 }
 
-export const usageOf = (promptTokens: number, decoders: ReadonlyArray<ChoiceDecoder>): Usage => {
+export const usageOf = (promptTokens: number, decoders: ReadonlyArray<ChoiceDecoder>, cachedTokens = 0): Usage => {
   const completionTokens = decoders.reduce((sum, decoder) => sum + decoder.tokenIds.length, 0)
-  return { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens }
+  return {
+    prompt_tokens: promptTokens,
+    completion_tokens: completionTokens,
+    total_tokens: promptTokens + completionTokens,
+    prompt_tokens_details: { cached_tokens: cachedTokens }
+  }
 }

@@ -166,6 +166,8 @@ export const make = (options: SchedulerOptions) =>
   Effect.gen(function* () {
     const engine = yield* Engine
     const family = familyOf(engine.info)
+    // Whether the engine keeps whole prompt blocks across requests (block decoding with --prefix-cache).
+    const prefixCached = family.decoding === "block" && (engine.info.prefixCacheBytes ?? 0) > 0
     const kvTotals = { attended: 0, reused: 0 }
     const waiting = yield* Queue.unbounded<Job>()
     const running: Array<Job> = []
@@ -355,12 +357,18 @@ export const make = (options: SchedulerOptions) =>
       Effect.gen(function* () {
         const phase = phaseOf(r)
         yield* Metric.increment(Metrics.stepPhases[phase])
+        const first = !job.kvRefreshes.has(r.id)
         const refreshed = r.kvRefreshes > (job.kvRefreshes.get(r.id) ?? 0)
         job.kvRefreshes.set(r.id, r.kvRefreshes)
+        const promptLength = job.request.prompt.length
+        if (first && prefixCached && job.request.settings.kvCache === "prefix" && promptLength >= family.blockLength) {
+          yield* Metric.incrementBy(Metrics.prefixCacheQueries, promptLength)
+          yield* Metric.incrementBy(Metrics.prefixCacheHits, r.promptCached ?? 0)
+        }
         const kv = kvPositions(
           family,
-          { promptLength: job.request.prompt.length, suffixLength: job.request.suffix?.length ?? 0, settings: job.request.settings },
-          { phase, block: r.block, refreshed }
+          { promptLength, suffixLength: job.request.suffix?.length ?? 0, settings: job.request.settings },
+          { phase, block: r.block, refreshed, promptCached: r.promptCached }
         )
         if (kv.attended === 0) return
         kvTotals.attended += kv.attended

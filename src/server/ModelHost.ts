@@ -156,6 +156,8 @@ export interface NativeModelOptions {
   /** Element type of the KV caches (absent: f32) and the bound on their bytes together (absent or 0: none). */
   readonly kvCacheDtype?: "f32" | "bf16" | undefined
   readonly kvCacheBudgetBytes?: number | undefined
+  /** Bytes of the prefix cache of a block-diffusion model (--prefix-cache); absent or 0: none. */
+  readonly prefixCacheBytes?: number | undefined
   readonly scheduler: SchedulerOptions
   /** --served-model-name, resolved. */
   readonly modelName: string
@@ -179,7 +181,8 @@ export const loadNative = (options: NativeModelOptions): Loader =>
       cpuIsa: options.cpuIsa,
       threads: options.threads,
       kvCacheDtype: options.kvCacheDtype,
-      kvCacheBudgetBytes: options.kvCacheBudgetBytes
+      kvCacheBudgetBytes: options.kvCacheBudgetBytes,
+      prefixCacheBytes: options.prefixCacheBytes
     })
     return yield* fromEngine(engine, tokenizer, options)
   }).pipe(
@@ -195,7 +198,15 @@ export const fromEngine = (
   tokenizer: TokenizerShape,
   options: Omit<
     NativeModelOptions,
-    "modelDir" | "device" | "gpuMemoryUtilization" | "quantize" | "cpuIsa" | "threads" | "kvCacheDtype" | "kvCacheBudgetBytes"
+    | "modelDir"
+    | "device"
+    | "gpuMemoryUtilization"
+    | "quantize"
+    | "cpuIsa"
+    | "threads"
+    | "kvCacheDtype"
+    | "kvCacheBudgetBytes"
+    | "prefixCacheBytes"
   >
 ): Effect.Effect<LoadedModel, ModelLoadFailed, Scope.Scope> =>
   Effect.gen(function* () {

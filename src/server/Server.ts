@@ -82,6 +82,7 @@ export const nativeLoader = (config: Settings): Loader =>
     threads: config.threads,
     kvCacheDtype: config.kvCacheDtype,
     kvCacheBudgetBytes: config.kvCacheBudget,
+    prefixCacheBytes: config.prefixCache,
     modelName: servedModelName(config),
     scheduler: {
       maxConcurrent: config.maxConcurrentRequests,

@@ -119,6 +119,7 @@ export const router = (info: SystemInfo) =>
         const stats = yield* scheduler.stats
         const config = engine.info.config
         const family = familyOf(engine.info)
+        const prefix = yield* engine.prefixCache
         return HttpServerResponse.unsafeJson({
           model: info.modelName,
           backend: backendOf(engine.info),
@@ -151,6 +152,21 @@ export const router = (info: SystemInfo) =>
             // The other families than LLaDA name themselves, as in /v1/models.
             ...(family.decoding !== "full_canvas"
               ? { family: { name: family.name, decoding: family.decoding, block_length: family.blockLength, editing: family.editing } }
+              : {}),
+            // Block-diffusion models with --prefix-cache: whole prompt blocks kept across requests.
+            ...(prefix.capacityBytes > 0
+              ? {
+                  prefix_cache: {
+                    capacity_bytes: prefix.capacityBytes,
+                    bytes: prefix.bytes,
+                    entries: prefix.entries,
+                    lookups: prefix.lookups,
+                    hits: prefix.hits,
+                    hit_tokens: prefix.hitPositions,
+                    inserts: prefix.inserts,
+                    evictions: prefix.evictions
+                  }
+                }
               : {})
           }
         })

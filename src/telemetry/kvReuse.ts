@@ -7,7 +7,8 @@
  *   reused   — of those, the ones read from the sequence's KV cache (the rest are computed by the forward).
  *
  * Block decoding (blocks of B aligned at 0, the prompt's tail in the first open block b0 = P div B):
- *   prefill           attends [0, b0·B), all computed;
+ *   prefill           attends [0, b0·B), all computed but the first C positions when the prefix cache
+ *                     held them (copied: reused); with all of them held there is no prefill;
  *   denoise / commit  of block b attend [0, (b+1)·B): with the exact prefix cache [0, b·B) is reused and
  *                     the block computed; without a cache the whole window is computed every step.
  * Full canvas (LLaDA): every forward attends the whole canvas (prompt, answer, suffix; twice under cfg). A
@@ -30,6 +31,8 @@ export interface KvStep {
   readonly block: number
   /** Whether this step's forward refreshed a full-canvas cache (kvRefreshes grew). */
   readonly refreshed: boolean
+  /** Block decoding: the prompt positions the sequence copied from the prefix cache (absent: 0). */
+  readonly promptCached?: number | undefined
 }
 
 export interface KvSequence {
@@ -44,7 +47,7 @@ export const kvPositions = (family: ModelFamily, sequence: KvSequence, step: KvS
   if (family.decoding === "block") {
     const B = family.blockLength
     const first = Math.floor(P / B)
-    if (step.phase === "prefill") return { attended: first * B, reused: 0 }
+    if (step.phase === "prefill") return { attended: first * B, reused: step.promptCached ?? 0 }
     const b = first + step.block
     return { attended: (b + 1) * B, reused: cache === "none" ? 0 : b * B }
   }

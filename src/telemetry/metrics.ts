@@ -13,7 +13,7 @@
  *
  * Who updates what:
  *   scheduler/Scheduler.ts   running/waiting gauges, queue time, denoising steps, batch size,
- *                            tokens per step, step duration, step phases, KV reuse
+ *                            tokens per step, step duration, step phases, KV reuse, prefix cache
  *   telemetry/requests.ts    successes, failures, prompt and generation tokens, time to first token,
  *                            inter-token latency, end-to-end latency (for the OpenAI routes)
  *   http/HttpMetrics.ts      HTTP requests, their duration, requests in flight
@@ -48,7 +48,7 @@ export const numRequestsWaiting = Metric.gauge("vdiff_num_requests_waiting", {
 })
 
 export const kvCacheBytes = Metric.gauge("vdiff_kv_cache_bytes", {
-  description: "Bytes held by the KV caches of running sequences (bounded by --kv-cache-budget when set)."
+  description: "Bytes held by the KV caches of running sequences and the prefix cache's entries (bounded by --kv-cache-budget when set)."
 })
 
 export const requestQueueTime = histogram(
@@ -101,6 +101,21 @@ export const kvPositionsAttended = counter(
 export const kvPositionsReused = counter(
   "vdiff_kv_positions_reused_total",
   "Of the attended positions, those read from a KV cache rather than computed by the forward."
+)
+
+/**
+ * The prefix cache of a block-diffusion model, in prompt tokens as vLLM counts its own: the prompts of
+ * sequences that looked it up (kv_cache prefix, at least one whole block), and of those the tokens whose
+ * keys and values were copied from it instead of computed.
+ */
+export const prefixCacheQueries = counter(
+  "vdiff_prefix_cache_queries_total",
+  "Prompt tokens of the sequences that looked the prefix cache up (block-diffusion models with --prefix-cache)."
+)
+
+export const prefixCacheHits = counter(
+  "vdiff_prefix_cache_hits_total",
+  "Of the queried prompt tokens, those whose keys and values came from the prefix cache instead of being computed."
 )
 
 /** reused / attended since the server started: the share of the KV the forwards reused. */

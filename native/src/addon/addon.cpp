@@ -2,12 +2,13 @@
 // (loading a model, a denoising step) on the libuv pool with a promise per call, and turns every native
 // failure into a JS Error whose `code` is "VDIFF_<NAME>". src/engine/native.ts describes it in TypeScript.
 //
-//   loadModel(dir, {device?, threads?, kvCacheDtype?, kvCacheBudgetBytes?, packWeightsMaxBytes?,
-//                   gpuMemoryUtilization?, quantize?, cpuIsa?}) -> Promise<NativeEngine>
+//   loadModel(dir, {device?, threads?, kvCacheDtype?, kvCacheBudgetBytes?, prefixCacheBytes?,
+//                   packWeightsMaxBytes?, gpuMemoryUtilization?, quantize?, cpuIsa?}) -> Promise<NativeEngine>
 //   NativeEngine: info() create(prompt, params, suffix?, template?) step(ids, cancel?) score(canvas, positions,
 //   targets)
-//                 (info().family: the model family; step results: phase, provisional, positionsComputed)
-//                 release(id) canvas(id) sequenceInfo(id) live() kvCacheBytes()
+//                 (info().family: the model family; step results: phase, provisional, positionsComputed,
+//                 promptCached)
+//                 release(id) canvas(id) sequenceInfo(id) live() kvCacheBytes() prefixCache()
 //   CancelToken: cancel() cancelled
 //   cudaDevices() -> number of visible GPUs (0 without the CUDA build, a driver or a GPU)
 #include <napi.h>
@@ -270,8 +271,12 @@ class LoadWorker : public PromiseWorker {
  public:
   // on_progress (may be empty): called on the JS thread as (bytesDone, bytesTotal) while a device backend
   // uploads the weights.
-  LoadWorker(Napi::Env env, std::string dir, vdiff::LoadOptions options, Napi::Function on_progress)
-      : PromiseWorker(env, "vdiff.loadModel"), dir_(std::move(dir)), options_(options) {
+  LoadWorker(Napi::Env env, std::string dir, vdiff::LoadOptions options, uint64_t prefix_cache_bytes,
+             Napi::Function on_progress)
+      : PromiseWorker(env, "vdiff.loadModel"),
+        dir_(std::move(dir)),
+        options_(options),
+        prefix_cache_bytes_(prefix_cache_bytes) {
     if (on_progress.IsEmpty()) return;
     progress_ = Napi::ThreadSafeFunction::New(env, on_progress, "vdiff.loadModel.progress", 0, 1);
     options_.progress = [](void* context, uint64_t done, uint64_t total) {
@@ -288,7 +293,7 @@ class LoadWorker : public PromiseWorker {
   }
 
  private:
-  void run() override { engine_ = std::make_shared<Engine>(vdiff::Backend::load(dir_, options_)); }
+  void run() override { engine_ = std::make_shared<Engine>(vdiff::Backend::load(dir_, options_), prefix_cache_bytes_); }
   Napi::ThreadSafeFunction progress_;
   Napi::Value result(Napi::Env env) override {
     AddonData* data = env.GetInstanceData<AddonData>();
@@ -297,6 +302,7 @@ class LoadWorker : public PromiseWorker {
 
   std::string dir_;
   vdiff::LoadOptions options_;
+  uint64_t prefix_cache_bytes_;
   std::shared_ptr<Engine> engine_;
 };
 
@@ -385,6 +391,7 @@ class StepWorker : public PromiseWorker {
       o.Set("phase", Napi::String::New(env, phase_name(out.phase)));
       o.Set("provisional", tokens_array(env, out.provisional));
       o.Set("positionsComputed", Napi::Number::New(env, static_cast<double>(out.positions_computed)));
+      o.Set("promptCached", Napi::Number::New(env, out.prompt_cached));
       results.Set(static_cast<uint32_t>(i), o);
     }
     return results;
@@ -430,7 +437,8 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
          InstanceMethod<&NativeEngine::step>("step"), InstanceMethod<&NativeEngine::score>("score"),
          InstanceMethod<&NativeEngine::release>("release"), InstanceMethod<&NativeEngine::canvas>("canvas"),
          InstanceMethod<&NativeEngine::sequence_info>("sequenceInfo"), InstanceMethod<&NativeEngine::live>("live"),
-         InstanceMethod<&NativeEngine::kv_cache_bytes>("kvCacheBytes")});
+         InstanceMethod<&NativeEngine::kv_cache_bytes>("kvCacheBytes"),
+         InstanceMethod<&NativeEngine::prefix_cache>("prefixCache")});
   }
 
   explicit NativeEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeEngine>(info) {
@@ -487,6 +495,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     o.Set("packedWeightBytes", static_cast<double>(model.packed_weight_bytes()));
     o.Set("kvCacheBytesPerPosition", static_cast<double>(model.kv_cache_bytes(1)));
     o.Set("kvCacheBudgetBytes", static_cast<double>(model.kv_cache_budget_bytes()));
+    o.Set("prefixCacheBytes", static_cast<double>(engine_->prefix_cache_stats().capacity_bytes));
     return o;
   }
 
@@ -545,6 +554,20 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     return Napi::Number::New(info.Env(), static_cast<double>(engine_->backend().kv_cache_live_bytes()));
   }
 
+  Napi::Value prefix_cache(const Napi::CallbackInfo& info) {
+    const vdiff::PrefixCacheStats s = engine_->prefix_cache_stats();
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("capacityBytes", static_cast<double>(s.capacity_bytes));
+    o.Set("bytes", static_cast<double>(s.bytes));
+    o.Set("entries", s.entries);
+    o.Set("lookups", static_cast<double>(s.lookups));
+    o.Set("hits", static_cast<double>(s.hits));
+    o.Set("hitPositions", static_cast<double>(s.hit_positions));
+    o.Set("inserts", static_cast<double>(s.inserts));
+    o.Set("evictions", static_cast<double>(s.evictions));
+    return o;
+  }
+
   Napi::Value release(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const uint64_t id = id_of(env, info[0], "id");
@@ -578,6 +601,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     o.Set("kvRefreshes", s.kv_refreshes);
     o.Set("kvCacheBytes", static_cast<double>(s.kv_cache_bytes));
     o.Set("positionsComputed", static_cast<double>(s.positions_computed));
+    o.Set("promptCached", s.prompt_cached);
     return o;
   }
 
@@ -595,6 +619,7 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
   try {
     if (!info[0].IsString()) throw invalid_argument(env, "dir must be a string");
     vdiff::LoadOptions options;
+    uint64_t prefix_cache_bytes = 0;
     if (info.Length() > 1 && !info[1].IsUndefined()) {
       if (!info[1].IsObject()) throw invalid_argument(env, "options must be an object");
       const Napi::Object o = info[1].As<Napi::Object>();
@@ -626,6 +651,10 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
       if (!budget.IsUndefined())
         options.kv_cache_budget_bytes =
             static_cast<uint64_t>(integer_of(env, budget, "options.kvCacheBudgetBytes", 0, kMaxSafeInteger));
+      const Napi::Value prefixes = o.Get("prefixCacheBytes");
+      if (!prefixes.IsUndefined())
+        prefix_cache_bytes =
+            static_cast<uint64_t>(integer_of(env, prefixes, "options.prefixCacheBytes", 0, kMaxSafeInteger));
       const Napi::Value pack = o.Get("packWeightsMaxBytes");
       if (!pack.IsUndefined())
         options.pack_weights_max_bytes =
@@ -651,7 +680,8 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
       if (callback.IsFunction()) on_progress = callback.As<Napi::Function>();
       else if (!callback.IsUndefined()) throw invalid_argument(env, "options.onProgress must be a function");
     }
-    auto* worker = new LoadWorker(env, info[0].As<Napi::String>().Utf8Value(), options, on_progress);
+    auto* worker =
+        new LoadWorker(env, info[0].As<Napi::String>().Utf8Value(), options, prefix_cache_bytes, on_progress);
     Napi::Promise promise = worker->promise();
     worker->Queue();
     return promise;
