@@ -1,0 +1,144 @@
+// What the prefix cache saves a block-diffusion model: requests that share a long system prompt (a
+// few-shot preamble, the conversation so far) against requests whose prompt is new, on one engine.
+//
+//   npm run build && node bench/prefix-cache.mjs [--model DIR | --preset sdar-tiny] [--system 256] [--user 16]
+//                                                [--gen 32] [--rounds 3] [--threads 2] [--quantize none]
+//                                                [--json FILE]
+//
+// One engine with the prefix cache (the server's default, 512 MiB). Each round runs, one sequence at a
+// time and alternated: a cold request (a system prompt never seen, so nothing is found and the whole
+// prompt is prefilled) and a warm one (the shared system prompt, seen in the warm-up, and a user part of
+// its own, so the system prompt's whole blocks are copied). Prompts are random token ids of the model's
+// vocabulary (the timing does not depend on their meaning). Per request: the time to the first denoising
+// step (what a client waits for its first token), the whole request, and the positions the forwards
+// computed. temperature 0, the family's defaults otherwise (kv_cache prefix).
+import { mkdtempSync, rmSync } from "node:fs"
+import { tmpdir } from "node:os"
+import { basename, join } from "node:path"
+import { fixed, flags, log, makeModel, report, root, table } from "./lib.mjs"
+
+const values = flags({
+  model: undefined,
+  preset: "sdar-tiny",
+  seed: "1",
+  system: "256",
+  user: "16",
+  gen: "32",
+  rounds: "3",
+  threads: "2",
+  quantize: "none",
+  json: undefined
+})
+const system = Number(values.system)
+const user = Number(values.user)
+const gen = Number(values.gen)
+const rounds = Number(values.rounds)
+
+const { loadAddon } = await import(join(root, "dist", "engine", "native.js"))
+
+let scratch
+let modelDir = values.model
+if (modelDir === undefined) {
+  scratch = mkdtempSync(join(tmpdir(), "vdiff-prefix-bench-"))
+  modelDir = join(scratch, values.preset)
+  log(`making ${values.preset} in ${modelDir}`)
+  makeModel({ preset: values.preset, seed: values.seed, out: modelDir, dtype: "f32" })
+}
+
+try {
+  const engine = await loadAddon().loadModel(modelDir, {
+    threads: Number(values.threads),
+    quantize: values.quantize,
+    prefixCacheBytes: 512 * 2 ** 20
+  })
+  const info = engine.info()
+  if (info.family.decoding !== "block") throw new Error(`${modelDir}: not a block-diffusion model (${info.family.name})`)
+  const B = info.family.blockLength
+  const special = new Set([info.config.maskTokenId, info.config.eosTokenId])
+  // Random ids below the vocabulary, avoiding the special ones (a fixed generator: the same prompts every run).
+  let state = 12345
+  const randomIds = (n) =>
+    Array.from({ length: n }, () => {
+      for (;;) {
+        state = (state * 1103515245 + 12345) % 2 ** 31
+        const id = 100 + (state % Math.min(info.config.vocabSize - 100, 4000))
+        if (!special.has(id)) return id
+      }
+    })
+  const params = {
+    genLength: gen,
+    blockLength: B,
+    steps: B,
+    temperature: 0,
+    remasking: "low_confidence",
+    cfgScale: 0,
+    seed: 0,
+    kvCache: "prefix",
+    parallelThreshold: 0
+  }
+  const runOne = async (prompt) => {
+    const start = process.hrtime.bigint()
+    const id = engine.create(Int32Array.from(prompt), params)
+    let first
+    let last
+    for (let done = false; !done; ) {
+      const [out] = await engine.step([id])
+      if (first === undefined && out.phase === "denoise") first = process.hrtime.bigint()
+      done = out.finished
+      last = out
+    }
+    const seconds = Number(process.hrtime.bigint() - start) / 1e9
+    engine.release(id)
+    return { firstStep: Number(first - start) / 1e9, seconds, positions: last.positionsComputed, cached: last.promptCached }
+  }
+
+  const shared = randomIds(system)
+  log(`${info.config.modelType ?? info.family.name}, block ${B}, ${info.backend} ${info.device}; warm-up`)
+  await runOne([...shared, ...randomIds(user)])
+  const rows = []
+  for (let round = 0; round < rounds; round++) {
+    for (const kind of ["cold", "warm"]) {
+      const prompt = kind === "cold" ? randomIds(system + user) : [...shared, ...randomIds(user)]
+      const r = await runOne(prompt)
+      rows.push({ round, kind, ...r })
+      log(`round ${round} ${kind}: first step ${fixed(r.firstStep * 1000)} ms, whole ${fixed(r.seconds * 1000)} ms, ${r.cached} cached`)
+    }
+  }
+  const median = (xs) => {
+    const s = [...xs].sort((a, b) => a - b)
+    return s.length % 2 === 1 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
+  }
+  const of = (kind, field) => median(rows.filter((r) => r.kind === kind).map((r) => r[field]))
+  const stats = engine.prefixCache()
+  const summary = {
+    date: new Date().toISOString(),
+    model: values.model === undefined ? values.preset : basename(modelDir),
+    family: info.family.name,
+    block: B,
+    backend: `${info.backend} ${info.device}`,
+    threads: Number(values.threads),
+    quantize: values.quantize,
+    prompt: { system, user },
+    gen,
+    rounds: rows,
+    median: {
+      cold: { firstStepMs: of("cold", "firstStep") * 1000, requestMs: of("cold", "seconds") * 1000, positions: of("cold", "positions") },
+      warm: { firstStepMs: of("warm", "firstStep") * 1000, requestMs: of("warm", "seconds") * 1000, positions: of("warm", "positions") }
+    },
+    prefixCache: stats
+  }
+  const m = summary.median
+  const text =
+    `prefix cache: ${summary.family}, block ${B}, ${summary.backend}, ${summary.threads} threads, prompt ${system} shared + ${user} own tokens, ` +
+    `${gen} generated, temperature 0; medians of ${rounds} alternated rounds\n\n` +
+    table([
+      ["request", "first step ms", "request ms", "positions computed", "prompt tokens copied"],
+      ["cold (new prompt)", fixed(m.cold.firstStepMs), fixed(m.cold.requestMs), m.cold.positions, 0],
+      ["warm (shared prefix)", fixed(m.warm.firstStepMs), fixed(m.warm.requestMs), m.warm.positions, Math.floor(system / B) * B]
+    ]) +
+    `\n\nfirst step ${fixed(m.cold.firstStepMs / m.warm.firstStepMs, 2)}x sooner, request ${fixed(m.cold.requestMs / m.warm.requestMs, 2)}x faster; ` +
+    `cache: ${stats.entries} entries, ${fixed(stats.bytes / 2 ** 20)} MiB, ${stats.hits} hits of ${stats.lookups} lookups\n`
+  report(text, values.json, summary)
+} finally {
+  if (scratch !== undefined) rmSync(scratch, { recursive: true, force: true })
+}
