@@ -70,6 +70,7 @@ describe("Config", () => {
       kvCacheDtype: "f32",
       kvCacheBudget: 0,
       prefixCache: 536870912,
+      prefillChunk: 512,
       logLevel: "info"
     })
     expect(Config.servedModelName(config)).toBe("shakespeare")
@@ -135,6 +136,7 @@ describe("Config", () => {
       kvCacheDtype: ["bf16", "f32"],
       kvCacheBudget: ["1048576", "2097152"],
       prefixCache: ["0", "1073741824"],
+      prefillChunk: ["0", "64"],
       logLevel: ["debug", "error"],
       otlpEndpoint: ["http://collector-a:4318", "https://collector-b:4318"]
     }

@@ -308,6 +308,50 @@ describe.each(families)("serving $preset ($name)", (family) => {
   })
 })
 
+// ---- chunked prefill ---------------------------------------------------------------------------------
+
+describe("serving sdar-tiny with --prefill-chunk 8 and no prefix cache", () => {
+  let server: ServeProcess
+  const complete = async (body: Record<string, unknown>): Promise<Completion> => {
+    const response = await fetch(`${server.url}/v1/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ max_tokens: 12, return_token_ids: true, ...body })
+    })
+    expect(response.status, await response.clone().text()).toBe(200)
+    return (await response.json()) as Completion
+  }
+
+  beforeAll(async () => {
+    const out = join(dir, "sdar-tiny-chunked")
+    await run(process.execPath, ["--import", "tsx", "src/main.ts", "make-model", "--preset", "sdar-tiny", "--seed", "3", "--out", out], {
+      cwd: repoRoot
+    })
+    server = await startServe({ model: out, flags: ["--prefill-chunk", "9", "--prefix-cache", "0"] })
+  }, 120_000)
+  afterAll(async () => {
+    await server?.stop()
+  })
+
+  it("prefills a long prompt two blocks a step, with the answer of full recompute", async () => {
+    const chunked = await complete({
+      prompt: "KING RICHARD III:\nNow is the winter of our discontent\nMade glorious summer by this sun of York;"
+    })
+    const whole = Math.floor(chunked.choices[0]!.prompt_token_ids!.length / 4) * 4
+    expect(whole).toBeGreaterThan(8)
+    // --prefill-chunk 9 is two blocks of 4: one prefill forward per 8 prompt positions.
+    expect(chunked.diffusion.forwards!.prefill).toBe(Math.ceil(whole / 8))
+    expect(chunked.usage.prompt_tokens_details).toEqual({ cached_tokens: 0 })
+    const recomputed = await complete({
+      prompt: chunked.choices[0]!.prompt_token_ids,
+      kv_cache: "none"
+    })
+    expect(chunked.choices[0]!.token_ids).toEqual(recomputed.choices[0]!.token_ids)
+    const stats = (await (await fetch(`${server.url}/v1/engine/stats`)).json()) as { engine: Record<string, unknown> }
+    expect(stats.engine["prefix_cache"]).toBeUndefined()
+  })
+})
+
 // ---- Dream -------------------------------------------------------------------------------------------
 
 describe("serving dream-tiny (dream)", () => {

@@ -277,6 +277,16 @@ describe("KV reuse", () => {
     expect(kvPositions(sdar, none, { phase: "denoise", block: 2, refreshed: false })).toEqual({ attended: 16, reused: 0 })
   })
 
+  it("counts the prompt blocks a prefill copied from the prefix cache, and a prefill in chunks, as reused", () => {
+    // Prompt 22 with blocks of 4: five whole blocks [0, 20); the prefix cache held [0, 8); chunks of 8.
+    const sequence = { promptLength: 22, suffixLength: 0, settings }
+    const step = { phase: "prefill" as const, block: 0, refreshed: false, promptCached: 8 }
+    expect(kvPositions(sdar, sequence, { ...step, positionsComputed: 8, computed: 8 })).toEqual({ attended: 16, reused: 8 })
+    expect(kvPositions(sdar, sequence, { ...step, positionsComputed: 12, computed: 4 })).toEqual({ attended: 20, reused: 16 })
+    // Without the counts: the whole prefill in one forward, after what was copied.
+    expect(kvPositions(sdar, sequence, step)).toEqual({ attended: 20, reused: 8 })
+  })
+
   it("counts LLaDA's approximate caches between refreshes", () => {
     const sequence = { promptLength: 6, suffixLength: 2, settings: { ...settings, blockLength: 5 } }
     expect(kvPositions(llada, sequence, { phase: "denoise", block: 1, refreshed: true })).toEqual({ attended: 18, reused: 0 })

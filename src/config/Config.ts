@@ -205,6 +205,12 @@ export const Settings = Schema.Struct({
     default: "536870912",
     value: "BYTES"
   }),
+  prefillChunk: setting(IntegerText(0), {
+    description:
+      "Block-diffusion models: the most prompt tokens a request prefills in one step (rounded down to whole blocks, at least one); a longer prompt's prefill takes several steps, so it does not hold up the steps of the requests running beside it (the same answers); 0: the whole prompt in one step",
+    default: "512",
+    value: "TOKENS"
+  }),
   logLevel: setting(OneOfText(logLevels), {
     description: `Least important log level written: ${logLevels.join(", ")}`,
     default: "info",

@@ -161,6 +161,11 @@ export interface EngineOptions {
    * prompts that start with the same blocks (exact); 0 or absent: none.
    */
   readonly prefixCacheBytes?: number | undefined
+  /**
+   * Block-diffusion models: the most prompt positions a sequence prefills in one step (whole blocks), so
+   * that a long prompt does not hold up the other sequences' steps; 0 or absent: the whole prompt at once.
+   */
+  readonly prefillChunk?: number | undefined
   /** Where the forward runs; absent: "cpu". "auto" takes a visible GPU, else the CPU. */
   readonly device?: "auto" | "cpu" | "cuda" | undefined
   /** CUDA: the share of the GPU's memory vdiff may use, in (0, 1]; absent: 0.9. */
@@ -226,7 +231,8 @@ export const make = (options: EngineOptions): Effect.Effect<EngineShape, ModelLo
           threads: options.threads ?? 0,
           kvCacheDtype: options.kvCacheDtype,
           kvCacheBudgetBytes: options.kvCacheBudgetBytes,
-          prefixCacheBytes: options.prefixCacheBytes
+          prefixCacheBytes: options.prefixCacheBytes,
+          prefillChunk: options.prefillChunk
         }),
       catch: fromNative
     })

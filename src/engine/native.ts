@@ -351,6 +351,11 @@ export interface NativeLoadOptions {
    */
   readonly prefixCacheBytes?: number | undefined
   /**
+   * Block-diffusion models: the most prompt positions a sequence prefills in one step (rounded down to whole
+   * blocks, at least one); a longer prompt's prefill takes several steps. 0 or absent: all in one.
+   */
+  readonly prefillChunk?: number | undefined
+  /**
    * The projection and head weights are packed once at load (f32, in the GEMM's layout) when that takes
    * at most this many bytes: the same results with less work per forward. Absent: 4 GiB; 0: never.
    */

@@ -150,8 +150,11 @@ interface Job {
   /** The most denoising steps any of its sequences has taken, and the tokens they committed. */
   steps: number
   tokensCommitted: number
-  /** Per sequence: the KV refreshes its last step reported (a step that adds one refreshed the cache). */
-  readonly kvRefreshes: Map<SequenceId, number>
+  /**
+   * Per sequence: the KV refreshes and computed positions its last step reported (a step that adds a
+   * refresh refreshed the cache; the positions it adds are what its forward computed).
+   */
+  readonly lastStep: Map<SequenceId, { readonly kvRefreshes: number; readonly positionsComputed: number }>
 }
 
 /** A request's canvas positions: block decoding's canvas runs to the end of the block the answer ends in. */
@@ -357,18 +360,26 @@ export const make = (options: SchedulerOptions) =>
       Effect.gen(function* () {
         const phase = phaseOf(r)
         yield* Metric.increment(Metrics.stepPhases[phase])
-        const first = !job.kvRefreshes.has(r.id)
-        const refreshed = r.kvRefreshes > (job.kvRefreshes.get(r.id) ?? 0)
-        job.kvRefreshes.set(r.id, r.kvRefreshes)
+        const last = job.lastStep.get(r.id)
+        const refreshed = r.kvRefreshes > (last?.kvRefreshes ?? 0)
+        const positionsComputed = r.positionsComputed ?? 0
+        job.lastStep.set(r.id, { kvRefreshes: r.kvRefreshes, positionsComputed })
         const promptLength = job.request.prompt.length
-        if (first && prefixCached && job.request.settings.kvCache === "prefix" && promptLength >= family.blockLength) {
+        if (last === undefined && prefixCached && job.request.settings.kvCache === "prefix" && promptLength >= family.blockLength) {
           yield* Metric.incrementBy(Metrics.prefixCacheQueries, promptLength)
           yield* Metric.incrementBy(Metrics.prefixCacheHits, r.promptCached ?? 0)
         }
         const kv = kvPositions(
           family,
           { promptLength, suffixLength: job.request.suffix?.length ?? 0, settings: job.request.settings },
-          { phase, block: r.block, refreshed, promptCached: r.promptCached }
+          {
+            phase,
+            block: r.block,
+            refreshed,
+            promptCached: r.promptCached,
+            positionsComputed,
+            computed: positionsComputed - (last?.positionsComputed ?? 0)
+          }
         )
         if (kv.attended === 0) return
         kvTotals.attended += kv.attended
@@ -526,7 +537,7 @@ export const make = (options: SchedulerOptions) =>
           generationSpan: undefined,
           steps: 0,
           tokensCommitted: 0,
-          kvRefreshes: new Map()
+          lastStep: new Map()
         }
         unended.add(job)
         yield* Queue.offer(waiting, job)

@@ -158,6 +158,8 @@ export interface NativeModelOptions {
   readonly kvCacheBudgetBytes?: number | undefined
   /** Bytes of the prefix cache of a block-diffusion model (--prefix-cache); absent or 0: none. */
   readonly prefixCacheBytes?: number | undefined
+  /** Prompt positions a block-diffusion sequence prefills per step (--prefill-chunk); absent or 0: all at once. */
+  readonly prefillChunk?: number | undefined
   readonly scheduler: SchedulerOptions
   /** --served-model-name, resolved. */
   readonly modelName: string
@@ -182,7 +184,8 @@ export const loadNative = (options: NativeModelOptions): Loader =>
       threads: options.threads,
       kvCacheDtype: options.kvCacheDtype,
       kvCacheBudgetBytes: options.kvCacheBudgetBytes,
-      prefixCacheBytes: options.prefixCacheBytes
+      prefixCacheBytes: options.prefixCacheBytes,
+      prefillChunk: options.prefillChunk
     })
     return yield* fromEngine(engine, tokenizer, options)
   }).pipe(
@@ -207,6 +210,7 @@ export const fromEngine = (
     | "kvCacheDtype"
     | "kvCacheBudgetBytes"
     | "prefixCacheBytes"
+    | "prefillChunk"
   >
 ): Effect.Effect<LoadedModel, ModelLoadFailed, Scope.Scope> =>
   Effect.gen(function* () {

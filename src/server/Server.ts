@@ -83,6 +83,7 @@ export const nativeLoader = (config: Settings): Loader =>
     kvCacheDtype: config.kvCacheDtype,
     kvCacheBudgetBytes: config.kvCacheBudget,
     prefixCacheBytes: config.prefixCache,
+    prefillChunk: config.prefillChunk,
     modelName: servedModelName(config),
     scheduler: {
       maxConcurrent: config.maxConcurrentRequests,

@@ -8,7 +8,8 @@
  *
  * Block decoding (blocks of B aligned at 0, the prompt's tail in the first open block b0 = P div B):
  *   prefill           attends [0, b0·B), all computed but the first C positions when the prefix cache
- *                     held them (copied: reused); with all of them held there is no prefill;
+ *                     held them (copied: reused); with all of them held there is no prefill; in chunks
+ *                     (--prefill-chunk) each forward attends [0, its end) and reuses what came before it;
  *   denoise / commit  of block b attend [0, (b+1)·B): with the exact prefix cache [0, b·B) is reused and
  *                     the block computed; without a cache the whole window is computed every step.
  * Full canvas (LLaDA): every forward attends the whole canvas (prompt, answer, suffix; twice under cfg). A
@@ -33,6 +34,12 @@ export interface KvStep {
   readonly refreshed: boolean
   /** Block decoding: the prompt positions the sequence copied from the prefix cache (absent: 0). */
   readonly promptCached?: number | undefined
+  /**
+   * Block decoding: the positions the sequence's forwards computed so far, this step's included, and those
+   * this step's forward computed (absent: a prefill computes the prompt's whole blocks in one forward).
+   */
+  readonly positionsComputed?: number | undefined
+  readonly computed?: number | undefined
 }
 
 export interface KvSequence {
@@ -47,7 +54,13 @@ export const kvPositions = (family: ModelFamily, sequence: KvSequence, step: KvS
   if (family.decoding === "block") {
     const B = family.blockLength
     const first = Math.floor(P / B)
-    if (step.phase === "prefill") return { attended: first * B, reused: step.promptCached ?? 0 }
+    if (step.phase === "prefill") {
+      // Prefill forwards come first: this one computed [end - computed, end), the cache holding [0, end - computed).
+      if (step.positionsComputed === undefined || step.computed === undefined)
+        return { attended: first * B, reused: step.promptCached ?? 0 }
+      const end = (step.promptCached ?? 0) + step.positionsComputed
+      return { attended: end, reused: end - step.computed }
+    }
     const b = first + step.block
     return { attended: (b + 1) * B, reused: cache === "none" ? 0 : b * B }
   }

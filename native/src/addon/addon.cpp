@@ -2,7 +2,7 @@
 // (loading a model, a denoising step) on the libuv pool with a promise per call, and turns every native
 // failure into a JS Error whose `code` is "VDIFF_<NAME>". src/engine/native.ts describes it in TypeScript.
 //
-//   loadModel(dir, {device?, threads?, kvCacheDtype?, kvCacheBudgetBytes?, prefixCacheBytes?,
+//   loadModel(dir, {device?, threads?, kvCacheDtype?, kvCacheBudgetBytes?, prefixCacheBytes?, prefillChunk?,
 //                   packWeightsMaxBytes?, gpuMemoryUtilization?, quantize?, cpuIsa?}) -> Promise<NativeEngine>
 //   NativeEngine: info() create(prompt, params, suffix?, template?) step(ids, cancel?) score(canvas, positions,
 //   targets)
@@ -271,12 +271,12 @@ class LoadWorker : public PromiseWorker {
  public:
   // on_progress (may be empty): called on the JS thread as (bytesDone, bytesTotal) while a device backend
   // uploads the weights.
-  LoadWorker(Napi::Env env, std::string dir, vdiff::LoadOptions options, uint64_t prefix_cache_bytes,
+  LoadWorker(Napi::Env env, std::string dir, vdiff::LoadOptions options, vdiff::EngineOptions engine_options,
              Napi::Function on_progress)
       : PromiseWorker(env, "vdiff.loadModel"),
         dir_(std::move(dir)),
         options_(options),
-        prefix_cache_bytes_(prefix_cache_bytes) {
+        engine_options_(engine_options) {
     if (on_progress.IsEmpty()) return;
     progress_ = Napi::ThreadSafeFunction::New(env, on_progress, "vdiff.loadModel.progress", 0, 1);
     options_.progress = [](void* context, uint64_t done, uint64_t total) {
@@ -293,7 +293,7 @@ class LoadWorker : public PromiseWorker {
   }
 
  private:
-  void run() override { engine_ = std::make_shared<Engine>(vdiff::Backend::load(dir_, options_), prefix_cache_bytes_); }
+  void run() override { engine_ = std::make_shared<Engine>(vdiff::Backend::load(dir_, options_), engine_options_); }
   Napi::ThreadSafeFunction progress_;
   Napi::Value result(Napi::Env env) override {
     AddonData* data = env.GetInstanceData<AddonData>();
@@ -302,7 +302,7 @@ class LoadWorker : public PromiseWorker {
 
   std::string dir_;
   vdiff::LoadOptions options_;
-  uint64_t prefix_cache_bytes_;
+  vdiff::EngineOptions engine_options_;
   std::shared_ptr<Engine> engine_;
 };
 
@@ -619,7 +619,7 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
   try {
     if (!info[0].IsString()) throw invalid_argument(env, "dir must be a string");
     vdiff::LoadOptions options;
-    uint64_t prefix_cache_bytes = 0;
+    vdiff::EngineOptions engine_options;
     if (info.Length() > 1 && !info[1].IsUndefined()) {
       if (!info[1].IsObject()) throw invalid_argument(env, "options must be an object");
       const Napi::Object o = info[1].As<Napi::Object>();
@@ -653,8 +653,11 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
             static_cast<uint64_t>(integer_of(env, budget, "options.kvCacheBudgetBytes", 0, kMaxSafeInteger));
       const Napi::Value prefixes = o.Get("prefixCacheBytes");
       if (!prefixes.IsUndefined())
-        prefix_cache_bytes =
+        engine_options.prefix_cache_bytes =
             static_cast<uint64_t>(integer_of(env, prefixes, "options.prefixCacheBytes", 0, kMaxSafeInteger));
+      const Napi::Value chunk = o.Get("prefillChunk");
+      if (!chunk.IsUndefined())
+        engine_options.prefill_chunk = static_cast<int>(integer_of(env, chunk, "options.prefillChunk", 0, 1 << 30));
       const Napi::Value pack = o.Get("packWeightsMaxBytes");
       if (!pack.IsUndefined())
         options.pack_weights_max_bytes =
@@ -680,8 +683,7 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
       if (callback.IsFunction()) on_progress = callback.As<Napi::Function>();
       else if (!callback.IsUndefined()) throw invalid_argument(env, "options.onProgress must be a function");
     }
-    auto* worker =
-        new LoadWorker(env, info[0].As<Napi::String>().Utf8Value(), options, prefix_cache_bytes, on_progress);
+    auto* worker = new LoadWorker(env, info[0].As<Napi::String>().Utf8Value(), options, engine_options, on_progress);
     Napi::Promise promise = worker->promise();
     worker->Queue();
     return promise;

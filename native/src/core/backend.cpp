@@ -103,9 +103,10 @@ static std::string size_text(uint64_t b) {
                          : std::to_string((b + (1 << 20) - 1) >> 20) + " MiB";
 }
 
-void Backend::set_kv_reclaimer(std::function<bool()> reclaimer) {
+void Backend::set_kv_reclaimer(const void* owner, std::function<bool()> reclaimer) {
   std::lock_guard<std::mutex> lock(reclaimer_mu_);
-  reclaimer_ = std::move(reclaimer);
+  if (reclaimer) reclaimer_ = {owner, std::move(reclaimer)};
+  else if (reclaimer_.first == owner) reclaimer_ = {};
 }
 
 std::unique_ptr<KVCache> Backend::make_kv_cache(int positions, bool reclaim) {
@@ -120,21 +121,21 @@ std::unique_ptr<KVCache> Backend::make_kv_cache(int positions, bool reclaim) {
   // Reserve the bytes first (other threads may be making caches too), then allocate.
   uint64_t live = account_->live.load();
   // When they do not fit, the reclaimer (the prefix cache) frees what it holds, one entry at a time.
-  do {
+  for (;;) {
     if (budget > 0 && live + bytes > budget) {
       bool freed = false;
       if (reclaim) {
         std::lock_guard<std::mutex> lock(reclaimer_mu_);
-        freed = reclaimer_ && reclaimer_();
+        freed = reclaimer_.second && reclaimer_.second();
       }
-      if (freed) {
-        live = account_->live.load();
-        continue;
-      }
-      throw Error(ErrorCode::OutOfMemory, "KV cache budget exhausted: " + size_text(bytes) + " wanted, " +
-                                              size_text(live) + " of " + size_text(budget) + " held by live caches");
+      if (!freed)
+        throw Error(ErrorCode::OutOfMemory, "KV cache budget exhausted: " + size_text(bytes) + " wanted, " +
+                                                size_text(live) + " of " + size_text(budget) + " held by live caches");
+      live = account_->live.load();
+      continue;  // check the budget again
     }
-  } while (!account_->live.compare_exchange_weak(live, live + bytes));
+    if (account_->live.compare_exchange_weak(live, live + bytes)) break;
+  }
   std::unique_ptr<KVCache> cache;
   try {
     cache = allocate_kv_cache(positions, bytes);

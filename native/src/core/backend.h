@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "config.h"
@@ -231,9 +232,10 @@ class Backend {
   // of asking the reclaimer (set_kv_reclaimer) to free something first.
   virtual std::unique_ptr<KVCache> make_kv_cache(int positions, bool reclaim);
   // Called by make_kv_cache when the live caches leave too little of the budget: frees what it can spare
-  // (one piece at a time) and returns whether it freed anything; make_kv_cache then tries again. Empty:
-  // none. The engine's prefix cache (prefix_cache.h) sets it and clears it before it goes.
-  virtual void set_kv_reclaimer(std::function<bool()> reclaimer);
+  // (one piece at a time) and returns whether it freed anything; make_kv_cache then tries again. One per
+  // backend, set by `owner` (the engine's prefix cache, prefix_cache.h), which clears it (an empty function)
+  // before it goes; clearing another owner's does nothing.
+  virtual void set_kv_reclaimer(const void* owner, std::function<bool()> reclaimer);
   // Copies the keys and values of positions [0, positions) of every layer from one cache into another
   // (both made by this backend; `from` cached that far), and marks them cached in `to`
   // (KVCache::cached_until). Throws Error(InvalidArgument) for caches of another backend or positions
@@ -274,7 +276,7 @@ class Backend {
   KVCacheDType kv_dtype_;
   std::shared_ptr<KVCache::Account> account_;
   std::mutex reclaimer_mu_;
-  std::function<bool()> reclaimer_;
+  std::pair<const void*, std::function<bool()>> reclaimer_;  // owner, function
   std::unique_ptr<ThreadPool> pool_;
 };
 

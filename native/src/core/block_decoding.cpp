@@ -31,10 +31,14 @@ class BlockSequence final : public Sequence {
   int block = 0;
   int step_in_block = 0;
   int post = 0;
-  bool prefilled = false;
+  int prefilled = 0;      // prompt positions [0, prefilled) in the cache: copied or prefilled
+  int prefill_chunk = 0;  // positions per prefill forward (a multiple of B); 0: the rest at once
   int pending_commit = -1;
   std::unique_ptr<KVCache> cache;           // kv_cache Prefix; freed when the sequence finishes
   std::weak_ptr<PrefixCache> prefix_cache;  // where finished prefixes are left for later sequences
+  PrefixCache::Hit hit;                     // found at creation, copied at the first step (prepare)
+  int keep = 0;                             // positions to leave in the prefix cache after this step (settle)
+  std::unique_ptr<KVCache> retired;         // the cache of a sequence that finished this step, until settle
   // Editing: per canvas position, the probability and alternatives of its last write (reported with it).
   std::vector<float> probability;
   std::vector<std::vector<TopLogprob>> top;
@@ -71,18 +75,33 @@ class BlockSequence final : public Sequence {
     return f;
   }
   bool is_stop(int32_t t) const { return std::find(stops.begin(), stops.end(), t) != stops.end(); }
-  // Leaves the exact keys of [0, positions) in the prefix cache.
-  void keep_prefix(int positions) const {
+
+ public:
+  // The prompt's blocks the prefix cache held at creation, copied on the stepping thread (a failed copy
+  // leaves them to the prefill).
+  void prepare() override {
+    if (!hit.source) return;
     if (const std::shared_ptr<PrefixCache> prefixes = prefix_cache.lock())
-      if (cache && positions > 0) prefixes->insert(canvas.data(), positions, B, *cache);
+      if (prefixes->copy_into(hit, *cache)) prompt_cached = prefilled = hit.positions;
+    hit = {};
+  }
+  // The exact prefix apply() marked ([0, keep): prompt blocks after the prefill, everything committed when
+  // the sequence finished) copied into the prefix cache, outside the engine's lock.
+  void settle() override {
+    if (keep > 0)
+      if (const std::shared_ptr<PrefixCache> prefixes = prefix_cache.lock())
+        if (const KVCache* from = cache ? cache.get() : retired.get()) prefixes->insert(canvas.data(), keep, B, *from);
+    keep = 0;
+    retired.reset();
   }
 };
 
 void BlockSequence::plan(StepWork& w, const ModelConfig&) const {
-  if (cache && !prefilled) {  // the prompt's whole blocks, once
+  if (cache && prefilled < first_block * B) {  // the prompt's whole blocks, once, or chunk by chunk
     w.phase = Phase::Prefill;
-    w.forwards.push_back(forward_of(prompt_cached, first_block * B, w, true));
-    w.computed = first_block * B - prompt_cached;
+    const int end = prefill_chunk > 0 ? std::min(first_block * B, prefilled + prefill_chunk) : first_block * B;
+    w.forwards.push_back(forward_of(prefilled, end, w, true));
+    w.computed = end - prefilled;
     w.refresh = true;
     return;
   }
@@ -188,8 +207,8 @@ void BlockSequence::decide(StepWork& w, const RowResult* rows, StepOutput& out, 
 void BlockSequence::apply(const StepWork& w, StepOutput&, const ModelConfig&) {
   switch (w.phase) {
     case Phase::Prefill:
-      prefilled = true;
-      keep_prefix(first_block * B);
+      prefilled += w.computed;
+      if (prefilled == first_block * B) keep = prefilled;
       return;
     case Phase::Commit: pending_commit = -1; return;
     case Phase::Denoise: break;
@@ -209,8 +228,8 @@ void BlockSequence::apply(const StepWork& w, StepOutput&, const ModelConfig&) {
   if (w.finishes) {
     finished = true;
     reason = w.eos ? FinishReason::Eos : FinishReason::Length;
-    keep_prefix(block * B);  // the blocks before this one were committed from their final tokens
-    cache.reset();           // never read again
+    keep = block * B;            // the blocks before this one were committed from their final tokens
+    retired = std::move(cache);  // never read again; freed once settle() has kept its prefix
     return;
   }
   if (cache) pending_commit = block;
@@ -230,7 +249,7 @@ std::vector<int> block_schedule(int block_length, int steps) {
 std::shared_ptr<Sequence> make_block_sequence(const std::vector<int32_t>& prompt, const SamplingParams& p,
                                               const std::vector<int32_t>& suffix,
                                               const std::vector<int32_t>& answer_template, Backend& backend,
-                                              const std::shared_ptr<PrefixCache>& prefix_cache) {
+                                              const std::shared_ptr<PrefixCache>& prefix_cache, int prefill_chunk) {
   const ModelConfig& c = backend.config();
   const std::string family = "model type " + c.model_type + " (block diffusion)";
   if (p.cfg_scale > 0.0) throw invalid("cfg_scale: classifier-free guidance does not apply to " + family, "cfg_scale");
@@ -281,17 +300,12 @@ std::shared_ptr<Sequence> make_block_sequence(const std::vector<int32_t>& prompt
     seq->top.resize(seq->canvas.size());
   }
   // The prefill exists only when the prompt holds a whole block.
-  seq->prefilled = seq->first_block == 0;
+  seq->prefill_chunk = prefill_chunk > 0 ? std::max(B, prefill_chunk / B * B) : 0;
   if (p.kv_cache == KVCacheMode::Prefix) {
     seq->cache = backend.make_kv_cache(seq->length());
     if (prefix_cache) {
       seq->prefix_cache = prefix_cache;
-      if (!seq->prefilled) {
-        const PrefixCache::Hit hit = prefix_cache->find(seq->canvas.data(), seq->first_block * B, B);
-        prefix_cache->copy_into(hit, *seq->cache);
-        seq->prompt_cached = hit.positions;
-        seq->prefilled = hit.positions == seq->first_block * B;
-      }
+      if (seq->first_block > 0) seq->hit = prefix_cache->find(seq->canvas.data(), seq->first_block * B, B);
     }
   }
   return seq;

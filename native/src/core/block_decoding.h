@@ -22,10 +22,11 @@
 //
 // Forwards and phases (StepOutput::phase), one per step:
 //   kv_cache Prefix (the exact block cache): Prefill [0, (P / B) B) once when P >= B (no rows sampled;
-//     [C, (P / B) B) when the prefix cache held the prompt's first C positions, none when it held them all);
+//     [C, (P / B) B) when the prefix cache held the prompt's first C positions, none when it held them all;
+//     in chunks of prefill_chunk positions, one per step, when set);
 //     Denoise [bB, (b + 1) B) attending the cached keys before it; Commit [bB, (b + 1) B) from the block's
 //     final tokens once it is done, which caches its exact keys and values (none when the sequence
-//     finishes). forwards = prefill + denoise steps + one commit per block but the last.
+//     finishes). forwards = prefill (one, or one per chunk) + denoise steps + one commit per block but the last.
 //   kv_cache None: every step is a Denoise forward over [0, (b + 1) B), no cache.
 // Reported tokens: without editing the committed ones of each step (answer positions only); with
 // editing, the block's written tokens are provisional (StepOutput::provisional) and reach `committed`,
@@ -43,6 +44,8 @@ namespace vdiff {
 // field: cfg_scale, remasking, suffix, template, parallel_factor, kv_cache dual, block_length other than
 // the model's, editing_threshold on a family without editing, a canvas beyond the context) and makes the
 // sequence, with its KV cache for kv_cache Prefix. The common checks (engine.cpp, validate) ran before.
+// prefill_chunk > 0 (EngineOptions): the prefill runs in forwards of at most that many positions (whole
+// blocks, at least one), one per step: Prefill [C, C + chunk), [C + chunk, C + 2 chunk), ...
 // With kv_cache Prefix and a prefix cache, the prompt's whole blocks that an earlier sequence computed are
 // copied from it (StepOutput::prompt_cached), and the prefill computes only the rest; the sequence leaves
 // its prompt's whole blocks there after its prefill, and its exact prefix (prompt and committed answer
@@ -50,7 +53,8 @@ namespace vdiff {
 std::shared_ptr<Sequence> make_block_sequence(const std::vector<int32_t>& prompt, const SamplingParams& params,
                                               const std::vector<int32_t>& suffix,
                                               const std::vector<int32_t>& answer_template, Backend& backend,
-                                              const std::shared_ptr<PrefixCache>& prefix_cache = nullptr);
+                                              const std::shared_ptr<PrefixCache>& prefix_cache = nullptr,
+                                              int prefill_chunk = 0);
 
 // The quota of each step of a block of `block_length` positions over `steps` steps (the reference's
 // schedule: block_length / steps each, the first block_length % steps one more; zeros past block_length).

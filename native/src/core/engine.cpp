@@ -76,17 +76,20 @@ static Error invalid(const std::string& message, const std::string& param = "") 
   return Error(ErrorCode::InvalidArgument, message, param);
 }
 
-Engine::Engine(std::shared_ptr<Backend> backend, uint64_t prefix_cache_bytes) : backend_(std::move(backend)) {
+Engine::Engine(std::shared_ptr<Backend> backend, const EngineOptions& options)
+    : backend_(std::move(backend)), options_(options) {
   if (!backend_) throw invalid("Engine needs a backend");
-  if (prefix_cache_bytes > 0 && backend_->config().decoding == Decoding::Block) {
-    prefix_cache_ = std::make_shared<PrefixCache>(*backend_, prefix_cache_bytes);
+  if (options.prefill_chunk < 0)
+    throw invalid("prefill_chunk " + std::to_string(options.prefill_chunk) + " is negative");
+  if (options.prefix_cache_bytes > 0 && backend_->config().decoding == Decoding::Block) {
+    prefix_cache_ = std::make_shared<PrefixCache>(*backend_, options.prefix_cache_bytes);
     PrefixCache* cache = prefix_cache_.get();
-    backend_->set_kv_reclaimer([cache] { return cache->evict_one(); });
+    backend_->set_kv_reclaimer(cache, [cache] { return cache->evict_one(); });
   }
 }
 
 Engine::~Engine() {
-  if (prefix_cache_) backend_->set_kv_reclaimer(nullptr);
+  if (prefix_cache_) backend_->set_kv_reclaimer(prefix_cache_.get(), nullptr);
 }
 
 PrefixCacheStats Engine::prefix_cache_stats() const {
@@ -190,10 +193,10 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
   // Block diffusion (block_decoding.h) and Dream (dream_decoding.h) validate the rest of their settings and
   // refuse LLaDA's extras.
   if (config.decoding != Decoding::FullCanvas) {
-    std::shared_ptr<Sequence> seq =
-        config.decoding == Decoding::Block
-            ? make_block_sequence(prompt, params, suffix, answer_template, *backend_, prefix_cache_)
-            : make_dream_sequence(prompt, params, suffix, answer_template, *backend_);
+    std::shared_ptr<Sequence> seq = config.decoding == Decoding::Block
+                                        ? make_block_sequence(prompt, params, suffix, answer_template, *backend_,
+                                                              prefix_cache_, options_.prefill_chunk)
+                                        : make_dream_sequence(prompt, params, suffix, answer_template, *backend_);
     return adopt(std::move(seq), prompt);
   }
   if (!answer_template.empty()) {
@@ -462,6 +465,8 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
   // Check the batch before any work.
   for (const std::shared_ptr<Sequence>& s : sequences)
     if (s->finished) throw invalid("sequence " + std::to_string(s->id) + " is already finished");
+  // What the sequences deferred to their first step (a prefix copied from the prefix cache).
+  for (const std::shared_ptr<Sequence>& s : sequences) s->prepare();
 
   // Plan: the forwards and rows each sequence needs, laid out in one batched forward.
   std::vector<StepWork> work(sequences.size());
@@ -522,27 +527,31 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
   }
 
   // Commit.
-  std::lock_guard<std::mutex> lock(mu_);
-  for (size_t i = 0; i < work.size(); ++i) {
-    const StepWork& w = work[i];
-    Sequence& s = *sequences[i];
-    StepOutput& out = outputs[i];
-    const int forwards = static_cast<int>(w.forwards.size());
-    if (w.phase == Phase::Denoise) ++s.steps_done;
-    s.forward_passes += forwards;
-    s.positions_computed += static_cast<int64_t>(forwards) * w.computed;
-    if (w.refresh) s.kv_refreshes += forwards;
-    s.tokens_denoised += static_cast<int>(out.committed.size()) - out.filled;
-    s.apply(w, out, config);
-    out.finished = s.finished;
-    out.reason = s.reason;
-    out.steps_done = s.steps_done;
-    out.steps_total = s.steps_total;
-    out.forward_passes = s.forward_passes;
-    out.kv_refreshes = s.kv_refreshes;
-    out.positions_computed = s.positions_computed;
-    out.prompt_cached = s.prompt_cached;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = 0; i < work.size(); ++i) {
+      const StepWork& w = work[i];
+      Sequence& s = *sequences[i];
+      StepOutput& out = outputs[i];
+      const int forwards = static_cast<int>(w.forwards.size());
+      if (w.phase == Phase::Denoise) ++s.steps_done;
+      s.forward_passes += forwards;
+      s.positions_computed += static_cast<int64_t>(forwards) * w.computed;
+      if (w.refresh) s.kv_refreshes += forwards;
+      s.tokens_denoised += static_cast<int>(out.committed.size()) - out.filled;
+      s.apply(w, out, config);
+      out.finished = s.finished;
+      out.reason = s.reason;
+      out.steps_done = s.steps_done;
+      out.steps_total = s.steps_total;
+      out.forward_passes = s.forward_passes;
+      out.kv_refreshes = s.kv_refreshes;
+      out.positions_computed = s.positions_computed;
+      out.prompt_cached = s.prompt_cached;
+    }
   }
+  // What the step left to do with no lock held (a finished prefix copied into the prefix cache).
+  for (const std::shared_ptr<Sequence>& s : sequences) s->settle();
   return outputs;
 }
 

@@ -156,12 +156,21 @@ struct SequenceInfo {
 
 class Sequence;  // defined in engine.cpp
 
+// How the engine serves block-causal models (ModelConfig::decoding == Block); other models ignore both.
+struct EngineOptions {
+  // > 0: up to that many bytes of finished prefixes' keys and values are kept for later sequences that
+  // start with the same whole blocks (prefix_cache.h); 0: none.
+  uint64_t prefix_cache_bytes = 0;
+  // > 0: a sequence prefills its prompt's whole blocks in forwards of at most this many positions (rounded
+  // down to whole blocks, at least one), one per step, so that a long prompt does not hold up the steps of
+  // the sequences batched with it; the keys are the same (each chunk attends the cached blocks before it
+  // exactly as one forward would). 0: all in one forward.
+  int prefill_chunk = 0;
+};
+
 class Engine {
  public:
-  // prefix_cache_bytes > 0: a block-causal model (ModelConfig::decoding == Block) keeps up to that many
-  // bytes of finished prefixes' keys and values for later sequences that start with the same whole blocks
-  // (prefix_cache.h); other models, or 0: none.
-  explicit Engine(std::shared_ptr<Backend> backend, uint64_t prefix_cache_bytes = 0);
+  explicit Engine(std::shared_ptr<Backend> backend, const EngineOptions& options = {});
   ~Engine();
 
   const Backend& backend() const { return *backend_; }
@@ -191,7 +200,8 @@ class Engine {
 
   // Advances every given sequence by one denoising step in one batched forward. Unknown or finished ids
   // throw Error(InvalidArgument); a set `cancel` flag throws Error(Cancelled) and leaves every sequence
-  // as it was before the call. Thread-safe with create/release/info (one step at a time).
+  // as it was before the call (but for a prefix a block sequence copied from the prefix cache at its first
+  // step, which stays). Thread-safe with create/release/info (one step at a time).
   std::vector<StepOutput> step(const std::vector<uint64_t>& ids, const std::atomic<bool>* cancel = nullptr);
 
   // The same in two parts, for a caller that runs the step later on another thread (the addon): pin
@@ -225,6 +235,7 @@ class Engine {
   uint64_t adopt(std::shared_ptr<Sequence> seq, const std::vector<int32_t>& prompt);
   std::shared_ptr<Sequence> get(uint64_t id) const;
   std::shared_ptr<Backend> backend_;
+  EngineOptions options_;
   std::shared_ptr<PrefixCache> prefix_cache_;  // after backend_: it goes first
   mutable std::mutex mu_;                      // guards sequences_ and next_id_
   std::mutex step_mu_;                         // one step at a time

@@ -39,29 +39,49 @@ PrefixCache::Hit PrefixCache::find(const int32_t* tokens, int max_positions, int
   const std::vector<uint64_t> keys = prefix_keys(tokens, max_positions, block);
   std::lock_guard<std::mutex> lock(mu_);
   ++stats_.lookups;
-  for (int k = static_cast<int>(keys.size()); k >= 1 && !hit.source; --k) {
-    const int n = k * block;
-    auto [first, last] = index_.equal_range(keys[k - 1]);
-    for (auto it = first; it != last; ++it) {
-      const Lru::iterator entry = it->second;
-      if (entry->block != block || static_cast<int>(entry->tokens.size()) < n ||
-          std::memcmp(entry->tokens.data(), tokens, static_cast<size_t>(n) * sizeof(int32_t)) != 0)
-        continue;  // a hash collision
-      hit.source = entry->cache;
-      hit.positions = n;
-      lru_.splice(lru_.begin(), lru_, entry);  // iterators stay valid
-      break;
-    }
-  }
-  if (hit.source) {
-    ++stats_.hits;
-    stats_.hit_positions += static_cast<uint64_t>(hit.positions);
+  for (int k = static_cast<int>(keys.size()); k >= 1; --k) {
+    const Lru::iterator entry = holding(tokens, k * block, block, keys[k - 1]);
+    if (entry == lru_.end()) continue;
+    hit.source = entry->cache;
+    hit.positions = k * block;
+    lru_.splice(lru_.begin(), lru_, entry);  // iterators stay valid
+    break;
   }
   return hit;
 }
 
-void PrefixCache::copy_into(const Hit& hit, KVCache& cache) {
-  if (hit.source) backend_.copy_kv(*hit.source, cache, hit.positions);
+bool PrefixCache::copy_into(const Hit& hit, KVCache& cache) noexcept {
+  if (!hit.source) return false;
+  try {
+    backend_.copy_kv(*hit.source, cache, hit.positions);
+  } catch (...) {
+    return false;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  ++stats_.hits;
+  stats_.hit_positions += static_cast<uint64_t>(hit.positions);
+  return true;
+}
+
+PrefixCache::Lru::iterator PrefixCache::holding(const int32_t* tokens, int positions, int block, uint64_t key) {
+  auto [first, last] = index_.equal_range(key);
+  for (auto it = first; it != last; ++it) {
+    const Entry& e = *it->second;
+    if (e.block == block && static_cast<int>(e.tokens.size()) >= positions &&
+        std::memcmp(e.tokens.data(), tokens, static_cast<size_t>(positions) * sizeof(int32_t)) == 0)
+      return it->second;
+  }
+  return lru_.end();  // none, or a hash collision
+}
+
+void PrefixCache::drop_covered(const int32_t* tokens, int positions, int block) {
+  for (auto it = lru_.begin(); it != lru_.end();) {
+    const auto next = std::next(it);
+    if (it->block == block && static_cast<int>(it->tokens.size()) < positions &&
+        std::memcmp(it->tokens.data(), tokens, it->tokens.size() * sizeof(int32_t)) == 0)
+      drop(it, false);
+    it = next;
+  }
 }
 
 void PrefixCache::insert(const int32_t* tokens, int positions, int block, const KVCache& cache) noexcept {
@@ -70,45 +90,43 @@ void PrefixCache::insert(const int32_t* tokens, int positions, int block, const 
     const uint64_t bytes = backend_.kv_cache_bytes(positions);
     if (bytes > capacity_) return;
     std::vector<uint64_t> keys = prefix_keys(tokens, positions, block);
-    std::lock_guard<std::mutex> lock(mu_);
-    // Already held (an entry as long or longer starts with these tokens)?
-    auto [first, last] = index_.equal_range(keys.back());
-    for (auto it = first; it != last; ++it) {
-      const Entry& e = *it->second;
-      if (e.block == block && static_cast<int>(e.tokens.size()) >= positions &&
-          std::memcmp(e.tokens.data(), tokens, static_cast<size_t>(positions) * sizeof(int32_t)) == 0) {
-        lru_.splice(lru_.begin(), lru_, it->second);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      const Lru::iterator held = holding(tokens, positions, block, keys.back());
+      if (held != lru_.end()) {
+        lru_.splice(lru_.begin(), lru_, held);
         return;
       }
-    }
-    // Entries this one covers (their tokens are a prefix of these) go first: it holds all they hold.
-    for (auto it = lru_.begin(); it != lru_.end();) {
-      const auto next = std::next(it);
-      if (it->block == block && static_cast<int>(it->tokens.size()) < positions &&
-          std::memcmp(it->tokens.data(), tokens, it->tokens.size() * sizeof(int32_t)) == 0)
-        drop(it, false);
-      it = next;
-    }
-    while (!lru_.empty() && stats_.bytes + bytes > capacity_) drop(std::prev(lru_.end()), true);
-    std::unique_ptr<KVCache> copy;
-    for (;;) {
-      try {
-        copy = backend_.make_kv_cache(positions, /*reclaim=*/false);
-        break;
-      } catch (const Error& e) {
-        // The budget is held by live sequences and older entries: older entries make room, sequences not.
-        if (e.code() != ErrorCode::OutOfMemory || lru_.empty()) return;
-        drop(std::prev(lru_.end()), true);
+      // Room in the KV budget: entries may give theirs (those this one covers first), sequences not. When
+      // even all of them would not make room, nothing is dropped.
+      const uint64_t budget = backend_.kv_cache_budget_bytes();
+      if (budget > 0) {
+        const uint64_t live = backend_.kv_cache_live_bytes();
+        if (live - std::min(live, stats_.bytes) + bytes > budget) return;
+        if (live + bytes > budget) drop_covered(tokens, positions, block);
+        while (!lru_.empty() && backend_.kv_cache_live_bytes() + bytes > budget) drop(std::prev(lru_.end()), true);
       }
     }
-    backend_.copy_kv(cache, *copy, positions);
+    // The copy, with no lock held: lookups go on meanwhile.
+    std::shared_ptr<const KVCache> copy;
+    try {
+      std::unique_ptr<KVCache> made = backend_.make_kv_cache(positions, /*reclaim=*/false);
+      backend_.copy_kv(cache, *made, positions);
+      copy = std::move(made);
+    } catch (...) {
+      return;  // the budget was taken meanwhile, or the copy failed: nothing kept
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (holding(tokens, positions, block, keys.back()) != lru_.end()) return;  // kept by another meanwhile
+    drop_covered(tokens, positions, block);
+    while (!lru_.empty() && stats_.bytes + bytes > capacity_) drop(std::prev(lru_.end()), true);
+    stats_.bytes += bytes;
+    ++stats_.inserts;
     lru_.push_front(Entry{std::vector<int32_t>(tokens, tokens + positions), block, std::move(copy), std::move(keys)});
     const Lru::iterator entry = lru_.begin();
     for (uint64_t key : entry->keys) index_.emplace(key, entry);
-    stats_.bytes += bytes;
-    ++stats_.inserts;
   } catch (...) {
-    // Caching is an optimisation: a failed copy (out of memory, a device error) keeps nothing.
+    // Caching is an optimisation: a failure (out of host memory) keeps nothing.
   }
 }
 

@@ -54,12 +54,14 @@ class PrefixCache {
   };
   // The longest prefix tokens[0, kB) with kB <= max_positions (k >= 1) that an entry holds.
   Hit find(const int32_t* tokens, int max_positions, int block);
-  // Copies the hit's positions into `cache` (made by the same backend, not filled beyond them) and marks
-  // them cached there. Throws what Backend::copy_kv throws.
-  void copy_into(const Hit& hit, KVCache& cache);
+  // Copies the hit's positions into `cache` (made by the same backend) and marks them cached there; counts
+  // the hit. False, with nothing counted, when the copy failed (the sequence then prefills them). Never
+  // throws.
+  bool copy_into(const Hit& hit, KVCache& cache) noexcept;
   // Keeps a copy of cache's positions [0, positions) (a multiple of block, all cached), computed from
   // tokens[0, positions). Does nothing when an entry already holds that prefix, when it is larger than the
-  // capacity or the KV budget cannot hold it. Never throws.
+  // capacity, or when the KV budget cannot hold it even without the entries. Copies with no lock held
+  // (lookups do not wait for it). Never throws.
   void insert(const int32_t* tokens, int positions, int block, const KVCache& cache) noexcept;
   // Drops the least recently used entry; false when there is none. For the backend's reclaimer.
   bool evict_one();
@@ -74,6 +76,10 @@ class PrefixCache {
   };
   using Lru = std::list<Entry>;               // most recently used first
   void drop(Lru::iterator it, bool evicted);  // with mu_ held; evicted: for room (counted), not covered
+  // With mu_ held: the entry holding tokens[0, positions) (keys: its block prefixes' hashes), or end().
+  Lru::iterator holding(const int32_t* tokens, int positions, int block, uint64_t key);
+  // With mu_ held: drops the entries whose tokens are a strict prefix of tokens[0, positions).
+  void drop_covered(const int32_t* tokens, int positions, int block);
 
   Backend& backend_;
   const uint64_t capacity_;

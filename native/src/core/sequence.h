@@ -59,6 +59,12 @@ class Sequence {
   virtual void decide(StepWork& w, const RowResult* rows, StepOutput& out, const ModelConfig& config) const = 0;
   // Applies the decision; must not throw. The engine has counted the forwards before.
   virtual void apply(const StepWork& w, StepOutput& out, const ModelConfig& config) = 0;
+  // On the stepping thread, before plan(): work deferred from the sequence's creation (block decoding: the
+  // prefix-cache copy). Must not throw; what it did stays even if the step is then cancelled.
+  virtual void prepare() {}
+  // On the stepping thread after apply(), with no engine lock held: work the step left (block decoding:
+  // keeping a prefix in the prefix cache). Must not throw.
+  virtual void settle() {}
 
   // The answer region of the canvas (mask tokens where nothing is committed yet).
   virtual std::vector<int32_t> answer() const = 0;

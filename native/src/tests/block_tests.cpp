@@ -664,7 +664,7 @@ void test_block_golden(const std::string& dir) {
       // With a prefix cache: every case twice; the second time its whole prompt blocks are copied, and every
       // run denoises as the case alone (the reference's tokens).
       {
-        Engine prefixed(loaded, uint64_t{64} << 20);
+        Engine prefixed(loaded, {.prefix_cache_bytes = uint64_t{64} << 20});
         int same = 0, copied = 0, whole_blocks = 0;
         for (int round = 0; round < 2; ++round)
           for (size_t i = 0; i < cases.size(); ++i) {
@@ -721,7 +721,7 @@ void test_block_prefix_cache() {
   base.eos_token_id = spec.embedding - 1;  // never drawn: every run goes to its last block
   auto model = std::make_shared<BlockModel>(inner, base);
   const uint64_t per_position = inner->kv_cache_bytes(1);
-  Engine cached(model, 64 * per_position);
+  Engine cached(model, {.prefix_cache_bytes = 64 * per_position});
   Engine plain(model);
   const SamplingParams params = block_params(10, B, 4, KVCacheMode::Prefix);
   auto plain_run = [&](const std::vector<int32_t>& prompt) { return run_one(plain, prompt, params); };
@@ -793,7 +793,7 @@ void test_block_prefix_cache() {
 
   // Capacity: room for one entry of 16 positions; a second prompt's evicts the first.
   {
-    Engine small(model, inner->kv_cache_bytes(16));
+    Engine small(model, {.prefix_cache_bytes = inner->kv_cache_bytes(16)});
     run_one(small, a, params);
     const std::vector<int32_t> c = prompt_of(10);
     run_one(small, c, params);
@@ -811,7 +811,7 @@ void test_block_prefix_cache() {
     options.kv_cache_budget_bytes = inner->kv_cache_bytes(20);  // one canvas of 20 positions
     std::shared_ptr<Backend> tight = Backend::load((tmp.path / "tiny").string(), options);
     auto tight_model = std::make_shared<BlockModel>(tight, base);
-    Engine engine(tight_model, 64 * per_position);
+    Engine engine(tight_model, {.prefix_cache_bytes = 64 * per_position});
     const uint64_t id = engine.create(a, params);
     const Run alone = run_all(engine, {id})[0];
     engine.release(id);
@@ -829,7 +829,7 @@ void test_block_prefix_cache() {
     LoadOptions roomy = options;
     roomy.kv_cache_budget_bytes = inner->kv_cache_bytes(20) + inner->kv_cache_bytes(16);
     std::shared_ptr<Backend> two = Backend::load((tmp.path / "tiny").string(), roomy);
-    Engine engine2(std::make_shared<BlockModel>(two, base), 64 * per_position);
+    Engine engine2(std::make_shared<BlockModel>(two, base), {.prefix_cache_bytes = 64 * per_position});
     run_one(engine2, a, params);
     const PrefixCacheStats held = engine2.prefix_cache_stats();
     const uint64_t s1 = engine2.create(prompt_of(10), params);
@@ -837,16 +837,114 @@ void test_block_prefix_cache() {
     const PrefixCacheStats given = engine2.prefix_cache_stats();
     report(held.entries == 1 && given.entries == 0 && given.evictions == 1,
            "prefix cache: an entry gives its budget to a new sequence (reclaimed, not refused)",
-           fmt("%g entries held, %g after", held.entries, given.entries));
+           fmt("%g entries held, %g after", held.entries, given.entries) + fmt(" (%g bytes held, %g evictions)",
+                                                                               static_cast<double>(held.bytes),
+                                                                               static_cast<double>(given.evictions)));
     engine2.release(s1);
     engine2.release(s2);
+
+    // Room that takes two evictions: the budget is checked again after each (never exceeded).
+    LoadOptions two_entries = options;
+    two_entries.kv_cache_budget_bytes = inner->kv_cache_bytes(36);
+    std::shared_ptr<Backend> three = Backend::load((tmp.path / "tiny").string(), two_entries);
+    Engine engine3(std::make_shared<BlockModel>(three, base), {.prefix_cache_bytes = 64 * per_position});
+    run_one(engine3, prompt_of(10), block_params(2, B, 2, KVCacheMode::Prefix));  // keeps [0, 8)
+    run_one(engine3, prompt_of(10), block_params(2, B, 2, KVCacheMode::Prefix));  // keeps another [0, 8)
+    const PrefixCacheStats two_held = engine3.prefix_cache_stats();
+    const uint64_t wide = engine3.create(prompt_of(10), block_params(22, B, 4, KVCacheMode::Prefix));  // 32 positions
+    const PrefixCacheStats after_wide = engine3.prefix_cache_stats();
+    report(two_held.entries == 2 && after_wide.entries == 0 && after_wide.evictions == 2 &&
+               three->kv_cache_live_bytes() == inner->kv_cache_bytes(32) &&
+               three->kv_cache_live_bytes() <= three->kv_cache_budget_bytes(),
+           "prefix cache: a sequence needing two entries' room evicts both, the budget never exceeded",
+           fmt("%g entries before, %g evictions; live %g bytes", two_held.entries,
+               static_cast<double>(after_wide.evictions), static_cast<double>(three->kv_cache_live_bytes())));
+    engine3.release(wide);
+
+    // An insert the budget cannot hold even without the entries drops none of them.
+    LoadOptions snug = options;
+    snug.kv_cache_budget_bytes = inner->kv_cache_bytes(8 + 16 + 16);
+    std::shared_ptr<Backend> four = Backend::load((tmp.path / "tiny").string(), snug);
+    Engine engine4(std::make_shared<BlockModel>(four, base), {.prefix_cache_bytes = 64 * per_position});
+    run_one(engine4, prompt_of(10), block_params(2, B, 2, KVCacheMode::Prefix));                      // keeps [0, 8)
+    const uint64_t idle = engine4.create(prompt_of(3), block_params(13, B, 4, KVCacheMode::Prefix));  // 16 positions
+    const Run blocked = run_one(engine4, prompt_of(14), block_params(2, B, 2, KVCacheMode::Prefix));  // 16; keep 12
+    const PrefixCacheStats kept = engine4.prefix_cache_stats();
+    report(blocked.reason == FinishReason::Length && kept.entries == 1 && kept.inserts == 1 && kept.evictions == 0,
+           "prefix cache: an insert that cannot fit the budget even alone leaves the entries as they are",
+           fmt("%g entries, %g inserts, %g evictions", kept.entries, static_cast<double>(kept.inserts),
+               static_cast<double>(kept.evictions)));
+    engine4.release(idle);
   }
+}
+
+// Chunked prefill (EngineOptions::prefill_chunk): the prompt's whole blocks in forwards of whole blocks, one
+// per step, beside the other sequences' steps; the answers are those of one prefill forward.
+void test_block_prefill_chunks() {
+  TempDir tmp;
+  TinySpec spec;
+  write_tiny(tmp.path / "tiny", make_tiny(spec, WType::F32, 79));
+  std::shared_ptr<Backend> inner = Backend::load((tmp.path / "tiny").string(), test_options(2));
+  const int B = 4;
+  std::mt19937 rng(12);
+  auto prompt_of = [&](int n) { return random_tokens(rng, n, spec.vocab - 2); };
+  ModelConfig base = block_config(inner->config(), B);
+  base.eos_token_id = spec.embedding - 1;
+  auto model = std::make_shared<BlockModel>(inner, base);
+  Engine whole(model);
+  const SamplingParams params = block_params(8, B, 4, KVCacheMode::Prefix);
+  const std::vector<int32_t> long_prompt = prompt_of(14), short_prompt = prompt_of(3);  // 3 whole blocks; none
+  const Run alone = run_one(whole, long_prompt, params), short_alone = run_one(whole, short_prompt, params);
+
+  for (const auto& [chunk, calls_expected] :
+       std::vector<std::pair<int, std::string>>{{5, "0-4c 4-8c 8-12c 12-16c"}, {8, "0-8c 8-12c 12-16c"}}) {
+    Engine chunked(model, {.prefill_chunk = chunk});
+    model->calls.clear();
+    const Run r = run_one(chunked, long_prompt, params);
+    const std::string calls = joined(model->calls);
+    const int prefills = count(r.phases, 'P');
+    report(r.same_denoising(alone) && calls.substr(0, calls_expected.size()) == calls_expected &&
+               prefills == (chunk == 5 ? 3 : 2) && r.info.positions_computed == alone.info.positions_computed &&
+               r.info.forward_passes == alone.info.forward_passes + prefills - 1,
+           "block prefill in chunks of " + std::to_string(chunk) + " (whole blocks of 4): the same answer, " +
+               std::to_string(prefills) + " prefill forwards",
+           r.phases + ": " + calls.substr(0, 40));
+  }
+
+  // Beside a sequence that is denoising: it steps while the long prompt prefills, both as alone.
+  {
+    Engine chunked(model, {.prefill_chunk = 4});
+    const uint64_t a = chunked.create(long_prompt, params), b = chunked.create(short_prompt, params);
+    const std::vector<Run> together = run_all(chunked, {a, b});
+    report(together[0].same_denoising(alone) && together[1].same_denoising(short_alone) &&
+               together[0].phases.substr(0, 3) == "PPP" && together[1].phases == short_alone.phases,
+           "block prefill in chunks beside a denoising sequence: it takes its steps meanwhile; both as alone",
+           together[0].phases + " | " + together[1].phases);
+    chunked.release(a);
+    chunked.release(b);
+  }
+
+  // With the prefix cache: the copied blocks, then the rest in chunks.
+  {
+    Engine both(model, {.prefix_cache_bytes = 64 * inner->kv_cache_bytes(1), .prefill_chunk = 4});
+    std::vector<int32_t> first(long_prompt.begin(), long_prompt.begin() + 5);  // the first block and one more
+    run_one(both, first, params);
+    model->calls.clear();
+    const Run r = run_one(both, long_prompt, params);
+    report(
+        r.same_denoising(alone) && r.info.prompt_cached == 4 && joined(model->calls).substr(0, 14) == "4-8c 8-12c 12-",
+        "block prefill in chunks after a prefix-cache hit: [0, 4) copied, then [4, 8) and [8, 12)",
+        joined(model->calls).substr(0, 30));
+  }
+  expect_error("engine refuses a negative prefill_chunk", ErrorCode::InvalidArgument, {"prefill_chunk"},
+               [&] { Engine bad(model, {.prefill_chunk = -1}); });
 }
 
 void test_block(const std::string& golden_block_dir) {
   test_block_schedule();
   test_block_engine();
   test_block_prefix_cache();
+  test_block_prefill_chunks();
   test_block_golden(golden_block_dir);
 }
 

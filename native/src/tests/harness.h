@@ -70,9 +70,12 @@ class ForwardingBackend : public Backend {
   std::unique_ptr<KVCache> make_kv_cache(int positions, bool reclaim) override {
     return inner_->make_kv_cache(positions, reclaim);
   }
-  void set_kv_reclaimer(std::function<bool()> reclaimer) override { inner_->set_kv_reclaimer(std::move(reclaimer)); }
+  void set_kv_reclaimer(const void* owner, std::function<bool()> reclaimer) override {
+    inner_->set_kv_reclaimer(owner, std::move(reclaimer));
+  }
   void copy_kv(const KVCache& from, KVCache& to, int positions) override { inner_->copy_kv(from, to, positions); }
   uint64_t kv_cache_live_bytes() const override { return inner_->kv_cache_live_bytes(); }
+  uint64_t kv_cache_budget_bytes() const override { return inner_->kv_cache_budget_bytes(); }
   void forward(const std::vector<ForwardSeq>& batch, float* logits, const std::atomic<bool>* cancel) override {
     inner_->forward(batch, logits, cancel);
   }
