@@ -184,6 +184,14 @@ describe.each(families)("serving $preset ($name)", (family) => {
     expect(turn.usage.prompt_tokens_details.cached_tokens % family.blockLength).toBe(0)
     expect(recomputed.usage.prompt_tokens_details.cached_tokens).toBe(0)
     expect(turn.choices[0]!.token_ids).toEqual(recomputed.choices[0]!.token_ids)
+    // n = 3 on a new prompt: one answer prefills it, the two others wait a step and copy it; each answer is
+    // the one its seed gives alone.
+    const fresh = `QUEEN MARGARET:\n${speech}${speech}`
+    const shared = await complete({ ...body, prompt: fresh, n: 3, temperature: 0.8, seed: 21 })
+    expect(shared.diffusion.forwards!.prefill).toBe(1)
+    expect(shared.usage.prompt_tokens_details.cached_tokens).toBe(0)
+    const alone = await complete({ ...body, prompt: fresh, temperature: 0.8, seed: 22 })
+    expect(shared.choices[1]!.token_ids).toEqual(alone.choices[0]!.token_ids)
     const stats = (await (await fetch(`${server.url}/v1/engine/stats`)).json()) as { engine: { prefix_cache: Record<string, number> } }
     expect(stats.engine.prefix_cache).toMatchObject({ capacity_bytes: 536870912, evictions: 0 })
     expect(stats.engine.prefix_cache["hits"]).toBeGreaterThanOrEqual(2)

@@ -37,7 +37,10 @@ export interface DenoisingTally {
   tokensDenoised: number
   /** Positions an early stop filled with EOS. */
   tokensSkipped: number
-  /** Step events by the phase of the sequence's forward (block decoding; full canvas: all "denoise"). */
+  /**
+   * Step events that ran a forward, by its phase (block decoding; full canvas: all "denoise"). A sequence
+   * waiting for another's prefill of the same prompt blocks steps without one.
+   */
   phases: Record<Phase, number>
   /** Prompt positions whose keys and values came from the prefix cache. */
   promptCached: number
@@ -114,12 +117,13 @@ export const runPrompt = (
       // ended is recorded with each event's updates rather than asked afterwards.
       Stream.map(({ index, step: event }) => {
         const tally = tallies[index]!
+        // A step in which a sequence waited for another's prefill of the same prompt ran no forward.
+        if (event.forwardPasses > tally.forwardPasses) tally.phases[phaseOf(event)]++
         tally.steps = event.stepsDone
         tally.forwardPasses = event.forwardPasses
         tally.kvRefreshes = event.kvRefreshes
         tally.tokensDenoised += event.committed.length - event.filled
         tally.tokensSkipped += event.filled
-        tally.phases[phaseOf(event)]++
         tally.promptCached = event.promptCached ?? 0
         const decoder = decoders[index]!
         // An update is rendered later than it is made (the decoder has moved on by then), so it carries

@@ -151,10 +151,11 @@ interface Job {
   steps: number
   tokensCommitted: number
   /**
-   * Per sequence: the KV refreshes and computed positions its last step reported (a step that adds a
-   * refresh refreshed the cache; the positions it adds are what its forward computed).
+   * Per sequence: the KV refreshes, computed positions and forwards its last step reported (a step that adds
+   * a refresh refreshed the cache; the positions it adds are what its forward computed; one that adds no
+   * forward waited for another sequence's prefill).
    */
-  readonly lastStep: Map<SequenceId, { readonly kvRefreshes: number; readonly positionsComputed: number }>
+  readonly lastStep: Map<SequenceId, { readonly kvRefreshes: number; readonly positionsComputed: number; readonly forwardPasses: number }>
 }
 
 /** A request's canvas positions: block decoding's canvas runs to the end of the block the answer ends in. */
@@ -359,11 +360,12 @@ export const make = (options: SchedulerOptions) =>
     const observeForward = (job: Job, r: StepResult) =>
       Effect.gen(function* () {
         const phase = phaseOf(r)
-        yield* Metric.increment(Metrics.stepPhases[phase])
         const last = job.lastStep.get(r.id)
+        // A sequence waiting for another's prefill of the same prompt blocks ran no forward this step.
+        if (r.forwardPasses > (last?.forwardPasses ?? 0)) yield* Metric.increment(Metrics.stepPhases[phase])
         const refreshed = r.kvRefreshes > (last?.kvRefreshes ?? 0)
         const positionsComputed = r.positionsComputed ?? 0
-        job.lastStep.set(r.id, { kvRefreshes: r.kvRefreshes, positionsComputed })
+        job.lastStep.set(r.id, { kvRefreshes: r.kvRefreshes, positionsComputed, forwardPasses: r.forwardPasses })
         const promptLength = job.request.prompt.length
         if (last === undefined && prefixCached && job.request.settings.kvCache === "prefix" && promptLength >= family.blockLength) {
           yield* Metric.incrementBy(Metrics.prefixCacheQueries, promptLength)

@@ -36,9 +36,13 @@ class BlockSequence final : public Sequence {
   int pending_commit = -1;
   std::unique_ptr<KVCache> cache;           // kv_cache Prefix; freed when the sequence finishes
   std::weak_ptr<PrefixCache> prefix_cache;  // where finished prefixes are left for later sequences
-  PrefixCache::Hit hit;                     // found at creation, copied at the first step (prepare)
+  bool looked_up = false;                   // the prefix cache was asked (once counted)
+  bool prefill_started = false;             // its prefill forwards began (registered with the prefix cache)
+  bool waiting = false;                     // this step: another sequence is prefilling the same blocks
   int keep = 0;                             // positions to leave in the prefix cache after this step (settle)
   std::unique_ptr<KVCache> retired;         // the cache of a sequence that finished this step, until settle
+
+  ~BlockSequence() override { end_prefill(); }
   // Editing: per canvas position, the probability and alternatives of its last write (reported with it).
   std::vector<float> probability;
   std::vector<std::vector<TopLogprob>> top;
@@ -76,29 +80,48 @@ class BlockSequence final : public Sequence {
   }
   bool is_stop(int32_t t) const { return std::find(stops.begin(), stops.end(), t) != stops.end(); }
 
+  void end_prefill() {
+    if (!prefill_started) return;
+    if (const std::shared_ptr<PrefixCache> prefixes = prefix_cache.lock()) prefixes->prefill_ended(this);
+    prefill_started = false;
+  }
+
  public:
-  // The prompt's blocks the prefix cache held at creation, copied on the stepping thread (a failed copy
-  // leaves them to the prefill).
+  // Until its prefill begins, on the stepping thread at every step: the prompt's whole blocks the prefix
+  // cache holds are copied (a failed copy leaves them to the prefill); while another sequence is prefilling
+  // more of the same blocks, this one waits for them (a step without a forward); else its prefill begins.
   void prepare() override {
-    if (!hit.source) return;
-    if (const std::shared_ptr<PrefixCache> prefixes = prefix_cache.lock())
-      if (prefixes->copy_into(hit, *cache)) prompt_cached = prefilled = hit.positions;
-    hit = {};
+    waiting = false;
+    const int whole = first_block * B;
+    if (prefill_started || !cache || prefilled >= whole) return;
+    const std::shared_ptr<PrefixCache> prefixes = prefix_cache.lock();
+    if (!prefixes) return;
+    const PrefixCache::Hit hit = prefixes->find(canvas.data(), whole, B, !looked_up);
+    looked_up = true;
+    if (hit.positions > prefilled && prefixes->copy_into(hit, *cache)) prompt_cached = prefilled = hit.positions;
+    if (prefilled >= whole) return;
+    waiting = prefixes->awaits(canvas.data(), whole, B, prefilled);
+    if (waiting) return;
+    prefixes->prefilling(this, canvas.data(), whole, B);
+    prefill_started = true;
   }
   // The exact prefix apply() marked ([0, keep): prompt blocks after the prefill, everything committed when
-  // the sequence finished) copied into the prefix cache, outside the engine's lock.
+  // the sequence finished) copied into the prefix cache, outside the engine's lock; a prefill that is done
+  // stops being waited for.
   void settle() override {
     if (keep > 0)
       if (const std::shared_ptr<PrefixCache> prefixes = prefix_cache.lock())
         if (const KVCache* from = cache ? cache.get() : retired.get()) prefixes->insert(canvas.data(), keep, B, *from);
     keep = 0;
     retired.reset();
+    if (prefilled >= first_block * B) end_prefill();
   }
 };
 
 void BlockSequence::plan(StepWork& w, const ModelConfig&) const {
   if (cache && prefilled < first_block * B) {  // the prompt's whole blocks, once, or chunk by chunk
     w.phase = Phase::Prefill;
+    if (waiting) return;  // for another sequence's prefill of the same blocks: no forward
     const int end = prefill_chunk > 0 ? std::min(first_block * B, prefilled + prefill_chunk) : first_block * B;
     w.forwards.push_back(forward_of(prefilled, end, w, true));
     w.computed = end - prefilled;
@@ -303,10 +326,7 @@ std::shared_ptr<Sequence> make_block_sequence(const std::vector<int32_t>& prompt
   seq->prefill_chunk = prefill_chunk > 0 ? std::max(B, prefill_chunk / B * B) : 0;
   if (p.kv_cache == KVCacheMode::Prefix) {
     seq->cache = backend.make_kv_cache(seq->length());
-    if (prefix_cache) {
-      seq->prefix_cache = prefix_cache;
-      if (seq->first_block > 0) seq->hit = prefix_cache->find(seq->canvas.data(), seq->first_block * B, B);
-    }
+    seq->prefix_cache = prefix_cache;
   }
   return seq;
 }

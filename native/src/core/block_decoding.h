@@ -23,7 +23,8 @@
 // Forwards and phases (StepOutput::phase), one per step:
 //   kv_cache Prefix (the exact block cache): Prefill [0, (P / B) B) once when P >= B (no rows sampled;
 //     [C, (P / B) B) when the prefix cache held the prompt's first C positions, none when it held them all;
-//     in chunks of prefill_chunk positions, one per step, when set);
+//     in chunks of prefill_chunk positions, one per step, when set; with a prefix cache, Prefill steps with
+//     no forward while another sequence prefills the same leading blocks, which are then copied);
 //     Denoise [bB, (b + 1) B) attending the cached keys before it; Commit [bB, (b + 1) B) from the block's
 //     final tokens once it is done, which caches its exact keys and values (none when the sequence
 //     finishes). forwards = prefill (one, or one per chunk) + denoise steps + one commit per block but the last.

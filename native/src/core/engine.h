@@ -100,7 +100,9 @@ struct SamplingParams {
 };
 
 // What a sequence's forward does in a step (Block decoding; FullCanvas sequences always Denoise):
-//   Prefill: the prompt's whole blocks, once, into the KV cache (no rows sampled);
+//   Prefill: the prompt's whole blocks, once (or in chunks), into the KV cache (no rows sampled); with a
+//            prefix cache, a sequence whose prompt starts with the blocks another is prefilling waits for
+//            them in Prefill steps without a forward (forward_passes does not grow), then copies them;
 //   Denoise: the open block, attending to the cache (or, without cache, the window up to the block's end);
 //   Commit:  the finished block again from its final tokens, to cache its exact keys and values (none
 //            after the last block).

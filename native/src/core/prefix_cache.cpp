@@ -33,12 +33,12 @@ PrefixCache::PrefixCache(Backend& backend, uint64_t capacity_bytes) : backend_(b
 
 PrefixCache::~PrefixCache() = default;
 
-PrefixCache::Hit PrefixCache::find(const int32_t* tokens, int max_positions, int block) {
+PrefixCache::Hit PrefixCache::find(const int32_t* tokens, int max_positions, int block, bool count) {
   Hit hit;
   if (block < 1 || max_positions < block) return hit;
   const std::vector<uint64_t> keys = prefix_keys(tokens, max_positions, block);
   std::lock_guard<std::mutex> lock(mu_);
-  ++stats_.lookups;
+  if (count) ++stats_.lookups;
   for (int k = static_cast<int>(keys.size()); k >= 1; --k) {
     const Lru::iterator entry = holding(tokens, k * block, block, keys[k - 1]);
     if (entry == lru_.end()) continue;
@@ -128,6 +128,31 @@ void PrefixCache::insert(const int32_t* tokens, int positions, int block, const 
   } catch (...) {
     // Caching is an optimisation: a failure (out of host memory) keeps nothing.
   }
+}
+
+void PrefixCache::prefilling(const void* owner, const int32_t* tokens, int positions, int block) {
+  std::lock_guard<std::mutex> lock(mu_);
+  prefills_.push_back(Prefill{owner, std::vector<int32_t>(tokens, tokens + positions), block});
+}
+
+void PrefixCache::prefill_ended(const void* owner) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::erase_if(prefills_, [owner](const Prefill& p) { return p.owner == owner; });
+}
+
+bool PrefixCache::awaits(const int32_t* tokens, int max_positions, int block, int have) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const Prefill& p : prefills_) {
+    if (p.block != block) continue;
+    // The whole blocks the two share.
+    const int n = std::min(max_positions, static_cast<int>(p.tokens.size()));
+    int shared = 0;
+    while (shared + block <= n &&
+           std::memcmp(p.tokens.data() + shared, tokens + shared, static_cast<size_t>(block) * sizeof(int32_t)) == 0)
+      shared += block;
+    if (shared > have) return true;
+  }
+  return false;
 }
 
 bool PrefixCache::evict_one() {

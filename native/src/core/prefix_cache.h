@@ -52,8 +52,9 @@ class PrefixCache {
     std::shared_ptr<const KVCache> source;
     int positions = 0;
   };
-  // The longest prefix tokens[0, kB) with kB <= max_positions (k >= 1) that an entry holds.
-  Hit find(const int32_t* tokens, int max_positions, int block);
+  // The longest prefix tokens[0, kB) with kB <= max_positions (k >= 1) that an entry holds. `count`: a
+  // sequence's first lookup (the stats count lookups per sequence).
+  Hit find(const int32_t* tokens, int max_positions, int block, bool count = true);
   // Copies the hit's positions into `cache` (made by the same backend) and marks them cached there; counts
   // the hit. False, with nothing counted, when the copy failed (the sequence then prefills them). Never
   // throws.
@@ -65,6 +66,14 @@ class PrefixCache {
   void insert(const int32_t* tokens, int positions, int block, const KVCache& cache) noexcept;
   // Drops the least recently used entry; false when there is none. For the backend's reclaimer.
   bool evict_one();
+
+  // Prefills under way, so that sequences whose prompts start with the same blocks compute them once: a
+  // sequence about to prefill tokens[0, positions) says so (owner: any address of its own), and says when it
+  // is done, failed or gone; another whose prompt shares more whole blocks with it than it already holds
+  // (`have` positions) waits a step at a time and finds them here once they are kept.
+  void prefilling(const void* owner, const int32_t* tokens, int positions, int block);
+  void prefill_ended(const void* owner);
+  bool awaits(const int32_t* tokens, int max_positions, int block, int have) const;
   PrefixCacheStats stats() const;
 
  private:
@@ -85,6 +94,12 @@ class PrefixCache {
   const uint64_t capacity_;
   mutable std::mutex mu_;
   Lru lru_;
+  struct Prefill {
+    const void* owner;
+    std::vector<int32_t> tokens;
+    int block;
+  };
+  std::vector<Prefill> prefills_;  // under way
   // Hash of a whole-block prefix -> the entries that hold a prefix with that hash.
   std::unordered_multimap<uint64_t, Lru::iterator> index_;
   PrefixCacheStats stats_;

@@ -936,6 +936,44 @@ void test_block_prefill_chunks() {
         "block prefill in chunks after a prefix-cache hit: [0, 4) copied, then [4, 8) and [8, 12)",
         joined(model->calls).substr(0, 30));
   }
+  // Sequences stepped together with the same prompt (n > 1, or a burst of one system prompt): one prefills,
+  // the others wait for its blocks in steps without a forward and copy them.
+  for (const int chunk : {0, 4}) {
+    Engine shared(model, {.prefix_cache_bytes = 64 * inner->kv_cache_bytes(1), .prefill_chunk = chunk});
+    const uint64_t a = shared.create(long_prompt, params), b = shared.create(long_prompt, params),
+                   c = shared.create(long_prompt, params);
+    model->calls.clear();
+    const std::vector<Run> runs = run_all(shared, {a, b, c});
+    const std::string calls = joined(model->calls);
+    const std::string label = chunk == 0 ? "one forward" : "chunks of 4";
+    const std::string waits = chunk == 0 ? "P" : "PPP";
+    report(runs[0].same_denoising(alone) && runs[1].same_denoising(alone) && runs[2].same_denoising(alone) &&
+               runs[0].info.prompt_cached == 0 && runs[1].info.prompt_cached == 12 &&
+               runs[2].info.prompt_cached == 12 && runs[1].phases.substr(0, waits.size() + 1) == waits + "D" &&
+               runs[1].info.forward_passes == alone.info.forward_passes - 1 &&
+               std::count(calls.begin(), calls.end(), 'c') ==
+                   static_cast<long>(3 * (alone.info.forward_passes - 1) + waits.size()),
+           "block prefill shared by 3 sequences with one prompt (" + label +
+               "): one computes it, the others wait without a forward and copy it; all as alone",
+           runs[1].phases + fmt(" | copied %g, %g forwards", runs[1].info.prompt_cached, runs[1].info.forward_passes));
+    shared.release(a);
+    shared.release(b);
+    shared.release(c);
+  }
+  // The one prefilling goes away: the one waiting prefills for itself.
+  {
+    Engine shared(model, {.prefix_cache_bytes = 64 * inner->kv_cache_bytes(1), .prefill_chunk = 4});
+    const uint64_t a = shared.create(long_prompt, params), b = shared.create(long_prompt, params);
+    const std::vector<StepOutput> first = shared.step({a, b});
+    shared.release(a);
+    model->calls.clear();
+    const Run rest = run_all(shared, {b})[0];
+    report(first[1].phase == Phase::Prefill && first[1].forward_passes == 0 && rest.same_denoising(alone) &&
+               rest.info.prompt_cached == 0 && joined(model->calls).substr(0, 14) == "0-4c 4-8c 8-12",
+           "block prefill: a sequence waiting for a released one's prefill computes its own",
+           joined(model->calls).substr(0, 30));
+    shared.release(b);
+  }
   expect_error("engine refuses a negative prefill_chunk", ErrorCode::InvalidArgument, {"prefill_chunk"},
                [&] { Engine bad(model, {.prefill_chunk = -1}); });
 }
