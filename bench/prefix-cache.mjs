@@ -12,6 +12,11 @@
 // vocabulary (the timing does not depend on their meaning). Per request: the time to the first denoising
 // step (what a client waits for its first token), the whole request, and the positions the forwards
 // computed. temperature 0, the family's defaults otherwise (kv_cache prefix).
+//
+// With --burst N (0: none), a second engine on the same model without the prefix cache, and rounds of N
+// sequences with one new prompt (seeds 0..N-1) stepped together on each engine in turn: with the prefix
+// cache one of them prefills the prompt and the others wait a step and copy it. Reported: the forwards the
+// burst ran and the time until every sequence had its first denoising step, and to the end.
 import { mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { basename, join } from "node:path"
@@ -25,10 +30,12 @@ const values = flags({
   user: "16",
   gen: "32",
   rounds: "3",
+  burst: "4",
   threads: "2",
   quantize: "none",
   json: undefined
 })
+const burst = Number(values.burst)
 const system = Number(values.system)
 const user = Number(values.user)
 const gen = Number(values.gen)
@@ -108,6 +115,43 @@ try {
     const s = [...xs].sort((a, b) => a - b)
     return s.length % 2 === 1 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
   }
+
+  // Bursts: N sequences with one new prompt, stepped together, with and without the prefix cache.
+  const bursts = []
+  if (burst > 0) {
+    const plain = await loadAddon().loadModel(modelDir, { threads: Number(values.threads), quantize: values.quantize, prefixCacheBytes: 0 })
+    const runBurst = async (target) => {
+      const prompt = Int32Array.from(randomIds(system + user))
+      const start = process.hrtime.bigint()
+      const ids = Array.from({ length: burst }, (_, i) => target.create(prompt, { ...params, seed: i }))
+      const started = new Set()
+      let firstSteps
+      let forwards = 0
+      for (let live = [...ids]; live.length > 0; ) {
+        const outs = await target.step(live)
+        for (const out of outs) if (out.phase === "denoise") started.add(out.id)
+        if (firstSteps === undefined && started.size === burst) firstSteps = Number(process.hrtime.bigint() - start) / 1e9
+        live = outs.filter((out) => !out.finished).map((out) => out.id)
+        forwards = ids.reduce((sum, id) => sum + target.sequenceInfo(id).forwardPasses, 0)
+      }
+      const seconds = Number(process.hrtime.bigint() - start) / 1e9
+      for (const id of ids) target.release(id)
+      return { firstSteps, seconds, forwards }
+    }
+    for (let round = 0; round < rounds; round++) {
+      for (const [kind, target] of [
+        ["burst without prefix cache", plain],
+        ["burst with prefix cache", engine]
+      ]) {
+        const r = await runBurst(target)
+        bursts.push({ round, kind, ...r })
+        log(
+          `round ${round} ${kind}: every first step ${fixed(r.firstSteps * 1000)} ms, whole ${fixed(r.seconds * 1000)} ms, ${r.forwards} forwards`
+        )
+      }
+    }
+  }
+  const burstOf = (kind, field) => median(bursts.filter((r) => r.kind === kind).map((r) => r[field]))
   const of = (kind, field) => median(rows.filter((r) => r.kind === kind).map((r) => r[field]))
   const stats = engine.prefixCache()
   const summary = {
@@ -121,6 +165,7 @@ try {
     prompt: { system, user },
     gen,
     rounds: rows,
+    bursts: { sequences: burst, rounds: bursts },
     median: {
       cold: { firstStepMs: of("cold", "firstStep") * 1000, requestMs: of("cold", "seconds") * 1000, positions: of("cold", "positions") },
       warm: { firstStepMs: of("warm", "firstStep") * 1000, requestMs: of("warm", "seconds") * 1000, positions: of("warm", "positions") }
@@ -137,7 +182,20 @@ try {
       ["warm (shared prefix)", fixed(m.warm.firstStepMs), fixed(m.warm.requestMs), m.warm.positions, Math.floor(system / B) * B]
     ]) +
     `\n\nfirst step ${fixed(m.cold.firstStepMs / m.warm.firstStepMs, 2)}x sooner, request ${fixed(m.cold.requestMs / m.warm.requestMs, 2)}x faster; ` +
-    `cache: ${stats.entries} entries, ${fixed(stats.bytes / 2 ** 20)} MiB, ${stats.hits} hits of ${stats.lookups} lookups\n`
+    `cache: ${stats.entries} entries, ${fixed(stats.bytes / 2 ** 20)} MiB, ${stats.hits} hits of ${stats.lookups} lookups\n` +
+    (burst === 0
+      ? ""
+      : `\n${burst} sequences with one new prompt, stepped together (medians):\n\n` +
+        table([
+          ["burst", "every first step ms", "whole ms", "forwards"],
+          ...["burst without prefix cache", "burst with prefix cache"].map((kind) => [
+            kind,
+            fixed(burstOf(kind, "firstSteps") * 1000),
+            fixed(burstOf(kind, "seconds") * 1000),
+            burstOf(kind, "forwards")
+          ])
+        ]) +
+        "\n")
   report(text, values.json, summary)
 } finally {
   if (scratch !== undefined) rmSync(scratch, { recursive: true, force: true })
