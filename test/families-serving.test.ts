@@ -186,10 +186,23 @@ describe.each(families)("serving $preset ($name)", (family) => {
     expect(turn.choices[0]!.token_ids).toEqual(recomputed.choices[0]!.token_ids)
     // n = 3 on a new prompt: one answer prefills it, the two others wait a step and copy it; each answer is
     // the one its seed gives alone.
+    const metricsText = async () => (await fetch(`${server.url}/metrics`)).text()
+    const counterIn = (text: string, name: string) =>
+      Number(
+        text
+          .split("\n")
+          .find((l) => l.startsWith(name))!
+          .split(" ")
+          .pop()
+      )
+    const hitsBefore = counterIn(await metricsText(), "vdiff_prefix_cache_hits_total")
     const fresh = `QUEEN MARGARET:\n${speech}${speech}`
     const shared = await complete({ ...body, prompt: fresh, n: 3, temperature: 0.8, seed: 21 })
     expect(shared.diffusion.forwards!.prefill).toBe(1)
     expect(shared.usage.prompt_tokens_details.cached_tokens).toBe(0)
+    // The two that waited copied the prompt's whole blocks, and the metric counts their copies.
+    const freshWhole = Math.floor(shared.choices[0]!.prompt_token_ids!.length / family.blockLength) * family.blockLength
+    expect(counterIn(await metricsText(), "vdiff_prefix_cache_hits_total") - hitsBefore).toBe(2 * freshWhole)
     const alone = await complete({ ...body, prompt: fresh, temperature: 0.8, seed: 22 })
     expect(shared.choices[1]!.token_ids).toEqual(alone.choices[0]!.token_ids)
     const stats = (await (await fetch(`${server.url}/v1/engine/stats`)).json()) as { engine: { prefix_cache: Record<string, number> } }

@@ -117,8 +117,9 @@ export const runPrompt = (
       // ended is recorded with each event's updates rather than asked afterwards.
       Stream.map(({ index, step: event }) => {
         const tally = tallies[index]!
-        // A step in which a sequence waited for another's prefill of the same prompt ran no forward.
-        if (event.forwardPasses > tally.forwardPasses) tally.phases[phaseOf(event)]++
+        // A prefill step in which a sequence waited for another's prefill of the same prompt ran no forward.
+        const phase = phaseOf(event)
+        if (phase !== "prefill" || event.forwardPasses > tally.forwardPasses) tally.phases[phase]++
         tally.steps = event.stepsDone
         tally.forwardPasses = event.forwardPasses
         tally.kvRefreshes = event.kvRefreshes

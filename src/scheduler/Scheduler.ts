@@ -151,11 +151,14 @@ interface Job {
   steps: number
   tokensCommitted: number
   /**
-   * Per sequence: the KV refreshes, computed positions and forwards its last step reported (a step that adds
-   * a refresh refreshed the cache; the positions it adds are what its forward computed; one that adds no
-   * forward waited for another sequence's prefill).
+   * Per sequence: the KV refreshes, computed positions, forwards and copied prompt positions its last step
+   * reported (a step that adds a refresh refreshed the cache; the positions it adds are what its forward
+   * computed; one that adds no forward waited for another sequence's prefill).
    */
-  readonly lastStep: Map<SequenceId, { readonly kvRefreshes: number; readonly positionsComputed: number; readonly forwardPasses: number }>
+  readonly lastStep: Map<
+    SequenceId,
+    { readonly kvRefreshes: number; readonly positionsComputed: number; readonly forwardPasses: number; readonly promptCached: number }
+  >
 }
 
 /** A request's canvas positions: block decoding's canvas runs to the end of the block the answer ends in. */
@@ -361,16 +364,21 @@ export const make = (options: SchedulerOptions) =>
       Effect.gen(function* () {
         const phase = phaseOf(r)
         const last = job.lastStep.get(r.id)
-        // A sequence waiting for another's prefill of the same prompt blocks ran no forward this step.
-        if (r.forwardPasses > (last?.forwardPasses ?? 0)) yield* Metric.increment(Metrics.stepPhases[phase])
         const refreshed = r.kvRefreshes > (last?.kvRefreshes ?? 0)
         const positionsComputed = r.positionsComputed ?? 0
-        job.lastStep.set(r.id, { kvRefreshes: r.kvRefreshes, positionsComputed, forwardPasses: r.forwardPasses })
+        const promptCached = r.promptCached ?? 0
+        job.lastStep.set(r.id, { kvRefreshes: r.kvRefreshes, positionsComputed, forwardPasses: r.forwardPasses, promptCached })
         const promptLength = job.request.prompt.length
-        if (last === undefined && prefixCached && job.request.settings.kvCache === "prefix" && promptLength >= family.blockLength) {
-          yield* Metric.incrementBy(Metrics.prefixCacheQueries, promptLength)
-          yield* Metric.incrementBy(Metrics.prefixCacheHits, r.promptCached ?? 0)
+        if (prefixCached && job.request.settings.kvCache === "prefix" && promptLength >= family.blockLength) {
+          // Queried once per sequence; hits as its copies happen (a sequence that waited for another's
+          // prefill copies after its first step).
+          if (last === undefined) yield* Metric.incrementBy(Metrics.prefixCacheQueries, promptLength)
+          if (promptCached > (last?.promptCached ?? 0))
+            yield* Metric.incrementBy(Metrics.prefixCacheHits, promptCached - (last?.promptCached ?? 0))
         }
+        // A sequence waiting for another's prefill of the same prompt blocks ran no forward this step.
+        if (phase === "prefill" && r.forwardPasses <= (last?.forwardPasses ?? 0)) return
+        yield* Metric.increment(Metrics.stepPhases[phase])
         const kv = kvPositions(
           family,
           { promptLength, suffixLength: job.request.suffix?.length ?? 0, settings: job.request.settings },

@@ -39,8 +39,10 @@ class BlockSequence final : public Sequence {
   bool looked_up = false;                   // the prefix cache was asked (once counted)
   bool prefill_started = false;             // its prefill forwards began (registered with the prefix cache)
   bool waiting = false;                     // this step: another sequence is prefilling the same blocks
-  int keep = 0;                             // positions to leave in the prefix cache after this step (settle)
-  std::unique_ptr<KVCache> retired;         // the cache of a sequence that finished this step, until settle
+  int copied = 0;  // prompt positions copied by prepare(); published to prompt_cached by apply() (under the
+                   // engine's lock, which Engine::info reads under)
+  int keep = 0;    // positions to leave in the prefix cache after this step (settle)
+  std::unique_ptr<KVCache> retired;  // the cache of a sequence that finished this step, until settle
 
   ~BlockSequence() override { end_prefill(); }
   // Editing: per canvas position, the probability and alternatives of its last write (reported with it).
@@ -98,11 +100,11 @@ class BlockSequence final : public Sequence {
     if (!prefixes) return;
     const PrefixCache::Hit hit = prefixes->find(canvas.data(), whole, B, !looked_up);
     looked_up = true;
-    if (hit.positions > prefilled && prefixes->copy_into(hit, *cache)) prompt_cached = prefilled = hit.positions;
+    if (hit.positions > prefilled && prefixes->copy_into(hit, *cache, prefilled)) copied = prefilled = hit.positions;
     if (prefilled >= whole) return;
     waiting = prefixes->awaits(canvas.data(), whole, B, prefilled);
     if (waiting) return;
-    prefixes->prefilling(this, canvas.data(), whole, B);
+    prefixes->prefilling(this, canvas.data(), whole, B, prefilled);
     prefill_started = true;
   }
   // The exact prefix apply() marked ([0, keep): prompt blocks after the prefill, everything committed when
@@ -228,9 +230,14 @@ void BlockSequence::decide(StepWork& w, const RowResult* rows, StepOutput& out, 
 }
 
 void BlockSequence::apply(const StepWork& w, StepOutput&, const ModelConfig&) {
+  prompt_cached = copied;
   switch (w.phase) {
     case Phase::Prefill:
       prefilled += w.computed;
+      if (w.computed > 0) {
+        if (const std::shared_ptr<PrefixCache> prefixes = prefix_cache.lock())
+          prefixes->prefill_progress(this, prefilled);
+      }
       if (prefilled == first_block * B) keep = prefilled;
       return;
     case Phase::Commit: pending_commit = -1; return;

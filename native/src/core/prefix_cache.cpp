@@ -50,16 +50,16 @@ PrefixCache::Hit PrefixCache::find(const int32_t* tokens, int max_positions, int
   return hit;
 }
 
-bool PrefixCache::copy_into(const Hit& hit, KVCache& cache) noexcept {
-  if (!hit.source) return false;
+bool PrefixCache::copy_into(const Hit& hit, KVCache& cache, int had) noexcept {
+  if (!hit.source || hit.positions <= had) return false;
   try {
     backend_.copy_kv(*hit.source, cache, hit.positions);
   } catch (...) {
     return false;
   }
   std::lock_guard<std::mutex> lock(mu_);
-  ++stats_.hits;
-  stats_.hit_positions += static_cast<uint64_t>(hit.positions);
+  if (had == 0) ++stats_.hits;
+  stats_.hit_positions += static_cast<uint64_t>(hit.positions - had);
   return true;
 }
 
@@ -130,9 +130,15 @@ void PrefixCache::insert(const int32_t* tokens, int positions, int block, const 
   }
 }
 
-void PrefixCache::prefilling(const void* owner, const int32_t* tokens, int positions, int block) {
+void PrefixCache::prefilling(const void* owner, const int32_t* tokens, int positions, int block, int from) {
   std::lock_guard<std::mutex> lock(mu_);
-  prefills_.push_back(Prefill{owner, std::vector<int32_t>(tokens, tokens + positions), block});
+  prefills_.push_back(Prefill{owner, std::vector<int32_t>(tokens, tokens + positions), block, from});
+}
+
+void PrefixCache::prefill_progress(const void* owner, int done) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (Prefill& p : prefills_)
+    if (p.owner == owner) p.done = done;
 }
 
 void PrefixCache::prefill_ended(const void* owner) {
@@ -143,7 +149,10 @@ void PrefixCache::prefill_ended(const void* owner) {
 bool PrefixCache::awaits(const int32_t* tokens, int max_positions, int block, int have) const {
   std::lock_guard<std::mutex> lock(mu_);
   for (const Prefill& p : prefills_) {
-    if (p.block != block) continue;
+    const int positions = static_cast<int>(p.tokens.size());
+    // Not worth waiting for: an entry the capacity cannot hold, or more left to compute than on one's own.
+    if (p.block != block || backend_.kv_cache_bytes(positions) > capacity_ || positions - p.done > max_positions - have)
+      continue;
     // The whole blocks the two share.
     const int n = std::min(max_positions, static_cast<int>(p.tokens.size()));
     int shared = 0;

@@ -58,7 +58,8 @@ class PrefixCache {
   // Copies the hit's positions into `cache` (made by the same backend) and marks them cached there; counts
   // the hit. False, with nothing counted, when the copy failed (the sequence then prefills them). Never
   // throws.
-  bool copy_into(const Hit& hit, KVCache& cache) noexcept;
+  // `had`: positions the cache held already from an earlier copy (counted then).
+  bool copy_into(const Hit& hit, KVCache& cache, int had = 0) noexcept;
   // Keeps a copy of cache's positions [0, positions) (a multiple of block, all cached), computed from
   // tokens[0, positions). Does nothing when an entry already holds that prefix, when it is larger than the
   // capacity, or when the KV budget cannot hold it even without the entries. Copies with no lock held
@@ -68,10 +69,13 @@ class PrefixCache {
   bool evict_one();
 
   // Prefills under way, so that sequences whose prompts start with the same blocks compute them once: a
-  // sequence about to prefill tokens[0, positions) says so (owner: any address of its own), and says when it
-  // is done, failed or gone; another whose prompt shares more whole blocks with it than it already holds
-  // (`have` positions) waits a step at a time and finds them here once they are kept.
-  void prefilling(const void* owner, const int32_t* tokens, int positions, int block);
+  // sequence about to prefill tokens[0, positions) from `from` says so (owner: any address of its own),
+  // reports its progress after each chunk, and says when it is done, failed or gone. Another, holding
+  // `have` of its own first `max_positions`, waits (a step at a time, then finds the blocks here once they
+  // are kept) when a prefill under way shares more whole blocks with it, will be kept (the capacity holds
+  // it) and has no more left to compute than the waiter would compute itself.
+  void prefilling(const void* owner, const int32_t* tokens, int positions, int block, int from);
+  void prefill_progress(const void* owner, int done);
   void prefill_ended(const void* owner);
   bool awaits(const int32_t* tokens, int max_positions, int block, int have) const;
   PrefixCacheStats stats() const;
@@ -98,6 +102,7 @@ class PrefixCache {
     const void* owner;
     std::vector<int32_t> tokens;
     int block;
+    int done;  // positions prefilled so far
   };
   std::vector<Prefill> prefills_;  // under way
   // Hash of a whole-block prefix -> the entries that hold a prefix with that hash.

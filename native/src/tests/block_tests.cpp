@@ -960,6 +960,21 @@ void test_block_prefill_chunks() {
     shared.release(b);
     shared.release(c);
   }
+  // A short prompt that shares only the first block of a long one being prefilled in chunks does not wait:
+  // the other has more left to compute than it has.
+  {
+    Engine shared(model, {.prefix_cache_bytes = 64 * inner->kv_cache_bytes(1), .prefill_chunk = 4});
+    const std::vector<int32_t> short_shared(long_prompt.begin(), long_prompt.begin() + 6);  // one whole block
+    const Run short_run = run_one(whole, short_shared, params);
+    const uint64_t a = shared.create(long_prompt, params), b = shared.create(short_shared, params);
+    const std::vector<Run> runs = run_all(shared, {a, b});
+    report(runs[1].same_denoising(short_run) && runs[1].info.forward_passes == short_run.info.forward_passes &&
+               runs[1].info.prompt_cached == 0 && runs[0].same_denoising(alone),
+           "block prefill: a sequence sharing one block with a longer prefill under way computes its own",
+           runs[1].phases);
+    shared.release(a);
+    shared.release(b);
+  }
   // The one prefilling goes away: the one waiting prefills for itself.
   {
     Engine shared(model, {.prefix_cache_bytes = 64 * inner->kv_cache_bytes(1), .prefill_chunk = 4});
