@@ -117,8 +117,11 @@ describe("a full queue (2 slots, a queue of 2)", () => {
           body: JSON.stringify(body),
           ...(signal === undefined ? {} : { signal })
         })
-      // Long whatever the model writes: early_stop false denoises all 192 steps even if the answer ends early.
-      const long = { prompt: "ROMEO:\n", max_tokens: 192, diffusion_steps: 192, early_stop: false }
+      // Long whatever the model writes and however loaded the machine: early_stop false denoises every step
+      // even if the answer ends early (its greedy answer runs to the length), and 480 steps over a 484-token
+      // canvas take about 20 s at one thread, so no slot frees before the test aborts it. (192 steps, about
+      // 2 s, once let a stream finish while a loaded CI machine was still polling the queue.)
+      const long = { prompt: "ROMEO:\n", max_tokens: 480, diffusion_steps: 480, early_stop: false }
       const short = { prompt: "JULIET:\n", max_tokens: 4 }
       const until = async (check: (s: Awaited<ReturnType<typeof engineStats>>["scheduler"]) => boolean) => {
         for (let i = 0; !check((await engineStats(server.url)).scheduler); i++) {
