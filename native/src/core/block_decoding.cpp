@@ -329,7 +329,8 @@ std::shared_ptr<Sequence> make_block_sequence(const std::vector<int32_t>& prompt
     seq->probability.assign(seq->canvas.size(), 0.0f);
     seq->top.resize(seq->canvas.size());
   }
-  // The prefill exists only when the prompt holds a whole block.
+  // The prefill (of first_block * B positions: none for a prompt shorter than a block) runs in chunks of
+  // whole blocks, at least one.
   seq->prefill_chunk = prefill_chunk > 0 ? std::max(B, prefill_chunk / B * B) : 0;
   if (p.kv_cache == KVCacheMode::Prefix) {
     seq->cache = backend.make_kv_cache(seq->length());
