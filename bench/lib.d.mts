@@ -11,3 +11,4 @@ export declare const fixed: (x: number | null | undefined, digits?: number) => s
 export declare const table: (rows: ReadonlyArray<ReadonlyArray<unknown>>) => string
 export declare const report: (text: string, json: string | undefined, results: unknown) => void
 export declare const runMain: (main: () => void) => void
+export declare const median: (xs: ReadonlyArray<number>) => number

@@ -1,8 +1,10 @@
-// What the benchmark scripts share (engine.mjs, acceleration.mjs, scheduler.ts, quality.ts): the repo's
-// root, their flags, running a tool, making a model, logging and printing a table.
-import { writeFileSync } from "node:fs"
+// What the benchmark scripts share (engine.mjs, acceleration.mjs, scheduler.ts, quality.ts, and the
+// block-diffusion ones prefix-cache.mjs and prefill-chunk.mjs): the repo's root, their flags, running a
+// tool, making a model, logging and printing a table, medians, random prompts.
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs"
+import { tmpdir } from "node:os"
 import { spawnSync } from "node:child_process"
-import { dirname, join } from "node:path"
+import { basename, dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { parseArgs } from "node:util"
 
@@ -75,3 +77,59 @@ export const runMain = (main) => {
     process.exitCode = 1
   }
 }
+
+/** The median (the mean of the two middle values for an even count). */
+export const median = (xs) => {
+  const s = [...xs].sort((a, b) => a - b)
+  return s.length % 2 === 1 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
+}
+
+/**
+ * The model a block-diffusion benchmark runs: --model when given, else --preset (with --seed) made in a
+ * scratch directory. Returns the directory, its label for the results, and a cleanup for the scratch.
+ */
+export const benchModel = (values, scratchName) => {
+  if (values.model !== undefined) return { modelDir: values.model, label: basename(values.model), cleanup: () => {} }
+  const scratch = mkdtempSync(join(tmpdir(), scratchName))
+  const modelDir = join(scratch, values.preset)
+  log(`making ${values.preset} in ${modelDir}`)
+  makeModel({ preset: values.preset, seed: values.seed, out: modelDir, dtype: "f32" })
+  return { modelDir, label: values.preset, cleanup: () => rmSync(scratch, { recursive: true, force: true }) }
+}
+
+/** Checks that a loaded engine decodes in blocks and returns its block length. */
+export const blockLengthOf = (engine, modelDir) => {
+  const info = engine.info()
+  if (info.family.decoding !== "block") throw new Error(`${modelDir}: not a block-diffusion model (${info.family.name})`)
+  return info.family.blockLength
+}
+
+/**
+ * A generator of random prompts for a model: ids from 100 up (at most 4,000 of them) avoiding its mask and
+ * EOS, from a fixed linear congruential sequence (the same prompts every run).
+ */
+export const randomPrompts = (info, seed) => {
+  const special = new Set([info.config.maskTokenId, info.config.eosTokenId])
+  let state = seed
+  return (n) =>
+    Array.from({ length: n }, () => {
+      for (;;) {
+        state = (state * 1103515245 + 12345) % 2 ** 31
+        const id = 100 + (state % Math.min(info.config.vocabSize - 100, 4000))
+        if (!special.has(id)) return id
+      }
+    })
+}
+
+/** Block decoding at temperature 0, one token a step (the quota only), with the exact block cache. */
+export const blockParams = (blockLength, genLength) => ({
+  genLength,
+  blockLength,
+  steps: blockLength,
+  temperature: 0,
+  remasking: "low_confidence",
+  cfgScale: 0,
+  seed: 0,
+  kvCache: "prefix",
+  parallelThreshold: 0
+})

@@ -10,10 +10,8 @@
 // stepped together until the long prompt's first denoising step. Reported per engine (medians over the
 // rounds): the running sequence's step before the arrival, its longest step after it (what its client
 // waits between tokens), and the long prompt's time from its arrival to its first denoising step.
-import { mkdtempSync, rmSync } from "node:fs"
-import { tmpdir } from "node:os"
-import { basename, join } from "node:path"
-import { fixed, flags, log, makeModel, report, root, table } from "./lib.mjs"
+import { join } from "node:path"
+import { benchModel, blockLengthOf, blockParams, fixed, flags, log, median, randomPrompts, report, root, table } from "./lib.mjs"
 
 const values = flags({
   model: undefined,
@@ -31,48 +29,16 @@ const rounds = Number(values.rounds)
 
 const { loadAddon } = await import(join(root, "dist", "engine", "native.js"))
 
-let scratch
-let modelDir = values.model
-if (modelDir === undefined) {
-  scratch = mkdtempSync(join(tmpdir(), "vdiff-chunk-bench-"))
-  modelDir = join(scratch, values.preset)
-  log(`making ${values.preset} in ${modelDir}`)
-  makeModel({ preset: values.preset, seed: values.seed, out: modelDir, dtype: "f32" })
-}
-
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b)
-  return s.length % 2 === 1 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
-}
+const { modelDir, label, cleanup } = benchModel(values, "vdiff-chunk-bench-")
 
 try {
   const addon = loadAddon()
   const load = (prefillChunk) => addon.loadModel(modelDir, { threads: Number(values.threads), prefixCacheBytes: 0, prefillChunk })
   const engines = { whole: await load(0), chunked: await load(chunk) }
   const info = engines.whole.info()
-  if (info.family.decoding !== "block") throw new Error(`${modelDir}: not a block-diffusion model (${info.family.name})`)
-  const B = info.family.blockLength
-  const special = new Set([info.config.maskTokenId, info.config.eosTokenId])
-  let state = 777
-  const randomIds = (n) =>
-    Array.from({ length: n }, () => {
-      for (;;) {
-        state = (state * 1103515245 + 12345) % 2 ** 31
-        const id = 100 + (state % Math.min(info.config.vocabSize - 100, 4000))
-        if (!special.has(id)) return id
-      }
-    })
-  const params = (gen) => ({
-    genLength: gen,
-    blockLength: B,
-    steps: B,
-    temperature: 0,
-    remasking: "low_confidence",
-    cfgScale: 0,
-    seed: 0,
-    kvCache: "prefix",
-    parallelThreshold: 0
-  })
+  const B = blockLengthOf(engines.whole, modelDir)
+  const randomIds = randomPrompts(info, 777)
+  const params = (gen) => blockParams(B, gen)
   const timed = async (engine, ids) => {
     const start = process.hrtime.bigint()
     const outs = await engine.step(ids)
@@ -114,7 +80,7 @@ try {
   const of = (name, field) => median(results[name].map((x) => x[field]))
   const summary = {
     date: new Date().toISOString(),
-    model: values.model === undefined ? values.preset : basename(modelDir),
+    model: label,
     family: info.family.name,
     block: B,
     backend: `${info.backend} ${info.device}`,
@@ -140,5 +106,5 @@ try {
     "\n"
   report(text, values.json, summary)
 } finally {
-  if (scratch !== undefined) rmSync(scratch, { recursive: true, force: true })
+  cleanup()
 }

@@ -17,10 +17,8 @@
 // sequences with one new prompt (seeds 0..N-1) stepped together on each engine in turn: with the prefix
 // cache one of them prefills the prompt and the others wait a step and copy it. Reported: the forwards the
 // burst ran and the time until every sequence had its first denoising step, and to the end.
-import { mkdtempSync, rmSync } from "node:fs"
-import { tmpdir } from "node:os"
-import { basename, join } from "node:path"
-import { fixed, flags, log, makeModel, report, root, table } from "./lib.mjs"
+import { join } from "node:path"
+import { benchModel, blockLengthOf, blockParams, fixed, flags, log, median, randomPrompts, report, root, table } from "./lib.mjs"
 
 const values = flags({
   model: undefined,
@@ -43,14 +41,7 @@ const rounds = Number(values.rounds)
 
 const { loadAddon } = await import(join(root, "dist", "engine", "native.js"))
 
-let scratch
-let modelDir = values.model
-if (modelDir === undefined) {
-  scratch = mkdtempSync(join(tmpdir(), "vdiff-prefix-bench-"))
-  modelDir = join(scratch, values.preset)
-  log(`making ${values.preset} in ${modelDir}`)
-  makeModel({ preset: values.preset, seed: values.seed, out: modelDir, dtype: "f32" })
-}
+const { modelDir, label, cleanup } = benchModel(values, "vdiff-prefix-bench-")
 
 try {
   const engine = await loadAddon().loadModel(modelDir, {
@@ -59,30 +50,9 @@ try {
     prefixCacheBytes: 512 * 2 ** 20
   })
   const info = engine.info()
-  if (info.family.decoding !== "block") throw new Error(`${modelDir}: not a block-diffusion model (${info.family.name})`)
-  const B = info.family.blockLength
-  const special = new Set([info.config.maskTokenId, info.config.eosTokenId])
-  // Random ids below the vocabulary, avoiding the special ones (a fixed generator: the same prompts every run).
-  let state = 12345
-  const randomIds = (n) =>
-    Array.from({ length: n }, () => {
-      for (;;) {
-        state = (state * 1103515245 + 12345) % 2 ** 31
-        const id = 100 + (state % Math.min(info.config.vocabSize - 100, 4000))
-        if (!special.has(id)) return id
-      }
-    })
-  const params = {
-    genLength: gen,
-    blockLength: B,
-    steps: B,
-    temperature: 0,
-    remasking: "low_confidence",
-    cfgScale: 0,
-    seed: 0,
-    kvCache: "prefix",
-    parallelThreshold: 0
-  }
+  const B = blockLengthOf(engine, modelDir)
+  const randomIds = randomPrompts(info, 12345)
+  const params = blockParams(B, gen)
   const runOne = async (prompt) => {
     const start = process.hrtime.bigint()
     const id = engine.create(Int32Array.from(prompt), params)
@@ -110,10 +80,6 @@ try {
       rows.push({ round, kind, ...r })
       log(`round ${round} ${kind}: first step ${fixed(r.firstStep * 1000)} ms, whole ${fixed(r.seconds * 1000)} ms, ${r.cached} cached`)
     }
-  }
-  const median = (xs) => {
-    const s = [...xs].sort((a, b) => a - b)
-    return s.length % 2 === 1 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
   }
 
   // Bursts: N sequences with one new prompt, stepped together, with and without the prefix cache.
@@ -156,7 +122,7 @@ try {
   const stats = engine.prefixCache()
   const summary = {
     date: new Date().toISOString(),
-    model: values.model === undefined ? values.preset : basename(modelDir),
+    model: label,
     family: info.family.name,
     block: B,
     backend: `${info.backend} ${info.device}`,
@@ -198,5 +164,5 @@ try {
         "\n")
   report(text, values.json, summary)
 } finally {
-  if (scratch !== undefined) rmSync(scratch, { recursive: true, force: true })
+  cleanup()
 }
