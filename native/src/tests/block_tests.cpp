@@ -170,19 +170,33 @@ void test_block_schedule() {
   report(block_schedule(8, 1) == std::vector<int>({8}), "block schedule 8/1: the whole block");
 }
 
-void test_block_engine() {
+// A tiny f32 model, its weights in a temporary directory, served under a block config: blocks of 4 and
+// EOS a head-padding id that is never drawn, so runs go to their last block unless a test sets stops.
+// Prompts are random ids below the vocabulary's last two (no mask, no EOS).
+struct BlockFixture {
+  static constexpr int B = 4;
   TempDir tmp;
   TinySpec spec;
-  write_tiny(tmp.path / "tiny", make_tiny(spec, WType::F32, 77));
-  std::shared_ptr<Backend> inner = Backend::load((tmp.path / "tiny").string(), test_options(2));
-  const int B = 4;
-  std::mt19937 rng(9);
-  auto prompt_of = [&](int n) { return random_tokens(rng, n, spec.vocab - 2); };  // no mask, no EOS
+  std::shared_ptr<Backend> inner;
+  ModelConfig base;
+  std::shared_ptr<BlockModel> model;
+  std::mt19937 rng;
 
-  // EOS set to a head-padding id that is never drawn: runs go to the last block unless a test sets stops.
-  ModelConfig base = block_config(inner->config(), B);
-  base.eos_token_id = spec.embedding - 1;
-  auto model = std::make_shared<BlockModel>(inner, base);
+  BlockFixture(uint32_t weights_seed, uint32_t prompts_seed) : rng(prompts_seed) {
+    write_tiny(tmp.path / "tiny", make_tiny(spec, WType::F32, weights_seed));
+    inner = Backend::load((tmp.path / "tiny").string(), test_options(2));
+    base = block_config(inner->config(), B);
+    base.eos_token_id = spec.embedding - 1;
+    model = std::make_shared<BlockModel>(inner, base);
+  }
+  std::vector<int32_t> prompt_of(int n) { return random_tokens(rng, n, spec.vocab - 2); }
+};
+
+void test_block_engine() {
+  BlockFixture fixture(77, 9);
+  auto& [tmp, spec, inner, base, model, rng] = fixture;
+  const int B = BlockFixture::B;
+  auto prompt_of = [&](int n) { return fixture.prompt_of(n); };
   Engine engine(model);
 
   // Phases and forwards: prompt 6 (one whole block and a tail of 2), 10 answer tokens: canvas 16, blocks 1..3.
@@ -710,16 +724,10 @@ void test_block_golden(const std::string& dir) {
 // Prefix caching across sequences (prefix_cache.h): what a later sequence copies, what it computes, and that
 // its answer is the one it gets with no prefix cache at all, token for token and probability for probability.
 void test_block_prefix_cache() {
-  TempDir tmp;
-  TinySpec spec;
-  write_tiny(tmp.path / "tiny", make_tiny(spec, WType::F32, 78));
-  std::shared_ptr<Backend> inner = Backend::load((tmp.path / "tiny").string(), test_options(2));
-  const int B = 4;
-  std::mt19937 rng(11);
-  auto prompt_of = [&](int n) { return random_tokens(rng, n, spec.vocab - 2); };
-  ModelConfig base = block_config(inner->config(), B);
-  base.eos_token_id = spec.embedding - 1;  // never drawn: every run goes to its last block
-  auto model = std::make_shared<BlockModel>(inner, base);
+  BlockFixture fixture(78, 11);
+  auto& [tmp, spec, inner, base, model, rng] = fixture;
+  const int B = BlockFixture::B;
+  auto prompt_of = [&](int n) { return fixture.prompt_of(n); };
   const uint64_t per_position = inner->kv_cache_bytes(1);
   Engine cached(model, {.prefix_cache_bytes = 64 * per_position});
   Engine plain(model);
@@ -881,16 +889,10 @@ void test_block_prefix_cache() {
 // Chunked prefill (EngineOptions::prefill_chunk): the prompt's whole blocks in forwards of whole blocks, one
 // per step, beside the other sequences' steps; the answers are those of one prefill forward.
 void test_block_prefill_chunks() {
-  TempDir tmp;
-  TinySpec spec;
-  write_tiny(tmp.path / "tiny", make_tiny(spec, WType::F32, 79));
-  std::shared_ptr<Backend> inner = Backend::load((tmp.path / "tiny").string(), test_options(2));
-  const int B = 4;
-  std::mt19937 rng(12);
-  auto prompt_of = [&](int n) { return random_tokens(rng, n, spec.vocab - 2); };
-  ModelConfig base = block_config(inner->config(), B);
-  base.eos_token_id = spec.embedding - 1;
-  auto model = std::make_shared<BlockModel>(inner, base);
+  BlockFixture fixture(79, 12);
+  auto& [tmp, spec, inner, base, model, rng] = fixture;
+  const int B = BlockFixture::B;
+  auto prompt_of = [&](int n) { return fixture.prompt_of(n); };
   Engine whole(model);
   const SamplingParams params = block_params(8, B, 4, KVCacheMode::Prefix);
   const std::vector<int32_t> long_prompt = prompt_of(14), short_prompt = prompt_of(3);  // 3 whole blocks; none
