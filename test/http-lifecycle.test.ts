@@ -220,6 +220,9 @@ describe("draining", () => {
       expect(refused.status).toBe(503)
       expect(refused.json.error.code).toBe("draining")
       expect(refused.headers.get("retry-after")).not.toBeNull()
+      // While draining, every response closes its connection: a pooled client sends its next request elsewhere.
+      expect(refused.headers.get("connection")).toBe("close")
+      expect(ready.headers.get("connection")).toBe("close")
 
       const events = yield* stream.rest
       expect(events.at(-1)).toBe("[DONE]")

@@ -17,7 +17,7 @@
  * @since 0.1.0
  */
 import { createServer } from "node:http"
-import { HttpMiddleware, HttpRouter, HttpServer, type HttpServerRequest } from "@effect/platform"
+import { HttpApp, HttpMiddleware, HttpRouter, HttpServer, type HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import type { ServeError } from "@effect/platform/HttpServerError"
 import { NodeHttpServer } from "@effect/platform-node"
 import { Context, Effect, Fiber, Layer } from "effect"
@@ -113,6 +113,23 @@ export const gate = (api: ApiRouter) =>
     )
   )
 
+/**
+ * While the server drains, every response says `Connection: close`, so a keep-alive client (a load
+ * balancer's pooled connection) sends its next request elsewhere instead of on a connection this server is
+ * about to stop reading: a request that arrives on one after the app has stopped gets no answer, and the
+ * connection stays open until the client's own timeout (seen as a 300 s HAProxy stall in the rolling
+ * restart test, with the replica already drained).
+ */
+const closeWhileDraining = <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E, R | ModelHost> =>
+  Effect.zipRight(
+    Effect.flatMap(ModelHost, (host) =>
+      HttpApp.appendPreResponseHandler((_request, response) =>
+        Effect.map(host.state, (state) => (state === "draining" ? HttpServerResponse.setHeader(response, "connection", "close") : response))
+      )
+    ),
+    app
+  )
+
 /** Serves the application on the HttpServer in context. */
 export const layerServe = (options: ServerOptions) =>
   Layer.unwrapEffect(
@@ -133,6 +150,7 @@ export const layerServe = (options: ServerOptions) =>
         bodyLimit(config.maxBodySize),
         cors(config.allowedOrigins),
         securityHeaders,
+        closeWhileDraining,
         renderErrors(table)
       )
       // Around the exchange as a whole, so that the log and the counters see a stream's end; every metric
