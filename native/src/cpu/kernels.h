@@ -61,6 +61,18 @@ struct Kernels {
   void (*gemm)(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
                bool accumulate, float* scratch);
 
+  // rmsnorm, silu_mul, softmax and exp below: the SIMD ISAs agree bit for bit here too, in the order of the
+  // AVX-512 registers, which the AVX2 kernels reproduce with two or four 8-lane registers (a model must
+  // answer the same on any SIMD CPU: test/api-responses holds recorded answers byte for byte):
+  //   exp: x clamped to [-104, 88.8], n = round(x log2 e), r = x - n ln 2 (two fused steps), a degree-5
+  //     polynomial, times 2^n with one rounding (denormal results kept, +inf past the top);
+  //   rmsnorm's sum of squares: fused, element i in lane i mod 32 (a tail past the last whole 32 in lane
+  //     i mod 16), the two 16-lane halves added, then the 16 lanes reduced as _mm512_reduce_add_ps does
+  //     (upper 8 + lower 8, upper 4 + lower 4, then (0 + 2) + (1 + 3));
+  //   softmax's sum: element i in lane i mod 16, reduced the same way.
+  // The portable kernels multiply, then add, in plain order. tests/kernels_tests.cpp spells the order out
+  // in scalar code (simd_order) and holds every SIMD ISA to it.
+  //
   // y = x * (1 / sqrt(mean(x^2) + eps)) * w, all f32 (y may alias x).
   void (*rmsnorm)(const float* x, const float* w, float* y, int n, float eps);
 

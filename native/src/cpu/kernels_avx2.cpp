@@ -353,11 +353,11 @@ inline float hmax(__m256 v) {
 // factors stay normal over the whole range n in [-126, 128]; below the range the result is 0 (the true
 // value is a subnormal under 1.2e-38), above it inf.
 inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365447504f), hi = _mm256_set1_ps(88.72283935546875f);
-  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  const __m256 overflow = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
-  x = _mm256_min_ps(hi, x);  // NaN passes through (min/max return the second operand)
-  x = _mm256_max_ps(lo, x);
+  // kernels.h's SIMD exp, as exp16 of the AVX-512 table computes it: clamped to [-104, 88.8] (min/max return
+  // their second operand for NaN, so NaN passes through), scaled by 2^n in two exact halves so that the
+  // result rounds once (as _mm512_scalef_ps: a denormal result too, +inf past the top).
+  x = _mm256_min_ps(_mm256_set1_ps(88.8f), x);
+  x = _mm256_max_ps(_mm256_set1_ps(-104.0f), x);
   __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -369,14 +369,13 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  // n is in [-150, 128]: 2^(n/2) and 2^(n - n/2) are normal, and y * 2^(n/2) is exact.
   const __m256i ni = _mm256_cvtps_epi32(n);
   const __m256i half = _mm256_srai_epi32(ni, 1);
   const __m256i bias = _mm256_set1_epi32(127);
   __m256 scale1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
   __m256 scale2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23));
-  y = _mm256_mul_ps(_mm256_mul_ps(y, scale1), scale2);
-  y = _mm256_andnot_ps(underflow, y);
-  return _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), overflow);
+  return _mm256_mul_ps(_mm256_mul_ps(y, scale1), scale2);
 }
 
 inline __m256 loadn(const float* p, int n) { return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, tail_mask(n)); }
@@ -390,18 +389,24 @@ void exp_(const float* x, float* y, int n) {
 }
 
 void rmsnorm(const float* x, const float* w, float* y, int n, float eps) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  // The sum of squares in kernels.h's SIMD order: the AVX-512 table's two 16-lane accumulators, here as
+  // four of 8 lanes (s0a, s0b = its first; s1a, s1b = its second); a tail goes to the first, 16 at a time.
+  __m256 s0a = _mm256_setzero_ps(), s0b = _mm256_setzero_ps(), s1a = _mm256_setzero_ps(), s1b = _mm256_setzero_ps();
   int i = 0;
-  for (; i + 16 <= n; i += 16) {
+  for (; i + 32 <= n; i += 32) {
     __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
-    s0 = _mm256_fmadd_ps(a, a, s0);
-    s1 = _mm256_fmadd_ps(b, b, s1);
+    __m256 c = _mm256_loadu_ps(x + i + 16), d = _mm256_loadu_ps(x + i + 24);
+    s0a = _mm256_fmadd_ps(a, a, s0a);
+    s0b = _mm256_fmadd_ps(b, b, s0b);
+    s1a = _mm256_fmadd_ps(c, c, s1a);
+    s1b = _mm256_fmadd_ps(d, d, s1b);
   }
-  for (; i < n; i += 8) {
-    __m256 a = loadn(x + i, n - i);
-    s0 = _mm256_fmadd_ps(a, a, s0);
+  for (; i < n; i += 16) {
+    __m256 a = loadn(x + i, n - i), b = loadn(x + i + 8, n - i - 8);  // zeros past n add nothing
+    s0a = _mm256_fmadd_ps(a, a, s0a);
+    s0b = _mm256_fmadd_ps(b, b, s0b);
   }
-  float sum = hsum(_mm256_add_ps(s0, s1));
+  float sum = hsum(_mm256_add_ps(_mm256_add_ps(s0a, s1a), _mm256_add_ps(s0b, s1b)));
   __m256 r = _mm256_set1_ps(1.0f / __builtin_sqrtf(sum / static_cast<float>(n) + eps));
   for (i = 0; i < n; i += 8)
     storen(y + i, n - i, _mm256_mul_ps(_mm256_mul_ps(loadn(x + i, n - i), r), loadn(w + i, n - i)));
@@ -427,14 +432,15 @@ void softmax(float* x, int n, float scale) {
     vmax = _mm256_max_ps(vmax, v);
   }
   const __m256 max = _mm256_set1_ps(hmax(vmax));
-  __m256 vsum = _mm256_setzero_ps();
+  // The sum in kernels.h's SIMD order: 16 lanes (element i in lane i mod 16), here as two of 8.
+  __m256 vsum[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int i = 0; i < n; i += 8) {
     __m256 e = exp8(_mm256_sub_ps(loadn(x + i, n - i), max));
     if (n - i < 8) e = _mm256_and_ps(e, _mm256_castsi256_ps(tail_mask(n - i)));
     storen(x + i, n - i, e);
-    vsum = _mm256_add_ps(vsum, e);
+    vsum[(i >> 3) & 1] = _mm256_add_ps(vsum[(i >> 3) & 1], e);
   }
-  const __m256 sum = _mm256_set1_ps(hsum(vsum));
+  const __m256 sum = _mm256_set1_ps(hsum(_mm256_add_ps(vsum[0], vsum[1])));
   for (int i = 0; i < n; i += 8) storen(x + i, n - i, _mm256_div_ps(loadn(x + i, n - i), sum));
 }
 

@@ -272,6 +272,7 @@ void test_gemm(const Kernels& k, WType type, bool k_major);         // kernels_t
 void test_bf16_denormals(const Kernels& k);                         // kernels_tests.cpp
 void test_packed_bf16_widened(const Kernels& k);                    // kernels_tests.cpp
 void test_elementwise(const Kernels& k);                            // kernels_tests.cpp
+void test_simd_order(const Kernels& k);                             // kernels_tests.cpp
 void test_attention(const Kernels& k);                              // attention_tests.cpp
 void test_threadpool();                                             // kernels_tests.cpp
 void test_quantize_weights();                                       // kernels_tests.cpp

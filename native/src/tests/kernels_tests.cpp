@@ -219,6 +219,108 @@ void test_packed_bf16_widened(const Kernels& k) {
                    : "other bits");
 }
 
+// The SIMD ISAs' reductions and exp in the one order kernels.h defines (the AVX-512 registers' order), as
+// scalar code: what every SIMD ISA must give bit for bit, so that a model answers the same on any of them.
+namespace simd_order {
+
+// _mm512_reduce_add_ps of 16 lanes: halves added (8 lanes), then halves again (4), then (0+2) + (1+3).
+float reduce16(const float* lane) {
+  float u[8], v[4];
+  for (int j = 0; j < 8; ++j) u[j] = lane[8 + j] + lane[j];
+  for (int j = 0; j < 4; ++j) v[j] = u[4 + j] + u[j];
+  return (v[0] + v[2]) + (v[1] + v[3]);
+}
+
+// exp: clamped to [-104, 88.8], n = round(x log2 e), r = x - n ln 2 in two parts, a degree-5 polynomial,
+// scaled by 2^n with one rounding (ldexpf: a denormal result is rounded once, as _mm512_scalef_ps does).
+float exp(float x) {
+  if (std::isnan(x)) return x;
+  x = 88.8f < x ? 88.8f : x;
+  x = -104.0f > x ? -104.0f : x;
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = std::fmaf(-n, 0.693359375f, x);
+  r = std::fmaf(-n, -2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = std::fmaf(p, r, c);
+  const float y = std::fmaf(p, r * r, r) + 1.0f;
+  return std::ldexp(y, static_cast<int>(n));
+}
+
+// rmsnorm: the squares summed by fmaf in 32 lanes (element i in lane i mod 32; a tail past the last whole
+// 32 in lanes i mod 16), the two halves added lane by lane, then reduce16.
+void rmsnorm(const float* x, const float* w, float* y, int n, float eps) {
+  float lane[32] = {};
+  int i = 0;
+  for (; i + 32 <= n; i += 32)
+    for (int l = 0; l < 32; ++l) lane[l] = std::fmaf(x[i + l], x[i + l], lane[l]);
+  for (; i < n; i += 16)
+    for (int l = 0; l < 16 && i + l < n; ++l) lane[l] = std::fmaf(x[i + l], x[i + l], lane[l]);
+  float half[16];
+  for (int l = 0; l < 16; ++l) half[l] = lane[l] + lane[16 + l];
+  const float r = 1.0f / std::sqrt(reduce16(half) / static_cast<float>(n) + eps);
+  for (int j = 0; j < n; ++j) y[j] = x[j] * r * w[j];
+}
+
+// softmax: scaled, the max subtracted, exp above, the sum in 16 lanes (element i in lane i mod 16), reduce16.
+void softmax(float* x, int n, float scale) {
+  float max = -INFINITY;
+  for (int i = 0; i < n; ++i) x[i] *= scale, max = std::max(max, x[i]);
+  float lane[16] = {};
+  for (int i = 0; i < n; ++i) x[i] = exp(x[i] - max), lane[i % 16] += x[i];
+  const float sum = reduce16(lane);
+  for (int i = 0; i < n; ++i) x[i] /= sum;
+}
+
+}  // namespace simd_order
+
+// A SIMD ISA's rmsnorm, softmax, exp and silu_mul equal simd_order's bit for bit over lengths around the
+// register widths (8, 16, 32) and real model widths, and exp over its whole input range.
+void test_simd_order(const Kernels& k) {
+  std::mt19937 rng(7);
+  int differ = 0;
+  std::string first;
+  auto check = [&](bool same, const std::string& what) {
+    if (!same && differ++ == 0) first = what;
+  };
+  // Sums in another order often round to the same result, so each length gets many draws.
+  for (int n : {1, 7, 8, 9, 15, 16, 17, 24, 28, 31, 32, 33, 40, 48, 63, 64, 100, 256, 768, 4096})
+    for (int draw = 0; draw < 40; ++draw) {
+      std::vector<float> x = random_floats(n, rng, 2.0f), w = random_floats(n, rng), got(n), want(n);
+      k.rmsnorm(x.data(), w.data(), got.data(), n, 1e-5f);
+      simd_order::rmsnorm(x.data(), w.data(), want.data(), n, 1e-5f);
+      check(got == want, fmt("rmsnorm n=%.0f", n));
+      std::vector<float> s = random_floats(n, rng, 40.0f);  // spread wide enough that some exp underflow
+      got = s, want = s;
+      k.softmax(got.data(), n, 0.5f);
+      simd_order::softmax(want.data(), n, 0.5f);
+      check(got == want, fmt("softmax n=%.0f", n));
+      std::vector<float> g = random_floats(n, rng, 8.0f), u = random_floats(n, rng);
+      k.silu_mul(g.data(), u.data(), got.data(), n);
+      for (int i = 0; i < n; ++i) want[i] = g[i] / (1.0f + simd_order::exp(0.0f - g[i])) * u[i];
+      check(got == want, fmt("silu_mul n=%.0f", n));
+    }
+  // exp: every 1021st float from -110 to 90 (the denormal results and both clamps), and the specials.
+  std::vector<float> x;
+  for (float v = -110.0f; v < 90.0f; v = std::nextafter(v, 100.0f)) {
+    x.push_back(v);
+    for (int skip = 0; skip < 1020 && v < 90.0f; ++skip) v = std::nextafter(v, 100.0f);
+  }
+  for (float v : {-INFINITY, INFINITY, 0.0f, -0.0f, 88.8f, -104.0f, -87.4f, 88.75f}) x.push_back(v);
+  std::vector<float> y(x.size());
+  k.exp(x.data(), y.data(), static_cast<int>(x.size()));
+  int exp_differ = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const float want = simd_order::exp(x[i]);
+    if (std::memcmp(&want, &y[i], 4) != 0 && exp_differ++ == 0)
+      check(false, fmt("exp(%.9g) = %.9g, the order's %.9g", x[i], y[i], want));
+  }
+  report(differ == 0,
+         std::string(k.isa) + " rmsnorm, softmax, silu_mul and exp: the SIMD order of kernels.h bit for bit",
+         differ == 0 ? fmt("%.0f exp inputs, 20 lengths x 40 draws", static_cast<double>(x.size()))
+                     : fmt("%.0f cases differ (%.0f exp inputs), first: ", differ, exp_differ) + first);
+}
+
 void test_elementwise(const Kernels& k) {
   std::mt19937 rng(99);
   const std::string isa = k.isa;

@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
       test_bf16_denormals(k);
       test_packed_bf16_widened(k);
       test_elementwise(k);
+      if (std::string(k.isa) != "portable") test_simd_order(k);
       test_attention(k);
       for (cpu::QType type : {cpu::QType::Q8_0, cpu::QType::Q4_0}) test_quant_gemm(cpu::quant_kernels_for(k), type);
     }
