@@ -441,11 +441,16 @@ void test_threadpool() {
     ThreadPool pool(threads);
     ok = ok && pool.size() == threads;
     for (size_t n : {0, 1, 2, 3, 7, 1000}) {
-      std::vector<std::atomic<int>> hits(n);
+      std::vector<std::atomic<int>> hits(n), running(threads);
       std::atomic<int> bad_thread{0};
       pool.parallel_for(n, [&](size_t b, size_t e, int t) {
-        if (t < 0 || t >= threads) bad_thread = 1;
+        // A thread index in range, and no other chunk running under it now (it names scratch).
+        if (t < 0 || t >= threads || running[t].exchange(1) != 0) {
+          bad_thread = 1;
+          return;
+        }
         for (size_t i = b; i < e; ++i) hits[i]++;
+        running[t] = 0;
       });
       for (auto& h : hits) ok = ok && h.load() == 1;
       ok = ok && bad_thread == 0;
