@@ -1,6 +1,6 @@
-// What the benchmark scripts share (engine.mjs, acceleration.mjs, scheduler.ts, quality.ts, and the
-// block-diffusion ones prefix-cache.mjs and prefill-chunk.mjs): the repo's root, their flags, running a
-// tool, making a model, logging and printing a table, medians, random prompts.
+// What the benchmark scripts share (engine.mjs, acceleration.mjs, scheduler.ts, quality.ts, server.mjs,
+// contention.mjs, and the block-diffusion ones prefix-cache.mjs and prefill-chunk.mjs): the repo's root, their
+// flags, running a tool, making a model, logging and printing a table, medians, random prompts.
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { spawnSync } from "node:child_process"
@@ -132,4 +132,17 @@ export const blockParams = (blockLength, genLength) => ({
   seed: 0,
   kvCache: "prefix",
   parallelThreshold: 0
+})
+
+/** One token a step over a whole answer at temperature 0, no early stop and no cache: the engine's plain step. */
+export const stepParams = (genLength, blockLength) => ({
+  genLength,
+  steps: genLength,
+  blockLength,
+  remasking: "low_confidence",
+  cfgScale: 0,
+  temperature: 0,
+  seed: 1,
+  earlyStop: false,
+  kvCache: "none"
 })

@@ -16,7 +16,7 @@ import { spawn } from "node:child_process"
 import { connect } from "node:net"
 import { cpus } from "node:os"
 import { join } from "node:path"
-import { flags, fixed, log, report, root, table } from "./lib.mjs"
+import { fixed, flags, log, median, report, root, stepParams, table } from "./lib.mjs"
 
 const values = flags({
   model: join(root, "models", "shakespeare"),
@@ -39,11 +39,6 @@ const { loadAddon } = await import(join(root, "dist", "engine", "native.js"))
 const Engine = await import(join(root, "dist", "engine", "Engine.js"))
 const Scheduler = await import(join(root, "dist", "scheduler", "Scheduler.js"))
 const { Effect, Layer, ManagedRuntime } = await import("effect")
-
-const median = (xs) => {
-  const sorted = [...xs].sort((a, b) => a - b)
-  return sorted[sorted.length >> 1]
-}
 
 /** Starts `vdiff serve` on a free port; resolves with its address once it is ready. */
 const startServer = async () => {
@@ -112,17 +107,7 @@ const main = async () => {
 
     const addon = loadAddon()
     const engine = await addon.loadModel(values.model, { threads, device: "cpu" })
-    const settings = {
-      genLength: gen,
-      steps: gen,
-      blockLength: block,
-      remasking: "low_confidence",
-      cfgScale: 0,
-      temperature: 0,
-      seed: 1,
-      earlyStop: false,
-      kvCache: "none"
-    }
+    const settings = stepParams(gen, block)
     const alone = async () => {
       const id = engine.create(Int32Array.from(prompt), settings)
       const started = performance.now()
