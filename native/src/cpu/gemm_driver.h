@@ -29,8 +29,15 @@
 //       // C[0..R)[0..kLanes*NB) (masked) over `blocks` blocks of 32 k as quant.h specifies, the chain of each
 //       // output starting from C when load_c or past the first block, else from 0.
 //
-// From those it builds the two paths every SIMD ISA runs (F32Path for f32 and f16 weights, Bf16FmaPath for
+// From those it builds the two paths every SIMD ISA runs (F32Path for f32 and f16 weights, Bf16Path for
 // bf16 ones) and the Kernels entries gemm, gemm_scratch_floats, pack_panel and packed_panel_bytes over them.
+// Bf16Path is Bf16FmaPath (bf16 widened to f32 panels) unless the file defines VDIFF_BF16_PAIR_PANELS to 1
+// and with it
+//   constexpr int kBf16PairMR;
+//   template <int R, int NB> void bf16_pair_micro(int steps, const float* A, int64_t lda, const uint32_t* P,
+//       float* C, int64_t ldc, const PanelMasks& masks, bool load_c);
+//   void pack_bf16_pairs(const uint16_t* W, int64_t ld, int n0, int nv, int k0, int kc, uint32_t* P);
+// for Bf16PairPath (the weight packed as bf16 pairs, its own size; see there).
 // A path is a struct:
 //
 //   struct SomePath {
@@ -424,33 +431,84 @@ struct Bf16FmaPath : F32Path {
   }
 };
 
+#if VDIFF_BF16_PAIR_PANELS
+// A row of A as Bf16PairPath reads it: per k pair, a[2s + 1] then a[2s], rounded to bf16 (Bf16FmaPath's
+// staged row, whose bytes these are).
+struct SwappedPair {
+  float odd, even;
+};
+
+// bf16 weights on an ISA without vdpbf16ps, the same chain as Bf16FmaPath, but with the weight packed as
+// bf16 pairs (P[s][j]: column j's k = 2s in the low half, 2s + 1 in the high half), widened in the
+// micro-kernel: a panel is the weight's own size, so every bf16 matrix is packed at load in place of its
+// mapped pages (CpuBackend::pack_weights), where f32 panels of a large model fit nowhere and were packed on
+// every product. The ISA defines kBf16PairMR, bf16_pair_micro and pack_bf16_pairs.
+struct Bf16PairPath {
+  using AT = SwappedPair;
+  using PT = uint32_t;
+  static constexpr int kMR = kBf16PairMR;
+  static constexpr int kKC = ::vdiff::cpu::kKC;
+  static constexpr int kKStep = 2, kKPad = 2;
+  static constexpr bool kStagesA = true;
+  static_assert(kKC % 2 == 0, "k pairs never straddle two blocks");
+  static int k_block() { return kKC; }
+
+  static void stage(const float* A, int64_t lda, int rows, int kc, SwappedPair* out) {
+    Bf16FmaPath::stage(A, lda, rows, kc, reinterpret_cast<float*>(out));
+  }
+
+  static L2Prefetch source(const MatB& B, int n0, int nv, int k0, int kc) { return source_of(B, n0, nv, k0, kc); }
+
+  static void pack(const MatB& B, int n0, int nv, int k0, int kc, uint32_t* P) {
+    const uint16_t* b = static_cast<const uint16_t*>(B.data);
+    if (!B.k_major) return pack_bf16_pairs(b, B.ld, n0, nv, k0, kc, P);
+    // A k-major B[K][N]: rows k0 + 2s and k0 + 2s + 1, interleaved.
+    for (int s = 0; s < (kc + 1) / 2; ++s)
+      for (int j = 0; j < kNR; ++j) {
+        const int64_t at = static_cast<int64_t>(k0 + 2 * s) * B.ld + n0 + j;
+        const uint32_t even = j < nv ? b[at] : 0, odd = j < nv && 2 * s + 1 < kc ? b[at + B.ld] : 0;
+        P[s * kNR + j] = even | odd << 16;
+      }
+  }
+
+  template <int R, int NB>
+  static void micro(int steps, const SwappedPair* A, int64_t lda, const uint32_t* P, float* C, int64_t ldc,
+                    const PanelMasks& masks, bool load_c) {
+    bf16_pair_micro<R, NB>(steps, reinterpret_cast<const float*>(A), 2 * lda, P, C, ldc, masks, load_c);
+  }
+};
+using Bf16Path = Bf16PairPath;
+#else
+using Bf16Path = Bf16FmaPath;
+#endif
+
 void gemm(int M, int n0, int n1, int K, const float* A, int64_t lda, const MatB& B, float* C, int64_t ldc,
           bool accumulate, float* scratch) {
   if (M <= 0 || n1 <= n0) return;
   if (K <= 0) return gemm_empty_k(M, n0, n1, C, ldc, accumulate);
   if (B.type == WType::BF16 && B.bf16_dot) {
     const FlushDenormals ftz_daz;
-    gemm_path<Bf16FmaPath>(M, n0, n1, K, A, lda, B, C, ldc, accumulate, scratch);
+    gemm_path<Bf16Path>(M, n0, n1, K, A, lda, B, C, ldc, accumulate, scratch);
   } else {
     gemm_path<F32Path>(M, n0, n1, K, A, lda, B, C, ldc, accumulate, scratch);
   }
 }
 
 size_t gemm_scratch_floats(int K) {
-  const size_t f = path_scratch_floats<F32Path>(K), b = path_scratch_floats<Bf16FmaPath>(K);
+  const size_t f = path_scratch_floats<F32Path>(K), b = path_scratch_floats<Bf16Path>(K);
   return f > b ? f : b;
 }
 
 // The bytes pack_panel writes for a panel of B: a bf16 B on the bf16 dot product's path, anything else
 // (a bf16 B without it too) widened on the f32 path.
 size_t packed_panel_bytes(const MatB& B, int K) {
-  return B.type == WType::BF16 && B.bf16_dot ? path_panel_bytes<Bf16FmaPath>(K) : path_panel_bytes<F32Path>(K);
+  return B.type == WType::BF16 && B.bf16_dot ? path_panel_bytes<Bf16Path>(K) : path_panel_bytes<F32Path>(K);
 }
 
 void pack_panel(const MatB& B, int N, int K, int panel, void* out) {
   const int n0 = panel * kNR;
   if (B.type == WType::BF16 && B.bf16_dot)
-    Bf16FmaPath::pack(B, n0, min_int(kNR, N - n0), 0, K, static_cast<float*>(out));
+    Bf16Path::pack(B, n0, min_int(kNR, N - n0), 0, K, static_cast<typename Bf16Path::PT*>(out));
   else F32Path::pack(B, n0, min_int(kNR, N - n0), 0, K, static_cast<float*>(out));
 }
 
@@ -622,10 +680,10 @@ void quant_pack_panel(const QMatB& B, int N, int K, int panel, void* out) {
   else pack_quant_panel_blocks<QType::Q4_0>(B, N, panel * kNR, 0, K / kQBlock, out);
 }
 
-size_t bf16_a_row_bytes(int K) { return staged_row_bytes<Bf16FmaPath>(K); }
-void stage_bf16_a(int M, int K, const float* A, int64_t lda, void* out) { stage_rows<Bf16FmaPath>(M, K, A, lda, out); }
+size_t bf16_a_row_bytes(int K) { return staged_row_bytes<Bf16Path>(K); }
+void stage_bf16_a(int M, int K, const float* A, int64_t lda, void* out) { stage_rows<Bf16Path>(M, K, A, lda, out); }
 void gemm_staged(int M, int n0, int n1, int K, const void* As, const MatB& B, float* C, int64_t ldc, bool accumulate,
                  float* scratch) {
   const FlushDenormals ftz_daz;
-  gemm_staged_path<Bf16FmaPath>(M, n0, n1, K, As, B, C, ldc, accumulate, scratch);
+  gemm_staged_path<Bf16Path>(M, n0, n1, K, As, B, C, ldc, accumulate, scratch);
 }

@@ -1,6 +1,8 @@
 // AVX2 + FMA + F16C kernels. Only avx2_kernels() has external linkage (see kernels.h).
 // Same scheme as the AVX-512 file with 8-wide vectors: panels of 16 columns, a 6 x 16 micro-tile in
-// 12 ymm accumulators, one FMA chain per output in ascending k (bit-identical to the AVX-512 gemm).
+// 12 ymm accumulators, one FMA chain per output in ascending k (bit-identical to the AVX-512 gemm). bf16
+// weights are packed as bf16 pairs, their own size (so at load whatever the model's size), and widened to
+// f32 in the micro-kernel, which for full panels is written in assembly (bf16_pair_micro_asm).
 #include <immintrin.h>
 #include <math.h>  // INFINITY
 
@@ -150,6 +152,177 @@ void micro_kernel(int kc, const float* A, int64_t lda, const float* P, float* C,
     for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) _mm256_maskstore_ps(C + i * ldc + 8 * j, mask[j], acc[i][j]);
+  }
+}
+
+// The bf16 dot product on bf16-pair panels (gemm_driver.h's Bf16PairPath): P[s][j] holds the bf16 pair
+// (k = 2s in the low half, 2s + 1 in the high half) of column j, widened here to f32 with an and (the odd
+// half) and a shift (the even one); A[i][2s] is a[2s + 1] and A[i][2s + 1] is a[2s] (staged rounded to bf16,
+// pairs swapped), so each output's chain adds the odd product first, as kernels.h defines it. Per k pair the
+// odd halves go through every row, then the even ones.
+constexpr int kBf16PairMR = 6;
+
+// A full-width tile of R = 1..6 rows in assembly: at 6 rows its 12 accumulators, the and-mask, the two widened
+// vectors and the broadcast take all 16 ymm registers, and GCC, given the same code in intrinsics, spilled
+// the mask and moved registers around every step (67% of the FMA peak in L1 against 90-97% here and for the
+// f32 micro-kernel), and ran the 4-row tail at half the 6-row rate (bench/cpu/RESULTS.md). The assembler's
+// .if keeps the lines of rows below R. Registers: ymm0..11 the accumulators (row i in ymm 2i and 2i + 1),
+// ymm12 the mask of the high halves, ymm13/14 a widened pair of column vectors, ymm15 the broadcast of A.
+// A's rows are addressed as a, a + lda, a + 2 lda and a3 = a + 3 lda, a3 + lda, a3 + 2 lda (lda in bytes).
+template <int R>
+void bf16_pair_micro_asm(int steps, const float* A, int64_t lda, const uint32_t* P, float* C, int64_t ldc,
+                         bool load_c) {
+  static_assert(R >= 1 && R <= 6, "six rows fill the registers");
+  const float* a3 = A + 3 * lda;
+  const int64_t lda_bytes = lda * 4, ldc_bytes = ldc * 4;
+  int64_t n = steps;
+  const int64_t load = load_c ? 1 : 0;
+  // clang-format off
+// Row i's two FMAs with the broadcast of the A element at addr, if R > i.
+#define VDIFF_ROW_FMA(i, addr, r0, r1)                 \
+  ".if %c[rows] > " #i "\n\t"                          \
+  "vbroadcastss " addr ", %%ymm15\n\t"                 \
+  "vfmadd231ps %%ymm15, %%ymm13, %%ymm" #r0 "\n\t"     \
+  "vfmadd231ps %%ymm15, %%ymm14, %%ymm" #r1 "\n\t"     \
+  ".endif\n\t"
+#define VDIFF_ROWS_FMA(offset)                                                                      \
+  VDIFF_ROW_FMA(0, offset "(%[a])", 0, 1)  VDIFF_ROW_FMA(1, offset "(%[a], %[lda])", 2, 3)          \
+  VDIFF_ROW_FMA(2, offset "(%[a], %[lda], 2)", 4, 5)  VDIFF_ROW_FMA(3, offset "(%[a3])", 6, 7)      \
+  VDIFF_ROW_FMA(4, offset "(%[a3], %[lda])", 8, 9)  VDIFF_ROW_FMA(5, offset "(%[a3], %[lda], 2)", 10, 11)
+// Row i of C (at rax, which then steps to the next row) loaded into, stored from or zeroed in its
+// accumulators, if R > i.
+#define VDIFF_ROW_LOAD(i, r0, r1)                      \
+  ".if %c[rows] > " #i "\n\t"                          \
+  "vmovups (%%rax), %%ymm" #r0 "\n\t"                  \
+  "vmovups 32(%%rax), %%ymm" #r1 "\n\t"                \
+  "add %[ldc], %%rax\n\t"                              \
+  ".endif\n\t"
+#define VDIFF_ROW_STORE(i, r0, r1)                     \
+  ".if %c[rows] > " #i "\n\t"                          \
+  "vmovups %%ymm" #r0 ", (%%rax)\n\t"                  \
+  "vmovups %%ymm" #r1 ", 32(%%rax)\n\t"                \
+  "add %[ldc], %%rax\n\t"                              \
+  ".endif\n\t"
+#define VDIFF_ROW_ZERO(i, r0, r1)                      \
+  ".if %c[rows] > " #i "\n\t"                          \
+  "vxorps %%ymm" #r0 ", %%ymm" #r0 ", %%ymm" #r0 "\n\t" \
+  "vxorps %%ymm" #r1 ", %%ymm" #r1 ", %%ymm" #r1 "\n\t" \
+  ".endif\n\t"
+  __asm__ volatile(
+      "test %[load], %[load]\n\t"
+      "jz 3f\n\t"
+      "mov %[c], %%rax\n\t"
+      VDIFF_ROW_LOAD(0, 0, 1) VDIFF_ROW_LOAD(1, 2, 3) VDIFF_ROW_LOAD(2, 4, 5)
+      VDIFF_ROW_LOAD(3, 6, 7) VDIFF_ROW_LOAD(4, 8, 9) VDIFF_ROW_LOAD(5, 10, 11)
+      "jmp 4f\n\t"
+      "3:\n\t"
+      VDIFF_ROW_ZERO(0, 0, 1) VDIFF_ROW_ZERO(1, 2, 3) VDIFF_ROW_ZERO(2, 4, 5)
+      VDIFF_ROW_ZERO(3, 6, 7) VDIFF_ROW_ZERO(4, 8, 9) VDIFF_ROW_ZERO(5, 10, 11)
+      "4:\n\t"
+      "vpcmpeqd %%ymm12, %%ymm12, %%ymm12\n\t"
+      "vpslld $16, %%ymm12, %%ymm12\n\t"
+      "test %[n], %[n]\n\t"
+      "jle 2f\n\t"
+      "1:\n\t"
+      "vpand (%[p]), %%ymm12, %%ymm13\n\t"  // the odd k: the high halves
+      "vpand 32(%[p]), %%ymm12, %%ymm14\n\t"
+      VDIFF_ROWS_FMA("")
+      "vmovdqa (%[p]), %%ymm13\n\t"  // the even k: the low halves, shifted up
+      "vmovdqa 32(%[p]), %%ymm14\n\t"
+      "vpslld $16, %%ymm13, %%ymm13\n\t"
+      "vpslld $16, %%ymm14, %%ymm14\n\t"
+      "prefetcht0 %c[ahead](%[p])\n\t"
+      VDIFF_ROWS_FMA("4")
+      "add $64, %[p]\n\t"
+      "add $8, %[a]\n\t"
+      "add $8, %[a3]\n\t"
+      "dec %[n]\n\t"
+      "jnz 1b\n\t"
+      "2:\n\t"
+      "mov %[c], %%rax\n\t"
+      VDIFF_ROW_STORE(0, 0, 1) VDIFF_ROW_STORE(1, 2, 3) VDIFF_ROW_STORE(2, 4, 5)
+      VDIFF_ROW_STORE(3, 6, 7) VDIFF_ROW_STORE(4, 8, 9) VDIFF_ROW_STORE(5, 10, 11)
+      : [p] "+r"(P), [a] "+r"(A), [a3] "+r"(a3), [n] "+r"(n)
+      : [c] "r"(C), [ldc] "r"(ldc_bytes), [lda] "r"(lda_bytes), [load] "r"(load), [rows] "i"(R),
+        [ahead] "i"(kPrefetchK * kNR * sizeof(uint32_t))
+      : "rax", "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
+        "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+#undef VDIFF_ROW_FMA
+#undef VDIFF_ROWS_FMA
+#undef VDIFF_ROW_LOAD
+#undef VDIFF_ROW_STORE
+#undef VDIFF_ROW_ZERO
+  // clang-format on
+}
+
+// A panel narrower than 16 columns: the same chain in intrinsics, with masked loads and stores of C.
+template <int R, int NB>
+void bf16_pair_micro(int steps, const float* A, int64_t lda, const uint32_t* P, float* C, int64_t ldc,
+                     const PanelMasks& panel, bool load_c) {
+  if constexpr (NB == 2)
+    if (panel.full_width) return bf16_pair_micro_asm<R>(steps, A, lda, P, C, ldc, load_c);
+  const __m256i* mask = panel.lanes;
+  __m256 acc[R][NB];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j)
+      acc[i][j] = load_c ? _mm256_maskload_ps(C + i * ldc + 8 * j, mask[j]) : _mm256_setzero_ps();
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int s = 0; s < steps; ++s) {
+    const __m256i* pairs = reinterpret_cast<const __m256i*>(P + s * kNR);
+    __m256 b[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) b[j] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_load_si256(pairs + j), high));
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m256 a = _mm256_broadcast_ss(A + i * lda + 2 * s);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) b[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_load_si256(pairs + j), 16));
+    _mm_prefetch(reinterpret_cast<const char*>(P + (s + kPrefetchK) * kNR), _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m256 a = _mm256_broadcast_ss(A + i * lda + 2 * s + 1);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) _mm256_maskstore_ps(C + i * ldc + 8 * j, mask[j], acc[i][j]);
+}
+
+// Bf16PairPath's pack of a bf16 weight W[N][K]: a row's 32-bit words are its pairs already, so 8 rows x 8
+// words are transposed at a time (an odd kc's last pair holds a zero past kc).
+void pack_bf16_pairs(const uint16_t* W, int64_t ld, int n0, int nv, int k0, int kc, uint32_t* P) {
+  const int steps = (kc + 1) / 2;
+  for (int g = 0; g < kNR / 8; ++g) {
+    const int rows = nv - 8 * g;
+    for (int ss = 0; ss < steps; ss += 8) {
+      const int sn = min_int(8, steps - ss);
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        if (i >= rows) {
+          r[i] = _mm256_setzero_ps();
+          continue;
+        }
+        const uint16_t* row = W + static_cast<int64_t>(n0 + 8 * g + i) * ld + k0 + 2 * ss;
+        if (2 * (ss + sn) > kc) {  // an odd kc's last pair: its k past kc is zero, and not read
+          alignas(32) uint16_t pairs[16] = {};
+          __builtin_memcpy(pairs, row, sizeof(uint16_t) * (kc - 2 * ss));
+          r[i] = _mm256_load_ps(reinterpret_cast<const float*>(pairs));
+        } else {
+          const float* words = reinterpret_cast<const float*>(row);
+          r[i] = sn >= 8 ? _mm256_loadu_ps(words) : _mm256_maskload_ps(words, tail_mask(sn));
+        }
+      }
+      transpose8(r);
+      for (int i = 0; i < sn; ++i) _mm256_store_ps(reinterpret_cast<float*>(P + (ss + i) * kNR + 8 * g), r[i]);
+    }
   }
 }
 
@@ -362,6 +535,7 @@ void quant_micro(int blocks, const QBlockA* A, int64_t lda, const uint8_t* P, fl
   }
 }
 
+#define VDIFF_BF16_PAIR_PANELS 1  // Bf16PairPath with bf16_pair_micro and pack_bf16_pairs above
 #include "gemm_driver.h"
 
 inline float hsum(__m256 v) {
