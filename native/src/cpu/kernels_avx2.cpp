@@ -443,6 +443,11 @@ void quantize_rows_isa(int M, int K, const float* A, int64_t lda, QBlockA* out) 
     }
 }
 
+// An empty statement that reads and writes v in a register: integer sums may be reassociated, and GCC turned
+// each accumulator's chain of eight vpaddd into a tree over all 48 products of a block, stored on the stack
+// (48 spills and reloads per block); this keeps each accumulator one chain in a register.
+inline void keep_in_register(__m256i& v) { __asm__("" : "+x"(v)); }
+
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
   __builtin_memcpy(&v, p, 4);
@@ -475,9 +480,11 @@ void quant_rows(const QBlockA* A, int64_t lda, const uint8_t* P, float* C, int64
         const __m256i a = _mm256_set1_epi32(load_i32(A[r * lda].q + 4 * g));
         const __m256i magnitude = _mm256_abs_epi8(a);
 #pragma GCC unroll 2
-        for (int j = 0; j < NB; ++j)
+        for (int j = 0; j < NB; ++j) {
           acc[r][j] = _mm256_add_epi32(
               acc[r][j], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(b[j], a)), ones));
+          keep_in_register(acc[r][j]);
+        }
       }
     }
   } else {
@@ -495,8 +502,10 @@ void quant_rows(const QBlockA* A, int64_t lda, const uint8_t* P, float* C, int64
       for (int r = 0; r < RC; ++r) {
         const __m256i a = _mm256_set1_epi32(load_i32(A[r * lda].q + 4 * g + 16 * half));
 #pragma GCC unroll 2
-        for (int j = 0; j < NB; ++j)
+        for (int j = 0; j < NB; ++j) {
           acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(_mm256_maddubs_epi16(b[j], a), ones));
+          keep_in_register(acc[r][j]);
+        }
       }
     }
   }
