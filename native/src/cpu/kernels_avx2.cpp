@@ -456,8 +456,8 @@ inline int32_t load_i32(const int8_t* p) {
 
 // Rows [0, RC) of the quantized micro-kernel over one block at P (gemm_driver.h): int32 lanes per column
 // from vpmaddubsw + vpmaddwd. Q8_0: |a| times the weight with a's sign (vpsignb), so no pair of products
-// passes 2 * 127 * 127 (no int16 saturation). Q4_0: the nibbles (0..15) times a as they are, the lanes
-// starting at -8 * sum(q_a).
+// passes 2 * 127 * 127 (no int16 saturation). Q4_0: the nibbles (0..15) times a as they are, summed over the
+// block in int16 lanes, then widened onto lanes starting at -8 * sum(q_a).
 template <QType T, int RC, int NB>
 void quant_rows(const QBlockA* A, int64_t lda, const uint8_t* P, float* C, int64_t ldc, const __m256i* mask,
                 bool full_width, bool chain) {
@@ -488,7 +488,14 @@ void quant_rows(const QBlockA* A, int64_t lda, const uint8_t* P, float* C, int64
       }
     }
   } else {
+    // Each step's vpmaddubsw lane is at most 2 * 15 * 128 = 3840 in magnitude, so the block's 8 steps sum
+    // exactly in int16 lanes (at most 30720), widened once per block: one multiply per 32 products, not two.
     const __m256i low = _mm256_set1_epi8(0x0f);
+    __m256i sum16[RC][NB];
+#pragma GCC unroll 4
+    for (int r = 0; r < RC; ++r)
+#pragma GCC unroll 2
+      for (int j = 0; j < NB; ++j) sum16[r][j] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int gh = 0; gh < 8; ++gh) {
       const int g = gh >> 1, half = gh & 1;
@@ -503,11 +510,15 @@ void quant_rows(const QBlockA* A, int64_t lda, const uint8_t* P, float* C, int64
         const __m256i a = _mm256_set1_epi32(load_i32(A[r * lda].q + 4 * g + 16 * half));
 #pragma GCC unroll 2
         for (int j = 0; j < NB; ++j) {
-          acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(_mm256_maddubs_epi16(b[j], a), ones));
-          keep_in_register(acc[r][j]);
+          sum16[r][j] = _mm256_add_epi16(sum16[r][j], _mm256_maddubs_epi16(b[j], a));
+          keep_in_register(sum16[r][j]);
         }
       }
     }
+#pragma GCC unroll 4
+    for (int r = 0; r < RC; ++r)
+#pragma GCC unroll 2
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(sum16[r][j], ones));
   }
   const float* ws = reinterpret_cast<const float*>(P + kNR * qblock_bytes(T));
 #pragma GCC unroll 4
