@@ -5,7 +5,7 @@
 // the VM's swings cancel. One thread. The sums are not checked here; the kernels' tests check the kernel.
 //
 //   c++ -O3 -mavx2 -mfma -std=c++20 bench/cpu/quant_avx2_variants.cpp -o /tmp/qv
-//   for v in nosign q8 q8_nibbles q8_split q4 q4_int16; do /tmp/qv $v 3; done
+//   for v in nosign q8 q8_nibbles q8_split q8_int16 q4 q4_int16; do /tmp/qv $v 3; done
 //
 // Variants (ROWS x 2 vectors of 8 columns):
 //   q8          Q8_0 as landed: |a| (vpabsb), the weight with a's sign (vpsignb), vpmaddubsw, vpmaddwd, vpaddd.
@@ -14,6 +14,7 @@
 //   q8_split    Q8_0 activations a + 128 = 16 uh + ul staged per row, the signed weights as they are, two
 //               vpmaddubsw summed in int16 per block. Exact only with -128 * (sum of each column's weights in
 //               the block) added, which the packed panels would have to carry (not timed here).
+//   q8_int16    Q8_0 with the weights widened to int16 (vpmovsxbw) and int16 activation pairs: vpmaddwd, vpaddd.
 //   q4          Q4_0 before 88be4b5: nibbles times a, vpmaddwd + vpaddd every step.
 //   q4_int16    Q4_0 as landed: the block's 8 vpmaddubsw summed in int16 lanes, one vpmaddwd per block.
 #include <immintrin.h>
@@ -31,6 +32,7 @@ namespace {
 constexpr int K = 1024;
 alignas(64) int8_t P[K * 16];  // Q8_0: [k / 4][16 columns][4]; Q4_0 uses its first half as nibbles
 alignas(64) int8_t A[6][K], Aabs[6][K], Ahi[6][K], Alo[6][K];
+alignas(64) int16_t A16[6][K];
 volatile int g_sink;
 
 inline void keep(__m256i& v) { __asm__("" : "+x"(v)); }
@@ -144,6 +146,27 @@ __attribute__((noinline)) void q8_split(int32_t* out) {
   store<R>(tot, out);
 }
 
+// Q8_0 in int16: the weights widened with vpmovsxbw (panel bytes read as [k / 2][16 columns][2]), pairs of
+// activations staged as int16 and broadcast, vpmaddwd + vpaddd: no sign to apply.
+template <int R>
+__attribute__((noinline)) void q8_int16(int32_t* out) {
+  __m256i acc[R][2] = {};
+  for (int h = 0; h < K / 2; ++h) {
+    __m256i b[2];
+    for (int j = 0; j < 2; ++j)
+      b[j] = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(P + 32 * h + 16 * j)));
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256i a = _mm256_set1_epi32(load_i32(A16[r] + 2 * h));
+      for (int j = 0; j < 2; ++j) {
+        acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(b[j], a));
+        keep(acc[r][j]);
+      }
+    }
+  }
+  store<R>(acc, out);
+}
+
 template <int R, bool kInt16>
 __attribute__((noinline)) void q4(int32_t* out) {
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
@@ -183,6 +206,7 @@ Kernel pick(const std::string& v) {
   if (v == "q8") return q8<R>;
   if (v == "q8_nibbles") return q8_nibbles<R>;
   if (v == "q8_split") return q8_split<R>;
+  if (v == "q8_int16") return q8_int16<R>;
   if (v == "q4") return q4<R, false>;
   if (v == "q4_int16") return q4<R, true>;
   return nullptr;
@@ -202,9 +226,13 @@ double rate(Kernel f, int rows, int reps) {
 int main(int argc, char** argv) {
   const std::string v = argc > 1 ? argv[1] : "q8";
   const int rows = argc > 2 ? std::atoi(argv[2]) : 3;
-  const Kernel f = rows == 2 ? pick<2>(v) : rows == 3 ? pick<3>(v) : rows == 4 ? pick<4>(v) : nullptr;
+  const Kernel f = rows == 2   ? pick<2>(v)
+                   : rows == 3 ? pick<3>(v)
+                   : rows == 4 ? pick<4>(v)
+                   : rows == 6 ? pick<6>(v)
+                               : nullptr;
   if (f == nullptr) {
-    std::fprintf(stderr, "usage: %s nosign|q8|q8_nibbles|q8_split|q4|q4_int16 [2|3|4]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s nosign|q8|q8_nibbles|q8_split|q8_int16|q4|q4_int16 [2|3|4|6]\n", argv[0]);
     return 2;
   }
   for (int i = 0; i < K * 16; ++i) P[i] = static_cast<int8_t>((i * 37) % 255 - 127);
@@ -212,6 +240,7 @@ int main(int argc, char** argv) {
     for (int k = 0; k < K; ++k) {
       const int a = (k * 13 + r) % 255 - 127, u = a + 128;
       A[r][k] = static_cast<int8_t>(a);
+      A16[r][k] = static_cast<int16_t>(a);
       Aabs[r][k] = static_cast<int8_t>(a < 0 ? -a : a);
       Ahi[r][k] = static_cast<int8_t>(u >> 4);
       Alo[r][k] = static_cast<int8_t>(u & 15);
