@@ -41,6 +41,11 @@ inline int32_t load_i32(const void* p) {
   std::memcpy(&v, p, 4);
   return v;
 }
+// acc += vpmaddubsw(u, s) in int16 lanes, kept one chain in a register.
+inline void add_products16(__m256i& acc, __m256i u, __m256i s) {
+  acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s));
+  keep(acc);
+}
 inline __m256i bcast(const int8_t* p) { return _mm256_set1_epi32(load_i32(p)); }
 inline __m256i panel(int offset) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(P + offset)); }
 
@@ -111,10 +116,8 @@ __attribute__((noinline)) void q8_nibbles(int32_t* out) {
 #pragma GCC unroll 6
         for (int r = 0; r < R; ++r) {
           const __m256i a = bcast(A[r] + 4 * g);
-          lo[r][j] = _mm256_add_epi16(lo[r][j], _mm256_maddubs_epi16(L, a));
-          keep(lo[r][j]);
-          hi[r][j] = _mm256_add_epi16(hi[r][j], _mm256_maddubs_epi16(H, a));
-          keep(hi[r][j]);
+          add_products16(lo[r][j], L, a);
+          add_products16(hi[r][j], H, a);
         }
       }
     widen<R>(tot, hi, lo);
@@ -134,10 +137,8 @@ __attribute__((noinline)) void q8_split(int32_t* out) {
       for (int r = 0; r < R; ++r) {
         const __m256i uh = bcast(Ahi[r] + 4 * g), ul = bcast(Alo[r] + 4 * g);
         for (int j = 0; j < 2; ++j) {
-          hi[r][j] = _mm256_add_epi16(hi[r][j], _mm256_maddubs_epi16(uh, b[j]));
-          keep(hi[r][j]);
-          lo[r][j] = _mm256_add_epi16(lo[r][j], _mm256_maddubs_epi16(ul, b[j]));
-          keep(lo[r][j]);
+          add_products16(hi[r][j], uh, b[j]);
+          add_products16(lo[r][j], ul, b[j]);
         }
       }
     }
