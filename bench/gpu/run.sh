@@ -31,7 +31,7 @@ grep -E "vdiff:|error|FAILED" "$RESULTS/build.log" | head -20
 [ $BUILD_RC -eq 0 ] || { echo "BUILD FAILED"; tail -40 "$RESULTS/build.log"; exit 1; }
 
 stamp "vdiff-cuda-tests"
-timeout 240 "$BUILD/native/vdiff-cuda-tests" --golden "$ROOT/test/fixtures/golden" 2>&1 | tee "$RESULTS/cuda-tests.txt" \
+timeout 240 "$BUILD/native/vdiff-cuda-tests" --require-device --golden "$ROOT/test/fixtures/golden" 2>&1 | tee "$RESULTS/cuda-tests.txt" \
   | grep -v "^ok  " ; echo "(every line: $RESULTS/cuda-tests.txt)"
 
 stamp "vdiff-native-tests on CUDA (informative)"

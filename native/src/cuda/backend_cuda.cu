@@ -408,8 +408,14 @@ CudaBackend::CudaBackend(const ModelConfig& config, TensorSet tensors, const Loa
   VDIFF_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   cublas_ = load_cublas(&cublas_reason_);
   if (cublas_) {
-    if (cublas_->create(&cublas_handle_) != 0 || cublas_->set_stream(cublas_handle_, stream_) != 0) {
+    if (cublas_->create(&cublas_handle_) != 0) {
       cublas_reason_ = "cublasCreate failed";
+      cublas_handle_ = nullptr;
+      cublas_ = nullptr;
+    } else if (cublas_->set_stream(cublas_handle_, stream_) != 0) {
+      cublas_reason_ = "cublasSetStream failed";
+      cublas_->destroy(cublas_handle_);
+      cublas_handle_ = nullptr;
       cublas_ = nullptr;
     }
   }
@@ -459,6 +465,9 @@ CudaBackend::CudaBackend(const ModelConfig& config, TensorSet tensors, const Loa
     rope_sin_ = static_cast<float*>(device_alloc(sin_table.size() * 4, "RoPE tables"));
     VDIFF_CUDA_CHECK(cudaMemcpy(rope_cos_, cos_table.data(), cos_table.size() * 4, cudaMemcpyHostToDevice));
     VDIFF_CUDA_CHECK(cudaMemcpy(rope_sin_, sin_table.data(), sin_table.size() * 4, cudaMemcpyHostToDevice));
+    // The uploads went through the legacy default stream, and a pageable copy may return before its DMA
+    // lands; forwards run on the non-blocking stream_, which does not wait for it.
+    VDIFF_CUDA_CHECK(cudaDeviceSynchronize());
   } catch (...) {
     if (stream_) cudaStreamSynchronize(stream_);
     for (void* p : allocations_) cudaFree(p);
@@ -786,6 +795,10 @@ void CudaBackend::predict(const std::vector<ForwardSeq>& batch, const std::vecto
       device_index.push_back(j);
     }
   }
+  // The stream is non-blocking: nothing on the legacy default stream waits for it. So the step is waited for
+  // here whatever its tasks (the next forward reuses its buffers, and a kernel's error belongs to this call),
+  // and the host rows' logits are copied on the stream itself.
+  if (device_tasks.empty()) sync();
   if (!device_tasks.empty()) {
     const size_t n = device_tasks.size();
     auto* d_tasks = static_cast<TaskDesc*>(tasks_.ensure(n * sizeof(TaskDesc), "row tasks"));
@@ -806,11 +819,12 @@ void CudaBackend::predict(const std::vector<ForwardSeq>& batch, const std::vecto
   std::vector<int32_t> scratch;
   for (size_t j : host_index) {
     const RowTask& t = tasks[j];
-    VDIFF_CUDA_CHECK(
-        cudaMemcpy(cond.data(), logits_.as<float>() + static_cast<size_t>(t.cond) * E, E * 4, cudaMemcpyDeviceToHost));
+    VDIFF_CUDA_CHECK(cudaMemcpyAsync(cond.data(), logits_.as<float>() + static_cast<size_t>(t.cond) * E, E * 4,
+                                     cudaMemcpyDeviceToHost, stream_));
     if (t.uncond >= 0)
-      VDIFF_CUDA_CHECK(cudaMemcpy(uncond.data(), logits_.as<float>() + static_cast<size_t>(t.uncond) * E, E * 4,
-                                  cudaMemcpyDeviceToHost));
+      VDIFF_CUDA_CHECK(cudaMemcpyAsync(uncond.data(), logits_.as<float>() + static_cast<size_t>(t.uncond) * E, E * 4,
+                                       cudaMemcpyDeviceToHost, stream_));
+    sync();
     sample_task(cond.data(), t.uncond >= 0 ? uncond.data() : nullptr, E, t, out[j], &scratch);
   }
   if (cancel && cancel->load()) throw Error(ErrorCode::Cancelled, "step cancelled");

@@ -554,11 +554,13 @@ void launch_add(float* x, const float* y, int64_t n, cudaStream_t stream) {
 }
 
 __global__ void add_bias_kernel(float* y, int T, int64_t ld, const float* bias, int n) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= static_cast<int64_t>(T) * n) return;
-  const int64_t t = i / n;
-  const int j = static_cast<int>(i % n);
-  y[t * ld + j] += bias[j];
+  const int64_t count = static_cast<int64_t>(T) * n;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / n;
+    const int j = static_cast<int>(i % n);
+    y[t * ld + j] += bias[j];
+  }
 }
 
 void launch_add_bias(float* y, int T, int64_t ld, const float* bias, int n, cudaStream_t stream) {

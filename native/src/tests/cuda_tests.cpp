@@ -8,9 +8,10 @@
 // Device part (a GPU visible): op parity of every kernel against CPU references, the CUDA backend against
 // the CPU backend (plain and KV-cached forwards, predict), the golden fixtures on CUDA (logits, and the
 // generated tokens: exact for f32 models, agreement reported for bf16/f16), and batch invariance. Without
-// a GPU it prints "SKIPPED: no CUDA device (<reason>)" and exits 0 when the host part passed.
+// a GPU it prints "SKIPPED: no CUDA device (<reason>)" and exits 0 when the host part passed, unless
+// --require-device (bench/gpu/run.sh: a GPU machine whose driver the runtime cannot use must not pass).
 //
-//   vdiff-cuda-tests [--golden DIR] [--host-only]
+//   vdiff-cuda-tests [--golden DIR] [--host-only] [--require-device]
 #include <cinttypes>
 
 #include "core/backend.h"
@@ -1034,13 +1035,14 @@ void device_batch_invariance(const std::string& golden_dir) {
 int main(int argc, char** argv) {
   using namespace vdiff::test;
   std::string golden_dir = VDIFF_GOLDEN_DIR;
-  bool host_only = false;
+  bool host_only = false, require_device = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--golden" && i + 1 < argc) golden_dir = argv[++i];
     else if (a == "--host-only") host_only = true;
+    else if (a == "--require-device") require_device = true;  // the device script: no GPU is a failure
     else {
-      std::fprintf(stderr, "usage: vdiff-cuda-tests [--golden DIR] [--host-only]\n");
+      std::fprintf(stderr, "usage: vdiff-cuda-tests [--golden DIR] [--host-only] [--require-device]\n");
       return 2;
     }
   }
@@ -1063,6 +1065,8 @@ int main(int argc, char** argv) {
   if (!device) host_device_unavailable(golden_dir);
   if (host_only) {
     std::printf("SKIPPED: device checks (--host-only)\n");
+  } else if (!device && require_device) {
+    report(false, "a CUDA device (--require-device)", reason);
   } else if (!device) {
     std::printf(
         "SKIPPED: no CUDA device (%s): op parity, backend parity, golden fixtures on CUDA and batch invariance "
