@@ -326,26 +326,33 @@ describe("an answer that ends early", () => {
   })
 })
 
-describe("a prompt list longer than the queue", () => {
+describe("a prompt list longer than the batch and the queue together", () => {
+  // A batch of 8 sequences and a queue of 4.
   let small: TestServer
   beforeAll(async () => {
     small = await startServer({ script: (t) => textScript(t, () => "Hello world"), scheduler: { queueCapacity: 4 } })
   })
   afterAll(() => small.close())
+  const letters = (count: number) => Array.from({ length: count }, (_, i) => String.fromCharCode(97 + i))
 
   it("is a 400 naming prompt even on an idle server, and nothing of it reaches the engine", async () => {
-    const response = await small.post("/v1/completions", { prompt: ["a", "b", "c", "d", "e", "f"], max_tokens: 1 })
-    expect(response.status).toBe(400)
-    const body = (await response.json()) as { error: Record<string, unknown> }
-    expect(body.error).toMatchObject({ type: "invalid_request_error", param: "prompt", code: "too_many_prompts" })
-    expect(body.error["message"]).toMatch(/6 prompts.*at most 4/)
+    for (const [prompts, n, most] of [
+      [13, 1, 12],
+      [9, 2, 8]
+    ] as const) {
+      const response = await small.post("/v1/completions", { prompt: letters(prompts), n, max_tokens: 1 })
+      expect(response.status).toBe(400)
+      const body = (await response.json()) as { error: Record<string, unknown> }
+      expect(body.error).toMatchObject({ type: "invalid_request_error", param: "prompt", code: "too_many_prompts" })
+      expect(body.error["message"]).toMatch(new RegExp(`${prompts} prompts.*at most ${most} requests of n = ${n}`))
+    }
     expect(small.engine.created).toHaveLength(0)
   })
 
-  it("is answered when it fits the queue", async () => {
-    const response = await small.post("/v1/completions", { prompt: ["a", "b", "c", "d"], max_tokens: 2 })
+  it("is answered whole when it fits: the free batch slots take the first prompts, the queue the rest", async () => {
+    const response = await small.post("/v1/completions", { prompt: letters(12), max_tokens: 2 })
     expect(response.status).toBe(200)
-    expect(strict(CompletionResponse)(await response.json()).choices).toHaveLength(4)
+    expect(strict(CompletionResponse)(await response.json()).choices).toHaveLength(12)
   })
 })
 

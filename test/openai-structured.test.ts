@@ -5,7 +5,7 @@
  * tokens the model puts in the slots (quotes, backslashes, newlines, special tokens), the text is JSON
  * that parses and has the schema's keys.
  */
-import { Effect } from "effect"
+import { Effect, Option } from "effect"
 import fc from "fast-check"
 import { join } from "node:path"
 import { beforeAll, describe, expect, it } from "vitest"
@@ -113,5 +113,22 @@ describe("layOut", () => {
       }),
       { numRuns: 300 }
     )
+  })
+
+  it("ends a value at the model's end token: what follows it (a made-up next turn) is not the value", () => {
+    const skeleton = skeletonOf(schema)
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    const laid = layOut(skeleton, 6, tokenizer)
+    const words = (text: string) => tokenizer.encode(text, { addSpecialTokens: false })
+    const special = tokenizer.specialTokens
+    const eot = Option.getOrThrow(special.eot)
+    const name = [...words(" Good"), eot, ...words(" user Why")].slice(0, 6)
+    const seat = [...words(" York"), special.eos, ...words(" and more")].slice(0, 6)
+    while (name.length < 6) name.push(special.mask)
+    while (seat.length < 6) seat.push(special.mask)
+    const values = [...name, ...seat]
+    let v = 0
+    const canvas = laid.template.map((t) => (t === -1 ? values[v++]! : t))
+    expect(JSON.parse(laid.render(canvas))).toEqual({ name: "Good", house: { seat: "York" } })
   })
 })

@@ -121,6 +121,25 @@ describe("Scheduler", () => {
     }).pipe(Effect.provide(layer))
   })
 
+  it.live("counts against the queue only the requests the batch has no room for", () => {
+    // Two batch slots and one queue place hold three requests that reach an idle server at once, however
+    // they fall between the loop's admissions; a fourth then finds the queue full.
+    const { engine, layer } = setup({ maxConcurrent: 2, queueCapacity: 1 }, { stepMs: 5 })
+    return Effect.gen(function* () {
+      const scheduler = yield* Scheduler.Scheduler
+      const three = yield* Effect.all(
+        [1, 2, 3].map((p) => scheduler.generate({ prompt: [p], settings: settings(4) })),
+        { concurrency: "unbounded", mode: "either" }
+      ).pipe(Effect.fork)
+      yield* waitUntil(() => engine.batches.length >= 1)
+      const refused = yield* Effect.either(scheduler.generate({ prompt: [4], settings: settings(2) }))
+      expect(Either.isLeft(refused) && refused.left._tag).toBe("QueueFull")
+      const results = yield* Fiber.join(three)
+      expect(results.map((r) => Either.isRight(r) && r.right.choices[0]!.tokens.length)).toEqual([4, 4, 4])
+      expect(engine.batches[0]).toHaveLength(2)
+    }).pipe(Effect.provide(layer))
+  })
+
   it.live("frees a cancelled request's sequences within one step", () => {
     const { engine, layer } = setup({}, { stepMs: 2 })
     return Effect.gen(function* () {

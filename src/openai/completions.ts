@@ -88,16 +88,18 @@ export const completions = (request: CompletionRequest) =>
     const prompts = (yield* preparePrompts(request.prompt, tokenizer)).map((prompt) =>
       suffix.length === 0 ? prompt : { ...prompt, suffix }
     )
-    // Every prompt is one request to the scheduler, all submitted at once: a list longer than its queue
-    // can never be admitted whole, however idle the server, so it is the request that is wrong (400),
-    // not the moment (503), and nothing is submitted. (A single prompt can only meet a queue that is full
-    // now: 503, retry later.)
-    const { capacity } = yield* scheduler.stats
-    if (prompts.length > 1 && prompts.length > capacity) {
+    // Every prompt is one request to the scheduler, all submitted at once: a list longer than an idle
+    // server's batch and queue together can never be admitted whole, so it is the request that is wrong
+    // (400), not the moment (503), and nothing is submitted. (A single prompt can only meet a queue that is
+    // full now: 503, retry later.)
+    const { capacity, maxConcurrent } = yield* scheduler.stats
+    const atOnce = capacity + Math.floor(maxConcurrent / plan.n)
+    if (prompts.length > 1 && prompts.length > atOnce) {
       return yield* new BadRequest({
         message:
-          `prompt has ${prompts.length} prompts, but this server queues at most ${capacity} requests at once; ` +
-          `send at most ${capacity} prompts per request`,
+          `prompt has ${prompts.length} prompts, but this server takes at most ${atOnce} requests of n = ${plan.n} ` +
+          `at once (${Math.floor(maxConcurrent / plan.n)} in its batch, ${capacity} waiting); ` +
+          `send at most ${atOnce} prompts per request`,
         param: "prompt",
         code: "too_many_prompts"
       })

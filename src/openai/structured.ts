@@ -9,12 +9,12 @@
  *
  * What a template can honour: an object with known keys (`properties`), whose values are strings (a slot
  * each), nested objects of the same kind, or fixed values (`const`, a one-value `enum`). Every property
- * is written, in schema order. A slot's text is read back with special tokens left out, whitespace runs
+ * is written, in schema order. A slot's text is read back up to its first end token (EOS, end of turn), with special tokens left out, whitespace runs
  * folded to one space and trimmed, and JSON-escaped, so the reply always parses and matches the schema.
  * What it cannot honour is refused (400) with the reason: numbers, booleans, arrays and string formats
  * would need the model's choice restricted token by token, which the engine does not do.
  */
-import { Effect } from "effect"
+import { Effect, Option } from "effect"
 import { BadRequest } from "../api/errors.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { NOT_COMMITTED } from "./ChoiceDecoder.js"
@@ -192,6 +192,7 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
     }
   }
   const special = tokenizer.specialTokens
+  const ends = new Set([special.eos, ...Option.toArray(special.eot)])
   return {
     template,
     slotTokens,
@@ -199,9 +200,12 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
       pieces
         .map((piece) => {
           if ("fixed" in piece) return piece.fixed
+          // A value ends where the model ended it (EOS, end of turn), as a plain answer does: what the model
+          // wrote after that (a made-up next turn) is not the value.
           const tokens: Array<number> = []
           for (let i = piece.start; i < piece.start + slotTokens; i++) {
             const token = canvas[i]!
+            if (ends.has(token)) break
             if (token !== NOT_COMMITTED && token !== special.mask) tokens.push(token)
           }
           const text = tokenizer.decode(tokens, { skipSpecialTokens: true }).replace(/\s+/g, " ").trim()

@@ -205,6 +205,31 @@ export const make = (options: SchedulerOptions) =>
     const busy = Effect.map(queueLength, (queued) => running.length > 0 || head !== undefined || queued > 0 || unended.size > 0)
     const runningSequences = () => running.reduce((sum, job) => sum + job.sequences.length, 0)
     const runningTokens = () => running.reduce((sum, job) => sum + job.tokens, 0)
+    /**
+     * Whether a job of n sequences and `tokens` canvas tokens, arriving now, waits for room, and how many
+     * jobs wait before it: the jobs not running, in arrival order, less those the batch's free room takes
+     * at the loop's next admission (a burst that reaches an idle server between two steps waits for nothing).
+     * The queue's capacity bounds the waiting ones.
+     */
+    const waitingForRoom = (n: number, tokens: number) => {
+      let sequences = runningSequences()
+      let batchTokens = runningTokens()
+      let empty = running.length === 0
+      let waiting = 0
+      const fits = (job: { readonly n: number; readonly tokens: number }) =>
+        empty || (sequences + job.n <= options.maxConcurrent && batchTokens + job.tokens <= options.maxBatchTokens)
+      for (const job of unended) {
+        if (running.includes(job)) continue
+        if (waiting === 0 && fits(job)) {
+          sequences += job.n
+          batchTokens += job.tokens
+          empty = false
+        } else {
+          waiting++
+        }
+      }
+      return { ahead: waiting, waits: waiting > 0 || !fits({ n, tokens }) }
+    }
 
     const releaseJob = (job: Job) =>
       Effect.forEach(job.sequences, (id) => engine.release(id), { discard: true }).pipe(
@@ -522,9 +547,11 @@ export const make = (options: SchedulerOptions) =>
         if (state.draining) return yield* new Draining({ message: "the server is shutting down" })
         const timeoutMs = request.timeoutMs ?? options.requestTimeoutMs
         const now = yield* Clock.currentTimeMillis
+        const tokens = canvasTokens(request, n, family)
         // The loop may hold the head of the queue while it waits for room; it still counts as waiting.
         const queued = (yield* queueLength) + (head === undefined ? 0 : 1)
-        if (queued >= options.queueCapacity) {
+        const room = waitingForRoom(n, tokens)
+        if (room.waits && room.ahead >= options.queueCapacity) {
           return yield* new QueueFull({
             message: `the request queue is full (${options.queueCapacity} waiting); retry later`,
             retryAfterSeconds: 1
@@ -533,7 +560,7 @@ export const make = (options: SchedulerOptions) =>
         const job: Job = {
           request,
           n,
-          tokens: canvasTokens(request, n, family),
+          tokens,
           deadline: timeoutMs > 0 ? now + timeoutMs : 0,
           mailbox: yield* Mailbox.make<StepEvent, GenerationError>(),
           cancelledAtStep: undefined,
