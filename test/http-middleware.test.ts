@@ -47,7 +47,7 @@ describe("auth", () => {
         const missing = yield* request(url + "/v1/models")
         expect(missing.status).toBe(401)
         expect(missing.headers.get("www-authenticate")).toBe(`Bearer realm="vdiff"`)
-        expectErrorBody(missing.json, "authentication_error", "missing_api_key", missing.headers.get("x-request-id"))
+        expectErrorBody(missing.json, "invalid_request_error", "missing_api_key", missing.headers.get("x-request-id"))
 
         const basic = yield* request(url + "/v1/models", { headers: { authorization: "Basic a2V5LW9uZQ==" } })
         expect(basic.status).toBe(401)
@@ -55,7 +55,7 @@ describe("auth", () => {
         const wrong = yield* request(url + "/v1/models", { headers: { authorization: "Bearer key-three" } })
         expect(wrong.status).toBe(401)
         expect(wrong.headers.get("www-authenticate")).toBe(`Bearer realm="vdiff"`)
-        expectErrorBody(wrong.json, "authentication_error", "invalid_api_key", wrong.headers.get("x-request-id"))
+        expectErrorBody(wrong.json, "invalid_request_error", "invalid_api_key", wrong.headers.get("x-request-id"))
         expect(wrong.text).not.toContain("key-three")
 
         // A prefix or an extension of a key is not the key.
@@ -92,7 +92,7 @@ describe("routing errors", () => {
       Effect.gen(function* () {
         const missing = yield* request(url + "/v2/completions")
         expect(missing.status).toBe(404)
-        expectErrorBody(missing.json, "not_found_error", "route_not_found", missing.headers.get("x-request-id"))
+        expectErrorBody(missing.json, "invalid_request_error", "route_not_found", missing.headers.get("x-request-id"))
 
         const getCompletions = yield* request(url + "/v1/completions")
         expect(getCompletions.status).toBe(405)
@@ -237,6 +237,26 @@ describe("CORS", () => {
         const simple = yield* request(url + "/v1/models", { headers: { origin: "https://app.example" } })
         expect(simple.status).toBe(200)
         expect(simple.headers.get("access-control-allow-origin")).toBeNull()
+        // What a page can POST anywhere without a preflight (a form, plain text) is refused before it runs;
+        // JSON from a page (the playground's own requests) and bodies from clients that send no Origin run.
+        const body = JSON.stringify({ prompt: "ROMEO:", max_tokens: 1 })
+        for (const type of ["text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]) {
+          const form = yield* request(url + "/v1/completions", {
+            method: "POST",
+            headers: { origin: "https://evil.example", "content-type": type },
+            body
+          })
+          expect(form.status, type).toBe(403)
+          expectErrorBody(form.json, "permission_error", "origin_not_allowed", form.headers.get("x-request-id"))
+        }
+        const page = yield* postJson(url + "/v1/completions", { prompt: "ROMEO:", max_tokens: 1 }, { origin: url })
+        expect(page.status).toBe(200)
+        const curl = yield* request(url + "/v1/completions", {
+          method: "POST",
+          headers: { "content-type": "application/x-www-form-urlencoded" },
+          body
+        })
+        expect(curl.status).toBe(200)
       })
     )
   )

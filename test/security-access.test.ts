@@ -164,7 +164,7 @@ describe("with API keys set (vdiff serve child, log level debug)", () => {
           expect(header(reply, "www-authenticate"), context).toMatch(/^Bearer/)
           if (method !== "HEAD") {
             const error = JSON.parse(reply.text).error
-            expect(error.type, context).toBe("authentication_error")
+            expect(error.type, context).toBe("invalid_request_error")
             expect(["missing_api_key", "invalid_api_key"], context).toContain(error.code)
           }
         }

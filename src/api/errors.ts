@@ -115,10 +115,10 @@ export const apiError = <const Tag extends string>(tag: Tag, kind: ApiErrorKind)
 export const BadRequest = apiError("BadRequest", { status: 400, type: "invalid_request_error" })
 export type BadRequest = InstanceType<typeof BadRequest>
 
-/** 401: no API key was given where one is required. */
+/** 401: no API key, or an unknown one, where one is required. OpenAI's type for it is invalid_request_error. */
 export const Unauthorized = apiError("Unauthorized", {
   status: 401,
-  type: "authentication_error",
+  type: "invalid_request_error",
   headers: { "www-authenticate": `Bearer realm="vdiff"` }
 })
 export type Unauthorized = InstanceType<typeof Unauthorized>
@@ -130,8 +130,8 @@ export type Unauthorized = InstanceType<typeof Unauthorized>
 export const Forbidden = apiError("Forbidden", { status: 403, type: "permission_error" })
 export type Forbidden = InstanceType<typeof Forbidden>
 
-/** 404: unknown model or route. */
-export const NotFound = apiError("NotFound", { status: 404, type: "not_found_error" })
+/** 404: unknown model or route (OpenAI's type for both is invalid_request_error; `code` tells them apart). */
+export const NotFound = apiError("NotFound", { status: 404, type: "invalid_request_error" })
 export type NotFound = InstanceType<typeof NotFound>
 
 /** 405: the route exists, the method does not (the response carries Allow). */

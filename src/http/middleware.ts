@@ -166,13 +166,20 @@ const corsExposed = "x-request-id, retry-after, x-ratelimit-limit, x-ratelimit-r
  * Cross-origin access for the origins given (`*`: any). With none, no response carries CORS headers, so
  * browsers keep other origins out. A preflight (OPTIONS with Origin and Access-Control-Request-Method) is
  * answered here, before auth (browsers send preflights without credentials): 204 for an allowed origin,
- * 403 otherwise.
+ * 403 otherwise. A POST from a page of an origin not allowed that is not JSON (a form, plain text: what a
+ * page can send without a preflight) is refused the same way.
  *
  * Why not @effect/platform's HttpMiddleware.cors (0.97): it answers every OPTIONS request with 204, for
  * any origin and before anything else, where a preflight from an origin not allowed gets a 403 with the
  * API's error body here; with no origins given it allows every origin (`*`), where here none is the safe
  * default; and with one origin it sends that origin to every client. Keep this one unless those change.
  */
+/** Whether a Content-Type header names JSON (application/json, or a `+json` type), parameters aside. */
+const isJson = (contentType: string | undefined) => {
+  const type = (contentType ?? "").split(";")[0]!.trim().toLowerCase()
+  return type === "application/json" || (type.startsWith("application/") && type.endsWith("+json"))
+}
+
 export const cors = (allowedOrigins: ReadonlyArray<string>) => {
   const anyOrigin = allowedOrigins.includes("*")
   const allowed = (origin: string) => anyOrigin || allowedOrigins.includes(origin)
@@ -188,6 +195,17 @@ export const cors = (allowedOrigins: ReadonlyArray<string>) => {
         if (preflight) {
           return yield* new Forbidden({
             message: `cross-origin requests from ${origin} are not allowed`,
+            code: "origin_not_allowed"
+          })
+        }
+        // A page may send a form or plain text anywhere without asking first (no preflight): the browser
+        // hides the answer, but the server would still run it. So a POST from a page whose origin is not
+        // allowed must be JSON, which browsers ask about first (and the preflight above refuses). The
+        // playground, served from this server, sends JSON; clients that are not browsers send no Origin.
+        if (origin !== undefined && request.method === "POST" && !isJson(request.headers["content-type"])) {
+          return yield* new Forbidden({
+            message:
+              `cross-origin requests from ${origin} are not allowed: a page's POST must be sent as ` + "Content-Type: application/json",
             code: "origin_not_allowed"
           })
         }
