@@ -71,9 +71,8 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
   ["empty stop string", { ...prompt, stop: ["x", ""] }, "stop", /must not be empty/],
   ["stop_token_ids a string", { ...prompt, stop_token_ids: "x" }, "stop_token_ids"],
   ["negative stop token id", { ...prompt, stop_token_ids: [-1] }, "stop_token_ids"],
-  ["negative seed", { ...prompt, seed: -1 }, "seed"],
-  ["fractional seed", { ...prompt, seed: 1.5 }, "seed"],
-  ["huge seed", { ...prompt, seed: 2 ** 60 }, "seed"],
+  ["fractional seed", { ...prompt, seed: 1.5 }, "seed", /^seed must be an integer/],
+  ["seed beyond 64 bits", { ...prompt, seed: 2 ** 70 }, "seed"],
   ["logprobs above 20", { ...prompt, logprobs: 21 }, "logprobs"],
   ["logprobs a boolean", { ...prompt, logprobs: true }, "logprobs"],
   ["echo a string", { ...prompt, echo: "yes" }, "echo"],
@@ -115,6 +114,16 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
   ["repetition_penalty 0", { ...prompt, repetition_penalty: 0 }, "repetition_penalty", /greater than 0 and at most 2/],
   ["repetition_penalty a string", { ...prompt, repetition_penalty: "1.2" }, "repetition_penalty"],
   ["logit_bias set", { ...prompt, logit_bias: { "1": 5 } }, "logit_bias"],
+  ["vLLM's ignore_eos", { ...prompt, ignore_eos: true }, "ignore_eos", /^ignore_eos is not supported: an answer always ends/],
+  ["vLLM's min_tokens", { ...prompt, min_tokens: 20 }, "min_tokens"],
+  ["vLLM's allowed_token_ids", { ...prompt, allowed_token_ids: [10] }, "allowed_token_ids", /restrict the vocabulary/],
+  ["vLLM's bad_words", { ...prompt, bad_words: ["O"] }, "bad_words"],
+  ["vLLM's guided_choice", { ...prompt, guided_choice: ["yes", "no"] }, "guided_choice", /constrained decoding/],
+  ["vLLM's structured_outputs", { ...prompt, structured_outputs: { json: {} } }, "structured_outputs"],
+  ["vLLM's include_stop_str_in_output", { ...prompt, include_stop_str_in_output: true }, "include_stop_str_in_output"],
+  ["vLLM's truncate_prompt_tokens", { ...prompt, truncate_prompt_tokens: 1 }, "truncate_prompt_tokens"],
+  ["vLLM's prompt_logprobs", { ...prompt, prompt_logprobs: 2 }, "prompt_logprobs", /does not score prompt tokens/],
+  ["response_format on completions", { ...prompt, response_format: { type: "json_object" } }, "response_format", /chat/],
   ["model a number", { ...prompt, model: 5 }, "model"],
   ["prompt over the context", { prompt: "x".repeat(200) }, "prompt", /maximum context length is 128 tokens/],
   [
@@ -155,6 +164,15 @@ const chatCases: ReadonlyArray<readonly [string, Record<string, unknown>, string
   ["top_logprobs above 20", { ...chat, logprobs: true, top_logprobs: 21 }, "top_logprobs"],
   ["top_logprobs without logprobs", { ...chat, top_logprobs: 2 }, "top_logprobs", /requires logprobs/],
   ["tools", { ...chat, tools: [{ type: "function" }] }, "tools"],
+  ["tool_choice required", { ...chat, tool_choice: "required" }, "tool_choice", /cannot call tools/],
+  ["a named tool_choice", { ...chat, tool_choice: { type: "function", function: { name: "f" } } }, "tool_choice"],
+  ["legacy functions", { ...chat, functions: [{ name: "f", parameters: {} }] }, "functions"],
+  ["legacy function_call", { ...chat, function_call: { name: "f" } }, "function_call"],
+  ["audio modalities", { ...chat, modalities: ["text", "audio"] }, "modalities", /text only/],
+  ["audio output", { ...chat, audio: { voice: "alloy", format: "wav" } }, "audio"],
+  ["vLLM's chat echo", { ...chat, echo: true }, "echo", /does not repeat the conversation/],
+  ["vLLM's ignore_eos in chat", { ...chat, ignore_eos: true }, "ignore_eos"],
+  ["vLLM's guided_json in chat", { ...chat, guided_json: { type: "object" } }, "guided_json"],
   ["a JSON response_format", { ...chat, response_format: { type: "json_object" } }, "response_format"],
   ["temperature above 2", { ...chat, temperature: 3 }, "temperature"],
   ["messages over the context", { messages: [{ role: "user", content: "x".repeat(200) }] }, "messages", /maximum context length/],
@@ -188,7 +206,7 @@ describe("request validation", () => {
     ] as const) {
       const error = await expectError(await server.post(path, { ...body, model: "gpt-4" }), 404, "model", /gpt-4/)
       expect(error.code).toBe("model_not_found")
-      expect(error.type).toBe("not_found_error")
+      expect(error.type).toBe("invalid_request_error")
     }
     await expectError(await fetch(`${server.url}/v1/models/gpt-4`), 404, "model")
   })
@@ -220,5 +238,46 @@ describe("request validation", () => {
     })
     expect(response.status).toBe(200)
     expect(((await response.json()) as { choices: Array<{ text: string }> }).choices[0]!.text).toBe("Hello world")
+  })
+
+  it("seed takes any 64-bit integer, negative ones too, folded into the engine's 0 to 2^52", async () => {
+    const seeds: Array<readonly [number | string, number]> = [
+      [-42, 2 ** 52 - 42],
+      ["9223372036854775807", 0], // 2^63 - 1 as JSON reads it: 2^63, a multiple of 2^52
+      [2 ** 52, 2 ** 52], // in range: as given
+      [2 ** 52 + 5, 5]
+    ]
+    for (const [seed, engineSeed] of seeds) {
+      const body = `{"prompt": "Say hello", "seed": ${seed}}`
+      const response = await server.post("/v1/completions", body)
+      expect(response.status, String(seed)).toBe(200)
+      expect(server.engine.created.at(-1)!.settings.seed, String(seed)).toBe(engineSeed)
+    }
+  })
+
+  it("fields that are not honoured pass at the values that change nothing", async () => {
+    const completion = await server.post("/v1/completions", {
+      ...prompt,
+      ignore_eos: false,
+      min_tokens: 0,
+      allowed_token_ids: [],
+      bad_words: [],
+      include_stop_str_in_output: false,
+      guided_json: null,
+      response_format: { type: "text" }
+    })
+    expect(completion.status).toBe(200)
+    const reply = await server.post("/v1/chat/completions", {
+      ...chat,
+      tool_choice: "none",
+      functions: [],
+      function_call: "auto",
+      modalities: ["text"],
+      audio: null,
+      echo: false,
+      parallel_tool_calls: true
+    })
+    expect(reply.status).toBe(200)
+    expect(((await reply.json()) as { choices: Array<{ message: { content: string } }> }).choices[0]!.message.content).toBe("Hello world")
   })
 })

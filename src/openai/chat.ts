@@ -7,8 +7,8 @@ import { ChatFormatter, type ChatMessage } from "../chat/ChatFormatter.js"
 import { RequestId } from "../api/RequestId.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { BadRequest, InternalError } from "../api/errors.js"
-import type { ChatCompletionRequest } from "./protocol.js"
-import { checkModel, makePlan, type PreparedPrompt } from "./plan.js"
+import { type ChatCompletionRequest, chatUnhonoured } from "./protocol.js"
+import { checkModel, makePlan, type PreparedPrompt, refuseUnhonoured } from "./plan.js"
 import { chatLogprobs, respond, TokenTexts } from "./render.js"
 import { preparePromptJobs } from "./run.js"
 import type { ChoiceDecoder } from "./ChoiceDecoder.js"
@@ -54,6 +54,7 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
           : undefined
     // An unknown model is a 404 before anything about the request's content is.
     yield* checkModel(request.model)
+    yield* refuseUnhonoured(request, chatUnhonoured)
     const structured = yield* planStructured({
       type: request.response_format?.type,
       schema: request.response_format?.json_schema?.schema,

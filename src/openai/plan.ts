@@ -15,7 +15,7 @@ import * as Sampling from "../config/sampling.js"
 import type { SamplingSettings } from "../engine/Engine.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
-import type { SamplingRequest } from "./protocol.js"
+import type { SamplingRequest, Unhonoured } from "./protocol.js"
 import { ServingConfig } from "./ServingConfig.js"
 
 /** `model` may be left out; when given it must name the served model. */
@@ -33,6 +33,19 @@ export const checkModel = (model: string | undefined) =>
   )
 
 const notSupported = (param: string, message: string) => Effect.fail(new BadRequest({ message, param, code: "unsupported_parameter" }))
+
+/**
+ * A 400 naming the first field of `table` (protocol.ts: chatUnhonoured, completionUnhonoured) that the
+ * request gives with a value that would change the answer: it would otherwise be answered as if the field
+ * were not there.
+ */
+export const refuseUnhonoured = (request: object, table: Readonly<Record<string, Unhonoured>>) => {
+  for (const [name, { neutral, reason }] of Object.entries(table)) {
+    const value = (request as Record<string, unknown>)[name]
+    if (value !== undefined && !neutral(value)) return notSupported(name, `${name} is not supported: ${reason}`)
+  }
+  return Effect.void
+}
 
 /** Why a decoding other than full canvas takes no suffix (infilling lays tokens after the answer's masks). */
 const noSuffix: Record<Exclude<Sampling.Decoding, "full_canvas">, string> = {

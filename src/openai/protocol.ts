@@ -35,6 +35,25 @@ const TokenId = Schema.NonNegativeInt
 
 export { MAX_DIFFUSION_STEPS, MAX_SEED } from "../config/sampling.js"
 
+const SEED_MODULUS = BigInt(MAX_SEED)
+/**
+ * seed: any 64-bit integer, signed or not, as OpenAI and vLLM take it. The engine's seeds run from 0 to
+ * MAX_SEED (a request's n answers use seed, seed + 1, ..., which must stay exact); a seed outside that range
+ * is taken modulo 2^52.
+ */
+const Seed = Schema.transform(
+  described(
+    Schema.Number.pipe(Schema.filter((s) => Number.isInteger(s) && s >= -(2 ** 63) && s <= 2 ** 64)),
+    "seed must be an integer (any 64-bit value)"
+  ),
+  Schema.Number,
+  {
+    strict: true,
+    decode: (s) => (s >= 0 && s <= MAX_SEED ? s : Number(((BigInt(s) % SEED_MODULUS) + SEED_MODULUS) % SEED_MODULUS)),
+    encode: (s) => s
+  }
+)
+
 const Stop = described(Schema.Union(Schema.String, Schema.Array(Schema.String)), "stop must be a string or an array of strings")
 
 export const StreamOptions = Schema.Struct({
@@ -42,6 +61,70 @@ export const StreamOptions = Schema.Struct({
   /** vdiff extension: a `snapshot` of the whole canvas on every denoising step. */
   include_snapshots: optional(boolean("stream_options.include_snapshots"))
 })
+
+/**
+ * Fields of OpenAI's API and of vLLM's extensions that would change the answer and that this server does
+ * not honour, each with the values that change nothing (absent and `null` always do) and the reason. The
+ * request schemas keep them as they come, so that the serving code refuses any other value with a 400
+ * naming the field (openai/plan.ts `refuseUnhonoured`); every other unknown field is ignored.
+ */
+export interface Unhonoured {
+  readonly neutral: (value: unknown) => boolean
+  readonly reason: string
+}
+const never = () => false
+const isFalse = (value: unknown) => value === false
+const isEmptyList = (value: unknown) => Array.isArray(value) && value.length === 0
+const noTool = (value: unknown) => value === "none" || value === "auto"
+const noTools = "the model cannot call tools"
+const guided = {
+  neutral: never,
+  reason: "constrained decoding is not supported; chat's response_format json_schema lays out a JSON answer"
+}
+
+const sharedUnhonoured = {
+  ignore_eos: { neutral: isFalse, reason: "an answer always ends where the model puts its end token" },
+  min_tokens: { neutral: (value: unknown) => value === 0, reason: "an answer always ends where the model puts its end token" },
+  allowed_token_ids: { neutral: isEmptyList, reason: "the sampler does not restrict the vocabulary" },
+  bad_words: { neutral: isEmptyList, reason: "the sampler does not restrict the vocabulary" },
+  guided_json: guided,
+  guided_regex: guided,
+  guided_choice: guided,
+  guided_grammar: guided,
+  structured_outputs: guided,
+  include_stop_str_in_output: { neutral: isFalse, reason: "the text ends before the stop string" },
+  truncate_prompt_tokens: { neutral: never, reason: "prompts are never truncated" },
+  prompt_logprobs: { neutral: never, reason: "the engine does not score prompt tokens" }
+} satisfies Record<string, Unhonoured>
+
+/** Chat's unhonoured fields: the shared ones, tools' legacy and choice fields, audio, and vLLM's chat echo. */
+export const chatUnhonoured = {
+  ...sharedUnhonoured,
+  tool_choice: { neutral: noTool, reason: noTools },
+  functions: { neutral: isEmptyList, reason: noTools },
+  function_call: { neutral: noTool, reason: noTools },
+  modalities: {
+    neutral: (value: unknown) => Array.isArray(value) && value.every((m) => m === "text"),
+    reason: "the model writes text only"
+  },
+  audio: { neutral: never, reason: "the model writes text only" },
+  echo: { neutral: isFalse, reason: "a chat answer does not repeat the conversation (completions' echo does)" }
+} satisfies Record<string, Unhonoured>
+
+/** Completions' unhonoured fields: the shared ones and response_format (structured output is chat's here). */
+export const completionUnhonoured = {
+  ...sharedUnhonoured,
+  response_format: {
+    neutral: (value: unknown) => typeof value === "object" && value !== null && (value as { type?: unknown }).type === "text",
+    reason: "structured output is laid out for chat completions (response_format json_schema)"
+  }
+} satisfies Record<string, Unhonoured>
+
+/** Schema fields that keep the unhonoured fields as they come. */
+const kept = <K extends string>(table: Record<K, Unhonoured>) =>
+  Object.fromEntries(Object.keys(table).map((name) => [name, optional(Schema.Unknown)])) as {
+    [P in K]: ReturnType<typeof optional<unknown, unknown>>
+  }
 
 /**
  * Fields shared by completions and chat completions: the sampling settings (max_tokens, temperature, top_p,
@@ -54,7 +137,7 @@ const samplingFields = {
   n: optional(int("n", 1)),
   stop: optional(Stop),
   stop_token_ids: optional(described(Schema.Array(TokenId), "stop_token_ids must be an array of token ids")),
-  seed: optional(int("seed", 0, MAX_SEED)),
+  seed: optional(Seed),
   logit_bias: optional(described(Schema.Record({ key: Schema.String, value: Schema.Number }), "logit_bias must map token ids to numbers")),
   stream: optional(boolean("stream")),
   stream_options: optional(StreamOptions),
@@ -74,6 +157,7 @@ export const Prompt = described(
 )
 
 export const CompletionRequest = Schema.Struct({
+  ...kept(completionUnhonoured),
   ...samplingFields,
   prompt: Prompt,
   /**
@@ -118,6 +202,7 @@ export const ResponseFormat = Schema.Struct({
 export type ResponseFormat = typeof ResponseFormat.Type
 
 export const ChatCompletionRequest = Schema.Struct({
+  ...kept(chatUnhonoured),
   ...samplingFields,
   messages: Schema.Array(ChatMessage).annotations({
     message: () => ({ message: "messages must be an array of messages", override: false })
@@ -167,7 +252,7 @@ export const ResponseRequest = Schema.Struct({
   instructions: optional(described(Schema.String, "instructions must be a string")),
   max_output_tokens: optional(int("max_output_tokens", 1)),
   stream: optional(boolean("stream")),
-  seed: optional(int("seed", 0, MAX_SEED)),
+  seed: optional(Seed),
   text: optional(Schema.Struct({ format: optional(ResponseTextFormat) })),
   // Refused unless neutral (openai/responses.ts says why).
   store: optional(boolean("store")),
