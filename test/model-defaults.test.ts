@@ -37,6 +37,14 @@ describe("modelDefaults: the keys of generation_config.json that are sampling de
     )
   })
 
+  it("passes over what Dream's library writes into every checkpoint: steps without its length, alg origin", () => {
+    const dream = { alg: "origin", alg_temp: null, eps: 0.001, steps: 512, temperature: 0.0, top_k: null, top_p: null }
+    expect(Sampling.modelDefaults(dream, families["dream"])).toEqual(Either.right({ eps: 0.001, temperature: 0 }))
+    expect(Sampling.modelDefaults({ ...dream, alg: "maskgit_plus", max_new_tokens: 256 }, families["dream"])).toEqual(
+      Either.right({ alg: "maskgit_plus", eps: 0.001, temperature: 0, max_tokens: 256, diffusion_steps: 512 })
+    )
+  })
+
   it("passes over the settings that do not apply to the model's family", () => {
     // alg and eps are Dream's; remasking and cfg_scale are full-canvas settings.
     expect(Sampling.modelDefaults({ alg: "entropy", eps: 0.01, temperature: 0.2 }, families["llada"])).toEqual(

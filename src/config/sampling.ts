@@ -792,7 +792,8 @@ const generationConfigAliases: Readonly<Record<string, ServerField>> = {
  * The sampling defaults a model recommends in its directory's generation_config.json (Hugging Face's file,
  * which vLLM's `--generation-config auto` reads the same way): the keys that are server settings of this
  * table, by their request names (temperature, top_p, block_length, ...) or Hugging Face's (max_new_tokens,
- * and Dream's steps for diffusion_steps), each checked as a request's value is. Other keys (token ids,
+ * and Dream's steps for diffusion_steps, taken only with max_new_tokens; Dream's alg "origin", its library's
+ * default, is passed over), each checked as a request's value is. Other keys (token ids,
  * do_sample, transformers_version) are not sampling defaults here and are passed over, as are settings
  * that do not apply to the model's family. A value out of range fails with the request's message.
  */
@@ -805,6 +806,14 @@ export const modelDefaults = (json: unknown, family: ModelFamily = lladaFamily):
       given[field] = value
     }
   }
+  // Dream's library writes its own call defaults into every checkpoint's file (steps 512, alg "origin"),
+  // which are not recommendations: `steps` counts the steps of one answer length, so it is taken only with
+  // the max_new_tokens it goes with (else the server's default, a step per answer token, scales with each
+  // answer); "origin" reveals positions at random even at temperature 0, where the server's default
+  // (entropy) is deterministic.
+  const record = json as Record<string, unknown>
+  if (record["steps"] != null && record["diffusion_steps"] == null && record["max_new_tokens"] == null) delete given["diffusion_steps"]
+  if (given["alg"] === "origin") delete given["alg"]
   const decoded: Record<string, unknown> = {}
   for (const [field, value] of Object.entries(given)) {
     const result = Schema.decodeUnknownEither(requestValue(field, specOf(field as ServerField).value))(value)
