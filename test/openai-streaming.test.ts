@@ -226,23 +226,28 @@ describe("streaming chat completions", () => {
 })
 
 describe("failures and cancellation while streaming", () => {
-  const slowScript = (seconds: { stepMs: number; requestTimeoutMs?: number; queueCapacity?: number }) =>
+  const slowScript = (seconds: { stepMs: number; requestTimeoutMs?: number; queueCapacity?: number; maxConcurrent?: number }) =>
     startServer({
       script: (t) => textScript(t, () => "Hello world night the world", { end: "none" }),
       engine: { stepMs: seconds.stepMs },
       scheduler: {
         ...(seconds.requestTimeoutMs === undefined ? {} : { requestTimeoutMs: seconds.requestTimeoutMs }),
-        ...(seconds.queueCapacity === undefined ? {} : { queueCapacity: seconds.queueCapacity })
+        ...(seconds.queueCapacity === undefined ? {} : { queueCapacity: seconds.queueCapacity }),
+        ...(seconds.maxConcurrent === undefined ? {} : { maxConcurrent: seconds.maxConcurrent })
       }
     })
 
   it("answers with the HTTP status when the request fails before the stream starts", async () => {
-    const full = await slowScript({ stepMs: 1, queueCapacity: 0 })
+    // One batch slot, taken by a long request, and no queue: the next request has nowhere to wait.
+    const full = await slowScript({ stepMs: 5, queueCapacity: 0, maxConcurrent: 1 })
+    const busy = full.post("/v1/completions", { prompt: "Say hello", max_tokens: 100 })
     try {
+      await eventually(async () => (await Effect.runPromise(full.engine.live)) === 1, 2_000)
       const response = await full.post("/v1/completions", { prompt: "Say hello", stream: true })
       expect(response.status).toBe(503)
       const body = (await response.json()) as { error: { code: string; type: string } }
       expect(body.error).toMatchObject({ code: "queue_full", type: "service_unavailable_error" })
+      expect((await busy).status).toBe(200)
     } finally {
       await full.close()
     }

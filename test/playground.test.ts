@@ -29,6 +29,8 @@ const apiKey = "playground-test-key"
 /** Where to save a screenshot taken mid-generation (for the README), if anywhere. */
 const screenshotPath = process.env["VDIFF_PLAYGROUND_SCREENSHOT"]
 const embeddedModelDir = join(repoRoot, "models", "shakespeare")
+/** The served model's default block length: the embedded model's generation_config.json says 8. */
+let defaultBlock = 8
 
 interface Server {
   readonly child: ChildProcess
@@ -137,6 +139,7 @@ describe.skipIf(!haveChromium)(`the playground in headless Chromium (needs ${chr
       )
       if (made.status !== 0) throw new Error(`make-model failed: ${made.stderr}`)
       await writeTinyTokenizer(modelDir, { eos: 510, mask: 511 })
+      defaultBlock = 32
     }
     server = await startServer(modelDir)
     context = await chromium.launchPersistentContext(join(work, "profile"), {
@@ -303,6 +306,28 @@ describe.skipIf(!haveChromium)(`the playground in headless Chromium (needs ${chr
     const after = (await api("/v1/engine/stats")).scheduler.sequence_steps_total as number
     expect(after - before).toBeLessThan(totalSteps)
     expect(after - before).toBeGreaterThanOrEqual(stoppedAt)
+  })
+
+  it("leaves the settings to the server's defaults for the model, and boxes the block in force", async () => {
+    await page.goto(server.url + "/")
+    await page.getByLabel(/API key/).fill(apiKey)
+    // The form as it loads: only the answer length is filled in, so every family's defaults apply (a Dream
+    // model has no blocks, an SDAR model takes only the block it was trained with).
+    for (const label of ["Steps", "Block length", "Temperature", "Parallel threshold"]) {
+      expect(await page.getByLabel(label).inputValue(), label).toBe("")
+    }
+    await page.getByLabel("Max tokens").fill("24")
+    await page.getByLabel("Prompt", { exact: true }).fill("ROMEO:")
+    const sent = page.waitForRequest((request: any) => request.url().endsWith("/v1/completions"))
+    await page.getByRole("button", { name: "Run" }).click()
+    const body = JSON.parse((await sent).postData()!)
+    expect(Object.keys(body).sort()).toEqual(["max_tokens", "prompt", "stream", "stream_options"])
+    await expect.poll(() => page.locator("#status").textContent(), { timeout: 60_000 }).toMatch(/^Done/)
+    // The dashed box spans the server's default block (the embedded model's generation_config: 8; a tiny
+    // random model's: the server's 32, at most the answer).
+    const box = await page.locator("#canvas .block").getAttribute("aria-label")
+    const [, first, last] = /positions (\d+) to (\d+)/.exec(box!)!
+    expect(Number(last) - Number(first) + 1).toBe(Math.min(24, defaultBlock))
   })
 
   it("saw no script errors and no policy violations on any page", async () => {

@@ -393,6 +393,8 @@ export const Snapshot = Schema.Struct({
   total_steps: Schema.Int,
   /** The block this step worked on. */
   block: Schema.Int,
+  /** Answer positions per block (the request's block_length or the server's default): where `block` lies. */
+  block_length: Schema.Int,
   /** Positions still masked. */
   masked: Schema.Int,
   canvas: Schema.Array(Schema.String),

@@ -117,7 +117,7 @@ export const chatLogprobs = (
  * it also says the step's phase and, with token editing, which positions hold provisional tokens (shown
  * in the canvas, not yet final).
  */
-export const snapshotOf = (update: ChoiceUpdate, texts: TokenTexts, family: ModelFamily = lladaFamily): Snapshot => {
+export const snapshotOf = (update: ChoiceUpdate, texts: TokenTexts, blockLength: number, family: ModelFamily = lladaFamily): Snapshot => {
   const tokens = update.canvas === undefined ? [] : Array.from(update.canvas)
   const provisional = family.decoding === "block" ? provisionalOf(update.step).filter((p) => p.position < tokens.length) : []
   for (const p of provisional) if (tokens[p.position] === NOT_COMMITTED) tokens[p.position] = p.token
@@ -133,6 +133,7 @@ export const snapshotOf = (update: ChoiceUpdate, texts: TokenTexts, family: Mode
     step: update.step.stepsDone,
     total_steps: update.step.stepsTotal,
     block: update.step.block,
+    block_length: blockLength,
     masked,
     canvas,
     committed_now: update.step.committed.map((c) => c.position)
@@ -228,7 +229,7 @@ export const respond = (plan: AnswerPlan, jobs: ReadonlyArray<PromptJob>, render
           index,
           ...renderer.delta(job, update),
           finish_reason: delta.finishReason,
-          ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, renderer.texts, plan.family) } : {}),
+          ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, renderer.texts, job.settings.blockLength, plan.family) } : {}),
           ...promptIds(index, job),
           ...(plan.returnTokenIds ? { token_ids: decoder.tokenIds.slice(delta.firstToken, delta.endToken) } : {})
         })

@@ -32,7 +32,14 @@ const numberField = (id) => {
   return text === "" ? undefined : Number(text)
 }
 
-/** The request body; fields the user left empty are not sent. */
+/** A select's value, or undefined for its "default" entry (the server's default applies). */
+const choiceField = (id) => (byId(id).value === "" ? undefined : byId(id).value)
+
+/**
+ * The request body; fields the user left empty (or at "default") are not sent, so the server's defaults
+ * for its model family apply: a family refuses settings it was not made for (Dream has no blocks, SDAR
+ * takes only the block it was trained with).
+ */
 const requestBody = (chat) => {
   const text = prompt.value
   const body = chat ? { messages: [{ role: "user", content: text }] } : { prompt: text }
@@ -41,9 +48,8 @@ const requestBody = (chat) => {
     diffusion_steps: numberField("steps"),
     block_length: numberField("block-length"),
     temperature: numberField("temperature"),
-    remasking: byId("remasking").value,
-    // Acceleration settings are sent only when switched on, so servers without them are not bothered.
-    kv_cache: byId("kv-cache").value === "none" ? undefined : byId("kv-cache").value,
+    remasking: choiceField("remasking"),
+    kv_cache: choiceField("kv-cache"),
     parallel_threshold: numberField("parallel-threshold")
   }
   for (const [name, value] of Object.entries(fields)) if (value !== undefined) body[name] = value
@@ -172,7 +178,6 @@ const run = async () => {
   }
   const chat = chatMode.checked
   const body = requestBody(chat)
-  const blockLength = body.block_length
   const headers = { "content-type": "application/json" }
   if (apiKey.value.trim() !== "") headers.authorization = `Bearer ${apiKey.value.trim()}`
 
@@ -215,8 +220,9 @@ const run = async () => {
       if (choice.finish_reason) finishReason = choice.finish_reason
       if (choice.snapshot) {
         last = choice.snapshot
-        drawCanvas(last, blockLength)
-        drawProgress(last, blockLength, seconds())
+        // The block length in force (the request's, or the server's default for the model).
+        drawCanvas(last, last.block_length)
+        drawProgress(last, last.block_length, seconds())
       }
     }
     if (!done) throw new Error("the stream ended before [DONE]: the server may have stopped")
