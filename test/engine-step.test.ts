@@ -245,4 +245,27 @@ describe("vdiff generate (command line)", () => {
     expect(printed.ms).toBeGreaterThan(0)
     expect(printed.tokens_per_s).toBeGreaterThan(0)
   })
+
+  it("gives a block model its family's settings, as vdiff serve does, and refuses a block it was not trained with", async () => {
+    const tsx = join(import.meta.dirname, "..", "node_modules", ".bin", "tsx")
+    const main = join(import.meta.dirname, "..", "src", "main.ts")
+    const sdar = join(dir, "sdar-tiny")
+    await makeModel({ preset: "sdar-tiny", seed: 1, out: sdar })
+    const run = (...flags: Array<string>) =>
+      promisify(execFile)(tsx, [main, "generate", "--model", sdar, "--prompt-ids", "10,20,30", "--gen", "8", "--threads", "1", ...flags])
+    // SDAR's block of 4, one step per token: 2 blocks of 4 steps each.
+    const printed = JSON.parse((await run()).stdout)
+    const sdarEngine = await loadAddon().loadModel(sdar, { threads: 1 })
+    const [direct] = await runTogether(sdarEngine, [{ prompt: [10, 20, 30], params: greedy({ genLength: 8, blockLength: 4, steps: 4 }) }])
+    expect(printed.answer).toEqual(direct!.answer)
+    // With --steps 1 (per block here, as a request's diffusion_steps): one denoising step a block.
+    const fast = JSON.parse((await run("--steps", "1")).stdout)
+    expect(fast.steps).toBeLessThan(printed.steps)
+    const refused = await run("--block", "32").then(
+      () => undefined,
+      (error: { code: number; stderr: string }) => error
+    )
+    expect(refused?.code).toBe(1)
+    expect(refused?.stderr).toMatch(/--block: block_length must be 4/)
+  })
 })

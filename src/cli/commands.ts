@@ -43,18 +43,32 @@ export const generate = commandLine(
     promptIds: optionalText("Prompt as comma-separated token ids (required)", "1,2,3"),
     prompt: optionalText("Prompt as text (not supported: pass --prompt-ids)", "TEXT"),
     genLength: setting(IntegerText(1), { description: "Answer length in tokens", default: "128", value: "N", flag: "--gen" }),
-    blockLength: setting(IntegerText(1), { description: "Semi-autoregressive block length", default: "32", value: "N", flag: "--block" }),
-    steps: setting(IntegerText(1), { description: "Denoising steps over the whole answer", default: "128", value: "N" }),
+    blockLength: setting(Schema.UndefinedOr(IntegerText(1)), {
+      description: "Block length (default: the model family's, as vdiff serve gives it: 32, the model's trained block, or none for Dream)",
+      default: undefined,
+      defaultText: "",
+      value: "N",
+      flag: "--block"
+    }),
+    steps: setting(Schema.UndefinedOr(IntegerText(1)), {
+      description:
+        "Denoising steps over the whole answer, as a request's diffusion_steps (default: one per answer token; block models: per block)",
+      default: undefined,
+      defaultText: "",
+      value: "N"
+    }),
     temperature: setting(NumberText(0), { description: "Sampling temperature; 0 is greedy", default: "0", value: "T" }),
-    cfgScale: setting(NumberText(0), {
-      description: "Classifier-free guidance scale; 0 turns it off",
-      default: "0",
+    cfgScale: setting(Schema.UndefinedOr(NumberText(0)), {
+      description: "Classifier-free guidance scale; 0 turns it off (LLaDA only)",
+      default: undefined,
+      defaultText: "",
       value: "S",
       flag: "--cfg"
     }),
-    remasking: setting(OneOfText(samplingSettings.remasking.value.values), {
-      description: "Which masked positions a step commits",
-      default: "low_confidence",
+    remasking: setting(Schema.UndefinedOr(OneOfText(samplingSettings.remasking.value.values)), {
+      description: "Which masked positions a step commits (LLaDA only; default low_confidence)",
+      default: undefined,
+      defaultText: "",
       value: samplingSettings.remasking.value.values.join("|")
     }),
     seed: setting(IntegerText(0), { description: "Seed of the sequence's random stream", default: "0", value: "N" }),

@@ -1,19 +1,27 @@
 /**
  * `vdiff generate`: one generation from token ids straight through the native addon, for trying a model
- * and timing it without the server. Drives the same step API the scheduler does.
+ * and timing it without the server. Drives the same step API the scheduler does, with the settings a
+ * request of the same fields gets from `vdiff serve`: the model family's defaults and readings (SDAR's
+ * block of 4, steps per block on block models, Dream's algorithm), under the model's generation_config.json.
  */
-import { loadAddon, type NativeRemasking } from "../engine/native.js"
+import { existsSync, readFileSync } from "node:fs"
+import { join } from "node:path"
+import { Either } from "effect"
 import type { CpuIsa } from "../config/Config.js"
+import * as Sampling from "../config/sampling.js"
+import { familyOf } from "../engine/Engine.js"
+import { loadAddon, type NativeRemasking } from "../engine/native.js"
 
 export interface GenerateOptions {
   readonly model: string
   readonly prompt: ReadonlyArray<number>
   readonly genLength: number
-  readonly blockLength: number
-  readonly steps: number
+  /** Absent: the family's default (as a request without the field gets it). */
+  readonly blockLength?: number | undefined
+  readonly steps?: number | undefined
   readonly temperature: number
-  readonly cfgScale: number
-  readonly remasking: NativeRemasking
+  readonly cfgScale?: number | undefined
+  readonly remasking?: NativeRemasking | undefined
   readonly seed: number
   /** Forward-pass threads; 0: all cores. */
   readonly threads: number
@@ -44,15 +52,21 @@ export const generate = async (options: GenerateOptions): Promise<GenerateResult
     cpuIsa: options.cpuIsa
   })
   const loadMs = performance.now() - loadStart
-  const id = engine.create(Int32Array.from(options.prompt), {
-    genLength: options.genLength,
-    blockLength: options.blockLength,
-    steps: options.steps,
+  const family = familyOf(engine.info())
+  const request: Sampling.SamplingRequest = {
     temperature: options.temperature,
-    remasking: options.remasking,
-    cfgScale: options.cfgScale,
-    seed: options.seed
-  })
+    ...(options.blockLength === undefined ? {} : { block_length: options.blockLength }),
+    ...(options.steps === undefined ? {} : { diffusion_steps: options.steps }),
+    ...(options.cfgScale === undefined ? {} : { cfg_scale: options.cfgScale }),
+    ...(options.remasking === undefined ? {} : { remasking: options.remasking })
+  }
+  const flagOf: Record<string, string> = { block_length: "--block", diffusion_steps: "--steps", cfg_scale: "--cfg" }
+  const misfit = Sampling.familyViolation(request, family)
+  if (misfit !== undefined) {
+    throw new Error(`${flagOf[misfit.param] ?? `--${misfit.param}`}: ${misfit.message}`)
+  }
+  const params = Sampling.resolve(request, modelDefaults(options.model, options.genLength, family), options.genLength, family)
+  const id = engine.create(Int32Array.from(options.prompt), { ...params, seed: options.seed })
   try {
     const start = performance.now()
     let steps = 0
@@ -75,4 +89,14 @@ export const generate = async (options: GenerateOptions): Promise<GenerateResult
   } finally {
     engine.release(id)
   }
+}
+
+/** The defaults `vdiff serve --generation-config auto` lays under its own: the model directory's file, if any. */
+const modelDefaults = (modelDir: string, genLength: number, family: Sampling.ModelFamily): Sampling.EngineDefaults => {
+  const defaults: Sampling.EngineDefaults = { maxTokens: genLength }
+  const path = join(modelDir, "generation_config.json")
+  if (!existsSync(path)) return defaults
+  const model = Sampling.modelDefaults(JSON.parse(readFileSync(path, "utf8")), family)
+  if (Either.isLeft(model)) throw new Error(`generation_config.json: ${model.left}`)
+  return Sampling.withModelDefaults(defaults, model.right).defaults
 }
