@@ -374,6 +374,21 @@ describe.each([
     expect((await refused({ input: "Hello", text: { format: { type: "json_schema", name: "x", schema } } }, "/v1/responses")).param).toBe(
       "text.format"
     )
+    // The model's family is the first reason, ahead of what else the schema request gets wrong (a type no
+    // template takes, too few tokens, a stop).
+    const notHere = await refused(
+      {
+        max_tokens: 1,
+        stop: "x",
+        messages: [{ role: "user", content: "Hello" }],
+        response_format: { type: "json_schema", json_schema: { name: "x", schema: { type: "integer" } } }
+      },
+      "/v1/chat/completions"
+    )
+    expect(notHere).toMatchObject({
+      param: "response_format",
+      message: expect.stringMatching(/^response_format json_schema does not apply to this model/)
+    })
     if (!family.editing) expect((await refused({ editing_threshold: 0.5 })).param).toBe("editing_threshold")
   })
 

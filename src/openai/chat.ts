@@ -13,6 +13,7 @@ import { chatLogprobs, respond, TokenTexts } from "./render.js"
 import { preparePromptJobs } from "./run.js"
 import type { ChoiceDecoder } from "./ChoiceDecoder.js"
 import { planStructured } from "./structured.js"
+import { lladaFamily } from "../config/sampling.js"
 import { ServingConfig } from "./ServingConfig.js"
 
 /**
@@ -60,7 +61,8 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
       schema: request.response_format?.json_schema?.schema,
       param: "response_format",
       maxTokens,
-      conflicting: [...(request.stop === undefined ? [] : ["stop"]), ...(request.stop_token_ids === undefined ? [] : ["stop_token_ids"])]
+      conflicting: [...(request.stop === undefined ? [] : ["stop"]), ...(request.stop_token_ids === undefined ? [] : ["stop_token_ids"])],
+      family: config.family ?? lladaFamily
     })
     // Structured output: the answer is the template, as long as it is.
     const answerLength =

@@ -32,6 +32,7 @@ import { checkModel, makePlan, type PreparedPrompt } from "./plan.js"
 import type { ResponseRequest } from "./protocol.js"
 import { chatLogprobs, nowSeconds, TokenTexts } from "./render.js"
 import { diffusionOfJobs, mergedChunks, preparePromptJobs, runToEnd, usageOfJobs } from "./run.js"
+import { lladaFamily } from "../config/sampling.js"
 import { ServingConfig } from "./ServingConfig.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { planStructured } from "./structured.js"
@@ -137,7 +138,8 @@ export const responses = (request: ResponseRequest) =>
       schema: format?.schema,
       param: "text.format",
       maxTokens,
-      conflicting: []
+      conflicting: [],
+      family: config.family ?? lladaFamily
     })
     const answerLength =
       structured === undefined ? maxTokens : { value: structured.template.length, param: maxTokens?.param ?? "max_output_tokens" }

@@ -169,25 +169,6 @@ export const runPrompt = (
     return { decoders, tallies, updates } satisfies PromptRun
   })
 
-/**
- * Structured output lays the JSON skeleton on the answer canvas from the start; block decoding writes its
- * blocks in order and Dream's sampler denoises the whole answer from masks, and neither takes fixed
- * positions, so a schema is refused for those models.
- */
-const checkNoTemplate = (prompts: ReadonlyArray<PreparedPrompt>, plan: AnswerPlan) => {
-  const structured = prompts.find((prompt) => prompt.template !== undefined)
-  if (plan.family.decoding === "full_canvas" || structured === undefined) return Effect.void
-  const param = structured.templateParam ?? "response_format"
-  const decoding = decodingDocs[plan.family.decoding].words
-  return Effect.fail(
-    new BadRequest({
-      message: `${param} json_schema does not apply to this model (${plan.family.name}, ${decoding}): its skeleton is laid on the canvas before denoising, which ${decoding} does not take`,
-      param,
-      code: "unsupported_parameter"
-    })
-  )
-}
-
 /** One prompt's answers, set up but not yet run. */
 export interface PromptJob {
   readonly prompt: PreparedPrompt
@@ -198,7 +179,7 @@ export interface PromptJob {
 /** Resolves every prompt's settings (failing before anything runs if one does not fit) and sets it up. */
 export const preparePromptJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: AnswerPlan) =>
   Effect.zipRight(
-    Effect.zipRight(checkNoTemplate(prompts, plan), checkNoMaskToken(prompts)),
+    checkNoMaskToken(prompts),
     Effect.forEach(prompts, (prompt) =>
       Effect.gen(function* () {
         const suffix = prompt.suffix ?? []

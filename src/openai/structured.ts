@@ -16,6 +16,7 @@
  */
 import { Effect, Option } from "effect"
 import { BadRequest } from "../api/errors.js"
+import { decodingDocs, type ModelFamily } from "../config/sampling.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { NOT_COMMITTED } from "./ChoiceDecoder.js"
 
@@ -228,6 +229,8 @@ export interface StructuredRequest {
   readonly maxTokens: { readonly value: number; readonly param: string } | undefined
   /** Fields given that cannot be honoured with a template (stop, stop_token_ids). */
   readonly conflicting: ReadonlyArray<string>
+  /** The served model's family: only full-canvas decoding takes a skeleton laid on the canvas. */
+  readonly family: ModelFamily
 }
 
 /**
@@ -236,8 +239,18 @@ export interface StructuredRequest {
  */
 export const planStructured = (request: StructuredRequest) =>
   Effect.gen(function* () {
-    const { param, type } = request
+    const { param, type, family } = request
     if (type === undefined || type === "text") return undefined
+    // Block decoding writes its blocks in order and Dream's sampler denoises the whole answer from masks:
+    // neither takes fixed positions, so no schema applies there, whatever else the request says.
+    if (family.decoding !== "full_canvas") {
+      const decoding = decodingDocs[family.decoding].words
+      return yield* new BadRequest({
+        message: `${param} ${type} does not apply to this model (${family.name}, ${decoding}): a JSON skeleton is laid on the canvas before denoising, which ${decoding} does not take`,
+        param,
+        code: "unsupported_parameter"
+      })
+    }
     if (type === "json_object") {
       return yield* new BadRequest({
         message:
