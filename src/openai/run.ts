@@ -4,7 +4,7 @@
  * Rendering what the decoders hold is render.ts's job.
  */
 import { Effect, type Option, Stream } from "effect"
-import { type ApiError, BadRequest, InternalError } from "../api/errors.js"
+import { type ApiError, InternalError } from "../api/errors.js"
 import { type Phase, phaseOf, type SamplingSettings, type StepResult } from "../engine/Engine.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import { RequestMetrics } from "../telemetry/requests.js"
@@ -13,7 +13,7 @@ import { ChoiceDecoder, type ChoiceDelta } from "./ChoiceDecoder.js"
 import { fromGenerationError } from "./errors.js"
 import { type AnswerPlan, checkNoMaskToken, type PreparedPrompt } from "./plan.js"
 import type { Diffusion, Usage } from "./protocol.js"
-import { decodingDocs, lladaFamily, type ModelFamily } from "../config/sampling.js"
+import { lladaFamily, type ModelFamily } from "../config/sampling.js"
 
 /** One step's effect on one choice. */
 export interface ChoiceUpdate {
