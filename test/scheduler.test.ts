@@ -158,6 +158,19 @@ describe("Scheduler", () => {
     }).pipe(Effect.provide(layer))
   })
 
+  it.live("counts a request whose consumer stopped with its answers complete as finished, not cancelled", () => {
+    const { engine, layer } = setup({}, { stepMs: 2 })
+    return Effect.gen(function* () {
+      const scheduler = yield* Scheduler.Scheduler
+      const request = { prompt: [1], settings: settings(1000), answersComplete: () => true }
+      yield* scheduler.generateStream(request).pipe(Stream.take(2), Stream.runCollect)
+      yield* Effect.sleep(10)
+      expect(yield* engine.live).toBe(0)
+      const stats = yield* scheduler.stats
+      expect([stats.requestsFinished, stats.cancelledTotal]).toEqual([1, 0])
+    }).pipe(Effect.provide(layer))
+  })
+
   it.live("times a request out at its deadline and releases it", () => {
     const { engine, layer } = setup({ requestTimeoutMs: 30 }, { stepMs: 5 })
     return Effect.gen(function* () {

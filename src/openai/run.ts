@@ -109,7 +109,8 @@ export const runPrompt = (
       settings,
       n: plan.n,
       ...(suffix.length === 0 ? {} : { suffix }),
-      ...(template === undefined ? {} : { template })
+      ...(template === undefined ? {} : { template }),
+      answersComplete: allEnded
     }
     const updates = scheduler.generateStream(request).pipe(
       Stream.mapError(fromGenerationError),

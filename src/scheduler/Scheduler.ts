@@ -47,6 +47,12 @@ export interface GenerationRequest {
    * the model denoises around them, e.g. the values of a JSON skeleton (Engine.create).
    */
   readonly template?: ReadonlyArray<number>
+  /**
+   * Asked when the consumer stops reading before the events end: whether its answers were complete by
+   * then (decided before the last block was denoised: an end token, a stop, max_tokens mid-block). Such a
+   * request counts as finished; one whose consumer went away without them (a disconnect) as cancelled.
+   */
+  readonly answersComplete?: () => boolean
 }
 
 /**
@@ -90,8 +96,9 @@ export interface SchedulerStats {
   readonly sequenceStepsTotal: number
   /** Tokens committed by denoising (not the EOS an early stop fills in). */
   readonly tokensCommitted: number
+  /** Jobs that ran to their end, or whose consumer ended their events with its answers complete. */
   readonly requestsFinished: number
-  /** Jobs freed because their consumer went away (a client disconnect, a stream ended early). */
+  /** Jobs freed because their consumer went away before its answers were complete (a client disconnect). */
   readonly cancelledTotal: number
   /**
    * The most engine steps that ended between a consumer going away and its job being freed: 1 when the
@@ -138,6 +145,11 @@ interface Job {
   readonly mailbox: Mailbox.Mailbox<StepEvent, GenerationError>
   /** stepsTotal when the consumer went away (the loop frees the job before the next step); unset while it is there. */
   cancelledAtStep: number | undefined
+  /**
+   * The consumer ended its events itself, having all it wanted (an answer decided before its last block is
+   * denoised: an end token, a stop, max_tokens mid-block), rather than being cut off: finished, not cancelled.
+   */
+  answered: boolean
   sequences: Array<SequenceId>
   /** Its sequences that have finished; they wait, unstepped, for the others (an early stop ends one sooner). */
   readonly finished: Set<SequenceId>
@@ -377,7 +389,10 @@ export const make = (options: SchedulerOptions) =>
       }
       const now = yield* Clock.currentTimeMillis
       for (const job of [...running]) {
-        if (job.cancelledAtStep !== undefined) {
+        if (job.cancelledAtStep !== undefined && job.answered) {
+          state.requestsFinished++
+          yield* releaseJob(job).pipe(Effect.zipRight(endSpan(job, Exit.void)))
+        } else if (job.cancelledAtStep !== undefined) {
           countCancelled(job.cancelledAtStep)
           yield* releaseJob(job).pipe(Effect.zipRight(endSpan(job, cancelledExit)))
         } else if (expired(job, now)) yield* failJob(job, timeoutError(job))
@@ -564,6 +579,7 @@ export const make = (options: SchedulerOptions) =>
           deadline: timeoutMs > 0 ? now + timeoutMs : 0,
           mailbox: yield* Mailbox.make<StepEvent, GenerationError>(),
           cancelledAtStep: undefined,
+          answered: false,
           sequences: [],
           finished: new Set(),
           submittedAt: yield* Clock.currentTimeNanos,
@@ -598,6 +614,7 @@ export const make = (options: SchedulerOptions) =>
           yield* Effect.addFinalizer(() =>
             Effect.sync(() => {
               job.cancelledAtStep = state.stepsTotal
+              job.answered = request.answersComplete?.() === true
             })
           )
           if (job.deadline > 0) {
