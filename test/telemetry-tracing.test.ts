@@ -8,23 +8,23 @@ import { HttpServer } from "@effect/platform"
 import { NodeHttpServer } from "@effect/platform-node"
 import { InMemorySpanExporter, type ReadableSpan, SimpleSpanProcessor } from "@opentelemetry/sdk-trace-base"
 import { describe, expect, it } from "@effect/vitest"
-import { Context, Effect, Exit, Layer, Logger, LogLevel, Scope } from "effect"
+import { ConfigProvider, Context, Effect, Exit, Layer, Logger, LogLevel, Scope } from "effect"
 import type * as Config from "../src/config/Config.js"
 import { router } from "../src/openai/routes.js"
 import { makeJsonLogger } from "../src/server/logging.js"
 import { ModelHost } from "../src/server/ModelHost.js"
 import * as Server from "../src/server/Server.js"
 import * as Telemetry from "../src/telemetry/Telemetry.js"
-import { fakeLoader, postJson, request, settings } from "./http-helpers.js"
+import { type FakeLoaderOptions, fakeLoader, postJson, request, settings } from "./http-helpers.js"
 
 /** The whole server on 127.0.0.1:0 in `scope`, with the given telemetry (else the configuration's). */
-const serve = (config: Config.Settings, scope: Scope.Scope, telemetry?: Layer.Layer<Telemetry.Telemetry>) =>
+const serve = (config: Config.Settings, scope: Scope.Scope, telemetry?: Layer.Layer<Telemetry.Telemetry>, engine: FakeLoaderOptions = {}) =>
   Effect.gen(function* () {
     const context = yield* Layer.buildWithScope(
       Server.layerApp({
         config,
         api: router,
-        load: fakeLoader(config),
+        load: fakeLoader(config, engine),
         ...(telemetry === undefined ? {} : { telemetry })
       }).pipe(Layer.provideMerge(NodeHttpServer.layer(() => createServer(), { host: "127.0.0.1", port: 0 }))),
       scope
@@ -124,6 +124,42 @@ describe("tracing", () => {
     }).pipe(Effect.provide(Logger.minimumLogLevel(LogLevel.Info)))
   )
 
+  it.scopedLive("marks 5xx server spans as errors, leaves 4xx unset, and keeps credentials out", () =>
+    Effect.gen(function* () {
+      const exporter = new InMemorySpanExporter()
+      const config = yield* Effect.promise(() => settings(["--request-timeout", "0.2"]))
+      const telemetry = Telemetry.layer({ spanProcessors: [new SimpleSpanProcessor(exporter)] })
+      const url = yield* serve(config, yield* Effect.scope, telemetry, { stepMs: 20 })
+
+      const timedOut = yield* postJson(url + "/v1/completions", { prompt: "Hi", max_tokens: 100 })
+      expect(timedOut.status).toBe(504)
+      const bad = yield* postJson(
+        url + "/v1/completions?api_key=sk-in-query&trace=1",
+        { prompt: "Hi", temperature: 9 },
+        {
+          "api-key": "sk-in-header",
+          "proxy-authorization": "Basic c2VjcmV0"
+        }
+      )
+      expect(bad.status).toBe(400)
+      const ok = yield* postJson(url + "/v1/completions", { prompt: "Hi", max_tokens: 2 })
+      expect(ok.status).toBe(200)
+
+      const spans = exporter.getFinishedSpans().filter((span) => span.name === "POST /v1/completions")
+      const byStatus = (code: number) => spans.find((span) => span.attributes["http.response.status_code"] === code)!
+      // OpenTelemetry's HTTP conventions: a server's 5xx is an error, a 4xx is the client's and stays unset.
+      expect(byStatus(504).status).toMatchObject({ code: 2 }) // ERROR
+      expect(byStatus(504).attributes["error.type"]).toBe("504")
+      expect(byStatus(400).status.code).toBe(0) // UNSET
+      expect(byStatus(400).attributes["error.type"]).toBeUndefined()
+      expect(byStatus(200).status.code).toBe(1) // OK
+      const exported = JSON.stringify(spans.map((span) => span.attributes))
+      expect(exported).not.toMatch(/sk-in-query|sk-in-header|c2VjcmV0/)
+      expect(byStatus(400).attributes["url.query"]).toBe("api_key=REDACTED&trace=1")
+      expect(byStatus(400).attributes["http.request.header.api-key"]).toBe("REDACTED")
+    })
+  )
+
   it.scopedLive("exports spans over OTLP/HTTP to the configured endpoint", () =>
     Effect.gen(function* () {
       const received: Array<{ method: string; url: string; headers: IncomingHttpHeaders; body: string }> = []
@@ -160,6 +196,19 @@ describe("tracing", () => {
       expect(names).toEqual(expect.arrayContaining(["POST /v1/completions", "vdiff.tokenize", "vdiff.queue_wait", "vdiff.generate"]))
       const resource = (JSON.parse(traces[0]!.body) as OtlpTraces).resourceSpans[0]!.resource.attributes
       expect(resource).toContainEqual({ key: "service.name", value: { stringValue: "vdiff" } })
+
+      // OTEL_EXPORTER_OTLP_TRACES_ENDPOINT alone turns tracing on, and is the URL itself (nothing appended).
+      received.length = 0
+      const signalOnly = yield* Effect.promise(() => settings(["--served-model-name", model]))
+      const second = yield* Scope.make()
+      const tracedUrl = yield* serve(signalOnly, second).pipe(
+        Effect.withConfigProvider(
+          ConfigProvider.fromMap(new Map([["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", `http://127.0.0.1:${port}/spans`]]))
+        )
+      )
+      expect((yield* postJson(tracedUrl + "/v1/completions", { model, prompt: "Hi", max_tokens: 2 })).status).toBe(200)
+      yield* Scope.close(second, Exit.void)
+      expect(received.filter((r) => r.method === "POST").map((r) => r.url)).toContain("/spans")
     }).pipe(Effect.provide(Logger.minimumLogLevel(LogLevel.None)))
   )
 

@@ -9,7 +9,9 @@
  * runtime records by default and which say nothing an operator of vdiff can act on.
  *
  * Traces: with an OTLP endpoint (--otlp-endpoint, OTEL_EXPORTER_OTLP_ENDPOINT) spans are batched and
- * POSTed as OTLP/HTTP JSON to `<endpoint>/v1/traces`; span processors given directly (tests: an
+ * POSTed as OTLP/HTTP JSON to `<endpoint>/v1/traces` (or to OTEL_EXPORTER_OTLP_TRACES_ENDPOINT as it is,
+ * when set); server spans get their status from the HTTP status and lose credentials first
+ * (serverSpans.ts); span processors given directly (tests: an
  * in-memory exporter) are used as well. With neither, tracing is turned off (Effect's spans become no-op
  * spans), so an untraced server pays nothing for them. The service name is OTEL_SERVICE_NAME, else
  * "vdiff"; OTEL_RESOURCE_ATTRIBUTES adds resource attributes. Export failures (a collector that cannot be
@@ -32,6 +34,7 @@ import type { MetricProducer } from "@opentelemetry/sdk-metrics"
 import { BatchSpanProcessor, type SpanProcessor } from "@opentelemetry/sdk-trace-base"
 import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions"
 import { Config, Context, Effect, Layer, Option, Runtime } from "effect"
+import { serverSpanConventions } from "./serverSpans.js"
 
 export interface TelemetryShape {
   /** Every metric of the process as Prometheus text (exposition format 0.0.4). */
@@ -134,12 +137,19 @@ const tracingLayer = (processors: ReadonlyArray<SpanProcessor>) => {
 /** Metrics always; traces when there is somewhere to send them (see the module comment). */
 export const layer = (options: TelemetryOptions = {}): Layer.Layer<Telemetry> =>
   Layer.unwrapEffect(
-    Effect.sync(() => {
+    Effect.gen(function* () {
+      // OpenTelemetry's signal-specific variable names the traces URL itself, and wins over the base one.
+      const tracesEndpoint = yield* Effect.orDie(Config.option(Config.nonEmptyString("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")))
+      const url = Option.isSome(tracesEndpoint)
+        ? tracesEndpoint.value
+        : options.otlpEndpoint === undefined
+          ? undefined
+          : tracesUrl(options.otlpEndpoint)
       // Made when the layer is built, so that each build exports through its own processor.
       const processors: Array<SpanProcessor> = [...(options.spanProcessors ?? [])]
-      if (options.otlpEndpoint !== undefined) {
-        processors.push(new BatchSpanProcessor(new OTLPTraceExporter({ url: tracesUrl(options.otlpEndpoint) })))
-      }
+      if (url !== undefined) processors.push(new BatchSpanProcessor(new OTLPTraceExporter({ url })))
+      // Ahead of the exporting processors: HTTP status and redaction as the conventions ask (serverSpans.ts).
+      if (processors.length > 0) processors.unshift(serverSpanConventions())
       return Layer.merge(metricsLayer(processors.length > 0), tracingLayer(processors)).pipe(Layer.provide(resourceLayer(options)))
     })
   )
