@@ -225,7 +225,7 @@ describe("GET /metrics", () => {
       const { value } = yield* scrape(url, model)
       expect(value("vdiff_request_failure_total", { error_type: "context_length_exceeded" })).toBe(1)
       expect(value("vdiff_request_failure_total", { error_type: "timeout" })).toBe(1)
-      expect(value("vdiff_request_success_total", { finished_reason: "length" })).toBeUndefined()
+      expect(value("vdiff_request_success_total", { finished_reason: "length" })).toBe(0)
       expect(value("vdiff_e2e_request_latency_seconds_count")).toBeUndefined()
       expect(value("vdiff_time_to_first_token_seconds_count")).toBe(1)
       expect(value("vdiff_http_requests_total", { route: "/v1/completions", method: "POST", status: "200" })).toBe(1)
@@ -240,6 +240,22 @@ describe("GET /metrics", () => {
       const hold = yield* Deferred.make<void>()
       const { url } = yield* startServer({ config, load: fakeLoader(config, { hold }), awaitReady: false })
       expect((yield* scrape(url, model)).value("vdiff_model_ready")).toBe(0)
+    }).pipe(quiet)
+  )
+
+  it.scopedLive("has the counters at 0 on a fresh server's first scrape, so rate() sees their first increment", () =>
+    Effect.gen(function* () {
+      const model = `fresh-${randomUUID().slice(0, 8)}`
+      const config = yield* Effect.promise(() => settings(["--served-model-name", model]))
+      const { url } = yield* startServer({ config, load: fakeLoader(config) })
+      const { value } = yield* scrape(url, model)
+      expect(value("vdiff_request_success_total", { finished_reason: "stop" })).toBe(0)
+      expect(value("vdiff_request_success_total", { finished_reason: "length" })).toBe(0)
+      expect(value("vdiff_request_failure_total", { error_type: "queue_full" })).toBe(0)
+      expect(value("vdiff_request_failure_total", { error_type: "timeout" })).toBe(0)
+      expect(value("vdiff_generation_tokens_total")).toBe(0)
+      expect(value("vdiff_prompt_tokens_total")).toBe(0)
+      expect(value("vdiff_step_phase_total", { phase: "denoise" })).toBe(0)
     }).pipe(quiet)
   )
 })

@@ -177,8 +177,10 @@ export const router = (info: SystemInfo) =>
       Effect.gen(function* () {
         const host = yield* ModelHost
         const telemetry = yield* Telemetry
-        // Readiness is sampled when scraped; everything else is updated where it happens.
+        // Readiness is sampled when scraped; everything else is updated where it happens (and the counters
+        // are there from the first scrape on).
         yield* Metric.set(Metrics.modelReady, (yield* host.state) === "ready" ? 1 : 0)
+        yield* Metrics.countersFromZero
         const model = yield* Effect.option(host.current)
         if (Option.isSome(model)) {
           const { engine } = model.value

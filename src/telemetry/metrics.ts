@@ -21,7 +21,7 @@
  *
  * @since 0.1.0
  */
-import { Metric, MetricBoundaries, MetricKey } from "effect"
+import { Effect, Metric, MetricBoundaries, MetricKey } from "effect"
 import type { Phase } from "../engine/Engine.js"
 
 const counter = (name: string, description: string) => Metric.counter(name, { description, incremental: true })
@@ -196,3 +196,23 @@ export const deviceMemoryTotalBytes = Metric.gauge("vdiff_device_memory_total_by
 
 /** Seconds between two Clock.currentTimeNanos readings. */
 export const secondsBetween = (start: bigint, end: bigint): number => Number(end - start) / 1e9
+
+/**
+ * The counters at 0 before their first event, so that a fresh server's first scrape already has every
+ * series rate() and increase() read (a series that appears with its first increment has no earlier
+ * sample to count it from): the finish reasons and the error types this server raises, the token, step,
+ * phase and cache counters. Adding 0 changes nothing, so the scrape does it every time.
+ */
+export const countersFromZero = Effect.all(
+  [
+    ...["length", "stop"].map((reason) => Metric.incrementBy(Metric.tagged(requestSuccess, "finished_reason", reason), 0)),
+    ...["cancelled", "queue_full", "draining", "timeout", "model_not_loaded", "out_of_memory", "internal_error"].map((type) =>
+      Metric.incrementBy(Metric.tagged(requestFailure, "error_type", type), 0)
+    ),
+    ...[promptTokens, generationTokens, denoisingSteps, kvPositionsAttended, kvPositionsReused, prefixCacheQueries, prefixCacheHits].map(
+      (counter) => Metric.incrementBy(counter, 0)
+    ),
+    ...Object.values(stepPhases).map((counter) => Metric.incrementBy(counter, 0))
+  ],
+  { discard: true }
+)
