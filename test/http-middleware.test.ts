@@ -390,4 +390,31 @@ describe("access log", () => {
       expect(everything.toLowerCase()).not.toContain("authorization")
     })
   )
+
+  it.scopedLive("logs probes and scrapes that succeed at debug level, so they do not drown the requests at info", () =>
+    Effect.gen(function* () {
+      const lines: Array<{ level: string; path: unknown; status: unknown }> = []
+      const capture = Logger.make(({ annotations, logLevel }) => {
+        const fields = Object.fromEntries(HashMap.toEntries(annotations))
+        if (fields["path"] !== undefined) lines.push({ level: logLevel.label, path: fields["path"], status: fields["status"] })
+      })
+      const config = yield* Effect.promise(() => settings([]))
+      const url = yield* startServer({ config }).pipe(
+        Effect.map((s) => s.url),
+        Effect.provide(Logger.replace(Logger.defaultLogger, capture)),
+        Effect.provide(Logger.minimumLogLevel(LogLevel.Debug))
+      )
+      for (const path of ["/health", "/health/live", "/health/ready", "/metrics", "/v1/models", "/health/nothing"]) {
+        yield* request(url + path)
+      }
+      expect(lines).toEqual([
+        { level: "DEBUG", path: "/health", status: 200 },
+        { level: "DEBUG", path: "/health/live", status: 200 },
+        { level: "DEBUG", path: "/health/ready", status: 200 },
+        { level: "DEBUG", path: "/metrics", status: 200 },
+        { level: "INFO", path: "/v1/models", status: 200 },
+        { level: "INFO", path: "/health/nothing", status: 404 }
+      ])
+    })
+  )
 })

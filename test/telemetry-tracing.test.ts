@@ -121,7 +121,7 @@ describe("tracing", () => {
       expect(access[0]).toMatchObject({ trace_id: callerTrace, span_id: spanId(traced!), status: 200 })
       const probe = lines.find((l) => l["message"] === "request" && l["path"] === "/health")!
       expect(probe["trace_id"]).toBeUndefined()
-    }).pipe(Effect.provide(Logger.minimumLogLevel(LogLevel.Info)))
+    }).pipe(Effect.provide(Logger.minimumLogLevel(LogLevel.Debug)))
   )
 
   it.scopedLive("marks 5xx server spans as errors, leaves 4xx unset, and keeps credentials out", () =>

@@ -107,7 +107,15 @@ export interface RequestRecord {
  * record (the request counters of HttpMetrics.ts), so the exchange is timed and watched in one place.
  */
 export const accessLog =
-  (options: { readonly trustProxy: boolean; readonly onRecord?: (record: RequestRecord) => Effect.Effect<void> }) =>
+  (options: {
+    readonly trustProxy: boolean
+    readonly onRecord?: (record: RequestRecord) => Effect.Effect<void>
+    /**
+     * Requests whose successful answers are logged at debug level, not info: probes and scrapes, which a
+     * Kubernetes Deployment and Prometheus send several times a minute. Their failures stay at info.
+     */
+    readonly routine?: (request: HttpServerRequest.HttpServerRequest) => boolean
+  }) =>
   <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E, R> =>
     Effect.gen(function* () {
       const request = yield* HttpServerRequest.HttpServerRequest
@@ -123,7 +131,8 @@ export const accessLog =
               durationMs: Number((yield* Clock.currentTimeNanos) - started) / 1e6,
               client: clientAddress(request, options.trustProxy)
             }
-            yield* Effect.logInfo("request").pipe(
+            const routine = record.status < 400 && options.routine?.(request) === true
+            yield* (routine ? Effect.logDebug("request") : Effect.logInfo("request")).pipe(
               Effect.annotateLogs({
                 method: record.method,
                 path: record.path,
