@@ -156,9 +156,9 @@ export const layerServe = (options: ServerOptions) =>
       // Around the exchange as a whole, so that the log and the counters see a stream's end; every metric
       // updated in it is labelled with the model's name.
       return HttpServer.serve(app, (app) =>
-        requestId(accessLog({ trustProxy: config.trustProxy, onRecord: metrics.record(table), routine: untraced })(metrics.track(app))).pipe(
-          Effect.tagMetrics("model_name", modelName)
-        )
+        requestId(
+          accessLog({ trustProxy: config.trustProxy, onRecord: metrics.record(table), routine: untraced })(metrics.track(app))
+        ).pipe(Effect.tagMetrics("model_name", modelName))
       ).pipe(
         HttpMiddleware.withTracerDisabledWhen(untraced),
         // Spans named by route pattern ("POST /v1/completions"), as OpenTelemetry's conventions ask.
