@@ -4,7 +4,7 @@
  * model widened to f32, Q8_0 keeps the own loss on held-out text within 1% of f32's and agrees on at least
  * 90% of its greedy answer tokens over 32 prompts (bench/cpu/quant-quality.ts; the Q4_0 figures are printed).
  */
-import { mkdtempSync, rmSync } from "node:fs"
+import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { afterAll, describe, expect, it } from "vitest"
@@ -59,6 +59,45 @@ describe("hadamardTransform", () => {
 })
 
 describe("vdiff quantize on the embedded model", () => {
+  it("refuses to write into the directory it reads, and shard names with a path in them", async () => {
+    const copy = join(tmp, "copy")
+    cpSync(embeddedModelDir, copy, { recursive: true })
+    const before = statSync(join(copy, "model.safetensors")).size
+    await expect(quantizeModel({ model: copy, out: copy, format: "q8_0" })).rejects.toThrow(/is the model's own directory/)
+    await expect(quantizeModel({ model: copy, out: join(copy, "."), format: "q8_0" })).rejects.toThrow(/own directory/)
+    expect(statSync(join(copy, "model.safetensors")).size).toBe(before)
+
+    const sharded = join(tmp, "escaping")
+    cpSync(embeddedModelDir, sharded, { recursive: true })
+    writeFileSync(join(sharded, "model.safetensors.index.json"), JSON.stringify({ weight_map: { a: "../evil.safetensors" } }))
+    await expect(quantizeModel({ model: sharded, out: join(tmp, "escaping-out"), format: "q8_0" })).rejects.toThrow(
+      /names the shard "\.\.\/evil\.safetensors"/
+    )
+    expect(existsSync(join(tmp, "evil.safetensors"))).toBe(false)
+  })
+
+  it("refuses a header the engine would refuse, naming the tensor, and leaves no half-written output", async () => {
+    const broken = join(tmp, "broken")
+    cpSync(embeddedModelDir, broken, { recursive: true })
+    const file = join(broken, "model.safetensors")
+    const bytes = readFileSync(file)
+    const length = Number(bytes.readBigUInt64LE(0))
+    const header = JSON.parse(bytes.subarray(8, 8 + length).toString("utf8")) as Record<string, { dtype: string }>
+    const name = Object.keys(header).find((key) => key !== "__metadata__")!
+    for (const [dtype, message] of [
+      ["FP8", /unknown dtype "FP8"/],
+      ["F32", /data_offsets span \d+ bytes, but F32/]
+    ] as const) {
+      const json = Buffer.from(JSON.stringify({ ...header, [name]: { ...header[name], dtype } }).padEnd(length, " "))
+      if (json.length !== length) throw new Error("the edited header must keep its length")
+      writeFileSync(file, Buffer.concat([bytes.subarray(0, 8), json, bytes.subarray(8 + length)]))
+      const out = join(tmp, `broken-out-${dtype}`)
+      await expect(quantizeModel({ model: broken, out, format: "q4_0" })).rejects.toThrow(new RegExp(`tensor "${name}": ${message.source}`))
+      expect(existsSync(join(out, "model.safetensors"))).toBe(false)
+      expect(existsSync(join(out, "model.safetensors.partial"))).toBe(false)
+    }
+  })
+
   for (const format of ["q8_0", "q4_0"] as const) {
     it(`${format}: the checkpoint's layout, and the same logits as quantizing at load`, async () => {
       const out = join(tmp, format)

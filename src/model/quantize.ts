@@ -27,7 +27,7 @@
  * the next band is read; the output keeps the input's sharding (same file names, an index rewritten with
  * the scales added).
  */
-import { copyFile, mkdir, open, readdir, readFile, writeFile } from "node:fs/promises"
+import { copyFile, mkdir, open, readdir, readFile, realpath, rename, rm, writeFile } from "node:fs/promises"
 import type { FileHandle } from "node:fs/promises"
 import { existsSync } from "node:fs"
 import { join } from "node:path"
@@ -249,9 +249,12 @@ export const quantizeFile = async (
   const metadata = { ...header.metadata, ...quantizedMetadata(format) }
   const head = encodeRawHeader(outTensors, metadata)
   const src = await open(input, "r")
-  const dst = await open(output, "w")
+  // Written under another name and renamed when whole: a failure leaves no half-written checkpoint.
+  const partial = `${output}.partial`
+  const dst = await open(partial, "w")
   let quantized = 0
   let copied = 0
+  let whole = false
   const { write, written } = sequentialWriter(dst)
   try {
     await write(head)
@@ -296,9 +299,12 @@ export const quantizeFile = async (
       for (const chunk of scaleChunks) await write(chunk)
       quantized++
     }
+    whole = true
   } finally {
     await src.close()
     await dst.close()
+    if (whole) await rename(partial, output)
+    else await rm(partial, { force: true })
   }
   return { quantized, copied, bytesIn: await readFileSize(input), bytesOut: written() }
 }
@@ -415,6 +421,28 @@ export interface QuantizeOptions {
 }
 
 /**
+ * The shard files an index names: plain file names in the model's directory (a name with a path in it,
+ * such as "../x.safetensors", would be read and written outside the directories given).
+ */
+const shardsOf = (indexPath: string, text: string): Array<string> => {
+  let index: unknown
+  try {
+    index = JSON.parse(text)
+  } catch (cause) {
+    throw new Error(`quantize: ${indexPath} is not valid JSON (${String(cause)})`)
+  }
+  const map = (index as Partial<ShardIndex> | null)?.weight_map
+  if (typeof map !== "object" || map === null || Array.isArray(map)) throw new Error(`quantize: ${indexPath} has no weight_map object`)
+  const shards = [...new Set(Object.values(map as Record<string, unknown>))].sort()
+  for (const shard of shards) {
+    if (typeof shard !== "string" || !/^[^/\\]+\.safetensors$/.test(shard) || shard.startsWith(".")) {
+      throw new Error(`quantize: ${indexPath} names the shard ${JSON.stringify(shard)}, which is not a .safetensors file name`)
+    }
+  }
+  return shards as Array<string>
+}
+
+/**
  * Quantizes the checkpoint in `model` (model.safetensors, or the shards of model.safetensors.index.json)
  * into `out`, copying every other file of the directory (config.json, the tokenizer, ...).
  */
@@ -422,12 +450,15 @@ export const quantizeModel = async (options: QuantizeOptions): Promise<QuantizeF
   const { model, out, format } = options
   if (!quantFormats.includes(format)) throw new Error(`quantize: unknown format "${format}" (q8_0 or q4_0)`)
   await mkdir(out, { recursive: true })
+  // Writing into the directory it reads would truncate the weights before they are read.
+  if ((await realpath(out)) === (await realpath(model))) {
+    throw new Error(`quantize: --out ${out} is the model's own directory; write the quantized copy to another one`)
+  }
   const indexPath = join(model, "model.safetensors.index.json")
   const sharded = existsSync(indexPath)
   let shards: Array<string>
   if (sharded) {
-    const index = JSON.parse(await readFile(indexPath, "utf8")) as ShardIndex
-    shards = [...new Set(Object.values(index.weight_map))].sort()
+    shards = shardsOf(indexPath, await readFile(indexPath, "utf8"))
   } else {
     if (!existsSync(join(model, "model.safetensors"))) throw new Error(`quantize: ${model} has no model.safetensors`)
     shards = ["model.safetensors"]

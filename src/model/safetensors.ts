@@ -221,6 +221,40 @@ export const writeSafetensors = async (path: string, tensors: ReadonlyArray<Tens
 // --- reading (tools and tests) ------------------------------------------------------------------------
 
 /** Reads and checks the header of a safetensors file without touching its data. */
+/** Bytes per element of the safetensors format's element types. */
+const elementBytes: Readonly<Record<string, number>> = {
+  F64: 8,
+  F32: 4,
+  F16: 2,
+  BF16: 2,
+  F8_E4M3: 1,
+  F8_E5M2: 1,
+  I64: 8,
+  I32: 4,
+  I16: 2,
+  I8: 1,
+  U64: 8,
+  U32: 4,
+  U16: 2,
+  U8: 1,
+  BOOL: 1
+}
+
+/** What is wrong with a header entry, as the engine's loader would refuse it; undefined when nothing is. */
+const entryProblem = (entry: TensorEntry): string | undefined => {
+  const bytes = elementBytes[entry.dtype]
+  if (bytes === undefined) return `unknown dtype "${entry.dtype}" (safetensors names ${Object.keys(elementBytes).join(", ")})`
+  if (!entry.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) return `shape ${JSON.stringify(entry.shape)} is not a list of sizes`
+  const [begin, end] = entry.dataOffsets
+  if (!Number.isSafeInteger(begin) || !Number.isSafeInteger(end) || begin < 0 || end < begin) {
+    return `data_offsets ${JSON.stringify(entry.dataOffsets)} is not a byte range`
+  }
+  const want = entry.shape.reduce((n, d) => n * d, 1) * bytes
+  return end - begin === want
+    ? undefined
+    : `data_offsets span ${end - begin} bytes, but ${entry.dtype} ${JSON.stringify(entry.shape)} takes ${want}`
+}
+
 export const readSafetensorsHeader = async (path: string): Promise<SafetensorsHeader> => {
   const file = await open(path, "r")
   try {
@@ -253,10 +287,18 @@ export const readSafetensorsHeader = async (path: string): Promise<SafetensorsHe
       if (typeof v.dtype !== "string" || !Array.isArray(v.shape) || !Array.isArray(v.data_offsets) || v.data_offsets.length !== 2) {
         throw new Error(`${path}: tensor "${name}" lacks dtype, shape or data_offsets`)
       }
-      entries.push([name, { dtype: v.dtype, shape: v.shape as number[], dataOffsets: [v.data_offsets[0], v.data_offsets[1]] }])
+      const entry = { dtype: v.dtype, shape: v.shape as number[], dataOffsets: [v.data_offsets[0], v.data_offsets[1]] as const }
+      const problem = entryProblem(entry)
+      if (problem !== undefined) throw new Error(`${path}: tensor "${name}": ${problem}`)
+      entries.push([name, entry])
     }
     entries.sort((a, b) => a[1].dataOffsets[0] - b[1].dataOffsets[0])
     const dataStart = 8 + headerLength
+    for (let i = 1; i < entries.length; i++) {
+      if (entries[i]![1].dataOffsets[0] < entries[i - 1]![1].dataOffsets[1]) {
+        throw new Error(`${path}: tensors "${entries[i - 1]![0]}" and "${entries[i]![0]}" overlap`)
+      }
+    }
     const last = entries.at(-1)
     if (last !== undefined && dataStart + last[1].dataOffsets[1] > size) {
       throw new Error(`${path}: tensor "${last[0]}" runs past the end of the file`)
