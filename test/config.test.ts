@@ -226,6 +226,12 @@ describe("Config", () => {
     expect(servingDefaults(ok(["--kv-cache", "dual"])).kvCache).toBe("dual")
   })
 
+  it("refuses an --api-key given with no key in it, which would leave the server open", () => {
+    for (const argv of [["--api-key="], ["--api-key", ",,"], ["--api-key", " "]]) {
+      expect(error(argv)).toMatch(/--api-key: was given but names no key/)
+    }
+  })
+
   it("never echoes an API key in an error", () => {
     const message = error(["--api-key", "good,secret key"])
     expect(message).toContain("--api-key")

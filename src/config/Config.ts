@@ -112,7 +112,9 @@ export const Settings = Schema.Struct({
   apiKey: setting(
     ListText(
       (item) => (/^[\x21-\x7e]+$/.test(item) ? undefined : "API keys must be printable ASCII without spaces"),
-      () => "a key that is not (value hidden)"
+      () => "a key that is not (value hidden)",
+      // An empty value (a variable that expanded to nothing) would otherwise leave the server open.
+      "was given but names no key; leave it out to run without authentication"
     ),
     {
       description:

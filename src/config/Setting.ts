@@ -152,7 +152,12 @@ export const NonEmptyText = Schema.transformOrFail(Schema.String, Schema.String,
  * A list given as repeated flags and/or comma-separated values; every item is checked by `check`, which
  * returns why an item is bad. `describe` says how a bad item is shown (keys are never shown).
  */
-export const ListText = (check: (item: string) => string | undefined, describe: (item: string) => string = quoted) =>
+export const ListText = (
+  check: (item: string) => string | undefined,
+  describe: (item: string) => string = quoted,
+  /** Why a list given with no item in it (`--api-key=`, `--api-key ,`) is refused; absent: it is the empty list. */
+  emptyRefused?: string
+) =>
   Schema.transformOrFail(Schema.Array(Schema.String), Schema.Array(Schema.String), {
     strict: true,
     decode: (values, _, ast) => {
@@ -160,6 +165,7 @@ export const ListText = (check: (item: string) => string | undefined, describe: 
         .flatMap((value) => value.split(","))
         .map((item) => item.trim())
         .filter((item) => item !== "")
+      if (emptyRefused !== undefined && values.length > 0 && items.length === 0) return invalid(ast, "<list>", emptyRefused)
       for (const item of items) {
         const problem = check(item)
         if (problem !== undefined) return invalid(ast, "<list>", `${problem}, got ${describe(item)}`)
