@@ -10,7 +10,11 @@ import { parseArgs } from "node:util"
 
 export const root = join(dirname(fileURLToPath(import.meta.url)), "..")
 
-/** The flags of a benchmark: every one takes a value (text) unless its default is a boolean. */
+/**
+ * The flags of a benchmark: every one takes a value (text) unless its default is a boolean. `--help`
+ * lists them with their defaults (the script's header comment says what they mean); a flag it does not
+ * know, or a value missing, is one line and exit status 2, not a stack trace.
+ */
 export const flags = (defaults) => {
   const options = Object.fromEntries(
     Object.entries(defaults).map(([name, value]) => [
@@ -22,7 +26,21 @@ export const flags = (defaults) => {
           : { type: "string", default: value }
     ])
   )
-  return parseArgs({ options }).values
+  const usage = () =>
+    `usage: ${basename(process.argv[1] ?? "bench")} ` +
+    Object.entries(defaults)
+      .map(([name, value]) => (typeof value === "boolean" ? `[--${name}]` : `[--${name} ${value ?? "VALUE"}]`))
+      .join(" ")
+  if (process.argv.slice(2).some((arg) => arg === "--help" || arg === "-h")) {
+    process.stdout.write(`${usage()}\n`)
+    process.exit(0)
+  }
+  try {
+    return parseArgs({ options }).values
+  } catch (error) {
+    process.stderr.write(`${error instanceof Error ? error.message : String(error)}\n${usage()}\n`)
+    process.exit(2)
+  }
 }
 
 export const log = (message) => process.stderr.write(`[bench] ${message}\n`)

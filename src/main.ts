@@ -87,8 +87,9 @@ const generateCommand = async (args: ReadonlyArray<string>): Promise<void> => {
   }
   if (values.promptIds === undefined) throw new UsageError("generate needs --prompt-ids 1,2,3")
   const prompt = values.promptIds.split(",").map((id) => {
-    const value = Number(id)
-    if (id.trim() === "" || !Number.isSafeInteger(value)) throw new UsageError(`--prompt-ids must be integers, got "${id}"`)
+    // Token ids as decimal digits below 2^31 (the engine's int32): "1e3", "0x10" or 4294967396 are no ids.
+    const value = Number(id.trim())
+    if (!/^\s*\d+\s*$/.test(id) || value >= 2 ** 31) throw new UsageError(`--prompt-ids must be token ids (0, 1, 2, ...), got "${id}"`)
     return value
   })
   const { generate } = await import("./cli/generate.js")
