@@ -74,6 +74,13 @@ describe("vdiff quantize on the embedded model", () => {
       /names the shard "\.\.\/evil\.safetensors"/
     )
     expect(existsSync(join(tmp, "evil.safetensors"))).toBe(false)
+
+    writeFileSync(join(sharded, "model.safetensors.index.json"), JSON.stringify({ weight_map: { a: "gone.safetensors" } }))
+    await expect(quantizeModel({ model: sharded, out: join(tmp, "gone-out"), format: "q8_0" })).rejects.toThrow(
+      /gone\.safetensors \(a shard of the checkpoint\) is not a file/
+    )
+    writeFileSync(join(sharded, "model.safetensors.index.json"), JSON.stringify({ weight_map: ["model.safetensors"] }))
+    await expect(quantizeModel({ model: sharded, out: join(tmp, "list-out"), format: "q8_0" })).rejects.toThrow(/has no weight_map object/)
   })
 
   it("refuses a header the engine would refuse, naming the tensor, and leaves no half-written output", async () => {

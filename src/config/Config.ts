@@ -173,7 +173,8 @@ export const Settings = Schema.Struct({
     value: "SECONDS"
   }),
   shutdownTimeout: setting(NumberText(0), {
-    description: "Seconds to let in-flight requests finish after SIGTERM/SIGINT before they are ended; a second signal ends the process at once",
+    description:
+      "Seconds to let in-flight requests finish after SIGTERM/SIGINT before they are ended; a second signal ends the process at once",
     default: "30",
     value: "SECONDS"
   }),

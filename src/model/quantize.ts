@@ -29,7 +29,7 @@
  */
 import { copyFile, mkdir, open, readdir, readFile, realpath, rename, rm, writeFile } from "node:fs/promises"
 import type { FileHandle } from "node:fs/promises"
-import { existsSync } from "node:fs"
+import { existsSync, statSync } from "node:fs"
 import { join } from "node:path"
 import {
   bf16ToF32,
@@ -462,6 +462,11 @@ export const quantizeModel = async (options: QuantizeOptions): Promise<QuantizeF
   } else {
     if (!existsSync(join(model, "model.safetensors"))) throw new Error(`quantize: ${model} has no model.safetensors`)
     shards = ["model.safetensors"]
+  }
+  // Every shard there before anything is written, so a missing one leaves no partial copy behind.
+  for (const shard of shards) {
+    const path = join(model, shard)
+    if (!existsSync(path) || !statSync(path).isFile()) throw new Error(`quantize: ${path} (a shard of the checkpoint) is not a file`)
   }
   for (const entry of await readdir(model, { withFileTypes: true })) {
     if (!entry.isFile() || entry.name.endsWith(".safetensors") || entry.name === "model.safetensors.index.json") continue
