@@ -118,34 +118,17 @@ VDIFF_HD void softmax_merge(SoftmaxState& a, const SoftmaxState& b, float& scale
 // A product and a sum rounded one at a time, as the CPU backend rounds them. nvcc contracts `a * b + c`
 // into one fused multiply-add (one rounding), which moves a third of the CFG logits of a row by an ulp;
 // the _rn intrinsics are never contracted.
-VDIFF_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
+VDIFF_HD float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+VDIFF_HD float add_rn(float a, float b) { return __fadd_rn(a, b); }
+VDIFF_HD double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+VDIFF_HD double sub_rn(double a, double b) { return __dsub_rn(a, b); }
 #else
-  return a * b;
+VDIFF_HD float mul_rn(float a, float b) { return a * b; }
+VDIFF_HD float add_rn(float a, float b) { return a + b; }
+VDIFF_HD double mul_rn(double a, double b) { return a * b; }
+VDIFF_HD double sub_rn(double a, double b) { return a - b; }
 #endif
-}
-VDIFF_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-VDIFF_HD double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-VDIFF_HD double sub_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
 
 // Classifier-free guidance on one logit, in float like the reference: un + (scale + 1) * (cond - un).
 VDIFF_HD float cfg_logit(float cond, float uncond, float scale_plus_one) {
