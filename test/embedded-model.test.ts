@@ -20,6 +20,7 @@ import { fromTokenizerConfig } from "../src/chat/ChatFormatter.js"
 import { type NativeEngine, type NativeSamplingParams, loadAddon } from "../src/engine/native.js"
 import { parseLladaConfig, uniformFill, writeModelDir } from "../src/model/makeModel.js"
 import { lladaTensors } from "../src/model/presets.js"
+import { tokenizerMismatch } from "../src/server/ModelHost.js"
 import { type TokenizerShape, make as makeTokenizer } from "../src/tokenizer/Tokenizer.js"
 
 const root = join(import.meta.dirname, "..")
@@ -98,6 +99,14 @@ describe("the embedded Shakespeare model", () => {
     expect(config.vocabSize).toBe(tokenizer.vocabSize)
     expect(config.maskTokenId).toBe(tokenizer.specialTokens.mask)
     expect(config.eosTokenId).toBe(tokenizer.specialTokens.eos)
+    expect(tokenizerMismatch(config, tokenizer)).toBeUndefined()
+    // Another model's config under this tokenizer (the `small` preset: 10,240 ids, mask 10,239) is reported.
+    expect(tokenizerMismatch({ vocabSize: 10_240, maskTokenId: 10_239 }, tokenizer)).toBe(
+      "its mask token is id 8188, config.json's mask_token_id 10239"
+    )
+    expect(tokenizerMismatch({ vocabSize: 2048, maskTokenId: 8188 }, tokenizer)).toBe(
+      "it has 8192 tokens, more than the model's vocab_size 2048"
+    )
   })
 
   it("generates deterministically at temperature 0", async () => {

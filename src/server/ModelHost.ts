@@ -217,6 +217,8 @@ export const fromEngine = (
     const chat = yield* fromTokenizerConfig(tokenizer.tokenizerConfig).pipe(
       Effect.mapError((e) => new ModelLoadFailed({ modelDir: tokenizer.modelDir, message: e.message }))
     )
+    const mismatch = tokenizerMismatch(engine.info.config, tokenizer)
+    if (mismatch !== undefined) yield* Effect.logWarning(`the tokenizer does not fit config.json: ${mismatch}`)
     const scheduler = yield* Scheduler.make(options.scheduler).pipe(Effect.provideService(Engine.Engine, engine))
     const family = Engine.familyOf(engine.info)
     const defaults =
@@ -240,6 +242,23 @@ export const fromEngine = (
     }
     return { engine, scheduler, tokenizer, chat, serving }
   })
+
+/**
+ * How the tokenizer and config.json disagree, if they do: the engine masks with config.json's mask id, and
+ * the text is made of the tokenizer's ids, so a tokenizer of another model writes and reads the wrong
+ * tokens (a directory assembled from two models). The vocabulary may be smaller than the model's (padded
+ * embeddings), not larger.
+ */
+export const tokenizerMismatch = (config: { readonly vocabSize: number; readonly maskTokenId: number }, tokenizer: TokenizerShape) => {
+  const problems: Array<string> = []
+  if (tokenizer.specialTokens.mask !== config.maskTokenId) {
+    problems.push(`its mask token is id ${tokenizer.specialTokens.mask}, config.json's mask_token_id ${config.maskTokenId}`)
+  }
+  if (tokenizer.vocabSize > config.vocabSize) {
+    problems.push(`it has ${tokenizer.vocabSize} tokens, more than the model's vocab_size ${config.vocabSize}`)
+  }
+  return problems.length === 0 ? undefined : problems.join("; ")
+}
 
 /** The file in a model directory that recommends sampling defaults (Hugging Face's name). */
 export const GENERATION_CONFIG = "generation_config.json"
