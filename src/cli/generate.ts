@@ -4,10 +4,9 @@
  * request of the same fields gets from `vdiff serve`: the model family's defaults and readings (SDAR's
  * block of 4, steps per block on block models, Dream's algorithm), under the model's generation_config.json.
  */
-import { existsSync, readFileSync } from "node:fs"
-import { join } from "node:path"
 import { Either } from "effect"
 import type { CpuIsa } from "../config/Config.js"
+import { readModelDefaults } from "../config/generationConfig.js"
 import * as Sampling from "../config/sampling.js"
 import { familyOf } from "../engine/Engine.js"
 import { loadAddon, type NativeRemasking } from "../engine/native.js"
@@ -93,10 +92,7 @@ export const generate = async (options: GenerateOptions): Promise<GenerateResult
 
 /** The defaults `vdiff serve --generation-config auto` lays under its own: the model directory's file, if any. */
 const modelDefaults = (modelDir: string, genLength: number, family: Sampling.ModelFamily): Sampling.EngineDefaults => {
-  const defaults: Sampling.EngineDefaults = { maxTokens: genLength }
-  const path = join(modelDir, "generation_config.json")
-  if (!existsSync(path)) return defaults
-  const model = Sampling.modelDefaults(JSON.parse(readFileSync(path, "utf8")), family)
-  if (Either.isLeft(model)) throw new Error(`generation_config.json: ${model.left}`)
-  return Sampling.withModelDefaults(defaults, model.right).defaults
+  const model = readModelDefaults(modelDir, family)
+  if (Either.isLeft(model)) throw new Error(model.left)
+  return Sampling.withModelDefaults({ maxTokens: genLength }, model.right).defaults
 }

@@ -8,7 +8,7 @@ import { RequestId } from "../api/RequestId.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { BadRequest, InternalError } from "../api/errors.js"
 import { type ChatCompletionRequest, chatUnhonoured } from "./protocol.js"
-import { checkModel, makePlan, type PreparedPrompt, refuseUnhonoured } from "./plan.js"
+import { checkModel, makePlan, type PreparedPrompt } from "./plan.js"
 import { chatLogprobs, respond, TokenTexts } from "./render.js"
 import { preparePromptJobs } from "./run.js"
 import type { ChoiceDecoder } from "./ChoiceDecoder.js"
@@ -55,7 +55,6 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
           : undefined
     // An unknown model is a 404 before anything about the request's content is.
     yield* checkModel(request.model)
-    yield* refuseUnhonoured(request, chatUnhonoured)
     const structured = yield* planStructured({
       type: request.response_format?.type,
       schema: request.response_format?.json_schema?.schema,
@@ -67,7 +66,7 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
     // Structured output: the answer is the template, as long as it is.
     const answerLength =
       structured === undefined ? maxTokens : { value: structured.template.length, param: maxTokens?.param ?? "max_tokens" }
-    const plan = yield* makePlan(request, answerLength, request.logprobs === true ? (request.top_logprobs ?? 0) : 0)
+    const plan = yield* makePlan(request, answerLength, request.logprobs === true ? (request.top_logprobs ?? 0) : 0, chatUnhonoured)
     if (request.top_logprobs !== undefined && request.logprobs !== true) {
       return yield* new BadRequest({ message: "top_logprobs requires logprobs to be true", param: "top_logprobs" })
     }

@@ -10,7 +10,7 @@ import { Scheduler } from "../scheduler/Scheduler.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { BadRequest } from "../api/errors.js"
 import { type CompletionRequest, completionUnhonoured } from "./protocol.js"
-import { checkModel, checkTokenIds, makePlan, type PreparedPrompt, refuseUnhonoured } from "./plan.js"
+import { checkTokenIds, makePlan, type PreparedPrompt } from "./plan.js"
 import { completionLogprobs, respond, TokenTexts } from "./render.js"
 import { preparePromptJobs, type PromptJob } from "./run.js"
 import { ServingConfig } from "./ServingConfig.js"
@@ -63,12 +63,11 @@ export const completions = (request: CompletionRequest) =>
     const config = yield* ServingConfig
     const scheduler = yield* Scheduler
     const requestId = yield* RequestId
-    yield* checkModel(request.model)
-    yield* refuseUnhonoured(request, completionUnhonoured)
     const plan = yield* makePlan(
       request,
       request.max_tokens === undefined ? undefined : { value: request.max_tokens, param: "max_tokens" },
-      request.logprobs ?? 0
+      request.logprobs ?? 0,
+      completionUnhonoured
     )
     if (request.echo === true && request.logprobs !== undefined) {
       return yield* new BadRequest({

@@ -39,7 +39,7 @@ const notSupported = (param: string, message: string) => Effect.fail(new BadRequ
  * request gives with a value that would change the answer: it would otherwise be answered as if the field
  * were not there.
  */
-export const refuseUnhonoured = (request: object, table: Readonly<Record<string, Unhonoured>>) => {
+const refuseUnhonoured = (request: object, table: Readonly<Record<string, Unhonoured>>) => {
   for (const [name, { neutral, reason }] of Object.entries(table)) {
     const value = (request as Record<string, unknown>)[name]
     if (value !== undefined && !neutral(value)) return notSupported(name, `${name} is not supported: ${reason}`)
@@ -89,13 +89,16 @@ export const makePlan = (
   request: SamplingRequest,
   maxTokens: MaxTokens | undefined,
   /** Alternatives per token the engine reports (completions' logprobs, chat's top_logprobs); 0: none. */
-  topLogprobs = 0
+  topLogprobs = 0,
+  /** The endpoint's fields that are not honoured (protocol.ts: chatUnhonoured, completionUnhonoured). */
+  unhonoured: Readonly<Record<string, Unhonoured>> = {}
 ) =>
   Effect.gen(function* () {
     const config = yield* ServingConfig
     const tokenizer = yield* Tokenizer
     const scheduler = yield* Scheduler
     yield* checkModel(request.model)
+    yield* refuseUnhonoured(request, unhonoured)
 
     const exclusive = Sampling.exclusiveViolation(request)
     if (exclusive !== undefined) return yield* new BadRequest(exclusive)

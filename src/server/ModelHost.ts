@@ -11,7 +11,7 @@
  *
  * @since 0.1.0
  */
-import { existsSync, readFileSync } from "node:fs"
+import { readFileSync } from "node:fs"
 import { join } from "node:path"
 import { Clock, Context, Deferred, Effect, Either, Layer, Option, Ref, Schema, Scope } from "effect"
 import { type ChatFormatterShape, fromTokenizerConfig } from "../chat/ChatFormatter.js"
@@ -22,6 +22,7 @@ import type { ServingConfigShape, ServingDefaults } from "../openai/ServingConfi
 import * as Scheduler from "../scheduler/Scheduler.js"
 import type { SchedulerOptions, SchedulerShape } from "../scheduler/Scheduler.js"
 import type { TokenizerShape } from "../tokenizer/Tokenizer.js"
+import { GENERATION_CONFIG, readModelDefaults } from "../config/generationConfig.js"
 import * as Tokenizer from "../tokenizer/Tokenizer.js"
 import type { CpuIsa } from "../config/Config.js"
 
@@ -260,8 +261,7 @@ export const tokenizerMismatch = (config: { readonly vocabSize: number; readonly
   return problems.length === 0 ? undefined : problems.join("; ")
 }
 
-/** The file in a model directory that recommends sampling defaults (Hugging Face's name). */
-export const GENERATION_CONFIG = "generation_config.json"
+export { GENERATION_CONFIG } from "../config/generationConfig.js"
 
 /**
  * The server's defaults with the model's generation_config.json beneath them (Sampling.withModelDefaults),
@@ -270,11 +270,7 @@ export const GENERATION_CONFIG = "generation_config.json"
  */
 const underModelDefaults = (defaults: ServingDefaults, modelDir: string, family: Sampling.ModelFamily) =>
   Effect.gen(function* () {
-    const path = join(modelDir, GENERATION_CONFIG)
-    if (!existsSync(path)) return defaults
-    const failed = (message: string) => new ModelLoadFailed({ modelDir, message: `${GENERATION_CONFIG}: ${message}` })
-    const json = yield* Effect.try({ try: () => JSON.parse(readFileSync(path, "utf8")) as unknown, catch: (e) => failed(String(e)) })
-    const model = yield* Either.mapLeft(Sampling.modelDefaults(json, family), failed)
+    const model = yield* Either.mapLeft(readModelDefaults(modelDir, family), (message) => new ModelLoadFailed({ modelDir, message }))
     const { defaults: merged, applied } = Sampling.withModelDefaults(defaults, model)
     const listed = Object.entries(applied).map(([field, value]) => `${field} ${String(value)}`)
     if (listed.length > 0) {
