@@ -84,6 +84,21 @@ interface Completion {
   readonly diffusion: Diffusion
 }
 
+/**
+ * ignore_eos fills the answer with text; min_tokens keeps the request's stop tokens off the first positions
+ * too: a token the answer starts with, given as a stop token, is nowhere in the first 12 positions.
+ */
+const barsEndAndStopTokens = async (complete: (body: Record<string, unknown>) => Promise<Completion>) => {
+  const filled = await complete({ max_tokens: 12, ignore_eos: true, return_token_ids: true })
+  expect(filled.choices[0]!.finish_reason).toBe("length")
+  expect(filled.choices[0]!.token_ids).toHaveLength(12)
+  const first = filled.choices[0]!.token_ids![0]!
+  const barred = await complete({ max_tokens: 12, ignore_eos: true, min_tokens: 12, stop_token_ids: [first], return_token_ids: true })
+  expect(barred.choices[0]!.finish_reason).toBe("length")
+  expect(barred.choices[0]!.token_ids).toHaveLength(12)
+  expect(barred.choices[0]!.token_ids).not.toContain(first)
+}
+
 let dir: string
 
 beforeAll(async () => {
@@ -150,6 +165,8 @@ describe.each(families)("serving $preset ($name)", (family) => {
     const again = await complete({ max_tokens: 2 * family.blockLength + 4, return_token_ids: true })
     expect(again.choices[0]!.token_ids).toEqual(choice!.token_ids)
   })
+
+  it("honours ignore_eos and min_tokens by position", () => barsEndAndStopTokens(complete))
 
   it("gives the same tokens with the exact block cache as with full recompute", async () => {
     for (const body of [{ parallel_threshold: 0 }, { diffusion_steps: 2 }, {}]) {
@@ -473,6 +490,8 @@ describe("serving dream-tiny (dream)", () => {
     // The two algorithms write different answers here, so the setting reached the engine.
     expect(margin.choices[0]!.token_ids).not.toEqual(first.choices[0]!.token_ids)
   })
+
+  it("honours ignore_eos and min_tokens by position", () => barsEndAndStopTokens(complete))
 
   it("chats with the model's own chat template (Qwen2's, with its default system turn)", async () => {
     const chat = await complete(

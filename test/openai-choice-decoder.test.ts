@@ -58,6 +58,28 @@ describe("ChoiceDecoder", () => {
     expect(decoder.tokenIds).toEqual(answer.slice(0, 3))
   })
 
+  it("looks for stop strings only from the min_tokens-th token on", () => {
+    const answer = encode("Hello world night the")
+    const withMin = (minTokens: number) => {
+      const decoder = new ChoiceDecoder({
+        genLength: answer.length,
+        endTokens: new Set([tokenizer.specialTokens.eos]),
+        stopTokens: new Set(),
+        stopStrings: ["o"],
+        minTokens,
+        detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
+      })
+      run(decoder, answer, leftToRight(answer.length))
+      return decoder
+    }
+    expect(withMin(0).text).toBe("Hell")
+    // "o" in "Hello" and "world" (tokens 1 and 2) is passed over; the stop string is looked for from the third token on.
+    const third = withMin(3)
+    expect(third.text).toBe("Hello world night the")
+    expect(third.finishReason).toBe("length")
+    expect(withMin(2).text).toBe("Hello w")
+  })
+
   it("ends at a stop token, which is counted but not in the text", () => {
     const answer = encode("Hello world night")
     const decoder = decoderFor(answer.length, [], [answer[1]!])

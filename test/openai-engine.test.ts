@@ -126,6 +126,33 @@ describe("OpenAI routes on the embedded model", () => {
     expect(server.tokenizer.decode(choice.prompt_token_ids!)).toContain("<|start_header_id|>user<|end_header_id|>")
   })
 
+  it("fills max_tokens with ignore_eos, and keeps the first min_tokens positions free of end tokens", async () => {
+    const ask = async (extra: Record<string, unknown>) => {
+      const response = await server.post("/v1/chat/completions", {
+        messages: [{ role: "user", content: "Who art thou?" }],
+        max_tokens: 24,
+        seed: 2,
+        return_token_ids: true,
+        ...extra
+      })
+      expect(response.status).toBe(200)
+      const body = Schema.decodeUnknownSync(ChatCompletionResponse)(await response.json())
+      return { choice: body.choices[0]!, tokens: body.usage.completion_tokens }
+    }
+    // The model ends this answer early on its own, so the options have something to change.
+    const plain = await ask({})
+    expect(plain.choice.finish_reason).toBe("stop")
+    expect(plain.tokens).toBeLessThan(12)
+    const filled = await ask({ ignore_eos: true })
+    expect(filled.choice.finish_reason).toBe("length")
+    expect(filled.tokens).toBe(24)
+    expect(filled.choice.token_ids!.some(isSpecial)).toBe(false)
+    expect(server.tokenizer.decode(filled.choice.token_ids!, { skipSpecialTokens: true })).toBe(filled.choice.message.content)
+    const longer = await ask({ min_tokens: 12 })
+    expect(longer.tokens).toBeGreaterThanOrEqual(12)
+    expect(longer.choice.token_ids!.slice(0, 12).some(isSpecial)).toBe(false)
+  })
+
   it("reports on every step the steps it plans, and runs exactly that many", async () => {
     const engine = server.engine
     for (const [genLength, blockLength, steps] of [

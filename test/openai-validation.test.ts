@@ -26,6 +26,7 @@ const expectError = async (response: Response, status: number, param: string | n
 
 const prompt = { prompt: "Say hello" }
 const chat = { messages: [{ role: "user", content: "hi" }] }
+const jsonFormat = { type: "json_schema", json_schema: { name: "x", schema: { type: "object", properties: { a: { type: "string" } } } } }
 
 const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, string, RegExp?]> = [
   ["prompt of a wrong type", { prompt: 5 }, "prompt", /prompt must be a string/],
@@ -114,8 +115,14 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
   ["repetition_penalty 0", { ...prompt, repetition_penalty: 0 }, "repetition_penalty", /greater than 0 and at most 2/],
   ["repetition_penalty a string", { ...prompt, repetition_penalty: "1.2" }, "repetition_penalty"],
   ["logit_bias set", { ...prompt, logit_bias: { "1": 5 } }, "logit_bias"],
-  ["vLLM's ignore_eos", { ...prompt, ignore_eos: true }, "ignore_eos", /^ignore_eos is not supported: an answer always ends/],
-  ["vLLM's min_tokens", { ...prompt, min_tokens: 20 }, "min_tokens"],
+  ["ignore_eos a string", { ...prompt, ignore_eos: "yes" }, "ignore_eos"],
+  ["min_tokens negative", { ...prompt, min_tokens: -1 }, "min_tokens"],
+  [
+    "min_tokens above max_tokens",
+    { ...prompt, max_tokens: 8, min_tokens: 9 },
+    "min_tokens",
+    /^min_tokens \(9\) must be at most the answer length \(max_tokens: 8\)/
+  ],
   ["vLLM's allowed_token_ids", { ...prompt, allowed_token_ids: [10] }, "allowed_token_ids", /restrict the vocabulary/],
   ["vLLM's bad_words", { ...prompt, bad_words: ["O"] }, "bad_words"],
   ["vLLM's guided_choice", { ...prompt, guided_choice: ["yes", "no"] }, "guided_choice", /constrained decoding/],
@@ -171,7 +178,19 @@ const chatCases: ReadonlyArray<readonly [string, Record<string, unknown>, string
   ["audio modalities", { ...chat, modalities: ["text", "audio"] }, "modalities", /text only/],
   ["audio output", { ...chat, audio: { voice: "alloy", format: "wav" } }, "audio"],
   ["vLLM's chat echo", { ...chat, echo: true }, "echo", /does not repeat the conversation/],
-  ["vLLM's ignore_eos in chat", { ...chat, ignore_eos: true }, "ignore_eos"],
+  [
+    "min_tokens with structured output",
+    { ...chat, min_tokens: 3, response_format: jsonFormat },
+    "min_tokens",
+    /^min_tokens cannot be used with structured output/
+  ],
+  [
+    "ignore_eos with structured output",
+    { ...chat, ignore_eos: true, response_format: jsonFormat },
+    "ignore_eos",
+    /cannot be used with structured output/
+  ],
+  ["stop with structured output", { ...chat, stop: "x", response_format: jsonFormat }, "stop", /cannot be used with structured output/],
   ["vLLM's guided_json in chat", { ...chat, guided_json: { type: "object" } }, "guided_json"],
   ["a JSON response_format", { ...chat, response_format: { type: "json_object" } }, "response_format"],
   ["temperature above 2", { ...chat, temperature: 3 }, "temperature"],
@@ -255,11 +274,25 @@ describe("request validation", () => {
     }
   })
 
+  it("min_tokens and ignore_eos reach the engine, with the request's stop tokens to bar below min_tokens", async () => {
+    const response = await server.post("/v1/completions", {
+      ...prompt,
+      max_tokens: 10,
+      min_tokens: 4,
+      ignore_eos: true,
+      stop_token_ids: [7]
+    })
+    expect(response.status).toBe(200)
+    expect(server.engine.created.at(-1)!.settings).toMatchObject({ genLength: 10, minTokens: 4, ignoreEos: true, stopTokenIds: [7] })
+    const chatResponse = await server.post("/v1/chat/completions", { ...chat, min_tokens: 0, ignore_eos: false })
+    expect(chatResponse.status).toBe(200)
+    const settings = server.engine.created.at(-1)!.settings
+    expect([settings.minTokens, settings.ignoreEos, settings.stopTokenIds]).toEqual([undefined, undefined, undefined])
+  })
+
   it("fields that are not honoured pass at the values that change nothing", async () => {
     const completion = await server.post("/v1/completions", {
       ...prompt,
-      ignore_eos: false,
-      min_tokens: 0,
       allowed_token_ids: [],
       bad_words: [],
       include_stop_str_in_output: false,

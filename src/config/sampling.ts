@@ -616,6 +616,15 @@ export interface EngineOnlyParams {
    * committed it, with their log-probabilities (0 to 20); absent or 0: none.
    */
   readonly topLogprobs?: number | undefined
+  /**
+   * vLLM's min_tokens: answer positions below it (0 to genLength) never take an end token (EOS, eotTokenId,
+   * the model's stop tokens) nor one of stopTokenIds; absent or 0: none.
+   */
+  readonly minTokens?: number | undefined
+  /** vLLM's ignore_eos: no answer position takes an end token; absent: false. */
+  readonly ignoreEos?: boolean | undefined
+  /** The request's stop tokens (the answer is cut at them by the caller), barred below minTokens. */
+  readonly stopTokenIds?: ReadonlyArray<number> | undefined
 }
 
 /** How one sequence is denoised, as the Engine service takes it. Meanings follow LLaDA's generate(). */

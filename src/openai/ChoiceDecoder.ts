@@ -22,6 +22,12 @@ export interface ChoiceDecoderOptions {
   /** stop_token_ids: end the answer; counted as generated, left out of the text. */
   readonly stopTokens: ReadonlySet<number>
   readonly stopStrings: ReadonlyArray<string>
+  /**
+   * min_tokens: a stop string ends the answer only in the text of its minTokens-th token or a later one, so
+   * the answer holds at least minTokens tokens, as in vLLM (the engine keeps end and stop tokens off the
+   * positions before it); default 0.
+   */
+  readonly minTokens?: number | undefined
   readonly detokenizer: IncrementalDetokenizer
   /**
    * Answer positions fixed from the start (genLength entries: NOT_COMMITTED where the model writes, else
@@ -154,7 +160,7 @@ export class ChoiceDecoder {
     if (this.finished) return ""
     this.held += piece
     const stops = this.options.stopStrings
-    if (stops.length === 0 || this.held === "") {
+    if (stops.length === 0 || this.held === "" || this.tokenIds.length < (this.options.minTokens ?? 0)) {
       const text = this.held
       this.held = ""
       return text

@@ -60,7 +60,12 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
       schema: request.response_format?.json_schema?.schema,
       param: "response_format",
       maxTokens,
-      conflicting: [...(request.stop === undefined ? [] : ["stop"]), ...(request.stop_token_ids === undefined ? [] : ["stop_token_ids"])],
+      conflicting: [
+        ...(request.stop === undefined ? [] : ["stop"]),
+        ...(request.stop_token_ids === undefined ? [] : ["stop_token_ids"]),
+        ...((request.min_tokens ?? 0) > 0 ? ["min_tokens"] : []),
+        ...(request.ignore_eos === true ? ["ignore_eos"] : [])
+      ],
       family: config.family ?? lladaFamily
     })
     // Structured output: the answer is the template, as long as it is.

@@ -65,6 +65,8 @@ export interface AnswerPlan {
   readonly seed: number
   readonly stopStrings: ReadonlyArray<string>
   readonly stopTokens: ReadonlySet<number>
+  /** min_tokens: the answer's first positions, where no end token, stop token or stop string ends it. */
+  readonly minTokens: number
   /** EOS and end-of-turn: where an answer ends. */
   readonly endTokens: ReadonlySet<number>
   readonly stream: boolean
@@ -129,6 +131,7 @@ export const makePlan = (
     const endTokens = new Set([special.eos, ...Option.toArray(special.eot), ...(config.endTokenIds ?? [])])
     const seed = request.seed ?? (yield* Random.nextIntBetween(0, 2 ** 31))
     const defaults = config.defaults
+    const minTokens = request.min_tokens ?? 0
 
     const settingsFor = (promptLength: number, promptParam: string, suffixLength = 0): Effect.Effect<SamplingSettings, BadRequest> => {
       if (suffixLength > 0 && family.decoding !== "full_canvas") {
@@ -166,13 +169,23 @@ export const makePlan = (
         )
       }
       const genLength = maxTokens?.value ?? Math.min(defaults.maxTokens, room)
+      if (minTokens > genLength) {
+        return Effect.fail(
+          new BadRequest({
+            message: `min_tokens (${minTokens}) must be at most the answer length (${maxTokens?.param ?? "max_tokens"}: ${genLength})`,
+            param: "min_tokens"
+          })
+        )
+      }
       return Effect.succeed({
         ...Sampling.resolve(request, defaults, genLength, family),
         seed,
         logitsEosInf: false,
         confidenceEosEotInf: false,
         eotTokenId: Option.getOrElse(special.eot, () => -1),
-        ...(topLogprobs > 0 ? { topLogprobs } : {})
+        ...(topLogprobs > 0 ? { topLogprobs } : {}),
+        ...(minTokens > 0 ? { minTokens, stopTokenIds: request.stop_token_ids ?? [] } : {}),
+        ...(request.ignore_eos === true ? { ignoreEos: true } : {})
       })
     }
 
@@ -181,6 +194,7 @@ export const makePlan = (
       seed,
       stopStrings,
       stopTokens: new Set(request.stop_token_ids ?? []),
+      minTokens,
       endTokens,
       stream: request.stream === true,
       includeUsage: request.stream_options?.include_usage === true,

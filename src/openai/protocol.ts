@@ -83,8 +83,6 @@ const guided = {
 }
 
 const sharedUnhonoured = {
-  ignore_eos: { neutral: isFalse, reason: "an answer always ends where the model puts its end token" },
-  min_tokens: { neutral: (value: unknown) => value === 0, reason: "an answer always ends where the model puts its end token" },
   allowed_token_ids: { neutral: isEmptyList, reason: "the sampler does not restrict the vocabulary" },
   bad_words: { neutral: isEmptyList, reason: "the sampler does not restrict the vocabulary" },
   guided_json: guided,
@@ -137,6 +135,14 @@ const samplingFields = {
   n: optional(int("n", 1)),
   stop: optional(Stop),
   stop_token_ids: optional(described(Schema.Array(TokenId), "stop_token_ids must be an array of token ids")),
+  /**
+   * vLLM: the answer's first min_tokens positions never take an end token nor one of stop_token_ids, and
+   * no stop string ends it there. A diffusion answer knows its positions from the start, so this is a bar
+   * by position, not a count of tokens written so far.
+   */
+  min_tokens: optional(int("min_tokens", 0)),
+  /** vLLM: no position of the answer takes an end token (EOS, end of turn), so it fills max_tokens. */
+  ignore_eos: optional(boolean("ignore_eos")),
   seed: optional(Seed),
   logit_bias: optional(described(Schema.Record({ key: Schema.String, value: Schema.Number }), "logit_bias must map token ids to numbers")),
   stream: optional(boolean("stream")),

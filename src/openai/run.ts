@@ -81,6 +81,7 @@ export const runPrompt = (
                 endTokens: plan.endTokens,
                 stopTokens: plan.stopTokens,
                 stopStrings: plan.stopStrings,
+                minTokens: plan.minTokens,
                 detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
               }
             : {

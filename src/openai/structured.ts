@@ -227,7 +227,7 @@ export interface StructuredRequest {
   readonly param: string
   /** The answer length the request asked for, if any: the slots share what the skeleton leaves. */
   readonly maxTokens: { readonly value: number; readonly param: string } | undefined
-  /** Fields given that cannot be honoured with a template (stop, stop_token_ids). */
+  /** Fields given that cannot be honoured with a template (stop, stop_token_ids, min_tokens, ignore_eos). */
   readonly conflicting: ReadonlyArray<string>
   /** The served model's family: only full-canvas decoding takes a skeleton laid on the canvas. */
   readonly family: ModelFamily
@@ -274,7 +274,7 @@ export const planStructured = (request: StructuredRequest) =>
     const conflict = request.conflicting[0]
     if (conflict !== undefined) {
       return yield* new BadRequest({
-        message: `${conflict} cannot be used with structured output: the answer is the whole JSON skeleton, which a stop would cut`,
+        message: `${conflict} cannot be used with structured output: the answer is exactly the JSON skeleton, which ends where the skeleton does and which no stop cuts`,
         param: conflict,
         code: "unsupported_parameter"
       })

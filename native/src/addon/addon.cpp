@@ -181,6 +181,13 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
   p.top_k = top_k.IsUndefined() || top_k.IsNull()
                 ? 0
                 : static_cast<int>(integer_of(env, top_k, "params.topK", INT32_MIN, INT32_MAX));
+  const Napi::Value min_tokens = field(env, o, "minTokens", false);
+  p.min_tokens = min_tokens.IsUndefined() || min_tokens.IsNull()
+                     ? 0
+                     : static_cast<int>(integer_of(env, min_tokens, "params.minTokens", INT32_MIN, INT32_MAX));
+  p.ignore_eos = bool_field("ignoreEos");
+  const Napi::Value stops = field(env, o, "stopTokenIds", false);
+  if (!stops.IsUndefined() && !stops.IsNull()) p.stop_token_ids = tokens_of(env, stops, "params.stopTokenIds");
   p.top_p = optional_number("topP", 1.0);
   p.min_p = optional_number("minP", 0.0);
   p.presence_penalty = optional_number("presencePenalty", 0.0);

@@ -141,6 +141,15 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
     throw invalid("eot_token_id " + std::to_string(p.eot_token_id) + " is outside the vocabulary [0, " +
                       std::to_string(vocab) + ") (use -1 for none)",
                   "eot_token_id");
+  if (p.min_tokens < 0 || p.min_tokens > p.gen_length)
+    throw invalid("min_tokens must be in [0, gen_length " + std::to_string(p.gen_length) + "] (got " +
+                      std::to_string(p.min_tokens) + ")",
+                  "min_tokens");
+  for (size_t i = 0; i < p.stop_token_ids.size(); ++i)
+    if (p.stop_token_ids[i] < 0 || p.stop_token_ids[i] >= vocab)
+      throw invalid("stop_token_ids[" + std::to_string(i) + "] = " + std::to_string(p.stop_token_ids[i]) +
+                        " is outside the vocabulary [0, " + std::to_string(vocab) + ")",
+                    "stop_token_ids");
   if (p.top_k < 0) throw invalid("top_k must be >= 0 (0: off) (got " + std::to_string(p.top_k) + ")", "top_k");
   if (!(p.top_p > 0.0 && p.top_p <= 1.0))
     throw invalid("top_p must be in (0, 1] (1: off) (got " + std::to_string(p.top_p) + ")", "top_p");
@@ -205,6 +214,7 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
                         std::to_string(params.gen_length),
                     "template");
     int open = 0;
+    const RowRule rule = RowRule::of(params, config);
     for (size_t i = 0; i < answer_template.size(); ++i) {
       const int32_t t = answer_template[i];
       if (t == -1) {
@@ -215,6 +225,12 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
         throw invalid("template[" + std::to_string(i) + "] = " + std::to_string(t) +
                           " is neither -1 (to denoise) nor a token id other than the mask",
                       "template");
+      rule.for_each_barred(static_cast<int>(i), [&](int32_t id) {
+        if (id == t)
+          throw invalid("template[" + std::to_string(i) + "] = " + std::to_string(t) +
+                            " is an end token, which min_tokens / ignore_eos bar there",
+                        "template");
+      });
     }
     if (open == 0) throw invalid("template fixes every position of the answer: nothing is left to denoise", "template");
   }

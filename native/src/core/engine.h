@@ -70,6 +70,15 @@ struct SamplingParams {
   // gives the uncached output exactly); 0: only at block starts.
   int kv_refresh_interval = 0;
 
+  // End tokens barred from the answer (vLLM's min_tokens and ignore_eos): an answer position below
+  // min_tokens never takes EOS, eot_token_id, one of the model's stop tokens (ModelConfig::stop_token_ids) or
+  // one of stop_token_ids; with ignore_eos no position takes the first three. A barred token's logit is
+  // -inf before anything else reads the row (as logits_eos_inf does for EOS), so its probability is 0 and it
+  // is never drawn. A diffusion answer knows its positions from the start, so the bar is by position.
+  int min_tokens = 0;  // in [0, gen_length]
+  bool ignore_eos = false;
+  std::vector<int32_t> stop_token_ids;  // the request's stop tokens (the caller cuts the answer at them)
+
   // Alternatives reported with every committed token: its step's top_logprobs likeliest tokens with their
   // log-probabilities (0 .. kMaxTopLogprobs; 0: none).
   int top_logprobs = 0;

@@ -40,6 +40,22 @@ int transfers_at(int masked, int steps, int step) { return masked / steps + (ste
 
 // ---- one row --------------------------------------------------------------------------------------
 
+// The ids of `ids` inside a row of logits.
+static std::vector<int32_t> inside_row(const std::vector<int32_t>& ids, const ModelConfig& config) {
+  std::vector<int32_t> in;
+  for (int32_t id : ids)
+    if (id >= 0 && id < config.embedding_size) in.push_back(id);
+  return in;
+}
+
+// The tokens that end an answer: EOS, the end-of-turn token and the model's stop tokens.
+static std::vector<int32_t> end_tokens(const SamplingParams& p, const ModelConfig& config) {
+  std::vector<int32_t> ends(config.stop_token_ids.begin(), config.stop_token_ids.end());
+  ends.push_back(config.eos_token_id);
+  ends.push_back(p.eot_token_id);
+  return inside_row(ends, config);
+}
+
 RowRule RowRule::of(const SamplingParams& p, const ModelConfig& config) {
   return RowRule{.row_size = config.embedding_size,
                  .vocab_size = std::min(config.vocab_size, config.embedding_size),
@@ -54,7 +70,15 @@ RowRule RowRule::of(const SamplingParams& p, const ModelConfig& config) {
                  .top_p = p.top_p,
                  .min_p = p.min_p,
                  .dream = config.decoding == Decoding::Dream,
-                 .alg = p.alg};
+                 .alg = p.alg,
+                 .min_tokens = p.min_tokens,
+                 .ignore_eos = p.ignore_eos,
+                 .ends = p.min_tokens > 0 || p.ignore_eos ? end_tokens(p, config) : std::vector<int32_t>{},
+                 .stops = p.min_tokens > 0 ? inside_row(p.stop_token_ids, config) : std::vector<int32_t>{}};
+}
+
+void RowRule::bar(float* logits, int position) const {
+  for_each_barred(position, [&](int32_t id) { logits[id] = -std::numeric_limits<float>::infinity(); });
 }
 
 Penalties Penalties::of(const SamplingParams& p, const std::vector<int32_t>& prompt, const std::vector<int32_t>& answer,

@@ -78,11 +78,26 @@ struct RowRule {
   // Dream's rows (sample_row_dream) instead of LLaDA's, with the confidence of its algorithm.
   bool dream = false;
   DreamAlg alg = DreamAlg::Entropy;
+  // Barred end tokens (SamplingParams::min_tokens, ignore_eos): answer positions below min_tokens bar
+  // `ends` (EOS, EOT, the model's stop tokens) and `stops` (the request's), the others `ends` with ignore_eos.
+  int min_tokens = 0;
+  bool ignore_eos = false;
+  std::vector<int32_t> ends, stops;  // ids inside the row only
 
   // The rule of a sequence's rows: its sampling settings on this model's rows.
   static RowRule of(const SamplingParams& p, const ModelConfig& config);
   // Whether the draw is restricted to candidates (then it ranks the row: see sample_row).
   bool filters() const { return temperature > 0.0 && (top_k > 0 || top_p < 1.0 || min_p > 0.0); }
+  // Calls f(id) for each token barred at answer position `position` (an id may come twice).
+  template <typename F>
+  void for_each_barred(int position, F f) const {
+    if (position < min_tokens || ignore_eos)
+      for (int32_t id : ends) f(id);
+    if (position < min_tokens)
+      for (int32_t id : stops) f(id);
+  }
+  // Sets the logits of the tokens barred at answer position `position` to -inf (sample_task does it first).
+  void bar(float* logits, int position) const;
 };
 
 // Penalties on the tokens a sequence already holds, applied to every row of its step before the rule

@@ -204,6 +204,10 @@ VDIFF_HD double probability(float logit, double max, double sum) {
 // row, each folding its elements into a RowPass, then merge; the host tests run the same functions with
 // a few emulated threads against sample_task.
 
+// Barred tokens a task carries (min_tokens, ignore_eos: EOS, EOT, stop tokens); rows with more are sampled on
+// the host.
+constexpr int kMaxBarred = 8;
+
 struct TaskDesc {
   int cond, uncond;  // rows of the logits buffer; uncond -1: no cfg
   float cfg_scale_plus_one;
@@ -215,8 +219,10 @@ struct TaskDesc {
   int eos, eot;                   // -1: none (or outside the row)
   int vocab_size, mask_token_id;  // drawable: [0, vocab_size) except the mask
   int top_logprobs;
-  int target;  // -1: none
-  int dream;   // 0: LLaDA's rule (above); else Dream's (sample_row_dream, no filters), 1 + its DreamAlg
+  int target;    // -1: none
+  int dream;     // 0: LLaDA's rule (above); else Dream's (sample_row_dream, no filters), 1 + its DreamAlg
+  int n_barred;  // RowRule::bar: tokens whose logit is -inf for the draw and everything after it
+  int barred[kMaxBarred];
 };
 
 // TaskDesc::dream: 1 + DreamAlg (core/engine.h: Origin, MaskgitPlus, TopkMargin, Entropy).
@@ -232,10 +238,17 @@ struct TaskResult {
   float top_logprob[kMaxTop];
 };
 
-// The logit the draw sees: cfg, then logits_eos_inf (sample_row sets it to -inf first).
+VDIFF_HD bool barred(const TaskDesc& t, int i) {
+  for (int b = 0; b < t.n_barred; ++b)
+    if (t.barred[b] == i) return true;
+  return false;
+}
+
+// The logit the draw sees: cfg, then the barred tokens (sample_task) and logits_eos_inf (sample_row sets
+// it to -inf first).
 VDIFF_HD float draw_logit(const TaskDesc& t, const float* cond, const float* uncond, int i) {
   float l = uncond ? cfg_logit(cond[i], uncond[i], t.cfg_scale_plus_one) : cond[i];
-  if (t.sample && t.logits_eos_inf && i == t.eos) l = -INFINITY;
+  if (t.sample && ((t.logits_eos_inf && i == t.eos) || barred(t, i))) l = -INFINITY;
   return l;
 }
 

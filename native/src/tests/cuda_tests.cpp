@@ -286,6 +286,13 @@ TaskSet random_tasks(std::mt19937& rng, int row_size, int n_tasks, bool dream = 
     rule.eot_token_id = coin(rng) ? 9 : -1;
     rule.logits_eos_inf = few(rng) == 0;
     rule.confidence_eos_eot_inf = few(rng) == 0;
+    if (few(rng) == 0) {  // barred end tokens (min_tokens, ignore_eos); task j's position is j
+      rule.min_tokens = few(rng) * 150;
+      rule.ignore_eos = coin(rng);
+      rule.ends = {5, 11};
+      if (rule.eot_token_id >= 0) rule.ends.push_back(rule.eot_token_id);
+      rule.stops = {pick(rng)};
+    }
     if (dream) {  // Dream's rows: its algorithms; the EOS options and remasking above must not matter
       rule.dream = true;
       rule.alg = static_cast<DreamAlg>(few(rng));
@@ -350,7 +357,7 @@ void host_vocab_reduction() {
     const std::string first_dream = compare_results(d, row_size, got_dream, &equal_dream);
     report(first_dream.empty(),
            "host ops: Dream's rows (origin, maskgit_plus, topk_margin, entropy; argmax / Gumbel-max at the "
-           "temperature, top logprobs, target) emulated with 13 threads equal sample_task, row " +
+           "temperature, barred tokens, top logprobs, target) emulated with 13 threads equal sample_task, row " +
                std::to_string(row_size),
            first_dream.empty() ? std::to_string(equal_dream) + " of " + std::to_string(d.tasks.size()) + " tokens equal"
                                : first_dream);
@@ -361,7 +368,7 @@ void host_vocab_reduction() {
     int equal = 0;
     const std::string first = compare_results(s, row_size, got, &equal);
     report(first.empty(),
-           "host ops: vocabulary reduction (cfg, EOS/EOT rules, argmax / Gumbel-max, float64 softmax, "
+           "host ops: vocabulary reduction (cfg, EOS/EOT rules, barred tokens, argmax / Gumbel-max, float64 softmax, "
            "random remasking, top logprobs, target) emulated with 13 threads equals sample_task, row " +
                std::to_string(row_size),
            first.empty() ? std::to_string(equal) + " of " + std::to_string(s.tasks.size()) + " tokens equal" : first);

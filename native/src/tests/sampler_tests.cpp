@@ -573,6 +573,105 @@ static void test_eos_finish_reason() {
   CHECK(steps.back().reason == FinishReason::Eos);  // EOT counts as an end too
 }
 
+static void test_barred_end_tokens_rows() {
+  // min_tokens bars EOS, EOT, the model's stop tokens and the request's below it; ignore_eos the first
+  // three everywhere. Barred logits are -inf before the rule, so the probability leaves them out.
+  ModelConfig c;
+  c.vocab_size = c.embedding_size = kVocab;
+  c.mask_token_id = kMask;
+  c.eos_token_id = kEos;
+  c.stop_token_ids = {12};
+  SamplingParams p;
+  p.eot_token_id = kEot;
+  p.min_tokens = 2;
+  p.stop_token_ids = {11};
+  const auto row = [] {
+    std::vector<float> l(kVocab, 0.0f);
+    l[kEos] = 9.0f, l[kEot] = 8.0f, l[12] = 7.0f, l[11] = 6.0f, l[3] = 1.0f;
+    return l;
+  };
+  const auto sample_at = [&](const RowRule& rule, int position, int top) {
+    std::vector<float> l = row();
+    RowTask t;
+    t.rule = &rule;
+    t.position = position;
+    t.top_logprobs = top;
+    RowResult r;
+    sample_task(l.data(), nullptr, kVocab, t, r);
+    return r;
+  };
+  RowRule rule = RowRule::of(p, c);
+  RowResult r = sample_at(rule, 0, 3);
+  CHECK(r.token == 3);
+  CHECK(std::fabs(r.probability - std::exp(1.0) / (std::exp(1.0) + 11.0)) < 1e-15);  // 0..10 but 3, and the mask
+  CHECK(r.n_top == 3 && r.top[0].token == 3 && r.top[1].token == 0 && r.top[2].token == 1);
+  CHECK(sample_at(rule, 1, 0).token == 3);
+  CHECK(sample_at(rule, 2, 0).token == kEos);  // from min_tokens on, nothing is barred
+  p.ignore_eos = true;
+  rule = RowRule::of(p, c);
+  CHECK(sample_at(rule, 0, 0).token == 3);
+  CHECK(sample_at(rule, 7, 0).token == 11);  // the request's stop token is barred only below min_tokens
+  p.min_tokens = 0;
+  rule = RowRule::of(p, c);
+  CHECK(sample_at(rule, 0, 0).token == 11);
+  // Dream's rows are barred the same way.
+  c.decoding = Decoding::Dream;
+  p.min_tokens = 1;
+  rule = RowRule::of(p, c);
+  CHECK(rule.dream && sample_at(rule, 0, 0).token == 3 && sample_at(rule, 1, 0).token == 11);
+  // Nothing barred without the options: no allocation either.
+  p.min_tokens = 0, p.ignore_eos = false;
+  rule = RowRule::of(p, c);
+  CHECK(rule.ends.empty() && rule.stops.empty() && sample_at(rule, 0, 0).token == kEos);
+}
+
+static void test_barred_end_tokens_in_engine() {
+  // A rule that always prefers EOS, then EOT, then 12: min_tokens keeps the end off the first positions.
+  const LogitRule rule = [](const int32_t*, int, int, float* out) {
+    for (int v = 0; v < kVocab; ++v) out[v] = 0.1f * v;
+    out[kEos] = 5.0f;
+    out[kMask] = -5.0f;
+  };
+  Engine engine(std::make_shared<FakeModel>(rule));
+  SamplingParams p = params(4, 4, 2);
+  p.min_tokens = 2;
+  std::vector<StepOutput> steps;
+  CHECK((run_to_end(engine, engine.create({1}, p), &steps) == std::vector<int32_t>{kEot, kEot, kEos, kEos}));
+  CHECK(steps.back().reason == FinishReason::Eos);
+  p.min_tokens = 0;
+  p.ignore_eos = true;
+  steps.clear();
+  CHECK((run_to_end(engine, engine.create({1}, p), &steps) == std::vector<int32_t>(4, kEot)));
+  CHECK(steps.back().reason == FinishReason::Length);
+  p.eot_token_id = kEot;  // EOT is an end token too
+  CHECK((run_to_end(engine, engine.create({1}, p)) == std::vector<int32_t>(4, 12)));
+  p.ignore_eos = false;
+  p.min_tokens = 4;
+  p.stop_token_ids = {12};  // and the request's stop tokens below min_tokens
+  CHECK((run_to_end(engine, engine.create({1}, p)) == std::vector<int32_t>(4, 11)));
+  // Early stop cannot end an answer before min_tokens: there is no end token before it.
+  p = params(8, 4, 8);
+  p.early_stop = true;
+  p.min_tokens = 6;
+  CHECK((run_to_end(engine, engine.create({1}, p)) ==
+         std::vector<int32_t>{kEot, kEot, kEot, kEot, kEot, kEot, kEos, kEos}));
+
+  SamplingParams over = params(8, 4, 8), under = over, outside = over;
+  over.min_tokens = 9;
+  under.min_tokens = -1;
+  outside.stop_token_ids = {3, kVocab};
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "min_tokens must be in [0, gen_length 8] (got 9)", engine.create({1}, over));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "min_tokens must be in", engine.create({1}, under));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "stop_token_ids[1] = 16 is outside the vocabulary",
+               engine.create({1}, outside));
+  // A template may not fix an end token where it is barred.
+  SamplingParams t = params(4, 4, 4);
+  t.min_tokens = 2;
+  CHECK(engine.create({1}, t, {}, {-1, -1, kEos, kEos}) > 0);
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "template[1] = 14 is an end token",
+               engine.create({1}, t, {}, {-1, kEos, kEos, kEos}));
+}
+
 static void test_never_samples_mask_or_padding() {
   // Rows where the mask token and the head padding (ids >= vocab_size) have the highest logits: x0 is
   // the best real token, and its probability is still the softmax over the whole row.
@@ -1155,6 +1254,8 @@ int main() {
   test_rows_requested();
   test_cfg_in_engine();
   test_eos_finish_reason();
+  test_barred_end_tokens_rows();
+  test_barred_end_tokens_in_engine();
   test_never_samples_mask_or_padding();
   test_gumbel_determinism_in_engine();
   test_cancellation();
