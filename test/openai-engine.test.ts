@@ -153,6 +153,17 @@ describe("OpenAI routes on the embedded model", () => {
     expect(longer.choice.token_ids!.slice(0, 12).some(isSpecial)).toBe(false)
   })
 
+  it("adds logit_bias to the logits: +100 makes a token the whole answer, -100 keeps it out", async () => {
+    const body = { prompt: "ROMEO:\nBut soft, what light", max_tokens: 16, diffusion_steps: 16, return_token_ids: true }
+    const plain = (await complete(body)).choices[0]!
+    const first = plain.token_ids![0]!
+    const favoured = (await complete({ ...body, logit_bias: { [first]: 100 } })).choices[0]!
+    expect(favoured.token_ids).toEqual(Array(16).fill(first))
+    const banned = (await complete({ ...body, logit_bias: { [first]: -100 } })).choices[0]!
+    expect(banned.token_ids).not.toContain(first)
+    expect(banned.token_ids).not.toEqual(plain.token_ids)
+  })
+
   it("reports on every step the steps it plans, and runs exactly that many", async () => {
     const engine = server.engine
     for (const [genLength, blockLength, steps] of [

@@ -114,7 +114,20 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
   ["frequency_penalty out of range", { ...prompt, frequency_penalty: -2.5 }, "frequency_penalty", /from -2 to 2/],
   ["repetition_penalty 0", { ...prompt, repetition_penalty: 0 }, "repetition_penalty", /greater than 0 and at most 2/],
   ["repetition_penalty a string", { ...prompt, repetition_penalty: "1.2" }, "repetition_penalty"],
-  ["logit_bias set", { ...prompt, logit_bias: { "1": 5 } }, "logit_bias"],
+  [
+    "logit_bias with a key that is no token id",
+    { ...prompt, logit_bias: { hello: 5 } },
+    "logit_bias",
+    /^logit_bias key "hello" is not a token id/
+  ],
+  ["logit_bias with a leading zero", { ...prompt, logit_bias: { "01": 5 } }, "logit_bias", /not a token id/],
+  ["logit_bias outside the vocabulary", { ...prompt, logit_bias: { "100000": 5 } }, "logit_bias", /not a token id/],
+  [
+    "logit_bias above 100",
+    { ...prompt, logit_bias: { "5": 101 } },
+    "logit_bias",
+    /^logit_bias for token 5 must be a number from -100 to 100, got 101/
+  ],
   ["ignore_eos a string", { ...prompt, ignore_eos: "yes" }, "ignore_eos"],
   ["min_tokens negative", { ...prompt, min_tokens: -1 }, "min_tokens"],
   [
@@ -288,6 +301,18 @@ describe("request validation", () => {
     expect(chatResponse.status).toBe(200)
     const settings = server.engine.created.at(-1)!.settings
     expect([settings.minTokens, settings.ignoreEos, settings.stopTokenIds]).toEqual([undefined, undefined, undefined])
+  })
+
+  it("logit_bias reaches the engine as [token, bias] pairs by token", async () => {
+    const response = await server.post("/v1/completions", { ...prompt, logit_bias: { "9": -100, "3": 2.5, "0": 0 } })
+    expect(response.status).toBe(200)
+    expect(server.engine.created.at(-1)!.settings.logitBias).toEqual([
+      [0, 0],
+      [3, 2.5],
+      [9, -100]
+    ])
+    expect((await server.post("/v1/chat/completions", { ...chat, logit_bias: {} })).status).toBe(200)
+    expect(server.engine.created.at(-1)!.settings.logitBias).toBeUndefined()
   })
 
   it("fields that are not honoured pass at the values that change nothing", async () => {

@@ -625,6 +625,11 @@ export interface EngineOnlyParams {
   readonly ignoreEos?: boolean | undefined
   /** The request's stop tokens (the answer is cut at them by the caller), barred below minTokens. */
   readonly stopTokenIds?: ReadonlyArray<number> | undefined
+  /**
+   * OpenAI's logit_bias as [token, bias] pairs (bias in [-100, 100]): added to the token's logit, in float,
+   * after cfg and before anything reads the row; absent: none.
+   */
+  readonly logitBias?: ReadonlyArray<readonly [number, number]> | undefined
 }
 
 /** How one sequence is denoised, as the Engine service takes it. Meanings follow LLaDA's generate(). */

@@ -47,6 +47,33 @@ const refuseUnhonoured = (request: object, table: Readonly<Record<string, Unhono
   return Effect.void
 }
 
+/**
+ * logit_bias as the engine takes it: [token, bias] pairs by ascending token. Keys are token ids in decimal
+ * (no sign, no leading zero, so that no two keys name one token) inside the vocabulary; biases are numbers
+ * from -100 to 100, as OpenAI's.
+ */
+const logitBiasOf = (bias: Readonly<Record<string, number>> | undefined, vocabSize: number) => {
+  const pairs: Array<readonly [number, number]> = []
+  for (const [key, value] of Object.entries(bias ?? {})) {
+    const id = /^(0|[1-9][0-9]*)$/.test(key) ? Number(key) : Number.NaN
+    if (!(id < vocabSize)) {
+      return Effect.fail(
+        new BadRequest({
+          message: `logit_bias key ${JSON.stringify(key)} is not a token id (a decimal integer from 0 to ${vocabSize - 1})`,
+          param: "logit_bias"
+        })
+      )
+    }
+    if (!(value >= -100 && value <= 100)) {
+      return Effect.fail(
+        new BadRequest({ message: `logit_bias for token ${key} must be a number from -100 to 100, got ${value}`, param: "logit_bias" })
+      )
+    }
+    pairs.push([id, value])
+  }
+  return Effect.succeed(pairs.sort((a, b) => a[0] - b[0]))
+}
+
 /** Why a decoding other than full canvas takes no suffix (infilling lays tokens after the answer's masks). */
 const noSuffix: Record<Exclude<Sampling.Decoding, "full_canvas">, string> = {
   block: "it writes its answer block by block after the prompt",
@@ -84,7 +111,7 @@ export interface AnswerPlan {
 
 /**
  * Checks what completions and chat share and resolves the server's defaults. Parameters the sampler
- * cannot honour (penalties, logit_bias) are accepted only at their neutral values: an answer that
+ * cannot honour (the `unhonoured` table) are accepted only at their neutral values: an answer that
  * silently ignored them would not be the answer the client asked for.
  */
 export const makePlan = (
@@ -107,9 +134,7 @@ export const makePlan = (
     const family = config.family ?? Sampling.lladaFamily
     const misfit = Sampling.familyViolation(request, family)
     if (misfit !== undefined) return yield* notSupported(misfit.param, misfit.message)
-    if (request.logit_bias !== undefined && Object.keys(request.logit_bias).length > 0) {
-      return yield* notSupported("logit_bias", "logit_bias is not supported yet")
-    }
+    const logitBias = yield* logitBiasOf(request.logit_bias, tokenizer.vocabSize)
     if (request.stream_options !== undefined && request.stream !== true) {
       return yield* new BadRequest({ message: "stream_options can only be given when stream is true", param: "stream_options" })
     }
@@ -185,7 +210,8 @@ export const makePlan = (
         eotTokenId: Option.getOrElse(special.eot, () => -1),
         ...(topLogprobs > 0 ? { topLogprobs } : {}),
         ...(minTokens > 0 ? { minTokens, stopTokenIds: request.stop_token_ids ?? [] } : {}),
-        ...(request.ignore_eos === true ? { ignoreEos: true } : {})
+        ...(request.ignore_eos === true ? { ignoreEos: true } : {}),
+        ...(logitBias.length > 0 ? { logitBias } : {})
       })
     }
 

@@ -188,6 +188,22 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
   p.ignore_eos = bool_field("ignoreEos");
   const Napi::Value stops = field(env, o, "stopTokenIds", false);
   if (!stops.IsUndefined() && !stops.IsNull()) p.stop_token_ids = tokens_of(env, stops, "params.stopTokenIds");
+  // logitBias: [[token, bias], ...] (the engine checks the ranges).
+  const Napi::Value bias = field(env, o, "logitBias", false);
+  if (!bias.IsUndefined() && !bias.IsNull()) {
+    const std::string what = "params.logitBias must be an array of [token id, bias] pairs";
+    if (!bias.IsArray()) throw invalid_argument(env, what);
+    const Napi::Array pairs = bias.As<Napi::Array>();
+    for (uint32_t i = 0; i < pairs.Length(); ++i) {
+      const Napi::Value pair = pairs.Get(i);
+      if (!pair.IsArray() || pair.As<Napi::Array>().Length() != 2) throw invalid_argument(env, what);
+      const Napi::Value id = pair.As<Napi::Array>().Get(0u), value = pair.As<Napi::Array>().Get(1u);
+      if (!value.IsNumber()) throw invalid_argument(env, what);
+      p.logit_bias.emplace_back(static_cast<int32_t>(integer_of(
+                                    env, id, "params.logitBias[" + std::to_string(i) + "][0]", INT32_MIN, INT32_MAX)),
+                                static_cast<float>(value.As<Napi::Number>().DoubleValue()));
+    }
+  }
   p.top_p = optional_number("topP", 1.0);
   p.min_p = optional_number("minP", 0.0);
   p.presence_penalty = optional_number("presencePenalty", 0.0);

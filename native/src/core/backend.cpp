@@ -274,8 +274,8 @@ BatchPlan Backend::check_batch(const std::vector<ForwardSeq>& batch) const {
 void sample_task(float* logits, const float* uncond, int row_size, const RowTask& task, RowResult& out,
                  std::vector<int32_t>* scratch) {
   if (uncond) apply_cfg(logits, uncond, static_cast<size_t>(row_size), task.cfg_scale);
+  if (task.rule) task.rule->adjust(logits, task.position);
   if (task.penalties) task.penalties->apply(logits, row_size);
-  if (task.rule) task.rule->bar(logits, task.position);
   out.n_top = 0;
   // The distribution the log-probabilities are read from is the row after the rule's changes (its
   // EOS/EOT options), the one the committed token's probability comes from.

@@ -164,7 +164,7 @@ struct RowTask {
   int uncond = -1;  // -1: no cfg
   double cfg_scale = 0.0;
   const RowRule* rule = nullptr;         // nullptr: no sampling (only `target` is wanted)
-  const Penalties* penalties = nullptr;  // applied after cfg, before the rule; nullptr: none
+  const Penalties* penalties = nullptr;  // applied after cfg and RowRule::adjust, before the draw; nullptr: none
   uint64_t seed = 0;
   int step = 0;
   int position = 0;      // in the answer

@@ -150,6 +150,16 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
       throw invalid("stop_token_ids[" + std::to_string(i) + "] = " + std::to_string(p.stop_token_ids[i]) +
                         " is outside the vocabulary [0, " + std::to_string(vocab) + ")",
                     "stop_token_ids");
+  for (size_t i = 0; i < p.logit_bias.size(); ++i) {
+    const auto& [id, bias] = p.logit_bias[i];
+    const std::string at = "logit_bias[" + std::to_string(i) + "]";
+    if (id < 0 || id >= vocab)
+      throw invalid(
+          at + ": token " + std::to_string(id) + " is outside the vocabulary [0, " + std::to_string(vocab) + ")",
+          "logit_bias");
+    if (!(bias >= -100.0f && bias <= 100.0f))
+      throw invalid(at + ": bias " + std::to_string(bias) + " is outside [-100, 100]", "logit_bias");
+  }
   if (p.top_k < 0) throw invalid("top_k must be >= 0 (0: off) (got " + std::to_string(p.top_k) + ")", "top_k");
   if (!(p.top_p > 0.0 && p.top_p <= 1.0))
     throw invalid("top_p must be in (0, 1] (1: off) (got " + std::to_string(p.top_p) + ")", "top_p");

@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend.h"
@@ -78,6 +79,10 @@ struct SamplingParams {
   int min_tokens = 0;  // in [0, gen_length]
   bool ignore_eos = false;
   std::vector<int32_t> stop_token_ids;  // the request's stop tokens (the caller cuts the answer at them)
+
+  // OpenAI's logit_bias: (token, bias in [-100, 100]) added, in float, to the token's logit after cfg and
+  // before everything else reads the row (the barred tokens, the penalties, the rule), at every position.
+  std::vector<std::pair<int32_t, float>> logit_bias;
 
   // Alternatives reported with every committed token: its step's top_logprobs likeliest tokens with their
   // log-probabilities (0 .. kMaxTopLogprobs; 0: none).

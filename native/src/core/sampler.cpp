@@ -48,6 +48,14 @@ static std::vector<int32_t> inside_row(const std::vector<int32_t>& ids, const Mo
   return in;
 }
 
+static std::vector<std::pair<int32_t, float>> bias_inside_row(const std::vector<std::pair<int32_t, float>>& bias,
+                                                              const ModelConfig& config) {
+  std::vector<std::pair<int32_t, float>> in;
+  for (const auto& entry : bias)
+    if (entry.first >= 0 && entry.first < config.embedding_size) in.push_back(entry);
+  return in;
+}
+
 // The tokens that end an answer: EOS, the end-of-turn token and the model's stop tokens.
 static std::vector<int32_t> end_tokens(const SamplingParams& p, const ModelConfig& config) {
   std::vector<int32_t> ends(config.stop_token_ids.begin(), config.stop_token_ids.end());
@@ -74,10 +82,12 @@ RowRule RowRule::of(const SamplingParams& p, const ModelConfig& config) {
                  .min_tokens = p.min_tokens,
                  .ignore_eos = p.ignore_eos,
                  .ends = p.min_tokens > 0 || p.ignore_eos ? end_tokens(p, config) : std::vector<int32_t>{},
-                 .stops = p.min_tokens > 0 ? inside_row(p.stop_token_ids, config) : std::vector<int32_t>{}};
+                 .stops = p.min_tokens > 0 ? inside_row(p.stop_token_ids, config) : std::vector<int32_t>{},
+                 .bias = bias_inside_row(p.logit_bias, config)};
 }
 
-void RowRule::bar(float* logits, int position) const {
+void RowRule::adjust(float* logits, int position) const {
+  for (const auto& [id, b] : bias) logits[id] += b;
   for_each_barred(position, [&](int32_t id) { logits[id] = -std::numeric_limits<float>::infinity(); });
 }
 

@@ -82,7 +82,8 @@ struct RowRule {
   // `ends` (EOS, EOT, the model's stop tokens) and `stops` (the request's), the others `ends` with ignore_eos.
   int min_tokens = 0;
   bool ignore_eos = false;
-  std::vector<int32_t> ends, stops;  // ids inside the row only
+  std::vector<int32_t> ends, stops;             // ids inside the row only
+  std::vector<std::pair<int32_t, float>> bias;  // SamplingParams::logit_bias, ids inside the row only
 
   // The rule of a sequence's rows: its sampling settings on this model's rows.
   static RowRule of(const SamplingParams& p, const ModelConfig& config);
@@ -96,8 +97,9 @@ struct RowRule {
     if (position < min_tokens)
       for (int32_t id : stops) f(id);
   }
-  // Sets the logits of the tokens barred at answer position `position` to -inf (sample_task does it first).
-  void bar(float* logits, int position) const;
+  // The rule's changes to a row of logits at answer position `position`, which sample_task makes after cfg
+  // and before the penalties: the bias added, then the barred tokens set to -inf.
+  void adjust(float* logits, int position) const;
 };
 
 // Penalties on the tokens a sequence already holds, applied to every row of its step before the rule

@@ -204,9 +204,9 @@ VDIFF_HD double probability(float logit, double max, double sum) {
 // row, each folding its elements into a RowPass, then merge; the host tests run the same functions with
 // a few emulated threads against sample_task.
 
-// Barred tokens a task carries (min_tokens, ignore_eos: EOS, EOT, stop tokens); rows with more are sampled on
-// the host.
-constexpr int kMaxBarred = 8;
+// Logit changes a task carries (RowRule::adjust: logit_bias, then the barred tokens as -inf); rows with
+// more are sampled on the host.
+constexpr int kMaxAdjust = 16;
 
 struct TaskDesc {
   int cond, uncond;  // rows of the logits buffer; uncond -1: no cfg
@@ -219,10 +219,13 @@ struct TaskDesc {
   int eos, eot;                   // -1: none (or outside the row)
   int vocab_size, mask_token_id;  // drawable: [0, vocab_size) except the mask
   int top_logprobs;
-  int target;    // -1: none
-  int dream;     // 0: LLaDA's rule (above); else Dream's (sample_row_dream, no filters), 1 + its DreamAlg
-  int n_barred;  // RowRule::bar: tokens whose logit is -inf for the draw and everything after it
-  int barred[kMaxBarred];
+  int target;  // -1: none
+  int dream;   // 0: LLaDA's rule (above); else Dream's (sample_row_dream, no filters), 1 + its DreamAlg
+  // RowRule::adjust in its order: add[k] added to token[k]'s logit (-inf: set to -inf), for the draw and
+  // everything after it.
+  int n_adjust;
+  int adjust_token[kMaxAdjust];
+  float adjust_add[kMaxAdjust];
 };
 
 // TaskDesc::dream: 1 + DreamAlg (core/engine.h: Origin, MaskgitPlus, TopkMargin, Entropy).
@@ -238,17 +241,14 @@ struct TaskResult {
   float top_logprob[kMaxTop];
 };
 
-VDIFF_HD bool barred(const TaskDesc& t, int i) {
-  for (int b = 0; b < t.n_barred; ++b)
-    if (t.barred[b] == i) return true;
-  return false;
-}
-
-// The logit the draw sees: cfg, then the barred tokens (sample_task) and logits_eos_inf (sample_row sets
-// it to -inf first).
+// The logit the draw sees: cfg, then the rule's adjustments (sample_task) and logits_eos_inf (sample_row
+// sets it to -inf first).
 VDIFF_HD float draw_logit(const TaskDesc& t, const float* cond, const float* uncond, int i) {
   float l = uncond ? cfg_logit(cond[i], uncond[i], t.cfg_scale_plus_one) : cond[i];
-  if (t.sample && ((t.logits_eos_inf && i == t.eos) || barred(t, i))) l = -INFINITY;
+  if (!t.sample) return l;
+  for (int k = 0; k < t.n_adjust; ++k)
+    if (t.adjust_token[k] == i) l = t.adjust_add[k] == -INFINITY ? -INFINITY : add_rn(l, t.adjust_add[k]);
+  if (t.logits_eos_inf && i == t.eos) l = -INFINITY;
   return l;
 }
 

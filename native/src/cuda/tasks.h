@@ -2,6 +2,7 @@
 // op-parity entry points. Plain C++ (vdiff-cuda-tests uses it too).
 #pragma once
 #include <algorithm>
+#include <cmath>
 
 #include "core/backend.h"
 #include "core/rng.h"
@@ -18,15 +19,16 @@ using ops::TaskResult;
 // copied back): ranking a whole vocabulary per row is not worth a kernel for a rarely used option. Dream
 // applies its top-p / top-k at any temperature, so its filtered rows go there too. So do rows with
 // repetition penalties (a sparse change of a few logits, made by sample_task as on the CPU).
-// So do rows barring more tokens than a TaskDesc holds.
-inline int barred_count(const RowTask& t) {
-  int n = 0;
-  if (t.rule) t.rule->for_each_barred(t.position, [&](int32_t) { ++n; });
+// So do rows with more logit changes (logit_bias, barred tokens) than a TaskDesc holds.
+inline int adjust_count(const RowTask& t) {
+  if (!t.rule) return 0;
+  int n = static_cast<int>(t.rule->bias.size());
+  t.rule->for_each_barred(t.position, [&](int32_t) { ++n; });
   return n;
 }
 
 inline bool needs_host(const RowTask& t) {
-  return t.penalties != nullptr || barred_count(t) > ops::kMaxBarred ||
+  return t.penalties != nullptr || adjust_count(t) > ops::kMaxAdjust ||
          (t.rule && (t.rule->filters() || (t.rule->dream && (t.rule->top_p < 1.0 || t.rule->top_k > 0))));
 }
 
@@ -58,8 +60,11 @@ inline TaskDesc task_desc(const RowTask& t, int row_size) {
     d.eot = r.eot_token_id >= 0 && r.eot_token_id < row_size ? r.eot_token_id : -1;
     d.vocab_size = std::min(r.vocab_size, row_size);
     d.mask_token_id = r.mask_token_id;
-    if (barred_count(t) <= ops::kMaxBarred)
-      r.for_each_barred(t.position, [&](int32_t id) { d.barred[d.n_barred++] = id; });
+    if (adjust_count(t) <= ops::kMaxAdjust) {  // RowRule::adjust's order
+      for (const auto& [id, bias] : r.bias) d.adjust_token[d.n_adjust] = id, d.adjust_add[d.n_adjust++] = bias;
+      r.for_each_barred(t.position,
+                        [&](int32_t id) { d.adjust_token[d.n_adjust] = id, d.adjust_add[d.n_adjust++] = -INFINITY; });
+    }
     if (r.dream) {  // sample_row_dream: no EOS/EOT options, no random remasking; the algorithm's confidence
       d.dream = 1 + static_cast<int>(r.alg);
       d.logits_eos_inf = d.confidence_eos_eot_inf = d.random_remasking = 0;

@@ -293,6 +293,7 @@ TaskSet random_tasks(std::mt19937& rng, int row_size, int n_tasks, bool dream = 
       if (rule.eot_token_id >= 0) rule.ends.push_back(rule.eot_token_id);
       rule.stops = {pick(rng)};
     }
+    if (few(rng) == 0) rule.bias = {{5, -3.0f}, {pick(rng), 4.0f}, {pick(rng), -0.25f}};  // logit_bias
     if (dream) {  // Dream's rows: its algorithms; the EOS options and remasking above must not matter
       rule.dream = true;
       rule.alg = static_cast<DreamAlg>(few(rng));
@@ -357,7 +358,8 @@ void host_vocab_reduction() {
     const std::string first_dream = compare_results(d, row_size, got_dream, &equal_dream);
     report(first_dream.empty(),
            "host ops: Dream's rows (origin, maskgit_plus, topk_margin, entropy; argmax / Gumbel-max at the "
-           "temperature, barred tokens, top logprobs, target) emulated with 13 threads equal sample_task, row " +
+           "temperature, logit bias, barred tokens, top logprobs, target) emulated with 13 threads equal sample_task, "
+           "row " +
                std::to_string(row_size),
            first_dream.empty() ? std::to_string(equal_dream) + " of " + std::to_string(d.tasks.size()) + " tokens equal"
                                : first_dream);
@@ -368,7 +370,8 @@ void host_vocab_reduction() {
     int equal = 0;
     const std::string first = compare_results(s, row_size, got, &equal);
     report(first.empty(),
-           "host ops: vocabulary reduction (cfg, EOS/EOT rules, barred tokens, argmax / Gumbel-max, float64 softmax, "
+           "host ops: vocabulary reduction (cfg, EOS/EOT rules, logit bias, barred tokens, argmax / Gumbel-max, "
+           "float64 softmax, "
            "random remasking, top logprobs, target) emulated with 13 threads equals sample_task, row " +
                std::to_string(row_size),
            first.empty() ? std::to_string(equal) + " of " + std::to_string(s.tasks.size()) + " tokens equal" : first);

@@ -621,8 +621,23 @@ static void test_barred_end_tokens_rows() {
   CHECK(rule.dream && sample_at(rule, 0, 0).token == 3 && sample_at(rule, 1, 0).token == 11);
   // Nothing barred without the options: no allocation either.
   p.min_tokens = 0, p.ignore_eos = false;
+  c.decoding = Decoding::FullCanvas;
   rule = RowRule::of(p, c);
   CHECK(rule.ends.empty() && rule.stops.empty() && sample_at(rule, 0, 0).token == kEos);
+
+  // logit_bias is added in float before everything else, at every position; a barred token stays barred.
+  p.logit_bias = {{3, 8.5f}, {kEos, -1.0f}, {kVocab, 50.0f}};  // an id outside the row is ignored
+  rule = RowRule::of(p, c);
+  CHECK(rule.bias.size() == 2);
+  r = sample_at(rule, 5, 2);
+  CHECK(r.token == 3);                                                                        // 1 + 8.5 = 9.5 > 9 - 1
+  const double z = std::exp(9.5) + std::exp(8.0) * 2 + std::exp(7.0) + std::exp(6.0) + 11.0;  // EOS and EOT at 8
+  CHECK(std::fabs(r.probability - std::exp(9.5) / z) < 1e-12);
+  CHECK(r.n_top == 2 && r.top[1].token == kEot && std::fabs(r.top[1].logprob - (8.0 - std::log(z))) < 1e-5);
+  p.min_tokens = 6;
+  rule = RowRule::of(p, c);
+  r = sample_at(rule, 5, 0);
+  CHECK(r.token == 3 && std::fabs(r.probability - std::exp(9.5) / (std::exp(9.5) + 11.0)) < 1e-12);
 }
 
 static void test_barred_end_tokens_in_engine() {
@@ -664,6 +679,12 @@ static void test_barred_end_tokens_in_engine() {
   EXPECT_ERROR(ErrorCode::InvalidArgument, "min_tokens must be in", engine.create({1}, under));
   EXPECT_ERROR(ErrorCode::InvalidArgument, "stop_token_ids[1] = 16 is outside the vocabulary",
                engine.create({1}, outside));
+  SamplingParams biased = params(8, 4, 8), wild = biased;
+  biased.logit_bias = {{2, 1.0f}, {-1, 1.0f}};
+  wild.logit_bias = {{2, 100.5f}};
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "logit_bias[1]: token -1 is outside the vocabulary",
+               engine.create({1}, biased));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "logit_bias[0]: bias 100.5", engine.create({1}, wild));
   // A template may not fix an end token where it is barred.
   SamplingParams t = params(4, 4, 4);
   t.min_tokens = 2;
