@@ -164,6 +164,16 @@ describe("OpenAI routes on the embedded model", () => {
     expect(banned.token_ids).not.toEqual(plain.token_ids)
   })
 
+  it("draws only allowed_token_ids: without an end token among them, the answer fills max_tokens", async () => {
+    const body = { prompt: "ROMEO:\nBut soft, what light", max_tokens: 16, return_token_ids: true }
+    const plain = (await complete(body)).choices[0]!
+    const allowed = [...new Set(plain.token_ids!.slice(1, 3))]
+    const only = (await complete({ ...body, allowed_token_ids: allowed })).choices[0]!
+    expect(only.finish_reason).toBe("length")
+    expect(only.token_ids).toHaveLength(16)
+    for (const token of only.token_ids!) expect(allowed).toContain(token)
+  })
+
   it("reports on every step the steps it plans, and runs exactly that many", async () => {
     const engine = server.engine
     for (const [genLength, blockLength, steps] of [

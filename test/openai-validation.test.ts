@@ -136,8 +136,14 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
     "min_tokens",
     /^min_tokens \(9\) must be at most the answer length \(max_tokens: 8\)/
   ],
-  ["vLLM's allowed_token_ids", { ...prompt, allowed_token_ids: [10] }, "allowed_token_ids", /restrict the vocabulary/],
-  ["vLLM's bad_words", { ...prompt, bad_words: ["O"] }, "bad_words"],
+  ["allowed_token_ids empty", { ...prompt, allowed_token_ids: [] }, "allowed_token_ids", /^allowed_token_ids must not be empty/],
+  [
+    "allowed_token_ids outside the vocabulary",
+    { ...prompt, allowed_token_ids: [3, 100000] },
+    "allowed_token_ids[1]",
+    /not in the vocabulary/
+  ],
+  ["vLLM's bad_words", { ...prompt, bad_words: ["O"] }, "bad_words", /^bad_words is not supported: a word of several tokens/],
   ["vLLM's guided_choice", { ...prompt, guided_choice: ["yes", "no"] }, "guided_choice", /constrained decoding/],
   ["vLLM's structured_outputs", { ...prompt, structured_outputs: { json: {} } }, "structured_outputs"],
   ["vLLM's include_stop_str_in_output", { ...prompt, include_stop_str_in_output: true }, "include_stop_str_in_output"],
@@ -303,6 +309,11 @@ describe("request validation", () => {
     expect([settings.minTokens, settings.ignoreEos, settings.stopTokenIds]).toEqual([undefined, undefined, undefined])
   })
 
+  it("allowed_token_ids reaches the engine as given", async () => {
+    expect((await server.post("/v1/completions", { ...prompt, allowed_token_ids: [5, 3] })).status).toBe(200)
+    expect(server.engine.created.at(-1)!.settings.allowedTokenIds).toEqual([5, 3])
+  })
+
   it("logit_bias reaches the engine as [token, bias] pairs by token", async () => {
     const response = await server.post("/v1/completions", { ...prompt, logit_bias: { "9": -100, "3": 2.5, "0": 0 } })
     expect(response.status).toBe(200)
@@ -318,7 +329,6 @@ describe("request validation", () => {
   it("fields that are not honoured pass at the values that change nothing", async () => {
     const completion = await server.post("/v1/completions", {
       ...prompt,
-      allowed_token_ids: [],
       bad_words: [],
       include_stop_str_in_output: false,
       guided_json: null,

@@ -630,6 +630,8 @@ export interface EngineOnlyParams {
    * after cfg and before anything reads the row; absent: none.
    */
   readonly logitBias?: ReadonlyArray<readonly [number, number]> | undefined
+  /** vLLM's allowed_token_ids: when given (not empty), every other token's logit is -inf before the bias. */
+  readonly allowedTokenIds?: ReadonlyArray<number> | undefined
 }
 
 /** How one sequence is denoised, as the Engine service takes it. Meanings follow LLaDA's generate(). */

@@ -135,6 +135,17 @@ export const makePlan = (
     const misfit = Sampling.familyViolation(request, family)
     if (misfit !== undefined) return yield* notSupported(misfit.param, misfit.message)
     const logitBias = yield* logitBiasOf(request.logit_bias, tokenizer.vocabSize)
+    const allowed = request.allowed_token_ids
+    if (allowed !== undefined) {
+      if (allowed.length === 0) return yield* new BadRequest({ message: "allowed_token_ids must not be empty", param: "allowed_token_ids" })
+      yield* checkTokenIds(allowed, "allowed_token_ids", tokenizer)
+      if (allowed.every((id) => id === tokenizer.specialTokens.mask)) {
+        return yield* new BadRequest({
+          message: "allowed_token_ids holds only the mask token, which the model never writes",
+          param: "allowed_token_ids"
+        })
+      }
+    }
     if (request.stream_options !== undefined && request.stream !== true) {
       return yield* new BadRequest({ message: "stream_options can only be given when stream is true", param: "stream_options" })
     }
@@ -211,7 +222,8 @@ export const makePlan = (
         ...(topLogprobs > 0 ? { topLogprobs } : {}),
         ...(minTokens > 0 ? { minTokens, stopTokenIds: request.stop_token_ids ?? [] } : {}),
         ...(request.ignore_eos === true ? { ignoreEos: true } : {}),
-        ...(logitBias.length > 0 ? { logitBias } : {})
+        ...(logitBias.length > 0 ? { logitBias } : {}),
+        ...(allowed === undefined ? {} : { allowedTokenIds: allowed })
       })
     }
 

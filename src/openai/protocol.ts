@@ -83,8 +83,11 @@ const guided = {
 }
 
 const sharedUnhonoured = {
-  allowed_token_ids: { neutral: isEmptyList, reason: "the sampler does not restrict the vocabulary" },
-  bad_words: { neutral: isEmptyList, reason: "the sampler does not restrict the vocabulary" },
+  bad_words: {
+    neutral: isEmptyList,
+    reason:
+      "a word of several tokens is banned by the tokens before it, and a diffusion answer has no before; allowed_token_ids and logit_bias act on single tokens"
+  },
   guided_json: guided,
   guided_regex: guided,
   guided_choice: guided,
@@ -143,6 +146,8 @@ const samplingFields = {
   min_tokens: optional(int("min_tokens", 0)),
   /** vLLM: no position of the answer takes an end token (EOS, end of turn), so it fills max_tokens. */
   ignore_eos: optional(boolean("ignore_eos")),
+  /** vLLM: the answer's tokens are drawn from these only (end tokens too: without one the answer fills max_tokens). */
+  allowed_token_ids: optional(described(Schema.Array(TokenId), "allowed_token_ids must be an array of token ids")),
   seed: optional(Seed),
   logit_bias: optional(described(Schema.Record({ key: Schema.String, value: Schema.Number }), "logit_bias must map token ids to numbers")),
   stream: optional(boolean("stream")),

@@ -188,6 +188,9 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
   p.ignore_eos = bool_field("ignoreEos");
   const Napi::Value stops = field(env, o, "stopTokenIds", false);
   if (!stops.IsUndefined() && !stops.IsNull()) p.stop_token_ids = tokens_of(env, stops, "params.stopTokenIds");
+  const Napi::Value allowed = field(env, o, "allowedTokenIds", false);
+  if (!allowed.IsUndefined() && !allowed.IsNull())
+    p.allowed_token_ids = tokens_of(env, allowed, "params.allowedTokenIds");
   // logitBias: [[token, bias], ...] (the engine checks the ranges).
   const Napi::Value bias = field(env, o, "logitBias", false);
   if (!bias.IsUndefined() && !bias.IsNull()) {

@@ -297,10 +297,11 @@ void sample_task(float* logits, const float* uncond, int row_size, const RowTask
   const double log_sum = std::log(sum);
   if (task.target >= 0 && task.target < row_size)
     out.target_logprob = static_cast<double>(logits[task.target]) - max - log_sum;
-  // The n_top likeliest tokens that could be drawn (not the mask, not head padding), kept sorted by an
-  // insertion pass: most rows reject a token at the first comparison.
+  // The n_top likeliest tokens that could be drawn (not the mask, not head padding, not a logit of -inf:
+  // barred or not allowed), kept sorted by an insertion pass: most rows reject a token at the first
+  // comparison.
   for (int i = 0; i < vocab && n_top > 0; ++i) {
-    if (i == mask || std::isnan(logits[i])) continue;
+    if (i == mask || std::isnan(logits[i]) || logits[i] == -std::numeric_limits<float>::infinity()) continue;
     const float l = logits[i];
     if (out.n_top == n_top && !(l > out.top[n_top - 1].logprob)) continue;
     int at = std::min(out.n_top, n_top - 1);

@@ -183,7 +183,7 @@ struct RowResult {
   double confidence = 0.0;   // what committing ranks by (never NaN)
   double target_logprob = 0.0;
   int n_top = 0;
-  TopLogprob top[kMaxTopLogprobs];  // the n_top likeliest tokens, most likely first, ties to the lower id
+  TopLogprob top[kMaxTopLogprobs];  // the n_top likeliest drawable tokens, most likely first, ties to the lower id
 };
 
 class Backend {

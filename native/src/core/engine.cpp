@@ -160,6 +160,16 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
     if (!(bias >= -100.0f && bias <= 100.0f))
       throw invalid(at + ": bias " + std::to_string(bias) + " is outside [-100, 100]", "logit_bias");
   }
+  bool drawable = p.allowed_token_ids.empty();
+  for (size_t i = 0; i < p.allowed_token_ids.size(); ++i) {
+    const int32_t id = p.allowed_token_ids[i];
+    if (id < 0 || id >= vocab)
+      throw invalid("allowed_token_ids[" + std::to_string(i) + "] = " + std::to_string(id) +
+                        " is outside the vocabulary [0, " + std::to_string(vocab) + ")",
+                    "allowed_token_ids");
+    drawable = drawable || (id != c.mask_token_id && id < c.vocab_size);
+  }
+  if (!drawable) throw invalid("allowed_token_ids holds no token the model can write", "allowed_token_ids");
   if (p.top_k < 0) throw invalid("top_k must be >= 0 (0: off) (got " + std::to_string(p.top_k) + ")", "top_k");
   if (!(p.top_p > 0.0 && p.top_p <= 1.0))
     throw invalid("top_p must be in (0, 1] (1: off) (got " + std::to_string(p.top_p) + ")", "top_p");

@@ -83,6 +83,8 @@ struct SamplingParams {
   // OpenAI's logit_bias: (token, bias in [-100, 100]) added, in float, to the token's logit after cfg and
   // before everything else reads the row (the barred tokens, the penalties, the rule), at every position.
   std::vector<std::pair<int32_t, float>> logit_bias;
+  // vLLM's allowed_token_ids: when not empty, every other token's logit is -inf before the bias.
+  std::vector<int32_t> allowed_token_ids;
 
   // Alternatives reported with every committed token: its step's top_logprobs likeliest tokens with their
   // log-probabilities (0 .. kMaxTopLogprobs; 0: none).

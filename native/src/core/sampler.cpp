@@ -56,6 +56,12 @@ static std::vector<std::pair<int32_t, float>> bias_inside_row(const std::vector<
   return in;
 }
 
+static std::vector<int32_t> distinct(std::vector<int32_t> ids) {
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  return ids;
+}
+
 // The tokens that end an answer: EOS, the end-of-turn token and the model's stop tokens.
 static std::vector<int32_t> end_tokens(const SamplingParams& p, const ModelConfig& config) {
   std::vector<int32_t> ends(config.stop_token_ids.begin(), config.stop_token_ids.end());
@@ -83,10 +89,18 @@ RowRule RowRule::of(const SamplingParams& p, const ModelConfig& config) {
                  .ignore_eos = p.ignore_eos,
                  .ends = p.min_tokens > 0 || p.ignore_eos ? end_tokens(p, config) : std::vector<int32_t>{},
                  .stops = p.min_tokens > 0 ? inside_row(p.stop_token_ids, config) : std::vector<int32_t>{},
-                 .bias = bias_inside_row(p.logit_bias, config)};
+                 .bias = bias_inside_row(p.logit_bias, config),
+                 .allowed = distinct(inside_row(p.allowed_token_ids, config))};
 }
 
 void RowRule::adjust(float* logits, int position) const {
+  if (!allowed.empty()) {
+    size_t next = 0;  // the first allowed id >= i
+    for (int i = 0; i < row_size; ++i) {
+      while (next < allowed.size() && allowed[next] < i) ++next;
+      if (next == allowed.size() || allowed[next] != i) logits[i] = -std::numeric_limits<float>::infinity();
+    }
+  }
   for (const auto& [id, b] : bias) logits[id] += b;
   for_each_barred(position, [&](int32_t id) { logits[id] = -std::numeric_limits<float>::infinity(); });
 }

@@ -84,6 +84,7 @@ struct RowRule {
   bool ignore_eos = false;
   std::vector<int32_t> ends, stops;             // ids inside the row only
   std::vector<std::pair<int32_t, float>> bias;  // SamplingParams::logit_bias, ids inside the row only
+  std::vector<int32_t> allowed;                 // SamplingParams::allowed_token_ids, ascending, distinct
 
   // The rule of a sequence's rows: its sampling settings on this model's rows.
   static RowRule of(const SamplingParams& p, const ModelConfig& config);
@@ -98,7 +99,8 @@ struct RowRule {
       for (int32_t id : stops) f(id);
   }
   // The rule's changes to a row of logits at answer position `position`, which sample_task makes after cfg
-  // and before the penalties: the bias added, then the barred tokens set to -inf.
+  // and before the penalties: the tokens not allowed set to -inf, the bias added, then the barred tokens
+  // set to -inf.
   void adjust(float* logits, int position) const;
 };
 

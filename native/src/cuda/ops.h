@@ -307,7 +307,7 @@ VDIFF_HD void top_candidate(ArgBest& pick, const TaskDesc& t, const float* cond,
                             const ArgBest& previous) {
   if (!drawable(i, t.vocab_size, t.mask_token_id)) return;
   const float l = final_logit(t, cond, uncond, i);
-  if (l != l) return;
+  if (l != l || l == -INFINITY) return;  // a token that cannot be drawn is no alternative
   const ArgBest c{static_cast<double>(l), i};
   if (previous.index >= 0 && !arg_better(previous, c)) return;
   pick = arg_max(pick, c);

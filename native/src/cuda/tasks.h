@@ -27,8 +27,9 @@ inline int adjust_count(const RowTask& t) {
   return n;
 }
 
+// And rows restricted to allowed tokens (a change of nearly every logit).
 inline bool needs_host(const RowTask& t) {
-  return t.penalties != nullptr || adjust_count(t) > ops::kMaxAdjust ||
+  return t.penalties != nullptr || adjust_count(t) > ops::kMaxAdjust || (t.rule && !t.rule->allowed.empty()) ||
          (t.rule && (t.rule->filters() || (t.rule->dream && (t.rule->top_p < 1.0 || t.rule->top_k > 0))));
 }
 

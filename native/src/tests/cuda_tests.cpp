@@ -505,6 +505,40 @@ MoeCase moe_case(std::mt19937& rng, int T, int D) {
   return c;
 }
 
+// Which rows the device samples and which go to the host, and the logit changes a device row carries.
+void host_task_routing() {
+  RowRule rule;
+  rule.row_size = rule.vocab_size = 100;
+  rule.bias = {{4, 2.0f}, {7, -1.0f}};
+  rule.min_tokens = 3;
+  rule.ends = {9};
+  rule.stops = {11};
+  RowTask t;
+  t.rule = &rule;
+  t.position = 2;
+  const ops::TaskDesc d = cuda::task_desc(t, 100);
+  const bool order = d.n_adjust == 4 && d.adjust_token[0] == 4 && d.adjust_add[0] == 2.0f && d.adjust_token[1] == 7 &&
+                     d.adjust_token[2] == 9 && d.adjust_add[2] == -INFINITY && d.adjust_token[3] == 11;
+  t.position = 3;  // past min_tokens: the bias only
+  const bool past = cuda::task_desc(t, 100).n_adjust == 2 && !cuda::needs_host(t);
+  RowRule allowed = rule, many = rule, filtered = rule;
+  allowed.allowed = {1, 2};
+  many.bias.assign(ops::kMaxAdjust - 1, {5, 1.0f});  // with the two barred tokens below min_tokens: one too many
+  filtered.temperature = 1.0, filtered.top_k = 5;
+  const auto host = [&](const RowRule& r, int position) {
+    RowTask x = t;
+    x.rule = &r;
+    x.position = position;
+    return cuda::needs_host(x);
+  };
+  const bool routed = host(allowed, 3) && host(many, 2) && !host(many, 3) && host(filtered, 3) && !host(rule, 2);
+  report(order && past && routed,
+         "host ops: a task carries logit_bias then its barred tokens in sample_task's order; rows with allowed "
+         "tokens, more than " +
+             std::to_string(ops::kMaxAdjust) + " changes or top-k / top-p go to the host",
+         "");
+}
+
 void host_moe_combine() {
   std::mt19937 rng(11);
   const int T = 23, D = 40;
@@ -1064,6 +1098,7 @@ int main(int argc, char** argv) {
   host_silu();
   host_online_softmax();
   host_vocab_reduction();
+  host_task_routing();
   host_attention_tile();
   bool device = false;
   std::string reason;

@@ -638,6 +638,15 @@ static void test_barred_end_tokens_rows() {
   rule = RowRule::of(p, c);
   r = sample_at(rule, 5, 0);
   CHECK(r.token == 3 && std::fabs(r.probability - std::exp(9.5) / (std::exp(9.5) + 11.0)) < 1e-12);
+
+  // allowed_token_ids: every other logit is -inf before the bias (which still applies to the allowed).
+  p.min_tokens = 0, p.logit_bias = {{12, 3.0f}};
+  p.allowed_token_ids = {12, 0, 11, 12};
+  rule = RowRule::of(p, c);
+  CHECK((rule.allowed == std::vector<int32_t>{0, 11, 12}));
+  r = sample_at(rule, 0, 5);
+  CHECK(r.token == 12 && r.n_top == 3 && r.top[1].token == 11 && r.top[2].token == 0);
+  CHECK(std::fabs(r.probability - std::exp(10.0) / (std::exp(10.0) + std::exp(6.0) + 1.0)) < 1e-12);
 }
 
 static void test_barred_end_tokens_in_engine() {
@@ -685,6 +694,16 @@ static void test_barred_end_tokens_in_engine() {
   EXPECT_ERROR(ErrorCode::InvalidArgument, "logit_bias[1]: token -1 is outside the vocabulary",
                engine.create({1}, biased));
   EXPECT_ERROR(ErrorCode::InvalidArgument, "logit_bias[0]: bias 100.5", engine.create({1}, wild));
+  SamplingParams outside_allowed = params(8, 4, 8), only_mask = outside_allowed;
+  outside_allowed.allowed_token_ids = {3, kVocab + 2};
+  only_mask.allowed_token_ids = {kMask};
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "allowed_token_ids[1] = 18 is outside the vocabulary",
+               engine.create({1}, outside_allowed));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "allowed_token_ids holds no token the model can write",
+               engine.create({1}, only_mask));
+  SamplingParams two = params(8, 4, 8);
+  two.allowed_token_ids = {4, 6};
+  for (int32_t t : run_to_end(engine, engine.create({1}, two))) CHECK(t == 4 || t == 6);
   // A template may not fix an end token where it is barred.
   SamplingParams t = params(4, 4, 4);
   t.min_tokens = 2;
