@@ -58,6 +58,21 @@ describe("ChoiceDecoder", () => {
     expect(decoder.tokenIds).toEqual(answer.slice(0, 3))
   })
 
+  it("keeps the stop string in the text with include_stop_str_in_output", () => {
+    const answer = encode("Hello world night the")
+    const decoder = new ChoiceDecoder({
+      genLength: answer.length,
+      endTokens: new Set(),
+      stopTokens: new Set(),
+      stopStrings: ["night", "igh"],
+      includeStopString: true,
+      detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
+    })
+    // The earliest stop string ends the text, with itself.
+    expect(run(decoder, answer, leftToRight(answer.length)).join("")).toBe("Hello world night")
+    expect(decoder.finishReason).toBe("stop")
+  })
+
   it("looks for stop strings only from the min_tokens-th token on", () => {
     const answer = encode("Hello world night the")
     const withMin = (minTokens: number) => {

@@ -146,8 +146,15 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
   ["vLLM's bad_words", { ...prompt, bad_words: ["O"] }, "bad_words", /^bad_words is not supported: a word of several tokens/],
   ["vLLM's guided_choice", { ...prompt, guided_choice: ["yes", "no"] }, "guided_choice", /constrained decoding/],
   ["vLLM's structured_outputs", { ...prompt, structured_outputs: { json: {} } }, "structured_outputs"],
-  ["vLLM's include_stop_str_in_output", { ...prompt, include_stop_str_in_output: true }, "include_stop_str_in_output"],
-  ["vLLM's truncate_prompt_tokens", { ...prompt, truncate_prompt_tokens: 1 }, "truncate_prompt_tokens"],
+  ["include_stop_str_in_output a string", { ...prompt, include_stop_str_in_output: "yes" }, "include_stop_str_in_output"],
+  [
+    "truncate_prompt_tokens 0",
+    { ...prompt, truncate_prompt_tokens: 0 },
+    "truncate_prompt_tokens",
+    /must be -1 \(the context length\) or from 1 to the context length 128, got 0/
+  ],
+  ["truncate_prompt_tokens above the context", { ...prompt, truncate_prompt_tokens: 129 }, "truncate_prompt_tokens"],
+  ["truncate_prompt_tokens below -1", { ...prompt, truncate_prompt_tokens: -2 }, "truncate_prompt_tokens"],
   ["vLLM's prompt_logprobs", { ...prompt, prompt_logprobs: 2 }, "prompt_logprobs", /does not score prompt tokens/],
   ["response_format on completions", { ...prompt, response_format: { type: "json_object" } }, "response_format", /chat/],
   ["model a number", { ...prompt, model: 5 }, "model"],
@@ -307,6 +314,27 @@ describe("request validation", () => {
     expect(chatResponse.status).toBe(200)
     const settings = server.engine.created.at(-1)!.settings
     expect([settings.minTokens, settings.ignoreEos, settings.stopTokenIds]).toEqual([undefined, undefined, undefined])
+  })
+
+  it("truncate_prompt_tokens keeps the prompt's last tokens: the engine, the usage, the token ids and echo see those", async () => {
+    const ids = [...server.tokenizer.encode("Say hello there, good friend", { addSpecialTokens: false })]
+    const kept = ids.slice(-3)
+    const response = await server.post("/v1/completions", { prompt: ids, truncate_prompt_tokens: 3, echo: true, return_token_ids: true })
+    expect(response.status).toBe(200)
+    expect([...server.engine.created.at(-1)!.prompt]).toEqual(kept)
+    const body = (await response.json()) as {
+      choices: Array<{ text: string; prompt_token_ids: Array<number> }>
+      usage: { prompt_tokens: number }
+    }
+    expect(body.usage.prompt_tokens).toBe(3)
+    expect(body.choices[0]!.prompt_token_ids).toEqual(kept)
+    expect(body.choices[0]!.text.startsWith(server.tokenizer.decode(kept, { skipSpecialTokens: true }))).toBe(true)
+    // A prompt no longer than k is left alone, its echo the text as given; -1 is the context length.
+    const short = await server.post("/v1/completions", { prompt: "Say hello", truncate_prompt_tokens: -1, echo: true })
+    expect(((await short.json()) as { choices: Array<{ text: string }> }).choices[0]!.text.startsWith("Say hello")).toBe(true)
+    const chatResponse = await server.post("/v1/chat/completions", { ...chat, truncate_prompt_tokens: 4 })
+    expect(chatResponse.status).toBe(200)
+    expect(server.engine.created.at(-1)!.prompt).toHaveLength(4)
   })
 
   it("allowed_token_ids reaches the engine as given", async () => {

@@ -28,6 +28,8 @@ export interface ChoiceDecoderOptions {
    * positions before it); default 0.
    */
   readonly minTokens?: number | undefined
+  /** include_stop_str_in_output: the text ends with the stop string that ended it, not before it. */
+  readonly includeStopString?: boolean | undefined
   readonly detokenizer: IncrementalDetokenizer
   /**
    * Answer positions fixed from the start (genLength entries: NOT_COMMITTED where the model writes, else
@@ -166,12 +168,16 @@ export class ChoiceDecoder {
       return text
     }
     let cut = -1
+    let end = -1
     for (const stop of stops) {
       const at = this.held.indexOf(stop)
-      if (at >= 0 && (cut < 0 || at < cut)) cut = at
+      if (at >= 0 && (cut < 0 || at < cut)) {
+        cut = at
+        end = at + stop.length
+      }
     }
     if (cut >= 0) {
-      const text = this.held.slice(0, cut)
+      const text = this.held.slice(0, this.options.includeStopString === true ? end : cut)
       this.held = ""
       this.finishReason = "stop"
       return text

@@ -107,7 +107,13 @@ export const completions = (request: CompletionRequest) =>
     }
     const jobs = yield* preparePromptJobs(prompts, plan)
     const texts = new TokenTexts(tokenizer)
-    const echoOf = (job: PromptJob) => (request.echo === true ? (job.prompt as CompletionPrompt).text : "")
+    // A truncated prompt echoes the text of the tokens that were kept.
+    const echoOf = (job: PromptJob) =>
+      request.echo !== true
+        ? ""
+        : job.prompt.truncatedFrom === undefined
+          ? (job.prompt as CompletionPrompt).text
+          : tokenizer.decode(job.prompt.tokens, { skipSpecialTokens: true })
     const top = request.logprobs
     return yield* respond(plan, jobs, {
       id: `cmpl-${requestId}`,

@@ -94,6 +94,10 @@ export interface AnswerPlan {
   readonly stopTokens: ReadonlySet<number>
   /** min_tokens: the answer's first positions, where no end token, stop token or stop string ends it. */
   readonly minTokens: number
+  /** include_stop_str_in_output: an answer's text ends with the stop string that ended it. */
+  readonly includeStopString: boolean
+  /** truncate_prompt_tokens: the prompt as it is run, its first tokens dropped (`truncatedFrom` set) if needed. */
+  readonly truncatePrompt: <P extends PreparedPrompt>(prompt: P) => P
   /** EOS and end-of-turn: where an answer ends. */
   readonly endTokens: ReadonlySet<number>
   readonly stream: boolean
@@ -168,6 +172,18 @@ export const makePlan = (
     const seed = request.seed ?? (yield* Random.nextIntBetween(0, 2 ** 31))
     const defaults = config.defaults
     const minTokens = request.min_tokens ?? 0
+    const truncation = request.truncate_prompt_tokens
+    if (truncation !== undefined && (truncation === 0 || truncation > config.maxModelLen)) {
+      return yield* new BadRequest({
+        message: `truncate_prompt_tokens must be -1 (the context length) or from 1 to the context length ${config.maxModelLen}, got ${truncation}`,
+        param: "truncate_prompt_tokens"
+      })
+    }
+    const keep = truncation === -1 ? config.maxModelLen : truncation
+    const truncatePrompt = <P extends PreparedPrompt>(prompt: P): P =>
+      keep === undefined || prompt.tokens.length <= keep
+        ? prompt
+        : { ...prompt, tokens: prompt.tokens.slice(prompt.tokens.length - keep), truncatedFrom: prompt.tokens.length }
 
     const settingsFor = (promptLength: number, promptParam: string, suffixLength = 0): Effect.Effect<SamplingSettings, BadRequest> => {
       if (suffixLength > 0 && family.decoding !== "full_canvas") {
@@ -233,6 +249,8 @@ export const makePlan = (
       stopStrings,
       stopTokens: new Set(request.stop_token_ids ?? []),
       minTokens,
+      includeStopString: request.include_stop_str_in_output === true,
+      truncatePrompt,
       endTokens,
       stream: request.stream === true,
       includeUsage: request.stream_options?.include_usage === true,
@@ -271,6 +289,8 @@ export interface PreparedPrompt {
   readonly template?: ReadonlyArray<number>
   /** The request field that asked for the template (errors name it); default "response_format". */
   readonly templateParam?: string
+  /** truncate_prompt_tokens dropped the first tokens of a prompt this long (AnswerPlan.truncatePrompt). */
+  readonly truncatedFrom?: number
 }
 
 /**

@@ -93,8 +93,6 @@ const sharedUnhonoured = {
   guided_choice: guided,
   guided_grammar: guided,
   structured_outputs: guided,
-  include_stop_str_in_output: { neutral: isFalse, reason: "the text ends before the stop string" },
-  truncate_prompt_tokens: { neutral: never, reason: "prompts are never truncated" },
   prompt_logprobs: { neutral: never, reason: "the engine does not score prompt tokens" }
 } satisfies Record<string, Unhonoured>
 
@@ -148,6 +146,10 @@ const samplingFields = {
   ignore_eos: optional(boolean("ignore_eos")),
   /** vLLM: the answer's tokens are drawn from these only (end tokens too: without one the answer fills max_tokens). */
   allowed_token_ids: optional(described(Schema.Array(TokenId), "allowed_token_ids must be an array of token ids")),
+  /** vLLM: the text of an answer ended by a stop string ends with it (by default it ends before it). */
+  include_stop_str_in_output: optional(boolean("include_stop_str_in_output")),
+  /** vLLM: only the prompt's last k tokens are kept (-1: the model's context length), after templating. */
+  truncate_prompt_tokens: optional(int("truncate_prompt_tokens", -1)),
   seed: optional(Seed),
   logit_bias: optional(described(Schema.Record({ key: Schema.String, value: Schema.Number }), "logit_bias must map token ids to numbers")),
   stream: optional(boolean("stream")),

@@ -82,6 +82,7 @@ export const runPrompt = (
                 stopTokens: plan.stopTokens,
                 stopStrings: plan.stopStrings,
                 minTokens: plan.minTokens,
+                includeStopString: plan.includeStopString,
                 detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
               }
             : {
@@ -179,10 +180,11 @@ export interface PromptJob {
 }
 
 /** Resolves every prompt's settings (failing before anything runs if one does not fit) and sets it up. */
-export const preparePromptJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: AnswerPlan) =>
-  Effect.zipRight(
-    checkNoMaskToken(prompts),
-    Effect.forEach(prompts, (prompt) =>
+export const preparePromptJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: AnswerPlan) => {
+  const kept = prompts.map(plan.truncatePrompt)
+  return Effect.zipRight(
+    checkNoMaskToken(kept),
+    Effect.forEach(kept, (prompt) =>
       Effect.gen(function* () {
         const suffix = prompt.suffix ?? []
         const settings = yield* plan.settingsFor(prompt.tokens.length, prompt.param, suffix.length)
@@ -191,6 +193,7 @@ export const preparePromptJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: 
       })
     )
   )
+}
 
 /** Runs every prompt's answers to their end, all at once (they share the scheduler's batches). */
 export const runToEnd = (jobs: ReadonlyArray<PromptJob>) =>
