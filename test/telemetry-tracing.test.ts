@@ -124,6 +124,35 @@ describe("tracing", () => {
     }).pipe(Effect.provide(Logger.minimumLogLevel(LogLevel.Debug)))
   )
 
+  it.scopedLive("follows a caller's sampling decision: a traceparent flagged not sampled records no spans", () =>
+    Effect.gen(function* () {
+      const exporter = new InMemorySpanExporter()
+      const model = `sampled-${randomUUID().slice(0, 8)}`
+      const config = yield* Effect.promise(() => settings(["--served-model-name", model]))
+      const url = yield* serve(config, yield* Effect.scope, Telemetry.layer({ spanProcessors: [new SimpleSpanProcessor(exporter)] }))
+      const unsampled = "0af7651916cd43dd8448eb211c80319c"
+      const sampled = "4bf92f3577b34da6a3ce929d0e0e4736"
+      for (const [trace, flags] of [
+        [unsampled, "00"],
+        [sampled, "01"]
+      ] as const) {
+        const response = yield* postJson(
+          url + "/v1/completions",
+          { model, prompt: "Hi", max_tokens: 2, seed: 0 },
+          { traceparent: `00-${trace}-00f067aa0ba902b7-${flags}` }
+        )
+        expect(response.status).toBe(200)
+      }
+      const untraced = yield* postJson(url + "/v1/completions", { model, prompt: "Hi", max_tokens: 2, seed: 0 })
+      expect(untraced.status).toBe(200)
+      const traces = exporter.getFinishedSpans().map((span) => span.spanContext().traceId)
+      expect(traces.filter((trace) => trace === unsampled)).toEqual([])
+      expect(traces.filter((trace) => trace === sampled).length).toBeGreaterThanOrEqual(4) // the request and its children
+      // Without a caller's trace, a request is traced as before.
+      expect(traces.filter((trace) => trace !== sampled).length).toBeGreaterThanOrEqual(4)
+    })
+  )
+
   it.scopedLive("marks 5xx server spans as errors, leaves 4xx unset, and keeps credentials out", () =>
     Effect.gen(function* () {
       const exporter = new InMemorySpanExporter()

@@ -12,7 +12,8 @@
  * POSTed as OTLP/HTTP JSON to `<endpoint>/v1/traces` (or to OTEL_EXPORTER_OTLP_TRACES_ENDPOINT as it is,
  * when set); server spans get their status from the HTTP status and lose credentials first
  * (serverSpans.ts); span processors given directly (tests: an
- * in-memory exporter) are used as well. With neither, tracing is turned off (Effect's spans become no-op
+ * in-memory exporter) are used as well. A caller's W3C traceparent is continued, and its sampled flag is
+ * honoured: a request whose caller did not sample its trace records no spans. With neither, tracing is turned off (Effect's spans become no-op
  * spans), so an untraced server pays nothing for them. The service name is OTEL_SERVICE_NAME, else
  * "vdiff"; OTEL_RESOURCE_ATTRIBUTES adds resource attributes. Export failures (a collector that cannot be
  * reached) are logged as warnings.
@@ -27,13 +28,13 @@ import * as OtelMetrics from "@effect/opentelemetry/Metrics"
 import * as NodeSdk from "@effect/opentelemetry/NodeSdk"
 import * as OtelResource from "@effect/opentelemetry/Resource"
 import * as OtelTracer from "@effect/opentelemetry/Tracer"
-import { diag, DiagLogLevel } from "@opentelemetry/api"
+import { diag, DiagLogLevel, TraceFlags } from "@opentelemetry/api"
 import { PrometheusExporter, PrometheusSerializer } from "@opentelemetry/exporter-prometheus"
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http"
 import type { MetricProducer } from "@opentelemetry/sdk-metrics"
 import { BatchSpanProcessor, type SpanProcessor } from "@opentelemetry/sdk-trace-base"
 import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions"
-import { Config, Context, Effect, Layer, Option, Runtime } from "effect"
+import { Config, Context, Effect, Layer, Option, Runtime, Tracer } from "effect"
 import { serverSpanConventions } from "./serverSpans.js"
 
 export interface TelemetryShape {
@@ -123,11 +124,37 @@ const diagnosticsLayer = Layer.scopedDiscard(
   })
 )
 
+/**
+ * A parent span from a caller's traceparent with the sampled flag its header carried. @effect/platform
+ * reads the flag into the span's `sampled`, but the OpenTelemetry tracer takes a parent's flags from its
+ * own context entry, which such a span lacks, and so treats every caller's trace as sampled: a caller that
+ * decided not to record a trace ("-00") got vdiff's spans exported anyway.
+ */
+const withCallersFlags = (parent: Tracer.AnySpan): Tracer.AnySpan =>
+  parent._tag === "ExternalSpan" && !parent.sampled
+    ? {
+        ...parent,
+        context: Context.merge(
+          parent.context,
+          OtelTracer.makeExternalSpan({ traceId: parent.traceId, spanId: parent.spanId, traceFlags: TraceFlags.NONE }).context
+        )
+      }
+    : parent
+
+/** OpenTelemetry's tracer, whose spans under a caller's trace follow the caller's sampling decision. */
+const honourCallersSampling = (tracer: Tracer.Tracer): Tracer.Tracer =>
+  Tracer.make({
+    span: (name, parent, context, links, startTime, kind, options) =>
+      tracer.span(name, Option.map(parent, withCallersFlags), context, links, startTime, kind, options),
+    context: tracer.context
+  })
+
 /** The tracer: OpenTelemetry's over the given processors, or tracing off when there are none. */
 const tracingLayer = (processors: ReadonlyArray<SpanProcessor>) => {
   const [first, ...rest] = processors
   if (first === undefined) return Layer.setTracerEnabled(false)
-  return OtelTracer.layer.pipe(
+  return Layer.unwrapEffect(Effect.map(OtelTracer.make, (tracer) => Layer.setTracer(honourCallersSampling(tracer)))).pipe(
+    Layer.provideMerge(OtelTracer.layerTracer),
     Layer.provide(NodeSdk.layerTracerProvider([first, ...rest])),
     // Beneath the provider, so that the provider's last flush on release can still report.
     Layer.provideMerge(diagnosticsLayer)
