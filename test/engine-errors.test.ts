@@ -314,3 +314,35 @@ describe("bad requests", () => {
     for (const id of ids) engine.release(id)
   })
 })
+
+describe("a model that computes NaN", () => {
+  it("fails the step of a canvas whose logits are not finite with VDIFF_NUMERIC, naming the sequence, and commits nothing", async () => {
+    // Token 7's embedding is NaN: a canvas holding it computes NaN everywhere; others are unaffected.
+    const target = join(dir, "nan-embedding")
+    const D = tiny.config.d_model
+    const tensors = presetTensors(tiny, 1).map((t) =>
+      t.name === "model.transformer.wte.weight"
+        ? {
+            ...t,
+            fill: async (out: Float32Array, start: number) => {
+              await t.fill(out, start)
+              for (let i = 0; i < out.length; i++) if (Math.floor((start + i) / D) === 7) out[i] = Number.NaN
+            }
+          }
+        : t
+    )
+    await writeModelDir(target, configJson(tiny.config, "F32"), tensors)
+    const engine = await load(target)
+    const good = engine.create([1, 2, 3], greedy())
+    const bad = engine.create([1, 7, 3], greedy())
+    const error = await rejection(engine.step([good, bad]))
+    expectError(error, "VDIFF_NUMERIC", new RegExp(`^sequence ${bad}: answer position \\d+: the model's logits hold NaN or infinity`))
+    expect(fromNative(error)).toMatchObject({ _tag: "EngineFailure", code: "VDIFF_NUMERIC" })
+    expect([good, bad].map((id) => engine.sequenceInfo(id).stepsDone)).toEqual([0, 0])
+    // Alone, the other sequence steps as usual; the bad one fails again, alone.
+    expect((await engine.step([good]))[0]!.committed.length).toBeGreaterThan(0)
+    expectError(await rejection(engine.step([bad])), "VDIFF_NUMERIC", /NaN or infinity/)
+    engine.release(good)
+    engine.release(bad)
+  })
+})

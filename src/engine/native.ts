@@ -17,6 +17,8 @@ export type NativeErrorCode =
   | "VDIFF_CANCELLED"
   | "VDIFF_OUT_OF_MEMORY"
   | "VDIFF_UNAVAILABLE"
+  /** The model computed NaN or infinity for a sequence's rows: its step fails, nothing is committed. */
+  | "VDIFF_NUMERIC"
   | "VDIFF_INTERNAL"
 
 export interface NativeError extends Error {
@@ -29,6 +31,7 @@ const nativeErrorCodes: ReadonlySet<string> = new Set<NativeErrorCode>([
   "VDIFF_CANCELLED",
   "VDIFF_OUT_OF_MEMORY",
   "VDIFF_UNAVAILABLE",
+  "VDIFF_NUMERIC",
   "VDIFF_INTERNAL"
 ])
 

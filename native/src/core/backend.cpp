@@ -273,6 +273,11 @@ BatchPlan Backend::check_batch(const std::vector<ForwardSeq>& batch) const {
 
 void sample_task(float* logits, const float* uncond, int row_size, const RowTask& task, RowResult& out,
                  std::vector<int32_t>* scratch) {
+  int bad = 0;  // NaN or +inf (NaN < inf is false), without a branch per element
+  for (int i = 0; i < row_size; ++i) bad |= !(logits[i] < std::numeric_limits<float>::infinity());
+  if (uncond)
+    for (int i = 0; i < row_size; ++i) bad |= !(uncond[i] < std::numeric_limits<float>::infinity());
+  out.finite = bad == 0;
   if (uncond) apply_cfg(logits, uncond, static_cast<size_t>(row_size), task.cfg_scale);
   if (task.rule) task.rule->adjust(logits, task.position);
   if (task.penalties) task.penalties->apply(logits, row_size);

@@ -182,6 +182,10 @@ struct RowResult {
   double probability = 0.0;  // float64 softmax probability of `token`
   double confidence = 0.0;   // what committing ranks by (never NaN)
   double target_logprob = 0.0;
+  // False when the row's logits (cond or uncond, before anything changed them) held NaN or +inf: a model
+  // that cannot be trusted here (non-finite weights, or values beyond its dtype's range). The engine fails
+  // the step with Error(Numeric) rather than commit what such a row says.
+  bool finite = true;
   int n_top = 0;
   TopLogprob top[kMaxTopLogprobs];  // the n_top likeliest drawable tokens, most likely first, ties to the lower id
 };

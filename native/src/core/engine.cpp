@@ -96,6 +96,15 @@ PrefixCacheStats Engine::prefix_cache_stats() const {
   return prefix_cache_ ? prefix_cache_->stats() : PrefixCacheStats{};
 }
 
+// A row whose logits hold NaN or +inf (RowResult::finite); id 0: a scored canvas, `position` in it.
+static Error non_finite(uint64_t id, int position) {
+  return Error(ErrorCode::Numeric,
+               (id == 0 ? "canvas position " : "sequence " + std::to_string(id) + ": answer position ") +
+                   std::to_string(position) +
+                   ": the model's logits hold NaN or infinity (weights that are not finite, or activations beyond "
+                   "the range of the model's dtype); nothing was committed");
+}
+
 // Token ids of a prompt or suffix: in the vocabulary, and not the mask token.
 static void validate_tokens(const std::vector<int32_t>& tokens, const char* name, const ModelConfig& c) {
   const int vocab = c.embedding_size;
@@ -374,7 +383,10 @@ std::vector<double> Engine::score(const std::vector<int32_t>& canvas, const std:
   }
   std::vector<RowResult> results(positions.size());
   backend_->predict({seq}, tasks, results.data(), cancel);
-  for (size_t r = 0; r < positions.size(); ++r) out[r] = results[r].target_logprob;
+  for (size_t r = 0; r < positions.size(); ++r) {
+    if (!results[r].finite) throw non_finite(0, positions[r]);
+    out[r] = results[r].target_logprob;
+  }
   return out;
 }
 
@@ -553,6 +565,10 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
   std::vector<RowResult> choices(n_tasks);
   if (!batch.empty()) backend_->predict(batch, tasks, choices.data(), cancel);
   if (cancel && cancel->load()) throw Error(ErrorCode::Cancelled, "step cancelled");
+  for (size_t i = 0; i < work.size(); ++i)
+    for (size_t r = 0; r < work[i].rows.size(); ++r)
+      if (!choices[work[i].first_task + r].finite)
+        throw non_finite(sequences[i]->id, work[i].rows[r] - sequences[i]->prompt_length);
 
   // Decide everything (and allocate everything) before touching any sequence.
   std::vector<StepOutput> outputs(work.size());

@@ -12,6 +12,7 @@ enum class ErrorCode {
   Cancelled,        // a step was cancelled through its cancel flag
   OutOfMemory,      // an allocation failed
   Unavailable,      // the device asked for is not there (no CUDA in this build, no GPU visible)
+  Numeric,          // the model computed NaN or infinity (non-finite weights, or its dtype's range exceeded)
   Internal,         // a bug: an invariant did not hold
 };
 
@@ -22,6 +23,7 @@ inline const char* error_code_name(ErrorCode c) {
     case ErrorCode::Cancelled: return "CANCELLED";
     case ErrorCode::OutOfMemory: return "OUT_OF_MEMORY";
     case ErrorCode::Unavailable: return "UNAVAILABLE";
+    case ErrorCode::Numeric: return "NUMERIC";
     case ErrorCode::Internal: return "INTERNAL";
   }
   return "INTERNAL";

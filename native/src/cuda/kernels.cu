@@ -387,8 +387,12 @@ __global__ void __launch_bounds__(kReduceThreads)
   const float* uncond = t.uncond >= 0 ? logits + static_cast<int64_t>(t.uncond) * row_size : nullptr;
   const int tid = threadIdx.x;
   TaskResult* r = results + blockIdx.x;
+  int bad = 0;
+  for (int i = tid; i < row_size; i += blockDim.x) bad |= !ops::raw_finite(cond, uncond, i);
+  const int finite = __syncthreads_or(bad) == 0;
   if (t.dream) {
     dream_row(t, cond, uncond, row_size, *r);
+    if (tid == 0) r->finite = finite;
     return;
   }
 
@@ -405,6 +409,7 @@ __global__ void __launch_bounds__(kReduceThreads)
 
   if (tid == 0) ops::row_finish(t, cond, uncond, pass, sum, *r);
   top_logprobs(t, cond, uncond, row_size, pass.max, sum, *r);
+  if (tid == 0) r->finite = finite;
 }
 
 // ---- the tiled GEMM (fallback) -----------------------------------------------------------------------------

@@ -236,6 +236,7 @@ constexpr int kMaxTop = 20;
 struct TaskResult {
   int token;
   int n_top;
+  int finite;  // RowResult::finite
   double probability, confidence, target_logprob;
   int top_token[kMaxTop];
   float top_logprob[kMaxTop];
@@ -258,6 +259,11 @@ VDIFF_HD float final_logit(const TaskDesc& t, const float* cond, const float* un
   float l = draw_logit(t, cond, uncond, i);
   if (t.sample && t.confidence_eos_eot_inf && ((t.temperature == 0.0 && i == t.eos) || i == t.eot)) l = -INFINITY;
   return l;
+}
+
+// Whether a row's raw logit is one a model can give: not NaN, not +inf (RowResult::finite).
+VDIFF_HD bool raw_finite(const float* cond, const float* uncond, int i) {
+  return cond[i] < INFINITY && (uncond == nullptr || uncond[i] < INFINITY);
 }
 
 // max ignoring NaN, like std::max(max, x) in the CPU sampler.

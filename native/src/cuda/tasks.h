@@ -79,6 +79,7 @@ inline void to_row_result(const TaskResult& r, RowResult& out) {
   out.probability = r.probability;
   out.confidence = r.confidence;
   out.target_logprob = r.target_logprob;
+  out.finite = r.finite != 0;
   out.n_top = r.n_top;
   for (int i = 0; i < r.n_top; ++i) out.top[i] = TopLogprob{r.top_token[i], r.top_logprob[i]};
 }

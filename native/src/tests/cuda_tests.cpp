@@ -232,12 +232,9 @@ ops::TaskResult emulated_dream_row(const ops::TaskDesc& t, const float* cond, co
   return r;
 }
 
-// The reduction kernel's schedule on the host: `threads` strided RowPasses merged, partial sums added,
-// then row_finish and the top-logprob rounds — the same ops.h functions the kernel calls.
-ops::TaskResult emulated_reduction(const ops::TaskDesc& t, const float* logits, int row_size, int threads) {
-  const float* cond = logits + static_cast<size_t>(t.cond) * row_size;
-  const float* uncond = t.uncond >= 0 ? logits + static_cast<size_t>(t.uncond) * row_size : nullptr;
-  if (t.dream) return emulated_dream_row(t, cond, uncond, row_size, threads);
+// A LLaDA row of the reduction: the RowPasses, the sum, row_finish and the top-logprob rounds.
+ops::TaskResult emulated_llada_row(const ops::TaskDesc& t, const float* cond, const float* uncond, int row_size,
+                                   int threads) {
   std::vector<ops::RowPass> passes(threads, ops::row_pass_start());
   for (int th = 0; th < threads; ++th)
     for (int i = th; i < row_size; i += threads) ops::row_pass_add(passes[th], t, cond, uncond, i);
@@ -252,6 +249,20 @@ ops::TaskResult emulated_reduction(const ops::TaskDesc& t, const float* logits, 
   ops::TaskResult r{};
   ops::row_finish(t, cond, uncond, pass, sum, r);
   emulated_top_logprobs(t, cond, uncond, row_size, pass.max, sum, r);
+  return r;
+}
+
+// The reduction kernel's schedule on the host, with `threads` threads: the finite flag, then the row of its
+// decoding (a Dream row, or `threads` strided RowPasses merged, partial sums added, row_finish and the
+// top-logprob rounds) — the same ops.h functions the kernel calls.
+ops::TaskResult emulated_reduction(const ops::TaskDesc& t, const float* logits, int row_size, int threads) {
+  const float* cond = logits + static_cast<size_t>(t.cond) * row_size;
+  const float* uncond = t.uncond >= 0 ? logits + static_cast<size_t>(t.uncond) * row_size : nullptr;
+  int bad = 0;  // the kernel's __syncthreads_or over its threads' flags
+  for (int i = 0; i < row_size; ++i) bad |= !ops::raw_finite(cond, uncond, i);
+  ops::TaskResult r = t.dream ? emulated_dream_row(t, cond, uncond, row_size, threads)
+                              : emulated_llada_row(t, cond, uncond, row_size, threads);
+  r.finite = bad == 0;
   return r;
 }
 
@@ -308,6 +319,10 @@ TaskSet random_tasks(std::mt19937& rng, int row_size, int n_tasks, bool dream = 
     t.target = coin(rng) ? pick(rng) : -1;
     // Make EOS the favourite of some rows, so the EOS options matter.
     if (few(rng) == 0) s.logits[static_cast<size_t>(t.cond) * row_size + 5] = 20.0f;
+    // A few rows a broken model's: NaN or +inf in the row or its cfg copy (RowResult::finite).
+    if (few(rng) == 0 && few(rng) == 0)
+      s.logits[static_cast<size_t>(coin(rng) || t.uncond < 0 ? t.cond : t.uncond) * row_size + pick(rng)] =
+          coin(rng) ? NAN : INFINITY;
     s.tasks.push_back(t);
   }
   return s;
@@ -329,6 +344,11 @@ std::string compare_results(const TaskSet& s, int row_size, const std::vector<Ro
     const auto close = [](double a, double b) {
       return a == b || std::fabs(a - b) <= 1e-12 * std::max(1.0, std::fabs(b));
     };
+    if (!want.finite || !g.finite) {  // the engine fails the step: only the flag matters
+      *equal_tokens += g.finite == want.finite;
+      if (g.finite != want.finite && first.empty()) first = "task " + std::to_string(j) + ": finite differs";
+      continue;
+    }
     bool ok = g.token == want.token && close(g.probability, want.probability) && close(g.confidence, want.confidence) &&
               (t.target < 0 || close(g.target_logprob, want.target_logprob)) && g.n_top == want.n_top;
     for (int k = 0; ok && k < want.n_top; ++k)
@@ -358,7 +378,8 @@ void host_vocab_reduction() {
     const std::string first_dream = compare_results(d, row_size, got_dream, &equal_dream);
     report(first_dream.empty(),
            "host ops: Dream's rows (origin, maskgit_plus, topk_margin, entropy; argmax / Gumbel-max at the "
-           "temperature, logit bias, barred tokens, top logprobs, target) emulated with 13 threads equal sample_task, "
+           "temperature, logit bias, barred tokens, top logprobs, target, non-finite rows flagged) emulated with 13 "
+           "threads equal sample_task, "
            "row " +
                std::to_string(row_size),
            first_dream.empty() ? std::to_string(equal_dream) + " of " + std::to_string(d.tasks.size()) + " tokens equal"
@@ -372,7 +393,8 @@ void host_vocab_reduction() {
     report(first.empty(),
            "host ops: vocabulary reduction (cfg, EOS/EOT rules, logit bias, barred tokens, argmax / Gumbel-max, "
            "float64 softmax, "
-           "random remasking, top logprobs, target) emulated with 13 threads equals sample_task, row " +
+           "random remasking, top logprobs, target, non-finite rows flagged) emulated with 13 threads equals "
+           "sample_task, row " +
                std::to_string(row_size),
            first.empty() ? std::to_string(equal) + " of " + std::to_string(s.tasks.size()) + " tokens equal" : first);
   }

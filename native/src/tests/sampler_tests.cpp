@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <set>
@@ -712,6 +713,37 @@ static void test_barred_end_tokens_in_engine() {
                engine.create({1}, t, {}, {-1, kEos, kEos, kEos}));
 }
 
+static void test_non_finite_logits() {
+  // Canvases holding token 9 get NaN logits, those holding 10 +inf at one position: the step fails with
+  // Numeric naming the sequence and position, commits nothing, and the other sequences step alone.
+  const LogitRule rule = [](const int32_t* canvas, int length, int position, float* out) {
+    default_rule(canvas, length, position, out);
+    for (int i = 0; i < length; ++i) {
+      if (canvas[i] == 9) out[2] = std::nanf("");
+      if (canvas[i] == 10 && position == 4) out[5] = std::numeric_limits<float>::infinity();
+    }
+  };
+  Engine engine(std::make_shared<FakeModel>(rule));
+  const uint64_t good = engine.create({1, 2}, params(4, 4, 4));
+  const uint64_t nan = engine.create({1, 9}, params(4, 4, 4));
+  EXPECT_ERROR(ErrorCode::Numeric,
+               "sequence " + std::to_string(nan) + ": answer position 0: the model's logits hold NaN",
+               engine.step({good, nan}));
+  CHECK(engine.info(good).steps_done == 0 && engine.info(nan).steps_done == 0);
+  CHECK(!engine.step({good})[0].committed.empty());
+  const uint64_t inf = engine.create({1, 10}, params(4, 4, 4));
+  EXPECT_ERROR(ErrorCode::Numeric, "sequence " + std::to_string(inf) + ": answer position 2", engine.step({inf}));
+  // A -inf logit is a token the model rules out, not a fault.
+  const LogitRule minus = [](const int32_t* canvas, int length, int position, float* out) {
+    default_rule(canvas, length, position, out);
+    out[3] = -std::numeric_limits<float>::infinity();
+  };
+  Engine ruled_out(std::make_shared<FakeModel>(minus));
+  for (int32_t t : run_to_end(ruled_out, ruled_out.create({1}, params(4, 4, 4)))) CHECK(t != 3);
+  // Scoring too.
+  EXPECT_ERROR(ErrorCode::Numeric, "canvas position 1", engine.score({1, kMask, 9}, {1}, {4}));
+}
+
 static void test_never_samples_mask_or_padding() {
   // Rows where the mask token and the head padding (ids >= vocab_size) have the highest logits: x0 is
   // the best real token, and its probability is still the softmax over the whole row.
@@ -1296,6 +1328,7 @@ int main() {
   test_eos_finish_reason();
   test_barred_end_tokens_rows();
   test_barred_end_tokens_in_engine();
+  test_non_finite_logits();
   test_never_samples_mask_or_padding();
   test_gumbel_determinism_in_engine();
   test_cancellation();
