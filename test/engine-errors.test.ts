@@ -9,6 +9,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { fromNative } from "../src/engine/errors.js"
 import { type NativeEngine, isNativeError, loadAddon } from "../src/engine/native.js"
 import { makeModel, presetTensors, writeModelDir } from "../src/model/makeModel.js"
+import { quantizeModel } from "../src/model/quantize.js"
+import { unusedTensorsWarning } from "../src/server/ModelHost.js"
 import { configJson, presets } from "../src/model/presets.js"
 import { readSafetensorsHeader } from "../src/model/safetensors.js"
 import { greedy } from "./support/engine.js"
@@ -344,5 +346,39 @@ describe("a model that computes NaN", () => {
     expectError(await rejection(engine.step([bad])), "VDIFF_NUMERIC", /NaN or infinity/)
     engine.release(good)
     engine.release(bad)
+  })
+})
+
+describe("tensors the model does not read", () => {
+  it("none in any tiny preset, a quantized copy or the embedded model", async () => {
+    for (const preset of ["tiny", "llada2-tiny", "sdar-tiny", "sdar-moe-tiny", "dream-tiny"]) {
+      const target = join(dir, `unused-${preset}`)
+      await makeModel({ preset, seed: 1, out: target })
+      expect((await load(target)).info().unusedTensors, preset).toEqual([])
+    }
+    await quantizeModel({ model: good, out: join(dir, "unused-q4"), format: "q4_0" })
+    expect((await load(join(dir, "unused-q4"))).info().unusedTensors).toEqual([])
+    expect((await load(join(import.meta.dirname, "..", "models", "shakespeare"))).info().unusedTensors).toEqual([])
+  })
+
+  it("names a stored head that config.json ties, and a tensor of no layer, but not a rotary buffer", async () => {
+    const target = join(dir, "unused-extra")
+    const extra = (name: string) => ({ name, dtype: "F32" as const, shape: [4], fill: (out: Float32Array) => out.fill(0) })
+    await writeModelDir(target, configJson(tiny.config, "F32"), [
+      ...presetTensors(tiny, 1),
+      extra("model.transformer.blocks.0.attn.rotary_emb.inv_freq"),
+      extra("model.transformer.blocks.9.q_proj.bias")
+    ])
+    expect((await load(target)).info().unusedTensors).toEqual(["model.transformer.blocks.9.q_proj.bias"])
+    const tied = join(dir, "unused-tied")
+    await writeModelDir(tied, { ...configJson(tiny.config, "F32"), weight_tying: true }, presetTensors(tiny, 1))
+    expect((await load(tied)).info().unusedTensors).toEqual(["model.transformer.ff_out.weight"])
+  })
+
+  it("is a warning at start-up that names the first five", () => {
+    expect(unusedTensorsWarning(["a.bias"], "llada")).toBe(
+      'the checkpoint holds 1 tensor that the llada family does not read ("a.bias"): check that config.json describes this checkpoint'
+    )
+    expect(unusedTensorsWarning(["a", "b", "c", "d", "e", "f", "g"], "sdar")).toMatch(/^the checkpoint holds 7 tensors .*"e" and 2 more\)/)
   })
 })

@@ -113,6 +113,11 @@ export interface NativeModelInfo {
    * Optional in the type only so that test doubles need not set it.
    */
   readonly prefixCacheBytes?: number | undefined
+  /**
+   * Tensors of the checkpoint the model does not read (config.json may not describe it: a stored head the
+   * config ties, biases it turns off). Optional in the type only so that test doubles need not set it.
+   */
+  readonly unusedTensors?: ReadonlyArray<string> | undefined
 }
 
 /**

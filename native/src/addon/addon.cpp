@@ -522,6 +522,10 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     o.Set("kvCacheBytesPerPosition", static_cast<double>(model.kv_cache_bytes(1)));
     o.Set("kvCacheBudgetBytes", static_cast<double>(model.kv_cache_budget_bytes()));
     o.Set("prefixCacheBytes", static_cast<double>(engine_->prefix_cache_stats().capacity_bytes));
+    const std::vector<std::string>& unused = model.unused_tensors();
+    Napi::Array unused_names = Napi::Array::New(env, unused.size());
+    for (size_t i = 0; i < unused.size(); ++i) unused_names.Set(static_cast<uint32_t>(i), unused[i]);
+    o.Set("unusedTensors", unused_names);
     return o;
   }
 

@@ -210,6 +210,8 @@ class Backend {
   virtual uint64_t weight_bytes() const = 0;
   // CPU: bytes of the weights packed at load (LoadOptions::pack_weights_max_bytes); 0: none packed.
   virtual uint64_t packed_weight_bytes() const { return 0; }
+  // Tensors of the checkpoint the model does not read (ModelWeights::unused): worth a warning at load.
+  const std::vector<std::string>& unused_tensors() const { return unused_tensors_; }
 
   // One step's tensor work: a forward over `batch`, then every task sampled from its rows into
   // out[0 .. tasks.size()). The default computes the rows into host memory with forward() and samples
@@ -275,6 +277,7 @@ class Backend {
   ThreadPool& host_pool() const { return *pool_; }
 
   ModelConfig config_;
+  std::vector<std::string> unused_tensors_;  // set by the backend's load from ModelWeights::unused
 
  private:
   KVCacheDType kv_dtype_;

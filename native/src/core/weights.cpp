@@ -241,8 +241,11 @@ ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& c, const 
     }
     return w;
   };
+  std::set<std::string> used;
   const auto find = [&](const std::string& name, std::vector<int64_t> shape, bool may_quantize = false) {
     const TensorView& t = tensors.get(name);
+    used.insert(name);
+    if (may_quantize) used.insert(name + "_scale");
     if (may_quantize && (t.dtype == DType::I8 || t.dtype == DType::U8)) return find_quantized(t, name, shape);
     if (t.dtype != DType::F32 && t.dtype != DType::BF16 && t.dtype != DType::F16)
       throw Error(ErrorCode::InvalidModel, t.file + ": tensor \"" + name + "\" has dtype " + dtype_name(t.dtype) +
@@ -341,6 +344,12 @@ ModelWeights find_weights(const TensorSet& tensors, const ModelConfig& c, const 
   }
   out.final_norm = find(f.final_norm, {D});
   out.head = c.weight_tying ? out.embed : find(f.head, {E, D}, true);
+  for (const auto& [name, view] : tensors.all()) {
+    const std::string buffer = "rotary_emb.inv_freq";
+    const bool rotary =
+        name.size() >= buffer.size() && name.compare(name.size() - buffer.size(), buffer.size(), buffer) == 0;
+    if (!used.count(name) && !rotary) out.unused.push_back(name);
+  }
   return out;
 }
 

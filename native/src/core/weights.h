@@ -83,6 +83,10 @@ struct ModelWeights {
   WeightRef head;                // [E, D] (the embedding itself when the head is tied)
   uint64_t parameter_count = 0;  // the distinct tensors' elements (a tied head counted once)
   uint64_t bytes = 0;            // ... and their bytes
+  // Tensors of the checkpoint that the family does not read, by name (sorted): a config.json that does
+  // not describe the checkpoint (a head that is tied but stored, biases the config turns off, another
+  // family's layers). Rotary inverse-frequency buffers, which some exports keep, are not counted.
+  std::vector<std::string> unused;
 };
 
 // How a family's config.json names its keys: LLaDA's own (d_model, n_heads, ...) or the Hugging Face

@@ -312,6 +312,7 @@ CpuBackend::CpuBackend(const ModelConfig& config, TensorSet tensors, const LoadO
       kernels_(&kernels_for_setting(options.cpu_isa)),
       quant_(&quant_kernels_for(*kernels_)) {
   const ModelWeights w = find_weights(tensors_, config_, family_of(config_));
+  unused_tensors_ = w.unused;
   parameter_count_ = w.parameter_count;
   weight_bytes_ = w.bytes;
   wte_ = weight_of(w.embed);

@@ -361,6 +361,7 @@ float* CudaBackend::upload_bias(std::initializer_list<const WeightRef*> parts) {
 CudaBackend::CudaBackend(const ModelConfig& config, TensorSet tensors, const LoadOptions& options)
     : Backend(config, options), progress_(options.progress), progress_context_(options.progress_context) {
   const ModelWeights w = find_weights(tensors, config, family_of(config));
+  unused_tensors_ = w.unused;
   parameter_count_ = w.parameter_count;
   weight_bytes_ = w.bytes;
 
