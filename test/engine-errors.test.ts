@@ -363,7 +363,7 @@ describe("tensors the model does not read", () => {
 
   it("names a stored head that config.json ties, and a tensor of no layer, but not a rotary buffer", async () => {
     const target = join(dir, "unused-extra")
-    const extra = (name: string) => ({ name, dtype: "F32" as const, shape: [4], fill: (out: Float32Array) => out.fill(0) })
+    const extra = (name: string) => ({ name, dtype: "F32" as const, shape: [4], fill: (out: Float32Array) => void out.fill(0) })
     await writeModelDir(target, configJson(tiny.config, "F32"), [
       ...presetTensors(tiny, 1),
       extra("model.transformer.blocks.0.attn.rotary_emb.inv_freq"),

@@ -258,6 +258,27 @@ describe("GET /metrics", () => {
       expect(value("vdiff_step_phase_total", { phase: "denoise" })).toBe(0)
     }).pipe(quiet)
   )
+
+  it.scopedLive("reports the process: CPU time, resident memory, start time, open files and the V8 heap", () =>
+    Effect.gen(function* () {
+      const model = `process-${randomUUID().slice(0, 8)}`
+      const config = yield* Effect.promise(() => settings(["--served-model-name", model]))
+      const { url } = yield* startServer({ config, load: fakeLoader(config) })
+      const { value, reply } = yield* scrape(url, model)
+      const started = Date.now() / 1000 - process.uptime()
+      expect(value("process_cpu_seconds_total")).toBeGreaterThan(0)
+      expect(value("process_resident_memory_bytes")).toBeGreaterThan(10 * 2 ** 20)
+      expect(Math.abs(value("process_start_time_seconds")! - started)).toBeLessThan(2)
+      expect(value("process_open_fds")).toBeGreaterThan(2)
+      expect(value("nodejs_heap_size_used_bytes")).toBeGreaterThan(0)
+      expect(value("nodejs_heap_size_used_bytes")).toBeLessThanOrEqual(value("nodejs_heap_size_total_bytes")!)
+      expect(value("nodejs_external_memory_bytes")).toBeGreaterThan(0)
+      expect(reply.text).toContain("# HELP process_resident_memory_bytes Resident memory size in bytes")
+      // The CPU time only grows.
+      const later = yield* scrape(url, model)
+      expect(later.value("process_cpu_seconds_total")).toBeGreaterThanOrEqual(value("process_cpu_seconds_total")!)
+    }).pipe(quiet)
+  )
 })
 
 /** Polls /metrics until the series has the value (the server's fibers run on their own). */

@@ -181,6 +181,7 @@ export const router = (info: SystemInfo) =>
         // are there from the first scrape on).
         yield* Metric.set(Metrics.modelReady, (yield* host.state) === "ready" ? 1 : 0)
         yield* Metrics.countersFromZero
+        yield* Metrics.processMetrics
         const model = yield* Effect.option(host.current)
         if (Option.isSome(model)) {
           const { engine } = model.value

@@ -17,10 +17,11 @@
  *   telemetry/requests.ts    successes, failures, prompt and generation tokens, time to first token,
  *                            inter-token latency, end-to-end latency (for the OpenAI routes)
  *   http/HttpMetrics.ts      HTTP requests, their duration, requests in flight
- *   server/systemRoutes.ts   model readiness (at scrape time)
+ *   server/systemRoutes.ts   model readiness, device memory and the process (at scrape time)
  *
  * @since 0.1.0
  */
+import { readdirSync } from "node:fs"
 import { Effect, Metric, MetricBoundaries, MetricKey } from "effect"
 import type { Phase } from "../engine/Engine.js"
 
@@ -192,6 +193,54 @@ export const deviceMemoryUsedBytes = Metric.gauge("vdiff_device_memory_used_byte
 /** The device's memory (a GPU's; 0 on the CPU, not reported); labels backend, device. */
 export const deviceMemoryTotalBytes = Metric.gauge("vdiff_device_memory_total_bytes", {
   description: "The device's memory in bytes (a GPU's total; 0 on the CPU)."
+})
+
+// --- the process: the standard series of Prometheus's client libraries, so process dashboards work ------
+
+// CPU time as a gauge holding the total: the server tags every update with its model_name, so a counter
+// fed by differences would split one process's time among the servers of a process (tests run several).
+export const processCpuSeconds = Metric.gauge("process_cpu_seconds_total", {
+  description: "Total user and system CPU time spent in seconds."
+})
+export const processResidentMemoryBytes = Metric.gauge("process_resident_memory_bytes", {
+  description: "Resident memory size in bytes (mapped model weights included, as the kernel counts them)."
+})
+export const processStartTimeSeconds = Metric.gauge("process_start_time_seconds", {
+  description: "Start time of the process since the Unix epoch in seconds."
+})
+export const processOpenFds = Metric.gauge("process_open_fds", { description: "Number of open file descriptors." })
+export const nodejsHeapUsedBytes = Metric.gauge("nodejs_heap_size_used_bytes", { description: "V8 heap in use, in bytes." })
+export const nodejsHeapTotalBytes = Metric.gauge("nodejs_heap_size_total_bytes", { description: "V8 heap allocated, in bytes." })
+export const nodejsExternalMemoryBytes = Metric.gauge("nodejs_external_memory_bytes", {
+  description: "Memory of C++ objects bound to JavaScript objects, in bytes."
+})
+
+/** Open file descriptors (Linux: /proc/self/fd); undefined where that cannot be read. */
+const openFds = (): number | undefined => {
+  try {
+    return readdirSync("/proc/self/fd").length
+  } catch {
+    return undefined
+  }
+}
+
+/** The process series, read now (at scrape time). */
+export const processMetrics = Effect.suspend(() => {
+  const cpu = process.cpuUsage()
+  const memory = process.memoryUsage()
+  const fds = openFds()
+  return Effect.all(
+    [
+      Metric.set(processCpuSeconds, (cpu.user + cpu.system) / 1e6),
+      Metric.set(processResidentMemoryBytes, memory.rss),
+      Metric.set(processStartTimeSeconds, Math.round(Date.now() / 1000 - process.uptime())),
+      Metric.set(nodejsHeapUsedBytes, memory.heapUsed),
+      Metric.set(nodejsHeapTotalBytes, memory.heapTotal),
+      Metric.set(nodejsExternalMemoryBytes, memory.external),
+      ...(fds === undefined ? [] : [Metric.set(processOpenFds, fds)])
+    ],
+    { discard: true }
+  )
 })
 
 /** Seconds between two Clock.currentTimeNanos readings. */
