@@ -26,6 +26,7 @@ import { Effect, Metric, MetricBoundaries, MetricKey } from "effect"
 import type { Phase } from "../engine/Engine.js"
 
 const counter = (name: string, description: string) => Metric.counter(name, { description, incremental: true })
+const gauge = (name: string, description: string) => Metric.gauge(name, { description })
 
 const histogram = (name: string, boundaries: ReadonlyArray<number>, description: string) =>
   Metric.histogram(name, MetricBoundaries.fromIterable(boundaries), description)
@@ -199,21 +200,19 @@ export const deviceMemoryTotalBytes = Metric.gauge("vdiff_device_memory_total_by
 
 // CPU time as a gauge holding the total: the server tags every update with its model_name, so a counter
 // fed by differences would split one process's time among the servers of a process (tests run several).
-export const processCpuSeconds = Metric.gauge("process_cpu_seconds_total", {
-  description: "Total user and system CPU time spent in seconds."
-})
-export const processResidentMemoryBytes = Metric.gauge("process_resident_memory_bytes", {
-  description: "Resident memory size in bytes (mapped model weights included, as the kernel counts them)."
-})
-export const processStartTimeSeconds = Metric.gauge("process_start_time_seconds", {
-  description: "Start time of the process since the Unix epoch in seconds."
-})
-export const processOpenFds = Metric.gauge("process_open_fds", { description: "Number of open file descriptors." })
-export const nodejsHeapUsedBytes = Metric.gauge("nodejs_heap_size_used_bytes", { description: "V8 heap in use, in bytes." })
-export const nodejsHeapTotalBytes = Metric.gauge("nodejs_heap_size_total_bytes", { description: "V8 heap allocated, in bytes." })
-export const nodejsExternalMemoryBytes = Metric.gauge("nodejs_external_memory_bytes", {
-  description: "Memory of C++ objects bound to JavaScript objects, in bytes."
-})
+export const processCpuSeconds = gauge("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.")
+export const processResidentMemoryBytes = gauge(
+  "process_resident_memory_bytes",
+  "Resident memory size in bytes (mapped model weights included, as the kernel counts them)."
+)
+export const processStartTimeSeconds = gauge("process_start_time_seconds", "Start time of the process since the Unix epoch in seconds.")
+export const processOpenFds = gauge("process_open_fds", "Number of open file descriptors.")
+export const nodejsHeapUsedBytes = gauge("nodejs_heap_size_used_bytes", "V8 heap in use, in bytes.")
+export const nodejsHeapTotalBytes = gauge("nodejs_heap_size_total_bytes", "V8 heap allocated, in bytes.")
+export const nodejsExternalMemoryBytes = gauge(
+  "nodejs_external_memory_bytes",
+  "Memory of C++ objects bound to JavaScript objects, in bytes."
+)
 
 /** Open file descriptors (Linux: /proc/self/fd); undefined where that cannot be read. */
 const openFds = (): number | undefined => {
