@@ -94,7 +94,12 @@ const generateCommand = async (args: ReadonlyArray<string>): Promise<void> => {
   })
   const { generate } = await import("./cli/generate.js")
   const { model, promptIds: _ids, prompt: _text, ...settings } = values
-  const result = await generate({ model, prompt, ...settings })
+  const result = await generate({
+    model,
+    prompt,
+    ...settings,
+    onWarning: (message) => process.stderr.write(`vdiff: warning: ${message}\n`)
+  })
   process.stdout.write(JSON.stringify(result) + "\n")
 }
 

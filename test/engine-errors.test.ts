@@ -2,7 +2,7 @@
  * Every bad input reaches the caller as a typed error (`code`) whose message says what is wrong. Broken
  * model directories are made from the tiny preset: written with the project's writer, then damaged.
  */
-import { cp, mkdtemp, readFile, rm, truncate, writeFile } from "node:fs/promises"
+import { cp, mkdir, mkdtemp, readFile, rm, truncate, writeFile } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
@@ -10,7 +10,8 @@ import { fromNative } from "../src/engine/errors.js"
 import { type NativeEngine, isNativeError, loadAddon } from "../src/engine/native.js"
 import { makeModel, presetTensors, writeModelDir } from "../src/model/makeModel.js"
 import { quantizeModel } from "../src/model/quantize.js"
-import { unusedTensorsWarning } from "../src/server/ModelHost.js"
+import { generate } from "../src/cli/generate.js"
+import { unusedTensorsWarning } from "../src/engine/Engine.js"
 import { configJson, presets } from "../src/model/presets.js"
 import { readSafetensorsHeader } from "../src/model/safetensors.js"
 import { greedy } from "./support/engine.js"
@@ -95,7 +96,17 @@ describe("loading a broken model directory", () => {
     const config = JSON.parse(await readFile(join(target, "config.json"), "utf8"))
     config[key] = value
     await writeFile(join(target, "config.json"), JSON.stringify(config))
-    expectError(await rejection(load(target)), "VDIFF_INVALID_MODEL", message)
+    const error = await rejection(load(target))
+    expectError(error, "VDIFF_INVALID_MODEL", message)
+    // The path, then the problem: the file is named once.
+    expect(error.message.startsWith(`${join(target, "config.json")}: "`)).toBe(true)
+  })
+
+  it("config.json that is a directory", async () => {
+    const target = await copyOfGood("config-dir")
+    await rm(join(target, "config.json"))
+    await mkdir(join(target, "config.json"))
+    expectError(await rejection(load(target)), "VDIFF_INVALID_MODEL", /config\.json: is a directory, not a file/)
   })
 
   it("config.json that is not JSON", async () => {
@@ -370,6 +381,21 @@ describe("tensors the model does not read", () => {
       extra("model.transformer.blocks.9.q_proj.bias")
     ])
     expect((await load(target)).info().unusedTensors).toEqual(["model.transformer.blocks.9.q_proj.bias"])
+    // vdiff generate says so too.
+    const warnings: Array<string> = []
+    const settings = {
+      genLength: 4,
+      blockLength: 4,
+      steps: 4,
+      temperature: 0,
+      seed: 0,
+      threads: 1,
+      device: "cpu",
+      quantize: "none",
+      cpuIsa: "auto"
+    } as const
+    await generate({ model: target, prompt: [1, 2], ...settings, onWarning: (message) => warnings.push(message) })
+    expect(warnings).toEqual([unusedTensorsWarning(["model.transformer.blocks.9.q_proj.bias"], "llada")])
     const tied = join(dir, "unused-tied")
     await writeModelDir(tied, { ...configJson(tiny.config, "F32"), weight_tying: true }, presetTensors(tiny, 1))
     expect((await load(tied)).info().unusedTensors).toEqual(["model.transformer.ff_out.weight"])

@@ -97,6 +97,9 @@ describe("KV cache through the addon", () => {
     expect(engine.kvCacheBytes()).toBe(2 * perSequence)
     expect(() => engine.create(prompt, params)).toThrow(expect.objectContaining({ code: "VDIFF_OUT_OF_MEMORY" }))
     expect(() => engine.create(prompt, { ...params, genLength: 40 })).toThrow(expect.objectContaining({ code: "VDIFF_INVALID_ARGUMENT" }))
+    // A budget below a KiB is shown in bytes.
+    const tiny = await load("plain", { kvCacheBudgetBytes: 1000 })
+    expect(() => tiny.create(prompt, params)).toThrow(/more than the whole cache budget of 1000 bytes/)
     engine.release(a)
     expect(engine.kvCacheBytes()).toBe(perSequence)
     const c = engine.create(prompt, { ...params, kvCache: "prefix" })

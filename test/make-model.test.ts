@@ -316,6 +316,9 @@ describe("command line", () => {
       ["make-model", "--preset", "huge", "--out", out],
       ["make-model", "--preset", "tiny", "--out", out, "--dtype", "f64"],
       ["make-model", "--out", out],
+      ["make-model", "--preset", "tiny", "--seed", "-1", "--out", out],
+      ["generate", "--model", out, "--prompt-ids", "1", "--threads", "4097"],
+      ["generate", "--model", out, "--prompt-ids", "1", "--cfg", "1e39"],
       ["frobnicate"]
     ]) {
       const failed = await run(tsx, [main, ...args]).then(
@@ -324,7 +327,9 @@ describe("command line", () => {
       )
       expect(failed, args.join(" ")).toBeDefined()
       expect(failed!.code).toBe(2)
-      expect(failed!.stderr).toMatch(/unknown preset "huge"|--dtype must be|exactly one of|unknown command "frobnicate"/)
+      expect(failed!.stderr).toMatch(
+        /unknown preset "huge"|--dtype must be|exactly one of|--seed: must be an integer of at least 0, got "-1"|--threads: must be an integer from 0 to 4096|--cfg: must be a number from 0 to 1000|unknown command "frobnicate"/
+      )
     }
   })
 

@@ -19,7 +19,7 @@ export const makeModel = commandLine(
       "NAME"
     ),
     fromRaw: optionalText("Directory of raw f32 tensors to import instead of a preset", "DIR"),
-    seed: setting(IntegerText(Number.MIN_SAFE_INTEGER), { description: "Seed of the random weights", default: "0", value: "N" }),
+    seed: setting(IntegerText(0), { description: "Seed of the random weights", default: "0", value: "N" }),
     out: optionalText("Directory to write the model to (required)", "DIR"),
     dtype: optionalText("Element type of the weights written: f32, bf16 or f16 (default: the preset's)", "f32|bf16|f16"),
     shardMb: setting(Schema.UndefinedOr(NumberText(0, true)), {
@@ -57,8 +57,13 @@ export const generate = commandLine(
       defaultText: "",
       value: "N"
     }),
-    temperature: setting(NumberText(0), { description: "Sampling temperature; 0 is greedy", default: "0", value: "T" }),
-    cfgScale: setting(Schema.UndefinedOr(NumberText(0)), {
+    // The request's bounds (src/config/sampling.ts).
+    temperature: setting(NumberText(0, false, samplingSettings.temperature.value.max), {
+      description: "Sampling temperature; 0 is greedy",
+      default: "0",
+      value: "T"
+    }),
+    cfgScale: setting(Schema.UndefinedOr(NumberText(0, false, samplingSettings.cfg_scale.value.max)), {
       description: "Classifier-free guidance scale; 0 turns it off (LLaDA only)",
       default: undefined,
       defaultText: "",
@@ -72,7 +77,7 @@ export const generate = commandLine(
       value: samplingSettings.remasking.value.values.join("|")
     }),
     seed: setting(IntegerText(0), { description: "Seed of the sequence's random stream", default: "0", value: "N" }),
-    threads: setting(IntegerText(0), { description: "Forward-pass threads; 0 uses every core", default: "0", value: "N" }),
+    threads: setting(IntegerText(0, 4096), { description: "Forward-pass threads; 0 uses every core", default: "0", value: "N" }),
     device: setting(OneOfText(["auto", "cpu", "cuda"]), { description: "Where the forward runs", default: "cpu", value: "auto|cpu|cuda" }),
     quantize: setting(OneOfText(["none", "q8_0", "q4_0"]), {
       description: "Quantize the matrices at load (CPU): q8_0 or q4_0 blocks of 32; none keeps them as stored",

@@ -8,11 +8,13 @@ import { Either } from "effect"
 import type { CpuIsa } from "../config/Config.js"
 import { readModelDefaults } from "../config/generationConfig.js"
 import * as Sampling from "../config/sampling.js"
-import { familyOf } from "../engine/Engine.js"
+import { familyOf, unusedTensorsWarning } from "../engine/Engine.js"
 import { loadAddon, type NativeRemasking } from "../engine/native.js"
 
 export interface GenerateOptions {
   readonly model: string
+  /** Told what is worth a warning about the model (tensors it does not read). */
+  readonly onWarning?: ((message: string) => void) | undefined
   readonly prompt: ReadonlyArray<number>
   readonly genLength: number
   /** Absent: the family's default (as a request without the field gets it). */
@@ -52,6 +54,8 @@ export const generate = async (options: GenerateOptions): Promise<GenerateResult
   })
   const loadMs = performance.now() - loadStart
   const family = familyOf(engine.info())
+  const unused = engine.info().unusedTensors ?? []
+  if (unused.length > 0) options.onWarning?.(unusedTensorsWarning(unused, family.name))
   const request: Sampling.SamplingRequest = {
     temperature: options.temperature,
     ...(options.blockLength === undefined ? {} : { block_length: options.blockLength }),

@@ -63,6 +63,19 @@ const field = (object: unknown, ...names: ReadonlyArray<string>): unknown => {
 }
 
 /**
+ * The warning for a checkpoint with tensors the model does not read: config.json may describe another
+ * model (a family, a tied head, biases), and the answers would then be wrong without an error.
+ */
+export const unusedTensorsWarning = (names: ReadonlyArray<string>, family: string) => {
+  const shown = names.slice(0, 5).map((name) => JSON.stringify(name))
+  const more = names.length > shown.length ? ` and ${names.length - shown.length} more` : ""
+  return (
+    `the checkpoint holds ${names.length} tensor${names.length === 1 ? "" : "s"} that the ${family} family does not read ` +
+    `(${shown.join(", ")}${more}): check that config.json describes this checkpoint`
+  )
+}
+
+/**
  * The served model's family, from the engine's model info (`info.family`: its model_type, decoding,
  * trained block length and whether it has token editing); LLaDA (full canvas) when the info says none,
  * as engines from before block decoding and the test engine do.

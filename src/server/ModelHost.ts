@@ -222,7 +222,7 @@ export const fromEngine = (
     if (mismatch !== undefined) yield* Effect.logWarning(`the tokenizer does not fit config.json: ${mismatch}`)
     const family = Engine.familyOf(engine.info)
     const unused = engine.info.unusedTensors ?? []
-    if (unused.length > 0) yield* Effect.logWarning(unusedTensorsWarning(unused, family.name))
+    if (unused.length > 0) yield* Effect.logWarning(Engine.unusedTensorsWarning(unused, family.name))
     const scheduler = yield* Scheduler.make(options.scheduler).pipe(Effect.provideService(Engine.Engine, engine))
     const defaults =
       options.generationConfig === "vdiff" ? options.defaults : yield* underModelDefaults(options.defaults, tokenizer.modelDir, family)
@@ -261,19 +261,6 @@ export const tokenizerMismatch = (config: { readonly vocabSize: number; readonly
     problems.push(`it has ${tokenizer.vocabSize} tokens, more than the model's vocab_size ${config.vocabSize}`)
   }
   return problems.length === 0 ? undefined : problems.join("; ")
-}
-
-/**
- * The warning for a checkpoint with tensors the model does not read: config.json may describe another
- * model (a family, a tied head, biases), and the answers would then be wrong without an error.
- */
-export const unusedTensorsWarning = (names: ReadonlyArray<string>, family: string) => {
-  const shown = names.slice(0, 5).map((name) => JSON.stringify(name))
-  const more = names.length > shown.length ? ` and ${names.length - shown.length} more` : ""
-  return (
-    `the checkpoint holds ${names.length} tensor${names.length === 1 ? "" : "s"} that the ${family} family does not read ` +
-    `(${shown.join(", ")}${more}): check that config.json describes this checkpoint`
-  )
 }
 
 export { GENERATION_CONFIG } from "../config/generationConfig.js"

@@ -99,6 +99,7 @@ uint64_t Backend::kv_cache_bytes(int positions) const {
 }
 
 static std::string size_text(uint64_t b) {
+  if (b < 1024) return std::to_string(b) + (b == 1 ? " byte" : " bytes");
   return b < (10u << 20) ? std::to_string((b + 1023) >> 10) + " KiB"
                          : std::to_string((b + (1 << 20) - 1) >> 20) + " MiB";
 }

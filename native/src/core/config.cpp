@@ -1,6 +1,7 @@
 #include "config.h"
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -278,6 +279,9 @@ ModelConfig ModelConfig::from_json(const Json& j) {
 }
 
 ModelConfig ModelConfig::from_file(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec))
+    throw Error(ErrorCode::InvalidModel, path + ": is a directory, not a file");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(ErrorCode::InvalidModel, path + ": cannot open");
   std::ostringstream ss;
@@ -291,7 +295,11 @@ ModelConfig ModelConfig::from_file(const std::string& path) {
   try {
     return from_json(j);
   } catch (const Error& e) {
-    throw Error(e.code(), path + ": " + e.what());
+    // from_json names "config.json"; the path says it better.
+    const std::string own = "config.json: ";
+    std::string message = e.what();
+    if (message.rfind(own, 0) == 0) message.erase(0, own.size());
+    throw Error(e.code(), path + ": " + message, e.param());
   }
 }
 

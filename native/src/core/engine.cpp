@@ -142,8 +142,9 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
   if (!(p.temperature >= 0.0) || !std::isfinite(p.temperature))
     throw invalid("temperature must be a finite number >= 0 (got " + std::to_string(p.temperature) + ")",
                   "temperature");
-  if (!(p.cfg_scale >= 0.0) || !std::isfinite(p.cfg_scale))
-    throw invalid("cfg_scale must be a finite number >= 0 (got " + std::to_string(p.cfg_scale) + ")", "cfg_scale");
+  // Bounded so that (scale + 1) * (cond - uncond) stays a float (1e39 overflowed to garbage).
+  if (!(p.cfg_scale >= 0.0 && p.cfg_scale <= 1000.0))
+    throw invalid("cfg_scale must be in [0, 1000] (got " + std::to_string(p.cfg_scale) + ")", "cfg_scale");
   if (p.remasking != Remasking::LowConfidence && p.remasking != Remasking::Random)
     throw invalid("remasking must be low_confidence or random", "remasking");
   if (p.eot_token_id != -1 && (p.eot_token_id < 0 || p.eot_token_id >= vocab))

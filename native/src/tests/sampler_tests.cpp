@@ -681,6 +681,9 @@ static void test_barred_end_tokens_in_engine() {
   CHECK((run_to_end(engine, engine.create({1}, p)) ==
          std::vector<int32_t>{kEot, kEot, kEot, kEot, kEot, kEot, kEos, kEos}));
 
+  SamplingParams huge_cfg = params(8, 4, 8);
+  huge_cfg.cfg_scale = 1e39;
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "cfg_scale must be in [0, 1000]", engine.create({1}, huge_cfg));
   SamplingParams over = params(8, 4, 8), under = over, outside = over;
   over.min_tokens = 9;
   under.min_tokens = -1;
