@@ -27,7 +27,8 @@ const usage = `usage:
   vdiff make-model --preset NAME --seed N --out DIR [flags]  (vdiff make-model --help)
   vdiff make-model --from-raw DIR --out DIR [flags]
   vdiff quantize --model DIR --out DIR --format q8_0|q4_0   (vdiff quantize --help)
-  vdiff bench [flags]          (the engine benchmark: vdiff bench --help)`
+  vdiff bench [flags]          (the engine benchmark: vdiff bench --help)
+  vdiff --version`
 
 /** The command's settings, or its help printed (undefined). */
 const settingsOf = <A>(command: CommandLine<A, string>, args: ReadonlyArray<string>): A | undefined => {
@@ -128,6 +129,11 @@ const main = async (argv: Array<string>): Promise<number> => {
       }
       case "bench":
         return benchCommand(rest)
+      case "--version":
+      case "-v":
+      case "version":
+        process.stdout.write(`vdiff ${(await import("./config/package.js")).packageInfo().version}\n`)
+        return 0
       case undefined:
       case "help":
       case "--help":
@@ -143,8 +149,10 @@ const main = async (argv: Array<string>): Promise<number> => {
       return 2
     }
     const code = (error as { code?: unknown }).code
-    const prefix = typeof code === "string" ? `${code}: ` : ""
-    process.stderr.write(`vdiff: ${prefix}${error instanceof Error ? error.message : String(error)}\n`)
+    const message = error instanceof Error ? error.message : String(error)
+    // Node's system errors already start with their code ("ENOENT: no such file ...").
+    const prefix = typeof code === "string" && !message.startsWith(`${code}:`) ? `${code}: ` : ""
+    process.stderr.write(`vdiff: ${prefix}${message}\n`)
     return 1
   }
 }

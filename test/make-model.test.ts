@@ -1,5 +1,5 @@
 import { execFile } from "node:child_process"
-import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises"
+import { mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { promisify } from "node:util"
@@ -13,6 +13,7 @@ import {
   type ShardIndex,
   type TensorSource,
   f32BitsToBf16,
+  makeDirectory,
   readSafetensorsHeader,
   readShardIndex,
   readTensor
@@ -332,6 +333,26 @@ describe("command line", () => {
       )
     }
   })
+
+  it("--version prints the version; --out under /proc fails at once instead of hanging", async () => {
+    expect((await run(tsx, [main, "--version"])).stdout).toMatch(/^vdiff \d+\.\d+\.\d+\n$/)
+    const started = Date.now()
+    const failed = await run(tsx, [main, "make-model", "--preset", "tiny", "--seed", "1", "--out", "/proc/vdiff-nope"], {
+      timeout: 30_000
+    }).then(
+      () => undefined,
+      (e: { code: number; stderr: string }) => e
+    )
+    expect(failed?.code).toBe(1)
+    expect(failed?.stderr).toBe("vdiff: ENOENT: no such file or directory, mkdir '/proc/vdiff-nope'\n")
+    expect(Date.now() - started).toBeLessThan(30_000)
+    // A file where a directory should be is named.
+    const file = join(dir, "a-file")
+    await writeFile(file, "x")
+    await expect(makeDirectory(file)).rejects.toThrow(`${file} exists and is not a directory`)
+    await makeDirectory(join(dir, "made", "deep", "down"))
+    expect((await stat(join(dir, "made", "deep", "down"))).isDirectory()).toBe(true)
+  }, 60_000)
 
   it("make-model --quantize writes a family preset quantized; a bad format or --quantize with --from-raw exits with status 2", async () => {
     const out = join(dir, "cli-bad-quantize")

@@ -8,7 +8,7 @@
  *
  * @since 0.1.0
  */
-import { copyFile, mkdir, open, readdir, readFile, rm, stat, writeFile } from "node:fs/promises"
+import { copyFile, open, readdir, readFile, rm, stat, writeFile } from "node:fs/promises"
 import { join } from "node:path"
 import { embeddedModelDir } from "../config/package.js"
 import {
@@ -33,6 +33,7 @@ import {
   type DType,
   type TensorSource,
   elementCount,
+  makeDirectory,
   tensorBytes,
   writeConfigJson,
   writeSafetensors,
@@ -186,7 +187,7 @@ export const writeModelDir = async (
   tensors: ReadonlyArray<TensorSource>,
   options: WriteModelOptions = {}
 ): Promise<WrittenModel> => {
-  await mkdir(dir, { recursive: true })
+  await makeDirectory(dir)
   await removeOldWeights(dir)
   await writeConfigJson(join(dir, "config.json"), config)
   const metadata = { format: "pt", ...options.metadata }

@@ -27,7 +27,7 @@
  * the next band is read; the output keeps the input's sharding (same file names, an index rewritten with
  * the scales added).
  */
-import { copyFile, mkdir, open, readdir, readFile, realpath, rename, rm, writeFile } from "node:fs/promises"
+import { copyFile, open, readdir, readFile, realpath, rename, rm, writeFile } from "node:fs/promises"
 import type { FileHandle } from "node:fs/promises"
 import { existsSync, statSync } from "node:fs"
 import { join } from "node:path"
@@ -40,6 +40,7 @@ import {
   f16ToF32,
   f32BitsToBf16,
   f32BitsToF16,
+  makeDirectory,
   readSafetensorsHeader,
   sequentialWriter,
   type ShardIndex,
@@ -449,7 +450,7 @@ const shardsOf = (indexPath: string, text: string): Array<string> => {
 export const quantizeModel = async (options: QuantizeOptions): Promise<QuantizeFileReport> => {
   const { model, out, format } = options
   if (!quantFormats.includes(format)) throw new Error(`quantize: unknown format "${format}" (q8_0 or q4_0)`)
-  await mkdir(out, { recursive: true })
+  await makeDirectory(out)
   // Writing into the directory it reads would truncate the weights before they are read.
   if ((await realpath(out)) === (await realpath(model))) {
     throw new Error(`quantize: --out ${out} is the model's own directory; write the quantized copy to another one`)

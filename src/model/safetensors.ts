@@ -13,7 +13,8 @@
  *
  * @since 0.1.0
  */
-import { type FileHandle, open, readFile, writeFile } from "node:fs/promises"
+import { type FileHandle, mkdir, open, readFile, stat, writeFile } from "node:fs/promises"
+import { join, resolve, sep } from "node:path"
 
 /** The element types this project reads and writes. */
 
@@ -341,3 +342,21 @@ export const writeShardIndex = (path: string, index: ShardIndex): Promise<void> 
 /** Writes an HF-style config.json (pretty-printed, keys in the given order). */
 export const writeConfigJson = (path: string, config: Readonly<Record<string, unknown>>): Promise<void> =>
   writeFile(path, JSON.stringify(config, null, 2) + "\n")
+
+/**
+ * `mkdir -p`, one level at a time: Node's recursive mkdir never returns for a path under /proc (it retries
+ * the ENOENT /proc answers for every new name), so `--out /proc/x` hung instead of failing.
+ */
+export const makeDirectory = async (dir: string): Promise<void> => {
+  const absolute = resolve(dir)
+  let path: string = sep
+  for (const part of absolute.split(sep).filter((p) => p !== "")) {
+    path = join(path, part)
+    try {
+      await mkdir(path)
+    } catch (error) {
+      if ((error as { code?: unknown }).code !== "EEXIST") throw error
+    }
+  }
+  if (!(await stat(absolute)).isDirectory()) throw new Error(`${dir} exists and is not a directory`)
+}
