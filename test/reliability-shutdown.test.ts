@@ -168,4 +168,30 @@ describe("SIGTERM under load", () => {
     },
     timeLimit()
   )
+
+  it(
+    "a second signal during the drain ends the process at once, saying so on stderr, with the signal's status",
+    async () => {
+      for (const signal of ["SIGTERM", "SIGINT"] as const) {
+        const server = await startServe({ flags: ["--max-concurrent-requests", "2", "--shutdown-timeout", "120"] })
+        const finishedBefore = (await engineStats(server.url)).scheduler.requests_finished
+        const body = JSON.stringify({ prompt: "ROMEO:\n", max_tokens: 200, diffusion_steps: 200 })
+        // Eight long requests, two at a time: seconds of work, so the drain still runs at the second signal.
+        const requests = Array.from({ length: 8 }, () =>
+          fetch(server.url + "/v1/completions", { method: "POST", headers: { "content-type": "application/json" }, body }).then(
+            (response) => response.status,
+            () => 0
+          )
+        )
+        await awaitSubmitted(server.url, 8, finishedBefore, 1)
+        server.child.kill(signal)
+        await new Promise((resolve) => setTimeout(resolve, 300))
+        server.child.kill(signal)
+        expect(await server.exited).toBe(signal === "SIGTERM" ? 143 : 130)
+        expect(server.output()).toContain(`vdiff serve: a second ${signal} during the shutdown: exiting now`)
+        await Promise.all(requests)
+      }
+    },
+    timeLimit()
+  )
 })

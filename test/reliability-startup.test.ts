@@ -116,6 +116,10 @@ describe("vdiff serve with a bad model directory", () => {
         expect(run.stderr.trimEnd().split("\n")).toEqual([`vdiff serve: --model: ${dir} is not a model directory (it has no config.json)`])
         noStackTrace(run)
       }
+      // From the environment, the variable is named.
+      const fromEnv = await serveToExit([], { VDIFF_MODEL: runs[0]!.dir })
+      expect(fromEnv.code).toBe(2)
+      expect(fromEnv.stderr).toBe(`vdiff serve: VDIFF_MODEL (--model): ${runs[0]!.dir} is not a model directory (it has no config.json)\n`)
     },
     timeLimit()
   )

@@ -6,13 +6,32 @@
  *
  * @since 0.1.0
  */
-import { existsSync } from "node:fs"
+import { existsSync, writeSync } from "node:fs"
 import { join } from "node:path"
 import { NodeRuntime } from "@effect/platform-node"
 import { Cause, Effect, Either, Exit } from "effect"
 import * as Config from "../config/Config.js"
 import * as Logging from "../server/logging.js"
 import * as Server from "../server/Server.js"
+
+/**
+ * runMain answers the first SIGTERM or SIGINT with the graceful shutdown and leaves the next to Node, which
+ * ends the process at once without a word. This says so on stderr first, and ends it with the status that
+ * signal's default would (143, 130).
+ */
+const onSecondSignal = () => {
+  const signals = ["SIGTERM", "SIGINT"] as const
+  const first = () => {
+    for (const signal of signals) process.removeListener(signal, first)
+    for (const signal of signals) {
+      process.once(signal, () => {
+        writeSync(2, `vdiff serve: a second ${signal} during the shutdown: exiting now, without waiting for in-flight requests\n`)
+        process.exit(signal === "SIGTERM" ? 143 : 130)
+      })
+    }
+  }
+  for (const signal of signals) process.once(signal, first)
+}
 
 export const serve = async (
   argv: ReadonlyArray<string>,
@@ -29,9 +48,13 @@ export const serve = async (
   }
   const config = loaded.right
   if (!existsSync(join(config.model, "config.json"))) {
-    process.stderr.write(`vdiff serve: --model: ${config.model} is not a model directory (it has no config.json)\n`)
+    // Named as the other settings' errors name theirs: the flag, or the variable it came from.
+    const fromFlag = argv.some((arg) => arg === "--model" || arg.startsWith("--model="))
+    const source = !fromFlag && env["VDIFF_MODEL"] !== undefined ? "VDIFF_MODEL (--model)" : "--model"
+    process.stderr.write(`vdiff serve: ${source}: ${config.model} is not a model directory (it has no config.json)\n`)
     return 2
   }
+  onSecondSignal()
   const { router } = await import("../openai/routes.js")
   const program = Server.run({ config, api: router }).pipe(
     Effect.tapDefect((cause) => Effect.logFatal("vdiff serve stopped on an unexpected error", cause)),

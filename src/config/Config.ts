@@ -174,7 +174,7 @@ export const Settings = Schema.Struct({
   }),
   shutdownTimeout: setting(NumberText(0), {
     description:
-      "Seconds to let in-flight requests finish after SIGTERM/SIGINT before they are ended; a second signal ends the process at once",
+      "Seconds to let in-flight requests finish after SIGTERM/SIGINT before they are ended; a second signal ends the process at once, saying so on stderr (status 143 or 130)",
     default: "30",
     value: "SECONDS"
   }),
