@@ -83,6 +83,19 @@ describe("vdiff quantize on the embedded model", () => {
     await expect(quantizeModel({ model: sharded, out: join(tmp, "list-out"), format: "q8_0" })).rejects.toThrow(/has no weight_map object/)
   })
 
+  it("says when the input is already quantized: those tensors are copied as they are", async () => {
+    const q8 = join(tmp, "already-q8")
+    const first = await quantizeModel({ model: embeddedModelDir, out: q8, format: "q8_0" })
+    expect(first.quantized).toBeGreaterThan(0)
+    expect(first.alreadyQuantized).toBe(0)
+    const lines: Array<string> = []
+    const again = await quantizeModel({ model: q8, out: join(tmp, "already-q4"), format: "q4_0", log: (line) => lines.push(line) })
+    expect(again).toMatchObject({ quantized: 0, alreadyQuantized: first.quantized })
+    expect(lines.at(-1)).toBe(
+      `${first.quantized} tensors were already quantized in ${q8} and are copied as they are, not converted to q4_0`
+    )
+  })
+
   it("refuses a header the engine would refuse, naming the tensor, and leaves no half-written output", async () => {
     const broken = join(tmp, "broken")
     cpSync(embeddedModelDir, broken, { recursive: true })

@@ -233,6 +233,8 @@ const decodeInto = (bytes: Uint8Array, dtype: DType, out: Float32Array): void =>
 export interface QuantizeFileReport {
   readonly quantized: number
   readonly copied: number
+  /** Of the copied, the tensors the input already stored quantized (copied as they are, not converted). */
+  readonly alreadyQuantized: number
   readonly bytesIn: number
   readonly bytesOut: number
 }
@@ -255,6 +257,7 @@ export const quantizeFile = async (
   const dst = await open(partial, "w")
   let quantized = 0
   let copied = 0
+  let alreadyQuantized = 0
   let whole = false
   const { write, written } = sequentialWriter(dst)
   try {
@@ -268,6 +271,7 @@ export const quantizeFile = async (
           await write(chunk)
         }
         copied++
+        if (entry.dtype === "I8" || entry.dtype === "U8") alreadyQuantized++
         continue
       }
       const [rows, cols] = entry.shape as [number, number]
@@ -307,7 +311,7 @@ export const quantizeFile = async (
     if (whole) await rename(partial, output)
     else await rm(partial, { force: true })
   }
-  return { quantized, copied, bytesIn: await readFileSize(input), bytesOut: written() }
+  return { quantized, copied, alreadyQuantized, bytesIn: await readFileSize(input), bytesOut: written() }
 }
 
 /**
@@ -473,16 +477,22 @@ export const quantizeModel = async (options: QuantizeOptions): Promise<QuantizeF
     if (!entry.isFile() || entry.name.endsWith(".safetensors") || entry.name === "model.safetensors.index.json") continue
     await copyFile(join(model, entry.name), join(out, entry.name))
   }
-  const total = { quantized: 0, copied: 0, bytesIn: 0, bytesOut: 0 }
+  const total = { quantized: 0, copied: 0, alreadyQuantized: 0, bytesIn: 0, bytesOut: 0 }
   const weightMap: Record<string, string> = {}
   for (const shard of shards) {
     const r = await quantizeFile(join(model, shard), join(out, shard), format, new Set(options.keep ?? []))
     options.log?.(`${shard}: ${r.quantized} tensors quantized, ${r.copied} copied, ${r.bytesIn} -> ${r.bytesOut} bytes`)
     total.quantized += r.quantized
     total.copied += r.copied
+    total.alreadyQuantized += r.alreadyQuantized
     total.bytesIn += r.bytesIn
     total.bytesOut += r.bytesOut
     for (const name of (await readSafetensorsHeader(join(out, shard))).tensors.keys()) weightMap[name] = shard
+  }
+  if (total.alreadyQuantized > 0) {
+    options.log?.(
+      `${total.alreadyQuantized} tensors were already quantized in ${model} and are copied as they are, not converted to ${format}`
+    )
   }
   if (sharded) {
     const index = { metadata: { total_size: total.bytesOut, "vdiff.quantization": format }, weight_map: weightMap }
