@@ -75,12 +75,12 @@ describe("ChoiceDecoder", () => {
 
   it("looks for stop strings only from the min_tokens-th token on", () => {
     const answer = encode("Hello world night the")
-    const withMin = (minTokens: number) => {
+    const withMin = (minTokens: number, stopStrings = ["o"]) => {
       const decoder = new ChoiceDecoder({
         genLength: answer.length,
         endTokens: new Set([tokenizer.specialTokens.eos]),
         stopTokens: new Set(),
-        stopStrings: ["o"],
+        stopStrings,
         minTokens,
         detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
       })
@@ -93,6 +93,11 @@ describe("ChoiceDecoder", () => {
     expect(third.text).toBe("Hello world night the")
     expect(third.finishReason).toBe("length")
     expect(withMin(2).text).toBe("Hello w")
+    // One that begins before the min_tokens-th token and ends in its text counts, as in vLLM.
+    expect(answer.length).toBeGreaterThanOrEqual(4)
+    const across = withMin(2, ["lo w"])
+    expect([across.text, across.finishReason]).toEqual(["Hel", "stop"])
+    expect([withMin(3, ["lo w"]).text, withMin(3, ["lo w"]).finishReason]).toEqual(["Hello world night the", "length"])
   })
 
   it("ends at a stop token, which is counted but not in the text", () => {

@@ -310,6 +310,11 @@ describe("request validation", () => {
     })
     expect(response.status).toBe(200)
     expect(server.engine.created.at(-1)!.settings).toMatchObject({ genLength: 10, minTokens: 4, ignoreEos: true, stopTokenIds: [7] })
+    // Every token the server ends answers at (EOS, end of turn, a template's turn end) is barred with them.
+    const special = server.tokenizer.specialTokens
+    expect([...server.engine.created.at(-1)!.settings.endTokenIds!].sort()).toEqual(
+      [special.eos, ...(special.eot._tag === "Some" ? [special.eot.value] : [])].sort()
+    )
     const chatResponse = await server.post("/v1/chat/completions", { ...chat, min_tokens: 0, ignore_eos: false })
     expect(chatResponse.status).toBe(200)
     const settings = server.engine.created.at(-1)!.settings

@@ -54,7 +54,6 @@ export const serve = async (
     process.stderr.write(`vdiff serve: ${source}: ${config.model} is not a model directory (it has no config.json)\n`)
     return 2
   }
-  onSecondSignal()
   const { router } = await import("../openai/routes.js")
   const program = Server.run({ config, api: router }).pipe(
     Effect.tapDefect((cause) => Effect.logFatal("vdiff serve stopped on an unexpected error", cause)),
@@ -71,5 +70,8 @@ export const serve = async (
         onExit(code)
       }
     })
+    // Only once runMain listens: a signal before it (while loading the modules) ends the process as Node
+    // does, instead of arming a handler that would swallow it.
+    onSecondSignal()
   })
 }

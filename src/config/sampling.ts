@@ -244,7 +244,7 @@ export const samplingSettings = {
   }),
   cfg_scale: entry({
     value: { type: "number", min: 0, max: 1000 },
-    flag: { type: "number", min: 0 },
+    flag: { type: "number", min: 0, max: 1000 },
     optional: false,
     default: "0",
     placeholder: "S",
@@ -625,6 +625,8 @@ export interface EngineOnlyParams {
   readonly ignoreEos?: boolean | undefined
   /** The request's stop tokens (the answer is cut at them by the caller), barred below minTokens. */
   readonly stopTokenIds?: ReadonlyArray<number> | undefined
+  /** Further tokens the caller ends answers at (a chat template's turn end), barred with the end tokens. */
+  readonly endTokenIds?: ReadonlyArray<number> | undefined
   /**
    * OpenAI's logit_bias as [token, bias] pairs (bias in [-100, 100]): added to the token's logit, in float,
    * after cfg and before anything reads the row; absent: none.

@@ -160,20 +160,26 @@ export class ChoiceDecoder {
    */
   private accept(piece: string): string {
     if (this.finished) return ""
+    const before = this.held.length
     this.held += piece
     const stops = this.options.stopStrings
-    if (stops.length === 0 || this.held === "" || this.tokenIds.length < (this.options.minTokens ?? 0)) {
+    if (stops.length === 0 || this.held === "") {
       const text = this.held
       this.held = ""
       return text
     }
+    // A stop string counts when it ends in this piece (what was held before holds none that counts), and
+    // from the minTokens-th token on; before that its beginning is still held, so that one which ends in
+    // the minTokens-th token's text is found.
     let cut = -1
     let end = -1
-    for (const stop of stops) {
-      const at = this.held.indexOf(stop)
-      if (at >= 0 && (cut < 0 || at < cut)) {
-        cut = at
-        end = at + stop.length
+    if (this.tokenIds.length >= (this.options.minTokens ?? 0)) {
+      for (const stop of stops) {
+        const at = this.held.indexOf(stop, Math.max(0, before - stop.length + 1))
+        if (at >= 0 && (cut < 0 || at < cut)) {
+          cut = at
+          end = at + stop.length
+        }
       }
     }
     if (cut >= 0) {

@@ -238,6 +238,8 @@ export const makePlan = (
         ...(topLogprobs > 0 ? { topLogprobs } : {}),
         ...(minTokens > 0 ? { minTokens, stopTokenIds: request.stop_token_ids ?? [] } : {}),
         ...(request.ignore_eos === true ? { ignoreEos: true } : {}),
+        // Every token the answer ends at is barred with the model's own (Qwen's <|im_end|> for Dream).
+        ...(minTokens > 0 || request.ignore_eos === true ? { endTokenIds: [...endTokens] } : {}),
         ...(logitBias.length > 0 ? { logitBias } : {}),
         ...(allowed === undefined ? {} : { allowedTokenIds: allowed })
       })

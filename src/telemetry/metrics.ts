@@ -217,7 +217,7 @@ export const nodejsExternalMemoryBytes = gauge(
 /** Open file descriptors (Linux: /proc/self/fd); undefined where that cannot be read. */
 const openFds = (): number | undefined => {
   try {
-    return readdirSync("/proc/self/fd").length
+    return readdirSync("/proc/self/fd").length - 1 // not the one readdirSync opened to list them
   } catch {
     return undefined
   }

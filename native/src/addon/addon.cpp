@@ -188,6 +188,8 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
   p.ignore_eos = bool_field("ignoreEos");
   const Napi::Value stops = field(env, o, "stopTokenIds", false);
   if (!stops.IsUndefined() && !stops.IsNull()) p.stop_token_ids = tokens_of(env, stops, "params.stopTokenIds");
+  const Napi::Value ends = field(env, o, "endTokenIds", false);
+  if (!ends.IsUndefined() && !ends.IsNull()) p.end_token_ids = tokens_of(env, ends, "params.endTokenIds");
   const Napi::Value allowed = field(env, o, "allowedTokenIds", false);
   if (!allowed.IsUndefined() && !allowed.IsNull())
     p.allowed_token_ids = tokens_of(env, allowed, "params.allowedTokenIds");

@@ -170,6 +170,15 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
     if (!(bias >= -100.0f && bias <= 100.0f))
       throw invalid(at + ": bias " + std::to_string(bias) + " is outside [-100, 100]", "logit_bias");
   }
+  for (size_t i = 0; i < p.end_token_ids.size(); ++i)
+    if (p.end_token_ids[i] < 0 || p.end_token_ids[i] >= vocab)
+      throw invalid("end_token_ids[" + std::to_string(i) + "] = " + std::to_string(p.end_token_ids[i]) +
+                        " is outside the vocabulary [0, " + std::to_string(vocab) + ")",
+                    "end_token_ids");
+  // An allowed token the model can write at every position: the first ones bar the most (min_tokens).
+  const RowRule rule = RowRule::of(p, c);
+  std::set<int32_t> barred_first;
+  rule.for_each_barred(0, [&](int32_t id) { barred_first.insert(id); });
   bool drawable = p.allowed_token_ids.empty();
   for (size_t i = 0; i < p.allowed_token_ids.size(); ++i) {
     const int32_t id = p.allowed_token_ids[i];
@@ -177,9 +186,12 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
       throw invalid("allowed_token_ids[" + std::to_string(i) + "] = " + std::to_string(id) +
                         " is outside the vocabulary [0, " + std::to_string(vocab) + ")",
                     "allowed_token_ids");
-    drawable = drawable || (id != c.mask_token_id && id < c.vocab_size);
+    drawable = drawable || (id != c.mask_token_id && id < c.vocab_size && !barred_first.count(id));
   }
-  if (!drawable) throw invalid("allowed_token_ids holds no token the model can write", "allowed_token_ids");
+  if (!drawable)
+    throw invalid("allowed_token_ids holds no token the model can write" +
+                      std::string(barred_first.empty() ? "" : " where min_tokens / ignore_eos bar the end tokens"),
+                  "allowed_token_ids");
   if (p.top_k < 0) throw invalid("top_k must be >= 0 (0: off) (got " + std::to_string(p.top_k) + ")", "top_k");
   if (!(p.top_p > 0.0 && p.top_p <= 1.0))
     throw invalid("top_p must be in (0, 1] (1: off) (got " + std::to_string(p.top_p) + ")", "top_p");

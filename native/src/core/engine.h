@@ -79,6 +79,9 @@ struct SamplingParams {
   int min_tokens = 0;  // in [0, gen_length]
   bool ignore_eos = false;
   std::vector<int32_t> stop_token_ids;  // the request's stop tokens (the caller cuts the answer at them)
+  // Further tokens the caller ends an answer at, barred as EOS is (a chat template's turn end, such as
+  // Qwen's <|im_end|>, that config.json does not name).
+  std::vector<int32_t> end_token_ids;
 
   // OpenAI's logit_bias: (token, bias in [-100, 100]) added, in float, to the token's logit after cfg and
   // before everything else reads the row (the barred tokens, the penalties, the rule), at every position.

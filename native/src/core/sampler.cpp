@@ -62,11 +62,12 @@ static std::vector<int32_t> distinct(std::vector<int32_t> ids) {
   return ids;
 }
 
-// The tokens that end an answer: EOS, the end-of-turn token and the model's stop tokens.
+// The tokens that end an answer: EOS, the end-of-turn token, the model's stop tokens and the caller's.
 static std::vector<int32_t> end_tokens(const SamplingParams& p, const ModelConfig& config) {
   std::vector<int32_t> ends(config.stop_token_ids.begin(), config.stop_token_ids.end());
   ends.push_back(config.eos_token_id);
   ends.push_back(p.eot_token_id);
+  ends.insert(ends.end(), p.end_token_ids.begin(), p.end_token_ids.end());
   return inside_row(ends, config);
 }
 

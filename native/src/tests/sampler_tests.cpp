@@ -612,6 +612,10 @@ static void test_barred_end_tokens_rows() {
   rule = RowRule::of(p, c);
   CHECK(sample_at(rule, 0, 0).token == 3);
   CHECK(sample_at(rule, 7, 0).token == 11);  // the request's stop token is barred only below min_tokens
+  p.end_token_ids = {11};                    // unless the caller ends answers at it too
+  rule = RowRule::of(p, c);
+  CHECK(sample_at(rule, 7, 0).token == 3);
+  p.end_token_ids.clear();
   p.min_tokens = 0;
   rule = RowRule::of(p, c);
   CHECK(sample_at(rule, 0, 0).token == 11);
@@ -705,6 +709,17 @@ static void test_barred_end_tokens_in_engine() {
                engine.create({1}, outside_allowed));
   EXPECT_ERROR(ErrorCode::InvalidArgument, "allowed_token_ids holds no token the model can write",
                engine.create({1}, only_mask));
+  SamplingParams only_end = params(8, 4, 8), only_stop = only_end;
+  only_end.allowed_token_ids = {kEos, kMask};
+  only_end.ignore_eos = true;
+  only_stop.allowed_token_ids = {4};
+  only_stop.stop_token_ids = {4};
+  only_stop.min_tokens = 2;
+  for (const SamplingParams& q : {only_end, only_stop})
+    EXPECT_ERROR(ErrorCode::InvalidArgument, "holds no token the model can write where min_tokens / ignore_eos bar",
+                 engine.create({1}, q));
+  only_stop.min_tokens = 0;  // the stop token is then barred nowhere
+  CHECK(engine.create({1}, only_stop) > 0);
   SamplingParams two = params(8, 4, 8);
   two.allowed_token_ids = {4, 6};
   for (int32_t t : run_to_end(engine, engine.create({1}, two))) CHECK(t == 4 || t == 6);
