@@ -316,6 +316,7 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
 
 uint64_t Engine::adopt(std::shared_ptr<Sequence> seq, const std::vector<int32_t>& prompt) {
   if (seq->params.repetition_penalty != 1.0) seq->penalised_prompt = prompt;
+  seq->rule = RowRule::of(seq->params, backend_->config());
   std::lock_guard<std::mutex> lock(mu_);
   const uint64_t id = next_id_++;
   seq->id = id;
@@ -546,7 +547,6 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
   }
 
   // One forward over the batch; every row comes back sampled (the logits stay in the backend).
-  std::vector<RowRule> rules(work.size());
   std::vector<Penalties> penalties(work.size());
   std::vector<RowTask> tasks;
   tasks.reserve(n_tasks);
@@ -554,7 +554,6 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
     const StepWork& w = work[i];
     const Sequence& s = *sequences[i];
     const SamplingParams& p = s.params;
-    rules[i] = RowRule::of(p, config);
     if (w.forwards.empty()) continue;
     const bool penalised = Penalties::wanted(p);
     if (penalised)
@@ -566,7 +565,7 @@ std::vector<StepOutput> Engine::step_pinned(const Pinned& sequences, const std::
       t.cond = static_cast<int>(w.cond_offset + r);
       t.uncond = cfg ? static_cast<int>(w.uncond_offset + r) : -1;
       t.cfg_scale = p.cfg_scale;
-      t.rule = &rules[i];
+      t.rule = &s.rule;
       t.penalties = penalised ? &penalties[i] : nullptr;
       t.seed = p.seed;
       t.step = s.steps_done;

@@ -12,6 +12,7 @@
 
 #include "backend.h"
 #include "engine.h"
+#include "sampler.h"
 
 namespace vdiff {
 
@@ -75,6 +76,7 @@ class Sequence {
 
   uint64_t id = 0;
   SamplingParams params;
+  RowRule rule;  // how its rows are sampled: RowRule::of(params), made once when the engine adopts it
   int prompt_length = 0;
   // The prompt's tokens, kept only for repetition_penalty (sampler.h, Penalties).
   std::vector<int32_t> penalised_prompt;
