@@ -40,19 +40,15 @@ int transfers_at(int masked, int steps, int step) { return masked / steps + (ste
 
 // ---- one row --------------------------------------------------------------------------------------
 
-// The ids of `ids` inside a row of logits.
-static std::vector<int32_t> inside_row(const std::vector<int32_t>& ids, const ModelConfig& config) {
-  std::vector<int32_t> in;
-  for (int32_t id : ids)
-    if (id >= 0 && id < config.embedding_size) in.push_back(id);
-  return in;
-}
+static int32_t token_of(int32_t id) { return id; }
+static int32_t token_of(const std::pair<int32_t, float>& bias) { return bias.first; }
 
-static std::vector<std::pair<int32_t, float>> bias_inside_row(const std::vector<std::pair<int32_t, float>>& bias,
-                                                              const ModelConfig& config) {
-  std::vector<std::pair<int32_t, float>> in;
-  for (const auto& entry : bias)
-    if (entry.first >= 0 && entry.first < config.embedding_size) in.push_back(entry);
+// The entries of `items` (token ids, or (token, bias) pairs) whose token is inside a row of logits.
+template <typename T>
+static std::vector<T> inside_row(const std::vector<T>& items, const ModelConfig& config) {
+  std::vector<T> in;
+  for (const T& item : items)
+    if (token_of(item) >= 0 && token_of(item) < config.embedding_size) in.push_back(item);
   return in;
 }
 
@@ -90,7 +86,7 @@ RowRule RowRule::of(const SamplingParams& p, const ModelConfig& config) {
                  .ignore_eos = p.ignore_eos,
                  .ends = p.min_tokens > 0 || p.ignore_eos ? end_tokens(p, config) : std::vector<int32_t>{},
                  .stops = p.min_tokens > 0 ? inside_row(p.stop_token_ids, config) : std::vector<int32_t>{},
-                 .bias = bias_inside_row(p.logit_bias, config),
+                 .bias = inside_row(p.logit_bias, config),
                  .allowed = distinct(inside_row(p.allowed_token_ids, config))};
 }
 
