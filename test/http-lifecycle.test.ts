@@ -1,6 +1,10 @@
+import { Agent, get as httpGet } from "node:http"
+import type { Socket } from "node:net"
 import { describe, expect, it } from "@effect/vitest"
 import { Deferred, Effect, Exit, Fiber, Logger, LogLevel } from "effect"
 import { packageInfo } from "../src/config/package.js"
+import { router as openaiRouter } from "../src/openai/routes.js"
+import * as Server from "../src/server/Server.js"
 import { fakeLoader, postJson, request, settings, startServer } from "./http-helpers.js"
 
 const quiet = Effect.provide(Logger.minimumLogLevel(LogLevel.None))
@@ -247,5 +251,76 @@ describe("draining", () => {
       // It ended long before its 200 steps.
       expect(events.length).toBeLessThan(50)
     }).pipe(quiet)
+  )
+})
+
+/**
+ * One GET on `agent`'s pooled connection: its status, how the connection ended instead of an answer, or
+ * "unanswered" when neither happened within 2 s.
+ */
+const getOn = (agent: Agent, url: string): Promise<number | string> =>
+  new Promise((resolve) => {
+    const req = httpGet(url, { agent, timeout: 2000 }, (res) => {
+      res.resume()
+      res.on("end", () => resolve(res.statusCode ?? 0))
+    })
+    req.on("timeout", () => {
+      resolve("unanswered")
+      req.destroy()
+    })
+    req.on("error", (error: NodeJS.ErrnoException) => resolve(error.code ?? error.message))
+  })
+
+describe("Server.run's shutdown", () => {
+  it.live("answers or closes a pooled keep-alive connection until the server has closed, never leaving a request unanswered", () =>
+    Effect.gen(function* () {
+      const config = yield* Effect.promise(() => settings(["--host", "127.0.0.1", "--shutdown-timeout", "5"]))
+      // The model's release takes a second, as a large model's can: the server must not stop answering
+      // while it runs.
+      const load = Effect.zipLeft(
+        fakeLoader(config),
+        Effect.addFinalizer(() => Effect.sleep(1000))
+      )
+      const address = yield* Deferred.make<string>()
+      const logger = Logger.make(({ message }) => {
+        const text = String(Array.isArray(message) ? message[0] : message)
+        const match = /^vdiff ready on (\S+):/.exec(text)
+        if (match !== null) Deferred.unsafeDone(address, Exit.succeed(match[1]!))
+      })
+      const server = yield* Effect.fork(
+        Server.run({ config, api: openaiRouter, load }).pipe(Effect.provide(Logger.replace(Logger.defaultLogger, logger)))
+      )
+      const url = yield* Deferred.await(address)
+      const agent = new Agent({ keepAlive: true, maxSockets: 1 })
+      const sockets = new Set<Socket>()
+      agent.on("free", (socket) => sockets.add(socket))
+      expect(yield* Effect.promise(() => getOn(agent, url + "/health/live"))).toBe(200)
+      expect(sockets.size).toBe(1)
+
+      // SIGTERM under runMain interrupts run; meanwhile the pooled connection keeps sending.
+      const stopped = yield* Effect.fork(Fiber.interrupt(server))
+      const outcomes: Array<number | string> = []
+      const started = Date.now()
+      while (Date.now() - started < 4000 && (yield* Fiber.poll(stopped))._tag === "None") {
+        // Each request gets an answer or sees its connection end; none waits unanswered.
+        const outcome = yield* Effect.promise(() => getOn(agent, url + "/health/live"))
+        outcomes.push(outcome)
+        if (typeof outcome === "string") break
+        yield* Effect.sleep(10)
+      }
+      // The server closed the pooled connection and ended its life soon after the drain.
+      yield* Fiber.join(stopped).pipe(Effect.timeout(4000), Effect.orDie)
+      expect(Date.now() - started).toBeLessThan(4000)
+      expect(outcomes.length).toBeGreaterThan(0)
+      expect(
+        outcomes.every((o) => o === 200 || o === "ECONNRESET" || o === "ECONNREFUSED" || o === "EPIPE"),
+        String(outcomes)
+      ).toBe(true)
+      expect(
+        [...sockets].every((socket) => socket.destroyed),
+        "the pooled connection is closed"
+      ).toBe(true)
+      agent.destroy()
+    })
   )
 })

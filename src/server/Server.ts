@@ -16,7 +16,7 @@
  *
  * @since 0.1.0
  */
-import { createServer } from "node:http"
+import { createServer, type Server as NodeServer } from "node:http"
 import { HttpApp, HttpMiddleware, HttpRouter, HttpServer, type HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import type { ServeError } from "@effect/platform/HttpServerError"
 import { NodeHttpServer } from "@effect/platform-node"
@@ -185,12 +185,49 @@ export const layerApp = (options: ServerOptions) => {
   )
 }
 
+/**
+ * The Node server under the HttpServer, so that shutdown can close it while the app still answers.
+ * Effect's HttpServer detaches the app from the server before it closes it, when the layers are released;
+ * a request arriving between the two (on a load balancer's pooled keep-alive connection) would get no
+ * answer, and the server's close would then wait for that connection until the client gave up.
+ */
+export class Listener extends Context.Tag("vdiff/Listener")<
+  Listener,
+  {
+    /**
+     * Stops accepting connections and ends the idle ones; connections with a request in progress close
+     * after their response (every response says `Connection: close` while draining). Waits until all are
+     * gone, up to `graceMs`, then ends those left.
+     */
+    readonly close: (graceMs: number) => Effect.Effect<void>
+  }
+>() {}
+
+const listenerOf = (server: NodeServer): Context.Tag.Service<typeof Listener> => ({
+  close: (graceMs) =>
+    Effect.async<void>((resume) => {
+      if (!server.listening) return resume(Effect.void)
+      // server.close ends the idle keep-alive connections itself (Node >= 19) and calls back once the
+      // last connection has ended.
+      server.close(() => resume(Effect.void))
+    }).pipe(Effect.timeoutOption(graceMs), Effect.zipRight(Effect.sync(() => server.closeAllConnections())))
+})
+
 /** The whole server listening on --host/--port. */
 export const layer = (
   options: ServerOptions
-): Layer.Layer<ModelHost | HttpMetrics.HttpMetrics | HttpServer.HttpServer | RateLimiter.RateLimiter | Telemetry.Telemetry, ServeError> =>
-  layerApp(options).pipe(
-    Layer.provideMerge(NodeHttpServer.layer(() => createServer(), { host: options.config.host, port: options.config.port }))
+): Layer.Layer<
+  ModelHost | HttpMetrics.HttpMetrics | HttpServer.HttpServer | Listener | RateLimiter.RateLimiter | Telemetry.Telemetry,
+  ServeError
+> =>
+  Layer.unwrapEffect(
+    Effect.sync(() => {
+      const server = createServer()
+      return layerApp(options).pipe(
+        Layer.provideMerge(NodeHttpServer.layer(() => server, { host: options.config.host, port: options.config.port })),
+        Layer.provideMerge(Layer.succeed(Listener, listenerOf(server)))
+      )
+    })
   )
 
 /** How long shutdown waits for responses to finish going out once the work behind them has ended. */
@@ -233,6 +270,8 @@ export const run = (options: ServerOptions): Effect.Effect<never, ServeError | M
       // the shutdown runs on a fiber of its own, interruptible, and the finalizer waits for it.
       yield* Effect.addFinalizer(() =>
         shutdown(config.shutdownTimeout * 1000).pipe(
+          // The server stops listening before the app is detached from it: see Listener.
+          Effect.zipRight(Effect.flatMap(Listener, (listener) => listener.close(flushGraceMs))),
           Effect.provide(context),
           Effect.interruptible,
           Effect.forkDaemon,
