@@ -337,3 +337,84 @@ describe("Scheduler drain at shutdown", () => {
     }).pipe(Effect.provide(layer))
   })
 })
+
+describe("Scheduler score", () => {
+  const item = (first: number, length: number, positions: ReadonlyArray<number>, targets: ReadonlyArray<number>) => ({
+    canvas: [first, ...new Array<number>(length - 1).fill(0)],
+    positions,
+    targets
+  })
+
+  it.live("runs between two steps of the running requests, in forwards of at most the batch size", () => {
+    const { engine, layer } = setup({ maxConcurrent: 2 }, { stepMs: 2 })
+    return Effect.gen(function* () {
+      const scheduler = yield* Scheduler.Scheduler
+      const running = yield* Effect.fork(scheduler.generate({ prompt: [1], settings: settings(30) }))
+      yield* waitUntil(() => engine.batches.length >= 2)
+      // The fake model expects token (canvas[0] + position) % 1000; its log-probability is -|off| / 10.
+      const items = [item(5, 4, [1, 2], [6, 9]), item(7, 3, [0], [7]), item(1, 2, [], []), item(2, 5, [4], [16])]
+      const scores = yield* scheduler.score({ items })
+      expect(scores.map((s) => Array.from(s))).toEqual([[-0, -0.2], [-0], [], [-1]])
+      // Four canvases, batch size 2: two forwards, while the other request was still being stepped.
+      expect(engine.scored.map((batch) => batch.length)).toEqual([2, 2])
+      expect(Either.isRight(yield* Effect.either(Fiber.join(running)))).toBe(true)
+      const stats = yield* scheduler.stats
+      expect(stats.requestsFinished).toBe(2)
+    }).pipe(Effect.provide(layer))
+  })
+
+  it.live("waits in line behind a request the batch has no room for yet (first come, first served)", () => {
+    const { engine, layer } = setup({ maxConcurrent: 1 }, { stepMs: 2 })
+    return Effect.gen(function* () {
+      const scheduler = yield* Scheduler.Scheduler
+      const first = yield* Effect.fork(scheduler.generate({ prompt: [1], settings: settings(10) }))
+      yield* waitUntil(() => engine.batches.length >= 1)
+      const second = yield* Effect.fork(scheduler.generate({ prompt: [2], settings: settings(10) }))
+      while ((yield* scheduler.stats).waiting < 1) yield* Effect.sleep(1)
+      yield* scheduler.score({ items: [item(3, 2, [1], [4])] })
+      // The second request was admitted (so the first had finished) before the scoring ran.
+      expect(engine.created.length).toBe(2)
+      yield* Fiber.join(first)
+      yield* Fiber.join(second)
+    }).pipe(Effect.provide(layer))
+  })
+
+  it.live("fails alone when its forward faults, and is refused while draining", () => {
+    const { layer } = setup({}, { failOnPromptToken: 666, stepMs: 1 })
+    return Effect.gen(function* () {
+      const scheduler = yield* Scheduler.Scheduler
+      const [good, bad] = yield* Effect.all(
+        [
+          Effect.either(scheduler.generate({ prompt: [1], settings: settings(5) })),
+          Effect.either(scheduler.score({ items: [item(666, 2, [0], [1])] }))
+        ],
+        { concurrency: "unbounded" }
+      )
+      expect(Either.isRight(good)).toBe(true)
+      expect(Either.isLeft(bad) && bad.left._tag).toBe("EngineFailure")
+      yield* scheduler.drain(100)
+      const refused = yield* Effect.either(scheduler.score({ items: [item(1, 2, [0], [1])] }))
+      expect(Either.isLeft(refused) && refused.left._tag).toBe("Draining")
+    }).pipe(Effect.provide(layer))
+  })
+
+  it.live("times out while it waits, and a caller that went away leaves its forwards unrun", () => {
+    const { engine, layer } = setup({ maxConcurrent: 1 }, { stepMs: 5 })
+    return Effect.gen(function* () {
+      const scheduler = yield* Scheduler.Scheduler
+      const first = yield* Effect.fork(scheduler.generate({ prompt: [1], settings: settings(20) }))
+      yield* waitUntil(() => engine.batches.length >= 1)
+      const blocked = yield* Effect.fork(scheduler.generate({ prompt: [2], settings: settings(2) }))
+      while ((yield* scheduler.stats).waiting < 1) yield* Effect.sleep(1)
+      const timedOut = yield* Effect.either(scheduler.score({ items: [item(3, 2, [1], [4])], timeoutMs: 20 }))
+      expect(Either.isLeft(timedOut) && timedOut.left._tag).toBe("RequestTimeout")
+      const abandoned = yield* Effect.fork(scheduler.score({ items: [item(4, 2, [1], [5])] }))
+      yield* Effect.sleep(10)
+      yield* Fiber.interrupt(abandoned)
+      yield* Fiber.join(first)
+      yield* Fiber.join(blocked)
+      expect(engine.scored).toEqual([])
+      expect((yield* scheduler.stats).cancelledTotal).toBe(1)
+    }).pipe(Effect.provide(layer))
+  })
+})

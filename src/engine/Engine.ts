@@ -122,6 +122,13 @@ export const provisionalOf = (step: StepResult): ReadonlyArray<CommittedToken> =
   return Array.isArray(provisional) ? (provisional as ReadonlyArray<CommittedToken>) : []
 }
 
+/** A canvas to score (Engine.score): what the model sees, and which token's log-probability to give where. */
+export interface ScoreItem {
+  readonly canvas: ReadonlyArray<number>
+  readonly positions: ReadonlyArray<number>
+  readonly targets: ReadonlyArray<number>
+}
+
 export interface EngineShape {
   readonly modelDir: string
   readonly info: ModelInfo
@@ -141,6 +148,12 @@ export interface EngineShape {
    * the effect cancels the native step; the sequences are then left as they were.
    */
   readonly step: (ids: ReadonlyArray<SequenceId>) => Effect.Effect<ReadonlyArray<StepResult>, EngineError>
+  /**
+   * The model's log-probabilities of given tokens at given positions of given canvases (mask tokens where
+   * it is to predict), all in one batched forward off the JS thread; no sequence is involved. Per item, one
+   * log-probability per target.
+   */
+  readonly score: (items: ReadonlyArray<ScoreItem>) => Effect.Effect<ReadonlyArray<Float64Array>, EngineError>
   /** Frees the sequence's memory now. Unknown ids are ignored. */
   readonly release: (id: SequenceId) => Effect.Effect<void>
   /** The answer region of the canvas; the mask token id where nothing is committed yet. */
@@ -213,6 +226,18 @@ export const fromNativeEngine = (modelDir: string, native: NativeEngine, addon: 
         (cause) => resume(Effect.fail(fromNative(cause)))
       )
       return Effect.sync(() => token.cancel())
+    }),
+  score: (items) =>
+    Effect.tryPromise({
+      try: () =>
+        native.scoreBatch(
+          items.map((item) => ({
+            canvas: Int32Array.from(item.canvas),
+            positions: Int32Array.from(item.positions),
+            targets: Int32Array.from(item.targets)
+          }))
+        ),
+      catch: fromNative
     }),
   release: (id) => Effect.sync(() => native.release(id)),
   canvas: (id) => Effect.try({ try: () => native.canvas(id), catch: fromNative }),

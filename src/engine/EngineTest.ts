@@ -10,9 +10,12 @@
  * A suffix is recorded (and counts against the context) but does not change the answer. Every step is
  * one forward pass (two with cfg); with a KV cache the first step of each block counts as a refresh;
  * nothing is ever filled by an early stop. Stepping a finished sequence fails, as it does natively.
+ *
+ * Scoring: the fake model expects token (canvas[0] + position) % 1000 at a canvas position; the
+ * log-probability it gives a target is -|target - expected| / 10 (a ranking, not a distribution).
  */
 import { Effect, Layer } from "effect"
-import { Engine, type EngineShape, type SamplingSettings, type SequenceId, type StepResult } from "./Engine.js"
+import { Engine, type EngineShape, type SamplingSettings, type ScoreItem, type SequenceId, type StepResult } from "./Engine.js"
 import { EngineFailure, InvalidRequestError } from "./errors.js"
 
 export interface FakeEngineOptions {
@@ -42,6 +45,8 @@ export interface FakeScript {
 export interface FakeEngine extends EngineShape {
   /** The sequence ids of every step, in order. */
   readonly batches: Array<ReadonlyArray<SequenceId>>
+  /** The items of every score call, in order. */
+  readonly scored: Array<ReadonlyArray<ScoreItem>>
   readonly created: Array<{
     readonly id: SequenceId
     readonly prompt: ReadonlyArray<number>
@@ -75,6 +80,7 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
   const sequences = new Map<SequenceId, FakeSequence>()
   const script = options.script
   const batches: Array<ReadonlyArray<SequenceId>> = []
+  const scored: Array<ReadonlyArray<ScoreItem>> = []
   const created: FakeEngine["created"] = []
   let nextId = 1
   const maxLen = options.maxSequenceLength ?? 4096
@@ -138,6 +144,7 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
       prefixCacheBytes: 0
     },
     batches,
+    scored,
     created,
     create: (prompt, settings, suffix = []) =>
       Effect.suspend(() => {
@@ -196,6 +203,17 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
           })
         }
         return results
+      }),
+    score: (items) =>
+      Effect.gen(function* () {
+        scored.push(items)
+        if (options.stepMs !== undefined) yield* Effect.sleep(options.stepMs)
+        if (options.failOnPromptToken !== undefined && items.some((item) => item.canvas[0] === options.failOnPromptToken)) {
+          return yield* new EngineFailure({ message: "injected fault", code: "VDIFF_INTERNAL" })
+        }
+        return items.map((item) =>
+          Float64Array.from(item.positions, (position, j) => -Math.abs(item.targets[j]! - (((item.canvas[0] ?? 0) + position) % 1000)) / 10)
+        )
       }),
     release: (id) => Effect.sync(() => void sequences.delete(id)),
     canvas: (id) => Effect.sync(() => Int32Array.from(sequences.get(id)?.canvas ?? [])),

@@ -317,6 +317,17 @@ export interface NativeEngine {
     positions: Int32Array | ReadonlyArray<number>,
     targets: Int32Array | ReadonlyArray<number>
   ): Promise<Float64Array>
+  /**
+   * score for several canvases in one batched forward: per item, its targets' log-probabilities. Rejects
+   * with VDIFF_INVALID_ARGUMENT naming the item ("score: items[2]: ...").
+   */
+  scoreBatch(
+    items: ReadonlyArray<{
+      readonly canvas: Int32Array | ReadonlyArray<number>
+      readonly positions: Int32Array | ReadonlyArray<number>
+      readonly targets: Int32Array | ReadonlyArray<number>
+    }>
+  ): Promise<Array<Float64Array>>
   /** Frees the sequence now (or when an in-flight step using it returns). Unknown ids are ignored. */
   release(id: number): void
   /** The answer region of the canvas, mask tokens where nothing is committed yet. */

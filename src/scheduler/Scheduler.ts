@@ -25,6 +25,7 @@ import {
   type ModelFamily,
   phaseOf,
   type SamplingSettings,
+  type ScoreItem,
   type SequenceId,
   type StepResult
 } from "../engine/Engine.js"
@@ -116,6 +117,12 @@ export interface SchedulerShape {
   readonly generateStream: (request: GenerationRequest) => Stream.Stream<StepEvent, GenerationError>
   /** Runs a request to the end and collects its answers. */
   readonly generate: (request: GenerationRequest) => Effect.Effect<GenerationResult, GenerationError>
+  /**
+   * The model's log-probabilities of tokens on canvases (Engine.score): a job of the queue like a
+   * generation, run when it reaches the head, between two steps, in forwards of at most the batch size
+   * (maxConcurrent canvases) each. It takes no room in the batch. Per item, one log-probability per target.
+   */
+  readonly score: (request: ScoreRequest) => Effect.Effect<ReadonlyArray<Float64Array>, GenerationError>
   readonly stats: Effect.Effect<SchedulerStats>
   /**
    * Stops admitting (new requests fail with Draining), lets in-flight and queued work finish until
@@ -137,11 +144,13 @@ export interface SchedulerOptions {
   readonly requestTimeoutMs: number
 }
 
-interface Job {
-  readonly request: GenerationRequest
+/** What every job of the queue has, a generation or a scoring. */
+interface QueuedJob {
   readonly n: number
   readonly tokens: number
   readonly deadline: number
+  /** The deadline's length, for its error. */
+  readonly timeoutMs: number
   readonly mailbox: Mailbox.Mailbox<StepEvent, GenerationError>
   /** stepsTotal when the consumer went away (the loop frees the job before the next step); unset while it is there. */
   cancelledAtStep: number | undefined
@@ -150,15 +159,34 @@ interface Job {
    * denoised: an end token, a stop, max_tokens mid-block), rather than being cut off: finished, not cancelled.
    */
   answered: boolean
-  sequences: Array<SequenceId>
-  /** Its sequences that have finished; they wait, unstepped, for the others (an early stop ends one sooner). */
-  readonly finished: Set<SequenceId>
   /** Clock.currentTimeNanos at submission, for the queue time. */
   readonly submittedAt: bigint
   /** Open from submission to admission. */
   readonly queueSpan: Tracer.Span
   /** Open from admission to the end. */
   generationSpan: Tracer.Span | undefined
+}
+
+/** Canvases to score (Engine.score), run as one job of the queue when it reaches the head. */
+export interface ScoreRequest {
+  readonly items: ReadonlyArray<ScoreItem>
+  /** Overrides the scheduler's request timeout for this request (milliseconds, from submission). */
+  readonly timeoutMs?: number
+}
+
+interface ScoreJob extends QueuedJob {
+  readonly kind: "score"
+  readonly request: ScoreRequest
+  /** Set when its forwards have run. */
+  scores: ReadonlyArray<Float64Array> | undefined
+}
+
+interface Job extends QueuedJob {
+  readonly kind: "generate"
+  readonly request: GenerationRequest
+  sequences: Array<SequenceId>
+  /** Its sequences that have finished; they wait, unstepped, for the others (an early stop ends one sooner). */
+  readonly finished: Set<SequenceId>
   /** The most denoising steps any of its sequences has taken, and the tokens they committed. */
   steps: number
   tokensCommitted: number
@@ -188,7 +216,7 @@ export const make = (options: SchedulerOptions) =>
     // Whether the engine keeps whole prompt blocks across requests (block decoding with --prefix-cache).
     const prefixCached = family.decoding === "block" && (engine.info.prefixCacheBytes ?? 0) > 0
     const kvTotals = { attended: 0, reused: 0 }
-    const waiting = yield* Queue.unbounded<Job>()
+    const waiting = yield* Queue.unbounded<Job | ScoreJob>()
     const running: Array<Job> = []
     const state = {
       draining: false,
@@ -213,7 +241,7 @@ export const make = (options: SchedulerOptions) =>
      * hand-off between the queue and the loop (taken from the queue, not yet the head), where neither the
      * queue nor the loop's variables show it. Drain waits for these; the scope's close tells each one.
      */
-    const unended = new Set<Job>()
+    const unended = new Set<Job | ScoreJob>()
     const busy = Effect.map(queueLength, (queued) => running.length > 0 || head !== undefined || queued > 0 || unended.size > 0)
     const runningSequences = () => running.reduce((sum, job) => sum + job.sequences.length, 0)
     const runningTokens = () => running.reduce((sum, job) => sum + job.tokens, 0)
@@ -231,7 +259,7 @@ export const make = (options: SchedulerOptions) =>
       const fits = (job: { readonly n: number; readonly tokens: number }) =>
         empty || (sequences + job.n <= options.maxConcurrent && batchTokens + job.tokens <= options.maxBatchTokens)
       for (const job of unended) {
-        if (running.includes(job)) continue
+        if (job.kind === "generate" && running.includes(job)) continue
         if (waiting === 0 && fits(job)) {
           sequences += job.n
           batchTokens += job.tokens
@@ -253,12 +281,12 @@ export const make = (options: SchedulerOptions) =>
       )
 
     /** Ends the job's open span: the generation's (with its counts) once admitted, else the queue wait's. */
-    const endSpan = (job: Job, exit: Exit.Exit<void, GenerationError>) =>
+    const endSpan = (job: Job | ScoreJob, exit: Exit.Exit<void, GenerationError>) =>
       Effect.map(Clock.currentTimeNanos, (now) => {
         unended.delete(job)
         const span = job.generationSpan ?? job.queueSpan
         if (span.status._tag === "Ended") return
-        if (job.generationSpan !== undefined) {
+        if (job.generationSpan !== undefined && job.kind === "generate") {
           span.attribute("vdiff.steps", job.steps)
           span.attribute("vdiff.tokens_committed", job.tokensCommitted)
         }
@@ -266,7 +294,8 @@ export const make = (options: SchedulerOptions) =>
       })
 
     /** Ends the job's events (Exit.void: its answers are complete) and its span. */
-    const settle = (job: Job, exit: Exit.Exit<void, GenerationError>) => endSpan(job, exit).pipe(Effect.zipRight(job.mailbox.done(exit)))
+    const settle = (job: Job | ScoreJob, exit: Exit.Exit<void, GenerationError>) =>
+      endSpan(job, exit).pipe(Effect.zipRight(job.mailbox.done(exit)))
 
     /** The consumer went away. */
     const cancelledExit = Exit.interrupt(FiberId.none)
@@ -287,15 +316,27 @@ export const make = (options: SchedulerOptions) =>
       Object.assign(published, load)
     })
 
-    /** Admitted: the queue time is known, the wait's span ends and the generation's begins. */
-    const startGeneration = (job: Job) =>
+    /**
+     * Admitted: the queue time is known, the wait's span ends and the work's begins ("vdiff.generate", or
+     * "vdiff.score" for a scoring).
+     */
+    const startWork = (job: Job | ScoreJob) =>
       Effect.gen(function* () {
         const now = yield* Clock.currentTimeNanos
         yield* Metric.update(Metrics.requestQueueTime, Metrics.secondsBetween(job.submittedAt, now))
         job.queueSpan.end(now, Exit.void)
+        const parent = Option.getOrUndefined(job.queueSpan.parent)
+        if (job.kind === "score") {
+          const items = job.request.items
+          job.generationSpan = yield* Effect.makeSpan("vdiff.score", {
+            parent,
+            attributes: { "vdiff.canvases": items.length, "vdiff.positions": items.reduce((sum, item) => sum + item.positions.length, 0) }
+          })
+          return
+        }
         const { request } = job
         job.generationSpan = yield* Effect.makeSpan("vdiff.generate", {
-          parent: Option.getOrUndefined(job.queueSpan.parent),
+          parent,
           attributes: {
             "vdiff.n": job.n,
             "vdiff.prompt_tokens": request.prompt.length,
@@ -306,13 +347,27 @@ export const make = (options: SchedulerOptions) =>
         })
       })
 
-    const expired = (job: Job, now: number) => job.deadline > 0 && now >= job.deadline
+    const expired = (job: Job | ScoreJob, now: number) => job.deadline > 0 && now >= job.deadline
 
-    const timeoutError = (job: Job) =>
-      new RequestTimeout({
-        message: `request timed out after ${job.request.timeoutMs ?? options.requestTimeoutMs} ms`,
-        timeoutMs: job.request.timeoutMs ?? options.requestTimeoutMs
-      })
+    const timeoutError = (job: Job | ScoreJob) =>
+      new RequestTimeout({ message: `request timed out after ${job.timeoutMs} ms`, timeoutMs: job.timeoutMs })
+
+    /**
+     * Runs a scoring that reached the head of the queue, between two steps: its canvases in forwards of at
+     * most the batch size each (the most sequences a step holds), then its answer.
+     */
+    const runScore = (job: ScoreJob) =>
+      Effect.gen(function* () {
+        yield* startWork(job)
+        const { items } = job.request
+        const scores: Array<Float64Array> = []
+        for (let at = 0; at < items.length; at += options.maxConcurrent) {
+          scores.push(...(yield* engine.score(items.slice(at, at + options.maxConcurrent))))
+        }
+        job.scores = scores
+        state.requestsFinished++
+        yield* settle(job, Exit.void)
+      }).pipe(Effect.catchAll((error) => settle(job, Exit.fail(error))))
 
     /**
      * Creates the job's sequences; true when it runs. A refused request fails alone, except that a KV
@@ -331,7 +386,7 @@ export const make = (options: SchedulerOptions) =>
         }
         job.sequences = created
         running.push(job)
-        yield* startGeneration(job)
+        yield* startWork(job)
         return true
       }).pipe(
         Effect.catchAll((error) =>
@@ -342,7 +397,7 @@ export const make = (options: SchedulerOptions) =>
       )
 
     /** Looks at the head of the queue without losing FIFO order: a job taken but not admitted is kept. */
-    let head: Job | undefined
+    let head: Job | ScoreJob | undefined
     const nextWaiting = Effect.gen(function* () {
       if (head === undefined) head = Option.getOrUndefined(yield* Queue.poll(waiting))
       return head
@@ -362,6 +417,11 @@ export const make = (options: SchedulerOptions) =>
         if (expired(job, now)) {
           head = undefined
           yield* settle(job, Exit.fail(timeoutError(job)))
+          continue
+        }
+        if (job.kind === "score") {
+          head = undefined
+          yield* runScore(job)
           continue
         }
         const fits =
@@ -555,43 +615,42 @@ export const make = (options: SchedulerOptions) =>
       return Effect.void
     }
 
-    const submit = (request: GenerationRequest) =>
+    /**
+     * Puts a job in the queue, unless the server is draining or the queue is full. `n` and `tokens` are the
+     * room it needs in the batch (a scoring needs none: it runs between steps).
+     */
+    const enqueue = <J extends Job | ScoreJob>(
+      spec: { readonly n: number; readonly tokens: number; readonly timeoutMs: number | undefined; readonly promptTokens: number },
+      make: (queued: QueuedJob) => J
+    ) =>
       Effect.gen(function* () {
-        const n = request.n ?? 1
-        yield* validate(request, n)
         if (state.draining) return yield* new Draining({ message: "the server is shutting down" })
-        const timeoutMs = request.timeoutMs ?? options.requestTimeoutMs
+        const timeoutMs = spec.timeoutMs ?? options.requestTimeoutMs
         const now = yield* Clock.currentTimeMillis
-        const tokens = canvasTokens(request, n, family)
         // The loop may hold the head of the queue while it waits for room; it still counts as waiting.
         const queued = (yield* queueLength) + (head === undefined ? 0 : 1)
-        const room = waitingForRoom(n, tokens)
+        const room = waitingForRoom(spec.n, spec.tokens)
         if (room.waits && room.ahead >= options.queueCapacity) {
           return yield* new QueueFull({
             message: `the request queue is full (${options.queueCapacity} waiting); retry later`,
             retryAfterSeconds: 1
           })
         }
-        const job: Job = {
-          request,
-          n,
-          tokens,
+        const job = make({
+          n: spec.n,
+          tokens: spec.tokens,
           deadline: timeoutMs > 0 ? now + timeoutMs : 0,
+          timeoutMs,
           mailbox: yield* Mailbox.make<StepEvent, GenerationError>(),
           cancelledAtStep: undefined,
           answered: false,
-          sequences: [],
-          finished: new Set(),
           submittedAt: yield* Clock.currentTimeNanos,
           // A child of the submitter's span (the HTTP request's); the loop ends it at admission.
           queueSpan: yield* Effect.makeSpan("vdiff.queue_wait", {
-            attributes: { "vdiff.n": n, "vdiff.prompt_tokens": request.prompt.length, "vdiff.queue_position": queued }
+            attributes: { "vdiff.n": spec.n, "vdiff.prompt_tokens": spec.promptTokens, "vdiff.queue_position": queued }
           }),
-          generationSpan: undefined,
-          steps: 0,
-          tokensCommitted: 0,
-          lastStep: new Map()
-        }
+          generationSpan: undefined
+        })
         unended.add(job)
         yield* Queue.offer(waiting, job)
         // The draining check above and this offer are not one step: a fiber can be preempted between them
@@ -607,25 +666,52 @@ export const make = (options: SchedulerOptions) =>
         return job
       })
 
+    const submit = (request: GenerationRequest) =>
+      Effect.gen(function* () {
+        const n = request.n ?? 1
+        yield* validate(request, n)
+        return yield* enqueue(
+          { n, tokens: canvasTokens(request, n, family), timeoutMs: request.timeoutMs, promptTokens: request.prompt.length },
+          (queued): Job => ({
+            ...queued,
+            kind: "generate",
+            request,
+            sequences: [],
+            finished: new Set(),
+            steps: 0,
+            tokensCommitted: 0,
+            lastStep: new Map()
+          })
+        )
+      })
+
+    /**
+     * The job's events also end at its deadline, so a request stuck in the queue, or in a long step, times
+     * out on time; the loop frees its sequences before its next step. (One timer for the request:
+     * Stream.interruptWhen would race every pull, forking three fibers per step event.)
+     */
+    const watchDeadline = (job: Job | ScoreJob) =>
+      Effect.gen(function* () {
+        if (job.deadline <= 0) return
+        const remaining = Math.max(0, job.deadline - (yield* Clock.currentTimeMillis))
+        yield* Effect.forkScoped(
+          Effect.sleep(remaining).pipe(Effect.zipRight(Effect.suspend(() => settle(job, Exit.fail(timeoutError(job))))))
+        )
+      })
+
     const generateStream = (request: GenerationRequest): Stream.Stream<StepEvent, GenerationError> =>
       Stream.unwrapScoped(
         Effect.gen(function* () {
           const job = yield* submit(request)
+          // A job already ended (answered, failed, timed out) is not cancelled by its consumer's going.
           yield* Effect.addFinalizer(() =>
             Effect.sync(() => {
+              if (!unended.has(job)) return
               job.cancelledAtStep = state.stepsTotal
               job.answered = request.answersComplete?.() === true
             })
           )
-          if (job.deadline > 0) {
-            // The events also end at the deadline, so a request stuck in the queue, or in a long step, times
-            // out on time; the loop frees its sequences before its next step. (One timer for the request:
-            // Stream.interruptWhen would race every pull, forking three fibers per step event.)
-            const remaining = Math.max(0, job.deadline - (yield* Clock.currentTimeMillis))
-            yield* Effect.forkScoped(
-              Effect.sleep(remaining).pipe(Effect.zipRight(Effect.suspend(() => settle(job, Exit.fail(timeoutError(job))))))
-            )
-          }
+          yield* watchDeadline(job)
           return Mailbox.toStream(job.mailbox)
         })
       )
@@ -667,6 +753,36 @@ export const make = (options: SchedulerOptions) =>
         return { choices }
       })
 
+    const score = (request: ScoreRequest): Effect.Effect<ReadonlyArray<Float64Array>, GenerationError> =>
+      Effect.scoped(
+        Effect.gen(function* () {
+          if (request.timeoutMs !== undefined && !(request.timeoutMs > 0)) {
+            return yield* new InvalidRequestError({ message: "timeout must be positive", param: "timeout" })
+          }
+          const job = yield* enqueue(
+            {
+              n: 0,
+              tokens: 0,
+              timeoutMs: request.timeoutMs,
+              promptTokens: Math.max(0, ...request.items.map((item) => item.canvas.length))
+            },
+            (queued): ScoreJob => ({ ...queued, kind: "score", request, scores: undefined })
+          )
+          // A caller that goes away before its forwards ran leaves them unrun.
+          yield* Effect.addFinalizer(() =>
+            Effect.sync(() => {
+              if (unended.has(job)) job.cancelledAtStep = state.stepsTotal
+            })
+          )
+          yield* watchDeadline(job)
+          yield* Stream.runDrain(Mailbox.toStream(job.mailbox))
+          if (job.scores === undefined) {
+            return yield* new EngineFailure({ message: "a scoring ended without its scores", code: "VDIFF_INTERNAL" })
+          }
+          return job.scores
+        })
+      )
+
     const stats = Effect.gen(function* () {
       const queued = yield* queueLength
       return {
@@ -704,7 +820,7 @@ export const make = (options: SchedulerOptions) =>
         }
       })
 
-    return { generateStream, generate, stats, drain } satisfies SchedulerShape
+    return { generateStream, generate, score, stats, drain } satisfies SchedulerShape
   })
 
 export const layer = (options: SchedulerOptions): Layer.Layer<Scheduler, never, Engine> => Layer.scoped(Scheduler, make(options))

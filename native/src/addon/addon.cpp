@@ -5,7 +5,7 @@
 //   loadModel(dir, {device?, threads?, kvCacheDtype?, kvCacheBudgetBytes?, prefixCacheBytes?, prefillChunk?,
 //                   packWeightsMaxBytes?, gpuMemoryUtilization?, quantize?, cpuIsa?}) -> Promise<NativeEngine>
 //   NativeEngine: info() create(prompt, params, suffix?, template?) step(ids, cancel?) score(canvas, positions,
-//   targets)
+//   targets) scoreBatch([{canvas, positions, targets}, ...])
 //                 (info().family: the model family; step results: phase, provisional, positionsComputed,
 //                 promptCached)
 //                 release(id) canvas(id) sequenceInfo(id) live() kvCacheBytes() prefixCache()
@@ -361,6 +361,28 @@ class ScoreWorker : public PromiseWorker {
   std::vector<double> scores_;
 };
 
+class ScoreBatchWorker : public PromiseWorker {
+ public:
+  ScoreBatchWorker(Napi::Env env, std::shared_ptr<Engine> engine, std::vector<Engine::ScoreItem> items)
+      : PromiseWorker(env, "vdiff.scoreBatch"), engine_(std::move(engine)), items_(std::move(items)) {}
+
+ private:
+  void run() override { scores_ = engine_->score(items_); }
+  Napi::Value result(Napi::Env env) override {
+    Napi::Array out = Napi::Array::New(env, scores_.size());
+    for (size_t i = 0; i < scores_.size(); ++i) {
+      auto item = Napi::Float64Array::New(env, scores_[i].size());
+      for (size_t j = 0; j < scores_[i].size(); ++j) item[j] = scores_[i][j];
+      out.Set(static_cast<uint32_t>(i), item);
+    }
+    return out;
+  }
+
+  std::shared_ptr<Engine> engine_;
+  std::vector<Engine::ScoreItem> items_;
+  std::vector<std::vector<double>> scores_;
+};
+
 const char* phase_name(vdiff::Phase p) {
   return p == vdiff::Phase::Prefill ? "prefill" : p == vdiff::Phase::Commit ? "commit" : "denoise";
 }
@@ -463,9 +485,9 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
         env, "NativeEngine",
         {InstanceMethod<&NativeEngine::info>("info"), InstanceMethod<&NativeEngine::create>("create"),
          InstanceMethod<&NativeEngine::step>("step"), InstanceMethod<&NativeEngine::score>("score"),
-         InstanceMethod<&NativeEngine::release>("release"), InstanceMethod<&NativeEngine::canvas>("canvas"),
-         InstanceMethod<&NativeEngine::sequence_info>("sequenceInfo"), InstanceMethod<&NativeEngine::live>("live"),
-         InstanceMethod<&NativeEngine::kv_cache_bytes>("kvCacheBytes"),
+         InstanceMethod<&NativeEngine::score_batch>("scoreBatch"), InstanceMethod<&NativeEngine::release>("release"),
+         InstanceMethod<&NativeEngine::canvas>("canvas"), InstanceMethod<&NativeEngine::sequence_info>("sequenceInfo"),
+         InstanceMethod<&NativeEngine::live>("live"), InstanceMethod<&NativeEngine::kv_cache_bytes>("kvCacheBytes"),
          InstanceMethod<&NativeEngine::prefix_cache>("prefixCache")});
   }
 
@@ -574,6 +596,30 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     try {
       auto* worker = new ScoreWorker(env, engine_, tokens_of(env, info[0], "canvas"),
                                      tokens_of(env, info[1], "positions"), tokens_of(env, info[2], "targets"));
+      Napi::Promise promise = worker->promise();
+      worker->Queue();
+      return promise;
+    } catch (const Napi::Error& e) {
+      return rejected(env, e);
+    }
+  }
+
+  Napi::Value score_batch(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    try {
+      if (!info[0].IsArray()) throw invalid_argument(env, "items must be an array");
+      Napi::Array list = info[0].As<Napi::Array>();
+      std::vector<Engine::ScoreItem> items(list.Length());
+      for (uint32_t i = 0; i < list.Length(); ++i) {
+        const std::string name = "items[" + std::to_string(i) + "]";
+        Napi::Value v = list.Get(i);
+        if (!v.IsObject()) throw invalid_argument(env, name + " must be an object");
+        Napi::Object o = v.As<Napi::Object>();
+        items[i] = {tokens_of(env, o.Get("canvas"), name + ".canvas"),
+                    tokens_of(env, o.Get("positions"), name + ".positions"),
+                    tokens_of(env, o.Get("targets"), name + ".targets")};
+      }
+      auto* worker = new ScoreBatchWorker(env, engine_, std::move(items));
       Napi::Promise promise = worker->promise();
       worker->Queue();
       return promise;

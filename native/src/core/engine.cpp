@@ -357,49 +357,81 @@ SequenceInfo Engine::info(uint64_t id) const {
 
 std::vector<double> Engine::score(const std::vector<int32_t>& canvas, const std::vector<int32_t>& positions,
                                   const std::vector<int32_t>& targets, const std::atomic<bool>* cancel) {
+  return score(std::vector<ScoreItem>{ScoreItem{canvas, positions, targets}}, cancel)[0];
+}
+
+std::vector<std::vector<double>> Engine::score(const std::vector<ScoreItem>& items, const std::atomic<bool>* cancel) {
   const ModelConfig& config = backend_->config();
   const int vocab = std::min(config.vocab_size, config.embedding_size);
-  const int length = static_cast<int>(canvas.size());
-  if (length < 1 || length > config.max_sequence_length)
-    throw invalid("score: the canvas must hold 1 to " + std::to_string(config.max_sequence_length) + " tokens, got " +
-                  std::to_string(length));
-  for (int i = 0; i < length; ++i)
-    if (canvas[i] < 0 || canvas[i] >= config.embedding_size)
-      throw invalid("score: canvas[" + std::to_string(i) + "] = " + std::to_string(canvas[i]) + " is not a token id");
-  if (positions.size() != targets.size())
-    throw invalid("score: " + std::to_string(positions.size()) + " positions but " + std::to_string(targets.size()) +
-                  " targets");
-  for (size_t i = 0; i < positions.size(); ++i) {
-    if (positions[i] < 0 || positions[i] >= length)
-      throw invalid("score: positions[" + std::to_string(i) + "] = " + std::to_string(positions[i]) +
-                    " is outside the canvas");
-    if (targets[i] < 0 || targets[i] >= vocab)
-      throw invalid("score: targets[" + std::to_string(i) + "] = " + std::to_string(targets[i]) +
-                    " is outside the vocabulary");
+  const bool many = items.size() > 1;
+  // "score: " for one canvas (as score() always said), "score: items[i]: " for a batch.
+  const auto where = [&](size_t i) {
+    return std::string("score: ") + (many ? "items[" + std::to_string(i) + "]: " : "");
+  };
+  if (items.empty()) throw invalid("score: no canvas to score");
+  for (size_t i = 0; i < items.size(); ++i) {
+    const ScoreItem& item = items[i];
+    const int length = static_cast<int>(item.canvas.size());
+    if (length < 1 || length > config.max_sequence_length)
+      throw invalid(where(i) + "the canvas must hold 1 to " + std::to_string(config.max_sequence_length) +
+                    " tokens, got " + std::to_string(length));
+    for (int j = 0; j < length; ++j)
+      if (item.canvas[j] < 0 || item.canvas[j] >= config.embedding_size)
+        throw invalid(where(i) + "canvas[" + std::to_string(j) + "] = " + std::to_string(item.canvas[j]) +
+                      " is not a token id");
+    if (item.positions.size() != item.targets.size())
+      throw invalid(where(i) + std::to_string(item.positions.size()) + " positions but " +
+                    std::to_string(item.targets.size()) + " targets");
+    for (size_t j = 0; j < item.positions.size(); ++j) {
+      if (item.positions[j] < 0 || item.positions[j] >= length)
+        throw invalid(where(i) + "positions[" + std::to_string(j) + "] = " + std::to_string(item.positions[j]) +
+                      " is outside the canvas");
+      if (item.targets[j] < 0 || item.targets[j] >= vocab)
+        throw invalid(where(i) + "targets[" + std::to_string(j) + "] = " + std::to_string(item.targets[j]) +
+                      " is outside the vocabulary");
+    }
   }
-  std::vector<double> out(positions.size());
-  if (positions.empty()) return out;
-  std::lock_guard<std::mutex> step_lock(step_mu_);
-  // With shifted logits (Dream) the row predicting position p is the output row p - 1.
-  std::vector<int32_t> rows(positions.size());
-  for (size_t i = 0; i < positions.size(); ++i) rows[i] = config.prediction_row(positions[i]);
-  ForwardSeq seq;
-  seq.tokens = canvas.data();
-  seq.length = length;
-  seq.logit_rows = rows.data();
-  seq.n_logit_rows = static_cast<int>(rows.size());
-  // A block-diffusion model sees its canvas through its block-causal attention.
-  if (config.decoding == Decoding::Block) seq.attention_block = config.block_length;
-  std::vector<RowTask> tasks(positions.size());
-  for (size_t r = 0; r < positions.size(); ++r) {
-    tasks[r].cond = static_cast<int>(r);
-    tasks[r].target = targets[r];
+  std::vector<std::vector<double>> out(items.size());
+  // The wanted rows of every canvas, in item order: with shifted logits (Dream) the row predicting
+  // position p is the output row p - 1.
+  std::vector<std::vector<int32_t>> rows(items.size());
+  std::vector<ForwardSeq> seqs;
+  std::vector<RowTask> tasks;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const ScoreItem& item = items[i];
+    out[i].resize(item.positions.size());
+    if (item.positions.empty()) continue;
+    for (const int32_t p : item.positions) rows[i].push_back(config.prediction_row(p));
+    ForwardSeq seq;
+    seq.tokens = item.canvas.data();
+    seq.length = static_cast<int>(item.canvas.size());
+    seq.logit_rows = rows[i].data();
+    seq.n_logit_rows = static_cast<int>(rows[i].size());
+    // A block-diffusion model sees its canvas through its block-causal attention.
+    if (config.decoding == Decoding::Block) seq.attention_block = config.block_length;
+    seqs.push_back(seq);
+    for (const int32_t target : item.targets) {
+      RowTask task;
+      task.cond = static_cast<int>(tasks.size());
+      task.target = target;
+      tasks.push_back(task);
+    }
   }
-  std::vector<RowResult> results(positions.size());
-  backend_->predict({seq}, tasks, results.data(), cancel);
-  for (size_t r = 0; r < positions.size(); ++r) {
-    if (!results[r].finite) throw non_finite(0, positions[r]);
-    out[r] = results[r].target_logprob;
+  if (tasks.empty()) return out;
+  std::vector<RowResult> results(tasks.size());
+  {
+    std::lock_guard<std::mutex> step_lock(step_mu_);
+    backend_->predict(seqs, tasks, results.data(), cancel);
+  }
+  size_t r = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    for (size_t j = 0; j < items[i].positions.size(); ++j, ++r) {
+      if (!results[r].finite) {
+        const Error e = non_finite(0, items[i].positions[j]);
+        throw many ? Error(e.code(), "items[" + std::to_string(i) + "]: " + e.what()) : e;
+      }
+      out[i][j] = results[r].target_logprob;
+    }
   }
   return out;
 }

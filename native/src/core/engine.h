@@ -242,6 +242,15 @@ class Engine {
   std::vector<double> score(const std::vector<int32_t>& canvas, const std::vector<int32_t>& positions,
                             const std::vector<int32_t>& targets, const std::atomic<bool>* cancel = nullptr);
 
+  // One canvas to score: what the model sees, and the tokens whose log-probabilities are wanted where.
+  struct ScoreItem {
+    std::vector<int32_t> canvas, positions, targets;
+  };
+  // score() for several canvases in one batched forward (each checked as score() checks one; the errors
+  // name the item): per item, its targets' log-probabilities. A Numeric error names the item and position.
+  std::vector<std::vector<double>> score(const std::vector<ScoreItem>& items,
+                                         const std::atomic<bool>* cancel = nullptr);
+
   // Frees the sequence's memory now (or, when a step holding it is in flight, as that step returns).
   // Unknown ids are ignored.
   void release(uint64_t id);

@@ -548,6 +548,35 @@ void test_block_engine() {
     report(worst < 1e-9 && full[0] != scores[0], "block score: the block-causal forward's log-probabilities",
            fmt("max difference %.3g", worst));
   }
+
+  // score() of several canvases in one batched forward: each item as it scores alone; errors name the item.
+  {
+    const std::vector<int32_t> a = prompt_of(11), b = prompt_of(7);
+    const std::vector<Engine::ScoreItem> items = {{a, {0, 3, 10}, {1, 2, 3}}, {b, {}, {}}, {b, {6, 2}, {4, 5}}};
+    const std::vector<std::vector<double>> batch = engine.score(items);
+    double worst = 0.0;
+    bool shapes = batch.size() == 3;
+    for (size_t i = 0; shapes && i < items.size(); ++i) {
+      const std::vector<double> alone = engine.score(items[i].canvas, items[i].positions, items[i].targets);
+      shapes = batch[i].size() == alone.size();
+      for (size_t j = 0; shapes && j < alone.size(); ++j) worst = std::max(worst, std::fabs(batch[i][j] - alone[j]));
+    }
+    report(shapes && worst < 1e-6, "score of a batch of canvases: each as it scores alone",
+           fmt("max difference %.3g", worst));
+    std::vector<Engine::ScoreItem> bad = items;
+    bad[2].targets[1] = spec.embedding + 5;
+    const auto refused = [&](const std::vector<Engine::ScoreItem>& these, const std::string& fragment) {
+      try {
+        engine.score(these);
+        report(false, "score refuses " + fragment, "no error thrown");
+      } catch (const Error& e) {
+        report(e.code() == ErrorCode::InvalidArgument && std::string(e.what()).find(fragment) != std::string::npos,
+               "score refuses " + fragment, e.what());
+      }
+    };
+    refused(bad, "score: items[2]: targets[1]");
+    refused({}, "no canvas");
+  }
 }
 
 // The golden fixtures of the PyTorch reference (tools/reference/block_generate.py): every case's answer,
