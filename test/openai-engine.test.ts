@@ -4,7 +4,7 @@
  * puts it, seeds and batching through the addon, the snapshot's step count against the engine's plan.
  */
 import { join } from "node:path"
-import { Effect, Layer, Schema } from "effect"
+import { Effect, Layer, Option, Schema } from "effect"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import * as Engine from "../src/engine/Engine.js"
 import { ChatCompletionResponse, CompletionChunk, CompletionResponse } from "../src/openai/protocol.js"
@@ -307,5 +307,74 @@ describe("KV cache settings of the server on the embedded model", () => {
     expect(error.error).toMatchObject({ code: "out_of_memory", type: "service_unavailable_error" })
     expect((await cached.post("/v1/completions", body)).status).toBe(200)
     expect(await Effect.runPromise(cached.engine.live)).toBe(0)
+  })
+})
+
+describe("guided_choice on the embedded model", () => {
+  /** The chain rule, scored here one canvas at a time: per choice, each token's log-probability, then the end's. */
+  const chainsOf = async (prompt: ReadonlyArray<number>, choices: ReadonlyArray<ReadonlyArray<number>>, end: number) => {
+    const special = server.tokenizer.specialTokens
+    const width = Math.max(...choices.map((c) => c.length)) + 1
+    const chains: Array<Array<number>> = []
+    for (const tokens of choices) {
+      const chain: Array<number> = []
+      for (let k = 0; k <= tokens.length; k++) {
+        const canvas = [...prompt, ...tokens.slice(0, k), ...new Array<number>(width - k).fill(special.mask)]
+        const target = k < tokens.length ? tokens[k]! : end
+        const [score] = await Effect.runPromise(server.engine.score([{ canvas, positions: [prompt.length + k], targets: [target] }]))
+        chain.push(score![0]!)
+      }
+      chains.push(chain)
+    }
+    return chains
+  }
+
+  it("answers with the choice whose chain of log-probabilities, end token included, is the highest, and reports that chain", async () => {
+    const prompt = "ROMEO:\nWhat say you, my lord?\n\nKING HENRY:\n"
+    const choices = ["Ay, my lord.", "No", "What, ho!", "I will not."]
+    const tokens = choices.map((c) => server.tokenizer.encode(c, { addSpecialTokens: false }))
+    const special = server.tokenizer.specialTokens
+    const chains = await chainsOf(server.tokenizer.encode(prompt), tokens, special.eos)
+    const totals = chains.map((chain) => chain.reduce((a, b) => a + b, 0))
+    const best = totals.indexOf(Math.max(...totals))
+    const answer = await complete({ prompt, guided_choice: choices, temperature: 0, logprobs: 0 })
+    const choice = answer.choices[0]!
+    expect(choice.text).toBe(choices[best])
+    expect(choice.finish_reason).toBe("stop")
+    const logprobs = choice.logprobs!.token_logprobs as ReadonlyArray<number>
+    expect(logprobs).toHaveLength(tokens[best]!.length)
+    logprobs.forEach((logprob, i) => expect(logprob).toBeCloseTo(chains[best]![i]!, 5))
+    expect(answer.usage.completion_tokens).toBe(tokens[best]!.length)
+    // One canvas per token of every choice, plus one each for the end token.
+    expect(answer.diffusion!.forward_passes).toBe(tokens.reduce((sum, t) => sum + t.length + 1, 0))
+  })
+
+  it("draws by the choices' probabilities at a temperature: reproducible per seed, and top_k 1 is the likeliest", async () => {
+    const body = { prompt: "ROMEO:\n", guided_choice: ["Ay", "No", "Peace", "Farewell"], n: 4, temperature: 2 }
+    const texts = async (extra: Record<string, unknown>) => (await complete({ ...body, ...extra })).choices.map((c) => c.text)
+    const first = await texts({ seed: 11 })
+    expect(await texts({ seed: 11 })).toEqual(first)
+    for (const text of first) expect(body.guided_choice).toContain(text)
+    const greedy = (await complete({ ...body, n: 1, temperature: 0 })).choices[0]!.text
+    expect(await texts({ seed: 3, top_k: 1 })).toEqual([greedy, greedy, greedy, greedy])
+    // Over 4 seeds of 4 answers at temperature 2, more than one choice comes out.
+    const drawn = new Set<string>()
+    for (const seed of [1, 2, 3, 4]) for (const text of await texts({ seed })) drawn.add(text)
+    expect(drawn.size).toBeGreaterThan(1)
+  })
+
+  it("chat: the choice is scored as the assistant's turn, ending with the end-of-turn token", async () => {
+    const messages = [{ role: "user", content: "Wilt thou come?" }]
+    const choices = ["Ay, my lord.", "No."]
+    const special = server.tokenizer.specialTokens
+    const rendered = await server.post("/tokenize", { messages, add_generation_prompt: true })
+    const prompt = ((await rendered.json()) as { tokens: Array<number> }).tokens
+    const tokens = choices.map((c) => server.tokenizer.encode(c, { addSpecialTokens: false }))
+    const chains = await chainsOf(prompt, tokens, Option.getOrThrow(special.eot))
+    const totals = chains.map((chain) => chain.reduce((a, b) => a + b, 0))
+    const response = await server.post("/v1/chat/completions", { messages, structured_outputs: { choice: choices }, temperature: 0 })
+    expect(response.status).toBe(200)
+    const chat = Schema.decodeUnknownSync(ChatCompletionResponse)(await response.json())
+    expect(chat.choices[0]!.message.content).toBe(choices[totals.indexOf(Math.max(...totals))])
   })
 })

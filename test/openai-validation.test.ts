@@ -144,8 +144,9 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
     /not in the vocabulary/
   ],
   ["vLLM's bad_words", { ...prompt, bad_words: ["O"] }, "bad_words", /^bad_words is not supported: a word of several tokens/],
-  ["vLLM's guided_choice", { ...prompt, guided_choice: ["yes", "no"] }, "guided_choice", /constrained decoding/],
-  ["vLLM's structured_outputs", { ...prompt, structured_outputs: { json: {} } }, "structured_outputs"],
+  ["vLLM's guided_regex", { ...prompt, guided_regex: "yes|no" }, "guided_regex", /constrained decoding/],
+  ["vLLM's structured_outputs other than choice", { ...prompt, structured_outputs: { json: {} } }, "structured_outputs"],
+  ["guided_choice with denoising settings", { ...prompt, guided_choice: ["yes", "no"], block_length: 4 }, "block_length", /does not apply/],
   ["include_stop_str_in_output a string", { ...prompt, include_stop_str_in_output: "yes" }, "include_stop_str_in_output"],
   [
     "truncate_prompt_tokens 0",

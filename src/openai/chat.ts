@@ -11,6 +11,7 @@ import { type ChatCompletionRequest, chatUnhonoured } from "./protocol.js"
 import { checkModel, makePlan, type PreparedPrompt } from "./plan.js"
 import { chatLogprobs, respond, TokenTexts } from "./render.js"
 import { preparePromptJobs } from "./run.js"
+import { planChoice, prepareChoiceJobs } from "./choice.js"
 import type { ChoiceDecoder } from "./ChoiceDecoder.js"
 import { planStructured } from "./structured.js"
 import { lladaFamily } from "../config/sampling.js"
@@ -79,6 +80,20 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
       return yield* new BadRequest({ message: "tools are not supported", param: "tools", code: "unsupported_parameter" })
     }
 
+    const choice = yield* planChoice(request, {
+      chat: true,
+      conflicting: structured === undefined ? [] : ["response_format"],
+      maxTokens: maxTokens?.value,
+      endTokens: plan.endTokens
+    })
+    if (choice !== undefined && (request.top_logprobs ?? 0) > 0) {
+      return yield* new BadRequest({
+        message: `top_logprobs is not supported with ${choice.param}: its answer has no alternatives per token (logprobs alone gives each token's logprob)`,
+        param: "top_logprobs",
+        code: "unsupported_parameter"
+      })
+    }
+
     const prompt: PreparedPrompt = {
       tokens: yield* renderMessages(request.messages, { addGenerationPrompt: true }),
       param: "messages",
@@ -87,7 +102,7 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
     // A structured answer's text is its JSON, complete once every slot is denoised: a stream carries it
     // whole in the choice's last chunk.
     const contentOf = (decoder: ChoiceDecoder): string => (structured === undefined ? decoder.text : structured.render(decoder.canvas))
-    const jobs = yield* preparePromptJobs([prompt], plan)
+    const jobs = yield* choice === undefined ? preparePromptJobs([prompt], plan) : prepareChoiceJobs([prompt], plan, choice)
     const texts = new TokenTexts(tokenizer)
     const top = request.logprobs === true ? (request.top_logprobs ?? 0) : undefined
     return yield* respond(plan, jobs, {

@@ -13,6 +13,7 @@ import { type CompletionRequest, completionUnhonoured } from "./protocol.js"
 import { checkTokenIds, makePlan, type PreparedPrompt } from "./plan.js"
 import { completionLogprobs, respond, TokenTexts } from "./render.js"
 import { preparePromptJobs, type PromptJob } from "./run.js"
+import { planChoice, prepareChoiceJobs } from "./choice.js"
 import { ServingConfig } from "./ServingConfig.js"
 
 /** A prompt with the text that `echo` puts before its answer. */
@@ -105,7 +106,20 @@ export const completions = (request: CompletionRequest) =>
         code: "too_many_prompts"
       })
     }
-    const jobs = yield* preparePromptJobs(prompts, plan)
+    const choice = yield* planChoice(request, {
+      chat: false,
+      conflicting: suffix.length > 0 ? ["suffix"] : [],
+      maxTokens: request.max_tokens,
+      endTokens: plan.endTokens
+    })
+    if (choice !== undefined && (request.logprobs ?? 0) > 0) {
+      return yield* new BadRequest({
+        message: `logprobs ${request.logprobs} is not supported with ${choice.param}: its answer has no alternatives per token (logprobs 0 gives each token's logprob)`,
+        param: "logprobs",
+        code: "unsupported_parameter"
+      })
+    }
+    const jobs = yield* choice === undefined ? preparePromptJobs(prompts, plan) : prepareChoiceJobs(prompts, plan, choice)
     const texts = new TokenTexts(tokenizer)
     // A truncated prompt echoes the text of the tokens that were kept.
     const echoOf = (job: PromptJob) =>

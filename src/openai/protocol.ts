@@ -79,8 +79,15 @@ const noTool = (value: unknown) => value === "none" || value === "auto"
 const noTools = "the model cannot call tools"
 const guided = {
   neutral: never,
-  reason: "constrained decoding is not supported; chat's response_format json_schema lays out a JSON answer"
+  reason:
+    "constrained decoding is not supported; guided_choice (structured_outputs.choice) picks among strings, and chat's response_format json_schema lays out a JSON answer"
 }
+/** structured_outputs with only `choice` set (choice.ts reads it); any other kind is refused. */
+const onlyChoice = (value: unknown) =>
+  typeof value === "object" &&
+  value !== null &&
+  !Array.isArray(value) &&
+  Object.entries(value).every(([key, v]) => key === "choice" || v === null || v === undefined || v === false)
 
 const sharedUnhonoured = {
   bad_words: {
@@ -90,9 +97,8 @@ const sharedUnhonoured = {
   },
   guided_json: guided,
   guided_regex: guided,
-  guided_choice: guided,
   guided_grammar: guided,
-  structured_outputs: guided,
+  structured_outputs: { ...guided, neutral: onlyChoice },
   prompt_logprobs: { neutral: never, reason: "the engine does not score prompt tokens" }
 } satisfies Record<string, Unhonoured>
 
@@ -155,7 +161,9 @@ const samplingFields = {
   stream: optional(boolean("stream")),
   stream_options: optional(StreamOptions),
   /** vLLM: add prompt_token_ids and token_ids to every choice. */
-  return_token_ids: optional(boolean("return_token_ids"))
+  return_token_ids: optional(boolean("return_token_ids")),
+  /** vLLM: the answer is one of these strings, the one the model finds likeliest (openai/choice.ts). */
+  guided_choice: optional(Schema.Unknown)
 }
 
 /** The fields completions and chat share, as the serving code reads them. */

@@ -46,6 +46,17 @@ export interface DenoisingTally {
   promptCached: number
 }
 
+/** The tally of an answer nothing has been done for yet. */
+export const emptyTally = (): DenoisingTally => ({
+  steps: 0,
+  forwardPasses: 0,
+  kvRefreshes: 0,
+  tokensDenoised: 0,
+  tokensSkipped: 0,
+  phases: { prefill: 0, denoise: 0, commit: 0 },
+  promptCached: 0
+})
+
 /** One prompt's n answers in flight: a decoder per answer, and the stream that feeds them. */
 export interface PromptRun {
   readonly decoders: ReadonlyArray<ChoiceDecoder>
@@ -96,15 +107,7 @@ export const runPrompt = (
               }
         )
     )
-    const tallies: Array<DenoisingTally> = decoders.map(() => ({
-      steps: 0,
-      forwardPasses: 0,
-      kvRefreshes: 0,
-      tokensDenoised: 0,
-      tokensSkipped: 0,
-      phases: { prefill: 0, denoise: 0, commit: 0 },
-      promptCached: 0
-    }))
+    const tallies = decoders.map(() => emptyTally())
     const allEnded = () => decoders.every((decoder) => decoder.finished)
     const request = {
       prompt,
