@@ -217,6 +217,41 @@ describe("POST /v1/completions", () => {
     expect(ids.choices[0]!.text).toBe("Say hello" + answerText("Say hello", 2))
   })
 
+  it("with echo and logprobs, scores each prompt's tokens first: null for the first, then one per token, then the answer's", async () => {
+    const before = server.engine.scored.length
+    const response = await complete({
+      prompt: [encode("Say hello"), encode("Good")],
+      max_tokens: 40,
+      seed: 2,
+      echo: true,
+      logprobs: 2,
+      n: 2
+    })
+    expect(response.choices).toHaveLength(4)
+    // One scoring job per prompt: a canvas per token after the first.
+    expect(server.engine.scored.slice(before).flat()).toHaveLength(encode("Say hello").length - 1 + encode("Good").length - 1)
+    for (const [i, choice] of response.choices.entries()) {
+      const promptIds = i < 2 ? encode("Say hello") : encode("Good")
+      const logprobs = choice.logprobs!
+      expect(logprobs.tokens.slice(0, promptIds.length)).toEqual(promptIds.map((id) => server.tokenizer.decode([id])))
+      expect(logprobs.token_logprobs[0]).toBeNull()
+      expect(logprobs.top_logprobs![0]).toBeNull()
+      expect(logprobs.token_logprobs.slice(1).every((l) => typeof l === "number")).toBe(true)
+      // The text offsets run through the echoed prompt into the answer.
+      const promptText = i < 2 ? "Say hello" : "Good"
+      expect(logprobs.text_offset[promptIds.length]).toBe(promptText.length)
+      expect(logprobs.text_offset.every((offset, k) => k === 0 || offset >= logprobs.text_offset[k - 1]!)).toBe(true)
+      // The answer's tokens, then the EOS it ended at (in the logprobs only), as OpenAI's legacy completions.
+      expect(choice.finish_reason).toBe("stop")
+      expect(logprobs.tokens.length - promptIds.length).toBe(encode(choice.text.slice(promptText.length)).length + 1)
+      expect(logprobs.tokens.at(-1)).toBe("<|endoftext|>")
+      expect(logprobs.text_offset.at(-1)).toBe(choice.text.length)
+      expect(response.usage.completion_tokens).toBe(
+        response.choices.reduce((sum, c, k) => sum + encode(c.text.slice((k < 2 ? "Say hello" : "Good").length)).length, 0)
+      )
+    }
+  })
+
   it("returns the log of each token's committed probability as logprobs", async () => {
     const text = answerText("Say hello", 3)
     const tokens = encode(text)

@@ -322,7 +322,7 @@ describe("guided_choice on the embedded model", () => {
         const canvas = [...prompt, ...tokens.slice(0, k), ...new Array<number>(width - k).fill(special.mask)]
         const target = k < tokens.length ? tokens[k]! : end
         const [score] = await Effect.runPromise(server.engine.score([{ canvas, positions: [prompt.length + k], targets: [target] }]))
-        chain.push(score![0]!)
+        chain.push(score!.logprobs[0]!)
       }
       chains.push(chain)
     }
@@ -376,5 +376,37 @@ describe("guided_choice on the embedded model", () => {
     expect(response.status).toBe(200)
     const chat = Schema.decodeUnknownSync(ChatCompletionResponse)(await response.json())
     expect(chat.choices[0]!.message.content).toBe(choices[totals.indexOf(Math.max(...totals))])
+  })
+})
+
+describe("echo with logprobs on the embedded model", () => {
+  it("gives each prompt token after the first its chain-rule log-probability and alternatives, then the answer's", async () => {
+    const prompt = "ROMEO:\nBut soft, what light"
+    const tokens = server.tokenizer.encode(prompt)
+    const answer = await complete({ prompt, echo: true, logprobs: 3, max_tokens: 2, temperature: 0 })
+    const logprobs = answer.choices[0]!.logprobs!
+    expect(answer.choices[0]!.text.startsWith(prompt)).toBe(true)
+    expect(logprobs.tokens).toHaveLength(tokens.length + 2)
+    expect(logprobs.token_logprobs[0]).toBeNull()
+    expect(logprobs.top_logprobs![0]).toBeNull()
+    const mask = server.tokenizer.specialTokens.mask
+    for (let i = 1; i < tokens.length; i++) {
+      // Token i on a canvas of the first i tokens and masks over the rest of the prompt.
+      const canvas = [...tokens.slice(0, i), ...new Array<number>(tokens.length - i).fill(mask)]
+      const [alone] = await Effect.runPromise(server.engine.score([{ canvas, positions: [i], targets: [tokens[i]!], topLogprobs: 3 }]))
+      expect(logprobs.token_logprobs[i]).toBeCloseTo(alone!.logprobs[0]!, 6)
+      const top = logprobs.top_logprobs![i]!
+      for (const alternative of alone!.top[0]!)
+        expect(top[server.tokenizer.decode([alternative.token])]).toBeCloseTo(alternative.logprob, 5)
+      expect(top[logprobs.tokens[i]!]).toBeCloseTo(alone!.logprobs[0]!, 6)
+    }
+    // The answer's two tokens follow, offset past the echoed prompt.
+    expect(logprobs.text_offset[tokens.length]).toBe(prompt.length)
+    expect(logprobs.token_logprobs.slice(tokens.length).every((l) => typeof l === "number")).toBe(true)
+    // A stream's opening chunk carries the prompt's part.
+    const streamed = await server.post("/v1/completions", { prompt, echo: true, logprobs: 3, max_tokens: 2, temperature: 0, stream: true })
+    const opening = (parseSse(await streamed.text())[0] as any).choices[0]
+    expect(opening.text).toBe(prompt)
+    expect(opening.logprobs.token_logprobs).toEqual(logprobs.token_logprobs.slice(0, tokens.length))
   })
 })

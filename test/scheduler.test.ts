@@ -354,7 +354,7 @@ describe("Scheduler score", () => {
       // The fake model expects token (canvas[0] + position) % 1000; its log-probability is -|off| / 10.
       const items = [item(5, 4, [1, 2], [6, 9]), item(7, 3, [0], [7]), item(1, 2, [], []), item(2, 5, [4], [16])]
       const scores = yield* scheduler.score({ items })
-      expect(scores.map((s) => Array.from(s))).toEqual([[-0, -0.2], [-0], [], [-1]])
+      expect(scores.map((s) => Array.from(s.logprobs))).toEqual([[-0, -0.2], [-0], [], [-1]])
       // Four canvases, batch size 2: two forwards, while the other request was still being stepped.
       expect(engine.scored.map((batch) => batch.length)).toEqual([2, 2])
       expect(Either.isRight(yield* Effect.either(Fiber.join(running)))).toBe(true)

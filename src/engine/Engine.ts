@@ -17,7 +17,8 @@ import {
   type NativeEngine,
   type NativeModelInfo,
   type NativePrefixCacheStats,
-  type StepSnapshot
+  type StepSnapshot,
+  type TopLogprob
 } from "./native.js"
 import type { CpuIsa } from "../config/Config.js"
 
@@ -127,6 +128,15 @@ export interface ScoreItem {
   readonly canvas: ReadonlyArray<number>
   readonly positions: ReadonlyArray<number>
   readonly targets: ReadonlyArray<number>
+  /** 0 .. 20 (absent: 0): each position's likeliest tokens to report besides its target's log-probability. */
+  readonly topLogprobs?: number
+}
+
+/** What scoring one canvas gave: per target, its log-probability and (with topLogprobs) its position's likeliest tokens. */
+export interface Scored {
+  readonly logprobs: Float64Array
+  /** Per target, most likely first (the mask token left out); empty without topLogprobs. */
+  readonly top: ReadonlyArray<ReadonlyArray<TopLogprob>>
 }
 
 export interface EngineShape {
@@ -153,7 +163,7 @@ export interface EngineShape {
    * it is to predict), all in one batched forward off the JS thread; no sequence is involved. Per item, one
    * log-probability per target.
    */
-  readonly score: (items: ReadonlyArray<ScoreItem>) => Effect.Effect<ReadonlyArray<Float64Array>, EngineError>
+  readonly score: (items: ReadonlyArray<ScoreItem>) => Effect.Effect<ReadonlyArray<Scored>, EngineError>
   /** Frees the sequence's memory now. Unknown ids are ignored. */
   readonly release: (id: SequenceId) => Effect.Effect<void>
   /** The answer region of the canvas; the mask token id where nothing is committed yet. */
@@ -234,7 +244,8 @@ export const fromNativeEngine = (modelDir: string, native: NativeEngine, addon: 
           items.map((item) => ({
             canvas: Int32Array.from(item.canvas),
             positions: Int32Array.from(item.positions),
-            targets: Int32Array.from(item.targets)
+            targets: Int32Array.from(item.targets),
+            ...(item.topLogprobs === undefined ? {} : { topLogprobs: item.topLogprobs })
           }))
         ),
       catch: fromNative

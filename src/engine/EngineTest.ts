@@ -211,9 +211,17 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
         if (options.failOnPromptToken !== undefined && items.some((item) => item.canvas[0] === options.failOnPromptToken)) {
           return yield* new EngineFailure({ message: "injected fault", code: "VDIFF_INTERNAL" })
         }
-        return items.map((item) =>
-          Float64Array.from(item.positions, (position, j) => -Math.abs(item.targets[j]! - (((item.canvas[0] ?? 0) + position) % 1000)) / 10)
-        )
+        // The likeliest tokens: the expected one, then those beside it (one above, one below, ...).
+        const expected = (item: ScoreItem, position: number) => ((item.canvas[0] ?? 0) + position) % 1000
+        const topOf = (e: number, k: number) =>
+          Array.from({ length: k }, (_, i) => {
+            const token = e + (i % 2 === 1 ? (i + 1) / 2 : -i / 2)
+            return { token, logprob: -Math.abs(token - e) / 10 }
+          })
+        return items.map((item) => ({
+          logprobs: Float64Array.from(item.positions, (position, j) => -Math.abs(item.targets[j]! - expected(item, position)) / 10),
+          top: (item.topLogprobs ?? 0) > 0 ? item.positions.map((position) => topOf(expected(item, position), item.topLogprobs!)) : []
+        }))
       }),
     release: (id) => Effect.sync(() => void sequences.delete(id)),
     canvas: (id) => Effect.sync(() => Int32Array.from(sequences.get(id)?.canvas ?? [])),

@@ -318,7 +318,8 @@ export interface NativeEngine {
     targets: Int32Array | ReadonlyArray<number>
   ): Promise<Float64Array>
   /**
-   * score for several canvases in one batched forward: per item, its targets' log-probabilities. Rejects
+   * score for several canvases in one batched forward: per item, its targets' log-probabilities and, with
+   * topLogprobs, each position's likeliest tokens (most likely first; `top` is empty without). Rejects
    * with VDIFF_INVALID_ARGUMENT naming the item ("score: items[2]: ...").
    */
   scoreBatch(
@@ -326,8 +327,10 @@ export interface NativeEngine {
       readonly canvas: Int32Array | ReadonlyArray<number>
       readonly positions: Int32Array | ReadonlyArray<number>
       readonly targets: Int32Array | ReadonlyArray<number>
+      /** 0 .. 20: each position's likeliest tokens to report besides (the mask token left out). */
+      readonly topLogprobs?: number
     }>
-  ): Promise<Array<Float64Array>>
+  ): Promise<Array<{ readonly logprobs: Float64Array; readonly top: Array<Array<TopLogprob>> }>>
   /** Frees the sequence now (or when an in-flight step using it returns). Unknown ids are ignored. */
   release(id: number): void
   /** The answer region of the canvas, mask tokens where nothing is committed yet. */

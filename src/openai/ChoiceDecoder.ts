@@ -75,6 +75,8 @@ export class ChoiceDecoder {
   /** All text emitted so far. */
   text = ""
   finishReason: FinishReason | null = null
+  /** The end token (EOS, end of turn) the answer ended at, with its probability and alternatives; not among `tokenIds`. */
+  endedBy: { readonly token: number; readonly probability: number; readonly alternatives: ReadonlyArray<TopLogprob> } | undefined
 
   private readonly committedProbabilities: Float32Array
   private readonly committedAlternatives: Array<ReadonlyArray<TopLogprob>>
@@ -121,6 +123,11 @@ export class ChoiceDecoder {
       const position = this.next++
       const token = this.canvas[position]!
       if (endTokens.has(token)) {
+        this.endedBy = {
+          token,
+          probability: this.committedProbabilities[position]!,
+          alternatives: this.committedAlternatives[position]!
+        }
         text += this.finish("stop")
         break
       }

@@ -20,7 +20,7 @@
 import { Effect, Option, Random, Stream } from "effect"
 import { BadRequest } from "../api/errors.js"
 import { requestFields } from "../config/sampling.js"
-import type { SamplingSettings, ScoreItem, StepResult } from "../engine/Engine.js"
+import type { SamplingSettings, ScoreItem, Scored, StepResult } from "../engine/Engine.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import { RequestMetrics } from "../telemetry/requests.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
@@ -228,12 +228,12 @@ export const choiceJob = (prompt: PreparedPrompt, settings: SamplingSettings, pl
     const items = canvasesOf(prompt.tokens, choice, tokenizer.specialTokens.mask)
     // The scoring is the prompt's one piece of work: its canvases count once, with the first answer.
     const tallies = decoders.map((_, i) => ({ ...emptyTally(), forwardPasses: i === 0 ? items.length : 0 }))
-    const answer = (scores: ReadonlyArray<Float64Array>) =>
+    const answer = (scores: ReadonlyArray<Scored>) =>
       Effect.gen(function* () {
         // Per choice, the log-probabilities of its tokens and of the end token after them.
         let at = 0
         const chains = choice.choices.map(({ tokens }) => {
-          const chain = scores.slice(at, at + tokens.length + 1).map((s) => s[0]!)
+          const chain = scores.slice(at, at + tokens.length + 1).map((s) => s.logprobs[0]!)
           at += tokens.length + 1
           return chain
         })

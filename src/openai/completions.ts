@@ -9,9 +9,11 @@ import { RequestId } from "../api/RequestId.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { BadRequest } from "../api/errors.js"
-import { type CompletionRequest, completionUnhonoured } from "./protocol.js"
+import type { ChoiceDecoder } from "./ChoiceDecoder.js"
+import { type CompletionLogprobs, type CompletionRequest, completionUnhonoured } from "./protocol.js"
 import { checkTokenIds, makePlan, type PreparedPrompt } from "./plan.js"
-import { completionLogprobs, respond, TokenTexts } from "./render.js"
+import { completionLogprobs, concatLogprobs, respond, TokenTexts, tokenLogprobs } from "./render.js"
+import { scorePrompt } from "./promptLogprobs.js"
 import { preparePromptJobs, type PromptJob } from "./run.js"
 import { planChoice, prepareChoiceJobs } from "./choice.js"
 import { ServingConfig } from "./ServingConfig.js"
@@ -70,13 +72,6 @@ export const completions = (request: CompletionRequest) =>
       request.logprobs ?? 0,
       completionUnhonoured
     )
-    if (request.echo === true && request.logprobs !== undefined) {
-      return yield* new BadRequest({
-        message: "logprobs together with echo is not supported: the engine does not score prompt tokens",
-        param: "echo",
-        code: "unsupported_parameter"
-      })
-    }
     if (request.best_of !== undefined && request.best_of !== plan.n) {
       return yield* new BadRequest({
         message: "best_of other than n is not supported",
@@ -119,7 +114,38 @@ export const completions = (request: CompletionRequest) =>
         code: "unsupported_parameter"
       })
     }
+    // echo with logprobs: the prompts' tokens are scored first (openai/promptLogprobs.ts), each as it is run.
+    const top = request.logprobs
+    const promptScores =
+      request.echo === true && top !== undefined
+        ? yield* Effect.forEach(prompts.map(plan.truncatePrompt), (prompt) => scorePrompt(prompt.tokens, top), {
+            concurrency: "unbounded"
+          })
+        : undefined
     const jobs = yield* choice === undefined ? preparePromptJobs(prompts, plan) : prepareChoiceJobs(prompts, plan, choice)
+    const promptLogprobsOf = (job: PromptJob) => {
+      const scored = promptScores?.[(jobs as ReadonlyArray<PromptJob>).indexOf(job)]
+      return scored === undefined || top === undefined ? undefined : tokenLogprobs(scored, top, texts)
+    }
+    /**
+     * With echo and logprobs, the end token an answer ended at is listed last, as OpenAI's legacy
+     * completions list <|endoftext|> (not in the text or the usage): an evaluation harness that asks for
+     * one token and drops the answer's entry from the end then drops that one, not the prompt's last.
+     */
+    const endOf = (job: PromptJob, decoder: ChoiceDecoder) => {
+      const ended = decoder.endedBy
+      if (promptScores === undefined || top === undefined || ended === undefined) return undefined
+      const offset = echoOf(job).length + decoder.text.length
+      return tokenLogprobs(
+        { ids: [ended.token], logprobs: [Math.log(ended.probability)], alternatives: [ended.alternatives], offsets: [offset] },
+        top,
+        texts
+      )
+    }
+    const withEnd = (job: PromptJob, decoder: ChoiceDecoder, logprobs: CompletionLogprobs) => {
+      const end = endOf(job, decoder)
+      return end === undefined ? logprobs : concatLogprobs(logprobs, end)
+    }
     const texts = new TokenTexts(tokenizer)
     // A truncated prompt echoes the text of the tokens that were kept.
     const echoOf = (job: PromptJob) =>
@@ -128,7 +154,6 @@ export const completions = (request: CompletionRequest) =>
         : job.prompt.truncatedFrom === undefined
           ? (job.prompt as CompletionPrompt).text
           : tokenizer.decode(job.prompt.tokens, { skipSpecialTokens: true })
-    const top = request.logprobs
     return yield* respond(plan, jobs, {
       id: `cmpl-${requestId}`,
       object: "text_completion",
@@ -138,16 +163,19 @@ export const completions = (request: CompletionRequest) =>
       wantsTokens: top !== undefined,
       choice: (job, decoder) => {
         const echo = echoOf(job)
+        const answer = top === undefined ? null : completionLogprobs(decoder, 0, decoder.tokenIds.length, top, echo.length, texts)
+        const prompt = promptLogprobsOf(job)
         return {
           text: echo + decoder.text,
-          logprobs: top === undefined ? null : completionLogprobs(decoder, 0, decoder.tokenIds.length, top, echo.length, texts)
+          logprobs: answer === null || prompt === undefined ? answer : withEnd(job, decoder, concatLogprobs(prompt, answer))
         }
       },
-      delta: (job, { decoder, delta }) => ({
-        text: delta.text,
-        logprobs: top === undefined ? null : completionLogprobs(decoder, delta.firstToken, delta.endToken, top, echoOf(job).length, texts)
-      }),
+      delta: (job, { decoder, delta }) => {
+        if (top === undefined) return { text: delta.text, logprobs: null }
+        const logprobs = completionLogprobs(decoder, delta.firstToken, delta.endToken, top, echoOf(job).length, texts)
+        return { text: delta.text, logprobs: delta.finishReason === null ? logprobs : withEnd(job, decoder, logprobs) }
+      },
       // With echo, every choice's stream opens with its prompt's text.
-      opening: request.echo === true ? (job) => ({ text: echoOf(job), logprobs: null }) : undefined
+      opening: request.echo === true ? (job) => ({ text: echoOf(job), logprobs: promptLogprobsOf(job) ?? null }) : undefined
     })
   })

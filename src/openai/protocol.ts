@@ -99,7 +99,7 @@ const sharedUnhonoured = {
   guided_regex: guided,
   guided_grammar: guided,
   structured_outputs: { ...guided, neutral: onlyChoice },
-  prompt_logprobs: { neutral: never, reason: "the engine does not score prompt tokens" }
+  prompt_logprobs: { neutral: never, reason: "completions' echo with logprobs gives the prompt tokens' logprobs, in OpenAI's form" }
 } satisfies Record<string, Unhonoured>
 
 /** Chat's unhonoured fields: the shared ones, tools' legacy and choice fields, audio, and vLLM's chat echo. */
@@ -371,12 +371,14 @@ const diffusionField = { diffusion: Schema.optionalWith(Diffusion, { exact: true
 /**
  * Completions logprobs. A token's logprob is that of the probability it had when it was committed; its
  * `top_logprobs` are the likeliest tokens of the distribution at the step that committed it (for a
- * diffusion model, the step where the position was unmasked), plus the chosen token.
+ * diffusion model, the step where the position was unmasked), plus the chosen token. With echo the
+ * prompt's tokens come first, scored by the chain rule (openai/promptLogprobs.ts).
  */
 export const CompletionLogprobs = Schema.Struct({
   tokens: Schema.Array(Schema.String),
-  token_logprobs: Schema.Array(Schema.Number),
-  top_logprobs: Schema.NullOr(Schema.Array(Schema.Record({ key: Schema.String, value: Schema.Number }))),
+  /** With echo, the prompt's first token has none (null), as OpenAI's. */
+  token_logprobs: Schema.Array(Schema.NullOr(Schema.Number)),
+  top_logprobs: Schema.NullOr(Schema.Array(Schema.NullOr(Schema.Record({ key: Schema.String, value: Schema.Number })))),
   text_offset: Schema.Array(Schema.Int)
 })
 export type CompletionLogprobs = typeof CompletionLogprobs.Type

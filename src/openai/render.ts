@@ -8,7 +8,7 @@
 import { HttpServerResponse } from "@effect/platform"
 import { Clock, Effect, Option } from "effect"
 import { lladaFamily, type ModelFamily } from "../config/sampling.js"
-import { phaseOf, provisionalOf } from "../engine/Engine.js"
+import { phaseOf, provisionalOf, type TopLogprob } from "../engine/Engine.js"
 import type { TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { type ChoiceDecoder, NOT_COMMITTED } from "./ChoiceDecoder.js"
 import type { AnswerPlan } from "./plan.js"
@@ -61,28 +61,62 @@ export const completionLogprobs = (
   top: number,
   textStart: number,
   texts: TokenTexts
+): CompletionLogprobs =>
+  tokenLogprobs(
+    {
+      ids: decoder.tokenIds.slice(from, to),
+      logprobs: decoder.probabilities.slice(from, to).map(logprobOf),
+      alternatives: decoder.alternatives.slice(from, to),
+      offsets: decoder.textOffsets.slice(from, to).map((offset) => offset + textStart)
+    },
+    top,
+    texts
+  )
+
+/**
+ * Completions logprobs of tokens given with their logprobs (null: none, as for a prompt's first token),
+ * their likeliest alternatives and their text offsets; `top` as completionLogprobs says.
+ */
+export const tokenLogprobs = (
+  given: {
+    readonly ids: ReadonlyArray<number>
+    readonly logprobs: ReadonlyArray<number | null>
+    readonly alternatives: ReadonlyArray<ReadonlyArray<TopLogprob>>
+    readonly offsets: ReadonlyArray<number>
+  },
+  top: number,
+  texts: TokenTexts
 ): CompletionLogprobs => {
-  const ids = decoder.tokenIds.slice(from, to)
-  const logprobs = decoder.probabilities.slice(from, to).map(logprobOf)
+  const { ids, logprobs } = given
   const tokens = ids.map((id) => texts.text(id))
-  const topOf = (i: number): Record<string, number> => {
+  const topOf = (i: number): Record<string, number> | null => {
+    const own = logprobs[i]!
+    if (own === null) return null
     const entries: Record<string, number> = {}
-    for (const alternative of decoder.alternatives[from + i]!.slice(0, top)) {
+    for (const alternative of given.alternatives[i]!.slice(0, top)) {
       const text = texts.text(alternative.token)
       if (!Object.hasOwn(entries, text)) {
-        entries[text] = alternative.token === ids[i] ? logprobs[i]! : finiteLogprob(alternative.logprob)
+        entries[text] = alternative.token === ids[i] ? own : finiteLogprob(alternative.logprob)
       }
     }
-    if (!Object.hasOwn(entries, tokens[i]!)) entries[tokens[i]!] = logprobs[i]!
+    if (!Object.hasOwn(entries, tokens[i]!)) entries[tokens[i]!] = own
     return entries
   }
   return {
     tokens,
-    token_logprobs: logprobs,
+    token_logprobs: logprobs.map((logprob) => (logprob === null ? null : finiteLogprob(logprob))),
     top_logprobs: top > 0 ? tokens.map((_, i) => topOf(i)) : null,
-    text_offset: decoder.textOffsets.slice(from, to).map((offset) => offset + textStart)
+    text_offset: [...given.offsets]
   }
 }
+
+/** Two completions logprobs one after the other (an echoed prompt's, then its answer's). */
+export const concatLogprobs = (a: CompletionLogprobs, b: CompletionLogprobs): CompletionLogprobs => ({
+  tokens: [...a.tokens, ...b.tokens],
+  token_logprobs: [...a.token_logprobs, ...b.token_logprobs],
+  top_logprobs: a.top_logprobs === null || b.top_logprobs === null ? null : [...a.top_logprobs, ...b.top_logprobs],
+  text_offset: [...a.text_offset, ...b.text_offset]
+})
 
 /**
  * Chat logprobs of the decoder's tokens [from, to): each token's logprob (of the probability it had when

@@ -26,6 +26,7 @@ import {
   phaseOf,
   type SamplingSettings,
   type ScoreItem,
+  type Scored,
   type SequenceId,
   type StepResult
 } from "../engine/Engine.js"
@@ -122,7 +123,7 @@ export interface SchedulerShape {
    * generation, run when it reaches the head, between two steps, in forwards of at most the batch size
    * (maxConcurrent canvases) each. It takes no room in the batch. Per item, one log-probability per target.
    */
-  readonly score: (request: ScoreRequest) => Effect.Effect<ReadonlyArray<Float64Array>, GenerationError>
+  readonly score: (request: ScoreRequest) => Effect.Effect<ReadonlyArray<Scored>, GenerationError>
   readonly stats: Effect.Effect<SchedulerStats>
   /**
    * Stops admitting (new requests fail with Draining), lets in-flight and queued work finish until
@@ -178,7 +179,7 @@ interface ScoreJob extends QueuedJob {
   readonly kind: "score"
   readonly request: ScoreRequest
   /** Set when its forwards have run. */
-  scores: ReadonlyArray<Float64Array> | undefined
+  scores: ReadonlyArray<Scored> | undefined
 }
 
 interface Job extends QueuedJob {
@@ -360,7 +361,7 @@ export const make = (options: SchedulerOptions) =>
       Effect.gen(function* () {
         yield* startWork(job)
         const { items } = job.request
-        const scores: Array<Float64Array> = []
+        const scores: Array<Scored> = []
         for (let at = 0; at < items.length; at += options.maxConcurrent) {
           scores.push(...(yield* engine.score(items.slice(at, at + options.maxConcurrent))))
         }
@@ -753,7 +754,7 @@ export const make = (options: SchedulerOptions) =>
         return { choices }
       })
 
-    const score = (request: ScoreRequest): Effect.Effect<ReadonlyArray<Float64Array>, GenerationError> =>
+    const score = (request: ScoreRequest): Effect.Effect<ReadonlyArray<Scored>, GenerationError> =>
       Effect.scoped(
         Effect.gen(function* () {
           if (request.timeoutMs !== undefined && !(request.timeoutMs > 0)) {

@@ -338,6 +338,18 @@ const char* reason_name(vdiff::FinishReason r) {
   return r == vdiff::FinishReason::Eos ? "eos" : r == vdiff::FinishReason::Length ? "length" : nullptr;
 }
 
+// A position's likeliest tokens as [{token, logprob}, ...].
+Napi::Array top_of(Napi::Env env, const std::vector<vdiff::TopLogprob>& top) {
+  Napi::Array array = Napi::Array::New(env, top.size());
+  for (size_t k = 0; k < top.size(); ++k) {
+    Napi::Object alt = Napi::Object::New(env);
+    alt.Set("token", top[k].token);
+    alt.Set("logprob", static_cast<double>(top[k].logprob));
+    array.Set(static_cast<uint32_t>(k), alt);
+  }
+  return array;
+}
+
 class ScoreWorker : public PromiseWorker {
  public:
   ScoreWorker(Napi::Env env, std::shared_ptr<Engine> engine, std::vector<int32_t> canvas,
@@ -371,8 +383,14 @@ class ScoreBatchWorker : public PromiseWorker {
   Napi::Value result(Napi::Env env) override {
     Napi::Array out = Napi::Array::New(env, scores_.size());
     for (size_t i = 0; i < scores_.size(); ++i) {
-      auto item = Napi::Float64Array::New(env, scores_[i].size());
-      for (size_t j = 0; j < scores_[i].size(); ++j) item[j] = scores_[i][j];
+      const Engine::Scored& scored = scores_[i];
+      auto logprobs = Napi::Float64Array::New(env, scored.logprobs.size());
+      for (size_t j = 0; j < scored.logprobs.size(); ++j) logprobs[j] = scored.logprobs[j];
+      Napi::Array top = Napi::Array::New(env, scored.top.size());
+      for (size_t j = 0; j < scored.top.size(); ++j) top.Set(static_cast<uint32_t>(j), top_of(env, scored.top[j]));
+      Napi::Object item = Napi::Object::New(env);
+      item.Set("logprobs", logprobs);
+      item.Set("top", top);
       out.Set(static_cast<uint32_t>(i), item);
     }
     return out;
@@ -380,7 +398,7 @@ class ScoreBatchWorker : public PromiseWorker {
 
   std::shared_ptr<Engine> engine_;
   std::vector<Engine::ScoreItem> items_;
-  std::vector<std::vector<double>> scores_;
+  std::vector<Engine::Scored> scores_;
 };
 
 const char* phase_name(vdiff::Phase p) {
@@ -396,14 +414,7 @@ Napi::Array tokens_array(Napi::Env env, const std::vector<vdiff::CommittedToken>
     c.Set("token", t.token);
     c.Set("probability", static_cast<double>(t.probability));
     if (!t.top.empty()) {
-      Napi::Array top = Napi::Array::New(env, t.top.size());
-      for (size_t k = 0; k < t.top.size(); ++k) {
-        Napi::Object alt = Napi::Object::New(env);
-        alt.Set("token", t.top[k].token);
-        alt.Set("logprob", static_cast<double>(t.top[k].logprob));
-        top.Set(static_cast<uint32_t>(k), alt);
-      }
-      c.Set("top", top);
+      c.Set("top", top_of(env, t.top));
     }
     array.Set(static_cast<uint32_t>(j), c);
   }
@@ -618,6 +629,10 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
         items[i] = {tokens_of(env, o.Get("canvas"), name + ".canvas"),
                     tokens_of(env, o.Get("positions"), name + ".positions"),
                     tokens_of(env, o.Get("targets"), name + ".targets")};
+        const Napi::Value top = o.Get("topLogprobs");
+        if (!top.IsUndefined() && !top.IsNull())
+          items[i].top_logprobs =
+              static_cast<int>(integer_of(env, top, name + ".topLogprobs", 0, vdiff::kMaxTopLogprobs));
       }
       auto* worker = new ScoreBatchWorker(env, engine_, std::move(items));
       Napi::Promise promise = worker->promise();

@@ -357,10 +357,10 @@ SequenceInfo Engine::info(uint64_t id) const {
 
 std::vector<double> Engine::score(const std::vector<int32_t>& canvas, const std::vector<int32_t>& positions,
                                   const std::vector<int32_t>& targets, const std::atomic<bool>* cancel) {
-  return score(std::vector<ScoreItem>{ScoreItem{canvas, positions, targets}}, cancel)[0];
+  return score(std::vector<ScoreItem>{ScoreItem{canvas, positions, targets}}, cancel)[0].logprobs;
 }
 
-std::vector<std::vector<double>> Engine::score(const std::vector<ScoreItem>& items, const std::atomic<bool>* cancel) {
+std::vector<Engine::Scored> Engine::score(const std::vector<ScoreItem>& items, const std::atomic<bool>* cancel) {
   const ModelConfig& config = backend_->config();
   const int vocab = std::min(config.vocab_size, config.embedding_size);
   const bool many = items.size() > 1;
@@ -379,6 +379,9 @@ std::vector<std::vector<double>> Engine::score(const std::vector<ScoreItem>& ite
       if (item.canvas[j] < 0 || item.canvas[j] >= config.embedding_size)
         throw invalid(where(i) + "canvas[" + std::to_string(j) + "] = " + std::to_string(item.canvas[j]) +
                       " is not a token id");
+    if (item.top_logprobs < 0 || item.top_logprobs > kMaxTopLogprobs)
+      throw invalid(where(i) + "top_logprobs must be in [0, " + std::to_string(kMaxTopLogprobs) + "], got " +
+                    std::to_string(item.top_logprobs));
     if (item.positions.size() != item.targets.size())
       throw invalid(where(i) + std::to_string(item.positions.size()) + " positions but " +
                     std::to_string(item.targets.size()) + " targets");
@@ -391,7 +394,7 @@ std::vector<std::vector<double>> Engine::score(const std::vector<ScoreItem>& ite
                       " is outside the vocabulary");
     }
   }
-  std::vector<std::vector<double>> out(items.size());
+  std::vector<Scored> out(items.size());
   // The wanted rows of every canvas, in item order: with shifted logits (Dream) the row predicting
   // position p is the output row p - 1.
   std::vector<std::vector<int32_t>> rows(items.size());
@@ -399,7 +402,8 @@ std::vector<std::vector<double>> Engine::score(const std::vector<ScoreItem>& ite
   std::vector<RowTask> tasks;
   for (size_t i = 0; i < items.size(); ++i) {
     const ScoreItem& item = items[i];
-    out[i].resize(item.positions.size());
+    out[i].logprobs.resize(item.positions.size());
+    out[i].top.resize(item.top_logprobs > 0 ? item.positions.size() : 0);
     if (item.positions.empty()) continue;
     for (const int32_t p : item.positions) rows[i].push_back(config.prediction_row(p));
     ForwardSeq seq;
@@ -414,6 +418,8 @@ std::vector<std::vector<double>> Engine::score(const std::vector<ScoreItem>& ite
       RowTask task;
       task.cond = static_cast<int>(tasks.size());
       task.target = target;
+      // Two more than asked, for the mask token and head padding that are left out below.
+      task.top_logprobs = item.top_logprobs > 0 ? std::min(item.top_logprobs + 2, kMaxTopLogprobs) : 0;
       tasks.push_back(task);
     }
   }
@@ -430,7 +436,13 @@ std::vector<std::vector<double>> Engine::score(const std::vector<ScoreItem>& ite
         const Error e = non_finite(0, items[i].positions[j]);
         throw many ? Error(e.code(), "items[" + std::to_string(i) + "]: " + e.what()) : e;
       }
-      out[i][j] = results[r].target_logprob;
+      out[i].logprobs[j] = results[r].target_logprob;
+      if (items[i].top_logprobs == 0) continue;
+      std::vector<TopLogprob>& top = out[i].top[j];
+      for (int t = 0; t < results[r].n_top && static_cast<int>(top.size()) < items[i].top_logprobs; ++t) {
+        const TopLogprob& alt = results[r].top[t];
+        if (alt.token != config.mask_token_id && alt.token < vocab) top.push_back(alt);
+      }
     }
   }
   return out;

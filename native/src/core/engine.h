@@ -242,14 +242,21 @@ class Engine {
   std::vector<double> score(const std::vector<int32_t>& canvas, const std::vector<int32_t>& positions,
                             const std::vector<int32_t>& targets, const std::atomic<bool>* cancel = nullptr);
 
-  // One canvas to score: what the model sees, and the tokens whose log-probabilities are wanted where.
+  // One canvas to score: what the model sees, the tokens whose log-probabilities are wanted where, and how
+  // many of each position's likeliest tokens to report besides (0 .. kMaxTopLogprobs).
   struct ScoreItem {
     std::vector<int32_t> canvas, positions, targets;
+    int top_logprobs = 0;
+  };
+  // Per item: its targets' log-probabilities and, per target, its position's top_logprobs likeliest
+  // tokens, most likely first (tokens of the vocabulary other than the mask token).
+  struct Scored {
+    std::vector<double> logprobs;
+    std::vector<std::vector<TopLogprob>> top;
   };
   // score() for several canvases in one batched forward (each checked as score() checks one; the errors
-  // name the item): per item, its targets' log-probabilities. A Numeric error names the item and position.
-  std::vector<std::vector<double>> score(const std::vector<ScoreItem>& items,
-                                         const std::atomic<bool>* cancel = nullptr);
+  // name the item). A Numeric error names the item and position.
+  std::vector<Scored> score(const std::vector<ScoreItem>& items, const std::atomic<bool>* cancel = nullptr);
 
   // Frees the sequence's memory now (or, when a step holding it is in flight, as that step returns).
   // Unknown ids are ignored.

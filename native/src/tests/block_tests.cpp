@@ -553,16 +553,35 @@ void test_block_engine() {
   {
     const std::vector<int32_t> a = prompt_of(11), b = prompt_of(7);
     const std::vector<Engine::ScoreItem> items = {{a, {0, 3, 10}, {1, 2, 3}}, {b, {}, {}}, {b, {6, 2}, {4, 5}}};
-    const std::vector<std::vector<double>> batch = engine.score(items);
+    const std::vector<Engine::Scored> batch = engine.score(items);
     double worst = 0.0;
     bool shapes = batch.size() == 3;
     for (size_t i = 0; shapes && i < items.size(); ++i) {
       const std::vector<double> alone = engine.score(items[i].canvas, items[i].positions, items[i].targets);
-      shapes = batch[i].size() == alone.size();
-      for (size_t j = 0; shapes && j < alone.size(); ++j) worst = std::max(worst, std::fabs(batch[i][j] - alone[j]));
+      shapes = batch[i].logprobs.size() == alone.size() && batch[i].top.empty();
+      for (size_t j = 0; shapes && j < alone.size(); ++j)
+        worst = std::max(worst, std::fabs(batch[i].logprobs[j] - alone[j]));
     }
     report(shapes && worst < 1e-6, "score of a batch of canvases: each as it scores alone",
            fmt("max difference %.3g", worst));
+    // With top_logprobs: each position's likeliest tokens, most likely first, the mask token left out; the
+    // target's own log-probability is among them when it is the likeliest.
+    {
+      Engine::ScoreItem item{a, {0, 3, 10}, {1, 2, 3}, 5};
+      const Engine::Scored scored = engine.score(std::vector<Engine::ScoreItem>{item})[0];
+      bool ordered = scored.top.size() == 3;
+      for (size_t j = 0; ordered && j < scored.top.size(); ++j) {
+        const std::vector<TopLogprob>& top = scored.top[j];
+        ordered = top.size() == 5;
+        for (size_t t = 0; ordered && t < top.size(); ++t) {
+          ordered = top[t].token != base.mask_token_id && top[t].token < base.vocab_size;
+          if (t > 0) ordered = ordered && top[t].logprob <= top[t - 1].logprob;
+        }
+        // No token outside the top is likelier than the last of it: the target's logprob is below the first.
+        ordered = ordered && scored.logprobs[j] <= top[0].logprob + 1e-6;
+      }
+      report(ordered, "score with top_logprobs 5: the likeliest tokens per position, in order, no mask token");
+    }
     std::vector<Engine::ScoreItem> bad = items;
     bad[2].targets[1] = spec.embedding + 5;
     const auto refused = [&](const std::vector<Engine::ScoreItem>& these, const std::string& fragment) {

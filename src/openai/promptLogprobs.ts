@@ -1,0 +1,58 @@
+/**
+ * The log-probabilities of a prompt's tokens, for completions' `echo` with `logprobs`: what an evaluation
+ * harness (lm-evaluation-harness's completions backends) asks for to get a continuation's log-likelihood
+ * and whether it is the model's greedy choice.
+ *
+ * A left-to-right model reads these off one forward. A masked diffusion model has no left-to-right
+ * factorisation of its own; vdiff uses the chain rule in reading order, as for guided_choice
+ * (openai/choice.ts): token i is predicted on a canvas holding the prompt's first i tokens in place and
+ * masks over the rest of the prompt (the model knows how long the text is, as it does for an answer). The
+ * first token has no logprob (null, as OpenAI's). A prompt of P tokens is P - 1 canvases of P positions,
+ * one scoring job of the scheduler, run in batched forwards between two steps.
+ */
+import { Effect } from "effect"
+import type { TopLogprob } from "../engine/Engine.js"
+import { Scheduler } from "../scheduler/Scheduler.js"
+import { Tokenizer } from "../tokenizer/Tokenizer.js"
+import { fromGenerationError } from "./errors.js"
+
+export interface PromptLogprobs {
+  readonly ids: ReadonlyArray<number>
+  /** Per token; null for the first. */
+  readonly logprobs: ReadonlyArray<number | null>
+  /** Per token, its position's `top` likeliest tokens (none for the first). */
+  readonly alternatives: ReadonlyArray<ReadonlyArray<TopLogprob>>
+  /** Where each token's text starts in the prompt's text as the tokenizer decodes it (special tokens left out). */
+  readonly offsets: ReadonlyArray<number>
+}
+
+/** Scores the prompt's tokens (after the first) with `top` alternatives each, as one scoring job. */
+export const scorePrompt = (tokens: ReadonlyArray<number>, top: number) =>
+  Effect.gen(function* () {
+    const scheduler = yield* Scheduler
+    const tokenizer = yield* Tokenizer
+    const mask = tokenizer.specialTokens.mask
+    const items = tokens.slice(1).map((target, at) => {
+      const i = at + 1
+      return {
+        canvas: [...tokens.slice(0, i), ...new Array<number>(tokens.length - i).fill(mask)],
+        positions: [i],
+        targets: [target],
+        topLogprobs: top
+      }
+    })
+    const scored = items.length === 0 ? [] : yield* scheduler.score({ items }).pipe(Effect.mapError(fromGenerationError))
+    const detokenizer = tokenizer.detokenizer({ skipSpecialTokens: true })
+    let length = 0
+    const offsets = tokens.map((token) => {
+      const at = length
+      length += detokenizer.push(token).length
+      return at
+    })
+    return {
+      ids: tokens,
+      logprobs: [null, ...scored.map((s) => s.logprobs[0]!)],
+      alternatives: [[], ...scored.map((s) => s.top[0] ?? [])],
+      offsets
+    } satisfies PromptLogprobs
+  }).pipe(Effect.withSpan("vdiff.prompt_logprobs", { attributes: { "vdiff.prompt_tokens": tokens.length } }))
