@@ -410,3 +410,40 @@ describe("echo with logprobs on the embedded model", () => {
     expect(opening.logprobs.token_logprobs).toEqual(logprobs.token_logprobs.slice(0, tokens.length))
   })
 })
+
+describe("lm-evaluation-harness's log-likelihood request", () => {
+  it("gives a continuation's log-likelihood and greediness the way local-completions reads them", async () => {
+    // What lm_eval's local-completions sends: token ids of context + continuation, one token asked for,
+    // logprobs 1, echo; it sums token_logprobs[ctxlen:-1] and checks each against max(top_logprobs).
+    const context = server.tokenizer.encode("KING HENRY:\nWhat say you, my", { addSpecialTokens: true })
+    const continuation = server.tokenizer.encode(" lord", { addSpecialTokens: false })
+    const response = await server.post("/v1/completions", {
+      model: "shakespeare",
+      prompt: [[...context, ...continuation]],
+      temperature: 0,
+      max_tokens: 1,
+      logprobs: 1,
+      seed: 1234,
+      echo: true
+    })
+    expect(response.status).toBe(200)
+    const choice = ((await response.json()) as any).choices[0]
+    const ctxlen = context.length
+    const tokenLogprobs = choice.logprobs.token_logprobs.slice(ctxlen, -1) as Array<number>
+    const tops = choice.logprobs.top_logprobs.slice(ctxlen, -1) as Array<Record<string, number>>
+    expect(tokenLogprobs).toHaveLength(continuation.length)
+    // The same chain scored here: each continuation token on its context and masks over the rest.
+    const all = [...context, ...continuation]
+    const mask = server.tokenizer.specialTokens.mask
+    let expected = 0
+    let greedy = true
+    for (let i = ctxlen; i < all.length; i++) {
+      const canvas = [...all.slice(0, i), ...new Array<number>(all.length - i).fill(mask)]
+      const [scored] = await Effect.runPromise(server.engine.score([{ canvas, positions: [i], targets: [all[i]!], topLogprobs: 1 }]))
+      expected += scored!.logprobs[0]!
+      greedy = greedy && scored!.top[0]![0]!.token === all[i]
+    }
+    expect(tokenLogprobs.reduce((a, b) => a + b, 0)).toBeCloseTo(expected, 5)
+    expect(tokenLogprobs.every((logprob, k) => logprob === Math.max(...Object.values(tops[k]!)))).toBe(greedy)
+  })
+})
