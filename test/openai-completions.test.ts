@@ -6,7 +6,7 @@
 import { Effect, Schema } from "effect"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { CompletionResponse, DetokenizeResponse, Model, ModelList, TokenizeResponse } from "../src/openai/protocol.js"
-import { eventually, servingConfig, startServer, type TestServer, textScript } from "./openai-support.js"
+import { eventually, parseSse, servingConfig, startServer, type TestServer, textScript } from "./openai-support.js"
 
 const strict = <A, I>(schema: Schema.Schema<A, I>) => Schema.decodeUnknownSync(schema, { onExcessProperty: "error" })
 
@@ -250,6 +250,27 @@ describe("POST /v1/completions", () => {
         response.choices.reduce((sum, c, k) => sum + encode(c.text.slice((k < 2 ? "Say hello" : "Good").length)).length, 0)
       )
     }
+  })
+
+  it("with max_tokens 0 and echo, answers with the prompt alone: its logprobs when asked, nothing denoised", async () => {
+    const steps = server.engine.batches.length
+    const response = await complete({ prompt: "Say hello", max_tokens: 0, echo: true, logprobs: 1, n: 2 })
+    expect(server.engine.batches.length).toBe(steps)
+    const promptIds = encode("Say hello", true)
+    for (const choice of response.choices) {
+      expect(choice).toMatchObject({ text: "Say hello", finish_reason: "length" })
+      expect(choice.logprobs!.tokens).toHaveLength(promptIds.length)
+      expect(choice.logprobs!.token_logprobs[0]).toBeNull()
+    }
+    expect(response.usage).toMatchObject({ prompt_tokens: promptIds.length, completion_tokens: 0 })
+    const streamed = await server.post("/v1/completions", { prompt: "Say hello", max_tokens: 0, echo: true, stream: true })
+    const events = parseSse(await streamed.text()) as Array<any>
+    expect(events.at(-1)).toBe("[DONE]")
+    expect(events.map((e) => e.choices?.[0]?.text).join("")).toBe("Say hello")
+    expect(events.at(-2).choices[0].finish_reason).toBe("length")
+    const refused = await server.post("/v1/completions", { prompt: "Say hello", max_tokens: 0 })
+    expect(refused.status).toBe(400)
+    expect(((await refused.json()) as any).error.param).toBe("max_tokens")
   })
 
   it("returns the log of each token's committed probability as logprobs", async () => {

@@ -36,7 +36,8 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
   ["negative token id", { prompt: [1, -2] }, "prompt"],
   ["token id outside the vocabulary", { prompt: [1, 99_999] }, "prompt[1]", /not in the vocabulary/],
   ["token id outside the vocabulary in a list", { prompt: [[3], [1, 5000]] }, "prompt[1][1]"],
-  ["max_tokens 0", { ...prompt, max_tokens: 0 }, "max_tokens", /integer >= 1/],
+  ["max_tokens 0 without echo", { ...prompt, max_tokens: 0 }, "max_tokens", /at least 1, or 0 with echo/],
+  ["max_tokens below 0", { ...prompt, max_tokens: -1 }, "max_tokens", /integer >= 0/],
   ["max_tokens a string", { ...prompt, max_tokens: "ten" }, "max_tokens"],
   ["temperature below 0", { ...prompt, temperature: -1 }, "temperature", /from 0 to 2/],
   ["temperature above 2", { ...prompt, temperature: 2.5 }, "temperature"],
@@ -221,7 +222,8 @@ const chatCases: ReadonlyArray<readonly [string, Record<string, unknown>, string
   ["a JSON response_format", { ...chat, response_format: { type: "json_object" } }, "response_format"],
   ["temperature above 2", { ...chat, temperature: 3 }, "temperature"],
   ["messages over the context", { messages: [{ role: "user", content: "x".repeat(200) }] }, "messages", /maximum context length/],
-  ["max_tokens over the context", { ...chat, max_tokens: 120 }, "max_tokens", /maximum context length/]
+  ["max_tokens over the context", { ...chat, max_tokens: 120 }, "max_tokens", /maximum context length/],
+  ["max_tokens 0", { ...chat, max_tokens: 0 }, "max_tokens", /integer >= 1/]
 ]
 
 describe("request validation", () => {

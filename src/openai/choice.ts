@@ -20,14 +20,14 @@
 import { Effect, Option, Random, Stream } from "effect"
 import { BadRequest } from "../api/errors.js"
 import { requestFields } from "../config/sampling.js"
-import type { SamplingSettings, ScoreItem, Scored, StepResult } from "../engine/Engine.js"
+import type { SamplingSettings, ScoreItem, Scored } from "../engine/Engine.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import { RequestMetrics } from "../telemetry/requests.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { ChoiceDecoder } from "./ChoiceDecoder.js"
 import { fromGenerationError } from "./errors.js"
 import { type AnswerPlan, checkNoMaskToken, type PreparedPrompt } from "./plan.js"
-import { type ChoiceUpdate, emptyTally, type PromptJob } from "./run.js"
+import { type ChoiceUpdate, emptyTally, type PromptJob, settledStep } from "./run.js"
 import { ServingConfig } from "./ServingConfig.js"
 
 /** The most strings a choice list may hold, and the most canvases (choice tokens + 1 each) they may take. */
@@ -247,18 +247,7 @@ export const choiceJob = (prompt: PreparedPrompt, settings: SamplingSettings, pl
             token,
             probability: Math.exp(chains[picked]![position]!)
           }))
-          const step: StepResult = {
-            id: -1,
-            committed,
-            finished: true,
-            reason: "eos",
-            block: 0,
-            stepsDone: 0,
-            stepsTotal: 0,
-            filled: 0,
-            forwardPasses: tallies[index]!.forwardPasses,
-            kvRefreshes: 0
-          }
+          const step = settledStep(committed, tallies[index]!.forwardPasses, "eos")
           updates.push({ index, decoder, delta: decoder.commit(committed), step })
         }
         return updates

@@ -13,7 +13,7 @@ import type { ChoiceDecoder } from "./ChoiceDecoder.js"
 import { type CompletionLogprobs, type CompletionRequest, completionUnhonoured } from "./protocol.js"
 import { checkTokenIds, makePlan, type PreparedPrompt } from "./plan.js"
 import { completionLogprobs, concatLogprobs, respond, TokenTexts, tokenLogprobs } from "./render.js"
-import { scorePrompt } from "./promptLogprobs.js"
+import { promptOnlyJobs, scorePrompt } from "./promptLogprobs.js"
 import { preparePromptJobs, type PromptJob } from "./run.js"
 import { planChoice, prepareChoiceJobs } from "./choice.js"
 import { ServingConfig } from "./ServingConfig.js"
@@ -122,7 +122,17 @@ export const completions = (request: CompletionRequest) =>
             concurrency: "unbounded"
           })
         : undefined
-    const jobs = yield* choice === undefined ? preparePromptJobs(prompts, plan) : prepareChoiceJobs(prompts, plan, choice)
+    if (request.max_tokens === 0 && request.echo !== true) {
+      return yield* new BadRequest({
+        message: "max_tokens must be at least 1, or 0 with echo (the prompt alone, with its logprobs when asked)",
+        param: "max_tokens"
+      })
+    }
+    const jobs = yield* choice !== undefined
+      ? prepareChoiceJobs(prompts, plan, choice)
+      : request.max_tokens === 0
+        ? promptOnlyJobs(prompts, plan)
+        : preparePromptJobs(prompts, plan)
     const promptLogprobsOf = (job: PromptJob) => {
       const scored = promptScores?.[(jobs as ReadonlyArray<PromptJob>).indexOf(job)]
       return scored === undefined || top === undefined ? undefined : tokenLogprobs(scored, top, texts)

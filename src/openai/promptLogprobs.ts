@@ -10,11 +10,15 @@
  * first token has no logprob (null, as OpenAI's). A prompt of P tokens is P - 1 canvases of P positions,
  * one scoring job of the scheduler, run in batched forwards between two steps.
  */
-import { Effect } from "effect"
+import { Effect, Stream } from "effect"
 import type { TopLogprob } from "../engine/Engine.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
+import { RequestMetrics } from "../telemetry/requests.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
+import { ChoiceDecoder } from "./ChoiceDecoder.js"
 import { fromGenerationError } from "./errors.js"
+import type { AnswerPlan, PreparedPrompt } from "./plan.js"
+import { type ChoiceUpdate, emptyTally, type PromptJob, settledStep } from "./run.js"
 
 export interface PromptLogprobs {
   readonly ids: ReadonlyArray<number>
@@ -56,3 +60,44 @@ export const scorePrompt = (tokens: ReadonlyArray<number>, top: number) =>
       offsets
     } satisfies PromptLogprobs
   }).pipe(Effect.withSpan("vdiff.prompt_logprobs", { attributes: { "vdiff.prompt_tokens": tokens.length } }))
+
+/**
+ * Completions with `max_tokens: 0` (only with echo, as OpenAI's legacy completions took it to score a
+ * text): each prompt's n answers are empty, finish reason "length", and nothing is denoised.
+ */
+export const promptOnlyJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: AnswerPlan) =>
+  Effect.forEach(prompts.map(plan.truncatePrompt), (prompt) =>
+    Effect.gen(function* () {
+      const tokenizer = yield* Tokenizer
+      const metrics = yield* RequestMetrics
+      const settings = yield* plan.settingsFor(prompt.tokens.length, prompt.param)
+      yield* metrics.started(plan.n)
+      const decoders = Array.from(
+        { length: plan.n },
+        () =>
+          new ChoiceDecoder({
+            genLength: 0,
+            endTokens: new Set(),
+            stopTokens: new Set(),
+            stopStrings: [],
+            detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
+          })
+      )
+      const updates = Stream.fromIterable(
+        decoders.map((decoder, index): ChoiceUpdate => ({ index, decoder, delta: decoder.commit([]), step: settledStep([], 0, "length") }))
+      ).pipe(
+        Stream.concat(
+          Stream.fromEffect(
+            Effect.suspend(() =>
+              metrics.answered({
+                promptTokens: prompt.tokens.length,
+                generationTokens: 0,
+                finishReasons: decoders.map(() => "length")
+              })
+            )
+          ).pipe(Stream.drain)
+        )
+      )
+      return { prompt, settings, run: { decoders, tallies: decoders.map(() => emptyTally()), updates } } satisfies PromptJob
+    })
+  )

@@ -192,7 +192,9 @@ export const CompletionRequest = Schema.Struct({
    * (OpenAI allows up to 5, vLLM up to 20; the engine reports up to 20).
    */
   logprobs: optional(int("logprobs", 0, 20)),
-  best_of: optional(int("best_of", 1))
+  best_of: optional(int("best_of", 1)),
+  /** As the sampling field, but 0 is allowed with echo: the prompt alone, scored with logprobs. */
+  max_tokens: optional(int("max_tokens", 0))
 })
 export type CompletionRequest = typeof CompletionRequest.Type
 

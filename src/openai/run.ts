@@ -57,6 +57,23 @@ export const emptyTally = (): DenoisingTally => ({
   promptCached: 0
 })
 
+/**
+ * The step result of an answer settled whole without denoising (a scored choice, an empty answer): what
+ * it committed, in one event that finishes it.
+ */
+export const settledStep = (committed: StepResult["committed"], forwardPasses: number, reason: StepResult["reason"]): StepResult => ({
+  id: -1,
+  committed,
+  finished: true,
+  reason,
+  block: 0,
+  stepsDone: 0,
+  stepsTotal: 0,
+  filled: 0,
+  forwardPasses,
+  kvRefreshes: 0
+})
+
 /** One prompt's n answers in flight: a decoder per answer, and the stream that feeds them. */
 export interface PromptRun {
   readonly decoders: ReadonlyArray<ChoiceDecoder>
