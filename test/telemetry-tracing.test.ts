@@ -192,6 +192,39 @@ describe("tracing", () => {
     })
   )
 
+  it.scopedLive("marks the span of a stream whose client went away (the 499 of the metrics): vdiff.client_gone, status unset", () =>
+    Effect.gen(function* () {
+      const exporter = new InMemorySpanExporter()
+      const config = yield* Effect.promise(() => settings())
+      const telemetry = Telemetry.layer({ spanProcessors: [new SimpleSpanProcessor(exporter)] })
+      const url = yield* serve(config, yield* Effect.scope, telemetry, { stepMs: 20 })
+      yield* Effect.promise(async () => {
+        const controller = new AbortController()
+        const response = await fetch(url + "/v1/completions", {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          // Seed 0 writes printable text from the first step on, so the first chunk comes at once.
+          body: JSON.stringify({ prompt: "Hi", max_tokens: 50, seed: 0, stream: true }),
+          signal: controller.signal
+        })
+        await response.body!.getReader().read()
+        controller.abort()
+      })
+      const ok = yield* postJson(url + "/v1/completions", { prompt: "Hi", max_tokens: 2, stream: true })
+      expect(ok.status).toBe(200)
+      const spans = () => exporter.getFinishedSpans().filter((span) => span.name === "POST /v1/completions")
+      while (spans().length < 2) yield* Effect.sleep(10)
+      const [gone, whole] = [...spans()].sort(
+        (a, b) => Number(b.attributes["vdiff.client_gone"] === true) - Number(a.attributes["vdiff.client_gone"] === true)
+      )
+      // What was sent was a 200 head; the response did not go out whole, and not by the server's fault.
+      expect(gone!.attributes).toMatchObject({ "http.response.status_code": 200, "vdiff.client_gone": true })
+      expect(gone!.status.code).toBe(0) // UNSET
+      expect(whole!.attributes["vdiff.client_gone"]).toBeUndefined()
+      expect(whole!.status.code).toBe(1) // OK
+    })
+  )
+
   it.scopedLive("exports spans over OTLP/HTTP to the configured endpoint", () =>
     Effect.gen(function* () {
       const received: Array<{ method: string; url: string; headers: IncomingHttpHeaders; body: string }> = []

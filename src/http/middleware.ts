@@ -131,6 +131,9 @@ export const accessLog =
               durationMs: Number((yield* Clock.currentTimeNanos) - started) / 1e6,
               client: clientAddress(request, options.trustProxy)
             }
+            // The request's span (the server span, when traced) says so too: its status code is what was
+            // sent (a stream's 200), which alone reads as a success (telemetry/serverSpans.ts).
+            if (record.status === 499) yield* Effect.annotateCurrentSpan("vdiff.client_gone", true)
             const routine = record.status < 400 && options.routine?.(request) === true
             yield* (routine ? Effect.logDebug("request") : Effect.logInfo("request")).pipe(
               Effect.annotateLogs({

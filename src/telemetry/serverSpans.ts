@@ -7,6 +7,9 @@
  *   The platform ends every span whose handler succeeded as OK, and this server renders its errors as
  *   responses, so a 503 or a 504 was exported as OK and escaped error views and tail sampling. The SDK
  *   treats OK as final, so the status is replaced, not set.
+ * - A client that went away before its response was complete (`vdiff.client_gone`, set by the access log,
+ *   which counts it as 499): status unset, not OK — the response did not go out whole, and not by the
+ *   server's fault.
  * - Credentials out of the attributes: the platform redacts only the authorization, cookie and x-api-key
  *   headers; the `api-key` header (Azure-style OpenAI clients) and Proxy-Authorization are redacted here
  *   too, and so are query parameters that carry keys or tokens in `url.full` and `url.query`.
@@ -62,7 +65,9 @@ export const serverSpanConventions = (): SpanProcessor => ({
     const full = attributes["url.full"]
     if (typeof full === "string") span.setAttribute("url.full", redactUrl(full))
     const status = Number(attributes["http.response.status_code"])
-    if (status >= 500) {
+    if (attributes["vdiff.client_gone"] === true) {
+      ;(span as { status: ReadableSpan["status"] }).status = { code: SpanStatusCode.UNSET }
+    } else if (status >= 500) {
       span.setAttribute("error.type", String(status))
       ;(span as { status: ReadableSpan["status"] }).status = { code: SpanStatusCode.ERROR, message: `HTTP ${status}` }
     } else if (status >= 400) {
