@@ -363,6 +363,18 @@ describe("Scheduler score", () => {
     }).pipe(Effect.provide(layer))
   })
 
+  it.live("keeps each forward within max-batch-tokens, one canvas at least", () => {
+    const { engine, layer } = setup({ maxConcurrent: 8, maxBatchTokens: 10 })
+    return Effect.gen(function* () {
+      const scheduler = yield* Scheduler.Scheduler
+      const items = [item(1, 4, [0], [1]), item(1, 4, [0], [1]), item(1, 3, [0], [1]), item(1, 12, [0], [1]), item(1, 2, [0], [1])]
+      const scores = yield* scheduler.score({ items })
+      expect(scores).toHaveLength(5)
+      // 4 + 4 fit in 10, + 3 does not; 3 alone; 12 alone though over the bound; then 2.
+      expect(engine.scored.map((batch) => batch.map((i) => i.canvas.length))).toEqual([[4, 4], [3], [12], [2]])
+    }).pipe(Effect.provide(layer))
+  })
+
   it.live("waits in line behind a request the batch has no room for yet (first come, first served)", () => {
     const { engine, layer } = setup({ maxConcurrent: 1 }, { stepMs: 2 })
     return Effect.gen(function* () {

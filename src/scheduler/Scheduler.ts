@@ -120,8 +120,9 @@ export interface SchedulerShape {
   readonly generate: (request: GenerationRequest) => Effect.Effect<GenerationResult, GenerationError>
   /**
    * The model's log-probabilities of tokens on canvases (Engine.score): a job of the queue like a
-   * generation, run when it reaches the head, between two steps, in forwards of at most the batch size
-   * (maxConcurrent canvases) each. It takes no room in the batch. Per item, one log-probability per target.
+   * generation, run when it reaches the head, between two steps, in forwards no larger than a step's batch
+   * (maxConcurrent canvases, maxBatchTokens canvas tokens). It takes no room in the batch. Per item, one
+   * log-probability per target.
    */
   readonly score: (request: ScoreRequest) => Effect.Effect<ReadonlyArray<Scored>, GenerationError>
   readonly stats: Effect.Effect<SchedulerStats>
@@ -354,16 +355,24 @@ export const make = (options: SchedulerOptions) =>
       new RequestTimeout({ message: `request timed out after ${job.timeoutMs} ms`, timeoutMs: job.timeoutMs })
 
     /**
-     * Runs a scoring that reached the head of the queue, between two steps: its canvases in forwards of at
-     * most the batch size each (the most sequences a step holds), then its answer.
+     * Runs a scoring that reached the head of the queue, between two steps: its canvases in forwards that a
+     * step's batch could be (at most maxConcurrent canvases, and maxBatchTokens canvas tokens unless one
+     * canvas alone is more), then its answer.
      */
     const runScore = (job: ScoreJob) =>
       Effect.gen(function* () {
         yield* startWork(job)
         const { items } = job.request
         const scores: Array<Scored> = []
-        for (let at = 0; at < items.length; at += options.maxConcurrent) {
-          scores.push(...(yield* engine.score(items.slice(at, at + options.maxConcurrent))))
+        for (let at = 0; at < items.length; ) {
+          let end = at + 1
+          let tokens = items[at]!.canvas.length
+          while (end < items.length && end - at < options.maxConcurrent && tokens + items[end]!.canvas.length <= options.maxBatchTokens) {
+            tokens += items[end]!.canvas.length
+            end++
+          }
+          scores.push(...(yield* engine.score(items.slice(at, end))))
+          at = end
         }
         job.scores = scores
         state.requestsFinished++
