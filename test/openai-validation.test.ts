@@ -104,6 +104,7 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
     /^prompt contains the mask token "<\|mdm_mask\|>"/
   ],
   ["the mask token in a prompt of a list", { prompt: ["Say hello", "<|mdm_mask|>"] }, "prompt[1]", /mask token/],
+  ["the mask token in a prompt scored for echo", { prompt: "Hi <|mdm_mask|>", echo: true, logprobs: 1 }, "prompt", /mask token/],
   ["the mask token in the suffix", { ...prompt, suffix: "a <|mdm_mask|>" }, "suffix", /^suffix contains the mask token/],
   ["block_length 0", { ...prompt, block_length: 0 }, "block_length"],
   ["unknown remasking", { ...prompt, remasking: "lowest" }, "remasking", /low_confidence/],

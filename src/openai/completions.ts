@@ -11,7 +11,7 @@ import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { BadRequest } from "../api/errors.js"
 import type { ChoiceDecoder } from "./ChoiceDecoder.js"
 import { type CompletionLogprobs, type CompletionRequest, completionUnhonoured } from "./protocol.js"
-import { checkTokenIds, makePlan, type PreparedPrompt } from "./plan.js"
+import { checkNoMaskToken, checkTokenIds, makePlan, type PreparedPrompt } from "./plan.js"
 import { completionLogprobs, concatLogprobs, respond, TokenTexts, tokenLogprobs } from "./render.js"
 import { promptOnlyJobs, scorePrompt } from "./promptLogprobs.js"
 import { preparePromptJobs, type PromptJob } from "./run.js"
@@ -118,9 +118,11 @@ export const completions = (request: CompletionRequest) =>
     const top = request.logprobs
     const promptScores =
       request.echo === true && top !== undefined
-        ? yield* Effect.forEach(prompts.map(plan.truncatePrompt), (prompt) => scorePrompt(prompt.tokens, top), {
-            concurrency: "unbounded"
-          })
+        ? yield* checkNoMaskToken(prompts).pipe(
+            Effect.zipRight(
+              Effect.forEach(prompts.map(plan.truncatePrompt), (prompt) => scorePrompt(prompt.tokens, top), { concurrency: "unbounded" })
+            )
+          )
         : undefined
     if (request.max_tokens === 0 && request.echo !== true) {
       return yield* new BadRequest({
