@@ -256,6 +256,26 @@ describe("GET /metrics", () => {
       expect(value("vdiff_generation_tokens_total")).toBe(0)
       expect(value("vdiff_prompt_tokens_total")).toBe(0)
       expect(value("vdiff_step_phase_total", { phase: "denoise" })).toBe(0)
+      expect(value("vdiff_scored_canvases_total")).toBe(0)
+    }).pipe(quiet)
+  )
+
+  it.scopedLive("counts the canvases and forwards of scoring requests (guided_choice, echo with logprobs)", () =>
+    Effect.gen(function* () {
+      const model = `scored-${randomUUID().slice(0, 8)}`
+      const config = yield* Effect.promise(() => settings(["--served-model-name", model, "--max-concurrent-requests", "2"]))
+      const { url } = yield* startServer({ config, load: fakeLoader(config) })
+      const choice = yield* postJson(url + "/v1/completions", { model, prompt: "Hi", guided_choice: ["a", "bc"], temperature: 0 })
+      expect(choice.status).toBe(200)
+      const canvases = choice.json.diffusion.forward_passes as number
+      const echo = yield* postJson(url + "/v1/completions", { model, prompt: "Hello", echo: true, logprobs: 0, max_tokens: 0 })
+      expect(echo.status).toBe(200)
+      const promptCanvases = (echo.json.usage.prompt_tokens as number) - 1
+      const { value } = yield* scrape(url, model)
+      expect(value("vdiff_scored_canvases_total")).toBe(canvases + promptCanvases)
+      // Forwards of at most 2 canvases (the batch size).
+      expect(value("vdiff_score_duration_seconds_count")).toBe(Math.ceil(canvases / 2) + Math.ceil(promptCanvases / 2))
+      expect(value("vdiff_denoising_steps_total")).toBe(0)
     }).pipe(quiet)
   )
 

@@ -371,7 +371,10 @@ export const make = (options: SchedulerOptions) =>
             tokens += items[end]!.canvas.length
             end++
           }
+          const started = yield* Clock.currentTimeNanos
           scores.push(...(yield* engine.score(items.slice(at, end))))
+          yield* Metric.update(Metrics.scoreDuration, Metrics.secondsBetween(started, yield* Clock.currentTimeNanos))
+          yield* Metric.incrementBy(Metrics.scoredCanvases, end - at)
           at = end
         }
         job.scores = scores

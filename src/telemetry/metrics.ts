@@ -74,6 +74,17 @@ export const tokensPerStep = histogram(
 
 export const stepDuration = histogram("vdiff_step_duration_seconds", stepBounds, "Seconds one batched denoising step took in the engine.")
 
+export const scoredCanvases = counter(
+  "vdiff_scored_canvases_total",
+  "Canvases scored rather than denoised (guided_choice, completions' echo with logprobs): one per predicted position."
+)
+
+export const scoreDuration = histogram(
+  "vdiff_score_duration_seconds",
+  stepBounds,
+  "Seconds one batched scoring forward took in the engine (run between two denoising steps)."
+)
+
 /**
  * The phase mix of the steps: each sequence's forward in each batched step, by `phase` — prefill (a
  * prompt's whole blocks), denoise (an open block), commit (a finished block cached from its final tokens).
@@ -257,9 +268,16 @@ export const countersFromZero = Effect.all(
     ...["cancelled", "queue_full", "draining", "timeout", "model_not_loaded", "out_of_memory", "internal_error"].map((type) =>
       Metric.incrementBy(Metric.tagged(requestFailure, "error_type", type), 0)
     ),
-    ...[promptTokens, generationTokens, denoisingSteps, kvPositionsAttended, kvPositionsReused, prefixCacheQueries, prefixCacheHits].map(
-      (counter) => Metric.incrementBy(counter, 0)
-    ),
+    ...[
+      promptTokens,
+      generationTokens,
+      denoisingSteps,
+      scoredCanvases,
+      kvPositionsAttended,
+      kvPositionsReused,
+      prefixCacheQueries,
+      prefixCacheHits
+    ].map((counter) => Metric.incrementBy(counter, 0)),
     ...Object.values(stepPhases).map((counter) => Metric.incrementBy(counter, 0))
   ],
   { discard: true }
