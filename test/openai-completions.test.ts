@@ -273,6 +273,37 @@ describe("POST /v1/completions", () => {
     expect(((await refused.json()) as any).error.param).toBe("max_tokens")
   })
 
+  it("vLLM's prompt_logprobs: per prompt token its logprob, rank and text, and the likeliest tokens beside it", async () => {
+    const before = server.engine.scored.length
+    const response = await complete({ prompt: "Say hello", max_tokens: 4, seed: 1, prompt_logprobs: 2, n: 2 })
+    const ids = encode("Say hello", true)
+    const items = server.engine.scored.slice(before).flat()
+    expect(items).toHaveLength(ids.length - 1)
+    for (const choice of response.choices) {
+      const ranked = choice.prompt_logprobs!
+      expect(ranked).toHaveLength(ids.length)
+      expect(ranked[0]).toBeNull()
+      for (let i = 1; i < ids.length; i++) {
+        // The fake model expects (canvas[0] + position) % 1000 and ranks the others by distance from it.
+        const expected = (ids[0]! + i) % 1000
+        const d = ids[i]! - expected
+        const entry = ranked[i]![String(ids[i])]!
+        expect(entry).toEqual({
+          logprob: -Math.abs(d) / 10,
+          rank: d === 0 ? 1 : d > 0 ? 2 * d : 2 * -d + 1,
+          decoded_token: server.tokenizer.decode([ids[i]!])
+        })
+        expect(ranked[i]![String(expected)]).toMatchObject({ rank: 1 })
+        expect(ranked[i]![String(expected + 1)]).toMatchObject({ rank: 2 })
+      }
+    }
+    const streamed = await server.post("/v1/completions", { prompt: "Say hello", prompt_logprobs: 1, stream: true })
+    expect(streamed.status).toBe(400)
+    const chat = await server.post("/v1/chat/completions", { messages: [{ role: "user", content: "Hi" }], prompt_logprobs: 1 })
+    expect(chat.status).toBe(400)
+    expect(((await chat.json()) as any).error.param).toBe("prompt_logprobs")
+  })
+
   it("returns the log of each token's committed probability as logprobs", async () => {
     const text = answerText("Say hello", 3)
     const tokens = encode(text)

@@ -447,3 +447,26 @@ describe("lm-evaluation-harness's log-likelihood request", () => {
     expect(tokenLogprobs.every((logprob, k) => logprob === Math.max(...Object.values(tops[k]!)))).toBe(greedy)
   })
 })
+
+describe("prompt_logprobs on the embedded model", () => {
+  it("ranks each prompt token in its row: the likeliest is rank 1, and a token among the top has the rank of its place", async () => {
+    const prompt = "ROMEO:\nBut soft, what light"
+    const answer = await complete({ prompt, max_tokens: 2, temperature: 0, prompt_logprobs: 5, echo: true, logprobs: 5 })
+    const choice = answer.choices[0]!
+    const ranked = choice.prompt_logprobs!
+    const tokens = server.tokenizer.encode(prompt)
+    expect(ranked).toHaveLength(tokens.length)
+    for (let i = 1; i < tokens.length; i++) {
+      const entries = ranked[i]!
+      const own = entries[String(tokens[i])]!
+      // The same log-probability as echo's.
+      expect(own.logprob).toBeCloseTo(choice.logprobs!.token_logprobs[i]!, 6)
+      const byRank = Object.values(entries).sort((a, b) => a.rank - b.rank)
+      expect(byRank[0]!.rank).toBe(1)
+      for (let k = 1; k < byRank.length; k++) expect(byRank[k]!.logprob).toBeLessThanOrEqual(byRank[k - 1]!.logprob + 1e-6)
+      // A prompt token outside the five likeliest ranks below them.
+      if (Object.keys(entries).length > 5) expect(own.rank).toBeGreaterThan(5)
+      else expect(own.rank).toBeLessThanOrEqual(5)
+    }
+  })
+})

@@ -157,7 +157,8 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
   ],
   ["truncate_prompt_tokens above the context", { ...prompt, truncate_prompt_tokens: 129 }, "truncate_prompt_tokens"],
   ["truncate_prompt_tokens below -1", { ...prompt, truncate_prompt_tokens: -2 }, "truncate_prompt_tokens"],
-  ["vLLM's prompt_logprobs", { ...prompt, prompt_logprobs: 2 }, "prompt_logprobs", /echo with logprobs/],
+  ["prompt_logprobs above 20", { ...prompt, prompt_logprobs: 21 }, "prompt_logprobs"],
+  ["prompt_logprobs with stream", { ...prompt, prompt_logprobs: 2, stream: true }, "prompt_logprobs", /not supported with stream/],
   ["response_format on completions", { ...prompt, response_format: { type: "json_object" } }, "response_format", /chat/],
   ["model a number", { ...prompt, model: 5 }, "model"],
   ["prompt over the context", { prompt: "x".repeat(200) }, "prompt", /maximum context length is 128 tokens/],
@@ -224,7 +225,8 @@ const chatCases: ReadonlyArray<readonly [string, Record<string, unknown>, string
   ["temperature above 2", { ...chat, temperature: 3 }, "temperature"],
   ["messages over the context", { messages: [{ role: "user", content: "x".repeat(200) }] }, "messages", /maximum context length/],
   ["max_tokens over the context", { ...chat, max_tokens: 120 }, "max_tokens", /maximum context length/],
-  ["max_tokens 0", { ...chat, max_tokens: 0 }, "max_tokens", /integer >= 1/]
+  ["max_tokens 0", { ...chat, max_tokens: 0 }, "max_tokens", /integer >= 1/],
+  ["vLLM's prompt_logprobs in chat", { ...chat, prompt_logprobs: 2 }, "prompt_logprobs", /scored on \/v1\/completions/]
 ]
 
 describe("request validation", () => {

@@ -130,6 +130,8 @@ export interface ScoreItem {
   readonly targets: ReadonlyArray<number>
   /** 0 .. 20 (absent: 0): each position's likeliest tokens to report besides its target's log-probability. */
   readonly topLogprobs?: number
+  /** Also each target's rank in its row: 1 + the tokens of the vocabulary (not the mask) likelier than it. */
+  readonly rank?: boolean
 }
 
 /** What scoring one canvas gave: per target, its log-probability and (with topLogprobs) its position's likeliest tokens. */
@@ -137,6 +139,8 @@ export interface Scored {
   readonly logprobs: Float64Array
   /** Per target, most likely first (the mask token left out); empty without topLogprobs. */
   readonly top: ReadonlyArray<ReadonlyArray<TopLogprob>>
+  /** Per target, with `rank`: its rank (1: the likeliest); empty without. */
+  readonly ranks: Int32Array
 }
 
 export interface EngineShape {
@@ -245,7 +249,8 @@ export const fromNativeEngine = (modelDir: string, native: NativeEngine, addon: 
             canvas: Int32Array.from(item.canvas),
             positions: Int32Array.from(item.positions),
             targets: Int32Array.from(item.targets),
-            ...(item.topLogprobs === undefined ? {} : { topLogprobs: item.topLogprobs })
+            ...(item.topLogprobs === undefined ? {} : { topLogprobs: item.topLogprobs }),
+            ...(item.rank === true ? { rank: true } : {})
           }))
         ),
       catch: fromNative

@@ -12,7 +12,8 @@
  * nothing is ever filled by an early stop. Stepping a finished sequence fails, as it does natively.
  *
  * Scoring: the fake model expects token (canvas[0] + position) % 1000 at a canvas position; the
- * log-probability it gives a target is -|target - expected| / 10 (a ranking, not a distribution).
+ * log-probability it gives a target is -|target - expected| / 10 (a ranking, not a distribution); its
+ * likeliest tokens and ranks run expected, expected + 1, expected - 1, expected + 2, ...
  */
 import { Effect, Layer } from "effect"
 import { Engine, type EngineShape, type SamplingSettings, type ScoreItem, type SequenceId, type StepResult } from "./Engine.js"
@@ -220,7 +221,12 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
           })
         return items.map((item) => ({
           logprobs: Float64Array.from(item.positions, (position, j) => -Math.abs(item.targets[j]! - expected(item, position)) / 10),
-          top: (item.topLogprobs ?? 0) > 0 ? item.positions.map((position) => topOf(expected(item, position), item.topLogprobs!)) : []
+          top: (item.topLogprobs ?? 0) > 0 ? item.positions.map((position) => topOf(expected(item, position), item.topLogprobs!)) : [],
+          // In topOf's order: the expected token 1, one above 2, one below 3, two above 4, ...
+          ranks: Int32Array.from(item.rank === true ? item.positions : [], (position, j) => {
+            const d = item.targets[j]! - expected(item, position)
+            return d === 0 ? 1 : d > 0 ? 2 * d : 2 * -d + 1
+          })
         }))
       }),
     release: (id) => Effect.sync(() => void sequences.delete(id)),

@@ -329,8 +329,10 @@ export interface NativeEngine {
       readonly targets: Int32Array | ReadonlyArray<number>
       /** 0 .. 20: each position's likeliest tokens to report besides (the mask token left out). */
       readonly topLogprobs?: number
+      /** Also each target's rank in its row (1: the likeliest; `ranks` is empty without). */
+      readonly rank?: boolean
     }>
-  ): Promise<Array<{ readonly logprobs: Float64Array; readonly top: Array<Array<TopLogprob>> }>>
+  ): Promise<Array<{ readonly logprobs: Float64Array; readonly top: Array<Array<TopLogprob>>; readonly ranks: Int32Array }>>
   /** Frees the sequence now (or when an in-flight step using it returns). Unknown ids are ignored. */
   release(id: number): void
   /** The answer region of the canvas, mask tokens where nothing is committed yet. */

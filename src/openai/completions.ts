@@ -13,7 +13,7 @@ import type { ChoiceDecoder } from "./ChoiceDecoder.js"
 import { type CompletionLogprobs, type CompletionRequest, completionUnhonoured } from "./protocol.js"
 import { checkNoMaskToken, checkTokenIds, makePlan, type PreparedPrompt } from "./plan.js"
 import { completionLogprobs, concatLogprobs, respond, TokenTexts, tokenLogprobs } from "./render.js"
-import { promptOnlyJobs, scorePrompt } from "./promptLogprobs.js"
+import { promptOnlyJobs, rankedLogprobs, scorePrompt } from "./promptLogprobs.js"
 import { preparePromptJobs, type PromptJob } from "./run.js"
 import { planChoice, prepareChoiceJobs } from "./choice.js"
 import { ServingConfig } from "./ServingConfig.js"
@@ -116,11 +116,25 @@ export const completions = (request: CompletionRequest) =>
     }
     // echo with logprobs: the prompts' tokens are scored first (openai/promptLogprobs.ts), each as it is run.
     const top = request.logprobs
+    // echo with logprobs and vLLM's prompt_logprobs read the same scoring of each prompt.
+    const echoLogprobs = request.echo === true && top !== undefined
+    const ranked = request.prompt_logprobs
+    if (ranked !== undefined && plan.stream) {
+      return yield* new BadRequest({
+        message: "prompt_logprobs is not supported with stream (echo with logprobs streams the prompt's logprobs in its first chunk)",
+        param: "prompt_logprobs",
+        code: "unsupported_parameter"
+      })
+    }
     const promptScores =
-      request.echo === true && top !== undefined
+      echoLogprobs || ranked !== undefined
         ? yield* checkNoMaskToken(prompts).pipe(
             Effect.zipRight(
-              Effect.forEach(prompts.map(plan.truncatePrompt), (prompt) => scorePrompt(prompt.tokens, top), { concurrency: "unbounded" })
+              Effect.forEach(
+                prompts.map(plan.truncatePrompt),
+                (prompt) => scorePrompt(prompt.tokens, Math.max(echoLogprobs ? top : 0, ranked ?? 0), ranked !== undefined),
+                { concurrency: "unbounded" }
+              )
             )
           )
         : undefined
@@ -137,7 +151,7 @@ export const completions = (request: CompletionRequest) =>
         : preparePromptJobs(prompts, plan)
     const promptLogprobsOf = (job: PromptJob) => {
       const scored = promptScores?.[(jobs as ReadonlyArray<PromptJob>).indexOf(job)]
-      return scored === undefined || top === undefined ? undefined : tokenLogprobs(scored, top, texts)
+      return scored === undefined || !echoLogprobs ? undefined : tokenLogprobs(scored, top, texts)
     }
     /**
      * With echo and logprobs, the end token an answer ended at is listed last, as OpenAI's legacy
@@ -146,7 +160,7 @@ export const completions = (request: CompletionRequest) =>
      */
     const endOf = (job: PromptJob, decoder: ChoiceDecoder) => {
       const ended = decoder.endedBy
-      if (promptScores === undefined || top === undefined || ended === undefined) return undefined
+      if (!echoLogprobs || ended === undefined) return undefined
       const offset = echoOf(job).length + decoder.text.length
       return tokenLogprobs(
         { ids: [ended.token], logprobs: [Math.log(ended.probability)], alternatives: [ended.alternatives], offsets: [offset] },
@@ -177,9 +191,11 @@ export const completions = (request: CompletionRequest) =>
         const echo = echoOf(job)
         const answer = top === undefined ? null : completionLogprobs(decoder, 0, decoder.tokenIds.length, top, echo.length, texts)
         const prompt = promptLogprobsOf(job)
+        const scored = promptScores?.[(jobs as ReadonlyArray<PromptJob>).indexOf(job)]
         return {
           text: echo + decoder.text,
-          logprobs: answer === null || prompt === undefined ? answer : withEnd(job, decoder, concatLogprobs(prompt, answer))
+          logprobs: answer === null || prompt === undefined ? answer : withEnd(job, decoder, concatLogprobs(prompt, answer)),
+          ...(ranked === undefined || scored === undefined ? {} : { prompt_logprobs: rankedLogprobs(scored, ranked, texts) })
         }
       },
       delta: (job, { decoder, delta }) => {

@@ -18,6 +18,8 @@ import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { ChoiceDecoder } from "./ChoiceDecoder.js"
 import { fromGenerationError } from "./errors.js"
 import type { AnswerPlan, PreparedPrompt } from "./plan.js"
+import type { RankedLogprob } from "./protocol.js"
+import type { TokenTexts } from "./render.js"
 import { type ChoiceUpdate, emptyTally, type PromptJob, settledStep } from "./run.js"
 
 export interface PromptLogprobs {
@@ -28,10 +30,12 @@ export interface PromptLogprobs {
   readonly alternatives: ReadonlyArray<ReadonlyArray<TopLogprob>>
   /** Where each token's text starts in the prompt's text as the tokenizer decodes it (special tokens left out). */
   readonly offsets: ReadonlyArray<number>
+  /** Per token, with ranks asked for: 1 + the tokens likelier than it (null for the first); else empty. */
+  readonly ranks: ReadonlyArray<number | null>
 }
 
-/** Scores the prompt's tokens (after the first) with `top` alternatives each, as one scoring job. */
-export const scorePrompt = (tokens: ReadonlyArray<number>, top: number) =>
+/** Scores the prompt's tokens (after the first) with `top` alternatives each (and ranks), as one scoring job. */
+export const scorePrompt = (tokens: ReadonlyArray<number>, top: number, rank = false) =>
   Effect.gen(function* () {
     const scheduler = yield* Scheduler
     const tokenizer = yield* Tokenizer
@@ -42,7 +46,8 @@ export const scorePrompt = (tokens: ReadonlyArray<number>, top: number) =>
         canvas: [...tokens.slice(0, i), ...new Array<number>(tokens.length - i).fill(mask)],
         positions: [i],
         targets: [target],
-        topLogprobs: top
+        topLogprobs: top,
+        rank
       }
     })
     const scored = items.length === 0 ? [] : yield* scheduler.score({ items }).pipe(Effect.mapError(fromGenerationError))
@@ -57,9 +62,26 @@ export const scorePrompt = (tokens: ReadonlyArray<number>, top: number) =>
       ids: tokens,
       logprobs: [null, ...scored.map((s) => s.logprobs[0]!)],
       alternatives: [[], ...scored.map((s) => s.top[0] ?? [])],
-      offsets
+      offsets,
+      ranks: rank ? [null, ...scored.map((s) => s.ranks[0]!)] : []
     } satisfies PromptLogprobs
   }).pipe(Effect.withSpan("vdiff.prompt_logprobs", { attributes: { "vdiff.prompt_tokens": tokens.length } }))
+
+/**
+ * vLLM's prompt_logprobs: per prompt token (null for the first), a map from token id to its logprob, rank
+ * and text: the prompt's token and its position's `top` likeliest tokens (ranks 1 to top), once each.
+ */
+export const rankedLogprobs = (scored: PromptLogprobs, top: number, texts: TokenTexts) =>
+  scored.ids.map((id, i) => {
+    const logprob = scored.logprobs[i]
+    if (logprob === null || logprob === undefined) return null
+    const entries: Record<string, typeof RankedLogprob.Type> = {}
+    scored.alternatives[i]!.slice(0, top).forEach((alternative, k) => {
+      entries[String(alternative.token)] = { logprob: alternative.logprob, rank: k + 1, decoded_token: texts.text(alternative.token) }
+    })
+    entries[String(id)] = { logprob: Math.max(logprob, -9999), rank: scored.ranks[i] ?? 0, decoded_token: texts.text(id) }
+    return entries
+  })
 
 /**
  * Completions with `max_tokens: 0` (only with echo, as OpenAI's legacy completions took it to score a

@@ -98,8 +98,7 @@ const sharedUnhonoured = {
   guided_json: guided,
   guided_regex: guided,
   guided_grammar: guided,
-  structured_outputs: { ...guided, neutral: onlyChoice },
-  prompt_logprobs: { neutral: never, reason: "completions' echo with logprobs gives the prompt tokens' logprobs, in OpenAI's form" }
+  structured_outputs: { ...guided, neutral: onlyChoice }
 } satisfies Record<string, Unhonoured>
 
 /** Chat's unhonoured fields: the shared ones, tools' legacy and choice fields, audio, and vLLM's chat echo. */
@@ -113,7 +112,8 @@ export const chatUnhonoured = {
     reason: "the model writes text only"
   },
   audio: { neutral: never, reason: "the model writes text only" },
-  echo: { neutral: isFalse, reason: "a chat answer does not repeat the conversation (completions' echo does)" }
+  echo: { neutral: isFalse, reason: "a chat answer does not repeat the conversation (completions' echo does)" },
+  prompt_logprobs: { neutral: never, reason: "the prompt is scored on /v1/completions (prompt_logprobs, or echo with logprobs)" }
 } satisfies Record<string, Unhonoured>
 
 /** Completions' unhonoured fields: the shared ones and response_format (structured output is chat's here). */
@@ -194,7 +194,12 @@ export const CompletionRequest = Schema.Struct({
   logprobs: optional(int("logprobs", 0, 20)),
   best_of: optional(int("best_of", 1)),
   /** As the sampling field, but 0 is allowed with echo: the prompt alone, scored with logprobs. */
-  max_tokens: optional(int("max_tokens", 0))
+  max_tokens: optional(int("max_tokens", 0)),
+  /**
+   * vLLM: each prompt token's log-probability, rank and decoded text, with this many likeliest tokens
+   * beside it (openai/promptLogprobs.ts: the chain rule in reading order); the first token's is null.
+   */
+  prompt_logprobs: optional(int("prompt_logprobs", 0, 20))
 })
 export type CompletionRequest = typeof CompletionRequest.Type
 
@@ -439,12 +444,23 @@ export type Snapshot = typeof Snapshot.Type
 
 export const MASK_PLACEHOLDER = "<mask>"
 
+/** vLLM's form of a logprob: keyed by token id (as a string), with its rank and text. */
+export const RankedLogprob = Schema.Struct({
+  logprob: Schema.Number,
+  rank: Schema.Int,
+  decoded_token: Schema.String
+})
+
 export const CompletionChoice = Schema.Struct({
   index: Schema.Int,
   text: Schema.String,
   logprobs: Schema.NullOr(CompletionLogprobs),
   finish_reason: FinishReason,
-  ...tokenIdFields
+  ...tokenIdFields,
+  /** vLLM's prompt_logprobs: per prompt token (null for the first), it and its likeliest alternatives. */
+  prompt_logprobs: Schema.optionalWith(Schema.Array(Schema.NullOr(Schema.Record({ key: Schema.String, value: RankedLogprob }))), {
+    exact: true
+  })
 })
 export type CompletionChoice = typeof CompletionChoice.Type
 

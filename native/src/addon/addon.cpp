@@ -5,7 +5,7 @@
 //   loadModel(dir, {device?, threads?, kvCacheDtype?, kvCacheBudgetBytes?, prefixCacheBytes?, prefillChunk?,
 //                   packWeightsMaxBytes?, gpuMemoryUtilization?, quantize?, cpuIsa?}) -> Promise<NativeEngine>
 //   NativeEngine: info() create(prompt, params, suffix?, template?) step(ids, cancel?) score(canvas, positions,
-//   targets) scoreBatch([{canvas, positions, targets}, ...])
+//   targets) scoreBatch([{canvas, positions, targets, topLogprobs?, rank?}, ...])
 //                 (info().family: the model family; step results: phase, provisional, positionsComputed,
 //                 promptCached)
 //                 release(id) canvas(id) sequenceInfo(id) live() kvCacheBytes() prefixCache()
@@ -391,6 +391,9 @@ class ScoreBatchWorker : public PromiseWorker {
       Napi::Object item = Napi::Object::New(env);
       item.Set("logprobs", logprobs);
       item.Set("top", top);
+      auto ranks = Napi::Int32Array::New(env, scored.ranks.size());
+      for (size_t j = 0; j < scored.ranks.size(); ++j) ranks[j] = scored.ranks[j];
+      item.Set("ranks", ranks);
       out.Set(static_cast<uint32_t>(i), item);
     }
     return out;
@@ -633,6 +636,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
         if (!top.IsUndefined() && !top.IsNull())
           items[i].top_logprobs =
               static_cast<int>(integer_of(env, top, name + ".topLogprobs", 0, vdiff::kMaxTopLogprobs));
+        items[i].rank = o.Get("rank").ToBoolean().Value();
       }
       auto* worker = new ScoreBatchWorker(env, engine_, std::move(items));
       Napi::Promise promise = worker->promise();

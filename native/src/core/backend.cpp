@@ -301,8 +301,15 @@ void sample_task(float* logits, const float* uncond, int row_size, const RowTask
   double sum = 0.0;
   for (int i = 0; i < row_size; ++i) sum += std::exp(static_cast<double>(logits[i]) - max);
   const double log_sum = std::log(sum);
-  if (task.target >= 0 && task.target < row_size)
+  if (task.target >= 0 && task.target < row_size) {
     out.target_logprob = static_cast<double>(logits[task.target]) - max - log_sum;
+    if (task.rank_vocab > 0) {
+      const float own = logits[task.target];
+      int above = 0;
+      for (int i = 0; i < std::min(task.rank_vocab, row_size); ++i) above += i != task.rank_mask && logits[i] > own;
+      out.target_rank = 1 + above;
+    }
+  }
   // The n_top likeliest tokens that could be drawn (not the mask, not head padding, not a logit of -inf:
   // barred or not allowed), kept sorted by an insertion pass: most rows reject a token at the first
   // comparison.

@@ -170,6 +170,11 @@ struct RowTask {
   int position = 0;      // in the answer
   int top_logprobs = 0;  // 0 .. kMaxTopLogprobs alternatives to report
   int32_t target = -1;   // >= 0: also report the natural log-probability of this token (scoring)
+  // > 0 with a target: also report the target's rank among the tokens [0, rank_vocab) other than
+  // rank_mask (1 + how many have a larger logit), as vLLM's prompt logprobs do. Such rows are ranked on
+  // the host (sample_task).
+  int rank_vocab = 0;
+  int32_t rank_mask = -1;
 };
 
 struct TopLogprob {
@@ -182,6 +187,7 @@ struct RowResult {
   double probability = 0.0;  // float64 softmax probability of `token`
   double confidence = 0.0;   // what committing ranks by (never NaN)
   double target_logprob = 0.0;
+  int target_rank = 0;  // with RowTask::rank_vocab > 0
   // False when the row's logits (cond or uncond, before anything changed them) held NaN or +inf: a model
   // that cannot be trusted here (non-finite weights, or values beyond its dtype's range). The engine fails
   // the step with Error(Numeric) rather than commit what such a row says.

@@ -404,6 +404,7 @@ std::vector<Engine::Scored> Engine::score(const std::vector<ScoreItem>& items, c
     const ScoreItem& item = items[i];
     out[i].logprobs.resize(item.positions.size());
     out[i].top.resize(item.top_logprobs > 0 ? item.positions.size() : 0);
+    out[i].ranks.resize(item.rank ? item.positions.size() : 0);
     if (item.positions.empty()) continue;
     for (const int32_t p : item.positions) rows[i].push_back(config.prediction_row(p));
     ForwardSeq seq;
@@ -420,6 +421,7 @@ std::vector<Engine::Scored> Engine::score(const std::vector<ScoreItem>& items, c
       task.target = target;
       // Two more than asked, for the mask token and head padding that are left out below.
       task.top_logprobs = item.top_logprobs > 0 ? std::min(item.top_logprobs + 2, kMaxTopLogprobs) : 0;
+      if (item.rank) task.rank_vocab = vocab, task.rank_mask = config.mask_token_id;
       tasks.push_back(task);
     }
   }
@@ -437,6 +439,7 @@ std::vector<Engine::Scored> Engine::score(const std::vector<ScoreItem>& items, c
         throw many ? Error(e.code(), "items[" + std::to_string(i) + "]: " + e.what()) : e;
       }
       out[i].logprobs[j] = results[r].target_logprob;
+      if (items[i].rank) out[i].ranks[j] = results[r].target_rank;
       if (items[i].top_logprobs == 0) continue;
       std::vector<TopLogprob>& top = out[i].top[j];
       for (int t = 0; t < results[r].n_top && static_cast<int>(top.size()) < items[i].top_logprobs; ++t) {

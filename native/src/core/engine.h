@@ -247,12 +247,14 @@ class Engine {
   struct ScoreItem {
     std::vector<int32_t> canvas, positions, targets;
     int top_logprobs = 0;
+    bool rank = false;  // also each target's rank in its row (1: the likeliest), as vLLM's prompt logprobs
   };
   // Per item: its targets' log-probabilities and, per target, its position's top_logprobs likeliest
   // tokens, most likely first (tokens of the vocabulary other than the mask token).
   struct Scored {
     std::vector<double> logprobs;
     std::vector<std::vector<TopLogprob>> top;
+    std::vector<int> ranks;  // with ScoreItem::rank: 1 + the tokens of the vocabulary (not the mask) likelier
   };
   // score() for several canvases in one batched forward (each checked as score() checks one; the errors
   // name the item). A Numeric error names the item and position.

@@ -581,6 +581,26 @@ void test_block_engine() {
         ordered = ordered && scored.logprobs[j] <= top[0].logprob + 1e-6;
       }
       report(ordered, "score with top_logprobs 5: the likeliest tokens per position, in order, no mask token");
+      // rank: 1 + the vocabulary's tokens (not the mask) with a larger log-probability, counted here from
+      // the forward's own row.
+      item.rank = true;
+      item.top_logprobs = 0;
+      const Engine::Scored ranked = engine.score(std::vector<Engine::ScoreItem>{item})[0];
+      ForwardSeq s;
+      s.tokens = a.data(), s.length = static_cast<int>(a.size()), s.logit_rows = item.positions.data(),
+      s.n_logit_rows = 3;
+      s.attention_block = B;
+      std::vector<float> logits(3 * static_cast<size_t>(spec.embedding));
+      inner->forward({s}, logits.data());
+      bool ranks = ranked.ranks.size() == 3 && ranked.top.empty();
+      for (int j = 0; ranks && j < 3; ++j) {
+        const float* row = logits.data() + j * spec.embedding;
+        int above = 0;
+        for (int i = 0; i < base.vocab_size; ++i) above += i != base.mask_token_id && row[i] > row[item.targets[j]];
+        ranks = ranked.ranks[j] == 1 + above;
+      }
+      report(ranks, "score with rank: 1 + the tokens likelier than the target",
+             ranked.ranks.size() == 3 ? fmt("%.0f %.0f %.0f", ranked.ranks[0], ranked.ranks[1], ranked.ranks[2]) : "");
     }
     std::vector<Engine::ScoreItem> bad = items;
     bad[2].targets[1] = spec.embedding + 5;
