@@ -163,7 +163,8 @@ describe("tracing", () => {
       const telemetry = Telemetry.layer({ spanProcessors: [new SimpleSpanProcessor(exporter)] })
       const url = yield* serve(config, yield* Effect.scope, telemetry, { stepMs: 20 })
 
-      const timedOut = yield* postJson(url + "/v1/completions", { prompt: "Hi", max_tokens: 100 })
+      // Seed 0: no EOS among the first hundred tokens, which would end the answer before its deadline.
+      const timedOut = yield* postJson(url + "/v1/completions", { prompt: "Hi", max_tokens: 100, seed: 0 })
       expect(timedOut.status).toBe(504)
       const bad = yield* postJson(
         url + "/v1/completions?api_key=sk-in-query&trace=1",

@@ -72,6 +72,12 @@ export const completions = (request: CompletionRequest) =>
       request.logprobs ?? 0,
       completionUnhonoured
     )
+    if (request.max_tokens === 0 && request.echo !== true) {
+      return yield* new BadRequest({
+        message: "max_tokens must be at least 1, or 0 with echo (the prompt alone, with its logprobs when asked)",
+        param: "max_tokens"
+      })
+    }
     if (request.best_of !== undefined && request.best_of !== plan.n) {
       return yield* new BadRequest({
         message: "best_of other than n is not supported",
@@ -114,9 +120,9 @@ export const completions = (request: CompletionRequest) =>
         code: "unsupported_parameter"
       })
     }
-    // echo with logprobs: the prompts' tokens are scored first (openai/promptLogprobs.ts), each as it is run.
+    // echo with logprobs and vLLM's prompt_logprobs read the same scoring of each prompt, made first
+    // (openai/promptLogprobs.ts), of the prompt as it is run.
     const top = request.logprobs
-    // echo with logprobs and vLLM's prompt_logprobs read the same scoring of each prompt.
     const echoLogprobs = request.echo === true && top !== undefined
     const ranked = request.prompt_logprobs
     if (ranked !== undefined && plan.stream) {
@@ -138,19 +144,14 @@ export const completions = (request: CompletionRequest) =>
             )
           )
         : undefined
-    if (request.max_tokens === 0 && request.echo !== true) {
-      return yield* new BadRequest({
-        message: "max_tokens must be at least 1, or 0 with echo (the prompt alone, with its logprobs when asked)",
-        param: "max_tokens"
-      })
-    }
     const jobs = yield* choice !== undefined
       ? prepareChoiceJobs(prompts, plan, choice)
       : request.max_tokens === 0
         ? promptOnlyJobs(prompts, plan)
         : preparePromptJobs(prompts, plan)
+    const scoredOf = (job: PromptJob) => promptScores?.[(jobs as ReadonlyArray<PromptJob>).indexOf(job)]
     const promptLogprobsOf = (job: PromptJob) => {
-      const scored = promptScores?.[(jobs as ReadonlyArray<PromptJob>).indexOf(job)]
+      const scored = scoredOf(job)
       return scored === undefined || !echoLogprobs ? undefined : tokenLogprobs(scored, top, texts)
     }
     /**
@@ -191,7 +192,7 @@ export const completions = (request: CompletionRequest) =>
         const echo = echoOf(job)
         const answer = top === undefined ? null : completionLogprobs(decoder, 0, decoder.tokenIds.length, top, echo.length, texts)
         const prompt = promptLogprobsOf(job)
-        const scored = promptScores?.[(jobs as ReadonlyArray<PromptJob>).indexOf(job)]
+        const scored = scoredOf(job)
         return {
           text: echo + decoder.text,
           logprobs: answer === null || prompt === undefined ? answer : withEnd(job, decoder, concatLogprobs(prompt, answer)),
