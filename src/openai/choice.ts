@@ -27,7 +27,7 @@ import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { ChoiceDecoder } from "./ChoiceDecoder.js"
 import { fromGenerationError } from "./errors.js"
 import { type AnswerPlan, checkNoMaskToken, type PreparedPrompt } from "./plan.js"
-import { type ChoiceUpdate, emptyTally, type PromptJob, settledStep } from "./run.js"
+import { answeredAtEnd, type ChoiceUpdate, emptyTally, type PromptJob, settledStep } from "./run.js"
 import { ServingConfig } from "./ServingConfig.js"
 
 /** The most strings a choice list may hold, and the most canvases (choice tokens + 1 each) they may take. */
@@ -255,17 +255,7 @@ export const choiceJob = (prompt: PreparedPrompt, settings: SamplingSettings, pl
     const updates = Stream.fromEffect(scheduler.score({ items }).pipe(Effect.mapError(fromGenerationError), Effect.flatMap(answer))).pipe(
       Stream.flattenIterables,
       Stream.tap((update) => metrics.advanced(update.decoder)),
-      Stream.concat(
-        Stream.fromEffect(
-          Effect.suspend(() =>
-            metrics.answered({
-              promptTokens: prompt.tokens.length,
-              generationTokens: decoders.reduce((sum, decoder) => sum + decoder.tokenIds.length, 0),
-              finishReasons: decoders.map((decoder) => decoder.finishReason ?? "stop")
-            })
-          )
-        ).pipe(Stream.drain)
-      )
+      Stream.concat(answeredAtEnd(metrics, prompt.tokens.length, decoders))
     )
     return { prompt, settings, run: { decoders, tallies, updates } } satisfies PromptJob
   })

@@ -20,7 +20,7 @@ import { fromGenerationError } from "./errors.js"
 import type { AnswerPlan, PreparedPrompt } from "./plan.js"
 import type { RankedLogprob } from "./protocol.js"
 import type { TokenTexts } from "./render.js"
-import { type ChoiceUpdate, emptyTally, type PromptJob, settledStep } from "./run.js"
+import { answeredAtEnd, type ChoiceUpdate, emptyTally, type PromptJob, settledStep } from "./run.js"
 
 export interface PromptLogprobs {
   readonly ids: ReadonlyArray<number>
@@ -107,19 +107,7 @@ export const promptOnlyJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: Ans
       )
       const updates = Stream.fromIterable(
         decoders.map((decoder, index): ChoiceUpdate => ({ index, decoder, delta: decoder.commit([]), step: settledStep([], 0, "length") }))
-      ).pipe(
-        Stream.concat(
-          Stream.fromEffect(
-            Effect.suspend(() =>
-              metrics.answered({
-                promptTokens: prompt.tokens.length,
-                generationTokens: 0,
-                finishReasons: decoders.map(() => "length")
-              })
-            )
-          ).pipe(Stream.drain)
-        )
-      )
+      ).pipe(Stream.concat(answeredAtEnd(metrics, prompt.tokens.length, decoders)))
       return { prompt, settings, run: { decoders, tallies: decoders.map(() => emptyTally()), updates } } satisfies PromptJob
     })
   )

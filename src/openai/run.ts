@@ -3,7 +3,7 @@
  * events are read into one ChoiceDecoder per answer as they come, with a tally of the denoising work.
  * Rendering what the decoders hold is render.ts's job.
  */
-import { Effect, type Option, Stream } from "effect"
+import { type Context, Effect, type Option, Stream } from "effect"
 import { type ApiError, InternalError } from "../api/errors.js"
 import { type Phase, phaseOf, type SamplingSettings, type StepResult } from "../engine/Engine.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
@@ -45,6 +45,26 @@ export interface DenoisingTally {
   /** Prompt positions whose keys and values came from the prefix cache. */
   promptCached: number
 }
+
+/**
+ * Tells the request's metrics, once the answers' updates have all gone by, what was answered: the prompt's
+ * tokens, the answers' tokens and finish reasons. For answers settled without denoising (choices, empty
+ * answers), which end by construction.
+ */
+export const answeredAtEnd = (
+  metrics: Context.Tag.Service<typeof RequestMetrics>,
+  promptTokens: number,
+  decoders: ReadonlyArray<ChoiceDecoder>
+): Stream.Stream<never> =>
+  Stream.fromEffect(
+    Effect.suspend(() =>
+      metrics.answered({
+        promptTokens,
+        generationTokens: decoders.reduce((sum, decoder) => sum + decoder.tokenIds.length, 0),
+        finishReasons: decoders.map((decoder) => decoder.finishReason ?? "length")
+      })
+    )
+  ).pipe(Stream.drain)
 
 /** The tally of an answer nothing has been done for yet. */
 export const emptyTally = (): DenoisingTally => ({
