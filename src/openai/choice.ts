@@ -24,10 +24,9 @@ import type { SamplingSettings, ScoreItem, Scored } from "../engine/Engine.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import { RequestMetrics } from "../telemetry/requests.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
-import { ChoiceDecoder } from "./ChoiceDecoder.js"
 import { fromGenerationError } from "./errors.js"
 import { type AnswerPlan, checkNoMaskToken, type PreparedPrompt } from "./plan.js"
-import { answeredAtEnd, type ChoiceUpdate, emptyTally, type PromptJob, settledStep } from "./run.js"
+import { answeredAtEnd, type ChoiceUpdate, emptyTally, type PromptJob, settledDecoders, settledStep } from "./run.js"
 import { ServingConfig } from "./ServingConfig.js"
 
 /** The most strings a choice list may hold, and the most canvases (choice tokens + 1 each) they may take. */
@@ -214,17 +213,7 @@ export const choiceJob = (prompt: PreparedPrompt, settings: SamplingSettings, pl
     const tokenizer = yield* Tokenizer
     const metrics = yield* RequestMetrics
     yield* metrics.started(plan.n)
-    const decoders = Array.from(
-      { length: plan.n },
-      () =>
-        new ChoiceDecoder({
-          genLength: choice.answerLength,
-          endTokens: new Set([choice.endToken]),
-          stopTokens: new Set(),
-          stopStrings: [],
-          detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
-        })
-    )
+    const decoders = settledDecoders(plan.n, choice.answerLength, new Set([choice.endToken]), tokenizer)
     const items = canvasesOf(prompt.tokens, choice, tokenizer.specialTokens.mask)
     // The scoring is the prompt's one piece of work: its canvases count once, with the first answer.
     const tallies = decoders.map((_, i) => ({ ...emptyTally(), forwardPasses: i === 0 ? items.length : 0 }))

@@ -15,12 +15,11 @@ import type { TopLogprob } from "../engine/Engine.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import { RequestMetrics } from "../telemetry/requests.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
-import { ChoiceDecoder } from "./ChoiceDecoder.js"
 import { fromGenerationError } from "./errors.js"
 import type { AnswerPlan, PreparedPrompt } from "./plan.js"
 import type { RankedLogprob } from "./protocol.js"
 import type { TokenTexts } from "./render.js"
-import { answeredAtEnd, type ChoiceUpdate, emptyTally, type PromptJob, settledStep } from "./run.js"
+import { answeredAtEnd, type ChoiceUpdate, emptyTally, type PromptJob, settledDecoders, settledStep } from "./run.js"
 
 export interface PromptLogprobs {
   readonly ids: ReadonlyArray<number>
@@ -94,17 +93,7 @@ export const promptOnlyJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: Ans
       const metrics = yield* RequestMetrics
       const settings = yield* plan.settingsFor(prompt.tokens.length, prompt.param)
       yield* metrics.started(plan.n)
-      const decoders = Array.from(
-        { length: plan.n },
-        () =>
-          new ChoiceDecoder({
-            genLength: 0,
-            endTokens: new Set(),
-            stopTokens: new Set(),
-            stopStrings: [],
-            detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
-          })
-      )
+      const decoders = settledDecoders(plan.n, 0, new Set(), tokenizer)
       const updates = Stream.fromIterable(
         decoders.map((decoder, index): ChoiceUpdate => ({ index, decoder, delta: decoder.commit([]), step: settledStep([], 0, "length") }))
       ).pipe(Stream.concat(answeredAtEnd(metrics, prompt.tokens.length, decoders)))

@@ -8,7 +8,7 @@ import { type ApiError, InternalError } from "../api/errors.js"
 import { type Phase, phaseOf, type SamplingSettings, type StepResult } from "../engine/Engine.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import { RequestMetrics } from "../telemetry/requests.js"
-import { Tokenizer } from "../tokenizer/Tokenizer.js"
+import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { ChoiceDecoder, type ChoiceDelta } from "./ChoiceDecoder.js"
 import { fromGenerationError } from "./errors.js"
 import { type AnswerPlan, checkNoMaskToken, type PreparedPrompt } from "./plan.js"
@@ -45,6 +45,28 @@ export interface DenoisingTally {
   /** Prompt positions whose keys and values came from the prefix cache. */
   promptCached: number
 }
+
+/**
+ * The decoders of n answers settled without denoising (choices, empty answers): no stops, ending at these
+ * end tokens only.
+ */
+export const settledDecoders = (
+  n: number,
+  genLength: number,
+  endTokens: ReadonlySet<number>,
+  tokenizer: TokenizerShape
+): ReadonlyArray<ChoiceDecoder> =>
+  Array.from(
+    { length: n },
+    () =>
+      new ChoiceDecoder({
+        genLength,
+        endTokens,
+        stopTokens: new Set(),
+        stopStrings: [],
+        detokenizer: tokenizer.detokenizer({ skipSpecialTokens: true })
+      })
+  )
 
 /**
  * Tells the request's metrics, once the answers' updates have all gone by, what was answered: the prompt's
