@@ -107,7 +107,7 @@ describe("validation", () => {
     it(`rejects an unknown role (${name})`, async () => {
       const result = await render(config, [
         { role: "user", content: "hi" },
-        { role: "tool", content: "42" }
+        { role: "function", content: "42" }
       ])
       expect(Either.isLeft(result) && result.left).toMatchObject({
         _tag: "InvalidChatRequest",
@@ -160,5 +160,63 @@ describe("validation", () => {
   it("reports a template that does not parse as a ChatTemplateError", async () => {
     const result = await render({ chat_template: "{% for m in messages %}{{ m.role }" }, conversation)
     expect(Either.isLeft(result) && result.left._tag).toBe("ChatTemplateError")
+  })
+})
+
+describe("tools in the conversation", () => {
+  const calls: ChatMessage["tool_calls"] = [
+    { id: "call_1", function: { name: "get_place", arguments: '{"city":"Verona","near":["Mantua"]}' } }
+  ]
+  const conversation: ReadonlyArray<ChatMessage> = [
+    { role: "user", content: "Where?" },
+    { role: "assistant", content: null as unknown as undefined, tool_calls: calls },
+    { role: "tool", tool_call_id: "call_1", content: "Fair Verona" }
+  ]
+  const tools = [{ type: "function", function: { name: "get_place", parameters: { type: "object" } } }]
+
+  it("a template that reads tool_calls gets them as Hugging Face passes them (arguments parsed), and the tools", async () => {
+    const reader = {
+      chat_template:
+        "{% if tools %}TOOLS {{ tools[0].function.name }}{{ '\\n' }}{% endif %}" +
+        "{% for m in messages %}{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.id }} {{ c.function.name }} " +
+        "{{ c.function.arguments.city }} {{ c.function.arguments.near[0] }}{% endfor %}" +
+        "{% elif m.role == 'tool' %}RESULT {{ m.tool_call_id }}: {{ m.content }}{% else %}{{ m.role }}: {{ m.content }}{% endif %}{{ '\\n' }}{% endfor %}"
+    }
+    const rendered = await Effect.runPromise(Effect.flatMap(fromTokenizerConfig(reader), (f) => f.render(conversation, { tools })))
+    expect(rendered.text).toBe("TOOLS get_place\nuser: Where?\nCALL call_1 get_place Verona Mantua\nRESULT call_1: Fair Verona\n")
+  })
+
+  it("a template that does not read tool_calls (the embedded model's) gets each call as the JSON laid on the canvas", async () => {
+    const text = await Effect.runPromise(
+      Effect.gen(function* () {
+        const formatter = yield* ChatFormatter
+        return (yield* formatter.render(conversation, { tools })).text
+      }).pipe(Effect.provide(chatLayer.pipe(Layer.provideMerge(tokenizerLayer(modelDir)))))
+    )
+    expect(text).toBe(
+      "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nWhere?<|eot_id|>" +
+        '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_place", "arguments": {"city": "Verona", "near": ["Mantua"]}}<|eot_id|>' +
+        "<|start_header_id|>tool<|end_header_id|>\n\nFair Verona<|eot_id|>" +
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+  })
+
+  it("the fallback format writes the call after the content, and arguments that are not JSON as they came", async () => {
+    const result = await render({}, [
+      { role: "user", content: "Where?" },
+      { role: "assistant", content: "Let me look.", tool_calls: [{ function: { name: "look", arguments: "not json" } }] },
+      { role: "tool", content: "here" }
+    ])
+    expect(Either.getOrThrow(result).text).toBe(
+      'User: Where?\n\nAssistant: Let me look.\n{"name": "look", "arguments": "not json"}\n\nTool: here\n\nAssistant:'
+    )
+  })
+
+  it("refuses tool_calls on a message that is not the assistant's, and a message with neither content nor calls", async () => {
+    const onUser = await render({}, [{ role: "user", content: "hi", tool_calls: calls }])
+    expect(Either.isLeft(onUser) && onUser.left).toMatchObject({ reason: "UnsupportedContent", param: "messages[0].tool_calls" })
+    const empty = await render({}, [{ role: "user", content: "hi" }, { role: "assistant" }])
+    expect(Either.isLeft(empty) && empty.left).toMatchObject({ reason: "UnsupportedContent", param: "messages[1].content" })
+    expect(Either.isLeft(empty) && empty.left.message).toMatch(/only an assistant message with tool_calls/)
   })
 })

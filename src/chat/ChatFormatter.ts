@@ -9,6 +9,12 @@
  *
  *     System: {system}\n\nUser: {user}\n\nAssistant: {assistant}\n\nUser: {user}\n\nAssistant:
  *
+ * Tools (openai/tools.ts): a template gets the request's `tools`, and the conversation's `tool` messages
+ * and assistant `tool_calls` as Hugging Face passes them (arguments parsed from their JSON). A template that
+ * does not read `tool_calls` (LLaDA-Instruct's, the embedded model's) or the fallback format gets an
+ * assistant's calls written into its content, each as the JSON the server lays on the canvas for a call
+ * (`{"name": ..., "arguments": {...}}`), so that the model sees its calls as it wrote them.
+ *
  * @since 0.1.0
  */
 import { Template } from "@huggingface/jinja"
@@ -22,12 +28,21 @@ export interface ContentPart {
   readonly [key: string]: unknown
 }
 
-export interface ChatMessage {
-  readonly role: string
-  readonly content: string | ReadonlyArray<ContentPart>
+/** A call an assistant message made, as the client sends it back: arguments as JSON text. */
+export interface MessageToolCall {
+  readonly id?: string | undefined
+  readonly function: { readonly name: string; readonly arguments: string }
 }
 
-export const roles = ["system", "user", "assistant"] as const
+export interface ChatMessage {
+  readonly role: string
+  /** Absent only on an assistant message that made tool calls. */
+  readonly content?: string | ReadonlyArray<ContentPart> | undefined
+  readonly tool_calls?: ReadonlyArray<MessageToolCall> | undefined
+  readonly tool_call_id?: string | undefined
+}
+
+export const roles = ["system", "user", "assistant", "tool"] as const
 export type Role = (typeof roles)[number]
 
 /**
@@ -36,10 +51,44 @@ export type Role = (typeof roles)[number]
  */
 export const roleAliases: Readonly<Record<string, Role>> = { developer: "system" }
 
-/** A message after validation: a known role and plain text. */
+/** A call after validation: its arguments parsed when they are JSON (kept as text when not). */
+export interface ToolCallOf {
+  readonly id: string | undefined
+  readonly name: string
+  readonly arguments: unknown
+}
+
+/** A message after validation: a known role and plain text, and an assistant's calls or a tool's call id. */
 export interface TextMessage {
   readonly role: Role
   readonly content: string
+  readonly toolCalls?: ReadonlyArray<ToolCallOf>
+  readonly toolCallId?: string
+}
+
+/**
+ * JSON text as this server lays it on the canvas and as Python's json.dumps writes it: ", " between
+ * items, ": " after keys.
+ */
+export const spacedJson = (value: unknown): string => {
+  if (Array.isArray(value)) return `[${value.map(spacedJson).join(", ")}]`
+  if (typeof value === "object" && value !== null) {
+    return `{${Object.entries(value)
+      .map(([key, item]) => `${JSON.stringify(key)}: ${spacedJson(item)}`)
+      .join(", ")}}`
+  }
+  return JSON.stringify(value) ?? "null"
+}
+
+/** A call as the canvas holds it: `{"name": ..., "arguments": {...}}`. */
+export const callText = (call: ToolCallOf): string => spacedJson({ name: call.name, arguments: call.arguments })
+
+const parsedArguments = (text: string): unknown => {
+  try {
+    return JSON.parse(text)
+  } catch {
+    return text
+  }
 }
 
 /** The request's messages cannot be formatted for this model (an HTTP 400). */
@@ -58,6 +107,8 @@ export class ChatTemplateError extends Schema.TaggedError<ChatTemplateError>()("
 export interface RenderOptions {
   /** End with the opening of an assistant turn, for the model to complete. Default true. */
   readonly addGenerationPrompt?: boolean
+  /** The request's tools (`{type: "function", function}`), given to a template as `tools`. */
+  readonly tools?: ReadonlyArray<unknown> | undefined
 }
 
 export interface RenderedChat {
@@ -97,7 +148,8 @@ export const validateMessages = (messages: ReadonlyArray<ChatMessage>): Effect.E
       })
     }
     const out: Array<TextMessage> = []
-    for (const [i, { role: given, content }] of messages.entries()) {
+    for (const [i, message] of messages.entries()) {
+      const { role: given, content } = message
       const role = Object.hasOwn(roleAliases, given) ? roleAliases[given]! : given
       if (!isRole(role)) {
         return yield* new InvalidChatRequest({
@@ -106,8 +158,39 @@ export const validateMessages = (messages: ReadonlyArray<ChatMessage>): Effect.E
           message: `unknown role "${given}" (expected one of ${[...roles, ...Object.keys(roleAliases)].join(", ")})`
         })
       }
+      const calls = message.tool_calls ?? []
+      if (calls.length > 0 && role !== "assistant") {
+        return yield* new InvalidChatRequest({
+          reason: "UnsupportedContent",
+          param: `messages[${i}].tool_calls`,
+          message: `tool_calls belong to assistant messages, not to a ${given} message`
+        })
+      }
+      const extra = {
+        ...(calls.length > 0
+          ? {
+              toolCalls: calls.map((call) => ({
+                id: call.id,
+                name: call.function.name,
+                arguments: parsedArguments(call.function.arguments)
+              }))
+            }
+          : {}),
+        ...(role === "tool" && message.tool_call_id !== undefined ? { toolCallId: message.tool_call_id } : {})
+      }
+      if (content === undefined || content === null) {
+        if (calls.length === 0) {
+          return yield* new InvalidChatRequest({
+            reason: "UnsupportedContent",
+            param: `messages[${i}].content`,
+            message: "content is required (only an assistant message with tool_calls may leave it out)"
+          })
+        }
+        out.push({ role, content: "", ...extra })
+        continue
+      }
       if (typeof content === "string") {
-        out.push({ role, content })
+        out.push({ role, content, ...extra })
         continue
       }
       if (!Array.isArray(content)) {
@@ -135,16 +218,20 @@ export const validateMessages = (messages: ReadonlyArray<ChatMessage>): Effect.E
         }
         texts.push(part.text)
       }
-      out.push({ role, content: texts.join("\n") })
+      out.push({ role, content: texts.join("\n"), ...extra })
     }
     return out
   })
 
 const capitalise = (role: string): string => role.charAt(0).toUpperCase() + role.slice(1)
 
+/** A message's content with its calls written after it (for a template that does not read tool_calls). */
+const contentWithCalls = ({ content, toolCalls }: TextMessage): string =>
+  toolCalls === undefined ? content : [...(content === "" ? [] : [content]), ...toolCalls.map(callText)].join("\n")
+
 /** The fallback format, for models without a chat template. */
 export const renderFallback = (messages: ReadonlyArray<TextMessage>, options?: RenderOptions): string => {
-  const turns = messages.map(({ role, content }) => `${capitalise(role)}: ${content}`)
+  const turns = messages.map((message) => `${capitalise(message.role)}: ${contentWithCalls(message)}`)
   if (options?.addGenerationPrompt ?? true) turns.push("Assistant:")
   return turns.join("\n\n")
 }
@@ -198,6 +285,25 @@ export const fromTokenizerConfig = (
     })
     const bosToken = tokenText(tokenizerConfig["bos_token"])
     const eosToken = tokenText(tokenizerConfig["eos_token"])
+    // Hugging Face's message shape for a template that reads tool calls; the calls as content for one that does not.
+    const readsToolCalls = source.includes("tool_calls")
+    const templateMessage = (message: TextMessage) =>
+      readsToolCalls
+        ? {
+            role: message.role,
+            content: message.content,
+            ...(message.toolCalls === undefined
+              ? {}
+              : {
+                  tool_calls: message.toolCalls.map((call) => ({
+                    ...(call.id === undefined ? {} : { id: call.id }),
+                    type: "function",
+                    function: { name: call.name, arguments: call.arguments }
+                  }))
+                }),
+            ...(message.toolCallId === undefined ? {} : { tool_call_id: message.toolCallId })
+          }
+        : { role: message.role, content: contentWithCalls(message) }
     return {
       hasTemplate: true,
       render: (messages, options) =>
@@ -205,7 +311,8 @@ export const fromTokenizerConfig = (
           Effect.try({
             try: () => ({
               text: template.render({
-                messages: valid.map(({ content, role }) => ({ role, content })),
+                messages: valid.map(templateMessage),
+                ...(options?.tools === undefined ? {} : { tools: options.tools }),
                 bos_token: bosToken,
                 eos_token: eosToken,
                 add_generation_prompt: options?.addGenerationPrompt ?? true,
