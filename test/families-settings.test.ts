@@ -389,6 +389,16 @@ describe.each([
       param: "response_format",
       message: expect.stringMatching(/^response_format json_schema does not apply to this model/)
     })
+    // A tool call is laid on the canvas the same way.
+    const call = await refused(
+      {
+        messages: [{ role: "user", content: "Hello" }],
+        tools: [{ type: "function", function: { name: "f", parameters: { type: "object", properties: { a: { type: "string" } } } } }],
+        tool_choice: "required"
+      },
+      "/v1/chat/completions"
+    )
+    expect(call).toMatchObject({ param: "tool_choice", message: expect.stringMatching(/^a tool call does not apply to this model/) })
     if (!family.editing) expect((await refused({ editing_threshold: 0.5 })).param).toBe("editing_threshold")
   })
 

@@ -9,7 +9,7 @@
 import { createOpenAI } from "@ai-sdk/openai"
 import { createOpenAICompatible } from "@ai-sdk/openai-compatible"
 import { ChatOpenAI } from "@langchain/openai"
-import { generateText, Output, streamText } from "ai"
+import { generateText, Output, streamText, tool } from "ai"
 import OpenAI from "openai"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { z } from "zod"
@@ -309,6 +309,58 @@ describe("structured output (json_schema by template)", () => {
     const tooShort = await client.chat.completions.create({ model, messages, max_tokens: 10, response_format: format }).catch((e) => e)
     expect(tooShort).toBeInstanceOf(OpenAI.BadRequestError)
     expect(tooShort.message).toMatch(/leaves no room for the values/)
+  })
+})
+
+describe("tool calls (tool_choice names the function; the call is laid on the canvas)", () => {
+  const Place = z.object({ city: z.string(), reason: z.string() })
+  const messages = [{ role: "user" as const, content: "Where art thou bound?" }]
+  const tools = [
+    {
+      type: "function" as const,
+      function: { name: "get_place", description: "Where one is bound", parameters: z.toJSONSchema(Place) as Record<string, unknown> }
+    }
+  ]
+  const quick = { diffusion_steps: 8 } as Record<string, unknown>
+
+  it("openai SDK: the call's arguments parse with the schema, streamed (the SDK's stream helper) or not", async () => {
+    const tool_choice = { type: "function" as const, function: { name: "get_place" } }
+    const completion = await client.chat.completions.create({ model, messages, tools, tool_choice, seed: 2, ...quick })
+    const message = completion.choices[0]!.message
+    expect(message.content).toBeNull()
+    const call = message.tool_calls![0]!
+    if (call.type !== "function") throw new Error("expected a function call")
+    expect(call.function.name).toBe("get_place")
+    Place.parse(JSON.parse(call.function.arguments))
+    const stream = client.chat.completions.stream({ model, messages, tools, tool_choice, seed: 2, ...quick })
+    const streamed = (await stream.finalChatCompletion()).choices[0]!.message
+    const streamedCall = streamed.tool_calls![0]!
+    if (streamedCall.type !== "function") throw new Error("expected a function call")
+    expect(streamedCall.function).toEqual(call.function)
+  })
+
+  it("Vercel AI SDK: generateText with a required tool gives the tool call's input", async () => {
+    const provider = createOpenAICompatible({ name: "vdiff", baseURL: server.url + "/v1", apiKey })
+    const result = await generateText({
+      model: provider.chatModel(model),
+      prompt: "Where art thou bound?",
+      seed: 3,
+      tools: { get_place: tool({ description: "Where one is bound", inputSchema: Place }) },
+      toolChoice: { type: "tool", toolName: "get_place" }
+    })
+    expect(result.toolCalls).toHaveLength(1)
+    expect(result.toolCalls[0]!.toolName).toBe("get_place")
+    Place.parse(result.toolCalls[0]!.input)
+  })
+
+  it("LangChain: bindTools with tool_choice gives the call's args", async () => {
+    const chat = new ChatOpenAI({ model, apiKey, configuration: { baseURL: server.url + "/v1" }, maxRetries: 0 })
+    const bound = chat.bindTools([{ type: "function", function: tools[0]!.function }], { tool_choice: "get_place" })
+    const reply = await bound.invoke([["human", "Where art thou bound?"]], { seed: 4 } as Record<string, unknown>)
+    const calls = (reply as unknown as { tool_calls: Array<{ name: string; args: unknown }> }).tool_calls
+    expect(calls).toHaveLength(1)
+    expect(calls[0]!.name).toBe("get_place")
+    Place.parse(calls[0]!.args)
   })
 })
 

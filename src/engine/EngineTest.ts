@@ -53,6 +53,8 @@ export interface FakeEngine extends EngineShape {
     readonly prompt: ReadonlyArray<number>
     readonly settings: SamplingSettings
     readonly suffix: ReadonlyArray<number>
+    /** The answer's fixed positions (structured output, a tool call), when given. */
+    readonly template?: ReadonlyArray<number>
   }>
 }
 
@@ -147,7 +149,7 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
     batches,
     scored,
     created,
-    create: (prompt, settings, suffix = []) =>
+    create: (prompt, settings, suffix = [], template) =>
       Effect.suspend(() => {
         if (prompt.length + settings.genLength + suffix.length > maxLen) {
           return Effect.fail(new InvalidRequestError({ message: "prompt too long for the context" }))
@@ -159,8 +161,20 @@ export const makeFake = (options: FakeEngineOptions = {}): FakeEngine => {
           sequence.schedule =
             script.schedule?.(settings.genLength, settings) ?? Array.from({ length: settings.genLength }, (_, position) => [position])
         }
+        if (template !== undefined) {
+          // As natively: the template's tokens are in place from the start and never reported; the
+          // answer's other positions are committed one a step, in order.
+          sequence.answer ??= Array.from(
+            { length: settings.genLength },
+            (_, position) => ((prompt[0] ?? 0) + settings.seed + position) % 1000
+          )
+          sequence.schedule = template.flatMap((token, position) => (token === -1 ? [[position]] : []))
+          template.forEach((token, position) => {
+            if (token !== -1) sequence.canvas[position] = token
+          })
+        }
         sequences.set(id, sequence)
-        created.push({ id, prompt, settings, suffix })
+        created.push({ id, prompt, settings, suffix, ...(template === undefined ? {} : { template }) })
         return Effect.succeed(id)
       }),
     step: (ids) =>

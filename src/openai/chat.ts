@@ -14,6 +14,7 @@ import { preparePromptJobs } from "./run.js"
 import { planChoice, prepareChoiceJobs } from "./choice.js"
 import type { ChoiceDecoder } from "./ChoiceDecoder.js"
 import { planStructured } from "./structured.js"
+import { callId, planToolCall, toolCallOf } from "./tools.js"
 import { lladaFamily } from "../config/sampling.js"
 import { ServingConfig } from "./ServingConfig.js"
 
@@ -26,12 +27,14 @@ export const renderMessages = (
   options: {
     readonly addGenerationPrompt: boolean
     readonly addSpecialTokens?: boolean
+    /** The request's tools, for a template that shows them. */
+    readonly tools?: ReadonlyArray<unknown> | undefined
   }
 ) =>
   Effect.gen(function* () {
     const formatter = yield* ChatFormatter
     const tokenizer = yield* Tokenizer
-    const rendered = yield* formatter.render(messages, { addGenerationPrompt: options.addGenerationPrompt }).pipe(
+    const rendered = yield* formatter.render(messages, { addGenerationPrompt: options.addGenerationPrompt, tools: options.tools }).pipe(
       Effect.catchTags({
         InvalidChatRequest: (error) => Effect.fail(new BadRequest({ message: error.message, param: error.param })),
         ChatTemplateError: (error) => Effect.fail(new InternalError({ message: error.message, code: "chat_template" }))
@@ -56,33 +59,41 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
           : undefined
     // An unknown model is a 404 before anything about the request's content is.
     yield* checkModel(request.model)
-    const structured = yield* planStructured({
-      type: request.response_format?.type,
-      schema: request.response_format?.json_schema?.schema,
-      param: "response_format",
+    // What a JSON template cannot honour: the answer is exactly the skeleton, which no stop cuts.
+    const conflicting = [
+      ...(request.stop === undefined ? [] : ["stop"]),
+      ...(request.stop_token_ids === undefined ? [] : ["stop_token_ids"]),
+      ...((request.min_tokens ?? 0) > 0 ? ["min_tokens"] : []),
+      ...(request.ignore_eos === true ? ["ignore_eos"] : [])
+    ]
+    const family = config.family ?? lladaFamily
+    const call = yield* planToolCall({
+      tools: request.tools,
+      toolChoice: request.tool_choice,
       maxTokens,
-      conflicting: [
-        ...(request.stop === undefined ? [] : ["stop"]),
-        ...(request.stop_token_ids === undefined ? [] : ["stop_token_ids"]),
-        ...((request.min_tokens ?? 0) > 0 ? ["min_tokens"] : []),
-        ...(request.ignore_eos === true ? ["ignore_eos"] : [])
-      ],
-      family: config.family ?? lladaFamily
+      conflicting: [...(request.response_format?.type === "json_schema" ? ["response_format"] : []), ...conflicting],
+      family
     })
-    // Structured output: the answer is the template, as long as it is.
+    const structured =
+      call?.template ??
+      (yield* planStructured({
+        type: request.response_format?.type,
+        schema: request.response_format?.json_schema?.schema,
+        param: "response_format",
+        maxTokens,
+        conflicting,
+        family
+      }))
+    // Structured output and calls: the answer is the template, as long as it is.
     const answerLength =
       structured === undefined ? maxTokens : { value: structured.template.length, param: maxTokens?.param ?? "max_tokens" }
     const plan = yield* makePlan(request, answerLength, request.logprobs === true ? (request.top_logprobs ?? 0) : 0, chatUnhonoured)
     if (request.top_logprobs !== undefined && request.logprobs !== true) {
       return yield* new BadRequest({ message: "top_logprobs requires logprobs to be true", param: "top_logprobs" })
     }
-    if (request.tools !== undefined && request.tools.length > 0) {
-      return yield* new BadRequest({ message: "tools are not supported", param: "tools", code: "unsupported_parameter" })
-    }
-
     const choice = yield* planChoice(request, {
       chat: true,
-      conflicting: structured === undefined ? [] : ["response_format"],
+      conflicting: call !== undefined ? ["tool_choice"] : structured === undefined ? [] : ["response_format"],
       maxTokens: maxTokens?.value,
       endTokens: plan.endTokens
     })
@@ -95,12 +106,13 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
     }
 
     const prompt: PreparedPrompt = {
-      tokens: yield* renderMessages(request.messages, { addGenerationPrompt: true }),
+      tokens: yield* renderMessages(request.messages, { addGenerationPrompt: true, tools: request.tools }),
       param: "messages",
       ...(structured === undefined ? {} : { template: structured.template })
     }
     // A structured answer's text is its JSON, complete once every slot is denoised: a stream carries it
-    // whole in the choice's last chunk.
+    // whole in the choice's last chunk. A call's arguments come the same way, after a first chunk with its
+    // id and name.
     const contentOf = (decoder: ChoiceDecoder): string => (structured === undefined ? decoder.text : structured.render(decoder.canvas))
     const jobs = yield* choice === undefined ? preparePromptJobs([prompt], plan) : prepareChoiceJobs([prompt], plan, choice)
     const texts = new TokenTexts(tokenizer)
@@ -114,7 +126,10 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
       wantsTokens: top !== undefined,
       textAtEnd: structured !== undefined,
       choice: (_, decoder) => ({
-        message: { role: "assistant", content: contentOf(decoder) },
+        message:
+          call === undefined
+            ? { role: "assistant", content: contentOf(decoder) }
+            : { role: "assistant", content: null, tool_calls: [toolCallOf(call, decoder.canvas)] },
         logprobs: top === undefined ? null : chatLogprobs(decoder, 0, decoder.tokenIds.length, top, texts)
       }),
       delta: (_, { decoder, delta }) => ({
@@ -125,10 +140,23 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
               : { content: delta.text }
             : delta.finishReason === null
               ? {}
-              : { content: contentOf(decoder) },
+              : call === undefined
+                ? { content: contentOf(decoder) }
+                : { tool_calls: [{ index: 0, function: { arguments: call.argumentsOf(decoder.canvas) } }] },
         logprobs: top === undefined ? null : chatLogprobs(decoder, delta.firstToken, delta.endToken, top, texts)
       }),
-      // OpenAI opens every choice with a chunk carrying the role.
-      opening: () => ({ delta: { role: "assistant", content: "" }, logprobs: null })
+      ...(call === undefined ? {} : { finishAs: (reason) => (reason === "stop" ? call.finishReason : reason) }),
+      // OpenAI opens every choice with a chunk carrying the role (and a call's id and name).
+      opening: () => ({
+        delta:
+          call === undefined
+            ? { role: "assistant", content: "" }
+            : {
+                role: "assistant",
+                content: null,
+                tool_calls: [{ index: 0, id: callId(), type: "function", function: { name: call.name, arguments: "" } }]
+              },
+        logprobs: null
+      })
     })
   })

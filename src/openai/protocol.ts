@@ -75,7 +75,6 @@ export interface Unhonoured {
 const never = () => false
 const isFalse = (value: unknown) => value === false
 const isEmptyList = (value: unknown) => Array.isArray(value) && value.length === 0
-const noTool = (value: unknown) => value === "none" || value === "auto"
 const noTools = "the model cannot call tools"
 const guided = {
   neutral: never,
@@ -101,12 +100,17 @@ const sharedUnhonoured = {
   structured_outputs: { ...guided, neutral: onlyChoice }
 } satisfies Record<string, Unhonoured>
 
-/** Chat's unhonoured fields: the shared ones, tools' legacy and choice fields, audio, and vLLM's chat echo. */
+/**
+ * Chat's unhonoured fields: the shared ones, tools' legacy fields (`tools` and `tool_choice` are honoured,
+ * openai/tools.ts), audio, and vLLM's chat echo.
+ */
 export const chatUnhonoured = {
   ...sharedUnhonoured,
-  tool_choice: { neutral: noTool, reason: noTools },
-  functions: { neutral: isEmptyList, reason: noTools },
-  function_call: { neutral: noTool, reason: noTools },
+  functions: { neutral: isEmptyList, reason: `${noTools} by the legacy functions; send tools and tool_choice` },
+  function_call: {
+    neutral: (value: unknown) => value === "none" || value === "auto",
+    reason: `${noTools} by the legacy function_call; send tools and tool_choice`
+  },
   modalities: {
     neutral: (value: unknown) => Array.isArray(value) && value.every((m) => m === "text"),
     reason: "the model writes text only"
@@ -208,11 +212,51 @@ const ContentPart = Schema.Struct({
   text: Schema.optional(Schema.Unknown)
 })
 
+/** A call an assistant message made, as a client sends it back in the conversation. */
+export const MessageToolCall = Schema.Struct({
+  id: optional(described(Schema.String, "a tool call's id must be a string")),
+  type: optional(described(Schema.Literal("function"), 'a tool call\'s type must be "function"')),
+  function: Schema.Struct({
+    name: described(Schema.String, "function.name must be a string"),
+    arguments: described(Schema.String, "function.arguments must be a string (the arguments' JSON)")
+  })
+})
+
 export const ChatMessage = Schema.Struct({
   role: described(Schema.String, "role must be a string"),
-  content: described(Schema.Union(Schema.String, Schema.Array(ContentPart)), "content must be a string or an array of content parts"),
-  name: optional(Schema.String)
+  /** Absent (or null) only on an assistant message that made tool calls. */
+  content: optional(
+    described(Schema.Union(Schema.String, Schema.Array(ContentPart)), "content must be a string or an array of content parts")
+  ),
+  name: optional(Schema.String),
+  tool_calls: optional(described(Schema.Array(MessageToolCall), "tool_calls must be an array of tool calls")),
+  tool_call_id: optional(described(Schema.String, "tool_call_id must be a string"))
 })
+
+/** A function the model may call (chat's `tools`): its name, what it does and its arguments' JSON schema. */
+export const FunctionTool = Schema.Struct({
+  type: described(Schema.Literal("function"), 'a tool\'s type must be "function"'),
+  function: Schema.Struct({
+    name: described(
+      Schema.String.pipe(Schema.pattern(/^[A-Za-z0-9_-]{1,64}$/)),
+      "function.name must be 1 to 64 letters, digits, underscores or dashes"
+    ),
+    description: optional(described(Schema.String, "function.description must be a string")),
+    parameters: optional(Schema.Unknown),
+    strict: optional(described(Schema.Boolean, "function.strict must be true or false"))
+  })
+})
+export type FunctionTool = typeof FunctionTool.Type
+
+/** `tool_choice`: "none", "auto", "required", or the function the answer calls. */
+export const ToolChoice = described(
+  Schema.Union(
+    Schema.Literal("none", "auto", "required"),
+    Schema.Struct({ type: Schema.Literal("function"), function: Schema.Struct({ name: Schema.String }) })
+  ),
+  'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+)
+export type ToolChoice = typeof ToolChoice.Type
 
 /** `response_format.json_schema` (chat) and the json_schema `text.format` (responses). */
 export const JsonSchemaFormat = Schema.Struct({
@@ -239,7 +283,10 @@ export const ChatCompletionRequest = Schema.Struct({
   max_completion_tokens: optional(int("max_completion_tokens", 1)),
   logprobs: optional(boolean("logprobs")),
   top_logprobs: optional(int("top_logprobs", 0, 20)),
-  tools: optional(Schema.Array(Schema.Unknown)),
+  tools: optional(Schema.Array(FunctionTool)),
+  tool_choice: optional(ToolChoice),
+  /** The answer makes at most one call whatever this says. */
+  parallel_tool_calls: optional(boolean("parallel_tool_calls")),
   response_format: optional(ResponseFormat)
 })
 export type ChatCompletionRequest = typeof ChatCompletionRequest.Type
@@ -316,6 +363,9 @@ export type DetokenizeRequest = typeof DetokenizeRequest.Type
 
 export const FinishReason = Schema.Literal("stop", "length")
 export type FinishReason = typeof FinishReason.Type
+
+/** Chat's also say "tool_calls": the answer is a call the request required (tool_choice "required"). */
+export const ChatFinishReason = Schema.Literal("stop", "length", "tool_calls")
 
 export const Usage = Schema.Struct({
   prompt_tokens: Schema.Int,
@@ -496,11 +546,24 @@ export const CompletionChunk = Schema.Struct({
 })
 export type CompletionChunk = typeof CompletionChunk.Type
 
+/** A call in an answer: its id, the function's name and the arguments' JSON text. */
+export const ToolCall = Schema.Struct({
+  id: Schema.String,
+  type: Schema.Literal("function"),
+  function: Schema.Struct({ name: Schema.String, arguments: Schema.String })
+})
+export type ToolCall = typeof ToolCall.Type
+
 export const ChatCompletionChoice = Schema.Struct({
   index: Schema.Int,
-  message: Schema.Struct({ role: Schema.Literal("assistant"), content: Schema.String }),
+  /** content is null, and tool_calls holds the call, when the answer calls a function. */
+  message: Schema.Struct({
+    role: Schema.Literal("assistant"),
+    content: Schema.NullOr(Schema.String),
+    tool_calls: Schema.optionalWith(Schema.Array(ToolCall), { exact: true })
+  }),
   logprobs: Schema.NullOr(ChatLogprobs),
-  finish_reason: FinishReason,
+  finish_reason: ChatFinishReason,
   ...tokenIdFields
 })
 export type ChatCompletionChoice = typeof ChatCompletionChoice.Type
@@ -516,16 +579,28 @@ export const ChatCompletionResponse = Schema.Struct({
 })
 export type ChatCompletionResponse = typeof ChatCompletionResponse.Type
 
+/** A stream's piece of a call: the first carries its id and name, a later one the arguments' text. */
+export const ToolCallDelta = Schema.Struct({
+  index: Schema.Int,
+  id: Schema.optionalWith(Schema.String, { exact: true }),
+  type: Schema.optionalWith(Schema.Literal("function"), { exact: true }),
+  function: Schema.Struct({
+    name: Schema.optionalWith(Schema.String, { exact: true }),
+    arguments: Schema.String
+  })
+})
+
 export const ChatDelta = Schema.Struct({
   role: Schema.optionalWith(Schema.Literal("assistant"), { exact: true }),
-  content: Schema.optionalWith(Schema.String, { exact: true })
+  content: Schema.optionalWith(Schema.NullOr(Schema.String), { exact: true }),
+  tool_calls: Schema.optionalWith(Schema.Array(ToolCallDelta), { exact: true })
 })
 
 export const ChatCompletionChunkChoice = Schema.Struct({
   index: Schema.Int,
   delta: ChatDelta,
   logprobs: Schema.NullOr(ChatLogprobs),
-  finish_reason: Schema.NullOr(FinishReason),
+  finish_reason: Schema.NullOr(ChatFinishReason),
   snapshot: Schema.optionalWith(Snapshot, { exact: true }),
   ...tokenIdFields
 })

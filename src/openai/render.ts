@@ -12,7 +12,7 @@ import { phaseOf, provisionalOf, type TopLogprob } from "../engine/Engine.js"
 import type { TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { type ChoiceDecoder, NOT_COMMITTED } from "./ChoiceDecoder.js"
 import type { AnswerPlan } from "./plan.js"
-import { type ChatTokenLogprob, type CompletionLogprobs, MASK_PLACEHOLDER, type Snapshot } from "./protocol.js"
+import { type ChatTokenLogprob, type CompletionLogprobs, type FinishReason, MASK_PLACEHOLDER, type Snapshot } from "./protocol.js"
 import { type ChoiceUpdate, diffusionOfJobs, mergedChunks, type PromptJob, runToEnd, usageOfJobs, worthAChunk } from "./run.js"
 import { respondSse } from "./streaming.js"
 
@@ -205,6 +205,8 @@ export interface ChoiceRenderer {
    * but ends nothing is worth no chunk on that account.
    */
   readonly textAtEnd?: boolean
+  /** The finish reason a choice reports for the one its answer ended with (chat: "tool_calls" for a required call). */
+  readonly finishAs?: (reason: FinishReason) => string
   /** The chunk that opens a choice's stream, when there is one (chat: the role; completions: an echo). */
   readonly opening?: ((job: PromptJob) => Record<string, unknown>) | undefined
 }
@@ -218,6 +220,7 @@ export const respond = (plan: AnswerPlan, jobs: ReadonlyArray<PromptJob>, render
     const created = yield* nowSeconds
     const head = (object: string) => ({ id: renderer.id, object, created, model: renderer.modelName })
     const summary = () => ({ usage: usageOfJobs(jobs), diffusion: diffusionOfJobs(jobs, plan.family) })
+    const finishAs = renderer.finishAs ?? ((reason: FinishReason) => reason)
 
     if (!plan.stream) {
       yield* runToEnd(jobs)
@@ -225,7 +228,7 @@ export const respond = (plan: AnswerPlan, jobs: ReadonlyArray<PromptJob>, render
         job.run.decoders.map((decoder, j) => ({
           index: p * plan.n + j,
           ...renderer.choice(job, decoder),
-          finish_reason: decoder.finishReason ?? "length",
+          finish_reason: finishAs(decoder.finishReason ?? "length"),
           ...(plan.returnTokenIds ? { prompt_token_ids: job.prompt.tokens, token_ids: decoder.tokenIds } : {})
         }))
       )
@@ -262,7 +265,7 @@ export const respond = (plan: AnswerPlan, jobs: ReadonlyArray<PromptJob>, render
         chunk({
           index,
           ...renderer.delta(job, update),
-          finish_reason: delta.finishReason,
+          finish_reason: delta.finishReason === null ? null : finishAs(delta.finishReason),
           ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, renderer.texts, job.settings.blockLength, plan.family) } : {}),
           ...promptIds(index, job),
           ...(plan.returnTokenIds ? { token_ids: decoder.tokenIds.slice(delta.firstToken, delta.endToken) } : {})

@@ -9,7 +9,7 @@ import { type Phase, phaseOf, type SamplingSettings, type StepResult } from "../
 import { Scheduler } from "../scheduler/Scheduler.js"
 import { RequestMetrics } from "../telemetry/requests.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
-import { ChoiceDecoder, type ChoiceDelta } from "./ChoiceDecoder.js"
+import { ChoiceDecoder, type ChoiceDelta, NOT_COMMITTED } from "./ChoiceDecoder.js"
 import { fromGenerationError } from "./errors.js"
 import { type AnswerPlan, checkNoMaskToken, type PreparedPrompt } from "./plan.js"
 import type { Diffusion, Usage } from "./protocol.js"
@@ -167,6 +167,20 @@ export const runPrompt = (
         )
     )
     const tallies = decoders.map(() => emptyTally())
+    if (template?.includes(NOT_COMMITTED) === false) {
+      // A template with nothing left to write (a call of a function without arguments) is the answer as
+      // it stands: the answers end at once, with no denoising.
+      const settled = Stream.suspend(() =>
+        Stream.fromIterable(
+          decoders.map((decoder, index): ChoiceUpdate => ({ index, decoder, delta: decoder.commit([]), step: settledStep([], 0, "eos") }))
+        )
+      )
+      const updates = settled.pipe(
+        Stream.tap((update) => metrics.advanced(update.decoder)),
+        Stream.concat(answeredAtEnd(metrics, prompt.length + suffix.length, decoders))
+      )
+      return { decoders, tallies, updates } satisfies PromptRun
+    }
     const allEnded = () => decoders.every((decoder) => decoder.finished)
     const request = {
       prompt,

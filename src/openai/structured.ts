@@ -234,6 +234,21 @@ export interface StructuredRequest {
 }
 
 /**
+ * A 400 unless the model decodes the full canvas. Block decoding writes its blocks in order and Dream's
+ * sampler denoises the whole answer from masks: neither takes fixed positions, so no JSON skeleton (`what`,
+ * asked for by `param`) applies there, whatever else the request says.
+ */
+export const requireFullCanvas = (family: ModelFamily, param: string, what: string) => {
+  if (family.decoding === "full_canvas") return Effect.void
+  const decoding = decodingDocs[family.decoding].words
+  return new BadRequest({
+    message: `${what} does not apply to this model (${family.name}, ${decoding}): a JSON skeleton is laid on the canvas before denoising, which ${decoding} does not take`,
+    param,
+    code: "unsupported_parameter"
+  })
+}
+
+/**
  * The template of a request's structured output, undefined for plain text, or a 400 saying why it cannot
  * be honoured.
  */
@@ -241,16 +256,7 @@ export const planStructured = (request: StructuredRequest) =>
   Effect.gen(function* () {
     const { param, type, family } = request
     if (type === undefined || type === "text") return undefined
-    // Block decoding writes its blocks in order and Dream's sampler denoises the whole answer from masks:
-    // neither takes fixed positions, so no schema applies there, whatever else the request says.
-    if (family.decoding !== "full_canvas") {
-      const decoding = decodingDocs[family.decoding].words
-      return yield* new BadRequest({
-        message: `${param} ${type} does not apply to this model (${family.name}, ${decoding}): a JSON skeleton is laid on the canvas before denoising, which ${decoding} does not take`,
-        param,
-        code: "unsupported_parameter"
-      })
-    }
+    yield* requireFullCanvas(family, param, `${param} ${type}`)
     if (type === "json_object") {
       return yield* new BadRequest({
         message:
@@ -279,25 +285,56 @@ export const planStructured = (request: StructuredRequest) =>
         code: "unsupported_parameter"
       })
     }
-    const skeleton = skeletonOf(request.schema)
-    if (isRefusal(skeleton)) {
+    return yield* templateOf(request.schema, { schemaParam, maxTokens: request.maxTokens })
+  })
+
+/** Whether a schema is of an object without keys (or absent): a function's parameters that take nothing. */
+const takesNothing = (schema: unknown): boolean => {
+  if (schema === undefined) return true
+  if (!isObject(schema) || !(schema["type"] === undefined || schema["type"] === "object")) return false
+  if (["const", "enum", "anyOf", "oneOf", "allOf", "$ref"].some((key) => key in schema)) return false
+  const properties = schema["properties"]
+  return properties === undefined || (isObject(properties) && Object.keys(properties).length === 0)
+}
+
+/**
+ * A schema's skeleton laid out on the canvas (the slots sized by the answer length, when the request gave
+ * one), or a 400 naming the place in the schema that cannot be honoured. `wrap` puts fixed text around
+ * the schema's JSON (a tool call's name around its arguments).
+ */
+export const templateOf = (
+  schema: unknown,
+  options: {
+    readonly schemaParam: string
+    readonly maxTokens: StructuredRequest["maxTokens"]
+    readonly wrap?: { readonly before: string; readonly after: string }
+    /** An object without properties is "{}" (a function that takes no arguments). */
+    readonly emptyObject?: boolean
+  }
+) =>
+  Effect.gen(function* () {
+    const { schemaParam, wrap } = options
+    const inner = options.emptyObject === true && takesNothing(schema) ? { parts: [{ fixed: "{}" }], slots: 0 } : skeletonOf(schema)
+    if (isRefusal(inner)) {
       return yield* new BadRequest({
-        message: `the schema cannot be honoured at ${skeleton.path.replace(/^schema/, schemaParam)}: ${skeleton.message}`,
+        message: `the schema cannot be honoured at ${inner.path.replace(/^schema/, schemaParam)}: ${inner.message}`,
         param: schemaParam,
         code: "unsupported_schema"
       })
     }
+    const skeleton: Skeleton =
+      wrap === undefined ? inner : { parts: [{ fixed: wrap.before }, ...inner.parts, { fixed: wrap.after }], slots: inner.slots }
     const tokenizer = yield* Tokenizer
     const fixed = fixedTokens(skeleton, tokenizer)
-    let slotTokens = DEFAULT_SLOT_TOKENS
-    if (request.maxTokens !== undefined) {
-      slotTokens = Math.floor((request.maxTokens.value - fixed) / skeleton.slots)
+    let slotTokens = skeleton.slots === 0 ? 0 : DEFAULT_SLOT_TOKENS
+    if (options.maxTokens !== undefined && skeleton.slots > 0) {
+      slotTokens = Math.floor((options.maxTokens.value - fixed) / skeleton.slots)
       if (slotTokens < 1) {
         return yield* new BadRequest({
           message:
-            `${request.maxTokens.param} ${request.maxTokens.value} leaves no room for the values: the JSON ` +
+            `${options.maxTokens.param} ${options.maxTokens.value} leaves no room for the values: the JSON ` +
             `skeleton takes ${fixed} tokens and each of its ${skeleton.slots} string values needs at least one`,
-          param: request.maxTokens.param
+          param: options.maxTokens.param
         })
       }
     }
