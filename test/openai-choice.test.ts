@@ -6,7 +6,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { Option } from "effect"
-import { pickChoice } from "../src/openai/choice.js"
+import { pickChoice } from "../src/openai/chains.js"
 import { Effect } from "effect"
 import type { SamplingSettings } from "../src/engine/Engine.js"
 import { parseSse, startServer, type TestServer } from "./openai-support.js"

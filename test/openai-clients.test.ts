@@ -279,6 +279,18 @@ describe("structured output (json_schema by template)", () => {
     expect(valid).toBe(false)
   })
 
+  it("booleans and enums are chosen among their values: the reply parses with the schema", async () => {
+    const Verdict = z.object({ villain: z.boolean(), mood: z.enum(["merry", "sad", "wrathful"]), why: z.string() })
+    const response_format = {
+      type: "json_schema" as const,
+      json_schema: { name: "verdict", schema: z.toJSONSchema(Verdict), strict: true }
+    }
+    for (const temperature of [0, 1.5]) {
+      const completion = await client.chat.completions.create({ model, messages, seed: 3, temperature, response_format, ...quick })
+      Verdict.parse(JSON.parse(completion.choices[0]!.message.content!))
+    }
+  })
+
   it("max_tokens sizes the value slots; schemas a template cannot honour are refused with the reason", async () => {
     // The skeleton of this schema is 47 tokens of the embedded model's vocabulary; 4 values share the rest,
     // 3 tokens each.

@@ -51,13 +51,25 @@ describe("skeletonOf", () => {
     ["a string at the top", { type: "string" }, "schema", /must be an object with known keys/],
     ["an object without properties", { type: "object" }, "schema", /needs its keys in `properties`/],
     ["a number", object({ age: { type: "number" } }), "schema.properties.age", /"number" are not supported/],
-    ["a boolean", object({ ok: { type: "boolean" } }), "schema.properties.ok", /"boolean" are not supported/],
+    ["an integer", object({ n: { type: "integer" } }), "schema.properties.n", /"integer" are not supported/],
     ["an array", object({ tags: { type: "array", items: { type: "string" } } }), "schema.properties.tags", /"array"/],
     ["a nullable string", object({ s: { type: ["string", "null"] } }), "schema.properties.s", /one type/],
     ["anyOf", object({ s: { anyOf: [{ type: "string" }] } }), "schema.properties.s", /anyOf is not supported/],
     ["$ref", object({ s: { $ref: "#/$defs/x" } }), "schema.properties.s", /\$ref is not supported/],
     ["a pattern", object({ s: { type: "string", pattern: "^a$" } }), "schema.properties.s.pattern", /pattern/],
-    ["a string enum", object({ s: { type: "string", enum: ["a", "b"] } }), "schema.properties.s.enum", /enum/],
+    ["an empty enum", object({ s: { enum: [] } }), "schema.properties.s.enum", /at least one value/],
+    [
+      "an enum with a pattern",
+      object({ s: { type: "string", enum: ["a", "b"], pattern: "a" } }),
+      "schema.properties.s.pattern",
+      /with enum/
+    ],
+    [
+      "an enum of 257 values",
+      object({ s: { enum: Array.from({ length: 257 }, (_, i) => i) } }),
+      "schema.properties.s.enum",
+      /at most 256 values, got 257/
+    ],
     ["a value without type", object({ s: {} }), "schema.properties.s", /needs a `type`/],
     [
       "additionalProperties with a schema",
@@ -72,6 +84,62 @@ describe("skeletonOf", () => {
     if (!isRefusal(refusal)) return
     expect(refusal.path).toBe(path)
     expect(refusal.message).toMatch(reason)
+  })
+})
+
+describe("choices: enums and booleans", () => {
+  const schema = object({
+    ok: { type: "boolean" },
+    mood: { type: "string", enum: ["merry", "sad", "merry"] },
+    n: { enum: [1, null, { a: 2 }] },
+    why: { type: "string" }
+  })
+
+  it("lays out each as a choice of its values' JSON text (duplicates once), a region one wider than its longest value", () => {
+    const skeleton = skeletonOf(schema)
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    expect(skeleton.slots).toBe(1)
+    expect(skeleton.parts).toEqual([
+      { fixed: `{"ok": ` },
+      { choice: ["true", "false"] },
+      { fixed: `, "mood": ` },
+      { choice: ['"merry"', '"sad"'] },
+      { fixed: `, "n": ` },
+      { choice: ["1", "null", '{"a":2}'] },
+      { fixed: `, "why": "` },
+      { slot: true },
+      { fixed: `"}` }
+    ])
+    const laid = layOut(skeleton, 4, tokenizer)
+    const encode = (text: string) => tokenizer.encode(text, { addSpecialTokens: false })
+    expect(laid.choices.map((c) => c.values.map((v) => v.text))).toEqual([
+      ["true", "false"],
+      ['"merry"', '"sad"'],
+      ["1", "null", '{"a":2}']
+    ])
+    for (const choice of laid.choices) {
+      for (const value of choice.values) expect(value.tokens).toEqual(encode(value.text))
+      expect(choice.width).toBe(Math.max(...choice.values.map((v) => v.tokens.length)) + 1)
+      expect(laid.template.slice(choice.start, choice.start + choice.width).every((t) => t === -1)).toBe(true)
+    }
+    expect(laid.template.filter((t) => t === -1)).toHaveLength(laid.choices.reduce((sum, c) => sum + c.width, 0) + 4)
+    expect(laid.pad).toEqual(encode(" ")[0])
+  })
+
+  it("reads a chosen value back as its JSON, the pads after it left out", () => {
+    const skeleton = skeletonOf(schema)
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    const laid = layOut(skeleton, 4, tokenizer)
+    const canvas = [...laid.template]
+    const picks = [1, 0, 2]
+    laid.choices.forEach((choice, c) => {
+      const { tokens } = choice.values[picks[c]!]!
+      for (let k = 0; k < choice.width; k++) canvas[choice.start + k] = k < tokens.length ? tokens[k]! : laid.pad
+    })
+    const slot = canvas.indexOf(-1)
+    const words = tokenizer.encode(" Good night", { addSpecialTokens: false })
+    for (let k = 0; k < 4; k++) canvas[slot + k] = k < words.length ? words[k]! : tokenizer.specialTokens.eos
+    expect(JSON.parse(laid.render(canvas))).toEqual({ ok: false, mood: "merry", n: { a: 2 }, why: "Good night" })
   })
 })
 

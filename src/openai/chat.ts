@@ -13,7 +13,7 @@ import { chatLogprobs, respond, TokenTexts } from "./render.js"
 import { preparePromptJobs } from "./run.js"
 import { planChoice, prepareChoiceJobs } from "./choice.js"
 import type { ChoiceDecoder } from "./ChoiceDecoder.js"
-import { planStructured } from "./structured.js"
+import { planStructured, promptTemplate } from "./structured.js"
 import { callId, planToolCall, toolCallOf } from "./tools.js"
 import { lladaFamily } from "../config/sampling.js"
 import { ServingConfig } from "./ServingConfig.js"
@@ -108,7 +108,7 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
     const prompt: PreparedPrompt = {
       tokens: yield* renderMessages(request.messages, { addGenerationPrompt: true, tools: request.tools }),
       param: "messages",
-      ...(structured === undefined ? {} : { template: structured.template })
+      ...(structured === undefined ? {} : promptTemplate(structured))
     }
     // A structured answer's text is its JSON, complete once every slot is denoised: a stream carries it
     // whole in the choice's last chunk. A call's arguments come the same way, after a first chunk with its

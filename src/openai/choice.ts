@@ -17,21 +17,18 @@
  * choices. Each of the n answers draws with seed + its index. The answer's logprobs are the chain's, one per
  * token. The denoising settings, stops and token rules do not apply (400 naming the field).
  */
-import { Effect, Option, Random, Stream } from "effect"
+import { Effect, Option, Stream } from "effect"
 import { BadRequest } from "../api/errors.js"
 import { requestFields } from "../config/sampling.js"
 import type { SamplingSettings, ScoreItem, Scored } from "../engine/Engine.js"
 import { Scheduler } from "../scheduler/Scheduler.js"
 import { RequestMetrics } from "../telemetry/requests.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
+import { MAX_CHOICE_CANVASES, MAX_CHOICES, pickChoice } from "./chains.js"
 import { fromGenerationError } from "./errors.js"
 import { type AnswerPlan, checkNoMaskToken, type PreparedPrompt } from "./plan.js"
 import { answeredAtEnd, type ChoiceUpdate, emptyTally, type PromptJob, settledDecoders, settledStep } from "./run.js"
 import { ServingConfig } from "./ServingConfig.js"
-
-/** The most strings a choice list may hold, and the most canvases (choice tokens + 1 each) they may take. */
-export const MAX_CHOICES = 256
-export const MAX_CHOICE_CANVASES = 4096
 
 /** The choices of a request, tokenized, and the token an answer ends with. */
 export interface ChoicePlan {
@@ -167,40 +164,6 @@ const canvasesOf = (prompt: ReadonlyArray<number>, choice: ChoicePlan, mask: num
       targets: [k < tokens.length ? tokens[k]! : choice.endToken]
     }))
   )
-
-/**
- * Which choice an answer takes: the likeliest at temperature 0 (the first of equals), else a draw from
- * softmax(logprob / temperature) over the choices that top_k, min_p and top_p keep.
- */
-export const pickChoice = (logprobs: ReadonlyArray<number>, settings: SamplingSettings, seed: number): Effect.Effect<number> =>
-  Effect.gen(function* () {
-    const best = logprobs.reduce((at, value, i) => (value > logprobs[at]! ? i : at), 0)
-    if (settings.temperature === 0) return best
-    const scaled = logprobs.map((value) => value / settings.temperature)
-    const top = Math.max(...scaled)
-    const weights = scaled.map((value) => Math.exp(value - top))
-    const total = weights.reduce((a, b) => a + b, 0)
-    // Likeliest first (ties to the first listed), as the token filters order a row.
-    let kept = weights.map((w, i) => ({ i, p: w / total })).sort((a, b) => b.p - a.p || a.i - b.i)
-    const topK = settings.topK ?? 0
-    if (topK > 0) kept = kept.slice(0, topK)
-    const minP = settings.minP ?? 0
-    if (minP > 0) kept = kept.filter((c) => c.p >= minP * kept[0]!.p)
-    const topP = settings.topP ?? 1
-    if (topP < 1) {
-      let sum = 0
-      const upTo = kept.findIndex((c) => (sum += c.p) >= topP)
-      if (upTo >= 0) kept = kept.slice(0, upTo + 1)
-    }
-    const mass = kept.reduce((sum, c) => sum + c.p, 0)
-    const u = (yield* Random.next.pipe(Effect.withRandom(Random.make(seed)))) * mass
-    let acc = 0
-    for (const c of kept) {
-      acc += c.p
-      if (u < acc) return c.i
-    }
-    return kept.at(-1)!.i
-  })
 
 /**
  * One prompt's answers under a choice plan, as a PromptJob that `respond` renders like any other: the

@@ -9,6 +9,7 @@
  * the batch size as `n`'s bound) and before anything is queued, so a request of several prompts is refused
  * whole.
  */
+import type { TemplateChoice } from "./chains.js"
 import { Effect, Option, Random } from "effect"
 import { BadRequest, NotFound } from "../api/errors.js"
 import * as Sampling from "../config/sampling.js"
@@ -289,6 +290,8 @@ export interface PreparedPrompt {
    * it, and filling it whole is finish reason "stop".
    */
   readonly template?: ReadonlyArray<number>
+  /** The template's values chosen among known ones (enums, booleans), scored before denoising, and their pad. */
+  readonly templateChoices?: { readonly choices: ReadonlyArray<TemplateChoice>; readonly pad: number }
   /** The request field that asked for the template (errors name it); default "response_format". */
   readonly templateParam?: string
   /** truncate_prompt_tokens dropped the first tokens of a prompt this long (AnswerPlan.truncatePrompt). */

@@ -35,7 +35,7 @@ import { diffusionOfJobs, mergedChunks, preparePromptJobs, runToEnd, usageOfJobs
 import { lladaFamily } from "../config/sampling.js"
 import { ServingConfig } from "./ServingConfig.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
-import { planStructured } from "./structured.js"
+import { planStructured, promptTemplate } from "./structured.js"
 import { respondSse, type SseEncoding } from "./streaming.js"
 import { HttpServerResponse } from "@effect/platform"
 
@@ -153,7 +153,7 @@ export const responses = (request: ResponseRequest) =>
     const prompt: PreparedPrompt = {
       tokens: yield* renderMessages(messages, { addGenerationPrompt: true }),
       param: "input",
-      ...(structured === undefined ? {} : { template: structured.template, templateParam: "text.format" })
+      ...(structured === undefined ? {} : { ...promptTemplate(structured), templateParam: "text.format" })
     }
     const jobs = yield* preparePromptJobs([prompt], plan)
     const decoder = jobs[0]!.run.decoders[0]!

@@ -6,9 +6,10 @@
 import { type Context, Effect, type Option, Stream } from "effect"
 import { type ApiError, InternalError } from "../api/errors.js"
 import { type Phase, phaseOf, type SamplingSettings, type StepResult } from "../engine/Engine.js"
-import { Scheduler } from "../scheduler/Scheduler.js"
+import { type GenerationRequest, Scheduler, type StepEvent } from "../scheduler/Scheduler.js"
 import { RequestMetrics } from "../telemetry/requests.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
+import { pickTemplateValues, templateCanvases, templateChains } from "./chains.js"
 import { ChoiceDecoder, type ChoiceDelta, NOT_COMMITTED } from "./ChoiceDecoder.js"
 import { fromGenerationError } from "./errors.js"
 import { type AnswerPlan, checkNoMaskToken, type PreparedPrompt } from "./plan.js"
@@ -134,7 +135,8 @@ export const runPrompt = (
   settings: SamplingSettings,
   plan: AnswerPlan,
   suffix: ReadonlyArray<number> = [],
-  template?: ReadonlyArray<number>
+  template?: ReadonlyArray<number>,
+  templateChoices?: PreparedPrompt["templateChoices"]
 ) =>
   Effect.gen(function* () {
     const scheduler = yield* Scheduler
@@ -190,20 +192,28 @@ export const runPrompt = (
       ...(template === undefined ? {} : { template }),
       answersComplete: allEnded
     }
-    const updates = scheduler.generateStream(request).pipe(
-      Stream.mapError(fromGenerationError),
+    // Forward passes an answer's sequence does not count: the scoring of its template's choices.
+    const scoredPasses = decoders.map(() => 0)
+    const events: Stream.Stream<StepEvent & { readonly scored?: boolean }, ApiError> =
+      template === undefined || templateChoices === undefined || templateChoices.choices.length === 0
+        ? scheduler.generateStream(request).pipe(Stream.mapError(fromGenerationError))
+        : chosenThenDenoised(prompt, settings, template, templateChoices, request, decoders, scheduler, tokenizer.specialTokens.mask)
+    const updates = events.pipe(
       // Events arrive in chunks and `map` runs over a whole chunk at once, so whether all answers had
       // ended is recorded with each event's updates rather than asked afterwards.
-      Stream.map(({ index, step: event }) => {
+      Stream.map(({ index, step: event, scored }) => {
         const tally = tallies[index]!
         // A prefill step in which a sequence waited for another's prefill of the same prompt ran no forward.
         const phase = phaseOf(event)
-        if (phase !== "prefill" || event.forwardPasses > tally.forwardPasses) tally.phases[phase]++
-        tally.steps = event.stepsDone
-        tally.forwardPasses = event.forwardPasses
-        tally.kvRefreshes = event.kvRefreshes
-        tally.tokensDenoised += event.committed.length - event.filled
-        tally.tokensSkipped += event.filled
+        if (scored === true) scoredPasses[index] = event.forwardPasses
+        else {
+          if (phase !== "prefill" || event.forwardPasses > tally.forwardPasses - scoredPasses[index]!) tally.phases[phase]++
+          tally.steps = event.stepsDone
+          tally.kvRefreshes = event.kvRefreshes
+          tally.tokensDenoised += event.committed.length - event.filled
+          tally.tokensSkipped += event.filled
+        }
+        tally.forwardPasses = scoredPasses[index]! + (scored === true ? 0 : event.forwardPasses)
         tally.promptCached = event.promptCached ?? 0
         const decoder = decoders[index]!
         // An update is rendered later than it is made (the decoder has moved on by then), so it carries
@@ -248,6 +258,58 @@ export const runPrompt = (
     return { decoders, tallies, updates } satisfies PromptRun
   })
 
+/**
+ * The events of answers whose template has values to choose (enums, booleans): the choices scored in one
+ * job of the scheduler's queue, each answer's picks (its seed) committed in one event, then each answer
+ * whose template still has slots denoised as its own sequence, around its picks, with its own seed (seed +
+ * its index, as the scheduler seeds a request's n answers).
+ */
+const chosenThenDenoised = (
+  prompt: ReadonlyArray<number>,
+  settings: SamplingSettings,
+  template: ReadonlyArray<number>,
+  { choices, pad }: NonNullable<PreparedPrompt["templateChoices"]>,
+  request: GenerationRequest,
+  decoders: ReadonlyArray<ChoiceDecoder>,
+  scheduler: Context.Tag.Service<typeof Scheduler>,
+  mask: number
+) =>
+  Stream.unwrap(
+    Effect.gen(function* () {
+      const items = templateCanvases(prompt, template, choices, pad, mask)
+      const scores = yield* scheduler.score({ items }).pipe(Effect.mapError(fromGenerationError))
+      const chains = templateChains(choices, scores)
+      const answers = yield* Effect.forEach(decoders, (_, index) =>
+        pickTemplateValues(choices, chains, template, pad, settings, settings.seed + index)
+      )
+      const picked = answers.map(({ committed, template: filled }, index) => {
+        const done = !filled.includes(NOT_COMMITTED)
+        // The scoring is the prompt's one piece of work: its canvases count once, with the first answer.
+        const step = { ...settledStep(committed, index === 0 ? items.length : 0, done ? "eos" : null), finished: done }
+        return { index, step, scored: true }
+      })
+      const denoised = answers.flatMap(({ template: filled }, index) =>
+        filled.includes(NOT_COMMITTED)
+          ? [
+              scheduler
+                .generateStream({
+                  ...request,
+                  n: 1,
+                  settings: { ...settings, seed: settings.seed + index },
+                  template: filled,
+                  answersComplete: () => decoders[index]!.finished
+                })
+                .pipe(
+                  Stream.mapError(fromGenerationError),
+                  Stream.map((event) => ({ ...event, index }))
+                )
+            ]
+          : []
+      )
+      return Stream.concat(Stream.fromIterable(picked), Stream.mergeAll(denoised, { concurrency: "unbounded" }))
+    })
+  )
+
 /** One prompt's answers, set up but not yet run. */
 export interface PromptJob {
   readonly prompt: PreparedPrompt
@@ -264,7 +326,7 @@ export const preparePromptJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: 
       Effect.gen(function* () {
         const suffix = prompt.suffix ?? []
         const settings = yield* plan.settingsFor(prompt.tokens.length, prompt.param, suffix.length)
-        const run = yield* runPrompt(prompt.tokens, settings, plan, suffix, prompt.template)
+        const run = yield* runPrompt(prompt.tokens, settings, plan, suffix, prompt.template, prompt.templateChoices)
         return { prompt, settings, run } satisfies PromptJob
       })
     )

@@ -8,16 +8,19 @@
  * and no constrained sampling: the structure cannot come out wrong because the model never writes it.
  *
  * What a template can honour: an object with known keys (`properties`), whose values are strings (a slot
- * each), nested objects of the same kind, or fixed values (`const`, a one-value `enum`). Every property
- * is written, in schema order. A slot's text is read back up to its first end token (EOS, end of turn), with special tokens left out, whitespace runs
- * folded to one space and trimmed, and JSON-escaped, so the reply always parses and matches the schema.
- * What it cannot honour is refused (400) with the reason: numbers, booleans, arrays and string formats
- * would need the model's choice restricted token by token, which the engine does not do.
+ * each), nested objects of the same kind, fixed values (`const`, a one-value `enum`), and booleans and
+ * enums: a region as wide as the longest value plus one, whose value is chosen before denoising by scoring
+ * each in place (chains.ts) and padded with spaces. Every property is written, in schema order. A slot's
+ * text is read back up to its first end token (EOS, end of turn), with special tokens left out, whitespace
+ * runs folded to one space and trimmed, and JSON-escaped, so the reply always parses and matches the schema.
+ * What it cannot honour is refused (400) with the reason: numbers, arrays and string formats would need
+ * the model's choice restricted token by token, which the engine does not do.
  */
 import { Effect, Option } from "effect"
 import { BadRequest } from "../api/errors.js"
 import { decodingDocs, type ModelFamily } from "../config/sampling.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
+import { MAX_CHOICE_CANVASES, MAX_CHOICES, type TemplateChoice, templateCanvasCount } from "./chains.js"
 import { NOT_COMMITTED } from "./ChoiceDecoder.js"
 
 /**
@@ -26,8 +29,8 @@ import { NOT_COMMITTED } from "./ChoiceDecoder.js"
  */
 export const DEFAULT_SLOT_TOKENS = 8
 
-/** A piece of the answer: fixed JSON text, or the slot of a string value. */
-type Part = { readonly fixed: string } | { readonly slot: true }
+/** A piece of the answer: fixed JSON text, the slot of a string value, or a value chosen among known ones (their JSON text). */
+type Part = { readonly fixed: string } | { readonly slot: true } | { readonly choice: ReadonlyArray<string> }
 
 /** Why a schema cannot be honoured, and where in it. */
 export interface SchemaRefusal {
@@ -35,9 +38,10 @@ export interface SchemaRefusal {
   readonly path: string
 }
 
-/** The skeleton of a schema: fixed text and slots, in order (adjacent fixed pieces merged). */
+/** The skeleton of a schema: fixed text, slots and choices, in order (adjacent fixed pieces merged). */
 export interface Skeleton {
   readonly parts: ReadonlyArray<Part>
+  /** String slots (choices not counted). */
   readonly slots: number
 }
 
@@ -55,7 +59,8 @@ const KNOWN_OBJECT_KEYS = new Set([
   "examples"
 ])
 const KNOWN_STRING_KEYS = new Set(["type", "title", "description", "default", "examples"])
-const STRING_CONSTRAINTS = ["pattern", "format", "minLength", "maxLength", "enum"] as const
+const KNOWN_CHOICE_KEYS = new Set(["type", "enum", "title", "description", "default", "examples"])
+const STRING_CONSTRAINTS = ["pattern", "format", "minLength", "maxLength"] as const
 
 const isObject = (value: unknown): value is Record<string, unknown> => typeof value === "object" && value !== null && !Array.isArray(value)
 
@@ -89,6 +94,18 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
       fixed(JSON.stringify(node["enum"][0]))
       return undefined
     }
+    if ("enum" in node) {
+      const values = node["enum"]
+      if (!Array.isArray(values) || values.length === 0) return refuse(`${path}.enum`, "enum must list at least one value")
+      for (const key of Object.keys(node)) {
+        if (!KNOWN_CHOICE_KEYS.has(key)) return refuse(`${path}.${key}`, `${key} is not supported with enum`)
+      }
+      const texts = [...new Set(values.map((value) => JSON.stringify(value)))]
+      if (texts.length > MAX_CHOICES) return refuse(`${path}.enum`, `enum may list at most ${MAX_CHOICES} values, got ${texts.length}`)
+      if (texts.length === 1) fixed(texts[0]!)
+      else parts.push({ choice: texts })
+      return undefined
+    }
     for (const combinator of ["$ref", "anyOf", "oneOf", "allOf", "not", "if", "$defs", "definitions"]) {
       if (combinator in node) {
         return refuse(
@@ -107,6 +124,13 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
       )
     }
     const type = types[0]
+    if (type === "boolean") {
+      for (const key of Object.keys(node)) {
+        if (!KNOWN_STRING_KEYS.has(key)) return refuse(`${path}.${key}`, `${key} is not supported on a boolean`)
+      }
+      parts.push({ choice: ["true", "false"] })
+      return undefined
+    }
     if (type === "object") {
       const properties = node["properties"]
       if (!isObject(properties) || Object.keys(properties).length === 0) {
@@ -155,8 +179,8 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
     return refuse(
       path,
       `values of type ${JSON.stringify(type)} are not supported: the model writes values freely in ` +
-        "their slots, and only a string can hold whatever it writes (numbers, booleans and arrays would need " +
-        "constrained sampling)"
+        "their slots, and only a string can hold whatever it writes (booleans and enums are chosen among " +
+        "their values; numbers and arrays would need constrained sampling)"
     )
   }
 
@@ -168,25 +192,65 @@ export const isRefusal = (value: Skeleton | SchemaRefusal): value is SchemaRefus
 
 /** A skeleton laid out as answer positions: the engine's template and how to read the answer back. */
 export interface JsonTemplate {
-  /** genLength entries: NOT_COMMITTED (-1) where the model writes, else the fixed token. */
+  /** genLength entries: NOT_COMMITTED (-1) where the model writes or a value is chosen, else the fixed token. */
   readonly template: ReadonlyArray<number>
   readonly slotTokens: number
+  /** The values chosen among known ones, scored before denoising (chains.ts), in order. */
+  readonly choices: ReadonlyArray<TemplateChoice>
+  /** The token that pads a chosen value to its width: a space (-1 when the tokenizer has no single one). */
+  readonly pad: number
   /** The JSON text of a finished answer canvas. */
   readonly render: (canvas: ArrayLike<number>) => string
 }
 
-/** Tokens of the fixed parts, for sizing the slots before the layout. */
+/** What a prompt carries of a laid-out template (PreparedPrompt's `template` and `templateChoices`). */
+export const promptTemplate = (laid: JsonTemplate) => ({
+  template: laid.template,
+  templateChoices: { choices: laid.choices, pad: laid.pad }
+})
+
+/** The tokens of a choice's values, as laid out. */
+const valuesOf = (texts: ReadonlyArray<string>, tokenizer: TokenizerShape) =>
+  texts.map((text) => ({ text, tokens: tokenizer.encode(text, { addSpecialTokens: false }) }))
+
+/** A choice's width: its longest value's tokens and the pad that ends it. */
+const widthOf = (values: ReadonlyArray<{ readonly tokens: ReadonlyArray<number> }>): number =>
+  Math.max(...values.map((value) => value.tokens.length)) + 1
+
+/** Positions of the fixed parts and the choices, for sizing the slots before the layout. */
 export const fixedTokens = (skeleton: Skeleton, tokenizer: TokenizerShape): number =>
-  skeleton.parts.reduce((sum, part) => sum + ("fixed" in part ? tokenizer.encode(part.fixed, { addSpecialTokens: false }).length : 0), 0)
+  skeleton.parts.reduce(
+    (sum, part) =>
+      sum +
+      ("fixed" in part
+        ? tokenizer.encode(part.fixed, { addSpecialTokens: false }).length
+        : "choice" in part
+          ? widthOf(valuesOf(part.choice, tokenizer))
+          : 0),
+    0
+  )
+
+/** The token of one space, which pads a chosen value (whitespace JSON allows after a value); -1 if a space is not one token. */
+const padToken = (tokenizer: TokenizerShape): number => {
+  const tokens = tokenizer.encode(" ", { addSpecialTokens: false })
+  return tokens.length === 1 ? tokens[0]! : -1
+}
 
 /** Lays a skeleton out with `slotTokens` positions per string value. */
 export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: TokenizerShape): JsonTemplate => {
   const template: Array<number> = []
-  const pieces: Array<{ readonly fixed: string } | { readonly start: number }> = []
+  const pieces: Array<{ readonly fixed: string } | { readonly start: number } | { readonly chosen: TemplateChoice }> = []
+  const choices: Array<TemplateChoice> = []
   for (const part of skeleton.parts) {
     if ("fixed" in part) {
       template.push(...tokenizer.encode(part.fixed, { addSpecialTokens: false }))
       pieces.push(part)
+    } else if ("choice" in part) {
+      const values = valuesOf(part.choice, tokenizer)
+      const choice = { start: template.length, width: widthOf(values), values }
+      for (let i = 0; i < choice.width; i++) template.push(NOT_COMMITTED)
+      choices.push(choice)
+      pieces.push({ chosen: choice })
     } else {
       pieces.push({ start: template.length })
       for (let i = 0; i < slotTokens; i++) template.push(NOT_COMMITTED)
@@ -197,10 +261,18 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
   return {
     template,
     slotTokens,
+    choices,
+    pad: padToken(tokenizer),
     render: (canvas) =>
       pieces
         .map((piece) => {
           if ("fixed" in piece) return piece.fixed
+          if ("chosen" in piece) {
+            // The value's tokens, then its pads.
+            const { start, width } = piece.chosen
+            const tokens = Array.from({ length: width }, (_, k) => canvas[start + k]!).filter((t) => t !== NOT_COMMITTED)
+            return tokenizer.decode(tokens).trim()
+          }
           // A value ends where the model ended it (EOS, end of turn), as a plain answer does: what the model
           // wrote after that (a made-up next turn) is not the value.
           const tokens: Array<number> = []
@@ -338,5 +410,22 @@ export const templateOf = (
         })
       }
     }
-    return layOut(skeleton, slotTokens, tokenizer)
+    const laid = layOut(skeleton, slotTokens, tokenizer)
+    if (laid.choices.length > 0 && laid.pad === -1) {
+      return yield* new BadRequest({
+        message:
+          "enums and booleans are not supported with this model: its tokenizer has no single token for a space, which pads a chosen value",
+        param: schemaParam,
+        code: "unsupported_schema"
+      })
+    }
+    const canvases = templateCanvasCount(laid.choices)
+    if (canvases > MAX_CHOICE_CANVASES) {
+      return yield* new BadRequest({
+        message: `the schema's enums and booleans take ${canvases} canvases to score, more than ${MAX_CHOICE_CANVASES} (a value's tokens + 1 each)`,
+        param: schemaParam,
+        code: "unsupported_schema"
+      })
+    }
+    return laid
   })
