@@ -192,12 +192,13 @@ describe("openai SDK", () => {
     ).toBe(whole.output_text)
   })
 
-  it("responses: what needs stored state or tools is a 400 naming the field", async () => {
+  it("responses: what needs stored state or built-in tools is a 400 naming the field", async () => {
     const cases: Array<[Record<string, unknown>, string]> = [
       [{ previous_response_id: "resp_1" }, "previous_response_id"],
       [{ store: true }, "store"],
-      [{ tools: [{ type: "function", name: "f", parameters: {} }] }, "tools"],
-      [{ input: [{ type: "function_call_output", call_id: "c", output: "x" }] }, "input[0].type"],
+      [{ tools: [{ type: "web_search" }] }, "tools[0].type"],
+      [{ tools: [{ type: "function", name: "f" }], tool_choice: "auto" }, "tool_choice"],
+      [{ input: [{ type: "reasoning", summary: [] }] }, "input[0].type"],
       [{ text: { format: { type: "json_object" } } }, "text.format"],
       [{ include: ["file_search_call.results"] }, "include"]
     ]
@@ -205,7 +206,7 @@ describe("openai SDK", () => {
       const refused = await client.responses.create({ model, input: "x", ...fields } as never).catch((e) => e)
       expect(refused, param).toBeInstanceOf(OpenAI.BadRequestError)
       expect(refused.param, param).toBe(param)
-      expect(refused.message, param).toMatch(/not supported/)
+      expect(refused.message, param).toMatch(/not supported|this server runs no built-in tools/)
     }
     // store: false is what this server does anyway.
     const stored = await client.responses.create({ model, input: "x", store: false, max_output_tokens: 2 })
@@ -351,18 +352,69 @@ describe("tool calls (tool_choice names the function; the call is laid on the ca
     expect(streamedCall.function).toEqual(call.function)
   })
 
-  it("Vercel AI SDK: generateText with a required tool gives the tool call's input", async () => {
-    const provider = createOpenAICompatible({ name: "vdiff", baseURL: server.url + "/v1", apiKey })
-    const result = await generateText({
-      model: provider.chatModel(model),
-      prompt: "Where art thou bound?",
-      seed: 3,
-      tools: { get_place: tool({ description: "Where one is bound", inputSchema: Place }) },
-      toolChoice: { type: "tool", toolName: "get_place" }
+  it("openai SDK, Responses API: a function_call output item, streamed alike; the call and its output go back as input items", async () => {
+    const responseTools = [{ type: "function" as const, name: "get_place", parameters: tools[0]!.function.parameters, strict: true }]
+    const tool_choice = { type: "function" as const, name: "get_place" }
+    const seeded = { seed: 2, ...quick }
+    const response = await client.responses.create({ model, input: "Where art thou bound?", tools: responseTools, tool_choice, ...seeded })
+    expect(response.status).toBe("completed")
+    const [item] = response.output
+    if (item?.type !== "function_call") throw new Error(`expected a function_call item, got ${item?.type}`)
+    expect(item.name).toBe("get_place")
+    expect(item.call_id).toMatch(/^call_/)
+    Place.parse(JSON.parse(item.arguments))
+    const events: Array<string> = []
+    let streamedArguments = ""
+    const stream = await client.responses.create({
+      model,
+      input: "Where art thou bound?",
+      tools: responseTools,
+      tool_choice,
+      stream: true,
+      ...seeded
     })
-    expect(result.toolCalls).toHaveLength(1)
-    expect(result.toolCalls[0]!.toolName).toBe("get_place")
-    Place.parse(result.toolCalls[0]!.input)
+    for await (const event of stream) {
+      events.push(event.type)
+      if (event.type === "response.function_call_arguments.done") streamedArguments = event.arguments
+    }
+    expect(events).toEqual([
+      "response.created",
+      "response.in_progress",
+      "response.output_item.added",
+      "response.function_call_arguments.delta",
+      "response.function_call_arguments.done",
+      "response.output_item.done",
+      "response.completed"
+    ])
+    expect(streamedArguments).toBe(item.arguments)
+    const followUp = await client.responses.create({
+      model,
+      input: [
+        { role: "user", content: "Where art thou bound?" },
+        { type: "function_call", call_id: item.call_id, name: item.name, arguments: item.arguments },
+        { type: "function_call_output", call_id: item.call_id, output: "To Verona" }
+      ],
+      tools: responseTools,
+      max_output_tokens: 4
+    })
+    expect(followUp.output[0]!.type).toBe("message")
+  })
+
+  it("Vercel AI SDK, through chat completions and through the Responses API (the default provider): a required tool's call", async () => {
+    const compatible = createOpenAICompatible({ name: "vdiff", baseURL: server.url + "/v1", apiKey })
+    const openai = createOpenAI({ baseURL: server.url + "/v1", apiKey })
+    for (const languageModel of [compatible.chatModel(model), openai(model)]) {
+      const result = await generateText({
+        model: languageModel,
+        prompt: "Where art thou bound?",
+        seed: 3,
+        tools: { get_place: tool({ description: "Where one is bound", inputSchema: Place }) },
+        toolChoice: { type: "tool", toolName: "get_place" }
+      })
+      expect(result.toolCalls).toHaveLength(1)
+      expect(result.toolCalls[0]!.toolName).toBe("get_place")
+      Place.parse(result.toolCalls[0]!.input)
+    }
   })
 
   it("LangChain: bindTools with tool_choice gives the call's args", async () => {

@@ -216,3 +216,65 @@ describe("what cannot be honoured", () => {
     expect(error.message).toMatch(message)
   })
 })
+
+describe("the Responses API", () => {
+  const responseTools = [{ type: "function", ...getPlace.function }]
+
+  it("a named call is a function_call output item: the same call chat makes", async () => {
+    const response = await server.post("/v1/responses", {
+      input: "Say hello",
+      tools: responseTools,
+      tool_choice: { type: "function", name: "get_place" },
+      seed: 3
+    })
+    expect(response.status).toBe(200)
+    const body = (await response.json()) as { status: string; output: Array<Record<string, unknown>>; tool_choice: unknown; tools: unknown }
+    expect(body.status).toBe("completed")
+    expect(body.output).toHaveLength(1)
+    expect(body.output[0]).toMatchObject({
+      type: "function_call",
+      status: "completed",
+      name: "get_place",
+      call_id: expect.stringMatching(/^call_/)
+    })
+    expect(body.tool_choice).toEqual({ type: "function", name: "get_place" })
+    expect(body.tools).toEqual(responseTools)
+    const viaChat = await chat({ tools: [getPlace], tool_choice: named("get_place"), seed: 3 })
+    expect(body.output[0]!["arguments"]).toBe(viaChat.choices[0]!.message.tool_calls![0]!.function.arguments)
+  })
+
+  it("function_call and function_call_output items reach the prompt as an assistant's calls (one turn) and tool messages", async () => {
+    // The tiny tokenizer writes JSON nearly a byte a token: this conversation needs more than 128.
+    const roomy = await startServer({ config: { maxModelLen: 512 } })
+    const response = await roomy.post("/v1/responses", {
+      input: [
+        { role: "user", content: "Where?" },
+        { type: "function_call", call_id: "call_1", name: "get_place", arguments: '{"city":"Verona"}' },
+        { type: "function_call", call_id: "call_2", name: "get_place", arguments: '{"city":"Mantua"}' },
+        { type: "function_call_output", call_id: "call_1", output: "Fair Verona" }
+      ],
+      tools: responseTools,
+      max_output_tokens: 4
+    })
+    expect(response.status).toBe(200)
+    await roomy.close()
+    expect(roomy.tokenizer.decode(roomy.engine.created.at(-1)!.prompt)).toBe(
+      "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nWhere?<|eot_id|>" +
+        '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_place", "arguments": {"city": "Verona"}}\n' +
+        '{"name": "get_place", "arguments": {"city": "Mantua"}}<|eot_id|>' +
+        "<|start_header_id|>tool<|end_header_id|>\n\nFair Verona<|eot_id|>" +
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+  })
+
+  it.each([
+    ["a function_call without call_id", { input: [{ type: "function_call", name: "f", arguments: "{}" }] }, "input[0].call_id"],
+    ["a function_call_output without output", { input: [{ type: "function_call_output", call_id: "c" }] }, "input[0].output"],
+    ["a built-in tool", { input: "x", tools: [{ type: "file_search" }] }, "tools[0].type"],
+    ["auto with tools", { input: "x", tools: responseTools, tool_choice: "auto" }, "tool_choice"]
+  ])("refuses %s", async (_, body, param) => {
+    const response = await server.post("/v1/responses", body)
+    expect(response.status).toBe(400)
+    expect(((await response.json()) as { error: { param: string } }).error.param).toBe(param)
+  })
+})

@@ -297,14 +297,34 @@ const ResponseContentPart = Schema.Struct({
   text: Schema.optional(Schema.Unknown)
 })
 
-/** An item of a Responses `input` list: a message (type "message" or left out); other items are refused. */
+/**
+ * An item of a Responses `input` list: a message (type "message" or left out), a function call the model
+ * made ("function_call": call_id, name, arguments) or its result ("function_call_output": call_id,
+ * output); other items are refused.
+ */
 export const ResponseInputItem = Schema.Struct({
   type: optional(described(Schema.String, "an input item's type must be a string")),
   role: optional(described(Schema.String, "role must be a string")),
   content: optional(
     described(Schema.Union(Schema.String, Schema.Array(ResponseContentPart)), "content must be a string or an array of content parts")
-  )
+  ),
+  call_id: optional(described(Schema.String, "call_id must be a string")),
+  name: optional(described(Schema.String, "name must be a string")),
+  arguments: optional(described(Schema.String, "arguments must be a string (the arguments' JSON)")),
+  output: optional(described(Schema.String, "output must be a string"))
 })
+
+/** A function tool of the Responses API: the chat tool's `function` fields, flat. */
+export const ResponseFunctionTool = Schema.Struct({
+  type: described(Schema.Literal("function"), 'a tool\'s type must be "function": this server runs no built-in tools'),
+  ...FunctionTool.fields.function.fields
+})
+
+/** The Responses API's `tool_choice`: "none", "auto", "required", or `{type: "function", name}`. */
+export const ResponseToolChoice = described(
+  Schema.Union(Schema.Literal("none", "auto", "required"), Schema.Struct({ type: Schema.Literal("function"), name: Schema.String })),
+  'tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}'
+)
 
 /** `text.format` of the Responses API: "text", or "json_schema" (name, schema, strict) as structured output. */
 export const ResponseTextFormat = Schema.Struct({
@@ -334,8 +354,9 @@ export const ResponseRequest = Schema.Struct({
   background: optional(boolean("background")),
   previous_response_id: optional(described(Schema.String, "previous_response_id must be a string")),
   conversation: optional(Schema.Unknown),
-  tools: optional(described(Schema.Array(Schema.Unknown), "tools must be an array")),
-  tool_choice: optional(Schema.Unknown),
+  tools: optional(Schema.Array(ResponseFunctionTool)),
+  tool_choice: optional(ResponseToolChoice),
+  parallel_tool_calls: optional(boolean("parallel_tool_calls")),
   include: optional(described(Schema.Array(Schema.String), "include must be an array of strings")),
   top_logprobs: optional(int("top_logprobs", 0, 20)),
   metadata: optional(Schema.Record({ key: Schema.String, value: Schema.String }))

@@ -11,9 +11,14 @@
  * `include: ["message.output_text.logprobs"]` with `top_logprobs` gives each output token's logprob and
  * alternatives, as chat's logprobs.
  *
- * Refused by name (400), because this server keeps nothing between requests and runs no tools:
- * `previous_response_id`, `conversation`, `store: true`, `background: true`, `tools`, a `tool_choice`
- * that needs a tool, any other `include`, and input items other than messages.
+ * Function tools as chat's (openai/tools.ts): `tool_choice` naming a function (`{type: "function", name}`),
+ * or "required" with one tool, makes the answer that call, laid on the canvas; the output item is then a
+ * `function_call` (call_id, name, arguments). The conversation may hold `function_call` and
+ * `function_call_output` items (as an assistant's tool_calls and a tool message).
+ *
+ * Refused by name (400), because this server keeps nothing between requests: `previous_response_id`,
+ * `conversation`, `store: true`, `background: true`, any other `include`, built-in tools, and input items
+ * other than messages and function calls.
  *
  * The response is a `response` object whose one output item is the assistant message; `status` is
  * "completed", or "incomplete" (`incomplete_details.reason: "max_output_tokens"`) when the answer filled
@@ -36,6 +41,7 @@ import { lladaFamily } from "../config/sampling.js"
 import { ServingConfig } from "./ServingConfig.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { planStructured, promptTemplate } from "./structured.js"
+import { callId, planToolCall } from "./tools.js"
 import { respondSse, type SseEncoding } from "./streaming.js"
 import { HttpServerResponse } from "@effect/platform"
 
@@ -59,12 +65,6 @@ const refusal = (request: ResponseRequest): BadRequest | undefined => {
   if (request.background === true) {
     return unsupported("background", "background is not supported: responses are answered while the request waits")
   }
-  if (request.tools !== undefined && request.tools.length > 0) {
-    return unsupported("tools", "tools are not supported: the model cannot call tools")
-  }
-  if (request.tool_choice !== undefined && request.tool_choice !== "none" && request.tool_choice !== "auto") {
-    return unsupported("tool_choice", 'tool_choice other than "none" or "auto" is not supported: the model cannot call tools')
-  }
   const included = (request.include ?? []).filter((what) => what !== LOGPROBS)
   if (included.length > 0) {
     return unsupported("include", `include is not supported for ${included.join(", ")}; only ${LOGPROBS} is`)
@@ -82,8 +82,33 @@ const messagesOf = (request: ResponseRequest): Effect.Effect<ReadonlyArray<ChatM
   }
   for (const [i, item] of request.input.entries()) {
     const param = `input[${i}]`
+    const required = (field: "call_id" | "name" | "arguments" | "output") =>
+      new BadRequest({ message: `${param}.${field} is required for a ${item.type} item`, param: `${param}.${field}` })
+    if (item.type === "function_call") {
+      if (item.call_id === undefined) return Effect.fail(required("call_id"))
+      if (item.name === undefined) return Effect.fail(required("name"))
+      if (item.arguments === undefined) return Effect.fail(required("arguments"))
+      const call = { id: item.call_id, function: { name: item.name, arguments: item.arguments } }
+      // Calls one after another are one assistant turn, as chat's tool_calls.
+      const last = messages[messages.length - 1]
+      if (last?.role === "assistant" && last.tool_calls !== undefined)
+        messages[messages.length - 1] = { ...last, tool_calls: [...last.tool_calls, call] }
+      else messages.push({ role: "assistant", tool_calls: [call] })
+      continue
+    }
+    if (item.type === "function_call_output") {
+      if (item.call_id === undefined) return Effect.fail(required("call_id"))
+      if (item.output === undefined) return Effect.fail(required("output"))
+      messages.push({ role: "tool", tool_call_id: item.call_id, content: item.output })
+      continue
+    }
     if (item.type !== undefined && item.type !== "message") {
-      return Effect.fail(unsupported(`${param}.type`, `input items of type "${item.type}" are not supported: only messages are`))
+      return Effect.fail(
+        unsupported(
+          `${param}.type`,
+          `input items of type "${item.type}" are not supported: only messages, function_call and function_call_output are`
+        )
+      )
     }
     if (item.role === undefined) return Effect.fail(new BadRequest({ message: `${param}.role is required`, param: `${param}.role` }))
     if (item.content === undefined) {
@@ -133,14 +158,20 @@ export const responses = (request: ResponseRequest) =>
 
     const maxTokens = request.max_output_tokens === undefined ? undefined : { value: request.max_output_tokens, param: "max_output_tokens" }
     const format = request.text?.format
-    const structured = yield* planStructured({
-      type: format?.type,
-      schema: format?.schema,
-      param: "text.format",
+    const family = config.family ?? lladaFamily
+    // The function tools in chat's shape, for the chat template and the call's plan.
+    const tools = request.tools?.map(({ type, ...fn }) => ({ type, function: fn }))
+    const choice = request.tool_choice
+    const call = yield* planToolCall({
+      tools,
+      toolChoice: typeof choice === "object" ? { type: "function", function: { name: choice.name } } : choice,
       maxTokens,
-      conflicting: [],
-      family: config.family ?? lladaFamily
+      conflicting: format?.type === "json_schema" ? ["text.format"] : [],
+      family
     })
+    const structured =
+      call?.template ??
+      (yield* planStructured({ type: format?.type, schema: format?.schema, param: "text.format", maxTokens, conflicting: [], family }))
     const answerLength =
       structured === undefined ? maxTokens : { value: structured.template.length, param: maxTokens?.param ?? "max_output_tokens" }
     // With include: [LOGPROBS], each output token's logprob and top_logprobs alternatives, as chat's.
@@ -151,7 +182,7 @@ export const responses = (request: ResponseRequest) =>
     const plan = yield* makePlan({ ...request, n: 1 }, answerLength, top ?? 0)
     const messages = yield* messagesOf(request)
     const prompt: PreparedPrompt = {
-      tokens: yield* renderMessages(messages, { addGenerationPrompt: true }),
+      tokens: yield* renderMessages(messages, { addGenerationPrompt: true, tools }),
       param: "input",
       ...(structured === undefined ? {} : { ...promptTemplate(structured), templateParam: "text.format" })
     }
@@ -173,6 +204,20 @@ export const responses = (request: ResponseRequest) =>
       role: "assistant",
       content
     })
+    // A call's output item: its id, the call's id (call_...), the function and the arguments' JSON.
+    const callItemId = `fc_${requestId}`
+    const callIdOf = callId()
+    const callItem = (status: "in_progress" | "completed", args: string) => ({
+      id: callItemId,
+      type: "function_call",
+      status,
+      call_id: callIdOf,
+      name: call?.name ?? "",
+      arguments: args
+    })
+    const argumentsOf = () => call?.argumentsOf(decoder.canvas) ?? ""
+    const finalItem = (status: "completed" | "incomplete") =>
+      call === undefined ? item(status, [finalPart()]) : callItem("completed", argumentsOf())
     const response = (finished: boolean) => {
       const status = !finished ? "in_progress" : decoder.finishReason === "length" ? "incomplete" : "completed"
       const usage = finished ? usageOfJobs(jobs) : undefined
@@ -186,15 +231,15 @@ export const responses = (request: ResponseRequest) =>
         instructions: request.instructions ?? null,
         max_output_tokens: request.max_output_tokens ?? null,
         model: config.modelName,
-        output: finished ? [item(status === "incomplete" ? "incomplete" : "completed", [finalPart()])] : [],
+        output: finished ? [finalItem(status === "incomplete" ? "incomplete" : "completed")] : [],
         parallel_tool_calls: false,
         previous_response_id: null,
         store: false,
         temperature: jobs[0]!.settings.temperature,
         top_p: jobs[0]!.settings.topP ?? 1,
         text: { format: format === undefined || structured === undefined ? { type: "text" } : format },
-        tool_choice: "none",
-        tools: [],
+        tool_choice: request.tool_choice ?? "none",
+        tools: request.tools ?? [],
         truncation: "disabled",
         metadata: request.metadata ?? {},
         usage:
@@ -214,6 +259,34 @@ export const responses = (request: ResponseRequest) =>
     if (!plan.stream) {
       yield* runToEnd(jobs)
       return HttpServerResponse.unsafeJson(response(true))
+    }
+
+    if (call !== undefined) {
+      // A call streams as OpenAI streams one: the item, the arguments once denoised, the item done.
+      const callAt = { item_id: callItemId, output_index: 0 }
+      const callChunks = mergedChunks(jobs, 1, (_, __, { delta: { finishReason } }) =>
+        finishReason === null
+          ? Option.none()
+          : Option.some({ type: "response.function_call_arguments.delta", ...callAt, delta: argumentsOf() })
+      )
+      const callEpilogue = Effect.sync(() => {
+        const done = response(true)
+        return [
+          { type: "response.function_call_arguments.done", ...callAt, arguments: argumentsOf() },
+          { type: "response.output_item.done", output_index: 0, item: done.output[0] },
+          { type: "response.completed", response: done }
+        ]
+      })
+      return yield* respondSse({
+        preamble: [
+          { type: "response.created", response: response(false) },
+          { type: "response.in_progress", response: response(false) },
+          { type: "response.output_item.added", output_index: 0, item: callItem("in_progress", "") }
+        ],
+        chunks: callChunks,
+        epilogue: callEpilogue,
+        encoding: responsesEncoding()
+      })
     }
 
     const at = { item_id: itemId, output_index: 0, content_index: 0 }
