@@ -280,8 +280,13 @@ describe("structured output (json_schema by template)", () => {
     expect(valid).toBe(false)
   })
 
-  it("booleans and enums are chosen among their values: the reply parses with the schema", async () => {
-    const Verdict = z.object({ villain: z.boolean(), mood: z.enum(["merry", "sad", "wrathful"]), why: z.string() })
+  it("booleans and enums are chosen among their values, numbers written as digits: the reply parses with the schema", async () => {
+    const Verdict = z.object({
+      villain: z.boolean(),
+      mood: z.enum(["merry", "sad", "wrathful"]),
+      soldiers: z.number().int().nonnegative(),
+      why: z.string()
+    })
     const response_format = {
       type: "json_schema" as const,
       json_schema: { name: "verdict", schema: z.toJSONSchema(Verdict), strict: true }
@@ -311,7 +316,10 @@ describe("structured output (json_schema by template)", () => {
       expect(error.param).toBe("response_format.json_schema.schema")
       expect(error.message).toMatch(reason)
     }
-    await refused(z.toJSONSchema(z.object({ age: z.number() })), /schema\.properties\.age: values of type "number" are not supported/)
+    await refused(
+      z.toJSONSchema(z.object({ age: z.number().multipleOf(5) })),
+      /schema\.properties\.age\.multipleOf: multipleOf is not supported/
+    )
     await refused(z.toJSONSchema(z.object({ tags: z.array(z.string()) })), /"array"/)
     await refused(z.toJSONSchema(z.object({ id: z.string().regex(/^[a-z]+$/) })), /pattern is not supported/)
     await refused(z.toJSONSchema(z.string()), /must be an object with known keys/)

@@ -379,6 +379,46 @@ describe("guided_choice on the embedded model", () => {
   })
 })
 
+describe("structured output's number slots on the embedded model", () => {
+  it("writes only digits (a point in a number) and end tokens there, where the model would write words", async () => {
+    const messages = [{ role: "user", content: "How many soldiers, and how old art thou?" }]
+    const schemaOf = (type: string) => ({
+      type: "object",
+      properties: { soldiers: { type }, age: { type: type === "string" ? "string" : "number" } }
+    })
+    const post = async (type: string, seed: number) => {
+      const body = {
+        messages,
+        seed,
+        temperature: 1.5,
+        return_token_ids: true,
+        response_format: { type: "json_schema", json_schema: { name: "x", schema: schemaOf(type) } }
+      }
+      const response = await server.post("/v1/chat/completions", body)
+      expect(response.status).toBe(200)
+      return (await response.json()) as { choices: Array<{ message: { content: string }; token_ids: Array<number> }> }
+    }
+    const text = (id: number) => server.tokenizer.decode([id])
+    let wordsAsStrings = 0
+    for (const seed of [1, 2, 3, 4]) {
+      const answer = (await post("integer", seed)).choices[0]!
+      const parsed = JSON.parse(answer.message.content) as { soldiers: number; age: number }
+      expect(Number.isInteger(parsed.soldiers)).toBe(true)
+      expect(typeof parsed.age).toBe("number")
+      // The slots' tokens: every position of the answer that is not the skeleton's.
+      const skeleton = server.tokenizer.encode('{"soldiers": ', { addSpecialTokens: false }).length
+      const slot = answer.token_ids.slice(skeleton, skeleton + 8)
+      expect(slot.length).toBe(8)
+      expect(text(slot[0]!)).toMatch(/^[0-9]+$/)
+      for (const id of slot) expect(isSpecial(id) || /^[0-9]+$/.test(text(id))).toBe(true)
+      // The control: as a string, the same slot holds words.
+      const free = JSON.parse((await post("string", seed)).choices[0]!.message.content) as { soldiers: string }
+      if (/[A-Za-z]/.test(free.soldiers)) wordsAsStrings++
+    }
+    expect(wordsAsStrings).toBeGreaterThan(0)
+  })
+})
+
 describe("echo with logprobs on the embedded model", () => {
   it("gives each prompt token after the first its chain-rule log-probability and alternatives, then the answer's", async () => {
     const prompt = "ROMEO:\nBut soft, what light"

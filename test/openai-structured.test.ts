@@ -50,8 +50,15 @@ describe("skeletonOf", () => {
   it.each([
     ["a string at the top", { type: "string" }, "schema", /must be an object with known keys/],
     ["an object without properties", { type: "object" }, "schema", /needs its keys in `properties`/],
-    ["a number", object({ age: { type: "number" } }), "schema.properties.age", /"number" are not supported/],
-    ["an integer", object({ n: { type: "integer" } }), "schema.properties.n", /"integer" are not supported/],
+    ["a number below 10", object({ age: { type: "number", maximum: 9 } }), "schema.properties.age.maximum", /one digit may break it/],
+    [
+      "a multipleOf",
+      object({ age: { type: "integer", multipleOf: 5 } }),
+      "schema.properties.age.multipleOf",
+      /not supported on an integer/
+    ],
+    ["an integer above 0", object({ n: { type: "integer", minimum: 1 } }), "schema.properties.n.minimum", /which may be 0/],
+    ["null", object({ n: { type: "null" } }), "schema.properties.n", /"null" are not supported/],
     ["an array", object({ tags: { type: "array", items: { type: "string" } } }), "schema.properties.tags", /"array"/],
     ["a nullable string", object({ s: { type: ["string", "null"] } }), "schema.properties.s", /one type/],
     ["anyOf", object({ s: { anyOf: [{ type: "string" }] } }), "schema.properties.s", /anyOf is not supported/],
@@ -140,6 +147,93 @@ describe("choices: enums and booleans", () => {
     const words = tokenizer.encode(" Good night", { addSpecialTokens: false })
     for (let k = 0; k < 4; k++) canvas[slot + k] = k < words.length ? words[k]! : tokenizer.specialTokens.eos
     expect(JSON.parse(laid.render(canvas))).toEqual({ ok: false, mood: "merry", n: { a: 2 }, why: "Good night" })
+  })
+})
+
+describe("numbers", () => {
+  const schema = object({ n: { type: "integer", minimum: 0 }, x: { type: "number" }, d: { type: "integer", minimum: 1, maximum: 3 } })
+
+  it("an integer or number is a slot without quotes; a small integer range is a choice of its values", () => {
+    const skeleton = skeletonOf(schema)
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    expect(skeleton.slots).toBe(2)
+    expect(skeleton.parts).toEqual([
+      { fixed: `{"n": ` },
+      { slot: true, number: "integer" },
+      { fixed: `, "x": ` },
+      { slot: true, number: "number" },
+      { fixed: `, "d": ` },
+      { choice: ["1", "2", "3"] },
+      { fixed: "}" }
+    ])
+  })
+
+  it("restricts a slot's first position to digits, the rest to digits (and a point for a number) or an end token", () => {
+    const skeleton = skeletonOf(schema)
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    const laid = layOut(skeleton, 4, tokenizer)
+    const slots = laid.template.flatMap((t, i) => (t === -1 ? [i] : [])).slice(0, 8)
+    const text = (id: number) => tokenizer.decode([id])
+    const special = tokenizer.specialTokens
+    const ends = new Set([special.eos, Option.getOrThrow(special.eot)])
+    for (const [k, position] of slots.entries()) {
+      const set = laid.allowedSets[laid.positionAllowed[position]!]!
+      const first = k % 4 === 0
+      const number = k >= 4
+      for (const id of set) {
+        const t = text(id)
+        if (first) expect(t).toMatch(/^[0-9]+$/)
+        else if (!ends.has(id)) expect(t).toMatch(number ? /^[0-9]*\.?[0-9]*$/ : /^[0-9]+$/)
+      }
+      // Every token made of digits is in it, and the end tokens after the first position.
+      for (let id = 0; id < tokenizer.vocabSize; id++) if (/^[0-9]+$/.test(text(id))) expect(set).toContain(id)
+      for (const end of ends) expect(set.includes(end)).toBe(!first)
+    }
+    // Positions outside the number slots take anything.
+    for (let i = 0; i < laid.template.length; i++) if (!slots.includes(i)) expect(laid.positionAllowed[i] ?? -1).toBe(-1)
+  })
+
+  it("keeps an upper bound by the digits: a slot no wider than the bound's digits at the longest digit token's length", () => {
+    // zod's .int() bounds, and a bound of 3 digits; the embedded tokenizer's digit tokens are single digits.
+    const skeleton = skeletonOf(
+      object({
+        n: { type: "integer", minimum: -9007199254740991, maximum: 9007199254740991 },
+        m: { type: "integer", exclusiveMaximum: 1000 },
+        x: { type: "number", maximum: 999 }
+      })
+    )
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    expect(skeleton.parts.filter((p) => "slot" in p)).toEqual([
+      { slot: true, number: "integer", digits: 15 },
+      { slot: true, number: "integer", digits: 3 },
+      { slot: true, number: "number", digits: 2 }
+    ])
+    const laid = layOut(skeleton, 8, tokenizer)
+    const runs: Array<number> = []
+    laid.template.forEach((t, i) => {
+      if (t === -1 && laid.template[i - 1] !== -1) runs.push(0)
+      if (t === -1) runs[runs.length - 1]!++
+    })
+    expect(runs).toEqual([8, 3, 2])
+  })
+
+  it("reads a number back as JSON: its leading number, without leading zeros", () => {
+    const skeleton = skeletonOf(object({ n: { type: "integer" }, x: { type: "number" } }))
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    const width = 8
+    const laid = layOut(skeleton, width, tokenizer)
+    const eos = tokenizer.specialTokens.eos
+    const encode = (text: string) => tokenizer.encode(text, { addSpecialTokens: false })
+    const padded = (tokens: ReadonlyArray<number>) => [...tokens, ...new Array<number>(width - tokens.length).fill(eos)]
+    const fill = (a: ReadonlyArray<number>, b: ReadonlyArray<number>) => {
+      const values = [...padded(a), ...padded(b)]
+      let v = 0
+      return laid.template.map((t) => (t === -1 ? values[v++]! : t))
+    }
+    expect(JSON.parse(laid.render(fill(encode("007"), encode("12.50"))))).toEqual({ n: 7, x: 12.5 })
+    expect(JSON.parse(laid.render(fill(encode("42"), encode("3."))))).toEqual({ n: 42, x: 3 })
+    // Up to the first end token; a second point ends the number.
+    expect(JSON.parse(laid.render(fill([...encode("5"), eos, ...encode("9")], encode("1.5.2"))))).toEqual({ n: 5, x: 1.5 })
   })
 })
 

@@ -175,13 +175,13 @@ describe("what cannot be honoured", () => {
     ["a name with spaces", { tools: [named("get place")] }, "tools[0].function.name", /letters, digits, underscores or dashes/],
     ["an unknown tool_choice", { tools: [getPlace], tool_choice: "always" }, "tool_choice", /"none", "auto", "required" or/],
     [
-      "a number argument",
+      "an array argument",
       {
-        tools: [{ type: "function", function: { name: "f", parameters: { type: "object", properties: { n: { type: "number" } } } } }],
+        tools: [{ type: "function", function: { name: "f", parameters: { type: "object", properties: { n: { type: "array" } } } } }],
         tool_choice: "required"
       },
       "tools[0].function.parameters",
-      /at tools\[0\]\.function\.parameters\.properties\.n: values of type "number"/
+      /at tools\[0\]\.function\.parameters\.properties\.n: values of type "array"/
     ],
     [
       "a call with response_format",

@@ -634,6 +634,12 @@ export interface EngineOnlyParams {
   readonly logitBias?: ReadonlyArray<readonly [number, number]> | undefined
   /** vLLM's allowed_token_ids: when given (not empty), every other token's logit is -inf before the bias. */
   readonly allowedTokenIds?: ReadonlyArray<number> | undefined
+  /**
+   * Tokens allowed at single answer positions (a JSON template's number slots): positionAllowed[i] indexes
+   * allowedSets for answer position i, -1 for none; at such a position every other token's logit is -inf.
+   */
+  readonly positionAllowed?: ReadonlyArray<number> | undefined
+  readonly allowedSets?: ReadonlyArray<ReadonlyArray<number>> | undefined
 }
 
 /** How one sequence is denoised, as the Engine service takes it. Meanings follow LLaDA's generate(). */

@@ -292,6 +292,11 @@ export interface PreparedPrompt {
   readonly template?: ReadonlyArray<number>
   /** The template's values chosen among known ones (enums, booleans), scored before denoising, and their pad. */
   readonly templateChoices?: { readonly choices: ReadonlyArray<TemplateChoice>; readonly pad: number }
+  /** The tokens the template's number slots may take, by answer position (the engine's settings of that name). */
+  readonly templateAllowed?: {
+    readonly positionAllowed: ReadonlyArray<number>
+    readonly allowedSets: ReadonlyArray<ReadonlyArray<number>>
+  }
   /** The request field that asked for the template (errors name it); default "response_format". */
   readonly templateParam?: string
   /** truncate_prompt_tokens dropped the first tokens of a prompt this long (AnswerPlan.truncatePrompt). */

@@ -326,7 +326,15 @@ export const preparePromptJobs = (prompts: ReadonlyArray<PreparedPrompt>, plan: 
       Effect.gen(function* () {
         const suffix = prompt.suffix ?? []
         const settings = yield* plan.settingsFor(prompt.tokens.length, prompt.param, suffix.length)
-        const run = yield* runPrompt(prompt.tokens, settings, plan, suffix, prompt.template, prompt.templateChoices)
+        // A template's number slots restrict their positions' tokens (structured.ts).
+        const run = yield* runPrompt(
+          prompt.tokens,
+          prompt.templateAllowed === undefined ? settings : { ...settings, ...prompt.templateAllowed },
+          plan,
+          suffix,
+          prompt.template,
+          prompt.templateChoices
+        )
         return { prompt, settings, run } satisfies PromptJob
       })
     )

@@ -8,13 +8,14 @@
  * and no constrained sampling: the structure cannot come out wrong because the model never writes it.
  *
  * What a template can honour: an object with known keys (`properties`), whose values are strings (a slot
- * each), nested objects of the same kind, fixed values (`const`, a one-value `enum`), and booleans and
- * enums: a region as wide as the longest value plus one, whose value is chosen before denoising by scoring
- * each in place (chains.ts) and padded with spaces. Every property is written, in schema order. A slot's
- * text is read back up to its first end token (EOS, end of turn), with special tokens left out, whitespace
- * runs folded to one space and trimmed, and JSON-escaped, so the reply always parses and matches the schema.
- * What it cannot honour is refused (400) with the reason: numbers, arrays and string formats would need
- * the model's choice restricted token by token, which the engine does not do.
+ * each), numbers (a slot without quotes whose positions the engine keeps to digits: positionAllowed),
+ * nested objects of the same kind, fixed values (`const`, a one-value `enum`), and booleans and enums: a
+ * region as wide as the longest value plus one, whose value is chosen before denoising by scoring each in
+ * place (chains.ts) and padded with spaces. Every property is written, in schema order. A slot's text is
+ * read back up to its first end token (EOS, end of turn), with special tokens left out, whitespace runs
+ * folded to one space and trimmed, and JSON-escaped (a number's as its leading number), so the reply always
+ * parses and matches the schema. What it cannot honour is refused (400) with the reason: arrays, whose
+ * length would have to be chosen first, string formats and patterns, and bounds digits cannot keep.
  */
 import { Effect, Option } from "effect"
 import { BadRequest } from "../api/errors.js"
@@ -30,7 +31,13 @@ import { NOT_COMMITTED } from "./ChoiceDecoder.js"
 export const DEFAULT_SLOT_TOKENS = 8
 
 /** A piece of the answer: fixed JSON text, the slot of a string value, or a value chosen among known ones (their JSON text). */
-type Part = { readonly fixed: string } | { readonly slot: true } | { readonly choice: ReadonlyArray<string> }
+type Part =
+  | { readonly fixed: string }
+  | { readonly slot: true; readonly number?: NumberKind; readonly digits?: number }
+  | { readonly choice: ReadonlyArray<string> }
+
+/** A number slot's kind: digits only, or digits with one decimal point. */
+type NumberKind = "integer" | "number"
 
 /** Why a schema cannot be honoured, and where in it. */
 export interface SchemaRefusal {
@@ -41,7 +48,7 @@ export interface SchemaRefusal {
 /** The skeleton of a schema: fixed text, slots and choices, in order (adjacent fixed pieces merged). */
 export interface Skeleton {
   readonly parts: ReadonlyArray<Part>
-  /** String slots (choices not counted). */
+  /** Slots: string and number values (choices not counted). */
   readonly slots: number
 }
 
@@ -61,6 +68,33 @@ const KNOWN_OBJECT_KEYS = new Set([
 const KNOWN_STRING_KEYS = new Set(["type", "title", "description", "default", "examples"])
 const KNOWN_CHOICE_KEYS = new Set(["type", "enum", "title", "description", "default", "examples"])
 const STRING_CONSTRAINTS = ["pattern", "format", "minLength", "maxLength"] as const
+const KNOWN_NUMBER_KEYS = new Set([
+  "type",
+  "title",
+  "description",
+  "default",
+  "examples",
+  "minimum",
+  "exclusiveMinimum",
+  "maximum",
+  "exclusiveMaximum"
+])
+/** The most values an integer range (minimum to maximum) may hold to be chosen among them. */
+const MAX_RANGE_VALUES = 64
+
+/**
+ * The most digits a value may have to stay under an upper bound: an integer of d digits is at most
+ * 10^d - 1, a number's integer part of d digits below 10^d.
+ */
+const digitsUnder = (bound: number, exclusive: boolean, kind: NumberKind): number => {
+  const fits = (d: number) => {
+    const top = kind === "integer" ? 10 ** d - 1 : 10 ** d
+    return exclusive && kind === "integer" ? top < bound : top <= bound
+  }
+  let d = 0
+  while (d < 400 && fits(d + 1)) d++
+  return d
+}
 
 const isObject = (value: unknown): value is Record<string, unknown> => typeof value === "object" && value !== null && !Array.isArray(value)
 
@@ -124,6 +158,66 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
       )
     }
     const type = types[0]
+    if (type === "integer" || type === "number") {
+      const { minimum, maximum } = node
+      // A small integer range is an enum: chosen among its values.
+      if (
+        type === "integer" &&
+        Number.isInteger(minimum) &&
+        Number.isInteger(maximum) &&
+        Object.keys(node).every((k) => k !== "multipleOf")
+      ) {
+        const low = minimum as number
+        const high = maximum as number
+        if (high < low) return refuse(`${path}.maximum`, "maximum is below minimum")
+        if (high - low + 1 <= MAX_RANGE_VALUES) {
+          const values = Array.from({ length: high - low + 1 }, (_, i) => String(low + i))
+          if (values.length === 1) fixed(values[0]!)
+          else parts.push({ choice: values })
+          return undefined
+        }
+      }
+      for (const key of Object.keys(node)) {
+        if (!KNOWN_NUMBER_KEYS.has(key)) {
+          return refuse(
+            `${path}.${key}`,
+            `${key} is not supported on ${type === "integer" ? "an integer" : "a number"}: its slot takes digits` +
+              (type === "integer"
+                ? ` (an integer range of at most ${MAX_RANGE_VALUES} values, minimum to maximum, is chosen among its values)`
+                : "")
+          )
+        }
+      }
+      // The digits written are never negative: a minimum above 0 could be broken.
+      for (const bound of ["minimum", "exclusiveMinimum"] as const) {
+        const value = node[bound]
+        if (value !== undefined && !(typeof value === "number" && value < 0) && !(bound === "minimum" && value === 0)) {
+          return refuse(
+            `${path}.${bound}`,
+            `${bound} ${JSON.stringify(value)} is not supported: a number slot takes digits, which may be 0`
+          )
+        }
+      }
+      // An upper bound is kept by the number of digits: at most `digits`, each value is below it.
+      let digits: number | undefined
+      for (const bound of ["maximum", "exclusiveMaximum"] as const) {
+        const value = node[bound]
+        if (value === undefined) continue
+        if (typeof value !== "number" || !Number.isFinite(value)) return refuse(`${path}.${bound}`, `${bound} must be a number`)
+        const d = digitsUnder(value, bound === "exclusiveMaximum", type)
+        if (d < 1) {
+          return refuse(
+            `${path}.${bound}`,
+            `${bound} ${value} is not supported: a number slot takes digits, and one digit may break it` +
+              (type === "integer" ? ` (give a minimum too: a range of at most ${MAX_RANGE_VALUES} values is chosen among them)` : "")
+          )
+        }
+        digits = Math.min(digits ?? d, d)
+      }
+      parts.push({ slot: true, number: type, ...(digits === undefined ? {} : { digits }) })
+      slots++
+      return undefined
+    }
     if (type === "boolean") {
       for (const key of Object.keys(node)) {
         if (!KNOWN_STRING_KEYS.has(key)) return refuse(`${path}.${key}`, `${key} is not supported on a boolean`)
@@ -178,9 +272,9 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
     }
     return refuse(
       path,
-      `values of type ${JSON.stringify(type)} are not supported: the model writes values freely in ` +
-        "their slots, and only a string can hold whatever it writes (booleans and enums are chosen among " +
-        "their values; numbers and arrays would need constrained sampling)"
+      `values of type ${JSON.stringify(type)} are not supported: the skeleton is fixed before denoising, ` +
+        "so a value's shape must be known (strings, numbers and nested objects are written in place, booleans " +
+        "and enums chosen among their values)"
     )
   }
 
@@ -199,6 +293,14 @@ export interface JsonTemplate {
   readonly choices: ReadonlyArray<TemplateChoice>
   /** The token that pads a chosen value to its width: a space (-1 when the tokenizer has no single one). */
   readonly pad: number
+  /**
+   * The tokens number slots may take, by answer position (the engine's positionAllowed and allowedSets):
+   * a slot's first position digits only, the rest digits (with a decimal point for "number") or an end token.
+   */
+  readonly positionAllowed: ReadonlyArray<number>
+  readonly allowedSets: ReadonlyArray<ReadonlyArray<number>>
+  /** Number slots whose upper bound allows fewer digits (listed) than one token may hold: refused. */
+  readonly narrow: ReadonlyArray<number>
   /** The JSON text of a finished answer canvas. */
   readonly render: (canvas: ArrayLike<number>) => string
 }
@@ -206,7 +308,10 @@ export interface JsonTemplate {
 /** What a prompt carries of a laid-out template (PreparedPrompt's `template` and `templateChoices`). */
 export const promptTemplate = (laid: JsonTemplate) => ({
   template: laid.template,
-  templateChoices: { choices: laid.choices, pad: laid.pad }
+  templateChoices: { choices: laid.choices, pad: laid.pad },
+  ...(laid.positionAllowed.length === 0
+    ? {}
+    : { templateAllowed: { positionAllowed: laid.positionAllowed, allowedSets: laid.allowedSets } })
 })
 
 /** The tokens of a choice's values, as laid out. */
@@ -236,11 +341,66 @@ const padToken = (tokenizer: TokenizerShape): number => {
   return tokens.length === 1 ? tokens[0]! : -1
 }
 
-/** Lays a skeleton out with `slotTokens` positions per string value. */
+/** The tokens made of digits only, and those of digits with one decimal point, of a tokenizer (computed once). */
+const numberTokens = new WeakMap<
+  TokenizerShape,
+  { readonly digits: ReadonlyArray<number>; readonly points: ReadonlyArray<number>; readonly longest: number }
+>()
+const numberTokensOf = (tokenizer: TokenizerShape) => {
+  let found = numberTokens.get(tokenizer)
+  if (found === undefined) {
+    const digits: Array<number> = []
+    const points: Array<number> = []
+    let longest = 1
+    for (let id = 0; id < tokenizer.vocabSize; id++) {
+      const text = tokenizer.decode([id])
+      if (/^[0-9]+$/.test(text)) digits.push(id)
+      else if (/^[0-9]*\.[0-9]*$/.test(text)) points.push(id)
+      else continue
+      longest = Math.max(longest, text.replace(".", "").length)
+    }
+    found = { digits, points, longest }
+    numberTokens.set(tokenizer, found)
+  }
+  return found
+}
+
+/**
+ * A number slot's text read back as JSON: its longest leading number (digits, and for "number" a decimal
+ * point and digits), without leading zeros. The engine keeps the slot to digits, so there is one; a slot
+ * without (never written by the engine) reads as 0.
+ */
+const numberText = (text: string, kind: NumberKind): string => {
+  const match = (kind === "integer" ? /^[0-9]+/ : /^[0-9]+(\.[0-9]+)?/).exec(text)
+  if (match === null) return "0"
+  return kind === "integer" ? BigInt(match[0]).toString() : JSON.stringify(Number(match[0]))
+}
+
+/** Lays a skeleton out with `slotTokens` positions per string or number value. */
 export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: TokenizerShape): JsonTemplate => {
   const template: Array<number> = []
-  const pieces: Array<{ readonly fixed: string } | { readonly start: number } | { readonly chosen: TemplateChoice }> = []
+  const pieces: Array<
+    | { readonly fixed: string }
+    | { readonly start: number; readonly width: number; readonly number?: NumberKind | undefined }
+    | { readonly chosen: TemplateChoice }
+  > = []
   const choices: Array<TemplateChoice> = []
+  const special = tokenizer.specialTokens
+  const ends = new Set([special.eos, ...Option.toArray(special.eot)])
+  // Sets of the number slots' positions: [first of an integer or number, rest of an integer, rest of a number].
+  const positionAllowed: Array<number> = []
+  const allowedSets: Array<ReadonlyArray<number>> = []
+  const setOf = new Map<string, number>()
+  // The digits of upper bounds too tight for one token of this tokenizer.
+  const narrow: Array<number> = []
+  const useSet = (name: string, tokens: () => ReadonlyArray<number>) => {
+    let index = setOf.get(name)
+    if (index === undefined) {
+      index = allowedSets.push(tokens()) - 1
+      setOf.set(name, index)
+    }
+    return index
+  }
   for (const part of skeleton.parts) {
     if ("fixed" in part) {
       template.push(...tokenizer.encode(part.fixed, { addSpecialTokens: false }))
@@ -252,17 +412,30 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
       choices.push(choice)
       pieces.push({ chosen: choice })
     } else {
-      pieces.push({ start: template.length })
-      for (let i = 0; i < slotTokens; i++) template.push(NOT_COMMITTED)
+      const kind = part.number
+      let width = slotTokens
+      if (kind !== undefined) {
+        const { digits, points, longest } = numberTokensOf(tokenizer)
+        // Under an upper bound, no more tokens than its digits fill at the longest token's digits each.
+        if (part.digits !== undefined) width = Math.min(slotTokens, Math.floor(part.digits / longest))
+        if (width < 1) narrow.push(part.digits!)
+        const first = useSet("first", () => digits)
+        const rest = useSet(kind, () => [...digits, ...(kind === "number" ? points : []), ...ends])
+        while (positionAllowed.length < template.length) positionAllowed.push(-1)
+        for (let i = 0; i < width; i++) positionAllowed.push(i === 0 ? first : rest)
+      }
+      pieces.push({ start: template.length, width, number: kind })
+      for (let i = 0; i < width; i++) template.push(NOT_COMMITTED)
     }
   }
-  const special = tokenizer.specialTokens
-  const ends = new Set([special.eos, ...Option.toArray(special.eot)])
   return {
     template,
     slotTokens,
     choices,
     pad: padToken(tokenizer),
+    positionAllowed,
+    allowedSets,
+    narrow,
     render: (canvas) =>
       pieces
         .map((piece) => {
@@ -276,13 +449,13 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
           // A value ends where the model ended it (EOS, end of turn), as a plain answer does: what the model
           // wrote after that (a made-up next turn) is not the value.
           const tokens: Array<number> = []
-          for (let i = piece.start; i < piece.start + slotTokens; i++) {
+          for (let i = piece.start; i < piece.start + piece.width; i++) {
             const token = canvas[i]!
             if (ends.has(token)) break
             if (token !== NOT_COMMITTED && token !== special.mask) tokens.push(token)
           }
           const text = tokenizer.decode(tokens, { skipSpecialTokens: true }).replace(/\s+/g, " ").trim()
-          return JSON.stringify(text).slice(1, -1)
+          return piece.number === undefined ? JSON.stringify(text).slice(1, -1) : numberText(text, piece.number)
         })
         .join("")
   }
@@ -411,6 +584,13 @@ export const templateOf = (
       }
     }
     const laid = layOut(skeleton, slotTokens, tokenizer)
+    if (laid.narrow.length > 0) {
+      return yield* new BadRequest({
+        message: `an upper bound that leaves ${laid.narrow[0]} digits is not supported with this model: one token of its tokenizer may hold more digits`,
+        param: schemaParam,
+        code: "unsupported_schema"
+      })
+    }
     if (laid.choices.length > 0 && laid.pad === -1) {
       return yield* new BadRequest({
         message:

@@ -193,6 +193,17 @@ vdiff::SamplingParams params_of(Napi::Env env, const Napi::Value& v) {
   const Napi::Value allowed = field(env, o, "allowedTokenIds", false);
   if (!allowed.IsUndefined() && !allowed.IsNull())
     p.allowed_token_ids = tokens_of(env, allowed, "params.allowedTokenIds");
+  // positionAllowed: per answer position a set's index or -1; allowedSets: arrays of token ids.
+  const Napi::Value positions = field(env, o, "positionAllowed", false);
+  if (!positions.IsUndefined() && !positions.IsNull())
+    p.position_allowed = tokens_of(env, positions, "params.positionAllowed");
+  const Napi::Value sets = field(env, o, "allowedSets", false);
+  if (!sets.IsUndefined() && !sets.IsNull()) {
+    if (!sets.IsArray()) throw invalid_argument(env, "params.allowedSets must be an array of arrays of token ids");
+    const Napi::Array list = sets.As<Napi::Array>();
+    for (uint32_t i = 0; i < list.Length(); ++i)
+      p.allowed_sets.push_back(tokens_of(env, list.Get(i), "params.allowedSets[" + std::to_string(i) + "]"));
+  }
   // logitBias: [[token, bias], ...] (the engine checks the ranges).
   const Napi::Value bias = field(env, o, "logitBias", false);
   if (!bias.IsUndefined() && !bias.IsNull()) {

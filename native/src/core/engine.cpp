@@ -192,6 +192,31 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
     throw invalid("allowed_token_ids holds no token the model can write" +
                       std::string(barred_first.empty() ? "" : " where min_tokens / ignore_eos bar the end tokens"),
                   "allowed_token_ids");
+  // Each position's set: indexes in range, ids in the vocabulary, and a token the model can write there
+  // (within allowed_token_ids, when given).
+  for (size_t i = 0; i < p.position_allowed.size(); ++i) {
+    const int32_t set = p.position_allowed[i];
+    if (set < -1 || set >= static_cast<int32_t>(p.allowed_sets.size()))
+      throw invalid("position_allowed[" + std::to_string(i) + "] = " + std::to_string(set) + " names no set (" +
+                        std::to_string(p.allowed_sets.size()) + " given)",
+                    "position_allowed");
+  }
+  for (size_t s = 0; s < p.allowed_sets.size(); ++s) {
+    bool writable = false;
+    for (const int32_t id : p.allowed_sets[s]) {
+      if (id < 0 || id >= vocab)
+        throw invalid("allowed_sets[" + std::to_string(s) + "] holds " + std::to_string(id) +
+                          ", outside the vocabulary [0, " + std::to_string(vocab) + ")",
+                      "allowed_sets");
+      writable =
+          writable || (id != c.mask_token_id && id < c.vocab_size &&
+                       (rule.allowed.empty() || std::binary_search(rule.allowed.begin(), rule.allowed.end(), id)));
+    }
+    if (!writable)
+      throw invalid("allowed_sets[" + std::to_string(s) + "] holds no token the model can write" +
+                        std::string(rule.allowed.empty() ? "" : " within allowed_token_ids"),
+                    "allowed_sets");
+  }
   if (p.top_k < 0) throw invalid("top_k must be >= 0 (0: off) (got " + std::to_string(p.top_k) + ")", "top_k");
   if (!(p.top_p > 0.0 && p.top_p <= 1.0))
     throw invalid("top_p must be in (0, 1] (1: off) (got " + std::to_string(p.top_p) + ")", "top_p");

@@ -88,6 +88,11 @@ struct SamplingParams {
   std::vector<std::pair<int32_t, float>> logit_bias;
   // vLLM's allowed_token_ids: when not empty, every other token's logit is -inf before the bias.
   std::vector<int32_t> allowed_token_ids;
+  // Tokens allowed at single answer positions (a JSON template's number slots: digits only):
+  // position_allowed[i] indexes allowed_sets for answer position i, -1 (or i past its end) for none.
+  // At such a position every token outside the set (and outside allowed_token_ids, when given) is -inf.
+  std::vector<int32_t> position_allowed;
+  std::vector<std::vector<int32_t>> allowed_sets;
 
   // Alternatives reported with every committed token: its step's top_logprobs likeliest tokens with their
   // log-probabilities (0 .. kMaxTopLogprobs; 0: none).

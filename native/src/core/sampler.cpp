@@ -58,6 +58,13 @@ static std::vector<int32_t> distinct(std::vector<int32_t> ids) {
   return ids;
 }
 
+static std::vector<std::vector<int32_t>> sets_inside_row(const std::vector<std::vector<int32_t>>& sets,
+                                                         const ModelConfig& config) {
+  std::vector<std::vector<int32_t>> in;
+  for (const auto& set : sets) in.push_back(distinct(inside_row(set, config)));
+  return in;
+}
+
 // The tokens that end an answer: EOS, the end-of-turn token, the model's stop tokens and the caller's.
 static std::vector<int32_t> end_tokens(const SamplingParams& p, const ModelConfig& config) {
   std::vector<int32_t> ends(config.stop_token_ids.begin(), config.stop_token_ids.end());
@@ -87,17 +94,23 @@ RowRule RowRule::of(const SamplingParams& p, const ModelConfig& config) {
                  .ends = p.min_tokens > 0 || p.ignore_eos ? end_tokens(p, config) : std::vector<int32_t>{},
                  .stops = p.min_tokens > 0 ? inside_row(p.stop_token_ids, config) : std::vector<int32_t>{},
                  .bias = inside_row(p.logit_bias, config),
-                 .allowed = distinct(inside_row(p.allowed_token_ids, config))};
+                 .allowed = distinct(inside_row(p.allowed_token_ids, config)),
+                 .position_sets = p.position_allowed,
+                 .sets = sets_inside_row(p.allowed_sets, config)};
+}
+
+// Sets every logit of the row outside `kept` (ascending) to -inf.
+static void keep_only(float* logits, int row_size, const std::vector<int32_t>& kept) {
+  size_t next = 0;  // the first kept id >= i
+  for (int i = 0; i < row_size; ++i) {
+    while (next < kept.size() && kept[next] < i) ++next;
+    if (next == kept.size() || kept[next] != i) logits[i] = -std::numeric_limits<float>::infinity();
+  }
 }
 
 void RowRule::adjust(float* logits, int position) const {
-  if (!allowed.empty()) {
-    size_t next = 0;  // the first allowed id >= i
-    for (int i = 0; i < row_size; ++i) {
-      while (next < allowed.size() && allowed[next] < i) ++next;
-      if (next == allowed.size() || allowed[next] != i) logits[i] = -std::numeric_limits<float>::infinity();
-    }
-  }
+  if (!allowed.empty()) keep_only(logits, row_size, allowed);
+  if (const std::vector<int32_t>* set = allowed_at(position)) keep_only(logits, row_size, *set);
   for (const auto& [id, b] : bias) logits[id] += b;
   for_each_barred(position, [&](int32_t id) { logits[id] = -std::numeric_limits<float>::infinity(); });
 }

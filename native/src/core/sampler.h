@@ -85,11 +85,19 @@ struct RowRule {
   std::vector<int32_t> ends, stops;             // ids inside the row only
   std::vector<std::pair<int32_t, float>> bias;  // SamplingParams::logit_bias, ids inside the row only
   std::vector<int32_t> allowed;                 // SamplingParams::allowed_token_ids, ascending, distinct
+  std::vector<int32_t> position_sets;           // SamplingParams::position_allowed
+  std::vector<std::vector<int32_t>> sets;       // SamplingParams::allowed_sets, each ascending, distinct
 
   // The rule of a sequence's rows: its sampling settings on this model's rows.
   static RowRule of(const SamplingParams& p, const ModelConfig& config);
   // Whether the draw is restricted to candidates (then it ranks the row: see sample_row).
   bool filters() const { return temperature > 0.0 && (top_k > 0 || top_p < 1.0 || min_p > 0.0); }
+  // The tokens answer position `position` is restricted to (SamplingParams::position_allowed), or null.
+  const std::vector<int32_t>* allowed_at(int position) const {
+    if (position < 0 || position >= static_cast<int>(position_sets.size())) return nullptr;
+    const int32_t set = position_sets[static_cast<size_t>(position)];
+    return set < 0 ? nullptr : &sets[static_cast<size_t>(set)];
+  }
   // Calls f(id) for each token barred at answer position `position` (an id may come twice).
   template <typename F>
   void for_each_barred(int position, F f) const {
@@ -99,8 +107,8 @@ struct RowRule {
       for (int32_t id : stops) f(id);
   }
   // The rule's changes to a row of logits at answer position `position`, which sample_task makes after cfg
-  // and before the penalties: the tokens not allowed set to -inf, the bias added, then the barred tokens
-  // set to -inf.
+  // and before the penalties: the tokens not allowed (by allowed_token_ids, then by the position's set) set
+  // to -inf, the bias added, then the barred tokens set to -inf.
   void adjust(float* logits, int position) const;
 };
 

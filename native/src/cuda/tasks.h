@@ -27,11 +27,12 @@ inline int adjust_count(const RowTask& t) {
   return n;
 }
 
-// And rows restricted to allowed tokens (a change of nearly every logit).
+// And rows restricted to allowed tokens, for the whole answer or at their position (a change of nearly
+// every logit).
 // And rows whose target is ranked (vLLM's prompt logprobs: a count over the row, rarely asked for).
 inline bool needs_host(const RowTask& t) {
   return t.penalties != nullptr || t.rank_vocab > 0 || adjust_count(t) > ops::kMaxAdjust ||
-         (t.rule && !t.rule->allowed.empty()) ||
+         (t.rule && (!t.rule->allowed.empty() || t.rule->allowed_at(t.position) != nullptr)) ||
          (t.rule && (t.rule->filters() || (t.rule->dream && (t.rule->top_p < 1.0 || t.rule->top_k > 0))));
 }
 

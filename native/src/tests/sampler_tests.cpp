@@ -652,6 +652,20 @@ static void test_barred_end_tokens_rows() {
   r = sample_at(rule, 0, 5);
   CHECK(r.token == 12 && r.n_top == 3 && r.top[1].token == 11 && r.top[2].token == 0);
   CHECK(std::fabs(r.probability - std::exp(10.0) / (std::exp(10.0) + std::exp(6.0) + 1.0)) < 1e-12);
+
+  // position_allowed: a position's set narrows the row further; positions without one (-1, or past the
+  // list) keep allowed_token_ids alone.
+  p.position_allowed = {-1, 0, 1};
+  p.allowed_sets = {{0, 11, 40}, {0, 0}};
+  rule = RowRule::of(p, c);
+  CHECK(rule.allowed_at(0) == nullptr && rule.allowed_at(3) == nullptr && rule.allowed_at(-1) == nullptr);
+  CHECK((*rule.allowed_at(1) == std::vector<int32_t>{0, 11}) && (*rule.allowed_at(2) == std::vector<int32_t>{0}));
+  CHECK(sample_at(rule, 0, 5).token == 12);
+  r = sample_at(rule, 1, 5);
+  CHECK(r.token == 11 && r.n_top == 2 && std::fabs(r.probability - std::exp(6.0) / (std::exp(6.0) + 1.0)) < 1e-12);
+  r = sample_at(rule, 2, 5);
+  CHECK(r.token == 0 && r.probability == 1.0);
+  CHECK(sample_at(rule, 3, 5).token == 12);
 }
 
 static void test_barred_end_tokens_in_engine() {
@@ -723,6 +737,30 @@ static void test_barred_end_tokens_in_engine() {
   SamplingParams two = params(8, 4, 8);
   two.allowed_token_ids = {4, 6};
   for (int32_t t : run_to_end(engine, engine.create({1}, two))) CHECK(t == 4 || t == 6);
+  // Per-position sets: position 1 takes only 3 or 5, positions 2 and 3 only 7; the rest as the rule likes.
+  SamplingParams placed = params(8, 4, 8);
+  placed.position_allowed = {-1, 0, 1, 1};
+  placed.allowed_sets = {{3, 5}, {7}};
+  const std::vector<int32_t> answer = run_to_end(engine, engine.create({1}, placed));
+  CHECK((answer == std::vector<int32_t>{kEos, 5, 7, 7, kEos, kEos, kEos, kEos}));
+  SamplingParams no_set = params(8, 4, 8), bad_id = no_set, unwritable = no_set, outside_global = no_set;
+  no_set.position_allowed = {0, 1};
+  no_set.allowed_sets = {{3}};
+  bad_id.position_allowed = {0};
+  bad_id.allowed_sets = {{3, kVocab}};
+  unwritable.position_allowed = {0};
+  unwritable.allowed_sets = {{kMask}};
+  outside_global.allowed_token_ids = {4, 6};
+  outside_global.position_allowed = {0};
+  outside_global.allowed_sets = {{3, 5}};
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "position_allowed[1] = 1 names no set (1 given)",
+               engine.create({1}, no_set));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "allowed_sets[0] holds 16, outside the vocabulary",
+               engine.create({1}, bad_id));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "allowed_sets[0] holds no token the model can write",
+               engine.create({1}, unwritable));
+  EXPECT_ERROR(ErrorCode::InvalidArgument, "holds no token the model can write within allowed_token_ids",
+               engine.create({1}, outside_global));
   // A template may not fix an end token where it is barred.
   SamplingParams t = params(4, 4, 4);
   t.min_tokens = 2;
