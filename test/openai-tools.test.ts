@@ -127,20 +127,19 @@ describe("a named tool call", () => {
 })
 
 describe("tools in the conversation", () => {
-  it("a call sent back reaches the prompt as the JSON laid on the canvas, its result as a tool turn", async () => {
-    await chat({
-      messages: [
-        { role: "user", content: "Where?" },
-        {
-          role: "assistant",
-          content: null,
-          tool_calls: [{ id: "call_1", type: "function", function: { name: "get_place", arguments: '{"city":"Verona"}' } }]
-        },
-        { role: "tool", tool_call_id: "call_1", content: "Fair Verona" }
-      ],
-      tools: [getPlace],
-      max_tokens: 4
-    })
+  it("a call sent back reaches the prompt as the JSON laid on the canvas, its result as a tool turn; /tokenize agrees", async () => {
+    const conversation = [
+      { role: "user", content: "Where?" },
+      {
+        role: "assistant",
+        content: null,
+        tool_calls: [{ id: "call_1", type: "function", function: { name: "get_place", arguments: '{"city":"Verona"}' } }]
+      },
+      { role: "tool", tool_call_id: "call_1", content: "Fair Verona" }
+    ]
+    await chat({ messages: conversation, tools: [getPlace], max_tokens: 4 })
+    const tokenized = await server.post("/tokenize", { messages: conversation, tools: [getPlace] })
+    expect(((await tokenized.json()) as { tokens: Array<number> }).tokens).toEqual(lastCreated().prompt)
     expect(server.tokenizer.decode(lastCreated().prompt)).toBe(
       "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nWhere?<|eot_id|>" +
         '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_place", "arguments": {"city": "Verona"}}<|eot_id|>' +

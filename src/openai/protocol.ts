@@ -368,6 +368,8 @@ export const TokenizeRequest = Schema.Struct({
   model: optional(described(Schema.String, "model must be a string")),
   prompt: optional(described(Schema.String, "prompt must be a string")),
   messages: optional(Schema.Array(ChatMessage)),
+  /** With messages: the tools the chat template is given, as chat completions give them. */
+  tools: optional(Schema.Array(FunctionTool)),
   /** Default: true for a prompt; for messages, what chat completions do (the template writes its own). */
   add_special_tokens: optional(boolean("add_special_tokens")),
   add_generation_prompt: optional(boolean("add_generation_prompt"))

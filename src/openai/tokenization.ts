@@ -23,6 +23,7 @@ export const tokenize = (request: TokenizeRequest) =>
       request.messages !== undefined
         ? yield* renderMessages(request.messages, {
             addGenerationPrompt: request.add_generation_prompt ?? true,
+            tools: request.tools,
             ...(request.add_special_tokens === undefined ? {} : { addSpecialTokens: request.add_special_tokens })
           })
         : tokenizer.encode(request.prompt!, { addSpecialTokens: request.add_special_tokens ?? true })
