@@ -299,9 +299,28 @@ describe("POST /v1/completions", () => {
     }
     const streamed = await server.post("/v1/completions", { prompt: "Say hello", prompt_logprobs: 1, stream: true })
     expect(streamed.status).toBe(400)
-    const chat = await server.post("/v1/chat/completions", { messages: [{ role: "user", content: "Hi" }], prompt_logprobs: 1 })
-    expect(chat.status).toBe(400)
-    expect(((await chat.json()) as any).error.param).toBe("prompt_logprobs")
+  })
+
+  it("vLLM's prompt_logprobs on chat: the rendered conversation's tokens, once for the response; not with stream", async () => {
+    const messages = [{ role: "user", content: "Hi" }]
+    const before = server.engine.scored.length
+    const response = await server.post("/v1/chat/completions", { messages, max_tokens: 2, prompt_logprobs: 1, n: 2 })
+    expect(response.status).toBe(200)
+    const body = (await response.json()) as any
+    const tokenized = await server.post("/tokenize", { messages })
+    const ids = ((await tokenized.json()) as { tokens: Array<number> }).tokens
+    expect(server.engine.scored.slice(before).flat()).toHaveLength(ids.length - 1)
+    const ranked = body.prompt_logprobs as Array<Record<string, { logprob: number; rank: number }> | null>
+    expect(ranked).toHaveLength(ids.length)
+    expect(ranked[0]).toBeNull()
+    for (let i = 1; i < ids.length; i++) {
+      const d = ids[i]! - ((ids[0]! + i) % 1000)
+      expect(ranked[i]![String(ids[i])]).toMatchObject({ logprob: -Math.abs(d) / 10, rank: d === 0 ? 1 : d > 0 ? 2 * d : 2 * -d + 1 })
+    }
+    for (const choice of body.choices) expect(choice.prompt_logprobs).toBeUndefined()
+    const streamed = await server.post("/v1/chat/completions", { messages, prompt_logprobs: 1, stream: true })
+    expect(streamed.status).toBe(400)
+    expect(((await streamed.json()) as any).error.param).toBe("prompt_logprobs")
   })
 
   it("returns the log of each token's committed probability as logprobs", async () => {

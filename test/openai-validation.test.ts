@@ -226,7 +226,7 @@ const chatCases: ReadonlyArray<readonly [string, Record<string, unknown>, string
   ["messages over the context", { messages: [{ role: "user", content: "x".repeat(200) }] }, "messages", /maximum context length/],
   ["max_tokens over the context", { ...chat, max_tokens: 120 }, "max_tokens", /maximum context length/],
   ["max_tokens 0", { ...chat, max_tokens: 0 }, "max_tokens", /integer >= 1/],
-  ["vLLM's prompt_logprobs in chat", { ...chat, prompt_logprobs: 2 }, "prompt_logprobs", /scored on \/v1\/completions/]
+  ["vLLM's prompt_logprobs in a chat stream", { ...chat, prompt_logprobs: 2, stream: true }, "prompt_logprobs", /not supported with stream/]
 ]
 
 describe("request validation", () => {

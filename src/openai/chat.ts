@@ -8,7 +8,8 @@ import { RequestId } from "../api/RequestId.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { BadRequest, InternalError } from "../api/errors.js"
 import { type ChatCompletionRequest, chatUnhonoured } from "./protocol.js"
-import { checkModel, makePlan, type PreparedPrompt } from "./plan.js"
+import { checkModel, checkNoMaskToken, makePlan, type PreparedPrompt } from "./plan.js"
+import { rankedLogprobs, scorePrompt } from "./promptLogprobs.js"
 import { chatLogprobs, respond, TokenTexts } from "./render.js"
 import { preparePromptJobs } from "./run.js"
 import { planChoice, prepareChoiceJobs } from "./choice.js"
@@ -110,6 +111,19 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
       param: "messages",
       ...(structured === undefined ? {} : promptTemplate(structured))
     }
+    // vLLM's prompt_logprobs: the conversation as it is run, scored before the answer (promptLogprobs.ts).
+    const ranked = request.prompt_logprobs
+    if (ranked !== undefined && plan.stream) {
+      return yield* new BadRequest({
+        message: "prompt_logprobs is not supported with stream",
+        param: "prompt_logprobs",
+        code: "unsupported_parameter"
+      })
+    }
+    const promptScores =
+      ranked === undefined
+        ? undefined
+        : yield* checkNoMaskToken([prompt]).pipe(Effect.zipRight(scorePrompt(plan.truncatePrompt(prompt).tokens, ranked, true)))
     // A structured answer's text is its JSON, complete once every slot is denoised: a stream carries it
     // whole in the choice's last chunk. A call's arguments come the same way, after a first chunk with its
     // id and name.
@@ -146,6 +160,7 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
         logprobs: top === undefined ? null : chatLogprobs(decoder, delta.firstToken, delta.endToken, top, texts)
       }),
       ...(call === undefined ? {} : { finishAs: (reason) => (reason === "stop" ? call.finishReason : reason) }),
+      ...(promptScores === undefined ? {} : { responseFields: () => ({ prompt_logprobs: rankedLogprobs(promptScores, ranked!, texts) }) }),
       // OpenAI opens every choice with a chunk carrying the role (and a call's id and name).
       opening: () => ({
         delta:

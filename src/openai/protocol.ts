@@ -116,8 +116,7 @@ export const chatUnhonoured = {
     reason: "the model writes text only"
   },
   audio: { neutral: never, reason: "the model writes text only" },
-  echo: { neutral: isFalse, reason: "a chat answer does not repeat the conversation (completions' echo does)" },
-  prompt_logprobs: { neutral: never, reason: "the prompt is scored on /v1/completions (prompt_logprobs, or echo with logprobs)" }
+  echo: { neutral: isFalse, reason: "a chat answer does not repeat the conversation (completions' echo does)" }
 } satisfies Record<string, Unhonoured>
 
 /** Completions' unhonoured fields: the shared ones and response_format (structured output is chat's here). */
@@ -283,6 +282,8 @@ export const ChatCompletionRequest = Schema.Struct({
   max_completion_tokens: optional(int("max_completion_tokens", 1)),
   logprobs: optional(boolean("logprobs")),
   top_logprobs: optional(int("top_logprobs", 0, 20)),
+  /** vLLM: the rendered conversation's tokens scored (openai/promptLogprobs.ts), in the response's `prompt_logprobs`. */
+  prompt_logprobs: optional(int("prompt_logprobs", 0, 20)),
   tools: optional(Schema.Array(FunctionTool)),
   tool_choice: optional(ToolChoice),
   /** The answer makes at most one call whatever this says. */
@@ -524,6 +525,9 @@ export const RankedLogprob = Schema.Struct({
   decoded_token: Schema.String
 })
 
+/** vLLM's prompt_logprobs: per prompt token (null for the first), token id → its logprob, rank and text. */
+const PromptLogprobs = Schema.Array(Schema.NullOr(Schema.Record({ key: Schema.String, value: RankedLogprob })))
+
 export const CompletionChoice = Schema.Struct({
   index: Schema.Int,
   text: Schema.String,
@@ -531,9 +535,7 @@ export const CompletionChoice = Schema.Struct({
   finish_reason: FinishReason,
   ...tokenIdFields,
   /** vLLM's prompt_logprobs: per prompt token (null for the first), it and its likeliest alternatives. */
-  prompt_logprobs: Schema.optionalWith(Schema.Array(Schema.NullOr(Schema.Record({ key: Schema.String, value: RankedLogprob }))), {
-    exact: true
-  })
+  prompt_logprobs: Schema.optionalWith(PromptLogprobs, { exact: true })
 })
 export type CompletionChoice = typeof CompletionChoice.Type
 
@@ -598,6 +600,8 @@ export const ChatCompletionResponse = Schema.Struct({
   model: Schema.String,
   choices: Schema.Array(ChatCompletionChoice),
   usage: Usage,
+  /** vLLM's prompt_logprobs on chat: the rendered conversation's tokens, for the whole response. */
+  prompt_logprobs: Schema.optionalWith(PromptLogprobs, { exact: true }),
   ...diffusionField
 })
 export type ChatCompletionResponse = typeof ChatCompletionResponse.Type

@@ -207,6 +207,8 @@ export interface ChoiceRenderer {
   readonly textAtEnd?: boolean
   /** The finish reason a choice reports for the one its answer ended with (chat: "tool_calls" for a required call). */
   readonly finishAs?: (reason: FinishReason) => string
+  /** Fields of the whole (non-streamed) response besides its choices (chat's prompt_logprobs). */
+  readonly responseFields?: () => Record<string, unknown>
   /** The chunk that opens a choice's stream, when there is one (chat: the role; completions: an echo). */
   readonly opening?: ((job: PromptJob) => Record<string, unknown>) | undefined
 }
@@ -232,7 +234,7 @@ export const respond = (plan: AnswerPlan, jobs: ReadonlyArray<PromptJob>, render
           ...(plan.returnTokenIds ? { prompt_token_ids: job.prompt.tokens, token_ids: decoder.tokenIds } : {})
         }))
       )
-      return HttpServerResponse.unsafeJson({ ...head(renderer.object), choices, ...summary() })
+      return HttpServerResponse.unsafeJson({ ...head(renderer.object), choices, ...summary(), ...renderer.responseFields?.() })
     }
 
     const chunk = (choice: Record<string, unknown>) => ({
