@@ -280,11 +280,12 @@ describe("structured output (json_schema by template)", () => {
     expect(valid).toBe(false)
   })
 
-  it("booleans and enums are chosen among their values, numbers written as digits: the reply parses with the schema", async () => {
+  it("booleans and enums chosen, numbers written as digits, lists of strings: the reply parses with the schema", async () => {
     const Verdict = z.object({
       villain: z.boolean(),
       mood: z.enum(["merry", "sad", "wrathful"]),
       soldiers: z.number().int().nonnegative(),
+      allies: z.array(z.string()).min(1).max(3),
       why: z.string()
     })
     const response_format = {
@@ -320,7 +321,7 @@ describe("structured output (json_schema by template)", () => {
       z.toJSONSchema(z.object({ age: z.number().multipleOf(5) })),
       /schema\.properties\.age\.multipleOf: multipleOf is not supported/
     )
-    await refused(z.toJSONSchema(z.object({ tags: z.array(z.string()) })), /"array"/)
+    await refused(z.toJSONSchema(z.object({ tags: z.array(z.string()) })), /an array needs maxItems/)
     await refused(z.toJSONSchema(z.object({ id: z.string().regex(/^[a-z]+$/) })), /pattern is not supported/)
     await refused(z.toJSONSchema(z.string()), /must be an object with known keys/)
     await refused({ type: "object" }, /needs its keys in `properties`/)

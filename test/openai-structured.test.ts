@@ -59,7 +59,30 @@ describe("skeletonOf", () => {
     ],
     ["an integer above 0", object({ n: { type: "integer", minimum: 1 } }), "schema.properties.n.minimum", /which may be 0/],
     ["null", object({ n: { type: "null" } }), "schema.properties.n", /"null" are not supported/],
-    ["an array", object({ tags: { type: "array", items: { type: "string" } } }), "schema.properties.tags", /"array"/],
+    [
+      "an array without maxItems",
+      object({ tags: { type: "array", items: { type: "string" } } }),
+      "schema.properties.tags",
+      /needs maxItems/
+    ],
+    [
+      "an array of varying length whose items are not strings",
+      object({ n: { type: "array", items: { type: "integer" }, maxItems: 3 } }),
+      "schema.properties.n.minItems",
+      /items must be strings/
+    ],
+    [
+      "an array of more than 16 items",
+      object({ n: { type: "array", items: { type: "string" }, maxItems: 17 } }),
+      "schema.properties.n.maxItems",
+      /from minItems to 16/
+    ],
+    [
+      "uniqueItems",
+      object({ n: { type: "array", items: { type: "string" }, maxItems: 2, uniqueItems: true } }),
+      "schema.properties.n.uniqueItems",
+      /not supported on an array/
+    ],
     ["a nullable string", object({ s: { type: ["string", "null"] } }), "schema.properties.s", /one type/],
     ["anyOf", object({ s: { anyOf: [{ type: "string" }] } }), "schema.properties.s", /anyOf is not supported/],
     ["$ref", object({ s: { $ref: "#/$defs/x" } }), "schema.properties.s", /\$ref is not supported/],
@@ -147,6 +170,55 @@ describe("choices: enums and booleans", () => {
     const words = tokenizer.encode(" Good night", { addSpecialTokens: false })
     for (let k = 0; k < 4; k++) canvas[slot + k] = k < words.length ? words[k]! : tokenizer.specialTokens.eos
     expect(JSON.parse(laid.render(canvas))).toEqual({ ok: false, mood: "merry", n: { a: 2 }, why: "Good night" })
+  })
+})
+
+describe("arrays", () => {
+  const schema = object({
+    tags: { type: "array", items: { type: "string" }, minItems: 1, maxItems: 3 },
+    pair: { type: "array", items: object({ who: { type: "string" }, n: { type: "integer" } }), minItems: 2, maxItems: 2 }
+  })
+
+  it("lays an array out at its longest; a varying one of strings is listed with its fewest items", () => {
+    const skeleton = skeletonOf(schema)
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    expect(skeleton.slots).toBe(3 + 4)
+    expect(skeleton.lists).toEqual([{ keys: ["tags"], min: 1 }])
+    expect(skeleton.parts.slice(0, 7)).toEqual([
+      { fixed: `{"tags": ["` },
+      { slot: true },
+      { fixed: `", "` },
+      { slot: true },
+      { fixed: `", "` },
+      { slot: true },
+      { fixed: `"], "pair": [{"who": "` }
+    ])
+  })
+
+  it("drops the items the model left empty, down to minItems, and writes the rest in the skeleton's spacing", () => {
+    const skeleton = skeletonOf(schema)
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    const laid = layOut(skeleton, 3, tokenizer)
+    const eos = tokenizer.specialTokens.eos
+    const encode = (text: string) => tokenizer.encode(text, { addSpecialTokens: false })
+    const slot = (text: string) => [...encode(text), eos, eos, eos].slice(0, 3)
+    const fill = (tags: ReadonlyArray<string>) => {
+      const values = [...tags.flatMap(slot), ...slot(" Good"), ...slot("1"), ...slot(" night"), ...slot("2")]
+      let v = 0
+      return laid.template.map((t) => (t === -1 ? values[v++]! : t))
+    }
+    const parsed = (tags: ReadonlyArray<string>) => JSON.parse(laid.render(fill(tags)))
+    expect(parsed([" York", "", " Kent"]).tags).toEqual(["York", "Kent"])
+    expect(parsed(["", "", ""]).tags).toEqual([""])
+    expect(parsed(["", " Kent", ""]).tags).toEqual(["Kent"])
+    expect(parsed([" a", " b", " c"])).toEqual({
+      tags: ["a", "b", "c"],
+      pair: [
+        { who: "Good", n: 1 },
+        { who: "night", n: 2 }
+      ]
+    })
+    expect(laid.render(fill([" York", "", ""]))).toBe('{"tags": ["York"], "pair": [{"who": "Good", "n": 1}, {"who": "night", "n": 2}]}')
   })
 })
 

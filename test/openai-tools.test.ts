@@ -174,13 +174,13 @@ describe("what cannot be honoured", () => {
     ["a name with spaces", { tools: [named("get place")] }, "tools[0].function.name", /letters, digits, underscores or dashes/],
     ["an unknown tool_choice", { tools: [getPlace], tool_choice: "always" }, "tool_choice", /"none", "auto", "required" or/],
     [
-      "an array argument",
+      "an array argument without items",
       {
         tools: [{ type: "function", function: { name: "f", parameters: { type: "object", properties: { n: { type: "array" } } } } }],
         tool_choice: "required"
       },
       "tools[0].function.parameters",
-      /at tools\[0\]\.function\.parameters\.properties\.n: values of type "array"/
+      /at tools\[0\]\.function\.parameters\.properties\.n\.items: an array needs the schema of its items/
     ],
     [
       "a call with response_format",

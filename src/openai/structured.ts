@@ -23,6 +23,7 @@ import { decodingDocs, type ModelFamily } from "../config/sampling.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
 import { MAX_CHOICE_CANVASES, MAX_CHOICES, type TemplateChoice, templateCanvasCount } from "./chains.js"
 import { NOT_COMMITTED } from "./ChoiceDecoder.js"
+import { spacedJson } from "../chat/ChatFormatter.js"
 
 /**
  * Tokens per string value when the request gives no answer length; with one, the slots share evenly what
@@ -50,7 +51,22 @@ export interface Skeleton {
   readonly parts: ReadonlyArray<Part>
   /** Slots: string and number values (choices not counted). */
   readonly slots: number
+  /**
+   * Arrays of strings laid out at their longest (maxItems slots): where each is (its keys from the top) and
+   * the fewest items it keeps. Read back, the items the model left empty are dropped down to that fewest.
+   */
+  readonly lists?: ReadonlyArray<StringList>
 }
+
+/** An array of strings of minItems to maxItems items, at `keys` in the answer. */
+interface StringList {
+  readonly keys: ReadonlyArray<string | number>
+  readonly min: number
+}
+
+/** The most items an array may be laid out with. */
+const MAX_ARRAY_ITEMS = 16
+const KNOWN_ARRAY_KEYS = new Set(["type", "items", "minItems", "maxItems", "title", "description", "default", "examples"])
 
 const KNOWN_OBJECT_KEYS = new Set([
   "type",
@@ -114,8 +130,9 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
     else parts.push({ fixed: text })
   }
   const refuse = (path: string, message: string): SchemaRefusal => ({ path, message })
+  const lists: Array<StringList> = []
 
-  const walk = (node: unknown, path: string, top: boolean): SchemaRefusal | undefined => {
+  const walk = (node: unknown, path: string, top: boolean, keys: ReadonlyArray<string | number> = []): SchemaRefusal | undefined => {
     if (!isObject(node)) return refuse(path, "a schema must be a JSON object")
     if (top && !(typesOf(node).length === 1 && typesOf(node)[0] === "object")) {
       return refuse(path, 'the answer must be an object with known keys: give the schema type "object" and its properties')
@@ -249,10 +266,44 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
       for (const [key, value] of Object.entries(properties)) {
         fixed(`${first ? "" : ", "}${JSON.stringify(key)}: `)
         first = false
-        const refusal = walk(value, `${path}.properties.${key}`, false)
+        const refusal = walk(value, `${path}.properties.${key}`, false, [...keys, key])
         if (refusal !== undefined) return refusal
       }
       fixed("}")
+      return undefined
+    }
+    if (type === "array") {
+      for (const key of Object.keys(node)) {
+        if (!KNOWN_ARRAY_KEYS.has(key)) return refuse(`${path}.${key}`, `${key} is not supported on an array`)
+      }
+      const { items, minItems = 0, maxItems } = node
+      if (!isObject(items)) return refuse(`${path}.items`, "an array needs the schema of its items in `items`")
+      if (!Number.isInteger(minItems) || (minItems as number) < 0) return refuse(`${path}.minItems`, "minItems must be an integer >= 0")
+      if (maxItems === undefined) {
+        return refuse(path, "an array needs maxItems: its items are laid out on the canvas before denoising, at most that many")
+      }
+      if (!Number.isInteger(maxItems) || (maxItems as number) < (minItems as number) || (maxItems as number) > MAX_ARRAY_ITEMS) {
+        return refuse(`${path}.maxItems`, `maxItems must be an integer from minItems to ${MAX_ARRAY_ITEMS}`)
+      }
+      const min = minItems as number
+      const max = maxItems as number
+      // Fewer items than the most: only strings, whose slots the model may leave empty, can be dropped.
+      const strings = typesOf(items).length === 1 && typesOf(items)[0] === "string" && !("const" in items) && !("enum" in items)
+      if (min < max && !strings) {
+        return refuse(
+          `${path}.minItems`,
+          "an array of a varying number of items is laid out at its longest and its empty strings dropped, so its " +
+            "items must be strings; give minItems equal to maxItems for other items"
+        )
+      }
+      fixed("[")
+      for (let i = 0; i < max; i++) {
+        if (i > 0) fixed(", ")
+        const refusal = walk(items, `${path}.items`, false, [...keys, i])
+        if (refusal !== undefined) return refusal
+      }
+      fixed("]")
+      if (min < max) lists.push({ keys, min })
       return undefined
     }
     if (type === "string") {
@@ -279,7 +330,7 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
   }
 
   const refusal = walk(schema, "schema", true)
-  return refusal ?? { parts, slots }
+  return refusal ?? { parts, slots, ...(lists.length === 0 ? {} : { lists }) }
 }
 
 export const isRefusal = (value: Skeleton | SchemaRefusal): value is SchemaRefusal => "message" in value
@@ -437,28 +488,52 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
     allowedSets,
     narrow,
     render: (canvas) =>
-      pieces
-        .map((piece) => {
-          if ("fixed" in piece) return piece.fixed
-          if ("chosen" in piece) {
-            // The value's tokens, then its pads.
-            const { start, width } = piece.chosen
-            const tokens = Array.from({ length: width }, (_, k) => canvas[start + k]!).filter((t) => t !== NOT_COMMITTED)
-            return tokenizer.decode(tokens).trim()
-          }
-          // A value ends where the model ended it (EOS, end of turn), as a plain answer does: what the model
-          // wrote after that (a made-up next turn) is not the value.
-          const tokens: Array<number> = []
-          for (let i = piece.start; i < piece.start + piece.width; i++) {
-            const token = canvas[i]!
-            if (ends.has(token)) break
-            if (token !== NOT_COMMITTED && token !== special.mask) tokens.push(token)
-          }
-          const text = tokenizer.decode(tokens, { skipSpecialTokens: true }).replace(/\s+/g, " ").trim()
-          return piece.number === undefined ? JSON.stringify(text).slice(1, -1) : numberText(text, piece.number)
-        })
-        .join("")
+      withoutEmptyItems(
+        pieces
+          .map((piece) => {
+            if ("fixed" in piece) return piece.fixed
+            if ("chosen" in piece) {
+              // The value's tokens, then its pads.
+              const { start, width } = piece.chosen
+              const tokens = Array.from({ length: width }, (_, k) => canvas[start + k]!).filter((t) => t !== NOT_COMMITTED)
+              return tokenizer.decode(tokens).trim()
+            }
+            // A value ends where the model ended it (EOS, end of turn), as a plain answer does: what the model
+            // wrote after that (a made-up next turn) is not the value.
+            const tokens: Array<number> = []
+            for (let i = piece.start; i < piece.start + piece.width; i++) {
+              const token = canvas[i]!
+              if (ends.has(token)) break
+              if (token !== NOT_COMMITTED && token !== special.mask) tokens.push(token)
+            }
+            const text = tokenizer.decode(tokens, { skipSpecialTokens: true }).replace(/\s+/g, " ").trim()
+            return piece.number === undefined ? JSON.stringify(text).slice(1, -1) : numberText(text, piece.number)
+          })
+          .join(""),
+        skeleton.lists ?? []
+      )
   }
+}
+
+/**
+ * The answer's JSON with each list's empty strings dropped, down to its fewest items (the first ones kept),
+ * written again in the skeleton's spacing; the text as it is when there are no lists.
+ */
+const withoutEmptyItems = (text: string, lists: ReadonlyArray<StringList>): string => {
+  if (lists.length === 0) return text
+  const value = JSON.parse(text) as Record<string, unknown>
+  for (const { keys, min } of lists) {
+    // The list's parent object or array, by the keys the skeleton recorded (the top is always an object).
+    type Node = Record<string | number, unknown>
+    let parent = value as Node
+    for (const key of keys.slice(0, -1)) parent = parent[key] as Node
+    const last = keys[keys.length - 1]!
+    const items = parent[last] as ReadonlyArray<string>
+    // Every item written, and as many empty ones (the first) as minItems still asks for.
+    let empties = Math.max(0, min - items.filter((item) => item !== "").length)
+    parent[last] = items.filter((item) => item !== "" || empties-- > 0)
+  }
+  return spacedJson(value)
 }
 
 // ---- a request's structured output -------------------------------------------------------------------
@@ -552,7 +627,7 @@ export const templateOf = (
   options: {
     readonly schemaParam: string
     readonly maxTokens: StructuredRequest["maxTokens"]
-    readonly wrap?: { readonly before: string; readonly after: string }
+    readonly wrap?: { readonly before: string; readonly after: string; readonly under: string }
     /** An object without properties is "{}" (a function that takes no arguments). */
     readonly emptyObject?: boolean
   }
@@ -568,7 +643,13 @@ export const templateOf = (
       })
     }
     const skeleton: Skeleton =
-      wrap === undefined ? inner : { parts: [{ fixed: wrap.before }, ...inner.parts, { fixed: wrap.after }], slots: inner.slots }
+      wrap === undefined
+        ? inner
+        : {
+            parts: [{ fixed: wrap.before }, ...inner.parts, { fixed: wrap.after }],
+            slots: inner.slots,
+            lists: (inner.lists ?? []).map((list) => ({ ...list, keys: [wrap.under, ...list.keys] }))
+          }
     const tokenizer = yield* Tokenizer
     const fixed = fixedTokens(skeleton, tokenizer)
     let slotTokens = skeleton.slots === 0 ? 0 : DEFAULT_SLOT_TOKENS

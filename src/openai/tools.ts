@@ -114,7 +114,7 @@ export const planToolCall = (request: {
     const template = yield* templateOf(tools[index]!.function.parameters, {
       schemaParam: `tools[${index}].function.parameters`,
       maxTokens: request.maxTokens,
-      wrap: { before, after },
+      wrap: { before, after, under: "arguments" },
       emptyObject: true
     })
     return {
