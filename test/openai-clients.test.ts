@@ -434,6 +434,17 @@ describe("tool calls (tool_choice names the function; the call is laid on the ca
     expect(calls).toHaveLength(1)
     expect(calls[0]!.name).toBe("get_place")
     Place.parse(calls[0]!.args)
+    // tool_choice "any" (OpenAI's "required") with two tools: the model picks the function.
+    const Hour = z.object({ hour: z.number().int().min(0).max(23) })
+    const hour = { type: "function" as const, function: { name: "get_hour", parameters: z.toJSONSchema(Hour) as Record<string, unknown> } }
+    const either = chat.bindTools([{ type: "function", function: tools[0]!.function }, hour], { tool_choice: "any" })
+    const picked = (await either.invoke([["human", "What hour is it?"]], { seed: 5 } as Record<string, unknown>)) as unknown as {
+      tool_calls: Array<{ name: string; args: unknown }>
+    }
+    expect(picked.tool_calls).toHaveLength(1)
+    const [made] = picked.tool_calls
+    if (made!.name === "get_hour") Hour.parse(made!.args)
+    else Place.parse(made!.args)
   })
 })
 

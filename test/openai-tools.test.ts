@@ -102,6 +102,32 @@ describe("a named tool call", () => {
     ])
   })
 
+  it('"required" with several tools: each name is scored in its own call\'s layout, the likeliest is called', async () => {
+    const scoredBefore = server.engine.scored.length
+    const response = await chat({ tools: [getPlace, ping, named("get_time")], tool_choice: "required", temperature: 0 })
+    const items = server.engine.scored.slice(scoredBefore).flat()
+    // Per tool: its name's tokens (the JSON string) and the token after them, one canvas each.
+    const names = ["get_place", "ping", "get_time"]
+    const lengths = names.map((name) => server.tokenizer.encode(JSON.stringify(name), { addSpecialTokens: false }).length + 1)
+    expect(items).toHaveLength(lengths.reduce((a, b) => a + b, 0))
+    // The fake model scores -|target - (canvas[0] + position) % 1000| / 10; the pick is the highest chain.
+    let at = 0
+    const totals = lengths.map((length) => {
+      const chain = items.slice(at, at + length)
+      at += length
+      return chain.reduce((sum, item) => sum - Math.abs(item.targets[0]! - ((item.canvas[0]! + item.positions[0]!) % 1000)) / 10, 0)
+    })
+    const best = names[totals.indexOf(Math.max(...totals))]!
+    const call = response.choices[0]!.message.tool_calls![0]!
+    expect(call.function.name).toBe(best)
+    expect(response.choices[0]!.finish_reason).toBe("tool_calls")
+    // The first canvas: the call's skeleton with the name (and the comma after it) masked, the values too.
+    const first = items[0]!
+    const answerStart = first.positions[0]! - server.tokenizer.encode('{"name": ', { addSpecialTokens: false }).length
+    const shown = first.canvas.slice(answerStart).filter((t) => t !== server.tokenizer.specialTokens.mask)
+    expect(server.tokenizer.decode(shown)).toBe('{"name":  "arguments": {"city": "", "reason": ""}}')
+  })
+
   it("n answers are n calls with their own ids", async () => {
     const response = await chat({ tools: [getPlace], tool_choice: named("get_place"), n: 2, seed: 1 })
     const ids = response.choices.map((choice) => choice.message.tool_calls![0]!.id)
@@ -161,7 +187,6 @@ describe("tools in the conversation", () => {
 describe("what cannot be honoured", () => {
   it.each([
     ['"auto"', { tools: [getPlace], tool_choice: "auto" }, "tool_choice", /"auto" is not supported: this model has no format/],
-    ['"required" with two tools', { tools: [getPlace, ping], tool_choice: "required" }, "tool_choice", /with 2 tools is not supported/],
     ["an unknown name", { tools: [getPlace], tool_choice: named("fly") }, "tool_choice.function.name", /"fly", which is not one of tools/],
     ["a call without tools", { tool_choice: "required" }, "tool_choice", /gives no tools/],
     [

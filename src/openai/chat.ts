@@ -14,8 +14,8 @@ import { chatLogprobs, respond, TokenTexts } from "./render.js"
 import { preparePromptJobs } from "./run.js"
 import { planChoice, prepareChoiceJobs } from "./choice.js"
 import type { ChoiceDecoder } from "./ChoiceDecoder.js"
-import { planStructured, promptTemplate } from "./structured.js"
-import { callId, planToolCall, toolCallOf } from "./tools.js"
+import { type JsonTemplate, planStructured, promptTemplate } from "./structured.js"
+import { callId, planToolCall, planWithCall, toolCallOf } from "./tools.js"
 import { lladaFamily } from "../config/sampling.js"
 import { ServingConfig } from "./ServingConfig.js"
 
@@ -68,27 +68,35 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
       ...(request.ignore_eos === true ? ["ignore_eos"] : [])
     ]
     const family = config.family ?? lladaFamily
-    const call = yield* planToolCall({
+    const calls = yield* planToolCall({
       tools: request.tools,
       toolChoice: request.tool_choice,
       maxTokens,
       conflicting: [...(request.response_format?.type === "json_schema" ? ["response_format"] : []), ...conflicting],
       family
     })
-    const structured =
-      call?.template ??
-      (yield* planStructured({
-        type: request.response_format?.type,
-        schema: request.response_format?.json_schema?.schema,
-        param: "response_format",
-        maxTokens,
-        conflicting,
-        family
-      }))
+    const formatted =
+      calls === undefined
+        ? yield* planStructured({
+            type: request.response_format?.type,
+            schema: request.response_format?.json_schema?.schema,
+            param: "response_format",
+            maxTokens,
+            conflicting,
+            family
+          })
+        : undefined
     // Structured output and calls: the answer is the template, as long as it is.
-    const answerLength =
-      structured === undefined ? maxTokens : { value: structured.template.length, param: maxTokens?.param ?? "max_tokens" }
-    const plan = yield* makePlan(request, answerLength, request.logprobs === true ? (request.top_logprobs ?? 0) : 0, chatUnhonoured)
+    const planFor = (laid: JsonTemplate | undefined) =>
+      makePlan(
+        request,
+        laid === undefined ? maxTokens : { value: laid.template.length, param: maxTokens?.param ?? "max_tokens" },
+        request.logprobs === true ? (request.top_logprobs ?? 0) : 0,
+        chatUnhonoured
+      )
+    const promptTokens = yield* renderMessages(request.messages, { addGenerationPrompt: true, tools: request.tools })
+    // tool_choice "required" with several tools: the call is chosen first, by scoring the functions' names.
+    const { plan, call, structured } = yield* planWithCall(calls, formatted, planFor, { tokens: promptTokens, param: "messages" })
     if (request.top_logprobs !== undefined && request.logprobs !== true) {
       return yield* new BadRequest({ message: "top_logprobs requires logprobs to be true", param: "top_logprobs" })
     }
@@ -107,7 +115,7 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
     }
 
     const prompt: PreparedPrompt = {
-      tokens: yield* renderMessages(request.messages, { addGenerationPrompt: true, tools: request.tools }),
+      tokens: promptTokens,
       param: "messages",
       ...(structured === undefined ? {} : promptTemplate(structured))
     }

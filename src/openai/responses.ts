@@ -40,8 +40,8 @@ import { diffusionOfJobs, mergedChunks, preparePromptJobs, runToEnd, usageOfJobs
 import { lladaFamily } from "../config/sampling.js"
 import { ServingConfig } from "./ServingConfig.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
-import { planStructured, promptTemplate } from "./structured.js"
-import { callId, planToolCall } from "./tools.js"
+import { type JsonTemplate, planStructured, promptTemplate } from "./structured.js"
+import { callId, planToolCall, planWithCall } from "./tools.js"
 import { respondSse, type SseEncoding } from "./streaming.js"
 import { HttpServerResponse } from "@effect/platform"
 
@@ -162,27 +162,34 @@ export const responses = (request: ResponseRequest) =>
     // The function tools in chat's shape, for the chat template and the call's plan.
     const tools = request.tools?.map(({ type, ...fn }) => ({ type, function: fn }))
     const choice = request.tool_choice
-    const call = yield* planToolCall({
+    const calls = yield* planToolCall({
       tools,
       toolChoice: typeof choice === "object" ? { type: "function", function: { name: choice.name } } : choice,
       maxTokens,
       conflicting: format?.type === "json_schema" ? ["text.format"] : [],
       family
     })
-    const structured =
-      call?.template ??
-      (yield* planStructured({ type: format?.type, schema: format?.schema, param: "text.format", maxTokens, conflicting: [], family }))
-    const answerLength =
-      structured === undefined ? maxTokens : { value: structured.template.length, param: maxTokens?.param ?? "max_output_tokens" }
+    const formatted =
+      calls === undefined
+        ? yield* planStructured({ type: format?.type, schema: format?.schema, param: "text.format", maxTokens, conflicting: [], family })
+        : undefined
     // With include: [LOGPROBS], each output token's logprob and top_logprobs alternatives, as chat's.
     const top = request.include?.includes(LOGPROBS) === true ? (request.top_logprobs ?? 0) : undefined
     if (request.top_logprobs !== undefined && top === undefined) {
       return yield* new BadRequest({ message: `top_logprobs requires include: ["${LOGPROBS}"]`, param: "top_logprobs" })
     }
-    const plan = yield* makePlan({ ...request, n: 1 }, answerLength, top ?? 0)
+    const planFor = (laid: JsonTemplate | undefined) =>
+      makePlan(
+        { ...request, n: 1 },
+        laid === undefined ? maxTokens : { value: laid.template.length, param: maxTokens?.param ?? "max_output_tokens" },
+        top ?? 0
+      )
     const messages = yield* messagesOf(request)
+    const promptTokens = yield* renderMessages(messages, { addGenerationPrompt: true, tools })
+    // tool_choice "required" with several tools: the call is chosen first, by scoring the functions' names.
+    const { plan, call, structured } = yield* planWithCall(calls, formatted, planFor, { tokens: promptTokens, param: "input" })
     const prompt: PreparedPrompt = {
-      tokens: yield* renderMessages(messages, { addGenerationPrompt: true, tools }),
+      tokens: promptTokens,
       param: "input",
       ...(structured === undefined ? {} : { ...promptTemplate(structured), templateParam: "text.format" })
     }

@@ -627,7 +627,7 @@ export const templateOf = (
   options: {
     readonly schemaParam: string
     readonly maxTokens: StructuredRequest["maxTokens"]
-    readonly wrap?: { readonly before: string; readonly after: string; readonly under: string }
+    readonly wrap?: { readonly before: ReadonlyArray<string>; readonly after: string; readonly under: string }
     /** An object without properties is "{}" (a function that takes no arguments). */
     readonly emptyObject?: boolean
   }
@@ -646,7 +646,8 @@ export const templateOf = (
       wrap === undefined
         ? inner
         : {
-            parts: [{ fixed: wrap.before }, ...inner.parts, { fixed: wrap.after }],
+            // Each piece of `before` is tokenized on its own.
+            parts: [...wrap.before.map((fixed) => ({ fixed })), ...inner.parts, { fixed: wrap.after }],
             slots: inner.slots,
             lists: (inner.lists ?? []).map((list) => ({ ...list, keys: [wrap.under, ...list.keys] }))
           }

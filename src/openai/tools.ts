@@ -4,7 +4,8 @@
  * each string value a slot the model denoises in place (structured output's template, openai/structured.ts).
  * The answer is that call: `message.tool_calls[0]` with the arguments' JSON text, `content` null.
  *
- * Which call: `tool_choice` names the function, or is "required" with one tool. A model with no format of
+ * Which call: `tool_choice` names the function, or is "required" (with several tools the function is chosen
+ * first: chooseCall scores each name in its own call's layout). A model with no format of
  * its own for calls (LLaDA's, the embedded model's) never decides to call one, so "auto" is refused, as
  * vLLM refuses it without a tool parser; "none", or no tool_choice (vLLM's default), answers in text with
  * the tools given to the chat template. The name goes on the canvas too, so that the model writes the
@@ -16,6 +17,14 @@ import { randomBytes } from "node:crypto"
 import { BadRequest } from "../api/errors.js"
 import type { ModelFamily } from "../config/sampling.js"
 import type { FunctionTool, ToolCall, ToolChoice } from "./protocol.js"
+import type { NonEmptyReadonlyArray } from "effect/Array"
+import type { SamplingSettings } from "../engine/Engine.js"
+import { Scheduler } from "../scheduler/Scheduler.js"
+import { Tokenizer } from "../tokenizer/Tokenizer.js"
+import { pickChoice } from "./chains.js"
+import { NOT_COMMITTED } from "./ChoiceDecoder.js"
+import { fromGenerationError } from "./errors.js"
+import { type AnswerPlan, checkNoMaskToken, type PreparedPrompt } from "./plan.js"
 import { type JsonTemplate, requireFullCanvas, type StructuredRequest, templateOf } from "./structured.js"
 
 /** The call an answer makes: its function, its template on the canvas, and the finish reason it reports. */
@@ -26,6 +35,8 @@ export interface PlannedCall {
   readonly finishReason: "stop" | "tool_calls"
   /** The arguments' JSON text of a finished canvas. */
   readonly argumentsOf: (canvas: ArrayLike<number>) => string
+  /** Where the function's name lies in the template: its first position and its tokens. */
+  readonly nameAt: { readonly start: number; readonly tokens: ReadonlyArray<number> }
 }
 
 /** A call's id, as OpenAI's look: "call_" and 24 letters and digits. */
@@ -39,8 +50,9 @@ export const toolCallOf = (call: PlannedCall, canvas: ArrayLike<number>): ToolCa
 })
 
 /**
- * The call a chat request asks for, undefined when it asks for none, or a 400 saying why it cannot be
- * made. `conflicting` names the fields given that a template cannot honour (stop, min_tokens, ...).
+ * The calls a chat request may make — the named function's, or with "required" every tool's (chooseCall
+ * picks one) — undefined when it asks for none, or a 400 saying why it cannot be made. `conflicting` names
+ * the fields given that a template cannot honour (stop, min_tokens, ...).
  */
 export const planToolCall = (request: {
   readonly tools: ReadonlyArray<FunctionTool> | undefined
@@ -69,7 +81,7 @@ export const planToolCall = (request: {
         message:
           'tool_choice "auto" is not supported: this model has no format of its own for calling tools, so it never ' +
           'decides to call one; name the function (tool_choice {"type": "function", "function": {"name": ...}}), ' +
-          'send "required" with one tool, or "none"',
+          'send "required", or "none"',
         param: "tool_choice",
         code: "unsupported_parameter"
       })
@@ -77,19 +89,9 @@ export const planToolCall = (request: {
     if (tools.length === 0) {
       return yield* new BadRequest({ message: "tool_choice asks for a call, but the request gives no tools", param: "tool_choice" })
     }
-    let index: number
-    if (choice === "required") {
-      if (tools.length > 1) {
-        return yield* new BadRequest({
-          message:
-            `tool_choice "required" with ${tools.length} tools is not supported: the call is laid out before ` +
-            'denoising, so its function must be known; name it (tool_choice {"type": "function", "function": {"name": ...}})',
-          param: "tool_choice",
-          code: "unsupported_parameter"
-        })
-      }
-      index = 0
-    } else {
+    let indexes: ReadonlyArray<number>
+    if (choice === "required") indexes = tools.map((_, i) => i)
+    else {
       const found = names.get(choice.function.name)
       if (found === undefined) {
         return yield* new BadRequest({
@@ -97,7 +99,7 @@ export const planToolCall = (request: {
           param: "tool_choice.function.name"
         })
       }
-      index = found
+      indexes = [found]
     }
     yield* requireFullCanvas(request.family, "tool_choice", "a tool call")
     const conflict = request.conflicting[0]
@@ -108,22 +110,86 @@ export const planToolCall = (request: {
         code: "unsupported_parameter"
       })
     }
-    const name = tools[index]!.function.name
-    const before = `{"name": ${JSON.stringify(name)}, "arguments": `
-    const after = "}"
-    const template = yield* templateOf(tools[index]!.function.parameters, {
-      schemaParam: `tools[${index}].function.parameters`,
-      maxTokens: request.maxTokens,
-      wrap: { before, after, under: "arguments" },
-      emptyObject: true
+    const tokenizer = yield* Tokenizer
+    const candidates = yield* Effect.forEach(indexes, (index) =>
+      Effect.gen(function* () {
+        const name = tools[index]!.function.name
+        // The name is a piece of its own, so that its tokens are known (`nameAt`) for choosing among calls.
+        const before = ['{"name": ', JSON.stringify(name), ', "arguments": ']
+        const after = "}"
+        const template = yield* templateOf(tools[index]!.function.parameters, {
+          schemaParam: `tools[${index}].function.parameters`,
+          maxTokens: request.maxTokens,
+          wrap: { before, after, under: "arguments" },
+          emptyObject: true
+        })
+        const prefix = before.join("")
+        return {
+          name,
+          template,
+          finishReason: (choice === "required" ? "tool_calls" : "stop") as PlannedCall["finishReason"],
+          nameAt: {
+            start: tokenizer.encode(before[0]!, { addSpecialTokens: false }).length,
+            tokens: tokenizer.encode(before[1]!, { addSpecialTokens: false })
+          },
+          argumentsOf: (canvas) => {
+            const text = template.render(canvas)
+            return text.slice(prefix.length, text.length - after.length)
+          }
+        } satisfies PlannedCall
+      })
+    )
+    // One candidate per index, and there is at least one (tools is not empty).
+    return candidates as ReadonlyArray<PlannedCall> as NonEmptyReadonlyArray<PlannedCall>
+  })
+
+/**
+ * The call an answer makes among several (tool_choice "required" with several tools): each function's
+ * name scored in its own call's layout — the prompt, the call's skeleton with every written position
+ * masked, the name's tokens by the chain rule in reading order and the token after it (as guided_choice
+ * scores a choice and its end) — in one scoring job, and picked as a choice is (pickChoice: the likeliest
+ * at temperature 0, else drawn with the request's seed). One pick serves the request's n answers.
+ */
+export const chooseCall = (candidates: NonEmptyReadonlyArray<PlannedCall>, prompt: ReadonlyArray<number>, settings: SamplingSettings) =>
+  Effect.gen(function* () {
+    if (candidates.length === 1) return candidates[0]
+    const scheduler = yield* Scheduler
+    const mask = (yield* Tokenizer).specialTokens.mask
+    const chains = candidates.map(({ template, nameAt }) => {
+      const base = template.template.map((token) => (token === NOT_COMMITTED ? mask : token))
+      const targets = [...nameAt.tokens, base[nameAt.start + nameAt.tokens.length]!]
+      return targets.map((target, k) => {
+        const canvas = base.slice()
+        for (let j = k; j < targets.length; j++) canvas[nameAt.start + j] = mask
+        return { canvas: [...prompt, ...canvas], positions: [prompt.length + nameAt.start + k], targets: [target] }
+      })
     })
-    return {
-      name,
-      template,
-      finishReason: choice === "required" ? "tool_calls" : "stop",
-      argumentsOf: (canvas) => {
-        const text = template.render(canvas)
-        return text.slice(before.length, text.length - after.length)
-      }
-    } satisfies PlannedCall
+    const scores = yield* scheduler.score({ items: chains.flat() }).pipe(Effect.mapError(fromGenerationError))
+    let at = 0
+    const totals = chains.map((items) => {
+      const total = scores.slice(at, at + items.length).reduce((sum, scored) => sum + scored.logprobs[0]!, 0)
+      at += items.length
+      return total
+    })
+    return candidates[yield* pickChoice(totals, settings, settings.seed)]!
+  })
+
+/**
+ * A request's plan, and its call when it asks for one: the plan is made for the answer's template (the
+ * call's, else `formatted`, structured output's), after choosing among several calls (chooseCall) with
+ * the sampling the first plan resolves for `prompt`.
+ */
+export const planWithCall = <E, R>(
+  calls: NonEmptyReadonlyArray<PlannedCall> | undefined,
+  formatted: JsonTemplate | undefined,
+  planFor: (laid: JsonTemplate | undefined) => Effect.Effect<AnswerPlan, E, R>,
+  prompt: PreparedPrompt
+) =>
+  Effect.gen(function* () {
+    const first = yield* planFor(calls?.[0].template ?? formatted)
+    if (calls === undefined || calls.length === 1) return { plan: first, call: calls?.[0], structured: calls?.[0].template ?? formatted }
+    const kept = first.truncatePrompt(prompt)
+    yield* checkNoMaskToken([kept])
+    const call = yield* chooseCall(calls, kept.tokens, yield* first.settingsFor(kept.tokens.length, kept.param))
+    return { plan: yield* planFor(call.template), call, structured: call.template }
   })
