@@ -157,3 +157,41 @@ describe("a template's enums and booleans", () => {
     expect(typeof args.city).toBe("string")
   })
 })
+
+describe("vLLM's guided_json and structured_outputs.json on chat", () => {
+  const simple = { type: "object", properties: { who: { type: "string" }, ok: { type: "boolean" } } }
+
+  it("lay the same template as response_format json_schema, the schema given as an object or as its JSON text", async () => {
+    const templates: Array<ReadonlyArray<number> | undefined> = []
+    for (const fields of [
+      { response_format: format(simple) },
+      { guided_json: simple },
+      { guided_json: JSON.stringify(simple) },
+      { structured_outputs: { json: simple } }
+    ]) {
+      const body = await post({ ...fields, temperature: 0, seed: 4 })
+      expect(Object.keys(JSON.parse(body.choices[0].message.content))).toEqual(["who", "ok"])
+      templates.push(server.engine.created.at(-1)!.template)
+    }
+    for (const template of templates) expect(template).toEqual(templates[0])
+  })
+
+  it("refuse a schema given twice, one that is not JSON, one a template cannot honour (naming where), and on completions", async () => {
+    const refused = async (body: Record<string, unknown>, path = "/v1/chat/completions") => {
+      const response = await server.post(path, path === "/v1/completions" ? { prompt: "Hi", ...body } : { messages, ...body })
+      expect(response.status).toBe(400)
+      return ((await response.json()) as { error: { message: string; param: string } }).error
+    }
+    expect(await refused({ guided_json: simple, response_format: format(simple) })).toMatchObject({
+      param: "guided_json",
+      message: expect.stringMatching(/give the answer's format once: response_format and guided_json/)
+    })
+    expect((await refused({ guided_json: "{not json" })).param).toBe("guided_json")
+    expect(await refused({ guided_json: { type: "object", properties: { n: { type: "null" } } } })).toMatchObject({
+      param: "guided_json",
+      message: expect.stringMatching(/at guided_json\.properties\.n/)
+    })
+    expect((await refused({ structured_outputs: { json: { type: "string" } } })).param).toBe("structured_outputs.json")
+    expect((await refused({ guided_json: simple }, "/v1/completions")).message).toMatch(/laid out for chat completions/)
+  })
+})

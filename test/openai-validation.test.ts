@@ -220,7 +220,7 @@ const chatCases: ReadonlyArray<readonly [string, Record<string, unknown>, string
     /cannot be used with structured output/
   ],
   ["stop with structured output", { ...chat, stop: "x", response_format: jsonFormat }, "stop", /cannot be used with structured output/],
-  ["vLLM's guided_json in chat", { ...chat, guided_json: { type: "object" } }, "guided_json"],
+  ["vLLM's guided_json without properties", { ...chat, guided_json: { type: "object" } }, "guided_json", /needs its keys in `properties`/],
   ["a JSON response_format", { ...chat, response_format: { type: "json_object" } }, "response_format"],
   ["temperature above 2", { ...chat, temperature: 3 }, "temperature"],
   ["messages over the context", { messages: [{ role: "user", content: "x".repeat(200) }] }, "messages", /maximum context length/],

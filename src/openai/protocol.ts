@@ -79,14 +79,16 @@ const noTools = "the model cannot call tools"
 const guided = {
   neutral: never,
   reason:
-    "constrained decoding is not supported; guided_choice (structured_outputs.choice) picks among strings, and chat's response_format json_schema lays out a JSON answer"
+    "constrained decoding is not supported; guided_choice (structured_outputs.choice) picks among strings, and chat's response_format json_schema (guided_json) lays out a JSON answer"
 }
-/** structured_outputs with only `choice` set (choice.ts reads it); any other kind is refused. */
-const onlyChoice = (value: unknown) =>
-  typeof value === "object" &&
-  value !== null &&
-  !Array.isArray(value) &&
-  Object.entries(value).every(([key, v]) => key === "choice" || v === null || v === undefined || v === false)
+/** structured_outputs with only these kinds set (choice.ts reads `choice`, chat.ts `json`); any other kind is refused. */
+const onlyKinds =
+  (...kinds: ReadonlyArray<string>) =>
+  (value: unknown) =>
+    typeof value === "object" &&
+    value !== null &&
+    !Array.isArray(value) &&
+    Object.entries(value).every(([key, v]) => kinds.includes(key) || v === null || v === undefined || v === false)
 
 const sharedUnhonoured = {
   bad_words: {
@@ -94,10 +96,9 @@ const sharedUnhonoured = {
     reason:
       "a word of several tokens is banned by the tokens before it, and a diffusion answer has no before; allowed_token_ids and logit_bias act on single tokens"
   },
-  guided_json: guided,
   guided_regex: guided,
   guided_grammar: guided,
-  structured_outputs: { ...guided, neutral: onlyChoice }
+  structured_outputs: { ...guided, neutral: onlyKinds("choice") }
 } satisfies Record<string, Unhonoured>
 
 /**
@@ -106,6 +107,7 @@ const sharedUnhonoured = {
  */
 export const chatUnhonoured = {
   ...sharedUnhonoured,
+  structured_outputs: { ...guided, neutral: onlyKinds("choice", "json") },
   functions: { neutral: isEmptyList, reason: `${noTools} by the legacy functions; send tools and tool_choice` },
   function_call: {
     neutral: (value: unknown) => value === "none" || value === "auto",
@@ -122,6 +124,7 @@ export const chatUnhonoured = {
 /** Completions' unhonoured fields: the shared ones and response_format (structured output is chat's here). */
 export const completionUnhonoured = {
   ...sharedUnhonoured,
+  guided_json: { neutral: never, reason: "structured output is laid out for chat completions (response_format json_schema, guided_json)" },
   response_format: {
     neutral: (value: unknown) => typeof value === "object" && value !== null && (value as { type?: unknown }).type === "text",
     reason: "structured output is laid out for chat completions (response_format json_schema)"
@@ -282,6 +285,8 @@ export const ChatCompletionRequest = Schema.Struct({
   max_completion_tokens: optional(int("max_completion_tokens", 1)),
   logprobs: optional(boolean("logprobs")),
   top_logprobs: optional(int("top_logprobs", 0, 20)),
+  /** vLLM: a JSON schema (or its JSON text) for the answer, as response_format json_schema (structured.ts). */
+  guided_json: optional(Schema.Unknown),
   /** vLLM: the rendered conversation's tokens scored (openai/promptLogprobs.ts), in the response's `prompt_logprobs`. */
   prompt_logprobs: optional(int("prompt_logprobs", 0, 20)),
   tools: optional(Schema.Array(FunctionTool)),

@@ -543,8 +543,10 @@ export interface StructuredRequest {
   /** "text" or absent: plain text; "json_schema": lay `schema` out; anything else is refused. */
   readonly type: string | undefined
   readonly schema: unknown
-  /** The request field holding the format ("response_format", "text.format"). */
+  /** The request field holding the format ("response_format", "text.format", "guided_json"). */
   readonly param: string
+  /** Where the schema itself is, for errors; default `${param}.schema` (response_format.json_schema.schema). */
+  readonly schemaParam?: string
   /** The answer length the request asked for, if any: the slots share what the skeleton leaves. */
   readonly maxTokens: { readonly value: number; readonly param: string } | undefined
   /** Fields given that cannot be honoured with a template (stop, stop_token_ids, min_tokens, ignore_eos). */
@@ -593,7 +595,7 @@ export const planStructured = (request: StructuredRequest) =>
         code: "unsupported_parameter"
       })
     }
-    const schemaParam = param === "response_format" ? "response_format.json_schema.schema" : `${param}.schema`
+    const schemaParam = request.schemaParam ?? (param === "response_format" ? "response_format.json_schema.schema" : `${param}.schema`)
     if (request.schema === undefined) {
       return yield* new BadRequest({ message: `${schemaParam} is required for "json_schema"`, param: schemaParam })
     }
