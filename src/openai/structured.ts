@@ -4,8 +4,8 @@
  * A masked diffusion model does not write left to right: it fills masked positions of a canvas in any
  * order, around whatever is already there. So the JSON skeleton of the answer — braces, keys, quotes,
  * colons and commas — is tokenized and put on the canvas from the start (the engine's `template`), and
- * the model denoises only the values, each in a slot of a fixed number of tokens, in place. No grammar
- * and no constrained sampling: the structure cannot come out wrong because the model never writes it.
+ * the model denoises only the values, each in a slot of a fixed number of tokens, in place. No grammar:
+ * the structure cannot come out wrong because the model never writes it.
  *
  * What a template can honour: an object with known keys (`properties`), whose values are strings (a slot
  * each), numbers (a slot without quotes whose positions the engine keeps to digits: positionAllowed),
@@ -14,8 +14,9 @@
  * place (chains.ts) and padded with spaces. Every property is written, in schema order. A slot's text is
  * read back up to its first end token (EOS, end of turn), with special tokens left out, whitespace runs
  * folded to one space and trimmed, and JSON-escaped (a number's as its leading number), so the reply always
- * parses and matches the schema. What it cannot honour is refused (400) with the reason: arrays, whose
- * length would have to be chosen first, string formats and patterns, and bounds digits cannot keep.
+ * parses and matches the schema. Arrays are laid out at maxItems; a list of strings drops the items the
+ * model left empty. What it cannot honour is refused (400) with the reason: arrays without maxItems (or of
+ * varying length with items other than strings), string formats and patterns, and bounds digits cannot keep.
  */
 import { Effect, Option } from "effect"
 import { BadRequest } from "../api/errors.js"
