@@ -6,8 +6,7 @@
  * enum and boolean values in their place among the skeleton's tokens (`TemplateChoice`, structured.ts).
  */
 import { Effect, Random } from "effect"
-import type { SamplingSettings, ScoreItem, Scored } from "../engine/Engine.js"
-import type { CommittedToken } from "../engine/Engine.js"
+import type { CommittedToken, SamplingSettings, ScoreItem, Scored } from "../engine/Engine.js"
 import { NOT_COMMITTED } from "./ChoiceDecoder.js"
 
 /** The most strings (values) one choice may hold. */
