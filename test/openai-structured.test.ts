@@ -58,7 +58,6 @@ describe("skeletonOf", () => {
       /not supported on an integer/
     ],
     ["an integer above 0", object({ n: { type: "integer", minimum: 1 } }), "schema.properties.n.minimum", /which may be 0/],
-    ["null", object({ n: { type: "null" } }), "schema.properties.n", /"null" are not supported/],
     [
       "an array without maxItems",
       object({ tags: { type: "array", items: { type: "string" } } }),
@@ -83,10 +82,54 @@ describe("skeletonOf", () => {
       "schema.properties.n.uniqueItems",
       /not supported on an array/
     ],
-    ["a nullable string", object({ s: { type: ["string", "null"] } }), "schema.properties.s", /one type/],
-    ["anyOf", object({ s: { anyOf: [{ type: "string" }] } }), "schema.properties.s", /anyOf is not supported/],
-    ["$ref", object({ s: { $ref: "#/$defs/x" } }), "schema.properties.s", /\$ref is not supported/],
     ["a pattern", object({ s: { type: "string", pattern: "^a$" } }), "schema.properties.s.pattern", /pattern/],
+    ["a format", object({ s: { type: "string", format: "date" } }), "schema.properties.s.format", /format/],
+    [
+      "minLength above maxLength",
+      object({ s: { type: "string", minLength: 3, maxLength: 2 } }),
+      "schema.properties.s.minLength",
+      /above maxLength/
+    ],
+    ["a negative maxLength", object({ s: { type: "string", maxLength: -1 } }), "schema.properties.s.maxLength", /integer >= 0/],
+    ["two types", object({ s: { type: ["string", "integer"] } }), "schema.properties.s", /one type \(or one and null\)/],
+    [
+      "anyOf of two shapes",
+      object({ s: { anyOf: [{ type: "string" }, { type: "integer" }, { type: "null" }] } }),
+      "schema.properties.s",
+      /anyOf of 2 shapes/
+    ],
+    ["an empty oneOf", object({ s: { oneOf: [] } }), "schema.properties.s.oneOf", /at least one schema/],
+    [
+      "allOf of two schemas",
+      object({ s: { allOf: [{ type: "string" }, { maxLength: 3 }] } }),
+      "schema.properties.s.allOf",
+      /one schema only/
+    ],
+    [
+      "a constraint beside anyOf",
+      object({ s: { anyOf: [{ type: "string" }], maxLength: 3 } }),
+      "schema.properties.s.maxLength",
+      /beside anyOf/
+    ],
+    ["a $ref to nothing", object({ s: { $ref: "#/$defs/x" } }), "schema.properties.s.$ref", /names nothing in this schema/],
+    ["a $ref elsewhere", object({ s: { $ref: "https://example.com/s.json" } }), "schema.properties.s.$ref", /only references within it/],
+    [
+      "a constraint beside $ref",
+      object({ s: { $ref: "#/$defs/x", maxLength: 3 } }, { $defs: { x: { type: "string" } } }),
+      "schema.properties.s.maxLength",
+      /beside \$ref/
+    ],
+    [
+      "a recursive $ref",
+      object(
+        { child: { $ref: "#/$defs/node" } },
+        { $defs: { node: object({ name: { type: "string" }, child: { $ref: "#/$defs/node" } }) } }
+      ),
+      "schema.$defs.node.properties.child.$ref",
+      /is recursive/
+    ],
+    ["a $ref to the whole schema", object({ s: { $ref: "#" } }), "schema.properties.s.$ref", /"#" is recursive/],
+    ["a top level that is a union", { anyOf: [{ const: 1 }, { const: 2 }] }, "schema", /must be an object/],
     ["an empty enum", object({ s: { enum: [] } }), "schema.properties.s.enum", /at least one value/],
     [
       "an enum with a pattern",
@@ -364,5 +407,135 @@ describe("layOut", () => {
     let v = 0
     const canvas = laid.template.map((t) => (t === -1 ? values[v++]! : t))
     expect(JSON.parse(laid.render(canvas))).toEqual({ name: "Good", house: { seat: "York" } })
+  })
+})
+
+describe("schemas as libraries write them: $defs and $ref, unions, nullable values", () => {
+  // Pydantic's shape: definitions in $defs, fields that point at them, Optional fields as anyOf with null,
+  // Literal unions as anyOf of consts (zod writes those too), titles and defaults everywhere.
+  const place = { title: "Place", type: "object", properties: { city: { title: "City", type: "string" } }, required: ["city"] }
+  const schema = {
+    title: "Plan",
+    type: "object",
+    $defs: { Place: place, Mood: { title: "Mood", type: "string", enum: ["merry", "sad"] } },
+    properties: {
+      home: { $ref: "#/$defs/Place" },
+      away: { $ref: "#/$defs/Place", description: "where they go" },
+      mood: { $ref: "#/$defs/Mood" },
+      note: { anyOf: [{ type: "string" }, { type: "null" }], default: null, title: "Note" },
+      seat: { anyOf: [{ $ref: "#/$defs/Place" }, { type: "null" }] },
+      kind: {
+        anyOf: [
+          { type: "string", const: "war" },
+          { type: "string", const: "peace" }
+        ]
+      },
+      either: { oneOf: [{ const: "a" }, { type: "null" }] },
+      ok: { type: ["boolean", "null"] },
+      nothing: { type: "null" },
+      wrapped: { allOf: [{ $ref: "#/definitions/Old" }], description: "an older style" }
+    },
+    definitions: { Old: place },
+    required: ["home", "away"]
+  }
+
+  it("follows $ref, lays a nullable value out as its shape, and chooses among a union's known values", () => {
+    const skeleton = skeletonOf(schema)
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    expect(skeleton.slots).toBe(5)
+    expect(skeleton.parts).toEqual([
+      { fixed: `{"home": {"city": "` },
+      { slot: true },
+      { fixed: `"}, "away": {"city": "` },
+      { slot: true },
+      { fixed: `"}, "mood": ` },
+      { choice: [`"merry"`, `"sad"`] },
+      { fixed: `, "note": "` },
+      { slot: true },
+      { fixed: `", "seat": {"city": "` },
+      { slot: true },
+      { fixed: `"}, "kind": ` },
+      { choice: [`"war"`, `"peace"`] },
+      { fixed: `, "either": ` },
+      { choice: [`"a"`, "null"] },
+      { fixed: `, "ok": ` },
+      { choice: ["true", "false", "null"] },
+      { fixed: `, "nothing": null, "wrapped": {"city": "` },
+      { slot: true },
+      { fixed: `"}}` }
+    ])
+  })
+
+  it("follows JSON pointers with escapes, and a definition used twice is laid out twice", () => {
+    const skeleton = skeletonOf(
+      object(
+        { a: { $ref: "#/$defs/a~1b" }, b: { $ref: "#/$defs/a~1b" }, c: { $ref: "#/properties/a" } },
+        { $defs: { "a/b": { const: 1 } } }
+      )
+    )
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    expect(skeleton.parts).toEqual([{ fixed: `{"a": 1, "b": 1, "c": 1}` }])
+  })
+})
+
+describe("string lengths", () => {
+  const schema = object({
+    motto: { type: "string", minLength: 3, maxLength: 5 },
+    long: { type: "string", minLength: 12 },
+    none: { type: "string", maxLength: 0 }
+  })
+
+  it("a maxLength caps the slot and cuts the text read back; a minLength widens it and keeps its first positions visible", () => {
+    const skeleton = skeletonOf(schema)
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    expect(skeleton.parts).toEqual([
+      { fixed: `{"motto": "` },
+      { slot: true, minChars: 3, maxChars: 5 },
+      { fixed: `", "long": "` },
+      { slot: true, minChars: 12 },
+      { fixed: `", "none": ""}` }
+    ])
+    const laid = layOut(skeleton, 8, tokenizer)
+    const open = laid.template.flatMap((token, i) => (token === -1 ? [i] : []))
+    expect(open).toHaveLength(5 + 12)
+    // The first 3 of motto's and the 12 of long's positions take one set: tokens that write a visible character.
+    const restricted = open.filter((i) => (laid.positionAllowed[i] ?? -1) !== -1)
+    expect(restricted).toEqual([...open.slice(0, 3), ...open.slice(5)])
+    expect(new Set(restricted.map((i) => laid.positionAllowed[i]))).toEqual(new Set([0]))
+    const visible = laid.allowedSets[0]!
+    const special = tokenizer.specialTokens
+    for (const id of [special.eos, special.mask, Option.getOrThrow(special.eot), ...tokenizer.encode(" \n", { addSpecialTokens: false })]) {
+      expect(visible).not.toContain(id)
+    }
+    for (const id of visible) expect(tokenizer.decode([id], { skipSpecialTokens: true }).trim().length).toBeGreaterThan(0)
+    expect(visible.length).toBeGreaterThan(tokenizer.vocabSize / 2)
+  })
+
+  it("reads any contents back within the bounds: at least minLength when its first positions are visible tokens, at most maxLength", () => {
+    const skeleton = skeletonOf(schema)
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    const laid = layOut(skeleton, 8, tokenizer)
+    const visible = laid.allowedSets[0]!
+    const special = tokenizer.specialTokens
+    const any = fc.oneof(fc.integer({ min: 0, max: tokenizer.vocabSize - 1 }), fc.constantFrom(special.eos, special.mask))
+    const open = laid.template.flatMap((token, i) => (token === -1 ? [i] : []))
+    fc.assert(
+      fc.property(
+        fc.array(any, { minLength: 17, maxLength: 17 }),
+        fc.array(fc.constantFrom(...visible), { minLength: 17, maxLength: 17 }),
+        (free, kept) => {
+          const canvas = [...laid.template]
+          open.forEach((position, k) => {
+            canvas[position] = (laid.positionAllowed[position] ?? -1) === -1 ? free[k]! : kept[k]!
+          })
+          const parsed = JSON.parse(laid.render(canvas)) as { motto: string; long: string; none: string }
+          expect(parsed.motto.length).toBeGreaterThanOrEqual(3)
+          expect(parsed.motto.length).toBeLessThanOrEqual(5)
+          expect(parsed.long.length).toBeGreaterThanOrEqual(12)
+          expect(parsed.none).toBe("")
+        }
+      ),
+      { numRuns: 200 }
+    )
   })
 })

@@ -187,7 +187,7 @@ describe("vLLM's guided_json and structured_outputs.json on chat", () => {
       message: expect.stringMatching(/give the answer's format once: response_format and guided_json/)
     })
     expect((await refused({ guided_json: "{not json" })).param).toBe("guided_json")
-    expect(await refused({ guided_json: { type: "object", properties: { n: { type: "null" } } } })).toMatchObject({
+    expect(await refused({ guided_json: { type: "object", properties: { n: { type: "string", format: "date" } } } })).toMatchObject({
       param: "guided_json",
       message: expect.stringMatching(/at guided_json\.properties\.n/)
     })

@@ -15,8 +15,16 @@
  * read back up to its first end token (EOS, end of turn), with special tokens left out, whitespace runs
  * folded to one space and trimmed, and JSON-escaped (a number's as its leading number), so the reply always
  * parses and matches the schema. Arrays are laid out at maxItems; a list of strings drops the items the
- * model left empty. What it cannot honour is refused (400) with the reason: arrays without maxItems (or of
- * varying length with items other than strings), string formats and patterns, and bounds digits cannot keep.
+ * model left empty. A string's maxLength narrows its slot and cuts what is read back; its minLength keeps
+ * that many first positions to tokens that write a visible character.
+ *
+ * Schemas as libraries write them: local `$ref`s are followed (Pydantic's `$defs`, `definitions`, any JSON
+ * pointer; a recursive one is refused), `allOf` of one schema is that schema, a union (`anyOf`, `oneOf`,
+ * a list of types) of one shape and null is laid out as the shape (null is never written, which the
+ * schema allows), and a union of known values only (consts, enums, booleans, null) is chosen among them.
+ * What cannot be honoured is refused (400) with the reason and the place: arrays without maxItems (or of
+ * varying length with items other than strings), unions of several shapes, string formats and patterns,
+ * and bounds digits cannot keep.
  */
 import { Effect, Option } from "effect"
 import { BadRequest } from "../api/errors.js"
@@ -35,7 +43,15 @@ export const DEFAULT_SLOT_TOKENS = 8
 /** A piece of the answer: fixed JSON text, the slot of a string value, or a value chosen among known ones (their JSON text). */
 type Part =
   | { readonly fixed: string }
-  | { readonly slot: true; readonly number?: NumberKind; readonly digits?: number }
+  | {
+      readonly slot: true
+      readonly number?: NumberKind
+      readonly digits?: number
+      /** A string's minLength: its first minChars positions take only tokens that write a visible character. */
+      readonly minChars?: number
+      /** A string's maxLength: the slot is no wider, and the text read back is cut to it. */
+      readonly maxChars?: number
+    }
   | { readonly choice: ReadonlyArray<string> }
 
 /** A number slot's kind: digits only, or digits with one decimal point. */
@@ -67,35 +83,31 @@ interface StringList {
 
 /** The most items an array may be laid out with. */
 const MAX_ARRAY_ITEMS = 16
-const KNOWN_ARRAY_KEYS = new Set(["type", "items", "minItems", "maxItems", "title", "description", "default", "examples"])
 
-const KNOWN_OBJECT_KEYS = new Set([
-  "type",
-  "properties",
-  "required",
-  "additionalProperties",
-  "title",
-  "description",
-  "$schema",
-  "$id",
-  "strict",
-  "default",
-  "examples"
-])
-const KNOWN_STRING_KEYS = new Set(["type", "title", "description", "default", "examples"])
-const KNOWN_CHOICE_KEYS = new Set(["type", "enum", "title", "description", "default", "examples"])
-const STRING_CONSTRAINTS = ["pattern", "format", "minLength", "maxLength"] as const
-const KNOWN_NUMBER_KEYS = new Set([
-  "type",
+/** Keys that describe a value without constraining it, taken on any node (`$defs` holds what `$ref` names). */
+const ANNOTATION_KEYS = new Set([
   "title",
   "description",
   "default",
   "examples",
-  "minimum",
-  "exclusiveMinimum",
-  "maximum",
-  "exclusiveMaximum"
+  "deprecated",
+  "readOnly",
+  "writeOnly",
+  "$comment",
+  "$schema",
+  "$id",
+  "$defs",
+  "definitions"
 ])
+const KNOWN_ARRAY_KEYS = new Set(["type", "items", "minItems", "maxItems"])
+const KNOWN_OBJECT_KEYS = new Set(["type", "properties", "required", "additionalProperties", "strict"])
+const KNOWN_STRING_KEYS = new Set(["type", "minLength", "maxLength"])
+const KNOWN_CHOICE_KEYS = new Set(["type", "enum"])
+const KNOWN_BOOLEAN_KEYS = new Set(["type"])
+const STRING_CONSTRAINTS = ["format", "pattern"] as const
+const KNOWN_NUMBER_KEYS = new Set(["type", "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"])
+/** Whether `key` may stand on a node of the kind whose own keys are `known`. */
+const takes = (known: ReadonlySet<string>, key: string) => known.has(key) || ANNOTATION_KEYS.has(key)
 /** The most values an integer range (minimum to maximum) may hold to be chosen among them. */
 const MAX_RANGE_VALUES = 64
 
@@ -118,6 +130,48 @@ const isObject = (value: unknown): value is Record<string, unknown> => typeof va
 const typesOf = (schema: Record<string, unknown>): ReadonlyArray<unknown> =>
   schema["type"] === undefined ? [] : Array.isArray(schema["type"]) ? schema["type"] : [schema["type"]]
 
+const TOP_OBJECT = 'the answer must be an object with known keys: give the schema type "object" and its properties'
+
+/**
+ * What a local `$ref` points to ("#", "#/$defs/Name", any JSON pointer into the schema) and its path for
+ * errors ("schema.$defs.Name"); undefined when it names nothing there.
+ */
+const pointed = (root: unknown, ref: string): { readonly node: unknown; readonly path: string } | undefined => {
+  if (ref !== "#" && !ref.startsWith("#/")) return undefined
+  let node = root
+  let path = "schema"
+  for (const raw of ref === "#" ? [] : ref.slice(2).split("/")) {
+    let segment: string
+    try {
+      segment = decodeURIComponent(raw).replace(/~1/g, "/").replace(/~0/g, "~")
+    } catch {
+      return undefined
+    }
+    if (Array.isArray(node) && /^(0|[1-9][0-9]*)$/.test(segment)) {
+      node = node[Number(segment)]
+      path += `[${segment}]`
+    } else if (isObject(node) && Object.hasOwn(node, segment)) {
+      node = node[segment]
+      path += `.${segment}`
+    } else return undefined
+  }
+  return node === undefined ? undefined : { node, path }
+}
+
+/**
+ * The JSON texts of the values a schema allows when it allows only known ones (a const, an enum, a
+ * boolean, null), else undefined: what a union of such schemas chooses among.
+ */
+const valuesOnly = (node: unknown): ReadonlyArray<string> | undefined => {
+  if (!isObject(node)) return undefined
+  if ("const" in node) return [JSON.stringify(node["const"])]
+  if (Array.isArray(node["enum"])) return node["enum"].map((value) => JSON.stringify(value))
+  const types = typesOf(node)
+  if (types.length === 0 || !types.every((type) => type === "boolean" || type === "null")) return undefined
+  if (Object.keys(node).some((key) => key !== "type" && !ANNOTATION_KEYS.has(key))) return undefined
+  return types.flatMap((type) => (type === "boolean" ? ["true", "false"] : ["null"]))
+}
+
 /**
  * The skeleton of a JSON schema, or why a template cannot honour it. `path` names the place in the
  * schema for the error message ("schema.properties.name").
@@ -133,32 +187,113 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
   const refuse = (path: string, message: string): SchemaRefusal => ({ path, message })
   const lists: Array<StringList> = []
 
-  const walk = (node: unknown, path: string, top: boolean, keys: ReadonlyArray<string | number> = []): SchemaRefusal | undefined => {
-    if (!isObject(node)) return refuse(path, "a schema must be a JSON object")
-    if (top && !(typesOf(node).length === 1 && typesOf(node)[0] === "object")) {
-      return refuse(path, 'the answer must be an object with known keys: give the schema type "object" and its properties')
+  // The references being laid out, outermost first ("#" is the schema itself): one met again is recursion.
+  const expanding: Array<string> = ["#"]
+  /** A node with its `$ref`s followed: the schema it stands for, where that is, and the references taken. */
+  const follow = (
+    start: unknown,
+    startPath: string
+  ): { readonly node: unknown; readonly path: string; readonly refs: ReadonlyArray<string> } | SchemaRefusal => {
+    let node = start
+    let path = startPath
+    const refs: Array<string> = []
+    while (isObject(node) && "$ref" in node) {
+      const ref = node["$ref"]
+      const beside = Object.keys(node).find((key) => key !== "$ref" && !ANNOTATION_KEYS.has(key))
+      if (beside !== undefined) return refuse(`${path}.${beside}`, `${beside} beside $ref is not supported: give it in the definition`)
+      if (typeof ref !== "string") return refuse(`${path}.$ref`, "$ref must be a string")
+      if (expanding.includes(ref) || refs.includes(ref)) {
+        return refuse(
+          `${path}.$ref`,
+          `$ref ${JSON.stringify(ref)} is recursive: the answer's JSON skeleton is fixed before denoising, so it cannot nest without end`
+        )
+      }
+      const target = pointed(schema, ref)
+      if (target === undefined) {
+        return refuse(
+          `${path}.$ref`,
+          `$ref ${JSON.stringify(ref)} names nothing in this schema: only references within it ("#/$defs/Name", "#/definitions/Name") are followed`
+        )
+      }
+      refs.push(ref)
+      node = target.node
+      path = target.path
     }
+    return { node, path, refs }
+  }
+  /** A value chosen among known ones (their JSON texts): fixed when there is one. */
+  const choose = (texts: ReadonlyArray<string>, path: string): SchemaRefusal | undefined => {
+    const distinct = [...new Set(texts)]
+    if (distinct.length > MAX_CHOICES)
+      return refuse(path, `a value may be chosen among at most ${MAX_CHOICES} values, got ${distinct.length}`)
+    if (distinct.length === 1) fixed(distinct[0]!)
+    else parts.push({ choice: distinct })
+    return undefined
+  }
+
+  const walk = (node: unknown, path: string, top: boolean, keys: ReadonlyArray<string | number> = []): SchemaRefusal | undefined => {
+    const followed = follow(node, path)
+    if (isRefusal(followed)) return followed
+    expanding.push(...followed.refs)
+    const refusal = place(followed.node, followed.path, top, keys)
+    expanding.length -= followed.refs.length
+    return refusal
+  }
+
+  const place = (node: unknown, path: string, top: boolean, keys: ReadonlyArray<string | number>): SchemaRefusal | undefined => {
+    if (!isObject(node)) return refuse(path, "a schema must be a JSON object")
+    if ("allOf" in node) {
+      const all = node["allOf"]
+      if (!Array.isArray(all) || all.length !== 1) {
+        return refuse(`${path}.allOf`, "allOf is supported with one schema only: give the value's schema in one piece")
+      }
+      const beside = Object.keys(node).find((key) => key !== "allOf" && !ANNOTATION_KEYS.has(key))
+      if (beside !== undefined) return refuse(`${path}.${beside}`, `${beside} beside allOf is not supported: give it inside`)
+      return walk(all[0], `${path}.allOf[0]`, top, keys)
+    }
+    for (const union of ["anyOf", "oneOf"] as const) {
+      if (!(union in node)) continue
+      const branches = node[union]
+      if (!Array.isArray(branches) || branches.length === 0) return refuse(`${path}.${union}`, `${union} must list at least one schema`)
+      const beside = Object.keys(node).find((key) => key !== union && !ANNOTATION_KEYS.has(key))
+      if (beside !== undefined) return refuse(`${path}.${beside}`, `${beside} beside ${union} is not supported: give it in each schema`)
+      const values: Array<ReadonlyArray<string> | undefined> = []
+      for (const [i, branch] of branches.entries()) {
+        const followed = follow(branch, `${path}.${union}[${i}]`)
+        if (isRefusal(followed)) return followed
+        values.push(valuesOnly(followed.node))
+      }
+      // Known values only (consts, enums, booleans, null): chosen among all of them.
+      if (values.every((texts) => texts !== undefined)) {
+        if (top) return refuse(path, TOP_OBJECT)
+        return choose(values.flat() as Array<string>, `${path}.${union}`)
+      }
+      // One shape, or null: the shape is laid out (null is never written, and the value is always valid).
+      const shaped = values.flatMap((texts, i) => (texts !== undefined && texts.every((text) => text === "null") ? [] : [i]))
+      if (shaped.length === 1) return walk(branches[shaped[0]!], `${path}.${union}[${shaped[0]}]`, top, keys)
+      return refuse(
+        path,
+        `${union} of ${shaped.length} shapes is not supported: the answer's JSON skeleton is fixed before denoising, so a ` +
+          "value may be one shape or null (the shape is laid out), or known values (chosen among)"
+      )
+    }
+    if (top && !(typesOf(node).length === 1 && typesOf(node)[0] === "object")) return refuse(path, TOP_OBJECT)
     if ("const" in node) {
       fixed(JSON.stringify(node["const"]))
-      return undefined
-    }
-    if (Array.isArray(node["enum"]) && node["enum"].length === 1) {
-      fixed(JSON.stringify(node["enum"][0]))
       return undefined
     }
     if ("enum" in node) {
       const values = node["enum"]
       if (!Array.isArray(values) || values.length === 0) return refuse(`${path}.enum`, "enum must list at least one value")
       for (const key of Object.keys(node)) {
-        if (!KNOWN_CHOICE_KEYS.has(key)) return refuse(`${path}.${key}`, `${key} is not supported with enum`)
+        if (!takes(KNOWN_CHOICE_KEYS, key)) return refuse(`${path}.${key}`, `${key} is not supported with enum`)
       }
-      const texts = [...new Set(values.map((value) => JSON.stringify(value)))]
-      if (texts.length > MAX_CHOICES) return refuse(`${path}.enum`, `enum may list at most ${MAX_CHOICES} values, got ${texts.length}`)
-      if (texts.length === 1) fixed(texts[0]!)
-      else parts.push({ choice: texts })
-      return undefined
+      return choose(
+        values.map((value) => JSON.stringify(value)),
+        `${path}.enum`
+      )
     }
-    for (const combinator of ["$ref", "anyOf", "oneOf", "allOf", "not", "if", "$defs", "definitions"]) {
+    for (const combinator of ["not", "if"]) {
       if (combinator in node) {
         return refuse(
           path,
@@ -167,15 +302,24 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
       }
     }
     const types = typesOf(node)
-    if (types.length !== 1) {
+    // A nullable value is laid out as its type: it is always written, which the schema allows.
+    const shapes = types.filter((type) => type !== "null")
+    if (types.length > 0 && shapes.length === 0) {
+      const beside = Object.keys(node).find((key) => key !== "type" && !ANNOTATION_KEYS.has(key))
+      if (beside !== undefined) return refuse(`${path}.${beside}`, `${beside} is not supported on null`)
+      fixed("null")
+      return undefined
+    }
+    if (shapes.length !== 1) {
       return refuse(
         path,
         types.length === 0
           ? "each value needs a `type` (object or string), a `const` or a one-value `enum`"
-          : "a value must have one type: the skeleton is fixed before denoising"
+          : "a value must have one type (or one and null): the skeleton is fixed before denoising"
       )
     }
-    const type = types[0]
+    const nullable = shapes.length < types.length
+    const type = shapes[0]
     if (type === "integer" || type === "number") {
       const { minimum, maximum } = node
       // A small integer range is an enum: chosen among its values.
@@ -196,7 +340,7 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
         }
       }
       for (const key of Object.keys(node)) {
-        if (!KNOWN_NUMBER_KEYS.has(key)) {
+        if (!takes(KNOWN_NUMBER_KEYS, key)) {
           return refuse(
             `${path}.${key}`,
             `${key} is not supported on ${type === "integer" ? "an integer" : "a number"}: its slot takes digits` +
@@ -238,9 +382,9 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
     }
     if (type === "boolean") {
       for (const key of Object.keys(node)) {
-        if (!KNOWN_STRING_KEYS.has(key)) return refuse(`${path}.${key}`, `${key} is not supported on a boolean`)
+        if (!takes(KNOWN_BOOLEAN_KEYS, key)) return refuse(`${path}.${key}`, `${key} is not supported on a boolean`)
       }
-      parts.push({ choice: ["true", "false"] })
+      parts.push({ choice: nullable ? ["true", "false", "null"] : ["true", "false"] })
       return undefined
     }
     if (type === "object") {
@@ -249,7 +393,7 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
         return refuse(path, "an object needs its keys in `properties`: only objects with known keys can be laid out on the canvas")
       }
       for (const key of Object.keys(node)) {
-        if (!KNOWN_OBJECT_KEYS.has(key)) return refuse(`${path}.${key}`, `${key} is not supported on an object`)
+        if (!takes(KNOWN_OBJECT_KEYS, key)) return refuse(`${path}.${key}`, `${key} is not supported on an object`)
       }
       if (isObject(node["additionalProperties"])) {
         return refuse(`${path}.additionalProperties`, "additionalProperties with a schema is not supported: only known keys are written")
@@ -275,7 +419,7 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
     }
     if (type === "array") {
       for (const key of Object.keys(node)) {
-        if (!KNOWN_ARRAY_KEYS.has(key)) return refuse(`${path}.${key}`, `${key} is not supported on an array`)
+        if (!takes(KNOWN_ARRAY_KEYS, key)) return refuse(`${path}.${key}`, `${key} is not supported on an array`)
       }
       const { items, minItems = 0, maxItems } = node
       if (!isObject(items)) return refuse(`${path}.items`, "an array needs the schema of its items in `items`")
@@ -314,10 +458,27 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
         }
       }
       for (const key of Object.keys(node)) {
-        if (!KNOWN_STRING_KEYS.has(key)) return refuse(`${path}.${key}`, `${key} is not supported on a string`)
+        if (!takes(KNOWN_STRING_KEYS, key)) return refuse(`${path}.${key}`, `${key} is not supported on a string`)
+      }
+      const lengths: { minLength?: number; maxLength?: number } = {}
+      for (const bound of ["minLength", "maxLength"] as const) {
+        const value = node[bound]
+        if (value === undefined) continue
+        if (!Number.isInteger(value) || (value as number) < 0) return refuse(`${path}.${bound}`, `${bound} must be an integer >= 0`)
+        lengths[bound] = value as number
+      }
+      const { minLength = 0, maxLength } = lengths
+      if (maxLength !== undefined && minLength > maxLength) return refuse(`${path}.minLength`, "minLength is above maxLength")
+      if (maxLength === 0) {
+        fixed('""')
+        return undefined
       }
       fixed('"')
-      parts.push({ slot: true })
+      parts.push({
+        slot: true,
+        ...(minLength > 0 ? { minChars: minLength } : {}),
+        ...(maxLength === undefined ? {} : { maxChars: maxLength })
+      })
       slots++
       fixed('"')
       return undefined
@@ -334,7 +495,7 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
   return refusal ?? { parts, slots, ...(lists.length === 0 ? {} : { lists }) }
 }
 
-export const isRefusal = (value: Skeleton | SchemaRefusal): value is SchemaRefusal => "message" in value
+export const isRefusal = <A extends object>(value: A | SchemaRefusal): value is SchemaRefusal => "message" in value
 
 /** A skeleton laid out as answer positions: the engine's template and how to read the answer back. */
 export interface JsonTemplate {
@@ -418,6 +579,38 @@ const numberTokensOf = (tokenizer: TokenizerShape) => {
 }
 
 /**
+ * The tokens that write at least one visible character on their own (not whitespace only, not a special
+ * token, no piece of a character): n of them in a row write at least n characters. Computed once.
+ */
+const visibleTokens = new WeakMap<TokenizerShape, ReadonlyArray<number>>()
+const visibleTokensOf = (tokenizer: TokenizerShape) => {
+  let found = visibleTokens.get(tokenizer)
+  if (found === undefined) {
+    const tokens: Array<number> = []
+    for (let id = 0; id < tokenizer.vocabSize; id++) {
+      const text = tokenizer.decode([id], { skipSpecialTokens: true })
+      if (/\S/.test(text) && !text.includes("\uFFFD")) tokens.push(id)
+    }
+    found = tokens
+    visibleTokens.set(tokenizer, found)
+  }
+  return found
+}
+
+/**
+ * A text cut to at most `max` characters, whole code points only: within maxLength whether it counts code
+ * points (JSON Schema) or UTF-16 units (JavaScript's length, zod's).
+ */
+const cut = (text: string, max: number): string => {
+  let out = ""
+  for (const point of text) {
+    if (out.length + point.length > max) break
+    out += point
+  }
+  return out
+}
+
+/**
  * A number slot's text read back as JSON: its longest leading number (digits, and for "number" a decimal
  * point and digits), without leading zeros. The engine keeps the slot to digits, so there is one; a slot
  * without (never written by the engine) reads as 0.
@@ -433,7 +626,12 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
   const template: Array<number> = []
   const pieces: Array<
     | { readonly fixed: string }
-    | { readonly start: number; readonly width: number; readonly number?: NumberKind | undefined }
+    | {
+        readonly start: number
+        readonly width: number
+        readonly number?: NumberKind | undefined
+        readonly maxChars?: number | undefined
+      }
     | { readonly chosen: TemplateChoice }
   > = []
   const choices: Array<TemplateChoice> = []
@@ -475,8 +673,17 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
         const rest = useSet(kind, () => [...digits, ...(kind === "number" ? points : []), ...ends])
         while (positionAllowed.length < template.length) positionAllowed.push(-1)
         for (let i = 0; i < width; i++) positionAllowed.push(i === 0 ? first : rest)
+      } else {
+        // A string at least minChars long: as many positions, each writing a visible character (no end token).
+        if (part.minChars !== undefined) width = Math.max(width, part.minChars)
+        if (part.maxChars !== undefined) width = Math.min(width, part.maxChars)
+        if (part.minChars !== undefined) {
+          const visible = useSet("visible", () => visibleTokensOf(tokenizer))
+          while (positionAllowed.length < template.length) positionAllowed.push(-1)
+          for (let i = 0; i < part.minChars; i++) positionAllowed.push(visible)
+        }
       }
-      pieces.push({ start: template.length, width, number: kind })
+      pieces.push({ start: template.length, width, number: kind, maxChars: part.maxChars })
       for (let i = 0; i < width; i++) template.push(NOT_COMMITTED)
     }
   }
@@ -508,7 +715,8 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
               if (token !== NOT_COMMITTED && token !== special.mask) tokens.push(token)
             }
             const text = tokenizer.decode(tokens, { skipSpecialTokens: true }).replace(/\s+/g, " ").trim()
-            return piece.number === undefined ? JSON.stringify(text).slice(1, -1) : numberText(text, piece.number)
+            if (piece.number !== undefined) return numberText(text, piece.number)
+            return JSON.stringify(piece.maxChars === undefined ? text : cut(text, piece.maxChars)).slice(1, -1)
           })
           .join(""),
         skeleton.lists ?? []
@@ -669,6 +877,14 @@ export const templateOf = (
       }
     }
     const laid = layOut(skeleton, slotTokens, tokenizer)
+    if (options.maxTokens !== undefined && laid.template.length > options.maxTokens.value) {
+      return yield* new BadRequest({
+        message:
+          `${options.maxTokens.param} ${options.maxTokens.value} is too short for the schema's minLength: the answer ` +
+          `takes ${laid.template.length} tokens with a position for each character a minLength asks for`,
+        param: options.maxTokens.param
+      })
+    }
     if (laid.narrow.length > 0) {
       return yield* new BadRequest({
         message: `an upper bound that leaves ${laid.narrow[0]} digits is not supported with this model: one token of its tokenizer may hold more digits`,
