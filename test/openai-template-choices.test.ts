@@ -192,6 +192,63 @@ describe("vLLM's guided_json and structured_outputs.json on chat", () => {
       message: expect.stringMatching(/at guided_json\.properties\.n/)
     })
     expect((await refused({ structured_outputs: { json: { type: "string" } } })).param).toBe("structured_outputs.json")
-    expect((await refused({ guided_json: simple }, "/v1/completions")).message).toMatch(/laid out for chat completions/)
+  })
+})
+
+describe("structured output on completions", () => {
+  const simple = { type: "object", properties: { who: { type: "string" }, ok: { type: "boolean" } } }
+  const complete = async (body: Record<string, unknown>) => {
+    const response = await server.post("/v1/completions", { prompt: "KING:", temperature: 0, seed: 4, ...body })
+    expect(response.status).toBe(200)
+    return response
+  }
+
+  it("lays the schema out after each prompt, as chat does after the conversation: every prompt's every answer parses", async () => {
+    const chat = await post({ guided_json: simple, temperature: 0, seed: 4 })
+    const chatTemplate = server.engine.created.at(-1)!.template
+    for (const fields of [
+      { response_format: format(simple) },
+      { guided_json: JSON.stringify(simple) },
+      { structured_outputs: { json: simple } }
+    ]) {
+      const before = server.engine.created.length
+      const body = (await (await complete({ ...fields, prompt: ["KING:", "QUEEN:"], n: 2 })).json()) as any
+      expect(body.choices).toHaveLength(4)
+      for (const choice of body.choices) {
+        expect(Object.keys(JSON.parse(choice.text))).toEqual(["who", "ok"])
+        expect(choice.finish_reason).toBe("stop")
+      }
+      // The same skeleton as chat's, laid out for each prompt.
+      const created = server.engine.created.slice(before)
+      expect(created.length).toBeGreaterThanOrEqual(2)
+      for (const sequence of created) expect(sequence.template).toEqual(chatTemplate)
+      expect(body.usage.completion_tokens).toBe(4 * chatTemplate!.length)
+    }
+    expect(Object.keys(JSON.parse(chat.choices[0].message.content))).toEqual(["who", "ok"])
+  })
+
+  it("echo puts the prompt before the JSON; a stream carries the JSON whole in the choice's last chunk", async () => {
+    const whole = (await (await complete({ guided_json: simple })).json()) as any
+    const echoed = (await (await complete({ guided_json: simple, echo: true })).json()) as any
+    expect(echoed.choices[0].text).toBe(`KING:${whole.choices[0].text}`)
+    const events = parseSse(await (await complete({ guided_json: simple, stream: true })).text()).slice(0, -1) as Array<any>
+    expect(events).toHaveLength(1)
+    expect(events[0].choices[0].text).toBe(whole.choices[0].text)
+  })
+
+  it("refuses a schema given twice, one a template cannot honour, and a schema with guided_choice", async () => {
+    const refused = async (body: Record<string, unknown>) => {
+      const response = await server.post("/v1/completions", { prompt: "Hi", ...body })
+      expect(response.status).toBe(400)
+      return ((await response.json()) as { error: { message: string; param: string } }).error
+    }
+    expect((await refused({ guided_json: simple, response_format: format(simple) })).param).toBe("guided_json")
+    expect((await refused({ guided_json: { type: "object", properties: { n: { type: "string", pattern: "x" } } } })).message).toMatch(
+      /at guided_json\.properties\.n\.pattern/
+    )
+    expect(await refused({ guided_json: simple, guided_choice: ["a", "b"] })).toMatchObject({
+      param: "guided_json",
+      message: expect.stringMatching(/does not apply with guided_choice/)
+    })
   })
 })

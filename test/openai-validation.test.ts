@@ -146,7 +146,7 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
   ],
   ["vLLM's bad_words", { ...prompt, bad_words: ["O"] }, "bad_words", /^bad_words is not supported: a word of several tokens/],
   ["vLLM's guided_regex", { ...prompt, guided_regex: "yes|no" }, "guided_regex", /constrained decoding/],
-  ["vLLM's structured_outputs other than choice", { ...prompt, structured_outputs: { json: {} } }, "structured_outputs"],
+  ["vLLM's structured_outputs other than choice and json", { ...prompt, structured_outputs: { regex: "a+" } }, "structured_outputs"],
   ["guided_choice with denoising settings", { ...prompt, guided_choice: ["yes", "no"], block_length: 4 }, "block_length", /does not apply/],
   ["include_stop_str_in_output a string", { ...prompt, include_stop_str_in_output: "yes" }, "include_stop_str_in_output"],
   [
@@ -159,7 +159,24 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
   ["truncate_prompt_tokens below -1", { ...prompt, truncate_prompt_tokens: -2 }, "truncate_prompt_tokens"],
   ["prompt_logprobs above 20", { ...prompt, prompt_logprobs: 21 }, "prompt_logprobs"],
   ["prompt_logprobs with stream", { ...prompt, prompt_logprobs: 2, stream: true }, "prompt_logprobs", /not supported with stream/],
-  ["response_format on completions", { ...prompt, response_format: { type: "json_object" } }, "response_format", /chat/],
+  [
+    "response_format json_object on completions",
+    { ...prompt, response_format: { type: "json_object" } },
+    "response_format",
+    /keys of the object are not known/
+  ],
+  [
+    "suffix with structured output",
+    { ...prompt, suffix: "!", guided_json: { type: "object", properties: { a: { type: "string" } } } },
+    "suffix",
+    /the JSON skeleton laid after the prompt/
+  ],
+  [
+    "logprobs with structured output on completions",
+    { ...prompt, logprobs: 1, guided_json: { type: "object", properties: { a: { type: "string" } } } },
+    "logprobs",
+    /text_offset/
+  ],
   ["model a number", { ...prompt, model: 5 }, "model"],
   ["prompt over the context", { prompt: "x".repeat(200) }, "prompt", /maximum context length is 128 tokens/],
   [

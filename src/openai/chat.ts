@@ -14,7 +14,7 @@ import { chatLogprobs, respond, TokenTexts } from "./render.js"
 import { preparePromptJobs } from "./run.js"
 import { planChoice, prepareChoiceJobs } from "./choice.js"
 import type { ChoiceDecoder } from "./ChoiceDecoder.js"
-import { type JsonTemplate, planStructured, promptTemplate } from "./structured.js"
+import { type JsonTemplate, planStructured, promptTemplate, requestedFormat } from "./structured.js"
 import { callId, planToolCall, planWithCall, toolCallOf } from "./tools.js"
 import { lladaFamily } from "../config/sampling.js"
 import { ServingConfig } from "./ServingConfig.js"
@@ -46,53 +46,6 @@ export const renderMessages = (
     Effect.tap((tokens) => Effect.annotateCurrentSpan({ "vdiff.messages": messages.length, "vdiff.prompt_tokens": tokens.length })),
     Effect.withSpan("vdiff.render_prompt")
   )
-
-/** A schema given as an object, or as its JSON text (vLLM takes both). */
-const parsedSchema = (value: unknown, param: string) => {
-  if (typeof value !== "string") return Effect.succeed(value)
-  return Effect.try({
-    try: () => JSON.parse(value) as unknown,
-    catch: () => new BadRequest({ message: `${param} must be a JSON schema: an object, or its JSON text`, param })
-  })
-}
-
-/**
- * The format a chat request asks its answer to take, wherever it gives it: response_format (text or
- * json_schema), vLLM's guided_json, or structured_outputs.json; a 400 when it gives a schema twice.
- */
-const requestedFormat = (request: ChatCompletionRequest) =>
-  Effect.gen(function* () {
-    const given: Array<{ readonly type: string; readonly schema: unknown; readonly param: string; readonly schemaParam: string }> = []
-    const format = request.response_format
-    if (format !== undefined && format.type !== "text") {
-      given.push({
-        type: format.type,
-        schema: format.json_schema?.schema,
-        param: "response_format",
-        schemaParam: "response_format.json_schema.schema"
-      })
-    }
-    if (request.guided_json !== undefined) {
-      given.push({
-        type: "json_schema",
-        schema: yield* parsedSchema(request.guided_json, "guided_json"),
-        param: "guided_json",
-        schemaParam: "guided_json"
-      })
-    }
-    const json = (request.structured_outputs as { json?: unknown } | null | undefined)?.json
-    if (json !== undefined && json !== null) {
-      const param = "structured_outputs.json"
-      given.push({ type: "json_schema", schema: yield* parsedSchema(json, param), param, schemaParam: param })
-    }
-    if (given.length > 1) {
-      return yield* new BadRequest({
-        message: `give the answer's format once: ${given.map((g) => g.param).join(" and ")} were both given`,
-        param: given[1]!.param
-      })
-    }
-    return given[0]
-  })
 
 export const chatCompletions = (request: ChatCompletionRequest) =>
   Effect.gen(function* () {

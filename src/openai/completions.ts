@@ -2,7 +2,9 @@
  * POST /v1/completions: one or more prompts (text or token ids), n answers each, as one JSON response or
  * as server-sent events. With `suffix` the answer is infilled: the canvas is prompt, masks, suffix (the
  * suffix tokenized without special tokens, the same for every prompt); the text returned is the inserted
- * text only, as OpenAI's, and usage counts the suffix among the prompt tokens.
+ * text only, as OpenAI's, and usage counts the suffix among the prompt tokens. With response_format
+ * json_schema (or vLLM's guided_json, structured_outputs.json) each prompt's answer is laid out as chat's
+ * structured output is (structured.ts).
  */
 import { Effect } from "effect"
 import { RequestId } from "../api/RequestId.js"
@@ -17,6 +19,8 @@ import { promptOnlyJobs, rankedLogprobs, scorePrompt } from "./promptLogprobs.js
 import { preparePromptJobs, type PromptJob } from "./run.js"
 import { planChoice, prepareChoiceJobs } from "./choice.js"
 import { ServingConfig } from "./ServingConfig.js"
+import { planStructured, promptTemplate, requestedFormat } from "./structured.js"
+import { lladaFamily } from "../config/sampling.js"
 
 /** A prompt with the text that `echo` puts before its answer. */
 interface CompletionPrompt extends PreparedPrompt {
@@ -66,9 +70,41 @@ export const completions = (request: CompletionRequest) =>
     const config = yield* ServingConfig
     const scheduler = yield* Scheduler
     const requestId = yield* RequestId
+    const maxTokens = request.max_tokens === undefined ? undefined : { value: request.max_tokens, param: "max_tokens" }
+    const hasSuffix = request.suffix !== undefined && request.suffix !== ""
+    // Structured output: the JSON skeleton is laid on the canvas after each prompt (structured.ts), and
+    // the answer is as long as it is.
+    const format = yield* requestedFormat(request)
+    if (format !== undefined && format.type !== "text") {
+      const clash = hasSuffix ? "suffix" : request.logprobs !== undefined ? "logprobs" : undefined
+      if (clash !== undefined) {
+        return yield* new BadRequest({
+          message:
+            clash === "suffix"
+              ? `suffix cannot be used with ${format.param}: the answer is the JSON skeleton laid after the prompt, not text infilled before a suffix`
+              : `logprobs is not supported with ${format.param} on completions: the text is the JSON read back from its value slots, which text_offset cannot index token by token (chat's logprobs give the tokens)`,
+          param: clash,
+          code: "unsupported_parameter"
+        })
+      }
+    }
+    const structured = yield* planStructured({
+      type: format?.type,
+      schema: format?.schema,
+      param: format?.param ?? "response_format",
+      ...(format === undefined ? {} : { schemaParam: format.schemaParam }),
+      maxTokens,
+      conflicting: [
+        ...(request.stop === undefined ? [] : ["stop"]),
+        ...(request.stop_token_ids === undefined ? [] : ["stop_token_ids"]),
+        ...((request.min_tokens ?? 0) > 0 ? ["min_tokens"] : []),
+        ...(request.ignore_eos === true ? ["ignore_eos"] : [])
+      ],
+      family: config.family ?? lladaFamily
+    })
     const plan = yield* makePlan(
       request,
-      request.max_tokens === undefined ? undefined : { value: request.max_tokens, param: "max_tokens" },
+      structured === undefined ? maxTokens : { value: structured.template.length, param: "max_tokens" },
       request.logprobs ?? 0,
       completionUnhonoured
     )
@@ -86,10 +122,9 @@ export const completions = (request: CompletionRequest) =>
       })
     }
 
-    const suffix =
-      request.suffix === undefined || request.suffix === "" ? [] : tokenizer.encode(request.suffix, { addSpecialTokens: false })
+    const suffix = hasSuffix ? tokenizer.encode(request.suffix!, { addSpecialTokens: false }) : []
     const prompts = (yield* preparePrompts(request.prompt, tokenizer)).map((prompt) =>
-      suffix.length === 0 ? prompt : { ...prompt, suffix }
+      suffix.length > 0 ? { ...prompt, suffix } : structured === undefined ? prompt : { ...prompt, ...promptTemplate(structured) }
     )
     // Every prompt is one request to the scheduler, all submitted at once: a list longer than an idle
     // server's batch and queue together can never be admitted whole, so it is the request that is wrong
@@ -109,7 +144,7 @@ export const completions = (request: CompletionRequest) =>
     }
     const choice = yield* planChoice(request, {
       chat: false,
-      conflicting: suffix.length > 0 ? ["suffix"] : [],
+      conflicting: suffix.length > 0 ? ["suffix"] : structured === undefined || format === undefined ? [] : [format.param],
       maxTokens: request.max_tokens,
       endTokens: plan.endTokens
     })
@@ -174,6 +209,9 @@ export const completions = (request: CompletionRequest) =>
       return end === undefined ? logprobs : concatLogprobs(logprobs, end)
     }
     const texts = new TokenTexts(tokenizer)
+    // A structured answer's text is its JSON, complete once every slot is denoised: a stream carries it
+    // whole in the choice's last chunk.
+    const answerOf = (decoder: ChoiceDecoder) => (structured === undefined ? decoder.text : structured.render(decoder.canvas))
     // A truncated prompt echoes the text of the tokens that were kept.
     const echoOf = (job: PromptJob) =>
       request.echo !== true
@@ -188,18 +226,20 @@ export const completions = (request: CompletionRequest) =>
       modelName: config.modelName,
       texts,
       wantsTokens: top !== undefined,
+      textAtEnd: structured !== undefined,
       choice: (job, decoder) => {
         const echo = echoOf(job)
         const answer = top === undefined ? null : completionLogprobs(decoder, 0, decoder.tokenIds.length, top, echo.length, texts)
         const prompt = promptLogprobsOf(job)
         const scored = scoredOf(job)
         return {
-          text: echo + decoder.text,
+          text: echo + answerOf(decoder),
           logprobs: answer === null || prompt === undefined ? answer : withEnd(job, decoder, concatLogprobs(prompt, answer)),
           ...(ranked === undefined || scored === undefined ? {} : { prompt_logprobs: rankedLogprobs(scored, ranked, texts) })
         }
       },
       delta: (job, { decoder, delta }) => {
+        if (structured !== undefined) return { text: delta.finishReason === null ? "" : answerOf(decoder), logprobs: null }
         if (top === undefined) return { text: delta.text, logprobs: null }
         const logprobs = completionLogprobs(decoder, delta.firstToken, delta.endToken, top, echoOf(job).length, texts)
         return { text: delta.text, logprobs: delta.finishReason === null ? logprobs : withEnd(job, decoder, logprobs) }

@@ -79,9 +79,9 @@ const noTools = "the model cannot call tools"
 const guided = {
   neutral: never,
   reason:
-    "constrained decoding is not supported; guided_choice (structured_outputs.choice) picks among strings, and chat's response_format json_schema (guided_json) lays out a JSON answer"
+    "constrained decoding is not supported; guided_choice (structured_outputs.choice) picks among strings, and response_format json_schema (guided_json, structured_outputs.json) lays out a JSON answer"
 }
-/** structured_outputs with only these kinds set (choice.ts reads `choice`, chat.ts `json`); any other kind is refused. */
+/** structured_outputs with only these kinds set (choice.ts reads `choice`, structured.ts `json`); any other kind is refused. */
 const onlyKinds =
   (...kinds: ReadonlyArray<string>) =>
   (value: unknown) =>
@@ -98,7 +98,7 @@ const sharedUnhonoured = {
   },
   guided_regex: guided,
   guided_grammar: guided,
-  structured_outputs: { ...guided, neutral: onlyKinds("choice") }
+  structured_outputs: { ...guided, neutral: onlyKinds("choice", "json") }
 } satisfies Record<string, Unhonoured>
 
 /**
@@ -107,7 +107,6 @@ const sharedUnhonoured = {
  */
 export const chatUnhonoured = {
   ...sharedUnhonoured,
-  structured_outputs: { ...guided, neutral: onlyKinds("choice", "json") },
   functions: { neutral: isEmptyList, reason: `${noTools} by the legacy functions; send tools and tool_choice` },
   function_call: {
     neutral: (value: unknown) => value === "none" || value === "auto",
@@ -121,15 +120,8 @@ export const chatUnhonoured = {
   echo: { neutral: isFalse, reason: "a chat answer does not repeat the conversation (completions' echo does)" }
 } satisfies Record<string, Unhonoured>
 
-/** Completions' unhonoured fields: the shared ones and response_format (structured output is chat's here). */
-export const completionUnhonoured = {
-  ...sharedUnhonoured,
-  guided_json: { neutral: never, reason: "structured output is laid out for chat completions (response_format json_schema, guided_json)" },
-  response_format: {
-    neutral: (value: unknown) => typeof value === "object" && value !== null && (value as { type?: unknown }).type === "text",
-    reason: "structured output is laid out for chat completions (response_format json_schema)"
-  }
-} satisfies Record<string, Unhonoured>
+/** Completions' unhonoured fields: the shared ones. */
+export const completionUnhonoured = sharedUnhonoured
 
 /** Schema fields that keep the unhonoured fields as they come. */
 const kept = <K extends string>(table: Record<K, Unhonoured>) =>
@@ -177,6 +169,21 @@ export type SamplingRequest = Schema.Struct.Type<typeof samplingFields>
 
 // ---- requests ----------------------------------------------------------------------------------------
 
+/** `response_format.json_schema` (completions, chat) and the json_schema `text.format` (responses). */
+export const JsonSchemaFormat = Schema.Struct({
+  name: optional(described(Schema.String, "json_schema.name must be a string")),
+  description: optional(described(Schema.String, "json_schema.description must be a string")),
+  schema: optional(Schema.Unknown),
+  strict: optional(described(Schema.Boolean, "json_schema.strict must be true or false"))
+})
+
+/** response_format (completions, chat): "text", or "json_schema" with a schema (structured output, openai/structured.ts). */
+export const ResponseFormat = Schema.Struct({
+  type: described(Schema.String, "response_format.type must be a string"),
+  json_schema: optional(JsonSchemaFormat)
+})
+export type ResponseFormat = typeof ResponseFormat.Type
+
 /** A prompt: text, texts, token ids, or lists of token ids (one answer set per prompt). */
 export const Prompt = described(
   Schema.Union(Schema.String, Schema.Array(Schema.String), Schema.Array(TokenId), Schema.Array(Schema.Array(TokenId))),
@@ -205,7 +212,10 @@ export const CompletionRequest = Schema.Struct({
    * vLLM: each prompt token's log-probability, rank and decoded text, with this many likeliest tokens
    * beside it (openai/promptLogprobs.ts: the chain rule in reading order); the first token's is null.
    */
-  prompt_logprobs: optional(int("prompt_logprobs", 0, 20))
+  prompt_logprobs: optional(int("prompt_logprobs", 0, 20)),
+  /** vLLM: a JSON schema (or its JSON text) for the answer, as response_format json_schema (structured.ts). */
+  guided_json: optional(Schema.Unknown),
+  response_format: optional(ResponseFormat)
 })
 export type CompletionRequest = typeof CompletionRequest.Type
 
@@ -259,21 +269,6 @@ export const ToolChoice = described(
   'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
 )
 export type ToolChoice = typeof ToolChoice.Type
-
-/** `response_format.json_schema` (chat) and the json_schema `text.format` (responses). */
-export const JsonSchemaFormat = Schema.Struct({
-  name: optional(described(Schema.String, "json_schema.name must be a string")),
-  description: optional(described(Schema.String, "json_schema.description must be a string")),
-  schema: optional(Schema.Unknown),
-  strict: optional(described(Schema.Boolean, "json_schema.strict must be true or false"))
-})
-
-/** Chat's response_format: "text", or "json_schema" with a schema (structured output, openai/structured.ts). */
-export const ResponseFormat = Schema.Struct({
-  type: described(Schema.String, "response_format.type must be a string"),
-  json_schema: optional(JsonSchemaFormat)
-})
-export type ResponseFormat = typeof ResponseFormat.Type
 
 export const ChatCompletionRequest = Schema.Struct({
   ...kept(chatUnhonoured),

@@ -30,6 +30,7 @@ import { Effect, Option } from "effect"
 import { BadRequest } from "../api/errors.js"
 import { decodingDocs, type ModelFamily } from "../config/sampling.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
+import type { ResponseFormat } from "./protocol.js"
 import { MAX_CHOICE_CANVASES, MAX_CHOICES, type TemplateChoice, templateCanvasCount } from "./chains.js"
 import { NOT_COMMITTED } from "./ChoiceDecoder.js"
 import { spacedJson } from "../chat/ChatFormatter.js"
@@ -763,6 +764,58 @@ export interface StructuredRequest {
   /** The served model's family: only full-canvas decoding takes a skeleton laid on the canvas. */
   readonly family: ModelFamily
 }
+
+/** A schema given as an object, or as its JSON text (vLLM takes both). */
+const parsedSchema = (value: unknown, param: string) => {
+  if (typeof value !== "string") return Effect.succeed(value)
+  return Effect.try({
+    try: () => JSON.parse(value) as unknown,
+    catch: () => new BadRequest({ message: `${param} must be a JSON schema: an object, or its JSON text`, param })
+  })
+}
+
+/**
+ * The format a request (completions or chat) asks its answer to take, wherever it gives it:
+ * response_format (text or json_schema), vLLM's guided_json, or structured_outputs.json; a 400 when it
+ * gives a schema twice.
+ */
+export const requestedFormat = (request: {
+  readonly response_format?: ResponseFormat | undefined
+  readonly guided_json?: unknown
+  readonly structured_outputs?: unknown
+}) =>
+  Effect.gen(function* () {
+    const given: Array<{ readonly type: string; readonly schema: unknown; readonly param: string; readonly schemaParam: string }> = []
+    const format = request.response_format
+    if (format !== undefined && format.type !== "text") {
+      given.push({
+        type: format.type,
+        schema: format.json_schema?.schema,
+        param: "response_format",
+        schemaParam: "response_format.json_schema.schema"
+      })
+    }
+    if (request.guided_json !== undefined) {
+      given.push({
+        type: "json_schema",
+        schema: yield* parsedSchema(request.guided_json, "guided_json"),
+        param: "guided_json",
+        schemaParam: "guided_json"
+      })
+    }
+    const json = (request.structured_outputs as { json?: unknown } | null | undefined)?.json
+    if (json !== undefined && json !== null) {
+      const param = "structured_outputs.json"
+      given.push({ type: "json_schema", schema: yield* parsedSchema(json, param), param, schemaParam: param })
+    }
+    if (given.length > 1) {
+      return yield* new BadRequest({
+        message: `give the answer's format once: ${given.map((g) => g.param).join(" and ")} were both given`,
+        param: given[1]!.param
+      })
+    }
+    return given[0]
+  })
 
 /**
  * A 400 unless the model decodes the full canvas. Block decoding writes its blocks in order and Dream's
