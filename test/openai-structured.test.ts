@@ -266,7 +266,11 @@ describe("arrays", () => {
 })
 
 describe("numbers", () => {
-  const schema = object({ n: { type: "integer", minimum: 0 }, x: { type: "number" }, d: { type: "integer", minimum: 1, maximum: 3 } })
+  const schema = object({
+    n: { type: "integer", minimum: 0 },
+    x: { type: "number", minimum: -1 },
+    d: { type: "integer", minimum: 1, maximum: 3 }
+  })
 
   it("an integer or number is a slot without quotes; a small integer range is a choice of its values", () => {
     const skeleton = skeletonOf(schema)
@@ -319,9 +323,9 @@ describe("numbers", () => {
     )
     if (isRefusal(skeleton)) throw new Error(skeleton.message)
     expect(skeleton.parts.filter((p) => "slot" in p)).toEqual([
-      { slot: true, number: "integer", digits: 15 },
-      { slot: true, number: "integer", digits: 3 },
-      { slot: true, number: "number", digits: 2 }
+      { slot: true, number: "integer", digits: 15, signed: true },
+      { slot: true, number: "integer", digits: 3, signed: true },
+      { slot: true, number: "number", digits: 2, signed: true }
     ])
     const laid = layOut(skeleton, 8, tokenizer)
     const runs: Array<number> = []
@@ -330,6 +334,46 @@ describe("numbers", () => {
       if (t === -1) runs[runs.length - 1]!++
     })
     expect(runs).toEqual([8, 3, 2])
+  })
+
+  it("takes a minus sign first where no lower bound can be broken: none, or one whose digits hold the upper bound's", () => {
+    const signedOf = (node: Record<string, unknown>) => {
+      const skeleton = skeletonOf(object({ n: node }))
+      if (isRefusal(skeleton)) throw new Error(skeleton.message)
+      return skeleton.parts.some((p) => "slot" in p && p.signed === true)
+    }
+    expect(signedOf({ type: "number" })).toBe(true)
+    expect(signedOf({ type: "integer", maximum: 500 })).toBe(true)
+    expect(signedOf({ type: "integer", minimum: -999, maximum: 999 })).toBe(true)
+    expect(signedOf({ type: "integer", minimum: -99, maximum: 999 })).toBe(false)
+    expect(signedOf({ type: "integer", minimum: -1000 })).toBe(false)
+    expect(signedOf({ type: "integer", minimum: 0 })).toBe(false)
+    expect(signedOf({ type: "integer", minimum: 0, exclusiveMinimum: -1000, maximum: 99 })).toBe(false)
+    expect(signedOf({ type: "number", exclusiveMinimum: -1000, maximum: 999 })).toBe(true)
+
+    const skeleton = skeletonOf(object({ n: { type: "integer" } }))
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    const laid = layOut(skeleton, 4, tokenizer)
+    const slot = laid.template.flatMap((t, i) => (t === -1 ? [i] : []))
+    const first = laid.allowedSets[laid.positionAllowed[slot[0]!]!]!
+    const minus = tokenizer.encode("-", { addSpecialTokens: false })
+    expect(minus).toHaveLength(1)
+    expect(first).toContain(minus[0])
+    expect([...first].sort((a, b) => a - b)).toEqual(first)
+    for (const id of first) expect(tokenizer.decode([id])).toMatch(/^-?[0-9]*$/)
+    // The sign only first.
+    for (const position of slot.slice(1)) expect(laid.allowedSets[laid.positionAllowed[position]!]).not.toContain(minus[0])
+    const eos = tokenizer.specialTokens.eos
+    const read = (text: string) => {
+      const tokens = [...tokenizer.encode(text, { addSpecialTokens: false })]
+      while (tokens.length < 4) tokens.push(eos)
+      let v = 0
+      return JSON.parse(laid.render(laid.template.map((t) => (t === -1 ? tokens[v++]! : t)))).n
+    }
+    expect(read("-42")).toBe(-42)
+    expect(read("-007")).toBe(-7)
+    expect(read("-")).toBe(0)
+    expect(Object.is(read("-0"), 0)).toBe(true)
   })
 
   it("reads a number back as JSON: its leading number, without leading zeros", () => {

@@ -8,7 +8,8 @@
  * the structure cannot come out wrong because the model never writes it.
  *
  * What a template can honour: an object with known keys (`properties`), whose values are strings (a slot
- * each), numbers (a slot without quotes whose positions the engine keeps to digits: positionAllowed),
+ * each), numbers (a slot without quotes whose positions the engine keeps to digits, a minus sign first where
+ * no lower bound can be broken: positionAllowed),
  * nested objects of the same kind, fixed values (`const`, a one-value `enum`), and booleans and enums: a
  * region as wide as the longest value plus one, whose value is chosen before denoising by scoring each in
  * place (chains.ts) and padded with spaces. Every property is written, in schema order. A slot's text is
@@ -48,6 +49,8 @@ type Part =
       readonly slot: true
       readonly number?: NumberKind
       readonly digits?: number
+      /** A number without a lower bound: its first position may take a minus sign. */
+      readonly signed?: boolean
       /** A string's minLength: its first minChars positions take only tokens that write a visible character. */
       readonly minChars?: number
       /** A string's maxLength: the slot is no wider, and the text read back is cut to it. */
@@ -351,7 +354,8 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
           )
         }
       }
-      // The digits written are never negative: a minimum above 0 could be broken.
+      // The value is written as digits, negative (a minus sign first) only where no lower bound can be
+      // broken by it (below); so a minimum above 0 could be broken.
       for (const bound of ["minimum", "exclusiveMinimum"] as const) {
         const value = node[bound]
         if (value !== undefined && !(typeof value === "number" && value < 0) && !(bound === "minimum" && value === 0)) {
@@ -377,7 +381,18 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
         }
         digits = Math.min(digits ?? d, d)
       }
-      parts.push({ slot: true, number: type, ...(digits === undefined ? {} : { digits }) })
+      // Negative values: without a lower bound, or with one whose digits hold as many as the upper bound's
+      // (zod's .int() bounds, ±(2^53 - 1), both leave 15).
+      let signed = node["minimum"] === undefined && node["exclusiveMinimum"] === undefined
+      if (!signed && digits !== undefined) {
+        const lows = (["minimum", "exclusiveMinimum"] as const).flatMap((bound) => {
+          const value = node[bound]
+          if (value === undefined) return []
+          return [typeof value === "number" && value < 0 ? digitsUnder(-value, bound === "exclusiveMinimum", type) : -1]
+        })
+        signed = lows.length > 0 && Math.min(...lows) >= digits
+      }
+      parts.push({ slot: true, number: type, ...(digits === undefined ? {} : { digits }), ...(signed ? { signed } : {}) })
       slots++
       return undefined
     }
@@ -555,25 +570,35 @@ const padToken = (tokenizer: TokenizerShape): number => {
   return tokens.length === 1 ? tokens[0]! : -1
 }
 
-/** The tokens made of digits only, and those of digits with one decimal point, of a tokenizer (computed once). */
+/**
+ * The tokens made of digits only, those of digits with one decimal point, and those of a minus sign and
+ * digits (or the sign alone), of a tokenizer, with the most digits one of them holds (computed once).
+ */
 const numberTokens = new WeakMap<
   TokenizerShape,
-  { readonly digits: ReadonlyArray<number>; readonly points: ReadonlyArray<number>; readonly longest: number }
+  {
+    readonly digits: ReadonlyArray<number>
+    readonly points: ReadonlyArray<number>
+    readonly minus: ReadonlyArray<number>
+    readonly longest: number
+  }
 >()
 const numberTokensOf = (tokenizer: TokenizerShape) => {
   let found = numberTokens.get(tokenizer)
   if (found === undefined) {
     const digits: Array<number> = []
     const points: Array<number> = []
+    const minus: Array<number> = []
     let longest = 1
     for (let id = 0; id < tokenizer.vocabSize; id++) {
       const text = tokenizer.decode([id])
       if (/^[0-9]+$/.test(text)) digits.push(id)
       else if (/^[0-9]*\.[0-9]*$/.test(text)) points.push(id)
+      else if (/^-[0-9]*$/.test(text)) minus.push(id)
       else continue
-      longest = Math.max(longest, text.replace(".", "").length)
+      longest = Math.max(longest, text.replace(/[.-]/, "").length)
     }
-    found = { digits, points, longest }
+    found = { digits, points, minus, longest }
     numberTokens.set(tokenizer, found)
   }
   return found
@@ -612,12 +637,12 @@ const cut = (text: string, max: number): string => {
 }
 
 /**
- * A number slot's text read back as JSON: its longest leading number (digits, and for "number" a decimal
- * point and digits), without leading zeros. The engine keeps the slot to digits, so there is one; a slot
- * without (never written by the engine) reads as 0.
+ * A number slot's text read back as JSON: its longest leading number (a minus sign where the slot takes
+ * one, digits, and for "number" a decimal point and digits), without leading zeros. The engine keeps the
+ * slot to digits, so there is one; a slot without (a sign alone, or never written by the engine) reads as 0.
  */
 const numberText = (text: string, kind: NumberKind): string => {
-  const match = (kind === "integer" ? /^[0-9]+/ : /^[0-9]+(\.[0-9]+)?/).exec(text)
+  const match = (kind === "integer" ? /^-?[0-9]+/ : /^-?[0-9]+(\.[0-9]+)?/).exec(text)
   if (match === null) return "0"
   return kind === "integer" ? BigInt(match[0]).toString() : JSON.stringify(Number(match[0]))
 }
@@ -666,11 +691,12 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
       const kind = part.number
       let width = slotTokens
       if (kind !== undefined) {
-        const { digits, points, longest } = numberTokensOf(tokenizer)
+        const { digits, points, minus, longest } = numberTokensOf(tokenizer)
         // Under an upper bound, no more tokens than its digits fill at the longest token's digits each.
         if (part.digits !== undefined) width = Math.min(slotTokens, Math.floor(part.digits / longest))
         if (width < 1) narrow.push(part.digits!)
-        const first = useSet("first", () => digits)
+        const first =
+          part.signed === true ? useSet("signed", () => [...minus, ...digits].sort((a, b) => a - b)) : useSet("first", () => digits)
         const rest = useSet(kind, () => [...digits, ...(kind === "number" ? points : []), ...ends])
         while (positionAllowed.length < template.length) positionAllowed.push(-1)
         for (let i = 0; i < width; i++) positionAllowed.push(i === 0 ? first : rest)
