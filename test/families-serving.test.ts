@@ -4,8 +4,8 @@
  * directory, served by the real CLI and native engine. Block families: Completions, chat (the model's own chat template), streaming (the
  * streamed text adds up to the non-streamed one; snapshots mark the phase and, with LLaDA2.1 editing,
  * the provisional tokens), n > 1 (each answer is the one its seed gives alone), the usage's block
- * statistics, the cached path equal to full recompute, the metrics, and the 400s that name a setting
- * the model cannot honour.
+ * statistics, the cached path equal to full recompute, structured output and tool calls laid on the
+ * canvas (Dream's too), the metrics, and the 400s that name a setting the model cannot honour.
  */
 import { execFile } from "node:child_process"
 import { mkdtemp, rm } from "node:fs/promises"
@@ -251,6 +251,41 @@ describe.each(families)("serving $preset ($name)", (family) => {
     const rendered = (await (await post("/detokenize", { tokens: chat.choices[0]!.prompt_token_ids })).json()) as { prompt: string }
     expect(rendered.prompt).toBe(family.chat)
     expect(chat.diffusion.decoding).toBe("block")
+  })
+
+  it("lays structured output and a tool call on the canvas: the answer parses, the exact cache as full recompute", async () => {
+    const schema = {
+      type: "object",
+      properties: { name: { type: "string", maxLength: 12 }, mood: { enum: ["merry", "sad"] }, men: { type: "integer", maximum: 999 } }
+    }
+    const chatFor = async (body: Record<string, unknown>) => {
+      const response = await post("/v1/chat/completions", {
+        messages: [{ role: "user", content: "Speak." }],
+        temperature: 0,
+        return_token_ids: true,
+        ...body
+      })
+      expect(response.status, await response.clone().text()).toBe(200)
+      return (await response.json()) as Completion & {
+        choices: Array<{ message: { content: string | null; tool_calls?: Array<{ function: { name: string; arguments: string } }> } }>
+      }
+    }
+    const format = { type: "json_schema", json_schema: { name: "x", schema } }
+    const cached = await chatFor({ response_format: format, kv_cache: "prefix" })
+    const full = await chatFor({ response_format: format, kv_cache: "none" })
+    const content = cached.choices[0]!.message.content!
+    const parsed = JSON.parse(content) as { name: string; mood: string; men: number }
+    expect(Object.keys(parsed)).toEqual(["name", "mood", "men"])
+    expect(parsed.name.length).toBeLessThanOrEqual(12)
+    expect(["merry", "sad"]).toContain(parsed.mood)
+    expect(Number.isInteger(parsed.men) && parsed.men <= 999).toBe(true)
+    expect(full.choices[0]!.message.content).toBe(content)
+    expect(cached.choices[0]!.finish_reason).toBe("stop")
+    expect(cached.diffusion.decoding).toBe("block")
+    const call = await chatFor({ tools: [{ type: "function", function: { name: "muster", parameters: schema } }], tool_choice: "required" })
+    const made = call.choices[0]!.message.tool_calls![0]!
+    expect(made.function.name).toBe("muster")
+    expect(Object.keys(JSON.parse(made.function.arguments))).toEqual(["name", "mood", "men"])
   })
 
   it("streams the text the non-streamed answer has, with the usage and block statistics on the last chunk", async () => {
@@ -519,6 +554,22 @@ describe("serving dream-tiny (dream)", () => {
     const chunks = events.slice(0, -1).map((e) => JSON.parse(e) as Completion)
     expect(chunks.flatMap((c) => c.choices.map((choice) => choice.text ?? "")).join("")).toBe(whole.choices[0]!.text)
     expect(chunks[chunks.length - 1]!.diffusion).toEqual(whole.diffusion)
+  })
+
+  it("lays structured output on the canvas: the answer parses, streamed whole in the last chunk", async () => {
+    const schema = { type: "object", properties: { name: { type: "string", minLength: 2 }, mood: { enum: ["merry", "sad"] } } }
+    const body = { max_tokens: undefined, temperature: 0, guided_json: schema }
+    const whole = await complete(body)
+    const parsed = JSON.parse(whole.choices[0]!.text!) as { name: string; mood: string }
+    expect(Object.keys(parsed)).toEqual(["name", "mood"])
+    expect(parsed.name.length).toBeGreaterThanOrEqual(2)
+    expect(["merry", "sad"]).toContain(parsed.mood)
+    const streamed = await post("/v1/completions", { prompt, ...body, stream: true })
+    const texts = (await streamed.text())
+      .split("\n\n")
+      .filter((event) => event.startsWith("data: {"))
+      .map((event) => (JSON.parse(event.slice(6)) as { choices: Array<{ text: string }> }).choices[0]?.text ?? "")
+    expect(texts.join("")).toBe(whole.choices[0]!.text)
   })
 
   it("refuses with a 400 naming what the model cannot honour", async () => {

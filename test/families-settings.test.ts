@@ -355,51 +355,32 @@ describe.each([
     expect((await refused({ block_length: family.blockLength * 2 })).param).toBe("block_length")
     expect((await refused({ kv_cache: "dual" })).param).toBe("kv_cache")
     expect((await refused({ suffix: " world" })).param).toBe("suffix")
-    expect(
-      (
-        await refused(
-          {
-            max_tokens: undefined,
-            messages: [{ role: "user", content: "Hello" }],
-            response_format: {
-              type: "json_schema",
-              json_schema: { name: "x", schema: { type: "object", properties: { a: { type: "string" } } } }
-            }
-          },
-          "/v1/chat/completions"
-        )
-      ).param
-    ).toBe("response_format")
-    const schema = { type: "object", properties: { a: { type: "string" } } }
-    expect((await refused({ input: "Hello", text: { format: { type: "json_schema", name: "x", schema } } }, "/v1/responses")).param).toBe(
-      "text.format"
-    )
-    // The model's family is the first reason, ahead of what else the schema request gets wrong (a type no
-    // template takes, too few tokens, a stop).
-    const notHere = await refused(
-      {
-        max_tokens: 1,
-        stop: "x",
-        messages: [{ role: "user", content: "Hello" }],
-        response_format: { type: "json_schema", json_schema: { name: "x", schema: { type: "integer" } } }
-      },
-      "/v1/chat/completions"
-    )
-    expect(notHere).toMatchObject({
-      param: "response_format",
-      message: expect.stringMatching(/^response_format json_schema does not apply to this model/)
-    })
-    // A tool call is laid on the canvas the same way.
-    const call = await refused(
-      {
-        messages: [{ role: "user", content: "Hello" }],
-        tools: [{ type: "function", function: { name: "f", parameters: { type: "object", properties: { a: { type: "string" } } } } }],
-        tool_choice: "required"
-      },
-      "/v1/chat/completions"
-    )
-    expect(call).toMatchObject({ param: "tool_choice", message: expect.stringMatching(/^a tool call does not apply to this model/) })
     if (!family.editing) expect((await refused({ editing_threshold: 0.5 })).param).toBe("editing_threshold")
+  })
+
+  it("lays structured output and tool calls on the canvas as for full-canvas models: the engine gets the template", async () => {
+    const schema = { type: "object", properties: { a: { type: "string" }, ok: { type: "boolean" } } }
+    const messages = [{ role: "user", content: "Hello" }]
+    const answered = async (body: Record<string, unknown>, path = "/v1/chat/completions") => {
+      const response = await server.post(path, { max_tokens: undefined, ...body })
+      expect(response.status, await response.clone().text()).toBe(200)
+      const created = fake.created.at(-1) as { template?: ReadonlyArray<number> } | undefined
+      expect(created?.template).toBeDefined()
+      return (await response.json()) as any
+    }
+    const chat = await answered({ messages, response_format: { type: "json_schema", json_schema: { name: "x", schema } } })
+    expect(Object.keys(JSON.parse(chat.choices[0].message.content))).toEqual(["a", "ok"])
+    const completion = await answered({ prompt: "Hello", guided_json: schema }, "/v1/completions")
+    expect(Object.keys(JSON.parse(completion.choices[0].text))).toEqual(["a", "ok"])
+    const response = await answered({ input: "Hello", text: { format: { type: "json_schema", name: "x", schema } } }, "/v1/responses")
+    expect(Object.keys(JSON.parse(response.output[0].content[0].text))).toEqual(["a", "ok"])
+    const call = await answered({
+      messages,
+      tools: [{ type: "function", function: { name: "f", parameters: schema } }],
+      tool_choice: "required"
+    })
+    expect(call.choices[0].message.tool_calls[0].function.name).toBe("f")
+    expect(Object.keys(JSON.parse(call.choices[0].message.tool_calls[0].function.arguments))).toEqual(["a", "ok"])
   })
 
   it("hands the engine the family's settings and reports the forwards by phase", async () => {
@@ -577,10 +558,15 @@ describe("serving a Dream model", () => {
       param: "suffix",
       message: expect.stringContaining("(dream, Dream decoding)")
     })
+  })
+
+  it("lays structured output on the canvas: the engine gets the template", async () => {
     const schema = { type: "object", properties: { a: { type: "string" } } }
-    expect((await refused({ input: "Hello", text: { format: { type: "json_schema", name: "x", schema } } }, "/v1/responses")).param).toBe(
-      "text.format"
-    )
+    const response = await server.post("/v1/responses", { input: "Hello", text: { format: { type: "json_schema", name: "x", schema } } })
+    expect(response.status).toBe(200)
+    const body = (await response.json()) as any
+    expect(Object.keys(JSON.parse(body.output[0].content[0].text))).toEqual(["a"])
+    expect((fake.created.at(-1) as { template?: ReadonlyArray<number> }).template).toBeDefined()
   })
 })
 

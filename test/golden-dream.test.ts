@@ -273,11 +273,12 @@ describe.each(["gqa", "mha_tied", "nobias", "bf16"])("golden Dream %s through th
     refused({ confidenceEosEotInf: true }, "confidence_eos_eot_inf")
     refused({ editingThreshold: 0.5 }, "editing_threshold")
     refused({}, "suffix", [1, 2])
+    // A template Dream takes (structured output), but not one of another length than the answer.
     refused(
       {},
       "template",
       undefined,
-      Array.from({ length: c.params.gen_length }, (_, i) => (i === 0 ? 1 : -1))
+      Array.from({ length: c.params.gen_length + 1 }, (_, i) => (i === 0 ? 1 : -1))
     )
     refused({ algTemp: -1 }, "alg_temp")
     refused({ eps: 0 }, "eps")

@@ -16,7 +16,6 @@ import { planChoice, prepareChoiceJobs } from "./choice.js"
 import type { ChoiceDecoder } from "./ChoiceDecoder.js"
 import { type JsonTemplate, planStructured, promptTemplate, requestedFormat } from "./structured.js"
 import { callId, planToolCall, planWithCall, toolCallOf } from "./tools.js"
-import { lladaFamily } from "../config/sampling.js"
 import { ServingConfig } from "./ServingConfig.js"
 
 /**
@@ -67,14 +66,12 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
       ...((request.min_tokens ?? 0) > 0 ? ["min_tokens"] : []),
       ...(request.ignore_eos === true ? ["ignore_eos"] : [])
     ]
-    const family = config.family ?? lladaFamily
     const format = yield* requestedFormat(request)
     const calls = yield* planToolCall({
       tools: request.tools,
       toolChoice: request.tool_choice,
       maxTokens,
-      conflicting: [...(format === undefined ? [] : [format.param]), ...conflicting],
-      family
+      conflicting: [...(format === undefined ? [] : [format.param]), ...conflicting]
     })
     const formatted =
       calls === undefined
@@ -84,8 +81,7 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
             param: format?.param ?? "response_format",
             ...(format === undefined ? {} : { schemaParam: format.schemaParam }),
             maxTokens,
-            conflicting,
-            family
+            conflicting
           })
         : undefined
     // Structured output and calls: the answer is the template, as long as it is.

@@ -20,7 +20,6 @@ import { preparePromptJobs, type PromptJob } from "./run.js"
 import { planChoice, prepareChoiceJobs } from "./choice.js"
 import { ServingConfig } from "./ServingConfig.js"
 import { planStructured, promptTemplate, requestedFormat } from "./structured.js"
-import { lladaFamily } from "../config/sampling.js"
 
 /** A prompt with the text that `echo` puts before its answer. */
 interface CompletionPrompt extends PreparedPrompt {
@@ -99,8 +98,7 @@ export const completions = (request: CompletionRequest) =>
         ...(request.stop_token_ids === undefined ? [] : ["stop_token_ids"]),
         ...((request.min_tokens ?? 0) > 0 ? ["min_tokens"] : []),
         ...(request.ignore_eos === true ? ["ignore_eos"] : [])
-      ],
-      family: config.family ?? lladaFamily
+      ]
     })
     const plan = yield* makePlan(
       request,

@@ -37,7 +37,6 @@ import { checkModel, makePlan, type PreparedPrompt } from "./plan.js"
 import type { ResponseRequest } from "./protocol.js"
 import { chatLogprobs, nowSeconds, TokenTexts } from "./render.js"
 import { diffusionOfJobs, mergedChunks, preparePromptJobs, runToEnd, usageOfJobs } from "./run.js"
-import { lladaFamily } from "../config/sampling.js"
 import { ServingConfig } from "./ServingConfig.js"
 import { Tokenizer } from "../tokenizer/Tokenizer.js"
 import { type JsonTemplate, planStructured, promptTemplate } from "./structured.js"
@@ -158,7 +157,6 @@ export const responses = (request: ResponseRequest) =>
 
     const maxTokens = request.max_output_tokens === undefined ? undefined : { value: request.max_output_tokens, param: "max_output_tokens" }
     const format = request.text?.format
-    const family = config.family ?? lladaFamily
     // The function tools in chat's shape, for the chat template and the call's plan.
     const tools = request.tools?.map(({ type, ...fn }) => ({ type, function: fn }))
     const choice = request.tool_choice
@@ -166,12 +164,11 @@ export const responses = (request: ResponseRequest) =>
       tools,
       toolChoice: typeof choice === "object" ? { type: "function", function: { name: choice.name } } : choice,
       maxTokens,
-      conflicting: format?.type === "json_schema" ? ["text.format"] : [],
-      family
+      conflicting: format?.type === "json_schema" ? ["text.format"] : []
     })
     const formatted =
       calls === undefined
-        ? yield* planStructured({ type: format?.type, schema: format?.schema, param: "text.format", maxTokens, conflicting: [], family })
+        ? yield* planStructured({ type: format?.type, schema: format?.schema, param: "text.format", maxTokens, conflicting: [] })
         : undefined
     // With include: [LOGPROBS], each output token's logprob and top_logprobs alternatives, as chat's.
     const top = request.include?.includes(LOGPROBS) === true ? (request.top_logprobs ?? 0) : undefined

@@ -29,7 +29,6 @@
  */
 import { Effect, Option } from "effect"
 import { BadRequest } from "../api/errors.js"
-import { decodingDocs, type ModelFamily } from "../config/sampling.js"
 import { Tokenizer, type TokenizerShape } from "../tokenizer/Tokenizer.js"
 import type { ResponseFormat } from "./protocol.js"
 import { MAX_CHOICE_CANVASES, MAX_CHOICES, type TemplateChoice, templateCanvasCount } from "./chains.js"
@@ -273,7 +272,7 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
         return choose(values.flat() as Array<string>, `${path}.${union}`)
       }
       // One shape, or null: the shape is laid out (null is never written, and the value is always valid).
-      const shaped = values.flatMap((texts, i) => (texts !== undefined && texts.every((text) => text === "null") ? [] : [i]))
+      const shaped = values.flatMap((texts, i) => (texts?.every((text) => text === "null") ? [] : [i]))
       if (shaped.length === 1) return walk(branches[shaped[0]!], `${path}.${union}[${shaped[0]}]`, top, keys)
       return refuse(
         path,
@@ -787,8 +786,6 @@ export interface StructuredRequest {
   readonly maxTokens: { readonly value: number; readonly param: string } | undefined
   /** Fields given that cannot be honoured with a template (stop, stop_token_ids, min_tokens, ignore_eos). */
   readonly conflicting: ReadonlyArray<string>
-  /** The served model's family: only full-canvas decoding takes a skeleton laid on the canvas. */
-  readonly family: ModelFamily
 }
 
 /** A schema given as an object, or as its JSON text (vLLM takes both). */
@@ -844,29 +841,13 @@ export const requestedFormat = (request: {
   })
 
 /**
- * A 400 unless the model decodes the full canvas. Block decoding writes its blocks in order and Dream's
- * sampler denoises the whole answer from masks: neither takes fixed positions, so no JSON skeleton (`what`,
- * asked for by `param`) applies there, whatever else the request says.
- */
-export const requireFullCanvas = (family: ModelFamily, param: string, what: string) => {
-  if (family.decoding === "full_canvas") return Effect.void
-  const decoding = decodingDocs[family.decoding].words
-  return new BadRequest({
-    message: `${what} does not apply to this model (${family.name}, ${decoding}): a JSON skeleton is laid on the canvas before denoising, which ${decoding} does not take`,
-    param,
-    code: "unsupported_parameter"
-  })
-}
-
-/**
  * The template of a request's structured output, undefined for plain text, or a 400 saying why it cannot
  * be honoured.
  */
 export const planStructured = (request: StructuredRequest) =>
   Effect.gen(function* () {
-    const { param, type, family } = request
+    const { param, type } = request
     if (type === undefined || type === "text") return undefined
-    yield* requireFullCanvas(family, param, `${param} ${type}`)
     if (type === "json_object") {
       return yield* new BadRequest({
         message:

@@ -15,7 +15,6 @@
 import { Effect } from "effect"
 import { randomBytes } from "node:crypto"
 import { BadRequest } from "../api/errors.js"
-import type { ModelFamily } from "../config/sampling.js"
 import type { FunctionTool, ToolCall, ToolChoice } from "./protocol.js"
 import type { NonEmptyReadonlyArray } from "effect/Array"
 import type { SamplingSettings } from "../engine/Engine.js"
@@ -25,7 +24,7 @@ import { pickChoice } from "./chains.js"
 import { NOT_COMMITTED } from "./ChoiceDecoder.js"
 import { fromGenerationError } from "./errors.js"
 import { type AnswerPlan, checkNoMaskToken, type PreparedPrompt } from "./plan.js"
-import { type JsonTemplate, requireFullCanvas, type StructuredRequest, templateOf } from "./structured.js"
+import { type JsonTemplate, type StructuredRequest, templateOf } from "./structured.js"
 
 /** The call an answer makes: its function, its template on the canvas, and the finish reason it reports. */
 export interface PlannedCall {
@@ -59,7 +58,6 @@ export const planToolCall = (request: {
   readonly toolChoice: ToolChoice | undefined
   readonly maxTokens: StructuredRequest["maxTokens"]
   readonly conflicting: ReadonlyArray<string>
-  readonly family: ModelFamily
 }) =>
   Effect.gen(function* () {
     const tools = request.tools ?? []
@@ -101,7 +99,6 @@ export const planToolCall = (request: {
       }
       indexes = [found]
     }
-    yield* requireFullCanvas(request.family, "tool_choice", "a tool call")
     const conflict = request.conflicting[0]
     if (conflict !== undefined) {
       return yield* new BadRequest({

@@ -293,6 +293,9 @@ void sample_task(float* logits, const float* uncond, int row_size, const RowTask
     out.confidence = choice.confidence;
     vocab = std::min(task.rule->vocab_size, row_size);
     mask = task.rule->mask_token_id;
+  } else if (task.top_vocab > 0) {
+    vocab = std::min(task.top_vocab, row_size);
+    mask = task.top_mask;
   }
   const int n_top = std::clamp(task.top_logprobs, 0, kMaxTopLogprobs);
   if (n_top == 0 && task.target < 0) return;

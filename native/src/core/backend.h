@@ -175,6 +175,10 @@ struct RowTask {
   // the host (sample_task).
   int rank_vocab = 0;
   int32_t rank_mask = -1;
+  // Without a rule (scoring), > 0: the top alternatives are tokens of [0, top_vocab) other than top_mask
+  // (a sampled row's are its rule's drawable tokens); 0: any token of the row.
+  int top_vocab = 0;
+  int32_t top_mask = -1;
 };
 
 struct TopLogprob {

@@ -20,20 +20,25 @@ class BlockSequence final : public Sequence {
  public:
   // Prompt, then mask tokens up to nb * B positions.
   std::vector<int32_t> canvas;
-  int B = 0;            // block length
-  int n_blocks = 0;     // nb
-  int first_block = 0;  // P / B: the block holding the answer's first position
-  std::vector<int> schedule;
+  int B = 0;                   // block length
+  int n_blocks = 0;            // nb
+  int first_block = 0;         // P / B: the block holding the answer's first position
+  std::vector<int> schedule;   // the open block's quota per step
   std::vector<int32_t> stops;  // EOS and the stop tokens (and the request's EOT)
+  // A template's fixed positions (canvas-wide; empty without a template): never denoised, edited or reported.
+  std::vector<bool> fixed;
   int32_t mask = 0;
   // Progress: the open block (absolute index), its denoise steps so far and, editing, its forwards
-  // without masks. pending_commit: the finished block whose commit forward is due (-1: none).
+  // without masks. [pending_commit, commit_end): the finished blocks whose commit forward is due
+  // (pending_commit -1: none); more than one when the blocks after a finished one hold nothing to denoise
+  // (a template's fixed tokens only).
   int block = 0;
   int step_in_block = 0;
   int post = 0;
   int prefilled = 0;      // prompt positions [0, prefilled) in the cache: copied or prefilled
   int prefill_chunk = 0;  // positions per prefill forward (a multiple of B); 0: the rest at once
   int pending_commit = -1;
+  int commit_end = -1;
   std::unique_ptr<KVCache> cache;           // kv_cache Prefix; freed when the sequence finishes
   std::weak_ptr<PrefixCache> prefix_cache;  // where finished prefixes are left for later sequences
   bool looked_up = false;                   // the prefix cache was asked (once counted)
@@ -50,6 +55,30 @@ class BlockSequence final : public Sequence {
   std::vector<std::vector<TopLogprob>> top;
 
   bool editing() const { return params.editing_threshold >= 0.0; }
+  bool templated() const { return !fixed.empty(); }
+  bool is_fixed(int p) const { return templated() && fixed[p]; }
+  // Block b's masks; with `answer_only`, those of the answer (not the padding after it to the block's end).
+  int masks_in(int b, bool answer_only = false) const {
+    int masks = 0;
+    const int end = answer_only ? std::min((b + 1) * B, answer_end()) : (b + 1) * B;
+    for (int p = b * B; p < end; ++p) masks += canvas[p] == mask ? 1 : 0;
+    return masks;
+  }
+  // The first block from `b` on with an answer position to denoise (n_blocks: none): the blocks before it
+  // are final as laid (a template's tokens, and padding never reported). Without a template, b itself.
+  int next_open(int b) const {
+    while (b < n_blocks && masks_in(b, true) == 0) ++b;
+    return b;
+  }
+  // Block b's quota per step: the reference's schedule of B over the steps; a block holding template
+  // positions spreads its steps over its masks only, as full-canvas decoding does.
+  std::vector<int> schedule_of(int b) const {
+    bool holds_fixed = false;
+    for (int p = b * B; p < (b + 1) * B && !holds_fixed; ++p) holds_fixed = is_fixed(p);
+    if (!holds_fixed) return block_schedule(B, params.steps);
+    const int masks = masks_in(b);
+    return block_schedule(masks, std::max(1, std::min(params.steps, masks)));
+  }
   int answer_end() const { return prompt_length + params.gen_length; }
   int length() const { return static_cast<int>(canvas.size()); }
   std::vector<int32_t> answer() const override {
@@ -130,18 +159,19 @@ void BlockSequence::plan(StepWork& w, const ModelConfig&) const {
     w.refresh = true;
     return;
   }
-  if (pending_commit >= 0) {  // the finished block from its final tokens: its exact keys and values
+  if (pending_commit >= 0) {  // the finished blocks from their final tokens: their exact keys and values
     w.phase = Phase::Commit;
-    w.forwards.push_back(forward_of(pending_commit * B, (pending_commit + 1) * B, w, true));
-    w.computed = B;
+    w.forwards.push_back(forward_of(pending_commit * B, commit_end * B, w, true));
+    w.computed = (commit_end - pending_commit) * B;
     w.refresh = true;
     return;
   }
   w.phase = Phase::Denoise;
-  // The rows: the block's masks and, editing, its committed positions too (never the prompt's tail).
+  // The rows: the block's masks and, editing, its committed positions too (never the prompt's tail nor a
+  // template's tokens).
   const int begin = block * B, end = (block + 1) * B;
   for (int p = std::max(begin, prompt_length); p < end; ++p)
-    if (canvas[p] == mask || editing()) w.rows.push_back(p);
+    if (canvas[p] == mask || (editing() && !is_fixed(p))) w.rows.push_back(p);
   const int from = cache ? begin : 0;
   w.forwards.push_back(forward_of(from, end, w, cache != nullptr));
   w.computed = end - from;
@@ -203,10 +233,12 @@ void BlockSequence::decide(StepWork& w, const RowResult* rows, StepOutput& out, 
   std::vector<int32_t> tokens(canvas.begin() + begin, canvas.begin() + end);
   for (const StepWork::Write& x : w.writes) tokens[x.position - begin] = x.token;
   if (w.block_done) {
+    // A templated answer is as long as its template: an end token in a value ends the value, not the answer.
     bool stop = false;
-    for (int p = prompt_length; p < answer_to && !stop; ++p) stop = is_stop(p < begin ? canvas[p] : tokens[p - begin]);
+    for (int p = prompt_length; p < answer_to && !stop && !templated(); ++p)
+      stop = is_stop(p < begin ? canvas[p] : tokens[p - begin]);
     w.eos = stop;
-    w.finishes = stop || block + 1 == n_blocks;
+    w.finishes = stop || next_open(block + 1) == n_blocks;
   }
 
   if (!editing()) {
@@ -219,6 +251,7 @@ void BlockSequence::decide(StepWork& w, const RowResult* rows, StepOutput& out, 
   std::vector<CommittedToken>& report = w.block_done ? out.committed : out.provisional;
   size_t next = 0;  // this step's writes, ascending
   for (int p = answer_from; p < answer_to; ++p) {
+    if (is_fixed(p)) continue;
     while (next < w.writes.size() && w.writes[next].position < p) ++next;
     if (next < w.writes.size() && w.writes[next].position == p) {
       const StepWork::Write& x = w.writes[next];
@@ -240,7 +273,7 @@ void BlockSequence::apply(const StepWork& w, StepOutput&, const ModelConfig&) {
       }
       if (prefilled == first_block * B) keep = prefilled;
       return;
-    case Phase::Commit: pending_commit = -1; return;
+    case Phase::Commit: pending_commit = commit_end = -1; return;
     case Phase::Denoise: break;
   }
   for (const StepWork::Write& x : w.writes) {
@@ -262,8 +295,11 @@ void BlockSequence::apply(const StepWork& w, StepOutput&, const ModelConfig&) {
     retired = std::move(cache);  // never read again; freed once settle() has kept its prefix
     return;
   }
-  if (cache) pending_commit = block;
-  ++block;
+  // The next block to denoise; the blocks between hold a template's tokens only and are final as laid.
+  const int next = next_open(block + 1);
+  if (cache) pending_commit = block, commit_end = next;
+  block = next;
+  schedule = schedule_of(block);
   step_in_block = 0;
   post = 0;
 }
@@ -286,7 +322,6 @@ std::shared_ptr<Sequence> make_block_sequence(const std::vector<int32_t>& prompt
   if (p.remasking != Remasking::LowConfidence)
     throw invalid("remasking: " + family + " commits by confidence (low_confidence) only", "remasking");
   if (!suffix.empty()) throw invalid("suffix: infilling does not apply to " + family, "suffix");
-  if (!answer_template.empty()) throw invalid("template: answer templates do not apply to " + family, "template");
   if (p.parallel_factor > 0.0)
     throw invalid("parallel_factor does not apply to " + family + "; its rule is parallel_threshold",
                   "parallel_factor");
@@ -313,18 +348,31 @@ std::shared_ptr<Sequence> make_block_sequence(const std::vector<int32_t>& prompt
   seq->B = B;
   seq->n_blocks = static_cast<int>(n_blocks);
   seq->first_block = P / B;
-  seq->block = seq->first_block;
   seq->mask = c.mask_token_id;
-  seq->schedule = block_schedule(B, p.steps);
   seq->stops.push_back(c.eos_token_id);
   seq->stops.insert(seq->stops.end(), c.stop_token_ids.begin(), c.stop_token_ids.end());
   if (p.eot_token_id >= 0) seq->stops.push_back(p.eot_token_id);
   seq->canvas.assign(prompt.begin(), prompt.end());
   seq->canvas.resize(static_cast<size_t>(n_blocks * B), c.mask_token_id);
+  // A template's tokens are in place from the start (engine.cpp checked it): the blocks they fill alone
+  // are never denoised, only committed with the block before them.
+  if (std::any_of(answer_template.begin(), answer_template.end(), [](int32_t t) { return t != -1; })) {
+    seq->fixed.assign(seq->canvas.size(), false);
+    for (int q = 0; q < p.gen_length; ++q)
+      if (answer_template[q] != -1) seq->canvas[P + q] = answer_template[q], seq->fixed[P + q] = true;
+  }
+  seq->block = seq->next_open(seq->first_block);
+  seq->schedule = seq->schedule_of(seq->block);
+  // Template blocks before the first one to denoise: committed after the prefill.
+  if (seq->block > seq->first_block && p.kv_cache == KVCacheMode::Prefix)
+    seq->pending_commit = seq->first_block, seq->commit_end = seq->block;
   // Planned steps: the schedule's per block; with editing a block takes at most its masks plus
   // max_post_steps (every step with masks commits one at least).
-  for (int b = seq->first_block; b < seq->n_blocks; ++b)
-    seq->steps_total += seq->editing() ? (b + 1) * B - std::max(b * B, P) + p.max_post_steps : p.steps;
+  for (int b = seq->first_block; b < seq->n_blocks; ++b) {
+    const int masks = seq->masks_in(b);
+    if (seq->masks_in(b, true) == 0) continue;
+    seq->steps_total += seq->editing() ? masks + p.max_post_steps : static_cast<int>(seq->schedule_of(b).size());
+  }
   if (seq->editing()) {
     seq->probability.assign(seq->canvas.size(), 0.0f);
     seq->top.resize(seq->canvas.size());

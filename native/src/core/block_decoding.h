@@ -20,6 +20,13 @@
 // After a block is done, the sequence finishes when the answer up to the block's end holds the EOS or a
 // stop token (later blocks stay masks), or when it was the last block.
 //
+// With a template (structured output's JSON skeleton; engine.cpp checks it), its tokens are in place from
+// the start and are never denoised, edited or reported. A block whose answer positions are all template
+// tokens is never denoised: it is committed with the block before it (Commit [bB, b'B) over the run of
+// such blocks; after the prefill for those before the first block to denoise). A block holding template
+// tokens spreads its steps over its masks (quotas of its masks over min(steps, masks) steps), as
+// full-canvas blocks do. No end token finishes a templated answer: it runs to the template's end.
+//
 // Forwards and phases (StepOutput::phase), one per step:
 //   kv_cache Prefix (the exact block cache): Prefill [0, (P / B) B) once when P >= B (no rows sampled;
 //     [C, (P / B) B) when the prefix cache held the prompt's first C positions, none when it held them all;
@@ -42,7 +49,7 @@
 namespace vdiff {
 
 // Checks the settings against block decoding (refusing LLaDA's that do not apply to it, each naming its
-// field: cfg_scale, remasking, suffix, template, parallel_factor, kv_cache dual, block_length other than
+// field: cfg_scale, remasking, suffix, parallel_factor, kv_cache dual, block_length other than
 // the model's, editing_threshold on a family without editing, a canvas beyond the context) and makes the
 // sequence, with its KV cache for kv_cache Prefix. The common checks (engine.cpp, validate) ran before.
 // prefill_chunk > 0 (EngineOptions): the prefill runs in forwards of at most that many positions (whole

@@ -19,6 +19,7 @@ class DreamSequence final : public Sequence {
  public:
   std::vector<int32_t> canvas;  // prompt, then the answer (mask tokens where nothing is committed yet)
   std::vector<float> ts;        // the time schedule, steps + 1 entries
+  bool templated = false;       // a template fixed some answer positions: it ends where the template ends
 
   int answer_begin() const { return prompt_length; }
   std::vector<int32_t> answer() const override {
@@ -89,8 +90,8 @@ class DreamSequence final : public Sequence {
       if (t == config.eos_token_id || (params.eot_token_id >= 0 && t == params.eot_token_id)) return true;
       return std::find(config.stop_token_ids.begin(), config.stop_token_ids.end(), t) != config.stop_token_ids.end();
     };
-    reason =
-        std::any_of(canvas.begin() + answer_begin(), canvas.end(), is_end) ? FinishReason::Eos : FinishReason::Length;
+    reason = !templated && std::any_of(canvas.begin() + answer_begin(), canvas.end(), is_end) ? FinishReason::Eos
+                                                                                              : FinishReason::Length;
   }
 };
 
@@ -137,7 +138,6 @@ std::shared_ptr<Sequence> make_dream_sequence(const std::vector<int32_t>& prompt
   if (p.remasking != Remasking::LowConfidence)
     throw invalid("remasking does not apply to Dream decoding (its alg chooses what to commit)" + model, "remasking");
   if (!suffix.empty()) throw invalid("a suffix (infilling) is not supported by Dream decoding" + model, "suffix");
-  if (!answer_template.empty()) throw invalid("a template is not supported by Dream decoding" + model, "template");
   if (p.min_p > 0.0) throw invalid("min_p does not apply to Dream decoding" + model, "min_p");
   if (p.parallel_threshold > 0.0)
     throw invalid("parallel_threshold does not apply to Dream decoding" + model, "parallel_threshold");
@@ -161,6 +161,10 @@ std::shared_ptr<Sequence> make_dream_sequence(const std::vector<int32_t>& prompt
   seq->canvas.reserve(prompt.size() + p.gen_length);
   seq->canvas.assign(prompt.begin(), prompt.end());
   seq->canvas.resize(prompt.size() + p.gen_length, config.mask_token_id);
+  // A template's tokens (engine.cpp checked it) are in place from the start: the steps commit its masks.
+  for (size_t q = 0; q < answer_template.size(); ++q)
+    if (answer_template[q] != -1) seq->canvas[prompt.size() + q] = answer_template[q];
+  seq->templated = !answer_template.empty();
   seq->steps_total = p.steps;
   seq->ts = dream_timesteps(p.steps, p.eps);
   return seq;

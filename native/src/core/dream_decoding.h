@@ -24,9 +24,10 @@
 namespace vdiff {
 
 // Checks the settings against Dream decoding (refusing those that do not apply, each naming its field:
-// cfg_scale, remasking, suffix, template, min_p, parallel_threshold, parallel_factor, kv_cache,
-// logits_eos_inf, confidence_eos_eot_inf; alg_temp and eps out of range) and makes the sequence. The
-// common checks (engine.cpp, validate) ran before.
+// cfg_scale, remasking, suffix, min_p, parallel_threshold, parallel_factor, kv_cache,
+// logits_eos_inf, confidence_eos_eot_inf; alg_temp and eps out of range) and makes the sequence, with a
+// template's tokens in place (the steps commit the masks around them). The common checks (engine.cpp,
+// validate, the template's) ran before.
 std::shared_ptr<Sequence> make_dream_sequence(const std::vector<int32_t>& prompt, const SamplingParams& params,
                                               const std::vector<int32_t>& suffix,
                                               const std::vector<int32_t>& answer_template, const Backend& backend);

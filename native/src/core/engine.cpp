@@ -262,10 +262,42 @@ static void validate(const std::vector<int32_t>& prompt, const std::vector<int32
                   "editing_threshold");
 }
 
+// A template (gen_length entries: -1 to denoise, else a token fixed there) that any decoding can take: of
+// the answer's length, with ids the model can hold other than the mask, no end token where min_tokens or
+// ignore_eos bar it, and at least one position to denoise.
+static void check_template(const std::vector<int32_t>& answer_template, const SamplingParams& params,
+                           const ModelConfig& config) {
+  if (static_cast<int>(answer_template.size()) != params.gen_length)
+    throw invalid("template has " + std::to_string(answer_template.size()) + " positions, gen_length is " +
+                      std::to_string(params.gen_length),
+                  "template");
+  int open = 0;
+  const RowRule rule = RowRule::of(params, config);
+  for (size_t i = 0; i < answer_template.size(); ++i) {
+    const int32_t t = answer_template[i];
+    if (t == -1) {
+      ++open;
+      continue;
+    }
+    if (t < 0 || t >= config.embedding_size || t == config.mask_token_id)
+      throw invalid("template[" + std::to_string(i) + "] = " + std::to_string(t) +
+                        " is neither -1 (to denoise) nor a token id other than the mask",
+                    "template");
+    rule.for_each_barred(static_cast<int>(i), [&](int32_t id) {
+      if (id == t)
+        throw invalid("template[" + std::to_string(i) + "] = " + std::to_string(t) +
+                          " is an end token, which min_tokens / ignore_eos bar there",
+                      "template");
+    });
+  }
+  if (open == 0) throw invalid("template fixes every position of the answer: nothing is left to denoise", "template");
+}
+
 uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams& params,
                         const std::vector<int32_t>& suffix, const std::vector<int32_t>& answer_template) {
   const ModelConfig& config = backend_->config();
   validate(prompt, suffix, params, config);
+  if (!answer_template.empty()) check_template(answer_template, params, config);
   // Block diffusion (block_decoding.h) and Dream (dream_decoding.h) validate the rest of their settings and
   // refuse LLaDA's extras.
   if (config.decoding != Decoding::FullCanvas) {
@@ -274,32 +306,6 @@ uint64_t Engine::create(const std::vector<int32_t>& prompt, const SamplingParams
                                                               prefix_cache_, options_.prefill_chunk)
                                         : make_dream_sequence(prompt, params, suffix, answer_template, *backend_);
     return adopt(std::move(seq), prompt);
-  }
-  if (!answer_template.empty()) {
-    if (static_cast<int>(answer_template.size()) != params.gen_length)
-      throw invalid("template has " + std::to_string(answer_template.size()) + " positions, gen_length is " +
-                        std::to_string(params.gen_length),
-                    "template");
-    int open = 0;
-    const RowRule rule = RowRule::of(params, config);
-    for (size_t i = 0; i < answer_template.size(); ++i) {
-      const int32_t t = answer_template[i];
-      if (t == -1) {
-        ++open;
-        continue;
-      }
-      if (t < 0 || t >= config.embedding_size || t == config.mask_token_id)
-        throw invalid("template[" + std::to_string(i) + "] = " + std::to_string(t) +
-                          " is neither -1 (to denoise) nor a token id other than the mask",
-                      "template");
-      rule.for_each_barred(static_cast<int>(i), [&](int32_t id) {
-        if (id == t)
-          throw invalid("template[" + std::to_string(i) + "] = " + std::to_string(t) +
-                            " is an end token, which min_tokens / ignore_eos bar there",
-                        "template");
-      });
-    }
-    if (open == 0) throw invalid("template fixes every position of the answer: nothing is left to denoise", "template");
   }
 
   auto seq = std::make_shared<FullCanvasSequence>();
@@ -444,8 +450,9 @@ std::vector<Engine::Scored> Engine::score(const std::vector<ScoreItem>& items, c
       RowTask task;
       task.cond = static_cast<int>(tasks.size());
       task.target = target;
-      // Two more than asked, for the mask token and head padding that are left out below.
-      task.top_logprobs = item.top_logprobs > 0 ? std::min(item.top_logprobs + 2, kMaxTopLogprobs) : 0;
+      // The alternatives: tokens of the vocabulary other than the mask (not head padding).
+      task.top_logprobs = item.top_logprobs;
+      task.top_vocab = vocab, task.top_mask = config.mask_token_id;
       if (item.rank) task.rank_vocab = vocab, task.rank_mask = config.mask_token_id;
       tasks.push_back(task);
     }

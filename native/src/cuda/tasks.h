@@ -51,8 +51,8 @@ inline TaskDesc task_desc(const RowTask& t, int row_size) {
   d.top_logprobs = std::clamp(t.top_logprobs, 0, kMaxTop);
   d.target = t.target >= 0 && t.target < row_size ? t.target : -1;
   d.eos = d.eot = -1;
-  d.vocab_size = row_size;
-  d.mask_token_id = -1;
+  d.vocab_size = t.top_vocab > 0 ? std::min(t.top_vocab, row_size) : row_size;  // a scored row's alternatives
+  d.mask_token_id = t.top_vocab > 0 ? t.top_mask : -1;
   if (t.rule) {
     const RowRule& r = *t.rule;
     d.temperature = r.temperature;

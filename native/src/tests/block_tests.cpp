@@ -446,6 +446,97 @@ void test_block_engine() {
                stopped.phases + " of " + free_run.phases);
   }
 
+  // A template (structured output's JSON skeleton): its tokens are in place from the start and never
+  // denoised, edited or reported; a block they fill alone is never denoised, only committed with the block
+  // before it; a block holding some spreads its steps over its masks; an end token in a value does not
+  // end the answer; cached equals recompute.
+  {
+    // Prompts of their own, so that the tests after these draw what they drew before.
+    std::mt19937 own(31);
+    auto own_prompt = [&](int n) { return random_tokens(own, n, spec.vocab - 2); };
+    const std::vector<int32_t> prompt = own_prompt(6);  // blocks 1 (tail of 2 + answer 0-1) .. 4 (answer 10-13)
+    const int32_t F = 3, G = 4;                         // fixed tokens
+    const std::vector<int32_t> tmpl = {-1, F, F, G, F, G, -1, F, -1, -1, G, F, -1, G};
+    const SamplingParams cached_p = block_params(14, B, 4, KVCacheMode::Prefix);
+    const SamplingParams full_p = block_params(14, B, 4, KVCacheMode::None);
+    auto run_templated = [&](const std::vector<int32_t>& prompt_, const SamplingParams& p,
+                             const std::vector<int32_t>& t) {
+      const uint64_t id = engine.create(prompt_, p, {}, t);
+      Run r = run_all(engine, {id})[0];
+      engine.release(id);
+      return r;
+    };
+    model->calls.clear();
+    const Run cached = run_templated(prompt, cached_p, tmpl);
+    const std::string cached_calls = joined(model->calls);
+    model->calls.clear();
+    const Run full = run_templated(prompt, full_p, tmpl);
+    const std::string full_calls = joined(model->calls);
+    bool kept = true, reported_fixed = false;
+    for (size_t q = 0; q < tmpl.size(); ++q) kept = kept && (tmpl[q] == -1 || cached.answer[q] == tmpl[q]);
+    for (const auto& step : cached.trace)
+      for (const auto& [pos, tok, prob] : step) reported_fixed = reported_fixed || tmpl[pos] != -1;
+    report(kept && !reported_fixed && std::count(cached.answer.begin(), cached.answer.end(), spec.vocab - 1) == 0,
+           "block template: its tokens stay, only the other positions are denoised and reported");
+    report(cached.phases == "PDCDDDCD" && cached_calls == "0-4c 4-8c 4-12c 12-16c 12-16c 12-16c 12-16c 16-20c",
+           "block template: a block of template tokens only is not denoised, committed with the block before; a "
+           "block's steps spread over its masks",
+           cached.phases + ": " + cached_calls);
+    report(cached.same_denoising(full) && full.phases == "DDDDD" && full_calls == "0-8 0-16 0-16 0-16 0-20" &&
+               cached.info.steps_done == 5 && cached.reason == FinishReason::Length,
+           "block template: cached == full recompute", full.phases + ": " + full_calls);
+
+    // Template blocks before the first one to denoise are committed after the prefill.
+    model->calls.clear();
+    const std::vector<int32_t> four = own_prompt(4);
+    const Run leading = run_templated(four, cached_p, {F, G, F, G, -1, F, -1, -1, G, G, G, G, -1, F});
+    const std::string leading_calls = joined(model->calls);
+    const Run leading_full = run_templated(four, full_p, {F, G, F, G, -1, F, -1, -1, G, G, G, G, -1, F});
+    // (The last block's two positions past the answer are denoised with its one mask, as without a template.)
+    report(leading.phases == "PCDDDCDDD" && leading_calls == "0-4c 4-8c 8-12c 8-12c 8-12c 8-16c 16-20c 16-20c 16-20c" &&
+               leading.same_denoising(leading_full),
+           "block template: leading template blocks committed after the prefill, with the blocks between",
+           leading.phases + ": " + leading_calls);
+
+    // An end token in a value does not end a templated answer: the model's EOS barred or not, the answer
+    // runs to the template's end. With an end token fixed early, every block is still denoised.
+    SamplingParams stop_p = cached_p;
+    std::vector<int32_t> with_end = tmpl;
+    with_end[1] = base.eos_token_id;
+    const Run ended = run_templated(prompt, stop_p, with_end);
+    report(ended.reason == FinishReason::Length && ended.phases == "PDCDDDCD" &&
+               std::count(ended.answer.begin(), ended.answer.end(), spec.vocab - 1) == 0,
+           "block template: an end token does not stop it before the template's end", ended.phases);
+
+    // An all -1 template is no template.
+    const Run plain = run_one(engine, prompt, cached_p);
+    report(run_templated(prompt, cached_p, std::vector<int32_t>(14, -1)) == plain,
+           "block template: all -1 is the same as none");
+
+    // Editing (LLaDA2.1) never rewrites a template token, at the lowest threshold.
+    SamplingParams edit_p = cached_p;
+    edit_p.editing_threshold = 0.0, edit_p.max_post_steps = 2;
+    const Run edited = run_templated(prompt, edit_p, tmpl);
+    bool edit_kept = true, edit_reported = false;
+    for (size_t q = 0; q < tmpl.size(); ++q) edit_kept = edit_kept && (tmpl[q] == -1 || edited.answer[q] == tmpl[q]);
+    for (const StepOutput& o : edited.outputs) {
+      for (const CommittedToken& c : o.committed) edit_reported = edit_reported || tmpl[c.position] != -1;
+      for (const CommittedToken& c : o.provisional) edit_reported = edit_reported || tmpl[c.position] != -1;
+    }
+    report(edit_kept && !edit_reported && edited.reason == FinishReason::Length,
+           "block template with editing: template tokens never edited nor reported");
+
+    // In a batch beside untemplated sequences, each gets what it gets alone.
+    const std::vector<int32_t> nine = own_prompt(9);
+    const uint64_t a = engine.create(prompt, cached_p, {}, tmpl);
+    const uint64_t b = engine.create(nine, block_params(7, B, 4, KVCacheMode::Prefix));
+    const std::vector<Run> both = run_all(engine, {a, b});
+    engine.release(a), engine.release(b);
+    report(both[0].same_denoising(cached) &&
+               both[1].same_denoising(run_one(engine, nine, block_params(7, B, 4, KVCacheMode::Prefix))),
+           "block template: in a batch, each sequence as alone");
+  }
+
   // A step cancelled after its forward (prefill, denoise, commit), retried, changes nothing.
   {
     const std::vector<int32_t> prompt = prompt_of(6);
@@ -489,9 +580,11 @@ void test_block_engine() {
     expect_refused("remasking random", "remasking",
                    [&] { engine.create(prompt, with([](SamplingParams& p) { p.remasking = Remasking::Random; })); });
     expect_refused("a suffix", "suffix", [&] { engine.create(prompt, with([](SamplingParams&) {}), {1, 2}); });
-    std::vector<int32_t> tmpl(8, -1);
-    tmpl[0] = 3;
-    expect_refused("a template", "template", [&] { engine.create(prompt, with([](SamplingParams&) {}), {}, tmpl); });
+    expect_refused("a template of the wrong length", "template", [&] {
+      engine.create(prompt, with([](SamplingParams&) {}), {}, {3, -1});
+    });
+    expect_refused("a template with nothing to denoise", "template",
+                   [&] { engine.create(prompt, with([](SamplingParams&) {}), {}, std::vector<int32_t>(8, 3)); });
     expect_refused("parallel_factor", "parallel_factor",
                    [&] { engine.create(prompt, with([](SamplingParams& p) { p.parallel_factor = 1; })); });
     expect_refused("kv_cache dual", "kv_cache",
@@ -581,6 +674,15 @@ void test_block_engine() {
         ordered = ordered && scored.logprobs[j] <= top[0].logprob + 1e-6;
       }
       report(ordered, "score with top_logprobs 5: the likeliest tokens per position, in order, no mask token");
+      // As many as asked, however many of the mask and the head padding (here 7 of 56) rank among them.
+      const Engine::ScoreItem wide{a, {0, 3, 10}, {1, 2, 3}, kMaxTopLogprobs};
+      const Engine::Scored all = engine.score(std::vector<Engine::ScoreItem>{wide})[0];
+      bool full = all.top.size() == 3;
+      for (const std::vector<TopLogprob>& top : all.top) {
+        full = full && static_cast<int>(top.size()) == kMaxTopLogprobs;
+        for (const TopLogprob& t : top) full = full && t.token != base.mask_token_id && t.token < base.vocab_size;
+      }
+      report(full, "score with top_logprobs 20: 20 alternatives, the mask and head padding left out");
       // rank: 1 + the vocabulary's tokens (not the mask) with a larger log-probability, counted here from
       // the forward's own row.
       item.rank = true;

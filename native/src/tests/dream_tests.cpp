@@ -262,6 +262,36 @@ void test_dream(const std::string& golden_dream_dir) {
     }
     report(worst < 1e-9, "dream score: log-probabilities from the shifted rows", fmt("max difference %.3g", worst));
 
+    // A template (structured output's JSON skeleton): its tokens are in place from the start, never
+    // committed or reported; the steps commit the other positions, by the schedule over the masks left.
+    {
+      const std::vector<int32_t> tmpl = {-1, 40, 41, -1, -1, 42, -1, 40, 40, -1, -1, 41};
+      const uint64_t id = engine.create(prompt, base, {}, tmpl);
+      std::vector<int> reported;
+      int steps = 0;
+      for (bool done = false; !done && steps < 100; ++steps)
+        for (const StepOutput& out : engine.step({id})) {
+          for (const CommittedToken& t : out.committed) reported.push_back(t.position);
+          done = out.finished;
+        }
+      const std::vector<int32_t> answer = engine.canvas(id);
+      engine.release(id);
+      bool kept = true, filled = true;
+      for (size_t q = 0; q < tmpl.size(); ++q) {
+        kept = kept && (tmpl[q] == -1 || answer[q] == tmpl[q]);
+        filled = filled && answer[q] != 127;
+      }
+      std::sort(reported.begin(), reported.end());
+      report(kept && filled && reported == std::vector<int>{0, 3, 4, 6, 9, 10} && steps == base.steps,
+             "dream template: its tokens stay, the other positions are denoised and reported once each");
+      const DreamRun plain = run_dream(engine, {{prompt, base}})[0];
+      const uint64_t all_open = engine.create(prompt, base, {}, std::vector<int32_t>(12, -1));
+      for (bool done = false; !done;)
+        for (const StepOutput& out : engine.step({all_open})) done = out.finished;
+      report(engine.canvas(all_open) == plain.answer, "dream template: all -1 is the same as none");
+      engine.release(all_open);
+    }
+
     // The stochastic paths: the same seed gives the same answer, another seed another one.
     for (const auto& [what, change] : std::vector<std::pair<std::string, std::function<void(SamplingParams&)>>>{
              {"temperature 0.8", [](SamplingParams& p) { p.temperature = 0.8; }},
