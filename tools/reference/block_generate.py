@@ -24,6 +24,17 @@ Deviations from the official loops, all outside what the fixtures exercise or de
   * LLaDA2.1 stops at EOS only with eos_early_stop; here editing uses the same per-block stop rule as the
     others (equivalent to eos_early_stop = True, since a finished block has no masks).
 
+With a template (structured output's JSON skeleton: gen_length entries, -1 where the model writes, else the
+token fixed there; vdiff's extension, no official loop has one):
+  * its tokens are in the canvas from the start and are never denoised, edited or recorded;
+  * a block whose answer positions hold no mask is never denoised (no step, no block_steps entry); in the
+    cached form the finished blocks are committed in one forward over the run [first finished, next to
+    denoise) just before the next block's first denoise (without a template the run is one block, so the
+    forwards are the same as committing each block when it is done);
+  * a block holding template tokens spreads its steps over its masks: quota = quota_schedule(masks,
+    max(1, min(steps, masks))), masks counted over the whole block (the padding past the answer too);
+  * no stop id ends a templated answer: it runs to the last block with an answer mask.
+
 Two forms, which must give the same tokens:
   * "cached": a prefill forward over the full prompt blocks stores their KV; each denoise forward computes only
     the open block, attending the cache; once a block is final one commit forward over it stores its KV (not
@@ -106,7 +117,7 @@ def top2_gap(row: torch.Tensor) -> float:
 
 @torch.no_grad()
 def generate(model, prompt: list[int], params: BlockParams, form: str = "cached", logits_hook=None,
-             margins: bool = False) -> Result:
+             margins: bool = False, template: list[int] | None = None) -> Result:
     """Runs one sequence. model: llada2.LLaDA2 or sdar.SDAR (config mask_token_id, stop_token_ids)."""
     if form not in ("cached", "recompute"):
         raise ValueError(f"unknown form {form}")
@@ -122,8 +133,15 @@ def generate(model, prompt: list[int], params: BlockParams, form: str = "cached"
     n_blocks = math.ceil((p_len + gen_length) / block)
     x = torch.full((n_blocks * block,), mask_id, dtype=torch.long)
     x[:p_len] = torch.tensor(prompt, dtype=torch.long)
-    quota = quota_schedule(block, params.steps)
     answer_end = p_len + gen_length
+    fixed: set[int] = set()
+    if template is not None:
+        if len(template) != gen_length or all(t == -1 for t in template):
+            raise ValueError("a template has gen_length entries, at least one of them -1 and one not")
+        for q, t in enumerate(template):
+            if t != -1:
+                x[p_len + q] = t
+                fixed.add(p_len + q)
     result = Result(canvas=[], answer=[])
     model.router_gap = math.inf
 
@@ -132,6 +150,7 @@ def generate(model, prompt: list[int], params: BlockParams, form: str = "cached"
     if cached and first > 0:
         model.forward(x[:first * block], 0, cache, store=True, attention_block=block)
         result.forwards["prefill"] += 1
+    commit_from = None  # the first finished block not yet committed (cached form)
 
     def block_logits(start: int, end: int) -> torch.Tensor:
         if cached:
@@ -168,6 +187,19 @@ def generate(model, prompt: list[int], params: BlockParams, form: str = "cached"
     for b in range(first, n_blocks):
         start, end = b * block, (b + 1) * block
         prompt_in_block = max(0, p_len - start)  # the prompt tail: block offsets [0, prompt_in_block)
+        if fixed and not any(int(x[p]) == mask_id for p in range(start, min(end, answer_end))):
+            if commit_from is None:
+                commit_from = b  # final as laid: committed with the run it belongs to
+            continue
+        if cached and commit_from is not None:
+            model.forward(x[commit_from * block:start], commit_from * block, cache, store=True, attention_block=block)
+            result.forwards["commit"] += 1
+            commit_from = None
+        masks_here = sum(1 for p in range(start, end) if int(x[p]) == mask_id)
+        if any(p in fixed for p in range(start, end)):
+            quota = quota_schedule(masks_here, max(1, min(params.steps, masks_here)))
+        else:
+            quota = quota_schedule(block, params.steps)
         steps_here = 0
         post = 0
         step = 0
@@ -180,7 +212,7 @@ def generate(model, prompt: list[int], params: BlockParams, form: str = "cached"
                     if post > params.max_post_steps:
                         break
             else:
-                if not active or step >= params.steps:
+                if not active or step >= len(quota):
                     break
             logits = block_logits(start, end)
             steps_here += 1
@@ -204,7 +236,7 @@ def generate(model, prompt: list[int], params: BlockParams, form: str = "cached"
             edits: list[int] = []
             if params.editing:
                 for i in range(prompt_in_block, block):
-                    if i in active:
+                    if i in active or start + i in fixed:
                         continue
                     p = float(prob[i])
                     if margins:
@@ -225,13 +257,11 @@ def generate(model, prompt: list[int], params: BlockParams, form: str = "cached"
         if bool((x[start:end] == mask_id).any()):
             raise AssertionError(f"block {b} still holds masks after its loop")
         result.block_steps.append(steps_here)
-        if any(int(t) in stops for t in x[p_len:min(end, answer_end)]):
+        if not fixed and any(int(t) in stops for t in x[p_len:min(end, answer_end)]):
             result.finished_eos = True
             result.stopped_early = b < n_blocks - 1
             break
-        if cached and b < n_blocks - 1:
-            model.forward(x[start:end], start, cache, store=True, attention_block=block)
-            result.forwards["commit"] += 1
+        commit_from = b  # committed before the next block's first denoise, if there is one
 
     result.canvas = x.tolist()
     result.answer = x[p_len:answer_end].tolist()
@@ -239,11 +269,12 @@ def generate(model, prompt: list[int], params: BlockParams, form: str = "cached"
     return result
 
 
-def generate_checked(model, prompt: list[int], params: BlockParams, margins: bool = False) -> tuple[Result, float]:
+def generate_checked(model, prompt: list[int], params: BlockParams, margins: bool = False,
+                     template: list[int] | None = None) -> tuple[Result, float]:
     """Runs both forms, asserts they give the same tokens, commits and step boundaries and nearly the same
     probabilities; returns the cached form's result and the largest |logit| difference between the forms."""
-    cached = generate(model, prompt, params, "cached", margins=margins)
-    full = generate(model, prompt, params, "recompute")
+    cached = generate(model, prompt, params, "cached", margins=margins, template=template)
+    full = generate(model, prompt, params, "recompute", template=template)
     if cached.canvas != full.canvas or cached.commits() != full.commits() or cached.block_steps != full.block_steps:
         raise AssertionError(f"cached and recomputed forms disagree on prompt {prompt} ({params})")
     diff = 0.0

@@ -115,8 +115,9 @@ std::vector<Run> run_all(Engine& engine, const std::vector<uint64_t>& ids) {
   return runs;
 }
 
-Run run_one(Engine& engine, const std::vector<int32_t>& prompt, const SamplingParams& p) {
-  const uint64_t id = engine.create(prompt, p);
+Run run_one(Engine& engine, const std::vector<int32_t>& prompt, const SamplingParams& p,
+            const std::vector<int32_t>& answer_template = {}) {
+  const uint64_t id = engine.create(prompt, p, {}, answer_template);
   Run r = run_all(engine, {id})[0];
   engine.release(id);
   return r;
@@ -747,25 +748,32 @@ void test_block_golden(const std::string& dir) {
       struct Case {
         std::string name;
         std::vector<int32_t> prompt;
+        std::vector<int32_t> tmpl;  // the template of <name>-template.json's cases
         SamplingParams params;
         const Json* json;
       };
-      std::vector<Case> cases;
-      for (const Json& c : fixture.find("generate")->items()) {
-        Case k;
-        k.name = c.find("name")->as_string();
-        for (const Json& t : c.find("prompt")->items()) k.prompt.push_back(static_cast<int32_t>(t.as_int64()));
-        const Json& p = *c.find("params");
-        k.params.gen_length = static_cast<int>(p.find("gen_length")->as_int64());
-        k.params.block_length = static_cast<int>(p.find("block_length")->as_int64());
-        k.params.steps = static_cast<int>(p.find("steps")->as_int64());
-        k.params.parallel_threshold = p.find("threshold")->as_number();
-        k.params.editing_threshold = p.find("editing_threshold")->as_number();
-        k.params.max_post_steps = static_cast<int>(p.find("max_post_steps")->as_int64());
-        k.params.kv_cache = KVCacheMode::Prefix;
-        k.json = &c;
-        cases.push_back(k);
-      }
+      auto cases_of = [](const Json& file) {
+        std::vector<Case> cases;
+        for (const Json& c : file.find("generate")->items()) {
+          Case k;
+          k.name = c.find("name")->as_string();
+          for (const Json& t : c.find("prompt")->items()) k.prompt.push_back(static_cast<int32_t>(t.as_int64()));
+          if (const Json* t = c.find("template"))
+            for (const Json& id : t->items()) k.tmpl.push_back(static_cast<int32_t>(id.as_int64()));
+          const Json& p = *c.find("params");
+          k.params.gen_length = static_cast<int>(p.find("gen_length")->as_int64());
+          k.params.block_length = static_cast<int>(p.find("block_length")->as_int64());
+          k.params.steps = static_cast<int>(p.find("steps")->as_int64());
+          k.params.parallel_threshold = p.find("threshold")->as_number();
+          k.params.editing_threshold = p.find("editing_threshold")->as_number();
+          k.params.max_post_steps = static_cast<int>(p.find("max_post_steps")->as_int64());
+          k.params.kv_cache = KVCacheMode::Prefix;
+          k.json = &c;
+          cases.push_back(k);
+        }
+        return cases;
+      };
+      const std::vector<Case> cases = cases_of(fixture);
 
       // What a run must show for its case; "" when it does.
       auto mismatch = [&](const Case& k, const Run& r, bool cached, double* worst_p) -> std::string {
@@ -884,6 +892,36 @@ void test_block_golden(const std::string& dir) {
         report(same == static_cast<int>(members.size()),
                label + ": the fixture's batch gives each case what it gets alone",
                std::to_string(same) + " of " + std::to_string(members.size()) + " (" + names + ")");
+      }
+
+      // Templates (structured output's skeleton; tools/reference/make_block_template_fixtures.py): each case
+      // token for token against the reference, cached and full recompute, with the same forwards per phase.
+      if (name != std::string("sdar_moe")) {
+        std::ifstream tin(fs::path(dir) / (name + std::string("-template.json")));
+        if (!tin) {
+          report(false, label + " templates", "no fixture " + name + "-template.json");
+        } else {
+          std::stringstream ts;
+          ts << tin.rdbuf();
+          const Json tfixture = Json::parse(ts.str());
+          const std::vector<Case> tcases = cases_of(tfixture);
+          int ok = 0;
+          double worst = 0.0;
+          for (const Case& k : tcases) {
+            const Run cached = run_one(engine, k.prompt, k.params, k.tmpl);
+            SamplingParams none = k.params;
+            none.kv_cache = KVCacheMode::None;
+            const Run full = run_one(engine, k.prompt, none, k.tmpl);
+            const std::string a = mismatch(k, cached, true, &worst), b = mismatch(k, full, false, &worst);
+            const bool same = a.empty() && b.empty() && cached.same_denoising(full);
+            ok += same;
+            if (!same) report(false, label + " template case " + k.name, "cached: " + a + "; no cache: " + b);
+          }
+          report(ok == static_cast<int>(tcases.size()) && !tcases.empty() && worst <= 1e-4,
+                 label + ": template cases token for token against the reference, cached and full recompute",
+                 std::to_string(ok) + " of " + std::to_string(tcases.size()) +
+                     fmt(" cases; largest probability difference %.2g", worst));
+        }
       }
     } catch (const std::exception& e) {
       report(false, label, e.what());
