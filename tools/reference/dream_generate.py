@@ -227,9 +227,11 @@ class Result:
 
 @torch.no_grad()
 def generate(model, prompt: list[int], params: DreamParams, mask_id: int, seed: int = 0, logits_hook=None,
-             margins: bool = False) -> Result:
+             margins: bool = False, template: list[int] | None = None) -> Result:
     """One sequence. model(tokens [L]) -> SHIFTED predictions [L, V] f32 (dream.Dream.forward).
-    logits_hook(logits) -> logits lets a test perturb the model output. margins: measure the Result margins."""
+    logits_hook(logits) -> logits lets a test perturb the model output. margins: measure the Result margins.
+    template (vdiff's structured output: gen_length entries, -1 where the model writes, else a token fixed
+    there): its tokens are in the canvas from the start, so the steps count and commit only the other masks."""
     p = params
     if p.alg not in ALGS:
         raise ValueError(f"unknown alg {p.alg}")
@@ -240,6 +242,12 @@ def generate(model, prompt: list[int], params: DreamParams, mask_id: int, seed: 
     plen = len(prompt)
     x = torch.full((plen + p.gen_length,), mask_id, dtype=torch.long)
     x[:plen] = torch.tensor(prompt, dtype=torch.long)
+    if template is not None:
+        if len(template) != p.gen_length:
+            raise ValueError("a template has gen_length entries")
+        for q, t in enumerate(template):
+            if t != -1:
+                x[plen + q] = t
     ts = timesteps(p.steps, p.eps)
     gen = torch.Generator().manual_seed(seed)
     result = Result(canvas=[], answer=[])

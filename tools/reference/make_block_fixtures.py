@@ -206,13 +206,13 @@ def shows(result: bg.Result, requirements: list[str], stop_ids: list[int]) -> bo
     return True
 
 
-def robust(model, prompt, params, result) -> bool:
+def robust(model, prompt, params, result, template=None) -> bool:
     if min(result.token_margin, result.select_margin, result.threshold_margin) < MARGIN:
         return False
     if result.router_margin < ROUTER_MARGIN:
         return False
     for trial in range(PERTURB_TRIALS):
-        again = bg.generate(model, prompt, params, "cached", logits_hook=perturbation(1000 + trial))
+        again = bg.generate(model, prompt, params, "cached", logits_hook=perturbation(1000 + trial), template=template)
         if again.commits() != result.commits() or again.block_steps != result.block_steps:
             return False
     return True

@@ -56,19 +56,6 @@ CASES = {
 }
 
 
-def robust(model, prompt, params, result, template) -> bool:
-    if min(result.token_margin, result.select_margin, result.threshold_margin) < mbf.MARGIN:
-        return False
-    if result.router_margin < mbf.ROUTER_MARGIN:
-        return False
-    for trial in range(mbf.PERTURB_TRIALS):
-        again = bg.generate(model, prompt, params, "cached", logits_hook=mbf.perturbation(1000 + trial),
-                            template=template)
-        if again.commits() != result.commits() or again.block_steps != result.block_steps:
-            return False
-    return True
-
-
 def make_case(model, config, name, prompt_len, raw, runs, requirements, case_seed) -> dict:
     params = bg.BlockParams(**raw)
     mask = config["mask_token_id"]
@@ -79,7 +66,7 @@ def make_case(model, config, name, prompt_len, raw, runs, requirements, case_see
         result = bg.generate(model, prompt, params, "cached", margins=True, template=template)
         if not mbf.shows(result, requirements, config["stop_token_ids"]):
             continue
-        if not robust(model, prompt, params, result, template):
+        if not mbf.robust(model, prompt, params, result, template):
             continue
         if any(tok == mask for step in result.trace for _, tok, _ in step):
             continue

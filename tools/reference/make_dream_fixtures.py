@@ -189,18 +189,19 @@ def shows(model, config, prompt, params, result, requirements) -> bool:
     return True
 
 
-def robust(model, config, prompt, params, result) -> bool:
+def robust(model, config, prompt, params, result, template=None) -> bool:
     if min(result.token_margin, result.select_margin) < MARGIN or result.top_p_margin < TOP_P_MARGIN:
         return False
     if result.count_margin < COUNT_MARGIN:
         return False
     for trial in range(PERTURB_TRIALS):
-        again = dg.generate(model, prompt, params, config["mask_token_id"], logits_hook=perturbation(1000 + trial))
+        again = dg.generate(model, prompt, params, config["mask_token_id"], logits_hook=perturbation(1000 + trial),
+                            template=template)
         if again.commits() != result.commits():
             return False
     for trial in range(ACTIVATION_TRIALS if model.bf16 else 0):
         with matmul.activation_noise(2000 + trial, ACTIVATION_NOISE_REL):
-            again = dg.generate(model, prompt, params, config["mask_token_id"])
+            again = dg.generate(model, prompt, params, config["mask_token_id"], template=template)
         if again.commits() != result.commits():
             return False
     return True

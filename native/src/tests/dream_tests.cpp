@@ -33,11 +33,14 @@ struct DreamRun {
   int forwards = 0;
 };
 
-// Runs the sequences to the end, all in one batch per step.
+// Runs the sequences to the end, all in one batch per step; templates[i], when given, is sequence i's.
 std::vector<DreamRun> run_dream(Engine& engine,
-                                const std::vector<std::pair<std::vector<int32_t>, SamplingParams>>& seqs) {
+                                const std::vector<std::pair<std::vector<int32_t>, SamplingParams>>& seqs,
+                                const std::vector<std::vector<int32_t>>& templates = {}) {
   std::vector<uint64_t> ids;
-  for (const auto& [prompt, params] : seqs) ids.push_back(engine.create(prompt, params));
+  for (size_t i = 0; i < seqs.size(); ++i)
+    ids.push_back(
+        engine.create(seqs[i].first, seqs[i].second, {}, i < templates.size() ? templates[i] : std::vector<int32_t>{}));
   std::vector<DreamRun> runs(ids.size());
   std::vector<uint64_t> running = ids;
   for (int guard = 0; !running.empty() && guard < 10000; ++guard) {
@@ -186,6 +189,28 @@ void test_dream_model(const fs::path& dir, const std::string& name) {
   report(batch_ok == batch_total && batch_total > 0,
          label + ": the same in the fixture's batches (one engine step for all of a batch)",
          std::to_string(batch_ok) + "/" + std::to_string(batch_total) + (first_bad.empty() ? "" : "; " + first_bad));
+
+  // Templates (structured output's skeleton; tools/reference/make_dream_template_fixtures.py writes them for
+  // gqa and nobias).
+  if (name != "gqa" && name != "nobias") return;
+  if (!fs::exists(dir / (name + "-template.json"))) {
+    report(false, label + ": template cases", "no fixture " + name + "-template.json");
+    return;
+  }
+  const Json templated = read_json(dir / (name + "-template.json"));
+  int template_ok = 0, template_total = 0;
+  for (const Json& c : templated.find("generate")->items()) {
+    const DreamRun r =
+        run_dream(engine, {{ints(*c.find("prompt")), params_of(*c.find("params"))}}, {ints(*c.find("template"))})[0];
+    const std::string why = mismatch(c, r, &worst_p);
+    ++template_total;
+    if (why.empty()) ++template_ok;
+    else if (first_bad.empty()) first_bad = c.find("name")->as_string() + " (template): " + why;
+  }
+  report(
+      template_ok == template_total && template_total > 0 && worst_p < probability_bound,
+      label + ": template cases token for token with their commits per step and trace",
+      std::to_string(template_ok) + "/" + std::to_string(template_total) + (first_bad.empty() ? "" : "; " + first_bad));
 }
 
 }  // namespace
