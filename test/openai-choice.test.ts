@@ -123,7 +123,9 @@ describe("guided_choice", () => {
     expect((await refused({ guided_choice: ["Good", "<|mdm_mask|>"] })).param).toBe("guided_choice[1]")
     expect((await refused({ guided_choice: ["Good", "x<|endoftext|>"] })).message).toMatch(/ends an answer/)
     expect((await refused({ guided_choice: choices, structured_outputs: { choice: choices } })).param).toBe("guided_choice")
-    expect((await refused({ structured_outputs: { json: {} } })).param).toBe("structured_outputs")
+    expect((await refused({ structured_outputs: { regex: "a+" } })).param).toBe("structured_outputs")
+    // structured_outputs.json is a schema to lay out: {} is not one a template can honour.
+    expect((await refused({ structured_outputs: { json: {} } })).param).toBe("structured_outputs.json")
     expect((await refused({ guided_choice: new Array(257).fill("Good") })).message).toMatch(/at most 256/)
     const chat = { messages: [{ role: "user", content: "Hi" }], guided_choice: choices }
     expect((await refused({ ...chat, logprobs: true, top_logprobs: 2 }, "/v1/chat/completions")).param).toBe("top_logprobs")

@@ -299,7 +299,7 @@ describe("structured output (json_schema by template)", () => {
     }
   })
 
-  it("the SDK's parse helper (zodResponseFormat): nullable fields, literal unions, string lengths, a sub-object used twice", async () => {
+  it("the SDK's parse helper (zodResponseFormat): nullable fields, literal unions, string lengths, a sub-object used twice, a tuple", async () => {
     const Place = z.object({ city: z.string().min(2), country: z.string().max(12) })
     const Plan = z.object({
       motto: z.string().min(4).max(20),
@@ -307,7 +307,8 @@ describe("structured output (json_schema by template)", () => {
       away: Place,
       note: z.string().nullable(),
       kind: z.union([z.literal("war"), z.literal("peace")]),
-      sworn: z.boolean().nullable()
+      sworn: z.boolean().nullable(),
+      pair: z.tuple([z.string(), z.number().int()])
     })
     for (const temperature of [0, 1.5]) {
       const completion = await client.chat.completions.parse({

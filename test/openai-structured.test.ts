@@ -522,6 +522,49 @@ describe("schemas as libraries write them: $defs and $ref, unions, nullable valu
   })
 })
 
+describe("tuples", () => {
+  it("lays each item of a tuple out in its place: prefixItems (2020-12, zod's z.tuple) or a list of items (draft 7)", () => {
+    for (const tuple of [
+      { type: "array", prefixItems: [{ type: "string" }, { type: "integer" }], items: false },
+      { type: "array", items: [{ type: "string" }, { type: "integer" }] },
+      { type: "array", prefixItems: [{ type: "string" }, { type: "integer" }], minItems: 2, maxItems: 2 }
+    ]) {
+      const skeleton = skeletonOf(object({ p: tuple }))
+      if (isRefusal(skeleton)) throw new Error(skeleton.message)
+      expect(skeleton.parts).toEqual([
+        { fixed: `{"p": ["` },
+        { slot: true },
+        { fixed: `", ` },
+        { slot: true, number: "integer", signed: true },
+        { fixed: "]}" }
+      ])
+    }
+  })
+
+  it.each([
+    [
+      "items after its own",
+      { type: "array", prefixItems: [{ type: "string" }], items: { type: "string" } },
+      "schema.properties.p.items",
+      /after its own/
+    ],
+    ["an empty tuple", { type: "array", prefixItems: [] }, "schema.properties.p.prefixItems", /1 to 16 items/],
+    [
+      "minItems above its length",
+      { type: "array", prefixItems: [{ type: "string" }], minItems: 2 },
+      "schema.properties.p.minItems",
+      /above the tuple's length/
+    ],
+    ["prefixItems not a list", { type: "array", prefixItems: { type: "string" } }, "schema.properties.p.prefixItems", /list of schemas/]
+  ])("refuses a tuple with %s", (_, tuple, path, reason) => {
+    const refusal = skeletonOf(object({ p: tuple }))
+    expect(isRefusal(refusal)).toBe(true)
+    if (!isRefusal(refusal)) return
+    expect(refusal.path).toBe(path)
+    expect(refusal.message).toMatch(reason)
+  })
+})
+
 describe("string lengths", () => {
   const schema = object({
     motto: { type: "string", minLength: 3, maxLength: 5 },

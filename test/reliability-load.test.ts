@@ -169,11 +169,15 @@ describe("a full queue (2 slots, a queue of 2)", () => {
   )
 
   it(
-    "overload: some requests get 503, all others are answered exactly, the queue stays within its capacity",
+    "overload: some requests get 503, all others are answered exactly, the queue beyond the batch's free room stays within its capacity",
     async () => {
       const specs = requestSpecs(6, 5)
       const expected = await answersAlone(server.url, specs)
       let maxWaiting = 0
+      // Admission's rule: the requests waiting beyond what the batch's free room takes at the next step
+      // stay within the queue's capacity. A request the free room will take still counts as waiting until
+      // that step, so `waiting` alone may briefly exceed the capacity by the free slots.
+      let maxBeyondRoom = 0
       const figures = await runLoad({
         url: server.url,
         clients: 8,
@@ -182,7 +186,9 @@ describe("a full queue (2 slots, a queue of 2)", () => {
         specs,
         expected,
         sample: async () => {
-          maxWaiting = Math.max(maxWaiting, (await engineStats(server.url)).scheduler.waiting)
+          const { scheduler } = await engineStats(server.url)
+          maxWaiting = Math.max(maxWaiting, scheduler.waiting)
+          maxBeyondRoom = Math.max(maxBeyondRoom, scheduler.waiting - Math.max(0, 2 - scheduler.running_sequences))
         },
         sampleEveryMs: 50,
         pauseAfterQueueFullMs: 250
@@ -195,7 +201,8 @@ describe("a full queue (2 slots, a queue of 2)", () => {
       expect(figures.problems).toEqual([])
       expect(figures.queueFull).toBeGreaterThan(0)
       expect(figures.ok + figures.queueFull).toBe(figures.sent)
-      expect(maxWaiting).toBeLessThanOrEqual(2)
+      expect(maxBeyondRoom).toBeLessThanOrEqual(2)
+      expect(maxWaiting).toBeLessThanOrEqual(4)
       await awaitIdle(server.url)
     },
     timeLimit()

@@ -102,7 +102,7 @@ const ANNOTATION_KEYS = new Set([
   "$defs",
   "definitions"
 ])
-const KNOWN_ARRAY_KEYS = new Set(["type", "items", "minItems", "maxItems"])
+const KNOWN_ARRAY_KEYS = new Set(["type", "items", "minItems", "maxItems", "prefixItems", "additionalItems"])
 const KNOWN_OBJECT_KEYS = new Set(["type", "properties", "required", "additionalProperties", "strict"])
 const KNOWN_STRING_KEYS = new Set(["type", "minLength", "maxLength"])
 const KNOWN_CHOICE_KEYS = new Set(["type", "enum"])
@@ -435,6 +435,34 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
     if (type === "array") {
       for (const key of Object.keys(node)) {
         if (!takes(KNOWN_ARRAY_KEYS, key)) return refuse(`${path}.${key}`, `${key} is not supported on an array`)
+      }
+      // A tuple (prefixItems, or draft 7's list of items): each item laid out in its place, no item after them.
+      if ("prefixItems" in node && !Array.isArray(node["prefixItems"]))
+        return refuse(`${path}.prefixItems`, "prefixItems must be a list of schemas")
+      const tuple = Array.isArray(node["prefixItems"]) ? "prefixItems" : Array.isArray(node["items"]) ? "items" : undefined
+      if (tuple !== undefined) {
+        const places = node[tuple] as ReadonlyArray<unknown>
+        const after = tuple === "prefixItems" ? node["items"] : node["additionalItems"]
+        if (after !== undefined && after !== false && node["maxItems"] !== places.length) {
+          return refuse(
+            `${path}.${tuple === "prefixItems" ? "items" : "additionalItems"}`,
+            "a tuple's items after its own are not supported: give items false or maxItems equal to its length"
+          )
+        }
+        if (places.length === 0 || places.length > MAX_ARRAY_ITEMS)
+          return refuse(`${path}.${tuple}`, `a tuple may have 1 to ${MAX_ARRAY_ITEMS} items`)
+        const { minItems } = node
+        if (minItems !== undefined && !(Number.isInteger(minItems) && (minItems as number) <= places.length)) {
+          return refuse(`${path}.minItems`, "minItems above the tuple's length is not supported")
+        }
+        fixed("[")
+        for (const [i, place] of places.entries()) {
+          if (i > 0) fixed(", ")
+          const refusal = walk(place, `${path}.${tuple}[${i}]`, false, [...keys, i])
+          if (refusal !== undefined) return refusal
+        }
+        fixed("]")
+        return undefined
       }
       const { items, minItems = 0, maxItems } = node
       if (!isObject(items)) return refuse(`${path}.items`, "an array needs the schema of its items in `items`")
