@@ -11,6 +11,10 @@
  * probabilities by up to a few 1e-3 (2.3e-3 measured on 2026-12-06). Tokens, positions and steps are still
  * compared exactly; the fixture writer keeps only prompts whose commits survive such noise.
  *
+ * With a template (tools/reference/make_template_fixtures.py, fixtures in test/fixtures/golden-templates, on
+ * the models of test/fixtures/golden):
+ * the same, the template's tokens in place from the start and never committed.
+ *
  * The fixtures' forward logits are not checked here: the addon's step API does not expose logits (nor does
  * vdiff-cli), so they belong to the native tests, which call Model::forward directly.
  */
@@ -73,5 +77,30 @@ describe.each(goldens.map((g) => [g.model, g] as const))("golden %s", (name, gol
       cases.map((c) => ({ prompt: c.prompt, params: nativeParamsOf(c) }))
     )
     runs.forEach((run, i) => expectMatches(run, cases[i]!, `${name}/batch[${batch.join(",")}]/${cases[i]!.name}`))
+  })
+})
+
+const templateFixtures = join(import.meta.dirname, "fixtures", "golden-templates")
+const templated = readdirSync(templateFixtures)
+  .filter((f) => f.endsWith(".json"))
+  .sort()
+  .map((f) => JSON.parse(readFileSync(join(templateFixtures, f), "utf8")) as Omit<Golden, "batches">)
+
+describe.each(templated.map((g) => [g.model, g] as const))("golden %s with a template", (name, golden) => {
+  let engine: NativeEngine
+  beforeAll(async () => {
+    engine = await loadAddon().loadModel(join(fixtures, name), { threads: 2 })
+  })
+  afterAll(() => {
+    expect(engine.live()).toBe(0)
+  })
+
+  it("has the cases", () => expect(golden.generate.length).toBeGreaterThan(0))
+
+  it.each(golden.generate.map((c) => [c.name, c] as const))("%s", async (caseName, c) => {
+    const template = (c as GoldenCase & { readonly template: ReadonlyArray<number> }).template
+    const [run] = await runTogether(engine, [{ prompt: c.prompt, params: nativeParamsOf(c), template }])
+    expectMatches(run!, c, `${name}/${caseName}`)
+    for (const [position] of run!.trace.flat()) expect(template[position], `${name}/${caseName}: a template position committed`).toBe(-1)
   })
 })

@@ -18,6 +18,8 @@ export interface Run {
 export interface Job {
   readonly prompt: ReadonlyArray<number>
   readonly params: NativeSamplingParams
+  /** Answer positions fixed from the start (-1: denoised), as structured output lays a JSON skeleton. */
+  readonly template?: ReadonlyArray<number>
 }
 
 /**
@@ -25,7 +27,9 @@ export interface Job {
  * all have finished. Sequences are released at the end unless `keep` is set.
  */
 export const runTogether = async (engine: NativeEngine, jobs: ReadonlyArray<Job>, keep = false): Promise<Array<Run>> => {
-  const ids = jobs.map((job) => engine.create(Int32Array.from(job.prompt), job.params))
+  const ids = jobs.map((job) =>
+    engine.create(Int32Array.from(job.prompt), job.params, undefined, job.template === undefined ? undefined : [...job.template])
+  )
   const runs = new Map<number, { trace: Run["trace"]; results: Array<StepSnapshot>; reason: Run["reason"] }>(
     ids.map((id) => [id, { trace: [], results: [], reason: null }])
   )

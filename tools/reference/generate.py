@@ -34,6 +34,11 @@ Generalisation (the reference asserts gen_length % block_length == 0 and steps %
     are identical. The lower clamp means steps < num_blocks still runs one step per block.
   * within a block the reference schedule above applies unchanged with M = len_b.
 
+Template (vdiff's structured output, `template=`: gen_length entries, -1 where the model writes, else a token
+fixed there; no reference loop has one): its tokens are in the canvas from the start (the "prompt" of
+cfg_scale stays the prompt); a block's M counts its masks only, its steps are clamped to [1, M], and a block
+without masks takes no step.
+
 Each committed token is recorded per step as (answer position, token, probability) where probability is
 the float64 softmax probability of the committed token at the step it was committed, computed from the
 same logits the confidence uses (so for low_confidence it is the confidence itself).
@@ -109,7 +114,7 @@ def log_gap(higher: float, lower: float) -> float:
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, params: Params, mask_id: int, eos_id: int,
              attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             logits_hook=None, margins: bool = False) -> Result:
+             logits_hook=None, margins: bool = False, template: list[int] | None = None) -> Result:
     """prompt [B, Lp] int64 (every row shares params). attention_mask [B, Lp] marks real prompt tokens
     (left padding), as in the reference. logits_hook(logits) -> logits lets a test perturb the model output.
     margins: also measure Result.token_margin and Result.select_margin (costs time; off for benchmarks).
@@ -124,6 +129,12 @@ def generate(model, prompt: torch.Tensor, params: Params, mask_id: int, eos_id: 
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask.bool(), torch.ones(batch, p.gen_length, dtype=torch.bool)], dim=1)
     prompt_index = x != mask_id
+    if template is not None:
+        if len(template) != p.gen_length or all(t == -1 for t in template):
+            raise ValueError("a template has gen_length entries, at least one of them -1 and one not")
+        for q, t in enumerate(template):
+            if t != -1:
+                x[:, prompt_len + q] = t
     result = Result(tokens=x, trace=[[] for _ in range(batch)])
 
     def model_logits(canvas: torch.Tensor) -> torch.Tensor:
@@ -138,6 +149,10 @@ def generate(model, prompt: torch.Tensor, params: Params, mask_id: int, eos_id: 
 
     for start, end, steps_b in block_schedule(p.gen_length, p.block_length, p.steps):
         block_masks = (x[:, prompt_len + start:prompt_len + end] == mask_id).sum(dim=1).tolist()
+        if template is not None:  # every row has the template's masks
+            if block_masks[0] == 0:
+                continue
+            steps_b = min(steps_b, block_masks[0])
         counts = [transfer_counts(m, steps_b) for m in block_masks]
         for step in range(steps_b):
             mask_index = x == mask_id

@@ -157,9 +157,10 @@ def forward_cases(model: llada.LLaDA, config, seed: int) -> list[dict]:
     return out
 
 
-def run_case(model, config, prompt, params, hook=None):
+def run_case(model, config, prompt, params, hook=None, template=None):
     ids = special_ids(config)
-    return gen.generate(model, torch.tensor([prompt]), params, ids["mask"], ids["eos"], logits_hook=hook, margins=True)
+    return gen.generate(model, torch.tensor([prompt]), params, ids["mask"], ids["eos"], logits_hook=hook, margins=True,
+                        template=template)
 
 
 def perturbation(seed: int):
@@ -192,16 +193,16 @@ def matters(model, config, prompt, params, result) -> bool:
     return plain.commits() != result.commits()
 
 
-def robust(model, config, prompt, params, result) -> bool:
+def robust(model, config, prompt, params, result, template=None) -> bool:
     if result.token_margin < MARGIN or result.select_margin < MARGIN:
         return False
     for trial in range(PERTURB_TRIALS):
-        again = run_case(model, config, prompt, params, hook=perturbation(1000 + trial))
+        again = run_case(model, config, prompt, params, hook=perturbation(1000 + trial), template=template)
         if again.commits() != result.commits():
             return False
     for trial in range(ACTIVATION_TRIALS if model.bf16 else 0):
         with matmul.activation_noise(2000 + trial, ACTIVATION_NOISE_REL):
-            again = run_case(model, config, prompt, params)
+            again = run_case(model, config, prompt, params, template=template)
         if again.commits() != result.commits():
             return False
     return True
