@@ -154,6 +154,29 @@ describe("streaming completions", () => {
     expect(chunks.slice(0, -1).every((chunk) => chunk.diffusion === undefined)).toBe(true)
   })
 
+  it("with vLLM's continuous_usage_stats, every chunk carries the usage so far, ending at the final one", async () => {
+    const body = { prompt: ["Say hello", "Good night"], n: 2, seed: 4, max_tokens: 40 }
+    const expected = decodeCompletionResponse(await nonStreamed("/v1/completions", body))
+    const chunks = await completionChunks({ ...body, stream_options: { include_usage: true, continuous_usage_stats: true } })
+    const last = chunks[chunks.length - 1]!
+    expect(last.usage).toEqual(expected.usage)
+    const running = chunks.slice(0, -1).map((chunk) => chunk.usage!)
+    expect(running.length).toBeGreaterThan(4)
+    let before = 0
+    for (const usage of running) {
+      expect(usage.prompt_tokens).toBe(expected.usage.prompt_tokens)
+      expect(usage.total_tokens).toBe(usage.prompt_tokens + usage.completion_tokens)
+      expect(usage.completion_tokens).toBeGreaterThanOrEqual(before)
+      before = usage.completion_tokens
+    }
+    // The chunks before the last carry fewer tokens than the whole; the last content chunk all of them.
+    expect(running[0]!.completion_tokens).toBeLessThan(expected.usage.completion_tokens)
+    expect(running.at(-1)!.completion_tokens).toBe(expected.usage.completion_tokens)
+    // Without include_usage it is nothing: no usage anywhere.
+    const plain = await completionChunks({ ...body, stream_options: { continuous_usage_stats: true } })
+    expect(plain.every((chunk) => chunk.usage === undefined)).toBe(true)
+  })
+
   it("sends a snapshot of the whole canvas after every denoising step", async () => {
     const genLength = 16
     const body = { prompt: "Say hello", max_tokens: genLength, diffusion_steps: genLength / 2, seed: 4 }

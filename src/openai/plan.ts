@@ -103,6 +103,8 @@ export interface AnswerPlan {
   readonly endTokens: ReadonlySet<number>
   readonly stream: boolean
   readonly includeUsage: boolean
+  /** vLLM's continuous_usage_stats (with include_usage): each chunk's usage is the tokens sent so far. */
+  readonly continuousUsage: boolean
   readonly includeSnapshots: boolean
   readonly returnTokenIds: boolean
   /** The served model's family: which settings applied, and how its steps are reported. */
@@ -257,6 +259,7 @@ export const makePlan = (
       endTokens,
       stream: request.stream === true,
       includeUsage: request.stream_options?.include_usage === true,
+      continuousUsage: request.stream_options?.include_usage === true && request.stream_options?.continuous_usage_stats === true,
       includeSnapshots: request.stream_options?.include_snapshots === true,
       returnTokenIds: request.return_token_ids === true,
       family,

@@ -58,6 +58,8 @@ const Stop = described(Schema.Union(Schema.String, Schema.Array(Schema.String)),
 
 export const StreamOptions = Schema.Struct({
   include_usage: optional(boolean("stream_options.include_usage")),
+  /** vLLM: with include_usage, every chunk carries the usage so far (the tokens sent until then). */
+  continuous_usage_stats: optional(boolean("stream_options.continuous_usage_stats")),
   /** vdiff extension: a `snapshot` of the whole canvas on every denoising step. */
   include_snapshots: optional(boolean("stream_options.include_snapshots"))
 })

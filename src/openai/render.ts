@@ -237,11 +237,22 @@ export const respond = (plan: AnswerPlan, jobs: ReadonlyArray<PromptJob>, render
       return HttpServerResponse.unsafeJson({ ...head(renderer.object), choices, ...summary(), ...renderer.responseFields?.() })
     }
 
-    const chunk = (choice: Record<string, unknown>) => ({
-      ...head(renderer.chunkObject),
-      choices: [choice],
-      ...(plan.includeUsage ? { usage: null } : {})
-    })
+    // vLLM's continuous usage: the prompt tokens (those cached so far), and the answer tokens the chunks
+    // have carried so far.
+    const sent = new Map<number, number>()
+    const usageSoFar = () => {
+      const usage = usageOfJobs(jobs)
+      const completion = [...sent.values()].reduce((sum, n) => sum + n, 0)
+      return { ...usage, completion_tokens: completion, total_tokens: usage.prompt_tokens + completion }
+    }
+    const chunk = (choice: Record<string, unknown>, tokensSent?: number) => {
+      if (tokensSent !== undefined) sent.set(choice["index"] as number, tokensSent)
+      return {
+        ...head(renderer.chunkObject),
+        choices: [choice],
+        ...(plan.includeUsage ? { usage: plan.continuousUsage ? usageSoFar() : null } : {})
+      }
+    }
     // vLLM's return_token_ids in a stream: the prompt's ids on a choice's first chunk, new ids on every one.
     const started = new Set<number>()
     const promptIds = (index: number, job: PromptJob) => {
@@ -264,14 +275,17 @@ export const respond = (plan: AnswerPlan, jobs: ReadonlyArray<PromptJob>, render
       if (!worthAChunk(judged, plan.includeSnapshots, renderer.wantsTokens || plan.returnTokenIds)) return Option.none()
       const { decoder, delta } = update
       return Option.some(
-        chunk({
-          index,
-          ...renderer.delta(job, update),
-          finish_reason: delta.finishReason === null ? null : finishAs(delta.finishReason),
-          ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, renderer.texts, job.settings.blockLength, plan.family) } : {}),
-          ...promptIds(index, job),
-          ...(plan.returnTokenIds ? { token_ids: decoder.tokenIds.slice(delta.firstToken, delta.endToken) } : {})
-        })
+        chunk(
+          {
+            index,
+            ...renderer.delta(job, update),
+            finish_reason: delta.finishReason === null ? null : finishAs(delta.finishReason),
+            ...(plan.includeSnapshots ? { snapshot: snapshotOf(update, renderer.texts, job.settings.blockLength, plan.family) } : {}),
+            ...promptIds(index, job),
+            ...(plan.returnTokenIds ? { token_ids: decoder.tokenIds.slice(delta.firstToken, delta.endToken) } : {})
+          },
+          delta.endToken
+        )
       )
     })
     const epilogue = Effect.sync(() => (plan.includeUsage ? [{ ...head(renderer.chunkObject), choices: [], ...summary() }] : []))
