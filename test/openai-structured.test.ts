@@ -65,10 +65,10 @@ describe("skeletonOf", () => {
       /needs maxItems/
     ],
     [
-      "an array of varying length whose items are not strings",
-      object({ n: { type: "array", items: { type: "integer" }, maxItems: 3 } }),
+      "an array of varying length whose items are objects",
+      object({ n: { type: "array", items: object({ a: { type: "string" } }), maxItems: 3 } }),
       "schema.properties.n.minItems",
-      /items must be strings/
+      /items must be strings or numbers/
     ],
     [
       "an array of more than 16 items",
@@ -262,6 +262,33 @@ describe("arrays", () => {
       ]
     })
     expect(laid.render(fill([" York", "", ""]))).toBe('{"tags": ["York"], "pair": [{"who": "Good", "n": 1}, {"who": "night", "n": 2}]}')
+  })
+
+  it("a list of numbers of varying length: each first position may end its item; empty ones dropped, kept ones 0", () => {
+    const skeleton = skeletonOf(object({ scores: { type: "array", items: { type: "integer", minimum: 0 }, minItems: 1, maxItems: 3 } }))
+    if (isRefusal(skeleton)) throw new Error(skeleton.message)
+    expect(skeleton.parts.filter((part) => "slot" in part)).toEqual(new Array(3).fill({ slot: true, number: "integer", optional: true }))
+    const laid = layOut(skeleton, 2, tokenizer)
+    const special = tokenizer.specialTokens
+    const open = laid.template.flatMap((t, i) => (t === -1 ? [i] : []))
+    const first = laid.allowedSets[laid.positionAllowed[open[0]!]!]!
+    expect(first).toContain(special.eos)
+    const ends = [special.eos, Option.getOrThrow(special.eot)]
+    for (const id of first) expect(/^[0-9]+$/.test(tokenizer.decode([id])) || ends.includes(id)).toBe(true)
+    const digit = (d: string) => tokenizer.encode(d, { addSpecialTokens: false })
+    const eos = special.eos
+    const read = (items: ReadonlyArray<ReadonlyArray<number>>) => {
+      const values = items.flatMap((item) => [...item, eos, eos].slice(0, 2))
+      let v = 0
+      return JSON.parse(laid.render(laid.template.map((t) => (t === -1 ? values[v++]! : t)))).scores
+    }
+    expect(read([digit("7"), [eos], digit("42")])).toEqual([7, 42])
+    expect(read([[eos], [eos], [eos]])).toEqual([0])
+    expect(read([digit("3"), digit("5"), digit("8")])).toEqual([3, 5, 8])
+    // With minItems equal to maxItems nothing is optional.
+    const fixedLength = skeletonOf(object({ s: { type: "array", items: { type: "integer" }, minItems: 2, maxItems: 2 } }))
+    if (isRefusal(fixedLength)) throw new Error(fixedLength.message)
+    expect(fixedLength.parts.some((part) => "slot" in part && part.optional === true)).toBe(false)
   })
 })
 

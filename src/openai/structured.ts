@@ -15,8 +15,8 @@
  * place (chains.ts) and padded with spaces. Every property is written, in schema order. A slot's text is
  * read back up to its first end token (EOS, end of turn), with special tokens left out, whitespace runs
  * folded to one space and trimmed, and JSON-escaped (a number's as its leading number), so the reply always
- * parses and matches the schema. Arrays are laid out at maxItems; a list of strings drops the items the
- * model left empty. A string's maxLength narrows its slot and cuts what is read back; its minLength keeps
+ * parses and matches the schema. Arrays are laid out at maxItems; a list of strings or numbers drops the
+ * items the model left empty. A string's maxLength narrows its slot and cuts what is read back; its minLength keeps
  * that many first positions to tokens that write a visible character.
  *
  * Schemas as libraries write them: local `$ref`s are followed (Pydantic's `$defs`, `definitions`, any JSON
@@ -50,6 +50,8 @@ type Part =
       readonly digits?: number
       /** A number without a lower bound: its first position may take a minus sign. */
       readonly signed?: boolean
+      /** An item of a list of varying length: the number's first position may end it (read back as null, dropped). */
+      readonly optional?: boolean
       /** A string's minLength: its first minChars positions take only tokens that write a visible character. */
       readonly minChars?: number
       /** A string's maxLength: the slot is no wider, and the text read back is cut to it. */
@@ -72,14 +74,15 @@ export interface Skeleton {
   /** Slots: string and number values (choices not counted). */
   readonly slots: number
   /**
-   * Arrays of strings laid out at their longest (maxItems slots): where each is (its keys from the top) and
-   * the fewest items it keeps. Read back, the items the model left empty are dropped down to that fewest.
+   * Arrays of strings or numbers laid out at their longest (maxItems slots): where each is (its keys from
+   * the top) and the fewest items it keeps. Read back, the items the model left empty are dropped down to
+   * that fewest.
    */
-  readonly lists?: ReadonlyArray<StringList>
+  readonly lists?: ReadonlyArray<ShortenableList>
 }
 
-/** An array of strings of minItems to maxItems items, at `keys` in the answer. */
-interface StringList {
+/** An array of strings or numbers of minItems to maxItems items, at `keys` in the answer. */
+interface ShortenableList {
   readonly keys: ReadonlyArray<string | number>
   readonly min: number
 }
@@ -188,7 +191,7 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
     else parts.push({ fixed: text })
   }
   const refuse = (path: string, message: string): SchemaRefusal => ({ path, message })
-  const lists: Array<StringList> = []
+  const lists: Array<ShortenableList> = []
 
   // The references being laid out, outermost first ("#" is the schema itself): one met again is recursion.
   const expanding: Array<string> = ["#"]
@@ -232,6 +235,22 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
     if (distinct.length === 1) fixed(distinct[0]!)
     else parts.push({ choice: distinct })
     return undefined
+  }
+
+  /** A schema's type when it is a plain value (string, integer, number; through $ref, allOf of one, a nullable union), else undefined. */
+  const valueKind = (start: unknown): string | undefined => {
+    const followed = follow(start, "")
+    if (isRefusal(followed) || !isObject(followed.node)) return undefined
+    const node = followed.node
+    if (Array.isArray(node["allOf"]) && node["allOf"].length === 1) return valueKind(node["allOf"][0])
+    for (const union of ["anyOf", "oneOf"]) {
+      const branches = node[union]
+      if (!Array.isArray(branches)) continue
+      const shaped = branches.filter((branch) => !(isObject(branch) && typesOf(branch).length === 1 && typesOf(branch)[0] === "null"))
+      return shaped.length === 1 ? valueKind(shaped[0]) : undefined
+    }
+    const shapes = typesOf(node).filter((type) => type !== "null")
+    return shapes.length === 1 && ["string", "integer", "number"].includes(shapes[0] as string) ? (shapes[0] as string) : undefined
   }
 
   const walk = (node: unknown, path: string, top: boolean, keys: ReadonlyArray<string | number> = []): SchemaRefusal | undefined => {
@@ -475,23 +494,34 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
       }
       const min = minItems as number
       const max = maxItems as number
-      // Fewer items than the most: only strings, whose slots the model may leave empty, can be dropped.
-      const strings = typesOf(items).length === 1 && typesOf(items)[0] === "string" && !("const" in items) && !("enum" in items)
-      if (min < max && !strings) {
-        return refuse(
-          `${path}.minItems`,
-          "an array of a varying number of items is laid out at its longest and its empty strings dropped, so its " +
-            "items must be strings; give minItems equal to maxItems for other items"
-        )
-      }
       fixed("[")
+      // Each item's parts: with fewer items than the most, each must be one value the model may leave empty.
+      const itemSlots: Array<ReadonlyArray<number>> = []
       for (let i = 0; i < max; i++) {
         if (i > 0) fixed(", ")
+        const from = parts.length
         const refusal = walk(items, `${path}.items`, false, [...keys, i])
         if (refusal !== undefined) return refusal
+        itemSlots.push(parts.flatMap((part, at) => (at >= from && !("fixed" in part) ? [at] : [])))
       }
       fixed("]")
-      if (min < max) lists.push({ keys, min })
+      if (min < max) {
+        // Fewer items than the most: strings and numbers, whose slots the model may leave empty, are dropped
+        // when empty; a number slot's first position then takes an end token too.
+        const droppable = valueKind(items) !== undefined && itemSlots.every((at) => at.length === 1 && "slot" in parts[at[0]!]!)
+        if (!droppable) {
+          return refuse(
+            `${path}.minItems`,
+            "an array of a varying number of items is laid out at its longest and its empty items dropped, so its " +
+              "items must be strings or numbers; give minItems equal to maxItems for other items"
+          )
+        }
+        for (const [at] of itemSlots) {
+          const part = parts[at!]!
+          if ("slot" in part && part.number !== undefined) parts[at!] = { ...part, optional: true }
+        }
+        lists.push({ keys, min })
+      }
       return undefined
     }
     if (type === "string") {
@@ -684,6 +714,7 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
         readonly width: number
         readonly number?: NumberKind | undefined
         readonly maxChars?: number | undefined
+        readonly optional?: boolean | undefined
       }
     | { readonly chosen: TemplateChoice }
   > = []
@@ -722,8 +753,10 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
         // Under an upper bound, no more tokens than its digits fill at the longest token's digits each.
         if (part.digits !== undefined) width = Math.min(slotTokens, Math.floor(part.digits / longest))
         if (width < 1) narrow.push(part.digits!)
-        const first =
-          part.signed === true ? useSet("signed", () => [...minus, ...digits].sort((a, b) => a - b)) : useSet("first", () => digits)
+        const firsts = () => [...(part.signed === true ? minus : []), ...digits, ...(part.optional === true ? ends : [])]
+        const first = useSet(`first${part.signed === true ? "-signed" : ""}${part.optional === true ? "-optional" : ""}`, () =>
+          firsts().sort((a, b) => a - b)
+        )
         const rest = useSet(kind, () => [...digits, ...(kind === "number" ? points : []), ...ends])
         while (positionAllowed.length < template.length) positionAllowed.push(-1)
         for (let i = 0; i < width; i++) positionAllowed.push(i === 0 ? first : rest)
@@ -737,7 +770,7 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
           for (let i = 0; i < part.minChars; i++) positionAllowed.push(visible)
         }
       }
-      pieces.push({ start: template.length, width, number: kind, maxChars: part.maxChars })
+      pieces.push({ start: template.length, width, number: kind, maxChars: part.maxChars, optional: part.optional })
       for (let i = 0; i < width; i++) template.push(NOT_COMMITTED)
     }
   }
@@ -769,7 +802,9 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
               if (token !== NOT_COMMITTED && token !== special.mask) tokens.push(token)
             }
             const text = tokenizer.decode(tokens, { skipSpecialTokens: true }).replace(/\s+/g, " ").trim()
-            if (piece.number !== undefined) return numberText(text, piece.number)
+            // An optional number the model left empty (or gave only a sign) is null, dropped with the list's empties.
+            if (piece.number !== undefined)
+              return piece.optional === true && !/^-?[0-9]/.test(text) ? "null" : numberText(text, piece.number)
             return JSON.stringify(piece.maxChars === undefined ? text : cut(text, piece.maxChars)).slice(1, -1)
           })
           .join(""),
@@ -779,10 +814,11 @@ export const layOut = (skeleton: Skeleton, slotTokens: number, tokenizer: Tokeni
 }
 
 /**
- * The answer's JSON with each list's empty strings dropped, down to its fewest items (the first ones kept),
+ * The answer's JSON with each list's empty items (strings, numbers left null) dropped, down to its fewest
+ * items (the first ones kept),
  * written again in the skeleton's spacing; the text as it is when there are no lists.
  */
-const withoutEmptyItems = (text: string, lists: ReadonlyArray<StringList>): string => {
+const withoutEmptyItems = (text: string, lists: ReadonlyArray<ShortenableList>): string => {
   if (lists.length === 0) return text
   const value = JSON.parse(text) as Record<string, unknown>
   for (const { keys, min } of lists) {
@@ -791,10 +827,12 @@ const withoutEmptyItems = (text: string, lists: ReadonlyArray<StringList>): stri
     let parent = value as Node
     for (const key of keys.slice(0, -1)) parent = parent[key] as Node
     const last = keys[keys.length - 1]!
-    const items = parent[last] as ReadonlyArray<string>
-    // Every item written, and as many empty ones (the first) as minItems still asks for.
-    let empties = Math.max(0, min - items.filter((item) => item !== "").length)
-    parent[last] = items.filter((item) => item !== "" || empties-- > 0)
+    const items = parent[last] as ReadonlyArray<string | number | null>
+    // Every item written, and as many empty ones (the first) as minItems still asks for: a string as "", a
+    // number as 0.
+    const empty = (item: string | number | null) => item === "" || item === null
+    let empties = Math.max(0, min - items.filter((item) => !empty(item)).length)
+    parent[last] = items.filter((item) => !empty(item) || empties-- > 0).map((item) => (item === null ? 0 : item))
   }
   return spacedJson(value)
 }
