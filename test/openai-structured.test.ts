@@ -99,6 +99,7 @@ describe("skeletonOf", () => {
       /anyOf of 2 shapes/
     ],
     ["an empty oneOf", object({ s: { oneOf: [] } }), "schema.properties.s.oneOf", /at least one schema/],
+    ["a union of empty enums", object({ s: { anyOf: [{ enum: [] }, { enum: [] }] } }), "schema.properties.s.anyOf", /no value to take/],
     [
       "allOf of two schemas",
       object({ s: { allOf: [{ type: "string" }, { maxLength: 3 }] } }),

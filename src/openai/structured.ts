@@ -24,8 +24,8 @@
  * a list of types) of one shape and null is laid out as the shape (null is never written, which the
  * schema allows), and a union of known values only (consts, enums, booleans, null) is chosen among them.
  * What cannot be honoured is refused (400) with the reason and the place: arrays without maxItems (or of
- * varying length with items other than strings), unions of several shapes, string formats and patterns,
- * and bounds digits cannot keep.
+ * varying length with items other than strings and numbers), unions of several shapes, string formats and
+ * patterns, and bounds digits cannot keep.
  */
 import { Effect, Option } from "effect"
 import { BadRequest } from "../api/errors.js"
@@ -230,6 +230,7 @@ export const skeletonOf = (schema: unknown): Skeleton | SchemaRefusal => {
   /** A value chosen among known ones (their JSON texts): fixed when there is one. */
   const choose = (texts: ReadonlyArray<string>, path: string): SchemaRefusal | undefined => {
     const distinct = [...new Set(texts)]
+    if (distinct.length === 0) return refuse(path, "the value has no value to take: list at least one")
     if (distinct.length > MAX_CHOICES)
       return refuse(path, `a value may be chosen among at most ${MAX_CHOICES} values, got ${distinct.length}`)
     if (distinct.length === 1) fixed(distinct[0]!)
