@@ -164,6 +164,25 @@ describe("OpenAI routes on the embedded model", () => {
     expect(banned.token_ids).not.toEqual(plain.token_ids)
   })
 
+  it("keeps bad_words out of the answer: a word the greedy answer writes, as written and after a space", async () => {
+    const body = { prompt: "ROMEO:\nBut soft, what light", max_tokens: 16, temperature: 0, seed: 1, return_token_ids: true }
+    const plain = (await complete(body)).choices[0]!
+    // A word the answer holds whose forms are one token each.
+    const word = plain
+      .token_ids!.map((id) => server.tokenizer.decode([id]).trim())
+      .find(
+        (text) =>
+          /^[A-Za-z]+$/.test(text) &&
+          [text, ` ${text}`].every((form) => server.tokenizer.encode(form, { addSpecialTokens: false }).length === 1)
+      )
+    expect(word).toBeDefined()
+    const forms = [word!, ` ${word}`].map((form) => server.tokenizer.encode(form, { addSpecialTokens: false })[0]!)
+    expect(plain.token_ids!.some((id) => forms.includes(id))).toBe(true)
+    const kept = (await complete({ ...body, bad_words: [word!] })).choices[0]!
+    for (const id of forms) expect(kept.token_ids).not.toContain(id)
+    expect(kept.token_ids).not.toEqual(plain.token_ids)
+  })
+
   it("draws only allowed_token_ids: without an end token among them, the answer fills max_tokens", async () => {
     const body = { prompt: "ROMEO:\nBut soft, what light", max_tokens: 16, return_token_ids: true }
     const plain = (await complete(body)).choices[0]!

@@ -144,7 +144,14 @@ const completionCases: ReadonlyArray<readonly [string, Record<string, unknown>, 
     "allowed_token_ids[1]",
     /not in the vocabulary/
   ],
-  ["vLLM's bad_words", { ...prompt, bad_words: ["O"] }, "bad_words", /^bad_words is not supported: a word of several tokens/],
+  [
+    "vLLM's bad_words with a word of several tokens",
+    { ...prompt, bad_words: ["night"] },
+    "bad_words[0]",
+    /"night" is 5 tokens: only words whose forms/
+  ],
+  ["vLLM's bad_words with an empty word", { ...prompt, bad_words: [" "] }, "bad_words[0]", /is empty/],
+  ["vLLM's bad_words not a list", { ...prompt, bad_words: "night" }, "bad_words"],
   ["vLLM's guided_regex", { ...prompt, guided_regex: "yes|no" }, "guided_regex", /constrained decoding/],
   ["vLLM's structured_outputs other than choice and json", { ...prompt, structured_outputs: { regex: "a+" } }, "structured_outputs"],
   ["guided_choice with denoising settings", { ...prompt, guided_choice: ["yes", "no"], block_length: 4 }, "block_length", /does not apply/],

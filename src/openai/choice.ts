@@ -98,6 +98,7 @@ export const planChoice = (
       "min_tokens",
       "ignore_eos",
       "allowed_token_ids",
+      "bad_words",
       "logit_bias",
       "include_stop_str_in_output"
     ].filter((field) => given(request[field]))

@@ -117,6 +117,35 @@ export interface AnswerPlan {
 }
 
 /**
+ * The tokens vLLM's bad_words ban: each word as it is and after a space (vLLM bans both forms), each of
+ * which must be one token — a word of several tokens is banned in vLLM by the tokens before its last, and
+ * a diffusion answer is not written in order, so it is a 400 naming the word.
+ */
+const bannedWords = (words: ReadonlyArray<string>, tokenizer: TokenizerShape) =>
+  Effect.gen(function* () {
+    const banned = new Set<number>()
+    for (const [i, word] of words.entries()) {
+      const bare = word.trimStart()
+      if (bare === "") return yield* new BadRequest({ message: `bad_words[${i}] is empty`, param: `bad_words[${i}]` })
+      for (const form of [bare, ` ${bare}`]) {
+        const tokens = tokenizer.encode(form, { addSpecialTokens: false })
+        if (tokens.length !== 1) {
+          return yield* new BadRequest({
+            message:
+              `bad_words[${i}] ${JSON.stringify(form)} is ${tokens.length} tokens: only words whose forms (as written, and ` +
+              "after a space) are one token each can be banned, at every position; a word of several tokens is banned by " +
+              "the tokens before it, and a diffusion answer is not written in order",
+            param: `bad_words[${i}]`,
+            code: "unsupported_parameter"
+          })
+        }
+        banned.add(tokens[0]!)
+      }
+    }
+    return banned
+  })
+
+/**
  * Checks what completions and chat share and resolves the server's defaults. Parameters the sampler
  * cannot honour (the `unhonoured` table) are accepted only at their neutral values: an answer that
  * silently ignored them would not be the answer the client asked for.
@@ -142,16 +171,28 @@ export const makePlan = (
     const misfit = Sampling.familyViolation(request, family)
     if (misfit !== undefined) return yield* notSupported(misfit.param, misfit.message)
     const logitBias = yield* logitBiasOf(request.logit_bias, tokenizer.vocabSize)
-    const allowed = request.allowed_token_ids
-    if (allowed !== undefined) {
-      if (allowed.length === 0) return yield* new BadRequest({ message: "allowed_token_ids must not be empty", param: "allowed_token_ids" })
-      yield* checkTokenIds(allowed, "allowed_token_ids", tokenizer)
-      if (allowed.every((id) => id === tokenizer.specialTokens.mask)) {
+    const asked = request.allowed_token_ids
+    if (asked !== undefined) {
+      if (asked.length === 0) return yield* new BadRequest({ message: "allowed_token_ids must not be empty", param: "allowed_token_ids" })
+      yield* checkTokenIds(asked, "allowed_token_ids", tokenizer)
+      if (asked.every((id) => id === tokenizer.specialTokens.mask)) {
         return yield* new BadRequest({
           message: "allowed_token_ids holds only the mask token, which the model never writes",
           param: "allowed_token_ids"
         })
       }
+    }
+    // vLLM's bad_words: their tokens leave the allowed ones (every token of the vocabulary when no
+    // allowed_token_ids are given).
+    const banned = yield* bannedWords(request.bad_words ?? [], tokenizer)
+    const allowed =
+      banned.size === 0
+        ? asked
+        : (asked ?? Array.from({ length: tokenizer.vocabSize }, (_, id) => id)).filter(
+            (id) => !banned.has(id) && id !== tokenizer.specialTokens.mask
+          )
+    if (allowed !== undefined && allowed.length === 0) {
+      return yield* new BadRequest({ message: "bad_words bans every token allowed_token_ids allows", param: "bad_words" })
     }
     if (request.stream_options !== undefined && request.stream !== true) {
       return yield* new BadRequest({ message: "stream_options can only be given when stream is true", param: "stream_options" })

@@ -93,11 +93,6 @@ const onlyKinds =
     Object.entries(value).every(([key, v]) => kinds.includes(key) || v === null || v === undefined || v === false)
 
 const sharedUnhonoured = {
-  bad_words: {
-    neutral: isEmptyList,
-    reason:
-      "a word of several tokens is banned by the tokens before it, and a diffusion answer has no before; allowed_token_ids and logit_bias act on single tokens"
-  },
   guided_regex: guided,
   guided_grammar: guided,
   structured_outputs: { ...guided, neutral: onlyKinds("choice", "json") }
@@ -152,6 +147,11 @@ const samplingFields = {
   ignore_eos: optional(boolean("ignore_eos")),
   /** vLLM: the answer's tokens are drawn from these only (end tokens too: without one the answer fills max_tokens). */
   allowed_token_ids: optional(described(Schema.Array(TokenId), "allowed_token_ids must be an array of token ids")),
+  /**
+   * vLLM: words the answer must not hold. A word whose forms (as it is, and after a space) are each one
+   * token is banned at every position (openai/plan.ts); a word of several tokens is refused.
+   */
+  bad_words: optional(described(Schema.Array(Schema.String), "bad_words must be an array of strings")),
   /** vLLM: the text of an answer ended by a stop string ends with it (by default it ends before it). */
   include_stop_str_in_output: optional(boolean("include_stop_str_in_output")),
   /** vLLM: only the prompt's last k tokens are kept (-1: the model's context length), after templating. */
