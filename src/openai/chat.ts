@@ -14,7 +14,7 @@ import { chatLogprobs, respond, TokenTexts } from "./render.js"
 import { preparePromptJobs } from "./run.js"
 import { planChoice, prepareChoiceJobs } from "./choice.js"
 import type { ChoiceDecoder } from "./ChoiceDecoder.js"
-import { type JsonTemplate, planStructured, promptTemplate, requestedFormat } from "./structured.js"
+import { type JsonTemplate, planStructured, promptTemplate, requestedFormat, templateConflicts } from "./structured.js"
 import { callId, planToolCall, planWithCall, toolCallOf } from "./tools.js"
 import { ServingConfig } from "./ServingConfig.js"
 
@@ -59,13 +59,7 @@ export const chatCompletions = (request: ChatCompletionRequest) =>
           : undefined
     // An unknown model is a 404 before anything about the request's content is.
     yield* checkModel(request.model)
-    // What a JSON template cannot honour: the answer is exactly the skeleton, which no stop cuts.
-    const conflicting = [
-      ...(request.stop === undefined ? [] : ["stop"]),
-      ...(request.stop_token_ids === undefined ? [] : ["stop_token_ids"]),
-      ...((request.min_tokens ?? 0) > 0 ? ["min_tokens"] : []),
-      ...(request.ignore_eos === true ? ["ignore_eos"] : [])
-    ]
+    const conflicting = templateConflicts(request)
     const format = yield* requestedFormat(request)
     const calls = yield* planToolCall({
       tools: request.tools,

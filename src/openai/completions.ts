@@ -19,7 +19,7 @@ import { promptOnlyJobs, rankedLogprobs, scorePrompt } from "./promptLogprobs.js
 import { preparePromptJobs, type PromptJob } from "./run.js"
 import { planChoice, prepareChoiceJobs } from "./choice.js"
 import { ServingConfig } from "./ServingConfig.js"
-import { planStructured, promptTemplate, requestedFormat } from "./structured.js"
+import { planStructured, promptTemplate, requestedFormat, templateConflicts } from "./structured.js"
 
 /** A prompt with the text that `echo` puts before its answer. */
 interface CompletionPrompt extends PreparedPrompt {
@@ -93,12 +93,7 @@ export const completions = (request: CompletionRequest) =>
       param: format?.param ?? "response_format",
       ...(format === undefined ? {} : { schemaParam: format.schemaParam }),
       maxTokens,
-      conflicting: [
-        ...(request.stop === undefined ? [] : ["stop"]),
-        ...(request.stop_token_ids === undefined ? [] : ["stop_token_ids"]),
-        ...((request.min_tokens ?? 0) > 0 ? ["min_tokens"] : []),
-        ...(request.ignore_eos === true ? ["ignore_eos"] : [])
-      ]
+      conflicting: templateConflicts(request)
     })
     const plan = yield* makePlan(
       request,

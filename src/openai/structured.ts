@@ -855,6 +855,19 @@ export interface StructuredRequest {
   readonly conflicting: ReadonlyArray<string>
 }
 
+/** The fields a request set that a JSON template cannot honour: the answer is exactly the skeleton, which no stop cuts. */
+export const templateConflicts = (request: {
+  readonly stop?: unknown
+  readonly stop_token_ids?: unknown
+  readonly min_tokens?: number | undefined
+  readonly ignore_eos?: boolean | undefined
+}): ReadonlyArray<string> => [
+  ...(request.stop === undefined ? [] : ["stop"]),
+  ...(request.stop_token_ids === undefined ? [] : ["stop_token_ids"]),
+  ...((request.min_tokens ?? 0) > 0 ? ["min_tokens"] : []),
+  ...(request.ignore_eos === true ? ["ignore_eos"] : [])
+]
+
 /** A schema given as an object, or as its JSON text (vLLM takes both). */
 const parsedSchema = (value: unknown, param: string) => {
   if (typeof value !== "string") return Effect.succeed(value)
